@@ -1,0 +1,227 @@
+//! `lookout gen` and `lookout demo`.
+
+use crate::cmd_detect::{print_findings, print_reports};
+use crate::output::{human_bytes, parse_now};
+use anyhow::{anyhow, Context, Result};
+use clap::{Args, ValueEnum};
+use lookout_core::detect::{run_pass, DetectOptions};
+use lookout_core::findings::{all_findings, flush_outbox};
+use lookout_core::gen::{self, FleetSpec, TruthPair};
+use lookout_core::ingest::{ingest_paths, IngestOptions};
+use lookout_core::{plugin, Store};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum FormatArg {
+    /// Advanced-hunting rows, one JSON object per line
+    Jsonl,
+    /// Streaming-API storage envelopes, CRLF line ends
+    Envelope,
+    /// Log Analytics style JSON array export
+    Array,
+}
+
+impl From<FormatArg> for gen::Format {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Jsonl => gen::Format::Jsonl,
+            FormatArg::Envelope => gen::Format::Envelope,
+            FormatArg::Array => gen::Format::Array,
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct FleetArgs {
+    /// Number of devices
+    #[arg(long, default_value_t = 50)]
+    devices: usize,
+    /// Background events (image loads and file events)
+    #[arg(long, default_value_t = 20_000)]
+    events: usize,
+    /// Injected WinRM-plugin attacks (each comes with a near miss)
+    #[arg(long, default_value_t = 12)]
+    attacks: usize,
+    /// Random seed; the same seed gives the same fleet
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The fleet's "now" (events lie in the days before it)
+    #[arg(long, default_value = gen::DEFAULT_BASE_TIME)]
+    base_time: String,
+}
+
+impl FleetArgs {
+    fn spec(&self) -> Result<FleetSpec> {
+        Ok(FleetSpec {
+            devices: self.devices,
+            events: self.events,
+            attacks: self.attacks,
+            seed: self.seed,
+            base_time: parse_now(&self.base_time)?,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct GenArgs {
+    /// Output directory
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// File format
+    #[arg(long, value_enum, default_value_t = FormatArg::Jsonl)]
+    format: FormatArg,
+}
+
+pub fn gen(args: GenArgs) -> Result<ExitCode> {
+    let spec = args.fleet.spec()?;
+    let fleet = gen::generate(&spec);
+    let files = gen::write_fleet(&fleet, &args.out, args.format.into())?;
+    println!(
+        "wrote {} rows ({} loads, {} writes, {} profiles), {} to {}; {} expected finding(s) in {}",
+        fleet.rows(),
+        fleet.loads.len(),
+        fleet.writes.len(),
+        fleet.profiles.len(),
+        human_bytes(files.bytes),
+        args.out.display(),
+        fleet.truth.len(),
+        files.truth.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// Keep the fleet, database and findings in this directory instead of a temporary one
+    #[arg(long)]
+    keep: Option<PathBuf>,
+}
+
+/// The WinRM detector library built with this executable.
+fn find_winrm_library() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the lookout executable")?;
+    let dir = exe.parent().ok_or_else(|| anyhow!("the lookout executable has no folder"))?;
+    [dir.join("liblookout_winrm.so"), dir.join("deps").join("liblookout_winrm.so")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow!(
+                "the WinRM detector library liblookout_winrm.so is not next to {}; build it with \
+                 `cargo build --release -p lookout-cli` (it is built with the CLI)",
+                exe.display()
+            )
+        })
+}
+
+pub fn demo(args: DemoArgs) -> Result<ExitCode> {
+    let temp;
+    let root = match &args.keep {
+        Some(p) => p.clone(),
+        None => {
+            temp = tempfile::tempdir().context("cannot create a temporary directory")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let spec = args.fleet.spec()?;
+    let (fleet_dir, data_dir, plugins_dir) = (root.join("fleet"), root.join("data"), root.join("plugins"));
+
+    let t = Instant::now();
+    let fleet = gen::generate(&spec);
+    let files = gen::write_fleet(&fleet, &fleet_dir, gen::Format::Jsonl)?;
+    println!(
+        "1. generated a fleet of {} devices: {} rows ({} loads, {} writes, {} FileProfile), {}, {} attacks with near misses [{:.2}s]",
+        spec.devices,
+        fleet.rows(),
+        fleet.loads.len(),
+        fleet.writes.len(),
+        fleet.profiles.len(),
+        human_bytes(files.bytes),
+        spec.attacks,
+        t.elapsed().as_secs_f64()
+    );
+
+    let t = Instant::now();
+    let mut store = Store::open(&data_dir)?;
+    let opts = IngestOptions { now: Some(spec.base_time), ..IngestOptions::default() };
+    let report = ingest_paths(
+        &mut store,
+        &[files.profiles.clone(), files.loads.clone(), files.writes.clone()],
+        &opts,
+        &mut |_, _| {},
+    )?;
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "2. ingested {} rows ({} duplicates, {} rejected) into {} [{:.2}s, {:.0} rows/s]",
+        report.total_new(),
+        report.duplicates,
+        report.total_rejected(),
+        data_dir.display(),
+        secs,
+        report.total_new() as f64 / secs.max(1e-9)
+    );
+
+    let lib = find_winrm_library()?;
+    std::fs::create_dir_all(&plugins_dir)?;
+    std::fs::set_permissions(&plugins_dir, std::fs::Permissions::from_mode(0o755))?;
+    let dropped = plugins_dir.join("liblookout_winrm.so");
+    std::fs::copy(&lib, &dropped).with_context(|| format!("cannot copy {}", lib.display()))?;
+    std::fs::set_permissions(&dropped, std::fs::Permissions::from_mode(0o644))?;
+    let mut loaded = plugin::load_dir(&plugins_dir, &data_dir)?;
+    for r in &loaded.refused {
+        eprintln!("lookout: plugin refused: {}: {}", r.path.display(), r.reason);
+    }
+    let names: Vec<String> = loaded.plugins.iter().map(|p| p.id()).collect();
+    println!("3. loaded plugin(s) {} from {}", names.join(", "), plugins_dir.display());
+
+    let detect = DetectOptions { now: Some(spec.base_time), ..DetectOptions::default() };
+    let reports = run_pass(&mut store, &mut loaded.plugins, &detect)?;
+    let findings_file = data_dir.join("findings.jsonl");
+    let written = flush_outbox(&mut store, &findings_file)?;
+    print!("4. ");
+    print_reports(&reports);
+    println!("   {written} finding(s) written to {}", findings_file.display());
+    println!();
+    let all = all_findings(&store)?;
+    print_findings(&all);
+    println!();
+
+    let found: BTreeSet<TruthPair> = all.iter().filter_map(truth_of).collect();
+    let expected: BTreeSet<TruthPair> = fleet.truth.iter().cloned().collect();
+    if found == expected && all.len() == expected.len() {
+        println!(
+            "5. findings match the ground truth: {}/{} attacks found, 0 false positives, 0 duplicates",
+            found.len(),
+            expected.len()
+        );
+        if args.keep.is_none() {
+            println!("   (run with --keep DIR to look at the fleet, database and findings afterwards)");
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let missing = expected.difference(&found).count();
+        let extra = found.difference(&expected).count();
+        println!(
+            "5. findings DO NOT match the ground truth: {missing} missing, {extra} unexpected, {} total",
+            all.len()
+        );
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn truth_of(f: &Value) -> Option<TruthPair> {
+    let row = f.get("row")?;
+    Some(TruthPair {
+        device_id: row.get("DeviceId")?.as_str()?.to_string(),
+        load_report_id: row.get("ReportId")?.as_i64()?,
+        write_report_id: row.get("ReportId1")?.as_i64()?,
+    })
+}

@@ -1,0 +1,113 @@
+//! `lookout detect` and `lookout findings`.
+
+use crate::cmd_plugins::{resolve_dir, PluginDirArg};
+use crate::output::{parse_now, print_table};
+use anyhow::Result;
+use clap::Args;
+use lookout_core::detect::{parse_set, run_pass, DetectOptions, DetectorReport};
+use lookout_core::findings::{all_findings, flush_outbox};
+use lookout_core::plugin;
+use lookout_core::Store;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Args)]
+pub struct DetectArgs {
+    #[command(flatten)]
+    plugins: PluginDirArg,
+    /// Findings JSONL file [default: <data>/findings.jsonl]
+    #[arg(long)]
+    findings: Option<PathBuf>,
+    /// Evaluation time of the pass (RFC 3339); default: the clock
+    #[arg(long)]
+    now: Option<String>,
+    /// Override a detector parameter, e.g. winrm-plugin-lateral-movement.lookback=7d
+    #[arg(long = "set", value_name = "DETECTOR.PARAM=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct FindingsArgs {
+    /// Print one JSON object per line (as in the findings file)
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn findings_path(data: &Path, arg: &Option<PathBuf>) -> PathBuf {
+    arg.clone().unwrap_or_else(|| data.join("findings.jsonl"))
+}
+
+pub fn detect(data: &Path, args: DetectArgs) -> Result<ExitCode> {
+    let opts = DetectOptions {
+        now: args.now.as_deref().map(parse_now).transpose()?,
+        params: args.set.iter().map(|s| parse_set(s)).collect::<Result<_>>()?,
+        ..DetectOptions::default()
+    };
+    let dir = resolve_dir(&args.plugins.plugins)?;
+    let mut store = Store::open(data)?;
+    let mut loaded = plugin::load_dir(&dir, data)?;
+    for r in &loaded.refused {
+        eprintln!("lookout: plugin refused: {}: {}", r.path.display(), r.reason);
+    }
+    let reports = run_pass(&mut store, &mut loaded.plugins, &opts)?;
+    let path = findings_path(data, &args.findings);
+    let written = flush_outbox(&mut store, &path)?;
+    print_reports(&reports);
+    println!("{written} new finding line(s) written to {}", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn print_reports(reports: &[DetectorReport]) {
+    if reports.is_empty() {
+        println!("no detectors loaded");
+    }
+    for r in reports {
+        let mode = if r.backfill { "backfill" } else { "incremental" };
+        match &r.error {
+            None => println!(
+                "{} {}: {mode} pass over {} row(s), {} new finding(s) in {:.1} ms",
+                r.detector,
+                r.version,
+                r.rows,
+                r.new_findings,
+                r.elapsed.as_secs_f64() * 1e3
+            ),
+            Some(e) => eprintln!("lookout: detector {} {} failed (retried next pass): {e}", r.detector, r.version),
+        }
+    }
+}
+
+pub fn findings(data: &Path, args: FindingsArgs) -> Result<ExitCode> {
+    let store = Store::open(data)?;
+    let all = all_findings(&store)?;
+    if args.json {
+        for f in &all {
+            println!("{}", serde_json::to_string(f)?);
+        }
+    } else {
+        print_findings(&all);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn print_findings(all: &[Value]) {
+    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|f| {
+            let row = f.get("row").cloned().unwrap_or(Value::Null);
+            vec![
+                s(f, "finding_id")[..12.min(s(f, "finding_id").len())].to_string(),
+                s(f, "detector"),
+                s(f, "device_name"),
+                s(&row, "Timestamp1"),
+                s(&row, "Timestamp"),
+                s(&row, "InitiatingProcessFileName"),
+                s(&row, "FolderPath"),
+            ]
+        })
+        .collect();
+    print_table(&["finding", "detector", "device", "written", "loaded", "process", "path"], &rows);
+    println!("{} finding(s)", all.len());
+}

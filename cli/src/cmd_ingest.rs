@@ -1,0 +1,106 @@
+//! `lookout ingest`.
+
+use crate::output::{human_bytes, parse_now};
+use anyhow::Result;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use lookout_core::ingest::{expand_paths, ingest_file, IngestOptions, IngestReport};
+use lookout_core::Store;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct IngestArgs {
+    /// Ingestion time to record for every row (RFC 3339); default: the clock
+    #[arg(long)]
+    now: Option<String>,
+    /// Table of rows that name none (after envelope category, Type column and file name)
+    #[arg(long)]
+    table: Option<String>,
+    /// Lines longer than this many bytes are rejected
+    #[arg(long, default_value_t = 8 << 20)]
+    max_line: usize,
+    /// Files or directories (read recursively, in name order)
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+}
+
+pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
+    let opts = IngestOptions {
+        now: args.now.as_deref().map(parse_now).transpose()?,
+        table: args.table,
+        max_line: args.max_line,
+        ..IngestOptions::default()
+    };
+    let files = expand_paths(&args.paths)?;
+    let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let mut store = Store::open(data)?;
+    let bar = if std::io::stderr().is_terminal() {
+        let b = ProgressBar::new(total_bytes);
+        b.set_style(
+            ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {wide_bar} {bytes_per_sec} eta {eta} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let started = Instant::now();
+    let mut report = IngestReport::default();
+    let mut done = 0u64;
+    let mut failed = Vec::new();
+    for f in &files {
+        bar.set_message(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        let before = done;
+        match ingest_file(&mut store, f, &opts, &mut |b| bar.set_position(before + b)) {
+            Ok(r) => report.merge(r),
+            Err(e) => {
+                bar.suspend(|| eprintln!("lookout: error: {e:#}"));
+                failed.push(f.clone());
+            }
+        }
+        done = before + std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+        bar.set_position(done);
+    }
+    bar.finish_and_clear();
+    store.flush()?;
+    print_summary(&report, started.elapsed().as_secs_f64());
+    if !failed.is_empty() {
+        eprintln!(
+            "lookout: {} file(s) could not be read completely; what was read is committed, re-run to resume",
+            failed.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_summary(r: &IngestReport, secs: f64) {
+    let rows = r.total_new() + r.duplicates + r.total_rejected();
+    println!(
+        "ingested {} file(s), {} in {:.2}s ({:.0} records/s)",
+        r.files,
+        human_bytes(r.bytes),
+        secs,
+        rows as f64 / secs.max(1e-9)
+    );
+    if r.new_rows.is_empty() {
+        println!("  new rows: 0");
+    }
+    for (t, n) in &r.new_rows {
+        println!("  new rows {t}: {n}");
+    }
+    println!("  duplicates skipped: {}", r.duplicates);
+    println!("  rejected: {}", r.total_rejected());
+    for (k, n) in &r.rejected {
+        println!("    {k}: {n}");
+    }
+    for p in &r.partial_tails {
+        println!("  {}: last line has no newline yet and is incomplete; left for the next run", p.display());
+    }
+    if r.total_rejected() > 0 {
+        println!("  (rejected records are kept aside with file, line and reason: `lookout status --rejects`)");
+    }
+}

@@ -1,0 +1,92 @@
+//! `lookout`: ingest Microsoft Defender XDR telemetry into an embedded database, run
+//! detector plugins over what is new, and write each finding once.
+
+mod cmd_demo;
+mod cmd_detect;
+mod cmd_ingest;
+mod cmd_plugins;
+mod cmd_status;
+mod output;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "lookout",
+    version,
+    about = "Detection engine for Microsoft Defender XDR telemetry on one box",
+    long_about = "Lookout stores Defender advanced-hunting rows (JSONL, JSON array exports, Streaming-API \
+                  envelopes, gzip) in an embedded database, runs detector plugins (shared libraries in a \
+                  folder) over only what is new, and writes every finding exactly once to a JSONL file.\n\n\
+                  Start with `lookout demo`."
+)]
+struct Cli {
+    /// Data directory (database, findings, plugin copies)
+    #[arg(long, global = true, env = "LOOKOUT_DATA", default_value = "./lookout-data")]
+    data: PathBuf,
+
+    /// Log format on stderr
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Ingest files or directories (JSONL, JSON arrays, Streaming-API envelopes, gzip)
+    Ingest(cmd_ingest::IngestArgs),
+    /// Show rows per table, rejects, sources and database size
+    Status(cmd_status::StatusArgs),
+    /// Generate a deterministic synthetic fleet with injected attacks and ground truth
+    Gen(cmd_demo::GenArgs),
+    /// Generate a fleet, ingest it, run the WinRM detector and check its findings
+    Demo(cmd_demo::DemoArgs),
+    /// Run one detection pass of every plugin over the rows new since its last pass
+    Detect(cmd_detect::DetectArgs),
+    /// List the findings in the results tree
+    Findings(cmd_detect::FindingsArgs),
+    /// List, verify or pin the plugins in a folder
+    #[command(subcommand)]
+    Plugins(cmd_plugins::PluginsCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Ingest(a) => cmd_ingest::run(&cli.data, a),
+        Command::Status(a) => cmd_status::run(&cli.data, a),
+        Command::Gen(a) => cmd_demo::gen(a),
+        Command::Demo(a) => cmd_demo::demo(a),
+        Command::Detect(a) => cmd_detect::detect(&cli.data, a),
+        Command::Findings(a) => cmd_detect::findings(&cli.data, a),
+        Command::Plugins(c) => cmd_plugins::run(&cli.data, c),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lookout: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOOKOUT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

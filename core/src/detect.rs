@@ -1,0 +1,269 @@
+//! The scheduler: one pass hands each detector the rows new since its cursor, and commits
+//! the findings, the detector's state changes and the advanced cursor in one atomic batch.
+//! A detector seen for the first time (or whose cursor fell behind the pruned journal)
+//! backfills over everything stored.
+
+use crate::clock::Clock;
+use crate::plugin::host_api::with_host_api;
+use crate::plugin::Plugin;
+use crate::store::{keys, Store};
+use anyhow::{anyhow, Result};
+use lookout_plugin_sdk::time::format_timestamp;
+use lookout_plugin_sdk::{EvalRequest, FindingOut, InitRequest, RowRef, StateOp};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct DetectOptions {
+    /// The evaluation time of the pass (`--now`); the clock otherwise.
+    pub now: Option<i64>,
+    /// `--set DETECTOR.PARAM=VALUE` overrides: (detector, parameter, value).
+    pub params: Vec<(String, String, String)>,
+    /// New rows handed to a detector per call.
+    pub chunk_rows: usize,
+}
+
+impl Default for DetectOptions {
+    fn default() -> Self {
+        DetectOptions { now: None, params: Vec::new(), chunk_rows: 20_000 }
+    }
+}
+
+/// What one detector did in a pass.
+#[derive(Debug, Clone)]
+pub struct DetectorReport {
+    pub detector: String,
+    pub version: String,
+    pub backfill: bool,
+    pub rows: u64,
+    pub new_findings: u64,
+    pub elapsed: Duration,
+    /// Set when the detector failed; it is retried from its cursor on the next pass.
+    pub error: Option<String>,
+}
+
+/// Parses `DETECTOR.PARAM=VALUE`.
+pub fn parse_set(s: &str) -> Result<(String, String, String)> {
+    let (lhs, value) = s.split_once('=').ok_or_else(|| anyhow!("--set '{s}': expected DETECTOR.PARAM=VALUE"))?;
+    let (det, param) = lhs.rsplit_once('.').ok_or_else(|| anyhow!("--set '{s}': expected DETECTOR.PARAM=VALUE"))?;
+    if det.is_empty() || param.is_empty() {
+        return Err(anyhow!("--set '{s}': expected DETECTOR.PARAM=VALUE"));
+    }
+    Ok((det.to_string(), param.to_string(), value.to_string()))
+}
+
+fn cursor_key(detector_id: &str) -> Vec<u8> {
+    keys::named_key(keys::CURSOR, detector_id)
+}
+
+/// The finding id: a hash of detector, version and the identities of the input rows.
+pub fn finding_id(name: &str, version: &str, inputs: &[Vec<u8>]) -> String {
+    let mut h = Sha256::new();
+    for part in [name.as_bytes(), version.as_bytes()] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    for k in inputs {
+        h.update((k.len() as u64).to_be_bytes());
+        h.update(k);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Runs one pass of every plugin. Errors of one detector are reported, not returned;
+/// an `Err` means the store itself failed.
+pub fn run_pass(store: &mut Store, plugins: &mut [Plugin], opts: &DetectOptions) -> Result<Vec<DetectorReport>> {
+    for (det, _, _) in &opts.params {
+        if !plugins.iter().any(|p| &p.manifest.name == det) {
+            let loaded: Vec<&str> = plugins.iter().map(|p| p.manifest.name.as_str()).collect();
+            return Err(anyhow!("--set names detector '{det}', which is not loaded (loaded: {})", loaded.join(", ")));
+        }
+    }
+    let now = Clock::new(opts.now).now();
+    let mut reports = Vec::new();
+    for plugin in plugins.iter_mut() {
+        let started = Instant::now();
+        let mut report = DetectorReport {
+            detector: plugin.manifest.name.clone(),
+            version: plugin.manifest.version.clone(),
+            backfill: false,
+            rows: 0,
+            new_findings: 0,
+            elapsed: Duration::ZERO,
+            error: None,
+        };
+        if let Err(e) = run_detector(store, plugin, opts, now, &mut report) {
+            if e.is::<StoreFailure>() {
+                return Err(e);
+            }
+            tracing::warn!(detector = %plugin.id(), error = %format!("{e:#}"), "detector failed; retried next pass");
+            report.error = Some(format!("{e:#}"));
+            plugin.initialised = false;
+        }
+        report.elapsed = started.elapsed();
+        reports.push(report);
+    }
+    // Journal entries every loaded detector has passed are no longer needed.
+    let min_cursor =
+        plugins.iter().map(|p| store.meta_cursor(&p.id())).collect::<Result<Vec<_>>>()?.into_iter().min().flatten();
+    if let Some(c) = min_cursor {
+        store.prune_journal(c)?;
+    }
+    Ok(reports)
+}
+
+/// A failure of the store (not of the detector): stops the pass.
+#[derive(Debug)]
+struct StoreFailure(anyhow::Error);
+
+impl std::fmt::Display for StoreFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for StoreFailure {}
+
+fn store_err(e: anyhow::Error) -> anyhow::Error {
+    anyhow::Error::new(StoreFailure(e))
+}
+
+impl Store {
+    /// The journal sequence a detector has processed up to, if it ever ran.
+    pub fn meta_cursor(&self, detector_id: &str) -> Result<Option<u64>> {
+        Ok(match self.db().get(cursor_key(detector_id))? {
+            Some(v) => Some(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| anyhow!("corrupt cursor"))?)),
+            None => None,
+        })
+    }
+
+    fn detector_state(&self, detector_id: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let prefix = keys::state_prefix(detector_id);
+        self.db()
+            .scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((k[prefix.len()..].to_vec(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    /// The next outbox sequence number.
+    fn next_outbox_seq(&self) -> Result<u64> {
+        Ok(match self.db().scan_prefix([keys::OUTBOX]).next_back() {
+            Some(kv) => keys::seq_of(&kv?.0).unwrap_or(0) + 1,
+            None => 1,
+        })
+    }
+}
+
+fn run_detector(
+    store: &mut Store,
+    plugin: &mut Plugin,
+    opts: &DetectOptions,
+    now: i64,
+    report: &mut DetectorReport,
+) -> Result<()> {
+    let id = plugin.id();
+    if !plugin.initialised {
+        let params = opts
+            .params
+            .iter()
+            .filter(|(d, _, _)| *d == plugin.manifest.name)
+            .map(|(_, p, v)| (p.clone(), v.clone()))
+            .collect();
+        let state = store.detector_state(&id).map_err(store_err)?;
+        plugin.lib.init(&InitRequest { params, state }).map_err(|e| anyhow!("init failed: {e}"))?;
+        plugin.initialised = true;
+    }
+
+    let head = store.next_journal_seq() - 1;
+    let floor = store.meta_u64("jfloor").map_err(store_err)?;
+    let cursor = store.meta_cursor(&id).map_err(store_err)?;
+    let inputs: HashSet<&str> = plugin.manifest.inputs.iter().map(String::as_str).collect();
+    let refs: Vec<RowRef> = match cursor {
+        Some(c) if c >= floor => {
+            if c >= head {
+                return Ok(());
+            }
+            let mut refs = Vec::new();
+            for entry in store.journal_from(c + 1) {
+                let (seq, keys) = entry.map_err(store_err)?;
+                if seq > head {
+                    break;
+                }
+                refs.extend(keys.iter().filter_map(|k| store.row_ref(k)).filter(|r| inputs.contains(r.table.as_str())));
+            }
+            refs
+        }
+        _ => {
+            report.backfill = true;
+            let keys = store.all_row_keys(&plugin.manifest.inputs).map_err(store_err)?;
+            keys.iter().filter_map(|k| store.row_ref(k)).collect()
+        }
+    };
+    report.rows = refs.len() as u64;
+    let mut outbox_seq = store.next_outbox_seq().map_err(store_err)?;
+    let detected_at = format_timestamp(now);
+    let chunks: Vec<&[RowRef]> =
+        if refs.is_empty() { vec![&[]] } else { refs.chunks(opts.chunk_rows.max(1)).collect() };
+    let last = chunks.len() - 1;
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let req = EvalRequest { now, rows: chunk.to_vec() };
+        let resp = with_host_api(store, |api| plugin.lib.evaluate(api, &req)).map_err(|e| anyhow!("{e}"))?;
+        let mut batch = store.batch();
+        let mut fresh = HashSet::new();
+        for f in resp.findings {
+            let fid = finding_id(&plugin.manifest.name, &plugin.manifest.version, &f.inputs);
+            let key = keys::named_key(keys::FINDING, &fid);
+            if !fresh.insert(fid.clone()) || batch.store().db().get(&key).map_err(|e| store_err(e.into()))?.is_some() {
+                continue;
+            }
+            let json = finding_json(&fid, plugin, &detected_at, f);
+            batch.put(key, serde_json::to_vec(&json)?);
+            batch.put(keys::seq_key(keys::OUTBOX, outbox_seq), fid.into_bytes());
+            outbox_seq += 1;
+            report.new_findings += 1;
+        }
+        let prefix = keys::state_prefix(&id);
+        for op in resp.state {
+            match op {
+                StateOp::Put(k, v) => batch.put([prefix.as_slice(), &k].concat(), v),
+                StateOp::Delete(k) => batch.remove([prefix.as_slice(), &k].concat()),
+            }
+        }
+        if i == last {
+            batch.put(cursor_key(&id), head.to_be_bytes().to_vec());
+        }
+        crate::failpoint::hit("detect-before-commit");
+        if let Err(e) = batch.commit() {
+            // The plugin's in-memory state is ahead of what was committed.
+            plugin.initialised = false;
+            return Err(store_err(e));
+        }
+        crate::failpoint::hit("detect-after-commit");
+    }
+    Ok(())
+}
+
+fn finding_json(fid: &str, plugin: &Plugin, detected_at: &str, f: FindingOut) -> Value {
+    let m = &plugin.manifest;
+    let mut row = Map::new();
+    for (name, cell) in f.row {
+        row.insert(name, cell.to_json());
+    }
+    let mut o = Map::new();
+    o.insert("finding_id".into(), fid.into());
+    o.insert("detector".into(), m.name.clone().into());
+    o.insert("detector_version".into(), m.version.clone().into());
+    o.insert("detected_at".into(), detected_at.into());
+    o.insert("title".into(), m.title.clone().into());
+    o.insert("severity".into(), m.severity.clone().into());
+    o.insert("mitre".into(), m.mitre.clone().into());
+    o.insert("device_id".into(), f.device_id.into());
+    o.insert("device_name".into(), f.device_name.into());
+    o.insert("row".into(), Value::Object(row));
+    Value::Object(o)
+}

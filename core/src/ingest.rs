@@ -1,0 +1,414 @@
+//! One-shot ingestion of files: open, split into records, normalise, and commit in
+//! batches — each batch atomically with the file's new offset, so a crash at any point
+//! neither loses nor duplicates a row and a re-run resumes where the last one stopped.
+
+use crate::clock::Clock;
+use crate::parse::lines::{LineEnd, LineInfo, LineReader};
+use crate::parse::normalise::{normalise, TableHints};
+use crate::parse::open::{open, Layout};
+use crate::parse::record::unwrap_document;
+use crate::parse::{Reject, RejectKind};
+use crate::schema::table_from_file_name;
+use crate::store::{Added, OffsetUnit, RejectRecord, SourceState, Store, WriteBatch};
+use anyhow::{anyhow, Context, Result};
+use serde::de::{SeqAccess, Visitor};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    /// Fixes the ingestion time of every row (`--now`); the clock otherwise.
+    pub now: Option<i64>,
+    /// The table of rows that name none (`--table`).
+    pub table: Option<String>,
+    /// Lines longer than this are rejected without being held in memory.
+    pub max_line: usize,
+    /// Rows per committed batch.
+    pub batch_rows: usize,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        IngestOptions { now: None, table: None, max_line: 8 << 20, batch_rows: 4096 }
+    }
+}
+
+/// What ingesting one or more files did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IngestReport {
+    pub files: u64,
+    pub new_rows: BTreeMap<String, u64>,
+    pub duplicates: u64,
+    pub rejected: BTreeMap<String, u64>,
+    /// Raw bytes read.
+    pub bytes: u64,
+    /// Files whose last line has no newline yet and does not parse; left for a later run.
+    pub partial_tails: Vec<PathBuf>,
+}
+
+impl IngestReport {
+    pub fn total_new(&self) -> u64 {
+        self.new_rows.values().sum()
+    }
+
+    pub fn total_rejected(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+
+    pub fn merge(&mut self, other: IngestReport) {
+        self.files += other.files;
+        for (k, v) in other.new_rows {
+            *self.new_rows.entry(k).or_insert(0) += v;
+        }
+        self.duplicates += other.duplicates;
+        for (k, v) in other.rejected {
+            *self.rejected.entry(k).or_insert(0) += v;
+        }
+        self.bytes += other.bytes;
+        self.partial_tails.extend(other.partial_tails);
+    }
+}
+
+/// Expands files and directories (recursively, in name order) into the files to read.
+pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).with_context(|| format!("cannot read {}", p.display()))?;
+        if meta.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot list {}", p.display()))?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<std::io::Result<_>>()
+                .with_context(|| format!("cannot list {}", p.display()))?;
+            entries.sort();
+            entries.retain(|e| !e.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')));
+            out.extend(expand_paths(&entries)?);
+        } else if meta.is_file() {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// The identity of a file: device and inode (a rename keeps it).
+pub fn source_id(meta: &std::fs::Metadata) -> Vec<u8> {
+    let mut id = meta.dev().to_be_bytes().to_vec();
+    id.extend_from_slice(&meta.ino().to_be_bytes());
+    id
+}
+
+const HEAD_LEN: u64 = 1024;
+
+/// SHA-256 of the first `len` raw bytes of the file.
+pub fn head_hash(path: &Path, len: u64) -> Result<Vec<u8>> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut buf = Vec::new();
+    (&mut f).take(len).read_to_end(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Sha256::digest(&buf).to_vec())
+}
+
+/// Ingests one file from its committed offset. `progress` is called with raw bytes read.
+pub fn ingest_file(
+    store: &mut Store,
+    path: &Path,
+    opts: &IngestOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<IngestReport> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let id = source_id(&meta);
+    let head_len = meta.len().min(HEAD_LEN);
+    let head = head_hash(path, head_len)?;
+    let mut state = match store.source(&id)? {
+        // Same file (its first bytes still hash the same): resume at the committed offset,
+        // unless it shrank below it (copytruncate), then read it from the start.
+        Some(old)
+            if old.head_len <= meta.len()
+                && head_hash(path, old.head_len)? == old.head
+                && (old.compressed || old.unit != OffsetUnit::Bytes || old.offset <= meta.len()) =>
+        {
+            old
+        }
+        _ => SourceState {
+            path: path.display().to_string(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            head,
+            head_len,
+            offset: 0,
+            unit: OffsetUnit::Bytes,
+            compressed: false,
+        },
+    };
+    state.path = path.display().to_string();
+
+    let counter = Arc::new(AtomicU64::new(0));
+    let skip = if state.unit == OffsetUnit::Bytes { state.offset } else { 0 };
+    let opened = open(path, skip, counter.clone())?;
+    state.compressed = opened.compressed;
+    let hints = TableHints {
+        file_table: path.file_name().and_then(|n| table_from_file_name(&n.to_string_lossy())),
+        explicit: opts.table.clone(),
+    };
+    let mut run = FileRun {
+        path,
+        id: &id,
+        opts,
+        clock: Clock::new(opts.now),
+        hints,
+        report: IngestReport { files: 1, ..Default::default() },
+        pending: 0,
+        counter: counter.clone(),
+    };
+    match opened.layout {
+        Layout::Lines => {
+            state.unit = OffsetUnit::Bytes;
+            let start = if state.offset == 0 { opened.bom } else { state.offset };
+            run.lines(store, LineReader::new(opened.reader, opts.max_line, start), &mut state, progress)?;
+        }
+        Layout::Array => {
+            if state.unit == OffsetUnit::Bytes && state.offset > 0 {
+                // A file first read as lines is now an array: nothing sensible to resume.
+                state.offset = 0;
+            }
+            state.unit = OffsetUnit::ArrayElements;
+            run.array(store, opened.reader, &mut state, progress)?;
+        }
+    }
+    run.report.bytes = counter.load(Ordering::Relaxed).saturating_sub(skip);
+    Ok(run.report)
+}
+
+struct FileRun<'a> {
+    path: &'a Path,
+    id: &'a [u8],
+    opts: &'a IngestOptions,
+    clock: Clock,
+    hints: TableHints,
+    report: IngestReport,
+    pending: usize,
+    counter: Arc<AtomicU64>,
+}
+
+impl FileRun<'_> {
+    fn lines(
+        &mut self,
+        store: &mut Store,
+        mut reader: LineReader<Box<dyn std::io::BufRead + Send>>,
+        state: &mut SourceState,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
+        let mut buf = Vec::new();
+        let mut line_no = 0u64;
+        let mut batch = store.batch();
+        let mut now = self.clock.now();
+        loop {
+            let info = match reader.next_line(&mut buf) {
+                Ok(Some(info)) => info,
+                Ok(None) => break,
+                Err(e) => return Err(anyhow!("{}: read error at byte {}: {e}", self.path.display(), reader.offset())),
+            };
+            line_no += 1;
+            if info.ending == LineEnd::Eof && info.too_long.is_none() {
+                // No newline yet: take the line only if it is a complete document.
+                if serde_json::from_slice::<serde::de::IgnoredAny>(&buf).is_err() {
+                    if !buf.iter().all(u8::is_ascii_whitespace) {
+                        self.report.partial_tails.push(self.path.to_path_buf());
+                    }
+                    break;
+                }
+            }
+            self.line(&mut batch, &buf, &info, line_no, now)?;
+            state.offset = info.end;
+            if self.pending >= self.opts.batch_rows {
+                batch.set_source(self.id, state)?;
+                batch.commit()?;
+                crate::failpoint::hit("ingest-after-commit");
+                progress(self.counter.load(Ordering::Relaxed));
+                self.pending = 0;
+                batch = store.batch();
+                now = self.clock.now();
+            }
+        }
+        batch.set_source(self.id, state)?;
+        batch.commit()?;
+        progress(self.counter.load(Ordering::Relaxed));
+        Ok(())
+    }
+
+    fn line(&mut self, batch: &mut WriteBatch<'_>, buf: &[u8], info: &LineInfo, line_no: u64, now: i64) -> Result<()> {
+        if let Some(len) = info.too_long {
+            let reason = format!("line is {len} bytes, over the {} byte limit", self.opts.max_line);
+            return self.reject(batch, line_no, info.start, Reject::new(RejectKind::LineTooLong, reason), b"");
+        }
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        if let Err(e) = std::str::from_utf8(buf) {
+            let reason = format!("invalid UTF-8 at byte {} of the line", e.valid_up_to());
+            return self.reject(batch, line_no, info.start, Reject::new(RejectKind::InvalidUtf8, reason), buf);
+        }
+        let doc: Value = match serde_json::from_slice(buf) {
+            Ok(v) => v,
+            Err(e) => {
+                let reason = format!("malformed JSON: {e}");
+                return self.reject(batch, line_no, info.start, Reject::new(RejectKind::MalformedJson, reason), buf);
+            }
+        };
+        self.document(batch, doc, line_no, info.start, buf, now)
+    }
+
+    fn document(
+        &mut self,
+        batch: &mut WriteBatch<'_>,
+        doc: Value,
+        line_no: u64,
+        offset: u64,
+        raw: &[u8],
+        now: i64,
+    ) -> Result<()> {
+        for unwrapped in unwrap_document(doc) {
+            let normal = unwrapped.and_then(|u| normalise(u.row, u.category_table.as_deref(), &self.hints));
+            match normal {
+                Ok(row) => {
+                    let table = row.table.clone();
+                    self.pending += 1;
+                    match batch.add_row(row, now)? {
+                        Added::New => *self.report.new_rows.entry(table).or_insert(0) += 1,
+                        Added::Duplicate => self.report.duplicates += 1,
+                    }
+                }
+                Err(reject) => self.reject(batch, line_no, offset, reject, raw)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn reject(&mut self, batch: &mut WriteBatch<'_>, line: u64, offset: u64, reject: Reject, raw: &[u8]) -> Result<()> {
+        *self.report.rejected.entry(reject.kind.as_str().to_string()).or_insert(0) += 1;
+        self.pending += 1;
+        tracing::debug!(file = %self.path.display(), line, offset, reason = %reject.reason, "rejected");
+        batch.add_reject(RejectRecord {
+            file: self.path.display().to_string(),
+            line,
+            offset,
+            kind: reject.kind.as_str().to_string(),
+            reason: reject.reason,
+            excerpt: String::from_utf8_lossy(&raw[..raw.len().min(256)]).into_owned(),
+        })
+    }
+
+    fn array(
+        &mut self,
+        store: &mut Store,
+        reader: Box<dyn std::io::BufRead + Send>,
+        state: &mut SourceState,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
+        let skip = state.offset;
+        let mut fatal: Option<anyhow::Error> = None;
+        let mut pending: Vec<(u64, Value)> = Vec::new();
+        let parsed = {
+            let mut index = 0u64;
+            let mut on_element = |doc: Value| -> std::result::Result<(), String> {
+                index += 1;
+                if index <= skip {
+                    return Ok(());
+                }
+                pending.push((index, doc));
+                if pending.len() < self.opts.batch_rows {
+                    return Ok(());
+                }
+                let r = self.commit_elements(store, &mut pending, state, None);
+                progress(self.counter.load(Ordering::Relaxed));
+                r.map_err(|e| {
+                    let msg = e.to_string();
+                    fatal = Some(e);
+                    msg
+                })
+            };
+            let mut de = serde_json::Deserializer::from_reader(reader);
+            serde::Deserializer::deserialize_seq(&mut de, ElementVisitor { f: &mut on_element }).and_then(|()| de.end())
+        };
+        if let Some(e) = fatal {
+            return Err(e);
+        }
+        // Rows before a syntax error are kept; the rest of the array cannot be recovered.
+        let syntax = parsed.err().map(|e| {
+            (
+                e.line() as u64,
+                format!(
+                    "malformed JSON array after element {}: {e}",
+                    state.offset.max(pending.last().map_or(0, |p| p.0))
+                ),
+            )
+        });
+        self.commit_elements(store, &mut pending, state, syntax)?;
+        progress(self.counter.load(Ordering::Relaxed));
+        Ok(())
+    }
+
+    /// Commits buffered array elements (and a trailing syntax error) with the new offset.
+    fn commit_elements(
+        &mut self,
+        store: &mut Store,
+        pending: &mut Vec<(u64, Value)>,
+        state: &mut SourceState,
+        syntax: Option<(u64, String)>,
+    ) -> Result<()> {
+        let now = self.clock.now();
+        let mut batch = store.batch();
+        for (index, doc) in pending.drain(..) {
+            self.document(&mut batch, doc, index, 0, b"", now)?;
+            state.offset = index;
+        }
+        if let Some((line, reason)) = syntax {
+            self.reject(&mut batch, line, 0, Reject::new(RejectKind::MalformedJson, reason), b"")?;
+        }
+        batch.set_source(self.id, state)?;
+        batch.commit()?;
+        crate::failpoint::hit("ingest-after-commit");
+        self.pending = 0;
+        Ok(())
+    }
+}
+
+struct ElementVisitor<'f, F> {
+    f: &'f mut F,
+}
+
+impl<'de, F: FnMut(Value) -> std::result::Result<(), String>> Visitor<'de> for ElementVisitor<'_, F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array of rows")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+        while let Some(v) = seq.next_element::<Value>()? {
+            (self.f)(v).map_err(serde::de::Error::custom)?;
+        }
+        Ok(())
+    }
+}
+
+/// Ingests files and directories in order, adding up the reports.
+pub fn ingest_paths(
+    store: &mut Store,
+    paths: &[PathBuf],
+    opts: &IngestOptions,
+    progress: &mut dyn FnMut(&Path, u64),
+) -> Result<IngestReport> {
+    let files = expand_paths(paths)?;
+    let mut total = IngestReport::default();
+    for f in &files {
+        let r = ingest_file(store, f, opts, &mut |b| progress(f, b))?;
+        total.merge(r);
+    }
+    Ok(total)
+}

@@ -1,0 +1,15 @@
+//! Lookout's engine. See ARCHITECTURE.md at the repository root for the map.
+
+pub mod clock;
+pub mod detect;
+pub mod failpoint;
+pub mod findings;
+pub mod gen;
+pub mod ingest;
+pub mod parse;
+pub mod plugin;
+pub mod schema;
+pub mod status;
+pub mod store;
+
+pub use store::Store;

@@ -1,0 +1,87 @@
+//! The callbacks a plugin makes into the host during `lookout_evaluate`: row fetches,
+//! (table, SHA1, DeviceId) look-ups and FileProfile, answered from the store.
+
+use crate::store::Store;
+use lookout_plugin_sdk::abi::{self, LookoutBuf, LookoutHostApi, RC_ERROR, RC_OK};
+use lookout_plugin_sdk::{HostRequest, HostResponse};
+use std::ffi::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+struct HostCtx<'a> {
+    store: &'a Store,
+}
+
+/// Runs `f` with a host API table that answers from `store`; the table is only valid
+/// inside `f`.
+pub fn with_host_api<R>(store: &Store, f: impl FnOnce(&LookoutHostApi) -> R) -> R {
+    let mut ctx = HostCtx { store };
+    let api = LookoutHostApi { ctx: (&mut ctx as *mut HostCtx<'_>).cast::<c_void>(), call: host_call, free: host_free };
+    f(&api)
+}
+
+fn answer(store: &Store, req: HostRequest) -> HostResponse {
+    let result = match req {
+        HostRequest::GetRows(keys) => keys
+            .iter()
+            .filter_map(|k| store.get_row(k).transpose())
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map(HostResponse::Rows),
+        HostRequest::Lookup { table, sha1, device_id } => {
+            store.lookup(&table, &sha1, device_id.as_deref()).map(HostResponse::Rows)
+        }
+        HostRequest::Profile(sha1) => store.profile(&sha1).map(HostResponse::Profile),
+    };
+    result.unwrap_or_else(|e| HostResponse::Error(format!("store error: {e:#}")))
+}
+
+fn give(bytes: Vec<u8>, out: *mut LookoutBuf) {
+    if out.is_null() {
+        return;
+    }
+    let boxed = bytes.into_boxed_slice();
+    let len = boxed.len();
+    let ptr = Box::into_raw(boxed).cast::<u8>();
+    // SAFETY: `out` is non-null and points to the plugin's LookoutBuf for this call.
+    unsafe { *out = LookoutBuf { ptr, len } };
+}
+
+extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, out: *mut LookoutBuf) -> i32 {
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        if ctx.is_null() {
+            return Err("null host context".to_string());
+        }
+        // SAFETY: `ctx` is the HostCtx created by `with_host_api`, alive for the whole
+        // evaluate call during which the plugin may call back.
+        let ctx = unsafe { &*(ctx as *const HostCtx<'_>) };
+        let input = if input.is_null() || len == 0 {
+            &[][..]
+        } else {
+            // SAFETY: the plugin passes `len` readable bytes at `input` for this call.
+            unsafe { std::slice::from_raw_parts(input, len) }
+        };
+        let req: HostRequest = abi::decode(input)?;
+        abi::encode(&answer(ctx.store, req))
+    }));
+    match result {
+        Ok(Ok(bytes)) => {
+            give(bytes, out);
+            RC_OK
+        }
+        Ok(Err(msg)) => {
+            give(msg.into_bytes(), out);
+            RC_ERROR
+        }
+        Err(_) => {
+            give(b"host panicked answering the request".to_vec(), out);
+            RC_ERROR
+        }
+    }
+}
+
+extern "C" fn host_free(ptr: *mut u8, len: usize) {
+    if ptr.is_null() {
+        return;
+    }
+    // SAFETY: the plugin returns a buffer `give` leaked as a Box<[u8]> of this length.
+    drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) });
+}

@@ -1,0 +1,84 @@
+//! The plugin host: finding, verifying, loading and calling detector libraries.
+//!
+//! - [`guard`]: what may be loaded (ownership, permissions, pins) and the private copy.
+//! - [`loader`]: the C ABI calls into a loaded library (unsafe lives here and in
+//!   [`host_api`] only).
+//! - [`host_api`]: the callbacks a plugin makes into the store during a pass.
+
+pub mod guard;
+pub mod host_api;
+pub mod loader;
+
+use anyhow::Result;
+use lookout_plugin_sdk::Manifest;
+use std::path::{Path, PathBuf};
+
+pub use guard::{Refusal, PIN_FILE};
+pub use loader::PluginLib;
+
+/// A verified, loaded detector library.
+pub struct Plugin {
+    /// The file in the plugins folder it came from.
+    pub file: PathBuf,
+    /// SHA-256 of the loaded copy.
+    pub sha256: String,
+    pub manifest: Manifest,
+    pub lib: PluginLib,
+    /// Whether `init` succeeded since the last load, panic or failed pass.
+    pub initialised: bool,
+}
+
+impl Plugin {
+    /// `name@version`: the key of the detector's cursor, state and finding ids.
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.manifest.name, self.manifest.version)
+    }
+}
+
+/// What loading a plugins folder gave.
+pub struct Loaded {
+    pub plugins: Vec<Plugin>,
+    pub refused: Vec<Refusal>,
+}
+
+/// Loads every `*.so` in `dir` that passes the checks of [`guard`], from private copies
+/// under `<data>/plugin-cache`. A refused file is reported and skipped; a folder that
+/// fails the checks itself is an error.
+pub fn load_dir(dir: &Path, data_dir: &Path) -> Result<Loaded> {
+    guard::check_dir(dir)?;
+    let pins = guard::read_pins(dir)?;
+    let cache = guard::cache_dir(data_dir)?;
+    let mut plugins: Vec<Plugin> = Vec::new();
+    let mut refused = Vec::new();
+    for file in guard::discover(dir)? {
+        match load_one(&file, &cache, pins.as_ref()) {
+            Ok(p) => {
+                if let Some(other) = plugins.iter().find(|o| o.manifest.name == p.manifest.name) {
+                    refused.push(Refusal {
+                        path: file,
+                        reason: format!(
+                            "detector name {} is already provided by {}; remove one of them",
+                            p.manifest.name,
+                            other.file.display()
+                        ),
+                    });
+                } else {
+                    plugins.push(p);
+                }
+            }
+            Err(reason) => refused.push(Refusal { path: file, reason }),
+        }
+    }
+    for r in &refused {
+        tracing::warn!(plugin = %r.path.display(), reason = %r.reason, "plugin refused");
+    }
+    Ok(Loaded { plugins, refused })
+}
+
+/// Verifies, copies and loads one library.
+pub fn load_one(file: &Path, cache: &Path, pins: Option<&guard::Pins>) -> Result<Plugin, String> {
+    let verified = guard::verify_and_copy(file, cache, pins)?;
+    let lib = loader::load(&verified.copy)?;
+    let manifest = lib.manifest()?;
+    Ok(Plugin { file: file.to_path_buf(), sha256: verified.sha256, manifest, lib, initialised: false })
+}

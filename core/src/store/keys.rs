@@ -1,0 +1,141 @@
+//! Key layout of the single sled tree. Every key starts with a one-byte key space; all
+//! integers are big-endian so that byte order is numeric order, and variable-length
+//! strings carry a u16 length prefix so that a (table, SHA1, DeviceId) prefix is exact.
+//!
+//! | space | key                                                          | value |
+//! |-------|--------------------------------------------------------------|-------|
+//! | `e`   | table u16, sha1, device, Timestamp (i64, sign-flipped), id    | stored row |
+//! | `p`   | sha1                                                          | FileProfile row (newest wins) |
+//! | `j`   | batch seq u64                                                 | keys new in that batch (journal) |
+//! | `s`   | schema id u32                                                 | column names |
+//! | `t`   | table name                                                    | table id u16 |
+//! | `S`   | source id                                                     | source offset state |
+//! | `r`   | reject seq u64                                                | kept-aside bad record |
+//! | `c`   | (empty)                                                       | counters |
+//! | `f`   | finding id (16 bytes)                                         | finding JSON |
+//! | `q`   | outbox seq u64                                                | finding id |
+//! | `d`   | detector name@version                                         | detector cursor |
+//! | `x`   | detector name@version (u16-prefixed), state key               | detector state value |
+//! | `m`   | name                                                          | misc counters (next seqs, outbox cursors) |
+
+pub const EVENT: u8 = b'e';
+pub const PROFILE: u8 = b'p';
+pub const JOURNAL: u8 = b'j';
+pub const SCHEMA: u8 = b's';
+pub const TABLE: u8 = b't';
+pub const SOURCE: u8 = b'S';
+pub const REJECT: u8 = b'r';
+pub const COUNTERS: u8 = b'c';
+pub const FINDING: u8 = b'f';
+pub const OUTBOX: u8 = b'q';
+pub const CURSOR: u8 = b'd';
+pub const STATE: u8 = b'x';
+pub const META: u8 = b'm';
+
+fn push_str(k: &mut Vec<u8>, s: &[u8]) {
+    // Columns longer than 64 KiB cannot be a SHA1 or a device id; they are cut, which can
+    // only widen a prefix scan, never narrow it (the detector re-checks equality).
+    let s = &s[..s.len().min(u16::MAX as usize)];
+    k.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    k.extend_from_slice(s);
+}
+
+/// Prefix of every event of `table` with this SHA1 (and device, if given).
+pub fn event_prefix(table: u16, sha1: &str, device: Option<&str>) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + 2 + sha1.len() + 2 + device.map_or(0, str::len));
+    k.push(EVENT);
+    k.extend_from_slice(&table.to_be_bytes());
+    push_str(&mut k, sha1.as_bytes());
+    if let Some(d) = device {
+        push_str(&mut k, d.as_bytes());
+    }
+    k
+}
+
+/// Prefix of every event of `table`.
+pub fn table_prefix(table: u16) -> Vec<u8> {
+    let mut k = vec![EVENT];
+    k.extend_from_slice(&table.to_be_bytes());
+    k
+}
+
+pub fn event_key(table: u16, sha1: &str, device: &str, timestamp: i64, id: &str) -> Vec<u8> {
+    let mut k = event_prefix(table, sha1, Some(device));
+    k.extend_from_slice(&((timestamp as u64) ^ (1 << 63)).to_be_bytes());
+    push_str(&mut k, id.as_bytes());
+    k
+}
+
+pub fn profile_key(sha1: &str) -> Vec<u8> {
+    let mut k = vec![PROFILE];
+    k.extend_from_slice(sha1.as_bytes());
+    k
+}
+
+pub fn seq_key(space: u8, seq: u64) -> Vec<u8> {
+    let mut k = vec![space];
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub fn seq_of(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(1..9)?.try_into().ok()?))
+}
+
+pub fn named_key(space: u8, name: &str) -> Vec<u8> {
+    let mut k = vec![space];
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+pub fn state_prefix(detector: &str) -> Vec<u8> {
+    let mut k = vec![STATE];
+    push_str(&mut k, detector.as_bytes());
+    k
+}
+
+/// The parts of a stored row's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyParts {
+    Event { table: u16, sha1: String, device: String, timestamp: i64 },
+    Profile { sha1: String },
+}
+
+pub fn parse_key(key: &[u8]) -> Option<KeyParts> {
+    match *key.first()? {
+        EVENT => {
+            let table = u16::from_be_bytes(key.get(1..3)?.try_into().ok()?);
+            let (sha1, rest) = take_str(&key[3..])?;
+            let (device, rest) = take_str(rest)?;
+            let ts = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?) ^ (1 << 63);
+            Some(KeyParts::Event { table, sha1, device, timestamp: ts as i64 })
+        }
+        PROFILE => Some(KeyParts::Profile { sha1: String::from_utf8_lossy(&key[1..]).into_owned() }),
+        _ => None,
+    }
+}
+
+fn take_str(b: &[u8]) -> Option<(String, &[u8])> {
+    let len = u16::from_be_bytes(b.get(..2)?.try_into().ok()?) as usize;
+    let s = b.get(2..2 + len)?;
+    Some((String::from_utf8_lossy(s).into_owned(), &b[2 + len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_is_exact_and_order_preserving() {
+        let a = event_key(1, "abc", "dev1", -5, "7");
+        let b = event_key(1, "abc", "dev1", 3, "7");
+        let c = event_key(1, "abcd", "dev1", 0, "7");
+        assert!(a < b, "timestamps order numerically, negatives first");
+        assert!(a.starts_with(&event_prefix(1, "abc", Some("dev1"))));
+        assert!(!c.starts_with(&event_prefix(1, "abc", None)), "a longer SHA1 is not under a shorter one's prefix");
+        assert_eq!(
+            parse_key(&a),
+            Some(KeyParts::Event { table: 1, sha1: "abc".into(), device: "dev1".into(), timestamp: -5 })
+        );
+    }
+}

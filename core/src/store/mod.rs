@@ -1,0 +1,475 @@
+//! The sled store: one tree, partitioned into key spaces (see [`keys`]).
+//!
+//! Why one tree: sled's `apply_batch` is atomic, crash-safe and much cheaper than a
+//! multi-tree transaction, but only within one tree. Keeping rows, the journal, source
+//! offsets, counters, findings and cursors in one tree lets every unit of work commit
+//! as one atomic batch, which is what makes "no row lost, none stored twice" hold across
+//! `kill -9`. Lookout is the only writer (sled locks the directory), so reading before
+//! writing a batch cannot race.
+
+pub mod codec;
+pub mod keys;
+
+use anyhow::{anyhow, Context as _, Result};
+use lookout_plugin_sdk::{Cell, Row, RowRef};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use crate::parse::normalise::NormalRow;
+use crate::schema::TableKind;
+use keys::KeyParts;
+
+/// Totals kept with the data (one key, rewritten with every batch).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    pub rows: BTreeMap<String, u64>,
+    pub duplicates: u64,
+    pub rejected: BTreeMap<String, u64>,
+}
+
+/// How far a source file has been read, committed with the rows read from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceState {
+    pub path: String,
+    pub dev: u64,
+    pub ino: u64,
+    /// SHA-256 of the first `head_len` bytes: tells a reused inode from the old file.
+    pub head: Vec<u8>,
+    pub head_len: u64,
+    /// Bytes of (decompressed) input consumed, or array elements for JSON array exports.
+    pub offset: u64,
+    pub unit: OffsetUnit,
+    pub compressed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OffsetUnit {
+    Bytes,
+    ArrayElements,
+}
+
+/// A bad record kept aside.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejectRecord {
+    pub file: String,
+    /// 1-based line (or array element) number.
+    pub line: u64,
+    /// Byte offset of the record's start in the (decompressed) file.
+    pub offset: u64,
+    pub kind: String,
+    pub reason: String,
+    /// The first bytes of the record, lossily decoded.
+    pub excerpt: String,
+}
+
+pub(crate) fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(|e| anyhow!("encode: {e}"))
+}
+
+pub(crate) fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T> {
+    Ok(bincode::serde::decode_from_slice(b, bincode::config::standard()).map_err(|e| anyhow!("decode: {e}"))?.0)
+}
+
+pub struct Store {
+    path: PathBuf,
+    db: sled::Db,
+    tables: HashMap<String, u16>,
+    table_names: HashMap<u16, String>,
+    schemas: HashMap<Vec<String>, u32>,
+    schema_names: HashMap<u32, std::sync::Arc<Vec<String>>>,
+    counters: Counters,
+    next_journal: u64,
+    next_reject: u64,
+}
+
+/// First table id handed to a table Lookout has not seen before.
+const FIRST_TABLE_ID: u16 = 1;
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(64 << 20)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.raw_os_error() == Some(11) => {
+                    anyhow!(
+                        "the database in {} is in use by another Lookout process (a running `lookout run`?); \
+                         stop it or point --data elsewhere",
+                        dir.display()
+                    )
+                }
+                other => anyhow!("cannot open the database in {}: {other}", dir.display()),
+            })?;
+        let mut store = Store {
+            path: dir.to_path_buf(),
+            db,
+            tables: HashMap::new(),
+            table_names: HashMap::new(),
+            schemas: HashMap::new(),
+            schema_names: HashMap::new(),
+            counters: Counters::default(),
+            next_journal: 1,
+            next_reject: 1,
+        };
+        store.load_registries()?;
+        Ok(store)
+    }
+
+    fn load_registries(&mut self) -> Result<()> {
+        for kv in self.db.scan_prefix([keys::TABLE]) {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k[1..]).into_owned();
+            let id = u16::from_be_bytes(v.as_ref().try_into().map_err(|_| anyhow!("corrupt table id for {name}"))?);
+            self.table_names.insert(id, name.clone());
+            self.tables.insert(name, id);
+        }
+        for kv in self.db.scan_prefix([keys::SCHEMA]) {
+            let (k, v) = kv?;
+            let id = u32::from_be_bytes(
+                k.get(1..5).and_then(|b| b.try_into().ok()).ok_or_else(|| anyhow!("corrupt schema key"))?,
+            );
+            let names: Vec<String> = dec(&v)?;
+            self.schemas.insert(names.clone(), id);
+            self.schema_names.insert(id, std::sync::Arc::new(names));
+        }
+        if let Some(v) = self.db.get([keys::COUNTERS])? {
+            self.counters = dec(&v)?;
+        }
+        self.next_journal = self.last_seq(keys::JOURNAL)?.map_or(self.meta_u64("jfloor")? + 1, |s| s + 1);
+        self.next_reject = self.last_seq(keys::REJECT)?.map_or(1, |s| s + 1);
+        Ok(())
+    }
+
+    fn last_seq(&self, space: u8) -> Result<Option<u64>> {
+        Ok(match self.db.scan_prefix([space]).next_back() {
+            Some(kv) => keys::seq_of(&kv?.0),
+            None => None,
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Blocks until everything committed so far is on disk.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().context("cannot flush the database to disk")?;
+        Ok(())
+    }
+
+    pub fn meta_u64(&self, name: &str) -> Result<u64> {
+        Ok(match self.db.get(keys::named_key(keys::META, name))? {
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| anyhow!("corrupt meta {name}"))?),
+            None => 0,
+        })
+    }
+
+    pub fn get_decoded<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
+        self.db.get(key)?.map(|v| dec(&v)).transpose()
+    }
+
+    pub fn table_id(&self, name: &str) -> Option<u16> {
+        self.tables.get(name).copied()
+    }
+
+    pub fn table_name(&self, id: u16) -> Option<&str> {
+        self.table_names.get(&id).map(String::as_str)
+    }
+
+    /// The next journal sequence number to be written (journal head + 1).
+    pub fn next_journal_seq(&self) -> u64 {
+        self.next_journal
+    }
+
+    pub fn source(&self, id: &[u8]) -> Result<Option<SourceState>> {
+        self.get_decoded(&source_key(id))
+    }
+
+    pub fn sources(&self) -> Result<Vec<SourceState>> {
+        self.db.scan_prefix([keys::SOURCE]).map(|kv| dec(&kv?.1)).collect()
+    }
+
+    pub fn rejects(&self, limit: usize) -> Result<Vec<RejectRecord>> {
+        self.db.scan_prefix([keys::REJECT]).take(limit).map(|kv| dec(&kv?.1)).collect()
+    }
+
+    /// Starts a batch of writes that commits atomically.
+    pub fn batch(&mut self) -> WriteBatch<'_> {
+        WriteBatch {
+            store: self,
+            batch: sled::Batch::default(),
+            journal: Vec::new(),
+            pending: HashSet::new(),
+            counters_dirty: false,
+            new_rows: 0,
+        }
+    }
+
+    /// Decodes a stored value into a row.
+    pub fn decode_row(&self, key: &[u8], value: &[u8]) -> Result<Row> {
+        let stored = codec::decode(value)?;
+        let names = self
+            .schema_names
+            .get(&stored.schema)
+            .ok_or_else(|| anyhow!("row refers to unknown schema {}", stored.schema))?;
+        let table = match keys::parse_key(key) {
+            Some(KeyParts::Event { table, .. }) => self.table_name(table).unwrap_or("?").to_string(),
+            Some(KeyParts::Profile { .. }) => lookout_plugin_sdk::tables::FILE_PROFILE.to_string(),
+            None => return Err(anyhow!("not a row key")),
+        };
+        Ok(Row {
+            table,
+            key: key.to_vec(),
+            ingested_at: stored.ingested_at,
+            columns: names.iter().cloned().zip(stored.cells).collect(),
+        })
+    }
+
+    pub fn get_row(&self, key: &[u8]) -> Result<Option<Row>> {
+        self.db.get(key)?.map(|v| self.decode_row(key, &v)).transpose()
+    }
+
+    /// Stored rows of `table` with exactly this SHA1 (and DeviceId).
+    pub fn lookup(&self, table: &str, sha1: &str, device: Option<&str>) -> Result<Vec<Row>> {
+        let Some(tid) = self.table_id(table) else { return Ok(Vec::new()) };
+        let prefix = keys::event_prefix(tid, sha1, device);
+        self.db
+            .scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                self.decode_row(&k, &v)
+            })
+            .collect()
+    }
+
+    pub fn profile(&self, sha1: &str) -> Result<Option<Row>> {
+        self.get_row(&keys::profile_key(sha1))
+    }
+
+    /// A reference to a stored row for a detector (table, SHA1, device and key).
+    pub fn row_ref(&self, key: &[u8]) -> Option<RowRef> {
+        match keys::parse_key(key)? {
+            KeyParts::Event { table, sha1, device, .. } => {
+                Some(RowRef { table: self.table_name(table)?.to_string(), sha1, device_id: device, key: key.to_vec() })
+            }
+            KeyParts::Profile { sha1 } => Some(RowRef {
+                table: lookout_plugin_sdk::tables::FILE_PROFILE.to_string(),
+                sha1,
+                device_id: String::new(),
+                key: key.to_vec(),
+            }),
+        }
+    }
+
+    /// Journal entries with sequence in `from..` (each: seq, keys new in that batch).
+    pub fn journal_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, Vec<Vec<u8>>)>> + '_ {
+        self.db.range(keys::seq_key(keys::JOURNAL, from)..keys::seq_key(keys::JOURNAL, u64::MAX)).map(|kv| {
+            let (k, v) = kv?;
+            Ok((keys::seq_of(&k).unwrap_or(0), dec(&v)?))
+        })
+    }
+
+    /// Keys of every stored row of the given tables (a backfill).
+    pub fn all_row_keys(&self, tables: &[String]) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        for t in tables {
+            if t == lookout_plugin_sdk::tables::FILE_PROFILE {
+                for k in self.db.scan_prefix([keys::PROFILE]).keys() {
+                    out.push(k?.to_vec());
+                }
+            } else if let Some(tid) = self.table_id(t) {
+                for k in self.db.scan_prefix(keys::table_prefix(tid)).keys() {
+                    out.push(k?.to_vec());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes journal entries up to and including `upto`; a detector whose cursor is
+    /// below the floor backfills instead.
+    pub fn prune_journal(&mut self, upto: u64) -> Result<()> {
+        let floor = self.meta_u64("jfloor")?;
+        if upto <= floor {
+            return Ok(());
+        }
+        let mut b = sled::Batch::default();
+        for k in self.db.range(keys::seq_key(keys::JOURNAL, 0)..=keys::seq_key(keys::JOURNAL, upto)).keys() {
+            b.remove(k?);
+        }
+        b.insert(keys::named_key(keys::META, "jfloor"), &upto.to_be_bytes()[..]);
+        self.db.apply_batch(b)?;
+        Ok(())
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    fn ensure_table(&mut self, name: &str, batch: &mut sled::Batch) -> Result<u16> {
+        if let Some(id) = self.tables.get(name) {
+            return Ok(*id);
+        }
+        let next = self.table_names.keys().max().map_or(FIRST_TABLE_ID, |m| m + 1);
+        if next == u16::MAX {
+            return Err(anyhow!("too many distinct tables"));
+        }
+        batch.insert(keys::named_key(keys::TABLE, name), &next.to_be_bytes()[..]);
+        self.tables.insert(name.to_string(), next);
+        self.table_names.insert(next, name.to_string());
+        Ok(next)
+    }
+
+    fn ensure_schema(&mut self, names: Vec<String>, batch: &mut sled::Batch) -> Result<u32> {
+        if let Some(id) = self.schemas.get(&names) {
+            return Ok(*id);
+        }
+        let id = self.schema_names.keys().max().map_or(1, |m| m + 1);
+        batch.insert(seq_key32(keys::SCHEMA, id), enc(&names)?);
+        self.schema_names.insert(id, std::sync::Arc::new(names.clone()));
+        self.schemas.insert(names, id);
+        Ok(id)
+    }
+}
+
+fn seq_key32(space: u8, id: u32) -> Vec<u8> {
+    let mut k = vec![space];
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+pub fn source_key(id: &[u8]) -> Vec<u8> {
+    let mut k = vec![keys::SOURCE];
+    k.extend_from_slice(id);
+    k
+}
+
+/// What adding a row did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    New,
+    Duplicate,
+}
+
+/// Writes that commit together: rows, their journal entry, source offsets, rejects,
+/// counters, findings, cursors.
+pub struct WriteBatch<'s> {
+    store: &'s mut Store,
+    batch: sled::Batch,
+    journal: Vec<Vec<u8>>,
+    pending: HashSet<Vec<u8>>,
+    counters_dirty: bool,
+    new_rows: usize,
+}
+
+impl WriteBatch<'_> {
+    pub fn store(&self) -> &Store {
+        self.store
+    }
+
+    /// Adds a row unless the same row is already stored or pending in this batch.
+    pub fn add_row(&mut self, row: NormalRow, ingested_at: i64) -> Result<Added> {
+        let key = match row.kind {
+            TableKind::Event => {
+                let tid = self.store.ensure_table(&row.table, &mut self.batch)?;
+                keys::event_key(tid, &row.sha1, &row.device_id, row.timestamp, &row.identity)
+            }
+            TableKind::Profile => keys::profile_key(&row.sha1),
+        };
+        let (names, cells): (Vec<String>, Vec<Cell>) = row.columns.into_iter().unzip();
+        let schema = self.store.ensure_schema(names, &mut self.batch)?;
+        let value = codec::encode(schema, ingested_at, &cells)?;
+        let duplicate = if self.pending.contains(&key) {
+            true
+        } else {
+            match self.store.db.get(&key)? {
+                None => false,
+                // A FileProfile row replaces the stored one unless nothing but the ingestion
+                // time differs; an event row is immutable.
+                Some(old) => row.kind == TableKind::Event || codec::same_content(&old, &value),
+            }
+        };
+        self.counters_dirty = true;
+        if duplicate {
+            self.store.counters.duplicates += 1;
+            return Ok(Added::Duplicate);
+        }
+        *self.store.counters.rows.entry(row.table).or_insert(0) += 1;
+        self.batch.insert(key.clone(), value);
+        self.pending.insert(key.clone());
+        self.journal.push(key);
+        self.new_rows += 1;
+        Ok(Added::New)
+    }
+
+    pub fn add_reject(&mut self, mut reject: RejectRecord) -> Result<()> {
+        reject.excerpt.truncate(reject.excerpt.floor_char_boundary_compat(256));
+        *self.store.counters.rejected.entry(reject.kind.clone()).or_insert(0) += 1;
+        self.counters_dirty = true;
+        let seq = self.store.next_reject;
+        self.store.next_reject += 1;
+        self.batch.insert(keys::seq_key(keys::REJECT, seq), enc(&reject)?);
+        Ok(())
+    }
+
+    pub fn set_source(&mut self, id: &[u8], state: &SourceState) -> Result<()> {
+        self.batch.insert(source_key(id), enc(state)?);
+        Ok(())
+    }
+
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.insert(key, value);
+    }
+
+    pub fn remove(&mut self, key: Vec<u8>) {
+        self.batch.remove(key);
+    }
+
+    pub fn new_rows(&self) -> usize {
+        self.new_rows
+    }
+
+    /// Applies everything atomically. Returns the journal sequence used, if any row was new.
+    pub fn commit(mut self) -> Result<Option<u64>> {
+        let mut seq = None;
+        if !self.journal.is_empty() {
+            let s = self.store.next_journal;
+            self.batch.insert(keys::seq_key(keys::JOURNAL, s), enc(&self.journal)?);
+            seq = Some(s);
+        }
+        if self.counters_dirty {
+            self.batch.insert(vec![keys::COUNTERS], enc(&self.store.counters)?);
+        }
+        self.store.db.apply_batch(self.batch).context("cannot commit a batch to the database")?;
+        if seq.is_some() {
+            self.store.next_journal += 1;
+        }
+        Ok(seq)
+    }
+}
+
+trait FloorCharBoundary {
+    fn floor_char_boundary_compat(&self, i: usize) -> usize;
+}
+
+impl FloorCharBoundary for String {
+    fn floor_char_boundary_compat(&self, i: usize) -> usize {
+        if i >= self.len() {
+            return self.len();
+        }
+        (0..=i).rev().find(|&j| self.is_char_boundary(j)).unwrap_or(0)
+    }
+}

@@ -1,0 +1,81 @@
+//! The plugin side of a pass: look-ups into the host, and the findings and state changes
+//! the detector produces.
+
+use crate::abi::{self, FindingOut, HostRequest, HostResponse, LookoutBuf, LookoutHostApi, StateOp, RC_OK};
+use crate::cell::Row;
+
+/// Handed to [`crate::Detector::evaluate`].
+pub struct Context<'a> {
+    host: Option<&'a LookoutHostApi>,
+    now: i64,
+    pub(crate) findings: Vec<FindingOut>,
+    pub(crate) state: Vec<StateOp>,
+}
+
+impl<'a> Context<'a> {
+    #[doc(hidden)]
+    pub fn new(host: Option<&'a LookoutHostApi>, now: i64) -> Self {
+        Context { host, now, findings: Vec::new(), state: Vec::new() }
+    }
+
+    /// The evaluation time of this pass (ticks), the `now()` of `ago(x)`.
+    pub fn now(&self) -> i64 {
+        self.now
+    }
+
+    /// Stored rows by key.
+    pub fn rows(&mut self, keys: Vec<Vec<u8>>) -> Result<Vec<Row>, String> {
+        match self.call(&HostRequest::GetRows(keys))? {
+            HostResponse::Rows(rows) => Ok(rows),
+            other => Err(format!("host answered GetRows with {other:?}")),
+        }
+    }
+
+    /// Stored rows of `table` with exactly this SHA1 (and DeviceId, if given).
+    pub fn lookup(&mut self, table: &str, sha1: &str, device_id: Option<&str>) -> Result<Vec<Row>, String> {
+        let req = HostRequest::Lookup {
+            table: table.to_string(),
+            sha1: sha1.to_string(),
+            device_id: device_id.map(str::to_string),
+        };
+        match self.call(&req)? {
+            HostResponse::Rows(rows) => Ok(rows),
+            other => Err(format!("host answered Lookup with {other:?}")),
+        }
+    }
+
+    /// The FileProfile feed row for exactly this SHA1 (Defender's `FileProfile()`).
+    pub fn profile(&mut self, sha1: &str) -> Result<Option<Row>, String> {
+        match self.call(&HostRequest::Profile(sha1.to_string()))? {
+            HostResponse::Profile(p) => Ok(p),
+            other => Err(format!("host answered Profile with {other:?}")),
+        }
+    }
+
+    pub fn emit(&mut self, finding: FindingOut) {
+        self.findings.push(finding);
+    }
+
+    pub fn state_put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.state.push(StateOp::Put(key, value));
+    }
+
+    pub fn state_delete(&mut self, key: Vec<u8>) {
+        self.state.push(StateOp::Delete(key));
+    }
+
+    fn call(&mut self, req: &HostRequest) -> Result<HostResponse, String> {
+        let host = self.host.ok_or("no host callback in this context")?;
+        let input = abi::encode(req)?;
+        let mut out = LookoutBuf::empty();
+        let rc = (host.call)(host.ctx, input.as_ptr(), input.len(), &mut out);
+        let bytes = crate::export::take_host_buf(host, &out);
+        if rc != RC_OK {
+            return Err(format!("host call failed: {}", String::from_utf8_lossy(&bytes)));
+        }
+        match abi::decode::<HostResponse>(&bytes)? {
+            HostResponse::Error(e) => Err(e),
+            ok => Ok(ok),
+        }
+    }
+}

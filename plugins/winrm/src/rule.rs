@@ -1,0 +1,284 @@
+//! The rule itself, with exactly the semantics of the KQL (see the crate docs).
+
+use lookout_plugin_sdk::tables::{FILE_EVENTS, FILE_PROFILE, IMAGE_LOADS};
+use lookout_plugin_sdk::time::parse_timestamp;
+use lookout_plugin_sdk::{Cell, Context, EvalRequest, FindingOut, Row};
+use std::collections::{HashMap, HashSet};
+
+/// The columns `invoke FileProfile()` adds, in Defender's order. Missing ones read as
+/// `""` for strings and null otherwise.
+const PROFILE_COLUMNS: &[(&str, bool)] = &[
+    ("GlobalPrevalence", false),
+    ("GlobalFirstSeen", false),
+    ("GlobalLastSeen", false),
+    ("Signer", true),
+    ("Issuer", true),
+    ("SignerHash", true),
+    ("IsCertificateValid", false),
+    ("IsRootSignerMicrosoft", false),
+    ("SignatureState", true),
+    ("IsExecutable", false),
+    ("ThreatName", true),
+    ("Publisher", true),
+    ("SoftwareName", true),
+    ("ProfileAvailability", true),
+];
+
+const WRITE_ACTIONS: &[&str] = &["FileCreated", "FileRenamed", "FileModified"];
+
+#[derive(Debug, Clone)]
+pub struct RuleConfig {
+    pub timeframe: i64,
+    pub lookback: i64,
+    pub prevalence_threshold: i64,
+    pub default_prevalence: i64,
+    pub initiating_process: String,
+    pub excluded_prefix: String,
+}
+
+/// State key prefix for the candidate-SHA1 set: `c` + lowercase SHA1 → newest ingestion
+/// time (i64 BE) of a load of that SHA1 that passed the plugin filters.
+const CANDIDATE_PREFIX: u8 = b'c';
+
+pub struct WinrmRule {
+    config: RuleConfig,
+    candidates: HashMap<String, i64>,
+}
+
+/// A load that passed every PotentialPlugins filter, with its FileProfile columns.
+struct Plugin {
+    load: Row,
+    profile: Option<Row>,
+}
+
+impl WinrmRule {
+    pub fn new(config: RuleConfig, state: &[(Vec<u8>, Vec<u8>)]) -> Result<Self, String> {
+        let mut candidates = HashMap::new();
+        for (k, v) in state {
+            if k.first() != Some(&CANDIDATE_PREFIX) {
+                continue;
+            }
+            let sha1 = String::from_utf8(k[1..].to_vec()).map_err(|_| "corrupt candidate key in state".to_string())?;
+            let at = <[u8; 8]>::try_from(v.as_slice()).map_err(|_| "corrupt candidate value in state".to_string())?;
+            candidates.insert(sha1, i64::from_be_bytes(at));
+        }
+        Ok(WinrmRule { config, candidates })
+    }
+
+    pub fn evaluate(&mut self, batch: &EvalRequest, ctx: &mut Context<'_>) -> Result<(), String> {
+        let now = ctx.now();
+        let load_cutoff = now.saturating_sub(self.config.timeframe);
+        let write_cutoff = now.saturating_sub(self.config.lookback);
+
+        let mut load_keys = Vec::new();
+        let mut profile_sha1s = HashSet::new();
+        let mut probing_writes = Vec::new();
+        for r in &batch.rows {
+            match r.table.as_str() {
+                IMAGE_LOADS => load_keys.push(r.key.clone()),
+                FILE_PROFILE => {
+                    profile_sha1s.insert(r.sha1.clone());
+                }
+                // `SHA1 in~ (PotentialPlugins | project SHA1)`: a hash probe, before any
+                // row is decoded.
+                FILE_EVENTS => {
+                    if self.candidates.get(&r.sha1.to_lowercase()).is_some_and(|&at| at >= load_cutoff) {
+                        probing_writes.push(r.key.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        // Loads to (re-)evaluate: the new ones, and the stored ones whose profile changed.
+        let mut loads = if load_keys.is_empty() { Vec::new() } else { ctx.rows(load_keys)? };
+        for sha1 in &profile_sha1s {
+            loads.extend(ctx.lookup(IMAGE_LOADS, sha1, None)?);
+        }
+        let mut seen_loads = HashSet::new();
+        loads.retain(|l| seen_loads.insert(l.key.clone()));
+
+        let mut emitted = HashSet::new();
+        let mut profiles = ProfileCache::default();
+        for load in loads {
+            let Some(plugin) = self.potential_plugin(load, load_cutoff, ctx, &mut profiles)? else { continue };
+            let lower = plugin.load.str("SHA1").to_lowercase();
+            let entry = self.candidates.entry(lower.clone()).or_insert(i64::MIN);
+            if plugin.load.ingested_at > *entry {
+                *entry = plugin.load.ingested_at;
+                ctx.state_put(candidate_key(&lower), entry.to_be_bytes().to_vec());
+            }
+            let writes = ctx.lookup(FILE_EVENTS, plugin.load.str("SHA1"), Some(plugin.load.str("DeviceId")))?;
+            for write in writes {
+                self.join(&plugin, &write, write_cutoff, ctx, &mut emitted);
+            }
+        }
+
+        if !probing_writes.is_empty() {
+            for write in ctx.rows(probing_writes)? {
+                if !self.potential_write(&write, write_cutoff) {
+                    continue;
+                }
+                let loads = ctx.lookup(IMAGE_LOADS, write.str("SHA1"), Some(write.str("DeviceId")))?;
+                for load in loads {
+                    if let Some(plugin) = self.potential_plugin(load, load_cutoff, ctx, &mut profiles)? {
+                        self.join(&plugin, &write, write_cutoff, ctx, &mut emitted);
+                    }
+                }
+            }
+        }
+
+        // Candidates no load can qualify for any more (ingested before the window).
+        let expired: Vec<String> =
+            self.candidates.iter().filter(|(_, &at)| at < load_cutoff).map(|(k, _)| k.clone()).collect();
+        for sha1 in expired {
+            self.candidates.remove(&sha1);
+            ctx.state_delete(candidate_key(&sha1));
+        }
+        Ok(())
+    }
+
+    /// The PotentialPlugins pipeline for one load row.
+    fn potential_plugin(
+        &self,
+        load: Row,
+        load_cutoff: i64,
+        ctx: &mut Context<'_>,
+        profiles: &mut ProfileCache,
+    ) -> Result<Option<Plugin>, String> {
+        let c = &self.config;
+        if load.ingested_at < load_cutoff {
+            return Ok(None);
+        }
+        if c.initiating_process != "*"
+            && !load.str("InitiatingProcessFileName").eq_ignore_ascii_case(&c.initiating_process)
+        {
+            return Ok(None);
+        }
+        if starts_with_ignore_ascii_case(load.str("FolderPath"), &c.excluded_prefix) {
+            return Ok(None);
+        }
+        let profile = profiles.get(load.str("SHA1"), ctx)?;
+        let availability = profile.as_ref().map(|p| p.str("ProfileAvailability")).unwrap_or("");
+        if availability.eq_ignore_ascii_case("Error") {
+            return Ok(None);
+        }
+        let prevalence = profile
+            .as_ref()
+            .and_then(|p| match p.get("GlobalPrevalence") {
+                Some(Cell::Int(v)) => Some(*v as f64),
+                Some(Cell::Float(v)) => Some(*v),
+                _ => None,
+            })
+            .unwrap_or(c.default_prevalence as f64);
+        if prevalence >= c.prevalence_threshold as f64 {
+            return Ok(None);
+        }
+        Ok(Some(Plugin { load, profile }))
+    }
+
+    /// The PotentialWrites filters (other than the SHA1 set, which the join implies).
+    fn potential_write(&self, write: &Row, write_cutoff: i64) -> bool {
+        let recent = parse_timestamp(write.str("Timestamp")).is_some_and(|t| t >= write_cutoff);
+        let action = write.str("ActionType");
+        recent && WRITE_ACTIONS.iter().any(|a| a.eq_ignore_ascii_case(action))
+    }
+
+    /// `join kind=inner on SHA1, DeviceId, FolderPath` for one pair.
+    fn join(
+        &self,
+        plugin: &Plugin,
+        write: &Row,
+        write_cutoff: i64,
+        ctx: &mut Context<'_>,
+        emitted: &mut HashSet<(Vec<u8>, Vec<u8>)>,
+    ) {
+        let load = &plugin.load;
+        if !self.potential_write(write, write_cutoff)
+            || write.str("SHA1") != load.str("SHA1")
+            || write.str("DeviceId") != load.str("DeviceId")
+            || write.str("FolderPath").to_lowercase() != load.str("FolderPath").to_lowercase()
+        {
+            return;
+        }
+        if !emitted.insert((load.key.clone(), write.key.clone())) {
+            return;
+        }
+        ctx.emit(FindingOut {
+            inputs: vec![load.key.clone(), write.key.clone()],
+            device_id: load.str("DeviceId").to_string(),
+            device_name: load.str("DeviceName").to_string(),
+            row: output_row(load, plugin.profile.as_ref(), write),
+        });
+    }
+}
+
+/// The join's output row: the load's columns (FolderPath lowercased), the FileProfile
+/// columns, then the write's columns (FolderPath lowercased) with a `1` suffix on names
+/// the left side already has.
+pub fn output_row(load: &Row, profile: Option<&Row>, write: &Row) -> Vec<(String, Cell)> {
+    let mut row: Vec<(String, Cell)> = load.columns.iter().map(|(n, c)| (n.clone(), lower_folder(n, c))).collect();
+    let mut left: HashSet<String> = row.iter().map(|(n, _)| n.clone()).collect();
+    for (name, is_string) in PROFILE_COLUMNS {
+        if left.contains(*name) {
+            continue;
+        }
+        let value = profile.and_then(|p| p.get(name)).cloned().unwrap_or(if *is_string {
+            Cell::Str(String::new())
+        } else {
+            Cell::Null
+        });
+        left.insert(name.to_string());
+        row.push((name.to_string(), value));
+    }
+    if let Some(p) = profile {
+        for (name, value) in &p.columns {
+            if name != "SHA1" && left.insert(name.clone()) {
+                row.push((name.clone(), value.clone()));
+            }
+        }
+    }
+    for (name, value) in &write.columns {
+        let value = lower_folder(name, value);
+        if left.contains(name) {
+            row.push((format!("{name}1"), value));
+        } else {
+            row.push((name.clone(), value));
+        }
+    }
+    row
+}
+
+fn lower_folder(name: &str, cell: &Cell) -> Cell {
+    match cell {
+        Cell::Str(s) if name == "FolderPath" => Cell::Str(s.to_lowercase()),
+        other => other.clone(),
+    }
+}
+
+fn starts_with_ignore_ascii_case(s: &str, prefix: &str) -> bool {
+    s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+}
+
+fn candidate_key(lower_sha1: &str) -> Vec<u8> {
+    let mut k = vec![CANDIDATE_PREFIX];
+    k.extend_from_slice(lower_sha1.as_bytes());
+    k
+}
+
+/// FileProfile look-ups are repeated for every load of a SHA1; ask the host once a pass.
+#[derive(Default)]
+struct ProfileCache {
+    map: HashMap<String, Option<Row>>,
+}
+
+impl ProfileCache {
+    fn get(&mut self, sha1: &str, ctx: &mut Context<'_>) -> Result<Option<Row>, String> {
+        if let Some(p) = self.map.get(sha1) {
+            return Ok(p.clone());
+        }
+        let p = ctx.profile(sha1)?;
+        self.map.insert(sha1.to_string(), p.clone());
+        Ok(p)
+    }
+}
