@@ -6,10 +6,14 @@ use std::sync::OnceLock;
 
 static ARMED: OnceLock<Option<String>> = OnceLock::new();
 
+/// Whether `name` is the armed failpoint.
+pub fn armed(name: &str) -> bool {
+    ARMED.get_or_init(|| std::env::var("LOOKOUT_FAILPOINT").ok()).as_deref() == Some(name)
+}
+
 /// Aborts the process if `name` is the armed failpoint.
 pub fn hit(name: &str) {
-    let armed = ARMED.get_or_init(|| std::env::var("LOOKOUT_FAILPOINT").ok());
-    if armed.as_deref() == Some(name) {
+    if armed(name) {
         eprintln!("lookout: failpoint {name} hit, aborting");
         std::process::abort();
     }

@@ -429,9 +429,16 @@ pub struct FleetFiles {
 
 pub const TRUTH_FILE: &str = "ground-truth.json";
 
-/// Writes a fleet into `dir` in `format`; file names carry the table so any format is
-/// ingestible without `--table`.
-pub fn write_fleet(fleet: &Fleet, dir: &Path, format: Format) -> Result<FleetFiles> {
+/// Where the log files of a fleet written to `dir` are (the ground truth is beside them,
+/// not among them, so `lookout ingest <dir>/logs` reads only data).
+pub fn logs_dir(dir: &Path) -> PathBuf {
+    dir.join("logs")
+}
+
+/// Writes a fleet into `dir`: the tables under `logs/` in `format` (file names carry the
+/// table, so any format is ingestible without `--table`) and `ground-truth.json`.
+pub fn write_fleet(fleet: &Fleet, out: &Path, format: Format) -> Result<FleetFiles> {
+    let dir = &logs_dir(out);
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let ext = match format {
         Format::Jsonl | Format::Envelope => "jsonl",
@@ -482,7 +489,7 @@ pub fn write_fleet(fleet: &Fleet, dir: &Path, format: Format) -> Result<FleetFil
     let profiles = write_table("FileProfile", &fleet.profiles)?;
     let loads = write_table("DeviceImageLoadEvents", &fleet.loads)?;
     let writes = write_table("DeviceFileEvents", &fleet.writes)?;
-    let truth = dir.join(TRUTH_FILE);
+    let truth = out.join(TRUTH_FILE);
     std::fs::write(&truth, serde_json::to_vec_pretty(&fleet.truth)?)
         .with_context(|| format!("cannot write {}", truth.display()))?;
     Ok(FleetFiles { loads, writes, profiles, truth, bytes })

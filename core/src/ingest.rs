@@ -228,7 +228,7 @@ impl FileRun<'_> {
             if self.pending >= self.opts.batch_rows {
                 batch.set_source(self.id, state)?;
                 batch.commit()?;
-                crate::failpoint::hit("ingest-after-commit");
+                crash_after_durable_commit(store)?;
                 progress(self.counter.load(Ordering::Relaxed));
                 self.pending = 0;
                 batch = store.batch();
@@ -324,7 +324,9 @@ impl FileRun<'_> {
                 if pending.len() < self.opts.batch_rows {
                     return Ok(());
                 }
-                let r = self.commit_elements(store, &mut pending, state, None);
+                let r = self
+                    .commit_elements(store, &mut pending, state, None)
+                    .and_then(|()| crash_after_durable_commit(store));
                 progress(self.counter.load(Ordering::Relaxed));
                 r.map_err(|e| {
                     let msg = e.to_string();
@@ -372,10 +374,19 @@ impl FileRun<'_> {
         }
         batch.set_source(self.id, state)?;
         batch.commit()?;
-        crate::failpoint::hit("ingest-after-commit");
         self.pending = 0;
         Ok(())
     }
+}
+
+/// Failpoint `ingest-after-commit`: dies right after a batch reached the disk (a crash
+/// before that just loses the batch and its offset together, which the next run re-reads).
+fn crash_after_durable_commit(store: &Store) -> Result<()> {
+    if crate::failpoint::armed("ingest-after-commit") {
+        store.flush()?;
+        crate::failpoint::hit("ingest-after-commit");
+    }
+    Ok(())
 }
 
 struct ElementVisitor<'f, F> {

@@ -1,1 +1,98 @@
+//! Shared helpers for Lookout's end-to-end tests: where the built binary and plugin
+//! libraries are, running the binary, and small fixtures.
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `target/<profile>`, found from the running test executable (`target/<profile>/deps/…`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+/// The `lookout` binary built by `cargo test --workspace`.
+pub fn lookout_bin() -> PathBuf {
+    let p = target_dir().join("lookout");
+    assert!(p.is_file(), "{} is missing: run the tests with `cargo test --workspace`, which builds it", p.display());
+    p
+}
+
+/// A plugin library (`liblookout_winrm.so`, `liblookout_fixture_panics.so`, …) built as a
+/// dependency of this crate.
+pub fn plugin_lib(file: &str) -> PathBuf {
+    let t = target_dir();
+    for p in [t.join("deps").join(file), t.join(file)] {
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{file} not found under {}; it is built by `cargo test --workspace`", t.display())
+}
+
+pub const WINRM: &str = "liblookout_winrm.so";
+pub const FIXTURE_PANICS: &str = "liblookout_fixture_panics.so";
+pub const FIXTURE_ERRORS: &str = "liblookout_fixture_errors.so";
+pub const FIXTURE_WRONG_ABI: &str = "liblookout_fixture_wrong_abi.so";
+pub const FIXTURE_NOT_A_PLUGIN: &str = "liblookout_fixture_not_a_plugin.so";
+
+/// A plugins folder with the given libraries copied in, with safe permissions.
+pub fn plugins_dir(root: &Path, libs: &[&str]) -> PathBuf {
+    let dir = root.join("plugins");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for lib in libs {
+        let dst = dir.join(lib);
+        std::fs::copy(plugin_lib(lib), &dst).unwrap();
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    dir
+}
+
+/// Runs `lookout --data <data> <args…>` and returns its output.
+pub fn lookout(data: &Path, args: &[&str]) -> Output {
+    let out = Command::new(lookout_bin()).arg("--data").arg(data).args(args).output().expect("run lookout");
+    out
+}
+
+/// Like [`lookout`], but fails the test unless the command succeeds; returns stdout.
+pub fn lookout_ok(data: &Path, args: &[&str]) -> String {
+    let out = lookout(data, args);
+    assert!(
+        out.status.success(),
+        "lookout {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `lookout status --json`, parsed.
+pub fn status_json(data: &Path) -> serde_json::Value {
+    serde_json::from_str(&lookout_ok(data, &["status", "--json"])).expect("status --json is JSON")
+}
+
+/// Rows stored for `table` according to `status --json`.
+pub fn table_rows(data: &Path, table: &str) -> u64 {
+    status_json(data)["tables"][table]["rows"].as_u64().unwrap_or(0)
+}
+
+/// The kqlbench exports shipped beside the repository.
+pub fn kqlbench_dir() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let candidates = [here.join("../../shared/data/kqlbench"), here.join("../shared/data/kqlbench")];
+    for c in &candidates {
+        if c.join("DeviceFileEvents.json").is_file() {
+            return c.clone();
+        }
+    }
+    panic!("kqlbench data not found (looked in {candidates:?})")
+}
+
+/// The findings JSONL lines of a file.
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).expect("findings line is JSON")).collect()
+}

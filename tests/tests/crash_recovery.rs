@@ -1,0 +1,92 @@
+//! Killing the process at the worst moments (an injected abort, as abrupt as kill -9)
+//! and running it again: every row stored once, every finding in the results tree and
+//! the JSONL exactly once.
+
+use lookout_tests::*;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+const NOW: &str = "2025-05-08T00:00:00Z";
+
+fn gen_fleet(dir: &Path, events: usize) -> usize {
+    let data = dir.join("unused");
+    let events = events.to_string();
+    lookout_ok(&data, &["gen", "--out", dir.join("fleet").to_str().unwrap(), "--events", &events, "--attacks", "12"]);
+    let truth: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(dir.join("fleet/ground-truth.json")).unwrap()).unwrap();
+    truth.len()
+}
+
+fn run_with_failpoint(data: &Path, failpoint: &str, args: &[&str]) -> std::process::Output {
+    Command::new(lookout_bin()).arg("--data").arg(data).args(args).env("LOOKOUT_FAILPOINT", failpoint).output().unwrap()
+}
+
+fn finding_ids(lines: &[serde_json::Value]) -> Vec<String> {
+    lines.iter().map(|f| f["finding_id"].as_str().unwrap().to_string()).collect()
+}
+
+fn assert_exactly_once(data: &Path, expected: usize) {
+    let lines = read_jsonl(&data.join("findings.jsonl"));
+    let ids = finding_ids(&lines);
+    let distinct: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(ids.len(), distinct.len(), "a finding appears twice in the JSONL");
+    assert_eq!(ids.len(), expected, "findings in the JSONL");
+    let tree: Vec<serde_json::Value> =
+        lookout_ok(data, &["findings", "--json"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let tree_ids: BTreeSet<String> = finding_ids(&tree).into_iter().collect();
+    assert_eq!(tree.len(), tree_ids.len(), "a finding is twice in the results tree");
+    assert_eq!(tree_ids, distinct.into_iter().cloned().collect::<BTreeSet<_>>(), "results tree and JSONL differ");
+}
+
+#[test]
+fn killed_during_detect_then_rerun_leaves_each_finding_once() {
+    for failpoint in ["detect-before-commit", "detect-after-commit", "outbox-mid-write", "outbox-after-write"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let expected = gen_fleet(tmp.path(), 3000);
+        let data = tmp.path().join("data");
+        let plugins = plugins_dir(tmp.path(), &[WINRM]);
+        lookout_ok(&data, &["ingest", "--now", NOW, tmp.path().join("fleet/logs").to_str().unwrap()]);
+        let detect = ["detect", "--plugins", plugins.to_str().unwrap(), "--now", NOW];
+        let crashed = run_with_failpoint(&data, failpoint, &detect);
+        assert!(!crashed.status.success(), "{failpoint}: the failpoint did not fire");
+        assert!(String::from_utf8_lossy(&crashed.stderr).contains(failpoint));
+        if failpoint == "outbox-mid-write" {
+            let torn = read_jsonl(&data.join("findings.jsonl"));
+            assert_eq!(torn.len(), 1, "the crash left a partial JSONL behind");
+        }
+        lookout_ok(&data, &detect);
+        assert_exactly_once(&data, expected);
+        // And once more, for good measure: nothing changes.
+        lookout_ok(&data, &detect);
+        assert_exactly_once(&data, expected);
+    }
+}
+
+#[test]
+fn killed_during_ingest_then_rerun_stores_each_row_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Large enough for several 4096-row batches per file.
+    gen_fleet(tmp.path(), 20_000);
+    let fleet = tmp.path().join("fleet/logs");
+    let clean = tmp.path().join("clean");
+    lookout_ok(&clean, &["ingest", "--now", NOW, fleet.to_str().unwrap()]);
+    let want = status_json(&clean)["tables"].clone();
+
+    let data = tmp.path().join("data");
+    // Each run dies after its first committed batch; re-running resumes from the offset.
+    let mut crashes = 0;
+    loop {
+        let out = run_with_failpoint(&data, "ingest-after-commit", &["ingest", "--now", NOW, fleet.to_str().unwrap()]);
+        if out.status.success() {
+            break;
+        }
+        crashes += 1;
+        assert!(crashes < 100, "ingest never finished");
+    }
+    assert!(crashes >= 2, "expected several crashes, got {crashes}");
+    let s = status_json(&data);
+    assert_eq!(s["tables"], want);
+    assert_eq!(s["duplicates_skipped"], 0, "a resumed ingest re-read committed rows");
+    assert_eq!(s["rejected"], 0);
+}

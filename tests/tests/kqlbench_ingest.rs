@@ -1,0 +1,85 @@
+//! End-to-end ingestion of the real Defender exports in `shared/data/kqlbench/`
+//! (pretty-printed JSON array exports): every row is stored exactly once, re-runs and
+//! renamed copies add nothing.
+
+use lookout_tests::{kqlbench_dir, lookout_ok, status_json};
+use serde_json::{json, Value};
+use std::path::Path;
+
+const NOW: &str = "2025-05-08T00:00:00Z";
+const FE: &str = "DeviceFileEvents";
+const IL: &str = "DeviceImageLoadEvents";
+const FE_ROWS: u64 = 1003;
+const IL_ROWS: u64 = 90;
+
+fn ingest(data: &Path, paths: &[&Path]) -> String {
+    let mut args = vec!["ingest", "--now", NOW];
+    args.extend(paths.iter().map(|p| p.to_str().expect("utf-8 path")));
+    lookout_ok(data, &args)
+}
+
+/// (rows per table, rejected, rejects by reason, duplicates skipped) from `status --json`.
+fn counts(data: &Path) -> (Value, Value, Value, Value) {
+    let s = status_json(data);
+    (s["tables"].clone(), s["rejected"].clone(), s["rejected_by_reason"].clone(), s["duplicates_skipped"].clone())
+}
+
+fn assert_exact(data: &Path, duplicates: u64) {
+    let s = status_json(data);
+    assert_eq!(s["tables"], json!({ FE: {"rows": FE_ROWS}, IL: {"rows": IL_ROWS} }), "{s:#}");
+    assert_eq!(s["rejected"], json!(0), "{s:#}");
+    let by_reason = s["rejected_by_reason"].as_object().expect("rejected_by_reason object");
+    assert!(by_reason.values().all(|v| v == &json!(0)), "{s:#}");
+    assert_eq!(s["duplicates_skipped"], json!(duplicates), "{s:#}");
+}
+
+#[test]
+fn kqlbench_exports_are_stored_exactly_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let kql = kqlbench_dir();
+    let il = kql.join("DeviceImageLoadEvents.json");
+    let fe = kql.join("DeviceFileEvents.json");
+
+    let out = ingest(&data, &[&il, &fe]);
+    assert!(out.contains(&format!("new rows {FE}: {FE_ROWS}")), "{out}");
+    assert!(out.contains(&format!("new rows {IL}: {IL_ROWS}")), "{out}");
+    assert_exact(&data, 0);
+    let first = counts(&data);
+
+    // Ingesting the same files again adds nothing and changes no count.
+    let out = ingest(&data, &[&il, &fe]);
+    assert!(out.contains("new rows: 0"), "{out}");
+    assert_exact(&data, 0);
+    assert_eq!(counts(&data), first);
+
+    // One at a time, too.
+    ingest(&data, &[&fe]);
+    ingest(&data, &[&il]);
+    assert_eq!(counts(&data), first);
+}
+
+#[test]
+fn kqlbench_copy_under_another_name_adds_only_duplicates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let kql = kqlbench_dir();
+    let il = kql.join("DeviceImageLoadEvents.json");
+    let fe = kql.join("DeviceFileEvents.json");
+    ingest(&data, &[&il, &fe]);
+    assert_exact(&data, 0);
+
+    // A copy is another file (another inode, another name): its rows are read, and every
+    // one of them is already stored. The name says no table; the Type column does.
+    let copy = dir.path().join("export-copy.json");
+    std::fs::copy(&fe, &copy).expect("copy export");
+    let out = ingest(&data, &[&copy]);
+    assert!(out.contains(&format!("duplicates skipped: {FE_ROWS}")), "{out}");
+    assert_exact(&data, FE_ROWS);
+
+    // And a copy of the other one named after its table.
+    let copy2 = dir.path().join("DeviceImageLoadEvents-2025-05-07.json");
+    std::fs::copy(&il, &copy2).expect("copy export");
+    ingest(&data, &[&copy2]);
+    assert_exact(&data, FE_ROWS + IL_ROWS);
+}
