@@ -93,6 +93,9 @@ fn print_summary(r: &IngestReport, secs: f64) {
         println!("  new rows {t}: {n}");
     }
     println!("  duplicates skipped: {}", r.duplicates);
+    if r.replaced > 0 {
+        println!("  FileProfile rows replaced by newer ones: {}", r.replaced);
+    }
     println!("  rejected: {}", r.total_rejected());
     for (k, n) in &r.rejected {
         println!("    {k}: {n}");

@@ -3,7 +3,8 @@
 use crate::output::human_bytes;
 use anyhow::Result;
 use clap::Args;
-use lookout_core::status::status;
+use lookout_core::daemon::http::ask_daemon;
+use lookout_core::status::{status, Status};
 use lookout_core::Store;
 use std::path::Path;
 use std::process::ExitCode;
@@ -19,12 +20,35 @@ pub struct StatusArgs {
 }
 
 pub fn run(data: &Path, args: StatusArgs) -> Result<ExitCode> {
+    // A running daemon holds the database; ask it instead.
+    if let Some(body) = ask_daemon(data, "/status") {
+        if args.json {
+            println!("{}", body.trim_end());
+            return Ok(ExitCode::SUCCESS);
+        }
+        let s: Status = serde_json::from_str(&body)?;
+        print_human(&s);
+        if args.rejects.is_some() {
+            println!("(rejected records are listed when the daemon is stopped)");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let store = Store::open(data)?;
     let s = status(&store)?;
     if args.json {
         println!("{}", serde_json::to_string(&s)?);
         return Ok(ExitCode::SUCCESS);
     }
+    print_human(&s);
+    if let Some(n) = args.rejects {
+        for r in store.rejects(n)? {
+            println!("reject {}:{} (offset {}): {}: {}", r.file, r.line, r.offset, r.kind, r.reason);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_human(s: &Status) {
     println!("data: {}", s.data_dir);
     if s.tables.is_empty() {
         println!("tables: none yet");
@@ -43,10 +67,4 @@ pub fn run(data: &Path, args: StatusArgs) -> Result<ExitCode> {
         println!("  {} at {} {}{}", src.path, src.offset, src.unit, if src.compressed { " (gzip)" } else { "" });
     }
     println!("database size: {}", human_bytes(s.database_bytes));
-    if let Some(n) = args.rejects {
-        for r in store.rejects(n)? {
-            println!("reject {}:{} (offset {}): {}: {}", r.file, r.line, r.offset, r.kind, r.reason);
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }

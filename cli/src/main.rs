@@ -5,6 +5,7 @@ mod cmd_demo;
 mod cmd_detect;
 mod cmd_ingest;
 mod cmd_plugins;
+mod cmd_run;
 mod cmd_status;
 mod output;
 
@@ -23,9 +24,9 @@ use std::process::ExitCode;
                   Start with `lookout demo`."
 )]
 struct Cli {
-    /// Data directory (database, findings, plugin copies)
-    #[arg(long, global = true, env = "LOOKOUT_DATA", default_value = "./lookout-data")]
-    data: PathBuf,
+    /// Data directory (database, findings, plugin copies) [default: ./lookout-data]
+    #[arg(long, global = true, env = "LOOKOUT_DATA")]
+    data: Option<PathBuf>,
 
     /// Log format on stderr
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
@@ -35,8 +36,9 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
+#[derive(Debug, Clone, Copy, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
     Human,
     Json,
 }
@@ -53,6 +55,8 @@ enum Command {
     Demo(cmd_demo::DemoArgs),
     /// Run one detection pass of every plugin over the rows new since its last pass
     Detect(cmd_detect::DetectArgs),
+    /// Run as a service: tail a logs folder, hot-load plugins, detect continuously
+    Run(cmd_run::RunArgs),
     /// List the findings in the results tree
     Findings(cmd_detect::FindingsArgs),
     /// List, verify or pin the plugins in a folder
@@ -60,17 +64,27 @@ enum Command {
     Plugins(cmd_plugins::PluginsCommand),
 }
 
+pub const DEFAULT_DATA: &str = "./lookout-data";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let format = match &cli.command {
+        // `lookout run` may take its log format from its config file.
+        Command::Run(a) => cmd_run::log_format_of(a).unwrap_or(cli.log_format),
+        _ => cli.log_format,
+    };
+    let default_level = if matches!(cli.command, Command::Run(_)) { "info" } else { "warn" };
+    init_logging(format, default_level);
+    let data = cli.data.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
     let result = match cli.command {
-        Command::Ingest(a) => cmd_ingest::run(&cli.data, a),
-        Command::Status(a) => cmd_status::run(&cli.data, a),
+        Command::Ingest(a) => cmd_ingest::run(&data, a),
+        Command::Status(a) => cmd_status::run(&data, a),
         Command::Gen(a) => cmd_demo::gen(a),
         Command::Demo(a) => cmd_demo::demo(a),
-        Command::Detect(a) => cmd_detect::detect(&cli.data, a),
-        Command::Findings(a) => cmd_detect::findings(&cli.data, a),
-        Command::Plugins(c) => cmd_plugins::run(&cli.data, c),
+        Command::Detect(a) => cmd_detect::detect(&data, a),
+        Command::Run(a) => cmd_run::run(cli.data.as_deref(), a),
+        Command::Findings(a) => cmd_detect::findings(&data, a),
+        Command::Plugins(c) => cmd_plugins::run(&data, c),
     };
     match result {
         Ok(code) => code,
@@ -81,10 +95,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LOOKOUT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -1,11 +1,13 @@
-//! One-shot ingestion of files: open, split into records, normalise, and commit in
+//! Reading files into the store: open, split into records, normalise, and commit in
 //! batches — each batch atomically with the file's new offset, so a crash at any point
 //! neither loses nor duplicates a row and a re-run resumes where the last one stopped.
+//! Used both by one-shot `lookout ingest` and by the daemon's tailer.
 
 use crate::clock::Clock;
+use crate::fingerprint::{fingerprint, head_hash, Fingerprint};
 use crate::parse::lines::{LineEnd, LineInfo, LineReader};
 use crate::parse::normalise::{normalise, TableHints};
-use crate::parse::open::{open, Layout};
+use crate::parse::open::{open_file, Layout};
 use crate::parse::record::unwrap_document;
 use crate::parse::{Reject, RejectKind};
 use crate::schema::table_from_file_name;
@@ -13,12 +15,10 @@ use crate::store::{Added, OffsetUnit, RejectRecord, SourceState, Store, WriteBat
 use anyhow::{anyhow, Context, Result};
 use serde::de::{SeqAccess, Visitor};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
@@ -31,11 +31,16 @@ pub struct IngestOptions {
     pub max_line: usize,
     /// Rows per committed batch.
     pub batch_rows: usize,
+    /// Tailing a file that may still be written: a last line without its newline (or a
+    /// JSON array or gzip stream that ends early) is left for later, never guessed at.
+    /// When false (one-shot ingest of finished files) a last line without a newline is
+    /// taken if it is a complete JSON document.
+    pub tail: bool,
 }
 
 impl Default for IngestOptions {
     fn default() -> Self {
-        IngestOptions { now: None, table: None, max_line: 8 << 20, batch_rows: 4096 }
+        IngestOptions { now: None, table: None, max_line: 8 << 20, batch_rows: 4096, tail: false }
     }
 }
 
@@ -45,6 +50,8 @@ pub struct IngestReport {
     pub files: u64,
     pub new_rows: BTreeMap<String, u64>,
     pub duplicates: u64,
+    /// FileProfile rows that replaced an older profile of the same SHA1.
+    pub replaced: u64,
     pub rejected: BTreeMap<String, u64>,
     /// Raw bytes read.
     pub bytes: u64,
@@ -57,6 +64,11 @@ impl IngestReport {
         self.new_rows.values().sum()
     }
 
+    /// Whether anything detectors should look at was stored.
+    pub fn changed(&self) -> bool {
+        self.total_new() > 0 || self.replaced > 0
+    }
+
     pub fn total_rejected(&self) -> u64 {
         self.rejected.values().sum()
     }
@@ -67,6 +79,7 @@ impl IngestReport {
             *self.new_rows.entry(k).or_insert(0) += v;
         }
         self.duplicates += other.duplicates;
+        self.replaced += other.replaced;
         for (k, v) in other.rejected {
             *self.rejected.entry(k).or_insert(0) += v;
         }
@@ -96,21 +109,43 @@ pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The identity of a file: device and inode (a rename keeps it).
-pub fn source_id(meta: &std::fs::Metadata) -> Vec<u8> {
-    let mut id = meta.dev().to_be_bytes().to_vec();
-    id.extend_from_slice(&meta.ino().to_be_bytes());
-    id
+/// The committed state of `fp`'s file, if it is the same file (its first bytes still hash
+/// the same), else a fresh state reading it from the start.
+pub fn state_for(store: &Store, file: &File, fp: &Fingerprint, path: &Path) -> Result<SourceState> {
+    let fresh = || SourceState {
+        path: path.display().to_string(),
+        dev: fp.dev,
+        ino: fp.ino,
+        head: fp.head.clone(),
+        head_len: fp.head_len,
+        offset: 0,
+        unit: OffsetUnit::Bytes,
+        compressed: fp.compressed,
+        lines: 0,
+        raw_size: 0,
+        done: false,
+    };
+    let Some(mut old) = store.source(&fp.source_id())? else { return Ok(fresh()) };
+    let same = old.head_len <= fp.head_len
+        && head_hash(file, old.head_len).with_context(|| format!("cannot read {}", path.display()))?.as_deref()
+            == Some(old.head.as_slice());
+    // A plain file shorter than its offset was truncated (copytruncate): read it anew.
+    let shrunk = !fp.compressed && old.unit == OffsetUnit::Bytes && old.offset > fp.size;
+    if !same || shrunk {
+        return Ok(fresh());
+    }
+    old.path = path.display().to_string();
+    Ok(old)
 }
 
-const HEAD_LEN: u64 = 1024;
-
-/// SHA-256 of the first `len` raw bytes of the file.
-pub fn head_hash(path: &Path, len: u64) -> Result<Vec<u8>> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut buf = Vec::new();
-    (&mut f).take(len).read_to_end(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(Sha256::digest(&buf).to_vec())
+/// Whether there can be anything new to read in a file in `state`.
+pub fn has_news(state: &SourceState, fp: &Fingerprint) -> bool {
+    if state.done || fp.compressed || state.unit == OffsetUnit::ArrayElements {
+        // Finished or compressed files only change by growing or being rewritten.
+        !(state.done && state.raw_size == fp.size)
+    } else {
+        fp.size > state.offset
+    }
 }
 
 /// Ingests one file from its committed offset. `progress` is called with raw bytes read.
@@ -120,36 +155,33 @@ pub fn ingest_file(
     opts: &IngestOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<IngestReport> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let id = source_id(&meta);
-    let head_len = meta.len().min(HEAD_LEN);
-    let head = head_hash(path, head_len)?;
-    let mut state = match store.source(&id)? {
-        // Same file (its first bytes still hash the same): resume at the committed offset,
-        // unless it shrank below it (copytruncate), then read it from the start.
-        Some(old)
-            if old.head_len <= meta.len()
-                && head_hash(path, old.head_len)? == old.head
-                && (old.compressed || old.unit != OffsetUnit::Bytes || old.offset <= meta.len()) =>
-        {
-            old
-        }
-        _ => SourceState {
-            path: path.display().to_string(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-            head,
-            head_len,
-            offset: 0,
-            unit: OffsetUnit::Bytes,
-            compressed: false,
-        },
-    };
-    state.path = path.display().to_string();
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let fp = fingerprint(&file).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut state = state_for(store, &file, &fp, path)?;
+    if !has_news(&state, &fp) {
+        return Ok(IngestReport { files: 1, ..Default::default() });
+    }
+    read_source(store, &file, path, &fp, &mut state, opts, None, progress)
+}
 
+/// Reads an open file from `state` to its end (or, when tailing, to its last complete
+/// record), committing batches with the advancing state. Stops early, after a commit,
+/// when `stop` is set.
+#[allow(clippy::too_many_arguments)]
+pub fn read_source(
+    store: &mut Store,
+    file: &File,
+    path: &Path,
+    fp: &Fingerprint,
+    state: &mut SourceState,
+    opts: &IngestOptions,
+    stop: Option<&AtomicBool>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<IngestReport> {
+    let id = fp.source_id();
     let counter = Arc::new(AtomicU64::new(0));
     let skip = if state.unit == OffsetUnit::Bytes { state.offset } else { 0 };
-    let opened = open(path, skip, counter.clone())?;
+    let opened = open_file(file, path, skip, counter.clone())?;
     state.compressed = opened.compressed;
     let hints = TableHints {
         file_table: path.file_name().and_then(|n| table_from_file_name(&n.to_string_lossy())),
@@ -164,12 +196,14 @@ pub fn ingest_file(
         report: IngestReport { files: 1, ..Default::default() },
         pending: 0,
         counter: counter.clone(),
+        stop,
+        raw_size: fp.size,
     };
     match opened.layout {
         Layout::Lines => {
             state.unit = OffsetUnit::Bytes;
             let start = if state.offset == 0 { opened.bom } else { state.offset };
-            run.lines(store, LineReader::new(opened.reader, opts.max_line, start), &mut state, progress)?;
+            run.lines(store, LineReader::new(opened.reader, opts.max_line, start), state, progress)?;
         }
         Layout::Array => {
             if state.unit == OffsetUnit::Bytes && state.offset > 0 {
@@ -177,7 +211,7 @@ pub fn ingest_file(
                 state.offset = 0;
             }
             state.unit = OffsetUnit::ArrayElements;
-            run.array(store, opened.reader, &mut state, progress)?;
+            run.array(store, opened.reader, state, progress)?;
         }
     }
     run.report.bytes = counter.load(Ordering::Relaxed).saturating_sub(skip);
@@ -193,6 +227,8 @@ struct FileRun<'a> {
     report: IngestReport,
     pending: usize,
     counter: Arc<AtomicU64>,
+    stop: Option<&'a AtomicBool>,
+    raw_size: u64,
 }
 
 impl FileRun<'_> {
@@ -204,36 +240,54 @@ impl FileRun<'_> {
         progress: &mut dyn FnMut(u64),
     ) -> Result<()> {
         let mut buf = Vec::new();
-        let mut line_no = 0u64;
         let mut batch = store.batch();
         let mut now = self.clock.now();
+        let mut reached_end = true;
         loop {
             let info = match reader.next_line(&mut buf) {
                 Ok(Some(info)) => info,
                 Ok(None) => break,
+                // A gzip stream still being written ends early: wait for the rest.
+                Err(e) if self.opts.tail && e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    reached_end = false;
+                    break;
+                }
                 Err(e) => return Err(anyhow!("{}: read error at byte {}: {e}", self.path.display(), reader.offset())),
             };
-            line_no += 1;
-            if info.ending == LineEnd::Eof && info.too_long.is_none() {
-                // No newline yet: take the line only if it is a complete document.
-                if serde_json::from_slice::<serde::de::IgnoredAny>(&buf).is_err() {
-                    if !buf.iter().all(u8::is_ascii_whitespace) {
+            if info.ending == LineEnd::Eof {
+                // No newline yet. When tailing, the writer is mid-line; on a finished file
+                // take the line only if it is a complete document.
+                let complete = !self.opts.tail
+                    && info.too_long.is_none()
+                    && serde_json::from_slice::<serde::de::IgnoredAny>(&buf).is_ok();
+                if !complete {
+                    if !self.opts.tail && !buf.iter().all(u8::is_ascii_whitespace) {
                         self.report.partial_tails.push(self.path.to_path_buf());
                     }
+                    reached_end = false;
                     break;
                 }
             }
+            let line_no = state.lines + 1;
             self.line(&mut batch, &buf, &info, line_no, now)?;
             state.offset = info.end;
+            state.lines = line_no;
             if self.pending >= self.opts.batch_rows {
                 batch.set_source(self.id, state)?;
                 batch.commit()?;
                 crash_after_durable_commit(store)?;
                 progress(self.counter.load(Ordering::Relaxed));
                 self.pending = 0;
+                if self.stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+                    return Ok(());
+                }
                 batch = store.batch();
                 now = self.clock.now();
             }
+        }
+        if reached_end && state.compressed {
+            state.done = true;
+            state.raw_size = self.raw_size;
         }
         batch.set_source(self.id, state)?;
         batch.commit()?;
@@ -280,6 +334,7 @@ impl FileRun<'_> {
                     self.pending += 1;
                     match batch.add_row(row, now)? {
                         Added::New => *self.report.new_rows.entry(table).or_insert(0) += 1,
+                        Added::Replaced => self.report.replaced += 1,
                         Added::Duplicate => self.report.duplicates += 1,
                     }
                 }
@@ -340,16 +395,25 @@ impl FileRun<'_> {
         if let Some(e) = fatal {
             return Err(e);
         }
+        let syntax = match parsed {
+            Ok(()) => None,
+            // The export ends early: when tailing it is still being written, so wait; on a
+            // finished file it is truncated and reported (once: the file is then done).
+            Err(e) if e.is_eof() && self.opts.tail => {
+                self.commit_elements(store, &mut pending, state, None)?;
+                return Ok(());
+            }
+            Err(e) => {
+                let at = pending.last().map_or(state.offset, |p| p.0) + 1;
+                Some((
+                    at,
+                    format!("malformed JSON array at element {at} (line {}, column {}): {e}", e.line(), e.column()),
+                ))
+            }
+        };
         // Rows before a syntax error are kept; the rest of the array cannot be recovered.
-        let syntax = parsed.err().map(|e| {
-            (
-                e.line() as u64,
-                format!(
-                    "malformed JSON array after element {}: {e}",
-                    state.offset.max(pending.last().map_or(0, |p| p.0))
-                ),
-            )
-        });
+        state.done = true;
+        state.raw_size = self.raw_size;
         self.commit_elements(store, &mut pending, state, syntax)?;
         progress(self.counter.load(Ordering::Relaxed));
         Ok(())
@@ -368,6 +432,7 @@ impl FileRun<'_> {
         for (index, doc) in pending.drain(..) {
             self.document(&mut batch, doc, index, 0, b"", now)?;
             state.offset = index;
+            state.lines = index;
         }
         if let Some((line, reason)) = syntax {
             self.reject(&mut batch, line, 0, Reject::new(RejectKind::MalformedJson, reason), b"")?;

@@ -1,9 +1,11 @@
 //! Lookout's engine. See ARCHITECTURE.md at the repository root for the map.
 
 pub mod clock;
+pub mod daemon;
 pub mod detect;
 pub mod failpoint;
 pub mod findings;
+pub mod fingerprint;
 pub mod gen;
 pub mod ingest;
 pub mod parse;
@@ -11,5 +13,6 @@ pub mod plugin;
 pub mod schema;
 pub mod status;
 pub mod store;
+pub mod tail;
 
 pub use store::Store;

@@ -38,9 +38,7 @@ pub enum TableKind {
 pub fn table_kind(name: &str) -> Result<TableKind, String> {
     if name == FILE_PROFILE {
         Ok(TableKind::Profile)
-    } else if name == IMAGE_LOADS || name == FILE_EVENTS {
-        Ok(TableKind::Event)
-    } else if is_generic_device_table(name) {
+    } else if name == IMAGE_LOADS || name == FILE_EVENTS || is_generic_device_table(name) {
         Ok(TableKind::Event)
     } else {
         Err(format!("unknown table '{name}' (accepted: Device* tables and FileProfile)"))
@@ -59,7 +57,8 @@ pub fn table_from_file_name(file_name: &str) -> Option<String> {
     if file_name.starts_with(FILE_PROFILE) {
         return Some(FILE_PROFILE.to_string());
     }
-    let prefix: String = file_name.chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
+    // Table names are letters only: `DeviceFileEvents20250507.jsonl` is DeviceFileEvents.
+    let prefix: String = file_name.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
     is_generic_device_table(&prefix).then_some(prefix)
 }
 

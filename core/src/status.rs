@@ -1,24 +1,25 @@
 //! The status report shared by `lookout status`, `--json` and the daemon's `/status`.
 
-use crate::store::{keys, Store};
+use crate::store::{dec, keys, Counters, SourceState, Store};
 use anyhow::Result;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::path::Path;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TableStatus {
     pub rows: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SourceStatus {
     pub path: String,
     pub offset: u64,
-    pub unit: &'static str,
+    pub unit: String,
     pub compressed: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Status {
     pub data_dir: String,
     pub tables: BTreeMap<String, TableStatus>,
@@ -31,9 +32,17 @@ pub struct Status {
 }
 
 pub fn status(store: &Store) -> Result<Status> {
-    let c = store.counters();
-    let sources = store
-        .sources()?
+    status_of(store.db(), store.data_dir())
+}
+
+/// The status read straight from the database (the daemon's endpoint holds only a handle).
+pub fn status_of(db: &sled::Db, data_dir: &Path) -> Result<Status> {
+    let c: Counters = match db.get([keys::COUNTERS])? {
+        Some(v) => dec(&v)?,
+        None => Counters::default(),
+    };
+    let sources: Vec<SourceState> = db.scan_prefix([keys::SOURCE]).map(|kv| dec(&kv?.1)).collect::<Result<_>>()?;
+    let sources = sources
         .into_iter()
         .map(|s| SourceStatus {
             path: s.path,
@@ -41,18 +50,19 @@ pub fn status(store: &Store) -> Result<Status> {
             unit: match s.unit {
                 crate::store::OffsetUnit::Bytes => "bytes",
                 crate::store::OffsetUnit::ArrayElements => "array_elements",
-            },
+            }
+            .to_string(),
             compressed: s.compressed,
         })
         .collect();
     Ok(Status {
-        data_dir: store.data_dir().display().to_string(),
+        data_dir: data_dir.display().to_string(),
         tables: c.rows.iter().map(|(t, n)| (t.clone(), TableStatus { rows: *n })).collect(),
         duplicates_skipped: c.duplicates,
         rejected: c.rejected.values().sum(),
         rejected_by_reason: c.rejected.clone(),
         sources,
-        findings: store.db().scan_prefix([keys::FINDING]).count() as u64,
-        database_bytes: store.size_on_disk(),
+        findings: db.scan_prefix([keys::FINDING]).count() as u64,
+        database_bytes: db.size_on_disk().unwrap_or(0),
     })
 }

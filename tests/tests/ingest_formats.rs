@@ -453,6 +453,53 @@ fn malformed_array_element_types_are_rejected_per_element() {
     t.expect(&[(FE, 2)], &[("wrong_type", 1), ("not_an_object", 1), ("bad_timestamp", 1), ("unknown_table", 1)], 0);
 }
 
+#[test]
+fn reject_line_numbers_count_from_the_start_of_the_file_after_a_resume() {
+    let t = scratch();
+    let f = t.write("DeviceFileEvents-live.jsonl", jsonl(&rows(1..=3)));
+    t.ingest(&f, &[]);
+    t.expect(&[(FE, 3)], &[], 0);
+
+    // Line 4 is appended after the first run; the second run resumes at its offset.
+    let offset = std::fs::metadata(&f).expect("metadata").len();
+    t.append(&f, format!("{{not json\n{}\n", row(4)));
+    t.ingest(&f, &[]);
+    t.expect(&[(FE, 4)], &[("malformed_json", 1)], 0);
+    let listed = lookout_ok(&t.data, &["status", "--rejects", "10"]);
+    let want = format!("reject {}:4 (offset {offset}): malformed_json:", f.display());
+    assert!(listed.contains(&want), "missing `{want}` in:\n{listed}");
+}
+
+#[test]
+fn over_long_last_line_still_being_written_is_rejected_once() {
+    let t = scratch();
+    let long = with(row(2), "Padding", json!("x".repeat(10 * 1024))).to_string();
+    let (written, rest) = long.split_at(5000);
+    // The writer has written more than the limit of line 2, but not its end yet.
+    let f = t.write("DeviceFileEvents-long.jsonl", format!("{}{written}", jsonl(&[row(1)])));
+    t.ingest(&f, &["--max-line", "4096"]);
+    // Then it finishes the line and writes another.
+    t.append(&f, format!("{rest}\n{}\n", row(3)));
+    t.ingest(&f, &["--max-line", "4096"]);
+    // One over-long line is one reject; its second half is not another record.
+    t.expect(&[(FE, 2)], &[("line_too_long", 1)], 0);
+}
+
+#[test]
+fn rerun_of_unchanged_truncated_array_export_counts_its_reject_once() {
+    let t = scratch();
+    let text = array(&rows(1..=3));
+    // Cut inside the third element.
+    let cut = text.rfind("\"FileName\"").expect("third element");
+    let f = t.write("DeviceFileEvents-truncated.json", &text[..cut]);
+    t.ingest(&f, &[]);
+    // The elements before the syntax error are kept; the error is one reject.
+    let first = t.expect(&[(FE, 2)], &[("malformed_json", 1)], 0);
+    t.ingest(&f, &[]);
+    let second = t.expect(&[(FE, 2)], &[("malformed_json", 1)], 0);
+    assert_eq!(first["rejected_by_reason"], second["rejected_by_reason"]);
+}
+
 // ---------------------------------------------------------------------------------------
 // Normalisation
 

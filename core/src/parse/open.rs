@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use flate2::read::MultiGzDecoder;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,57 +41,68 @@ impl Read for CountingFile {
 }
 
 const READ_BUF: usize = 256 << 10;
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
-pub fn is_gzip(file: &mut File) -> std::io::Result<bool> {
+pub fn is_gzip(file: &File) -> std::io::Result<bool> {
     let mut magic = [0u8; 2];
-    let n = file.read(&mut magic)?;
-    file.seek(SeekFrom::Start(0))?;
+    let n = file.read_at(&mut magic, 0)?;
     Ok(n == 2 && magic == [0x1f, 0x8b])
+}
+
+/// A reader of the file's (decompressed) content from its first byte, independent of the
+/// file's current position.
+pub fn content_reader(file: &File) -> std::io::Result<Box<dyn Read + Send>> {
+    let mut f = file.try_clone()?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(if is_gzip(file)? { Box::new(MultiGzDecoder::new(f)) } else { Box::new(f) })
 }
 
 /// Opens `path` and positions the reader at `skip` bytes of (decompressed) input;
 /// `count` accumulates the raw bytes read.
 pub fn open(path: &Path, skip: u64, count: Arc<AtomicU64>) -> Result<Opened> {
-    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let compressed = is_gzip(&mut file).with_context(|| format!("cannot read {}", path.display()))?;
-    let file = CountingFile { file, count: count.clone() };
-    let mut reader: Box<dyn BufRead + Send> = if compressed {
-        Box::new(BufReader::with_capacity(READ_BUF, MultiGzDecoder::new(file)))
-    } else {
-        Box::new(BufReader::with_capacity(READ_BUF, file))
-    };
-    let layout = sniff_layout(&mut reader).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut bom = 0;
-    if skip == 0 && reader.fill_buf()?.starts_with(b"\xEF\xBB\xBF") {
-        reader.consume(3);
-        bom = 3;
-    }
-    if skip > 0 {
-        if compressed {
-            let skipped = std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink())
-                .with_context(|| format!("cannot decompress {}", path.display()))?;
-            if skipped < skip {
-                anyhow::bail!(
-                    "{}: decompressed input is {skipped} bytes, shorter than the committed offset {skip}",
-                    path.display()
-                );
-            }
-        } else {
-            // Re-open to seek: the sniffing read consumed buffered bytes.
-            let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-            file.seek(SeekFrom::Start(skip)).with_context(|| format!("cannot seek {}", path.display()))?;
-            count.store(skip, Ordering::Relaxed);
-            reader = Box::new(BufReader::with_capacity(READ_BUF, CountingFile { file, count }));
-        }
-    }
-    Ok(Opened { reader, compressed, layout, bom })
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    open_file(&file, path, skip, count)
 }
 
-fn sniff_layout(reader: &mut Box<dyn BufRead + Send>) -> std::io::Result<Layout> {
-    let buf = reader.fill_buf()?;
-    let buf = buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(buf);
-    Ok(match buf.iter().find(|b| !b.is_ascii_whitespace()) {
+/// Like [`open`], for a file already open (the tailer keeps rotated files open).
+pub fn open_file(file: &File, path: &Path, skip: u64, count: Arc<AtomicU64>) -> Result<Opened> {
+    let compressed = is_gzip(file).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut f = file.try_clone().with_context(|| format!("cannot read {}", path.display()))?;
+    if compressed {
+        f.seek(SeekFrom::Start(0))?;
+        let mut reader: Box<dyn BufRead + Send> =
+            Box::new(BufReader::with_capacity(READ_BUF, MultiGzDecoder::new(CountingFile { file: f, count })));
+        let head = reader.fill_buf().with_context(|| format!("cannot decompress {}", path.display()))?;
+        let layout = sniff_layout(head);
+        let bom = if head.starts_with(BOM) { 3 } else { 0 };
+        let skip = if skip == 0 { bom } else { skip };
+        let skipped = std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink())
+            .with_context(|| format!("cannot decompress {}", path.display()))?;
+        if skipped < skip {
+            anyhow::bail!(
+                "{}: decompressed input is {skipped} bytes, shorter than the committed offset {skip}",
+                path.display()
+            );
+        }
+        Ok(Opened { reader, compressed, layout, bom })
+    } else {
+        let mut head = vec![0u8; 4096];
+        let n = file.read_at(&mut head, 0).with_context(|| format!("cannot read {}", path.display()))?;
+        head.truncate(n);
+        let layout = sniff_layout(&head);
+        let bom = if head.starts_with(BOM) { 3 } else { 0 };
+        let skip = if skip == 0 { bom } else { skip };
+        f.seek(SeekFrom::Start(skip)).with_context(|| format!("cannot seek {}", path.display()))?;
+        count.store(skip, Ordering::Relaxed);
+        let reader = Box::new(BufReader::with_capacity(READ_BUF, CountingFile { file: f, count }));
+        Ok(Opened { reader, compressed, layout, bom })
+    }
+}
+
+fn sniff_layout(head: &[u8]) -> Layout {
+    let head = head.strip_prefix(BOM).unwrap_or(head);
+    match head.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'[') => Layout::Array,
         _ => Layout::Lines,
-    })
+    }
 }

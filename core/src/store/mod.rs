@@ -41,6 +41,12 @@ pub struct SourceState {
     pub offset: u64,
     pub unit: OffsetUnit,
     pub compressed: bool,
+    /// Lines (or array elements) consumed, so reject line numbers count from the start.
+    pub lines: u64,
+    /// Raw size when the file was last read to its end (compressed or array files).
+    pub raw_size: u64,
+    /// Read completely; only a change of size or content makes it worth reading again.
+    pub done: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -361,6 +367,8 @@ pub fn source_key(id: &[u8]) -> Vec<u8> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Added {
     New,
+    /// A FileProfile row that replaced the stored one for its SHA1 (newest wins).
+    Replaced,
     Duplicate,
 }
 
@@ -392,27 +400,36 @@ impl WriteBatch<'_> {
         let (names, cells): (Vec<String>, Vec<Cell>) = row.columns.into_iter().unzip();
         let schema = self.store.ensure_schema(names, &mut self.batch)?;
         let value = codec::encode(schema, ingested_at, &cells)?;
-        let duplicate = if self.pending.contains(&key) {
-            true
-        } else {
-            match self.store.db.get(&key)? {
-                None => false,
-                // A FileProfile row replaces the stored one unless nothing but the ingestion
-                // time differs; an event row is immutable.
-                Some(old) => row.kind == TableKind::Event || codec::same_content(&old, &value),
-            }
-        };
-        self.counters_dirty = true;
-        if duplicate {
+        if row.kind == TableKind::Profile && self.pending.contains(&key) {
+            // A newer profile for the same SHA1 later in the same batch: newest wins.
+            self.batch.insert(key, value);
+            return Ok(Added::Replaced);
+        }
+        if self.pending.contains(&key) {
             self.store.counters.duplicates += 1;
+            self.counters_dirty = true;
             return Ok(Added::Duplicate);
         }
-        *self.store.counters.rows.entry(row.table).or_insert(0) += 1;
+        let added = match self.store.db.get(&key)? {
+            None => Added::New,
+            // A FileProfile row replaces the stored one unless nothing but the ingestion
+            // time differs; an event row is immutable.
+            Some(old) if row.kind == TableKind::Profile && !codec::same_content(&old, &value) => Added::Replaced,
+            Some(_) => {
+                self.store.counters.duplicates += 1;
+                self.counters_dirty = true;
+                return Ok(Added::Duplicate);
+            }
+        };
+        if added == Added::New {
+            *self.store.counters.rows.entry(row.table).or_insert(0) += 1;
+            self.counters_dirty = true;
+        }
         self.batch.insert(key.clone(), value);
         self.pending.insert(key.clone());
         self.journal.push(key);
         self.new_rows += 1;
-        Ok(Added::New)
+        Ok(added)
     }
 
     pub fn add_reject(&mut self, mut reject: RejectRecord) -> Result<()> {

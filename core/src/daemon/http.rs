@@ -1,0 +1,91 @@
+//! The daemon's local endpoint: `/metrics` (Prometheus text) and `/status` (the JSON of
+//! `lookout status --json`). Only one process can open the database, so this is how
+//! other `lookout` commands see a running daemon.
+
+use super::metrics::{render, Metrics};
+use crate::status::status_of;
+use crate::store::{dec, keys, Counters};
+use anyhow::{anyhow, Result};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The file in the data directory where a running daemon records its address.
+pub const ADDR_FILE: &str = "daemon.addr";
+
+pub struct Endpoint {
+    server: Arc<tiny_http::Server>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub addr: SocketAddr,
+}
+
+impl Endpoint {
+    pub fn start(listen: &str, db: sled::Db, data_dir: &Path, metrics: Arc<Mutex<Metrics>>) -> Result<Endpoint> {
+        let server = tiny_http::Server::http(listen)
+            .map_err(|e| anyhow!("cannot listen on {listen}: {e} (use --listen to pick another address)"))?;
+        let addr = server.server_addr().to_ip().ok_or_else(|| anyhow!("{listen} is not an IP address"))?;
+        let server = Arc::new(server);
+        let data_dir = data_dir.to_path_buf();
+        let s = server.clone();
+        let thread = std::thread::Builder::new()
+            .name("lookout-http".into())
+            .spawn(move || serve(&s, &db, &data_dir, &metrics))
+            .map_err(|e| anyhow!("cannot start the endpoint thread: {e}"))?;
+        Ok(Endpoint { server, thread: Some(thread), addr })
+    }
+
+    pub fn stop(mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(server: &tiny_http::Server, db: &sled::Db, data_dir: &Path, metrics: &Mutex<Metrics>) {
+    for req in server.incoming_requests() {
+        let (code, ctype, body) = match (req.method(), req.url()) {
+            (tiny_http::Method::Get, "/metrics") => {
+                let counters: Counters =
+                    db.get([keys::COUNTERS]).ok().flatten().and_then(|v| dec(&v).ok()).unwrap_or_default();
+                let m = metrics.lock().map(|m| m.clone()).unwrap_or_default();
+                (200, "text/plain; version=0.0.4; charset=utf-8", render(&m, &counters))
+            }
+            (tiny_http::Method::Get, "/status") => {
+                match status_of(db, data_dir).and_then(|s| Ok(serde_json::to_string(&s)?)) {
+                    Ok(json) => (200, "application/json", json),
+                    Err(e) => (500, "text/plain; charset=utf-8", format!("status failed: {e:#}\n")),
+                }
+            }
+            _ => (404, "text/plain; charset=utf-8", "not found: try /metrics or /status\n".to_string()),
+        };
+        let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes());
+        let mut resp = tiny_http::Response::from_string(body).with_status_code(code);
+        if let Ok(h) = header {
+            resp = resp.with_header(h);
+        }
+        let _ = req.respond(resp);
+    }
+}
+
+pub fn addr_file(data_dir: &Path) -> PathBuf {
+    data_dir.join(ADDR_FILE)
+}
+
+/// Asks the daemon holding `data_dir` for `path` (e.g. `/status`); `None` when no daemon
+/// answers.
+pub fn ask_daemon(data_dir: &Path, path: &str) -> Option<String> {
+    let addr = std::fs::read_to_string(addr_file(data_dir)).ok()?;
+    let addr = addr.trim().to_socket_addrs().ok()?.next()?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then_some(())?;
+    head.split_whitespace().nth(1).filter(|c| *c == "200")?;
+    Some(body.to_string())
+}

@@ -1,0 +1,116 @@
+//! `lookout run`: the service. One thread does the work in a loop — look at the logs
+//! folder (on a notification, or every rescan interval), store what is new, run the
+//! detectors over it, write the findings — so there is never more than one writer. A
+//! second thread serves `/metrics` and `/status`.
+
+pub mod http;
+pub mod metrics;
+pub mod plugin_set;
+pub mod watch;
+
+use crate::detect::{run_pass, DetectOptions};
+use crate::findings::flush_outbox;
+use crate::ingest::IngestOptions;
+use crate::store::Store;
+use crate::tail::Tailer;
+use anyhow::{Context, Result};
+use metrics::Metrics;
+use plugin_set::PluginSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub data: PathBuf,
+    pub logs: PathBuf,
+    pub plugins: PathBuf,
+    pub findings: PathBuf,
+    /// Address of the metrics/status endpoint (`127.0.0.1:9464`; port 0 picks one).
+    pub listen: String,
+    /// Look at the folders at least this often, notifications or not.
+    pub rescan: Duration,
+    /// `DETECTOR.PARAM=VALUE` overrides.
+    pub params: Vec<(String, String, String)>,
+    pub ingest: IngestOptions,
+    /// Fixes the evaluation time of every pass (tests); the clock otherwise.
+    pub now: Option<i64>,
+}
+
+/// Runs until `stop` is set (SIGINT/SIGTERM): then finishes the batch in hand, writes
+/// the findings, flushes and returns.
+pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
+    let mut store = Store::open(&cfg.data)?;
+    if !cfg.logs.is_dir() {
+        anyhow::bail!("logs folder {} does not exist or is not a folder", cfg.logs.display());
+    }
+    let metrics = Arc::new(Mutex::new(Metrics::default()));
+    let endpoint = http::Endpoint::start(&cfg.listen, store.db().clone(), &cfg.data, metrics.clone())?;
+    let addr_file = http::addr_file(&cfg.data);
+    std::fs::write(&addr_file, endpoint.addr.to_string())
+        .with_context(|| format!("cannot write {}", addr_file.display()))?;
+    tracing::info!(logs = %cfg.logs.display(), plugins = %cfg.plugins.display(), listen = %endpoint.addr, "lookout running");
+
+    let result = work(&cfg, &mut store, &metrics, &stop);
+
+    let _ = std::fs::remove_file(&addr_file);
+    endpoint.stop();
+    let flushed = flush_outbox(&mut store, &cfg.findings).and_then(|_| store.flush());
+    result.and(flushed)?;
+    tracing::info!("lookout stopped");
+    Ok(())
+}
+
+fn work(cfg: &DaemonConfig, store: &mut Store, metrics: &Mutex<Metrics>, stop: &AtomicBool) -> Result<()> {
+    let watch = watch::Watch::new(&cfg.logs, &cfg.plugins)?;
+    let mut tailer = Tailer::new(&cfg.logs, cfg.ingest.clone());
+    let mut plugins = PluginSet::new(&cfg.plugins, &cfg.data);
+    let mut last_rescan = Instant::now() - cfg.rescan;
+    let mut changes = watch::Changes { logs: true, plugins: true };
+    let detect_opts = DetectOptions { now: cfg.now, params: cfg.params.clone(), ..DetectOptions::default() };
+    let mut first = true;
+    while !stop.load(Ordering::Relaxed) {
+        let rescan = last_rescan.elapsed() >= cfg.rescan;
+        if rescan {
+            last_rescan = Instant::now();
+        }
+        let plugins_changed = if changes.plugins || rescan { plugins.refresh()? } else { false };
+        let report = tailer.poll(store, stop)?;
+        if report.total_rejected() > 0 {
+            tracing::warn!(rejected = report.total_rejected(), "bad records kept aside (lookout status --rejects)");
+        }
+        if report.changed() || plugins_changed || first {
+            first = false;
+            let reports = run_pass(store, &mut plugins.plugins, &detect_opts)?;
+            let written = flush_outbox(store, &cfg.findings)?;
+            if written > 0 {
+                tracing::info!(findings = written, file = %cfg.findings.display(), "new findings");
+            }
+            let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+            for r in reports {
+                let d = m.detectors.entry(format!("{}@{}", r.detector, r.version)).or_default();
+                d.passes += 1;
+                d.rows += r.rows;
+                d.findings += r.new_findings;
+                d.last_pass_seconds = r.elapsed.as_secs_f64();
+                if let Some(e) = r.error {
+                    d.failures += 1;
+                    tracing::warn!(detector = %r.detector, error = %e, "detector failed; retried next pass");
+                }
+            }
+        }
+        {
+            let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+            m.polls += 1;
+            m.behind = tailer.behind();
+            m.plugin_load_failures = plugins.failures;
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let wait = cfg.rescan.saturating_sub(last_rescan.elapsed()).max(Duration::from_millis(1));
+        changes = watch.wait(wait);
+    }
+    Ok(())
+}

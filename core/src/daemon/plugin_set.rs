@@ -1,0 +1,113 @@
+//! The plugins folder, watched: a library dropped in is verified, loaded and backfilled
+//! without a restart; a changed one is loaded from a fresh private copy; a removed one
+//! stops running (its code stays mapped: libraries are never unloaded).
+
+use crate::plugin::{self, guard, Plugin};
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// What identifies a version of a file on disk without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::symlink_metadata(path).ok()?;
+    Some(Stamp {
+        ino: m.ino(),
+        len: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    })
+}
+
+pub struct PluginSet {
+    dir: PathBuf,
+    data_dir: PathBuf,
+    pub plugins: Vec<Plugin>,
+    seen: BTreeMap<PathBuf, Option<Stamp>>,
+    pins: Option<Stamp>,
+    /// Refusals since start.
+    pub failures: u64,
+}
+
+impl PluginSet {
+    pub fn new(dir: &Path, data_dir: &Path) -> PluginSet {
+        PluginSet {
+            dir: dir.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+            plugins: Vec::new(),
+            seen: BTreeMap::new(),
+            pins: None,
+            failures: 0,
+        }
+    }
+
+    /// Re-reads the folder; returns whether the set of running detectors changed.
+    pub fn refresh(&mut self) -> Result<bool> {
+        if let Err(e) = guard::check_dir(&self.dir) {
+            if !self.plugins.is_empty() || self.seen.is_empty() {
+                tracing::error!(error = %format!("{e:#}"), "plugins folder refused; no detector runs until it is fixed");
+                self.failures += 1;
+            }
+            let changed = !self.plugins.is_empty();
+            self.plugins.clear();
+            self.seen.clear();
+            return Ok(changed);
+        }
+        let files = guard::discover(&self.dir)?;
+        let now: BTreeMap<PathBuf, Option<Stamp>> = files.iter().map(|f| (f.clone(), stamp(f))).collect();
+        let pins = stamp(&self.dir.join(guard::PIN_FILE));
+        let pins_changed = pins != self.pins;
+        if now == self.seen && !pins_changed {
+            return Ok(false);
+        }
+        let pin_list = match guard::read_pins(&self.dir) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "pin file refused; no detector runs until it is fixed");
+                self.failures += 1;
+                self.plugins.clear();
+                self.seen = now;
+                self.pins = pins;
+                return Ok(true);
+            }
+        };
+        let cache = guard::cache_dir(&self.data_dir)?;
+        let mut changed = false;
+        // Removed files stop running.
+        let before = self.plugins.len();
+        self.plugins.retain(|p| now.contains_key(&p.file));
+        changed |= self.plugins.len() != before;
+        for (file, st) in &now {
+            let unchanged = self.seen.get(file) == Some(st) && !pins_changed;
+            if unchanged {
+                continue;
+            }
+            self.plugins.retain(|p| &p.file != file);
+            changed = true;
+            match plugin::load_one(file, &cache, pin_list.as_ref()) {
+                Ok(p) => {
+                    if let Some(other) = self.plugins.iter().find(|o| o.manifest.name == p.manifest.name) {
+                        tracing::warn!(plugin = %file.display(), other = %other.file.display(), name = %p.manifest.name, "plugin refused: detector name already loaded");
+                        self.failures += 1;
+                        continue;
+                    }
+                    tracing::info!(plugin = %file.display(), detector = %p.id(), sha256 = %p.sha256, "plugin loaded");
+                    self.plugins.push(p);
+                }
+                Err(reason) => {
+                    tracing::warn!(plugin = %file.display(), reason = %reason, "plugin refused");
+                    self.failures += 1;
+                }
+            }
+        }
+        self.seen = now;
+        self.pins = pins;
+        Ok(changed)
+    }
+}

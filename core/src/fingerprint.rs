@@ -1,0 +1,67 @@
+//! File identity: (device, inode) plus a hash of the first bytes of the file's content
+//! (decompressed for gzip), so a renamed file keeps its identity, a reused inode is not
+//! mistaken for the old file, and a rotated copy or its gzip is recognised as the file it
+//! was copied from.
+
+use crate::parse::open::{content_reader, is_gzip};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+
+/// Bytes of content hashed for identity.
+pub const HEAD_LEN: u64 = 1024;
+/// A head shorter than this is too weak to say two files are the same.
+pub const MIN_MATCH_LEN: u64 = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub dev: u64,
+    pub ino: u64,
+    /// Raw size on disk.
+    pub size: u64,
+    pub compressed: bool,
+    pub head_len: u64,
+    pub head: Vec<u8>,
+}
+
+impl Fingerprint {
+    /// The store key of the file's offset state.
+    pub fn source_id(&self) -> Vec<u8> {
+        let mut id = self.dev.to_be_bytes().to_vec();
+        id.extend_from_slice(&self.ino.to_be_bytes());
+        id
+    }
+}
+
+/// SHA-256 of the first `len` bytes of content, or `None` if the content is shorter
+/// (or, for gzip still being written, cannot be decompressed that far yet).
+pub fn head_hash(file: &File, len: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::with_capacity(len as usize);
+    let mut r = content_reader(file)?.take(len);
+    match r.read_to_end(&mut buf) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => return Err(e),
+    }
+    Ok((buf.len() as u64 == len).then(|| Sha256::digest(&buf).to_vec()))
+}
+
+pub fn fingerprint(file: &File) -> std::io::Result<Fingerprint> {
+    let meta = file.metadata()?;
+    let compressed = is_gzip(file)?;
+    let mut buf = Vec::with_capacity(HEAD_LEN as usize);
+    match content_reader(file)?.take(HEAD_LEN).read_to_end(&mut buf) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => return Err(e),
+    }
+    Ok(Fingerprint {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.len(),
+        compressed,
+        head_len: buf.len() as u64,
+        head: Sha256::digest(&buf).to_vec(),
+    })
+}

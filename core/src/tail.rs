@@ -1,0 +1,281 @@
+//! Tailing a directory of log files that a collector keeps writing and logrotate keeps
+//! rotating. Each poll:
+//!
+//! 1. reads every file already tracked — through the descriptor opened when it was first
+//!    seen, so a file renamed away or deleted is still read to its end;
+//! 2. opens files not seen before; a file whose first bytes match a known file's (a
+//!    copytruncate copy, or the gzip of a rotated file) continues at that file's offset
+//!    instead of being read again;
+//! 3. forgets deleted files that have been read to their end.
+//!
+//! Only complete lines are taken; a file whose first bytes changed (truncated and
+//! rewritten) is read again from the start. Everything is committed through
+//! [`crate::ingest::read_source`], so offsets move atomically with the rows.
+
+use crate::fingerprint::{fingerprint, head_hash, Fingerprint, HEAD_LEN, MIN_MATCH_LEN};
+use crate::ingest::{has_news, read_source, state_for, IngestOptions, IngestReport};
+use crate::store::{source_key, OffsetUnit, SourceState, Store};
+use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+struct Tracked {
+    path: PathBuf,
+    file: File,
+    state: SourceState,
+    /// Seen in the directory at the last listing.
+    present: bool,
+}
+
+/// How far behind the end of a file Lookout is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Behind {
+    pub path: String,
+    pub bytes: u64,
+}
+
+pub struct Tailer {
+    dir: PathBuf,
+    opts: IngestOptions,
+    files: HashMap<(u64, u64), Tracked>,
+    /// Read-to-end files beyond this many are closed (and reopened by inode when needed).
+    max_open: usize,
+}
+
+impl Tailer {
+    pub fn new(dir: &Path, mut opts: IngestOptions) -> Tailer {
+        opts.tail = true;
+        Tailer { dir: dir.to_path_buf(), opts, files: HashMap::new(), max_open: 256 }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Regular files in the directory (not hidden, not symlinks), opened.
+    fn list(&self) -> Result<Vec<(PathBuf, File)>> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.dir).with_context(|| format!("cannot list {}", self.dir.display()))?;
+        for entry in entries {
+            let Ok(entry) = entry else { continue };
+            let path = entry.path();
+            if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+                continue;
+            }
+            match entry.file_type() {
+                Ok(t) if t.is_file() => {}
+                _ => continue,
+            }
+            match File::open(&path) {
+                Ok(f) => out.push((path, f)),
+                // Gone between listing and opening (rotated away): the next poll sees its
+                // new name.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot open log file; skipped"),
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// One look at the directory: reads whatever is new, committing as it goes.
+    pub fn poll(&mut self, store: &mut Store, stop: &AtomicBool) -> Result<IngestReport> {
+        let mut report = IngestReport::default();
+        let listing = self.list()?;
+        let mut new_files = Vec::new();
+        for t in self.files.values_mut() {
+            t.present = false;
+        }
+        for (path, file) in listing {
+            let meta = match file.metadata() {
+                Ok(m) => m,
+                Err(_) => continue,
+            };
+            let key = (std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta));
+            match self.files.get_mut(&key) {
+                Some(t) => {
+                    t.present = true;
+                    t.path = path;
+                }
+                None => new_files.push((path, file)),
+            }
+        }
+
+        // 1. Files already tracked (rotated ones included) to their end.
+        let mut keys: Vec<(u64, u64)> = self.files.keys().copied().collect();
+        keys.sort_by_key(|k| (self.files[k].present, self.files[k].path.clone()));
+        for key in keys {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(report);
+            }
+            let Some(t) = self.files.get_mut(&key) else { continue };
+            let fp = fingerprint(&t.file).with_context(|| format!("cannot read {}", t.path.display()))?;
+            if !same_content(&t.file, &t.state, &fp)? {
+                tracing::info!(file = %t.path.display(), "file was truncated or rewritten; reading it from the start");
+                t.state = fresh_state(&t.path, &fp);
+            }
+            upgrade_head(&mut t.state, &fp, &t.file)?;
+            if has_news(&t.state, &fp) {
+                let r = read_source(store, &t.file, &t.path, &fp, &mut t.state, &self.opts, Some(stop), &mut |_| {})?;
+                report.merge(r);
+            }
+        }
+
+        // 2. Files not seen before.
+        for (path, file) in new_files {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(report);
+            }
+            let fp = match fingerprint(&file) {
+                Ok(fp) => fp,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read log file; retried next poll");
+                    continue;
+                }
+            };
+            let mut state = state_for(store, &file, &fp, &path)?;
+            if state.offset == 0 && !state.done {
+                if let Some(from) = self.copied_from(store, &file, &fp)? {
+                    tracing::info!(file = %path.display(), from = %from.path, offset = from.offset, "recognised as a rotated copy; continuing at its offset");
+                    state.offset = from.offset;
+                    state.unit = from.unit;
+                    state.lines = from.lines;
+                }
+            }
+            if has_news(&state, &fp) {
+                let r = read_source(store, &file, &path, &fp, &mut state, &self.opts, Some(stop), &mut |_| {})?;
+                report.merge(r);
+            } else if store.source(&fp.source_id())?.is_none() {
+                // Remember even files with nothing to read yet (an adopted copy).
+                let mut b = store.batch();
+                b.set_source(&fp.source_id(), &state)?;
+                b.commit()?;
+            }
+            self.files.insert((fp.dev, fp.ino), Tracked { path, file, state, present: true });
+        }
+
+        // 3. Deleted files read to their end are forgotten; too many open read-to-end
+        //    files are closed.
+        let mut forget = Vec::new();
+        for (key, t) in &self.files {
+            if !t.present && !still_linked(&t.file) && caught_up(t)? {
+                forget.push((*key, true));
+            }
+        }
+        if self.files.len() - forget.len() > self.max_open {
+            let mut idle: Vec<(u64, u64)> = self
+                .files
+                .iter()
+                .filter(|(k, t)| t.present && !forget.iter().any(|(f, _)| f == *k) && caught_up(t).unwrap_or(false))
+                .map(|(k, _)| *k)
+                .collect();
+            idle.sort();
+            let excess = self.files.len() - forget.len() - self.max_open;
+            forget.extend(idle.into_iter().take(excess).map(|k| (k, false)));
+        }
+        if !forget.is_empty() {
+            let mut b = store.batch();
+            for (key, deleted) in forget {
+                if let Some(t) = self.files.remove(&key) {
+                    if deleted {
+                        b.remove(source_key(&id_of(key)));
+                    }
+                    drop(t.file);
+                }
+            }
+            b.commit()?;
+        }
+        Ok(report)
+    }
+
+    /// A known file this one is a copy of (same first bytes), with the largest offset.
+    fn copied_from(&self, store: &Store, file: &File, fp: &Fingerprint) -> Result<Option<SourceState>> {
+        let mut best: Option<SourceState> = None;
+        let known = self.files.values().map(|t| t.state.clone()).chain(store.sources()?);
+        for s in known {
+            if (s.dev, s.ino) == (fp.dev, fp.ino) || s.head_len < MIN_MATCH_LEN || s.head_len > fp.head_len {
+                continue;
+            }
+            if s.offset == 0 || best.as_ref().is_some_and(|b| b.offset >= s.offset) {
+                continue;
+            }
+            if head_hash(file, s.head_len)?.as_deref() == Some(s.head.as_slice()) {
+                best = Some(s);
+            }
+        }
+        Ok(best)
+    }
+
+    /// Bytes not yet read, per tracked file.
+    pub fn behind(&self) -> Vec<Behind> {
+        let mut out: Vec<Behind> = self
+            .files
+            .values()
+            .map(|t| {
+                let size = t.file.metadata().map(|m| m.len()).unwrap_or(0);
+                let bytes = match (t.state.compressed || t.state.unit == OffsetUnit::ArrayElements, t.state.done) {
+                    (true, true) => 0,
+                    (true, false) => size,
+                    (false, _) => size.saturating_sub(t.state.offset),
+                };
+                Behind { path: t.path.display().to_string(), bytes }
+            })
+            .collect();
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        out
+    }
+}
+
+fn id_of(key: (u64, u64)) -> Vec<u8> {
+    let mut id = key.0.to_be_bytes().to_vec();
+    id.extend_from_slice(&key.1.to_be_bytes());
+    id
+}
+
+fn fresh_state(path: &Path, fp: &Fingerprint) -> SourceState {
+    SourceState {
+        path: path.display().to_string(),
+        dev: fp.dev,
+        ino: fp.ino,
+        head: fp.head.clone(),
+        head_len: fp.head_len,
+        offset: 0,
+        unit: OffsetUnit::Bytes,
+        compressed: fp.compressed,
+        lines: 0,
+        raw_size: 0,
+        done: false,
+    }
+}
+
+/// The file still starts with the bytes it started with, and did not shrink below the
+/// offset.
+fn same_content(file: &File, state: &SourceState, fp: &Fingerprint) -> Result<bool> {
+    if !fp.compressed && state.unit == OffsetUnit::Bytes && fp.size < state.offset {
+        return Ok(false);
+    }
+    Ok(head_hash(file, state.head_len)?.as_deref() == Some(state.head.as_slice()))
+}
+
+/// A file first seen short gets its full-length fingerprint once it has grown.
+fn upgrade_head(state: &mut SourceState, fp: &Fingerprint, file: &File) -> Result<()> {
+    if state.head_len < HEAD_LEN && fp.head_len > state.head_len {
+        // `same_content` already checked the old prefix; the longer head extends it.
+        let _ = file;
+        state.head = fp.head.clone();
+        state.head_len = fp.head_len;
+    }
+    Ok(())
+}
+
+/// Whether the file still has a name somewhere (a deleted file has none).
+fn still_linked(file: &File) -> bool {
+    file.metadata().map(|m| std::os::unix::fs::MetadataExt::nlink(&m) > 0).unwrap_or(false)
+}
+
+fn caught_up(t: &Tracked) -> Result<bool> {
+    let fp = fingerprint(&t.file)?;
+    Ok(!has_news(&t.state, &fp))
+}
