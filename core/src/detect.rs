@@ -13,6 +13,8 @@ use lookout_plugin_sdk::{EvalRequest, FindingOut, InitRequest, RowRef, StateOp};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -23,11 +25,14 @@ pub struct DetectOptions {
     pub params: Vec<(String, String, String)>,
     /// New rows handed to a detector per call.
     pub chunk_rows: usize,
+    /// Set by a signal: stop after the chunk in hand (the cursor stays where it was, so
+    /// the rest is evaluated on the next run; findings already committed stay, once).
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl Default for DetectOptions {
     fn default() -> Self {
-        DetectOptions { now: None, params: Vec::new(), chunk_rows: 20_000 }
+        DetectOptions { now: None, params: Vec::new(), chunk_rows: 20_000, stop: None }
     }
 }
 
@@ -211,6 +216,9 @@ fn run_detector(
         if refs.is_empty() { vec![&[]] } else { refs.chunks(opts.chunk_rows.max(1)).collect() };
     let last = chunks.len() - 1;
     for (i, chunk) in chunks.into_iter().enumerate() {
+        if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+            return Ok(());
+        }
         let req = EvalRequest { now, rows: chunk.to_vec() };
         let resp = with_host_api(store, |api| plugin.lib.evaluate(api, &req)).map_err(|e| anyhow!("{e}"))?;
         let mut batch = store.batch();

@@ -62,13 +62,18 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
-fn work(cfg: &DaemonConfig, store: &mut Store, metrics: &Mutex<Metrics>, stop: &AtomicBool) -> Result<()> {
+fn work(cfg: &DaemonConfig, store: &mut Store, metrics: &Mutex<Metrics>, stop: &Arc<AtomicBool>) -> Result<()> {
     let watch = watch::Watch::new(&cfg.logs, &cfg.plugins)?;
     let mut tailer = Tailer::new(&cfg.logs, cfg.ingest.clone());
     let mut plugins = PluginSet::new(&cfg.plugins, &cfg.data);
     let mut last_rescan = Instant::now() - cfg.rescan;
     let mut changes = watch::Changes { logs: true, plugins: true };
-    let detect_opts = DetectOptions { now: cfg.now, params: cfg.params.clone(), ..DetectOptions::default() };
+    let detect_opts = DetectOptions {
+        now: cfg.now,
+        params: cfg.params.clone(),
+        stop: Some(stop.clone()),
+        ..DetectOptions::default()
+    };
     let mut first = true;
     while !stop.load(Ordering::Relaxed) {
         let rescan = last_rescan.elapsed() >= cfg.rescan;
