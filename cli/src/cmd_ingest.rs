@@ -34,7 +34,7 @@ pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
         max_line: args.max_line,
         ..IngestOptions::default()
     };
-    let files = expand_paths(&args.paths)?;
+    let (files, skipped) = expand_paths(&args.paths)?;
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
     let mut store = Store::open(data)?;
     let bar = if std::io::stderr().is_terminal() {
@@ -48,7 +48,7 @@ pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
         ProgressBar::hidden()
     };
     let started = Instant::now();
-    let mut report = IngestReport::default();
+    let mut report = IngestReport { skipped, ..Default::default() };
     let mut done = 0u64;
     let mut failed = Vec::new();
     for f in &files {
@@ -99,6 +99,9 @@ fn print_summary(r: &IngestReport, secs: f64) {
     println!("  rejected: {}", r.total_rejected());
     for (k, n) in &r.rejected {
         println!("    {k}: {n}");
+    }
+    for (p, reason) in &r.skipped {
+        println!("  skipped {}: {reason}", p.display());
     }
     for p in &r.partial_tails {
         println!("  {}: last line has no newline yet and is incomplete; left for the next run", p.display());

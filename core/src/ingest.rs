@@ -31,6 +31,8 @@ pub struct IngestOptions {
     pub max_line: usize,
     /// Rows per committed batch.
     pub batch_rows: usize,
+    /// Input bytes per committed batch: bounds batch memory however long the lines are.
+    pub batch_bytes: usize,
     /// Tailing a file that may still be written: a last line without its newline (or a
     /// JSON array or gzip stream that ends early) is left for later, never guessed at.
     /// When false (one-shot ingest of finished files) a last line without a newline is
@@ -40,7 +42,14 @@ pub struct IngestOptions {
 
 impl Default for IngestOptions {
     fn default() -> Self {
-        IngestOptions { now: None, table: None, max_line: 8 << 20, batch_rows: 4096, tail: false }
+        IngestOptions {
+            now: None,
+            table: None,
+            max_line: 8 << 20,
+            batch_rows: 4096,
+            batch_bytes: 32 << 20,
+            tail: false,
+        }
     }
 }
 
@@ -57,6 +66,8 @@ pub struct IngestReport {
     pub bytes: u64,
     /// Files whose last line has no newline yet and does not parse; left for a later run.
     pub partial_tails: Vec<PathBuf>,
+    /// Directory entries not read, with the reason.
+    pub skipped: Vec<(PathBuf, String)>,
 }
 
 impl IngestReport {
@@ -85,28 +96,56 @@ impl IngestReport {
         }
         self.bytes += other.bytes;
         self.partial_tails.extend(other.partial_tails);
+        self.skipped.extend(other.skipped);
     }
 }
 
 /// Expands files and directories (recursively, in name order) into the files to read.
-pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
+/// Entries inside a directory that are not regular files (FIFOs, sockets, dangling or
+/// looping symlinks, unreadable entries) are skipped and listed with the reason.
+pub fn expand_paths(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<(PathBuf, String)>)> {
+    let mut files = Vec::new();
+    let mut skipped = Vec::new();
     for p in paths {
         let meta = std::fs::metadata(p).with_context(|| format!("cannot read {}", p.display()))?;
         if meta.is_dir() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
-                .with_context(|| format!("cannot list {}", p.display()))?
-                .map(|e| e.map(|e| e.path()))
-                .collect::<std::io::Result<_>>()
-                .with_context(|| format!("cannot list {}", p.display()))?;
-            entries.sort();
-            entries.retain(|e| !e.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')));
-            out.extend(expand_paths(&entries)?);
+            expand_dir(p, &mut files, &mut skipped, 0);
         } else if meta.is_file() {
-            out.push(p.clone());
+            files.push(p.clone());
+        } else {
+            skipped.push((p.clone(), "not a regular file".to_string()));
         }
     }
-    Ok(out)
+    Ok((files, skipped))
+}
+
+/// Deeper than this is a symlink cycle or a mistake.
+const MAX_DEPTH: usize = 32;
+
+fn expand_dir(dir: &Path, files: &mut Vec<PathBuf>, skipped: &mut Vec<(PathBuf, String)>, depth: usize) {
+    if depth > MAX_DEPTH {
+        skipped.push((dir.to_path_buf(), format!("nested deeper than {MAX_DEPTH} folders")));
+        return;
+    }
+    let mut entries: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+        Err(e) => {
+            skipped.push((dir.to_path_buf(), format!("cannot list: {e}")));
+            return;
+        }
+    };
+    entries.sort();
+    for e in entries {
+        if e.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+            continue;
+        }
+        match std::fs::metadata(&e) {
+            Ok(m) if m.is_dir() => expand_dir(&e, files, skipped, depth + 1),
+            Ok(m) if m.is_file() => files.push(e),
+            Ok(_) => skipped.push((e, "not a regular file".to_string())),
+            Err(err) => skipped.push((e, format!("cannot read: {err}"))),
+        }
+    }
 }
 
 /// The committed state of `fp`'s file, if it is the same file (its first bytes still hash
@@ -243,6 +282,7 @@ impl FileRun<'_> {
         let mut batch = store.batch();
         let mut now = self.clock.now();
         let mut reached_end = true;
+        let mut pending_bytes = 0usize;
         loop {
             let info = match reader.next_line(&mut buf) {
                 Ok(Some(info)) => info,
@@ -272,7 +312,9 @@ impl FileRun<'_> {
             self.line(&mut batch, &buf, &info, line_no, now)?;
             state.offset = info.end;
             state.lines = line_no;
-            if self.pending >= self.opts.batch_rows {
+            pending_bytes += buf.len();
+            if self.pending >= self.opts.batch_rows || pending_bytes >= self.opts.batch_bytes {
+                pending_bytes = 0;
                 batch.set_source(self.id, state)?;
                 batch.commit()?;
                 crash_after_durable_commit(store)?;
@@ -480,8 +522,8 @@ pub fn ingest_paths(
     opts: &IngestOptions,
     progress: &mut dyn FnMut(&Path, u64),
 ) -> Result<IngestReport> {
-    let files = expand_paths(paths)?;
-    let mut total = IngestReport::default();
+    let (files, skipped) = expand_paths(paths)?;
+    let mut total = IngestReport { skipped, ..Default::default() };
     for f in &files {
         let r = ingest_file(store, f, opts, &mut |b| progress(f, b))?;
         total.merge(r);

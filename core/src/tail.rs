@@ -16,8 +16,9 @@ use crate::fingerprint::{fingerprint, head_hash, Fingerprint, HEAD_LEN, MIN_MATC
 use crate::ingest::{has_news, read_source, state_for, IngestOptions, IngestReport};
 use crate::store::{source_key, OffsetUnit, SourceState, Store};
 use anyhow::{Context, Result};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -42,21 +43,24 @@ pub struct Tailer {
     files: HashMap<(u64, u64), Tracked>,
     /// Read-to-end files beyond this many are closed (and reopened by inode when needed).
     max_open: usize,
+    skipped: BTreeMap<PathBuf, &'static str>,
 }
 
 impl Tailer {
     pub fn new(dir: &Path, mut opts: IngestOptions) -> Tailer {
         opts.tail = true;
-        Tailer { dir: dir.to_path_buf(), opts, files: HashMap::new(), max_open: 256 }
+        Tailer { dir: dir.to_path_buf(), opts, files: HashMap::new(), max_open: 256, skipped: BTreeMap::new() }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Regular files in the directory (not hidden, not symlinks), opened.
-    fn list(&self) -> Result<Vec<(PathBuf, File)>> {
+    /// Entries of the directory that are regular files (not hidden, not symlinks), with
+    /// their (device, inode); anything else is recorded as skipped, with the reason.
+    fn list(&mut self) -> Result<Vec<(PathBuf, (u64, u64))>> {
         let mut out = Vec::new();
+        let mut skipped = BTreeMap::new();
         let entries = std::fs::read_dir(&self.dir).with_context(|| format!("cannot list {}", self.dir.display()))?;
         for entry in entries {
             let Ok(entry) = entry else { continue };
@@ -64,20 +68,34 @@ impl Tailer {
             if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
                 continue;
             }
-            match entry.file_type() {
-                Ok(t) if t.is_file() => {}
-                _ => continue,
-            }
-            match File::open(&path) {
-                Ok(f) => out.push((path, f)),
-                // Gone between listing and opening (rotated away): the next poll sees its
-                // new name.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot open log file; skipped"),
+            // Not following symlinks: a link could point anywhere (or at itself).
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(_) => continue,
+            };
+            let reason = if meta.file_type().is_symlink() {
+                "symlink"
+            } else if !meta.is_file() {
+                "not_a_regular_file"
+            } else {
+                out.push((path, (meta.dev(), meta.ino())));
+                continue;
+            };
+            skipped.insert(path, reason);
+        }
+        for (path, reason) in &skipped {
+            if self.skipped.get(path) != Some(reason) {
+                tracing::warn!(file = %path.display(), reason = %reason, "not a log file; skipped");
             }
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        self.skipped = skipped;
+        out.sort();
         Ok(out)
+    }
+
+    /// Files in the logs folder that are not read, and why.
+    pub fn skipped(&self) -> &BTreeMap<PathBuf, &'static str> {
+        &self.skipped
     }
 
     /// One look at the directory: reads whatever is new, committing as it goes.
@@ -88,18 +106,27 @@ impl Tailer {
         for t in self.files.values_mut() {
             t.present = false;
         }
-        for (path, file) in listing {
-            let meta = match file.metadata() {
-                Ok(m) => m,
-                Err(_) => continue,
-            };
-            let key = (std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta));
+        for (path, key) in listing {
             match self.files.get_mut(&key) {
                 Some(t) => {
                     t.present = true;
                     t.path = path;
                 }
-                None => new_files.push((path, file)),
+                None => {
+                    if new_files.len() + self.files.len() >= self.max_open * 2 {
+                        // Bounded open files: the rest are opened on a later look.
+                        continue;
+                    }
+                    match open_regular(&path, key) {
+                        Ok(Some(f)) => new_files.push((path, f)),
+                        Ok(None) => {}
+                        Err(e) => {
+                            if self.skipped.insert(path.clone(), "unreadable").is_none() {
+                                tracing::warn!(file = %path.display(), error = %e, "cannot open log file; skipped");
+                            }
+                        }
+                    }
+                }
             }
         }
 
@@ -228,6 +255,19 @@ impl Tailer {
     }
 }
 
+/// Opens `path` without following a symlink swapped in since listing, and only if it is
+/// still the regular file that was listed (`None` if it changed or vanished).
+fn open_regular(path: &Path, key: (u64, u64)) -> std::io::Result<Option<File>> {
+    let flags = (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32;
+    let f = match std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let m = f.metadata()?;
+    Ok((m.is_file() && (m.dev(), m.ino()) == key).then_some(f))
+}
+
 fn id_of(key: (u64, u64)) -> Vec<u8> {
     let mut id = key.0.to_be_bytes().to_vec();
     id.extend_from_slice(&key.1.to_be_bytes());
@@ -272,7 +312,7 @@ fn upgrade_head(state: &mut SourceState, fp: &Fingerprint, file: &File) -> Resul
 
 /// Whether the file still has a name somewhere (a deleted file has none).
 fn still_linked(file: &File) -> bool {
-    file.metadata().map(|m| std::os::unix::fs::MetadataExt::nlink(&m) > 0).unwrap_or(false)
+    file.metadata().map(|m| m.nlink() > 0).unwrap_or(false)
 }
 
 fn caught_up(t: &Tracked) -> Result<bool> {

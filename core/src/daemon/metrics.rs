@@ -21,6 +21,10 @@ pub struct Metrics {
     pub plugin_load_failures: u64,
     pub behind: Vec<Behind>,
     pub polls: u64,
+    /// Files in the logs folder not read, per reason (symlink, not_a_regular_file, …).
+    pub skipped_files: BTreeMap<String, u64>,
+    /// Times the work loop failed (e.g. disk full) and was restarted.
+    pub restarts: u64,
 }
 
 fn escape(v: &str) -> String {
@@ -89,6 +93,16 @@ pub fn render(m: &Metrics, c: &Counters) -> String {
     }
     f.header("lookout_plugin_load_failures_total", "counter", "Plugin libraries refused or failing to load.");
     f.sample("lookout_plugin_load_failures_total", None, m.plugin_load_failures as f64);
+    f.header("lookout_files_skipped", "gauge", "Entries of the logs folder that are not read, per reason.");
+    for (r, n) in &m.skipped_files {
+        f.sample("lookout_files_skipped", Some(("reason", r)), *n as f64);
+    }
+    f.header(
+        "lookout_work_restarts_total",
+        "counter",
+        "Times the work loop failed (e.g. disk full) and was restarted.",
+    );
+    f.sample("lookout_work_restarts_total", None, m.restarts as f64);
     f.header("lookout_polls_total", "counter", "Looks at the logs directory.");
     f.sample("lookout_polls_total", None, m.polls as f64);
     out
