@@ -44,12 +44,31 @@ pub struct Tailer {
     /// Read-to-end files beyond this many are closed (and reopened by inode when needed).
     max_open: usize,
     skipped: BTreeMap<PathBuf, &'static str>,
+    /// Files that failed to read, with their size then: retried once the size changes.
+    broken: HashMap<(u64, u64), u64>,
+}
+
+/// Context on a read failure: the file's raw size when it failed.
+#[derive(Debug)]
+struct BrokenInput(u64);
+
+impl std::fmt::Display for BrokenInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "reading a file of {} bytes", self.0)
+    }
 }
 
 impl Tailer {
     pub fn new(dir: &Path, mut opts: IngestOptions) -> Tailer {
         opts.tail = true;
-        Tailer { dir: dir.to_path_buf(), opts, files: HashMap::new(), max_open: 256, skipped: BTreeMap::new() }
+        Tailer {
+            dir: dir.to_path_buf(),
+            opts,
+            files: HashMap::new(),
+            max_open: 256,
+            skipped: BTreeMap::new(),
+            broken: HashMap::new(),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -88,6 +107,11 @@ impl Tailer {
                 tracing::warn!(file = %path.display(), reason = %reason, "not a log file; skipped");
             }
         }
+        for (path, key) in &out {
+            if self.broken.contains_key(key) {
+                skipped.insert(path.clone(), "unreadable_input");
+            }
+        }
         self.skipped = skipped;
         out.sort();
         Ok(out)
@@ -96,6 +120,19 @@ impl Tailer {
     /// Files in the logs folder that are not read, and why.
     pub fn skipped(&self) -> &BTreeMap<PathBuf, &'static str> {
         &self.skipped
+    }
+
+    /// A file could not be read (corrupt gzip, an I/O error on the file): it is skipped
+    /// until it changes, and the other files go on. A store failure is returned instead.
+    fn input_failed(&mut self, key: (u64, u64), path: &Path, e: anyhow::Error) -> Result<()> {
+        if e.chain().any(|c| c.is::<sled::Error>()) {
+            return Err(e);
+        }
+        let size = e.downcast_ref::<BrokenInput>().map_or(0, |b| b.0);
+        tracing::warn!(file = %path.display(), error = %format!("{e:#}"), "cannot read log file; skipped until it changes");
+        self.broken.insert(key, size);
+        self.skipped.insert(path.to_path_buf(), "unreadable_input");
+        Ok(())
     }
 
     /// One look at the directory: reads whatever is new, committing as it goes.
@@ -138,15 +175,27 @@ impl Tailer {
                 return Ok(report);
             }
             let Some(t) = self.files.get_mut(&key) else { continue };
-            let fp = fingerprint(&t.file).with_context(|| format!("cannot read {}", t.path.display()))?;
-            if !same_content(&t.file, &t.state, &fp)? {
-                tracing::info!(file = %t.path.display(), "file was truncated or rewritten; reading it from the start");
-                t.state = fresh_state(&t.path, &fp);
-            }
-            upgrade_head(&mut t.state, &fp, &t.file)?;
-            if has_news(&t.state, &fp) {
-                let r = read_source(store, &t.file, &t.path, &fp, &mut t.state, &self.opts, Some(stop), &mut |_| {})?;
-                report.merge(r);
+            let path = t.path.clone();
+            let result = (|| -> Result<Option<IngestReport>> {
+                let fp = fingerprint(&t.file).with_context(|| format!("cannot read {}", t.path.display()))?;
+                if self.broken.get(&key) == Some(&fp.size) {
+                    return Ok(None);
+                }
+                if !same_content(&t.file, &t.state, &fp)? {
+                    tracing::info!(file = %t.path.display(), "file was truncated or rewritten; reading it from the start");
+                    t.state = fresh_state(&t.path, &fp);
+                }
+                upgrade_head(&mut t.state, &fp);
+                if !has_news(&t.state, &fp) {
+                    return Ok(None);
+                }
+                let r = read_source(store, &t.file, &t.path, &fp, &mut t.state, &self.opts, Some(stop), &mut |_| {});
+                r.map(Some).map_err(|e| e.context(BrokenInput(fp.size)))
+            })();
+            match result {
+                Ok(Some(r)) => report.merge(r),
+                Ok(None) => {}
+                Err(e) => self.input_failed(key, &path, e)?,
             }
         }
 
@@ -162,6 +211,10 @@ impl Tailer {
                     continue;
                 }
             };
+            let key = (fp.dev, fp.ino);
+            if self.broken.get(&key) == Some(&fp.size) {
+                continue;
+            }
             let mut state = state_for(store, &file, &fp, &path)?;
             if state.offset == 0 && !state.done {
                 if let Some(from) = self.copied_from(store, &file, &fp)? {
@@ -172,8 +225,13 @@ impl Tailer {
                 }
             }
             if has_news(&state, &fp) {
-                let r = read_source(store, &file, &path, &fp, &mut state, &self.opts, Some(stop), &mut |_| {})?;
-                report.merge(r);
+                match read_source(store, &file, &path, &fp, &mut state, &self.opts, Some(stop), &mut |_| {}) {
+                    Ok(r) => report.merge(r),
+                    Err(e) => {
+                        self.input_failed(key, &path, e.context(BrokenInput(fp.size)))?;
+                        continue;
+                    }
+                }
             } else if store.source(&fp.source_id())?.is_none() {
                 // Remember even files with nothing to read yet (an adopted copy).
                 let mut b = store.batch();
@@ -299,15 +357,13 @@ fn same_content(file: &File, state: &SourceState, fp: &Fingerprint) -> Result<bo
     Ok(head_hash(file, state.head_len)?.as_deref() == Some(state.head.as_slice()))
 }
 
-/// A file first seen short gets its full-length fingerprint once it has grown.
-fn upgrade_head(state: &mut SourceState, fp: &Fingerprint, file: &File) -> Result<()> {
+/// A file first seen short gets its full-length fingerprint once it has grown
+/// (`same_content` already checked the old, shorter prefix).
+fn upgrade_head(state: &mut SourceState, fp: &Fingerprint) {
     if state.head_len < HEAD_LEN && fp.head_len > state.head_len {
-        // `same_content` already checked the old prefix; the longer head extends it.
-        let _ = file;
         state.head = fp.head.clone();
         state.head_len = fp.head_len;
     }
-    Ok(())
 }
 
 /// Whether the file still has a name somewhere (a deleted file has none).

@@ -25,10 +25,13 @@ pub fn encode(schema: u32, ingested_at: i64, cells: &[Cell]) -> Result<Vec<u8>> 
         .map_err(|e| anyhow!("cannot encode row: {e}"))
 }
 
+/// No stored row is bigger than this (lines are capped far below it); a corrupt length
+/// prefix must not make the decoder allocate gigabytes.
+const MAX_ROW_BYTES: usize = 256 << 20;
+
 pub fn decode(bytes: &[u8]) -> Result<StoredRow> {
-    Ok(bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map_err(|e| anyhow!("corrupt stored row: {e}"))?
-        .0)
+    let config = bincode::config::standard().with_limit::<MAX_ROW_BYTES>();
+    Ok(bincode::serde::decode_from_slice(bytes, config).map_err(|e| anyhow!("corrupt stored row: {e}"))?.0)
 }
 
 /// Same schema and cells (the ingestion time may differ).
@@ -36,5 +39,26 @@ pub fn same_content(a: &[u8], b: &[u8]) -> bool {
     match (decode(a), decode(b)) {
         (Ok(a), Ok(b)) => a.schema == b.schema && a.cells == b.cells,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let cells = vec![Cell::Str("a".into()), Cell::Int(-3), Cell::Null, Cell::Json("[1]".into())];
+        let d = decode(&encode(7, 42, &cells).unwrap()).unwrap();
+        assert_eq!((d.schema, d.ingested_at, d.cells), (7, 42, cells));
+    }
+
+    /// Found by the payload_decode fuzz target: a length prefix claiming ~3 GB made the
+    /// decoder try to allocate it.
+    #[test]
+    fn huge_length_prefix_is_an_error_not_an_allocation() {
+        // schema 4, time 20, 38 cells, the first a string of 0xb1fc0000 bytes.
+        let bytes = [0x04, 0x28, 0x26, 0x04, 0xfc, 0x00, 0x00, 0xfc, 0xb1, 0xb1, 0xb1, 0xb1];
+        assert!(decode(&bytes).is_err());
     }
 }

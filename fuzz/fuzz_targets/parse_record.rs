@@ -1,0 +1,42 @@
+//! The record parser on arbitrary file content: line splitting with a length limit,
+//! UTF-8 and JSON checks, envelope / Event Hub unwrapping, table detection and column
+//! normalisation. Nothing may panic; every record is either a row or a reject.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use lookout_core::parse::lines::LineReader;
+use lookout_core::parse::normalise::{normalise, TableHints};
+use lookout_core::parse::record::unwrap_document;
+
+fuzz_target!(|data: &[u8]| {
+    let hints = TableHints { file_table: Some("DeviceFileEvents".into()), explicit: None };
+    let mut reader = LineReader::new(data, 4096, 0);
+    let mut buf = Vec::new();
+    while let Ok(Some(info)) = reader.next_line(&mut buf) {
+        assert!(info.end > info.start && info.end <= data.len() as u64);
+        if info.too_long.is_some() {
+            assert!(buf.is_empty());
+            continue;
+        }
+        if std::str::from_utf8(&buf).is_err() {
+            continue;
+        }
+        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&buf) else { continue };
+        for unwrapped in unwrap_document(doc) {
+            if let Ok(u) = unwrapped {
+                if let Ok(row) = normalise(u.row, u.category_table.as_deref(), &hints) {
+                    // A stored row's key parts must be what the row says.
+                    assert_eq!(row.sha1, row.columns.iter().find(|(n, _)| n == "SHA1").map(|(_, c)| c.as_str().to_string()).unwrap_or_default());
+                }
+            }
+        }
+    }
+    // The whole input as one JSON array export.
+    if let Ok(serde_json::Value::Array(items)) = serde_json::from_slice::<serde_json::Value>(data) {
+        for item in items {
+            for u in unwrap_document(item).into_iter().flatten() {
+                let _ = normalise(u.row, u.category_table.as_deref(), &hints);
+            }
+        }
+    }
+});

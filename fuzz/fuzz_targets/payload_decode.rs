@@ -1,0 +1,26 @@
+//! The plugin payload decoder (and the stored-row and key decoders) on arbitrary bytes:
+//! garbage from a plugin must be an error, never a panic or a huge allocation.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use lookout_plugin_sdk::abi::{decode, encode};
+use lookout_plugin_sdk::{EvalRequest, EvalResponse, HostRequest, HostResponse, InitRequest, Manifest};
+
+fn check<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(data: &[u8]) {
+    if let Ok(v) = decode::<T>(data) {
+        // What decodes re-encodes to something that decodes to the same value.
+        let again = encode(&v).expect("re-encode");
+        assert_eq!(decode::<T>(&again).expect("decode re-encoded"), v);
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    check::<EvalRequest>(data);
+    check::<EvalResponse>(data);
+    check::<HostRequest>(data);
+    check::<HostResponse>(data);
+    check::<InitRequest>(data);
+    check::<Manifest>(data);
+    let _ = lookout_core::store::codec::decode(data);
+    let _ = lookout_core::store::keys::parse_key(data);
+});
