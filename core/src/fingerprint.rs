@@ -65,3 +65,33 @@ pub fn fingerprint(file: &File) -> std::io::Result<Fingerprint> {
         head: Sha256::digest(&buf).to_vec(),
     })
 }
+
+/// SHA-256 of `len` bytes of content starting at `start`, or `None` if the content is
+/// shorter.
+pub fn range_hash(file: &File, start: u64, len: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let mut r = content_reader(file)?;
+    let skipped = match std::io::copy(&mut (&mut r).take(start), &mut std::io::sink()) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if skipped < start {
+        return Ok(None);
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    match r.take(len).read_to_end(&mut buf) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => return Err(e),
+    }
+    Ok((buf.len() as u64 == len).then(|| Sha256::digest(&buf).to_vec()))
+}
+
+/// Whether the file's content holds, just before `state.offset`, the bytes the state
+/// remembers (always true when it remembers none).
+pub fn tail_matches(file: &File, state: &crate::store::SourceState) -> std::io::Result<bool> {
+    if state.tail_len == 0 || state.offset < state.tail_len {
+        return Ok(state.tail_len == 0);
+    }
+    Ok(range_hash(file, state.offset - state.tail_len, state.tail_len)?.as_deref() == Some(state.tail.as_slice()))
+}

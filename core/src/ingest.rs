@@ -4,7 +4,7 @@
 //! Used both by one-shot `lookout ingest` and by the daemon's tailer.
 
 use crate::clock::Clock;
-use crate::fingerprint::{fingerprint, head_hash, Fingerprint};
+use crate::fingerprint::{fingerprint, head_hash, tail_matches, Fingerprint};
 use crate::parse::lines::{LineEnd, LineInfo, LineReader};
 use crate::parse::normalise::{normalise, TableHints};
 use crate::parse::open::{open_file, Layout};
@@ -15,6 +15,7 @@ use crate::store::{Added, OffsetUnit, RejectRecord, SourceState, Store, WriteBat
 use anyhow::{anyhow, Context, Result};
 use serde::de::{SeqAccess, Visitor};
 use serde_json::Value;
+use sha2::Digest;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -163,14 +164,18 @@ pub fn state_for(store: &Store, file: &File, fp: &Fingerprint, path: &Path) -> R
         lines: 0,
         raw_size: 0,
         done: false,
+        tail: Vec::new(),
+        tail_len: 0,
     };
     let Some(mut old) = store.source(&fp.source_id())? else { return Ok(fresh()) };
-    let same = old.head_len <= fp.head_len
-        && head_hash(file, old.head_len).with_context(|| format!("cannot read {}", path.display()))?.as_deref()
-            == Some(old.head.as_slice());
+    let read_err = || format!("cannot read {}", path.display());
     // A plain file shorter than its offset was truncated (copytruncate): read it anew.
     let shrunk = !fp.compressed && old.unit == OffsetUnit::Bytes && old.offset > fp.size;
-    if !same || shrunk {
+    let same = !shrunk
+        && old.head_len <= fp.head_len
+        && head_hash(file, old.head_len).with_context(read_err)?.as_deref() == Some(old.head.as_slice())
+        && (old.unit != OffsetUnit::Bytes || tail_matches(file, &old).with_context(read_err)?);
+    if !same {
         return Ok(fresh());
     }
     old.path = path.display().to_string();
@@ -257,6 +262,15 @@ pub fn read_source(
     Ok(run.report)
 }
 
+/// Records the bytes before the offset (if the reader consumed any this run; otherwise
+/// the remembered ones still stand).
+fn remember_tail(state: &mut SourceState, tail: &[u8]) {
+    if !tail.is_empty() {
+        state.tail = sha2::Sha256::digest(tail).to_vec();
+        state.tail_len = tail.len() as u64;
+    }
+}
+
 struct FileRun<'a> {
     path: &'a Path,
     id: &'a [u8],
@@ -283,6 +297,7 @@ impl FileRun<'_> {
         let mut now = self.clock.now();
         let mut reached_end = true;
         let mut pending_bytes = 0usize;
+        let mut tail_at_offset: Vec<u8> = Vec::with_capacity(crate::parse::lines::TAIL_LEN);
         loop {
             let info = match reader.next_line(&mut buf) {
                 Ok(Some(info)) => info,
@@ -312,9 +327,15 @@ impl FileRun<'_> {
             self.line(&mut batch, &buf, &info, line_no, now)?;
             state.offset = info.end;
             state.lines = line_no;
+            // The bytes before the committed offset (the reader may later run past it
+            // into a partial line).
+            tail_at_offset.clear();
+            tail_at_offset.extend_from_slice(reader.tail());
             pending_bytes += buf.len();
-            if self.pending >= self.opts.batch_rows || pending_bytes >= self.opts.batch_bytes {
+            let stopping = line_no % 256 == 0 && self.stop.is_some_and(|s| s.load(Ordering::Relaxed));
+            if self.pending >= self.opts.batch_rows || pending_bytes >= self.opts.batch_bytes || stopping {
                 pending_bytes = 0;
+                remember_tail(state, &tail_at_offset);
                 batch.set_source(self.id, state)?;
                 batch.commit()?;
                 crash_after_durable_commit(store)?;
@@ -331,6 +352,7 @@ impl FileRun<'_> {
             state.done = true;
             state.raw_size = self.raw_size;
         }
+        remember_tail(state, &tail_at_offset);
         batch.set_source(self.id, state)?;
         batch.commit()?;
         progress(self.counter.load(Ordering::Relaxed));

@@ -12,7 +12,7 @@
 //! rewritten) is read again from the start. Everything is committed through
 //! [`crate::ingest::read_source`], so offsets move atomically with the rows.
 
-use crate::fingerprint::{fingerprint, head_hash, Fingerprint, HEAD_LEN, MIN_MATCH_LEN};
+use crate::fingerprint::{fingerprint, head_hash, tail_matches, Fingerprint, HEAD_LEN, MIN_MATCH_LEN};
 use crate::ingest::{has_news, read_source, state_for, IngestOptions, IngestReport};
 use crate::store::{source_key, OffsetUnit, SourceState, Store};
 use anyhow::{Context, Result};
@@ -204,17 +204,19 @@ impl Tailer {
             if stop.load(Ordering::Relaxed) {
                 return Ok(report);
             }
+            let Ok(meta) = file.metadata() else { continue };
+            let key = (meta.dev(), meta.ino());
+            if self.broken.get(&key) == Some(&meta.len()) {
+                continue;
+            }
             let fp = match fingerprint(&file) {
                 Ok(fp) => fp,
                 Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot read log file; retried next poll");
+                    let e = anyhow::Error::new(e).context(format!("cannot read {}", path.display()));
+                    self.input_failed(key, &path, e.context(BrokenInput(meta.len())))?;
                     continue;
                 }
             };
-            let key = (fp.dev, fp.ino);
-            if self.broken.get(&key) == Some(&fp.size) {
-                continue;
-            }
             let mut state = state_for(store, &file, &fp, &path)?;
             if state.offset == 0 && !state.done {
                 if let Some(from) = self.copied_from(store, &file, &fp)? {
@@ -222,6 +224,8 @@ impl Tailer {
                     state.offset = from.offset;
                     state.unit = from.unit;
                     state.lines = from.lines;
+                    state.tail = from.tail;
+                    state.tail_len = from.tail_len;
                 }
             }
             if has_news(&state, &fp) {
@@ -283,10 +287,15 @@ impl Tailer {
             if (s.dev, s.ino) == (fp.dev, fp.ino) || s.head_len < MIN_MATCH_LEN || s.head_len > fp.head_len {
                 continue;
             }
-            if s.offset == 0 || best.as_ref().is_some_and(|b| b.offset >= s.offset) {
+            // Only line files remember the bytes before their offset; an offset is adopted
+            // only if this file holds the same first bytes and the same bytes before it.
+            if s.offset == 0 || s.unit != OffsetUnit::Bytes || s.tail_len == 0 {
                 continue;
             }
-            if head_hash(file, s.head_len)?.as_deref() == Some(s.head.as_slice()) {
+            if best.as_ref().is_some_and(|b| b.offset >= s.offset) {
+                continue;
+            }
+            if head_hash(file, s.head_len)?.as_deref() == Some(s.head.as_slice()) && tail_matches(file, &s)? {
                 best = Some(s);
             }
         }
@@ -345,16 +354,22 @@ fn fresh_state(path: &Path, fp: &Fingerprint) -> SourceState {
         lines: 0,
         raw_size: 0,
         done: false,
+        tail: Vec::new(),
+        tail_len: 0,
     }
 }
 
-/// The file still starts with the bytes it started with, and did not shrink below the
-/// offset.
+/// The file still starts with the bytes it started with, did not shrink below the
+/// offset, and (plain line files) still holds the bytes just before the offset.
 fn same_content(file: &File, state: &SourceState, fp: &Fingerprint) -> Result<bool> {
-    if !fp.compressed && state.unit == OffsetUnit::Bytes && fp.size < state.offset {
+    let plain_lines = !fp.compressed && state.unit == OffsetUnit::Bytes;
+    if plain_lines && fp.size < state.offset {
         return Ok(false);
     }
-    Ok(head_hash(file, state.head_len)?.as_deref() == Some(state.head.as_slice()))
+    if head_hash(file, state.head_len)?.as_deref() != Some(state.head.as_slice()) {
+        return Ok(false);
+    }
+    Ok(!plain_lines || tail_matches(file, state)?)
 }
 
 /// A file first seen short gets its full-length fingerprint once it has grown

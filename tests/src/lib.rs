@@ -96,3 +96,89 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines().map(|l| serde_json::from_str(l).expect("findings line is JSON")).collect()
 }
+
+/// A running `lookout run`, killed when dropped.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub data: PathBuf,
+    /// Where its stderr goes (a file, so a chatty daemon never blocks on a full pipe).
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `lookout --data <data> run --listen 127.0.0.1:0 <args…>` and waits until it
+    /// serves its endpoint.
+    pub fn start(data: &Path, args: &[&str]) -> Daemon {
+        let _ = std::fs::remove_file(data.join("daemon.addr"));
+        let log = data.with_extension("daemon.log");
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("daemon log file");
+        let child = Command::new(lookout_bin())
+            .arg("--data")
+            .arg(data)
+            .arg("run")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(log_file))
+            .spawn()
+            .expect("start lookout run");
+        let mut d = Daemon { child, data: data.to_path_buf(), log };
+        d.wait_for("the endpoint to come up", std::time::Duration::from_secs(30), |d| d.get("/status").is_some());
+        d
+    }
+
+    /// GET `path` from the daemon's endpoint (body of a 200 answer).
+    pub fn get(&self, path: &str) -> Option<String> {
+        lookout_core::daemon::http::ask_daemon(&self.data, path)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/status").expect("daemon answers /status")).expect("status is JSON")
+    }
+
+    /// Polls `ok` until it holds; panics (with the daemon's stderr) after `timeout`.
+    pub fn wait_for(&mut self, what: &str, timeout: std::time::Duration, ok: impl Fn(&Daemon) -> bool) {
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            if ok(self) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("lookout run exited ({status}) while waiting for {what}:\n{}", self.stderr());
+            }
+            if std::time::Instant::now() > until {
+                let _ = self.child.kill();
+                panic!("timed out waiting for {what}; daemon stderr:\n{}", self.stderr());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit status (at most `timeout`).
+    pub fn terminate(mut self, timeout: std::time::Duration) -> (std::process::ExitStatus, std::time::Duration) {
+        let started = std::time::Instant::now();
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("kill -TERM");
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return (s, started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!("lookout run did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

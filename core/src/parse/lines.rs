@@ -22,19 +22,31 @@ pub struct LineInfo {
     pub too_long: Option<u64>,
 }
 
+/// Bytes remembered from just before the current offset.
+pub const TAIL_LEN: usize = 256;
+
 pub struct LineReader<R> {
     inner: R,
     max: usize,
     offset: u64,
+    /// The last (up to) [`TAIL_LEN`] bytes consumed: with the offset they identify where
+    /// in which content the reader stands.
+    tail: Vec<u8>,
 }
 
 impl<R: BufRead> LineReader<R> {
     pub fn new(inner: R, max: usize, offset: u64) -> Self {
-        LineReader { inner, max, offset }
+        LineReader { inner, max, offset, tail: Vec::with_capacity(TAIL_LEN) }
     }
 
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    /// The bytes consumed just before [`Self::offset`] (fewer than [`TAIL_LEN`] only if
+    /// fewer were consumed since the reader started).
+    pub fn tail(&self) -> &[u8] {
+        &self.tail
     }
 
     /// Reads the next line into `buf`; `None` at end of input.
@@ -68,6 +80,7 @@ impl<R: BufRead> LineReader<R> {
                 None => buf.extend_from_slice(&avail[..chunk_len]),
             }
             let consumed = chunk_len + usize::from(found);
+            remember(&mut self.tail, &avail[..consumed]);
             self.inner.consume(consumed);
             self.offset += consumed as u64;
             if found {
@@ -75,6 +88,20 @@ impl<R: BufRead> LineReader<R> {
                 return Ok(Some(LineInfo { start, end: self.offset, ending: LineEnd::Newline, too_long }));
             }
         }
+    }
+}
+
+/// Keeps the last [`TAIL_LEN`] bytes of everything consumed.
+fn remember(tail: &mut Vec<u8>, consumed: &[u8]) {
+    if consumed.len() >= TAIL_LEN {
+        tail.clear();
+        tail.extend_from_slice(&consumed[consumed.len() - TAIL_LEN..]);
+    } else {
+        let keep = TAIL_LEN - consumed.len();
+        if tail.len() > keep {
+            tail.drain(..tail.len() - keep);
+        }
+        tail.extend_from_slice(consumed);
     }
 }
 
@@ -103,5 +130,17 @@ mod tests {
         assert_eq!((buf.as_slice(), l.ending), (&b"last"[..], LineEnd::Eof));
         assert!(r.next_line(&mut buf).unwrap().is_none());
         assert_eq!(r.offset(), data.len() as u64);
+        assert_eq!(r.tail(), &data[..], "short input: the tail is all of it");
+    }
+
+    #[test]
+    fn tail_is_the_bytes_before_the_offset() {
+        let data: Vec<u8> = (0..2000u32).map(|i| if i % 97 == 96 { b'\n' } else { b'a' + (i % 26) as u8 }).collect();
+        let mut r = LineReader::new(std::io::BufReader::with_capacity(64, &data[..]), 1 << 20, 0);
+        let mut buf = Vec::new();
+        while let Some(info) = r.next_line(&mut buf).unwrap() {
+            let end = info.end as usize;
+            assert_eq!(r.tail(), &data[end.saturating_sub(TAIL_LEN)..end]);
+        }
     }
 }

@@ -47,6 +47,11 @@ pub struct SourceState {
     pub raw_size: u64,
     /// Read completely; only a change of size or content makes it worth reading again.
     pub done: bool,
+    /// SHA-256 of the `tail_len` bytes of content just before `offset` (line files): with
+    /// the head, proves that another file (a rotated copy) or this file after a rewrite
+    /// holds the same bytes up to the offset before reading on from it.
+    pub tail: Vec<u8>,
+    pub tail_len: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

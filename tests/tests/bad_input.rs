@@ -1,0 +1,330 @@
+//! The bad-input corpus: a logs folder full of hostile and broken input, tailed by the
+//! real daemon. Every bad record is rejected with a named reason, every bad file is
+//! skipped with one, every good row around them is stored, and the daemon stays up.
+
+use lookout_tests::*;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+static REPORT: AtomicU64 = AtomicU64::new(1000);
+
+fn row(extra: &str) -> String {
+    let id = REPORT.fetch_add(1, Ordering::Relaxed);
+    let sep = if extra.is_empty() { "" } else { "," };
+    format!(
+        r#"{{"Timestamp":"2025-05-07T16:55:49.7268426Z","DeviceId":"dev1","DeviceName":"ws1","ActionType":"FileCreated","SHA1":"s{id}","FolderPath":"C:\\x\\{id}.dll","ReportId":{id}{sep}{extra}}}"#
+    )
+}
+
+fn good() -> Vec<u8> {
+    format!("{}\n", row("")).into_bytes()
+}
+
+struct Case {
+    name: &'static str,
+    bytes: Vec<u8>,
+    good: u64,
+    rejects: &'static [(&'static str, u64)],
+}
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+fn cases() -> Vec<Case> {
+    let g = good;
+    let line = |s: String| format!("{s}\n").into_bytes();
+    let mut c = vec![
+        Case {
+            name: "truncated_json",
+            bytes: cat(&[&g(), b"{\"Timestamp\":\"2025-05-07T1\n", &g()]),
+            good: 2,
+            rejects: &[("malformed_json", 1)],
+        },
+        Case {
+            name: "wrong_type_string_column",
+            bytes: cat(&[&g(), &line(row(r#""InitiatingProcessFileName":5"#)), &g()]),
+            good: 2,
+            rejects: &[("wrong_type", 1)],
+        },
+        Case {
+            name: "wrong_type_long_column",
+            bytes: cat(&[&g(), &line(row(r#""FileSize":"big""#)), &g()]),
+            good: 2,
+            rejects: &[("wrong_type", 1)],
+        },
+        Case {
+            name: "wrong_type_bool_column",
+            bytes: cat(&[&g(), &line(row(r#""IsAzureInfoProtectionApplied":"yes""#)), &g()]),
+            good: 2,
+            rejects: &[("wrong_type", 1)],
+        },
+        Case {
+            name: "wrong_type_datetime_column",
+            bytes: cat(&[&g(), &line(row(r#""InitiatingProcessCreationTime":12345"#)), &g()]),
+            good: 2,
+            rejects: &[("wrong_type", 1)],
+        },
+        Case {
+            name: "integer_overflow",
+            bytes: cat(&[&g(), &line(row(r#""FileSize":18446744073709551616"#)), &g()]),
+            good: 2,
+            rejects: &[("wrong_type", 1)],
+        },
+        Case {
+            name: "nul_bytes",
+            bytes: cat(&[&g(), b"{\"DeviceName\":\"a\0b\"}\n", &g()]),
+            good: 2,
+            rejects: &[("malformed_json", 1)],
+        },
+        Case {
+            name: "invalid_utf8",
+            bytes: cat(&[&g(), b"{\"DeviceName\":\"\xff\xfe\"}\n", &g()]),
+            good: 2,
+            rejects: &[("invalid_utf8", 1)],
+        },
+        Case {
+            name: "deeply_nested_json",
+            bytes: cat(&[&g(), format!("{{\"x\":{}{}}}\n", "[".repeat(100_000), "]".repeat(100_000)).as_bytes(), &g()]),
+            good: 2,
+            rejects: &[("malformed_json", 1)],
+        },
+        Case {
+            name: "timestamp_month_13",
+            bytes: cat(&[&g(), &line(row("").replace("2025-05-07T16", "2025-13-07T16")), &g()]),
+            good: 2,
+            rejects: &[("bad_timestamp", 1)],
+        },
+        Case {
+            name: "timestamp_year_10000",
+            bytes: cat(&[&g(), &line(row("").replace("2025-05-07T16", "10000-05-07T16")), &g()]),
+            good: 2,
+            rejects: &[("bad_timestamp", 1)],
+        },
+        Case {
+            name: "timestamp_8_fraction_digits",
+            bytes: cat(&[&g(), &line(row("").replace("7268426Z", "72684261Z")), &g()]),
+            good: 2,
+            rejects: &[("bad_timestamp", 1)],
+        },
+        Case { name: "bom_at_start", bytes: cat(&[b"\xEF\xBB\xBF", &g(), &g()]), good: 2, rejects: &[] },
+        Case {
+            name: "bom_mid_file",
+            bytes: cat(&[&g(), b"\xEF\xBB\xBF", &g(), &g()]),
+            good: 2,
+            rejects: &[("malformed_json", 1)],
+        },
+        Case {
+            name: "mixed_line_ends",
+            bytes: cat(&[
+                row("").as_bytes(),
+                b"\r\n",
+                row("").as_bytes(),
+                b"\n",
+                row("").as_bytes(),
+                b"\r",
+                row("").as_bytes(),
+                b"\n",
+                &g(),
+            ]),
+            good: 3,
+            rejects: &[("malformed_json", 1)],
+        },
+        Case { name: "empty_file", bytes: Vec::new(), good: 0, rejects: &[] },
+        Case { name: "blank_lines_only", bytes: b"\n\n   \r\n\t\n".to_vec(), good: 0, rejects: &[] },
+        Case {
+            name: "binary_junk",
+            bytes: cat(&[&g(), &(0x80u8..=0xff).cycle().take(4096).collect::<Vec<u8>>(), b"\n@@##$$%%\n", &g()]),
+            good: 2,
+            rejects: &[("invalid_utf8", 1), ("malformed_json", 1)],
+        },
+        Case {
+            name: "not_an_object",
+            bytes: cat(&[&g(), b"[1,2,3]\n\"just a string\"\n42\nnull\n", &g()]),
+            good: 2,
+            rejects: &[("not_an_object", 4)],
+        },
+        Case {
+            name: "unknown_table_type_column",
+            bytes: cat(&[&g(), &line(row(r#""Type":"SigninLogs""#)), &g()]),
+            good: 2,
+            rejects: &[("unknown_table", 1)],
+        },
+        Case {
+            name: "unknown_table_envelope",
+            bytes: cat(&[
+                &g(),
+                &line(format!(
+                    r#"{{"time":"2025-05-07T16:55:49Z","category":"AdvancedHunting-EmailEvents","properties":{}}}"#,
+                    row("")
+                )),
+                &g(),
+            ]),
+            good: 2,
+            rejects: &[("unknown_table", 1)],
+        },
+        Case {
+            name: "missing_device_id",
+            bytes: cat(&[&g(), &line(row("").replace(r#""DeviceId":"dev1","#, "")), &g()]),
+            good: 2,
+            rejects: &[("missing_column", 1)],
+        },
+        Case {
+            name: "null_timestamp",
+            bytes: cat(&[
+                &g(),
+                &line(row("").replace(r#""Timestamp":"2025-05-07T16:55:49.7268426Z""#, r#""Timestamp":null"#)),
+                &g(),
+            ]),
+            good: 2,
+            rejects: &[("missing_column", 1)],
+        },
+        Case {
+            name: "records_with_bad_element",
+            bytes: cat(&[
+                &g(),
+                &line(format!(
+                    r#"{{"records":[{{"category":"AdvancedHunting-DeviceFileEvents","properties":{}}},5]}}"#,
+                    row("")
+                )),
+                &g(),
+            ]),
+            good: 3,
+            rejects: &[("not_an_object", 1)],
+        },
+        Case {
+            name: "array_with_trailing_garbage",
+            bytes: format!("[\n{},\n{}\n] trailing junk\n", row(""), row("")).into_bytes(),
+            good: 2,
+            rejects: &[("malformed_json", 1)],
+        },
+        Case {
+            name: "array_still_being_written",
+            bytes: format!("[\n{},\n{{\"Timestamp\":\"2025-", row("")).into_bytes(),
+            good: 1,
+            rejects: &[],
+        },
+        Case {
+            name: "huge_array_value",
+            bytes: cat(&[&g(), format!("{{\"x\":[{}0]}}\n", "0,".repeat(5 << 20)).as_bytes(), &g()]),
+            good: 2,
+            rejects: &[("line_too_long", 1)],
+        },
+    ];
+    // 100 MB on one line: rejected as too long without being held in memory.
+    let mut huge = g();
+    huge.extend_from_slice(b"{\"x\":\"");
+    huge.resize(huge.len() + (100 << 20), b'a');
+    huge.extend_from_slice(b"\"}\n");
+    huge.extend_from_slice(&g());
+    c.push(Case { name: "line_of_100_mb", bytes: huge, good: 2, rejects: &[("line_too_long", 1)] });
+    c
+}
+
+fn prometheus_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
+
+#[test]
+fn hostile_logs_folder_is_survived_with_every_reason_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let data = tmp.path().join("data");
+    let plugins = plugins_dir(tmp.path(), &[WINRM]);
+
+    let mut want_rows = 0u64;
+    let mut want_rejects: BTreeMap<String, u64> = BTreeMap::new();
+    let cases = cases();
+    assert!(cases.len() >= 25, "the corpus has {} kinds", cases.len());
+    for c in &cases {
+        std::fs::write(logs.join(format!("DeviceFileEvents-{}.jsonl", c.name)), &c.bytes).unwrap();
+        want_rows += c.good;
+        for (reason, n) in c.rejects {
+            *want_rejects.entry(reason.to_string()).or_insert(0) += n;
+        }
+    }
+    // Files that are not log files at all.
+    std::os::unix::fs::symlink("DeviceFileEvents-loop.jsonl", logs.join("DeviceFileEvents-loop.jsonl")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", logs.join("DeviceFileEvents-dangling.jsonl")).unwrap();
+    std::fs::create_dir(logs.join("DeviceFileEvents-a-folder.jsonl")).unwrap();
+    let fifo = std::process::Command::new("mkfifo").arg(logs.join("DeviceFileEvents-fifo.jsonl")).status().unwrap();
+    assert!(fifo.success(), "mkfifo failed");
+    // gzip magic, then a compression method that does not exist: not decodable, ever.
+    // (A gzip that merely ends early is one still being written, and is waited for.)
+    let mut corrupt = vec![0x1f, 0x8b, 0x07, 0x00, 0, 0, 0, 0, 0, 0xff];
+    corrupt.extend_from_slice(&good());
+    std::fs::write(logs.join("DeviceFileEvents-corrupt.jsonl.gz"), &corrupt).unwrap();
+
+    let mut d = Daemon::start(
+        &data,
+        &["--logs", logs.to_str().unwrap(), "--plugins", plugins.to_str().unwrap(), "--rescan-secs", "0.2"],
+    );
+    let total_rejects: u64 = want_rejects.values().sum();
+    d.wait_for("every good row and every reject", Duration::from_secs(120), |d| {
+        let s = d.status();
+        s["tables"]["DeviceFileEvents"]["rows"].as_u64() == Some(want_rows)
+            && s["rejected"].as_u64() == Some(total_rejects)
+    });
+    // Give it another look or two: nothing more may arrive.
+    std::thread::sleep(Duration::from_millis(600));
+    let s = d.status();
+    assert_eq!(s["tables"]["DeviceFileEvents"]["rows"].as_u64(), Some(want_rows));
+    let got: BTreeMap<String, u64> =
+        s["rejected_by_reason"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect();
+    assert_eq!(got, want_rejects, "rejects by reason");
+    assert_eq!(s["duplicates_skipped"].as_u64(), Some(0));
+
+    let metrics = d.get("/metrics").expect("metrics while running");
+    assert_eq!(prometheus_value(&metrics, "lookout_files_skipped{reason=\"symlink\"}"), Some(2.0), "{metrics}");
+    assert_eq!(
+        prometheus_value(&metrics, "lookout_files_skipped{reason=\"not_a_regular_file\"}"),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        prometheus_value(&metrics, "lookout_files_skipped{reason=\"unreadable_input\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(prometheus_value(&metrics, "lookout_work_restarts_total"), Some(0.0), "{metrics}");
+    let log = d.stderr();
+    assert!(log.contains("DeviceFileEvents-corrupt.jsonl.gz") && log.contains("skipped until it changes"), "{log}");
+
+    // Still up, and stops cleanly.
+    let (status, took) = d.terminate(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    assert!(took < Duration::from_secs(5));
+
+    // The kept-aside records name file, line and reason.
+    let out = lookout_ok(&data, &["status", "--rejects", "100"]);
+    assert!(out.contains("DeviceFileEvents-truncated_json.jsonl:2 (offset"), "{out}");
+    assert!(out.contains("line_too_long"), "{out}");
+}
+
+/// A file Lookout may not read is skipped with its reason, and the rest goes on. (Root
+/// reads everything, so this needs an unprivileged user.)
+#[test]
+fn unreadable_file_is_skipped_and_the_rest_is_read() {
+    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
+        eprintln!("skipping: running as root, which can read any file");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    std::fs::write(logs.join("DeviceFileEvents-ok.jsonl"), good()).unwrap();
+    let secret = logs.join("DeviceFileEvents-secret.jsonl");
+    std::fs::write(&secret, good()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let data = tmp.path().join("data");
+    let mut d = Daemon::start(&data, &["--logs", logs.to_str().unwrap(), "--plugins", tmp.path().to_str().unwrap()]);
+    d.wait_for("the readable row", Duration::from_secs(30), |d| {
+        d.status()["tables"]["DeviceFileEvents"]["rows"].as_u64() == Some(1)
+    });
+    let metrics = d.get("/metrics").unwrap();
+    assert_eq!(prometheus_value(&metrics, "lookout_files_skipped{reason=\"unreadable\"}"), Some(1.0), "{metrics}");
+}
