@@ -9,11 +9,15 @@ use anyhow::{anyhow, Result};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 /// The file in the data directory where a running daemon records its address.
 pub const ADDR_FILE: &str = "daemon.addr";
+
+/// The database handle the endpoint reads; empty while the work loop restarts (the
+/// database can only be reopened once every handle to it is dropped).
+pub type SharedDb = Arc<RwLock<Option<sled::Db>>>;
 
 pub struct Endpoint {
     server: Arc<tiny_http::Server>,
@@ -22,7 +26,7 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn start(listen: &str, db: sled::Db, data_dir: &Path, metrics: Arc<Mutex<Metrics>>) -> Result<Endpoint> {
+    pub fn start(listen: &str, db: SharedDb, data_dir: &Path, metrics: Arc<Mutex<Metrics>>) -> Result<Endpoint> {
         let server = tiny_http::Server::http(listen)
             .map_err(|e| anyhow!("cannot listen on {listen}: {e} (use --listen to pick another address)"))?;
         let addr = server.server_addr().to_ip().ok_or_else(|| anyhow!("{listen} is not an IP address"))?;
@@ -44,23 +48,32 @@ impl Endpoint {
     }
 }
 
-fn serve(server: &tiny_http::Server, db: &sled::Db, data_dir: &Path, metrics: &Mutex<Metrics>) {
+fn serve(server: &tiny_http::Server, db: &SharedDb, data_dir: &Path, metrics: &Mutex<Metrics>) {
+    let mut last_counters = Counters::default();
     for req in server.incoming_requests() {
+        let guard = db.read().unwrap_or_else(|p| p.into_inner());
         let (code, ctype, body) = match (req.method(), req.url()) {
             (tiny_http::Method::Get, "/metrics") => {
-                let counters: Counters =
-                    db.get([keys::COUNTERS]).ok().flatten().and_then(|v| dec(&v).ok()).unwrap_or_default();
+                // While the database is being reopened, the last counters seen stand.
+                let current = guard.as_ref().and_then(|db| db.get([keys::COUNTERS]).ok().flatten());
+                if let Some(c) = current.and_then(|v| dec(&v).ok()) {
+                    last_counters = c;
+                }
                 let m = metrics.lock().map(|m| m.clone()).unwrap_or_default();
-                (200, "text/plain; version=0.0.4; charset=utf-8", render(&m, &counters))
+                (200, "text/plain; version=0.0.4; charset=utf-8", render(&m, &last_counters))
             }
-            (tiny_http::Method::Get, "/status") => {
-                match status_of(db, data_dir).and_then(|s| Ok(serde_json::to_string(&s)?)) {
+            (tiny_http::Method::Get, "/status") => match guard.as_ref() {
+                None => {
+                    (503, "text/plain; charset=utf-8", "the database is being reopened after an error; retry\n".into())
+                }
+                Some(db) => match status_of(db, data_dir).and_then(|s| Ok(serde_json::to_string(&s)?)) {
                     Ok(json) => (200, "application/json", json),
                     Err(e) => (500, "text/plain; charset=utf-8", format!("status failed: {e:#}\n")),
-                }
-            }
+                },
+            },
             _ => (404, "text/plain; charset=utf-8", "not found: try /metrics or /status\n".to_string()),
         };
+        drop(guard);
         let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes());
         let mut resp = tiny_http::Response::from_string(body).with_status_code(code);
         if let Ok(h) = header {

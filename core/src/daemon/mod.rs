@@ -18,7 +18,7 @@ use metrics::Metrics;
 use plugin_set::PluginSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -42,71 +42,68 @@ pub struct DaemonConfig {
 /// the findings, flushes and returns.
 ///
 /// A failure of the work loop after a good start (a full disk, an I/O error) does not end
-/// the service: the store is closed, and reopened after a back-off — everything committed
-/// is intact, and what was not is read again — so ingestion resumes when the cause is
-/// gone.
+/// the service: the store is closed and reopened after a back-off, so ingestion resumes
+/// when the cause is gone. Problems at the start (a locked database, a bad address) are
+/// returned: they are the operator's to fix.
 pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
     if !cfg.logs.is_dir() {
         anyhow::bail!("logs folder {} does not exist or is not a folder", cfg.logs.display());
     }
     let metrics = Arc::new(Mutex::new(Metrics::default()));
-    let mut backoff = Duration::from_millis(250);
-    let mut started = false;
-    loop {
-        match run_once(&cfg, &metrics, &stop) {
-            Ok(()) => break,
-            // Problems at the very start (a locked database, a bad address) are the
-            // operator's to fix: report them instead of retrying forever.
-            Err(e) if !started && !is_runtime(&e) => return Err(e),
-            Err(e) => {
-                started = true;
-                tracing::error!(error = %format!("{e:#}"), retry_in = ?backoff, "work loop failed; restarting it");
-                metrics.lock().unwrap_or_else(|p| p.into_inner()).restarts += 1;
-                let until = Instant::now() + backoff;
-                while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
-    tracing::info!("lookout stopped");
-    Ok(())
-}
-
-/// An error raised while working (after the store, endpoint and watches were set up).
-#[derive(Debug)]
-struct RuntimeError(anyhow::Error);
-
-impl std::fmt::Display for RuntimeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}", self.0)
-    }
-}
-
-impl std::error::Error for RuntimeError {}
-
-fn is_runtime(e: &anyhow::Error) -> bool {
-    e.is::<RuntimeError>()
-}
-
-fn run_once(cfg: &DaemonConfig, metrics: &Arc<Mutex<Metrics>>, stop: &Arc<AtomicBool>) -> Result<()> {
+    let db: http::SharedDb = Arc::new(RwLock::new(None));
     let mut store = Store::open(&cfg.data)?;
-    let endpoint = http::Endpoint::start(&cfg.listen, store.db().clone(), &cfg.data, metrics.clone())?;
+    *db.write().unwrap_or_else(|p| p.into_inner()) = Some(store.db().clone());
+    // The endpoint stays up across work-loop restarts, so a stuck daemon can be seen.
+    let endpoint = http::Endpoint::start(&cfg.listen, db.clone(), &cfg.data, metrics.clone())?;
     let addr_file = http::addr_file(&cfg.data);
     std::fs::write(&addr_file, endpoint.addr.to_string())
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
     tracing::info!(logs = %cfg.logs.display(), plugins = %cfg.plugins.display(), listen = %endpoint.addr, "lookout running");
 
-    let result = work(cfg, &mut store, metrics, stop);
-
+    let mut backoff = Duration::from_millis(250);
+    let result = loop {
+        let worked = work(&cfg, &mut store, &metrics, &stop)
+            .and_then(|()| flush_outbox(&mut store, &cfg.findings).map(|_| ()))
+            .and_then(|()| store.flush());
+        let e = match worked {
+            Ok(()) => break Ok(()),
+            Err(e) => e,
+        };
+        tracing::error!(error = %format!("{e:#}"), retry_in = ?backoff, "work loop failed; reopening the database and retrying");
+        metrics.lock().unwrap_or_else(|p| p.into_inner()).restarts += 1;
+        // Everything committed is intact and everything else is read again, so the way
+        // back from (say) a full disk is to drop every handle, wait, and reopen.
+        *db.write().unwrap_or_else(|p| p.into_inner()) = None;
+        drop(store);
+        let reopened = loop {
+            let until = Instant::now() + backoff;
+            while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+            if stop.load(Ordering::Relaxed) {
+                break None;
+            }
+            match Store::open(&cfg.data) {
+                Ok(s) => break Some(s),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot reopen the database yet")
+                }
+            }
+        };
+        match reopened {
+            Some(s) => {
+                store = s;
+                *db.write().unwrap_or_else(|p| p.into_inner()) = Some(store.db().clone());
+            }
+            None => break Err(e),
+        }
+    };
     let _ = std::fs::remove_file(&addr_file);
     endpoint.stop();
-    let flushed = flush_outbox(&mut store, &cfg.findings).and_then(|_| store.flush());
-    result.and(flushed).map_err(|e| anyhow::Error::new(RuntimeError(e)))
+    result?;
+    tracing::info!("lookout stopped");
+    Ok(())
 }
 
 fn work(cfg: &DaemonConfig, store: &mut Store, metrics: &Mutex<Metrics>, stop: &Arc<AtomicBool>) -> Result<()> {

@@ -1,0 +1,111 @@
+//! A full disk under the data directory stops ingestion cleanly — no corruption, the
+//! daemon stays up and observable — and ingestion resumes, losing nothing, when space
+//! returns. Needs a small filesystem of its own: a tmpfs mount (root only; skipped
+//! otherwise, with a message).
+
+use lookout_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const NOW: &str = "2025-05-08T00:00:00Z";
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path, size: &str) -> Option<Mount> {
+        std::fs::create_dir_all(at).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| Mount(at.to_path_buf()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    let out = Command::new("df").arg("--output=avail").arg("-B1").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap()
+}
+
+fn metric(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.parse().ok()))
+}
+
+#[test]
+fn disk_full_stops_ingestion_cleanly_and_it_resumes_when_space_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(mount) = Mount::tmpfs(&tmp.path().join("datafs"), "48m") else {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let fleet = tmp.path().join("fleet");
+    lookout_ok(
+        &tmp.path().join("gen"),
+        &["gen", "--out", fleet.to_str().unwrap(), "--events", "12000", "--attacks", "12"],
+    );
+    let truth: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(fleet.join("ground-truth.json")).unwrap()).unwrap();
+    let count = |f: &str| std::fs::read_to_string(fleet.join("logs").join(f)).unwrap().lines().count() as u64;
+    let (profiles, loads, writes) =
+        (count("FileProfile.jsonl"), count("DeviceImageLoadEvents.jsonl"), count("DeviceFileEvents.jsonl"));
+    let plugins = plugins_dir(tmp.path(), &[WINRM]);
+
+    // Leave a few MiB: enough to start, not enough for the fleet.
+    let filler = mount.0.join("filler");
+    let leave = 4u64 << 20;
+    let fill = free_bytes(&mount.0).saturating_sub(leave);
+    std::fs::write(&filler, vec![0u8; fill as usize]).unwrap();
+    let data = mount.0.join("data");
+    let mut d = Daemon::start(
+        &data,
+        &[
+            "--logs",
+            fleet.join("logs").to_str().unwrap(),
+            "--plugins",
+            plugins.to_str().unwrap(),
+            "--now",
+            NOW,
+            "--ingest-now",
+            NOW,
+            "--rescan-secs",
+            "0.2",
+        ],
+    );
+    d.wait_for("the disk to fill up and the work loop to stop", Duration::from_secs(120), |d| {
+        d.get("/metrics").and_then(|m| metric(&m, "lookout_work_restarts_total")).is_some_and(|n| n >= 1.0)
+    });
+    // Still up and answering while the disk is full.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.child.try_wait().unwrap().is_none(), "the daemon exited on a full disk:\n{}", d.stderr());
+    assert!(d.get("/metrics").is_some(), "the endpoint went away");
+    assert!(d.stderr().contains("No space left on device") || d.stderr().contains("space"), "{}", d.stderr());
+
+    std::fs::remove_file(&filler).unwrap();
+    d.wait_for("everything once space is back", Duration::from_secs(180), |d| {
+        let Some(body) = d.get("/status") else { return false };
+        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+        s["tables"]["FileProfile"]["rows"].as_u64() == Some(profiles)
+            && s["tables"]["DeviceImageLoadEvents"]["rows"].as_u64() == Some(loads)
+            && s["tables"]["DeviceFileEvents"]["rows"].as_u64() == Some(writes)
+            && s["findings"].as_u64() == Some(truth.len() as u64)
+    });
+    let s = d.status();
+    assert_eq!(s["rejected"].as_u64(), Some(0), "{s}");
+    let (status, _) = d.terminate(Duration::from_secs(10));
+    assert!(status.success());
+    let lines = read_jsonl(&data.join("findings.jsonl"));
+    let ids: std::collections::BTreeSet<&str> = lines.iter().map(|l| l["finding_id"].as_str().unwrap()).collect();
+    assert_eq!(lines.len(), truth.len(), "findings in the JSONL");
+    assert_eq!(ids.len(), lines.len(), "a finding line is duplicated");
+    drop(mount);
+}
