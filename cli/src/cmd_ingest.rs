@@ -34,7 +34,7 @@ pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
         max_line: args.max_line,
         ..IngestOptions::default()
     };
-    let (files, skipped) = expand_paths(&args.paths)?;
+    let lookout_core::ingest::Expanded { files, skipped } = expand_paths(&args.paths)?;
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
     let mut store = Store::open(data)?;
     let bar = if std::io::stderr().is_terminal() {

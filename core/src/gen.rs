@@ -322,13 +322,17 @@ impl Gen {
         let device = self.rng.gen_range(0..self.devices.len());
         let other = (device + 1) % self.devices.len();
         let sha1 = hex_of(&mut self.rng, 20);
-        let dir = if i % 2 == 0 { "C:\\Windows\\System32".to_string() } else { format!("C:\\ProgramData\\Vendor{i}") };
+        let dir = if i.is_multiple_of(2) {
+            "C:\\Windows\\System32".to_string()
+        } else {
+            format!("C:\\ProgramData\\Vendor{i}")
+        };
         let path = format!("{dir}\\WinRMPlugin{i}.dll");
         let written = self.time_in_window(3);
         let loaded = written + self.rng.gen_range(1..600) * TICKS_PER_SEC;
         // The write's path differs in case: the rule lowercases both sides.
         let w = self.write(device, "FileCreated", &path.to_uppercase(), &sha1, written);
-        let process = if i % 3 == 0 { "WsmProvHost.exe" } else { "wsmprovhost.exe" };
+        let process = if i.is_multiple_of(3) { "WsmProvHost.exe" } else { "wsmprovhost.exe" };
         let l = self.load(device, process, &path, &sha1, loaded);
         let device_id = self.devices[device].0.clone();
         self.fleet.truth.push(TruthPair { device_id: device_id.clone(), load_report_id: l, write_report_id: w });

@@ -104,7 +104,7 @@ impl IngestReport {
 /// Expands files and directories (recursively, in name order) into the files to read.
 /// Entries inside a directory that are not regular files (FIFOs, sockets, dangling or
 /// looping symlinks, unreadable entries) are skipped and listed with the reason.
-pub fn expand_paths(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<(PathBuf, String)>)> {
+pub fn expand_paths(paths: &[PathBuf]) -> Result<Expanded> {
     let mut files = Vec::new();
     let mut skipped = Vec::new();
     for p in paths {
@@ -117,7 +117,13 @@ pub fn expand_paths(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<(PathBuf, St
             skipped.push((p.clone(), "not a regular file".to_string()));
         }
     }
-    Ok((files, skipped))
+    Ok(Expanded { files, skipped })
+}
+
+/// Files to read, and directory entries skipped (with the reason).
+pub struct Expanded {
+    pub files: Vec<PathBuf>,
+    pub skipped: Vec<(PathBuf, String)>,
 }
 
 /// Deeper than this is a symlink cycle or a mistake.
@@ -332,7 +338,7 @@ impl FileRun<'_> {
             tail_at_offset.clear();
             tail_at_offset.extend_from_slice(reader.tail());
             pending_bytes += buf.len();
-            let stopping = line_no % 256 == 0 && self.stop.is_some_and(|s| s.load(Ordering::Relaxed));
+            let stopping = line_no.is_multiple_of(256) && self.stop.is_some_and(|s| s.load(Ordering::Relaxed));
             if self.pending >= self.opts.batch_rows || pending_bytes >= self.opts.batch_bytes || stopping {
                 pending_bytes = 0;
                 remember_tail(state, &tail_at_offset);
@@ -544,7 +550,7 @@ pub fn ingest_paths(
     opts: &IngestOptions,
     progress: &mut dyn FnMut(&Path, u64),
 ) -> Result<IngestReport> {
-    let (files, skipped) = expand_paths(paths)?;
+    let Expanded { files, skipped } = expand_paths(paths)?;
     let mut total = IngestReport { skipped, ..Default::default() };
     for f in &files {
         let r = ingest_file(store, f, opts, &mut |b| progress(f, b))?;

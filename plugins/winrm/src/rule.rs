@@ -81,11 +81,7 @@ impl WinrmRule {
                 }
                 // `SHA1 in~ (PotentialPlugins | project SHA1)`: a hash probe, before any
                 // row is decoded.
-                FILE_EVENTS => {
-                    if self.candidates.get(&r.sha1.to_lowercase()).is_some_and(|&at| at >= load_cutoff) {
-                        probing_writes.push(r.key.clone());
-                    }
-                }
+                FILE_EVENTS if self.is_candidate(&r.sha1, load_cutoff) => probing_writes.push(r.key.clone()),
                 _ => {}
             }
         }
@@ -136,6 +132,20 @@ impl WinrmRule {
             ctx.state_delete(candidate_key(&sha1));
         }
         Ok(())
+    }
+
+    /// Whether a load of this SHA1 (any case) passed the plugin filters recently enough.
+    fn is_candidate(&self, sha1: &str, load_cutoff: i64) -> bool {
+        if self.candidates.is_empty() {
+            return false;
+        }
+        let hit = |k: &str| self.candidates.get(k).is_some_and(|&at| at >= load_cutoff);
+        // SHA1s are almost always lowercase hex already: probe without allocating.
+        if sha1.bytes().any(|b| b.is_ascii_uppercase()) || !sha1.is_ascii() {
+            hit(&sha1.to_lowercase())
+        } else {
+            hit(sha1)
+        }
     }
 
     /// The PotentialPlugins pipeline for one load row.
