@@ -181,10 +181,18 @@ pub fn state_for(store: &Store, file: &File, fp: &Fingerprint, path: &Path) -> R
         && old.head_len <= fp.head_len
         && head_hash(file, old.head_len).with_context(read_err)?.as_deref() == Some(old.head.as_slice())
         && (old.unit != OffsetUnit::Bytes || tail_matches(file, &old).with_context(read_err)?);
-    if !same {
+    // Nothing read yet (e.g. first seen empty): treat it as new, so that it may still be
+    // recognised as a copy of another file.
+    if !same || (old.offset == 0 && old.lines == 0) {
         return Ok(fresh());
     }
     old.path = path.display().to_string();
+    // A file first seen short gets its full-length fingerprint (the old, shorter prefix
+    // matched above).
+    if old.head_len < fp.head_len {
+        old.head = fp.head.clone();
+        old.head_len = fp.head_len;
+    }
     Ok(old)
 }
 
@@ -239,6 +247,7 @@ pub fn read_source(
     };
     let mut run = FileRun {
         path,
+        file,
         id: &id,
         opts,
         clock: Clock::new(opts.now),
@@ -277,8 +286,21 @@ fn remember_tail(state: &mut SourceState, tail: &[u8]) {
     }
 }
 
+/// The file was truncated (and rewritten) while a batch was being read from it.
+#[derive(Debug)]
+pub struct ChangedWhileReading(pub String);
+
+impl std::fmt::Display for ChangedWhileReading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} was truncated while being read; the batch is dropped and the file read afresh", self.0)
+    }
+}
+
+impl std::error::Error for ChangedWhileReading {}
+
 struct FileRun<'a> {
     path: &'a Path,
+    file: &'a File,
     id: &'a [u8],
     opts: &'a IngestOptions,
     clock: Clock,
@@ -341,6 +363,7 @@ impl FileRun<'_> {
             let stopping = line_no.is_multiple_of(256) && self.stop.is_some_and(|s| s.load(Ordering::Relaxed));
             if self.pending >= self.opts.batch_rows || pending_bytes >= self.opts.batch_bytes || stopping {
                 pending_bytes = 0;
+                self.check_unchanged(state)?;
                 remember_tail(state, &tail_at_offset);
                 batch.set_source(self.id, state)?;
                 batch.commit()?;
@@ -358,10 +381,28 @@ impl FileRun<'_> {
             state.done = true;
             state.raw_size = self.raw_size;
         }
+        self.check_unchanged(state)?;
         remember_tail(state, &tail_at_offset);
         batch.set_source(self.id, state)?;
         batch.commit()?;
         progress(self.counter.load(Ordering::Relaxed));
+        Ok(())
+    }
+
+    /// When tailing a plain file, a copytruncate may cut it and the writer refill it while
+    /// it is being read, so the end of a line read before the cut could be followed by
+    /// bytes written after it. Every byte of the batch was read before this check, so if
+    /// the file still starts as it did, the batch is all old content; otherwise it is
+    /// dropped (uncommitted) and the file is looked at afresh.
+    fn check_unchanged(&self, state: &SourceState) -> Result<()> {
+        if !self.opts.tail || state.compressed {
+            return Ok(());
+        }
+        let file = self.file;
+        let now = head_hash(file, state.head_len).with_context(|| format!("cannot read {}", self.path.display()))?;
+        if now.as_deref() != Some(state.head.as_slice()) {
+            return Err(anyhow::Error::new(ChangedWhileReading(self.path.display().to_string())));
+        }
         Ok(())
     }
 

@@ -13,7 +13,7 @@
 //! [`crate::ingest::read_source`], so offsets move atomically with the rows.
 
 use crate::fingerprint::{fingerprint, head_hash, tail_matches, Fingerprint, HEAD_LEN, MIN_MATCH_LEN};
-use crate::ingest::{has_news, read_source, state_for, IngestOptions, IngestReport};
+use crate::ingest::{has_news, read_source, state_for, ChangedWhileReading, IngestOptions, IngestReport};
 use crate::store::{source_key, OffsetUnit, SourceState, Store};
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -128,6 +128,12 @@ impl Tailer {
         if e.chain().any(|c| c.is::<sled::Error>()) {
             return Err(e);
         }
+        if e.chain().any(|c| c.is::<ChangedWhileReading>()) {
+            // Back to what is committed; the next look sees the truncation.
+            tracing::info!(file = %path.display(), "truncated while being read; looking again");
+            self.files.remove(&key);
+            return Ok(());
+        }
         let size = e.downcast_ref::<BrokenInput>().map_or(0, |b| b.0);
         tracing::warn!(file = %path.display(), error = %format!("{e:#}"), "cannot read log file; skipped until it changes");
         self.broken.insert(key, size);
@@ -138,6 +144,8 @@ impl Tailer {
     /// One look at the directory: reads whatever is new, committing as it goes.
     pub fn poll(&mut self, store: &mut Store, stop: &AtomicBool) -> Result<IngestReport> {
         let mut report = IngestReport::default();
+        // What every known file looked like before anything is read or reset this poll.
+        let before: Vec<SourceState> = self.files.values().map(|t| t.state.clone()).chain(store.sources()?).collect();
         let listing = self.list()?;
         let mut new_files = Vec::new();
         for t in self.files.values_mut() {
@@ -219,7 +227,7 @@ impl Tailer {
             };
             let mut state = state_for(store, &file, &fp, &path)?;
             if state.offset == 0 && !state.done {
-                if let Some(from) = self.copied_from(store, &file, &fp)? {
+                if let Some(from) = self.copied_from(&before, &file, &fp)? {
                     tracing::info!(file = %path.display(), from = %from.path, offset = from.offset, "recognised as a rotated copy; continuing at its offset");
                     state.offset = from.offset;
                     state.unit = from.unit;
@@ -279,10 +287,12 @@ impl Tailer {
         Ok(report)
     }
 
-    /// A known file this one is a copy of (same first bytes), with the largest offset.
-    fn copied_from(&self, store: &Store, file: &File, fp: &Fingerprint) -> Result<Option<SourceState>> {
+    /// A known file this one is a copy of (same first bytes and the same bytes before the
+    /// offset), with the largest offset. `before` holds the states as they were when this
+    /// poll began: the original of a copytruncate may already have been reset this poll.
+    fn copied_from(&self, before: &[SourceState], file: &File, fp: &Fingerprint) -> Result<Option<SourceState>> {
         let mut best: Option<SourceState> = None;
-        let known = self.files.values().map(|t| t.state.clone()).chain(store.sources()?);
+        let known = before.iter().chain(self.files.values().map(|t| &t.state)).cloned();
         for s in known {
             if (s.dev, s.ino) == (fp.dev, fp.ino) || s.head_len < MIN_MATCH_LEN || s.head_len > fp.head_len {
                 continue;

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use flate2::read::MultiGzDecoder;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,16 +26,34 @@ pub struct Opened {
     pub bom: u64,
 }
 
-/// Counts raw bytes read from the file (for progress on compressed input too).
-pub struct CountingFile {
+/// Reads a file from its own position with `pread`, never moving the descriptor's
+/// shared offset: the tailer reads one open file through several readers (identity
+/// checks while a batch is being read), and duplicated descriptors share one offset.
+/// Counts the raw bytes read (for progress on compressed input too).
+pub struct FileAt {
     file: File,
-    count: Arc<AtomicU64>,
+    pos: u64,
+    count: Option<Arc<AtomicU64>>,
 }
 
-impl Read for CountingFile {
+impl FileAt {
+    pub fn new(file: &File, pos: u64) -> std::io::Result<FileAt> {
+        Ok(FileAt { file: file.try_clone()?, pos, count: None })
+    }
+
+    fn counting(mut self, count: Arc<AtomicU64>) -> FileAt {
+        self.count = Some(count);
+        self
+    }
+}
+
+impl Read for FileAt {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.file.read(buf)?;
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        if let Some(c) = &self.count {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
         Ok(n)
     }
 }
@@ -52,8 +70,7 @@ pub fn is_gzip(file: &File) -> std::io::Result<bool> {
 /// A reader of the file's (decompressed) content from its first byte, independent of the
 /// file's current position.
 pub fn content_reader(file: &File) -> std::io::Result<Box<dyn Read + Send>> {
-    let mut f = file.try_clone()?;
-    f.seek(SeekFrom::Start(0))?;
+    let f = FileAt::new(file, 0)?;
     Ok(if is_gzip(file)? { Box::new(MultiGzDecoder::new(f)) } else { Box::new(f) })
 }
 
@@ -67,11 +84,9 @@ pub fn open(path: &Path, skip: u64, count: Arc<AtomicU64>) -> Result<Opened> {
 /// Like [`open`], for a file already open (the tailer keeps rotated files open).
 pub fn open_file(file: &File, path: &Path, skip: u64, count: Arc<AtomicU64>) -> Result<Opened> {
     let compressed = is_gzip(file).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut f = file.try_clone().with_context(|| format!("cannot read {}", path.display()))?;
     if compressed {
-        f.seek(SeekFrom::Start(0))?;
-        let mut reader: Box<dyn BufRead + Send> =
-            Box::new(BufReader::with_capacity(READ_BUF, MultiGzDecoder::new(CountingFile { file: f, count })));
+        let f = FileAt::new(file, 0).with_context(|| format!("cannot read {}", path.display()))?.counting(count);
+        let mut reader: Box<dyn BufRead + Send> = Box::new(BufReader::with_capacity(READ_BUF, MultiGzDecoder::new(f)));
         let head = reader.fill_buf().with_context(|| format!("cannot decompress {}", path.display()))?;
         let layout = sniff_layout(head);
         let bom = if head.starts_with(BOM) { 3 } else { 0 };
@@ -92,9 +107,9 @@ pub fn open_file(file: &File, path: &Path, skip: u64, count: Arc<AtomicU64>) -> 
         let layout = sniff_layout(&head);
         let bom = if head.starts_with(BOM) { 3 } else { 0 };
         let skip = if skip == 0 { bom } else { skip };
-        f.seek(SeekFrom::Start(skip)).with_context(|| format!("cannot seek {}", path.display()))?;
         count.store(skip, Ordering::Relaxed);
-        let reader = Box::new(BufReader::with_capacity(READ_BUF, CountingFile { file: f, count }));
+        let f = FileAt::new(file, skip).with_context(|| format!("cannot read {}", path.display()))?.counting(count);
+        let reader = Box::new(BufReader::with_capacity(READ_BUF, f));
         Ok(Opened { reader, compressed, layout, bom })
     }
 }

@@ -101,21 +101,32 @@ impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .cache_capacity(64 << 20)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.raw_os_error() == Some(11) => {
-                    anyhow!(
+        let config = sled::Config::new().path(dir.join("db")).cache_capacity(64 << 20).flush_every_ms(Some(500));
+        // sled reports a held lock as an I/O error of kind Other, "could not acquire lock".
+        let locked = |e: &sled::Error| {
+            matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock
+                || io.to_string().contains("could not acquire lock"))
+        };
+        // A handle dropped a moment ago (this process reopening after an error) releases
+        // its lock when sled's background threads let go of it: wait a little for that.
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(e) if locked(&e) && attempts < 40 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) if locked(&e) => {
+                    return Err(anyhow!(
                         "the database in {} is in use by another Lookout process (a running `lookout run`?); \
                          stop it or point --data elsewhere",
                         dir.display()
-                    )
+                    ))
                 }
-                other => anyhow!("cannot open the database in {}: {other}", dir.display()),
-            })?;
+                Err(e) => return Err(anyhow!("cannot open the database in {}: {e}", dir.display())),
+            }
+        };
         let mut store = Store {
             path: dir.to_path_buf(),
             db,
@@ -219,6 +230,8 @@ impl Store {
 
     /// Starts a batch of writes that commits atomically.
     pub fn batch(&mut self) -> WriteBatch<'_> {
+        let saved_counters = self.counters.clone();
+        let saved_next_reject = self.next_reject;
         WriteBatch {
             store: self,
             batch: sled::Batch::default(),
@@ -226,6 +239,11 @@ impl Store {
             pending: HashSet::new(),
             counters_dirty: false,
             new_rows: 0,
+            saved_counters,
+            saved_next_reject,
+            new_tables: Vec::new(),
+            new_schemas: Vec::new(),
+            committed: false,
         }
     }
 
@@ -330,9 +348,10 @@ impl Store {
         self.db.size_on_disk().unwrap_or(0)
     }
 
-    fn ensure_table(&mut self, name: &str, batch: &mut sled::Batch) -> Result<u16> {
+    /// The table's id, registering it (in `batch`) if new; the bool says it was new.
+    fn ensure_table(&mut self, name: &str, batch: &mut sled::Batch) -> Result<(u16, bool)> {
         if let Some(id) = self.tables.get(name) {
-            return Ok(*id);
+            return Ok((*id, false));
         }
         let next = self.table_names.keys().max().map_or(FIRST_TABLE_ID, |m| m + 1);
         if next == u16::MAX {
@@ -341,18 +360,19 @@ impl Store {
         batch.insert(keys::named_key(keys::TABLE, name), &next.to_be_bytes()[..]);
         self.tables.insert(name.to_string(), next);
         self.table_names.insert(next, name.to_string());
-        Ok(next)
+        Ok((next, true))
     }
 
-    fn ensure_schema(&mut self, names: Vec<String>, batch: &mut sled::Batch) -> Result<u32> {
+    /// The schema's id, registering it (in `batch`) if new; then its names come back too.
+    fn ensure_schema(&mut self, names: Vec<String>, batch: &mut sled::Batch) -> Result<(u32, Option<Vec<String>>)> {
         if let Some(id) = self.schemas.get(&names) {
-            return Ok(*id);
+            return Ok((*id, None));
         }
         let id = self.schema_names.keys().max().map_or(1, |m| m + 1);
         batch.insert(seq_key32(keys::SCHEMA, id), enc(&names)?);
         self.schema_names.insert(id, std::sync::Arc::new(names.clone()));
-        self.schemas.insert(names, id);
-        Ok(id)
+        self.schemas.insert(names.clone(), id);
+        Ok((id, Some(names)))
     }
 }
 
@@ -378,7 +398,9 @@ pub enum Added {
 }
 
 /// Writes that commit together: rows, their journal entry, source offsets, rejects,
-/// counters, findings, cursors.
+/// counters, findings, cursors. A batch dropped without a successful commit undoes what
+/// it changed in the store's memory (counters, new tables and schemas), so memory never
+/// runs ahead of the disk.
 pub struct WriteBatch<'s> {
     store: &'s mut Store,
     batch: sled::Batch,
@@ -386,6 +408,31 @@ pub struct WriteBatch<'s> {
     pending: HashSet<Vec<u8>>,
     counters_dirty: bool,
     new_rows: usize,
+    saved_counters: Counters,
+    saved_next_reject: u64,
+    new_tables: Vec<String>,
+    new_schemas: Vec<Vec<String>>,
+    committed: bool,
+}
+
+impl Drop for WriteBatch<'_> {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        self.store.counters = std::mem::take(&mut self.saved_counters);
+        self.store.next_reject = self.saved_next_reject;
+        for t in &self.new_tables {
+            if let Some(id) = self.store.tables.remove(t) {
+                self.store.table_names.remove(&id);
+            }
+        }
+        for names in &self.new_schemas {
+            if let Some(id) = self.store.schemas.remove(names) {
+                self.store.schema_names.remove(&id);
+            }
+        }
+    }
 }
 
 impl WriteBatch<'_> {
@@ -397,13 +444,19 @@ impl WriteBatch<'_> {
     pub fn add_row(&mut self, row: NormalRow, ingested_at: i64) -> Result<Added> {
         let key = match row.kind {
             TableKind::Event => {
-                let tid = self.store.ensure_table(&row.table, &mut self.batch)?;
+                let (tid, new) = self.store.ensure_table(&row.table, &mut self.batch)?;
+                if new {
+                    self.new_tables.push(row.table.clone());
+                }
                 keys::event_key(tid, &row.sha1, &row.device_id, row.timestamp, &row.identity)
             }
             TableKind::Profile => keys::profile_key(&row.sha1),
         };
         let (names, cells): (Vec<String>, Vec<Cell>) = row.columns.into_iter().unzip();
-        let schema = self.store.ensure_schema(names, &mut self.batch)?;
+        let (schema, new) = self.store.ensure_schema(names, &mut self.batch)?;
+        if let Some(names) = new {
+            self.new_schemas.push(names);
+        }
         let value = codec::encode(schema, ingested_at, &cells)?;
         if row.kind == TableKind::Profile && self.pending.contains(&key) {
             // A newer profile for the same SHA1 later in the same batch: newest wins.
@@ -475,7 +528,9 @@ impl WriteBatch<'_> {
         if self.counters_dirty {
             self.batch.insert(vec![keys::COUNTERS], enc(&self.store.counters)?);
         }
-        self.store.db.apply_batch(self.batch).context("cannot commit a batch to the database")?;
+        let batch = std::mem::take(&mut self.batch);
+        self.store.db.apply_batch(batch).context("cannot commit a batch to the database")?;
+        self.committed = true;
         if seq.is_some() {
             self.store.next_journal += 1;
         }
@@ -493,5 +548,44 @@ impl FloorCharBoundary for String {
             return self.len();
         }
         (0..=i).rev().find(|&j| self.is_char_boundary(j)).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::normalise::{normalise, TableHints};
+
+    fn row(report: i64, extra: &str) -> NormalRow {
+        let text =
+            format!(r#"{{"Timestamp":"2025-05-07T16:55:49Z","DeviceId":"d","SHA1":"s","ReportId":{report}{extra}}}"#);
+        let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
+        normalise(obj, Some("DeviceFileEvents"), &TableHints::default()).unwrap()
+    }
+
+    /// A batch dropped without commit (a read error, a file truncated mid-read) must not
+    /// leave a new schema or table registered only in memory: rows committed later with
+    /// that schema would refer to a schema that is not on disk.
+    #[test]
+    fn dropped_batch_rolls_back_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            {
+                let mut b = store.batch();
+                b.add_row(row(1, r#","New":1"#), 0).unwrap();
+                // dropped
+            }
+            assert_eq!(store.counters().rows.get("DeviceFileEvents"), None, "counters rolled back");
+            let mut b = store.batch();
+            b.add_row(row(2, r#","New":1"#), 0).unwrap();
+            b.commit().unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let rows = store.lookup("DeviceFileEvents", "s", Some("d")).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].get("New"), Some(&Cell::Int(1)));
+        assert_eq!(store.counters().rows.get("DeviceFileEvents"), Some(&1));
     }
 }

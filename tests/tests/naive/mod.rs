@@ -90,12 +90,12 @@ pub fn identity(row: &Map<String, Value>) -> Identity {
 /// `invoke FileProfile(SHA1, 1000)`: the feed row with exactly this SHA1; when several
 /// were stored, the one stored last (rows are in arrival order).
 fn file_profile<'a>(rows: &'a [StoredRow], sha1: &str) -> Option<&'a Map<String, Value>> {
-    rows.iter().filter(|r| r.table == FILE_PROFILE && s(&r.row, "SHA1") == sha1).map(|r| &r.row).last()
+    rows.iter().rev().find(|r| r.table == FILE_PROFILE && s(&r.row, "SHA1") == sha1).map(|r| &r.row)
 }
 
 /// `a =~ b`, `a !~ b`, `in~`: ASCII case-insensitive equality.
 fn eq_ci(a: &str, b: &str) -> bool {
-    a.to_ascii_lowercase() == b.to_ascii_lowercase()
+    a.eq_ignore_ascii_case(b)
 }
 
 /// `a startswith b`: ASCII case-insensitive prefix.
