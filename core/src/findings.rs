@@ -25,13 +25,23 @@ fn cursor_key(path: &Path) -> Vec<u8> {
 
 /// Appends every finding not yet in `path` to it; returns how many lines were written.
 pub fn flush_outbox(store: &mut Store, path: &Path) -> Result<u64> {
-    // Findings must be durable before they leave the process.
-    store.flush()?;
     let key = cursor_key(path);
     let mut cursor: OutboxCursor = match store.db().get(&key)? {
         Some(v) => dec(&v)?,
         None => OutboxCursor { next_seq: 1, file_len: 0 },
     };
+    let pending = store
+        .db()
+        .range(keys::seq_key(keys::OUTBOX, cursor.next_seq)..)
+        .next()
+        .is_some_and(|kv| kv.is_ok_and(|(k, _)| k.first() == Some(&keys::OUTBOX)));
+    let file_len = std::fs::metadata(path).map(|m| m.len()).ok();
+    if !pending && file_len == Some(cursor.file_len) {
+        // Nothing new, and the file is as we left it: no disk work at all.
+        return Ok(0);
+    }
+    // Findings must be durable before they leave the process.
+    store.flush()?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
