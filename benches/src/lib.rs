@@ -8,7 +8,7 @@ use lookout_core::ingest::{ingest_paths, IngestOptions, IngestReport};
 use lookout_core::parse::lines::LineReader;
 use lookout_core::parse::normalise::{normalise, TableHints};
 use lookout_core::parse::open::open;
-use lookout_core::parse::record::unwrap_document;
+use lookout_core::parse::record::{parse_document, unwrap_document};
 use lookout_core::schema::table_from_file_name;
 use lookout_core::store::{codec, keys};
 use lookout_core::Store;
@@ -112,7 +112,7 @@ pub struct ParseStats {
 }
 
 /// Reads `files` line by line with Lookout's own reader and runs the same parsing and
-/// normalisation as ingestion (UTF-8 check, `serde_json::from_slice` to `Value`,
+/// normalisation as ingestion (UTF-8 check, `parse_document`,
 /// `unwrap_document`, `normalise`), storing nothing. With `encode`, also builds each
 /// row's key and stored value (to learn their sizes).
 pub fn parse_files(files: &[PathBuf], encode: bool) -> Result<ParseStats> {
@@ -130,7 +130,7 @@ pub fn parse_files(files: &[PathBuf], encode: bool) -> Result<ParseStats> {
                 stats.rejected += 1;
                 continue;
             }
-            let Ok(doc) = serde_json::from_slice::<Value>(&buf) else {
+            let Ok(doc) = parse_document(&buf) else {
                 stats.rejected += 1;
                 continue;
             };

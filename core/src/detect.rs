@@ -63,7 +63,25 @@ fn cursor_key(detector_id: &str) -> Vec<u8> {
     keys::named_key(keys::CURSOR, detector_id)
 }
 
-/// The finding id: a hash of detector, version and the identities of the input rows.
+/// The identity of a stored row that does not depend on this store: the key with the
+/// store's table number replaced by the table's name, so the same data gives the same
+/// finding ids in any data directory, whatever order the tables were first seen in.
+pub fn stable_identity(store: &Store, key: &[u8]) -> Vec<u8> {
+    if key.first() == Some(&keys::EVENT) && key.len() >= 3 {
+        let table = u16::from_be_bytes([key[1], key[2]]);
+        if let Some(name) = store.table_name(table) {
+            let mut id = vec![keys::EVENT];
+            id.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            id.extend_from_slice(name.as_bytes());
+            id.extend_from_slice(&key[3..]);
+            return id;
+        }
+    }
+    key.to_vec()
+}
+
+/// The finding id: a hash of detector, version and the identities of the input rows
+/// (see [`stable_identity`]).
 pub fn finding_id(name: &str, version: &str, inputs: &[Vec<u8>]) -> String {
     let mut h = Sha256::new();
     for part in [name.as_bytes(), version.as_bytes()] {
@@ -224,7 +242,8 @@ fn run_detector(
         let mut batch = store.batch();
         let mut fresh = HashSet::new();
         for f in resp.findings {
-            let fid = finding_id(&plugin.manifest.name, &plugin.manifest.version, &f.inputs);
+            let identities: Vec<Vec<u8>> = f.inputs.iter().map(|k| stable_identity(batch.store(), k)).collect();
+            let fid = finding_id(&plugin.manifest.name, &plugin.manifest.version, &identities);
             let key = keys::named_key(keys::FINDING, &fid);
             if !fresh.insert(fid.clone()) || batch.store().db().get(&key).map_err(|e| store_err(e.into()))?.is_some() {
                 continue;

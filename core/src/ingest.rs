@@ -8,7 +8,7 @@ use crate::fingerprint::{fingerprint, head_hash, tail_matches, Fingerprint};
 use crate::parse::lines::{LineEnd, LineInfo, LineReader};
 use crate::parse::normalise::{normalise, TableHints};
 use crate::parse::open::{open_file, Layout};
-use crate::parse::record::unwrap_document;
+use crate::parse::record::{parse_document, unwrap_document, Document};
 use crate::parse::{Reject, RejectKind};
 use crate::schema::table_from_file_name;
 use crate::store::{Added, OffsetUnit, RejectRecord, SourceState, Store, WriteBatch};
@@ -418,7 +418,7 @@ impl FileRun<'_> {
             let reason = format!("invalid UTF-8 at byte {} of the line", e.valid_up_to());
             return self.reject(batch, line_no, info.start, Reject::new(RejectKind::InvalidUtf8, reason), buf);
         }
-        let doc: Value = match serde_json::from_slice(buf) {
+        let doc = match parse_document(buf) {
             Ok(v) => v,
             Err(e) => {
                 let reason = format!("malformed JSON: {e}");
@@ -431,7 +431,7 @@ impl FileRun<'_> {
     fn document(
         &mut self,
         batch: &mut WriteBatch<'_>,
-        doc: Value,
+        doc: Document,
         line_no: u64,
         offset: u64,
         raw: &[u8],
@@ -541,7 +541,7 @@ impl FileRun<'_> {
         let now = self.clock.now();
         let mut batch = store.batch();
         for (index, doc) in pending.drain(..) {
-            self.document(&mut batch, doc, index, 0, b"", now)?;
+            self.document(&mut batch, Document::from_value(doc), index, 0, b"", now)?;
             state.offset = index;
             state.lines = index;
         }

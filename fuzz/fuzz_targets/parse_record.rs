@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use lookout_core::parse::lines::LineReader;
 use lookout_core::parse::normalise::{normalise, TableHints};
-use lookout_core::parse::record::unwrap_document;
+use lookout_core::parse::record::{parse_document, unwrap_document, Document};
 
 fuzz_target!(|data: &[u8]| {
     let hints = TableHints { file_table: Some("DeviceFileEvents".into()), explicit: None };
@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
         if std::str::from_utf8(&buf).is_err() {
             continue;
         }
-        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&buf) else { continue };
+        let Ok(doc) = parse_document(&buf) else { continue };
         for unwrapped in unwrap_document(doc) {
             if let Ok(u) = unwrapped {
                 if let Ok(row) = normalise(u.row, u.category_table.as_deref(), &hints) {
@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
     // The whole input as one JSON array export.
     if let Ok(serde_json::Value::Array(items)) = serde_json::from_slice::<serde_json::Value>(data) {
         for item in items {
-            for u in unwrap_document(item).into_iter().flatten() {
+            for u in unwrap_document(Document::from_value(item)).into_iter().flatten() {
                 let _ = normalise(u.row, u.category_table.as_deref(), &hints);
             }
         }

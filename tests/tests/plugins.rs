@@ -202,3 +202,26 @@ fn pins_refuse_changed_and_unpinned_libraries() {
     let (_, err) = detect_stderr(&data, &plugins);
     assert!(err.contains(WINRM) && err.contains("does not match the pinned"), "{err}");
 }
+
+/// Finding ids name the tables, not a store's table numbers: the same data ingested in
+/// another table order (another collector box, a rebuilt data directory) gives the same
+/// ids. (Found by the crash-loop harness.)
+#[test]
+fn finding_ids_do_not_depend_on_the_order_tables_were_first_seen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(tmp.path(), &[WINRM]);
+    let k = kqlbench_dir();
+    let (loads, writes) = (k.join("DeviceImageLoadEvents.json"), k.join("DeviceFileEvents.json"));
+    let mut ids = Vec::new();
+    for (name, first, second) in [("a", &loads, &writes), ("b", &writes, &loads)] {
+        let data = tmp.path().join(name);
+        lookout_ok(&data, &["ingest", "--now", NOW, first.to_str().unwrap()]);
+        lookout_ok(&data, &["ingest", "--now", NOW, second.to_str().unwrap()]);
+        lookout_ok(&data, &["detect", "--plugins", plugins.to_str().unwrap(), "--now", NOW, "--set", ANY_PROCESS]);
+        let lines = read_jsonl(&data.join("findings.jsonl"));
+        let set: BTreeSet<String> = lines.iter().map(|f| f["finding_id"].as_str().unwrap().to_string()).collect();
+        assert_eq!(set.len(), 3);
+        ids.push(set);
+    }
+    assert_eq!(ids[0], ids[1]);
+}

@@ -7,7 +7,7 @@ use super::{Reject, RejectKind};
 use crate::schema::{column_type, required_columns, table_kind, ColumnType, TableKind};
 use lookout_plugin_sdk::time::parse_timestamp;
 use lookout_plugin_sdk::Cell;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// A row ready to store.
@@ -32,11 +32,13 @@ pub struct TableHints {
 }
 
 pub fn normalise(
-    row: Map<String, Value>,
+    row: impl IntoIterator<Item = (String, Value)>,
     category_table: Option<&str>,
     hints: &TableHints,
 ) -> Result<NormalRow, Reject> {
-    let type_column = match row.get("Type") {
+    // A Vec comes through as itself (in-place collect); a Map is laid out in order.
+    let row: Vec<(String, Value)> = row.into_iter().collect();
+    let type_column = match row.iter().find(|(k, _)| k == "Type").map(|(_, v)| v) {
         Some(Value::String(t)) if !t.is_empty() => Some(t.as_str()),
         _ => None,
     };
@@ -133,7 +135,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn obj(v: Value) -> Map<String, Value> {
+    fn obj(v: Value) -> serde_json::Map<String, Value> {
         match v {
             Value::Object(o) => o,
             _ => unreachable!(),

@@ -135,6 +135,21 @@ pub fn cache_dir(data_dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot restrict {}", dir.display()))?;
+    // A copy interrupted by a crash leaves its temporary file behind; nothing else uses
+    // them (finished copies are renamed into place).
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // Old enough that no live copy (of this or another lookout) can own it.
+            let stale = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > std::time::Duration::from_secs(120)));
+            if name.starts_with('.') && name.ends_with(".tmp") && stale {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     Ok(dir)
 }
 
