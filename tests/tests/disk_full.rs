@@ -91,7 +91,7 @@ fn disk_full_stops_ingestion_cleanly_and_it_resumes_when_space_returns() {
     assert!(d.stderr().contains("No space left on device") || d.stderr().contains("space"), "{}", d.stderr());
 
     std::fs::remove_file(&filler).unwrap();
-    d.wait_for("everything once space is back", Duration::from_secs(180), |d| {
+    d.wait_for("everything once space is back", Duration::from_secs(300), |d| {
         let Some(body) = d.get("/status") else { return false };
         let s: serde_json::Value = serde_json::from_str(&body).unwrap();
         s["tables"]["FileProfile"]["rows"].as_u64() == Some(profiles)
