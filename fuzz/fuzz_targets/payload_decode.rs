@@ -6,11 +6,13 @@ use libfuzzer_sys::fuzz_target;
 use lookout_plugin_sdk::abi::{decode, encode};
 use lookout_plugin_sdk::{EvalRequest, EvalResponse, HostRequest, HostResponse, InitRequest, Manifest};
 
-fn check<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(data: &[u8]) {
+fn check<T: serde::Serialize + serde::de::DeserializeOwned>(data: &[u8]) {
     if let Ok(v) = decode::<T>(data) {
-        // What decodes re-encodes to something that decodes to the same value.
+        // What decodes re-encodes to bytes that decode and re-encode to themselves
+        // (compared as bytes: a decoded NaN is never equal to itself).
         let again = encode(&v).expect("re-encode");
-        assert_eq!(decode::<T>(&again).expect("decode re-encoded"), v);
+        let back = decode::<T>(&again).expect("decode re-encoded");
+        assert_eq!(encode(&back).expect("re-encode again"), again);
     }
 }
 
