@@ -158,21 +158,7 @@ fn expand_dir(dir: &Path, files: &mut Vec<PathBuf>, skipped: &mut Vec<(PathBuf, 
 /// The committed state of `fp`'s file, if it is the same file (its first bytes still hash
 /// the same), else a fresh state reading it from the start.
 pub fn state_for(store: &Store, file: &File, fp: &Fingerprint, path: &Path) -> Result<SourceState> {
-    let fresh = || SourceState {
-        path: path.display().to_string(),
-        dev: fp.dev,
-        ino: fp.ino,
-        head: fp.head.clone(),
-        head_len: fp.head_len,
-        offset: 0,
-        unit: OffsetUnit::Bytes,
-        compressed: fp.compressed,
-        lines: 0,
-        raw_size: 0,
-        done: false,
-        tail: Vec::new(),
-        tail_len: 0,
-    };
+    let fresh = || fresh_state(path, fp);
     let Some(mut old) = store.source(&fp.source_id())? else { return Ok(fresh()) };
     let read_err = || format!("cannot read {}", path.display());
     // A plain file shorter than its offset was truncated (copytruncate): read it anew.
@@ -194,6 +180,25 @@ pub fn state_for(store: &Store, file: &File, fp: &Fingerprint, path: &Path) -> R
         old.head_len = fp.head_len;
     }
     Ok(old)
+}
+
+/// The state of a file nothing has been read from yet.
+pub fn fresh_state(path: &Path, fp: &Fingerprint) -> SourceState {
+    SourceState {
+        path: path.display().to_string(),
+        dev: fp.dev,
+        ino: fp.ino,
+        head: fp.head.clone(),
+        head_len: fp.head_len,
+        offset: 0,
+        unit: OffsetUnit::Bytes,
+        compressed: fp.compressed,
+        lines: 0,
+        raw_size: 0,
+        done: false,
+        tail: Vec::new(),
+        tail_len: 0,
+    }
 }
 
 /// Whether there can be anything new to read in a file in `state`.

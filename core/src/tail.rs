@@ -13,7 +13,7 @@
 //! [`crate::ingest::read_source`], so offsets move atomically with the rows.
 
 use crate::fingerprint::{fingerprint, head_hash, tail_matches, Fingerprint, HEAD_LEN, MIN_MATCH_LEN};
-use crate::ingest::{has_news, read_source, state_for, ChangedWhileReading, IngestOptions, IngestReport};
+use crate::ingest::{fresh_state, has_news, read_source, state_for, ChangedWhileReading, IngestOptions, IngestReport};
 use crate::store::{source_key, OffsetUnit, SourceState, Store};
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -349,24 +349,6 @@ fn id_of(key: (u64, u64)) -> Vec<u8> {
     let mut id = key.0.to_be_bytes().to_vec();
     id.extend_from_slice(&key.1.to_be_bytes());
     id
-}
-
-fn fresh_state(path: &Path, fp: &Fingerprint) -> SourceState {
-    SourceState {
-        path: path.display().to_string(),
-        dev: fp.dev,
-        ino: fp.ino,
-        head: fp.head.clone(),
-        head_len: fp.head_len,
-        offset: 0,
-        unit: OffsetUnit::Bytes,
-        compressed: fp.compressed,
-        lines: 0,
-        raw_size: 0,
-        done: false,
-        tail: Vec::new(),
-        tail_len: 0,
-    }
 }
 
 /// The file still starts with the bytes it started with, did not shrink below the

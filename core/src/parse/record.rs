@@ -104,7 +104,8 @@ fn unwrap_envelope(mut fields: Vec<(String, Field)>) -> Unwrapped {
     let category = fields.iter().position(|(k, f)| k == "category" && matches!(f, Field::Value(Value::String(_))));
     let properties = fields.iter().position(|(k, f)| k == "properties" && matches!(f, Field::Object(_)));
     if let (Some(c), Some(p)) = (category, properties) {
-        let Field::Value(Value::String(category)) = std::mem::replace(&mut fields[c].1, Field::Value(Value::Null)) else {
+        let Field::Value(Value::String(category)) = std::mem::replace(&mut fields[c].1, Field::Value(Value::Null))
+        else {
             unreachable!("checked above")
         };
         let Field::Object(row) = std::mem::replace(&mut fields[p].1, Field::Value(Value::Null)) else {
@@ -219,7 +220,9 @@ impl<'de> DeserializeSeed<'de> for PropertiesSeed {
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Field, D::Error> {
         match DocumentSeed.deserialize(d)? {
-            Document::Object(fields) => Ok(Field::Object(fields.into_iter().map(|(k, f)| (k, f.into_value())).collect())),
+            Document::Object(fields) => {
+                Ok(Field::Object(fields.into_iter().map(|(k, f)| (k, f.into_value())).collect()))
+            }
             Document::Other(v) => Ok(Field::Value(v)),
         }
     }
