@@ -15,7 +15,11 @@ pub fn target_dir() -> PathBuf {
 /// The `lookout` binary built by `cargo test --workspace`.
 pub fn lookout_bin() -> PathBuf {
     let p = target_dir().join("lookout");
-    assert!(p.is_file(), "{} is missing: run the tests with `cargo test --workspace`, which builds it", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `-p lookout-cli`), which builds it",
+        p.display()
+    );
     p
 }
 

@@ -13,7 +13,7 @@
 //!
 //! ```sh
 //! cargo build --release -p lookout-cli   # -p lookout-tests does not rebuild the binary
-//! LOOKOUT_CRASH_KILLS=200 cargo test --release -p lookout-tests --test crash_loop -- --nocapture
+//! LOOKOUT_CRASH_KILLS=200 cargo test --release -p lookout-cli --test crash_loop -- --nocapture
 //! ```
 //!
 //! Knobs (environment): `LOOKOUT_CRASH_KILLS` (12), `LOOKOUT_CRASH_SEED` (decimal or

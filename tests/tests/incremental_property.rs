@@ -15,7 +15,7 @@
 //! reopened before a tick or between its ingest and its pass; some passes hand the
 //! detector its new rows a few at a time.
 //!
-//! `PROPTEST_CASES=500 cargo test -p lookout-tests --test incremental_property` soaks it.
+//! `PROPTEST_CASES=500 cargo test -p lookout-cli --test incremental_property` soaks it.
 
 mod naive;
 

@@ -26,6 +26,11 @@ fn answer(store: &Store, req: HostRequest) -> HostResponse {
             .filter_map(|k| store.get_row(k).transpose())
             .collect::<anyhow::Result<Vec<_>>>()
             .map(HostResponse::Rows),
+        HostRequest::GetRowsWhere { keys, column, any_of } => keys
+            .iter()
+            .filter_map(|k| store.get_row_where(k, &column, &any_of).transpose())
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map(HostResponse::Rows),
         HostRequest::Lookup { table, sha1, device_id } => {
             store.lookup(&table, &sha1, device_id.as_deref()).map(HostResponse::Rows)
         }

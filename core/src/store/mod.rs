@@ -267,6 +267,23 @@ impl Store {
         })
     }
 
+    /// The row at `key` if its string `column` equals one of `any_of` ignoring ASCII
+    /// case; a non-matching row is never turned into a `Row` (no column names copied).
+    pub fn get_row_where(&self, key: &[u8], column: &str, any_of: &[String]) -> Result<Option<Row>> {
+        let Some(value) = self.db.get(key)? else { return Ok(None) };
+        let stored = codec::decode(&value)?;
+        let names = self
+            .schema_names
+            .get(&stored.schema)
+            .ok_or_else(|| anyhow!("row refers to unknown schema {}", stored.schema))?;
+        let cell = names.iter().position(|n| n == column).and_then(|i| stored.cells.get(i));
+        let text = cell.map(Cell::as_str).unwrap_or("");
+        if !any_of.iter().any(|a| a.eq_ignore_ascii_case(text)) {
+            return Ok(None);
+        }
+        self.decode_row(key, &value).map(Some)
+    }
+
     pub fn get_row(&self, key: &[u8]) -> Result<Option<Row>> {
         self.db.get(key)?.map(|v| self.decode_row(key, &v)).transpose()
     }

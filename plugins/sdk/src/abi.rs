@@ -154,6 +154,10 @@ pub struct EvalResponse {
 pub enum HostRequest {
     /// Fetch rows by key (keys not found are left out).
     GetRows(Vec<Vec<u8>>),
+    /// Fetch only the rows, among these keys, whose string `column` equals one of
+    /// `any_of` ignoring ASCII case (KQL `in~`). The host filters before shipping rows,
+    /// so a selective filter costs a decode per row instead of a copy across the ABI.
+    GetRowsWhere { keys: Vec<Vec<u8>>, column: String, any_of: Vec<String> },
     /// All stored rows of `table` with exactly this SHA1, on `device_id` if given.
     Lookup { table: String, sha1: String, device_id: Option<String> },
     /// The FileProfile row with exactly this SHA1.

@@ -31,6 +31,20 @@ impl<'a> Context<'a> {
         }
     }
 
+    /// Stored rows by key whose string `column` equals one of `any_of`, ignoring ASCII
+    /// case (`in~`); filtered by the host.
+    pub fn rows_where(&mut self, keys: Vec<Vec<u8>>, column: &str, any_of: &[&str]) -> Result<Vec<Row>, String> {
+        let req = HostRequest::GetRowsWhere {
+            keys,
+            column: column.to_string(),
+            any_of: any_of.iter().map(|s| s.to_string()).collect(),
+        };
+        match self.call(&req)? {
+            HostResponse::Rows(rows) => Ok(rows),
+            other => Err(format!("host answered GetRowsWhere with {other:?}")),
+        }
+    }
+
     /// Stored rows of `table` with exactly this SHA1 (and DeviceId, if given).
     pub fn lookup(&mut self, table: &str, sha1: &str, device_id: Option<&str>) -> Result<Vec<Row>, String> {
         let req = HostRequest::Lookup {

@@ -87,7 +87,15 @@ impl WinrmRule {
         }
 
         // Loads to (re-)evaluate: the new ones, and the stored ones whose profile changed.
-        let mut loads = if load_keys.is_empty() { Vec::new() } else { ctx.rows(load_keys)? };
+        // `InitiatingProcessFileName =~ "wsmprovhost.exe"` is applied by the host before
+        // any row crosses the boundary; the full check below repeats it.
+        let mut loads = if load_keys.is_empty() {
+            Vec::new()
+        } else if self.config.initiating_process == "*" {
+            ctx.rows(load_keys)?
+        } else {
+            ctx.rows_where(load_keys, "InitiatingProcessFileName", &[self.config.initiating_process.as_str()])?
+        };
         for sha1 in &profile_sha1s {
             loads.extend(ctx.lookup(IMAGE_LOADS, sha1, None)?);
         }
