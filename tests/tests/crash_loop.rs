@@ -12,7 +12,7 @@
 //! The CI variant (12 kills) runs with the other tests. The long variant:
 //!
 //! ```sh
-//! cargo build --release -p lookout-cli   # -p lookout-tests does not rebuild the binary
+//! cargo build --release -p lookout-cli   # the release binary the long run drives
 //! LOOKOUT_CRASH_KILLS=200 cargo test --release -p lookout-cli --test crash_loop -- --nocapture
 //! ```
 //!
