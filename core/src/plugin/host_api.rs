@@ -34,6 +34,9 @@ fn answer(store: &Store, req: HostRequest) -> HostResponse {
         HostRequest::Lookup { table, sha1, device_id } => {
             store.lookup(&table, &sha1, device_id.as_deref()).map(HostResponse::Rows)
         }
+        HostRequest::LookupWhere { table, sha1, device_id, column, any_of } => {
+            store.lookup_where(&table, &sha1, device_id.as_deref(), &column, &any_of).map(HostResponse::Rows)
+        }
         HostRequest::Profile(sha1) => store.profile(&sha1).map(HostResponse::Profile),
     };
     result.unwrap_or_else(|e| HostResponse::Error(format!("store error: {e:#}")))

@@ -267,11 +267,38 @@ impl Store {
         })
     }
 
+    /// Stored rows of `table` with exactly this SHA1 (and DeviceId) whose string `column`
+    /// equals one of `any_of` ignoring ASCII case.
+    pub fn lookup_where(
+        &self,
+        table: &str,
+        sha1: &str,
+        device: Option<&str>,
+        column: &str,
+        any_of: &[String],
+    ) -> Result<Vec<Row>> {
+        let Some(tid) = self.table_id(table) else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(keys::event_prefix(tid, sha1, device)) {
+            let (k, v) = kv?;
+            if let Some(row) = self.row_where(&k, &v, column, any_of)? {
+                out.push(row);
+            }
+        }
+        Ok(out)
+    }
+
     /// The row at `key` if its string `column` equals one of `any_of` ignoring ASCII
     /// case; a non-matching row is never turned into a `Row` (no column names copied).
     pub fn get_row_where(&self, key: &[u8], column: &str, any_of: &[String]) -> Result<Option<Row>> {
-        let Some(value) = self.db.get(key)? else { return Ok(None) };
-        let stored = codec::decode(&value)?;
+        match self.db.get(key)? {
+            Some(value) => self.row_where(key, &value, column, any_of),
+            None => Ok(None),
+        }
+    }
+
+    fn row_where(&self, key: &[u8], value: &[u8], column: &str, any_of: &[String]) -> Result<Option<Row>> {
+        let stored = codec::decode(value)?;
         let names = self
             .schema_names
             .get(&stored.schema)
@@ -281,7 +308,7 @@ impl Store {
         if !any_of.iter().any(|a| a.eq_ignore_ascii_case(text)) {
             return Ok(None);
         }
-        self.decode_row(key, &value).map(Some)
+        self.decode_row(key, value).map(Some)
     }
 
     pub fn get_row(&self, key: &[u8]) -> Result<Option<Row>> {

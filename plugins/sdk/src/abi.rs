@@ -160,6 +160,9 @@ pub enum HostRequest {
     GetRowsWhere { keys: Vec<Vec<u8>>, column: String, any_of: Vec<String> },
     /// All stored rows of `table` with exactly this SHA1, on `device_id` if given.
     Lookup { table: String, sha1: String, device_id: Option<String> },
+    /// Like `Lookup`, keeping only rows whose string `column` equals one of `any_of`
+    /// ignoring ASCII case; filtered by the host.
+    LookupWhere { table: String, sha1: String, device_id: Option<String>, column: String, any_of: Vec<String> },
     /// The FileProfile row with exactly this SHA1.
     Profile(String),
 }

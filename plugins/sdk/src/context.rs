@@ -58,6 +58,29 @@ impl<'a> Context<'a> {
         }
     }
 
+    /// [`Self::lookup`] keeping only rows whose string `column` equals one of `any_of`,
+    /// ignoring ASCII case (`in~`); filtered by the host.
+    pub fn lookup_where(
+        &mut self,
+        table: &str,
+        sha1: &str,
+        device_id: Option<&str>,
+        column: &str,
+        any_of: &[&str],
+    ) -> Result<Vec<Row>, String> {
+        let req = HostRequest::LookupWhere {
+            table: table.to_string(),
+            sha1: sha1.to_string(),
+            device_id: device_id.map(str::to_string),
+            column: column.to_string(),
+            any_of: any_of.iter().map(|s| s.to_string()).collect(),
+        };
+        match self.call(&req)? {
+            HostResponse::Rows(rows) => Ok(rows),
+            other => Err(format!("host answered LookupWhere with {other:?}")),
+        }
+    }
+
     /// The FileProfile feed row for exactly this SHA1 (Defender's `FileProfile()`).
     pub fn profile(&mut self, sha1: &str) -> Result<Option<Row>, String> {
         match self.call(&HostRequest::Profile(sha1.to_string()))? {

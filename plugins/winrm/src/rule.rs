@@ -97,7 +97,7 @@ impl WinrmRule {
             ctx.rows_where(load_keys, "InitiatingProcessFileName", &[self.config.initiating_process.as_str()])?
         };
         for sha1 in &profile_sha1s {
-            loads.extend(ctx.lookup(IMAGE_LOADS, sha1, None)?);
+            loads.extend(self.fetch_loads(ctx, sha1, None)?);
         }
         let mut seen_loads = HashSet::new();
         loads.retain(|l| seen_loads.insert(l.key.clone()));
@@ -123,7 +123,7 @@ impl WinrmRule {
                 if !self.potential_write(&write, write_cutoff) {
                     continue;
                 }
-                let loads = ctx.lookup(IMAGE_LOADS, write.str("SHA1"), Some(write.str("DeviceId")))?;
+                let loads = self.fetch_loads(ctx, write.str("SHA1"), Some(write.str("DeviceId")))?;
                 for load in loads {
                     if let Some(plugin) = self.potential_plugin(load, load_cutoff, ctx, &mut profiles)? {
                         self.join(&plugin, &write, write_cutoff, ctx, &mut emitted);
@@ -140,6 +140,17 @@ impl WinrmRule {
             ctx.state_delete(candidate_key(&sha1));
         }
         Ok(())
+    }
+
+    /// Stored loads of this SHA1 (and device), narrowed by the host to the initiating
+    /// process the rule wants (the full filter runs again in `potential_plugin`).
+    fn fetch_loads(&self, ctx: &mut Context<'_>, sha1: &str, device: Option<&str>) -> Result<Vec<Row>, String> {
+        let process = self.config.initiating_process.as_str();
+        if process == "*" {
+            ctx.lookup(IMAGE_LOADS, sha1, device)
+        } else {
+            ctx.lookup_where(IMAGE_LOADS, sha1, device, "InitiatingProcessFileName", &[process])
+        }
     }
 
     /// Whether a load of this SHA1 (any case) passed the plugin filters recently enough.
