@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+/// The `lookout` binary's allocator (cli/src/main.rs): measure what ships.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Set in the child process that ingests the corpus once (data dir; files as arguments).
 const CHILD_ENV: &str = "LOOKOUT_BENCH_INGEST_CHILD";
 
@@ -76,6 +80,32 @@ fn run_child(files: &[PathBuf], data: &Path) -> Result<OneShot> {
     })
 }
 
+/// The figures of the one-shot ingest (printed as soon as it is done, and in the summary).
+fn print_one_shot(one: &OneShot, corpus: &Corpus) {
+    let rows = corpus.rows;
+    println!(
+        "one-shot ingest in a fresh process: {:.2} s, {:.0} rows/s, {:.1} MB/s",
+        one.elapsed.as_secs_f64(),
+        per_s(rows, one.elapsed),
+        mb_per_s(corpus.bytes, one.elapsed)
+    );
+    println!(
+        "peak RSS (VmHWM) of that process after ingest: {:.1} MiB  target <= 256 MiB: {}",
+        mib(one.peak_rss),
+        verdict(one.peak_rss <= 256 << 20)
+    );
+    let ratio = one.dir_allocated.max(one.dir_apparent) as f64 / corpus.bytes as f64;
+    println!(
+        "database on disk: {:.1} MiB apparent, {:.1} MiB allocated (sled size_on_disk {:.1} MiB) \
+         vs {:.1} MiB raw JSONL = {ratio:.2}x  target <= 1.0x: {}",
+        mib(one.dir_apparent),
+        mib(one.dir_allocated),
+        mib(one.size_on_disk),
+        mib(corpus.bytes),
+        verdict(ratio <= 1.0)
+    );
+}
+
 /// Median of the measured iterations (the first one is criterion's warm-up).
 fn measured(times: &[Duration]) -> Option<Duration> {
     match times.len() {
@@ -124,6 +154,7 @@ fn main() -> Result<()> {
         ));
     }
     std::fs::remove_dir_all(root.path().join("one-shot"))?;
+    print_one_shot(&one, &corpus);
     let keys = random_event_keys(corpus.rows as usize, 42);
 
     let mut c = Criterion::default().configure_from_args();
@@ -203,9 +234,10 @@ fn main() -> Result<()> {
         line("sled_only", t);
         let written = rows * (value_len as u64 + stats.key_bytes / rows);
         println!(
-            "  (sled_only writes {:.1} MB of keys + values: {:.1} MB/s)",
+            "  (sled_only writes {:.1} MB of keys + values, {:.1} MB/s; its database is {:.1} MiB on disk)",
             written as f64 / 1e6,
-            mb_per_s(written, t)
+            mb_per_s(written, t),
+            mib(sled_size.0.max(sled_size.1))
         );
     }
     if let (Some(i), Some(s)) = (ingest, sled) {
@@ -215,26 +247,6 @@ fn main() -> Result<()> {
     if let (Some(i), Some(p)) = (ingest, parse) {
         println!("ratio end_to_end / parse_only (rows/s): {:.2}", p.as_secs_f64() / i.as_secs_f64());
     }
-    println!(
-        "one-shot ingest in a fresh process: {:.2} s, {:.0} rows/s, {:.1} MB/s",
-        one.elapsed.as_secs_f64(),
-        per_s(rows, one.elapsed),
-        mb_per_s(corpus.bytes, one.elapsed)
-    );
-    println!(
-        "peak RSS (VmHWM) of that process after ingest: {:.1} MiB  target <= 256 MiB: {}",
-        mib(one.peak_rss),
-        verdict(one.peak_rss <= 256 << 20)
-    );
-    let ratio = one.dir_allocated.max(one.dir_apparent) as f64 / corpus.bytes as f64;
-    println!(
-        "database on disk: {:.1} MiB apparent, {:.1} MiB allocated (sled size_on_disk {:.1} MiB) \
-         vs {:.1} MiB raw JSONL = {ratio:.2}x  target <= 1.0x: {}",
-        mib(one.dir_apparent),
-        mib(one.dir_allocated),
-        mib(one.size_on_disk),
-        mib(corpus.bytes),
-        verdict(ratio <= 1.0)
-    );
+    print_one_shot(&one, &corpus);
     Ok(())
 }
