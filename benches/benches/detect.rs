@@ -15,6 +15,10 @@ use lookout_core::Store;
 use std::path::Path;
 use std::time::Duration;
 
+/// The `lookout` binary's allocator (cli/src/main.rs): measure what ships.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Background events of the batch that arrives after the backfill.
 const DELTA_EVENTS: usize = 10_000;
 

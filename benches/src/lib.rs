@@ -42,7 +42,7 @@ pub fn ingest_options() -> IngestOptions {
 
 /// A generated fleet written as JSON Lines.
 pub struct Corpus {
-    /// The three table files (FileProfile, DeviceImageLoadEvents, DeviceFileEvents).
+    /// The three table files, in name order (DeviceFileEvents, DeviceImageLoadEvents, FileProfile).
     pub files: Vec<PathBuf>,
     /// Raw JSONL bytes of the three files.
     pub bytes: u64,
@@ -84,11 +84,10 @@ pub fn write_corpus_on_devices(dir: &Path, events: usize, seed: u64, devices_see
 
 fn corpus_of(fleet: &gen::Fleet, dir: &Path) -> Result<Corpus> {
     let written = gen::write_fleet(fleet, dir, Format::Jsonl)?;
-    Ok(Corpus {
-        files: vec![written.profiles, written.loads, written.writes],
-        bytes: written.bytes,
-        rows: fleet.rows() as u64,
-    })
+    // In name order, as `lookout ingest <dir>` reads them (the order changes sled's work).
+    let mut files = vec![written.profiles, written.loads, written.writes];
+    files.sort();
+    Ok(Corpus { files, bytes: written.bytes, rows: fleet.rows() as u64 })
 }
 
 /// Opens a fresh store in `data` and ingests `files` into it, then flushes: file →
