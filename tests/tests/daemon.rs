@@ -600,22 +600,6 @@ fn wait_caught_up(d: &mut Daemon, logs: &Path) {
 // A collector: random chunks, rotations, gzip
 // ---------------------------------------------------------------------------------------
 
-/// xorshift64*: enough randomness for a reproducible collector.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 struct Stream {
     table: &'static str,
     data: Vec<u8>,
