@@ -9,7 +9,7 @@ use crate::plugin::Plugin;
 use crate::store::{keys, Store};
 use anyhow::{anyhow, Result};
 use lookout_plugin_sdk::time::format_timestamp;
-use lookout_plugin_sdk::{EvalRequest, FindingOut, InitRequest, RowRef, StateOp};
+use lookout_plugin_sdk::{EvalRequest, FindingOut, InitRequest, InputSpec, RowRef, StateOp};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
@@ -198,35 +198,32 @@ fn run_detector(
             .map(|(_, p, v)| (p.clone(), v.clone()))
             .collect();
         let state = store.detector_state(&id).map_err(store_err)?;
-        plugin.lib.init(&InitRequest { params, state }).map_err(|e| anyhow!("init failed: {e}"))?;
+        let response = plugin.lib.init(&InitRequest { params, state }).map_err(|e| anyhow!("init failed: {e}"))?;
+        if let Some(bad) = response.inputs.iter().find(|s| !plugin.manifest.inputs.contains(&s.table)) {
+            return Err(anyhow!(
+                "init describes input table '{}', which is not among the manifest's inputs ({})",
+                bad.table,
+                plugin.manifest.inputs.join(", ")
+            ));
+        }
+        plugin.inputs = response.inputs;
         plugin.initialised = true;
     }
 
     let head = store.next_journal_seq() - 1;
     let floor = store.meta_u64("jfloor").map_err(store_err)?;
     let cursor = store.meta_cursor(&id).map_err(store_err)?;
-    let inputs: HashSet<&str> = plugin.manifest.inputs.iter().map(String::as_str).collect();
-    let refs: Vec<RowRef> = match cursor {
+    let since = match cursor {
         Some(c) if c >= floor => {
             if c >= head {
                 return Ok(());
             }
-            let mut refs = Vec::new();
-            for entry in store.journal_from(c + 1) {
-                let (seq, keys) = entry.map_err(store_err)?;
-                if seq > head {
-                    break;
-                }
-                refs.extend(keys.iter().filter_map(|k| store.row_ref(k)).filter(|r| inputs.contains(r.table.as_str())));
-            }
-            refs
+            Some(c)
         }
-        _ => {
-            report.backfill = true;
-            let keys = store.all_row_keys(&plugin.manifest.inputs).map_err(store_err)?;
-            keys.iter().filter_map(|k| store.row_ref(k)).collect()
-        }
+        _ => None,
     };
+    report.backfill = since.is_none();
+    let refs = input_refs(store, &plugin.manifest.inputs, &plugin.inputs, since, head).map_err(store_err)?;
     report.rows = refs.len() as u64;
     let mut outbox_seq = store.next_outbox_seq().map_err(store_err)?;
     let detected_at = format_timestamp(now);
@@ -237,7 +234,7 @@ fn run_detector(
         if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
             return Ok(());
         }
-        let req = EvalRequest { now, rows: chunk.to_vec() };
+        let req = EvalRequest { now, backfill: report.backfill, rows: chunk.to_vec() };
         let resp = with_host_api(store, |api| plugin.lib.evaluate(api, &req)).map_err(|e| anyhow!("{e}"))?;
         let mut batch = store.batch();
         let mut fresh = HashSet::new();
@@ -275,6 +272,69 @@ fn run_detector(
     Ok(())
 }
 
+/// The rows a pass hands to a detector: those stored by batches after `since` (every
+/// stored row when `None`, a backfill), of its input tables, narrowed as its `init`
+/// asked. A filter on an indexed column is answered from the index by batch range; any
+/// other filter reads and checks each row.
+fn input_refs(
+    store: &Store,
+    tables: &[String],
+    specs: &[InputSpec],
+    since: Option<u64>,
+    head: u64,
+) -> Result<Vec<RowRef>> {
+    let spec = |t: &str| specs.iter().find(|s| s.table == t);
+    let from_index =
+        |t: &str| spec(t).and_then(|s| s.only_where.as_ref()).is_some_and(|w| Store::is_indexed(t, &w.column));
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    match since {
+        Some(c) => {
+            // New rows of unfiltered tables (and filtered ones without an index) come from
+            // the journal; indexed filters below read only the matching entries.
+            let wanted: HashSet<&str> = tables.iter().map(String::as_str).filter(|t| !from_index(t)).collect();
+            for entry in store.journal_from(c + 1) {
+                let (seq, batch_keys) = entry?;
+                if seq > head {
+                    break;
+                }
+                for k in batch_keys {
+                    let Some(table) = store.key_table(&k) else { continue };
+                    if !wanted.contains(table) {
+                        continue;
+                    }
+                    let keep = match spec(table).and_then(|s| s.only_where.as_ref()) {
+                        Some(w) => store.get_row_where(&k, &w.column, &w.any_of)?.is_some(),
+                        None => true,
+                    };
+                    if keep {
+                        keys.push(k);
+                    }
+                }
+            }
+            for t in tables.iter().filter(|t| from_index(t)) {
+                if let Some(w) = spec(t).and_then(|s| s.only_where.as_ref()) {
+                    keys.extend(store.index_lookup(t, &w.column, &w.any_of, Some((c + 1, head)))?.unwrap_or_default());
+                }
+            }
+        }
+        None => {
+            for t in tables {
+                match spec(t) {
+                    Some(s) if !s.on_backfill => {}
+                    Some(InputSpec { only_where: Some(w), .. }) => {
+                        match store.index_lookup(t, &w.column, &w.any_of, None)? {
+                            Some(found) => keys.extend(found),
+                            None => keys.extend(store.scan_where(t, &w.column, &w.any_of)?),
+                        }
+                    }
+                    _ => keys.extend(store.all_row_keys(std::slice::from_ref(t))?),
+                }
+            }
+        }
+    }
+    Ok(keys.iter().filter_map(|k| store.row_ref(k)).collect())
+}
+
 fn finding_json(fid: &str, plugin: &Plugin, detected_at: &str, f: FindingOut) -> Value {
     let m = &plugin.manifest;
     let mut row = Map::new();
@@ -293,4 +353,79 @@ fn finding_json(fid: &str, plugin: &Plugin, detected_at: &str, f: FindingOut) ->
     o.insert("device_name".into(), f.device_name.into());
     o.insert("row".into(), Value::Object(row));
     Value::Object(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::normalise::{normalise, TableHints};
+    use lookout_plugin_sdk::tables::{FILE_EVENTS, IMAGE_LOADS};
+    use lookout_plugin_sdk::ColumnIn;
+
+    fn row(table: &str, report: i64, process: &str) -> crate::parse::normalise::NormalRow {
+        let text = format!(
+            r#"{{"Timestamp":"2025-05-07T16:55:49Z","DeviceId":"d","SHA1":"s{report}","ReportId":{report},"InitiatingProcessFileName":"{process}","ProcessCopy":"{process}"}}"#
+        );
+        let Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
+        normalise(obj, Some(table), &TableHints::default()).unwrap()
+    }
+
+    fn keys_of(refs: Vec<RowRef>) -> Vec<Vec<u8>> {
+        let mut k: Vec<Vec<u8>> = refs.into_iter().map(|r| r.key).collect();
+        k.sort();
+        k
+    }
+
+    /// A filter answered from the column index and the same filter on a column without
+    /// an index (read row by row) hand over the same rows, for every cursor position and
+    /// on a backfill; a table a backfill skips still comes in incremental passes.
+    #[test]
+    fn indexed_and_unindexed_filters_select_the_same_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let processes = ["wsmprovhost.exe", "WSMPROVHOST.EXE", "svchost.exe", "explorer.exe"];
+        let mut report = 0;
+        for batch in 0..6 {
+            let mut b = store.batch();
+            for i in 0..(3 + batch % 3) {
+                report += 1;
+                let table = if i % 3 == 2 { FILE_EVENTS } else { IMAGE_LOADS };
+                b.add_row(row(table, report, processes[(report as usize * 7 + batch) % 4]), 0).unwrap();
+            }
+            b.commit().unwrap();
+        }
+        let tables = vec![IMAGE_LOADS.to_string(), FILE_EVENTS.to_string()];
+        let spec = |column: &str| {
+            vec![
+                InputSpec {
+                    table: IMAGE_LOADS.into(),
+                    only_where: Some(ColumnIn { column: column.into(), any_of: vec!["WsmProvHost.exe".into()] }),
+                    on_backfill: true,
+                },
+                InputSpec { table: FILE_EVENTS.into(), only_where: None, on_backfill: false },
+            ]
+        };
+        assert!(Store::is_indexed(IMAGE_LOADS, "InitiatingProcessFileName"));
+        assert!(!Store::is_indexed(IMAGE_LOADS, "ProcessCopy"));
+        let head = store.next_journal_seq() - 1;
+        for since in [None, Some(0), Some(1), Some(3), Some(head - 1)] {
+            let by_index =
+                keys_of(input_refs(&store, &tables, &spec("InitiatingProcessFileName"), since, head).unwrap());
+            let by_rows = keys_of(input_refs(&store, &tables, &spec("ProcessCopy"), since, head).unwrap());
+            assert_eq!(by_index, by_rows, "since {since:?}");
+            let loads = by_index.iter().filter(|k| store.key_table(k) == Some(IMAGE_LOADS)).count();
+            let writes = by_index.len() - loads;
+            assert!(loads > 0, "since {since:?}: some loads match");
+            assert_eq!(writes > 0, since.is_some(), "since {since:?}: writes only in incremental passes");
+            for k in &by_index {
+                if store.key_table(k) == Some(IMAGE_LOADS) {
+                    let r = store.get_row(k).unwrap().unwrap();
+                    assert!(r.str("InitiatingProcessFileName").eq_ignore_ascii_case("wsmprovhost.exe"));
+                }
+            }
+        }
+        // Unfiltered: every row of the range.
+        let all = input_refs(&store, &tables, &[], Some(0), head).unwrap();
+        assert_eq!(all.len() as i64, report);
+    }
 }

@@ -25,6 +25,18 @@ impl ColumnType {
     }
 }
 
+/// Columns the store keeps an index of (`i` key space): `(table, column)`. A detector that
+/// asks for only the rows whose column is one of a few values (`in~`) gets them from the
+/// index, by batch range, without reading the rows that do not match; on any other column
+/// the host reads and checks every row. Changing this list rebuilds the index on the next
+/// open (and makes every detector backfill once).
+pub const INDEXED_COLUMNS: &[(&str, &str)] = &[
+    // Who loaded a library: `where InitiatingProcessFileName =~ "wsmprovhost.exe"`.
+    (IMAGE_LOADS, "InitiatingProcessFileName"),
+    // Which program started: the usual first filter of process-creation rules.
+    ("DeviceProcessEvents", "FileName"),
+];
+
 /// How a table's rows are identified and stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TableKind {

@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use lookout_plugin_sdk::abi::{decode, encode};
-use lookout_plugin_sdk::{EvalRequest, EvalResponse, HostRequest, HostResponse, InitRequest, Manifest};
+use lookout_plugin_sdk::{EvalRequest, EvalResponse, HostRequest, HostResponse, InitRequest, InitResponse, Manifest};
 
 fn check<T: serde::Serialize + serde::de::DeserializeOwned>(data: &[u8]) {
     if let Ok(v) = decode::<T>(data) {
@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
     check::<HostRequest>(data);
     check::<HostResponse>(data);
     check::<InitRequest>(data);
+    check::<InitResponse>(data);
     check::<Manifest>(data);
     let _ = lookout_core::store::codec::decode(data);
     let _ = lookout_core::store::keys::parse_key(data);

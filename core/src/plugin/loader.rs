@@ -5,7 +5,7 @@ use lookout_plugin_sdk::abi::{
     self, AbiVersionFn, EvaluateFn, FreeFn, InitFn, LookoutBuf, LookoutHostApi, ManifestFn, ABI_VERSION, RC_OK,
     RC_PANIC,
 };
-use lookout_plugin_sdk::{EvalRequest, EvalResponse, InitRequest, Manifest};
+use lookout_plugin_sdk::{EvalRequest, EvalResponse, InitRequest, InitResponse, Manifest};
 use std::path::Path;
 
 /// A loaded library's exports. The library is never unloaded (its code may still be
@@ -106,14 +106,17 @@ impl PluginLib {
         abi::decode::<Manifest>(&bytes).map_err(|e| format!("manifest is garbage: {e}"))
     }
 
-    pub fn init(&self, req: &InitRequest) -> Result<(), CallError> {
+    pub fn init(&self, req: &InitRequest) -> Result<InitResponse, CallError> {
         let input = abi::encode(req).map_err(|m| CallError { panicked: false, message: m })?;
         // SAFETY: `input` is live for the call; the plugin writes one buffer into `out`.
         let (rc, bytes) = self.call(|out| unsafe { (self.init)(input.as_ptr(), input.len(), out) });
         if rc != RC_OK {
             return Err(Self::error(rc, &bytes));
         }
-        Ok(())
+        abi::decode::<InitResponse>(&bytes).map_err(|e| CallError {
+            panicked: false,
+            message: format!("init returned a response that does not decode: {e}"),
+        })
     }
 
     pub fn evaluate(&self, host: &LookoutHostApi, req: &EvalRequest) -> Result<EvalResponse, CallError> {

@@ -10,7 +10,7 @@ pub mod host_api;
 pub mod loader;
 
 use anyhow::Result;
-use lookout_plugin_sdk::Manifest;
+use lookout_plugin_sdk::{InputSpec, Manifest};
 use std::path::{Path, PathBuf};
 
 pub use guard::{Refusal, PIN_FILE};
@@ -26,6 +26,8 @@ pub struct Plugin {
     pub lib: PluginLib,
     /// Whether `init` succeeded since the last load, panic or failed pass.
     pub initialised: bool,
+    /// How the detector wants its inputs handed over, as its last `init` answered.
+    pub inputs: Vec<InputSpec>,
 }
 
 impl Plugin {
@@ -80,5 +82,12 @@ pub fn load_one(file: &Path, cache: &Path, pins: Option<&guard::Pins>) -> Result
     let verified = guard::verify_and_copy(file, cache, pins)?;
     let lib = loader::load(&verified.copy)?;
     let manifest = lib.manifest()?;
-    Ok(Plugin { file: file.to_path_buf(), sha256: verified.sha256, manifest, lib, initialised: false })
+    Ok(Plugin {
+        file: file.to_path_buf(),
+        sha256: verified.sha256,
+        manifest,
+        lib,
+        initialised: false,
+        inputs: Vec::new(),
+    })
 }

@@ -17,6 +17,7 @@
 //! | `d`   | detector name@version                                         | detector cursor |
 //! | `x`   | detector name@version (u16-prefixed), state key               | detector state value |
 //! | `m`   | name                                                          | misc counters (next seqs, outbox cursors) |
+//! | `i`   | table u16, column, lowercase value, batch seq u64, `e` key      | (empty): column index |
 
 pub const EVENT: u8 = b'e';
 pub const PROFILE: u8 = b'p';
@@ -31,6 +32,11 @@ pub const OUTBOX: u8 = b'q';
 pub const CURSOR: u8 = b'd';
 pub const STATE: u8 = b'x';
 pub const META: u8 = b'm';
+pub const INDEX: u8 = b'i';
+
+/// Indexed values are cut to this many bytes; a look-up of a longer value re-checks the
+/// rows it finds (a cut value can only widen the match, never narrow it).
+pub const INDEX_VALUE_MAX: usize = 256;
 
 fn push_str(k: &mut Vec<u8>, s: &[u8]) {
     // Columns longer than 64 KiB cannot be a SHA1 or a device id; they are cut, which can
@@ -63,6 +69,34 @@ pub fn event_key(table: u16, sha1: &str, device: &str, timestamp: i64, id: &str)
     let mut k = event_prefix(table, sha1, Some(device));
     k.extend_from_slice(&((timestamp as u64) ^ (1 << 63)).to_be_bytes());
     push_str(&mut k, id.as_bytes());
+    k
+}
+
+/// Prefix of the index entries of (`table`, `column`) whose value is `value` (ASCII
+/// lowercased, cut to [`INDEX_VALUE_MAX`] bytes); entries follow in batch-sequence order.
+pub fn index_value_prefix(table: u16, column: &str, value: &str) -> Vec<u8> {
+    let mut k = index_column_prefix(table, column);
+    let cut = &value.as_bytes()[..value.len().min(INDEX_VALUE_MAX)];
+    push_str(&mut k, &cut.to_ascii_lowercase());
+    k
+}
+
+/// Prefix of every index entry of (`table`, `column`).
+pub fn index_column_prefix(table: u16, column: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + column.len() + 2 + 32);
+    k.push(INDEX);
+    k.extend_from_slice(&table.to_be_bytes());
+    push_str(&mut k, column.as_bytes());
+    k
+}
+
+/// An index entry: the value prefix, the sequence of the batch that stored the row (so a
+/// range of batches is a range of keys), then the row's `e` key.
+pub fn index_key(value_prefix: &[u8], seq: u64, row_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(value_prefix.len() + 8 + row_key.len());
+    k.extend_from_slice(value_prefix);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k.extend_from_slice(row_key);
     k
 }
 
@@ -124,6 +158,19 @@ fn take_str(b: &[u8]) -> Option<(String, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn index_entries_order_by_batch_within_a_value() {
+        let p = index_value_prefix(2, "InitiatingProcessFileName", "WsmProvHost.exe");
+        assert_eq!(p, index_value_prefix(2, "InitiatingProcessFileName", "wsmprovhost.exe"), "ASCII case folded");
+        let other = index_value_prefix(2, "InitiatingProcessFileName", "wsmprovhost.exe2");
+        let a = index_key(&p, 7, &event_key(2, "zz", "d", 0, "1"));
+        let b = index_key(&p, 8, &event_key(2, "aa", "d", 0, "1"));
+        assert!(a < b, "batch order first, whatever the row key");
+        assert!(!index_key(&other, 1, b"e").starts_with(&p), "a longer value is not under a shorter one's prefix");
+        let long = "x".repeat(INDEX_VALUE_MAX + 10);
+        assert_eq!(index_value_prefix(2, "C", &long), index_value_prefix(2, "C", &long[..INDEX_VALUE_MAX]));
+    }
 
     #[test]
     fn prefix_is_exact_and_order_preserving() {

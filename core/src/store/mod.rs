@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use crate::parse::normalise::NormalRow;
-use crate::schema::TableKind;
+use crate::schema::{TableKind, INDEXED_COLUMNS};
 use keys::KeyParts;
 
 /// Totals kept with the data (one key, rewritten with every batch).
@@ -139,6 +139,7 @@ impl Store {
             next_reject: 1,
         };
         store.load_registries()?;
+        store.ensure_index()?;
         Ok(store)
     }
 
@@ -332,6 +333,15 @@ impl Store {
         self.get_row(&keys::profile_key(sha1))
     }
 
+    /// The table name of a stored row's key, without decoding anything else.
+    pub fn key_table(&self, key: &[u8]) -> Option<&str> {
+        match *key.first()? {
+            keys::EVENT => self.table_name(u16::from_be_bytes(key.get(1..3)?.try_into().ok()?)),
+            keys::PROFILE => Some(lookout_plugin_sdk::tables::FILE_PROFILE),
+            _ => None,
+        }
+    }
+
     /// A reference to a stored row for a detector (table, SHA1, device and key).
     pub fn row_ref(&self, key: &[u8]) -> Option<RowRef> {
         match keys::parse_key(key)? {
@@ -385,6 +395,131 @@ impl Store {
         }
         b.insert(keys::named_key(keys::META, "jfloor"), &upto.to_be_bytes()[..]);
         self.db.apply_batch(b)?;
+        Ok(())
+    }
+
+    /// Whether the store keeps an index of `table`.`column` (see [`INDEXED_COLUMNS`]).
+    pub fn is_indexed(table: &str, column: &str) -> bool {
+        INDEXED_COLUMNS.iter().any(|(t, c)| *t == table && *c == column)
+    }
+
+    /// Keys of the stored rows of `table` whose string `column` equals one of `any_of`
+    /// ignoring ASCII case, stored by the batches `first..=last` (every batch if `None`),
+    /// read from the column index without touching the rows. `None` when the column is
+    /// not indexed. Keys come in batch order per value.
+    pub fn index_lookup(
+        &self,
+        table: &str,
+        column: &str,
+        any_of: &[String],
+        seqs: Option<(u64, u64)>,
+    ) -> Result<Option<Vec<Vec<u8>>>> {
+        if !Self::is_indexed(table, column) {
+            return Ok(None);
+        }
+        let Some(tid) = self.table_id(table) else { return Ok(Some(Vec::new())) };
+        let mut prefixes: Vec<Vec<u8>> = any_of.iter().map(|v| keys::index_value_prefix(tid, column, v)).collect();
+        prefixes.sort();
+        prefixes.dedup();
+        // A value longer than the indexed cut matches more than it should: re-check rows.
+        let recheck = any_of.iter().any(|v| v.len() > keys::INDEX_VALUE_MAX);
+        let mut out = Vec::new();
+        for prefix in prefixes {
+            let (from, to) = match seqs {
+                Some((first, last)) => (
+                    [prefix.as_slice(), &first.to_be_bytes()].concat(),
+                    [prefix.as_slice(), &last.saturating_add(1).to_be_bytes()].concat(),
+                ),
+                None => (prefix.clone(), [prefix.as_slice(), &[0xff; 9]].concat()),
+            };
+            for k in self.db.range(from..to).keys() {
+                let k = k?;
+                let row_key = &k[prefix.len() + 8..];
+                if recheck && self.get_row_where(row_key, column, any_of)?.is_none() {
+                    continue;
+                }
+                out.push(row_key.to_vec());
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Keys of every stored row of `table` whose string `column` equals one of `any_of`
+    /// ignoring ASCII case, by reading each row (the path for columns without an index).
+    pub fn scan_where(&self, table: &str, column: &str, any_of: &[String]) -> Result<Vec<Vec<u8>>> {
+        let prefix = if table == lookout_plugin_sdk::tables::FILE_PROFILE {
+            vec![keys::PROFILE]
+        } else if let Some(tid) = self.table_id(table) {
+            keys::table_prefix(tid)
+        } else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            if self.row_where(&k, &v, column, any_of)?.is_some() {
+                out.push(k.to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Builds the column index when the list of indexed columns differs from the one the
+    /// index on disk was built for (a store from before the index, or a changed list).
+    /// Rows indexed here get batch sequence 0, so a detector's incremental range would not
+    /// see them: every detector is made to backfill once instead (the journal is cut).
+    fn ensure_index(&mut self) -> Result<()> {
+        let meta = keys::named_key(keys::META, "index");
+        let wanted: Vec<(String, String)> =
+            INDEXED_COLUMNS.iter().map(|(t, c)| (t.to_string(), c.to_string())).collect();
+        let built: Option<Vec<(String, String)>> = self.get_decoded(&meta)?;
+        if built.as_ref() == Some(&wanted) {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let mut batch = sled::Batch::default();
+        let mut pending = 0usize;
+        let flush = |db: &sled::Db, batch: &mut sled::Batch, pending: &mut usize, force: bool| -> Result<()> {
+            if *pending >= 10_000 || (force && *pending > 0) {
+                db.apply_batch(std::mem::take(batch)).context("cannot write the column index")?;
+                *pending = 0;
+            }
+            Ok(())
+        };
+        for k in self.db.scan_prefix([keys::INDEX]).keys() {
+            batch.remove(k?);
+            pending += 1;
+            flush(&self.db, &mut batch, &mut pending, false)?;
+        }
+        let mut indexed = 0u64;
+        for (table, column) in INDEXED_COLUMNS {
+            let Some(tid) = self.table_id(table) else { continue };
+            for kv in self.db.scan_prefix(keys::table_prefix(tid)) {
+                let (k, v) = kv?;
+                let stored = codec::decode(&v).with_context(|| format!("rebuilding the index of {table}.{column}"))?;
+                let names = self
+                    .schema_names
+                    .get(&stored.schema)
+                    .ok_or_else(|| anyhow!("row refers to unknown schema {}", stored.schema))?;
+                let value = names.iter().position(|n| n == column).and_then(|i| stored.cells.get(i));
+                let prefix = keys::index_value_prefix(tid, column, value.map(Cell::as_str).unwrap_or(""));
+                batch.insert(keys::index_key(&prefix, 0, &k), &[][..]);
+                pending += 1;
+                indexed += 1;
+                flush(&self.db, &mut batch, &mut pending, false)?;
+            }
+        }
+        flush(&self.db, &mut batch, &mut pending, true)?;
+        self.db.insert(&meta, enc(&wanted)?)?;
+        let head = self.next_journal - 1;
+        self.prune_journal(head)?;
+        if indexed > 0 {
+            tracing::info!(
+                rows = indexed,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "built the column index; detectors backfill once"
+            );
+        }
         Ok(())
     }
 
@@ -496,6 +631,22 @@ impl WriteBatch<'_> {
             }
             TableKind::Profile => keys::profile_key(&row.sha1),
         };
+        // Index entries are written with the row, under the sequence of this batch's
+        // journal entry (the batch commits with `next_journal` if it stores any row).
+        let index_prefixes: Vec<Vec<u8>> = match key.get(1..3) {
+            Some(tid) if row.kind == TableKind::Event => {
+                let tid = u16::from_be_bytes([tid[0], tid[1]]);
+                INDEXED_COLUMNS
+                    .iter()
+                    .filter(|(t, _)| *t == row.table)
+                    .map(|(_, c)| {
+                        let value = row.columns.iter().find(|(n, _)| n == c).map(|(_, v)| v.as_str()).unwrap_or("");
+                        keys::index_value_prefix(tid, c, value)
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
         let (names, cells): (Vec<String>, Vec<Cell>) = row.columns.into_iter().unzip();
         let (schema, new) = self.store.ensure_schema(names, &mut self.batch)?;
         if let Some(names) = new {
@@ -526,6 +677,9 @@ impl WriteBatch<'_> {
         if added == Added::New {
             *self.store.counters.rows.entry(row.table).or_insert(0) += 1;
             self.counters_dirty = true;
+            for prefix in &index_prefixes {
+                self.batch.insert(keys::index_key(prefix, self.store.next_journal, &key), &[][..]);
+            }
         }
         self.batch.insert(key.clone(), value);
         self.pending.insert(key.clone());
@@ -599,12 +753,93 @@ impl FloorCharBoundary for String {
 mod tests {
     use super::*;
     use crate::parse::normalise::{normalise, TableHints};
+    use lookout_plugin_sdk::tables::IMAGE_LOADS;
 
     fn row(report: i64, extra: &str) -> NormalRow {
         let text =
             format!(r#"{{"Timestamp":"2025-05-07T16:55:49Z","DeviceId":"d","SHA1":"s","ReportId":{report}{extra}}}"#);
         let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
         normalise(obj, Some("DeviceFileEvents"), &TableHints::default()).unwrap()
+    }
+
+    fn load(report: i64, process: &str) -> NormalRow {
+        let text = format!(
+            r#"{{"Timestamp":"2025-05-07T16:55:49Z","DeviceId":"d","SHA1":"s{report}","ReportId":{report},"InitiatingProcessFileName":"{process}"}}"#
+        );
+        let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
+        normalise(obj, Some("DeviceImageLoadEvents"), &TableHints::default()).unwrap()
+    }
+
+    fn commit(store: &mut Store, rows: Vec<NormalRow>) -> u64 {
+        let mut b = store.batch();
+        for r in rows {
+            b.add_row(r, 0).unwrap();
+        }
+        b.commit().unwrap().expect("a new row")
+    }
+
+    fn lookup(store: &Store, value: &str, seqs: Option<(u64, u64)>) -> Vec<String> {
+        let keys = store.index_lookup(IMAGE_LOADS, "InitiatingProcessFileName", &[value.to_string()], seqs).unwrap();
+        let mut sha1s: Vec<String> = keys
+            .expect("indexed")
+            .iter()
+            .map(|k| match keys::parse_key(k) {
+                Some(KeyParts::Event { sha1, .. }) => sha1,
+                other => panic!("not an event key: {other:?}"),
+            })
+            .collect();
+        sha1s.sort();
+        sha1s
+    }
+
+    #[test]
+    fn index_answers_by_batch_range_ignoring_ascii_case() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let s1 = commit(&mut store, vec![load(1, "wsmprovhost.exe"), load(2, "svchost.exe")]);
+        let s2 = commit(&mut store, vec![load(3, "WsmProvHost.exe"), load(4, "wsmprovhost.exe2")]);
+        // Re-sent rows are duplicates: no second index entry.
+        let s3 = commit(&mut store, vec![load(1, "wsmprovhost.exe"), load(5, "wsmprovhost.exe")]);
+        assert_eq!(lookup(&store, "WSMPROVHOST.EXE", None), ["s1", "s3", "s5"]);
+        assert_eq!(lookup(&store, "wsmprovhost.exe", Some((s1, s1))), ["s1"]);
+        assert_eq!(lookup(&store, "wsmprovhost.exe", Some((s2, s3))), ["s3", "s5"]);
+        assert_eq!(lookup(&store, "wsmprovhost.exe", Some((s3 + 1, s3 + 5))), Vec::<String>::new());
+        assert_eq!(lookup(&store, "svchost.exe", Some((s2, s3))), Vec::<String>::new());
+        let not_indexed = store.index_lookup(IMAGE_LOADS, "FolderPath", &["x".to_string()], None).unwrap();
+        assert!(not_indexed.is_none(), "a column without an index says so");
+    }
+
+    #[test]
+    fn values_longer_than_the_indexed_cut_are_rechecked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let long_a = format!("{}a", "x".repeat(keys::INDEX_VALUE_MAX));
+        let long_b = format!("{}b", "x".repeat(keys::INDEX_VALUE_MAX));
+        commit(&mut store, vec![load(1, &long_a), load(2, &long_b)]);
+        assert_eq!(lookup(&store, &long_a.to_uppercase(), None), ["s1"]);
+    }
+
+    /// A store written before the index existed (or with another list of indexed columns)
+    /// gets it built on open, and detectors are made to backfill (the journal is cut).
+    #[test]
+    fn index_is_built_on_open_when_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            commit(&mut store, vec![load(1, "wsmprovhost.exe"), load(2, "svchost.exe")]);
+            commit(&mut store, vec![load(3, "wsmprovhost.exe")]);
+            let db = store.db();
+            for k in db.scan_prefix([keys::INDEX]).keys() {
+                db.remove(k.unwrap()).unwrap();
+            }
+            db.remove(keys::named_key(keys::META, "index")).unwrap();
+            assert_eq!(lookup(&store, "wsmprovhost.exe", None), Vec::<String>::new());
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(lookup(&store, "wsmprovhost.exe", None), ["s1", "s3"]);
+        assert_eq!(store.meta_u64("jfloor").unwrap(), store.next_journal_seq() - 1, "journal cut: backfill");
+        assert_eq!(store.journal_from(0).count(), 0);
     }
 
     /// A batch dropped without commit (a read error, a file truncated mid-read) must not

@@ -18,7 +18,7 @@ fn main() -> Result<(), String> {
     };
     let rr = RowRef { table: "DeviceFileEvents".into(), sha1: "a".into(), device_id: "d".into(), key: vec![1, 2, 3] };
     let seeds: Vec<(&str, Vec<u8>)> = vec![
-        ("eval_request", encode(&EvalRequest { now: 1, rows: vec![rr.clone(), rr] })?),
+        ("eval_request", encode(&EvalRequest { now: 1, backfill: false, rows: vec![rr.clone(), rr] })?),
         (
             "eval_response",
             encode(&EvalResponse {

@@ -6,7 +6,7 @@
 //! uint32_t lookout_abi_version(void);                  // must equal ABI_VERSION
 //! int32_t  lookout_manifest(LookoutBuf *out);          // out: Manifest
 //! int32_t  lookout_init(const uint8_t *in, size_t len, LookoutBuf *out);
-//!                                                      // in: InitRequest, out: empty
+//!                                                      // in: InitRequest, out: InitResponse
 //! int32_t  lookout_evaluate(const LookoutHostApi *host, const uint8_t *in, size_t len,
 //!                           LookoutBuf *out);          // in: EvalRequest, out: EvalResponse
 //! void     lookout_free(uint8_t *ptr, size_t len);     // frees a buffer the plugin returned
@@ -29,7 +29,7 @@ use std::ffi::c_void;
 /// Bumped on any change to the exported symbols or their calling convention.
 pub const ABI_VERSION: u32 = 1;
 /// Bumped on any change to the payload types below.
-pub const PAYLOAD_VERSION: u8 = 1;
+pub const PAYLOAD_VERSION: u8 = 2;
 
 pub const RC_OK: i32 = 0;
 /// The detector returned an error.
@@ -108,6 +108,37 @@ pub struct InitRequest {
     pub state: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// What `init` answers: how the detector wants its inputs handed over, now that its
+/// parameters are known.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct InitResponse {
+    /// One entry per input table that is not simply "every new row, and every stored row
+    /// on a backfill" (the default for the manifest's inputs not listed here).
+    pub inputs: Vec<InputSpec>,
+}
+
+/// How the rows of one input table reach the detector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputSpec {
+    /// One of the manifest's `inputs`.
+    pub table: String,
+    /// Hand over only rows whose string column equals one of some values ignoring ASCII
+    /// case (KQL `in~`). The host applies it before a row reaches the detector, from its
+    /// column index where it keeps one, so rows that cannot match cost nothing.
+    pub only_where: Option<ColumnIn>,
+    /// Whether a backfill hands over this table's stored rows. `false` for a table the
+    /// detector reaches through look-ups from its other inputs (the write side of a join
+    /// keyed on the other side's SHA1): its new rows still come in incremental passes.
+    pub on_backfill: bool,
+}
+
+/// `column in~ (any_of)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColumnIn {
+    pub column: String,
+    pub any_of: Vec<String>,
+}
+
 /// A reference to a newly stored row: enough for cheap filtering without decoding it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RowRef {
@@ -122,6 +153,9 @@ pub struct RowRef {
 pub struct EvalRequest {
     /// The evaluation time (ticks); fixed for the whole pass.
     pub now: i64,
+    /// Whether this pass hands over stored rows rather than new ones (the detector's first
+    /// pass, or one after its cursor fell behind the pruned journal).
+    pub backfill: bool,
     pub rows: Vec<RowRef>,
 }
 
@@ -216,6 +250,7 @@ mod tests {
     fn round_trip_and_version_check() {
         let req = EvalRequest {
             now: 42,
+            backfill: false,
             rows: vec![RowRef { table: "T".into(), sha1: "a".into(), device_id: "d".into(), key: vec![1, 2] }],
         };
         let bytes = encode(&req).unwrap();

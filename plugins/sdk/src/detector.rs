@@ -1,6 +1,6 @@
 //! The author-facing trait.
 
-use crate::abi::{EvalRequest, Manifest};
+use crate::abi::{EvalRequest, InputSpec, Manifest};
 use crate::context::Context;
 use crate::params::Params;
 
@@ -12,6 +12,13 @@ pub trait Detector: Sized + Send + 'static {
 
     /// Builds the detector from resolved parameters and its persisted state.
     fn init(params: &Params, state: &[(Vec<u8>, Vec<u8>)]) -> Result<Self, String>;
+
+    /// How the detector wants its inputs handed over (filters the host applies, tables a
+    /// backfill can skip), asked right after `init`. The default: every row of every
+    /// input.
+    fn inputs(&self) -> Vec<InputSpec> {
+        Vec::new()
+    }
 
     /// Evaluates the rows that are new since the last pass. Findings go to
     /// [`Context::emit`]; look-ups of stored rows go through the context.

@@ -2,7 +2,7 @@
 //! generates. This is the only place in the SDK with `unsafe`: raw buffers in and out.
 
 use crate::abi::{
-    self, EvalRequest, EvalResponse, InitRequest, LookoutBuf, LookoutHostApi, RC_BAD_PAYLOAD, RC_ERROR,
+    self, EvalRequest, EvalResponse, InitRequest, InitResponse, LookoutBuf, LookoutHostApi, RC_BAD_PAYLOAD, RC_ERROR,
     RC_NOT_INITIALISED, RC_OK, RC_PANIC,
 };
 use crate::context::Context;
@@ -98,9 +98,18 @@ pub unsafe fn run_init<D: Detector>(
     let mut guard = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     match result {
         Ok(Ok(detector)) => {
-            *guard = Some(detector);
-            give(Vec::new(), out);
-            RC_OK
+            let response = InitResponse { inputs: detector.inputs() };
+            match abi::encode(&response) {
+                Ok(bytes) => {
+                    *guard = Some(detector);
+                    give(bytes, out);
+                    RC_OK
+                }
+                Err(e) => {
+                    *guard = None;
+                    fail(RC_ERROR, e, out)
+                }
+            }
         }
         Ok(Err((rc, msg))) => {
             *guard = None;

@@ -20,8 +20,8 @@ pub mod params;
 pub mod time;
 
 pub use abi::{
-    EvalRequest, EvalResponse, FindingOut, HostRequest, HostResponse, InitRequest, Manifest, Parameter, RowRef,
-    StateOp, ABI_VERSION, PAYLOAD_VERSION,
+    ColumnIn, EvalRequest, EvalResponse, FindingOut, HostRequest, HostResponse, InitRequest, InitResponse, InputSpec,
+    Manifest, Parameter, RowRef, StateOp, ABI_VERSION, PAYLOAD_VERSION,
 };
 pub use cell::{Cell, Row};
 pub use context::Context;

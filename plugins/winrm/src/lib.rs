@@ -22,10 +22,16 @@
 //! (SHA1, DeviceId); a new write whose SHA1 is in the persisted set of candidate plugin
 //! SHA1s probes stored loads; a new FileProfile row re-evaluates the stored loads of its
 //! SHA1. Everything else costs one hash-set probe.
+//!
+//! What the host hands over (`Detector::inputs`): only loads by the initiating process
+//! (`=~`, answered from the host's column index), and on a backfill only those loads —
+//! every stored write and profile a backfill needs is reached by look-ups from them.
+//! FileProfile depends on SHA1 alone, so loads are grouped by SHA1 and a prevalent file's
+//! loads are never fetched.
 
 mod rule;
 
-use lookout_plugin_sdk::{Detector, EvalRequest, Manifest, Parameter, Params};
+use lookout_plugin_sdk::{Detector, EvalRequest, InputSpec, Manifest, Parameter, Params};
 
 pub use rule::{RuleConfig, WinrmRule};
 
@@ -87,6 +93,10 @@ impl Detector for WinrmDetector {
             excluded_prefix: params.str("excluded_prefix")?.to_string(),
         };
         Ok(WinrmDetector { rule: WinrmRule::new(config, state)? })
+    }
+
+    fn inputs(&self) -> Vec<InputSpec> {
+        self.rule.inputs()
     }
 
     fn evaluate(&mut self, batch: &EvalRequest, ctx: &mut lookout_plugin_sdk::Context<'_>) -> Result<(), String> {

@@ -2,7 +2,7 @@
 
 use lookout_plugin_sdk::tables::{FILE_EVENTS, FILE_PROFILE, IMAGE_LOADS};
 use lookout_plugin_sdk::time::parse_timestamp;
-use lookout_plugin_sdk::{Cell, Context, EvalRequest, FindingOut, Row};
+use lookout_plugin_sdk::{Cell, ColumnIn, Context, EvalRequest, FindingOut, InputSpec, Row};
 use std::collections::{HashMap, HashSet};
 
 /// The columns `invoke FileProfile()` adds, in Defender's order. Missing ones read as
@@ -65,19 +65,36 @@ impl WinrmRule {
         Ok(WinrmRule { config, candidates })
     }
 
+    /// Loads by the initiating process only (the host filters, from its index); writes
+    /// and profiles only as they arrive, since a backfill reaches the stored ones by
+    /// look-ups from the loads.
+    pub fn inputs(&self) -> Vec<InputSpec> {
+        let only_where = (self.config.initiating_process != "*").then(|| ColumnIn {
+            column: "InitiatingProcessFileName".into(),
+            any_of: vec![self.config.initiating_process.clone()],
+        });
+        vec![
+            InputSpec { table: IMAGE_LOADS.into(), only_where, on_backfill: true },
+            InputSpec { table: FILE_EVENTS.into(), only_where: None, on_backfill: false },
+            InputSpec { table: FILE_PROFILE.into(), only_where: None, on_backfill: false },
+        ]
+    }
+
     pub fn evaluate(&mut self, batch: &EvalRequest, ctx: &mut Context<'_>) -> Result<(), String> {
         let now = ctx.now();
         let load_cutoff = now.saturating_sub(self.config.timeframe);
         let write_cutoff = now.saturating_sub(self.config.lookback);
 
-        let mut load_keys = Vec::new();
+        // Loads grouped by SHA1: FileProfile (availability, prevalence) depends on the SHA1
+        // alone, so the loads of a prevalent file are never fetched.
+        let mut load_keys: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
         let mut profile_sha1s = HashSet::new();
         let mut probing_writes = Vec::new();
         for r in &batch.rows {
             match r.table.as_str() {
-                IMAGE_LOADS => load_keys.push(r.key.clone()),
+                IMAGE_LOADS => load_keys.entry(r.sha1.as_str()).or_default().push(r.key.clone()),
                 FILE_PROFILE => {
-                    profile_sha1s.insert(r.sha1.clone());
+                    profile_sha1s.insert(r.sha1.as_str());
                 }
                 // `SHA1 in~ (PotentialPlugins | project SHA1)`: a hash probe, before any
                 // row is decoded.
@@ -87,23 +104,25 @@ impl WinrmRule {
         }
 
         // Loads to (re-)evaluate: the new ones, and the stored ones whose profile changed.
-        // `InitiatingProcessFileName =~ "wsmprovhost.exe"` is applied by the host before
-        // any row crosses the boundary; the full check below repeats it.
-        let mut loads = if load_keys.is_empty() {
-            Vec::new()
-        } else if self.config.initiating_process == "*" {
-            ctx.rows(load_keys)?
-        } else {
-            ctx.rows_where(load_keys, "InitiatingProcessFileName", &[self.config.initiating_process.as_str()])?
-        };
-        for sha1 in &profile_sha1s {
-            loads.extend(self.fetch_loads(ctx, sha1, None)?);
+        // The host handed over only loads by the initiating process; `potential_plugin`
+        // checks every filter again on the fetched row.
+        let mut profiles = ProfileCache::default();
+        let mut wanted = Vec::new();
+        for (sha1, keys) in load_keys {
+            if self.profile_qualifies(sha1, ctx, &mut profiles)? {
+                wanted.extend(keys);
+            }
+        }
+        let mut loads = if wanted.is_empty() { Vec::new() } else { ctx.rows(wanted)? };
+        for sha1 in profile_sha1s {
+            if self.profile_qualifies(sha1, ctx, &mut profiles)? {
+                loads.extend(self.fetch_loads(ctx, sha1, None)?);
+            }
         }
         let mut seen_loads = HashSet::new();
         loads.retain(|l| seen_loads.insert(l.key.clone()));
 
         let mut emitted = HashSet::new();
-        let mut profiles = ProfileCache::default();
         for load in loads {
             let Some(plugin) = self.potential_plugin(load, load_cutoff, ctx, &mut profiles)? else { continue };
             let lower = plugin.load.str("SHA1").to_lowercase();
@@ -187,10 +206,26 @@ impl WinrmRule {
         if starts_with_ignore_ascii_case(load.str("FolderPath"), &c.excluded_prefix) {
             return Ok(None);
         }
+        if !self.profile_qualifies(load.str("SHA1"), ctx, profiles)? {
+            return Ok(None);
+        }
         let profile = profiles.get(load.str("SHA1"), ctx)?;
+        Ok(Some(Plugin { load, profile }))
+    }
+
+    /// `invoke FileProfile(SHA1) | where ProfileAvailability !~ "Error" | where
+    /// coalesce(GlobalPrevalence, default) < threshold`: a property of the SHA1 alone.
+    fn profile_qualifies(
+        &self,
+        sha1: &str,
+        ctx: &mut Context<'_>,
+        profiles: &mut ProfileCache,
+    ) -> Result<bool, String> {
+        let c = &self.config;
+        let profile = profiles.get(sha1, ctx)?;
         let availability = profile.as_ref().map(|p| p.str("ProfileAvailability")).unwrap_or("");
         if availability.eq_ignore_ascii_case("Error") {
-            return Ok(None);
+            return Ok(false);
         }
         let prevalence = profile
             .as_ref()
@@ -200,10 +235,7 @@ impl WinrmRule {
                 _ => None,
             })
             .unwrap_or(c.default_prevalence as f64);
-        if prevalence >= c.prevalence_threshold as f64 {
-            return Ok(None);
-        }
-        Ok(Some(Plugin { load, profile }))
+        Ok(prevalence < c.prevalence_threshold as f64)
     }
 
     /// The PotentialWrites filters (other than the SHA1 set, which the join implies).
