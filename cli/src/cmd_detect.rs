@@ -25,6 +25,10 @@ pub struct DetectArgs {
     /// Override a detector parameter, e.g. winrm-plugin-lateral-movement.lookback=7d
     #[arg(long = "set", value_name = "DETECTOR.PARAM=VALUE")]
     set: Vec<String>,
+    /// Evaluate everything stored again, not only what is new (e.g. after widening a
+    /// parameter); findings already written are not written again
+    #[arg(long)]
+    backfill: bool,
 }
 
 #[derive(Args)]
@@ -42,6 +46,7 @@ pub fn detect(data: &Path, args: DetectArgs) -> Result<ExitCode> {
     let opts = DetectOptions {
         now: args.now.as_deref().map(parse_now).transpose()?,
         params: args.set.iter().map(|s| parse_set(s)).collect::<Result<_>>()?,
+        backfill: args.backfill,
         ..DetectOptions::default()
     };
     let dir = resolve_dir(&args.plugins.plugins)?;

@@ -6,7 +6,7 @@
 use crate::clock::Clock;
 use crate::plugin::host_api::with_host_api;
 use crate::plugin::Plugin;
-use crate::store::{keys, Store};
+use crate::store::{journal_keys, keys, Store};
 use anyhow::{anyhow, Result};
 use lookout_plugin_sdk::time::format_timestamp;
 use lookout_plugin_sdk::{EvalRequest, FindingOut, InitRequest, InputSpec, RowRef, StateOp};
@@ -28,11 +28,13 @@ pub struct DetectOptions {
     /// Set by a signal: stop after the chunk in hand (the cursor stays where it was, so
     /// the rest is evaluated on the next run; findings already committed stay, once).
     pub stop: Option<Arc<AtomicBool>>,
+    /// Evaluate everything stored, whatever the cursors say (`detect --backfill`).
+    pub backfill: bool,
 }
 
 impl Default for DetectOptions {
     fn default() -> Self {
-        DetectOptions { now: None, params: Vec::new(), chunk_rows: 20_000, stop: None }
+        DetectOptions { now: None, params: Vec::new(), chunk_rows: 20_000, stop: None, backfill: false }
     }
 }
 
@@ -199,13 +201,7 @@ fn run_detector(
             .collect();
         let state = store.detector_state(&id).map_err(store_err)?;
         let response = plugin.lib.init(&InitRequest { params, state }).map_err(|e| anyhow!("init failed: {e}"))?;
-        if let Some(bad) = response.inputs.iter().find(|s| !plugin.manifest.inputs.contains(&s.table)) {
-            return Err(anyhow!(
-                "init describes input table '{}', which is not among the manifest's inputs ({})",
-                bad.table,
-                plugin.manifest.inputs.join(", ")
-            ));
-        }
+        check_inputs(&plugin.manifest.inputs, &response.inputs)?;
         plugin.inputs = response.inputs;
         plugin.initialised = true;
     }
@@ -214,6 +210,7 @@ fn run_detector(
     let floor = store.meta_u64("jfloor").map_err(store_err)?;
     let cursor = store.meta_cursor(&id).map_err(store_err)?;
     let since = match cursor {
+        Some(_) if opts.backfill => None,
         Some(c) if c >= floor => {
             if c >= head {
                 return Ok(());
@@ -267,9 +264,25 @@ fn run_detector(
             plugin.initialised = false;
             return Err(store_err(e));
         }
+        if let Some(inputs) = resp.inputs {
+            check_inputs(&plugin.manifest.inputs, &inputs)?;
+            plugin.inputs = inputs;
+        }
         crate::failpoint::hit("detect-after-commit");
     }
     Ok(())
+}
+
+/// Input specs may only describe the manifest's input tables.
+fn check_inputs(tables: &[String], specs: &[InputSpec]) -> Result<()> {
+    match specs.iter().find(|s| !tables.contains(&s.table)) {
+        Some(bad) => Err(anyhow!(
+            "the detector describes input table '{}', which is not among its manifest's inputs ({})",
+            bad.table,
+            tables.join(", ")
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The rows a pass hands to a detector: those stored by batches after `since` (every
@@ -284,50 +297,52 @@ fn input_refs(
     head: u64,
 ) -> Result<Vec<RowRef>> {
     let spec = |t: &str| specs.iter().find(|s| s.table == t);
-    let from_index =
-        |t: &str| spec(t).and_then(|s| s.only_where.as_ref()).is_some_and(|w| Store::is_indexed(t, &w.column));
+    let filter = |t: &str| spec(t).map_or(&[][..], |s| s.only_where.as_slice());
+    let from_index = |t: &str| Store::indexed_condition(t, filter(t)).is_some();
     let mut keys: Vec<Vec<u8>> = Vec::new();
     match since {
         Some(c) => {
             // New rows of unfiltered tables (and filtered ones without an index) come from
             // the journal; indexed filters below read only the matching entries.
             let wanted: HashSet<&str> = tables.iter().map(String::as_str).filter(|t| !from_index(t)).collect();
-            for entry in store.journal_from(c + 1) {
-                let (seq, batch_keys) = entry?;
+            for entry in store.journal_raw_from(c + 1) {
+                let (seq, raw) = entry?;
                 if seq > head {
                     break;
                 }
-                for k in batch_keys {
-                    let Some(table) = store.key_table(&k) else { continue };
+                for k in journal_keys(&raw)? {
+                    let Some(table) = store.key_table(k) else { continue };
                     if !wanted.contains(table) {
                         continue;
                     }
-                    let keep = match spec(table).and_then(|s| s.only_where.as_ref()) {
-                        Some(w) => store.get_row_where(&k, &w.column, &w.any_of)?.is_some(),
-                        None => true,
+                    let keep = match filter(table) {
+                        [] => true,
+                        f => match store.key_passes(k, f) {
+                            Some(pass) => pass,
+                            None => store.get_row_where(k, f)?.is_some(),
+                        },
                     };
                     if keep {
-                        keys.push(k);
+                        keys.push(k.to_vec());
                     }
                 }
             }
             for t in tables.iter().filter(|t| from_index(t)) {
-                if let Some(w) = spec(t).and_then(|s| s.only_where.as_ref()) {
-                    keys.extend(store.index_lookup(t, &w.column, &w.any_of, Some((c + 1, head)))?.unwrap_or_default());
-                }
+                keys.extend(store.index_lookup(t, filter(t), Some((c + 1, head)))?.unwrap_or_default());
             }
         }
         None => {
             for t in tables {
-                match spec(t) {
-                    Some(s) if !s.on_backfill => {}
-                    Some(InputSpec { only_where: Some(w), .. }) => {
-                        match store.index_lookup(t, &w.column, &w.any_of, None)? {
-                            Some(found) => keys.extend(found),
-                            None => keys.extend(store.scan_where(t, &w.column, &w.any_of)?),
-                        }
+                if spec(t).is_some_and(|s| !s.on_backfill) {
+                    continue;
+                }
+                if filter(t).is_empty() {
+                    keys.extend(store.all_row_keys(std::slice::from_ref(t))?);
+                } else {
+                    match store.index_lookup(t, filter(t), None)? {
+                        Some(found) => keys.extend(found),
+                        None => keys.extend(store.scan_where(t, filter(t))?),
                     }
-                    _ => keys.extend(store.all_row_keys(std::slice::from_ref(t))?),
                 }
             }
         }
@@ -360,7 +375,7 @@ mod tests {
     use super::*;
     use crate::parse::normalise::{normalise, TableHints};
     use lookout_plugin_sdk::tables::{FILE_EVENTS, IMAGE_LOADS};
-    use lookout_plugin_sdk::ColumnIn;
+    use lookout_plugin_sdk::Condition;
 
     fn row(table: &str, report: i64, process: &str) -> crate::parse::normalise::NormalRow {
         let text = format!(
@@ -399,10 +414,10 @@ mod tests {
             vec![
                 InputSpec {
                     table: IMAGE_LOADS.into(),
-                    only_where: Some(ColumnIn { column: column.into(), any_of: vec!["WsmProvHost.exe".into()] }),
+                    only_where: vec![Condition::In { column: column.into(), any_of: vec!["WsmProvHost.exe".into()] }],
                     on_backfill: true,
                 },
-                InputSpec { table: FILE_EVENTS.into(), only_where: None, on_backfill: false },
+                InputSpec { table: FILE_EVENTS.into(), only_where: Vec::new(), on_backfill: false },
             ]
         };
         assert!(Store::is_indexed(IMAGE_LOADS, "InitiatingProcessFileName"));

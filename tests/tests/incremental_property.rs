@@ -680,6 +680,23 @@ fn load_arriving_in_a_later_tick_than_its_write() {
     assert_eq!(run(&ticks), BTreeSet::from([pair(&load, &write)]));
 }
 
+/// A write arriving after its load, in the same process: the detector must be handed the
+/// new write although it narrows writes to its candidate SHA1s (the set it had when the
+/// load arrived, kept up to date without a restart). A write of another file is not a
+/// candidate; the upper-case copy of the SHA1 still is (`in~`).
+#[test]
+fn write_arriving_in_a_later_tick_than_its_load_without_restart() {
+    let load = load_row(1, t0(), "d-alpha", SHA_A, PLUGIN_DLL, "wsmprovhost.exe");
+    let write = write_row(2, t0() + HOUR, "d-alpha", &SHA_A.to_uppercase(), PLUGIN_DLL, "FileModified");
+    let exact = write_row(3, t0() + HOUR, "d-alpha", SHA_A, PLUGIN_DLL, "FileCreated");
+    let ticks = vec![
+        Tick::new(t0() + MINUTE, Restart::No, vec![(IMAGE_LOADS, load.clone())]),
+        Tick::new(t0() + 2 * HOUR, Restart::No, vec![(FILE_EVENTS, write), (FILE_EVENTS, exact.clone())]),
+    ];
+    // The SHA1 join itself is exact (`on SHA1`): only the exact write pairs.
+    assert_eq!(run(&ticks), BTreeSet::from([pair(&load, &exact)]));
+}
+
 #[test]
 fn a_later_file_profile_turns_a_load_into_a_candidate() {
     let load = load_row(1, t0(), "d-alpha", SHA_A, PLUGIN_DLL, "wsmprovhost.exe");

@@ -43,6 +43,31 @@ fn kqlbench_rule_as_published_finds_nothing() {
     assert!(read_jsonl(&data.join("findings.jsonl")).is_empty());
 }
 
+/// `detect --backfill` re-evaluates everything stored: what a narrower parameter missed
+/// is found, and what was already written is not written again.
+#[test]
+fn backfill_after_widening_a_parameter_finds_the_rest_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let plugins = plugins_dir(tmp.path(), &[WINRM]);
+    let p = plugins.to_str().unwrap();
+    ingest_kqlbench(&data);
+    let narrow = "winrm-plugin-lateral-movement.excluded_prefix=C:\\Users";
+    lookout_ok(&data, &["detect", "--plugins", p, "--now", NOW, "--set", ANY_PROCESS, "--set", narrow]);
+    let first = pairs(&read_jsonl(&data.join("findings.jsonl")));
+    assert_eq!(first, [(996240, 996234)].into(), "the narrower prefix hides the two pairs under C:\\Users");
+    let out = lookout_ok(&data, &["detect", "--plugins", p, "--now", NOW, "--set", ANY_PROCESS]);
+    assert!(out.contains("incremental pass over 0 row(s)"), "{out}");
+    let out = lookout_ok(&data, &["detect", "--plugins", p, "--now", NOW, "--set", ANY_PROCESS, "--backfill"]);
+    assert!(out.contains("backfill pass"), "{out}");
+    let lines = read_jsonl(&data.join("findings.jsonl"));
+    assert_eq!(lines.len(), 3, "each pair once");
+    assert_eq!(pairs(&lines), [(996240, 996234), (1002193, 1001807), (1002198, 1001803)].into());
+    let out = lookout_ok(&data, &["detect", "--plugins", p, "--now", NOW, "--set", ANY_PROCESS, "--backfill"]);
+    assert!(out.contains("0 new finding(s)"), "{out}");
+    assert_eq!(read_jsonl(&data.join("findings.jsonl")).len(), 3);
+}
+
 #[test]
 fn kqlbench_with_any_process_finds_exactly_the_hand_checked_pairs() {
     let tmp = tempfile::tempdir().unwrap();

@@ -26,16 +26,16 @@ fn answer(store: &Store, req: HostRequest) -> HostResponse {
             .filter_map(|k| store.get_row(k).transpose())
             .collect::<anyhow::Result<Vec<_>>>()
             .map(HostResponse::Rows),
-        HostRequest::GetRowsWhere { keys, column, any_of } => keys
+        HostRequest::GetRowsWhere { keys, filter } => keys
             .iter()
-            .filter_map(|k| store.get_row_where(k, &column, &any_of).transpose())
+            .filter_map(|k| store.get_row_where(k, &filter).transpose())
             .collect::<anyhow::Result<Vec<_>>>()
             .map(HostResponse::Rows),
         HostRequest::Lookup { table, sha1, device_id } => {
             store.lookup(&table, &sha1, device_id.as_deref()).map(HostResponse::Rows)
         }
-        HostRequest::LookupWhere { table, sha1, device_id, column, any_of } => {
-            store.lookup_where(&table, &sha1, device_id.as_deref(), &column, &any_of).map(HostResponse::Rows)
+        HostRequest::LookupWhere { table, sha1, device_id, filter } => {
+            store.lookup_where(&table, &sha1, device_id.as_deref(), &filter).map(HostResponse::Rows)
         }
         HostRequest::Profile(sha1) => store.profile(&sha1).map(HostResponse::Profile),
     };

@@ -34,6 +34,42 @@ pub fn decode(bytes: &[u8]) -> Result<StoredRow> {
     Ok(bincode::serde::decode_from_slice(bytes, config).map_err(|e| anyhow!("corrupt stored row: {e}"))?.0)
 }
 
+/// One cell borrowed from the stored bytes: the variants (and so the encoding) of
+/// [`Cell`], with strings as slices, so a row can be checked without allocating them.
+#[derive(Deserialize)]
+pub enum CellView<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(&'a str),
+    Json(&'a str),
+}
+
+impl CellView<'_> {
+    /// As [`Cell::as_str`]: the string, or `""` for anything else.
+    pub fn as_str(&self) -> &str {
+        match self {
+            CellView::Str(s) => s,
+            _ => "",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct StoredRowView<'a> {
+    pub schema: u32,
+    pub ingested_at: i64,
+    #[serde(borrow)]
+    pub cells: Vec<CellView<'a>>,
+}
+
+/// Decodes a stored row without copying its strings.
+pub fn decode_view(bytes: &[u8]) -> Result<StoredRowView<'_>> {
+    let config = bincode::config::standard().with_limit::<MAX_ROW_BYTES>();
+    Ok(bincode::serde::borrow_decode_from_slice(bytes, config).map_err(|e| anyhow!("corrupt stored row: {e}"))?.0)
+}
+
 /// Same schema and cells (the ingestion time may differ).
 pub fn same_content(a: &[u8], b: &[u8]) -> bool {
     match (decode(a), decode(b)) {
@@ -50,7 +86,12 @@ mod tests {
     fn round_trip() {
         let cells = vec![Cell::Str("a".into()), Cell::Int(-3), Cell::Null, Cell::Json("[1]".into())];
         let d = decode(&encode(7, 42, &cells).unwrap()).unwrap();
-        assert_eq!((d.schema, d.ingested_at, d.cells), (7, 42, cells));
+        assert_eq!((d.schema, d.ingested_at, &d.cells), (7, 42, &cells));
+        let bytes = encode(7, 42, &cells).unwrap();
+        let v = decode_view(&bytes).unwrap();
+        let strs: Vec<&str> = v.cells.iter().map(CellView::as_str).collect();
+        assert_eq!((v.schema, v.ingested_at, strs), (7, 42, vec!["a", "", "", ""]));
+        assert!(matches!(v.cells[3], CellView::Json("[1]")) && matches!(v.cells[1], CellView::Int(-3)));
     }
 
     /// Found by the payload_decode fuzz target: a length prefix claiming ~3 GB made the

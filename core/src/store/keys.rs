@@ -149,6 +149,21 @@ pub fn parse_key(key: &[u8]) -> Option<KeyParts> {
     }
 }
 
+/// The SHA1 and DeviceId bytes of an event key, borrowed.
+pub fn event_sha1_device(key: &[u8]) -> Option<(&[u8], &[u8])> {
+    if *key.first()? != EVENT {
+        return None;
+    }
+    let (sha1, rest) = take_bytes(key.get(3..)?)?;
+    let (device, _) = take_bytes(rest)?;
+    Some((sha1, device))
+}
+
+fn take_bytes(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = u16::from_be_bytes(b.get(..2)?.try_into().ok()?) as usize;
+    Some((b.get(2..2 + len)?, &b[2 + len..]))
+}
+
 fn take_str(b: &[u8]) -> Option<(String, &[u8])> {
     let len = u16::from_be_bytes(b.get(..2)?.try_into().ok()?) as usize;
     let s = b.get(2..2 + len)?;
@@ -180,6 +195,8 @@ mod tests {
         assert!(a < b, "timestamps order numerically, negatives first");
         assert!(a.starts_with(&event_prefix(1, "abc", Some("dev1"))));
         assert!(!c.starts_with(&event_prefix(1, "abc", None)), "a longer SHA1 is not under a shorter one's prefix");
+        assert_eq!(event_sha1_device(&a), Some((&b"abc"[..], &b"dev1"[..])));
+        assert_eq!(event_sha1_device(&profile_key("abc")), None);
         assert_eq!(
             parse_key(&a),
             Some(KeyParts::Event { table: 1, sha1: "abc".into(), device: "dev1".into(), timestamp: -5 })

@@ -8,16 +8,17 @@
 //! writing a batch cannot race.
 
 pub mod codec;
+pub mod index;
 pub mod keys;
 
 use anyhow::{anyhow, Context as _, Result};
-use lookout_plugin_sdk::{Cell, Row, RowRef};
+use lookout_plugin_sdk::{Cell, Condition, Row, RowRef};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use crate::parse::normalise::NormalRow;
-use crate::schema::{TableKind, INDEXED_COLUMNS};
+use crate::schema::TableKind;
 use keys::KeyParts;
 
 /// Totals kept with the data (one key, rewritten with every batch).
@@ -72,6 +73,14 @@ pub struct RejectRecord {
     pub reason: String,
     /// The first bytes of the record, lossily decoded.
     pub excerpt: String,
+}
+
+/// The keys of a journal entry, borrowed from it (no copy per key).
+pub fn journal_keys(raw: &[u8]) -> Result<Vec<&[u8]>> {
+    let keys: Vec<&[u8]> = bincode::serde::borrow_decode_from_slice(raw, bincode::config::standard())
+        .map_err(|e| anyhow!("corrupt journal entry: {e}"))?
+        .0;
+    Ok(keys)
 }
 
 pub(crate) fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -268,48 +277,69 @@ impl Store {
         })
     }
 
-    /// Stored rows of `table` with exactly this SHA1 (and DeviceId) whose string `column`
-    /// equals one of `any_of` ignoring ASCII case.
+    /// Stored rows of `table` with exactly this SHA1 (and DeviceId) that meet every
+    /// condition of `filter`.
     pub fn lookup_where(
         &self,
         table: &str,
         sha1: &str,
         device: Option<&str>,
-        column: &str,
-        any_of: &[String],
+        filter: &[Condition],
     ) -> Result<Vec<Row>> {
         let Some(tid) = self.table_id(table) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(keys::event_prefix(tid, sha1, device)) {
             let (k, v) = kv?;
-            if let Some(row) = self.row_where(&k, &v, column, any_of)? {
-                out.push(row);
+            if self.row_passes(&v, filter)? {
+                out.push(self.decode_row(&k, &v)?);
             }
         }
         Ok(out)
     }
 
-    /// The row at `key` if its string `column` equals one of `any_of` ignoring ASCII
-    /// case; a non-matching row is never turned into a `Row` (no column names copied).
-    pub fn get_row_where(&self, key: &[u8], column: &str, any_of: &[String]) -> Result<Option<Row>> {
+    /// The row at `key` if it meets every condition of `filter`; a row that does not is
+    /// never turned into a `Row` (no strings copied).
+    pub fn get_row_where(&self, key: &[u8], filter: &[Condition]) -> Result<Option<Row>> {
         match self.db.get(key)? {
-            Some(value) => self.row_where(key, &value, column, any_of),
-            None => Ok(None),
+            Some(value) if self.row_passes(&value, filter)? => self.decode_row(key, &value).map(Some),
+            _ => Ok(None),
         }
     }
 
-    fn row_where(&self, key: &[u8], value: &[u8], column: &str, any_of: &[String]) -> Result<Option<Row>> {
-        let stored = codec::decode(value)?;
+    /// Whether the row at `key` meets every condition, decided from the key alone: `None`
+    /// unless every condition is on the SHA1 or DeviceId of an event row (which its key
+    /// holds, unless cut for length).
+    pub fn key_passes(&self, key: &[u8], filter: &[Condition]) -> Option<bool> {
+        let (sha1, device) = keys::event_sha1_device(key)?;
+        let mut pass = true;
+        for c in filter {
+            let value = match c.column() {
+                "SHA1" => sha1,
+                "DeviceId" => device,
+                _ => return None,
+            };
+            if value.len() >= u16::MAX as usize {
+                return None;
+            }
+            pass &= c.matches(std::str::from_utf8(value).ok()?);
+        }
+        Some(pass)
+    }
+
+    /// Whether the stored row value meets every condition, read without copying strings.
+    fn row_passes(&self, value: &[u8], filter: &[Condition]) -> Result<bool> {
+        if filter.is_empty() {
+            return Ok(true);
+        }
+        let view = codec::decode_view(value)?;
         let names = self
             .schema_names
-            .get(&stored.schema)
-            .ok_or_else(|| anyhow!("row refers to unknown schema {}", stored.schema))?;
-        let cell = names.iter().position(|n| n == column).and_then(|i| stored.cells.get(i));
-        let text = cell.map(Cell::as_str).unwrap_or("");
-        if !any_of.iter().any(|a| a.eq_ignore_ascii_case(text)) {
-            return Ok(None);
-        }
-        self.decode_row(key, value).map(Some)
+            .get(&view.schema)
+            .ok_or_else(|| anyhow!("row refers to unknown schema {}", view.schema))?;
+        Ok(filter.iter().all(|c| {
+            let cell = names.iter().position(|n| n == c.column()).and_then(|i| view.cells.get(i));
+            c.matches(cell.map(codec::CellView::as_str).unwrap_or(""))
+        }))
     }
 
     pub fn get_row(&self, key: &[u8]) -> Result<Option<Row>> {
@@ -359,9 +389,17 @@ impl Store {
 
     /// Journal entries with sequence in `from..` (each: seq, keys new in that batch).
     pub fn journal_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, Vec<Vec<u8>>)>> + '_ {
+        self.journal_raw_from(from).map(|e| {
+            let (seq, raw) = e?;
+            Ok((seq, journal_keys(&raw)?.into_iter().map(<[u8]>::to_vec).collect()))
+        })
+    }
+
+    /// Journal entries with sequence in `from..`, undecoded (see [`journal_keys`]).
+    pub fn journal_raw_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, sled::IVec)>> + '_ {
         self.db.range(keys::seq_key(keys::JOURNAL, from)..keys::seq_key(keys::JOURNAL, u64::MAX)).map(|kv| {
             let (k, v) = kv?;
-            Ok((keys::seq_of(&k).unwrap_or(0), dec(&v)?))
+            Ok((keys::seq_of(&k).unwrap_or(0), v))
         })
     }
 
@@ -398,55 +436,9 @@ impl Store {
         Ok(())
     }
 
-    /// Whether the store keeps an index of `table`.`column` (see [`INDEXED_COLUMNS`]).
-    pub fn is_indexed(table: &str, column: &str) -> bool {
-        INDEXED_COLUMNS.iter().any(|(t, c)| *t == table && *c == column)
-    }
-
-    /// Keys of the stored rows of `table` whose string `column` equals one of `any_of`
-    /// ignoring ASCII case, stored by the batches `first..=last` (every batch if `None`),
-    /// read from the column index without touching the rows. `None` when the column is
-    /// not indexed. Keys come in batch order per value.
-    pub fn index_lookup(
-        &self,
-        table: &str,
-        column: &str,
-        any_of: &[String],
-        seqs: Option<(u64, u64)>,
-    ) -> Result<Option<Vec<Vec<u8>>>> {
-        if !Self::is_indexed(table, column) {
-            return Ok(None);
-        }
-        let Some(tid) = self.table_id(table) else { return Ok(Some(Vec::new())) };
-        let mut prefixes: Vec<Vec<u8>> = any_of.iter().map(|v| keys::index_value_prefix(tid, column, v)).collect();
-        prefixes.sort();
-        prefixes.dedup();
-        // A value longer than the indexed cut matches more than it should: re-check rows.
-        let recheck = any_of.iter().any(|v| v.len() > keys::INDEX_VALUE_MAX);
-        let mut out = Vec::new();
-        for prefix in prefixes {
-            let (from, to) = match seqs {
-                Some((first, last)) => (
-                    [prefix.as_slice(), &first.to_be_bytes()].concat(),
-                    [prefix.as_slice(), &last.saturating_add(1).to_be_bytes()].concat(),
-                ),
-                None => (prefix.clone(), [prefix.as_slice(), &[0xff; 9]].concat()),
-            };
-            for k in self.db.range(from..to).keys() {
-                let k = k?;
-                let row_key = &k[prefix.len() + 8..];
-                if recheck && self.get_row_where(row_key, column, any_of)?.is_none() {
-                    continue;
-                }
-                out.push(row_key.to_vec());
-            }
-        }
-        Ok(Some(out))
-    }
-
-    /// Keys of every stored row of `table` whose string `column` equals one of `any_of`
-    /// ignoring ASCII case, by reading each row (the path for columns without an index).
-    pub fn scan_where(&self, table: &str, column: &str, any_of: &[String]) -> Result<Vec<Vec<u8>>> {
+    /// Keys of every stored row of `table` that meets every condition of `filter`, by
+    /// reading each row (the path when no condition is on an indexed column).
+    pub fn scan_where(&self, table: &str, filter: &[Condition]) -> Result<Vec<Vec<u8>>> {
         let prefix = if table == lookout_plugin_sdk::tables::FILE_PROFILE {
             vec![keys::PROFILE]
         } else if let Some(tid) = self.table_id(table) {
@@ -457,70 +449,11 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(prefix) {
             let (k, v) = kv?;
-            if self.row_where(&k, &v, column, any_of)?.is_some() {
+            if self.row_passes(&v, filter)? {
                 out.push(k.to_vec());
             }
         }
         Ok(out)
-    }
-
-    /// Builds the column index when the list of indexed columns differs from the one the
-    /// index on disk was built for (a store from before the index, or a changed list).
-    /// Rows indexed here get batch sequence 0, so a detector's incremental range would not
-    /// see them: every detector is made to backfill once instead (the journal is cut).
-    fn ensure_index(&mut self) -> Result<()> {
-        let meta = keys::named_key(keys::META, "index");
-        let wanted: Vec<(String, String)> =
-            INDEXED_COLUMNS.iter().map(|(t, c)| (t.to_string(), c.to_string())).collect();
-        let built: Option<Vec<(String, String)>> = self.get_decoded(&meta)?;
-        if built.as_ref() == Some(&wanted) {
-            return Ok(());
-        }
-        let started = std::time::Instant::now();
-        let mut batch = sled::Batch::default();
-        let mut pending = 0usize;
-        let flush = |db: &sled::Db, batch: &mut sled::Batch, pending: &mut usize, force: bool| -> Result<()> {
-            if *pending >= 10_000 || (force && *pending > 0) {
-                db.apply_batch(std::mem::take(batch)).context("cannot write the column index")?;
-                *pending = 0;
-            }
-            Ok(())
-        };
-        for k in self.db.scan_prefix([keys::INDEX]).keys() {
-            batch.remove(k?);
-            pending += 1;
-            flush(&self.db, &mut batch, &mut pending, false)?;
-        }
-        let mut indexed = 0u64;
-        for (table, column) in INDEXED_COLUMNS {
-            let Some(tid) = self.table_id(table) else { continue };
-            for kv in self.db.scan_prefix(keys::table_prefix(tid)) {
-                let (k, v) = kv?;
-                let stored = codec::decode(&v).with_context(|| format!("rebuilding the index of {table}.{column}"))?;
-                let names = self
-                    .schema_names
-                    .get(&stored.schema)
-                    .ok_or_else(|| anyhow!("row refers to unknown schema {}", stored.schema))?;
-                let value = names.iter().position(|n| n == column).and_then(|i| stored.cells.get(i));
-                let prefix = keys::index_value_prefix(tid, column, value.map(Cell::as_str).unwrap_or(""));
-                batch.insert(keys::index_key(&prefix, 0, &k), &[][..]);
-                pending += 1;
-                indexed += 1;
-                flush(&self.db, &mut batch, &mut pending, false)?;
-            }
-        }
-        flush(&self.db, &mut batch, &mut pending, true)?;
-        self.db.insert(&meta, enc(&wanted)?)?;
-        let head = self.next_journal - 1;
-        self.prune_journal(head)?;
-        if indexed > 0 {
-            tracing::info!(
-                rows = indexed,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "built the column index; detectors backfill once"
-            );
-        }
-        Ok(())
     }
 
     pub fn size_on_disk(&self) -> u64 {
@@ -633,17 +566,11 @@ impl WriteBatch<'_> {
         };
         // Index entries are written with the row, under the sequence of this batch's
         // journal entry (the batch commits with `next_journal` if it stores any row).
-        let index_prefixes: Vec<Vec<u8>> = match key.get(1..3) {
+        let index_entries = match key.get(1..3) {
             Some(tid) if row.kind == TableKind::Event => {
                 let tid = u16::from_be_bytes([tid[0], tid[1]]);
-                INDEXED_COLUMNS
-                    .iter()
-                    .filter(|(t, _)| *t == row.table)
-                    .map(|(_, c)| {
-                        let value = row.columns.iter().find(|(n, _)| n == c).map(|(_, v)| v.as_str()).unwrap_or("");
-                        keys::index_value_prefix(tid, c, value)
-                    })
-                    .collect()
+                let value_of = |c: &str| row.columns.iter().find(|(n, _)| n == c).map_or("", |(_, v)| v.as_str());
+                index::entries(tid, &row.table, value_of)?
             }
             _ => Vec::new(),
         };
@@ -677,8 +604,8 @@ impl WriteBatch<'_> {
         if added == Added::New {
             *self.store.counters.rows.entry(row.table).or_insert(0) += 1;
             self.counters_dirty = true;
-            for prefix in &index_prefixes {
-                self.batch.insert(keys::index_key(prefix, self.store.next_journal, &key), &[][..]);
+            for (prefix, covered) in index_entries {
+                self.batch.insert(keys::index_key(&prefix, self.store.next_journal, &key), covered);
             }
         }
         self.batch.insert(key.clone(), value);
@@ -764,7 +691,9 @@ mod tests {
 
     fn load(report: i64, process: &str) -> NormalRow {
         let text = format!(
-            r#"{{"Timestamp":"2025-05-07T16:55:49Z","DeviceId":"d","SHA1":"s{report}","ReportId":{report},"InitiatingProcessFileName":"{process}"}}"#
+            r#"{{"Timestamp":"2025-05-07T16:55:49Z","DeviceId":"d","SHA1":"s{report}","ReportId":{report},"InitiatingProcessFileName":"{process}","FolderPath":"C:\\dir{}\\x.dll","AccountName":"a{}"}}"#,
+            report % 3,
+            report % 2
         );
         let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
         normalise(obj, Some("DeviceImageLoadEvents"), &TableHints::default()).unwrap()
@@ -779,7 +708,12 @@ mod tests {
     }
 
     fn lookup(store: &Store, value: &str, seqs: Option<(u64, u64)>) -> Vec<String> {
-        let keys = store.index_lookup(IMAGE_LOADS, "InitiatingProcessFileName", &[value.to_string()], seqs).unwrap();
+        let filter = [Condition::In { column: "InitiatingProcessFileName".into(), any_of: vec![value.to_string()] }];
+        lookup_filtered(store, &filter, seqs)
+    }
+
+    fn lookup_filtered(store: &Store, filter: &[Condition], seqs: Option<(u64, u64)>) -> Vec<String> {
+        let keys = store.index_lookup(IMAGE_LOADS, filter, seqs).unwrap();
         let mut sha1s: Vec<String> = keys
             .expect("indexed")
             .iter()
@@ -805,8 +739,33 @@ mod tests {
         assert_eq!(lookup(&store, "wsmprovhost.exe", Some((s2, s3))), ["s3", "s5"]);
         assert_eq!(lookup(&store, "wsmprovhost.exe", Some((s3 + 1, s3 + 5))), Vec::<String>::new());
         assert_eq!(lookup(&store, "svchost.exe", Some((s2, s3))), Vec::<String>::new());
-        let not_indexed = store.index_lookup(IMAGE_LOADS, "FolderPath", &["x".to_string()], None).unwrap();
+        let folder = [Condition::In { column: "FolderPath".into(), any_of: vec!["x".into()] }];
+        let not_indexed = store.index_lookup(IMAGE_LOADS, &folder, None).unwrap();
         assert!(not_indexed.is_none(), "a column without an index says so");
+    }
+
+    /// Conditions besides the indexed one: on a covered column (FolderPath) checked from
+    /// the entry, on any other column from the row; both give what the rows say.
+    #[test]
+    fn other_conditions_are_checked_from_the_entry_or_the_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        commit(
+            &mut store,
+            (1..=12).map(|i| load(i, if i % 4 == 0 { "svchost.exe" } else { "wsmprovhost.exe" })).collect(),
+        );
+        let process =
+            Condition::In { column: "InitiatingProcessFileName".into(), any_of: vec!["WSMPROVHOST.exe".into()] };
+        let not_dir1 = Condition::NotStartsWith { column: "FolderPath".into(), prefix: r"c:\DIR1".into() };
+        let account = Condition::In { column: "AccountName".into(), any_of: vec!["A1".into()] };
+        let expect = |f: &dyn Fn(i64) -> bool| -> Vec<String> {
+            let mut v: Vec<String> = (1..=12).filter(|i| i % 4 != 0 && f(*i)).map(|i| format!("s{i}")).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(lookup_filtered(&store, &[process.clone(), not_dir1.clone()], None), expect(&|i| i % 3 != 1));
+        assert_eq!(lookup_filtered(&store, &[process.clone(), account.clone()], None), expect(&|i| i % 2 == 1));
+        assert_eq!(lookup_filtered(&store, &[not_dir1, process, account], None), expect(&|i| i % 3 != 1 && i % 2 == 1));
     }
 
     #[test]

@@ -17,6 +17,14 @@ fn main() -> Result<(), String> {
         ],
     };
     let rr = RowRef { table: "DeviceFileEvents".into(), sha1: "a".into(), device_id: "d".into(), key: vec![1, 2, 3] };
+    let spec = InputSpec {
+        table: "DeviceImageLoadEvents".into(),
+        only_where: vec![
+            Condition::In { column: "InitiatingProcessFileName".into(), any_of: vec!["wsmprovhost.exe".into()] },
+            Condition::NotStartsWith { column: "FolderPath".into(), prefix: "C:\\Windows".into() },
+        ],
+        on_backfill: true,
+    };
     let seeds: Vec<(&str, Vec<u8>)> = vec![
         ("eval_request", encode(&EvalRequest { now: 1, backfill: false, rows: vec![rr.clone(), rr] })?),
         (
@@ -29,6 +37,7 @@ fn main() -> Result<(), String> {
                     row: row.columns.clone(),
                 }],
                 state: vec![StateOp::Put(vec![1], vec![2]), StateOp::Delete(vec![3])],
+                inputs: Some(vec![spec.clone()]),
             })?,
         ),
         (
@@ -36,6 +45,7 @@ fn main() -> Result<(), String> {
             encode(&HostRequest::Lookup { table: "T".into(), sha1: "s".into(), device_id: Some("d".into()) })?,
         ),
         ("host_response", encode(&HostResponse::Rows(vec![row.clone()]))?),
+        ("init_response", encode(&InitResponse { inputs: vec![spec] })?),
         (
             "init_request",
             encode(&InitRequest { params: vec![("a".into(), "b".into())], state: vec![(vec![1], vec![2])] })?,

@@ -122,21 +122,44 @@ pub struct InitResponse {
 pub struct InputSpec {
     /// One of the manifest's `inputs`.
     pub table: String,
-    /// Hand over only rows whose string column equals one of some values ignoring ASCII
-    /// case (KQL `in~`). The host applies it before a row reaches the detector, from its
-    /// column index where it keeps one, so rows that cannot match cost nothing.
-    pub only_where: Option<ColumnIn>,
+    /// Hand over only rows meeting every condition (none: every row). The host applies
+    /// them before a row reaches the detector; an `In` on a column it keeps an index of is
+    /// answered from the index, so rows that cannot match are never read.
+    pub only_where: Vec<Condition>,
     /// Whether a backfill hands over this table's stored rows. `false` for a table the
     /// detector reaches through look-ups from its other inputs (the write side of a join
     /// keyed on the other side's SHA1): its new rows still come in incremental passes.
     pub on_backfill: bool,
 }
 
-/// `column in~ (any_of)`.
+/// A condition on a string column that the host checks before a row crosses the
+/// boundary. Comparisons ignore ASCII case, like KQL's `~` operators; a missing or
+/// non-string column reads as `""`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ColumnIn {
-    pub column: String,
-    pub any_of: Vec<String>,
+pub enum Condition {
+    /// `column in~ (any_of)`
+    In { column: String, any_of: Vec<String> },
+    /// `column !startswith prefix`
+    NotStartsWith { column: String, prefix: String },
+}
+
+impl Condition {
+    pub fn column(&self) -> &str {
+        match self {
+            Condition::In { column, .. } | Condition::NotStartsWith { column, .. } => column,
+        }
+    }
+
+    /// Whether a column value meets the condition.
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            Condition::In { any_of, .. } => any_of.iter().any(|a| a.eq_ignore_ascii_case(value)),
+            Condition::NotStartsWith { prefix, .. } => {
+                !(value.len() >= prefix.len()
+                    && value.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes()))
+            }
+        }
+    }
 }
 
 /// A reference to a newly stored row: enough for cheap filtering without decoding it.
@@ -181,6 +204,10 @@ pub struct EvalResponse {
     pub findings: Vec<FindingOut>,
     /// Changes to the detector's state, committed atomically with the findings and cursor.
     pub state: Vec<StateOp>,
+    /// New input specs (as `init` answers them), used from the next pass on: a detector
+    /// whose interest depends on its state (the SHA1s it joins on) narrows what it is
+    /// handed as that state changes.
+    pub inputs: Option<Vec<InputSpec>>,
 }
 
 /// Requests a plugin may make of the host during a pass.
@@ -188,15 +215,14 @@ pub struct EvalResponse {
 pub enum HostRequest {
     /// Fetch rows by key (keys not found are left out).
     GetRows(Vec<Vec<u8>>),
-    /// Fetch only the rows, among these keys, whose string `column` equals one of
-    /// `any_of` ignoring ASCII case (KQL `in~`). The host filters before shipping rows,
-    /// so a selective filter costs a decode per row instead of a copy across the ABI.
-    GetRowsWhere { keys: Vec<Vec<u8>>, column: String, any_of: Vec<String> },
+    /// Fetch only the rows, among these keys, that meet every condition. The host
+    /// filters before shipping rows, so a selective filter costs a look at the row
+    /// instead of a copy across the ABI.
+    GetRowsWhere { keys: Vec<Vec<u8>>, filter: Vec<Condition> },
     /// All stored rows of `table` with exactly this SHA1, on `device_id` if given.
     Lookup { table: String, sha1: String, device_id: Option<String> },
-    /// Like `Lookup`, keeping only rows whose string `column` equals one of `any_of`
-    /// ignoring ASCII case; filtered by the host.
-    LookupWhere { table: String, sha1: String, device_id: Option<String>, column: String, any_of: Vec<String> },
+    /// Like `Lookup`, keeping only rows that meet every condition; filtered by the host.
+    LookupWhere { table: String, sha1: String, device_id: Option<String>, filter: Vec<Condition> },
     /// The FileProfile row with exactly this SHA1.
     Profile(String),
 }
@@ -245,6 +271,17 @@ fn limits() -> bincode::config::Configuration<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conditions_ignore_ascii_case() {
+        let c = Condition::In { column: "C".into(), any_of: vec!["WsmProvHost.exe".into()] };
+        assert!(c.matches("wsmprovhost.EXE"));
+        assert!(!c.matches("wsmprovhost.exe "));
+        let n = Condition::NotStartsWith { column: "C".into(), prefix: r"C:\Windows\Assembly".into() };
+        assert!(!n.matches(r"c:\windows\assembly\x.dll"));
+        assert!(n.matches(r"c:\windows\assembl"));
+        assert!(n.matches(""));
+    }
 
     #[test]
     fn round_trip_and_version_check() {

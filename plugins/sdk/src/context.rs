@@ -1,7 +1,9 @@
 //! The plugin side of a pass: look-ups into the host, and the findings and state changes
 //! the detector produces.
 
-use crate::abi::{self, FindingOut, HostRequest, HostResponse, LookoutBuf, LookoutHostApi, StateOp, RC_OK};
+use crate::abi::{
+    self, Condition, FindingOut, HostRequest, HostResponse, InputSpec, LookoutBuf, LookoutHostApi, StateOp, RC_OK,
+};
 use crate::cell::Row;
 
 /// Handed to [`crate::Detector::evaluate`].
@@ -10,12 +12,13 @@ pub struct Context<'a> {
     now: i64,
     pub(crate) findings: Vec<FindingOut>,
     pub(crate) state: Vec<StateOp>,
+    pub(crate) inputs: Option<Vec<InputSpec>>,
 }
 
 impl<'a> Context<'a> {
     #[doc(hidden)]
     pub fn new(host: Option<&'a LookoutHostApi>, now: i64) -> Self {
-        Context { host, now, findings: Vec::new(), state: Vec::new() }
+        Context { host, now, findings: Vec::new(), state: Vec::new(), inputs: None }
     }
 
     /// The evaluation time of this pass (ticks), the `now()` of `ago(x)`.
@@ -31,14 +34,10 @@ impl<'a> Context<'a> {
         }
     }
 
-    /// Stored rows by key whose string `column` equals one of `any_of`, ignoring ASCII
-    /// case (`in~`); filtered by the host.
-    pub fn rows_where(&mut self, keys: Vec<Vec<u8>>, column: &str, any_of: &[&str]) -> Result<Vec<Row>, String> {
-        let req = HostRequest::GetRowsWhere {
-            keys,
-            column: column.to_string(),
-            any_of: any_of.iter().map(|s| s.to_string()).collect(),
-        };
+    /// Stored rows by key that meet every condition; filtered by the host, so rows that
+    /// fail never cross the boundary.
+    pub fn rows_where(&mut self, keys: Vec<Vec<u8>>, filter: &[Condition]) -> Result<Vec<Row>, String> {
+        let req = HostRequest::GetRowsWhere { keys, filter: filter.to_vec() };
         match self.call(&req)? {
             HostResponse::Rows(rows) => Ok(rows),
             other => Err(format!("host answered GetRowsWhere with {other:?}")),
@@ -58,22 +57,19 @@ impl<'a> Context<'a> {
         }
     }
 
-    /// [`Self::lookup`] keeping only rows whose string `column` equals one of `any_of`,
-    /// ignoring ASCII case (`in~`); filtered by the host.
+    /// [`Self::lookup`] keeping only rows that meet every condition; filtered by the host.
     pub fn lookup_where(
         &mut self,
         table: &str,
         sha1: &str,
         device_id: Option<&str>,
-        column: &str,
-        any_of: &[&str],
+        filter: &[Condition],
     ) -> Result<Vec<Row>, String> {
         let req = HostRequest::LookupWhere {
             table: table.to_string(),
             sha1: sha1.to_string(),
             device_id: device_id.map(str::to_string),
-            column: column.to_string(),
-            any_of: any_of.iter().map(|s| s.to_string()).collect(),
+            filter: filter.to_vec(),
         };
         match self.call(&req)? {
             HostResponse::Rows(rows) => Ok(rows),
@@ -99,6 +95,12 @@ impl<'a> Context<'a> {
 
     pub fn state_delete(&mut self, key: Vec<u8>) {
         self.state.push(StateOp::Delete(key));
+    }
+
+    /// Replaces the detector's input specs from the next pass on (see
+    /// [`crate::Detector::inputs`]); committed with this pass.
+    pub fn set_inputs(&mut self, inputs: Vec<InputSpec>) {
+        self.inputs = Some(inputs);
     }
 
     fn call(&mut self, req: &HostRequest) -> Result<HostResponse, String> {

@@ -146,7 +146,7 @@ pub unsafe fn run_evaluate<D: Detector>(
         let req: EvalRequest = abi::decode(input).map_err(|e| (RC_BAD_PAYLOAD, e))?;
         let mut ctx = Context::new(host, req.now);
         detector.evaluate(&req, &mut ctx).map_err(|e| (RC_ERROR, e))?;
-        let resp = EvalResponse { findings: ctx.findings, state: ctx.state };
+        let resp = EvalResponse { findings: ctx.findings, state: ctx.state, inputs: ctx.inputs };
         abi::encode(&resp).map_err(|e| (RC_ERROR, e))
     }));
     match result {

@@ -20,7 +20,7 @@ pub mod params;
 pub mod time;
 
 pub use abi::{
-    ColumnIn, EvalRequest, EvalResponse, FindingOut, HostRequest, HostResponse, InitRequest, InitResponse, InputSpec,
+    Condition, EvalRequest, EvalResponse, FindingOut, HostRequest, HostResponse, InitRequest, InitResponse, InputSpec,
     Manifest, Parameter, RowRef, StateOp, ABI_VERSION, PAYLOAD_VERSION,
 };
 pub use cell::{Cell, Row};

@@ -2,7 +2,7 @@
 
 use lookout_plugin_sdk::tables::{FILE_EVENTS, FILE_PROFILE, IMAGE_LOADS};
 use lookout_plugin_sdk::time::parse_timestamp;
-use lookout_plugin_sdk::{Cell, ColumnIn, Context, EvalRequest, FindingOut, InputSpec, Row};
+use lookout_plugin_sdk::{Cell, Condition, Context, EvalRequest, FindingOut, InputSpec, Row};
 use std::collections::{HashMap, HashSet};
 
 /// The columns `invoke FileProfile()` adds, in Defender's order. Missing ones read as
@@ -69,15 +69,43 @@ impl WinrmRule {
     /// and profiles only as they arrive, since a backfill reaches the stored ones by
     /// look-ups from the loads.
     pub fn inputs(&self) -> Vec<InputSpec> {
-        let only_where = (self.config.initiating_process != "*").then(|| ColumnIn {
-            column: "InitiatingProcessFileName".into(),
-            any_of: vec![self.config.initiating_process.clone()],
-        });
         vec![
-            InputSpec { table: IMAGE_LOADS.into(), only_where, on_backfill: true },
-            InputSpec { table: FILE_EVENTS.into(), only_where: None, on_backfill: false },
-            InputSpec { table: FILE_PROFILE.into(), only_where: None, on_backfill: false },
+            InputSpec { table: IMAGE_LOADS.into(), only_where: self.load_filter(), on_backfill: true },
+            InputSpec { table: FILE_EVENTS.into(), only_where: vec![self.candidate_filter()], on_backfill: false },
+            InputSpec { table: FILE_PROFILE.into(), only_where: Vec::new(), on_backfill: false },
         ]
+    }
+
+    /// `where SHA1 in~ (PotentialPlugins | project SHA1)` for new writes, with the
+    /// candidate set as it stands: the host checks it from the row keys, so writes of
+    /// other files are never handed over. A write of a file that becomes a candidate in
+    /// a later pass is still found, by that pass's look-up from the load.
+    fn candidate_filter(&self) -> Condition {
+        let mut any_of: Vec<String> = self.candidates.keys().cloned().collect();
+        any_of.sort();
+        Condition::In { column: "SHA1".into(), any_of }
+    }
+
+    /// `where InitiatingProcessFileName =~ process` (nothing for `*`).
+    fn process_filter(&self) -> Vec<Condition> {
+        let process = &self.config.initiating_process;
+        if process == "*" {
+            return Vec::new();
+        }
+        vec![Condition::In { column: "InitiatingProcessFileName".into(), any_of: vec![process.clone()] }]
+    }
+
+    /// Both load conditions that need nothing but the row: with the host's index of
+    /// InitiatingProcessFileName (which keeps FolderPath), no load that fails them is read.
+    fn load_filter(&self) -> Vec<Condition> {
+        let mut filter = self.process_filter();
+        filter.push(self.folder_filter());
+        filter
+    }
+
+    /// `where FolderPath !startswith excluded_prefix`.
+    fn folder_filter(&self) -> Condition {
+        Condition::NotStartsWith { column: "FolderPath".into(), prefix: self.config.excluded_prefix.clone() }
     }
 
     pub fn evaluate(&mut self, batch: &EvalRequest, ctx: &mut Context<'_>) -> Result<(), String> {
@@ -104,8 +132,8 @@ impl WinrmRule {
         }
 
         // Loads to (re-)evaluate: the new ones, and the stored ones whose profile changed.
-        // The host handed over only loads by the initiating process; `potential_plugin`
-        // checks every filter again on the fetched row.
+        // The host handed over only loads by the initiating process outside the excluded
+        // folder; `potential_plugin` checks every filter again on the fetched row.
         let mut profiles = ProfileCache::default();
         let mut wanted = Vec::new();
         for (sha1, keys) in load_keys {
@@ -122,6 +150,8 @@ impl WinrmRule {
         let mut seen_loads = HashSet::new();
         loads.retain(|l| seen_loads.insert(l.key.clone()));
 
+        let candidates_before = self.candidates.len();
+        let mut candidates_changed = false;
         let mut emitted = HashSet::new();
         for load in loads {
             let Some(plugin) = self.potential_plugin(load, load_cutoff, ctx, &mut profiles)? else { continue };
@@ -157,19 +187,19 @@ impl WinrmRule {
         for sha1 in expired {
             self.candidates.remove(&sha1);
             ctx.state_delete(candidate_key(&sha1));
+            candidates_changed = true;
+        }
+        if candidates_changed || self.candidates.len() != candidates_before {
+            ctx.set_inputs(self.inputs());
         }
         Ok(())
     }
 
     /// Stored loads of this SHA1 (and device), narrowed by the host to the initiating
-    /// process the rule wants (the full filter runs again in `potential_plugin`).
+    /// process and folders the rule wants (the full filter runs again in
+    /// `potential_plugin`).
     fn fetch_loads(&self, ctx: &mut Context<'_>, sha1: &str, device: Option<&str>) -> Result<Vec<Row>, String> {
-        let process = self.config.initiating_process.as_str();
-        if process == "*" {
-            ctx.lookup(IMAGE_LOADS, sha1, device)
-        } else {
-            ctx.lookup_where(IMAGE_LOADS, sha1, device, "InitiatingProcessFileName", &[process])
-        }
+        ctx.lookup_where(IMAGE_LOADS, sha1, device, &self.load_filter())
     }
 
     /// Whether a load of this SHA1 (any case) passed the plugin filters recently enough.
