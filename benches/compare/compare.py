@@ -4,15 +4,16 @@
 Run through benches/compare/run.sh, which creates the virtualenv and builds the CLI.
 
 Measured in one run, on the same files:
-  1. ingest: `lookout ingest` wall time vs DuckDB CREATE TABLE AS read_json_auto(...)
+  1. ingest: `lookout ingest` wall time vs DuckDB CREATE TABLE AS read_json_auto(...),
+     and Lookout's parse-only and sled-only ceilings on the same files (`ceilings`)
   2. backfill: `lookout detect` first pass vs the rule as one DuckDB SQL query; the
      (load ReportId, write ReportId) pair sets of both must equal the ground truth
   3. incremental ticks of ~10k new rows: `lookout ingest` + `lookout detect` vs DuckDB
      INSERT + the full query again
   4. Lookout's per-tick pass time by rows stored (100k, 1M, 5M with --large)
+  5. the daemon's append -> JSONL latency, p50/p99 (`cargo bench -p lookout-benches
+     --bench daemon_latency`, run from here; --no-daemon skips it)
   6. peak RSS of `lookout ingest`, database size per stored row
-(5, the daemon's file-to-finding latency, is `cargo bench -p lookout-benches --bench
-daemon_latency`.)
 """
 import argparse
 import datetime
@@ -256,6 +257,32 @@ def grow_store(exe, work, plugins, size, ticks, n):
     return stored, passes
 
 
+def ceilings(root, files, work):
+    """Parse-only and sled-only ingest ceilings on the same files (benches/src/bin/ceilings.rs)."""
+    exe = root / "target" / "release" / "ceilings"
+    d = work / "ceiling-sled"
+    d.mkdir(exist_ok=True)
+    p = subprocess.run([str(exe), "--sled-dir", str(d)] + [str(f) for f in files], capture_output=True, text=True)
+    shutil.rmtree(d, ignore_errors=True)
+    if p.returncode != 0:
+        raise SystemExit(f"ceilings failed: {p.stderr}")
+    return json.loads(p.stdout)
+
+
+def daemon_latency(root):
+    """The daemon bench's append -> JSONL percentiles (ms) and its steady-state line."""
+    env = dict(os.environ, LOOKOUT_BENCH_STEADY_SECS=os.environ.get("LOOKOUT_BENCH_STEADY_SECS", "10"))
+    p = subprocess.run(["cargo", "bench", "-q", "-p", "lookout-benches", "--bench", "daemon_latency"], cwd=root,
+                       capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"daemon_latency failed: {p.stdout}{p.stderr}")
+    m = re.search(r"over (\d+) attacks: p50 ([\d.]+) ms, p90 ([\d.]+) ms, p99 ([\d.]+) ms", p.stdout)
+    if not m:
+        raise SystemExit(f"cannot read daemon_latency output:\n{p.stdout}")
+    steady = next((l.split(": ", 1)[1] for l in p.stdout.splitlines() if l.startswith("daemon_latency: steady")), "")
+    return {"attacks": int(m.group(1)), "p50": float(m.group(2)), "p99": float(m.group(4)), "steady": steady}
+
+
 def machine():
     cpu = "?"
     try:
@@ -303,6 +330,7 @@ def main():
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     ap.add_argument("--no-md", action="store_true", help="do not write BENCHMARKS.md")
+    ap.add_argument("--no-daemon", action="store_true", help="skip the daemon latency bench")
     ap.add_argument("--root", default=str(Path(__file__).resolve().parents[2]))
     ap.add_argument("--command", default=None)
     a = ap.parse_args()
@@ -355,6 +383,9 @@ def main():
         lk_ingest, out, peak_kib = lk.ingest(logs, rss=True)
         log(out.strip())
         lk_size = du(work / "lookout-data")
+        log("== ingest ceilings (parse only, sled only) on the same files")
+        ceil = ceilings(root, files, work)
+        log(json.dumps(ceil))
         log("== DuckDB load")
         duck = Duck(work / "duck.db")
         dk_load = duck.load(logs)
@@ -402,6 +433,11 @@ def main():
             else:
                 growth[s] = grow_store(exe, work, plugins, s, ticks, a.growth_ticks)
             log(f"   {growth[s][0]:,} stored: median pass {median(growth[s][1]):.1f} ms")
+        daemon = None
+        if not a.no_daemon:
+            log("== daemon latency (cargo bench -p lookout-benches --bench daemon_latency)")
+            daemon = daemon_latency(root)
+            log(json.dumps(daemon))
     finally:
         if not a.keep and not a.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -439,6 +475,10 @@ def main():
     L.append("|---|---|---|---|")
     L.append(f"| ingest {rows:,} rows (wall) | {lk_ingest:,.2f} s = {rows / lk_ingest:,.0f} rows/s | "
              f"{dk_load:,.2f} s = {rows / dk_load:,.0f} rows/s | {ratio(dk_load, lk_ingest)} |")
+    L.append(f"| ingest ceiling: parse only (same files, nothing stored) | {ceil['parse_rows_per_s']:,.0f} rows/s | | "
+             f"Lookout / ceiling {rows / lk_ingest / ceil['parse_rows_per_s']:.2f}× |")
+    L.append(f"| ingest ceiling: sled only ({ceil['sled_rows']:,} keys, {ceil['value_len']:,}-byte values, batches of 4096) | "
+             f"{ceil['sled_rows_per_s']:,.0f} rows/s | | Lookout / ceiling {rows / lk_ingest / ceil['sled_rows_per_s']:.2f}× |")
     L.append(f"| backfill detection (Lookout: pass time; wall incl. process start in brackets) | "
              f"{ms(bf['pass_ms'])} ({ms(bf['wall'] * 1e3)}) | {ms(dk_backfill * 1e3)} | "
              f"{ratio(dk_backfill * 1e3, bf['pass_ms'])} |")
@@ -458,6 +498,9 @@ def main():
         dim, dip = f([p_["dk_insert"] * 1e3 for p_ in per])
         L.append(f"| tick ingest only (wall), median / p99 | {ms(im)} / {ms(ip)} | {ms(dim)} / {ms(dip)} | "
                  f"{ratio(dim, im)} / {ratio(dip, ip)} |")
+    if daemon:
+        L.append(f"| daemon append → JSONL latency ({daemon['attacks']} attacks, `lookout run`) | p50 {daemon['p50']:,.1f} ms, "
+                 f"p99 {daemon['p99']:,.1f} ms | | |")
     L.append(f"| peak RSS of `lookout ingest` ({rows:,} rows) | "
              f"{peak_kib / 1024:,.1f} MiB |  |  |" if peak_kib else "| peak RSS of `lookout ingest` | n/a | | |")
     L.append(f"| database size after the base ingest | {lk_size / 2**20:,.1f} MiB = {lk_size / rows:,.0f} B/row "
@@ -477,11 +520,12 @@ def main():
     L.append(f"Pair check (load ReportId, write ReportId) — Lookout `findings --json` (`row.ReportId`, `row.ReportId1`) vs "
              f"the DuckDB query vs the generator's ground truth, after the backfill and after the last tick: "
              f"**{'identical' if ok else 'MISMATCH'}** ({len(all_truth)} pairs at the end).\n")
-    L.append("Not measured here: the daemon's file-to-finding latency (`cargo bench -p lookout-benches --bench "
-             "daemon_latency`) and the parse-only / sled-only ingest ceilings (`cargo bench -p lookout-benches "
-             "--bench ingest`, above). A Lookout tick is two process starts (`ingest`, then `detect`, which also "
-             "loads and verifies the plugin); the pass time excludes both, the wall rows include them. The DuckDB "
-             "side keeps one connection open for the whole run.")
+    if daemon and daemon["steady"]:
+        L.append(f"Daemon steady state (same bench): {daemon['steady']}.\n")
+    L.append("A Lookout tick is two process starts (`ingest`, then `detect`, which also loads and verifies the "
+             "plugin); the pass time excludes both, the wall rows include them. The DuckDB side keeps one connection "
+             "open for the whole run. The ceilings come from `target/release/ceilings` (benches/src/bin) on the base "
+             "fleet's files.")
     text = "\n".join(L) + "\n"
     print(text)
     if not a.no_md:

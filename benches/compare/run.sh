@@ -22,7 +22,8 @@ if ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
     "$venv/bin/pip" install --quiet duckdb
 fi
 
-echo "== cargo build --release -p lookout-cli" >&2
-(cd "$root" && cargo build --release -p lookout-cli)
+echo "== cargo build --release -p lookout-cli -p lookout-benches --bin ceilings; the daemon_latency bench" >&2
+(cd "$root" && cargo build --release -p lookout-cli && cargo build --release -p lookout-benches --bin ceilings \
+    && cargo bench --no-run -q -p lookout-benches --bench daemon_latency)
 
 exec "$venv/bin/python" "$here/compare.py" --root "$root" --command "benches/compare/run.sh $*" "$@"
