@@ -17,7 +17,7 @@
 //! | `d`   | detector name@version                                         | detector cursor |
 //! | `x`   | detector name@version (u16-prefixed), state key               | detector state value |
 //! | `m`   | name                                                          | misc counters (next seqs, outbox cursors) |
-//! | `i`   | table u16, column, lowercase value, batch seq u64, `e` key      | (empty): column index |
+//! | `i`   | table u16, column, lowercase value, batch seq u64, part u32     | column index: the batch's rows with that value |
 
 pub const EVENT: u8 = b'e';
 pub const PROFILE: u8 = b'p';
@@ -90,13 +90,14 @@ pub fn index_column_prefix(table: u16, column: &str) -> Vec<u8> {
     k
 }
 
-/// An index entry: the value prefix, the sequence of the batch that stored the row (so a
-/// range of batches is a range of keys), then the row's `e` key.
-pub fn index_key(value_prefix: &[u8], seq: u64, row_key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(value_prefix.len() + 8 + row_key.len());
+/// An index entry: the value prefix, the sequence of the batch that stored its rows (so a
+/// range of batches is a range of keys), and a part number (a rebuild splits one value's
+/// rows into parts; a batch writes part 0).
+pub fn index_key(value_prefix: &[u8], seq: u64, part: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(value_prefix.len() + 12);
     k.extend_from_slice(value_prefix);
     k.extend_from_slice(&seq.to_be_bytes());
-    k.extend_from_slice(row_key);
+    k.extend_from_slice(&part.to_be_bytes());
     k
 }
 
@@ -179,10 +180,11 @@ mod tests {
         let p = index_value_prefix(2, "InitiatingProcessFileName", "WsmProvHost.exe");
         assert_eq!(p, index_value_prefix(2, "InitiatingProcessFileName", "wsmprovhost.exe"), "ASCII case folded");
         let other = index_value_prefix(2, "InitiatingProcessFileName", "wsmprovhost.exe2");
-        let a = index_key(&p, 7, &event_key(2, "zz", "d", 0, "1"));
-        let b = index_key(&p, 8, &event_key(2, "aa", "d", 0, "1"));
-        assert!(a < b, "batch order first, whatever the row key");
-        assert!(!index_key(&other, 1, b"e").starts_with(&p), "a longer value is not under a shorter one's prefix");
+        let a = index_key(&p, 7, 9);
+        let b = index_key(&p, 8, 0);
+        assert!(a < b, "batch order first, whatever the part");
+        assert!(a < [p.as_slice(), &8u64.to_be_bytes()].concat(), "a batch's parts sort before the next batch");
+        assert!(!index_key(&other, 1, 0).starts_with(&p), "a longer value is not under a shorter one's prefix");
         let long = "x".repeat(INDEX_VALUE_MAX + 10);
         assert_eq!(index_value_prefix(2, "C", &long), index_value_prefix(2, "C", &long[..INDEX_VALUE_MAX]));
     }

@@ -246,6 +246,7 @@ impl Store {
             store: self,
             batch: sled::Batch::default(),
             journal: Vec::new(),
+            postings: index::Postings::default(),
             pending: HashSet::new(),
             counters_dirty: false,
             new_rows: 0,
@@ -517,6 +518,8 @@ pub struct WriteBatch<'s> {
     store: &'s mut Store,
     batch: sled::Batch,
     journal: Vec<Vec<u8>>,
+    /// Index postings of the new rows, written as one entry per value on commit.
+    postings: index::Postings,
     pending: HashSet<Vec<u8>>,
     counters_dirty: bool,
     new_rows: usize,
@@ -566,11 +569,11 @@ impl WriteBatch<'_> {
         };
         // Index entries are written with the row, under the sequence of this batch's
         // journal entry (the batch commits with `next_journal` if it stores any row).
-        let index_entries = match key.get(1..3) {
+        let postings = match key.get(1..3) {
             Some(tid) if row.kind == TableKind::Event => {
                 let tid = u16::from_be_bytes([tid[0], tid[1]]);
                 let value_of = |c: &str| row.columns.iter().find(|(n, _)| n == c).map_or("", |(_, v)| v.as_str());
-                index::entries(tid, &row.table, value_of)?
+                index::row_postings(tid, &row.table, value_of)
             }
             _ => Vec::new(),
         };
@@ -604,8 +607,8 @@ impl WriteBatch<'_> {
         if added == Added::New {
             *self.store.counters.rows.entry(row.table).or_insert(0) += 1;
             self.counters_dirty = true;
-            for (prefix, covered) in index_entries {
-                self.batch.insert(keys::index_key(&prefix, self.store.next_journal, &key), covered);
+            for (prefix, covered) in postings {
+                self.postings.add(prefix, key.clone(), covered);
             }
         }
         self.batch.insert(key.clone(), value);
@@ -648,6 +651,7 @@ impl WriteBatch<'_> {
         if !self.journal.is_empty() {
             let s = self.store.next_journal;
             self.batch.insert(keys::seq_key(keys::JOURNAL, s), enc(&self.journal)?);
+            std::mem::take(&mut self.postings).write(s, &mut self.batch)?;
             seq = Some(s);
         }
         if self.counters_dirty {
@@ -799,6 +803,29 @@ mod tests {
         assert_eq!(lookup(&store, "wsmprovhost.exe", None), ["s1", "s3"]);
         assert_eq!(store.meta_u64("jfloor").unwrap(), store.next_journal_seq() - 1, "journal cut: backfill");
         assert_eq!(store.journal_from(0).count(), 0);
+    }
+
+    /// A rebuild splits a value with many rows into parts; none is lost or overwritten.
+    #[test]
+    fn rebuilt_index_keeps_every_row_of_a_frequent_value() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            for chunk in (1..=9000).collect::<Vec<i64>>().chunks(3000) {
+                commit(&mut store, chunk.iter().map(|&i| load(i, "wsmprovhost.exe")).collect());
+            }
+            let db = store.db();
+            for k in db.scan_prefix([keys::INDEX]).keys() {
+                db.remove(k.unwrap()).unwrap();
+            }
+            db.remove(keys::named_key(keys::META, "index")).unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.db().scan_prefix([keys::INDEX]).count() >= 3, "split into parts");
+        let found = lookup(&store, "wsmprovhost.exe", None);
+        assert_eq!(found.len(), 9000);
+        assert_eq!(found.iter().collect::<HashSet<_>>().len(), 9000);
     }
 
     /// A batch dropped without commit (a read error, a file truncated mid-read) must not
