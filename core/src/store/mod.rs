@@ -9,6 +9,7 @@
 
 pub mod codec;
 pub mod index;
+pub mod key_filter;
 pub mod keys;
 
 use anyhow::{anyhow, Context as _, Result};
@@ -101,6 +102,8 @@ pub struct Store {
     counters: Counters,
     next_journal: u64,
     next_reject: u64,
+    /// The stored event keys, approximately; loaded or built when the first row is added.
+    key_filter: Option<key_filter::KeyFilter>,
 }
 
 /// First table id handed to a table Lookout has not seen before.
@@ -146,6 +149,7 @@ impl Store {
             counters: Counters::default(),
             next_journal: 1,
             next_reject: 1,
+            key_filter: None,
         };
         store.load_registries()?;
         store.ensure_index()?;
@@ -196,9 +200,51 @@ impl Store {
         &self.counters
     }
 
-    /// Blocks until everything committed so far is on disk.
+    /// Blocks until everything committed so far is on disk, then saves the key filter
+    /// (see [`key_filter`]) with the state it covers.
     pub fn flush(&self) -> Result<()> {
         self.db.flush().context("cannot flush the database to disk")?;
+        if let Some(f) = &self.key_filter {
+            // Only an optimisation: a filter that is not saved is rebuilt on next use.
+            if let Err(e) = f.save(&self.key_filter_path(), self.next_journal - 1, self.event_rows()) {
+                tracing::warn!(error = %format!("{e:#}"), "cannot save the key filter; it is rebuilt next time");
+            }
+        }
+        Ok(())
+    }
+
+    fn key_filter_path(&self) -> PathBuf {
+        self.path.join("keys.filter")
+    }
+
+    /// Event rows stored (every table but FileProfile), from the counters.
+    fn event_rows(&self) -> u64 {
+        let profile = lookout_plugin_sdk::tables::FILE_PROFILE;
+        self.counters.rows.iter().filter(|(t, _)| t.as_str() != profile).map(|(_, n)| n).sum()
+    }
+
+    /// Loads the saved key filter if it covers this store exactly, else builds it from
+    /// the stored keys.
+    fn ensure_key_filter(&mut self) -> Result<()> {
+        if self.key_filter.is_some() {
+            return Ok(());
+        }
+        let (seq, rows) = (self.next_journal - 1, self.event_rows());
+        if let Some(f) = key_filter::KeyFilter::load(&self.key_filter_path(), seq, rows) {
+            self.key_filter = Some(f);
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let mut f = key_filter::KeyFilter::default();
+        let mut n = 0u64;
+        for k in self.db.scan_prefix([keys::EVENT]).keys() {
+            f.insert(&k?);
+            n += 1;
+        }
+        if n > 0 {
+            tracing::info!(keys = n, elapsed_ms = started.elapsed().as_millis() as u64, "rebuilt the key filter");
+        }
+        self.key_filter = Some(f);
         Ok(())
     }
 
@@ -593,7 +639,16 @@ impl WriteBatch<'_> {
             self.counters_dirty = true;
             return Ok(Added::Duplicate);
         }
-        let added = match self.store.db.get(&key)? {
+        // An event key the filter has never seen is certainly not stored: no read.
+        let maybe_stored = match row.kind {
+            TableKind::Event => {
+                self.store.ensure_key_filter()?;
+                self.store.key_filter.as_ref().is_none_or(|f| f.may_contain(&key))
+            }
+            TableKind::Profile => true,
+        };
+        let stored = if maybe_stored { self.store.db.get(&key)? } else { None };
+        let added = match stored {
             None => Added::New,
             // A FileProfile row replaces the stored one unless nothing but the ingestion
             // time differs; an event row is immutable.
@@ -660,6 +715,11 @@ impl WriteBatch<'_> {
         let batch = std::mem::take(&mut self.batch);
         self.store.db.apply_batch(batch).context("cannot commit a batch to the database")?;
         self.committed = true;
+        if let Some(f) = &mut self.store.key_filter {
+            for k in self.journal.iter().filter(|k| k.first() == Some(&keys::EVENT)) {
+                f.insert(k);
+            }
+        }
         if seq.is_some() {
             self.store.next_journal += 1;
         }
@@ -826,6 +886,49 @@ mod tests {
         let found = lookup(&store, "wsmprovhost.exe", None);
         assert_eq!(found.len(), 9000);
         assert_eq!(found.iter().collect::<HashSet<_>>().len(), 9000);
+    }
+
+    /// Re-sent rows are duplicates whether the key filter was saved, rebuilt, or saved
+    /// for an older state of the store (which must not be trusted).
+    #[test]
+    fn key_filter_never_lets_a_stored_row_in_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let add = |store: &mut Store, range: std::ops::RangeInclusive<i64>| -> (usize, u64) {
+            let before = store.counters().duplicates;
+            let mut b = store.batch();
+            let mut new = 0;
+            for i in range {
+                if b.add_row(load(i, "x.exe"), 0).unwrap() == Added::New {
+                    new += 1;
+                }
+            }
+            b.commit().unwrap();
+            (new, store.counters().duplicates - before)
+        };
+        let filter = dir.path().join("keys.filter");
+        let stale = dir.path().join("stale.filter");
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            assert_eq!(add(&mut store, 1..=10), (10, 0));
+            store.flush().unwrap();
+            std::fs::copy(&filter, &stale).unwrap();
+            assert_eq!(add(&mut store, 11..=20), (10, 0));
+            assert_eq!(add(&mut store, 5..=15), (0, 11), "in memory");
+            store.flush().unwrap();
+        }
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            assert_eq!(add(&mut store, 1..=20), (0, 20), "saved filter");
+            store.flush().unwrap();
+        }
+        std::fs::copy(&stale, &filter).unwrap();
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            assert_eq!(add(&mut store, 1..=21), (1, 20), "stale filter: rebuilt, not trusted");
+        }
+        std::fs::remove_file(&filter).unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(add(&mut store, 1..=22), (1, 21), "no filter: rebuilt");
     }
 
     /// A batch dropped without commit (a read error, a file truncated mid-read) must not

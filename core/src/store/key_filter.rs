@@ -1,0 +1,201 @@
+//! A Bloom filter of the stored event keys, so that storing a new row does not first have
+//! to look for it in sled.
+//!
+//! Why: every event row is insert-if-absent, and on a store many times larger than sled's
+//! cache the "is it there?" read costs about as much as the insert itself (a random descent
+//! that usually misses the cache). Nearly every row is new; a filter that says "certainly
+//! not stored" lets those skip the read. A "maybe" (a stored key, or a false positive at
+//! about 1%) still reads sled, so the filter can only save work, never change an answer.
+//!
+//! The filter grows by adding a larger filter when the current one is full (a scalable
+//! Bloom filter). It is kept in memory while the store is open and saved next to the
+//! database by [`Store::flush`](super::Store::flush) with the journal sequence and event
+//! row count it covers; a saved filter that does not match the store exactly (a crash
+//! after more batches were committed) is discarded and rebuilt from the stored keys.
+
+use anyhow::{anyhow, Context as _, Result};
+use std::path::Path;
+
+/// Bits per key and probes: ~1% false positives.
+const BITS_PER_KEY: u64 = 10;
+const PROBES: u32 = 7;
+const FIRST_CAPACITY: u64 = 1 << 16;
+const MAGIC: &[u8; 8] = b"LKTKEYF1";
+
+struct Layer {
+    bits: Vec<u64>,
+    capacity: u64,
+    len: u64,
+}
+
+impl Layer {
+    fn new(capacity: u64) -> Layer {
+        let words = (capacity * BITS_PER_KEY).div_ceil(64).max(1);
+        Layer { bits: vec![0; words as usize], capacity, len: 0 }
+    }
+
+    fn nbits(&self) -> u64 {
+        self.bits.len() as u64 * 64
+    }
+
+    fn positions(&self, (h1, h2): (u64, u64)) -> impl Iterator<Item = u64> + '_ {
+        let n = self.nbits();
+        (0..PROBES as u64).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % n)
+    }
+
+    fn insert(&mut self, h: (u64, u64)) {
+        let positions: Vec<u64> = self.positions(h).collect();
+        for p in positions {
+            self.bits[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        self.len += 1;
+    }
+
+    fn may_contain(&self, h: (u64, u64)) -> bool {
+        self.positions(h).all(|p| self.bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
+    }
+}
+
+/// The stored event keys, approximately (no false negatives).
+pub struct KeyFilter {
+    layers: Vec<Layer>,
+}
+
+impl Default for KeyFilter {
+    fn default() -> Self {
+        KeyFilter { layers: vec![Layer::new(FIRST_CAPACITY)] }
+    }
+}
+
+/// Two independent 64-bit hashes of a key (FNV-1a and a multiplicative mix of it with
+/// another seed), combined by double hashing into the probe positions.
+fn hashes(key: &[u8]) -> (u64, u64) {
+    let mut a: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut b: u64 = 0x9e37_79b9_7f4a_7c15;
+    for &byte in key {
+        a = (a ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        b = (b ^ byte as u64).wrapping_mul(0xff51_afd7_ed55_8ccd).rotate_left(29);
+    }
+    // An odd step visits distinct positions for every probe.
+    (a, b | 1)
+}
+
+impl KeyFilter {
+    pub fn insert(&mut self, key: &[u8]) {
+        let full = self.layers.last().is_none_or(|l| l.len >= l.capacity);
+        if full {
+            let next = self.layers.last().map_or(FIRST_CAPACITY, |l| l.capacity * 2);
+            self.layers.push(Layer::new(next));
+        }
+        if let Some(layer) = self.layers.last_mut() {
+            layer.insert(hashes(key));
+        }
+    }
+
+    /// `false` only if the key was never inserted.
+    pub fn may_contain(&self, key: &[u8]) -> bool {
+        let h = hashes(key);
+        self.layers.iter().any(|l| l.may_contain(h))
+    }
+
+    /// Writes the filter with what it covers (atomically: a temporary file renamed).
+    pub fn save(&self, path: &Path, seq: u64, rows: u64) -> Result<()> {
+        let mut out = Vec::with_capacity(32 + self.layers.iter().map(|l| 24 + l.bits.len() * 8).sum::<usize>());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&seq.to_le_bytes());
+        out.extend_from_slice(&rows.to_le_bytes());
+        out.extend_from_slice(&(self.layers.len() as u64).to_le_bytes());
+        for l in &self.layers {
+            out.extend_from_slice(&l.capacity.to_le_bytes());
+            out.extend_from_slice(&l.len.to_le_bytes());
+            out.extend_from_slice(&(l.bits.len() as u64).to_le_bytes());
+            for w in &l.bits {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &out).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    }
+
+    /// Reads a saved filter if it covers exactly `seq` and `rows`; `None` when it is
+    /// missing, stale or unreadable (the caller rebuilds it).
+    pub fn load(path: &Path, seq: u64, rows: u64) -> Option<KeyFilter> {
+        let bytes = std::fs::read(path).ok()?;
+        match parse(&bytes, seq, rows) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::debug!(file = %path.display(), reason = %e, "saved key filter not used");
+                None
+            }
+        }
+    }
+}
+
+fn parse(bytes: &[u8], seq: u64, rows: u64) -> Result<KeyFilter> {
+    let mut at = 0usize;
+    let mut word = || -> Result<u64> {
+        let w = bytes.get(at..at + 8).ok_or_else(|| anyhow!("truncated at byte {at}"))?;
+        at += 8;
+        Ok(u64::from_le_bytes(w.try_into().map_err(|_| anyhow!("truncated"))?))
+    };
+    if word()?.to_le_bytes() != *MAGIC {
+        return Err(anyhow!("not a key filter"));
+    }
+    let (s, r) = (word()?, word()?);
+    if (s, r) != (seq, rows) {
+        return Err(anyhow!("covers batch {s} and {r} rows; the store is at batch {seq} with {rows} rows"));
+    }
+    let n = word()?;
+    let mut layers = Vec::new();
+    for _ in 0..n {
+        let (capacity, len, words) = (word()?, word()?, word()?);
+        // A corrupt length must not allocate more than the file holds.
+        if words == 0 || words > (bytes.len() / 8) as u64 {
+            return Err(anyhow!("corrupt layer size {words}"));
+        }
+        let bits = (0..words).map(|_| word()).collect::<Result<Vec<u64>>>()?;
+        layers.push(Layer { bits, capacity, len });
+    }
+    if layers.is_empty() {
+        return Err(anyhow!("no layers"));
+    }
+    Ok(KeyFilter { layers })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_false_negatives_and_few_false_positives_across_growth() {
+        let mut f = KeyFilter::default();
+        let n = 300_000u64; // several layers
+        for i in 0..n {
+            f.insert(format!("stored-{i}").as_bytes());
+        }
+        assert!(f.layers.len() > 2);
+        assert!((0..n).all(|i| f.may_contain(format!("stored-{i}").as_bytes())));
+        let fp = (0..100_000).filter(|i| f.may_contain(format!("absent-{i}").as_bytes())).count();
+        // ~1% per layer that is full, a few layers: well under 5%.
+        assert!(fp < 5_000, "{fp} false positives in 100k");
+    }
+
+    #[test]
+    fn saved_filter_is_used_only_for_the_state_it_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.filter");
+        let mut f = KeyFilter::default();
+        for i in 0..1000 {
+            f.insert(format!("k{i}").as_bytes());
+        }
+        f.save(&path, 7, 1000).unwrap();
+        let back = KeyFilter::load(&path, 7, 1000).expect("matches");
+        assert!((0..1000).all(|i| back.may_contain(format!("k{i}").as_bytes())));
+        assert!(KeyFilter::load(&path, 8, 1000).is_none(), "a later batch: stale");
+        assert!(KeyFilter::load(&path, 7, 1001).is_none(), "another row count: stale");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(KeyFilter::load(&path, 7, 1000).is_none(), "truncated: rebuilt, not trusted");
+    }
+}
