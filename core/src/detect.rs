@@ -273,6 +273,54 @@ fn run_detector(
     Ok(())
 }
 
+/// How the journal's new keys of one table are selected for a detector.
+enum Select<'f> {
+    All,
+    Keys(KeyMatcher),
+    Rows(&'f [lookout_plugin_sdk::Condition]),
+}
+
+/// A filter whose conditions are all `in~` on SHA1 or DeviceId, checked from row keys
+/// with hash look-ups (a detector's candidate set can hold thousands of SHA1s).
+struct KeyMatcher {
+    /// (is SHA1 (else DeviceId), ASCII-lowercased values)
+    sets: Vec<(bool, HashSet<Vec<u8>>)>,
+    /// The filter itself, for keys that cannot be decided from the key.
+    filter: Vec<lookout_plugin_sdk::Condition>,
+}
+
+impl KeyMatcher {
+    fn new(filter: &[lookout_plugin_sdk::Condition]) -> Option<KeyMatcher> {
+        let mut sets = Vec::new();
+        for c in filter {
+            match c {
+                lookout_plugin_sdk::Condition::In { column, any_of } if column == "SHA1" || column == "DeviceId" => {
+                    sets.push((column == "SHA1", any_of.iter().map(|v| v.as_bytes().to_ascii_lowercase()).collect()));
+                }
+                _ => return None,
+            }
+        }
+        Some(KeyMatcher { sets, filter: filter.to_vec() })
+    }
+
+    /// `None` when the key is not an event key or holds a value cut for length.
+    fn passes(&self, key: &[u8], lower: &mut Vec<u8>) -> Option<bool> {
+        let (sha1, device) = keys::event_sha1_device(key)?;
+        for (is_sha1, set) in &self.sets {
+            let value = if *is_sha1 { sha1 } else { device };
+            if value.len() >= u16::MAX as usize {
+                return None;
+            }
+            lower.clear();
+            lower.extend(value.iter().map(u8::to_ascii_lowercase));
+            if !set.contains(lower.as_slice()) {
+                return Some(false);
+            }
+        }
+        Some(true)
+    }
+}
+
 /// Input specs may only describe the manifest's input tables.
 fn check_inputs(tables: &[String], specs: &[InputSpec]) -> Result<()> {
     match specs.iter().find(|s| !tables.contains(&s.table)) {
@@ -304,23 +352,52 @@ fn input_refs(
         Some(c) => {
             // New rows of unfiltered tables (and filtered ones without an index) come from
             // the journal; indexed filters below read only the matching entries.
-            let wanted: HashSet<&str> = tables.iter().map(String::as_str).filter(|t| !from_index(t)).collect();
+            // How a new key of each table is selected, decided once per table: a journal
+            // entry holds thousands of keys, so the per-key work is a table-number index,
+            // and a hash probe when the filter is on the key's SHA1/DeviceId.
+            let select = |t: &str| -> Option<Select<'_>> {
+                if !tables.iter().any(|x| x == t) || from_index(t) {
+                    return None;
+                }
+                Some(match filter(t) {
+                    [] => Select::All,
+                    f => KeyMatcher::new(f).map_or(Select::Rows(f), Select::Keys),
+                })
+            };
+            let mut by_table: Vec<Option<Select<'_>>> = Vec::new();
+            let mut seen: Vec<bool> = Vec::new();
+            let profiles = select(lookout_plugin_sdk::tables::FILE_PROFILE);
+            let mut lower = Vec::with_capacity(64);
             for entry in store.journal_raw_from(c + 1) {
                 let (seq, raw) = entry?;
                 if seq > head {
                     break;
                 }
                 for k in journal_keys(&raw)? {
-                    let Some(table) = store.key_table(k) else { continue };
-                    if !wanted.contains(table) {
-                        continue;
-                    }
-                    let keep = match filter(table) {
-                        [] => true,
-                        f => match store.key_passes(k, f) {
+                    let how = match (k.first(), k.get(1..3)) {
+                        (Some(&keys::EVENT), Some(tid)) => {
+                            let tid = u16::from_be_bytes([tid[0], tid[1]]) as usize;
+                            if tid >= seen.len() {
+                                seen.resize(tid + 1, false);
+                                by_table.resize_with(tid + 1, || None);
+                            }
+                            if !seen[tid] {
+                                seen[tid] = true;
+                                by_table[tid] = store.key_table(k).and_then(select);
+                            }
+                            by_table[tid].as_ref()
+                        }
+                        (Some(&keys::PROFILE), _) => profiles.as_ref(),
+                        _ => None,
+                    };
+                    let keep = match how {
+                        None => false,
+                        Some(Select::All) => true,
+                        Some(Select::Keys(m)) => match m.passes(k, &mut lower) {
                             Some(pass) => pass,
-                            None => store.get_row_where(k, f)?.is_some(),
+                            None => store.get_row_where(k, &m.filter)?.is_some(),
                         },
+                        Some(Select::Rows(f)) => store.get_row_where(k, f)?.is_some(),
                     };
                     if keep {
                         keys.push(k.to_vec());
@@ -439,6 +516,23 @@ mod tests {
                 }
             }
         }
+        // A filter on SHA1 is decided from the keys (hash probes), ignoring ASCII case, and
+        // agrees with the same condition checked on the rows.
+        let by_sha1 = |column: &str| {
+            vec![InputSpec {
+                table: FILE_EVENTS.into(),
+                only_where: vec![Condition::In { column: column.into(), any_of: vec!["S3".into(), "s6".into()] }],
+                on_backfill: true,
+            }]
+        };
+        let writes = vec![FILE_EVENTS.to_string()];
+        let from_keys = input_refs(&store, &writes, &by_sha1("SHA1"), Some(0), head).unwrap();
+        let mut sha1s: Vec<&str> = from_keys.iter().map(|r| r.sha1.as_str()).collect();
+        sha1s.sort();
+        assert_eq!(sha1s, ["s3", "s6"]);
+        let from_rows = input_refs(&store, &writes, &by_sha1("SHA1"), None, head).unwrap();
+        assert_eq!(keys_of(from_keys), keys_of(from_rows), "journal (keys) and backfill (rows) agree");
+
         // Unfiltered: every row of the range.
         let all = input_refs(&store, &tables, &[], Some(0), head).unwrap();
         assert_eq!(all.len() as i64, report);

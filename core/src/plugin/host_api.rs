@@ -38,6 +38,9 @@ fn answer(store: &Store, req: HostRequest) -> HostResponse {
             store.lookup_where(&table, &sha1, device_id.as_deref(), &filter).map(HostResponse::Rows)
         }
         HostRequest::Profile(sha1) => store.profile(&sha1).map(HostResponse::Profile),
+        HostRequest::Profiles(sha1s) => {
+            sha1s.iter().map(|s| store.profile(s)).collect::<anyhow::Result<Vec<_>>>().map(HostResponse::Profiles)
+        }
     };
     result.unwrap_or_else(|e| HostResponse::Error(format!("store error: {e:#}")))
 }

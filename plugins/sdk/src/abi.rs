@@ -29,7 +29,7 @@ use std::ffi::c_void;
 /// Bumped on any change to the exported symbols or their calling convention.
 pub const ABI_VERSION: u32 = 1;
 /// Bumped on any change to the payload types below.
-pub const PAYLOAD_VERSION: u8 = 2;
+pub const PAYLOAD_VERSION: u8 = 3;
 
 pub const RC_OK: i32 = 0;
 /// The detector returned an error.
@@ -225,12 +225,15 @@ pub enum HostRequest {
     LookupWhere { table: String, sha1: String, device_id: Option<String>, filter: Vec<Condition> },
     /// The FileProfile row with exactly this SHA1.
     Profile(String),
+    /// The FileProfile rows of several SHA1s in one call, in the same order.
+    Profiles(Vec<String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum HostResponse {
     Rows(Vec<Row>),
     Profile(Option<Row>),
+    Profiles(Vec<Option<Row>>),
     Error(String),
 }
 

@@ -85,6 +85,15 @@ impl<'a> Context<'a> {
         }
     }
 
+    /// The FileProfile rows of several SHA1s (in the same order), in one call.
+    pub fn profiles(&mut self, sha1s: Vec<String>) -> Result<Vec<Option<Row>>, String> {
+        let n = sha1s.len();
+        match self.call(&HostRequest::Profiles(sha1s))? {
+            HostResponse::Profiles(p) if p.len() == n => Ok(p),
+            other => Err(format!("host answered Profiles for {n} SHA1s with {other:?}")),
+        }
+    }
+
     pub fn emit(&mut self, finding: FindingOut) {
         self.findings.push(finding);
     }

@@ -134,7 +134,9 @@ impl WinrmRule {
         // Loads to (re-)evaluate: the new ones, and the stored ones whose profile changed.
         // The host handed over only loads by the initiating process outside the excluded
         // folder; `potential_plugin` checks every filter again on the fetched row.
+        // Every FileProfile the pass needs first, in one call.
         let mut profiles = ProfileCache::default();
+        profiles.prefetch(load_keys.keys().chain(profile_sha1s.iter()).copied(), ctx)?;
         let mut wanted = Vec::new();
         for (sha1, keys) in load_keys {
             if self.profile_qualifies(sha1, ctx, &mut profiles)? {
@@ -364,6 +366,18 @@ struct ProfileCache {
 }
 
 impl ProfileCache {
+    fn prefetch<'s>(&mut self, sha1s: impl Iterator<Item = &'s str>, ctx: &mut Context<'_>) -> Result<(), String> {
+        let mut missing: Vec<String> = sha1s.filter(|s| !self.map.contains_key(*s)).map(str::to_string).collect();
+        missing.sort();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let rows = ctx.profiles(missing.clone())?;
+        self.map.extend(missing.into_iter().zip(rows));
+        Ok(())
+    }
+
     fn get(&mut self, sha1: &str, ctx: &mut Context<'_>) -> Result<Option<Row>, String> {
         if let Some(p) = self.map.get(sha1) {
             return Ok(p.clone());
