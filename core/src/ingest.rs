@@ -5,10 +5,11 @@
 
 use crate::clock::Clock;
 use crate::fingerprint::{fingerprint, head_hash, tail_matches, Fingerprint};
-use crate::parse::lines::{LineEnd, LineInfo, LineReader};
+use crate::parse::lines::LineReader;
 use crate::parse::normalise::{normalise, TableHints};
 use crate::parse::open::{open_file, Layout};
-use crate::parse::record::{parse_document, unwrap_document, Document};
+use crate::parse::pipeline;
+use crate::parse::record::{unwrap_document, Document};
 use crate::parse::{Reject, RejectKind};
 use crate::schema::table_from_file_name;
 use crate::store::{Added, OffsetUnit, RejectRecord, SourceState, Store, WriteBatch};
@@ -321,67 +322,79 @@ impl FileRun<'_> {
     fn lines(
         &mut self,
         store: &mut Store,
-        mut reader: LineReader<Box<dyn std::io::BufRead + Send>>,
+        reader: LineReader<Box<dyn std::io::BufRead + Send>>,
         state: &mut SourceState,
         progress: &mut dyn FnMut(u64),
     ) -> Result<()> {
-        let mut buf = Vec::new();
+        // Lines are read and parsed on their own thread (parse/pipeline.rs); everything
+        // that decides what is committed stays here, in file order.
+        let (tx, rx) = pipeline::channel();
+        let (tail_mode, max_line, hints) = (self.opts.tail, self.opts.max_line, self.hints.clone());
+        std::thread::scope(|scope| {
+            let parser = std::thread::Builder::new()
+                .name("lookout-parse".into())
+                .spawn_scoped(scope, move || pipeline::run(reader, tail_mode, max_line, &hints, &tx))
+                .context("cannot start the parser thread")?;
+            let result = self.store_lines(store, &rx, state, progress);
+            // Unblocks the parser if this side stopped early.
+            drop(rx);
+            if parser.join().is_err() {
+                return Err(anyhow!("{}: the parser thread panicked", self.path.display()));
+            }
+            result
+        })
+    }
+
+    fn store_lines(
+        &mut self,
+        store: &mut Store,
+        rx: &std::sync::mpsc::Receiver<pipeline::Message>,
+        state: &mut SourceState,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
         let mut batch = store.batch();
         let mut now = self.clock.now();
-        let mut reached_end = true;
         let mut pending_bytes = 0usize;
-        let mut tail_at_offset: Vec<u8> = Vec::with_capacity(crate::parse::lines::TAIL_LEN);
-        loop {
-            let info = match reader.next_line(&mut buf) {
-                Ok(Some(info)) => info,
-                Ok(None) => break,
-                // A gzip stream still being written ends early: wait for the rest.
-                Err(e) if self.opts.tail && e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    reached_end = false;
-                    break;
-                }
-                Err(e) => return Err(anyhow!("{}: read error at byte {}: {e}", self.path.display(), reader.offset())),
+        let mut tail_at_offset: Vec<u8> = Vec::new();
+        let end = loop {
+            let lines = match rx.recv() {
+                Ok(pipeline::Message::Lines(lines)) => lines,
+                Ok(pipeline::Message::End(end)) => break end,
+                Err(_) => return Err(anyhow!("{}: the parser thread stopped", self.path.display())),
             };
-            if info.ending == LineEnd::Eof {
-                // No newline yet. When tailing, the writer is mid-line; on a finished file
-                // take the line only if it is a complete document.
-                let complete = !self.opts.tail
-                    && info.too_long.is_none()
-                    && serde_json::from_slice::<serde::de::IgnoredAny>(&buf).is_ok();
-                if !complete {
-                    if !self.opts.tail && !buf.iter().all(u8::is_ascii_whitespace) {
-                        self.report.partial_tails.push(self.path.to_path_buf());
+            for line in lines {
+                let line_no = state.lines + 1;
+                self.parsed_line(&mut batch, line, line_no, now, state, &mut tail_at_offset, &mut pending_bytes)?;
+                let stopping = line_no.is_multiple_of(256) && self.stop.is_some_and(|s| s.load(Ordering::Relaxed));
+                if self.pending >= self.opts.batch_rows || pending_bytes >= self.opts.batch_bytes || stopping {
+                    pending_bytes = 0;
+                    self.check_unchanged(state)?;
+                    remember_tail(state, &tail_at_offset);
+                    batch.set_source(self.id, state)?;
+                    batch.commit()?;
+                    crash_after_durable_commit(store)?;
+                    progress(self.counter.load(Ordering::Relaxed));
+                    self.pending = 0;
+                    if self.stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+                        return Ok(());
                     }
-                    reached_end = false;
-                    break;
+                    batch = store.batch();
+                    now = self.clock.now();
                 }
             }
-            let line_no = state.lines + 1;
-            self.line(&mut batch, &buf, &info, line_no, now)?;
-            state.offset = info.end;
-            state.lines = line_no;
-            // The bytes before the committed offset (the reader may later run past it
-            // into a partial line).
-            tail_at_offset.clear();
-            tail_at_offset.extend_from_slice(reader.tail());
-            pending_bytes += buf.len();
-            let stopping = line_no.is_multiple_of(256) && self.stop.is_some_and(|s| s.load(Ordering::Relaxed));
-            if self.pending >= self.opts.batch_rows || pending_bytes >= self.opts.batch_bytes || stopping {
-                pending_bytes = 0;
-                self.check_unchanged(state)?;
-                remember_tail(state, &tail_at_offset);
-                batch.set_source(self.id, state)?;
-                batch.commit()?;
-                crash_after_durable_commit(store)?;
-                progress(self.counter.load(Ordering::Relaxed));
-                self.pending = 0;
-                if self.stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
-                    return Ok(());
+        };
+        let reached_end = match end {
+            pipeline::End::Eof => true,
+            pipeline::End::Unfinished { partial } => {
+                if partial {
+                    self.report.partial_tails.push(self.path.to_path_buf());
                 }
-                batch = store.batch();
-                now = self.clock.now();
+                false
             }
-        }
+            pipeline::End::Error(e, at) => {
+                return Err(anyhow!("{}: read error at byte {at}: {e}", self.path.display()));
+            }
+        };
         if reached_end && state.compressed {
             state.done = true;
             state.raw_size = self.raw_size;
@@ -391,6 +404,40 @@ impl FileRun<'_> {
         batch.set_source(self.id, state)?;
         batch.commit()?;
         progress(self.counter.load(Ordering::Relaxed));
+        Ok(())
+    }
+
+    /// Stores one parsed line and advances the file's state past it.
+    #[allow(clippy::too_many_arguments)]
+    fn parsed_line(
+        &mut self,
+        batch: &mut WriteBatch<'_>,
+        line: pipeline::ParsedLine,
+        line_no: u64,
+        now: i64,
+        state: &mut SourceState,
+        tail_at_offset: &mut Vec<u8>,
+        pending_bytes: &mut usize,
+    ) -> Result<()> {
+        let offset = line.info.start;
+        match line.outcome {
+            pipeline::LineOutcome::Blank => {}
+            pipeline::LineOutcome::Rejected(reject, raw) => self.reject(batch, line_no, offset, reject, &raw)?,
+            pipeline::LineOutcome::Records(records, raw) => {
+                for record in records {
+                    match record {
+                        Ok(row) => self.add(batch, row, now)?,
+                        Err(reject) => self.reject(batch, line_no, offset, reject, &raw)?,
+                    }
+                }
+            }
+        }
+        state.offset = line.info.end;
+        state.lines = line_no;
+        // The bytes before the committed offset (the reader may later run past it into a
+        // partial line).
+        *tail_at_offset = line.tail;
+        *pending_bytes += line.len;
         Ok(())
     }
 
@@ -411,28 +458,6 @@ impl FileRun<'_> {
         Ok(())
     }
 
-    fn line(&mut self, batch: &mut WriteBatch<'_>, buf: &[u8], info: &LineInfo, line_no: u64, now: i64) -> Result<()> {
-        if let Some(len) = info.too_long {
-            let reason = format!("line is {len} bytes, over the {} byte limit", self.opts.max_line);
-            return self.reject(batch, line_no, info.start, Reject::new(RejectKind::LineTooLong, reason), b"");
-        }
-        if buf.iter().all(u8::is_ascii_whitespace) {
-            return Ok(());
-        }
-        if let Err(e) = std::str::from_utf8(buf) {
-            let reason = format!("invalid UTF-8 at byte {} of the line", e.valid_up_to());
-            return self.reject(batch, line_no, info.start, Reject::new(RejectKind::InvalidUtf8, reason), buf);
-        }
-        let doc = match parse_document(buf) {
-            Ok(v) => v,
-            Err(e) => {
-                let reason = format!("malformed JSON: {e}");
-                return self.reject(batch, line_no, info.start, Reject::new(RejectKind::MalformedJson, reason), buf);
-            }
-        };
-        self.document(batch, doc, line_no, info.start, buf, now)
-    }
-
     fn document(
         &mut self,
         batch: &mut WriteBatch<'_>,
@@ -445,17 +470,20 @@ impl FileRun<'_> {
         for unwrapped in unwrap_document(doc) {
             let normal = unwrapped.and_then(|u| normalise(u.row, u.category_table.as_deref(), &self.hints));
             match normal {
-                Ok(row) => {
-                    let table = row.table.clone();
-                    self.pending += 1;
-                    match batch.add_row(row, now)? {
-                        Added::New => *self.report.new_rows.entry(table).or_insert(0) += 1,
-                        Added::Replaced => self.report.replaced += 1,
-                        Added::Duplicate => self.report.duplicates += 1,
-                    }
-                }
+                Ok(row) => self.add(batch, row, now)?,
                 Err(reject) => self.reject(batch, line_no, offset, reject, raw)?,
             }
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, batch: &mut WriteBatch<'_>, row: crate::parse::normalise::NormalRow, now: i64) -> Result<()> {
+        let table = row.table.clone();
+        self.pending += 1;
+        match batch.add_row(row, now)? {
+            Added::New => *self.report.new_rows.entry(table).or_insert(0) += 1,
+            Added::Replaced => self.report.replaced += 1,
+            Added::Duplicate => self.report.duplicates += 1,
         }
         Ok(())
     }

@@ -44,7 +44,7 @@ fn metric(metrics: &str, name: &str) -> Option<f64> {
 #[test]
 fn disk_full_stops_ingestion_cleanly_and_it_resumes_when_space_returns() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(mount) = Mount::tmpfs(&tmp.path().join("datafs"), "48m") else {
+    let Some(mount) = Mount::tmpfs(&tmp.path().join("datafs"), "96m") else {
         eprintln!("skipping: cannot mount a tmpfs here (needs root)");
         return;
     };
@@ -81,8 +81,13 @@ fn disk_full_stops_ingestion_cleanly_and_it_resumes_when_space_returns() {
             "0.2",
         ],
     );
-    d.wait_for("the disk to fill up and the work loop to stop", Duration::from_secs(120), |d| {
-        d.get("/metrics").and_then(|m| metric(&m, "lookout_work_restarts_total")).is_some_and(|n| n >= 1.0)
+    // Either the daemon sees the disk nearly full and pauses, or a write fails and the work
+    // loop restarts; both stop ingestion cleanly.
+    d.wait_for("the disk to fill up and ingestion to stop", Duration::from_secs(120), |d| {
+        d.get("/metrics").is_some_and(|m| {
+            metric(&m, "lookout_disk_space_low") == Some(1.0)
+                || metric(&m, "lookout_work_restarts_total").is_some_and(|n| n >= 1.0)
+        })
     });
     // Still up and answering while the disk is full.
     std::thread::sleep(Duration::from_millis(500));
@@ -101,6 +106,8 @@ fn disk_full_stops_ingestion_cleanly_and_it_resumes_when_space_returns() {
     });
     let s = d.status();
     assert_eq!(s["rejected"].as_u64(), Some(0), "{s}");
+    let m = d.get("/metrics").unwrap_or_default();
+    assert_eq!(metric(&m, "lookout_disk_space_low"), Some(0.0), "not paused any more:\n{m}");
     let (status, _) = d.terminate(Duration::from_secs(10));
     assert!(status.success());
     let lines = read_jsonl(&data.join("findings.jsonl"));

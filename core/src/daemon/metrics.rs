@@ -25,6 +25,10 @@ pub struct Metrics {
     pub skipped_files: BTreeMap<String, u64>,
     /// Times the work loop failed (e.g. disk full) and was restarted.
     pub restarts: u64,
+    /// Whether ingestion and detection are paused for lack of disk space.
+    pub disk_space_low: bool,
+    /// Times they were paused for lack of disk space.
+    pub disk_space_pauses: u64,
 }
 
 fn escape(v: &str) -> String {
@@ -103,6 +107,14 @@ pub fn render(m: &Metrics, c: &Counters) -> String {
         "Times the work loop failed (e.g. disk full) and was restarted.",
     );
     f.sample("lookout_work_restarts_total", None, m.restarts as f64);
+    f.header(
+        "lookout_disk_space_low",
+        "gauge",
+        "1 while ingestion and detection are paused because the data directory's disk is nearly full.",
+    );
+    f.sample("lookout_disk_space_low", None, if m.disk_space_low { 1.0 } else { 0.0 });
+    f.header("lookout_disk_space_pauses_total", "counter", "Times ingestion and detection paused for disk space.");
+    f.sample("lookout_disk_space_pauses_total", None, m.disk_space_pauses as f64);
     f.header("lookout_polls_total", "counter", "Looks at the logs directory.");
     f.sample("lookout_polls_total", None, m.polls as f64);
     out

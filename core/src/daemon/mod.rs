@@ -84,6 +84,22 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
             if stop.load(Ordering::Relaxed) {
                 break None;
             }
+            // Opening the database writes to it (sled's recovery snapshot); doing that on
+            // a full disk can leave a snapshot sled refuses on every later open. Wait for
+            // room first.
+            match free_bytes(&cfg.data) {
+                Some(free) if free < MIN_FREE_TO_WRITE => {
+                    tracing::warn!(
+                        data = %cfg.data.display(),
+                        free_mib = free >> 20,
+                        need_mib = MIN_FREE_TO_WRITE >> 20,
+                        retry_in = ?backoff,
+                        "waiting for free space before reopening the database"
+                    );
+                    continue;
+                }
+                _ => {}
+            }
             match Store::open(&cfg.data) {
                 Ok(s) => break Some(s),
                 Err(e) => {
@@ -106,6 +122,16 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
+/// Free space the data directory needs for the daemon to write to the database (and to
+/// reopen it after a failure).
+const MIN_FREE_TO_WRITE: u64 = 16 << 20;
+
+/// Bytes available to this user on the file system of `dir` (`None` if it cannot tell).
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 fn work(cfg: &DaemonConfig, store: &mut Store, metrics: &Mutex<Metrics>, stop: &Arc<AtomicBool>) -> Result<()> {
     let watch = watch::Watch::new(&cfg.logs, &cfg.plugins)?;
     let mut tailer = Tailer::new(&cfg.logs, cfg.ingest.clone());
@@ -123,6 +149,29 @@ fn work(cfg: &DaemonConfig, store: &mut Store, metrics: &Mutex<Metrics>, stop: &
         let rescan = last_rescan.elapsed() >= cfg.rescan;
         if rescan {
             last_rescan = Instant::now();
+        }
+        // Writing on a full disk can wedge the database (sled waits forever for a write
+        // that failed): stop writing while the disk is nearly full, resume when it is not.
+        let free = free_bytes(&cfg.data);
+        let low = free.is_some_and(|f| f < MIN_FREE_TO_WRITE);
+        {
+            let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+            if low && !m.disk_space_low {
+                m.disk_space_pauses += 1;
+                tracing::warn!(
+                    data = %cfg.data.display(),
+                    free_mib = free.unwrap_or(0) >> 20,
+                    need_mib = MIN_FREE_TO_WRITE >> 20,
+                    "disk space low: ingestion and detection paused until there is room (nothing is lost)"
+                );
+            } else if !low && m.disk_space_low {
+                tracing::info!(data = %cfg.data.display(), "disk space is back: resuming");
+            }
+            m.disk_space_low = low;
+        }
+        if low {
+            changes = watch.wait(cfg.rescan.max(Duration::from_millis(200)));
+            continue;
         }
         let plugins_changed = if changes.plugins || rescan { plugins.refresh()? } else { false };
         let report = tailer.poll(store, stop)?;

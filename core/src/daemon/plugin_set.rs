@@ -79,6 +79,7 @@ impl PluginSet {
         };
         let cache = guard::cache_dir(&self.data_dir)?;
         let mut changed = false;
+        let mut retry = Vec::new();
         // Removed files stop running.
         let before = self.plugins.len();
         self.plugins.retain(|p| now.contains_key(&p.file));
@@ -103,10 +104,17 @@ impl PluginSet {
                 Err(reason) => {
                     tracing::warn!(plugin = %file.display(), reason = %reason, "plugin refused");
                     self.failures += 1;
+                    if guard::is_copy_failure(&reason) {
+                        retry.push(file.clone());
+                    }
                 }
             }
         }
         self.seen = now;
+        // Not the library's fault (say, a full disk): try it again on the next refresh.
+        for file in retry {
+            self.seen.remove(&file);
+        }
         self.pins = pins;
         Ok(changed)
     }

@@ -4,6 +4,7 @@
 pub mod lines;
 pub mod normalise;
 pub mod open;
+pub mod pipeline;
 pub mod record;
 
 /// Why a record was kept aside; the name is what the counters and `status` show.

@@ -159,6 +159,15 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Checks `file`, reads it once, checks the pin, and writes the checked bytes to a
 /// private copy named after their hash.
+/// How a refusal for failing to write the private copy starts: a failure on Lookout's
+/// side (a full disk), not of the library, so the file is tried again.
+pub const COPY_FAILURE: &str = "cannot write private copy";
+
+/// Whether a refusal reason is a failure to write the private copy (see [`COPY_FAILURE`]).
+pub fn is_copy_failure(reason: &str) -> bool {
+    reason.starts_with(COPY_FAILURE)
+}
+
 pub fn verify_and_copy(file: &Path, cache: &Path, pins: Option<&Pins>) -> Result<Verified, String> {
     let meta = std::fs::symlink_metadata(file).map_err(|e| format!("cannot read: {e}"))?;
     if meta.file_type().is_symlink() {
@@ -196,6 +205,6 @@ pub fn verify_and_copy(file: &Path, cache: &Path, pins: Option<&Pins>) -> Result
         f.sync_all()?;
         std::fs::rename(&tmp, &copy)
     };
-    write().map_err(|e| format!("cannot write private copy {}: {e}", copy.display()))?;
+    write().map_err(|e| format!("{COPY_FAILURE} {}: {e}", copy.display()))?;
     Ok(Verified { copy, sha256 })
 }

@@ -159,6 +159,12 @@ impl Store {
         if built.as_ref() == Some(&wanted) {
             return Ok(());
         }
+        if self.db.scan_prefix([keys::EVENT]).next().is_none() && self.db.scan_prefix([keys::INDEX]).next().is_none() {
+            // Nothing to index: the record goes with the first batch that commits, so
+            // opening a new store writes nothing (it may be opened on a full disk).
+            self.index_meta_pending = Some((meta, enc(&wanted)?));
+            return Ok(());
+        }
         let started = std::time::Instant::now();
         let mut batch = sled::Batch::default();
         let mut pending = 0usize;

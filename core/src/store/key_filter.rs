@@ -114,7 +114,11 @@ impl KeyFilter {
             }
         }
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &out).with_context(|| format!("cannot write {}", tmp.display()))?;
+        if let Err(e) = std::fs::write(&tmp, &out) {
+            // A partial file (a full disk) must not keep the space it took.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(anyhow!("cannot write {}: {e}", tmp.display()));
+        }
         std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
     }
 

@@ -104,6 +104,9 @@ pub struct Store {
     next_reject: u64,
     /// The stored event keys, approximately; loaded or built when the first row is added.
     key_filter: Option<key_filter::KeyFilter>,
+    /// The index record of a store that had nothing to index when opened; written with
+    /// the first batch.
+    index_meta_pending: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// First table id handed to a table Lookout has not seen before.
@@ -150,6 +153,7 @@ impl Store {
             next_journal: 1,
             next_reject: 1,
             key_filter: None,
+            index_meta_pending: None,
         };
         store.load_registries()?;
         store.ensure_index()?;
@@ -712,9 +716,13 @@ impl WriteBatch<'_> {
         if self.counters_dirty {
             self.batch.insert(vec![keys::COUNTERS], enc(&self.store.counters)?);
         }
+        if let Some((k, v)) = &self.store.index_meta_pending {
+            self.batch.insert(k.as_slice(), v.as_slice());
+        }
         let batch = std::mem::take(&mut self.batch);
         self.store.db.apply_batch(batch).context("cannot commit a batch to the database")?;
         self.committed = true;
+        self.store.index_meta_pending = None;
         if let Some(f) = &mut self.store.key_filter {
             for k in self.journal.iter().filter(|k| k.first() == Some(&keys::EVENT)) {
                 f.insert(k);

@@ -1,0 +1,133 @@
+//! Reading and parsing a line file on its own thread, ahead of the thread that stores.
+//!
+//! Why: parsing and normalising JSON costs a fifth of ingestion and storing the rest, and
+//! both used to run one after the other on one core. Here a parser thread reads lines,
+//! parses and normalises them and hands over chunks through a small bounded channel; the
+//! storing side keeps every decision that touches the store or the file's state (batches,
+//! offsets, rejects, the truncation check), so what is committed, and when, is exactly
+//! what reading and parsing in line would commit.
+
+use super::lines::{LineEnd, LineInfo, LineReader};
+use super::normalise::{normalise, NormalRow, TableHints};
+use super::record::{parse_document, unwrap_document};
+use super::{Reject, RejectKind};
+use std::io::BufRead;
+use std::sync::mpsc::{Receiver, SyncSender};
+
+/// Lines per message: large enough that the channel costs nothing per line.
+const CHUNK_LINES: usize = 256;
+/// Chunks in flight: bounds the memory held ahead of the storing side.
+const CHANNEL_CHUNKS: usize = 4;
+
+/// What one line turned into.
+pub enum LineOutcome {
+    /// Only whitespace: nothing to store, nothing to reject.
+    Blank,
+    /// Rows, or rejects of single records of the line (with the line's first bytes).
+    Records(Vec<Result<NormalRow, Reject>>, Vec<u8>),
+    /// The whole line is rejected (with its first bytes).
+    Rejected(Reject, Vec<u8>),
+}
+
+/// One line, parsed, with what the storing side needs to advance the file's state.
+pub struct ParsedLine {
+    pub info: LineInfo,
+    pub len: usize,
+    pub outcome: LineOutcome,
+    /// The bytes just before the end of this line (see `LineReader::tail`).
+    pub tail: Vec<u8>,
+}
+
+/// Why the parser stopped.
+pub enum End {
+    /// The file's end: every line was handed over.
+    Eof,
+    /// A last line without its newline was left for later; `partial` when it holds
+    /// something (a one-shot ingest reports it).
+    Unfinished { partial: bool },
+    /// A read error, with the offset reached.
+    Error(std::io::Error, u64),
+}
+
+pub enum Message {
+    Lines(Vec<ParsedLine>),
+    End(End),
+}
+
+/// The excerpt kept with a rejected record.
+const EXCERPT: usize = 256;
+
+/// Parses one line (everything `FileRun::line` did that does not touch the store).
+pub fn parse_line(buf: &[u8], info: &LineInfo, max_line: usize, hints: &TableHints) -> LineOutcome {
+    let excerpt = || buf[..buf.len().min(EXCERPT)].to_vec();
+    if let Some(len) = info.too_long {
+        let reason = format!("line is {len} bytes, over the {max_line} byte limit");
+        return LineOutcome::Rejected(Reject::new(RejectKind::LineTooLong, reason), Vec::new());
+    }
+    if buf.iter().all(u8::is_ascii_whitespace) {
+        return LineOutcome::Blank;
+    }
+    if let Err(e) = std::str::from_utf8(buf) {
+        let reason = format!("invalid UTF-8 at byte {} of the line", e.valid_up_to());
+        return LineOutcome::Rejected(Reject::new(RejectKind::InvalidUtf8, reason), excerpt());
+    }
+    let doc = match parse_document(buf) {
+        Ok(v) => v,
+        Err(e) => {
+            let reason = format!("malformed JSON: {e}");
+            return LineOutcome::Rejected(Reject::new(RejectKind::MalformedJson, reason), excerpt());
+        }
+    };
+    let records: Vec<Result<NormalRow, Reject>> = unwrap_document(doc)
+        .into_iter()
+        .map(|u| u.and_then(|u| normalise(u.row, u.category_table.as_deref(), hints)))
+        .collect();
+    let raw = if records.iter().any(Result::is_err) { excerpt() } else { Vec::new() };
+    LineOutcome::Records(records, raw)
+}
+
+pub fn channel() -> (SyncSender<Message>, Receiver<Message>) {
+    std::sync::mpsc::sync_channel(CHANNEL_CHUNKS)
+}
+
+/// The parser thread's loop: reads `reader` to its end (or to a last line left for
+/// later) and sends chunks; returns as soon as the receiving side is gone.
+pub fn run<R: BufRead>(
+    mut reader: LineReader<R>,
+    tail_mode: bool,
+    max_line: usize,
+    hints: &TableHints,
+    out: &SyncSender<Message>,
+) {
+    let mut buf = Vec::new();
+    let mut chunk = Vec::with_capacity(CHUNK_LINES);
+    let end = loop {
+        let info = match reader.next_line(&mut buf) {
+            Ok(Some(info)) => info,
+            Ok(None) => break End::Eof,
+            // A gzip stream still being written ends early: wait for the rest.
+            Err(e) if tail_mode && e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                break End::Unfinished { partial: false }
+            }
+            Err(e) => break End::Error(e, reader.offset()),
+        };
+        if info.ending == LineEnd::Eof {
+            // No newline yet. When tailing, the writer is mid-line; on a finished file
+            // take the line only if it is a complete document.
+            let complete =
+                !tail_mode && info.too_long.is_none() && serde_json::from_slice::<serde::de::IgnoredAny>(&buf).is_ok();
+            if !complete {
+                break End::Unfinished { partial: !tail_mode && !buf.iter().all(u8::is_ascii_whitespace) };
+            }
+        }
+        let outcome = parse_line(&buf, &info, max_line, hints);
+        chunk.push(ParsedLine { info, len: buf.len(), outcome, tail: reader.tail().to_vec() });
+        if chunk.len() >= CHUNK_LINES && out.send(Message::Lines(std::mem::take(&mut chunk))).is_err() {
+            return;
+        }
+    };
+    if !chunk.is_empty() && out.send(Message::Lines(chunk)).is_err() {
+        return;
+    }
+    let _ = out.send(Message::End(end));
+}
