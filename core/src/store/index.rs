@@ -18,6 +18,11 @@ use anyhow::{anyhow, Context as _, Result};
 use lookout_plugin_sdk::Condition;
 use std::collections::BTreeMap;
 
+/// The size an index entry is kept under. sled writes a leaf whole when it changes; a
+/// leaf holding one large value is rewritten (as a separate blob file) with every
+/// neighbouring insert, which made large per-batch lists cost a tenth of ingestion.
+const PART_BYTES: usize = 8 << 10;
+
 /// The layout of index entries; a store whose index has another is re-indexed on open.
 const LAYOUT: u32 = 2;
 
@@ -51,10 +56,21 @@ impl Postings {
         self.by_prefix.entry(prefix).or_default().push((row_key, covered));
     }
 
-    /// Writes the entries of batch `seq` (part 0) into `batch`.
+    /// Writes the entries of batch `seq` into `batch`, in parts of about [`PART_BYTES`].
     pub fn write(self, seq: u64, batch: &mut sled::Batch) -> Result<()> {
         for (prefix, list) in self.by_prefix {
-            batch.insert(keys::index_key(&prefix, seq, 0), enc(&list)?);
+            let mut part = 0u32;
+            let mut start = 0;
+            let mut bytes = 0;
+            for (i, (key, values)) in list.iter().enumerate() {
+                bytes += 8 + key.len() + values.iter().map(|v| v.len() + 1).sum::<usize>();
+                if bytes >= PART_BYTES || i + 1 == list.len() {
+                    batch.insert(keys::index_key(&prefix, seq, part), enc(&&list[start..=i])?);
+                    part += 1;
+                    start = i + 1;
+                    bytes = 0;
+                }
+            }
         }
         Ok(())
     }
@@ -181,9 +197,8 @@ impl Store {
             flush(&self.db, &mut batch, &mut pending, false)?;
         }
         flush(&self.db, &mut batch, &mut pending, true)?;
-        // Rebuilt rows go under batch 0, split into parts of at most PART_ROWS rows.
-        const PART_ROWS: usize = 4096;
-        let mut open: BTreeMap<Vec<u8>, (u32, Vec<Posting>)> = BTreeMap::new();
+        // Rebuilt rows go under batch 0, in parts of about PART_BYTES.
+        let mut open: BTreeMap<Vec<u8>, (u32, Vec<Posting>, usize)> = BTreeMap::new();
         let mut indexed = 0u64;
         let tables: Vec<&str> = INDEXES.iter().map(|s| s.table).collect();
         for (i, table) in tables.iter().enumerate() {
@@ -203,18 +218,20 @@ impl Store {
                 };
                 for (prefix, covered) in row_postings(tid, table, value_of) {
                     indexed += 1;
-                    let (part, list) = open.entry(prefix.clone()).or_default();
+                    let (part, list, bytes) = open.entry(prefix.clone()).or_default();
+                    *bytes += 8 + k.len() + covered.iter().map(|x| x.len() + 1).sum::<usize>();
                     list.push((k.to_vec(), covered));
-                    if list.len() >= PART_ROWS {
+                    if *bytes >= PART_BYTES {
                         batch.insert(keys::index_key(&prefix, 0, *part), enc(&std::mem::take(list))?);
                         *part += 1;
+                        *bytes = 0;
                         pending += 1;
                         flush(&self.db, &mut batch, &mut pending, false)?;
                     }
                 }
             }
         }
-        for (prefix, (part, list)) in open {
+        for (prefix, (part, list, _)) in open {
             if !list.is_empty() {
                 batch.insert(keys::index_key(&prefix, 0, part), enc(&list)?);
                 pending += 1;
