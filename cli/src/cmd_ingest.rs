@@ -65,7 +65,7 @@ pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
         bar.set_position(done);
     }
     bar.finish_and_clear();
-    store.flush()?;
+    store.flush_and_save_key_filter()?;
     print_summary(&report, started.elapsed().as_secs_f64());
     if !failed.is_empty() {
         eprintln!(

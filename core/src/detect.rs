@@ -233,6 +233,11 @@ fn run_detector(
         }
         let req = EvalRequest { now, backfill: report.backfill, rows: chunk.to_vec() };
         let resp = with_host_api(store, |api| plugin.lib.evaluate(api, &req)).map_err(|e| anyhow!("{e}"))?;
+        // Checked before anything of the pass is committed: a bad answer fails the pass.
+        if let Some(inputs) = &resp.inputs {
+            check_inputs(&plugin.manifest.inputs, inputs)?;
+        }
+        let new_inputs = resp.inputs;
         let mut batch = store.batch();
         let mut fresh = HashSet::new();
         for f in resp.findings {
@@ -264,8 +269,7 @@ fn run_detector(
             plugin.initialised = false;
             return Err(store_err(e));
         }
-        if let Some(inputs) = resp.inputs {
-            check_inputs(&plugin.manifest.inputs, &inputs)?;
+        if let Some(inputs) = new_inputs {
             plugin.inputs = inputs;
         }
         crate::failpoint::hit("detect-after-commit");

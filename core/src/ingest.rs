@@ -352,6 +352,7 @@ impl FileRun<'_> {
         state: &mut SourceState,
         progress: &mut dyn FnMut(u64),
     ) -> Result<()> {
+        let data_dir = store.data_dir().to_path_buf();
         let mut batch = store.batch();
         let mut now = self.clock.now();
         let mut pending_bytes = 0usize;
@@ -362,6 +363,10 @@ impl FileRun<'_> {
                 Ok(pipeline::Message::End(end)) => break end,
                 Err(_) => return Err(anyhow!("{}: the parser thread stopped", self.path.display())),
             };
+            // Nothing is committed on a nearly full disk (see crate::disk).
+            if crate::disk::low(&data_dir) {
+                return Err(anyhow::Error::new(crate::disk::DiskSpaceLow(data_dir.display().to_string())));
+            }
             for line in lines {
                 let line_no = state.lines + 1;
                 self.parsed_line(&mut batch, line, line_no, now, state, &mut tail_at_offset, &mut pending_bytes)?;

@@ -128,6 +128,12 @@ impl Tailer {
         if e.chain().any(|c| c.is::<sled::Error>()) {
             return Err(e);
         }
+        if let Some(low) = e.chain().find_map(|c| c.downcast_ref::<crate::disk::DiskSpaceLow>()) {
+            // Back to what is committed; the daemon pauses until there is room.
+            tracing::warn!(file = %path.display(), error = %low, "not read further for now");
+            self.files.remove(&key);
+            return Ok(());
+        }
         if e.chain().any(|c| c.is::<ChangedWhileReading>()) {
             // Back to what is committed; the next look sees the truncation.
             tracing::info!(file = %path.display(), "truncated while being read; looking again");

@@ -116,3 +116,38 @@ fn disk_full_stops_ingestion_cleanly_and_it_resumes_when_space_returns() {
     assert_eq!(ids.len(), lines.len(), "a finding line is duplicated");
     drop(mount);
 }
+
+/// `lookout ingest` on a nearly full disk stops before writing, says why, and loses
+/// nothing: run again with room, it stores every row once.
+#[test]
+fn one_shot_ingest_stops_before_the_disk_is_full_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(mount) = Mount::tmpfs(&tmp.path().join("datafs"), "64m") else {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let fleet = tmp.path().join("fleet");
+    lookout_ok(&tmp.path().join("gen"), &["gen", "--out", fleet.to_str().unwrap(), "--events", "3000"]);
+    let rows: u64 = ["FileProfile.jsonl", "DeviceImageLoadEvents.jsonl", "DeviceFileEvents.jsonl"]
+        .iter()
+        .map(|f| std::fs::read_to_string(fleet.join("logs").join(f)).unwrap().lines().count() as u64)
+        .sum();
+    let data = mount.0.join("data");
+    let logs = fleet.join("logs");
+    // Open the store first (so it exists), then leave less than the 16 MiB Lookout needs.
+    lookout_ok(&data, &["status"]);
+    let filler = mount.0.join("filler");
+    let fill = free_bytes(&mount.0).saturating_sub(8 << 20);
+    std::fs::write(&filler, vec![0u8; fill as usize]).unwrap();
+    let out = lookout(&data, &["ingest", "--now", NOW, logs.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ingest on a nearly full disk must fail:\n{stderr}");
+    assert!(stderr.contains("MiB free") && stderr.contains("nothing is lost"), "{stderr}");
+    std::fs::remove_file(&filler).unwrap();
+    let out = lookout_ok(&data, &["ingest", "--now", NOW, logs.to_str().unwrap()]);
+    let status = status_json(&data);
+    let stored: u64 = status["tables"].as_object().unwrap().values().map(|t| t["rows"].as_u64().unwrap()).sum();
+    assert_eq!(stored, rows, "{out}");
+    assert_eq!(status["duplicates_skipped"].as_u64(), Some(0), "{status}");
+    drop(mount);
+}

@@ -64,7 +64,7 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let result = loop {
         let worked = work(&cfg, &mut store, &metrics, &stop)
             .and_then(|()| flush_outbox(&mut store, &cfg.findings).map(|_| ()))
-            .and_then(|()| store.flush());
+            .and_then(|()| store.flush_and_save_key_filter());
         let e = match worked {
             Ok(()) => break Ok(()),
             Err(e) => e,
@@ -87,12 +87,12 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
             // Opening the database writes to it (sled's recovery snapshot); doing that on
             // a full disk can leave a snapshot sled refuses on every later open. Wait for
             // room first.
-            match free_bytes(&cfg.data) {
-                Some(free) if free < MIN_FREE_TO_WRITE => {
+            match crate::disk::free_bytes(&cfg.data) {
+                Some(free) if free < crate::disk::MIN_FREE => {
                     tracing::warn!(
                         data = %cfg.data.display(),
                         free_mib = free >> 20,
-                        need_mib = MIN_FREE_TO_WRITE >> 20,
+                        need_mib = crate::disk::MIN_FREE >> 20,
                         retry_in = ?backoff,
                         "waiting for free space before reopening the database"
                     );
@@ -122,16 +122,6 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
-/// Free space the data directory needs for the daemon to write to the database (and to
-/// reopen it after a failure).
-const MIN_FREE_TO_WRITE: u64 = 16 << 20;
-
-/// Bytes available to this user on the file system of `dir` (`None` if it cannot tell).
-fn free_bytes(dir: &std::path::Path) -> Option<u64> {
-    let st = rustix::fs::statvfs(dir).ok()?;
-    Some(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
 fn work(cfg: &DaemonConfig, store: &mut Store, metrics: &Mutex<Metrics>, stop: &Arc<AtomicBool>) -> Result<()> {
     let watch = watch::Watch::new(&cfg.logs, &cfg.plugins)?;
     let mut tailer = Tailer::new(&cfg.logs, cfg.ingest.clone());
@@ -152,8 +142,8 @@ fn work(cfg: &DaemonConfig, store: &mut Store, metrics: &Mutex<Metrics>, stop: &
         }
         // Writing on a full disk can wedge the database (sled waits forever for a write
         // that failed): stop writing while the disk is nearly full, resume when it is not.
-        let free = free_bytes(&cfg.data);
-        let low = free.is_some_and(|f| f < MIN_FREE_TO_WRITE);
+        let free = crate::disk::free_bytes(&cfg.data);
+        let low = free.is_some_and(|f| f < crate::disk::MIN_FREE);
         {
             let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
             if low && !m.disk_space_low {
@@ -161,7 +151,7 @@ fn work(cfg: &DaemonConfig, store: &mut Store, metrics: &Mutex<Metrics>, stop: &
                 tracing::warn!(
                     data = %cfg.data.display(),
                     free_mib = free.unwrap_or(0) >> 20,
-                    need_mib = MIN_FREE_TO_WRITE >> 20,
+                    need_mib = crate::disk::MIN_FREE >> 20,
                     "disk space low: ingestion and detection paused until there is room (nothing is lost)"
                 );
             } else if !low && m.disk_space_low {
@@ -170,7 +160,9 @@ fn work(cfg: &DaemonConfig, store: &mut Store, metrics: &Mutex<Metrics>, stop: &
             m.disk_space_low = low;
         }
         if low {
-            changes = watch.wait(cfg.rescan.max(Duration::from_millis(200)));
+            // Keep what was seen meanwhile (a plugin dropped in) for when writing resumes.
+            let seen = watch.wait(cfg.rescan.max(Duration::from_millis(200)));
+            changes = watch::Changes { logs: changes.logs || seen.logs, plugins: changes.plugins || seen.plugins };
             continue;
         }
         let plugins_changed = if changes.plugins || rescan { plugins.refresh()? } else { false };

@@ -57,7 +57,7 @@ pub enum Message {
 /// The excerpt kept with a rejected record.
 const EXCERPT: usize = 256;
 
-/// Parses one line (everything `FileRun::line` did that does not touch the store).
+/// Parses one line: everything about a line that does not touch the store.
 pub fn parse_line(buf: &[u8], info: &LineInfo, max_line: usize, hints: &TableHints) -> LineOutcome {
     let excerpt = || buf[..buf.len().min(EXCERPT)].to_vec();
     if let Some(len) = info.too_long {

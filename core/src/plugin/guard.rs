@@ -157,8 +157,6 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Checks `file`, reads it once, checks the pin, and writes the checked bytes to a
-/// private copy named after their hash.
 /// How a refusal for failing to write the private copy starts: a failure on Lookout's
 /// side (a full disk), not of the library, so the file is tried again.
 pub const COPY_FAILURE: &str = "cannot write private copy";
@@ -168,6 +166,8 @@ pub fn is_copy_failure(reason: &str) -> bool {
     reason.starts_with(COPY_FAILURE)
 }
 
+/// Checks `file`, reads it once, checks the pin, and writes the checked bytes to a
+/// private copy named after their hash.
 pub fn verify_and_copy(file: &Path, cache: &Path, pins: Option<&Pins>) -> Result<Verified, String> {
     let meta = std::fs::symlink_metadata(file).map_err(|e| format!("cannot read: {e}"))?;
     if meta.file_type().is_symlink() {

@@ -110,10 +110,10 @@ impl Store {
         let Some(tid) = self.table_id(table) else { return Ok(Some(Vec::new())) };
         let covered: Vec<&str> = std::iter::once(spec.column).chain(spec.covers.iter().copied()).collect();
         let from_entry = filter.iter().all(|c| covered.contains(&c.column()));
-        // Values longer than the indexed cut share a prefix with others: the full value in
+        // Values as long as the indexed cut share a prefix with longer ones: the full value in
         // the entry decides (the indexed condition is checked too, which costs nothing).
         let mut checks: Vec<&Condition> = filter.iter().filter(|c| !std::ptr::eq(*c, indexed)).collect();
-        if any_of.iter().any(|v| v.len() > keys::INDEX_VALUE_MAX) {
+        if any_of.iter().any(|v| v.len() >= keys::INDEX_VALUE_MAX) {
             checks.push(indexed);
         }
         let mut prefixes: Vec<Vec<u8>> = any_of.iter().map(|v| keys::index_value_prefix(tid, column, v)).collect();
@@ -238,9 +238,12 @@ impl Store {
             }
         }
         flush(&self.db, &mut batch, &mut pending, true)?;
-        self.db.insert(&meta, enc(&wanted)?)?;
+        // The journal is cut before the index is recorded as built: a crash in between
+        // rebuilds again, never leaves detectors reading batch ranges the rebuilt entries
+        // (batch 0) are not in.
         let head = self.next_journal - 1;
         self.prune_journal(head)?;
+        self.db.insert(&meta, enc(&wanted)?)?;
         if indexed > 0 {
             tracing::info!(
                 rows = indexed,

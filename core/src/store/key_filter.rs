@@ -9,18 +9,21 @@
 //!
 //! The filter grows by adding a larger filter when the current one is full (a scalable
 //! Bloom filter). It is kept in memory while the store is open and saved next to the
-//! database by [`Store::flush`](super::Store::flush) with the journal sequence and event
-//! row count it covers; a saved filter that does not match the store exactly (a crash
-//! after more batches were committed) is discarded and rebuilt from the stored keys.
+//! database by [`Store::flush_and_save_key_filter`](super::Store::flush_and_save_key_filter)
+//! with the journal sequence and event row count it covers and a checksum; a saved filter
+//! that does not match the store exactly (a crash after more batches were committed) or
+//! fails its checksum is discarded and rebuilt from the stored keys.
 
 use anyhow::{anyhow, Context as _, Result};
+use sha2::{Digest, Sha256};
+use std::io::Write;
 use std::path::Path;
 
 /// Bits per key and probes: ~1% false positives.
 const BITS_PER_KEY: u64 = 10;
 const PROBES: u32 = 7;
 const FIRST_CAPACITY: u64 = 1 << 16;
-const MAGIC: &[u8; 8] = b"LKTKEYF1";
+const MAGIC: &[u8; 8] = b"LKTKEYF2";
 
 struct Layer {
     bits: Vec<u64>,
@@ -67,6 +70,14 @@ impl Default for KeyFilter {
     }
 }
 
+impl KeyFilter {
+    /// A filter whose first layer holds `keys` (a rebuild sizes it to the store, so a
+    /// large store does not end up with many small layers and their false positives).
+    pub fn with_capacity(keys: u64) -> KeyFilter {
+        KeyFilter { layers: vec![Layer::new(keys.max(FIRST_CAPACITY))] }
+    }
+}
+
 /// Two independent 64-bit hashes of a key (FNV-1a and a multiplicative mix of it with
 /// another seed), combined by double hashing into the probe positions.
 fn hashes(key: &[u8]) -> (u64, u64) {
@@ -76,7 +87,7 @@ fn hashes(key: &[u8]) -> (u64, u64) {
         a = (a ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3);
         b = (b ^ byte as u64).wrapping_mul(0xff51_afd7_ed55_8ccd).rotate_left(29);
     }
-    // An odd step visits distinct positions for every probe.
+    // A non-zero step, so the probes do not all land on one bit.
     (a, b | 1)
 }
 
@@ -98,9 +109,10 @@ impl KeyFilter {
         self.layers.iter().any(|l| l.may_contain(h))
     }
 
-    /// Writes the filter with what it covers (atomically: a temporary file renamed).
+    /// Writes the filter with what it covers and a checksum (atomically: a temporary
+    /// file, synced, then renamed).
     pub fn save(&self, path: &Path, seq: u64, rows: u64) -> Result<()> {
-        let mut out = Vec::with_capacity(32 + self.layers.iter().map(|l| 24 + l.bits.len() * 8).sum::<usize>());
+        let mut out = Vec::with_capacity(64 + self.layers.iter().map(|l| 24 + l.bits.len() * 8).sum::<usize>());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&seq.to_le_bytes());
         out.extend_from_slice(&rows.to_le_bytes());
@@ -113,8 +125,14 @@ impl KeyFilter {
                 out.extend_from_slice(&w.to_le_bytes());
             }
         }
+        let digest = Sha256::digest(&out);
+        out.extend_from_slice(&digest);
         let tmp = path.with_extension("tmp");
-        if let Err(e) = std::fs::write(&tmp, &out) {
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            f.write_all(&out)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
             // A partial file (a full disk) must not keep the space it took.
             let _ = std::fs::remove_file(&tmp);
             return Err(anyhow!("cannot write {}: {e}", tmp.display()));
@@ -137,6 +155,13 @@ impl KeyFilter {
 }
 
 fn parse(bytes: &[u8], seq: u64, rows: u64) -> Result<KeyFilter> {
+    // A torn or damaged file must not pass for a filter (it could say "not stored" of a
+    // stored key): the checksum covers everything before it.
+    let body_len = bytes.len().checked_sub(32).ok_or_else(|| anyhow!("too short"))?;
+    let (bytes, digest) = bytes.split_at(body_len);
+    if Sha256::digest(bytes).as_slice() != digest {
+        return Err(anyhow!("checksum mismatch"));
+    }
     let mut at = 0usize;
     let mut word = || -> Result<u64> {
         let w = bytes.get(at..at + 8).ok_or_else(|| anyhow!("truncated at byte {at}"))?;
@@ -201,5 +226,11 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
         assert!(KeyFilter::load(&path, 7, 1000).is_none(), "truncated: rebuilt, not trusted");
+        let mut zeroed = bytes.clone();
+        zeroed[100..200].fill(0);
+        std::fs::write(&path, &zeroed).unwrap();
+        assert!(KeyFilter::load(&path, 7, 1000).is_none(), "damaged bits: rebuilt, not trusted");
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(KeyFilter::load(&path, 7, 1000).is_some());
     }
 }

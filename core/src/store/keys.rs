@@ -34,8 +34,8 @@ pub const STATE: u8 = b'x';
 pub const META: u8 = b'm';
 pub const INDEX: u8 = b'i';
 
-/// Indexed values are cut to this many bytes; a look-up of a longer value re-checks the
-/// rows it finds (a cut value can only widen the match, never narrow it).
+/// Indexed values are cut to this many bytes; a look-up of a value this long or longer
+/// re-checks the rows it finds (a cut value can only widen the match, never narrow it).
 pub const INDEX_VALUE_MAX: usize = 256;
 
 fn push_str(k: &mut Vec<u8>, s: &[u8]) {
@@ -91,8 +91,8 @@ pub fn index_column_prefix(table: u16, column: &str) -> Vec<u8> {
 }
 
 /// An index entry: the value prefix, the sequence of the batch that stored its rows (so a
-/// range of batches is a range of keys), and a part number (a rebuild splits one value's
-/// rows into parts; a batch writes part 0).
+/// range of batches is a range of keys), and a part number (one value's rows of a batch,
+/// or of a rebuild, are split into parts of a few KiB).
 pub fn index_key(value_prefix: &[u8], seq: u64, part: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(value_prefix.len() + 12);
     k.extend_from_slice(value_prefix);

@@ -204,12 +204,19 @@ impl Store {
         &self.counters
     }
 
-    /// Blocks until everything committed so far is on disk, then saves the key filter
-    /// (see [`key_filter`]) with the state it covers.
+    /// Blocks until everything committed so far is on disk.
     pub fn flush(&self) -> Result<()> {
         self.db.flush().context("cannot flush the database to disk")?;
+        Ok(())
+    }
+
+    /// Flushes, then saves the key filter (see [`key_filter`]) with the state it covers, so
+    /// the next process to store rows need not rebuild it. Called when a run of ingestion
+    /// ends (not after every batch: the file grows with the store). Failing to save is
+    /// only logged: a filter that is not saved is rebuilt when next needed.
+    pub fn flush_and_save_key_filter(&self) -> Result<()> {
+        self.flush()?;
         if let Some(f) = &self.key_filter {
-            // Only an optimisation: a filter that is not saved is rebuilt on next use.
             if let Err(e) = f.save(&self.key_filter_path(), self.next_journal - 1, self.event_rows()) {
                 tracing::warn!(error = %format!("{e:#}"), "cannot save the key filter; it is rebuilt next time");
             }
@@ -239,7 +246,7 @@ impl Store {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let mut f = key_filter::KeyFilter::default();
+        let mut f = key_filter::KeyFilter::with_capacity(rows + rows / 4);
         let mut n = 0u64;
         for k in self.db.scan_prefix([keys::EVENT]).keys() {
             f.insert(&k?);
@@ -355,26 +362,6 @@ impl Store {
             Some(value) if self.row_passes(&value, filter)? => self.decode_row(key, &value).map(Some),
             _ => Ok(None),
         }
-    }
-
-    /// Whether the row at `key` meets every condition, decided from the key alone: `None`
-    /// unless every condition is on the SHA1 or DeviceId of an event row (which its key
-    /// holds, unless cut for length).
-    pub fn key_passes(&self, key: &[u8], filter: &[Condition]) -> Option<bool> {
-        let (sha1, device) = keys::event_sha1_device(key)?;
-        let mut pass = true;
-        for c in filter {
-            let value = match c.column() {
-                "SHA1" => sha1,
-                "DeviceId" => device,
-                _ => return None,
-            };
-            if value.len() >= u16::MAX as usize {
-                return None;
-            }
-            pass &= c.matches(std::str::from_utf8(value).ok()?);
-        }
-        Some(pass)
     }
 
     /// Whether the stored row value meets every condition, read without copying strings.
@@ -918,16 +905,16 @@ mod tests {
         {
             let mut store = Store::open(dir.path()).unwrap();
             assert_eq!(add(&mut store, 1..=10), (10, 0));
-            store.flush().unwrap();
+            store.flush_and_save_key_filter().unwrap();
             std::fs::copy(&filter, &stale).unwrap();
             assert_eq!(add(&mut store, 11..=20), (10, 0));
             assert_eq!(add(&mut store, 5..=15), (0, 11), "in memory");
-            store.flush().unwrap();
+            store.flush_and_save_key_filter().unwrap();
         }
         {
             let mut store = Store::open(dir.path()).unwrap();
             assert_eq!(add(&mut store, 1..=20), (0, 20), "saved filter");
-            store.flush().unwrap();
+            store.flush_and_save_key_filter().unwrap();
         }
         std::fs::copy(&stale, &filter).unwrap();
         {

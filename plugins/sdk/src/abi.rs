@@ -177,7 +177,7 @@ pub struct EvalRequest {
     /// The evaluation time (ticks); fixed for the whole pass.
     pub now: i64,
     /// Whether this pass hands over stored rows rather than new ones (the detector's first
-    /// pass, or one after its cursor fell behind the pruned journal).
+    /// pass, one after its cursor fell behind the pruned journal, or `detect --backfill`).
     pub backfill: bool,
     pub rows: Vec<RowRef>,
 }

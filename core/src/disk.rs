@@ -1,0 +1,39 @@
+//! Free space in the data directory. sled can wait forever for a write that failed for
+//! lack of space (and opening it on a full disk can leave a snapshot it then refuses), so
+//! Lookout stops writing before the disk is full instead of finding out from sled.
+
+use std::path::Path;
+
+/// Free space the data directory needs for rows to be stored (and for the database to be
+/// reopened after a failure).
+pub const MIN_FREE: u64 = 16 << 20;
+
+/// Bytes available to this user on the file system of `dir` (`None` if it cannot tell).
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Whether the data directory is below [`MIN_FREE`].
+pub fn low(dir: &Path) -> bool {
+    free_bytes(dir).is_some_and(|f| f < MIN_FREE)
+}
+
+/// Ingestion stopped because the data directory's disk is nearly full; the batch in hand
+/// was not committed and is read again later.
+#[derive(Debug)]
+pub struct DiskSpaceLow(pub String);
+
+impl std::fmt::Display for DiskSpaceLow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the disk of {} has less than {} MiB free: stopped before writing (nothing is lost; \
+             free some space and run again, files resume at their committed offsets)",
+            self.0,
+            MIN_FREE >> 20
+        )
+    }
+}
+
+impl std::error::Error for DiskSpaceLow {}
