@@ -6,10 +6,10 @@
 use crate::clock::Clock;
 use crate::fingerprint::{fingerprint, head_hash, tail_matches, Fingerprint};
 use crate::parse::lines::LineReader;
-use crate::parse::normalise::{normalise, TableHints};
+use crate::parse::normalise::TableHints;
 use crate::parse::open::{open_file, Layout};
 use crate::parse::pipeline;
-use crate::parse::record::{unwrap_document, Document};
+use crate::parse::record::Document;
 use crate::parse::{Reject, RejectKind};
 use crate::schema::table_from_file_name;
 use crate::store::{Added, OffsetUnit, RejectRecord, SourceState, Store, WriteBatch};
@@ -429,12 +429,7 @@ impl FileRun<'_> {
             pipeline::LineOutcome::Blank => {}
             pipeline::LineOutcome::Rejected(reject, raw) => self.reject(batch, line_no, offset, reject, &raw)?,
             pipeline::LineOutcome::Records(records, raw) => {
-                for record in records {
-                    match record {
-                        Ok(row) => self.add(batch, row, now)?,
-                        Err(reject) => self.reject(batch, line_no, offset, reject, &raw)?,
-                    }
-                }
+                self.store_records(batch, records, line_no, offset, &raw, now)?
             }
         }
         state.offset = line.info.end;
@@ -463,18 +458,19 @@ impl FileRun<'_> {
         Ok(())
     }
 
-    fn document(
+    /// Stores the rows of one record (a line, or an array element) and keeps its
+    /// rejects aside with `raw`, the record's first bytes.
+    fn store_records(
         &mut self,
         batch: &mut WriteBatch<'_>,
-        doc: Document,
+        records: Vec<Result<crate::parse::normalise::NormalRow, Reject>>,
         line_no: u64,
         offset: u64,
         raw: &[u8],
         now: i64,
     ) -> Result<()> {
-        for unwrapped in unwrap_document(doc) {
-            let normal = unwrapped.and_then(|u| normalise(u.row, u.category_table.as_deref(), &self.hints));
-            match normal {
+        for record in records {
+            match record {
                 Ok(row) => self.add(batch, row, now)?,
                 Err(reject) => self.reject(batch, line_no, offset, reject, raw)?,
             }
@@ -579,7 +575,8 @@ impl FileRun<'_> {
         let now = self.clock.now();
         let mut batch = store.batch();
         for (index, doc) in pending.drain(..) {
-            self.document(&mut batch, Document::from_value(doc), index, 0, b"", now)?;
+            let records = pipeline::records(Document::from_value(doc), &self.hints);
+            self.store_records(&mut batch, records, index, 0, b"", now)?;
             state.offset = index;
             state.lines = index;
         }

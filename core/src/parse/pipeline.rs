@@ -9,7 +9,7 @@
 
 use super::lines::{LineEnd, LineInfo, LineReader};
 use super::normalise::{normalise, NormalRow, TableHints};
-use super::record::{parse_document, unwrap_document};
+use super::record::{parse_document, unwrap_document, Document};
 use super::{Reject, RejectKind};
 use std::io::BufRead;
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -78,12 +78,18 @@ pub fn parse_line(buf: &[u8], info: &LineInfo, max_line: usize, hints: &TableHin
             return LineOutcome::Rejected(Reject::new(RejectKind::MalformedJson, reason), excerpt());
         }
     };
-    let records: Vec<Result<NormalRow, Reject>> = unwrap_document(doc)
-        .into_iter()
-        .map(|u| u.and_then(|u| normalise(u.row, u.category_table.as_deref(), hints)))
-        .collect();
+    let records = records(doc, hints);
     let raw = if records.iter().any(Result::is_err) { excerpt() } else { Vec::new() };
     LineOutcome::Records(records, raw)
+}
+
+/// The rows of one JSON document (an envelope, `{"records": [...]}` or a flat row), each
+/// normalised or rejected. Shared by line files and JSON array elements.
+pub fn records(doc: Document, hints: &TableHints) -> Vec<Result<NormalRow, Reject>> {
+    unwrap_document(doc)
+        .into_iter()
+        .map(|u| u.and_then(|u| normalise(u.row, u.category_table.as_deref(), hints)))
+        .collect()
 }
 
 pub fn channel() -> (SyncSender<Message>, Receiver<Message>) {
