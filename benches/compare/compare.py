@@ -257,9 +257,15 @@ def grow_store(exe, work, plugins, size, ticks, n):
     return stored, passes
 
 
+def target_dir(root):
+    """Where cargo put the builds: CARGO_TARGET_DIR if set (relative to the root), else root/target."""
+    t = os.environ.get("CARGO_TARGET_DIR")
+    return (root / t) if t else root / "target"
+
+
 def ceilings(root, files, work):
     """Parse-only and sled-only ingest ceilings on the same files (benches/src/bin/ceilings.rs)."""
-    exe = root / "target" / "release" / "ceilings"
+    exe = target_dir(root) / "release" / "ceilings"
     d = work / "ceiling-sled"
     d.mkdir(exist_ok=True)
     p = subprocess.run([str(exe), "--sled-dir", str(d)] + [str(f) for f in files], capture_output=True, text=True)
@@ -338,9 +344,9 @@ def main():
         a.ticks = min(a.ticks, 10)
         a.growth_ticks = min(a.growth_ticks, 5)
     root = Path(a.root)
-    exe = root / "target" / "release" / "lookout"
-    lib = next((p for p in [root / "target/release/liblookout_winrm.so", root / "target/release/deps/liblookout_winrm.so"]
-                if p.is_file()), None)
+    release = target_dir(root) / "release"
+    exe = release / "lookout"
+    lib = next((p for p in [release / "liblookout_winrm.so", release / "deps/liblookout_winrm.so"] if p.is_file()), None)
     if not exe.is_file() or lib is None:
         raise SystemExit("build first: cargo build --release -p lookout-cli")
     sizes = [int(s) for s in a.growth_sizes.split(",")] if a.growth_sizes else \
