@@ -399,9 +399,9 @@ fn input_refs(
                         Some(Select::All) => true,
                         Some(Select::Keys(m)) => match m.passes(k, &mut lower) {
                             Some(pass) => pass,
-                            None => store.get_row_where(k, &m.filter)?.is_some(),
+                            None => store.row_at_passes(k, &m.filter)?,
                         },
-                        Some(Select::Rows(f)) => store.get_row_where(k, f)?.is_some(),
+                        Some(Select::Rows(f)) => store.row_at_passes(k, f)?,
                     };
                     if keep {
                         keys.push(k.to_vec());

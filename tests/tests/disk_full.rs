@@ -14,15 +14,27 @@ const NOW: &str = "2025-05-08T00:00:00Z";
 struct Mount(PathBuf);
 
 impl Mount {
+    /// A tmpfs of `size` at `at`; `None` (and a note on stderr) where mounting needs a
+    /// privilege this run does not have, and the test is skipped.
     fn tmpfs(at: &Path, size: &str) -> Option<Mount> {
-        std::fs::create_dir_all(at).ok()?;
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .ok()?
-            .success();
-        ok.then(|| Mount(at.to_path_buf()))
+        let mounted = std::fs::create_dir_all(at).is_ok()
+            && Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(at)
+                .status()
+                .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        }
+        mounted.then(|| Mount(at.to_path_buf()))
+    }
+
+    /// Fills the file system with one file until `leave` bytes are free; returns the file.
+    fn fill_leaving(&self, leave: u64) -> PathBuf {
+        let filler = self.0.join("filler");
+        let fill = free_bytes(&self.0).saturating_sub(leave);
+        std::fs::write(&filler, vec![0u8; fill as usize]).unwrap();
+        filler
     }
 }
 
@@ -44,10 +56,7 @@ fn metric(metrics: &str, name: &str) -> Option<f64> {
 #[test]
 fn disk_full_stops_ingestion_cleanly_and_it_resumes_when_space_returns() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(mount) = Mount::tmpfs(&tmp.path().join("datafs"), "96m") else {
-        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
-        return;
-    };
+    let Some(mount) = Mount::tmpfs(&tmp.path().join("datafs"), "96m") else { return };
     let fleet = tmp.path().join("fleet");
     lookout_ok(
         &tmp.path().join("gen"),
@@ -61,10 +70,7 @@ fn disk_full_stops_ingestion_cleanly_and_it_resumes_when_space_returns() {
     let plugins = plugins_dir(tmp.path(), &[WINRM]);
 
     // Leave a few MiB: enough to start, not enough for the fleet.
-    let filler = mount.0.join("filler");
-    let leave = 4u64 << 20;
-    let fill = free_bytes(&mount.0).saturating_sub(leave);
-    std::fs::write(&filler, vec![0u8; fill as usize]).unwrap();
+    let filler = mount.fill_leaving(4 << 20);
     let data = mount.0.join("data");
     let mut d = Daemon::start(
         &data,
@@ -122,10 +128,7 @@ fn disk_full_stops_ingestion_cleanly_and_it_resumes_when_space_returns() {
 #[test]
 fn one_shot_ingest_stops_before_the_disk_is_full_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(mount) = Mount::tmpfs(&tmp.path().join("datafs"), "64m") else {
-        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
-        return;
-    };
+    let Some(mount) = Mount::tmpfs(&tmp.path().join("datafs"), "64m") else { return };
     let fleet = tmp.path().join("fleet");
     lookout_ok(&tmp.path().join("gen"), &["gen", "--out", fleet.to_str().unwrap(), "--events", "3000"]);
     let rows: u64 = ["FileProfile.jsonl", "DeviceImageLoadEvents.jsonl", "DeviceFileEvents.jsonl"]
@@ -136,9 +139,7 @@ fn one_shot_ingest_stops_before_the_disk_is_full_and_resumes() {
     let logs = fleet.join("logs");
     // Open the store first (so it exists), then leave less than the 16 MiB Lookout needs.
     lookout_ok(&data, &["status"]);
-    let filler = mount.0.join("filler");
-    let fill = free_bytes(&mount.0).saturating_sub(8 << 20);
-    std::fs::write(&filler, vec![0u8; fill as usize]).unwrap();
+    let filler = mount.fill_leaving(8 << 20);
     let out = lookout(&data, &["ingest", "--now", NOW, logs.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "ingest on a nearly full disk must fail:\n{stderr}");

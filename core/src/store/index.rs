@@ -39,7 +39,7 @@ pub fn row_postings<'r>(tid: u16, table: &str, value_of: impl Fn(&str) -> &'r st
         .iter()
         .filter(|s| s.table == table)
         .map(|s| {
-            let covered = std::iter::once(s.column).chain(s.covers.iter().copied()).map(|c| value_of(c).to_string());
+            let covered = covered_columns(s).map(|c| value_of(c).to_string());
             (keys::index_value_prefix(tid, s.column, value_of(s.column)), covered.collect())
         })
         .collect()
@@ -63,7 +63,7 @@ impl Postings {
             let mut start = 0;
             let mut bytes = 0;
             for (i, (key, values)) in list.iter().enumerate() {
-                bytes += 8 + key.len() + values.iter().map(|v| v.len() + 1).sum::<usize>();
+                bytes += posting_bytes(key, values);
                 if bytes >= PART_BYTES || i + 1 == list.len() {
                     batch.insert(keys::index_key(&prefix, seq, part), enc(&&list[start..=i])?);
                     part += 1;
@@ -74,6 +74,16 @@ impl Postings {
         }
         Ok(())
     }
+}
+
+/// The columns whose values an entry keeps: the indexed one, then the covered ones.
+fn covered_columns(spec: &IndexSpec) -> impl Iterator<Item = &'static str> {
+    std::iter::once(spec.column).chain(spec.covers.iter().copied())
+}
+
+/// About how many bytes a posting takes in an entry (to cut entries into parts).
+fn posting_bytes(key: &[u8], values: &[String]) -> usize {
+    8 + key.len() + values.iter().map(|v| v.len() + 1).sum::<usize>()
 }
 
 fn spec(table: &str, column: &str) -> Option<&'static IndexSpec> {
@@ -108,7 +118,7 @@ impl Store {
         };
         let Some(spec) = spec(table, column) else { return Ok(None) };
         let Some(tid) = self.table_id(table) else { return Ok(Some(Vec::new())) };
-        let covered: Vec<&str> = std::iter::once(spec.column).chain(spec.covers.iter().copied()).collect();
+        let covered: Vec<&str> = covered_columns(spec).collect();
         let from_entry = filter.iter().all(|c| covered.contains(&c.column()));
         // Values as long as the indexed cut share a prefix with longer ones: the full value in
         // the entry decides (the indexed condition is checked too, which costs nothing).
@@ -143,10 +153,7 @@ impl Store {
                             c.matches(at.and_then(|i| values.get(i)).copied().unwrap_or(""))
                         })
                     } else {
-                        match self.db.get(&row_key)? {
-                            Some(row) => self.row_passes(&row, filter)?,
-                            None => false,
-                        }
+                        self.row_at_passes(&row_key, filter)?
                     };
                     if keep {
                         out.push(row_key);
@@ -219,7 +226,7 @@ impl Store {
                 for (prefix, covered) in row_postings(tid, table, value_of) {
                     indexed += 1;
                     let (part, list, bytes) = open.entry(prefix.clone()).or_default();
-                    *bytes += 8 + k.len() + covered.iter().map(|x| x.len() + 1).sum::<usize>();
+                    *bytes += posting_bytes(&k, &covered);
                     list.push((k.to_vec(), covered));
                     if *bytes >= PART_BYTES {
                         batch.insert(keys::index_key(&prefix, 0, *part), enc(&std::mem::take(list))?);

@@ -364,6 +364,14 @@ impl Store {
         }
     }
 
+    /// Whether the row at `key` exists and meets every condition (no `Row` is built).
+    pub fn row_at_passes(&self, key: &[u8], filter: &[Condition]) -> Result<bool> {
+        match self.db.get(key)? {
+            Some(value) => self.row_passes(&value, filter),
+            None => Ok(false),
+        }
+    }
+
     /// Whether the stored row value meets every condition, read without copying strings.
     fn row_passes(&self, value: &[u8], filter: &[Condition]) -> Result<bool> {
         if filter.is_empty() {
@@ -444,18 +452,21 @@ impl Store {
     /// Keys of every stored row of the given tables (a backfill).
     pub fn all_row_keys(&self, tables: &[String]) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
-        for t in tables {
-            if t == lookout_plugin_sdk::tables::FILE_PROFILE {
-                for k in self.db.scan_prefix([keys::PROFILE]).keys() {
-                    out.push(k?.to_vec());
-                }
-            } else if let Some(tid) = self.table_id(t) {
-                for k in self.db.scan_prefix(keys::table_prefix(tid)).keys() {
-                    out.push(k?.to_vec());
-                }
+        for prefix in tables.iter().filter_map(|t| self.rows_prefix(t)) {
+            for k in self.db.scan_prefix(prefix).keys() {
+                out.push(k?.to_vec());
             }
         }
         Ok(out)
+    }
+
+    /// The key prefix of every stored row of `table` (`None` for a table never seen).
+    fn rows_prefix(&self, table: &str) -> Option<Vec<u8>> {
+        if table == lookout_plugin_sdk::tables::FILE_PROFILE {
+            Some(vec![keys::PROFILE])
+        } else {
+            self.table_id(table).map(keys::table_prefix)
+        }
     }
 
     /// Removes journal entries up to and including `upto`; a detector whose cursor is
@@ -477,13 +488,7 @@ impl Store {
     /// Keys of every stored row of `table` that meets every condition of `filter`, by
     /// reading each row (the path when no condition is on an indexed column).
     pub fn scan_where(&self, table: &str, filter: &[Condition]) -> Result<Vec<Vec<u8>>> {
-        let prefix = if table == lookout_plugin_sdk::tables::FILE_PROFILE {
-            vec![keys::PROFILE]
-        } else if let Some(tid) = self.table_id(table) {
-            keys::table_prefix(tid)
-        } else {
-            return Ok(Vec::new());
-        };
+        let Some(prefix) = self.rows_prefix(table) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(prefix) {
             let (k, v) = kv?;
