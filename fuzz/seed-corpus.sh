@@ -4,7 +4,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/.."
-kql="${KQLBENCH:-$root/../shared/data/kqlbench}"
+kql="${KQLBENCH:-$root/tests/data/kqlbench}"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 (cd "$root" && cargo build -q -p lookout-cli)

@@ -83,16 +83,11 @@ pub fn table_rows(data: &Path, table: &str) -> u64 {
     status_json(data)["tables"][table]["rows"].as_u64().unwrap_or(0)
 }
 
-/// The kqlbench exports shipped beside the repository.
+/// The kqlbench exports vendored in the repository (`tests/data/kqlbench`, MIT).
 pub fn kqlbench_dir() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidates = [here.join("../../shared/data/kqlbench"), here.join("../shared/data/kqlbench")];
-    for c in &candidates {
-        if c.join("DeviceFileEvents.json").is_file() {
-            return c.clone();
-        }
-    }
-    panic!("kqlbench data not found (looked in {candidates:?})")
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/kqlbench");
+    assert!(dir.join("DeviceFileEvents.json").is_file(), "kqlbench data missing from {}", dir.display());
+    dir
 }
 
 /// The findings JSONL lines of a file.

@@ -1,4 +1,4 @@
-//! End-to-end ingestion of the real Defender exports in `shared/data/kqlbench/`
+//! End-to-end ingestion of the real Defender exports in `tests/data/kqlbench/`
 //! (pretty-printed JSON array exports): every row is stored exactly once, re-runs and
 //! renamed copies add nothing.
 
@@ -82,4 +82,35 @@ fn kqlbench_copy_under_another_name_adds_only_duplicates() {
     std::fs::copy(&il, &copy2).expect("copy export");
     ingest(&data, &[&copy2]);
     assert_exact(&data, FE_ROWS + IL_ROWS);
+}
+
+/// The repository carries everything its build and tests use: no source, script or
+/// manifest refers to a folder beside the checkout (CI runs the suite from a copy with
+/// nothing beside it, which proves the same from the other side).
+#[test]
+fn nothing_in_the_repository_reads_beside_it() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let needle = ["..", "/shared"].concat();
+    let mut offenders = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if path.is_dir() {
+                if !matches!(name, "target" | ".git" | ".venv" | "corpus" | "artifacts" | "data") {
+                    stack.push(path);
+                }
+                continue;
+            }
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if !matches!(ext, "rs" | "toml" | "sh" | "py" | "") || name == "Cargo.lock" {
+                continue;
+            }
+            if std::fs::read_to_string(&path).is_ok_and(|text| text.contains(&needle)) {
+                offenders.push(path.display().to_string());
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "these files refer to a folder beside the checkout: {offenders:?}");
 }
