@@ -1,44 +1,71 @@
 //! The findings JSONL: written from the results tree through its own cursor, so that a
-//! crash at any point leaves every finding in the file exactly once.
+//! crash at any point leaves every finding in the file exactly once — and no byte that
+//! Lookout did not write is ever removed.
 //!
-//! The cursor (per file path) records the next outbox sequence and the file length at
-//! the moment it was committed. On the next flush, bytes past that length are lines that
-//! were written but not committed, so they are cut and written again.
+//! The cursor (per file path) records the next outbox sequence, and the identity of the
+//! file it was committed against: device, inode, length, and a hash of the bytes just
+//! before that length. On the next flush:
+//! - the same file, at least as long: bytes past the committed length are compared with
+//!   the findings that come next; lines equal to them were written but not committed
+//!   (they count as written), a torn last line of one of them is cut, and anything else
+//!   is someone else's and is kept, with Lookout's lines appended after it;
+//! - any other file at that path (rotated by rename, copytruncated, replaced, deleted, or
+//!   rewritten in place): it is new to the outbox, so its content is kept and the
+//!   findings not yet written anywhere are appended after it (after a newline, if its last
+//!   line lacks one). Before the first line goes to a file new to the outbox, the cursor
+//!   is committed against it, so a crash mid-write is repaired as above.
 
-use crate::store::{dec, enc, keys, Store};
+use crate::store::Store;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+/// How many bytes before the committed length are hashed to recognise the file.
+const TAIL_CHECK: u64 = 512;
+
+/// The outbox cursor of one findings path, as committed (stored value, version 2).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 struct OutboxCursor {
     next_seq: u64,
+    dev: u64,
+    ino: u64,
     file_len: u64,
+    /// SHA-256 of the `min(file_len, TAIL_CHECK)` bytes before `file_len`.
+    tail_hash: Vec<u8>,
 }
 
-fn cursor_key(path: &Path) -> Vec<u8> {
+fn cursor_name(path: &Path) -> String {
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    keys::named_key(keys::META, &format!("outbox:{}", abs.display()))
+    format!("outbox-file:{}", abs.display())
+}
+
+/// SHA-256 of the `min(len, TAIL_CHECK)` bytes before `len`.
+fn tail_hash(file: &File, len: u64) -> std::io::Result<Vec<u8>> {
+    let n = len.min(TAIL_CHECK);
+    let mut buf = vec![0u8; n as usize];
+    file.read_exact_at(&mut buf, len - n)?;
+    Ok(Sha256::digest(&buf).to_vec())
 }
 
 /// Appends every finding not yet in `path` to it; returns how many lines were written.
 pub fn flush_outbox(store: &mut Store, path: &Path) -> Result<u64> {
-    let key = cursor_key(path);
-    let mut cursor: OutboxCursor = match store.db().get(&key)? {
-        Some(v) => dec(&v)?,
-        None => OutboxCursor { next_seq: 1, file_len: 0 },
-    };
-    let pending = store
-        .db()
-        .range(keys::seq_key(keys::OUTBOX, cursor.next_seq)..)
-        .next()
-        .is_some_and(|kv| kv.is_ok_and(|(k, _)| k.first() == Some(&keys::OUTBOX)));
-    let file_len = std::fs::metadata(path).map(|m| m.len()).ok();
-    if !pending && file_len == Some(cursor.file_len) {
-        // Nothing new, and the file is as we left it: no disk work at all.
-        return Ok(0);
+    let name = cursor_name(path);
+    let cursor: Option<OutboxCursor> = store.meta_value(&name)?;
+    let next_seq = cursor.as_ref().map_or(1, |c| c.next_seq);
+    let pending = store.outbox_has_from(next_seq)?;
+    let on_disk = std::fs::metadata(path).ok();
+    if !pending {
+        if let (Some(c), Some(m)) = (&cursor, &on_disk) {
+            if (m.dev(), m.ino(), m.len()) == (c.dev, c.ino, c.file_len) {
+                // Nothing new, and the file is as we left it: no disk work at all.
+                return Ok(0);
+            }
+        }
     }
     // Findings must be durable before they leave the process.
     store.flush()?;
@@ -52,32 +79,57 @@ pub fn flush_outbox(store: &mut Store, path: &Path) -> Result<u64> {
         .truncate(false)
         .open(path)
         .with_context(|| format!("cannot open findings file {}", path.display()))?;
-    let len = file.metadata()?.len();
-    if len > cursor.file_len {
-        tracing::info!(file = %path.display(), from = len, to = cursor.file_len, "cutting uncommitted findings tail");
-        file.set_len(cursor.file_len).with_context(|| format!("cannot truncate {}", path.display()))?;
-    } else if len < cursor.file_len {
-        tracing::warn!(file = %path.display(), "findings file is shorter than written; it was replaced, appending");
-        cursor.file_len = len;
+    let meta = file.metadata().with_context(|| format!("cannot stat findings file {}", path.display()))?;
+    let len = meta.len();
+    let same_file = match &cursor {
+        Some(c) => {
+            (c.dev, c.ino) == (meta.dev(), meta.ino())
+                && len >= c.file_len
+                && tail_hash(&file, c.file_len).with_context(|| format!("cannot read {}", path.display()))?
+                    == c.tail_hash
+        }
+        None => false,
+    };
+    let (mut next, mut end) = (next_seq, len);
+    if same_file {
+        let committed = cursor.as_ref().map_or(0, |c| c.file_len);
+        let (seq, keep) = adopt_own_tail(store, &file, committed, len, next_seq)
+            .with_context(|| format!("cannot read the tail of {}", path.display()))?;
+        next = seq;
+        if keep < len {
+            tracing::info!(file = %path.display(), from = len, to = keep, "cutting a torn findings line");
+            file.set_len(keep).with_context(|| format!("cannot truncate {}", path.display()))?;
+        }
+        end = keep;
+    } else if cursor.is_some() {
+        tracing::info!(file = %path.display(), "findings file is new to Lookout (rotated or replaced); appending after its content");
     }
-    file.seek(SeekFrom::Start(cursor.file_len))?;
+    end = end_with_newline(&mut file, end).with_context(|| format!("cannot write {}", path.display()))?;
+    if !same_file {
+        // Commit against the file before writing into it, so a crash mid-write leaves a
+        // tail that the next flush recognises as Lookout's own.
+        let at = OutboxCursor {
+            next_seq: next,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            file_len: end,
+            tail_hash: tail_hash(&file, end)?,
+        };
+        store.put_meta_value(&name, &at)?;
+        store.flush()?;
+    }
+    file.seek(SeekFrom::Start(end))?;
     let mut out = std::io::BufWriter::new(&mut file);
     let mut written = 0u64;
-    let mut next = cursor.next_seq;
-    let mut bytes = cursor.file_len;
-    let start = keys::seq_key(keys::OUTBOX, cursor.next_seq);
-    for kv in store.db().range(start..keys::seq_key(keys::OUTBOX, u64::MAX)) {
-        let (k, fid) = kv?;
-        let Some(json) = store.db().get(keys::named_key(keys::FINDING, &String::from_utf8_lossy(&fid)))? else {
-            continue;
-        };
+    for entry in store.outbox_from(next) {
+        let (seq, json) = entry?;
         out.write_all(&json)?;
         out.write_all(b"\n")?;
-        bytes += json.len() as u64 + 1;
+        end += json.len() as u64 + 1;
         written += 1;
-        next = keys::seq_of(&k).unwrap_or(next) + 1;
+        next = seq + 1;
         if written == 1 && crate::failpoint::armed("outbox-mid-write") {
-            // Make the torn tail real before dying, as a crash mid-write would leave it.
+            // Make the uncommitted tail real before dying, as a crash mid-write leaves it.
             out.flush()?;
             crate::failpoint::hit("outbox-mid-write");
         }
@@ -86,21 +138,235 @@ pub fn flush_outbox(store: &mut Store, path: &Path) -> Result<u64> {
     drop(out);
     file.sync_data().with_context(|| format!("cannot sync {}", path.display()))?;
     crate::failpoint::hit("outbox-after-write");
-    if written > 0 || cursor.file_len != bytes {
-        store.db().insert(&key, enc(&OutboxCursor { next_seq: next, file_len: bytes })?)?;
+    let now = OutboxCursor {
+        next_seq: next,
+        dev: meta.dev(),
+        ino: meta.ino(),
+        file_len: end,
+        tail_hash: tail_hash(&file, end)?,
+    };
+    if cursor.as_ref() != Some(&now) {
+        store.put_meta_value(&name, &now)?;
         store.flush()?;
     }
     Ok(written)
 }
 
+/// Reads the bytes of `file` in `committed..len` against the findings from `next_seq` on:
+/// whole lines equal to them were written by Lookout and not committed, and are kept as
+/// written; a last partial line that begins one of them was torn by a crash. Returns the
+/// next sequence to write and the length to keep (`len` unless a torn line is cut).
+fn adopt_own_tail(store: &Store, file: &File, committed: u64, len: u64, next_seq: u64) -> Result<(u64, u64)> {
+    if len == committed {
+        return Ok((next_seq, len));
+    }
+    let mut tail = vec![0u8; (len - committed) as usize];
+    file.read_exact_at(&mut tail, committed)?;
+    let mut pos = 0usize;
+    let mut next = next_seq;
+    for entry in store.outbox_from(next_seq) {
+        let (seq, json) = entry?;
+        let rest = &tail[pos..];
+        let line_len = json.len() + 1;
+        if rest.len() >= line_len && rest[..json.len()] == json[..] && rest[json.len()] == b'\n' {
+            pos += line_len;
+            next = seq + 1;
+            continue;
+        }
+        if !rest.is_empty() && rest.len() < line_len && json.starts_with(rest) {
+            // Torn: a prefix of the next line and nothing after it.
+            return Ok((next, committed + pos as u64));
+        }
+        break;
+    }
+    // Whatever follows is not Lookout's: it stays.
+    Ok((next, len))
+}
+
+/// Makes sure the file's content up to `len` ends with a newline (or is empty), so the
+/// next line starts on a line of its own; returns the new length.
+fn end_with_newline(file: &mut File, len: u64) -> std::io::Result<u64> {
+    if len == 0 {
+        return Ok(0);
+    }
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, len - 1)?;
+    if last[0] == b'\n' {
+        return Ok(len);
+    }
+    file.write_all_at(b"\n", len)?;
+    Ok(len + 1)
+}
+
 /// Every finding in the results tree, in the order they were found.
 pub fn all_findings(store: &Store) -> Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for kv in store.db().scan_prefix([keys::OUTBOX]) {
-        let (_, fid) = kv?;
-        if let Some(json) = store.db().get(keys::named_key(keys::FINDING, &String::from_utf8_lossy(&fid)))? {
-            out.push(serde_json::from_slice(&json)?);
+    store.outbox_from(1).map(|entry| Ok(serde_json::from_slice(&entry?.1)?)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::keys;
+    use std::path::PathBuf;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Store,
+        out: PathBuf,
+        next: u64,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("data")).unwrap();
+            let out = dir.path().join("findings.jsonl");
+            Fixture { _dir: dir, store, out, next: 1 }
+        }
+
+        /// Commits `n` new findings to the results tree and the outbox.
+        fn find(&mut self, n: u64) {
+            let mut b = self.store.batch();
+            for _ in 0..n {
+                let fid = format!("{:032x}", self.next);
+                b.put(keys::named_key(keys::FINDING, &fid), format!(r#"{{"finding_id":"{fid}"}}"#).into_bytes());
+                b.put(keys::seq_key(keys::OUTBOX, self.next), fid.into_bytes());
+                self.next += 1;
+            }
+            b.commit().unwrap();
+        }
+
+        fn line(&self, seq: u64) -> String {
+            format!(r#"{{"finding_id":"{seq:032x}"}}"#)
+        }
+
+        fn lines(&self, seqs: std::ops::RangeInclusive<u64>) -> String {
+            seqs.map(|s| self.line(s) + "\n").collect()
+        }
+
+        fn flush(&mut self) -> u64 {
+            flush_outbox(&mut self.store, &self.out).unwrap()
+        }
+
+        fn read(&self) -> String {
+            std::fs::read_to_string(&self.out).unwrap()
         }
     }
-    Ok(out)
+
+    #[test]
+    fn foreign_lines_are_kept_and_findings_appended_after_them() {
+        let mut f = Fixture::new();
+        std::fs::write(&f.out, "other tool 1\nother tool 2\n").unwrap();
+        f.find(3);
+        assert_eq!(f.flush(), 3);
+        assert_eq!(f.read(), format!("other tool 1\nother tool 2\n{}", f.lines(1..=3)));
+        assert_eq!(f.flush(), 0);
+    }
+
+    #[test]
+    fn a_foreign_last_line_without_newline_gets_one() {
+        let mut f = Fixture::new();
+        std::fs::write(&f.out, "a\nno newline").unwrap();
+        f.find(2);
+        f.flush();
+        assert_eq!(f.read(), format!("a\nno newline\n{}", f.lines(1..=2)));
+    }
+
+    #[test]
+    fn foreign_lines_appended_between_flushes_are_kept() {
+        let mut f = Fixture::new();
+        f.find(2);
+        f.flush();
+        let mut file = std::fs::OpenOptions::new().append(true).open(&f.out).unwrap();
+        file.write_all(b"appended by someone else").unwrap();
+        f.find(1);
+        assert_eq!(f.flush(), 1);
+        assert_eq!(f.read(), format!("{}appended by someone else\n{}", f.lines(1..=2), f.line(3) + "\n"));
+    }
+
+    #[test]
+    fn another_path_gets_every_finding_and_the_first_is_untouched() {
+        let mut f = Fixture::new();
+        f.find(2);
+        f.flush();
+        let first = f.read();
+        let other = f.out.with_file_name("other.jsonl");
+        std::fs::write(&other, "theirs\n").unwrap();
+        assert_eq!(flush_outbox(&mut f.store, &other).unwrap(), 2);
+        assert_eq!(std::fs::read_to_string(&other).unwrap(), format!("theirs\n{}", f.lines(1..=2)));
+        assert_eq!(f.read(), first);
+        // Back to the first path: it is as Lookout left it, so nothing is cut or repeated.
+        f.find(1);
+        f.flush();
+        assert_eq!(f.read(), f.lines(1..=3));
+    }
+
+    #[test]
+    fn a_file_rotated_by_rename_never_gets_old_findings_again() {
+        let mut f = Fixture::new();
+        f.find(2);
+        f.flush();
+        let rotated = f.out.with_extension("jsonl.1");
+        std::fs::rename(&f.out, &rotated).unwrap();
+        f.find(1);
+        assert_eq!(f.flush(), 1);
+        assert_eq!(f.read(), f.lines(3..=3));
+        assert_eq!(std::fs::read_to_string(&rotated).unwrap(), f.lines(1..=2));
+        // A new file created at the path by someone else before the flush, longer than
+        // the committed length: kept whole.
+        std::fs::rename(&f.out, &rotated).unwrap();
+        std::fs::write(&f.out, "x".repeat(400) + "\n" + &"y".repeat(400) + "\n").unwrap();
+        f.find(1);
+        f.flush();
+        assert_eq!(f.read(), "x".repeat(400) + "\n" + &"y".repeat(400) + "\n" + &f.lines(4..=4));
+    }
+
+    #[test]
+    fn a_copytruncated_file_gets_only_new_findings() {
+        let mut f = Fixture::new();
+        f.find(3);
+        f.flush();
+        std::fs::copy(&f.out, f.out.with_extension("jsonl.1")).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&f.out).unwrap().set_len(0).unwrap();
+        f.find(1);
+        f.flush();
+        assert_eq!(f.read(), f.lines(4..=4));
+        // Truncated and written again by someone else to more than the committed length:
+        // the bytes before it changed, so it is a new file, kept whole.
+        f.flush();
+        let theirs = "z".repeat(f.read().len() + 10) + "\n";
+        std::fs::write(&f.out, &theirs).unwrap();
+        f.find(1);
+        f.flush();
+        assert_eq!(f.read(), theirs + &f.lines(5..=5));
+    }
+
+    /// A crash after writing lines but before committing the cursor: whole lines are
+    /// Lookout's and kept (not written twice), a torn last line is cut and written again.
+    #[test]
+    fn an_uncommitted_tail_of_lookouts_own_lines_is_repaired() {
+        let mut f = Fixture::new();
+        f.find(1);
+        f.flush();
+        f.find(3);
+        let torn = f.line(4);
+        let mut file = std::fs::OpenOptions::new().append(true).open(&f.out).unwrap();
+        file.write_all((f.lines(2..=3) + &torn[..torn.len() / 2]).as_bytes()).unwrap();
+        assert_eq!(f.flush(), 1, "only the torn line is written again");
+        assert_eq!(f.read(), f.lines(1..=4));
+        assert_eq!(f.flush(), 0);
+    }
+
+    /// Lookout's uncommitted lines followed by someone else's: both kept, once each.
+    #[test]
+    fn an_uncommitted_tail_followed_by_foreign_bytes_keeps_both() {
+        let mut f = Fixture::new();
+        f.find(1);
+        f.flush();
+        f.find(2);
+        let mut file = std::fs::OpenOptions::new().append(true).open(&f.out).unwrap();
+        file.write_all((f.line(2) + "\n" + "theirs\n").as_bytes()).unwrap();
+        assert_eq!(f.flush(), 1);
+        assert_eq!(f.read(), f.lines(1..=2) + "theirs\n" + &f.lines(3..=3));
+    }
 }

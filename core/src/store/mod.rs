@@ -266,6 +266,35 @@ impl Store {
         })
     }
 
+    /// A small named value kept with the data (an outbox cursor, say), if set.
+    pub fn meta_value<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
+        self.get_decoded(&keys::named_key(keys::META, name))
+    }
+
+    /// Sets a named value (see [`Store::meta_value`]); durable after the next flush.
+    pub fn put_meta_value<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
+        self.db.insert(keys::named_key(keys::META, name), enc(value)?)?;
+        Ok(())
+    }
+
+    /// Whether any finding is in the outbox at sequence `from` or later.
+    pub fn outbox_has_from(&self, from: u64) -> Result<bool> {
+        Ok(self.db.range(keys::seq_key(keys::OUTBOX, from)..keys::seq_key(keys::OUTBOX, u64::MAX)).next().is_some())
+    }
+
+    /// The findings of the outbox from sequence `from` on, in order: (sequence, JSON).
+    pub fn outbox_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, Vec<u8>)>> + '_ {
+        self.db.range(keys::seq_key(keys::OUTBOX, from)..keys::seq_key(keys::OUTBOX, u64::MAX)).filter_map(move |kv| {
+            let step = || -> Result<Option<(u64, Vec<u8>)>> {
+                let (k, fid) = kv?;
+                let seq = keys::seq_of(&k).ok_or_else(|| anyhow!("corrupt outbox key"))?;
+                let json = self.db.get(keys::named_key(keys::FINDING, &String::from_utf8_lossy(&fid)))?;
+                Ok(json.map(|j| (seq, j.to_vec())))
+            };
+            step().transpose()
+        })
+    }
+
     pub fn get_decoded<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
         self.db.get(key)?.map(|v| dec(&v)).transpose()
     }
