@@ -1,7 +1,7 @@
 //! `lookout detect` and `lookout findings`.
 
 use crate::cmd_plugins::{resolve_dir, PluginDirArg};
-use crate::output::{parse_now, print_table};
+use crate::output::{parse_now, print_table, RetentionArg};
 use anyhow::Result;
 use clap::Args;
 use lookout_core::detect::{parse_set, run_pass, DetectOptions, DetectorReport};
@@ -29,6 +29,8 @@ pub struct DetectArgs {
     /// parameter); findings already written are not written again
     #[arg(long)]
     backfill: bool,
+    #[command(flatten)]
+    retention: RetentionArg,
 }
 
 #[derive(Args)]
@@ -51,6 +53,9 @@ pub fn detect(data: &Path, args: DetectArgs) -> Result<ExitCode> {
     };
     let dir = resolve_dir(&args.plugins.plugins)?;
     let mut store = Store::open(data)?;
+    store.set_retention(args.retention.resolve(None)?);
+    store.advance_clock(lookout_core::clock::Clock::new(opts.now).now())?;
+    store.expire_all()?;
     let mut loaded = plugin::load_dir(&dir, data)?;
     for r in &loaded.refused {
         eprintln!("lookout: plugin refused: {}: {}", r.path.display(), r.reason);

@@ -1,6 +1,6 @@
 //! `lookout ingest`.
 
-use crate::output::{human_bytes, parse_now};
+use crate::output::{human_bytes, parse_now, RetentionArg};
 use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -19,6 +19,8 @@ pub struct IngestArgs {
     /// Table of rows that name none (after envelope category, Type column and file name)
     #[arg(long)]
     table: Option<String>,
+    #[command(flatten)]
+    retention: RetentionArg,
     /// Lines longer than this many bytes are rejected
     #[arg(long, default_value_t = 8 << 20)]
     max_line: usize,
@@ -37,6 +39,8 @@ pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
     let lookout_core::ingest::Expanded { files, skipped } = expand_paths(&args.paths)?;
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
     let mut store = Store::open(data)?;
+    store.set_retention(args.retention.resolve(None)?);
+    store.advance_clock(lookout_core::clock::Clock::new(opts.now).now())?;
     let bar = if std::io::stderr().is_terminal() {
         let b = ProgressBar::new(total_bytes);
         b.set_style(
@@ -65,6 +69,7 @@ pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
         bar.set_position(done);
     }
     bar.finish_and_clear();
+    store.expire_all()?;
     store.flush_and_save_key_filter()?;
     print_summary(&report, started.elapsed().as_secs_f64());
     if !failed.is_empty() {
@@ -93,6 +98,13 @@ fn print_summary(r: &IngestReport, secs: f64) {
         println!("  new rows {t}: {n}");
     }
     println!("  duplicates skipped: {}", r.duplicates);
+    if r.expired > 0 {
+        println!(
+            "  expired: {} (older than the retention horizon when they arrived, not stored; \
+             a longer --retention, or --retention none, keeps them)",
+            r.expired
+        );
+    }
     if r.replaced > 0 {
         println!("  FileProfile rows replaced by newer ones: {}", r.replaced);
     }

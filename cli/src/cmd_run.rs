@@ -1,7 +1,7 @@
 //! `lookout run`: the service, configured by flags and/or `lookout.toml`.
 
 use crate::cmd_plugins::resolve_dir;
-use crate::output::parse_now;
+use crate::output::{parse_now, RetentionArg};
 use crate::{LogFormat, DEFAULT_DATA};
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
@@ -44,6 +44,8 @@ pub struct RunArgs {
     /// Fix the ingestion time recorded for every row (RFC 3339), for replaying old data
     #[arg(long)]
     ingest_now: Option<String>,
+    #[command(flatten)]
+    retention: RetentionArg,
 }
 
 /// `lookout.toml`. Every key is optional; flags win over the file.
@@ -58,6 +60,8 @@ pub struct ConfigFile {
     log_format: Option<LogFormat>,
     rescan_secs: Option<f64>,
     max_line_bytes: Option<usize>,
+    /// How long rows are kept (`31d`; `none` keeps everything).
+    retention: Option<String>,
     /// `[detectors.<name>]` tables of parameter = "value".
     #[serde(default)]
     detectors: BTreeMap<String, BTreeMap<String, toml::Value>>,
@@ -124,6 +128,7 @@ pub fn run(data_flag: Option<&Path>, args: RunArgs) -> Result<ExitCode> {
         params,
         ingest,
         now: args.now.as_deref().map(parse_now).transpose()?,
+        retention: args.retention.resolve(cfg.retention.as_deref())?,
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

@@ -67,4 +67,23 @@ fn print_human(s: &Status) {
         println!("  {} at {} {}{}", src.path, src.offset, src.unit, if src.compressed { " (gzip)" } else { "" });
     }
     println!("database size: {}", human_bytes(s.database_bytes));
+    if let Some(b) = s.bytes_per_row {
+        println!("  {b:.0} bytes per row kept");
+    }
+    match &s.retention_horizon {
+        Some(h) => println!("retention: rows kept while Timestamp >= {h}"),
+        None => println!("retention: none (rows are kept forever)"),
+    }
+    if let Some(o) = &s.oldest_kept {
+        println!("  oldest Timestamp kept: {o}");
+    }
+    if s.removed > 0 {
+        println!("  rows removed by retention: {}", s.removed);
+    }
+    if s.expired > 0 {
+        println!(
+            "  expired on arrival (not stored): {} (a longer --retention, or --retention none, keeps them)",
+            s.expired
+        );
+    }
 }

@@ -8,6 +8,41 @@ pub fn parse_now(s: &str) -> Result<i64> {
     parse_timestamp(s).ok_or_else(|| anyhow!("--now '{s}': expected an RFC 3339 UTC time like 2025-05-08T00:00:00Z"))
 }
 
+/// Retention when none is given: Defender keeps 30 days of advanced hunting, and a rule's
+/// `ago(30d)` evaluated a little after its data arrived still needs all of it.
+pub const DEFAULT_RETENTION: &str = "31d";
+
+/// `--retention` for ingest, detect and run: rows are kept while their Timestamp is
+/// within it of the clock (or `--now`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RetentionArg {
+    /// Keep rows whose Timestamp is within this of now (e.g. 31d, 12h; `none` keeps
+    /// everything); older rows are invisible to detectors and their space is reused
+    /// [default: 31d, or `retention` in the config file]
+    #[arg(long, value_name = "DURATION")]
+    pub retention: Option<String>,
+}
+
+/// Parses a retention (`31d`, `12h`, `none`/`off`/`0`) into ticks (`None`: keep forever).
+pub fn parse_retention(s: &str) -> Result<Option<i64>> {
+    match s.trim() {
+        "none" | "off" | "0" => Ok(None),
+        d => match lookout_plugin_sdk::time::parse_duration(d) {
+            Some(t) if t > 0 => Ok(Some(t)),
+            _ => Err(anyhow!(
+                "--retention '{s}': expected a duration like 31d, 12h or 90m, or `none` to keep everything"
+            )),
+        },
+    }
+}
+
+impl RetentionArg {
+    /// The retention to apply: the flag, else the config file's, else the default.
+    pub fn resolve(&self, from_config: Option<&str>) -> Result<Option<i64>> {
+        parse_retention(self.retention.as_deref().or(from_config).unwrap_or(DEFAULT_RETENTION))
+    }
+}
+
 /// Prints rows as an aligned text table.
 pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();

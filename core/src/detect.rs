@@ -1,12 +1,12 @@
 //! The scheduler: one pass hands each detector the rows new since its cursor, and commits
 //! the findings, the detector's state changes and the advanced cursor in one atomic batch.
-//! A detector seen for the first time (or whose cursor fell behind the pruned journal)
-//! backfills over everything stored.
+//! A detector seen for the first time (or whose cursor is below the backfill floor, after
+//! an index rebuild) backfills over everything stored.
 
 use crate::clock::Clock;
 use crate::plugin::host_api::with_host_api;
 use crate::plugin::Plugin;
-use crate::store::{journal_keys, keys, Store};
+use crate::store::{keys, Store};
 use anyhow::{anyhow, Result};
 use lookout_plugin_sdk::time::format_timestamp;
 use lookout_plugin_sdk::{EvalRequest, FindingOut, InitRequest, InputSpec, RowRef, StateOp};
@@ -129,12 +129,6 @@ pub fn run_pass(store: &mut Store, plugins: &mut [Plugin], opts: &DetectOptions)
         }
         report.elapsed = started.elapsed();
         reports.push(report);
-    }
-    // Journal entries every loaded detector has passed are no longer needed.
-    let min_cursor =
-        plugins.iter().map(|p| store.meta_cursor(&p.id())).collect::<Result<Vec<_>>>()?.into_iter().min().flatten();
-    if let Some(c) = min_cursor {
-        store.prune_journal(c)?;
     }
     Ok(reports)
 }
@@ -355,10 +349,9 @@ fn input_refs(
     match since {
         Some(c) => {
             // New rows of unfiltered tables (and filtered ones without an index) come from
-            // the journal; indexed filters below read only the matching entries.
-            // How a new key of each table is selected, decided once per table: a journal
-            // entry holds thousands of keys, so the per-key work is a table-number index,
-            // and a hash probe when the filter is on the key's SHA1/DeviceId.
+            // the key frames of the blocks stored since the cursor; indexed filters below
+            // read only the matching index entries. A filter on the key's SHA1/DeviceId is
+            // a hash probe per key; any other reads the row.
             let select = |t: &str| -> Option<Select<'_>> {
                 if !tables.iter().any(|x| x == t) || from_index(t) {
                     return None;
@@ -368,43 +361,20 @@ fn input_refs(
                     f => KeyMatcher::new(f).map_or(Select::Rows(f), Select::Keys),
                 })
             };
-            let mut by_table: Vec<Option<Select<'_>>> = Vec::new();
-            let mut seen: Vec<bool> = Vec::new();
-            let profiles = select(lookout_plugin_sdk::tables::FILE_PROFILE);
             let mut lower = Vec::with_capacity(64);
-            for entry in store.journal_raw_from(c + 1) {
-                let (seq, raw) = entry?;
-                if seq > head {
-                    break;
-                }
-                for k in journal_keys(&raw)? {
-                    let how = match (k.first(), k.get(1..3)) {
-                        (Some(&keys::EVENT), Some(tid)) => {
-                            let tid = u16::from_be_bytes([tid[0], tid[1]]) as usize;
-                            if tid >= seen.len() {
-                                seen.resize(tid + 1, false);
-                                by_table.resize_with(tid + 1, || None);
-                            }
-                            if !seen[tid] {
-                                seen[tid] = true;
-                                by_table[tid] = store.key_table(k).and_then(select);
-                            }
-                            by_table[tid].as_ref()
-                        }
-                        (Some(&keys::PROFILE), _) => profiles.as_ref(),
-                        _ => None,
-                    };
-                    let keep = match how {
-                        None => false,
-                        Some(Select::All) => true,
-                        Some(Select::Keys(m)) => match m.passes(k, &mut lower) {
+            for t in tables {
+                let Some(how) = select(t) else { continue };
+                for k in store.new_row_keys(t, c + 1, head)? {
+                    let keep = match &how {
+                        Select::All => true,
+                        Select::Keys(m) => match m.passes(&k, &mut lower) {
                             Some(pass) => pass,
-                            None => store.row_at_passes(k, &m.filter)?,
+                            None => store.row_at_passes(&k, &m.filter)?,
                         },
-                        Some(Select::Rows(f)) => store.row_at_passes(k, f)?,
+                        Select::Rows(f) => store.row_at_passes(&k, f)?,
                     };
                     if keep {
-                        keys.push(k.to_vec());
+                        keys.push(k);
                     }
                 }
             }

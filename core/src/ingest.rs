@@ -63,6 +63,8 @@ pub struct IngestReport {
     pub duplicates: u64,
     /// FileProfile rows that replaced an older profile of the same SHA1.
     pub replaced: u64,
+    /// Event rows older than the retention horizon when they arrived: counted, not stored.
+    pub expired: u64,
     pub rejected: BTreeMap<String, u64>,
     /// Raw bytes read.
     pub bytes: u64,
@@ -485,6 +487,7 @@ impl FileRun<'_> {
             Added::New => *self.report.new_rows.entry(table).or_insert(0) += 1,
             Added::Replaced => self.report.replaced += 1,
             Added::Duplicate => self.report.duplicates += 1,
+            Added::Expired => self.report.expired += 1,
         }
         Ok(())
     }

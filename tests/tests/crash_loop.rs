@@ -915,13 +915,13 @@ fn crash_loop() {
             let st = lookout_core::status::status(&store).expect("status");
             let rows: u64 = st.tables.values().map(|t| t.rows).sum();
             let lag = match store.meta_cursor(DETECTOR).expect("cursor") {
-                Some(c) => store.journal_from(c + 1).map(|e| e.map_or(0, |(_, k)| k.len() as u64)).sum::<u64>(),
-                None => rows,
+                Some(c) => (store.next_journal_seq() - 1).saturating_sub(c),
+                None => store.next_journal_seq() - 1,
             };
             drop(store);
             println!(
                 "  cycle {:4} {:32} lived {:5} ms  {:48} written {:5.1}%  stored {rows} rows ({} duplicates), \
-                 detector {lag} rows behind",
+                 detector {lag} batches behind",
                 rec.n,
                 rec.kind.name(),
                 rec.lived_ms,

@@ -36,6 +36,8 @@ pub struct DaemonConfig {
     pub ingest: IngestOptions,
     /// Fixes the evaluation time of every pass (tests); the clock otherwise.
     pub now: Option<i64>,
+    /// How long rows are kept (ticks; `None`: forever).
+    pub retention: Option<i64>,
 }
 
 /// Runs until `stop` is set (SIGINT/SIGTERM): then finishes the batch in hand, writes
@@ -166,6 +168,11 @@ fn work(cfg: &DaemonConfig, store: &mut Store, metrics: &Mutex<Metrics>, stop: &
             continue;
         }
         let plugins_changed = if changes.plugins || rescan { plugins.refresh()? } else { false };
+        // The horizon follows the clock (or the fixed time); expired blocks go a bounded
+        // step at a time, so a large backlog never holds up ingestion for long.
+        store.set_retention(cfg.retention);
+        store.advance_clock(crate::clock::Clock::new(cfg.now.or(cfg.ingest.now)).now())?;
+        store.expire_step(crate::store::retention::BLOCKS_PER_STEP)?;
         let report = tailer.poll(store, stop)?;
         if report.total_rejected() > 0 {
             tracing::warn!(rejected = report.total_rejected(), "bad records kept aside (lookout status --rejects)");

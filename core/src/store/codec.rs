@@ -70,6 +70,44 @@ pub fn decode_view(bytes: &[u8]) -> Result<StoredRowView<'_>> {
     Ok(bincode::serde::borrow_decode_from_slice(bytes, config).map_err(|e| anyhow!("corrupt stored row: {e}"))?.0)
 }
 
+/// Columns an export format adds around a row (Log Analytics' table name, workspace and
+/// billing fields): the same event exported two ways is the same row.
+const EXPORT_METADATA: &[&str] =
+    &["Type", "TenantId", "SourceSystem", "TimeGenerated", "_ResourceId", "_BilledSize", "_IsBillable", "_ItemId"];
+
+/// A hash of a row's content: its column names and cells, not its ingestion time nor
+/// [`EXPORT_METADATA`]. Two
+/// rows with the same key and the same content hash are the same row sent twice.
+/// (xxh3: stable across builds and platforms, which a stored hash must be.)
+pub fn content_hash(names: &[String], cells: &[Cell]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for (name, cell) in names.iter().zip(cells) {
+        if EXPORT_METADATA.contains(&name.as_str()) {
+            continue;
+        }
+        h.update(&(name.len() as u32).to_le_bytes());
+        h.update(name.as_bytes());
+        match cell {
+            Cell::Null => h.update(&[0]),
+            Cell::Bool(b) => h.update(&[1, u8::from(*b)]),
+            Cell::Int(i) => {
+                h.update(&[2]);
+                h.update(&i.to_le_bytes());
+            }
+            Cell::Float(f) => {
+                h.update(&[3]);
+                h.update(&f.to_bits().to_le_bytes());
+            }
+            Cell::Str(s) | Cell::Json(s) => {
+                h.update(&[if matches!(cell, Cell::Str(_)) { 4 } else { 5 }]);
+                h.update(&(s.len() as u32).to_le_bytes());
+                h.update(s.as_bytes());
+            }
+        }
+    }
+    h.digest()
+}
+
 /// Same schema and cells (the ingestion time may differ).
 pub fn same_content(a: &[u8], b: &[u8]) -> bool {
     match (decode(a), decode(b)) {

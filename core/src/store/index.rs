@@ -145,6 +145,9 @@ impl Store {
                         .map_err(|e| anyhow!("corrupt index entry: {e}"))?
                         .0;
                 for (row_key, values) in list {
+                    if !self.visible(&row_key) {
+                        continue;
+                    }
                     let keep = if checks.is_empty() {
                         true
                     } else if from_entry {
@@ -167,7 +170,7 @@ impl Store {
     /// Builds the index when the list of indexes differs from the one the index on disk
     /// was built for (a store from before the index, or a changed list). Rows indexed here
     /// get batch sequence 0, so a detector's incremental range would not see them: every
-    /// detector is made to backfill once instead (the journal is cut).
+    /// detector is made to backfill once instead.
     pub(super) fn ensure_index(&mut self) -> Result<()> {
         let meta = keys::named_key(keys::META, "index");
         let wanted: IndexMeta = (
@@ -182,7 +185,9 @@ impl Store {
         if built.as_ref() == Some(&wanted) {
             return Ok(());
         }
-        if self.db.scan_prefix([keys::EVENT]).next().is_none() && self.db.scan_prefix([keys::INDEX]).next().is_none() {
+        if self.db.scan_prefix([keys::BLOCK_META]).next().is_none()
+            && self.db.scan_prefix([keys::INDEX]).next().is_none()
+        {
             // Nothing to index: the record goes with the first batch that commits, so
             // opening a new store writes nothing (it may be opened on a full disk).
             self.index_meta_pending = Some((meta, enc(&wanted)?));
@@ -213,8 +218,12 @@ impl Store {
                 continue;
             }
             let Some(tid) = self.table_id(table) else { continue };
-            for kv in self.db.scan_prefix(keys::table_prefix(tid)) {
-                let (k, v) = kv?;
+            let mut rows = Vec::new();
+            self.for_each_row(tid, |k, v| {
+                rows.push((k.to_vec(), v.to_vec()));
+                Ok(())
+            })?;
+            for (k, v) in rows {
                 let row = codec::decode_view(&v).with_context(|| format!("rebuilding the index of {table}"))?;
                 let names = self
                     .schema_names
@@ -227,7 +236,7 @@ impl Store {
                     indexed += 1;
                     let (part, list, bytes) = open.entry(prefix.clone()).or_default();
                     *bytes += posting_bytes(&k, &covered);
-                    list.push((k.to_vec(), covered));
+                    list.push((k.clone(), covered));
                     if *bytes >= PART_BYTES {
                         batch.insert(keys::index_key(&prefix, 0, *part), enc(&std::mem::take(list))?);
                         *part += 1;
@@ -245,11 +254,11 @@ impl Store {
             }
         }
         flush(&self.db, &mut batch, &mut pending, true)?;
-        // The journal is cut before the index is recorded as built: a crash in between
-        // rebuilds again, never leaves detectors reading batch ranges the rebuilt entries
-        // (batch 0) are not in.
+        // Detectors are made to backfill before the index is recorded as built: a crash in
+        // between rebuilds again, never leaves detectors reading batch ranges the rebuilt
+        // entries (batch 0) are not in.
         let head = self.next_journal - 1;
-        self.prune_journal(head)?;
+        self.force_backfill_below(head)?;
         self.db.insert(&meta, enc(&wanted)?)?;
         if indexed > 0 {
             tracing::info!(

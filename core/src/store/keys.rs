@@ -4,9 +4,11 @@
 //!
 //! | space | key                                                          | value |
 //! |-------|--------------------------------------------------------------|-------|
-//! | `e`   | table u16, sha1, device, Timestamp (i64, sign-flipped), id    | stored row |
+//! | `e`   | table u16, sha1, device, Timestamp (i64, sign-flipped), id [, content hash u64] | key index: row locator + content hash |
+//! | `K`   | table u16, batch seq u64, block u16, part u16                 | a block's row keys (zstd, in pieces) |
+//! | `B`   | table u16, batch seq u64, block u16, part u16                 | a block's row values (zstd, in pieces) |
+//! | `D`   | table u16, batch seq u64, block u16, 0 u16                    | a block's directory entry: rows, Timestamp range |
 //! | `p`   | sha1                                                          | FileProfile row (newest wins) |
-//! | `j`   | batch seq u64                                                 | keys new in that batch (journal) |
 //! | `s`   | schema id u32                                                 | column names |
 //! | `t`   | table name                                                    | table id u16 |
 //! | `S`   | source id                                                     | source offset state |
@@ -21,7 +23,9 @@
 
 pub const EVENT: u8 = b'e';
 pub const PROFILE: u8 = b'p';
-pub const JOURNAL: u8 = b'j';
+pub const BLOCK_KEYS: u8 = b'K';
+pub const BLOCK_ROWS: u8 = b'B';
+pub const BLOCK_META: u8 = b'D';
 pub const SCHEMA: u8 = b's';
 pub const TABLE: u8 = b't';
 pub const SOURCE: u8 = b'S';
@@ -99,6 +103,54 @@ pub fn index_key(value_prefix: &[u8], seq: u64, part: u32) -> Vec<u8> {
     k.extend_from_slice(&seq.to_be_bytes());
     k.extend_from_slice(&part.to_be_bytes());
     k
+}
+
+/// A block's piece (or directory entry): keys only grow with the batch sequence, so
+/// blocks are appended, and a table's blocks of a range of batches are a key range.
+pub fn block_key(space: u8, table: u16, seq: u64, block: u16, part: u16) -> Vec<u8> {
+    let mut k = Vec::with_capacity(15);
+    k.push(space);
+    k.extend_from_slice(&table.to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k.extend_from_slice(&block.to_be_bytes());
+    k.extend_from_slice(&part.to_be_bytes());
+    k
+}
+
+/// The (table, seq, block) of a block key.
+pub fn block_of(key: &[u8]) -> Option<(u16, u64, u16)> {
+    let b = key.get(1..13)?;
+    Some((
+        u16::from_be_bytes([b[0], b[1]]),
+        u64::from_be_bytes(b[2..10].try_into().ok()?),
+        u16::from_be_bytes([b[10], b[11]]),
+    ))
+}
+
+/// Prefix of every block key of `space` for `table`.
+pub fn block_table_prefix(space: u8, table: u16) -> Vec<u8> {
+    let mut k = vec![space];
+    k.extend_from_slice(&table.to_be_bytes());
+    k
+}
+
+/// An event key's variant for a row that shares (table, SHA1, DeviceId, Timestamp,
+/// ReportId) with a different stored row: the key with the content hash appended.
+pub fn variant_key(key: &[u8], content: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 8);
+    k.extend_from_slice(key);
+    k.extend_from_slice(&content.to_be_bytes());
+    k
+}
+
+/// The Timestamp of an event key.
+pub fn event_timestamp(key: &[u8]) -> Option<i64> {
+    if *key.first()? != EVENT {
+        return None;
+    }
+    let (_, rest) = take_bytes(key.get(3..)?)?;
+    let (_, rest) = take_bytes(rest)?;
+    Some((u64::from_be_bytes(rest.get(..8)?.try_into().ok()?) ^ (1 << 63)) as i64)
 }
 
 pub fn profile_key(sha1: &str) -> Vec<u8> {

@@ -1,4 +1,7 @@
-//! The sled store: one tree, partitioned into key spaces (see [`keys`]).
+//! The sled store: one tree, partitioned into key spaces (see [`keys`]). Rows are kept
+//! in ingest order in compressed blocks ([`blocks`]); the key index maps each row's key
+//! to its place; retention drops whole blocks once every row in them is past the horizon
+//! ([`retention`]). Nothing outside this module knows a key or sled.
 //!
 //! Why one tree: sled's `apply_batch` is atomic, crash-safe and much cheaper than a
 //! multi-tree transaction, but only within one tree. Keeping rows, the journal, source
@@ -7,20 +10,33 @@
 //! `kill -9`. Lookout is the only writer (sled locks the directory), so reading before
 //! writing a batch cannot race.
 
+pub mod blocks;
 pub mod codec;
 pub mod index;
 pub mod key_filter;
 pub mod keys;
+pub mod retention;
 
 use anyhow::{anyhow, Context as _, Result};
 use lookout_plugin_sdk::{Cell, Condition, Row, RowRef};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use crate::parse::normalise::NormalRow;
 use crate::schema::TableKind;
+use blocks::{BatchBlocks, BlockCache, KeyEntry};
 use keys::KeyParts;
+
+/// The layout of everything stored. A store of another format is refused on open.
+pub const FORMAT_VERSION: u64 = 2;
+
+/// The pseudo table number of FileProfile rows in blocks (event tables start at 1).
+const PROFILE_TABLE: u16 = 0;
+
+/// Decompressed blocks kept for reads (each ~100 KiB at most).
+const BLOCK_CACHE_BLOCKS: usize = 64;
 
 /// Totals kept with the data (one key, rewritten with every batch).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -28,6 +44,12 @@ pub struct Counters {
     pub rows: BTreeMap<String, u64>,
     pub duplicates: u64,
     pub rejected: BTreeMap<String, u64>,
+    /// Rows that arrived already older than the retention horizon (not stored).
+    #[serde(default)]
+    pub expired: u64,
+    /// Rows dropped by retention after being stored.
+    #[serde(default)]
+    pub removed: u64,
 }
 
 /// How far a source file has been read, committed with the rows read from it.
@@ -76,14 +98,6 @@ pub struct RejectRecord {
     pub excerpt: String,
 }
 
-/// The keys of a journal entry, borrowed from it (no copy per key).
-pub fn journal_keys(raw: &[u8]) -> Result<Vec<&[u8]>> {
-    let keys: Vec<&[u8]> = bincode::serde::borrow_decode_from_slice(raw, bincode::config::standard())
-        .map_err(|e| anyhow!("corrupt journal entry: {e}"))?
-        .0;
-    Ok(keys)
-}
-
 pub(crate) fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(|e| anyhow!("encode: {e}"))
 }
@@ -100,7 +114,17 @@ pub struct Store {
     schemas: HashMap<Vec<String>, u32>,
     schema_names: HashMap<u32, std::sync::Arc<Vec<String>>>,
     counters: Counters,
+    /// The sequence the next batch that stores rows commits under (batch head + 1).
     next_journal: u64,
+    /// Rows with a Timestamp below this are invisible, and removed by [`retention`]. It
+    /// only moves forward, and is kept with the data (so `status` and a later run without
+    /// a clock setting see what the last one saw).
+    horizon: Option<i64>,
+    /// How long rows are kept (ticks), if they are not kept forever.
+    retention: Option<i64>,
+    zstd: zstd::bulk::Compressor<'static>,
+    unzstd: Mutex<zstd::bulk::Decompressor<'static>>,
+    cache: Mutex<BlockCache>,
     next_reject: u64,
     /// The stored event keys, approximately; loaded or built when the first row is added.
     key_filter: Option<key_filter::KeyFilter>,
@@ -151,13 +175,52 @@ impl Store {
             schema_names: HashMap::new(),
             counters: Counters::default(),
             next_journal: 1,
+            horizon: None,
+            retention: None,
+            zstd: blocks::compressor()?,
+            unzstd: Mutex::new(blocks::decompressor()?),
+            cache: Mutex::new(BlockCache::new(BLOCK_CACHE_BLOCKS)),
             next_reject: 1,
             key_filter: None,
             index_meta_pending: None,
         };
+        store.check_format()?;
         store.load_registries()?;
         store.ensure_index()?;
         Ok(store)
+    }
+
+    /// Refuses a store written in another layout; records the layout in a new one (with
+    /// its first batch, so opening a new store writes nothing).
+    fn check_format(&mut self) -> Result<()> {
+        let key = keys::named_key(keys::META, "format");
+        match self.db.get(&key)? {
+            Some(v) => {
+                let found = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| anyhow!("corrupt format record"))?);
+                if found != FORMAT_VERSION {
+                    return Err(anyhow!(
+                        "the database in {} has store format {found}, this Lookout reads format {FORMAT_VERSION}; \
+                         ingest the logs again into a new --data directory (the findings file can stay: \
+                         finding ids do not change)",
+                        self.path.display()
+                    ));
+                }
+            }
+            // Format 1 had rows under `e` and a journal under `j`; a store without either
+            // holds nothing this format reads differently.
+            None if self.db.scan_prefix([keys::EVENT]).next().is_some()
+                || self.db.scan_prefix([b'j']).next().is_some() =>
+            {
+                return Err(anyhow!(
+                    "the database in {} was written by an older Lookout (store format 1; this one reads format \
+                     {FORMAT_VERSION}); ingest the logs again into a new --data directory (the findings file can \
+                     stay: finding ids do not change)",
+                    self.path.display()
+                ))
+            }
+            None => {}
+        }
+        Ok(())
     }
 
     fn load_registries(&mut self) -> Result<()> {
@@ -180,7 +243,11 @@ impl Store {
         if let Some(v) = self.db.get([keys::COUNTERS])? {
             self.counters = dec(&v)?;
         }
-        self.next_journal = self.last_seq(keys::JOURNAL)?.map_or(self.meta_u64("jfloor")? + 1, |s| s + 1);
+        self.next_journal = self.meta_u64("seq")?.max(self.meta_u64("jfloor")?) + 1;
+        if let Some(v) = self.db.get(keys::named_key(keys::META, "horizon"))? {
+            let b: [u8; 8] = v.as_ref().try_into().map_err(|_| anyhow!("corrupt retention horizon"))?;
+            self.horizon = Some(i64::from_be_bytes(b));
+        }
         self.next_reject = self.last_seq(keys::REJECT)?.map_or(1, |s| s + 1);
         Ok(())
     }
@@ -202,6 +269,42 @@ impl Store {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// How long rows are kept (ticks; `None`: forever). Takes effect with the next
+    /// [`Store::advance_clock`].
+    pub fn set_retention(&mut self, retention: Option<i64>) {
+        self.retention = retention;
+    }
+
+    pub fn retention(&self) -> Option<i64> {
+        self.retention
+    }
+
+    /// Moves the retention horizon to `now − retention` if that is later than it is:
+    /// rows with a Timestamp below it are invisible from now on, a row that arrives below
+    /// it is counted as expired and not stored, and [`Store::expire_step`] removes them.
+    /// The horizon is recorded with the data (durable with the next flush or batch).
+    pub fn advance_clock(&mut self, now: i64) -> Result<()> {
+        let Some(r) = self.retention else { return Ok(()) };
+        let h = now.saturating_sub(r);
+        if self.horizon.is_none_or(|old| h > old) {
+            self.horizon = Some(h);
+            self.db.insert(keys::named_key(keys::META, "horizon"), &h.to_be_bytes()[..])?;
+        }
+        Ok(())
+    }
+
+    pub fn horizon(&self) -> Option<i64> {
+        self.horizon
+    }
+
+    /// Whether the row at this key is within retention (FileProfile rows always are).
+    fn visible(&self, key: &[u8]) -> bool {
+        match (self.horizon, keys::event_timestamp(key)) {
+            (Some(h), Some(ts)) => ts >= h,
+            _ => true,
+        }
     }
 
     /// Blocks until everything committed so far is on disk.
@@ -259,6 +362,49 @@ impl Store {
         Ok(())
     }
 
+    /// The stored value of a row from its key-index entry, through the block cache.
+    fn row_bytes(&self, table: u16, entry: &KeyEntry) -> Result<Option<(blocks::BlockRows, usize)>> {
+        let id = (table, entry.seq, entry.block);
+        let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&id);
+        let rows = match cached {
+            Some(rows) => rows,
+            None => {
+                let rows = {
+                    let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
+                    Arc::new(blocks::read_frame(&self.db, &mut z, keys::BLOCK_ROWS, table, entry.seq, entry.block)?)
+                };
+                self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(id, rows.clone());
+                rows
+            }
+        };
+        let row = entry.row as usize;
+        if row >= rows.len() {
+            return Err(anyhow!("key index points past block {table}/{}/{}", entry.seq, entry.block));
+        }
+        Ok(Some((rows, row)))
+    }
+
+    /// The block table number of a row key (`e` keys carry it, `p` keys are FileProfile).
+    fn key_block_table(key: &[u8]) -> Option<u16> {
+        match *key.first()? {
+            keys::EVENT => Some(u16::from_be_bytes(key.get(1..3)?.try_into().ok()?)),
+            keys::PROFILE => Some(PROFILE_TABLE),
+            _ => None,
+        }
+    }
+
+    /// The stored value of the row at `key`, if stored and within retention.
+    fn value_at(&self, key: &[u8]) -> Result<Option<(blocks::BlockRows, usize)>> {
+        if !self.visible(key) {
+            return Ok(None);
+        }
+        let Some(table) = Self::key_block_table(key) else { return Ok(None) };
+        match self.db.get(key)? {
+            Some(v) => self.row_bytes(table, &KeyEntry::decode(&v)?),
+            None => Ok(None),
+        }
+    }
+
     pub fn meta_u64(&self, name: &str) -> Result<u64> {
         Ok(match self.db.get(keys::named_key(keys::META, name))? {
             Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| anyhow!("corrupt meta {name}"))?),
@@ -307,7 +453,7 @@ impl Store {
         self.table_names.get(&id).map(String::as_str)
     }
 
-    /// The next journal sequence number to be written (journal head + 1).
+    /// The sequence the next batch that stores rows commits under (batch head + 1).
     pub fn next_journal_seq(&self) -> u64 {
         self.next_journal
     }
@@ -332,8 +478,9 @@ impl Store {
             store: self,
             batch: sled::Batch::default(),
             journal: Vec::new(),
+            blocks: BatchBlocks::default(),
             postings: index::Postings::default(),
-            pending: HashSet::new(),
+            pending: HashMap::new(),
             counters_dirty: false,
             new_rows: 0,
             saved_counters,
@@ -377,8 +524,13 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(keys::event_prefix(tid, sha1, device)) {
             let (k, v) = kv?;
-            if self.row_passes(&v, filter)? {
-                out.push(self.decode_row(&k, &v)?);
+            if !self.visible(&k) {
+                continue;
+            }
+            if let Some((rows, i)) = self.row_bytes(tid, &KeyEntry::decode(&v)?)? {
+                if self.row_passes(&rows[i], filter)? {
+                    out.push(self.decode_row(&k, &rows[i])?);
+                }
             }
         }
         Ok(out)
@@ -387,16 +539,16 @@ impl Store {
     /// The row at `key` if it meets every condition of `filter`; a row that does not is
     /// never turned into a `Row` (no strings copied).
     pub fn get_row_where(&self, key: &[u8], filter: &[Condition]) -> Result<Option<Row>> {
-        match self.db.get(key)? {
-            Some(value) if self.row_passes(&value, filter)? => self.decode_row(key, &value).map(Some),
+        match self.value_at(key)? {
+            Some((rows, i)) if self.row_passes(&rows[i], filter)? => self.decode_row(key, &rows[i]).map(Some),
             _ => Ok(None),
         }
     }
 
     /// Whether the row at `key` exists and meets every condition (no `Row` is built).
     pub fn row_at_passes(&self, key: &[u8], filter: &[Condition]) -> Result<bool> {
-        match self.db.get(key)? {
-            Some(value) => self.row_passes(&value, filter),
+        match self.value_at(key)? {
+            Some((rows, i)) => self.row_passes(&rows[i], filter),
             None => Ok(false),
         }
     }
@@ -418,20 +570,12 @@ impl Store {
     }
 
     pub fn get_row(&self, key: &[u8]) -> Result<Option<Row>> {
-        self.db.get(key)?.map(|v| self.decode_row(key, &v)).transpose()
+        self.value_at(key)?.map(|(rows, i)| self.decode_row(key, &rows[i])).transpose()
     }
 
     /// Stored rows of `table` with exactly this SHA1 (and DeviceId).
     pub fn lookup(&self, table: &str, sha1: &str, device: Option<&str>) -> Result<Vec<Row>> {
-        let Some(tid) = self.table_id(table) else { return Ok(Vec::new()) };
-        let prefix = keys::event_prefix(tid, sha1, device);
-        self.db
-            .scan_prefix(&prefix)
-            .map(|kv| {
-                let (k, v) = kv?;
-                self.decode_row(&k, &v)
-            })
-            .collect()
+        self.lookup_where(table, sha1, device, &[])
     }
 
     pub fn profile(&self, sha1: &str) -> Result<Option<Row>> {
@@ -462,20 +606,43 @@ impl Store {
         }
     }
 
-    /// Journal entries with sequence in `from..` (each: seq, keys new in that batch).
-    pub fn journal_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, Vec<Vec<u8>>)>> + '_ {
-        self.journal_raw_from(from).map(|e| {
-            let (seq, raw) = e?;
-            Ok((seq, journal_keys(&raw)?.into_iter().map(<[u8]>::to_vec).collect()))
-        })
-    }
-
-    /// Journal entries with sequence in `from..`, undecoded (see [`journal_keys`]).
-    pub fn journal_raw_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, sled::IVec)>> + '_ {
-        self.db.range(keys::seq_key(keys::JOURNAL, from)..keys::seq_key(keys::JOURNAL, u64::MAX)).map(|kv| {
-            let (k, v) = kv?;
-            Ok((keys::seq_of(&k).unwrap_or(0), v))
-        })
+    /// The keys of the rows of `table` stored by batches `from..=to`, in batch order,
+    /// within retention; for FileProfile, the rows that are still the newest for their SHA1.
+    /// Read from the blocks' key frames alone: the rows themselves are not decompressed.
+    pub fn new_row_keys(&self, table: &str, from: u64, to: u64) -> Result<Vec<Vec<u8>>> {
+        let tid = if table == lookout_plugin_sdk::tables::FILE_PROFILE {
+            PROFILE_TABLE
+        } else {
+            match self.table_id(table) {
+                Some(t) => t,
+                None => return Ok(Vec::new()),
+            }
+        };
+        let mut out = Vec::new();
+        let start = keys::block_key(keys::BLOCK_META, tid, from, 0, 0);
+        let end = keys::block_key(keys::BLOCK_META, tid, to.saturating_add(1), 0, 0);
+        for kv in self.db.range(start..end) {
+            let (k, _) = kv?;
+            let Some((_, seq, block)) = keys::block_of(&k) else { continue };
+            let frame = {
+                let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
+                blocks::read_frame(&self.db, &mut z, keys::BLOCK_KEYS, tid, seq, block)?
+            };
+            for (row, key) in frame.into_iter().enumerate() {
+                if !self.visible(&key) {
+                    continue;
+                }
+                if tid == PROFILE_TABLE {
+                    // A profile replaced by a later batch comes with that batch.
+                    let current = self.db.get(&key)?.map(|v| KeyEntry::decode(&v)).transpose()?;
+                    if current.is_none_or(|e| (e.seq, e.block, e.row as usize) != (seq, block, row)) {
+                        continue;
+                    }
+                }
+                out.push(key);
+            }
+        }
+        Ok(out)
     }
 
     /// Keys of every stored row of the given tables (a backfill).
@@ -483,7 +650,10 @@ impl Store {
         let mut out = Vec::new();
         for prefix in tables.iter().filter_map(|t| self.rows_prefix(t)) {
             for k in self.db.scan_prefix(prefix).keys() {
-                out.push(k?.to_vec());
+                let k = k?;
+                if self.visible(&k) {
+                    out.push(k.to_vec());
+                }
             }
         }
         Ok(out)
@@ -498,33 +668,61 @@ impl Store {
         }
     }
 
-    /// Removes journal entries up to and including `upto`; a detector whose cursor is
-    /// below the floor backfills instead.
-    pub fn prune_journal(&mut self, upto: u64) -> Result<()> {
-        let floor = self.meta_u64("jfloor")?;
-        if upto <= floor {
+    /// Makes every detector whose cursor is below `upto` backfill on its next pass (the
+    /// rows of batches up to `upto` can no longer be told apart as new: a rebuilt index).
+    pub fn force_backfill_below(&mut self, upto: u64) -> Result<()> {
+        if upto <= self.meta_u64("jfloor")? {
             return Ok(());
         }
-        let mut b = sled::Batch::default();
-        for k in self.db.range(keys::seq_key(keys::JOURNAL, 0)..=keys::seq_key(keys::JOURNAL, upto)).keys() {
-            b.remove(k?);
+        self.db.insert(keys::named_key(keys::META, "jfloor"), &upto.to_be_bytes()[..])?;
+        Ok(())
+    }
+
+    /// Every stored row of block table `tid` (key and value) within retention, in batch
+    /// order, handed to `f` block by block.
+    pub(crate) fn for_each_row(&self, tid: u16, mut f: impl FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
+        for kv in self.db.scan_prefix(keys::block_table_prefix(keys::BLOCK_META, tid)) {
+            let (k, _) = kv?;
+            let Some((_, seq, block)) = keys::block_of(&k) else { continue };
+            let (keys_frame, rows) = {
+                let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
+                (
+                    blocks::read_frame(&self.db, &mut z, keys::BLOCK_KEYS, tid, seq, block)?,
+                    blocks::read_frame(&self.db, &mut z, keys::BLOCK_ROWS, tid, seq, block)?,
+                )
+            };
+            for (row, (key, value)) in keys_frame.iter().zip(&rows).enumerate() {
+                if !self.visible(key) {
+                    continue;
+                }
+                // The key may have moved on (a FileProfile row replaced since).
+                let current = self.db.get(key)?.map(|v| KeyEntry::decode(&v)).transpose()?;
+                if current.is_some_and(|e| (e.seq, e.block, e.row as usize) == (seq, block, row)) {
+                    f(key, value)?;
+                }
+            }
         }
-        b.insert(keys::named_key(keys::META, "jfloor"), &upto.to_be_bytes()[..]);
-        self.db.apply_batch(b)?;
         Ok(())
     }
 
     /// Keys of every stored row of `table` that meets every condition of `filter`, by
     /// reading each row (the path when no condition is on an indexed column).
     pub fn scan_where(&self, table: &str, filter: &[Condition]) -> Result<Vec<Vec<u8>>> {
-        let Some(prefix) = self.rows_prefix(table) else { return Ok(Vec::new()) };
+        let tid = if table == lookout_plugin_sdk::tables::FILE_PROFILE {
+            PROFILE_TABLE
+        } else {
+            match self.table_id(table) {
+                Some(t) => t,
+                None => return Ok(Vec::new()),
+            }
+        };
         let mut out = Vec::new();
-        for kv in self.db.scan_prefix(prefix) {
-            let (k, v) = kv?;
-            if self.row_passes(&v, filter)? {
+        self.for_each_row(tid, |k, v| {
+            if self.row_passes(v, filter)? {
                 out.push(k.to_vec());
             }
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -579,6 +777,8 @@ pub enum Added {
     /// A FileProfile row that replaced the stored one for its SHA1 (newest wins).
     Replaced,
     Duplicate,
+    /// An event row older than the retention horizon: counted, not stored.
+    Expired,
 }
 
 /// Writes that commit together: rows, their journal entry, source offsets, rejects,
@@ -588,10 +788,14 @@ pub enum Added {
 pub struct WriteBatch<'s> {
     store: &'s mut Store,
     batch: sled::Batch,
+    /// Keys of the rows this batch stores (for the key filter once committed).
     journal: Vec<Vec<u8>>,
+    /// The rows themselves, in blocks per table.
+    blocks: BatchBlocks,
     /// Index postings of the new rows, written as one entry per value on commit.
     postings: index::Postings,
-    pending: HashSet<Vec<u8>>,
+    /// Content hash of every key this batch stores.
+    pending: HashMap<Vec<u8>, u64>,
     counters_dirty: bool,
     new_rows: usize,
     saved_counters: Counters,
@@ -626,64 +830,64 @@ impl WriteBatch<'_> {
         self.store
     }
 
-    /// Adds a row unless the same row is already stored or pending in this batch.
+    /// Adds a row unless the same row is already stored or pending in this batch. A row
+    /// is the same when its key and its content (every column but the ingestion time)
+    /// are; a different row under the same key is stored under the key's variant.
     pub fn add_row(&mut self, row: NormalRow, ingested_at: i64) -> Result<Added> {
-        let key = match row.kind {
+        let (block_table, key) = match row.kind {
             TableKind::Event => {
+                if self.store.horizon.is_some_and(|h| row.timestamp < h) {
+                    // Older than retention keeps: it would be invisible and removed at once.
+                    self.store.counters.expired += 1;
+                    self.counters_dirty = true;
+                    return Ok(Added::Expired);
+                }
                 let (tid, new) = self.store.ensure_table(&row.table, &mut self.batch)?;
                 if new {
                     self.new_tables.push(row.table.clone());
                 }
-                keys::event_key(tid, &row.sha1, &row.device_id, row.timestamp, &row.identity)
+                (tid, keys::event_key(tid, &row.sha1, &row.device_id, row.timestamp, &row.identity))
             }
-            TableKind::Profile => keys::profile_key(&row.sha1),
-        };
-        // Index entries are written with the row, under the sequence of this batch's
-        // journal entry (the batch commits with `next_journal` if it stores any row).
-        let postings = match key.get(1..3) {
-            Some(tid) if row.kind == TableKind::Event => {
-                let tid = u16::from_be_bytes([tid[0], tid[1]]);
-                let value_of = |c: &str| row.columns.iter().find(|(n, _)| n == c).map_or("", |(_, v)| v.as_str());
-                index::row_postings(tid, &row.table, value_of)
-            }
-            _ => Vec::new(),
+            TableKind::Profile => (PROFILE_TABLE, keys::profile_key(&row.sha1)),
         };
         let (names, cells): (Vec<String>, Vec<Cell>) = row.columns.into_iter().unzip();
+        let content = codec::content_hash(&names, &cells);
+        let (key, previous) = match row.kind {
+            TableKind::Profile => {
+                let previous = match self.pending.get(&key) {
+                    Some(c) => Some(*c),
+                    None => self.store.db.get(&key)?.map(|v| KeyEntry::decode(&v)).transpose()?.map(|e| e.content),
+                };
+                if previous == Some(content) {
+                    return Ok(self.duplicate());
+                }
+                (key, previous)
+            }
+            TableKind::Event => match self.stored_content(&key)? {
+                None => (key, None),
+                Some(c) if c == content => return Ok(self.duplicate()),
+                Some(_) => {
+                    // Same (table, SHA1, DeviceId, Timestamp, ReportId), other content.
+                    let variant = keys::variant_key(&key, content);
+                    if self.stored_content(&variant)?.is_some() {
+                        return Ok(self.duplicate());
+                    }
+                    (variant, None)
+                }
+            },
+        };
+        let postings = if row.kind == TableKind::Event {
+            let value_of = |c: &str| names.iter().position(|n| n == c).map_or("", |i| cells[i].as_str());
+            index::row_postings(block_table, &row.table, value_of)
+        } else {
+            Vec::new()
+        };
         let (schema, new) = self.store.ensure_schema(names, &mut self.batch)?;
         if let Some(names) = new {
             self.new_schemas.push(names);
         }
         let value = codec::encode(schema, ingested_at, &cells)?;
-        if row.kind == TableKind::Profile && self.pending.contains(&key) {
-            // A newer profile for the same SHA1 later in the same batch: newest wins.
-            self.batch.insert(key, value);
-            return Ok(Added::Replaced);
-        }
-        if self.pending.contains(&key) {
-            self.store.counters.duplicates += 1;
-            self.counters_dirty = true;
-            return Ok(Added::Duplicate);
-        }
-        // An event key the filter has never seen is certainly not stored: no read.
-        let maybe_stored = match row.kind {
-            TableKind::Event => {
-                self.store.ensure_key_filter()?;
-                self.store.key_filter.as_ref().is_none_or(|f| f.may_contain(&key))
-            }
-            TableKind::Profile => true,
-        };
-        let stored = if maybe_stored { self.store.db.get(&key)? } else { None };
-        let added = match stored {
-            None => Added::New,
-            // A FileProfile row replaces the stored one unless nothing but the ingestion
-            // time differs; an event row is immutable.
-            Some(old) if row.kind == TableKind::Profile && !codec::same_content(&old, &value) => Added::Replaced,
-            Some(_) => {
-                self.store.counters.duplicates += 1;
-                self.counters_dirty = true;
-                return Ok(Added::Duplicate);
-            }
-        };
+        let added = if previous.is_some() { Added::Replaced } else { Added::New };
         if added == Added::New {
             *self.store.counters.rows.entry(row.table).or_insert(0) += 1;
             self.counters_dirty = true;
@@ -691,11 +895,33 @@ impl WriteBatch<'_> {
                 self.postings.add(prefix, key.clone(), covered);
             }
         }
-        self.batch.insert(key.clone(), value);
-        self.pending.insert(key.clone());
+        // The row goes into this batch's blocks, under the sequence the batch commits with.
+        let (block, row_no) = self.blocks.add(block_table, key.clone(), row.timestamp, value)?;
+        let entry = KeyEntry { seq: self.store.next_journal, block, row: row_no, content };
+        self.batch.insert(key.clone(), &entry.encode()[..]);
+        self.pending.insert(key.clone(), content);
         self.journal.push(key);
         self.new_rows += 1;
         Ok(added)
+    }
+
+    fn duplicate(&mut self) -> Added {
+        self.store.counters.duplicates += 1;
+        self.counters_dirty = true;
+        Added::Duplicate
+    }
+
+    /// The content hash of the event row stored (or pending in this batch) at `key`. A key
+    /// the filter has never seen is certainly not stored: no read.
+    fn stored_content(&mut self, key: &[u8]) -> Result<Option<u64>> {
+        if let Some(c) = self.pending.get(key) {
+            return Ok(Some(*c));
+        }
+        self.store.ensure_key_filter()?;
+        if self.store.key_filter.as_ref().is_some_and(|f| !f.may_contain(key)) {
+            return Ok(None);
+        }
+        Ok(self.store.db.get(key)?.map(|v| KeyEntry::decode(&v)).transpose()?.map(|e| e.content))
     }
 
     pub fn add_reject(&mut self, mut reject: RejectRecord) -> Result<()> {
@@ -725,13 +951,15 @@ impl WriteBatch<'_> {
         self.new_rows
     }
 
-    /// Applies everything atomically. Returns the journal sequence used, if any row was new.
+    /// Applies everything atomically. Returns the batch sequence used, if any row was new.
     pub fn commit(mut self) -> Result<Option<u64>> {
         let mut seq = None;
         if !self.journal.is_empty() {
             let s = self.store.next_journal;
-            self.batch.insert(keys::seq_key(keys::JOURNAL, s), enc(&self.journal)?);
+            std::mem::take(&mut self.blocks).write(s, &mut self.store.zstd, &mut self.batch)?;
             std::mem::take(&mut self.postings).write(s, &mut self.batch)?;
+            self.batch.insert(keys::named_key(keys::META, "seq"), &s.to_be_bytes()[..]);
+            self.batch.insert(keys::named_key(keys::META, "format"), &FORMAT_VERSION.to_be_bytes()[..]);
             seq = Some(s);
         }
         if self.counters_dirty {
@@ -774,6 +1002,7 @@ mod tests {
     use super::*;
     use crate::parse::normalise::{normalise, TableHints};
     use lookout_plugin_sdk::tables::IMAGE_LOADS;
+    use std::collections::HashSet;
 
     fn row(report: i64, extra: &str) -> NormalRow {
         let text =
@@ -890,8 +1119,7 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(lookup(&store, "wsmprovhost.exe", None), ["s1", "s3"]);
-        assert_eq!(store.meta_u64("jfloor").unwrap(), store.next_journal_seq() - 1, "journal cut: backfill");
-        assert_eq!(store.journal_from(0).count(), 0);
+        assert_eq!(store.meta_u64("jfloor").unwrap(), store.next_journal_seq() - 1, "detectors backfill");
     }
 
     /// A rebuild splits a value with many rows into parts; none is lost or overwritten.

@@ -1,0 +1,308 @@
+//! Rows in ingest order, compressed. The new rows of one table in one batch go into
+//! blocks of at most [`BLOCK_ROWS`] rows or about [`BLOCK_RAW`] bytes; each block is two
+//! zstd frames — the rows' keys, and the rows' stored values — each cut into pieces of at
+//! most [`PIECE_BYTES`] under keys that only grow (table, batch sequence, block, part).
+//!
+//! Why: a row stored as its own ~860-byte value at a random key costs a random descent
+//! and page rewrites per row in a tree many times the cache, and takes more disk than the
+//! JSON it came from; rows appended in blocks cost a few sequential inserts per hundred
+//! rows, and zstd shrinks a block of Defender rows to a few percent. Why pieces: sled
+//! writes a node holding a value over ~128 KiB as a separate blob file, rewritten whole
+//! and not fsynced; pieces of a few KiB stay in its pages. Why keys apart from values:
+//! "which rows are new since batch N" (a detector's pass) reads only the keys.
+//!
+//! A row is found from its key through the key index (`e` entries: key → [`Locator`]).
+
+use super::keys;
+use anyhow::{anyhow, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+/// Rows per block at most.
+pub const BLOCK_ROWS: usize = 512;
+/// Raw bytes (encoded rows) per block, about.
+pub const BLOCK_RAW: usize = 96 << 10;
+/// A stored piece is never bigger than this, far below sled's blob threshold.
+pub const PIECE_BYTES: usize = 6 << 10;
+/// zstd level: level 1 already shrinks Defender rows to a few percent at the highest speed.
+const ZSTD_LEVEL: i32 = 1;
+/// A frame never claims more than this when decompressed (a corrupt length must not
+/// make the reader allocate gigabytes).
+const MAX_RAW: usize = 64 << 20;
+
+/// Where a row is: its batch, its block in the batch (per table), its place in the block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Locator {
+    pub table: u16,
+    pub seq: u64,
+    pub block: u16,
+    pub row: u16,
+}
+
+/// The value of a key-index entry: where the row is and a hash of its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyEntry {
+    pub seq: u64,
+    pub block: u16,
+    pub row: u16,
+    pub content: u64,
+}
+
+impl KeyEntry {
+    pub const LEN: usize = 20;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..8].copy_from_slice(&self.seq.to_be_bytes());
+        b[8..10].copy_from_slice(&self.block.to_be_bytes());
+        b[10..12].copy_from_slice(&self.row.to_be_bytes());
+        b[12..].copy_from_slice(&self.content.to_be_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<KeyEntry> {
+        if b.len() != Self::LEN {
+            return Err(anyhow!("corrupt key index entry ({} bytes, expected {})", b.len(), Self::LEN));
+        }
+        let u16_at = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&b[..8]);
+        let mut content = [0u8; 8];
+        content.copy_from_slice(&b[12..]);
+        Ok(KeyEntry {
+            seq: u64::from_be_bytes(seq),
+            block: u16_at(8),
+            row: u16_at(10),
+            content: u64::from_be_bytes(content),
+        })
+    }
+
+    pub fn locator(&self, table: u16) -> Locator {
+        Locator { table, seq: self.seq, block: self.block, row: self.row }
+    }
+}
+
+/// What the store keeps about a block (`D` entries), enough to drop it when every row
+/// in it is past the retention horizon, and to count its rows without reading it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockMeta {
+    pub rows: u32,
+    pub min_ts: i64,
+    pub max_ts: i64,
+    pub key_parts: u16,
+    pub row_parts: u16,
+    /// Compressed bytes of both frames.
+    pub bytes: u64,
+}
+
+/// A block being filled.
+#[derive(Default)]
+struct OpenBlock {
+    keys: Vec<Vec<u8>>,
+    rows: Vec<Vec<u8>>,
+    raw: usize,
+    min_ts: i64,
+    max_ts: i64,
+}
+
+/// The new rows of one batch, per table, in blocks.
+#[derive(Default)]
+pub struct BatchBlocks {
+    tables: BTreeMap<u16, Vec<OpenBlock>>,
+}
+
+impl BatchBlocks {
+    /// Adds a row and says where it will be once the batch commits under `seq`.
+    pub fn add(&mut self, table: u16, key: Vec<u8>, timestamp: i64, value: Vec<u8>) -> Result<(u16, u16)> {
+        let blocks = self.tables.entry(table).or_default();
+        let full = blocks.last().is_none_or(|b| b.rows.len() >= BLOCK_ROWS || b.raw >= BLOCK_RAW);
+        if full {
+            if blocks.len() > u16::MAX as usize {
+                return Err(anyhow!("too many rows in one batch"));
+            }
+            blocks.push(OpenBlock { min_ts: timestamp, max_ts: timestamp, ..OpenBlock::default() });
+        }
+        let block_no = (blocks.len() - 1) as u16;
+        let b = blocks.last_mut().ok_or_else(|| anyhow!("no open block"))?;
+        let row_no = b.rows.len() as u16;
+        b.raw += key.len() + value.len();
+        b.min_ts = b.min_ts.min(timestamp);
+        b.max_ts = b.max_ts.max(timestamp);
+        b.keys.push(key);
+        b.rows.push(value);
+        Ok((block_no, row_no))
+    }
+
+    /// Writes every block of the batch under sequence `seq`.
+    pub fn write(self, seq: u64, zstd: &mut zstd::bulk::Compressor<'static>, batch: &mut sled::Batch) -> Result<()> {
+        for (table, blocks) in self.tables {
+            for (no, b) in blocks.into_iter().enumerate() {
+                let block = no as u16;
+                let keys_frame = compress(zstd, &b.keys)?;
+                let rows_frame = compress(zstd, &b.rows)?;
+                let key_parts = write_pieces(batch, keys::BLOCK_KEYS, table, seq, block, &keys_frame)?;
+                let row_parts = write_pieces(batch, keys::BLOCK_ROWS, table, seq, block, &rows_frame)?;
+                let meta = BlockMeta {
+                    rows: b.rows.len() as u32,
+                    min_ts: b.min_ts,
+                    max_ts: b.max_ts,
+                    key_parts,
+                    row_parts,
+                    bytes: (keys_frame.len() + rows_frame.len()) as u64,
+                };
+                batch.insert(keys::block_key(keys::BLOCK_META, table, seq, block, 0), super::enc(&meta)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn compress(zstd: &mut zstd::bulk::Compressor<'static>, items: &[Vec<u8>]) -> Result<Vec<u8>> {
+    let raw = bincode::serde::encode_to_vec(items, bincode::config::standard())
+        .map_err(|e| anyhow!("cannot encode a block: {e}"))?;
+    let mut out = Vec::with_capacity(raw.len() / 8 + 16);
+    out.extend_from_slice(&(raw.len() as u32).to_be_bytes());
+    out.extend_from_slice(&zstd.compress(&raw).context("cannot compress a block")?);
+    Ok(out)
+}
+
+fn write_pieces(batch: &mut sled::Batch, space: u8, table: u16, seq: u64, block: u16, frame: &[u8]) -> Result<u16> {
+    let mut parts = 0u16;
+    for piece in frame.chunks(PIECE_BYTES) {
+        batch.insert(keys::block_key(space, table, seq, block, parts), piece);
+        parts = parts.checked_add(1).ok_or_else(|| anyhow!("a block too large to store"))?;
+    }
+    Ok(parts)
+}
+
+/// Reads a block's frame (keys or rows) back: its pieces, concatenated and decompressed.
+pub fn read_frame(
+    db: &sled::Db,
+    zstd: &mut zstd::bulk::Decompressor<'static>,
+    space: u8,
+    table: u16,
+    seq: u64,
+    block: u16,
+) -> Result<Vec<Vec<u8>>> {
+    let prefix = keys::block_key(space, table, seq, block, 0);
+    let prefix = &prefix[..prefix.len() - 2];
+    let mut frame = Vec::new();
+    for kv in db.scan_prefix(prefix) {
+        frame.extend_from_slice(&kv?.1);
+    }
+    if frame.len() < 4 {
+        return Err(anyhow!("block {table}/{seq}/{block} is missing or corrupt"));
+    }
+    let raw_len = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+    if raw_len > MAX_RAW {
+        return Err(anyhow!("block {table}/{seq}/{block} claims {raw_len} bytes: corrupt"));
+    }
+    let raw =
+        zstd.decompress(&frame[4..], raw_len).with_context(|| format!("block {table}/{seq}/{block} is corrupt"))?;
+    let config = bincode::config::standard().with_limit::<MAX_RAW>();
+    Ok(bincode::serde::decode_from_slice(&raw, config)
+        .map_err(|e| anyhow!("block {table}/{seq}/{block} is corrupt: {e}"))?
+        .0)
+}
+
+/// The zstd contexts, reused across blocks (a context costs an allocation of its
+/// window on every use otherwise).
+pub fn compressor() -> Result<zstd::bulk::Compressor<'static>> {
+    zstd::bulk::Compressor::new(ZSTD_LEVEL).context("cannot set up zstd")
+}
+
+pub fn decompressor() -> Result<zstd::bulk::Decompressor<'static>> {
+    zstd::bulk::Decompressor::new().context("cannot set up zstd")
+}
+
+/// A block's rows (stored values), decompressed and shared.
+pub type BlockRows = Arc<Vec<Vec<u8>>>;
+
+/// Recently read blocks of rows, decompressed: a detector reading the rows of a tick, or
+/// a look-up's hits, tends to land on the same few blocks.
+pub struct BlockCache {
+    capacity: usize,
+    blocks: HashMap<(u16, u64, u16), BlockRows>,
+    order: VecDeque<(u16, u64, u16)>,
+}
+
+impl BlockCache {
+    pub fn new(capacity: usize) -> BlockCache {
+        BlockCache { capacity, blocks: HashMap::new(), order: VecDeque::new() }
+    }
+
+    pub fn get(&self, id: &(u16, u64, u16)) -> Option<BlockRows> {
+        self.blocks.get(id).cloned()
+    }
+
+    pub fn put(&mut self, id: (u16, u64, u16), rows: BlockRows) {
+        if self.blocks.insert(id, rows).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.blocks.remove(&old);
+            }
+        }
+    }
+
+    pub fn forget(&mut self, id: &(u16, u64, u16)) {
+        if self.blocks.remove(id).is_some() {
+            self.order.retain(|x| x != id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_entry_round_trips() {
+        let e = KeyEntry { seq: 7, block: 3, row: 511, content: u64::MAX - 5 };
+        assert_eq!(KeyEntry::decode(&e.encode()).unwrap(), e);
+        assert!(KeyEntry::decode(&[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn blocks_fill_by_rows_and_bytes_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let mut bb = BatchBlocks::default();
+        let mut places = Vec::new();
+        for i in 0..(BLOCK_ROWS + 10) {
+            places.push(bb.add(1, format!("k{i}").into_bytes(), i as i64, vec![(i % 251) as u8; 100]).unwrap());
+        }
+        // Incompressible big rows in another table cut blocks by bytes.
+        let mut seed = 1u64;
+        for _ in 0..5 {
+            let big: Vec<u8> = (0..40_000)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            bb.add(2, b"big".to_vec(), 0, big).unwrap();
+        }
+        assert_eq!(places[BLOCK_ROWS - 1], (0, (BLOCK_ROWS - 1) as u16));
+        assert_eq!(places[BLOCK_ROWS], (1, 0));
+        let mut batch = sled::Batch::default();
+        bb.write(9, &mut compressor().unwrap(), &mut batch).unwrap();
+        db.apply_batch(batch).unwrap();
+        for kv in db.iter() {
+            assert!(kv.unwrap().1.len() <= PIECE_BYTES, "every stored piece is small");
+        }
+        let mut z = decompressor().unwrap();
+        let rows = read_frame(&db, &mut z, keys::BLOCK_ROWS, 1, 9, 1).unwrap();
+        assert_eq!(rows.len(), 10);
+        assert_eq!(rows[3], vec![((BLOCK_ROWS + 3) % 251) as u8; 100]);
+        let keys_back = read_frame(&db, &mut z, keys::BLOCK_KEYS, 1, 9, 0).unwrap();
+        assert_eq!(keys_back[5], b"k5");
+        let big = read_frame(&db, &mut z, keys::BLOCK_ROWS, 2, 9, 1).unwrap();
+        assert_eq!((big.len(), big[0].len()), (2, 40_000), "three 40 KB rows fill a block, two are left");
+        assert!(read_frame(&db, &mut z, keys::BLOCK_ROWS, 1, 10, 0).is_err(), "a missing block is an error");
+    }
+}

@@ -1,0 +1,180 @@
+//! Retention: a row is kept while its Timestamp ≥ now − retention (the boundary `ago()`
+//! has). Rows past the horizon are invisible at once (every read checks the Timestamp in
+//! the key); their space is reclaimed a block at a time, once every row of a block is past
+//! the horizon: the block's pieces, its directory entry and its rows' key-index entries
+//! go in one atomic batch with the counters, so a crash leaves either the whole block or
+//! none of it. FileProfile rows are exempt (newest wins).
+//!
+//! Blocks hold rows in ingest order, which on a collector is close to Timestamp order, so
+//! a block is past the horizon soon after its newest row is.
+
+use super::blocks::{self, BlockMeta, KeyEntry};
+use super::{dec, enc, keys, Store, PROFILE_TABLE};
+use anyhow::{Context as _, Result};
+use std::collections::BTreeMap;
+
+/// Blocks removed per atomic step (each step is one `apply_batch`).
+pub const BLOCKS_PER_STEP: usize = 64;
+
+/// What the rows within retention look like (for `status`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Retained {
+    /// Rows within retention per table (FileProfile included).
+    pub rows: BTreeMap<String, u64>,
+    /// Stored rows past the horizon whose blocks are not removed yet.
+    pub invisible: u64,
+    /// The oldest Timestamp within retention, if any event row is kept.
+    pub oldest: Option<i64>,
+}
+
+impl Store {
+    /// Removes up to `max_blocks` blocks whose rows are all past the horizon, and the
+    /// index entries no stored row needs any more; returns the rows removed. One atomic
+    /// batch; call again until it returns 0.
+    pub fn expire_step(&mut self, max_blocks: usize) -> Result<u64> {
+        let Some(horizon) = self.horizon else { return Ok(0) };
+        let mut expired: Vec<(u16, u64, u16, BlockMeta)> = Vec::new();
+        for kv in self.db.scan_prefix([keys::BLOCK_META]) {
+            let (k, v) = kv?;
+            let Some((table, seq, block)) = keys::block_of(&k) else { continue };
+            if table == PROFILE_TABLE {
+                continue;
+            }
+            let meta: BlockMeta = dec(&v)?;
+            if meta.max_ts < horizon {
+                expired.push((table, seq, block, meta));
+                if expired.len() >= max_blocks {
+                    break;
+                }
+            }
+        }
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = sled::Batch::default();
+        let mut removed = 0u64;
+        let mut counters = self.counters.clone();
+        for (table, seq, block, meta) in &expired {
+            let keys_frame = {
+                let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
+                blocks::read_frame(&self.db, &mut z, keys::BLOCK_KEYS, *table, *seq, *block)?
+            };
+            for key in &keys_frame {
+                // Only the entry that points here: a key is stored once, but be exact.
+                let here = self.db.get(key)?.map(|v| KeyEntry::decode(&v)).transpose()?;
+                if here.is_some_and(|e| (e.seq, e.block) == (*seq, *block)) {
+                    batch.remove(key.as_slice());
+                    removed += 1;
+                }
+            }
+            for part in 0..meta.key_parts {
+                batch.remove(keys::block_key(keys::BLOCK_KEYS, *table, *seq, *block, part));
+            }
+            for part in 0..meta.row_parts {
+                batch.remove(keys::block_key(keys::BLOCK_ROWS, *table, *seq, *block, part));
+            }
+            batch.remove(keys::block_key(keys::BLOCK_META, *table, *seq, *block, 0));
+            if let Some(name) = self.table_name(*table) {
+                if let Some(n) = counters.rows.get_mut(name) {
+                    *n = n.saturating_sub(u64::from(meta.rows));
+                }
+            }
+        }
+        counters.removed += removed;
+        batch.insert(vec![keys::COUNTERS], enc(&counters)?);
+        crate::failpoint::hit("retention-before-commit");
+        self.db.apply_batch(batch).context("cannot remove expired rows")?;
+        self.counters = counters;
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            for (table, seq, block, _) in &expired {
+                cache.forget(&(*table, *seq, *block));
+            }
+        }
+        self.drop_unneeded_index_entries()?;
+        Ok(removed)
+    }
+
+    /// Removes every block past the horizon, step by step.
+    pub fn expire_all(&mut self) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let n = self.expire_step(BLOCKS_PER_STEP)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    }
+
+    /// Column-index entries of batches older than every stored event block list only
+    /// removed rows: they go.
+    fn drop_unneeded_index_entries(&mut self) -> Result<()> {
+        let mut oldest_live = u64::MAX;
+        for k in self.db.scan_prefix([keys::BLOCK_META]).keys() {
+            if let Some((table, seq, _)) = keys::block_of(&k?) {
+                if table != PROFILE_TABLE {
+                    oldest_live = oldest_live.min(seq);
+                }
+            }
+        }
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for k in self.db.scan_prefix([keys::INDEX]).keys() {
+            let k = k?;
+            // Index keys end in (batch seq u64, part u32); batch 0 is a rebuild's.
+            let Some(seq_bytes) = k.len().checked_sub(12).and_then(|at| k.get(at..at + 8)) else { continue };
+            let seq = u64::from_be_bytes(seq_bytes.try_into().unwrap_or([0; 8]));
+            if seq != 0 && seq < oldest_live {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.db.apply_batch(batch).context("cannot remove index entries of expired rows")?;
+        }
+        Ok(())
+    }
+
+    /// Rows within retention per table, how many stored rows are past it, and the oldest
+    /// Timestamp kept. Reads block directory entries, and the keys of the few blocks that
+    /// straddle the horizon.
+    pub fn retained(&self) -> Result<Retained> {
+        let mut out = Retained::default();
+        for (table, n) in &self.counters.rows {
+            out.rows.insert(table.clone(), *n);
+        }
+        for kv in self.db.scan_prefix([keys::BLOCK_META]) {
+            let (k, v) = kv?;
+            let Some((table, seq, block)) = keys::block_of(&k) else { continue };
+            if table == PROFILE_TABLE {
+                continue;
+            }
+            let meta: BlockMeta = dec(&v)?;
+            let (past, oldest) = match self.horizon {
+                Some(h) if meta.max_ts < h => (u64::from(meta.rows), None),
+                Some(h) if meta.min_ts < h => {
+                    let keys_frame = {
+                        let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
+                        blocks::read_frame(&self.db, &mut z, keys::BLOCK_KEYS, table, seq, block)?
+                    };
+                    let ts: Vec<i64> = keys_frame.iter().filter_map(|k| keys::event_timestamp(k)).collect();
+                    (ts.iter().filter(|t| **t < h).count() as u64, ts.into_iter().filter(|t| *t >= h).min())
+                }
+                _ => (0, Some(meta.min_ts)),
+            };
+            out.invisible += past;
+            if let Some(name) = self.table_name(table) {
+                if let Some(n) = out.rows.get_mut(name) {
+                    *n = n.saturating_sub(past);
+                }
+            }
+            out.oldest = match (out.oldest, oldest) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        out.rows.retain(|_, n| *n > 0);
+        Ok(out)
+    }
+}
