@@ -15,6 +15,8 @@ pub mod codec;
 pub mod index;
 pub mod key_filter;
 pub mod keys;
+#[cfg(test)]
+mod model_tests;
 pub mod retention;
 
 use anyhow::{anyhow, Context as _, Result};
