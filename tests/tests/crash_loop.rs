@@ -8,6 +8,8 @@
 //! everything is compared with a clean, uninterrupted run over the same data (`lookout
 //! ingest` + `lookout detect`): the stored row identities and rows, the rows per table,
 //! the findings in the results tree and in the JSONL (no line twice) must be the same.
+//! Temporary plugin copies left by kills must be removed by the last daemon's plugin
+//! load once they are stale (and a fresh one kept).
 //!
 //! The CI variant (12 kills) runs with the other tests. The long variant:
 //!
