@@ -131,10 +131,6 @@ impl DaemonSpec {
         }
     }
 
-    pub fn data(&self) -> &Path {
-        &self.data
-    }
-
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> DaemonSpec {
         self.args.push(arg.as_ref().to_os_string());
         self
@@ -251,10 +247,6 @@ pub struct Daemon {
 impl Daemon {
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-
-    pub fn data(&self) -> &Path {
-        &self.data
     }
 
     /// When it was spawned.

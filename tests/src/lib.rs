@@ -100,10 +100,9 @@ pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Bounded {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
     let read = |f: &mut std::fs::File| {
-        let mut text = String::new();
-        f.rewind().expect("rewind");
-        f.read_to_string(&mut text).expect("command output is UTF-8");
-        text
+        let mut bytes = Vec::new();
+        f.rewind().and_then(|()| f.read_to_end(&mut bytes)).expect("read the command's output");
+        String::from_utf8_lossy(&bytes).into_owned()
     };
     let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
