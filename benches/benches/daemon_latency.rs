@@ -7,30 +7,16 @@
 //! (default 30) change the run.
 
 use lookout_core::gen::{self, FleetSpec};
+use lookout_tests::{plugins_dir, table_counts, target_dir, DaemonSpec, WINRM};
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("bench executable");
-    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn append(path: &Path, rows: &[&Map<String, Value>]) {
@@ -82,22 +68,15 @@ fn proc_usage(pid: u32) -> (u64, u64, u64) {
 fn main() {
     let lookout = target_dir().join("lookout");
     assert!(lookout.is_file(), "{} is missing: run `cargo build --release -p lookout-cli` first", lookout.display());
-    let winrm = [target_dir().join("liblookout_winrm.so"), target_dir().join("deps/liblookout_winrm.so")]
-        .into_iter()
-        .find(|p| p.is_file())
-        .expect("liblookout_winrm.so (built with the benches)");
     let attacks = env_usize("LOOKOUT_BENCH_ATTACKS", 240);
     let steady_secs = env_usize("LOOKOUT_BENCH_STEADY_SECS", 30);
 
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (logs, data, plugins) = (tmp.path().join("logs"), tmp.path().join("data"), tmp.path().join("plugins"));
-    for d in [&logs, &data, &plugins] {
+    let (logs, data) = (tmp.path().join("logs"), tmp.path().join("data"));
+    for d in [&logs, &data] {
         std::fs::create_dir_all(d).expect("mkdir");
     }
-    std::fs::set_permissions(&plugins, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    std::fs::copy(&winrm, plugins.join("liblookout_winrm.so")).expect("copy plugin");
-    std::fs::set_permissions(plugins.join("liblookout_winrm.so"), std::fs::Permissions::from_mode(0o644))
-        .expect("chmod");
+    let plugins = plugins_dir(tmp.path(), &[WINRM]);
 
     // A fleet with many attacks; background rows go in first, attacks are appended one by one.
     let spec = FleetSpec { events: 20_000, attacks, ..FleetSpec::default() };
@@ -111,21 +90,9 @@ fn main() {
     append(&writes_log, &fleet.writes.iter().filter(|r| !attack_writes.contains(&report(r))).collect::<Vec<_>>());
 
     let now = gen::DEFAULT_BASE_TIME;
-    let child = Command::new(&lookout)
-        .arg("--data")
-        .arg(&data)
-        .arg("run")
-        .arg("--logs")
-        .arg(&logs)
-        .arg("--plugins")
-        .arg(&plugins)
-        .args(["--listen", "127.0.0.1:0", "--now", now, "--ingest-now", now])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start lookout run");
-    let daemon = Daemon(child);
-    let pid = daemon.0.id();
+    // Its log goes beside the data directory, in the temporary folder.
+    let mut daemon = DaemonSpec::new(&data).binary(&lookout).logs(&logs).plugins(&plugins).now(now).spawn();
+    let pid = daemon.pid();
     let findings = data.join("findings.jsonl");
     let background = fleet.rows() - fleet.truth.len();
     println!(
@@ -135,15 +102,17 @@ fn main() {
         fleet.truth.len()
     );
     let start = Instant::now();
-    wait_until("the background to be ingested", Duration::from_secs(600), || {
-        lookout_core::daemon::http::ask_daemon(&data, "/status")
-            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-            .is_some_and(|s| {
-                let t = &s["tables"];
-                t["DeviceImageLoadEvents"]["rows"].as_u64().unwrap_or(0)
-                    + t["DeviceFileEvents"]["rows"].as_u64().unwrap_or(0)
-                    >= (fleet.loads.len() + fleet.writes.len() - attack_loads.len() - attack_writes.len()) as u64
-            })
+    let want = (fleet.loads.len() + fleet.writes.len() - attack_loads.len() - attack_writes.len()) as u64;
+    daemon.wait_for("the background to be ingested", Duration::from_secs(600), |d| {
+        let s = d.try_status().ok_or("no /status answer")?;
+        let t = table_counts(&s);
+        let events =
+            t.get("DeviceImageLoadEvents").copied().unwrap_or(0) + t.get("DeviceFileEvents").copied().unwrap_or(0);
+        if events >= want {
+            Ok(())
+        } else {
+            Err(format!("{events} of {want} event rows"))
+        }
     });
     println!("daemon_latency: background ingested in {:.1}s", start.elapsed().as_secs_f64());
     std::thread::sleep(Duration::from_millis(500));

@@ -1,9 +1,21 @@
 //! Shared helpers for Lookout's end-to-end tests: where the built binary and plugin
-//! libraries are, running the binary, and small fixtures.
+//! libraries are, running the binary, generated fleets and small fixtures. The daemon
+//! harness (`lookout run` as a child process) is in [`daemon`], the test collector that
+//! writes and rotates log files in [`collector`].
 
+pub mod collector;
+pub mod daemon;
+
+pub use collector::{Collector, Rotation, Stream, Tally};
+pub use daemon::{http_get, metric, poll_until, wait_for, Daemon, DaemonSpec};
+
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Seek};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// `target/<profile>`, found from the running test executable (`target/<profile>/deps/…`).
 pub fn target_dir() -> PathBuf {
@@ -56,8 +68,54 @@ pub fn plugins_dir(root: &Path, libs: &[&str]) -> PathBuf {
 
 /// Runs `lookout --data <data> <args…>` and returns its output.
 pub fn lookout(data: &Path, args: &[&str]) -> Output {
-    let out = Command::new(lookout_bin()).arg("--data").arg(data).args(args).output().expect("run lookout");
-    out
+    Command::new(lookout_bin()).arg("--data").arg(data).args(args).output().expect("run lookout")
+}
+
+/// The last `n` bytes (about: never mid-character) of `text`, for failure messages.
+pub fn text_tail(text: &str, n: usize) -> &str {
+    let start = text.len().saturating_sub(n);
+    let start = (start..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
+    &text[start..]
+}
+
+/// What a command run by [`run_bounded`] did.
+pub struct Bounded {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
+}
+
+/// Runs `cmd` (stdin closed) and waits at most `timeout` for it to exit by itself; kills it
+/// and fails the test after that, showing what it printed. Output goes to anonymous
+/// files, so a chatty command never blocks on a full pipe.
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Bounded {
+    let mut out = tempfile::tempfile().expect("stdout file");
+    let mut err = tempfile::tempfile().expect("stderr file");
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out.try_clone().expect("stdout file")))
+        .stderr(Stdio::from(err.try_clone().expect("stderr file")))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let read = |f: &mut std::fs::File| {
+        let mut bytes = Vec::new();
+        f.rewind().and_then(|()| f.read_to_end(&mut bytes)).expect("read the command's output");
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not exit within {timeout:?}\nstdout:\n{}\nstderr:\n{}", read(&mut out), read(&mut err));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Bounded { status, took: started.elapsed(), stdout: read(&mut out), stderr: read(&mut err) }
 }
 
 /// Like [`lookout`], but fails the test unless the command succeeds; returns stdout.
@@ -96,90 +154,140 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     text.lines().map(|l| serde_json::from_str(l).expect("findings line is JSON")).collect()
 }
 
-/// A running `lookout run`, killed when dropped.
-pub struct Daemon {
-    pub child: std::process::Child,
-    pub data: PathBuf,
-    /// Where its stderr goes (a file, so a chatty daemon never blocks on a full pipe).
-    pub log: PathBuf,
+/// The complete lines of a findings JSONL a daemon may be appending to (a torn last line
+/// is still being written).
+pub fn complete_findings(path: &Path) -> Vec<Value> {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let end = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    String::from_utf8(bytes[..end].to_vec())
+        .expect("findings are UTF-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a findings line is not JSON ({e}): {l}")))
+        .collect()
 }
 
-impl Daemon {
-    /// Starts `lookout --data <data> run --listen 127.0.0.1:0 <args…>` and waits until it
-    /// serves its endpoint.
-    pub fn start(data: &Path, args: &[&str]) -> Daemon {
-        let _ = std::fs::remove_file(data.join("daemon.addr"));
-        let log = data.with_extension("daemon.log");
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("daemon log file");
-        let child = Command::new(lookout_bin())
-            .arg("--data")
-            .arg(data)
-            .arg("run")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::from(log_file))
-            .spawn()
-            .expect("start lookout run");
-        let mut d = Daemon { child, data: data.to_path_buf(), log };
-        d.wait_for("the endpoint to come up", std::time::Duration::from_secs(30), |d| d.get("/status").is_some());
-        d
+/// Rows per table in a `status --json` (or `/status`) answer.
+pub fn table_counts(status: &Value) -> BTreeMap<String, u64> {
+    status["tables"]
+        .as_object()
+        .map(|t| t.iter().map(|(k, v)| (k.clone(), v["rows"].as_u64().unwrap_or(0))).collect())
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------
+// Generated fleets and their ground truth
+// ---------------------------------------------------------------------------------------
+
+/// The tables `lookout gen` writes, in the order the clean runs ingest them.
+pub const FLEET_TABLES: [&str; 3] = ["FileProfile", "DeviceImageLoadEvents", "DeviceFileEvents"];
+
+/// An attack of the ground truth, or a finding: (DeviceId, load ReportId, write ReportId).
+pub type Pair = (String, i64, i64);
+
+/// A fleet written by `lookout gen`.
+pub struct Fleet {
+    /// `<root>/fleet`, holding `ground-truth.json` and `logs/`.
+    pub dir: PathBuf,
+    pub logs: PathBuf,
+    /// Lines per table.
+    pub counts: BTreeMap<String, u64>,
+    pub truth: BTreeSet<Pair>,
+}
+
+impl Fleet {
+    /// The generated file of `table`.
+    pub fn read(&self, table: &str) -> Vec<u8> {
+        let path = self.logs.join(format!("{table}.jsonl"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
-    /// GET `path` from the daemon's endpoint (body of a 200 answer).
-    pub fn get(&self, path: &str) -> Option<String> {
-        lookout_core::daemon::http::ask_daemon(&self.data, path)
-    }
-
-    pub fn status(&self) -> serde_json::Value {
-        serde_json::from_str(&self.get("/status").expect("daemon answers /status")).expect("status is JSON")
-    }
-
-    /// Polls `ok` until it holds; panics (with the daemon's stderr) after `timeout`.
-    pub fn wait_for(&mut self, what: &str, timeout: std::time::Duration, ok: impl Fn(&Daemon) -> bool) {
-        let until = std::time::Instant::now() + timeout;
-        loop {
-            if ok(self) {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("lookout run exited ({status}) while waiting for {what}:\n{}", self.stderr());
-            }
-            if std::time::Instant::now() > until {
-                let _ = self.child.kill();
-                panic!("timed out waiting for {what}; daemon stderr:\n{}", self.stderr());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    }
-
-    /// Everything the daemon logged so far.
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Sends SIGTERM and waits for the exit status (at most `timeout`).
-    pub fn terminate(mut self, timeout: std::time::Duration) -> (std::process::ExitStatus, std::time::Duration) {
-        let started = std::time::Instant::now();
-        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("kill -TERM");
-        loop {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return (s, started.elapsed());
-            }
-            if started.elapsed() > timeout {
-                let _ = self.child.kill();
-                panic!("lookout run did not exit within {timeout:?} of SIGTERM");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+    /// Rows in all tables.
+    pub fn rows(&self) -> u64 {
+        self.counts.values().sum()
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `lookout gen --out <root>/fleet --events <events> --attacks <attacks> --seed <seed>`.
+pub fn gen_fleet(root: &Path, events: u64, attacks: u64, seed: u64) -> Fleet {
+    let dir = root.join("fleet");
+    lookout_ok(
+        &root.join("gen-data"),
+        &[
+            "gen",
+            "--out",
+            dir.to_str().expect("UTF-8 path"),
+            "--events",
+            &events.to_string(),
+            "--attacks",
+            &attacks.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ],
+    );
+    let logs = dir.join("logs");
+    let counts = FLEET_TABLES
+        .iter()
+        .map(|t| {
+            let bytes = std::fs::read(logs.join(format!("{t}.jsonl"))).expect("generated table");
+            (t.to_string(), bytes.iter().filter(|b| **b == b'\n').count() as u64)
+        })
+        .collect();
+    let truth = truth_pairs(&dir.join("ground-truth.json"));
+    assert!(attacks == 0 || !truth.is_empty(), "the generated fleet has no attacks in its ground truth");
+    Fleet { dir, logs, counts, truth }
+}
+
+/// The attacks listed in a generator's `ground-truth.json`.
+pub fn truth_pairs(path: &Path) -> BTreeSet<Pair> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let truth: Vec<Value> = serde_json::from_slice(&bytes).expect("ground truth is JSON");
+    truth
+        .iter()
+        .map(|t| {
+            (
+                t["device_id"].as_str().expect("device_id").to_string(),
+                t["load_report_id"].as_i64().expect("load_report_id"),
+                t["write_report_id"].as_i64().expect("write_report_id"),
+            )
+        })
+        .collect()
+}
+
+/// The attack a finding line reports: its join row's device, load and write.
+pub fn finding_pair(f: &Value) -> Pair {
+    let row = &f["row"];
+    (
+        row["DeviceId"].as_str().unwrap_or_else(|| panic!("finding without row.DeviceId: {f}")).to_string(),
+        row["ReportId"].as_i64().unwrap_or_else(|| panic!("finding without row.ReportId: {f}")),
+        row["ReportId1"].as_i64().unwrap_or_else(|| panic!("finding without row.ReportId1: {f}")),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Running as another user
+// ---------------------------------------------------------------------------------------
+
+/// The unprivileged user (and group) tests run Lookout as when they are root: `nobody`
+/// on Debian and most distributions; it needs no passwd entry to be used.
+pub const NOBODY: u32 = 65534;
+
+/// Whether the tests run as root (CI does), which reads every file whatever its mode.
+pub fn is_root() -> bool {
+    // std has no geteuid; `/proc/self` belongs to the process's effective user.
+    let me = std::fs::metadata("/proc/self").expect("/proc/self (the tests need Linux)");
+    std::os::unix::fs::MetadataExt::uid(&me) == 0
+}
+
+/// A copy of the `lookout` binary that any user can run, in `dir` (made searchable by
+/// everyone; its parents must be too): the build's own folder may sit under a home
+/// directory other users cannot enter.
+pub fn lookout_bin_for_everyone(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("create the binary's folder");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod the binary's folder");
+    let copy = dir.join("lookout");
+    std::fs::copy(lookout_bin(), &copy).expect("copy the lookout binary");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod the binary");
+    copy
 }
 
 /// xorshift64*: cheap, reproducible randomness for the test collectors and kill

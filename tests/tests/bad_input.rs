@@ -4,6 +4,8 @@
 
 use lookout_tests::*;
 use std::collections::BTreeMap;
+use std::fs::Permissions;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -222,10 +224,6 @@ fn cases() -> Vec<Case> {
     c
 }
 
-fn prometheus_value(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-}
-
 #[test]
 fn hostile_logs_folder_is_survived_with_every_reason_named() {
     let tmp = tempfile::tempdir().unwrap();
@@ -257,15 +255,16 @@ fn hostile_logs_folder_is_survived_with_every_reason_named() {
     corrupt.extend_from_slice(&good());
     std::fs::write(logs.join("DeviceFileEvents-corrupt.jsonl.gz"), &corrupt).unwrap();
 
-    let mut d = Daemon::start(
-        &data,
-        &["--logs", logs.to_str().unwrap(), "--plugins", plugins.to_str().unwrap(), "--rescan-secs", "0.2"],
-    );
+    let mut d = DaemonSpec::new(&data).logs(&logs).plugins(&plugins).rescan_secs(0.2).start();
     let total_rejects: u64 = want_rejects.values().sum();
     d.wait_for("every good row and every reject", Duration::from_secs(120), |d| {
         let s = d.status();
-        s["tables"]["DeviceFileEvents"]["rows"].as_u64() == Some(want_rows)
-            && s["rejected"].as_u64() == Some(total_rejects)
+        let (rows, rejected) = (s["tables"]["DeviceFileEvents"]["rows"].as_u64(), s["rejected"].as_u64());
+        if rows == Some(want_rows) && rejected == Some(total_rejects) {
+            Ok(())
+        } else {
+            Err(format!("{rows:?} rows (want {want_rows}), {rejected:?} rejected (want {total_rejects})"))
+        }
     });
     // Give it another look or two: nothing more may arrive.
     std::thread::sleep(Duration::from_millis(600));
@@ -276,26 +275,17 @@ fn hostile_logs_folder_is_survived_with_every_reason_named() {
     assert_eq!(got, want_rejects, "rejects by reason");
     assert_eq!(s["duplicates_skipped"].as_u64(), Some(0));
 
-    let metrics = d.get("/metrics").expect("metrics while running");
-    assert_eq!(prometheus_value(&metrics, "lookout_files_skipped{reason=\"symlink\"}"), Some(2.0), "{metrics}");
-    assert_eq!(
-        prometheus_value(&metrics, "lookout_files_skipped{reason=\"not_a_regular_file\"}"),
-        Some(2.0),
-        "{metrics}"
-    );
-    assert_eq!(
-        prometheus_value(&metrics, "lookout_files_skipped{reason=\"unreadable_input\"}"),
-        Some(1.0),
-        "{metrics}"
-    );
-    assert_eq!(prometheus_value(&metrics, "lookout_work_restarts_total"), Some(0.0), "{metrics}");
-    let log = d.stderr();
+    let metrics = d.metrics();
+    assert_eq!(metric(&metrics, "lookout_files_skipped{reason=\"symlink\"}"), Some(2.0), "{metrics}");
+    assert_eq!(metric(&metrics, "lookout_files_skipped{reason=\"not_a_regular_file\"}"), Some(2.0), "{metrics}");
+    assert_eq!(metric(&metrics, "lookout_files_skipped{reason=\"unreadable_input\"}"), Some(1.0), "{metrics}");
+    assert_eq!(metric(&metrics, "lookout_work_restarts_total"), Some(0.0), "{metrics}");
+    let log = d.log_text();
     assert!(log.contains("DeviceFileEvents-corrupt.jsonl.gz") && log.contains("skipped until it changes"), "{log}");
 
     // Still up, and stops cleanly.
-    let (status, took) = d.terminate(Duration::from_secs(10));
-    assert!(status.success(), "exit status {status}");
-    assert!(took < Duration::from_secs(5));
+    let took = d.terminate(Duration::from_secs(10));
+    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
 
     // The kept-aside records name file, line and reason.
     let out = lookout_ok(&data, &["status", "--rejects", "100"]);
@@ -303,28 +293,52 @@ fn hostile_logs_folder_is_survived_with_every_reason_named() {
     assert!(out.contains("line_too_long"), "{out}");
 }
 
-/// A file Lookout may not read is skipped with its reason, and the rest goes on. (Root
-/// reads everything, so this needs an unprivileged user.)
+/// A file Lookout may not read is skipped with its reason, and the rest goes on. Root
+/// reads every file whatever its mode, so when the tests run as root (CI does) the
+/// daemon runs as an unprivileged user, as it would in production (the README's systemd
+/// unit runs it as `lookout`).
 #[test]
 fn unreadable_file_is_skipped_and_the_rest_is_read() {
-    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
-    if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
-        eprintln!("skipping: running as root, which can read any file");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
-    let logs = tmp.path().join("logs");
+    let root = tmp.path();
+    let logs = root.join("logs");
     std::fs::create_dir(&logs).unwrap();
     std::fs::write(logs.join("DeviceFileEvents-ok.jsonl"), good()).unwrap();
     let secret = logs.join("DeviceFileEvents-secret.jsonl");
     std::fs::write(&secret, good()).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o000)).unwrap();
-    let data = tmp.path().join("data");
-    let mut d = Daemon::start(&data, &["--logs", logs.to_str().unwrap(), "--plugins", tmp.path().to_str().unwrap()]);
-    d.wait_for("the readable row", Duration::from_secs(30), |d| {
-        d.status()["tables"]["DeviceFileEvents"]["rows"].as_u64() == Some(1)
+    std::fs::set_permissions(&secret, Permissions::from_mode(0o000)).unwrap();
+    let data = root.join("data");
+    let plugins = plugins_dir(root, &[]);
+    let mut spec = DaemonSpec::new(&data).logs(&logs).plugins(&plugins).log(&root.join("daemon.log"));
+    if is_root() {
+        // Everything the daemon needs is open to it, except the secret file (root's, mode
+        // 0): the temporary folder and a copy of the binary it can reach, logs it can
+        // read, a data directory of its own. The plugins folder stays root's, which the
+        // guard accepts.
+        let bin = lookout_bin_for_everyone(&root.join("bin"));
+        std::fs::set_permissions(root, Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&logs, Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(logs.join("DeviceFileEvents-ok.jsonl"), Permissions::from_mode(0o644)).unwrap();
+        std::fs::create_dir(&data).unwrap();
+        std::os::unix::fs::chown(&data, Some(NOBODY), Some(NOBODY)).unwrap();
+        spec = spec.binary(&bin).user(NOBODY, NOBODY);
+    }
+    let mut d = spec.start();
+    // The rows are committed during a look at the folder, the skipped files counted in
+    // /metrics at its end: wait for both.
+    d.wait_for("the readable row, and the unreadable file counted", Duration::from_secs(30), |d| {
+        let rows = d.status()["tables"]["DeviceFileEvents"]["rows"].as_u64();
+        assert!(rows <= Some(1), "the unreadable file was read: {rows:?} rows");
+        let skipped = metric(&d.metrics(), "lookout_files_skipped{reason=\"unreadable\"}");
+        if rows == Some(1) && skipped == Some(1.0) {
+            Ok(())
+        } else {
+            Err(format!("{rows:?} rows, {skipped:?} files skipped as unreadable"))
+        }
     });
-    let metrics = d.get("/metrics").unwrap();
-    assert_eq!(prometheus_value(&metrics, "lookout_files_skipped{reason=\"unreadable\"}"), Some(1.0), "{metrics}");
+    // The secret file was listed, and refused by the system, not by a rule of Lookout's.
+    let log = d.log_text();
+    assert!(log.contains("DeviceFileEvents-secret.jsonl") && log.contains("Permission denied"), "{log}");
+    d.terminate(Duration::from_secs(10));
+    assert_eq!(table_rows(&data, "DeviceFileEvents"), 1);
 }

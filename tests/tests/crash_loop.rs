@@ -8,6 +8,8 @@
 //! everything is compared with a clean, uninterrupted run over the same data (`lookout
 //! ingest` + `lookout detect`): the stored row identities and rows, the rows per table,
 //! the findings in the results tree and in the JSONL (no line twice) must be the same.
+//! Temporary plugin copies left by kills must be removed by the last daemon's plugin
+//! load once they are stale (and a fresh one kept).
 //!
 //! The CI variant (12 kills) runs with the other tests. The long variant:
 //!
@@ -28,22 +30,17 @@
 //! hashed store-local table numbers); with [`PIN_TABLE_ORDER`] false the crash run meets
 //! the tables in whatever order its writer produces, so the harness checks that too.
 
-use flate2::write::GzEncoder;
-use flate2::Compression;
 use lookout_core::Store;
 use lookout_plugin_sdk::Row;
 use lookout_tests::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 const NOW: &str = "2025-05-08T00:00:00Z";
-const TABLES: [&str; 3] = ["FileProfile", "DeviceImageLoadEvents", "DeviceFileEvents"];
 const FAILPOINTS: [&str; 5] =
     ["ingest-after-commit", "detect-before-commit", "detect-after-commit", "outbox-mid-write", "outbox-after-write"];
 const DEFAULT_SEED: u64 = 0x10c0_0c7a_5eed;
@@ -71,414 +68,6 @@ fn env_flag(name: &str) -> bool {
 
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
-}
-
-/// Polls `f` until it returns `Ok`; the last `Err` after `timeout`.
-fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>, String>) -> Result<T, String> {
-    let start = Instant::now();
-    let mut last = String::from("nothing seen yet");
-    loop {
-        match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = e,
-        }
-        if start.elapsed() > timeout {
-            return Err(format!("timed out after {timeout:?}; last seen: {last}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn table_counts(status: &Value) -> BTreeMap<String, u64> {
-    status["tables"]
-        .as_object()
-        .map(|t| t.iter().map(|(k, v)| (k.clone(), v["rows"].as_u64().unwrap_or(0))).collect())
-        .unwrap_or_default()
-}
-
-fn tail(text: &str, n: usize) -> &str {
-    let start = text.len().saturating_sub(n);
-    let start = (start..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
-    &text[start..]
-}
-
-// ---------------------------------------------------------------------------------------
-// The daemon as a child process
-// ---------------------------------------------------------------------------------------
-
-struct Setup {
-    data: PathBuf,
-    logs: PathBuf,
-    plugins: PathBuf,
-    findings: PathBuf,
-}
-
-/// A `lookout run` child. Dropping it kills it (a failing test leaves nothing behind).
-struct Proc {
-    child: Child,
-    exited: Option<ExitStatus>,
-    data: PathBuf,
-    log: PathBuf,
-    started: Instant,
-}
-
-impl Proc {
-    /// Starts the daemon without waiting for anything (kills right after start need that).
-    fn spawn(s: &Setup, failpoint: Option<&str>, log: &Path) -> Proc {
-        // A killed daemon leaves its address behind; never ask a stale one.
-        let _ = fs::remove_file(s.data.join("daemon.addr"));
-        let out = File::create(log).unwrap();
-        let err = out.try_clone().unwrap();
-        let mut cmd = Command::new(lookout_bin());
-        cmd.arg("--data")
-            .arg(&s.data)
-            .arg("run")
-            .arg("--logs")
-            .arg(&s.logs)
-            .arg("--plugins")
-            .arg(&s.plugins)
-            .arg("--findings")
-            .arg(&s.findings)
-            .args(["--listen", "127.0.0.1:0", "--now", NOW, "--ingest-now", NOW, "--rescan-secs", "0.2"])
-            .env_remove("LOOKOUT_FAILPOINT")
-            .env_remove("LOOKOUT_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err));
-        if let Some(fp) = failpoint {
-            cmd.env("LOOKOUT_FAILPOINT", fp);
-        }
-        let child = cmd.spawn().expect("spawn lookout run");
-        Proc { child, exited: None, data: s.data.clone(), log: log.to_path_buf(), started: Instant::now() }
-    }
-
-    fn exit_status(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().expect("try_wait");
-        }
-        self.exited
-    }
-
-    /// SIGKILL (if still running) and reap.
-    fn kill9(&mut self) -> ExitStatus {
-        if let Some(s) = self.exit_status() {
-            return s;
-        }
-        let _ = self.child.kill();
-        let s = self.child.wait().expect("wait");
-        self.exited = Some(s);
-        s
-    }
-
-    fn sigterm(&self) {
-        let st = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("run kill");
-        assert!(st.success() || self.exited.is_some(), "kill -TERM failed");
-    }
-
-    /// Waits for the exit at most `timeout`.
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let until = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.exit_status() {
-                return Some(s);
-            }
-            if Instant::now() > until {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn get(&self, path: &str) -> Option<String> {
-        lookout_core::daemon::http::ask_daemon(&self.data, path)
-    }
-
-    fn status(&self) -> Option<Value> {
-        self.get("/status").and_then(|b| serde_json::from_str(&b).ok())
-    }
-
-    /// Waits until `/status` answers; `Err` if the daemon exits or it takes too long.
-    fn wait_status(&mut self, timeout: Duration) -> Result<Value, String> {
-        poll(timeout, || {
-            if let Some(st) = self.exit_status() {
-                return Err(format!("exited ({st}) before answering /status"));
-            }
-            Ok(self.status())
-        })
-        .map_err(|e| format!("{e}; log:\n{}", tail(&self.log_text(), 3000)))
-    }
-
-    /// Waits (closely) until the daemon has written `daemon.addr`: its store is open and
-    /// its plugins are about to load. Returns early if it exits.
-    fn wait_addr(&mut self, timeout: Duration) {
-        let addr = self.data.join("daemon.addr");
-        let until = Instant::now() + timeout;
-        while !addr.exists() && self.exit_status().is_none() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Waits until the log says `what`; `false` if the daemon exits first or `timeout`.
-    fn wait_log(&mut self, what: &str, timeout: Duration) -> bool {
-        let until = Instant::now() + timeout;
-        loop {
-            if self.log_text().contains(what) {
-                return true;
-            }
-            if self.exit_status().is_some() || Instant::now() > until {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Bytes behind per file name, and the poll count, from `/metrics`.
-fn behind_and_polls(metrics: &str) -> (BTreeMap<String, f64>, f64) {
-    let mut behind = BTreeMap::new();
-    let mut polls = 0.0;
-    for line in metrics.lines() {
-        if let Some(rest) = line.strip_prefix("lookout_source_bytes_behind{path=\"") {
-            if let Some((path, value)) = rest.rsplit_once("\"} ") {
-                let name = Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                behind.insert(name, value.trim().parse().unwrap_or(f64::NAN));
-            }
-        } else if let Some(v) = line.strip_prefix("lookout_polls_total ") {
-            polls = v.trim().parse().unwrap_or(0.0);
-        }
-    }
-    (behind, polls)
-}
-
-/// Waits until two whole polls of the daemon have run since the call and every file in
-/// `logs` is tracked and read to its end.
-fn wait_caught_up(d: &mut Proc, logs: &Path, timeout: Duration) -> Result<(), String> {
-    let polls0 = d.get("/metrics").map(|m| behind_and_polls(&m).1).unwrap_or(0.0);
-    poll(timeout, || {
-        if let Some(st) = d.exit_status() {
-            return Err(format!("the daemon exited ({st})"));
-        }
-        let Some(m) = d.get("/metrics") else { return Err("no /metrics answer".into()) };
-        let (behind, polls) = behind_and_polls(&m);
-        let files: BTreeSet<String> = fs::read_dir(logs)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.starts_with('.'))
-            .collect();
-        let untracked: Vec<&String> = files.iter().filter(|f| !behind.contains_key(*f)).collect();
-        let lagging: Vec<(&String, &f64)> = behind.iter().filter(|(_, b)| **b != 0.0).collect();
-        if polls >= polls0 + 2.0 && untracked.is_empty() && lagging.is_empty() {
-            Ok(Some(()))
-        } else {
-            Err(format!("polls {polls} (from {polls0}); untracked {untracked:?}; behind {lagging:?}"))
-        }
-    })
-}
-
-// ---------------------------------------------------------------------------------------
-// The collector: random chunks, rotations, gzip, deletions only of what has been read
-// ---------------------------------------------------------------------------------------
-
-struct Stream {
-    table: &'static str,
-    data: Vec<u8>,
-    pos: usize,
-}
-
-#[derive(Default, Debug)]
-struct Tally {
-    chunks: u32,
-    partial_line_chunks: u32,
-    renames: u32,
-    copytruncates: u32,
-    gzips: u32,
-    deletions: u32,
-    skipped_rotations: u32,
-}
-
-struct Collector {
-    logs: PathBuf,
-    streams: Vec<Stream>,
-    rng: Rng,
-    tally: Tally,
-    /// A plain daemon that did not catch up in time (a stall): reported as a failure.
-    stalls: Vec<String>,
-}
-
-enum Rotation {
-    Rename,
-    CopyTruncate,
-}
-
-impl Collector {
-    fn path(&self, i: usize, suffix: &str) -> PathBuf {
-        self.logs.join(format!("{}.jsonl{suffix}", self.streams[i].table))
-    }
-
-    fn written(&self) -> usize {
-        self.streams.iter().map(|s| s.pos).sum()
-    }
-
-    fn total(&self) -> usize {
-        self.streams.iter().map(|s| s.data.len()).sum()
-    }
-
-    fn done(&self) -> bool {
-        self.written() == self.total()
-    }
-
-    fn append(&mut self, i: usize, n: usize) -> usize {
-        let path = self.path(i, "");
-        let s = &mut self.streams[i];
-        let end = (s.pos + n).min(s.data.len());
-        let mut f = OpenOptions::new().create(true).append(true).open(&path).unwrap();
-        f.write_all(&s.data[s.pos..end]).unwrap();
-        let n = end - s.pos;
-        s.pos = end;
-        n
-    }
-
-    fn mid_line(&self, i: usize) -> bool {
-        let s = &self.streams[i];
-        s.pos > 0 && s.data[s.pos - 1] != b'\n'
-    }
-
-    /// Completes the line in hand: a collector rotates only between lines.
-    fn finish_line(&mut self, i: usize) -> usize {
-        if !self.mid_line(i) {
-            return 0;
-        }
-        let s = &self.streams[i];
-        let nl = s.data[s.pos..].iter().position(|b| *b == b'\n').expect("the data ends with a newline");
-        self.append(i, nl + 1)
-    }
-
-    fn finish_lines(&mut self) -> usize {
-        (0..self.streams.len()).map(|i| self.finish_line(i)).sum()
-    }
-
-    /// Writes a random chunk (1 byte to `max`, split anywhere) of stream `i`.
-    fn chunk(&mut self, i: usize, max: usize) -> usize {
-        let n = 1 + self.rng.below(max as u64) as usize;
-        let n = self.append(i, n);
-        self.tally.chunks += 1;
-        if self.mid_line(i) {
-            self.tally.partial_line_chunks += 1;
-        }
-        n
-    }
-
-    /// Rotates stream `i`'s live file; an existing `.1` is gzipped first (which may need
-    /// the old `.1.gz` deleted, which needs a plain running daemon that has read it).
-    fn rotate(&mut self, i: usize, how: Rotation, daemon: Option<&mut Proc>) -> usize {
-        let live = self.path(i, "");
-        if fs::metadata(&live).map(|m| m.len()).unwrap_or(0) == 0 {
-            return 0; // notifempty
-        }
-        let n = self.finish_line(i);
-        let one = self.path(i, ".1");
-        if one.exists() && !self.gzip_rotated(i, daemon) {
-            self.tally.skipped_rotations += 1;
-            return n;
-        }
-        match how {
-            Rotation::Rename => {
-                fs::rename(&live, &one).unwrap();
-                File::create(&live).unwrap();
-                self.tally.renames += 1;
-            }
-            Rotation::CopyTruncate => {
-                fs::copy(&live, &one).unwrap();
-                OpenOptions::new().write(true).open(&live).unwrap().set_len(0).unwrap();
-                self.tally.copytruncates += 1;
-            }
-        }
-        n
-    }
-
-    /// `.1` → `.1.gz` (written under a temporary name, then renamed), then `.1` deleted.
-    fn gzip_rotated(&mut self, i: usize, daemon: Option<&mut Proc>) -> bool {
-        let one = self.path(i, ".1");
-        if !one.exists() {
-            return false;
-        }
-        let gz = self.path(i, ".1.gz");
-        if gz.exists() && !self.delete_old(i, daemon) {
-            return false;
-        }
-        let tmp = self.path(i, ".1.gz.tmp");
-        let mut enc = GzEncoder::new(File::create(&tmp).unwrap(), Compression::fast());
-        std::io::copy(&mut File::open(&one).unwrap(), &mut enc).unwrap();
-        enc.finish().unwrap().sync_all().unwrap();
-        fs::rename(&tmp, &gz).unwrap();
-        fs::remove_file(&one).unwrap();
-        self.tally.gzips += 1;
-        true
-    }
-
-    /// Deletes the old `.1.gz` once a plain running daemon has read everything: deleting
-    /// unread data cannot be recovered by anyone.
-    fn delete_old(&mut self, i: usize, daemon: Option<&mut Proc>) -> bool {
-        let gz = self.path(i, ".1.gz");
-        if !gz.exists() {
-            return false;
-        }
-        let Some(d) = daemon else { return false };
-        self.finish_lines();
-        if let Err(e) = wait_caught_up(d, &self.logs, Duration::from_secs(90)) {
-            if d.exit_status().is_none() {
-                self.stalls.push(format!("a plain daemon did not catch up with the logs folder: {e}"));
-            }
-            return false;
-        }
-        fs::remove_file(&gz).unwrap();
-        self.tally.deletions += 1;
-        true
-    }
-
-    /// A chunk of a random stream with data left and now and then a rotation, a gzip or
-    /// a deletion (the latter only with `daemon`). Returns the bytes written.
-    fn step(&mut self, max_chunk: usize, daemon: Option<&mut Proc>) -> usize {
-        let open: Vec<usize> =
-            (0..self.streams.len()).filter(|i| self.streams[*i].pos < self.streams[*i].data.len()).collect();
-        if open.is_empty() {
-            return 0;
-        }
-        let i = open[self.rng.below(open.len() as u64) as usize];
-        let mut n = self.chunk(i, max_chunk);
-        // Rotation is blocked until the old `.1.gz` goes: delete it more often then.
-        let blocked = self.path(i, ".1").exists() && self.path(i, ".1.gz").exists();
-        if blocked && daemon.is_some() && self.rng.below(4) == 0 {
-            self.delete_old(i, daemon);
-            return n;
-        }
-        match self.rng.below(100) {
-            0..=6 => n += self.rotate(i, Rotation::Rename, daemon),
-            7..=13 => n += self.rotate(i, Rotation::CopyTruncate, daemon),
-            14..=18 if !self.path(i, ".1.gz").exists() => {
-                self.gzip_rotated(i, daemon);
-            }
-            19..=21 => {
-                self.delete_old(i, daemon);
-            }
-            _ => {}
-        }
-        n
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -561,7 +150,7 @@ type Identity = (String, Vec<u8>);
 /// the store's table numbers.
 fn stored_rows(data: &Path) -> (BTreeMap<Identity, Row>, BTreeMap<String, Option<u16>>) {
     let store = Store::open(data).unwrap_or_else(|e| panic!("open {}: {e:#}", data.display()));
-    let tables: Vec<String> = TABLES.iter().map(|t| t.to_string()).collect();
+    let tables: Vec<String> = FLEET_TABLES.iter().map(|t| t.to_string()).collect();
     let keys = store.all_row_keys(&tables).expect("all_row_keys");
     let mut out = BTreeMap::new();
     for k in keys {
@@ -572,6 +161,17 @@ fn stored_rows(data: &Path) -> (BTreeMap<Identity, Row>, BTreeMap<String, Option
     }
     let ids = tables.iter().map(|t| (t.clone(), store.table_id(t))).collect();
     (out, ids)
+}
+
+/// The temporary plugin copies (`.<stem>-<pid>.tmp`) in a plugin-cache folder.
+fn plugin_temps(cache: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> =
+        fs::read_dir(cache).map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect()).unwrap_or_default();
+    out.retain(|p| {
+        p.file_name().map(|n| n.to_string_lossy()).is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"))
+    });
+    out.sort();
+    out
 }
 
 fn describe_row(r: &Row) -> String {
@@ -608,22 +208,8 @@ fn crash_loop() {
     let mut failures: Vec<String> = Vec::new();
 
     // The fleet.
-    let fleet = root.join("fleet");
-    lookout_ok(
-        &root.join("gen-data"),
-        &[
-            "gen",
-            "--out",
-            fleet.to_str().unwrap(),
-            "--events",
-            &events.to_string(),
-            "--attacks",
-            &attacks.to_string(),
-            "--seed",
-            &seed.to_string(),
-        ],
-    );
-    let fleet_logs = fleet.join("logs");
+    let fleet = gen_fleet(&root, events, attacks, seed);
+    let fleet_logs = &fleet.logs;
     let plugins = plugins_dir(&root, &[WINRM]);
 
     // The clean, uninterrupted run over the same data.
@@ -654,24 +240,16 @@ fn crash_loop() {
     fs::create_dir(&logs).unwrap();
     let daemon_logs = root.join("daemon-logs");
     fs::create_dir(&daemon_logs).unwrap();
-    let setup = Setup {
-        data: root.join("data"),
-        logs: logs.clone(),
-        plugins: plugins.clone(),
-        findings: root.join("out/findings.jsonl"),
-    };
-    fs::create_dir_all(setup.findings.parent().unwrap()).unwrap();
-    let read = |t: &str| fs::read(fleet_logs.join(format!("{t}.jsonl"))).unwrap();
-    let mut c = Collector {
-        logs: logs.clone(),
-        streams: vec![
-            Stream { table: "DeviceImageLoadEvents", data: read("DeviceImageLoadEvents"), pos: 0 },
-            Stream { table: "DeviceFileEvents", data: read("DeviceFileEvents"), pos: 0 },
-        ],
-        rng: Rng::new(seed.wrapping_add(1)),
-        tally: Tally::default(),
-        stalls: Vec::new(),
-    };
+    let data = root.join("data");
+    let findings = root.join("out/findings.jsonl");
+    fs::create_dir_all(findings.parent().unwrap()).unwrap();
+    let spec = DaemonSpec::new(&data).logs(&logs).plugins(&plugins).findings(&findings).now(NOW).rescan_secs(0.2);
+    let streams = vec![
+        Stream::from_fleet(fleet_logs, "DeviceImageLoadEvents"),
+        Stream::from_fleet(fleet_logs, "DeviceFileEvents"),
+    ];
+    // About 1 step in 7 rotates, 1 in 20 gzips, 1 in 33 deletes.
+    let mut c = Collector::new(&logs, streams, seed.wrapping_add(1), [7, 7, 5, 3]);
     let total = c.total();
     let avg_line = total / (c.streams.iter().map(|s| s.data.iter().filter(|b| **b == b'\n').count()).sum::<usize>());
     // What the kill loop writes; the last daemon gets the rest.
@@ -700,7 +278,7 @@ fn crash_loop() {
 
     // FileProfile must be stored before the events it vets: the first daemon stores it
     // before any event is written.
-    fs::write(logs.join("FileProfile.jsonl"), read("FileProfile")).unwrap();
+    fs::write(logs.join("FileProfile.jsonl"), fleet.read("FileProfile")).unwrap();
     // Table ids are numbered in the order a store first sees the tables, and finding ids
     // hash row keys that hold them: the first event table must be the clean run's first
     // (`lookout ingest` of the folder reads DeviceFileEvents.jsonl first), or every
@@ -766,7 +344,7 @@ fn crash_loop() {
             }
         }
 
-        let mut d = Proc::spawn(&setup, fp, &log);
+        let mut d = spec.clone().log(&log).failpoint(fp).spawn();
         let mut note = String::new();
         match kind {
             Kind::Startup => {
@@ -780,25 +358,25 @@ fn crash_loop() {
             }
             Kind::Running => {
                 d.wait_addr(Duration::from_secs(60));
-                let addr_at = d.started.elapsed();
-                if let Err(e) = d.wait_status(Duration::from_secs(60)) {
+                let addr_at = d.started().elapsed();
+                if let Err(e) = d.wait_up(Duration::from_secs(60)) {
                     failures.push(format!("cycle {cycle}: a plain daemon did not come up: {e}"));
                 }
                 // Data flows once the detector is loaded.
                 if !d.wait_log("plugin loaded", Duration::from_secs(60)) {
-                    failures.push(format!("cycle {cycle}: the plugin was not loaded:\n{}", tail(&d.log_text(), 3000)));
+                    failures.push(format!("cycle {cycle}: the plugin was not loaded:\n{}", d.log_tail(3000)));
                 }
                 if cycle == 1 {
                     // The first start: measure the startup, then store the FileProfile feed.
-                    startup_est = d.started.elapsed();
+                    startup_est = d.started().elapsed();
                     plugin_est = startup_est.saturating_sub(addr_at) + Duration::from_millis(5);
                     let want = clean_tables.get("FileProfile").copied().unwrap_or(0);
-                    let r = poll(Duration::from_secs(60), || {
-                        let Some(s) = d.status() else { return Ok(None) };
+                    let r = d.try_wait_for(Duration::from_secs(60), |d| {
+                        let s = d.try_status().ok_or("no /status answer")?;
                         let have = table_counts(&s);
                         let n = |t: &str| have.get(t).copied().unwrap_or(0);
                         let pinned = !PIN_TABLE_ORDER || n("DeviceFileEvents") == 1;
-                        Ok((n("FileProfile") == want && pinned).then_some(()))
+                        (n("FileProfile") == want && pinned).then_some(()).ok_or_else(|| format!("{have:?}"))
                     });
                     if let Err(e) = r {
                         failures.push(format!("the FileProfile feed was not stored: {e}"));
@@ -811,7 +389,7 @@ fn crash_loop() {
                     }
                     std::thread::sleep(Duration::from_millis(rng.below(20)));
                 }
-                if let Some(s) = d.status() {
+                if let Some(s) = d.try_status() {
                     check_counts(&s, &mut failures, &mut max_rows_seen, cycle);
                 }
                 d.kill9();
@@ -850,9 +428,9 @@ fn crash_loop() {
             }
         }
         let status = d.exit_status().expect("the daemon has exited");
-        let lived_ms = ms(d.started.elapsed());
+        let lived_ms = ms(d.started().elapsed());
         let text = d.log_text();
-        let _ = fs::remove_file(setup.data.join("daemon.addr"));
+        let _ = fs::remove_file(data.join("daemon.addr"));
         let outcome = match (status.signal(), fp) {
             (Some(6), Some(f)) if text.contains(&format!("failpoint {f} hit")) => {
                 kills_done += 1;
@@ -873,7 +451,7 @@ fn crash_loop() {
                 failures.push(format!(
                     "cycle {cycle} ({}): the daemon exited unexpectedly ({status}); log:\n{}",
                     kind.name(),
-                    tail(&text, 3000)
+                    text_tail(&text, 3000)
                 ));
                 format!("unexpected exit {status}")
             }
@@ -882,11 +460,11 @@ fn crash_loop() {
             failures.push(format!(
                 "cycle {cycle} ({}): the daemon reported an error; log:\n{}",
                 kind.name(),
-                tail(&text, 3000)
+                text_tail(&text, 3000)
             ));
         }
         // A line written twice stays twice: find the cycle that did it.
-        match jsonl_ids(&setup.findings) {
+        match jsonl_ids(&findings) {
             Ok((ids, dup_lines)) => {
                 let strangers: Vec<&String> = ids.iter().filter(|i| !clean_ids.contains(*i)).collect();
                 if !strangers.is_empty() && !failures.iter().any(|f| f.contains("not found by the clean run")) {
@@ -911,7 +489,7 @@ fn crash_loop() {
         if verbose {
             // What is stored after the crash, and how far the detector's committed cursor
             // is behind (rows it has not finished a pass over).
-            let store = Store::open(&setup.data).expect("open the store between runs");
+            let store = Store::open(&data).expect("open the store between runs");
             let st = lookout_core::status::status(&store).expect("status");
             let rows: u64 = st.tables.values().map(|t| t.rows).sum();
             let lag = match store.meta_cursor(DETECTOR).expect("cursor") {
@@ -937,10 +515,44 @@ fn crash_loop() {
     }
     let loop_elapsed = loop_started.elapsed();
 
+    // Temporary plugin copies. A private copy is written to `.<stem>-<pid>.tmp` in
+    // plugin-cache and renamed into place; a kill in between leaves the temporary file
+    // behind. Every plugin load (`guard::cache_dir`) removes those not modified for two
+    // minutes and keeps younger ones, which a live copy (another lookout on the same data
+    // directory) may still be writing. So once the last daemon has loaded its plugin,
+    // every older temporary file must be gone and a fresh one still there. The kill loop
+    // takes less than two minutes, so what it left is aged here (as if the box had been
+    // down a while); one aged and one fresh file are planted so that the check never
+    // runs on nothing.
+    let cache = data.join("plugin-cache");
+    fs::create_dir_all(&cache).unwrap();
+    let left_by_kills = plugin_temps(&cache);
+    let planted_stale = cache.join(".liblookout_winrm-planted-stale.tmp");
+    let planted_fresh = cache.join(".liblookout_winrm-planted-fresh.tmp");
+    fs::write(&planted_stale, b"half a copy").unwrap();
+    fs::write(&planted_fresh, b"a copy being written").unwrap();
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    let aged: Vec<PathBuf> = left_by_kills.iter().cloned().chain([planted_stale]).collect();
+    for p in &aged {
+        fs::File::open(p).and_then(|f| f.set_modified(an_hour_ago)).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
+
     // The last daemon: the rest of the data, everything stored and written, SIGTERM.
-    let mut d = Proc::spawn(&setup, None, &daemon_logs.join("final.log"));
-    if let Err(e) = d.wait_status(Duration::from_secs(60)) {
+    let mut d = spec.clone().log(&daemon_logs.join("final.log")).spawn();
+    if let Err(e) = d.wait_up(Duration::from_secs(60)) {
         failures.push(format!("the last daemon did not come up: {e}"));
+    }
+    if d.wait_log("plugin loaded", Duration::from_secs(60)) {
+        let remaining = plugin_temps(&cache);
+        let kept: Vec<&PathBuf> = aged.iter().filter(|p| remaining.contains(p)).collect();
+        if !kept.is_empty() {
+            failures.push(format!("temporary plugin copies older than two minutes were not removed: {kept:?}"));
+        }
+        if !remaining.contains(&planted_fresh) {
+            failures.push("a temporary plugin copy modified just now (a live copy's) was removed".into());
+        }
+    } else {
+        failures.push(format!("the last daemon did not load its plugin:\n{}", d.log_tail(3000)));
     }
     while !c.done() {
         c.step(96 * 1024, Some(&mut d));
@@ -951,13 +563,10 @@ fn crash_loop() {
     // Until it matches the clean run's figures, or holds too many rows (they never go
     // away), or stops making progress for a while.
     let mut progress = (String::new(), Instant::now());
-    let settle = poll(Duration::from_secs(600), || {
-        if let Some(st) = d.exit_status() {
-            return Err(format!("the last daemon exited ({st})"));
-        }
-        let Some(s) = d.status() else { return Err("no /status answer".into()) };
+    let settle = d.try_wait_for(Duration::from_secs(600), |d| {
+        let Some(s) = d.try_status() else { return Err("no /status answer".into()) };
         let have = table_counts(&s);
-        let lines = jsonl_ids(&setup.findings).map(|(ids, _)| ids.len()).unwrap_or(0);
+        let lines = jsonl_ids(&findings).map(|(ids, _)| ids.len()).unwrap_or(0);
         let seen = format!(
             "rows {have:?} (clean {clean_tables:?}); findings {} in the tree, {lines} lines (clean {want_findings})",
             s["findings"]
@@ -966,12 +575,12 @@ fn crash_loop() {
         if over
             || (have == clean_tables && s["findings"].as_u64() == Some(want_findings as u64) && lines >= want_findings)
         {
-            return Ok(Some(s));
+            return Ok(s);
         }
         if seen != progress.0 {
             progress = (seen.clone(), Instant::now());
         } else if progress.1.elapsed() > Duration::from_secs(30) {
-            return Ok(Some(s)); // stuck: the comparison below says how
+            return Ok(s); // stuck: the comparison below says how
         }
         Err(seen)
     });
@@ -979,28 +588,26 @@ fn crash_loop() {
         Ok(s) => check_counts(&s, &mut failures, &mut max_rows_seen, cycle + 1),
         Err(e) => failures.push(format!("the last daemon never matched the clean run: {e}")),
     }
-    if let Err(e) = wait_caught_up(&mut d, &logs, Duration::from_secs(60)) {
+    if let Err(e) = d.wait_caught_up(&logs, Duration::from_secs(60)) {
         failures.push(format!("the last daemon did not catch up: {e}"));
     }
     d.sigterm();
     match d.wait_exit(Duration::from_secs(30)) {
         Some(st) if st.success() => {}
-        Some(st) => {
-            failures.push(format!("the last daemon exited with {st} on SIGTERM:\n{}", tail(&d.log_text(), 3000)))
-        }
+        Some(st) => failures.push(format!("the last daemon exited with {st} on SIGTERM:\n{}", d.log_tail(3000))),
         None => {
             d.kill9();
             failures.push("the last daemon did not exit within 30 s of SIGTERM".into());
         }
     }
-    if setup.data.join("daemon.addr").exists() {
+    if data.join("daemon.addr").exists() {
         failures.push("a stopped daemon left daemon.addr behind".into());
     }
     drop(d);
     failures.append(&mut c.stalls);
 
     // Comparison with the clean run.
-    let crash_status = status_json(&setup.data);
+    let crash_status = status_json(&data);
     let crash_tables = table_counts(&crash_status);
     if crash_tables != clean_tables {
         failures.push(format!("rows per table: crash run {crash_tables:?}, clean run {clean_tables:?}"));
@@ -1017,7 +624,7 @@ fn crash_loop() {
             .map(|l| serde_json::from_str::<Value>(l).unwrap()["finding_id"].as_str().unwrap().to_string())
             .collect()
     };
-    let (crash_tree, clean_tree) = (tree_ids(&setup.data), tree_ids(&clean));
+    let (crash_tree, clean_tree) = (tree_ids(&data), tree_ids(&clean));
     for (name, ids) in [("crash", &crash_tree), ("clean", &clean_tree)] {
         let d = duplicates(ids);
         if !d.is_empty() {
@@ -1037,12 +644,12 @@ fn crash_loop() {
         failures.push("the clean run's results tree and JSONL differ".into());
     }
     // The JSONL: whole, no line twice, the same lines as the clean run.
-    let crash_bytes = fs::read(&setup.findings).unwrap_or_default();
+    let crash_bytes = fs::read(&findings).unwrap_or_default();
     if !crash_bytes.is_empty() && !crash_bytes.ends_with(b"\n") {
         failures.push("the crash run's JSONL ends with a torn line".into());
     }
     let mut crash_jsonl_count = 0;
-    match jsonl_ids(&setup.findings) {
+    match jsonl_ids(&findings) {
         Ok((ids, dup_lines)) => {
             crash_jsonl_count = ids.len();
             let d = duplicates(&ids);
@@ -1060,7 +667,7 @@ fn crash_loop() {
             let lines = |p: &Path| -> BTreeSet<String> {
                 fs::read_to_string(p).unwrap_or_default().lines().map(str::to_string).collect()
             };
-            let (a, b) = (lines(&setup.findings), lines(&clean.join("findings.jsonl")));
+            let (a, b) = (lines(&findings), lines(&clean.join("findings.jsonl")));
             if a != b && set == clean_ids {
                 let diff: Vec<&String> = a.symmetric_difference(&b).take(2).collect();
                 failures.push(format!("JSONL lines differ from the clean run's (same ids): {diff:?}"));
@@ -1069,7 +676,7 @@ fn crash_loop() {
         Err(e) => failures.push(e),
     }
     // The stored rows, by identity and content.
-    let (crash_rows, crash_table_ids) = stored_rows(&setup.data);
+    let (crash_rows, crash_table_ids) = stored_rows(&data);
     let (clean_rows, clean_table_ids) = stored_rows(&clean);
     if crash_table_ids != clean_table_ids {
         failures.push(format!(
@@ -1102,16 +709,14 @@ fn crash_loop() {
                 .push(format!("the {name} run's row counters {tables:?} disagree with its stored rows {by_table:?}"));
         }
     }
-    let cache = setup.data.join("plugin-cache");
-    let leftovers = fs::read_dir(&cache)
-        .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).count())
-        .unwrap_or(0);
+    let leftovers = left_by_kills.len();
 
     let phase_text: Vec<String> = phases.iter().map(|(k, v)| format!("{k}: {v}")).collect();
     println!(
         "crash_loop: seed={seed:#x} kills={kills_done} [{}] clean-stops={clean_stops} cycles={cycle} | rows={} \
          findings={} (jsonl lines {crash_jsonl_count}) duplicates_skipped={} | collector: {} chunks ({} mid-line), \
-         {} renames, {} copytruncates, {} gzips, {} deletions, {} rotations skipped | plugin-cache .tmp left: {leftovers} \
+         {} renames, {} copytruncates, {} gzips, {} deletions, {} rotations skipped | plugin-cache .tmp left by kills \
+         (removed once stale): {leftovers} \
          | kill loop {:.1}s, elapsed {:.1}s",
         phase_text.join(", "),
         crash_tables.values().sum::<u64>(),

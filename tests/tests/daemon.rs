@@ -3,291 +3,38 @@
 //! dropped into a running daemon, the /metrics exposition format, SIGTERM in the middle of
 //! a heavy ingest, and the errors of a bad command line.
 //!
-//! Every daemon is a real child process behind a guard that kills it when the test fails;
-//! every wait is a polling loop with a deadline.
+//! Every daemon is a real child process behind a guard that kills it when the test fails
+//! (`lookout_tests::Daemon`); every wait is a polling loop with a deadline.
 
-use flate2::write::GzEncoder;
-use flate2::Compression;
 use lookout_tests::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const NOW: &str = "2025-05-08T00:00:00Z";
-const TABLES: [&str; 3] = ["FileProfile", "DeviceImageLoadEvents", "DeviceFileEvents"];
 const DETECTOR: &str = "winrm-plugin-lateral-movement@1.0.0";
 
-// ---------------------------------------------------------------------------------------
-// Waiting
-// ---------------------------------------------------------------------------------------
-
-/// Polls `f` until it returns `Ok`; panics after `timeout` with the last `Err` (a
-/// description of the state it saw).
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let start = Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(last) => {
-                if start.elapsed() > timeout {
-                    panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}");
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The daemon as a child process
-// ---------------------------------------------------------------------------------------
-
-/// A running `lookout run`. Dropping it kills the process (a failing test leaves nothing
-/// behind); [`Daemon::terminate`] stops it the polite way.
-struct Daemon {
-    child: Option<Child>,
-    data: PathBuf,
-    log: PathBuf,
-    addr: SocketAddr,
-}
-
-struct DaemonArgs<'a> {
-    data: &'a Path,
-    logs: &'a Path,
-    plugins: &'a Path,
-    findings: &'a Path,
-    /// stdout and stderr of every start, appended.
-    log: &'a Path,
-}
-
-impl Daemon {
-    fn start(a: &DaemonArgs) -> Daemon {
-        // A daemon killed earlier leaves its address behind; the new one writes its own.
-        let _ = fs::remove_file(a.data.join("daemon.addr"));
-        let out = OpenOptions::new().create(true).append(true).open(a.log).unwrap();
-        let err = out.try_clone().unwrap();
-        let child = Command::new(lookout_bin())
-            .arg("--data")
-            .arg(a.data)
-            .arg("run")
-            .arg("--logs")
-            .arg(a.logs)
-            .arg("--plugins")
-            .arg(a.plugins)
-            .arg("--findings")
-            .arg(a.findings)
-            .args(["--listen", "127.0.0.1:0", "--now", NOW, "--ingest-now", NOW, "--rescan-secs", "0.25"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("spawn lookout run");
-        let mut d = Daemon {
-            child: Some(child),
-            data: a.data.to_path_buf(),
-            log: a.log.to_path_buf(),
-            addr: "127.0.0.1:0".parse().unwrap(),
-        };
-        let addr_file = a.data.join("daemon.addr");
-        let addr = wait_for("the daemon to write daemon.addr and answer /status", Duration::from_secs(30), || {
-            d.assert_alive();
-            let text = fs::read_to_string(&addr_file).map_err(|e| format!("{}: {e}", addr_file.display()))?;
-            let addr: SocketAddr = text.trim().parse().map_err(|e| format!("daemon.addr holds {text:?}: {e}"))?;
-            match http_get(addr, "/status") {
-                Ok((200, _)) => Ok(addr),
-                Ok((code, body)) => Err(format!("/status answered {code}: {body}")),
-                Err(e) => Err(e),
-            }
-        });
-        d.addr = addr;
-        d
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let start = text.len().saturating_sub(4000);
-        let start = (start..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
-        text[start..].to_string()
-    }
-
-    /// Panics (with the daemon's log) if the process has exited.
-    fn assert_alive(&mut self) {
-        if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-            panic!("the daemon exited unexpectedly ({st}); its log ends with:\n{}", self.log_tail());
-        }
-    }
-
-    /// GET `path`; the body of a 200 answer.
-    fn get(&mut self, path: &str) -> String {
-        match http_get(self.addr, path) {
-            Ok((200, body)) => body,
-            Ok((code, body)) => panic!("GET {path} answered {code}: {body}\ndaemon log:\n{}", self.log_tail()),
-            Err(e) => {
-                self.assert_alive();
-                panic!("GET {path} failed: {e}\ndaemon log:\n{}", self.log_tail())
-            }
-        }
-    }
-
-    fn status(&mut self) -> Value {
-        let body = self.get("/status");
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/status is not JSON ({e}): {body}"))
-    }
-
-    fn metrics(&mut self) -> Vec<Sample> {
-        let text = self.get("/metrics");
-        check_exposition(&text).unwrap_or_else(|e| panic!("/metrics is not valid exposition text: {e}\n{text}"))
-    }
-
-    /// SIGTERM, then waits (at most `timeout`) for the exit; returns the status and how
-    /// long the exit took.
-    fn terminate(&mut self, timeout: Duration) -> (ExitStatus, Duration) {
-        let start = Instant::now();
-        let pid = self.pid().to_string();
-        let sent = Command::new("kill").arg("-TERM").arg(&pid).status().expect("run kill");
-        assert!(sent.success(), "kill -TERM {pid} failed");
-        let child = self.child.as_mut().unwrap();
-        let status = wait_for("the daemon to exit after SIGTERM", timeout, || {
-            child.try_wait().unwrap().ok_or_else(|| format!("pid {pid} still running"))
-        });
-        let took = start.elapsed();
-        self.child = None;
-        assert!(
-            status.success(),
-            "the daemon exited with {status} after SIGTERM; its log ends with:\n{}",
-            self.log_tail()
-        );
-        assert!(!self.data.join("daemon.addr").exists(), "a stopped daemon must remove daemon.addr");
-        (status, took)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Ok(None) = child.try_wait() {
-                let _ = child.kill();
-            }
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A bare HTTP/1.0 GET: (status code, body).
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut s =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| format!("send: {e}"))?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).map_err(|e| format!("read: {e}"))?;
-    let resp = String::from_utf8(resp).map_err(|e| format!("answer is not UTF-8: {e}"))?;
-    let (head, body) = resp.split_once("\r\n\r\n").ok_or_else(|| format!("no header end in {resp:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status code in {head:?}"))?;
-    Ok((code, body.to_string()))
-}
-
-/// Runs `lookout <args>` expecting it to exit by itself within `timeout`: (status,
-/// stdout + stderr).
-fn run_bounded(dir: &Path, args: &[&str], timeout: Duration) -> (ExitStatus, String) {
-    let log = dir.join("bounded.log");
-    let out = File::create(&log).unwrap();
-    let err = out.try_clone().unwrap();
-    let child = Command::new(lookout_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .spawn()
-        .unwrap();
-    let mut guard =
-        Daemon { child: Some(child), data: dir.to_path_buf(), log: log.clone(), addr: "127.0.0.1:0".parse().unwrap() };
-    let child = guard.child.as_mut().unwrap();
-    let status = wait_for(&format!("lookout {args:?} to exit"), timeout, || {
-        child.try_wait().unwrap().ok_or_else(|| "still running".to_string())
-    });
-    guard.child = None;
-    (status, fs::read_to_string(&log).unwrap())
-}
-
-// ---------------------------------------------------------------------------------------
-// Fleets, status and findings
-// ---------------------------------------------------------------------------------------
-
-type Pair = (String, i64, i64);
-
-struct Fleet {
-    logs: PathBuf,
-    /// Lines per table.
-    counts: BTreeMap<String, u64>,
-    truth: BTreeSet<Pair>,
-}
-
-/// `lookout gen --out <root>/fleet`.
-fn gen_fleet(root: &Path, events: usize, seed: u64) -> Fleet {
-    let out = root.join("fleet");
-    lookout_ok(
-        &root.join("gen-data"),
-        &[
-            "gen",
-            "--out",
-            out.to_str().unwrap(),
-            "--events",
-            &events.to_string(),
-            "--attacks",
-            "12",
-            "--seed",
-            &seed.to_string(),
-        ],
-    );
-    let logs = out.join("logs");
-    let counts = TABLES
-        .iter()
-        .map(|t| {
-            let bytes = fs::read(logs.join(format!("{t}.jsonl"))).unwrap();
-            (t.to_string(), bytes.iter().filter(|b| **b == b'\n').count() as u64)
-        })
-        .collect();
-    let truth: Vec<Value> = serde_json::from_slice(&fs::read(out.join("ground-truth.json")).unwrap()).unwrap();
-    let truth: BTreeSet<Pair> = truth
-        .iter()
-        .map(|t| {
-            (
-                t["device_id"].as_str().unwrap().to_string(),
-                t["load_report_id"].as_i64().unwrap(),
-                t["write_report_id"].as_i64().unwrap(),
-            )
-        })
-        .collect();
-    assert!(!truth.is_empty(), "the generated fleet has no attacks");
-    Fleet { logs, counts, truth }
-}
-
-fn table_counts(status: &Value) -> BTreeMap<String, u64> {
-    status["tables"]
-        .as_object()
-        .map(|t| t.iter().map(|(k, v)| (k.clone(), v["rows"].as_u64().unwrap_or(0))).collect())
-        .unwrap_or_default()
+/// The daemon every test here runs: `--logs`, `--plugins`, `--findings`, fixed times,
+/// a quick rescan, its log in `<root>/daemon.log`.
+fn daemon_spec(root: &Path, data: &Path, logs: &Path, plugins: &Path, findings: &Path) -> DaemonSpec {
+    DaemonSpec::new(data)
+        .logs(logs)
+        .plugins(plugins)
+        .findings(findings)
+        .now(NOW)
+        .rescan_secs(0.25)
+        .log(&root.join("daemon.log"))
 }
 
 /// Waits until the daemon has stored exactly `want` rows per table; more than that in
 /// any table (a row stored twice) fails at once.
 fn wait_all_rows(d: &mut Daemon, want: &BTreeMap<String, u64>, timeout: Duration) -> Value {
-    wait_for("every generated row to be stored", timeout, || {
+    d.wait_for("every generated row to be stored", timeout, |d| {
         let s = d.status();
         let have = table_counts(&s);
         for (t, n) in &have {
@@ -302,26 +49,6 @@ fn wait_all_rows(d: &mut Daemon, want: &BTreeMap<String, u64>, timeout: Duration
     })
 }
 
-fn pair_of(f: &Value) -> Pair {
-    let row = &f["row"];
-    (
-        row["DeviceId"].as_str().unwrap_or_else(|| panic!("finding without row.DeviceId: {f}")).to_string(),
-        row["ReportId"].as_i64().unwrap_or_else(|| panic!("finding without row.ReportId: {f}")),
-        row["ReportId1"].as_i64().unwrap_or_else(|| panic!("finding without row.ReportId1: {f}")),
-    )
-}
-
-/// The complete lines of a findings JSONL the daemon may be appending to.
-fn complete_findings(path: &Path) -> Vec<Value> {
-    let bytes = fs::read(path).unwrap_or_default();
-    let end = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-    String::from_utf8(bytes[..end].to_vec())
-        .expect("findings are UTF-8")
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("findings line is not JSON ({e}): {l}")))
-        .collect()
-}
-
 /// Checks findings lines against the truth: no duplicate id, no duplicate pair, nothing
 /// outside the truth (a finding, once written, is never taken back, so these fail at
 /// once). Returns whether every pair of the truth is there.
@@ -331,7 +58,7 @@ fn check_findings(lines: &[Value], truth: &BTreeSet<Pair>) -> bool {
     for f in lines {
         let id = f["finding_id"].as_str().unwrap_or_else(|| panic!("finding without finding_id: {f}"));
         assert!(ids.insert(id.to_string()), "finding {id} is written twice");
-        let p = pair_of(f);
+        let p = finding_pair(f);
         assert!(truth.contains(&p), "finding {p:?} is not in the ground truth: {f}");
         assert!(pairs.insert(p.clone()), "pair {p:?} is found twice");
     }
@@ -347,6 +74,12 @@ fn wait_findings(path: &Path, truth: &BTreeSet<Pair>, timeout: Duration) {
             Err(format!("{} of {} findings", lines.len(), truth.len()))
         }
     });
+}
+
+/// `/metrics`, checked strictly by [`check_exposition`].
+fn metric_samples(d: &mut Daemon) -> Vec<Sample> {
+    let text = d.metrics();
+    check_exposition(&text).unwrap_or_else(|e| panic!("/metrics is not valid exposition text: {e}\n{text}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -566,218 +299,6 @@ fn exposition_checker_rejects_what_it_should() {
     }
 }
 
-/// Waits until a whole poll of the daemon has run since the call, and every file in
-/// `logs` is tracked and read to its end (`lookout_source_bytes_behind` all 0).
-fn wait_caught_up(d: &mut Daemon, logs: &Path) {
-    let polls = |m: &[Sample]| samples_of(m, "lookout_polls_total").first().map_or(0.0, |s| s.value);
-    let polls0 = polls(&d.metrics());
-    let files: BTreeSet<String> = fs::read_dir(logs)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with('.'))
-        .collect();
-    wait_for("the daemon to catch up with the logs folder", Duration::from_secs(60), || {
-        let m = d.metrics();
-        let behind: BTreeMap<String, f64> = samples_of(&m, "lookout_source_bytes_behind")
-            .iter()
-            .map(|s| {
-                let p = s.label("path").unwrap_or_default();
-                (Path::new(p).file_name().unwrap().to_string_lossy().into_owned(), s.value)
-            })
-            .collect();
-        let polled = polls(&m) >= polls0 + 2.0;
-        let untracked: Vec<&String> = files.iter().filter(|f| !behind.contains_key(*f)).collect();
-        let lagging: Vec<(&String, &f64)> = behind.iter().filter(|(_, b)| **b != 0.0).collect();
-        if polled && untracked.is_empty() && lagging.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("polls {} (from {polls0}); untracked {untracked:?}; behind {lagging:?}", polls(&m)))
-        }
-    });
-}
-
-// ---------------------------------------------------------------------------------------
-// A collector: random chunks, rotations, gzip
-// ---------------------------------------------------------------------------------------
-
-struct Stream {
-    table: &'static str,
-    data: Vec<u8>,
-    pos: usize,
-}
-
-#[derive(Default, Debug)]
-struct Tally {
-    chunks: u32,
-    partial_line_chunks: u32,
-    renames: u32,
-    copytruncates: u32,
-    gzips: u32,
-    deletions: u32,
-    catch_up_waits: u32,
-    restarts: u32,
-    skipped: u32,
-}
-
-struct Collector {
-    logs: PathBuf,
-    streams: Vec<Stream>,
-    rng: Rng,
-    tally: Tally,
-}
-
-enum Rotation {
-    Rename,
-    CopyTruncate,
-}
-
-impl Collector {
-    fn path(&self, i: usize, suffix: &str) -> PathBuf {
-        self.logs.join(format!("{}.jsonl{suffix}", self.streams[i].table))
-    }
-
-    fn written(&self) -> usize {
-        self.streams.iter().map(|s| s.pos).sum()
-    }
-
-    fn total(&self) -> usize {
-        self.streams.iter().map(|s| s.data.len()).sum()
-    }
-
-    /// Appends the next `n` bytes of stream `i` (wherever they end) to its live file.
-    fn append(&mut self, i: usize, n: usize) {
-        let path = self.path(i, "");
-        let s = &mut self.streams[i];
-        let end = (s.pos + n).min(s.data.len());
-        let mut f = OpenOptions::new().create(true).append(true).open(&path).unwrap();
-        f.write_all(&s.data[s.pos..end]).unwrap();
-        s.pos = end;
-    }
-
-    fn mid_line(&self, i: usize) -> bool {
-        let s = &self.streams[i];
-        s.pos > 0 && s.data[s.pos - 1] != b'\n'
-    }
-
-    /// Completes the line in hand: a collector rotates only between lines.
-    fn finish_line(&mut self, i: usize) {
-        if self.mid_line(i) {
-            let s = &self.streams[i];
-            let nl = s.data[s.pos..].iter().position(|b| *b == b'\n').expect("the data ends with a newline");
-            self.append(i, nl + 1);
-        }
-    }
-
-    /// Writes a random chunk (1 byte to 96 KiB, split anywhere) of stream `i`.
-    fn chunk(&mut self, i: usize) {
-        let n = 1 + self.rng.below(96 * 1024) as usize;
-        self.append(i, n);
-        self.tally.chunks += 1;
-        if self.mid_line(i) {
-            self.tally.partial_line_chunks += 1;
-        }
-    }
-
-    /// Rotates stream `i`'s live file; an existing `.1` is gzipped first (which may need
-    /// the old `.1.gz` deleted, which needs a running daemon that has read it).
-    fn rotate(&mut self, i: usize, how: Rotation, daemon: Option<&mut Daemon>) -> bool {
-        let live = self.path(i, "");
-        if fs::metadata(&live).map(|m| m.len()).unwrap_or(0) == 0 {
-            return false; // notifempty
-        }
-        self.finish_line(i);
-        let one = self.path(i, ".1");
-        if one.exists() && !self.gzip_rotated(i, daemon) {
-            self.tally.skipped += 1;
-            return false;
-        }
-        match how {
-            Rotation::Rename => {
-                fs::rename(&live, &one).unwrap();
-                File::create(&live).unwrap();
-                self.tally.renames += 1;
-            }
-            Rotation::CopyTruncate => {
-                fs::copy(&live, &one).unwrap();
-                OpenOptions::new().write(true).open(&live).unwrap().set_len(0).unwrap();
-                self.tally.copytruncates += 1;
-            }
-        }
-        true
-    }
-
-    /// `.1` → `.1.gz` (written under a temporary name, then renamed), then `.1` deleted.
-    fn gzip_rotated(&mut self, i: usize, daemon: Option<&mut Daemon>) -> bool {
-        let one = self.path(i, ".1");
-        if !one.exists() {
-            return false;
-        }
-        let gz = self.path(i, ".1.gz");
-        if gz.exists() && !self.delete_old(i, daemon) {
-            return false;
-        }
-        let tmp = self.path(i, ".1.gz.tmp");
-        let mut enc = GzEncoder::new(File::create(&tmp).unwrap(), Compression::fast());
-        std::io::copy(&mut File::open(&one).unwrap(), &mut enc).unwrap();
-        enc.finish().unwrap().sync_all().unwrap();
-        fs::rename(&tmp, &gz).unwrap();
-        fs::remove_file(&one).unwrap();
-        self.tally.gzips += 1;
-        true
-    }
-
-    /// Deletes the old `.1.gz` once the daemon has caught up with everything.
-    fn delete_old(&mut self, i: usize, daemon: Option<&mut Daemon>) -> bool {
-        let gz = self.path(i, ".1.gz");
-        if !gz.exists() {
-            return false;
-        }
-        let Some(d) = daemon else { return false };
-        self.wait_caught_up(d);
-        fs::remove_file(&gz).unwrap();
-        self.tally.deletions += 1;
-        true
-    }
-
-    /// Completes the lines in hand, then waits until a whole poll of the daemon has run
-    /// since and every file in the folder is tracked and read to its end.
-    fn wait_caught_up(&mut self, d: &mut Daemon) {
-        for i in 0..self.streams.len() {
-            self.finish_line(i);
-        }
-        self.tally.catch_up_waits += 1;
-        wait_caught_up(d, &self.logs);
-    }
-
-    /// One step of the collector on a random stream with data left: a chunk, and now
-    /// and then a rotation, a gzip or a deletion.
-    fn step(&mut self, daemon: Option<&mut Daemon>) {
-        let open: Vec<usize> =
-            (0..self.streams.len()).filter(|i| self.streams[*i].pos < self.streams[*i].data.len()).collect();
-        let i = open[self.rng.below(open.len() as u64) as usize];
-        self.chunk(i);
-        match self.rng.below(100) {
-            0..=4 => {
-                self.rotate(i, Rotation::Rename, daemon);
-            }
-            5..=9 => {
-                self.rotate(i, Rotation::CopyTruncate, daemon);
-            }
-            10..=12 if !self.path(i, ".1.gz").exists() => {
-                self.gzip_rotated(i, daemon);
-            }
-            13..=14 => {
-                self.delete_old(i, daemon);
-            }
-            _ => {}
-        }
-        // Give the daemon a chance to look in between, sometimes.
-        if self.rng.below(4) == 0 {
-            std::thread::sleep(Duration::from_millis(self.rng.below(15)));
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // The tests
 // ---------------------------------------------------------------------------------------
@@ -787,28 +308,25 @@ fn collector_with_rotations_and_restarts() {
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let fleet = gen_fleet(root, 6000, 11);
+    let fleet = gen_fleet(root, 6000, 12, 11);
     let logs = root.join("logs");
     fs::create_dir(&logs).unwrap();
     let plugins = plugins_dir(root, &[WINRM]);
-    let (data, findings, log) = (root.join("data"), root.join("out/findings.jsonl"), root.join("daemon.log"));
+    let (data, findings) = (root.join("data"), root.join("out/findings.jsonl"));
     fs::create_dir_all(findings.parent().unwrap()).unwrap();
-    let args = DaemonArgs { data: &data, logs: &logs, plugins: &plugins, findings: &findings, log: &log };
+    let spec = daemon_spec(root, &data, &logs, &plugins, &findings);
 
-    let read = |t: &str| fs::read(fleet.logs.join(format!("{t}.jsonl"))).unwrap();
-    let mut c = Collector {
-        logs: logs.clone(),
-        streams: vec![
-            Stream { table: "DeviceImageLoadEvents", data: read("DeviceImageLoadEvents"), pos: 0 },
-            Stream { table: "DeviceFileEvents", data: read("DeviceFileEvents"), pos: 0 },
-        ],
-        rng: Rng(0x9e37_79b9_7f4a_7c15),
-        tally: Tally::default(),
-    };
+    let streams = vec![
+        Stream::from_fleet(&fleet.logs, "DeviceImageLoadEvents"),
+        Stream::from_fleet(&fleet.logs, "DeviceFileEvents"),
+    ];
+    // Chunks of up to 96 KiB; about 1 step in 20 rotates, 1 in 30 gzips, 1 in 50 deletes.
+    const MAX_CHUNK: usize = 96 * 1024;
+    let mut c = Collector::new(&logs, streams, 0x9e37_79b9_7f4a_7c15, [5, 5, 3, 2]);
 
-    let mut daemon = Some(Daemon::start(&args));
+    let mut daemon = Some(spec.start());
     // FileProfile first (prevalence must be known before the events it vets), in pieces.
-    let profiles = read("FileProfile");
+    let profiles = fleet.read("FileProfile");
     let cut = profiles.len() / 3 + 17;
     for part in [&profiles[..cut], &profiles[cut..]] {
         let mut f = OpenOptions::new().create(true).append(true).open(logs.join("FileProfile.jsonl")).unwrap();
@@ -816,8 +334,8 @@ fn collector_with_rotations_and_restarts() {
         std::thread::sleep(Duration::from_millis(30));
     }
     let want_profiles = fleet.counts["FileProfile"];
-    wait_for("the FileProfile feed to be stored", Duration::from_secs(30), || {
-        let s = daemon.as_mut().unwrap().status();
+    daemon.as_mut().unwrap().wait_for("the FileProfile feed to be stored", Duration::from_secs(30), |d| {
+        let s = d.status();
         let n = table_counts(&s).get("FileProfile").copied().unwrap_or(0);
         if n == want_profiles {
             Ok(())
@@ -829,25 +347,29 @@ fn collector_with_rotations_and_restarts() {
     // The events, with two restarts (and some writing and rotating while it is down).
     let total = c.total();
     let mut restart_at = vec![total * 2 / 3, total / 3];
-    while c.written() < total {
-        c.step(daemon.as_mut());
+    let mut restarts = 0;
+    while !c.done() {
+        c.step(MAX_CHUNK, daemon.as_mut());
+        // Give the daemon a chance to look in between, sometimes.
+        if c.rng.below(4) == 0 {
+            std::thread::sleep(Duration::from_millis(c.rng.below(15)));
+        }
         if restart_at.last().is_some_and(|at| c.written() >= *at) {
             restart_at.pop();
             let mut d = daemon.take().unwrap();
-            let (_, took) = d.terminate(Duration::from_secs(20));
+            let took = d.terminate(Duration::from_secs(20));
             drop(d);
             eprintln!("restart at {} of {total} bytes (stopped in {took:?})", c.written());
             for _ in 0..3 {
-                if c.written() < total {
-                    c.step(None);
-                }
+                c.step(MAX_CHUNK, None);
             }
-            daemon = Some(Daemon::start(&args));
-            c.tally.restarts += 1;
+            daemon = Some(spec.start());
+            restarts += 1;
         }
     }
     eprintln!("collector done after {:?}: {:?}", started.elapsed(), c.tally);
-    assert!(c.tally.restarts == 2 && c.tally.renames > 0 && c.tally.copytruncates > 0 && c.tally.gzips > 0);
+    assert!(c.stalls.is_empty(), "{:?}", c.stalls);
+    assert!(restarts == 2 && c.tally.renames > 0 && c.tally.copytruncates > 0 && c.tally.gzips > 0);
     assert!(c.tally.deletions > 0 && c.tally.partial_line_chunks > 0, "{:?}", c.tally);
 
     let d = daemon.as_mut().unwrap();
@@ -869,12 +391,11 @@ fn plugin_dropped_into_running_daemon_fires_without_restart() {
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let fleet = gen_fleet(root, 3000, 5);
+    let fleet = gen_fleet(root, 3000, 12, 5);
     let plugins = plugins_dir(root, &[]);
     assert_eq!(fs::metadata(&plugins).unwrap().permissions().mode() & 0o777, 0o755);
-    let (data, findings, log) = (root.join("data"), root.join("findings.jsonl"), root.join("daemon.log"));
-    let args = DaemonArgs { data: &data, logs: &fleet.logs, plugins: &plugins, findings: &findings, log: &log };
-    let mut d = Daemon::start(&args);
+    let (data, findings) = (root.join("data"), root.join("findings.jsonl"));
+    let mut d = daemon_spec(root, &data, &fleet.logs, &plugins, &findings).start();
     let s = wait_all_rows(&mut d, &fleet.counts, Duration::from_secs(60));
     assert_eq!(s["rejected"], 0);
     assert!(complete_findings(&findings).is_empty(), "findings without any plugin");
@@ -888,15 +409,19 @@ fn plugin_dropped_into_running_daemon_fires_without_restart() {
 
     wait_findings(&findings, &fleet.truth, Duration::from_secs(60));
     eprintln!("the dropped plugin's findings arrived {:?} after the drop", dropped.elapsed());
-    let m = d.metrics();
+    // The daemon writes the JSONL first and then counts the pass in /metrics.
+    let m = d.wait_for("the findings to be counted in /metrics", Duration::from_secs(30), |d| {
+        let m = metric_samples(d);
+        let found = samples_of(&m, "lookout_findings_total");
+        if found.iter().any(|s| s.label("detector") == Some(DETECTOR) && s.value == fleet.truth.len() as f64) {
+            Ok(m)
+        } else {
+            Err(format!("{found:?}"))
+        }
+    });
     let failures = samples_of(&m, "lookout_plugin_load_failures_total");
     assert_eq!(failures.len(), 1);
     assert_eq!(failures[0].value, 0.0, "a careful deploy must not count as a load failure");
-    let found = samples_of(&m, "lookout_findings_total");
-    assert!(
-        found.iter().any(|s| s.label("detector") == Some(DETECTOR) && s.value == fleet.truth.len() as f64),
-        "{found:?}"
-    );
     // Backfilling the new detector re-read nothing.
     let s = d.status();
     assert_eq!(table_counts(&s), fleet.counts);
@@ -911,7 +436,7 @@ fn metrics_pass_prometheus_exposition_check() {
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let fleet = gen_fleet(root, 2000, 3);
+    let fleet = gen_fleet(root, 2000, 12, 3);
     // A file whose name needs escaping in a label (quote, backslash, newline), holding a
     // few rows again (duplicates) and one bad record (a reject, with its reason label).
     // The rows come from the middle of the table: a file starting like another is taken
@@ -928,16 +453,15 @@ fn metrics_pass_prometheus_exposition_check() {
         .collect();
     fs::write(fleet.logs.join(weird), some).unwrap();
     let plugins = plugins_dir(root, &[WINRM]);
-    let (data, findings, log) = (root.join("data"), root.join("findings.jsonl"), root.join("daemon.log"));
-    let args = DaemonArgs { data: &data, logs: &fleet.logs, plugins: &plugins, findings: &findings, log: &log };
-    let mut d = Daemon::start(&args);
+    let (data, findings) = (root.join("data"), root.join("findings.jsonl"));
+    let mut d = daemon_spec(root, &data, &fleet.logs, &plugins, &findings).start();
     wait_all_rows(&mut d, &fleet.counts, Duration::from_secs(60));
     wait_findings(&findings, &fleet.truth, Duration::from_secs(60));
     // The weird file's rows are all duplicates: make sure it has been read too.
-    wait_caught_up(&mut d, &fleet.logs);
+    d.wait_caught_up(&fleet.logs, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
     let status = d.status();
 
-    let m = d.metrics(); // checked strictly by check_exposition
+    let m = metric_samples(&mut d);
     for family in [
         "lookout_rows_ingested_total",
         "lookout_rows_rejected_total",
@@ -985,7 +509,7 @@ fn metrics_pass_prometheus_exposition_check() {
     assert_eq!(cli["tables"], s["tables"], "status --json while the daemon runs");
     assert_eq!(cli["rejected"], s["rejected"]);
     // Anything else is a 404.
-    assert_eq!(http_get(d.addr, "/nope").unwrap().0, 404);
+    assert_eq!(http_get(d.addr().expect("daemon.addr"), "/nope").unwrap().0, 404);
     d.terminate(Duration::from_secs(20));
     eprintln!("metrics_pass_prometheus_exposition_check: {:?}", started.elapsed());
 }
@@ -995,15 +519,15 @@ fn sigterm_during_heavy_ingest_exits_zero_quickly_and_loses_nothing() {
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let fleet = gen_fleet(root, 20_000, 9);
-    let all: u64 = fleet.counts.values().sum();
+    let fleet = gen_fleet(root, 20_000, 12, 9);
+    let all = fleet.rows();
     let plugins = plugins_dir(root, &[]);
-    let (data, findings, log) = (root.join("data"), root.join("findings.jsonl"), root.join("daemon.log"));
-    let args = DaemonArgs { data: &data, logs: &fleet.logs, plugins: &plugins, findings: &findings, log: &log };
+    let (data, findings) = (root.join("data"), root.join("findings.jsonl"));
+    let spec = daemon_spec(root, &data, &fleet.logs, &plugins, &findings);
     eprintln!("fleet generated after {:?}", started.elapsed());
 
-    let mut d = Daemon::start(&args);
-    let partial = wait_for("some, not all, rows stored", Duration::from_secs(60), || {
+    let mut d = spec.start();
+    let partial = d.wait_for("some, not all, rows stored", Duration::from_secs(60), |d| {
         let s = d.status();
         let n: u64 = table_counts(&s).values().sum();
         assert!(n < all, "every row was stored before the test could stop the daemon mid-ingest");
@@ -1013,14 +537,14 @@ fn sigterm_during_heavy_ingest_exits_zero_quickly_and_loses_nothing() {
             Err("no rows yet".into())
         }
     });
-    let (_, took) = d.terminate(Duration::from_secs(5));
+    let took = d.terminate(Duration::from_secs(5));
     drop(d);
     let stopped = status_json(&data);
     let at_stop: u64 = table_counts(&stopped).values().sum();
     eprintln!("stopped in {took:?} with {at_stop} rows stored ({partial} seen before SIGTERM; {all} in all)");
     assert!(at_stop >= partial && at_stop < all, "stopped mid-ingest: {at_stop} of {all}");
 
-    let mut d = Daemon::start(&args);
+    let mut d = spec.start();
     let s = wait_all_rows(&mut d, &fleet.counts, Duration::from_secs(90));
     assert_eq!(s["rejected"], 0, "{s}");
     assert_eq!(s["duplicates_skipped"], 0, "the resumed daemon re-read committed rows: {s}");
@@ -1037,21 +561,25 @@ fn run_without_or_with_a_missing_logs_folder_fails_clearly() {
     let base =
         ["--data", data.to_str().unwrap(), "run", "--plugins", plugins.to_str().unwrap(), "--listen", "127.0.0.1:0"];
 
-    let (st, out) = run_bounded(root, &base, Duration::from_secs(20));
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(lookout_bin());
+        cmd.args(args);
+        let out = run_bounded(cmd, Duration::from_secs(20));
+        (out.status, out.stdout + &out.stderr)
+    };
+    let (st, out) = run(&base);
     assert!(!st.success(), "run without --logs succeeded: {out}");
     assert!(out.contains("no logs folder") && out.contains("--logs"), "unclear message: {out}");
 
     let missing = root.join("no-such-logs");
-    let (st, out) =
-        run_bounded(root, &[&base[..], &["--logs", missing.to_str().unwrap()]].concat(), Duration::from_secs(20));
+    let (st, out) = run(&[&base[..], &["--logs", missing.to_str().unwrap()]].concat());
     assert!(!st.success(), "run with a missing logs folder succeeded: {out}");
     assert!(out.contains(missing.to_str().unwrap()), "the message does not name {}: {out}", missing.display());
     assert!(!data.join("daemon.addr").exists(), "a daemon that failed to start left daemon.addr behind");
 
     let file = root.join("a-file.jsonl");
     fs::write(&file, b"").unwrap();
-    let (st, out) =
-        run_bounded(root, &[&base[..], &["--logs", file.to_str().unwrap()]].concat(), Duration::from_secs(20));
+    let (st, out) = run(&[&base[..], &["--logs", file.to_str().unwrap()]].concat());
     assert!(!st.success(), "run with a file as logs folder succeeded: {out}");
     assert!(out.contains(file.to_str().unwrap()), "the message does not name {}: {out}", file.display());
 }
@@ -1065,7 +593,7 @@ fn run_without_or_with_a_missing_logs_folder_fails_clearly() {
 fn distinct_files_sharing_their_first_kib_are_both_read() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let fleet = gen_fleet(root, 2000, 4);
+    let fleet = gen_fleet(root, 2000, 12, 4);
     let logs = root.join("logs");
     fs::create_dir(&logs).unwrap();
     let full = fs::read(fleet.logs.join("DeviceFileEvents.jsonl")).unwrap();
@@ -1078,9 +606,8 @@ fn distinct_files_sharing_their_first_kib_are_both_read() {
     fs::write(logs.join("DeviceFileEvents.jsonl"), &full).unwrap();
     let plugins = plugins_dir(root, &[]);
     let (data, findings, log) = (root.join("data"), root.join("findings.jsonl"), root.join("daemon.log"));
-    let args = DaemonArgs { data: &data, logs: &logs, plugins: &plugins, findings: &findings, log: &log };
-    let mut d = Daemon::start(&args);
-    wait_caught_up(&mut d, &logs);
+    let mut d = daemon_spec(root, &data, &logs, &plugins, &findings).start();
+    d.wait_caught_up(&logs, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
     let s = d.status();
     d.terminate(Duration::from_secs(20));
     let want = fleet.counts["DeviceFileEvents"];

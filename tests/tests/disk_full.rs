@@ -1,7 +1,11 @@
 //! A full disk under the data directory stops ingestion cleanly — no corruption, the
 //! daemon stays up and observable — and ingestion resumes, losing nothing, when space
-//! returns. Needs a small filesystem of its own: a tmpfs mount (root only; skipped
-//! otherwise, with a message).
+//! returns.
+//!
+//! Each test needs a small filesystem of its own, a tmpfs it mounts, which takes root
+//! with CAP_SYS_ADMIN (a container may not have it). So the tests are `#[ignore]`d and
+//! `.ci/run` runs them (`cargo test -p lookout-cli --test disk_full -- --ignored`) where
+//! a tmpfs can be mounted; run that way, a failed mount fails the test.
 
 use lookout_tests::*;
 use std::path::{Path, PathBuf};
@@ -14,19 +18,21 @@ const NOW: &str = "2025-05-08T00:00:00Z";
 struct Mount(PathBuf);
 
 impl Mount {
-    /// A tmpfs of `size` at `at`; `None` (and a note on stderr) where mounting needs a
-    /// privilege this run does not have, and the test is skipped.
-    fn tmpfs(at: &Path, size: &str) -> Option<Mount> {
-        let mounted = std::fs::create_dir_all(at).is_ok()
-            && Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-                .arg(at)
-                .status()
-                .is_ok_and(|s| s.success());
-        if !mounted {
-            eprintln!("skipping: cannot mount a tmpfs here (needs root)");
-        }
-        mounted.then(|| Mount(at.to_path_buf()))
+    /// A tmpfs of `size` at `at`.
+    fn tmpfs(at: &Path, size: &str) -> Mount {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs at {} (this test needs root with CAP_SYS_ADMIN): {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount(at.to_path_buf())
     }
 
     /// Fills the file system with one file until `leave` bytes are free; returns the file.
@@ -49,76 +55,60 @@ fn free_bytes(path: &Path) -> u64 {
     String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap()
 }
 
-fn metric(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.parse().ok()))
-}
-
 #[test]
+#[ignore = "mounts a tmpfs: needs root with CAP_SYS_ADMIN; .ci/run runs it where it can"]
 fn disk_full_stops_ingestion_cleanly_and_it_resumes_when_space_returns() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(mount) = Mount::tmpfs(&tmp.path().join("datafs"), "96m") else { return };
-    let fleet = tmp.path().join("fleet");
-    lookout_ok(
-        &tmp.path().join("gen"),
-        &["gen", "--out", fleet.to_str().unwrap(), "--events", "12000", "--attacks", "12"],
-    );
-    let truth: Vec<serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(fleet.join("ground-truth.json")).unwrap()).unwrap();
-    let count = |f: &str| std::fs::read_to_string(fleet.join("logs").join(f)).unwrap().lines().count() as u64;
-    let (profiles, loads, writes) =
-        (count("FileProfile.jsonl"), count("DeviceImageLoadEvents.jsonl"), count("DeviceFileEvents.jsonl"));
+    let mount = Mount::tmpfs(&tmp.path().join("datafs"), "96m");
+    let fleet = gen_fleet(tmp.path(), 12000, 12, 1);
     let plugins = plugins_dir(tmp.path(), &[WINRM]);
 
     // Leave a few MiB: enough to start, not enough for the fleet.
     let filler = mount.fill_leaving(4 << 20);
     let data = mount.0.join("data");
-    let mut d = Daemon::start(
-        &data,
-        &[
-            "--logs",
-            fleet.join("logs").to_str().unwrap(),
-            "--plugins",
-            plugins.to_str().unwrap(),
-            "--now",
-            NOW,
-            "--ingest-now",
-            NOW,
-            "--rescan-secs",
-            "0.2",
-        ],
-    );
+    let mut d = DaemonSpec::new(&data)
+        .logs(&fleet.logs)
+        .plugins(&plugins)
+        .now(NOW)
+        .rescan_secs(0.2)
+        .log(&tmp.path().join("daemon.log"))
+        .start();
     // Either the daemon sees the disk nearly full and pauses, or a write fails and the work
     // loop restarts; both stop ingestion cleanly.
     d.wait_for("the disk to fill up and ingestion to stop", Duration::from_secs(120), |d| {
-        d.get("/metrics").is_some_and(|m| {
-            metric(&m, "lookout_disk_space_low") == Some(1.0)
-                || metric(&m, "lookout_work_restarts_total").is_some_and(|n| n >= 1.0)
-        })
+        let m = d.metrics();
+        let (low, restarts) = (metric(&m, "lookout_disk_space_low"), metric(&m, "lookout_work_restarts_total"));
+        if low == Some(1.0) || restarts.is_some_and(|n| n >= 1.0) {
+            Ok(())
+        } else {
+            Err(format!("lookout_disk_space_low {low:?}, lookout_work_restarts_total {restarts:?}"))
+        }
     });
     // Still up and answering while the disk is full.
     std::thread::sleep(Duration::from_millis(500));
-    assert!(d.child.try_wait().unwrap().is_none(), "the daemon exited on a full disk:\n{}", d.stderr());
+    assert!(d.exit_status().is_none(), "the daemon exited on a full disk:\n{}", d.log_text());
     assert!(d.get("/metrics").is_some(), "the endpoint went away");
-    assert!(d.stderr().contains("No space left on device") || d.stderr().contains("space"), "{}", d.stderr());
+    let log = d.log_text();
+    assert!(log.contains("No space left on device") || log.contains("space"), "{log}");
 
     std::fs::remove_file(&filler).unwrap();
     d.wait_for("everything once space is back", Duration::from_secs(300), |d| {
-        let Some(body) = d.get("/status") else { return false };
-        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
-        s["tables"]["FileProfile"]["rows"].as_u64() == Some(profiles)
-            && s["tables"]["DeviceImageLoadEvents"]["rows"].as_u64() == Some(loads)
-            && s["tables"]["DeviceFileEvents"]["rows"].as_u64() == Some(writes)
-            && s["findings"].as_u64() == Some(truth.len() as u64)
+        let s = d.try_status().ok_or("no /status answer")?;
+        let (rows, findings) = (table_counts(&s), s["findings"].as_u64());
+        if rows == fleet.counts && findings == Some(fleet.truth.len() as u64) {
+            Ok(())
+        } else {
+            Err(format!("rows {rows:?}, findings {findings:?}"))
+        }
     });
     let s = d.status();
     assert_eq!(s["rejected"].as_u64(), Some(0), "{s}");
-    let m = d.get("/metrics").unwrap_or_default();
+    let m = d.metrics();
     assert_eq!(metric(&m, "lookout_disk_space_low"), Some(0.0), "not paused any more:\n{m}");
-    let (status, _) = d.terminate(Duration::from_secs(10));
-    assert!(status.success());
+    d.terminate(Duration::from_secs(10));
     let lines = read_jsonl(&data.join("findings.jsonl"));
     let ids: std::collections::BTreeSet<&str> = lines.iter().map(|l| l["finding_id"].as_str().unwrap()).collect();
-    assert_eq!(lines.len(), truth.len(), "findings in the JSONL");
+    assert_eq!(lines.len(), fleet.truth.len(), "findings in the JSONL");
     assert_eq!(ids.len(), lines.len(), "a finding line is duplicated");
     drop(mount);
 }
@@ -126,17 +116,14 @@ fn disk_full_stops_ingestion_cleanly_and_it_resumes_when_space_returns() {
 /// `lookout ingest` on a nearly full disk stops before writing, says why, and loses
 /// nothing: run again with room, it stores every row once.
 #[test]
+#[ignore = "mounts a tmpfs: needs root with CAP_SYS_ADMIN; .ci/run runs it where it can"]
 fn one_shot_ingest_stops_before_the_disk_is_full_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(mount) = Mount::tmpfs(&tmp.path().join("datafs"), "64m") else { return };
-    let fleet = tmp.path().join("fleet");
-    lookout_ok(&tmp.path().join("gen"), &["gen", "--out", fleet.to_str().unwrap(), "--events", "3000"]);
-    let rows: u64 = ["FileProfile.jsonl", "DeviceImageLoadEvents.jsonl", "DeviceFileEvents.jsonl"]
-        .iter()
-        .map(|f| std::fs::read_to_string(fleet.join("logs").join(f)).unwrap().lines().count() as u64)
-        .sum();
+    let mount = Mount::tmpfs(&tmp.path().join("datafs"), "64m");
+    let fleet = gen_fleet(tmp.path(), 3000, 12, 1);
+    let rows = fleet.rows();
     let data = mount.0.join("data");
-    let logs = fleet.join("logs");
+    let logs = fleet.logs.clone();
     // Open the store first (so it exists), then leave less than the 16 MiB Lookout needs.
     lookout_ok(&data, &["status"]);
     let filler = mount.fill_leaving(8 << 20);
