@@ -1,7 +1,7 @@
 //! The status report shared by `lookout status`, `--json` and the daemon's `/status`.
 
+use crate::error::StoreError;
 use crate::store::{dec, keys, Counters, SourceState, Store};
-use anyhow::Result;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -31,17 +31,18 @@ pub struct Status {
     pub database_bytes: u64,
 }
 
-pub fn status(store: &Store) -> Result<Status> {
+pub fn status(store: &Store) -> Result<Status, StoreError> {
     status_of(store.db(), store.data_dir())
 }
 
 /// The status read straight from the database (the daemon's endpoint holds only a handle).
-pub fn status_of(db: &sled::Db, data_dir: &Path) -> Result<Status> {
+pub fn status_of(db: &sled::Db, data_dir: &Path) -> Result<Status, StoreError> {
     let c: Counters = match db.get([keys::COUNTERS])? {
         Some(v) => dec(&v)?,
         None => Counters::default(),
     };
-    let sources: Vec<SourceState> = db.scan_prefix([keys::SOURCE]).map(|kv| dec(&kv?.1)).collect::<Result<_>>()?;
+    let sources: Vec<SourceState> =
+        db.scan_prefix([keys::SOURCE]).map(|kv| dec(&kv?.1)).collect::<Result<_, StoreError>>()?;
     let sources = sources
         .into_iter()
         .map(|s| SourceStatus {
