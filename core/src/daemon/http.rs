@@ -2,7 +2,7 @@
 //! `lookout status --json`). Only one process can open the database, so this is how
 //! other `lookout` commands see a running daemon.
 
-use super::metrics::{render, Metrics};
+use super::metrics::{render, Metrics, CONTENT_TYPE};
 use super::DaemonError;
 use crate::error::Chain;
 use crate::status::status_of;
@@ -66,7 +66,7 @@ fn serve(server: &tiny_http::Server, db: &SharedDb, data_dir: &Path, metrics: &M
                     last_counters = c;
                 }
                 let m = metrics.lock().map(|m| m.clone()).unwrap_or_default();
-                (200, "text/plain; version=0.0.4; charset=utf-8", render(&m, &last_counters))
+                (200, CONTENT_TYPE, render(&m, &last_counters))
             }
             (tiny_http::Method::Get, "/status") => match guard.as_ref() {
                 None => {

@@ -209,6 +209,8 @@ fn work(
             continue;
         }
         let plugins_changed = if changes.plugins || rescan { plugins.refresh()? } else { false };
+        // The start of the read that the finding latency is measured from.
+        let poll_started = Instant::now();
         let report = tailer.poll(store, stop)?;
         if report.total_rejected() > 0 {
             tracing::warn!(rejected = report.total_rejected(), "bad records kept aside (lookout status --rejects)");
@@ -217,18 +219,20 @@ fn work(
             first = false;
             let reports = run_pass(store, &mut plugins.plugins, &detect_opts)?;
             let written = flush_outbox(store, &cfg.findings).map_err(DaemonError::Findings)?;
+            let latency = poll_started.elapsed();
             if written > 0 {
                 tracing::info!(findings = written, file = %cfg.findings.display(), "new findings");
             }
             let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
             for r in reports {
-                let d = m.detectors.entry(format!("{}@{}", r.detector, r.version)).or_default();
-                d.passes += 1;
-                d.rows += r.rows;
-                d.findings += r.new_findings;
-                d.last_pass_seconds = r.elapsed.as_secs_f64();
+                let labels = metrics::DetectorLabels { detector: r.detector.clone(), version: r.version.clone() };
+                m.observe_pass(&labels, r.elapsed, r.rows, r.new_findings, r.error.is_some());
+                // Only findings that follow a look that stored rows: a pass run because a
+                // plugin was dropped in finds what was read long before.
+                if report.changed() {
+                    m.observe_findings(&labels, r.new_findings, latency);
+                }
                 if let Some(e) = r.error {
-                    d.failures += 1;
                     tracing::warn!(detector = %r.detector, error = %e, "detector failed; retried next pass");
                 }
             }
