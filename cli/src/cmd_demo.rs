@@ -5,6 +5,7 @@ use crate::output::{human_bytes, parse_now};
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, ValueEnum};
 use lookout_core::detect::{run_pass, DetectOptions};
+use lookout_core::error::Chain;
 use lookout_core::findings::{all_findings, flush_outbox};
 use lookout_core::gen::{self, FleetSpec, TruthPair};
 use lookout_core::ingest::{ingest_paths, IngestOptions};
@@ -177,7 +178,7 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
     std::fs::set_permissions(&dropped, std::fs::Permissions::from_mode(0o644))?;
     let mut loaded = plugin::load_dir(&plugins_dir, &data_dir)?;
     for r in &loaded.refused {
-        eprintln!("lookout: plugin refused: {}: {}", r.path.display(), r.reason);
+        eprintln!("lookout: plugin refused: {}: {}", r.path.display(), Chain(&r.reason));
     }
     let names: Vec<String> = loaded.plugins.iter().map(|p| p.id()).collect();
     println!("3. loaded plugin(s) {} from {}", names.join(", "), plugins_dir.display());

@@ -5,6 +5,7 @@ use crate::output::{parse_now, print_table, RetentionArg};
 use anyhow::Result;
 use clap::Args;
 use lookout_core::detect::{parse_set, run_pass, DetectOptions, DetectorReport};
+use lookout_core::error::Chain;
 use lookout_core::findings::{all_findings, flush_outbox};
 use lookout_core::plugin;
 use lookout_core::Store;
@@ -47,7 +48,7 @@ pub fn findings_path(data: &Path, arg: &Option<PathBuf>) -> PathBuf {
 pub fn detect(data: &Path, args: DetectArgs) -> Result<ExitCode> {
     let opts = DetectOptions {
         now: args.now.as_deref().map(parse_now).transpose()?,
-        params: args.set.iter().map(|s| parse_set(s)).collect::<Result<_>>()?,
+        params: args.set.iter().map(|s| parse_set(s)).collect::<Result<_, _>>()?,
         backfill: args.backfill,
         ..DetectOptions::default()
     };
@@ -58,7 +59,7 @@ pub fn detect(data: &Path, args: DetectArgs) -> Result<ExitCode> {
     store.expire_all()?;
     let mut loaded = plugin::load_dir(&dir, data)?;
     for r in &loaded.refused {
-        eprintln!("lookout: plugin refused: {}: {}", r.path.display(), r.reason);
+        eprintln!("lookout: plugin refused: {}: {}", r.path.display(), Chain(&r.reason));
     }
     let reports = run_pass(&mut store, &mut loaded.plugins, &opts)?;
     let path = findings_path(data, &args.findings);

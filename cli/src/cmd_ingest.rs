@@ -4,6 +4,7 @@ use crate::output::{human_bytes, parse_now, RetentionArg};
 use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use lookout_core::error::Chain;
 use lookout_core::ingest::{expand_paths, ingest_file, IngestOptions, IngestReport};
 use lookout_core::Store;
 use std::io::IsTerminal;
@@ -60,10 +61,12 @@ pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
         let before = done;
         match ingest_file(&mut store, f, &opts, &mut |b| bar.set_position(before + b)) {
             Ok(r) => report.merge(r),
-            Err(e) => {
-                bar.suspend(|| eprintln!("lookout: error: {e:#}"));
+            // A file that cannot be read does not stop the others; the store failing does.
+            Err(e) if e.is_input_failure() => {
+                bar.suspend(|| eprintln!("lookout: error: {}", Chain(&e)));
                 failed.push(f.clone());
             }
+            Err(e) => return Err(e.into()),
         }
         done = before + std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
         bar.set_position(done);

@@ -2,6 +2,7 @@
 
 use anyhow::{anyhow, Result};
 use clap::{Args, Subcommand};
+use lookout_core::error::Chain;
 use lookout_core::plugin::{self, guard};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -54,7 +55,7 @@ pub fn run(data: &Path, cmd: PluginsCommand) -> Result<ExitCode> {
                 }
             }
             for r in &loaded.refused {
-                println!("  REFUSED {}: {}", r.path.display(), r.reason);
+                println!("  REFUSED {}: {}", r.path.display(), Chain(&r.reason));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -71,7 +72,7 @@ pub fn run(data: &Path, cmd: PluginsCommand) -> Result<ExitCode> {
                 );
             }
             for r in &loaded.refused {
-                println!("REFUSED  {}: {}", r.path.display(), r.reason);
+                println!("REFUSED  {}: {}", r.path.display(), Chain(&r.reason));
             }
             Ok(if loaded.refused.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
@@ -88,7 +89,7 @@ pub fn run(data: &Path, cmd: PluginsCommand) -> Result<ExitCode> {
                         println!("pinned   {name} {} ({} {})", p.sha256, p.manifest.name, p.manifest.version);
                         pins.0.insert(name, p.sha256);
                     }
-                    Err(reason) => println!("skipped  {}: {reason}", file.display()),
+                    Err(e) => println!("skipped  {}: {}", file.display(), Chain(&e)),
                 }
             }
             let path = guard::write_pins(&dir, &pins)?;

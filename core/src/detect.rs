@@ -4,10 +4,11 @@
 //! an index rebuild) backfills over everything stored.
 
 use crate::clock::Clock;
+use crate::error::{Chain, StoreError};
 use crate::plugin::host_api::with_host_api;
+use crate::plugin::loader::CallError;
 use crate::plugin::Plugin;
 use crate::store::{keys, Store};
-use anyhow::{anyhow, Result};
 use lookout_plugin_sdk::time::format_timestamp;
 use lookout_plugin_sdk::{EvalRequest, FindingOut, InitRequest, InputSpec, RowRef, StateOp};
 use serde_json::{Map, Value};
@@ -51,12 +52,46 @@ pub struct DetectorReport {
     pub error: Option<String>,
 }
 
+/// Why a pass stopped, or why one detector's pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    /// The store failed: the whole pass stops (nothing of the failed batch is committed).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// One detector failed: reported in its [`DetectorReport`] (never returned by
+    /// [`run_pass`]) and retried from its cursor on the next pass.
+    #[error(transparent)]
+    Detector(#[from] DetectorError),
+    /// `--set` names a detector that is not loaded.
+    #[error("--set names detector '{name}', which is not loaded (loaded: {loaded})")]
+    UnknownDetector { name: String, loaded: String },
+}
+
+/// What went wrong with a detector during its pass.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    #[error("init failed")]
+    Init(#[source] CallError),
+    #[error(transparent)]
+    Evaluate(CallError),
+    #[error("the detector describes input table '{table}', which is not among its manifest's inputs ({inputs})")]
+    UnknownInput { table: String, inputs: String },
+    #[error("cannot encode a finding")]
+    Finding(#[source] serde_json::Error),
+}
+
+/// A `--set` argument that is not `DETECTOR.PARAM=VALUE`.
+#[derive(Debug, thiserror::Error)]
+#[error("--set '{0}': expected DETECTOR.PARAM=VALUE")]
+pub struct BadSet(pub String);
+
 /// Parses `DETECTOR.PARAM=VALUE`.
-pub fn parse_set(s: &str) -> Result<(String, String, String)> {
-    let (lhs, value) = s.split_once('=').ok_or_else(|| anyhow!("--set '{s}': expected DETECTOR.PARAM=VALUE"))?;
-    let (det, param) = lhs.rsplit_once('.').ok_or_else(|| anyhow!("--set '{s}': expected DETECTOR.PARAM=VALUE"))?;
+pub fn parse_set(s: &str) -> Result<(String, String, String), BadSet> {
+    let bad = || BadSet(s.to_string());
+    let (lhs, value) = s.split_once('=').ok_or_else(bad)?;
+    let (det, param) = lhs.rsplit_once('.').ok_or_else(bad)?;
     if det.is_empty() || param.is_empty() {
-        return Err(anyhow!("--set '{s}': expected DETECTOR.PARAM=VALUE"));
+        return Err(bad());
     }
     Ok((det.to_string(), param.to_string(), value.to_string()))
 }
@@ -99,11 +134,15 @@ pub fn finding_id(name: &str, version: &str, inputs: &[Vec<u8>]) -> String {
 
 /// Runs one pass of every plugin. Errors of one detector are reported, not returned;
 /// an `Err` means the store itself failed.
-pub fn run_pass(store: &mut Store, plugins: &mut [Plugin], opts: &DetectOptions) -> Result<Vec<DetectorReport>> {
+pub fn run_pass(
+    store: &mut Store,
+    plugins: &mut [Plugin],
+    opts: &DetectOptions,
+) -> Result<Vec<DetectorReport>, PassError> {
     for (det, _, _) in &opts.params {
         if !plugins.iter().any(|p| &p.manifest.name == det) {
             let loaded: Vec<&str> = plugins.iter().map(|p| p.manifest.name.as_str()).collect();
-            return Err(anyhow!("--set names detector '{det}', which is not loaded (loaded: {})", loaded.join(", ")));
+            return Err(PassError::UnknownDetector { name: det.clone(), loaded: loaded.join(", ") });
         }
     }
     let now = Clock::new(opts.now).now();
@@ -119,13 +158,14 @@ pub fn run_pass(store: &mut Store, plugins: &mut [Plugin], opts: &DetectOptions)
             elapsed: Duration::ZERO,
             error: None,
         };
-        if let Err(e) = run_detector(store, plugin, opts, now, &mut report) {
-            if e.is::<StoreFailure>() {
-                return Err(e);
+        match run_detector(store, plugin, opts, now, &mut report) {
+            Ok(()) => {}
+            Err(PassError::Detector(e)) => {
+                tracing::warn!(detector = %plugin.id(), error = %Chain(&e), "detector failed; retried next pass");
+                report.error = Some(Chain(&e).to_string());
+                plugin.initialised = false;
             }
-            tracing::warn!(detector = %plugin.id(), error = %format!("{e:#}"), "detector failed; retried next pass");
-            report.error = Some(format!("{e:#}"));
-            plugin.initialised = false;
+            Err(e) => return Err(e),
         }
         report.elapsed = started.elapsed();
         reports.push(report);
@@ -133,32 +173,21 @@ pub fn run_pass(store: &mut Store, plugins: &mut [Plugin], opts: &DetectOptions)
     Ok(reports)
 }
 
-/// A failure of the store (not of the detector): stops the pass.
-#[derive(Debug)]
-struct StoreFailure(anyhow::Error);
-
-impl std::fmt::Display for StoreFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}", self.0)
-    }
-}
-
-impl std::error::Error for StoreFailure {}
-
-fn store_err(e: anyhow::Error) -> anyhow::Error {
-    anyhow::Error::new(StoreFailure(e))
-}
+/// A detector's persisted state: (key, value) pairs.
+type DetectorState = Vec<(Vec<u8>, Vec<u8>)>;
 
 impl Store {
     /// The journal sequence a detector has processed up to, if it ever ran.
-    pub fn meta_cursor(&self, detector_id: &str) -> Result<Option<u64>> {
+    pub fn meta_cursor(&self, detector_id: &str) -> Result<Option<u64>, StoreError> {
         Ok(match self.db().get(cursor_key(detector_id))? {
-            Some(v) => Some(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| anyhow!("corrupt cursor"))?)),
+            Some(v) => Some(u64::from_be_bytes(
+                v.as_ref().try_into().map_err(|_| StoreError::msg(format!("corrupt cursor of {detector_id}")))?,
+            )),
             None => None,
         })
     }
 
-    fn detector_state(&self, detector_id: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn detector_state(&self, detector_id: &str) -> Result<DetectorState, StoreError> {
         let prefix = keys::state_prefix(detector_id);
         self.db()
             .scan_prefix(&prefix)
@@ -170,7 +199,7 @@ impl Store {
     }
 
     /// The next outbox sequence number.
-    fn next_outbox_seq(&self) -> Result<u64> {
+    fn next_outbox_seq(&self) -> Result<u64, StoreError> {
         Ok(match self.db().scan_prefix([keys::OUTBOX]).next_back() {
             Some(kv) => keys::seq_of(&kv?.0).unwrap_or(0) + 1,
             None => 1,
@@ -184,7 +213,7 @@ fn run_detector(
     opts: &DetectOptions,
     now: i64,
     report: &mut DetectorReport,
-) -> Result<()> {
+) -> Result<(), PassError> {
     let id = plugin.id();
     if !plugin.initialised {
         let params = opts
@@ -193,16 +222,16 @@ fn run_detector(
             .filter(|(d, _, _)| *d == plugin.manifest.name)
             .map(|(_, p, v)| (p.clone(), v.clone()))
             .collect();
-        let state = store.detector_state(&id).map_err(store_err)?;
-        let response = plugin.lib.init(&InitRequest { params, state }).map_err(|e| anyhow!("init failed: {e}"))?;
+        let state = store.detector_state(&id)?;
+        let response = plugin.lib.init(&InitRequest { params, state }).map_err(DetectorError::Init)?;
         check_inputs(&plugin.manifest.inputs, &response.inputs)?;
         plugin.inputs = response.inputs;
         plugin.initialised = true;
     }
 
     let head = store.next_journal_seq() - 1;
-    let floor = store.meta_u64("jfloor").map_err(store_err)?;
-    let cursor = store.meta_cursor(&id).map_err(store_err)?;
+    let floor = store.meta_u64("jfloor")?;
+    let cursor = store.meta_cursor(&id)?;
     let since = match cursor {
         Some(_) if opts.backfill => None,
         Some(c) if c >= floor => {
@@ -214,9 +243,9 @@ fn run_detector(
         _ => None,
     };
     report.backfill = since.is_none();
-    let refs = input_refs(store, &plugin.manifest.inputs, &plugin.inputs, since, head).map_err(store_err)?;
+    let refs = input_refs(store, &plugin.manifest.inputs, &plugin.inputs, since, head)?;
     report.rows = refs.len() as u64;
-    let mut outbox_seq = store.next_outbox_seq().map_err(store_err)?;
+    let mut outbox_seq = store.next_outbox_seq()?;
     let detected_at = format_timestamp(now);
     let chunks: Vec<&[RowRef]> =
         if refs.is_empty() { vec![&[]] } else { refs.chunks(opts.chunk_rows.max(1)).collect() };
@@ -226,7 +255,7 @@ fn run_detector(
             return Ok(());
         }
         let req = EvalRequest { now, backfill: report.backfill, rows: chunk.to_vec() };
-        let resp = with_host_api(store, |api| plugin.lib.evaluate(api, &req)).map_err(|e| anyhow!("{e}"))?;
+        let resp = with_host_api(store, |api| plugin.lib.evaluate(api, &req)).map_err(DetectorError::Evaluate)?;
         // Checked before anything of the pass is committed: a bad answer fails the pass.
         if let Some(inputs) = &resp.inputs {
             check_inputs(&plugin.manifest.inputs, inputs)?;
@@ -238,11 +267,13 @@ fn run_detector(
             let identities: Vec<Vec<u8>> = f.inputs.iter().map(|k| stable_identity(batch.store(), k)).collect();
             let fid = finding_id(&plugin.manifest.name, &plugin.manifest.version, &identities);
             let key = keys::named_key(keys::FINDING, &fid);
-            if !fresh.insert(fid.clone()) || batch.store().db().get(&key).map_err(|e| store_err(e.into()))?.is_some() {
+            if !fresh.insert(fid.clone())
+                || batch.store().db().get(&key).map_err(|e| PassError::Store(e.into()))?.is_some()
+            {
                 continue;
             }
             let json = finding_json(&fid, plugin, &detected_at, f);
-            batch.put(key, serde_json::to_vec(&json)?);
+            batch.put(key, serde_json::to_vec(&json).map_err(DetectorError::Finding)?);
             batch.put(keys::seq_key(keys::OUTBOX, outbox_seq), fid.into_bytes());
             outbox_seq += 1;
             report.new_findings += 1;
@@ -261,7 +292,7 @@ fn run_detector(
         if let Err(e) = batch.commit() {
             // The plugin's in-memory state is ahead of what was committed.
             plugin.initialised = false;
-            return Err(store_err(e));
+            return Err(PassError::Store(e));
         }
         if let Some(inputs) = new_inputs {
             plugin.inputs = inputs;
@@ -320,13 +351,9 @@ impl KeyMatcher {
 }
 
 /// Input specs may only describe the manifest's input tables.
-fn check_inputs(tables: &[String], specs: &[InputSpec]) -> Result<()> {
+fn check_inputs(tables: &[String], specs: &[InputSpec]) -> Result<(), DetectorError> {
     match specs.iter().find(|s| !tables.contains(&s.table)) {
-        Some(bad) => Err(anyhow!(
-            "the detector describes input table '{}', which is not among its manifest's inputs ({})",
-            bad.table,
-            tables.join(", ")
-        )),
+        Some(bad) => Err(DetectorError::UnknownInput { table: bad.table.clone(), inputs: tables.join(", ") }),
         None => Ok(()),
     }
 }
@@ -341,7 +368,7 @@ fn input_refs(
     specs: &[InputSpec],
     since: Option<u64>,
     head: u64,
-) -> Result<Vec<RowRef>> {
+) -> Result<Vec<RowRef>, StoreError> {
     let spec = |t: &str| specs.iter().find(|s| s.table == t);
     let filter = |t: &str| spec(t).map_or(&[][..], |s| s.only_where.as_slice());
     let from_index = |t: &str| Store::indexed_condition(t, filter(t)).is_some();

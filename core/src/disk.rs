@@ -21,19 +21,10 @@ pub fn low(dir: &Path) -> bool {
 
 /// Ingestion stopped because the data directory's disk is nearly full; the batch in hand
 /// was not committed and is read again later.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the disk of {0} has less than {min} MiB free: stopped before writing (nothing is lost; \
+     free some space and run again, files resume at their committed offsets)",
+    min = MIN_FREE >> 20
+)]
 pub struct DiskSpaceLow(pub String);
-
-impl std::fmt::Display for DiskSpaceLow {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the disk of {} has less than {} MiB free: stopped before writing (nothing is lost; \
-             free some space and run again, files resume at their committed offsets)",
-            self.0,
-            MIN_FREE >> 20
-        )
-    }
-}
-
-impl std::error::Error for DiskSpaceLow {}

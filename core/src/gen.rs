@@ -3,7 +3,6 @@
 //! attacks, near misses that must not fire, a FileProfile feed, and the ground truth —
 //! the (load, write) pairs the rule must find.
 
-use anyhow::{Context, Result};
 use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp, TICKS_PER_SEC};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -439,67 +438,94 @@ pub fn logs_dir(dir: &Path) -> PathBuf {
     dir.join("logs")
 }
 
+/// Why a fleet could not be written, or a ground-truth file read.
+#[derive(Debug, thiserror::Error)]
+pub enum GenError {
+    #[error("cannot {action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a ground-truth file", path.display())]
+    NotTruth {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> GenError {
+    let path = path.to_path_buf();
+    move |source| GenError::Io { action, path, source }
+}
+
 /// Writes a fleet into `dir`: the tables under `logs/` in `format` (file names carry the
 /// table, so any format is ingestible without `--table`) and `ground-truth.json`.
-pub fn write_fleet(fleet: &Fleet, out: &Path, format: Format) -> Result<FleetFiles> {
+pub fn write_fleet(fleet: &Fleet, out: &Path, format: Format) -> Result<FleetFiles, GenError> {
     let dir = &logs_dir(out);
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
     let ext = match format {
         Format::Jsonl | Format::Envelope => "jsonl",
         Format::Array => "json",
     };
     let mut bytes = 0;
-    let mut write_table = |table: &str, rows: &[Map<String, Value>]| -> Result<PathBuf> {
+    let mut write_table = |table: &str, rows: &[Map<String, Value>]| -> Result<PathBuf, GenError> {
         let path = dir.join(format!("{table}.{ext}"));
-        let f = std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        let mut out = std::io::BufWriter::new(f);
-        match format {
-            Format::Jsonl => {
-                for r in rows {
-                    serde_json::to_writer(&mut out, r)?;
-                    out.write_all(b"\n")?;
+        let f = std::fs::File::create(&path).map_err(io_err("create", &path))?;
+        let write = |f| -> std::io::Result<u64> {
+            let mut out = std::io::BufWriter::new(f);
+            match format {
+                Format::Jsonl => {
+                    for r in rows {
+                        serde_json::to_writer(&mut out, r)?;
+                        out.write_all(b"\n")?;
+                    }
+                }
+                Format::Envelope => {
+                    for r in rows {
+                        let time = r.get("Timestamp").cloned().unwrap_or(Value::Null);
+                        let env = json!({
+                            "time": time,
+                            "tenantId": "8a1f3c2e-0000-4bfc-9424-13aa153c5b27",
+                            "operationName": "Publish",
+                            "category": format!("AdvancedHunting-{table}"),
+                            "properties": r,
+                        });
+                        serde_json::to_writer(&mut out, &env)?;
+                        out.write_all(b"\r\n")?;
+                    }
+                }
+                Format::Array => {
+                    let typed: Vec<Value> = rows
+                        .iter()
+                        .map(|r| {
+                            let mut r = r.clone();
+                            r.insert("Type".into(), table.into());
+                            Value::Object(r)
+                        })
+                        .collect();
+                    serde_json::to_writer_pretty(&mut out, &typed)?;
                 }
             }
-            Format::Envelope => {
-                for r in rows {
-                    let time = r.get("Timestamp").cloned().unwrap_or(Value::Null);
-                    let env = json!({
-                        "time": time,
-                        "tenantId": "8a1f3c2e-0000-4bfc-9424-13aa153c5b27",
-                        "operationName": "Publish",
-                        "category": format!("AdvancedHunting-{table}"),
-                        "properties": r,
-                    });
-                    serde_json::to_writer(&mut out, &env)?;
-                    out.write_all(b"\r\n")?;
-                }
-            }
-            Format::Array => {
-                let typed: Vec<Value> = rows
-                    .iter()
-                    .map(|r| {
-                        let mut r = r.clone();
-                        r.insert("Type".into(), table.into());
-                        Value::Object(r)
-                    })
-                    .collect();
-                serde_json::to_writer_pretty(&mut out, &typed)?;
-            }
-        }
-        out.flush()?;
-        bytes += std::fs::metadata(&path)?.len();
+            out.flush()?;
+            Ok(std::fs::metadata(&path)?.len())
+        };
+        bytes += write(f).map_err(io_err("write", &path))?;
         Ok(path)
     };
     let profiles = write_table("FileProfile", &fleet.profiles)?;
     let loads = write_table("DeviceImageLoadEvents", &fleet.loads)?;
     let writes = write_table("DeviceFileEvents", &fleet.writes)?;
     let truth = out.join(TRUTH_FILE);
-    std::fs::write(&truth, serde_json::to_vec_pretty(&fleet.truth)?)
-        .with_context(|| format!("cannot write {}", truth.display()))?;
+    let json =
+        serde_json::to_vec_pretty(&fleet.truth).map_err(std::io::Error::from).map_err(io_err("write", &truth))?;
+    std::fs::write(&truth, json).map_err(io_err("write", &truth))?;
     Ok(FleetFiles { loads, writes, profiles, truth, bytes })
 }
 
-pub fn read_truth(path: &Path) -> Result<Vec<TruthPair>> {
-    let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_slice(&text).with_context(|| format!("{} is not a ground-truth file", path.display()))
+pub fn read_truth(path: &Path) -> Result<Vec<TruthPair>, GenError> {
+    let text = std::fs::read(path).map_err(io_err("read", path))?;
+    serde_json::from_slice(&text).map_err(|source| GenError::NotTruth { path: path.to_path_buf(), source })
 }

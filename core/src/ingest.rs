@@ -4,16 +4,17 @@
 //! Used both by one-shot `lookout ingest` and by the daemon's tailer.
 
 use crate::clock::Clock;
+use crate::disk::DiskSpaceLow;
+use crate::error::StoreError;
 use crate::fingerprint::{fingerprint, head_hash, tail_matches, Fingerprint};
 use crate::parse::lines::LineReader;
 use crate::parse::normalise::TableHints;
-use crate::parse::open::{open_file, Layout};
+use crate::parse::open::{open_file, Layout, OpenError};
 use crate::parse::pipeline;
 use crate::parse::record::Document;
 use crate::parse::{Reject, RejectKind};
 use crate::schema::table_from_file_name;
 use crate::store::{Added, OffsetUnit, RejectRecord, SourceState, Store, WriteBatch};
-use anyhow::{anyhow, Context, Result};
 use serde::de::{SeqAccess, Visitor};
 use serde_json::Value;
 use sha2::Digest;
@@ -52,6 +53,66 @@ impl Default for IngestOptions {
             batch_bytes: 32 << 20,
             tail: false,
         }
+    }
+}
+
+/// Why reading a file into the store stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The file could not be read (opened, read, listed).
+    #[error("cannot {action} {}", path.display())]
+    Unreadable {
+        /// `read`, `open`, `list`.
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file could not be opened for reading (decompressed, positioned).
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("{}: read error at byte {at}", path.display())]
+    ReadAt {
+        path: PathBuf,
+        at: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the parser thread")]
+    ParserStart(#[source] std::io::Error),
+    #[error("{}: the parser thread {how}", path.display())]
+    ParserStopped { path: PathBuf, how: &'static str },
+    /// The file was truncated (and rewritten) while a batch was being read from it: the
+    /// batch was dropped uncommitted.
+    #[error("{} was truncated while being read; the batch is dropped and the file read afresh", .0.display())]
+    ChangedWhileReading(PathBuf),
+    /// Nothing more is committed on a nearly full disk; the batch in hand is read again
+    /// later.
+    #[error(transparent)]
+    DiskSpaceLow(#[from] DiskSpaceLow),
+    /// The database failed: not the file's fault.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl IngestError {
+    /// Whether the failure is the input file's (it cannot be read or decoded), as opposed
+    /// to the store's or the disk's, or a file that changed under the reader: the file is
+    /// skipped and the others go on.
+    pub fn is_input_failure(&self) -> bool {
+        match self {
+            IngestError::Unreadable { .. }
+            | IngestError::Open(_)
+            | IngestError::ReadAt { .. }
+            | IngestError::ParserStart(_)
+            | IngestError::ParserStopped { .. } => true,
+            IngestError::ChangedWhileReading(_) | IngestError::DiskSpaceLow(_) | IngestError::Store(_) => false,
+        }
+    }
+
+    pub(crate) fn unreadable(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> IngestError {
+        let path = path.to_path_buf();
+        move |source| IngestError::Unreadable { action, path, source }
     }
 }
 
@@ -107,11 +168,11 @@ impl IngestReport {
 /// Expands files and directories (recursively, in name order) into the files to read.
 /// Entries inside a directory that are not regular files (FIFOs, sockets, dangling or
 /// looping symlinks, unreadable entries) are skipped and listed with the reason.
-pub fn expand_paths(paths: &[PathBuf]) -> Result<Expanded> {
+pub fn expand_paths(paths: &[PathBuf]) -> Result<Expanded, IngestError> {
     let mut files = Vec::new();
     let mut skipped = Vec::new();
     for p in paths {
-        let meta = std::fs::metadata(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let meta = std::fs::metadata(p).map_err(IngestError::unreadable("read", p))?;
         if meta.is_dir() {
             expand_dir(p, &mut files, &mut skipped, 0);
         } else if meta.is_file() {
@@ -160,16 +221,16 @@ fn expand_dir(dir: &Path, files: &mut Vec<PathBuf>, skipped: &mut Vec<(PathBuf, 
 
 /// The committed state of `fp`'s file, if it is the same file (its first bytes still hash
 /// the same), else a fresh state reading it from the start.
-pub fn state_for(store: &Store, file: &File, fp: &Fingerprint, path: &Path) -> Result<SourceState> {
+pub fn state_for(store: &Store, file: &File, fp: &Fingerprint, path: &Path) -> Result<SourceState, IngestError> {
     let fresh = || fresh_state(path, fp);
     let Some(mut old) = store.source(&fp.source_id())? else { return Ok(fresh()) };
-    let read_err = || format!("cannot read {}", path.display());
+    let read_err = || IngestError::unreadable("read", path);
     // A plain file shorter than its offset was truncated (copytruncate): read it anew.
     let shrunk = !fp.compressed && old.unit == OffsetUnit::Bytes && old.offset > fp.size;
     let same = !shrunk
         && old.head_len <= fp.head_len
-        && head_hash(file, old.head_len).with_context(read_err)?.as_deref() == Some(old.head.as_slice())
-        && (old.unit != OffsetUnit::Bytes || tail_matches(file, &old).with_context(read_err)?);
+        && head_hash(file, old.head_len).map_err(read_err())?.as_deref() == Some(old.head.as_slice())
+        && (old.unit != OffsetUnit::Bytes || tail_matches(file, &old).map_err(read_err())?);
     // Nothing read yet (e.g. first seen empty): treat it as new, so that it may still be
     // recognised as a copy of another file.
     if !same || (old.offset == 0 && old.lines == 0) {
@@ -220,9 +281,9 @@ pub fn ingest_file(
     path: &Path,
     opts: &IngestOptions,
     progress: &mut dyn FnMut(u64),
-) -> Result<IngestReport> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let fp = fingerprint(&file).with_context(|| format!("cannot read {}", path.display()))?;
+) -> Result<IngestReport, IngestError> {
+    let file = File::open(path).map_err(IngestError::unreadable("open", path))?;
+    let fp = fingerprint(&file).map_err(IngestError::unreadable("read", path))?;
     let mut state = state_for(store, &file, &fp, path)?;
     if !has_news(&state, &fp) {
         return Ok(IngestReport { files: 1, ..Default::default() });
@@ -243,7 +304,7 @@ pub fn read_source(
     opts: &IngestOptions,
     stop: Option<&AtomicBool>,
     progress: &mut dyn FnMut(u64),
-) -> Result<IngestReport> {
+) -> Result<IngestReport, IngestError> {
     let id = fp.source_id();
     let counter = Arc::new(AtomicU64::new(0));
     let skip = if state.unit == OffsetUnit::Bytes { state.offset } else { 0 };
@@ -294,18 +355,6 @@ fn remember_tail(state: &mut SourceState, tail: &[u8]) {
     }
 }
 
-/// The file was truncated (and rewritten) while a batch was being read from it.
-#[derive(Debug)]
-pub struct ChangedWhileReading(pub String);
-
-impl std::fmt::Display for ChangedWhileReading {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} was truncated while being read; the batch is dropped and the file read afresh", self.0)
-    }
-}
-
-impl std::error::Error for ChangedWhileReading {}
-
 struct FileRun<'a> {
     path: &'a Path,
     file: &'a File,
@@ -327,7 +376,7 @@ impl FileRun<'_> {
         reader: LineReader<Box<dyn std::io::BufRead + Send>>,
         state: &mut SourceState,
         progress: &mut dyn FnMut(u64),
-    ) -> Result<()> {
+    ) -> Result<(), IngestError> {
         // Lines are read and parsed on their own thread (parse/pipeline.rs); everything
         // that decides what is committed stays here, in file order.
         let (tx, rx) = pipeline::channel();
@@ -336,12 +385,12 @@ impl FileRun<'_> {
             let parser = std::thread::Builder::new()
                 .name("lookout-parse".into())
                 .spawn_scoped(scope, move || pipeline::run(reader, tail_mode, max_line, &hints, &tx))
-                .context("cannot start the parser thread")?;
+                .map_err(IngestError::ParserStart)?;
             let result = self.store_lines(store, &rx, state, progress);
             // Unblocks the parser if this side stopped early.
             drop(rx);
             if parser.join().is_err() {
-                return Err(anyhow!("{}: the parser thread panicked", self.path.display()));
+                return Err(IngestError::ParserStopped { path: self.path.to_path_buf(), how: "panicked" });
             }
             result
         })
@@ -353,7 +402,7 @@ impl FileRun<'_> {
         rx: &std::sync::mpsc::Receiver<pipeline::Message>,
         state: &mut SourceState,
         progress: &mut dyn FnMut(u64),
-    ) -> Result<()> {
+    ) -> Result<(), IngestError> {
         let data_dir = store.data_dir().to_path_buf();
         let mut batch = store.batch();
         let mut now = self.clock.now();
@@ -363,11 +412,11 @@ impl FileRun<'_> {
             let lines = match rx.recv() {
                 Ok(pipeline::Message::Lines(lines)) => lines,
                 Ok(pipeline::Message::End(end)) => break end,
-                Err(_) => return Err(anyhow!("{}: the parser thread stopped", self.path.display())),
+                Err(_) => return Err(IngestError::ParserStopped { path: self.path.to_path_buf(), how: "stopped" }),
             };
             // Nothing is committed on a nearly full disk (see crate::disk).
             if crate::disk::low(&data_dir) {
-                return Err(anyhow::Error::new(crate::disk::DiskSpaceLow(data_dir.display().to_string())));
+                return Err(DiskSpaceLow(data_dir.display().to_string()).into());
             }
             for line in lines {
                 let line_no = state.lines + 1;
@@ -398,8 +447,8 @@ impl FileRun<'_> {
                 }
                 false
             }
-            pipeline::End::Error(e, at) => {
-                return Err(anyhow!("{}: read error at byte {at}: {e}", self.path.display()));
+            pipeline::End::Error(source, at) => {
+                return Err(IngestError::ReadAt { path: self.path.to_path_buf(), at, source });
             }
         };
         if reached_end && state.compressed {
@@ -425,7 +474,7 @@ impl FileRun<'_> {
         state: &mut SourceState,
         tail_at_offset: &mut Vec<u8>,
         pending_bytes: &mut usize,
-    ) -> Result<()> {
+    ) -> Result<(), IngestError> {
         let offset = line.info.start;
         match line.outcome {
             pipeline::LineOutcome::Blank => {}
@@ -448,14 +497,14 @@ impl FileRun<'_> {
     /// bytes written after it. Every byte of the batch was read before this check, so if
     /// the file still starts as it did, the batch is all old content; otherwise it is
     /// dropped (uncommitted) and the file is looked at afresh.
-    fn check_unchanged(&self, state: &SourceState) -> Result<()> {
+    fn check_unchanged(&self, state: &SourceState) -> Result<(), IngestError> {
         if !self.opts.tail || state.compressed {
             return Ok(());
         }
         let file = self.file;
-        let now = head_hash(file, state.head_len).with_context(|| format!("cannot read {}", self.path.display()))?;
+        let now = head_hash(file, state.head_len).map_err(IngestError::unreadable("read", self.path))?;
         if now.as_deref() != Some(state.head.as_slice()) {
-            return Err(anyhow::Error::new(ChangedWhileReading(self.path.display().to_string())));
+            return Err(IngestError::ChangedWhileReading(self.path.to_path_buf()));
         }
         Ok(())
     }
@@ -470,7 +519,7 @@ impl FileRun<'_> {
         offset: u64,
         raw: &[u8],
         now: i64,
-    ) -> Result<()> {
+    ) -> Result<(), StoreError> {
         for record in records {
             match record {
                 Ok(row) => self.add(batch, row, now)?,
@@ -480,7 +529,12 @@ impl FileRun<'_> {
         Ok(())
     }
 
-    fn add(&mut self, batch: &mut WriteBatch<'_>, row: crate::parse::normalise::NormalRow, now: i64) -> Result<()> {
+    fn add(
+        &mut self,
+        batch: &mut WriteBatch<'_>,
+        row: crate::parse::normalise::NormalRow,
+        now: i64,
+    ) -> Result<(), StoreError> {
         let table = row.table.clone();
         self.pending += 1;
         match batch.add_row(row, now)? {
@@ -492,7 +546,14 @@ impl FileRun<'_> {
         Ok(())
     }
 
-    fn reject(&mut self, batch: &mut WriteBatch<'_>, line: u64, offset: u64, reject: Reject, raw: &[u8]) -> Result<()> {
+    fn reject(
+        &mut self,
+        batch: &mut WriteBatch<'_>,
+        line: u64,
+        offset: u64,
+        reject: Reject,
+        raw: &[u8],
+    ) -> Result<(), StoreError> {
         *self.report.rejected.entry(reject.kind.as_str().to_string()).or_insert(0) += 1;
         self.pending += 1;
         tracing::debug!(file = %self.path.display(), line, offset, reason = %reject.reason, "rejected");
@@ -512,9 +573,9 @@ impl FileRun<'_> {
         reader: Box<dyn std::io::BufRead + Send>,
         state: &mut SourceState,
         progress: &mut dyn FnMut(u64),
-    ) -> Result<()> {
+    ) -> Result<(), IngestError> {
         let skip = state.offset;
-        let mut fatal: Option<anyhow::Error> = None;
+        let mut fatal: Option<StoreError> = None;
         let mut pending: Vec<(u64, Value)> = Vec::new();
         let parsed = {
             let mut index = 0u64;
@@ -541,7 +602,7 @@ impl FileRun<'_> {
             serde::Deserializer::deserialize_seq(&mut de, ElementVisitor { f: &mut on_element }).and_then(|()| de.end())
         };
         if let Some(e) = fatal {
-            return Err(e);
+            return Err(e.into());
         }
         let syntax = match parsed {
             Ok(()) => None,
@@ -574,7 +635,7 @@ impl FileRun<'_> {
         pending: &mut Vec<(u64, Value)>,
         state: &mut SourceState,
         syntax: Option<(u64, String)>,
-    ) -> Result<()> {
+    ) -> Result<(), StoreError> {
         let now = self.clock.now();
         let mut batch = store.batch();
         for (index, doc) in pending.drain(..) {
@@ -595,7 +656,7 @@ impl FileRun<'_> {
 
 /// Failpoint `ingest-after-commit`: dies right after a batch reached the disk (a crash
 /// before that just loses the batch and its offset together, which the next run re-reads).
-fn crash_after_durable_commit(store: &Store) -> Result<()> {
+fn crash_after_durable_commit(store: &Store) -> Result<(), StoreError> {
     if crate::failpoint::armed("ingest-after-commit") {
         store.flush()?;
         crate::failpoint::hit("ingest-after-commit");
@@ -628,7 +689,7 @@ pub fn ingest_paths(
     paths: &[PathBuf],
     opts: &IngestOptions,
     progress: &mut dyn FnMut(&Path, u64),
-) -> Result<IngestReport> {
+) -> Result<IngestReport, IngestError> {
     let Expanded { files, skipped } = expand_paths(paths)?;
     let mut total = IngestReport { skipped, ..Default::default() };
     for f in &files {

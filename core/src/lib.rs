@@ -4,6 +4,7 @@ pub mod clock;
 pub mod daemon;
 pub mod detect;
 pub mod disk;
+pub mod error;
 pub mod failpoint;
 pub mod findings;
 pub mod fingerprint;

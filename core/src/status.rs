@@ -1,7 +1,7 @@
 //! The status report shared by `lookout status`, `--json` and the daemon's `/status`.
 
+use crate::error::StoreError;
 use crate::store::{dec, keys, Counters, SourceState, Store};
-use anyhow::Result;
 use lookout_plugin_sdk::time::format_timestamp;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -49,7 +49,7 @@ pub struct Status {
 
 /// The status with counts of rows within retention (exact: blocks that straddle the
 /// horizon are read).
-pub fn status(store: &Store) -> Result<Status> {
+pub fn status(store: &Store) -> Result<Status, StoreError> {
     let mut s = status_of(store.db(), store.data_dir())?;
     let kept = store.retained()?;
     s.tables = kept.rows.iter().map(|(t, n)| (t.clone(), TableStatus { rows: *n })).collect();
@@ -60,12 +60,13 @@ pub fn status(store: &Store) -> Result<Status> {
 }
 
 /// The status read straight from the database (the daemon's endpoint holds only a handle).
-pub fn status_of(db: &sled::Db, data_dir: &Path) -> Result<Status> {
+pub fn status_of(db: &sled::Db, data_dir: &Path) -> Result<Status, StoreError> {
     let c: Counters = match db.get([keys::COUNTERS])? {
         Some(v) => dec(&v)?,
         None => Counters::default(),
     };
-    let sources: Vec<SourceState> = db.scan_prefix([keys::SOURCE]).map(|kv| dec(&kv?.1)).collect::<Result<_>>()?;
+    let sources: Vec<SourceState> =
+        db.scan_prefix([keys::SOURCE]).map(|kv| dec(&kv?.1)).collect::<Result<_, StoreError>>()?;
     let sources = sources
         .into_iter()
         .map(|s| SourceStatus {

@@ -12,10 +12,10 @@
 //! rewritten) is read again from the start. Everything is committed through
 //! [`crate::ingest::read_source`], so offsets move atomically with the rows.
 
+use crate::error::Chain;
 use crate::fingerprint::{fingerprint, head_hash, tail_matches, Fingerprint, HEAD_LEN, MIN_MATCH_LEN};
-use crate::ingest::{fresh_state, has_news, read_source, state_for, ChangedWhileReading, IngestOptions, IngestReport};
+use crate::ingest::{fresh_state, has_news, read_source, state_for, IngestError, IngestOptions, IngestReport};
 use crate::store::{source_key, OffsetUnit, SourceState, Store};
-use anyhow::{Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -29,6 +29,9 @@ struct Tracked {
     /// Seen in the directory at the last listing.
     present: bool,
 }
+
+/// Regular files in the directory with their (device, inode).
+type Listing = Vec<(PathBuf, (u64, u64))>;
 
 /// How far behind the end of a file Lookout is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,16 +49,6 @@ pub struct Tailer {
     skipped: BTreeMap<PathBuf, &'static str>,
     /// Files that failed to read, with their size then: retried once the size changes.
     broken: HashMap<(u64, u64), u64>,
-}
-
-/// Context on a read failure: the file's raw size when it failed.
-#[derive(Debug)]
-struct BrokenInput(u64);
-
-impl std::fmt::Display for BrokenInput {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "reading a file of {} bytes", self.0)
-    }
 }
 
 impl Tailer {
@@ -77,10 +70,10 @@ impl Tailer {
 
     /// Entries of the directory that are regular files (not hidden, not symlinks), with
     /// their (device, inode); anything else is recorded as skipped, with the reason.
-    fn list(&mut self) -> Result<Vec<(PathBuf, (u64, u64))>> {
+    fn list(&mut self) -> Result<Listing, IngestError> {
         let mut out = Vec::new();
         let mut skipped = BTreeMap::new();
-        let entries = std::fs::read_dir(&self.dir).with_context(|| format!("cannot list {}", self.dir.display()))?;
+        let entries = std::fs::read_dir(&self.dir).map_err(IngestError::unreadable("list", &self.dir))?;
         for entry in entries {
             let Ok(entry) = entry else { continue };
             let path = entry.path();
@@ -122,33 +115,36 @@ impl Tailer {
         &self.skipped
     }
 
-    /// A file could not be read (corrupt gzip, an I/O error on the file): it is skipped
-    /// until it changes, and the other files go on. A store failure is returned instead.
-    fn input_failed(&mut self, key: (u64, u64), path: &Path, e: anyhow::Error) -> Result<()> {
-        if e.chain().any(|c| c.is::<sled::Error>()) {
-            return Err(e);
+    /// Reading a file of `size` bytes failed. If the file could not be read (corrupt gzip,
+    /// an I/O error on the file) it is skipped until it changes, and the other files go
+    /// on. A store failure is returned instead.
+    fn input_failed(&mut self, key: (u64, u64), path: &Path, size: u64, e: IngestError) -> Result<(), IngestError> {
+        match e {
+            IngestError::Store(_) => Err(e),
+            IngestError::DiskSpaceLow(low) => {
+                // Back to what is committed; the daemon pauses until there is room.
+                tracing::warn!(file = %path.display(), error = %low, "not read further for now");
+                self.files.remove(&key);
+                Ok(())
+            }
+            IngestError::ChangedWhileReading(_) => {
+                // Back to what is committed; the next look sees the truncation.
+                tracing::info!(file = %path.display(), "truncated while being read; looking again");
+                self.files.remove(&key);
+                Ok(())
+            }
+            e => {
+                debug_assert!(e.is_input_failure());
+                tracing::warn!(file = %path.display(), error = %Chain(&e), "cannot read log file; skipped until it changes");
+                self.broken.insert(key, size);
+                self.skipped.insert(path.to_path_buf(), "unreadable_input");
+                Ok(())
+            }
         }
-        if let Some(low) = e.chain().find_map(|c| c.downcast_ref::<crate::disk::DiskSpaceLow>()) {
-            // Back to what is committed; the daemon pauses until there is room.
-            tracing::warn!(file = %path.display(), error = %low, "not read further for now");
-            self.files.remove(&key);
-            return Ok(());
-        }
-        if e.chain().any(|c| c.is::<ChangedWhileReading>()) {
-            // Back to what is committed; the next look sees the truncation.
-            tracing::info!(file = %path.display(), "truncated while being read; looking again");
-            self.files.remove(&key);
-            return Ok(());
-        }
-        let size = e.downcast_ref::<BrokenInput>().map_or(0, |b| b.0);
-        tracing::warn!(file = %path.display(), error = %format!("{e:#}"), "cannot read log file; skipped until it changes");
-        self.broken.insert(key, size);
-        self.skipped.insert(path.to_path_buf(), "unreadable_input");
-        Ok(())
     }
 
     /// One look at the directory: reads whatever is new, committing as it goes.
-    pub fn poll(&mut self, store: &mut Store, stop: &AtomicBool) -> Result<IngestReport> {
+    pub fn poll(&mut self, store: &mut Store, stop: &AtomicBool) -> Result<IngestReport, IngestError> {
         let mut report = IngestReport::default();
         // What every known file looked like before anything is read or reset this poll.
         let before: Vec<SourceState> = self.files.values().map(|t| t.state.clone()).chain(store.sources()?).collect();
@@ -190,12 +186,15 @@ impl Tailer {
             }
             let Some(t) = self.files.get_mut(&key) else { continue };
             let path = t.path.clone();
-            let result = (|| -> Result<Option<IngestReport>> {
-                let fp = fingerprint(&t.file).with_context(|| format!("cannot read {}", t.path.display()))?;
+            // The file's size when reading it failed (0 if even that is unknown).
+            let mut size = 0;
+            let result = (|| -> Result<Option<IngestReport>, IngestError> {
+                let fp = fingerprint(&t.file).map_err(IngestError::unreadable("read", &t.path))?;
+                size = fp.size;
                 if self.broken.get(&key) == Some(&fp.size) {
                     return Ok(None);
                 }
-                if !same_content(&t.file, &t.state, &fp)? {
+                if !same_content(&t.file, &t.state, &fp).map_err(IngestError::unreadable("read", &t.path))? {
                     tracing::info!(file = %t.path.display(), "file was truncated or rewritten; reading it from the start");
                     t.state = fresh_state(&t.path, &fp);
                 }
@@ -203,13 +202,12 @@ impl Tailer {
                 if !has_news(&t.state, &fp) {
                     return Ok(None);
                 }
-                let r = read_source(store, &t.file, &t.path, &fp, &mut t.state, &self.opts, Some(stop), &mut |_| {});
-                r.map(Some).map_err(|e| e.context(BrokenInput(fp.size)))
+                read_source(store, &t.file, &t.path, &fp, &mut t.state, &self.opts, Some(stop), &mut |_| {}).map(Some)
             })();
             match result {
                 Ok(Some(r)) => report.merge(r),
                 Ok(None) => {}
-                Err(e) => self.input_failed(key, &path, e)?,
+                Err(e) => self.input_failed(key, &path, size, e)?,
             }
         }
 
@@ -226,14 +224,14 @@ impl Tailer {
             let fp = match fingerprint(&file) {
                 Ok(fp) => fp,
                 Err(e) => {
-                    let e = anyhow::Error::new(e).context(format!("cannot read {}", path.display()));
-                    self.input_failed(key, &path, e.context(BrokenInput(meta.len())))?;
+                    self.input_failed(key, &path, meta.len(), IngestError::unreadable("read", &path)(e))?;
                     continue;
                 }
             };
             let mut state = state_for(store, &file, &fp, &path)?;
             if state.offset == 0 && !state.done {
-                if let Some(from) = self.copied_from(&before, &file, &fp)? {
+                let copied = self.copied_from(&before, &file, &fp).map_err(IngestError::unreadable("read", &path))?;
+                if let Some(from) = copied {
                     tracing::info!(file = %path.display(), from = %from.path, offset = from.offset, "recognised as a rotated copy; continuing at its offset");
                     state.offset = from.offset;
                     state.unit = from.unit;
@@ -246,7 +244,7 @@ impl Tailer {
                 match read_source(store, &file, &path, &fp, &mut state, &self.opts, Some(stop), &mut |_| {}) {
                     Ok(r) => report.merge(r),
                     Err(e) => {
-                        self.input_failed(key, &path, e.context(BrokenInput(fp.size)))?;
+                        self.input_failed(key, &path, fp.size, e)?;
                         continue;
                     }
                 }
@@ -263,7 +261,7 @@ impl Tailer {
         //    files are closed.
         let mut forget = Vec::new();
         for (key, t) in &self.files {
-            if !t.present && !still_linked(&t.file) && caught_up(t)? {
+            if !t.present && !still_linked(&t.file) && caught_up(t).map_err(IngestError::unreadable("read", &t.path))? {
                 forget.push((*key, true));
             }
         }
@@ -296,7 +294,12 @@ impl Tailer {
     /// A known file this one is a copy of (same first bytes and the same bytes before the
     /// offset), with the largest offset. `before` holds the states as they were when this
     /// poll began: the original of a copytruncate may already have been reset this poll.
-    fn copied_from(&self, before: &[SourceState], file: &File, fp: &Fingerprint) -> Result<Option<SourceState>> {
+    fn copied_from(
+        &self,
+        before: &[SourceState],
+        file: &File,
+        fp: &Fingerprint,
+    ) -> std::io::Result<Option<SourceState>> {
         let mut best: Option<SourceState> = None;
         let known = before.iter().chain(self.files.values().map(|t| &t.state)).cloned();
         for s in known {
@@ -359,7 +362,7 @@ fn id_of(key: (u64, u64)) -> Vec<u8> {
 
 /// The file still starts with the bytes it started with, did not shrink below the
 /// offset, and (plain line files) still holds the bytes just before the offset.
-fn same_content(file: &File, state: &SourceState, fp: &Fingerprint) -> Result<bool> {
+fn same_content(file: &File, state: &SourceState, fp: &Fingerprint) -> std::io::Result<bool> {
     let plain_lines = !fp.compressed && state.unit == OffsetUnit::Bytes;
     if plain_lines && fp.size < state.offset {
         return Ok(false);
@@ -384,7 +387,7 @@ fn still_linked(file: &File) -> bool {
     file.metadata().map(|m| m.nlink() > 0).unwrap_or(false)
 }
 
-fn caught_up(t: &Tracked) -> Result<bool> {
+fn caught_up(t: &Tracked) -> std::io::Result<bool> {
     let fp = fingerprint(&t.file)?;
     Ok(!has_news(&t.state, &fp))
 }

@@ -198,11 +198,7 @@ impl DaemonSpec {
         let out = OpenOptions::new().create(true).append(true).open(&self.log).expect("daemon log file");
         let err = out.try_clone().expect("daemon log file");
         let mut cmd = Command::new(self.bin.clone().unwrap_or_else(lookout_bin));
-        cmd.arg("--data")
-            .arg(&self.data)
-            .arg("run")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(&self.args);
+        cmd.arg("--data").arg(&self.data).arg("run").args(["--listen", "127.0.0.1:0"]).args(&self.args);
         // Test fleets carry fixed timestamps that the clock has long passed: unless a test
         // is about retention (and says so), everything is kept.
         if !self.args.iter().any(|a| a == "--retention") {

@@ -17,7 +17,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const NOW: &str = "2025-05-08T00:00:00Z";
-const DETECTOR: &str = "winrm-plugin-lateral-movement@1.0.0";
+/// The WinRM detector's `detector` and `version` labels in /metrics.
+const DETECTOR: (&str, &str) = ("winrm-plugin-lateral-movement", "1.0.0");
 
 /// The daemon every test here runs: `--logs`, `--plugins`, `--findings`, fixed times,
 /// a quick rescan, its log in `<root>/daemon.log`.
@@ -96,6 +97,10 @@ struct Sample {
 impl Sample {
     fn label(&self, k: &str) -> Option<&str> {
         self.labels.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+    }
+
+    fn is_detector(&self, (name, version): (&str, &str)) -> bool {
+        self.label("detector") == Some(name) && self.label("version") == Some(version)
     }
 }
 
@@ -266,6 +271,28 @@ fn check_exposition(text: &str) -> Result<Vec<Sample>, String> {
             samples.push(Sample { name: name.to_string(), labels, value });
         }
     }
+    // Each histogram series has its buckets up to +Inf, a _sum and a _count equal to the
+    // +Inf bucket.
+    for (family, _) in types.iter().filter(|(_, k)| *k == "histogram") {
+        let series = |s: &Sample| -> Option<Vec<(String, String)>> {
+            let suffix = s.name.strip_prefix(family.as_str())?;
+            ["_bucket", "_sum", "_count"]
+                .contains(&suffix)
+                .then(|| s.labels.iter().filter(|(k, _)| k != "le").cloned().collect())
+        };
+        let all: BTreeSet<Vec<(String, String)>> = samples.iter().filter_map(series).collect();
+        for labels in all {
+            let find = |suffix: &str, le: Option<&str>| {
+                samples.iter().find(|s| {
+                    s.name == format!("{family}{suffix}") && series(s).as_ref() == Some(&labels) && s.label("le") == le
+                })
+            };
+            let (inf, sum, count) = (find("_bucket", Some("+Inf")), find("_sum", None), find("_count", None));
+            if sum.is_none() || count.is_none() || inf.map(|s| s.value) != count.map(|s| s.value) {
+                return Err(format!("histogram {family} {labels:?}: needs a +Inf bucket, _sum and an equal _count"));
+            }
+        }
+    }
     Ok(samples)
 }
 
@@ -279,21 +306,22 @@ fn exposition_checker_rejects_what_it_should() {
     let s = check_exposition(ok).unwrap();
     assert_eq!(s[0].label("x"), Some("q\"\\\n"));
     for bad in [
-        "a_total 1\n",                                  // no TYPE
-        "# TYPE a counter\na 1\n",                      // counter without _total
-        "# TYPE a gauge\n# TYPE a gauge\na 1\n",        // TYPE twice
-        "# TYPE a gauge\na{x=\"\\q\"} 1\n",             // bad escape
-        "# TYPE a gauge\na{x=\"1\"} one\n",             // bad value
-        "# TYPE a gauge\na{x=\"1\"} inf\n",             // Rust-only infinity
-        "# TYPE a gauge\n# TYPE b gauge\na 1\n",        // family not together
-        "# TYPE a gauge\na 1\n\n",                      // empty line
-        "# TYPE a gauge\na{x=\"1\"} 1\na{x=\"1\"} 2\n", // series twice
-        "# TYPE a gauge\na{x=1} 1\n",                   // unquoted
-        "# TYPE a gauge\n# a comment\na 1\n",           // stray comment
-        "# TYPE a gauge\na 1",                          // no final newline
-        "# TYPE a gauge\na 1 2 3\n",                    // junk after the value
-        "# TYPE 1a gauge\n1a 1\n",                      // bad name
-        "# TYPE a gauge\na{x=\"a\nb\"} 1\n",            // raw newline
+        "a_total 1\n",                                            // no TYPE
+        "# TYPE a counter\na 1\n",                                // counter without _total
+        "# TYPE a gauge\n# TYPE a gauge\na 1\n",                  // TYPE twice
+        "# TYPE a gauge\na{x=\"\\q\"} 1\n",                       // bad escape
+        "# TYPE a gauge\na{x=\"1\"} one\n",                       // bad value
+        "# TYPE a gauge\na{x=\"1\"} inf\n",                       // Rust-only infinity
+        "# TYPE a gauge\n# TYPE b gauge\na 1\n",                  // family not together
+        "# TYPE a gauge\na 1\n\n",                                // empty line
+        "# TYPE a gauge\na{x=\"1\"} 1\na{x=\"1\"} 2\n",           // series twice
+        "# TYPE a gauge\na{x=1} 1\n",                             // unquoted
+        "# TYPE a gauge\n# a comment\na 1\n",                     // stray comment
+        "# TYPE a gauge\na 1",                                    // no final newline
+        "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\n", // histogram without _count
+        "# TYPE a gauge\na 1 2 3\n",                              // junk after the value
+        "# TYPE 1a gauge\n1a 1\n",                                // bad name
+        "# TYPE a gauge\na{x=\"a\nb\"} 1\n",                      // raw newline
     ] {
         assert!(check_exposition(bad).is_err(), "accepted {bad:?}");
     }
@@ -413,7 +441,7 @@ fn plugin_dropped_into_running_daemon_fires_without_restart() {
     let m = d.wait_for("the findings to be counted in /metrics", Duration::from_secs(30), |d| {
         let m = metric_samples(d);
         let found = samples_of(&m, "lookout_findings_total");
-        if found.iter().any(|s| s.label("detector") == Some(DETECTOR) && s.value == fleet.truth.len() as f64) {
+        if found.iter().any(|s| s.is_detector(DETECTOR) && s.value == fleet.truth.len() as f64) {
             Ok(m)
         } else {
             Err(format!("{found:?}"))
@@ -422,6 +450,8 @@ fn plugin_dropped_into_running_daemon_fires_without_restart() {
     let failures = samples_of(&m, "lookout_plugin_load_failures_total");
     assert_eq!(failures.len(), 1);
     assert_eq!(failures[0].value, 0.0, "a careful deploy must not count as a load failure");
+    let found = samples_of(&m, "lookout_findings_total");
+    assert!(found.iter().any(|s| s.is_detector(DETECTOR) && s.value == fleet.truth.len() as f64), "{found:?}");
     // Backfilling the new detector re-read nothing.
     let s = d.status();
     assert_eq!(table_counts(&s), fleet.counts);
@@ -466,7 +496,8 @@ fn metrics_pass_prometheus_exposition_check() {
         "lookout_rows_ingested_total",
         "lookout_rows_rejected_total",
         "lookout_source_bytes_behind",
-        "lookout_detector_pass_duration_seconds",
+        "lookout_detector_pass_duration_seconds_count",
+        "lookout_finding_latency_seconds_count",
         "lookout_findings_total",
         "lookout_plugin_load_failures_total",
     ] {
@@ -492,13 +523,13 @@ fn metrics_pass_prometheus_exposition_check() {
         fs::read_dir(&fleet.logs).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(names, want, "a path label per log file, unescaped back to the file name");
     assert!(behind.iter().all(|s| s.value == 0.0), "{behind:?}");
-    let pass = samples_of(&m, "lookout_detector_pass_duration_seconds");
-    assert!(pass.iter().any(|s| s.label("detector") == Some(DETECTOR)), "{pass:?}");
+    let pass = samples_of(&m, "lookout_detector_pass_duration_seconds_count");
+    assert!(pass.iter().any(|s| s.is_detector(DETECTOR) && s.value >= 1.0), "{pass:?}");
+    // Every finding followed a look that stored rows: each has a latency.
+    let latency = samples_of(&m, "lookout_finding_latency_seconds_count");
+    assert!(latency.iter().any(|s| s.is_detector(DETECTOR) && s.value == fleet.truth.len() as f64), "{latency:?}");
     let found = samples_of(&m, "lookout_findings_total");
-    assert!(
-        found.iter().any(|s| s.label("detector") == Some(DETECTOR) && s.value == fleet.truth.len() as f64),
-        "{found:?}"
-    );
+    assert!(found.iter().any(|s| s.is_detector(DETECTOR) && s.value == fleet.truth.len() as f64), "{found:?}");
     assert_eq!(samples_of(&m, "lookout_plugin_load_failures_total")[0].value, 0.0);
 
     // /status, and `lookout status --json` asking the running daemon.

@@ -2,10 +2,11 @@
 //! `lookout status --json`). Only one process can open the database, so this is how
 //! other `lookout` commands see a running daemon.
 
-use super::metrics::{render, Metrics};
+use super::metrics::{render, Metrics, CONTENT_TYPE};
+use super::DaemonError;
+use crate::error::Chain;
 use crate::status::status_of;
 use crate::store::{dec, keys, Counters};
-use anyhow::{anyhow, Result};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -26,17 +27,22 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn start(listen: &str, db: SharedDb, data_dir: &Path, metrics: Arc<Mutex<Metrics>>) -> Result<Endpoint> {
+    pub fn start(
+        listen: &str,
+        db: SharedDb,
+        data_dir: &Path,
+        metrics: Arc<Mutex<Metrics>>,
+    ) -> Result<Endpoint, DaemonError> {
         let server = tiny_http::Server::http(listen)
-            .map_err(|e| anyhow!("cannot listen on {listen}: {e} (use --listen to pick another address)"))?;
-        let addr = server.server_addr().to_ip().ok_or_else(|| anyhow!("{listen} is not an IP address"))?;
+            .map_err(|source| DaemonError::Listen { addr: listen.to_string(), source })?;
+        let addr = server.server_addr().to_ip().ok_or_else(|| DaemonError::NotIp(listen.to_string()))?;
         let server = Arc::new(server);
         let data_dir = data_dir.to_path_buf();
         let s = server.clone();
         let thread = std::thread::Builder::new()
             .name("lookout-http".into())
             .spawn(move || serve(&s, &db, &data_dir, &metrics))
-            .map_err(|e| anyhow!("cannot start the endpoint thread: {e}"))?;
+            .map_err(DaemonError::EndpointThread)?;
         Ok(Endpoint { server, thread: Some(thread), addr })
     }
 
@@ -60,14 +66,15 @@ fn serve(server: &tiny_http::Server, db: &SharedDb, data_dir: &Path, metrics: &M
                     last_counters = c;
                 }
                 let m = metrics.lock().map(|m| m.clone()).unwrap_or_default();
-                (200, "text/plain; version=0.0.4; charset=utf-8", render(&m, &last_counters))
+                (200, CONTENT_TYPE, render(&m, &last_counters))
             }
             (tiny_http::Method::Get, "/status") => match guard.as_ref() {
                 None => {
                     (503, "text/plain; charset=utf-8", "the database is being reopened after an error; retry\n".into())
                 }
-                Some(db) => match status_of(db, data_dir).and_then(|s| Ok(serde_json::to_string(&s)?)) {
-                    Ok(json) => (200, "application/json", json),
+                Some(db) => match status_of(db, data_dir).map(|s| serde_json::to_string(&s)) {
+                    Ok(Ok(json)) => (200, "application/json", json),
+                    Ok(Err(e)) => (500, "text/plain; charset=utf-8", format!("status failed: {}\n", Chain(&e))),
                     Err(e) => (500, "text/plain; charset=utf-8", format!("status failed: {e:#}\n")),
                 },
             },

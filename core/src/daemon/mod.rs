@@ -8,18 +8,56 @@ pub mod metrics;
 pub mod plugin_set;
 pub mod watch;
 
-use crate::detect::{run_pass, DetectOptions};
+use crate::detect::{run_pass, DetectOptions, PassError};
+use crate::error::{Chain, StoreError};
 use crate::findings::flush_outbox;
-use crate::ingest::IngestOptions;
+use crate::ingest::{IngestError, IngestOptions};
+use crate::plugin::FolderError;
 use crate::store::Store;
 use crate::tail::Tailer;
-use anyhow::{Context, Result};
 use metrics::Metrics;
 use plugin_set::PluginSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+
+/// Why the service could not start, or why its work loop failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("logs folder {} does not exist or is not a folder", .0.display())]
+    NoLogsFolder(PathBuf),
+    #[error("cannot listen on {addr} (use --listen to pick another address)")]
+    Listen {
+        addr: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{0} is not an IP address")]
+    NotIp(String),
+    #[error("cannot start the endpoint thread")]
+    EndpointThread(#[source] std::io::Error),
+    #[error("cannot write {}", path.display())]
+    AddrFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Watch(#[from] watch::WatchError),
+    /// The plugins folder could not be read (a refused folder or library is not an error).
+    #[error(transparent)]
+    Plugins(#[from] FolderError),
+    /// The tailer failed (a file it could not read is skipped, not an error).
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Detect(#[from] PassError),
+    #[error("cannot write the findings")]
+    Findings(#[source] StoreError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -47,9 +85,9 @@ pub struct DaemonConfig {
 /// the service: the store is closed and reopened after a back-off, so ingestion resumes
 /// when the cause is gone. Problems at the start (a locked database, a bad address) are
 /// returned: they are the operator's to fix.
-pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
+pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
     if !cfg.logs.is_dir() {
-        anyhow::bail!("logs folder {} does not exist or is not a folder", cfg.logs.display());
+        return Err(DaemonError::NoLogsFolder(cfg.logs.clone()));
     }
     let metrics = Arc::new(Mutex::new(Metrics::default()));
     let db: http::SharedDb = Arc::new(RwLock::new(None));
@@ -59,19 +97,19 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let endpoint = http::Endpoint::start(&cfg.listen, db.clone(), &cfg.data, metrics.clone())?;
     let addr_file = http::addr_file(&cfg.data);
     std::fs::write(&addr_file, endpoint.addr.to_string())
-        .with_context(|| format!("cannot write {}", addr_file.display()))?;
+        .map_err(|source| DaemonError::AddrFile { path: addr_file.clone(), source })?;
     tracing::info!(logs = %cfg.logs.display(), plugins = %cfg.plugins.display(), listen = %endpoint.addr, "lookout running");
 
     let mut backoff = Duration::from_millis(250);
     let result = loop {
         let worked = work(&cfg, &mut store, &metrics, &stop)
-            .and_then(|()| flush_outbox(&mut store, &cfg.findings).map(|_| ()))
-            .and_then(|()| store.flush_and_save_key_filter());
+            .and_then(|()| flush_outbox(&mut store, &cfg.findings).map(|_| ()).map_err(DaemonError::Findings))
+            .and_then(|()| Ok(store.flush_and_save_key_filter()?));
         let e = match worked {
             Ok(()) => break Ok(()),
             Err(e) => e,
         };
-        tracing::error!(error = %format!("{e:#}"), retry_in = ?backoff, "work loop failed; reopening the database and retrying");
+        tracing::error!(error = %Chain(&e), retry_in = ?backoff, "work loop failed; reopening the database and retrying");
         metrics.lock().unwrap_or_else(|p| p.into_inner()).restarts += 1;
         // Everything committed is intact and everything else is read again, so the way
         // back from (say) a full disk is to drop every handle, wait, and reopen.
@@ -124,7 +162,12 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
-fn work(cfg: &DaemonConfig, store: &mut Store, metrics: &Mutex<Metrics>, stop: &Arc<AtomicBool>) -> Result<()> {
+fn work(
+    cfg: &DaemonConfig,
+    store: &mut Store,
+    metrics: &Mutex<Metrics>,
+    stop: &Arc<AtomicBool>,
+) -> Result<(), DaemonError> {
     let watch = watch::Watch::new(&cfg.logs, &cfg.plugins)?;
     let mut tailer = Tailer::new(&cfg.logs, cfg.ingest.clone());
     let mut plugins = PluginSet::new(&cfg.plugins, &cfg.data);
@@ -173,6 +216,8 @@ fn work(cfg: &DaemonConfig, store: &mut Store, metrics: &Mutex<Metrics>, stop: &
         store.set_retention(cfg.retention);
         store.advance_clock(crate::clock::Clock::new(cfg.now.or(cfg.ingest.now)).now())?;
         store.expire_step(crate::store::retention::BLOCKS_PER_STEP)?;
+        // The start of the read that the finding latency is measured from.
+        let poll_started = Instant::now();
         let report = tailer.poll(store, stop)?;
         if report.total_rejected() > 0 {
             tracing::warn!(rejected = report.total_rejected(), "bad records kept aside (lookout status --rejects)");
@@ -180,19 +225,21 @@ fn work(cfg: &DaemonConfig, store: &mut Store, metrics: &Mutex<Metrics>, stop: &
         if report.changed() || plugins_changed || first {
             first = false;
             let reports = run_pass(store, &mut plugins.plugins, &detect_opts)?;
-            let written = flush_outbox(store, &cfg.findings)?;
+            let written = flush_outbox(store, &cfg.findings).map_err(DaemonError::Findings)?;
+            let latency = poll_started.elapsed();
             if written > 0 {
                 tracing::info!(findings = written, file = %cfg.findings.display(), "new findings");
             }
             let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
             for r in reports {
-                let d = m.detectors.entry(format!("{}@{}", r.detector, r.version)).or_default();
-                d.passes += 1;
-                d.rows += r.rows;
-                d.findings += r.new_findings;
-                d.last_pass_seconds = r.elapsed.as_secs_f64();
+                let labels = metrics::DetectorLabels { detector: r.detector.clone(), version: r.version.clone() };
+                m.observe_pass(&labels, r.elapsed, r.rows, r.new_findings, r.error.is_some());
+                // Only findings that follow a look that stored rows: a pass run because a
+                // plugin was dropped in finds what was read long before.
+                if report.changed() {
+                    m.observe_findings(&labels, r.new_findings, latency);
+                }
                 if let Some(e) = r.error {
-                    d.failures += 1;
                     tracing::warn!(detector = %r.detector, error = %e, "detector failed; retried next pass");
                 }
             }

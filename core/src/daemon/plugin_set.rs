@@ -2,8 +2,8 @@
 //! without a restart; a changed one is loaded from a fresh private copy; a removed one
 //! stops running (its code stays mapped: libraries are never unloaded).
 
-use crate::plugin::{self, guard, Plugin};
-use anyhow::Result;
+use crate::error::Chain;
+use crate::plugin::{self, guard, FolderError, Plugin};
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -48,10 +48,10 @@ impl PluginSet {
     }
 
     /// Re-reads the folder; returns whether the set of running detectors changed.
-    pub fn refresh(&mut self) -> Result<bool> {
+    pub fn refresh(&mut self) -> Result<bool, FolderError> {
         if let Err(e) = guard::check_dir(&self.dir) {
             if !self.plugins.is_empty() || self.seen.is_empty() {
-                tracing::error!(error = %format!("{e:#}"), "plugins folder refused; no detector runs until it is fixed");
+                tracing::error!(error = %Chain(&e), "plugins folder refused; no detector runs until it is fixed");
                 self.failures += 1;
             }
             let changed = !self.plugins.is_empty();
@@ -69,7 +69,7 @@ impl PluginSet {
         let pin_list = match guard::read_pins(&self.dir) {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "pin file refused; no detector runs until it is fixed");
+                tracing::error!(error = %Chain(&e), "pin file refused; no detector runs until it is fixed");
                 self.failures += 1;
                 self.plugins.clear();
                 self.seen = now;
@@ -101,11 +101,13 @@ impl PluginSet {
                     tracing::info!(plugin = %file.display(), detector = %p.id(), sha256 = %p.sha256, "plugin loaded");
                     self.plugins.push(p);
                 }
-                Err(reason) => {
-                    tracing::warn!(plugin = %file.display(), reason = %reason, "plugin refused");
+                Err(e) => {
                     self.failures += 1;
-                    if guard::is_copy_failure(&reason) {
+                    if e.is_retryable() {
+                        tracing::warn!(plugin = %file.display(), error = %Chain(&e), "plugin not loaded; tried again on the next look");
                         retry.push(file.clone());
+                    } else {
+                        tracing::warn!(plugin = %file.display(), reason = %Chain(&e), "plugin refused");
                     }
                 }
             }

@@ -2,7 +2,6 @@
 //! the daemon also looks every rescan interval, so a missed or overflowed event costs
 //! latency, never data.
 
-use anyhow::{anyhow, Result};
 use notify::{RecursiveMode, Watcher};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
@@ -14,6 +13,16 @@ pub struct Changes {
     pub plugins: bool,
 }
 
+/// A folder cannot be watched.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot watch {what}")]
+pub struct WatchError {
+    /// `files`, `logs folder /var/log/defender`, …
+    pub what: String,
+    #[source]
+    pub source: notify::Error,
+}
+
 pub struct Watch {
     _watcher: notify::RecommendedWatcher,
     rx: Receiver<Changes>,
@@ -23,7 +32,7 @@ pub struct Watch {
 const DEBOUNCE: Duration = Duration::from_millis(15);
 
 impl Watch {
-    pub fn new(logs: &Path, plugins: &Path) -> Result<Watch> {
+    pub fn new(logs: &Path, plugins: &Path) -> Result<Watch, WatchError> {
         let (tx, rx) = channel();
         let logs_dir: PathBuf = logs.to_path_buf();
         let plugins_dir: PathBuf = plugins.to_path_buf();
@@ -39,14 +48,14 @@ impl Watch {
             };
             let _ = tx.send(c);
         })
-        .map_err(|e| anyhow!("cannot watch files: {e}"))?;
+        .map_err(|source| WatchError { what: "files".into(), source })?;
         watcher
             .watch(logs, RecursiveMode::NonRecursive)
-            .map_err(|e| anyhow!("cannot watch logs folder {}: {e}", logs.display()))?;
+            .map_err(|source| WatchError { what: format!("logs folder {}", logs.display()), source })?;
         if plugins.is_dir() {
             watcher
                 .watch(plugins, RecursiveMode::NonRecursive)
-                .map_err(|e| anyhow!("cannot watch plugins folder {}: {e}", plugins.display()))?;
+                .map_err(|source| WatchError { what: format!("plugins folder {}", plugins.display()), source })?;
         }
         Ok(Watch { _watcher: watcher, rx })
     }

@@ -1,7 +1,6 @@
 //! Opening an input file: gzip is recognised by its magic bytes, not its name, and the
 //! first non-blank byte tells a JSON array export from line-delimited JSON.
 
-use anyhow::{Context, Result};
 use flate2::read::MultiGzDecoder;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -74,41 +73,58 @@ pub fn content_reader(file: &File) -> std::io::Result<Box<dyn Read + Send>> {
     Ok(if is_gzip(file)? { Box::new(MultiGzDecoder::new(f)) } else { Box::new(f) })
 }
 
+/// Why a file could not be opened for reading.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot {action} {}", path.display())]
+    Io {
+        /// `open`, `read` or `decompress`.
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: decompressed input is {len} bytes, shorter than the committed offset {offset}", path.display())]
+    ShorterThanOffset { path: std::path::PathBuf, len: u64, offset: u64 },
+}
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> OpenError {
+    let path = path.to_path_buf();
+    move |source| OpenError::Io { action, path, source }
+}
+
 /// Opens `path` and positions the reader at `skip` bytes of (decompressed) input;
 /// `count` accumulates the raw bytes read.
-pub fn open(path: &Path, skip: u64, count: Arc<AtomicU64>) -> Result<Opened> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+pub fn open(path: &Path, skip: u64, count: Arc<AtomicU64>) -> Result<Opened, OpenError> {
+    let file = File::open(path).map_err(io("open", path))?;
     open_file(&file, path, skip, count)
 }
 
 /// Like [`open`], for a file already open (the tailer keeps rotated files open).
-pub fn open_file(file: &File, path: &Path, skip: u64, count: Arc<AtomicU64>) -> Result<Opened> {
-    let compressed = is_gzip(file).with_context(|| format!("cannot read {}", path.display()))?;
+pub fn open_file(file: &File, path: &Path, skip: u64, count: Arc<AtomicU64>) -> Result<Opened, OpenError> {
+    let compressed = is_gzip(file).map_err(io("read", path))?;
     if compressed {
-        let f = FileAt::new(file, 0).with_context(|| format!("cannot read {}", path.display()))?.counting(count);
+        let f = FileAt::new(file, 0).map_err(io("read", path))?.counting(count);
         let mut reader: Box<dyn BufRead + Send> = Box::new(BufReader::with_capacity(READ_BUF, MultiGzDecoder::new(f)));
-        let head = reader.fill_buf().with_context(|| format!("cannot decompress {}", path.display()))?;
+        let head = reader.fill_buf().map_err(io("decompress", path))?;
         let layout = sniff_layout(head);
         let bom = if head.starts_with(BOM) { 3 } else { 0 };
         let skip = if skip == 0 { bom } else { skip };
-        let skipped = std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink())
-            .with_context(|| format!("cannot decompress {}", path.display()))?;
+        let skipped =
+            std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink()).map_err(io("decompress", path))?;
         if skipped < skip {
-            anyhow::bail!(
-                "{}: decompressed input is {skipped} bytes, shorter than the committed offset {skip}",
-                path.display()
-            );
+            return Err(OpenError::ShorterThanOffset { path: path.to_path_buf(), len: skipped, offset: skip });
         }
         Ok(Opened { reader, compressed, layout, bom })
     } else {
         let mut head = vec![0u8; 4096];
-        let n = file.read_at(&mut head, 0).with_context(|| format!("cannot read {}", path.display()))?;
+        let n = file.read_at(&mut head, 0).map_err(io("read", path))?;
         head.truncate(n);
         let layout = sniff_layout(&head);
         let bom = if head.starts_with(BOM) { 3 } else { 0 };
         let skip = if skip == 0 { bom } else { skip };
         count.store(skip, Ordering::Relaxed);
-        let f = FileAt::new(file, skip).with_context(|| format!("cannot read {}", path.display()))?.counting(count);
+        let f = FileAt::new(file, skip).map_err(io("read", path))?.counting(count);
         let reader = Box::new(BufReader::with_capacity(READ_BUF, f));
         Ok(Opened { reader, compressed, layout, bom })
     }

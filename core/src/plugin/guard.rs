@@ -5,7 +5,7 @@
 //! private copy, and that copy is what gets loaded, so the file cannot change between
 //! the check and the load.
 
-use anyhow::{anyhow, Context, Result};
+use super::error::{FolderError, LoadError, Refused, UnsafeOwnership};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -19,10 +19,11 @@ pub const PIN_FILE: &str = "lookout-pins.sha256";
 /// Libraries larger than this are refused without being read.
 const MAX_PLUGIN_BYTES: u64 = 512 << 20;
 
-#[derive(Debug, Clone)]
+/// A library that was not loaded, and why.
+#[derive(Debug)]
 pub struct Refusal {
     pub path: PathBuf,
-    pub reason: String,
+    pub reason: LoadError,
 }
 
 pub struct Verified {
@@ -39,36 +40,33 @@ fn service_uid() -> u32 {
 }
 
 /// Why `meta` is not safe to trust, if it is not.
-fn unsafe_ownership(meta: &std::fs::Metadata, what: &str) -> Option<String> {
+fn unsafe_ownership(meta: &std::fs::Metadata) -> Option<UnsafeOwnership> {
     let mode = meta.permissions().mode();
     if mode & 0o022 != 0 {
-        return Some(format!("{what} is writable by group or others (mode {:o}); run chmod go-w on it", mode & 0o7777));
+        return Some(UnsafeOwnership::Writable { mode: mode & 0o7777 });
     }
     let uid = meta.uid();
     if uid != 0 && uid != service_uid() {
-        return Some(format!(
-            "{what} is owned by uid {uid}, not root or the user Lookout runs as (uid {}); chown it",
-            service_uid()
-        ));
+        return Some(UnsafeOwnership::Owner { uid, service: service_uid() });
     }
     None
 }
 
-pub fn check_dir(dir: &Path) -> Result<()> {
-    let meta = std::fs::metadata(dir).with_context(|| format!("cannot read plugins folder {}", dir.display()))?;
+pub fn check_dir(dir: &Path) -> Result<(), FolderError> {
+    let meta = std::fs::metadata(dir).map_err(FolderError::io("read plugins folder", dir))?;
     if !meta.is_dir() {
-        return Err(anyhow!("plugins folder {} is not a directory", dir.display()));
+        return Err(FolderError::NotADirectory(dir.to_path_buf()));
     }
-    if let Some(reason) = unsafe_ownership(&meta, "the plugins folder") {
-        return Err(anyhow!("refusing plugins folder {}: {reason}", dir.display()));
+    if let Some(reason) = unsafe_ownership(&meta) {
+        return Err(FolderError::Unsafe { what: "plugins folder", path: dir.to_path_buf(), reason });
     }
     Ok(())
 }
 
 /// The `*.so` files in `dir`, in name order.
-pub fn discover(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn discover(dir: &Path) -> Result<Vec<PathBuf>, FolderError> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot list plugins folder {}", dir.display()))?
+        .map_err(FolderError::io("list plugins folder", dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "so"))
         .collect();
@@ -76,36 +74,38 @@ pub fn discover(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-pub fn read_pins(dir: &Path) -> Result<Option<Pins>> {
+pub fn read_pins(dir: &Path) -> Result<Option<Pins>, FolderError> {
     let path = dir.join(PIN_FILE);
     let meta = match std::fs::symlink_metadata(&path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(anyhow!("cannot read pin file {}: {e}", path.display())),
+        Err(e) => return Err(FolderError::io("read pin file", &path)(e)),
     };
-    if let Some(reason) = unsafe_ownership(&meta, "the pin file") {
-        return Err(anyhow!("refusing pin file {}: {reason}", path.display()));
+    if let Some(reason) = unsafe_ownership(&meta) {
+        return Err(FolderError::Unsafe { what: "pin file", path, reason });
     }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read pin file {}", path.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(FolderError::io("read pin file", &path))?;
     let mut pins = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (hash, name) = line
-            .split_once(char::is_whitespace)
-            .ok_or_else(|| anyhow!("{}:{}: expected '<sha256>  <file name>', got '{line}'", path.display(), i + 1))?;
+        let (hash, name) = line.split_once(char::is_whitespace).ok_or_else(|| FolderError::PinLine {
+            path: path.clone(),
+            line: i + 1,
+            text: line.to_string(),
+        })?;
         let name = name.trim().trim_start_matches('*');
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(anyhow!("{}:{}: '{hash}' is not a SHA-256 in hex", path.display(), i + 1));
+            return Err(FolderError::PinHash { path, line: i + 1, hash: hash.to_string() });
         }
         pins.insert(name.to_string(), hash.to_ascii_lowercase());
     }
     Ok(Some(Pins(pins)))
 }
 
-pub fn write_pins(dir: &Path, pins: &Pins) -> Result<PathBuf> {
+pub fn write_pins(dir: &Path, pins: &Pins) -> Result<PathBuf, FolderError> {
     let path = dir.join(PIN_FILE);
     let mut text =
         String::from("# Lookout plugin pins: only these libraries, with exactly these SHA-256s, are loaded.\n");
@@ -113,28 +113,23 @@ pub fn write_pins(dir: &Path, pins: &Pins) -> Result<PathBuf> {
         text.push_str(&format!("{hash}  {name}\n"));
     }
     let tmp = dir.join(format!(".{PIN_FILE}.tmp"));
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(&tmp)?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
-    }
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+    };
+    write().map_err(FolderError::io("write", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(FolderError::io("write", &path))?;
     Ok(path)
 }
 
 /// `<data>/plugin-cache`, private to the service user.
-pub fn cache_dir(data_dir: &Path) -> Result<PathBuf> {
+pub fn cache_dir(data_dir: &Path) -> Result<PathBuf, FolderError> {
     let dir = data_dir.join("plugin-cache");
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(FolderError::io("create", &dir))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot restrict {}", dir.display()))?;
+        .map_err(FolderError::io("restrict", &dir))?;
     // A copy interrupted by a crash leaves its temporary file behind; nothing else uses
     // them (finished copies are renamed into place).
     if let Ok(entries) = std::fs::read_dir(&dir) {
@@ -157,41 +152,30 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// How a refusal for failing to write the private copy starts: a failure on Lookout's
-/// side (a full disk), not of the library, so the file is tried again.
-pub const COPY_FAILURE: &str = "cannot write private copy";
-
-/// Whether a refusal reason is a failure to write the private copy (see [`COPY_FAILURE`]).
-pub fn is_copy_failure(reason: &str) -> bool {
-    reason.starts_with(COPY_FAILURE)
-}
-
 /// Checks `file`, reads it once, checks the pin, and writes the checked bytes to a
 /// private copy named after their hash.
-pub fn verify_and_copy(file: &Path, cache: &Path, pins: Option<&Pins>) -> Result<Verified, String> {
-    let meta = std::fs::symlink_metadata(file).map_err(|e| format!("cannot read: {e}"))?;
+pub fn verify_and_copy(file: &Path, cache: &Path, pins: Option<&Pins>) -> Result<Verified, LoadError> {
+    let meta = std::fs::symlink_metadata(file).map_err(Refused::Unreadable)?;
     if meta.file_type().is_symlink() {
-        return Err("is a symbolic link; copy the library itself into the plugins folder".into());
+        return Err(Refused::Symlink.into());
     }
     if !meta.is_file() {
-        return Err("is not a regular file".into());
+        return Err(Refused::NotAFile.into());
     }
-    if let Some(reason) = unsafe_ownership(&meta, "the file") {
-        return Err(reason);
+    if let Some(reason) = unsafe_ownership(&meta) {
+        return Err(Refused::Ownership(reason).into());
     }
     if meta.len() > MAX_PLUGIN_BYTES {
-        return Err(format!("is {} bytes, over the {MAX_PLUGIN_BYTES} byte limit", meta.len()));
+        return Err(Refused::TooLarge { size: meta.len(), limit: MAX_PLUGIN_BYTES }.into());
     }
-    let bytes = std::fs::read(file).map_err(|e| format!("cannot read: {e}"))?;
+    let bytes = std::fs::read(file).map_err(Refused::Unreadable)?;
     let sha256 = sha256_hex(&bytes);
     let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if let Some(pins) = pins {
         match pins.0.get(&name) {
-            None => return Err(format!("is not in the pin file {PIN_FILE}; run `lookout plugins pin` to trust it")),
+            None => return Err(Refused::NotPinned { pin_file: PIN_FILE }.into()),
             Some(p) if *p != sha256 => {
-                return Err(format!(
-                    "SHA-256 {sha256} does not match the pinned {p}: the file changed since it was pinned"
-                ))
+                return Err(Refused::PinMismatch { actual: sha256, pinned: p.clone() }.into());
             }
             Some(_) => {}
         }
@@ -205,6 +189,6 @@ pub fn verify_and_copy(file: &Path, cache: &Path, pins: Option<&Pins>) -> Result
         f.sync_all()?;
         std::fs::rename(&tmp, &copy)
     };
-    write().map_err(|e| format!("{COPY_FAILURE} {}: {e}", copy.display()))?;
+    write().map_err(|source| LoadError::Failed { copy: copy.clone(), source })?;
     Ok(Verified { copy, sha256 })
 }

@@ -1,6 +1,11 @@
 //! The callbacks a plugin makes into the host during `lookout_evaluate`: row fetches,
 //! (table, SHA1, DeviceId) look-ups and FileProfile, answered from the store.
 
+// One of the three modules allowed `unsafe` (the workspace denies it): the callbacks are
+// called by the plugin with raw pointers.
+#![allow(unsafe_code)]
+
+use crate::error::StoreError;
 use crate::store::Store;
 use lookout_plugin_sdk::abi::{self, LookoutBuf, LookoutHostApi, RC_ERROR, RC_OK};
 use lookout_plugin_sdk::{HostRequest, HostResponse};
@@ -24,12 +29,12 @@ fn answer(store: &Store, req: HostRequest) -> HostResponse {
         HostRequest::GetRows(keys) => keys
             .iter()
             .filter_map(|k| store.get_row(k).transpose())
-            .collect::<anyhow::Result<Vec<_>>>()
+            .collect::<Result<Vec<_>, StoreError>>()
             .map(HostResponse::Rows),
         HostRequest::GetRowsWhere { keys, filter } => keys
             .iter()
             .filter_map(|k| store.get_row_where(k, &filter).transpose())
-            .collect::<anyhow::Result<Vec<_>>>()
+            .collect::<Result<Vec<_>, StoreError>>()
             .map(HostResponse::Rows),
         HostRequest::Lookup { table, sha1, device_id } => {
             store.lookup(&table, &sha1, device_id.as_deref()).map(HostResponse::Rows)
@@ -39,13 +44,15 @@ fn answer(store: &Store, req: HostRequest) -> HostResponse {
         }
         HostRequest::Profile(sha1) => store.profile(&sha1).map(HostResponse::Profile),
         HostRequest::Profiles(sha1s) => {
-            sha1s.iter().map(|s| store.profile(s)).collect::<anyhow::Result<Vec<_>>>().map(HostResponse::Profiles)
+            sha1s.iter().map(|s| store.profile(s)).collect::<Result<Vec<_>, StoreError>>().map(HostResponse::Profiles)
         }
     };
     result.unwrap_or_else(|e| HostResponse::Error(format!("store error: {e:#}")))
 }
 
-fn give(bytes: Vec<u8>, out: *mut LookoutBuf) {
+/// # Safety
+/// `out` must be null or point to a writable `LookoutBuf`.
+unsafe fn give(bytes: Vec<u8>, out: *mut LookoutBuf) {
     if out.is_null() {
         return;
     }
@@ -56,7 +63,13 @@ fn give(bytes: Vec<u8>, out: *mut LookoutBuf) {
     unsafe { *out = LookoutBuf { ptr, len } };
 }
 
-extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, out: *mut LookoutBuf) -> i32 {
+/// `LookoutHostApi::call`.
+///
+/// # Safety
+/// As documented on `LookoutHostApi::call`: `ctx` is the table's context (a `HostCtx`
+/// made by [`with_host_api`], or null), `input` null or `len` readable bytes, `out` null
+/// or a writable `LookoutBuf`, all during the evaluate call the table was made for.
+unsafe extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, out: *mut LookoutBuf) -> i32 {
     let result = catch_unwind(AssertUnwindSafe(|| {
         if ctx.is_null() {
             return Err("null host context".to_string());
@@ -73,23 +86,21 @@ extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, out: *mu
         let req: HostRequest = abi::decode(input)?;
         abi::encode(&answer(ctx.store, req))
     }));
-    match result {
-        Ok(Ok(bytes)) => {
-            give(bytes, out);
-            RC_OK
-        }
-        Ok(Err(msg)) => {
-            give(msg.into_bytes(), out);
-            RC_ERROR
-        }
-        Err(_) => {
-            give(b"host panicked answering the request".to_vec(), out);
-            RC_ERROR
-        }
-    }
+    let (rc, bytes) = match result {
+        Ok(Ok(bytes)) => (RC_OK, bytes),
+        Ok(Err(msg)) => (RC_ERROR, msg.into_bytes()),
+        Err(_) => (RC_ERROR, b"host panicked answering the request".to_vec()),
+    };
+    // SAFETY: `out` is null or the plugin's writable LookoutBuf, per this function's contract.
+    unsafe { give(bytes, out) };
+    rc
 }
 
-extern "C" fn host_free(ptr: *mut u8, len: usize) {
+/// `LookoutHostApi::free`.
+///
+/// # Safety
+/// `ptr`/`len` must be exactly a buffer [`host_call`] wrote, not yet freed.
+unsafe extern "C" fn host_free(ptr: *mut u8, len: usize) {
     if ptr.is_null() {
         return;
     }

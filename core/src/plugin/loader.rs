@@ -1,6 +1,11 @@
 //! The host side of the C ABI (see `lookout_plugin_sdk::abi` for the contract). All
 //! calls into a library go through here.
 
+// One of the three modules allowed `unsafe` (the workspace denies it): loading a library
+// and calling its exports cannot be done without it.
+#![allow(unsafe_code)]
+
+use super::error::Refused;
 use lookout_plugin_sdk::abi::{
     self, AbiVersionFn, EvaluateFn, FreeFn, InitFn, LookoutBuf, LookoutHostApi, ManifestFn, ABI_VERSION, RC_OK,
     RC_PANIC,
@@ -17,55 +22,49 @@ pub struct PluginLib {
     free: FreeFn,
 }
 
-/// Why a call failed.
-#[derive(Debug, Clone, PartialEq)]
+/// Why a call failed: the plugin's own message (or what was wrong with its answer).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
 pub struct CallError {
     pub panicked: bool,
     pub message: String,
 }
 
-impl std::fmt::Display for CallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-/// Loads the library at `path` (a verified private copy) and checks the handshake.
-pub fn load(path: &Path) -> Result<PluginLib, String> {
+/// Loads the library at `path` (a verified private copy) and checks the handshake: the
+/// library must speak an ABI this host accepts (`abi::host_accepts`).
+pub fn load(path: &Path) -> Result<PluginLib, Refused> {
     // SAFETY: loading runs the library's initialisers. The file is a private copy whose
     // bytes were verified by `guard` (ownership, permissions, optional pin) just before.
-    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| format!("cannot load: {e}"))?;
+    let lib = unsafe { libloading::Library::new(path) }.map_err(Refused::Load)?;
     let lib: &'static libloading::Library = Box::leak(Box::new(lib));
     // SAFETY: the symbol, if present, is declared by the SDK with exactly this signature;
     // a library that exports it with another type is not a Lookout plugin and is refused
     // below by the version check before anything else is called.
-    let version: AbiVersionFn = unsafe { lib.get::<AbiVersionFn>(abi::SYM_ABI_VERSION) }
-        .map(|s| *s)
-        .map_err(|_| "not a Lookout plugin: it exports no lookout_abi_version (build it with lookout_plugin_sdk::export_detector!)".to_string())?;
+    let version: AbiVersionFn =
+        unsafe { lib.get::<AbiVersionFn>(abi::SYM_ABI_VERSION) }.map(|s| *s).map_err(|_| Refused::NotAPlugin)?;
     // SAFETY: `lookout_abi_version` takes no arguments and returns a u32 by contract.
     let v = unsafe { version() };
-    if v != ABI_VERSION {
-        return Err(format!(
-            "speaks plugin ABI version {v}, this Lookout speaks {ABI_VERSION}; rebuild it against the matching lookout-plugin-sdk"
-        ));
+    if !abi::host_accepts(ABI_VERSION, v) {
+        return Err(Refused::AbiVersion { plugin: v, host: ABI_VERSION });
     }
-    let sym = |name: &[u8]| -> Result<(), String> {
+    let sym = |name: &[u8]| -> Result<(), Refused> {
         // SAFETY: only checks presence; the pointer is not called here.
         unsafe { lib.get::<*const ()>(name) }
             .map(|_| ())
-            .map_err(|_| format!("missing symbol {}: not a complete Lookout plugin", String::from_utf8_lossy(name)))
+            .map_err(|_| Refused::MissingSymbol(String::from_utf8_lossy(name).into_owned()))
     };
     sym(abi::SYM_MANIFEST)?;
     sym(abi::SYM_INIT)?;
     sym(abi::SYM_EVALUATE)?;
     sym(abi::SYM_FREE)?;
-    // SAFETY: the ABI version matched, so these symbols have the SDK's signatures.
+    // SAFETY: the ABI version is one this host accepts, so these symbols have the SDK's
+    // signatures.
     unsafe {
         Ok(PluginLib {
-            manifest: *lib.get::<ManifestFn>(abi::SYM_MANIFEST).map_err(|e| e.to_string())?,
-            init: *lib.get::<InitFn>(abi::SYM_INIT).map_err(|e| e.to_string())?,
-            evaluate: *lib.get::<EvaluateFn>(abi::SYM_EVALUATE).map_err(|e| e.to_string())?,
-            free: *lib.get::<FreeFn>(abi::SYM_FREE).map_err(|e| e.to_string())?,
+            manifest: *lib.get::<ManifestFn>(abi::SYM_MANIFEST).map_err(Refused::Load)?,
+            init: *lib.get::<InitFn>(abi::SYM_INIT).map_err(Refused::Load)?,
+            evaluate: *lib.get::<EvaluateFn>(abi::SYM_EVALUATE).map_err(Refused::Load)?,
+            free: *lib.get::<FreeFn>(abi::SYM_FREE).map_err(Refused::Load)?,
         })
     }
 }
@@ -97,13 +96,13 @@ impl PluginLib {
         }
     }
 
-    pub fn manifest(&self) -> Result<Manifest, String> {
+    pub fn manifest(&self) -> Result<Manifest, Refused> {
         // SAFETY: `lookout_manifest` writes one buffer into `out`, per the ABI.
         let (rc, bytes) = self.call(|out| unsafe { (self.manifest)(out) });
         if rc != RC_OK {
-            return Err(format!("manifest failed: {}", Self::error(rc, &bytes)));
+            return Err(Refused::Manifest(Self::error(rc, &bytes)));
         }
-        abi::decode::<Manifest>(&bytes).map_err(|e| format!("manifest is garbage: {e}"))
+        abi::decode::<Manifest>(&bytes).map_err(Refused::ManifestGarbage)
     }
 
     pub fn init(&self, req: &InitRequest) -> Result<InitResponse, CallError> {

@@ -4,15 +4,17 @@
 //! - [`loader`]: the C ABI calls into a loaded library (unsafe lives here and in
 //!   [`host_api`] only).
 //! - [`host_api`]: the callbacks a plugin makes into the store during a pass.
+//! - [`error`]: why a library (refused, or failed to load) or the folder was not used.
 
+pub mod error;
 pub mod guard;
 pub mod host_api;
 pub mod loader;
 
-use anyhow::Result;
 use lookout_plugin_sdk::{InputSpec, Manifest};
 use std::path::{Path, PathBuf};
 
+pub use error::{FolderError, LoadError, Refused};
 pub use guard::{Refusal, PIN_FILE};
 pub use loader::PluginLib;
 
@@ -46,7 +48,7 @@ pub struct Loaded {
 /// Loads every `*.so` in `dir` that passes the checks of [`guard`], from private copies
 /// under `<data>/plugin-cache`. A refused file is reported and skipped; a folder that
 /// fails the checks itself is an error.
-pub fn load_dir(dir: &Path, data_dir: &Path) -> Result<Loaded> {
+pub fn load_dir(dir: &Path, data_dir: &Path) -> Result<Loaded, FolderError> {
     guard::check_dir(dir)?;
     let pins = guard::read_pins(dir)?;
     let cache = guard::cache_dir(data_dir)?;
@@ -56,14 +58,8 @@ pub fn load_dir(dir: &Path, data_dir: &Path) -> Result<Loaded> {
         match load_one(&file, &cache, pins.as_ref()) {
             Ok(p) => {
                 if let Some(other) = plugins.iter().find(|o| o.manifest.name == p.manifest.name) {
-                    refused.push(Refusal {
-                        path: file,
-                        reason: format!(
-                            "detector name {} is already provided by {}; remove one of them",
-                            p.manifest.name,
-                            other.file.display()
-                        ),
-                    });
+                    let reason = Refused::DuplicateName { name: p.manifest.name.clone(), other: other.file.clone() };
+                    refused.push(Refusal { path: file, reason: reason.into() });
                 } else {
                     plugins.push(p);
                 }
@@ -72,13 +68,13 @@ pub fn load_dir(dir: &Path, data_dir: &Path) -> Result<Loaded> {
         }
     }
     for r in &refused {
-        tracing::warn!(plugin = %r.path.display(), reason = %r.reason, "plugin refused");
+        tracing::warn!(plugin = %r.path.display(), reason = %crate::error::Chain(&r.reason), "plugin refused");
     }
     Ok(Loaded { plugins, refused })
 }
 
 /// Verifies, copies and loads one library.
-pub fn load_one(file: &Path, cache: &Path, pins: Option<&guard::Pins>) -> Result<Plugin, String> {
+pub fn load_one(file: &Path, cache: &Path, pins: Option<&guard::Pins>) -> Result<Plugin, LoadError> {
     let verified = guard::verify_and_copy(file, cache, pins)?;
     let lib = loader::load(&verified.copy)?;
     let manifest = lib.manifest()?;

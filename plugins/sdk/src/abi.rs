@@ -3,7 +3,7 @@
 //! # Exports every plugin library provides (all `extern "C"`)
 //!
 //! ```c
-//! uint32_t lookout_abi_version(void);                  // must equal ABI_VERSION
+//! uint32_t lookout_abi_version(void);                  // ABI_VERSION: major << 16 | minor
 //! int32_t  lookout_manifest(LookoutBuf *out);          // out: Manifest
 //! int32_t  lookout_init(const uint8_t *in, size_t len, LookoutBuf *out);
 //!                                                      // in: InitRequest, out: InitResponse
@@ -11,6 +11,10 @@
 //!                           LookoutBuf *out);          // in: EvalRequest, out: EvalResponse
 //! void     lookout_free(uint8_t *ptr, size_t len);     // frees a buffer the plugin returned
 //! ```
+//!
+//! The same declarations, for plugins written in C (or anything that reads C headers), are
+//! in `include/lookout_plugin.h` beside this crate's sources; a test checks it against
+//! this file.
 //!
 //! Return codes: [`RC_OK`], or an error code with `out` holding a UTF-8 message.
 //! During `lookout_evaluate` the plugin may call back into the host through
@@ -26,8 +30,52 @@ use crate::cell::{Cell, Row};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::ffi::c_void;
 
-/// Bumped on any change to the exported symbols or their calling convention.
-pub const ABI_VERSION: u32 = 1;
+/// The plugin ABI version: the symbols, their signatures and calling convention, the C
+/// layout of [`LookoutBuf`] and [`LookoutHostApi`], and the return codes.
+///
+/// It is `major << 16 | minor` in the `u32` that `lookout_abi_version` returns:
+///
+/// - **major** changes when a plugin built for the old version could be misread or
+///   miscalled by a new host (a signature, a struct layout or a return code changes
+///   meaning). A host loads only plugins of its own major.
+/// - **minor** changes when the contract grows without breaking what was there (say, a
+///   new optional export that the host calls only for plugins that declare that minor or
+///   later). A host loads plugins of its own major with any minor up to its own: it knows
+///   every older minor, but not what a newer one may expect of it.
+///
+/// See [`host_accepts`]. Version 1, the only one before this scheme existed, reads as
+/// 0.1, so plugins built before it still load. (The payloads inside the buffers have
+/// their own [`PAYLOAD_VERSION`].)
+pub const ABI_VERSION_MAJOR: u16 = 0;
+/// See [`ABI_VERSION_MAJOR`].
+pub const ABI_VERSION_MINOR: u16 = 1;
+/// What this SDK's `lookout_abi_version` returns (see [`ABI_VERSION_MAJOR`]).
+pub const ABI_VERSION: u32 = abi_version(ABI_VERSION_MAJOR, ABI_VERSION_MINOR);
+
+/// Encodes an ABI version: `major << 16 | minor`.
+pub const fn abi_version(major: u16, minor: u16) -> u32 {
+    ((major as u32) << 16) | minor as u32
+}
+
+/// The (major, minor) of an encoded ABI version.
+pub const fn abi_version_parts(version: u32) -> (u16, u16) {
+    ((version >> 16) as u16, (version & 0xffff) as u16)
+}
+
+/// An encoded ABI version as `major.minor`.
+pub fn abi_version_string(version: u32) -> String {
+    let (major, minor) = abi_version_parts(version);
+    format!("{major}.{minor}")
+}
+
+/// Whether a host speaking ABI `host` loads a plugin declaring ABI `plugin`: the same
+/// major, and a minor no newer than the host's.
+pub const fn host_accepts(host: u32, plugin: u32) -> bool {
+    let (host_major, host_minor) = abi_version_parts(host);
+    let (plugin_major, plugin_minor) = abi_version_parts(plugin);
+    host_major == plugin_major && plugin_minor <= host_minor
+}
+
 /// Bumped on any change to the payload types below.
 pub const PAYLOAD_VERSION: u8 = 3;
 
@@ -62,11 +110,23 @@ impl LookoutBuf {
 }
 
 /// The host's callback table, valid for the duration of one `lookout_evaluate` call.
+///
+/// Both callbacks are `unsafe` to call: they dereference the raw pointers they are given.
 #[repr(C)]
 pub struct LookoutHostApi {
     pub ctx: *mut c_void,
-    pub call: extern "C" fn(ctx: *mut c_void, input: *const u8, len: usize, out: *mut LookoutBuf) -> i32,
-    pub free: extern "C" fn(ptr: *mut u8, len: usize),
+    /// Answers a [`HostRequest`] payload with a [`HostResponse`] payload in `out`.
+    ///
+    /// # Safety
+    /// `ctx` must be this table's `ctx`, `input` must point to `len` readable bytes, `out`
+    /// to a writable `LookoutBuf`; only during the `lookout_evaluate` call that was handed
+    /// this table. The buffer written to `out` must be returned through `free`, once.
+    pub call: unsafe extern "C" fn(ctx: *mut c_void, input: *const u8, len: usize, out: *mut LookoutBuf) -> i32,
+    /// Frees a buffer `call` wrote into `out`.
+    ///
+    /// # Safety
+    /// `ptr`/`len` must be exactly a buffer `call` returned, not yet freed.
+    pub free: unsafe extern "C" fn(ptr: *mut u8, len: usize),
 }
 
 // The host's view of the exports: all `unsafe` to call, since they come from a library.
@@ -284,6 +344,26 @@ mod tests {
         assert!(!n.matches(r"c:\windows\assembly\x.dll"));
         assert!(n.matches(r"c:\windows\assembl"));
         assert!(n.matches(""));
+    }
+
+    #[test]
+    fn abi_versions_of_the_same_major_and_an_older_or_equal_minor_are_accepted() {
+        assert_eq!(ABI_VERSION, 1, "the version before major.minor existed reads as 0.1");
+        assert_eq!(abi_version_parts(ABI_VERSION), (ABI_VERSION_MAJOR, ABI_VERSION_MINOR));
+        assert_eq!(abi_version(3, 7), 0x0003_0007);
+        assert_eq!(abi_version_string(abi_version(3, 7)), "3.7");
+        let host = abi_version(2, 5);
+        for minor in 0..=5 {
+            assert!(host_accepts(host, abi_version(2, minor)), "2.{minor}");
+        }
+        assert!(!host_accepts(host, abi_version(2, 6)), "a newer minor may expect what the host lacks");
+        assert!(!host_accepts(host, abi_version(1, 5)), "an older major");
+        assert!(!host_accepts(host, abi_version(3, 0)), "a newer major");
+        assert!(!host_accepts(host, abi_version(1, 0xffff)));
+        assert!(host_accepts(ABI_VERSION, ABI_VERSION));
+        assert!(host_accepts(ABI_VERSION, 1), "plugins built before major.minor still load");
+        // The wrong-abi fixture's version.
+        assert!(!host_accepts(ABI_VERSION, 999 << 16));
     }
 
     #[test]

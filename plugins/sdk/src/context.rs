@@ -1,9 +1,7 @@
 //! The plugin side of a pass: look-ups into the host, and the findings and state changes
 //! the detector produces.
 
-use crate::abi::{
-    self, Condition, FindingOut, HostRequest, HostResponse, InputSpec, LookoutBuf, LookoutHostApi, StateOp, RC_OK,
-};
+use crate::abi::{self, Condition, FindingOut, HostRequest, HostResponse, InputSpec, LookoutHostApi, StateOp, RC_OK};
 use crate::cell::Row;
 
 /// Handed to [`crate::Detector::evaluate`].
@@ -16,8 +14,9 @@ pub struct Context<'a> {
 }
 
 impl<'a> Context<'a> {
-    #[doc(hidden)]
-    pub fn new(host: Option<&'a LookoutHostApi>, now: i64) -> Self {
+    /// Only the SDK's `export` module makes a context with a host table: the one the host
+    /// passed to the `lookout_evaluate` call in progress (see `export::call_host`).
+    pub(crate) fn new(host: Option<&'a LookoutHostApi>, now: i64) -> Self {
         Context { host, now, findings: Vec::new(), state: Vec::new(), inputs: None }
     }
 
@@ -115,9 +114,7 @@ impl<'a> Context<'a> {
     fn call(&mut self, req: &HostRequest) -> Result<HostResponse, String> {
         let host = self.host.ok_or("no host callback in this context")?;
         let input = abi::encode(req)?;
-        let mut out = LookoutBuf::empty();
-        let rc = (host.call)(host.ctx, input.as_ptr(), input.len(), &mut out);
-        let bytes = crate::export::take_host_buf(host, &out);
+        let (rc, bytes) = crate::export::call_host(host, &input);
         if rc != RC_OK {
             return Err(format!("host call failed: {}", String::from_utf8_lossy(&bytes)));
         }

@@ -1,5 +1,9 @@
 //! The plugin side of the C ABI: the bodies behind the symbols [`crate::export_detector!`]
-//! generates. This is the only place in the SDK with `unsafe`: raw buffers in and out.
+//! generates, and the calls into the host's callback table. This is the only place in the
+//! SDK with `unsafe`: raw buffers in and out.
+
+// The one SDK module allowed `unsafe` (the workspace denies it): the C ABI is raw pointers.
+#![allow(unsafe_code)]
 
 use crate::abi::{
     self, EvalRequest, EvalResponse, InitRequest, InitResponse, LookoutBuf, LookoutHostApi, RC_BAD_PAYLOAD, RC_ERROR,
@@ -12,15 +16,18 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
 /// Hands `bytes` to the caller through `out`; the caller returns it via `lookout_free`.
-fn give(bytes: Vec<u8>, out: *mut LookoutBuf) {
+///
+/// # Safety
+/// `out` must be null or point to a writable `LookoutBuf`.
+unsafe fn give(bytes: Vec<u8>, out: *mut LookoutBuf) {
     if out.is_null() {
         return;
     }
     let boxed = bytes.into_boxed_slice();
     let len = boxed.len();
     let ptr = Box::into_raw(boxed) as *mut u8;
-    // SAFETY: `out` is non-null and, per the ABI contract, points to a writable LookoutBuf
-    // owned by the caller for the duration of the call.
+    // SAFETY: `out` is non-null and, per this function's contract, points to a writable
+    // LookoutBuf owned by the caller for the duration of the call.
     unsafe {
         *out = LookoutBuf { ptr, len };
     }
@@ -39,21 +46,42 @@ pub unsafe fn free_buf(ptr: *mut u8, len: usize) {
     drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) });
 }
 
-/// Copies a buffer the host returned and hands it back to the host's allocator.
-pub(crate) fn take_host_buf(host: &LookoutHostApi, out: &LookoutBuf) -> Vec<u8> {
+/// Sends one request payload to the host and returns its return code and answer (the
+/// host's buffer copied, and handed back to the host's allocator).
+///
+/// Safe to call because of a crate invariant: a [`Context`] holds a host table only when
+/// [`run_evaluate`] made it from the table the host passed to `lookout_evaluate`, and the
+/// context does not outlive that call (`Context::new` is crate-private).
+pub(crate) fn call_host(host: &LookoutHostApi, input: &[u8]) -> (i32, Vec<u8>) {
+    let mut out = LookoutBuf::empty();
+    // SAFETY: `host` is the table of the `lookout_evaluate` call in progress (see above),
+    // so `host.ctx` is the host's context for it; `input` is a live slice of `len` bytes
+    // and `out` a writable LookoutBuf on this stack frame.
+    let rc = unsafe { (host.call)(host.ctx, input.as_ptr(), input.len(), &mut out) };
     if out.ptr.is_null() {
-        return Vec::new();
+        return (rc, Vec::new());
     }
     // SAFETY: the host filled `out` with a buffer of `len` initialised bytes that stays
     // valid until we pass it to `host.free`, which we do right after copying.
     let bytes = unsafe { std::slice::from_raw_parts(out.ptr, out.len) }.to_vec();
-    (host.free)(out.ptr, out.len);
-    bytes
+    // SAFETY: returning the host's own buffer, exactly as it was handed over, once.
+    unsafe { (host.free)(out.ptr, out.len) };
+    (rc, bytes)
 }
 
-fn fail(rc: i32, msg: String, out: *mut LookoutBuf) -> i32 {
-    give(msg.into_bytes(), out);
+/// Writes the answer of an export to `out` (the payload on success, a UTF-8 message on
+/// failure) and returns its code.
+///
+/// # Safety
+/// `out` must be null or point to a writable `LookoutBuf`.
+unsafe fn answer(out: *mut LookoutBuf, (rc, bytes): (i32, Vec<u8>)) -> i32 {
+    // SAFETY: passed on from this function's contract.
+    unsafe { give(bytes, out) };
     rc
+}
+
+fn failed(rc: i32, msg: String) -> (i32, Vec<u8>) {
+    (rc, msg.into_bytes())
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
@@ -67,21 +95,24 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Body of `lookout_manifest`.
-pub fn run_manifest<D: Detector>(out: *mut LookoutBuf) -> i32 {
-    match catch_unwind(|| abi::encode(&D::manifest())) {
-        Ok(Ok(bytes)) => {
-            give(bytes, out);
-            RC_OK
-        }
-        Ok(Err(e)) => fail(RC_ERROR, e, out),
-        Err(p) => fail(RC_PANIC, panic_message(p), out),
-    }
+///
+/// # Safety
+/// `out` must be null or point to a writable `LookoutBuf`.
+pub unsafe fn run_manifest<D: Detector>(out: *mut LookoutBuf) -> i32 {
+    let result = match catch_unwind(|| abi::encode(&D::manifest())) {
+        Ok(Ok(bytes)) => (RC_OK, bytes),
+        Ok(Err(e)) => failed(RC_ERROR, e),
+        Err(p) => failed(RC_PANIC, panic_message(p)),
+    };
+    // SAFETY: `out` is null or writable, per this function's contract.
+    unsafe { answer(out, result) }
 }
 
 /// Body of `lookout_init`.
 ///
 /// # Safety
-/// `input` must point to `len` readable bytes for the duration of the call.
+/// `input` must be null or point to `len` readable bytes for the duration of the call,
+/// and `out` must be null or point to a writable `LookoutBuf`.
 pub unsafe fn run_init<D: Detector>(
     slot: &Mutex<Option<D>>,
     input: *const u8,
@@ -96,37 +127,28 @@ pub unsafe fn run_init<D: Detector>(
         D::init(&params, &req.state).map_err(|e| (RC_ERROR, e))
     }));
     let mut guard = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    match result {
-        Ok(Ok(detector)) => {
-            let response = InitResponse { inputs: detector.inputs() };
-            match abi::encode(&response) {
-                Ok(bytes) => {
-                    *guard = Some(detector);
-                    give(bytes, out);
-                    RC_OK
-                }
-                Err(e) => {
-                    *guard = None;
-                    fail(RC_ERROR, e, out)
-                }
+    *guard = None;
+    let result = match result {
+        Ok(Ok(detector)) => match abi::encode(&InitResponse { inputs: detector.inputs() }) {
+            Ok(bytes) => {
+                *guard = Some(detector);
+                (RC_OK, bytes)
             }
-        }
-        Ok(Err((rc, msg))) => {
-            *guard = None;
-            fail(rc, msg, out)
-        }
-        Err(p) => {
-            *guard = None;
-            fail(RC_PANIC, panic_message(p), out)
-        }
-    }
+            Err(e) => failed(RC_ERROR, e),
+        },
+        Ok(Err((rc, msg))) => failed(rc, msg),
+        Err(p) => failed(RC_PANIC, panic_message(p)),
+    };
+    // SAFETY: `out` is null or writable, per this function's contract.
+    unsafe { answer(out, result) }
 }
 
 /// Body of `lookout_evaluate`.
 ///
 /// # Safety
-/// `host` must point to a host API table valid for the call, and `input` to `len`
-/// readable bytes.
+/// `host` must be null or point to a host API table valid for the call (see
+/// [`LookoutHostApi`]), `input` must be null or point to `len` readable bytes, and `out`
+/// must be null or point to a writable `LookoutBuf`.
 pub unsafe fn run_evaluate<D: Detector>(
     slot: &Mutex<Option<D>>,
     host: *const LookoutHostApi,
@@ -139,29 +161,31 @@ pub unsafe fn run_evaluate<D: Detector>(
     // SAFETY: the host passes either null or a table that outlives this call.
     let host = unsafe { host.as_ref() };
     let mut guard = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let Some(detector) = guard.as_mut() else {
-        return fail(RC_NOT_INITIALISED, "evaluate called before a successful init".into(), out);
+    let result = match guard.as_mut() {
+        None => failed(RC_NOT_INITIALISED, "evaluate called before a successful init".into()),
+        Some(detector) => {
+            let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<u8>, (i32, String)> {
+                let req: EvalRequest = abi::decode(input).map_err(|e| (RC_BAD_PAYLOAD, e))?;
+                // The table is this call's: the context lives only inside it (see `call_host`).
+                let mut ctx = Context::new(host, req.now);
+                detector.evaluate(&req, &mut ctx).map_err(|e| (RC_ERROR, e))?;
+                let resp = EvalResponse { findings: ctx.findings, state: ctx.state, inputs: ctx.inputs };
+                abi::encode(&resp).map_err(|e| (RC_ERROR, e))
+            }));
+            match result {
+                Ok(Ok(bytes)) => (RC_OK, bytes),
+                Ok(Err((rc, msg))) => failed(rc, msg),
+                Err(p) => {
+                    // The instance may be half-updated: drop it so the host must re-init
+                    // it from the committed state.
+                    *guard = None;
+                    failed(RC_PANIC, panic_message(p))
+                }
+            }
+        }
     };
-    let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<u8>, (i32, String)> {
-        let req: EvalRequest = abi::decode(input).map_err(|e| (RC_BAD_PAYLOAD, e))?;
-        let mut ctx = Context::new(host, req.now);
-        detector.evaluate(&req, &mut ctx).map_err(|e| (RC_ERROR, e))?;
-        let resp = EvalResponse { findings: ctx.findings, state: ctx.state, inputs: ctx.inputs };
-        abi::encode(&resp).map_err(|e| (RC_ERROR, e))
-    }));
-    match result {
-        Ok(Ok(bytes)) => {
-            give(bytes, out);
-            RC_OK
-        }
-        Ok(Err((rc, msg))) => fail(rc, msg, out),
-        Err(p) => {
-            // The instance may be half-updated: drop it so the host must re-init it from
-            // the committed state.
-            *guard = None;
-            fail(RC_PANIC, panic_message(p), out)
-        }
-    }
+    // SAFETY: `out` is null or writable, per this function's contract.
+    unsafe { answer(out, result) }
 }
 
 /// # Safety
@@ -185,18 +209,27 @@ macro_rules! export_detector {
     ($ty:ty) => {
         static __LOOKOUT_INSTANCE: ::std::sync::Mutex<Option<$ty>> = ::std::sync::Mutex::new(None);
 
+        // Each export carries `allow(unsafe_code)`: `#[no_mangle]` and the unsafe calls
+        // into the SDK's `export` module are the C ABI itself, and the plugin crate
+        // expanding this macro may deny `unsafe_code` (Lookout's workspace does).
+        #[allow(unsafe_code)]
         #[no_mangle]
         pub extern "C" fn lookout_abi_version() -> u32 {
             $crate::abi::ABI_VERSION
         }
 
+        /// # Safety
+        /// Called by the Lookout host with a writable `out`.
+        #[allow(unsafe_code)]
         #[no_mangle]
-        pub extern "C" fn lookout_manifest(out: *mut $crate::abi::LookoutBuf) -> i32 {
-            $crate::export::run_manifest::<$ty>(out)
+        pub unsafe extern "C" fn lookout_manifest(out: *mut $crate::abi::LookoutBuf) -> i32 {
+            // SAFETY: the host passes a writable `out`.
+            unsafe { $crate::export::run_manifest::<$ty>(out) }
         }
 
         /// # Safety
         /// Called by the Lookout host with a live input buffer.
+        #[allow(unsafe_code)]
         #[no_mangle]
         pub unsafe extern "C" fn lookout_init(input: *const u8, len: usize, out: *mut $crate::abi::LookoutBuf) -> i32 {
             // SAFETY: the host passes `len` readable bytes at `input` and a writable `out`.
@@ -205,6 +238,7 @@ macro_rules! export_detector {
 
         /// # Safety
         /// Called by the Lookout host with a live host table and input buffer.
+        #[allow(unsafe_code)]
         #[no_mangle]
         pub unsafe extern "C" fn lookout_evaluate(
             host: *const $crate::abi::LookoutHostApi,
@@ -219,6 +253,7 @@ macro_rules! export_detector {
 
         /// # Safety
         /// `ptr`/`len` must be a buffer this library returned.
+        #[allow(unsafe_code)]
         #[no_mangle]
         pub unsafe extern "C" fn lookout_free(ptr: *mut u8, len: usize) {
             // SAFETY: the host only frees buffers this library gave it, once.

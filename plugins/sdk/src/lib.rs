@@ -21,7 +21,7 @@ pub mod time;
 
 pub use abi::{
     Condition, EvalRequest, EvalResponse, FindingOut, HostRequest, HostResponse, InitRequest, InitResponse, InputSpec,
-    Manifest, Parameter, RowRef, StateOp, ABI_VERSION, PAYLOAD_VERSION,
+    Manifest, Parameter, RowRef, StateOp, ABI_VERSION, ABI_VERSION_MAJOR, ABI_VERSION_MINOR, PAYLOAD_VERSION,
 };
 pub use cell::{Cell, Row};
 pub use context::Context;
