@@ -215,9 +215,11 @@ fn crash_loop() {
     // The clean, uninterrupted run over the same data.
     let clean = root.join("clean");
     let t = Instant::now();
-    lookout_ok(&clean, &["ingest", "--now", NOW, fleet_logs.to_str().unwrap()]);
+    // The daemons under test keep every row (the harness passes `--retention none`): so
+    // does the clean run.
+    lookout_ok(&clean, &["ingest", "--retention", "none", "--now", NOW, fleet_logs.to_str().unwrap()]);
     let clean_ingest = t.elapsed();
-    lookout_ok(&clean, &["detect", "--plugins", plugins.to_str().unwrap(), "--now", NOW]);
+    lookout_ok(&clean, &["detect", "--retention", "none", "--plugins", plugins.to_str().unwrap(), "--now", NOW]);
     let clean_status = status_json(&clean);
     let clean_tables = table_counts(&clean_status);
     let clean_rows_total: u64 = clean_tables.values().sum();

@@ -4,7 +4,12 @@
 //!
 //! | space | key                                                          | value |
 //! |-------|--------------------------------------------------------------|-------|
-//! | `e`   | table u16, sha1, device, Timestamp (i64, sign-flipped), id [, content hash u64] | key index: row locator + content hash |
+//! | `I`   | run id u64, chunk u32                                         | key index run: ~64 sorted (row key, locator + content hash), zstd |
+//! | `M`   | run id u64, part u32                                          | key index run metadata: fences, Timestamp range, Bloom filter |
+//!
+//! A row key (in the key index runs, in findings' inputs) is `e` table u16, sha1, device,
+//! Timestamp (i64, sign-flipped), id [, content hash u64 for a second row with the same
+//! key], or `p` sha1 for a FileProfile row.
 //! | `K`   | table u16, batch seq u64, block u16, part u16                 | a block's row keys (zstd, in pieces) |
 //! | `B`   | table u16, batch seq u64, block u16, part u16                 | a block's row values (zstd, in pieces) |
 //! | `D`   | table u16, batch seq u64, block u16, 0 u16                    | a block's directory entry: rows, Timestamp range |
@@ -26,6 +31,8 @@ pub const PROFILE: u8 = b'p';
 pub const BLOCK_KEYS: u8 = b'K';
 pub const BLOCK_ROWS: u8 = b'B';
 pub const BLOCK_META: u8 = b'D';
+pub const RUN_CHUNK: u8 = b'I';
+pub const RUN_META: u8 = b'M';
 pub const SCHEMA: u8 = b's';
 pub const TABLE: u8 = b't';
 pub const SOURCE: u8 = b'S';

@@ -18,6 +18,7 @@ pub mod keys;
 #[cfg(test)]
 mod model_tests;
 pub mod retention;
+pub mod runs;
 
 use anyhow::{anyhow, Context as _, Result};
 use lookout_plugin_sdk::{Cell, Condition, Row, RowRef};
@@ -32,7 +33,7 @@ use blocks::{BatchBlocks, BlockCache, KeyEntry};
 use keys::KeyParts;
 
 /// The layout of everything stored. A store of another format is refused on open.
-pub const FORMAT_VERSION: u64 = 2;
+pub const FORMAT_VERSION: u64 = 3;
 
 /// The pseudo table number of FileProfile rows in blocks (event tables start at 1).
 const PROFILE_TABLE: u16 = 0;
@@ -127,6 +128,8 @@ pub struct Store {
     zstd: zstd::bulk::Compressor<'static>,
     unzstd: Mutex<zstd::bulk::Decompressor<'static>>,
     cache: Mutex<BlockCache>,
+    /// The key index (see [`runs`]).
+    runs: runs::Runs,
     next_reject: u64,
     /// The stored event keys, approximately; loaded or built when the first row is added.
     key_filter: Option<key_filter::KeyFilter>,
@@ -182,11 +185,16 @@ impl Store {
             zstd: blocks::compressor()?,
             unzstd: Mutex::new(blocks::decompressor()?),
             cache: Mutex::new(BlockCache::new(BLOCK_CACHE_BLOCKS)),
+            runs: runs::Runs::empty(),
             next_reject: 1,
             key_filter: None,
             index_meta_pending: None,
         };
         store.check_format()?;
+        store.runs = {
+            let mut z = store.unzstd.lock().unwrap_or_else(|p| p.into_inner());
+            runs::Runs::open(&store.db, &mut z)?
+        };
         store.load_registries()?;
         store.ensure_index()?;
         Ok(store)
@@ -353,10 +361,10 @@ impl Store {
         let started = std::time::Instant::now();
         let mut f = key_filter::KeyFilter::with_capacity(rows + rows / 4);
         let mut n = 0u64;
-        for k in self.db.scan_prefix([keys::EVENT]).keys() {
-            f.insert(&k?);
+        self.runs.all_keys(&self.db, &self.unzstd, |k| {
+            f.insert(k);
             n += 1;
-        }
+        })?;
         if n > 0 {
             tracing::info!(keys = n, elapsed_ms = started.elapsed().as_millis() as u64, "rebuilt the key filter");
         }
@@ -401,10 +409,31 @@ impl Store {
             return Ok(None);
         }
         let Some(table) = Self::key_block_table(key) else { return Ok(None) };
-        match self.db.get(key)? {
-            Some(v) => self.row_bytes(table, &KeyEntry::decode(&v)?),
+        match self.key_entry(key)? {
+            Some(e) => self.row_bytes(table, &e),
             None => Ok(None),
         }
+    }
+
+    /// Merges small key-index runs (and drops runs wholly past the horizon), a few atomic
+    /// steps at a time. A failure leaves the runs as they were (each step is one batch),
+    /// so it is only logged: the next commit tries again.
+    fn maintain_runs(&mut self) {
+        for _ in 0..4 {
+            match self.runs.maintain(&self.db, &mut self.zstd, &self.unzstd, self.horizon) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "key index upkeep failed; retried after the next batch");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The key-index entry of exactly this row key.
+    fn key_entry(&self, key: &[u8]) -> Result<Option<KeyEntry>> {
+        self.runs.get(&self.db, &self.unzstd, key)
     }
 
     pub fn meta_u64(&self, name: &str) -> Result<u64> {
@@ -481,6 +510,8 @@ impl Store {
             batch: sled::Batch::default(),
             journal: Vec::new(),
             blocks: BatchBlocks::default(),
+            entries: Vec::new(),
+            profile_entries: BTreeMap::new(),
             postings: index::Postings::default(),
             pending: HashMap::new(),
             counters_dirty: false,
@@ -524,12 +555,11 @@ impl Store {
     ) -> Result<Vec<Row>> {
         let Some(tid) = self.table_id(table) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
-        for kv in self.db.scan_prefix(keys::event_prefix(tid, sha1, device)) {
-            let (k, v) = kv?;
+        for (k, e) in self.runs.scan_prefix(&self.db, &self.unzstd, &keys::event_prefix(tid, sha1, device), true)? {
             if !self.visible(&k) {
                 continue;
             }
-            if let Some((rows, i)) = self.row_bytes(tid, &KeyEntry::decode(&v)?)? {
+            if let Some((rows, i)) = self.row_bytes(tid, &e)? {
                 if self.row_passes(&rows[i], filter)? {
                     out.push(self.decode_row(&k, &rows[i])?);
                 }
@@ -636,7 +666,7 @@ impl Store {
                 }
                 if tid == PROFILE_TABLE {
                     // A profile replaced by a later batch comes with that batch.
-                    let current = self.db.get(&key)?.map(|v| KeyEntry::decode(&v)).transpose()?;
+                    let current = self.key_entry(&key)?;
                     if current.is_none_or(|e| (e.seq, e.block, e.row as usize) != (seq, block, row)) {
                         continue;
                     }
@@ -651,10 +681,9 @@ impl Store {
     pub fn all_row_keys(&self, tables: &[String]) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
         for prefix in tables.iter().filter_map(|t| self.rows_prefix(t)) {
-            for k in self.db.scan_prefix(prefix).keys() {
-                let k = k?;
+            for (k, _) in self.runs.scan_prefix(&self.db, &self.unzstd, &prefix, false)? {
                 if self.visible(&k) {
-                    out.push(k.to_vec());
+                    out.push(k);
                 }
             }
         }
@@ -697,9 +726,11 @@ impl Store {
                 if !self.visible(key) {
                     continue;
                 }
-                // The key may have moved on (a FileProfile row replaced since).
-                let current = self.db.get(key)?.map(|v| KeyEntry::decode(&v)).transpose()?;
-                if current.is_some_and(|e| (e.seq, e.block, e.row as usize) == (seq, block, row)) {
+                // A FileProfile key may have moved on (replaced since); event keys never do.
+                let current = if tid == PROFILE_TABLE { self.key_entry(key)? } else { None };
+                if tid != PROFILE_TABLE
+                    || current.is_some_and(|e| (e.seq, e.block, e.row as usize) == (seq, block, row))
+                {
                     f(key, value)?;
                 }
             }
@@ -794,6 +825,10 @@ pub struct WriteBatch<'s> {
     journal: Vec<Vec<u8>>,
     /// The rows themselves, in blocks per table.
     blocks: BatchBlocks,
+    /// The key-index entries of the new event rows (written as one sorted run).
+    entries: Vec<runs::Entry>,
+    /// Those of new or replacing FileProfile rows (their own run).
+    profile_entries: BTreeMap<Vec<u8>, KeyEntry>,
     /// Index postings of the new rows, written as one entry per value on commit.
     postings: index::Postings,
     /// Content hash of every key this batch stores.
@@ -858,7 +893,7 @@ impl WriteBatch<'_> {
             TableKind::Profile => {
                 let previous = match self.pending.get(&key) {
                     Some(c) => Some(*c),
-                    None => self.store.db.get(&key)?.map(|v| KeyEntry::decode(&v)).transpose()?.map(|e| e.content),
+                    None => self.store.key_entry(&key)?.map(|e| e.content),
                 };
                 if previous == Some(content) {
                     return Ok(self.duplicate());
@@ -900,7 +935,12 @@ impl WriteBatch<'_> {
         // The row goes into this batch's blocks, under the sequence the batch commits with.
         let (block, row_no) = self.blocks.add(block_table, key.clone(), row.timestamp, value)?;
         let entry = KeyEntry { seq: self.store.next_journal, block, row: row_no, content };
-        self.batch.insert(key.clone(), &entry.encode()[..]);
+        if row.kind == TableKind::Profile {
+            // Newest wins, within the batch too.
+            self.profile_entries.insert(key.clone(), entry);
+        } else {
+            self.entries.push((key.clone(), entry));
+        }
         self.pending.insert(key.clone(), content);
         self.journal.push(key);
         self.new_rows += 1;
@@ -923,7 +963,7 @@ impl WriteBatch<'_> {
         if self.store.key_filter.as_ref().is_some_and(|f| !f.may_contain(key)) {
             return Ok(None);
         }
-        Ok(self.store.db.get(key)?.map(|v| KeyEntry::decode(&v)).transpose()?.map(|e| e.content))
+        Ok(self.store.key_entry(key)?.map(|e| e.content))
     }
 
     pub fn add_reject(&mut self, mut reject: RejectRecord) -> Result<()> {
@@ -956,9 +996,23 @@ impl WriteBatch<'_> {
     /// Applies everything atomically. Returns the batch sequence used, if any row was new.
     pub fn commit(mut self) -> Result<Option<u64>> {
         let mut seq = None;
+        let mut pending_runs = Vec::new();
         if !self.journal.is_empty() {
             let s = self.store.next_journal;
             std::mem::take(&mut self.blocks).write(s, &mut self.store.zstd, &mut self.batch)?;
+            let mut entries = std::mem::take(&mut self.entries);
+            entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            if !entries.is_empty() {
+                pending_runs.push(
+                    self.store.runs.write(runs::RunKind::Events, &entries, &mut self.store.zstd, &mut self.batch)?.1,
+                );
+            }
+            let profiles: Vec<runs::Entry> = std::mem::take(&mut self.profile_entries).into_iter().collect();
+            if !profiles.is_empty() {
+                pending_runs.push(
+                    self.store.runs.write(runs::RunKind::Profiles, &profiles, &mut self.store.zstd, &mut self.batch)?.1,
+                );
+            }
             std::mem::take(&mut self.postings).write(s, &mut self.batch)?;
             self.batch.insert(keys::named_key(keys::META, "seq"), &s.to_be_bytes()[..]);
             self.batch.insert(keys::named_key(keys::META, "format"), &FORMAT_VERSION.to_be_bytes()[..]);
@@ -973,6 +1027,9 @@ impl WriteBatch<'_> {
         let batch = std::mem::take(&mut self.batch);
         self.store.db.apply_batch(batch).context("cannot commit a batch to the database")?;
         self.committed = true;
+        for run in pending_runs {
+            self.store.runs.committed(run);
+        }
         self.store.index_meta_pending = None;
         if let Some(f) = &mut self.store.key_filter {
             for k in self.journal.iter().filter(|k| k.first() == Some(&keys::EVENT)) {
@@ -981,6 +1038,7 @@ impl WriteBatch<'_> {
         }
         if seq.is_some() {
             self.store.next_journal += 1;
+            self.store.maintain_runs();
         }
         Ok(seq)
     }

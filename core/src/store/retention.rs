@@ -8,7 +8,7 @@
 //! Blocks hold rows in ingest order, which on a collector is close to Timestamp order, so
 //! a block is past the horizon soon after its newest row is.
 
-use super::blocks::{self, BlockMeta, KeyEntry};
+use super::blocks::{self, BlockMeta};
 use super::{dec, enc, keys, Store, PROFILE_TABLE};
 use anyhow::{Context as _, Result};
 use std::collections::BTreeMap;
@@ -59,14 +59,10 @@ impl Store {
                 let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
                 blocks::read_frame(&self.db, &mut z, keys::BLOCK_KEYS, *table, *seq, *block)?
             };
-            for key in &keys_frame {
-                // Only the entry that points here: a key is stored once, but be exact.
-                let here = self.db.get(key)?.map(|v| KeyEntry::decode(&v)).transpose()?;
-                if here.is_some_and(|e| (e.seq, e.block) == (*seq, *block)) {
-                    batch.remove(key.as_slice());
-                    removed += 1;
-                }
-            }
+            // The rows' key-index entries stay until their run is dropped or merged (both
+            // leave out what is past the horizon); nothing reads them meanwhile, since every
+            // read checks the horizon first.
+            removed += keys_frame.len() as u64;
             for part in 0..meta.key_parts {
                 batch.remove(keys::block_key(keys::BLOCK_KEYS, *table, *seq, *block, part));
             }
@@ -92,6 +88,7 @@ impl Store {
             }
         }
         self.drop_unneeded_index_entries()?;
+        self.maintain_runs();
         Ok(removed)
     }
 

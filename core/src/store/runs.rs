@@ -1,0 +1,465 @@
+//! The key index: row key → [`KeyEntry`] (where the row is, a hash of its content), kept
+//! as sorted runs instead of one sled item per row.
+//!
+//! Why: a sled insert at a random key rewrites a leaf page somewhere in a tree many times
+//! the cache; a million rows cost a million random page writes, and sled's log keeps the
+//! old page versions until a segment is less than half live, so the index took more disk
+//! than the compressed rows it points at. Each batch instead writes its entries sorted, as
+//! one run: chunks of ~[`CHUNK_ENTRIES`] entries, zstd-compressed, under keys that only grow
+//! (`I` run id, chunk), plus the run's metadata (`M` run id, part): its first key per chunk
+//! (fences), its Timestamp range and a Bloom filter of its keys and of their (table, SHA1)
+//! and (table, SHA1, DeviceId) prefixes. The metadata of every run is held in memory, so a
+//! look-up reads only the chunks of the runs whose filter says "maybe".
+//!
+//! Small runs are merged into bigger ones ([`MERGE_FAN_IN`] at a time, up to
+//! [`MAX_MERGED_ENTRIES`]), each merge one atomic batch: the new run written, the old ones
+//! removed. A key is in at most one event run (duplicates are never stored twice); a
+//! FileProfile key may be in several, and the newest run wins. Runs whose rows are all past
+//! the retention horizon are dropped whole; a merge leaves out entries past it.
+
+use super::blocks::KeyEntry;
+use super::keys;
+use anyhow::{anyhow, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+/// Entries per chunk: ~64 keys of ~100 bytes compress to a few KiB, far below sled's
+/// blob threshold, and a look-up with a handful of hits reads one chunk per run.
+pub const CHUNK_ENTRIES: usize = 64;
+/// Runs merged at once.
+pub const MERGE_FAN_IN: usize = 8;
+/// Runs bigger than this are not merged further (a merge is held in memory whole).
+pub const MAX_MERGED_ENTRIES: u64 = 256 * 1024;
+/// Bytes per stored piece of run metadata.
+const PIECE_BYTES: usize = 6 << 10;
+/// Decompressed chunks kept for reads.
+const CHUNK_CACHE: usize = 512;
+const BITS_PER_ITEM: u64 = 10;
+const PROBES: u64 = 7;
+
+/// One entry of a run.
+pub type Entry = (Vec<u8>, KeyEntry);
+type Chunk = Arc<Vec<Entry>>;
+/// Decompressed chunks by (run, chunk), with their order of arrival (oldest goes first).
+type ChunkCache = (HashMap<(u64, u32), Chunk>, VecDeque<(u64, u32)>);
+
+/// Whether a run holds FileProfile entries (they never expire, and newest wins) or
+/// event entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunKind {
+    Events,
+    Profiles,
+}
+
+/// A run's metadata, as stored and as held in memory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunMeta {
+    kind: RunKind,
+    entries: u64,
+    fences: Vec<Vec<u8>>,
+    min_ts: i64,
+    max_ts: i64,
+    bloom: Vec<u64>,
+}
+
+impl RunMeta {
+    fn may_contain(&self, item: &[u8]) -> bool {
+        let n = self.bloom.len() as u64 * 64;
+        if n == 0 {
+            return false;
+        }
+        let (h1, h2) = hash2(item);
+        (0..PROBES).all(|i| {
+            let p = h1.wrapping_add(i.wrapping_mul(h2)) % n;
+            self.bloom[(p / 64) as usize] & (1 << (p % 64)) != 0
+        })
+    }
+
+    /// The chunks whose keys may start with `prefix` (or equal it).
+    fn chunks_for(&self, prefix: &[u8]) -> std::ops::Range<usize> {
+        // The first chunk that may hold the prefix is the last whose fence is ≤ it.
+        let first = self.fences.partition_point(|f| f.as_slice() <= prefix).saturating_sub(1);
+        let mut last = first;
+        while last + 1 < self.fences.len() && self.fences[last + 1].starts_with(prefix) {
+            last += 1;
+        }
+        first..last + 1
+    }
+}
+
+fn hash2(item: &[u8]) -> (u64, u64) {
+    let h = xxhash_rust::xxh3::xxh3_128(item);
+    (h as u64, ((h >> 64) as u64) | 1)
+}
+
+/// What is put into a run's filter for a key: the key, and for an event key its
+/// (table, SHA1) and (table, SHA1, DeviceId) prefixes.
+fn filter_items(key: &[u8]) -> Vec<&[u8]> {
+    let mut out = vec![key];
+    if key.first() == Some(&keys::EVENT) {
+        if let Some((sha1, device)) = keys::event_sha1_device(key) {
+            let sha1_end = 3 + 2 + sha1.len();
+            let device_end = sha1_end + 2 + device.len();
+            out.push(&key[..sha1_end]);
+            out.push(&key[..device_end]);
+        }
+    }
+    out
+}
+
+fn build_meta(kind: RunKind, entries: &[Entry]) -> RunMeta {
+    let items = entries.len() as u64 * if kind == RunKind::Events { 3 } else { 1 };
+    let words = (items * BITS_PER_ITEM).div_ceil(64).max(1) as usize;
+    let mut bloom = vec![0u64; words];
+    let n = words as u64 * 64;
+    let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
+    for (k, _) in entries {
+        for item in filter_items(k) {
+            let (h1, h2) = hash2(item);
+            for i in 0..PROBES {
+                let p = h1.wrapping_add(i.wrapping_mul(h2)) % n;
+                bloom[(p / 64) as usize] |= 1 << (p % 64);
+            }
+        }
+        let ts = keys::event_timestamp(k).unwrap_or(0);
+        min_ts = min_ts.min(ts);
+        max_ts = max_ts.max(ts);
+    }
+    RunMeta {
+        kind,
+        entries: entries.len() as u64,
+        fences: entries.chunks(CHUNK_ENTRIES).map(|c| c[0].0.clone()).collect(),
+        min_ts,
+        max_ts,
+        bloom,
+    }
+}
+
+fn chunk_key(run: u64, chunk: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(13);
+    k.push(keys::RUN_CHUNK);
+    k.extend_from_slice(&run.to_be_bytes());
+    k.extend_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+fn meta_key(run: u64, part: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(13);
+    k.push(keys::RUN_META);
+    k.extend_from_slice(&run.to_be_bytes());
+    k.extend_from_slice(&part.to_be_bytes());
+    k
+}
+
+fn encode_entries(entries: &[Entry]) -> Result<Vec<u8>> {
+    let flat: Vec<(&[u8], [u8; KeyEntry::LEN])> = entries.iter().map(|(k, e)| (k.as_slice(), e.encode())).collect();
+    bincode::serde::encode_to_vec(&flat, bincode::config::standard()).map_err(|e| anyhow!("cannot encode a run: {e}"))
+}
+
+fn decode_entries(raw: &[u8]) -> Result<Vec<Entry>> {
+    let config = bincode::config::standard().with_limit::<{ 64 << 20 }>();
+    let flat: Vec<(Vec<u8>, [u8; KeyEntry::LEN])> =
+        bincode::serde::decode_from_slice(raw, config).map_err(|e| anyhow!("corrupt key index chunk: {e}"))?.0;
+    flat.into_iter().map(|(k, e)| Ok((k, KeyEntry::decode(&e)?))).collect()
+}
+
+fn compress(zstd: &mut zstd::bulk::Compressor<'static>, raw: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(raw.len() / 2 + 8);
+    out.extend_from_slice(&(raw.len() as u32).to_be_bytes());
+    out.extend_from_slice(&zstd.compress(raw).context("cannot compress the key index")?);
+    Ok(out)
+}
+
+fn decompress(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8]) -> Result<Vec<u8>> {
+    if frame.len() < 4 {
+        return Err(anyhow!("corrupt key index frame"));
+    }
+    let len = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+    if len > 64 << 20 {
+        return Err(anyhow!("corrupt key index frame ({len} bytes claimed)"));
+    }
+    zstd.decompress(&frame[4..], len).context("corrupt key index frame")
+}
+
+/// The runs of the key index: their metadata in memory, their chunks read on demand.
+pub struct Runs {
+    /// By run id; ids only grow, so iteration order is oldest first.
+    runs: BTreeMap<u64, RunMeta>,
+    next_id: u64,
+    cache: Mutex<ChunkCache>,
+}
+
+impl Runs {
+    /// Loads the metadata of every run.
+    pub fn open(db: &sled::Db, zstd: &mut zstd::bulk::Decompressor<'static>) -> Result<Runs> {
+        let mut pieces: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for kv in db.scan_prefix([keys::RUN_META]) {
+            let (k, v) = kv?;
+            let id = u64::from_be_bytes(
+                k.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(|| anyhow!("corrupt run key"))?,
+            );
+            pieces.entry(id).or_default().extend_from_slice(&v);
+        }
+        let mut runs = BTreeMap::new();
+        for (id, frame) in pieces {
+            let raw = decompress(zstd, &frame)?;
+            let meta: RunMeta = bincode::serde::decode_from_slice(&raw, bincode::config::standard())
+                .map_err(|e| anyhow!("corrupt metadata of key index run {id}: {e}"))?
+                .0;
+            runs.insert(id, meta);
+        }
+        let next_id = runs.keys().next_back().map_or(1, |id| id + 1);
+        Ok(Runs { runs, next_id, cache: Mutex::new((HashMap::new(), VecDeque::new())) })
+    }
+
+    /// No runs (before [`Runs::open`]).
+    pub fn empty() -> Runs {
+        Runs { runs: BTreeMap::new(), next_id: 1, cache: Mutex::new((HashMap::new(), VecDeque::new())) }
+    }
+
+    /// How many runs the key index has.
+    pub fn run_count(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// Writes sorted `entries` as a new run into `batch`; returns its id. The run becomes
+    /// visible with [`Runs::committed`] once the batch is applied.
+    pub fn write(
+        &mut self,
+        kind: RunKind,
+        entries: &[Entry],
+        zstd: &mut zstd::bulk::Compressor<'static>,
+        batch: &mut sled::Batch,
+    ) -> Result<(u64, PendingRun)> {
+        let id = self.next_id;
+        self.next_id += 1;
+        for (i, chunk) in entries.chunks(CHUNK_ENTRIES).enumerate() {
+            batch.insert(chunk_key(id, i as u32), compress(zstd, &encode_entries(chunk)?)?);
+        }
+        let meta = build_meta(kind, entries);
+        let raw = bincode::serde::encode_to_vec(&meta, bincode::config::standard())
+            .map_err(|e| anyhow!("cannot encode run metadata: {e}"))?;
+        for (part, piece) in compress(zstd, &raw)?.chunks(PIECE_BYTES).enumerate() {
+            batch.insert(meta_key(id, part as u32), piece);
+        }
+        Ok((id, PendingRun { id, meta }))
+    }
+
+    /// Makes a written run visible (after its batch was applied).
+    pub fn committed(&mut self, run: PendingRun) {
+        self.runs.insert(run.id, run.meta);
+    }
+
+    /// Removes a run (into `batch`), and from memory.
+    fn remove(&mut self, db: &sled::Db, id: u64, batch: &mut sled::Batch) -> Result<()> {
+        for k in db.range(chunk_key(id, 0)..chunk_key(id + 1, 0)).keys() {
+            batch.remove(k?);
+        }
+        for k in db.range(meta_key(id, 0)..meta_key(id + 1, 0)).keys() {
+            batch.remove(k?);
+        }
+        Ok(())
+    }
+
+    fn chunk(
+        &self,
+        db: &sled::Db,
+        zstd: &Mutex<zstd::bulk::Decompressor<'static>>,
+        run: u64,
+        chunk: u32,
+    ) -> Result<Chunk> {
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = cache.0.get(&(run, chunk)) {
+                return Ok(c.clone());
+            }
+        }
+        let frame = db.get(chunk_key(run, chunk))?.ok_or_else(|| anyhow!("key index run {run} lacks chunk {chunk}"))?;
+        let raw = {
+            let mut z = zstd.lock().unwrap_or_else(|p| p.into_inner());
+            decompress(&mut z, &frame)?
+        };
+        let entries = Arc::new(decode_entries(&raw)?);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.0.insert((run, chunk), entries.clone()).is_none() {
+            cache.1.push_back((run, chunk));
+        }
+        while cache.1.len() > CHUNK_CACHE {
+            if let Some(old) = cache.1.pop_front() {
+                cache.0.remove(&old);
+            }
+        }
+        Ok(entries)
+    }
+
+    /// The entry of exactly `key`, from the newest run that has it.
+    pub fn get(
+        &self,
+        db: &sled::Db,
+        zstd: &Mutex<zstd::bulk::Decompressor<'static>>,
+        key: &[u8],
+    ) -> Result<Option<KeyEntry>> {
+        for (id, meta) in self.runs.iter().rev() {
+            if !meta.may_contain(key) {
+                continue;
+            }
+            let at = meta.fences.partition_point(|f| f.as_slice() <= key);
+            if at == 0 {
+                continue;
+            }
+            let chunk = self.chunk(db, zstd, *id, (at - 1) as u32)?;
+            if let Ok(i) = chunk.binary_search_by(|(k, _)| k.as_slice().cmp(key)) {
+                return Ok(Some(chunk[i].1));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every entry whose key starts with `prefix`, in key order; for a key in several runs
+    /// (FileProfile), the newest run's. `filtered` says whether `prefix` is an item the
+    /// filters hold (a (table, SHA1[, DeviceId]) prefix or a whole key): then runs whose
+    /// filter says no are skipped; otherwise every run is read.
+    pub fn scan_prefix(
+        &self,
+        db: &sled::Db,
+        zstd: &Mutex<zstd::bulk::Decompressor<'static>>,
+        prefix: &[u8],
+        filtered: bool,
+    ) -> Result<Vec<Entry>> {
+        let mut found: BTreeMap<Vec<u8>, KeyEntry> = BTreeMap::new();
+        for (id, meta) in &self.runs {
+            if filtered && !meta.may_contain(prefix) {
+                continue;
+            }
+            for c in meta.chunks_for(prefix) {
+                let chunk = self.chunk(db, zstd, *id, c as u32)?;
+                let start = chunk.partition_point(|(k, _)| k.as_slice() < prefix);
+                for (k, e) in chunk[start..].iter().take_while(|(k, _)| k.starts_with(prefix)) {
+                    // Oldest run first: a newer entry for the same key replaces it.
+                    found.insert(k.clone(), *e);
+                }
+            }
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    /// Every key of every run (to rebuild the key filter).
+    pub fn all_keys(
+        &self,
+        db: &sled::Db,
+        zstd: &Mutex<zstd::bulk::Decompressor<'static>>,
+        mut f: impl FnMut(&[u8]),
+    ) -> Result<()> {
+        for (id, meta) in &self.runs {
+            if meta.kind != RunKind::Events {
+                continue;
+            }
+            for c in 0..meta.fences.len() {
+                for (k, _) in self.chunk(db, zstd, *id, c as u32)?.iter() {
+                    f(k);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of upkeep, as one atomic batch: drops event runs wholly past `horizon`, or
+    /// merges the [`MERGE_FAN_IN`] oldest runs of one kind and size class into one
+    /// (leaving out event entries past `horizon`). Returns whether it did anything.
+    pub fn maintain(
+        &mut self,
+        db: &sled::Db,
+        zstd_c: &mut zstd::bulk::Compressor<'static>,
+        zstd_d: &Mutex<zstd::bulk::Decompressor<'static>>,
+        horizon: Option<i64>,
+    ) -> Result<bool> {
+        let expired: Vec<u64> = self
+            .runs
+            .iter()
+            .filter(|(_, m)| m.kind == RunKind::Events && horizon.is_some_and(|h| m.max_ts < h))
+            .map(|(id, _)| *id)
+            .collect();
+        if !expired.is_empty() {
+            let mut batch = sled::Batch::default();
+            for id in &expired {
+                self.remove(db, *id, &mut batch)?;
+            }
+            crate::failpoint::hit("runs-drop-before-commit");
+            db.apply_batch(batch).context("cannot drop expired key index runs")?;
+            for id in &expired {
+                self.runs.remove(id);
+            }
+            self.forget_cached(&expired);
+            return Ok(true);
+        }
+        let Some((kind, ids)) = self.merge_candidates() else { return Ok(false) };
+        let mut merged: BTreeMap<Vec<u8>, KeyEntry> = BTreeMap::new();
+        for id in &ids {
+            let chunks = self.runs.get(id).map_or(0, |m| m.fences.len());
+            for c in 0..chunks {
+                for (k, e) in self.chunk(db, zstd_d, *id, c as u32)?.iter() {
+                    let past = kind == RunKind::Events
+                        && horizon.is_some_and(|h| keys::event_timestamp(k).is_some_and(|ts| ts < h));
+                    if !past {
+                        merged.insert(k.clone(), *e);
+                    }
+                }
+            }
+        }
+        let entries: Vec<Entry> = merged.into_iter().collect();
+        let mut batch = sled::Batch::default();
+        let pending = if entries.is_empty() { None } else { Some(self.write(kind, &entries, zstd_c, &mut batch)?.1) };
+        for id in &ids {
+            self.remove(db, *id, &mut batch)?;
+        }
+        crate::failpoint::hit("runs-merge-before-commit");
+        db.apply_batch(batch).context("cannot merge key index runs")?;
+        for id in &ids {
+            self.runs.remove(id);
+        }
+        self.forget_cached(&ids);
+        if let Some(p) = pending {
+            self.committed(p);
+        }
+        Ok(true)
+    }
+
+    /// The oldest [`MERGE_FAN_IN`] runs of one kind in the smallest size class that has
+    /// that many (size classes grow by the fan-in), if any.
+    fn merge_candidates(&self) -> Option<(RunKind, Vec<u64>)> {
+        let class = |entries: u64| -> u32 {
+            let mut c = 0;
+            let mut cap = 4096u64;
+            while entries > cap {
+                cap *= MERGE_FAN_IN as u64;
+                c += 1;
+            }
+            c
+        };
+        let mut groups: BTreeMap<(u32, bool), Vec<u64>> = BTreeMap::new();
+        for (id, m) in &self.runs {
+            // Merging these could make a run over the cap.
+            if m.entries > MAX_MERGED_ENTRIES / MERGE_FAN_IN as u64 {
+                continue;
+            }
+            groups.entry((class(m.entries), m.kind == RunKind::Profiles)).or_default().push(*id);
+        }
+        groups.into_iter().find(|(_, ids)| ids.len() >= MERGE_FAN_IN).map(|((_, profiles), ids)| {
+            (if profiles { RunKind::Profiles } else { RunKind::Events }, ids.into_iter().take(MERGE_FAN_IN).collect())
+        })
+    }
+
+    fn forget_cached(&self, ids: &[u64]) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.0.retain(|(run, _), _| !ids.contains(run));
+        let keep: VecDeque<(u64, u32)> = cache.1.iter().filter(|(run, _)| !ids.contains(run)).copied().collect();
+        cache.1 = keep;
+    }
+}
+
+/// A run written into a batch that is not applied yet.
+pub struct PendingRun {
+    id: u64,
+    meta: RunMeta,
+}
