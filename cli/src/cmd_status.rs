@@ -17,6 +17,10 @@ pub struct StatusArgs {
     /// Also list up to this many rejected records with file, line and reason
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "20")]
     rejects: Option<usize>,
+    /// Also show the live bytes of each part of the store (reads every key; slow on a
+    /// large store)
+    #[arg(long)]
+    space: bool,
 }
 
 pub fn run(data: &Path, args: StatusArgs) -> Result<ExitCode> {
@@ -40,6 +44,11 @@ pub fn run(data: &Path, args: StatusArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     print_human(&s);
+    if args.space {
+        for (part, items, bytes) in store.space_by_part()? {
+            println!("  {part}: {} in {items} items", human_bytes(bytes));
+        }
+    }
     if let Some(n) = args.rejects {
         for r in store.rejects(n)? {
             println!("reject {}:{} (offset {}): {}: {}", r.file, r.line, r.offset, r.kind, r.reason);

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 const PART_BYTES: usize = 8 << 10;
 
 /// The layout of index entries; a store whose index has another is re-indexed on open.
-const LAYOUT: u32 = 2;
+const LAYOUT: u32 = 3;
 
 /// What the index on disk was built for: the layout and the (table, column, covers) list.
 type IndexMeta = (u32, Vec<(String, String, Vec<String>)>);
@@ -57,7 +57,7 @@ impl Postings {
     }
 
     /// Writes the entries of batch `seq` into `batch`, in parts of about [`PART_BYTES`].
-    pub fn write(self, seq: u64, batch: &mut sled::Batch) -> Result<()> {
+    pub fn write(self, seq: u64, zstd: &mut zstd::bulk::Compressor<'static>, batch: &mut sled::Batch) -> Result<()> {
         for (prefix, list) in self.by_prefix {
             let mut part = 0u32;
             let mut start = 0;
@@ -65,7 +65,7 @@ impl Postings {
             for (i, (key, values)) in list.iter().enumerate() {
                 bytes += posting_bytes(key, values);
                 if bytes >= PART_BYTES || i + 1 == list.len() {
-                    batch.insert(keys::index_key(&prefix, seq, part), enc(&&list[start..=i])?);
+                    batch.insert(keys::index_key(&prefix, seq, part), pack(zstd, &enc(&&list[start..=i])?)?);
                     part += 1;
                     start = i + 1;
                     bytes = 0;
@@ -73,6 +73,26 @@ impl Postings {
             }
         }
         Ok(())
+    }
+}
+
+/// An entry as stored: zstd-compressed, with its raw length first (FolderPaths and row
+/// keys compress several-fold, and the index was the second largest part of the store).
+fn pack(zstd: &mut zstd::bulk::Compressor<'static>, raw: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(raw.len() / 3 + 8);
+    out.extend_from_slice(&(raw.len() as u32).to_be_bytes());
+    out.extend_from_slice(&zstd.compress(raw).context("cannot compress an index entry")?);
+    Ok(out)
+}
+
+fn unpack(zstd: &std::sync::Mutex<zstd::bulk::Decompressor<'static>>, stored: &[u8]) -> Result<Vec<u8>> {
+    let len = stored.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    match len {
+        Some(len) if len <= PART_BYTES * 64 => {
+            let mut z = zstd.lock().unwrap_or_else(|p| p.into_inner());
+            z.decompress(&stored[4..], len).context("corrupt column index entry")
+        }
+        _ => Err(anyhow!("corrupt column index entry")),
     }
 }
 
@@ -140,8 +160,9 @@ impl Store {
             };
             for kv in self.db.range(from..to) {
                 let (_, entry) = kv?;
+                let raw = unpack(&self.unzstd, &entry)?;
                 let list: Vec<(Vec<u8>, Vec<&str>)> =
-                    bincode::serde::borrow_decode_from_slice(&entry, bincode::config::standard())
+                    bincode::serde::borrow_decode_from_slice(&raw, bincode::config::standard())
                         .map_err(|e| anyhow!("corrupt index entry: {e}"))?
                         .0;
                 for (row_key, values) in list {
@@ -238,7 +259,10 @@ impl Store {
                     *bytes += posting_bytes(&k, &covered);
                     list.push((k.clone(), covered));
                     if *bytes >= PART_BYTES {
-                        batch.insert(keys::index_key(&prefix, 0, *part), enc(&std::mem::take(list))?);
+                        batch.insert(
+                            keys::index_key(&prefix, 0, *part),
+                            pack(&mut self.zstd, &enc(&std::mem::take(list))?)?,
+                        );
                         *part += 1;
                         *bytes = 0;
                         pending += 1;
@@ -249,7 +273,7 @@ impl Store {
         }
         for (prefix, (part, list, _)) in open {
             if !list.is_empty() {
-                batch.insert(keys::index_key(&prefix, 0, part), enc(&list)?);
+                batch.insert(keys::index_key(&prefix, 0, part), pack(&mut self.zstd, &enc(&list)?)?);
                 pending += 1;
             }
         }

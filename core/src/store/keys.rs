@@ -45,6 +45,26 @@ pub const STATE: u8 = b'x';
 pub const META: u8 = b'm';
 pub const INDEX: u8 = b'i';
 
+/// What a key space holds, for people (`lookout status --space`).
+pub fn space_name(space: u8) -> &'static str {
+    match space {
+        BLOCK_ROWS => "row blocks",
+        BLOCK_KEYS => "row keys of blocks",
+        BLOCK_META => "block directory",
+        RUN_CHUNK => "key index runs",
+        RUN_META => "key index run metadata",
+        INDEX => "column index",
+        PROFILE | EVENT => "row keys (format 1)",
+        SCHEMA | TABLE => "schemas and tables",
+        SOURCE => "source offsets",
+        REJECT => "rejected records",
+        COUNTERS | META => "counters and settings",
+        FINDING | OUTBOX => "findings",
+        CURSOR | STATE => "detector cursors and state",
+        _ => "other",
+    }
+}
+
 /// Indexed values are cut to this many bytes; a look-up of a value this long or longer
 /// re-checks the rows it finds (a cut value can only widen the match, never narrow it).
 pub const INDEX_VALUE_MAX: usize = 256;

@@ -114,7 +114,10 @@ pub struct Store {
     db: sled::Db,
     tables: HashMap<String, u16>,
     table_names: HashMap<u16, String>,
-    schemas: HashMap<Vec<String>, u32>,
+    schemas: HashMap<Vec<String>, u32, FastHash>,
+    /// The schema of the last row stored: rows of a file nearly always share it, and
+    /// comparing names is cheaper than hashing them.
+    last_schema: Option<(std::sync::Arc<Vec<String>>, u32)>,
     schema_names: HashMap<u32, std::sync::Arc<Vec<String>>>,
     counters: Counters,
     /// The sequence the next batch that stores rows commits under (batch head + 1).
@@ -137,6 +140,10 @@ pub struct Store {
     /// the first batch.
     index_meta_pending: Option<(Vec<u8>, Vec<u8>)>,
 }
+
+/// xxh3 for in-memory maps keyed by row keys and column lists: these are hashed once per
+/// row, and SipHash's DoS resistance buys nothing for keys Lookout made itself.
+type FastHash = xxhash_rust::xxh3::Xxh3Builder;
 
 /// First table id handed to a table Lookout has not seen before.
 const FIRST_TABLE_ID: u16 = 1;
@@ -176,7 +183,8 @@ impl Store {
             db,
             tables: HashMap::new(),
             table_names: HashMap::new(),
-            schemas: HashMap::new(),
+            schemas: HashMap::default(),
+            last_schema: None,
             schema_names: HashMap::new(),
             counters: Counters::default(),
             next_journal: 1,
@@ -513,7 +521,7 @@ impl Store {
             entries: Vec::new(),
             profile_entries: BTreeMap::new(),
             postings: index::Postings::default(),
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             counters_dirty: false,
             new_rows: 0,
             saved_counters,
@@ -759,6 +767,22 @@ impl Store {
         Ok(out)
     }
 
+    /// Live bytes (keys + values) per part of the store, largest first: what the database
+    /// file holds besides sled's own overhead and not yet reclaimed space. Reads every key.
+    pub fn space_by_part(&self) -> Result<Vec<(&'static str, u64, u64)>> {
+        let mut by: BTreeMap<u8, (u64, u64)> = BTreeMap::new();
+        for kv in self.db.iter() {
+            let (k, v) = kv?;
+            let e = by.entry(k.first().copied().unwrap_or(0)).or_default();
+            e.0 += 1;
+            e.1 += (k.len() + v.len()) as u64;
+        }
+        let mut out: Vec<(&'static str, u64, u64)> =
+            by.into_iter().map(|(space, (items, bytes))| (keys::space_name(space), items, bytes)).collect();
+        out.sort_by_key(|p| std::cmp::Reverse(p.2));
+        Ok(out)
+    }
+
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
     }
@@ -780,13 +804,21 @@ impl Store {
 
     /// The schema's id, registering it (in `batch`) if new; then its names come back too.
     fn ensure_schema(&mut self, names: Vec<String>, batch: &mut sled::Batch) -> Result<(u32, Option<Vec<String>>)> {
+        if let Some((last, id)) = &self.last_schema {
+            if **last == names {
+                return Ok((*id, None));
+            }
+        }
         if let Some(id) = self.schemas.get(&names) {
+            self.last_schema = self.schema_names.get(id).map(|n| (n.clone(), *id));
             return Ok((*id, None));
         }
         let id = self.schema_names.keys().max().map_or(1, |m| m + 1);
         batch.insert(seq_key32(keys::SCHEMA, id), enc(&names)?);
-        self.schema_names.insert(id, std::sync::Arc::new(names.clone()));
+        let shared = std::sync::Arc::new(names.clone());
+        self.schema_names.insert(id, shared.clone());
         self.schemas.insert(names.clone(), id);
+        self.last_schema = Some((shared, id));
         Ok((id, Some(names)))
     }
 }
@@ -832,7 +864,7 @@ pub struct WriteBatch<'s> {
     /// Index postings of the new rows, written as one entry per value on commit.
     postings: index::Postings,
     /// Content hash of every key this batch stores.
-    pending: HashMap<Vec<u8>, u64>,
+    pending: HashMap<Vec<u8>, u64, FastHash>,
     counters_dirty: bool,
     new_rows: usize,
     saved_counters: Counters,
@@ -858,6 +890,9 @@ impl Drop for WriteBatch<'_> {
             if let Some(id) = self.store.schemas.remove(names) {
                 self.store.schema_names.remove(&id);
             }
+        }
+        if !self.new_schemas.is_empty() {
+            self.store.last_schema = None;
         }
     }
 }
@@ -1013,7 +1048,7 @@ impl WriteBatch<'_> {
                     self.store.runs.write(runs::RunKind::Profiles, &profiles, &mut self.store.zstd, &mut self.batch)?.1,
                 );
             }
-            std::mem::take(&mut self.postings).write(s, &mut self.batch)?;
+            std::mem::take(&mut self.postings).write(s, &mut self.store.zstd, &mut self.batch)?;
             self.batch.insert(keys::named_key(keys::META, "seq"), &s.to_be_bytes()[..]);
             self.batch.insert(keys::named_key(keys::META, "format"), &FORMAT_VERSION.to_be_bytes()[..]);
             seq = Some(s);
