@@ -10,7 +10,7 @@ use lookout_core::parse::normalise::{normalise, TableHints};
 use lookout_core::parse::open::open;
 use lookout_core::parse::record::{parse_document, unwrap_document};
 use lookout_core::schema::table_from_file_name;
-use lookout_core::store::{codec, keys};
+use lookout_core::store::codec;
 use lookout_core::Store;
 use lookout_plugin_sdk::time::{parse_timestamp, TICKS_PER_SEC};
 use rand::{Rng, SeedableRng};
@@ -138,7 +138,7 @@ pub fn parse_files(files: &[PathBuf], encode: bool) -> Result<ParseStats> {
                     Ok(row) => {
                         stats.rows += 1;
                         if encode {
-                            let key = keys::event_key(1, &row.sha1, &row.device_id, row.timestamp, &row.identity);
+                            let key = event_key_like(1, &row.sha1, &row.device_id, row.timestamp, &row.identity);
                             let cells: Vec<_> = row.columns.into_iter().map(|(_, c)| c).collect();
                             stats.key_bytes += key.len() as u64;
                             stats.value_bytes += codec::encode(1, base_time(), &cells)?.len() as u64;
@@ -154,7 +154,23 @@ pub fn parse_files(files: &[PathBuf], encode: bool) -> Result<ParseStats> {
     Ok(stats)
 }
 
-/// Keys shaped like Lookout's event keys (`keys::event_key`): a table id, a random
+/// A key of the shape of Lookout's row keys (table id, u16-length-prefixed SHA1 and
+/// DeviceId, sign-flipped big-endian Timestamp, ReportId): the store keeps its key layout
+/// to itself, and these ceilings only need keys of the same size and order.
+fn event_key_like(table: u16, sha1: &str, device: &str, timestamp: i64, id: &str) -> Vec<u8> {
+    let mut k = vec![b'e'];
+    k.extend_from_slice(&table.to_be_bytes());
+    for s in [sha1, device] {
+        k.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        k.extend_from_slice(s.as_bytes());
+    }
+    k.extend_from_slice(&((timestamp as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Keys shaped like Lookout's row keys ([`event_key_like`]): a table id, a random
 /// 40-hex SHA1, one of 50 random 40-hex device ids, a timestamp in the last 5 days and an
 /// increasing ReportId. Their order is random, as Lookout's is.
 pub fn random_event_keys(n: usize, seed: u64) -> Vec<Vec<u8>> {
@@ -170,7 +186,7 @@ pub fn random_event_keys(n: usize, seed: u64) -> Vec<Vec<u8>> {
             let device = &devices[rng.gen_range(0..devices.len())];
             let at = now - rng.gen_range(60 * TICKS_PER_SEC..5 * 86_400 * TICKS_PER_SEC);
             report += rng.gen_range(1..40);
-            keys::event_key(table, &sha1, device, at, &report.to_string())
+            event_key_like(table, &sha1, device, at, &report.to_string())
         })
         .collect()
 }

@@ -8,7 +8,8 @@ use crate::error::{Chain, StoreError};
 use crate::plugin::host_api::with_host_api;
 use crate::plugin::loader::CallError;
 use crate::plugin::Plugin;
-use crate::store::{keys, Store};
+use crate::store::detectors::row_key_sha1_device;
+use crate::store::Store;
 use lookout_plugin_sdk::time::format_timestamp;
 use lookout_plugin_sdk::{EvalRequest, FindingOut, InitRequest, InputSpec, RowRef, StateOp};
 use serde_json::{Map, Value};
@@ -96,29 +97,8 @@ pub fn parse_set(s: &str) -> Result<(String, String, String), BadSet> {
     Ok((det.to_string(), param.to_string(), value.to_string()))
 }
 
-fn cursor_key(detector_id: &str) -> Vec<u8> {
-    keys::named_key(keys::CURSOR, detector_id)
-}
-
-/// The identity of a stored row that does not depend on this store: the key with the
-/// store's table number replaced by the table's name, so the same data gives the same
-/// finding ids in any data directory, whatever order the tables were first seen in.
-pub fn stable_identity(store: &Store, key: &[u8]) -> Vec<u8> {
-    if key.first() == Some(&keys::EVENT) && key.len() >= 3 {
-        let table = u16::from_be_bytes([key[1], key[2]]);
-        if let Some(name) = store.table_name(table) {
-            let mut id = vec![keys::EVENT];
-            id.extend_from_slice(&(name.len() as u16).to_be_bytes());
-            id.extend_from_slice(name.as_bytes());
-            id.extend_from_slice(&key[3..]);
-            return id;
-        }
-    }
-    key.to_vec()
-}
-
 /// The finding id: a hash of detector, version and the identities of the input rows
-/// (see [`stable_identity`]).
+/// (see [`Store::stable_identity`]).
 pub fn finding_id(name: &str, version: &str, inputs: &[Vec<u8>]) -> String {
     let mut h = Sha256::new();
     for part in [name.as_bytes(), version.as_bytes()] {
@@ -171,40 +151,6 @@ pub fn run_pass(
         reports.push(report);
     }
     Ok(reports)
-}
-
-/// A detector's persisted state: (key, value) pairs.
-type DetectorState = Vec<(Vec<u8>, Vec<u8>)>;
-
-impl Store {
-    /// The journal sequence a detector has processed up to, if it ever ran.
-    pub fn meta_cursor(&self, detector_id: &str) -> Result<Option<u64>, StoreError> {
-        Ok(match self.db().get(cursor_key(detector_id))? {
-            Some(v) => Some(u64::from_be_bytes(
-                v.as_ref().try_into().map_err(|_| StoreError::msg(format!("corrupt cursor of {detector_id}")))?,
-            )),
-            None => None,
-        })
-    }
-
-    fn detector_state(&self, detector_id: &str) -> Result<DetectorState, StoreError> {
-        let prefix = keys::state_prefix(detector_id);
-        self.db()
-            .scan_prefix(&prefix)
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((k[prefix.len()..].to_vec(), v.to_vec()))
-            })
-            .collect()
-    }
-
-    /// The next outbox sequence number.
-    fn next_outbox_seq(&self) -> Result<u64, StoreError> {
-        Ok(match self.db().scan_prefix([keys::OUTBOX]).next_back() {
-            Some(kv) => keys::seq_of(&kv?.0).unwrap_or(0) + 1,
-            None => 1,
-        })
-    }
 }
 
 fn run_detector(
@@ -264,29 +210,24 @@ fn run_detector(
         let mut batch = store.batch();
         let mut fresh = HashSet::new();
         for f in resp.findings {
-            let identities: Vec<Vec<u8>> = f.inputs.iter().map(|k| stable_identity(batch.store(), k)).collect();
+            let identities: Vec<Vec<u8>> = f.inputs.iter().map(|k| batch.store().stable_identity(k)).collect();
             let fid = finding_id(&plugin.manifest.name, &plugin.manifest.version, &identities);
-            let key = keys::named_key(keys::FINDING, &fid);
-            if !fresh.insert(fid.clone())
-                || batch.store().db().get(&key).map_err(|e| PassError::Store(e.into()))?.is_some()
-            {
+            if !fresh.insert(fid.clone()) || batch.store().has_finding(&fid).map_err(PassError::Store)? {
                 continue;
             }
             let json = finding_json(&fid, plugin, &detected_at, f);
-            batch.put(key, serde_json::to_vec(&json).map_err(DetectorError::Finding)?);
-            batch.put(keys::seq_key(keys::OUTBOX, outbox_seq), fid.into_bytes());
+            batch.put_finding(&fid, serde_json::to_vec(&json).map_err(DetectorError::Finding)?, outbox_seq);
             outbox_seq += 1;
             report.new_findings += 1;
         }
-        let prefix = keys::state_prefix(&id);
         for op in resp.state {
             match op {
-                StateOp::Put(k, v) => batch.put([prefix.as_slice(), &k].concat(), v),
-                StateOp::Delete(k) => batch.remove([prefix.as_slice(), &k].concat()),
+                StateOp::Put(k, v) => batch.put_state(&id, &k, Some(v)),
+                StateOp::Delete(k) => batch.put_state(&id, &k, None),
             }
         }
         if i == last {
-            batch.put(cursor_key(&id), head.to_be_bytes().to_vec());
+            batch.set_cursor(&id, head);
         }
         crate::failpoint::hit("detect-before-commit");
         if let Err(e) = batch.commit() {
@@ -334,7 +275,7 @@ impl KeyMatcher {
 
     /// `None` when the key is not an event key or holds a value cut for length.
     fn passes(&self, key: &[u8], lower: &mut Vec<u8>) -> Option<bool> {
-        let (sha1, device) = keys::event_sha1_device(key)?;
+        let (sha1, device) = row_key_sha1_device(key)?;
         for (is_sha1, set) in &self.sets {
             let value = if *is_sha1 { sha1 } else { device };
             if value.len() >= u16::MAX as usize {

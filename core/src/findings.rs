@@ -206,7 +206,6 @@ pub fn all_findings(store: &Store) -> Result<Vec<Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::keys;
     use std::path::PathBuf;
 
     struct Fixture {
@@ -229,8 +228,7 @@ mod tests {
             let mut b = self.store.batch();
             for _ in 0..n {
                 let fid = format!("{:032x}", self.next);
-                b.put(keys::named_key(keys::FINDING, &fid), format!(r#"{{"finding_id":"{fid}"}}"#).into_bytes());
-                b.put(keys::seq_key(keys::OUTBOX, self.next), fid.into_bytes());
+                b.put_finding(&fid, format!(r#"{{"finding_id":"{fid}"}}"#).into_bytes(), self.next);
                 self.next += 1;
             }
             b.commit().unwrap();

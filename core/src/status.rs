@@ -1,7 +1,7 @@
 //! The status report shared by `lookout status`, `--json` and the daemon's `/status`.
 
 use crate::error::StoreError;
-use crate::store::{dec, keys, Counters, SourceState, Store};
+use crate::store::{Store, StoreReader, Summary};
 use lookout_plugin_sdk::time::format_timestamp;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -50,7 +50,7 @@ pub struct Status {
 /// The status with counts of rows within retention (exact: blocks that straddle the
 /// horizon are read).
 pub fn status(store: &Store) -> Result<Status, StoreError> {
-    let mut s = status_of(store.db(), store.data_dir())?;
+    let mut s = status_of(&store.reader(), store.data_dir())?;
     let kept = store.retained()?;
     s.tables = kept.rows.iter().map(|(t, n)| (t.clone(), TableStatus { rows: *n })).collect();
     s.oldest_kept = kept.oldest.map(format_timestamp);
@@ -59,14 +59,11 @@ pub fn status(store: &Store) -> Result<Status, StoreError> {
     Ok(s)
 }
 
-/// The status read straight from the database (the daemon's endpoint holds only a handle).
-pub fn status_of(db: &sled::Db, data_dir: &Path) -> Result<Status, StoreError> {
-    let c: Counters = match db.get([keys::COUNTERS])? {
-        Some(v) => dec(&v)?,
-        None => Counters::default(),
-    };
-    let sources: Vec<SourceState> =
-        db.scan_prefix([keys::SOURCE]).map(|kv| dec(&kv?.1)).collect::<Result<_, StoreError>>()?;
+/// The status from what was last committed (the daemon's endpoint holds only a reader):
+/// rows per table are those stored, including any past the horizon whose block is not
+/// removed yet (the daemon removes them within a poll or two).
+pub fn status_of(reader: &StoreReader, data_dir: &Path) -> Result<Status, StoreError> {
+    let Summary { counters: c, sources, findings, bytes_on_disk, horizon } = reader.summary()?;
     let sources = sources
         .into_iter()
         .map(|s| SourceStatus {
@@ -87,12 +84,9 @@ pub fn status_of(db: &sled::Db, data_dir: &Path) -> Result<Status, StoreError> {
         rejected: c.rejected.values().sum(),
         rejected_by_reason: c.rejected.clone(),
         sources,
-        findings: db.scan_prefix([keys::FINDING]).count() as u64,
-        database_bytes: db.size_on_disk().unwrap_or(0),
-        retention_horizon: db
-            .get(keys::named_key(keys::META, "horizon"))?
-            .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes))
-            .map(format_timestamp),
+        findings,
+        database_bytes: bytes_on_disk,
+        retention_horizon: horizon.map(format_timestamp),
         oldest_kept: None,
         expired: c.expired,
         removed: c.removed,

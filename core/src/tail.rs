@@ -15,7 +15,7 @@
 use crate::error::Chain;
 use crate::fingerprint::{fingerprint, head_hash, tail_matches, Fingerprint, HEAD_LEN, MIN_MATCH_LEN};
 use crate::ingest::{fresh_state, has_news, read_source, state_for, IngestError, IngestOptions, IngestReport};
-use crate::store::{source_key, OffsetUnit, SourceState, Store};
+use crate::store::{OffsetUnit, SourceState, Store};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -281,7 +281,7 @@ impl Tailer {
             for (key, deleted) in forget {
                 if let Some(t) = self.files.remove(&key) {
                     if deleted {
-                        b.remove(source_key(&id_of(key)));
+                        b.remove_source(&id_of(key));
                     }
                     drop(t.file);
                 }

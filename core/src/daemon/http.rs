@@ -6,7 +6,7 @@ use super::metrics::{render, Metrics, CONTENT_TYPE};
 use super::DaemonError;
 use crate::error::Chain;
 use crate::status::status_of;
-use crate::store::{dec, keys, Counters};
+use crate::store::{Counters, StoreReader};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ pub const ADDR_FILE: &str = "daemon.addr";
 
 /// The database handle the endpoint reads; empty while the work loop restarts (the
 /// database can only be reopened once every handle to it is dropped).
-pub type SharedDb = Arc<RwLock<Option<sled::Db>>>;
+pub type SharedDb = Arc<RwLock<Option<StoreReader>>>;
 
 pub struct Endpoint {
     server: Arc<tiny_http::Server>,
@@ -61,8 +61,7 @@ fn serve(server: &tiny_http::Server, db: &SharedDb, data_dir: &Path, metrics: &M
         let (code, ctype, body) = match (req.method(), req.url()) {
             (tiny_http::Method::Get, "/metrics") => {
                 // While the database is being reopened, the last counters seen stand.
-                let current = guard.as_ref().and_then(|db| db.get([keys::COUNTERS]).ok().flatten());
-                if let Some(c) = current.and_then(|v| dec(&v).ok()) {
+                if let Some(c) = guard.as_ref().and_then(|r| r.counters().ok()) {
                     last_counters = c;
                 }
                 let m = metrics.lock().map(|m| m.clone()).unwrap_or_default();

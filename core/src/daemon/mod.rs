@@ -92,7 +92,7 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
     let metrics = Arc::new(Mutex::new(Metrics::default()));
     let db: http::SharedDb = Arc::new(RwLock::new(None));
     let mut store = Store::open(&cfg.data)?;
-    *db.write().unwrap_or_else(|p| p.into_inner()) = Some(store.db().clone());
+    *db.write().unwrap_or_else(|p| p.into_inner()) = Some(store.reader());
     // The endpoint stays up across work-loop restarts, so a stuck daemon can be seen.
     let endpoint = http::Endpoint::start(&cfg.listen, db.clone(), &cfg.data, metrics.clone())?;
     let addr_file = http::addr_file(&cfg.data);
@@ -150,7 +150,7 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
         match reopened {
             Some(s) => {
                 store = s;
-                *db.write().unwrap_or_else(|p| p.into_inner()) = Some(store.db().clone());
+                *db.write().unwrap_or_else(|p| p.into_inner()) = Some(store.reader());
             }
             None => break Err(e),
         }

@@ -12,9 +12,10 @@
 
 pub mod blocks;
 pub mod codec;
+pub mod detectors;
 pub mod index;
 pub mod key_filter;
-pub mod keys;
+pub(crate) mod keys;
 #[cfg(test)]
 mod model_tests;
 pub mod retention;
@@ -281,8 +282,9 @@ impl Store {
         &self.path
     }
 
-    pub fn db(&self) -> &sled::Db {
-        &self.db
+    /// A read handle for another thread (the daemon's `/metrics` and `/status`).
+    pub fn reader(&self) -> StoreReader {
+        StoreReader { db: self.db.clone() }
     }
 
     pub fn counters(&self) -> &Counters {
@@ -829,10 +831,49 @@ fn seq_key32(space: u8, id: u32) -> Vec<u8> {
     k
 }
 
-pub fn source_key(id: &[u8]) -> Vec<u8> {
+fn source_key(id: &[u8]) -> Vec<u8> {
     let mut k = vec![keys::SOURCE];
     k.extend_from_slice(id);
     k
+}
+
+/// Totals read through a [`StoreReader`].
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub counters: Counters,
+    pub sources: Vec<SourceState>,
+    pub findings: u64,
+    pub bytes_on_disk: u64,
+    pub horizon: Option<i64>,
+}
+
+/// Reads the store's totals from another thread while the `Store` (which only the writer
+/// holds) is busy: counters, sources, findings, size, horizon — what was last committed.
+#[derive(Clone)]
+pub struct StoreReader {
+    db: sled::Db,
+}
+
+impl StoreReader {
+    pub fn counters(&self) -> Result<Counters> {
+        Ok(match self.db.get([keys::COUNTERS])? {
+            Some(v) => dec(&v)?,
+            None => Counters::default(),
+        })
+    }
+
+    pub fn summary(&self) -> Result<Summary> {
+        Ok(Summary {
+            counters: self.counters()?,
+            sources: self.db.scan_prefix([keys::SOURCE]).map(|kv| dec(&kv?.1)).collect::<Result<_>>()?,
+            findings: self.db.scan_prefix([keys::FINDING]).count() as u64,
+            bytes_on_disk: self.db.size_on_disk().unwrap_or(0),
+            horizon: self
+                .db
+                .get(keys::named_key(keys::META, "horizon"))?
+                .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)),
+        })
+    }
 }
 
 /// What adding a row did.
@@ -1011,17 +1052,14 @@ impl WriteBatch<'_> {
         Ok(())
     }
 
+    /// Forgets a source (a deleted file read to its end).
+    pub fn remove_source(&mut self, id: &[u8]) {
+        self.batch.remove(source_key(id));
+    }
+
     pub fn set_source(&mut self, id: &[u8], state: &SourceState) -> Result<()> {
         self.batch.insert(source_key(id), enc(state)?);
         Ok(())
-    }
-
-    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.batch.insert(key, value);
-    }
-
-    pub fn remove(&mut self, key: Vec<u8>) {
-        self.batch.remove(key);
     }
 
     pub fn new_rows(&self) -> usize {
@@ -1204,7 +1242,7 @@ mod tests {
             let mut store = Store::open(dir.path()).unwrap();
             commit(&mut store, vec![load(1, "wsmprovhost.exe"), load(2, "svchost.exe")]);
             commit(&mut store, vec![load(3, "wsmprovhost.exe")]);
-            let db = store.db();
+            let db = &store.db;
             for k in db.scan_prefix([keys::INDEX]).keys() {
                 db.remove(k.unwrap()).unwrap();
             }
@@ -1226,7 +1264,7 @@ mod tests {
             for chunk in (1..=9000).collect::<Vec<i64>>().chunks(3000) {
                 commit(&mut store, chunk.iter().map(|&i| load(i, "wsmprovhost.exe")).collect());
             }
-            let db = store.db();
+            let db = &store.db;
             for k in db.scan_prefix([keys::INDEX]).keys() {
                 db.remove(k.unwrap()).unwrap();
             }
@@ -1234,7 +1272,7 @@ mod tests {
             store.flush().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        assert!(store.db().scan_prefix([keys::INDEX]).count() >= 3, "split into parts");
+        assert!(store.db.scan_prefix([keys::INDEX]).count() >= 3, "split into parts");
         let found = lookup(&store, "wsmprovhost.exe", None);
         assert_eq!(found.len(), 9000);
         assert_eq!(found.iter().collect::<HashSet<_>>().len(), 9000);

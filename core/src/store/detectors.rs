@@ -1,0 +1,94 @@
+//! What the scheduler keeps in the store for each detector — its cursor (the last batch
+//! sequence it has seen), its own state — and the results tree with the outbox. The
+//! scheduler (`detect.rs`) goes through these; only this module knows their keys.
+
+use super::{keys, Result, Store, WriteBatch};
+use anyhow::anyhow;
+
+/// A detector's persisted state: (key, value) pairs.
+pub type DetectorState = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn cursor_key(detector_id: &str) -> Vec<u8> {
+    keys::named_key(keys::CURSOR, detector_id)
+}
+
+impl Store {
+    /// The batch sequence a detector has processed up to, if it ever ran.
+    pub fn meta_cursor(&self, detector_id: &str) -> Result<Option<u64>> {
+        Ok(match self.db.get(cursor_key(detector_id))? {
+            Some(v) => {
+                Some(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| anyhow!("corrupt cursor of {detector_id}"))?))
+            }
+            None => None,
+        })
+    }
+
+    /// The state a detector committed with its passes.
+    pub fn detector_state(&self, detector_id: &str) -> Result<DetectorState> {
+        let prefix = keys::state_prefix(detector_id);
+        self.db
+            .scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((k[prefix.len()..].to_vec(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    /// The next outbox sequence number.
+    pub fn next_outbox_seq(&self) -> Result<u64> {
+        Ok(match self.db.scan_prefix([keys::OUTBOX]).next_back() {
+            Some(kv) => keys::seq_of(&kv?.0).unwrap_or(0) + 1,
+            None => 1,
+        })
+    }
+
+    /// Whether a finding with this id is in the results tree.
+    pub fn has_finding(&self, finding_id: &str) -> Result<bool> {
+        Ok(self.db.get(keys::named_key(keys::FINDING, finding_id))?.is_some())
+    }
+
+    /// The identity of a stored row that does not depend on this store: its key with the
+    /// store's table number replaced by the table's name, so the same data gives the same
+    /// finding ids in any data directory, whatever order the tables were first seen in.
+    pub fn stable_identity(&self, key: &[u8]) -> Vec<u8> {
+        if key.first() == Some(&keys::EVENT) && key.len() >= 3 {
+            let table = u16::from_be_bytes([key[1], key[2]]);
+            if let Some(name) = self.table_name(table) {
+                let mut id = vec![keys::EVENT];
+                id.extend_from_slice(&(name.len() as u16).to_be_bytes());
+                id.extend_from_slice(name.as_bytes());
+                id.extend_from_slice(&key[3..]);
+                return id;
+            }
+        }
+        key.to_vec()
+    }
+}
+
+/// The SHA1 and DeviceId of an event row's key, borrowed (`None` for other keys).
+pub fn row_key_sha1_device(key: &[u8]) -> Option<(&[u8], &[u8])> {
+    keys::event_sha1_device(key)
+}
+
+impl WriteBatch<'_> {
+    /// A new finding: into the results tree, and next in the outbox.
+    pub fn put_finding(&mut self, finding_id: &str, json: Vec<u8>, outbox_seq: u64) {
+        self.batch.insert(keys::named_key(keys::FINDING, finding_id), json);
+        self.batch.insert(keys::seq_key(keys::OUTBOX, outbox_seq), finding_id.as_bytes());
+    }
+
+    /// Sets (`Some`) or removes (`None`) one key of a detector's state.
+    pub fn put_state(&mut self, detector_id: &str, key: &[u8], value: Option<Vec<u8>>) {
+        let k = [keys::state_prefix(detector_id).as_slice(), key].concat();
+        match value {
+            Some(v) => self.batch.insert(k, v),
+            None => self.batch.remove(k),
+        }
+    }
+
+    /// Moves a detector's cursor.
+    pub fn set_cursor(&mut self, detector_id: &str, seq: u64) {
+        self.batch.insert(cursor_key(detector_id), &seq.to_be_bytes()[..]);
+    }
+}
