@@ -41,8 +41,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 const NOW: &str = "2025-05-08T00:00:00Z";
-const FAILPOINTS: [&str; 5] =
-    ["ingest-after-commit", "detect-before-commit", "detect-after-commit", "outbox-mid-write", "outbox-after-write"];
+const FAILPOINTS: [&str; 6] = [
+    "ingest-after-commit",
+    "detect-before-commit",
+    "detect-after-commit",
+    "outbox-mid-write",
+    "outbox-after-write",
+    // A merge of key-index runs (after enough batches; retention's steps need a moving
+    // clock and are crashed in crash_recovery.rs).
+    "runs-merge-before-commit",
+];
 const DEFAULT_SEED: u64 = 0x10c0_0c7a_5eed;
 const DETECTOR: &str = "winrm-plugin-lateral-movement@1.0.0";
 /// Make the crash run number the tables as the clean run does (see the module comment).
@@ -310,7 +318,7 @@ fn crash_loop() {
             0..=34 => Kind::Running,
             35..=42 => Kind::Startup,
             43..=49 => Kind::PluginLoad,
-            n => Kind::Failpoint(FAILPOINTS[((n - 50) / 10) as usize]),
+            n => Kind::Failpoint(FAILPOINTS[((n - 50) as usize * FAILPOINTS.len()) / 50]),
         });
         let remaining_kills = (kills - kills_done).max(1);
         // Bytes this cycle writes; never nothing, so that a failpoint has data to meet.

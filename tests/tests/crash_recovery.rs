@@ -90,3 +90,50 @@ fn killed_during_ingest_then_rerun_stores_each_row_once() {
     assert_eq!(s["duplicates_skipped"], 0, "a resumed ingest re-read committed rows");
     assert_eq!(s["rejected"], 0);
 }
+
+/// The store's upkeep steps — merging key-index runs, removing blocks past the retention
+/// horizon, dropping key-index runs past it — are each one atomic batch: killed in any of
+/// them, the next run finds the store as before the step and finishes the work, with
+/// every row once and every count right.
+#[test]
+fn killed_during_store_upkeep_then_rerun_leaves_the_store_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Enough 4096-row batches for key-index runs to be merged.
+    gen_fleet(tmp.path(), 40_000);
+    let fleet = tmp.path().join("fleet/logs");
+    let fleet = fleet.to_str().unwrap();
+    let clean = tmp.path().join("clean");
+    lookout_ok(&clean, &["ingest", "--retention", "none", "--now", NOW, fleet]);
+    let want = status_json(&clean);
+
+    let data = tmp.path().join("data");
+    let ingest = ["ingest", "--retention", "none", "--now", NOW, fleet];
+    let crashed = run_with_failpoint(&data, "runs-merge-before-commit", &ingest);
+    assert!(!crashed.status.success(), "the merge failpoint did not fire");
+    assert!(String::from_utf8_lossy(&crashed.stderr).contains("runs-merge-before-commit"));
+    lookout_ok(&data, &ingest);
+    let got = status_json(&data);
+    assert_eq!(got["tables"], want["tables"], "rows after a crash in a merge");
+    assert_eq!(got["duplicates_skipped"], 0, "a committed batch was read again");
+
+    // Five days on, with an hour kept: every event row is past the horizon.
+    let later = "2025-05-13T00:00:00Z";
+    let expire = ["detect", "--retention", "1h", "--now", later, "--plugins", tmp.path().to_str().unwrap()];
+    for failpoint in ["retention-before-commit", "runs-drop-before-commit"] {
+        let crashed = run_with_failpoint(&data, failpoint, &expire);
+        assert!(!crashed.status.success(), "{failpoint} did not fire");
+        assert!(String::from_utf8_lossy(&crashed.stderr).contains(failpoint));
+    }
+    lookout_ok(&data, &expire);
+    lookout_ok(&clean, &expire);
+    let (got, want) = (status_json(&data), status_json(&clean));
+    let stored: u64 = ["DeviceFileEvents", "DeviceImageLoadEvents"]
+        .iter()
+        .map(|t| status_json(&tmp.path().join("clean"))["tables"][t]["rows"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(stored, 0, "every event row is past the horizon: {want}");
+    assert_eq!(got["tables"], want["tables"], "rows kept after crashes in retention");
+    assert_eq!(got["tables"]["FileProfile"]["rows"].as_u64().map(|n| n > 0), Some(true), "profiles are exempt");
+    assert_eq!(got["removed"], want["removed"], "rows removed by retention");
+    assert!(got["removed"].as_u64().unwrap_or(0) > 40_000, "{got}");
+}
