@@ -332,19 +332,16 @@ fn input_refs(
             let mut lower = Vec::with_capacity(64);
             for t in tables {
                 let Some(how) = select(t) else { continue };
-                for k in store.new_row_keys(t, c + 1, head)? {
-                    let keep = match &how {
+                keys.extend(store.new_row_keys_where(t, c + 1, head, |k| {
+                    Ok(match &how {
                         Select::All => true,
-                        Select::Keys(m) => match m.passes(&k, &mut lower) {
+                        Select::Keys(m) => match m.passes(k, &mut lower) {
                             Some(pass) => pass,
-                            None => store.row_at_passes(&k, &m.filter)?,
+                            None => store.row_at_passes(k, &m.filter)?,
                         },
-                        Select::Rows(f) => store.row_at_passes(&k, f)?,
-                    };
-                    if keep {
-                        keys.push(k);
-                    }
-                }
+                        Select::Rows(f) => store.row_at_passes(k, f)?,
+                    })
+                })?);
             }
             for t in tables.iter().filter(|t| from_index(t)) {
                 keys.extend(store.index_lookup(t, filter(t), Some((c + 1, head)))?.unwrap_or_default());

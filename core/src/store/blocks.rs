@@ -158,9 +158,34 @@ impl BatchBlocks {
     }
 }
 
+/// Byte strings as one: for each, its length (u32, big-endian) and its bytes. (bincode's
+/// serde path reads a `Vec<u8>` a byte at a time; this is a copy per item.)
+pub fn pack_items<T: AsRef<[u8]>>(items: &[T]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(items.iter().map(|i| i.as_ref().len() + 4).sum());
+    for item in items {
+        let item = item.as_ref();
+        out.extend_from_slice(&(item.len() as u32).to_be_bytes());
+        out.extend_from_slice(item);
+    }
+    out
+}
+
+/// The byte strings of [`pack_items`], borrowed.
+pub fn unpack_items(mut raw: &[u8]) -> Result<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    while !raw.is_empty() {
+        let len = raw.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        let item = len
+            .and_then(|len| raw.get(4..4 + len))
+            .ok_or_else(|| anyhow!("corrupt block: an item runs past its end"))?;
+        out.push(item);
+        raw = &raw[4 + item.len()..];
+    }
+    Ok(out)
+}
+
 fn compress(zstd: &mut zstd::bulk::Compressor<'static>, items: &[Vec<u8>]) -> Result<Vec<u8>> {
-    let raw = bincode::serde::encode_to_vec(items, bincode::config::standard())
-        .map_err(|e| anyhow!("cannot encode a block: {e}"))?;
+    let raw = pack_items(items);
     let mut out = Vec::with_capacity(raw.len() / 8 + 16);
     out.extend_from_slice(&(raw.len() as u32).to_be_bytes());
     out.extend_from_slice(&zstd.compress(&raw).context("cannot compress a block")?);
@@ -185,6 +210,23 @@ pub fn read_frame(
     seq: u64,
     block: u16,
 ) -> Result<Vec<Vec<u8>>> {
+    let raw = read_frame_raw(db, zstd, space, table, seq, block)?;
+    Ok(unpack_items(&raw)
+        .with_context(|| format!("block {table}/{seq}/{block}"))?
+        .into_iter()
+        .map(<[u8]>::to_vec)
+        .collect())
+}
+
+/// A block's frame decompressed, its items still packed (see [`unpack_items`]).
+pub fn read_frame_raw(
+    db: &sled::Db,
+    zstd: &mut zstd::bulk::Decompressor<'static>,
+    space: u8,
+    table: u16,
+    seq: u64,
+    block: u16,
+) -> Result<Vec<u8>> {
     let prefix = keys::block_key(space, table, seq, block, 0);
     let prefix = &prefix[..prefix.len() - 2];
     let mut frame = Vec::new();
@@ -198,12 +240,7 @@ pub fn read_frame(
     if raw_len > MAX_RAW {
         return Err(anyhow!("block {table}/{seq}/{block} claims {raw_len} bytes: corrupt"));
     }
-    let raw =
-        zstd.decompress(&frame[4..], raw_len).with_context(|| format!("block {table}/{seq}/{block} is corrupt"))?;
-    let config = bincode::config::standard().with_limit::<MAX_RAW>();
-    Ok(bincode::serde::decode_from_slice(&raw, config)
-        .map_err(|e| anyhow!("block {table}/{seq}/{block} is corrupt: {e}"))?
-        .0)
+    zstd.decompress(&frame[4..], raw_len).with_context(|| format!("block {table}/{seq}/{block} is corrupt"))
 }
 
 /// The zstd contexts, reused across blocks (a context costs an allocation of its

@@ -34,7 +34,7 @@ use blocks::{BatchBlocks, BlockCache, KeyEntry};
 use keys::KeyParts;
 
 /// The layout of everything stored. A store of another format is refused on open.
-pub const FORMAT_VERSION: u64 = 3;
+pub const FORMAT_VERSION: u64 = 4;
 
 /// The pseudo table number of FileProfile rows in blocks (event tables start at 1).
 const PROFILE_TABLE: u16 = 0;
@@ -652,6 +652,18 @@ impl Store {
     /// within retention; for FileProfile, the rows that are still the newest for their SHA1.
     /// Read from the blocks' key frames alone: the rows themselves are not decompressed.
     pub fn new_row_keys(&self, table: &str, from: u64, to: u64) -> Result<Vec<Vec<u8>>> {
+        self.new_row_keys_where(table, from, to, |_| Ok(true))
+    }
+
+    /// [`Store::new_row_keys`], of the rows whose key `keep` accepts (checked on the key
+    /// borrowed from the frame: only kept keys are copied).
+    pub fn new_row_keys_where(
+        &self,
+        table: &str,
+        from: u64,
+        to: u64,
+        mut keep: impl FnMut(&[u8]) -> Result<bool>,
+    ) -> Result<Vec<Vec<u8>>> {
         let tid = if table == lookout_plugin_sdk::tables::FILE_PROFILE {
             PROFILE_TABLE
         } else {
@@ -666,22 +678,22 @@ impl Store {
         for kv in self.db.range(start..end) {
             let (k, _) = kv?;
             let Some((_, seq, block)) = keys::block_of(&k) else { continue };
-            let frame = {
+            let raw = {
                 let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-                blocks::read_frame(&self.db, &mut z, keys::BLOCK_KEYS, tid, seq, block)?
+                blocks::read_frame_raw(&self.db, &mut z, keys::BLOCK_KEYS, tid, seq, block)?
             };
-            for (row, key) in frame.into_iter().enumerate() {
-                if !self.visible(&key) {
+            for (row, key) in blocks::unpack_items(&raw)?.into_iter().enumerate() {
+                if !self.visible(key) || !keep(key)? {
                     continue;
                 }
                 if tid == PROFILE_TABLE {
                     // A profile replaced by a later batch comes with that batch.
-                    let current = self.key_entry(&key)?;
+                    let current = self.key_entry(key)?;
                     if current.is_none_or(|e| (e.seq, e.block, e.row as usize) != (seq, block, row)) {
                         continue;
                     }
                 }
-                out.push(key);
+                out.push(key.to_vec());
             }
         }
         Ok(out)

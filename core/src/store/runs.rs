@@ -17,7 +17,7 @@
 //! FileProfile key may be in several, and the newest run wins. Runs whose rows are all past
 //! the retention horizon are dropped whole; a merge leaves out entries past it.
 
-use super::blocks::KeyEntry;
+use super::blocks::{pack_items, unpack_items, KeyEntry};
 use super::keys;
 use anyhow::{anyhow, Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -152,16 +152,20 @@ fn meta_key(run: u64, part: u32) -> Vec<u8> {
     k
 }
 
+/// A chunk as stored: each entry as one item (the entry's 20 bytes, then the key).
 fn encode_entries(entries: &[Entry]) -> Result<Vec<u8>> {
-    let flat: Vec<(&[u8], [u8; KeyEntry::LEN])> = entries.iter().map(|(k, e)| (k.as_slice(), e.encode())).collect();
-    bincode::serde::encode_to_vec(&flat, bincode::config::standard()).map_err(|e| anyhow!("cannot encode a run: {e}"))
+    let items: Vec<Vec<u8>> = entries.iter().map(|(k, e)| [&e.encode()[..], k].concat()).collect();
+    Ok(pack_items(&items))
 }
 
 fn decode_entries(raw: &[u8]) -> Result<Vec<Entry>> {
-    let config = bincode::config::standard().with_limit::<{ 64 << 20 }>();
-    let flat: Vec<(Vec<u8>, [u8; KeyEntry::LEN])> =
-        bincode::serde::decode_from_slice(raw, config).map_err(|e| anyhow!("corrupt key index chunk: {e}"))?.0;
-    flat.into_iter().map(|(k, e)| Ok((k, KeyEntry::decode(&e)?))).collect()
+    unpack_items(raw)?
+        .into_iter()
+        .map(|item| {
+            let (e, k) = item.split_at_checked(KeyEntry::LEN).ok_or_else(|| anyhow!("corrupt key index chunk"))?;
+            Ok((k.to_vec(), KeyEntry::decode(e)?))
+        })
+        .collect()
 }
 
 fn compress(zstd: &mut zstd::bulk::Compressor<'static>, raw: &[u8]) -> Result<Vec<u8>> {
