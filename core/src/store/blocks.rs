@@ -41,7 +41,7 @@ pub struct Locator {
 }
 
 /// The value of a key-index entry: where the row is and a hash of its content.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KeyEntry {
     pub seq: u64,
     pub block: u16,

@@ -33,6 +33,9 @@ pub const MERGE_FAN_IN: usize = 8;
 pub const MAX_MERGED_ENTRIES: u64 = 256 * 1024;
 /// Bytes per stored piece of run metadata.
 const PIECE_BYTES: usize = 6 << 10;
+/// Chunks written (or removed) per atomic batch when a merge or a drop moves a big run:
+/// sled holds a whole batch, and its copies of it, in memory while applying it.
+const STEP_CHUNKS: u32 = 256;
 /// Decompressed chunks kept for reads.
 const CHUNK_CACHE: usize = 512;
 const BITS_PER_ITEM: u64 = 10;
@@ -108,31 +111,89 @@ fn filter_items(key: &[u8]) -> Vec<&[u8]> {
     out
 }
 
-fn build_meta(kind: RunKind, entries: &[Entry]) -> RunMeta {
-    let items = entries.len() as u64 * if kind == RunKind::Events { 3 } else { 1 };
-    let words = (items * BITS_PER_ITEM).div_ceil(64).max(1) as usize;
-    let mut bloom = vec![0u64; words];
-    let n = words as u64 * 64;
-    let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
-    for (k, _) in entries {
-        for item in filter_items(k) {
+/// Writes one run from entries given in key order, a chunk at a time (a merge of runs of
+/// hundreds of thousands of entries holds one chunk per input run, not the runs).
+struct RunWriter {
+    id: u64,
+    meta: RunMeta,
+    chunk: Vec<Entry>,
+    chunks: u32,
+}
+
+impl RunWriter {
+    /// `expected` sizes the Bloom filter (at most this many entries will be pushed).
+    fn new(id: u64, kind: RunKind, expected: u64) -> RunWriter {
+        let items = expected.max(1) * if kind == RunKind::Events { 3 } else { 1 };
+        let words = (items * BITS_PER_ITEM).div_ceil(64).max(1) as usize;
+        RunWriter {
+            id,
+            meta: RunMeta {
+                kind,
+                entries: 0,
+                fences: Vec::new(),
+                min_ts: i64::MAX,
+                max_ts: i64::MIN,
+                bloom: vec![0u64; words],
+            },
+            chunk: Vec::with_capacity(CHUNK_ENTRIES),
+            chunks: 0,
+        }
+    }
+
+    fn push(
+        &mut self,
+        key: Vec<u8>,
+        entry: KeyEntry,
+        zstd: &mut zstd::bulk::Compressor<'static>,
+        batch: &mut sled::Batch,
+    ) -> Result<()> {
+        let n = self.meta.bloom.len() as u64 * 64;
+        for item in filter_items(&key) {
             let (h1, h2) = hash2(item);
             for i in 0..PROBES {
                 let p = h1.wrapping_add(i.wrapping_mul(h2)) % n;
-                bloom[(p / 64) as usize] |= 1 << (p % 64);
+                self.meta.bloom[(p / 64) as usize] |= 1 << (p % 64);
             }
         }
-        let ts = keys::event_timestamp(k).unwrap_or(0);
-        min_ts = min_ts.min(ts);
-        max_ts = max_ts.max(ts);
+        let ts = keys::event_timestamp(&key).unwrap_or(0);
+        self.meta.min_ts = self.meta.min_ts.min(ts);
+        self.meta.max_ts = self.meta.max_ts.max(ts);
+        self.meta.entries += 1;
+        if self.chunk.is_empty() {
+            self.meta.fences.push(key.clone());
+        }
+        self.chunk.push((key, entry));
+        if self.chunk.len() == CHUNK_ENTRIES {
+            self.flush_chunk(zstd, batch)?;
+        }
+        Ok(())
     }
-    RunMeta {
-        kind,
-        entries: entries.len() as u64,
-        fences: entries.chunks(CHUNK_ENTRIES).map(|c| c[0].0.clone()).collect(),
-        min_ts,
-        max_ts,
-        bloom,
+
+    fn flush_chunk(&mut self, zstd: &mut zstd::bulk::Compressor<'static>, batch: &mut sled::Batch) -> Result<()> {
+        if !self.chunk.is_empty() {
+            batch.insert(chunk_key(self.id, self.chunks), compress(zstd, &encode_entries(&self.chunk)?)?);
+            self.chunks += 1;
+            self.chunk.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes the last chunk and the metadata; `None` if no entry was pushed.
+    fn finish(
+        mut self,
+        zstd: &mut zstd::bulk::Compressor<'static>,
+        batch: &mut sled::Batch,
+    ) -> Result<Option<PendingRun>> {
+        self.flush_chunk(zstd, batch)?;
+        if self.meta.entries == 0 {
+            return Ok(None);
+        }
+        let raw = bincode::serde::encode_to_vec(&self.meta, bincode::config::standard())
+            .map_err(|e| anyhow!("cannot encode run metadata: {e}"))?;
+        for (part, piece) in compress(zstd, &raw)?.chunks(PIECE_BYTES).enumerate() {
+            batch.insert(meta_key(self.id, part as u32), piece);
+        }
+        Ok(Some(PendingRun { id: self.id, meta: self.meta }))
     }
 }
 
@@ -186,6 +247,32 @@ fn decompress(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8]) -> Res
     zstd.decompress(&frame[4..], len).context("corrupt key index frame")
 }
 
+/// Removes a run's metadata (into `batch`): from then on the run does not exist; its
+/// chunks are swept after.
+fn remove_meta(db: &sled::Db, id: u64, batch: &mut sled::Batch) -> Result<()> {
+    for k in db.range(meta_key(id, 0)..meta_key(id + 1, 0)).keys() {
+        batch.remove(k?);
+    }
+    Ok(())
+}
+
+/// Removes the chunks of runs that no longer exist, [`STEP_CHUNKS`] per batch.
+fn sweep_chunks(db: &sled::Db, ids: &[u64]) -> Result<()> {
+    for id in ids {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for k in db.range(chunk_key(*id, 0)..chunk_key(id + 1, 0)).keys() {
+            batch.remove(k?);
+            n += 1;
+            if n % STEP_CHUNKS == 0 {
+                db.apply_batch(std::mem::take(&mut batch)).context("cannot remove key index chunks")?;
+            }
+        }
+        db.apply_batch(batch).context("cannot remove key index chunks")?;
+    }
+    Ok(())
+}
+
 /// The runs of the key index: their metadata in memory, their chunks read on demand.
 pub struct Runs {
     /// By run id; ids only grow, so iteration order is oldest first.
@@ -213,6 +300,21 @@ impl Runs {
                 .0;
             runs.insert(id, meta);
         }
+        // Chunks of runs without metadata: a merge or drop a crash interrupted.
+        let mut orphans = std::collections::BTreeSet::new();
+        for k in db.scan_prefix([keys::RUN_CHUNK]).keys() {
+            let k = k?;
+            if let Some(id) = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) {
+                if !runs.contains_key(&id) {
+                    orphans.insert(id);
+                }
+            }
+        }
+        if !orphans.is_empty() {
+            let ids: Vec<u64> = orphans.into_iter().collect();
+            tracing::info!(runs = ids.len(), "removing key index chunks an interrupted merge left");
+            sweep_chunks(db, &ids)?;
+        }
         let next_id = runs.keys().next_back().map_or(1, |id| id + 1);
         Ok(Runs { runs, next_id, cache: Mutex::new((HashMap::new(), VecDeque::new())) })
     }
@@ -238,32 +340,17 @@ impl Runs {
     ) -> Result<(u64, PendingRun)> {
         let id = self.next_id;
         self.next_id += 1;
-        for (i, chunk) in entries.chunks(CHUNK_ENTRIES).enumerate() {
-            batch.insert(chunk_key(id, i as u32), compress(zstd, &encode_entries(chunk)?)?);
+        let mut w = RunWriter::new(id, kind, entries.len() as u64);
+        for (k, e) in entries {
+            w.push(k.clone(), *e, zstd, batch)?;
         }
-        let meta = build_meta(kind, entries);
-        let raw = bincode::serde::encode_to_vec(&meta, bincode::config::standard())
-            .map_err(|e| anyhow!("cannot encode run metadata: {e}"))?;
-        for (part, piece) in compress(zstd, &raw)?.chunks(PIECE_BYTES).enumerate() {
-            batch.insert(meta_key(id, part as u32), piece);
-        }
-        Ok((id, PendingRun { id, meta }))
+        let run = w.finish(zstd, batch)?.ok_or_else(|| anyhow!("an empty key index run"))?;
+        Ok((id, run))
     }
 
     /// Makes a written run visible (after its batch was applied).
     pub fn committed(&mut self, run: PendingRun) {
         self.runs.insert(run.id, run.meta);
-    }
-
-    /// Removes a run (into `batch`), and from memory.
-    fn remove(&mut self, db: &sled::Db, id: u64, batch: &mut sled::Batch) -> Result<()> {
-        for k in db.range(chunk_key(id, 0)..chunk_key(id + 1, 0)).keys() {
-            batch.remove(k?);
-        }
-        for k in db.range(meta_key(id, 0)..meta_key(id + 1, 0)).keys() {
-            batch.remove(k?);
-        }
-        Ok(())
     }
 
     fn chunk(
@@ -387,7 +474,7 @@ impl Runs {
         if !expired.is_empty() {
             let mut batch = sled::Batch::default();
             for id in &expired {
-                self.remove(db, *id, &mut batch)?;
+                remove_meta(db, *id, &mut batch)?;
             }
             crate::failpoint::hit("runs-drop-before-commit");
             db.apply_batch(batch).context("cannot drop expired key index runs")?;
@@ -395,27 +482,64 @@ impl Runs {
                 self.runs.remove(id);
             }
             self.forget_cached(&expired);
+            sweep_chunks(db, &expired)?;
             return Ok(true);
         }
         let Some((kind, ids)) = self.merge_candidates() else { return Ok(false) };
-        let mut merged: BTreeMap<Vec<u8>, KeyEntry> = BTreeMap::new();
-        for id in &ids {
-            let chunks = self.runs.get(id).map_or(0, |m| m.fences.len());
-            for c in 0..chunks {
-                for (k, e) in self.chunk(db, zstd_d, *id, c as u32)?.iter() {
-                    let past = kind == RunKind::Events
-                        && horizon.is_some_and(|h| keys::event_timestamp(k).is_some_and(|ts| ts < h));
-                    if !past {
-                        merged.insert(k.clone(), *e);
+        // A k-way merge of the sorted runs, one chunk of each in memory at a time; for a
+        // key in several runs (FileProfile), the newest run's entry.
+        let mut cursors: Vec<RunCursor> = ids
+            .iter()
+            .map(|id| RunCursor {
+                run: *id,
+                chunks: self.runs.get(id).map_or(0, |m| m.fences.len() as u32),
+                next_chunk: 0,
+                entries: Vec::new(),
+                at: 0,
+            })
+            .collect();
+        let expected: u64 = ids.iter().filter_map(|id| self.runs.get(id)).map(|m| m.entries).sum();
+        // The new run's chunks go in bounded batches; it becomes visible (and the old runs
+        // invisible) only with the last one, which writes its metadata. A crash before
+        // that leaves chunks without metadata, which the next open sweeps away.
+        let mut batch = sled::Batch::default();
+        let new_id = self.next_id;
+        self.next_id += 1;
+        let mut w = RunWriter::new(new_id, kind, expected);
+        let mut written_chunks = 0;
+        loop {
+            let mut smallest: Option<(Vec<u8>, usize)> = None;
+            for (i, c) in cursors.iter_mut().enumerate() {
+                if let Some((k, _)) = c.peek(db, zstd_d)? {
+                    // Runs go oldest first, so on a tie `<=` leaves the newest run's index.
+                    if smallest.as_ref().is_none_or(|(s, _)| k.as_slice() <= s.as_slice()) {
+                        smallest = Some((k.clone(), i));
                     }
                 }
             }
+            let Some((key, newest)) = smallest else { break };
+            let mut entry = None;
+            for (i, c) in cursors.iter_mut().enumerate() {
+                if c.peek(db, zstd_d)?.is_some_and(|(k, _)| *k == key) {
+                    let (_, e) = c.take();
+                    if i == newest {
+                        entry = Some(e);
+                    }
+                }
+            }
+            let past = kind == RunKind::Events
+                && horizon.is_some_and(|h| keys::event_timestamp(&key).is_some_and(|ts| ts < h));
+            if let (Some(e), false) = (entry, past) {
+                w.push(key, e, zstd_c, &mut batch)?;
+                if w.chunks >= written_chunks + STEP_CHUNKS {
+                    written_chunks = w.chunks;
+                    db.apply_batch(std::mem::take(&mut batch)).context("cannot write a merged key index run")?;
+                }
+            }
         }
-        let entries: Vec<Entry> = merged.into_iter().collect();
-        let mut batch = sled::Batch::default();
-        let pending = if entries.is_empty() { None } else { Some(self.write(kind, &entries, zstd_c, &mut batch)?.1) };
+        let pending = w.finish(zstd_c, &mut batch)?;
         for id in &ids {
-            self.remove(db, *id, &mut batch)?;
+            remove_meta(db, *id, &mut batch)?;
         }
         crate::failpoint::hit("runs-merge-before-commit");
         db.apply_batch(batch).context("cannot merge key index runs")?;
@@ -426,6 +550,7 @@ impl Runs {
         if let Some(p) = pending {
             self.committed(p);
         }
+        sweep_chunks(db, &ids)?;
         Ok(true)
     }
 
@@ -462,8 +587,114 @@ impl Runs {
     }
 }
 
+/// Reading one run in key order during a merge, a chunk at a time, past the cache.
+struct RunCursor {
+    run: u64,
+    chunks: u32,
+    next_chunk: u32,
+    entries: Vec<Entry>,
+    at: usize,
+}
+
+impl RunCursor {
+    fn peek(&mut self, db: &sled::Db, zstd: &Mutex<zstd::bulk::Decompressor<'static>>) -> Result<Option<&Entry>> {
+        while self.at >= self.entries.len() {
+            if self.next_chunk >= self.chunks {
+                return Ok(None);
+            }
+            let frame = db
+                .get(chunk_key(self.run, self.next_chunk))?
+                .ok_or_else(|| anyhow!("key index run {} lacks chunk {}", self.run, self.next_chunk))?;
+            let raw = {
+                let mut z = zstd.lock().unwrap_or_else(|p| p.into_inner());
+                decompress(&mut z, &frame)?
+            };
+            self.entries = decode_entries(&raw)?;
+            self.at = 0;
+            self.next_chunk += 1;
+        }
+        Ok(self.entries.get(self.at))
+    }
+
+    /// Takes the entry [`RunCursor::peek`] showed.
+    fn take(&mut self) -> Entry {
+        let e = std::mem::take(&mut self.entries[self.at]);
+        self.at += 1;
+        e
+    }
+}
+
 /// A run written into a batch that is not applied yet.
 pub struct PendingRun {
     id: u64,
     meta: RunMeta,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: u64) -> Entry {
+        (keys::event_key(1, &format!("{i:040x}"), "dev", 0, "1"), KeyEntry { seq: i, block: 0, row: 0, content: i })
+    }
+
+    /// A merge writes its run's chunks in several batches and its metadata last; the
+    /// chunks of a run whose metadata never came (a crash) are removed on open, and the
+    /// runs that were there stay whole.
+    #[test]
+    fn chunks_without_metadata_are_swept_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let mut z = super::super::blocks::compressor().unwrap();
+        let unz = Mutex::new(super::super::blocks::decompressor().unwrap());
+        let mut runs = Runs::open(&db, &mut unz.lock().unwrap()).unwrap();
+        let entries: Vec<Entry> = (0..200).map(entry).collect();
+        let mut batch = sled::Batch::default();
+        let (_, pending) = runs.write(RunKind::Events, &entries, &mut z, &mut batch).unwrap();
+        db.apply_batch(batch).unwrap();
+        runs.committed(pending);
+        // An interrupted merge's chunks: run 99, no metadata.
+        db.insert(chunk_key(99, 0), compress(&mut z, &encode_entries(&entries[..3]).unwrap()).unwrap()).unwrap();
+        db.insert(chunk_key(99, 1), compress(&mut z, &encode_entries(&entries[3..6]).unwrap()).unwrap()).unwrap();
+        let runs = Runs::open(&db, &mut unz.lock().unwrap()).unwrap();
+        assert_eq!(db.range(chunk_key(99, 0)..chunk_key(100, 0)).count(), 0, "orphan chunks removed");
+        assert_eq!(runs.run_count(), 1);
+        for (k, e) in &entries {
+            assert_eq!(runs.get(&db, &unz, k).unwrap(), Some(*e));
+        }
+    }
+
+    /// Merging keeps every entry once, the newest run's for a key in several (profiles).
+    #[test]
+    fn merges_keep_every_entry_once_and_the_newest_of_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let mut z = super::super::blocks::compressor().unwrap();
+        let unz = Mutex::new(super::super::blocks::decompressor().unwrap());
+        let mut runs = Runs::open(&db, &mut unz.lock().unwrap()).unwrap();
+        for r in 0..MERGE_FAN_IN as u64 {
+            // Overlapping profile keys: key i is in runs i/100 .. ; newer runs carry seq r.
+            let entries: Vec<Entry> = (r * 100..r * 100 + 300)
+                .map(|i| (keys::profile_key(&format!("{i:06}")), KeyEntry { seq: r, block: 0, row: 0, content: i }))
+                .collect();
+            let mut batch = sled::Batch::default();
+            let (_, pending) = runs.write(RunKind::Profiles, &entries, &mut z, &mut batch).unwrap();
+            db.apply_batch(batch).unwrap();
+            runs.committed(pending);
+        }
+        assert!(runs.maintain(&db, &mut z, &unz, None).unwrap(), "eight small runs are merged");
+        assert_eq!(runs.run_count(), 1);
+        let all = runs.scan_prefix(&db, &unz, &[keys::PROFILE], false).unwrap();
+        assert_eq!(all.len(), (MERGE_FAN_IN - 1) * 100 + 300);
+        for (k, e) in all {
+            let i: u64 = String::from_utf8_lossy(&k[1..]).parse().unwrap();
+            assert_eq!(e.seq, (i / 100).min(MERGE_FAN_IN as u64 - 1), "key {i}: the newest run's entry");
+        }
+        let reopened = Runs::open(&db, &mut unz.lock().unwrap()).unwrap();
+        assert_eq!(reopened.run_count(), 1);
+        assert_eq!(
+            db.scan_prefix([keys::RUN_CHUNK]).count(),
+            reopened.runs.values().map(|m| m.fences.len()).sum::<usize>()
+        );
+    }
 }
