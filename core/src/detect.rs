@@ -161,6 +161,8 @@ fn run_detector(
     report: &mut DetectorReport,
 ) -> Result<(), PassError> {
     let id = plugin.id();
+    // The indexes it declares are kept from now on (built now if new: a store failure).
+    store.declare_indexes(&plugin.manifest.indexes).map_err(PassError::Store)?;
     if !plugin.initialised {
         let params = opts
             .params
@@ -312,7 +314,7 @@ fn input_refs(
 ) -> Result<Vec<RowRef>, StoreError> {
     let spec = |t: &str| specs.iter().find(|s| s.table == t);
     let filter = |t: &str| spec(t).map_or(&[][..], |s| s.only_where.as_slice());
-    let from_index = |t: &str| Store::indexed_condition(t, filter(t)).is_some();
+    let from_index = |t: &str| store.indexed_condition(t, filter(t)).is_some();
     let mut keys: Vec<Vec<u8>> = Vec::new();
     match since {
         Some(c) => {
@@ -414,6 +416,13 @@ mod tests {
     fn indexed_and_unindexed_filters_select_the_same_rows() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
+        store
+            .declare_indexes(&[lookout_plugin_sdk::IndexDecl {
+                table: IMAGE_LOADS.into(),
+                columns: vec!["InitiatingProcessFileName".into()],
+                covers: vec!["FolderPath".into()],
+            }])
+            .unwrap();
         let processes = ["wsmprovhost.exe", "WSMPROVHOST.EXE", "svchost.exe", "explorer.exe"];
         let mut report = 0;
         for batch in 0..6 {
@@ -436,8 +445,8 @@ mod tests {
                 InputSpec { table: FILE_EVENTS.into(), only_where: Vec::new(), on_backfill: false },
             ]
         };
-        assert!(Store::is_indexed(IMAGE_LOADS, "InitiatingProcessFileName"));
-        assert!(!Store::is_indexed(IMAGE_LOADS, "ProcessCopy"));
+        assert!(store.is_indexed(IMAGE_LOADS, "InitiatingProcessFileName"));
+        assert!(!store.is_indexed(IMAGE_LOADS, "ProcessCopy"));
         let head = store.next_journal_seq() - 1;
         for since in [None, Some(0), Some(1), Some(3), Some(head - 1)] {
             let by_index =

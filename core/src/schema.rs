@@ -25,28 +25,6 @@ impl ColumnType {
     }
 }
 
-/// A column the store keeps an index of (`i` key space, see `store::index`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IndexSpec {
-    pub table: &'static str,
-    pub column: &'static str,
-    /// Columns whose values are kept in the index entry, so conditions on them are
-    /// checked without reading the row (a covering index).
-    pub covers: &'static [&'static str],
-}
-
-/// The indexes. A detector that asks for only the rows whose column is one of a few
-/// values (`in~`) gets them from the index, by batch range, without reading the rows that
-/// do not match; on any other column the host reads and checks every row. Changing this
-/// list rebuilds the index on the next open (and makes every detector backfill once).
-pub const INDEXES: &[IndexSpec] = &[
-    // Who loaded a library (`InitiatingProcessFileName =~ "wsmprovhost.exe"`), and from
-    // where (`FolderPath !startswith ...`).
-    IndexSpec { table: IMAGE_LOADS, column: "InitiatingProcessFileName", covers: &["FolderPath"] },
-    // Which program started: the usual first filter of process-creation rules.
-    IndexSpec { table: "DeviceProcessEvents", column: "FileName", covers: &["FolderPath"] },
-];
-
 /// How a table's rows are identified and stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TableKind {

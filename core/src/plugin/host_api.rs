@@ -42,6 +42,7 @@ fn answer(store: &Store, req: HostRequest) -> HostResponse {
         HostRequest::LookupWhere { table, sha1, device_id, filter } => {
             store.lookup_where(&table, &sha1, device_id.as_deref(), &filter).map(HostResponse::Rows)
         }
+        HostRequest::LookupBy { table, key, filter } => store.lookup_by(&table, &key, &filter).map(HostResponse::Rows),
         HostRequest::Profile(sha1) => store.profile(&sha1).map(HostResponse::Profile),
         HostRequest::Profiles(sha1s) => {
             sha1s.iter().map(|s| store.profile(s)).collect::<Result<Vec<_>, StoreError>>().map(HostResponse::Profiles)

@@ -1,7 +1,10 @@
-//! The column index (`i` key space): for each [`IndexSpec`], one entry per (value, batch),
-//! keyed by (table, column, lowercase value, batch sequence, part), listing the rows of
-//! that batch with that value: each row's key and its full values of the column and of
-//! the covered columns (a posting list).
+//! The column indexes (`i` key space) that detectors declare (`Manifest::indexes`): for
+//! each [`IndexDecl`], one entry per (values, batch), keyed by (table, columns, lowercase
+//! values, batch sequence, part), listing the rows of that batch with those values: each
+//! row's key and its full values of the columns and of the covered columns (a posting
+//! list). The list of indexes is kept with the data, so ingestion maintains every index
+//! a detector ever declared, with or without the detector loaded; an index declared when
+//! rows are already stored is built from the blocks, under each row's own batch sequence.
 //!
 //! Why the batch sequence in the key: "rows whose column is one of these values, stored
 //! since batch N" — a detector's incremental pass — is then a key range, and a backfill is
@@ -13,34 +16,43 @@
 //! and a third more disk, from sled rewriting the few hot leaves they all land on).
 
 use super::{codec, enc, keys, Store};
-use crate::schema::{IndexSpec, INDEXES};
 use anyhow::{anyhow, Context as _, Result};
-use lookout_plugin_sdk::Condition;
+use lookout_plugin_sdk::{Condition, IndexDecl, Row};
 use std::collections::BTreeMap;
 
-/// The size an index entry is kept under. sled writes a leaf whole when it changes; a
-/// leaf holding one large value is rewritten (as a separate blob file) with every
-/// neighbouring insert, which made large per-batch lists cost a tenth of ingestion.
+/// The size an index entry is kept under (before compression).
 const PART_BYTES: usize = 8 << 10;
 
-/// The layout of index entries; a store whose index has another is re-indexed on open.
-const LAYOUT: u32 = 3;
+/// The layout of index entries and of the list of indexes.
+const LAYOUT: u32 = 4;
 
-/// What the index on disk was built for: the layout and the (table, column, covers) list.
-type IndexMeta = (u32, Vec<(String, String, Vec<String>)>);
+/// What the indexes on disk are: the layout and the declared indexes.
+type IndexMeta = (u32, Vec<IndexDecl>);
 
 /// One row in a posting list: its key and its values of the indexed and covered columns.
 type Posting = (Vec<u8>, Vec<String>);
 
-/// The index postings of one row of `table` (id `tid`): (value prefix, covered values).
-/// `value_of` gives the row's string value of a column (`""` when missing).
-pub fn row_postings<'r>(tid: u16, table: &str, value_of: impl Fn(&str) -> &'r str) -> Vec<(Vec<u8>, Vec<String>)> {
-    INDEXES
+/// The name an index goes under in its keys: its columns, joined by U+001F.
+fn column_id(spec: &IndexDecl) -> String {
+    spec.columns.join("\u{1f}")
+}
+
+/// The index postings of one row of `table` (id `tid`) for every index of `specs`:
+/// (values prefix, covered values). `value_of` gives the row's string value of a column
+/// (`""` when missing).
+pub fn row_postings<'r>(
+    specs: &[IndexDecl],
+    tid: u16,
+    table: &str,
+    value_of: impl Fn(&str) -> &'r str,
+) -> Vec<(Vec<u8>, Vec<String>)> {
+    specs
         .iter()
         .filter(|s| s.table == table)
         .map(|s| {
             let covered = covered_columns(s).map(|c| value_of(c).to_string());
-            (keys::index_value_prefix(tid, s.column, value_of(s.column)), covered.collect())
+            let values: Vec<&str> = s.columns.iter().map(|c| value_of(c)).collect();
+            (keys::index_values_prefix(tid, &column_id(s), &values), covered.collect())
         })
         .collect()
 }
@@ -96,9 +108,9 @@ fn unpack(zstd: &std::sync::Mutex<zstd::bulk::Decompressor<'static>>, stored: &[
     }
 }
 
-/// The columns whose values an entry keeps: the indexed one, then the covered ones.
-fn covered_columns(spec: &IndexSpec) -> impl Iterator<Item = &'static str> {
-    std::iter::once(spec.column).chain(spec.covers.iter().copied())
+/// The columns whose values an entry keeps: the indexed ones, then the covered ones.
+fn covered_columns(spec: &IndexDecl) -> impl Iterator<Item = &str> {
+    spec.columns.iter().chain(&spec.covers).map(String::as_str)
 }
 
 /// About how many bytes a posting takes in an entry (to cut entries into parts).
@@ -106,20 +118,56 @@ fn posting_bytes(key: &[u8], values: &[String]) -> usize {
     8 + key.len() + values.iter().map(|v| v.len() + 1).sum::<usize>()
 }
 
-fn spec(table: &str, column: &str) -> Option<&'static IndexSpec> {
-    INDEXES.iter().find(|s| s.table == table && s.column == column)
-}
-
 impl Store {
-    /// Whether the store keeps an index of `table`.`column` (see [`INDEXES`]).
-    pub fn is_indexed(table: &str, column: &str) -> bool {
-        spec(table, column).is_some()
+    /// The one-column index of `table`.`column`, if a detector declared one.
+    fn single_column_index(&self, table: &str, column: &str) -> Option<&IndexDecl> {
+        self.index_specs.iter().find(|s| s.table == table && s.columns.len() == 1 && s.columns[0] == column)
     }
 
-    /// The condition of `filter` the index can answer for `table`: the first `In` on an
-    /// indexed column.
-    pub fn indexed_condition<'f>(table: &str, filter: &'f [Condition]) -> Option<&'f Condition> {
-        filter.iter().find(|c| matches!(c, Condition::In { .. }) && Self::is_indexed(table, c.column()))
+    /// Whether the store keeps a one-column index of `table`.`column`.
+    pub fn is_indexed(&self, table: &str, column: &str) -> bool {
+        self.single_column_index(table, column).is_some()
+    }
+
+    /// The condition of `filter` the index can answer for `table`: the first `In` on a
+    /// column with a one-column index.
+    pub fn indexed_condition<'f>(&self, table: &str, filter: &'f [Condition]) -> Option<&'f Condition> {
+        filter.iter().find(|c| matches!(c, Condition::In { .. }) && self.is_indexed(table, c.column()))
+    }
+
+    /// The indexes kept (those every detector loaded so far declared).
+    pub fn indexes(&self) -> &[IndexDecl] {
+        &self.index_specs
+    }
+
+    /// Reads the postings under `prefix` for batches `seqs` (all if `None`), handing each
+    /// (row key, entry values) within retention to `f`.
+    fn postings(
+        &self,
+        prefix: &[u8],
+        seqs: Option<(u64, u64)>,
+        mut f: impl FnMut(Vec<u8>, Vec<&str>) -> Result<()>,
+    ) -> Result<()> {
+        let (from, to) = match seqs {
+            Some((first, last)) => {
+                ([prefix, &first.to_be_bytes()].concat(), [prefix, &last.saturating_add(1).to_be_bytes()].concat())
+            }
+            None => (prefix.to_vec(), [prefix, &[0xff; 13]].concat()),
+        };
+        for kv in self.db.range(from..to) {
+            let (_, entry) = kv?;
+            let raw = unpack(&self.unzstd, &entry)?;
+            let list: Vec<(Vec<u8>, Vec<&str>)> =
+                bincode::serde::borrow_decode_from_slice(&raw, bincode::config::standard())
+                    .map_err(|e| anyhow!("corrupt index entry: {e}"))?
+                    .0;
+            for (row_key, values) in list {
+                if self.visible(&row_key) {
+                    f(row_key, values)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Keys of the stored rows of `table` that meet every condition of `filter`, stored by
@@ -133,10 +181,10 @@ impl Store {
         filter: &[Condition],
         seqs: Option<(u64, u64)>,
     ) -> Result<Option<Vec<Vec<u8>>>> {
-        let Some(indexed @ Condition::In { column, any_of }) = Self::indexed_condition(table, filter) else {
+        let Some(indexed @ Condition::In { column, any_of }) = self.indexed_condition(table, filter) else {
             return Ok(None);
         };
-        let Some(spec) = spec(table, column) else { return Ok(None) };
+        let Some(spec) = self.single_column_index(table, column) else { return Ok(None) };
         let Some(tid) = self.table_id(table) else { return Ok(Some(Vec::new())) };
         let covered: Vec<&str> = covered_columns(spec).collect();
         let from_entry = filter.iter().all(|c| covered.contains(&c.column()));
@@ -146,151 +194,152 @@ impl Store {
         if any_of.iter().any(|v| v.len() >= keys::INDEX_VALUE_MAX) {
             checks.push(indexed);
         }
-        let mut prefixes: Vec<Vec<u8>> = any_of.iter().map(|v| keys::index_value_prefix(tid, column, v)).collect();
+        let id = column_id(spec);
+        let mut prefixes: Vec<Vec<u8>> = any_of.iter().map(|v| keys::index_values_prefix(tid, &id, &[v])).collect();
         prefixes.sort();
         prefixes.dedup();
         let mut out = Vec::new();
         for prefix in prefixes {
-            let (from, to) = match seqs {
-                Some((first, last)) => (
-                    [prefix.as_slice(), &first.to_be_bytes()].concat(),
-                    [prefix.as_slice(), &last.saturating_add(1).to_be_bytes()].concat(),
-                ),
-                None => (prefix.clone(), [prefix.as_slice(), &[0xff; 13]].concat()),
-            };
-            for kv in self.db.range(from..to) {
-                let (_, entry) = kv?;
-                let raw = unpack(&self.unzstd, &entry)?;
-                let list: Vec<(Vec<u8>, Vec<&str>)> =
-                    bincode::serde::borrow_decode_from_slice(&raw, bincode::config::standard())
-                        .map_err(|e| anyhow!("corrupt index entry: {e}"))?
-                        .0;
-                for (row_key, values) in list {
-                    if !self.visible(&row_key) {
-                        continue;
-                    }
-                    let keep = if checks.is_empty() {
-                        true
-                    } else if from_entry {
-                        checks.iter().all(|c| {
-                            let at = covered.iter().position(|n| *n == c.column());
-                            c.matches(at.and_then(|i| values.get(i)).copied().unwrap_or(""))
-                        })
-                    } else {
-                        self.row_at_passes(&row_key, filter)?
-                    };
-                    if keep {
-                        out.push(row_key);
-                    }
+            self.postings(&prefix, seqs, |row_key, values| {
+                let keep = if checks.is_empty() {
+                    true
+                } else if from_entry {
+                    checks.iter().all(|c| {
+                        let at = covered.iter().position(|n| *n == c.column());
+                        c.matches(at.and_then(|i| values.get(i)).copied().unwrap_or(""))
+                    })
+                } else {
+                    self.row_at_passes(&row_key, filter)?
+                };
+                if keep {
+                    out.push(row_key);
                 }
-            }
+                Ok(())
+            })?;
         }
         Ok(Some(out))
     }
 
-    /// Builds the index when the list of indexes differs from the one the index on disk
-    /// was built for (a store from before the index, or a changed list). Rows indexed here
-    /// get batch sequence 0, so a detector's incremental range would not see them: every
-    /// detector is made to backfill once instead.
-    pub(super) fn ensure_index(&mut self) -> Result<()> {
+    /// Rows of `table` whose `key` columns equal the values (ASCII case ignored) and that
+    /// meet every condition of `filter`, from the index declared on exactly those columns.
+    pub fn lookup_by(&self, table: &str, key: &[(String, String)], filter: &[Condition]) -> Result<Vec<Row>> {
+        let columns: Vec<&str> = key.iter().map(|(c, _)| c.as_str()).collect();
+        let Some(spec) = self.index_specs.iter().find(|s| s.table == table && s.columns == columns) else {
+            return Err(anyhow!(
+                "no index of {table} on ({}): declare it in the detector's manifest (indexes)",
+                columns.join(", ")
+            ));
+        };
+        let Some(tid) = self.table_id(table) else { return Ok(Vec::new()) };
+        let values: Vec<&str> = key.iter().map(|(_, v)| v.as_str()).collect();
+        let prefix = keys::index_values_prefix(tid, &column_id(spec), &values);
+        let mut keys_found = Vec::new();
+        self.postings(&prefix, None, |row_key, entry| {
+            // The entry holds the full values: a value cut for length decides here.
+            if values.iter().zip(&entry).all(|(want, got)| want.eq_ignore_ascii_case(got)) {
+                keys_found.push(row_key);
+            }
+            Ok(())
+        })?;
+        keys_found.into_iter().filter_map(|k| self.get_row_where(&k, filter).transpose()).collect()
+    }
+
+    /// Loads the list of indexes kept with the data.
+    pub(super) fn load_indexes(&mut self) -> Result<()> {
         let meta = keys::named_key(keys::META, "index");
-        let wanted: IndexMeta = (
-            LAYOUT,
-            INDEXES
-                .iter()
-                .map(|s| (s.table.to_string(), s.column.to_string(), s.covers.iter().map(|c| c.to_string()).collect()))
-                .collect(),
-        );
-        // A record in an older format does not decode: that, too, means "rebuild".
-        let built: Option<IndexMeta> = self.get_decoded(&meta).unwrap_or(None);
-        if built.as_ref() == Some(&wanted) {
-            return Ok(());
+        let built: Option<IndexMeta> = self.get_decoded(&meta)?;
+        match built {
+            Some((LAYOUT, specs)) => self.index_specs = specs,
+            Some((other, _)) => return Err(anyhow!("column index layout {other}, expected {LAYOUT}: corrupt store")),
+            None => self.index_specs = Vec::new(),
         }
-        if self.db.scan_prefix([keys::BLOCK_META]).next().is_none()
-            && self.db.scan_prefix([keys::INDEX]).next().is_none()
-        {
-            // Nothing to index: the record goes with the first batch that commits, so
-            // opening a new store writes nothing (it may be opened on a full disk).
-            self.index_meta_pending = Some((meta, enc(&wanted)?));
-            return Ok(());
+        Ok(())
+    }
+
+    /// Keeps the indexes a detector declares: each one not kept yet is built over the rows
+    /// stored so far — entries under each row's own batch sequence, so incremental passes
+    /// need no backfill — in bounded batches, and recorded last (a crash before that
+    /// builds it again, from scratch, next time).
+    pub fn declare_indexes(&mut self, decls: &[IndexDecl]) -> Result<()> {
+        for decl in decls {
+            if self.index_specs.contains(decl) {
+                continue;
+            }
+            if decl.columns.is_empty() || decl.table.is_empty() {
+                return Err(anyhow!("an index needs a table and at least one column: {decl:?}"));
+            }
+            self.build_index(decl)?;
+            self.index_specs.push(decl.clone());
+            self.index_specs.sort();
+            let meta: IndexMeta = (LAYOUT, self.index_specs.clone());
+            self.db.insert(keys::named_key(keys::META, "index"), enc(&meta)?)?;
         }
+        Ok(())
+    }
+
+    fn build_index(&mut self, spec: &IndexDecl) -> Result<()> {
+        let Some(tid) = self.table_id(&spec.table) else { return Ok(()) };
         let started = std::time::Instant::now();
+        let column_prefix = keys::index_column_prefix(tid, &column_id(spec));
         let mut batch = sled::Batch::default();
         let mut pending = 0usize;
-        let flush = |db: &sled::Db, batch: &mut sled::Batch, pending: &mut usize, force: bool| -> Result<()> {
-            if *pending >= 64 || (force && *pending > 0) {
+        // Entries of an earlier, interrupted build of this index go first.
+        for k in self.db.scan_prefix(&column_prefix).keys() {
+            batch.remove(k?);
+            pending += 1;
+            if pending >= 256 {
+                self.db.apply_batch(std::mem::take(&mut batch)).context("cannot write the column index")?;
+                pending = 0;
+            }
+        }
+        let specs = std::slice::from_ref(spec);
+        let mut rows = 0u64;
+        // One batch sequence at a time: its rows' postings, written as that batch wrote
+        // them, and applied in bounded batches as the blocks are read.
+        let db = self.db.clone();
+        let mut zstd = super::blocks::compressor()?;
+        let mut current: Option<(u64, Postings)> = None;
+        let mut write = |done: (u64, Postings), batch: &mut sled::Batch, pending: &mut usize| -> Result<()> {
+            done.1.write(done.0, &mut zstd, batch)?;
+            *pending += 1;
+            if *pending >= 64 {
                 db.apply_batch(std::mem::take(batch)).context("cannot write the column index")?;
                 *pending = 0;
             }
             Ok(())
         };
-        for k in self.db.scan_prefix([keys::INDEX]).keys() {
-            batch.remove(k?);
-            pending += 1;
-            flush(&self.db, &mut batch, &mut pending, false)?;
-        }
-        flush(&self.db, &mut batch, &mut pending, true)?;
-        // Rebuilt rows go under batch 0, in parts of about PART_BYTES.
-        let mut open: BTreeMap<Vec<u8>, (u32, Vec<Posting>, usize)> = BTreeMap::new();
-        let mut indexed = 0u64;
-        let tables: Vec<&str> = INDEXES.iter().map(|s| s.table).collect();
-        for (i, table) in tables.iter().enumerate() {
-            if tables[..i].contains(table) {
-                continue;
-            }
-            let Some(tid) = self.table_id(table) else { continue };
-            let mut rows = Vec::new();
-            self.for_each_row(tid, |k, v| {
-                rows.push((k.to_vec(), v.to_vec()));
-                Ok(())
-            })?;
-            for (k, v) in rows {
-                let row = codec::decode_view(&v).with_context(|| format!("rebuilding the index of {table}"))?;
-                let names = self
-                    .schema_names
-                    .get(&row.schema)
-                    .ok_or_else(|| anyhow!("row refers to unknown schema {}", row.schema))?;
-                let value_of = |c: &str| {
-                    names.iter().position(|n| n == c).and_then(|i| row.cells.get(i)).map_or("", codec::CellView::as_str)
-                };
-                for (prefix, covered) in row_postings(tid, table, value_of) {
-                    indexed += 1;
-                    let (part, list, bytes) = open.entry(prefix.clone()).or_default();
-                    *bytes += posting_bytes(&k, &covered);
-                    list.push((k.clone(), covered));
-                    if *bytes >= PART_BYTES {
-                        batch.insert(
-                            keys::index_key(&prefix, 0, *part),
-                            pack(&mut self.zstd, &enc(&std::mem::take(list))?)?,
-                        );
-                        *part += 1;
-                        *bytes = 0;
-                        pending += 1;
-                        flush(&self.db, &mut batch, &mut pending, false)?;
-                    }
+        self.for_each_row(tid, |seq, key, value| {
+            let row = codec::decode_view(value).with_context(|| format!("building an index of {}", spec.table))?;
+            let names = self
+                .schema_names
+                .get(&row.schema)
+                .ok_or_else(|| anyhow!("row refers to unknown schema {}", row.schema))?;
+            let value_of = |c: &str| {
+                names.iter().position(|n| n == c).and_then(|i| row.cells.get(i)).map_or("", codec::CellView::as_str)
+            };
+            if current.as_ref().is_some_and(|(s, _)| *s != seq) {
+                if let Some(done) = current.take() {
+                    write(done, &mut batch, &mut pending)?;
                 }
             }
-        }
-        for (prefix, (part, list, _)) in open {
-            if !list.is_empty() {
-                batch.insert(keys::index_key(&prefix, 0, part), pack(&mut self.zstd, &enc(&list)?)?);
-                pending += 1;
+            let (_, postings) = current.get_or_insert_with(|| (seq, Postings::default()));
+            for (prefix, covered) in row_postings(specs, tid, &spec.table, value_of) {
+                postings.add(prefix, key.to_vec(), covered);
             }
+            rows += 1;
+            Ok(())
+        })?;
+        if let Some(done) = current.take() {
+            write(done, &mut batch, &mut pending)?;
         }
-        flush(&self.db, &mut batch, &mut pending, true)?;
-        // Detectors are made to backfill before the index is recorded as built: a crash in
-        // between rebuilds again, never leaves detectors reading batch ranges the rebuilt
-        // entries (batch 0) are not in.
-        let head = self.next_journal - 1;
-        self.force_backfill_below(head)?;
-        self.db.insert(&meta, enc(&wanted)?)?;
-        if indexed > 0 {
-            tracing::info!(
-                rows = indexed,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "built the column index; detectors backfill once"
-            );
-        }
+        self.db.apply_batch(batch).context("cannot write the column index")?;
+        tracing::info!(
+            table = %spec.table,
+            columns = %spec.columns.join(", "),
+            rows,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "built an index a detector declared"
+        );
         Ok(())
     }
 }

@@ -103,12 +103,14 @@ pub fn event_key(table: u16, sha1: &str, device: &str, timestamp: i64, id: &str)
     k
 }
 
-/// Prefix of the index entries of (`table`, `column`) whose value is `value` (ASCII
-/// lowercased, cut to [`INDEX_VALUE_MAX`] bytes); entries follow in batch-sequence order.
-pub fn index_value_prefix(table: u16, column: &str, value: &str) -> Vec<u8> {
-    let mut k = index_column_prefix(table, column);
-    let cut = &value.as_bytes()[..value.len().min(INDEX_VALUE_MAX)];
-    push_str(&mut k, &cut.to_ascii_lowercase());
+/// Prefix of the index entries of (`table`, `columns`) whose values are `values` (each
+/// ASCII lowercased and cut to [`INDEX_VALUE_MAX`] bytes, with its length first).
+pub fn index_values_prefix(table: u16, columns: &str, values: &[&str]) -> Vec<u8> {
+    let mut k = index_column_prefix(table, columns);
+    for value in values {
+        let cut = &value.as_bytes()[..value.len().min(INDEX_VALUE_MAX)];
+        push_str(&mut k, &cut.to_ascii_lowercase());
+    }
     k
 }
 
@@ -256,16 +258,16 @@ mod tests {
 
     #[test]
     fn index_entries_order_by_batch_within_a_value() {
-        let p = index_value_prefix(2, "InitiatingProcessFileName", "WsmProvHost.exe");
-        assert_eq!(p, index_value_prefix(2, "InitiatingProcessFileName", "wsmprovhost.exe"), "ASCII case folded");
-        let other = index_value_prefix(2, "InitiatingProcessFileName", "wsmprovhost.exe2");
+        let p = index_values_prefix(2, "InitiatingProcessFileName", &["WsmProvHost.exe"]);
+        assert_eq!(p, index_values_prefix(2, "InitiatingProcessFileName", &["wsmprovhost.exe"]), "ASCII case folded");
+        let other = index_values_prefix(2, "InitiatingProcessFileName", &["wsmprovhost.exe2"]);
         let a = index_key(&p, 7, 9);
         let b = index_key(&p, 8, 0);
         assert!(a < b, "batch order first, whatever the part");
         assert!(a < [p.as_slice(), &8u64.to_be_bytes()].concat(), "a batch's parts sort before the next batch");
         assert!(!index_key(&other, 1, 0).starts_with(&p), "a longer value is not under a shorter one's prefix");
         let long = "x".repeat(INDEX_VALUE_MAX + 10);
-        assert_eq!(index_value_prefix(2, "C", &long), index_value_prefix(2, "C", &long[..INDEX_VALUE_MAX]));
+        assert_eq!(index_values_prefix(2, "C", &[&long]), index_values_prefix(2, "C", &[&long[..INDEX_VALUE_MAX]]));
     }
 
     #[test]

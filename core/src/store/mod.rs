@@ -34,7 +34,7 @@ use blocks::{BatchBlocks, BlockCache, KeyEntry};
 use keys::KeyParts;
 
 /// The layout of everything stored. A store of another format is refused on open.
-pub const FORMAT_VERSION: u64 = 4;
+pub const FORMAT_VERSION: u64 = 5;
 
 /// The pseudo table number of FileProfile rows in blocks (event tables start at 1).
 const PROFILE_TABLE: u16 = 0;
@@ -137,9 +137,8 @@ pub struct Store {
     next_reject: u64,
     /// The stored event keys, approximately; loaded or built when the first row is added.
     key_filter: Option<key_filter::KeyFilter>,
-    /// The index record of a store that had nothing to index when opened; written with
-    /// the first batch.
-    index_meta_pending: Option<(Vec<u8>, Vec<u8>)>,
+    /// The indexes detectors declared (kept with the data; see [`index`]).
+    index_specs: Vec<lookout_plugin_sdk::IndexDecl>,
 }
 
 /// xxh3 for in-memory maps keyed by row keys and column lists: these are hashed once per
@@ -197,7 +196,7 @@ impl Store {
             runs: runs::Runs::empty(),
             next_reject: 1,
             key_filter: None,
-            index_meta_pending: None,
+            index_specs: Vec::new(),
         };
         store.check_format()?;
         store.runs = {
@@ -205,7 +204,7 @@ impl Store {
             runs::Runs::open(&store.db, &mut z)?
         };
         store.load_registries()?;
-        store.ensure_index()?;
+        store.load_indexes()?;
         Ok(store)
     }
 
@@ -733,7 +732,7 @@ impl Store {
 
     /// Every stored row of block table `tid` (key and value) within retention, in batch
     /// order, handed to `f` block by block.
-    pub(crate) fn for_each_row(&self, tid: u16, mut f: impl FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
+    pub(crate) fn for_each_row(&self, tid: u16, mut f: impl FnMut(u64, &[u8], &[u8]) -> Result<()>) -> Result<()> {
         for kv in self.db.scan_prefix(keys::block_table_prefix(keys::BLOCK_META, tid)) {
             let (k, _) = kv?;
             let Some((_, seq, block)) = keys::block_of(&k) else { continue };
@@ -753,7 +752,7 @@ impl Store {
                 if tid != PROFILE_TABLE
                     || current.is_some_and(|e| (e.seq, e.block, e.row as usize) == (seq, block, row))
                 {
-                    f(key, value)?;
+                    f(seq, key, value)?;
                 }
             }
         }
@@ -772,7 +771,7 @@ impl Store {
             }
         };
         let mut out = Vec::new();
-        self.for_each_row(tid, |k, v| {
+        self.for_each_row(tid, |_, k, v| {
             if self.row_passes(v, filter)? {
                 out.push(k.to_vec());
             }
@@ -1003,7 +1002,7 @@ impl WriteBatch<'_> {
         };
         let postings = if row.kind == TableKind::Event {
             let value_of = |c: &str| names.iter().position(|n| n == c).map_or("", |i| cells[i].as_str());
-            index::row_postings(block_table, &row.table, value_of)
+            index::row_postings(&self.store.index_specs, block_table, &row.table, value_of)
         } else {
             Vec::new()
         };
@@ -1106,16 +1105,12 @@ impl WriteBatch<'_> {
         if self.counters_dirty {
             self.batch.insert(vec![keys::COUNTERS], enc(&self.store.counters)?);
         }
-        if let Some((k, v)) = &self.store.index_meta_pending {
-            self.batch.insert(k.as_slice(), v.as_slice());
-        }
         let batch = std::mem::take(&mut self.batch);
         self.store.db.apply_batch(batch).context("cannot commit a batch to the database")?;
         self.committed = true;
         for run in pending_runs {
             self.store.runs.committed(run);
         }
-        self.store.index_meta_pending = None;
         if let Some(f) = &mut self.store.key_filter {
             for k in self.journal.iter().filter(|k| k.first() == Some(&keys::EVENT)) {
                 f.insert(k);
@@ -1166,6 +1161,25 @@ mod tests {
         normalise(obj, Some("DeviceImageLoadEvents"), &TableHints::default()).unwrap()
     }
 
+    fn winrm_index() -> lookout_plugin_sdk::IndexDecl {
+        lookout_plugin_sdk::IndexDecl {
+            table: IMAGE_LOADS.into(),
+            columns: vec!["InitiatingProcessFileName".into()],
+            covers: vec!["FolderPath".into()],
+        }
+    }
+
+    fn in_process(p: &str) -> Vec<Condition> {
+        vec![Condition::In { column: "InitiatingProcessFileName".into(), any_of: vec![p.to_string()] }]
+    }
+
+    /// A store with the WinRM detector's index declared.
+    fn indexed_store(dir: &Path) -> Store {
+        let mut store = Store::open(dir).unwrap();
+        store.declare_indexes(&[winrm_index()]).unwrap();
+        store
+    }
+
     fn commit(store: &mut Store, rows: Vec<NormalRow>) -> u64 {
         let mut b = store.batch();
         for r in rows {
@@ -1196,7 +1210,7 @@ mod tests {
     #[test]
     fn index_answers_by_batch_range_ignoring_ascii_case() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
+        let mut store = indexed_store(dir.path());
         let s1 = commit(&mut store, vec![load(1, "wsmprovhost.exe"), load(2, "svchost.exe")]);
         let s2 = commit(&mut store, vec![load(3, "WsmProvHost.exe"), load(4, "wsmprovhost.exe2")]);
         // Re-sent rows are duplicates: no second index entry.
@@ -1216,7 +1230,7 @@ mod tests {
     #[test]
     fn other_conditions_are_checked_from_the_entry_or_the_row() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
+        let mut store = indexed_store(dir.path());
         commit(
             &mut store,
             (1..=12).map(|i| load(i, if i % 4 == 0 { "svchost.exe" } else { "wsmprovhost.exe" })).collect(),
@@ -1238,52 +1252,81 @@ mod tests {
     #[test]
     fn values_longer_than_the_indexed_cut_are_rechecked() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
+        let mut store = indexed_store(dir.path());
         let long_a = format!("{}a", "x".repeat(keys::INDEX_VALUE_MAX));
         let long_b = format!("{}b", "x".repeat(keys::INDEX_VALUE_MAX));
         commit(&mut store, vec![load(1, &long_a), load(2, &long_b)]);
         assert_eq!(lookup(&store, &long_a.to_uppercase(), None), ["s1"]);
     }
 
-    /// A store written before the index existed (or with another list of indexed columns)
-    /// gets it built on open, and detectors are made to backfill (the journal is cut).
+    /// An index declared when rows are already stored is built from the blocks, each row
+    /// under its own batch sequence: look-ups by batch range work at once, no detector has
+    /// to backfill, it is kept across reopening, and rows stored later are indexed as they
+    /// arrive — by ingestion alone, with no detector loaded.
     #[test]
-    fn index_is_built_on_open_when_missing() {
+    fn index_declared_over_stored_rows_is_built_with_their_batches() {
         let dir = tempfile::tempdir().unwrap();
+        let (s1, s2);
         {
             let mut store = Store::open(dir.path()).unwrap();
-            commit(&mut store, vec![load(1, "wsmprovhost.exe"), load(2, "svchost.exe")]);
-            commit(&mut store, vec![load(3, "wsmprovhost.exe")]);
-            let db = &store.db;
-            for k in db.scan_prefix([keys::INDEX]).keys() {
-                db.remove(k.unwrap()).unwrap();
-            }
-            db.remove(keys::named_key(keys::META, "index")).unwrap();
-            assert_eq!(lookup(&store, "wsmprovhost.exe", None), Vec::<String>::new());
+            s1 = commit(&mut store, vec![load(1, "wsmprovhost.exe"), load(2, "svchost.exe")]);
+            s2 = commit(&mut store, vec![load(3, "wsmprovhost.exe")]);
+            assert!(store.index_lookup(IMAGE_LOADS, &in_process("wsmprovhost.exe"), None).unwrap().is_none());
+            store.declare_indexes(&[winrm_index()]).unwrap();
+            assert_eq!(lookup(&store, "wsmprovhost.exe", None), ["s1", "s3"]);
+            assert_eq!(lookup(&store, "wsmprovhost.exe", Some((s2, s2))), ["s3"]);
+            assert_eq!(store.meta_u64("jfloor").unwrap(), 0, "no backfill forced");
             store.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(lookup(&store, "wsmprovhost.exe", None), ["s1", "s3"]);
-        assert_eq!(store.meta_u64("jfloor").unwrap(), store.next_journal_seq() - 1, "detectors backfill");
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.indexes(), [winrm_index()]);
+        let s3 = commit(&mut store, vec![load(4, "WSMPROVHOST.EXE")]);
+        assert_eq!(lookup(&store, "wsmprovhost.exe", Some((s1, s1))), ["s1"]);
+        assert_eq!(lookup(&store, "wsmprovhost.exe", Some((s3, s3))), ["s4"]);
     }
 
-    /// A rebuild splits a value with many rows into parts; none is lost or overwritten.
+    /// A multi-column index answers `lookup_by` on exactly its columns, ignoring ASCII
+    /// case; any other column list is an error that says what to declare.
     #[test]
-    fn rebuilt_index_keeps_every_row_of_a_frequent_value() {
+    fn lookup_by_a_declared_multi_column_index() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let mut store = Store::open(dir.path()).unwrap();
-            for chunk in (1..=9000).collect::<Vec<i64>>().chunks(3000) {
-                commit(&mut store, chunk.iter().map(|&i| load(i, "wsmprovhost.exe")).collect());
-            }
-            let db = &store.db;
-            for k in db.scan_prefix([keys::INDEX]).keys() {
-                db.remove(k.unwrap()).unwrap();
-            }
-            db.remove(keys::named_key(keys::META, "index")).unwrap();
-            store.flush().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        commit(&mut store, (1..=6).map(|i| load(i, if i % 2 == 0 { "a.exe" } else { "b.exe" })).collect());
+        let decl = lookout_plugin_sdk::IndexDecl {
+            table: IMAGE_LOADS.into(),
+            columns: vec!["DeviceId".into(), "InitiatingProcessFileName".into()],
+            covers: vec![],
+        };
+        store.declare_indexes(std::slice::from_ref(&decl)).unwrap();
+        commit(&mut store, vec![load(7, "A.EXE")]);
+        let key = |p: &str| {
+            vec![("DeviceId".to_string(), "D".to_string()), ("InitiatingProcessFileName".to_string(), p.to_string())]
+        };
+        let mut got: Vec<String> = store
+            .lookup_by(IMAGE_LOADS, &key("a.exe"), &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.str("SHA1").to_string())
+            .collect();
+        got.sort();
+        assert_eq!(got, ["s2", "s4", "s6", "s7"]);
+        let account = [Condition::In { column: "AccountName".into(), any_of: vec!["a1".into()] }];
+        let got = store.lookup_by(IMAGE_LOADS, &key("b.exe"), &account).unwrap();
+        assert_eq!(got.len(), 3, "s1, s3, s5 all have AccountName a1");
+        let wrong = store.lookup_by(IMAGE_LOADS, &[("DeviceId".to_string(), "d".to_string())], &[]).unwrap_err();
+        assert!(format!("{wrong}").contains("declare it"), "{wrong}");
+    }
+
+    /// An index built over many stored rows splits a frequent value into parts; none is
+    /// lost or overwritten.
+    #[test]
+    fn built_index_keeps_every_row_of_a_frequent_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        for chunk in (1..=9000).collect::<Vec<i64>>().chunks(3000) {
+            commit(&mut store, chunk.iter().map(|&i| load(i, "wsmprovhost.exe")).collect());
         }
-        let store = Store::open(dir.path()).unwrap();
+        store.declare_indexes(&[winrm_index()]).unwrap();
         assert!(store.db.scan_prefix([keys::INDEX]).count() >= 3, "split into parts");
         let found = lookup(&store, "wsmprovhost.exe", None);
         assert_eq!(found.len(), 9000);

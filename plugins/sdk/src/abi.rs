@@ -77,7 +77,7 @@ pub const fn host_accepts(host: u32, plugin: u32) -> bool {
 }
 
 /// Bumped on any change to the payload types below.
-pub const PAYLOAD_VERSION: u8 = 3;
+pub const PAYLOAD_VERSION: u8 = 4;
 
 pub const RC_OK: i32 = 0;
 /// The detector returned an error.
@@ -150,6 +150,21 @@ pub struct Manifest {
     /// Tables whose new rows the detector wants to see.
     pub inputs: Vec<String>,
     pub parameters: Vec<Parameter>,
+    /// Look-up keys the detector needs the host to keep: the host builds each index over
+    /// the rows stored so far when the detector is first loaded, and maintains it as rows
+    /// arrive (no engine build for a new detector).
+    pub indexes: Vec<IndexDecl>,
+}
+
+/// An index the host keeps for a detector: the rows of `table` by the values of `columns`
+/// (compared ignoring ASCII case, values cut to 256 bytes and re-checked), each entry
+/// carrying the values of `covers` so conditions on them are checked without the row.
+/// A one-column index also answers an `In` condition of an [`InputSpec`] on that column.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IndexDecl {
+    pub table: String,
+    pub columns: Vec<String>,
+    pub covers: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -283,6 +298,9 @@ pub enum HostRequest {
     Lookup { table: String, sha1: String, device_id: Option<String> },
     /// Like `Lookup`, keeping only rows that meet every condition; filtered by the host.
     LookupWhere { table: String, sha1: String, device_id: Option<String>, filter: Vec<Condition> },
+    /// Rows of `table` whose columns equal these values (ignoring ASCII case), from an
+    /// index the detector declared on exactly these columns, meeting every condition.
+    LookupBy { table: String, key: Vec<(String, String)>, filter: Vec<Condition> },
     /// The FileProfile row with exactly this SHA1.
     Profile(String),
     /// The FileProfile rows of several SHA1s in one call, in the same order.

@@ -56,6 +56,21 @@ impl<'a> Context<'a> {
         }
     }
 
+    /// Rows of `table` whose `key` columns equal the given values (ignoring ASCII case)
+    /// and that meet every condition, from an index the detector declared in its
+    /// manifest (`Manifest::indexes`) on exactly those columns, in that order.
+    pub fn lookup_by(&mut self, table: &str, key: &[(&str, &str)], filter: &[Condition]) -> Result<Vec<Row>, String> {
+        let req = HostRequest::LookupBy {
+            table: table.to_string(),
+            key: key.iter().map(|(c, v)| (c.to_string(), v.to_string())).collect(),
+            filter: filter.to_vec(),
+        };
+        match self.call(&req)? {
+            HostResponse::Rows(rows) => Ok(rows),
+            other => Err(format!("host answered LookupBy with {other:?}")),
+        }
+    }
+
     /// [`Self::lookup`] keeping only rows that meet every condition; filtered by the host.
     pub fn lookup_where(
         &mut self,

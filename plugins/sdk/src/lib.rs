@@ -20,8 +20,9 @@ pub mod params;
 pub mod time;
 
 pub use abi::{
-    Condition, EvalRequest, EvalResponse, FindingOut, HostRequest, HostResponse, InitRequest, InitResponse, InputSpec,
-    Manifest, Parameter, RowRef, StateOp, ABI_VERSION, ABI_VERSION_MAJOR, ABI_VERSION_MINOR, PAYLOAD_VERSION,
+    Condition, EvalRequest, EvalResponse, FindingOut, HostRequest, HostResponse, IndexDecl, InitRequest, InitResponse,
+    InputSpec, Manifest, Parameter, RowRef, StateOp, ABI_VERSION, ABI_VERSION_MAJOR, ABI_VERSION_MINOR,
+    PAYLOAD_VERSION,
 };
 pub use cell::{Cell, Row};
 pub use context::Context;

@@ -31,7 +31,7 @@
 
 mod rule;
 
-use lookout_plugin_sdk::{Detector, EvalRequest, InputSpec, Manifest, Parameter, Params};
+use lookout_plugin_sdk::{Detector, EvalRequest, IndexDecl, InputSpec, Manifest, Parameter, Params};
 
 pub use rule::{RuleConfig, WinrmRule};
 
@@ -80,6 +80,14 @@ impl Detector for WinrmDetector {
                     "load FolderPath prefix to ignore (!startswith)",
                 ),
             ],
+            // The loads are chosen by who loaded them (`InitiatingProcessFileName =~
+            // "wsmprovhost.exe"`) and where from (`FolderPath !startswith ...`): the host
+            // answers both from this index without reading the loads that cannot match.
+            indexes: vec![IndexDecl {
+                table: lookout_plugin_sdk::tables::IMAGE_LOADS.into(),
+                columns: vec!["InitiatingProcessFileName".into()],
+                covers: vec!["FolderPath".into()],
+            }],
         }
     }
 
