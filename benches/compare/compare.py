@@ -94,8 +94,8 @@ class Runner:
     def ingest(self, *paths, rss=False):
         return self.run("ingest", "--now", NOW, *paths, rss=rss)
 
-    def detect(self, plugins):
-        wall, out, _ = self.run("detect", "--plugins", plugins, "--now", NOW)
+    def detect(self, plugins, backfill=False):
+        wall, out, _ = self.run("detect", "--plugins", plugins, "--now", NOW, *(["--backfill"] if backfill else []))
         m = PASS_RE.search(out)
         if not m:
             raise SystemExit(f"cannot find the pass line in `lookout detect` output:\n{out}")
@@ -245,9 +245,10 @@ def grow_store(exe, work, plugins, size, ticks, n):
     subprocess.run([str(exe), "gen", "--out", str(d), "--events", str(size), "--attacks", "12", "--seed", "1"],
                    check=True, capture_output=True)
     lk = Runner(exe, d / "data")
+    lk.detect(plugins)  # declares the detector's index before the data arrives
     lk.ingest(d / "logs")
     stored = count_lines((d / "logs").glob("*.jsonl"))
-    lk.detect(plugins)
+    lk.detect(plugins, backfill=True)
     shutil.rmtree(d / "logs")
     passes = []
     for logs, _, _ in ticks[:n]:
@@ -386,6 +387,9 @@ def main():
         # -- 1. ingest
         log("== Lookout ingest")
         lk = Runner(exe, work / "lookout-data")
+        # The detector is in place before the data arrives (as on a collector): its first
+        # pass, over an empty store, declares its index, which ingestion then maintains.
+        lk.detect(plugins)
         lk_ingest, out, peak_kib = lk.ingest(logs, rss=True)
         log(out.strip())
         lk_size = du(work / "lookout-data")
@@ -403,7 +407,7 @@ def main():
 
         # -- 2. backfill
         log("== backfill")
-        bf = lk.detect(plugins)
+        bf = lk.detect(plugins, backfill=True)
         lk_pairs = lk.pairs()
         dk_backfill, dk_pairs = duck.rule()
         ok = check("backfill Lookout == truth", lk_pairs, truth)
