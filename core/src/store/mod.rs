@@ -403,6 +403,15 @@ impl Store {
         Ok(Some((rows, row)))
     }
 
+    /// The number `table`'s rows are stored under in blocks (`None`: never seen).
+    fn block_table(&self, table: &str) -> Option<u16> {
+        if table == lookout_plugin_sdk::tables::FILE_PROFILE {
+            Some(PROFILE_TABLE)
+        } else {
+            self.table_id(table)
+        }
+    }
+
     /// The block table number of a row key (`e` keys carry it, `p` keys are FileProfile).
     fn key_block_table(key: &[u8]) -> Option<u16> {
         match *key.first()? {
@@ -663,14 +672,7 @@ impl Store {
         to: u64,
         mut keep: impl FnMut(&[u8]) -> Result<bool>,
     ) -> Result<Vec<Vec<u8>>> {
-        let tid = if table == lookout_plugin_sdk::tables::FILE_PROFILE {
-            PROFILE_TABLE
-        } else {
-            match self.table_id(table) {
-                Some(t) => t,
-                None => return Ok(Vec::new()),
-            }
-        };
+        let Some(tid) = self.block_table(table) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         let start = keys::block_key(keys::BLOCK_META, tid, from, 0, 0);
         let end = keys::block_key(keys::BLOCK_META, tid, to.saturating_add(1), 0, 0);
@@ -762,14 +764,7 @@ impl Store {
     /// Keys of every stored row of `table` that meets every condition of `filter`, by
     /// reading each row (the path when no condition is on an indexed column).
     pub fn scan_where(&self, table: &str, filter: &[Condition]) -> Result<Vec<Vec<u8>>> {
-        let tid = if table == lookout_plugin_sdk::tables::FILE_PROFILE {
-            PROFILE_TABLE
-        } else {
-            match self.table_id(table) {
-                Some(t) => t,
-                None => return Ok(Vec::new()),
-            }
-        };
+        let Some(tid) = self.block_table(table) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         self.for_each_row(tid, |_, k, v| {
             if self.row_passes(v, filter)? {

@@ -34,13 +34,8 @@ impl Store {
     pub fn expire_step(&mut self, max_blocks: usize) -> Result<u64> {
         let Some(horizon) = self.horizon else { return Ok(0) };
         let mut expired: Vec<(u16, u64, u16, BlockMeta)> = Vec::new();
-        for kv in self.db.scan_prefix([keys::BLOCK_META]) {
-            let (k, v) = kv?;
-            let Some((table, seq, block)) = keys::block_of(&k) else { continue };
-            if table == PROFILE_TABLE {
-                continue;
-            }
-            let meta: BlockMeta = dec(&v)?;
+        for found in self.event_blocks() {
+            let (table, seq, block, meta) = found?;
             if meta.max_ts < horizon {
                 expired.push((table, seq, block, meta));
                 if expired.len() >= max_blocks {
@@ -92,6 +87,20 @@ impl Store {
         Ok(removed)
     }
 
+    /// The directory entries of the event tables' blocks (FileProfile's are exempt).
+    fn event_blocks(&self) -> impl Iterator<Item = Result<(u16, u64, u16, BlockMeta)>> + '_ {
+        self.db.scan_prefix([keys::BLOCK_META]).filter_map(|kv| {
+            let step = || -> Result<Option<(u16, u64, u16, BlockMeta)>> {
+                let (k, v) = kv?;
+                match keys::block_of(&k) {
+                    Some((table, seq, block)) if table != PROFILE_TABLE => Ok(Some((table, seq, block, dec(&v)?))),
+                    _ => Ok(None),
+                }
+            };
+            step().transpose()
+        })
+    }
+
     /// Removes every block past the horizon, step by step.
     pub fn expire_all(&mut self) -> Result<u64> {
         let mut total = 0;
@@ -141,13 +150,8 @@ impl Store {
         for (table, n) in &self.counters.rows {
             out.rows.insert(table.clone(), *n);
         }
-        for kv in self.db.scan_prefix([keys::BLOCK_META]) {
-            let (k, v) = kv?;
-            let Some((table, seq, block)) = keys::block_of(&k) else { continue };
-            if table == PROFILE_TABLE {
-                continue;
-            }
-            let meta: BlockMeta = dec(&v)?;
+        for found in self.event_blocks() {
+            let (table, seq, block, meta) = found?;
             let (past, oldest) = match self.horizon {
                 Some(h) if meta.max_ts < h => (u64::from(meta.rows), None),
                 Some(h) if meta.min_ts < h => {
