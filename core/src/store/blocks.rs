@@ -134,8 +134,15 @@ impl BatchBlocks {
         Ok((block_no, row_no))
     }
 
-    /// Writes every block of the batch under sequence `seq`.
-    pub fn write(self, seq: u64, zstd: &mut zstd::bulk::Compressor<'static>, batch: &mut sled::Batch) -> Result<()> {
+    /// Writes every block of the batch under sequence `seq`; returns the earliest newest
+    /// Timestamp of its event blocks (table 0, FileProfile, is exempt from retention).
+    pub fn write(
+        self,
+        seq: u64,
+        zstd: &mut zstd::bulk::Compressor<'static>,
+        batch: &mut sled::Batch,
+    ) -> Result<Option<i64>> {
+        let mut earliest_end: Option<i64> = None;
         for (table, blocks) in self.tables {
             for (no, b) in blocks.into_iter().enumerate() {
                 let block = no as u16;
@@ -152,9 +159,12 @@ impl BatchBlocks {
                     bytes: (keys_frame.len() + rows_frame.len()) as u64,
                 };
                 batch.insert(keys::block_key(keys::BLOCK_META, table, seq, block, 0), super::enc(&meta)?);
+                if table != 0 {
+                    earliest_end = Some(earliest_end.map_or(meta.max_ts, |e| e.min(meta.max_ts)));
+                }
             }
         }
-        Ok(())
+        Ok(earliest_end)
     }
 }
 

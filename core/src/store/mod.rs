@@ -129,6 +129,9 @@ pub struct Store {
     horizon: Option<i64>,
     /// How long rows are kept (ticks), if they are not kept forever.
     retention: Option<i64>,
+    /// The earliest newest-row Timestamp of a stored event block (`None`: not known yet;
+    /// see [`Store::expire_step`]).
+    earliest_block_end: Option<i64>,
     zstd: zstd::bulk::Compressor<'static>,
     unzstd: Mutex<zstd::bulk::Decompressor<'static>>,
     cache: Mutex<BlockCache>,
@@ -190,6 +193,7 @@ impl Store {
             next_journal: 1,
             horizon: None,
             retention: None,
+            earliest_block_end: None,
             zstd: blocks::compressor()?,
             unzstd: Mutex::new(blocks::decompressor()?),
             cache: Mutex::new(BlockCache::new(BLOCK_CACHE_BLOCKS)),
@@ -1076,9 +1080,10 @@ impl WriteBatch<'_> {
     pub fn commit(mut self) -> Result<Option<u64>> {
         let mut seq = None;
         let mut pending_runs = Vec::new();
+        let mut new_block_end = None;
         if !self.journal.is_empty() {
             let s = self.store.next_journal;
-            std::mem::take(&mut self.blocks).write(s, &mut self.store.zstd, &mut self.batch)?;
+            new_block_end = std::mem::take(&mut self.blocks).write(s, &mut self.store.zstd, &mut self.batch)?;
             let mut entries = std::mem::take(&mut self.entries);
             entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             if !entries.is_empty() {
@@ -1105,6 +1110,9 @@ impl WriteBatch<'_> {
         self.committed = true;
         for run in pending_runs {
             self.store.runs.committed(run);
+        }
+        if let (Some(known), Some(new)) = (&mut self.store.earliest_block_end, new_block_end) {
+            *known = (*known).min(new);
         }
         if let Some(f) = &mut self.store.key_filter {
             for k in self.journal.iter().filter(|k| k.first() == Some(&keys::EVENT)) {
