@@ -8,13 +8,51 @@
 
 use std::fmt;
 
-/// A failure of the database (or of the findings outbox).
-///
-/// `store/` and `findings.rs` still report their failures as `anyhow::Error`; this alias is
-/// where they enter the typed errors of the rest of the library (each has a
-/// `Store(#[from] StoreError)` variant, so a store failure is told apart by matching).
-/// When they get an error type of their own, it replaces this alias.
-pub type StoreError = anyhow::Error;
+/// A failure of the store (or of the findings outbox). Matched on by what failed; the
+/// `Display` of each says what at its own level, the causes follow as `source`s.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed (an I/O error underneath, or its log is damaged).
+    #[error("database error")]
+    Db(#[from] sled::Error),
+    #[error("I/O error")]
+    Io(#[from] std::io::Error),
+    /// The store cannot be used as it is: locked by another process, or of another
+    /// format. The message says what to do.
+    #[error("{0}")]
+    Unusable(String),
+    /// A request the store cannot serve as asked (a look-up on an undeclared index, a
+    /// malformed index declaration, a batch beyond the store's limits).
+    #[error("{0}")]
+    Invalid(String),
+    /// Stored bytes that do not decode, or that contradict each other: the store is
+    /// damaged.
+    #[error("{0}")]
+    Corrupt(String),
+    /// What was being done when a lower error happened.
+    #[error("{what}")]
+    Context {
+        what: String,
+        #[source]
+        source: Box<StoreError>,
+    },
+}
+
+/// `.context(...)` for results whose error becomes a [`StoreError`].
+pub trait StoreContext<T> {
+    fn context(self, what: impl Into<String>) -> Result<T, StoreError>;
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T, StoreError>;
+}
+
+impl<T, E: Into<StoreError>> StoreContext<T> for Result<T, E> {
+    fn context(self, what: impl Into<String>) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError::Context { what: what.into(), source: Box::new(e.into()) })
+    }
+
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError::Context { what: what(), source: Box::new(e.into()) })
+    }
+}
 
 /// Displays an error with its causes: `what failed: why: why that`.
 pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
@@ -39,7 +77,7 @@ mod tests {
     enum Outer {
         #[error("cannot do the thing")]
         Io(#[source] std::io::Error),
-        #[error(transparent)]
+        #[error("store failed")]
         Store(#[from] StoreError),
     }
 
@@ -47,9 +85,9 @@ mod tests {
     fn chain_shows_every_cause_once() {
         let e = Outer::Io(std::io::Error::other("disk on fire"));
         assert_eq!(Chain(&e).to_string(), "cannot do the thing: disk on fire");
-        let store = anyhow::anyhow!("sled said no").context("cannot open the database");
-        let e = Outer::from(store);
-        assert_eq!(Chain(&e).to_string(), "cannot open the database: sled said no");
-        assert_eq!(format!("{:#}", anyhow::Error::new(e)), "cannot open the database: sled said no");
+        let store: Result<(), StoreError> = Err(StoreError::Corrupt("sled said no".into()));
+        let e = Outer::from(store.context("cannot open the database").unwrap_err());
+        assert_eq!(Chain(&e).to_string(), "store failed: cannot open the database: sled said no");
+        assert_eq!(format!("{:#}", anyhow::Error::new(e)), "store failed: cannot open the database: sled said no");
     }
 }

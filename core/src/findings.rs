@@ -15,8 +15,9 @@
 //!   line lacks one). Before the first line goes to a file new to the outbox, the cursor
 //!   is committed against it, so a crash mid-write is repaired as above.
 
+use crate::error::{StoreContext as _, StoreError};
 use crate::store::Store;
-use anyhow::{Context, Result};
+type Result<T, E = StoreError> = std::result::Result<T, E>;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -200,7 +201,13 @@ fn end_with_newline(file: &mut File, len: u64) -> std::io::Result<u64> {
 
 /// Every finding in the results tree, in the order they were found.
 pub fn all_findings(store: &Store) -> Result<Vec<Value>> {
-    store.outbox_from(1).map(|entry| Ok(serde_json::from_slice(&entry?.1)?)).collect()
+    store
+        .outbox_from(1)
+        .map(|entry| {
+            let (seq, json) = entry?;
+            serde_json::from_slice(&json).map_err(|e| corrupt!("finding {seq} in the results tree is not JSON: {e}"))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -156,6 +156,7 @@ impl IngestReport {
         }
         self.duplicates += other.duplicates;
         self.replaced += other.replaced;
+        self.expired += other.expired;
         for (k, v) in other.rejected {
             *self.rejected.entry(k).or_insert(0) += v;
         }

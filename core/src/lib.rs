@@ -1,5 +1,12 @@
 //! Lookout's engine. See ARCHITECTURE.md at the repository root for the map.
 
+/// A [`error::StoreError::Corrupt`], written like `format!`: stored bytes that do not decode.
+macro_rules! corrupt {
+    ($($t:tt)*) => {
+        $crate::error::StoreError::Corrupt(format!($($t)*))
+    };
+}
+
 pub mod clock;
 pub mod daemon;
 pub mod detect;

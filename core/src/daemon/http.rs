@@ -74,7 +74,9 @@ fn serve(server: &tiny_http::Server, db: &SharedDb, data_dir: &Path, metrics: &M
                 Some(db) => match status_of(db, data_dir).map(|s| serde_json::to_string(&s)) {
                     Ok(Ok(json)) => (200, "application/json", json),
                     Ok(Err(e)) => (500, "text/plain; charset=utf-8", format!("status failed: {}\n", Chain(&e))),
-                    Err(e) => (500, "text/plain; charset=utf-8", format!("status failed: {e:#}\n")),
+                    Err(e) => {
+                        (500, "text/plain; charset=utf-8", format!("status failed: {}\n", crate::error::Chain(&e)))
+                    }
                 },
             },
             _ => (404, "text/plain; charset=utf-8", "not found: try /metrics or /status\n".to_string()),

@@ -143,7 +143,7 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
             match Store::open(&cfg.data) {
                 Ok(s) => break Some(s),
                 Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot reopen the database yet")
+                    tracing::error!(error = %crate::error::Chain(&e), retry_in = ?backoff, "cannot reopen the database yet")
                 }
             }
         };

@@ -48,7 +48,7 @@ fn answer(store: &Store, req: HostRequest) -> HostResponse {
             sha1s.iter().map(|s| store.profile(s)).collect::<Result<Vec<_>, StoreError>>().map(HostResponse::Profiles)
         }
     };
-    result.unwrap_or_else(|e| HostResponse::Error(format!("store error: {e:#}")))
+    result.unwrap_or_else(|e| HostResponse::Error(format!("store error: {}", crate::error::Chain(&e))))
 }
 
 /// # Safety

@@ -14,7 +14,8 @@
 //! A row is found from its key through the key index (`e` entries: key → [`Locator`]).
 
 use super::keys;
-use anyhow::{anyhow, Context as _, Result};
+use crate::error::{StoreContext as _, StoreError};
+type Result<T, E = StoreError> = std::result::Result<T, E>;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -63,7 +64,7 @@ impl KeyEntry {
 
     pub fn decode(b: &[u8]) -> Result<KeyEntry> {
         if b.len() != Self::LEN {
-            return Err(anyhow!("corrupt key index entry ({} bytes, expected {})", b.len(), Self::LEN));
+            return Err(corrupt!("corrupt key index entry ({} bytes, expected {})", b.len(), Self::LEN));
         }
         let u16_at = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
         let mut seq = [0u8; 8];
@@ -119,12 +120,12 @@ impl BatchBlocks {
         let full = blocks.last().is_none_or(|b| b.rows.len() >= BLOCK_ROWS || b.raw >= BLOCK_RAW);
         if full {
             if blocks.len() > u16::MAX as usize {
-                return Err(anyhow!("too many rows in one batch"));
+                return Err(StoreError::Invalid("too many rows in one batch".into()));
             }
             blocks.push(OpenBlock { min_ts: timestamp, max_ts: timestamp, ..OpenBlock::default() });
         }
         let block_no = (blocks.len() - 1) as u16;
-        let b = blocks.last_mut().ok_or_else(|| anyhow!("no open block"))?;
+        let b = blocks.last_mut().ok_or_else(|| corrupt!("no open block"))?;
         let row_no = b.rows.len() as u16;
         b.raw += key.len() + value.len();
         b.min_ts = b.min_ts.min(timestamp);
@@ -187,7 +188,7 @@ pub fn unpack_items(mut raw: &[u8]) -> Result<Vec<&[u8]>> {
         let len = raw.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
         let item = len
             .and_then(|len| raw.get(4..4 + len))
-            .ok_or_else(|| anyhow!("corrupt block: an item runs past its end"))?;
+            .ok_or_else(|| corrupt!("corrupt block: an item runs past its end"))?;
         out.push(item);
         raw = &raw[4 + item.len()..];
     }
@@ -206,7 +207,7 @@ fn write_pieces(batch: &mut sled::Batch, space: u8, table: u16, seq: u64, block:
     let mut parts = 0u16;
     for piece in frame.chunks(PIECE_BYTES) {
         batch.insert(keys::block_key(space, table, seq, block, parts), piece);
-        parts = parts.checked_add(1).ok_or_else(|| anyhow!("a block too large to store"))?;
+        parts = parts.checked_add(1).ok_or_else(|| StoreError::Invalid("a block too large to store".into()))?;
     }
     Ok(parts)
 }
@@ -244,11 +245,11 @@ pub fn read_frame_raw(
         frame.extend_from_slice(&kv?.1);
     }
     if frame.len() < 4 {
-        return Err(anyhow!("block {table}/{seq}/{block} is missing or corrupt"));
+        return Err(corrupt!("block {table}/{seq}/{block} is missing or corrupt"));
     }
     let raw_len = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
     if raw_len > MAX_RAW {
-        return Err(anyhow!("block {table}/{seq}/{block} claims {raw_len} bytes: corrupt"));
+        return Err(corrupt!("block {table}/{seq}/{block} claims {raw_len} bytes: corrupt"));
     }
     zstd.decompress(&frame[4..], raw_len).with_context(|| format!("block {table}/{seq}/{block} is corrupt"))
 }

@@ -2,7 +2,8 @@
 //! distinct column list), the ingestion time, and the cells. Column names are not
 //! repeated per row, which keeps the database smaller than the JSON it came from.
 
-use anyhow::{anyhow, Result};
+use crate::error::StoreError;
+type Result<T, E = StoreError> = std::result::Result<T, E>;
 use lookout_plugin_sdk::Cell;
 use serde::{Deserialize, Serialize};
 
@@ -22,7 +23,7 @@ pub struct StoredRow {
 
 pub fn encode(schema: u32, ingested_at: i64, cells: &[Cell]) -> Result<Vec<u8>> {
     bincode::serde::encode_to_vec(StoredRowRef { schema, ingested_at, cells }, bincode::config::standard())
-        .map_err(|e| anyhow!("cannot encode row: {e}"))
+        .map_err(|e| corrupt!("cannot encode row: {e}"))
 }
 
 /// No stored row is bigger than this (lines are capped far below it); a corrupt length
@@ -31,7 +32,7 @@ const MAX_ROW_BYTES: usize = 256 << 20;
 
 pub fn decode(bytes: &[u8]) -> Result<StoredRow> {
     let config = bincode::config::standard().with_limit::<MAX_ROW_BYTES>();
-    Ok(bincode::serde::decode_from_slice(bytes, config).map_err(|e| anyhow!("corrupt stored row: {e}"))?.0)
+    Ok(bincode::serde::decode_from_slice(bytes, config).map_err(|e| corrupt!("corrupt stored row: {e}"))?.0)
 }
 
 /// One cell borrowed from the stored bytes: the variants (and so the encoding) of
@@ -67,7 +68,7 @@ pub struct StoredRowView<'a> {
 /// Decodes a stored row without copying its strings.
 pub fn decode_view(bytes: &[u8]) -> Result<StoredRowView<'_>> {
     let config = bincode::config::standard().with_limit::<MAX_ROW_BYTES>();
-    Ok(bincode::serde::borrow_decode_from_slice(bytes, config).map_err(|e| anyhow!("corrupt stored row: {e}"))?.0)
+    Ok(bincode::serde::borrow_decode_from_slice(bytes, config).map_err(|e| corrupt!("corrupt stored row: {e}"))?.0)
 }
 
 /// Columns an export format adds around a row (Log Analytics' table name, workspace and

@@ -3,7 +3,6 @@
 //! scheduler (`detect.rs`) goes through these; only this module knows their keys.
 
 use super::{keys, Result, Store, WriteBatch};
-use anyhow::anyhow;
 
 /// A detector's persisted state: (key, value) pairs.
 pub type DetectorState = Vec<(Vec<u8>, Vec<u8>)>;
@@ -16,9 +15,9 @@ impl Store {
     /// The batch sequence a detector has processed up to, if it ever ran.
     pub fn meta_cursor(&self, detector_id: &str) -> Result<Option<u64>> {
         Ok(match self.db.get(cursor_key(detector_id))? {
-            Some(v) => {
-                Some(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| anyhow!("corrupt cursor of {detector_id}"))?))
-            }
+            Some(v) => Some(u64::from_be_bytes(
+                v.as_ref().try_into().map_err(|_| corrupt!("corrupt cursor of {detector_id}"))?,
+            )),
             None => None,
         })
     }

@@ -16,7 +16,8 @@
 //! and a third more disk, from sled rewriting the few hot leaves they all land on).
 
 use super::{codec, enc, keys, Store};
-use anyhow::{anyhow, Context as _, Result};
+use crate::error::{StoreContext as _, StoreError};
+type Result<T, E = StoreError> = std::result::Result<T, E>;
 use lookout_plugin_sdk::{Condition, IndexDecl, Row};
 use std::collections::BTreeMap;
 
@@ -104,7 +105,7 @@ fn unpack(zstd: &std::sync::Mutex<zstd::bulk::Decompressor<'static>>, stored: &[
             let mut z = zstd.lock().unwrap_or_else(|p| p.into_inner());
             z.decompress(&stored[4..], len).context("corrupt column index entry")
         }
-        _ => Err(anyhow!("corrupt column index entry")),
+        _ => Err(corrupt!("corrupt column index entry")),
     }
 }
 
@@ -159,7 +160,7 @@ impl Store {
             let raw = unpack(&self.unzstd, &entry)?;
             let list: Vec<(Vec<u8>, Vec<&str>)> =
                 bincode::serde::borrow_decode_from_slice(&raw, bincode::config::standard())
-                    .map_err(|e| anyhow!("corrupt index entry: {e}"))?
+                    .map_err(|e| corrupt!("corrupt index entry: {e}"))?
                     .0;
             for (row_key, values) in list {
                 if self.visible(&row_key) {
@@ -225,10 +226,10 @@ impl Store {
     pub fn lookup_by(&self, table: &str, key: &[(String, String)], filter: &[Condition]) -> Result<Vec<Row>> {
         let columns: Vec<&str> = key.iter().map(|(c, _)| c.as_str()).collect();
         let Some(spec) = self.index_specs.iter().find(|s| s.table == table && s.columns == columns) else {
-            return Err(anyhow!(
+            return Err(StoreError::Invalid(format!(
                 "no index of {table} on ({}): declare it in the detector's manifest (indexes)",
                 columns.join(", ")
-            ));
+            )));
         };
         let Some(tid) = self.table_id(table) else { return Ok(Vec::new()) };
         let values: Vec<&str> = key.iter().map(|(_, v)| v.as_str()).collect();
@@ -250,7 +251,7 @@ impl Store {
         let built: Option<IndexMeta> = self.get_decoded(&meta)?;
         match built {
             Some((LAYOUT, specs)) => self.index_specs = specs,
-            Some((other, _)) => return Err(anyhow!("column index layout {other}, expected {LAYOUT}: corrupt store")),
+            Some((other, _)) => return Err(corrupt!("column index layout {other}, expected {LAYOUT}: corrupt store")),
             None => self.index_specs = Vec::new(),
         }
         Ok(())
@@ -266,7 +267,7 @@ impl Store {
                 continue;
             }
             if decl.columns.is_empty() || decl.table.is_empty() {
-                return Err(anyhow!("an index needs a table and at least one column: {decl:?}"));
+                return Err(StoreError::Invalid(format!("an index needs a table and at least one column: {decl:?}")));
             }
             self.build_index(decl)?;
             self.index_specs.push(decl.clone());
@@ -313,7 +314,7 @@ impl Store {
             let names = self
                 .schema_names
                 .get(&row.schema)
-                .ok_or_else(|| anyhow!("row refers to unknown schema {}", row.schema))?;
+                .ok_or_else(|| corrupt!("row refers to unknown schema {}", row.schema))?;
             let value_of = |c: &str| {
                 names.iter().position(|n| n == c).and_then(|i| row.cells.get(i)).map_or("", codec::CellView::as_str)
             };

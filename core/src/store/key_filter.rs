@@ -14,7 +14,8 @@
 //! that does not match the store exactly (a crash after more batches were committed) or
 //! fails its checksum is discarded and rebuilt from the stored keys.
 
-use anyhow::{anyhow, Context as _, Result};
+use crate::error::{StoreContext as _, StoreError};
+type Result<T, E = StoreError> = std::result::Result<T, E>;
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::Path;
@@ -135,7 +136,7 @@ impl KeyFilter {
         if let Err(e) = written {
             // A partial file (a full disk) must not keep the space it took.
             let _ = std::fs::remove_file(&tmp);
-            return Err(anyhow!("cannot write {}: {e}", tmp.display()));
+            return Err(corrupt!("cannot write {}: {e}", tmp.display()));
         }
         std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
     }
@@ -157,23 +158,23 @@ impl KeyFilter {
 fn parse(bytes: &[u8], seq: u64, rows: u64) -> Result<KeyFilter> {
     // A torn or damaged file must not pass for a filter (it could say "not stored" of a
     // stored key): the checksum covers everything before it.
-    let body_len = bytes.len().checked_sub(32).ok_or_else(|| anyhow!("too short"))?;
+    let body_len = bytes.len().checked_sub(32).ok_or_else(|| corrupt!("too short"))?;
     let (bytes, digest) = bytes.split_at(body_len);
     if Sha256::digest(bytes).as_slice() != digest {
-        return Err(anyhow!("checksum mismatch"));
+        return Err(corrupt!("checksum mismatch"));
     }
     let mut at = 0usize;
     let mut word = || -> Result<u64> {
-        let w = bytes.get(at..at + 8).ok_or_else(|| anyhow!("truncated at byte {at}"))?;
+        let w = bytes.get(at..at + 8).ok_or_else(|| corrupt!("truncated at byte {at}"))?;
         at += 8;
-        Ok(u64::from_le_bytes(w.try_into().map_err(|_| anyhow!("truncated"))?))
+        Ok(u64::from_le_bytes(w.try_into().map_err(|_| corrupt!("truncated"))?))
     };
     if word()?.to_le_bytes() != *MAGIC {
-        return Err(anyhow!("not a key filter"));
+        return Err(corrupt!("not a key filter"));
     }
     let (s, r) = (word()?, word()?);
     if (s, r) != (seq, rows) {
-        return Err(anyhow!("covers batch {s} and {r} rows; the store is at batch {seq} with {rows} rows"));
+        return Err(corrupt!("covers batch {s} and {r} rows; the store is at batch {seq} with {rows} rows"));
     }
     let n = word()?;
     let mut layers = Vec::new();
@@ -181,13 +182,13 @@ fn parse(bytes: &[u8], seq: u64, rows: u64) -> Result<KeyFilter> {
         let (capacity, len, words) = (word()?, word()?, word()?);
         // A corrupt length must not allocate more than the file holds.
         if words == 0 || words > (bytes.len() / 8) as u64 {
-            return Err(anyhow!("corrupt layer size {words}"));
+            return Err(corrupt!("corrupt layer size {words}"));
         }
         let bits = (0..words).map(|_| word()).collect::<Result<Vec<u64>>>()?;
         layers.push(Layer { bits, capacity, len });
     }
     if layers.is_empty() {
-        return Err(anyhow!("no layers"));
+        return Err(corrupt!("no layers"));
     }
     Ok(KeyFilter { layers })
 }

@@ -21,7 +21,8 @@ mod model_tests;
 pub mod retention;
 pub mod runs;
 
-use anyhow::{anyhow, Context as _, Result};
+use crate::error::{StoreContext as _, StoreError};
+type Result<T, E = StoreError> = std::result::Result<T, E>;
 use lookout_plugin_sdk::{Cell, Condition, Row, RowRef};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -32,6 +33,13 @@ use crate::parse::normalise::NormalRow;
 use crate::schema::TableKind;
 use blocks::{BatchBlocks, BlockCache, KeyEntry};
 use keys::KeyParts;
+
+/// A [`StoreError::Unusable`], written like `format!`.
+macro_rules! unusable {
+    ($($t:tt)*) => {
+        StoreError::Unusable(format!($($t)*))
+    };
+}
 
 /// The layout of everything stored. A store of another format is refused on open.
 pub const FORMAT_VERSION: u64 = 5;
@@ -103,11 +111,11 @@ pub struct RejectRecord {
 }
 
 pub(crate) fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(|e| anyhow!("encode: {e}"))
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(|e| corrupt!("encode: {e}"))
 }
 
 pub(crate) fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T> {
-    Ok(bincode::serde::decode_from_slice(b, bincode::config::standard()).map_err(|e| anyhow!("decode: {e}"))?.0)
+    Ok(bincode::serde::decode_from_slice(b, bincode::config::standard()).map_err(|e| corrupt!("decode: {e}"))?.0)
 }
 
 pub struct Store {
@@ -172,13 +180,18 @@ impl Store {
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
                 Err(e) if locked(&e) => {
-                    return Err(anyhow!(
+                    return Err(unusable!(
                         "the database in {} is in use by another Lookout process (a running `lookout run`?); \
                          stop it or point --data elsewhere",
                         dir.display()
                     ))
                 }
-                Err(e) => return Err(anyhow!("cannot open the database in {}: {e}", dir.display())),
+                Err(e) => {
+                    return Err(StoreError::Context {
+                        what: format!("cannot open the database in {}", dir.display()),
+                        source: Box::new(e.into()),
+                    })
+                }
             }
         };
         let mut store = Store {
@@ -218,9 +231,9 @@ impl Store {
         let key = keys::named_key(keys::META, "format");
         match self.db.get(&key)? {
             Some(v) => {
-                let found = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| anyhow!("corrupt format record"))?);
+                let found = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt!("corrupt format record"))?);
                 if found != FORMAT_VERSION {
-                    return Err(anyhow!(
+                    return Err(unusable!(
                         "the database in {} has store format {found}, this Lookout reads format {FORMAT_VERSION}; \
                          ingest the logs again into a new --data directory (the findings file can stay: \
                          finding ids do not change)",
@@ -233,7 +246,7 @@ impl Store {
             None if self.db.scan_prefix([keys::EVENT]).next().is_some()
                 || self.db.scan_prefix([b'j']).next().is_some() =>
             {
-                return Err(anyhow!(
+                return Err(unusable!(
                     "the database in {} was written by an older Lookout (store format 1; this one reads format \
                      {FORMAT_VERSION}); ingest the logs again into a new --data directory (the findings file can \
                      stay: finding ids do not change)",
@@ -249,14 +262,14 @@ impl Store {
         for kv in self.db.scan_prefix([keys::TABLE]) {
             let (k, v) = kv?;
             let name = String::from_utf8_lossy(&k[1..]).into_owned();
-            let id = u16::from_be_bytes(v.as_ref().try_into().map_err(|_| anyhow!("corrupt table id for {name}"))?);
+            let id = u16::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt!("corrupt table id for {name}"))?);
             self.table_names.insert(id, name.clone());
             self.tables.insert(name, id);
         }
         for kv in self.db.scan_prefix([keys::SCHEMA]) {
             let (k, v) = kv?;
             let id = u32::from_be_bytes(
-                k.get(1..5).and_then(|b| b.try_into().ok()).ok_or_else(|| anyhow!("corrupt schema key"))?,
+                k.get(1..5).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt!("corrupt schema key"))?,
             );
             let names: Vec<String> = dec(&v)?;
             self.schemas.insert(names.clone(), id);
@@ -267,7 +280,7 @@ impl Store {
         }
         self.next_journal = self.meta_u64("seq")?.max(self.meta_u64("jfloor")?) + 1;
         if let Some(v) = self.db.get(keys::named_key(keys::META, "horizon"))? {
-            let b: [u8; 8] = v.as_ref().try_into().map_err(|_| anyhow!("corrupt retention horizon"))?;
+            let b: [u8; 8] = v.as_ref().try_into().map_err(|_| corrupt!("corrupt retention horizon"))?;
             self.horizon = Some(i64::from_be_bytes(b));
         }
         self.next_reject = self.last_seq(keys::REJECT)?.map_or(1, |s| s + 1);
@@ -344,7 +357,7 @@ impl Store {
         self.flush()?;
         if let Some(f) = &self.key_filter {
             if let Err(e) = f.save(&self.key_filter_path(), self.next_journal - 1, self.event_rows()) {
-                tracing::warn!(error = %format!("{e:#}"), "cannot save the key filter; it is rebuilt next time");
+                tracing::warn!(error = %crate::error::Chain(&e), "cannot save the key filter; it is rebuilt next time");
             }
         }
         Ok(())
@@ -402,7 +415,7 @@ impl Store {
         };
         let row = entry.row as usize;
         if row >= rows.len() {
-            return Err(anyhow!("key index points past block {table}/{}/{}", entry.seq, entry.block));
+            return Err(corrupt!("key index points past block {table}/{}/{}", entry.seq, entry.block));
         }
         Ok(Some((rows, row)))
     }
@@ -446,7 +459,7 @@ impl Store {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "key index upkeep failed; retried after the next batch");
+                    tracing::warn!(error = %crate::error::Chain(&e), "key index upkeep failed; retried after the next batch");
                     break;
                 }
             }
@@ -460,7 +473,7 @@ impl Store {
 
     pub fn meta_u64(&self, name: &str) -> Result<u64> {
         Ok(match self.db.get(keys::named_key(keys::META, name))? {
-            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| anyhow!("corrupt meta {name}"))?),
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt!("corrupt meta {name}"))?),
             None => 0,
         })
     }
@@ -486,7 +499,7 @@ impl Store {
         self.db.range(keys::seq_key(keys::OUTBOX, from)..keys::seq_key(keys::OUTBOX, u64::MAX)).filter_map(move |kv| {
             let step = || -> Result<Option<(u64, Vec<u8>)>> {
                 let (k, fid) = kv?;
-                let seq = keys::seq_of(&k).ok_or_else(|| anyhow!("corrupt outbox key"))?;
+                let seq = keys::seq_of(&k).ok_or_else(|| corrupt!("corrupt outbox key"))?;
                 let json = self.db.get(keys::named_key(keys::FINDING, &String::from_utf8_lossy(&fid)))?;
                 Ok(json.map(|j| (seq, j.to_vec())))
             };
@@ -552,11 +565,11 @@ impl Store {
         let names = self
             .schema_names
             .get(&stored.schema)
-            .ok_or_else(|| anyhow!("row refers to unknown schema {}", stored.schema))?;
+            .ok_or_else(|| corrupt!("row refers to unknown schema {}", stored.schema))?;
         let table = match keys::parse_key(key) {
             Some(KeyParts::Event { table, .. }) => self.table_name(table).unwrap_or("?").to_string(),
             Some(KeyParts::Profile { .. }) => lookout_plugin_sdk::tables::FILE_PROFILE.to_string(),
-            None => return Err(anyhow!("not a row key")),
+            None => return Err(corrupt!("not a row key")),
         };
         Ok(Row {
             table,
@@ -616,7 +629,7 @@ impl Store {
         let names = self
             .schema_names
             .get(&view.schema)
-            .ok_or_else(|| anyhow!("row refers to unknown schema {}", view.schema))?;
+            .ok_or_else(|| corrupt!("row refers to unknown schema {}", view.schema))?;
         Ok(filter.iter().all(|c| {
             let cell = names.iter().position(|n| n == c.column()).and_then(|i| view.cells.get(i));
             c.matches(cell.map(codec::CellView::as_str).unwrap_or(""))
@@ -806,7 +819,7 @@ impl Store {
         }
         let next = self.table_names.keys().max().map_or(FIRST_TABLE_ID, |m| m + 1);
         if next == u16::MAX {
-            return Err(anyhow!("too many distinct tables"));
+            return Err(StoreError::Invalid("too many distinct tables (65,534)".into()));
         }
         batch.insert(keys::named_key(keys::TABLE, name), &next.to_be_bytes()[..]);
         self.tables.insert(name.to_string(), next);

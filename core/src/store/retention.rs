@@ -10,7 +10,8 @@
 
 use super::blocks::{self, BlockMeta};
 use super::{dec, enc, keys, Store, PROFILE_TABLE};
-use anyhow::{Context as _, Result};
+use crate::error::{StoreContext as _, StoreError};
+type Result<T, E = StoreError> = std::result::Result<T, E>;
 use std::collections::BTreeMap;
 
 /// Blocks removed per atomic step (each step is one `apply_batch`).

@@ -19,7 +19,8 @@
 
 use super::blocks::{pack_items, unpack_items, KeyEntry};
 use super::keys;
-use anyhow::{anyhow, Context as _, Result};
+use crate::error::{StoreContext as _, StoreError};
+type Result<T, E = StoreError> = std::result::Result<T, E>;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -189,7 +190,7 @@ impl RunWriter {
             return Ok(None);
         }
         let raw = bincode::serde::encode_to_vec(&self.meta, bincode::config::standard())
-            .map_err(|e| anyhow!("cannot encode run metadata: {e}"))?;
+            .map_err(|e| corrupt!("cannot encode run metadata: {e}"))?;
         for (part, piece) in compress(zstd, &raw)?.chunks(PIECE_BYTES).enumerate() {
             batch.insert(meta_key(self.id, part as u32), piece);
         }
@@ -223,7 +224,7 @@ fn decode_entries(raw: &[u8]) -> Result<Vec<Entry>> {
     unpack_items(raw)?
         .into_iter()
         .map(|item| {
-            let (e, k) = item.split_at_checked(KeyEntry::LEN).ok_or_else(|| anyhow!("corrupt key index chunk"))?;
+            let (e, k) = item.split_at_checked(KeyEntry::LEN).ok_or_else(|| corrupt!("corrupt key index chunk"))?;
             Ok((k.to_vec(), KeyEntry::decode(e)?))
         })
         .collect()
@@ -238,11 +239,11 @@ fn compress(zstd: &mut zstd::bulk::Compressor<'static>, raw: &[u8]) -> Result<Ve
 
 fn decompress(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8]) -> Result<Vec<u8>> {
     if frame.len() < 4 {
-        return Err(anyhow!("corrupt key index frame"));
+        return Err(corrupt!("corrupt key index frame"));
     }
     let len = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
     if len > 64 << 20 {
-        return Err(anyhow!("corrupt key index frame ({len} bytes claimed)"));
+        return Err(corrupt!("corrupt key index frame ({len} bytes claimed)"));
     }
     zstd.decompress(&frame[4..], len).context("corrupt key index frame")
 }
@@ -288,7 +289,7 @@ impl Runs {
         for kv in db.scan_prefix([keys::RUN_META]) {
             let (k, v) = kv?;
             let id = u64::from_be_bytes(
-                k.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(|| anyhow!("corrupt run key"))?,
+                k.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt!("corrupt run key"))?,
             );
             pieces.entry(id).or_default().extend_from_slice(&v);
         }
@@ -296,7 +297,7 @@ impl Runs {
         for (id, frame) in pieces {
             let raw = decompress(zstd, &frame)?;
             let meta: RunMeta = bincode::serde::decode_from_slice(&raw, bincode::config::standard())
-                .map_err(|e| anyhow!("corrupt metadata of key index run {id}: {e}"))?
+                .map_err(|e| corrupt!("corrupt metadata of key index run {id}: {e}"))?
                 .0;
             runs.insert(id, meta);
         }
@@ -344,7 +345,7 @@ impl Runs {
         for (k, e) in entries {
             w.push(k.clone(), *e, zstd, batch)?;
         }
-        let run = w.finish(zstd, batch)?.ok_or_else(|| anyhow!("an empty key index run"))?;
+        let run = w.finish(zstd, batch)?.ok_or_else(|| corrupt!("an empty key index run"))?;
         Ok((id, run))
     }
 
@@ -366,7 +367,8 @@ impl Runs {
                 return Ok(c.clone());
             }
         }
-        let frame = db.get(chunk_key(run, chunk))?.ok_or_else(|| anyhow!("key index run {run} lacks chunk {chunk}"))?;
+        let frame =
+            db.get(chunk_key(run, chunk))?.ok_or_else(|| corrupt!("key index run {run} lacks chunk {chunk}"))?;
         let raw = {
             let mut z = zstd.lock().unwrap_or_else(|p| p.into_inner());
             decompress(&mut z, &frame)?
@@ -604,7 +606,7 @@ impl RunCursor {
             }
             let frame = db
                 .get(chunk_key(self.run, self.next_chunk))?
-                .ok_or_else(|| anyhow!("key index run {} lacks chunk {}", self.run, self.next_chunk))?;
+                .ok_or_else(|| corrupt!("key index run {} lacks chunk {}", self.run, self.next_chunk))?;
             let raw = {
                 let mut z = zstd.lock().unwrap_or_else(|p| p.into_inner());
                 decompress(&mut z, &frame)?
