@@ -164,12 +164,13 @@ fn run_detector(
     // The indexes it declares are kept from now on (built now if new: a store failure).
     store.declare_indexes(&plugin.manifest.indexes).map_err(PassError::Store)?;
     if !plugin.initialised {
-        let params = opts
+        let params: Vec<(String, String)> = opts
             .params
             .iter()
             .filter(|(d, _, _)| *d == plugin.manifest.name)
             .map(|(_, p, v)| (p.clone(), v.clone()))
             .collect();
+        warn_if_window_exceeds_retention(plugin, &params, store.retention());
         let state = store.detector_state(&id)?;
         let response = plugin.lib.init(&InitRequest { params, state }).map_err(DetectorError::Init)?;
         check_inputs(&plugin.manifest.inputs, &response.inputs)?;
@@ -293,6 +294,49 @@ impl KeyMatcher {
     }
 }
 
+/// A detector parameter that is a duration (a window: `lookback`, `timeframe`) longer
+/// than the retention reaches rows that are no longer kept: its results would differ from
+/// the rule's. Said once per load (the parameter's value as overridden, or its default).
+pub fn windows_beyond_retention(
+    manifest: &lookout_plugin_sdk::Manifest,
+    overrides: &[(String, String)],
+    retention: Option<i64>,
+) -> Vec<(String, String)> {
+    let Some(retention) = retention else { return Vec::new() };
+    manifest
+        .parameters
+        .iter()
+        .map(|p| {
+            let value = overrides.iter().rev().find(|(n, _)| *n == p.name).map_or(&p.default, |(_, v)| v);
+            (p.name.clone(), value.clone())
+        })
+        .filter(|(_, v)| lookout_plugin_sdk::time::parse_duration(v).is_some_and(|d| d > retention))
+        .collect()
+}
+
+/// A duration in ticks as `31d`, `12h` or `90s`.
+fn duration_text(ticks: i64) -> String {
+    let secs = ticks / lookout_plugin_sdk::time::TICKS_PER_SEC;
+    match secs {
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s => format!("{s}s"),
+    }
+}
+
+fn warn_if_window_exceeds_retention(plugin: &Plugin, overrides: &[(String, String)], retention: Option<i64>) {
+    for (name, value) in windows_beyond_retention(&plugin.manifest, overrides, retention) {
+        tracing::warn!(
+            detector = %plugin.id(),
+            parameter = %name,
+            value = %value,
+            retention = %duration_text(retention.unwrap_or(0)),
+            "a detector window is longer than the retention: rows it would reach are no longer kept; \
+             raise --retention or shorten the parameter"
+        );
+    }
+}
+
 /// Input specs may only describe the manifest's input tables.
 fn check_inputs(tables: &[String], specs: &[InputSpec]) -> Result<(), DetectorError> {
     match specs.iter().find(|s| !tables.contains(&s.table)) {
@@ -407,6 +451,41 @@ mod tests {
         let mut k: Vec<Vec<u8>> = refs.into_iter().map(|r| r.key).collect();
         k.sort();
         k
+    }
+
+    /// A window parameter (default or overridden) longer than the retention is named;
+    /// shorter ones, and any without retention, are not.
+    #[test]
+    fn windows_longer_than_the_retention_are_named() {
+        let p = |name: &str, default: &str| lookout_plugin_sdk::Parameter {
+            name: name.into(),
+            default: default.into(),
+            description: String::new(),
+        };
+        let manifest = lookout_plugin_sdk::Manifest {
+            name: "d".into(),
+            version: "1".into(),
+            title: String::new(),
+            description: String::new(),
+            severity: String::new(),
+            mitre: vec![],
+            inputs: vec![],
+            parameters: vec![p("lookback", "30d"), p("timeframe", "2d"), p("threshold", "100")],
+            indexes: vec![],
+        };
+        let day = 86_400 * lookout_plugin_sdk::time::TICKS_PER_SEC;
+        assert_eq!(windows_beyond_retention(&manifest, &[], Some(31 * day)), vec![]);
+        assert_eq!(windows_beyond_retention(&manifest, &[], None), vec![]);
+        assert_eq!(
+            windows_beyond_retention(&manifest, &[], Some(7 * day)),
+            vec![("lookback".to_string(), "30d".to_string())]
+        );
+        let overridden = [("lookback".to_string(), "5d".to_string()), ("timeframe".to_string(), "8d".to_string())];
+        assert_eq!(
+            windows_beyond_retention(&manifest, &overridden, Some(7 * day)),
+            vec![("timeframe".to_string(), "8d".to_string())]
+        );
+        assert_eq!(duration_text(7 * day), "7d");
     }
 
     /// A filter answered from the column index and the same filter on a column without

@@ -250,3 +250,23 @@ fn finding_ids_do_not_depend_on_the_order_tables_were_first_seen() {
     }
     assert_eq!(ids[0], ids[1]);
 }
+
+/// A detector whose window (`lookback` 30d) is longer than the retention is warned about
+/// when it loads, naming the parameter and what to do; within retention, no warning.
+#[test]
+fn a_window_longer_than_the_retention_is_warned_about_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    ingest_kqlbench(&data);
+    let plugins = plugins_dir(tmp.path(), &[WINRM]);
+    let detect = |retention: &str| {
+        lookout(&data, &["detect", "--plugins", plugins.to_str().unwrap(), "--now", NOW, "--retention", retention])
+    };
+    let out = detect("7d");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("longer than the retention") && err.contains("parameter=lookback"), "{err}");
+    assert!(err.contains("raise --retention"), "{err}");
+    let out = detect("31d");
+    assert!(!stderr(&out).contains("longer than the retention"), "{}", stderr(&out));
+}
