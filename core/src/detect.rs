@@ -246,7 +246,7 @@ fn run_detector(
     Ok(())
 }
 
-/// How the journal's new keys of one table are selected for a detector.
+/// How the new keys of one table are selected for a detector.
 enum Select<'f> {
     All,
     Keys(KeyMatcher),

@@ -10,7 +10,7 @@
 //! The filter grows by adding a larger filter when the current one is full (a scalable
 //! Bloom filter). It is kept in memory while the store is open and saved next to the
 //! database by [`Store::flush_and_save_key_filter`](super::Store::flush_and_save_key_filter)
-//! with the journal sequence and event row count it covers and a checksum; a saved filter
+//! with the batch sequence and event row count it covers and a checksum; a saved filter
 //! that does not match the store exactly (a crash after more batches were committed) or
 //! fails its checksum is discarded and rebuilt from the stored keys.
 

@@ -4,7 +4,7 @@
 //! ([`retention`]). Nothing outside this module knows a key or sled.
 //!
 //! Why one tree: sled's `apply_batch` is atomic, crash-safe and much cheaper than a
-//! multi-tree transaction, but only within one tree. Keeping rows, the journal, source
+//! multi-tree transaction, but only within one tree. Keeping rows, the key index, source
 //! offsets, counters, findings and cursors in one tree lets every unit of work commit
 //! as one atomic batch, which is what makes "no row lost, none stored twice" hold across
 //! `kill -9`. Lookout is the only writer (sled locks the directory), so reading before
@@ -543,7 +543,7 @@ impl Store {
         WriteBatch {
             store: self,
             batch: sled::Batch::default(),
-            journal: Vec::new(),
+            new_keys: Vec::new(),
             blocks: BatchBlocks::default(),
             entries: Vec::new(),
             profile_entries: BTreeMap::new(),
@@ -910,7 +910,8 @@ pub enum Added {
     Expired,
 }
 
-/// Writes that commit together: rows, their journal entry, source offsets, rejects,
+/// Writes that commit together: rows (blocks), their key-index run and column-index
+/// entries, source offsets, rejects,
 /// counters, findings, cursors. A batch dropped without a successful commit undoes what
 /// it changed in the store's memory (counters, new tables and schemas), so memory never
 /// runs ahead of the disk.
@@ -918,7 +919,7 @@ pub struct WriteBatch<'s> {
     store: &'s mut Store,
     batch: sled::Batch,
     /// Keys of the rows this batch stores (for the key filter once committed).
-    journal: Vec<Vec<u8>>,
+    new_keys: Vec<Vec<u8>>,
     /// The rows themselves, in blocks per table.
     blocks: BatchBlocks,
     /// The key-index entries of the new event rows (written as one sorted run).
@@ -1041,7 +1042,7 @@ impl WriteBatch<'_> {
             self.entries.push((key.clone(), entry));
         }
         self.pending.insert(key.clone(), content);
-        self.journal.push(key);
+        self.new_keys.push(key);
         self.new_rows += 1;
         Ok(added)
     }
@@ -1094,7 +1095,7 @@ impl WriteBatch<'_> {
         let mut seq = None;
         let mut pending_runs = Vec::new();
         let mut new_block_end = None;
-        if !self.journal.is_empty() {
+        if !self.new_keys.is_empty() {
             let s = self.store.next_journal;
             new_block_end = std::mem::take(&mut self.blocks).write(s, &mut self.store.zstd, &mut self.batch)?;
             let mut entries = std::mem::take(&mut self.entries);
@@ -1128,7 +1129,7 @@ impl WriteBatch<'_> {
             *known = (*known).min(new);
         }
         if let Some(f) = &mut self.store.key_filter {
-            for k in self.journal.iter().filter(|k| k.first() == Some(&keys::EVENT)) {
+            for k in self.new_keys.iter().filter(|k| k.first() == Some(&keys::EVENT)) {
                 f.insert(k);
             }
         }
