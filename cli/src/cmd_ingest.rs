@@ -108,6 +108,13 @@ fn print_summary(r: &IngestReport, secs: f64) {
             r.expired
         );
     }
+    if r.unexpected_types > 0 {
+        println!(
+            "  values of an unexpected type: {} (kept as sent; the column's type in Microsoft's schema \
+             differs — conditions on such a value read it as that other type)",
+            r.unexpected_types
+        );
+    }
     if r.replaced > 0 {
         println!("  FileProfile rows replaced by newer ones: {}", r.replaced);
     }

@@ -44,6 +44,11 @@ pub struct RunArgs {
     /// Fix the ingestion time recorded for every row (RFC 3339), for replaying old data
     #[arg(long)]
     ingest_now: Option<String>,
+    /// Read the current time (RFC 3339) from this file at every look, as both the
+    /// evaluation and the ingestion time: a clock you move yourself, for replaying data at
+    /// a chosen pace or testing what the clock alone changes (a window edge passing)
+    #[arg(long, value_name = "FILE")]
+    clock_file: Option<PathBuf>,
     #[command(flatten)]
     retention: RetentionArg,
 }
@@ -129,6 +134,7 @@ pub fn run(data_flag: Option<&Path>, args: RunArgs) -> Result<ExitCode> {
         ingest,
         now: args.now.as_deref().map(parse_now).transpose()?,
         retention: args.retention.resolve(cfg.retention.as_deref())?,
+        clock_file: args.clock_file.clone(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

@@ -181,10 +181,12 @@ fn run_detector(
     let head = store.next_journal_seq() - 1;
     let floor = store.meta_u64("jfloor")?;
     let cursor = store.meta_cursor(&id)?;
+    // A detector with nothing new still runs when the clock alone changes its results.
+    let due = store.wake_at(&id)?.is_some_and(|at| at <= now);
     let since = match cursor {
         Some(_) if opts.backfill => None,
         Some(c) if c >= floor => {
-            if c >= head {
+            if c >= head && !due {
                 return Ok(());
             }
             Some(c)
@@ -210,6 +212,7 @@ fn run_detector(
             check_inputs(&plugin.manifest.inputs, inputs)?;
         }
         let new_inputs = resp.inputs;
+        let wake_at = resp.wake_at;
         let mut batch = store.batch();
         let mut fresh = HashSet::new();
         for f in resp.findings {
@@ -231,6 +234,7 @@ fn run_detector(
         }
         if i == last {
             batch.set_cursor(&id, head);
+            batch.set_wake_at(&id, wake_at);
         }
         crate::failpoint::hit("detect-before-commit");
         if let Err(e) = batch.commit() {
@@ -244,6 +248,18 @@ fn run_detector(
         crate::failpoint::hit("detect-after-commit");
     }
     Ok(())
+}
+
+/// The earliest time one of these detectors asked to be run again whatever arrives
+/// (the daemon runs a pass then, rows or not).
+pub fn next_wake(store: &Store, plugins: &[Plugin]) -> Result<Option<i64>, StoreError> {
+    let mut next: Option<i64> = None;
+    for p in plugins {
+        if let Some(at) = store.wake_at(&p.id())? {
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+    }
+    Ok(next)
 }
 
 /// How the new keys of one table are selected for a detector.

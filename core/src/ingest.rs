@@ -126,6 +126,8 @@ pub struct IngestReport {
     pub replaced: u64,
     /// Event rows older than the retention horizon when they arrived: counted, not stored.
     pub expired: u64,
+    /// Values of a type their column does not have (outside the key), kept as sent.
+    pub unexpected_types: u64,
     pub rejected: BTreeMap<String, u64>,
     /// Raw bytes read.
     pub bytes: u64,
@@ -157,6 +159,7 @@ impl IngestReport {
         self.duplicates += other.duplicates;
         self.replaced += other.replaced;
         self.expired += other.expired;
+        self.unexpected_types += other.unexpected_types;
         for (k, v) in other.rejected {
             *self.rejected.entry(k).or_insert(0) += v;
         }
@@ -537,6 +540,7 @@ impl FileRun<'_> {
         now: i64,
     ) -> Result<(), StoreError> {
         let table = row.table.clone();
+        self.report.unexpected_types += u64::from(row.unexpected_types);
         self.pending += 1;
         match batch.add_row(row, now)? {
             Added::New => *self.report.new_rows.entry(table).or_insert(0) += 1,

@@ -1,7 +1,9 @@
 //! What Lookout knows about Defender tables: which tables it accepts and the types of
 //! their well-known columns (for `null` → `""` normalisation and type checks).
 
-use lookout_plugin_sdk::tables::{FILE_EVENTS, FILE_PROFILE, IMAGE_LOADS};
+use lookout_plugin_sdk::tables::{FILE_EVENTS, FILE_PROFILE, IDENTITY_LOGONS, IMAGE_LOADS};
+use std::collections::HashMap;
+use std::sync::OnceLock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ColumnType {
@@ -38,10 +40,10 @@ pub enum TableKind {
 pub fn table_kind(name: &str) -> Result<TableKind, String> {
     if name == FILE_PROFILE {
         Ok(TableKind::Profile)
-    } else if name == IMAGE_LOADS || name == FILE_EVENTS || is_generic_device_table(name) {
+    } else if name == IMAGE_LOADS || name == FILE_EVENTS || name == IDENTITY_LOGONS || is_generic_device_table(name) {
         Ok(TableKind::Event)
     } else {
-        Err(format!("unknown table '{name}' (accepted: Device* tables and FileProfile)"))
+        Err(format!("unknown table '{name}' (accepted: Device* tables, IdentityLogonEvents and FileProfile)"))
     }
 }
 
@@ -54,83 +56,170 @@ fn is_generic_device_table(name: &str) -> bool {
 
 /// The table a file name implies (`DeviceFileEvents-2025-05-07.json` → `DeviceFileEvents`).
 pub fn table_from_file_name(file_name: &str) -> Option<String> {
-    if file_name.starts_with(FILE_PROFILE) {
-        return Some(FILE_PROFILE.to_string());
+    for table in [FILE_PROFILE, IDENTITY_LOGONS] {
+        if file_name.starts_with(table) {
+            return Some(table.to_string());
+        }
     }
     // Table names are letters only: `DeviceFileEvents20250507.jsonl` is DeviceFileEvents.
     let prefix: String = file_name.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
     is_generic_device_table(&prefix).then_some(prefix)
 }
 
-/// The declared type of a column, if Lookout knows it. Unknown columns are kept verbatim.
-pub fn column_type(table_kind: TableKind, column: &str) -> Option<ColumnType> {
-    use ColumnType::*;
-    let t = match column {
-        "Timestamp"
-        | "TimeGenerated"
-        | "InitiatingProcessCreationTime"
-        | "InitiatingProcessParentCreationTime"
-        | "GlobalFirstSeen"
-        | "GlobalLastSeen" => DateTime,
-        "FileSize"
-        | "InitiatingProcessId"
-        | "InitiatingProcessParentId"
-        | "ReportId"
-        | "RequestSourcePort"
-        | "InitiatingProcessFileSize"
-        | "InitiatingProcessSessionId"
-        | "GlobalPrevalence" => Long,
-        "IsAzureInfoProtectionApplied"
-        | "IsInitiatingProcessRemoteSession"
-        | "IsCertificateValid"
-        | "IsRootSignerMicrosoft"
-        | "IsExecutable" => Bool,
-        "AdditionalFields" => Dynamic,
-        "TenantId"
-        | "ActionType"
-        | "AppGuardContainerId"
-        | "DeviceId"
-        | "DeviceName"
-        | "FileName"
-        | "FolderPath"
-        | "FileOriginIP"
-        | "FileOriginReferrerUrl"
-        | "FileOriginUrl"
-        | "MD5"
-        | "SHA1"
-        | "SHA256"
-        | "MachineGroup"
-        | "PreviousFileName"
-        | "PreviousFolderPath"
-        | "RequestAccountDomain"
-        | "RequestAccountName"
-        | "RequestAccountSid"
-        | "RequestProtocol"
-        | "RequestSourceIP"
-        | "SensitivityLabel"
-        | "SensitivitySubLabel"
-        | "ShareName"
-        | "SourceSystem"
-        | "Type"
-        | "Signer"
-        | "Issuer"
-        | "SignerHash"
-        | "SignatureState"
-        | "ThreatName"
-        | "Publisher"
-        | "SoftwareName"
-        | "ProfileAvailability" => String,
-        c if c.starts_with("InitiatingProcess") => String,
-        _ => return None,
-    };
-    // FileProfile has its own columns; only those it shares with events are typed there.
-    let _ = table_kind;
-    Some(t)
+/// Columns every Device* event table shares, as Microsoft's schema reference types them.
+const DEVICE_COMMON: &str = "Timestamp:datetime DeviceId DeviceName ActionType ReportId:long \
+    AppGuardContainerId AdditionalFields:dynamic MachineGroup TenantId Type SourceSystem TimeGenerated:datetime";
+
+/// The initiating process block most Device* tables carry.
+const INITIATING_PROCESS: &str = "InitiatingProcessAccountDomain InitiatingProcessAccountName \
+    InitiatingProcessAccountSid InitiatingProcessAccountUpn InitiatingProcessAccountObjectId \
+    InitiatingProcessMD5 InitiatingProcessSHA1 InitiatingProcessSHA256 InitiatingProcessFileName \
+    InitiatingProcessFileSize:long InitiatingProcessFolderPath InitiatingProcessId:long \
+    InitiatingProcessCommandLine InitiatingProcessCreationTime:datetime InitiatingProcessIntegrityLevel \
+    InitiatingProcessTokenElevation InitiatingProcessParentId:long InitiatingProcessParentFileName \
+    InitiatingProcessParentCreationTime:datetime InitiatingProcessLogonId:long \
+    InitiatingProcessVersionInfoCompanyName InitiatingProcessVersionInfoProductName \
+    InitiatingProcessVersionInfoProductVersion InitiatingProcessVersionInfoInternalFileName \
+    InitiatingProcessVersionInfoOriginalFileName InitiatingProcessVersionInfoFileDescription \
+    InitiatingProcessSessionId:long IsInitiatingProcessRemoteSession:bool \
+    InitiatingProcessRemoteSessionDeviceName InitiatingProcessRemoteSessionIP \
+    InitiatingProcessSignerType InitiatingProcessSignatureStatus";
+
+/// File columns of the file-centred tables.
+const FILE_COLUMNS: &str = "FileName FolderPath SHA1 SHA256 MD5 FileSize:long";
+
+/// Each accepted table's own columns (beside [`DEVICE_COMMON`] and [`INITIATING_PROCESS`]
+/// where it has them): `Name` is a string, `Name:type` anything else. From Microsoft's
+/// Defender XDR advanced hunting schema reference.
+const TABLES: &[(&str, bool, &str)] = &[
+    (
+        "DeviceProcessEvents",
+        true,
+        "ProcessVersionInfoCompanyName ProcessVersionInfoProductName ProcessVersionInfoProductVersion \
+         ProcessVersionInfoInternalFileName ProcessVersionInfoOriginalFileName ProcessVersionInfoFileDescription \
+         ProcessId:long ProcessCommandLine ProcessIntegrityLevel ProcessTokenElevation \
+         ProcessCreationTime:datetime AccountDomain AccountName AccountSid AccountUpn AccountObjectId \
+         LogonId:long ProcessRemoteSessionDeviceName ProcessRemoteSessionIP CreatedProcessSessionId:long \
+         IsProcessRemoteSession:bool",
+    ),
+    (
+        "DeviceNetworkEvents",
+        true,
+        "RemoteIP RemotePort:long RemoteUrl LocalIP LocalPort:long Protocol LocalIPType RemoteIPType",
+    ),
+    (
+        "DeviceLogonEvents",
+        true,
+        "LogonType AccountDomain AccountName AccountSid Protocol FailureReason IsLocalAdmin:bool \
+         LogonId:long RemoteDeviceName RemoteIP RemoteIPType RemotePort:long",
+    ),
+    (
+        "DeviceRegistryEvents",
+        true,
+        "RegistryKey RegistryValueType RegistryValueName RegistryValueData PreviousRegistryKey \
+         PreviousRegistryValueName PreviousRegistryValueData",
+    ),
+    (
+        "DeviceFileCertificateInfo",
+        false,
+        "SHA1 IsSigned:bool SignatureType Signer SignerHash Issuer IssuerHash CertificateSerialNumber \
+         CrlDistributionPointUrls CertificateCreationTime:datetime CertificateExpirationTime:datetime \
+         CertificateCountersignatureTime:datetime IsTrusted:bool IsRootSignerMicrosoft:bool",
+    ),
+    (
+        "DeviceFileEvents",
+        true,
+        "PreviousFileName PreviousFolderPath FileOriginUrl FileOriginReferrerUrl FileOriginIP ShareName \
+         SensitivityLabel SensitivitySubLabel IsAzureInfoProtectionApplied:bool RequestProtocol \
+         RequestSourceIP RequestSourcePort:long RequestAccountName RequestAccountDomain RequestAccountSid",
+    ),
+    ("DeviceImageLoadEvents", true, ""),
+    (
+        "IdentityLogonEvents",
+        false,
+        "Timestamp:datetime ActionType Application LogonType Protocol FailureReason AccountName AccountDomain \
+         AccountUpn AccountSid AccountObjectId AccountDisplayName DeviceName DeviceType OSPlatform IPAddress \
+         Port:long DestinationDeviceName DestinationIPAddress DestinationPort:long TargetDeviceName \
+         TargetAccountDisplayName Location ISP ReportId AdditionalFields:dynamic TenantId Type SourceSystem \
+         TimeGenerated:datetime",
+    ),
+    (
+        "FileProfile",
+        false,
+        "SHA1 SHA256 MD5 FileSize:long GlobalPrevalence:long GlobalFirstSeen:datetime GlobalLastSeen:datetime \
+         Signer Issuer SignerHash IsCertificateValid:bool IsRootSignerMicrosoft:bool SignatureState \
+         IsExecutable:bool ThreatName Publisher SoftwareName ProfileAvailability",
+    ),
+];
+
+fn parse_type(t: &str) -> ColumnType {
+    match t {
+        "long" => ColumnType::Long,
+        "bool" => ColumnType::Bool,
+        "datetime" => ColumnType::DateTime,
+        _ => ColumnType::Dynamic,
+    }
 }
 
-/// Columns a row of this kind must have to be stored.
-pub fn required_columns(kind: TableKind) -> &'static [&'static str] {
+type TableColumns = HashMap<&'static str, HashMap<&'static str, ColumnType>>;
+
+/// The per-table column types, built once from [`TABLES`].
+fn tables() -> &'static TableColumns {
+    static TABLE_COLUMNS: OnceLock<TableColumns> = OnceLock::new();
+    TABLE_COLUMNS.get_or_init(|| {
+        let mut out = HashMap::new();
+        for (table, device, own) in TABLES {
+            let mut columns = HashMap::new();
+            let mut add = |spec: &'static str| {
+                for c in spec.split_whitespace() {
+                    let (name, t) = match c.split_once(':') {
+                        Some((n, t)) => (n, parse_type(t)),
+                        None => (c, ColumnType::String),
+                    };
+                    columns.insert(name, t);
+                }
+            };
+            if *device {
+                add(DEVICE_COMMON);
+                add(INITIATING_PROCESS);
+                if *table != "DeviceNetworkEvents" && *table != "DeviceLogonEvents" && *table != "DeviceRegistryEvents"
+                {
+                    add(FILE_COLUMNS);
+                }
+            } else if *table == "DeviceFileCertificateInfo" {
+                add(DEVICE_COMMON);
+            }
+            add(own);
+            out.insert(*table, columns);
+        }
+        out
+    })
+}
+
+/// The declared type of a column of `table`, if Lookout knows it (Microsoft's schema for
+/// the tables in [`TABLES`]; other Device* tables get the columns every Device* table
+/// shares). Unknown columns are kept verbatim.
+pub fn column_type(table: &str, column: &str) -> Option<ColumnType> {
+    let all = tables();
+    match all.get(table) {
+        Some(columns) => columns.get(column).copied(),
+        None => all.get("DeviceImageLoadEvents").and_then(|c| c.get(column)).copied(),
+    }
+}
+
+/// The columns a row's key is read from as their type: a value of the wrong type there
+/// cannot be kept (the row could not be keyed or found again), so the row is rejected.
+/// Anything else is kept as sent — ReportId too, whose text (whatever its type) is the
+/// key's last part.
+pub fn is_key_column(column: &str) -> bool {
+    matches!(column, "Timestamp" | "DeviceId" | "SHA1")
+}
+
+/// Columns a row of this table must have to be stored (Defender for Identity rows name no
+/// device id).
+pub fn required_columns(table: &str, kind: TableKind) -> &'static [&'static str] {
     match kind {
+        TableKind::Event if table == IDENTITY_LOGONS => &["Timestamp"],
         TableKind::Event => &["DeviceId", "Timestamp"],
         TableKind::Profile => &["SHA1"],
     }
@@ -150,5 +239,25 @@ mod tests {
         assert_eq!(table_from_file_name("DeviceFileEvents-01.jsonl.gz").as_deref(), Some("DeviceFileEvents"));
         assert_eq!(table_from_file_name("FileProfile_feed.json").as_deref(), Some("FileProfile"));
         assert_eq!(table_from_file_name("export.json"), None);
+        assert_eq!(table_kind("IdentityLogonEvents"), Ok(TableKind::Event));
+        assert_eq!(table_from_file_name("IdentityLogonEvents_1.json").as_deref(), Some("IdentityLogonEvents"));
+    }
+
+    /// Types per table, as Microsoft's schema has them: the same name can differ.
+    #[test]
+    fn column_types_are_per_table() {
+        use ColumnType::*;
+        assert_eq!(column_type("DeviceProcessEvents", "InitiatingProcessLogonId"), Some(Long));
+        assert_eq!(column_type("DeviceProcessEvents", "InitiatingProcessCommandLine"), Some(String));
+        assert_eq!(column_type("DeviceProcessEvents", "ProcessId"), Some(Long));
+        assert_eq!(column_type("DeviceNetworkEvents", "LocalPort"), Some(Long));
+        assert_eq!(column_type("DeviceNetworkEvents", "SHA1"), None, "network events carry no file");
+        assert_eq!(column_type("DeviceLogonEvents", "IsLocalAdmin"), Some(Bool));
+        assert_eq!(column_type("DeviceFileCertificateInfo", "CertificateCountersignatureTime"), Some(DateTime));
+        assert_eq!(column_type("IdentityLogonEvents", "ReportId"), Some(String), "a string in Identity tables");
+        assert_eq!(column_type("DeviceFileEvents", "ReportId"), Some(Long));
+        assert_eq!(column_type("FileProfile", "GlobalPrevalence"), Some(Long));
+        assert_eq!(column_type("DeviceEvents", "InitiatingProcessId"), Some(Long), "another Device* table");
+        assert_eq!(column_type("DeviceProcessEvents", "SomethingNew"), None);
     }
 }

@@ -64,6 +64,12 @@ impl Tailer {
         }
     }
 
+    /// Fixes the ingestion time recorded for rows read from now on (the daemon's
+    /// `--clock-file`); `None`: the clock.
+    pub fn set_now(&mut self, now: Option<i64>) {
+        self.opts.now = now;
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

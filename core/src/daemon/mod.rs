@@ -76,6 +76,32 @@ pub struct DaemonConfig {
     pub now: Option<i64>,
     /// How long rows are kept (ticks; `None`: forever).
     pub retention: Option<i64>,
+    /// A file holding the current time (RFC 3339), read at every look and used as both
+    /// the evaluation and the ingestion time: a clock someone else moves (replays at a
+    /// chosen pace; tests of what the clock alone changes). Wins over `now`.
+    pub clock_file: Option<PathBuf>,
+}
+
+/// The time in the clock file; the last good reading (or the wall clock) if it cannot be
+/// read or parsed, said once per change of reason.
+fn read_clock_file(path: &std::path::Path, last: Option<i64>, warned: &mut Option<String>) -> i64 {
+    let reading = std::fs::read_to_string(path).map_err(|e| e.to_string()).and_then(|t| {
+        lookout_plugin_sdk::time::parse_timestamp(t.trim())
+            .ok_or_else(|| format!("'{}' is not an RFC 3339 UTC time", t.trim()))
+    });
+    match reading {
+        Ok(t) => {
+            *warned = None;
+            t
+        }
+        Err(e) => {
+            if warned.as_deref() != Some(e.as_str()) {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the clock file; keeping the last time read");
+                *warned = Some(e);
+            }
+            last.unwrap_or_else(crate::clock::now_ticks)
+        }
+    }
 }
 
 /// Runs until `stop` is set (SIGINT/SIGTERM): then finishes the batch in hand, writes
@@ -173,14 +199,21 @@ fn work(
     let mut plugins = PluginSet::new(&cfg.plugins, &cfg.data);
     let mut last_rescan = Instant::now() - cfg.rescan;
     let mut changes = watch::Changes { logs: true, plugins: true };
-    let detect_opts = DetectOptions {
+    let mut detect_opts = DetectOptions {
         now: cfg.now,
         params: cfg.params.clone(),
         stop: Some(stop.clone()),
         ..DetectOptions::default()
     };
     let mut first = true;
+    let mut clock_warned = None;
     while !stop.load(Ordering::Relaxed) {
+        if let Some(path) = &cfg.clock_file {
+            let t = read_clock_file(path, detect_opts.now, &mut clock_warned);
+            detect_opts.now = Some(t);
+            tailer.set_now(Some(t));
+        }
+        let now = crate::clock::Clock::new(detect_opts.now.or(cfg.ingest.now)).now();
         let rescan = last_rescan.elapsed() >= cfg.rescan;
         if rescan {
             last_rescan = Instant::now();
@@ -214,7 +247,7 @@ fn work(
         // The horizon follows the clock (or the fixed time); expired blocks go a bounded
         // step at a time, so a large backlog never holds up ingestion for long.
         store.set_retention(cfg.retention);
-        store.advance_clock(crate::clock::Clock::new(cfg.now.or(cfg.ingest.now)).now())?;
+        store.advance_clock(now)?;
         store.expire_step(crate::store::retention::BLOCKS_PER_STEP)?;
         // The start of the read that the finding latency is measured from.
         let poll_started = Instant::now();
@@ -222,7 +255,10 @@ fn work(
         if report.total_rejected() > 0 {
             tracing::warn!(rejected = report.total_rejected(), "bad records kept aside (lookout status --rejects)");
         }
-        if report.changed() || plugins_changed || first {
+        // A detector that asked to be woken (a window edge passing) runs with no new row.
+        let wake = crate::detect::next_wake(store, &plugins.plugins)?;
+        let due = wake.is_some_and(|at| at <= now);
+        if report.changed() || plugins_changed || first || due {
             first = false;
             let reports = run_pass(store, &mut plugins.plugins, &detect_opts)?;
             let written = flush_outbox(store, &cfg.findings).map_err(DaemonError::Findings)?;
@@ -257,7 +293,12 @@ fn work(
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let wait = cfg.rescan.saturating_sub(last_rescan.elapsed()).max(Duration::from_millis(1));
+        let mut wait = cfg.rescan.saturating_sub(last_rescan.elapsed()).max(Duration::from_millis(1));
+        // On the wall clock, wake up for the next detector wake-up too.
+        if let (Some(at), None) = (crate::detect::next_wake(store, &plugins.plugins)?, detect_opts.now) {
+            let ticks = at.saturating_sub(crate::clock::now_ticks()).max(0) as u64;
+            wait = wait.min(Duration::from_micros(ticks / 10).max(Duration::from_millis(1)));
+        }
         changes = watch.wait(wait);
     }
     Ok(())

@@ -4,7 +4,7 @@
 
 use super::record::kind_of;
 use super::{Reject, RejectKind};
-use crate::schema::{column_type, required_columns, table_kind, ColumnType, TableKind};
+use crate::schema::{column_type, is_key_column, required_columns, table_kind, ColumnType, TableKind};
 use lookout_plugin_sdk::time::parse_timestamp;
 use lookout_plugin_sdk::Cell;
 use serde_json::Value;
@@ -22,6 +22,8 @@ pub struct NormalRow {
     pub timestamp: i64,
     /// ReportId as text, or a content hash for rows without one.
     pub identity: String,
+    /// Values of a type their column does not have, kept as sent (counted, not dropped).
+    pub unexpected_types: u32,
 }
 
 /// Where else the table may come from, after the envelope and the `Type` column.
@@ -57,14 +59,23 @@ pub fn normalise(
     let kind = table_kind(&table).map_err(|e| Reject::new(RejectKind::UnknownTable, e))?;
 
     let mut columns = Vec::with_capacity(row.len());
+    let mut unexpected_types = 0;
     for (name, value) in row {
-        let cell = match column_type(kind, &name) {
+        let cell = match column_type(&table, &name) {
             None | Some(ColumnType::Dynamic) => Cell::from_json(&value),
-            Some(t) => typed_cell(&name, t, value)?,
+            Some(t) => match typed_cell(&name, t, value) {
+                Typed::Cell(c) => c,
+                // A key column must be what the key is made of; any other is kept.
+                Typed::Unexpected(reject, _) if is_key_column(&name) => return Err(reject),
+                Typed::Unexpected(_, value) => {
+                    unexpected_types += 1;
+                    Cell::from_json(&value)
+                }
+            },
         };
         columns.push((name, cell));
     }
-    for required in required_columns(kind) {
+    for required in required_columns(&table, kind) {
         match columns.iter().find(|(n, _)| n == required) {
             Some((_, Cell::Null)) | None => {
                 return Err(Reject::new(RejectKind::MissingColumn, format!("column {required} is missing or null")))
@@ -87,36 +98,49 @@ pub fn normalise(
         Some(Cell::Str(s)) if !s.is_empty() => s.clone(),
         _ => content_hash(&columns),
     };
-    Ok(NormalRow { table, kind, columns, sha1, device_id, timestamp, identity })
+    Ok(NormalRow { table, kind, columns, sha1, device_id, timestamp, identity, unexpected_types })
 }
 
-fn typed_cell(name: &str, t: ColumnType, value: Value) -> Result<Cell, Reject> {
-    let wrong = |v: &Value| {
-        Reject::new(RejectKind::WrongType, format!("column {name}: expected {}, got {}", t.name(), kind_of(v)))
+/// A value read as its column's type, or why it is not one (with the value, kept as sent
+/// unless the column is part of the key).
+enum Typed {
+    Cell(Cell),
+    Unexpected(Reject, Value),
+}
+
+fn typed_cell(name: &str, t: ColumnType, value: Value) -> Typed {
+    let wrong = |v: Value| {
+        let reason = format!("column {name}: expected {}, got {}", t.name(), kind_of(&v));
+        Typed::Unexpected(Reject::new(RejectKind::WrongType, reason), v)
     };
-    Ok(match (t, value) {
-        (ColumnType::String, Value::Null) => Cell::Str(String::new()),
-        (ColumnType::String, Value::String(s)) => Cell::Str(s),
-        (_, Value::Null) => Cell::Null,
+    match (t, value) {
+        (ColumnType::String, Value::Null) => Typed::Cell(Cell::Str(String::new())),
+        (ColumnType::String, Value::String(s)) => Typed::Cell(Cell::Str(s)),
+        (_, Value::Null) => Typed::Cell(Cell::Null),
         (ColumnType::Long, Value::Number(n)) => match n.as_i64() {
-            Some(i) => Cell::Int(i),
+            Some(i) => Typed::Cell(Cell::Int(i)),
             None => {
-                return Err(Reject::new(RejectKind::WrongType, format!("column {name}: {n} is not a 64-bit integer")))
+                let reason = format!("column {name}: {n} is not a 64-bit integer");
+                Typed::Unexpected(Reject::new(RejectKind::WrongType, reason), Value::Number(n))
             }
         },
-        (ColumnType::Bool, Value::Bool(b)) => Cell::Bool(b),
+        // Exports write longs as text too (CSV-born JSON, some SIEM forwarders).
+        (ColumnType::Long, Value::String(s)) => match s.trim().parse::<i64>() {
+            Ok(i) => Typed::Cell(Cell::Int(i)),
+            Err(_) => wrong(Value::String(s)),
+        },
+        (ColumnType::Bool, Value::Bool(b)) => Typed::Cell(Cell::Bool(b)),
         (ColumnType::DateTime, Value::String(s)) => {
             if parse_timestamp(&s).is_none() {
                 let shown: String = s.chars().take(64).collect();
-                return Err(Reject::new(
-                    RejectKind::BadTimestamp,
-                    format!("column {name}: '{shown}' is not an ISO-8601 UTC timestamp with 0-7 fractional digits"),
-                ));
+                let reason =
+                    format!("column {name}: '{shown}' is not an ISO-8601 UTC timestamp with 0-7 fractional digits");
+                return Typed::Unexpected(Reject::new(RejectKind::BadTimestamp, reason), Value::String(s));
             }
-            Cell::Str(s)
+            Typed::Cell(Cell::Str(s))
         }
-        (_, v) => return Err(wrong(&v)),
-    })
+        (_, v) => wrong(v),
+    }
 }
 
 fn content_hash(columns: &[(String, Cell)]) -> String {
@@ -175,13 +199,13 @@ mod tests {
     fn wrong_types_and_bad_timestamps_are_rejected_with_the_column() {
         let hints = TableHints::default();
         let e = normalise(
-            obj(json!({"Timestamp":"2025-05-07T16:16:24Z","DeviceId":"d","FileSize":"big"})),
+            obj(json!({"Timestamp":"2025-05-07T16:16:24Z","DeviceId":7,"FileSize":"big"})),
             Some("DeviceFileEvents"),
             &hints,
         )
         .unwrap_err();
         assert_eq!(e.kind, RejectKind::WrongType);
-        assert!(e.reason.contains("FileSize") && e.reason.contains("expected long"), "{}", e.reason);
+        assert!(e.reason.contains("DeviceId") && e.reason.contains("expected string"), "{}", e.reason);
         let e = normalise(obj(json!({"Timestamp":"yesterday","DeviceId":"d"})), Some("DeviceFileEvents"), &hints)
             .unwrap_err();
         assert_eq!(e.kind, RejectKind::BadTimestamp);
@@ -190,5 +214,38 @@ mod tests {
         assert_eq!(e.kind, RejectKind::MissingColumn);
         let e = normalise(obj(json!({"x":1})), Some("SigninLogs"), &hints).unwrap_err();
         assert_eq!(e.kind, RejectKind::UnknownTable);
+    }
+
+    /// Outside the key, a value of an unexpected type is kept as sent and counted; a
+    /// numeric string in a long column is a long; real process events (a numeric
+    /// InitiatingProcessLogonId) are stored.
+    #[test]
+    fn unexpected_types_outside_the_key_are_kept_and_counted() {
+        let hints = TableHints::default();
+        let r = normalise(
+            obj(json!({"Timestamp":"2025-05-07T16:16:24Z","DeviceId":"d","FileSize":"big","ReportId":"12",
+                "InitiatingProcessLogonId":999,"InitiatingProcessCreationTime":"soon","ProcessId":"4242"})),
+            Some("DeviceProcessEvents"),
+            &hints,
+        )
+        .unwrap();
+        let get = |n: &str| r.columns.iter().find(|(c, _)| c == n).map(|(_, v)| v.clone());
+        assert_eq!(get("FileSize"), Some(Cell::Str("big".into())));
+        assert_eq!(get("ReportId"), Some(Cell::Int(12)));
+        assert_eq!(r.identity, "12");
+        assert_eq!(get("InitiatingProcessLogonId"), Some(Cell::Int(999)));
+        assert_eq!(get("InitiatingProcessCreationTime"), Some(Cell::Str("soon".into())));
+        assert_eq!(get("ProcessId"), Some(Cell::Int(4242)));
+        assert_eq!(r.unexpected_types, 2, "FileSize and InitiatingProcessCreationTime");
+        // Identity rows carry no DeviceId; their ReportId is a string.
+        let id = normalise(
+            obj(json!({"Timestamp":"2025-05-07T16:16:24Z","ReportId":"abc-1","IPAddress":"10.0.0.1","Port":"445"})),
+            Some("IdentityLogonEvents"),
+            &hints,
+        )
+        .unwrap();
+        assert_eq!(id.identity, "abc-1");
+        assert_eq!(id.device_id, "");
+        assert_eq!(id.unexpected_types, 0);
     }
 }

@@ -48,6 +48,19 @@ pub enum CellView<'a> {
 }
 
 impl CellView<'_> {
+    /// The SDK's borrowed cell, for checking conditions.
+    pub fn as_ref(&self) -> lookout_plugin_sdk::CellRef<'_> {
+        use lookout_plugin_sdk::CellRef;
+        match *self {
+            CellView::Null => CellRef::Null,
+            CellView::Bool(b) => CellRef::Bool(b),
+            CellView::Int(i) => CellRef::Int(i),
+            CellView::Float(f) => CellRef::Float(f),
+            CellView::Str(s) => CellRef::Str(s),
+            CellView::Json(s) => CellRef::Json(s),
+        }
+    }
+
     /// As [`Cell::as_str`]: the string, or `""` for anything else.
     pub fn as_str(&self) -> &str {
         match self {

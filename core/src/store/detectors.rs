@@ -11,7 +11,23 @@ fn cursor_key(detector_id: &str) -> Vec<u8> {
     keys::named_key(keys::CURSOR, detector_id)
 }
 
+// Beside the cursors: `@` cannot start a detector id (`name@version`).
+fn wake_key(detector_id: &str) -> Vec<u8> {
+    keys::named_key(keys::CURSOR, &format!("@wake:{detector_id}"))
+}
+
 impl Store {
+    /// When a detector asked to be run again whatever arrives (its last pass's
+    /// `wake_at`), if it did.
+    pub fn wake_at(&self, detector_id: &str) -> Result<Option<i64>> {
+        Ok(match self.db.get(wake_key(detector_id))? {
+            Some(v) => Some(i64::from_be_bytes(
+                v.as_ref().try_into().map_err(|_| corrupt!("corrupt wake-up time of {detector_id}"))?,
+            )),
+            None => None,
+        })
+    }
+
     /// The batch sequence a detector has processed up to, if it ever ran.
     pub fn meta_cursor(&self, detector_id: &str) -> Result<Option<u64>> {
         Ok(match self.db.get(cursor_key(detector_id))? {
@@ -83,6 +99,14 @@ impl WriteBatch<'_> {
         match value {
             Some(v) => self.batch.insert(k, v),
             None => self.batch.remove(k),
+        }
+    }
+
+    /// Records (`Some`) or clears (`None`) when a detector is to be run again.
+    pub fn set_wake_at(&mut self, detector_id: &str, at: Option<i64>) {
+        match at {
+            Some(t) => self.batch.insert(wake_key(detector_id), &t.to_be_bytes()[..]),
+            None => self.batch.remove(wake_key(detector_id)),
         }
     }
 

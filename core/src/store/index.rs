@@ -18,7 +18,8 @@
 use super::{codec, enc, keys, Store};
 use crate::error::{StoreContext as _, StoreError};
 type Result<T, E = StoreError> = std::result::Result<T, E>;
-use lookout_plugin_sdk::{Condition, IndexDecl, Row};
+use lookout_plugin_sdk::{CellRef, Condition, IndexDecl, Row};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// The size an index entry is kept under (before compression).
@@ -39,23 +40,40 @@ fn column_id(spec: &IndexDecl) -> String {
 }
 
 /// The index postings of one row of `table` (id `tid`) for every index of `specs`:
-/// (values prefix, covered values). `value_of` gives the row's string value of a column
-/// (`""` when missing).
+/// (values prefix, covered values). `cell_of` gives the row's cell of a column (`None`
+/// when missing). An indexed column's value is its text (a long as its decimal digits, so
+/// a look-up by a process id works); a covered value is the string a condition reads
+/// (`""` for anything not a string), so a condition decided from the entry and one
+/// decided from the row agree.
 pub fn row_postings<'r>(
     specs: &[IndexDecl],
     tid: u16,
     table: &str,
-    value_of: impl Fn(&str) -> &'r str,
+    cell_of: impl Fn(&str) -> Option<CellRef<'r>>,
 ) -> Vec<(Vec<u8>, Vec<String>)> {
     specs
         .iter()
         .filter(|s| s.table == table)
         .map(|s| {
-            let covered = covered_columns(s).map(|c| value_of(c).to_string());
-            let values: Vec<&str> = s.columns.iter().map(|c| value_of(c)).collect();
+            let covered = covered_columns(s).map(|c| match cell_of(c) {
+                Some(CellRef::Str(v)) => v.to_string(),
+                _ => String::new(),
+            });
+            let values: Vec<Cow<'r, str>> = s.columns.iter().map(|c| key_text(cell_of(c))).collect();
+            let values: Vec<&str> = values.iter().map(|v| v.as_ref()).collect();
             (keys::index_values_prefix(tid, &column_id(s), &values), covered.collect())
         })
         .collect()
+}
+
+/// The text an indexed column's value is kept (and looked up) under.
+fn key_text(cell: Option<CellRef<'_>>) -> Cow<'_, str> {
+    match cell {
+        Some(CellRef::Str(v)) => Cow::Borrowed(v),
+        Some(CellRef::Int(i)) => Cow::Owned(i.to_string()),
+        Some(CellRef::Bool(b)) => Cow::Borrowed(if b { "true" } else { "false" }),
+        _ => Cow::Borrowed(""),
+    }
 }
 
 /// The postings a batch collects, written as one entry per value when it commits.
@@ -188,7 +206,8 @@ impl Store {
         let Some(spec) = self.single_column_index(table, column) else { return Ok(None) };
         let Some(tid) = self.table_id(table) else { return Ok(Some(Vec::new())) };
         let covered: Vec<&str> = covered_columns(spec).collect();
-        let from_entry = filter.iter().all(|c| covered.contains(&c.column()));
+        // A covered value is kept as text: only string conditions are decided from it.
+        let from_entry = filter.iter().all(|c| c.on_string() && covered.contains(&c.column()));
         // Values as long as the indexed cut share a prefix with longer ones: the full value in
         // the entry decides (the indexed condition is checked too, which costs nothing).
         let mut checks: Vec<&Condition> = filter.iter().filter(|c| !std::ptr::eq(*c, indexed)).collect();
@@ -315,16 +334,15 @@ impl Store {
                 .schema_names
                 .get(&row.schema)
                 .ok_or_else(|| corrupt!("row refers to unknown schema {}", row.schema))?;
-            let value_of = |c: &str| {
-                names.iter().position(|n| n == c).and_then(|i| row.cells.get(i)).map_or("", codec::CellView::as_str)
-            };
+            let cell_of =
+                |c: &str| names.iter().position(|n| n == c).and_then(|i| row.cells.get(i)).map(|v| v.as_ref());
             if current.as_ref().is_some_and(|(s, _)| *s != seq) {
                 if let Some(done) = current.take() {
                     write(done, &mut batch, &mut pending)?;
                 }
             }
             let (_, postings) = current.get_or_insert_with(|| (seq, Postings::default()));
-            for (prefix, covered) in row_postings(specs, tid, &spec.table, value_of) {
+            for (prefix, covered) in row_postings(specs, tid, &spec.table, cell_of) {
                 postings.add(prefix, key.to_vec(), covered);
             }
             rows += 1;

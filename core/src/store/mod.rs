@@ -23,7 +23,7 @@ pub mod runs;
 
 use crate::error::{StoreContext as _, StoreError};
 type Result<T, E = StoreError> = std::result::Result<T, E>;
-use lookout_plugin_sdk::{Cell, Condition, Row, RowRef};
+use lookout_plugin_sdk::{Cell, CellRef, Condition, Row, RowRef};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -632,7 +632,7 @@ impl Store {
             .ok_or_else(|| corrupt!("row refers to unknown schema {}", view.schema))?;
         Ok(filter.iter().all(|c| {
             let cell = names.iter().position(|n| n == c.column()).and_then(|i| view.cells.get(i));
-            c.matches(cell.map(codec::CellView::as_str).unwrap_or(""))
+            c.matches_cell(cell.map(codec::CellView::as_ref), view.ingested_at)
         }))
     }
 
@@ -1014,8 +1014,8 @@ impl WriteBatch<'_> {
             },
         };
         let postings = if row.kind == TableKind::Event {
-            let value_of = |c: &str| names.iter().position(|n| n == c).map_or("", |i| cells[i].as_str());
-            index::row_postings(&self.store.index_specs, block_table, &row.table, value_of)
+            let cell_of = |c: &str| names.iter().position(|n| n == c).map(|i| CellRef::from(&cells[i]));
+            index::row_postings(&self.store.index_specs, block_table, &row.table, cell_of)
         } else {
             Vec::new()
         };

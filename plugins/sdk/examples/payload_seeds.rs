@@ -38,6 +38,7 @@ fn main() -> Result<(), String> {
                 }],
                 state: vec![StateOp::Put(vec![1], vec![2]), StateOp::Delete(vec![3])],
                 inputs: Some(vec![spec.clone()]),
+                wake_at: Some(7),
             })?,
         ),
         (

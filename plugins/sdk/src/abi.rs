@@ -77,7 +77,7 @@ pub const fn host_accepts(host: u32, plugin: u32) -> bool {
 }
 
 /// Bumped on any change to the payload types below.
-pub const PAYLOAD_VERSION: u8 = 4;
+pub const PAYLOAD_VERSION: u8 = 5;
 
 pub const RC_OK: i32 = 0;
 /// The detector returned an error.
@@ -207,35 +207,7 @@ pub struct InputSpec {
     pub on_backfill: bool,
 }
 
-/// A condition on a string column that the host checks before a row crosses the
-/// boundary. Comparisons ignore ASCII case, like KQL's `~` operators; a missing or
-/// non-string column reads as `""`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Condition {
-    /// `column in~ (any_of)`
-    In { column: String, any_of: Vec<String> },
-    /// `column !startswith prefix`
-    NotStartsWith { column: String, prefix: String },
-}
-
-impl Condition {
-    pub fn column(&self) -> &str {
-        match self {
-            Condition::In { column, .. } | Condition::NotStartsWith { column, .. } => column,
-        }
-    }
-
-    /// Whether a column value meets the condition.
-    pub fn matches(&self, value: &str) -> bool {
-        match self {
-            Condition::In { any_of, .. } => any_of.iter().any(|a| a.eq_ignore_ascii_case(value)),
-            Condition::NotStartsWith { prefix, .. } => {
-                !(value.len() >= prefix.len()
-                    && value.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes()))
-            }
-        }
-    }
-}
+pub use crate::condition::{Cmp, Condition, INGESTION_TIME};
 
 /// A reference to a newly stored row: enough for cheap filtering without decoding it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -283,6 +255,11 @@ pub struct EvalResponse {
     /// whose interest depends on its state (the SHA1s it joins on) narrows what it is
     /// handed as that state changes.
     pub inputs: Option<Vec<InputSpec>>,
+    /// When the clock alone can next change this detector's results (a window edge
+    /// passing: a row ageing out of `ago(x)`), in ticks: the host runs a pass at or after
+    /// that time even if no row arrives. `None`: only new rows can. Committed with the
+    /// pass; each pass's answer replaces the last.
+    pub wake_at: Option<i64>,
 }
 
 /// Requests a plugin may make of the host during a pass.
@@ -352,17 +329,6 @@ fn limits() -> bincode::config::Configuration<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn conditions_ignore_ascii_case() {
-        let c = Condition::In { column: "C".into(), any_of: vec!["WsmProvHost.exe".into()] };
-        assert!(c.matches("wsmprovhost.EXE"));
-        assert!(!c.matches("wsmprovhost.exe "));
-        let n = Condition::NotStartsWith { column: "C".into(), prefix: r"C:\Windows\Assembly".into() };
-        assert!(!n.matches(r"c:\windows\assembly\x.dll"));
-        assert!(n.matches(r"c:\windows\assembl"));
-        assert!(n.matches(""));
-    }
 
     #[test]
     fn abi_versions_of_the_same_major_and_an_older_or_equal_minor_are_accepted() {

@@ -11,13 +11,14 @@ pub struct Context<'a> {
     pub(crate) findings: Vec<FindingOut>,
     pub(crate) state: Vec<StateOp>,
     pub(crate) inputs: Option<Vec<InputSpec>>,
+    pub(crate) wake_at: Option<i64>,
 }
 
 impl<'a> Context<'a> {
     /// Only the SDK's `export` module makes a context with a host table: the one the host
     /// passed to the `lookout_evaluate` call in progress (see `export::call_host`).
     pub(crate) fn new(host: Option<&'a LookoutHostApi>, now: i64) -> Self {
-        Context { host, now, findings: Vec::new(), state: Vec::new(), inputs: None }
+        Context { host, now, findings: Vec::new(), state: Vec::new(), inputs: None, wake_at: None }
     }
 
     /// The evaluation time of this pass (ticks), the `now()` of `ago(x)`.
@@ -124,6 +125,13 @@ impl<'a> Context<'a> {
     /// [`crate::Detector::inputs`]); committed with this pass.
     pub fn set_inputs(&mut self, inputs: Vec<InputSpec>) {
         self.inputs = Some(inputs);
+    }
+
+    /// Asks for a pass at `at` (ticks) even if no row arrives by then: the time the clock
+    /// alone next changes a result (a row leaving an `ago(x)` window). Several calls keep
+    /// the earliest; a pass that makes none asks for nothing.
+    pub fn wake_at(&mut self, at: i64) {
+        self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
     }
 
     fn call(&mut self, req: &HostRequest) -> Result<HostResponse, String> {

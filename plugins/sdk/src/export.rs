@@ -169,7 +169,8 @@ pub unsafe fn run_evaluate<D: Detector>(
                 // The table is this call's: the context lives only inside it (see `call_host`).
                 let mut ctx = Context::new(host, req.now);
                 detector.evaluate(&req, &mut ctx).map_err(|e| (RC_ERROR, e))?;
-                let resp = EvalResponse { findings: ctx.findings, state: ctx.state, inputs: ctx.inputs };
+                let resp =
+                    EvalResponse { findings: ctx.findings, state: ctx.state, inputs: ctx.inputs, wake_at: ctx.wake_at };
                 abi::encode(&resp).map_err(|e| (RC_ERROR, e))
             }));
             match result {

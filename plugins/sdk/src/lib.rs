@@ -12,6 +12,7 @@
 
 pub mod abi;
 pub mod cell;
+pub mod condition;
 pub mod context;
 pub mod detector;
 #[doc(hidden)]
@@ -20,11 +21,12 @@ pub mod params;
 pub mod time;
 
 pub use abi::{
-    Condition, EvalRequest, EvalResponse, FindingOut, HostRequest, HostResponse, IndexDecl, InitRequest, InitResponse,
-    InputSpec, Manifest, Parameter, RowRef, StateOp, ABI_VERSION, ABI_VERSION_MAJOR, ABI_VERSION_MINOR,
-    PAYLOAD_VERSION,
+    Cmp, Condition, EvalRequest, EvalResponse, FindingOut, HostRequest, HostResponse, IndexDecl, InitRequest,
+    InitResponse, InputSpec, Manifest, Parameter, RowRef, StateOp, ABI_VERSION, ABI_VERSION_MAJOR, ABI_VERSION_MINOR,
+    INGESTION_TIME, PAYLOAD_VERSION,
 };
 pub use cell::{Cell, Row};
+pub use condition::{all_match, CellRef};
 pub use context::Context;
 pub use detector::Detector;
 pub use params::Params;
@@ -34,4 +36,10 @@ pub mod tables {
     pub const IMAGE_LOADS: &str = "DeviceImageLoadEvents";
     pub const FILE_EVENTS: &str = "DeviceFileEvents";
     pub const FILE_PROFILE: &str = "FileProfile";
+    pub const PROCESS_EVENTS: &str = "DeviceProcessEvents";
+    pub const NETWORK_EVENTS: &str = "DeviceNetworkEvents";
+    pub const LOGON_EVENTS: &str = "DeviceLogonEvents";
+    pub const REGISTRY_EVENTS: &str = "DeviceRegistryEvents";
+    pub const FILE_CERTIFICATES: &str = "DeviceFileCertificateInfo";
+    pub const IDENTITY_LOGONS: &str = "IdentityLogonEvents";
 }
