@@ -205,7 +205,7 @@ fn run_detector(
         if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
             return Ok(());
         }
-        let req = EvalRequest { now, backfill: report.backfill, rows: chunk.to_vec() };
+        let req = EvalRequest { now, backfill: report.backfill, rows: chunk.to_vec(), last: i == last };
         let resp = with_host_api(store, |api| plugin.lib.evaluate(api, &req)).map_err(DetectorError::Evaluate)?;
         // Checked before anything of the pass is committed: a bad answer fails the pass.
         if let Some(inputs) = &resp.inputs {

@@ -26,7 +26,7 @@ fn main() -> Result<(), String> {
         on_backfill: true,
     };
     let seeds: Vec<(&str, Vec<u8>)> = vec![
-        ("eval_request", encode(&EvalRequest { now: 1, backfill: false, rows: vec![rr.clone(), rr] })?),
+        ("eval_request", encode(&EvalRequest { now: 1, backfill: false, rows: vec![rr.clone(), rr], last: true })?),
         (
             "eval_response",
             encode(&EvalResponse {

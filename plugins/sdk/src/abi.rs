@@ -227,6 +227,10 @@ pub struct EvalRequest {
     /// pass, one after its cursor fell behind the pruned journal, or `detect --backfill`).
     pub backfill: bool,
     pub rows: Vec<RowRef>,
+    /// Whether this is the pass's last call: the new rows of one pass may come in several
+    /// calls, and a rule whose result is not monotone in its input (a threshold, a
+    /// suppression list, a `top`) evaluates once all of them are in.
+    pub last: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -356,6 +360,7 @@ mod tests {
             now: 42,
             backfill: false,
             rows: vec![RowRef { table: "T".into(), sha1: "a".into(), device_id: "d".into(), key: vec![1, 2] }],
+            last: true,
         };
         let bytes = encode(&req).unwrap();
         assert_eq!(decode::<EvalRequest>(&bytes).unwrap(), req);

@@ -19,6 +19,7 @@ pub mod detector;
 pub mod export;
 pub mod params;
 pub mod time;
+pub mod window;
 
 pub use abi::{
     Cmp, Condition, EvalRequest, EvalResponse, FindingOut, HostRequest, HostResponse, IndexDecl, InitRequest,
@@ -30,6 +31,7 @@ pub use condition::{all_match, CellRef};
 pub use context::Context;
 pub use detector::Detector;
 pub use params::Params;
+pub use window::{identity_key, Records};
 
 /// The well-known table names the SDK and host agree on.
 pub mod tables {

@@ -152,3 +152,25 @@ mod tests {
         assert_eq!(parse_duration("3w"), None);
     }
 }
+
+/// KQL `datetime_diff("Second", a, b)`: whole-second boundaries crossed from `b` to `a`
+/// (`floor(a) − floor(b)` at one-second resolution), not elapsed time: 0.8 s apart within
+/// one second is 0, 0.2 s apart across a second boundary is 1.
+pub fn datetime_diff_seconds(a: i64, b: i64) -> i64 {
+    a.div_euclid(TICKS_PER_SEC) - b.div_euclid(TICKS_PER_SEC)
+}
+
+#[cfg(test)]
+mod datetime_diff_tests {
+    use super::*;
+
+    #[test]
+    fn datetime_diff_counts_second_boundaries() {
+        let t = |s: &str| parse_timestamp(s).unwrap();
+        assert_eq!(datetime_diff_seconds(t("2025-05-07T12:00:00.9Z"), t("2025-05-07T12:00:00.1Z")), 0);
+        assert_eq!(datetime_diff_seconds(t("2025-05-07T12:00:00.1Z"), t("2025-05-07T12:00:00.9Z")), 0);
+        assert_eq!(datetime_diff_seconds(t("2025-05-07T12:00:01.1Z"), t("2025-05-07T12:00:00.9Z")), 1);
+        assert_eq!(datetime_diff_seconds(t("2025-05-07T12:00:00Z"), t("2025-05-07T12:00:10.5Z")), -10);
+        assert_eq!(datetime_diff_seconds(-1, 0), -1, "before the epoch floors down");
+    }
+}
