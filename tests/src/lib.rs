@@ -48,6 +48,9 @@ pub fn plugin_lib(file: &str) -> PathBuf {
 }
 
 pub const WINRM: &str = "liblookout_winrm.so";
+pub const SCHEDULED_TASK: &str = "liblookout_scheduled_task_persistence.so";
+pub const SCM_REMOTE: &str = "liblookout_scm_remote_process.so";
+pub const PASSWORD_SPRAYING: &str = "liblookout_password_spraying.so";
 pub const FIXTURE_PANICS: &str = "liblookout_fixture_panics.so";
 pub const FIXTURE_ERRORS: &str = "liblookout_fixture_errors.so";
 pub const FIXTURE_WRONG_ABI: &str = "liblookout_fixture_wrong_abi.so";
@@ -225,12 +228,16 @@ pub fn gen_fleet(root: &Path, events: u64, attacks: u64, seed: u64) -> Fleet {
         ],
     );
     let logs = dir.join("logs");
-    let counts = FLEET_TABLES
-        .iter()
-        .map(|t| {
-            let bytes = std::fs::read(logs.join(format!("{t}.jsonl"))).expect("generated table");
-            (t.to_string(), bytes.iter().filter(|b| **b == b'\n').count() as u64)
+    // Every table the generator wrote (the WinRM rule's and the detector pack's).
+    let counts = std::fs::read_dir(&logs)
+        .expect("generated logs folder")
+        .map(|e| {
+            let path = e.expect("generated log file").path();
+            let table = path.file_stem().and_then(|s| s.to_str()).expect("table file name").to_string();
+            let bytes = std::fs::read(&path).expect("generated table");
+            (table, bytes.iter().filter(|b| **b == b'\n').count() as u64)
         })
+        .filter(|(_, n)| *n > 0)
         .collect();
     let truth = truth_pairs(&dir.join("ground-truth.json"));
     assert!(attacks == 0 || !truth.is_empty(), "the generated fleet has no attacks in its ground truth");

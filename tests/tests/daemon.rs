@@ -645,3 +645,149 @@ fn distinct_files_sharing_their_first_kib_are_both_read() {
     assert_eq!(s["rejected"], 0, "a torn line was read: {s}\n{}", fs::read_to_string(&log).unwrap());
     assert_eq!(table_counts(&s).get("DeviceFileEvents"), Some(&want), "rows lost: {s}");
 }
+
+/// One DeviceLogonEvents row of the spray below, as JSON text.
+fn logon(report: i64, at: &str, action: &str, account: &str) -> String {
+    serde_json::json!({
+        "Timestamp": at, "DeviceId": "dev-srv-01", "DeviceName": "srv-01.corp.example.com",
+        "ActionType": action, "LogonType": "Network", "AccountDomain": "corp", "AccountName": account,
+        "RemoteIP": "10.9.9.9", "RemoteIPType": "Private", "RemoteDeviceName": "", "RemotePort": 49152,
+        "Protocol": "NTLM", "ReportId": report,
+    })
+    .to_string()
+        + "\n"
+}
+
+/// `password-spraying` under a clock the test moves (`run --clock-file`): a spray that
+/// does not qualify while its successes are inside the 2-day window fires once they leave
+/// it, with no row arriving: the detector's wake-up alone runs the pass.
+#[test]
+fn password_spraying_fires_when_the_clock_alone_moves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (logs, data, findings) = (root.join("logs"), root.join("data"), root.join("findings.jsonl"));
+    fs::create_dir_all(&logs).unwrap();
+    let plugins = plugins_dir(root, &[PASSWORD_SPRAYING]);
+    let clock = root.join("clock");
+    let set_clock = |t: &str| {
+        // Written beside and renamed in: the daemon never reads half a time.
+        fs::write(root.join("clock.new"), t).unwrap();
+        fs::rename(root.join("clock.new"), &clock).unwrap();
+    };
+    set_clock("2025-05-06T00:00:00Z");
+    let mut d = DaemonSpec::new(&data)
+        .logs(&logs)
+        .plugins(&plugins)
+        .findings(&findings)
+        .arg("--clock-file")
+        .arg(&clock)
+        .rescan_secs(0.2)
+        .log(&root.join("daemon.log"))
+        .start();
+
+    // Day 0: 13 successful logons from the source (ingested at day 0).
+    let successes: String =
+        (0..13).map(|i| logon(100 + i, "2025-05-05T23:50:00Z", "LogonSuccess", &format!("user{i:02}"))).collect();
+    fs::write(logs.join("DeviceLogonEvents-1.jsonl"), successes).unwrap();
+    d.wait_for("the successes to be stored", Duration::from_secs(30), |d| {
+        let n = table_counts(&d.status()).get("DeviceLogonEvents").copied().unwrap_or(0);
+        if n == 13 {
+            Ok(())
+        } else {
+            Err(format!("{n} rows"))
+        }
+    });
+
+    // Day 1: 25 accounts fail once each. 13 * 2 < 25 is false: no spray yet.
+    set_clock("2025-05-07T00:00:00Z");
+    std::thread::sleep(Duration::from_millis(600));
+    let failures: String =
+        (0..25).map(|i| logon(200 + i, "2025-05-06T23:55:00Z", "LogonFailed", &format!("user{i:02}"))).collect();
+    fs::write(logs.join("DeviceLogonEvents-2.jsonl"), failures).unwrap();
+    d.wait_for("the failures to be stored", Duration::from_secs(30), |d| {
+        let n = table_counts(&d.status()).get("DeviceLogonEvents").copied().unwrap_or(0);
+        if n == 38 {
+            Ok(())
+        } else {
+            Err(format!("{n} rows"))
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(complete_findings(&findings).is_empty(), "the successes are still in the window");
+
+    // Day 2 and a minute: the successes have left the 2-day window; no row arrives.
+    set_clock("2025-05-08T00:01:00Z");
+    let lines = wait_for("the spray to be found from the clock alone", Duration::from_secs(30), || {
+        let lines = complete_findings(&findings);
+        if lines.is_empty() {
+            Err("no finding yet".to_string())
+        } else {
+            Ok(lines)
+        }
+    });
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    let row = &lines[0]["row"];
+    assert_eq!(lines[0]["detector"], "password-spraying");
+    assert_eq!(row["IPAddress"], "10.9.9.9");
+    assert_eq!(row["DeviceName"], "srv-01.corp.example.com");
+    assert_eq!(row["SuccessLogonCount"], 0);
+    assert_eq!(row["FailedLogonCount"], 25);
+    assert_eq!(row["UniqueAccountFailedLogons"], 25);
+    assert_eq!(table_counts(&d.status()).get("DeviceLogonEvents"), Some(&38), "no row arrived");
+    d.terminate(Duration::from_secs(20));
+    assert_eq!(complete_findings(&findings).len(), 1);
+}
+
+/// The four detectors dropped into a running daemon, one after another while it works:
+/// each is loaded and backfilled without a restart, and together they write exactly what
+/// the generator planted — WinRM's pairs and the pack's findings — each once.
+#[test]
+fn all_four_detectors_hot_loaded_find_what_was_planted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let fleet = gen_fleet(root, 3000, 12, 9);
+    let plugins = plugins_dir(root, &[]);
+    let (data, findings) = (root.join("data"), root.join("findings.jsonl"));
+    let mut d = daemon_spec(root, &data, &fleet.logs, &plugins, &findings).start();
+    wait_all_rows(&mut d, &fleet.counts, Duration::from_secs(90));
+    for lib in [WINRM, SCHEDULED_TASK, SCM_REMOTE, PASSWORD_SPRAYING] {
+        let staged = root.join(format!("{lib}.staged"));
+        fs::copy(plugin_lib(lib), &staged).unwrap();
+        fs::set_permissions(&staged, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::rename(&staged, plugins.join(lib)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let expected = lookout_core::gen::read_expected(&fleet.dir.join(lookout_core::gen::EXPECTED_FILE)).unwrap();
+    let pack: BTreeSet<lookout_core::gen::Expected> = expected.into_iter().collect();
+    let detectors: BTreeSet<&str> = pack.iter().map(|e| e.detector.as_str()).collect();
+    assert_eq!(detectors.len(), 3, "the generator plants findings for the three pack detectors");
+    let identity_of = |f: &Value| {
+        let planted = pack.iter().find(|e| f["detector"] == e.detector.as_str())?;
+        let columns: Vec<String> = planted.identity.iter().map(|(c, _)| c.clone()).collect();
+        lookout_core::gen::expected_of(f, &columns)
+    };
+    wait_for("every planted finding", Duration::from_secs(90), || {
+        let lines = complete_findings(&findings);
+        let (winrm, others): (Vec<Value>, Vec<Value>) =
+            lines.into_iter().partition(|f| f["detector"] == "winrm-plugin-lateral-movement");
+        let winrm_done = check_findings(&winrm, &fleet.truth);
+        let mut found = BTreeSet::new();
+        for f in &others {
+            let id = identity_of(f).unwrap_or_else(|| panic!("a finding of no planted kind: {f}"));
+            assert!(pack.contains(&id), "a finding that was not planted: {f}");
+            assert!(found.insert(id), "a finding written twice: {f}");
+        }
+        if winrm_done && found == pack {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} of {} WinRM pairs, {} of {} pack findings",
+                winrm.len(),
+                fleet.truth.len(),
+                found.len(),
+                pack.len()
+            ))
+        }
+    });
+    d.terminate(Duration::from_secs(20));
+}

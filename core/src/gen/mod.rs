@@ -2,12 +2,21 @@
 //! columns and skew (a few busy devices, shared system DLLs), injected WinRM-plugin
 //! attacks, near misses that must not fire, a FileProfile feed, and the ground truth —
 //! the (load, write) pairs the rule must find.
+//!
+//! The detector pack's rules each have a module here that adds their tables' background,
+//! attacks and near misses (one per row of the rule's semantics table) and the findings
+//! they must produce ([`Expected`]): `scheduled_task`, `scm_remote`, `spraying`.
+
+mod scheduled_task;
+mod scm_remote;
+mod spraying;
 
 use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp, TICKS_PER_SEC};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -55,17 +64,29 @@ pub struct TruthPair {
     pub write_report_id: i64,
 }
 
+/// A finding one of the detector pack's rules must produce: the detector, and the values
+/// (as text) of the finding row's columns that make its finding identity.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Expected {
+    pub detector: String,
+    pub identity: Vec<(String, String)>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Fleet {
     pub loads: Vec<Map<String, Value>>,
     pub writes: Vec<Map<String, Value>>,
     pub profiles: Vec<Map<String, Value>>,
     pub truth: Vec<TruthPair>,
+    /// Rows of the detector pack's tables, by table name.
+    pub tables: BTreeMap<String, Vec<Map<String, Value>>>,
+    /// What the detector pack must find.
+    pub expected: Vec<Expected>,
 }
 
 impl Fleet {
     pub fn rows(&self) -> usize {
-        self.loads.len() + self.writes.len() + self.profiles.len()
+        self.loads.len() + self.writes.len() + self.profiles.len() + self.tables.values().map(Vec::len).sum::<usize>()
     }
 }
 
@@ -134,6 +155,29 @@ impl Gen {
             .map(|i| (hex_of(&mut rng, 20), format!("ws-{:04}.corp.example.com", i + 1)))
             .collect();
         Gen { rng, spec, devices, report_id: 1000, fleet: Fleet::default() }
+    }
+
+    /// Adds a row of one of the detector pack's tables.
+    fn push(&mut self, table: &str, row: Map<String, Value>) {
+        self.fleet.tables.entry(table.to_string()).or_default().push(row);
+    }
+
+    /// Records a finding `detector` must produce, by its identity columns.
+    fn expect(&mut self, detector: &str, identity: &[(&str, String)]) {
+        let identity = identity.iter().map(|(c, v)| (c.to_string(), v.clone())).collect();
+        self.fleet.expected.push(Expected { detector: detector.to_string(), identity });
+    }
+
+    /// A row's common columns: Timestamp, DeviceId, DeviceName, ActionType, ReportId.
+    fn event(&mut self, device: usize, at: i64, action: &str) -> Map<String, Value> {
+        let (device_id, device_name) = self.devices[device].clone();
+        let mut m = Map::new();
+        m.insert("Timestamp".into(), format_timestamp(at).into());
+        m.insert("DeviceId".into(), device_id.into());
+        m.insert("DeviceName".into(), device_name.into());
+        m.insert("ActionType".into(), action.into());
+        m.insert("ReportId".into(), self.next_report().into());
+        m
     }
 
     /// Busy devices produce most events (a squared-uniform skew).
@@ -408,6 +452,14 @@ pub fn generate(spec: &FleetSpec) -> Fleet {
     for i in 0..spec.attacks {
         g.attack(i);
     }
+    scheduled_task::generate(&mut g);
+    scm_remote::generate(&mut g);
+    spraying::generate(&mut g);
+    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0x7ab1e5);
+    for rows in g.fleet.tables.values_mut() {
+        shuffle(rows, &mut rng);
+    }
+    g.fleet.expected.sort();
     // Interleave attacks with the background, as they would arrive.
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0x5eed);
     shuffle(&mut g.fleet.loads, &mut rng);
@@ -431,6 +483,8 @@ pub struct FleetFiles {
 }
 
 pub const TRUTH_FILE: &str = "ground-truth.json";
+/// The detector pack's expected findings, beside [`TRUTH_FILE`].
+pub const EXPECTED_FILE: &str = "expected-findings.json";
 
 /// Where the log files of a fleet written to `dir` are (the ground truth is beside them,
 /// not among them, so `lookout ingest <dir>/logs` reads only data).
@@ -518,6 +572,14 @@ pub fn write_fleet(fleet: &Fleet, out: &Path, format: Format) -> Result<FleetFil
     let profiles = write_table("FileProfile", &fleet.profiles)?;
     let loads = write_table("DeviceImageLoadEvents", &fleet.loads)?;
     let writes = write_table("DeviceFileEvents", &fleet.writes)?;
+    for (table, rows) in &fleet.tables {
+        write_table(table, rows)?;
+    }
+    let expected_path = out.join(EXPECTED_FILE);
+    let json = serde_json::to_vec_pretty(&fleet.expected)
+        .map_err(std::io::Error::from)
+        .map_err(io_err("write", &expected_path))?;
+    std::fs::write(&expected_path, json).map_err(io_err("write", &expected_path))?;
     let truth = out.join(TRUTH_FILE);
     let json =
         serde_json::to_vec_pretty(&fleet.truth).map_err(std::io::Error::from).map_err(io_err("write", &truth))?;
@@ -528,4 +590,24 @@ pub fn write_fleet(fleet: &Fleet, out: &Path, format: Format) -> Result<FleetFil
 pub fn read_truth(path: &Path) -> Result<Vec<TruthPair>, GenError> {
     let text = std::fs::read(path).map_err(io_err("read", path))?;
     serde_json::from_slice(&text).map_err(|source| GenError::NotTruth { path: path.to_path_buf(), source })
+}
+
+pub fn read_expected(path: &Path) -> Result<Vec<Expected>, GenError> {
+    let text = std::fs::read(path).map_err(io_err("read", path))?;
+    serde_json::from_slice(&text).map_err(|source| GenError::NotTruth { path: path.to_path_buf(), source })
+}
+
+/// The identity of a finding (a line of `findings.jsonl`) as an [`Expected`]: its
+/// detector and the text of the given columns of its row (a JSON string as it is, any
+/// other value as JSON). `None` when the row lacks one of them.
+pub fn expected_of(finding: &Value, columns: &[String]) -> Option<Expected> {
+    let row = finding.get("row")?;
+    let identity = columns
+        .iter()
+        .map(|c| {
+            let v = row.get(c)?;
+            Some((c.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(Expected { detector: finding.get("detector")?.as_str()?.to_string(), identity })
 }

@@ -1,0 +1,185 @@
+//! Lookout detector `password-spraying`: a port of FalconForce's FalconFriday rule
+//! 0xFF-0044 "Password spraying attack detected" (MITRE ATT&CK T1110.003): one source
+//! failing to log on to one machine with many different accounts, a few tries each.
+//!
+//! The rule, verbatim (the parameters below replace its `let`s):
+//!
+//! ```kusto
+//! // Copyright (c) 2020, FalconForce. All rights reserved. BSD 3-Clause License:
+//! // redistribution and use in source and binary forms, with or without modification,
+//! // are permitted provided that the conditions of docs/rules/LICENSE-FalconFriday are
+//! // met; THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS "AS IS"
+//! // AND ANY EXPRESS OR IMPLIED WARRANTIES ... ARE DISCLAIMED (see that file).
+//! let timeframe = 2*1d;
+//! let domaincontrollers =(
+//!   DeviceNetworkEvents
+//!   | where ActionType == "InboundConnectionAccepted"
+//!   | where InitiatingProcessFileName =~ "lsass.exe"
+//!   | where LocalPort == 88
+//!   | distinct DeviceName
+//! );
+//! let thresholdForUniqueFailedAccounts = 20;
+//! let upperBoundOfFailedLogonsPerAccount = 3;
+//! let ratioSuccessFailedLogons = 2;
+//! IdentityLogonEvents
+//! | where ingestion_time() >= ago(timeframe)
+//! | summarize SuccessLogonCount = countif(ActionType =~ "LogonSuccess"), FailedLogonCount = countif(ActionType =~ "LogonFailed"),
+//!     UniqueAccountFailedLogons=dcountif(AccountUpn, ActionType =~ "LogonFailed"), FailedAccounts=make_set_if(AccountUpn, ActionType =~ "LogonFailed"),
+//!     SuccessAccounts=make_set_if(AccountUpn, ActionType =~ "LogonSuccess"), FirstFailed=minif(Timestamp, ActionType =~ "LogonFailed"),
+//!     LastFailed=maxif(Timestamp, ActionType =~ "LogonFailed"), LastTimestamp=arg_max(Timestamp, tostring(ReportId)) by IPAddress, DeviceName // IPAddress is here the "remote IP", i.e., the source of the logon attempt.
+//! | where UniqueAccountFailedLogons > thresholdForUniqueFailedAccounts and SuccessLogonCount*ratioSuccessFailedLogons < FailedLogonCount and UniqueAccountFailedLogons*upperBoundOfFailedLogonsPerAccount > FailedLogonCount //more than 3 tries per account is not a password spray anymore
+//! | union (
+//!     DeviceLogonEvents
+//!     | where ingestion_time() >= ago(timeframe)
+//!     | where LogonType != "Unlock" and ActionType in~ ("LogonSuccess", "LogonFailed")
+//!     | where not(isempty( RemoteIP) and isempty( RemoteDeviceName))
+//!     | extend LocalLogon=parse_json(AdditionalFields)
+//!     | where RemoteIPType != "Loopback"
+//!     | summarize SuccessLogonCount = countif(ActionType =~ "LogonSuccess"), FailedLogonCount = countif(ActionType =~ "LogonFailed"),
+//!         UniqueAccountFailedLogons=dcountif(AccountName, ActionType =~ "LogonFailed"), FirstFailed=minif(Timestamp, ActionType =~ "LogonFailed"),
+//!         LastFailed=maxif(Timestamp, ActionType =~ "LogonFailed"), LastTimestamp=arg_max(Timestamp, tostring(ReportId)) by RemoteIP, DeviceName, DeviceId // RemoteIP is here the source of the logon attempt.
+//!     | project-rename IPAddress=RemoteIP
+//!     | where UniqueAccountFailedLogons > thresholdForUniqueFailedAccounts and SuccessLogonCount*ratioSuccessFailedLogons < FailedLogonCount and UniqueAccountFailedLogons*upperBoundOfFailedLogonsPerAccount > FailedLogonCount //more than 3 tries per account is not a password spray anymore
+//! )
+//! | extend IsDC=(DeviceName in~ ((domaincontrollers | project DeviceName)))
+//! | where IsDC == false
+//! | extend Timestamp=LastFailed
+//! | project-reorder Timestamp
+//! ```
+//!
+//! # Semantics (docs/rules/SEMANTICS.md, and the choices where it is silent)
+//!
+//! | KQL | here |
+//! |---|---|
+//! | a pass | the query over every row stored when the pass starts, `now()` = the pass's evaluation time; a pass emits the result rows whose finding identity no earlier pass emitted |
+//! | `domaincontrollers` | DeviceName of stored DeviceNetworkEvents with `ActionType == "InboundConnectionAccepted"` (case-sensitive), `InitiatingProcessFileName =~ "lsass.exe"`, `LocalPort == 88` (a long; null or missing fails); no time filter. Kept in the state (ASCII-lowercased); it only grows |
+//! | `ingestion_time() >= ago(timeframe)` | inclusive at 100 ns, on Lookout's ingestion time |
+//! | `LogonType != "Unlock"`, `RemoteIPType != "Loopback"` | case-sensitive; `""` (or a missing column) passes |
+//! | `ActionType in~ (…)`, `countif(ActionType =~ …)` | ASCII case-insensitive |
+//! | `not(isempty(RemoteIP) and isempty(RemoteDeviceName))` | as written; a missing or non-string column is empty |
+//! | group | (RemoteIP, DeviceName, DeviceId), exact and case-sensitive; (IPAddress, DeviceName) on the identity branch |
+//! | `dcountif(AccountName, …)` | exact distinct count of the values as stored (`Admin` and `admin` are two; `""` is a value) |
+//! | `minif`/`maxif(Timestamp, …)` | over the group's failures; a Timestamp that is not a datetime is null and ignored |
+//! | `arg_max(Timestamp, tostring(ReportId))` | `LastTimestamp` and `ReportId` (text) of the latest row of the group (any outcome the branch keeps). *Silent in SEMANTICS*: ties on Timestamp go to the larger ReportId, compared as integers when the text is one (every integer ranks above any ReportId that is not), else ordinally — a total order, so the pick never depends on arrival order |
+//! | thresholds | `Unique > unique_failed_accounts and Success*success_ratio < Failed and Unique*failed_per_account > Failed`, exact integers (no overflow) |
+//! | `DeviceName in~ (domaincontrollers)` | ASCII case-insensitive against the DC set at that pass; such groups never fire. A DC row arriving after a finding does not retract it |
+//! | result row | `Timestamp` (= LastFailed), `IPAddress`, `DeviceName`, `DeviceId`, `SuccessLogonCount`, `FailedLogonCount`, `UniqueAccountFailedLogons`, `FirstFailed`, `LastFailed`, `LastTimestamp`, `ReportId`, `IsDC` (false); datetimes as `YYYY-MM-DDTHH:MM:SS.fffffffZ` |
+//! | finding identity | (IPAddress, DeviceName, DeviceId, FirstFailed) |
+//!
+//! **The union with `IdentityLogonEvents`.** The branch runs only on rows of that table
+//! (Defender for Identity); with none fed it contributes nothing. Its groups are kept
+//! apart from the DeviceLogonEvents groups (as two `summarize`s are). Its result rows
+//! have no DeviceId: the column reads `""` there (as the union's missing string column),
+//! both in the row and in the finding identity. They also carry the branch's own
+//! `FailedAccounts` and `SuccessAccounts` (`make_set_if`, as JSON arrays sorted
+//! ordinally — KQL's set order is unspecified) after the fixed columns; DeviceLogonEvents
+//! rows leave those two out rather than carry nulls. Every row of the table in the window
+//! belongs to its group (the branch has no other filter): rows of another ActionType count
+//! in no `countif` but can be its `arg_max`.
+//!
+//! **Incrementally.** One small record per kept logon row (group, outcome, account,
+//! Timestamp, ReportId text, ingestion time) lives in the state until it leaves the
+//! window (`Records`, expiry = ingested + timeframe), indexed by group in memory. New rows
+//! are taken in on every call of a pass; on its last call the records that left the window
+//! go, every group that gained or lost a record is re-aggregated over its records, and
+//! the qualifying non-DC groups are emitted (re-emitting an identity is harmless; the host
+//! keeps each once). The pass asks to be woken when the next record leaves the window:
+//! a record leaving can make a group qualify (its successes fall) or move its FirstFailed
+//! (a new finding), with no new row. A group whose records did not change has the result
+//! it had at its last evaluation, already emitted then; the DC set only grows, so it can
+//! only suppress.
+//!
+//! **Known limits.** A DC stays a DC in the state after the store's retention prunes
+//! the network rows that made it one (the KQL would forget it). Changing the parameters
+//! takes effect on the next pass: records are kept again under a new `timeframe`, and
+//! every group is re-evaluated under new thresholds (a record that left the window under
+//! a shorter old timeframe is not brought back; `detect --backfill` does).
+
+mod rule;
+
+use lookout_plugin_sdk::tables::{IDENTITY_LOGONS, LOGON_EVENTS, NETWORK_EVENTS};
+use lookout_plugin_sdk::{Detector, EvalRequest, IndexDecl, InputSpec, Manifest, Parameter, Params};
+
+pub use rule::{result_row, summarize, GroupKey, Logon, Outcome, RuleConfig, SprayRule, Summary};
+
+pub const NAME: &str = "password-spraying";
+
+/// The detector type exported by this library.
+pub struct SprayDetector {
+    rule: SprayRule,
+}
+
+impl Detector for SprayDetector {
+    fn manifest() -> Manifest {
+        let p = |name: &str, default: &str, description: &str| Parameter {
+            name: name.into(),
+            default: default.into(),
+            description: description.into(),
+        };
+        Manifest {
+            name: NAME.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            title: "Password Spraying".into(),
+            description: "One source failing to log on to one machine with many different accounts, a few tries \
+                          each and few successes: a password spray. Domain controllers (lsass.exe accepting \
+                          Kerberos on port 88) are left out. FalconFriday 0xFF-0044."
+                .into(),
+            severity: "medium".into(),
+            mitre: vec!["T1110.003".into()],
+            inputs: vec![LOGON_EVENTS.into(), NETWORK_EVENTS.into(), IDENTITY_LOGONS.into()],
+            parameters: vec![
+                p(
+                    "timeframe",
+                    "2d",
+                    "logons ingested within this window are counted (ingestion_time() >= ago(timeframe))",
+                ),
+                p(
+                    "unique_failed_accounts",
+                    "20",
+                    "a spray has more than this many distinct accounts with failed logons",
+                ),
+                p(
+                    "failed_per_account",
+                    "3",
+                    "a spray has fewer than this many failed logons per account on average \
+                     (UniqueAccountFailedLogons * this > FailedLogonCount)",
+                ),
+                p("success_ratio", "2", "a spray has SuccessLogonCount * this < FailedLogonCount"),
+            ],
+            // Both filters start with an `in~` the host answers from these indexes, so the
+            // logons and network connections the rule ignores are never read.
+            indexes: vec![
+                IndexDecl {
+                    table: LOGON_EVENTS.into(),
+                    columns: vec!["ActionType".into()],
+                    covers: vec!["LogonType".into(), "RemoteIPType".into()],
+                },
+                IndexDecl {
+                    table: NETWORK_EVENTS.into(),
+                    columns: vec!["InitiatingProcessFileName".into()],
+                    covers: vec!["ActionType".into()],
+                },
+            ],
+        }
+    }
+
+    fn init(params: &Params, state: &[(Vec<u8>, Vec<u8>)]) -> Result<Self, String> {
+        let config = RuleConfig {
+            timeframe: params.duration("timeframe")?,
+            unique_failed_accounts: params.i64("unique_failed_accounts")?,
+            failed_per_account: params.i64("failed_per_account")?,
+            success_ratio: params.i64("success_ratio")?,
+        };
+        Ok(SprayDetector { rule: SprayRule::new(config, state)? })
+    }
+
+    fn inputs(&self) -> Vec<InputSpec> {
+        self.rule.inputs()
+    }
+
+    fn evaluate(&mut self, batch: &EvalRequest, ctx: &mut lookout_plugin_sdk::Context<'_>) -> Result<(), String> {
+        self.rule.evaluate(batch, ctx)
+    }
+}
+
+lookout_plugin_sdk::export_detector!(SprayDetector);

@@ -1,0 +1,530 @@
+//! The rule itself, with exactly the semantics of the KQL (see the crate docs).
+//!
+//! One compact [`Logon`] record per logon row that passed the branch's filters, kept in
+//! the detector's state until it leaves the `ingestion_time() >= ago(timeframe)` window,
+//! and indexed in memory by its group. A pass takes in new rows on every call and, on its
+//! last call, drops the records that left the window, re-aggregates every group that
+//! gained or lost a record, and emits the groups that pass the thresholds and are not
+//! domain controllers. It asks to be woken when the next record leaves the window.
+
+use lookout_plugin_sdk::tables::{IDENTITY_LOGONS, LOGON_EVENTS, NETWORK_EVENTS};
+use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp};
+use lookout_plugin_sdk::{
+    all_match, identity_key, Cell, Cmp, Condition, Context, EvalRequest, FindingOut, InputSpec, Records, Row,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+/// Parameters, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleConfig {
+    /// `ingestion_time() >= ago(timeframe)`, ticks.
+    pub timeframe: i64,
+    /// `thresholdForUniqueFailedAccounts`.
+    pub unique_failed_accounts: i64,
+    /// `upperBoundOfFailedLogonsPerAccount`.
+    pub failed_per_account: i64,
+    /// `ratioSuccessFailedLogons`.
+    pub success_ratio: i64,
+}
+
+impl RuleConfig {
+    /// The state's record of the parameters the stored records were kept under.
+    fn fingerprint(&self) -> String {
+        format!("{}/{}/{}/{}", self.timeframe, self.unique_failed_accounts, self.failed_per_account, self.success_ratio)
+    }
+}
+
+/// State key prefixes.
+const RECORD_PREFIX: &[u8] = b"r";
+const DC_PREFIX: u8 = b'd';
+const CONFIG_KEY: &[u8] = b"c";
+
+/// How a row counts: `ActionType =~ "LogonSuccess"`, `=~ "LogonFailed"`, or neither (an
+/// IdentityLogonEvents row of another action: it counts in no `countif`, but it is a row
+/// of its group for `arg_max`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Success,
+    Failed,
+    Other,
+}
+
+impl Outcome {
+    pub fn of(action: &str) -> Outcome {
+        if action.eq_ignore_ascii_case("LogonSuccess") {
+            Outcome::Success
+        } else if action.eq_ignore_ascii_case("LogonFailed") {
+            Outcome::Failed
+        } else {
+            Outcome::Other
+        }
+    }
+}
+
+/// The group a record belongs to: the branch (IdentityLogonEvents or DeviceLogonEvents),
+/// then `IPAddress`/`RemoteIP`, `DeviceName` and `DeviceId` (`""` on the identity
+/// branch, which has no such column).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct GroupKey {
+    pub identity: bool,
+    pub ip: String,
+    pub device_name: String,
+    pub device_id: String,
+}
+
+/// What one logon row contributes to its group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Logon {
+    pub group: GroupKey,
+    pub outcome: Outcome,
+    /// `AccountName` (DeviceLogonEvents) or `AccountUpn` (IdentityLogonEvents), as stored.
+    pub account: String,
+    /// `Timestamp`; `None` if it is not a datetime (null: ignored by minif/maxif/arg_max).
+    pub timestamp: Option<i64>,
+    /// `tostring(ReportId)`.
+    pub report_id: String,
+    /// `ingestion_time()`.
+    pub ingested: i64,
+}
+
+/// The `summarize` of one group.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Summary {
+    pub success: i64,
+    pub failed: i64,
+    pub failed_accounts: BTreeSet<String>,
+    pub success_accounts: BTreeSet<String>,
+    pub first_failed: Option<i64>,
+    pub last_failed: Option<i64>,
+    /// `arg_max(Timestamp, tostring(ReportId))`: (LastTimestamp, ReportId).
+    pub last: Option<(i64, String)>,
+}
+
+/// The order of `arg_max` among rows with the same Timestamp: the larger ReportId, as an
+/// integer when it is one (every integer ranks above any ReportId that is not), else
+/// by its text in ordinal order. Total, so the pick never depends on arrival order.
+pub fn report_rank(report_id: &str) -> (Option<i64>, &str) {
+    (report_id.parse::<i64>().ok(), report_id)
+}
+
+impl Summary {
+    pub fn of<'a>(logons: impl IntoIterator<Item = &'a Logon>) -> Summary {
+        let mut s = Summary::default();
+        for l in logons {
+            match l.outcome {
+                Outcome::Success => {
+                    s.success += 1;
+                    s.success_accounts.insert(l.account.clone());
+                }
+                Outcome::Failed => {
+                    s.failed += 1;
+                    s.failed_accounts.insert(l.account.clone());
+                    if let Some(t) = l.timestamp {
+                        s.first_failed = Some(s.first_failed.map_or(t, |f| f.min(t)));
+                        s.last_failed = Some(s.last_failed.map_or(t, |f| f.max(t)));
+                    }
+                }
+                Outcome::Other => {}
+            }
+            if let Some(t) = l.timestamp {
+                let better = match &s.last {
+                    None => true,
+                    Some((lt, lr)) => (t, report_rank(&l.report_id)) > (*lt, report_rank(lr)),
+                };
+                if better {
+                    s.last = Some((t, l.report_id.clone()));
+                }
+            }
+        }
+        s
+    }
+
+    pub fn unique_failed(&self) -> i64 {
+        self.failed_accounts.len() as i64
+    }
+
+    /// `UniqueAccountFailedLogons > u and SuccessLogonCount*r < FailedLogonCount and
+    /// UniqueAccountFailedLogons*f > FailedLogonCount`, in integers that cannot overflow.
+    pub fn qualifies(&self, c: &RuleConfig) -> bool {
+        let (unique, success, failed) =
+            (i128::from(self.unique_failed()), i128::from(self.success), i128::from(self.failed));
+        unique > i128::from(c.unique_failed_accounts)
+            && success * i128::from(c.success_ratio) < failed
+            && unique * i128::from(c.failed_per_account) > failed
+    }
+}
+
+/// `tostring()` of a cell.
+fn to_string(cell: Option<&Cell>) -> String {
+    match cell {
+        None | Some(Cell::Null) => String::new(),
+        Some(Cell::Str(s)) | Some(Cell::Json(s)) => s.clone(),
+        Some(Cell::Int(i)) => i.to_string(),
+        Some(Cell::Float(f)) => f.to_string(),
+        Some(Cell::Bool(b)) => b.to_string(),
+    }
+}
+
+fn time_cell(t: Option<i64>) -> Cell {
+    t.map_or(Cell::Null, |t| Cell::Str(format_timestamp(t)))
+}
+
+/// Pending work after a change of parameters, done on the next pass (it needs a context).
+#[derive(Default)]
+struct Pending {
+    /// Records stored under another timeframe, to keep again with the right expiry.
+    rekeep: Vec<(Vec<u8>, Logon)>,
+    /// The parameters changed: every group is re-evaluated.
+    all_dirty: bool,
+    /// The fingerprint to store.
+    write_config: bool,
+}
+
+pub struct SprayRule {
+    config: RuleConfig,
+    records: Records<Logon>,
+    /// Record ids by group.
+    groups: HashMap<GroupKey, BTreeSet<Vec<u8>>>,
+    /// `domaincontrollers`, ASCII-lowercased (compared `in~`).
+    dcs: HashSet<String>,
+    /// Groups whose records changed since their last evaluation.
+    dirty: BTreeSet<GroupKey>,
+    pending: Pending,
+}
+
+impl SprayRule {
+    pub fn new(config: RuleConfig, state: &[(Vec<u8>, Vec<u8>)]) -> Result<Self, String> {
+        let stored_config =
+            state.iter().find(|(k, _)| k.as_slice() == CONFIG_KEY).map(|(_, v)| String::from_utf8_lossy(v).to_string());
+        let mut pending = Pending::default();
+        let records: Records<Logon> = match &stored_config {
+            // Records kept under another timeframe expire at the wrong time: load none
+            // of them now, keep them again (or drop them) on the next pass.
+            Some(fp) if fp.split('/').next() != Some(config.timeframe.to_string().as_str()) => {
+                let old: Records<Logon> = Records::load(RECORD_PREFIX, state)?;
+                pending.rekeep = old.iter().map(|(id, l)| (id.to_vec(), l.clone())).collect();
+                Records::load(RECORD_PREFIX, &[])?
+            }
+            _ => Records::load(RECORD_PREFIX, state)?,
+        };
+        if stored_config.as_deref() != Some(config.fingerprint().as_str()) {
+            pending.write_config = true;
+            pending.all_dirty = stored_config.is_some();
+        }
+        let mut groups: HashMap<GroupKey, BTreeSet<Vec<u8>>> = HashMap::new();
+        for (id, l) in records.iter() {
+            groups.entry(l.group.clone()).or_default().insert(id.to_vec());
+        }
+        let mut dcs = HashSet::new();
+        for (k, _) in state {
+            if k.first() == Some(&DC_PREFIX) {
+                let name = String::from_utf8(k[1..].to_vec()).map_err(|_| "corrupt domain controller key in state")?;
+                dcs.insert(name);
+            }
+        }
+        Ok(SprayRule { config, records, groups, dcs, dirty: BTreeSet::new(), pending })
+    }
+
+    /// DeviceLogonEvents: `LogonType != "Unlock" and ActionType in~ ("LogonSuccess",
+    /// "LogonFailed")` and `RemoteIPType != "Loopback"` (the `not(isempty(RemoteIP) and
+    /// isempty(RemoteDeviceName))` is checked on the row).
+    pub fn logon_filter() -> Vec<Condition> {
+        vec![
+            Condition::In { column: "ActionType".into(), any_of: vec!["LogonSuccess".into(), "LogonFailed".into()] },
+            Condition::NotEq { column: "LogonType".into(), value: "Unlock".into() },
+            Condition::NotEq { column: "RemoteIPType".into(), value: "Loopback".into() },
+        ]
+    }
+
+    /// DeviceNetworkEvents: the `domaincontrollers` filters.
+    pub fn dc_filter() -> Vec<Condition> {
+        vec![
+            Condition::In { column: "InitiatingProcessFileName".into(), any_of: vec!["lsass.exe".into()] },
+            Condition::Eq { column: "ActionType".into(), value: "InboundConnectionAccepted".into() },
+            Condition::Num { column: "LocalPort".into(), op: Cmp::Eq, value: 88 },
+        ]
+    }
+
+    pub fn inputs(&self) -> Vec<InputSpec> {
+        vec![
+            InputSpec { table: LOGON_EVENTS.into(), only_where: Self::logon_filter(), on_backfill: true },
+            InputSpec { table: NETWORK_EVENTS.into(), only_where: Self::dc_filter(), on_backfill: true },
+            InputSpec { table: IDENTITY_LOGONS.into(), only_where: Vec::new(), on_backfill: true },
+        ]
+    }
+
+    pub fn evaluate(&mut self, batch: &EvalRequest, ctx: &mut Context<'_>) -> Result<(), String> {
+        let now = ctx.now();
+        self.apply_pending(ctx, now)?;
+
+        let (mut logons, mut network, mut identity) = (Vec::new(), Vec::new(), Vec::new());
+        for r in &batch.rows {
+            match r.table.as_str() {
+                LOGON_EVENTS => logons.push(r.key.clone()),
+                NETWORK_EVENTS => network.push(r.key.clone()),
+                IDENTITY_LOGONS => identity.push(r.key.clone()),
+                _ => {}
+            }
+        }
+        if !network.is_empty() {
+            let filter = Self::dc_filter();
+            for row in ctx.rows_where(network, &filter)? {
+                if !all_match(&filter, &row) {
+                    continue;
+                }
+                let name = row.str("DeviceName").to_ascii_lowercase();
+                if !self.dcs.contains(&name) {
+                    let mut key = vec![DC_PREFIX];
+                    key.extend_from_slice(name.as_bytes());
+                    ctx.state_put(key, Vec::new());
+                    self.dcs.insert(name);
+                }
+            }
+        }
+        if !logons.is_empty() {
+            let filter = Self::logon_filter();
+            for row in ctx.rows_where(logons, &filter)? {
+                if !all_match(&filter, &row)
+                    || (row.str("RemoteIP").is_empty() && row.str("RemoteDeviceName").is_empty())
+                {
+                    continue;
+                }
+                let logon = Logon {
+                    group: GroupKey {
+                        identity: false,
+                        ip: row.str("RemoteIP").to_string(),
+                        device_name: row.str("DeviceName").to_string(),
+                        device_id: row.str("DeviceId").to_string(),
+                    },
+                    outcome: Outcome::of(row.str("ActionType")),
+                    account: row.str("AccountName").to_string(),
+                    timestamp: parse_timestamp(row.str("Timestamp")),
+                    report_id: to_string(row.get("ReportId")),
+                    ingested: row.ingested_at,
+                };
+                self.keep(ctx, now, &row, logon)?;
+            }
+        }
+        if !identity.is_empty() {
+            for row in ctx.rows(identity)? {
+                let logon = Logon {
+                    group: GroupKey {
+                        identity: true,
+                        ip: row.str("IPAddress").to_string(),
+                        device_name: row.str("DeviceName").to_string(),
+                        device_id: String::new(),
+                    },
+                    outcome: Outcome::of(row.str("ActionType")),
+                    account: row.str("AccountUpn").to_string(),
+                    timestamp: parse_timestamp(row.str("Timestamp")),
+                    report_id: to_string(row.get("ReportId")),
+                    ingested: row.ingested_at,
+                };
+                self.keep(ctx, now, &row, logon)?;
+            }
+        }
+
+        if !batch.last {
+            return Ok(());
+        }
+        // The window at this pass: records ingested before `now - timeframe` leave.
+        for (id, logon) in self.records.expire(ctx, now) {
+            if let Some(ids) = self.groups.get_mut(&logon.group) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.groups.remove(&logon.group);
+                }
+            }
+            self.dirty.insert(logon.group);
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        for group in dirty {
+            self.evaluate_group(ctx, &group);
+        }
+        if let Some(at) = self.records.next_expiry() {
+            ctx.wake_at(at);
+        }
+        Ok(())
+    }
+
+    /// Keeps a record of a row (unless it is already outside the window) and marks its
+    /// group: also when the record was kept before (a pass retried after a crash hands
+    /// its rows again, and that pass's evaluation never committed).
+    fn keep(&mut self, ctx: &mut Context<'_>, now: i64, row: &Row, logon: Logon) -> Result<(), String> {
+        let expires = logon.ingested.saturating_add(self.config.timeframe);
+        if expires < now {
+            return Ok(());
+        }
+        let group = logon.group.clone();
+        if self.records.insert(ctx, row.key.clone(), expires, logon)? {
+            self.groups.entry(group.clone()).or_default().insert(row.key.clone());
+        }
+        self.dirty.insert(group);
+        Ok(())
+    }
+
+    /// After a change of parameters: records kept again under the new timeframe, the
+    /// fingerprint stored, every group re-evaluated on this pass.
+    fn apply_pending(&mut self, ctx: &mut Context<'_>, now: i64) -> Result<(), String> {
+        for (id, logon) in std::mem::take(&mut self.pending.rekeep) {
+            let expires = logon.ingested.saturating_add(self.config.timeframe);
+            if expires < now {
+                ctx.state_delete([RECORD_PREFIX, &id].concat());
+                continue;
+            }
+            let group = logon.group.clone();
+            if self.records.insert(ctx, id.clone(), expires, logon)? {
+                self.groups.entry(group).or_default().insert(id);
+            }
+        }
+        if std::mem::take(&mut self.pending.all_dirty) {
+            self.dirty.extend(self.groups.keys().cloned());
+        }
+        if std::mem::take(&mut self.pending.write_config) {
+            ctx.state_put(CONFIG_KEY.to_vec(), self.config.fingerprint().into_bytes());
+        }
+        Ok(())
+    }
+
+    fn evaluate_group(&self, ctx: &mut Context<'_>, group: &GroupKey) {
+        let Some(ids) = self.groups.get(group) else { return };
+        let summary = Summary::of(ids.iter().filter_map(|id| self.records.get(id)));
+        if !summary.qualifies(&self.config) {
+            return;
+        }
+        // `IsDC = DeviceName in~ (domaincontrollers)`, `where IsDC == false`.
+        if self.dcs.contains(&group.device_name.to_ascii_lowercase()) {
+            return;
+        }
+        let first_failed = summary.first_failed.map(format_timestamp).unwrap_or_default();
+        let id = identity_key(&[&group.ip, &group.device_name, &group.device_id, &first_failed]);
+        ctx.emit(FindingOut {
+            inputs: vec![id],
+            device_id: group.device_id.clone(),
+            device_name: group.device_name.clone(),
+            row: result_row(group, &summary),
+        });
+    }
+}
+
+/// The result row: `Timestamp` (= LastFailed) first, then the summarize's columns in
+/// order, then `IsDC`. Identity-branch rows also carry the branch's `make_set_if`
+/// columns (sorted), after the fixed ones.
+pub fn result_row(group: &GroupKey, s: &Summary) -> Vec<(String, Cell)> {
+    let mut row = vec![
+        ("Timestamp".to_string(), time_cell(s.last_failed)),
+        ("IPAddress".to_string(), Cell::Str(group.ip.clone())),
+        ("DeviceName".to_string(), Cell::Str(group.device_name.clone())),
+        ("DeviceId".to_string(), Cell::Str(group.device_id.clone())),
+        ("SuccessLogonCount".to_string(), Cell::Int(s.success)),
+        ("FailedLogonCount".to_string(), Cell::Int(s.failed)),
+        ("UniqueAccountFailedLogons".to_string(), Cell::Int(s.unique_failed())),
+        ("FirstFailed".to_string(), time_cell(s.first_failed)),
+        ("LastFailed".to_string(), time_cell(s.last_failed)),
+        ("LastTimestamp".to_string(), time_cell(s.last.as_ref().map(|(t, _)| *t))),
+        ("ReportId".to_string(), s.last.as_ref().map_or(Cell::Null, |(_, r)| Cell::Str(r.clone()))),
+        ("IsDC".to_string(), Cell::Bool(false)),
+    ];
+    if group.identity {
+        let set = |v: &BTreeSet<String>| {
+            let list: Vec<serde_json::Value> = v.iter().map(|a| serde_json::Value::String(a.clone())).collect();
+            Cell::Json(serde_json::Value::Array(list).to_string())
+        };
+        row.push(("FailedAccounts".to_string(), set(&s.failed_accounts)));
+        row.push(("SuccessAccounts".to_string(), set(&s.success_accounts)));
+    }
+    row
+}
+
+/// The groups' summaries over a set of records, for tests.
+pub fn summarize<'a>(logons: impl IntoIterator<Item = &'a Logon>) -> BTreeMap<GroupKey, Summary> {
+    let mut by: BTreeMap<GroupKey, Vec<&Logon>> = BTreeMap::new();
+    for l in logons {
+        by.entry(l.group.clone()).or_default().push(l);
+    }
+    by.into_iter().map(|(g, ls)| (g, Summary::of(ls))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(u: i64, f: i64, r: i64) -> RuleConfig {
+        RuleConfig { timeframe: 1, unique_failed_accounts: u, failed_per_account: f, success_ratio: r }
+    }
+
+    fn logon(outcome: Outcome, account: &str, t: Option<i64>, report: &str) -> Logon {
+        Logon {
+            group: GroupKey { identity: false, ip: "10.0.0.9".into(), device_name: "h".into(), device_id: "d".into() },
+            outcome,
+            account: account.into(),
+            timestamp: t,
+            report_id: report.into(),
+            ingested: 0,
+        }
+    }
+
+    #[test]
+    fn counts_are_exact_and_case_sensitive() {
+        let ls = [
+            logon(Outcome::Failed, "Admin", Some(5), "1"),
+            logon(Outcome::Failed, "admin", Some(3), "2"),
+            logon(Outcome::Failed, "admin", Some(9), "3"),
+            logon(Outcome::Success, "bob", Some(1), "4"),
+        ];
+        let s = Summary::of(&ls);
+        assert_eq!((s.success, s.failed, s.unique_failed()), (1, 3, 2));
+        assert_eq!((s.first_failed, s.last_failed), (Some(3), Some(9)));
+        assert_eq!(s.last, Some((9, "3".into())));
+    }
+
+    #[test]
+    fn thresholds_are_strict() {
+        // 21 accounts, 21 failures, no success: qualifies at the defaults.
+        let mut ls: Vec<Logon> = (0..21).map(|i| logon(Outcome::Failed, &format!("u{i}"), Some(i), "1")).collect();
+        let c = cfg(20, 3, 2);
+        assert!(Summary::of(&ls).qualifies(&c));
+        // 20 accounts is not more than 20.
+        assert!(!Summary::of(&ls[..20]).qualifies(&c));
+        // Success*2 < Failed: 10 successes (20 < 21) pass, 11 (22) do not.
+        for _ in 0..10 {
+            ls.push(logon(Outcome::Success, "s", Some(0), "1"));
+        }
+        assert!(Summary::of(&ls).qualifies(&c));
+        ls.push(logon(Outcome::Success, "s", Some(0), "1"));
+        assert!(!Summary::of(&ls).qualifies(&c));
+        // Unique*3 > Failed: 2 accounts with 6 failures is exactly 3 each: no.
+        let ls: Vec<Logon> = (0..6).map(|i| logon(Outcome::Failed, &format!("u{}", i % 2), Some(i), "1")).collect();
+        assert!(!Summary::of(&ls).qualifies(&cfg(1, 3, 2)));
+        assert!(Summary::of(&ls[..5]).qualifies(&cfg(1, 3, 2)));
+        // Huge parameters do not overflow.
+        assert!(Summary::of(&ls[..5]).qualifies(&cfg(i64::MIN, i64::MAX, i64::MAX)));
+        assert!(!Summary::of(&ls[..5]).qualifies(&cfg(i64::MIN, i64::MIN, i64::MIN)));
+    }
+
+    #[test]
+    fn arg_max_ties_prefer_the_larger_integer_report_id() {
+        let ls = [
+            logon(Outcome::Failed, "a", Some(7), "99"),
+            logon(Outcome::Failed, "b", Some(7), "100"),
+            logon(Outcome::Other, "c", Some(7), "zz"),
+            logon(Outcome::Success, "c", None, "5000"),
+        ];
+        assert_eq!(Summary::of(&ls).last, Some((7, "100".into())));
+        let rev: Vec<Logon> = ls.iter().rev().cloned().collect();
+        assert_eq!(Summary::of(&rev).last, Some((7, "100".into())));
+        assert!(report_rank("1") > report_rank("zz"));
+    }
+
+    #[test]
+    fn identity_rows_carry_the_account_sets() {
+        let mut l = logon(Outcome::Failed, "a@x", Some(1), "r1");
+        l.group.identity = true;
+        let s = Summary::of([&l]);
+        let row = result_row(&l.group, &s);
+        assert_eq!(row[0].0, "Timestamp");
+        assert_eq!(row.last().map(|(n, _)| n.as_str()), Some("SuccessAccounts"));
+        assert!(row.iter().any(|(n, c)| n == "FailedAccounts" && *c == Cell::Json("[\"a@x\"]".into())));
+    }
+}

@@ -1,0 +1,1088 @@
+//! The `scm-remote-process` detector (FalconFriday 0xFF-0083, Remote Process Invocation
+//! Via SCM) against docs/rules/SEMANTICS.md:
+//!
+//! - a property test: for random small fleets full of near misses, any split into ticks,
+//!   any arrival order, restarts and small chunks, the findings after every pass are
+//!   exactly the union over the passes so far of `naive_scm_remote::evaluate` (a nested-
+//!   loop evaluator written from the KQL) at each pass's time, each identity once;
+//! - sharp edges by hand (a pair leaving the window lets the rest of its SHA1 fire with
+//!   no new row; a certificate arriving later);
+//! - golden tests: the kqlbench exports (no DeviceProcessEvents, so nothing) and a small
+//!   hand-written fixture whose result is worked out below;
+//! - the fleet generator's expected findings for this detector.
+//!
+//! `PROPTEST_CASES=500 cargo test -p lookout-cli --test rule_scm_remote_process` soaks it.
+
+mod naive_scm_remote;
+
+use lookout_core::detect::{run_pass, DetectOptions};
+use lookout_core::findings::{all_findings, flush_outbox};
+use lookout_core::gen::{self, FleetSpec};
+use lookout_core::ingest::{ingest_paths, IngestOptions};
+use lookout_core::plugin::{load_dir, Loaded};
+use lookout_core::Store;
+use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp, TICKS_PER_SEC};
+use lookout_tests::{kqlbench_dir, plugins_dir, read_jsonl, SCM_REMOTE};
+use naive_scm_remote::{value_text, Identity, Params, StoredRow, CERTIFICATES, NETWORK, PROCESS};
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+const DETECTOR: &str = "scm-remote-process";
+const SECOND: i64 = TICKS_PER_SEC;
+const MINUTE: i64 = 60 * SECOND;
+const HOUR: i64 = 60 * MINUTE;
+/// The rule's timeframe (the default, 2h).
+const TIMEFRAME: i64 = 2 * HOUR;
+/// A pass evaluates this long after its tick's rows were ingested.
+const EVAL_DELAY: i64 = 30 * SECOND;
+
+/// The first tick's ingestion time.
+fn t0() -> i64 {
+    parse_timestamp("2025-05-07T12:00:00Z").unwrap()
+}
+
+/// The event times of the property test's rows are around this (a whole second).
+fn t_event() -> i64 {
+    parse_timestamp("2025-05-07T11:50:00Z").unwrap()
+}
+
+fn default_params(threshold: i64) -> Params {
+    Params {
+        timeframe: TIMEFRAME,
+        prevalence_threshold: threshold,
+        lolbins: lookout_scm_remote_process::LOLBINS.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The harness: ticks of rows through the engine, and through the naive evaluator.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Tick {
+    /// Ingestion time of its rows; the pass evaluates at `now + EVAL_DELAY`.
+    now: i64,
+    restart: Restart,
+    chunk_rows: Option<usize>,
+    rows: Vec<(&'static str, Map<String, Value>)>,
+}
+
+impl Tick {
+    fn new(now: i64, restart: Restart, rows: Vec<(&'static str, Map<String, Value>)>) -> Tick {
+        Tick { now, restart, chunk_rows: None, rows }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restart {
+    No,
+    /// Before the tick's rows are ingested.
+    Before,
+    /// After its rows are ingested, before its pass.
+    BeforePass,
+}
+
+struct Engine {
+    store: Store,
+    loaded: Loaded,
+}
+
+fn is_lock_error(msg: &str) -> bool {
+    msg.contains("could not acquire lock") || msg.contains("in use by another Lookout process")
+}
+
+fn open_engine(plugins: &Path, data: &Path) -> Result<Engine, String> {
+    // sled releases its lock from background threads shortly after the last handle drops.
+    let mut attempts = 0;
+    let store = loop {
+        match Store::open(data) {
+            Ok(s) => break s,
+            Err(e) if attempts < 100 && is_lock_error(&format!("{e:#}")) => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(format!("Store::open: {e:#}")),
+        }
+    };
+    let loaded = load_dir(plugins, data).map_err(|e| format!("load_dir: {e:#}"))?;
+    if !loaded.refused.is_empty() || loaded.plugins.len() != 1 {
+        return Err(format!("expected the scm-remote-process plugin alone; loaded {}", loaded.plugins.len()));
+    }
+    Ok(Engine { store, loaded })
+}
+
+/// A finding's identity: the text of its row's DeviceId, ReportId, TimestampChild, SHA1.
+fn identity_of(f: &Value) -> Result<Identity, String> {
+    let row = f.get("row").and_then(Value::as_object).ok_or_else(|| format!("finding without a row: {f}"))?;
+    let get = |c: &str| row.get(c).map(|v| value_text(Some(v))).ok_or_else(|| format!("finding row lacks {c}: {f}"));
+    Ok((get("DeviceId")?, get("ReportId")?, get("TimestampChild")?, get("SHA1")?))
+}
+
+fn show_row(table: &str, r: &Map<String, Value>) -> String {
+    let g = |c: &str| r.get(c).map_or("-".to_string(), |v| v.to_string());
+    match table {
+        NETWORK => format!(
+            "net   #{} dev={} ts={} proc={} pid={} action={}",
+            g("ReportId"),
+            g("DeviceId"),
+            g("Timestamp"),
+            g("InitiatingProcessFileName"),
+            g("InitiatingProcessId"),
+            g("ActionType")
+        ),
+        PROCESS => format!(
+            "child #{} dev={} ts={} proc={} pid={} action={} started={} sha1={} file={} cmd={}",
+            g("ReportId"),
+            g("DeviceId"),
+            g("Timestamp"),
+            g("InitiatingProcessFileName"),
+            g("InitiatingProcessId"),
+            g("ActionType"),
+            g("InitiatingProcessCreationTime"),
+            g("SHA1"),
+            g("FileName"),
+            g("ProcessCommandLine")
+        ),
+        _ => format!("cert  #{} sha1={}", g("ReportId"), g("SHA1")),
+    }
+}
+
+fn show_ticks(ticks: &[Tick], threshold: i64) -> String {
+    let mut s = format!("  prevalence_threshold {threshold}\n");
+    for (k, t) in ticks.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "  tick {k}: ingest at {} (T0{:+.4}h), evaluate 30 s later{}{}",
+            format_timestamp(t.now),
+            (t.now - t0()) as f64 / HOUR as f64,
+            match t.restart {
+                Restart::No => "",
+                Restart::Before => ", restart before ingesting",
+                Restart::BeforePass => ", restart between ingest and pass",
+            },
+            t.chunk_rows.map(|n| format!(", {n} rows per evaluate call")).unwrap_or_default()
+        );
+        for (table, r) in &t.rows {
+            let _ = writeln!(s, "    {}", show_row(table, r));
+        }
+    }
+    s
+}
+
+fn diff(what: &str, expected: &BTreeSet<Identity>, actual: &BTreeSet<Identity>) -> Option<String> {
+    if expected == actual {
+        return None;
+    }
+    let mut s = format!("{what}: expected {} findings, got {}\n", expected.len(), actual.len());
+    for p in expected.difference(actual) {
+        let _ = writeln!(s, "  missing: {p:?}");
+    }
+    for p in actual.difference(expected) {
+        let _ = writeln!(s, "  extra:   {p:?}");
+    }
+    Some(s)
+}
+
+/// Runs `ticks` through the engine and checks after every pass that the findings equal
+/// the union of the naive results so far, each once. Returns that union.
+fn check_ticks(ticks: &[Tick], threshold: i64) -> Result<BTreeSet<Identity>, String> {
+    check_ticks_inner(ticks, threshold).map_err(|e| format!("{e}\nscenario:\n{}", show_ticks(ticks, threshold)))
+}
+
+fn check_ticks_inner(ticks: &[Tick], threshold: i64) -> Result<BTreeSet<Identity>, String> {
+    let root = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let plugins = plugins_dir(root.path(), &[SCM_REMOTE]);
+    let data = root.path().join("data");
+    let findings_path = root.path().join("findings.jsonl");
+    let params = default_params(threshold);
+    let set = vec![(DETECTOR.to_string(), "prevalence_threshold".to_string(), threshold.to_string())];
+
+    let mut engine = Some(open_engine(&plugins, &data)?);
+    let mut stored: Vec<StoredRow> = Vec::new();
+    let mut expected: BTreeSet<Identity> = BTreeSet::new();
+    let restart = |engine: &mut Option<Engine>| -> Result<(), String> {
+        drop(engine.take());
+        *engine = Some(open_engine(&plugins, &data)?);
+        Ok(())
+    };
+
+    for (k, tick) in ticks.iter().enumerate() {
+        if tick.restart == Restart::Before {
+            restart(&mut engine)?;
+        }
+        let Engine { store, .. } = engine.as_mut().expect("engine is open");
+        let dir = root.path().join("in").join(format!("tick-{k}"));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let mut paths: Vec<PathBuf> = Vec::new();
+        for table in [NETWORK, PROCESS, CERTIFICATES] {
+            let lines: Vec<String> = tick
+                .rows
+                .iter()
+                .filter(|(t, _)| *t == table)
+                .map(|(_, r)| Value::Object(r.clone()).to_string())
+                .collect();
+            if lines.is_empty() {
+                continue;
+            }
+            let path = dir.join(format!("{table}-{k}.jsonl"));
+            std::fs::write(&path, lines.join("\n") + "\n").map_err(|e| e.to_string())?;
+            paths.push(path);
+        }
+        if !paths.is_empty() {
+            let opts = IngestOptions { now: Some(tick.now), ..Default::default() };
+            let report =
+                ingest_paths(store, &paths, &opts, &mut |_, _| {}).map_err(|e| format!("tick {k}: ingest: {e:#}"))?;
+            let new_rows: u64 = report.new_rows.values().sum();
+            if report.total_rejected() != 0 || new_rows != tick.rows.len() as u64 {
+                return Err(format!("tick {k}: ingest stored {new_rows} of {} rows: {report:?}", tick.rows.len()));
+            }
+        }
+        stored.extend(tick.rows.iter().map(|(table, row)| StoredRow {
+            table: table.to_string(),
+            ingested_at: tick.now,
+            row: row.clone(),
+        }));
+
+        if tick.restart == Restart::BeforePass {
+            restart(&mut engine)?;
+        }
+        let Engine { store, loaded } = engine.as_mut().expect("engine is open");
+        let t_eval = tick.now + EVAL_DELAY;
+        let mut opts = DetectOptions { now: Some(t_eval), params: set.clone(), ..Default::default() };
+        if let Some(n) = tick.chunk_rows {
+            opts.chunk_rows = n;
+        }
+        let reports = run_pass(store, &mut loaded.plugins, &opts).map_err(|e| format!("tick {k}: run_pass: {e:#}"))?;
+        for r in &reports {
+            if let Some(e) = &r.error {
+                return Err(format!("tick {k}: detector {} failed: {e}", r.detector));
+            }
+        }
+        flush_outbox(store, &findings_path).map_err(|e| format!("tick {k}: flush_outbox: {e:#}"))?;
+
+        expected.extend(naive_scm_remote::evaluate(&stored, t_eval, &params));
+
+        let lines = read_jsonl(&findings_path);
+        let mut file: BTreeMap<Identity, usize> = BTreeMap::new();
+        for l in &lines {
+            *file.entry(identity_of(l)?).or_insert(0) += 1;
+        }
+        let twice: Vec<String> = file.iter().filter(|(_, n)| **n > 1).map(|(p, n)| format!("  {n}×: {p:?}")).collect();
+        if !twice.is_empty() {
+            return Err(format!("after tick {k}: identities written more than once:\n{}", twice.join("\n")));
+        }
+        let file_set: BTreeSet<Identity> = file.into_keys().collect();
+        if let Some(d) = diff(&format!("after tick {k}: findings.jsonl vs naive union"), &expected, &file_set) {
+            return Err(d);
+        }
+        let tree = all_findings(store).map_err(|e| format!("tick {k}: all_findings: {e:#}"))?;
+        let tree_set: BTreeSet<Identity> = tree.iter().map(identity_of).collect::<Result<_, _>>()?;
+        if tree.len() != tree_set.len() {
+            return Err(format!("after tick {k}: results tree has {} findings for {} ids", tree.len(), tree_set.len()));
+        }
+        if let Some(d) = diff(&format!("after tick {k}: results tree vs naive union"), &expected, &tree_set) {
+            return Err(d);
+        }
+    }
+    Ok(expected)
+}
+
+// ---------------------------------------------------------------------------------------
+// Rows.
+// ---------------------------------------------------------------------------------------
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(o) => o,
+        _ => unreachable!("rows are objects"),
+    }
+}
+
+fn host_of(device: &str) -> String {
+    format!("{}.corp.example.com", device.to_ascii_lowercase())
+}
+
+/// An inbound connection (or another network event) of a process.
+fn net_row(report: i64, ts: i64, device: &str, pid: Option<i64>, process: &str, action: &str) -> Map<String, Value> {
+    obj(json!({
+        "Timestamp": format_timestamp(ts),
+        "DeviceId": device,
+        "DeviceName": host_of(device),
+        "ActionType": action,
+        "RemoteIP": "10.20.30.40",
+        "RemotePort": 50123,
+        "RemoteUrl": "",
+        "LocalIP": "10.20.0.5",
+        "LocalPort": 135,
+        "Protocol": "Tcp",
+        "LocalIPType": "Private",
+        "RemoteIPType": "Private",
+        "InitiatingProcessFileName": process,
+        "InitiatingProcessId": pid,
+        "InitiatingProcessCommandLine": "services.exe",
+        "InitiatingProcessSHA1": "d7a213f3cfee2a8a191769eb33847953be51de54",
+        "ReportId": report,
+    }))
+}
+
+/// A process created by a process (`process` with `pid`, started at `started`).
+#[allow(clippy::too_many_arguments)]
+fn child_row(
+    report: i64,
+    ts: i64,
+    device: &str,
+    pid: Option<i64>,
+    process: &str,
+    action: &str,
+    started: Option<i64>,
+    sha1: &str,
+    file: &str,
+    cmd: &str,
+) -> Map<String, Value> {
+    obj(json!({
+        "Timestamp": format_timestamp(ts),
+        "DeviceId": device,
+        "DeviceName": host_of(device),
+        "ActionType": action,
+        "FileName": file,
+        "FolderPath": format!("C:\\Windows\\{file}"),
+        "SHA1": sha1,
+        "ProcessId": 4000 + report,
+        "ProcessCommandLine": cmd,
+        "AccountName": "system",
+        "InitiatingProcessFileName": process,
+        "InitiatingProcessId": pid,
+        "InitiatingProcessCommandLine": "C:\\Windows\\system32\\services.exe",
+        "InitiatingProcessSHA1": "d7a213f3cfee2a8a191769eb33847953be51de54",
+        "InitiatingProcessCreationTime": started.map(format_timestamp),
+        "ReportId": report,
+    }))
+}
+
+fn cert_row(report: i64, ts: i64, device: &str, sha1: &str) -> Map<String, Value> {
+    obj(json!({
+        "Timestamp": format_timestamp(ts),
+        "DeviceId": device,
+        "DeviceName": host_of(device),
+        "SHA1": sha1,
+        "IsSigned": true,
+        "SignatureType": "Embedded",
+        "Signer": "Contoso Ltd",
+        "Issuer": "Contoso Code Signing CA",
+        "IsTrusted": true,
+        "ReportId": report,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
+// The property.
+// ---------------------------------------------------------------------------------------
+
+/// Device ids; the third differs from the first only in case (`in~` passes it, the join
+/// does not).
+const DEVICES: [&str; 3] = ["d-alpha", "d-beta", "D-ALPHA"];
+const PIDS: [Option<i64>; 3] = [Some(700), Some(701), None];
+/// Both pass the `=~`/`in~` filters, but do not join each other.
+const PROCESSES: [&str; 3] = ["services.exe", "Services.exe", "svchost.exe"];
+const NET_ACTIONS: [&str; 3] = ["InboundConnectionAccepted", "inboundconnectionaccepted", "ConnectionSuccess"];
+const CHILD_ACTIONS: [&str; 3] = ["ProcessCreated", "PROCESSCREATED", "OpenProcess"];
+/// Sub-second parts of event times: the `datetime_diff` near misses.
+const FRACTIONS: [i64; 3] = [0, SECOND / 10, 9 * SECOND / 10];
+/// services.exe start relative to `t_event()`: with connections at `t_event() + 0..8 s`,
+/// these give `datetime_diff(connection, start)` of exactly 60 and 61 (-55 s, -59.5 s),
+/// always ≤ 60 (-52 s), always > 60 (-1 h), and null.
+const STARTS: [Option<i64>; 5] =
+    [Some(-55 * SECOND), Some(-59 * SECOND - SECOND / 2), Some(-52 * SECOND), Some(-HOUR), None];
+/// Child SHA1s: the third is the first in upper case (another group; `in` is exact), the
+/// last is empty.
+const SHA1S: [&str; 4] = [
+    "4a5c4a3a0a9e1f4f5e8b3c4d2e1f0a9b8c7d6e5f",
+    "b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1",
+    "4A5C4A3A0A9E1F4F5E8B3C4D2E1F0A9B8C7D6E5F",
+    "",
+];
+/// Child file names: `Cmd.exe` and `Msiexec.exe` are LOLBINs in any case.
+const FILES: [&str; 5] = ["evil.exe", "cmd.exe", "CMD.EXE", "psexesvc.exe", "Msiexec.exe"];
+/// Command lines: the second and third are `=~ "msiexec.exe /V"`, the fourth is not.
+const COMMANDS: [&str; 5] = ["evil.exe -c", "msiexec.exe /V", "MSIEXEC.EXE /v", "msiexec.exe /V /q", ""];
+const THRESHOLDS: [i64; 4] = [1, 2, 3, 100];
+
+#[derive(Debug, Clone)]
+enum Spec {
+    Net {
+        dev: usize,
+        pid: usize,
+        process: usize,
+        action: usize,
+        sec: i64,
+        frac: usize,
+    },
+    Child {
+        dev: usize,
+        pid: usize,
+        process: usize,
+        action: usize,
+        sec: i64,
+        frac: usize,
+        start: usize,
+        sha: usize,
+        file: usize,
+        cmd: usize,
+    },
+    Cert {
+        sha: usize,
+        dev: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// A few minutes.
+    Small { minutes: i64 },
+    /// The previous tick's rows sit exactly on the window's edge at this tick's pass.
+    Boundary,
+    /// The previous tick's rows are 100 ns past the window's edge at this tick's pass.
+    JustPast,
+    /// More than the timeframe.
+    Big { minutes: i64 },
+    /// The rows of an earlier tick (one whose rows are still in) are 100 ns past the
+    /// window's edge: some pairs leave, later ones stay.
+    PastEarlier { pick: u8 },
+}
+
+#[derive(Debug, Clone)]
+struct Scenario {
+    threshold: usize,
+    rows: Vec<Spec>,
+    cuts: Vec<u8>,
+    /// Ticks with no rows after the last one (passes the clock alone can change).
+    trailing: usize,
+    steps: Vec<Step>,
+    restarts: Vec<Restart>,
+    chunks: Vec<Option<usize>>,
+}
+
+fn weighted3(a: u32, b: u32, c: u32) -> impl Strategy<Value = usize> {
+    prop_oneof![a => Just(0usize), b => Just(1usize), c => Just(2usize)]
+}
+
+fn spec_net() -> impl Strategy<Value = Spec> {
+    (weighted3(8, 1, 1), weighted3(8, 1, 1), weighted3(8, 2, 1), weighted3(8, 1, 1), 0..8i64, 0..3usize)
+        .prop_map(|(dev, pid, process, action, sec, frac)| Spec::Net { dev, pid, process, action, sec, frac })
+}
+
+fn spec_child() -> impl Strategy<Value = Spec> {
+    (
+        (weighted3(8, 1, 1), weighted3(8, 1, 1), weighted3(8, 2, 1), weighted3(8, 1, 1)),
+        (
+            0..14i64,
+            0..3usize,
+            prop_oneof![2 => Just(0usize), 3 => Just(1usize), 1 => Just(2usize), 5 => Just(3usize), 1 => Just(4usize)],
+        ),
+        (
+            prop_oneof![5 => Just(0usize), 2 => Just(1usize), 1 => Just(2usize), 1 => Just(3usize)],
+            prop_oneof![4 => Just(0usize), 1 => Just(1usize), 1 => Just(2usize), 2 => Just(3usize), 1 => Just(4usize)],
+            prop_oneof![6 => Just(0usize), 2 => Just(1usize), 1 => Just(2usize), 1 => Just(3usize), 1 => Just(4usize)],
+        ),
+    )
+        .prop_map(|((dev, pid, process, action), (sec, frac, start), (sha, file, cmd))| Spec::Child {
+            dev,
+            pid,
+            process,
+            action,
+            sec,
+            frac,
+            start,
+            sha,
+            file,
+            cmd,
+        })
+}
+
+fn spec_cert() -> impl Strategy<Value = Spec> {
+    let sha = prop_oneof![1 => Just(0usize), 2 => Just(1usize), 2 => Just(2usize), 2 => Just(3usize)];
+    (sha, 0..2usize).prop_map(|(sha, dev)| Spec::Cert { sha, dev })
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    let rows = (
+        prop::collection::vec(spec_net(), 2..=10),
+        prop::collection::vec(spec_child(), 4..=18),
+        prop::collection::vec(spec_cert(), 0..=3),
+    )
+        .prop_flat_map(|(nets, children, certs)| {
+            let mut all = nets;
+            all.extend(children);
+            all.extend(certs);
+            Just(all).prop_shuffle()
+        });
+    let step = prop_oneof![
+        5 => (1..=40i64).prop_map(|minutes| Step::Small { minutes }),
+        2 => Just(Step::Boundary),
+        2 => Just(Step::JustPast),
+        1 => (1..=60i64).prop_map(|minutes| Step::Big { minutes }),
+        4 => any::<u8>().prop_map(|pick| Step::PastEarlier { pick }),
+    ];
+    let restart = prop_oneof![5 => Just(Restart::No), 4 => Just(Restart::Before), 1 => Just(Restart::BeforePass)];
+    let chunk = prop_oneof![3 => Just(None), 2 => (1..=5usize).prop_map(Some)];
+    (
+        prop_oneof![1 => Just(0usize), 4 => Just(1usize), 2 => Just(2usize), 1 => Just(3usize)],
+        rows,
+        prop::collection::vec(any::<u8>(), 1..=4),
+        1..=3usize,
+        prop::collection::vec(step, 9),
+        prop::collection::vec(restart, 9),
+        prop::collection::vec(chunk, 9),
+    )
+        .prop_map(|(threshold, rows, cuts, trailing, steps, restarts, chunks)| Scenario {
+            threshold,
+            rows,
+            cuts,
+            trailing,
+            steps,
+            restarts,
+            chunks,
+        })
+}
+
+impl Scenario {
+    fn threshold(&self) -> i64 {
+        THRESHOLDS[self.threshold]
+    }
+
+    fn ticks(&self) -> Vec<Tick> {
+        let at = |sec: i64, frac: usize| t_event() + sec * SECOND + FRACTIONS[frac];
+        let rows: Vec<(&'static str, Map<String, Value>)> = self
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let report = 1000 + i as i64;
+                match *spec {
+                    Spec::Net { dev, pid, process, action, sec, frac } => (
+                        NETWORK,
+                        net_row(
+                            report,
+                            at(sec, frac),
+                            DEVICES[dev],
+                            PIDS[pid],
+                            PROCESSES[process],
+                            NET_ACTIONS[action],
+                        ),
+                    ),
+                    Spec::Child { dev, pid, process, action, sec, frac, start, sha, file, cmd } => (
+                        PROCESS,
+                        child_row(
+                            report,
+                            at(sec, frac),
+                            DEVICES[dev],
+                            PIDS[pid],
+                            PROCESSES[process],
+                            CHILD_ACTIONS[action],
+                            STARTS[start].map(|s| t_event() + s),
+                            SHA1S[sha],
+                            FILES[file],
+                            COMMANDS[cmd],
+                        ),
+                    ),
+                    Spec::Cert { sha, dev } => {
+                        (CERTIFICATES, cert_row(report, t_event() - HOUR, DEVICES[dev], SHA1S[sha]))
+                    }
+                }
+            })
+            .collect();
+        let mut cuts: Vec<usize> = self.cuts.iter().map(|&c| usize::from(c) * rows.len() / 256).collect();
+        cuts.sort_unstable();
+        cuts.push(rows.len());
+        cuts.extend(std::iter::repeat_n(rows.len(), self.trailing));
+        let mut ticks = Vec::new();
+        let mut start = 0;
+        let mut now = t0();
+        let mut earlier: Vec<i64> = Vec::new();
+        for (k, &end) in cuts.iter().enumerate() {
+            if k > 0 {
+                now += match self.steps[k] {
+                    Step::Small { minutes } => minutes * MINUTE,
+                    Step::Boundary => TIMEFRAME - EVAL_DELAY,
+                    Step::JustPast => TIMEFRAME - EVAL_DELAY + 1,
+                    Step::Big { minutes } => TIMEFRAME + minutes * MINUTE,
+                    Step::PastEarlier { pick } => {
+                        let edges: Vec<i64> =
+                            earlier.iter().map(|t| t + TIMEFRAME - EVAL_DELAY + 1).filter(|e| *e > now).collect();
+                        match edges.get(usize::from(pick) % edges.len().max(1)) {
+                            Some(e) => e - now,
+                            None => MINUTE,
+                        }
+                    }
+                };
+            }
+            earlier.push(now);
+            ticks.push(Tick {
+                now,
+                restart: if k > 0 { self.restarts[k] } else { Restart::No },
+                chunk_rows: self.chunks[k],
+                rows: rows[start..end].to_vec(),
+            });
+            start = end;
+        }
+        ticks
+    }
+}
+
+/// `PROPTEST_CASES`, or `default` (each case takes about 1.5 s in a debug build; the two
+/// properties run side by side, well under a minute together).
+fn cases(default: u32) -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(default);
+    // No proptest-regressions files in the workspace.
+    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+}
+
+proptest! {
+    #![proptest_config(cases(14))]
+
+    /// For any fleet, any split into ticks, any arrival order, restarts and chunking, the
+    /// findings are exactly R(t1) ∪ R(t2) ∪ … of the batch rule, each identity once.
+    #[test]
+    fn incremental_equals_union_of_batch_results(s in scenario()) {
+        check_ticks(&s.ticks(), s.threshold()).map_err(TestCaseError::fail)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(10))]
+
+    /// The same property where the clock alone matters: pairs on one services.exe spread
+    /// over a few ticks minutes apart, counts around a small threshold, then passes with
+    /// no new rows exactly on and just past each tick's window edge. A wake-up asked for
+    /// too late (or not at all) misses the pairs whose SHA1 count falls under the
+    /// threshold as earlier pairs leave.
+    #[test]
+    fn passes_with_no_new_rows_follow_the_clock(s in clock_scenario()) {
+        check_ticks(&s.ticks(), s.threshold).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// One (connection, child) pair of [`ClockScenario`]: the tick of each row, the child's
+/// SHA1 (of two), whether it is a LOLBIN, whether its command line is `msiexec.exe /V`,
+/// the connection's second and the child's delay in seconds.
+type ClockPair = (usize, usize, usize, bool, bool, i64, i64);
+
+#[derive(Debug, Clone)]
+struct ClockScenario {
+    threshold: i64,
+    pairs: Vec<ClockPair>,
+    /// Minutes between the (up to four) ticks with rows.
+    gaps: Vec<i64>,
+    /// Passes with no rows: (which earlier tick's window edge, exactly on it or 100 ns past).
+    edges: Vec<(u8, bool)>,
+    restarts: Vec<Restart>,
+    chunks: Vec<Option<usize>>,
+}
+
+fn clock_scenario() -> impl Strategy<Value = ClockScenario> {
+    let pair =
+        (0..4usize, 0..4usize, 0..2usize, prop::bool::weighted(0.15), prop::bool::weighted(0.15), 0..4i64, 0..=10i64)
+            .prop_map(|(tn, tc, sha, lolbin, msiexec, sec, delay)| (tn, tc, sha, lolbin, msiexec, sec, delay));
+    let restart = prop_oneof![5 => Just(Restart::No), 3 => Just(Restart::Before), 2 => Just(Restart::BeforePass)];
+    let chunk = prop_oneof![3 => Just(None), 2 => (1..=3usize).prop_map(Some)];
+    (
+        2..=4i64,
+        prop::collection::vec(pair, 2..=9),
+        prop::collection::vec(1..=50i64, 3),
+        prop::collection::vec((any::<u8>(), prop::bool::weighted(0.3)), 1..=4),
+        prop::collection::vec(restart, 8),
+        prop::collection::vec(chunk, 8),
+    )
+        .prop_map(|(threshold, pairs, gaps, edges, restarts, chunks)| ClockScenario {
+            threshold,
+            pairs,
+            gaps,
+            edges,
+            restarts,
+            chunks,
+        })
+}
+
+impl ClockScenario {
+    fn ticks(&self) -> Vec<Tick> {
+        let started = Some(t_event() - HOUR);
+        let mut by_tick: Vec<Vec<(&'static str, Map<String, Value>)>> = vec![Vec::new(); 4];
+        for (i, &(tn, tc, sha, lolbin, msiexec, sec, delay)) in self.pairs.iter().enumerate() {
+            let report = 1000 + 2 * i as i64;
+            let net_at = t_event() + sec * SECOND + FRACTIONS[i % 3];
+            let child_at = t_event() + (sec + delay) * SECOND + FRACTIONS[(i / 3) % 3];
+            let (file, cmd) = match (lolbin, msiexec) {
+                (true, true) => ("msiexec.exe", "msiexec.exe /V"),
+                (true, false) => ("cmd.exe", "cmd.exe /c x"),
+                (false, true) => ("evil.exe", "MSIEXEC.EXE /v"),
+                (false, false) => ("evil.exe", "evil.exe"),
+            };
+            let svc = "services.exe";
+            by_tick[tn]
+                .push((NETWORK, net_row(report, net_at, "d-alpha", Some(700), svc, "InboundConnectionAccepted")));
+            by_tick[tc].push((
+                PROCESS,
+                child_row(
+                    report + 1,
+                    child_at,
+                    "d-alpha",
+                    Some(700),
+                    svc,
+                    "ProcessCreated",
+                    started,
+                    SHA1S[sha],
+                    file,
+                    cmd,
+                ),
+            ));
+        }
+        let mut ticks = Vec::new();
+        let mut now = t0();
+        for (k, rows) in by_tick.into_iter().enumerate() {
+            if k > 0 {
+                now += self.gaps[k - 1] * MINUTE;
+            }
+            ticks.push(Tick { now, restart: self.restarts[k], chunk_rows: self.chunks[k], rows });
+        }
+        let with_rows: Vec<i64> = ticks.iter().map(|t| t.now).collect();
+        for (j, &(pick, exact)) in self.edges.iter().enumerate() {
+            let step = if exact { 0 } else { 1 };
+            let edges: Vec<i64> =
+                with_rows.iter().map(|t| t + TIMEFRAME - EVAL_DELAY + step).filter(|e| *e > now).collect();
+            now = edges.get(usize::from(pick) % edges.len().max(1)).copied().unwrap_or(now + MINUTE);
+            ticks.push(Tick { now, restart: self.restarts[4 + j], chunk_rows: self.chunks[4 + j], rows: Vec::new() });
+        }
+        ticks
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Sharp edges, by hand: each also pins the naive evaluator to the expected identities.
+// ---------------------------------------------------------------------------------------
+
+fn ident(net: &Map<String, Value>, child: &Map<String, Value>) -> Identity {
+    (
+        value_text(net.get("DeviceId")),
+        value_text(net.get("ReportId")),
+        value_text(child.get("Timestamp")),
+        value_text(child.get("SHA1")),
+    )
+}
+
+const RARE: &str = "1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e";
+
+/// Two pairs of one SHA1 reach a threshold of 2, so neither fires; a third, ingested ten
+/// minutes later, neither. Once the first two leave the window (no new row arrives), the
+/// SHA1's count is 1 and the third pair fires, in a pass the detector itself asked for.
+#[test]
+fn a_pair_leaving_the_window_lets_the_other_fire_with_no_new_row() {
+    let started = Some(t_event() - HOUR);
+    let net1 = net_row(1, t_event(), "d-alpha", Some(700), "services.exe", "InboundConnectionAccepted");
+    let child1 = child_row(
+        2,
+        t_event() + 2 * SECOND,
+        "d-alpha",
+        Some(700),
+        "services.exe",
+        "ProcessCreated",
+        started,
+        RARE,
+        "x.exe",
+        "x",
+    );
+    let child1b = child_row(
+        5,
+        t_event() + 3 * SECOND,
+        "d-alpha",
+        Some(700),
+        "services.exe",
+        "ProcessCreated",
+        started,
+        RARE,
+        "x.exe",
+        "y",
+    );
+    let net2 = net_row(3, t_event() + MINUTE, "d-alpha", Some(700), "services.exe", "InboundConnectionAccepted");
+    let child2 = child_row(
+        4,
+        t_event() + MINUTE + 3 * SECOND,
+        "d-alpha",
+        Some(700),
+        "services.exe",
+        "ProcessCreated",
+        started,
+        RARE,
+        "x.exe",
+        "x",
+    );
+    let ticks = vec![
+        Tick::new(t0(), Restart::No, vec![(NETWORK, net1), (PROCESS, child1), (PROCESS, child1b)]),
+        Tick::new(t0() + 10 * MINUTE, Restart::No, vec![(NETWORK, net2.clone()), (PROCESS, child2.clone())]),
+        // The first tick's rows are on the window's edge: still three pairs.
+        Tick::new(t0() + TIMEFRAME - EVAL_DELAY, Restart::Before, vec![]),
+        // 100 ns later they are out; nothing new is ingested.
+        Tick::new(t0() + TIMEFRAME - EVAL_DELAY + 1, Restart::No, vec![]),
+    ];
+    assert_eq!(check_ticks(&ticks[..3], 2).unwrap_or_else(|e| panic!("{e}")), BTreeSet::new());
+    assert_eq!(check_ticks(&ticks, 2).unwrap_or_else(|e| panic!("{e}")), BTreeSet::from([ident(&net2, &child2)]));
+}
+
+/// A certificate for the SHA1 stops later findings of it, never retracts earlier ones; a
+/// LOLBIN fires whatever its certificate.
+#[test]
+fn a_later_certificate_stops_later_findings_only() {
+    let started = Some(t_event() - HOUR);
+    let child = |report: i64, at: i64, file: &str| {
+        child_row(report, at, "d-alpha", Some(700), "services.exe", "ProcessCreated", started, RARE, file, "")
+    };
+    let net1 = net_row(1, t_event(), "d-alpha", Some(700), "services.exe", "InboundConnectionAccepted");
+    let c1 = child(2, t_event() + SECOND, "x.exe");
+    let net2 = net_row(3, t_event() + MINUTE, "d-alpha", Some(700), "services.exe", "InboundConnectionAccepted");
+    let c2 = child(4, t_event() + MINUTE + SECOND, "x.exe");
+    let c3 = child(5, t_event() + MINUTE + 2 * SECOND, "CMD.exe");
+    let ticks = vec![
+        Tick::new(t0(), Restart::No, vec![(NETWORK, net1.clone()), (PROCESS, c1.clone())]),
+        Tick::new(
+            t0() + MINUTE,
+            Restart::No,
+            vec![(CERTIFICATES, cert_row(9, t_event(), "d-beta", RARE)), (NETWORK, net2.clone()), (PROCESS, c2)],
+        ),
+        Tick::new(t0() + 2 * MINUTE, Restart::BeforePass, vec![(PROCESS, c3.clone())]),
+    ];
+    assert_eq!(
+        check_ticks(&ticks, 100).unwrap_or_else(|e| panic!("{e}")),
+        BTreeSet::from([ident(&net1, &c1), ident(&net2, &c3)])
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Golden tests.
+// ---------------------------------------------------------------------------------------
+
+/// Ingests `paths` at `now`, runs one pass at `now` with `set` overrides, returns the
+/// findings.
+fn detect_once(paths: &[PathBuf], now: i64, set: &[(&str, &str)]) -> Vec<Value> {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(root.path(), &[SCM_REMOTE]);
+    let data = root.path().join("data");
+    let mut engine = open_engine(&plugins, &data).unwrap();
+    let opts = IngestOptions { now: Some(now), ..Default::default() };
+    let report = ingest_paths(&mut engine.store, paths, &opts, &mut |_, _| {}).unwrap();
+    assert_eq!(report.total_rejected(), 0, "{report:?}");
+    let params = set.iter().map(|(p, v)| (DETECTOR.to_string(), p.to_string(), v.to_string())).collect();
+    let opts = DetectOptions { now: Some(now), params, ..Default::default() };
+    let reports = run_pass(&mut engine.store, &mut engine.loaded.plugins, &opts).unwrap();
+    assert!(reports.iter().all(|r| r.error.is_none()), "{reports:?}");
+    let out = root.path().join("findings.jsonl");
+    flush_outbox(&mut engine.store, &out).unwrap();
+    read_jsonl(&out)
+}
+
+/// kqlbench has DeviceNetworkEvents and DeviceFileCertificateInfo but no
+/// DeviceProcessEvents, so the join is empty and nothing fires. Checked by hand (and
+/// below, from the export): of its 749 network rows, 21 are InboundConnectionAccepted
+/// (sshd.exe 13, ntoskrnl.exe 4, sshd 2, svchost.exe 1, python3.12 1) and none is by
+/// services.exe, so 0 rows pass the `networkEvents` filters.
+#[test]
+fn kqlbench_finds_nothing() {
+    let k = kqlbench_dir();
+    let network: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(k.join("DeviceNetworkEvents.json")).unwrap()).unwrap();
+    let s = |r: &Value, c: &str| r.get(c).and_then(Value::as_str).unwrap_or("").to_string();
+    let inbound =
+        network.iter().filter(|r| s(r, "ActionType").eq_ignore_ascii_case("InboundConnectionAccepted")).count();
+    let passing = network
+        .iter()
+        .filter(|r| s(r, "ActionType").eq_ignore_ascii_case("InboundConnectionAccepted"))
+        .filter(|r| s(r, "InitiatingProcessFileName").eq_ignore_ascii_case("services.exe"))
+        .count();
+    assert_eq!((network.len(), inbound, passing), (749, 21, 0));
+    let now = parse_timestamp("2025-05-08T00:00:00Z").unwrap();
+    let findings =
+        detect_once(&[k.join("DeviceNetworkEvents.json"), k.join("DeviceFileCertificateInfo.json")], now, &[]);
+    assert_eq!(findings.len(), 0, "{findings:?}");
+}
+
+/// The hand-written fixture (ingested and evaluated at 11:00; every row in the window).
+/// services.exe (pid 668) started at 08:00 on dev-1.
+///
+/// | row | what | pairs with | result |
+/// |---|---|---|---|
+/// | N1 #101 10:00:00.5 | inbound, services.exe 668 | | |
+/// | N2 #102 10:30:00 | inbound, services.exe 668 | | |
+/// | N3 #103 dev-2 10:00:00 | inbound, `Services.exe` 700 | C7 has `services.exe`: no join | |
+/// | N4 #104 11:00:00 | ConnectionSuccess | filtered | |
+/// | N5 #105 10:30:01 | inbound, pid 669 | C12 (started 10:29:01.5: diff 60, not > 60) | |
+/// | N6 #106 10:30:01 | inbound, pid 670 | C13 (started 10:29:00.9: diff 61) | **fires**: s-late count 1 |
+/// | C1 #201 10:00:00.1 | PSEXESVC.exe, s-psexec | N1 (0.4 s before, same second: diff 0) | **fires**: count 1, no certificate |
+/// | C2 #202 10:00:10.9 | cmd.exe, s-cmd (certificate) | N1 (diff 10) | **fires**: LOLBIN |
+/// | C3 #203 10:00:11 | evil.exe | N1 diff 11: no pair | |
+/// | C4 #204 10:30:05 | svc.exe, s-signed (certificate on dev-2) | N2 | certified, not a LOLBIN |
+/// | C5 #205 10:30:06 | msiexec.exe `msiexec.exe /V`, s-msi | N2 | whole-string msiexec filter |
+/// | C6 #206 10:30:07 | msiexec.exe `C:\…\msiexec.exe /V`, s-msi | N2 | **fires**: s-msi count 2 (C5, C6), and a LOLBIN |
+/// | C7 #207 dev-2 10:00:02 | `services.exe` 700 | none (see N3) | |
+/// | C8 #208 10:00:03 | null InitiatingProcessCreationTime | N1 joins, `> 60` fails | |
+/// | C9 #209 10:00:04 | parent svchost.exe | filtered | |
+/// | C10 #210, C11 #211 10:00:05 | dup.exe, s-dup, same Timestamp | N1, both | **fires once**: one identity, s-dup count 2 |
+///
+/// So 5 findings at the default threshold 100; at threshold 2, s-dup (2 pairs) and s-msi
+/// (2) are no longer rare: C10/C11 drop, C6 still fires as a LOLBIN: 4 findings.
+#[test]
+fn hand_written_fixture() {
+    let t = |s: &str| parse_timestamp(&format!("2025-05-07T{s}Z")).unwrap();
+    let s668 = Some(t("08:00:00"));
+    let inbound = "InboundConnectionAccepted";
+    let created = "ProcessCreated";
+    let svc = "services.exe";
+    let network = vec![
+        net_row(101, t("10:00:00.5"), "dev-1", Some(668), svc, inbound),
+        net_row(102, t("10:30:00"), "dev-1", Some(668), svc, inbound),
+        net_row(103, t("10:00:00"), "dev-2", Some(700), "Services.exe", inbound),
+        net_row(104, t("11:00:00"), "dev-1", Some(668), svc, "ConnectionSuccess"),
+        net_row(105, t("10:30:01"), "dev-1", Some(669), svc, inbound),
+        net_row(106, t("10:30:01"), "dev-1", Some(670), svc, inbound),
+    ];
+    let c = |report, at: &str, pid, started, sha1, file, cmd| {
+        child_row(report, t(at), "dev-1", Some(pid), svc, created, started, sha1, file, cmd)
+    };
+    let mut children = vec![
+        c(201, "10:00:00.1", 668, s668, "s-psexec", "PSEXESVC.exe", r"C:\Windows\PSEXESVC.exe"),
+        c(202, "10:00:10.9", 668, s668, "s-cmd", "cmd.exe", "cmd.exe /c whoami > C:\\Windows\\Temp\\o.txt"),
+        c(203, "10:00:11", 668, s668, "s-evil", "evil.exe", "evil.exe"),
+        c(204, "10:30:05", 668, s668, "s-signed", "svc.exe", "svc.exe"),
+        c(205, "10:30:06", 668, s668, "s-msi", "msiexec.exe", "msiexec.exe /V"),
+        c(206, "10:30:07", 668, s668, "s-msi", "msiexec.exe", r"C:\Windows\system32\msiexec.exe /V"),
+        child_row(207, t("10:00:02"), "dev-2", Some(700), svc, created, Some(t("08:00:00")), "s-x", "x.exe", "x"),
+        c(208, "10:00:03", 668, None, "s-null", "evil2.exe", "evil2.exe"),
+        child_row(209, t("10:00:04"), "dev-1", Some(668), "svchost.exe", created, s668, "s-svch", "y.exe", "y"),
+        c(210, "10:00:05", 668, s668, "s-dup", "dup.exe", "dup.exe 1"),
+        c(211, "10:00:05", 668, s668, "s-dup", "dup.exe", "dup.exe 2"),
+        c(212, "10:30:02", 669, Some(t("10:29:01.5")), "s-early", "early.exe", "early.exe"),
+        c(213, "10:30:02", 670, Some(t("10:29:00.9")), "s-late", "late.exe", "late.exe"),
+    ];
+    children.push(child_row(214, t("10:00:06"), "dev-1", Some(668), svc, "OpenProcess", s668, "s-open", "o.exe", "o"));
+    let certs = vec![cert_row(301, t("09:00:00"), "dev-1", "s-cmd"), cert_row(302, t("09:00:00"), "dev-2", "s-signed")];
+
+    let dir = tempfile::tempdir().unwrap();
+    let write = |table: &str, rows: &[Map<String, Value>]| {
+        let path = dir.path().join(format!("{table}.jsonl"));
+        let text: String = rows.iter().map(|r| Value::Object(r.clone()).to_string() + "\n").collect();
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let paths = vec![write(NETWORK, &network), write(PROCESS, &children), write(CERTIFICATES, &certs)];
+    let now = t("11:00:00");
+
+    let id = |report: &str, ts: &str, sha1: &str| {
+        ("dev-1".to_string(), report.to_string(), format_timestamp(t(ts)), sha1.to_string())
+    };
+    let all = BTreeSet::from([
+        id("101", "10:00:00.1", "s-psexec"),
+        id("101", "10:00:10.9", "s-cmd"),
+        id("102", "10:30:07", "s-msi"),
+        id("101", "10:00:05", "s-dup"),
+        id("106", "10:30:02", "s-late"),
+    ]);
+    let findings = detect_once(&paths, now, &[]);
+    let got: BTreeSet<Identity> = findings.iter().map(|f| identity_of(f).unwrap()).collect();
+    assert_eq!(findings.len(), 5);
+    assert_eq!(got, all);
+
+    // The naive evaluator agrees.
+    let stored: Vec<StoredRow> = [(NETWORK, &network), (PROCESS, &children), (CERTIFICATES, &certs)]
+        .iter()
+        .flat_map(|(table, rows)| {
+            rows.iter().map(|r| StoredRow { table: table.to_string(), ingested_at: now, row: r.clone() })
+        })
+        .collect();
+    assert_eq!(naive_scm_remote::evaluate(&stored, now, &default_params(100)), all);
+
+    // The result row of C1's finding, column by column.
+    let f = findings
+        .iter()
+        .find(|f| f["row"]["SHA1"] == "s-psexec")
+        .unwrap_or_else(|| panic!("no s-psexec finding: {findings:?}"));
+    assert_eq!(f["detector"], DETECTOR);
+    assert_eq!(f["device_id"], "dev-1");
+    assert_eq!(f["device_name"], "dev-1.corp.example.com");
+    let row = f["row"].as_object().unwrap();
+    let names: Vec<&str> = row.keys().map(String::as_str).collect();
+    let mut want: Vec<&str> =
+        network[0].keys().map(|k| if k == "Timestamp" { "TimestampNetworkAct" } else { k }).collect();
+    want.extend([
+        "TimestampChild",
+        "DeviceId1",
+        "DeviceName1",
+        "FileName",
+        "ProcessCommandLine",
+        "SHA1",
+        "InitiatingProcessFileName1",
+        "InitiatingProcessCommandLine1",
+        "InitiatingProcessSHA11",
+        "InitiatingProcessId1",
+        "TimestampServicesExe",
+        "Timestamp",
+    ]);
+    assert_eq!(names, want);
+    assert_eq!(row["TimestampNetworkAct"], format_timestamp(t("10:00:00.5")));
+    assert_eq!(row["Timestamp"], row["TimestampNetworkAct"]);
+    assert_eq!(row["ReportId"], 101);
+    assert_eq!(row["TimestampChild"], format_timestamp(t("10:00:00.1")));
+    assert_eq!(row["TimestampServicesExe"], format_timestamp(t("08:00:00")));
+    assert_eq!(row["InitiatingProcessId"], 668);
+    assert_eq!(row["InitiatingProcessId1"], 668);
+    assert_eq!(row["FileName"], "PSEXESVC.exe");
+    assert_eq!(row["LocalPort"], 135);
+
+    // A lower threshold: s-dup and s-msi have 2 pairs each.
+    let findings = detect_once(&paths, now, &[("prevalence_threshold", "2")]);
+    let got: BTreeSet<Identity> = findings.iter().map(|f| identity_of(f).unwrap()).collect();
+    let mut fewer = all.clone();
+    fewer.remove(&id("101", "10:00:05", "s-dup"));
+    assert_eq!(got, fewer);
+    assert_eq!(naive_scm_remote::evaluate(&stored, now, &default_params(2)), fewer);
+}
+
+// ---------------------------------------------------------------------------------------
+// The fleet generator.
+// ---------------------------------------------------------------------------------------
+
+/// A generated fleet's findings for this detector are exactly its expected entries.
+#[test]
+fn generated_fleet_findings_are_exactly_the_expected_ones() {
+    // Eight attacks: each of the four kinds twice.
+    let spec = FleetSpec { devices: 12, events: 4000, attacks: 8, seed: 7, ..FleetSpec::default() };
+    let fleet = gen::generate(&spec);
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("fleet");
+    gen::write_fleet(&fleet, &out, gen::Format::Jsonl).unwrap();
+    let expected: BTreeSet<gen::Expected> = fleet.expected.iter().filter(|e| e.detector == DETECTOR).cloned().collect();
+    assert_eq!(expected.len(), spec.attacks, "one finding per attack: {expected:?}");
+
+    let plugins = plugins_dir(root.path(), &[SCM_REMOTE]);
+    let data = root.path().join("data");
+    let mut engine = open_engine(&plugins, &data).unwrap();
+    let opts = IngestOptions { now: Some(spec.base_time), ..Default::default() };
+    let report = ingest_paths(&mut engine.store, &[gen::logs_dir(&out)], &opts, &mut |_, _| {}).unwrap();
+    assert_eq!(report.total_rejected(), 0, "{report:?}");
+    let opts = DetectOptions { now: Some(spec.base_time), ..Default::default() };
+    let reports = run_pass(&mut engine.store, &mut engine.loaded.plugins, &opts).unwrap();
+    assert!(reports.iter().all(|r| r.error.is_none()), "{reports:?}");
+    let path = root.path().join("findings.jsonl");
+    flush_outbox(&mut engine.store, &path).unwrap();
+    let columns: Vec<String> =
+        ["DeviceId", "ReportId", "TimestampChild", "SHA1"].iter().map(|s| s.to_string()).collect();
+    let found: Vec<gen::Expected> = read_jsonl(&path)
+        .iter()
+        .map(|f| gen::expected_of(f, &columns).unwrap_or_else(|| panic!("finding lacks identity columns: {f}")))
+        .collect();
+    let found_set: BTreeSet<gen::Expected> = found.iter().cloned().collect();
+    assert_eq!(found.len(), found_set.len());
+    let missing: Vec<_> = expected.difference(&found_set).collect();
+    let extra: Vec<_> = found_set.difference(&expected).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}\nextra {extra:?}");
+}
