@@ -1,9 +1,7 @@
 //! Lookout detector `scheduled-task-persistence`: a port of FalconForce's FalconFriday
 //! rule 0xFF-0082 "Persistence Via Scheduled Tasks" (MITRE ATT&CK T1053.005).
 //!
-//! The rule, as published (Copyright (c) FalconForce, BSD 3-Clause License; see
-//! `docs/rules/LICENSE-FalconFriday`: redistributions must retain that copyright notice,
-//! its list of conditions and its disclaimer):
+//! The rule, as published:
 //!
 //! ```kusto
 //! let timeframe = 2*1d;
@@ -39,6 +37,40 @@
 //! | where coalesce(GlobalPrevalence,default_global_prevalence) < 100
 //! | join NewScheduledBinaryExecution on SHA1
 //! | summarize arg_max(Timestamp, *), Devices=make_set(DeviceName), MachineCount=dcount(DeviceName) by SHA1 // Gives the last execution with all details per SHA1.
+//! ```
+//!
+//! The query above is from FalconForce's FalconFriday repository, under this licence:
+//!
+//! ```text
+//! BSD 3-Clause License
+//!
+//! Copyright (c) 2020, FalconForce
+//! All rights reserved.
+//!
+//! Redistribution and use in source and binary forms, with or without
+//! modification, are permitted provided that the following conditions are met:
+//!
+//! 1. Redistributions of source code must retain the above copyright notice, this
+//!    list of conditions and the following disclaimer.
+//!
+//! 2. Redistributions in binary form must reproduce the above copyright notice,
+//!    this list of conditions and the following disclaimer in the documentation
+//!    and/or other materials provided with the distribution.
+//!
+//! 3. Neither the name of the copyright holder nor the names of its
+//!    contributors may be used to endorse or promote products derived from
+//!    this software without specific prior written permission.
+//!
+//! THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS "AS IS"
+//! AND ANY EXPRESS OR IMPLIED WARRANTIES, INCLUDING, BUT NOT LIMITED TO, THE
+//! IMPLIED WARRANTIES OF MERCHANTABILITY AND FITNESS FOR A PARTICULAR PURPOSE ARE
+//! DISCLAIMED. IN NO EVENT SHALL THE COPYRIGHT HOLDER OR CONTRIBUTORS BE LIABLE
+//! FOR ANY DIRECT, INDIRECT, INCIDENTAL, SPECIAL, EXEMPLARY, OR CONSEQUENTIAL
+//! DAMAGES (INCLUDING, BUT NOT LIMITED TO, PROCUREMENT OF SUBSTITUTE GOODS OR
+//! SERVICES; LOSS OF USE, DATA, OR PROFITS; OR BUSINESS INTERRUPTION) HOWEVER
+//! CAUSED AND ON ANY THEORY OF LIABILITY, WHETHER IN CONTRACT, STRICT LIABILITY,
+//! OR TORT (INCLUDING NEGLIGENCE OR OTHERWISE) ARISING IN ANY WAY OUT OF THE USE
+//! OF THIS SOFTWARE, EVEN IF ADVISED OF THE POSSIBILITY OF SUCH DAMAGE.
 //! ```
 //!
 //! Parameters: `timeframe` (2d), `lookback` (7d), `prevalence_threshold` (100),
