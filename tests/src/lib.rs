@@ -1,10 +1,12 @@
 //! Shared helpers for Lookout's end-to-end tests: where the built binary and plugin
 //! libraries are, running the binary, generated fleets and small fixtures. The daemon
 //! harness (`lookout run` as a child process) is in [`daemon`], the test collector that
-//! writes and rotates log files in [`collector`].
+//! writes and rotates log files in [`collector`], the in-process harness of the detectors'
+//! property and golden tests (ticks of rows through a store) in [`ticks`].
 
 pub mod collector;
 pub mod daemon;
+pub mod ticks;
 
 pub use collector::{Collector, Rotation, Stream, Tally};
 pub use daemon::{http_get, metric, poll_until, wait_for, Daemon, DaemonSpec};
@@ -181,7 +183,8 @@ pub fn table_counts(status: &Value) -> BTreeMap<String, u64> {
 // Generated fleets and their ground truth
 // ---------------------------------------------------------------------------------------
 
-/// The tables `lookout gen` writes, in the order the clean runs ingest them.
+/// The WinRM rule's tables among those `lookout gen` writes, in the order the clean runs
+/// ingest them (the fleet also has the detector pack's tables).
 pub const FLEET_TABLES: [&str; 3] = ["FileProfile", "DeviceImageLoadEvents", "DeviceFileEvents"];
 
 /// An attack of the ground truth, or a finding: (DeviceId, load ReportId, write ReportId).

@@ -225,7 +225,14 @@ fn crash_loop() {
     let t = Instant::now();
     // The daemons under test keep every row (the harness passes `--retention none`): so
     // does the clean run.
-    lookout_ok(&clean, &["ingest", "--retention", "none", "--now", NOW, fleet_logs.to_str().unwrap()]);
+    // The WinRM rule's tables only (the ones the collector below streams), in the order
+    // ingesting the folder reads them (file names sorted).
+    let mut files: Vec<String> =
+        FLEET_TABLES.iter().map(|t| fleet_logs.join(format!("{t}.jsonl")).to_str().unwrap().to_string()).collect();
+    files.sort();
+    let mut args = vec!["ingest", "--retention", "none", "--now", NOW];
+    args.extend(files.iter().map(String::as_str));
+    lookout_ok(&clean, &args);
     let clean_ingest = t.elapsed();
     lookout_ok(&clean, &["detect", "--retention", "none", "--plugins", plugins.to_str().unwrap(), "--now", NOW]);
     let clean_status = status_json(&clean);

@@ -19,100 +19,24 @@
 
 mod naive;
 
-use lookout_core::detect::{run_pass, DetectOptions};
-use lookout_core::findings::{all_findings, flush_outbox};
-use lookout_core::ingest::{ingest_paths, IngestOptions};
-use lookout_core::plugin::{load_dir, Loaded};
-use lookout_core::Store;
-use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp, TICKS_PER_SEC};
-use lookout_tests::{plugins_dir, read_jsonl, WINRM};
+use lookout_plugin_sdk::time::format_timestamp;
+use lookout_tests::ticks::{
+    obj, profile_row, proptest_config, split_ticks, t0, Restart, Rule, Tick, DAY, EVAL_DELAY, HOUR, MINUTE,
+};
+use lookout_tests::WINRM;
 use naive::{Identity, Pair, Params, StoredRow, FILE_EVENTS, FILE_PROFILE, IMAGE_LOADS};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-
-const MINUTE: i64 = 60 * TICKS_PER_SEC;
-const HOUR: i64 = 60 * MINUTE;
-const DAY: i64 = 24 * HOUR;
-
-/// A pass evaluates this long after its tick's rows were ingested.
-const EVAL_DELAY: i64 = 30 * TICKS_PER_SEC;
-
-/// The first tick's ingestion time.
-fn t0() -> i64 {
-    parse_timestamp("2025-05-07T12:00:00Z").unwrap()
-}
+use std::collections::BTreeSet;
 
 // ---------------------------------------------------------------------------------------
-// The harness: ticks of rows through the engine, and through the naive evaluator.
+// The harness: ticks of rows through the engine (`lookout_tests::ticks`: each tick's rows
+// ingested at its `now`, one pass at `now + EVAL_DELAY`), and through the naive evaluator.
 // ---------------------------------------------------------------------------------------
 
-/// One tick: rows arriving together, ingested at `now`, then one detection pass at
-/// `now + EVAL_DELAY`.
-#[derive(Debug, Clone)]
-struct Tick {
-    now: i64,
-    restart: Restart,
-    /// New rows handed to the detector per call in this tick's pass (`None`: the default).
-    chunk_rows: Option<usize>,
-    /// (table, row) in arrival order.
-    rows: Vec<(&'static str, Map<String, Value>)>,
-}
-
-impl Tick {
-    fn new(now: i64, restart: Restart, rows: Vec<(&'static str, Map<String, Value>)>) -> Tick {
-        Tick { now, restart, chunk_rows: None, rows }
-    }
-}
-
-/// Where in a tick the store and the loaded plugins are dropped and opened/loaded again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Restart {
-    No,
-    /// Before the tick's rows are ingested.
-    Before,
-    /// After its rows are ingested, before its detection pass.
-    BeforePass,
-}
-
-struct Engine {
-    store: Store,
-    loaded: Loaded,
-}
-
-fn open_engine(plugins: &Path, data: &Path) -> Result<Engine, String> {
-    // sled releases its directory lock from background threads shortly after the last
-    // handle is dropped, so an in-process reopen may briefly find it still held (a real
-    // restart is a new process). Wait for it, for a few seconds at most.
-    let mut attempts = 0;
-    let store = loop {
-        match Store::open(data) {
-            Ok(s) => break s,
-            Err(e) if attempts < 100 && is_lock_error(&format!("{e:#}")) => {
-                attempts += 1;
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            Err(e) => return Err(format!("Store::open: {e:#}")),
-        }
-    };
-    let loaded = load_dir(plugins, data).map_err(|e| format!("load_dir: {e:#}"))?;
-    if !loaded.refused.is_empty() || loaded.plugins.len() != 1 {
-        let refused: Vec<String> =
-            loaded.refused.iter().map(|r| format!("{}: {}", r.path.display(), r.reason)).collect();
-        return Err(format!(
-            "expected the WinRM plugin alone to load; loaded {}, refused {refused:?}",
-            loaded.plugins.len()
-        ));
-    }
-    Ok(Engine { store, loaded })
-}
-
-fn is_lock_error(msg: &str) -> bool {
-    msg.contains("could not acquire lock") || msg.contains("in use by another Lookout process")
-}
+const RULE: Rule =
+    Rule { lib: WINRM, detector: lookout_winrm::NAME, tables: &[IMAGE_LOADS, FILE_EVENTS, FILE_PROFILE], show_row };
 
 /// The (load, write) identity pair of a finding's `row`.
 fn pair_of_finding(f: &Value) -> Result<Pair, String> {
@@ -165,165 +89,19 @@ fn show_row(table: &str, r: &Map<String, Value>) -> String {
     }
 }
 
-fn show_ticks(ticks: &[Tick]) -> String {
-    let mut s = String::new();
-    for (k, t) in ticks.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "  tick {k}: ingest at {} (T0{:+.3}d), evaluate 30 s later{}{}",
-            format_timestamp(t.now),
-            (t.now - t0()) as f64 / DAY as f64,
-            match t.restart {
-                Restart::No => "",
-                Restart::Before => ", restart before ingesting",
-                Restart::BeforePass => ", restart between ingest and pass",
-            },
-            t.chunk_rows.map(|n| format!(", {n} rows per evaluate call")).unwrap_or_default()
-        );
-        for (table, r) in &t.rows {
-            let _ = writeln!(s, "    {}", show_row(table, r));
-        }
-    }
-    s
-}
-
-fn diff(what: &str, expected: &BTreeSet<Pair>, actual: &BTreeSet<Pair>) -> Option<String> {
-    if expected == actual {
-        return None;
-    }
-    let mut s = format!("{what}: expected {} pairs, got {}\n", expected.len(), actual.len());
-    for p in expected.difference(actual) {
-        let _ = writeln!(s, "  missing: {}", show_pair(p));
-    }
-    for p in actual.difference(expected) {
-        let _ = writeln!(s, "  extra:   {}", show_pair(p));
-    }
-    Some(s)
-}
-
 /// Runs `ticks` through the engine (files → ingest → one pass → outbox, restarting where
 /// asked) and checks after every tick that the findings JSONL and the results tree hold
 /// exactly the union of the naive results so far, each once. Returns that union.
 fn check_ticks(ticks: &[Tick]) -> Result<BTreeSet<Pair>, String> {
-    check_ticks_inner(ticks).map_err(|e| format!("{e}\nscenario:\n{}", show_ticks(ticks)))
-}
-
-fn check_ticks_inner(ticks: &[Tick]) -> Result<BTreeSet<Pair>, String> {
-    let root = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let plugins = plugins_dir(root.path(), &[WINRM]);
-    let data = root.path().join("data");
-    let findings_path = root.path().join("findings.jsonl");
     let params = Params::default();
-
-    let mut engine = Some(open_engine(&plugins, &data)?);
     let mut stored: Vec<StoredRow> = Vec::new();
     let mut expected: BTreeSet<Pair> = BTreeSet::new();
-
-    // Libraries are never unloaded; loading again re-initialises the detector from its
-    // persisted state.
-    let restart = |engine: &mut Option<Engine>| -> Result<(), String> {
-        drop(engine.take());
-        *engine = Some(open_engine(&plugins, &data)?);
+    RULE.check_ticks(ticks, &[], |pass| {
+        stored.extend(pass.tick.stored(|table, ingested_at, row| StoredRow { table, ingested_at, row }));
+        expected.extend(naive::evaluate(&stored, pass.t_eval, &params));
+        pass.check_union("pairs", &expected, pair_of_finding, show_pair)?;
         Ok(())
-    };
-
-    for (k, tick) in ticks.iter().enumerate() {
-        if tick.restart == Restart::Before {
-            restart(&mut engine)?;
-        }
-        let Engine { store, .. } = engine.as_mut().expect("engine is open");
-
-        // The tick's rows, one JSONL file per table; the file name gives the table.
-        let dir = root.path().join("in").join(format!("tick-{k}"));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let mut paths: Vec<PathBuf> = Vec::new();
-        for table in [IMAGE_LOADS, FILE_EVENTS, FILE_PROFILE] {
-            let lines: Vec<String> = tick
-                .rows
-                .iter()
-                .filter(|(t, _)| *t == table)
-                .map(|(_, r)| Value::Object(r.clone()).to_string())
-                .collect();
-            if lines.is_empty() {
-                continue;
-            }
-            let path = dir.join(format!("{table}-{k}.jsonl"));
-            std::fs::write(&path, lines.join("\n") + "\n").map_err(|e| e.to_string())?;
-            paths.push(path);
-        }
-        if !paths.is_empty() {
-            let opts = IngestOptions { now: Some(tick.now), ..Default::default() };
-            let report =
-                ingest_paths(store, &paths, &opts, &mut |_, _| {}).map_err(|e| format!("tick {k}: ingest: {e:#}"))?;
-            let events = tick.rows.iter().filter(|(t, _)| *t != FILE_PROFILE).count() as u64;
-            let new_events: u64 =
-                report.new_rows.iter().filter(|(t, _)| t.as_str() != FILE_PROFILE).map(|(_, n)| n).sum();
-            if report.total_rejected() != 0 || new_events != events {
-                return Err(format!("tick {k}: ingest stored {new_events} of {events} event rows: {report:?}"));
-            }
-        }
-        stored.extend(tick.rows.iter().map(|(table, row)| StoredRow {
-            table: table.to_string(),
-            ingested_at: tick.now,
-            row: row.clone(),
-        }));
-
-        if tick.restart == Restart::BeforePass {
-            restart(&mut engine)?;
-        }
-        let Engine { store, loaded } = engine.as_mut().expect("engine is open");
-        let t_eval = tick.now + EVAL_DELAY;
-        let mut opts = DetectOptions { now: Some(t_eval), ..Default::default() };
-        if let Some(n) = tick.chunk_rows {
-            opts.chunk_rows = n;
-        }
-        let reports = run_pass(store, &mut loaded.plugins, &opts).map_err(|e| format!("tick {k}: run_pass: {e:#}"))?;
-        for r in &reports {
-            if let Some(e) = &r.error {
-                return Err(format!("tick {k}: detector {} failed: {e}", r.detector));
-            }
-        }
-        flush_outbox(store, &findings_path).map_err(|e| format!("tick {k}: flush_outbox: {e:#}"))?;
-
-        expected.extend(naive::evaluate(&stored, t_eval, &params));
-
-        // The JSONL: each pair once, exactly the expected union.
-        let lines = read_jsonl(&findings_path);
-        let ids: BTreeSet<&str> = lines.iter().filter_map(|l| l.get("finding_id").and_then(Value::as_str)).collect();
-        let mut file_pairs: BTreeMap<Pair, usize> = BTreeMap::new();
-        for l in &lines {
-            *file_pairs.entry(pair_of_finding(l)?).or_insert(0) += 1;
-        }
-        let twice: Vec<String> =
-            file_pairs.iter().filter(|(_, n)| **n > 1).map(|(p, n)| format!("  {n}×: {}", show_pair(p))).collect();
-        if ids.len() != lines.len() || !twice.is_empty() {
-            return Err(format!(
-                "after tick {k}: findings.jsonl has {} lines but {} distinct finding ids; pairs written more than \
-                 once:\n{}",
-                lines.len(),
-                ids.len(),
-                twice.join("\n")
-            ));
-        }
-        let file_set: BTreeSet<Pair> = file_pairs.into_keys().collect();
-        if let Some(d) = diff(&format!("after tick {k}: findings.jsonl vs naive union"), &expected, &file_set) {
-            return Err(d);
-        }
-
-        // The results tree: the same set.
-        let tree = all_findings(store).map_err(|e| format!("tick {k}: all_findings: {e:#}"))?;
-        let tree_set: BTreeSet<Pair> = tree.iter().map(pair_of_finding).collect::<Result<_, _>>()?;
-        if tree.len() != tree_set.len() {
-            return Err(format!(
-                "after tick {k}: results tree has {} findings for {} pairs",
-                tree.len(),
-                tree_set.len()
-            ));
-        }
-        if let Some(d) = diff(&format!("after tick {k}: results tree vs naive union"), &expected, &tree_set) {
-            return Err(d);
-        }
-    }
+    })?;
     Ok(expected)
 }
 
@@ -360,24 +138,6 @@ fn write_row(report_id: i64, ts: i64, device: &str, sha1: &str, folder: &str, ac
         "InitiatingProcessFileName": "powershell.exe",
         "ReportId": report_id,
     }))
-}
-
-fn profile_row(report_id: i64, sha1: &str, prevalence: Option<i64>, availability: Option<&str>) -> Map<String, Value> {
-    obj(json!({
-        "SHA1": sha1,
-        "GlobalPrevalence": prevalence,
-        "GlobalFirstSeen": "2025-04-01T00:00:00Z",
-        "Signer": "",
-        "ProfileAvailability": availability,
-        "ReportId": report_id,
-    }))
-}
-
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(o) => o,
-        _ => unreachable!("rows are objects"),
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -594,40 +354,17 @@ impl Scenario {
                 }
             })
             .collect();
-        let mut cuts: Vec<usize> = self.cuts.iter().map(|&c| usize::from(c) * rows.len() / 256).collect();
-        cuts.sort_unstable();
-        cuts.push(rows.len());
-        let mut ticks = Vec::new();
-        let mut start = 0;
-        let mut now = t0();
-        for (k, &end) in cuts.iter().enumerate() {
-            if k > 0 {
-                now += match self.steps[k] {
-                    Step::Small { minutes } => minutes * MINUTE,
-                    Step::Big { minutes } => 2 * DAY + HOUR + minutes * MINUTE,
-                    Step::Boundary => 2 * DAY - EVAL_DELAY,
-                };
-            }
-            ticks.push(Tick {
-                now,
-                restart: if k > 0 { self.restarts[k] } else { Restart::No },
-                chunk_rows: self.chunks[k],
-                rows: rows[start..end].to_vec(),
-            });
-            start = end;
-        }
-        ticks
+        split_ticks(&rows, &self.cuts, 0, &self.restarts, &self.chunks, |k, _| match self.steps[k] {
+            Step::Small { minutes } => minutes * MINUTE,
+            Step::Big { minutes } => 2 * DAY + HOUR + minutes * MINUTE,
+            Step::Boundary => 2 * DAY - EVAL_DELAY,
+        })
     }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        // ~1 s a case in a debug build; PROPTEST_CASES=500 for a soak run.
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(24),
-        // Keep the workspace clean: no proptest-regressions files.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    // ~1 s a case in a debug build; PROPTEST_CASES=500 for a soak run.
+    #![proptest_config(proptest_config(24))]
 
     /// For any fleet, any split into ticks, any arrival order and any restarts, the
     /// findings are exactly R(t1) ∪ R(t2) ∪ … of the batch rule, each once.

@@ -364,7 +364,7 @@ fn malformed_records_are_counted_by_reason_and_good_rows_stored() {
         /* 1 */ row(1).to_string().into_bytes(),
         /* 2 */ format!(r#"{{"Timestamp":"{TS}","DeviceId":"#).into_bytes(),
         /* 3 */ row(2).to_string().into_bytes(),
-        /* 4 */ with(row(100), "FileSize", json!("big")).to_string().into_bytes(),
+        /* 4 */ with(row(100), "DeviceId", json!(7)).to_string().into_bytes(),
         /* 5 */ with(row(101), "Timestamp", json!("yesterday")).to_string().into_bytes(),
         /* 6 */ too_long.to_string().into_bytes(),
         /* 7 */ invalid_utf8,
@@ -380,8 +380,12 @@ fn malformed_records_are_counted_by_reason_and_good_rows_stored() {
         /* 17 */ with(row(107), "DeviceId", json!("")).to_string().into_bytes(),
         /* 18 */ b"null".to_vec(),
         /* 19 */ format!("{} trailing", row(108)).into_bytes(),
-        /* 20 */ with(row(109), "ReportId", json!("not a number")).to_string().into_bytes(),
+        /* 20 */ with(row(109), "SHA1", json!(true)).to_string().into_bytes(),
         /* 21 */ row(6).to_string().into_bytes(),
+        // Unexpected types outside the key: kept as sent, and counted.
+        /* 22 */
+        with(row(7), "FileSize", json!("big")).to_string().into_bytes(),
+        /* 23 */ with(row(8), "ReportId", json!("not a number")).to_string().into_bytes(),
     ];
     let mut bytes = Vec::new();
     let mut offsets = Vec::new();
@@ -404,8 +408,9 @@ fn malformed_records_are_counted_by_reason_and_good_rows_stored() {
         ("missing_column", 2),
         ("not_an_object", 4),
     ];
-    t.expect(&[(FE, 6)], &want_rejects, 0);
+    t.expect(&[(FE, 8)], &want_rejects, 0);
     assert!(out.contains("rejected: 15"), "{out}");
+    assert!(out.contains("values of an unexpected type: 2 (kept as sent"), "{out}");
 
     // Each reject is listed with its file, line and offset.
     let listed = lookout_ok(&t.data, &["status", "--rejects", "100"]);
@@ -434,7 +439,7 @@ fn malformed_records_are_counted_by_reason_and_good_rows_stored() {
 
     // Re-running counts nothing twice.
     t.ingest(&f, &["--max-line", "4096"]);
-    t.expect(&[(FE, 6)], &want_rejects, 0);
+    t.expect(&[(FE, 8)], &want_rejects, 0);
 }
 
 #[test]
@@ -442,7 +447,7 @@ fn malformed_array_element_types_are_rejected_per_element() {
     let t = scratch();
     let docs = [
         row(1),
-        with(row(2), "FileSize", json!("big")),
+        with(row(2), "DeviceId", json!(2)),
         json!(42),
         with(row(3), "Timestamp", json!("yesterday")),
         typed(4, "SigninLogs"),

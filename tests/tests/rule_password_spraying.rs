@@ -12,57 +12,24 @@
 
 mod naive_spraying;
 
-use lookout_core::detect::{run_pass, DetectOptions};
-use lookout_core::findings::{all_findings, flush_outbox};
-use lookout_core::ingest::{ingest_paths, IngestOptions};
-use lookout_core::plugin::{load_dir, Loaded};
-use lookout_core::Store;
-use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp, TICKS_PER_SEC};
-use lookout_tests::{kqlbench_dir, plugins_dir, read_jsonl, PASSWORD_SPRAYING};
+use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp};
+use lookout_tests::ticks::{obj, proptest_config, split_ticks, t0, Restart, Rule, Tick, DAY, EVAL_DELAY, HOUR, MINUTE};
+use lookout_tests::{kqlbench_dir, PASSWORD_SPRAYING};
 use naive_spraying::{Identity, Params, StoredRow, IDENTITY, LOGONS, NETWORK};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
 
 const DETECTOR: &str = "password-spraying";
-const MINUTE: i64 = 60 * TICKS_PER_SEC;
-const HOUR: i64 = 60 * MINUTE;
-const DAY: i64 = 24 * HOUR;
-
-/// A pass evaluates this long after its tick's rows were ingested.
-const EVAL_DELAY: i64 = 30 * TICKS_PER_SEC;
-
-fn t0() -> i64 {
-    parse_timestamp("2025-05-07T12:00:00Z").unwrap()
-}
 
 // ---------------------------------------------------------------------------------------
-// The harness.
+// The harness: ticks of rows through the engine (`lookout_tests::ticks`: each tick's rows
+// ingested at its `now`, one pass at `now + EVAL_DELAY`), and through the naive evaluator.
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Restart {
-    No,
-    Before,
-    BeforePass,
-}
-
-#[derive(Debug, Clone)]
-struct Tick {
-    now: i64,
-    restart: Restart,
-    chunk_rows: Option<usize>,
-    rows: Vec<(&'static str, Map<String, Value>)>,
-}
-
-impl Tick {
-    fn new(now: i64, rows: Vec<(&'static str, Map<String, Value>)>) -> Tick {
-        Tick { now, restart: Restart::No, chunk_rows: None, rows }
-    }
-}
+const RULE: Rule = Rule { lib: PASSWORD_SPRAYING, detector: DETECTOR, tables: &[LOGONS, NETWORK, IDENTITY], show_row };
 
 /// The detector's parameters, as `--set` values and as the oracle's.
 #[derive(Debug, Clone)]
@@ -91,47 +58,17 @@ impl Setting {
         }
     }
 
-    fn sets(&self) -> Vec<(String, String, String)> {
-        let d = |p: &str, v: String| (DETECTOR.to_string(), p.to_string(), v);
+    fn sets(&self) -> Vec<(&'static str, String)> {
         vec![
-            d("timeframe", self.timeframe.to_string()),
-            d("unique_failed_accounts", self.unique.to_string()),
-            d("failed_per_account", self.per_account.to_string()),
-            d("success_ratio", self.ratio.to_string()),
+            ("timeframe", self.timeframe.to_string()),
+            ("unique_failed_accounts", self.unique.to_string()),
+            ("failed_per_account", self.per_account.to_string()),
+            ("success_ratio", self.ratio.to_string()),
         ]
     }
 }
 
-struct Engine {
-    store: Store,
-    loaded: Loaded,
-}
-
-fn open_engine(plugins: &Path, data: &Path) -> Result<Engine, String> {
-    // sled releases its lock from background threads shortly after the last handle drops.
-    let mut attempts = 0;
-    let store = loop {
-        match Store::open(data) {
-            Ok(s) => break s,
-            Err(e) if attempts < 100 && is_lock_error(&format!("{e:#}")) => {
-                attempts += 1;
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            Err(e) => return Err(format!("Store::open: {e:#}")),
-        }
-    };
-    let loaded = load_dir(plugins, data).map_err(|e| format!("load_dir: {e:#}"))?;
-    if !loaded.refused.is_empty() || loaded.plugins.len() != 1 {
-        return Err(format!("expected the password-spraying plugin alone; loaded {}", loaded.plugins.len()));
-    }
-    Ok(Engine { store, loaded })
-}
-
-fn is_lock_error(msg: &str) -> bool {
-    msg.contains("could not acquire lock") || msg.contains("in use by another Lookout process")
-}
-
-fn identity_of(f: &Value) -> Result<(Identity, Map<String, Value>), String> {
+fn identity_of(f: &Value) -> Result<Identity, String> {
     let row = f.get("row").and_then(Value::as_object).ok_or_else(|| format!("finding without a row: {f}"))?;
     let text = |c: &str| -> Result<String, String> {
         match row.get(c) {
@@ -140,7 +77,12 @@ fn identity_of(f: &Value) -> Result<(Identity, Map<String, Value>), String> {
             _ => Err(format!("finding row lacks {c}: {f}")),
         }
     };
-    Ok(((text("IPAddress")?, text("DeviceName")?, text("DeviceId")?, text("FirstFailed")?), row.clone()))
+    Ok((text("IPAddress")?, text("DeviceName")?, text("DeviceId")?, text("FirstFailed")?))
+}
+
+/// A finding's row (an object: [`identity_of`] checked it).
+fn row_of(f: &Value) -> Map<String, Value> {
+    f["row"].as_object().cloned().unwrap_or_default()
 }
 
 fn show_row(table: &str, r: &Map<String, Value>) -> String {
@@ -179,24 +121,6 @@ fn show_row(table: &str, r: &Map<String, Value>) -> String {
     }
 }
 
-fn show_ticks(ticks: &[Tick], setting: &Setting) -> String {
-    let mut s = format!("  parameters: {setting:?}\n");
-    for (k, t) in ticks.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "  tick {k}: ingest at {} (T0{:+.4}d), evaluate 30 s later{:?}{}",
-            format_timestamp(t.now),
-            (t.now - t0()) as f64 / DAY as f64,
-            t.restart,
-            t.chunk_rows.map(|n| format!(", {n} rows per call")).unwrap_or_default()
-        );
-        for (table, r) in &t.rows {
-            let _ = writeln!(s, "    {}", show_row(table, r));
-        }
-    }
-    s
-}
-
 type Found = BTreeMap<Identity, Map<String, Value>>;
 
 fn diff(what: &str, expected: &Found, actual: &Found) -> Option<String> {
@@ -228,123 +152,33 @@ fn diff(what: &str, expected: &Found, actual: &Found) -> Option<String> {
     Some(s)
 }
 
-fn check_ticks(ticks: &[Tick], setting: &Setting) -> Result<Found, String> {
-    check_ticks_inner(ticks, setting).map_err(|e| format!("{e}\nscenario:\n{}", show_ticks(ticks, setting)))
-}
-
 /// Runs the ticks through the engine (files → ingest → one pass → outbox) and checks after
 /// every pass that the findings JSONL and the results tree hold exactly the union of the
 /// naive results so far (each identity once, with its first pass's row).
-fn check_ticks_inner(ticks: &[Tick], setting: &Setting) -> Result<Found, String> {
-    let root = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let plugins = plugins_dir(root.path(), &[PASSWORD_SPRAYING]);
-    let data = root.path().join("data");
-    let findings_path = root.path().join("findings.jsonl");
+fn check_ticks(ticks: &[Tick], setting: &Setting) -> Result<Found, String> {
     let params = setting.params();
-
-    let mut engine = Some(open_engine(&plugins, &data)?);
     let mut stored: Vec<StoredRow> = Vec::new();
     let mut expected: Found = BTreeMap::new();
-    let restart = |engine: &mut Option<Engine>| -> Result<(), String> {
-        drop(engine.take());
-        *engine = Some(open_engine(&plugins, &data)?);
-        Ok(())
-    };
-
-    for (k, tick) in ticks.iter().enumerate() {
-        if tick.restart == Restart::Before {
-            restart(&mut engine)?;
-        }
-        let Engine { store, .. } = engine.as_mut().ok_or("engine closed")?;
-        let dir = root.path().join("in").join(format!("tick-{k}"));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let mut paths: Vec<PathBuf> = Vec::new();
-        for table in [LOGONS, NETWORK, IDENTITY] {
-            let lines: Vec<String> = tick
-                .rows
-                .iter()
-                .filter(|(t, _)| *t == table)
-                .map(|(_, r)| Value::Object(r.clone()).to_string())
-                .collect();
-            if lines.is_empty() {
-                continue;
-            }
-            let path = dir.join(format!("{table}-{k}.jsonl"));
-            std::fs::write(&path, lines.join("\n") + "\n").map_err(|e| e.to_string())?;
-            paths.push(path);
-        }
-        if !paths.is_empty() {
-            let opts = IngestOptions { now: Some(tick.now), ..Default::default() };
-            let report =
-                ingest_paths(store, &paths, &opts, &mut |_, _| {}).map_err(|e| format!("tick {k}: ingest: {e:#}"))?;
-            let new_rows: u64 = report.new_rows.values().sum();
-            if report.total_rejected() != 0 || new_rows != tick.rows.len() as u64 {
-                return Err(format!("tick {k}: ingest stored {new_rows} of {} rows: {report:?}", tick.rows.len()));
-            }
-        }
-        stored.extend(tick.rows.iter().map(|(table, row)| StoredRow {
-            table: table.to_string(),
-            ingested_at: tick.now,
-            row: row.clone(),
-        }));
-
-        if tick.restart == Restart::BeforePass {
-            restart(&mut engine)?;
-        }
-        let Engine { store, loaded } = engine.as_mut().ok_or("engine closed")?;
-        let t_eval = tick.now + EVAL_DELAY;
-        let mut opts = DetectOptions { now: Some(t_eval), params: setting.sets(), ..Default::default() };
-        if let Some(n) = tick.chunk_rows {
-            opts.chunk_rows = n;
-        }
-        let reports = run_pass(store, &mut loaded.plugins, &opts).map_err(|e| format!("tick {k}: run_pass: {e:#}"))?;
-        for r in &reports {
-            if let Some(e) = &r.error {
-                return Err(format!("tick {k}: detector {} failed: {e}", r.detector));
-            }
-        }
-        flush_outbox(store, &findings_path).map_err(|e| format!("tick {k}: flush_outbox: {e:#}"))?;
-
-        for (id, row) in naive_spraying::evaluate(&stored, t_eval, &params) {
+    RULE.check_ticks(ticks, &setting.sets(), |pass| {
+        stored.extend(pass.tick.stored(|table, ingested_at, row| StoredRow { table, ingested_at, row }));
+        for (id, row) in naive_spraying::evaluate(&stored, pass.t_eval, &params) {
             expected.entry(id).or_insert(row);
         }
-
-        let lines = read_jsonl(&findings_path);
-        let mut file: Found = BTreeMap::new();
-        for l in &lines {
-            let (id, row) = identity_of(l)?;
-            if file.insert(id.clone(), row).is_some() {
-                return Err(format!("after tick {k}: identity {id:?} written twice"));
+        let (file, tree) = pass.by_identity(identity_of, |id| format!("{id:?}"))?;
+        for (what, found) in [("findings.jsonl", file), ("results tree", tree)] {
+            let found: Found = found.into_iter().map(|(id, f)| (id, row_of(f))).collect();
+            if let Some(d) = diff(&format!("after tick {}: {what} vs naive union", pass.k), &expected, &found) {
+                return Err(d);
             }
         }
-        if let Some(d) = diff(&format!("after tick {k}: findings.jsonl vs naive union"), &expected, &file) {
-            return Err(d);
-        }
-        let tree = all_findings(store).map_err(|e| format!("tick {k}: all_findings: {e:#}"))?;
-        let mut tree_set: Found = BTreeMap::new();
-        for f in &tree {
-            let (id, row) = identity_of(f)?;
-            if tree_set.insert(id.clone(), row).is_some() {
-                return Err(format!("after tick {k}: identity {id:?} twice in the results tree"));
-            }
-        }
-        if let Some(d) = diff(&format!("after tick {k}: results tree vs naive union"), &expected, &tree_set) {
-            return Err(d);
-        }
-    }
+        Ok(())
+    })?;
     Ok(expected)
 }
 
 // ---------------------------------------------------------------------------------------
 // Rows.
 // ---------------------------------------------------------------------------------------
-
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(o) => o,
-        _ => unreachable!("rows are objects"),
-    }
-}
 
 #[allow(clippy::too_many_arguments)]
 fn logon_row(
@@ -648,43 +482,18 @@ impl Scenario {
                 }
             })
             .collect();
-        let mut cuts: Vec<usize> = self.cuts.iter().map(|&c| usize::from(c) * rows.len() / 256).collect();
-        cuts.sort_unstable();
-        cuts.push(rows.len());
-        for _ in 0..self.empty_ticks {
-            cuts.push(rows.len());
-        }
-        let mut ticks = Vec::new();
-        let mut start = 0;
-        let mut now = t0();
-        for (k, &end) in cuts.iter().enumerate() {
-            if k > 0 {
-                now += match self.steps[k] {
-                    Step::Small { minutes } => minutes * MINUTE,
-                    Step::Big { minutes } => tf + HOUR + minutes * MINUTE,
-                    // The previous tick's rows sit exactly on the window's edge.
-                    Step::Boundary => tf - EVAL_DELAY,
-                };
-            }
-            ticks.push(Tick {
-                now,
-                restart: if k > 0 { self.restarts[k] } else { Restart::No },
-                chunk_rows: self.chunks[k],
-                rows: rows[start..end].to_vec(),
-            });
-            start = end;
-        }
-        ticks
+        split_ticks(&rows, &self.cuts, self.empty_ticks, &self.restarts, &self.chunks, |k, _| match self.steps[k] {
+            Step::Small { minutes } => minutes * MINUTE,
+            Step::Big { minutes } => tf + HOUR + minutes * MINUTE,
+            // The previous tick's rows sit exactly on the window's edge.
+            Step::Boundary => tf - EVAL_DELAY,
+        })
     }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        // ~3 s a case in a debug build (up to 10 passes each); PROPTEST_CASES=500 soaks it.
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(8),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    // ~3 s a case in a debug build (up to 10 passes each); PROPTEST_CASES=500 soaks it.
+    #![proptest_config(proptest_config(8))]
 
     /// For any fleet, split into ticks, arrival order, chunking and restarts, and passes
     /// the clock alone moves, the findings are exactly R(t1) ∪ R(t2) ∪ … by identity.
@@ -724,8 +533,8 @@ fn id(ip: &str, device: (&str, &str), first_failed: i64) -> Identity {
 fn successes_ageing_out_fire_on_a_pass_with_no_rows() {
     let ts = t0() - HOUR;
     let ticks = vec![
-        Tick::new(t0(), (0..3).map(|i| (LOGONS, success(i, ts, SRV, "bob", ATTACKER))).collect()),
-        Tick::new(
+        Tick::at(t0(), (0..3).map(|i| (LOGONS, success(i, ts, SRV, "bob", ATTACKER))).collect()),
+        Tick::at(
             t0() + HOUR,
             ["u1", "u2", "u3"]
                 .iter()
@@ -734,9 +543,9 @@ fn successes_ageing_out_fire_on_a_pass_with_no_rows() {
                 .collect(),
         ),
         // Still inside the window of the successes (exactly on its edge at this pass).
-        Tick::new(t0() + 2 * DAY - EVAL_DELAY, vec![]),
+        Tick::at(t0() + 2 * DAY - EVAL_DELAY, vec![]),
         // A minute later they are out: nothing new arrives, the clock fires it.
-        Tick::new(t0() + 2 * DAY + MINUTE, vec![]),
+        Tick::at(t0() + 2 * DAY + MINUTE, vec![]),
     ];
     assert_eq!(run(&ticks[..3], &small()), BTreeMap::new());
     let found = run(&ticks, &small());
@@ -752,11 +561,11 @@ fn successes_ageing_out_fire_on_a_pass_with_no_rows() {
 fn first_failed_moving_is_a_new_finding() {
     let (early, late) = (t0() - 3 * HOUR, t0() + 2 * HOUR);
     let ticks = vec![
-        Tick::new(
+        Tick::at(
             t0(),
             vec![(LOGONS, failed(1, early, SRV, "a", ATTACKER)), (LOGONS, failed(2, early, SRV, "b", ATTACKER))],
         ),
-        Tick::new(
+        Tick::at(
             t0() + 3 * HOUR,
             vec![
                 (LOGONS, failed(3, late, SRV, "c", ATTACKER)),
@@ -764,7 +573,7 @@ fn first_failed_moving_is_a_new_finding() {
                 (LOGONS, failed(5, late, SRV, "e", ATTACKER)),
             ],
         ),
-        Tick::new(t0() + 2 * DAY + HOUR, vec![]),
+        Tick::at(t0() + 2 * DAY + HOUR, vec![]),
     ];
     let found = run(&ticks, &small());
     assert_eq!(ids(&found), BTreeSet::from([id(ATTACKER, SRV, early), id(ATTACKER, SRV, late)]));
@@ -803,9 +612,9 @@ fn domain_controllers_are_left_out() {
     ));
     let ws = ("d-gamma", "ws-02.corp.local");
     first.extend(spray(20, ws));
-    let mut ticks = vec![Tick::new(t0(), first)];
+    let mut ticks = vec![Tick::at(t0(), first)];
     // ws-02 becomes a DC after its finding; a later failure changes nothing more.
-    ticks.push(Tick::new(
+    ticks.push(Tick::at(
         t0() + HOUR,
         vec![
             (
@@ -855,7 +664,7 @@ fn filters_and_threshold_edges() {
     for a in ["p", "q", "q"] {
         rows.push(failed(next(), t0(), SRV, a, "10.0.0.7"));
     }
-    let ticks = vec![Tick::new(t0(), rows.into_iter().map(|r| (LOGONS, r)).collect())];
+    let ticks = vec![Tick::at(t0(), rows.into_iter().map(|r| (LOGONS, r)).collect())];
     let found = run(&ticks, &small());
     assert_eq!(ids(&found), BTreeSet::from([id(ATTACKER, SRV, t0())]));
     assert_eq!(found[&id(ATTACKER, SRV, t0())]["SuccessLogonCount"], json!(0));
@@ -873,7 +682,7 @@ fn identity_logons_branch() {
         (IDENTITY, identity_row(3, t0() + MINUTE, ATTACKER, dc, "LogonFailed", "b@corp.com")),
         (IDENTITY, identity_row(4, t0() + 2 * MINUTE, ATTACKER, dc, "Other", "z@corp.com")),
     ];
-    let found = run(&[Tick::new(t0(), rows)], &small());
+    let found = run(&[Tick::at(t0(), rows)], &small());
     let key = (ATTACKER.to_string(), dc.to_string(), String::new(), format_timestamp(t0()));
     assert_eq!(ids(&found), BTreeSet::from([key.clone()]));
     assert_eq!(found[&key]["ReportId"], json!("idr-4"));
@@ -887,24 +696,15 @@ fn identity_logons_branch() {
 /// Ingests `files` (name → JSON array text) at `at`, runs one pass at `at` with `setting`,
 /// and returns the findings' rows.
 fn run_files(files: &[(&str, String)], at: i64, setting: &Setting) -> Vec<Map<String, Value>> {
-    let root = tempfile::tempdir().unwrap();
-    let plugins = plugins_dir(root.path(), &[PASSWORD_SPRAYING]);
-    let data = root.path().join("data");
-    let mut engine = open_engine(&plugins, &data).unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let mut paths = Vec::new();
     for (name, text) in files {
-        let p = root.path().join(name);
+        let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
         paths.push(p);
     }
-    let opts = IngestOptions { now: Some(at), ..Default::default() };
-    let report = ingest_paths(&mut engine.store, &paths, &opts, &mut |_, _| {}).unwrap();
-    assert_eq!(report.total_rejected(), 0, "{report:?}");
-    let opts = DetectOptions { now: Some(at), params: setting.sets(), ..Default::default() };
-    for r in run_pass(&mut engine.store, &mut engine.loaded.plugins, &opts).unwrap() {
-        assert!(r.error.is_none(), "{:?}", r.error);
-    }
-    all_findings(&engine.store).unwrap().iter().map(|f| f["row"].as_object().unwrap().clone()).collect()
+    let once = RULE.detect_once(&[(at, paths)], at, &setting.sets());
+    once.tree.iter().map(|f| f["row"].as_object().unwrap().clone()).collect()
 }
 
 fn kqlbench(table: &str) -> String {
@@ -1029,35 +829,16 @@ fn golden_kqlbench_relabelled() {
 #[test]
 fn generated_fleet_findings_are_exactly_the_expected_ones() {
     use lookout_core::gen;
-    let root = tempfile::tempdir().unwrap();
     let spec = gen::FleetSpec { devices: 12, events: 2_000, attacks: 4, seed: 7, ..Default::default() };
-    let fleet = gen::generate(&spec);
-    let out = root.path().join("fleet");
-    gen::write_fleet(&fleet, &out, gen::Format::Jsonl).unwrap();
-    let plugins = plugins_dir(root.path(), &[PASSWORD_SPRAYING]);
-    let data = root.path().join("data");
-    let mut engine = open_engine(&plugins, &data).unwrap();
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(gen::logs_dir(&out)).unwrap().map(|e| e.unwrap().path()).collect();
-    paths.sort();
-    let opts = IngestOptions { now: Some(spec.base_time), ..Default::default() };
-    let report = ingest_paths(&mut engine.store, &paths, &opts, &mut |_, _| {}).unwrap();
-    assert_eq!(report.total_rejected(), 0, "{report:?}");
-    let opts = DetectOptions { now: Some(spec.base_time), ..Default::default() };
-    for r in run_pass(&mut engine.store, &mut engine.loaded.plugins, &opts).unwrap() {
-        assert!(r.error.is_none(), "{:?}", r.error);
-    }
+    let (planted, once) = RULE.detect_generated_fleet(&spec);
     let columns = ["IPAddress", "DeviceName", "DeviceId", "FirstFailed"];
     let text = |v: &Value| match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    let found: BTreeSet<Vec<(String, String)>> = all_findings(&engine.store)
-        .unwrap()
-        .iter()
-        .map(|f| columns.iter().map(|c| (c.to_string(), text(&f["row"][*c]))).collect())
-        .collect();
-    let expected: BTreeSet<Vec<(String, String)>> =
-        fleet.expected.iter().filter(|e| e.detector == DETECTOR).map(|e| e.identity.clone()).collect();
+    let found: BTreeSet<Vec<(String, String)>> =
+        once.tree.iter().map(|f| columns.iter().map(|c| (c.to_string(), text(&f["row"][*c]))).collect()).collect();
+    let expected: BTreeSet<Vec<(String, String)>> = planted.iter().map(|e| e.identity.clone()).collect();
     assert!(expected.len() >= spec.attacks, "the fleet has a spray per attack: {expected:?}");
     assert_eq!(found, expected);
 }

@@ -16,125 +16,27 @@
 
 mod naive_scheduled_task;
 
-use lookout_core::detect::{run_pass, DetectOptions, DetectorReport};
-use lookout_core::findings::{all_findings, flush_outbox};
+use lookout_core::detect::DetectorReport;
 use lookout_core::gen;
-use lookout_core::ingest::{ingest_paths, IngestOptions};
-use lookout_core::plugin::{load_dir, Loaded};
-use lookout_core::Store;
-use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp, TICKS_PER_SEC};
-use lookout_tests::{kqlbench_dir, plugins_dir, read_jsonl, SCHEDULED_TASK};
+use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp};
+use lookout_tests::ticks::{
+    obj, profile_row, proptest_config, t0, tick_ends, Restart, Rule, Tick, DAY, EVAL_DELAY, HOUR, MINUTE,
+};
+use lookout_tests::{kqlbench_dir, SCHEDULED_TASK};
 use naive_scheduled_task::{Identity, Params, Shown, StoredRow, FILE_PROFILE, PROCESS_EVENTS};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 const DETECTOR: &str = "scheduled-task-persistence";
-const MINUTE: i64 = 60 * TICKS_PER_SEC;
-const HOUR: i64 = 60 * MINUTE;
-const DAY: i64 = 24 * HOUR;
-
-/// A pass evaluates this long after its tick's rows were ingested.
-const EVAL_DELAY: i64 = 30 * TICKS_PER_SEC;
-
-fn t0() -> i64 {
-    parse_timestamp("2025-05-07T12:00:00Z").unwrap()
-}
-
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => unreachable!("an object literal"),
-    }
-}
 
 // ---------------------------------------------------------------------------------------
-// The engine: store + the detector's library.
+// The engine: store + the detector's library (`lookout_tests::ticks`).
 // ---------------------------------------------------------------------------------------
 
-struct Engine {
-    store: Store,
-    loaded: Loaded,
-}
-
-fn open_engine(plugins: &Path, data: &Path) -> Result<Engine, String> {
-    // sled releases its lock from background threads shortly after the last handle is
-    // dropped: an in-process reopen may briefly find it held.
-    let mut attempts = 0;
-    let store = loop {
-        match Store::open(data) {
-            Ok(s) => break s,
-            Err(e) if attempts < 100 && is_lock_error(&format!("{e:#}")) => {
-                attempts += 1;
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            Err(e) => return Err(format!("Store::open: {e:#}")),
-        }
-    };
-    let loaded = load_dir(plugins, data).map_err(|e| format!("load_dir: {e:#}"))?;
-    if !loaded.refused.is_empty() || loaded.plugins.len() != 1 {
-        let refused: Vec<String> =
-            loaded.refused.iter().map(|r| format!("{}: {}", r.path.display(), r.reason)).collect();
-        return Err(format!("expected {DETECTOR} alone to load; loaded {}, refused {refused:?}", loaded.plugins.len()));
-    }
-    Ok(Engine { store, loaded })
-}
-
-fn is_lock_error(msg: &str) -> bool {
-    msg.contains("could not acquire lock") || msg.contains("in use by another Lookout process")
-}
-
-/// Writes `rows` as one JSONL file per table under `dir` (the name gives the table) and
-/// ingests them with ingestion time `now`.
-fn ingest_rows(store: &mut Store, dir: &Path, rows: &[(&str, Map<String, Value>)], now: i64) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let mut paths: Vec<PathBuf> = Vec::new();
-    for table in [PROCESS_EVENTS, FILE_PROFILE] {
-        let lines: Vec<String> =
-            rows.iter().filter(|(t, _)| *t == table).map(|(_, r)| Value::Object(r.clone()).to_string()).collect();
-        if lines.is_empty() {
-            continue;
-        }
-        let path = dir.join(format!("{table}-1.jsonl"));
-        std::fs::write(&path, lines.join("\n") + "\n").map_err(|e| e.to_string())?;
-        paths.push(path);
-    }
-    if paths.is_empty() {
-        return Ok(());
-    }
-    let opts = IngestOptions { now: Some(now), ..Default::default() };
-    let report = ingest_paths(store, &paths, &opts, &mut |_, _| {}).map_err(|e| format!("ingest: {e:#}"))?;
-    let events = rows.iter().filter(|(t, _)| *t == PROCESS_EVENTS).count() as u64;
-    let new_events: u64 = report.new_rows.iter().filter(|(t, _)| t.as_str() == PROCESS_EVENTS).map(|(_, n)| n).sum();
-    if report.total_rejected() != 0 || new_events != events {
-        return Err(format!("ingest stored {new_events} of {events} event rows: {report:?}"));
-    }
-    Ok(())
-}
-
-/// One detection pass at `now` with these parameter overrides; fails on a detector error.
-fn pass(
-    engine: &mut Engine,
-    now: i64,
-    params: &[(&str, String)],
-    chunk: Option<usize>,
-) -> Result<DetectorReport, String> {
-    let mut opts = DetectOptions { now: Some(now), ..Default::default() };
-    opts.params = params.iter().map(|(p, v)| (DETECTOR.to_string(), p.to_string(), v.clone())).collect();
-    if let Some(n) = chunk {
-        opts.chunk_rows = n;
-    }
-    let mut reports =
-        run_pass(&mut engine.store, &mut engine.loaded.plugins, &opts).map_err(|e| format!("run_pass: {e:#}"))?;
-    let report = reports.pop().ok_or("no report")?;
-    if let Some(e) = &report.error {
-        return Err(format!("detector failed: {e}"));
-    }
-    Ok(report)
-}
+const RULE: Rule = Rule { lib: SCHEDULED_TASK, detector: DETECTOR, tables: &[PROCESS_EVENTS, FILE_PROFILE], show_row };
 
 /// The identity of a finding line: (row.SHA1, row.DeviceId).
 fn identity_of(f: &Value) -> Result<Identity, String> {
@@ -155,23 +57,6 @@ fn shown_of(f: &Value) -> Option<Shown> {
 // ---------------------------------------------------------------------------------------
 // The property test.
 // ---------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone)]
-struct Tick {
-    now: i64,
-    restart: Restart,
-    chunk_rows: Option<usize>,
-    rows: Vec<(&'static str, Map<String, Value>)>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Restart {
-    No,
-    /// Before the tick's rows are ingested.
-    Before,
-    /// After its rows are ingested, before its pass.
-    BeforePass,
-}
 
 fn show_row(table: &str, r: &Map<String, Value>) -> String {
     let g = |c: &str| r.get(c).map_or("-".to_string(), |v| v.to_string());
@@ -197,113 +82,23 @@ fn show_row(table: &str, r: &Map<String, Value>) -> String {
     }
 }
 
-fn show_ticks(ticks: &[Tick], top: usize) -> String {
-    let mut s = format!("  top = {top}\n");
-    for (k, t) in ticks.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "  tick {k}: ingest at {} (T0{:+.4}d), evaluate 30 s later{}{}",
-            format_timestamp(t.now),
-            (t.now - t0()) as f64 / DAY as f64,
-            match t.restart {
-                Restart::No => "",
-                Restart::Before => ", restart before ingesting",
-                Restart::BeforePass => ", restart between ingest and pass",
-            },
-            t.chunk_rows.map(|n| format!(", {n} rows per evaluate call")).unwrap_or_default()
-        );
-        for (table, r) in &t.rows {
-            let _ = writeln!(s, "    {}", show_row(table, r));
-        }
-    }
-    s
-}
-
-fn diff(what: &str, expected: &BTreeSet<Identity>, actual: &BTreeSet<Identity>) -> Option<String> {
-    if expected == actual {
-        return None;
-    }
-    let mut s = format!("{what}: expected {} findings, got {}\n", expected.len(), actual.len());
-    for p in expected.difference(actual) {
-        let _ = writeln!(s, "  missing: {p:?}");
-    }
-    for p in actual.difference(expected) {
-        let _ = writeln!(s, "  extra:   {p:?}");
-    }
-    Some(s)
-}
-
 /// Runs `ticks` through the engine and checks after every tick that the findings (JSONL
 /// and results tree) are exactly the union of the naive results so far, each once, and
 /// that each new finding's row shows the naive result of the pass that found it.
 fn check_ticks(ticks: &[Tick], top: usize) -> Result<BTreeSet<Identity>, String> {
-    check_ticks_inner(ticks, top).map_err(|e| format!("{e}\nscenario:\n{}", show_ticks(ticks, top)))
-}
-
-fn check_ticks_inner(ticks: &[Tick], top: usize) -> Result<BTreeSet<Identity>, String> {
-    let root = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let plugins = plugins_dir(root.path(), &[SCHEDULED_TASK]);
-    let data = root.path().join("data");
-    let findings_path = root.path().join("findings.jsonl");
     let params = Params { top, ..Params::default() };
-    let overrides = [("top", top.to_string())];
-
-    let mut engine = Some(open_engine(&plugins, &data)?);
     let mut stored: Vec<StoredRow> = Vec::new();
     let mut expected: BTreeSet<Identity> = BTreeSet::new();
-    let restart = |engine: &mut Option<Engine>| -> Result<(), String> {
-        drop(engine.take());
-        *engine = Some(open_engine(&plugins, &data)?);
-        Ok(())
-    };
-
-    for (k, tick) in ticks.iter().enumerate() {
-        if tick.restart == Restart::Before {
-            restart(&mut engine)?;
-        }
-        let e = engine.as_mut().ok_or("engine is open")?;
-        let dir = root.path().join("in").join(format!("tick-{k}"));
-        ingest_rows(&mut e.store, &dir, &tick.rows, tick.now).map_err(|e| format!("tick {k}: {e}"))?;
-        stored.extend(tick.rows.iter().map(|(table, row)| StoredRow {
-            table: table.to_string(),
-            ingested_at: tick.now,
-            row: row.clone(),
-        }));
-        if tick.restart == Restart::BeforePass {
-            restart(&mut engine)?;
-        }
-        let e = engine.as_mut().ok_or("engine is open")?;
-        let t_eval = tick.now + EVAL_DELAY;
-        pass(e, t_eval, &overrides, tick.chunk_rows).map_err(|e| format!("tick {k}: {e}"))?;
-        flush_outbox(&mut e.store, &findings_path).map_err(|e| format!("tick {k}: flush_outbox: {e:#}"))?;
-
-        let result = naive_scheduled_task::evaluate(&stored, t_eval, &params);
+    RULE.check_ticks(ticks, &[("top", top.to_string())], |pass| {
+        let k = pass.k;
+        stored.extend(pass.tick.stored(|table, ingested_at, row| StoredRow { table, ingested_at, row }));
+        let result = naive_scheduled_task::evaluate(&stored, pass.t_eval, &params);
         let before = expected.clone();
         expected.extend(result.keys().cloned());
-
-        let lines = read_jsonl(&findings_path);
-        let ids: BTreeSet<&str> = lines.iter().filter_map(|l| l.get("finding_id").and_then(Value::as_str)).collect();
-        let mut by_identity: BTreeMap<Identity, Vec<&Value>> = BTreeMap::new();
-        for l in &lines {
-            by_identity.entry(identity_of(l)?).or_default().push(l);
-        }
-        let twice: Vec<String> =
-            by_identity.iter().filter(|(_, v)| v.len() > 1).map(|(p, v)| format!("  {}×: {p:?}", v.len())).collect();
-        if ids.len() != lines.len() || !twice.is_empty() {
-            return Err(format!(
-                "after tick {k}: {} lines, {} distinct ids; written more than once:\n{}",
-                lines.len(),
-                ids.len(),
-                twice.join("\n")
-            ));
-        }
-        let file_set: BTreeSet<Identity> = by_identity.keys().cloned().collect();
-        if let Some(d) = diff(&format!("after tick {k}: findings.jsonl vs naive union"), &expected, &file_set) {
-            return Err(d);
-        }
+        let by_identity = pass.check_union("findings", &expected, identity_of, |id| format!("{id:?}"))?;
         // The findings new in this pass show this pass's result row.
         for id in expected.difference(&before) {
-            let f = by_identity[id][0];
+            let f = by_identity[id];
             let shown = shown_of(f).ok_or_else(|| format!("after tick {k}: bad row: {f}"))?;
             if shown != result[id] {
                 return Err(format!(
@@ -316,15 +111,8 @@ fn check_ticks_inner(ticks: &[Tick], top: usize) -> Result<BTreeSet<Identity>, S
                 return Err(format!("after tick {k}: finding envelope disagrees with its row: {f}"));
             }
         }
-        let tree = all_findings(&e.store).map_err(|e| format!("tick {k}: all_findings: {e:#}"))?;
-        let tree_set: BTreeSet<Identity> = tree.iter().map(identity_of).collect::<Result<_, _>>()?;
-        if tree.len() != tree_set.len() {
-            return Err(format!("after tick {k}: results tree has {} findings for {} ids", tree.len(), tree_set.len()));
-        }
-        if let Some(d) = diff(&format!("after tick {k}: results tree vs naive union"), &expected, &tree_set) {
-            return Err(d);
-        }
-    }
+        Ok(())
+    })?;
     Ok(expected)
 }
 
@@ -483,10 +271,7 @@ fn sha1_of(sha: usize, upper: bool) -> String {
 
 impl Scenario {
     fn ticks(&self) -> Vec<Tick> {
-        let mut cuts: Vec<usize> = self.cuts.iter().map(|&c| usize::from(c) * self.rows.len() / 256).collect();
-        cuts.sort_unstable();
-        cuts.push(self.rows.len());
-        cuts.extend(std::iter::repeat_n(self.rows.len(), self.idle));
+        let cuts = tick_ends(self.rows.len(), &self.cuts, self.idle);
         let mut ticks = Vec::new();
         let mut start = 0;
         let mut now = t0();
@@ -565,12 +350,8 @@ impl Scenario {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        // ~1.5 s a case in a debug build; PROPTEST_CASES=500 for a soak run.
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(16),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    // ~1.5 s a case in a debug build; PROPTEST_CASES=500 for a soak run.
+    #![proptest_config(proptest_config(16))]
 
     #[test]
     fn incremental_equals_union_of_batch_results(s in scenario()) {
@@ -606,17 +387,6 @@ fn exec_row(
     }))
 }
 
-fn profile_row(report_id: i64, sha1: &str, prevalence: Option<i64>, availability: Option<&str>) -> Map<String, Value> {
-    obj(json!({
-        "SHA1": sha1,
-        "GlobalPrevalence": prevalence,
-        "GlobalFirstSeen": "2025-04-01T00:00:00Z",
-        "Signer": "",
-        "ProfileAvailability": availability,
-        "ReportId": report_id,
-    }))
-}
-
 // ---------------------------------------------------------------------------------------
 // Sharp edges by hand: each also pins the naive evaluator to the expected identities.
 // ---------------------------------------------------------------------------------------
@@ -627,10 +397,6 @@ const SCHEDULE: &str = "svchost.exe -k netsvcs -p -s Schedule";
 
 fn id(sha1: &str, device: &str) -> Identity {
     (sha1.to_string(), device.to_string())
-}
-
-fn tick(now: i64, rows: Vec<(&'static str, Map<String, Value>)>) -> Tick {
-    Tick { now, restart: Restart::No, chunk_rows: None, rows }
 }
 
 fn run(ticks: &[Tick], top: usize) -> BTreeSet<Identity> {
@@ -645,13 +411,13 @@ fn an_old_execution_leaving_the_lookback_makes_the_binary_new() {
     let old = exec_row(1, t0() - 3 * DAY, "d-alpha", "alpha", SHA_A, "ProcessCreated", SCHEDULE);
     let recent = exec_row(2, t0() + 3 * DAY + HOUR, "d-alpha", "alpha", SHA_A, "ProcessCreated", SCHEDULE);
     let ticks = vec![
-        tick(t0(), vec![(PROCESS_EVENTS, old)]),
-        tick(t0() + 3 * DAY + 2 * HOUR, vec![(PROCESS_EVENTS, recent)]),
+        Tick::at(t0(), vec![(PROCESS_EVENTS, old)]),
+        Tick::at(t0() + 3 * DAY + 2 * HOUR, vec![(PROCESS_EVENTS, recent)]),
         // Still inside the lookback: not new.
-        tick(t0() + 4 * DAY - EVAL_DELAY, vec![]),
+        Tick::at(t0() + 4 * DAY - EVAL_DELAY, vec![]),
         // The old execution is exactly at the lookback edge: still in, still not new.
         // One tick later it is out: the pass must run (no row arrives) and find it.
-        tick(t0() + 4 * DAY - EVAL_DELAY + 1, vec![]),
+        Tick::at(t0() + 4 * DAY - EVAL_DELAY + 1, vec![]),
     ];
     assert_eq!(run(&ticks[..3], 1000), BTreeSet::new());
     assert_eq!(run(&ticks, 1000), BTreeSet::from([id(SHA_A, "d-alpha")]));
@@ -665,10 +431,10 @@ fn a_binary_leaving_the_top_lets_the_next_in() {
     let common_1 = exec_row(2, t0() - 30 * MINUTE, "d-alpha", "alpha", SHA_A, "ProcessCreated", SCHEDULE);
     let common_2 = exec_row(3, t0() - 20 * MINUTE, "d-beta", "beta", SHA_A, "ProcessCreated", SCHEDULE);
     let ticks = vec![
-        tick(t0(), vec![(PROCESS_EVENTS, rare), (PROCESS_EVENTS, common_1), (PROCESS_EVENTS, common_2)]),
+        Tick::at(t0(), vec![(PROCESS_EVENTS, rare), (PROCESS_EVENTS, common_1), (PROCESS_EVENTS, common_2)]),
         // `rare` happened at t0 - 1h: its (device, SHA1) is new until t0 + 47h inclusive.
-        tick(t0() + 2 * DAY - HOUR - EVAL_DELAY, vec![]),
-        tick(t0() + 2 * DAY - HOUR - EVAL_DELAY + 1, vec![]),
+        Tick::at(t0() + 2 * DAY - HOUR - EVAL_DELAY, vec![]),
+        Tick::at(t0() + 2 * DAY - HOUR - EVAL_DELAY + 1, vec![]),
     ];
     assert_eq!(run(&ticks[..2], 1), BTreeSet::from([id(SHA_B, "d-alpha")]));
     // SHA_A's executions (first seen t0 - 30 min, ingested at t0) are still new: it is
@@ -682,9 +448,9 @@ fn a_binary_leaving_the_top_lets_the_next_in() {
 fn a_later_profile_lets_a_binary_fire() {
     let exec = exec_row(1, t0() - HOUR, "d-alpha", "alpha", SHA_A, "ProcessCreated", SCHEDULE);
     let ticks = vec![
-        tick(t0(), vec![(FILE_PROFILE, profile_row(2, SHA_A, Some(5000), None)), (PROCESS_EVENTS, exec)]),
-        tick(t0() + HOUR, vec![(FILE_PROFILE, profile_row(3, &SHA_A.to_uppercase(), Some(1), None))]),
-        tick(t0() + 2 * HOUR, vec![(FILE_PROFILE, profile_row(4, SHA_A, Some(99), Some("Available")))]),
+        Tick::at(t0(), vec![(FILE_PROFILE, profile_row(2, SHA_A, Some(5000), None)), (PROCESS_EVENTS, exec)]),
+        Tick::at(t0() + HOUR, vec![(FILE_PROFILE, profile_row(3, &SHA_A.to_uppercase(), Some(1), None))]),
+        Tick::at(t0() + 2 * HOUR, vec![(FILE_PROFILE, profile_row(4, SHA_A, Some(99), Some("Available")))]),
     ];
     assert_eq!(run(&ticks[..2], 1000), BTreeSet::new());
     assert_eq!(run(&ticks, 1000), BTreeSet::from([id(SHA_A, "d-alpha")]));
@@ -699,8 +465,12 @@ fn upper_case_never_joins_empty_fires_second_device_is_new() {
     let b1 = exec_row(3, t0() - HOUR, "d-alpha", "alpha", SHA_B, "ProcessCreated", SCHEDULE);
     let b2 = exec_row(4, t0() + DAY, "d-beta", "beta", SHA_B, "ProcessCreated", &SCHEDULE.to_uppercase());
     let ticks = vec![
-        tick(t0(), vec![(PROCESS_EVENTS, upper), (PROCESS_EVENTS, empty), (PROCESS_EVENTS, b1)]),
-        Tick { restart: Restart::Before, chunk_rows: Some(1), ..tick(t0() + DAY + HOUR, vec![(PROCESS_EVENTS, b2)]) },
+        Tick::at(t0(), vec![(PROCESS_EVENTS, upper), (PROCESS_EVENTS, empty), (PROCESS_EVENTS, b1)]),
+        Tick {
+            restart: Restart::Before,
+            chunk_rows: Some(1),
+            ..Tick::at(t0() + DAY + HOUR, vec![(PROCESS_EVENTS, b2)])
+        },
     ];
     assert_eq!(run(&ticks[..1], 1000), BTreeSet::from([id("", "d-alpha"), id(SHA_B, "d-alpha")]));
     assert_eq!(run(&ticks, 1000), BTreeSet::from([id("", "d-alpha"), id(SHA_B, "d-alpha"), id(SHA_B, "d-beta")]));
@@ -713,19 +483,8 @@ fn upper_case_never_joins_empty_fires_second_device_is_new() {
 /// Ingests `files` at `ingest_at` (in one call), runs one pass at `eval_at` with these
 /// overrides in a fresh store, and returns (the pass report, the findings).
 fn golden(batches: &[(i64, Vec<PathBuf>)], eval_at: i64, params: &[(&str, String)]) -> (DetectorReport, Vec<Value>) {
-    let root = tempfile::tempdir().unwrap();
-    let plugins = plugins_dir(root.path(), &[SCHEDULED_TASK]);
-    let data = root.path().join("data");
-    let mut engine = open_engine(&plugins, &data).unwrap();
-    for (at, files) in batches {
-        let opts = IngestOptions { now: Some(*at), ..Default::default() };
-        let report = ingest_paths(&mut engine.store, files, &opts, &mut |_, _| {}).unwrap();
-        assert_eq!(report.total_rejected(), 0, "{report:?}");
-    }
-    let report = pass(&mut engine, eval_at, params, None).unwrap();
-    let out = root.path().join("findings.jsonl");
-    flush_outbox(&mut engine.store, &out).unwrap();
-    (report, read_jsonl(&out))
+    let once = RULE.detect_once(batches, eval_at, params);
+    (once.report, once.lines)
 }
 
 /// kqlbench has no DeviceProcessEvents export, so the rule (DeviceProcessEvents and
@@ -915,14 +674,10 @@ fn stored_rows(batches: &[(i64, Vec<PathBuf>)]) -> Vec<StoredRow> {
 /// findings are exactly the fleet's planted ones (by SHA1, DeviceId).
 #[test]
 fn generated_fleet_findings_are_exactly_the_planted_ones() {
-    let root = tempfile::tempdir().unwrap();
     let spec = gen::FleetSpec { devices: 20, events: 4000, attacks: 6, seed: 11, ..Default::default() };
-    let fleet = gen::generate(&spec);
-    let planted: BTreeSet<gen::Expected> = fleet.expected.iter().filter(|e| e.detector == DETECTOR).cloned().collect();
+    let (planted, once) = RULE.detect_generated_fleet(&spec);
     assert!(planted.len() >= spec.attacks, "each attack plants a finding: {planted:?}");
-    let out = root.path().join("fleet");
-    gen::write_fleet(&fleet, &out, gen::Format::Jsonl).unwrap();
-    let (_, findings) = golden(&[(spec.base_time, vec![gen::logs_dir(&out)])], spec.base_time, &[]);
+    let findings = once.lines;
     let columns = ["SHA1".to_string(), "DeviceId".to_string()];
     let found: BTreeSet<gen::Expected> = findings.iter().filter_map(|f| gen::expected_of(f, &columns)).collect();
     assert_eq!(findings.len(), found.len(), "a finding without its identity columns, or twice");

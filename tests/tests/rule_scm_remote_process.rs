@@ -15,35 +15,23 @@
 
 mod naive_scm_remote;
 
-use lookout_core::detect::{run_pass, DetectOptions};
-use lookout_core::findings::{all_findings, flush_outbox};
 use lookout_core::gen::{self, FleetSpec};
-use lookout_core::ingest::{ingest_paths, IngestOptions};
-use lookout_core::plugin::{load_dir, Loaded};
-use lookout_core::Store;
-use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp, TICKS_PER_SEC};
-use lookout_tests::{kqlbench_dir, plugins_dir, read_jsonl, SCM_REMOTE};
+use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp};
+use lookout_tests::ticks::{
+    obj, proptest_config, split_ticks, t0, Restart, Rule, Tick, EVAL_DELAY, HOUR, MINUTE, SECOND,
+};
+use lookout_tests::{kqlbench_dir, SCM_REMOTE};
 use naive_scm_remote::{value_text, Identity, Params, StoredRow, CERTIFICATES, NETWORK, PROCESS};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 
 const DETECTOR: &str = "scm-remote-process";
-const SECOND: i64 = TICKS_PER_SEC;
-const MINUTE: i64 = 60 * SECOND;
-const HOUR: i64 = 60 * MINUTE;
+
 /// The rule's timeframe (the default, 2h).
 const TIMEFRAME: i64 = 2 * HOUR;
-/// A pass evaluates this long after its tick's rows were ingested.
-const EVAL_DELAY: i64 = 30 * SECOND;
-
-/// The first tick's ingestion time.
-fn t0() -> i64 {
-    parse_timestamp("2025-05-07T12:00:00Z").unwrap()
-}
 
 /// The event times of the property test's rows are around this (a whole second).
 fn t_event() -> i64 {
@@ -62,58 +50,9 @@ fn default_params(threshold: i64) -> Params {
 // The harness: ticks of rows through the engine, and through the naive evaluator.
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone)]
-struct Tick {
-    /// Ingestion time of its rows; the pass evaluates at `now + EVAL_DELAY`.
-    now: i64,
-    restart: Restart,
-    chunk_rows: Option<usize>,
-    rows: Vec<(&'static str, Map<String, Value>)>,
-}
-
-impl Tick {
-    fn new(now: i64, restart: Restart, rows: Vec<(&'static str, Map<String, Value>)>) -> Tick {
-        Tick { now, restart, chunk_rows: None, rows }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Restart {
-    No,
-    /// Before the tick's rows are ingested.
-    Before,
-    /// After its rows are ingested, before its pass.
-    BeforePass,
-}
-
-struct Engine {
-    store: Store,
-    loaded: Loaded,
-}
-
-fn is_lock_error(msg: &str) -> bool {
-    msg.contains("could not acquire lock") || msg.contains("in use by another Lookout process")
-}
-
-fn open_engine(plugins: &Path, data: &Path) -> Result<Engine, String> {
-    // sled releases its lock from background threads shortly after the last handle drops.
-    let mut attempts = 0;
-    let store = loop {
-        match Store::open(data) {
-            Ok(s) => break s,
-            Err(e) if attempts < 100 && is_lock_error(&format!("{e:#}")) => {
-                attempts += 1;
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            Err(e) => return Err(format!("Store::open: {e:#}")),
-        }
-    };
-    let loaded = load_dir(plugins, data).map_err(|e| format!("load_dir: {e:#}"))?;
-    if !loaded.refused.is_empty() || loaded.plugins.len() != 1 {
-        return Err(format!("expected the scm-remote-process plugin alone; loaded {}", loaded.plugins.len()));
-    }
-    Ok(Engine { store, loaded })
-}
+// Each tick's rows are ingested at its `now`, its pass evaluates at `now + EVAL_DELAY`
+// (`lookout_tests::ticks`).
+const RULE: Rule = Rule { lib: SCM_REMOTE, detector: DETECTOR, tables: &[NETWORK, PROCESS, CERTIFICATES], show_row };
 
 /// A finding's identity: the text of its row's DeviceId, ReportId, TimestampChild, SHA1.
 fn identity_of(f: &Value) -> Result<Identity, String> {
@@ -151,156 +90,24 @@ fn show_row(table: &str, r: &Map<String, Value>) -> String {
     }
 }
 
-fn show_ticks(ticks: &[Tick], threshold: i64) -> String {
-    let mut s = format!("  prevalence_threshold {threshold}\n");
-    for (k, t) in ticks.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "  tick {k}: ingest at {} (T0{:+.4}h), evaluate 30 s later{}{}",
-            format_timestamp(t.now),
-            (t.now - t0()) as f64 / HOUR as f64,
-            match t.restart {
-                Restart::No => "",
-                Restart::Before => ", restart before ingesting",
-                Restart::BeforePass => ", restart between ingest and pass",
-            },
-            t.chunk_rows.map(|n| format!(", {n} rows per evaluate call")).unwrap_or_default()
-        );
-        for (table, r) in &t.rows {
-            let _ = writeln!(s, "    {}", show_row(table, r));
-        }
-    }
-    s
-}
-
-fn diff(what: &str, expected: &BTreeSet<Identity>, actual: &BTreeSet<Identity>) -> Option<String> {
-    if expected == actual {
-        return None;
-    }
-    let mut s = format!("{what}: expected {} findings, got {}\n", expected.len(), actual.len());
-    for p in expected.difference(actual) {
-        let _ = writeln!(s, "  missing: {p:?}");
-    }
-    for p in actual.difference(expected) {
-        let _ = writeln!(s, "  extra:   {p:?}");
-    }
-    Some(s)
-}
-
 /// Runs `ticks` through the engine and checks after every pass that the findings equal
 /// the union of the naive results so far, each once. Returns that union.
 fn check_ticks(ticks: &[Tick], threshold: i64) -> Result<BTreeSet<Identity>, String> {
-    check_ticks_inner(ticks, threshold).map_err(|e| format!("{e}\nscenario:\n{}", show_ticks(ticks, threshold)))
-}
-
-fn check_ticks_inner(ticks: &[Tick], threshold: i64) -> Result<BTreeSet<Identity>, String> {
-    let root = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let plugins = plugins_dir(root.path(), &[SCM_REMOTE]);
-    let data = root.path().join("data");
-    let findings_path = root.path().join("findings.jsonl");
     let params = default_params(threshold);
-    let set = vec![(DETECTOR.to_string(), "prevalence_threshold".to_string(), threshold.to_string())];
-
-    let mut engine = Some(open_engine(&plugins, &data)?);
     let mut stored: Vec<StoredRow> = Vec::new();
     let mut expected: BTreeSet<Identity> = BTreeSet::new();
-    let restart = |engine: &mut Option<Engine>| -> Result<(), String> {
-        drop(engine.take());
-        *engine = Some(open_engine(&plugins, &data)?);
+    RULE.check_ticks(ticks, &[("prevalence_threshold", threshold.to_string())], |pass| {
+        stored.extend(pass.tick.stored(|table, ingested_at, row| StoredRow { table, ingested_at, row }));
+        expected.extend(naive_scm_remote::evaluate(&stored, pass.t_eval, &params));
+        pass.check_union("findings", &expected, identity_of, |id| format!("{id:?}"))?;
         Ok(())
-    };
-
-    for (k, tick) in ticks.iter().enumerate() {
-        if tick.restart == Restart::Before {
-            restart(&mut engine)?;
-        }
-        let Engine { store, .. } = engine.as_mut().expect("engine is open");
-        let dir = root.path().join("in").join(format!("tick-{k}"));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let mut paths: Vec<PathBuf> = Vec::new();
-        for table in [NETWORK, PROCESS, CERTIFICATES] {
-            let lines: Vec<String> = tick
-                .rows
-                .iter()
-                .filter(|(t, _)| *t == table)
-                .map(|(_, r)| Value::Object(r.clone()).to_string())
-                .collect();
-            if lines.is_empty() {
-                continue;
-            }
-            let path = dir.join(format!("{table}-{k}.jsonl"));
-            std::fs::write(&path, lines.join("\n") + "\n").map_err(|e| e.to_string())?;
-            paths.push(path);
-        }
-        if !paths.is_empty() {
-            let opts = IngestOptions { now: Some(tick.now), ..Default::default() };
-            let report =
-                ingest_paths(store, &paths, &opts, &mut |_, _| {}).map_err(|e| format!("tick {k}: ingest: {e:#}"))?;
-            let new_rows: u64 = report.new_rows.values().sum();
-            if report.total_rejected() != 0 || new_rows != tick.rows.len() as u64 {
-                return Err(format!("tick {k}: ingest stored {new_rows} of {} rows: {report:?}", tick.rows.len()));
-            }
-        }
-        stored.extend(tick.rows.iter().map(|(table, row)| StoredRow {
-            table: table.to_string(),
-            ingested_at: tick.now,
-            row: row.clone(),
-        }));
-
-        if tick.restart == Restart::BeforePass {
-            restart(&mut engine)?;
-        }
-        let Engine { store, loaded } = engine.as_mut().expect("engine is open");
-        let t_eval = tick.now + EVAL_DELAY;
-        let mut opts = DetectOptions { now: Some(t_eval), params: set.clone(), ..Default::default() };
-        if let Some(n) = tick.chunk_rows {
-            opts.chunk_rows = n;
-        }
-        let reports = run_pass(store, &mut loaded.plugins, &opts).map_err(|e| format!("tick {k}: run_pass: {e:#}"))?;
-        for r in &reports {
-            if let Some(e) = &r.error {
-                return Err(format!("tick {k}: detector {} failed: {e}", r.detector));
-            }
-        }
-        flush_outbox(store, &findings_path).map_err(|e| format!("tick {k}: flush_outbox: {e:#}"))?;
-
-        expected.extend(naive_scm_remote::evaluate(&stored, t_eval, &params));
-
-        let lines = read_jsonl(&findings_path);
-        let mut file: BTreeMap<Identity, usize> = BTreeMap::new();
-        for l in &lines {
-            *file.entry(identity_of(l)?).or_insert(0) += 1;
-        }
-        let twice: Vec<String> = file.iter().filter(|(_, n)| **n > 1).map(|(p, n)| format!("  {n}×: {p:?}")).collect();
-        if !twice.is_empty() {
-            return Err(format!("after tick {k}: identities written more than once:\n{}", twice.join("\n")));
-        }
-        let file_set: BTreeSet<Identity> = file.into_keys().collect();
-        if let Some(d) = diff(&format!("after tick {k}: findings.jsonl vs naive union"), &expected, &file_set) {
-            return Err(d);
-        }
-        let tree = all_findings(store).map_err(|e| format!("tick {k}: all_findings: {e:#}"))?;
-        let tree_set: BTreeSet<Identity> = tree.iter().map(identity_of).collect::<Result<_, _>>()?;
-        if tree.len() != tree_set.len() {
-            return Err(format!("after tick {k}: results tree has {} findings for {} ids", tree.len(), tree_set.len()));
-        }
-        if let Some(d) = diff(&format!("after tick {k}: results tree vs naive union"), &expected, &tree_set) {
-            return Err(d);
-        }
-    }
+    })?;
     Ok(expected)
 }
 
 // ---------------------------------------------------------------------------------------
 // Rows.
 // ---------------------------------------------------------------------------------------
-
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(o) => o,
-        _ => unreachable!("rows are objects"),
-    }
-}
 
 fn host_of(device: &str) -> String {
     format!("{}.corp.example.com", device.to_ascii_lowercase())
@@ -595,54 +402,32 @@ impl Scenario {
                 }
             })
             .collect();
-        let mut cuts: Vec<usize> = self.cuts.iter().map(|&c| usize::from(c) * rows.len() / 256).collect();
-        cuts.sort_unstable();
-        cuts.push(rows.len());
-        cuts.extend(std::iter::repeat_n(rows.len(), self.trailing));
-        let mut ticks = Vec::new();
-        let mut start = 0;
-        let mut now = t0();
+        // The ingestion times of the ticks so far.
         let mut earlier: Vec<i64> = Vec::new();
-        for (k, &end) in cuts.iter().enumerate() {
-            if k > 0 {
-                now += match self.steps[k] {
-                    Step::Small { minutes } => minutes * MINUTE,
-                    Step::Boundary => TIMEFRAME - EVAL_DELAY,
-                    Step::JustPast => TIMEFRAME - EVAL_DELAY + 1,
-                    Step::Big { minutes } => TIMEFRAME + minutes * MINUTE,
-                    Step::PastEarlier { pick } => {
-                        let edges: Vec<i64> =
-                            earlier.iter().map(|t| t + TIMEFRAME - EVAL_DELAY + 1).filter(|e| *e > now).collect();
-                        match edges.get(usize::from(pick) % edges.len().max(1)) {
-                            Some(e) => e - now,
-                            None => MINUTE,
-                        }
-                    }
-                };
-            }
+        split_ticks(&rows, &self.cuts, self.trailing, &self.restarts, &self.chunks, |k, now| {
             earlier.push(now);
-            ticks.push(Tick {
-                now,
-                restart: if k > 0 { self.restarts[k] } else { Restart::No },
-                chunk_rows: self.chunks[k],
-                rows: rows[start..end].to_vec(),
-            });
-            start = end;
-        }
-        ticks
+            match self.steps[k] {
+                Step::Small { minutes } => minutes * MINUTE,
+                Step::Boundary => TIMEFRAME - EVAL_DELAY,
+                Step::JustPast => TIMEFRAME - EVAL_DELAY + 1,
+                Step::Big { minutes } => TIMEFRAME + minutes * MINUTE,
+                Step::PastEarlier { pick } => {
+                    let edges: Vec<i64> =
+                        earlier.iter().map(|t| t + TIMEFRAME - EVAL_DELAY + 1).filter(|e| *e > now).collect();
+                    match edges.get(usize::from(pick) % edges.len().max(1)) {
+                        Some(e) => e - now,
+                        None => MINUTE,
+                    }
+                }
+            }
+        })
     }
 }
 
-/// `PROPTEST_CASES`, or `default` (each case takes about 1.5 s in a debug build; the two
-/// properties run side by side, well under a minute together).
-fn cases(default: u32) -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(default);
-    // No proptest-regressions files in the workspace.
-    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
-}
-
+// `PROPTEST_CASES`, or the default here (each case takes about 1.5 s in a debug build; the
+// two properties run side by side, well under a minute together).
 proptest! {
-    #![proptest_config(cases(14))]
+    #![proptest_config(proptest_config(14))]
 
     /// For any fleet, any split into ticks, any arrival order, restarts and chunking, the
     /// findings are exactly R(t1) ∪ R(t2) ∪ … of the batch rule, each identity once.
@@ -653,7 +438,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(cases(10))]
+    #![proptest_config(proptest_config(10))]
 
     /// The same property where the clock alone matters: pairs on one services.exe spread
     /// over a few ticks minutes apart, counts around a small threshold, then passes with
@@ -865,21 +650,8 @@ fn a_later_certificate_stops_later_findings_only() {
 
 /// Ingests `paths` at `now`, runs one pass at `now` with `set` overrides, returns the
 /// findings.
-fn detect_once(paths: &[PathBuf], now: i64, set: &[(&str, &str)]) -> Vec<Value> {
-    let root = tempfile::tempdir().unwrap();
-    let plugins = plugins_dir(root.path(), &[SCM_REMOTE]);
-    let data = root.path().join("data");
-    let mut engine = open_engine(&plugins, &data).unwrap();
-    let opts = IngestOptions { now: Some(now), ..Default::default() };
-    let report = ingest_paths(&mut engine.store, paths, &opts, &mut |_, _| {}).unwrap();
-    assert_eq!(report.total_rejected(), 0, "{report:?}");
-    let params = set.iter().map(|(p, v)| (DETECTOR.to_string(), p.to_string(), v.to_string())).collect();
-    let opts = DetectOptions { now: Some(now), params, ..Default::default() };
-    let reports = run_pass(&mut engine.store, &mut engine.loaded.plugins, &opts).unwrap();
-    assert!(reports.iter().all(|r| r.error.is_none()), "{reports:?}");
-    let out = root.path().join("findings.jsonl");
-    flush_outbox(&mut engine.store, &out).unwrap();
-    read_jsonl(&out)
+fn detect_once(paths: &[PathBuf], now: i64, set: &[(&str, String)]) -> Vec<Value> {
+    RULE.detect_once(&[(now, paths.to_vec())], now, set).lines
 }
 
 /// kqlbench has DeviceNetworkEvents and DeviceFileCertificateInfo but no
@@ -1039,7 +811,7 @@ fn hand_written_fixture() {
     assert_eq!(row["LocalPort"], 135);
 
     // A lower threshold: s-dup and s-msi have 2 pairs each.
-    let findings = detect_once(&paths, now, &[("prevalence_threshold", "2")]);
+    let findings = detect_once(&paths, now, &[("prevalence_threshold", "2".into())]);
     let got: BTreeSet<Identity> = findings.iter().map(|f| identity_of(f).unwrap()).collect();
     let mut fewer = all.clone();
     fewer.remove(&id("101", "10:00:05", "s-dup"));
@@ -1056,27 +828,13 @@ fn hand_written_fixture() {
 fn generated_fleet_findings_are_exactly_the_expected_ones() {
     // Eight attacks: each of the four kinds twice.
     let spec = FleetSpec { devices: 12, events: 4000, attacks: 8, seed: 7, ..FleetSpec::default() };
-    let fleet = gen::generate(&spec);
-    let root = tempfile::tempdir().unwrap();
-    let out = root.path().join("fleet");
-    gen::write_fleet(&fleet, &out, gen::Format::Jsonl).unwrap();
-    let expected: BTreeSet<gen::Expected> = fleet.expected.iter().filter(|e| e.detector == DETECTOR).cloned().collect();
+    let (expected, once) = RULE.detect_generated_fleet(&spec);
     assert_eq!(expected.len(), spec.attacks, "one finding per attack: {expected:?}");
 
-    let plugins = plugins_dir(root.path(), &[SCM_REMOTE]);
-    let data = root.path().join("data");
-    let mut engine = open_engine(&plugins, &data).unwrap();
-    let opts = IngestOptions { now: Some(spec.base_time), ..Default::default() };
-    let report = ingest_paths(&mut engine.store, &[gen::logs_dir(&out)], &opts, &mut |_, _| {}).unwrap();
-    assert_eq!(report.total_rejected(), 0, "{report:?}");
-    let opts = DetectOptions { now: Some(spec.base_time), ..Default::default() };
-    let reports = run_pass(&mut engine.store, &mut engine.loaded.plugins, &opts).unwrap();
-    assert!(reports.iter().all(|r| r.error.is_none()), "{reports:?}");
-    let path = root.path().join("findings.jsonl");
-    flush_outbox(&mut engine.store, &path).unwrap();
     let columns: Vec<String> =
         ["DeviceId", "ReportId", "TimestampChild", "SHA1"].iter().map(|s| s.to_string()).collect();
-    let found: Vec<gen::Expected> = read_jsonl(&path)
+    let found: Vec<gen::Expected> = once
+        .lines
         .iter()
         .map(|f| gen::expected_of(f, &columns).unwrap_or_else(|| panic!("finding lacks identity columns: {f}")))
         .collect();
