@@ -75,9 +75,15 @@ pub fn print_reports(reports: &[DetectorReport]) {
     }
     for r in reports {
         let mode = if r.backfill { "backfill" } else { "incremental" };
+        // Loading the detector's state is paid once per process; said apart from the pass.
+        let init = if r.init.as_secs_f64() >= 0.001 {
+            format!(" (of which {:.1} ms loading its state)", r.init.as_secs_f64() * 1e3)
+        } else {
+            String::new()
+        };
         match &r.error {
             None => println!(
-                "{} {}: {mode} pass over {} row(s), {} new finding(s) in {:.1} ms",
+                "{} {}: {mode} pass over {} row(s), {} new finding(s) in {:.1} ms{init}",
                 r.detector,
                 r.version,
                 r.rows,

@@ -49,6 +49,9 @@ pub struct DetectorReport {
     pub rows: u64,
     pub new_findings: u64,
     pub elapsed: Duration,
+    /// Of `elapsed`, the time spent loading the detector's state into it (`init`): once
+    /// per process, or after a failure; a long-running daemon pays it once.
+    pub init: Duration,
     /// Set when the detector failed; it is retried from its cursor on the next pass.
     pub error: Option<String>,
 }
@@ -136,6 +139,7 @@ pub fn run_pass(
             rows: 0,
             new_findings: 0,
             elapsed: Duration::ZERO,
+            init: Duration::ZERO,
             error: None,
         };
         match run_detector(store, plugin, opts, now, &mut report) {
@@ -171,8 +175,10 @@ fn run_detector(
             .map(|(_, p, v)| (p.clone(), v.clone()))
             .collect();
         warn_if_window_exceeds_retention(plugin, &params, store.retention());
+        let init_started = Instant::now();
         let state = store.detector_state(&id)?;
         let response = plugin.lib.init(&InitRequest { params, state }).map_err(DetectorError::Init)?;
+        report.init = init_started.elapsed();
         check_inputs(&plugin.manifest.inputs, &response.inputs)?;
         plugin.inputs = response.inputs;
         plugin.initialised = true;
