@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import count_lines, device_map, du, log, machine, median, pct, target_dir  # noqa: E402
+from compare import RULE_SQL, count_lines, device_map, du, log, machine, median, pct, target_dir  # noqa: E402
 
 NOW = "2025-05-08T00:00:00Z"
 NOW_SQL = "TIMESTAMPTZ '2025-05-08 00:00:00+00'"
@@ -67,27 +67,8 @@ PROFILE_SQL = """profile AS (
 )"""
 
 RULES = {
-    "winrm-plugin-lateral-movement": (("FileProfile", "DeviceImageLoadEvents", "DeviceFileEvents"), f"""
-WITH {PROFILE_SQL},
-plugins AS (
-    SELECT l.ReportId, l.SHA1, l.DeviceId, lower(l.FolderPath) AS folder
-    FROM DeviceImageLoadEvents l LEFT JOIN profile p ON p.SHA1 = l.SHA1
-    WHERE l.ingested_at >= {NOW_SQL} - INTERVAL 2 DAY
-      AND lower(l.InitiatingProcessFileName) = 'wsmprovhost.exe'
-      AND NOT starts_with(lower(l.FolderPath), lower('C:\\windows\\assembly\\nativeimages_'))
-      AND lower(coalesce(p.ProfileAvailability, '')) <> 'error'
-      AND coalesce(p.GlobalPrevalence, 0) < 100
-),
-writes AS (
-    SELECT w.ReportId, w.SHA1, w.DeviceId, lower(w.FolderPath) AS folder
-    FROM DeviceFileEvents w
-    WHERE w.Timestamp >= {NOW_SQL} - INTERVAL 30 DAY
-      AND lower(w.ActionType) IN ('filecreated', 'filerenamed', 'filemodified')
-      AND lower(w.SHA1) IN (SELECT lower(SHA1) FROM plugins)
-)
-SELECT DISTINCT p.DeviceId, p.ReportId, w.ReportId
-FROM plugins p JOIN writes w ON p.SHA1 = w.SHA1 AND p.DeviceId = w.DeviceId AND p.folder = w.folder
-"""),
+    # compare.py's query, which returns (load ReportId, write ReportId).
+    "winrm-plugin-lateral-movement": (("FileProfile", "DeviceImageLoadEvents", "DeviceFileEvents"), RULE_SQL),
     "scheduled-task-persistence": (("FileProfile", "DeviceProcessEvents"), f"""
 WITH {PROFILE_SQL},
 sb AS (
@@ -203,7 +184,7 @@ def micros(v):
 def identity(detector, row):
     """A finding row's identity, in the shape the SQL returns it."""
     if detector == "winrm-plugin-lateral-movement":
-        return (row["DeviceId"], int(row["ReportId"]), int(row["ReportId1"]))
+        return (int(row["ReportId"]), int(row["ReportId1"]))
     if detector == "scheduled-task-persistence":
         return (row["SHA1"], row["DeviceId"])
     if detector == "scm-remote-process":
@@ -217,7 +198,7 @@ def sql_identity(detector, r):
     if detector == "password-spraying":
         return (r[0], r[1], r[2], micros(r[3]))
     if detector == "winrm-plugin-lateral-movement":
-        return (r[0], int(r[1]), int(r[2]))
+        return (int(r[0]), int(r[1]))
     return tuple(r)
 
 
@@ -337,7 +318,7 @@ def measure(exe, work, plugins, size, ticks, n_ticks):
         ident = dict(e["identity"])
         planted[e["detector"]].add(identity(e["detector"], ident))
     for t in json.loads((d / "ground-truth.json").read_text()):
-        planted["winrm-plugin-lateral-movement"].add((t["device_id"], t["load_report_id"], t["write_report_id"]))
+        planted["winrm-plugin-lateral-movement"].add((t["load_report_id"], t["write_report_id"]))
     lk = Lookout(exe, d / "data")
     lk.detect(plugins)  # the detectors' indexes are declared before the data arrives
     t0 = time.perf_counter()

@@ -140,11 +140,7 @@ pub struct SprayDetector {
 
 impl Detector for SprayDetector {
     fn manifest() -> Manifest {
-        let p = |name: &str, default: &str, description: &str| Parameter {
-            name: name.into(),
-            default: default.into(),
-            description: description.into(),
-        };
+        let p = Parameter::new;
         Manifest {
             name: NAME.into(),
             version: env!("CARGO_PKG_VERSION").into(),

@@ -123,11 +123,7 @@ pub struct ScheduledTaskDetector {
 
 impl Detector for ScheduledTaskDetector {
     fn manifest() -> Manifest {
-        let p = |name: &str, default: &str, description: &str| Parameter {
-            name: name.into(),
-            default: default.into(),
-            description: description.into(),
-        };
+        let p = Parameter::new;
         Manifest {
             name: NAME.into(),
             version: env!("CARGO_PKG_VERSION").into(),

@@ -245,11 +245,7 @@ pub fn parse_lolbins(value: &str) -> Vec<String> {
 
 impl Detector for ScmDetector {
     fn manifest() -> Manifest {
-        let p = |name: &str, default: &str, description: &str| Parameter {
-            name: name.into(),
-            default: default.into(),
-            description: description.into(),
-        };
+        let p = Parameter::new;
         Manifest {
             name: NAME.into(),
             version: env!("CARGO_PKG_VERSION").into(),

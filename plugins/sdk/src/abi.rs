@@ -174,6 +174,14 @@ pub struct Parameter {
     pub description: String,
 }
 
+impl Parameter {
+    /// A parameter with its default value and what it means (shown by `lookout plugins
+    /// list`).
+    pub fn new(name: &str, default: &str, description: &str) -> Parameter {
+        Parameter { name: name.into(), default: default.into(), description: description.into() }
+    }
+}
+
 /// Sent once after loading (and again after a panic or a failed pass).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InitRequest {

@@ -44,11 +44,7 @@ pub struct WinrmDetector {
 
 impl Detector for WinrmDetector {
     fn manifest() -> Manifest {
-        let p = |name: &str, default: &str, description: &str| Parameter {
-            name: name.into(),
-            default: default.into(),
-            description: description.into(),
-        };
+        let p = Parameter::new;
         Manifest {
             name: NAME.into(),
             version: env!("CARGO_PKG_VERSION").into(),

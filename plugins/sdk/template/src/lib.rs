@@ -49,11 +49,11 @@ impl Detector for EncodedPowershell {
             severity: "medium".into(),
             mitre: vec!["T1059.001".into(), "T1027".into()],
             inputs: vec![PROCESS_EVENTS.into()],
-            parameters: vec![Parameter {
-                name: "flags".into(),
-                default: "-EncodedCommand,-enc,-ec,-e".into(),
-                description: "comma-separated command-line flags that carry an encoded script".into(),
-            }],
+            parameters: vec![Parameter::new(
+                "flags",
+                "-EncodedCommand,-enc,-ec,-e",
+                "comma-separated command-line flags that carry an encoded script",
+            )],
             indexes: Vec::new(),
         }
     }
