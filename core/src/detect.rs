@@ -148,6 +148,7 @@ pub fn run_pass(
                 tracing::warn!(detector = %plugin.id(), error = %Chain(&e), "detector failed; retried next pass");
                 report.error = Some(Chain(&e).to_string());
                 plugin.initialised = false;
+                put_off_wake_up(store, &plugin.id(), now)?;
             }
             Err(e) => return Err(e),
         }
@@ -218,7 +219,9 @@ fn run_detector(
             check_inputs(&plugin.manifest.inputs, inputs)?;
         }
         let new_inputs = resp.inputs;
-        let wake_at = resp.wake_at;
+        // This pass evaluated at `now`: a wake-up at or before it asks for nothing more
+        // (and, kept, would make the daemon run the detector again and again).
+        let wake_at = resp.wake_at.filter(|&at| at > now);
         let mut batch = store.batch();
         let mut fresh = HashSet::new();
         for f in resp.findings {
@@ -252,6 +255,21 @@ fn run_detector(
             plugin.inputs = inputs;
         }
         crate::failpoint::hit("detect-after-commit");
+    }
+    Ok(())
+}
+
+/// How long a detector that failed a pass it was woken for waits before it is woken again
+/// (new rows still run it at once).
+const RETRY_WAKE_UP_AFTER: i64 = 30 * lookout_plugin_sdk::time::TICKS_PER_SEC;
+
+/// A failed pass commits nothing, so a wake-up that was due stays due: put it off, or the
+/// daemon would run the failing detector in a tight loop.
+fn put_off_wake_up(store: &mut Store, id: &str, now: i64) -> Result<(), StoreError> {
+    if store.wake_at(id)?.is_some_and(|at| at <= now) {
+        let mut batch = store.batch();
+        batch.set_wake_at(id, Some(now.saturating_add(RETRY_WAKE_UP_AFTER)));
+        batch.commit()?;
     }
     Ok(())
 }

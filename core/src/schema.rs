@@ -139,7 +139,7 @@ const TABLES: &[(&str, bool, &str)] = &[
         false,
         "Timestamp:datetime ActionType Application LogonType Protocol FailureReason AccountName AccountDomain \
          AccountUpn AccountSid AccountObjectId AccountDisplayName DeviceName DeviceType OSPlatform IPAddress \
-         Port:long DestinationDeviceName DestinationIPAddress DestinationPort:long TargetDeviceName \
+         Port DestinationDeviceName DestinationIPAddress DestinationPort:long TargetDeviceName \
          TargetAccountDisplayName Location ISP ReportId AdditionalFields:dynamic TenantId Type SourceSystem \
          TimeGenerated:datetime",
     ),

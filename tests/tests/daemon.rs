@@ -794,3 +794,42 @@ fn all_four_detectors_hot_loaded_find_what_was_planted() {
     });
     d.terminate(Duration::from_secs(20));
 }
+
+/// `--clock-file` that cannot be read yet: the daemon waits for a time instead of using the
+/// wall clock, which would move the retention horizon past a replay's rows for good.
+#[test]
+fn a_clock_file_not_there_yet_is_waited_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (logs, data) = (root.join("logs"), root.join("data"));
+    fs::create_dir_all(&logs).unwrap();
+    let rows: String = (0..3).map(|i| logon(300 + i, "2025-05-06T12:00:00Z", "LogonFailed", "u")).collect();
+    fs::write(logs.join("DeviceLogonEvents.jsonl"), rows).unwrap();
+    let clock = root.join("clock");
+    let mut d = DaemonSpec::new(&data)
+        .logs(&logs)
+        .plugins(&plugins_dir(root, &[]))
+        .arg("--clock-file")
+        .arg(&clock)
+        .args(["--retention", "7d"])
+        .rescan_secs(0.2)
+        .log(&root.join("daemon.log"))
+        .start();
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = d.status();
+    assert_eq!(table_counts(&s).values().sum::<u64>(), 0, "nothing is stored before there is a time: {s}");
+    assert_eq!(s["expired"], 0, "{s}");
+    fs::write(&clock, "2025-05-07T00:00:00Z").unwrap();
+    let s = d.wait_for("the rows to be stored at the file's time", Duration::from_secs(30), |d| {
+        let s = d.status();
+        if table_counts(&s).get("DeviceLogonEvents") == Some(&3) {
+            Ok(s)
+        } else {
+            Err(format!("{s}"))
+        }
+    });
+    assert_eq!(s["expired"], 0, "{s}");
+    d.terminate(Duration::from_secs(20));
+    let log = fs::read_to_string(root.join("daemon.log")).unwrap();
+    assert!(log.contains("cannot read the clock file"), "{log}");
+}

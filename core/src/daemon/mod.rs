@@ -82,9 +82,8 @@ pub struct DaemonConfig {
     pub clock_file: Option<PathBuf>,
 }
 
-/// The time in the clock file; the last good reading (or the wall clock) if it cannot be
-/// read or parsed, said once per change of reason.
-fn read_clock_file(path: &std::path::Path, last: Option<i64>, warned: &mut Option<String>) -> i64 {
+/// The time in the clock file, or why it cannot be read; said once per change of reason.
+fn read_clock_file(path: &std::path::Path, warned: &mut Option<String>) -> Option<i64> {
     let reading = std::fs::read_to_string(path).map_err(|e| e.to_string()).and_then(|t| {
         lookout_plugin_sdk::time::parse_timestamp(t.trim())
             .ok_or_else(|| format!("'{}' is not an RFC 3339 UTC time", t.trim()))
@@ -92,14 +91,14 @@ fn read_clock_file(path: &std::path::Path, last: Option<i64>, warned: &mut Optio
     match reading {
         Ok(t) => {
             *warned = None;
-            t
+            Some(t)
         }
         Err(e) => {
             if warned.as_deref() != Some(e.as_str()) {
-                tracing::warn!(file = %path.display(), error = %e, "cannot read the clock file; keeping the last time read");
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the clock file");
                 *warned = Some(e);
             }
-            last.unwrap_or_else(crate::clock::now_ticks)
+            None
         }
     }
 }
@@ -209,11 +208,24 @@ fn work(
     let mut clock_warned = None;
     while !stop.load(Ordering::Relaxed) {
         if let Some(path) = &cfg.clock_file {
-            let t = read_clock_file(path, detect_opts.now, &mut clock_warned);
-            detect_opts.now = Some(t);
-            tailer.set_now(Some(t));
+            match read_clock_file(path, &mut clock_warned) {
+                Some(t) => {
+                    detect_opts.now = Some(t);
+                    tailer.set_now(Some(t));
+                }
+                // Keep the last good time. Before the first one there is no time to store
+                // rows at or to move the retention horizon to (the wall clock could make a
+                // replay's rows expired for good): wait for one.
+                None if detect_opts.now.is_some() => {}
+                None => {
+                    changes = watch.wait(cfg.rescan);
+                    continue;
+                }
+            }
         }
         let now = crate::clock::Clock::new(detect_opts.now.or(cfg.ingest.now)).now();
+        // The time passes evaluate at (`--ingest-now` alone fixes only ingestion).
+        let eval_now = crate::clock::Clock::new(detect_opts.now).now();
         let rescan = last_rescan.elapsed() >= cfg.rescan;
         if rescan {
             last_rescan = Instant::now();
@@ -257,7 +269,7 @@ fn work(
         }
         // A detector that asked to be woken (a window edge passing) runs with no new row.
         let wake = crate::detect::next_wake(store, &plugins.plugins)?;
-        let due = wake.is_some_and(|at| at <= now);
+        let due = wake.is_some_and(|at| at <= eval_now);
         if report.changed() || plugins_changed || first || due {
             first = false;
             let reports = run_pass(store, &mut plugins.plugins, &detect_opts)?;

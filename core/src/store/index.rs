@@ -41,10 +41,9 @@ fn column_id(spec: &IndexDecl) -> String {
 
 /// The index postings of one row of `table` (id `tid`) for every index of `specs`:
 /// (values prefix, covered values). `cell_of` gives the row's cell of a column (`None`
-/// when missing). An indexed column's value is its text (a long as its decimal digits, so
-/// a look-up by a process id works); a covered value is the string a condition reads
-/// (`""` for anything not a string), so a condition decided from the entry and one
-/// decided from the row agree.
+/// when missing). Values are kept as the text a string condition reads
+/// ([`CellRef::text`]: a long as its digits, so a look-up by a process id works), so a
+/// condition decided from the entry and one decided from the row agree.
 pub fn row_postings<'r>(
     specs: &[IndexDecl],
     tid: u16,
@@ -55,25 +54,13 @@ pub fn row_postings<'r>(
         .iter()
         .filter(|s| s.table == table)
         .map(|s| {
-            let covered = covered_columns(s).map(|c| match cell_of(c) {
-                Some(CellRef::Str(v)) => v.to_string(),
-                _ => String::new(),
-            });
-            let values: Vec<Cow<'r, str>> = s.columns.iter().map(|c| key_text(cell_of(c))).collect();
+            let covered = covered_columns(s).map(|c| cell_of(c).map_or(Cow::Borrowed(""), CellRef::text).into_owned());
+            let values: Vec<Cow<'r, str>> =
+                s.columns.iter().map(|c| cell_of(c).map_or(Cow::Borrowed(""), CellRef::text)).collect();
             let values: Vec<&str> = values.iter().map(|v| v.as_ref()).collect();
             (keys::index_values_prefix(tid, &column_id(s), &values), covered.collect())
         })
         .collect()
-}
-
-/// The text an indexed column's value is kept (and looked up) under.
-fn key_text(cell: Option<CellRef<'_>>) -> Cow<'_, str> {
-    match cell {
-        Some(CellRef::Str(v)) => Cow::Borrowed(v),
-        Some(CellRef::Int(i)) => Cow::Owned(i.to_string()),
-        Some(CellRef::Bool(b)) => Cow::Borrowed(if b { "true" } else { "false" }),
-        _ => Cow::Borrowed(""),
-    }
 }
 
 /// The postings a batch collects, written as one entry per value when it commits.

@@ -1334,6 +1334,39 @@ mod tests {
         assert!(format!("{wrong}").contains("declare it"), "{wrong}");
     }
 
+    /// An index on a long column (a process id) keys it by its digits: `LookupBy` finds the
+    /// rows, and an `in~` on it gives the same rows from the index, with a condition on a
+    /// covered column, and from the rows themselves.
+    #[test]
+    fn an_index_on_a_long_column_answers_by_its_digits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let with_pid = |report: i64, pid: i64| {
+            let text = format!(
+                r#"{{"Timestamp":"2025-05-07T16:55:49Z","DeviceId":"d","SHA1":"s{report}","ReportId":{report},"InitiatingProcessId":{pid},"FolderPath":"p{report}"}}"#
+            );
+            let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
+            normalise(obj, Some("DeviceImageLoadEvents"), &TableHints::default()).unwrap()
+        };
+        commit(&mut store, vec![with_pid(1, 4242), with_pid(2, 7), with_pid(3, 4242)]);
+        let decl = lookout_plugin_sdk::IndexDecl {
+            table: IMAGE_LOADS.into(),
+            columns: vec!["InitiatingProcessId".into()],
+            covers: vec!["FolderPath".into()],
+        };
+        store.declare_indexes(std::slice::from_ref(&decl)).unwrap();
+        commit(&mut store, vec![with_pid(4, 4242)]);
+        let found = store.lookup_by(IMAGE_LOADS, &[("InitiatingProcessId".into(), "4242".into())], &[]).unwrap();
+        let mut sha1s: Vec<&str> = found.iter().map(|r| r.str("SHA1")).collect();
+        sha1s.sort();
+        assert_eq!(sha1s, ["s1", "s3", "s4"]);
+        let pid = Condition::In { column: "InitiatingProcessId".into(), any_of: vec!["4242".into()] };
+        let folder = Condition::NotStartsWith { column: "FolderPath".into(), prefix: "p3".into() };
+        assert_eq!(lookup_filtered(&store, &[pid.clone(), folder.clone()], None), ["s1", "s4"]);
+        let from_rows = store.scan_where(IMAGE_LOADS, &[pid, folder]).unwrap();
+        assert_eq!(from_rows.len(), 2, "the same condition on the rows");
+    }
+
     /// An index built over many stored rows splits a frequent value into parts; none is
     /// lost or overwritten.
     #[test]

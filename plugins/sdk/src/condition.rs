@@ -14,13 +14,14 @@
 //! | `c < n` … on a long | [`Condition::Num`] | — |
 //! | `Timestamp >= ago(x)`, `ingestion_time() >= t` | [`Condition::Time`] | — |
 //!
-//! String operators read a missing or non-string column as `""` (KQL strings are never
-//! null). Numeric and time comparisons fail on null or a missing column, except `!=`,
+//! String operators read a missing column as `""` (KQL strings are never null) and a
+//! long, bool or nested JSON value as its text. Numeric and time comparisons fail on null or a missing column, except `!=`,
 //! which holds (SEMANTICS: null fails every comparison but `!=` against a value).
 
 use crate::cell::{Cell, Row};
 use crate::time::parse_timestamp;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// The pseudo-column of [`Condition::Time`] that stands for `ingestion_time()`.
 pub const INGESTION_TIME: &str = "$ingestion_time";
@@ -113,6 +114,20 @@ impl<'a> CellRef<'a> {
             _ => "",
         }
     }
+
+    /// The value as a string operator reads it (KQL converts to string): a string as it
+    /// is, a long as its digits, a bool as `true`/`false`, nested JSON as its text; `""`
+    /// for null. An index keeps the same text, so a condition decided from an index
+    /// entry and one decided from the row agree.
+    pub fn text(self) -> Cow<'a, str> {
+        match self {
+            CellRef::Str(s) | CellRef::Json(s) => Cow::Borrowed(s),
+            CellRef::Int(i) => Cow::Owned(i.to_string()),
+            CellRef::Bool(b) => Cow::Borrowed(if b { "true" } else { "false" }),
+            CellRef::Float(f) => Cow::Owned(f.to_string()),
+            CellRef::Null => Cow::Borrowed(""),
+        }
+    }
 }
 
 impl Condition {
@@ -150,7 +165,8 @@ impl Condition {
     /// Whether a row's cell (`None`: the column is missing) meets the condition;
     /// `ingested_at` is the row's ingestion time, for [`INGESTION_TIME`].
     pub fn matches_cell(&self, cell: Option<CellRef<'_>>, ingested_at: i64) -> bool {
-        let s = cell.map_or("", |c| c.as_str());
+        let text = cell.map_or(Cow::Borrowed(""), CellRef::text);
+        let s = text.as_ref();
         match self {
             Condition::In { any_of, .. } => any_of.iter().any(|a| a.eq_ignore_ascii_case(s)),
             Condition::NotStartsWith { prefix, .. } => !starts_with_ci(s, prefix),
@@ -162,17 +178,12 @@ impl Condition {
             Condition::StartsWith { prefix, .. } => starts_with_ci(s, prefix),
             Condition::Contains { needle, .. } => find_ci(s, needle, 0).is_some(),
             Condition::Has { term, .. } => has_term(s, term),
-            Condition::Num { op, value, .. } => {
-                let v = match cell {
-                    Some(CellRef::Int(i)) => Some(i as f64),
-                    Some(CellRef::Float(f)) => Some(f),
-                    _ => None,
-                };
-                match v {
-                    Some(v) => op.holds(v, *value as f64),
-                    None => *op == Cmp::Ne,
-                }
-            }
+            // Longs compare exactly (as f64 two ids above 2^53 could compare equal).
+            Condition::Num { op, value, .. } => match cell {
+                Some(CellRef::Int(i)) => op.holds(i, *value),
+                Some(CellRef::Float(f)) => op.holds(f, *value as f64),
+                _ => *op == Cmp::Ne,
+            },
             Condition::Time { column, op, ticks } => {
                 let t = if column == INGESTION_TIME {
                     Some(ingested_at)
@@ -289,6 +300,14 @@ mod tests {
         assert!(!num(Cmp::Lt, 88).matches_cell(Some(CellRef::Null), 0));
         assert!(num(Cmp::Ne, 88).matches_cell(Some(CellRef::Null), 0));
         assert!(num(Cmp::Gt, 60).matches_cell(Some(CellRef::Float(60.5)), 0));
+        let big = Condition::Num { column: "Id".into(), op: Cmp::Eq, value: (1 << 53) + 1 };
+        assert!(!big.matches_cell(Some(CellRef::Int(1 << 53)), 0), "longs compare exactly");
+        // String operators read a long as its digits, as the index keeps it.
+        let port = Condition::In { column: "LocalPort".into(), any_of: vec!["88".into()] };
+        assert!(port.matches_cell(Some(CellRef::Int(88)), 0));
+        assert!(
+            Condition::Has { column: "A".into(), term: "x".into() }.matches_cell(Some(CellRef::Json(r#"{"x":1}"#)), 0)
+        );
         let t = parse_timestamp("2025-05-07T12:00:00Z").unwrap();
         let since = Condition::Time { column: "Timestamp".into(), op: Cmp::Ge, ticks: t };
         assert!(since.matches("2025-05-07T12:00:00Z"), "inclusive at 100 ns");

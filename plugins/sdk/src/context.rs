@@ -129,9 +129,13 @@ impl<'a> Context<'a> {
 
     /// Asks for a pass at `at` (ticks) even if no row arrives by then: the time the clock
     /// alone next changes a result (a row leaving an `ago(x)` window). Several calls keep
-    /// the earliest; a pass that makes none asks for nothing.
+    /// the earliest after this pass's time (one at or before it is ignored); a pass that
+    /// makes none asks for nothing.
     pub fn wake_at(&mut self, at: i64) {
-        self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+        // A time at or before this pass's changes nothing this pass has not seen.
+        if at > self.now {
+            self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+        }
     }
 
     fn call(&mut self, req: &HostRequest) -> Result<HostResponse, String> {
