@@ -45,7 +45,7 @@ pub struct FleetArgs {
     /// Background events (image loads and file events)
     #[arg(long, default_value_t = 20_000)]
     events: usize,
-    /// Injected WinRM-plugin attacks (each comes with a near miss)
+    /// Injected attacks per rule (WinRM plugins, and each detector pack rule's), each with near misses
     #[arg(long, default_value_t = 12)]
     attacks: usize,
     /// Random seed; the same seed gives the same fleet
@@ -84,8 +84,10 @@ pub fn gen(args: GenArgs) -> Result<ExitCode> {
     let spec = args.fleet.spec()?;
     let fleet = gen::generate(&spec);
     let files = gen::write_fleet(&fleet, &args.out, args.format.into())?;
+    let pack_rows: usize = fleet.tables.values().map(Vec::len).sum();
     println!(
-        "wrote {} rows ({} loads, {} writes, {} profiles), {} to {}; {} expected finding(s) in {}",
+        "wrote {} rows ({} loads, {} writes, {} profiles, {pack_rows} of the detector pack's tables), {} to {}; \
+         {} expected WinRM finding(s) in {}, {} for the detector pack in {}",
         fleet.rows(),
         fleet.loads.len(),
         fleet.writes.len(),
@@ -93,7 +95,9 @@ pub fn gen(args: GenArgs) -> Result<ExitCode> {
         human_bytes(files.bytes),
         args.out.display(),
         fleet.truth.len(),
-        files.truth.display()
+        files.truth.display(),
+        fleet.expected.len(),
+        args.out.join(gen::EXPECTED_FILE).display()
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -149,12 +153,13 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
     let fleet = gen::generate(&spec);
     let files = gen::write_fleet(&fleet, &fleet_dir, gen::Format::Jsonl)?;
     println!(
-        "1. generated a fleet of {} devices: {} rows ({} loads, {} writes, {} FileProfile), {}, {} attacks with near misses [{:.2}s]",
+        "1. generated a fleet of {} devices: {} rows ({} loads, {} writes, {} FileProfile, {} of the detector pack's tables), {}, {} attacks with near misses [{:.2}s]",
         spec.devices,
         fleet.rows(),
         fleet.loads.len(),
         fleet.writes.len(),
         fleet.profiles.len(),
+        fleet.tables.values().map(Vec::len).sum::<usize>(),
         human_bytes(files.bytes),
         spec.attacks,
         t.elapsed().as_secs_f64()
