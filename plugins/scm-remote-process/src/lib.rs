@@ -103,8 +103,12 @@
 //! last call, at its evaluation time; identities not emitted before are emitted (and
 //! remembered until their pair leaves the window), with their rows fetched by key.
 //! Certificates are looked up per SHA1 when a pair needs them, on the child's device
-//! first (DeviceFileCertificateInfo is not an input: a new certificate can only remove
-//! results).
+//! first, once per process: DeviceFileCertificateInfo is an input whose new rows mark
+//! their SHA1s certified (never handed over on a backfill), so an answer stays right
+//! without asking again. A certificate row that retention later removes from the store
+//! still counts until the process restarts (the anti-join has no time filter, so a
+//! store kept for the rule's purpose keeps them: `--retention` longer than the
+//! certificates' age).
 //!
 //! The clock: with no new rows a later pass sees fewer pairs, lower counts and no fewer
 //! certificates, so a pair that does not fire now can fire later only when its SHA1's
@@ -117,7 +121,7 @@
 
 mod rule;
 
-use lookout_plugin_sdk::tables::{NETWORK_EVENTS, PROCESS_EVENTS};
+use lookout_plugin_sdk::tables::{FILE_CERTIFICATES, NETWORK_EVENTS, PROCESS_EVENTS};
 use lookout_plugin_sdk::{Detector, EvalRequest, InputSpec, Manifest, Parameter, Params};
 
 pub use rule::{output_row, RuleConfig, ScmRule};
@@ -257,7 +261,7 @@ impl Detector for ScmDetector {
                 .into(),
             severity: "medium".into(),
             mitre: vec!["T1021.002".into(), "T1021.003".into(), "T1569.002".into(), "T1543.003".into()],
-            inputs: vec![NETWORK_EVENTS.into(), PROCESS_EVENTS.into()],
+            inputs: vec![NETWORK_EVENTS.into(), PROCESS_EVENTS.into(), FILE_CERTIFICATES.into()],
             parameters: vec![
                 p(
                     "timeframe",

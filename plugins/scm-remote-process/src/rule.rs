@@ -85,6 +85,11 @@ pub struct ScmRule {
     children: Records<Child>,
     /// Identities emitted while both rows of their pair are in the window.
     emitted: Records<u8>,
+    /// Whether a SHA1 has a stored certificate row, as far as this process has asked.
+    /// Certificate rows are an input, so every one stored after an answer was cached
+    /// arrives in a pass and marks its SHA1 certified: a cached "no" stays true until
+    /// then, and a "yes" only grows (see the crate docs on retention).
+    certified: HashMap<String, bool>,
 }
 
 /// The time conditions on one (connection, child) pair: `datetime_diff("Second",
@@ -130,6 +135,7 @@ impl ScmRule {
             connections: Records::load(NETWORK_PREFIX, state)?,
             children: Records::load(CHILD_PREFIX, state)?,
             emitted: Records::load(EMITTED_PREFIX, state)?,
+            certified: HashMap::new(),
         })
     }
 
@@ -138,6 +144,9 @@ impl ScmRule {
         vec![
             InputSpec { table: NETWORK_EVENTS.into(), only_where: network_filter(), on_backfill: true },
             InputSpec { table: PROCESS_EVENTS.into(), only_where: child_filter(), on_backfill: true },
+            // New certificate rows only update what is known of their SHA1s; stored ones are
+            // looked up when a pair needs them, so a backfill does not read them.
+            InputSpec { table: FILE_CERTIFICATES.into(), only_where: Vec::new(), on_backfill: false },
         ]
     }
 
@@ -150,6 +159,9 @@ impl ScmRule {
             match r.table.as_str() {
                 NETWORK_EVENTS => network_keys.push(r.key.clone()),
                 PROCESS_EVENTS => child_keys.push(r.key.clone()),
+                FILE_CERTIFICATES => {
+                    self.certified.insert(r.sha1.clone(), true);
+                }
                 _ => {}
             }
         }
@@ -279,7 +291,6 @@ impl ScmRule {
             e.1 = e.1.min(expiry(n, c));
         }
 
-        let mut certified: HashMap<String, bool> = HashMap::new();
         let mut wanted: BTreeMap<Vec<u8>, Pending> = BTreeMap::new();
         let mut wake: Option<i64> = None;
         for (nid, n, cid, c) in &pairs {
@@ -296,7 +307,7 @@ impl ScmRule {
                 wanted.insert(identity, pending);
                 continue;
             }
-            if has_certificate(ctx, &mut certified, &c.sha1, &c.device)? {
+            if has_certificate(ctx, &mut self.certified, &c.sha1, &c.device)? {
                 continue;
             }
             if count < self.config.prevalence_threshold {
@@ -336,7 +347,8 @@ impl ScmRule {
 }
 
 /// `join kind=leftanti DeviceFileCertificateInfo on SHA1`: whether any certificate row
-/// has exactly this SHA1 (asked once per SHA1 a pass). The device that ran the file
+/// has exactly this SHA1 (asked once per SHA1 per process; new certificate rows update
+/// the answer as they arrive). The device that ran the file
 /// usually has one, so it is asked first: a file signed everywhere does not bring back
 /// the certificate rows of the whole fleet.
 fn has_certificate(
