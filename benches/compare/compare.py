@@ -312,8 +312,8 @@ def machine():
             "load": f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"}
 
 
-def write_section(md_path, text):
-    heading = "## Comparison with DuckDB"
+def write_section(md_path, text, heading="## Comparison with DuckDB"):
+    """Replaces the section under `heading` in BENCHMARKS.md (or appends it)."""
     old = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
     lines = old.splitlines(keepends=True)
     start = next((i for i, l in enumerate(lines) if l.rstrip() == heading), None)

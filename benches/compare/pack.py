@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import RULE_SQL, count_lines, device_map, du, log, machine, median, pct, target_dir  # noqa: E402
+from compare import (RULE_SQL, count_lines, device_map, log, machine, median, pct, target_dir,  # noqa: E402
+                     write_section)
 
 NOW = "2025-05-08T00:00:00Z"
 NOW_SQL = "TIMESTAMPTZ '2025-05-08 00:00:00+00'"
@@ -321,9 +322,7 @@ def measure(exe, work, plugins, size, ticks, n_ticks):
         planted["winrm-plugin-lateral-movement"].add((t["load_report_id"], t["write_report_id"]))
     lk = Lookout(exe, d / "data")
     lk.detect(plugins)  # the detectors' indexes are declared before the data arrives
-    t0 = time.perf_counter()
     lk.run("ingest", "--now", NOW, logs)
-    ingest_s = time.perf_counter() - t0
     backfill = lk.detect(plugins, backfill=True)
     duck = Duck(d / "duck.db")
     duck.load(logs)
@@ -353,22 +352,8 @@ def measure(exe, work, plugins, size, ticks, n_ticks):
         for det in RULES:
             ok &= check(f"{size:,}: after {len(per)} ticks {det}: Lookout == union of DuckDB's results", got[det],
                         union[det])
-    data_bytes = du(d / "data")
     shutil.rmtree(d)
-    return {"stored": stored, "ingest_s": ingest_s, "backfill": backfill, "ticks": per, "ok": ok, "bytes": data_bytes}
-
-
-def write_section(md_path, heading, text):
-    old = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip() == heading), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        rest = "".join(lines[end:])
-        new = "".join(lines[:start]) + text.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
-    md_path.write_text(new)
+    return {"stored": stored, "backfill": backfill, "ticks": per, "ok": ok}
 
 
 def main():
@@ -457,7 +442,7 @@ def main():
     text = "\n".join(L) + "\n"
     print(text)
     if not a.no_md:
-        write_section(root / "BENCHMARKS.md", heading, text)
+        write_section(root / "BENCHMARKS.md", text, heading)
         log(f"== wrote the section into {root / 'BENCHMARKS.md'}")
     if not ok:
         log("FAILED: the identity sets differ (see CHECK lines above)")
