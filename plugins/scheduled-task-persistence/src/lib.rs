@@ -97,21 +97,25 @@
 //! | **finding identity** | (SHA1, DeviceId) for each device among a SHA1's joined executions; its row carries that device's latest joined execution (and its own FirstSeen/LastSeen), with the SHA1's `Devices` and `MachineCount` at that pass |
 //!
 //! Incrementally: every execution that passes the static filters is kept as a compact
-//! record (state) until it leaves the lookback window; the last call of each pass
-//! evaluates the whole query from the records (one FileProfile call for the `top`
-//! SHA1s), emits a finding per (SHA1, DeviceId) and asks to be woken at the earliest time
-//! a record crosses a window edge (Timestamp + lookback, Timestamp + timeframe,
-//! ingestion + timeframe, each + 1 tick). FileProfile rows are an input (not on a
-//! backfill), so a new profile re-evaluates the query. A pass with no new rows before
-//! that wake-up reuses the last result (nothing can have changed).
+//! record (state) until it leaves the lookback window, and an index keeps the query's
+//! aggregates over them: which (DeviceId, SHA1) groups are new with an execution in the
+//! timeframe, the devices of each SHA1, and the SHA1s ranked by device count for `top`.
+//! A pass re-decides only the groups whose executions changed or whose window edge
+//! passed (FirstSeen + timeframe, the latest ingestion + timeframe, each + 1 tick), walks
+//! the `top` for devices not emitted yet, asks FileProfile (one call) only for their
+//! SHA1s, and emits a finding per new (SHA1, DeviceId). Emitted identities are kept in
+//! the state while their group stays in the result, so a restarted process does not
+//! build their rows again. It asks to be woken at the next window edge or when an
+//! execution leaves the lookback. FileProfile rows are an input (not on a backfill): a
+//! new profile makes its SHA1 asked again.
 
 mod rule;
 
 use lookout_plugin_sdk::{Detector, EvalRequest, InputSpec, Manifest, Parameter, Params};
 
 pub use rule::{
-    execution_of, hits, is_scheduled_execution, next_edge, output_row, profile_passes, static_filter, window,
-    Execution, Hit, RuleConfig, ScheduledTaskRule, Window, PROFILE_COLUMNS,
+    execution_of, is_scheduled_execution, output_row, profile_passes, static_filter, Execution, GroupKey, Hit, Index,
+    RuleConfig, ScheduledTaskRule, PROFILE_COLUMNS,
 };
 
 pub const NAME: &str = "scheduled-task-persistence";

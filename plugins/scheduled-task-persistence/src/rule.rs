@@ -2,18 +2,21 @@
 //!
 //! Every scheduled-task execution that passes the rule's row filters (handed over by the
 //! host through `only_where`) is kept as a compact [`Execution`] record until it leaves
-//! the `lookback` window. At the end of every pass the whole query is evaluated again
-//! from those records at the pass's time ([`window`], then [`hits`]), FileProfile is
-//! asked for the lowercased SHA1s of the `top` (one host call), and one finding is
-//! emitted per (SHA1, DeviceId) of the joined executions; the host keeps each identity
-//! once. The clock alone changes the result only when a record crosses one of its three
-//! window edges, so the pass asks to be woken at the earliest of them ([`next_edge`]).
+//! the `lookback` window. An [`Index`] keeps the query's aggregates over them: which
+//! `(DeviceId, SHA1)` groups are in `NewScheduledBinaryExecution`, the devices of each
+//! SHA1 and the SHA1s ranked for `top`. A pass re-decides only the groups whose
+//! executions changed or whose window edge passed, then walks the `top` for devices not
+//! emitted yet, asks FileProfile (one host call) only for their SHA1s, and emits one
+//! finding per new (SHA1, DeviceId); the host keeps each identity once. The clock alone
+//! changes the result only when a group's FirstSeen or latest ingestion leaves the
+//! timeframe, or an execution leaves the lookback, so the pass asks to be woken at the
+//! earliest of those.
 
 use lookout_plugin_sdk::tables::{FILE_PROFILE, PROCESS_EVENTS};
 use lookout_plugin_sdk::time::parse_timestamp;
 use lookout_plugin_sdk::{identity_key, Cell, Condition, Context, EvalRequest, FindingOut, InputSpec, Records, Row};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// `where ActionType =~ "ProcessCreated"`.
 pub const ACTION_TYPE: &str = "ProcessCreated";
@@ -106,59 +109,198 @@ pub fn execution_of(row: &Row) -> Option<Execution> {
     })
 }
 
-/// The first part of the query at `now`: `NewScheduledBinaryExecution` and the left side
-/// of the final join (`summarize … | top … | extend SHA1=tolower(SHA1)`), before
-/// FileProfile.
-#[derive(Debug)]
-pub struct Window<'a> {
-    /// `NewScheduledBinaryExecution`: (record id, execution).
-    pub executions: Vec<(&'a [u8], &'a Execution)>,
-    /// `FirstSeen`, `LastSeen` of each new (DeviceId, SHA1) (the `lookup`'s columns).
-    pub seen: HashMap<(&'a str, &'a str), (i64, i64)>,
-    /// The left side, de-duplicated on the lowercased SHA1 (`join` is `innerunique`):
-    /// (lowercased SHA1, the `MachineCount` of its first row in `top` order).
-    pub left: Vec<(String, i64)>,
+/// A `(DeviceId, SHA1)` group of `NewScheduledBinaries`.
+pub type GroupKey = (String, String);
+
+/// The executions of one `(DeviceId, SHA1)` within the lookback, by record id.
+#[derive(Debug, Default)]
+struct Group {
+    executions: BTreeMap<Vec<u8>, Execution>,
+    /// Whether the group is in `NewScheduledBinaryExecution` at the last refresh: new
+    /// (FirstSeen and LastSeen within the timeframe) with an execution ingested within it.
+    active: bool,
 }
 
-/// Evaluates everything up to the FileProfile call over the records at `now`.
-pub fn window<'a>(records: impl Iterator<Item = (&'a [u8], &'a Execution)>, now: i64, c: &RuleConfig) -> Window<'a> {
-    let lookback_from = now.saturating_sub(c.lookback);
-    let timeframe_from = now.saturating_sub(c.timeframe);
-    // ScheduledBinaries: `Timestamp >= ago(lookback)` (the static filters were applied
-    // before a record was kept).
-    let scheduled: Vec<(&[u8], &Execution)> = records.filter(|(_, e)| e.timestamp >= lookback_from).collect();
-    // NewScheduledBinaries.
-    let mut groups: HashMap<(&str, &str), (i64, i64)> = HashMap::new();
-    for (_, e) in &scheduled {
-        let g = groups.entry((e.device_id.as_str(), e.sha1.as_str())).or_insert((e.timestamp, e.timestamp));
-        g.0 = g.0.min(e.timestamp);
-        g.1 = g.1.max(e.timestamp);
+impl Group {
+    /// (FirstSeen, LastSeen, the latest ingestion), if it has executions.
+    fn span(&self) -> Option<(i64, i64, i64)> {
+        let mut it = self.executions.values();
+        let first = it.next()?;
+        Some(it.fold((first.timestamp, first.timestamp, first.ingested), |(lo, hi, ing), e| {
+            (lo.min(e.timestamp), hi.max(e.timestamp), ing.max(e.ingested))
+        }))
     }
-    groups.retain(|_, (first, last)| *last >= timeframe_from && *first >= timeframe_from);
-    // NewScheduledBinaryExecution: `ingestion_time() >= ago(timeframe)`, `lookup
-    // kind=inner` on (DeviceId, SHA1), exact.
-    let executions: Vec<(&[u8], &Execution)> = scheduled
-        .into_iter()
-        .filter(|(_, e)| e.ingested >= timeframe_from && groups.contains_key(&(e.device_id.as_str(), e.sha1.as_str())))
-        .collect();
-    // `summarize MachineCount=dcount(DeviceId) by SHA1 | top N by MachineCount asc`
-    // (ties: SHA1 in ordinal order; UTF-8 byte order is code-point order).
-    let mut devices: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for (_, e) in &executions {
-        devices.entry(e.sha1.as_str()).or_default().insert(e.device_id.as_str());
-    }
-    let mut counts: Vec<(i64, &str)> = devices.iter().map(|(sha1, d)| (d.len() as i64, *sha1)).collect();
-    counts.sort();
-    counts.truncate(c.top);
-    // `extend SHA1=tolower(SHA1)`; the join keeps the first left row per key.
-    let mut left: Vec<(String, i64)> = Vec::new();
-    for (count, sha1) in counts {
-        let lower = sha1.to_lowercase();
-        if !left.iter().any(|(l, _)| *l == lower) {
-            left.push((lower, count));
+}
+
+/// The query's aggregates, kept as executions come and go and as the clock passes their
+/// window edges, so a pass only re-decides the groups it touched or whose edge passed.
+///
+/// Only the clock can turn a group inactive without a row arriving: when its FirstSeen
+/// or its latest ingestion leaves the timeframe (`edges`). A group can only turn active
+/// when an execution arrives, or leaves the lookback and takes an older FirstSeen with it
+/// (both through [`Index::add`] / [`Index::remove`]).
+#[derive(Debug)]
+pub struct Index {
+    c: RuleConfig,
+    groups: HashMap<GroupKey, Group>,
+    /// `summarize MachineCount=dcount(DeviceId) by SHA1` over the active groups: the
+    /// devices of each SHA1.
+    devices: HashMap<String, BTreeSet<String>>,
+    /// (MachineCount, SHA1) of every SHA1 with an active group: `top N by MachineCount
+    /// asc` is its first N entries (ties: SHA1 in ordinal order).
+    ranking: BTreeSet<(i64, String)>,
+    /// When each active group next turns inactive by the clock alone.
+    edges: BTreeSet<(i64, GroupKey)>,
+    edge_of: HashMap<GroupKey, i64>,
+    /// Groups changed since the last refresh.
+    touched: HashSet<GroupKey>,
+}
+
+impl Index {
+    pub fn new(c: RuleConfig) -> Index {
+        Index {
+            c,
+            groups: HashMap::new(),
+            devices: HashMap::new(),
+            ranking: BTreeSet::new(),
+            edges: BTreeSet::new(),
+            edge_of: HashMap::new(),
+            touched: HashSet::new(),
         }
     }
-    Window { executions, seen: groups, left }
+
+    pub fn add(&mut self, id: &[u8], e: &Execution) {
+        let key = (e.device_id.clone(), e.sha1.clone());
+        self.groups.entry(key.clone()).or_default().executions.insert(id.to_vec(), e.clone());
+        self.touched.insert(key);
+    }
+
+    pub fn remove(&mut self, id: &[u8], e: &Execution) {
+        let key = (e.device_id.clone(), e.sha1.clone());
+        if let Some(g) = self.groups.get_mut(&key) {
+            g.executions.remove(id);
+        }
+        self.touched.insert(key);
+    }
+
+    /// Brings every group to `now`: those touched since the last refresh and those whose
+    /// edge has passed. Returns the groups that turned inactive.
+    pub fn refresh(&mut self, now: i64) -> Vec<GroupKey> {
+        while let Some((at, _)) = self.edges.first() {
+            if *at > now {
+                break;
+            }
+            if let Some((_, key)) = self.edges.pop_first() {
+                self.edge_of.remove(&key);
+                self.touched.insert(key);
+            }
+        }
+        let cutoff = now.saturating_sub(self.c.timeframe);
+        let mut gone = Vec::new();
+        for key in std::mem::take(&mut self.touched) {
+            if let Some(at) = self.edge_of.remove(&key) {
+                self.edges.remove(&(at, key.clone()));
+            }
+            let Some(group) = self.groups.get_mut(&key) else { continue };
+            let span = group.span();
+            // `FirstSeen >= ago(timeframe)` (LastSeen is later), and an execution with
+            // `ingestion_time() >= ago(timeframe)`.
+            let active = span.is_some_and(|(first, _, ingested)| first >= cutoff && ingested >= cutoff);
+            let was = std::mem::replace(&mut group.active, active);
+            if span.is_none() {
+                self.groups.remove(&key);
+            }
+            if let (true, Some((first, _, ingested))) = (active, span) {
+                let at = first.min(ingested).saturating_add(self.c.timeframe).saturating_add(1);
+                self.edges.insert((at, key.clone()));
+                self.edge_of.insert(key.clone(), at);
+            }
+            if active == was {
+                continue;
+            }
+            let (device, sha1) = &key;
+            let before = self.devices.get(sha1).map_or(0, BTreeSet::len) as i64;
+            let set = self.devices.entry(sha1.clone()).or_default();
+            if active {
+                set.insert(device.clone());
+            } else {
+                set.remove(device);
+            }
+            let after = set.len() as i64;
+            if after == 0 {
+                self.devices.remove(sha1);
+            }
+            self.ranking.remove(&(before, sha1.clone()));
+            if after > 0 {
+                self.ranking.insert((after, sha1.clone()));
+            }
+            if !active {
+                gone.push(key);
+            }
+        }
+        gone
+    }
+
+    /// The earliest time after the last refresh at which a group turns inactive by the
+    /// clock alone (an execution leaving the lookback is the records' own expiry).
+    pub fn next_edge(&self) -> Option<i64> {
+        self.edges.first().map(|(at, _)| *at)
+    }
+
+    /// The left side of the final join: `top N` by MachineCount ascending, `extend
+    /// SHA1=tolower(SHA1)`, de-duplicated on the lowercased SHA1 (`innerunique` keeps the
+    /// first row in `top` order): (lowercased SHA1, its `MachineCount`).
+    pub fn left(&self) -> Vec<(String, i64)> {
+        let mut left: Vec<(String, i64)> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        for (count, sha1) in self.ranking.iter().take(self.c.top) {
+            let lower = sha1.to_lowercase();
+            if seen.insert(lower.clone()) {
+                left.push((lower, *count));
+            }
+        }
+        left
+    }
+
+    /// The devices whose executions of exactly this SHA1 are in
+    /// `NewScheduledBinaryExecution` (the join on SHA1 is exact).
+    pub fn devices_of(&self, sha1: &str) -> impl Iterator<Item = &str> {
+        self.devices.get(sha1).into_iter().flatten().map(String::as_str)
+    }
+
+    /// The finding of one device for a left row (lowercased SHA1, MachineCount) at `now`:
+    /// its latest joined execution, its FirstSeen/LastSeen, and the SHA1's `Devices` and
+    /// `MachineCount` over every joined execution.
+    pub fn hit(&self, sha1: &str, left_machine_count: i64, device: &str, now: i64) -> Option<Hit> {
+        let cutoff = now.saturating_sub(self.c.timeframe);
+        let joined = |g: &Group| -> Vec<(Vec<u8>, Execution)> {
+            g.executions.iter().filter(|(_, e)| e.ingested >= cutoff).map(|(k, e)| (k.clone(), e.clone())).collect()
+        };
+        let group = self.groups.get(&(device.to_string(), sha1.to_string())).filter(|g| g.active)?;
+        let (first_seen, last_seen, _) = group.span()?;
+        let mut latest: Option<(Vec<u8>, Execution)> = None;
+        for (id, e) in joined(group) {
+            if latest.as_ref().is_none_or(|(lid, le)| later((&id, &e), (lid, le))) {
+                latest = Some((id, e));
+            }
+        }
+        let latest = latest?;
+        let mut names: BTreeSet<String> = BTreeSet::new();
+        for d in self.devices_of(sha1) {
+            if let Some(g) = self.groups.get(&(d.to_string(), sha1.to_string())) {
+                names.extend(joined(g).into_iter().map(|(_, e)| e.device_name));
+            }
+        }
+        Some(Hit {
+            sha1: sha1.to_string(),
+            left_machine_count,
+            latest,
+            first_seen,
+            last_seen,
+            machine_count: names.len() as i64,
+            devices: names.into_iter().collect(),
+        })
+    }
 }
 
 /// `where not(ProfileAvailability =~ "Error") | where coalesce(GlobalPrevalence,
@@ -178,65 +320,21 @@ pub fn profile_passes(profile: Option<&Row>, c: &RuleConfig) -> bool {
 
 /// One finding: a device among the joined executions of a SHA1 that passed FileProfile.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Hit<'a> {
+pub struct Hit {
     /// The lowercased SHA1 (the `by` column).
     pub sha1: String,
     /// The left side's `MachineCount` (dcount of DeviceId before `top`).
     pub left_machine_count: i64,
     /// This device's latest joined execution (ties: the larger ReportId, then the larger
-    /// record id).
-    pub latest: (&'a [u8], &'a Execution),
+    /// record id): (record id, execution).
+    pub latest: (Vec<u8>, Execution),
     /// `FirstSeen`, `LastSeen` of (DeviceId, SHA1) from the `lookup`.
     pub first_seen: i64,
     pub last_seen: i64,
-    /// The latest ingestion time of this device's joined executions: the identity can be
-    /// in a result until `last_ingested + timeframe` at most.
-    pub last_ingested: i64,
     /// `make_set(DeviceName)` over every device of the SHA1, sorted.
     pub devices: Vec<String>,
     /// `dcount(DeviceName)` over every device of the SHA1.
     pub machine_count: i64,
-}
-
-/// The join with `NewScheduledBinaryExecution` on SHA1 (exact: the left side is
-/// lowercased, the right is not) and the final summarize, per (SHA1, DeviceId).
-/// `passes` says whether a lowercased SHA1 passed FileProfile.
-pub fn hits<'a>(w: &Window<'a>, passes: impl Fn(&str) -> bool) -> Vec<Hit<'a>> {
-    let mut by_sha1: HashMap<&str, Vec<(&'a [u8], &'a Execution)>> = HashMap::new();
-    for &(id, e) in &w.executions {
-        by_sha1.entry(e.sha1.as_str()).or_default().push((id, e));
-    }
-    let mut out = Vec::new();
-    for (sha1, left_count) in &w.left {
-        let Some(joined) = by_sha1.get(sha1.as_str()) else { continue };
-        if !passes(sha1) {
-            continue;
-        }
-        let devices: BTreeSet<&str> = joined.iter().map(|(_, e)| e.device_name.as_str()).collect();
-        let mut latest: BTreeMap<&str, ((&'a [u8], &'a Execution), i64)> = BTreeMap::new();
-        for &(id, e) in joined {
-            let slot = latest.entry(e.device_id.as_str()).or_insert(((id, e), e.ingested));
-            slot.1 = slot.1.max(e.ingested);
-            if later((id, e), slot.0) {
-                slot.0 = (id, e);
-            }
-        }
-        for (_, ((id, e), last_ingested)) in latest {
-            let (first_seen, last_seen) =
-                w.seen.get(&(e.device_id.as_str(), e.sha1.as_str())).copied().unwrap_or((e.timestamp, e.timestamp));
-            out.push(Hit {
-                sha1: sha1.clone(),
-                left_machine_count: *left_count,
-                latest: (id, e),
-                first_seen,
-                last_seen,
-                last_ingested,
-                devices: devices.iter().map(|d| d.to_string()).collect(),
-                machine_count: devices.len() as i64,
-            });
-        }
-    }
-    out
 }
 
 /// `arg_max(Timestamp, …)` order: a later Timestamp, then a larger ReportId (null is
@@ -245,34 +343,12 @@ fn later(a: (&[u8], &Execution), b: (&[u8], &Execution)) -> bool {
     (a.1.timestamp, a.1.report_id, a.0) > (b.1.timestamp, b.1.report_id, b.0)
 }
 
-/// The earliest time after `now` at which the clock alone changes the result: a record
-/// leaving `ago(lookback)` (Timestamp + lookback + 1), its (DeviceId, SHA1) group's
-/// FirstSeen/LastSeen leaving `ago(timeframe)` (Timestamp + timeframe + 1), or it
-/// leaving `ingestion_time() >= ago(timeframe)` (ingested + timeframe + 1). Every window
-/// condition is `x >= now - w`, which only turns false as time passes, so nothing else
-/// can change on its own.
-pub fn next_edge<'a>(records: impl Iterator<Item = &'a Execution>, now: i64, c: &RuleConfig) -> Option<i64> {
-    let mut next: Option<i64> = None;
-    for e in records {
-        for edge in [
-            e.timestamp.saturating_add(c.lookback).saturating_add(1),
-            e.timestamp.saturating_add(c.timeframe).saturating_add(1),
-            e.ingested.saturating_add(c.timeframe).saturating_add(1),
-        ] {
-            if edge > now {
-                next = Some(next.map_or(edge, |n: i64| n.min(edge)));
-            }
-        }
-    }
-    next
-}
-
 /// The result row of a hit: the `by` column, `Timestamp`, the rest of the joined row
 /// (left: the pre-`top` MachineCount, renamed `MachineCount1` since the explicit
 /// aggregate keeps the name; FileProfile's columns; right: the execution's stored
 /// columns, clashes suffixed `1`, then the lookup's FirstSeen, LastSeen), then `Devices`
 /// and `MachineCount`.
-pub fn output_row(hit: &Hit<'_>, profile: Option<&Row>, execution: &Row) -> Vec<(String, Cell)> {
+pub fn output_row(hit: &Hit, profile: Option<&Row>, execution: &Row) -> Vec<(String, Cell)> {
     let mut row: Vec<(String, Cell)> = Vec::new();
     row.push(("SHA1".into(), Cell::Str(hit.sha1.clone())));
     row.push(("Timestamp".into(), execution.get("Timestamp").cloned().unwrap_or(Cell::Null)));
@@ -303,24 +379,42 @@ pub fn output_row(hit: &Hit<'_>, profile: Option<&Row>, execution: &Row) -> Vec<
     row
 }
 
+/// State key prefix of the identities emitted while they can still be in a result.
+const EMITTED_PREFIX: &[u8] = b"e";
+/// State key of the evaluation time of the last pass.
+const LAST_PASS_KEY: &[u8] = b"t";
+
 pub struct ScheduledTaskRule {
     config: RuleConfig,
     records: Records<Execution>,
-    /// Whether rows arrived since the last evaluation (in this process).
-    dirty: bool,
-    /// (time, wake-up asked) of the last evaluation in this process: until the clock
-    /// reaches that wake-up and while no row arrives, the result cannot change.
-    evaluated: Option<(i64, Option<i64>)>,
-    /// Identities emitted by this process, until they cannot be in a result any more
-    /// (the latest ingestion of their executions + timeframe). Only saves re-building
-    /// rows the host would drop; empty after a restart.
-    emitted: HashMap<Vec<u8>, i64>,
+    index: Index,
+    /// (lowercased SHA1, DeviceId) emitted while their group stays active: a pass only
+    /// builds the rows of identities new to the result. Kept in the state, so a restart
+    /// does not rebuild them either (the host would drop them).
+    emitted: HashSet<(String, String)>,
+    /// Whether a lowercased SHA1 passes FileProfile, as far as this process has asked;
+    /// forgotten when a FileProfile row of it arrives.
+    profile_ok: HashMap<String, bool>,
 }
 
 impl ScheduledTaskRule {
     pub fn new(config: RuleConfig, state: &[(Vec<u8>, Vec<u8>)]) -> Result<Self, String> {
-        let records = Records::load(RECORDS_PREFIX, state)?;
-        Ok(ScheduledTaskRule { config, records, dirty: true, evaluated: None, emitted: HashMap::new() })
+        let records: Records<Execution> = Records::load(RECORDS_PREFIX, state)?;
+        let mut index = Index::new(config.clone());
+        for (id, e) in records.iter() {
+            index.add(id, e);
+        }
+        // The groups as the last pass left them; the first pass here brings them to its
+        // own time. Without a stored time they are all decided on that pass.
+        if let Some((_, t)) = state.iter().find(|(k, _)| k.as_slice() == LAST_PASS_KEY) {
+            let at = t.as_slice().try_into().map(i64::from_be_bytes).map_err(|_| "corrupt last-pass time in state")?;
+            index.refresh(at);
+        }
+        let mut emitted = HashSet::new();
+        for (k, _) in state.iter().filter(|(k, _)| k.starts_with(EMITTED_PREFIX)) {
+            emitted.insert(parse_emitted_key(&k[EMITTED_PREFIX.len()..]).ok_or("corrupt emitted identity in state")?);
+        }
+        Ok(ScheduledTaskRule { config, records, index, emitted, profile_ok: HashMap::new() })
     }
 
     /// Scheduled-task executions only (the host checks the static filters); FileProfile
@@ -336,8 +430,8 @@ impl ScheduledTaskRule {
     pub fn evaluate(&mut self, batch: &EvalRequest, ctx: &mut Context<'_>) -> Result<(), String> {
         let now = ctx.now();
         let c = self.config.clone();
-        if !batch.rows.is_empty() {
-            self.dirty = true;
+        for r in batch.rows.iter().filter(|r| r.table == FILE_PROFILE) {
+            self.profile_ok.remove(&r.sha1.to_lowercase());
         }
         let keys: Vec<Vec<u8>> = batch
             .rows
@@ -356,72 +450,105 @@ impl ScheduledTaskRule {
                 if expires < now {
                     continue;
                 }
+                self.index.add(&row.key, &e);
                 self.records.insert(ctx, row.key.clone(), expires, e)?;
             }
         }
         if !batch.last {
             return Ok(());
         }
-        self.records.expire(ctx, now);
-        self.emitted.retain(|_, until| *until >= now);
-
-        // Nothing arrived and no edge passed since the last evaluation: same result.
-        if let Some((at, wake)) = self.evaluated {
-            if !self.dirty && now >= at && wake.is_none_or(|w| now < w) {
-                if let Some(w) = wake {
-                    ctx.wake_at(w);
-                }
-                return Ok(());
+        for (id, e) in self.records.expire(ctx, now) {
+            self.index.remove(&id, &e);
+        }
+        for (device, sha1) in self.index.refresh(now) {
+            let id = (sha1, device);
+            if self.emitted.remove(&id) {
+                ctx.state_delete(emitted_key(&id.0, &id.1));
             }
         }
-
-        let wake = next_edge(self.records.iter().map(|(_, e)| e), now, &c);
-        let w = window(self.records.iter(), now, &c);
-        // FileProfile of the left SHA1s that some execution can join (the others cannot
-        // produce a row whatever their profile), in one host call.
-        let joinable: BTreeSet<&str> = w.executions.iter().map(|(_, e)| e.sha1.as_str()).collect();
-        let lowers: Vec<String> =
-            w.left.iter().filter(|(l, _)| joinable.contains(l.as_str())).map(|(l, _)| l.clone()).collect();
-        let profiles: HashMap<String, Option<Row>> = if lowers.is_empty() {
-            HashMap::new()
-        } else {
-            let found = ctx.profiles(lowers.clone())?;
-            lowers.into_iter().zip(found).collect()
+        ctx.state_put(LAST_PASS_KEY.to_vec(), now.to_be_bytes().to_vec());
+        self.emit_new(ctx, now)?;
+        let wake = match (self.index.next_edge(), self.records.next_expiry()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
-        let found = hits(&w, |sha1| profile_passes(profiles.get(sha1).and_then(Option::as_ref), &c));
-
-        let fresh: Vec<(Vec<u8>, &Hit<'_>)> = found
-            .iter()
-            .map(|h| (identity_key(&[&h.sha1, &h.latest.1.device_id]), h))
-            .filter(|(id, _)| !self.emitted.contains_key(id))
-            .collect();
-        if !fresh.is_empty() {
-            let rows: HashMap<Vec<u8>, Row> = ctx
-                .rows(fresh.iter().map(|(_, h)| h.latest.0.to_vec()).collect())?
-                .into_iter()
-                .map(|r| (r.key.clone(), r))
-                .collect();
-            for (id, hit) in fresh {
-                // A row pruned by retention since it was recorded: no output row to show.
-                let Some(execution) = rows.get(hit.latest.0) else { continue };
-                let profile = profiles.get(&hit.sha1).and_then(Option::as_ref);
-                let until = hit.last_ingested.saturating_add(c.timeframe);
-                ctx.emit(FindingOut {
-                    inputs: vec![id.clone()],
-                    device_id: hit.latest.1.device_id.clone(),
-                    device_name: hit.latest.1.device_name.clone(),
-                    row: output_row(hit, profile, execution),
-                });
-                self.emitted.insert(id, until);
-            }
-        }
         if let Some(at) = wake {
             ctx.wake_at(at);
         }
-        self.dirty = false;
-        self.evaluated = Some((now, wake));
         Ok(())
     }
+
+    /// Emits the identities of the result at `now` not emitted yet: the devices of every
+    /// left row that passes FileProfile. FileProfile is asked (in one host call) only for
+    /// the SHA1s that have such a device.
+    fn emit_new(&mut self, ctx: &mut Context<'_>, now: i64) -> Result<(), String> {
+        let left = self.index.left();
+        let fresh: Vec<(String, i64, Vec<String>)> = left
+            .into_iter()
+            .filter_map(|(sha1, count)| {
+                let devices: Vec<String> = self
+                    .index
+                    .devices_of(&sha1)
+                    .filter(|d| !self.emitted.contains(&(sha1.clone(), d.to_string())))
+                    .map(str::to_string)
+                    .collect();
+                (!devices.is_empty()).then_some((sha1, count, devices))
+            })
+            .collect();
+        // FileProfile of the SHA1s not known to fail it, in one host call.
+        let ask: Vec<String> =
+            fresh.iter().map(|(s, _, _)| s.clone()).filter(|s| self.profile_ok.get(s) != Some(&false)).collect();
+        let mut profiles: HashMap<String, Option<Row>> = HashMap::new();
+        if !ask.is_empty() {
+            for (sha1, profile) in ask.iter().cloned().zip(ctx.profiles(ask.clone())?) {
+                self.profile_ok.insert(sha1.clone(), profile_passes(profile.as_ref(), &self.config));
+                profiles.insert(sha1, profile);
+            }
+        }
+        let mut hits: Vec<Hit> = Vec::new();
+        for (sha1, count, devices) in fresh {
+            if self.profile_ok.get(&sha1) == Some(&true) {
+                hits.extend(devices.iter().filter_map(|d| self.index.hit(&sha1, count, d, now)));
+            }
+        }
+        if hits.is_empty() {
+            return Ok(());
+        }
+        let rows: HashMap<Vec<u8>, Row> = ctx
+            .rows(hits.iter().map(|h| h.latest.0.clone()).collect())?
+            .into_iter()
+            .map(|r| (r.key.clone(), r))
+            .collect();
+        for hit in &hits {
+            // A row pruned by retention since it was recorded: no output row to show.
+            let Some(execution) = rows.get(&hit.latest.0) else { continue };
+            let profile = profiles.get(&hit.sha1).and_then(Option::as_ref);
+            let device = hit.latest.1.device_id.clone();
+            ctx.emit(FindingOut {
+                inputs: vec![identity_key(&[&hit.sha1, &device])],
+                device_id: device.clone(),
+                device_name: hit.latest.1.device_name.clone(),
+                row: output_row(hit, profile, execution),
+            });
+            ctx.state_put(emitted_key(&hit.sha1, &device), Vec::new());
+            self.emitted.insert((hit.sha1.clone(), device));
+        }
+        Ok(())
+    }
+}
+
+/// The state key of an emitted identity: the prefix, the SHA1's length (4 bytes, big
+/// endian), the SHA1, the DeviceId.
+fn emitted_key(sha1: &str, device: &str) -> Vec<u8> {
+    [EMITTED_PREFIX, &(sha1.len() as u32).to_be_bytes(), sha1.as_bytes(), device.as_bytes()].concat()
+}
+
+/// (SHA1, DeviceId) of an emitted key, after its prefix.
+fn parse_emitted_key(b: &[u8]) -> Option<(String, String)> {
+    let len = u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    let sha1 = b.get(4..4usize.checked_add(len)?)?;
+    let device = &b[4 + len..];
+    Some((String::from_utf8(sha1.to_vec()).ok()?, String::from_utf8(device.to_vec()).ok()?))
 }
 
 #[cfg(test)]
@@ -445,10 +572,30 @@ mod tests {
         }
     }
 
+    /// The index of the records still in the lookback at `now`, brought to `now`.
+    fn index(records: &[(Vec<u8>, Execution)], now: i64, c: &RuleConfig) -> Index {
+        let mut ix = Index::new(c.clone());
+        for (k, e) in records.iter().filter(|(_, e)| e.timestamp.saturating_add(c.lookback) >= now) {
+            ix.add(k, e);
+        }
+        ix.refresh(now);
+        ix
+    }
+
+    /// Every hit at `now` with every profile passing: (SHA1, DeviceId, MachineCount).
+    fn hits_of(ix: &Index, now: i64) -> Vec<Hit> {
+        let mut out = Vec::new();
+        for (sha1, count) in ix.left() {
+            let devices: Vec<String> = ix.devices_of(&sha1).map(str::to_string).collect();
+            out.extend(devices.iter().filter_map(|d| ix.hit(&sha1, count, d, now)));
+        }
+        out
+    }
+
     fn run(records: &[(Vec<u8>, Execution)], now: i64, c: &RuleConfig) -> Vec<(String, String, i64)> {
-        let w = window(records.iter().map(|(k, e)| (k.as_slice(), e)), now, c);
+        let ix = index(records, now, c);
         let mut out: Vec<(String, String, i64)> =
-            hits(&w, |_| true).into_iter().map(|h| (h.sha1, h.latest.1.device_id.clone(), h.machine_count)).collect();
+            hits_of(&ix, now).into_iter().map(|h| (h.sha1, h.latest.1.device_id.clone(), h.machine_count)).collect();
         out.sort();
         out
     }
@@ -482,8 +629,40 @@ mod tests {
         let records = vec![(b"1".to_vec(), ex("d1", "aa", now - 2 * DAY, now - 2 * DAY, 1))];
         assert_eq!(run(&records, now, &c).len(), 1, "exactly timeframe ago is in");
         assert_eq!(run(&records, now + 1, &c).len(), 0);
-        assert_eq!(next_edge(records.iter().map(|(_, e)| e), now, &c), Some(now + 1));
-        assert_eq!(next_edge(records.iter().map(|(_, e)| e), now + 1, &c), Some(now - 2 * DAY + 7 * DAY + 1));
+        let mut ix = index(&records, now, &c);
+        assert_eq!(ix.next_edge(), Some(now + 1));
+        assert_eq!(ix.refresh(now), vec![], "nothing changes before the edge");
+        assert_eq!(ix.refresh(now + 1), vec![("d1".to_string(), "aa".to_string())], "the edge turns it inactive");
+        assert_eq!(ix.next_edge(), None, "only the record's own expiry is left");
+    }
+
+    #[test]
+    fn an_index_kept_across_passes_equals_one_built_at_the_end() {
+        let c = cfg(2);
+        let t0 = 100 * DAY;
+        let all: Vec<(Vec<u8>, Execution)> = (0..40)
+            .map(|i| {
+                let at = t0 + i * DAY / 4;
+                (vec![i as u8], ex(&format!("d{}", i % 3), ["aa", "bb", "AA", "cc"][(i % 4) as usize], at, at, i))
+            })
+            .collect();
+        let mut ix = Index::new(c.clone());
+        let mut kept: Vec<(Vec<u8>, Execution)> = Vec::new();
+        for (step, chunk) in all.chunks(3).enumerate() {
+            let now = t0 + (step as i64 + 1) * DAY;
+            for (k, e) in chunk {
+                ix.add(k, e);
+                kept.push((k.clone(), e.clone()));
+            }
+            for (k, e) in kept.iter().filter(|(_, e)| e.timestamp.saturating_add(c.lookback) < now) {
+                ix.remove(k, e);
+            }
+            kept.retain(|(_, e)| e.timestamp.saturating_add(c.lookback) >= now);
+            ix.refresh(now);
+            let fresh = index(&kept, now, &c);
+            assert_eq!(hits_of(&ix, now), hits_of(&fresh, now), "at step {step}");
+            assert_eq!(ix.next_edge(), fresh.next_edge(), "at step {step}");
+        }
     }
 
     #[test]
@@ -513,11 +692,17 @@ mod tests {
     fn latest_execution_ties_go_to_the_larger_report_id() {
         let now = 100 * DAY;
         let t = now - DAY;
-        let records = [(b"1".to_vec(), ex("d1", "aa", t, t, 9)), (b"2".to_vec(), ex("d1", "aa", t, t, 10))];
-        let w = window(records.iter().map(|(k, e)| (k.as_slice(), e)), now, &cfg(5));
-        let h = hits(&w, |_| true);
+        let records = vec![(b"1".to_vec(), ex("d1", "aa", t, t, 9)), (b"2".to_vec(), ex("d1", "aa", t, t, 10))];
+        let h = hits_of(&index(&records, now, &cfg(5)), now);
         assert_eq!(h.len(), 1);
         assert_eq!(h[0].latest.1.report_id, Some(10));
+    }
+
+    #[test]
+    fn emitted_keys_read_back() {
+        let k = emitted_key("ab\0c", "dev\0ice");
+        assert_eq!(parse_emitted_key(&k[EMITTED_PREFIX.len()..]), Some(("ab\0c".to_string(), "dev\0ice".to_string())));
+        assert_eq!(parse_emitted_key(&[0, 0, 0, 9, b'a']), None);
     }
 
     #[test]

@@ -97,11 +97,17 @@
 //! children (`only_where`). Each becomes a small record (join keys, times, SHA1, FileName,
 //! whether its command line is the msiexec one) kept until it leaves the
 //! `ingestion_time()` window; rows that can never join (a null process id or, for a
-//! child, a null `InitiatingProcessCreationTime`) are not kept. The rule is not monotone
-//! (the count threshold, the certificate anti-join, the window), so rows are taken in on
-//! every call of a pass and the whole result is recomputed from the records on the pass's
-//! last call, at its evaluation time; identities not emitted before are emitted (and
-//! remembered until their pair leaves the window), with their rows fetched by key.
+//! child, a null `InitiatingProcessCreationTime`) are not kept. The join is kept as the
+//! records come and go: records by join key and by the whole second of their Timestamp
+//! (a new row meets only the rows within 10 s of it), the pairs that pass the time
+//! conditions, and each child SHA1's pairs with when each leaves the window. Each pair is
+//! decided once, on the pass that formed it: msiexec and certified pairs never fire, a
+//! LOLBIN pair fires, any other fires if its SHA1 has fewer pairs than the threshold and
+//! otherwise waits. Waiting pairs are decided again on the pass where their SHA1's count
+//! falls below the threshold, which is the only way their answer can change. Every pair
+//! is decided again after a change of parameters and on a backfill. Identities not
+//! emitted before are emitted (and remembered until their pair leaves the window), with
+//! their rows fetched by key.
 //! Certificates are looked up per SHA1 when a pair needs them, on the child's device
 //! first, once per process: DeviceFileCertificateInfo is an input whose new rows mark
 //! their SHA1s certified (never handed over on a backfill), so an answer stays right

@@ -1,10 +1,10 @@
 //! The rule itself, with exactly the semantics of the KQL (see the crate docs).
 
 use lookout_plugin_sdk::tables::{FILE_CERTIFICATES, NETWORK_EVENTS, PROCESS_EVENTS};
-use lookout_plugin_sdk::time::{datetime_diff_seconds, parse_timestamp};
+use lookout_plugin_sdk::time::{datetime_diff_seconds, parse_timestamp, TICKS_PER_SEC};
 use lookout_plugin_sdk::{identity_key, Cell, Condition, Context, EvalRequest, FindingOut, InputSpec, Records, Row};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 const SERVICES: &str = "services.exe";
 const INBOUND: &str = "InboundConnectionAccepted";
@@ -76,20 +76,81 @@ struct Pending {
     expires: i64,
 }
 
-/// Children by join key (DeviceId, InitiatingProcessId, InitiatingProcessFileName).
-type ChildrenByKey<'a> = HashMap<(&'a str, i64, &'a str), Vec<(&'a [u8], &'a Child)>>;
+/// The join key (DeviceId, InitiatingProcessId, InitiatingProcessFileName), exact.
+type JoinKey = (String, i64, String);
 
-pub struct ScmRule {
-    config: RuleConfig,
-    connections: Records<Connection>,
-    children: Records<Child>,
-    /// Identities emitted while both rows of their pair are in the window.
-    emitted: Records<u8>,
-    /// Whether a SHA1 has a stored certificate row, as far as this process has asked.
-    /// Certificate rows are an input, so every one stored after an answer was cached
-    /// arrives in a pass and marks its SHA1 certified: a cached "no" stays true until
-    /// then, and a "yes" only grows (see the crate docs on retention).
-    certified: HashMap<String, bool>,
+/// A joined pair: (network record id, child record id).
+type Pair = (Vec<u8>, Vec<u8>);
+
+/// State key of the parameters the pairs were last decided under.
+const CONFIG_KEY: &[u8] = b"p";
+
+/// The pairs of the `join` that pass the time conditions, kept as the records come and
+/// go, so a pass only decides what it changed: the pairs it formed, and the pairs of a
+/// SHA1 whose count fell below the threshold. Rebuilt from the records at `init`.
+#[derive(Default)]
+struct Pairs {
+    /// Records by join key, then by the second of their Timestamp (the time condition
+    /// is on whole seconds), so a new row meets only the rows within 10 s of it.
+    connections_by_key: HashMap<JoinKey, BTreeSet<(i64, Vec<u8>)>>,
+    children_by_key: HashMap<JoinKey, BTreeSet<(i64, Vec<u8>)>>,
+    /// The partners of each record (a network id's child ids, a child id's network ids).
+    of_connection: HashMap<Vec<u8>, BTreeSet<Vec<u8>>>,
+    of_child: HashMap<Vec<u8>, BTreeSet<Vec<u8>>>,
+    /// `summarize count() by SHA1`: the pairs of each child SHA1, with when each leaves
+    /// the window (the earlier ingestion of its two rows + timeframe).
+    by_sha1: HashMap<String, BTreeSet<(i64, Pair)>>,
+    /// Each SHA1's pair count when this pass first changed it.
+    count_at_start: HashMap<String, usize>,
+    /// Pairs formed in this pass, to decide at its end.
+    formed: BTreeSet<Pair>,
+    /// Pairs not emitted only because their SHA1 had `threshold` pairs or more, by SHA1:
+    /// they are decided again when the count falls below it.
+    blocked: HashMap<String, BTreeSet<Pair>>,
+}
+
+impl Pairs {
+    fn count(&self, sha1: &str) -> usize {
+        self.by_sha1.get(sha1).map_or(0, BTreeSet::len)
+    }
+
+    fn note_count(&mut self, sha1: &str) {
+        if !self.count_at_start.contains_key(sha1) {
+            let n = self.count(sha1);
+            self.count_at_start.insert(sha1.to_string(), n);
+        }
+    }
+
+    fn add(&mut self, n: (&[u8], &Connection), c: (&[u8], &Child), timeframe: i64) {
+        if !times_pass(n.1.at, c.1.at, c.1.services_started) {
+            return;
+        }
+        self.note_count(&c.1.sha1);
+        let expires = n.1.ingested_at.min(c.1.ingested_at).saturating_add(timeframe);
+        let pair = (n.0.to_vec(), c.0.to_vec());
+        self.of_connection.entry(pair.0.clone()).or_default().insert(pair.1.clone());
+        self.of_child.entry(pair.1.clone()).or_default().insert(pair.0.clone());
+        self.by_sha1.entry(c.1.sha1.clone()).or_default().insert((expires, pair.clone()));
+        self.formed.insert(pair);
+    }
+
+    fn remove(&mut self, pair: Pair, n: &Connection, c: &Child, timeframe: i64) {
+        self.note_count(&c.sha1);
+        let expires = n.ingested_at.min(c.ingested_at).saturating_add(timeframe);
+        if let Some(set) = self.by_sha1.get_mut(&c.sha1) {
+            set.remove(&(expires, pair.clone()));
+            if set.is_empty() {
+                self.by_sha1.remove(&c.sha1);
+            }
+        }
+        if let Some(set) = self.blocked.get_mut(&c.sha1) {
+            set.remove(&pair);
+            if set.is_empty() {
+                self.blocked.remove(&c.sha1);
+            }
+        }
+        self.formed.remove(&pair);
+    }
 }
 
 /// The time conditions on one (connection, child) pair: `datetime_diff("Second",
@@ -128,15 +189,112 @@ fn text(row: &Row, column: &str) -> String {
     }
 }
 
+/// The whole second of a time (`datetime_diff("Second", …)` counts these).
+fn second(at: i64) -> i64 {
+    at.div_euclid(TICKS_PER_SEC)
+}
+
+/// The ids in `set` whose second is within `from..=to`.
+fn ids_between(set: Option<&BTreeSet<(i64, Vec<u8>)>>, from: i64, to: i64) -> Vec<Vec<u8>> {
+    let Some(set) = set else { return Vec::new() };
+    set.range((from, Vec::new())..).take_while(|(s, _)| *s <= to).map(|(_, id)| id.clone()).collect()
+}
+
+/// Children a connection at `at` can pair with: 0 to 10 whole seconds after it.
+fn children_near(by_key: &HashMap<JoinKey, BTreeSet<(i64, Vec<u8>)>>, key: &JoinKey, at: i64) -> Vec<Vec<u8>> {
+    ids_between(by_key.get(key), second(at), second(at).saturating_add(10))
+}
+
+/// Connections a child at `at` can pair with: 0 to 10 whole seconds before it.
+fn connections_near(by_key: &HashMap<JoinKey, BTreeSet<(i64, Vec<u8>)>>, key: &JoinKey, at: i64) -> Vec<Vec<u8>> {
+    ids_between(by_key.get(key), second(at).saturating_sub(10), second(at))
+}
+
+fn join_key(device: &str, process_id: i64, process: &str) -> JoinKey {
+    (device.to_string(), process_id, process.to_string())
+}
+
+pub struct ScmRule {
+    config: RuleConfig,
+    connections: Records<Connection>,
+    children: Records<Child>,
+    /// Identities emitted while both rows of their pair are in the window.
+    emitted: Records<u8>,
+    /// Whether a SHA1 has a stored certificate row, as far as this process has asked.
+    /// Certificate rows are an input, so every one stored after an answer was cached
+    /// arrives in a pass and marks its SHA1 certified: a cached "no" stays true until
+    /// then, and a "yes" only grows (see the crate docs on retention).
+    certified: HashMap<String, bool>,
+    pairs: Pairs,
+    /// Every pair is decided on the next pass: the parameters changed, or a backfill.
+    decide_all: bool,
+    /// The parameters' fingerprint is to be stored with the next pass.
+    write_config: bool,
+}
+
+impl RuleConfig {
+    /// What the stored decisions depend on.
+    fn fingerprint(&self) -> String {
+        format!("{}/{}/{}", self.timeframe, self.prevalence_threshold, self.lolbins.join(","))
+    }
+}
+
 impl ScmRule {
     pub fn new(config: RuleConfig, state: &[(Vec<u8>, Vec<u8>)]) -> Result<Self, String> {
-        Ok(ScmRule {
-            config,
+        let stored = state.iter().find(|(k, _)| k.as_slice() == CONFIG_KEY).map(|(_, v)| v.as_slice());
+        let same_config = stored == Some(config.fingerprint().as_bytes());
+        let mut rule = ScmRule {
             connections: Records::load(NETWORK_PREFIX, state)?,
             children: Records::load(CHILD_PREFIX, state)?,
             emitted: Records::load(EMITTED_PREFIX, state)?,
             certified: HashMap::new(),
-        })
+            pairs: Pairs::default(),
+            decide_all: !same_config,
+            write_config: !same_config,
+            config,
+        };
+        rule.rebuild_pairs();
+        Ok(rule)
+    }
+
+    /// The join over the loaded records, and which of its pairs an earlier pass left
+    /// waiting for their SHA1's count to fall (certificates are not known here: a pair
+    /// of a certified SHA1 counts as waiting, which at worst wakes a pass that finds
+    /// nothing).
+    fn rebuild_pairs(&mut self) {
+        let timeframe = self.config.timeframe;
+        let mut pairs = Pairs::default();
+        for (id, n) in self.connections.iter() {
+            let key = join_key(&n.device, n.process_id, &n.process);
+            pairs.connections_by_key.entry(key).or_default().insert((second(n.at), id.to_vec()));
+        }
+        for (cid, c) in self.children.iter() {
+            let key = join_key(&c.device, c.process_id, &c.process);
+            for nid in connections_near(&pairs.connections_by_key, &key, c.at) {
+                if let Some(n) = self.connections.get(&nid) {
+                    pairs.add((&nid, n), (cid, c), timeframe);
+                }
+            }
+            pairs.children_by_key.entry(key).or_default().insert((second(c.at), cid.to_vec()));
+        }
+        for (sha1, set) in &pairs.by_sha1 {
+            if (set.len() as i64) < self.config.prevalence_threshold {
+                continue;
+            }
+            for (_, pair) in set {
+                let (Some(n), Some(c)) = (self.connections.get(&pair.0), self.children.get(&pair.1)) else { continue };
+                if c.msiexec
+                    || is_lolbin(&self.config.lolbins, &c.file_name)
+                    || self.emitted.contains(&identity_of(n, c))
+                {
+                    continue;
+                }
+                pairs.blocked.entry(sha1.clone()).or_default().insert(pair.clone());
+            }
+        }
+        pairs.formed.clear();
+        pairs.count_at_start.clear();
+        self.pairs = pairs;
     }
 
     /// The `networkEvents` and `allServices` row filters, applied by the host.
@@ -153,6 +311,9 @@ impl ScmRule {
     pub fn evaluate(&mut self, batch: &EvalRequest, ctx: &mut Context<'_>) -> Result<(), String> {
         let now = ctx.now();
         let cutoff = now.saturating_sub(self.config.timeframe);
+        if batch.backfill {
+            self.decide_all = true;
+        }
         let mut network_keys = Vec::new();
         let mut child_keys = Vec::new();
         for r in &batch.rows {
@@ -179,17 +340,62 @@ impl ScmRule {
             return Ok(());
         }
 
-        self.connections.expire(ctx, now);
-        self.children.expire(ctx, now);
+        self.expire(ctx, now);
         self.emitted.expire(ctx, now);
-        if let Some(at) = self.emit_new(ctx, cutoff)? {
+        if std::mem::take(&mut self.write_config) {
+            ctx.state_put(CONFIG_KEY.to_vec(), self.config.fingerprint().into_bytes());
+        }
+        if let Some(at) = self.emit_new(ctx)? {
             ctx.wake_at(at);
         }
         Ok(())
     }
 
+    /// Drops the records that left the window, and their pairs.
+    fn expire(&mut self, ctx: &mut Context<'_>, now: i64) {
+        let timeframe = self.config.timeframe;
+        let gone_connections: HashMap<Vec<u8>, Connection> = self.connections.expire(ctx, now).into_iter().collect();
+        let gone_children: HashMap<Vec<u8>, Child> = self.children.expire(ctx, now).into_iter().collect();
+        for (nid, n) in &gone_connections {
+            let key = join_key(&n.device, n.process_id, &n.process);
+            if let Some(ids) = self.pairs.connections_by_key.get_mut(&key) {
+                ids.remove(&(second(n.at), nid.clone()));
+                if ids.is_empty() {
+                    self.pairs.connections_by_key.remove(&key);
+                }
+            }
+            for cid in self.pairs.of_connection.remove(nid).unwrap_or_default() {
+                if let Some(partners) = self.pairs.of_child.get_mut(&cid) {
+                    partners.remove(nid);
+                }
+                let c = self.children.get(&cid).or_else(|| gone_children.get(&cid));
+                if let Some(c) = c {
+                    self.pairs.remove((nid.clone(), cid.clone()), n, c, timeframe);
+                }
+            }
+        }
+        for (cid, c) in &gone_children {
+            let key = join_key(&c.device, c.process_id, &c.process);
+            if let Some(ids) = self.pairs.children_by_key.get_mut(&key) {
+                ids.remove(&(second(c.at), cid.clone()));
+                if ids.is_empty() {
+                    self.pairs.children_by_key.remove(&key);
+                }
+            }
+            // Pairs with a connection that also left were removed above.
+            for nid in self.pairs.of_child.remove(cid).unwrap_or_default() {
+                if let Some(partners) = self.pairs.of_connection.get_mut(&nid) {
+                    partners.remove(cid);
+                }
+                if let Some(n) = self.connections.get(&nid) {
+                    self.pairs.remove((nid.clone(), cid.clone()), n, c, timeframe);
+                }
+            }
+        }
+    }
+
     /// Keeps an inbound `services.exe` connection that can still join (in the window, with
-    /// a process id).
+    /// a process id), and joins it with the children kept.
     fn take_connection(&mut self, ctx: &mut Context<'_>, row: &Row, cutoff: i64) -> Result<(), String> {
         if row.ingested_at < cutoff
             || !row.str("InitiatingProcessFileName").eq_ignore_ascii_case(SERVICES)
@@ -208,12 +414,22 @@ impl ScmRule {
             at,
             report: text(row, "ReportId"),
         };
-        self.connections.insert(ctx, row.key.clone(), row.ingested_at.saturating_add(self.config.timeframe), record)?;
+        let key = join_key(&record.device, process_id, &record.process);
+        let expires = row.ingested_at.saturating_add(self.config.timeframe);
+        if !self.connections.insert(ctx, row.key.clone(), expires, record.clone())? {
+            return Ok(());
+        }
+        for cid in children_near(&self.pairs.children_by_key, &key, at) {
+            if let Some(c) = self.children.get(&cid) {
+                self.pairs.add((&row.key, &record), (&cid, c), self.config.timeframe);
+            }
+        }
+        self.pairs.connections_by_key.entry(key).or_default().insert((second(at), row.key.clone()));
         Ok(())
     }
 
     /// Keeps a `services.exe` child that can still join (in the window, with a process id
-    /// and a services.exe creation time).
+    /// and a services.exe creation time), and joins it with the connections kept.
     fn take_child(&mut self, ctx: &mut Context<'_>, row: &Row, cutoff: i64) -> Result<(), String> {
         if row.ingested_at < cutoff
             || !row.str("InitiatingProcessFileName").eq_ignore_ascii_case(SERVICES)
@@ -240,83 +456,79 @@ impl ScmRule {
             file_name: row.str("FileName").to_string(),
             msiexec: row.str("ProcessCommandLine").eq_ignore_ascii_case(MSIEXEC),
         };
-        self.children.insert(ctx, row.key.clone(), row.ingested_at.saturating_add(self.config.timeframe), record)?;
+        let key = join_key(&record.device, process_id, &record.process);
+        let expires = row.ingested_at.saturating_add(self.config.timeframe);
+        if !self.children.insert(ctx, row.key.clone(), expires, record.clone())? {
+            return Ok(());
+        }
+        for nid in connections_near(&self.pairs.connections_by_key, &key, at) {
+            if let Some(n) = self.connections.get(&nid) {
+                self.pairs.add((&nid, n), (&row.key, &record), self.config.timeframe);
+            }
+        }
+        self.pairs.children_by_key.entry(key).or_default().insert((second(at), row.key.clone()));
         Ok(())
     }
 
-    /// The whole query over the records in the window; emits the identities not emitted
-    /// yet. Returns when the clock alone can next change the result.
+    /// Decides the pairs this pass changed and emits the identities not emitted yet.
+    /// Returns when the clock alone can next change the result.
     ///
-    /// With no new rows, a later pass sees a subset of these pairs, smaller counts and at
-    /// least these certificates. A pair that does not qualify now is then new only if its
-    /// SHA1's count is at or above the threshold now and falls below it, so the time that
-    /// matters is the first time a pair of such a SHA1 leaves the window, for SHA1s with no
-    /// certificate and with a pair that is not msiexec, not a LOLBIN and not yet emitted.
-    fn emit_new(&mut self, ctx: &mut Context<'_>, cutoff: i64) -> Result<Option<i64>, String> {
-        // `join kind=inner on DeviceId, InitiatingProcessId, InitiatingProcessFileName`,
-        // exact on all three, then the two time conditions.
-        let mut by_join_key: ChildrenByKey<'_> = HashMap::new();
-        for (id, c) in self.children.iter() {
-            if c.ingested_at >= cutoff {
-                by_join_key.entry((c.device.as_str(), c.process_id, c.process.as_str())).or_default().push((id, c));
-            }
-        }
-        let mut pairs: Vec<(&[u8], &Connection, &[u8], &Child)> = Vec::new();
-        for (nid, n) in self.connections.iter() {
-            if n.ingested_at < cutoff {
-                continue;
-            }
-            let Some(children) = by_join_key.get(&(n.device.as_str(), n.process_id, n.process.as_str())) else {
-                continue;
-            };
-            for (cid, c) in children {
-                if times_pass(n.at, c.at, c.services_started) {
-                    pairs.push((nid, n, cid, c));
+    /// A pair is decided when it is formed. Its answer can change later only through its
+    /// SHA1's count (certificates only ever appear, and the rest is fixed by the pair), and
+    /// the count only falls as the clock moves: so the pairs left waiting for it are
+    /// decided again when it falls below the threshold, and the pass asks to be woken
+    /// when the first pair of a SHA1 with waiting pairs leaves the window.
+    fn emit_new(&mut self, ctx: &mut Context<'_>) -> Result<Option<i64>, String> {
+        let threshold = self.config.prevalence_threshold;
+        let below = |n: usize| (n as i64) < threshold;
+        let mut to_decide: BTreeSet<Pair> = std::mem::take(&mut self.pairs.formed);
+        let count_at_start = std::mem::take(&mut self.pairs.count_at_start);
+        if std::mem::take(&mut self.decide_all) {
+            self.pairs.blocked.clear();
+            to_decide.extend(self.pairs.by_sha1.values().flatten().map(|(_, p)| p.clone()));
+        } else {
+            for (sha1, was) in count_at_start {
+                if !below(was) && below(self.pairs.count(&sha1)) {
+                    if let Some(waiting) = self.pairs.blocked.remove(&sha1) {
+                        to_decide.extend(waiting);
+                    }
                 }
             }
         }
-        if pairs.is_empty() {
-            return Ok(None);
-        }
-        pairs.sort_by(|a, b| (a.0, a.2).cmp(&(b.0, b.2)));
-
-        // `summarize count() by SHA1`: pairs per child SHA1, and when the first of them
-        // leaves the window.
-        let timeframe = self.config.timeframe;
-        let expiry = |n: &Connection, c: &Child| n.ingested_at.min(c.ingested_at).saturating_add(timeframe);
-        let mut counts: HashMap<&str, (i64, i64)> = HashMap::new();
-        for (_, n, _, c) in &pairs {
-            let e = counts.entry(c.sha1.as_str()).or_insert((0, i64::MAX));
-            e.0 += 1;
-            e.1 = e.1.min(expiry(n, c));
-        }
 
         let mut wanted: BTreeMap<Vec<u8>, Pending> = BTreeMap::new();
-        let mut wake: Option<i64> = None;
-        for (nid, n, cid, c) in &pairs {
+        for pair in to_decide {
+            let (Some(n), Some(c)) = (self.connections.get(&pair.0), self.children.get(&pair.1)) else { continue };
             if c.msiexec {
                 continue;
             }
-            let identity = identity_key(&[&n.device, &n.report, &c.at_text, &c.sha1]);
+            let identity = identity_of(n, c);
             if self.emitted.contains(&identity) || wanted.contains_key(&identity) {
                 continue;
             }
-            let (count, first_leaves) = counts.get(c.sha1.as_str()).copied().unwrap_or((0, i64::MAX));
-            let pending = Pending { network: nid.to_vec(), child: cid.to_vec(), expires: expiry(n, c) };
+            let expires = n.ingested_at.min(c.ingested_at).saturating_add(self.config.timeframe);
+            let pending = Pending { network: pair.0.clone(), child: pair.1.clone(), expires };
             if is_lolbin(&self.config.lolbins, &c.file_name) {
                 wanted.insert(identity, pending);
                 continue;
             }
-            if has_certificate(ctx, &mut self.certified, &c.sha1, &c.device)? {
+            let (sha1, device) = (c.sha1.clone(), c.device.clone());
+            if has_certificate(ctx, &mut self.certified, &sha1, &device)? {
                 continue;
             }
-            if count < self.config.prevalence_threshold {
+            if below(self.pairs.count(&sha1)) {
                 wanted.insert(identity, pending);
             } else {
-                let at = first_leaves.saturating_add(1);
-                wake = Some(wake.map_or(at, |w: i64| w.min(at)));
+                self.pairs.blocked.entry(sha1).or_default().insert(pair);
             }
         }
+        let wake = self
+            .pairs
+            .blocked
+            .keys()
+            .filter_map(|sha1| self.pairs.by_sha1.get(sha1).and_then(|set| set.first()))
+            .map(|(expires, _)| expires.saturating_add(1))
+            .min();
         if wanted.is_empty() {
             return Ok(wake);
         }
@@ -344,6 +556,12 @@ impl ScmRule {
         }
         Ok(wake)
     }
+}
+
+/// A pair's finding identity (SEMANTICS.md): (DeviceId, the network row's ReportId,
+/// TimestampChild as stored, the child's SHA1).
+fn identity_of(n: &Connection, c: &Child) -> Vec<u8> {
+    identity_key(&[&n.device, &n.report, &c.at_text, &c.sha1])
 }
 
 /// `join kind=leftanti DeviceFileCertificateInfo on SHA1`: whether any certificate row
