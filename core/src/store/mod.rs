@@ -566,17 +566,19 @@ impl Store {
             .schema_names
             .get(&stored.schema)
             .ok_or_else(|| corrupt!("row refers to unknown schema {}", stored.schema))?;
+        let mut row = self.decode_row_header(key, stored.ingested_at)?;
+        row.columns = names.iter().cloned().zip(stored.cells).collect();
+        Ok(row)
+    }
+
+    /// A row with no columns yet: its table (from the key), key and ingestion time.
+    fn decode_row_header(&self, key: &[u8], ingested_at: i64) -> Result<Row> {
         let table = match keys::parse_key(key) {
             Some(KeyParts::Event { table, .. }) => self.table_name(table).unwrap_or("?").to_string(),
             Some(KeyParts::Profile { .. }) => lookout_plugin_sdk::tables::FILE_PROFILE.to_string(),
             None => return Err(corrupt!("not a row key")),
         };
-        Ok(Row {
-            table,
-            key: key.to_vec(),
-            ingested_at: stored.ingested_at,
-            columns: names.iter().cloned().zip(stored.cells).collect(),
-        })
+        Ok(Row { table, key: key.to_vec(), ingested_at, columns: Vec::new() })
     }
 
     /// Stored rows of `table` with exactly this SHA1 (and DeviceId) that meet every
@@ -610,6 +612,29 @@ impl Store {
             Some((rows, i)) if self.row_passes(&rows[i], filter)? => self.decode_row(key, &rows[i]).map(Some),
             _ => Ok(None),
         }
+    }
+
+    /// As [`Store::get_row_where`], with only the named columns (in stored order): the
+    /// others are never copied.
+    pub fn get_columns_where(&self, key: &[u8], filter: &[Condition], columns: &[String]) -> Result<Option<Row>> {
+        let Some((rows, i)) = self.value_at(key)? else { return Ok(None) };
+        let value = &rows[i];
+        if !self.row_passes(value, filter)? {
+            return Ok(None);
+        }
+        let view = codec::decode_view(value)?;
+        let names = self
+            .schema_names
+            .get(&view.schema)
+            .ok_or_else(|| corrupt!("row refers to unknown schema {}", view.schema))?;
+        let mut row = self.decode_row_header(key, view.ingested_at)?;
+        row.columns = names
+            .iter()
+            .zip(&view.cells)
+            .filter(|(n, _)| columns.iter().any(|c| c == *n))
+            .map(|(n, c)| (n.clone(), c.to_cell()))
+            .collect();
+        Ok(Some(row))
     }
 
     /// Whether the row at `key` exists and meets every condition (no `Row` is built).
@@ -1244,6 +1269,32 @@ mod tests {
 
     /// Conditions besides the indexed one: on a covered column (FolderPath) checked from
     /// the entry, on any other column from the row; both give what the rows say.
+    #[test]
+    fn a_projected_fetch_copies_only_the_named_columns_of_rows_that_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        commit(
+            &mut store,
+            vec![row(1, r#","FileName":"a.exe","FolderPath":"c:\\x""#), row(2, r#","FileName":"b.exe""#)],
+        );
+        let keys: Vec<Vec<u8>> = store.all_row_keys(&["DeviceFileEvents".to_string()]).unwrap();
+        assert_eq!(keys.len(), 2);
+        let columns = ["FolderPath".to_string(), "ReportId".to_string(), "Absent".to_string()];
+        let a_exe = [Condition::Eq { column: "FileName".into(), value: "a.exe".into() }];
+        let got: Vec<Row> = keys.iter().filter_map(|k| store.get_columns_where(k, &a_exe, &columns).unwrap()).collect();
+        assert_eq!(got.len(), 1, "only the row that meets the filter");
+        let full = store.get_row(&got[0].key).unwrap().unwrap();
+        let names: Vec<&str> = got[0].columns.iter().map(|(n, _)| n.as_str()).collect();
+        let stored_order: Vec<&str> =
+            full.columns.iter().map(|(n, _)| n.as_str()).filter(|n| ["FolderPath", "ReportId"].contains(n)).collect();
+        assert_eq!(names, stored_order, "the named columns it has, in stored order");
+        assert_eq!(got[0].get("ReportId"), Some(&Cell::Int(1)));
+        assert_eq!(got[0].str("FolderPath"), "c:\\x");
+        assert_eq!((got[0].table.as_str(), got[0].ingested_at), (full.table.as_str(), full.ingested_at));
+        let none: Vec<Row> = keys.iter().filter_map(|k| store.get_columns_where(k, &[], &[]).unwrap()).collect();
+        assert!(none.iter().all(|r| r.columns.is_empty()) && none.len() == 2, "no columns named: rows without cells");
+    }
+
     #[test]
     fn other_conditions_are_checked_from_the_entry_or_the_row() {
         let dir = tempfile::tempdir().unwrap();

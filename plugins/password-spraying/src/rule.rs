@@ -2,10 +2,11 @@
 //!
 //! One compact [`Logon`] record per logon row that passed the branch's filters, kept in
 //! the detector's state until it leaves the `ingestion_time() >= ago(timeframe)` window,
-//! and indexed in memory by its group. A pass takes in new rows on every call and, on its
-//! last call, drops the records that left the window, re-aggregates every group that
-//! gained or lost a record, and emits the groups that pass the thresholds and are not
-//! domain controllers. It asks to be woken when the next record leaves the window.
+//! and added to its group's aggregate ([`GroupAgg`], in memory). A pass takes in new rows
+//! on every call and, on its last call, drops the records that left the window (taking
+//! them out of their aggregates), decides every group that gained or lost a record, and
+//! emits the groups that pass the thresholds and are not domain controllers. It asks to
+//! be woken when the next record leaves the window.
 
 use lookout_plugin_sdk::tables::{IDENTITY_LOGONS, LOGON_EVENTS, NETWORK_EVENTS};
 use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp};
@@ -34,6 +35,22 @@ impl RuleConfig {
         format!("{}/{}/{}/{}", self.timeframe, self.unique_failed_accounts, self.failed_per_account, self.success_ratio)
     }
 }
+
+/// The columns a [`Logon`] is made of, with those the branch's filters read: all a pass
+/// fetches of a new row.
+const LOGON_COLUMNS: &[&str] = &[
+    "ActionType",
+    "LogonType",
+    "RemoteIPType",
+    "RemoteIP",
+    "RemoteDeviceName",
+    "DeviceName",
+    "DeviceId",
+    "AccountName",
+    "Timestamp",
+    "ReportId",
+];
+const IDENTITY_COLUMNS: &[&str] = &["IPAddress", "DeviceName", "ActionType", "AccountUpn", "Timestamp", "ReportId"];
 
 /// State key prefixes.
 const RECORD_PREFIX: &[u8] = b"r";
@@ -147,12 +164,91 @@ impl Summary {
     /// `UniqueAccountFailedLogons > u and SuccessLogonCount*r < FailedLogonCount and
     /// UniqueAccountFailedLogons*f > FailedLogonCount`, in integers that cannot overflow.
     pub fn qualifies(&self, c: &RuleConfig) -> bool {
-        let (unique, success, failed) =
-            (i128::from(self.unique_failed()), i128::from(self.success), i128::from(self.failed));
-        unique > i128::from(c.unique_failed_accounts)
-            && success * i128::from(c.success_ratio) < failed
-            && unique * i128::from(c.failed_per_account) > failed
+        thresholds_pass(self.unique_failed(), self.success, self.failed, c)
     }
+}
+
+/// A group's `summarize`, kept as its records come and go: counts, each account with its
+/// number of rows (a distinct set that can shrink), and the times `minif`/`maxif`/`arg_max`
+/// pick from, each with its number of rows. Deciding a group is then O(1); only a group
+/// that qualifies builds its [`Summary`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupAgg {
+    records: usize,
+    success: i64,
+    failed: i64,
+    failed_accounts: BTreeMap<String, u32>,
+    success_accounts: BTreeMap<String, u32>,
+    failed_times: BTreeMap<i64, u32>,
+    /// (Timestamp, ReportId's rank, ReportId) of every row with a Timestamp.
+    last: BTreeMap<(i64, Option<i64>, String), u32>,
+}
+
+/// One more (`up`) or one fewer row with this value.
+fn count<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, up: bool) {
+    if up {
+        *map.entry(key).or_insert(0) += 1;
+    } else if let Some(n) = map.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&key);
+        }
+    }
+}
+
+impl GroupAgg {
+    /// Adds (`up`) or removes a record.
+    pub fn apply(&mut self, l: &Logon, up: bool) {
+        let step = if up { 1 } else { -1 };
+        self.records = if up { self.records + 1 } else { self.records.saturating_sub(1) };
+        match l.outcome {
+            Outcome::Success => {
+                self.success += step;
+                count(&mut self.success_accounts, l.account.clone(), up);
+            }
+            Outcome::Failed => {
+                self.failed += step;
+                count(&mut self.failed_accounts, l.account.clone(), up);
+                if let Some(t) = l.timestamp {
+                    count(&mut self.failed_times, t, up);
+                }
+            }
+            Outcome::Other => {}
+        }
+        if let Some(t) = l.timestamp {
+            count(&mut self.last, (t, report_rank(&l.report_id).0, l.report_id.clone()), up);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    /// [`Summary::qualifies`] without building the summary.
+    pub fn qualifies(&self, c: &RuleConfig) -> bool {
+        thresholds_pass(self.failed_accounts.len() as i64, self.success, self.failed, c)
+    }
+
+    pub fn summary(&self) -> Summary {
+        Summary {
+            success: self.success,
+            failed: self.failed,
+            failed_accounts: self.failed_accounts.keys().cloned().collect(),
+            success_accounts: self.success_accounts.keys().cloned().collect(),
+            first_failed: self.failed_times.keys().next().copied(),
+            last_failed: self.failed_times.keys().next_back().copied(),
+            last: self.last.keys().next_back().map(|(t, _, r)| (*t, r.clone())),
+        }
+    }
+}
+
+/// `UniqueAccountFailedLogons > u and SuccessLogonCount*r < FailedLogonCount and
+/// UniqueAccountFailedLogons*f > FailedLogonCount`, in integers that cannot overflow.
+fn thresholds_pass(unique: i64, success: i64, failed: i64, c: &RuleConfig) -> bool {
+    let (unique, success, failed) = (i128::from(unique), i128::from(success), i128::from(failed));
+    unique > i128::from(c.unique_failed_accounts)
+        && success * i128::from(c.success_ratio) < failed
+        && unique * i128::from(c.failed_per_account) > failed
 }
 
 /// `tostring()` of a cell.
@@ -184,8 +280,8 @@ struct Pending {
 pub struct SprayRule {
     config: RuleConfig,
     records: Records<Logon>,
-    /// Record ids by group.
-    groups: HashMap<GroupKey, BTreeSet<Vec<u8>>>,
+    /// Each group's aggregate over its records.
+    groups: HashMap<GroupKey, GroupAgg>,
     /// `domaincontrollers`, ASCII-lowercased (compared `in~`).
     dcs: HashSet<String>,
     /// Groups whose records changed since their last evaluation.
@@ -212,9 +308,9 @@ impl SprayRule {
             pending.write_config = true;
             pending.all_dirty = stored_config.is_some();
         }
-        let mut groups: HashMap<GroupKey, BTreeSet<Vec<u8>>> = HashMap::new();
-        for (id, l) in records.iter() {
-            groups.entry(l.group.clone()).or_default().insert(id.to_vec());
+        let mut groups: HashMap<GroupKey, GroupAgg> = HashMap::new();
+        for (_, l) in records.iter() {
+            groups.entry(l.group.clone()).or_default().apply(l, true);
         }
         let mut dcs = HashSet::new();
         for (k, _) in state {
@@ -269,7 +365,11 @@ impl SprayRule {
         }
         if !network.is_empty() {
             let filter = Self::dc_filter();
-            for row in ctx.rows_where(network, &filter)? {
+            for row in ctx.columns_where(
+                network,
+                &filter,
+                &["InitiatingProcessFileName", "ActionType", "LocalPort", "DeviceName"],
+            )? {
                 if !all_match(&filter, &row) {
                     continue;
                 }
@@ -284,7 +384,7 @@ impl SprayRule {
         }
         if !logons.is_empty() {
             let filter = Self::logon_filter();
-            for row in ctx.rows_where(logons, &filter)? {
+            for row in ctx.columns_where(logons, &filter, LOGON_COLUMNS)? {
                 if !all_match(&filter, &row)
                     || (row.str("RemoteIP").is_empty() && row.str("RemoteDeviceName").is_empty())
                 {
@@ -307,7 +407,7 @@ impl SprayRule {
             }
         }
         if !identity.is_empty() {
-            for row in ctx.rows(identity)? {
+            for row in ctx.columns_where(identity, &[], IDENTITY_COLUMNS)? {
                 let logon = Logon {
                     group: GroupKey {
                         identity: true,
@@ -329,10 +429,10 @@ impl SprayRule {
             return Ok(());
         }
         // The window at this pass: records ingested before `now - timeframe` leave.
-        for (id, logon) in self.records.expire(ctx, now) {
-            if let Some(ids) = self.groups.get_mut(&logon.group) {
-                ids.remove(&id);
-                if ids.is_empty() {
+        for (_, logon) in self.records.expire(ctx, now) {
+            if let Some(agg) = self.groups.get_mut(&logon.group) {
+                agg.apply(&logon, false);
+                if agg.is_empty() {
                     self.groups.remove(&logon.group);
                 }
             }
@@ -357,8 +457,11 @@ impl SprayRule {
             return Ok(());
         }
         let group = logon.group.clone();
-        if self.records.insert(ctx, row.key.clone(), expires, logon)? {
-            self.groups.entry(group.clone()).or_default().insert(row.key.clone());
+        let agg = self.groups.entry(group.clone()).or_default();
+        if self.records.insert(ctx, row.key.clone(), expires, logon.clone())? {
+            agg.apply(&logon, true);
+        } else if agg.is_empty() {
+            self.groups.remove(&group);
         }
         self.dirty.insert(group);
         Ok(())
@@ -373,9 +476,8 @@ impl SprayRule {
                 ctx.state_delete([RECORD_PREFIX, &id].concat());
                 continue;
             }
-            let group = logon.group.clone();
-            if self.records.insert(ctx, id.clone(), expires, logon)? {
-                self.groups.entry(group).or_default().insert(id);
+            if self.records.insert(ctx, id, expires, logon.clone())? {
+                self.groups.entry(logon.group.clone()).or_default().apply(&logon, true);
             }
         }
         if std::mem::take(&mut self.pending.all_dirty) {
@@ -388,11 +490,11 @@ impl SprayRule {
     }
 
     fn evaluate_group(&self, ctx: &mut Context<'_>, group: &GroupKey) {
-        let Some(ids) = self.groups.get(group) else { return };
-        let summary = Summary::of(ids.iter().filter_map(|id| self.records.get(id)));
-        if !summary.qualifies(&self.config) {
+        let Some(agg) = self.groups.get(group) else { return };
+        if !agg.qualifies(&self.config) {
             return;
         }
+        let summary = agg.summary();
         // `IsDC = DeviceName in~ (domaincontrollers)`, `where IsDC == false`.
         if self.dcs.contains(&group.device_name.to_ascii_lowercase()) {
             return;
@@ -477,6 +579,35 @@ mod tests {
         assert_eq!((s.success, s.failed, s.unique_failed()), (1, 3, 2));
         assert_eq!((s.first_failed, s.last_failed), (Some(3), Some(9)));
         assert_eq!(s.last, Some((9, "3".into())));
+    }
+
+    #[test]
+    fn an_aggregate_kept_through_adds_and_removes_equals_the_summary_of_what_is_left() {
+        let outcomes = [Outcome::Failed, Outcome::Success, Outcome::Other];
+        let all: Vec<Logon> = (0..60)
+            .map(|i| {
+                let t = if i % 7 == 0 { None } else { Some((i * 37) % 11) };
+                logon(outcomes[i as usize % 3], &format!("u{}", i % 5), t, &format!("{}", (i * 13) % 9))
+            })
+            .collect();
+        let mut agg = GroupAgg::default();
+        let mut kept: Vec<&Logon> = Vec::new();
+        for (i, l) in all.iter().enumerate() {
+            agg.apply(l, true);
+            kept.push(l);
+            if i % 3 == 2 {
+                let gone = kept.remove(i % kept.len());
+                agg.apply(gone, false);
+            }
+            assert_eq!(agg.summary(), Summary::of(kept.iter().copied()), "after {i}");
+            let c = cfg(1, 3, 2);
+            assert_eq!(agg.qualifies(&c), Summary::of(kept.iter().copied()).qualifies(&c));
+        }
+        for l in kept {
+            agg.apply(l, false);
+        }
+        assert!(agg.is_empty());
+        assert_eq!(agg, GroupAgg::default());
     }
 
     #[test]

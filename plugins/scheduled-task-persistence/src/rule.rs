@@ -48,6 +48,11 @@ pub const PROFILE_COLUMNS: &[(&str, bool)] = &[
     ("ProfileAvailability", true),
 ];
 
+/// The columns an [`Execution`] is made of, with those the static filters read: all a
+/// pass fetches of a new row.
+const EXECUTION_COLUMNS: &[&str] =
+    &["ActionType", "InitiatingProcessCommandLine", "Timestamp", "DeviceId", "SHA1", "DeviceName", "ReportId"];
+
 /// State key prefix of the execution records.
 const RECORDS_PREFIX: &[u8] = b"x";
 
@@ -440,7 +445,7 @@ impl ScheduledTaskRule {
             .map(|r| r.key.clone())
             .collect();
         if !keys.is_empty() {
-            for row in ctx.rows(keys)? {
+            for row in ctx.columns_where(keys, &static_filter(), EXECUTION_COLUMNS)? {
                 if !is_scheduled_execution(&row) {
                     continue;
                 }

@@ -27,6 +27,22 @@ const CHILD_PROJECTION: &[(&str, &str, bool)] = &[
     ("TimestampServicesExe", "InitiatingProcessCreationTime", false),
 ];
 
+/// The columns a [`Connection`] and a [`Child`] are made of (with those their filters
+/// read): all a pass fetches of a new row.
+const CONNECTION_COLUMNS: &[&str] =
+    &["InitiatingProcessFileName", "ActionType", "InitiatingProcessId", "Timestamp", "DeviceId", "ReportId"];
+const CHILD_COLUMNS: &[&str] = &[
+    "InitiatingProcessFileName",
+    "ActionType",
+    "InitiatingProcessId",
+    "Timestamp",
+    "InitiatingProcessCreationTime",
+    "DeviceId",
+    "SHA1",
+    "FileName",
+    "ProcessCommandLine",
+];
+
 /// State key prefixes of the three record sets.
 const NETWORK_PREFIX: &[u8] = b"n";
 const CHILD_PREFIX: &[u8] = b"c";
@@ -327,12 +343,12 @@ impl ScmRule {
             }
         }
         if !network_keys.is_empty() {
-            for row in ctx.rows_where(network_keys, &network_filter())? {
+            for row in ctx.columns_where(network_keys, &network_filter(), CONNECTION_COLUMNS)? {
                 self.take_connection(ctx, &row, cutoff)?;
             }
         }
         if !child_keys.is_empty() {
-            for row in ctx.rows_where(child_keys, &child_filter())? {
+            for row in ctx.columns_where(child_keys, &child_filter(), CHILD_COLUMNS)? {
                 self.take_child(ctx, &row, cutoff)?;
             }
         }

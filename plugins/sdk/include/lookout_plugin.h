@@ -29,7 +29,7 @@ extern "C" {
 #define LOOKOUT_ABI_VERSION ((uint32_t)((LOOKOUT_ABI_VERSION_MAJOR << 16) | LOOKOUT_ABI_VERSION_MINOR))
 
 /* The first byte of every payload. */
-#define LOOKOUT_PAYLOAD_VERSION 5
+#define LOOKOUT_PAYLOAD_VERSION 6
 
 /* Return codes. On anything but LOOKOUT_RC_OK, `out` holds a UTF-8 message. */
 #define LOOKOUT_RC_OK 0

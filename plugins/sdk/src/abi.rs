@@ -77,7 +77,7 @@ pub const fn host_accepts(host: u32, plugin: u32) -> bool {
 }
 
 /// Bumped on any change to the payload types below.
-pub const PAYLOAD_VERSION: u8 = 5;
+pub const PAYLOAD_VERSION: u8 = 6;
 
 pub const RC_OK: i32 = 0;
 /// The detector returned an error.
@@ -283,6 +283,10 @@ pub enum HostRequest {
     /// filters before shipping rows, so a selective filter costs a look at the row
     /// instead of a copy across the ABI.
     GetRowsWhere { keys: Vec<Vec<u8>>, filter: Vec<Condition> },
+    /// Like `GetRowsWhere`, with only the named columns of each row (in stored order; a
+    /// column the row lacks is left out): a detector that needs a few columns of wide
+    /// rows does not pay for copying and decoding the others.
+    GetColumnsWhere { keys: Vec<Vec<u8>>, filter: Vec<Condition>, columns: Vec<String> },
     /// All stored rows of `table` with exactly this SHA1, on `device_id` if given.
     Lookup { table: String, sha1: String, device_id: Option<String> },
     /// Like `Lookup`, keeping only rows that meet every condition; filtered by the host.

@@ -44,6 +44,25 @@ impl<'a> Context<'a> {
         }
     }
 
+    /// As [`Context::rows_where`], each row with only the named columns (in stored order;
+    /// a column the row lacks is left out, so [`Row::str`] reads it as `""`).
+    pub fn columns_where(
+        &mut self,
+        keys: Vec<Vec<u8>>,
+        filter: &[Condition],
+        columns: &[&str],
+    ) -> Result<Vec<Row>, String> {
+        let req = HostRequest::GetColumnsWhere {
+            keys,
+            filter: filter.to_vec(),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+        };
+        match self.call(&req)? {
+            HostResponse::Rows(rows) => Ok(rows),
+            other => Err(format!("host answered GetColumnsWhere with {other:?}")),
+        }
+    }
+
     /// Stored rows of `table` with exactly this SHA1 (and DeviceId, if given).
     pub fn lookup(&mut self, table: &str, sha1: &str, device_id: Option<&str>) -> Result<Vec<Row>, String> {
         let req = HostRequest::Lookup {
