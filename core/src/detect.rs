@@ -400,6 +400,7 @@ fn input_refs(
     let filter = |t: &str| spec(t).map_or(&[][..], |s| s.only_where.as_slice());
     let from_index = |t: &str| store.indexed_condition(t, filter(t)).is_some();
     let mut keys: Vec<Vec<u8>> = Vec::new();
+    store.forget_row_hints();
     match since {
         Some(c) => {
             // New rows of unfiltered tables (and filtered ones without an index) come from

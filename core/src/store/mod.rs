@@ -49,6 +49,9 @@ const PROFILE_TABLE: u16 = 0;
 
 /// Decompressed blocks kept for reads (each ~100 KiB at most).
 const BLOCK_CACHE_BLOCKS: usize = 64;
+/// At most this many row locations are remembered for a pass (see `Store::hints`): 48
+/// bytes or so each, and a tick hands a detector thousands.
+const MAX_ROW_HINTS: usize = 200_000;
 
 /// Totals kept with the data (one key, rewritten with every batch).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -143,6 +146,11 @@ pub struct Store {
     zstd: zstd::bulk::Compressor<'static>,
     unzstd: Mutex<zstd::bulk::Decompressor<'static>>,
     cache: Mutex<BlockCache>,
+    /// Where the rows a detector's pass was just handed are, by key (from the blocks
+    /// [`Store::new_row_keys_where`] read them in): the detector fetches them next, and
+    /// need not look each up in the key index again. Cleared by
+    /// [`Store::forget_row_hints`] before each pass; event rows only (they never move).
+    hints: Mutex<HashMap<Vec<u8>, (u64, u16, u16)>>,
     /// The key index (see [`runs`]).
     runs: runs::Runs,
     next_reject: u64,
@@ -210,6 +218,7 @@ impl Store {
             zstd: blocks::compressor()?,
             unzstd: Mutex::new(blocks::decompressor()?),
             cache: Mutex::new(BlockCache::new(BLOCK_CACHE_BLOCKS)),
+            hints: Mutex::new(HashMap::new()),
             runs: runs::Runs::empty(),
             next_reject: 1,
             key_filter: None,
@@ -444,6 +453,10 @@ impl Store {
             return Ok(None);
         }
         let Some(table) = Self::key_block_table(key) else { return Ok(None) };
+        let hint = self.hints.lock().unwrap_or_else(|p| p.into_inner()).get(key).copied();
+        if let Some((seq, block, row)) = hint {
+            return self.row_bytes(table, &KeyEntry { seq, block, row, content: 0 });
+        }
         match self.key_entry(key)? {
             Some(e) => self.row_bytes(table, &e),
             None => Ok(None),
@@ -618,15 +631,11 @@ impl Store {
     /// others are never copied.
     pub fn get_columns_where(&self, key: &[u8], filter: &[Condition], columns: &[String]) -> Result<Option<Row>> {
         let Some((rows, i)) = self.value_at(key)? else { return Ok(None) };
-        let value = &rows[i];
-        if !self.row_passes(value, filter)? {
+        let view = codec::decode_view(&rows[i])?;
+        let names = self.view_names(&view)?;
+        if !self.view_passes(&view, names, filter) {
             return Ok(None);
         }
-        let view = codec::decode_view(value)?;
-        let names = self
-            .schema_names
-            .get(&view.schema)
-            .ok_or_else(|| corrupt!("row refers to unknown schema {}", view.schema))?;
         let mut row = self.decode_row_header(key, view.ingested_at)?;
         row.columns = names
             .iter()
@@ -651,14 +660,19 @@ impl Store {
             return Ok(true);
         }
         let view = codec::decode_view(value)?;
-        let names = self
-            .schema_names
-            .get(&view.schema)
-            .ok_or_else(|| corrupt!("row refers to unknown schema {}", view.schema))?;
-        Ok(filter.iter().all(|c| {
+        Ok(self.view_passes(&view, self.view_names(&view)?, filter))
+    }
+
+    /// The column names of a decoded row's schema.
+    fn view_names(&self, view: &codec::StoredRowView<'_>) -> Result<&Arc<Vec<String>>> {
+        self.schema_names.get(&view.schema).ok_or_else(|| corrupt!("row refers to unknown schema {}", view.schema))
+    }
+
+    fn view_passes(&self, view: &codec::StoredRowView<'_>, names: &[String], filter: &[Condition]) -> bool {
+        filter.iter().all(|c| {
             let cell = names.iter().position(|n| n == c.column()).and_then(|i| view.cells.get(i));
             c.matches_cell(cell.map(codec::CellView::as_ref), view.ingested_at)
-        }))
+        })
     }
 
     pub fn get_row(&self, key: &[u8]) -> Result<Option<Row>> {
@@ -707,6 +721,23 @@ impl Store {
 
     /// [`Store::new_row_keys`], of the rows whose key `keep` accepts (checked on the key
     /// borrowed from the frame: only kept keys are copied).
+    /// Forgets where the rows handed to the last pass are (see `hints`).
+    pub fn forget_row_hints(&self) {
+        self.hints.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Remembers where an event row is, unless that many are remembered already (a pass
+    /// over millions of rows does without). Whether it was remembered.
+    fn hint(&self, key: &[u8], seq: u64, block: u16, row: usize) -> bool {
+        let Ok(row) = u16::try_from(row) else { return false };
+        let mut hints = self.hints.lock().unwrap_or_else(|p| p.into_inner());
+        if hints.len() >= MAX_ROW_HINTS {
+            return false;
+        }
+        hints.insert(key.to_vec(), (seq, block, row));
+        true
+    }
+
     pub fn new_row_keys_where(
         &self,
         table: &str,
@@ -726,7 +757,16 @@ impl Store {
                 blocks::read_frame_raw(&self.db, &mut z, keys::BLOCK_KEYS, tid, seq, block)?
             };
             for (row, key) in blocks::unpack_items(&raw)?.into_iter().enumerate() {
-                if !self.visible(key) || !keep(key)? {
+                if !self.visible(key) {
+                    continue;
+                }
+                // The row is in this block: `keep` (and then the detector) reads it from
+                // here, not through the key index.
+                let hinted = tid != PROFILE_TABLE && self.hint(key, seq, block, row);
+                if !keep(key)? {
+                    if hinted {
+                        self.hints.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+                    }
                     continue;
                 }
                 if tid == PROFILE_TABLE {
@@ -1293,6 +1333,27 @@ mod tests {
         assert_eq!((got[0].table.as_str(), got[0].ingested_at), (full.table.as_str(), full.ingested_at));
         let none: Vec<Row> = keys.iter().filter_map(|k| store.get_columns_where(k, &[], &[]).unwrap()).collect();
         assert!(none.iter().all(|r| r.columns.is_empty()) && none.len() == 2, "no columns named: rows without cells");
+    }
+
+    #[test]
+    fn rows_read_where_a_pass_found_them_are_the_rows_the_key_index_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        commit(&mut store, (1..=5).map(|i| row(i, r#","FileName":"old.exe""#)).collect());
+        let seq = commit(&mut store, (6..=9).map(|i| row(i, r#","FileName":"new.exe""#)).collect());
+        let mut seen = Vec::new();
+        let keys = store
+            .new_row_keys_where("DeviceFileEvents", seq, seq, |k| {
+                seen.push(k.to_vec());
+                Ok(seen.len() % 2 == 1)
+            })
+            .unwrap();
+        assert_eq!((seen.len(), keys.len()), (4, 2), "only the new batch's rows, as `keep` chose");
+        let hinted: Vec<Option<Row>> = seen.iter().map(|k| store.get_row(k).unwrap()).collect();
+        store.forget_row_hints();
+        let looked_up: Vec<Option<Row>> = seen.iter().map(|k| store.get_row(k).unwrap()).collect();
+        assert_eq!(hinted, looked_up);
+        assert!(looked_up.iter().all(|r| r.as_ref().is_some_and(|r| r.str("FileName") == "new.exe")));
     }
 
     #[test]
