@@ -369,7 +369,10 @@ def main():
     root = Path(a.root)
     release = target_dir(root) / "release"
     exe = release / "lookout"
-    libs = [next((p for p in [release / f, release / "deps" / f] if p.is_file()), None) for f in LIBRARIES]
+    # A library is built at the top level by `cargo build -p <plugin>` and under deps/ as a
+    # dependency of the CLI: the newer one is the current build.
+    libs = [max((p for p in [release / f, release / "deps" / f] if p.is_file()), key=lambda p: p.stat().st_mtime,
+                default=None) for f in LIBRARIES]
     if not exe.is_file() or None in libs:
         raise SystemExit("build first: cargo build --release -p lookout-cli")
     sizes = [int(s) for s in a.sizes.split(",")]

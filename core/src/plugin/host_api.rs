@@ -47,6 +47,11 @@ fn answer(store: &Store, req: HostRequest) -> HostResponse {
         HostRequest::LookupWhere { table, sha1, device_id, filter } => {
             store.lookup_where(&table, &sha1, device_id.as_deref(), &filter).map(HostResponse::Rows)
         }
+        HostRequest::LookupMany { table, keys, filter } => keys
+            .iter()
+            .map(|(sha1, device)| store.lookup_where(&table, sha1, device.as_deref(), &filter))
+            .collect::<Result<Vec<_>, StoreError>>()
+            .map(HostResponse::RowSets),
         HostRequest::LookupBy { table, key, filter } => store.lookup_by(&table, &key, &filter).map(HostResponse::Rows),
         HostRequest::Profile(sha1) => store.profile(&sha1).map(HostResponse::Profile),
         HostRequest::Profiles(sha1s) => {
@@ -112,4 +117,66 @@ unsafe extern "C" fn host_free(ptr: *mut u8, len: usize) {
     }
     // SAFETY: the plugin returns a buffer `give` leaked as a Box<[u8]> of this length.
     drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::normalise::{normalise, TableHints};
+    use lookout_plugin_sdk::tables::FILE_EVENTS;
+    use lookout_plugin_sdk::{Condition, Row};
+
+    fn write(report: i64, sha1: &str, device: &str, action: &str) -> crate::parse::normalise::NormalRow {
+        let text = format!(
+            r#"{{"Timestamp":"2025-05-07T16:55:49Z","DeviceId":"{device}","SHA1":"{sha1}","ReportId":{report},"ActionType":"{action}"}}"#
+        );
+        let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
+        normalise(obj, Some(FILE_EVENTS), &TableHints::default()).unwrap()
+    }
+
+    /// A `LookupMany` answers exactly what one `LookupWhere` per (SHA1, DeviceId) would, in
+    /// the order asked, with an empty set for a look-up that finds nothing.
+    #[test]
+    fn lookup_many_answers_each_lookup_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut b = store.batch();
+        for (i, (sha1, device, action)) in [
+            ("s1", "d1", "FileCreated"),
+            ("s1", "d1", "FileDeleted"),
+            ("s1", "d2", "FileModified"),
+            ("s2", "d1", "FileRenamed"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            b.add_row(write(i as i64, sha1, device, action), 0).unwrap();
+        }
+        b.commit().unwrap();
+        let filter = vec![Condition::In {
+            column: "ActionType".into(),
+            any_of: vec!["filecreated".into(), "FileModified".into(), "FileRenamed".into()],
+        }];
+        let keys: Vec<(String, Option<String>)> = vec![
+            ("s2".into(), Some("d1".into())),
+            ("s1".into(), None),
+            ("nope".into(), None),
+            ("s1".into(), Some("d1".into())),
+        ];
+        let HostResponse::RowSets(sets) = answer(
+            &store,
+            HostRequest::LookupMany { table: FILE_EVENTS.into(), keys: keys.clone(), filter: filter.clone() },
+        ) else {
+            panic!("not a RowSets answer")
+        };
+        let one_by_one: Vec<Vec<Row>> =
+            keys.iter().map(|(s, d)| store.lookup_where(FILE_EVENTS, s, d.as_deref(), &filter).unwrap()).collect();
+        assert_eq!(sets, one_by_one);
+        let reports = |rows: &[Row]| rows.iter().map(|r| r.get("ReportId").cloned()).collect::<Vec<_>>();
+        use lookout_plugin_sdk::Cell::Int;
+        assert_eq!(reports(&sets[0]), vec![Some(Int(3))]);
+        assert_eq!(sets[1].len(), 2, "both devices' matching writes, not the deletion");
+        assert!(sets[2].is_empty());
+        assert_eq!(reports(&sets[3]), vec![Some(Int(0))]);
+    }
 }

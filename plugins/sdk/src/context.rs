@@ -92,6 +92,22 @@ impl<'a> Context<'a> {
     }
 
     /// [`Self::lookup`] keeping only rows that meet every condition; filtered by the host.
+    /// [`Context::lookup_where`] for many (SHA1, DeviceId) at once, in one host call: one
+    /// row set per look-up, in the same order.
+    pub fn lookup_many(
+        &mut self,
+        table: &str,
+        keys: Vec<(String, Option<String>)>,
+        filter: &[Condition],
+    ) -> Result<Vec<Vec<Row>>, String> {
+        let n = keys.len();
+        let req = HostRequest::LookupMany { table: table.to_string(), keys, filter: filter.to_vec() };
+        match self.call(&req)? {
+            HostResponse::RowSets(sets) if sets.len() == n => Ok(sets),
+            other => Err(format!("host answered LookupMany of {n} look-ups with {other:?}")),
+        }
+    }
+
     pub fn lookup_where(
         &mut self,
         table: &str,

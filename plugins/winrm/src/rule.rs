@@ -155,6 +155,7 @@ impl WinrmRule {
         let candidates_before = self.candidates.len();
         let mut candidates_changed = false;
         let mut emitted = HashSet::new();
+        let mut plugins = Vec::new();
         for load in loads {
             let Some(plugin) = self.potential_plugin(load, load_cutoff, ctx, &mut profiles)? else { continue };
             let lower = plugin.load.str("SHA1").to_lowercase();
@@ -163,21 +164,29 @@ impl WinrmRule {
                 *entry = plugin.load.ingested_at;
                 ctx.state_put(candidate_key(&lower), entry.to_be_bytes().to_vec());
             }
-            let writes = ctx.lookup(FILE_EVENTS, plugin.load.str("SHA1"), Some(plugin.load.str("DeviceId")))?;
-            for write in writes {
-                self.join(&plugin, &write, write_cutoff, ctx, &mut emitted);
+            plugins.push(plugin);
+        }
+        // The writes of every plugin's (SHA1, DeviceId), in one host call.
+        if !plugins.is_empty() {
+            let keys = plugins.iter().map(|p| (p.load.str("SHA1").to_string(), Some(p.load.str("DeviceId").into())));
+            let writes = ctx.lookup_many(FILE_EVENTS, keys.collect(), &self.write_filter())?;
+            for (plugin, writes) in plugins.iter().zip(writes) {
+                for write in writes {
+                    self.join(plugin, &write, write_cutoff, ctx, &mut emitted);
+                }
             }
         }
 
         if !probing_writes.is_empty() {
-            for write in ctx.rows(probing_writes)? {
-                if !self.potential_write(&write, write_cutoff) {
-                    continue;
-                }
-                let loads = self.fetch_loads(ctx, write.str("SHA1"), Some(write.str("DeviceId")))?;
+            let writes: Vec<Row> =
+                ctx.rows(probing_writes)?.into_iter().filter(|w| self.potential_write(w, write_cutoff)).collect();
+            // The loads of every such write's (SHA1, DeviceId), in one host call.
+            let keys = writes.iter().map(|w| (w.str("SHA1").to_string(), Some(w.str("DeviceId").to_string())));
+            let loads = ctx.lookup_many(IMAGE_LOADS, keys.collect(), &self.load_filter())?;
+            for (write, loads) in writes.iter().zip(loads) {
                 for load in loads {
                     if let Some(plugin) = self.potential_plugin(load, load_cutoff, ctx, &mut profiles)? {
-                        self.join(&plugin, &write, write_cutoff, ctx, &mut emitted);
+                        self.join(&plugin, write, write_cutoff, ctx, &mut emitted);
                     }
                 }
             }
@@ -195,6 +204,15 @@ impl WinrmRule {
             ctx.set_inputs(self.inputs());
         }
         Ok(())
+    }
+
+    /// `where ActionType in~ ("FileCreated", "FileRenamed", "FileModified")`, checked by the
+    /// host on the writes it looks up (the rest of PotentialWrites in `potential_write`).
+    fn write_filter(&self) -> Vec<Condition> {
+        vec![Condition::In {
+            column: "ActionType".into(),
+            any_of: WRITE_ACTIONS.iter().map(|a| a.to_string()).collect(),
+        }]
     }
 
     /// Stored loads of this SHA1 (and device), narrowed by the host to the initiating
