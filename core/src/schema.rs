@@ -161,7 +161,11 @@ fn parse_type(t: &str) -> ColumnType {
     }
 }
 
-type TableColumns = HashMap<&'static str, HashMap<&'static str, ColumnType>>;
+/// A table's column types by name. (xxh3 rather than SipHash: every cell of every row
+/// is looked up here, and the keys are our own column names.)
+pub type ColumnTypes = HashMap<&'static str, ColumnType, xxhash_rust::xxh3::Xxh3Builder>;
+
+type TableColumns = HashMap<&'static str, ColumnTypes>;
 
 /// The per-table column types, built once from [`TABLES`].
 fn tables() -> &'static TableColumns {
@@ -169,7 +173,7 @@ fn tables() -> &'static TableColumns {
     TABLE_COLUMNS.get_or_init(|| {
         let mut out = HashMap::new();
         for (table, device, own) in TABLES {
-            let mut columns = HashMap::new();
+            let mut columns = ColumnTypes::default();
             let mut add = |spec: &'static str| {
                 for c in spec.split_whitespace() {
                     let (name, t) = match c.split_once(':') {
@@ -200,11 +204,13 @@ fn tables() -> &'static TableColumns {
 /// the tables in [`TABLES`]; other Device* tables get the columns every Device* table
 /// shares). Unknown columns are kept verbatim.
 pub fn column_type(table: &str, column: &str) -> Option<ColumnType> {
+    column_types(table).and_then(|c| c.get(column)).copied()
+}
+
+/// The column types of `table` (see [`column_type`]), looked up once for a whole row.
+pub fn column_types(table: &str) -> Option<&'static ColumnTypes> {
     let all = tables();
-    match all.get(table) {
-        Some(columns) => columns.get(column).copied(),
-        None => all.get("DeviceImageLoadEvents").and_then(|c| c.get(column)).copied(),
-    }
+    all.get(table).or_else(|| all.get("DeviceImageLoadEvents"))
 }
 
 /// The columns a row's key is read from as their type: a value of the wrong type there

@@ -4,7 +4,7 @@
 
 use super::record::kind_of;
 use super::{Reject, RejectKind};
-use crate::schema::{column_type, is_key_column, required_columns, table_kind, ColumnType, TableKind};
+use crate::schema::{column_types, is_key_column, required_columns, table_kind, ColumnType, TableKind};
 use lookout_plugin_sdk::time::parse_timestamp;
 use lookout_plugin_sdk::Cell;
 use serde_json::Value;
@@ -60,8 +60,9 @@ pub fn normalise(
 
     let mut columns = Vec::with_capacity(row.len());
     let mut unexpected_types = 0;
+    let types = column_types(&table);
     for (name, value) in row {
-        let cell = match column_type(&table, &name) {
+        let cell = match types.and_then(|t| t.get(name.as_str())).copied() {
             None | Some(ColumnType::Dynamic) => Cell::from_json(&value),
             Some(t) => match typed_cell(&name, t, value) {
                 Typed::Cell(c) => c,

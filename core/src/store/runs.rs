@@ -510,28 +510,29 @@ impl Runs {
         let mut w = RunWriter::new(new_id, kind, expected);
         let mut written_chunks = 0;
         loop {
-            let mut smallest: Option<(Vec<u8>, usize)> = None;
-            for (i, c) in cursors.iter_mut().enumerate() {
-                if let Some((k, _)) = c.peek(db, zstd_d)? {
-                    // Runs go oldest first, so on a tie `<=` leaves the newest run's index.
-                    if smallest.as_ref().is_none_or(|(s, _)| k.as_slice() <= s.as_slice()) {
-                        smallest = Some((k.clone(), i));
+            for c in cursors.iter_mut() {
+                c.peek(db, zstd_d)?;
+            }
+            // The smallest key; runs go oldest first, so on a tie `<=` picks the newest run.
+            let mut newest: Option<usize> = None;
+            for (i, c) in cursors.iter().enumerate() {
+                if let Some((k, _)) = c.current() {
+                    if newest.and_then(|n| cursors[n].current()).is_none_or(|(s, _)| k.as_slice() <= s.as_slice()) {
+                        newest = Some(i);
                     }
                 }
             }
-            let Some((key, newest)) = smallest else { break };
-            let mut entry = None;
+            let Some(newest) = newest else { break };
+            let (key, e) = cursors[newest].take();
+            // The same key in older runs (FileProfile) is replaced by the newest run's entry.
             for (i, c) in cursors.iter_mut().enumerate() {
-                if c.peek(db, zstd_d)?.is_some_and(|(k, _)| *k == key) {
-                    let (_, e) = c.take();
-                    if i == newest {
-                        entry = Some(e);
-                    }
+                if i != newest && c.current().is_some_and(|(k, _)| *k == key) {
+                    c.take();
                 }
             }
             let past = kind == RunKind::Events
                 && horizon.is_some_and(|h| keys::event_timestamp(&key).is_some_and(|ts| ts < h));
-            if let (Some(e), false) = (entry, past) {
+            if !past {
                 w.push(key, e, zstd_c, &mut batch)?;
                 if w.chunks >= written_chunks + STEP_CHUNKS {
                     written_chunks = w.chunks;
@@ -616,6 +617,11 @@ impl RunCursor {
             self.next_chunk += 1;
         }
         Ok(self.entries.get(self.at))
+    }
+
+    /// The entry [`RunCursor::peek`] last showed, without reading further.
+    fn current(&self) -> Option<&Entry> {
+        self.entries.get(self.at)
     }
 
     /// Takes the entry [`RunCursor::peek`] showed.
