@@ -419,14 +419,14 @@ fn input_refs(
             let mut lower = Vec::with_capacity(64);
             for t in tables {
                 let Some(how) = select(t) else { continue };
-                keys.extend(store.new_row_keys_where(t, c + 1, head, |k| {
+                keys.extend(store.new_row_keys_where(t, c + 1, head, |k, at| {
                     Ok(match &how {
                         Select::All => true,
                         Select::Keys(m) => match m.passes(k, &mut lower) {
                             Some(pass) => pass,
-                            None => store.row_at_passes(k, &m.filter)?,
+                            None => store.row_at_position_passes(at, &m.filter)?,
                         },
-                        Select::Rows(f) => store.row_at_passes(k, f)?,
+                        Select::Rows(f) => store.row_at_position_passes(at, f)?,
                     })
                 })?);
             }

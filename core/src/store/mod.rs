@@ -53,6 +53,15 @@ const BLOCK_CACHE_BLOCKS: usize = 64;
 /// bytes or so each, and a tick hands a detector thousands.
 const MAX_ROW_HINTS: usize = 200_000;
 
+/// Where a row [`Store::new_row_keys_where`] is handing over is stored: read it there.
+#[derive(Debug, Clone, Copy)]
+pub struct RowAt {
+    table: u16,
+    seq: u64,
+    block: u16,
+    row: u16,
+}
+
 /// Totals kept with the data (one key, rewritten with every batch).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {
@@ -716,7 +725,7 @@ impl Store {
     /// within retention; for FileProfile, the rows that are still the newest for their SHA1.
     /// Read from the blocks' key frames alone: the rows themselves are not decompressed.
     pub fn new_row_keys(&self, table: &str, from: u64, to: u64) -> Result<Vec<Vec<u8>>> {
-        self.new_row_keys_where(table, from, to, |_| Ok(true))
+        self.new_row_keys_where(table, from, to, |_, _| Ok(true))
     }
 
     /// [`Store::new_row_keys`], of the rows whose key `keep` accepts (checked on the key
@@ -727,15 +736,22 @@ impl Store {
     }
 
     /// Remembers where an event row is, unless that many are remembered already (a pass
-    /// over millions of rows does without). Whether it was remembered.
-    fn hint(&self, key: &[u8], seq: u64, block: u16, row: usize) -> bool {
-        let Ok(row) = u16::try_from(row) else { return false };
+    /// over millions of rows does without).
+    fn hint(&self, key: &[u8], seq: u64, block: u16, row: u16) {
         let mut hints = self.hints.lock().unwrap_or_else(|p| p.into_inner());
-        if hints.len() >= MAX_ROW_HINTS {
-            return false;
+        if hints.len() < MAX_ROW_HINTS {
+            hints.insert(key.to_vec(), (seq, block, row));
         }
-        hints.insert(key.to_vec(), (seq, block, row));
-        true
+    }
+
+    /// Whether the row at a position [`Store::new_row_keys_where`] showed meets every
+    /// condition (read there, not through the key index).
+    pub fn row_at_position_passes(&self, at: RowAt, filter: &[Condition]) -> Result<bool> {
+        let entry = KeyEntry { seq: at.seq, block: at.block, row: at.row, content: 0 };
+        match self.row_bytes(at.table, &entry)? {
+            Some((rows, i)) => self.row_passes(&rows[i], filter),
+            None => Ok(false),
+        }
     }
 
     pub fn new_row_keys_where(
@@ -743,7 +759,7 @@ impl Store {
         table: &str,
         from: u64,
         to: u64,
-        mut keep: impl FnMut(&[u8]) -> Result<bool>,
+        mut keep: impl FnMut(&[u8], RowAt) -> Result<bool>,
     ) -> Result<Vec<Vec<u8>>> {
         let Some(tid) = self.block_table(table) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
@@ -762,12 +778,12 @@ impl Store {
                 }
                 // The row is in this block: `keep` (and then the detector) reads it from
                 // here, not through the key index.
-                let hinted = tid != PROFILE_TABLE && self.hint(key, seq, block, row);
-                if !keep(key)? {
-                    if hinted {
-                        self.hints.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
-                    }
+                let Ok(row_no) = u16::try_from(row) else { continue };
+                if !keep(key, RowAt { table: tid, seq, block, row: row_no })? {
                     continue;
+                }
+                if tid != PROFILE_TABLE {
+                    self.hint(key, seq, block, row_no);
                 }
                 if tid == PROFILE_TABLE {
                     // A profile replaced by a later batch comes with that batch.
@@ -1343,7 +1359,7 @@ mod tests {
         let seq = commit(&mut store, (6..=9).map(|i| row(i, r#","FileName":"new.exe""#)).collect());
         let mut seen = Vec::new();
         let keys = store
-            .new_row_keys_where("DeviceFileEvents", seq, seq, |k| {
+            .new_row_keys_where("DeviceFileEvents", seq, seq, |k, _| {
                 seen.push(k.to_vec());
                 Ok(seen.len() % 2 == 1)
             })
