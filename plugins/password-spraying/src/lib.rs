@@ -106,22 +106,25 @@
 //! belongs to its group (the branch has no other filter): rows of another ActionType count
 //! in no `countif` but can be its `arg_max`.
 //!
-//! **Incrementally.** One small record per kept logon row (group, outcome, account,
-//! Timestamp, ReportId text, ingestion time) lives in the state until it leaves the
-//! window (`Records`, expiry = ingested + timeframe), indexed by group in memory. New rows
-//! are taken in on every call of a pass; on its last call the records that left the window
-//! go, every group that gained or lost a record is re-aggregated over its records, and
+//! **Incrementally.** Each kept logon row's part of its group (outcome, account,
+//! Timestamp, ReportId text) lives in the state until it leaves the window, gathered by
+//! group and ingestion time into panes (`Records`, expiry = ingested + timeframe): rows
+//! ingested together leave together, so a pass writes one record per group it touched and
+//! a restart reads one per group and batch. In memory each group keeps its aggregate
+//! (counts, and each account and time with its number of rows, so rows can leave). New
+//! rows are taken in on every call of a pass; on its last call the panes that left the
+//! window go, every group that gained or lost a row is decided from its aggregate, and
 //! the qualifying non-DC groups are emitted (re-emitting an identity is harmless; the host
-//! keeps each once). The pass asks to be woken when the next record leaves the window:
-//! a record leaving can make a group qualify (its successes fall) or move its FirstFailed
-//! (a new finding), with no new row. A group whose records did not change has the result
+//! keeps each once). The pass asks to be woken when the next pane leaves the window:
+//! rows leaving can make a group qualify (its successes fall) or move its FirstFailed
+//! (a new finding), with no new row. A group whose rows did not change has the result
 //! it had at its last evaluation, already emitted then; the DC set only grows, so it can
-//! only suppress.
-//!
+//! only suppress. State kept one record per row (before panes) is taken into panes.
+
 //! **Known limits.** A DC stays a DC in the state after the store's retention prunes
 //! the network rows that made it one (the KQL would forget it). Changing the parameters
-//! takes effect on the next pass: records are kept again under a new `timeframe`, and
-//! every group is re-evaluated under new thresholds (a record that left the window under
+//! takes effect on the next pass: panes are kept again under a new `timeframe`, and
+//! every group is re-evaluated under new thresholds (a row that left the window under
 //! a shorter old timeframe is not brought back; `detect --backfill` does).
 
 mod rule;
@@ -129,7 +132,9 @@ mod rule;
 use lookout_plugin_sdk::tables::{IDENTITY_LOGONS, LOGON_EVENTS, NETWORK_EVENTS};
 use lookout_plugin_sdk::{Detector, EvalRequest, IndexDecl, InputSpec, Manifest, Parameter, Params};
 
-pub use rule::{result_row, summarize, GroupKey, Logon, Outcome, RuleConfig, SprayRule, Summary};
+pub use rule::{
+    result_row, summarize, Attempt, GroupAgg, GroupKey, Logon, Outcome, Pane, RuleConfig, SprayRule, Summary,
+};
 
 pub const NAME: &str = "password-spraying";
 

@@ -1,17 +1,18 @@
 //! The rule itself, with exactly the semantics of the KQL (see the crate docs).
 //!
-//! One compact [`Logon`] record per logon row that passed the branch's filters, kept in
-//! the detector's state until it leaves the `ingestion_time() >= ago(timeframe)` window,
-//! and added to its group's aggregate ([`GroupAgg`], in memory). A pass takes in new rows
-//! on every call and, on its last call, drops the records that left the window (taking
-//! them out of their aggregates), decides every group that gained or lost a record, and
-//! emits the groups that pass the thresholds and are not domain controllers. It asks to
-//! be woken when the next record leaves the window.
+//! Every logon row that passed the branch's filters is kept, as an [`Attempt`], in its
+//! group's [`Pane`] for its ingestion time (one state record per group and ingestion
+//! time: they leave the `ingestion_time() >= ago(timeframe)` window together), and added
+//! to its group's aggregate ([`GroupAgg`], in memory). A pass takes in new rows on every
+//! call and, on its last call, drops the panes that left the window (taking their rows
+//! out of the aggregates), decides every group that gained or lost a row, and emits the
+//! groups that pass the thresholds and are not domain controllers. It asks to be woken
+//! when the next pane leaves the window.
 
 use lookout_plugin_sdk::tables::{IDENTITY_LOGONS, LOGON_EVENTS, NETWORK_EVENTS};
 use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp};
 use lookout_plugin_sdk::{
-    all_match, identity_key, Cell, Cmp, Condition, Context, EvalRequest, FindingOut, InputSpec, Records, Row,
+    all_match, identity_key, Cell, Cmp, Condition, Context, EvalRequest, FindingOut, InputSpec, Records,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -52,7 +53,9 @@ const LOGON_COLUMNS: &[&str] = &[
 ];
 const IDENTITY_COLUMNS: &[&str] = &["IPAddress", "DeviceName", "ActionType", "AccountUpn", "Timestamp", "ReportId"];
 
-/// State key prefixes.
+/// State key prefixes: panes, and the one-record-per-row layout before panes (moved into
+/// panes on the first pass that finds it).
+const PANE_PREFIX: &[u8] = b"p";
 const RECORD_PREFIX: &[u8] = b"r";
 const DC_PREFIX: u8 = b'd';
 const CONFIG_KEY: &[u8] = b"c";
@@ -103,6 +106,42 @@ pub struct Logon {
     pub report_id: String,
     /// `ingestion_time()`.
     pub ingested: i64,
+}
+
+/// What one row adds to its group, without the group and ingestion time its pane holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub outcome: Outcome,
+    pub account: String,
+    pub timestamp: Option<i64>,
+    pub report_id: String,
+}
+
+impl Attempt {
+    pub fn of(l: &Logon) -> Attempt {
+        Attempt {
+            outcome: l.outcome,
+            account: l.account.clone(),
+            timestamp: l.timestamp,
+            report_id: l.report_id.clone(),
+        }
+    }
+}
+
+/// The rows of one group ingested at one time, by row key. They leave the
+/// `ingestion_time()` window together, so they are one state record: a pass writes one
+/// record per group it touched, not one per row, and a restart reads as many.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pane {
+    pub group: GroupKey,
+    pub ingested: i64,
+    pub rows: BTreeMap<Vec<u8>, Attempt>,
+}
+
+/// The record id of a group's pane at an ingestion time.
+fn pane_id(group: &GroupKey, ingested: i64) -> Vec<u8> {
+    let branch = if group.identity { "i" } else { "d" };
+    identity_key(&[branch, &group.ip, &group.device_name, &group.device_id, &ingested.to_string()])
 }
 
 /// The `summarize` of one group.
@@ -197,8 +236,13 @@ fn count<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, up: bool) {
 }
 
 impl GroupAgg {
-    /// Adds (`up`) or removes a record.
+    /// Adds (`up`) or removes a row.
     pub fn apply(&mut self, l: &Logon, up: bool) {
+        self.apply_attempt(&Attempt::of(l), up);
+    }
+
+    /// Adds (`up`) or removes a row of a pane.
+    pub fn apply_attempt(&mut self, l: &Attempt, up: bool) {
         let step = if up { 1 } else { -1 };
         self.records = if up { self.records + 1 } else { self.records.saturating_sub(1) };
         match l.outcome {
@@ -266,11 +310,15 @@ fn time_cell(t: Option<i64>) -> Cell {
     t.map_or(Cell::Null, |t| Cell::Str(format_timestamp(t)))
 }
 
-/// Pending work after a change of parameters, done on the next pass (it needs a context).
+/// Pending work after a change of parameters or of the state's layout, done on the next
+/// pass (it needs a context).
 #[derive(Default)]
 struct Pending {
-    /// Records stored under another timeframe, to keep again with the right expiry.
-    rekeep: Vec<(Vec<u8>, Logon)>,
+    /// Panes stored under another timeframe, to keep again with the right expiry.
+    rekeep: Vec<Pane>,
+    /// State keys of rows stored one record each (the layout before panes): their rows
+    /// were taken into panes at `init`, written with the first pass, which drops these.
+    old_rows: Vec<Vec<u8>>,
     /// The parameters changed: every group is re-evaluated.
     all_dirty: bool,
     /// The fingerprint to store.
@@ -279,7 +327,10 @@ struct Pending {
 
 pub struct SprayRule {
     config: RuleConfig,
-    records: Records<Logon>,
+    panes: Records<Pane>,
+    /// Rows taken in by this call of a pass, by pane: written into their panes (one state
+    /// record each) when the call ends.
+    fresh: HashMap<Vec<u8>, Pane>,
     /// Each group's aggregate over its records.
     groups: HashMap<GroupKey, GroupAgg>,
     /// `domaincontrollers`, ASCII-lowercased (compared `in~`).
@@ -294,23 +345,26 @@ impl SprayRule {
         let stored_config =
             state.iter().find(|(k, _)| k.as_slice() == CONFIG_KEY).map(|(_, v)| String::from_utf8_lossy(v).to_string());
         let mut pending = Pending::default();
-        let records: Records<Logon> = match &stored_config {
-            // Records kept under another timeframe expire at the wrong time: load none
-            // of them now, keep them again (or drop them) on the next pass.
+        let panes: Records<Pane> = match &stored_config {
+            // Panes kept under another timeframe expire at the wrong time: load none of
+            // them now, keep them again (or drop them) on the next pass.
             Some(fp) if fp.split('/').next() != Some(config.timeframe.to_string().as_str()) => {
-                let old: Records<Logon> = Records::load(RECORD_PREFIX, state)?;
-                pending.rekeep = old.iter().map(|(id, l)| (id.to_vec(), l.clone())).collect();
-                Records::load(RECORD_PREFIX, &[])?
+                let old: Records<Pane> = Records::load(PANE_PREFIX, state)?;
+                pending.rekeep = old.iter().map(|(_, p)| p.clone()).collect();
+                Records::load(PANE_PREFIX, &[])?
             }
-            _ => Records::load(RECORD_PREFIX, state)?,
+            _ => Records::load(PANE_PREFIX, state)?,
         };
         if stored_config.as_deref() != Some(config.fingerprint().as_str()) {
             pending.write_config = true;
             pending.all_dirty = stored_config.is_some();
         }
         let mut groups: HashMap<GroupKey, GroupAgg> = HashMap::new();
-        for (_, l) in records.iter() {
-            groups.entry(l.group.clone()).or_default().apply(l, true);
+        for (_, pane) in panes.iter() {
+            let agg = groups.entry(pane.group.clone()).or_default();
+            for a in pane.rows.values() {
+                agg.apply_attempt(a, true);
+            }
         }
         let mut dcs = HashSet::new();
         for (k, _) in state {
@@ -319,7 +373,15 @@ impl SprayRule {
                 dcs.insert(name);
             }
         }
-        Ok(SprayRule { config, records, groups, dcs, dirty: BTreeSet::new(), pending })
+        let mut rule = SprayRule { config, panes, fresh: HashMap::new(), groups, dcs, dirty: BTreeSet::new(), pending };
+        // Rows in the layout before panes: into panes (written with the first pass, which
+        // also drops the old records, and expires what has left the window).
+        let old_rows: Records<Logon> = Records::load(RECORD_PREFIX, state)?;
+        for (key, logon) in old_rows.iter() {
+            rule.pending.old_rows.push([RECORD_PREFIX, key].concat());
+            rule.keep(i64::MIN, key, logon.clone());
+        }
+        Ok(rule)
     }
 
     /// DeviceLogonEvents: `LogonType != "Unlock" and ActionType in~ ("LogonSuccess",
@@ -403,7 +465,7 @@ impl SprayRule {
                     report_id: to_string(row.get("ReportId")),
                     ingested: row.ingested_at,
                 };
-                self.keep(ctx, now, &row, logon)?;
+                self.keep(now, &row.key, logon);
             }
         }
         if !identity.is_empty() {
@@ -421,64 +483,94 @@ impl SprayRule {
                     report_id: to_string(row.get("ReportId")),
                     ingested: row.ingested_at,
                 };
-                self.keep(ctx, now, &row, logon)?;
+                self.keep(now, &row.key, logon);
             }
         }
 
+        self.write_panes(ctx)?;
         if !batch.last {
             return Ok(());
         }
-        // The window at this pass: records ingested before `now - timeframe` leave.
-        for (_, logon) in self.records.expire(ctx, now) {
-            if let Some(agg) = self.groups.get_mut(&logon.group) {
-                agg.apply(&logon, false);
+        // The window at this pass: panes ingested before `now - timeframe` leave.
+        for (_, pane) in self.panes.expire(ctx, now) {
+            if let Some(agg) = self.groups.get_mut(&pane.group) {
+                for a in pane.rows.values() {
+                    agg.apply_attempt(a, false);
+                }
                 if agg.is_empty() {
-                    self.groups.remove(&logon.group);
+                    self.groups.remove(&pane.group);
                 }
             }
-            self.dirty.insert(logon.group);
+            self.dirty.insert(pane.group);
         }
         let dirty = std::mem::take(&mut self.dirty);
         for group in dirty {
             self.evaluate_group(ctx, &group);
         }
-        if let Some(at) = self.records.next_expiry() {
+        if let Some(at) = self.panes.next_expiry() {
             ctx.wake_at(at);
         }
         Ok(())
     }
 
-    /// Keeps a record of a row (unless it is already outside the window) and marks its
-    /// group: also when the record was kept before (a pass retried after a crash hands
-    /// its rows again, and that pass's evaluation never committed).
-    fn keep(&mut self, ctx: &mut Context<'_>, now: i64, row: &Row, logon: Logon) -> Result<(), String> {
+    /// Takes a row into its group's aggregate and pane (unless it is already outside the
+    /// window) and marks the group: also when the row was taken before (a pass retried
+    /// after a crash hands its rows again, and that pass's evaluation never committed).
+    fn keep(&mut self, now: i64, key: &[u8], logon: Logon) {
         let expires = logon.ingested.saturating_add(self.config.timeframe);
         if expires < now {
-            return Ok(());
+            return;
         }
-        let group = logon.group.clone();
-        let agg = self.groups.entry(group.clone()).or_default();
-        if self.records.insert(ctx, row.key.clone(), expires, logon.clone())? {
-            agg.apply(&logon, true);
-        } else if agg.is_empty() {
-            self.groups.remove(&group);
+        let id = pane_id(&logon.group, logon.ingested);
+        self.dirty.insert(logon.group.clone());
+        let known = |p: Option<&Pane>| p.is_some_and(|p| p.rows.contains_key(key));
+        if known(self.panes.get(&id)) || known(self.fresh.get(&id)) {
+            return;
         }
-        self.dirty.insert(group);
+        let attempt = Attempt::of(&logon);
+        self.groups.entry(logon.group.clone()).or_default().apply_attempt(&attempt, true);
+        let pane = self.fresh.entry(id).or_insert_with(|| Pane {
+            group: logon.group,
+            ingested: logon.ingested,
+            rows: BTreeMap::new(),
+        });
+        pane.rows.insert(key.to_vec(), attempt);
+    }
+
+    /// Writes the rows this call took in into their panes: one state record per pane.
+    fn write_panes(&mut self, ctx: &mut Context<'_>) -> Result<(), String> {
+        for (id, fresh) in std::mem::take(&mut self.fresh) {
+            let mut pane = self.panes.get(&id).cloned().unwrap_or_else(|| Pane {
+                group: fresh.group.clone(),
+                ingested: fresh.ingested,
+                rows: BTreeMap::new(),
+            });
+            pane.rows.extend(fresh.rows);
+            let expires = pane.ingested.saturating_add(self.config.timeframe);
+            self.panes.put(ctx, id, expires, pane)?;
+        }
         Ok(())
     }
 
-    /// After a change of parameters: records kept again under the new timeframe, the
-    /// fingerprint stored, every group re-evaluated on this pass.
+    /// After a change of parameters: panes kept again under the new timeframe, the
+    /// fingerprint stored, every group re-evaluated on this pass. Rows stored one record
+    /// each are moved into panes.
     fn apply_pending(&mut self, ctx: &mut Context<'_>, now: i64) -> Result<(), String> {
-        for (id, logon) in std::mem::take(&mut self.pending.rekeep) {
-            let expires = logon.ingested.saturating_add(self.config.timeframe);
+        for pane in std::mem::take(&mut self.pending.rekeep) {
+            let id = pane_id(&pane.group, pane.ingested);
+            let expires = pane.ingested.saturating_add(self.config.timeframe);
             if expires < now {
-                ctx.state_delete([RECORD_PREFIX, &id].concat());
+                ctx.state_delete([PANE_PREFIX, &id].concat());
                 continue;
             }
-            if self.records.insert(ctx, id, expires, logon.clone())? {
-                self.groups.entry(logon.group.clone()).or_default().apply(&logon, true);
+            let agg = self.groups.entry(pane.group.clone()).or_default();
+            for a in pane.rows.values() {
+                agg.apply_attempt(a, true);
             }
+            self.panes.put(ctx, id, expires, pane)?;
+        }
+        for key in std::mem::take(&mut self.pending.old_rows) {
+            ctx.state_delete(key);
         }
         if std::mem::take(&mut self.pending.all_dirty) {
             self.dirty.extend(self.groups.keys().cloned());
@@ -608,6 +700,27 @@ mod tests {
         }
         assert!(agg.is_empty());
         assert_eq!(agg, GroupAgg::default());
+    }
+
+    #[test]
+    fn rows_kept_one_record_each_are_taken_into_panes_at_init() {
+        let c = RuleConfig { timeframe: 100, ..cfg(1, 3, 2) };
+        let mut logons: Vec<Logon> =
+            (0..5).map(|i| logon(Outcome::Failed, &format!("u{i}"), Some(i), &i.to_string())).collect();
+        logons[4].ingested = 7;
+        let state: Vec<(Vec<u8>, Vec<u8>)> = logons
+            .iter()
+            .enumerate()
+            .map(|(i, l)| ([RECORD_PREFIX, &[i as u8]].concat(), Records::<Logon>::stored_bytes(100, l).unwrap()))
+            .collect();
+        let rule = SprayRule::new(c, &state).unwrap();
+        let group = logons[0].group.clone();
+        assert_eq!(rule.groups.get(&group).map(GroupAgg::summary), Some(Summary::of(&logons)));
+        assert_eq!(rule.pending.old_rows.len(), 5, "the old records are dropped with the first pass");
+        let mut panes: Vec<(i64, usize)> = rule.fresh.values().map(|p| (p.ingested, p.rows.len())).collect();
+        panes.sort();
+        assert_eq!(panes, vec![(0, 4), (7, 1)], "one pane per group and ingestion time");
+        assert!(rule.panes.is_empty(), "nothing written before a pass");
     }
 
     #[test]

@@ -57,16 +57,31 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
         if self.items.contains_key(&id) {
             return Ok(false);
         }
-        let stored = Stored { expires, value };
+        self.put(ctx, id, expires, value)?;
+        Ok(true)
+    }
+
+    /// Keeps `value` under `id` until `expires`, replacing the record kept there (value and
+    /// expiry) if there is one: a record that gathers rows as they come.
+    pub fn put(&mut self, ctx: &mut Context<'_>, id: Vec<u8>, expires: i64, value: T) -> Result<(), String> {
+        ctx.state_put([self.prefix.as_slice(), &id].concat(), Self::stored_bytes(expires, &value)?);
+        if let Some((old, _)) = self.items.get(&id) {
+            self.by_expiry.remove(&(*old, id.clone()));
+        }
+        self.by_expiry.insert((expires, id.clone()));
+        self.items.insert(id, (expires, value));
+        Ok(())
+    }
+
+    /// The state value a record is kept as (what [`Records::load`] reads back): for a
+    /// detector's tests of a state layout.
+    pub fn stored_bytes(expires: i64, value: &T) -> Result<Vec<u8>, String> {
         let mut bytes = vec![RECORD_FORMAT];
         bytes.extend(
-            bincode::serde::encode_to_vec(&stored, bincode::config::standard())
+            bincode::serde::encode_to_vec(Stored { expires, value }, bincode::config::standard())
                 .map_err(|e| format!("cannot encode a windowed record: {e}"))?,
         );
-        ctx.state_put([self.prefix.as_slice(), &id].concat(), bytes);
-        self.by_expiry.insert((expires, id.clone()));
-        self.items.insert(id, (expires, stored.value));
-        Ok(true)
+        Ok(bytes)
     }
 
     /// Drops (from memory and, with the pass, from the state) every record whose expiry
@@ -162,6 +177,19 @@ mod tests {
         assert_eq!(again.get(b"k1"), Some(&("a".to_string(), 1)));
         assert_eq!(again.next_expiry(), Some(101));
         assert!(Records::<i64>::load(b"o", &[(b"ox".to_vec(), vec![9, 9])]).is_err());
+    }
+
+    #[test]
+    fn a_record_put_again_replaces_its_value_and_expiry() {
+        let mut ctx = Context::new(None, 0);
+        let mut r: Records<Vec<u8>> = Records::load(b"p", &[]).unwrap();
+        r.put(&mut ctx, b"k".to_vec(), 10, vec![1]).unwrap();
+        r.put(&mut ctx, b"k".to_vec(), 30, vec![1, 2]).unwrap();
+        assert_eq!((r.len(), r.get(b"k")), (1, Some(&vec![1, 2])));
+        assert_eq!(r.next_expiry(), Some(31), "the first expiry is gone");
+        assert!(r.expire(&mut ctx, 20).is_empty());
+        let again: Records<Vec<u8>> = Records::load(b"p", &state_of(&ctx, vec![])).unwrap();
+        assert_eq!((again.get(b"k"), again.next_expiry()), (Some(&vec![1, 2]), Some(31)));
     }
 
     #[test]
