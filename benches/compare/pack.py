@@ -37,6 +37,7 @@ from compare import (RULE_SQL, count_lines, device_map, log, machine, median, pc
 NOW = "2025-05-08T00:00:00Z"
 NOW_SQL = "TIMESTAMPTZ '2025-05-08 00:00:00+00'"
 REPORT_OFFSET = 1_000_000_000
+TIMING_RE = re.compile(r"^  (\S+): choosing rows ([\d.]+) ms, in the detector ([\d.]+) ms, committing ([\d.]+) ms$", re.M)
 PASS_RE = re.compile(r"^(\S+) (\S+): (\w+) pass over (\d+) row\(s\), (\d+) new finding\(s\) in ([\d.]+) ms"
                      r"(?: \(of which ([\d.]+) ms loading its state\))?$", re.M)
 LIBRARIES = ("liblookout_winrm.so", "liblookout_scheduled_task_persistence.so",
@@ -218,7 +219,8 @@ class Lookout:
         return wall, p.stdout
 
     def detect(self, plugins, backfill=False):
-        _, out = self.run("detect", "--plugins", plugins, "--now", NOW, *(["--backfill"] if backfill else []))
+        _, out = self.run("detect", "--plugins", plugins, "--now", NOW, "--timings",
+                          *(["--backfill"] if backfill else []))
         # A detector's pass time without loading its state, which `detect` (one process per
         # tick) pays every time and a running daemon once.
         passes = {m.group(1): {"rows": int(m.group(4)), "new": int(m.group(5)),
@@ -226,6 +228,10 @@ class Lookout:
                   for m in PASS_RE.finditer(out)}
         if set(passes) != set(RULES):
             raise SystemExit(f"`lookout detect` did not run the four detectors:\n{out}")
+        for m in TIMING_RE.finditer(out):
+            if m.group(1) in passes:
+                passes[m.group(1)].update(select_ms=float(m.group(2)), evaluate_ms=float(m.group(3)),
+                                          commit_ms=float(m.group(4)))
         return passes
 
     def identities(self):
@@ -437,6 +443,18 @@ def main():
     L.append(f"| all four together | {ms(median(totals_small))} | {ms(median(totals_big))} / {ms(pct(totals_big, 99))} | "
              f"{median(totals_big) / max(median(totals_small), 1e-9):.2f}× | "
              f"{ms(median([sum(t['queries'].values()) * 1e3 for t in big['ticks']]))} | | |")
+    L.append("")
+    L.append(f"Where each detector's tick pass at {big['stored']:,} goes (medians, from `lookout detect --timings`): "
+             f"choosing its rows is the host reading the tick's new keys and checking the detector's input filters; "
+             f"in the detector includes its calls back into the store; committing writes its findings, state and "
+             f"cursor in one batch.")
+    L.append("")
+    L.append("| detector | choosing rows | in the detector | committing | choosing + committing |")
+    L.append("|---|---|---|---|---|")
+    for det in RULES:
+        part = lambda k: median([t["passes"][det].get(k, 0.0) for t in big["ticks"]])  # noqa: E731
+        L.append(f"| `{det}` | {ms(part('select_ms'))} | {ms(part('evaluate_ms'))} | {ms(part('commit_ms'))} | "
+                 f"{ms(part('select_ms') + part('commit_ms'))} |")
     L.append("")
     bf = big["backfill"]
     L.append(f"Backfill at {big['stored']:,} rows: " + ", ".join(f"`{d}` {ms(bf[d]['ms'])}" for d in RULES) +

@@ -30,6 +30,10 @@ pub struct DetectArgs {
     /// parameter); findings already written are not written again
     #[arg(long)]
     backfill: bool,
+    /// Also print where each detector's pass went: choosing its rows, the detector itself
+    /// (with its calls into the store), committing
+    #[arg(long)]
+    timings: bool,
     #[command(flatten)]
     retention: RetentionArg,
 }
@@ -65,6 +69,9 @@ pub fn detect(data: &Path, args: DetectArgs) -> Result<ExitCode> {
     let path = findings_path(data, &args.findings);
     let written = flush_outbox(&mut store, &path)?;
     print_reports(&reports);
+    if args.timings {
+        print_timings(&reports);
+    }
     println!("{written} new finding line(s) written to {}", path.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -92,6 +99,20 @@ pub fn print_reports(reports: &[DetectorReport]) {
             ),
             Some(e) => eprintln!("lookout: detector {} {} failed (retried next pass): {e}", r.detector, r.version),
         }
+    }
+}
+
+/// One line per detector: the parts of its pass (`detect --timings`).
+fn print_timings(reports: &[DetectorReport]) {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    for r in reports.iter().filter(|r| r.error.is_none()) {
+        println!(
+            "  {}: choosing rows {:.2} ms, in the detector {:.2} ms, committing {:.2} ms",
+            r.detector,
+            ms(r.select),
+            ms(r.evaluate),
+            ms(r.commit)
+        );
     }
 }
 

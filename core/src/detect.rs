@@ -52,6 +52,12 @@ pub struct DetectorReport {
     /// Of `elapsed`, the time spent loading the detector's state into it (`init`): once
     /// per process, or after a failure; a long-running daemon pays it once.
     pub init: Duration,
+    /// Of `elapsed`: choosing the rows handed over (reading the new blocks' keys, checking
+    /// the input filters), the detector's own calls (with its host calls), and committing
+    /// what it returned.
+    pub select: Duration,
+    pub evaluate: Duration,
+    pub commit: Duration,
     /// Set when the detector failed; it is retried from its cursor on the next pass.
     pub error: Option<String>,
 }
@@ -140,6 +146,9 @@ pub fn run_pass(
             new_findings: 0,
             elapsed: Duration::ZERO,
             init: Duration::ZERO,
+            select: Duration::ZERO,
+            evaluate: Duration::ZERO,
+            commit: Duration::ZERO,
             error: None,
         };
         match run_detector(store, plugin, opts, now, &mut report) {
@@ -201,7 +210,9 @@ fn run_detector(
         _ => None,
     };
     report.backfill = since.is_none();
+    let started = Instant::now();
     let refs = input_refs(store, &plugin.manifest.inputs, &plugin.inputs, since, head)?;
+    report.select = started.elapsed();
     report.rows = refs.len() as u64;
     let mut outbox_seq = store.next_outbox_seq()?;
     let detected_at = format_timestamp(now);
@@ -213,7 +224,10 @@ fn run_detector(
             return Ok(());
         }
         let req = EvalRequest { now, backfill: report.backfill, rows: chunk.to_vec(), last: i == last };
+        let started = Instant::now();
         let resp = with_host_api(store, |api| plugin.lib.evaluate(api, &req)).map_err(DetectorError::Evaluate)?;
+        report.evaluate += started.elapsed();
+        let started = Instant::now();
         // Checked before anything of the pass is committed: a bad answer fails the pass.
         if let Some(inputs) = &resp.inputs {
             check_inputs(&plugin.manifest.inputs, inputs)?;
@@ -255,6 +269,7 @@ fn run_detector(
             plugin.inputs = inputs;
         }
         crate::failpoint::hit("detect-after-commit");
+        report.commit += started.elapsed();
     }
     Ok(())
 }
