@@ -11,10 +11,75 @@ use serde::{Deserialize, Serialize};
 struct StoredRowRef<'a> {
     schema: u32,
     ingested_at: i64,
-    cells: &'a [Cell],
+    cells: CellsOut<'a>,
+}
+
+/// A stored cell as written: the store's own type, so its encoding (the variant order
+/// is the format, checked byte for byte by a test) does not follow the plugin ABI's
+/// [`Cell`]. Strings are borrowed from the row being stored.
+#[derive(Serialize)]
+enum CellOut<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(&'a str),
+    Json(&'a str),
+}
+
+impl<'a> From<&'a Cell> for CellOut<'a> {
+    fn from(c: &'a Cell) -> Self {
+        match c {
+            Cell::Null => CellOut::Null,
+            Cell::Bool(b) => CellOut::Bool(*b),
+            Cell::Int(i) => CellOut::Int(*i),
+            Cell::Float(f) => CellOut::Float(*f),
+            Cell::Str(s) => CellOut::Str(s),
+            Cell::Json(s) => CellOut::Json(s),
+        }
+    }
+}
+
+/// A row's cells, written as [`CellOut`]s without collecting them first.
+struct CellsOut<'a>(&'a [Cell]);
+
+impl Serialize for CellsOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(CellOut::from))
+    }
+}
+
+/// A stored cell as read back (the same layout as [`CellOut`]).
+#[derive(Deserialize)]
+enum StoredCell {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Json(String),
+}
+
+impl From<StoredCell> for Cell {
+    fn from(c: StoredCell) -> Self {
+        match c {
+            StoredCell::Null => Cell::Null,
+            StoredCell::Bool(b) => Cell::Bool(b),
+            StoredCell::Int(i) => Cell::Int(i),
+            StoredCell::Float(f) => Cell::Float(f),
+            StoredCell::Str(s) => Cell::Str(s),
+            StoredCell::Json(s) => Cell::Json(s),
+        }
+    }
 }
 
 #[derive(Deserialize)]
+struct StoredRowIn {
+    schema: u32,
+    ingested_at: i64,
+    cells: Vec<StoredCell>,
+}
+
 pub struct StoredRow {
     pub schema: u32,
     pub ingested_at: i64,
@@ -22,8 +87,11 @@ pub struct StoredRow {
 }
 
 pub fn encode(schema: u32, ingested_at: i64, cells: &[Cell]) -> Result<Vec<u8>> {
-    bincode::serde::encode_to_vec(StoredRowRef { schema, ingested_at, cells }, bincode::config::standard())
-        .map_err(|e| corrupt!("cannot encode row: {e}"))
+    bincode::serde::encode_to_vec(
+        StoredRowRef { schema, ingested_at, cells: CellsOut(cells) },
+        bincode::config::standard(),
+    )
+    .map_err(|e| corrupt!("cannot encode row: {e}"))
 }
 
 /// No stored row is bigger than this (lines are capped far below it); a corrupt length
@@ -32,11 +100,17 @@ const MAX_ROW_BYTES: usize = 256 << 20;
 
 pub fn decode(bytes: &[u8]) -> Result<StoredRow> {
     let config = bincode::config::standard().with_limit::<MAX_ROW_BYTES>();
-    Ok(bincode::serde::decode_from_slice(bytes, config).map_err(|e| corrupt!("corrupt stored row: {e}"))?.0)
+    let row: StoredRowIn =
+        bincode::serde::decode_from_slice(bytes, config).map_err(|e| corrupt!("corrupt stored row: {e}"))?.0;
+    Ok(StoredRow {
+        schema: row.schema,
+        ingested_at: row.ingested_at,
+        cells: row.cells.into_iter().map(Cell::from).collect(),
+    })
 }
 
 /// One cell borrowed from the stored bytes: the variants (and so the encoding) of
-/// [`Cell`], with strings as slices, so a row can be checked without allocating them.
+/// [`CellOut`], with strings as slices, so a row can be checked without allocating them.
 #[derive(Deserialize)]
 pub enum CellView<'a> {
     Null,
@@ -190,6 +264,37 @@ mod tests {
             }
         }
         h.digest()
+    }
+
+    /// The stored layout of a row, byte for byte: bincode's standard configuration of
+    /// (schema, ingestion time, cells), each cell a variant index then its value. A change
+    /// here is a change of the store's format.
+    #[test]
+    fn a_stored_row_is_these_bytes_and_reads_back() {
+        let cells = vec![
+            Cell::Null,
+            Cell::Bool(true),
+            Cell::Int(-2),
+            Cell::Float(0.5),
+            Cell::Str("ab".into()),
+            Cell::Json("[]".into()),
+        ];
+        let bytes = encode(3, 300, &cells).unwrap();
+        let want: Vec<u8> = [
+            vec![3, 251, 0x58, 0x02, 6],
+            vec![0],
+            vec![1, 1],
+            vec![2, 3],
+            [vec![3], 0.5f64.to_le_bytes().to_vec()].concat(),
+            vec![4, 2, b'a', b'b'],
+            vec![5, 2, b'[', b']'],
+        ]
+        .concat();
+        assert_eq!(bytes, want);
+        let back = decode(&bytes).unwrap();
+        assert_eq!((back.schema, back.ingested_at, back.cells), (3, 300, cells));
+        let view = decode_view(&bytes).unwrap();
+        assert_eq!(view.cells.iter().map(CellView::to_cell).collect::<Vec<_>>(), decode(&bytes).unwrap().cells);
     }
 
     #[test]
