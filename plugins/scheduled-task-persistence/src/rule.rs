@@ -188,6 +188,12 @@ impl Index {
         self.touched.insert(key);
     }
 
+    /// Marks every group to be decided again on the next refresh (the clock went back: a
+    /// group's status at an earlier time cannot be told from its status at a later one).
+    pub fn touch_all(&mut self) {
+        self.touched.extend(self.groups.keys().cloned());
+    }
+
     /// Brings every group to `now`: those touched since the last refresh and those whose
     /// edge has passed. Returns the groups that turned inactive.
     pub fn refresh(&mut self, now: i64) -> Vec<GroupKey> {
@@ -400,6 +406,8 @@ pub struct ScheduledTaskRule {
     /// Whether a lowercased SHA1 passes FileProfile, as far as this process has asked;
     /// forgotten when a FileProfile row of it arrives.
     profile_ok: HashMap<String, bool>,
+    /// The evaluation time the index was last brought to.
+    last_pass: Option<i64>,
 }
 
 impl ScheduledTaskRule {
@@ -411,15 +419,17 @@ impl ScheduledTaskRule {
         }
         // The groups as the last pass left them; the first pass here brings them to its
         // own time. Without a stored time they are all decided on that pass.
+        let mut last_pass = None;
         if let Some((_, t)) = state.iter().find(|(k, _)| k.as_slice() == LAST_PASS_KEY) {
             let at = t.as_slice().try_into().map(i64::from_be_bytes).map_err(|_| "corrupt last-pass time in state")?;
             index.refresh(at);
+            last_pass = Some(at);
         }
         let mut emitted = HashSet::new();
         for (k, _) in state.iter().filter(|(k, _)| k.starts_with(EMITTED_PREFIX)) {
             emitted.insert(parse_emitted_key(&k[EMITTED_PREFIX.len()..]).ok_or("corrupt emitted identity in state")?);
         }
-        Ok(ScheduledTaskRule { config, records, index, emitted, profile_ok: HashMap::new() })
+        Ok(ScheduledTaskRule { config, records, index, emitted, profile_ok: HashMap::new(), last_pass })
     }
 
     /// Scheduled-task executions only (the host checks the static filters); FileProfile
@@ -465,6 +475,10 @@ impl ScheduledTaskRule {
         for (id, e) in self.records.expire(ctx, now) {
             self.index.remove(&id, &e);
         }
+        if self.last_pass.is_some_and(|t| now < t) {
+            self.index.touch_all();
+        }
+        self.last_pass = Some(now);
         for (device, sha1) in self.index.refresh(now) {
             let id = (sha1, device);
             if self.emitted.remove(&id) {
@@ -639,6 +653,19 @@ mod tests {
         assert_eq!(ix.refresh(now), vec![], "nothing changes before the edge");
         assert_eq!(ix.refresh(now + 1), vec![("d1".to_string(), "aa".to_string())], "the edge turns it inactive");
         assert_eq!(ix.next_edge(), None, "only the record's own expiry is left");
+    }
+
+    #[test]
+    fn an_index_taken_back_in_time_decides_every_group_again() {
+        let c = cfg(5);
+        let now = 100 * DAY;
+        let records = vec![(b"1".to_vec(), ex("d1", "aa", now - DAY, now - DAY, 1))];
+        let mut ix = index(&records, now + 2 * DAY, &c);
+        assert!(hits_of(&ix, now + 2 * DAY).is_empty(), "out of the timeframe by then");
+        ix.touch_all();
+        ix.refresh(now);
+        assert_eq!(hits_of(&ix, now), hits_of(&index(&records, now, &c), now));
+        assert_eq!(hits_of(&ix, now).len(), 1);
     }
 
     #[test]
