@@ -20,7 +20,7 @@ use lookout_core::detect::DetectorReport;
 use lookout_core::gen;
 use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp};
 use lookout_tests::ticks::{
-    obj, profile_row, proptest_config, t0, tick_ends, Restart, Rule, Tick, DAY, EVAL_DELAY, HOUR, MINUTE,
+    obj, profile_row, proptest_config, t0, tick_ends, Engine, Restart, Rule, Tick, DAY, EVAL_DELAY, HOUR, MINUTE,
 };
 use lookout_tests::{kqlbench_dir, SCHEDULED_TASK};
 use naive_scheduled_task::{Identity, Params, Shown, StoredRow, FILE_PROFILE, PROCESS_EVENTS};
@@ -421,6 +421,29 @@ fn an_old_execution_leaving_the_lookback_makes_the_binary_new() {
     ];
     assert_eq!(run(&ticks[..3], 1000), BTreeSet::new());
     assert_eq!(run(&ticks, 1000), BTreeSet::from([id(SHA_A, "d-alpha")]));
+}
+
+/// Shortening `lookback` takes effect on the next pass (a restart with the new value): an
+/// execution the new lookback leaves out no longer makes the binary old, though it was
+/// kept until the old lookback's end.
+#[test]
+fn a_shorter_lookback_takes_effect_on_the_next_pass() {
+    let now = t0();
+    let old = exec_row(1, now - 5 * DAY, "d-alpha", "alpha", SHA_A, "ProcessCreated", SCHEDULE);
+    let recent = exec_row(2, now - DAY, "d-alpha", "alpha", SHA_A, "ProcessCreated", SCHEDULE);
+    let mut engine = Engine::open(&RULE).unwrap_or_else(|e| panic!("{e}"));
+    engine.ingest_rows(0, &[(PROCESS_EVENTS, old), (PROCESS_EVENTS, recent)], now).unwrap_or_else(|e| panic!("{e}"));
+    engine.pass(now, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(engine.flush().unwrap_or_else(|e| panic!("{e}")), Vec::<Value>::new(), "seen 5 days ago: not new");
+    engine.restart().unwrap_or_else(|e| panic!("{e}"));
+    // Any new batch runs the detector (a pass with nothing new and no wake-up due is not
+    // run at all); this row is not a scheduled execution.
+    let other = exec_row(3, now, "d-beta", "beta", SHA_B, "ProcessCreated", "explorer.exe");
+    engine.ingest_rows(1, &[(PROCESS_EVENTS, other)], now + MINUTE).unwrap_or_else(|e| panic!("{e}"));
+    engine.pass(now + MINUTE, None, &[("lookback", "3d".to_string())]).unwrap_or_else(|e| panic!("{e}"));
+    let found: Result<BTreeSet<Identity>, String> =
+        engine.flush().unwrap_or_else(|e| panic!("{e}")).iter().map(identity_of).collect();
+    assert_eq!(found, Ok(BTreeSet::from([id(SHA_A, "d-alpha")])), "FirstSeen is a day ago under a 3-day lookback");
 }
 
 /// With `top 1`, the binary on fewer machines takes the slot; when its execution leaves

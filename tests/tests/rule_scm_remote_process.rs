@@ -18,7 +18,7 @@ mod naive_scm_remote;
 use lookout_core::gen::{self, FleetSpec};
 use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp};
 use lookout_tests::ticks::{
-    obj, proptest_config, split_ticks, t0, Restart, Rule, Tick, EVAL_DELAY, HOUR, MINUTE, SECOND,
+    obj, proptest_config, split_ticks, t0, Engine, Restart, Rule, Tick, EVAL_DELAY, HOUR, MINUTE, SECOND,
 };
 use lookout_tests::{kqlbench_dir, SCM_REMOTE};
 use naive_scm_remote::{value_text, Identity, Params, StoredRow, CERTIFICATES, NETWORK, PROCESS};
@@ -614,6 +614,44 @@ fn a_pair_leaving_the_window_lets_the_other_fire_with_no_new_row() {
     ];
     assert_eq!(check_ticks(&ticks[..3], 2).unwrap_or_else(|e| panic!("{e}")), BTreeSet::new());
     assert_eq!(check_ticks(&ticks, 2).unwrap_or_else(|e| panic!("{e}")), BTreeSet::from([ident(&net2, &child2)]));
+}
+
+/// Shortening `timeframe` takes effect on the next pass (a restart with the new value): a
+/// connection ingested before the new window no longer joins, though it was kept until
+/// the old window's end.
+#[test]
+fn a_shorter_timeframe_takes_effect_on_the_next_pass() {
+    let started = Some(t_event() - HOUR);
+    let net = net_row(1, t_event(), "d-alpha", Some(700), "services.exe", "InboundConnectionAccepted");
+    let child = child_row(
+        2,
+        t_event() + 2 * SECOND,
+        "d-alpha",
+        Some(700),
+        "services.exe",
+        "ProcessCreated",
+        started,
+        RARE,
+        "x.exe",
+        "x",
+    );
+    let mut engine = Engine::open(&RULE).unwrap_or_else(|e| panic!("{e}"));
+    engine.ingest_rows(0, &[(NETWORK, net.clone())], t0()).unwrap_or_else(|e| panic!("{e}"));
+    engine.pass(t0(), None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let later = t0() + 90 * MINUTE;
+    engine.ingest_rows(1, &[(PROCESS, child.clone())], later).unwrap_or_else(|e| panic!("{e}"));
+    engine.restart().unwrap_or_else(|e| panic!("{e}"));
+    engine.pass(later, None, &[("timeframe", "1h".to_string())]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(engine.flush().unwrap_or_else(|e| panic!("{e}")), Vec::<Value>::new(), "the connection is 90 min old");
+    // Under the default 2 hours the same rows are a finding.
+    let mut engine = Engine::open(&RULE).unwrap_or_else(|e| panic!("{e}"));
+    engine.ingest_rows(0, &[(NETWORK, net.clone())], t0()).unwrap_or_else(|e| panic!("{e}"));
+    engine.pass(t0(), None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    engine.ingest_rows(1, &[(PROCESS, child.clone())], later).unwrap_or_else(|e| panic!("{e}"));
+    engine.pass(later, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let found: Result<BTreeSet<Identity>, String> =
+        engine.flush().unwrap_or_else(|e| panic!("{e}")).iter().map(identity_of).collect();
+    assert_eq!(found, Ok(BTreeSet::from([ident(&net, &child)])));
 }
 
 /// A certificate for the SHA1 stops later findings of it, never retracts earlier ones; a

@@ -728,8 +728,6 @@ impl Store {
         self.new_row_keys_where(table, from, to, |_, _| Ok(true))
     }
 
-    /// [`Store::new_row_keys`], of the rows whose key `keep` accepts (checked on the key
-    /// borrowed from the frame: only kept keys are copied).
     /// Forgets where the rows handed to the last pass are (see `hints`).
     pub fn forget_row_hints(&self) {
         self.hints.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -754,6 +752,9 @@ impl Store {
         }
     }
 
+    /// [`Store::new_row_keys`], of the rows whose key `keep` accepts (checked on the key
+    /// borrowed from the frame, with where the row lies: only kept keys are copied, and
+    /// remembered for the detector's fetch).
     pub fn new_row_keys_where(
         &self,
         table: &str,

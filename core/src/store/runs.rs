@@ -386,13 +386,17 @@ impl Runs {
         Ok(entries)
     }
 
-    /// The entry of exactly `key`, from the newest run that has it.
+    /// The entry of exactly `key`. An event key is in one run only; a FileProfile key may
+    /// be in several, and the entry stored by the latest batch (the largest `seq`) is the
+    /// current one — not that of the run with the largest id, since a merge gives its run a
+    /// new id while newer runs it did not take keep older ones.
     pub fn get(
         &self,
         db: &sled::Db,
         zstd: &Mutex<zstd::bulk::Decompressor<'static>>,
         key: &[u8],
     ) -> Result<Option<KeyEntry>> {
+        let mut found: Option<KeyEntry> = None;
         for (id, meta) in self.runs.iter().rev() {
             if !meta.may_contain(key) {
                 continue;
@@ -403,10 +407,16 @@ impl Runs {
             }
             let chunk = self.chunk(db, zstd, *id, (at - 1) as u32)?;
             if let Ok(i) = chunk.binary_search_by(|(k, _)| k.as_slice().cmp(key)) {
-                return Ok(Some(chunk[i].1));
+                let e = chunk[i].1;
+                if meta.kind == RunKind::Events {
+                    return Ok(Some(e));
+                }
+                if found.is_none_or(|f| e.seq > f.seq) {
+                    found = Some(e);
+                }
             }
         }
-        Ok(None)
+        Ok(found)
     }
 
     /// Every entry whose key starts with `prefix`, in key order; for a key in several runs
@@ -429,8 +439,14 @@ impl Runs {
                 let chunk = self.chunk(db, zstd, *id, c as u32)?;
                 let start = chunk.partition_point(|(k, _)| k.as_slice() < prefix);
                 for (k, e) in chunk[start..].iter().take_while(|(k, _)| k.starts_with(prefix)) {
-                    // Oldest run first: a newer entry for the same key replaces it.
-                    found.insert(k.clone(), *e);
+                    // For a key in several runs (FileProfile), the latest batch's entry.
+                    match found.get_mut(k) {
+                        Some(f) if f.seq > e.seq => {}
+                        Some(f) => *f = *e,
+                        None => {
+                            found.insert(k.clone(), *e);
+                        }
+                    }
                 }
             }
         }
@@ -523,11 +539,14 @@ impl Runs {
                 }
             }
             let Some(newest) = newest else { break };
-            let (key, e) = cursors[newest].take();
-            // The same key in older runs (FileProfile) is replaced by the newest run's entry.
+            let (key, mut e) = cursors[newest].take();
+            // The same key in other runs (FileProfile): the latest batch's entry is kept.
             for (i, c) in cursors.iter_mut().enumerate() {
                 if i != newest && c.current().is_some_and(|(k, _)| *k == key) {
-                    c.take();
+                    let (_, other) = c.take();
+                    if other.seq > e.seq {
+                        e = other;
+                    }
                 }
             }
             let past = kind == RunKind::Events
@@ -704,5 +723,32 @@ mod tests {
             db.scan_prefix([keys::RUN_CHUNK]).count(),
             reopened.runs.values().map(|m| m.fences.len()).sum::<usize>()
         );
+    }
+
+    /// A merge of the oldest profile runs gets the newest id, but runs it did not take can
+    /// hold later versions of its keys: the latest batch's entry still wins.
+    #[test]
+    fn a_merged_run_does_not_hide_a_later_profile_in_a_run_it_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let mut z = super::super::blocks::compressor().unwrap();
+        let unz = Mutex::new(super::super::blocks::decompressor().unwrap());
+        let mut runs = Runs::open(&db, &mut unz.lock().unwrap()).unwrap();
+        let key = keys::profile_key("aa");
+        for seq in 0..MERGE_FAN_IN as u64 + 2 {
+            let entries: Vec<Entry> = vec![(key.clone(), KeyEntry { seq, block: 0, row: 0, content: seq })];
+            let mut batch = sled::Batch::default();
+            let (_, pending) = runs.write(RunKind::Profiles, &entries, &mut z, &mut batch).unwrap();
+            db.apply_batch(batch).unwrap();
+            runs.committed(pending);
+        }
+        assert!(runs.maintain(&db, &mut z, &unz, None).unwrap());
+        assert_eq!(runs.run_count(), 3, "the eight oldest merged, two left out");
+        let latest = MERGE_FAN_IN as u64 + 1;
+        assert_eq!(runs.get(&db, &unz, &key).unwrap().map(|e| e.seq), Some(latest));
+        let scanned = runs.scan_prefix(&db, &unz, &key, true).unwrap();
+        assert_eq!(scanned.iter().map(|(_, e)| e.seq).collect::<Vec<_>>(), vec![latest]);
+        while runs.maintain(&db, &mut z, &unz, None).unwrap() {}
+        assert_eq!(runs.get(&db, &unz, &key).unwrap().map(|e| e.seq), Some(latest));
     }
 }

@@ -507,6 +507,11 @@ impl SprayRule {
         for group in dirty {
             self.evaluate_group(ctx, &group);
         }
+        // Stored with the pass that decided every group under them: a pass cut short
+        // leaves the old fingerprint, so the next one decides every group again.
+        if std::mem::take(&mut self.pending.write_config) {
+            ctx.state_put(CONFIG_KEY.to_vec(), self.config.fingerprint().into_bytes());
+        }
         if let Some(at) = self.panes.next_expiry() {
             ctx.wake_at(at);
         }
@@ -574,9 +579,6 @@ impl SprayRule {
         }
         if std::mem::take(&mut self.pending.all_dirty) {
             self.dirty.extend(self.groups.keys().cloned());
-        }
-        if std::mem::take(&mut self.pending.write_config) {
-            ctx.state_put(CONFIG_KEY.to_vec(), self.config.fingerprint().into_bytes());
         }
         Ok(())
     }

@@ -279,38 +279,42 @@ impl Index {
         self.devices.get(sha1).into_iter().flatten().map(String::as_str)
     }
 
-    /// The finding of one device for a left row (lowercased SHA1, MachineCount) at `now`:
-    /// its latest joined execution, its FirstSeen/LastSeen, and the SHA1's `Devices` and
-    /// `MachineCount` over every joined execution.
-    pub fn hit(&self, sha1: &str, left_machine_count: i64, device: &str, now: i64) -> Option<Hit> {
+    /// The findings of these devices for a left row (lowercased SHA1, MachineCount) at
+    /// `now`: each device's latest joined execution and its FirstSeen/LastSeen, with the
+    /// SHA1's `Devices` and `MachineCount` over every joined execution (worked out once).
+    pub fn hits(&self, sha1: &str, left_machine_count: i64, devices: &[String], now: i64) -> Vec<Hit> {
         let cutoff = now.saturating_sub(self.c.timeframe);
-        let joined = |g: &Group| -> Vec<(Vec<u8>, Execution)> {
-            g.executions.iter().filter(|(_, e)| e.ingested >= cutoff).map(|(k, e)| (k.clone(), e.clone())).collect()
-        };
-        let group = self.groups.get(&(device.to_string(), sha1.to_string())).filter(|g| g.active)?;
-        let (first_seen, last_seen, _) = group.span()?;
-        let mut latest: Option<(Vec<u8>, Execution)> = None;
-        for (id, e) in joined(group) {
-            if latest.as_ref().is_none_or(|(lid, le)| later((&id, &e), (lid, le))) {
-                latest = Some((id, e));
-            }
-        }
-        let latest = latest?;
-        let mut names: BTreeSet<String> = BTreeSet::new();
+        let group = |d: &str| self.groups.get(&(d.to_string(), sha1.to_string())).filter(|g| g.active);
+        let mut names: BTreeSet<&str> = BTreeSet::new();
         for d in self.devices_of(sha1) {
-            if let Some(g) = self.groups.get(&(d.to_string(), sha1.to_string())) {
-                names.extend(joined(g).into_iter().map(|(_, e)| e.device_name));
+            if let Some(g) = group(d) {
+                names.extend(g.executions.values().filter(|e| e.ingested >= cutoff).map(|e| e.device_name.as_str()));
             }
         }
-        Some(Hit {
-            sha1: sha1.to_string(),
-            left_machine_count,
-            latest,
-            first_seen,
-            last_seen,
-            machine_count: names.len() as i64,
-            devices: names.into_iter().collect(),
-        })
+        let names: Vec<String> = names.into_iter().map(str::to_string).collect();
+        let mut out = Vec::new();
+        for device in devices {
+            let Some(g) = group(device) else { continue };
+            let Some((first_seen, last_seen, _)) = g.span() else { continue };
+            let latest = g.executions.iter().filter(|(_, e)| e.ingested >= cutoff).fold(
+                None,
+                |best: Option<(&Vec<u8>, &Execution)>, (id, e)| match best {
+                    Some((bid, be)) if !later((id, e), (bid, be)) => Some((bid, be)),
+                    _ => Some((id, e)),
+                },
+            );
+            let Some((id, e)) = latest else { continue };
+            out.push(Hit {
+                sha1: sha1.to_string(),
+                left_machine_count,
+                latest: (id.clone(), e.clone()),
+                first_seen,
+                last_seen,
+                machine_count: names.len() as i64,
+                devices: names.clone(),
+            });
+        }
+        out
     }
 }
 
@@ -394,6 +398,29 @@ pub fn output_row(hit: &Hit, profile: Option<&Row>, execution: &Row) -> Vec<(Str
 const EMITTED_PREFIX: &[u8] = b"e";
 /// State key of the evaluation time of the last pass.
 const LAST_PASS_KEY: &[u8] = b"t";
+/// State key of the parameters the records and the emitted identities were kept under.
+const CONFIG_KEY: &[u8] = b"p";
+
+impl RuleConfig {
+    fn fingerprint(&self) -> String {
+        format!(
+            "{}/{}/{}/{}/{}",
+            self.timeframe, self.lookback, self.prevalence_threshold, self.default_prevalence, self.top
+        )
+    }
+}
+
+/// Work `init` leaves for the first pass (it needs a context).
+#[derive(Default)]
+struct Pending {
+    /// The parameters changed (or were never stored): every record is kept again with the
+    /// expiry the current `lookback` gives it, every group decided again, and the
+    /// fingerprint stored with the pass.
+    new_config: bool,
+    /// State keys of emitted identities whose group left the result while the detector
+    /// was not running.
+    deletes: Vec<Vec<u8>>,
+}
 
 pub struct ScheduledTaskRule {
     config: RuleConfig,
@@ -408,6 +435,7 @@ pub struct ScheduledTaskRule {
     profile_ok: HashMap<String, bool>,
     /// The evaluation time the index was last brought to.
     last_pass: Option<i64>,
+    pending: Pending,
 }
 
 impl ScheduledTaskRule {
@@ -419,17 +447,25 @@ impl ScheduledTaskRule {
         }
         // The groups as the last pass left them; the first pass here brings them to its
         // own time. Without a stored time they are all decided on that pass.
-        let mut last_pass = None;
-        if let Some((_, t)) = state.iter().find(|(k, _)| k.as_slice() == LAST_PASS_KEY) {
-            let at = t.as_slice().try_into().map(i64::from_be_bytes).map_err(|_| "corrupt last-pass time in state")?;
-            index.refresh(at);
-            last_pass = Some(at);
-        }
+        let stored = state.iter().find(|(k, _)| k.as_slice() == CONFIG_KEY).map(|(_, v)| v.as_slice());
+        let mut pending = Pending { new_config: stored != Some(config.fingerprint().as_bytes()), ..Pending::default() };
         let mut emitted = HashSet::new();
         for (k, _) in state.iter().filter(|(k, _)| k.starts_with(EMITTED_PREFIX)) {
             emitted.insert(parse_emitted_key(&k[EMITTED_PREFIX.len()..]).ok_or("corrupt emitted identity in state")?);
         }
-        Ok(ScheduledTaskRule { config, records, index, emitted, profile_ok: HashMap::new(), last_pass })
+        let mut last_pass = None;
+        if let Some((_, t)) = state.iter().find(|(k, _)| k.as_slice() == LAST_PASS_KEY) {
+            let at = t.as_slice().try_into().map(i64::from_be_bytes).map_err(|_| "corrupt last-pass time in state")?;
+            if !pending.new_config {
+                for (device, sha1) in index.refresh(at) {
+                    if emitted.remove(&(sha1.clone(), device.clone())) {
+                        pending.deletes.push(emitted_key(&sha1, &device));
+                    }
+                }
+                last_pass = Some(at);
+            }
+        }
+        Ok(ScheduledTaskRule { config, records, index, emitted, profile_ok: HashMap::new(), last_pass, pending })
     }
 
     /// Scheduled-task executions only (the host checks the static filters); FileProfile
@@ -445,6 +481,17 @@ impl ScheduledTaskRule {
     pub fn evaluate(&mut self, batch: &EvalRequest, ctx: &mut Context<'_>) -> Result<(), String> {
         let now = ctx.now();
         let c = self.config.clone();
+        for key in std::mem::take(&mut self.pending.deletes) {
+            ctx.state_delete(key);
+        }
+        if self.pending.new_config && !self.records.is_empty() {
+            // Records expire with the `lookback` they were kept under: keep them again.
+            let kept: Vec<(Vec<u8>, Execution)> = self.records.iter().map(|(id, e)| (id.to_vec(), e.clone())).collect();
+            for (id, e) in kept {
+                self.records.put(ctx, id, e.timestamp.saturating_add(c.lookback), e)?;
+            }
+            self.index.touch_all();
+        }
         for r in batch.rows.iter().filter(|r| r.table == FILE_PROFILE) {
             self.profile_ok.remove(&r.sha1.to_lowercase());
         }
@@ -486,6 +533,9 @@ impl ScheduledTaskRule {
             }
         }
         ctx.state_put(LAST_PASS_KEY.to_vec(), now.to_be_bytes().to_vec());
+        if std::mem::take(&mut self.pending.new_config) {
+            ctx.state_put(CONFIG_KEY.to_vec(), c.fingerprint().into_bytes());
+        }
         self.emit_new(ctx, now)?;
         let wake = match (self.index.next_edge(), self.records.next_expiry()) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -527,7 +577,7 @@ impl ScheduledTaskRule {
         let mut hits: Vec<Hit> = Vec::new();
         for (sha1, count, devices) in fresh {
             if self.profile_ok.get(&sha1) == Some(&true) {
-                hits.extend(devices.iter().filter_map(|d| self.index.hit(&sha1, count, d, now)));
+                hits.extend(self.index.hits(&sha1, count, &devices, now));
             }
         }
         if hits.is_empty() {
@@ -606,7 +656,7 @@ mod tests {
         let mut out = Vec::new();
         for (sha1, count) in ix.left() {
             let devices: Vec<String> = ix.devices_of(&sha1).map(str::to_string).collect();
-            out.extend(devices.iter().filter_map(|d| ix.hit(&sha1, count, d, now)));
+            out.extend(ix.hits(&sha1, count, &devices, now));
         }
         out
     }

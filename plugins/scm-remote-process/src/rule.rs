@@ -246,6 +246,9 @@ pub struct ScmRule {
     decide_all: bool,
     /// The parameters' fingerprint is to be stored with the next pass.
     write_config: bool,
+    /// The records are to be kept again under this `timeframe` (they expire with the one
+    /// they were stored under).
+    rekeep: bool,
 }
 
 impl RuleConfig {
@@ -267,6 +270,7 @@ impl ScmRule {
             pairs: Pairs::default(),
             decide_all: !same_config,
             write_config: !same_config,
+            rekeep: stored.is_some() && !same_config,
             config,
         };
         rule.rebuild_pairs();
@@ -330,6 +334,9 @@ impl ScmRule {
         if batch.backfill {
             self.decide_all = true;
         }
+        if std::mem::take(&mut self.rekeep) {
+            self.keep_again(ctx)?;
+        }
         let mut network_keys = Vec::new();
         let mut child_keys = Vec::new();
         for r in &batch.rows {
@@ -363,6 +370,22 @@ impl ScmRule {
         }
         if let Some(at) = self.emit_new(ctx)? {
             ctx.wake_at(at);
+        }
+        Ok(())
+    }
+
+    /// After a change of parameters: every record kept again with the expiry the current
+    /// `timeframe` gives it (those already out of the window leave on this pass).
+    fn keep_again(&mut self, ctx: &mut Context<'_>) -> Result<(), String> {
+        let timeframe = self.config.timeframe;
+        let connections: Vec<(Vec<u8>, Connection)> =
+            self.connections.iter().map(|(id, n)| (id.to_vec(), n.clone())).collect();
+        for (id, n) in connections {
+            self.connections.put(ctx, id, n.ingested_at.saturating_add(timeframe), n)?;
+        }
+        let children: Vec<(Vec<u8>, Child)> = self.children.iter().map(|(id, c)| (id.to_vec(), c.clone())).collect();
+        for (id, c) in children {
+            self.children.put(ctx, id, c.ingested_at.saturating_add(timeframe), c)?;
         }
         Ok(())
     }
@@ -432,9 +455,9 @@ impl ScmRule {
         };
         let key = join_key(&record.device, process_id, &record.process);
         let expires = row.ingested_at.saturating_add(self.config.timeframe);
-        if !self.connections.insert(ctx, row.key.clone(), expires, record.clone())? {
-            return Ok(());
-        }
+        // Kept already when a pass cut short is run again and hands its rows again: the
+        // record is joined again all the same, so its pairs are decided on this pass.
+        self.connections.insert(ctx, row.key.clone(), expires, record.clone())?;
         for cid in children_near(&self.pairs.children_by_key, &key, at) {
             if let Some(c) = self.children.get(&cid) {
                 self.pairs.add((&row.key, &record), (&cid, c), self.config.timeframe);
@@ -474,9 +497,8 @@ impl ScmRule {
         };
         let key = join_key(&record.device, process_id, &record.process);
         let expires = row.ingested_at.saturating_add(self.config.timeframe);
-        if !self.children.insert(ctx, row.key.clone(), expires, record.clone())? {
-            return Ok(());
-        }
+        // As for connections: a row handed again is joined again.
+        self.children.insert(ctx, row.key.clone(), expires, record.clone())?;
         for nid in connections_near(&self.pairs.connections_by_key, &key, at) {
             if let Some(n) = self.connections.get(&nid) {
                 self.pairs.add((&nid, n), (&row.key, &record), self.config.timeframe);

@@ -282,46 +282,22 @@ pub enum HostRequest {
     /// Fetch only the rows, among these keys, that meet every condition. The host
     /// filters before shipping rows, so a selective filter costs a look at the row
     /// instead of a copy across the ABI.
-    GetRowsWhere {
-        keys: Vec<Vec<u8>>,
-        filter: Vec<Condition>,
-    },
+    GetRowsWhere { keys: Vec<Vec<u8>>, filter: Vec<Condition> },
     /// Like `GetRowsWhere`, with only the named columns of each row (in stored order; a
     /// column the row lacks is left out): a detector that needs a few columns of wide
     /// rows does not pay for copying and decoding the others.
-    GetColumnsWhere {
-        keys: Vec<Vec<u8>>,
-        filter: Vec<Condition>,
-        columns: Vec<String>,
-    },
+    GetColumnsWhere { keys: Vec<Vec<u8>>, filter: Vec<Condition>, columns: Vec<String> },
     /// All stored rows of `table` with exactly this SHA1, on `device_id` if given.
-    Lookup {
-        table: String,
-        sha1: String,
-        device_id: Option<String>,
-    },
+    Lookup { table: String, sha1: String, device_id: Option<String> },
     /// Like `Lookup`, keeping only rows that meet every condition; filtered by the host.
-    LookupWhere {
-        table: String,
-        sha1: String,
-        device_id: Option<String>,
-        filter: Vec<Condition>,
-    },
+    LookupWhere { table: String, sha1: String, device_id: Option<String>, filter: Vec<Condition> },
+    /// Rows of `table` whose columns equal these values (ignoring ASCII case), from an
+    /// index the detector declared on exactly these columns, meeting every condition.
+    LookupBy { table: String, key: Vec<(String, String)>, filter: Vec<Condition> },
     /// Many `LookupWhere`s on one table with one filter, in one call: one row set per
     /// (SHA1, DeviceId), in the same order (answered with `RowSets`). A pass that looks up
     /// the partners of many rows pays one boundary crossing, not one per row.
-    /// Rows of `table` whose columns equal these values (ignoring ASCII case), from an
-    /// index the detector declared on exactly these columns, meeting every condition.
-    LookupBy {
-        table: String,
-        key: Vec<(String, String)>,
-        filter: Vec<Condition>,
-    },
-    LookupMany {
-        table: String,
-        keys: Vec<(String, Option<String>)>,
-        filter: Vec<Condition>,
-    },
+    LookupMany { table: String, keys: Vec<(String, Option<String>)>, filter: Vec<Condition> },
     /// The FileProfile row with exactly this SHA1.
     Profile(String),
     /// The FileProfile rows of several SHA1s in one call, in the same order.

@@ -91,7 +91,6 @@ impl<'a> Context<'a> {
         }
     }
 
-    /// [`Self::lookup`] keeping only rows that meet every condition; filtered by the host.
     /// [`Context::lookup_where`] for many (SHA1, DeviceId) at once, in one host call: one
     /// row set per look-up, in the same order.
     pub fn lookup_many(
@@ -108,6 +107,7 @@ impl<'a> Context<'a> {
         }
     }
 
+    /// [`Self::lookup`] keeping only rows that meet every condition; filtered by the host.
     pub fn lookup_where(
         &mut self,
         table: &str,
