@@ -107,7 +107,10 @@
 //! the state while their group stays in the result, so a restarted process does not
 //! build their rows again. It asks to be woken at the next window edge or when an
 //! execution leaves the lookback. FileProfile rows are an input (not on a backfill): a
-//! new profile makes its SHA1 asked again.
+//! new profile makes its SHA1 asked again. Changed parameters take effect on the next
+//! pass: every record is kept again with the expiry the new `lookback` gives it and every
+//! group decided again (executions dropped under a shorter lookback are not taken back;
+//! `detect --backfill` does).
 
 mod rule;
 
