@@ -109,8 +109,9 @@ pub fn decode(bytes: &[u8]) -> Result<StoredRow> {
     })
 }
 
-/// One cell borrowed from the stored bytes: the variants (and so the encoding) of
-/// the cell type rows are written as, with strings as slices, so a row can be checked without allocating them.
+/// One cell borrowed from the stored bytes: the variants (and so the encoding) of the
+/// cell type rows are written as, with strings as slices, so a row can be checked
+/// without allocating them.
 #[derive(Deserialize)]
 pub enum CellView<'a> {
     Null,
