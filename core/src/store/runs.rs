@@ -14,8 +14,9 @@
 //! Small runs are merged into bigger ones ([`MERGE_FAN_IN`] at a time, up to
 //! [`MAX_MERGED_ENTRIES`]), each merge one atomic batch: the new run written, the old ones
 //! removed. A key is in at most one event run (duplicates are never stored twice); a
-//! FileProfile key may be in several, and the newest run wins. Runs whose rows are all past
-//! the retention horizon are dropped whole; a merge leaves out entries past it.
+//! FileProfile key may be in several, and the entry of the latest batch (its `seq`) wins.
+//! Runs whose rows are all past the retention horizon are dropped whole; a merge leaves
+//! out entries past it.
 
 use super::blocks::{pack_items, unpack_items, KeyEntry};
 use super::keys;
@@ -420,7 +421,7 @@ impl Runs {
     }
 
     /// Every entry whose key starts with `prefix`, in key order; for a key in several runs
-    /// (FileProfile), the newest run's. `filtered` says whether `prefix` is an item the
+    /// (FileProfile), the latest batch's. `filtered` says whether `prefix` is an item the
     /// filters hold (a (table, SHA1[, DeviceId]) prefix or a whole key): then runs whose
     /// filter says no are skipped; otherwise every run is read.
     pub fn scan_prefix(
@@ -505,7 +506,7 @@ impl Runs {
         }
         let Some((kind, ids)) = self.merge_candidates() else { return Ok(false) };
         // A k-way merge of the sorted runs, one chunk of each in memory at a time; for a
-        // key in several runs (FileProfile), the newest run's entry.
+        // key in several runs (FileProfile), the latest batch's entry.
         let mut cursors: Vec<RunCursor> = ids
             .iter()
             .map(|id| RunCursor {
@@ -529,7 +530,8 @@ impl Runs {
             for c in cursors.iter_mut() {
                 c.peek(db, zstd_d)?;
             }
-            // The smallest key; runs go oldest first, so on a tie `<=` picks the newest run.
+            // The smallest key (on a tie `<=` picks the newest run; the latest batch's entry
+            // of a key in several runs is chosen below).
             let mut newest: Option<usize> = None;
             for (i, c) in cursors.iter().enumerate() {
                 if let Some((k, _)) = c.current() {
@@ -735,20 +737,27 @@ mod tests {
         let unz = Mutex::new(super::super::blocks::decompressor().unwrap());
         let mut runs = Runs::open(&db, &mut unz.lock().unwrap()).unwrap();
         let key = keys::profile_key("aa");
-        for seq in 0..MERGE_FAN_IN as u64 + 2 {
-            let entries: Vec<Entry> = vec![(key.clone(), KeyEntry { seq, block: 0, row: 0, content: seq })];
-            let mut batch = sled::Batch::default();
-            let (_, pending) = runs.write(RunKind::Profiles, &entries, &mut z, &mut batch).unwrap();
-            db.apply_batch(batch).unwrap();
-            runs.committed(pending);
-        }
+        let write = |runs: &mut Runs, z: &mut zstd::bulk::Compressor<'static>, seqs: std::ops::Range<u64>| {
+            for seq in seqs {
+                let entries: Vec<Entry> = vec![(key.clone(), KeyEntry { seq, block: 0, row: 0, content: seq })];
+                let mut batch = sled::Batch::default();
+                let (_, pending) = runs.write(RunKind::Profiles, &entries, z, &mut batch).unwrap();
+                db.apply_batch(batch).unwrap();
+                runs.committed(pending);
+            }
+        };
+        write(&mut runs, &mut z, 0..MERGE_FAN_IN as u64 + 2);
         assert!(runs.maintain(&db, &mut z, &unz, None).unwrap());
         assert_eq!(runs.run_count(), 3, "the eight oldest merged, two left out");
         let latest = MERGE_FAN_IN as u64 + 1;
         assert_eq!(runs.get(&db, &unz, &key).unwrap().map(|e| e.seq), Some(latest));
         let scanned = runs.scan_prefix(&db, &unz, &key, true).unwrap();
         assert_eq!(scanned.iter().map(|(_, e)| e.seq).collect::<Vec<_>>(), vec![latest]);
+        // Five more: eight runs of the smallest class again, the merged one among them.
+        let end = latest + 6;
+        write(&mut runs, &mut z, latest + 1..end);
         while runs.maintain(&db, &mut z, &unz, None).unwrap() {}
-        assert_eq!(runs.get(&db, &unz, &key).unwrap().map(|e| e.seq), Some(latest));
+        assert_eq!(runs.run_count(), 1);
+        assert_eq!(runs.get(&db, &unz, &key).unwrap().map(|e| e.seq), Some(end - 1));
     }
 }

@@ -59,6 +59,10 @@ const PANE_PREFIX: &[u8] = b"p";
 const RECORD_PREFIX: &[u8] = b"r";
 const DC_PREFIX: u8 = b'd';
 const CONFIG_KEY: &[u8] = b"c";
+/// State key of the `timeframe` the panes' expiries were set with (stored with the panes
+/// when they are kept again, so a pass cut short cannot leave them under another one
+/// unnoticed).
+const KEPT_UNDER_KEY: &[u8] = b"k";
 
 /// How a row counts: `ActionType =~ "LogonSuccess"`, `=~ "LogonFailed"`, or neither (an
 /// IdentityLogonEvents row of another action: it counts in no `countif`, but it is a row
@@ -323,6 +327,9 @@ struct Pending {
     all_dirty: bool,
     /// The fingerprint to store.
     write_config: bool,
+    /// The timeframe the panes are kept under is to be stored (with them, on the first
+    /// call).
+    write_kept_under: bool,
 }
 
 pub struct SprayRule {
@@ -345,10 +352,20 @@ impl SprayRule {
         let stored_config =
             state.iter().find(|(k, _)| k.as_slice() == CONFIG_KEY).map(|(_, v)| String::from_utf8_lossy(v).to_string());
         let mut pending = Pending::default();
-        let panes: Records<Pane> = match &stored_config {
+        // The timeframe the panes were kept under (before it was stored apart: the one
+        // of the stored parameters).
+        let stored_kept_under = state
+            .iter()
+            .find(|(k, _)| k.as_slice() == KEPT_UNDER_KEY)
+            .map(|(_, v)| String::from_utf8_lossy(v).to_string());
+        let timeframe = config.timeframe.to_string();
+        pending.write_kept_under = stored_kept_under.as_deref() != Some(timeframe.as_str());
+        let kept_under = stored_kept_under
+            .or_else(|| stored_config.as_deref().and_then(|fp| fp.split('/').next()).map(String::from));
+        let panes: Records<Pane> = match &kept_under {
             // Panes kept under another timeframe expire at the wrong time: load none of
             // them now, keep them again (or drop them) on the next pass.
-            Some(fp) if fp.split('/').next() != Some(config.timeframe.to_string().as_str()) => {
+            Some(kept) if *kept != timeframe => {
                 let old: Records<Pane> = Records::load(PANE_PREFIX, state)?;
                 pending.rekeep = old.iter().map(|(_, p)| p.clone()).collect();
                 Records::load(PANE_PREFIX, &[])?
@@ -557,9 +574,10 @@ impl SprayRule {
         Ok(())
     }
 
-    /// After a change of parameters: panes kept again under the new timeframe, the
-    /// fingerprint stored, every group re-evaluated on this pass. Rows stored one record
-    /// each are moved into panes.
+    /// After a change of parameters: panes kept again under the new timeframe (stored
+    /// with them), every group re-evaluated on this pass (whose last call stores the
+    /// fingerprint). Rows stored one record each were taken into panes at `init`: their
+    /// old records go.
     fn apply_pending(&mut self, ctx: &mut Context<'_>, now: i64) -> Result<(), String> {
         for pane in std::mem::take(&mut self.pending.rekeep) {
             let id = pane_id(&pane.group, pane.ingested);
@@ -576,6 +594,9 @@ impl SprayRule {
         }
         for key in std::mem::take(&mut self.pending.old_rows) {
             ctx.state_delete(key);
+        }
+        if std::mem::take(&mut self.pending.write_kept_under) {
+            ctx.state_put(KEPT_UNDER_KEY.to_vec(), self.config.timeframe.to_string().into_bytes());
         }
         if std::mem::take(&mut self.pending.all_dirty) {
             self.dirty.extend(self.groups.keys().cloned());

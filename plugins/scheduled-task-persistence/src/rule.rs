@@ -188,6 +188,12 @@ impl Index {
         self.touched.insert(key);
     }
 
+    /// Whether the group of (DeviceId, SHA1) is in `NewScheduledBinaryExecution` at the
+    /// last refresh.
+    pub fn is_active(&self, device: &str, sha1: &str) -> bool {
+        self.groups.get(&(device.to_string(), sha1.to_string())).is_some_and(|g| g.active)
+    }
+
     /// Marks every group to be decided again on the next refresh (the clock went back: a
     /// group's status at an earlier time cannot be told from its status at a later one).
     pub fn touch_all(&mut self) {
@@ -410,16 +416,24 @@ impl RuleConfig {
     }
 }
 
+/// State key of the `lookback` the records' expiries were set with (stored with the
+/// records when they are kept again, so a pass cut short cannot leave them under
+/// another one unnoticed).
+const KEPT_UNDER_KEY: &[u8] = b"k";
+
 /// Work `init` leaves for the first pass (it needs a context).
 #[derive(Default)]
 struct Pending {
-    /// The parameters changed (or were never stored): every record is kept again with the
-    /// expiry the current `lookback` gives it, every group decided again, and the
-    /// fingerprint stored with the pass.
+    /// The records were kept under another `lookback`: every one is kept again with the
+    /// expiry the current one gives it (once, on the first call) and every group decided
+    /// again.
+    rekeep: bool,
+    /// The `lookback` the records are kept under is to be stored (on the first call, with
+    /// the records it applies to).
+    write_kept_under: bool,
+    /// The parameters changed (or were never stored): emitted identities whose group is
+    /// not in the result are dropped, and the fingerprint is stored with the pass.
     new_config: bool,
-    /// State keys of emitted identities whose group left the result while the detector
-    /// was not running.
-    deletes: Vec<Vec<u8>>,
 }
 
 pub struct ScheduledTaskRule {
@@ -447,8 +461,13 @@ impl ScheduledTaskRule {
         }
         // The groups as the last pass left them; the first pass here brings them to its
         // own time. Without a stored time they are all decided on that pass.
-        let stored = state.iter().find(|(k, _)| k.as_slice() == CONFIG_KEY).map(|(_, v)| v.as_slice());
-        let mut pending = Pending { new_config: stored != Some(config.fingerprint().as_bytes()), ..Pending::default() };
+        let value = |key: &[u8]| state.iter().find(|(k, _)| k.as_slice() == key).map(|(_, v)| v.as_slice());
+        let lookback = config.lookback.to_be_bytes();
+        let pending = Pending {
+            rekeep: value(KEPT_UNDER_KEY).is_some_and(|k| k != lookback.as_slice()),
+            write_kept_under: value(KEPT_UNDER_KEY) != Some(lookback.as_slice()),
+            new_config: value(CONFIG_KEY) != Some(config.fingerprint().as_bytes()),
+        };
         let mut emitted = HashSet::new();
         for (k, _) in state.iter().filter(|(k, _)| k.starts_with(EMITTED_PREFIX)) {
             emitted.insert(parse_emitted_key(&k[EMITTED_PREFIX.len()..]).ok_or("corrupt emitted identity in state")?);
@@ -457,11 +476,7 @@ impl ScheduledTaskRule {
         if let Some((_, t)) = state.iter().find(|(k, _)| k.as_slice() == LAST_PASS_KEY) {
             let at = t.as_slice().try_into().map(i64::from_be_bytes).map_err(|_| "corrupt last-pass time in state")?;
             if !pending.new_config {
-                for (device, sha1) in index.refresh(at) {
-                    if emitted.remove(&(sha1.clone(), device.clone())) {
-                        pending.deletes.push(emitted_key(&sha1, &device));
-                    }
-                }
+                index.refresh(at);
                 last_pass = Some(at);
             }
         }
@@ -481,16 +496,16 @@ impl ScheduledTaskRule {
     pub fn evaluate(&mut self, batch: &EvalRequest, ctx: &mut Context<'_>) -> Result<(), String> {
         let now = ctx.now();
         let c = self.config.clone();
-        for key in std::mem::take(&mut self.pending.deletes) {
-            ctx.state_delete(key);
-        }
-        if self.pending.new_config && !self.records.is_empty() {
+        if std::mem::take(&mut self.pending.rekeep) {
             // Records expire with the `lookback` they were kept under: keep them again.
             let kept: Vec<(Vec<u8>, Execution)> = self.records.iter().map(|(id, e)| (id.to_vec(), e.clone())).collect();
             for (id, e) in kept {
                 self.records.put(ctx, id, e.timestamp.saturating_add(c.lookback), e)?;
             }
             self.index.touch_all();
+        }
+        if std::mem::take(&mut self.pending.write_kept_under) {
+            ctx.state_put(KEPT_UNDER_KEY.to_vec(), c.lookback.to_be_bytes().to_vec());
         }
         for r in batch.rows.iter().filter(|r| r.table == FILE_PROFILE) {
             self.profile_ok.remove(&r.sha1.to_lowercase());
@@ -534,6 +549,14 @@ impl ScheduledTaskRule {
         }
         ctx.state_put(LAST_PASS_KEY.to_vec(), now.to_be_bytes().to_vec());
         if std::mem::take(&mut self.pending.new_config) {
+            // Identities emitted under the old parameters whose group is not in this
+            // result: nothing keeps them current any more.
+            let stale: Vec<(String, String)> =
+                self.emitted.iter().filter(|(sha1, device)| !self.index.is_active(device, sha1)).cloned().collect();
+            for (sha1, device) in stale {
+                ctx.state_delete(emitted_key(&sha1, &device));
+                self.emitted.remove(&(sha1, device));
+            }
             ctx.state_put(CONFIG_KEY.to_vec(), c.fingerprint().into_bytes());
         }
         self.emit_new(ctx, now)?;

@@ -100,6 +100,10 @@ type Pair = (Vec<u8>, Vec<u8>);
 
 /// State key of the parameters the pairs were last decided under.
 const CONFIG_KEY: &[u8] = b"p";
+/// State key of the `timeframe` the records' expiries were set with (stored with the
+/// records when they are kept again, so a pass cut short cannot leave them under
+/// another one unnoticed).
+const KEPT_UNDER_KEY: &[u8] = b"k";
 
 /// The pairs of the `join` that pass the time conditions, kept as the records come and
 /// go, so a pass only decides what it changed: the pairs it formed, and the pairs of a
@@ -249,6 +253,8 @@ pub struct ScmRule {
     /// The records are to be kept again under this `timeframe` (they expire with the one
     /// they were stored under).
     rekeep: bool,
+    /// The `timeframe` the records are kept under is to be stored (on the first call).
+    write_kept_under: bool,
 }
 
 impl RuleConfig {
@@ -262,6 +268,8 @@ impl ScmRule {
     pub fn new(config: RuleConfig, state: &[(Vec<u8>, Vec<u8>)]) -> Result<Self, String> {
         let stored = state.iter().find(|(k, _)| k.as_slice() == CONFIG_KEY).map(|(_, v)| v.as_slice());
         let same_config = stored == Some(config.fingerprint().as_bytes());
+        let kept_under = state.iter().find(|(k, _)| k.as_slice() == KEPT_UNDER_KEY).map(|(_, v)| v.as_slice());
+        let timeframe = config.timeframe.to_be_bytes();
         let mut rule = ScmRule {
             connections: Records::load(NETWORK_PREFIX, state)?,
             children: Records::load(CHILD_PREFIX, state)?,
@@ -270,7 +278,8 @@ impl ScmRule {
             pairs: Pairs::default(),
             decide_all: !same_config,
             write_config: !same_config,
-            rekeep: stored.is_some() && !same_config,
+            rekeep: kept_under.is_some_and(|k| k != timeframe.as_slice()),
+            write_kept_under: kept_under != Some(timeframe.as_slice()),
             config,
         };
         rule.rebuild_pairs();
@@ -336,6 +345,9 @@ impl ScmRule {
         }
         if std::mem::take(&mut self.rekeep) {
             self.keep_again(ctx)?;
+        }
+        if std::mem::take(&mut self.write_kept_under) {
+            ctx.state_put(KEPT_UNDER_KEY.to_vec(), self.config.timeframe.to_be_bytes().to_vec());
         }
         let mut network_keys = Vec::new();
         let mut child_keys = Vec::new();
