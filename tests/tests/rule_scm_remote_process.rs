@@ -635,23 +635,20 @@ fn a_shorter_timeframe_takes_effect_on_the_next_pass() {
         "x.exe",
         "x",
     );
-    let mut engine = Engine::open(&RULE).unwrap_or_else(|e| panic!("{e}"));
-    engine.ingest_rows(0, &[(NETWORK, net.clone())], t0()).unwrap_or_else(|e| panic!("{e}"));
-    engine.pass(t0(), None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    // The connection at t0, the child 90 minutes later, each with a pass; the detector
+    // restarted before the second with these parameters.
     let later = t0() + 90 * MINUTE;
-    engine.ingest_rows(1, &[(PROCESS, child.clone())], later).unwrap_or_else(|e| panic!("{e}"));
-    engine.restart().unwrap_or_else(|e| panic!("{e}"));
-    engine.pass(later, None, &[("timeframe", "1h".to_string())]).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(engine.flush().unwrap_or_else(|e| panic!("{e}")), Vec::<Value>::new(), "the connection is 90 min old");
-    // Under the default 2 hours the same rows are a finding.
-    let mut engine = Engine::open(&RULE).unwrap_or_else(|e| panic!("{e}"));
-    engine.ingest_rows(0, &[(NETWORK, net.clone())], t0()).unwrap_or_else(|e| panic!("{e}"));
-    engine.pass(t0(), None, &[]).unwrap_or_else(|e| panic!("{e}"));
-    engine.ingest_rows(1, &[(PROCESS, child.clone())], later).unwrap_or_else(|e| panic!("{e}"));
-    engine.pass(later, None, &[]).unwrap_or_else(|e| panic!("{e}"));
-    let found: Result<BTreeSet<Identity>, String> =
-        engine.flush().unwrap_or_else(|e| panic!("{e}")).iter().map(identity_of).collect();
-    assert_eq!(found, Ok(BTreeSet::from([ident(&net, &child)])));
+    let findings = |params: &[(&str, String)]| -> Result<BTreeSet<Identity>, String> {
+        let mut engine = Engine::open(&RULE)?;
+        engine.ingest_rows(0, &[(NETWORK, net.clone())], t0())?;
+        engine.pass(t0(), None, &[])?;
+        engine.ingest_rows(1, &[(PROCESS, child.clone())], later)?;
+        engine.restart()?;
+        engine.pass(later, None, params)?;
+        engine.flush()?.iter().map(identity_of).collect()
+    };
+    assert_eq!(findings(&[("timeframe", "1h".to_string())]), Ok(BTreeSet::new()), "the connection is 90 min old");
+    assert_eq!(findings(&[]), Ok(BTreeSet::from([ident(&net, &child)])), "under the default 2 hours, a finding");
 }
 
 /// A certificate for the SHA1 stops later findings of it, never retracts earlier ones; a
