@@ -254,8 +254,11 @@ impl Tailer {
                         continue;
                     }
                 }
-            } else if store.source(&fp.source_id())?.is_none() {
-                // Remember even files with nothing to read yet (an adopted copy).
+            } else if store.source(&fp.source_id())?.as_ref() != Some(&state) {
+                // Remember even files with nothing to read yet (an adopted copy), and
+                // replace what is stored for a reused inode: a dead file's state left
+                // there would be found after a restart, fail to match the new content,
+                // and send this file to be read again from 0.
                 let mut b = store.batch();
                 b.set_source(&fp.source_id(), &state)?;
                 b.commit()?;

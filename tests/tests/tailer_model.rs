@@ -814,3 +814,27 @@ fn gzip_on_the_reused_inode_of_an_empty_gzip_is_recognised_as_a_copy() {
     // File #3 is the empty gzip; the last gzip, file #5, gets its inode.
     expect_ok_with_reused_inode(&ops, Strictness::ReadOnce, 5, 3);
 }
+
+/// Found by `every_line_is_read_exactly_once` with inodes reused: the deleted `.log.1`'s
+/// inode goes to the first copytruncate copy made after a restart.
+#[test]
+fn copytruncate_copy_on_the_reused_inode_of_a_deleted_rotated_file_is_not_read_twice() {
+    let ops = [
+        AppendLines(vec![0]),
+        AppendLines(vec![0]),
+        Poll,
+        RotateRename,
+        AppendLines(vec![0]),
+        GzipRotated,
+        Restart,
+        CopyTruncate,
+        CopyTruncate,
+        AppendLines(vec![0]),
+        Poll,
+        Restart,
+    ];
+    match run(&ops, Strictness::ReadOnce, Reuse::Latest) {
+        Ok(o) => assert!(!o.reused.is_empty(), "no inode was reused:\n{}", o.log.join("\n")),
+        Err(e) => panic!("{e}"),
+    }
+}
