@@ -51,6 +51,9 @@ pub struct RunArgs {
     clock_file: Option<PathBuf>,
     #[command(flatten)]
     retention: RetentionArg,
+    #[cfg(feature = "kafka")]
+    #[command(flatten)]
+    pub kafka: crate::cmd_kafka::NodeArgs,
 }
 
 /// `lookout.toml`. Every key is optional; flags win over the file.
@@ -70,9 +73,12 @@ pub struct ConfigFile {
     /// `[detectors.<name>]` tables of parameter = "value".
     #[serde(default)]
     detectors: BTreeMap<String, BTreeMap<String, toml::Value>>,
+    /// `[kafka]`: a node of a consumer group (`run --kafka`; builds with the `kafka`
+    /// feature). Read by `cmd_kafka`.
+    pub kafka: Option<toml::Value>,
 }
 
-fn read_config(path: &Path) -> Result<ConfigFile> {
+pub fn read_config(path: &Path) -> Result<ConfigFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
     toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
@@ -88,11 +94,20 @@ pub fn run(data_flag: Option<&Path>, args: RunArgs) -> Result<ExitCode> {
         None => ConfigFile::default(),
     };
     let data = data_flag.map(Path::to_path_buf).or(cfg.data.clone()).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
-    let logs = args
-        .logs
-        .clone()
-        .or(cfg.logs.clone())
-        .ok_or_else(|| anyhow!("no logs folder: pass --logs DIR or set logs = \"...\" in the config file"))?;
+    #[cfg(feature = "kafka")]
+    let kafka = args.kafka.kafka;
+    #[cfg(not(feature = "kafka"))]
+    let kafka = false;
+    if cfg.kafka.is_some() && !kafka {
+        tracing::warn!(
+            "the config file's [kafka] table is used only by `lookout run --kafka` (a build with the `kafka` feature)"
+        );
+    }
+    let logs = match args.logs.clone().or(cfg.logs.clone()) {
+        Some(l) => Some(l),
+        None if kafka => None,
+        None => return Err(anyhow!("no logs folder: pass --logs DIR or set logs = \"...\" in the config file")),
+    };
     let plugins = match args.plugins.clone().or(cfg.plugins.clone()) {
         Some(p) => p,
         None => resolve_dir(&None)?,
@@ -123,6 +138,30 @@ pub fn run(data_flag: Option<&Path>, args: RunArgs) -> Result<ExitCode> {
     if let Some(m) = cfg.max_line_bytes {
         ingest.max_line = m;
     }
+    let now = args.now.as_deref().map(parse_now).transpose()?;
+    let retention = args.retention.resolve(cfg.retention.as_deref())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install the signal handler")?;
+    }
+    #[cfg(feature = "kafka")]
+    if kafka {
+        let common = crate::cmd_kafka::NodeCommon {
+            data,
+            logs,
+            plugins,
+            findings,
+            listen,
+            rescan: Duration::from_secs_f64(rescan),
+            params,
+            ingest,
+            now,
+            retention,
+        };
+        return crate::cmd_kafka::run_node(&args.kafka, cfg.kafka.as_ref(), common, stop);
+    }
+    let logs =
+        logs.ok_or_else(|| anyhow!("no logs folder: pass --logs DIR or set logs = \"...\" in the config file"))?;
     let config = DaemonConfig {
         data,
         logs,
@@ -132,14 +171,10 @@ pub fn run(data_flag: Option<&Path>, args: RunArgs) -> Result<ExitCode> {
         rescan: Duration::from_secs_f64(rescan),
         params,
         ingest,
-        now: args.now.as_deref().map(parse_now).transpose()?,
-        retention: args.retention.resolve(cfg.retention.as_deref())?,
+        now,
+        retention,
         clock_file: args.clock_file.clone(),
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).context("cannot install the signal handler")?;
-    }
     daemon::run(config, stop)?;
     Ok(ExitCode::SUCCESS)
 }

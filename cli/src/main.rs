@@ -4,6 +4,8 @@
 mod cmd_demo;
 mod cmd_detect;
 mod cmd_ingest;
+#[cfg(feature = "kafka")]
+mod cmd_kafka;
 mod cmd_plugins;
 mod cmd_run;
 mod cmd_status;
@@ -65,6 +67,9 @@ enum Command {
     /// List, verify or pin the plugins in a folder
     #[command(subcommand)]
     Plugins(cmd_plugins::PluginsCommand),
+    /// Repartition Streaming-API messages by DeviceId for `run --kafka` nodes
+    #[cfg(feature = "kafka")]
+    Split(cmd_kafka::SplitArgs),
 }
 
 pub const DEFAULT_DATA: &str = "./lookout-data";
@@ -76,7 +81,11 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd_run::log_format_of(a).unwrap_or(cli.log_format),
         _ => cli.log_format,
     };
-    let default_level = if matches!(cli.command, Command::Run(_)) { "info" } else { "warn" };
+    #[cfg(feature = "kafka")]
+    let service = matches!(cli.command, Command::Run(_) | Command::Split(_));
+    #[cfg(not(feature = "kafka"))]
+    let service = matches!(cli.command, Command::Run(_));
+    let default_level = if service { "info" } else { "warn" };
     init_logging(format, default_level);
     let data = cli.data.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
     let result = match cli.command {
@@ -88,6 +97,8 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd_run::run(cli.data.as_deref(), a),
         Command::Findings(a) => cmd_detect::findings(&data, a),
         Command::Plugins(c) => cmd_plugins::run(&data, c),
+        #[cfg(feature = "kafka")]
+        Command::Split(a) => cmd_kafka::split(a),
     };
     match result {
         Ok(code) => code,

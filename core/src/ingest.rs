@@ -41,6 +41,9 @@ pub struct IngestOptions {
     /// When false (one-shot ingest of finished files) a last line without a newline is
     /// taken if it is a complete JSON document.
     pub tail: bool,
+    /// Store only rows of these tables; the others are counted in `other_tables` (a
+    /// Kafka node's file feed is FileProfile only: every partition's store holds it).
+    pub only_tables: Option<Vec<String>>,
 }
 
 impl Default for IngestOptions {
@@ -52,6 +55,7 @@ impl Default for IngestOptions {
             batch_rows: 4096,
             batch_bytes: 32 << 20,
             tail: false,
+            only_tables: None,
         }
     }
 }
@@ -128,6 +132,8 @@ pub struct IngestReport {
     pub expired: u64,
     /// Values of a type their column does not have (outside the key), kept as sent.
     pub unexpected_types: u64,
+    /// Rows of tables the options did not take (`IngestOptions::only_tables`).
+    pub other_tables: u64,
     pub rejected: BTreeMap<String, u64>,
     /// Raw bytes read.
     pub bytes: u64,
@@ -160,6 +166,7 @@ impl IngestReport {
         self.replaced += other.replaced;
         self.expired += other.expired;
         self.unexpected_types += other.unexpected_types;
+        self.other_tables += other.other_tables;
         for (k, v) in other.rejected {
             *self.rejected.entry(k).or_insert(0) += v;
         }
@@ -539,9 +546,13 @@ impl FileRun<'_> {
         row: crate::parse::normalise::NormalRow,
         now: i64,
     ) -> Result<(), StoreError> {
+        self.pending += 1;
+        if self.opts.only_tables.as_ref().is_some_and(|only| !only.contains(&row.table)) {
+            self.report.other_tables += 1;
+            return Ok(());
+        }
         let table = row.table.clone();
         self.report.unexpected_types += u64::from(row.unexpected_types);
-        self.pending += 1;
         match batch.add_row(row, now)? {
             Added::New => *self.report.new_rows.entry(table).or_insert(0) += 1,
             Added::Replaced => self.report.replaced += 1,

@@ -17,6 +17,8 @@ pub mod findings;
 pub mod fingerprint;
 pub mod gen;
 pub mod ingest;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod parse;
 pub mod plugin;
 pub mod schema;

@@ -45,6 +45,34 @@ pub struct Status {
     /// Database bytes per row within retention.
     #[serde(default)]
     pub bytes_per_row: Option<f64>,
+    /// A Kafka node's owned partitions (`lookout run --kafka`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaStatus>,
+}
+
+/// What a Kafka node owns and how far behind it is.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct KafkaStatus {
+    pub topic: String,
+    pub group: String,
+    pub partitions: Vec<PartitionStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct PartitionStatus {
+    pub partition: i32,
+    /// The next offset to store (committed with the rows); `None` before the first.
+    pub next_offset: Option<i64>,
+    /// The partition's end as last seen.
+    pub high_watermark: i64,
+    /// Messages not yet stored.
+    pub lag: i64,
+    /// Still catching up with where the partition ended when it was assigned.
+    pub replaying: bool,
+    /// Rows stored since it was assigned.
+    pub rows_stored: u64,
+    /// Findings written to the node's JSONL since it was assigned.
+    pub findings_written: u64,
 }
 
 /// The status with counts of rows within retention (exact: blocks that straddle the
@@ -91,5 +119,6 @@ pub fn status_of(reader: &StoreReader, data_dir: &Path) -> Result<Status, StoreE
         expired: c.expired,
         removed: c.removed,
         bytes_per_row: None,
+        kafka: None,
     })
 }

@@ -26,6 +26,37 @@ pub struct Endpoint {
     pub addr: SocketAddr,
 }
 
+/// What the endpoint reports: the figures behind `/metrics` and `/status`.
+pub trait Observe: Send + Sync {
+    /// The store's counters; `None` while they cannot be read (the last ones stand).
+    fn counters(&self) -> Option<Counters>;
+    /// `/status`, or the HTTP code and text of why not.
+    fn status(&self) -> Result<crate::status::Status, (u16, String)>;
+    /// More Prometheus text after the daemon's own (a Kafka node's partitions).
+    fn extra_metrics(&self) -> String {
+        String::new()
+    }
+}
+
+/// A daemon with one store.
+struct OneStore {
+    db: SharedDb,
+    data_dir: PathBuf,
+}
+
+impl Observe for OneStore {
+    fn counters(&self) -> Option<Counters> {
+        self.db.read().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|r| r.counters().ok())
+    }
+
+    fn status(&self) -> Result<crate::status::Status, (u16, String)> {
+        match self.db.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            None => Err((503, "the database is being reopened after an error; retry\n".into())),
+            Some(db) => status_of(db, &self.data_dir).map_err(|e| (500, format!("status failed: {}\n", Chain(&e)))),
+        }
+    }
+}
+
 impl Endpoint {
     pub fn start(
         listen: &str,
@@ -33,15 +64,23 @@ impl Endpoint {
         data_dir: &Path,
         metrics: Arc<Mutex<Metrics>>,
     ) -> Result<Endpoint, DaemonError> {
+        Endpoint::start_with(listen, Arc::new(OneStore { db, data_dir: data_dir.to_path_buf() }), metrics)
+    }
+
+    /// An endpoint reporting what `observe` sees.
+    pub fn start_with(
+        listen: &str,
+        observe: Arc<dyn Observe>,
+        metrics: Arc<Mutex<Metrics>>,
+    ) -> Result<Endpoint, DaemonError> {
         let server = tiny_http::Server::http(listen)
             .map_err(|source| DaemonError::Listen { addr: listen.to_string(), source })?;
         let addr = server.server_addr().to_ip().ok_or_else(|| DaemonError::NotIp(listen.to_string()))?;
         let server = Arc::new(server);
-        let data_dir = data_dir.to_path_buf();
         let s = server.clone();
         let thread = std::thread::Builder::new()
             .name("lookout-http".into())
-            .spawn(move || serve(&s, &db, &data_dir, &metrics))
+            .spawn(move || serve(&s, observe.as_ref(), &metrics))
             .map_err(DaemonError::EndpointThread)?;
         Ok(Endpoint { server, thread: Some(thread), addr })
     }
@@ -54,34 +93,35 @@ impl Endpoint {
     }
 }
 
-fn serve(server: &tiny_http::Server, db: &SharedDb, data_dir: &Path, metrics: &Mutex<Metrics>) {
+fn serve(server: &tiny_http::Server, observe: &dyn Observe, metrics: &Mutex<Metrics>) {
     let mut last_counters = Counters::default();
     for req in server.incoming_requests() {
-        let guard = db.read().unwrap_or_else(|p| p.into_inner());
         let (code, ctype, body) = match (req.method(), req.url()) {
             (tiny_http::Method::Get, "/metrics") => {
                 // While the database is being reopened, the last counters seen stand.
-                if let Some(c) = guard.as_ref().and_then(|r| r.counters().ok()) {
+                if let Some(c) = observe.counters() {
                     last_counters = c;
                 }
                 let m = metrics.lock().map(|m| m.clone()).unwrap_or_default();
-                (200, CONTENT_TYPE, render(&m, &last_counters))
-            }
-            (tiny_http::Method::Get, "/status") => match guard.as_ref() {
-                None => {
-                    (503, "text/plain; charset=utf-8", "the database is being reopened after an error; retry\n".into())
+                let mut text = render(&m, &last_counters);
+                let extra = observe.extra_metrics();
+                if !extra.is_empty() {
+                    // The exposition ends with `# EOF`: the node's figures go before it.
+                    let body = text.strip_suffix("# EOF\n").map(str::to_string);
+                    text = match body {
+                        Some(b) => format!("{b}{extra}# EOF\n"),
+                        None => format!("{text}{extra}"),
+                    };
                 }
-                Some(db) => match status_of(db, data_dir).map(|s| serde_json::to_string(&s)) {
-                    Ok(Ok(json)) => (200, "application/json", json),
-                    Ok(Err(e)) => (500, "text/plain; charset=utf-8", format!("status failed: {}\n", Chain(&e))),
-                    Err(e) => {
-                        (500, "text/plain; charset=utf-8", format!("status failed: {}\n", crate::error::Chain(&e)))
-                    }
-                },
+                (200, CONTENT_TYPE, text)
+            }
+            (tiny_http::Method::Get, "/status") => match observe.status().map(|s| serde_json::to_string(&s)) {
+                Ok(Ok(json)) => (200, "application/json", json),
+                Ok(Err(e)) => (500, "text/plain; charset=utf-8", format!("status failed: {e}\n")),
+                Err((code, text)) => (code, "text/plain; charset=utf-8", text),
             },
             _ => (404, "text/plain; charset=utf-8", "not found: try /metrics or /status\n".to_string()),
         };
-        drop(guard);
         let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes());
         let mut resp = tiny_http::Response::from_string(body).with_status_code(code);
         if let Ok(h) = header {

@@ -1168,6 +1168,13 @@ impl WriteBatch<'_> {
         Ok(())
     }
 
+    /// Sets a named value (see [`Store::meta_value`]) with the rest of the batch: a
+    /// stream's next offset committed with the rows read up to it.
+    pub fn set_meta_value<T: Serialize>(&mut self, name: &str, value: &T) -> Result<()> {
+        self.batch.insert(keys::named_key(keys::META, name), enc(value)?);
+        Ok(())
+    }
+
     pub fn new_rows(&self) -> usize {
         self.new_rows
     }

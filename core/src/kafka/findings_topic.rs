@@ -1,0 +1,123 @@
+//! The findings topic: partitioned like the input (a partition's findings go to the same
+//! partition number, keyed by their DeviceId), each finding once.
+//!
+//! Finding ids are deterministic (a hash of the detector, its version and the input
+//! rows), so a node that takes a partition over — after a crash, a rebalance, or its own
+//! restart between producing and recording that it did — first reads the ids that
+//! partition of the findings topic already holds, and produces only the others.
+
+use super::partition::Partition;
+use super::split::send;
+use super::{KafkaError, KafkaSettings, CALL_TIMEOUT};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+/// How long reading a findings partition to its end may take before the node gives up
+/// on this assignment (and is assigned it again).
+const READ_LIMIT: Duration = Duration::from_secs(120);
+
+/// The finding ids in partition `partition` of `topic`, read from its start to its end.
+pub fn emitted_ids(kafka: &KafkaSettings, topic: &str, partition: i32) -> Result<HashSet<String>, KafkaError> {
+    let consumer: BaseConsumer = {
+        let mut c = kafka.client();
+        // Assigned one partition, it never joins the group and commits nothing; librdkafka
+        // still wants a group id for an assignment.
+        c.set("group.id", "lookout-findings-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false");
+        for (k, v) in &kafka.properties {
+            c.set(k, v);
+        }
+        c.create().map_err(|source| KafkaError::Client {
+            what: "findings reader",
+            brokers: kafka.brokers.clone(),
+            source,
+        })?
+    };
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, CALL_TIMEOUT)
+        .map_err(KafkaError::kafka(format!("cannot read the end of findings topic {topic} partition {partition}")))?;
+    let mut ids = HashSet::new();
+    if high <= low {
+        return Ok(ids);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(low))
+        .map_err(KafkaError::kafka("cannot list the findings partition"))?;
+    consumer.assign(&tpl).map_err(KafkaError::kafka(format!("cannot read findings topic {topic}")))?;
+    let started = Instant::now();
+    let mut reached = low;
+    while reached < high {
+        if started.elapsed() > READ_LIMIT {
+            return Err(KafkaError::Kafka {
+                what: format!(
+                    "findings topic {topic} partition {partition}: read to offset {reached} of {high} in {READ_LIMIT:?}"
+                ),
+                source: rdkafka::error::KafkaError::NoMessageReceived,
+            });
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(e)) => tracing::warn!(error = %e, topic, partition, "reading the findings topic; retrying"),
+            Some(Ok(m)) => {
+                reached = m.offset() + 1;
+                if let Some(id) = m.payload().and_then(finding_id) {
+                    ids.insert(id);
+                }
+            }
+        }
+    }
+    Ok(ids)
+}
+
+fn finding_id(payload: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(payload).ok()?;
+    v.get("finding_id").and_then(Value::as_str).map(str::to_string)
+}
+
+/// Produces the partition's findings not yet in the topic, waits until every one is
+/// acknowledged, and moves the partition's topic cursor past them. Returns how many.
+pub fn produce_new<C: ProducerContext<DeliveryOpaque = ()>>(
+    producer: &BaseProducer<C>,
+    topic: &str,
+    p: &mut Partition,
+) -> Result<u64, KafkaError> {
+    let from = p.topic_cursor()?;
+    let mut next = from;
+    let mut produced = 0;
+    for item in p.store.outbox_from(from) {
+        let (seq, json) = item?;
+        next = seq + 1;
+        let v: Value = match serde_json::from_slice(&json) {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(KafkaError::Store(crate::error::StoreError::Corrupt(format!(
+                    "finding at outbox sequence {seq} of {} is not JSON: {e}",
+                    p.dir.display()
+                ))))
+            }
+        };
+        let Some(id) = v.get("finding_id").and_then(Value::as_str) else { continue };
+        if !p.emitted.insert(id.to_string()) {
+            continue;
+        }
+        let device = v.get("device_id").and_then(Value::as_str).unwrap_or_default();
+        send(producer, BaseRecord::to(topic).partition(p.partition).key(device).payload(&json))?;
+        produced += 1;
+    }
+    if next == from {
+        return Ok(0);
+    }
+    if produced > 0 {
+        producer
+            .flush(Duration::from_secs(120))
+            .map_err(|e| KafkaError::NotAcknowledged { produced, first: e.to_string() })?;
+    }
+    p.set_topic_cursor(next)?;
+    Ok(produced)
+}

@@ -1,0 +1,144 @@
+//! Lookout over Kafka (or Azure Event Hubs' Kafka endpoint), behind the `kafka` feature.
+//!
+//! - [`split`]: `lookout split`, the repartition step: Streaming-API messages in, one
+//!   record per message out, keyed by `DeviceId` so that a device's rows all land in one
+//!   partition. Its progress is its consumer group's committed offsets.
+//! - [`node`]: `lookout run --kafka`, one node of a consumer group. Each partition it owns
+//!   has its own store ([`partition`]), with the partition's next offset committed in the
+//!   same batch as the rows, so the store is exactly-once without Kafka transactions.
+//! - [`findings_topic`]: findings produced to the findings topic, partitioned like the
+//!   input, and the ids a partition's findings topic already holds (a node taking over a
+//!   partition emits only what the previous owner did not).
+//!
+//! Every rule groups or joins within one device, so partitioning by DeviceId splits the
+//! work with no state shared between nodes (ARCHITECTURE.md, "Kafka").
+
+pub mod findings_topic;
+pub mod node;
+pub mod partition;
+pub mod split;
+
+use rdkafka::ClientConfig;
+use serde_json::Value;
+use std::time::Duration;
+
+/// How to reach the cluster: the bootstrap servers and any librdkafka properties
+/// (security for Event Hubs, timeouts).
+#[derive(Debug, Clone, Default)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    /// librdkafka properties, set in order after Lookout's own (so they win).
+    pub properties: Vec<(String, String)>,
+}
+
+impl KafkaSettings {
+    /// The properties for Event Hubs' Kafka endpoint: SASL_SSL with PLAIN, the user name
+    /// `$ConnectionString` and the namespace's connection string as the password.
+    pub fn event_hubs(connection_string: &str) -> Vec<(String, String)> {
+        vec![
+            ("security.protocol".into(), "SASL_SSL".into()),
+            ("sasl.mechanism".into(), "PLAIN".into()),
+            ("sasl.username".into(), "$ConnectionString".into()),
+            ("sasl.password".into(), connection_string.into()),
+        ]
+    }
+
+    pub(crate) fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// Why a Kafka job stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("cannot create the Kafka {what} for {brokers} (check --brokers and the [kafka] properties)")]
+    Client {
+        what: &'static str,
+        brokers: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("Kafka: {what}")]
+    Kafka {
+        what: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("records were not acknowledged by the brokers ({first}; {produced} produced so far); the input offsets of the batch are not committed, so it is produced again on restart")]
+    NotAcknowledged { produced: u64, first: String },
+    #[error(transparent)]
+    Store(#[from] crate::error::StoreError),
+    #[error(transparent)]
+    Plugins(#[from] crate::plugin::FolderError),
+    #[error(transparent)]
+    Ingest(#[from] crate::ingest::IngestError),
+    #[error(transparent)]
+    Detect(#[from] crate::detect::PassError),
+    #[error(transparent)]
+    Daemon(#[from] crate::daemon::DaemonError),
+    #[error("cannot {what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl KafkaError {
+    pub(crate) fn kafka(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaError {
+        let what = what.into();
+        move |source| KafkaError::Kafka { what, source }
+    }
+}
+
+/// How long a blocking metadata or offsets call may take.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The DeviceId a record is keyed by: `properties.DeviceId` of a Streaming-API record, or
+/// `DeviceId` of a flat row. `None` when absent, empty or not a string.
+pub fn device_of(record: &Value) -> Option<&str> {
+    let props = record.get("properties").filter(|p| p.is_object()).unwrap_or(record);
+    props.get("DeviceId").and_then(Value::as_str).filter(|d| !d.is_empty())
+}
+
+/// The records of one message: the elements of `{"records":[…]}`, or the message itself.
+pub fn records_of(message: Value) -> Vec<Value> {
+    match message {
+        Value::Object(mut m) if m.get("records").is_some_and(Value::is_array) => match m.remove("records") {
+            Some(Value::Array(records)) => records,
+            _ => Vec::new(),
+        },
+        other => vec![other],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_record_is_keyed_by_its_properties_device_id_or_its_own() {
+        let envelope = json!({"category": "AdvancedHunting-DeviceFileEvents", "properties": {"DeviceId": "d1"}});
+        assert_eq!(device_of(&envelope), Some("d1"));
+        assert_eq!(device_of(&json!({"DeviceId": "d2", "Timestamp": "x"})), Some("d2"));
+        assert_eq!(device_of(&json!({"properties": {"DeviceId": ""}})), None);
+        assert_eq!(device_of(&json!({"properties": {"DeviceId": 5}})), None);
+        assert_eq!(device_of(&json!({"properties": {"SHA1": "a"}})), None);
+    }
+
+    #[test]
+    fn a_batch_message_gives_its_records_and_any_other_message_itself() {
+        let batch = json!({"records": [{"a": 1}, {"b": 2}]});
+        assert_eq!(records_of(batch), vec![json!({"a": 1}), json!({"b": 2})]);
+        assert_eq!(records_of(json!({"a": 1})), vec![json!({"a": 1})]);
+        assert_eq!(records_of(json!({"records": "x"})), vec![json!({"records": "x"})]);
+        assert_eq!(records_of(json!([1])), vec![json!([1])]);
+    }
+}

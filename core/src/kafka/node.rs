@@ -1,0 +1,590 @@
+//! `lookout run --kafka`: one node of a consumer group.
+//!
+//! The group's partitions are shared out by Kafka (no coordinator of Lookout's own). For
+//! each partition it is assigned, a node:
+//!
+//! 1. opens that partition's store ([`Partition`]); one with no state starts at
+//!    `offsetsForTimes(now − retention)` (the beginning when the broker cannot say), one
+//!    with state at the offset committed with its rows — the Kafka group's committed
+//!    offsets are only for lag monitoring;
+//! 2. reads the ids the findings topic's partition already holds, so a finding the
+//!    previous owner emitted is not emitted again;
+//! 3. stores messages in batches, each with the partition's next offset in the same sled
+//!    batch, runs the detectors over what is new, appends findings to the node's JSONL
+//!    and produces them to the findings topic.
+//!
+//! On revocation it stops working on the partition at once (everything it stored is
+//! committed; what it read and did not store is read again by the next owner). When the
+//! next assignment does not give the partition back, its folder is removed.
+
+use super::findings_topic::{emitted_ids, produce_new};
+use super::partition::{partition_dir, Partition};
+use super::split::{producer, Deliveries};
+use super::{KafkaError, KafkaSettings, CALL_TIMEOUT};
+use crate::daemon::http::{Endpoint, Observe};
+use crate::daemon::metrics::Metrics;
+use crate::detect::{run_pass, DetectOptions};
+use crate::error::Chain;
+use crate::findings::flush_outbox;
+use crate::ingest::IngestOptions;
+use crate::status::{KafkaStatus, PartitionStatus, Status};
+use crate::store::{Counters, StoreReader};
+use crate::tail::Tailer;
+use lookout_plugin_sdk::time::TICKS_PER_SEC;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::types::RDKafkaRespErr as RespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub data: PathBuf,
+    pub kafka: KafkaSettings,
+    pub topic: String,
+    pub group: String,
+    pub findings_topic: String,
+    pub plugins: PathBuf,
+    /// The node's findings JSONL.
+    pub findings: PathBuf,
+    /// The FileProfile feed, read into every partition's store.
+    pub logs: Option<PathBuf>,
+    pub listen: String,
+    /// `DETECTOR.PARAM=VALUE` overrides.
+    pub params: Vec<(String, String, String)>,
+    pub ingest: IngestOptions,
+    /// Fixes the evaluation time of every pass.
+    pub now: Option<i64>,
+    pub retention: Option<i64>,
+    /// Look at the file feed and the plugins folder at least this often.
+    pub rescan: Duration,
+    /// Messages per stored batch, at most.
+    pub batch_messages: usize,
+}
+
+/// The partitions a node holds, shared between its work loop and the rebalance callback
+/// (which runs inside the loop's `poll`, on the same thread).
+#[derive(Default)]
+struct Owned {
+    partitions: BTreeMap<i32, Partition>,
+    /// Revoked: not worked on; kept only if the next assignment gives them back.
+    revoked: BTreeMap<i32, Partition>,
+    /// A failure inside the rebalance callback, for the loop to return.
+    failure: Option<KafkaError>,
+}
+
+struct NodeContext {
+    cfg: NodeConfig,
+    owned: Mutex<Owned>,
+}
+
+impl ClientContext for NodeContext {}
+
+impl ConsumerContext for NodeContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RespErr, tpl: &mut TopicPartitionList) {
+        let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
+        match err {
+            RespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let wanted: BTreeSet<i32> =
+                    tpl.elements_for_topic(&self.cfg.topic).iter().map(|e| e.partition()).collect();
+                tracing::info!(partitions = ?wanted, "partitions assigned");
+                if let Err(e) = self.drop_others(&mut owned, &wanted) {
+                    owned.failure.get_or_insert(e);
+                }
+                for &n in &wanted {
+                    if let Some(p) = owned.revoked.remove(&n) {
+                        owned.partitions.insert(n, p);
+                    }
+                    let start = match owned.partitions.get(&n) {
+                        Some(p) => p.next_offset.map(Offset::Offset),
+                        None => match self.take_over(consumer, n) {
+                            Ok((p, start)) => {
+                                owned.partitions.insert(n, p);
+                                Some(start)
+                            }
+                            Err(e) => {
+                                tracing::error!(partition = n, error = %Chain(&e), "cannot take the partition over");
+                                owned.failure.get_or_insert(e);
+                                None
+                            }
+                        },
+                    };
+                    let start = start.unwrap_or(Offset::Beginning);
+                    if let Err(e) = tpl.set_partition_offset(&self.cfg.topic, n, start) {
+                        owned.failure.get_or_insert(KafkaError::kafka("cannot set a start offset")(e));
+                    }
+                }
+                if let Err(e) = consumer.assign(tpl) {
+                    owned.failure.get_or_insert(KafkaError::kafka("cannot take the assignment")(e));
+                }
+            }
+            RespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let revoked: Vec<i32> = tpl.elements_for_topic(&self.cfg.topic).iter().map(|e| e.partition()).collect();
+                tracing::info!(partitions = ?revoked, "partitions revoked");
+                for n in revoked {
+                    if let Some(mut p) = owned.partitions.remove(&n) {
+                        // Read, not stored: the next owner reads it again.
+                        p.pending.clear();
+                        owned.revoked.insert(n, p);
+                    }
+                }
+                if let Err(e) = consumer.unassign() {
+                    owned.failure.get_or_insert(KafkaError::kafka("cannot give the partitions back")(e));
+                }
+            }
+            other => {
+                tracing::warn!(error = ?other, "rebalance error; giving the partitions back");
+                let all: Vec<i32> = owned.partitions.keys().copied().collect();
+                for n in all {
+                    if let Some(p) = owned.partitions.remove(&n) {
+                        owned.revoked.insert(n, p);
+                    }
+                }
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl NodeContext {
+    /// Drops the partitions (and folders) this node holds that are not in `wanted`.
+    fn drop_others(&self, owned: &mut Owned, wanted: &BTreeSet<i32>) -> Result<(), KafkaError> {
+        let gone: Vec<i32> = owned.revoked.keys().filter(|n| !wanted.contains(n)).copied().collect();
+        for n in gone {
+            if let Some(p) = owned.revoked.remove(&n) {
+                tracing::info!(partition = n, "partition moved to another node; its rows are dropped here");
+                p.drop_files()?;
+            }
+        }
+        // Folders left by an earlier run of this node for partitions it no longer owns.
+        let root = self.cfg.data.join("partitions");
+        let Ok(entries) = std::fs::read_dir(&root) else { return Ok(()) };
+        let prefix = format!("{}-", self.cfg.topic);
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(n) = name.strip_prefix(&prefix).and_then(|n| n.parse::<i32>().ok()) else { continue };
+            if wanted.contains(&n) || owned.partitions.contains_key(&n) {
+                continue;
+            }
+            let path = partition_dir(&self.cfg.data, &self.cfg.topic, n);
+            tracing::info!(partition = n, dir = %path.display(), "removing the rows of a partition owned before");
+            std::fs::remove_dir_all(&path).map_err(|source| KafkaError::Io { what: "remove", path, source })?;
+        }
+        Ok(())
+    }
+
+    /// Opens a newly assigned partition: its store, the ids already in the findings
+    /// topic, its end (the replay's target) and where to start reading.
+    fn take_over(&self, consumer: &BaseConsumer<Self>, n: i32) -> Result<(Partition, Offset), KafkaError> {
+        let cfg = &self.cfg;
+        let mut p = Partition::open(&cfg.data, &cfg.topic, n, &cfg.plugins)?;
+        p.store.set_retention(cfg.retention);
+        if let Some(logs) = &cfg.logs {
+            let opts = IngestOptions { only_tables: Some(vec!["FileProfile".to_string()]), ..cfg.ingest.clone() };
+            p.tailer = Some(Tailer::new(logs, opts));
+        }
+        p.emitted = emitted_ids(&cfg.kafka, &cfg.findings_topic, n)?;
+        let (_, high) = consumer
+            .fetch_watermarks(&cfg.topic, n, CALL_TIMEOUT)
+            .map_err(KafkaError::kafka(format!("cannot read the end of {} partition {n}", cfg.topic)))?;
+        p.replay_target = high;
+        let start = match p.next_offset {
+            Some(o) => Offset::Offset(o),
+            None => self.horizon_offset(consumer, n)?,
+        };
+        let from = match start {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        if p.next_offset.unwrap_or(from) >= high {
+            p.replay_done = Some(Instant::now());
+        }
+        tracing::info!(partition = n, start = ?start, end = high, findings_in_topic = p.emitted.len(), "partition taken over");
+        Ok((p, start))
+    }
+
+    /// The first offset within retention (`offsetsForTimes(now − retention)`); the
+    /// beginning when there is no retention or the broker cannot say.
+    fn horizon_offset(&self, consumer: &BaseConsumer<Self>, n: i32) -> Result<Offset, KafkaError> {
+        let Some(retention) = self.cfg.retention else { return Ok(Offset::Beginning) };
+        let now = crate::clock::Clock::new(self.cfg.now.or(self.cfg.ingest.now)).now();
+        let horizon_ms = (now - retention).max(0) / (TICKS_PER_SEC / 1000);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.cfg.topic, n, Offset::Offset(horizon_ms))
+            .map_err(KafkaError::kafka("cannot ask for the horizon's offset"))?;
+        let found = consumer
+            .offsets_for_times(tpl, CALL_TIMEOUT)
+            .map_err(KafkaError::kafka(format!("cannot ask {} for the offset of the horizon", self.cfg.topic)))?;
+        Ok(match found.find_partition(&self.cfg.topic, n).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) if o >= 0 => Offset::Offset(o),
+            _ => Offset::Beginning,
+        })
+    }
+}
+
+/// What the endpoint shows: refreshed by the work loop after every round.
+#[derive(Default)]
+struct NodeView {
+    readers: Vec<(PathBuf, StoreReader)>,
+    partitions: Vec<PartitionStatus>,
+}
+
+struct NodeObserve {
+    cfg: NodeConfig,
+    view: Mutex<NodeView>,
+}
+
+impl Observe for NodeObserve {
+    fn counters(&self) -> Option<Counters> {
+        let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        let mut total = Counters::default();
+        for (_, r) in &view.readers {
+            add_counters(&mut total, &r.counters().ok()?);
+        }
+        Some(total)
+    }
+
+    fn status(&self) -> Result<Status, (u16, String)> {
+        let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        let mut status = Status {
+            data_dir: self.cfg.data.display().to_string(),
+            tables: BTreeMap::new(),
+            duplicates_skipped: 0,
+            rejected: 0,
+            rejected_by_reason: BTreeMap::new(),
+            sources: Vec::new(),
+            findings: 0,
+            database_bytes: 0,
+            retention_horizon: None,
+            oldest_kept: None,
+            expired: 0,
+            removed: 0,
+            bytes_per_row: None,
+            kafka: None,
+        };
+        for (dir, r) in &view.readers {
+            let s = crate::status::status_of(r, dir).map_err(|e| (500, format!("status failed: {}\n", Chain(&e))))?;
+            for (t, n) in s.tables {
+                status.tables.entry(t).or_insert(crate::status::TableStatus { rows: 0 }).rows += n.rows;
+            }
+            status.duplicates_skipped += s.duplicates_skipped;
+            status.rejected += s.rejected;
+            for (k, v) in s.rejected_by_reason {
+                *status.rejected_by_reason.entry(k).or_insert(0) += v;
+            }
+            status.sources.extend(s.sources);
+            status.findings += s.findings;
+            status.database_bytes += s.database_bytes;
+            status.retention_horizon = status.retention_horizon.or(s.retention_horizon);
+            status.expired += s.expired;
+            status.removed += s.removed;
+        }
+        status.kafka = Some(KafkaStatus {
+            topic: self.cfg.topic.clone(),
+            group: self.cfg.group.clone(),
+            partitions: view.partitions.clone(),
+        });
+        Ok(status)
+    }
+
+    fn extra_metrics(&self) -> String {
+        let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = String::new();
+        let gauges: [Gauge; 5] = [
+            ("lookout_kafka_partition_lag", "Messages of an owned partition not yet stored.", |p| p.lag),
+            ("lookout_kafka_partition_next_offset", "The next offset to store, committed with the rows.", |p| {
+                p.next_offset.unwrap_or(0)
+            }),
+            ("lookout_kafka_partition_high_watermark", "The partition's end as last seen.", |p| p.high_watermark),
+            ("lookout_kafka_partition_replaying", "1 while catching up with the partition's end at assignment.", |p| {
+                i64::from(p.replaying)
+            }),
+            ("lookout_kafka_partition_rows_stored", "Rows stored since the partition was assigned.", |p| {
+                p.rows_stored as i64
+            }),
+        ];
+        for (name, help, value) in gauges {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+            for p in &view.partitions {
+                out.push_str(&format!(
+                    "{name}{{topic=\"{}\",partition=\"{}\"}} {}\n",
+                    self.cfg.topic,
+                    p.partition,
+                    value(p)
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// A per-partition gauge: its name, its help text and its value.
+type Gauge = (&'static str, &'static str, fn(&PartitionStatus) -> i64);
+
+fn add_counters(total: &mut Counters, c: &Counters) {
+    for (t, n) in &c.rows {
+        *total.rows.entry(t.clone()).or_insert(0) += n;
+    }
+    total.duplicates += c.duplicates;
+    for (k, n) in &c.rejected {
+        *total.rejected.entry(k.clone()).or_insert(0) += n;
+    }
+    total.expired += c.expired;
+    total.removed += c.removed;
+}
+
+/// Runs the node until `stop` is set. A failure of the work loop (a broker unreachable
+/// for longer than librdkafka retries, a full disk) leaves the group, closes every
+/// store and starts again after a back-off: everything stored is kept, and each
+/// partition continues at the offset committed with its rows.
+pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaError> {
+    std::fs::create_dir_all(&cfg.data).map_err(|source| KafkaError::Io {
+        what: "create",
+        path: cfg.data.clone(),
+        source,
+    })?;
+    let metrics = Arc::new(Mutex::new(Metrics::default()));
+    let observe = Arc::new(NodeObserve { cfg: cfg.clone(), view: Mutex::new(NodeView::default()) });
+    let endpoint = Endpoint::start_with(&cfg.listen, observe.clone(), metrics.clone())?;
+    let addr_file = crate::daemon::http::addr_file(&cfg.data);
+    std::fs::write(&addr_file, endpoint.addr.to_string()).map_err(|source| KafkaError::Io {
+        what: "write",
+        path: addr_file.clone(),
+        source,
+    })?;
+    tracing::info!(topic = %cfg.topic, group = %cfg.group, listen = %endpoint.addr, "lookout node running");
+    let mut backoff = Duration::from_millis(500);
+    let result = loop {
+        match work(&cfg, &stop, &observe, &metrics) {
+            Ok(()) => break Ok(()),
+            Err(e) => {
+                tracing::error!(error = %Chain(&e), retry_in = ?backoff, "node work loop failed; rejoining the group");
+                metrics.lock().unwrap_or_else(|p| p.into_inner()).restarts += 1;
+                observe.view.lock().unwrap_or_else(|p| p.into_inner()).readers.clear();
+                let until = Instant::now() + backoff;
+                while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                if stop.load(Ordering::Relaxed) {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    let _ = std::fs::remove_file(&addr_file);
+    endpoint.stop();
+    result
+}
+
+fn consumer(cfg: &NodeConfig) -> Result<BaseConsumer<NodeContext>, KafkaError> {
+    let mut c = cfg.kafka.client();
+    c.set("group.id", &cfg.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000");
+    for (k, v) in &cfg.kafka.properties {
+        c.set(k, v);
+    }
+    let context = NodeContext { cfg: cfg.clone(), owned: Mutex::new(Owned::default()) };
+    c.create_with_context(context).map_err(|source| KafkaError::Client {
+        what: "consumer",
+        brokers: cfg.kafka.brokers.clone(),
+        source,
+    })
+}
+
+fn work(
+    cfg: &NodeConfig,
+    stop: &AtomicBool,
+    observe: &NodeObserve,
+    metrics: &Mutex<Metrics>,
+) -> Result<(), KafkaError> {
+    let consumer = consumer(cfg)?;
+    let producer = producer(&cfg.kafka, Deliveries::default())?;
+    consumer.subscribe(&[&cfg.topic]).map_err(KafkaError::kafka(format!("cannot subscribe to {}", cfg.topic)))?;
+    let mut detect_opts = DetectOptions { now: cfg.now, params: cfg.params.clone(), ..DetectOptions::default() };
+    detect_opts.stop = None;
+    let mut last_rescan = Instant::now() - cfg.rescan;
+    let result = (|| -> Result<(), KafkaError> {
+        while !stop.load(Ordering::Relaxed) {
+            let round_started = Instant::now();
+            read_messages(cfg, &consumer)?;
+            let rescan = last_rescan.elapsed() >= cfg.rescan;
+            if rescan {
+                last_rescan = Instant::now();
+            }
+            let mut owned = consumer.context().owned.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(e) = owned.failure.take() {
+                return Err(e);
+            }
+            let mut commit = TopicPartitionList::new();
+            for p in owned.partitions.values_mut() {
+                work_on(cfg, p, &producer, &detect_opts, rescan, metrics, round_started)?;
+                if let Some(next) = p.next_offset {
+                    commit
+                        .add_partition_offset(&cfg.topic, p.partition, Offset::Offset(next))
+                        .map_err(KafkaError::kafka("cannot list the offsets to commit"))?;
+                }
+            }
+            update_view(cfg, &consumer, &mut owned, observe);
+            drop(owned);
+            // For lag monitoring only: the store holds the offsets that matter.
+            if commit.count() > 0 {
+                if let Err(e) = consumer.commit(&commit, CommitMode::Async) {
+                    tracing::debug!(error = %e, "cannot commit the group's offsets now; they follow the store");
+                }
+            }
+            metrics.lock().unwrap_or_else(|p| p.into_inner()).polls += 1;
+        }
+        Ok(())
+    })();
+    // Leaving: everything stored is committed with its offsets; close the stores.
+    let mut owned = consumer.context().owned.lock().unwrap_or_else(|p| p.into_inner());
+    for p in owned.partitions.values().chain(owned.revoked.values()) {
+        if let Err(e) = p.store.flush_and_save_key_filter() {
+            tracing::warn!(partition = p.partition, error = %Chain(&e), "cannot flush the partition's store");
+        }
+    }
+    owned.partitions.clear();
+    owned.revoked.clear();
+    drop(owned);
+    result
+}
+
+/// Reads messages for up to 100 ms (or a batch), into their partitions' pending lists.
+fn read_messages(cfg: &NodeConfig, consumer: &BaseConsumer<NodeContext>) -> Result<(), KafkaError> {
+    let deadline = Instant::now() + Duration::from_millis(100);
+    let mut taken = 0;
+    while taken < cfg.batch_messages {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        // The rebalance callback runs inside poll and takes the `owned` lock: not held here.
+        let message = match consumer.poll(left) {
+            None => continue,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, topic = %cfg.topic, "consumer error; carrying on");
+                continue;
+            }
+            Some(Ok(m)) => m,
+        };
+        let mut owned = consumer.context().owned.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(p) = owned.partitions.get_mut(&message.partition()) else { continue };
+        let expected = p.next_offset.unwrap_or(0);
+        let last_pending = p.pending.last().map(|(o, _)| *o);
+        if message.offset() < expected || last_pending.is_some_and(|o| message.offset() <= o) {
+            // Already stored (a fetch from before the assignment's start took effect).
+            continue;
+        }
+        p.pending.push((message.offset(), message.payload().unwrap_or_default().to_vec()));
+        taken += 1;
+    }
+    Ok(())
+}
+
+/// One round for one partition: store what was read, read the file feed, run the
+/// detectors if anything changed (or a wake-up is due), write and produce findings.
+fn work_on(
+    cfg: &NodeConfig,
+    p: &mut Partition,
+    producer: &BaseProducer<Deliveries>,
+    detect_opts: &DetectOptions,
+    rescan: bool,
+    metrics: &Mutex<Metrics>,
+    round_started: Instant,
+) -> Result<(), KafkaError> {
+    let now = crate::clock::Clock::new(cfg.now.or(cfg.ingest.now)).now();
+    let ingest_now = crate::clock::Clock::new(cfg.ingest.now).now();
+    p.store.advance_clock(now)?;
+    p.store.expire_step(crate::store::retention::BLOCKS_PER_STEP)?;
+    let report = p.store_messages(&cfg.ingest, ingest_now)?;
+    if report.total_rejected() > 0 {
+        tracing::warn!(
+            partition = p.partition,
+            rejected = report.total_rejected(),
+            "bad records kept aside (lookout status --rejects)"
+        );
+    }
+    if p.replay_done.is_none() && p.next_offset.is_some_and(|o| o >= p.replay_target) {
+        let took = p.replay_started.elapsed();
+        tracing::info!(partition = p.partition, rows = p.stored, seconds = took.as_secs_f64(), "partition replayed");
+        p.replay_done = Some(Instant::now());
+    }
+    let mut plugins_changed = false;
+    if rescan || p.needs_pass {
+        plugins_changed = p.plugins.refresh()?;
+        if let Some(tailer) = p.tailer.as_mut() {
+            let never = AtomicBool::new(false);
+            let fed = tailer.poll(&mut p.store, &never)?;
+            p.needs_pass |= fed.changed();
+        }
+    }
+    let eval_now = crate::clock::Clock::new(cfg.now).now();
+    let due = crate::detect::next_wake(&p.store, &p.plugins.plugins)?.is_some_and(|at| at <= eval_now);
+    if !(p.needs_pass || plugins_changed || due) {
+        return Ok(());
+    }
+    let reports = run_pass(&mut p.store, &mut p.plugins.plugins, detect_opts)?;
+    p.needs_pass = false;
+    let written = flush_outbox(&mut p.store, &cfg.findings).map_err(KafkaError::Store)?;
+    let produced = produce_new(producer, &cfg.findings_topic, p)?;
+    let failed = producer.context().take_failures();
+    if let Some(first) = failed {
+        return Err(KafkaError::NotAcknowledged { produced, first });
+    }
+    p.findings_written += written;
+    if written > 0 || produced > 0 {
+        tracing::info!(partition = p.partition, findings = written, produced, "new findings");
+    }
+    let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+    for r in reports {
+        let labels =
+            crate::daemon::metrics::DetectorLabels { detector: r.detector.clone(), version: r.version.clone() };
+        m.observe_pass(&labels, r.elapsed, r.rows, r.new_findings, r.error.is_some());
+        if report.changed() {
+            m.observe_findings(&labels, r.new_findings, round_started.elapsed());
+        }
+    }
+    Ok(())
+}
+
+fn update_view(cfg: &NodeConfig, consumer: &BaseConsumer<NodeContext>, owned: &mut Owned, observe: &NodeObserve) {
+    let mut view = observe.view.lock().unwrap_or_else(|p| p.into_inner());
+    view.readers = owned.partitions.values().map(|p| (p.dir.clone(), p.store.reader())).collect();
+    for p in owned.partitions.values_mut() {
+        // The partition's end: asked of the broker at most once a second.
+        if p.high_watermark_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            match consumer.fetch_watermarks(&cfg.topic, p.partition, Duration::from_secs(2)) {
+                Ok((_, high)) => p.high_watermark = high,
+                Err(e) => tracing::debug!(partition = p.partition, error = %e, "cannot read the partition's end now"),
+            }
+            p.high_watermark_at = Some(Instant::now());
+        }
+    }
+    view.partitions = owned
+        .partitions
+        .values()
+        .map(|p| {
+            let high = p.high_watermark.max(p.replay_target);
+            let next = p.next_offset.unwrap_or(0);
+            PartitionStatus {
+                partition: p.partition,
+                next_offset: p.next_offset,
+                high_watermark: high,
+                lag: (high - next).max(0),
+                replaying: p.replaying(),
+                rows_stored: p.stored,
+                findings_written: p.findings_written,
+            }
+        })
+        .collect();
+}

@@ -1,0 +1,193 @@
+//! One owned partition: its own store under `<data>/partitions/<topic>-<n>/`, its own
+//! detector instances (private library copies in that store's folder) and its findings.
+//!
+//! A partition is the unit of work that moves between nodes, so everything it needs to
+//! move is in that folder and nothing outside it depends on it: dropping a partition is
+//! dropping the folder. Its progress is the next input offset, committed in the same
+//! sled batch as the rows read up to it ([`Partition::store_messages`]).
+
+use super::KafkaError;
+use crate::daemon::plugin_set::PluginSet;
+use crate::ingest::{IngestOptions, IngestReport};
+use crate::parse::lines::{LineEnd, LineInfo};
+use crate::parse::normalise::TableHints;
+use crate::parse::pipeline::{parse_line, LineOutcome};
+use crate::store::{Added, RejectRecord, Store};
+use crate::tail::Tailer;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The stored value of a partition's progress (version 1): the next offset to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct StreamOffset {
+    version: u8,
+    next: i64,
+}
+
+const OFFSET_NAME: &str = "kafka:next-offset";
+/// The outbox sequence from which findings are still to be produced to the topic.
+const TOPIC_CURSOR_NAME: &str = "kafka:findings-topic-cursor";
+
+/// Where a partition's store lives.
+pub fn partition_dir(data: &Path, topic: &str, partition: i32) -> PathBuf {
+    // Topic names are [a-zA-Z0-9._-]: safe as a folder name.
+    data.join("partitions").join(format!("{topic}-{partition}"))
+}
+
+pub struct Partition {
+    pub topic: String,
+    pub partition: i32,
+    pub dir: PathBuf,
+    pub store: Store,
+    pub plugins: PluginSet,
+    /// The file feed (FileProfile) read into this partition's store.
+    pub tailer: Option<Tailer>,
+    /// The next offset to store; `None` before the first message of a new store.
+    pub next_offset: Option<i64>,
+    /// The partition's end when it was assigned: replaying until `next_offset` reaches it.
+    pub replay_target: i64,
+    pub replay_started: Instant,
+    /// When the replay reached its target, if it has.
+    pub replay_done: Option<Instant>,
+    /// Finding ids the findings topic's partition holds (read when assigned).
+    pub emitted: HashSet<String>,
+    /// Messages read and not yet stored: (offset, payload).
+    pub pending: Vec<(i64, Vec<u8>)>,
+    /// Rows stored since the last detector pass (or the pass a new partition owes).
+    pub needs_pass: bool,
+    /// Total rows stored since assigned (progress).
+    pub stored: u64,
+    /// Findings written to the node's JSONL since assigned.
+    pub findings_written: u64,
+    /// The partition's end as last asked, and when.
+    pub high_watermark: i64,
+    pub high_watermark_at: Option<Instant>,
+}
+
+impl Partition {
+    /// Opens (or creates) the partition's store and its detectors' folder.
+    pub fn open(data: &Path, topic: &str, partition: i32, plugins_dir: &Path) -> Result<Partition, KafkaError> {
+        let dir = partition_dir(data, topic, partition);
+        std::fs::create_dir_all(&dir).map_err(|source| KafkaError::Io { what: "create", path: dir.clone(), source })?;
+        let store = Store::open(&dir)?;
+        let next_offset = store.meta_value::<StreamOffset>(OFFSET_NAME)?.map(|o| o.next);
+        Ok(Partition {
+            topic: topic.to_string(),
+            partition,
+            plugins: PluginSet::new(plugins_dir, &dir),
+            dir,
+            store,
+            tailer: None,
+            next_offset,
+            replay_target: 0,
+            replay_started: Instant::now(),
+            replay_done: None,
+            emitted: HashSet::new(),
+            pending: Vec::new(),
+            needs_pass: true,
+            stored: 0,
+            findings_written: 0,
+            high_watermark: 0,
+            high_watermark_at: None,
+        })
+    }
+
+    /// The source name rejects of this partition are kept under.
+    pub fn source_name(&self) -> String {
+        format!("kafka:{}/{}", self.topic, self.partition)
+    }
+
+    /// Whether this partition's store is still catching up with where the partition
+    /// ended when it was assigned.
+    pub fn replaying(&self) -> bool {
+        self.replay_done.is_none()
+    }
+
+    /// The outbox sequence findings are still to be produced from.
+    pub fn topic_cursor(&self) -> Result<u64, KafkaError> {
+        Ok(self.store.meta_value::<u64>(TOPIC_CURSOR_NAME)?.unwrap_or(1))
+    }
+
+    /// Records that findings before outbox sequence `next` are in the findings topic.
+    /// Durable with the next flush; if lost, the ids read from the topic when the
+    /// partition is next assigned keep them from being produced twice.
+    pub fn set_topic_cursor(&self, next: u64) -> Result<(), KafkaError> {
+        Ok(self.store.put_meta_value(TOPIC_CURSOR_NAME, &next)?)
+    }
+
+    /// Stores the pending messages in one batch with the offset after the last of them.
+    pub fn store_messages(&mut self, opts: &IngestOptions, now: i64) -> Result<IngestReport, KafkaError> {
+        let mut report = IngestReport::default();
+        let Some(&(last, _)) = self.pending.last() else { return Ok(report) };
+        if crate::disk::low(&self.dir) {
+            return Err(crate::ingest::IngestError::DiskSpaceLow(crate::disk::DiskSpaceLow(
+                self.dir.display().to_string(),
+            ))
+            .into());
+        }
+        let source = self.source_name();
+        let hints = TableHints::default();
+        let pending = std::mem::take(&mut self.pending);
+        let mut batch = self.store.batch();
+        for (offset, payload) in &pending {
+            let info = LineInfo {
+                start: *offset as u64,
+                end: *offset as u64 + 1,
+                ending: LineEnd::Newline,
+                too_long: (payload.len() > opts.max_line).then_some(payload.len() as u64),
+            };
+            let payload: &[u8] = if info.too_long.is_some() { &[] } else { payload };
+            let outcome = parse_line(payload, &info, opts.max_line, &hints);
+            let (records, raw) = match outcome {
+                LineOutcome::Blank => continue,
+                LineOutcome::Rejected(reject, raw) => (vec![Err(reject)], raw),
+                LineOutcome::Records(records, raw) => (records, raw),
+            };
+            for record in records {
+                match record {
+                    Ok(row) => {
+                        let table = row.table.clone();
+                        report.unexpected_types += u64::from(row.unexpected_types);
+                        match batch.add_row(row, now)? {
+                            Added::New => *report.new_rows.entry(table).or_insert(0) += 1,
+                            Added::Replaced => report.replaced += 1,
+                            Added::Duplicate => report.duplicates += 1,
+                            Added::Expired => report.expired += 1,
+                        }
+                    }
+                    Err(reject) => {
+                        *report.rejected.entry(reject.kind.as_str().to_string()).or_insert(0) += 1;
+                        batch.add_reject(RejectRecord {
+                            file: source.clone(),
+                            // The offset is the message's place in the partition.
+                            line: *offset as u64,
+                            offset: *offset as u64,
+                            kind: reject.kind.as_str().to_string(),
+                            reason: reject.reason,
+                            excerpt: String::from_utf8_lossy(&raw[..raw.len().min(256)]).into_owned(),
+                        })?;
+                    }
+                }
+            }
+        }
+        batch.set_meta_value(OFFSET_NAME, &StreamOffset { version: 1, next: last + 1 })?;
+        batch.commit()?;
+        // The rows and their offset are durable together; a kill here re-reads nothing
+        // twice (the Kafka offset commit that follows is only for lag monitoring).
+        crate::failpoint::hit("kafka-after-store-commit");
+        self.next_offset = Some(last + 1);
+        self.stored += report.total_new();
+        if report.changed() {
+            self.needs_pass = true;
+        }
+        Ok(report)
+    }
+
+    /// Drops the partition: closes its store and removes its folder.
+    pub fn drop_files(self) -> Result<(), KafkaError> {
+        let dir = self.dir.clone();
+        drop(self);
+        std::fs::remove_dir_all(&dir).map_err(|source| KafkaError::Io { what: "remove", path: dir, source })
+    }
+}

@@ -1,0 +1,283 @@
+//! `lookout split`: the repartition step (as Kafka Streams does before a keyed join).
+//!
+//! Reads Streaming-API messages (`{"records":[…]}` or one record per message, as Event
+//! Hubs delivers them) from one topic and produces each record on its own to another,
+//! keyed by its `DeviceId`, with the idempotent producer and the Java-compatible murmur2
+//! partitioner — so the same device lands in the same partition whichever client wrote
+//! it. Records with no DeviceId go to the unkeyed topic and records that are not JSON
+//! objects to the rejected topic, counted; neither stops the split.
+//!
+//! Its progress is its consumer group's committed offsets, and an input offset is
+//! committed only after every record produced from the messages before it is
+//! acknowledged. A crash between the two produces those records again on restart; the
+//! store downstream keeps a record sent twice once (same key, same content).
+
+use super::{device_of, records_of, KafkaError, KafkaSettings};
+use crate::failpoint;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct SplitConfig {
+    pub kafka: KafkaSettings,
+    pub from: String,
+    pub to: String,
+    pub group: String,
+    /// Where records with no DeviceId go.
+    pub unkeyed_topic: String,
+    /// Where messages and records that are not JSON objects go, as they came.
+    pub rejected_topic: String,
+    /// Tables whose records go to every partition (keyed by DeviceId all the same): a
+    /// rule joins them by SHA1 across devices (scm-remote-process's certificate
+    /// anti-join), so every partition needs all of them. Default: DeviceFileCertificateInfo.
+    pub broadcast: Vec<String>,
+    /// Input messages per produced-and-committed batch.
+    pub batch_messages: usize,
+    /// Stop after this long with nothing to read (a one-shot backfill); `None`: run until
+    /// stopped.
+    pub idle_exit: Option<Duration>,
+}
+
+/// What a split did, as it reports on exit and in its progress lines.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SplitStats {
+    pub messages: u64,
+    pub records: u64,
+    /// Records produced keyed by DeviceId.
+    pub produced: u64,
+    /// Records of broadcast tables, each produced to every partition.
+    pub broadcast: u64,
+    /// Records with no DeviceId, sent to the unkeyed topic.
+    pub unkeyed: u64,
+    /// Messages or records that are not JSON objects, sent to the rejected topic.
+    pub rejected: u64,
+    /// Batches whose input offsets were committed.
+    pub batches: u64,
+}
+
+/// Counts the records the brokers did not acknowledge.
+#[derive(Default)]
+pub(crate) struct Deliveries {
+    failed: AtomicU64,
+    first: Mutex<Option<String>>,
+}
+
+impl Deliveries {
+    /// The first delivery failure since the last call, if any.
+    pub(crate) fn take_failures(&self) -> Option<String> {
+        let failed = self.failed.swap(0, Ordering::Relaxed);
+        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        (failed > 0).then(|| format!("{failed} failed, the first: {}", first.unwrap_or_default()))
+    }
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
+/// The idempotent producer every Lookout Kafka job uses: acks from all in-sync replicas,
+/// no reordering or duplicates on retry, murmur2 on the key as the Java client does.
+pub(crate) fn producer<C: ProducerContext>(kafka: &KafkaSettings, context: C) -> Result<BaseProducer<C>, KafkaError> {
+    let mut config = kafka.client();
+    config.set("enable.idempotence", "true").set("partitioner", "murmur2_random").set("linger.ms", "5");
+    for (k, v) in &kafka.properties {
+        config.set(k, v);
+    }
+    config.create_with_context(context).map_err(|source| KafkaError::Client {
+        what: "producer",
+        brokers: kafka.brokers.clone(),
+        source,
+    })
+}
+
+/// Sends one record, waiting for room in the producer's queue when it is full.
+pub(crate) fn send<C: ProducerContext<DeliveryOpaque = ()>>(
+    producer: &BaseProducer<C>,
+    mut record: BaseRecord<'_, str, [u8]>,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                producer.poll(Duration::from_millis(50));
+                record = back;
+            }
+            Err((e, back)) => return Err(KafkaError::kafka(format!("cannot produce to {}", back.topic))(e)),
+        }
+    }
+}
+
+/// Runs the split until `stop` is set (or it has been idle for `idle_exit`).
+pub fn run_split(
+    cfg: &SplitConfig,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(&SplitStats),
+) -> Result<SplitStats, KafkaError> {
+    let consumer: BaseConsumer = {
+        let mut c = cfg.kafka.client();
+        c.set("group.id", &cfg.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            // A split that crashed is noticed (and its partitions handed on) in seconds.
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000");
+        for (k, v) in &cfg.kafka.properties {
+            c.set(k, v);
+        }
+        c.create().map_err(|source| KafkaError::Client {
+            what: "consumer",
+            brokers: cfg.kafka.brokers.clone(),
+            source,
+        })?
+    };
+    consumer.subscribe(&[&cfg.from]).map_err(KafkaError::kafka(format!("cannot subscribe to {}", cfg.from)))?;
+    let producer = producer(&cfg.kafka, Deliveries::default())?;
+    let partitions = if cfg.broadcast.is_empty() { 0 } else { partition_count(&producer, &cfg.to)? };
+    let mut stats = SplitStats::default();
+    let mut idle_since = Instant::now();
+    tracing::info!(from = %cfg.from, to = %cfg.to, group = %cfg.group, "split running");
+    while !stop.load(Ordering::Relaxed) {
+        // Input offsets reached in this batch, per partition: committed once it is acked.
+        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_millis(250);
+        let mut taken = 0usize;
+        while taken < cfg.batch_messages {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let message = match consumer.poll(left.min(Duration::from_millis(50))) {
+                None => continue,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, from = %cfg.from, "consumer error; carrying on");
+                    continue;
+                }
+                Some(Ok(m)) => m,
+            };
+            stats.messages += 1;
+            split_message(cfg, &producer, partitions, message.payload(), &mut stats)?;
+            let reached = next.entry(message.partition()).or_insert(0);
+            *reached = (*reached).max(message.offset() + 1);
+            taken += 1;
+        }
+        if next.is_empty() {
+            producer.poll(Duration::ZERO);
+            // Idle counts only once the group has given this split its partitions.
+            if consumer.assignment().map_or(true, |a| a.count() == 0) {
+                idle_since = Instant::now();
+            }
+            if cfg.idle_exit.is_some_and(|idle| idle_since.elapsed() >= idle) {
+                break;
+            }
+            continue;
+        }
+        idle_since = Instant::now();
+        // Every record of the batch acknowledged, or nothing committed.
+        let flushed = producer.flush(Duration::from_secs(120));
+        let failed = producer.context().take_failures();
+        if flushed.is_err() || failed.is_some() {
+            let first = failed.or_else(|| flushed.err().map(|e| e.to_string())).unwrap_or_default();
+            return Err(KafkaError::NotAcknowledged { produced: stats.produced, first });
+        }
+        failpoint::hit("split-after-produce");
+        let mut offsets = TopicPartitionList::new();
+        for (partition, offset) in &next {
+            offsets
+                .add_partition_offset(&cfg.from, *partition, Offset::Offset(*offset))
+                .map_err(KafkaError::kafka("cannot list the offsets to commit"))?;
+        }
+        consumer
+            .commit(&offsets, CommitMode::Sync)
+            .map_err(KafkaError::kafka(format!("cannot commit the offsets of {} (group {})", cfg.from, cfg.group)))?;
+        stats.batches += 1;
+        progress(&stats);
+    }
+    producer.flush(Duration::from_secs(30)).map_err(KafkaError::kafka("cannot flush the producer"))?;
+    Ok(stats)
+}
+
+/// How many partitions `topic` has (it must exist: Lookout never creates topics).
+fn partition_count<C: ProducerContext>(producer: &BaseProducer<C>, topic: &str) -> Result<i32, KafkaError> {
+    let meta = producer
+        .client()
+        .fetch_metadata(Some(topic), super::CALL_TIMEOUT)
+        .map_err(KafkaError::kafka(format!("cannot read the metadata of {topic}")))?;
+    let n = meta.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len());
+    if n == 0 {
+        return Err(KafkaError::Kafka {
+            what: format!("topic {topic} has no partitions: create it first (Lookout never creates topics)"),
+            source: rdkafka::error::KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition),
+        });
+    }
+    Ok(n as i32)
+}
+
+/// The table a Streaming-API record names in its `category`.
+fn table_of(record: &Value) -> Option<&str> {
+    record.get("category")?.as_str()?.strip_prefix("AdvancedHunting-")
+}
+
+/// Produces the records of one input message.
+fn split_message<C: ProducerContext<DeliveryOpaque = ()>>(
+    cfg: &SplitConfig,
+    producer: &BaseProducer<C>,
+    partitions: i32,
+    payload: Option<&[u8]>,
+    stats: &mut SplitStats,
+) -> Result<(), KafkaError> {
+    let payload = payload.unwrap_or_default();
+    let message: Value = match serde_json::from_slice(payload) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::debug!(error = %e, "message is not JSON; sent to the rejected topic");
+            stats.rejected += 1;
+            return send(producer, BaseRecord::to(&cfg.rejected_topic).payload(payload));
+        }
+    };
+    for record in records_of(message) {
+        stats.records += 1;
+        let bytes = serde_json::to_vec(&record).unwrap_or_default();
+        if !record.is_object() {
+            stats.rejected += 1;
+            send(producer, BaseRecord::to(&cfg.rejected_topic).payload(&bytes))?;
+            continue;
+        }
+        match device_of(&record) {
+            Some(device) if table_of(&record).is_some_and(|t| cfg.broadcast.iter().any(|b| b == t)) => {
+                stats.broadcast += 1;
+                for partition in 0..partitions {
+                    send(producer, BaseRecord::to(&cfg.to).partition(partition).key(device).payload(&bytes))?;
+                }
+            }
+            Some(device) => {
+                stats.produced += 1;
+                send(producer, BaseRecord::to(&cfg.to).key(device).payload(&bytes))?;
+            }
+            None => {
+                stats.unkeyed += 1;
+                send(producer, BaseRecord::to(&cfg.unkeyed_topic).payload(&bytes))?;
+            }
+        }
+    }
+    Ok(())
+}

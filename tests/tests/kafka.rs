@@ -1,0 +1,425 @@
+//! Lookout nodes as one Kafka consumer group (`--features kafka`), against librdkafka's
+//! mock cluster (`lookout-kafka-mock`, three brokers in one process on 127.0.0.1).
+//!
+//! Every test feeds a generated fleet (the WinRM rule's and the detector pack's attacks)
+//! as Streaming-API messages into an input topic, repartitions it with `lookout split`
+//! into a 6-partition topic keyed by DeviceId, runs `lookout run --kafka` nodes over it,
+//! and, once every partition is owned and stored to its end, compares the findings topic
+//! with what one `lookout` computes over the same rows: every finding there, none twice.
+//! The input goes in two halves, so that a node killed, a node added or a broker taken
+//! down after the first half meets rows that arrive after it.
+
+use lookout_tests::daemon::{Daemon, DaemonSpec};
+use lookout_tests::{
+    gen_fleet, lookout, lookout_ok, plugins_dir, read_jsonl, target_dir, PASSWORD_SPRAYING, SCHEDULED_TASK, SCM_REMOTE,
+    WINRM,
+};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NOW: &str = "2025-05-08T00:00:00Z";
+const PARTITIONS: i32 = 6;
+/// The table `lookout split` sends to every partition by default.
+const BROADCAST: &str = "DeviceFileCertificateInfo";
+
+/// The mock cluster, stopped when dropped.
+struct Mock {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    brokers: String,
+}
+
+fn mock_bin() -> PathBuf {
+    target_dir().join("lookout-kafka-mock")
+}
+
+impl Mock {
+    fn start() -> Mock {
+        let mut child = Command::new(mock_bin())
+            .arg("serve")
+            .args(["--brokers", "3"])
+            .args(["--topic", "in:4", "--topic", &format!("rows:{PARTITIONS}")])
+            .args(["--topic", &format!("findings:{PARTITIONS}")])
+            .args(["--topic", "rows.unkeyed:1", "--topic", "rows.rejected:1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start lookout-kafka-mock (built by `cargo test --features kafka`)");
+        let stdin = child.stdin.take().expect("mock stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("mock stdout"));
+        let mut brokers = String::new();
+        stdout.read_line(&mut brokers).expect("mock bootstrap servers");
+        let brokers = brokers.trim().to_string();
+        assert!(brokers.contains("127.0.0.1:"), "mock cluster said {brokers:?}");
+        Mock { child, stdin, stdout, brokers }
+    }
+
+    /// `down <id>` / `up <id>`.
+    fn broker(&mut self, command: &str) {
+        writeln!(self.stdin, "{command}").expect("mock command");
+        let mut answer = String::new();
+        self.stdout.read_line(&mut answer).expect("mock answer");
+        assert_eq!(answer.trim(), "ok", "mock cluster: {command}");
+    }
+
+    /// Sends the files' rows as Streaming-API records, 20 per message.
+    fn produce(&self, topic: &str, files: &[PathBuf]) {
+        let out = Command::new(mock_bin())
+            .args(["produce", "--brokers", &self.brokers, "--topic", topic])
+            .args(files)
+            .output()
+            .expect("run lookout-kafka-mock produce");
+        assert!(out.status.success(), "produce failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Every message of every partition of `topic`: (partition, payload).
+    fn consume(&self, topic: &str) -> Vec<(i32, Value)> {
+        let out = Command::new(mock_bin())
+            .args(["consume", "--brokers", &self.brokers, "--topic", topic])
+            .output()
+            .expect("run lookout-kafka-mock consume");
+        assert!(out.status.success(), "consume failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let (p, payload) = l.split_once('\t').expect("partition<TAB>payload");
+                (p.parse().expect("partition"), serde_json::from_str(payload).expect("JSON message"))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A generated fleet cut in two halves of every event table, its FileProfile feed, the
+/// plugins folder and what one `lookout` finds over all of it.
+struct World {
+    root: tempfile::TempDir,
+    halves: [Vec<PathBuf>; 2],
+    /// Event rows in all (each table's lines), broadcast tables' aside.
+    event_rows: u64,
+    /// Rows of the broadcast table (DeviceFileCertificateInfo): in every partition.
+    broadcast_rows: u64,
+    profiles: PathBuf,
+    plugins: PathBuf,
+    /// Finding ids of a one-shot ingest and detection over the same rows.
+    expected: BTreeSet<String>,
+    mock: Mock,
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let root = tempfile::tempdir().expect("tempdir");
+        let fleet = gen_fleet(root.path(), 1500, 3, seed);
+        let profiles = root.path().join("profiles");
+        std::fs::create_dir_all(&profiles).expect("mkdir");
+        std::fs::copy(fleet.logs.join("FileProfile.jsonl"), profiles.join("FileProfile.jsonl")).expect("copy");
+        let mut halves = [Vec::new(), Vec::new()];
+        let (mut event_rows, mut broadcast_rows) = (0, 0);
+        for (table, _) in fleet.counts.iter().filter(|(t, _)| t.as_str() != "FileProfile") {
+            let text = String::from_utf8(fleet.read(table)).expect("UTF-8");
+            let lines: Vec<&str> = text.lines().collect();
+            if table == BROADCAST {
+                broadcast_rows += lines.len() as u64;
+            } else {
+                event_rows += lines.len() as u64;
+            }
+            let (a, b) = lines.split_at(lines.len() / 2);
+            for (half, part) in [a, b].iter().enumerate() {
+                let dir = root.path().join(format!("half{half}"));
+                std::fs::create_dir_all(&dir).expect("mkdir");
+                let file = dir.join(format!("{table}.jsonl"));
+                std::fs::write(&file, part.iter().map(|l| format!("{l}\n")).collect::<String>()).expect("write");
+                halves[half].push(file);
+            }
+        }
+        let plugins = plugins_dir(root.path(), &[WINRM, SCHEDULED_TASK, SCM_REMOTE, PASSWORD_SPRAYING]);
+        // One lookout over the same rows, in the same two increments: a rule that is not
+        // monotone (a certificate arriving later stops later emissions only) finds what
+        // its passes saw, so the nodes' passes are compared with passes over the same
+        // halves.
+        let reference = root.path().join("reference");
+        let plugins_arg = plugins.display().to_string();
+        let profile_file = profiles.join("FileProfile.jsonl").display().to_string();
+        for half in &halves {
+            let files: Vec<String> = half.iter().map(|p| p.display().to_string()).collect();
+            let mut ingest = vec!["ingest", "--now", NOW, "--retention", "none", &profile_file];
+            ingest.extend(files.iter().map(String::as_str));
+            lookout_ok(&reference, &ingest);
+            lookout_ok(&reference, &["detect", "--plugins", &plugins_arg, "--now", NOW]);
+        }
+        let expected: BTreeSet<String> = read_jsonl(&reference.join("findings.jsonl"))
+            .iter()
+            .map(|f| f["finding_id"].as_str().expect("finding_id").to_string())
+            .collect();
+        assert!(expected.len() >= 4, "the reference found only {} findings", expected.len());
+        let mock = Mock::start();
+        World { root, halves, event_rows, broadcast_rows, profiles, plugins, expected, mock }
+    }
+
+    /// Produces half `n` into the input topic and splits it (the split's group goes on
+    /// from where it committed).
+    fn feed(&self, n: usize) {
+        self.mock.produce("in", &self.halves[n]);
+        let stats = self.split(None);
+        assert!(stats["produced"].as_u64().is_some_and(|p| p > 0), "split produced nothing: {stats}");
+        assert_eq!(stats["unkeyed"], 0, "{stats}");
+        assert_eq!(stats["rejected"], 0, "{stats}");
+    }
+
+    /// `lookout split … --idle-exit 3`, with a failpoint armed if given; its stats when it
+    /// exits normally.
+    fn split(&self, failpoint: Option<&str>) -> Value {
+        let mut cmd = Command::new(lookout_tests::lookout_bin());
+        cmd.args(["split", "--brokers", &self.mock.brokers, "--from", "in", "--to", "rows", "--idle-exit", "3"])
+            .env_remove("LOOKOUT_FAILPOINT");
+        if let Some(fp) = failpoint {
+            cmd.env("LOOKOUT_FAILPOINT", fp);
+        }
+        let out = cmd.output().expect("run lookout split");
+        if failpoint.is_some() {
+            assert!(!out.status.success(), "the failpoint was not hit: {}", String::from_utf8_lossy(&out.stderr));
+            return Value::Null;
+        }
+        assert!(out.status.success(), "lookout split failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("split prints its stats as JSON")
+    }
+
+    fn node(&self, name: &str) -> DaemonSpec {
+        DaemonSpec::new(&self.root.path().join(name))
+            .args(["--kafka", "--brokers", &self.mock.brokers, "--topic", "rows", "--group", "nodes"])
+            .args(["--findings-topic", "findings"])
+            .plugins(&self.plugins)
+            .logs(&self.profiles)
+            .now(NOW)
+            .rescan_secs(0.5)
+    }
+
+    /// Waits until the running nodes own every partition exactly once, each stored to the
+    /// partition's end and not replaying, twice in a row a second apart.
+    fn wait_settled(&self, nodes: &mut [&mut Daemon], timeout: Duration) {
+        let started = Instant::now();
+        let mut settled_once = false;
+        loop {
+            let mut owners: BTreeMap<i64, usize> = BTreeMap::new();
+            let mut problems = Vec::new();
+            for (i, node) in nodes.iter_mut().enumerate() {
+                let Some(status) = node.try_status() else {
+                    problems.push(format!("node {i} does not answer"));
+                    continue;
+                };
+                for p in status["kafka"]["partitions"].as_array().cloned().unwrap_or_default() {
+                    let n = p["partition"].as_i64().unwrap_or(-1);
+                    *owners.entry(n).or_insert(0) += 1;
+                    if p["lag"] != 0 || p["replaying"] != false || p["next_offset"] != p["high_watermark"] {
+                        problems.push(format!("node {i}: {p}"));
+                    }
+                }
+            }
+            if owners.len() != PARTITIONS as usize || owners.values().any(|&n| n != 1) {
+                problems.push(format!("partition owners: {owners:?}"));
+            }
+            if problems.is_empty() {
+                if settled_once {
+                    return;
+                }
+                settled_once = true;
+            } else {
+                settled_once = false;
+                if started.elapsed() > timeout {
+                    let logs: Vec<String> = nodes.iter().map(|n| n.log_tail(3000)).collect();
+                    panic!("not settled after {timeout:?}: {problems:?}\nnode logs:\n{}", logs.join("\n-----\n"));
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    /// The findings topic: every finding once, each in the partition of its device's rows,
+    /// and exactly the reference's.
+    fn check_findings(&self) {
+        let messages = self.mock.consume("findings");
+        let rows = self.mock.consume("rows");
+        let partition_of: BTreeMap<String, i32> = rows
+            .iter()
+            .filter(|(_, r)| r["category"] != format!("AdvancedHunting-{BROADCAST}"))
+            .filter_map(|(p, r)| Some((r["properties"]["DeviceId"].as_str()?.to_string(), *p)))
+            .collect();
+        let mut ids: BTreeMap<String, usize> = BTreeMap::new();
+        for (p, f) in &messages {
+            let id = f["finding_id"].as_str().expect("finding_id").to_string();
+            *ids.entry(id.clone()).or_insert(0) += 1;
+            let device = f["device_id"].as_str().unwrap_or_default();
+            if let Some(&dp) = partition_of.get(device) {
+                assert_eq!(*p, dp, "finding {id} of device {device} is in partition {p}, its rows in {dp}");
+            }
+        }
+        let twice: Vec<&String> = ids.iter().filter(|(_, &n)| n > 1).map(|(id, _)| id).collect();
+        assert!(twice.is_empty(), "findings produced more than once: {twice:?}");
+        let got: BTreeSet<String> = ids.into_keys().collect();
+        let missing: Vec<&String> = self.expected.difference(&got).collect();
+        let detector_of: BTreeMap<&str, &str> =
+            messages.iter().filter_map(|(_, f)| Some((f["finding_id"].as_str()?, f["detector"].as_str()?))).collect();
+        let extra: Vec<String> = got
+            .difference(&self.expected)
+            .map(|id| format!("{id} ({})", detector_of.get(id.as_str()).unwrap_or(&"?")))
+            .collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "findings topic ≠ one lookout over the same rows\n  missing: {missing:?}\n  extra: {extra:?}"
+        );
+    }
+
+    /// Checks the rows stored over all nodes (each partition is owned once when settled):
+    /// every event row once, and every broadcast row once in every partition.
+    fn check_stored_rows(&self, nodes: &mut [&mut Daemon]) {
+        let (mut events, mut broadcast) = (0, 0);
+        for node in nodes.iter_mut() {
+            let status = node.status();
+            for (table, v) in status["tables"].as_object().into_iter().flatten() {
+                let rows = v["rows"].as_u64().unwrap_or(0);
+                match table.as_str() {
+                    "FileProfile" => {}
+                    BROADCAST => broadcast += rows,
+                    _ => events += rows,
+                }
+            }
+        }
+        assert_eq!(events, self.event_rows, "event rows stored over the nodes");
+        assert_eq!(broadcast, self.broadcast_rows * PARTITIONS as u64, "{BROADCAST} rows stored over the nodes");
+    }
+}
+
+const SETTLE: Duration = Duration::from_secs(120);
+
+/// The main case: three nodes, one SIGKILLed after the first half; the survivors
+/// take its partitions over, replay them, and emit none of its findings again.
+#[test]
+fn a_killed_node_s_partitions_are_taken_over_with_every_finding_once() {
+    let w = World::new(5);
+    w.feed(0);
+    let mut a = w.node("a").start();
+    let mut b = w.node("b").start();
+    let mut c = w.node("c").start();
+    w.wait_settled(&mut [&mut a, &mut b, &mut c], SETTLE);
+    let killed = b.kill9();
+    assert!(!killed.success());
+    w.feed(1);
+    w.wait_settled(&mut [&mut a, &mut c], SETTLE);
+    w.check_findings();
+    w.check_stored_rows(&mut [&mut a, &mut c]);
+}
+
+/// A node killed right after a batch of rows and their offset are committed to its
+/// store, before the group's offset is: restarted, it goes on from its store's offset.
+#[test]
+fn a_kill_between_the_store_commit_and_the_kafka_commit_loses_and_repeats_nothing() {
+    let w = World::new(6);
+    w.feed(0);
+    let mut a = w.node("a").start();
+    let mut b = w.node("b").failpoint(Some("kafka-after-store-commit")).spawn();
+    let status = b.wait_exit(Duration::from_secs(120));
+    assert!(status.is_some_and(|s| !s.success()), "the failpoint was not hit:\n{}", b.log_tail(3000));
+    let mut b = w.node("b").start();
+    w.feed(1);
+    w.wait_settled(&mut [&mut a, &mut b], SETTLE);
+    w.check_findings();
+    w.check_stored_rows(&mut [&mut a, &mut b]);
+}
+
+/// A broker down and back while the second half arrives.
+#[test]
+fn a_broker_down_and_back_loses_and_repeats_nothing() {
+    let mut w = World::new(7);
+    w.feed(0);
+    let mut a = w.node("a").start();
+    let mut b = w.node("b").start();
+    w.wait_settled(&mut [&mut a, &mut b], SETTLE);
+    w.mock.broker("down 2");
+    std::thread::sleep(Duration::from_secs(3));
+    w.mock.broker("up 2");
+    w.feed(1);
+    w.wait_settled(&mut [&mut a, &mut b], SETTLE);
+    w.check_findings();
+}
+
+/// A node added mid-run takes some partitions over; the nodes that gave them up drop
+/// their rows.
+#[test]
+fn a_node_added_mid_run_takes_partitions_over() {
+    let w = World::new(8);
+    w.feed(0);
+    let mut a = w.node("a").start();
+    let mut b = w.node("b").start();
+    w.wait_settled(&mut [&mut a, &mut b], SETTLE);
+    let mut c = w.node("c").start();
+    w.feed(1);
+    w.wait_settled(&mut [&mut a, &mut b, &mut c], SETTLE);
+    w.check_findings();
+    w.check_stored_rows(&mut [&mut a, &mut b, &mut c]);
+    // Partitions that moved away were dropped from the nodes that had them.
+    for (name, node) in [("a", &mut a), ("b", &mut b), ("c", &mut c)] {
+        let owned: BTreeSet<String> = node.status()["kafka"]["partitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| format!("rows-{}", p["partition"]))
+            .collect();
+        let on_disk: BTreeSet<String> = std::fs::read_dir(w.root.path().join(name).join("partitions"))
+            .expect("partitions folder")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(on_disk, owned, "node {name}: partition folders on disk vs owned");
+    }
+}
+
+/// `split` crashing after producing a batch and before committing its input offsets
+/// produces the batch again when restarted; the stores keep each row once.
+#[test]
+fn split_run_twice_over_the_same_input_stores_no_row_twice() {
+    let w = World::new(9);
+    w.mock.produce("in", &w.halves[0]);
+    w.split(Some("split-after-produce"));
+    let first = w.mock.consume("rows").len();
+    assert!(first > 0, "nothing was produced before the crash");
+    w.feed(0);
+    let again = w.mock.consume("rows").len();
+    assert!(again > first, "the restarted split produced nothing again ({first} then {again})");
+    w.feed(1);
+    let mut a = w.node("a").start();
+    let mut b = w.node("b").start();
+    w.wait_settled(&mut [&mut a, &mut b], SETTLE);
+    w.check_stored_rows(&mut [&mut a, &mut b]);
+    w.check_findings();
+}
+
+/// The split keeps aside what it cannot key: records with no DeviceId and messages that
+/// are not JSON go to their topics, counted, and the rest goes on.
+#[test]
+fn split_counts_and_keeps_aside_what_it_cannot_key() {
+    let w = World::new(10);
+    let odd = w.root.path().join("odd");
+    std::fs::create_dir_all(&odd).expect("mkdir");
+    let file = odd.join("DeviceFileEvents.jsonl");
+    std::fs::write(&file, "{\"Timestamp\":\"2025-05-07T10:00:00Z\",\"ReportId\":1}\n").expect("write");
+    w.mock.produce("in", &[file]);
+    let out = lookout(
+        &w.root.path().join("unused"),
+        &["split", "--brokers", &w.mock.brokers, "--from", "in", "--to", "rows", "--idle-exit", "3"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stats: Value = serde_json::from_slice(&out.stdout).expect("stats");
+    assert_eq!(stats["unkeyed"], 1, "{stats}");
+    assert_eq!(stats["produced"], 0, "{stats}");
+    assert_eq!(w.mock.consume("rows.unkeyed").len(), 1);
+}
