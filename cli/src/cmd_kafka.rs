@@ -159,6 +159,11 @@ pub struct NodeArgs {
     /// Topic for findings, with as many partitions as --topic [or findings_topic in [kafka]]
     #[arg(long, requires = "kafka")]
     findings_topic: Option<String>,
+    /// Run a partition's detectors only once no message has arrived for this many
+    /// seconds: one pass per burst for a topic filled in bursts (rules with thresholds
+    /// decide on what a pass sees) [default: 0, every round]
+    #[arg(long, requires = "kafka", value_name = "SECONDS")]
+    quiet_before_pass: Option<f64>,
 }
 
 /// What `run` resolved that a node needs as well.
@@ -203,6 +208,7 @@ pub fn run_node(args: &NodeArgs, file: Option<&toml::Value>, c: NodeCommon, stop
         retention: c.retention,
         rescan: c.rescan,
         batch_messages: 2000,
+        quiet_before_pass: Duration::from_secs_f64(args.quiet_before_pass.unwrap_or(0.0).clamp(0.0, 3600.0)),
     };
     run_kafka_node(cfg, stop)?;
     Ok(ExitCode::SUCCESS)

@@ -71,6 +71,9 @@ pub struct PartitionStatus {
     pub replaying: bool,
     /// Rows stored since it was assigned.
     pub rows_stored: u64,
+    /// Rows are stored that the detectors have not run over yet.
+    #[serde(default)]
+    pub detection_pending: bool,
     /// Findings written to the node's JSONL since it was assigned.
     pub findings_written: u64,
 }

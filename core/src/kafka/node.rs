@@ -65,6 +65,10 @@ pub struct NodeConfig {
     pub rescan: Duration,
     /// Messages per stored batch, at most.
     pub batch_messages: usize,
+    /// Run a partition's detectors only once no message has arrived for this long (0:
+    /// every round). Rules with thresholds or suppressions decide on what a pass sees, so
+    /// a topic filled in bursts gets one pass per burst, not one per part of it.
+    pub quiet_before_pass: Duration,
 }
 
 /// The partitions a node holds, shared between its work loop and the rebalance callback
@@ -486,6 +490,7 @@ fn read_messages(cfg: &NodeConfig, consumer: &BaseConsumer<NodeContext>) -> Resu
             continue;
         }
         p.pending.push((message.offset(), message.payload().unwrap_or_default().to_vec()));
+        p.last_message_at = Instant::now();
         taken += 1;
     }
     Ok(())
@@ -530,11 +535,12 @@ fn work_on(
     }
     let eval_now = crate::clock::Clock::new(cfg.now).now();
     let due = crate::detect::next_wake(&p.store, &p.plugins.plugins)?.is_some_and(|at| at <= eval_now);
-    if !(p.needs_pass || plugins_changed || due) {
+    if !((p.needs_pass || plugins_changed || due) && p.pass_due(cfg.quiet_before_pass)) {
         return Ok(());
     }
     let reports = run_pass(&mut p.store, &mut p.plugins.plugins, detect_opts)?;
     p.needs_pass = false;
+    p.last_pass_at = Some(Instant::now());
     let written = flush_outbox(&mut p.store, &cfg.findings).map_err(KafkaError::Store)?;
     let produced = produce_new(producer, &cfg.findings_topic, p)?;
     let failed = producer.context().take_failures();
@@ -583,6 +589,7 @@ fn update_view(cfg: &NodeConfig, consumer: &BaseConsumer<NodeContext>, owned: &m
                 lag: (high - next).max(0),
                 replaying: p.replaying(),
                 rows_stored: p.stored,
+                detection_pending: p.needs_pass,
                 findings_written: p.findings_written,
             }
         })

@@ -26,6 +26,8 @@ struct StreamOffset {
 }
 
 const OFFSET_NAME: &str = "kafka:next-offset";
+/// The longest a partition that stays behind its end goes without a detector pass.
+const MAX_PASS_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 /// The outbox sequence from which findings are still to be produced to the topic.
 const TOPIC_CURSOR_NAME: &str = "kafka:findings-topic-cursor";
 
@@ -56,6 +58,9 @@ pub struct Partition {
     pub pending: Vec<(i64, Vec<u8>)>,
     /// Rows stored since the last detector pass (or the pass a new partition owes).
     pub needs_pass: bool,
+    /// When the last message arrived, and when the detectors last ran.
+    pub last_message_at: Instant,
+    pub last_pass_at: Option<Instant>,
     /// Total rows stored since assigned (progress).
     pub stored: u64,
     /// Findings written to the node's JSONL since assigned.
@@ -86,6 +91,8 @@ impl Partition {
             emitted: HashSet::new(),
             pending: Vec::new(),
             needs_pass: true,
+            last_message_at: Instant::now(),
+            last_pass_at: None,
             stored: 0,
             findings_written: 0,
             high_watermark: 0,
@@ -96,6 +103,16 @@ impl Partition {
     /// The source name rejects of this partition are kept under.
     pub fn source_name(&self) -> String {
         format!("kafka:{}/{}", self.topic, self.partition)
+    }
+
+    /// Whether the detectors should run now over what is stored: not while the partition
+    /// is behind its end (a replay or a backlog: one pass over it all instead of one per
+    /// batch) unless `MAX_PASS_DELAY` has gone by, and only once no message has arrived
+    /// for `quiet` (0 in service: every round).
+    pub fn pass_due(&self, quiet: std::time::Duration) -> bool {
+        let behind = self.next_offset.is_some_and(|n| n < self.high_watermark.max(self.replay_target));
+        let waited = self.last_pass_at.is_none_or(|at| at.elapsed() >= MAX_PASS_DELAY);
+        self.last_message_at.elapsed() >= quiet && (!behind || waited)
     }
 
     /// Whether this partition's store is still catching up with where the partition
