@@ -30,6 +30,14 @@ struct KafkaFile {
     properties: BTreeMap<String, toml::Value>,
 }
 
+/// A number of seconds from a flag: finite, 0 to one day.
+fn seconds(flag: &str, s: f64) -> Result<Duration> {
+    if !(s.is_finite() && (0.0..=86_400.0).contains(&s)) {
+        return Err(anyhow!("{flag} {s}: expected a number of seconds between 0 and 86400"));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
 fn kafka_file(value: Option<&toml::Value>) -> Result<KafkaFile> {
     match value {
         None => Ok(KafkaFile::default()),
@@ -109,7 +117,7 @@ pub fn split(args: SplitArgs) -> Result<ExitCode> {
         group: args.group,
         broadcast: args.broadcast.into_iter().filter(|t| t != "none").collect(),
         batch_messages: args.batch,
-        idle_exit: args.idle_exit.map(Duration::from_secs_f64),
+        idle_exit: args.idle_exit.map(|s| seconds("--idle-exit", s)).transpose()?,
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -207,8 +215,8 @@ pub fn run_node(args: &NodeArgs, file: Option<&toml::Value>, c: NodeCommon, stop
         now: c.now,
         retention: c.retention,
         rescan: c.rescan,
-        batch_messages: 2000,
-        quiet_before_pass: Duration::from_secs_f64(args.quiet_before_pass.unwrap_or(0.0).clamp(0.0, 3600.0)),
+        batch_messages: 20_000,
+        quiet_before_pass: seconds("--quiet-before-pass", args.quiet_before_pass.unwrap_or(0.0))?,
     };
     run_kafka_node(cfg, stop)?;
     Ok(ExitCode::SUCCESS)

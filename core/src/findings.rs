@@ -55,6 +55,13 @@ fn tail_hash(file: &File, len: u64) -> std::io::Result<Vec<u8>> {
 
 /// Appends every finding not yet in `path` to it; returns how many lines were written.
 pub fn flush_outbox(store: &mut Store, path: &Path) -> Result<u64> {
+    flush_outbox_except(store, path, &|_| false)
+}
+
+/// Like [`flush_outbox`], leaving out the findings `skip` says are written elsewhere
+/// already (a Kafka node's partition taken over: what the previous owner found). A
+/// skipped finding is passed over for good, as if written.
+pub fn flush_outbox_except(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool) -> Result<u64> {
     let name = cursor_name(path);
     let cursor: Option<OutboxCursor> = store.meta_value(&name)?;
     let next_seq = cursor.as_ref().map_or(1, |c| c.next_seq);
@@ -94,7 +101,7 @@ pub fn flush_outbox(store: &mut Store, path: &Path) -> Result<u64> {
     let (mut next, mut end) = (next_seq, len);
     if same_file {
         let committed = cursor.as_ref().map_or(0, |c| c.file_len);
-        let (seq, keep) = adopt_own_tail(store, &file, committed, len, next_seq)
+        let (seq, keep) = adopt_own_tail(store, &file, committed, len, next_seq, skip)
             .with_context(|| format!("cannot read the tail of {}", path.display()))?;
         next = seq;
         if keep < len {
@@ -124,6 +131,10 @@ pub fn flush_outbox(store: &mut Store, path: &Path) -> Result<u64> {
     let mut written = 0u64;
     for entry in store.outbox_from(next) {
         let (seq, json) = entry?;
+        if skip(&json) {
+            next = seq + 1;
+            continue;
+        }
         out.write_all(&json)?;
         out.write_all(b"\n")?;
         end += json.len() as u64 + 1;
@@ -157,7 +168,14 @@ pub fn flush_outbox(store: &mut Store, path: &Path) -> Result<u64> {
 /// whole lines equal to them were written by Lookout and not committed, and are kept as
 /// written; a last partial line that begins one of them was torn by a crash. Returns the
 /// next sequence to write and the length to keep (`len` unless a torn line is cut).
-fn adopt_own_tail(store: &Store, file: &File, committed: u64, len: u64, next_seq: u64) -> Result<(u64, u64)> {
+fn adopt_own_tail(
+    store: &Store,
+    file: &File,
+    committed: u64,
+    len: u64,
+    next_seq: u64,
+    skip: &dyn Fn(&[u8]) -> bool,
+) -> Result<(u64, u64)> {
     if len == committed {
         return Ok((next_seq, len));
     }
@@ -167,6 +185,10 @@ fn adopt_own_tail(store: &Store, file: &File, committed: u64, len: u64, next_seq
     let mut next = next_seq;
     for entry in store.outbox_from(next_seq) {
         let (seq, json) = entry?;
+        if skip(&json) {
+            next = seq + 1;
+            continue;
+        }
         let rest = &tail[pos..];
         let line_len = json.len() + 1;
         if rest.len() >= line_len && rest[..json.len()] == json[..] && rest[json.len()] == b'\n' {

@@ -98,6 +98,8 @@ fn produce(args: &[String]) -> Result<()> {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", one(&opts, "brokers")?)
         .set("enable.idempotence", "true")
+        // The mock keeps only the newest ~5 MB of a partition: compressed, more rows fit.
+        .set("compression.type", "lz4")
         .create()
         .map_err(|e| format!("producer: {e}"))?;
     let mut sent = 0u64;

@@ -7,11 +7,11 @@
 //! partition of the findings topic already holds, and produces only the others.
 
 use super::partition::Partition;
-use super::split::send;
+use super::split::{send, Deliveries};
 use super::{KafkaError, KafkaSettings, CALL_TIMEOUT};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use std::collections::HashSet;
@@ -82,14 +82,15 @@ fn finding_id(payload: &[u8]) -> Option<String> {
 
 /// Produces the partition's findings not yet in the topic, waits until every one is
 /// acknowledged, and moves the partition's topic cursor past them. Returns how many.
-pub fn produce_new<C: ProducerContext<DeliveryOpaque = ()>>(
-    producer: &BaseProducer<C>,
+pub(crate) fn produce_new(
+    producer: &BaseProducer<Deliveries>,
     topic: &str,
     p: &mut Partition,
 ) -> Result<u64, KafkaError> {
     let from = p.topic_cursor()?;
     let mut next = from;
     let mut produced = 0;
+    let mut sent: Vec<String> = Vec::new();
     for item in p.store.outbox_from(from) {
         let (seq, json) = item?;
         next = seq + 1;
@@ -106,6 +107,7 @@ pub fn produce_new<C: ProducerContext<DeliveryOpaque = ()>>(
         if !p.emitted.insert(id.to_string()) {
             continue;
         }
+        sent.push(id.to_string());
         let device = v.get("device_id").and_then(Value::as_str).unwrap_or_default();
         send(producer, BaseRecord::to(topic).partition(p.partition).key(device).payload(&json))?;
         produced += 1;
@@ -114,9 +116,16 @@ pub fn produce_new<C: ProducerContext<DeliveryOpaque = ()>>(
         return Ok(0);
     }
     if produced > 0 {
-        producer
-            .flush(Duration::from_secs(120))
-            .map_err(|e| KafkaError::NotAcknowledged { produced, first: e.to_string() })?;
+        let flushed = producer.flush(Duration::from_secs(120));
+        let failed = producer.context().take_failures();
+        if flushed.is_err() || failed.is_some() {
+            // Not in the topic for sure: produced again next round.
+            for id in &sent {
+                p.emitted.remove(id);
+            }
+            let first = failed.or_else(|| flushed.err().map(|e| e.to_string())).unwrap_or_default();
+            return Err(KafkaError::FindingsNotAcknowledged { first });
+        }
     }
     p.set_topic_cursor(next)?;
     Ok(produced)

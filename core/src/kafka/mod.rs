@@ -71,6 +71,10 @@ pub enum KafkaError {
     },
     #[error("records were not acknowledged by the brokers ({first}; {produced} produced so far); the input offsets of the batch are not committed, so it is produced again on restart")]
     NotAcknowledged { produced: u64, first: String },
+    #[error("findings were not acknowledged by the brokers ({first}); the partition's findings topic cursor did not move, so they are produced again (once) on the next round")]
+    FindingsNotAcknowledged { first: String },
+    #[error("{topic} partition {partition} ends at offset {end}, but this node's store holds its rows up to offset {stored}: was the topic deleted and created again? Remove {} to read the partition afresh", dir.display())]
+    PastTheEnd { topic: String, partition: i32, end: i64, stored: i64, dir: std::path::PathBuf },
     #[error(transparent)]
     Store(#[from] crate::error::StoreError),
     #[error(transparent)]

@@ -25,15 +25,15 @@ use crate::daemon::http::{Endpoint, Observe};
 use crate::daemon::metrics::Metrics;
 use crate::detect::{run_pass, DetectOptions};
 use crate::error::Chain;
-use crate::findings::flush_outbox;
-use crate::ingest::IngestOptions;
+use crate::findings::flush_outbox_except;
+use crate::ingest::{IngestOptions, IngestReport};
 use crate::status::{KafkaStatus, PartitionStatus, Status};
 use crate::store::{Counters, StoreReader};
 use crate::tail::Tailer;
 use lookout_plugin_sdk::time::TICKS_PER_SEC;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::producer::BaseProducer;
 use rdkafka::types::RDKafkaRespErr as RespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
@@ -101,8 +101,20 @@ impl ConsumerContext for NodeContext {
                     owned.failure.get_or_insert(e);
                 }
                 for &n in &wanted {
-                    if let Some(p) = owned.revoked.remove(&n) {
-                        owned.partitions.insert(n, p);
+                    if let Some(mut p) = owned.revoked.remove(&n) {
+                        // Another node may have owned it in between (this one's assignment
+                        // lost): what the topic holds now is not produced again.
+                        match emitted_ids(&self.cfg.kafka, &self.cfg.findings_topic, n) {
+                            Ok(ids) => {
+                                let new: Vec<String> = ids.into_iter().filter(|id| !p.emitted.contains(id)).collect();
+                                p.emitted_before.extend(new.iter().cloned());
+                                p.emitted.extend(new);
+                                owned.partitions.insert(n, p);
+                            }
+                            Err(e) => {
+                                owned.failure.get_or_insert(e);
+                            }
+                        }
                     }
                     let start = match owned.partitions.get(&n) {
                         Some(p) => p.next_offset.map(Offset::Offset),
@@ -193,9 +205,29 @@ impl NodeContext {
             p.tailer = Some(Tailer::new(logs, opts));
         }
         p.emitted = emitted_ids(&cfg.kafka, &cfg.findings_topic, n)?;
-        let (_, high) = consumer
-            .fetch_watermarks(&cfg.topic, n, CALL_TIMEOUT)
-            .map_err(KafkaError::kafka(format!("cannot read the end of {} partition {n}", cfg.topic)))?;
+        p.emitted_before = p.emitted.clone();
+        let (low, high) = consumer.fetch_watermarks(&cfg.topic, n, CALL_TIMEOUT).map_err(KafkaError::kafka(
+            format!("cannot read the end of {} partition {n} (does the topic exist, with this partition?)", cfg.topic),
+        ))?;
+        if let Some(stored) = p.next_offset {
+            if stored > high {
+                return Err(KafkaError::PastTheEnd {
+                    topic: cfg.topic.clone(),
+                    partition: n,
+                    end: high,
+                    stored,
+                    dir: p.dir.clone(),
+                });
+            }
+            if stored < low {
+                tracing::warn!(
+                    partition = n,
+                    stored,
+                    first_kept = low,
+                    "messages after this node's last one were deleted by the topic's retention before it read them"
+                );
+            }
+        }
         p.replay_target = high;
         let start = match p.next_offset {
             Some(o) => Offset::Offset(o),
@@ -397,6 +429,14 @@ fn consumer(cfg: &NodeConfig) -> Result<BaseConsumer<NodeContext>, KafkaError> {
     for (k, v) in &cfg.kafka.properties {
         c.set(k, v);
     }
+    // The rebalance callback assigns and unassigns whole assignments (the eager protocol):
+    // a cooperative strategy set in [kafka.properties] would leave partitions unread.
+    if c.get("partition.assignment.strategy").is_some_and(|s| s.contains("cooperative")) {
+        tracing::warn!(
+            "partition.assignment.strategy: a node uses range,roundrobin (eager); the cooperative setting is ignored"
+        );
+    }
+    c.set("partition.assignment.strategy", "range,roundrobin");
     let context = NodeContext { cfg: cfg.clone(), owned: Mutex::new(Owned::default()) };
     c.create_with_context(context).map_err(|source| KafkaError::Client {
         what: "consumer",
@@ -430,8 +470,13 @@ fn work(
                 return Err(e);
             }
             let mut commit = TopicPartitionList::new();
+            // Each partition has its own store: what was read is stored side by side, one
+            // thread per core; the detectors then run one partition after another.
+            let reports = store_all(cfg, &mut owned)?;
+            let lost = consumer.assignment_lost();
             for p in owned.partitions.values_mut() {
-                work_on(cfg, p, &producer, &detect_opts, rescan, metrics, round_started)?;
+                let stored = reports.get(&p.partition).is_some_and(|r| r.changed());
+                detect_round(cfg, p, &producer, &detect_opts, rescan, metrics, round_started, stored, lost)?;
                 if let Some(next) = p.next_offset {
                     commit
                         .add_partition_offset(&cfg.topic, p.partition, Offset::Offset(next))
@@ -463,9 +508,9 @@ fn work(
     result
 }
 
-/// Reads messages for up to 100 ms (or a batch), into their partitions' pending lists.
+/// Reads messages for up to 250 ms (or a batch), into their partitions' pending lists.
 fn read_messages(cfg: &NodeConfig, consumer: &BaseConsumer<NodeContext>) -> Result<(), KafkaError> {
-    let deadline = Instant::now() + Duration::from_millis(100);
+    let deadline = Instant::now() + Duration::from_millis(250);
     let mut taken = 0;
     while taken < cfg.batch_messages {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -496,17 +541,48 @@ fn read_messages(cfg: &NodeConfig, consumer: &BaseConsumer<NodeContext>) -> Resu
     Ok(())
 }
 
-/// One round for one partition: store what was read, read the file feed, run the
-/// detectors if anything changed (or a wake-up is due), write and produce findings.
-fn work_on(
-    cfg: &NodeConfig,
-    p: &mut Partition,
-    producer: &BaseProducer<Deliveries>,
-    detect_opts: &DetectOptions,
-    rescan: bool,
-    metrics: &Mutex<Metrics>,
-    round_started: Instant,
-) -> Result<(), KafkaError> {
+/// Stores what was read for every partition, side by side: returns each partition's report.
+fn store_all(cfg: &NodeConfig, owned: &mut Owned) -> Result<BTreeMap<i32, IngestReport>, KafkaError> {
+    let busy: Vec<&mut Partition> = owned.partitions.values_mut().filter(|p| !p.pending.is_empty()).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(busy.len()).max(1);
+    let mut groups: Vec<Vec<&mut Partition>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, p) in busy.into_iter().enumerate() {
+        groups[i % threads].push(p);
+    }
+    let results: Vec<Result<Vec<(i32, IngestReport)>, KafkaError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|group| {
+                scope.spawn(move || {
+                    group
+                        .into_iter()
+                        .map(|p| store_round(cfg, p).map(|r| (p.partition, r)))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(KafkaError::Io {
+                        what: "store (a storing thread panicked) for",
+                        path: cfg.data.clone(),
+                        source: std::io::Error::other("storing thread panicked"),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut out = BTreeMap::new();
+    for r in results {
+        out.extend(r?);
+    }
+    Ok(out)
+}
+
+/// Stores what was read for one partition, with its offset, and moves its clock.
+fn store_round(cfg: &NodeConfig, p: &mut Partition) -> Result<IngestReport, KafkaError> {
     let now = crate::clock::Clock::new(cfg.now.or(cfg.ingest.now)).now();
     let ingest_now = crate::clock::Clock::new(cfg.ingest.now).now();
     p.store.advance_clock(now)?;
@@ -524,9 +600,30 @@ fn work_on(
         tracing::info!(partition = p.partition, rows = p.stored, seconds = took.as_secs_f64(), "partition replayed");
         p.replay_done = Some(Instant::now());
     }
-    let mut plugins_changed = false;
+    Ok(report)
+}
+
+/// One round of detection for one partition: reads the file feed, runs the detectors if
+/// anything changed (or a wake-up is due), writes and produces findings.
+#[allow(clippy::too_many_arguments)]
+fn detect_round(
+    cfg: &NodeConfig,
+    p: &mut Partition,
+    producer: &BaseProducer<Deliveries>,
+    detect_opts: &DetectOptions,
+    rescan: bool,
+    metrics: &Mutex<Metrics>,
+    round_started: Instant,
+    stored: bool,
+    assignment_lost: bool,
+) -> Result<(), KafkaError> {
+    if p.replay_done.is_none() && p.next_offset.unwrap_or(0) >= p.replay_target {
+        // Nothing to replay (an empty partition, or one taken back at its end).
+        p.replay_done = Some(Instant::now());
+    }
     if rescan || p.needs_pass {
-        plugins_changed = p.plugins.refresh()?;
+        // A detector dropped in or changed runs over what is stored, whenever the pass is.
+        p.needs_pass |= p.plugins.refresh()?;
         if let Some(tailer) = p.tailer.as_mut() {
             let never = AtomicBool::new(false);
             let fed = tailer.poll(&mut p.store, &never)?;
@@ -535,18 +632,27 @@ fn work_on(
     }
     let eval_now = crate::clock::Clock::new(cfg.now).now();
     let due = crate::detect::next_wake(&p.store, &p.plugins.plugins)?.is_some_and(|at| at <= eval_now);
-    if !((p.needs_pass || plugins_changed || due) && p.pass_due(cfg.quiet_before_pass)) {
+    if !((p.needs_pass || due) && p.pass_due(cfg.quiet_before_pass)) {
         return Ok(());
     }
     let reports = run_pass(&mut p.store, &mut p.plugins.plugins, detect_opts)?;
     p.needs_pass = false;
     p.last_pass_at = Some(Instant::now());
-    let written = flush_outbox(&mut p.store, &cfg.findings).map_err(KafkaError::Store)?;
-    let produced = produce_new(producer, &cfg.findings_topic, p)?;
-    let failed = producer.context().take_failures();
-    if let Some(first) = failed {
-        return Err(KafkaError::NotAcknowledged { produced, first });
+    // What a previous owner found is in its JSONL and in the topic already.
+    let before = &p.emitted_before;
+    let written = flush_outbox_except(&mut p.store, &cfg.findings, &|json| {
+        serde_json::from_slice::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| v.get("finding_id").and_then(|id| id.as_str()).map(|id| before.contains(id)))
+            .unwrap_or(false)
+    })
+    .map_err(KafkaError::Store)?;
+    if assignment_lost {
+        // The group has given this node's partitions to others already: the next owner
+        // finds and produces these.
+        return Ok(());
     }
+    let produced = produce_new(producer, &cfg.findings_topic, p)?;
     p.findings_written += written;
     if written > 0 || produced > 0 {
         tracing::info!(partition = p.partition, findings = written, produced, "new findings");
@@ -556,7 +662,7 @@ fn work_on(
         let labels =
             crate::daemon::metrics::DetectorLabels { detector: r.detector.clone(), version: r.version.clone() };
         m.observe_pass(&labels, r.elapsed, r.rows, r.new_findings, r.error.is_some());
-        if report.changed() {
+        if stored {
             m.observe_findings(&labels, r.new_findings, round_started.elapsed());
         }
     }

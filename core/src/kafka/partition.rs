@@ -52,8 +52,12 @@ pub struct Partition {
     pub replay_started: Instant,
     /// When the replay reached its target, if it has.
     pub replay_done: Option<Instant>,
-    /// Finding ids the findings topic's partition holds (read when assigned).
+    /// Finding ids the findings topic's partition holds (read when assigned, and each
+    /// one this node produces since).
     pub emitted: HashSet<String>,
+    /// The ids it held when this node took the partition over: found by a previous owner,
+    /// so not written to this node's JSONL either.
+    pub emitted_before: HashSet<String>,
     /// Messages read and not yet stored: (offset, payload).
     pub pending: Vec<(i64, Vec<u8>)>,
     /// Rows stored since the last detector pass (or the pass a new partition owes).
@@ -89,6 +93,7 @@ impl Partition {
             replay_started: Instant::now(),
             replay_done: None,
             emitted: HashSet::new(),
+            emitted_before: HashSet::new(),
             pending: Vec::new(),
             needs_pass: true,
             last_message_at: Instant::now(),
@@ -192,7 +197,11 @@ impl Partition {
         batch.commit()?;
         // The rows and their offset are durable together; a kill here re-reads nothing
         // twice (the Kafka offset commit that follows is only for lag monitoring).
-        crate::failpoint::hit("kafka-after-store-commit");
+        if crate::failpoint::armed("kafka-after-store-commit") {
+            // Durable first, as a kill after sled's next flush would find it.
+            self.store.flush()?;
+            crate::failpoint::hit("kafka-after-store-commit");
+        }
         self.next_offset = Some(last + 1);
         self.stored += report.total_new();
         if report.changed() {

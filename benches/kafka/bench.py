@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Lookout over Kafka against its targets, on librdkafka's mock cluster (3 brokers).
+
+    cargo build --release -p lookout-cli --features kafka
+    python3 benches/kafka/bench.py [--events 20000] [--target target/release]
+
+Prints, for one generated fleet:
+  * file ingest: `lookout ingest` of the event tables (rows/s);
+  * one node (no detectors) consuming the split topic from the start to lag 0 (rows/s,
+    and its ratio to file ingest: the target is >= 0.8x);
+  * replay: a second node with all four detectors taking over half the partitions of a
+    killed node; from the SIGKILL to the survivor owning every partition, replayed, with
+    the findings decided (target <= 15 s with a 6 s session timeout), and the replay
+    rate of the taken-over rows (target >= the file-ingest rate).
+Producers compress with lz4: the mock keeps only the newest ~5 MB of a partition.
+"""
+import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time, urllib.request
+
+NOW = "2025-05-08T00:00:00Z"
+PARTITIONS = 6
+
+
+def status(data):
+    try:
+        addr = open(os.path.join(data, "daemon.addr")).read().strip()
+        with urllib.request.urlopen(f"http://{addr}/status", timeout=5) as r:
+            return json.load(r)
+    except Exception:
+        return None
+
+
+def settled(nodes, want=PARTITIONS):
+    owners = {}
+    rows = 0
+    for d in nodes:
+        s = status(d)
+        if s is None:
+            return None
+        for p in (s.get("kafka") or {}).get("partitions", []):
+            if p["lag"] or p["replaying"] or p["detection_pending"] or p["next_offset"] != p["high_watermark"]:
+                return None
+            owners[p["partition"]] = owners.get(p["partition"], 0) + 1
+            rows += p["rows_stored"]
+    if len(owners) != want or any(n != 1 for n in owners.values()):
+        return None
+    return rows
+
+
+def replay_seconds(log_path):
+    """partition -> seconds of its latest `partition replayed` line in the log."""
+    out = {}
+    for line in open(log_path, errors="replace"):
+        if "partition replayed" in line:
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            out[int(fields["partition"])] = float(fields["seconds"])
+    return out
+
+
+def wait(pred, timeout, what):
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        v = pred()
+        if v is not None:
+            return v, time.monotonic() - start
+        time.sleep(0.1)
+    sys.exit(f"timed out waiting for {what}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=20000)
+    ap.add_argument("--target", default="target/release")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (nodes.log)")
+    ap.add_argument("--perf", action="store_true", help="record the one-node run with perf (kept in the work folder)")
+    a = ap.parse_args()
+    t = os.path.abspath(a.target)
+    lookout, mock = os.path.join(t, "lookout"), os.path.join(t, "lookout-kafka-mock")
+    work = tempfile.mkdtemp(prefix="lookout-kafka-bench.")
+    a.keep = a.keep or a.perf
+    try:
+        run(a, t, lookout, mock, work)
+    finally:
+        if a.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def node(lookout, data, brokers, plugins, profiles, log, perf=None):
+    wrap = ["perf", "record", "-F", "999", "-g", "-o", perf] if perf else []
+    return subprocess.Popen(
+        [*wrap, lookout, "--data", data, "run", "--kafka", "--brokers", brokers, "--topic", "rows", "--group", "nodes",
+         "--findings-topic", "findings", "--plugins", plugins, "--logs", profiles, "--now", NOW, "--ingest-now", NOW,
+         "--retention", "none", "--listen", "127.0.0.1:0", "--rescan-secs", "1"],
+        stdout=log, stderr=log)
+
+
+def run(a, t, lookout, mock, work):
+    fleet = os.path.join(work, "fleet")
+    subprocess.run([lookout, "--data", os.path.join(work, "g"), "gen", "--out", fleet, "--events", str(a.events),
+                    "--attacks", "12", "--seed", "1"], check=True, capture_output=True)
+    logs = os.path.join(fleet, "logs")
+    profiles = os.path.join(work, "profiles")
+    os.makedirs(profiles)
+    shutil.move(os.path.join(logs, "FileProfile.jsonl"), profiles)
+    files = sorted(os.path.join(logs, f) for f in os.listdir(logs))
+    rows = sum(sum(1 for _ in open(f)) for f in files)
+    # File ingest of the same rows.
+    t0 = time.monotonic()
+    subprocess.run([lookout, "--data", os.path.join(work, "file"), "ingest", "--now", NOW, "--retention", "none",
+                    *files], check=True, capture_output=True)
+    file_secs = time.monotonic() - t0
+    file_rate = rows / file_secs
+    print(f"rows (event tables): {rows}")
+    print(f"file ingest: {file_secs:.2f} s, {file_rate:,.0f} rows/s")
+
+    srv = subprocess.Popen([mock, "serve", "--brokers", "3", "--topic", f"in:{PARTITIONS}", "--topic", f"rows:{PARTITIONS}",
+                            "--topic", f"findings:{PARTITIONS}", "--topic", "rows.unkeyed:1",
+                            "--topic", "rows.rejected:1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    brokers = srv.stdout.readline().strip()
+    cfg = os.path.join(work, "lookout.toml")
+    open(cfg, "w").write('[kafka.properties]\n"compression.type" = "lz4"\n')
+    subprocess.run([mock, "produce", "--brokers", brokers, "--topic", "in", *files], check=True, capture_output=True)
+    t0 = time.monotonic()
+    split_cmd = [lookout, "split", "--brokers", brokers, "--from", "in", "--to", "rows", "--idle-exit", "2",
+                 "--config", cfg]
+    out = subprocess.run(split_cmd, check=True, capture_output=True, text=True)
+    stats = json.loads(out.stdout)
+    if stats["records"] != rows:
+        sys.exit(f"the split read {stats['records']} of {rows} records: the mock dropped some (fewer --events)")
+    print(f"split: {stats} in {time.monotonic() - t0:.1f} s (incl. ~3 s group join, 2 s idle exit)")
+
+    # The ceiling: reading the rows topic from this mock, decompressing, nothing else.
+    t0 = time.monotonic()
+    got = subprocess.run([mock, "consume", "--brokers", brokers, "--topic", "rows"], check=True,
+                         capture_output=True).stdout.count(b"\n")
+    secs = time.monotonic() - t0
+    print(f"consume only (lookout-kafka-mock consume, one partition after another): {got} messages in {secs:.2f} s "
+          f"= {got / secs:,.0f} messages/s")
+
+    empty = os.path.join(work, "no-plugins")
+    os.makedirs(empty, mode=0o755)
+    plugins = os.path.join(work, "plugins")
+    os.makedirs(plugins, mode=0o755)
+    for lib in ["winrm", "scheduled_task_persistence", "scm_remote_process", "password_spraying"]:
+        dst = os.path.join(plugins, f"liblookout_{lib}.so")
+        src = os.path.join(t, f"liblookout_{lib}.so")
+        shutil.copy(src if os.path.exists(src) else os.path.join(t, "deps", f"liblookout_{lib}.so"), dst)
+        os.chmod(dst, 0o644)
+    log = open(os.path.join(work, "nodes.log"), "ab")
+
+    # One node, no detectors: consuming everything, from its first assignment to lag 0.
+    d1 = os.path.join(work, "n1")
+    p1 = node(lookout, d1, brokers, empty, profiles, log, os.path.join(work, "perf.data") if a.perf else None)
+    wait(lambda: (status(d1) or {}).get("kafka", {}).get("partitions") or None, 60, "the first assignment")
+    stored, _ = wait(lambda: settled([d1]), 300, "one node to consume everything")
+    # The node logs when each partition has reached the end it had at assignment, and how
+    # long that took since the take-over; they are consumed side by side in one loop.
+    log.flush()
+    secs = max(replay_seconds(os.path.join(work, "nodes.log")).values())
+    print(f"one node, no detectors: {stored} rows in {secs:.2f} s from its assignment to the last partition's end: "
+          f"{stored / secs:,.0f} rows/s = {stored / secs / file_rate:.2f}x file ingest (target >= 0.8x)")
+    p1.send_signal(signal.SIGTERM)
+    p1.wait()
+
+    # Failover with detectors: two nodes in a new group, one killed.
+    subprocess.run(["true"])
+    da, db = os.path.join(work, "a"), os.path.join(work, "b")
+    pa = node(lookout, da, brokers, plugins, profiles, log)
+    pb = node(lookout, db, brokers, plugins, profiles, log)
+    wait(lambda: settled([da, db]), 300, "two nodes to settle")
+    before = sum(p["rows_stored"] for p in status(da)["kafka"]["partitions"])
+    pb.send_signal(signal.SIGKILL)
+    pb.wait()
+    killed = time.monotonic()
+    taken = None
+    while time.monotonic() - killed < 120:
+        s = status(da)
+        if s and len(s["kafka"]["partitions"]) == PARTITIONS and taken is None:
+            taken = time.monotonic() - killed
+        if s and settled([da]) is not None:
+            break
+        time.sleep(0.05)
+    done = time.monotonic() - killed
+    replayed = sum(p["rows_stored"] for p in status(da)["kafka"]["partitions"]) - before
+    replay_secs = done - (taken or 0)
+    print(f"failover: SIGKILL -> survivor assigned every partition {taken:.2f} s, replayed and detected {done:.2f} s "
+          f"(target <= 15 s, session timeout 6 s)")
+    print(f"replay: {replayed} rows in {replay_secs:.2f} s = {replayed / replay_secs:,.0f} rows/s "
+          f"= {replayed / replay_secs / file_rate:.2f}x file ingest (target >= 1x), detectors included")
+    pa.send_signal(signal.SIGTERM)
+    pa.wait()
+    srv.stdin.close()
+    srv.wait()
+
+
+if __name__ == "__main__":
+    main()
