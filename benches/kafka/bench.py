@@ -14,7 +14,7 @@ Prints, for one generated fleet:
     rate of the taken-over rows (target >= the file-ingest rate).
 Producers compress with lz4: the mock keeps only the newest ~5 MB of a partition.
 """
-import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time, urllib.request
+import argparse, json, os, resource, shutil, signal, subprocess, sys, tempfile, time, urllib.request
 
 NOW = "2025-05-08T00:00:00Z"
 PARTITIONS = 6
@@ -44,6 +44,17 @@ def settled(nodes, want=PARTITIONS):
     if len(owners) != want or any(n != 1 for n in owners.values()):
         return None
     return rows
+
+
+def cpu_children():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_of(pid):
+    """User + system CPU seconds of a running process (all its threads)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def replay_seconds(log_path):
@@ -107,12 +118,15 @@ def run(a, t, lookout, mock, work):
     rows = sum(sum(1 for _ in open(f)) for f in files)
     # File ingest of the same rows.
     t0 = time.monotonic()
+    cpu0 = cpu_children()
     subprocess.run([lookout, "--data", os.path.join(work, "file"), "ingest", "--now", NOW, "--retention", "none",
                     *files], check=True, capture_output=True)
     file_secs = time.monotonic() - t0
+    file_cpu = cpu_children() - cpu0
     file_rate = rows / file_secs
     print(f"rows (event tables): {rows}")
-    print(f"file ingest: {file_secs:.2f} s, {file_rate:,.0f} rows/s")
+    print(f"file ingest: {file_secs:.2f} s, {file_rate:,.0f} rows/s, CPU {file_cpu:.2f} s "
+          f"({file_cpu / rows * 1e6:.1f} us/row)")
 
     srv = subprocess.Popen([mock, "serve", "--brokers", "3", "--topic", f"in:{PARTITIONS}", "--topic", f"rows:{PARTITIONS}",
                             "--topic", f"findings:{PARTITIONS}", "--topic", "rows.unkeyed:1",
@@ -158,8 +172,10 @@ def run(a, t, lookout, mock, work):
     # long that took since the take-over; they are consumed side by side in one loop.
     log.flush()
     secs = max(replay_seconds(os.path.join(work, "nodes.log")).values())
+    cpu = cpu_of(p1.pid) if not a.perf else float("nan")
     print(f"one node, no detectors: {stored} rows in {secs:.2f} s from its assignment to the last partition's end: "
-          f"{stored / secs:,.0f} rows/s = {stored / secs / file_rate:.2f}x file ingest (target >= 0.8x)")
+          f"{stored / secs:,.0f} rows/s = {stored / secs / file_rate:.2f}x file ingest (target >= 0.8x); "
+          f"node CPU {cpu:.2f} s from its start ({cpu / stored * 1e6:.1f} us/row, librdkafka's threads included)")
     p1.send_signal(signal.SIGTERM)
     p1.wait()
 
