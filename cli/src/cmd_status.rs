@@ -95,4 +95,19 @@ fn print_human(s: &Status) {
             s.expired
         );
     }
+    if let Some(k) = &s.kafka {
+        println!("kafka: topic {}, group {}, {} partition(s) owned", k.topic, k.group, k.partitions.len());
+        for p in &k.partitions {
+            let next = p.next_offset.map_or_else(|| "-".to_string(), |o| o.to_string());
+            println!(
+                "  partition {}: next offset {next} of {}, lag {}{}{}, {} rows stored since assigned",
+                p.partition,
+                p.high_watermark,
+                p.lag,
+                if p.replaying { ", replaying" } else { "" },
+                if p.detection_pending { ", detection pending" } else { "" },
+                p.rows_stored
+            );
+        }
+    }
 }

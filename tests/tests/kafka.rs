@@ -493,6 +493,16 @@ fn split_counts_and_keeps_aside_what_it_cannot_key() {
     let file = odd.join("DeviceFileEvents.jsonl");
     std::fs::write(&file, "{\"Timestamp\":\"2025-05-07T10:00:00Z\",\"ReportId\":1}\n").expect("write");
     w.mock.produce("in", &[file]);
+    // Not JSON; a batch with a record that is not an object; a keyed record.
+    let raw = odd.join("raw");
+    let keyed = r#"{"category":"AdvancedHunting-DeviceFileEvents","properties":{"DeviceId":"d1","ReportId":2}}"#;
+    std::fs::write(&raw, format!("not json\n{{\"records\":[1,{keyed}]}}\n")).expect("write");
+    let out = Command::new(mock_bin())
+        .args(["produce-raw", "--brokers", &w.mock.brokers, "--topic", "in"])
+        .arg(&raw)
+        .output()
+        .expect("produce-raw");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = lookout(
         &w.root.path().join("unused"),
         &["split", "--brokers", &w.mock.brokers, "--from", "in", "--to", "rows", "--idle-exit", "3"],
@@ -500,6 +510,10 @@ fn split_counts_and_keeps_aside_what_it_cannot_key() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stats: Value = serde_json::from_slice(&out.stdout).expect("stats");
     assert_eq!(stats["unkeyed"], 1, "{stats}");
-    assert_eq!(stats["produced"], 0, "{stats}");
+    assert_eq!(stats["rejected"], 2, "{stats}");
+    assert_eq!(stats["produced"], 1, "{stats}");
     assert_eq!(w.mock.consume("rows.unkeyed").len(), 1);
+    let rows = w.mock.consume("rows");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].1["properties"]["DeviceId"], "d1");
 }

@@ -7,6 +7,8 @@
 //! - `produce --brokers B --topic T [--per-message N] FILE…`: sends each JSONL file's
 //!   rows as Streaming-API records (`category` from the file's name), N per
 //!   `{"records":[…]}` message, unkeyed, as Defender's export does.
+//! - `produce-raw --brokers B --topic T FILE`: each line of the file as one message,
+//!   as it is (bad input for the split).
 //! - `consume --brokers B --topic T`: prints every message of every partition, from the
 //!   beginning to the end, one per line as `<partition>\t<payload>`.
 
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("produce") => produce(&args[1..]),
+        Some("produce-raw") => produce_raw(&args[1..]),
         Some("consume") => consume(&args[1..]),
         _ => Err("usage: lookout-kafka-mock serve|produce|consume … (see the source's header)".into()),
     };
@@ -138,6 +141,23 @@ fn produce(args: &[String]) -> Result<()> {
     }
     producer.flush(Duration::from_secs(60)).map_err(|e| format!("flush: {e}"))?;
     println!("{sent}");
+    Ok(())
+}
+
+fn produce_raw(args: &[String]) -> Result<()> {
+    let (opts, files) = options(args);
+    let topic = one(&opts, "topic")?;
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", one(&opts, "brokers")?)
+        .create()
+        .map_err(|e| format!("producer: {e}"))?;
+    for file in &files {
+        let text = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
+        for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            producer.send(BaseRecord::<(), [u8]>::to(&topic).payload(line)).map_err(|(e, _)| format!("send: {e}"))?;
+        }
+    }
+    producer.flush(Duration::from_secs(60)).map_err(|e| format!("flush: {e}"))?;
     Ok(())
 }
 
