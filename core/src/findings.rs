@@ -280,6 +280,33 @@ mod tests {
         }
     }
 
+    /// What a Kafka node does with a partition it took over: the findings the previous
+    /// owner wrote elsewhere are passed over for good, in the file and in the cursor, and
+    /// an uncommitted tail of its own is still recognised around them.
+    #[test]
+    fn skipped_findings_are_never_written_and_the_rest_are_once() {
+        let mut f = Fixture::new();
+        f.find(4);
+        let skip_even = |json: &[u8]| {
+            let text = String::from_utf8_lossy(json);
+            ["2\"", "4\"", "6\"", "8\""].iter().any(|end| text.ends_with(&format!("{end}}}")))
+        };
+        assert_eq!(flush_outbox_except(&mut f.store, &f.out, &skip_even).unwrap(), 2);
+        assert_eq!(f.read(), format!("{}{}", f.line(1) + "\n", f.line(3) + "\n"));
+        // Written but not committed (a crash between the write and the cursor): the next
+        // flush counts lines 5 and 7 as written, passing over 6 between them, and writes 9.
+        f.find(5);
+        let mut file = std::fs::OpenOptions::new().append(true).open(&f.out).unwrap();
+        file.write_all((f.line(5) + "\n" + &f.line(7) + "\n").as_bytes()).unwrap();
+        assert_eq!(flush_outbox_except(&mut f.store, &f.out, &skip_even).unwrap(), 1);
+        assert_eq!(
+            f.read(),
+            [1, 3, 5, 7, 9].iter().map(|&s| f.line(s) + "\n").collect::<String>(),
+            "each finding not skipped, once"
+        );
+        assert_eq!(flush_outbox_except(&mut f.store, &f.out, &skip_even).unwrap(), 0);
+    }
+
     #[test]
     fn foreign_lines_are_kept_and_findings_appended_after_them() {
         let mut f = Fixture::new();
