@@ -37,6 +37,27 @@ pub fn run(data: &Path, args: StatusArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // A stopped Kafka node: one store per partition it owned, no store of its own.
+    let partitions = lookout_core::status::partition_stores(data);
+    if !partitions.is_empty() && !data.join("db").exists() {
+        let mut total = Status::empty(data);
+        let mut each = Vec::new();
+        for (name, dir) in &partitions {
+            let s = status(&Store::open(dir)?)?;
+            each.push((name.clone(), s.tables.values().map(|t| t.rows).sum::<u64>(), s.findings));
+            total.add(s);
+        }
+        if args.json {
+            println!("{}", serde_json::to_string(&total)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        print_human(&total);
+        println!("a stopped Kafka node's partitions (each its own store; `lookout --data {}/partitions/<name> status` for one):", data.display());
+        for (name, rows, findings) in each {
+            println!("  {name}: {rows} rows, {findings} findings");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let store = Store::open(data)?;
     let s = status(&store)?;
     if args.json {

@@ -50,6 +50,59 @@ pub struct Status {
     pub kafka: Option<KafkaStatus>,
 }
 
+impl Status {
+    /// An empty status of `data_dir` (a Kafka node's, before its partitions are added).
+    pub fn empty(data_dir: &Path) -> Status {
+        Status {
+            data_dir: data_dir.display().to_string(),
+            tables: BTreeMap::new(),
+            duplicates_skipped: 0,
+            rejected: 0,
+            rejected_by_reason: BTreeMap::new(),
+            sources: Vec::new(),
+            findings: 0,
+            database_bytes: 0,
+            retention_horizon: None,
+            oldest_kept: None,
+            expired: 0,
+            removed: 0,
+            bytes_per_row: None,
+            kafka: None,
+        }
+    }
+
+    /// Adds another store's figures (a Kafka node's partitions, one store each).
+    pub fn add(&mut self, s: Status) {
+        for (t, n) in s.tables {
+            self.tables.entry(t).or_insert(TableStatus { rows: 0 }).rows += n.rows;
+        }
+        self.duplicates_skipped += s.duplicates_skipped;
+        self.rejected += s.rejected;
+        for (k, v) in s.rejected_by_reason {
+            *self.rejected_by_reason.entry(k).or_insert(0) += v;
+        }
+        self.sources.extend(s.sources);
+        self.findings += s.findings;
+        self.database_bytes += s.database_bytes;
+        self.retention_horizon = self.retention_horizon.take().or(s.retention_horizon);
+        self.expired += s.expired;
+        self.removed += s.removed;
+    }
+}
+
+/// The partition stores of a stopped Kafka node (`<data>/partitions/*`), by folder name;
+/// empty when `data` is not a node's data directory.
+pub fn partition_stores(data: &Path) -> Vec<(String, std::path::PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(data.join("partitions")) else { return Vec::new() };
+    let mut out: Vec<(String, std::path::PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.path().join("db").is_dir())
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect();
+    out.sort();
+    out
+}
+
 /// What a Kafka node owns and how far behind it is.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct KafkaStatus {

@@ -440,6 +440,18 @@ fn a_node_added_mid_run_takes_partitions_over() {
             .collect();
         assert_eq!(on_disk, owned, "node {name}: partition folders on disk vs owned");
     }
+    // Stopped, each node's `status` adds up its partitions' stores.
+    let running: u64 = [&mut a, &mut b, &mut c]
+        .iter_mut()
+        .map(|n| n.status()["tables"]["DeviceFileEvents"]["rows"].as_u64().unwrap_or(0))
+        .sum();
+    let mut stopped = 0;
+    for (name, node) in [("a", &mut a), ("b", &mut b), ("c", &mut c)] {
+        node.terminate(Duration::from_secs(30));
+        stopped += lookout_tests::table_rows(&w.root.path().join(name), "DeviceFileEvents");
+    }
+    assert!(running > 0);
+    assert_eq!(stopped, running, "status of the stopped nodes");
 }
 
 /// `split` crashing after producing a batch and before committing its input offsets

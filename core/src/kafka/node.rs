@@ -287,38 +287,10 @@ impl Observe for NodeObserve {
 
     fn status(&self) -> Result<Status, (u16, String)> {
         let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
-        let mut status = Status {
-            data_dir: self.cfg.data.display().to_string(),
-            tables: BTreeMap::new(),
-            duplicates_skipped: 0,
-            rejected: 0,
-            rejected_by_reason: BTreeMap::new(),
-            sources: Vec::new(),
-            findings: 0,
-            database_bytes: 0,
-            retention_horizon: None,
-            oldest_kept: None,
-            expired: 0,
-            removed: 0,
-            bytes_per_row: None,
-            kafka: None,
-        };
+        let mut status = Status::empty(&self.cfg.data);
         for (dir, r) in &view.readers {
             let s = crate::status::status_of(r, dir).map_err(|e| (500, format!("status failed: {}\n", Chain(&e))))?;
-            for (t, n) in s.tables {
-                status.tables.entry(t).or_insert(crate::status::TableStatus { rows: 0 }).rows += n.rows;
-            }
-            status.duplicates_skipped += s.duplicates_skipped;
-            status.rejected += s.rejected;
-            for (k, v) in s.rejected_by_reason {
-                *status.rejected_by_reason.entry(k).or_insert(0) += v;
-            }
-            status.sources.extend(s.sources);
-            status.findings += s.findings;
-            status.database_bytes += s.database_bytes;
-            status.retention_horizon = status.retention_horizon.or(s.retention_horizon);
-            status.expired += s.expired;
-            status.removed += s.removed;
+            status.add(s);
         }
         status.kafka = Some(KafkaStatus {
             topic: self.cfg.topic.clone(),
