@@ -17,6 +17,7 @@ pub mod findings_topic;
 pub mod node;
 pub mod partition;
 pub mod split;
+mod watermarks;
 
 use rdkafka::ClientConfig;
 use serde_json::Value;

@@ -20,6 +20,7 @@
 use super::findings_topic::{emitted_ids, produce_new};
 use super::partition::{partition_dir, Partition};
 use super::split::{producer, Deliveries};
+use super::watermarks::Watermarks;
 use super::{KafkaError, KafkaSettings, CALL_TIMEOUT};
 use crate::daemon::http::{Endpoint, Observe};
 use crate::daemon::metrics::Metrics;
@@ -426,6 +427,7 @@ fn work(
     let consumer = consumer(cfg)?;
     let producer = producer(&cfg.kafka, Deliveries::default())?;
     consumer.subscribe(&[&cfg.topic]).map_err(KafkaError::kafka(format!("cannot subscribe to {}", cfg.topic)))?;
+    let watermarks = Watermarks::start(&cfg.kafka, &cfg.topic);
     let mut detect_opts = DetectOptions { now: cfg.now, params: cfg.params.clone(), ..DetectOptions::default() };
     detect_opts.stop = None;
     let mut last_rescan = Instant::now() - cfg.rescan;
@@ -444,7 +446,9 @@ fn work(
             let mut commit = TopicPartitionList::new();
             // Each partition has its own store: what was read is stored side by side, one
             // thread per core; the detectors then run one partition after another.
+            let read_took = round_started.elapsed();
             let reports = store_all(cfg, &mut owned)?;
+            let store_took = round_started.elapsed() - read_took;
             let lost = consumer.assignment_lost();
             for p in owned.partitions.values_mut() {
                 let stored = reports.get(&p.partition).is_some_and(|r| r.changed());
@@ -455,8 +459,13 @@ fn work(
                         .map_err(KafkaError::kafka("cannot list the offsets to commit"))?;
                 }
             }
-            update_view(cfg, &consumer, &mut owned, observe);
+            let detect_took = round_started.elapsed() - read_took - store_took;
+            update_view(&mut owned, &watermarks, observe);
             drop(owned);
+            let rows: u64 = reports.values().map(|r| r.total_new()).sum();
+            if rows > 0 {
+                tracing::debug!(rows, ?read_took, ?store_took, ?detect_took, round = ?round_started.elapsed(), "round");
+            }
             // For lag monitoring only: the store holds the offsets that matter.
             if commit.count() > 0 {
                 if let Err(e) = consumer.commit(&commit, CommitMode::Async) {
@@ -480,7 +489,7 @@ fn work(
     result
 }
 
-/// Reads messages for up to 250 ms (or a batch), into their partitions' pending lists.
+/// Reads messages for up to 250 ms (or a batch, or until none comes for 5 ms), into their partitions' pending lists.
 fn read_messages(cfg: &NodeConfig, consumer: &BaseConsumer<NodeContext>) -> Result<(), KafkaError> {
     let deadline = Instant::now() + Duration::from_millis(250);
     let mut taken = 0;
@@ -490,7 +499,11 @@ fn read_messages(cfg: &NodeConfig, consumer: &BaseConsumer<NodeContext>) -> Resu
             break;
         }
         // The rebalance callback runs inside poll and takes the `owned` lock: not held here.
-        let message = match consumer.poll(left) {
+        // Once something is read, a short wait: a quiet moment ends the read (the rows go
+        // to the store and the detectors now), a steady flow fills the batch.
+        let wait = if taken > 0 { left.min(Duration::from_millis(5)) } else { left };
+        let message = match consumer.poll(wait) {
+            None if taken > 0 => break,
             None => continue,
             Some(Err(e)) => {
                 tracing::warn!(error = %e, topic = %cfg.topic, "consumer error; carrying on");
@@ -641,17 +654,13 @@ fn detect_round(
     Ok(())
 }
 
-fn update_view(cfg: &NodeConfig, consumer: &BaseConsumer<NodeContext>, owned: &mut Owned, observe: &NodeObserve) {
+fn update_view(owned: &mut Owned, watermarks: &Watermarks, observe: &NodeObserve) {
     let mut view = observe.view.lock().unwrap_or_else(|p| p.into_inner());
     view.readers = owned.partitions.values().map(|p| (p.dir.clone(), p.store.reader())).collect();
+    watermarks.track(owned.partitions.keys().copied());
     for p in owned.partitions.values_mut() {
-        // The partition's end: asked of the broker at most once a second.
-        if p.high_watermark_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-            match consumer.fetch_watermarks(&cfg.topic, p.partition, Duration::from_secs(2)) {
-                Ok((_, high)) => p.high_watermark = high,
-                Err(e) => tracing::debug!(partition = p.partition, error = %e, "cannot read the partition's end now"),
-            }
-            p.high_watermark_at = Some(Instant::now());
+        if let Some(high) = watermarks.end(p.partition) {
+            p.high_watermark = high;
         }
     }
     view.partitions = owned

@@ -69,9 +69,8 @@ pub struct Partition {
     pub stored: u64,
     /// Findings written to the node's JSONL since assigned.
     pub findings_written: u64,
-    /// The partition's end as last asked, and when.
+    /// The partition's end as last asked.
     pub high_watermark: i64,
-    pub high_watermark_at: Option<Instant>,
 }
 
 impl Partition {
@@ -101,7 +100,6 @@ impl Partition {
             stored: 0,
             findings_written: 0,
             high_watermark: 0,
-            high_watermark_at: None,
         })
     }
 
