@@ -235,41 +235,46 @@ impl World {
     /// partition's end and not replaying, twice in a row a second apart.
     fn wait_settled(&self, nodes: &mut [&mut Daemon], timeout: Duration) {
         let started = Instant::now();
-        let mut settled_once = false;
-        loop {
-            let mut owners: BTreeMap<i64, usize> = BTreeMap::new();
-            let mut problems = Vec::new();
-            for (i, node) in nodes.iter_mut().enumerate() {
-                let Some(status) = node.try_status() else {
-                    problems.push(format!("node {i} does not answer"));
-                    continue;
-                };
-                for p in status["kafka"]["partitions"].as_array().cloned().unwrap_or_default() {
-                    let n = p["partition"].as_i64().unwrap_or(-1);
-                    *owners.entry(n).or_insert(0) += 1;
-                    let done = p["lag"] == 0 && p["replaying"] == false && p["detection_pending"] == false;
-                    if !done || p["next_offset"] != p["high_watermark"] {
-                        problems.push(format!("node {i}: {p}"));
-                    }
-                }
-            }
-            if owners.len() != PARTITIONS as usize || owners.values().any(|&n| n != 1) {
-                problems.push(format!("partition owners: {owners:?}"));
-            }
-            if problems.is_empty() {
-                if settled_once {
-                    return;
-                }
-                settled_once = true;
-            } else {
-                settled_once = false;
-                if started.elapsed() > timeout {
-                    let logs: Vec<String> = nodes.iter().map(|n| n.log_tail(3000)).collect();
-                    panic!("not settled after {timeout:?}: {problems:?}\nnode logs:\n{}", logs.join("\n-----\n"));
-                }
-            }
+        // Consecutive looks, a second apart, that found everything settled.
+        let mut settled_looks = 0;
+        while settled_looks < 2 {
             std::thread::sleep(Duration::from_secs(1));
+            let problems = Self::unsettled(nodes);
+            if problems.is_empty() {
+                settled_looks += 1;
+                continue;
+            }
+            settled_looks = 0;
+            if started.elapsed() > timeout {
+                let logs: Vec<String> = nodes.iter().map(|n| n.log_tail(3000)).collect();
+                panic!("not settled after {timeout:?}: {problems:?}\nnode logs:\n{}", logs.join("\n-----\n"));
+            }
         }
+    }
+
+    /// What keeps the nodes from being settled: a node that does not answer, a partition
+    /// owned by none or by two, or one behind its end, replaying or with detection pending.
+    fn unsettled(nodes: &mut [&mut Daemon]) -> Vec<String> {
+        let mut owners: BTreeMap<i64, usize> = BTreeMap::new();
+        let mut problems = Vec::new();
+        for (i, node) in nodes.iter_mut().enumerate() {
+            let Some(status) = node.try_status() else {
+                problems.push(format!("node {i} does not answer"));
+                continue;
+            };
+            for p in status["kafka"]["partitions"].as_array().cloned().unwrap_or_default() {
+                let n = p["partition"].as_i64().unwrap_or(-1);
+                *owners.entry(n).or_insert(0) += 1;
+                let done = p["lag"] == 0 && p["replaying"] == false && p["detection_pending"] == false;
+                if !done || p["next_offset"] != p["high_watermark"] {
+                    problems.push(format!("node {i}: {p}"));
+                }
+            }
+        }
+        if owners.len() != PARTITIONS as usize || owners.values().any(|&n| n != 1) {
+            problems.push(format!("partition owners: {owners:?}"));
+        }
+        problems
     }
 
     /// The findings topic: every finding once, each in the partition of its device's rows,

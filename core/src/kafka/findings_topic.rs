@@ -8,7 +8,7 @@
 
 use super::partition::Partition;
 use super::split::{send, Deliveries};
-use super::{KafkaError, KafkaSettings, CALL_TIMEOUT};
+use super::{KafkaError, KafkaSettings, CALL_TIMEOUT, READER};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -24,16 +24,7 @@ const READ_LIMIT: Duration = Duration::from_secs(120);
 /// The finding ids in partition `partition` of `topic`, read from its start to its end.
 pub fn emitted_ids(kafka: &KafkaSettings, topic: &str, partition: i32) -> Result<HashSet<String>, KafkaError> {
     let consumer: BaseConsumer = {
-        let mut c = kafka.client();
-        // Assigned one partition, it never joins the group and commits nothing; librdkafka
-        // still wants a group id for an assignment.
-        c.set("group.id", "lookout-findings-reader")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false");
-        for (k, v) in &kafka.properties {
-            c.set(k, v);
-        }
-        c.create().map_err(|source| KafkaError::Client {
+        kafka.client(READER).create().map_err(|source| KafkaError::Client {
             what: "findings reader",
             brokers: kafka.brokers.clone(),
             source,

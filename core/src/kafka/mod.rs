@@ -44,15 +44,35 @@ impl KafkaSettings {
         ]
     }
 
-    pub(crate) fn client(&self) -> ClientConfig {
+    /// A client's configuration: the brokers, then Lookout's `defaults` for this kind of
+    /// client, then the operator's properties (which win).
+    pub(crate) fn client(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in defaults {
+            c.set(*k, *v);
+        }
         for (k, v) in &self.properties {
             c.set(k, v);
         }
         c
     }
 }
+
+/// A member of a consumer group that commits by hand. A member that dies is noticed (and
+/// its partitions handed on) in seconds.
+pub(crate) const GROUP_MEMBER: &[(&str, &str)] = &[
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+    ("auto.offset.reset", "earliest"),
+    ("session.timeout.ms", "6000"),
+    ("heartbeat.interval.ms", "1000"),
+];
+
+/// A reader assigned partitions by hand: it never joins its group and commits nothing
+/// (librdkafka wants a group id for an assignment all the same).
+pub(crate) const READER: &[(&str, &str)] =
+    &[("group.id", "lookout-reader"), ("enable.auto.commit", "false"), ("enable.partition.eof", "false")];
 
 /// Why a Kafka job stopped.
 #[derive(Debug, thiserror::Error)]

@@ -392,16 +392,8 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaError
 }
 
 fn consumer(cfg: &NodeConfig) -> Result<BaseConsumer<NodeContext>, KafkaError> {
-    let mut c = cfg.kafka.client();
-    c.set("group.id", &cfg.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "1000");
-    for (k, v) in &cfg.kafka.properties {
-        c.set(k, v);
-    }
+    let mut c = cfg.kafka.client(super::GROUP_MEMBER);
+    c.set("group.id", &cfg.group);
     // The rebalance callback assigns and unassigns whole assignments (the eager protocol):
     // a cooperative strategy set in [kafka.properties] would leave partitions unread.
     if c.get("partition.assignment.strategy").is_some_and(|s| s.contains("cooperative")) {

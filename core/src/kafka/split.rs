@@ -97,12 +97,8 @@ impl ProducerContext for Deliveries {
 /// The idempotent producer every Lookout Kafka job uses: acks from all in-sync replicas,
 /// no reordering or duplicates on retry, murmur2 on the key as the Java client does.
 pub(crate) fn producer<C: ProducerContext>(kafka: &KafkaSettings, context: C) -> Result<BaseProducer<C>, KafkaError> {
-    let mut config = kafka.client();
-    config.set("enable.idempotence", "true").set("partitioner", "murmur2_random").set("linger.ms", "5");
-    for (k, v) in &kafka.properties {
-        config.set(k, v);
-    }
-    config.create_with_context(context).map_err(|source| KafkaError::Client {
+    let defaults = [("enable.idempotence", "true"), ("partitioner", "murmur2_random"), ("linger.ms", "5")];
+    kafka.client(&defaults).create_with_context(context).map_err(|source| KafkaError::Client {
         what: "producer",
         brokers: kafka.brokers.clone(),
         source,
@@ -133,17 +129,8 @@ pub fn run_split(
     progress: &mut dyn FnMut(&SplitStats),
 ) -> Result<SplitStats, KafkaError> {
     let consumer: BaseConsumer = {
-        let mut c = cfg.kafka.client();
-        c.set("group.id", &cfg.group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            // A split that crashed is noticed (and its partitions handed on) in seconds.
-            .set("session.timeout.ms", "6000")
-            .set("heartbeat.interval.ms", "1000");
-        for (k, v) in &cfg.kafka.properties {
-            c.set(k, v);
-        }
+        let mut c = cfg.kafka.client(super::GROUP_MEMBER);
+        c.set("group.id", &cfg.group);
         c.create().map_err(|source| KafkaError::Client {
             what: "consumer",
             brokers: cfg.kafka.brokers.clone(),

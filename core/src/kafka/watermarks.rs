@@ -64,13 +64,7 @@ impl Drop for Watermarks {
 
 fn ask(kafka: &KafkaSettings, topic: &str, shared: &Mutex<Shared>, stop: &AtomicBool) {
     let consumer: BaseConsumer = {
-        let mut c = kafka.client();
-        // Never joins the group; librdkafka wants a group id all the same.
-        c.set("group.id", "lookout-watermarks").set("enable.auto.commit", "false");
-        for (k, v) in &kafka.properties {
-            c.set(k, v);
-        }
-        match c.create() {
+        match kafka.client(super::READER).create() {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot create the watermarks client; lag is not reported");
