@@ -42,10 +42,15 @@ pub fn run(data: &Path, args: StatusArgs) -> Result<ExitCode> {
     if !partitions.is_empty() && !data.join("db").exists() {
         let mut total = Status::empty(data);
         let mut each = Vec::new();
+        let mut rejects = Vec::new();
         for (name, dir) in &partitions {
-            let s = status(&Store::open(dir)?)?;
+            let store = Store::open(dir)?;
+            let s = status(&store)?;
             each.push((name.clone(), s.tables.values().map(|t| t.rows).sum::<u64>(), s.findings));
             total.add(s);
+            if let Some(n) = args.rejects {
+                rejects.extend(store.rejects(n)?.into_iter().map(|r| (name.clone(), r)));
+            }
         }
         if args.json {
             println!("{}", serde_json::to_string(&total)?);
@@ -55,6 +60,15 @@ pub fn run(data: &Path, args: StatusArgs) -> Result<ExitCode> {
         println!("a stopped Kafka node's partitions (each its own store; `lookout --data {}/partitions/<name> status` for one):", data.display());
         for (name, rows, findings) in each {
             println!("  {name}: {rows} rows, {findings} findings");
+        }
+        for (name, r) in rejects {
+            println!("reject in {name}: {}:{} (offset {}): {}: {}", r.file, r.line, r.offset, r.kind, r.reason);
+        }
+        if args.space {
+            println!(
+                "(--space: one partition at a time, `lookout --data {}/partitions/<name> status --space`)",
+                data.display()
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -5,10 +5,12 @@
 //! The cursor (per file path) records the next outbox sequence, and the identity of the
 //! file it was committed against: device, inode, length, and a hash of the bytes just
 //! before that length. On the next flush:
-//! - the same file, at least as long: bytes past the committed length are compared with
-//!   the findings that come next; lines equal to them were written but not committed
-//!   (they count as written), a torn last line of one of them is cut, and anything else
-//!   is someone else's and is kept, with Lookout's lines appended after it;
+//! - the same file, at least as long: the lines past the committed length are walked
+//!   against the findings that come next; a line equal to the next of them was written
+//!   but not committed (it counts as written), a torn last line that begins it is cut,
+//!   and every other line is someone else's — another tool, or another store writing the
+//!   same file, as a Kafka node's partitions do — and is kept, with Lookout's lines
+//!   appended after it;
 //! - any other file at that path (rotated by rename, copytruncated, replaced, deleted, or
 //!   rewritten in place): it is new to the outbox, so its content is kept and the
 //!   findings not yet written anywhere are appended after it (after a newline, if its last
@@ -164,10 +166,13 @@ pub fn flush_outbox_except(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) 
     Ok(written)
 }
 
-/// Reads the bytes of `file` in `committed..len` against the findings from `next_seq` on:
-/// whole lines equal to them were written by Lookout and not committed, and are kept as
-/// written; a last partial line that begins one of them was torn by a crash. Returns the
-/// next sequence to write and the length to keep (`len` unless a torn line is cut).
+/// Reads the bytes of `file` in `committed..len` line by line against the findings from
+/// `next_seq` on (leaving out those `skip` says are written elsewhere): a whole line equal
+/// to the next of them was written by Lookout and not committed, and counts as written;
+/// any other line is someone else's — another tool, or another store writing the same
+/// file (a Kafka node's partitions) — and stays; a last partial line that begins the next
+/// finding was torn by a crash. Returns the next sequence to write and the length to keep
+/// (`len` unless a torn line is cut).
 fn adopt_own_tail(
     store: &Store,
     file: &File,
@@ -181,28 +186,31 @@ fn adopt_own_tail(
     }
     let mut tail = vec![0u8; (len - committed) as usize];
     file.read_exact_at(&mut tail, committed)?;
-    let mut pos = 0usize;
+    let mut own = store.outbox_from(next_seq).filter(|e| e.as_ref().map_or(true, |(_, json)| !skip(json)));
+    let mut expected = own.next().transpose()?;
     let mut next = next_seq;
-    for entry in store.outbox_from(next_seq) {
-        let (seq, json) = entry?;
-        if skip(&json) {
-            next = seq + 1;
-            continue;
-        }
+    let mut pos = 0usize;
+    while let Some((seq, json)) = &expected {
         let rest = &tail[pos..];
-        let line_len = json.len() + 1;
-        if rest.len() >= line_len && rest[..json.len()] == json[..] && rest[json.len()] == b'\n' {
-            pos += line_len;
-            next = seq + 1;
-            continue;
+        if rest.is_empty() {
+            break;
         }
-        if !rest.is_empty() && rest.len() < line_len && json.starts_with(rest) {
-            // Torn: a prefix of the next line and nothing after it.
-            return Ok((next, committed + pos as u64));
+        match memchr::memchr(b'\n', rest) {
+            Some(i) => {
+                if rest[..i] == json[..] {
+                    next = seq + 1;
+                    expected = own.next().transpose()?;
+                }
+                pos += i + 1;
+            }
+            None if json.starts_with(rest) => {
+                // Torn: a prefix of the next finding and nothing after it.
+                return Ok((next, committed + pos as u64));
+            }
+            None => break,
         }
-        break;
     }
-    // Whatever follows is not Lookout's: it stays.
+    // Everything else is not Lookout's: it stays.
     Ok((next, len))
 }
 
@@ -293,18 +301,43 @@ mod tests {
         };
         assert_eq!(flush_outbox_except(&mut f.store, &f.out, &skip_even).unwrap(), 2);
         assert_eq!(f.read(), format!("{}{}", f.line(1) + "\n", f.line(3) + "\n"));
-        // Written but not committed (a crash between the write and the cursor): the next
-        // flush counts lines 5 and 7 as written, passing over 6 between them, and writes 9.
+        // Written but not committed (a crash between the write and the cursor), 6 among
+        // them (written before it was known to be written elsewhere): the next flush counts
+        // 5 and 7 as written, keeps 6's line as it is, and writes 9 only.
         f.find(5);
         let mut file = std::fs::OpenOptions::new().append(true).open(&f.out).unwrap();
-        file.write_all((f.line(5) + "\n" + &f.line(7) + "\n").as_bytes()).unwrap();
+        file.write_all(format!("{}\n{}\n{}\n", f.line(5), f.line(6), f.line(7)).as_bytes()).unwrap();
         assert_eq!(flush_outbox_except(&mut f.store, &f.out, &skip_even).unwrap(), 1);
         assert_eq!(
             f.read(),
-            [1, 3, 5, 7, 9].iter().map(|&s| f.line(s) + "\n").collect::<String>(),
+            [1, 3, 5, 6, 7, 9].iter().map(|&s| f.line(s) + "\n").collect::<String>(),
             "each finding not skipped, once"
         );
         assert_eq!(flush_outbox_except(&mut f.store, &f.out, &skip_even).unwrap(), 0);
+    }
+
+    /// Two writers of one file (a Kafka node's partitions, each its own store): a crash
+    /// after another writer's lines and this store's uncommitted ones, mid-line.
+    #[test]
+    fn own_uncommitted_lines_after_another_writer_s_are_not_written_again() {
+        let mut f = Fixture::new();
+        f.find(1);
+        f.flush();
+        f.find(3);
+        let mut file = std::fs::OpenOptions::new().append(true).open(&f.out).unwrap();
+        let torn = &f.line(4)[..10];
+        write!(file, "{{\"other\":1}}\n{}\n{{\"other\":2}}\n{}\n{torn}", f.line(2), f.line(3)).unwrap();
+        assert_eq!(f.flush(), 1);
+        assert_eq!(
+            f.read(),
+            format!(
+                "{}{{\"other\":1}}\n{}{{\"other\":2}}\n{}{}",
+                f.lines(1..=1),
+                f.lines(2..=2),
+                f.lines(3..=3),
+                f.lines(4..=4)
+            )
+        );
     }
 
     #[test]

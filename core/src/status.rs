@@ -85,8 +85,15 @@ impl Status {
         self.findings += s.findings;
         self.database_bytes += s.database_bytes;
         self.retention_horizon = self.retention_horizon.take().or(s.retention_horizon);
+        // RFC 3339 UTC timestamps of one format: the smaller string is the older time.
+        self.oldest_kept = match (self.oldest_kept.take(), s.oldest_kept) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         self.expired += s.expired;
         self.removed += s.removed;
+        let rows: u64 = self.tables.values().map(|t| t.rows).sum();
+        self.bytes_per_row = (rows > 0).then(|| self.database_bytes as f64 / rows as f64);
     }
 }
 

@@ -252,8 +252,9 @@ impl World {
         }
     }
 
-    /// What keeps the nodes from being settled: a node that does not answer, a partition
-    /// owned by none or by two, or one behind its end, replaying or with detection pending.
+    /// What keeps the nodes from being settled: a node that does not answer or owns
+    /// nothing, a partition owned by none or by two, or one behind its end, replaying or
+    /// with detection pending.
     fn unsettled(nodes: &mut [&mut Daemon]) -> Vec<String> {
         let mut owners: BTreeMap<i64, usize> = BTreeMap::new();
         let mut problems = Vec::new();
@@ -262,7 +263,12 @@ impl World {
                 problems.push(format!("node {i} does not answer"));
                 continue;
             };
-            for p in status["kafka"]["partitions"].as_array().cloned().unwrap_or_default() {
+            let partitions = status["kafka"]["partitions"].as_array().cloned().unwrap_or_default();
+            // Six partitions, at most three nodes: a node with none has not joined yet.
+            if partitions.is_empty() {
+                problems.push(format!("node {i} owns no partition yet"));
+            }
+            for p in partitions {
                 let n = p["partition"].as_i64().unwrap_or(-1);
                 *owners.entry(n).or_insert(0) += 1;
                 let done = p["lag"] == 0 && p["replaying"] == false && p["detection_pending"] == false;

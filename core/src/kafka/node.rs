@@ -103,19 +103,26 @@ impl ConsumerContext for NodeContext {
                 }
                 for &n in &wanted {
                     if let Some(mut p) = owned.revoked.remove(&n) {
-                        // Another node may have owned it in between (this one's assignment
-                        // lost): what the topic holds now is not produced again.
-                        match emitted_ids(&self.cfg.kafka, &self.cfg.findings_topic, n) {
-                            Ok(ids) => {
-                                let new: Vec<String> = ids.into_iter().filter(|id| !p.emitted.contains(id)).collect();
-                                p.emitted_before.extend(new.iter().cloned());
-                                p.emitted.extend(new);
-                                owned.partitions.insert(n, p);
-                            }
-                            Err(e) => {
-                                owned.failure.get_or_insert(e);
+                        // Taken away as lost, another node may have owned it in between:
+                        // what the topic holds now is not produced (or written) again.
+                        // Revoked in an orderly rebalance, nobody else had it.
+                        if p.lost {
+                            match emitted_ids(&self.cfg.kafka, &self.cfg.findings_topic, n) {
+                                Ok(ids) => {
+                                    let new: Vec<String> =
+                                        ids.into_iter().filter(|id| !p.emitted.contains(id)).collect();
+                                    p.emitted_before.extend(new.iter().cloned());
+                                    p.emitted.extend(new);
+                                    p.lost = false;
+                                }
+                                Err(e) => {
+                                    owned.failure.get_or_insert(e);
+                                    owned.revoked.insert(n, p);
+                                    continue;
+                                }
                             }
                         }
+                        owned.partitions.insert(n, p);
                     }
                     let start = match owned.partitions.get(&n) {
                         Some(p) => p.next_offset.map(Offset::Offset),
@@ -142,11 +149,13 @@ impl ConsumerContext for NodeContext {
             }
             RespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let revoked: Vec<i32> = tpl.elements_for_topic(&self.cfg.topic).iter().map(|e| e.partition()).collect();
-                tracing::info!(partitions = ?revoked, "partitions revoked");
+                let lost = consumer.assignment_lost();
+                tracing::info!(partitions = ?revoked, lost, "partitions revoked");
                 for n in revoked {
                     if let Some(mut p) = owned.partitions.remove(&n) {
                         // Read, not stored: the next owner reads it again.
                         p.pending.clear();
+                        p.lost = lost;
                         owned.revoked.insert(n, p);
                     }
                 }
@@ -158,7 +167,8 @@ impl ConsumerContext for NodeContext {
                 tracing::warn!(error = ?other, "rebalance error; giving the partitions back");
                 let all: Vec<i32> = owned.partitions.keys().copied().collect();
                 for n in all {
-                    if let Some(p) = owned.partitions.remove(&n) {
+                    if let Some(mut p) = owned.partitions.remove(&n) {
+                        p.lost = true;
                         owned.revoked.insert(n, p);
                     }
                 }
@@ -374,7 +384,11 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaError
             Err(e) => {
                 tracing::error!(error = %Chain(&e), retry_in = ?backoff, "node work loop failed; rejoining the group");
                 metrics.lock().unwrap_or_else(|p| p.into_inner()).restarts += 1;
-                observe.view.lock().unwrap_or_else(|p| p.into_inner()).readers.clear();
+                let mut view = observe.view.lock().unwrap_or_else(|p| p.into_inner());
+                // Out of the group until it rejoins: nothing owned, nothing to report.
+                view.readers.clear();
+                view.partitions.clear();
+                drop(view);
                 let until = Instant::now() + backoff;
                 while Instant::now() < until && !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
@@ -441,10 +455,9 @@ fn work(
             let read_took = round_started.elapsed();
             let reports = store_all(cfg, &mut owned)?;
             let store_took = round_started.elapsed() - read_took;
-            let lost = consumer.assignment_lost();
             for p in owned.partitions.values_mut() {
                 let stored = reports.get(&p.partition).is_some_and(|r| r.changed());
-                detect_round(cfg, p, &producer, &detect_opts, rescan, metrics, round_started, stored, lost)?;
+                detect_round(cfg, p, &producer, &detect_opts, rescan, metrics, round_started, stored, &consumer)?;
                 if let Some(next) = p.next_offset {
                     commit
                         .add_partition_offset(&cfg.topic, p.partition, Offset::Offset(next))
@@ -562,8 +575,9 @@ fn store_all(cfg: &NodeConfig, owned: &mut Owned) -> Result<BTreeMap<i32, Ingest
 fn store_round(cfg: &NodeConfig, p: &mut Partition) -> Result<IngestReport, KafkaError> {
     let now = crate::clock::Clock::new(cfg.now.or(cfg.ingest.now)).now();
     let ingest_now = crate::clock::Clock::new(cfg.ingest.now).now();
+    // Rows that arrive below the horizon are counted, not stored (expired blocks go in
+    // `detect_round`, for every partition).
     p.store.advance_clock(now)?;
-    p.store.expire_step(crate::store::retention::BLOCKS_PER_STEP)?;
     let report = p.store_messages(&cfg.ingest, ingest_now)?;
     if report.total_rejected() > 0 {
         tracing::warn!(
@@ -592,8 +606,12 @@ fn detect_round(
     metrics: &Mutex<Metrics>,
     round_started: Instant,
     stored: bool,
-    assignment_lost: bool,
+    consumer: &BaseConsumer<NodeContext>,
 ) -> Result<(), KafkaError> {
+    // Every owned partition's horizon follows the clock, rows arriving or not.
+    let now = crate::clock::Clock::new(cfg.now.or(cfg.ingest.now)).now();
+    p.store.advance_clock(now)?;
+    p.store.expire_step(crate::store::retention::BLOCKS_PER_STEP)?;
     if p.replay_done.is_none() && p.next_offset.unwrap_or(0) >= p.replay_target {
         // Nothing to replay (an empty partition, or one taken back at its end).
         p.replay_done = Some(Instant::now());
@@ -609,12 +627,22 @@ fn detect_round(
     }
     let eval_now = crate::clock::Clock::new(cfg.now).now();
     let due = crate::detect::next_wake(&p.store, &p.plugins.plugins)?.is_some_and(|at| at <= eval_now);
-    if !((p.needs_pass || due) && p.pass_due(cfg.quiet_before_pass)) {
+    let reports = if (p.needs_pass || due) && p.pass_due(cfg.quiet_before_pass) {
+        let reports = run_pass(&mut p.store, &mut p.plugins.plugins, detect_opts)?;
+        p.needs_pass = false;
+        p.last_pass_at = Some(Instant::now());
+        reports
+    } else if p.store.outbox_has_from(p.topic_cursor()?)? {
+        // Findings of an earlier pass not yet in the topic (a lost assignment then).
+        Vec::new()
+    } else {
+        return Ok(());
+    };
+    if consumer.assignment_lost() {
+        // The group has given this node's partitions to others: the next owner finds,
+        // writes and produces these; if they come back here, they go out then.
         return Ok(());
     }
-    let reports = run_pass(&mut p.store, &mut p.plugins.plugins, detect_opts)?;
-    p.needs_pass = false;
-    p.last_pass_at = Some(Instant::now());
     // What a previous owner found is in its JSONL and in the topic already.
     let before = &p.emitted_before;
     let written = flush_outbox_except(&mut p.store, &cfg.findings, &|json| {
@@ -624,11 +652,6 @@ fn detect_round(
             .unwrap_or(false)
     })
     .map_err(KafkaError::Store)?;
-    if assignment_lost {
-        // The group has given this node's partitions to others already: the next owner
-        // finds and produces these.
-        return Ok(());
-    }
     let produced = produce_new(producer, &cfg.findings_topic, p)?;
     p.findings_written += written;
     if written > 0 || produced > 0 {

@@ -69,6 +69,9 @@ pub struct Partition {
     pub stored: u64,
     /// Findings written to the node's JSONL since assigned.
     pub findings_written: u64,
+    /// Set aside because the assignment was lost (not an orderly revocation): another
+    /// node may have owned it since.
+    pub lost: bool,
     /// The partition's end as last asked.
     pub high_watermark: i64,
 }
@@ -99,6 +102,7 @@ impl Partition {
             last_pass_at: None,
             stored: 0,
             findings_written: 0,
+            lost: false,
             high_watermark: 0,
         })
     }
