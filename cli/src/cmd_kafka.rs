@@ -3,7 +3,7 @@
 
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
-use lookout_core::ingest::IngestOptions;
+use lookout_core::daemon::DaemonConfig;
 use lookout_core::kafka::node::{run_node as run_kafka_node, NodeConfig};
 use lookout_core::kafka::split::{run_split, SplitConfig};
 use lookout_core::kafka::KafkaSettings;
@@ -174,21 +174,18 @@ pub struct NodeArgs {
     quiet_before_pass: Option<f64>,
 }
 
-/// What `run` resolved that a node needs as well.
-pub struct NodeCommon {
-    pub data: PathBuf,
-    pub logs: Option<PathBuf>,
-    pub plugins: PathBuf,
-    pub findings: PathBuf,
-    pub listen: String,
-    pub rescan: Duration,
-    pub params: Vec<(String, String, String)>,
-    pub ingest: IngestOptions,
-    pub now: Option<i64>,
-    pub retention: Option<i64>,
-}
-
-pub fn run_node(args: &NodeArgs, file: Option<&toml::Value>, c: NodeCommon, stop: Arc<AtomicBool>) -> Result<ExitCode> {
+/// Runs `lookout run --kafka` with what `run` resolved (`c.logs` is not used: a node's
+/// file feed, `logs`, is optional).
+pub fn run_node(
+    args: &NodeArgs,
+    file: Option<&toml::Value>,
+    c: DaemonConfig,
+    logs: Option<PathBuf>,
+    stop: Arc<AtomicBool>,
+) -> Result<ExitCode> {
+    if c.clock_file.is_some() {
+        return Err(anyhow!("--clock-file is not supported with --kafka: use --now and --ingest-now"));
+    }
     let file = kafka_file(file)?;
     let topic = args
         .topic
@@ -208,7 +205,7 @@ pub fn run_node(args: &NodeArgs, file: Option<&toml::Value>, c: NodeCommon, stop
         data: c.data,
         plugins: c.plugins,
         findings: c.findings,
-        logs: c.logs,
+        logs,
         listen: c.listen,
         params: c.params,
         ingest: c.ingest,

@@ -144,27 +144,10 @@ pub fn run(data_flag: Option<&Path>, args: RunArgs) -> Result<ExitCode> {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("cannot install the signal handler")?;
     }
-    #[cfg(feature = "kafka")]
-    if kafka {
-        let common = crate::cmd_kafka::NodeCommon {
-            data,
-            logs,
-            plugins,
-            findings,
-            listen,
-            rescan: Duration::from_secs_f64(rescan),
-            params,
-            ingest,
-            now,
-            retention,
-        };
-        return crate::cmd_kafka::run_node(&args.kafka, cfg.kafka.as_ref(), common, stop);
-    }
-    let logs =
-        logs.ok_or_else(|| anyhow!("no logs folder: pass --logs DIR or set logs = \"...\" in the config file"))?;
     let config = DaemonConfig {
         data,
-        logs,
+        // A Kafka node's file feed is optional (the check below is for the daemon).
+        logs: logs.clone().unwrap_or_default(),
         plugins,
         findings,
         listen,
@@ -175,6 +158,13 @@ pub fn run(data_flag: Option<&Path>, args: RunArgs) -> Result<ExitCode> {
         retention,
         clock_file: args.clock_file.clone(),
     };
+    #[cfg(feature = "kafka")]
+    if kafka {
+        return crate::cmd_kafka::run_node(&args.kafka, cfg.kafka.as_ref(), config, logs, stop);
+    }
+    if logs.is_none() {
+        return Err(anyhow!("no logs folder: pass --logs DIR or set logs = \"...\" in the config file"));
+    }
     daemon::run(config, stop)?;
     Ok(ExitCode::SUCCESS)
 }
