@@ -477,7 +477,7 @@ impl Store {
     /// so it is only logged: the next commit tries again.
     fn maintain_runs(&mut self) {
         for _ in 0..4 {
-            match self.runs.maintain(&self.db, &mut self.zstd, &self.unzstd, self.horizon) {
+            match self.runs.maintain(&self.db, &mut self.zstd, &self.unzstd, self.horizon, self.retention) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
