@@ -280,6 +280,18 @@ fn work(
             }
             let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
             for r in reports {
+                if r.rows > 0 || r.new_findings > 0 {
+                    tracing::debug!(
+                        detector = %r.detector,
+                        rows = r.rows,
+                        findings = r.new_findings,
+                        choosing_ms = r.select.as_secs_f64() * 1e3,
+                        detector_ms = r.evaluate.as_secs_f64() * 1e3,
+                        committing_ms = r.commit.as_secs_f64() * 1e3,
+                        init_ms = r.init.as_secs_f64() * 1e3,
+                        "detector pass"
+                    );
+                }
                 let labels = metrics::DetectorLabels { detector: r.detector.clone(), version: r.version.clone() };
                 m.observe_pass(&labels, r.elapsed, r.rows, r.new_findings, r.error.is_some());
                 // Only findings that follow a look that stored rows: a pass run because a
