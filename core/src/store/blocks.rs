@@ -13,6 +13,7 @@
 //!
 //! A row is found from its key through the key index (`e` entries: key → [`Locator`]).
 
+use super::block_filter::Sha1Filter;
 use super::keys;
 use crate::error::{StoreContext as _, StoreError};
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -97,6 +98,14 @@ pub struct BlockMeta {
     pub bytes: u64,
 }
 
+/// A block's directory entry: its meta, and the filter of its rows' SHA1 values when it
+/// has one (see [`super::block_filter`]).
+pub fn decode_meta(value: &[u8]) -> Result<(BlockMeta, Option<Sha1Filter>)> {
+    let (meta, len): (BlockMeta, usize) = bincode::serde::decode_from_slice(value, bincode::config::standard())
+        .map_err(|e| corrupt!("corrupt block directory entry: {e}"))?;
+    Ok((meta, Sha1Filter::after_meta(value, len)))
+}
+
 /// A block being filled.
 #[derive(Default)]
 struct OpenBlock {
@@ -159,7 +168,13 @@ impl BatchBlocks {
                     row_parts,
                     bytes: (keys_frame.len() + rows_frame.len()) as u64,
                 };
-                batch.insert(keys::block_key(keys::BLOCK_META, table, seq, block, 0), super::enc(&meta)?);
+                let mut value = super::enc(&meta)?;
+                if table != 0 {
+                    if let Some(filter) = Sha1Filter::of_keys(&b.keys) {
+                        filter.append_to(&mut value);
+                    }
+                }
+                batch.insert(keys::block_key(keys::BLOCK_META, table, seq, block, 0), value);
                 if table != 0 {
                     earliest_end = Some(earliest_end.map_or(meta.max_ts, |e| e.min(meta.max_ts)));
                 }

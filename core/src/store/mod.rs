@@ -10,6 +10,7 @@
 //! `kill -9`. Lookout is the only writer (sled locks the directory), so reading before
 //! writing a batch cannot race.
 
+pub mod block_filter;
 pub mod blocks;
 pub mod codec;
 pub mod detectors;
@@ -725,7 +726,7 @@ impl Store {
     /// within retention; for FileProfile, the rows that are still the newest for their SHA1.
     /// Read from the blocks' key frames alone: the rows themselves are not decompressed.
     pub fn new_row_keys(&self, table: &str, from: u64, to: u64) -> Result<Vec<Vec<u8>>> {
-        self.new_row_keys_where(table, from, to, |_, _| Ok(true))
+        self.new_row_keys_where(table, from, to, None, |_, _| Ok(true))
     }
 
     /// Forgets where the rows handed to the last pass are (see `hints`).
@@ -755,11 +756,15 @@ impl Store {
     /// [`Store::new_row_keys`], of the rows whose key `keep` accepts (checked on the key
     /// borrowed from the frame, with where the row lies: only kept keys are copied, and
     /// remembered for the detector's fetch).
+    ///
+    /// With `sha1_in`, a block whose SHA1 filter holds no value of one of its sets is
+    /// skipped unread: `keep` must then accept only rows whose SHA1 is in every set.
     pub fn new_row_keys_where(
         &self,
         table: &str,
         from: u64,
         to: u64,
+        sha1_in: Option<&block_filter::Sha1Probe>,
         mut keep: impl FnMut(&[u8], RowAt) -> Result<bool>,
     ) -> Result<Vec<Vec<u8>>> {
         let Some(tid) = self.block_table(table) else { return Ok(Vec::new()) };
@@ -767,8 +772,15 @@ impl Store {
         let start = keys::block_key(keys::BLOCK_META, tid, from, 0, 0);
         let end = keys::block_key(keys::BLOCK_META, tid, to.saturating_add(1), 0, 0);
         for kv in self.db.range(start..end) {
-            let (k, _) = kv?;
+            let (k, v) = kv?;
             let Some((_, seq, block)) = keys::block_of(&k) else { continue };
+            if let Some(probe) = sha1_in {
+                if let (_, Some(filter)) = blocks::decode_meta(&v)? {
+                    if !probe.may_match(&filter) {
+                        continue;
+                    }
+                }
+            }
             let raw = {
                 let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
                 blocks::read_frame_raw(&self.db, &mut z, keys::BLOCK_KEYS, tid, seq, block)?
@@ -1367,7 +1379,7 @@ mod tests {
         let seq = commit(&mut store, (6..=9).map(|i| row(i, r#","FileName":"new.exe""#)).collect());
         let mut seen = Vec::new();
         let keys = store
-            .new_row_keys_where("DeviceFileEvents", seq, seq, |k, _| {
+            .new_row_keys_where("DeviceFileEvents", seq, seq, None, |k, _| {
                 seen.push(k.to_vec());
                 Ok(seen.len() % 2 == 1)
             })
