@@ -280,7 +280,50 @@ pub fn decompressor() -> Result<zstd::bulk::Decompressor<'static>> {
 }
 
 /// A block's rows (stored values), decompressed and shared.
-pub type BlockRows = Arc<Vec<Vec<u8>>>;
+pub type BlockRows = Arc<PackedItems>;
+
+/// A decompressed frame kept as it came out of zstd, with where each item lies: one
+/// allocation per block instead of one per row (a look-up that lands on hundreds of
+/// blocks touched twice the memory otherwise, in a fresh process mostly the kernel
+/// zeroing new pages).
+pub struct PackedItems {
+    raw: Vec<u8>,
+    /// (start, end) of each item in `raw`.
+    spans: Vec<(u32, u32)>,
+}
+
+impl PackedItems {
+    /// Items of a frame packed by [`pack_items`].
+    pub fn new(raw: Vec<u8>) -> Result<PackedItems> {
+        let mut spans = Vec::new();
+        let mut at = 0usize;
+        while at < raw.len() {
+            let len = raw.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+            let end = len.map(|len| at + 4 + len).filter(|end| *end <= raw.len());
+            let Some(end) = end else { return Err(corrupt!("corrupt block: an item runs past its end")) };
+            spans.push(((at + 4) as u32, end as u32));
+            at = end;
+        }
+        Ok(PackedItems { raw, spans })
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+}
+
+impl std::ops::Index<usize> for PackedItems {
+    type Output = [u8];
+
+    fn index(&self, i: usize) -> &[u8] {
+        let (start, end) = self.spans[i];
+        &self.raw[start as usize..end as usize]
+    }
+}
 
 /// Recently read blocks of rows, decompressed: a detector reading the rows of a tick, or
 /// a look-up's hits, tends to land on the same few blocks.
@@ -326,6 +369,20 @@ mod tests {
         let e = KeyEntry { seq: 7, block: 3, row: 511, content: u64::MAX - 5 };
         assert_eq!(KeyEntry::decode(&e.encode()).unwrap(), e);
         assert!(KeyEntry::decode(&[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn packed_items_are_the_items_packed_and_a_cut_frame_is_refused() {
+        let items: Vec<Vec<u8>> = vec![b"first".to_vec(), Vec::new(), vec![7; 300]];
+        let packed = PackedItems::new(pack_items(&items)).unwrap();
+        assert_eq!(packed.len(), 3);
+        for (i, item) in items.iter().enumerate() {
+            assert_eq!(&packed[i], item.as_slice());
+        }
+        let raw = pack_items(&items);
+        assert!(PackedItems::new(raw[..raw.len() - 1].to_vec()).is_err(), "last item cut");
+        assert!(PackedItems::new(vec![0, 0]).is_err(), "a length cut");
+        assert!(PackedItems::new(Vec::new()).unwrap().is_empty());
     }
 
     #[test]

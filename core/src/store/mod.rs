@@ -426,7 +426,12 @@ impl Store {
             None => {
                 let rows = {
                     let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-                    Arc::new(blocks::read_frame(&self.db, &mut z, keys::BLOCK_ROWS, table, entry.seq, entry.block)?)
+                    let raw =
+                        blocks::read_frame_raw(&self.db, &mut z, keys::BLOCK_ROWS, table, entry.seq, entry.block)?;
+                    Arc::new(
+                        blocks::PackedItems::new(raw)
+                            .with_context(|| format!("block {table}/{}/{}", entry.seq, entry.block))?,
+                    )
                 };
                 self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(id, rows.clone());
                 rows

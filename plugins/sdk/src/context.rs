@@ -176,13 +176,14 @@ impl<'a> Context<'a> {
     fn call(&mut self, req: &HostRequest) -> Result<HostResponse, String> {
         let host = self.host.ok_or("no host callback in this context")?;
         let input = abi::encode(req)?;
-        let (rc, bytes) = crate::export::call_host(host, &input);
-        if rc != RC_OK {
-            return Err(format!("host call failed: {}", String::from_utf8_lossy(&bytes)));
-        }
-        match abi::decode::<HostResponse>(&bytes)? {
-            HostResponse::Error(e) => Err(e),
-            ok => Ok(ok),
-        }
+        crate::export::call_host(host, &input, |rc, bytes| {
+            if rc != RC_OK {
+                return Err(format!("host call failed: {}", String::from_utf8_lossy(bytes)));
+            }
+            match abi::decode::<HostResponse>(bytes)? {
+                HostResponse::Error(e) => Err(e),
+                ok => Ok(ok),
+            }
+        })
     }
 }

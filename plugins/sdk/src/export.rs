@@ -52,21 +52,23 @@ pub unsafe fn free_buf(ptr: *mut u8, len: usize) {
 /// Safe to call because of a crate invariant: a [`Context`] holds a host table only when
 /// [`run_evaluate`] made it from the table the host passed to `lookout_evaluate`, and the
 /// context does not outlive that call (`Context::new` is crate-private).
-pub(crate) fn call_host(host: &LookoutHostApi, input: &[u8]) -> (i32, Vec<u8>) {
+pub(crate) fn call_host<R>(host: &LookoutHostApi, input: &[u8], read: impl FnOnce(i32, &[u8]) -> R) -> R {
     let mut out = LookoutBuf::empty();
     // SAFETY: `host` is the table of the `lookout_evaluate` call in progress (see above),
     // so `host.ctx` is the host's context for it; `input` is a live slice of `len` bytes
     // and `out` a writable LookoutBuf on this stack frame.
     let rc = unsafe { (host.call)(host.ctx, input.as_ptr(), input.len(), &mut out) };
     if out.ptr.is_null() {
-        return (rc, Vec::new());
+        return read(rc, &[]);
     }
+    // The answer is read in place (decoded, not copied first: an answer of thousands of
+    // rows is megabytes, and a copy is that much fresh memory), then handed back.
     // SAFETY: the host filled `out` with a buffer of `len` initialised bytes that stays
-    // valid until we pass it to `host.free`, which we do right after copying.
-    let bytes = unsafe { std::slice::from_raw_parts(out.ptr, out.len) }.to_vec();
+    // valid until we pass it to `host.free`, which we do right after `read`.
+    let result = read(rc, unsafe { std::slice::from_raw_parts(out.ptr, out.len) });
     // SAFETY: returning the host's own buffer, exactly as it was handed over, once.
     unsafe { (host.free)(out.ptr, out.len) };
-    (rc, bytes)
+    result
 }
 
 /// Writes the answer of an export to `out` (the payload on success, a UTF-8 message on
