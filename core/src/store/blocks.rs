@@ -197,17 +197,22 @@ pub fn pack_items<T: AsRef<[u8]>>(items: &[T]) -> Vec<u8> {
 }
 
 /// The byte strings of [`pack_items`], borrowed.
-pub fn unpack_items(mut raw: &[u8]) -> Result<Vec<&[u8]>> {
-    let mut out = Vec::new();
-    while !raw.is_empty() {
-        let len = raw.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
-        let item = len
-            .and_then(|len| raw.get(4..4 + len))
-            .ok_or_else(|| corrupt!("corrupt block: an item runs past its end"))?;
-        out.push(item);
-        raw = &raw[4 + item.len()..];
+pub fn unpack_items(raw: &[u8]) -> Result<Vec<&[u8]>> {
+    Ok(item_spans(raw)?.into_iter().map(|(start, end)| &raw[start as usize..end as usize]).collect())
+}
+
+/// Where each item of [`pack_items`] lies in `raw`: (start, end).
+fn item_spans(raw: &[u8]) -> Result<Vec<(u32, u32)>> {
+    let mut spans = Vec::new();
+    let mut at = 0usize;
+    while at < raw.len() {
+        let len = raw.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        let end = len.map(|len| at + 4 + len).filter(|end| *end <= raw.len());
+        let Some(end) = end else { return Err(corrupt!("corrupt block: an item runs past its end")) };
+        spans.push(((at + 4) as u32, end as u32));
+        at = end;
     }
-    Ok(out)
+    Ok(spans)
 }
 
 fn compress(zstd: &mut zstd::bulk::Compressor<'static>, items: &[Vec<u8>]) -> Result<Vec<u8>> {
@@ -283,9 +288,7 @@ pub fn decompressor() -> Result<zstd::bulk::Decompressor<'static>> {
 pub type BlockRows = Arc<PackedItems>;
 
 /// A decompressed frame kept as it came out of zstd, with where each item lies: one
-/// allocation per block instead of one per row (a look-up that lands on hundreds of
-/// blocks touched twice the memory otherwise, in a fresh process mostly the kernel
-/// zeroing new pages).
+/// allocation per block, and no copy of each row, instead of a `Vec` per row.
 pub struct PackedItems {
     raw: Vec<u8>,
     /// (start, end) of each item in `raw`.
@@ -295,15 +298,7 @@ pub struct PackedItems {
 impl PackedItems {
     /// Items of a frame packed by [`pack_items`].
     pub fn new(raw: Vec<u8>) -> Result<PackedItems> {
-        let mut spans = Vec::new();
-        let mut at = 0usize;
-        while at < raw.len() {
-            let len = raw.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
-            let end = len.map(|len| at + 4 + len).filter(|end| *end <= raw.len());
-            let Some(end) = end else { return Err(corrupt!("corrupt block: an item runs past its end")) };
-            spans.push(((at + 4) as u32, end as u32));
-            at = end;
-        }
+        let spans = item_spans(&raw)?;
         Ok(PackedItems { raw, spans })
     }
 
