@@ -240,6 +240,7 @@ fn forty_days_with_seven_kept_stay_flat() {
         assert!((0.6..=2.0).contains(&ratio), "day {day}: {size} bytes, {ratio:.2}x day 8's {at_day_8}: {sizes:?}");
     }
     eprintln!("data directory by day (bytes): {sizes:?}");
+    eprintln!("stored items by day (bytes): {lives:?}");
     let blobs = dir.path().join("db").join("blobs");
     let blob_files = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
     assert_eq!(blob_files, 0, "sled wrote blob files");
