@@ -87,7 +87,7 @@ pub fn run(data: &Path, cmd: PluginsCommand) -> Result<ExitCode> {
                     Ok(p) => {
                         let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                         println!("pinned   {name} {} ({} {})", p.sha256, p.manifest.name, p.manifest.version);
-                        pins.0.insert(name, p.sha256);
+                        pins.0.insert(name, p.sha256.clone());
                     }
                     Err(e) => println!("skipped  {}: {}", file.display(), Chain(&e)),
                 }

@@ -70,22 +70,33 @@ pub fn load(path: &Path) -> Result<PluginLib, Refused> {
 }
 
 impl PluginLib {
-    /// Calls an export that fills a buffer, copies the buffer and hands it back to the
-    /// library's allocator.
-    fn call(&self, f: impl FnOnce(*mut LookoutBuf) -> i32) -> (i32, Vec<u8>) {
-        let mut out = LookoutBuf::empty();
-        let rc = f(&mut out);
-        let bytes = if out.ptr.is_null() {
-            Vec::new()
-        } else {
-            // SAFETY: the plugin filled `out` with `len` initialised bytes it allocated;
-            // they stay valid until we pass them to its `lookout_free`, right after copying.
-            let b = unsafe { std::slice::from_raw_parts(out.ptr, out.len) }.to_vec();
-            // SAFETY: returning the plugin's own buffer to it, once.
-            unsafe { (self.free)(out.ptr, out.len) };
-            b
-        };
-        (rc, bytes)
+    /// Calls an export that fills a buffer, hands the buffer to `read` in place (a pass's
+    /// answer can be megabytes of findings and state: not copied first), and then back to
+    /// the library's allocator, also if `read` panics.
+    fn call<R>(&self, f: impl FnOnce(*mut LookoutBuf) -> i32, read: impl FnOnce(i32, &[u8]) -> R) -> R {
+        /// Hands the library's buffer back when dropped.
+        struct PluginBuf {
+            free: FreeFn,
+            buf: LookoutBuf,
+        }
+        impl Drop for PluginBuf {
+            fn drop(&mut self) {
+                if !self.buf.ptr.is_null() {
+                    // SAFETY: returning the plugin's own buffer to it, exactly as it was
+                    // handed over, once (this guard is its only owner).
+                    unsafe { (self.free)(self.buf.ptr, self.buf.len) };
+                }
+            }
+        }
+        let mut answer = PluginBuf { free: self.free, buf: LookoutBuf::empty() };
+        let rc = f(&mut answer.buf);
+        if answer.buf.ptr.is_null() {
+            return read(rc, &[]);
+        }
+        // SAFETY: the plugin filled the buffer with `len` initialised bytes it allocated;
+        // they stay valid until `answer` hands them back, after `read`.
+        let bytes = unsafe { std::slice::from_raw_parts(answer.buf.ptr, answer.buf.len) };
+        read(rc, bytes)
     }
 
     fn error(rc: i32, bytes: &[u8]) -> CallError {
@@ -98,36 +109,48 @@ impl PluginLib {
 
     pub fn manifest(&self) -> Result<Manifest, Refused> {
         // SAFETY: `lookout_manifest` writes one buffer into `out`, per the ABI.
-        let (rc, bytes) = self.call(|out| unsafe { (self.manifest)(out) });
-        if rc != RC_OK {
-            return Err(Refused::Manifest(Self::error(rc, &bytes)));
-        }
-        abi::decode::<Manifest>(&bytes).map_err(Refused::ManifestGarbage)
+        self.call(
+            |out| unsafe { (self.manifest)(out) },
+            |rc, bytes| {
+                if rc != RC_OK {
+                    return Err(Refused::Manifest(Self::error(rc, bytes)));
+                }
+                abi::decode::<Manifest>(bytes).map_err(Refused::ManifestGarbage)
+            },
+        )
     }
 
     pub fn init(&self, req: &InitRequest) -> Result<InitResponse, CallError> {
         let input = abi::encode(req).map_err(|m| CallError { panicked: false, message: m })?;
         // SAFETY: `input` is live for the call; the plugin writes one buffer into `out`.
-        let (rc, bytes) = self.call(|out| unsafe { (self.init)(input.as_ptr(), input.len(), out) });
-        if rc != RC_OK {
-            return Err(Self::error(rc, &bytes));
-        }
-        abi::decode::<InitResponse>(&bytes).map_err(|e| CallError {
-            panicked: false,
-            message: format!("init returned a response that does not decode: {e}"),
-        })
+        self.call(
+            |out| unsafe { (self.init)(input.as_ptr(), input.len(), out) },
+            |rc, bytes| {
+                if rc != RC_OK {
+                    return Err(Self::error(rc, bytes));
+                }
+                abi::decode::<InitResponse>(bytes).map_err(|e| CallError {
+                    panicked: false,
+                    message: format!("init returned a response that does not decode: {e}"),
+                })
+            },
+        )
     }
 
     pub fn evaluate(&self, host: &LookoutHostApi, req: &EvalRequest) -> Result<EvalResponse, CallError> {
         let input = abi::encode(req).map_err(|m| CallError { panicked: false, message: m })?;
         // SAFETY: `host` and `input` outlive the call; the plugin writes one buffer.
-        let (rc, bytes) = self.call(|out| unsafe { (self.evaluate)(host, input.as_ptr(), input.len(), out) });
-        if rc != RC_OK {
-            return Err(Self::error(rc, &bytes));
-        }
-        abi::decode::<EvalResponse>(&bytes).map_err(|e| CallError {
-            panicked: false,
-            message: format!("returned a response that does not decode: {e}"),
-        })
+        self.call(
+            |out| unsafe { (self.evaluate)(host, input.as_ptr(), input.len(), out) },
+            |rc, bytes| {
+                if rc != RC_OK {
+                    return Err(Self::error(rc, bytes));
+                }
+                abi::decode::<EvalResponse>(bytes).map_err(|e| CallError {
+                    panicked: false,
+                    message: format!("returned a response that does not decode: {e}"),
+                })
+            },
+        )
     }
 }

@@ -32,6 +32,20 @@ pub struct Plugin {
     pub inputs: Vec<InputSpec>,
 }
 
+/// A detector keeps its state inside its library, which is never unloaded: a plugin
+/// dropped for good (removed or replaced in the folder, a Kafka partition given up) would
+/// hold its aggregates in memory for the life of the process. An `init` without state
+/// replaces them with an empty detector. (No other live plugin shares that state: each
+/// folder of plugins loads its own copies, and a file reloaded in place — same copy, same
+/// library — is dropped before it is loaded again.)
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        if let Err(e) = self.lib.init(&lookout_plugin_sdk::InitRequest { params: Vec::new(), state: Vec::new() }) {
+            tracing::debug!(detector = %self.id(), error = %e, "a dropped detector did not release its state");
+        }
+    }
+}
+
 impl Plugin {
     /// `name@version`: the key of the detector's cursor, state and finding ids.
     pub fn id(&self) -> String {

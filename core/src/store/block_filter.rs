@@ -147,5 +147,11 @@ mod tests {
         // A meta without a filter (a store written before filters) reads as none.
         assert!(Sha1Filter::after_meta(&[1, 2, 3], 3).is_none());
         assert!(Sha1Filter::after_meta(&[1, 2, 3, TAG, 1, 2], 3).is_none());
+        let mut other_tag = vec![1, 2, 3, b'X'];
+        other_tag.extend_from_slice(&[0; 8]);
+        assert!(Sha1Filter::after_meta(&other_tag, 3).is_none(), "another tag");
+        let mut three_words = vec![1, 2, 3, TAG];
+        three_words.extend_from_slice(&[0; 24]);
+        assert!(Sha1Filter::after_meta(&three_words, 3).is_none(), "not a power of two");
     }
 }

@@ -207,7 +207,7 @@ fn item_spans(raw: &[u8]) -> Result<Vec<(u32, u32)>> {
     let mut at = 0usize;
     while at < raw.len() {
         let len = raw.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
-        let end = len.map(|len| at + 4 + len).filter(|end| *end <= raw.len());
+        let end = len.and_then(|len| at.checked_add(4)?.checked_add(len)).filter(|end| *end <= raw.len());
         let Some(end) = end else { return Err(corrupt!("corrupt block: an item runs past its end")) };
         spans.push(((at + 4) as u32, end as u32));
         at = end;

@@ -584,11 +584,13 @@ impl Runs {
     /// The oldest [`MERGE_FAN_IN`] runs of one kind in the smallest size class that has
     /// that many (size classes grow by the fan-in), if any.
     ///
-    /// With a retention, event runs merge only with runs that start in the same time
-    /// bucket (an eighth of the retention): a run is dropped whole once its newest entry
-    /// is past the horizon, so a run spanning the whole retention would hold every
-    /// expired entry for up to another retention, and keep sled's segments holding it
-    /// alive (the data directory grew ~1.5× after the first expiry instead of levelling).
+    /// With a retention, event runs merge only with runs whose newest entry falls in the
+    /// same time bucket (an eighth of the retention): a run is dropped whole once its
+    /// newest entry is past the horizon, so a run spanning the whole retention would hold
+    /// every expired entry for up to another retention (the stored bytes grew ~1.5× after
+    /// the first expiry instead of levelling). Bucketing by the newest entry means a
+    /// merge never keeps an input's entries more than a bucket past that input's own
+    /// drop, even when a batch carried late rows with old Timestamps.
     fn merge_candidates(&self, retention: Option<i64>) -> Option<(RunKind, Vec<u64>)> {
         let bucket_len = retention.map(|r| (r / RETENTION_BUCKETS).max(1));
         let class = |entries: u64| -> u32 {
@@ -607,7 +609,7 @@ impl Runs {
                 continue;
             }
             let bucket = match (m.kind, bucket_len) {
-                (RunKind::Events, Some(len)) => m.min_ts.div_euclid(len),
+                (RunKind::Events, Some(len)) => m.max_ts.div_euclid(len),
                 _ => 0,
             };
             groups.entry((class(m.entries), m.kind == RunKind::Profiles, bucket)).or_default().push(*id);

@@ -46,29 +46,41 @@ pub unsafe fn free_buf(ptr: *mut u8, len: usize) {
     drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) });
 }
 
-/// Sends one request payload to the host and returns its return code and answer (the
-/// host's buffer copied, and handed back to the host's allocator).
+/// Sends one request payload to the host and hands its return code and answer to `read`,
+/// in place (decoded from the host's buffer, not copied first: an answer of thousands of
+/// rows is megabytes, and a copy is that much fresh memory); the buffer then goes back to
+/// the host's allocator, also if `read` panics.
 ///
 /// Safe to call because of a crate invariant: a [`Context`] holds a host table only when
 /// [`run_evaluate`] made it from the table the host passed to `lookout_evaluate`, and the
 /// context does not outlive that call (`Context::new` is crate-private).
 pub(crate) fn call_host<R>(host: &LookoutHostApi, input: &[u8], read: impl FnOnce(i32, &[u8]) -> R) -> R {
-    let mut out = LookoutBuf::empty();
+    /// Hands the host's buffer back when dropped.
+    struct HostBuf<'h> {
+        host: &'h LookoutHostApi,
+        buf: LookoutBuf,
+    }
+    impl Drop for HostBuf<'_> {
+        fn drop(&mut self) {
+            if !self.buf.ptr.is_null() {
+                // SAFETY: returning the host's own buffer, exactly as it was handed over,
+                // once (this guard is its only owner).
+                unsafe { (self.host.free)(self.buf.ptr, self.buf.len) };
+            }
+        }
+    }
+    let mut answer = HostBuf { host, buf: LookoutBuf::empty() };
     // SAFETY: `host` is the table of the `lookout_evaluate` call in progress (see above),
     // so `host.ctx` is the host's context for it; `input` is a live slice of `len` bytes
-    // and `out` a writable LookoutBuf on this stack frame.
-    let rc = unsafe { (host.call)(host.ctx, input.as_ptr(), input.len(), &mut out) };
-    if out.ptr.is_null() {
+    // and `answer.buf` a writable LookoutBuf owned by this frame.
+    let rc = unsafe { (host.call)(host.ctx, input.as_ptr(), input.len(), &mut answer.buf) };
+    if answer.buf.ptr.is_null() {
         return read(rc, &[]);
     }
-    // The answer is read in place (decoded, not copied first: an answer of thousands of
-    // rows is megabytes, and a copy is that much fresh memory), then handed back.
-    // SAFETY: the host filled `out` with a buffer of `len` initialised bytes that stays
-    // valid until we pass it to `host.free`, which we do right after `read`.
-    let result = read(rc, unsafe { std::slice::from_raw_parts(out.ptr, out.len) });
-    // SAFETY: returning the host's own buffer, exactly as it was handed over, once.
-    unsafe { (host.free)(out.ptr, out.len) };
-    result
+    // SAFETY: the host filled the buffer with `len` initialised bytes that stay valid
+    // until `answer` hands them back, after `read`.
+    let bytes = unsafe { std::slice::from_raw_parts(answer.buf.ptr, answer.buf.len) };
+    read(rc, bytes)
 }
 
 /// Writes the answer of an export to `out` (the payload on success, a UTF-8 message on
