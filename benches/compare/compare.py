@@ -409,7 +409,19 @@ def main():
 
         # -- 2. backfill
         log("== backfill")
+        # One pass is one sample on a shared VM (the same backfill took 48–165 ms by hand):
+        # two more, each the first backfill of its own copy of the store, and the median.
+        samples = []
+        for i in range(2):
+            copy = work / f"backfill-copy-{i}"
+            shutil.copytree(lk.data, copy)
+            samples.append(Runner(lk.exe, copy).detect(plugins, backfill=True))
+            shutil.rmtree(copy)
         bf = lk.detect(plugins, backfill=True)
+        samples.append(bf)
+        bf_samples = sorted(x["pass_ms"] for x in samples)
+        log("backfill passes: " + ", ".join(f"{x:.1f} ms" for x in bf_samples))
+        bf = dict(bf, pass_ms=statistics.median(bf_samples))
         lk_pairs = lk.pairs()
         dk_backfill, dk_pairs = duck.rule()
         ok = check("backfill Lookout == truth", lk_pairs, truth)
@@ -492,7 +504,8 @@ def main():
     L.append(f"| ingest ceiling: sled only ({ceil['sled_rows']:,} keys, {ceil['value_len']:,}-byte values, batches of 4096) | "
              f"{ceil['sled_rows_per_s']:,.0f} rows/s | | Lookout / ceiling {rows / lk_ingest / ceil['sled_rows_per_s']:.2f}× |")
     L.append(f"| backfill detection (Lookout: pass time; wall incl. process start in brackets) | "
-             f"{ms(bf['pass_ms'])} ({ms(bf['wall'] * 1e3)}) | {ms(dk_backfill * 1e3)} | "
+             f"{ms(bf['pass_ms'])}, median of {', '.join(ms(x) for x in bf_samples)} ({ms(bf['wall'] * 1e3)}) | "
+             f"{ms(dk_backfill * 1e3)} | "
              f"{ratio(dk_backfill * 1e3, bf['pass_ms'])} |")
     if per:
         m, p = f(lk_tick)
