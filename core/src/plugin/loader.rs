@@ -107,6 +107,16 @@ impl PluginLib {
         }
     }
 
+    /// A call's answer: the plugin's error, or its payload decoded (`what` says which
+    /// call answered, for the message).
+    fn answer<T: serde::de::DeserializeOwned>(rc: i32, bytes: &[u8], what: &str) -> Result<T, CallError> {
+        if rc != RC_OK {
+            return Err(Self::error(rc, bytes));
+        }
+        abi::decode::<T>(bytes)
+            .map_err(|e| CallError { panicked: false, message: format!("{what} a response that does not decode: {e}") })
+    }
+
     pub fn manifest(&self) -> Result<Manifest, Refused> {
         // SAFETY: `lookout_manifest` writes one buffer into `out`, per the ABI.
         self.call(
@@ -125,15 +135,7 @@ impl PluginLib {
         // SAFETY: `input` is live for the call; the plugin writes one buffer into `out`.
         self.call(
             |out| unsafe { (self.init)(input.as_ptr(), input.len(), out) },
-            |rc, bytes| {
-                if rc != RC_OK {
-                    return Err(Self::error(rc, bytes));
-                }
-                abi::decode::<InitResponse>(bytes).map_err(|e| CallError {
-                    panicked: false,
-                    message: format!("init returned a response that does not decode: {e}"),
-                })
-            },
+            |rc, bytes| Self::answer(rc, bytes, "init returned"),
         )
     }
 
@@ -142,15 +144,7 @@ impl PluginLib {
         // SAFETY: `host` and `input` outlive the call; the plugin writes one buffer.
         self.call(
             |out| unsafe { (self.evaluate)(host, input.as_ptr(), input.len(), out) },
-            |rc, bytes| {
-                if rc != RC_OK {
-                    return Err(Self::error(rc, bytes));
-                }
-                abi::decode::<EvalResponse>(bytes).map_err(|e| CallError {
-                    panicked: false,
-                    message: format!("returned a response that does not decode: {e}"),
-                })
-            },
+            |rc, bytes| Self::answer(rc, bytes, "returned"),
         )
     }
 }
