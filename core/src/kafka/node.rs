@@ -643,6 +643,9 @@ fn detect_round(
         // writes and produces these; if they come back here, they go out then.
         return Ok(());
     }
+    if !still_owned(cfg, p, consumer)? {
+        return Ok(());
+    }
     // What a previous owner found is in its JSONL and in the topic already.
     let before = &p.emitted_before;
     let written = flush_outbox_except(&mut p.store, &cfg.findings, &|json| {
@@ -667,6 +670,28 @@ fn detect_round(
         }
     }
     Ok(())
+}
+
+/// Whether this node may emit the partition's pending findings. A node the group dropped
+/// without it knowing yet (starved of CPU past the session timeout, say) still sees its
+/// assignment as its own, while the next owner reads the findings topic to know what not
+/// to emit again: findings produced after that read would go out twice. A synchronous
+/// commit of the partition's offset succeeds only for a member of the group's current
+/// generation, so it is made before emitting; one that fails holds the findings back
+/// (they are emitted on a later round, by this node or the partition's next owner).
+fn still_owned(cfg: &NodeConfig, p: &mut Partition, consumer: &BaseConsumer<NodeContext>) -> Result<bool, KafkaError> {
+    let (Some(next), true) = (p.next_offset, p.store.outbox_has_from(p.topic_cursor()?)?) else { return Ok(true) };
+    let mut offsets = TopicPartitionList::new();
+    offsets
+        .add_partition_offset(&cfg.topic, p.partition, Offset::Offset(next))
+        .map_err(KafkaError::kafka("cannot list the offset to commit"))?;
+    match consumer.commit(&offsets, CommitMode::Sync) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            tracing::info!(partition = p.partition, error = %e, "the group did not take this node's offset; its findings wait for a later round");
+            Ok(false)
+        }
+    }
 }
 
 fn update_view(owned: &mut Owned, watermarks: &Watermarks, observe: &NodeObserve) {
