@@ -380,6 +380,36 @@ fn a_killed_node_s_partitions_are_taken_over_with_every_finding_once() {
     w.check_stored_rows(&mut [&mut a, &mut c]);
 }
 
+/// A node stopped whole between finding and emitting (no thread runs, no heartbeat: the
+/// group drops it, as it would a node starved of CPU) and continued once the survivor has
+/// taken its partitions over and emitted what it found: it emits none of it again.
+#[test]
+fn a_node_stopped_before_emitting_emits_nothing_twice_once_continued() {
+    let w = World::new(11);
+    let mut a = w.node("a").start();
+    let mut b = w.node("b").failpoint(Some("kafka-before-emit")).start();
+    w.feed(0);
+    let stopped = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
+            .unwrap_or(false)
+    };
+    let started = Instant::now();
+    while !stopped(b.pid()) {
+        assert!(started.elapsed() < SETTLE, "the failpoint was not hit:\n{}", b.log_tail(3000));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    w.wait_settled(&mut [&mut a], SETTLE);
+    let cont = std::process::Command::new("kill").args(["-CONT", &b.pid().to_string()]).status().expect("kill -CONT");
+    assert!(cont.success());
+    w.wait_settled(&mut [&mut a, &mut b], SETTLE);
+    w.feed(1);
+    w.wait_settled(&mut [&mut a, &mut b], SETTLE);
+    w.check_findings();
+    w.check_stored_rows(&mut [&mut a, &mut b]);
+}
+
 /// A node killed right after a batch of rows and their offset are committed to its
 /// store, before the group's offset is: restarted, it goes on from its store's offset.
 #[test]

@@ -681,6 +681,7 @@ fn detect_round(
 /// (they are emitted on a later round, by this node or the partition's next owner).
 fn still_owned(cfg: &NodeConfig, p: &mut Partition, consumer: &BaseConsumer<NodeContext>) -> Result<bool, KafkaError> {
     let (Some(next), true) = (p.next_offset, p.store.outbox_has_from(p.topic_cursor()?)?) else { return Ok(true) };
+    crate::failpoint::pause("kafka-before-emit");
     let mut offsets = TopicPartitionList::new();
     offsets
         .add_partition_offset(&cfg.topic, p.partition, Offset::Offset(next))
