@@ -284,8 +284,9 @@ impl World {
     }
 
     /// The findings topic: every finding once, each in the partition of its device's rows,
-    /// and exactly the reference's.
-    fn check_findings(&self) {
+    /// and exactly the reference's. `nodes` (killed ones too) give their ownership
+    /// history to a failure message.
+    fn check_findings(&self, nodes: &[&Daemon]) {
         let messages = self.mock.consume("findings");
         let rows = self.mock.consume("rows");
         let partition_of: BTreeMap<String, i32> = rows
@@ -303,7 +304,11 @@ impl World {
             }
         }
         let twice: Vec<&String> = ids.iter().filter(|(_, &n)| n > 1).map(|(id, _)| id).collect();
-        assert!(twice.is_empty(), "findings produced more than once: {twice:?}");
+        assert!(
+            twice.is_empty(),
+            "findings produced more than once: {twice:?}\nwho owned what:\n{}",
+            ownership_history(nodes)
+        );
         let got: BTreeSet<String> = ids.into_keys().collect();
         let missing: Vec<String> = self
             .expected
@@ -331,7 +336,8 @@ impl World {
             .collect();
         assert!(
             missing.is_empty() && extra.is_empty(),
-            "findings topic ≠ one lookout over the same rows\n  missing: {missing:?}\n  extra: {extra:?}"
+            "findings topic ≠ one lookout over the same rows\n  missing: {missing:?}\n  extra: {extra:?}\nwho owned what:\n{}",
+            ownership_history(nodes)
         );
     }
 
@@ -357,6 +363,29 @@ impl World {
     }
 }
 
+/// Each node's log lines about partitions changing hands and findings going out.
+fn ownership_history(nodes: &[&Daemon]) -> String {
+    const MARKS: [&str; 8] = [
+        "partitions assigned",
+        "partitions revoked",
+        "taken over",
+        "new findings",
+        "moved to another node",
+        "did not take this node's offset",
+        "failed",
+        "failpoint",
+    ];
+    let mut out = String::new();
+    for (i, node) in nodes.iter().enumerate() {
+        out.push_str(&format!("--- node {i}\n"));
+        for line in node.log_text().lines().filter(|l| MARKS.iter().any(|m| l.contains(m))) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 const SETTLE: Duration = Duration::from_secs(120);
 
 /// The main case: three nodes, one SIGKILLed after the first half; the survivors
@@ -376,7 +405,7 @@ fn a_killed_node_s_partitions_are_taken_over_with_every_finding_once() {
     w.wait_settled(&mut [&mut a, &mut c], SETTLE);
     w.feed(1);
     w.wait_settled(&mut [&mut a, &mut c], SETTLE);
-    w.check_findings();
+    w.check_findings(&[&a, &b, &c]);
     w.check_stored_rows(&mut [&mut a, &mut c]);
 }
 
@@ -406,7 +435,7 @@ fn a_node_stopped_before_emitting_emits_nothing_twice_once_continued() {
     w.wait_settled(&mut [&mut a, &mut b], SETTLE);
     w.feed(1);
     w.wait_settled(&mut [&mut a, &mut b], SETTLE);
-    w.check_findings();
+    w.check_findings(&[&a, &b]);
     w.check_stored_rows(&mut [&mut a, &mut b]);
 }
 
@@ -424,7 +453,7 @@ fn a_kill_between_the_store_commit_and_the_kafka_commit_loses_and_repeats_nothin
     w.wait_settled(&mut [&mut a, &mut b], SETTLE);
     w.feed(1);
     w.wait_settled(&mut [&mut a, &mut b], SETTLE);
-    w.check_findings();
+    w.check_findings(&[&a, &b]);
     w.check_stored_rows(&mut [&mut a, &mut b]);
 }
 
@@ -448,7 +477,7 @@ fn a_broker_down_and_back_loses_and_repeats_nothing() {
     });
     assert!(stats["produced"].as_u64().is_some_and(|p| p > 0), "{stats}");
     w.wait_settled(&mut [&mut a, &mut b], SETTLE);
-    w.check_findings();
+    w.check_findings(&[&a, &b]);
     w.check_stored_rows(&mut [&mut a, &mut b]);
 }
 
@@ -465,7 +494,7 @@ fn a_node_added_mid_run_takes_partitions_over() {
     w.wait_settled(&mut [&mut a, &mut b, &mut c], SETTLE);
     w.feed(1);
     w.wait_settled(&mut [&mut a, &mut b, &mut c], SETTLE);
-    w.check_findings();
+    w.check_findings(&[&a, &b, &c]);
     w.check_stored_rows(&mut [&mut a, &mut b, &mut c]);
     // Partitions that moved away were dropped from the nodes that had them.
     for (name, node) in [("a", &mut a), ("b", &mut b), ("c", &mut c)] {
@@ -533,7 +562,7 @@ fn split_run_twice_over_the_same_input_stores_no_row_twice() {
         })
         .sum();
     assert_eq!(stored, w.event_rows, "every event row stored once");
-    w.check_findings();
+    w.check_findings(&[&a, &b]);
 }
 
 /// The split keeps aside what it cannot key: records with no DeviceId and messages that

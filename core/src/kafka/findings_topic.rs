@@ -4,7 +4,10 @@
 //! Finding ids are deterministic (a hash of the detector, its version and the input
 //! rows), so a node that takes a partition over — after a crash, a rebalance, or its own
 //! restart between producing and recording that it did — first reads the ids that
-//! partition of the findings topic already holds, and produces only the others.
+//! partition of the findings topic already holds, and produces only the others. A node
+//! given back a partition it held before reads on from where it stopped reading: another
+//! node may have owned it in between, even across what looked like an orderly rebalance
+//! (a member busy through a rebalance is given partitions in its absence).
 
 use super::partition::Partition;
 use super::split::{send, Deliveries};
@@ -21,8 +24,14 @@ use std::time::{Duration, Instant};
 /// on this assignment (and is assigned it again).
 const READ_LIMIT: Duration = Duration::from_secs(120);
 
-/// The finding ids in partition `partition` of `topic`, read from its start to its end.
-pub fn emitted_ids(kafka: &KafkaSettings, topic: &str, partition: i32) -> Result<HashSet<String>, KafkaError> {
+/// The finding ids in partition `partition` of `topic`, read from offset `from` (or its
+/// first kept offset, if later) to its end; and that end, to read on from next time.
+pub fn emitted_ids(
+    kafka: &KafkaSettings,
+    topic: &str,
+    partition: i32,
+    from: i64,
+) -> Result<(HashSet<String>, i64), KafkaError> {
     let consumer: BaseConsumer = {
         kafka.client(READER).create().map_err(|source| KafkaError::Client {
             what: "findings reader",
@@ -34,8 +43,9 @@ pub fn emitted_ids(kafka: &KafkaSettings, topic: &str, partition: i32) -> Result
         .fetch_watermarks(topic, partition, CALL_TIMEOUT)
         .map_err(KafkaError::kafka(format!("cannot read the end of findings topic {topic} partition {partition}")))?;
     let mut ids = HashSet::new();
+    let low = low.max(from);
     if high <= low {
-        return Ok(ids);
+        return Ok((ids, high.max(from)));
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(low))
@@ -63,7 +73,7 @@ pub fn emitted_ids(kafka: &KafkaSettings, topic: &str, partition: i32) -> Result
             }
         }
     }
-    Ok(ids)
+    Ok((ids, high))
 }
 
 fn finding_id(payload: &[u8]) -> Option<String> {

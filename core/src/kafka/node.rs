@@ -98,28 +98,40 @@ impl ConsumerContext for NodeContext {
                 let wanted: BTreeSet<i32> =
                     tpl.elements_for_topic(&self.cfg.topic).iter().map(|e| e.partition()).collect();
                 tracing::info!(partitions = ?wanted, "partitions assigned");
+                // An assignment replaces the last one whole (the eager protocol revokes
+                // first); anything still held goes through the same checks as a revoked one.
+                for (n, mut p) in std::mem::take(&mut owned.partitions) {
+                    p.pending.clear();
+                    owned.revoked.insert(n, p);
+                }
                 if let Err(e) = self.drop_others(&mut owned, &wanted) {
                     owned.failure.get_or_insert(e);
                 }
                 for &n in &wanted {
                     if let Some(mut p) = owned.revoked.remove(&n) {
-                        // Taken away as lost, another node may have owned it in between:
-                        // what the topic holds now is not produced (or written) again.
-                        // Revoked in an orderly rebalance, nobody else had it.
-                        if p.lost {
-                            match emitted_ids(&self.cfg.kafka, &self.cfg.findings_topic, n) {
-                                Ok(ids) => {
-                                    let new: Vec<String> =
-                                        ids.into_iter().filter(|id| !p.emitted.contains(id)).collect();
-                                    p.emitted_before.extend(new.iter().cloned());
-                                    p.emitted.extend(new);
-                                    p.lost = false;
+                        // Given back: another node may have owned it in between, after a
+                        // lost assignment or even an orderly revocation (a member slow to
+                        // rejoin is assigned partitions in its absence, and the group moves
+                        // on without it). What the topic gained since this node last read
+                        // it is not produced (or written) again.
+                        match emitted_ids(&self.cfg.kafka, &self.cfg.findings_topic, n, p.findings_read_to) {
+                            Ok((ids, end)) => {
+                                let new: Vec<String> = ids.into_iter().filter(|id| !p.emitted.contains(id)).collect();
+                                if !new.is_empty() {
+                                    tracing::info!(
+                                        partition = n,
+                                        findings = new.len(),
+                                        "partition given back; another node emitted findings of it meanwhile"
+                                    );
                                 }
-                                Err(e) => {
-                                    owned.failure.get_or_insert(e);
-                                    owned.revoked.insert(n, p);
-                                    continue;
-                                }
+                                p.emitted_before.extend(new.iter().cloned());
+                                p.emitted.extend(new);
+                                p.findings_read_to = end;
+                            }
+                            Err(e) => {
+                                owned.failure.get_or_insert(e);
+                                owned.revoked.insert(n, p);
+                                continue;
                             }
                         }
                         owned.partitions.insert(n, p);
@@ -155,7 +167,6 @@ impl ConsumerContext for NodeContext {
                     if let Some(mut p) = owned.partitions.remove(&n) {
                         // Read, not stored: the next owner reads it again.
                         p.pending.clear();
-                        p.lost = lost;
                         owned.revoked.insert(n, p);
                     }
                 }
@@ -168,7 +179,7 @@ impl ConsumerContext for NodeContext {
                 let all: Vec<i32> = owned.partitions.keys().copied().collect();
                 for n in all {
                     if let Some(mut p) = owned.partitions.remove(&n) {
-                        p.lost = true;
+                        p.pending.clear();
                         owned.revoked.insert(n, p);
                     }
                 }
@@ -215,7 +226,7 @@ impl NodeContext {
             let opts = IngestOptions { only_tables: Some(vec!["FileProfile".to_string()]), ..cfg.ingest.clone() };
             p.tailer = Some(Tailer::new(logs, opts));
         }
-        p.emitted = emitted_ids(&cfg.kafka, &cfg.findings_topic, n)?;
+        (p.emitted, p.findings_read_to) = emitted_ids(&cfg.kafka, &cfg.findings_topic, n, 0)?;
         p.emitted_before = p.emitted.clone();
         let (low, high) = consumer.fetch_watermarks(&cfg.topic, n, CALL_TIMEOUT).map_err(KafkaError::kafka(
             format!("cannot read the end of {} partition {n} (does the topic exist, with this partition?)", cfg.topic),

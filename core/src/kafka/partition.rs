@@ -69,9 +69,8 @@ pub struct Partition {
     pub stored: u64,
     /// Findings written to the node's JSONL since assigned.
     pub findings_written: u64,
-    /// Set aside because the assignment was lost (not an orderly revocation): another
-    /// node may have owned it since.
-    pub lost: bool,
+    /// The offset of the findings topic's partition up to which `emitted` was read.
+    pub findings_read_to: i64,
     /// The partition's end as last asked.
     pub high_watermark: i64,
 }
@@ -102,7 +101,7 @@ impl Partition {
             last_pass_at: None,
             stored: 0,
             findings_written: 0,
-            lost: false,
+            findings_read_to: 0,
             high_watermark: 0,
         })
     }
