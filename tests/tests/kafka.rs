@@ -365,8 +365,9 @@ impl World {
 
 /// Each node's log lines about partitions changing hands and findings going out.
 fn ownership_history(nodes: &[&Daemon]) -> String {
-    const MARKS: [&str; 8] = [
+    const MARKS: [&str; 9] = [
         "partitions assigned",
+        "given back",
         "partitions revoked",
         "taken over",
         "new findings",

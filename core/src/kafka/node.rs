@@ -17,7 +17,7 @@
 //! committed; what it read and did not store is read again by the next owner). When the
 //! next assignment does not give the partition back, its folder is removed.
 
-use super::findings_topic::{emitted_ids, produce_new};
+use super::findings_topic::{produce_new, FindingsReader};
 use super::partition::{partition_dir, Partition};
 use super::split::{producer, Deliveries};
 use super::watermarks::Watermarks;
@@ -107,49 +107,26 @@ impl ConsumerContext for NodeContext {
                 if let Err(e) = self.drop_others(&mut owned, &wanted) {
                     owned.failure.get_or_insert(e);
                 }
-                for &n in &wanted {
-                    if let Some(mut p) = owned.revoked.remove(&n) {
-                        // Given back: another node may have owned it in between, after a
-                        // lost assignment or even an orderly revocation (a member slow to
-                        // rejoin is assigned partitions in its absence, and the group moves
-                        // on without it). What the topic gained since this node last read
-                        // it is not produced (or written) again.
-                        match emitted_ids(&self.cfg.kafka, &self.cfg.findings_topic, n, p.findings_read_to) {
-                            Ok((ids, end)) => {
-                                let new: Vec<String> = ids.into_iter().filter(|id| !p.emitted.contains(id)).collect();
-                                if !new.is_empty() {
-                                    tracing::info!(
-                                        partition = n,
-                                        findings = new.len(),
-                                        "partition given back; another node emitted findings of it meanwhile"
-                                    );
-                                }
-                                p.emitted_before.extend(new.iter().cloned());
-                                p.emitted.extend(new);
-                                p.findings_read_to = end;
-                            }
-                            Err(e) => {
-                                owned.failure.get_or_insert(e);
-                                owned.revoked.insert(n, p);
-                                continue;
-                            }
-                        }
-                        owned.partitions.insert(n, p);
+                // One reader of the findings topic for the whole assignment.
+                let reader = match FindingsReader::new(&self.cfg.kafka) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        owned.failure.get_or_insert(e);
+                        None
                     }
-                    let start = match owned.partitions.get(&n) {
-                        Some(p) => p.next_offset.map(Offset::Offset),
-                        None => match self.take_over(consumer, n) {
-                            Ok((p, start)) => {
-                                owned.partitions.insert(n, p);
-                                Some(start)
-                            }
+                };
+                for &n in &wanted {
+                    let start =
+                        reader.as_ref().and_then(|reader| match self.open_assigned(consumer, reader, &mut owned, n) {
+                            Ok(start) => Some(start),
                             Err(e) => {
+                                // The work loop returns the failure: the node leaves the group
+                                // and rejoins, and is assigned the partition afresh.
                                 tracing::error!(partition = n, error = %Chain(&e), "cannot take the partition over");
                                 owned.failure.get_or_insert(e);
                                 None
                             }
-                        },
-                    };
+                        });
                     let start = start.unwrap_or(Offset::Beginning);
                     if let Err(e) = tpl.set_partition_offset(&self.cfg.topic, n, start) {
                         owned.failure.get_or_insert(KafkaError::kafka("cannot set a start offset")(e));
@@ -216,9 +193,61 @@ impl NodeContext {
         Ok(())
     }
 
+    /// Makes assigned partition `n` an owned one; returns where to start reading it.
+    fn open_assigned(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        reader: &FindingsReader,
+        owned: &mut Owned,
+        n: i32,
+    ) -> Result<Offset, KafkaError> {
+        let Some(mut p) = owned.revoked.remove(&n) else {
+            let (p, start) = self.take_over(consumer, reader, n)?;
+            owned.partitions.insert(n, p);
+            return Ok(start);
+        };
+        // Given back: another node may have owned it in between, after a lost assignment
+        // or even an orderly revocation (a member slow to rejoin is assigned partitions in
+        // its absence, and the group moves on without it). What the topic gained since
+        // this node last read it is not produced (or written) again.
+        let given_back = (|| {
+            let (ids, end) = reader.read(&self.cfg.findings_topic, n, p.findings_read_to)?;
+            let new: Vec<String> = ids.into_iter().filter(|id| !p.emitted.contains(id)).collect();
+            if !new.is_empty() {
+                tracing::info!(
+                    partition = n,
+                    findings = new.len(),
+                    "partition given back; another node emitted findings of it meanwhile"
+                );
+            }
+            p.emitted_before.extend(new.iter().cloned());
+            p.emitted.extend(new);
+            p.findings_read_to = end;
+            match p.next_offset {
+                Some(o) => Ok(Offset::Offset(o)),
+                None => self.horizon_offset(consumer, n),
+            }
+        })();
+        match given_back {
+            Ok(start) => {
+                owned.partitions.insert(n, p);
+                Ok(start)
+            }
+            Err(e) => {
+                owned.revoked.insert(n, p);
+                Err(e)
+            }
+        }
+    }
+
     /// Opens a newly assigned partition: its store, the ids already in the findings
     /// topic, its end (the replay's target) and where to start reading.
-    fn take_over(&self, consumer: &BaseConsumer<Self>, n: i32) -> Result<(Partition, Offset), KafkaError> {
+    fn take_over(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        reader: &FindingsReader,
+        n: i32,
+    ) -> Result<(Partition, Offset), KafkaError> {
         let cfg = &self.cfg;
         let mut p = Partition::open(&cfg.data, &cfg.topic, n, &cfg.plugins)?;
         p.store.set_retention(cfg.retention);
@@ -226,7 +255,7 @@ impl NodeContext {
             let opts = IngestOptions { only_tables: Some(vec!["FileProfile".to_string()]), ..cfg.ingest.clone() };
             p.tailer = Some(Tailer::new(logs, opts));
         }
-        (p.emitted, p.findings_read_to) = emitted_ids(&cfg.kafka, &cfg.findings_topic, n, 0)?;
+        (p.emitted, p.findings_read_to) = reader.read(&cfg.findings_topic, n, 0)?;
         p.emitted_before = p.emitted.clone();
         let (low, high) = consumer.fetch_watermarks(&cfg.topic, n, CALL_TIMEOUT).map_err(KafkaError::kafka(
             format!("cannot read the end of {} partition {n} (does the topic exist, with this partition?)", cfg.topic),
