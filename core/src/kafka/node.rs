@@ -4,9 +4,10 @@
 //! each partition it is assigned, a node:
 //!
 //! 1. opens that partition's store ([`Partition`]); one with no state starts at
-//!    `offsetsForTimes(now − retention)` (the beginning when the broker cannot say), one
-//!    with state at the offset committed with its rows — the Kafka group's committed
-//!    offsets are only for lag monitoring;
+//!    `offsetsForTimes(now − retention)` (the partition's end when every message is
+//!    older, the beginning when the broker cannot say), one with state at the offset
+//!    committed with its rows — the Kafka group's committed offsets are only for lag
+//!    monitoring;
 //! 2. reads the ids the findings topic's partition already holds, so a finding the
 //!    previous owner emitted is not emitted again;
 //! 3. stores messages in batches, each with the partition's next offset in the same sled
@@ -295,8 +296,9 @@ impl NodeContext {
         Ok((p, start))
     }
 
-    /// The first offset within retention (`offsetsForTimes(now − retention)`); the
-    /// beginning when there is no retention or the broker cannot say.
+    /// The first offset within retention (`offsetsForTimes(now − retention)`): the
+    /// partition's end when every message is older, the beginning when there is no
+    /// retention or the broker cannot say.
     fn horizon_offset(&self, consumer: &BaseConsumer<Self>, n: i32) -> Result<Offset, KafkaError> {
         let Some(retention) = self.cfg.retention else { return Ok(Offset::Beginning) };
         let now = crate::clock::Clock::new(self.cfg.now.or(self.cfg.ingest.now)).now();
@@ -307,10 +309,28 @@ impl NodeContext {
         let found = consumer
             .offsets_for_times(tpl, CALL_TIMEOUT)
             .map_err(KafkaError::kafka(format!("cannot ask {} for the offset of the horizon", self.cfg.topic)))?;
-        Ok(match found.find_partition(&self.cfg.topic, n).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) if o >= 0 => Offset::Offset(o),
-            _ => Offset::Beginning,
-        })
+        let answer = found.find_partition(&self.cfg.topic, n).map(|e| e.offset());
+        let end = if answer == Some(Offset::End) {
+            consumer
+                .fetch_watermarks(&self.cfg.topic, n, CALL_TIMEOUT)
+                .map_err(KafkaError::kafka(format!("cannot read the end of {} partition {n}", self.cfg.topic)))?
+                .1
+        } else {
+            0
+        };
+        Ok(horizon_start(answer, end))
+    }
+}
+
+/// Where a partition with nothing stored starts, from the broker's answer to
+/// `offsetsForTimes(horizon)`: that offset; the partition's `end` when the answer is the
+/// end (no message at or after the horizon: all of them are older than retention keeps,
+/// and replaying them would store nothing); the beginning when there is no answer.
+fn horizon_start(answer: Option<Offset>, end: i64) -> Offset {
+    match answer {
+        Some(Offset::Offset(o)) if o >= 0 => Offset::Offset(o),
+        Some(Offset::End) => Offset::Offset(end),
+        _ => Offset::Beginning,
     }
 }
 
@@ -762,4 +782,19 @@ fn update_view(owned: &mut Owned, watermarks: &Watermarks, observe: &NodeObserve
             }
         })
         .collect();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_with_nothing_stored_starts_where_the_broker_puts_the_horizon() {
+        assert_eq!(horizon_start(Some(Offset::Offset(42)), 100), Offset::Offset(42));
+        // Every message older than the horizon: from the end, nothing to replay.
+        assert_eq!(horizon_start(Some(Offset::End), 100), Offset::Offset(100));
+        // No answer for the partition, or one the broker could not give.
+        assert_eq!(horizon_start(None, 100), Offset::Beginning);
+        assert_eq!(horizon_start(Some(Offset::Invalid), 100), Offset::Beginning);
+    }
 }
