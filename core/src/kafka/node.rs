@@ -109,12 +109,15 @@ impl ConsumerContext for NodeContext {
                     owned.failure.get_or_insert(e);
                 }
                 // One reader of the findings topic for the whole assignment.
-                let reader = match FindingsReader::new(&self.cfg.kafka) {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        owned.failure.get_or_insert(e);
-                        None
-                    }
+                let reader = match wanted.is_empty() {
+                    true => None,
+                    false => match FindingsReader::new(&self.cfg.kafka) {
+                        Ok(r) => Some(r),
+                        Err(e) => {
+                            owned.failure.get_or_insert(e);
+                            None
+                        }
+                    },
                 };
                 for &n in &wanted {
                     let start =
@@ -226,7 +229,11 @@ impl NodeContext {
             p.findings_read_to = end;
             match p.next_offset {
                 Some(o) => Ok(Offset::Offset(o)),
-                None => self.horizon_offset(consumer, n),
+                None => {
+                    // Given up before it stored anything: started afresh.
+                    let (low, high) = self.watermarks(consumer, n)?;
+                    Ok(Offset::Offset(self.start_fresh(consumer, &mut p, n, low, high)?))
+                }
             }
         })();
         match given_back {
@@ -258,9 +265,7 @@ impl NodeContext {
         }
         (p.emitted, p.findings_read_to) = reader.read(&cfg.findings_topic, n, 0)?;
         p.emitted_before = p.emitted.clone();
-        let (low, high) = consumer.fetch_watermarks(&cfg.topic, n, CALL_TIMEOUT).map_err(KafkaError::kafka(
-            format!("cannot read the end of {} partition {n} (does the topic exist, with this partition?)", cfg.topic),
-        ))?;
+        let (low, high) = self.watermarks(consumer, n)?;
         if let Some(stored) = p.next_offset {
             if stored > high {
                 return Err(KafkaError::PastTheEnd {
@@ -280,27 +285,52 @@ impl NodeContext {
                 );
             }
         }
-        p.replay_target = high;
         let start = match p.next_offset {
-            Some(o) => Offset::Offset(o),
-            None => self.horizon_offset(consumer, n)?,
+            Some(o) => {
+                p.replay_target = high;
+                if o >= high {
+                    p.replay_done = Some(Instant::now());
+                }
+                o
+            }
+            None => self.start_fresh(consumer, &mut p, n, low, high)?,
         };
-        let from = match start {
-            Offset::Offset(o) => o,
-            _ => 0,
-        };
-        if p.next_offset.unwrap_or(from) >= high {
-            p.replay_done = Some(Instant::now());
-        }
-        tracing::info!(partition = n, start = ?start, end = high, findings_in_topic = p.emitted.len(), "partition taken over");
-        Ok((p, start))
+        tracing::info!(partition = n, start, end = high, findings_in_topic = p.emitted.len(), "partition taken over");
+        Ok((p, Offset::Offset(start)))
     }
 
-    /// The first offset within retention (`offsetsForTimes(now − retention)`): the
-    /// partition's end when every message is older, the beginning when there is no
-    /// retention or the broker cannot say.
-    fn horizon_offset(&self, consumer: &BaseConsumer<Self>, n: i32) -> Result<Offset, KafkaError> {
-        let Some(retention) = self.cfg.retention else { return Ok(Offset::Beginning) };
+    /// Partition `n`'s first kept offset and its end.
+    fn watermarks(&self, consumer: &BaseConsumer<Self>, n: i32) -> Result<(i64, i64), KafkaError> {
+        consumer.fetch_watermarks(&self.cfg.topic, n, CALL_TIMEOUT).map_err(KafkaError::kafka(format!(
+            "cannot read the end of {} partition {n} (does the topic exist, with this partition?)",
+            self.cfg.topic
+        )))
+    }
+
+    /// Starts partition `n`, with nothing stored, at the retention horizon: that offset is
+    /// its next one at once (lag, `/status` and the group's offsets follow it before a
+    /// message arrives), and it is replayed up to `high`.
+    fn start_fresh(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        p: &mut Partition,
+        n: i32,
+        low: i64,
+        high: i64,
+    ) -> Result<i64, KafkaError> {
+        let start = self.horizon_offset(consumer, n, low, high)?;
+        p.next_offset = Some(start);
+        p.replay_target = high;
+        p.replay_started = Instant::now();
+        p.replay_done = (start >= high).then(Instant::now);
+        Ok(start)
+    }
+
+    /// The first offset within retention (`offsetsForTimes(now − retention)`), given the
+    /// partition's first kept offset `low` and its end `high` as read before asking (a
+    /// message produced since is within retention, and must not be skipped).
+    fn horizon_offset(&self, consumer: &BaseConsumer<Self>, n: i32, low: i64, high: i64) -> Result<i64, KafkaError> {
+        let Some(retention) = self.cfg.retention else { return Ok(low) };
         let now = crate::clock::Clock::new(self.cfg.now.or(self.cfg.ingest.now)).now();
         let horizon_ms = (now - retention).max(0) / (TICKS_PER_SEC / 1000);
         let mut tpl = TopicPartitionList::new();
@@ -309,28 +339,20 @@ impl NodeContext {
         let found = consumer
             .offsets_for_times(tpl, CALL_TIMEOUT)
             .map_err(KafkaError::kafka(format!("cannot ask {} for the offset of the horizon", self.cfg.topic)))?;
-        let answer = found.find_partition(&self.cfg.topic, n).map(|e| e.offset());
-        let end = if answer == Some(Offset::End) {
-            consumer
-                .fetch_watermarks(&self.cfg.topic, n, CALL_TIMEOUT)
-                .map_err(KafkaError::kafka(format!("cannot read the end of {} partition {n}", self.cfg.topic)))?
-                .1
-        } else {
-            0
-        };
-        Ok(horizon_start(answer, end))
+        Ok(horizon_start(found.find_partition(&self.cfg.topic, n).map(|e| e.offset()), low, high))
     }
 }
 
 /// Where a partition with nothing stored starts, from the broker's answer to
-/// `offsetsForTimes(horizon)`: that offset; the partition's `end` when the answer is the
-/// end (no message at or after the horizon: all of them are older than retention keeps,
-/// and replaying them would store nothing); the beginning when there is no answer.
-fn horizon_start(answer: Option<Offset>, end: i64) -> Offset {
+/// `offsetsForTimes(horizon)`: that offset; the partition's end `high` (as read before
+/// asking) when the answer is the end (no message at or after the horizon: all of them
+/// are older than retention keeps, and replaying them would store nothing); its first
+/// kept offset `low` when there is no answer.
+fn horizon_start(answer: Option<Offset>, low: i64, high: i64) -> i64 {
     match answer {
-        Some(Offset::Offset(o)) if o >= 0 => Offset::Offset(o),
-        Some(Offset::End) => Offset::Offset(end),
-        _ => Offset::Beginning,
+        Some(Offset::Offset(o)) if o >= 0 => o.max(low),
+        Some(Offset::End) => high,
+        _ => low,
     }
 }
 
@@ -790,11 +812,13 @@ mod tests {
 
     #[test]
     fn a_partition_with_nothing_stored_starts_where_the_broker_puts_the_horizon() {
-        assert_eq!(horizon_start(Some(Offset::Offset(42)), 100), Offset::Offset(42));
+        assert_eq!(horizon_start(Some(Offset::Offset(42)), 7, 100), 42);
         // Every message older than the horizon: from the end, nothing to replay.
-        assert_eq!(horizon_start(Some(Offset::End), 100), Offset::Offset(100));
-        // No answer for the partition, or one the broker could not give.
-        assert_eq!(horizon_start(None, 100), Offset::Beginning);
-        assert_eq!(horizon_start(Some(Offset::Invalid), 100), Offset::Beginning);
+        assert_eq!(horizon_start(Some(Offset::End), 7, 100), 100);
+        // No answer for the partition, or one the broker could not give: its first kept
+        // offset (never an offset retention has already deleted).
+        assert_eq!(horizon_start(None, 7, 100), 7);
+        assert_eq!(horizon_start(Some(Offset::Invalid), 7, 100), 7);
+        assert_eq!(horizon_start(Some(Offset::Offset(3)), 7, 100), 7);
     }
 }

@@ -45,7 +45,8 @@ pub struct Partition {
     pub plugins: PluginSet,
     /// The file feed (FileProfile) read into this partition's store.
     pub tailer: Option<Tailer>,
-    /// The next offset to store; `None` before the first message of a new store.
+    /// The next offset to store: the stored one, or where a partition with nothing stored
+    /// was started (the retention horizon); `None` only before it is started.
     pub next_offset: Option<i64>,
     /// The partition's end when it was assigned: replaying until `next_offset` reaches it.
     pub replay_target: i64,
