@@ -809,6 +809,88 @@ fn update_view(owned: &mut Owned, watermarks: &Watermarks, observe: &NodeObserve
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseRecord, Producer};
+    use std::collections::HashSet;
+
+    /// A node's configuration against `brokers`, with its data in `dir`.
+    fn config(brokers: &str, dir: &std::path::Path) -> NodeConfig {
+        let plugins = dir.join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        NodeConfig {
+            data: dir.join("data"),
+            kafka: KafkaSettings { brokers: brokers.to_string(), properties: Vec::new() },
+            topic: "rows".into(),
+            group: "nodes".into(),
+            findings_topic: "findings".into(),
+            plugins,
+            findings: dir.join("findings.jsonl"),
+            logs: None,
+            listen: "127.0.0.1:0".into(),
+            params: Vec::new(),
+            ingest: IngestOptions::default(),
+            now: None,
+            retention: None,
+            rescan: Duration::from_secs(1),
+            batch_messages: 100,
+            quiet_before_pass: Duration::ZERO,
+        }
+    }
+
+    fn emit(producer: &BaseProducer<Deliveries>, ids: &[&str]) {
+        for id in ids {
+            let json = format!(r#"{{"finding_id":"{id}","device_id":"d"}}"#);
+            let record = BaseRecord::to("findings").partition(0).key("d").payload(json.as_bytes());
+            super::super::split::send(producer, record).unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+    }
+
+    /// The case an orderly revocation used to skip: the partition given back after
+    /// another node emitted findings of it meanwhile, and after the findings log was cut
+    /// back below where this node had read it.
+    #[test]
+    fn a_partition_given_back_learns_what_was_emitted_while_it_was_away() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("rows", 1, 1).unwrap();
+        cluster.create_topic("findings", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&cluster.bootstrap_servers(), dir.path());
+        let consumer = consumer(&cfg).unwrap();
+        let node = consumer.context();
+        let producer = producer(&cfg.kafka, Deliveries::default()).unwrap();
+        let reader = FindingsReader::new(&cfg.kafka).unwrap();
+        emit(&producer, &["a", "b"]);
+
+        let mut owned = Owned::default();
+        let start = node.open_assigned(&consumer, &reader, &mut owned, 0).unwrap();
+        assert_eq!(start, Offset::Offset(0), "an empty partition with nothing stored starts at its start");
+        let mut p = owned.partitions.remove(&0).unwrap();
+        assert_eq!(p.emitted, HashSet::from(["a".to_string(), "b".to_string()]));
+        assert_eq!(p.findings_read_to, 2);
+        assert_eq!(p.next_offset, Some(0));
+        assert!(p.replay_done.is_some(), "nothing to replay in an empty partition");
+
+        // Revoked in order; another node owns it for a while and emits "c".
+        p.emitted.insert("mine".into());
+        owned.revoked.insert(0, p);
+        emit(&producer, &["c"]);
+        node.open_assigned(&consumer, &reader, &mut owned, 0).unwrap();
+        let mut p = owned.partitions.remove(&0).unwrap();
+        assert!(p.emitted.contains("c"), "what another owner emitted meanwhile: {:?}", p.emitted);
+        assert!(p.emitted_before.contains("c"), "not written to this node's JSONL either");
+        assert!(!p.emitted_before.contains("mine"), "what this node emitted stays its own");
+        assert_eq!(p.findings_read_to, 3);
+
+        // A findings log that ends before where this node last read: read from its start.
+        p.findings_read_to = 10;
+        p.emitted.remove("a");
+        owned.revoked.insert(0, p);
+        node.open_assigned(&consumer, &reader, &mut owned, 0).unwrap();
+        let p = owned.partitions.remove(&0).unwrap();
+        assert!(p.emitted.contains("a"), "{:?}", p.emitted);
+        assert_eq!(p.findings_read_to, 3);
+    }
 
     #[test]
     fn a_partition_with_nothing_stored_starts_where_the_broker_puts_the_horizon() {
