@@ -7,8 +7,8 @@
 //!   has its own store ([`partition`]), with the partition's next offset committed in the
 //!   same batch as the rows, so the store is exactly-once without Kafka transactions.
 //! - [`findings_topic`]: findings produced to the findings topic, partitioned like the
-//!   input, and the ids a partition's findings topic already holds (a node taking over a
-//!   partition emits only what the previous owner did not).
+//!   input; [`reader`] reads back the ids a partition's findings topic already holds (a
+//!   node taking over a partition emits only what the previous owner did not).
 //!
 //! Every rule groups or joins within one device, so partitioning by DeviceId splits the
 //! work with no state shared between nodes (ARCHITECTURE.md, "Kafka").
@@ -16,6 +16,7 @@
 pub mod findings_topic;
 pub mod node;
 pub mod partition;
+pub mod reader;
 pub mod split;
 mod watermarks;
 

@@ -18,8 +18,9 @@
 //! committed; what it read and did not store is read again by the next owner). When the
 //! next assignment does not give the partition back, its folder is removed.
 
-use super::findings_topic::{produce_new, FindingsReader};
+use super::findings_topic::produce_new;
 use super::partition::{partition_dir, Partition};
+use super::reader::PartitionReader;
 use super::split::{producer, Deliveries};
 use super::watermarks::Watermarks;
 use super::{KafkaError, KafkaSettings, CALL_TIMEOUT};
@@ -108,10 +109,10 @@ impl ConsumerContext for NodeContext {
                 if let Err(e) = self.drop_others(&mut owned, &wanted) {
                     owned.failure.get_or_insert(e);
                 }
-                // One reader of the findings topic for the whole assignment.
+                // One reader of partitions by hand for the whole assignment.
                 let reader = match wanted.is_empty() {
                     true => None,
-                    false => match FindingsReader::new(&self.cfg.kafka) {
+                    false => match PartitionReader::new(&self.cfg.kafka) {
                         Ok(r) => Some(r),
                         Err(e) => {
                             owned.failure.get_or_insert(e);
@@ -201,7 +202,7 @@ impl NodeContext {
     fn open_assigned(
         &self,
         consumer: &BaseConsumer<Self>,
-        reader: &FindingsReader,
+        reader: &PartitionReader,
         owned: &mut Owned,
         n: i32,
     ) -> Result<Offset, KafkaError> {
@@ -215,7 +216,7 @@ impl NodeContext {
         // its absence, and the group moves on without it). What the topic gained since
         // this node last read it is not produced (or written) again.
         let given_back = (|| {
-            let (ids, end) = reader.read(&self.cfg.findings_topic, n, p.findings_read_to)?;
+            let (ids, end) = reader.finding_ids(&self.cfg.findings_topic, n, p.findings_read_to)?;
             let new: Vec<String> = ids.into_iter().filter(|id| !p.emitted.contains(id)).collect();
             if !new.is_empty() {
                 tracing::info!(
@@ -232,7 +233,7 @@ impl NodeContext {
                 None => {
                     // Given up before it stored anything: started afresh.
                     let (low, high) = self.watermarks(consumer, n)?;
-                    Ok(Offset::Offset(self.start_fresh(consumer, &mut p, n, low, high)?))
+                    Ok(Offset::Offset(self.start_fresh(consumer, reader, &mut p, n, low, high)?))
                 }
             }
         })();
@@ -253,7 +254,7 @@ impl NodeContext {
     fn take_over(
         &self,
         consumer: &BaseConsumer<Self>,
-        reader: &FindingsReader,
+        reader: &PartitionReader,
         n: i32,
     ) -> Result<(Partition, Offset), KafkaError> {
         let cfg = &self.cfg;
@@ -263,7 +264,7 @@ impl NodeContext {
             let opts = IngestOptions { only_tables: Some(vec!["FileProfile".to_string()]), ..cfg.ingest.clone() };
             p.tailer = Some(Tailer::new(logs, opts));
         }
-        (p.emitted, p.findings_read_to) = reader.read(&cfg.findings_topic, n, 0)?;
+        (p.emitted, p.findings_read_to) = reader.finding_ids(&cfg.findings_topic, n, 0)?;
         p.emitted_before = p.emitted.clone();
         let (low, high) = self.watermarks(consumer, n)?;
         if let Some(stored) = p.next_offset {
@@ -293,7 +294,7 @@ impl NodeContext {
                 }
                 o
             }
-            None => self.start_fresh(consumer, &mut p, n, low, high)?,
+            None => self.start_fresh(consumer, reader, &mut p, n, low, high)?,
         };
         tracing::info!(partition = n, start, end = high, findings_in_topic = p.emitted.len(), "partition taken over");
         Ok((p, Offset::Offset(start)))
@@ -313,12 +314,13 @@ impl NodeContext {
     fn start_fresh(
         &self,
         consumer: &BaseConsumer<Self>,
+        reader: &PartitionReader,
         p: &mut Partition,
         n: i32,
         low: i64,
         high: i64,
     ) -> Result<i64, KafkaError> {
-        let start = self.horizon_offset(consumer, n, low, high)?;
+        let start = self.horizon_offset(consumer, reader, n, low, high)?;
         p.next_offset = Some(start);
         p.replay_target = high;
         p.replay_started = Instant::now();
@@ -329,7 +331,14 @@ impl NodeContext {
     /// The first offset within retention (`offsetsForTimes(now − retention)`), given the
     /// partition's first kept offset `low` and its end `high` as read before asking (a
     /// message produced since is within retention, and must not be skipped).
-    fn horizon_offset(&self, consumer: &BaseConsumer<Self>, n: i32, low: i64, high: i64) -> Result<i64, KafkaError> {
+    fn horizon_offset(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        reader: &PartitionReader,
+        n: i32,
+        low: i64,
+        high: i64,
+    ) -> Result<i64, KafkaError> {
         let Some(retention) = self.cfg.retention else { return Ok(low) };
         let now = crate::clock::Clock::new(self.cfg.now.or(self.cfg.ingest.now)).now();
         let horizon_ms = (now - retention).max(0) / (TICKS_PER_SEC / 1000);
@@ -339,7 +348,24 @@ impl NodeContext {
         let found = consumer
             .offsets_for_times(tpl, CALL_TIMEOUT)
             .map_err(KafkaError::kafka(format!("cannot ask {} for the offset of the horizon", self.cfg.topic)))?;
-        Ok(horizon_start(found.find_partition(&self.cfg.topic, n).map(|e| e.offset()), low, high))
+        let answer = found.find_partition(&self.cfg.topic, n).map(|e| e.offset());
+        if answer == Some(Offset::End) && high > low {
+            // "No message at or after the horizon" — or a broker that cannot look up by
+            // time and says the same (librdkafka's mock cluster does, for every time).
+            // Starting at the end on its word could skip every retained row: the last
+            // message's own timestamp decides.
+            let last = reader.timestamp_at(&self.cfg.topic, n, high - 1)?;
+            if last.is_none_or(|t| t >= horizon_ms) {
+                tracing::warn!(
+                    partition = n,
+                    last_message_ms = ?last,
+                    horizon_ms,
+                    "the broker found no message after the retention horizon, but the last one is not older: reading from the first kept offset"
+                );
+                return Ok(low);
+            }
+        }
+        Ok(horizon_start(answer, low, high))
     }
 }
 
@@ -846,6 +872,47 @@ mod tests {
         producer.flush(Duration::from_secs(10)).unwrap();
     }
 
+    /// Messages into "rows" partition 0, each with the given timestamp (ms).
+    fn rows_at(producer: &BaseProducer<Deliveries>, timestamps: &[i64]) {
+        for &t in timestamps {
+            let record = BaseRecord::to("rows").partition(0).key("d").payload(&b"{}"[..]).timestamp(t);
+            super::super::split::send(producer, record).unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+    }
+
+    /// With a retention, a partition with nothing stored starts at the horizon. The mock
+    /// broker answers "none after it" (-1) to every time, as a broker that cannot look up
+    /// by time might: the node starts at the end only when the last message is older than
+    /// the horizon, and otherwise reads everything kept rather than skip a row.
+    #[test]
+    fn a_partition_starts_at_its_end_only_when_its_last_message_is_older_than_the_horizon() {
+        let day_ms = 86_400_000;
+        let now_ms = 1_746_662_400_000; // 2025-05-08T00:00:00Z
+        let start_with = |timestamps: &[i64]| {
+            let cluster = MockCluster::new(1).unwrap();
+            cluster.create_topic("rows", 1, 1).unwrap();
+            cluster.create_topic("findings", 1, 1).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = config(&cluster.bootstrap_servers(), dir.path());
+            cfg.now = Some(now_ms * (TICKS_PER_SEC / 1000));
+            cfg.retention = Some(7 * day_ms * (TICKS_PER_SEC / 1000));
+            let producer = producer(&cfg.kafka, Deliveries::default()).unwrap();
+            rows_at(&producer, timestamps);
+            let consumer = consumer(&cfg).unwrap();
+            let reader = PartitionReader::new(&cfg.kafka).unwrap();
+            let mut owned = Owned::default();
+            let start = consumer.context().open_assigned(&consumer, &reader, &mut owned, 0).unwrap();
+            let p = owned.partitions.remove(&0).unwrap();
+            (start, p.next_offset, p.replay_done.is_some())
+        };
+        // Every message ten days old: nothing within retention, nothing to replay.
+        let old = now_ms - 10 * day_ms;
+        assert_eq!(start_with(&[old, old + 1, old + 2]), (Offset::Offset(3), Some(3), true));
+        // The last message a day old: from the first kept offset, replaying.
+        assert_eq!(start_with(&[old, old + 1, now_ms - day_ms]), (Offset::Offset(0), Some(0), false));
+    }
+
     /// The case an orderly revocation used to skip: the partition given back after
     /// another node emitted findings of it meanwhile, and after the findings log was cut
     /// back below where this node had read it.
@@ -859,7 +926,7 @@ mod tests {
         let consumer = consumer(&cfg).unwrap();
         let node = consumer.context();
         let producer = producer(&cfg.kafka, Deliveries::default()).unwrap();
-        let reader = FindingsReader::new(&cfg.kafka).unwrap();
+        let reader = PartitionReader::new(&cfg.kafka).unwrap();
         emit(&producer, &["a", "b"]);
 
         let mut owned = Owned::default();
