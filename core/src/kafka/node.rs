@@ -228,10 +228,11 @@ impl NodeContext {
             p.emitted_before.extend(new.iter().cloned());
             p.emitted.extend(new);
             p.findings_read_to = end;
-            match p.next_offset {
-                Some(o) => Ok(Offset::Offset(o)),
-                None => {
-                    // Given up before it stored anything: started afresh.
+            match (p.stored_offset()?, p.next_offset) {
+                (Some(_), Some(o)) => Ok(Offset::Offset(o)),
+                _ => {
+                    // Given up before it stored anything: started afresh (the horizon and
+                    // the partition's end have moved since).
                     let (low, high) = self.watermarks(consumer, n)?;
                     Ok(Offset::Offset(self.start_fresh(consumer, reader, &mut p, n, low, high)?))
                 }
@@ -938,12 +939,16 @@ mod tests {
         assert_eq!(p.next_offset, Some(0));
         assert!(p.replay_done.is_some(), "nothing to replay in an empty partition");
 
-        // Revoked in order; another node owns it for a while and emits "c".
+        // Revoked in order; another node owns it for a while and emits "c", and rows
+        // arrive.
         p.emitted.insert("mine".into());
         owned.revoked.insert(0, p);
         emit(&producer, &["c"]);
+        rows_at(&producer, &[1, 2]);
         node.open_assigned(&consumer, &reader, &mut owned, 0).unwrap();
         let mut p = owned.partitions.remove(&0).unwrap();
+        // It had stored nothing: started afresh, with the partition's end as it is now.
+        assert_eq!((p.next_offset, p.replay_target, p.replay_done.is_some()), (Some(0), 2, false));
         assert!(p.emitted.contains("c"), "what another owner emitted meanwhile: {:?}", p.emitted);
         assert!(p.emitted_before.contains("c"), "not written to this node's JSONL either");
         assert!(!p.emitted_before.contains("mine"), "what this node emitted stays its own");

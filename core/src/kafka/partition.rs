@@ -107,6 +107,12 @@ impl Partition {
         })
     }
 
+    /// The next offset committed with the rows in this partition's store (`None` until a
+    /// batch is stored; `next_offset` may already hold where reading was started).
+    pub fn stored_offset(&self) -> Result<Option<i64>, KafkaError> {
+        Ok(self.store.meta_value::<StreamOffset>(OFFSET_NAME)?.map(|o| o.next))
+    }
+
     /// The source name rejects of this partition are kept under.
     pub fn source_name(&self) -> String {
         format!("kafka:{}/{}", self.topic, self.partition)

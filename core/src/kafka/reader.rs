@@ -55,10 +55,7 @@ impl PartitionReader {
         if high <= from {
             return Ok((ids, high));
         }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(from))
-            .map_err(KafkaError::kafka("cannot list the findings partition"))?;
-        self.consumer.assign(&tpl).map_err(KafkaError::kafka(format!("cannot read findings topic {topic}")))?;
+        self.assign(topic, partition, from)?;
         let started = Instant::now();
         let mut reached = from;
         while reached < high {
@@ -71,10 +68,17 @@ impl PartitionReader {
                 });
             }
             match self.consumer.poll(Duration::from_millis(200)) {
-                None => {}
+                None => {
+                    // Deleted by the topic's retention since the read began (the reader
+                    // would wait at the partition's end for them): on from what is kept.
+                    if let Some(low) = self.first_kept(topic, partition).filter(|&low| low > reached) {
+                        self.assign(topic, partition, low)?;
+                        reached = low;
+                    }
+                }
                 Some(Err(e)) => tracing::warn!(error = %e, topic, partition, "reading the findings topic; retrying"),
                 // Only the partition asked for (nothing of an earlier read's is kept).
-                Some(Ok(m)) if m.partition() == partition => {
+                Some(Ok(m)) if m.topic() == topic && m.partition() == partition => {
                     reached = m.offset() + 1;
                     if let Some(id) = m.payload().and_then(finding_id) {
                         ids.insert(id);
@@ -89,21 +93,32 @@ impl PartitionReader {
     /// The timestamp (milliseconds since the epoch) of the message at `offset` of
     /// `topic`'s partition `partition`; `None` if it has none or does not come in time.
     pub fn timestamp_at(&self, topic: &str, partition: i32, offset: i64) -> Result<Option<i64>, KafkaError> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
-            .map_err(KafkaError::kafka("cannot list the partition"))?;
-        self.consumer.assign(&tpl).map_err(KafkaError::kafka(format!("cannot read {topic}")))?;
+        self.assign(topic, partition, offset)?;
         let started = Instant::now();
         while started.elapsed() < CALL_TIMEOUT {
             match self.consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) if m.partition() == partition && m.offset() >= offset => {
+                Some(Ok(m)) if m.topic() == topic && m.partition() == partition && m.offset() >= offset => {
                     return Ok(m.timestamp().to_millis());
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, topic, partition, "reading a message's timestamp; retrying"),
+                // Deleted by the topic's retention meanwhile: it has no timestamp to give.
+                None if self.first_kept(topic, partition).is_some_and(|low| low > offset) => return Ok(None),
                 _ => {}
             }
         }
         Ok(None)
+    }
+
+    fn assign(&self, topic: &str, partition: i32, offset: i64) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+            .map_err(KafkaError::kafka("cannot list the partition"))?;
+        self.consumer.assign(&tpl).map_err(KafkaError::kafka(format!("cannot read {topic} partition {partition}")))
+    }
+
+    /// The partition's first kept offset now (`None` if the broker does not answer).
+    fn first_kept(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.consumer.fetch_watermarks(topic, partition, CALL_TIMEOUT).ok().map(|(low, _)| low)
     }
 }
 
