@@ -184,9 +184,10 @@ pub fn verify_and_copy(file: &Path, cache: &Path, pins: Option<&Pins>) -> Result
     let copy = cache.join(format!("{stem}-{}.so", &sha256[..16]));
     let tmp = cache.join(format!(".{stem}-{}.tmp", std::process::id()));
     let write = || -> std::io::Result<()> {
+        // No fsync: the copy is written afresh on every load and only this process
+        // maps it; after a crash the next load writes it again.
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o500).open(&tmp)?;
         f.write_all(&bytes)?;
-        f.sync_all()?;
         std::fs::rename(&tmp, &copy)
     };
     write().map_err(|source| LoadError::Failed { copy: copy.clone(), source })?;
