@@ -211,34 +211,7 @@ impl NodeContext {
             owned.partitions.insert(n, p);
             return Ok(start);
         };
-        // Given back: another node may have owned it in between, after a lost assignment
-        // or even an orderly revocation (a member slow to rejoin is assigned partitions in
-        // its absence, and the group moves on without it). What the topic gained since
-        // this node last read it is not produced (or written) again.
-        let given_back = (|| {
-            let (ids, end) = reader.finding_ids(&self.cfg.findings_topic, n, p.findings_read_to)?;
-            let new: Vec<String> = ids.into_iter().filter(|id| !p.emitted.contains(id)).collect();
-            if !new.is_empty() {
-                tracing::info!(
-                    partition = n,
-                    findings = new.len(),
-                    "partition given back; another node emitted findings of it meanwhile"
-                );
-            }
-            p.emitted_before.extend(new.iter().cloned());
-            p.emitted.extend(new);
-            p.findings_read_to = end;
-            match (p.stored_offset()?, p.next_offset) {
-                (Some(_), Some(o)) => Ok(Offset::Offset(o)),
-                _ => {
-                    // Given up before it stored anything: started afresh (the horizon and
-                    // the partition's end have moved since).
-                    let (low, high) = self.watermarks(consumer, n)?;
-                    Ok(Offset::Offset(self.start_fresh(consumer, reader, &mut p, n, low, high)?))
-                }
-            }
-        })();
-        match given_back {
+        match self.reopen(consumer, reader, &mut p, n) {
             Ok(start) => {
                 owned.partitions.insert(n, p);
                 Ok(start)
@@ -248,6 +221,39 @@ impl NodeContext {
                 Err(e)
             }
         }
+    }
+
+    /// Takes back partition `n`, which this node held before; returns where to read on.
+    /// Another node may have owned it in between, after a lost assignment or even an
+    /// orderly revocation (a member slow to rejoin is assigned partitions in its absence,
+    /// and the group moves on without it): what the findings topic gained since this node
+    /// last read it is not produced (or written) again.
+    fn reopen(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        reader: &PartitionReader,
+        p: &mut Partition,
+        n: i32,
+    ) -> Result<Offset, KafkaError> {
+        let (ids, end) = reader.finding_ids(&self.cfg.findings_topic, n, p.findings_read_to)?;
+        let new: Vec<String> = ids.into_iter().filter(|id| !p.emitted.contains(id)).collect();
+        if !new.is_empty() {
+            tracing::info!(
+                partition = n,
+                findings = new.len(),
+                "partition given back; another node emitted findings of it meanwhile"
+            );
+        }
+        p.emitted_before.extend(new.iter().cloned());
+        p.emitted.extend(new);
+        p.findings_read_to = end;
+        if let Some(stored) = p.stored_offset()? {
+            return Ok(Offset::Offset(stored));
+        }
+        // Given up before it stored anything: started afresh (the horizon and the
+        // partition's end have moved since).
+        let (low, high) = self.watermarks(consumer, n)?;
+        Ok(Offset::Offset(self.start_fresh(consumer, reader, p, n, low, high)?))
     }
 
     /// Opens a newly assigned partition: its store, the ids already in the findings
