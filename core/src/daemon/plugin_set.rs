@@ -36,6 +36,7 @@ pub struct PluginSet {
 }
 
 impl PluginSet {
+    /// Detectors from `dir`; their private copies go to `data_dir/plugin-cache`.
     pub fn new(dir: &Path, data_dir: &Path) -> PluginSet {
         PluginSet {
             dir: dir.to_path_buf(),

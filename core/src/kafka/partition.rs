@@ -86,6 +86,8 @@ impl Partition {
         Ok(Partition {
             topic: topic.to_string(),
             partition,
+            // Private library copies per partition, not per node: a detector library holds
+            // one instance (the SDK's export), and partitions sharing a copy would share it.
             plugins: PluginSet::new(plugins_dir, &dir),
             dir,
             store,
