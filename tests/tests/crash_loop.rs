@@ -41,8 +41,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 const NOW: &str = "2025-05-08T00:00:00Z";
-const FAILPOINTS: [&str; 6] = [
+const FAILPOINTS: [&str; 7] = [
     "ingest-after-commit",
+    // A batch's rows written to their generation, the batch not committed.
+    "generation-written-before-commit",
     "detect-before-commit",
     "detect-after-commit",
     "outbox-mid-write",

@@ -144,12 +144,15 @@ impl BatchBlocks {
         Ok((block_no, row_no))
     }
 
-    /// Writes every block of the batch under sequence `seq`; returns the earliest newest
-    /// Timestamp of its event blocks (table 0, FileProfile, is exempt from retention).
+    /// Writes every block of the batch under sequence `seq`: the event blocks' pieces into
+    /// `pieces` (for the batch's generation), FileProfile's and every directory entry into
+    /// `batch` (the main database). Returns the earliest newest Timestamp of its event
+    /// blocks (table 0, FileProfile, is exempt from retention).
     pub fn write(
         self,
         seq: u64,
         zstd: &mut zstd::bulk::Compressor<'static>,
+        pieces: &mut sled::Batch,
         batch: &mut sled::Batch,
     ) -> Result<Option<i64>> {
         let mut earliest_end: Option<i64> = None;
@@ -158,8 +161,9 @@ impl BatchBlocks {
                 let block = no as u16;
                 let keys_frame = compress(zstd, &b.keys)?;
                 let rows_frame = compress(zstd, &b.rows)?;
-                let key_parts = write_pieces(batch, keys::BLOCK_KEYS, table, seq, block, &keys_frame)?;
-                let row_parts = write_pieces(batch, keys::BLOCK_ROWS, table, seq, block, &rows_frame)?;
+                let into = if table == 0 { &mut *batch } else { &mut *pieces };
+                let key_parts = write_pieces(into, keys::BLOCK_KEYS, table, seq, block, &keys_frame)?;
+                let row_parts = write_pieces(into, keys::BLOCK_ROWS, table, seq, block, &rows_frame)?;
                 let meta = BlockMeta {
                     rows: b.rows.len() as u32,
                     min_ts: b.min_ts,
@@ -404,8 +408,9 @@ mod tests {
         }
         assert_eq!(places[BLOCK_ROWS - 1], (0, (BLOCK_ROWS - 1) as u16));
         assert_eq!(places[BLOCK_ROWS], (1, 0));
-        let mut batch = sled::Batch::default();
-        bb.write(9, &mut compressor().unwrap(), &mut batch).unwrap();
+        let (mut pieces, mut batch) = (sled::Batch::default(), sled::Batch::default());
+        bb.write(9, &mut compressor().unwrap(), &mut pieces, &mut batch).unwrap();
+        db.apply_batch(pieces).unwrap();
         db.apply_batch(batch).unwrap();
         for kv in db.iter() {
             assert!(kv.unwrap().1.len() <= PIECE_BYTES, "every stored piece is small");

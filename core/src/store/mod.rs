@@ -1,19 +1,23 @@
-//! The sled store: one tree, partitioned into key spaces (see [`keys`]). Rows are kept
-//! in ingest order in compressed blocks ([`blocks`]); the key index maps each row's key
-//! to its place; retention drops whole blocks once every row in them is past the horizon
-//! ([`retention`]). Nothing outside this module knows a key or sled.
+//! The sled store: one main tree, partitioned into key spaces (see [`keys`]), and the
+//! bulk of the event data in a sled database per generation ([`generations`]). Rows are
+//! kept in ingest order in compressed blocks ([`blocks`]); the key index maps each row's
+//! key to its place; retention drops whole blocks once every row in them is past the
+//! horizon, and whole generations once they hold no block ([`retention`]). Nothing
+//! outside this module knows a key or sled.
 //!
-//! Why one tree: sled's `apply_batch` is atomic, crash-safe and much cheaper than a
-//! multi-tree transaction, but only within one tree. Keeping rows, the key index, source
-//! offsets, counters, findings and cursors in one tree lets every unit of work commit
-//! as one atomic batch, which is what makes "no row lost, none stored twice" hold across
-//! `kill -9`. Lookout is the only writer (sled locks the directory), so reading before
-//! writing a batch cannot race.
+//! Why one main tree: sled's `apply_batch` is atomic, crash-safe and much cheaper than a
+//! multi-tree transaction, but only within one tree. Keeping every row's directory entry
+//! and key-index run metadata, source offsets, counters, findings and cursors in one tree
+//! lets every unit of work commit as one atomic batch, which is what makes "no row lost,
+//! none stored twice" hold across `kill -9`; the generation data a batch refers to is
+//! on disk before that batch is applied. Lookout is the only writer (sled locks the
+//! directory), so reading before writing a batch cannot race.
 
 pub mod block_filter;
 pub mod blocks;
 pub mod codec;
 pub mod detectors;
+pub mod generations;
 pub mod index;
 pub mod key_filter;
 pub(crate) mod keys;
@@ -43,7 +47,7 @@ macro_rules! unusable {
 }
 
 /// The layout of everything stored. A store of another format is refused on open.
-pub const FORMAT_VERSION: u64 = 5;
+pub const FORMAT_VERSION: u64 = 6;
 
 /// The pseudo table number of FileProfile rows in blocks (event tables start at 1).
 const PROFILE_TABLE: u16 = 0;
@@ -150,6 +154,10 @@ pub struct Store {
     horizon: Option<i64>,
     /// How long rows are kept (ticks), if they are not kept forever.
     retention: Option<i64>,
+    /// The store clock as last advanced (when generations start; see [`generations`]).
+    now: Option<i64>,
+    /// The generation databases (and the main one as generation 0).
+    gens: generations::Generations,
     /// The earliest newest-row Timestamp of a stored event block (`None`: not known yet;
     /// see [`Store::expire_step`]).
     earliest_block_end: Option<i64>,
@@ -212,6 +220,7 @@ impl Store {
                 }
             }
         };
+        let gens = generations::Generations::none(&db);
         let mut store = Store {
             path: dir.to_path_buf(),
             db,
@@ -224,6 +233,8 @@ impl Store {
             next_journal: 1,
             horizon: None,
             retention: None,
+            now: None,
+            gens,
             earliest_block_end: None,
             zstd: blocks::compressor()?,
             unzstd: Mutex::new(blocks::decompressor()?),
@@ -235,11 +246,13 @@ impl Store {
             index_specs: Vec::new(),
         };
         store.check_format()?;
+        store.gens = generations::Generations::open(dir, &store.db)?;
         store.runs = {
             let mut z = store.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-            runs::Runs::open(&store.db, &mut z)?
+            runs::Runs::open(&store.gens, &mut z)?
         };
         store.load_registries()?;
+        store.gens.sweep_uncommitted(store.next_journal)?;
         store.load_indexes()?;
         Ok(store)
     }
@@ -319,7 +332,7 @@ impl Store {
 
     /// A read handle for another thread (the daemon's `/metrics` and `/status`).
     pub fn reader(&self) -> StoreReader {
-        StoreReader { db: self.db.clone() }
+        StoreReader { db: self.db.clone(), dir: self.path.clone() }
     }
 
     pub fn counters(&self) -> &Counters {
@@ -341,6 +354,7 @@ impl Store {
     /// it is counted as expired and not stored, and [`Store::expire_step`] removes them.
     /// The horizon is recorded with the data (durable with the next flush or batch).
     pub fn advance_clock(&mut self, now: i64) -> Result<()> {
+        self.now = Some(self.now.map_or(now, |n| n.max(now)));
         let Some(r) = self.retention else { return Ok(()) };
         let h = now.saturating_sub(r);
         if self.horizon.is_none_or(|old| h > old) {
@@ -364,6 +378,7 @@ impl Store {
 
     /// Blocks until everything committed so far is on disk.
     pub fn flush(&self) -> Result<()> {
+        self.gens.flush_all()?;
         self.db.flush().context("cannot flush the database to disk")?;
         Ok(())
     }
@@ -406,7 +421,7 @@ impl Store {
         let started = std::time::Instant::now();
         let mut f = key_filter::KeyFilter::with_capacity(rows + rows / 4);
         let mut n = 0u64;
-        self.runs.all_keys(&self.db, &self.unzstd, |k| {
+        self.runs.all_keys(&self.gens, &self.unzstd, |k| {
             f.insert(k);
             n += 1;
         })?;
@@ -426,8 +441,8 @@ impl Store {
             None => {
                 let rows = {
                     let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-                    let raw =
-                        blocks::read_frame_raw(&self.db, &mut z, keys::BLOCK_ROWS, table, entry.seq, entry.block)?;
+                    let db = self.gens.block_db(table, entry.seq)?;
+                    let raw = blocks::read_frame_raw(db, &mut z, keys::BLOCK_ROWS, table, entry.seq, entry.block)?;
                     Arc::new(
                         blocks::PackedItems::new(raw)
                             .with_context(|| format!("block {table}/{}/{}", entry.seq, entry.block))?,
@@ -483,7 +498,7 @@ impl Store {
     /// so it is only logged: the next commit tries again.
     fn maintain_runs(&mut self) {
         for _ in 0..4 {
-            match self.runs.maintain(&self.db, &mut self.zstd, &self.unzstd, self.horizon, self.retention) {
+            match self.runs.maintain(&self.gens, &mut self.zstd, &self.unzstd, self.horizon) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -496,7 +511,7 @@ impl Store {
 
     /// The key-index entry of exactly this row key.
     fn key_entry(&self, key: &[u8]) -> Result<Option<KeyEntry>> {
-        self.runs.get(&self.db, &self.unzstd, key)
+        self.runs.get(&self.gens, &self.unzstd, key)
     }
 
     pub fn meta_u64(&self, name: &str) -> Result<u64> {
@@ -620,7 +635,7 @@ impl Store {
     ) -> Result<Vec<Row>> {
         let Some(tid) = self.table_id(table) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
-        for (k, e) in self.runs.scan_prefix(&self.db, &self.unzstd, &keys::event_prefix(tid, sha1, device), true)? {
+        for (k, e) in self.runs.scan_prefix(&self.gens, &self.unzstd, &keys::event_prefix(tid, sha1, device), true)? {
             if !self.visible(&k) {
                 continue;
             }
@@ -788,7 +803,7 @@ impl Store {
             }
             let raw = {
                 let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-                blocks::read_frame_raw(&self.db, &mut z, keys::BLOCK_KEYS, tid, seq, block)?
+                blocks::read_frame_raw(self.gens.block_db(tid, seq)?, &mut z, keys::BLOCK_KEYS, tid, seq, block)?
             };
             for (row, key) in blocks::unpack_items(&raw)?.into_iter().enumerate() {
                 if !self.visible(key) {
@@ -820,7 +835,7 @@ impl Store {
     pub fn all_row_keys(&self, tables: &[String]) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
         for prefix in tables.iter().filter_map(|t| self.rows_prefix(t)) {
-            for (k, _) in self.runs.scan_prefix(&self.db, &self.unzstd, &prefix, false)? {
+            for (k, _) in self.runs.scan_prefix(&self.gens, &self.unzstd, &prefix, false)? {
                 if self.visible(&k) {
                     out.push(k);
                 }
@@ -856,9 +871,10 @@ impl Store {
             let Some((_, seq, block)) = keys::block_of(&k) else { continue };
             let (keys_frame, rows) = {
                 let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
+                let db = self.gens.block_db(tid, seq)?;
                 (
-                    blocks::read_frame(&self.db, &mut z, keys::BLOCK_KEYS, tid, seq, block)?,
-                    blocks::read_frame(&self.db, &mut z, keys::BLOCK_ROWS, tid, seq, block)?,
+                    blocks::read_frame(db, &mut z, keys::BLOCK_KEYS, tid, seq, block)?,
+                    blocks::read_frame(db, &mut z, keys::BLOCK_ROWS, tid, seq, block)?,
                 )
             };
             for (row, (key, value)) in keys_frame.iter().zip(&rows).enumerate() {
@@ -895,11 +911,13 @@ impl Store {
     /// file holds besides sled's own overhead and not yet reclaimed space. Reads every key.
     pub fn space_by_part(&self) -> Result<Vec<(&'static str, u64, u64)>> {
         let mut by: BTreeMap<u8, (u64, u64)> = BTreeMap::new();
-        for kv in self.db.iter() {
-            let (k, v) = kv?;
-            let e = by.entry(k.first().copied().unwrap_or(0)).or_default();
-            e.0 += 1;
-            e.1 += (k.len() + v.len()) as u64;
+        for (_, db) in std::iter::once((0, &self.db)).chain(self.gens.dbs()) {
+            for kv in db.iter() {
+                let (k, v) = kv?;
+                let e = by.entry(k.first().copied().unwrap_or(0)).or_default();
+                e.0 += 1;
+                e.1 += (k.len() + v.len()) as u64;
+            }
         }
         let mut out: Vec<(&'static str, u64, u64)> =
             by.into_iter().map(|(space, (items, bytes))| (keys::space_name(space), items, bytes)).collect();
@@ -907,8 +925,14 @@ impl Store {
         Ok(out)
     }
 
+    /// Bytes of the main database's and every generation's files.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db.size_on_disk().unwrap_or(0) + self.gens.size_on_disk()
+    }
+
+    /// How many generation databases the store has (see [`generations`]).
+    pub fn generation_count(&self) -> usize {
+        self.gens.count()
     }
 
     /// The table's id, registering it (in `batch`) if new; the bool says it was new.
@@ -974,6 +998,8 @@ pub struct Summary {
 #[derive(Clone)]
 pub struct StoreReader {
     db: sled::Db,
+    /// The data directory (the generations' files are counted from it).
+    dir: PathBuf,
 }
 
 impl StoreReader {
@@ -989,7 +1015,7 @@ impl StoreReader {
             counters: self.counters()?,
             sources: self.db.scan_prefix([keys::SOURCE]).map(|kv| dec(&kv?.1)).collect::<Result<_>>()?,
             findings: self.db.scan_prefix([keys::FINDING]).count() as u64,
-            bytes_on_disk: self.db.size_on_disk().unwrap_or(0),
+            bytes_on_disk: self.db.size_on_disk().unwrap_or(0) + generations::bytes_under(&self.dir),
             horizon: self
                 .db
                 .get(keys::named_key(keys::META, "horizon"))?
@@ -1064,6 +1090,14 @@ impl Drop for WriteBatch<'_> {
 impl WriteBatch<'_> {
     pub fn store(&self) -> &Store {
         self.store
+    }
+
+    /// A batch that failed to commit after writing to its generation: what it wrote there
+    /// goes, so that the next batch, committing under the same sequence, finds none of it.
+    fn forget_uncommitted(&mut self) {
+        if let Err(e) = self.store.gens.sweep_uncommitted(self.store.next_journal) {
+            tracing::warn!(error = %crate::error::Chain(&e), "cannot remove what a failed batch wrote");
+        }
     }
 
     /// Adds a row unless the same row is already stored or pending in this batch. A row
@@ -1201,20 +1235,48 @@ impl WriteBatch<'_> {
         let mut seq = None;
         let mut pending_runs = Vec::new();
         let mut new_block_end = None;
+        // What goes to a generation's database (the event rows' pieces and run chunks), and
+        // FileProfile's run chunks (main database): both applied, and the generation flushed,
+        // before the batch that makes them visible.
+        let mut generation = None;
+        let mut pieces = sled::Batch::default();
+        let mut profile_chunks = sled::Batch::default();
         if !self.new_keys.is_empty() {
             let s = self.store.next_journal;
-            new_block_end = std::mem::take(&mut self.blocks).write(s, &mut self.store.zstd, &mut self.batch)?;
             let mut entries = std::mem::take(&mut self.entries);
+            let g = if entries.is_empty() {
+                0
+            } else {
+                let store = &mut *self.store;
+                let g = store.gens.for_batch(s, store.now, store.retention, &mut self.batch)?;
+                generation = Some(g);
+                g
+            };
+            new_block_end =
+                std::mem::take(&mut self.blocks).write(s, &mut self.store.zstd, &mut pieces, &mut self.batch)?;
             entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             if !entries.is_empty() {
                 pending_runs.push(
-                    self.store.runs.write(runs::RunKind::Events, &entries, &mut self.store.zstd, &mut self.batch)?.1,
+                    self.store
+                        .runs
+                        .write(runs::RunKind::Events, g, &entries, &mut self.store.zstd, &mut pieces, &mut self.batch)?
+                        .1,
                 );
             }
             let profiles: Vec<runs::Entry> = std::mem::take(&mut self.profile_entries).into_iter().collect();
             if !profiles.is_empty() {
                 pending_runs.push(
-                    self.store.runs.write(runs::RunKind::Profiles, &profiles, &mut self.store.zstd, &mut self.batch)?.1,
+                    self.store
+                        .runs
+                        .write(
+                            runs::RunKind::Profiles,
+                            0,
+                            &profiles,
+                            &mut self.store.zstd,
+                            &mut profile_chunks,
+                            &mut self.batch,
+                        )?
+                        .1,
                 );
             }
             std::mem::take(&mut self.postings).write(s, &mut self.store.zstd, &mut self.batch)?;
@@ -1226,8 +1288,24 @@ impl WriteBatch<'_> {
             self.batch.insert(vec![keys::COUNTERS], enc(&self.store.counters)?);
         }
         let batch = std::mem::take(&mut self.batch);
-        self.store.db.apply_batch(batch).context("cannot commit a batch to the database")?;
+        if let Some(g) = generation {
+            let applied = self.store.gens.db(g)?.apply_batch(pieces).context("cannot write rows to their generation");
+            let flushed = applied.and_then(|()| self.store.gens.flush(g));
+            if let Err(e) = flushed {
+                self.forget_uncommitted();
+                return Err(e);
+            }
+        }
+        self.store.db.apply_batch(profile_chunks).context("cannot write the FileProfile key index")?;
+        if generation.is_some() {
+            crate::failpoint::hit("generation-written-before-commit");
+        }
+        if let Err(e) = self.store.db.apply_batch(batch) {
+            self.forget_uncommitted();
+            return Err(e).context("cannot commit a batch to the database");
+        }
         self.committed = true;
+        self.store.gens.committed();
         for run in pending_runs {
             self.store.runs.committed(run);
         }

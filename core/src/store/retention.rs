@@ -1,9 +1,10 @@
 //! Retention: a row is kept while its Timestamp ≥ now − retention (the boundary `ago()`
 //! has). Rows past the horizon are invisible at once (every read checks the Timestamp in
-//! the key); their space is reclaimed a block at a time, once every row of a block is past
-//! the horizon: the block's pieces, its directory entry and its rows' key-index entries
-//! go in one atomic batch with the counters, so a crash leaves either the whole block or
-//! none of it. FileProfile rows are exempt (newest wins).
+//! the key). A block goes from the directory once every row of it is past the horizon
+//! (its directory entry and the counters in one atomic batch, so a crash leaves either
+//! the whole block or none of it), a key-index run once every entry of it is; and a
+//! generation ([`super::generations`]) left with neither goes whole, its file deleted,
+//! which is when the space comes back. FileProfile rows are exempt (newest wins).
 //!
 //! Blocks hold rows in ingest order, which on a collector is close to Timestamp order, so
 //! a block is past the horizon soon after its newest row is.
@@ -58,15 +59,9 @@ impl Store {
         let mut counters = self.counters.clone();
         for (table, seq, block, meta) in &expired {
             // The rows' key-index entries stay until their run is dropped or merged (both
-            // leave out what is past the horizon); nothing reads them meanwhile, since every
-            // read checks the horizon first.
+            // leave out what is past the horizon), the block's pieces until its generation
+            // goes; nothing reads them meanwhile, since every read checks the horizon first.
             removed += u64::from(meta.rows);
-            for part in 0..meta.key_parts {
-                batch.remove(keys::block_key(keys::BLOCK_KEYS, *table, *seq, *block, part));
-            }
-            for part in 0..meta.row_parts {
-                batch.remove(keys::block_key(keys::BLOCK_ROWS, *table, *seq, *block, part));
-            }
             batch.remove(keys::block_key(keys::BLOCK_META, *table, *seq, *block, 0));
             if let Some(name) = self.table_name(*table) {
                 if let Some(n) = counters.rows.get_mut(name) {
@@ -87,7 +82,44 @@ impl Store {
         }
         self.drop_unneeded_index_entries()?;
         self.maintain_runs();
+        self.drop_empty_generations()?;
         Ok(removed)
+    }
+
+    /// Deletes every generation that holds no block in the directory and no key-index
+    /// run: its rows were all past the horizon. One atomic batch takes it off the list;
+    /// its folder goes after (a crash in between leaves a folder the next open deletes).
+    fn drop_empty_generations(&mut self) -> Result<()> {
+        let tables: Vec<u16> = self.table_names.keys().copied().filter(|t| *t != PROFILE_TABLE).collect();
+        for (id, first, next) in self.gens.spans() {
+            if self.runs.in_generation(id) {
+                continue;
+            }
+            let end = next.unwrap_or(u64::MAX);
+            let mut holds_blocks = false;
+            for t in &tables {
+                let from = keys::block_key(keys::BLOCK_META, *t, first, 0, 0);
+                let to = keys::block_key(keys::BLOCK_META, *t, end, 0, 0);
+                if self.db.range(from..to).next().is_some() {
+                    holds_blocks = true;
+                    break;
+                }
+            }
+            if holds_blocks {
+                continue;
+            }
+            let mut batch = sled::Batch::default();
+            self.gens.unlist(id, &mut batch)?;
+            crate::failpoint::hit("generation-drop-before-commit");
+            self.db.apply_batch(batch).context("cannot drop an expired generation")?;
+            // Flushed first: a generation deleted while the list on disk still named it
+            // would make the store unreadable after a crash.
+            self.db.flush().context("cannot flush the database to disk")?;
+            crate::failpoint::hit("generation-drop-before-delete");
+            self.gens.delete(id)?;
+            tracing::debug!(generation = id, "dropped an expired generation");
+        }
+        Ok(())
     }
 
     /// The directory entries of the event tables' blocks (FileProfile's are exempt).
@@ -160,7 +192,14 @@ impl Store {
                 Some(h) if meta.min_ts < h => {
                     let keys_frame = {
                         let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-                        blocks::read_frame(&self.db, &mut z, keys::BLOCK_KEYS, table, seq, block)?
+                        blocks::read_frame(
+                            self.gens.block_db(table, seq)?,
+                            &mut z,
+                            keys::BLOCK_KEYS,
+                            table,
+                            seq,
+                            block,
+                        )?
                     };
                     let ts: Vec<i64> = keys_frame.iter().filter_map(|k| keys::event_timestamp(k)).collect();
                     (ts.iter().filter(|t| **t < h).count() as u64, ts.into_iter().filter(|t| *t >= h).min())

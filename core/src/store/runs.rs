@@ -19,6 +19,7 @@
 //! out entries past it.
 
 use super::blocks::{pack_items, unpack_items, KeyEntry};
+use super::generations::Generations;
 use super::keys;
 use crate::error::{StoreContext as _, StoreError};
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -33,8 +34,6 @@ pub const CHUNK_ENTRIES: usize = 64;
 pub const MERGE_FAN_IN: usize = 8;
 /// Runs bigger than this are not merged further (a merge is held in memory whole).
 pub const MAX_MERGED_ENTRIES: u64 = 256 * 1024;
-/// With a retention, event runs merge only within one of this many buckets of it.
-const RETENTION_BUCKETS: i64 = 8;
 /// Bytes per stored piece of run metadata.
 const PIECE_BYTES: usize = 6 << 10;
 /// Chunks written (or removed) per atomic batch when a merge or a drop moves a big run:
@@ -63,6 +62,8 @@ pub enum RunKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RunMeta {
     kind: RunKind,
+    /// The generation whose database holds the chunks (0: the main one; FileProfile's).
+    generation: u32,
     entries: u64,
     fences: Vec<Vec<u8>>,
     min_ts: i64,
@@ -126,13 +127,14 @@ struct RunWriter {
 
 impl RunWriter {
     /// `expected` sizes the Bloom filter (at most this many entries will be pushed).
-    fn new(id: u64, kind: RunKind, expected: u64) -> RunWriter {
+    fn new(id: u64, kind: RunKind, generation: u32, expected: u64) -> RunWriter {
         let items = expected.max(1) * if kind == RunKind::Events { 3 } else { 1 };
         let words = (items * BITS_PER_ITEM).div_ceil(64).max(1) as usize;
         RunWriter {
             id,
             meta: RunMeta {
                 kind,
+                generation,
                 entries: 0,
                 fences: Vec::new(),
                 min_ts: i64::MAX,
@@ -182,13 +184,15 @@ impl RunWriter {
         Ok(())
     }
 
-    /// Writes the last chunk and the metadata; `None` if no entry was pushed.
+    /// Writes the last chunk (into `chunks`, for the run's generation) and the metadata
+    /// (into `meta`, for the main database); `None` if no entry was pushed.
     fn finish(
         mut self,
         zstd: &mut zstd::bulk::Compressor<'static>,
+        chunks: &mut sled::Batch,
         batch: &mut sled::Batch,
     ) -> Result<Option<PendingRun>> {
-        self.flush_chunk(zstd, batch)?;
+        self.flush_chunk(zstd, chunks)?;
         if self.meta.entries == 0 {
             return Ok(None);
         }
@@ -286,8 +290,9 @@ pub struct Runs {
 }
 
 impl Runs {
-    /// Loads the metadata of every run.
-    pub fn open(db: &sled::Db, zstd: &mut zstd::bulk::Decompressor<'static>) -> Result<Runs> {
+    /// Loads the metadata of every run (from the main database).
+    pub fn open(gens: &Generations, zstd: &mut zstd::bulk::Decompressor<'static>) -> Result<Runs> {
+        let db = gens.db(0)?;
         let mut pieces: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         for kv in db.scan_prefix([keys::RUN_META]) {
             let (k, v) = kv?;
@@ -304,20 +309,22 @@ impl Runs {
                 .0;
             runs.insert(id, meta);
         }
-        // Chunks of runs without metadata: a merge or drop a crash interrupted.
-        let mut orphans = std::collections::BTreeSet::new();
-        for k in db.scan_prefix([keys::RUN_CHUNK]).keys() {
-            let k = k?;
-            if let Some(id) = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) {
-                if !runs.contains_key(&id) {
-                    orphans.insert(id);
+        // Chunks of runs without metadata: a batch, merge or drop a crash interrupted.
+        for (_, db) in std::iter::once((0, db)).chain(gens.dbs()) {
+            let mut orphans = std::collections::BTreeSet::new();
+            for k in db.scan_prefix([keys::RUN_CHUNK]).keys() {
+                let k = k?;
+                if let Some(id) = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) {
+                    if !runs.contains_key(&id) {
+                        orphans.insert(id);
+                    }
                 }
             }
-        }
-        if !orphans.is_empty() {
-            let ids: Vec<u64> = orphans.into_iter().collect();
-            tracing::info!(runs = ids.len(), "removing key index chunks an interrupted merge left");
-            sweep_chunks(db, &ids)?;
+            if !orphans.is_empty() {
+                let ids: Vec<u64> = orphans.into_iter().collect();
+                tracing::info!(runs = ids.len(), "removing key index chunks an interrupted merge left");
+                sweep_chunks(db, &ids)?;
+            }
         }
         let next_id = runs.keys().next_back().map_or(1, |id| id + 1);
         Ok(Runs { runs, next_id, cache: Mutex::new((HashMap::new(), VecDeque::new())) })
@@ -328,27 +335,35 @@ impl Runs {
         Runs { runs: BTreeMap::new(), next_id: 1, cache: Mutex::new((HashMap::new(), VecDeque::new())) }
     }
 
+    /// Whether a run's chunks are in generation `id`.
+    pub fn in_generation(&self, id: u32) -> bool {
+        self.runs.values().any(|m| m.generation == id)
+    }
+
     /// How many runs the key index has.
     pub fn run_count(&self) -> usize {
         self.runs.len()
     }
 
-    /// Writes sorted `entries` as a new run into `batch`; returns its id. The run becomes
-    /// visible with [`Runs::committed`] once the batch is applied.
+    /// Writes sorted `entries` as a new run of `generation`: its chunks into `chunks` (for
+    /// that generation's database), its metadata into `batch` (the main one); returns its
+    /// id. The run becomes visible with [`Runs::committed`] once both are applied.
     pub fn write(
         &mut self,
         kind: RunKind,
+        generation: u32,
         entries: &[Entry],
         zstd: &mut zstd::bulk::Compressor<'static>,
+        chunks: &mut sled::Batch,
         batch: &mut sled::Batch,
     ) -> Result<(u64, PendingRun)> {
         let id = self.next_id;
         self.next_id += 1;
-        let mut w = RunWriter::new(id, kind, entries.len() as u64);
+        let mut w = RunWriter::new(id, kind, generation, entries.len() as u64);
         for (k, e) in entries {
-            w.push(k.clone(), *e, zstd, batch)?;
+            w.push(k.clone(), *e, zstd, chunks)?;
         }
-        let run = w.finish(zstd, batch)?.ok_or_else(|| corrupt!("an empty key index run"))?;
+        let run = w.finish(zstd, chunks, batch)?.ok_or_else(|| corrupt!("an empty key index run"))?;
         Ok((id, run))
     }
 
@@ -359,7 +374,7 @@ impl Runs {
 
     fn chunk(
         &self,
-        db: &sled::Db,
+        gens: &Generations,
         zstd: &Mutex<zstd::bulk::Decompressor<'static>>,
         run: u64,
         chunk: u32,
@@ -370,8 +385,11 @@ impl Runs {
                 return Ok(c.clone());
             }
         }
-        let frame =
-            db.get(chunk_key(run, chunk))?.ok_or_else(|| corrupt!("key index run {run} lacks chunk {chunk}"))?;
+        let generation = self.runs.get(&run).map_or(0, |m| m.generation);
+        let frame = gens
+            .db(generation)?
+            .get(chunk_key(run, chunk))?
+            .ok_or_else(|| corrupt!("key index run {run} lacks chunk {chunk}"))?;
         let raw = {
             let mut z = zstd.lock().unwrap_or_else(|p| p.into_inner());
             decompress(&mut z, &frame)?
@@ -395,7 +413,7 @@ impl Runs {
     /// new id while newer runs it did not take keep older ones.
     pub fn get(
         &self,
-        db: &sled::Db,
+        gens: &Generations,
         zstd: &Mutex<zstd::bulk::Decompressor<'static>>,
         key: &[u8],
     ) -> Result<Option<KeyEntry>> {
@@ -408,7 +426,7 @@ impl Runs {
             if at == 0 {
                 continue;
             }
-            let chunk = self.chunk(db, zstd, *id, (at - 1) as u32)?;
+            let chunk = self.chunk(gens, zstd, *id, (at - 1) as u32)?;
             if let Ok(i) = chunk.binary_search_by(|(k, _)| k.as_slice().cmp(key)) {
                 let e = chunk[i].1;
                 if meta.kind == RunKind::Events {
@@ -428,7 +446,7 @@ impl Runs {
     /// filter says no are skipped; otherwise every run is read.
     pub fn scan_prefix(
         &self,
-        db: &sled::Db,
+        gens: &Generations,
         zstd: &Mutex<zstd::bulk::Decompressor<'static>>,
         prefix: &[u8],
         filtered: bool,
@@ -439,7 +457,7 @@ impl Runs {
                 continue;
             }
             for c in meta.chunks_for(prefix) {
-                let chunk = self.chunk(db, zstd, *id, c as u32)?;
+                let chunk = self.chunk(gens, zstd, *id, c as u32)?;
                 let start = chunk.partition_point(|(k, _)| k.as_slice() < prefix);
                 for (k, e) in chunk[start..].iter().take_while(|(k, _)| k.starts_with(prefix)) {
                     // For a key in several runs (FileProfile), the latest batch's entry.
@@ -459,7 +477,7 @@ impl Runs {
     /// Every key of every run (to rebuild the key filter).
     pub fn all_keys(
         &self,
-        db: &sled::Db,
+        gens: &Generations,
         zstd: &Mutex<zstd::bulk::Decompressor<'static>>,
         mut f: impl FnMut(&[u8]),
     ) -> Result<()> {
@@ -468,7 +486,7 @@ impl Runs {
                 continue;
             }
             for c in 0..meta.fences.len() {
-                for (k, _) in self.chunk(db, zstd, *id, c as u32)?.iter() {
+                for (k, _) in self.chunk(gens, zstd, *id, c as u32)?.iter() {
                     f(k);
                 }
             }
@@ -481,33 +499,38 @@ impl Runs {
     /// (leaving out event entries past `horizon`). Returns whether it did anything.
     pub fn maintain(
         &mut self,
-        db: &sled::Db,
+        gens: &Generations,
         zstd_c: &mut zstd::bulk::Compressor<'static>,
         zstd_d: &Mutex<zstd::bulk::Decompressor<'static>>,
         horizon: Option<i64>,
-        retention: Option<i64>,
     ) -> Result<bool> {
-        let expired: Vec<u64> = self
+        let main = gens.db(0)?;
+        let expired: Vec<(u64, u32)> = self
             .runs
             .iter()
             .filter(|(_, m)| m.kind == RunKind::Events && horizon.is_some_and(|h| m.max_ts < h))
-            .map(|(id, _)| *id)
+            .map(|(id, m)| (*id, m.generation))
             .collect();
         if !expired.is_empty() {
             let mut batch = sled::Batch::default();
-            for id in &expired {
-                remove_meta(db, *id, &mut batch)?;
+            for (id, _) in &expired {
+                remove_meta(main, *id, &mut batch)?;
             }
             crate::failpoint::hit("runs-drop-before-commit");
-            db.apply_batch(batch).context("cannot drop expired key index runs")?;
-            for id in &expired {
+            main.apply_batch(batch).context("cannot drop expired key index runs")?;
+            let ids: Vec<u64> = expired.iter().map(|(id, _)| *id).collect();
+            for id in &ids {
                 self.runs.remove(id);
             }
-            self.forget_cached(&expired);
-            sweep_chunks(db, &expired)?;
+            self.forget_cached(&ids);
+            // A run in a generation of its own goes with the generation's file; one in the
+            // main database is swept now.
+            let in_main: Vec<u64> = expired.iter().filter(|(_, g)| *g == 0).map(|(id, _)| *id).collect();
+            sweep_chunks(main, &in_main)?;
             return Ok(true);
         }
-        let Some((kind, ids)) = self.merge_candidates(retention) else { return Ok(false) };
+        let Some((kind, generation, ids)) = self.merge_candidates() else { return Ok(false) };
+        let db = gens.db(generation)?;
         // A k-way merge of the sorted runs, one chunk of each in memory at a time; for a
         // key in several runs (FileProfile), the latest batch's entry.
         let mut cursors: Vec<RunCursor> = ids
@@ -521,13 +544,14 @@ impl Runs {
             })
             .collect();
         let expected: u64 = ids.iter().filter_map(|id| self.runs.get(id)).map(|m| m.entries).sum();
-        // The new run's chunks go in bounded batches; it becomes visible (and the old runs
-        // invisible) only with the last one, which writes its metadata. A crash before
+        // The new run's chunks go in bounded batches into the inputs' generation; it becomes
+        // visible (and the old runs invisible) only with the batch of the main database
+        // that writes its metadata, applied once the chunks are on disk. A crash before
         // that leaves chunks without metadata, which the next open sweeps away.
         let mut batch = sled::Batch::default();
         let new_id = self.next_id;
         self.next_id += 1;
-        let mut w = RunWriter::new(new_id, kind, expected);
+        let mut w = RunWriter::new(new_id, kind, generation, expected);
         let mut written_chunks = 0;
         loop {
             for c in cursors.iter_mut() {
@@ -564,12 +588,15 @@ impl Runs {
                 }
             }
         }
-        let pending = w.finish(zstd_c, &mut batch)?;
+        let mut meta_batch = sled::Batch::default();
+        let pending = w.finish(zstd_c, &mut batch, &mut meta_batch)?;
         for id in &ids {
-            remove_meta(db, *id, &mut batch)?;
+            remove_meta(main, *id, &mut meta_batch)?;
         }
+        db.apply_batch(batch).context("cannot write a merged key index run")?;
+        gens.flush(generation)?;
         crate::failpoint::hit("runs-merge-before-commit");
-        db.apply_batch(batch).context("cannot merge key index runs")?;
+        main.apply_batch(meta_batch).context("cannot merge key index runs")?;
         for id in &ids {
             self.runs.remove(id);
         }
@@ -581,18 +608,14 @@ impl Runs {
         Ok(true)
     }
 
-    /// The oldest [`MERGE_FAN_IN`] runs of one kind in the smallest size class that has
-    /// that many (size classes grow by the fan-in), if any.
+    /// The oldest [`MERGE_FAN_IN`] runs of one kind and generation in the smallest size
+    /// class that has that many (size classes grow by the fan-in), if any.
     ///
-    /// With a retention, event runs merge only with runs whose newest entry falls in the
-    /// same time bucket (an eighth of the retention): a run is dropped whole once its
-    /// newest entry is past the horizon, so a run spanning the whole retention would hold
-    /// every expired entry for up to another retention (the stored bytes grew ~1.5× after
-    /// the first expiry instead of levelling). Bucketing by the newest entry means a
-    /// merge never keeps an input's entries more than a bucket past that input's own
-    /// drop, even when a batch carried late rows with old Timestamps.
-    fn merge_candidates(&self, retention: Option<i64>) -> Option<(RunKind, Vec<u64>)> {
-        let bucket_len = retention.map(|r| (r / RETENTION_BUCKETS).max(1));
+    /// Runs merge only within their generation: the merged run's chunks stay in the
+    /// generation's database, which goes whole once its rows are past the horizon (a run
+    /// spanning the whole retention would also hold every expired entry for up to
+    /// another retention).
+    fn merge_candidates(&self) -> Option<(RunKind, u32, Vec<u64>)> {
         let class = |entries: u64| -> u32 {
             let mut c = 0;
             let mut cap = 4096u64;
@@ -602,20 +625,20 @@ impl Runs {
             }
             c
         };
-        let mut groups: BTreeMap<(u32, bool, i64), Vec<u64>> = BTreeMap::new();
+        let mut groups: BTreeMap<(u32, bool, u32), Vec<u64>> = BTreeMap::new();
         for (id, m) in &self.runs {
             // Merging these could make a run over the cap.
             if m.entries > MAX_MERGED_ENTRIES / MERGE_FAN_IN as u64 {
                 continue;
             }
-            let bucket = match (m.kind, bucket_len) {
-                (RunKind::Events, Some(len)) => m.max_ts.div_euclid(len),
-                _ => 0,
-            };
-            groups.entry((class(m.entries), m.kind == RunKind::Profiles, bucket)).or_default().push(*id);
+            groups.entry((class(m.entries), m.kind == RunKind::Profiles, m.generation)).or_default().push(*id);
         }
-        groups.into_iter().find(|(_, ids)| ids.len() >= MERGE_FAN_IN).map(|((_, profiles, _), ids)| {
-            (if profiles { RunKind::Profiles } else { RunKind::Events }, ids.into_iter().take(MERGE_FAN_IN).collect())
+        groups.into_iter().find(|(_, ids)| ids.len() >= MERGE_FAN_IN).map(|((_, profiles, generation), ids)| {
+            (
+                if profiles { RunKind::Profiles } else { RunKind::Events },
+                generation,
+                ids.into_iter().take(MERGE_FAN_IN).collect(),
+            )
         })
     }
 
@@ -679,6 +702,21 @@ pub struct PendingRun {
 mod tests {
     use super::*;
 
+    /// Writes a run into the main database (generation 0), chunks then metadata.
+    fn write_run(
+        runs: &mut Runs,
+        db: &sled::Db,
+        z: &mut zstd::bulk::Compressor<'static>,
+        kind: RunKind,
+        entries: &[Entry],
+    ) {
+        let (mut chunks, mut batch) = (sled::Batch::default(), sled::Batch::default());
+        let (_, pending) = runs.write(kind, 0, entries, z, &mut chunks, &mut batch).unwrap();
+        db.apply_batch(chunks).unwrap();
+        db.apply_batch(batch).unwrap();
+        runs.committed(pending);
+    }
+
     fn entry(i: u64) -> Entry {
         (keys::event_key(1, &format!("{i:040x}"), "dev", 0, "1"), KeyEntry { seq: i, block: 0, row: 0, content: i })
     }
@@ -690,22 +728,20 @@ mod tests {
     fn chunks_without_metadata_are_swept_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let gens = Generations::open(dir.path(), &db).unwrap();
         let mut z = super::super::blocks::compressor().unwrap();
         let unz = Mutex::new(super::super::blocks::decompressor().unwrap());
-        let mut runs = Runs::open(&db, &mut unz.lock().unwrap()).unwrap();
+        let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         let entries: Vec<Entry> = (0..200).map(entry).collect();
-        let mut batch = sled::Batch::default();
-        let (_, pending) = runs.write(RunKind::Events, &entries, &mut z, &mut batch).unwrap();
-        db.apply_batch(batch).unwrap();
-        runs.committed(pending);
+        write_run(&mut runs, &db, &mut z, RunKind::Events, &entries);
         // An interrupted merge's chunks: run 99, no metadata.
         db.insert(chunk_key(99, 0), compress(&mut z, &encode_entries(&entries[..3]).unwrap()).unwrap()).unwrap();
         db.insert(chunk_key(99, 1), compress(&mut z, &encode_entries(&entries[3..6]).unwrap()).unwrap()).unwrap();
-        let runs = Runs::open(&db, &mut unz.lock().unwrap()).unwrap();
+        let runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         assert_eq!(db.range(chunk_key(99, 0)..chunk_key(100, 0)).count(), 0, "orphan chunks removed");
         assert_eq!(runs.run_count(), 1);
         for (k, e) in &entries {
-            assert_eq!(runs.get(&db, &unz, k).unwrap(), Some(*e));
+            assert_eq!(runs.get(&gens, &unz, k).unwrap(), Some(*e));
         }
     }
 
@@ -714,28 +750,26 @@ mod tests {
     fn merges_keep_every_entry_once_and_the_newest_of_a_key() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let gens = Generations::open(dir.path(), &db).unwrap();
         let mut z = super::super::blocks::compressor().unwrap();
         let unz = Mutex::new(super::super::blocks::decompressor().unwrap());
-        let mut runs = Runs::open(&db, &mut unz.lock().unwrap()).unwrap();
+        let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         for r in 0..MERGE_FAN_IN as u64 {
             // Overlapping profile keys: key i is in runs i/100 .. ; newer runs carry seq r.
             let entries: Vec<Entry> = (r * 100..r * 100 + 300)
                 .map(|i| (keys::profile_key(&format!("{i:06}")), KeyEntry { seq: r, block: 0, row: 0, content: i }))
                 .collect();
-            let mut batch = sled::Batch::default();
-            let (_, pending) = runs.write(RunKind::Profiles, &entries, &mut z, &mut batch).unwrap();
-            db.apply_batch(batch).unwrap();
-            runs.committed(pending);
+            write_run(&mut runs, &db, &mut z, RunKind::Profiles, &entries);
         }
-        assert!(runs.maintain(&db, &mut z, &unz, None, None).unwrap(), "eight small runs are merged");
+        assert!(runs.maintain(&gens, &mut z, &unz, None).unwrap(), "eight small runs are merged");
         assert_eq!(runs.run_count(), 1);
-        let all = runs.scan_prefix(&db, &unz, &[keys::PROFILE], false).unwrap();
+        let all = runs.scan_prefix(&gens, &unz, &[keys::PROFILE], false).unwrap();
         assert_eq!(all.len(), (MERGE_FAN_IN - 1) * 100 + 300);
         for (k, e) in all {
             let i: u64 = String::from_utf8_lossy(&k[1..]).parse().unwrap();
             assert_eq!(e.seq, (i / 100).min(MERGE_FAN_IN as u64 - 1), "key {i}: the newest run's entry");
         }
-        let reopened = Runs::open(&db, &mut unz.lock().unwrap()).unwrap();
+        let reopened = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         assert_eq!(reopened.run_count(), 1);
         assert_eq!(
             db.scan_prefix([keys::RUN_CHUNK]).count(),
@@ -749,31 +783,29 @@ mod tests {
     fn a_merged_run_does_not_hide_a_later_profile_in_a_run_it_left_out() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let gens = Generations::open(dir.path(), &db).unwrap();
         let mut z = super::super::blocks::compressor().unwrap();
         let unz = Mutex::new(super::super::blocks::decompressor().unwrap());
-        let mut runs = Runs::open(&db, &mut unz.lock().unwrap()).unwrap();
+        let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         let key = keys::profile_key("aa");
         let write = |runs: &mut Runs, z: &mut zstd::bulk::Compressor<'static>, seqs: std::ops::Range<u64>| {
             for seq in seqs {
                 let entries: Vec<Entry> = vec![(key.clone(), KeyEntry { seq, block: 0, row: 0, content: seq })];
-                let mut batch = sled::Batch::default();
-                let (_, pending) = runs.write(RunKind::Profiles, &entries, z, &mut batch).unwrap();
-                db.apply_batch(batch).unwrap();
-                runs.committed(pending);
+                write_run(runs, &db, z, RunKind::Profiles, &entries);
             }
         };
         write(&mut runs, &mut z, 0..MERGE_FAN_IN as u64 + 2);
-        assert!(runs.maintain(&db, &mut z, &unz, None, None).unwrap());
+        assert!(runs.maintain(&gens, &mut z, &unz, None).unwrap());
         assert_eq!(runs.run_count(), 3, "the eight oldest merged, two left out");
         let latest = MERGE_FAN_IN as u64 + 1;
-        assert_eq!(runs.get(&db, &unz, &key).unwrap().map(|e| e.seq), Some(latest));
-        let scanned = runs.scan_prefix(&db, &unz, &key, true).unwrap();
+        assert_eq!(runs.get(&gens, &unz, &key).unwrap().map(|e| e.seq), Some(latest));
+        let scanned = runs.scan_prefix(&gens, &unz, &key, true).unwrap();
         assert_eq!(scanned.iter().map(|(_, e)| e.seq).collect::<Vec<_>>(), vec![latest]);
         // Five more: eight runs of the smallest class again, the merged one among them.
         let end = latest + 6;
         write(&mut runs, &mut z, latest + 1..end);
-        while runs.maintain(&db, &mut z, &unz, None, None).unwrap() {}
+        while runs.maintain(&gens, &mut z, &unz, None).unwrap() {}
         assert_eq!(runs.run_count(), 1);
-        assert_eq!(runs.get(&db, &unz, &key).unwrap().map(|e| e.seq), Some(end - 1));
+        assert_eq!(runs.get(&gens, &unz, &key).unwrap().map(|e| e.seq), Some(end - 1));
     }
 }

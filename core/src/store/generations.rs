@@ -1,0 +1,292 @@
+//! Generations: the bulk of the event data — row blocks' pieces (`K`, `B`) and the event
+//! key-index runs' chunks (`I`) — lives in a sled database of its own per span of
+//! ingestion, `<data>/gens/<id>`, and a generation whose rows are all past the retention
+//! horizon is deleted whole, file and all.
+//!
+//! Why: sled reclaims the space of removed items only from segments less than half live,
+//! and its cleaner moves the live pages of old segments to the tip, among new ones, so a
+//! day's expiry seldom frees whole segments. In one database the file settled at 1.35–1.4×
+//! its size when retention first bit (BENCHMARKS.md). Deleting a generation's file gives
+//! its space back at once, so the data directory stays flat under a constant load.
+//!
+//! What stays in the main database (generation 0): everything that commits a unit of work
+//! (block directory entries `D`, run metadata `M`, counters, source offsets, findings,
+//! cursors), FileProfile's blocks and runs (exempt from retention), and the generation list
+//! itself. A generation's data is written to its database and flushed to disk *before* the
+//! main batch that makes it visible is applied, so a crash leaves at worst pieces nothing
+//! refers to: the next open removes the newest generation's pieces beyond the last
+//! committed batch, orphan run chunks ([`super::runs`]), and generation folders the list
+//! does not hold.
+//!
+//! A new generation starts with the first batch after the current one has been written
+//! to for an eighth of the retention (store clock), so seven to nine generations hold a
+//! retention's rows: the directory moves by about an eighth of the retention's data as one
+//! goes, instead of growing.
+
+use super::{dec, enc, keys};
+use crate::error::{StoreContext as _, StoreError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A generation is written to for this fraction of the retention before the next starts.
+pub const GENERATIONS_PER_RETENTION: i64 = 8;
+/// sled's page cache per generation database (a bound: it fills only with pages read or
+/// written, and only the newest generation is written to).
+const GENERATION_CACHE_BYTES: u64 = 32 << 20;
+
+/// A generation as the main database records it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct Record {
+    id: u32,
+    /// The first batch sequence whose event rows went into it.
+    first_seq: u64,
+    /// The store clock when it started (0: no clock was set).
+    started: i64,
+}
+
+struct Generation {
+    record: Record,
+    db: sled::Db,
+}
+
+/// The generation databases of a store, and the main one (generation 0).
+pub struct Generations {
+    root: PathBuf,
+    main: sled::Db,
+    /// By id; ids (and first sequences) only grow.
+    gens: BTreeMap<u32, Generation>,
+    /// The list on disk lacks a generation started since (written with the next batch).
+    unrecorded: bool,
+}
+
+fn list_key() -> Vec<u8> {
+    keys::named_key(keys::META, "generations")
+}
+
+fn open_db(path: &Path) -> Result<sled::Db> {
+    // No flusher thread: a generation is flushed when a batch referring to it commits.
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(GENERATION_CACHE_BYTES)
+        .flush_every_ms(None)
+        .open()
+        .with_context(|| format!("cannot open the generation database {}", path.display()))
+}
+
+impl Generations {
+    /// No generation yet (before [`Generations::open`]).
+    pub fn none(main: &sled::Db) -> Generations {
+        Generations { root: PathBuf::new(), main: main.clone(), gens: BTreeMap::new(), unrecorded: false }
+    }
+
+    /// Opens the generations the main database lists, and deletes the folders of any it
+    /// does not (one started by a batch a crash cut short, or one dropped just before).
+    pub fn open(data_dir: &Path, main: &sled::Db) -> Result<Generations> {
+        let root = data_dir.join("gens");
+        let records: Vec<Record> = match main.get(list_key())? {
+            Some(v) => dec(&v)?,
+            None => Vec::new(),
+        };
+        let mut gens = BTreeMap::new();
+        for record in records {
+            let path = root.join(record.id.to_string());
+            if !path.join("conf").exists() {
+                return Err(StoreError::Unusable(format!(
+                    "generation {} of the store in {} is missing ({} does not exist); the store cannot be read \
+                     without it: ingest the logs again into a new --data directory",
+                    record.id,
+                    data_dir.display(),
+                    path.display()
+                )));
+            }
+            gens.insert(record.id, Generation { record, db: open_db(&path)? });
+        }
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.parse::<u32>().is_ok_and(|id| !gens.contains_key(&id)) {
+                    tracing::info!(folder = %e.path().display(), "removing a generation the store does not list");
+                    std::fs::remove_dir_all(e.path())
+                        .with_context(|| format!("cannot remove {}", e.path().display()))?;
+                }
+            }
+        }
+        Ok(Generations { root, main: main.clone(), gens, unrecorded: false })
+    }
+
+    /// The database holding generation `id` (0: the main one).
+    pub fn db(&self, id: u32) -> Result<&sled::Db> {
+        if id == 0 {
+            return Ok(&self.main);
+        }
+        self.gens.get(&id).map(|g| &g.db).ok_or_else(|| corrupt!("generation {id} is not in the store's list"))
+    }
+
+    /// The generation event rows of batch `seq` went into (0 before any generation).
+    pub fn of_seq(&self, seq: u64) -> u32 {
+        self.gens.values().rev().find(|g| g.record.first_seq <= seq).map_or(0, |g| g.record.id)
+    }
+
+    /// The database of a block's pieces: FileProfile's (block table 0) are in the main one.
+    pub fn block_db(&self, table: u16, seq: u64) -> Result<&sled::Db> {
+        if table == super::PROFILE_TABLE {
+            Ok(&self.main)
+        } else {
+            self.db(self.of_seq(seq))
+        }
+    }
+
+    /// The generation the event rows of batch `seq` go into: the newest, or a new one if
+    /// there is none or the newest has been written to for an eighth of `retention` at
+    /// `now`. A new one is recorded with `batch` (see [`Generations::committed`]).
+    pub fn for_batch(
+        &mut self,
+        seq: u64,
+        now: Option<i64>,
+        retention: Option<i64>,
+        batch: &mut sled::Batch,
+    ) -> Result<u32> {
+        let newest = self.gens.values().next_back().map(|g| g.record);
+        let span_over = |r: &Record| match (now, retention) {
+            (Some(now), Some(ret)) => now.saturating_sub(r.started) >= (ret / GENERATIONS_PER_RETENTION).max(1),
+            _ => false,
+        };
+        let id = match newest {
+            Some(r) if !span_over(&r) && r.first_seq <= seq => r.id,
+            _ => {
+                let id = newest.map_or(1, |r| r.id + 1);
+                let path = self.root.join(id.to_string());
+                // Left by a batch that failed before it committed: nothing refers to it.
+                if path.exists() {
+                    std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+                }
+                std::fs::create_dir_all(&self.root)
+                    .with_context(|| format!("cannot create {}", self.root.display()))?;
+                let record = Record { id, first_seq: seq, started: now.unwrap_or(0) };
+                self.gens.insert(id, Generation { record, db: open_db(&path)? });
+                self.unrecorded = true;
+                id
+            }
+        };
+        if self.unrecorded {
+            batch.insert(list_key(), self.list()?);
+        }
+        Ok(id)
+    }
+
+    fn list(&self) -> Result<Vec<u8>> {
+        enc(&self.gens.values().map(|g| g.record).collect::<Vec<_>>())
+    }
+
+    /// The batch that recorded the list was applied.
+    pub fn committed(&mut self) {
+        self.unrecorded = false;
+    }
+
+    /// Makes what was written to generation `id` durable (before a main batch refers to it).
+    pub fn flush(&self, id: u32) -> Result<()> {
+        if id != 0 {
+            self.db(id)?.flush().with_context(|| format!("cannot flush generation {id} to disk"))?;
+        }
+        Ok(())
+    }
+
+    pub fn flush_all(&self) -> Result<()> {
+        for id in self.gens.keys() {
+            self.flush(*id)?;
+        }
+        Ok(())
+    }
+
+    /// Every generation: (id, first sequence, first sequence of the next or `None`).
+    pub fn spans(&self) -> Vec<(u32, u64, Option<u64>)> {
+        let firsts: Vec<(u32, u64)> = self.gens.values().map(|g| (g.record.id, g.record.first_seq)).collect();
+        firsts.iter().enumerate().map(|(i, (id, first))| (*id, *first, firsts.get(i + 1).map(|n| n.1))).collect()
+    }
+
+    /// Removes generation `id` from the list (in `batch`); once the batch is applied,
+    /// [`Generations::delete`] removes its folder.
+    pub fn unlist(&mut self, id: u32, batch: &mut sled::Batch) -> Result<()> {
+        let kept: Vec<Record> = self.gens.values().map(|g| g.record).filter(|r| r.id != id).collect();
+        batch.insert(list_key(), enc(&kept)?);
+        Ok(())
+    }
+
+    /// Closes generation `id` and deletes its folder (after the batch of
+    /// [`Generations::unlist`] was applied; a crash before this leaves a folder the next
+    /// open deletes).
+    pub fn delete(&mut self, id: u32) -> Result<()> {
+        if let Some(g) = self.gens.remove(&id) {
+            drop(g.db);
+            let path = self.root.join(id.to_string());
+            std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes what a batch a crash cut short wrote to the newest generation: block pieces
+    /// of sequences from `next_seq` on (nothing refers to them, and a later batch under
+    /// the same sequence must not find pieces of its own block left over).
+    pub fn sweep_uncommitted(&self, next_seq: u64) -> Result<()> {
+        let Some(g) = self.gens.values().next_back() else { return Ok(()) };
+        let db = &g.db;
+        let mut batch = sled::Batch::default();
+        let mut n = 0u64;
+        for space in [keys::BLOCK_KEYS, keys::BLOCK_ROWS] {
+            let mut table = 0u16;
+            loop {
+                let from = keys::block_key(space, table, next_seq, 0, 0);
+                let to = keys::block_key(space, table.saturating_add(1), 0, 0, 0);
+                for k in db.range(from..to.clone()).keys() {
+                    batch.remove(k?);
+                    n += 1;
+                }
+                // On to the next table that has pieces in this space.
+                let Some(next) = db.range(to..).keys().next() else { break };
+                let next = next?;
+                match keys::block_of(&next) {
+                    Some((t, _, _)) if next.first() == Some(&space) && t > table => table = t,
+                    _ => break,
+                }
+            }
+        }
+        if n > 0 {
+            tracing::info!(pieces = n, generation = g.record.id, "removing block pieces a crash left uncommitted");
+            db.apply_batch(batch).context("cannot remove uncommitted block pieces")?;
+            db.flush().context("cannot flush a generation to disk")?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of every generation's files.
+    pub fn size_on_disk(&self) -> u64 {
+        self.gens.values().map(|g| g.db.size_on_disk().unwrap_or(0)).sum()
+    }
+
+    /// The generation databases (for a walk over every item).
+    pub fn dbs(&self) -> impl Iterator<Item = (u32, &sled::Db)> {
+        self.gens.iter().map(|(id, g)| (*id, &g.db))
+    }
+
+    pub fn count(&self) -> usize {
+        self.gens.len()
+    }
+}
+
+/// Bytes of the generation folders under `data_dir` (for a reader without the store).
+pub fn bytes_under(data_dir: &Path) -> u64 {
+    fn walk(p: &Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(p) else { return 0 };
+        entries
+            .flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&e.path()),
+                Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    walk(&data_dir.join("gens"))
+}
