@@ -34,7 +34,7 @@ type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub const GENERATIONS_PER_RETENTION: i64 = 8;
 /// sled's page cache per generation database (a bound: it fills only with pages read or
 /// written, and only the newest generation is written to).
-const GENERATION_CACHE_BYTES: u64 = 32 << 20;
+const GENERATION_CACHE_BYTES: u64 = 16 << 20;
 
 /// A generation as the main database records it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -67,12 +67,15 @@ fn list_key() -> Vec<u8> {
 
 fn open_db(path: &Path) -> Result<sled::Db> {
     // No flusher thread: a generation is flushed when a batch referring to it commits.
-    sled::Config::new()
-        .path(path)
-        .cache_capacity(GENERATION_CACHE_BYTES)
-        .flush_every_ms(None)
-        .open()
-        .with_context(|| format!("cannot open the generation database {}", path.display()))
+    sled::Config::new().path(path).cache_capacity(GENERATION_CACHE_BYTES).flush_every_ms(None).open().with_context(
+        || {
+            format!(
+                "cannot open the generation database {} (check the disk and the folder's permissions; \
+                 `lookout status` says which store it belongs to)",
+                path.display()
+            )
+        },
+    )
 }
 
 impl Generations {
@@ -121,7 +124,12 @@ impl Generations {
         if id == 0 {
             return Ok(&self.main);
         }
-        self.gens.get(&id).map(|g| &g.db).ok_or_else(|| corrupt!("generation {id} is not in the store's list"))
+        self.gens.get(&id).map(|g| &g.db).ok_or_else(|| {
+            corrupt!(
+                "generation {id} is referred to but not in the store's list; the store is damaged: ingest the logs \
+                 again into a new --data directory"
+            )
+        })
     }
 
     /// The generation event rows of batch `seq` went into (0 before any generation).
@@ -140,14 +148,15 @@ impl Generations {
 
     /// The generation the event rows of batch `seq` go into: the newest, or a new one if
     /// there is none or the newest has been written to for an eighth of `retention` at
-    /// `now`. A new one is recorded with `batch` (see [`Generations::committed`]).
+    /// `now`. A new one is recorded with `batch`; the bool says the list was written there
+    /// (see [`Generations::committed`]).
     pub fn for_batch(
         &mut self,
         seq: u64,
         now: Option<i64>,
         retention: Option<i64>,
         batch: &mut sled::Batch,
-    ) -> Result<u32> {
+    ) -> Result<(u32, bool)> {
         let newest = self.gens.values().next_back().map(|g| g.record);
         let span_over = |r: &Record| match (now, retention) {
             (Some(now), Some(ret)) => now.saturating_sub(r.started) >= (ret / GENERATIONS_PER_RETENTION).max(1),
@@ -166,6 +175,10 @@ impl Generations {
                     .with_context(|| format!("cannot create {}", self.root.display()))?;
                 let record = Record { id, first_seq: seq, started: now.unwrap_or(0) };
                 self.gens.insert(id, Generation { record, db: open_db(&path)? });
+                // The new folder's entry on disk too (a power cut must not lose a listed one).
+                std::fs::File::open(&self.root)
+                    .and_then(|d| d.sync_all())
+                    .with_context(|| format!("cannot sync {}", self.root.display()))?;
                 self.unrecorded = true;
                 id
             }
@@ -173,14 +186,15 @@ impl Generations {
         if self.unrecorded {
             batch.insert(list_key(), self.list()?);
         }
-        Ok(id)
+        Ok((id, self.unrecorded))
     }
 
     fn list(&self) -> Result<Vec<u8>> {
         enc(&self.gens.values().map(|g| g.record).collect::<Vec<_>>())
     }
 
-    /// The batch that recorded the list was applied.
+    /// A batch that wrote the list (from [`Generations::for_batch`] or
+    /// [`Generations::unlist`]) was applied: every generation held is recorded.
     pub fn committed(&mut self) {
         self.unrecorded = false;
     }

@@ -1093,11 +1093,13 @@ impl WriteBatch<'_> {
     }
 
     /// A batch that failed to commit after writing to its generation: what it wrote there
-    /// goes, so that the next batch, committing under the same sequence, finds none of it.
+    /// goes (best effort), and its sequence is never used again, so no later batch can
+    /// find pieces of its own blocks left over.
     fn forget_uncommitted(&mut self) {
         if let Err(e) = self.store.gens.sweep_uncommitted(self.store.next_journal) {
             tracing::warn!(error = %crate::error::Chain(&e), "cannot remove what a failed batch wrote");
         }
+        self.store.next_journal += 1;
     }
 
     /// Adds a row unless the same row is already stored or pending in this batch. A row
@@ -1239,6 +1241,7 @@ impl WriteBatch<'_> {
         // FileProfile's run chunks (main database): both applied, and the generation flushed,
         // before the batch that makes them visible.
         let mut generation = None;
+        let mut wrote_list = false;
         let mut pieces = sled::Batch::default();
         let mut profile_chunks = sled::Batch::default();
         if !self.new_keys.is_empty() {
@@ -1248,8 +1251,9 @@ impl WriteBatch<'_> {
                 0
             } else {
                 let store = &mut *self.store;
-                let g = store.gens.for_batch(s, store.now, store.retention, &mut self.batch)?;
+                let (g, listed) = store.gens.for_batch(s, store.now, store.retention, &mut self.batch)?;
                 generation = Some(g);
+                wrote_list = listed;
                 g
             };
             new_block_end =
@@ -1296,7 +1300,10 @@ impl WriteBatch<'_> {
                 return Err(e);
             }
         }
-        self.store.db.apply_batch(profile_chunks).context("cannot write the FileProfile key index")?;
+        if let Err(e) = self.store.db.apply_batch(profile_chunks) {
+            self.forget_uncommitted();
+            return Err(e).context("cannot write the FileProfile key index");
+        }
         if generation.is_some() {
             crate::failpoint::hit("generation-written-before-commit");
         }
@@ -1305,7 +1312,9 @@ impl WriteBatch<'_> {
             return Err(e).context("cannot commit a batch to the database");
         }
         self.committed = true;
-        self.store.gens.committed();
+        if wrote_list {
+            self.store.gens.committed();
+        }
         for run in pending_runs {
             self.store.runs.committed(run);
         }

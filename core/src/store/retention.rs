@@ -52,6 +52,9 @@ impl Store {
         }
         self.earliest_block_end = Some(earliest_left);
         if expired.is_empty() {
+            // Generations a crash left empty (between removing their last blocks and
+            // dropping them) go now.
+            self.drop_empty_generations()?;
             return Ok(0);
         }
         let mut batch = sled::Batch::default();
@@ -112,6 +115,7 @@ impl Store {
             self.gens.unlist(id, &mut batch)?;
             crate::failpoint::hit("generation-drop-before-commit");
             self.db.apply_batch(batch).context("cannot drop an expired generation")?;
+            self.gens.committed();
             // Flushed first: a generation deleted while the list on disk still named it
             // would make the store unreadable after a crash.
             self.db.flush().context("cannot flush the database to disk")?;

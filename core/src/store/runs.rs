@@ -604,6 +604,12 @@ impl Runs {
         if let Some(p) = pending {
             self.committed(p);
         }
+        if generation != 0 {
+            // The old chunks are in another database than the metadata that stopped naming
+            // them: that metadata must be on disk before they go, or a crash could leave
+            // the main database naming runs whose chunks are gone.
+            main.flush().context("cannot flush the database to disk")?;
+        }
         sweep_chunks(db, &ids)?;
         Ok(true)
     }
