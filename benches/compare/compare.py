@@ -394,7 +394,9 @@ def main():
         lk.detect(plugins)
         lk_ingest, out, peak_kib = lk.ingest(*files, rss=True)
         log(out.strip())
-        lk_size = du(work / "lookout-data")
+        # The store's files (sled's main and generation databases, the key filter), not the
+        # private copy of the detector library that `detect` keeps beside them.
+        lk_size = du(work / "lookout-data") - du(work / "lookout-data" / "plugin-cache")
         log("== ingest ceilings (parse only, sled only) on the same files")
         ceil = ceilings(root, files, work)
         log(json.dumps(ceil))
@@ -528,7 +530,7 @@ def main():
                  f"p99 {daemon['p99']:,.1f} ms | | |")
     L.append(f"| peak RSS of `lookout ingest` ({rows:,} rows) | "
              f"{peak_kib / 1024:,.1f} MiB |  |  |" if peak_kib else "| peak RSS of `lookout ingest` | n/a | | |")
-    L.append(f"| database size after the base ingest | {lk_size / 2**20:,.1f} MiB = {lk_size / rows:,.0f} B/row "
+    L.append(f"| database size after the base ingest (Lookout: the data directory less `plugin-cache`) | {lk_size / 2**20:,.1f} MiB = {lk_size / rows:,.0f} B/row "
              f"({lk_size / jsonl_bytes:.2f}× the JSONL) | {dk_size / 2**20:,.1f} MiB = {dk_size / rows:,.0f} B/row | "
              f"{ratio(dk_size, lk_size)} |")
     L.append("")
