@@ -106,6 +106,18 @@ pub fn decode_meta(value: &[u8]) -> Result<(BlockMeta, Option<Sha1Filter>)> {
     Ok((meta, Sha1Filter::after_meta(value, len)))
 }
 
+/// Block numbers from here on hold event rows stamped further ahead of the store clock
+/// than a generation spans: their pieces are in the main database, not their batch's
+/// generation, so that such a row (a device with a wrong clock) does not keep a whole
+/// generation until its time is past the horizon (see [`super::generations`]).
+pub const AHEAD_BLOCK: u16 = 0x8000;
+
+/// Whether a block's pieces are in the main database: FileProfile's (table 0), and
+/// blocks of rows from ahead of the clock.
+pub fn in_main(table: u16, block: u16) -> bool {
+    table == 0 || block >= AHEAD_BLOCK
+}
+
 /// A block being filled.
 #[derive(Default)]
 struct OpenBlock {
@@ -116,24 +128,26 @@ struct OpenBlock {
     max_ts: i64,
 }
 
-/// The new rows of one batch, per table, in blocks.
+/// The new rows of one batch, per table (and whether they are from ahead of the clock),
+/// in blocks.
 #[derive(Default)]
 pub struct BatchBlocks {
-    tables: BTreeMap<u16, Vec<OpenBlock>>,
+    tables: BTreeMap<(u16, bool), Vec<OpenBlock>>,
 }
 
 impl BatchBlocks {
-    /// Adds a row and says where it will be once the batch commits under `seq`.
-    pub fn add(&mut self, table: u16, key: Vec<u8>, timestamp: i64, value: Vec<u8>) -> Result<(u16, u16)> {
-        let blocks = self.tables.entry(table).or_default();
+    /// Adds a row and says where it will be once the batch commits under `seq`; `ahead`
+    /// puts it among the blocks numbered from [`AHEAD_BLOCK`].
+    pub fn add(&mut self, table: u16, key: Vec<u8>, timestamp: i64, value: Vec<u8>, ahead: bool) -> Result<(u16, u16)> {
+        let blocks = self.tables.entry((table, ahead)).or_default();
         let full = blocks.last().is_none_or(|b| b.rows.len() >= BLOCK_ROWS || b.raw >= BLOCK_RAW);
         if full {
-            if blocks.len() > u16::MAX as usize {
+            if blocks.len() >= AHEAD_BLOCK as usize {
                 return Err(StoreError::Invalid("too many rows in one batch".into()));
             }
             blocks.push(OpenBlock { min_ts: timestamp, max_ts: timestamp, ..OpenBlock::default() });
         }
-        let block_no = (blocks.len() - 1) as u16;
+        let block_no = (blocks.len() - 1) as u16 + if ahead { AHEAD_BLOCK } else { 0 };
         let b = blocks.last_mut().ok_or_else(|| corrupt!("no open block"))?;
         let row_no = b.rows.len() as u16;
         b.raw += key.len() + value.len();
@@ -145,8 +159,8 @@ impl BatchBlocks {
     }
 
     /// Writes every block of the batch under sequence `seq`: the event blocks' pieces into
-    /// `pieces` (for the batch's generation), FileProfile's and every directory entry into
-    /// `batch` (the main database). Returns the earliest newest Timestamp of its event
+    /// `pieces` (for the batch's generation), those [`in_main`] and every directory entry
+    /// into `batch` (the main database). Returns the earliest newest Timestamp of its event
     /// blocks (table 0, FileProfile, is exempt from retention).
     pub fn write(
         self,
@@ -156,12 +170,12 @@ impl BatchBlocks {
         batch: &mut sled::Batch,
     ) -> Result<Option<i64>> {
         let mut earliest_end: Option<i64> = None;
-        for (table, blocks) in self.tables {
+        for ((table, ahead), blocks) in self.tables {
             for (no, b) in blocks.into_iter().enumerate() {
-                let block = no as u16;
+                let block = no as u16 + if ahead { AHEAD_BLOCK } else { 0 };
                 let keys_frame = compress(zstd, &b.keys)?;
                 let rows_frame = compress(zstd, &b.rows)?;
-                let into = if table == 0 { &mut *batch } else { &mut *pieces };
+                let into = if in_main(table, block) { &mut *batch } else { &mut *pieces };
                 let key_parts = write_pieces(into, keys::BLOCK_KEYS, table, seq, block, &keys_frame)?;
                 let row_parts = write_pieces(into, keys::BLOCK_ROWS, table, seq, block, &rows_frame)?;
                 let meta = BlockMeta {
@@ -391,7 +405,7 @@ mod tests {
         let mut bb = BatchBlocks::default();
         let mut places = Vec::new();
         for i in 0..(BLOCK_ROWS + 10) {
-            places.push(bb.add(1, format!("k{i}").into_bytes(), i as i64, vec![(i % 251) as u8; 100]).unwrap());
+            places.push(bb.add(1, format!("k{i}").into_bytes(), i as i64, vec![(i % 251) as u8; 100], false).unwrap());
         }
         // Incompressible big rows in another table cut blocks by bytes.
         let mut seed = 1u64;
@@ -404,7 +418,7 @@ mod tests {
                     seed as u8
                 })
                 .collect();
-            bb.add(2, b"big".to_vec(), 0, big).unwrap();
+            bb.add(2, b"big".to_vec(), 0, big, false).unwrap();
         }
         assert_eq!(places[BLOCK_ROWS - 1], (0, (BLOCK_ROWS - 1) as u16));
         assert_eq!(places[BLOCK_ROWS], (1, 0));

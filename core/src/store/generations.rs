@@ -30,6 +30,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Rows stamped up to this far ahead of the store clock go into a generation (a day).
+const AHEAD_AT_LEAST: i64 = 86_400 * lookout_plugin_sdk::time::TICKS_PER_SEC;
 /// A generation is written to for this fraction of the retention before the next starts.
 pub const GENERATIONS_PER_RETENTION: i64 = 8;
 /// sled's page cache per generation database (a bound: it fills only with pages read or
@@ -137,13 +139,23 @@ impl Generations {
         self.gens.values().rev().find(|g| g.record.first_seq <= seq).map_or(0, |g| g.record.id)
     }
 
-    /// The database of a block's pieces: FileProfile's (block table 0) are in the main one.
-    pub fn block_db(&self, table: u16, seq: u64) -> Result<&sled::Db> {
-        if table == super::PROFILE_TABLE {
+    /// The database of a block's pieces: the main one for FileProfile's and rows from
+    /// ahead of the clock ([`super::blocks::in_main`]), else the batch's generation.
+    pub fn block_db(&self, table: u16, seq: u64, block: u16) -> Result<&sled::Db> {
+        if super::blocks::in_main(table, block) {
             Ok(&self.main)
         } else {
             self.db(self.of_seq(seq))
         }
+    }
+
+    /// How far ahead of `now` a row's Timestamp may be for its block to go into a
+    /// generation: one generation's span, and at least a day (a clock set at the start of
+    /// a day's ingestion, devices a few hours ahead); `None`: no clock or no retention.
+    /// Rows further ahead are rare, and kept in the main database a block at a time.
+    pub fn ahead_limit(now: Option<i64>, retention: Option<i64>) -> Option<i64> {
+        let span = (retention? / GENERATIONS_PER_RETENTION).max(AHEAD_AT_LEAST);
+        Some(now?.saturating_add(span))
     }
 
     /// The generation the event rows of batch `seq` go into: the newest, or a new one if

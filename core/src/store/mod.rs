@@ -441,7 +441,7 @@ impl Store {
             None => {
                 let rows = {
                     let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-                    let db = self.gens.block_db(table, entry.seq)?;
+                    let db = self.gens.block_db(table, entry.seq, entry.block)?;
                     let raw = blocks::read_frame_raw(db, &mut z, keys::BLOCK_ROWS, table, entry.seq, entry.block)?;
                     Arc::new(
                         blocks::PackedItems::new(raw)
@@ -589,6 +589,7 @@ impl Store {
             new_keys: Vec::new(),
             blocks: BatchBlocks::default(),
             entries: Vec::new(),
+            ahead_entries: Vec::new(),
             profile_entries: BTreeMap::new(),
             postings: index::Postings::default(),
             pending: HashMap::default(),
@@ -803,7 +804,7 @@ impl Store {
             }
             let raw = {
                 let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-                blocks::read_frame_raw(self.gens.block_db(tid, seq)?, &mut z, keys::BLOCK_KEYS, tid, seq, block)?
+                blocks::read_frame_raw(self.gens.block_db(tid, seq, block)?, &mut z, keys::BLOCK_KEYS, tid, seq, block)?
             };
             for (row, key) in blocks::unpack_items(&raw)?.into_iter().enumerate() {
                 if !self.visible(key) {
@@ -871,7 +872,7 @@ impl Store {
             let Some((_, seq, block)) = keys::block_of(&k) else { continue };
             let (keys_frame, rows) = {
                 let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-                let db = self.gens.block_db(tid, seq)?;
+                let db = self.gens.block_db(tid, seq, block)?;
                 (
                     blocks::read_frame(db, &mut z, keys::BLOCK_KEYS, tid, seq, block)?,
                     blocks::read_frame(db, &mut z, keys::BLOCK_ROWS, tid, seq, block)?,
@@ -1049,6 +1050,9 @@ pub struct WriteBatch<'s> {
     blocks: BatchBlocks,
     /// The key-index entries of the new event rows (written as one sorted run).
     entries: Vec<runs::Entry>,
+    /// Those of new event rows from ahead of the clock (their own run, in the main
+    /// database; see [`blocks::AHEAD_BLOCK`]).
+    ahead_entries: Vec<runs::Entry>,
     /// Those of new or replacing FileProfile rows (their own run).
     profile_entries: BTreeMap<Vec<u8>, KeyEntry>,
     /// Index postings of the new rows, written as one entry per value on commit.
@@ -1168,11 +1172,16 @@ impl WriteBatch<'_> {
             }
         }
         // The row goes into this batch's blocks, under the sequence the batch commits with.
-        let (block, row_no) = self.blocks.add(block_table, key.clone(), row.timestamp, value)?;
+        let ahead = row.kind == TableKind::Event
+            && generations::Generations::ahead_limit(self.store.now, self.store.retention)
+                .is_some_and(|limit| row.timestamp > limit);
+        let (block, row_no) = self.blocks.add(block_table, key.clone(), row.timestamp, value, ahead)?;
         let entry = KeyEntry { seq: self.store.next_journal, block, row: row_no, content };
         if row.kind == TableKind::Profile {
             // Newest wins, within the batch too.
             self.profile_entries.insert(key.clone(), entry);
+        } else if ahead {
+            self.ahead_entries.push((key.clone(), entry));
         } else {
             self.entries.push((key.clone(), entry));
         }
@@ -1238,12 +1247,12 @@ impl WriteBatch<'_> {
         let mut pending_runs = Vec::new();
         let mut new_block_end = None;
         // What goes to a generation's database (the event rows' pieces and run chunks), and
-        // FileProfile's run chunks (main database): both applied, and the generation flushed,
-        // before the batch that makes them visible.
+        // the run chunks of FileProfile and of rows from ahead of the clock (main database):
+        // both applied, and the generation flushed, before the batch that makes them visible.
         let mut generation = None;
         let mut wrote_list = false;
         let mut pieces = sled::Batch::default();
-        let mut profile_chunks = sled::Batch::default();
+        let mut main_chunks = sled::Batch::default();
         if !self.new_keys.is_empty() {
             let s = self.store.next_journal;
             let mut entries = std::mem::take(&mut self.entries);
@@ -1267,6 +1276,23 @@ impl WriteBatch<'_> {
                         .1,
                 );
             }
+            let mut ahead = std::mem::take(&mut self.ahead_entries);
+            ahead.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            if !ahead.is_empty() {
+                pending_runs.push(
+                    self.store
+                        .runs
+                        .write(
+                            runs::RunKind::Events,
+                            0,
+                            &ahead,
+                            &mut self.store.zstd,
+                            &mut main_chunks,
+                            &mut self.batch,
+                        )?
+                        .1,
+                );
+            }
             let profiles: Vec<runs::Entry> = std::mem::take(&mut self.profile_entries).into_iter().collect();
             if !profiles.is_empty() {
                 pending_runs.push(
@@ -1277,7 +1303,7 @@ impl WriteBatch<'_> {
                             0,
                             &profiles,
                             &mut self.store.zstd,
-                            &mut profile_chunks,
+                            &mut main_chunks,
                             &mut self.batch,
                         )?
                         .1,
@@ -1300,9 +1326,9 @@ impl WriteBatch<'_> {
                 return Err(e);
             }
         }
-        if let Err(e) = self.store.db.apply_batch(profile_chunks) {
+        if let Err(e) = self.store.db.apply_batch(main_chunks) {
             self.forget_uncommitted();
-            return Err(e).context("cannot write the FileProfile key index");
+            return Err(e).context("cannot write the key index of FileProfile and of rows from ahead of the clock");
         }
         if generation.is_some() {
             crate::failpoint::hit("generation-written-before-commit");

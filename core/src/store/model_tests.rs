@@ -11,6 +11,8 @@ use proptest::prelude::*;
 use std::collections::BTreeSet;
 
 const TABLE: &str = "DeviceFileEvents";
+/// Where the forty-day test puts its row from ahead of the clock.
+const AHEAD_TABLE: &str = "DeviceProcessEvents";
 const DAY: i64 = 86_400 * TICKS_PER_SEC;
 const BASE: i64 = 20_000 * DAY;
 
@@ -163,23 +165,25 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// 40 simulated days of a constant rate with 7 days kept: the visible rows are exactly
 /// those of the last 7 days, the items stored and the data directory stay within ±15% of
-/// their size at day 8, and sled never writes a blob. `LOOKOUT_TEST_ROWS_PER_DAY` runs it at
+/// their size at day 8, and sled never writes a blob. A row stamped a year ahead (a
+/// device with a wrong clock) stays visible and keeps no generation alive. `LOOKOUT_TEST_ROWS_PER_DAY` runs it at
 /// another rate (10,000 by default; 100,000 is the long variant).
 #[test]
 fn forty_days_with_seven_kept_stay_flat() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path()).unwrap();
     store.set_retention(Some(7 * DAY));
+    const BATCH: u32 = 1_000;
     let per_day: u32 = std::env::var("LOOKOUT_TEST_ROWS_PER_DAY").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let mut at_day_8 = 0u64;
     let mut live_at_day_8 = 0u64;
     let mut sizes = Vec::new();
     let mut lives = Vec::new();
     for day in 0..40i64 {
-        for chunk in 0..(per_day / 1000) {
+        for chunk in 0..(per_day / BATCH) {
             let mut b = store.batch();
-            for i in 0..1000u32 {
-                let n = chunk * 1000 + i;
+            for i in 0..BATCH {
+                let n = chunk * BATCH + i;
                 // Distinct rows: the report number carries the day and the row.
                 let text = format!(
                     r#"{{"Timestamp":"{}","DeviceId":"dev{}","SHA1":"{:040x}","ReportId":{},"FolderPath":"C:\\Windows\\System32\\f{}.dll","ActionType":"FileCreated","InitiatingProcessFileName":"svchost.exe"}}"#,
@@ -193,6 +197,16 @@ fn forty_days_with_seven_kept_stay_flat() {
                 );
                 let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
                 b.add_row(normalise(obj, Some(TABLE), &TableHints::default()).unwrap(), 0).unwrap();
+            }
+            if day == 1 && chunk == 0 {
+                let text = format!(
+                    r#"{{"Timestamp":"{}","DeviceId":"skewed","SHA1":"{:040x}","ReportId":1,"FileName":"a.exe"}}"#,
+                    lookout_plugin_sdk::time::format_timestamp(BASE + 400 * DAY),
+                    7
+                );
+                let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
+                let row = normalise(obj, Some(AHEAD_TABLE), &TableHints::default()).unwrap();
+                assert_eq!(b.add_row(row, 0).unwrap(), Added::New);
             }
             b.commit().unwrap();
         }
@@ -215,6 +229,9 @@ fn forty_days_with_seven_kept_stay_flat() {
         let want = u64::from(per_day) * (day.min(6) as u64 + 1);
         assert_eq!(kept.rows.get(TABLE).copied().unwrap_or(0), want, "day {day}: the last 7 days are visible");
         assert_eq!(kept.oldest.map(|t| (t - BASE).div_euclid(DAY)), Some((day - 6).max(0)), "day {day}");
+        if day >= 1 {
+            assert_eq!(kept.rows.get(AHEAD_TABLE).copied(), Some(1), "day {day}: the row from ahead is kept");
+        }
     }
     // The items Lookout keeps stay within ±15% of day 8: expired rows' blocks go, and so
     // do their key-index entries (event runs merge only within an eighth of the
@@ -236,7 +253,8 @@ fn forty_days_with_seven_kept_stay_flat() {
         let ratio = *size as f64 / at_day_8 as f64;
         assert!((0.85..=1.15).contains(&ratio), "day {day}: {size} bytes, {ratio:.2}x day 8's {at_day_8}: {sizes:?}");
     }
-    assert!(store.generation_count() <= 8, "{} generations for 7 days kept", store.generation_count());
+    // One a day (the clock moves a day at a time, more than an eighth of 7 days), 7 kept.
+    assert_eq!(store.generation_count(), 7, "generations for 7 days kept");
     let mut dbs = vec![dir.path().join("db")];
     dbs.extend(std::fs::read_dir(dir.path().join("gens")).unwrap().flatten().map(|e| e.path()));
     for db in dbs {

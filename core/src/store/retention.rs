@@ -63,8 +63,17 @@ impl Store {
         for (table, seq, block, meta) in &expired {
             // The rows' key-index entries stay until their run is dropped or merged (both
             // leave out what is past the horizon), the block's pieces until its generation
-            // goes; nothing reads them meanwhile, since every read checks the horizon first.
+            // goes (those in the main database go now); nothing reads them meanwhile, since
+            // every read checks the horizon first.
             removed += u64::from(meta.rows);
+            if blocks::in_main(*table, *block) {
+                for part in 0..meta.key_parts {
+                    batch.remove(keys::block_key(keys::BLOCK_KEYS, *table, *seq, *block, part));
+                }
+                for part in 0..meta.row_parts {
+                    batch.remove(keys::block_key(keys::BLOCK_ROWS, *table, *seq, *block, part));
+                }
+            }
             batch.remove(keys::block_key(keys::BLOCK_META, *table, *seq, *block, 0));
             if let Some(name) = self.table_name(*table) {
                 if let Some(n) = counters.rows.get_mut(name) {
@@ -103,7 +112,12 @@ impl Store {
             for t in &tables {
                 let from = keys::block_key(keys::BLOCK_META, *t, first, 0, 0);
                 let to = keys::block_key(keys::BLOCK_META, *t, end, 0, 0);
-                if self.db.range(from..to).next().is_some() {
+                // Blocks from ahead of the clock are in the main database, not this one.
+                let in_this =
+                    self.db.range(from..to).keys().any(|k| {
+                        k.map_or(true, |k| keys::block_of(&k).is_some_and(|(_, _, b)| !blocks::in_main(*t, b)))
+                    });
+                if in_this {
                     holds_blocks = true;
                     break;
                 }
@@ -197,7 +211,7 @@ impl Store {
                     let keys_frame = {
                         let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
                         blocks::read_frame(
-                            self.gens.block_db(table, seq)?,
+                            self.gens.block_db(table, seq, block)?,
                             &mut z,
                             keys::BLOCK_KEYS,
                             table,
