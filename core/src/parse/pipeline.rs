@@ -67,13 +67,16 @@ pub fn parse_line(buf: &[u8], info: &LineInfo, max_line: usize, hints: &TableHin
     if buf.iter().all(u8::is_ascii_whitespace) {
         return LineOutcome::Blank;
     }
-    if let Err(e) = std::str::from_utf8(buf) {
-        let reason = format!("invalid UTF-8 at byte {} of the line", e.valid_up_to());
-        return LineOutcome::Rejected(Reject::new(RejectKind::InvalidUtf8, reason), excerpt());
-    }
     let doc = match parse_document(buf) {
         Ok(v) => v,
         Err(e) => {
+            // Every string the parser keeps is checked as UTF-8 (and a byte outside one is a
+            // syntax error), so a line that is not UTF-8 fails here: only then is the whole
+            // line checked, to say so apart (checking every line first was 4% of ingest).
+            if let Err(e) = std::str::from_utf8(buf) {
+                let reason = format!("invalid UTF-8 at byte {} of the line", e.valid_up_to());
+                return LineOutcome::Rejected(Reject::new(RejectKind::InvalidUtf8, reason), excerpt());
+            }
             let reason = format!("malformed JSON: {e}");
             return LineOutcome::Rejected(Reject::new(RejectKind::MalformedJson, reason), excerpt());
         }
