@@ -291,9 +291,9 @@ impl Generations {
         self.gens.values().map(|g| g.db.size_on_disk().unwrap_or(0)).sum()
     }
 
-    /// The generation databases (for a walk over every item).
-    pub fn dbs(&self) -> impl Iterator<Item = (u32, &sled::Db)> {
-        self.gens.iter().map(|(id, g)| (*id, &g.db))
+    /// The main database, then every generation's (for a walk over every item).
+    pub fn all_dbs(&self) -> impl Iterator<Item = &sled::Db> {
+        std::iter::once(&self.main).chain(self.gens.values().map(|g| &g.db))
     }
 
     pub fn count(&self) -> usize {

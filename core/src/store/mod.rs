@@ -912,7 +912,7 @@ impl Store {
     /// file holds besides sled's own overhead and not yet reclaimed space. Reads every key.
     pub fn space_by_part(&self) -> Result<Vec<(&'static str, u64, u64)>> {
         let mut by: BTreeMap<u8, (u64, u64)> = BTreeMap::new();
-        for (_, db) in std::iter::once((0, &self.db)).chain(self.gens.dbs()) {
+        for db in self.gens.all_dbs() {
             for kv in db.iter() {
                 let (k, v) = kv?;
                 let e = by.entry(k.first().copied().unwrap_or(0)).or_default();

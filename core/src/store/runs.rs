@@ -310,7 +310,7 @@ impl Runs {
             runs.insert(id, meta);
         }
         // Chunks of runs without metadata: a batch, merge or drop a crash interrupted.
-        for (_, db) in std::iter::once((0, db)).chain(gens.dbs()) {
+        for db in gens.all_dbs() {
             let mut orphans = std::collections::BTreeSet::new();
             for k in db.scan_prefix([keys::RUN_CHUNK]).keys() {
                 let k = k?;
