@@ -151,10 +151,14 @@ impl Generations {
 
     /// How far ahead of `now` a row's Timestamp may be for its block to go into a
     /// generation: one generation's span, and at least a day (a clock set at the start of
-    /// a day's ingestion, devices a few hours ahead); `None`: no clock or no retention.
+    /// a day's ingestion, devices a few hours ahead) or half the retention if that is
+    /// less; `None`: no clock or no retention. A fixed clock (`--now`) with rows more than
+    /// that after it puts them all here: correct, only without a generation's benefit.
     /// Rows further ahead are rare, and kept in the main database a block at a time.
     pub fn ahead_limit(now: Option<i64>, retention: Option<i64>) -> Option<i64> {
-        let span = (retention? / GENERATIONS_PER_RETENTION).max(AHEAD_AT_LEAST);
+        let retention = retention?;
+        // A day, unless the retention is so short that a day is most of it.
+        let span = (retention / GENERATIONS_PER_RETENTION).max(AHEAD_AT_LEAST.min(retention / 2));
         Some(now?.saturating_add(span))
     }
 
@@ -187,10 +191,13 @@ impl Generations {
                     .with_context(|| format!("cannot create {}", self.root.display()))?;
                 let record = Record { id, first_seq: seq, started: now.unwrap_or(0) };
                 self.gens.insert(id, Generation { record, db: open_db(&path)? });
-                // The new folder's entry on disk too (a power cut must not lose a listed one).
-                std::fs::File::open(&self.root)
-                    .and_then(|d| d.sync_all())
-                    .with_context(|| format!("cannot sync {}", self.root.display()))?;
+                // The new folder's entries (sled's `conf`) and the folder's own entry on disk
+                // too: a power cut must not lose a generation the list will name.
+                for dir in [&path, &self.root] {
+                    std::fs::File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .with_context(|| format!("cannot sync {}", dir.display()))?;
+                }
                 self.unrecorded = true;
                 id
             }

@@ -167,12 +167,19 @@ impl Store {
     }
 
     /// Column-index entries of batches older than every stored event block list only
-    /// removed rows: they go.
+    /// removed rows: they go. A block of rows from ahead of the clock keeps its own batch's
+    /// entries (its rows are among them), not every later batch's.
     fn drop_unneeded_index_entries(&mut self) -> Result<()> {
         let mut oldest_live = u64::MAX;
+        let mut ahead_batches = std::collections::BTreeSet::new();
         for k in self.db.scan_prefix([keys::BLOCK_META]).keys() {
-            if let Some((table, seq, _)) = keys::block_of(&k?) {
-                if table != PROFILE_TABLE {
+            if let Some((table, seq, block)) = keys::block_of(&k?) {
+                if table == PROFILE_TABLE {
+                    continue;
+                }
+                if blocks::in_main(table, block) {
+                    ahead_batches.insert(seq);
+                } else {
                     oldest_live = oldest_live.min(seq);
                 }
             }
@@ -184,7 +191,7 @@ impl Store {
             // Index keys end in (batch seq u64, part u32); batch 0 is a rebuild's.
             let Some(seq_bytes) = k.len().checked_sub(12).and_then(|at| k.get(at..at + 8)) else { continue };
             let seq = u64::from_be_bytes(seq_bytes.try_into().unwrap_or([0; 8]));
-            if seq != 0 && seq < oldest_live {
+            if seq != 0 && seq < oldest_live && !ahead_batches.contains(&seq) {
                 batch.remove(k);
                 n += 1;
             }
