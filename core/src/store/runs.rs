@@ -18,7 +18,7 @@
 //! Runs whose rows are all past the retention horizon are dropped whole; a merge leaves
 //! out entries past it.
 
-use super::blocks::{pack_items, unpack_items, KeyEntry};
+use super::blocks::{unpack_items, KeyEntry};
 use super::generations::Generations;
 use super::keys;
 use crate::error::{StoreContext as _, StoreError};
@@ -221,10 +221,18 @@ fn meta_key(run: u64, part: u32) -> Vec<u8> {
     k
 }
 
-/// A chunk as stored: each entry as one item (the entry's 20 bytes, then the key).
+/// A chunk as stored: each entry as one item (the entry's 20 bytes, then the key), as
+/// [`super::blocks::pack_items`] lays items out, written straight into one buffer (no `Vec` per entry:
+/// every run written and every merge goes through here).
 fn encode_entries(entries: &[Entry]) -> Result<Vec<u8>> {
-    let items: Vec<Vec<u8>> = entries.iter().map(|(k, e)| [&e.encode()[..], k].concat()).collect();
-    Ok(pack_items(&items))
+    let mut out = Vec::with_capacity(entries.iter().map(|(k, _)| 4 + KeyEntry::LEN + k.len()).sum());
+    for (k, e) in entries {
+        let len = u32::try_from(KeyEntry::LEN + k.len()).map_err(|_| corrupt!("a row key too long to index"))?;
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&e.encode());
+        out.extend_from_slice(k);
+    }
+    Ok(out)
 }
 
 fn decode_entries(raw: &[u8]) -> Result<Vec<Entry>> {
@@ -721,6 +729,16 @@ mod tests {
         db.apply_batch(chunks).unwrap();
         db.apply_batch(batch).unwrap();
         runs.committed(pending);
+    }
+
+    /// A chunk is laid out as `pack_items` lays out (entry, key) items.
+    #[test]
+    fn chunks_are_packed_items() {
+        let entries: Vec<Entry> = (0..5).map(entry).collect();
+        let items: Vec<Vec<u8>> = entries.iter().map(|(k, e)| [&e.encode()[..], k].concat()).collect();
+        assert_eq!(encode_entries(&entries).unwrap(), super::super::blocks::pack_items(&items));
+        let back = decode_entries(&encode_entries(&entries).unwrap()).unwrap();
+        assert_eq!(back, entries);
     }
 
     fn entry(i: u64) -> Entry {
