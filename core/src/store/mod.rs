@@ -1268,46 +1268,23 @@ impl WriteBatch<'_> {
             new_block_end =
                 std::mem::take(&mut self.blocks).write(s, &mut self.store.zstd, &mut pieces, &mut self.batch)?;
             entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            if !entries.is_empty() {
-                pending_runs.push(
-                    self.store
-                        .runs
-                        .write(runs::RunKind::Events, g, &entries, &mut self.store.zstd, &mut pieces, &mut self.batch)?
-                        .1,
-                );
-            }
             let mut ahead = std::mem::take(&mut self.ahead_entries);
             ahead.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            if !ahead.is_empty() {
-                pending_runs.push(
-                    self.store
-                        .runs
-                        .write(
-                            runs::RunKind::Events,
-                            0,
-                            &ahead,
-                            &mut self.store.zstd,
-                            &mut main_chunks,
-                            &mut self.batch,
-                        )?
-                        .1,
-                );
-            }
             let profiles: Vec<runs::Entry> = std::mem::take(&mut self.profile_entries).into_iter().collect();
-            if !profiles.is_empty() {
-                pending_runs.push(
-                    self.store
-                        .runs
-                        .write(
-                            runs::RunKind::Profiles,
-                            0,
-                            &profiles,
-                            &mut self.store.zstd,
-                            &mut main_chunks,
-                            &mut self.batch,
-                        )?
-                        .1,
-                );
+            // One run each: the batch's event rows (chunks in its generation), its rows from
+            // ahead of the clock and its FileProfile rows (chunks in the main database).
+            for (kind, run_generation, list) in [
+                (runs::RunKind::Events, g, entries),
+                (runs::RunKind::Events, 0, ahead),
+                (runs::RunKind::Profiles, 0, profiles),
+            ] {
+                if list.is_empty() {
+                    continue;
+                }
+                let chunks = if run_generation == 0 { &mut main_chunks } else { &mut pieces };
+                let store = &mut *self.store;
+                pending_runs
+                    .push(store.runs.write(kind, run_generation, &list, &mut store.zstd, chunks, &mut self.batch)?.1);
             }
             std::mem::take(&mut self.postings).write(s, &mut self.store.zstd, &mut self.batch)?;
             self.batch.insert(keys::named_key(keys::META, "seq"), &s.to_be_bytes()[..]);
