@@ -1,4 +1,6 @@
-//! Key layout of the single sled tree. Every key starts with a one-byte key space; all
+//! Key layout of the main sled tree and of the generation databases (which hold only the
+//! event tables' `K`, `B` and `I` items; see [`super::generations`]). Every key starts
+//! with a one-byte key space; all
 //! integers are big-endian so that byte order is numeric order, and variable-length
 //! strings carry a u16 length prefix so that a (table, SHA1, DeviceId) prefix is exact.
 //!
