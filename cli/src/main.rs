@@ -74,18 +74,6 @@ enum Command {
 
 pub const DEFAULT_DATA: &str = "./lookout-data";
 
-/// Turns transparent huge pages off for this process. mimalloc asks for them on its
-/// arenas, and every first touch of one then costs the kernel zeroing 2 MiB (with
-/// compaction stalls when memory is fragmented): on the 1M-row fleet a `detect
-/// --backfill` took 82–110 ms with them and 52–64 ms without, a tick 1.8–7.7 ms and
-/// 2.0–2.5 ms, ingest the same, peak RSS a quarter lower (BENCHMARKS.md).
-fn no_transparent_huge_pages() {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
-        tracing::debug!(error = %e, "cannot turn transparent huge pages off; running with them");
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = match &cli.command {
@@ -99,7 +87,7 @@ fn main() -> ExitCode {
     let service = matches!(cli.command, Command::Run(_));
     let default_level = if service { "info" } else { "warn" };
     init_logging(format, default_level);
-    no_transparent_huge_pages();
+    lookout_core::memory::no_transparent_huge_pages();
     let data = cli.data.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
     let result = match cli.command {
         Command::Ingest(a) => cmd_ingest::run(&data, a),

@@ -19,6 +19,7 @@ pub mod gen;
 pub mod ingest;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod memory;
 pub mod parse;
 pub mod plugin;
 pub mod schema;

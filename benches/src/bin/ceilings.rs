@@ -15,6 +15,8 @@ use std::path::PathBuf;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<()> {
+    // The `lookout` binary's memory settings, so the figures are the binary's.
+    lookout_core::memory::no_transparent_huge_pages();
     let mut args = std::env::args_os().skip(1).peekable();
     let mut sled_dir = None;
     let mut files = Vec::new();

@@ -19,6 +19,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn main() -> Result<()> {
+    // The `lookout` binary's memory settings, so the figures are the binary's.
+    lookout_core::memory::no_transparent_huge_pages();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [data, table, file, rest @ ..] = args.as_slice() else {
         return Err(anyhow!("usage: lookups DATA_DIR TABLE FILE [N]"));
