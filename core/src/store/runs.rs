@@ -820,13 +820,14 @@ mod tests {
         };
         write(&mut runs, &mut z, 0..MERGE_FAN_IN as u64 + 2);
         assert!(runs.maintain(&gens, &mut z, &unz, None).unwrap());
-        assert_eq!(runs.run_count(), 3, "the eight oldest merged, two left out");
+        assert_eq!(runs.run_count(), 3, "the oldest MERGE_FAN_IN merged, two left out");
         let latest = MERGE_FAN_IN as u64 + 1;
         assert_eq!(runs.get(&gens, &unz, &key).unwrap().map(|e| e.seq), Some(latest));
         let scanned = runs.scan_prefix(&gens, &unz, &key, true).unwrap();
         assert_eq!(scanned.iter().map(|(_, e)| e.seq).collect::<Vec<_>>(), vec![latest]);
-        // Five more: eight runs of the smallest class again, the merged one among them.
-        let end = latest + 6;
+        // MERGE_FAN_IN of the smallest class again, the merged one and the two left out
+        // among them.
+        let end = latest + 1 + MERGE_FAN_IN as u64 - 3;
         write(&mut runs, &mut z, latest + 1..end);
         while runs.maintain(&gens, &mut z, &unz, None).unwrap() {}
         assert_eq!(runs.run_count(), 1);
