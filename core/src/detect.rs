@@ -195,7 +195,7 @@ fn run_detector(
         plugin.initialised = true;
     }
 
-    let head = store.next_journal_seq() - 1;
+    let head = store.head_seq();
     let floor = store.meta_u64("jfloor")?;
     let cursor = store.meta_cursor(&id)?;
     // A detector with nothing new still runs when the clock alone changes its results.
@@ -583,7 +583,7 @@ mod tests {
             }
             b.commit().unwrap();
         }
-        let head = store.next_journal_seq() - 1;
+        let head = store.head_seq();
         // Values from the first, middle and last blocks, in the other case than stored, and
         // values stored nowhere.
         let wanted: Vec<String> = [1, 2, 700, 1799, 3600]
@@ -671,7 +671,7 @@ mod tests {
         };
         assert!(store.is_indexed(IMAGE_LOADS, "InitiatingProcessFileName"));
         assert!(!store.is_indexed(IMAGE_LOADS, "ProcessCopy"));
-        let head = store.next_journal_seq() - 1;
+        let head = store.head_seq();
         for since in [None, Some(0), Some(1), Some(3), Some(head - 1)] {
             let by_index =
                 keys_of(input_refs(&store, &tables, &spec("InitiatingProcessFileName"), since, head).unwrap());

@@ -512,8 +512,8 @@ fn crash_loop() {
             let st = lookout_core::status::status(&store).expect("status");
             let rows: u64 = st.tables.values().map(|t| t.rows).sum();
             let lag = match store.meta_cursor(DETECTOR).expect("cursor") {
-                Some(c) => (store.next_journal_seq() - 1).saturating_sub(c),
-                None => store.next_journal_seq() - 1,
+                Some(c) => store.head_seq().saturating_sub(c),
+                None => store.head_seq(),
             };
             drop(store);
             println!(

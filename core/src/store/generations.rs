@@ -190,14 +190,17 @@ impl Generations {
                 std::fs::create_dir_all(&self.root)
                     .with_context(|| format!("cannot create {}", self.root.display()))?;
                 let record = Record { id, first_seq: seq, started: now.unwrap_or(0) };
-                self.gens.insert(id, Generation { record, db: open_db(&path)? });
-                // The new folder's entries (sled's `conf`) and the folder's own entry on disk
-                // too: a power cut must not lose a generation the list will name.
-                for dir in [&path, &self.root] {
+                let db = open_db(&path)?;
+                // The new folder's entries (sled's `conf`), its own entry and that of `gens`
+                // on disk too: a power cut must not lose a generation the list will name.
+                // Only then is it taken: one that failed here is not used by the next batch
+                // without being listed (the next attempt removes the folder and starts over).
+                for dir in [Some(path.as_path()), Some(self.root.as_path()), self.root.parent()].into_iter().flatten() {
                     std::fs::File::open(dir)
                         .and_then(|d| d.sync_all())
                         .with_context(|| format!("cannot sync {}", dir.display()))?;
                 }
+                self.gens.insert(id, Generation { record, db });
                 self.unrecorded = true;
                 id
             }

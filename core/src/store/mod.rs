@@ -146,14 +146,23 @@ pub struct Store {
     last_schema: Option<(std::sync::Arc<Vec<String>>, u32)>,
     schema_names: HashMap<u32, std::sync::Arc<Vec<String>>>,
     counters: Counters,
-    /// The sequence the next batch that stores rows commits under (batch head + 1).
+    /// The sequence the next batch that stores rows commits under. Above `head` + 1 once
+    /// a batch failed after writing to its generation: its sequence is not used again in
+    /// this process (see [`WriteBatch::forget_uncommitted`]).
     next_journal: u64,
+    /// The newest batch sequence on disk (or the backfill floor, if higher): what the key
+    /// filter is saved against and what detectors' cursors move to. Never a sequence that
+    /// failed: after a reopen that one is used again, by another batch.
+    head: u64,
     /// Rows with a Timestamp below this are invisible, and removed by [`retention`]. It
     /// only moves forward, and is kept with the data (so `status` and a later run without
     /// a clock setting see what the last one saw).
     horizon: Option<i64>,
     /// How long rows are kept (ticks), if they are not kept forever.
     retention: Option<i64>,
+    /// Tests: the next commit fails after writing to its generation, as a full disk would.
+    #[cfg(test)]
+    fail_next_main_commit: bool,
     /// The store clock as last advanced (when generations start; see [`generations`]).
     now: Option<i64>,
     /// The generation databases (and the main one as generation 0).
@@ -231,8 +240,11 @@ impl Store {
             schema_names: HashMap::new(),
             counters: Counters::default(),
             next_journal: 1,
+            head: 0,
             horizon: None,
             retention: None,
+            #[cfg(test)]
+            fail_next_main_commit: false,
             now: None,
             gens,
             earliest_block_end: None,
@@ -310,7 +322,8 @@ impl Store {
         if let Some(v) = self.db.get([keys::COUNTERS])? {
             self.counters = dec(&v)?;
         }
-        self.next_journal = self.meta_u64("seq")?.max(self.meta_u64("jfloor")?) + 1;
+        self.head = self.meta_u64("seq")?.max(self.meta_u64("jfloor")?);
+        self.next_journal = self.head + 1;
         if let Some(v) = self.db.get(keys::named_key(keys::META, "horizon"))? {
             let b: [u8; 8] = v.as_ref().try_into().map_err(|_| corrupt!("corrupt retention horizon"))?;
             self.horizon = Some(i64::from_be_bytes(b));
@@ -390,7 +403,7 @@ impl Store {
     pub fn flush_and_save_key_filter(&self) -> Result<()> {
         self.flush()?;
         if let Some(f) = &self.key_filter {
-            if let Err(e) = f.save(&self.key_filter_path(), self.next_journal - 1, self.event_rows()) {
+            if let Err(e) = f.save(&self.key_filter_path(), self.head, self.event_rows()) {
                 tracing::warn!(error = %crate::error::Chain(&e), "cannot save the key filter; it is rebuilt next time");
             }
         }
@@ -413,7 +426,7 @@ impl Store {
         if self.key_filter.is_some() {
             return Ok(());
         }
-        let (seq, rows) = (self.next_journal - 1, self.event_rows());
+        let (seq, rows) = (self.head, self.event_rows());
         if let Some(f) = key_filter::KeyFilter::load(&self.key_filter_path(), seq, rows) {
             self.key_filter = Some(f);
             return Ok(());
@@ -562,9 +575,15 @@ impl Store {
         self.table_names.get(&id).map(String::as_str)
     }
 
-    /// The sequence the next batch that stores rows commits under (batch head + 1).
+    /// The sequence the next batch that stores rows commits under.
     pub fn next_journal_seq(&self) -> u64 {
         self.next_journal
+    }
+
+    /// The newest batch sequence on disk: rows new since a cursor are those of the batches
+    /// after it, up to this.
+    pub fn head_seq(&self) -> u64 {
+        self.head
     }
 
     pub fn source(&self, id: &[u8]) -> Result<Option<SourceState>> {
@@ -1310,6 +1329,11 @@ impl WriteBatch<'_> {
         if generation.is_some() {
             crate::failpoint::hit("generation-written-before-commit");
         }
+        #[cfg(test)]
+        if std::mem::take(&mut self.store.fail_next_main_commit) {
+            self.forget_uncommitted();
+            return Err(StoreError::Invalid("a commit made to fail (test)".into()));
+        }
         if let Err(e) = self.store.db.apply_batch(batch) {
             self.forget_uncommitted();
             return Err(e).context("cannot commit a batch to the database");
@@ -1329,7 +1353,8 @@ impl WriteBatch<'_> {
                 f.insert(k);
             }
         }
-        if seq.is_some() {
+        if let Some(s) = seq {
+            self.store.head = s;
             self.store.next_journal += 1;
             self.store.maintain_runs();
         }
@@ -1418,6 +1443,36 @@ mod tests {
             .collect();
         sha1s.sort();
         sha1s
+    }
+
+    /// A batch that fails after writing to its generation gives up its sequence in this
+    /// process, but the store's head stays the newest sequence on disk: detectors' cursors
+    /// and the saved key filter must not name a sequence that a later process, reopening
+    /// at that head, uses again for other rows.
+    #[test]
+    fn a_failed_batch_moves_neither_the_head_nor_the_key_filter_s_tag() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let s1 = commit(&mut store, vec![row(1, "")]);
+        store.fail_next_main_commit = true;
+        let mut b = store.batch();
+        b.add_row(row(2, ""), 0).unwrap();
+        assert!(b.commit().is_err());
+        assert_eq!(store.head_seq(), s1, "the failed batch's sequence is not the head");
+        assert_eq!(store.next_journal_seq(), s1 + 2, "nor used again in this process");
+        store.flush_and_save_key_filter().unwrap();
+        assert!(
+            key_filter::KeyFilter::load(&store.key_filter_path(), s1, 1).is_some(),
+            "the key filter is saved against what is on disk"
+        );
+        drop(store);
+        // Reopened, the next batch takes the failed one's sequence, with other rows: a
+        // cursor at the head sees them.
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.head_seq(), s1);
+        let s2 = commit(&mut store, vec![row(3, "")]);
+        assert_eq!(s2, s1 + 1);
+        assert_eq!(store.head_seq(), s2);
     }
 
     #[test]
