@@ -13,6 +13,10 @@ Prints, for one generated fleet:
     the findings decided (target <= 15 s with a 6 s session timeout), and the replay
     rate of the taken-over rows (target >= the file-ingest rate).
 Producers compress with lz4: the mock keeps only the newest ~5 MB of a partition.
+
+With --pin, the mock cluster runs on CPU 0 and everything of Lookout's (the file ingest,
+the split, the nodes) on CPU 1: the node and the file ingest it is compared with then
+have the same one core, and the brokers do not take a share of it.
 """
 import argparse, json, os, resource, shutil, signal, subprocess, sys, tempfile, time, urllib.request
 
@@ -83,6 +87,8 @@ def main():
     ap.add_argument("--target", default="target/release")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (nodes.log)")
     ap.add_argument("--perf", action="store_true", help="record the one-node run with perf (kept in the work folder)")
+    ap.add_argument("--pin", action="store_true",
+                    help="the mock cluster on CPU 0, Lookout (file ingest, split, nodes) on CPU 1 (taskset)")
     a = ap.parse_args()
     t = os.path.abspath(a.target)
     lookout, mock = os.path.join(t, "lookout"), os.path.join(t, "lookout-kafka-mock")
@@ -97,16 +103,22 @@ def main():
             shutil.rmtree(work, ignore_errors=True)
 
 
+PIN = {"mock": [], "lookout": []}
+
+
 def node(lookout, data, brokers, plugins, profiles, log, perf=None):
     wrap = ["perf", "record", "-F", "999", "-g", "-o", perf] if perf else []
     return subprocess.Popen(
-        [*wrap, lookout, "--data", data, "run", "--kafka", "--brokers", brokers, "--topic", "rows", "--group", "nodes",
+        [*PIN["lookout"], *wrap, lookout, "--data", data, "run", "--kafka", "--brokers", brokers, "--topic", "rows", "--group", "nodes",
          "--findings-topic", "findings", "--plugins", plugins, "--logs", profiles, "--now", NOW, "--ingest-now", NOW,
          "--retention", "none", "--listen", "127.0.0.1:0", "--rescan-secs", "1"],
         stdout=log, stderr=log)
 
 
 def run(a, t, lookout, mock, work):
+    if a.pin:
+        PIN["mock"], PIN["lookout"] = ["taskset", "-c", "0"], ["taskset", "-c", "1"]
+        print("pinned: the mock cluster on CPU 0, Lookout on CPU 1")
     fleet = os.path.join(work, "fleet")
     subprocess.run([lookout, "--data", os.path.join(work, "g"), "gen", "--out", fleet, "--events", str(a.events),
                     "--attacks", "12", "--seed", "1"], check=True, capture_output=True)
@@ -119,7 +131,7 @@ def run(a, t, lookout, mock, work):
     # File ingest of the same rows.
     t0 = time.monotonic()
     cpu0 = cpu_children()
-    subprocess.run([lookout, "--data", os.path.join(work, "file"), "ingest", "--now", NOW, "--retention", "none",
+    subprocess.run([*PIN["lookout"], lookout, "--data", os.path.join(work, "file"), "ingest", "--now", NOW, "--retention", "none",
                     *files], check=True, capture_output=True)
     file_secs = time.monotonic() - t0
     file_cpu = cpu_children() - cpu0
@@ -128,7 +140,7 @@ def run(a, t, lookout, mock, work):
     print(f"file ingest: {file_secs:.2f} s, {file_rate:,.0f} rows/s, CPU {file_cpu:.2f} s "
           f"({file_cpu / rows * 1e6:.1f} us/row)")
 
-    srv = subprocess.Popen([mock, "serve", "--brokers", "3", "--topic", f"in:{PARTITIONS}", "--topic", f"rows:{PARTITIONS}",
+    srv = subprocess.Popen([*PIN["mock"], mock, "serve", "--brokers", "3", "--topic", f"in:{PARTITIONS}", "--topic", f"rows:{PARTITIONS}",
                             "--topic", f"findings:{PARTITIONS}", "--topic", "rows.unkeyed:1",
                             "--topic", "rows.rejected:1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     brokers = srv.stdout.readline().strip()
@@ -136,7 +148,7 @@ def run(a, t, lookout, mock, work):
     open(cfg, "w").write('[kafka.properties]\n"compression.type" = "lz4"\n')
     subprocess.run([mock, "produce", "--brokers", brokers, "--topic", "in", *files], check=True, capture_output=True)
     t0 = time.monotonic()
-    split_cmd = [lookout, "split", "--brokers", brokers, "--from", "in", "--to", "rows", "--idle-exit", "2",
+    split_cmd = [*PIN["lookout"], lookout, "split", "--brokers", brokers, "--from", "in", "--to", "rows", "--idle-exit", "2",
                  "--config", cfg]
     out = subprocess.run(split_cmd, check=True, capture_output=True, text=True)
     stats = json.loads(out.stdout)
@@ -146,7 +158,7 @@ def run(a, t, lookout, mock, work):
 
     # The ceiling: reading the rows topic from this mock, decompressing, nothing else.
     t0 = time.monotonic()
-    got = subprocess.run([mock, "consume", "--brokers", brokers, "--topic", "rows"], check=True,
+    got = subprocess.run([*PIN["lookout"], mock, "consume", "--brokers", brokers, "--topic", "rows"], check=True,
                          capture_output=True).stdout.count(b"\n")
     secs = time.monotonic() - t0
     print(f"consume only (lookout-kafka-mock consume, one partition after another): {got} messages in {secs:.2f} s "
