@@ -19,7 +19,7 @@
 //! next assignment does not give the partition back, its folder is removed.
 
 use super::findings_topic::produce_new;
-use super::partition::{partition_dir, Partition};
+use super::partition::{partition_dir, remove_interrupted, remove_partition_dir, Partition};
 use super::reader::PartitionReader;
 use super::split::{producer, Deliveries};
 use super::watermarks::Watermarks;
@@ -181,8 +181,10 @@ impl NodeContext {
                 p.drop_files()?;
             }
         }
-        // Folders left by an earlier run of this node for partitions it no longer owns.
+        // Folders left by an earlier run of this node for partitions it no longer owns,
+        // and what a removal cut short by a crash left aside.
         let root = self.cfg.data.join("partitions");
+        remove_interrupted(&root)?;
         let Ok(entries) = std::fs::read_dir(&root) else { return Ok(()) };
         let prefix = format!("{}-", self.cfg.topic);
         for entry in entries.flatten() {
@@ -193,7 +195,7 @@ impl NodeContext {
             }
             let path = partition_dir(&self.cfg.data, &self.cfg.topic, n);
             tracing::info!(partition = n, dir = %path.display(), "removing the rows of a partition owned before");
-            std::fs::remove_dir_all(&path).map_err(|source| KafkaError::Io { what: "remove", path, source })?;
+            remove_partition_dir(&path)?;
         }
         Ok(())
     }

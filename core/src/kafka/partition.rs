@@ -37,6 +37,45 @@ pub fn partition_dir(data: &Path, topic: &str, partition: i32) -> PathBuf {
     data.join("partitions").join(format!("{topic}-{partition}"))
 }
 
+/// What a partition's folder is renamed to before it is deleted. `~` is not allowed in
+/// topic names, so no partition's own folder can end like this.
+const REMOVING_SUFFIX: &str = "~removing";
+
+/// Removes a partition's folder in a way a crash cannot leave half done under the
+/// partition's name (a store missing a generation, say, that would then fail to open
+/// every time the partition came back): renamed aside in one step, then deleted; what a
+/// crash leaves aside goes with [`remove_interrupted`].
+pub fn remove_partition_dir(dir: &Path) -> Result<(), KafkaError> {
+    fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> KafkaError {
+        let path = path.to_path_buf();
+        move |source| KafkaError::Io { what, path, source }
+    }
+    let mut aside = dir.as_os_str().to_owned();
+    aside.push(REMOVING_SUFFIX);
+    let aside = PathBuf::from(aside);
+    if aside.exists() {
+        std::fs::remove_dir_all(&aside).map_err(io("remove", &aside))?;
+    }
+    std::fs::rename(dir, &aside).map_err(io("rename", dir))?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io("sync", parent))?;
+    }
+    std::fs::remove_dir_all(&aside).map_err(io("remove", &aside))
+}
+
+/// Deletes the folders under `root` whose removal a crash interrupted.
+pub fn remove_interrupted(root: &Path) -> Result<(), KafkaError> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Ok(()) };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().ends_with(REMOVING_SUFFIX) {
+            let path = entry.path();
+            tracing::info!(dir = %path.display(), "removing what an interrupted removal left");
+            std::fs::remove_dir_all(&path).map_err(|source| KafkaError::Io { what: "remove", path, source })?;
+        }
+    }
+    Ok(())
+}
+
 pub struct Partition {
     pub topic: String,
     pub partition: i32,
@@ -224,6 +263,31 @@ impl Partition {
     pub fn drop_files(self) -> Result<(), KafkaError> {
         let dir = self.dir.clone();
         drop(self);
-        std::fs::remove_dir_all(&dir).map_err(|source| KafkaError::Io { what: "remove", path: dir, source })
+        remove_partition_dir(&dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_partition_folder_leaves_nothing_and_an_interrupted_removal_is_finished() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = partition_dir(data.path(), "rows", 3);
+        std::fs::create_dir_all(dir.join("gens").join("1")).unwrap();
+        std::fs::write(dir.join("gens").join("1").join("db"), b"x").unwrap();
+        remove_partition_dir(&dir).unwrap();
+        let root = data.path().join("partitions");
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0, "nothing left under partitions/");
+        // A crash between the rename and the delete leaves the folder aside, never a
+        // partial store under the partition's name; the sweep deletes it, and only it.
+        let aside = root.join(format!("rows-4{REMOVING_SUFFIX}"));
+        std::fs::create_dir_all(aside.join("db")).unwrap();
+        let kept = partition_dir(data.path(), "rows", 5);
+        std::fs::create_dir_all(&kept).unwrap();
+        remove_interrupted(&root).unwrap();
+        assert!(!aside.exists());
+        assert!(kept.exists(), "a partition's own folder is not touched");
     }
 }
