@@ -250,12 +250,39 @@ impl NodeContext {
         p.emitted.extend(new);
         p.findings_read_to = end;
         if let Some(stored) = p.stored_offset()? {
+            // The topic may have been deleted and created again meanwhile.
+            let (low, high) = self.watermarks(consumer, n)?;
+            self.check_stored_offset(p, n, stored, low, high)?;
             return Ok(Offset::Offset(stored));
         }
         // Given up before it stored anything: started afresh (the horizon and the
         // partition's end have moved since).
         let (low, high) = self.watermarks(consumer, n)?;
         Ok(Offset::Offset(self.start_fresh(consumer, reader, p, n, low, high)?))
+    }
+
+    /// Refuses a store whose next offset is past the partition's end (the topic was
+    /// created again: offsets from 0 would be taken as stored already and skipped), and
+    /// says so when retention deleted messages before they were read.
+    fn check_stored_offset(&self, p: &Partition, n: i32, stored: i64, low: i64, high: i64) -> Result<(), KafkaError> {
+        if stored > high {
+            return Err(KafkaError::PastTheEnd {
+                topic: self.cfg.topic.clone(),
+                partition: n,
+                end: high,
+                stored,
+                dir: p.dir.clone(),
+            });
+        }
+        if stored < low {
+            tracing::warn!(
+                partition = n,
+                stored,
+                first_kept = low,
+                "messages after this node's last one were deleted by the topic's retention before it read them"
+            );
+        }
+        Ok(())
     }
 
     /// Opens a newly assigned partition: its store, the ids already in the findings
@@ -277,23 +304,7 @@ impl NodeContext {
         p.emitted_before = p.emitted.clone();
         let (low, high) = self.watermarks(consumer, n)?;
         if let Some(stored) = p.next_offset {
-            if stored > high {
-                return Err(KafkaError::PastTheEnd {
-                    topic: cfg.topic.clone(),
-                    partition: n,
-                    end: high,
-                    stored,
-                    dir: p.dir.clone(),
-                });
-            }
-            if stored < low {
-                tracing::warn!(
-                    partition = n,
-                    stored,
-                    first_kept = low,
-                    "messages after this node's last one were deleted by the topic's retention before it read them"
-                );
-            }
+            self.check_stored_offset(&p, n, stored, low, high)?;
         }
         let start = match p.next_offset {
             Some(o) => {
