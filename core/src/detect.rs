@@ -640,13 +640,7 @@ mod tests {
     fn indexed_and_unindexed_filters_select_the_same_rows() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
-        store
-            .declare_indexes(&[lookout_plugin_sdk::IndexDecl {
-                table: IMAGE_LOADS.into(),
-                columns: vec!["InitiatingProcessFileName".into()],
-                covers: vec!["FolderPath".into()],
-            }])
-            .unwrap();
+        store.declare_indexes(&[crate::store::process_index(IMAGE_LOADS)]).unwrap();
         let processes = ["wsmprovhost.exe", "WSMPROVHOST.EXE", "svchost.exe", "explorer.exe"];
         let mut report = 0;
         for batch in 0..6 {

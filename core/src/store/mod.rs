@@ -1375,6 +1375,17 @@ impl FloorCharBoundary for String {
     }
 }
 
+/// Tests: the column index the WinRM detector declares (InitiatingProcessFileName,
+/// covering FolderPath), on `table`.
+#[cfg(test)]
+pub(crate) fn process_index(table: &str) -> lookout_plugin_sdk::IndexDecl {
+    lookout_plugin_sdk::IndexDecl {
+        table: table.into(),
+        columns: vec!["InitiatingProcessFileName".into()],
+        covers: vec!["FolderPath".into()],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1400,11 +1411,7 @@ mod tests {
     }
 
     fn winrm_index() -> lookout_plugin_sdk::IndexDecl {
-        lookout_plugin_sdk::IndexDecl {
-            table: IMAGE_LOADS.into(),
-            columns: vec!["InitiatingProcessFileName".into()],
-            covers: vec!["FolderPath".into()],
-        }
+        process_index(IMAGE_LOADS)
     }
 
     fn in_process(p: &str) -> Vec<Condition> {

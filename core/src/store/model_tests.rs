@@ -174,13 +174,7 @@ fn forty_days_with_seven_kept_stay_flat() {
     let mut store = Store::open(dir.path()).unwrap();
     store.set_retention(Some(7 * DAY));
     // A detector's column index, as on a collector (its entries expire with their batches).
-    store
-        .declare_indexes(&[lookout_plugin_sdk::IndexDecl {
-            table: TABLE.into(),
-            columns: vec!["InitiatingProcessFileName".into()],
-            covers: vec!["FolderPath".into()],
-        }])
-        .unwrap();
+    store.declare_indexes(&[super::process_index(TABLE)]).unwrap();
     const BATCH: u32 = 1_000;
     let per_day: u32 = std::env::var("LOOKOUT_TEST_ROWS_PER_DAY").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let mut at_day_8 = 0u64;
