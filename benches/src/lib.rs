@@ -10,7 +10,6 @@ use lookout_core::parse::normalise::{normalise, TableHints};
 use lookout_core::parse::open::open;
 use lookout_core::parse::record::{parse_document, unwrap_document};
 use lookout_core::schema::table_from_file_name;
-use lookout_core::store::codec;
 use lookout_core::Store;
 use lookout_plugin_sdk::time::{parse_timestamp, TICKS_PER_SEC};
 use rand::{Rng, SeedableRng};
@@ -139,9 +138,8 @@ pub fn parse_files(files: &[PathBuf], encode: bool) -> Result<ParseStats> {
                         stats.rows += 1;
                         if encode {
                             let key = event_key_like(1, &row.sha1, &row.device_id, row.timestamp, &row.identity);
-                            let cells: Vec<_> = row.columns.into_iter().map(|(_, c)| c).collect();
                             stats.key_bytes += key.len() as u64;
-                            stats.value_bytes += codec::encode(1, base_time(), &cells)?.len() as u64;
+                            stats.value_bytes += row.cells.value(1, base_time()).len() as u64;
                         } else {
                             std::hint::black_box(&row);
                         }

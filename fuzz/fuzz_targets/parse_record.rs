@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(u) = unwrapped {
                 if let Ok(row) = normalise(u.row, u.category_table.as_deref(), &hints) {
                     // A stored row's key parts must be what the row says.
-                    assert_eq!(row.sha1, row.columns.iter().find(|(n, _)| n == "SHA1").map(|(_, c)| c.as_str().to_string()).unwrap_or_default());
+                    assert_eq!(row.sha1, row.columns().iter().find(|(n, _)| n == "SHA1").map(|(_, c)| c.as_str().to_string()).unwrap_or_default());
                 }
             }
         }

@@ -2,20 +2,27 @@
 //! `""` (KQL strings are never null), typed columns are checked, timestamps validated,
 //! unknown columns kept verbatim, and the row's identity computed.
 
-use super::record::kind_of;
+use super::record::Raw;
 use super::{Reject, RejectKind};
 use crate::schema::{column_types, is_key_column, required_columns, table_kind, ColumnType, TableKind};
+use crate::store::codec::EncodedCells;
 use lookout_plugin_sdk::time::parse_timestamp;
-use lookout_plugin_sdk::Cell;
-use serde_json::Value;
+use lookout_plugin_sdk::{Cell, CellRef};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::sync::Arc;
 
 /// A row ready to store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NormalRow {
     pub table: String,
     pub kind: TableKind,
-    pub columns: Vec<(String, Cell)>,
+    /// The column names in input order, shared by the rows that have the same list.
+    pub names: Arc<Vec<String>>,
+    /// The cells, already in the store's encoding (with the row's content hash): the
+    /// parser thread does that work, not the storing one.
+    pub cells: EncodedCells,
     pub sha1: String,
     pub device_id: String,
     /// Timestamp in ticks (0 for FileProfile rows).
@@ -33,15 +40,15 @@ pub struct TableHints {
     pub explicit: Option<String>,
 }
 
-pub fn normalise(
-    row: impl IntoIterator<Item = (String, Value)>,
+pub fn normalise<'a, K: Into<Cow<'a, str>>, V: Into<Raw<'a>>>(
+    row: impl IntoIterator<Item = (K, V)>,
     category_table: Option<&str>,
     hints: &TableHints,
 ) -> Result<NormalRow, Reject> {
-    // A Vec comes through as itself (in-place collect); a Map is laid out in order.
-    let row: Vec<(String, Value)> = row.into_iter().collect();
+    // The parser's Vec comes through as itself (in-place collect); a Map is laid out in order.
+    let row: Vec<(Cow<'a, str>, Raw<'a>)> = row.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
     let type_column = match row.iter().find(|(k, _)| k == "Type").map(|(_, v)| v) {
-        Some(Value::String(t)) if !t.is_empty() => Some(t.as_str()),
+        Some(Raw::Str(t)) if !t.is_empty() => Some(t.as_ref()),
         _ => None,
     };
     let table = category_table
@@ -58,87 +65,175 @@ pub fn normalise(
         .to_string();
     let kind = table_kind(&table).map_err(|e| Reject::new(RejectKind::UnknownTable, e))?;
 
-    let mut columns = Vec::with_capacity(row.len());
+    let mut names = Vec::with_capacity(row.len());
+    let mut cells = Vec::with_capacity(row.len());
     let mut unexpected_types = 0;
     let types = column_types(&table);
     for (name, value) in row {
-        let cell = match types.and_then(|t| t.get(name.as_str())).copied() {
-            None | Some(ColumnType::Dynamic) => Cell::from_json(&value),
+        let cell = match types.and_then(|t| t.get(name.as_ref())).copied() {
+            None | Some(ColumnType::Dynamic) => Val::from_raw(value),
             Some(t) => match typed_cell(&name, t, value) {
                 Typed::Cell(c) => c,
                 // A key column must be what the key is made of; any other is kept.
                 Typed::Unexpected(reject, _) if is_key_column(&name) => return Err(reject),
                 Typed::Unexpected(_, value) => {
                     unexpected_types += 1;
-                    Cell::from_json(&value)
+                    Val::from_raw(value)
                 }
             },
         };
-        columns.push((name, cell));
+        names.push(name);
+        cells.push(cell);
     }
+    let get = |name: &str| names.iter().position(|n| n == name).map(|i| &cells[i]);
     for required in required_columns(&table, kind) {
-        match columns.iter().find(|(n, _)| n == required) {
-            Some((_, Cell::Null)) | None => {
+        match get(required) {
+            Some(Val::Null) | None => {
                 return Err(Reject::new(RejectKind::MissingColumn, format!("column {required} is missing or null")))
             }
-            Some((_, Cell::Str(s))) if s.is_empty() => {
+            Some(Val::Str(s)) if s.is_empty() => {
                 return Err(Reject::new(RejectKind::MissingColumn, format!("column {required} is empty")))
             }
             _ => {}
         }
     }
-    let get = |name: &str| columns.iter().find(|(n, _)| n == name).map(|(_, c)| c);
-    let sha1 = get("SHA1").map(Cell::as_str).unwrap_or("").to_string();
-    let device_id = get("DeviceId").map(Cell::as_str).unwrap_or("").to_string();
+    let sha1 = get("SHA1").map(Val::as_str).unwrap_or("").to_string();
+    let device_id = get("DeviceId").map(Val::as_str).unwrap_or("").to_string();
     let timestamp = match (kind, get("Timestamp")) {
-        (TableKind::Event, Some(Cell::Str(s))) => parse_timestamp(s).unwrap_or(0),
+        (TableKind::Event, Some(Val::Str(s))) => parse_timestamp(s).unwrap_or(0),
         _ => 0,
     };
     let identity = match get("ReportId") {
-        Some(Cell::Int(i)) => i.to_string(),
-        Some(Cell::Str(s)) if !s.is_empty() => s.clone(),
-        _ => content_hash(&columns),
+        Some(Val::Int(i)) => i.to_string(),
+        Some(Val::Str(s)) if !s.is_empty() => s.to_string(),
+        _ => {
+            let columns: Vec<(String, Cell)> =
+                names.iter().zip(&cells).map(|(n, c)| (n.to_string(), c.to_cell())).collect();
+            content_hash(&columns)
+        }
     };
-    Ok(NormalRow { table, kind, columns, sha1, device_id, timestamp, identity, unexpected_types })
+    let names = shared_names(&names);
+    let refs: Vec<CellRef<'_>> = cells.iter().map(Val::as_ref).collect();
+    let cells = EncodedCells::new(&names, &refs);
+    Ok(NormalRow { table, kind, names, cells, sha1, device_id, timestamp, identity, unexpected_types })
+}
+
+impl NormalRow {
+    /// The row's columns, decoded again (for tests and diagnostics; storing uses the
+    /// encoding as it is).
+    pub fn columns(&self) -> Vec<(String, Cell)> {
+        let cells = self.cells.cells().unwrap_or_default();
+        self.names.iter().cloned().zip(cells).collect()
+    }
+}
+
+/// The same column list as the previous row on this thread shares its names (rows of a
+/// file nearly always have one list), so neither thread handles ~40 names per row.
+fn shared_names(names: &[Cow<'_, str>]) -> Arc<Vec<String>> {
+    thread_local! {
+        static LAST: RefCell<Option<Arc<Vec<String>>>> = const { RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some(l) if l.len() == names.len() && l.iter().zip(names).all(|(a, b)| a == b) => l.clone(),
+            _ => {
+                let shared = Arc::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>());
+                *last = Some(shared.clone());
+                shared
+            }
+        }
+    })
+}
+
+/// A cell being normalised: strings still borrowed from the line where they can be.
+#[derive(Debug)]
+enum Val<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(Cow<'a, str>),
+    Json(Cow<'a, str>),
+}
+
+impl<'a> Val<'a> {
+    /// A value of a column without a type (or not of its type), as [`Cell::from_json`]
+    /// makes it: nested values and integers above i64's range as their JSON text.
+    fn from_raw(v: Raw<'a>) -> Val<'a> {
+        match v {
+            Raw::Null => Val::Null,
+            Raw::Bool(b) => Val::Bool(b),
+            Raw::Int(i) => Val::Int(i),
+            Raw::UInt(u) => Val::Json(Cow::Owned(u.to_string())),
+            Raw::Float(f) => Val::Float(f),
+            Raw::Str(s) => Val::Str(s),
+            Raw::Nested(v) => Val::Json(Cow::Owned(v.to_string())),
+        }
+    }
+
+    fn as_ref(&self) -> CellRef<'_> {
+        match self {
+            Val::Null => CellRef::Null,
+            Val::Bool(b) => CellRef::Bool(*b),
+            Val::Int(i) => CellRef::Int(*i),
+            Val::Float(f) => CellRef::Float(*f),
+            Val::Str(s) => CellRef::Str(s),
+            Val::Json(s) => CellRef::Json(s),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        self.as_ref().as_str()
+    }
+
+    fn to_cell(&self) -> Cell {
+        match self {
+            Val::Null => Cell::Null,
+            Val::Bool(b) => Cell::Bool(*b),
+            Val::Int(i) => Cell::Int(*i),
+            Val::Float(f) => Cell::Float(*f),
+            Val::Str(s) => Cell::Str(s.to_string()),
+            Val::Json(s) => Cell::Json(s.to_string()),
+        }
+    }
 }
 
 /// A value read as its column's type, or why it is not one (with the value, kept as sent
 /// unless the column is part of the key).
-enum Typed {
-    Cell(Cell),
-    Unexpected(Reject, Value),
+enum Typed<'a> {
+    Cell(Val<'a>),
+    Unexpected(Reject, Raw<'a>),
 }
 
-fn typed_cell(name: &str, t: ColumnType, value: Value) -> Typed {
-    let wrong = |v: Value| {
-        let reason = format!("column {name}: expected {}, got {}", t.name(), kind_of(&v));
+fn typed_cell<'a>(name: &str, t: ColumnType, value: Raw<'a>) -> Typed<'a> {
+    let wrong = |v: Raw<'a>| {
+        let reason = format!("column {name}: expected {}, got {}", t.name(), v.kind());
         Typed::Unexpected(Reject::new(RejectKind::WrongType, reason), v)
     };
     match (t, value) {
-        (ColumnType::String, Value::Null) => Typed::Cell(Cell::Str(String::new())),
-        (ColumnType::String, Value::String(s)) => Typed::Cell(Cell::Str(s)),
-        (_, Value::Null) => Typed::Cell(Cell::Null),
-        (ColumnType::Long, Value::Number(n)) => match n.as_i64() {
-            Some(i) => Typed::Cell(Cell::Int(i)),
-            None => {
-                let reason = format!("column {name}: {n} is not a 64-bit integer");
-                Typed::Unexpected(Reject::new(RejectKind::WrongType, reason), Value::Number(n))
-            }
-        },
+        (ColumnType::String, Raw::Null) => Typed::Cell(Val::Str(Cow::Borrowed(""))),
+        (ColumnType::String, Raw::Str(s)) => Typed::Cell(Val::Str(s)),
+        (_, Raw::Null) => Typed::Cell(Val::Null),
+        (ColumnType::Long, Raw::Int(i)) => Typed::Cell(Val::Int(i)),
+        (ColumnType::Long, n @ (Raw::UInt(_) | Raw::Float(_))) => {
+            let reason = format!("column {name}: {} is not a 64-bit integer", n.number_text());
+            Typed::Unexpected(Reject::new(RejectKind::WrongType, reason), n)
+        }
         // Exports write longs as text too (CSV-born JSON, some SIEM forwarders).
-        (ColumnType::Long, Value::String(s)) => match s.trim().parse::<i64>() {
-            Ok(i) => Typed::Cell(Cell::Int(i)),
-            Err(_) => wrong(Value::String(s)),
+        (ColumnType::Long, Raw::Str(s)) => match s.trim().parse::<i64>() {
+            Ok(i) => Typed::Cell(Val::Int(i)),
+            Err(_) => wrong(Raw::Str(s)),
         },
-        (ColumnType::Bool, Value::Bool(b)) => Typed::Cell(Cell::Bool(b)),
-        (ColumnType::DateTime, Value::String(s)) => {
+        (ColumnType::Bool, Raw::Bool(b)) => Typed::Cell(Val::Bool(b)),
+        (ColumnType::DateTime, Raw::Str(s)) => {
             if parse_timestamp(&s).is_none() {
                 let shown: String = s.chars().take(64).collect();
                 let reason =
                     format!("column {name}: '{shown}' is not an ISO-8601 UTC timestamp with 0-7 fractional digits");
-                return Typed::Unexpected(Reject::new(RejectKind::BadTimestamp, reason), Value::String(s));
+                return Typed::Unexpected(Reject::new(RejectKind::BadTimestamp, reason), Raw::Str(s));
             }
-            Typed::Cell(Cell::Str(s))
+            Typed::Cell(Val::Str(s))
         }
         (_, v) => wrong(v),
     }
@@ -158,7 +253,7 @@ fn content_hash(columns: &[(String, Cell)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn obj(v: Value) -> serde_json::Map<String, Value> {
         match v {
@@ -175,9 +270,10 @@ mod tests {
             &TableHints::default(),
         )
         .unwrap();
-        assert_eq!(r.columns[2], ("SHA1".to_string(), Cell::Str(String::new())));
-        assert_eq!(r.columns[4], ("Custom".to_string(), Cell::Json("{\"a\":1}".into())));
-        assert_eq!(r.columns[5], ("FileSize".to_string(), Cell::Null));
+        let columns = r.columns();
+        assert_eq!(columns[2], ("SHA1".to_string(), Cell::Str(String::new())));
+        assert_eq!(columns[4], ("Custom".to_string(), Cell::Json("{\"a\":1}".into())));
+        assert_eq!(columns[5], ("FileSize".to_string(), Cell::Null));
         assert_eq!(r.identity, "7");
     }
 
@@ -230,7 +326,8 @@ mod tests {
             &hints,
         )
         .unwrap();
-        let get = |n: &str| r.columns.iter().find(|(c, _)| c == n).map(|(_, v)| v.clone());
+        let columns = r.columns();
+        let get = |n: &str| columns.iter().find(|(c, _)| c == n).map(|(_, v)| v.clone());
         assert_eq!(get("FileSize"), Some(Cell::Str("big".into())));
         assert_eq!(get("ReportId"), Some(Cell::Int(12)));
         assert_eq!(r.identity, "12");

@@ -16,8 +16,11 @@ use std::sync::mpsc::{Receiver, SyncSender};
 
 /// Lines per message: large enough that the channel costs nothing per line.
 const CHUNK_LINES: usize = 256;
-/// Chunks in flight: bounds the memory held ahead of the storing side.
-const CHANNEL_CHUNKS: usize = 4;
+/// Chunks in flight: bounds the memory held ahead of the storing side. More lines than a
+/// batch holds (`IngestOptions::batch_rows`, 4,096), so the parser keeps working while a
+/// batch commits instead of stopping after a few chunks; a parsed line is its encoded
+/// cells (~1 KiB for a Defender row), so this is a few MiB.
+const CHANNEL_CHUNKS: usize = 20;
 
 /// What one line turned into.
 pub enum LineOutcome {

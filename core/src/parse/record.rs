@@ -5,76 +5,155 @@
 //!
 //! Objects that become rows are parsed straight into a `Vec` of (column, value) in input
 //! order, not into `serde_json::Map`: with order preserved that map is an index map that
-//! hashes every column name, which cost a quarter of ingestion (perf).
+//! hashes every column name, which cost a quarter of ingestion (perf). Column names and
+//! string values are borrowed from the line when they hold no escape, and scalars are not
+//! made `serde_json::Value`s: a row of ~40 columns used to cost ~80 allocations here.
 
 use super::{Reject, RejectKind};
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::fmt;
 
 /// A row's columns in input order.
-pub type Columns = Vec<(String, Value)>;
+pub type Columns<'a> = Vec<(Cow<'a, str>, Raw<'a>)>;
+
+/// A column's value as parsed: scalars as they are (strings borrowed from the line when
+/// they hold no escape), arrays and objects whole.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Raw<'a> {
+    Null,
+    Bool(bool),
+    /// An integer that fits an i64.
+    Int(i64),
+    /// An integer above i64's range.
+    UInt(u64),
+    Float(f64),
+    Str(Cow<'a, str>),
+    Nested(Value),
+}
+
+impl Raw<'_> {
+    pub fn into_value(self) -> Value {
+        match self {
+            Raw::Null => Value::Null,
+            Raw::Bool(b) => Value::Bool(b),
+            Raw::Int(i) => Value::from(i),
+            Raw::UInt(u) => Value::from(u),
+            Raw::Float(f) => Value::from(f),
+            Raw::Str(s) => Value::String(s.into_owned()),
+            Raw::Nested(v) => v,
+        }
+    }
+
+    /// What kind of JSON value it is, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Raw::Null => "null",
+            Raw::Bool(_) => "a bool",
+            Raw::Int(_) | Raw::UInt(_) | Raw::Float(_) => "a number",
+            Raw::Str(_) => "a string",
+            Raw::Nested(v) => kind_of(v),
+        }
+    }
+
+    /// A number as JSON writes it (for messages).
+    pub fn number_text(&self) -> String {
+        match self {
+            Raw::Int(i) => i.to_string(),
+            Raw::UInt(u) => u.to_string(),
+            Raw::Float(f) => serde_json::Number::from_f64(*f).map_or_else(|| f.to_string(), |n| n.to_string()),
+            other => other.kind().to_string(),
+        }
+    }
+}
+
+impl<'a> From<Value> for Raw<'a> {
+    fn from(v: Value) -> Self {
+        match v {
+            Value::Null => Raw::Null,
+            Value::Bool(b) => Raw::Bool(b),
+            Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+                (Some(i), _, _) => Raw::Int(i),
+                (None, Some(u), _) => Raw::UInt(u),
+                (None, None, Some(f)) => Raw::Float(f),
+                (None, None, None) => Raw::Nested(Value::Number(n)),
+            },
+            Value::String(s) => Raw::Str(Cow::Owned(s)),
+            nested => Raw::Nested(nested),
+        }
+    }
+}
 
 /// One row and the table its envelope named, if any.
-pub struct Unwrapped {
+pub struct Unwrapped<'a> {
     pub category_table: Option<String>,
-    pub row: Columns,
+    pub row: Columns<'a>,
 }
 
 /// A parsed top-level JSON document.
-pub enum Document {
-    Object(Vec<(String, Field)>),
+pub enum Document<'a> {
+    Object(Vec<(Cow<'a, str>, Field<'a>)>),
     Other(Value),
 }
 
 /// A value inside a top-level object. `properties` objects and `records` arrays are kept
 /// parsed for unwrapping; everything else is a plain value.
-pub enum Field {
-    Value(Value),
-    Object(Columns),
-    Documents(Vec<Document>),
+pub enum Field<'a> {
+    Value(Raw<'a>),
+    Object(Columns<'a>),
+    Documents(Vec<Document<'a>>),
 }
 
 const CATEGORY_PREFIX: &str = "AdvancedHunting-";
 
 /// Parses one JSON document (a line, or an array element's text).
-pub fn parse_document(bytes: &[u8]) -> Result<Document, serde_json::Error> {
+pub fn parse_document(bytes: &[u8]) -> Result<Document<'_>, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let doc = DocumentSeed.deserialize(&mut de)?;
     de.end()?;
     Ok(doc)
 }
 
-impl Document {
+impl Document<'_> {
     /// The document as a plain JSON value (for array elements already parsed as values).
-    pub fn from_value(v: Value) -> Document {
+    pub fn from_value(v: Value) -> Document<'static> {
         match v {
-            Value::Object(m) => Document::Object(m.into_iter().map(|(k, v)| (k, Field::Value(v))).collect()),
+            Value::Object(m) => {
+                Document::Object(m.into_iter().map(|(k, v)| (Cow::Owned(k), Field::Value(Raw::from(v)))).collect())
+            }
             other => Document::Other(other),
         }
     }
 
     fn into_value(self) -> Value {
         match self {
-            Document::Object(fields) => Value::Object(fields.into_iter().map(|(k, f)| (k, f.into_value())).collect()),
+            Document::Object(fields) => {
+                Value::Object(fields.into_iter().map(|(k, f)| (k.into_owned(), f.into_raw().into_value())).collect())
+            }
             Document::Other(v) => v,
         }
     }
 }
 
-impl Field {
-    fn into_value(self) -> Value {
+impl<'a> Field<'a> {
+    /// The field as one column's value: a `properties` object or `records` array that
+    /// did not make an envelope is a nested value like any other.
+    fn into_raw(self) -> Raw<'a> {
         match self {
             Field::Value(v) => v,
-            Field::Object(cols) => Value::Object(cols.into_iter().collect()),
-            Field::Documents(docs) => Value::Array(docs.into_iter().map(Document::into_value).collect()),
+            Field::Object(cols) => {
+                Raw::Nested(Value::Object(cols.into_iter().map(|(k, v)| (k.into_owned(), v.into_value())).collect()))
+            }
+            Field::Documents(docs) => Raw::Nested(Value::Array(docs.into_iter().map(Document::into_value).collect())),
         }
     }
 }
 
 /// Unwraps one document into its rows (an Event Hub batch gives several, each of which
 /// may be rejected on its own).
-pub fn unwrap_document(doc: Document) -> Vec<Result<Unwrapped, Reject>> {
+pub fn unwrap_document(doc: Document<'_>) -> Vec<Result<Unwrapped<'_>, Reject>> {
     match doc {
         Document::Object(mut fields) => {
             if fields.len() == 1 && fields[0].0 == "records" && matches!(fields[0].1, Field::Documents(_)) {
@@ -100,21 +179,20 @@ pub fn unwrap_document(doc: Document) -> Vec<Result<Unwrapped, Reject>> {
     }
 }
 
-fn unwrap_envelope(mut fields: Vec<(String, Field)>) -> Unwrapped {
-    let category = fields.iter().position(|(k, f)| k == "category" && matches!(f, Field::Value(Value::String(_))));
+fn unwrap_envelope<'a>(mut fields: Vec<(Cow<'a, str>, Field<'a>)>) -> Unwrapped<'a> {
+    let category = fields.iter().position(|(k, f)| k == "category" && matches!(f, Field::Value(Raw::Str(_))));
     let properties = fields.iter().position(|(k, f)| k == "properties" && matches!(f, Field::Object(_)));
     if let (Some(c), Some(p)) = (category, properties) {
-        let Field::Value(Value::String(category)) = std::mem::replace(&mut fields[c].1, Field::Value(Value::Null))
-        else {
+        let Field::Value(Raw::Str(category)) = std::mem::replace(&mut fields[c].1, Field::Value(Raw::Null)) else {
             unreachable!("checked above")
         };
-        let Field::Object(row) = std::mem::replace(&mut fields[p].1, Field::Value(Value::Null)) else {
+        let Field::Object(row) = std::mem::replace(&mut fields[p].1, Field::Value(Raw::Null)) else {
             unreachable!("checked above")
         };
         let table = category.strip_prefix(CATEGORY_PREFIX).unwrap_or(&category).to_string();
         return Unwrapped { category_table: Some(table), row };
     }
-    Unwrapped { category_table: None, row: fields.into_iter().map(|(k, f)| (k, f.into_value())).collect() }
+    Unwrapped { category_table: None, row: fields.into_iter().map(|(k, f)| (k, f.into_raw())).collect() }
 }
 
 pub fn kind_of(v: &Value) -> &'static str {
@@ -128,12 +206,106 @@ pub fn kind_of(v: &Value) -> &'static str {
     }
 }
 
+/// A column name, borrowed from the line when it holds no escape.
+struct KeySeed;
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl<'de> Visitor<'de> for KeyVisitor {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
+/// Any value as a [`Raw`].
+struct RawSeed;
+
+impl<'de> DeserializeSeed<'de> for RawSeed {
+    type Value = Raw<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Raw<'de>, D::Error> {
+        d.deserialize_any(RawVisitor)
+    }
+}
+
+struct RawVisitor;
+
+impl<'de> Visitor<'de> for RawVisitor {
+    type Value = Raw<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Raw<'de>, E> {
+        Ok(Raw::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Raw<'de>, E> {
+        Ok(Raw::Int(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Raw<'de>, E> {
+        Ok(i64::try_from(v).map_or(Raw::UInt(v), Raw::Int))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Raw<'de>, E> {
+        Ok(Raw::Float(v))
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Raw<'de>, E> {
+        Ok(Raw::Str(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Raw<'de>, E> {
+        Ok(Raw::Str(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Raw<'de>, E> {
+        Ok(Raw::Str(Cow::Owned(v)))
+    }
+
+    fn visit_unit<E>(self) -> Result<Raw<'de>, E> {
+        Ok(Raw::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Raw<'de>, A::Error> {
+        Ok(Raw::Nested(Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Raw<'de>, A::Error> {
+        Ok(Raw::Nested(Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))?))
+    }
+}
+
 struct DocumentSeed;
 
 impl<'de> DeserializeSeed<'de> for DocumentSeed {
-    type Value = Document;
+    type Value = Document<'de>;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Document, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Document<'de>, D::Error> {
         d.deserialize_any(DocumentVisitor)
     }
 }
@@ -141,74 +313,55 @@ impl<'de> DeserializeSeed<'de> for DocumentSeed {
 struct DocumentVisitor;
 
 impl<'de> Visitor<'de> for DocumentVisitor {
-    type Value = Document;
+    type Value = Document<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON document")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Document, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Document<'de>, A::Error> {
         let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(48));
-        while let Some(key) = map.next_key::<String>()? {
-            let field = match key.as_str() {
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            let field = match key.as_ref() {
                 "properties" => map.next_value_seed(PropertiesSeed)?,
                 "records" => map.next_value_seed(RecordsSeed)?,
-                _ => Field::Value(map.next_value::<Value>()?),
+                _ => Field::Value(map.next_value_seed(RawSeed)?),
             };
             fields.push((key, field));
         }
         Ok(Document::Object(fields))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Document, A::Error> {
-        Ok(Document::Other(serde::de::value::SeqAccessDeserializer::new(seq).deserialize_any(ValueVisitor)?))
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Document<'de>, A::Error> {
+        Ok(Document::Other(Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?))
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<Document, E> {
+    fn visit_bool<E>(self, v: bool) -> Result<Document<'de>, E> {
         Ok(Document::Other(Value::Bool(v)))
     }
 
-    fn visit_i64<E>(self, v: i64) -> Result<Document, E> {
+    fn visit_i64<E>(self, v: i64) -> Result<Document<'de>, E> {
         Ok(Document::Other(Value::from(v)))
     }
 
-    fn visit_u64<E>(self, v: u64) -> Result<Document, E> {
+    fn visit_u64<E>(self, v: u64) -> Result<Document<'de>, E> {
         Ok(Document::Other(Value::from(v)))
     }
 
-    fn visit_f64<E>(self, v: f64) -> Result<Document, E> {
+    fn visit_f64<E>(self, v: f64) -> Result<Document<'de>, E> {
         Ok(Document::Other(Value::from(v)))
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<Document, E> {
+    fn visit_str<E>(self, v: &str) -> Result<Document<'de>, E> {
         Ok(Document::Other(Value::String(v.to_string())))
     }
 
-    fn visit_string<E>(self, v: String) -> Result<Document, E> {
+    fn visit_string<E>(self, v: String) -> Result<Document<'de>, E> {
         Ok(Document::Other(Value::String(v)))
     }
 
-    fn visit_unit<E>(self) -> Result<Document, E> {
+    fn visit_unit<E>(self) -> Result<Document<'de>, E> {
         Ok(Document::Other(Value::Null))
-    }
-}
-
-/// Deserializes any value as a `serde_json::Value` (through `Value`'s own visitor).
-struct ValueVisitor;
-
-impl<'de> Visitor<'de> for ValueVisitor {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut v = Vec::new();
-        while let Some(x) = seq.next_element::<Value>()? {
-            v.push(x);
-        }
-        Ok(Value::Array(v))
     }
 }
 
@@ -216,14 +369,12 @@ impl<'de> Visitor<'de> for ValueVisitor {
 struct PropertiesSeed;
 
 impl<'de> DeserializeSeed<'de> for PropertiesSeed {
-    type Value = Field;
+    type Value = Field<'de>;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Field, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Field<'de>, D::Error> {
         match DocumentSeed.deserialize(d)? {
-            Document::Object(fields) => {
-                Ok(Field::Object(fields.into_iter().map(|(k, f)| (k, f.into_value())).collect()))
-            }
-            Document::Other(v) => Ok(Field::Value(v)),
+            Document::Object(fields) => Ok(Field::Object(fields.into_iter().map(|(k, f)| (k, f.into_raw())).collect())),
+            Document::Other(v) => Ok(Field::Value(Raw::from(v))),
         }
     }
 }
@@ -232,9 +383,9 @@ impl<'de> DeserializeSeed<'de> for PropertiesSeed {
 struct RecordsSeed;
 
 impl<'de> DeserializeSeed<'de> for RecordsSeed {
-    type Value = Field;
+    type Value = Field<'de>;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Field, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Field<'de>, D::Error> {
         d.deserialize_any(RecordsVisitor)
     }
 }
@@ -242,13 +393,13 @@ impl<'de> DeserializeSeed<'de> for RecordsSeed {
 struct RecordsVisitor;
 
 impl<'de> Visitor<'de> for RecordsVisitor {
-    type Value = Field;
+    type Value = Field<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON value")
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field<'de>, A::Error> {
         let mut docs = Vec::new();
         while let Some(d) = seq.next_element_seed(DocumentSeed)? {
             docs.push(d);
@@ -256,32 +407,36 @@ impl<'de> Visitor<'de> for RecordsVisitor {
         Ok(Field::Documents(docs))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Field, A::Error> {
-        Ok(Field::Value(Document::into_value(DocumentVisitor.visit_map(map)?)))
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Field<'de>, A::Error> {
+        Ok(Field::Value(Raw::Nested(DocumentVisitor.visit_map(map)?.into_value())))
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<Field, E> {
-        Ok(Field::Value(Value::Bool(v)))
+    fn visit_bool<E>(self, v: bool) -> Result<Field<'de>, E> {
+        Ok(Field::Value(Raw::Bool(v)))
     }
 
-    fn visit_i64<E>(self, v: i64) -> Result<Field, E> {
-        Ok(Field::Value(Value::from(v)))
+    fn visit_i64<E>(self, v: i64) -> Result<Field<'de>, E> {
+        Ok(Field::Value(Raw::Int(v)))
     }
 
-    fn visit_u64<E>(self, v: u64) -> Result<Field, E> {
-        Ok(Field::Value(Value::from(v)))
+    fn visit_u64<E>(self, v: u64) -> Result<Field<'de>, E> {
+        Ok(Field::Value(i64::try_from(v).map_or(Raw::UInt(v), Raw::Int)))
     }
 
-    fn visit_f64<E>(self, v: f64) -> Result<Field, E> {
-        Ok(Field::Value(Value::from(v)))
+    fn visit_f64<E>(self, v: f64) -> Result<Field<'de>, E> {
+        Ok(Field::Value(Raw::Float(v)))
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<Field, E> {
-        Ok(Field::Value(Value::String(v.to_string())))
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Field<'de>, E> {
+        Ok(Field::Value(Raw::Str(Cow::Borrowed(v))))
     }
 
-    fn visit_unit<E>(self) -> Result<Field, E> {
-        Ok(Field::Value(Value::Null))
+    fn visit_str<E>(self, v: &str) -> Result<Field<'de>, E> {
+        Ok(Field::Value(Raw::Str(Cow::Owned(v.to_owned()))))
+    }
+
+    fn visit_unit<E>(self) -> Result<Field<'de>, E> {
+        Ok(Field::Value(Raw::Null))
     }
 }
 
@@ -289,7 +444,7 @@ impl<'de> Visitor<'de> for RecordsVisitor {
 mod tests {
     use super::*;
 
-    fn rows(text: &str) -> Vec<Result<Unwrapped, Reject>> {
+    fn rows(text: &str) -> Vec<Result<Unwrapped<'_>, Reject>> {
         unwrap_document(parse_document(text.as_bytes()).unwrap())
     }
 
@@ -298,14 +453,15 @@ mod tests {
         let r = rows(r#"{"b":1,"a":{"x":[1,2]},"c":null}"#);
         let u = r.into_iter().next().unwrap().unwrap();
         assert_eq!(u.category_table, None);
-        let names: Vec<&str> = u.row.iter().map(|(k, _)| k.as_str()).collect();
+        let names: Vec<&str> = u.row.iter().map(|(k, _)| k.as_ref()).collect();
         assert_eq!(names, ["b", "a", "c"]);
-        assert_eq!(u.row[1].1, serde_json::json!({"x":[1,2]}));
+        assert_eq!(u.row[1].1, Raw::Nested(serde_json::json!({"x":[1,2]})));
+        assert_eq!((&u.row[0].1, &u.row[2].1), (&Raw::Int(1), &Raw::Null));
 
         let r = rows(r#"{"time":"t","category":"AdvancedHunting-DeviceFileEvents","properties":{"z":1,"y":2}}"#);
         let u = r.into_iter().next().unwrap().unwrap();
         assert_eq!(u.category_table.as_deref(), Some("DeviceFileEvents"));
-        assert_eq!(u.row.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["z", "y"]);
+        assert_eq!(u.row.iter().map(|(k, _)| k.as_ref()).collect::<Vec<_>>(), ["z", "y"]);
 
         let r = rows(r#"{"records":[{"category":"AdvancedHunting-DeviceFileEvents","properties":{"a":1}},5]}"#);
         assert_eq!(r.len(), 2);
@@ -313,11 +469,25 @@ mod tests {
         assert_eq!(r[1].as_ref().err().map(|e| e.kind), Some(RejectKind::NotAnObject));
     }
 
+    /// Names and strings without escapes are borrowed from the line; escaped ones are
+    /// unescaped; numbers keep their kind.
+    #[test]
+    fn strings_are_borrowed_unless_escaped_and_numbers_keep_their_kind() {
+        let line = br#"{"a":"plain","b\u0041":"C:\\x","c":-3,"d":18446744073709551615,"e":1.5,"f":true}"#;
+        let u = unwrap_document(parse_document(line).unwrap()).into_iter().next().unwrap().unwrap();
+        assert!(matches!(&u.row[0], (Cow::Borrowed("a"), Raw::Str(Cow::Borrowed("plain")))));
+        assert!(matches!(&u.row[1], (Cow::Owned(k), Raw::Str(Cow::Owned(v))) if k == "bA" && v == "C:\\x"));
+        let values: Vec<&Raw> = u.row[2..].iter().map(|(_, v)| v).collect();
+        assert_eq!(values, [&Raw::Int(-3), &Raw::UInt(u64::MAX), &Raw::Float(1.5), &Raw::Bool(true)]);
+        assert_eq!(Raw::UInt(u64::MAX).number_text(), "18446744073709551615");
+        assert_eq!(Raw::Float(1.5).number_text(), "1.5");
+    }
+
     #[test]
     fn properties_and_records_that_are_not_envelopes_stay_columns() {
         let u = rows(r#"{"properties":{"a":1},"records":[1]}"#).into_iter().next().unwrap().unwrap();
-        assert_eq!(u.row[0], ("properties".to_string(), serde_json::json!({"a":1})));
-        assert_eq!(u.row[1], ("records".to_string(), serde_json::json!([1])));
+        assert_eq!(u.row[0], (Cow::Borrowed("properties"), Raw::Nested(serde_json::json!({"a":1}))));
+        assert_eq!(u.row[1], (Cow::Borrowed("records"), Raw::Nested(serde_json::json!([1]))));
         assert!(parse_document(b"[1,2] x").is_err());
         assert!(matches!(parse_document(b"[1,2]").unwrap(), Document::Other(Value::Array(_))));
     }

@@ -4,52 +4,10 @@
 
 use crate::error::StoreError;
 type Result<T, E = StoreError> = std::result::Result<T, E>;
-use lookout_plugin_sdk::Cell;
-use serde::{Deserialize, Serialize};
+use lookout_plugin_sdk::{Cell, CellRef};
+use serde::Deserialize;
 
-#[derive(Serialize)]
-struct StoredRowRef<'a> {
-    schema: u32,
-    ingested_at: i64,
-    cells: CellsOut<'a>,
-}
-
-/// A stored cell as written: the store's own type, so its encoding (the variant order
-/// is the format, checked byte for byte by a test) does not follow the plugin ABI's
-/// [`Cell`]. Strings are borrowed from the row being stored.
-#[derive(Serialize)]
-enum CellOut<'a> {
-    Null,
-    Bool(bool),
-    Int(i64),
-    Float(f64),
-    Str(&'a str),
-    Json(&'a str),
-}
-
-impl<'a> From<&'a Cell> for CellOut<'a> {
-    fn from(c: &'a Cell) -> Self {
-        match c {
-            Cell::Null => CellOut::Null,
-            Cell::Bool(b) => CellOut::Bool(*b),
-            Cell::Int(i) => CellOut::Int(*i),
-            Cell::Float(f) => CellOut::Float(*f),
-            Cell::Str(s) => CellOut::Str(s),
-            Cell::Json(s) => CellOut::Json(s),
-        }
-    }
-}
-
-/// A row's cells, written as [`CellOut`]s without collecting them first.
-struct CellsOut<'a>(&'a [Cell]);
-
-impl Serialize for CellsOut<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(CellOut::from))
-    }
-}
-
-/// A stored cell as read back (the same layout as [`CellOut`]).
+/// A stored cell as read back (the layout [`put_cell`] writes).
 #[derive(Deserialize)]
 enum StoredCell {
     Null,
@@ -87,11 +45,95 @@ pub struct StoredRow {
 }
 
 pub fn encode(schema: u32, ingested_at: i64, cells: &[Cell]) -> Result<Vec<u8>> {
-    bincode::serde::encode_to_vec(
-        StoredRowRef { schema, ingested_at, cells: CellsOut(cells) },
-        bincode::config::standard(),
-    )
-    .map_err(|e| corrupt!("cannot encode row: {e}"))
+    let cells: Vec<CellRef<'_>> = cells.iter().map(CellRef::from).collect();
+    Ok(EncodedCells::new(&[], &cells).value(schema, ingested_at))
+}
+
+/// A row's cells in their stored encoding, with the row's content hash: everything about
+/// a stored value that does not depend on the store, so the parser thread prepares it and
+/// the storing thread only puts the schema id and the ingestion time in front.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedCells {
+    /// [`content_hash`] of the row.
+    pub content: u64,
+    /// The cells as bincode's standard configuration writes a `Vec` of [`CellOut`].
+    bytes: Vec<u8>,
+}
+
+impl EncodedCells {
+    pub fn new(names: &[String], cells: &[CellRef<'_>]) -> EncodedCells {
+        let mut bytes = Vec::with_capacity(16 + cells.len() * 24);
+        put_varint(&mut bytes, cells.len() as u64);
+        for cell in cells {
+            put_cell(&mut bytes, *cell);
+        }
+        EncodedCells { content: content_hash(names, cells), bytes }
+    }
+
+    /// The stored value: (schema, ingestion time, cells), as [`StoredRowRef`] encodes.
+    pub fn value(&self, schema: u32, ingested_at: i64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.bytes.len() + 16);
+        put_varint(&mut out, u64::from(schema));
+        put_varint(&mut out, zigzag(ingested_at));
+        out.extend_from_slice(&self.bytes);
+        out
+    }
+
+    /// The cells, borrowed from the encoding.
+    pub fn view(&self) -> Result<Vec<CellView<'_>>> {
+        let config = bincode::config::standard().with_limit::<MAX_ROW_BYTES>();
+        Ok(bincode::serde::borrow_decode_from_slice(&self.bytes, config)
+            .map_err(|e| corrupt!("corrupt encoded cells: {e}"))?
+            .0)
+    }
+
+    /// The cells, owned.
+    pub fn cells(&self) -> Result<Vec<Cell>> {
+        Ok(self.view()?.iter().map(CellView::to_cell).collect())
+    }
+}
+
+/// bincode's varint (standard configuration): one byte below 251, else a marker byte and
+/// the value little-endian in 2, 4 or 8 bytes.
+fn put_varint(out: &mut Vec<u8>, v: u64) {
+    if v < 251 {
+        out.push(v as u8);
+    } else if v <= u64::from(u16::MAX) {
+        out.push(251);
+        out.extend_from_slice(&(v as u16).to_le_bytes());
+    } else if v <= u64::from(u32::MAX) {
+        out.push(252);
+        out.extend_from_slice(&(v as u32).to_le_bytes());
+    } else {
+        out.push(253);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// bincode's zigzag mapping of a signed integer onto its varint.
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+/// One cell as bincode writes a [`CellOut`]: the variant index, then its value.
+fn put_cell(out: &mut Vec<u8>, cell: CellRef<'_>) {
+    match cell {
+        CellRef::Null => out.push(0),
+        CellRef::Bool(b) => out.extend_from_slice(&[1, u8::from(b)]),
+        CellRef::Int(i) => {
+            out.push(2);
+            put_varint(out, zigzag(i));
+        }
+        CellRef::Float(f) => {
+            out.push(3);
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        CellRef::Str(s) | CellRef::Json(s) => {
+            out.push(if matches!(cell, CellRef::Str(_)) { 4 } else { 5 });
+            put_varint(out, s.len() as u64);
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
 }
 
 /// No stored row is bigger than this (lines are capped far below it); a corrupt length
@@ -180,7 +222,7 @@ const EXPORT_METADATA: &[&str] =
 /// [`EXPORT_METADATA`]. Two
 /// rows with the same key and the same content hash are the same row sent twice.
 /// (xxh3: stable across builds and platforms, which a stored hash must be.)
-pub fn content_hash(names: &[String], cells: &[Cell]) -> u64 {
+pub fn content_hash(names: &[String], cells: &[CellRef<'_>]) -> u64 {
     // The bytes go into one buffer, hashed in one call: the same hash as feeding them to a
     // streaming hasher piece by piece (which stored hashes were made with), at a fraction
     // of the cost for rows of many small cells.
@@ -197,26 +239,26 @@ pub fn content_hash(names: &[String], cells: &[Cell]) -> u64 {
 
 /// What [`content_hash`] hashes: each column not in [`EXPORT_METADATA`] as its name
 /// (length-prefixed) and a tagged cell.
-fn content_bytes(names: &[String], cells: &[Cell], out: &mut Vec<u8>) {
+fn content_bytes(names: &[String], cells: &[CellRef<'_>], out: &mut Vec<u8>) {
     for (name, cell) in names.iter().zip(cells) {
         if EXPORT_METADATA.contains(&name.as_str()) {
             continue;
         }
         out.extend_from_slice(&(name.len() as u32).to_le_bytes());
         out.extend_from_slice(name.as_bytes());
-        match cell {
-            Cell::Null => out.push(0),
-            Cell::Bool(b) => out.extend_from_slice(&[1, u8::from(*b)]),
-            Cell::Int(i) => {
+        match *cell {
+            CellRef::Null => out.push(0),
+            CellRef::Bool(b) => out.extend_from_slice(&[1, u8::from(b)]),
+            CellRef::Int(i) => {
                 out.push(2);
                 out.extend_from_slice(&i.to_le_bytes());
             }
-            Cell::Float(f) => {
+            CellRef::Float(f) => {
                 out.push(3);
                 out.extend_from_slice(&f.to_bits().to_le_bytes());
             }
-            Cell::Str(s) | Cell::Json(s) => {
-                out.push(if matches!(cell, Cell::Str(_)) { 4 } else { 5 });
+            CellRef::Str(s) | CellRef::Json(s) => {
+                out.push(if matches!(cell, CellRef::Str(_)) { 4 } else { 5 });
                 out.extend_from_slice(&(s.len() as u32).to_le_bytes());
                 out.extend_from_slice(s.as_bytes());
             }
@@ -235,6 +277,49 @@ pub fn same_content(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Serialize;
+
+    #[derive(Serialize)]
+    struct StoredRowRef<'a> {
+        schema: u32,
+        ingested_at: i64,
+        cells: CellsOut<'a>,
+    }
+
+    /// The stored format as serde types, which the hand-written encoder must match byte for
+    /// byte: the store's own cell type, so its encoding (the variant order is the format)
+    /// does not follow the plugin ABI's [`Cell`].
+    #[derive(Serialize)]
+    enum CellOut<'a> {
+        Null,
+        Bool(bool),
+        Int(i64),
+        Float(f64),
+        Str(&'a str),
+        Json(&'a str),
+    }
+
+    impl<'a> From<&'a Cell> for CellOut<'a> {
+        fn from(c: &'a Cell) -> Self {
+            match c {
+                Cell::Null => CellOut::Null,
+                Cell::Bool(b) => CellOut::Bool(*b),
+                Cell::Int(i) => CellOut::Int(*i),
+                Cell::Float(f) => CellOut::Float(*f),
+                Cell::Str(s) => CellOut::Str(s),
+                Cell::Json(s) => CellOut::Json(s),
+            }
+        }
+    }
+
+    /// A row's cells, written as [`CellOut`]s without collecting them first.
+    struct CellsOut<'a>(&'a [Cell]);
+
+    impl Serialize for CellsOut<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.iter().map(CellOut::from))
+        }
+    }
 
     /// The hash stored with every row before it was computed in one call: fed piece by
     /// piece to a streaming hasher. Stored hashes must keep matching re-sent rows.
@@ -319,8 +404,68 @@ mod tests {
         ];
         for (names, cells) in rows {
             let names: Vec<String> = names.into_iter().map(String::from).collect();
-            assert_eq!(content_hash(&names, &cells), streamed_hash(&names, &cells));
+            let refs: Vec<CellRef<'_>> = cells.iter().map(CellRef::from).collect();
+            assert_eq!(content_hash(&names, &refs), streamed_hash(&names, &cells));
         }
+    }
+
+    /// The hand-written encoding is bincode's, for values on either side of every
+    /// varint width.
+    #[test]
+    fn encoding_is_bincode_s_for_every_width() {
+        let edges = [
+            0i64,
+            1,
+            -1,
+            125,
+            126,
+            -126,
+            127,
+            250,
+            251,
+            32767,
+            32768,
+            -32769,
+            65535,
+            1 << 31,
+            -(1 << 31),
+            1 << 40,
+            i64::MAX,
+            i64::MIN,
+        ];
+        let mut cells: Vec<Cell> = edges.iter().map(|i| Cell::Int(*i)).collect();
+        for len in [0usize, 1, 250, 251, 252, 65535, 65536, 70000] {
+            cells.push(Cell::Str("s".repeat(len)));
+            cells.push(Cell::Json("j".repeat(len)));
+        }
+        cells.extend([
+            Cell::Null,
+            Cell::Bool(false),
+            Cell::Bool(true),
+            Cell::Float(-0.0),
+            Cell::Float(f64::NAN),
+            Cell::Float(1e300),
+        ]);
+        for (schema, at) in
+            [(0u32, 0i64), (250, -1), (251, 638_822_976_000_000_000), (70_000, i64::MIN), (u32::MAX, i64::MAX)]
+        {
+            let want = bincode::serde::encode_to_vec(
+                StoredRowRef { schema, ingested_at: at, cells: CellsOut(&cells) },
+                bincode::config::standard(),
+            )
+            .unwrap();
+            assert_eq!(encode(schema, at, &cells).unwrap(), want, "schema {schema}, time {at}");
+        }
+        let names: Vec<String> = (0..cells.len()).map(|i| format!("c{i}")).collect();
+        let refs: Vec<CellRef<'_>> = cells.iter().map(CellRef::from).collect();
+        let prepared = EncodedCells::new(&names, &refs);
+        assert_eq!(prepared.content, streamed_hash(&names, &cells));
+        let back = prepared.cells().unwrap();
+        assert_eq!(back.len(), cells.len());
+        assert!(back
+            .iter()
+            .zip(&cells)
+            .all(|(a, b)| a == b || matches!((a, b), (Cell::Float(x), Cell::Float(y)) if x.is_nan() && y.is_nan())));
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub mod runs;
 
 use crate::error::{StoreContext as _, StoreError};
 type Result<T, E = StoreError> = std::result::Result<T, E>;
-use lookout_plugin_sdk::{Cell, CellRef, Condition, Row, RowRef};
+use lookout_plugin_sdk::{Condition, Row, RowRef};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -141,9 +141,10 @@ pub struct Store {
     tables: HashMap<String, u16>,
     table_names: HashMap<u16, String>,
     schemas: HashMap<Vec<String>, u32, FastHash>,
-    /// The schema of the last row stored: rows of a file nearly always share it, and
-    /// comparing names is cheaper than hashing them.
-    last_schema: Option<(std::sync::Arc<Vec<String>>, u32)>,
+    /// The schema of the last row stored: rows of a file nearly always share it. Kept as
+    /// the names' allocation the row came with (rows of one file share it, so a pointer
+    /// comparison finds it), the store's own names, and the id.
+    last_schema: Option<LastSchema>,
     schema_names: HashMap<u32, std::sync::Arc<Vec<String>>>,
     counters: Counters,
     /// The sequence the next batch that stores rows commits under. Above `head` + 1 once
@@ -971,25 +972,36 @@ impl Store {
     }
 
     /// The schema's id, registering it (in `batch`) if new; then its names come back too.
-    fn ensure_schema(&mut self, names: Vec<String>, batch: &mut sled::Batch) -> Result<(u32, Option<Vec<String>>)> {
-        if let Some((last, id)) = &self.last_schema {
-            if **last == names {
-                return Ok((*id, None));
+    fn ensure_schema(
+        &mut self,
+        names: &Arc<Vec<String>>,
+        batch: &mut sled::Batch,
+    ) -> Result<(u32, Option<Vec<String>>)> {
+        if let Some((last, last_names, id)) = &self.last_schema {
+            // Rows of one file share their names' allocation (`normalise`): no comparison.
+            if Arc::ptr_eq(last, names) || **last_names == **names {
+                let id = *id;
+                self.last_schema = Some((names.clone(), last_names.clone(), id));
+                return Ok((id, None));
             }
         }
-        if let Some(id) = self.schemas.get(&names) {
-            self.last_schema = self.schema_names.get(id).map(|n| (n.clone(), *id));
+        if let Some(id) = self.schemas.get(names.as_slice()) {
+            self.last_schema = self.schema_names.get(id).map(|n| (names.clone(), n.clone(), *id));
             return Ok((*id, None));
         }
         let id = self.schema_names.keys().max().map_or(1, |m| m + 1);
+        let names: Vec<String> = names.to_vec();
         batch.insert(seq_key32(keys::SCHEMA, id), enc(&names)?);
-        let shared = std::sync::Arc::new(names.clone());
+        let shared = Arc::new(names.clone());
         self.schema_names.insert(id, shared.clone());
         self.schemas.insert(names.clone(), id);
-        self.last_schema = Some((shared, id));
+        self.last_schema = Some((shared.clone(), shared, id));
         Ok((id, Some(names)))
     }
 }
+
+/// The schema of the last row stored: the names the row came with, the store's own, the id.
+type LastSchema = (Arc<Vec<String>>, Arc<Vec<String>>, u32);
 
 fn seq_key32(space: u8, id: u32) -> Vec<u8> {
     let mut k = vec![space];
@@ -1145,8 +1157,7 @@ impl WriteBatch<'_> {
             }
             TableKind::Profile => (PROFILE_TABLE, keys::profile_key(&row.sha1)),
         };
-        let (names, cells): (Vec<String>, Vec<Cell>) = row.columns.into_iter().unzip();
-        let content = codec::content_hash(&names, &cells);
+        let content = row.cells.content;
         let (key, previous) = match row.kind {
             TableKind::Profile => {
                 let previous = match self.pending.get(&key) {
@@ -1171,17 +1182,19 @@ impl WriteBatch<'_> {
                 }
             },
         };
-        let postings = if row.kind == TableKind::Event {
-            let cell_of = |c: &str| names.iter().position(|n| n == c).map(|i| CellRef::from(&cells[i]));
+        let postings = if row.kind == TableKind::Event && self.store.index_specs.iter().any(|s| s.table == row.table) {
+            let cells = row.cells.view()?;
+            let names = &row.names;
+            let cell_of = |c: &str| names.iter().position(|n| n == c).map(|i| cells[i].as_ref());
             index::row_postings(&self.store.index_specs, block_table, &row.table, cell_of)
         } else {
             Vec::new()
         };
-        let (schema, new) = self.store.ensure_schema(names, &mut self.batch)?;
+        let (schema, new) = self.store.ensure_schema(&row.names, &mut self.batch)?;
         if let Some(names) = new {
             self.new_schemas.push(names);
         }
-        let value = codec::encode(schema, ingested_at, &cells)?;
+        let value = row.cells.value(schema, ingested_at);
         let added = if previous.is_some() { Added::Replaced } else { Added::New };
         if added == Added::New {
             *self.store.counters.rows.entry(row.table).or_insert(0) += 1;
@@ -1391,6 +1404,7 @@ mod tests {
     use super::*;
     use crate::parse::normalise::{normalise, TableHints};
     use lookout_plugin_sdk::tables::IMAGE_LOADS;
+    use lookout_plugin_sdk::Cell;
     use std::collections::HashSet;
 
     fn row(report: i64, extra: &str) -> NormalRow {
