@@ -25,6 +25,10 @@ pub struct IngestArgs {
     /// Lines longer than this many bytes are rejected
     #[arg(long, default_value_t = 8 << 20)]
     max_line: usize,
+    /// Rows per committed batch: bigger batches ingest faster (fewer, bigger key-index
+    /// runs to merge); a crash re-reads at most one batch
+    #[arg(long, default_value_t = IngestOptions::default().batch_rows as u64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    batch_rows: u64,
     /// Files or directories (read recursively, in name order)
     #[arg(required = true)]
     paths: Vec<PathBuf>,
@@ -35,6 +39,7 @@ pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
         now: args.now.as_deref().map(parse_now).transpose()?,
         table: args.table,
         max_line: args.max_line,
+        batch_rows: args.batch_rows as usize,
         ..IngestOptions::default()
     };
     let lookout_core::ingest::Expanded { files, skipped } = expand_paths(&args.paths)?;

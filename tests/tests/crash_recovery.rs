@@ -77,7 +77,11 @@ fn killed_during_ingest_then_rerun_stores_each_row_once() {
     // Each run dies after its first committed batch; re-running resumes from the offset.
     let mut crashes = 0;
     loop {
-        let out = run_with_failpoint(&data, "ingest-after-commit", &["ingest", "--now", NOW, fleet.to_str().unwrap()]);
+        let out = run_with_failpoint(
+            &data,
+            "ingest-after-commit",
+            &["ingest", "--batch-rows", "4096", "--now", NOW, fleet.to_str().unwrap()],
+        );
         if out.status.success() {
             break;
         }
@@ -108,7 +112,8 @@ fn killed_during_store_upkeep_then_rerun_leaves_the_store_exact() {
     let want = status_json(&clean);
 
     let data = tmp.path().join("data");
-    let ingest = ["ingest", "--retention", "none", "--now", NOW, fleet];
+    // Batches smaller than the default, so a bulk ingest of this size merges runs.
+    let ingest = ["ingest", "--batch-rows", "4096", "--retention", "none", "--now", NOW, fleet];
     // The first crash cuts the store's first batch short: its generation is not listed yet.
     for failpoint in
         ["generation-written-before-commit", "runs-merge-before-commit", "generation-written-before-commit"]
