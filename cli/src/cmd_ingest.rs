@@ -25,8 +25,8 @@ pub struct IngestArgs {
     /// Lines longer than this many bytes are rejected
     #[arg(long, default_value_t = 8 << 20)]
     max_line: usize,
-    /// Rows per committed batch: bigger batches ingest faster (fewer, bigger key-index
-    /// runs to merge); a crash re-reads at most one batch
+    /// Rows per committed batch: a crash re-reads at most one batch, a batch is held in
+    /// memory whole
     #[arg(long, default_value_t = IngestOptions::default().batch_rows as u64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     batch_rows: u64,
     /// Files or directories (read recursively, in name order)

@@ -5,12 +5,13 @@
 use super::record::Raw;
 use super::{Reject, RejectKind};
 use crate::schema::{column_types, is_key_column, required_columns, table_kind, ColumnType, TableKind};
-use crate::store::codec::EncodedCells;
+use crate::store::codec::{ContentNames, EncodedCells};
 use lookout_plugin_sdk::time::parse_timestamp;
 use lookout_plugin_sdk::{Cell, CellRef};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 
 /// A row ready to store.
@@ -63,31 +64,28 @@ pub fn normalise<'a, K: Into<Cow<'a, str>>, V: Into<Raw<'a>>>(
             )
         })?
         .to_string();
-    let kind = table_kind(&table).map_err(|e| Reject::new(RejectKind::UnknownTable, e))?;
+    let layout = layout(&table, &row)?;
 
-    let mut names = Vec::with_capacity(row.len());
     let mut cells = Vec::with_capacity(row.len());
     let mut unexpected_types = 0;
-    let types = column_types(&table);
-    for (name, value) in row {
-        let cell = match types.and_then(|t| t.get(name.as_ref())).copied() {
+    for (i, (name, value)) in row.into_iter().enumerate() {
+        let cell = match layout.types[i] {
             None | Some(ColumnType::Dynamic) => Val::from_raw(value),
             Some(t) => match typed_cell(&name, t, value) {
                 Typed::Cell(c) => c,
                 // A key column must be what the key is made of; any other is kept.
-                Typed::Unexpected(reject, _) if is_key_column(&name) => return Err(reject),
+                Typed::Unexpected(reject, _) if layout.key_column[i] => return Err(reject),
                 Typed::Unexpected(_, value) => {
                     unexpected_types += 1;
                     Val::from_raw(value)
                 }
             },
         };
-        names.push(name);
         cells.push(cell);
     }
-    let get = |name: &str| names.iter().position(|n| n == name).map(|i| &cells[i]);
-    for required in required_columns(&table, kind) {
-        match get(required) {
+    let get = |at: Option<usize>| at.map(|i| &cells[i]);
+    for (required, at) in &layout.required {
+        match get(*at) {
             Some(Val::Null) | None => {
                 return Err(Reject::new(RejectKind::MissingColumn, format!("column {required} is missing or null")))
             }
@@ -97,25 +95,93 @@ pub fn normalise<'a, K: Into<Cow<'a, str>>, V: Into<Raw<'a>>>(
             _ => {}
         }
     }
-    let sha1 = get("SHA1").map(Val::as_str).unwrap_or("").to_string();
-    let device_id = get("DeviceId").map(Val::as_str).unwrap_or("").to_string();
-    let timestamp = match (kind, get("Timestamp")) {
+    let kind = layout.kind;
+    let sha1 = get(layout.sha1).map(Val::as_str).unwrap_or("").to_string();
+    let device_id = get(layout.device_id).map(Val::as_str).unwrap_or("").to_string();
+    let timestamp = match (kind, get(layout.timestamp)) {
         (TableKind::Event, Some(Val::Str(s))) => parse_timestamp(s).unwrap_or(0),
         _ => 0,
     };
-    let identity = match get("ReportId") {
+    let identity = match get(layout.report_id) {
         Some(Val::Int(i)) => i.to_string(),
         Some(Val::Str(s)) if !s.is_empty() => s.to_string(),
         _ => {
             let columns: Vec<(String, Cell)> =
-                names.iter().zip(&cells).map(|(n, c)| (n.to_string(), c.to_cell())).collect();
+                layout.names.iter().zip(&cells).map(|(n, c)| (n.clone(), c.to_cell())).collect();
             content_hash(&columns)
         }
     };
-    let names = shared_names(&names);
     let refs: Vec<CellRef<'_>> = cells.iter().map(Val::as_ref).collect();
-    let cells = EncodedCells::new(&names, &refs);
-    Ok(NormalRow { table, kind, names, cells, sha1, device_id, timestamp, identity, unexpected_types })
+    let cells = EncodedCells::new(&layout.content, &refs);
+    Ok(NormalRow {
+        table,
+        kind,
+        names: layout.names.clone(),
+        cells,
+        sha1,
+        device_id,
+        timestamp,
+        identity,
+        unexpected_types,
+    })
+}
+
+/// What normalising a row needs to know about its table and column list, worked out
+/// once for both: the rows of a file nearly always share them, and looking up ~40
+/// column types and scanning for the key columns per row was a quarter of parsing.
+struct Layout {
+    table: String,
+    kind: TableKind,
+    /// The column names, shared by every row with this layout (and so with the store,
+    /// which finds a row's schema by this pointer).
+    names: Arc<Vec<String>>,
+    /// Each column's type (`None`: a column the schema does not know).
+    types: Vec<Option<ColumnType>>,
+    /// Whether a column is one the row's key is made of.
+    key_column: Vec<bool>,
+    /// The required columns and where they are.
+    required: Vec<(&'static str, Option<usize>)>,
+    sha1: Option<usize>,
+    device_id: Option<usize>,
+    timestamp: Option<usize>,
+    report_id: Option<usize>,
+    content: ContentNames,
+}
+
+/// The layout of `row` in `table`: the last row's on this thread when the table and the
+/// column names are the same, else worked out (and kept for the next row).
+fn layout(table: &str, row: &[(Cow<'_, str>, Raw<'_>)]) -> Result<Rc<Layout>, Reject> {
+    thread_local! {
+        static LAST: RefCell<Option<Rc<Layout>>> = const { RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some(l) = &*last {
+            if l.table == table && l.names.len() == row.len() && l.names.iter().zip(row).all(|(a, (b, _))| a == b) {
+                return Ok(l.clone());
+            }
+        }
+        let kind = table_kind(table).map_err(|e| Reject::new(RejectKind::UnknownTable, e))?;
+        let names: Vec<String> = row.iter().map(|(n, _)| n.to_string()).collect();
+        let types = column_types(table);
+        let at = |column: &str| names.iter().position(|n| n == column);
+        let layout = Layout {
+            table: table.to_string(),
+            kind,
+            types: names.iter().map(|n| types.and_then(|t| t.get(n.as_str())).copied()).collect(),
+            key_column: names.iter().map(|n| is_key_column(n)).collect(),
+            required: required_columns(table, kind).iter().map(|c| (*c, at(c))).collect(),
+            sha1: at("SHA1"),
+            device_id: at("DeviceId"),
+            timestamp: at("Timestamp"),
+            report_id: at("ReportId"),
+            content: ContentNames::new(&names),
+            names: Arc::new(names),
+        };
+        let layout = Rc::new(layout);
+        *last = Some(layout.clone());
+        Ok(layout)
+    })
 }
 
 impl NormalRow {
@@ -125,25 +191,6 @@ impl NormalRow {
         let cells = self.cells.cells().unwrap_or_default();
         self.names.iter().cloned().zip(cells).collect()
     }
-}
-
-/// The same column list as the previous row on this thread shares its names (rows of a
-/// file nearly always have one list), so neither thread handles ~40 names per row.
-fn shared_names(names: &[Cow<'_, str>]) -> Arc<Vec<String>> {
-    thread_local! {
-        static LAST: RefCell<Option<Arc<Vec<String>>>> = const { RefCell::new(None) };
-    }
-    LAST.with(|last| {
-        let mut last = last.borrow_mut();
-        match &*last {
-            Some(l) if l.len() == names.len() && l.iter().zip(names).all(|(a, b)| a == b) => l.clone(),
-            _ => {
-                let shared = Arc::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>());
-                *last = Some(shared.clone());
-                shared
-            }
-        }
-    })
 }
 
 /// A cell being normalised: strings still borrowed from the line where they can be.

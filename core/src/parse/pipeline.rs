@@ -20,7 +20,7 @@ const CHUNK_LINES: usize = 256;
 /// batch holds (`IngestOptions::batch_rows`, 4,096), so the parser keeps working while a
 /// batch commits instead of stopping after a few chunks; a parsed line is its encoded
 /// cells (~1 KiB for a Defender row), so this is a few MiB.
-const CHANNEL_CHUNKS: usize = 68;
+const CHANNEL_CHUNKS: usize = 20;
 
 /// What one line turned into.
 pub enum LineOutcome {

@@ -118,14 +118,26 @@ pub fn in_main(table: u16, block: u16) -> bool {
     table == 0 || block >= AHEAD_BLOCK
 }
 
-/// A block being filled.
+/// A block being filled: its keys and rows already laid out as [`pack_items`] lays them
+/// out, so a row is copied once on its way in and not again before compression.
 #[derive(Default)]
 struct OpenBlock {
-    keys: Vec<Vec<u8>>,
-    rows: Vec<Vec<u8>>,
+    keys: Vec<u8>,
+    rows: Vec<u8>,
+    count: usize,
     raw: usize,
     min_ts: i64,
     max_ts: i64,
+}
+
+impl OpenBlock {
+    fn push_item(into: &mut Vec<u8>, parts: &[&[u8]]) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        into.extend_from_slice(&(len as u32).to_be_bytes());
+        for part in parts {
+            into.extend_from_slice(part);
+        }
+    }
 }
 
 /// The new rows of one batch, per table (and whether they are from ahead of the clock),
@@ -138,9 +150,9 @@ pub struct BatchBlocks {
 impl BatchBlocks {
     /// Adds a row and says where it will be once the batch commits under `seq`; `ahead`
     /// puts it among the blocks numbered from [`AHEAD_BLOCK`].
-    pub fn add(&mut self, table: u16, key: Vec<u8>, timestamp: i64, value: Vec<u8>, ahead: bool) -> Result<(u16, u16)> {
+    pub fn add(&mut self, table: u16, key: &[u8], timestamp: i64, value: &[&[u8]], ahead: bool) -> Result<(u16, u16)> {
         let blocks = self.tables.entry((table, ahead)).or_default();
-        let full = blocks.last().is_none_or(|b| b.rows.len() >= BLOCK_ROWS || b.raw >= BLOCK_RAW);
+        let full = blocks.last().is_none_or(|b| b.count >= BLOCK_ROWS || b.raw >= BLOCK_RAW);
         if full {
             if blocks.len() >= AHEAD_BLOCK as usize {
                 return Err(StoreError::Invalid("too many rows in one batch".into()));
@@ -149,12 +161,13 @@ impl BatchBlocks {
         }
         let block_no = (blocks.len() - 1) as u16 + if ahead { AHEAD_BLOCK } else { 0 };
         let b = blocks.last_mut().ok_or_else(|| corrupt!("no open block"))?;
-        let row_no = b.rows.len() as u16;
-        b.raw += key.len() + value.len();
+        let row_no = b.count as u16;
+        b.raw += key.len() + value.iter().map(|p| p.len()).sum::<usize>();
         b.min_ts = b.min_ts.min(timestamp);
         b.max_ts = b.max_ts.max(timestamp);
-        b.keys.push(key);
-        b.rows.push(value);
+        OpenBlock::push_item(&mut b.keys, &[key]);
+        OpenBlock::push_item(&mut b.rows, value);
+        b.count += 1;
         Ok((block_no, row_no))
     }
 
@@ -175,11 +188,12 @@ impl BatchBlocks {
                 let block = no as u16 + if ahead { AHEAD_BLOCK } else { 0 };
                 let keys_frame = compress(zstd, &b.keys)?;
                 let rows_frame = compress(zstd, &b.rows)?;
+                let keys = unpack_items(&b.keys)?;
                 let into = if in_main(table, block) { &mut *batch } else { &mut *pieces };
                 let key_parts = write_pieces(into, keys::BLOCK_KEYS, table, seq, block, &keys_frame)?;
                 let row_parts = write_pieces(into, keys::BLOCK_ROWS, table, seq, block, &rows_frame)?;
                 let meta = BlockMeta {
-                    rows: b.rows.len() as u32,
+                    rows: b.count as u32,
                     min_ts: b.min_ts,
                     max_ts: b.max_ts,
                     key_parts,
@@ -188,7 +202,7 @@ impl BatchBlocks {
                 };
                 let mut value = super::enc(&meta)?;
                 if table != 0 {
-                    if let Some(filter) = Sha1Filter::of_keys(&b.keys) {
+                    if let Some(filter) = Sha1Filter::of_keys(&keys) {
                         filter.append_to(&mut value);
                     }
                 }
@@ -233,11 +247,12 @@ fn item_spans(raw: &[u8]) -> Result<Vec<(u32, u32)>> {
     Ok(spans)
 }
 
-fn compress(zstd: &mut zstd::bulk::Compressor<'static>, items: &[Vec<u8>]) -> Result<Vec<u8>> {
-    let raw = pack_items(items);
+/// A frame: the raw length (u32, big-endian), then `raw` ([`pack_items`]'s layout)
+/// compressed.
+fn compress(zstd: &mut zstd::bulk::Compressor<'static>, raw: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(raw.len() / 8 + 16);
     out.extend_from_slice(&(raw.len() as u32).to_be_bytes());
-    out.extend_from_slice(&zstd.compress(&raw).context("cannot compress a block")?);
+    out.extend_from_slice(&zstd.compress(raw).context("cannot compress a block")?);
     Ok(out)
 }
 
@@ -405,7 +420,9 @@ mod tests {
         let mut bb = BatchBlocks::default();
         let mut places = Vec::new();
         for i in 0..(BLOCK_ROWS + 10) {
-            places.push(bb.add(1, format!("k{i}").into_bytes(), i as i64, vec![(i % 251) as u8; 100], false).unwrap());
+            // A value in two parts (a header and a body) is stored as one.
+            let value = [(i % 251) as u8; 100];
+            places.push(bb.add(1, format!("k{i}").as_bytes(), i as i64, &[&value[..30], &value[30..]], false).unwrap());
         }
         // Incompressible big rows in another table cut blocks by bytes.
         let mut seed = 1u64;
@@ -418,7 +435,7 @@ mod tests {
                     seed as u8
                 })
                 .collect();
-            bb.add(2, b"big".to_vec(), 0, big, false).unwrap();
+            bb.add(2, b"big", 0, &[&big], false).unwrap();
         }
         assert_eq!(places[BLOCK_ROWS - 1], (0, (BLOCK_ROWS - 1) as u16));
         assert_eq!(places[BLOCK_ROWS], (1, 0));

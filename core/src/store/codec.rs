@@ -46,7 +46,7 @@ pub struct StoredRow {
 
 pub fn encode(schema: u32, ingested_at: i64, cells: &[Cell]) -> Result<Vec<u8>> {
     let cells: Vec<CellRef<'_>> = cells.iter().map(CellRef::from).collect();
-    Ok(EncodedCells::new(&[], &cells).value(schema, ingested_at))
+    Ok(EncodedCells::new(&ContentNames::new(&[]), &cells).value(schema, ingested_at))
 }
 
 /// A row's cells in their stored encoding, with the row's content hash: everything about
@@ -61,22 +61,24 @@ pub struct EncodedCells {
 }
 
 impl EncodedCells {
-    pub fn new(names: &[String], cells: &[CellRef<'_>]) -> EncodedCells {
+    pub fn new(names: &ContentNames, cells: &[CellRef<'_>]) -> EncodedCells {
         let mut bytes = Vec::with_capacity(16 + cells.len() * 24);
         put_varint(&mut bytes, cells.len() as u64);
         for cell in cells {
             put_cell(&mut bytes, *cell);
         }
-        EncodedCells { content: content_hash(names, cells), bytes }
+        EncodedCells { content: names.hash(cells), bytes }
     }
 
-    /// The stored value: (schema, ingestion time, cells), as [`StoredRowRef`] encodes.
+    /// The stored value: (schema, ingestion time, cells), as `StoredRowRef` encodes.
     pub fn value(&self, schema: u32, ingested_at: i64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.bytes.len() + 16);
-        put_varint(&mut out, u64::from(schema));
-        put_varint(&mut out, zigzag(ingested_at));
-        out.extend_from_slice(&self.bytes);
-        out
+        let (header, len) = value_header(schema, ingested_at);
+        [&header[..len], &self.bytes].concat()
+    }
+
+    /// The encoded cells: what follows [`value_header`] in a stored value.
+    pub fn body(&self) -> &[u8] {
+        &self.bytes
     }
 
     /// The cells, borrowed from the encoding.
@@ -93,20 +95,50 @@ impl EncodedCells {
     }
 }
 
+/// The start of a stored value, before its cells: the schema id and the ingestion time as
+/// varints (at most 5 + 9 bytes), and how many bytes of the array they take.
+pub fn value_header(schema: u32, ingested_at: i64) -> ([u8; 16], usize) {
+    let mut header = Header([0u8; 16], 0);
+    put_varint(&mut header, u64::from(schema));
+    put_varint(&mut header, zigzag(ingested_at));
+    (header.0, header.1)
+}
+
+/// Where [`put_varint`] writes: a `Vec`, or a value's header on the stack.
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// Bytes written into a fixed array (two varints take at most 14 of its 16).
+struct Header([u8; 16], usize);
+
+impl Sink for Header {
+    fn put(&mut self, bytes: &[u8]) {
+        self.0[self.1..self.1 + bytes.len()].copy_from_slice(bytes);
+        self.1 += bytes.len();
+    }
+}
+
 /// bincode's varint (standard configuration): one byte below 251, else a marker byte and
 /// the value little-endian in 2, 4 or 8 bytes.
-fn put_varint(out: &mut Vec<u8>, v: u64) {
+fn put_varint(out: &mut impl Sink, v: u64) {
     if v < 251 {
-        out.push(v as u8);
+        out.put(&[v as u8]);
     } else if v <= u64::from(u16::MAX) {
-        out.push(251);
-        out.extend_from_slice(&(v as u16).to_le_bytes());
+        out.put(&[251]);
+        out.put(&(v as u16).to_le_bytes());
     } else if v <= u64::from(u32::MAX) {
-        out.push(252);
-        out.extend_from_slice(&(v as u32).to_le_bytes());
+        out.put(&[252]);
+        out.put(&(v as u32).to_le_bytes());
     } else {
-        out.push(253);
-        out.extend_from_slice(&v.to_le_bytes());
+        out.put(&[253]);
+        out.put(&v.to_le_bytes());
     }
 }
 
@@ -223,44 +255,69 @@ const EXPORT_METADATA: &[&str] =
 /// rows with the same key and the same content hash are the same row sent twice.
 /// (xxh3: stable across builds and platforms, which a stored hash must be.)
 pub fn content_hash(names: &[String], cells: &[CellRef<'_>]) -> u64 {
-    // The bytes go into one buffer, hashed in one call: the same hash as feeding them to a
-    // streaming hasher piece by piece (which stored hashes were made with), at a fraction
-    // of the cost for rows of many small cells.
-    thread_local! {
-        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    BUF.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        buf.clear();
-        content_bytes(names, cells, &mut buf);
-        xxhash_rust::xxh3::xxh3_64(&buf)
-    })
+    ContentNames::new(names).hash(cells)
 }
 
-/// What [`content_hash`] hashes: each column not in [`EXPORT_METADATA`] as its name
-/// (length-prefixed) and a tagged cell.
-fn content_bytes(names: &[String], cells: &[CellRef<'_>], out: &mut Vec<u8>) {
-    for (name, cell) in names.iter().zip(cells) {
-        if EXPORT_METADATA.contains(&name.as_str()) {
-            continue;
+/// What [`content_hash`] takes from a row's column names, worked out once per column
+/// list: each column's bytes as hashed (its name, length-prefixed), or `None` for the
+/// columns of [`EXPORT_METADATA`], which are left out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContentNames(Vec<Option<Vec<u8>>>);
+
+impl ContentNames {
+    pub fn new(names: &[String]) -> ContentNames {
+        ContentNames(
+            names
+                .iter()
+                .map(|name| {
+                    (!EXPORT_METADATA.contains(&name.as_str())).then(|| {
+                        let mut prefix = (name.len() as u32).to_le_bytes().to_vec();
+                        prefix.extend_from_slice(name.as_bytes());
+                        prefix
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// The content hash of a row with these columns. The bytes go into one buffer, hashed
+    /// in one call: the same hash as feeding them to a streaming hasher piece by piece
+    /// (which stored hashes were made with), at a fraction of the cost for rows of many
+    /// small cells.
+    pub fn hash(&self, cells: &[CellRef<'_>]) -> u64 {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        out.extend_from_slice(name.as_bytes());
-        match *cell {
-            CellRef::Null => out.push(0),
-            CellRef::Bool(b) => out.extend_from_slice(&[1, u8::from(b)]),
-            CellRef::Int(i) => {
-                out.push(2);
-                out.extend_from_slice(&i.to_le_bytes());
-            }
-            CellRef::Float(f) => {
-                out.push(3);
-                out.extend_from_slice(&f.to_bits().to_le_bytes());
-            }
-            CellRef::Str(s) | CellRef::Json(s) => {
-                out.push(if matches!(cell, CellRef::Str(_)) { 4 } else { 5 });
-                out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-                out.extend_from_slice(s.as_bytes());
+        BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            self.content_bytes(cells, &mut buf);
+            xxhash_rust::xxh3::xxh3_64(&buf)
+        })
+    }
+
+    /// What [`Self::hash`] hashes: each column not in [`EXPORT_METADATA`] as its name
+    /// (length-prefixed) and a tagged cell.
+    fn content_bytes(&self, cells: &[CellRef<'_>], out: &mut Vec<u8>) {
+        for (prefix, cell) in self.0.iter().zip(cells) {
+            let Some(prefix) = prefix else { continue };
+            out.extend_from_slice(prefix);
+            match *cell {
+                CellRef::Null => out.push(0),
+                CellRef::Bool(b) => out.extend_from_slice(&[1, u8::from(b)]),
+                CellRef::Int(i) => {
+                    out.push(2);
+                    out.extend_from_slice(&i.to_le_bytes());
+                }
+                CellRef::Float(f) => {
+                    out.push(3);
+                    out.extend_from_slice(&f.to_bits().to_le_bytes());
+                }
+                CellRef::Str(s) | CellRef::Json(s) => {
+                    out.push(if matches!(cell, CellRef::Str(_)) { 4 } else { 5 });
+                    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                    out.extend_from_slice(s.as_bytes());
+                }
             }
         }
     }
@@ -458,7 +515,7 @@ mod tests {
         }
         let names: Vec<String> = (0..cells.len()).map(|i| format!("c{i}")).collect();
         let refs: Vec<CellRef<'_>> = cells.iter().map(CellRef::from).collect();
-        let prepared = EncodedCells::new(&names, &refs);
+        let prepared = EncodedCells::new(&ContentNames::new(&names), &refs);
         assert_eq!(prepared.content, streamed_hash(&names, &cells));
         let back = prepared.cells().unwrap();
         assert_eq!(back.len(), cells.len());

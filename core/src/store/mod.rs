@@ -1194,7 +1194,7 @@ impl WriteBatch<'_> {
         if let Some(names) = new {
             self.new_schemas.push(names);
         }
-        let value = row.cells.value(schema, ingested_at);
+        let (header, header_len) = codec::value_header(schema, ingested_at);
         let added = if previous.is_some() { Added::Replaced } else { Added::New };
         if added == Added::New {
             *self.store.counters.rows.entry(row.table).or_insert(0) += 1;
@@ -1207,7 +1207,8 @@ impl WriteBatch<'_> {
         let ahead = row.kind == TableKind::Event
             && generations::Generations::ahead_limit(self.store.now, self.store.retention)
                 .is_some_and(|limit| row.timestamp > limit);
-        let (block, row_no) = self.blocks.add(block_table, key.clone(), row.timestamp, value, ahead)?;
+        let value = [&header[..header_len], row.cells.body()];
+        let (block, row_no) = self.blocks.add(block_table, &key, row.timestamp, &value, ahead)?;
         let entry = KeyEntry { seq: self.store.next_journal, block, row: row_no, content };
         if row.kind == TableKind::Profile {
             // Newest wins, within the batch too.
