@@ -112,7 +112,8 @@ fn killed_during_store_upkeep_then_rerun_leaves_the_store_exact() {
     let want = status_json(&clean);
 
     let data = tmp.path().join("data");
-    // Batches smaller than the default, so a bulk ingest of this size merges runs.
+    // 4,096-row batches (the default, named so the test does not follow it): enough runs
+    // for a bulk ingest of this size to merge them.
     let ingest = ["ingest", "--batch-rows", "4096", "--retention", "none", "--now", NOW, fleet];
     // The first crash cuts the store's first batch short: its generation is not listed yet.
     for failpoint in

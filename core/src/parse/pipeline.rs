@@ -16,10 +16,13 @@ use std::sync::mpsc::{Receiver, SyncSender};
 
 /// Lines per message: large enough that the channel costs nothing per line.
 const CHUNK_LINES: usize = 256;
+/// Line bytes per message: a chunk of long lines is sent before it has [`CHUNK_LINES`].
+const CHUNK_BYTES: usize = 512 << 10;
 /// Chunks in flight: bounds the memory held ahead of the storing side. More lines than a
 /// batch holds (`IngestOptions::batch_rows`, 4,096), so the parser keeps working while a
-/// batch commits instead of stopping after a few chunks; a parsed line is its encoded
-/// cells (~1 KiB for a Defender row), so this is a few MiB.
+/// batch commits instead of stopping after a few chunks. With [`CHUNK_BYTES`] that is at
+/// most ~10 MiB of lines (a parsed line is about its own size), or 21 lines of any
+/// length however long they are.
 const CHANNEL_CHUNKS: usize = 20;
 
 /// What one line turned into.
@@ -113,6 +116,7 @@ pub fn run<R: BufRead>(
 ) {
     let mut buf = Vec::new();
     let mut chunk = Vec::with_capacity(CHUNK_LINES);
+    let mut chunk_bytes = 0;
     let end = loop {
         let info = match reader.next_line(&mut buf) {
             Ok(Some(info)) => info,
@@ -133,13 +137,60 @@ pub fn run<R: BufRead>(
             }
         }
         let outcome = parse_line(&buf, &info, max_line, hints);
+        chunk_bytes += buf.len();
         chunk.push(ParsedLine { info, len: buf.len(), outcome, tail: reader.tail().to_vec() });
-        if chunk.len() >= CHUNK_LINES && out.send(Message::Lines(std::mem::take(&mut chunk))).is_err() {
-            return;
+        if chunk.len() >= CHUNK_LINES || chunk_bytes >= CHUNK_BYTES {
+            chunk_bytes = 0;
+            if out.send(Message::Lines(std::mem::take(&mut chunk))).is_err() {
+                return;
+            }
         }
     };
     if !chunk.is_empty() && out.send(Message::Lines(chunk)).is_err() {
         return;
     }
     let _ = out.send(Message::End(end));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks_of(text: &[u8]) -> Vec<usize> {
+        let (tx, rx) = channel();
+        let reader = LineReader::new(text, 8 << 20, 0);
+        let hints = TableHints { file_table: Some("DeviceFileEvents".into()), explicit: None };
+        // The parser on a thread of its own, as in ingestion; this one takes its chunks.
+        std::thread::scope(|s| {
+            s.spawn(|| run(reader, false, 8 << 20, &hints, &tx));
+            let mut sizes = Vec::new();
+            while let Ok(Message::Lines(lines)) = rx.recv() {
+                sizes.push(lines.len());
+            }
+            sizes
+        })
+    }
+
+    /// A chunk is sent at CHUNK_LINES lines, or sooner once it holds CHUNK_BYTES of lines:
+    /// long lines do not pile up hundreds at a time ahead of the storing side.
+    #[test]
+    fn chunks_are_bounded_by_lines_and_by_bytes() {
+        let short = br#"{"Timestamp":"2025-05-07T16:16:24Z","DeviceId":"d","ReportId":1}"#;
+        let mut text = Vec::new();
+        for _ in 0..(CHUNK_LINES + 10) {
+            text.extend_from_slice(short);
+            text.push(b'\n');
+        }
+        assert_eq!(chunks_of(&text), [CHUNK_LINES, 10]);
+
+        let long =
+            format!(r#"{{"Timestamp":"2025-05-07T16:16:24Z","DeviceId":"d","Pad":"{}"}}"#, "x".repeat(200 << 10));
+        let mut text = Vec::new();
+        for _ in 0..7 {
+            text.extend_from_slice(long.as_bytes());
+            text.push(b'\n');
+        }
+        // Three lines of ~200 KiB pass 512 KiB.
+        assert_eq!(chunks_of(&text), [3, 3, 1]);
+    }
 }

@@ -81,9 +81,10 @@ impl EncodedCells {
         &self.bytes
     }
 
-    /// The cells, borrowed from the encoding.
+    /// The cells, borrowed from the encoding. No size limit: these bytes were encoded in
+    /// this process, not read from disk, and a row may be as big as its line was.
     pub fn view(&self) -> Result<Vec<CellView<'_>>> {
-        let config = bincode::config::standard().with_limit::<MAX_ROW_BYTES>();
+        let config = bincode::config::standard();
         Ok(bincode::serde::borrow_decode_from_slice(&self.bytes, config)
             .map_err(|e| corrupt!("corrupt encoded cells: {e}"))?
             .0)
