@@ -140,6 +140,9 @@ impl OpenBlock {
     }
 }
 
+/// A block's rows before compression ([`pack_items`]'s layout), by (table, seq, block).
+pub type RawBlock = ((u16, u64, u16), Vec<u8>);
+
 /// The new rows of one batch, per table (and whether they are from ahead of the clock),
 /// in blocks.
 #[derive(Default)]
@@ -174,15 +177,19 @@ impl BatchBlocks {
     /// Writes every block of the batch under sequence `seq`: the event blocks' pieces into
     /// `pieces` (for the batch's generation), those [`in_main`] and every directory entry
     /// into `batch` (the main database). Returns the earliest newest Timestamp of its event
-    /// blocks (table 0, FileProfile, is exempt from retention).
+    /// blocks (table 0, FileProfile, is exempt from retention), and each block's rows as
+    /// they were before compression, by (table, seq, block): once the batch is committed
+    /// they go into the block cache, so a pass right after (the daemon's) reads the rows
+    /// it was just handed without reading and decompressing their blocks again.
     pub fn write(
         self,
         seq: u64,
         zstd: &mut zstd::bulk::Compressor<'static>,
         pieces: &mut sled::Batch,
         batch: &mut sled::Batch,
-    ) -> Result<Option<i64>> {
+    ) -> Result<(Option<i64>, Vec<RawBlock>)> {
         let mut earliest_end: Option<i64> = None;
+        let mut raw_rows = Vec::new();
         for ((table, ahead), blocks) in self.tables {
             for (no, b) in blocks.into_iter().enumerate() {
                 let block = no as u16 + if ahead { AHEAD_BLOCK } else { 0 };
@@ -210,9 +217,10 @@ impl BatchBlocks {
                 if table != 0 {
                     earliest_end = Some(earliest_end.map_or(meta.max_ts, |e| e.min(meta.max_ts)));
                 }
+                raw_rows.push(((table, seq, block), b.rows));
             }
         }
-        Ok(earliest_end)
+        Ok((earliest_end, raw_rows))
     }
 }
 
@@ -440,7 +448,11 @@ mod tests {
         assert_eq!(places[BLOCK_ROWS - 1], (0, (BLOCK_ROWS - 1) as u16));
         assert_eq!(places[BLOCK_ROWS], (1, 0));
         let (mut pieces, mut batch) = (sled::Batch::default(), sled::Batch::default());
-        bb.write(9, &mut compressor().unwrap(), &mut pieces, &mut batch).unwrap();
+        let (_, raw_rows) = bb.write(9, &mut compressor().unwrap(), &mut pieces, &mut batch).unwrap();
+        let ids: Vec<(u16, u64, u16)> = raw_rows.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, [(1, 9, 0), (1, 9, 1), (2, 9, 0), (2, 9, 1)]);
+        let cached = PackedItems::new(raw_rows[1].1.clone()).unwrap();
+        assert_eq!(&cached[3], &[((BLOCK_ROWS + 3) % 251) as u8; 100][..], "the rows as they will read back");
         db.apply_batch(pieces).unwrap();
         db.apply_batch(batch).unwrap();
         for kv in db.iter() {

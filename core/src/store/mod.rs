@@ -52,8 +52,9 @@ pub const FORMAT_VERSION: u64 = 6;
 /// The pseudo table number of FileProfile rows in blocks (event tables start at 1).
 const PROFILE_TABLE: u16 = 0;
 
-/// Decompressed blocks kept for reads (each ~100 KiB at most).
-const BLOCK_CACHE_BLOCKS: usize = 64;
+/// Decompressed blocks kept for reads (each ~100 KiB at most): the blocks a batch of
+/// 10,000 rows just wrote (~90 for Defender rows), which the pass after it reads.
+const BLOCK_CACHE_BLOCKS: usize = 128;
 /// At most this many row locations are remembered for a pass (see `Store::hints`): 48
 /// bytes or so each, and a tick hands a detector thousands.
 const MAX_ROW_HINTS: usize = 200_000;
@@ -1279,6 +1280,7 @@ impl WriteBatch<'_> {
         let mut seq = None;
         let mut pending_runs = Vec::new();
         let mut new_block_end = None;
+        let mut fresh_blocks = Vec::new();
         // What goes to a generation's database (the event rows' pieces and run chunks), and
         // the run chunks of FileProfile and of rows from ahead of the clock (main database):
         // both applied, and the generation flushed, before the batch that makes them visible.
@@ -1298,7 +1300,7 @@ impl WriteBatch<'_> {
                 wrote_list = listed;
                 g
             };
-            new_block_end =
+            (new_block_end, fresh_blocks) =
                 std::mem::take(&mut self.blocks).write(s, &mut self.store.zstd, &mut pieces, &mut self.batch)?;
             entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             let mut ahead = std::mem::take(&mut self.ahead_entries);
@@ -1353,6 +1355,15 @@ impl WriteBatch<'_> {
             return Err(e).context("cannot commit a batch to the database");
         }
         self.committed = true;
+        if !fresh_blocks.is_empty() {
+            let mut cache = self.store.cache.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, raw) in fresh_blocks {
+                // Laid out by the batch itself: cannot fail to split into its rows.
+                if let Ok(rows) = blocks::PackedItems::new(raw) {
+                    cache.put(id, Arc::new(rows));
+                }
+            }
+        }
         if wrote_list {
             self.store.gens.committed();
         }
