@@ -42,9 +42,20 @@ struct OutboxCursor {
     tail_hash: Vec<u8>,
 }
 
-fn cursor_name(path: &Path) -> String {
-    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    format!("outbox-file:{}", abs.display())
+/// The names a findings path's cursor goes under: the name it is written under, and the
+/// one an older Lookout wrote it under, if another. A file inside the data directory (the
+/// default `<data>/findings.jsonl`) is named relative to it, so a data directory moved or
+/// copied elsewhere (a backup restored at another path) still knows what its findings
+/// file holds and does not write every finding into it again; any other file by its
+/// absolute path, as before.
+fn cursor_names(store: &Store, path: &Path) -> (String, Option<String>) {
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let abs = absolute(path);
+    let by_path = format!("outbox-file:{}", abs.display());
+    match abs.strip_prefix(absolute(store.data_dir())) {
+        Ok(inside) => (format!("outbox-data:{}", inside.display()), Some(by_path)),
+        Err(_) => (by_path, None),
+    }
 }
 
 /// SHA-256 of the `min(len, TAIL_CHECK)` bytes before `len`.
@@ -64,8 +75,11 @@ pub fn flush_outbox(store: &mut Store, path: &Path) -> Result<u64> {
 /// already (a Kafka node's partition taken over: what the previous owner found). A
 /// skipped finding is passed over for good, as if written.
 pub fn flush_outbox_except(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool) -> Result<u64> {
-    let name = cursor_name(path);
-    let cursor: Option<OutboxCursor> = store.meta_value(&name)?;
+    let (name, older_name) = cursor_names(store, path);
+    let cursor: Option<OutboxCursor> = match store.meta_value(&name)? {
+        Some(c) => Some(c),
+        None => older_name.map(|n| store.meta_value(&n)).transpose()?.flatten(),
+    };
     let next_seq = cursor.as_ref().map_or(1, |c| c.next_seq);
     let pending = store.outbox_has_from(next_seq)?;
     let on_disk = std::fs::metadata(path).ok();
@@ -385,6 +399,58 @@ mod tests {
         // Back to the first path: it is as Lookout left it, so nothing is cut or repeated.
         f.find(1);
         f.flush();
+        assert_eq!(f.read(), f.lines(1..=3));
+    }
+
+    /// The default findings file is in the data directory: a copy of the directory
+    /// (a backup restored elsewhere) appends only the findings its file lacks.
+    #[test]
+    fn a_copied_data_directory_does_not_write_its_findings_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut f =
+            Fixture { store: Store::open(&data).unwrap(), out: data.join("findings.jsonl"), next: 1, _dir: dir };
+        f.find(2);
+        f.flush();
+        f.store.flush().unwrap();
+        let copy = f._dir.path().join("restored");
+        std::fs::create_dir(&copy).unwrap();
+        let copied =
+            std::process::Command::new("cp").arg("-a").arg(format!("{}/.", data.display())).arg(&copy).status();
+        assert!(copied.unwrap().success());
+        let mut restored = Store::open(&copy).unwrap();
+        let out = copy.join("findings.jsonl");
+        assert_eq!(flush_outbox(&mut restored, &out).unwrap(), 0, "the copy holds them already");
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), f.lines(1..=2));
+    }
+
+    /// A cursor an older Lookout saved under the file's absolute path is still honoured
+    /// for a file in the data directory: upgrading does not write every finding again.
+    #[test]
+    fn a_cursor_saved_under_the_absolute_path_is_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut f =
+            Fixture { store: Store::open(&data).unwrap(), out: data.join("findings.jsonl"), next: 1, _dir: dir };
+        let (name, older) = cursor_names(&f.store, &f.out);
+        let older = older.expect("a file in the data directory has an older name");
+        assert!(name.starts_with("outbox-data:") && older.starts_with("outbox-file:"));
+        // As an older Lookout leaves it: two findings written, the cursor under the
+        // absolute path only.
+        f.find(2);
+        std::fs::write(&f.out, f.lines(1..=2)).unwrap();
+        let file = File::open(&f.out).unwrap();
+        let meta = file.metadata().unwrap();
+        let cursor = OutboxCursor {
+            next_seq: 3,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            file_len: meta.len(),
+            tail_hash: tail_hash(&file, meta.len()).unwrap(),
+        };
+        f.store.put_meta_value(&older, &cursor).unwrap();
+        f.find(1);
+        assert_eq!(f.flush(), 1);
         assert_eq!(f.read(), f.lines(1..=3));
     }
 

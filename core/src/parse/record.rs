@@ -35,6 +35,11 @@ pub enum Raw<'a> {
 }
 
 impl Raw<'_> {
+    /// A non-negative integer as JSON gives it: `Int` while it fits an i64.
+    fn from_u64(v: u64) -> Raw<'static> {
+        i64::try_from(v).map_or(Raw::UInt(v), Raw::Int)
+    }
+
     pub fn into_value(self) -> Value {
         match self {
             Raw::Null => Value::Null,
@@ -268,7 +273,7 @@ impl<'de> Visitor<'de> for RawVisitor {
     }
 
     fn visit_u64<E>(self, v: u64) -> Result<Raw<'de>, E> {
-        Ok(i64::try_from(v).map_or(Raw::UInt(v), Raw::Int))
+        Ok(Raw::from_u64(v))
     }
 
     fn visit_f64<E>(self, v: f64) -> Result<Raw<'de>, E> {
@@ -420,7 +425,7 @@ impl<'de> Visitor<'de> for RecordsVisitor {
     }
 
     fn visit_u64<E>(self, v: u64) -> Result<Field<'de>, E> {
-        Ok(Field::Value(i64::try_from(v).map_or(Raw::UInt(v), Raw::Int)))
+        Ok(Field::Value(Raw::from_u64(v)))
     }
 
     fn visit_f64<E>(self, v: f64) -> Result<Field<'de>, E> {
