@@ -274,6 +274,13 @@ mod tests {
             Fixture { _dir: dir, store, out, next: 1 }
         }
 
+        /// The findings file where it is by default: `<data>/findings.jsonl`.
+        fn in_data_dir() -> Fixture {
+            let f = Fixture::new();
+            let out = f.store.data_dir().join("findings.jsonl");
+            Fixture { out, ..f }
+        }
+
         /// Commits `n` new findings to the results tree and the outbox.
         fn find(&mut self, n: u64) {
             let mut b = self.store.batch();
@@ -406,17 +413,17 @@ mod tests {
     /// (a backup restored elsewhere) appends only the findings its file lacks.
     #[test]
     fn a_copied_data_directory_does_not_write_its_findings_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let mut f =
-            Fixture { store: Store::open(&data).unwrap(), out: data.join("findings.jsonl"), next: 1, _dir: dir };
+        let mut f = Fixture::in_data_dir();
         f.find(2);
         f.flush();
         f.store.flush().unwrap();
         let copy = f._dir.path().join("restored");
         std::fs::create_dir(&copy).unwrap();
-        let copied =
-            std::process::Command::new("cp").arg("-a").arg(format!("{}/.", data.display())).arg(&copy).status();
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", f.store.data_dir().display()))
+            .arg(&copy)
+            .status();
         assert!(copied.unwrap().success());
         let mut restored = Store::open(&copy).unwrap();
         let out = copy.join("findings.jsonl");
@@ -428,10 +435,7 @@ mod tests {
     /// for a file in the data directory: upgrading does not write every finding again.
     #[test]
     fn a_cursor_saved_under_the_absolute_path_is_still_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let mut f =
-            Fixture { store: Store::open(&data).unwrap(), out: data.join("findings.jsonl"), next: 1, _dir: dir };
+        let mut f = Fixture::in_data_dir();
         let (name, older) = cursor_names(&f.store, &f.out);
         let older = older.expect("a file in the data directory has an older name");
         assert!(name.starts_with("outbox-data:") && older.starts_with("outbox-file:"));
