@@ -44,7 +44,10 @@ pub struct StoredRow {
     pub cells: Vec<Cell>,
 }
 
-pub fn encode(schema: u32, ingested_at: i64, cells: &[Cell]) -> Result<Vec<u8>> {
+/// A stored value of owned cells (production encodes on the parser thread, through
+/// [`EncodedCells`]), for tests.
+#[cfg(test)]
+fn encode(schema: u32, ingested_at: i64, cells: &[Cell]) -> Result<Vec<u8>> {
     let cells: Vec<CellRef<'_>> = cells.iter().map(CellRef::from).collect();
     Ok(EncodedCells::new(&ContentNames::new(&[]), &cells).value(schema, ingested_at))
 }
@@ -54,7 +57,7 @@ pub fn encode(schema: u32, ingested_at: i64, cells: &[Cell]) -> Result<Vec<u8>> 
 /// the storing thread only puts the schema id and the ingestion time in front.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncodedCells {
-    /// [`content_hash`] of the row.
+    /// The row's content hash ([`ContentNames::hash`]).
     pub content: u64,
     /// The cells as bincode's standard configuration writes a `Vec` of [`CellOut`].
     bytes: Vec<u8>,
@@ -251,17 +254,18 @@ pub fn decode_view(bytes: &[u8]) -> Result<StoredRowView<'_>> {
 const EXPORT_METADATA: &[&str] =
     &["Type", "TenantId", "SourceSystem", "TimeGenerated", "_ResourceId", "_BilledSize", "_IsBillable", "_ItemId"];
 
-/// A hash of a row's content: its column names and cells, not its ingestion time nor
-/// [`EXPORT_METADATA`]. Two
-/// rows with the same key and the same content hash are the same row sent twice.
-/// (xxh3: stable across builds and platforms, which a stored hash must be.)
-pub fn content_hash(names: &[String], cells: &[CellRef<'_>]) -> u64 {
+/// The content hash of a row (`ContentNames::new(names).hash(cells)`), for tests.
+#[cfg(test)]
+fn content_hash(names: &[String], cells: &[CellRef<'_>]) -> u64 {
     ContentNames::new(names).hash(cells)
 }
 
-/// What [`content_hash`] takes from a row's column names, worked out once per column
+/// What a row's content hash takes from its column names, worked out once per column
 /// list: each column's bytes as hashed (its name, length-prefixed), or `None` for the
-/// columns of [`EXPORT_METADATA`], which are left out.
+/// columns of [`EXPORT_METADATA`], which are left out. The hash is of a row's column
+/// names and cells, not its ingestion time nor [`EXPORT_METADATA`]: two rows with the
+/// same key and the same content hash are the same row sent twice. (xxh3: stable across
+/// builds and platforms, which a stored hash must be.)
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContentNames(Vec<Option<Vec<u8>>>);
 

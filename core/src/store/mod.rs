@@ -144,7 +144,7 @@ pub struct Store {
     schemas: HashMap<Vec<String>, u32, FastHash>,
     /// The schema of the last row stored: rows of a file nearly always share it. Kept as
     /// the names' allocation the row came with (rows of one file share it, so a pointer
-    /// comparison finds it), the store's own names, and the id.
+    /// comparison finds it) and the id.
     last_schema: Option<LastSchema>,
     schema_names: HashMap<u32, std::sync::Arc<Vec<String>>>,
     counters: Counters,
@@ -978,16 +978,16 @@ impl Store {
         names: &Arc<Vec<String>>,
         batch: &mut sled::Batch,
     ) -> Result<(u32, Option<Vec<String>>)> {
-        if let Some((last, last_names, id)) = &self.last_schema {
+        if let Some((last, id)) = &self.last_schema {
             // Rows of one file share their names' allocation (`normalise`): no comparison.
-            if Arc::ptr_eq(last, names) || **last_names == **names {
+            if Arc::ptr_eq(last, names) || **last == **names {
                 let id = *id;
-                self.last_schema = Some((names.clone(), last_names.clone(), id));
+                self.last_schema = Some((names.clone(), id));
                 return Ok((id, None));
             }
         }
         if let Some(id) = self.schemas.get(names.as_slice()) {
-            self.last_schema = self.schema_names.get(id).map(|n| (names.clone(), n.clone(), *id));
+            self.last_schema = Some((names.clone(), *id));
             return Ok((*id, None));
         }
         let id = self.schema_names.keys().max().map_or(1, |m| m + 1);
@@ -996,13 +996,13 @@ impl Store {
         let shared = Arc::new(names.clone());
         self.schema_names.insert(id, shared.clone());
         self.schemas.insert(names.clone(), id);
-        self.last_schema = Some((shared.clone(), shared, id));
+        self.last_schema = Some((shared, id));
         Ok((id, Some(names)))
     }
 }
 
-/// The schema of the last row stored: the names the row came with, the store's own, the id.
-type LastSchema = (Arc<Vec<String>>, Arc<Vec<String>>, u32);
+/// The schema of the last row stored: the names' allocation the row came with, and the id.
+type LastSchema = (Arc<Vec<String>>, u32);
 
 fn seq_key32(space: u8, id: u32) -> Vec<u8> {
     let mut k = vec![space];
