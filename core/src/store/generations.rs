@@ -67,17 +67,46 @@ fn list_key() -> Vec<u8> {
     keys::named_key(keys::META, "generations")
 }
 
+/// Opens a sled database, getting past one way sled 0.34.7 fails to open after a kill:
+/// its newest snapshot file (`snap.<lsn>`) left empty, which it reports as corruption
+/// (spacejam/sled#1527) although an empty snapshot holds nothing. The open failed, so no
+/// process holds the database; the empty file is removed and the open tried once more,
+/// from the snapshot before it and the log.
+pub(super) fn open_sled(config: &sled::Config, dir: &Path) -> sled::Result<sled::Db> {
+    match config.open() {
+        Err(sled::Error::Corruption { .. }) if remove_empty_snapshots(dir) > 0 => config.open(),
+        other => other,
+    }
+}
+
+/// Removes `snap.*` files of `dir` too short to be a snapshot (sled's own limit: 12
+/// bytes of length and checksum); returns how many.
+fn remove_empty_snapshots(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let empty = entry.metadata().is_ok_and(|m| m.is_file() && m.len() <= 12);
+        if name.starts_with("snap.") && !name.ends_with(".in___motion") && empty {
+            tracing::warn!(file = %entry.path().display(), "removing an empty sled snapshot left by a crash");
+            if std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 fn open_db(path: &Path) -> Result<sled::Db> {
     // No flusher thread: a generation is flushed when a batch referring to it commits.
-    sled::Config::new().path(path).cache_capacity(GENERATION_CACHE_BYTES).flush_every_ms(None).open().with_context(
-        || {
-            format!(
-                "cannot open the generation database {} (check the disk and the folder's permissions; \
+    let config = sled::Config::new().path(path).cache_capacity(GENERATION_CACHE_BYTES).flush_every_ms(None);
+    open_sled(&config, path).with_context(|| {
+        format!(
+            "cannot open the generation database {} (check the disk and the folder's permissions; \
                  `lookout status` says which store it belongs to)",
-                path.display()
-            )
-        },
-    )
+            path.display()
+        )
+    })
 }
 
 impl Generations {
@@ -325,4 +354,28 @@ pub fn bytes_under(data_dir: &Path) -> u64 {
             .sum()
     }
     walk(&data_dir.join("gens"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// sled refuses a database whose newest snapshot file is empty (as a kill can leave
+    /// it); the store's open removes that file and opens it with everything in it.
+    #[test]
+    fn an_empty_newest_snapshot_left_by_a_crash_does_not_stop_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let config = sled::Config::new().path(&path);
+        {
+            let db = config.open().unwrap();
+            db.insert(b"k", b"v".to_vec()).unwrap();
+            db.flush().unwrap();
+        }
+        std::fs::write(path.join("snap.FFFFFFFFFFFFFFFF"), b"").unwrap();
+        assert!(matches!(config.open(), Err(sled::Error::Corruption { .. })), "sled alone refuses it");
+        let db = open_sled(&config, &path).unwrap();
+        assert_eq!(db.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        assert!(!path.join("snap.FFFFFFFFFFFFFFFF").exists());
+    }
 }

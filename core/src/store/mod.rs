@@ -210,7 +210,7 @@ impl Store {
         // its lock when sled's background threads let go of it: wait a little for that.
         let mut attempts = 0;
         let db = loop {
-            match config.open() {
+            match generations::open_sled(&config, &dir.join("db")) {
                 Ok(db) => break db,
                 Err(e) if locked(&e) && attempts < 40 => {
                     attempts += 1;
