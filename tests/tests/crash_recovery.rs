@@ -103,7 +103,7 @@ fn killed_during_ingest_then_rerun_stores_each_row_once() {
 #[test]
 fn killed_during_store_upkeep_then_rerun_leaves_the_store_exact() {
     let tmp = tempfile::tempdir().unwrap();
-    // Enough 4096-row batches for key-index runs to be merged.
+    // Enough batches for key-index runs to be merged.
     gen_fleet(tmp.path(), 40_000);
     let fleet = tmp.path().join("fleet/logs");
     let fleet = fleet.to_str().unwrap();
@@ -112,9 +112,9 @@ fn killed_during_store_upkeep_then_rerun_leaves_the_store_exact() {
     let want = status_json(&clean);
 
     let data = tmp.path().join("data");
-    // 4,096-row batches (the default, named so the test does not follow it): enough runs
-    // for a bulk ingest of this size to merge them.
-    let ingest = ["ingest", "--batch-rows", "4096", "--retention", "none", "--now", NOW, fleet];
+    // 1,024-row batches: about forty key-index runs, enough for a bulk ingest of this size
+    // to merge them (sixteen at a time).
+    let ingest = ["ingest", "--batch-rows", "1024", "--retention", "none", "--now", NOW, fleet];
     // The first crash cuts the store's first batch short: its generation is not listed yet.
     for failpoint in
         ["generation-written-before-commit", "runs-merge-before-commit", "generation-written-before-commit"]

@@ -182,6 +182,8 @@ pub struct Store {
     hints: Mutex<HashMap<Vec<u8>, (u64, u16, u16)>>,
     /// The key index (see [`runs`]).
     runs: runs::Runs,
+    /// The merge of key-index runs under way on its own thread, if any.
+    merge: Option<runs::MergeJob>,
     next_reject: u64,
     /// The stored event keys, approximately; loaded or built when the first row is added.
     key_filter: Option<key_filter::KeyFilter>,
@@ -255,6 +257,7 @@ impl Store {
             cache: Mutex::new(BlockCache::new(BLOCK_CACHE_BLOCKS)),
             hints: Mutex::new(HashMap::new()),
             runs: runs::Runs::empty(),
+            merge: None,
             next_reject: 1,
             key_filter: None,
             index_specs: Vec::new(),
@@ -508,12 +511,19 @@ impl Store {
         }
     }
 
-    /// Merges small key-index runs (and drops runs wholly past the horizon), a few atomic
-    /// steps at a time. A failure leaves the runs as they were (each step is one batch),
-    /// so it is only logged: the next commit tries again.
+    /// Upkeep of the key index after a commit: drops runs wholly past the horizon, makes
+    /// a finished merge visible and starts the next one. A merge reads and writes on a
+    /// thread of its own (the storing thread goes on with the next batch: merging is about
+    /// a sixth of a bulk ingest's storing work); only making its result visible, one small
+    /// batch, is done here. Each step is one atomic batch, so a failure leaves the runs as
+    /// they were and is only logged: the next commit tries again.
     fn maintain_runs(&mut self) {
+        if self.merge.as_ref().is_some_and(runs::MergeJob::is_finished) {
+            self.finish_merge();
+        }
+        let busy = self.merge.as_ref().map(runs::MergeJob::inputs).unwrap_or_default();
         for _ in 0..4 {
-            match self.runs.maintain(&self.gens, &mut self.zstd, &self.unzstd, self.horizon) {
+            match self.runs.drop_expired(&self.gens, self.horizon, &busy) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -521,6 +531,26 @@ impl Store {
                     break;
                 }
             }
+        }
+        if self.merge.is_none() {
+            if let Some(plan) = self.runs.plan_merge(&busy) {
+                match runs::Runs::start_merge(&self.gens, plan, self.horizon) {
+                    Ok(job) => self.merge = Some(job),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error::Chain(&e), "cannot start a key index merge; retried after the next batch")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the merge under way, if any, and makes its result visible.
+    fn finish_merge(&mut self) {
+        let Some(job) = self.merge.take() else { return };
+        let (plan, merged) = job.join();
+        if let Err(e) = merged.and_then(|m| self.runs.finish_merge(&self.gens, plan, m)) {
+            // Its chunks are not named by any run's metadata: swept when the store next opens.
+            tracing::warn!(error = %crate::error::Chain(&e), "a key index merge failed; retried after the next batch");
         }
     }
 
@@ -1098,6 +1128,13 @@ pub struct WriteBatch<'s> {
     new_tables: Vec<String>,
     new_schemas: Vec<Vec<String>>,
     committed: bool,
+}
+
+impl Drop for Store {
+    /// A merge under way is finished, not abandoned: its thread holds the database open.
+    fn drop(&mut self) {
+        self.finish_merge();
+    }
 }
 
 impl Drop for WriteBatch<'_> {
