@@ -5,38 +5,8 @@
 use crate::error::StoreError;
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 use lookout_plugin_sdk::{Cell, CellRef};
+#[cfg(test)]
 use serde::Deserialize;
-
-/// A stored cell as read back (the layout [`put_cell`] writes).
-#[derive(Deserialize)]
-enum StoredCell {
-    Null,
-    Bool(bool),
-    Int(i64),
-    Float(f64),
-    Str(String),
-    Json(String),
-}
-
-impl From<StoredCell> for Cell {
-    fn from(c: StoredCell) -> Self {
-        match c {
-            StoredCell::Null => Cell::Null,
-            StoredCell::Bool(b) => Cell::Bool(b),
-            StoredCell::Int(i) => Cell::Int(i),
-            StoredCell::Float(f) => Cell::Float(f),
-            StoredCell::Str(s) => Cell::Str(s),
-            StoredCell::Json(s) => Cell::Json(s),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct StoredRowIn {
-    schema: u32,
-    ingested_at: i64,
-    cells: Vec<StoredCell>,
-}
 
 pub struct StoredRow {
     pub schema: u32,
@@ -87,10 +57,8 @@ impl EncodedCells {
     /// The cells, borrowed from the encoding. No size limit: these bytes were encoded in
     /// this process, not read from disk, and a row may be as big as its line was.
     pub fn view(&self) -> Result<Vec<CellView<'_>>> {
-        let config = bincode::config::standard();
-        Ok(bincode::serde::borrow_decode_from_slice(&self.bytes, config)
-            .map_err(|e| corrupt!("corrupt encoded cells: {e}"))?
-            .0)
+        let mut r = Reader { bytes: &self.bytes, at: 0 };
+        r.cells().map_err(|e| corrupt!("corrupt encoded cells: {e}"))
     }
 
     /// The cells, owned.
@@ -177,20 +145,18 @@ fn put_cell(out: &mut Vec<u8>, cell: CellRef<'_>) {
 const MAX_ROW_BYTES: usize = 256 << 20;
 
 pub fn decode(bytes: &[u8]) -> Result<StoredRow> {
-    let config = bincode::config::standard().with_limit::<MAX_ROW_BYTES>();
-    let row: StoredRowIn =
-        bincode::serde::decode_from_slice(bytes, config).map_err(|e| corrupt!("corrupt stored row: {e}"))?.0;
+    let row = decode_view(bytes)?;
     Ok(StoredRow {
         schema: row.schema,
         ingested_at: row.ingested_at,
-        cells: row.cells.into_iter().map(Cell::from).collect(),
+        cells: row.cells.iter().map(CellView::to_cell).collect(),
     })
 }
 
 /// One cell borrowed from the stored bytes: the variants (and so the encoding) of the
 /// cell type rows are written as, with strings as slices, so a row can be checked
 /// without allocating them.
-#[derive(Deserialize)]
+#[cfg_attr(test, derive(Deserialize, Debug, PartialEq))]
 pub enum CellView<'a> {
     Null,
     Bool(bool),
@@ -235,18 +201,96 @@ impl CellView<'_> {
     }
 }
 
-#[derive(Deserialize)]
+#[cfg_attr(test, derive(Deserialize, Debug, PartialEq))]
 pub struct StoredRowView<'a> {
     pub schema: u32,
     pub ingested_at: i64,
-    #[serde(borrow)]
+    #[cfg_attr(test, serde(borrow))]
     pub cells: Vec<CellView<'a>>,
 }
 
 /// Decodes a stored row without copying its strings.
 pub fn decode_view(bytes: &[u8]) -> Result<StoredRowView<'_>> {
-    let config = bincode::config::standard().with_limit::<MAX_ROW_BYTES>();
-    Ok(bincode::serde::borrow_decode_from_slice(bytes, config).map_err(|e| corrupt!("corrupt stored row: {e}"))?.0)
+    if bytes.len() > MAX_ROW_BYTES {
+        return Err(corrupt!("corrupt stored row: {} bytes, over the {MAX_ROW_BYTES} a row can take", bytes.len()));
+    }
+    let mut r = Reader { bytes, at: 0 };
+    let mut read = || -> std::result::Result<StoredRowView<'_>, String> {
+        let schema = u32::try_from(r.varint()?).map_err(|_| "schema id out of range".to_string())?;
+        let ingested_at = unzigzag(r.varint()?);
+        Ok(StoredRowView { schema, ingested_at, cells: r.cells()? })
+    };
+    read().map_err(|e| corrupt!("corrupt stored row: {e}"))
+}
+
+/// Reads what [`put_varint`] and [`put_cell`] write, as bincode's standard configuration
+/// reads it (the tests check both against each other), without serde's per-cell
+/// machinery: every row a pass reads or a batch indexes is decoded here.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len());
+        let end = end.ok_or_else(|| format!("{n} bytes wanted at byte {} of {}", self.at, self.bytes.len()))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn byte(&mut self) -> std::result::Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn fixed<const N: usize>(&mut self) -> std::result::Result<[u8; N], String> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn varint(&mut self) -> std::result::Result<u64, String> {
+        match self.byte()? {
+            b @ 0..=250 => Ok(u64::from(b)),
+            251 => Ok(u64::from(u16::from_le_bytes(self.fixed()?))),
+            252 => Ok(u64::from(u32::from_le_bytes(self.fixed()?))),
+            253 => Ok(u64::from_le_bytes(self.fixed()?)),
+            b => Err(format!("varint marker {b} at byte {}", self.at - 1)),
+        }
+    }
+
+    fn str(&mut self) -> std::result::Result<&'a str, String> {
+        let len = usize::try_from(self.varint()?).map_err(|_| "string length out of range".to_string())?;
+        std::str::from_utf8(self.take(len)?).map_err(|e| format!("string not UTF-8: {e}"))
+    }
+
+    fn cells(&mut self) -> std::result::Result<Vec<CellView<'a>>, String> {
+        let n = usize::try_from(self.varint()?).map_err(|_| "cell count out of range".to_string())?;
+        // Every cell takes at least a byte: a corrupt count cannot make this allocate more
+        // than the value holds.
+        let mut cells = Vec::with_capacity(n.min(self.bytes.len() - self.at));
+        for _ in 0..n {
+            cells.push(match self.varint()? {
+                0 => CellView::Null,
+                1 => match self.byte()? {
+                    0 => CellView::Bool(false),
+                    1 => CellView::Bool(true),
+                    b => return Err(format!("bool byte {b}")),
+                },
+                2 => CellView::Int(unzigzag(self.varint()?)),
+                3 => CellView::Float(f64::from_le_bytes(self.fixed()?)),
+                4 => CellView::Str(self.str()?),
+                5 => CellView::Json(self.str()?),
+                v => return Err(format!("cell variant {v}")),
+            });
+        }
+        Ok(cells)
+    }
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
 /// Columns an export format adds around a row (Log Analytics' table name, workspace and
@@ -412,6 +456,51 @@ mod tests {
             }
         }
         h.digest()
+    }
+
+    /// The hand-written reader reads what bincode's standard configuration reads, at every
+    /// varint width, and refuses (never panics on) every truncation and bad tag.
+    #[test]
+    fn the_row_reader_reads_as_bincode_does() {
+        let widths = [0usize, 1, 250, 251, 252, 65_535, 65_536];
+        let mut rows: Vec<(u32, i64, Vec<Cell>)> = Vec::new();
+        for (i, w) in widths.iter().enumerate() {
+            rows.push((
+                [0, 250, 251, 65_535, 65_536, u32::MAX, 7][i],
+                [0, -1, 125, -126, 40_000, i64::MIN, i64::MAX][i],
+                vec![
+                    Cell::Str("x".repeat(*w)),
+                    Cell::Json("[1]".into()),
+                    Cell::Int([0, -1, 125, -126, 40_000, i64::MIN, i64::MAX][i]),
+                    Cell::Float(-0.25),
+                    Cell::Bool(i % 2 == 0),
+                    Cell::Null,
+                    Cell::Str("é".into()),
+                ],
+            ));
+        }
+        rows.push((1, 2, (0..300).map(|i| Cell::Int(i * 1000)).collect()));
+        for (schema, at, cells) in &rows {
+            let bytes = encode(*schema, *at, cells).unwrap();
+            let want: StoredRowView<'_> =
+                bincode::serde::borrow_decode_from_slice(&bytes, bincode::config::standard()).unwrap().0;
+            assert_eq!(decode_view(&bytes).unwrap(), want);
+            assert_eq!(decode(&bytes).unwrap().cells, *cells);
+            let refs: Vec<CellRef<'_>> = cells.iter().map(CellRef::from).collect();
+            let encoded = EncodedCells::new(&ContentNames::new(&[]), &refs);
+            assert_eq!(encoded.view().unwrap(), want.cells);
+            for cut in 0..bytes.len().min(400) {
+                assert!(decode_view(&bytes[..cut]).is_err(), "cut at {cut} of {}", bytes.len());
+            }
+        }
+        // A bad cell variant, a bool that is neither 0 nor 1, a varint marker past u64, a
+        // string that is not UTF-8.
+        for bad in [vec![1, 1, 1, 6], vec![1, 1, 1, 1, 2], vec![1, 1, 1, 2, 254], vec![1, 1, 1, 4, 1, 0xff]] {
+            assert!(decode_view(&bad).is_err(), "{bad:?}");
+            let viaserde: std::result::Result<(StoredRowView<'_>, usize), _> =
+                bincode::serde::borrow_decode_from_slice(&bad, bincode::config::standard());
+            assert!(viaserde.is_err(), "bincode refuses {bad:?} too");
+        }
     }
 
     /// The stored layout of a row, byte for byte: bincode's standard configuration of

@@ -637,7 +637,6 @@ impl Store {
         WriteBatch {
             store: self,
             batch: sled::Batch::default(),
-            new_keys: Vec::new(),
             blocks: BatchBlocks::default(),
             entries: Vec::new(),
             ahead_entries: Vec::new(),
@@ -1106,8 +1105,6 @@ pub enum Added {
 pub struct WriteBatch<'s> {
     store: &'s mut Store,
     batch: sled::Batch,
-    /// Keys of the rows this batch stores (for the key filter once committed).
-    new_keys: Vec<Vec<u8>>,
     /// The rows themselves, in blocks per table.
     blocks: BatchBlocks,
     /// The key-index entries of the new event rows (written as one sorted run).
@@ -1256,8 +1253,7 @@ impl WriteBatch<'_> {
         } else {
             self.entries.push((key.clone(), entry));
         }
-        self.pending.insert(key.clone(), content);
-        self.new_keys.push(key);
+        self.pending.insert(key, content);
         self.new_rows += 1;
         Ok(added)
     }
@@ -1325,7 +1321,7 @@ impl WriteBatch<'_> {
         let mut wrote_list = false;
         let mut pieces = sled::Batch::default();
         let mut main_chunks = sled::Batch::default();
-        if !self.new_keys.is_empty() {
+        if !self.pending.is_empty() {
             let s = self.store.next_journal;
             let mut entries = std::mem::take(&mut self.entries);
             let g = if entries.is_empty() {
@@ -1411,7 +1407,7 @@ impl WriteBatch<'_> {
             *known = (*known).min(new);
         }
         if let Some(f) = &mut self.store.key_filter {
-            for k in self.new_keys.iter().filter(|k| k.first() == Some(&keys::EVENT)) {
+            for k in self.pending.keys().filter(|k| k.first() == Some(&keys::EVENT)) {
                 f.insert(k);
             }
         }
