@@ -844,23 +844,33 @@ mod tests {
         assert_eq!(back, entries);
     }
 
+    /// A fresh main database in a temporary directory, its generations and zstd contexts.
+    #[allow(clippy::type_complexity)]
+    fn store_parts() -> (
+        tempfile::TempDir,
+        sled::Db,
+        Generations,
+        zstd::bulk::Compressor<'static>,
+        Mutex<zstd::bulk::Decompressor<'static>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let gens = Generations::open(dir.path(), &db).unwrap();
+        let z = super::super::blocks::compressor().unwrap();
+        let unz = Mutex::new(super::super::blocks::decompressor().unwrap());
+        (dir, db, gens, z, unz)
+    }
+
     fn entry(i: u64) -> Entry {
         (keys::event_key(1, &format!("{i:040x}"), "dev", 0, "1"), KeyEntry { seq: i, block: 0, row: 0, content: i })
     }
 
-    /// A merge writes its run's chunks in several batches and its metadata last; the
-    /// chunks of a run whose metadata never came (a crash) are removed on open, and the
-    /// runs that were there stay whole.
     /// A merge on its own thread: the runs it reads stay visible, and are neither dropped
     /// nor planned into another merge, until it is finished; then only the merged run is
     /// left, with every entry, and the inputs' chunks are gone.
     #[test]
     fn a_merge_on_its_thread_leaves_every_entry_visible_throughout() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let gens = Generations::open(dir.path(), &db).unwrap();
-        let mut z = super::super::blocks::compressor().unwrap();
-        let unz = Mutex::new(super::super::blocks::decompressor().unwrap());
+        let (_dir, db, gens, mut z, unz) = store_parts();
         let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         let per_run = 150u64;
         for r in 0..MERGE_FAN_IN as u64 {
@@ -898,13 +908,12 @@ mod tests {
         assert_eq!(reopened.run_count(), 1);
     }
 
+    /// A merge writes its run's chunks in several batches and its metadata last; the
+    /// chunks of a run whose metadata never came (a crash) are removed on open, and the
+    /// runs that were there stay whole.
     #[test]
     fn chunks_without_metadata_are_swept_on_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let gens = Generations::open(dir.path(), &db).unwrap();
-        let mut z = super::super::blocks::compressor().unwrap();
-        let unz = Mutex::new(super::super::blocks::decompressor().unwrap());
+        let (_dir, db, gens, mut z, unz) = store_parts();
         let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         let entries: Vec<Entry> = (0..200).map(entry).collect();
         write_run(&mut runs, &db, &mut z, RunKind::Events, &entries);
@@ -922,11 +931,7 @@ mod tests {
     /// Merging keeps every entry once, the newest run's for a key in several (profiles).
     #[test]
     fn merges_keep_every_entry_once_and_the_newest_of_a_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let gens = Generations::open(dir.path(), &db).unwrap();
-        let mut z = super::super::blocks::compressor().unwrap();
-        let unz = Mutex::new(super::super::blocks::decompressor().unwrap());
+        let (_dir, db, gens, mut z, unz) = store_parts();
         let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         for r in 0..MERGE_FAN_IN as u64 {
             // Overlapping profile keys: key i is in runs i/100 .. ; newer runs carry seq r.
@@ -955,11 +960,7 @@ mod tests {
     /// hold later versions of its keys: the latest batch's entry still wins.
     #[test]
     fn a_merged_run_does_not_hide_a_later_profile_in_a_run_it_left_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let gens = Generations::open(dir.path(), &db).unwrap();
-        let mut z = super::super::blocks::compressor().unwrap();
-        let unz = Mutex::new(super::super::blocks::decompressor().unwrap());
+        let (_dir, db, gens, mut z, unz) = store_parts();
         let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         let key = keys::profile_key("aa");
         let write = |runs: &mut Runs, z: &mut zstd::bulk::Compressor<'static>, seqs: std::ops::Range<u64>| {
