@@ -113,12 +113,18 @@ fn killed_during_store_upkeep_then_rerun_leaves_the_store_exact() {
 
     let data = tmp.path().join("data");
     // 1,024-row batches: about forty key-index runs, enough for a bulk ingest of this size
-    // to merge them (sixteen at a time).
+    // to merge them (eight at a time, on the merge thread).
     let ingest = ["ingest", "--batch-rows", "1024", "--retention", "none", "--now", NOW, fleet];
     // The first crash cuts the store's first batch short: its generation is not listed yet.
-    for failpoint in
-        ["generation-written-before-commit", "runs-merge-before-commit", "generation-written-before-commit"]
-    {
+    // A merge is killed with its run's chunks written but not named, with the run named but
+    // its inputs' chunks still there, and between.
+    for failpoint in [
+        "generation-written-before-commit",
+        "runs-merge-chunks-written",
+        "runs-merge-before-commit",
+        "runs-merge-before-sweep",
+        "generation-written-before-commit",
+    ] {
         let crashed = run_with_failpoint(&data, failpoint, &ingest);
         assert!(!crashed.status.success(), "{failpoint} did not fire");
         assert!(String::from_utf8_lossy(&crashed.stderr).contains(failpoint));

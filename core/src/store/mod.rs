@@ -55,6 +55,9 @@ const PROFILE_TABLE: u16 = 0;
 /// Decompressed blocks kept for reads (each ~100 KiB at most): the blocks a batch of
 /// 10,000 rows just wrote (~90 for Defender rows), which the pass after it reads.
 const BLOCK_CACHE_BLOCKS: usize = 128;
+
+/// Batches committed after a failed key-index merge before the next one starts.
+const MERGE_PAUSE_AFTER_FAILURE: u32 = 64;
 /// At most this many row locations are remembered for a pass (see `Store::hints`): 48
 /// bytes or so each, and a tick hands a detector thousands.
 const MAX_ROW_HINTS: usize = 200_000;
@@ -184,6 +187,8 @@ pub struct Store {
     runs: runs::Runs,
     /// The merge of key-index runs under way on its own thread, if any.
     merge: Option<runs::MergeJob>,
+    /// Batches to commit before the next merge starts (after one failed).
+    merge_pause: u32,
     next_reject: u64,
     /// The stored event keys, approximately; loaded or built when the first row is added.
     key_filter: Option<key_filter::KeyFilter>,
@@ -258,6 +263,7 @@ impl Store {
             hints: Mutex::new(HashMap::new()),
             runs: runs::Runs::empty(),
             merge: None,
+            merge_pause: 0,
             next_reject: 1,
             key_filter: None,
             index_specs: Vec::new(),
@@ -532,7 +538,9 @@ impl Store {
                 }
             }
         }
-        if self.merge.is_none() {
+        if self.merge_pause > 0 {
+            self.merge_pause -= 1;
+        } else if self.merge.is_none() {
             if let Some(plan) = self.runs.plan_merge(&busy) {
                 match runs::Runs::start_merge(&self.gens, plan, self.horizon) {
                     Ok(job) => self.merge = Some(job),
@@ -548,9 +556,26 @@ impl Store {
     fn finish_merge(&mut self) {
         let Some(job) = self.merge.take() else { return };
         let (plan, merged) = job.join();
-        if let Err(e) = merged.and_then(|m| self.runs.finish_merge(&self.gens, plan, m)) {
-            // Its chunks are not named by any run's metadata: swept when the store next opens.
-            tracing::warn!(error = %crate::error::Chain(&e), "a key index merge failed; retried after the next batch");
+        let failed = match merged {
+            Ok(merged) => self.runs.finish_merge(&self.gens, plan, merged).err(),
+            Err(e) => {
+                // What it wrote is named by no run's metadata: removed now (or at the next
+                // open, if that fails too).
+                if let Err(sweep) = self.runs.abandon_merge(&self.gens, &plan) {
+                    tracing::warn!(error = %crate::error::Chain(&sweep), "cannot remove a failed merge's chunks now");
+                }
+                Some(e)
+            }
+        };
+        if let Some(e) = failed {
+            // The next merge waits a while: a merge that fails for good (a damaged run, a
+            // full disk) is not tried again after every batch.
+            self.merge_pause = MERGE_PAUSE_AFTER_FAILURE;
+            tracing::warn!(
+                error = %crate::error::Chain(&e),
+                "a key index merge failed; the runs stay as they were, and it is tried again {} batches on",
+                MERGE_PAUSE_AFTER_FAILURE
+            );
         }
     }
 

@@ -510,6 +510,7 @@ impl Runs {
     /// merges the [`MERGE_FAN_IN`] oldest runs of one kind and size class into one
     /// (leaving out event entries past `horizon`), here and now. Returns whether it did
     /// anything. (The store merges on a thread of its own: [`Runs::start_merge`].)
+    #[cfg(test)]
     pub fn maintain(
         &mut self,
         gens: &Generations,
@@ -604,15 +605,33 @@ impl Runs {
         if let Some(p) = pending {
             self.committed(p);
         }
-        let db = gens.db(plan.generation)?;
-        if plan.generation != 0 {
-            // The old chunks are in another database than the metadata that stopped naming
-            // them: that metadata must be on disk before they go, or a crash could leave
-            // the main database naming runs whose chunks are gone.
-            main.flush().context("cannot flush the database to disk")?;
+        // The merge is in place. What is left is removing the inputs' chunks, which nothing
+        // names any more: if that fails, the next open sweeps them.
+        let swept = (|| {
+            let db = gens.db(plan.generation)?;
+            if plan.generation != 0 {
+                // The old chunks are in another database than the metadata that stopped
+                // naming them: that metadata must be on disk before they go, or a crash
+                // could leave the main database naming runs whose chunks are gone.
+                main.flush().context("cannot flush the database to disk")?;
+            }
+            crate::failpoint::hit("runs-merge-before-sweep");
+            sweep_chunks(db, &ids)
+        })();
+        if let Err(e) = swept {
+            tracing::warn!(
+                error = %crate::error::Chain(&e),
+                "key index runs merged, but their old chunks were not removed; they are when the store next opens"
+            );
         }
-        sweep_chunks(db, &ids)?;
         Ok(())
+    }
+
+    /// Removes what a merge that failed on its thread wrote (chunks of a run that no
+    /// metadata names), now rather than at the next open: a merge that keeps failing would
+    /// otherwise leave a run's worth of chunks behind at every try.
+    pub fn abandon_merge(&self, gens: &Generations, plan: &MergePlan) -> Result<()> {
+        sweep_chunks(gens.db(plan.generation)?, &[plan.new_id])
     }
 
     /// The oldest [`MERGE_FAN_IN`] runs of one kind and generation in the smallest size
@@ -767,6 +786,7 @@ impl MergePlan {
         if self.generation != 0 {
             db.flush().with_context(|| format!("cannot flush generation {} to disk", self.generation))?;
         }
+        crate::failpoint::hit("runs-merge-chunks-written");
         Ok(Merged { pending, meta_batch })
     }
 }
@@ -906,6 +926,38 @@ mod tests {
         );
         let reopened = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         assert_eq!(reopened.run_count(), 1);
+    }
+
+    /// A merge that fails leaves the runs as they were; what one wrote before it was given
+    /// up is removed at once, and nothing else is.
+    #[test]
+    fn a_merge_given_up_leaves_the_runs_as_they_were_and_no_chunk_of_its_own() {
+        let (_dir, db, gens, mut z, unz) = store_parts();
+        let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
+        let per_run = 100u64;
+        for r in 0..MERGE_FAN_IN as u64 {
+            let entries: Vec<Entry> = (r * per_run..(r + 1) * per_run).map(entry).collect();
+            write_run(&mut runs, &db, &mut z, RunKind::Events, &entries);
+        }
+        let chunks_before = db.scan_prefix([keys::RUN_CHUNK]).count();
+        // Written in full, then given up (as after a failure on the merge thread).
+        let plan = runs.plan_merge(&[]).unwrap();
+        plan.run(&db, &mut z, &mut unz.lock().unwrap(), None).unwrap();
+        assert!(db.scan_prefix([keys::RUN_CHUNK]).count() > chunks_before);
+        runs.abandon_merge(&gens, &plan).unwrap();
+        assert_eq!(db.scan_prefix([keys::RUN_CHUNK]).count(), chunks_before, "only its own chunks went");
+        assert_eq!(runs.run_count(), MERGE_FAN_IN);
+        // An input missing a chunk: the merge fails, and every other entry is still found.
+        let (victim, _) = plan.inputs[3];
+        db.remove(chunk_key(victim, 0)).unwrap();
+        let plan = runs.plan_merge(&[]).unwrap();
+        assert!(plan.run(&db, &mut z, &mut unz.lock().unwrap(), None).is_err());
+        runs.abandon_merge(&gens, &plan).unwrap();
+        assert_eq!(db.scan_prefix([keys::RUN_CHUNK]).count(), chunks_before - 1);
+        assert_eq!(runs.run_count(), MERGE_FAN_IN);
+        for i in (0..MERGE_FAN_IN as u64 * per_run).filter(|i| i / per_run != 3) {
+            assert_eq!(runs.get(&gens, &unz, &entry(i).0).unwrap(), Some(entry(i).1), "entry {i}");
+        }
     }
 
     /// A merge writes its run's chunks in several batches and its metadata last; the
