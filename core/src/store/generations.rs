@@ -373,8 +373,21 @@ mod tests {
             db.flush().unwrap();
         }
         std::fs::write(path.join("snap.FFFFFFFFFFFFFFFF"), b"").unwrap();
-        assert!(matches!(config.open(), Err(sled::Error::Corruption { .. })), "sled alone refuses it");
-        let db = open_sled(&config, &path).unwrap();
+        // The handle just dropped keeps its file lock until sled's own threads let go of it.
+        let unlocked = |open: &dyn Fn() -> sled::Result<sled::Db>| {
+            for _ in 0..200 {
+                match open() {
+                    Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                        std::thread::sleep(std::time::Duration::from_millis(10))
+                    }
+                    other => return other,
+                }
+            }
+            open()
+        };
+        let refused = unlocked(&|| config.open());
+        assert!(matches!(refused, Err(sled::Error::Corruption { .. })), "sled alone refuses it: {refused:?}");
+        let db = unlocked(&|| open_sled(&config, &path)).unwrap();
         assert_eq!(db.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
         assert!(!path.join("snap.FFFFFFFFFFFFFFFF").exists());
     }
