@@ -35,8 +35,10 @@ const AHEAD_AT_LEAST: i64 = 86_400 * lookout_plugin_sdk::time::TICKS_PER_SEC;
 /// A generation is written to for this fraction of the retention before the next starts.
 pub const GENERATIONS_PER_RETENTION: i64 = 8;
 /// sled's page cache per generation database (a bound: it fills only with pages read or
-/// written, and only the newest generation is written to).
-const GENERATION_CACHE_BYTES: u64 = 16 << 20;
+/// written, and only the newest generation is written to). The newest takes each batch's
+/// column-index entries, inserted all over its tree: with 16 MiB, a 1M-row ingest read
+/// evicted leaves back and took ~10% longer.
+const GENERATION_CACHE_BYTES: u64 = 32 << 20;
 
 /// A generation as the main database records it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -292,8 +294,8 @@ impl Generations {
     }
 
     /// Removes what a batch a crash cut short wrote to the newest generation: block pieces
-    /// of sequences from `next_seq` on (nothing refers to them, and a later batch under
-    /// the same sequence must not find pieces of its own block left over).
+    /// and column-index entries of sequences from `next_seq` on (nothing refers to them,
+    /// and a later batch under the same sequence must not find its own left over).
     pub fn sweep_uncommitted(&self, next_seq: u64) -> Result<()> {
         let Some(g) = self.gens.values().next_back() else { return Ok(()) };
         let db = &g.db;
@@ -317,9 +319,18 @@ impl Generations {
                 }
             }
         }
+        // And the column-index entries of those sequences (keys end in batch u64, part u32).
+        for k in db.scan_prefix([keys::INDEX]).keys() {
+            let k = k?;
+            let seq = k.len().checked_sub(12).and_then(|at| k.get(at..at + 8)).and_then(|b| b.try_into().ok());
+            if seq.is_some_and(|b: [u8; 8]| u64::from_be_bytes(b) >= next_seq) {
+                batch.remove(k);
+                n += 1;
+            }
+        }
         if n > 0 {
-            tracing::info!(pieces = n, generation = g.record.id, "removing block pieces a crash left uncommitted");
-            db.apply_batch(batch).context("cannot remove uncommitted block pieces")?;
+            tracing::info!(items = n, generation = g.record.id, "removing what a crash left uncommitted");
+            db.apply_batch(batch).context("cannot remove what a batch cut short left in its generation")?;
             db.flush().context("cannot flush a generation to disk")?;
         }
         Ok(())

@@ -160,8 +160,25 @@ impl Store {
             }
             None => (prefix.to_vec(), [prefix, &[0xff; 13]].concat()),
         };
-        for kv in self.db.range(from..to) {
-            let (_, entry) = kv?;
+        // A batch's entries are in its generation (those of rows from ahead of the clock,
+        // of an index built over stored rows, and of stores written before generations
+        // held them, in the main database): every database's, in key order — by value,
+        // then batch.
+        let mut dbs = vec![self.gens.db(0)?];
+        for (id, first, next) in self.gens.spans() {
+            let holds = seqs.is_none_or(|(lo, hi)| first <= hi && next.is_none_or(|n| n > lo));
+            if holds {
+                dbs.push(self.gens.db(id)?);
+            }
+        }
+        let mut entries = Vec::new();
+        for db in dbs {
+            for kv in db.range(from.clone()..to.clone()) {
+                entries.push(kv?);
+            }
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, entry) in entries {
             let raw = unpack(&self.unzstd, &entry)?;
             let list: Vec<(Vec<u8>, Vec<&str>)> =
                 bincode::serde::borrow_decode_from_slice(&raw, bincode::config::standard())
@@ -290,15 +307,23 @@ impl Store {
         let column_prefix = keys::index_column_prefix(tid, &column_id(spec));
         let mut batch = sled::Batch::default();
         let mut pending = 0usize;
-        // Entries of an earlier, interrupted build of this index go first.
-        for k in self.db.scan_prefix(&column_prefix).keys() {
-            batch.remove(k?);
-            pending += 1;
-            if pending >= 256 {
-                self.db.apply_batch(std::mem::take(&mut batch)).context("cannot write the column index")?;
-                pending = 0;
+        // Entries of an earlier, interrupted build of this index go first, and those written
+        // while it was declared before (in the generations).
+        for db in self.gens.all_dbs() {
+            let mut removals = sled::Batch::default();
+            for k in db.scan_prefix(&column_prefix).keys() {
+                removals.remove(k?);
+                pending += 1;
+                if pending >= 256 {
+                    db.apply_batch(std::mem::take(&mut removals)).context("cannot write the column index")?;
+                    pending = 0;
+                }
             }
+            db.apply_batch(removals).context("cannot write the column index")?;
+            // On disk before the index is recorded as built: old entries must not come back.
+            db.flush().context("cannot flush the database to disk")?;
         }
+        pending = 0;
         let specs = std::slice::from_ref(spec);
         let mut rows = 0u64;
         // One batch sequence at a time: its rows' postings, written as that batch wrote

@@ -207,7 +207,9 @@ impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
-        let config = sled::Config::new().path(dir.join("db")).cache_capacity(64 << 20).flush_every_ms(Some(500));
+        // The main database holds the directory, run metadata and detectors' results; the
+        // bulk (blocks, key-index chunks, column-index entries) is in the generations.
+        let config = sled::Config::new().path(dir.join("db")).cache_capacity(32 << 20).flush_every_ms(Some(500));
         // sled reports a held lock as an I/O error of kind Other, "could not acquire lock".
         let locked = |e: &sled::Error| {
             matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock
@@ -667,6 +669,7 @@ impl Store {
             ahead_entries: Vec::new(),
             profile_entries: BTreeMap::new(),
             postings: index::Postings::default(),
+            ahead_postings: index::Postings::default(),
             pending: HashMap::default(),
             counters_dirty: false,
             new_rows: 0,
@@ -1139,8 +1142,12 @@ pub struct WriteBatch<'s> {
     ahead_entries: Vec<runs::Entry>,
     /// Those of new or replacing FileProfile rows (their own run).
     profile_entries: BTreeMap<Vec<u8>, KeyEntry>,
-    /// Index postings of the new rows, written as one entry per value on commit.
+    /// Index postings of the new rows, written as one entry per value on commit into the
+    /// batch's generation (they go with it when its rows expire)…
     postings: index::Postings,
+    /// …and those of rows from ahead of the clock, into the main database (with their
+    /// blocks; retention removes them entry by entry).
+    ahead_postings: index::Postings,
     /// Content hash of every key this batch stores.
     pending: HashMap<Vec<u8>, u64, FastHash>,
     counters_dirty: bool,
@@ -1256,17 +1263,20 @@ impl WriteBatch<'_> {
         }
         let (header, header_len) = codec::value_header(schema, ingested_at);
         let added = if previous.is_some() { Added::Replaced } else { Added::New };
-        if added == Added::New {
-            *self.store.counters.rows.entry(row.table).or_insert(0) += 1;
-            self.counters_dirty = true;
-            for (prefix, covered) in postings {
-                self.postings.add(prefix, key.clone(), covered);
-            }
-        }
         // The row goes into this batch's blocks, under the sequence the batch commits with.
         let ahead = row.kind == TableKind::Event
             && generations::Generations::ahead_limit(self.store.now, self.store.retention)
                 .is_some_and(|limit| row.timestamp > limit);
+        if added == Added::New {
+            *self.store.counters.rows.entry(row.table).or_insert(0) += 1;
+            self.counters_dirty = true;
+            // With the row's block: in its generation, or in the main database for a row
+            // from ahead of the clock.
+            let postings_of = if ahead { &mut self.ahead_postings } else { &mut self.postings };
+            for (prefix, covered) in postings {
+                postings_of.add(prefix, key.clone(), covered);
+            }
+        }
         let value = [&header[..header_len], row.cells.body()];
         let (block, row_no) = self.blocks.add(block_table, &key, row.timestamp, &value, ahead)?;
         let entry = KeyEntry { seq: self.store.next_journal, block, row: row_no, content };
@@ -1379,7 +1389,11 @@ impl WriteBatch<'_> {
                 pending_runs
                     .push(store.runs.write(kind, run_generation, &list, &mut store.zstd, chunks, &mut self.batch)?.1);
             }
-            std::mem::take(&mut self.postings).write(s, &mut self.store.zstd, &mut self.batch)?;
+            // Postings are only made for event rows, so a batch with any has a generation
+            // unless all its rows came from ahead of the clock.
+            let postings_to = if generation.is_some() { &mut pieces } else { &mut self.batch };
+            std::mem::take(&mut self.postings).write(s, &mut self.store.zstd, postings_to)?;
+            std::mem::take(&mut self.ahead_postings).write(s, &mut self.store.zstd, &mut self.batch)?;
             self.batch.insert(keys::named_key(keys::META, "seq"), &s.to_be_bytes()[..]);
             self.batch.insert(keys::named_key(keys::META, "format"), &FORMAT_VERSION.to_be_bytes()[..]);
             seq = Some(s);
@@ -1564,6 +1578,42 @@ mod tests {
         let s2 = commit(&mut store, vec![row(3, "")]);
         assert_eq!(s2, s1 + 1);
         assert_eq!(store.head_seq(), s2);
+    }
+
+    /// A batch's column-index entries are in its generation, written before the batch
+    /// commits: those of a batch that never committed are removed (at once when it fails,
+    /// when the store next opens after a crash), and the batch that takes its sequence
+    /// next finds none of them.
+    #[test]
+    fn index_entries_of_a_batch_that_never_committed_are_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = indexed_store(dir.path());
+        let s1 = commit(&mut store, vec![load(1, "wsmprovhost.exe")]);
+        assert_eq!(store.db.scan_prefix([keys::INDEX]).count(), 0, "not in the main database");
+        store.fail_next_main_commit = true;
+        let mut b = store.batch();
+        b.add_row(load(2, "wsmprovhost.exe"), 0).unwrap();
+        assert!(b.commit().is_err());
+        assert_eq!(lookup(&store, "wsmprovhost.exe", None), ["s1"]);
+        // As a crash would leave them: the entries of batch s1, again under the next
+        // sequence, which the reopened store numbers its next batch with.
+        let g = store.gens.of_seq(s1);
+        let gen_db = store.gens.db(g).unwrap().clone();
+        let leftovers: Vec<(sled::IVec, sled::IVec)> =
+            gen_db.scan_prefix([keys::INDEX]).map(|kv| kv.unwrap()).collect();
+        assert!(!leftovers.is_empty(), "batch s1's entries are in its generation");
+        for (k, v) in leftovers {
+            let at = k.len() - 12;
+            let moved = [&k[..at], &(s1 + 1).to_be_bytes()[..], &k[at + 8..]].concat();
+            gen_db.insert(moved, v).unwrap();
+        }
+        gen_db.flush().unwrap();
+        drop(gen_db);
+        drop(store);
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(commit(&mut store, vec![load(3, "wsmprovhost.exe")]), s1 + 1, "the failed batch's sequence");
+        assert_eq!(lookup(&store, "wsmprovhost.exe", Some((s1 + 1, s1 + 1))), ["s3"]);
+        assert_eq!(lookup(&store, "wsmprovhost.exe", None), ["s1", "s3"]);
     }
 
     #[test]
