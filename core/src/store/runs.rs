@@ -881,6 +881,15 @@ mod tests {
         (dir, db, gens, z, unz)
     }
 
+    /// [`MERGE_FAN_IN`] event runs of `per_run` consecutive entries each (enough for a
+    /// merge): run r holds entries r × per_run ..
+    fn write_fan_in(runs: &mut Runs, db: &sled::Db, z: &mut zstd::bulk::Compressor<'static>, per_run: u64) {
+        for r in 0..MERGE_FAN_IN as u64 {
+            let entries: Vec<Entry> = (r * per_run..(r + 1) * per_run).map(entry).collect();
+            write_run(runs, db, z, RunKind::Events, &entries);
+        }
+    }
+
     fn entry(i: u64) -> Entry {
         (keys::event_key(1, &format!("{i:040x}"), "dev", 0, "1"), KeyEntry { seq: i, block: 0, row: 0, content: i })
     }
@@ -893,10 +902,7 @@ mod tests {
         let (_dir, db, gens, mut z, unz) = store_parts();
         let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         let per_run = 150u64;
-        for r in 0..MERGE_FAN_IN as u64 {
-            let entries: Vec<Entry> = (r * per_run..(r + 1) * per_run).map(entry).collect();
-            write_run(&mut runs, &db, &mut z, RunKind::Events, &entries);
-        }
+        write_fan_in(&mut runs, &db, &mut z, per_run);
         let plan = runs.plan_merge(&[]).expect("a merge is due");
         let job = Runs::start_merge(&gens, plan, None).unwrap();
         let busy = job.inputs();
@@ -935,10 +941,7 @@ mod tests {
         let (_dir, db, gens, mut z, unz) = store_parts();
         let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         let per_run = 100u64;
-        for r in 0..MERGE_FAN_IN as u64 {
-            let entries: Vec<Entry> = (r * per_run..(r + 1) * per_run).map(entry).collect();
-            write_run(&mut runs, &db, &mut z, RunKind::Events, &entries);
-        }
+        write_fan_in(&mut runs, &db, &mut z, per_run);
         let chunks_before = db.scan_prefix([keys::RUN_CHUNK]).count();
         // Written in full, then given up (as after a failure on the merge thread).
         let plan = runs.plan_merge(&[]).unwrap();
