@@ -319,11 +319,10 @@ impl Generations {
                 }
             }
         }
-        // And the column-index entries of those sequences (keys end in batch u64, part u32).
+        // And the column-index entries of those sequences.
         for k in db.scan_prefix([keys::INDEX]).keys() {
             let k = k?;
-            let seq = k.len().checked_sub(12).and_then(|at| k.get(at..at + 8)).and_then(|b| b.try_into().ok());
-            if seq.is_some_and(|b: [u8; 8]| u64::from_be_bytes(b) >= next_seq) {
+            if keys::index_key_seq(&k).is_some_and(|seq| seq >= next_seq) {
                 batch.remove(k);
                 n += 1;
             }

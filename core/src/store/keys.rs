@@ -136,6 +136,12 @@ pub fn index_key(value_prefix: &[u8], seq: u64, part: u32) -> Vec<u8> {
     k
 }
 
+/// The batch sequence of an [`index_key`] (`None` for a key too short to be one).
+pub fn index_key_seq(key: &[u8]) -> Option<u64> {
+    let at = key.len().checked_sub(12)?;
+    Some(u64::from_be_bytes(key.get(at..at + 8)?.try_into().ok()?))
+}
+
 /// A block's piece (or directory entry): keys only grow with the batch sequence, so
 /// blocks are appended, and a table's blocks of a range of batches are a key range.
 pub fn block_key(space: u8, table: u16, seq: u64, block: u16, part: u16) -> Vec<u8> {

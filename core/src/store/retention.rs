@@ -189,8 +189,7 @@ impl Store {
         for k in self.db.scan_prefix([keys::INDEX]).keys() {
             let k = k?;
             // Index keys end in (batch seq u64, part u32); batch 0 is a rebuild's.
-            let Some(seq_bytes) = k.len().checked_sub(12).and_then(|at| k.get(at..at + 8)) else { continue };
-            let seq = u64::from_be_bytes(seq_bytes.try_into().unwrap_or([0; 8]));
+            let Some(seq) = keys::index_key_seq(&k) else { continue };
             if seq != 0 && seq < oldest_live && !ahead_batches.contains(&seq) {
                 batch.remove(k);
                 n += 1;
