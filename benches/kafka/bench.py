@@ -2,7 +2,7 @@
 """Lookout over Kafka against its targets, on librdkafka's mock cluster (3 brokers).
 
     cargo build --release -p lookout-cli --features kafka
-    python3 benches/kafka/bench.py [--events 20000] [--target target/release]
+    python3 benches/kafka/bench.py [--events 20000] [--target target/release] [--property KEY=VALUE]
 
 Prints, for one generated fleet:
   * file ingest: `lookout ingest` of the event tables (rows/s);
@@ -87,6 +87,8 @@ def main():
     ap.add_argument("--target", default="target/release")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (nodes.log)")
     ap.add_argument("--perf", action="store_true", help="record the one-node run with perf (kept in the work folder)")
+    ap.add_argument("--property", action="append", default=[], metavar="KEY=VALUE",
+                    help="a librdkafka property for every client (split, nodes), in [kafka.properties]")
     ap.add_argument("--pin", action="store_true",
                     help="the mock cluster on CPU 0, Lookout (file ingest, split, nodes) on CPU 1 (taskset)")
     a = ap.parse_args()
@@ -106,10 +108,10 @@ def main():
 PIN = {"mock": [], "lookout": []}
 
 
-def node(lookout, data, brokers, plugins, profiles, log, perf=None):
+def node(lookout, data, brokers, plugins, profiles, log, cfg, perf=None):
     wrap = ["perf", "record", "-F", "999", "-g", "-o", perf] if perf else []
     return subprocess.Popen(
-        [*PIN["lookout"], *wrap, lookout, "--data", data, "run", "--kafka", "--brokers", brokers, "--topic", "rows", "--group", "nodes",
+        [*PIN["lookout"], *wrap, lookout, "--data", data, "run", "--config", cfg, "--kafka", "--brokers", brokers, "--topic", "rows", "--group", "nodes",
          "--findings-topic", "findings", "--plugins", plugins, "--logs", profiles, "--now", NOW, "--ingest-now", NOW,
          "--retention", "none", "--listen", "127.0.0.1:0", "--rescan-secs", "1"],
         stdout=log, stderr=log)
@@ -145,7 +147,8 @@ def run(a, t, lookout, mock, work):
                             "--topic", "rows.rejected:1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     brokers = srv.stdout.readline().strip()
     cfg = os.path.join(work, "lookout.toml")
-    open(cfg, "w").write('[kafka.properties]\n"compression.type" = "lz4"\n')
+    props = {"compression.type": "lz4", **dict(p.split("=", 1) for p in a.property)}
+    open(cfg, "w").write("[kafka.properties]\n" + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in props.items()))
     subprocess.run([mock, "produce", "--brokers", brokers, "--topic", "in", *files], check=True, capture_output=True)
     t0 = time.monotonic()
     split_cmd = [*PIN["lookout"], lookout, "split", "--brokers", brokers, "--from", "in", "--to", "rows", "--idle-exit", "2",
@@ -177,7 +180,7 @@ def run(a, t, lookout, mock, work):
 
     # One node, no detectors: consuming everything, from its first assignment to lag 0.
     d1 = os.path.join(work, "n1")
-    p1 = node(lookout, d1, brokers, empty, profiles, log, os.path.join(work, "perf.data") if a.perf else None)
+    p1 = node(lookout, d1, brokers, empty, profiles, log, cfg, os.path.join(work, "perf.data") if a.perf else None)
     wait(lambda: (status(d1) or {}).get("kafka", {}).get("partitions") or None, 60, "the first assignment")
     stored, _ = wait(lambda: settled([d1]), 300, "one node to consume everything")
     # The node logs when each partition has reached the end it had at assignment, and how
@@ -194,8 +197,8 @@ def run(a, t, lookout, mock, work):
     # Failover with detectors: two nodes in a new group, one killed.
     subprocess.run(["true"])
     da, db = os.path.join(work, "a"), os.path.join(work, "b")
-    pa = node(lookout, da, brokers, plugins, profiles, log)
-    pb = node(lookout, db, brokers, plugins, profiles, log)
+    pa = node(lookout, da, brokers, plugins, profiles, log, cfg)
+    pb = node(lookout, db, brokers, plugins, profiles, log, cfg)
     wait(lambda: settled([da, db]), 300, "two nodes to settle")
     before = sum(p["rows_stored"] for p in status(da)["kafka"]["partitions"])
     pb.send_signal(signal.SIGKILL)
