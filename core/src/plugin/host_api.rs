@@ -36,11 +36,9 @@ fn answer(store: &Store, req: HostRequest) -> HostResponse {
             .filter_map(|k| store.get_row_where(k, &filter).transpose())
             .collect::<Result<Vec<_>, StoreError>>()
             .map(HostResponse::Rows),
-        HostRequest::GetColumnsWhere { keys, filter, columns } => keys
-            .iter()
-            .filter_map(|k| store.get_columns_where(k, &filter, &columns).transpose())
-            .collect::<Result<Vec<_>, StoreError>>()
-            .map(HostResponse::Rows),
+        HostRequest::GetColumnsWhere { keys, filter, columns } => {
+            store.get_columns_where(&keys, &filter, &columns).map(HostResponse::Rows)
+        }
         HostRequest::Lookup { table, sha1, device_id } => {
             store.lookup(&table, &sha1, device_id.as_deref()).map(HostResponse::Rows)
         }

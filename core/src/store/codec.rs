@@ -156,6 +156,7 @@ pub fn decode(bytes: &[u8]) -> Result<StoredRow> {
 /// One cell borrowed from the stored bytes: the variants (and so the encoding) of the
 /// cell type rows are written as, with strings as slices, so a row can be checked
 /// without allocating them.
+#[derive(Clone, Copy)]
 #[cfg_attr(test, derive(Deserialize, Debug, PartialEq))]
 pub enum CellView<'a> {
     Null,
@@ -231,6 +232,30 @@ struct Reader<'a> {
     at: usize,
 }
 
+/// As [`decode_view`], with only the cells `want` marks read: the others are skipped
+/// (their bytes stepped over, their strings not checked as UTF-8) and left
+/// [`CellView::Null`]. A fetch that needs 10 of a row's 80-odd cells pays for 10.
+pub fn decode_picked<'a>(bytes: &'a [u8], want: &[bool]) -> Result<StoredRowView<'a>> {
+    if bytes.len() > MAX_ROW_BYTES {
+        return Err(corrupt!("corrupt stored row: {} bytes, over the {MAX_ROW_BYTES} a row can take", bytes.len()));
+    }
+    let mut r = Reader { bytes, at: 0 };
+    let mut read = || -> std::result::Result<StoredRowView<'_>, String> {
+        let schema = u32::try_from(r.varint()?).map_err(|_| "schema id out of range".to_string())?;
+        let ingested_at = unzigzag(r.varint()?);
+        Ok(StoredRowView { schema, ingested_at, cells: r.picked_cells(want)? })
+    };
+    read().map_err(|e| corrupt!("corrupt stored row: {e}"))
+}
+
+/// The schema id a stored row value starts with.
+pub fn peek_schema(bytes: &[u8]) -> Result<u32> {
+    let mut r = Reader { bytes, at: 0 };
+    r.varint()
+        .and_then(|v| u32::try_from(v).map_err(|_| "schema id out of range".to_string()))
+        .map_err(|e| corrupt!("corrupt stored row: {e}"))
+}
+
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
         let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len());
@@ -283,6 +308,41 @@ impl<'a> Reader<'a> {
                 4 => CellView::Str(self.str()?),
                 5 => CellView::Json(self.str()?),
                 v => return Err(format!("cell variant {v}")),
+            });
+        }
+        Ok(cells)
+    }
+}
+
+impl<'a> Reader<'a> {
+    fn skip_str(&mut self) -> std::result::Result<(), String> {
+        let len = usize::try_from(self.varint()?).map_err(|_| "string length out of range".to_string())?;
+        self.take(len).map(|_| ())
+    }
+
+    /// The cells, those `want` does not mark skipped (read as `Null`).
+    fn picked_cells(&mut self, want: &[bool]) -> std::result::Result<Vec<CellView<'a>>, String> {
+        let n = usize::try_from(self.varint()?).map_err(|_| "cell count out of range".to_string())?;
+        let mut cells = Vec::with_capacity(n.min(self.bytes.len() - self.at));
+        for i in 0..n {
+            let keep = want.get(i).copied().unwrap_or(false);
+            let variant = self.varint()?;
+            cells.push(match (variant, keep) {
+                (0, _) => CellView::Null,
+                (1, _) => match self.byte()? {
+                    0 => CellView::Bool(false),
+                    1 => CellView::Bool(true),
+                    b => return Err(format!("bool byte {b}")),
+                },
+                (2, _) => CellView::Int(unzigzag(self.varint()?)),
+                (3, _) => CellView::Float(f64::from_le_bytes(self.fixed()?)),
+                (4, true) => CellView::Str(self.str()?),
+                (5, true) => CellView::Json(self.str()?),
+                (4 | 5, false) => {
+                    self.skip_str()?;
+                    CellView::Null
+                }
+                (v, _) => return Err(format!("cell variant {v}")),
             });
         }
         Ok(cells)
@@ -491,12 +551,35 @@ mod tests {
             assert_eq!(encoded.view().unwrap(), want.cells);
             for cut in 0..bytes.len().min(400) {
                 assert!(decode_view(&bytes[..cut]).is_err(), "cut at {cut} of {}", bytes.len());
+                assert!(decode_picked(&bytes[..cut], &[]).is_err(), "picked, cut at {cut} of {}", bytes.len());
             }
+            // Picking reads the marked cells as the whole reader does, and the others as
+            // nulls; with every cell marked it is the whole reader.
+            for pattern in
+                [vec![true; cells.len()], vec![false; cells.len()], (0..cells.len()).map(|i| i % 3 == 1).collect()]
+            {
+                let picked = decode_picked(&bytes, &pattern).unwrap();
+                assert_eq!((picked.schema, picked.ingested_at), (want.schema, want.ingested_at));
+                let expect: Vec<CellView<'_>> = want
+                    .cells
+                    .iter()
+                    .zip(&pattern)
+                    .map(|(c, &keep)| match c {
+                        CellView::Str(_) | CellView::Json(_) if !keep => CellView::Null,
+                        other => *other,
+                    })
+                    .collect();
+                assert_eq!(picked.cells, expect, "{pattern:?}");
+            }
+            assert_eq!(peek_schema(&bytes).unwrap(), *schema);
         }
         // A bad cell variant, a bool that is neither 0 nor 1, a varint marker past u64, a
         // string that is not UTF-8.
         for bad in [vec![1, 1, 1, 6], vec![1, 1, 1, 1, 2], vec![1, 1, 1, 2, 254], vec![1, 1, 1, 4, 1, 0xff]] {
             assert!(decode_view(&bad).is_err(), "{bad:?}");
+            let skipped_string_unchecked = bad == [1, 1, 1, 4, 1, 0xff];
+            assert_eq!(decode_picked(&bad, &[false]).is_err(), !skipped_string_unchecked, "{bad:?}, picking nothing");
+            assert!(decode_picked(&bad, &[true]).is_err(), "{bad:?}, picked");
             let viaserde: std::result::Result<(StoredRowView<'_>, usize), _> =
                 bincode::serde::borrow_decode_from_slice(&bad, bincode::config::standard());
             assert!(viaserde.is_err(), "bincode refuses {bad:?} too");

@@ -736,23 +736,40 @@ impl Store {
         }
     }
 
-    /// As [`Store::get_row_where`], with only the named columns (in stored order): the
-    /// others are never copied.
-    pub fn get_columns_where(&self, key: &[u8], filter: &[Condition], columns: &[String]) -> Result<Option<Row>> {
-        let Some((rows, i)) = self.value_at(key)? else { return Ok(None) };
-        let view = codec::decode_view(&rows[i])?;
-        let names = self.view_names(&view)?;
-        if !self.view_passes(&view, names, filter) {
-            return Ok(None);
+    /// The rows at `keys` that meet every condition of `filter` (as
+    /// [`Store::get_row_where`]), each with only the named columns, in stored order: the
+    /// others are neither decoded nor copied. Which cells those are is worked out once per
+    /// schema, not per row.
+    pub fn get_columns_where(&self, keys: &[Vec<u8>], filter: &[Condition], columns: &[String]) -> Result<Vec<Row>> {
+        let mut picks: HashMap<u32, ColumnPick> = HashMap::new();
+        let mut out = Vec::new();
+        for key in keys {
+            let Some((rows, i)) = self.value_at(key)? else { continue };
+            let value = &rows[i];
+            let schema = codec::peek_schema(value)?;
+            let pick = match picks.entry(schema) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let names = self
+                        .schema_names
+                        .get(&schema)
+                        .ok_or_else(|| corrupt!("row refers to unknown schema {schema}"))?;
+                    e.insert(ColumnPick::new(names.clone(), filter, columns))
+                }
+            };
+            let view = codec::decode_picked(value, &pick.want)?;
+            let passes = filter.iter().zip(&pick.conditions).all(|(c, at)| {
+                c.matches_cell(at.and_then(|i| view.cells.get(i)).map(codec::CellView::as_ref), view.ingested_at)
+            });
+            if !passes {
+                continue;
+            }
+            let mut row = self.decode_row_header(key, view.ingested_at)?;
+            row.columns =
+                pick.out.iter().filter_map(|&i| Some((pick.names[i].clone(), view.cells.get(i)?.to_cell()))).collect();
+            out.push(row);
         }
-        let mut row = self.decode_row_header(key, view.ingested_at)?;
-        row.columns = names
-            .iter()
-            .zip(&view.cells)
-            .filter(|(n, _)| columns.iter().any(|c| c == *n))
-            .map(|(n, c)| (n.clone(), c.to_cell()))
-            .collect();
-        Ok(Some(row))
+        Ok(out)
     }
 
     /// Whether the row at `key` exists and meets every condition (no `Row` is built).
@@ -1483,6 +1500,30 @@ pub(crate) fn process_index(table: &str) -> lookout_plugin_sdk::IndexDecl {
     }
 }
 
+/// Which cells of one schema's rows a [`Store::get_columns_where`] call reads: the
+/// columns it returns (`out`, in stored order) and those its conditions test.
+struct ColumnPick {
+    names: Arc<Vec<String>>,
+    /// Cells to decode, by position.
+    want: Vec<bool>,
+    out: Vec<usize>,
+    /// Each condition's column position (`None`: the schema has no such column).
+    conditions: Vec<Option<usize>>,
+}
+
+impl ColumnPick {
+    fn new(names: Arc<Vec<String>>, filter: &[Condition], columns: &[String]) -> Self {
+        let out: Vec<usize> = (0..names.len()).filter(|&i| columns.iter().any(|c| *c == names[i])).collect();
+        let conditions: Vec<Option<usize>> =
+            filter.iter().map(|c| names.iter().position(|n| n == c.column())).collect();
+        let mut want = vec![false; names.len()];
+        for &i in out.iter().chain(conditions.iter().flatten()) {
+            want[i] = true;
+        }
+        ColumnPick { names, want, out, conditions }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1648,7 +1689,7 @@ mod tests {
         assert_eq!(keys.len(), 2);
         let columns = ["FolderPath".to_string(), "ReportId".to_string(), "Absent".to_string()];
         let a_exe = [Condition::Eq { column: "FileName".into(), value: "a.exe".into() }];
-        let got: Vec<Row> = keys.iter().filter_map(|k| store.get_columns_where(k, &a_exe, &columns).unwrap()).collect();
+        let got: Vec<Row> = store.get_columns_where(&keys, &a_exe, &columns).unwrap();
         assert_eq!(got.len(), 1, "only the row that meets the filter");
         let full = store.get_row(&got[0].key).unwrap().unwrap();
         let names: Vec<&str> = got[0].columns.iter().map(|(n, _)| n.as_str()).collect();
@@ -1658,7 +1699,7 @@ mod tests {
         assert_eq!(got[0].get("ReportId"), Some(&Cell::Int(1)));
         assert_eq!(got[0].str("FolderPath"), "c:\\x");
         assert_eq!((got[0].table.as_str(), got[0].ingested_at), (full.table.as_str(), full.ingested_at));
-        let none: Vec<Row> = keys.iter().filter_map(|k| store.get_columns_where(k, &[], &[]).unwrap()).collect();
+        let none: Vec<Row> = store.get_columns_where(&keys, &[], &[]).unwrap();
         assert!(none.iter().all(|r| r.columns.is_empty()) && none.len() == 2, "no columns named: rows without cells");
     }
 
