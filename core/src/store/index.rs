@@ -76,7 +76,8 @@ impl Postings {
 
     /// Writes the entries of batch `seq` into `batch`, in parts of about [`PART_BYTES`].
     pub fn write(self, seq: u64, zstd: &mut zstd::bulk::Compressor<'static>, batch: &mut sled::Batch) -> Result<()> {
-        for (prefix, list) in self.by_prefix {
+        for (prefix, mut list) in self.by_prefix {
+            list.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             let mut part = 0u32;
             let mut start = 0;
             let mut bytes = 0;
