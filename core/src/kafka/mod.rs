@@ -78,8 +78,14 @@ pub(crate) const GROUP_MEMBER: &[(&str, &str)] = &[
 
 /// A reader assigned partitions by hand: it never joins its group and commits nothing
 /// (librdkafka wants a group id for an assignment all the same).
-pub(crate) const READER: &[(&str, &str)] =
-    &[("group.id", "lookout-reader"), ("enable.auto.commit", "false"), ("enable.partition.eof", "false")];
+pub(crate) const READER: &[(&str, &str)] = &[
+    ("group.id", "lookout-reader"),
+    ("enable.auto.commit", "false"),
+    ("enable.partition.eof", "false"),
+    // As for a group member: a reader reads to a partition's end, and a full fetch queue
+    // must not stop it for a second.
+    ("fetch.queue.backoff.ms", "10"),
+];
 
 /// Why a Kafka job stopped.
 #[derive(Debug, thiserror::Error)]
