@@ -212,16 +212,7 @@ pub struct StoredRowView<'a> {
 
 /// Decodes a stored row without copying its strings.
 pub fn decode_view(bytes: &[u8]) -> Result<StoredRowView<'_>> {
-    if bytes.len() > MAX_ROW_BYTES {
-        return Err(corrupt!("corrupt stored row: {} bytes, over the {MAX_ROW_BYTES} a row can take", bytes.len()));
-    }
-    let mut r = Reader { bytes, at: 0 };
-    let mut read = || -> std::result::Result<StoredRowView<'_>, String> {
-        let schema = u32::try_from(r.varint()?).map_err(|_| "schema id out of range".to_string())?;
-        let ingested_at = unzigzag(r.varint()?);
-        Ok(StoredRowView { schema, ingested_at, cells: r.cells()? })
-    };
-    read().map_err(|e| corrupt!("corrupt stored row: {e}"))
+    decode_with(bytes, None)
 }
 
 /// Reads what [`put_varint`] and [`put_cell`] write, as bincode's standard configuration
@@ -236,6 +227,11 @@ struct Reader<'a> {
 /// (their bytes stepped over, their strings not checked as UTF-8) and left
 /// [`CellView::Null`]. A fetch that needs 10 of a row's 80-odd cells pays for 10.
 pub fn decode_picked<'a>(bytes: &'a [u8], want: &[bool]) -> Result<StoredRowView<'a>> {
+    decode_with(bytes, Some(want))
+}
+
+/// A stored row with every cell (`want` `None`) or the marked ones.
+fn decode_with<'a>(bytes: &'a [u8], want: Option<&[bool]>) -> Result<StoredRowView<'a>> {
     if bytes.len() > MAX_ROW_BYTES {
         return Err(corrupt!("corrupt stored row: {} bytes, over the {MAX_ROW_BYTES} a row can take", bytes.len()));
     }
@@ -291,41 +287,22 @@ impl<'a> Reader<'a> {
     }
 
     fn cells(&mut self) -> std::result::Result<Vec<CellView<'a>>, String> {
-        let n = usize::try_from(self.varint()?).map_err(|_| "cell count out of range".to_string())?;
-        // Every cell takes at least a byte: a corrupt count cannot make this allocate more
-        // than the value holds.
-        let mut cells = Vec::with_capacity(n.min(self.bytes.len() - self.at));
-        for _ in 0..n {
-            cells.push(match self.varint()? {
-                0 => CellView::Null,
-                1 => match self.byte()? {
-                    0 => CellView::Bool(false),
-                    1 => CellView::Bool(true),
-                    b => return Err(format!("bool byte {b}")),
-                },
-                2 => CellView::Int(unzigzag(self.varint()?)),
-                3 => CellView::Float(f64::from_le_bytes(self.fixed()?)),
-                4 => CellView::Str(self.str()?),
-                5 => CellView::Json(self.str()?),
-                v => return Err(format!("cell variant {v}")),
-            });
-        }
-        Ok(cells)
+        self.picked_cells(None)
     }
-}
 
-impl<'a> Reader<'a> {
     fn skip_str(&mut self) -> std::result::Result<(), String> {
         let len = usize::try_from(self.varint()?).map_err(|_| "string length out of range".to_string())?;
         self.take(len).map(|_| ())
     }
 
-    /// The cells, those `want` does not mark skipped (read as `Null`).
-    fn picked_cells(&mut self, want: &[bool]) -> std::result::Result<Vec<CellView<'a>>, String> {
+    /// The cells; with `want`, the strings it does not mark are skipped (read as `Null`).
+    fn picked_cells(&mut self, want: Option<&[bool]>) -> std::result::Result<Vec<CellView<'a>>, String> {
         let n = usize::try_from(self.varint()?).map_err(|_| "cell count out of range".to_string())?;
+        // Every cell takes at least a byte: a corrupt count cannot make this allocate more
+        // than the value holds.
         let mut cells = Vec::with_capacity(n.min(self.bytes.len() - self.at));
         for i in 0..n {
-            let keep = want.get(i).copied().unwrap_or(false);
+            let keep = want.is_none_or(|w| w.get(i).copied().unwrap_or(false));
             let variant = self.varint()?;
             cells.push(match (variant, keep) {
                 (0, _) => CellView::Null,
