@@ -12,7 +12,7 @@
 
 use crate::context::Context;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// The layout of a stored record; bumped if [`Stored`] changes.
 const RECORD_FORMAT: u8 = 1;
@@ -24,16 +24,23 @@ struct Stored<T> {
 }
 
 /// Records under one state-key prefix, by id (a row key, usually).
+///
+/// Hashed, not ordered, by id: ids are row keys that share long prefixes (table, SHA1,
+/// DeviceId), and every row a pass keeps is looked up and filed, so ordered maps spent
+/// a detector's time comparing those prefixes; the records of one ingestion time all
+/// share an expiry, so the expiry order compared them too. Order is restored where it
+/// is seen: [`Records::iter`] and [`Records::expire`] hand records out by id.
 pub struct Records<T> {
     prefix: Vec<u8>,
-    items: BTreeMap<Vec<u8>, (i64, T)>,
-    by_expiry: BTreeSet<(i64, Vec<u8>)>,
+    items: HashMap<Vec<u8>, (i64, T)>,
+    /// The ids of each expiry.
+    by_expiry: BTreeMap<i64, HashSet<Vec<u8>>>,
 }
 
 impl<T: Serialize + DeserializeOwned> Records<T> {
     /// The records stored under `prefix` in a detector's state (as handed to `init`).
     pub fn load(prefix: &[u8], state: &[(Vec<u8>, Vec<u8>)]) -> Result<Self, String> {
-        let mut r = Records { prefix: prefix.to_vec(), items: BTreeMap::new(), by_expiry: BTreeSet::new() };
+        let mut r = Records { prefix: prefix.to_vec(), items: HashMap::new(), by_expiry: BTreeMap::new() };
         for (k, v) in state.iter().filter(|(k, _)| k.starts_with(prefix)) {
             let id = k[prefix.len()..].to_vec();
             let stored: Stored<T> = match v.split_first() {
@@ -44,7 +51,7 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
                 }
                 _ => return Err(format!("windowed record {id:02x?} has an unknown format")),
             };
-            r.by_expiry.insert((stored.expires, id.clone()));
+            r.by_expiry.entry(stored.expires).or_default().insert(id.clone());
             r.items.insert(id, (stored.expires, stored.value));
         }
         Ok(r)
@@ -66,9 +73,14 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
     pub fn put(&mut self, ctx: &mut Context<'_>, id: Vec<u8>, expires: i64, value: T) -> Result<(), String> {
         ctx.state_put([self.prefix.as_slice(), &id].concat(), Self::stored_bytes(expires, &value)?);
         if let Some((old, _)) = self.items.get(&id) {
-            self.by_expiry.remove(&(*old, id.clone()));
+            if let Some(ids) = self.by_expiry.get_mut(old) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.by_expiry.remove(old);
+                }
+            }
         }
-        self.by_expiry.insert((expires, id.clone()));
+        self.by_expiry.entry(expires).or_default().insert(id.clone());
         self.items.insert(id, (expires, value));
         Ok(())
     }
@@ -88,14 +100,17 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
     /// is before `now`, and returns them.
     pub fn expire(&mut self, ctx: &mut Context<'_>, now: i64) -> Vec<(Vec<u8>, T)> {
         let mut gone = Vec::new();
-        while let Some((expires, _)) = self.by_expiry.first() {
-            if *expires >= now {
+        while let Some(first) = self.by_expiry.first_entry() {
+            if *first.key() >= now {
                 break;
             }
-            let Some((_, id)) = self.by_expiry.pop_first() else { break };
-            if let Some((_, value)) = self.items.remove(&id) {
-                ctx.state_delete([self.prefix.as_slice(), &id].concat());
-                gone.push((id, value));
+            let mut ids: Vec<Vec<u8>> = first.remove().into_iter().collect();
+            ids.sort_unstable();
+            for id in ids {
+                if let Some((_, value)) = self.items.remove(&id) {
+                    ctx.state_delete([self.prefix.as_slice(), &id].concat());
+                    gone.push((id, value));
+                }
             }
         }
         gone
@@ -103,7 +118,7 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
 
     /// The first time at which a record leaves (its expiry + 1 tick), if any is kept.
     pub fn next_expiry(&self) -> Option<i64> {
-        self.by_expiry.first().map(|(e, _)| e.saturating_add(1))
+        self.by_expiry.keys().next().map(|e| e.saturating_add(1))
     }
 
     pub fn get(&self, id: &[u8]) -> Option<&T> {
@@ -114,9 +129,12 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
         self.items.contains_key(id)
     }
 
-    /// Every record kept, by id.
+    /// Every record kept, by id (sorted here: for loading and re-keeping, not for each
+    /// row of a pass).
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &T)> {
-        self.items.iter().map(|(k, (_, v))| (k.as_slice(), v))
+        let mut all: Vec<(&[u8], &T)> = self.items.iter().map(|(k, (_, v))| (k.as_slice(), v)).collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        all.into_iter()
     }
 
     pub fn len(&self) -> usize {
