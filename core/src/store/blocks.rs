@@ -1,7 +1,10 @@
 //! Rows in ingest order, compressed. The new rows of one table in one batch go into
 //! blocks of at most [`BLOCK_ROWS`] rows or about [`BLOCK_RAW`] bytes; each block is two
-//! zstd frames — the rows' keys, and the rows' stored values — each cut into pieces of at
-//! most [`PIECE_BYTES`] under keys that only grow (table, batch sequence, block, part).
+//! zstd frames — the rows' keys, and the rows' stored values. An event block's frames are
+//! appended to its generation's block file ([`super::generations`]), where its directory
+//! entry says; FileProfile's and those of rows from ahead of the clock ([`in_main`]) go
+//! into the main database, each cut into pieces of at most [`PIECE_BYTES`] under keys that
+//! only grow (table, batch sequence, block, part).
 //!
 //! Why: a row stored as its own ~860-byte value at a random key costs a random descent
 //! and page rewrites per row in a tree many times the cache, and takes more disk than the
@@ -96,6 +99,36 @@ pub struct BlockMeta {
     pub row_parts: u16,
     /// Compressed bytes of both frames.
     pub bytes: u64,
+    /// Where the frames are in the generation's block file (`None`: in pieces in the
+    /// main database).
+    pub file: Option<FileSpan>,
+}
+
+/// A block's two frames in its generation's block file: the keys' frame at `offset`,
+/// the rows' right after it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FileSpan {
+    pub offset: u64,
+    pub keys_len: u32,
+    pub rows_len: u32,
+}
+
+impl FileSpan {
+    /// (offset, length) of the keys' or the rows' frame.
+    pub fn frame(&self, space: u8) -> (u64, u32) {
+        if space == keys::BLOCK_KEYS {
+            (self.offset, self.keys_len)
+        } else {
+            (self.offset + u64::from(self.keys_len), self.rows_len)
+        }
+    }
+}
+
+/// The frames of a batch's event blocks, for its generation's block file: appended to
+/// `frames`, which goes into the file at `base`.
+pub struct FileAppend {
+    pub base: u64,
+    pub frames: Vec<u8>,
 }
 
 /// A block's directory entry: its meta, and the filter of its rows' SHA1 values when it
@@ -174,9 +207,9 @@ impl BatchBlocks {
         Ok((block_no, row_no))
     }
 
-    /// Writes every block of the batch under sequence `seq`: the event blocks' pieces into
-    /// `pieces` (for the batch's generation), those [`in_main`] and every directory entry
-    /// into `batch` (the main database). Returns the earliest newest Timestamp of its event
+    /// Writes every block of the batch under sequence `seq`: the event blocks' frames into
+    /// `file` (for the batch's generation's block file), the pieces of those [`in_main`]
+    /// and every directory entry into `batch` (the main database). Returns the earliest newest Timestamp of its event
     /// blocks (table 0, FileProfile, is exempt from retention), and each block's rows as
     /// they were before compression, by (table, seq, block): once the batch is committed
     /// they go into the block cache, so a pass right after (the daemon's) reads the rows
@@ -185,7 +218,7 @@ impl BatchBlocks {
         self,
         seq: u64,
         zstd: &mut zstd::bulk::Compressor<'static>,
-        pieces: &mut sled::Batch,
+        file: &mut FileAppend,
         batch: &mut sled::Batch,
     ) -> Result<(Option<i64>, Vec<RawBlock>)> {
         let mut earliest_end: Option<i64> = None;
@@ -196,9 +229,21 @@ impl BatchBlocks {
                 let keys_frame = compress(zstd, &b.keys)?;
                 let rows_frame = compress(zstd, &b.rows)?;
                 let keys = unpack_items(&b.keys)?;
-                let into = if in_main(table, block) { &mut *batch } else { &mut *pieces };
-                let key_parts = write_pieces(into, keys::BLOCK_KEYS, table, seq, block, &keys_frame)?;
-                let row_parts = write_pieces(into, keys::BLOCK_ROWS, table, seq, block, &rows_frame)?;
+                let (key_parts, row_parts, at) = if in_main(table, block) {
+                    let key_parts = write_pieces(batch, keys::BLOCK_KEYS, table, seq, block, &keys_frame)?;
+                    let row_parts = write_pieces(batch, keys::BLOCK_ROWS, table, seq, block, &rows_frame)?;
+                    (key_parts, row_parts, None)
+                } else {
+                    let too_big = || StoreError::Invalid("a block too large to store".into());
+                    let span = FileSpan {
+                        offset: file.base + file.frames.len() as u64,
+                        keys_len: u32::try_from(keys_frame.len()).map_err(|_| too_big())?,
+                        rows_len: u32::try_from(rows_frame.len()).map_err(|_| too_big())?,
+                    };
+                    file.frames.extend_from_slice(&keys_frame);
+                    file.frames.extend_from_slice(&rows_frame);
+                    (0, 0, Some(span))
+                };
                 let meta = BlockMeta {
                     rows: b.count as u32,
                     min_ts: b.min_ts,
@@ -206,6 +251,7 @@ impl BatchBlocks {
                     key_parts,
                     row_parts,
                     bytes: (keys_frame.len() + rows_frame.len()) as u64,
+                    file: at,
                 };
                 let mut value = super::enc(&meta)?;
                 if table != 0 {
@@ -273,25 +319,9 @@ fn write_pieces(batch: &mut sled::Batch, space: u8, table: u16, seq: u64, block:
     Ok(parts)
 }
 
-/// Reads a block's frame (keys or rows) back: its pieces, concatenated and decompressed.
-pub fn read_frame(
-    db: &sled::Db,
-    zstd: &mut zstd::bulk::Decompressor<'static>,
-    space: u8,
-    table: u16,
-    seq: u64,
-    block: u16,
-) -> Result<Vec<Vec<u8>>> {
-    let raw = read_frame_raw(db, zstd, space, table, seq, block)?;
-    Ok(unpack_items(&raw)
-        .with_context(|| format!("block {table}/{seq}/{block}"))?
-        .into_iter()
-        .map(<[u8]>::to_vec)
-        .collect())
-}
-
-/// A block's frame decompressed, its items still packed (see [`unpack_items`]).
-pub fn read_frame_raw(
+/// Reads a block's frame from its pieces in the main database, concatenated and
+/// decompressed, its items still packed (see [`unpack_items`]).
+pub fn read_pieces(
     db: &sled::Db,
     zstd: &mut zstd::bulk::Decompressor<'static>,
     space: u8,
@@ -305,20 +335,29 @@ pub fn read_frame_raw(
     for kv in db.scan_prefix(prefix) {
         frame.extend_from_slice(&kv?.1);
     }
+    decompress(zstd, &frame).with_context(|| format!("block {table}/{seq}/{block}"))
+}
+
+/// A frame ([`compress`]'s layout) decompressed.
+pub fn decompress(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8]) -> Result<Vec<u8>> {
     if frame.len() < 4 {
-        return Err(corrupt!("block {table}/{seq}/{block} is missing or corrupt"));
+        return Err(corrupt!("the block is missing or corrupt"));
     }
     let raw_len = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
     if raw_len > MAX_RAW {
-        return Err(corrupt!("block {table}/{seq}/{block} claims {raw_len} bytes: corrupt"));
+        return Err(corrupt!("the block claims {raw_len} bytes: corrupt"));
     }
-    zstd.decompress(&frame[4..], raw_len).with_context(|| format!("block {table}/{seq}/{block} is corrupt"))
+    zstd.decompress(&frame[4..], raw_len).context("the block is corrupt")
 }
 
 /// The zstd contexts, reused across blocks (a context costs an allocation of its
 /// window on every use otherwise).
 pub fn compressor() -> Result<zstd::bulk::Compressor<'static>> {
-    zstd::bulk::Compressor::new(ZSTD_LEVEL).context("cannot set up zstd")
+    let mut z = zstd::bulk::Compressor::new(ZSTD_LEVEL).context("cannot set up zstd")?;
+    // A frame read back from a plain file has no checksum of sled's around it: zstd's own
+    // says a damaged one is corrupt instead of handing back wrong rows.
+    z.include_checksum(true).context("cannot set up zstd")?;
+    Ok(z)
 }
 
 pub fn decompressor() -> Result<zstd::bulk::Decompressor<'static>> {
@@ -447,25 +486,51 @@ mod tests {
         }
         assert_eq!(places[BLOCK_ROWS - 1], (0, (BLOCK_ROWS - 1) as u16));
         assert_eq!(places[BLOCK_ROWS], (1, 0));
-        let (mut pieces, mut batch) = (sled::Batch::default(), sled::Batch::default());
-        let (_, raw_rows) = bb.write(9, &mut compressor().unwrap(), &mut pieces, &mut batch).unwrap();
+        // FileProfile's rows (table 0) go into the main database in pieces.
+        bb.add(0, b"profile", 0, &[&[5u8; 20_000][..]], false).unwrap();
+        let mut batch = sled::Batch::default();
+        let mut file = FileAppend { base: 1000, frames: Vec::new() };
+        let (_, raw_rows) = bb.write(9, &mut compressor().unwrap(), &mut file, &mut batch).unwrap();
         let ids: Vec<(u16, u64, u16)> = raw_rows.iter().map(|(id, _)| *id).collect();
-        assert_eq!(ids, [(1, 9, 0), (1, 9, 1), (2, 9, 0), (2, 9, 1)]);
-        let cached = PackedItems::new(raw_rows[1].1.clone()).unwrap();
+        assert_eq!(ids, [(0, 9, 0), (1, 9, 0), (1, 9, 1), (2, 9, 0), (2, 9, 1)]);
+        let cached = PackedItems::new(raw_rows[2].1.clone()).unwrap();
         assert_eq!(&cached[3], &[((BLOCK_ROWS + 3) % 251) as u8; 100][..], "the rows as they will read back");
-        db.apply_batch(pieces).unwrap();
         db.apply_batch(batch).unwrap();
         for kv in db.iter() {
             assert!(kv.unwrap().1.len() <= PIECE_BYTES, "every stored piece is small");
         }
+        // The event blocks' frames, one after the other from the file's base.
+        let meta = |table: u16, block: u16| {
+            decode_meta(&db.get(keys::block_key(keys::BLOCK_META, table, 9, block, 0)).unwrap().unwrap()).unwrap().0
+        };
         let mut z = decompressor().unwrap();
-        let rows = read_frame(&db, &mut z, keys::BLOCK_ROWS, 1, 9, 1).unwrap();
+        let read = |z: &mut zstd::bulk::Decompressor<'static>, table: u16, block: u16, space: u8| {
+            let (offset, len) = meta(table, block).file.expect("an event block is in the file").frame(space);
+            let at = (offset - file.base) as usize;
+            decompress(z, &file.frames[at..at + len as usize]).unwrap()
+        };
+        assert_eq!(meta(1, 0).file.unwrap().offset, 1000);
+        let rows = read(&mut z, 1, 1, keys::BLOCK_ROWS);
+        let rows = unpack_items(&rows).unwrap();
         assert_eq!(rows.len(), 10);
         assert_eq!(rows[3], vec![((BLOCK_ROWS + 3) % 251) as u8; 100]);
-        let keys_back = read_frame(&db, &mut z, keys::BLOCK_KEYS, 1, 9, 0).unwrap();
-        assert_eq!(keys_back[5], b"k5");
-        let big = read_frame(&db, &mut z, keys::BLOCK_ROWS, 2, 9, 1).unwrap();
+        let keys_back = read(&mut z, 1, 0, keys::BLOCK_KEYS);
+        assert_eq!(unpack_items(&keys_back).unwrap()[5], b"k5");
+        let big = read(&mut z, 2, 1, keys::BLOCK_ROWS);
+        let big = unpack_items(&big).unwrap();
         assert_eq!((big.len(), big[0].len()), (2, 40_000), "three 40 KB rows fill a block, two are left");
-        assert!(read_frame(&db, &mut z, keys::BLOCK_ROWS, 1, 10, 0).is_err(), "a missing block is an error");
+        let last = meta(2, 1).file.unwrap();
+        assert_eq!(last.offset + u64::from(last.keys_len + last.rows_len), 1000 + file.frames.len() as u64);
+        // FileProfile's block: pieces, no place in the file.
+        assert_eq!(meta(0, 0).file, None);
+        let profile = read_pieces(&db, &mut z, keys::BLOCK_ROWS, 0, 9, 0).unwrap();
+        assert_eq!(unpack_items(&profile).unwrap()[0], &[5u8; 20_000][..]);
+        assert!(read_pieces(&db, &mut z, keys::BLOCK_ROWS, 0, 10, 0).is_err(), "a missing block is an error");
+        // A damaged frame is refused, not read as other rows.
+        let (offset, len) = meta(1, 0).file.unwrap().frame(keys::BLOCK_ROWS);
+        let mut damaged = file.frames[(offset - 1000) as usize..][..len as usize].to_vec();
+        let middle = damaged.len() / 2;
+        damaged[middle] ^= 0x40;
+        assert!(decompress(&mut z, &damaged).is_err(), "zstd's checksum catches a flipped bit");
     }
 }

@@ -1,7 +1,16 @@
-//! Generations: the bulk of the event data — row blocks' pieces (`K`, `B`) and the event
-//! key-index runs' chunks (`I`) — lives in a sled database of its own per span of
-//! ingestion, `<data>/gens/<id>`, and a generation whose rows are all past the retention
-//! horizon is deleted whole, file and all.
+//! Generations: the bulk of the event data — row blocks' frames, and the event key-index
+//! runs' chunks (`I`) and column-index entries (`i`) — lives in a folder of its own per span
+//! of ingestion, `<data>/gens/<id>`, and a generation whose rows are all past the retention
+//! horizon is deleted whole, files and all.
+//!
+//! The blocks' frames go into an append-only file, `<id>/blocks`; the index items into a
+//! sled database in the same folder. Why a plain file for the blocks: they are written
+//! once, in order, and read by offset; in sled each would be written about three times
+//! (a leaf's deltas, then the leaf rewritten when it splits) and its segments reused only
+//! once less than half live, so the generation's sled file was 1.68× its live bytes
+//! (BENCHMARKS.md). A block's directory entry (`D`, main database) holds its frames'
+//! offset; the file's committed length is recorded with every batch that appends to it
+//! (`m` `blocks-end/<id>`), so the next open cuts off whatever a crash left beyond it.
 //!
 //! Why: sled reclaims the space of removed items only from segments less than half live,
 //! and its cleaner moves the live pages of old segments to the tip, among new ones, so a
@@ -53,7 +62,87 @@ struct Record {
 struct Generation {
     record: Record,
     db: sled::Db,
+    blocks: BlockFile,
 }
+
+/// A generation's block file: frames appended at `end`, read by offset.
+struct BlockFile {
+    path: PathBuf,
+    file: std::fs::File,
+    /// The length the main database records (what committed batches wrote).
+    end: u64,
+    /// The file's length now (beyond `end` only after a batch that failed to commit).
+    len: u64,
+}
+
+impl BlockFile {
+    /// Opens (or creates) the file and cuts it to `end`, the length committed batches
+    /// wrote; a file shorter than that lost frames the store refers to.
+    fn open(path: PathBuf, end: u64) -> Result<BlockFile> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open the block file {}", path.display()))?;
+        let len = file.metadata().with_context(|| format!("cannot read the size of {}", path.display()))?.len();
+        if len < end {
+            return Err(StoreError::Unusable(format!(
+                "the block file {} is {len} bytes, but the store committed {end} bytes of row blocks to it                  (it was cut short or replaced); the store cannot be read without them: ingest the logs again \
+                 into a new --data directory",
+                path.display()
+            )));
+        }
+        if len > end {
+            tracing::info!(file = %path.display(), bytes = len - end, "cutting off block frames a crash left uncommitted");
+            file.set_len(end).with_context(|| format!("cannot cut {} to {end} bytes", path.display()))?;
+            file.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
+        }
+        Ok(BlockFile { path, file, end, len: end })
+    }
+
+    /// Writes `frames` at the committed end and makes them durable (before the batch that
+    /// refers to them); what a failed batch wrote beyond the end goes first.
+    fn append(&mut self, frames: &[u8]) -> Result<u64> {
+        use std::os::unix::fs::FileExt as _;
+        if self.len != self.end {
+            self.file.set_len(self.end).with_context(|| format!("cannot cut {}", self.path.display()))?;
+            self.len = self.end;
+        }
+        self.file
+            .write_all_at(frames, self.end)
+            .with_context(|| format!("cannot write row blocks to {} at offset {}", self.path.display(), self.end))?;
+        self.len = self.end + frames.len() as u64;
+        self.file.sync_data().with_context(|| format!("cannot sync {}", self.path.display()))?;
+        Ok(self.len)
+    }
+
+    fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt as _;
+        if offset.saturating_add(u64::from(len)) > self.end.max(self.len) {
+            return Err(corrupt!(
+                "a block's frame at offset {offset} ({len} bytes) lies past the end of {} ({} bytes); \
+                 the store is damaged: ingest the logs again into a new --data directory",
+                self.path.display(),
+                self.end
+            ));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut buf, offset)
+            .with_context(|| format!("cannot read {len} bytes of {} at offset {offset}", self.path.display()))?;
+        Ok(buf)
+    }
+}
+
+/// Where a generation's block file's committed length is recorded (main database).
+pub fn blocks_end_key(id: u32) -> Vec<u8> {
+    keys::named_key(keys::META, &format!("blocks-end/{id}"))
+}
+
+/// The name of a generation's block file in its folder.
+const BLOCK_FILE: &str = "blocks";
 
 /// The generation databases of a store, and the main one (generation 0).
 pub struct Generations {
@@ -137,7 +226,14 @@ impl Generations {
                     path.display()
                 )));
             }
-            gens.insert(record.id, Generation { record, db: open_db(&path)? });
+            let end = match main.get(blocks_end_key(record.id))? {
+                Some(v) => {
+                    u64::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt!("corrupt block file length"))?)
+                }
+                None => 0,
+            };
+            let blocks = BlockFile::open(path.join(BLOCK_FILE), end)?;
+            gens.insert(record.id, Generation { record, db: open_db(&path)?, blocks });
         }
         if let Ok(entries) = std::fs::read_dir(&root) {
             for e in entries.flatten() {
@@ -157,12 +253,7 @@ impl Generations {
         if id == 0 {
             return Ok(&self.main);
         }
-        self.gens.get(&id).map(|g| &g.db).ok_or_else(|| {
-            corrupt!(
-                "generation {id} is referred to but not in the store's list; the store is damaged: ingest the logs \
-                 again into a new --data directory"
-            )
-        })
+        self.generation(id).map(|g| &g.db)
     }
 
     /// The generation event rows of batch `seq` went into (0 before any generation).
@@ -170,14 +261,38 @@ impl Generations {
         self.gens.values().rev().find(|g| g.record.first_seq <= seq).map_or(0, |g| g.record.id)
     }
 
-    /// The database of a block's pieces: the main one for FileProfile's and rows from
-    /// ahead of the clock ([`super::blocks::in_main`]), else the batch's generation.
-    pub fn block_db(&self, table: u16, seq: u64, block: u16) -> Result<&sled::Db> {
-        if super::blocks::in_main(table, block) {
-            Ok(&self.main)
-        } else {
-            self.db(self.of_seq(seq))
+    /// The committed length of generation `id`'s block file: where a batch's frames go.
+    pub fn blocks_end(&self, id: u32) -> Result<u64> {
+        Ok(self.generation(id)?.blocks.end)
+    }
+
+    /// Appends a batch's block frames to generation `id`'s file at its committed end and
+    /// makes them durable; returns the file's new length, which the batch records (see
+    /// [`blocks_end_key`]) and, once it is applied, [`Generations::blocks_committed`] takes.
+    pub fn append_blocks(&mut self, id: u32, frames: &[u8]) -> Result<u64> {
+        let g = self.gens.get_mut(&id).ok_or_else(|| corrupt!("generation {id} is not open"))?;
+        g.blocks.append(frames)
+    }
+
+    /// The batch that recorded `end` for generation `id`'s block file was applied.
+    pub fn blocks_committed(&mut self, id: u32, end: u64) {
+        if let Some(g) = self.gens.get_mut(&id) {
+            g.blocks.end = end;
         }
+    }
+
+    /// `len` bytes at `offset` of the block file of the generation batch `seq` wrote to.
+    pub fn read_blocks(&self, seq: u64, offset: u64, len: u32) -> Result<Vec<u8>> {
+        self.generation(self.of_seq(seq))?.blocks.read(offset, len)
+    }
+
+    fn generation(&self, id: u32) -> Result<&Generation> {
+        self.gens.get(&id).ok_or_else(|| {
+            corrupt!(
+                "generation {id} is referred to but not in the store's list; the store is damaged: ingest the logs \
+                 again into a new --data directory"
+            )
+        })
     }
 
     /// How far ahead of `now` a row's Timestamp may be for its block to go into a
@@ -222,6 +337,7 @@ impl Generations {
                     .with_context(|| format!("cannot create {}", self.root.display()))?;
                 let record = Record { id, first_seq: seq, started: now.unwrap_or(0) };
                 let db = open_db(&path)?;
+                let blocks = BlockFile::open(path.join(BLOCK_FILE), 0)?;
                 // The new folder's entries (sled's `conf`), its own entry and that of `gens`
                 // on disk too: a power cut must not lose a generation the list will name.
                 // Only then is it taken: one that failed here is not used by the next batch
@@ -231,7 +347,7 @@ impl Generations {
                         .and_then(|d| d.sync_all())
                         .with_context(|| format!("cannot sync {}", dir.display()))?;
                 }
-                self.gens.insert(id, Generation { record, db });
+                self.gens.insert(id, Generation { record, db, blocks });
                 self.unrecorded = true;
                 id
             }
@@ -278,6 +394,7 @@ impl Generations {
     pub fn unlist(&mut self, id: u32, batch: &mut sled::Batch) -> Result<()> {
         let kept: Vec<Record> = self.gens.values().map(|g| g.record).filter(|r| r.id != id).collect();
         batch.insert(list_key(), enc(&kept)?);
+        batch.remove(blocks_end_key(id));
         Ok(())
     }
 
@@ -293,33 +410,16 @@ impl Generations {
         Ok(())
     }
 
-    /// Removes what a batch a crash cut short wrote to the newest generation: block pieces
-    /// and column-index entries of sequences from `next_seq` on (nothing refers to them,
-    /// and a later batch under the same sequence must not find its own left over).
+    /// Removes what a batch a crash cut short wrote to the newest generation's database:
+    /// column-index entries of sequences from `next_seq` on (nothing refers to them, and a
+    /// later batch under the same sequence must not find its own left over). Its block
+    /// frames beyond the committed end are cut off when the file is opened, or overwritten
+    /// by the next batch; its run chunks are orphans [`super::runs`] removes.
     pub fn sweep_uncommitted(&self, next_seq: u64) -> Result<()> {
         let Some(g) = self.gens.values().next_back() else { return Ok(()) };
         let db = &g.db;
         let mut batch = sled::Batch::default();
         let mut n = 0u64;
-        for space in [keys::BLOCK_KEYS, keys::BLOCK_ROWS] {
-            let mut table = 0u16;
-            loop {
-                let from = keys::block_key(space, table, next_seq, 0, 0);
-                let to = keys::block_key(space, table.saturating_add(1), 0, 0, 0);
-                for k in db.range(from..to.clone()).keys() {
-                    batch.remove(k?);
-                    n += 1;
-                }
-                // On to the next table that has pieces in this space.
-                let Some(next) = db.range(to..).keys().next() else { break };
-                let next = next?;
-                match keys::block_of(&next) {
-                    Some((t, _, _)) if next.first() == Some(&space) && t > table => table = t,
-                    _ => break,
-                }
-            }
-        }
-        // And the column-index entries of those sequences.
         for k in db.scan_prefix([keys::INDEX]).keys() {
             let k = k?;
             if keys::index_key_seq(&k).is_some_and(|seq| seq >= next_seq) {
@@ -335,9 +435,14 @@ impl Generations {
         Ok(())
     }
 
+    /// Bytes of every generation's block file.
+    pub fn block_file_bytes(&self) -> u64 {
+        self.gens.values().map(|g| g.blocks.len).sum()
+    }
+
     /// Bytes of every generation's files.
     pub fn size_on_disk(&self) -> u64 {
-        self.gens.values().map(|g| g.db.size_on_disk().unwrap_or(0)).sum()
+        self.gens.values().map(|g| g.db.size_on_disk().unwrap_or(0) + g.blocks.len).sum()
     }
 
     /// The main database, then every generation's (for a walk over every item).

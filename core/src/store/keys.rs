@@ -1,5 +1,6 @@
 //! Key layout of the main sled tree and of the generation databases (which hold only the
-//! event tables' `K`, `B` and `I` items; see [`super::generations`]). Every key starts
+//! event tables' `I` and `i` items; their blocks' frames are in the generation's block
+//! file, see [`super::generations`]). Every key starts
 //! with a one-byte key space; all
 //! integers are big-endian so that byte order is numeric order, and variable-length
 //! strings carry a u16 length prefix so that a (table, SHA1, DeviceId) prefix is exact.
@@ -12,9 +13,9 @@
 //! A row key (in the key index runs, in findings' inputs) is `e` table u16, sha1, device,
 //! Timestamp (i64, sign-flipped), id [, content hash u64 for a second row with the same
 //! key], or `p` sha1 for a FileProfile row.
-//! | `K`   | table u16, batch seq u64, block u16, part u16                 | a block's row keys (zstd, in pieces) |
-//! | `B`   | table u16, batch seq u64, block u16, part u16                 | a block's row values (zstd, in pieces) |
-//! | `D`   | table u16, batch seq u64, block u16, 0 u16                    | a block's directory entry: rows, Timestamp range |
+//! | `K`   | table u16, batch seq u64, block u16, part u16                 | a main-database block's row keys (zstd, in pieces) |
+//! | `B`   | table u16, batch seq u64, block u16, part u16                 | a main-database block's row values (zstd, in pieces) |
+//! | `D`   | table u16, batch seq u64, block u16, 0 u16                    | a block's directory entry: rows, Timestamp range, place in its generation's block file |
 //! | `p`   | sha1                                                          | FileProfile row (newest wins) |
 //! | `s`   | schema id u32                                                 | column names |
 //! | `t`   | table name                                                    | table id u16 |

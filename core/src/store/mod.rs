@@ -47,7 +47,7 @@ macro_rules! unusable {
 }
 
 /// The layout of everything stored. A store of another format is refused on open.
-pub const FORMAT_VERSION: u64 = 6;
+pub const FORMAT_VERSION: u64 = 7;
 
 /// The pseudo table number of FileProfile rows in blocks (event tables start at 1).
 const PROFILE_TABLE: u16 = 0;
@@ -466,9 +466,7 @@ impl Store {
             Some(rows) => rows,
             None => {
                 let rows = {
-                    let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-                    let db = self.gens.block_db(table, entry.seq, entry.block)?;
-                    let raw = blocks::read_frame_raw(db, &mut z, keys::BLOCK_ROWS, table, entry.seq, entry.block)?;
+                    let raw = self.block_frame(keys::BLOCK_ROWS, table, entry.seq, entry.block, None)?;
                     Arc::new(
                         blocks::PackedItems::new(raw)
                             .with_context(|| format!("block {table}/{}/{}", entry.seq, entry.block))?,
@@ -483,6 +481,31 @@ impl Store {
             return Err(corrupt!("key index points past block {table}/{}/{}", entry.seq, entry.block));
         }
         Ok(Some((rows, row)))
+    }
+
+    /// A block's frame (`BLOCK_KEYS` or `BLOCK_ROWS`) decompressed, its items still packed:
+    /// from its generation's block file, where its directory entry (`meta`, read here if
+    /// not given) says, or from its pieces in the main database ([`blocks::in_main`]).
+    fn block_frame(&self, space: u8, table: u16, seq: u64, block: u16, meta: Option<&[u8]>) -> Result<Vec<u8>> {
+        let id = || format!("block {table}/{seq}/{block}");
+        if blocks::in_main(table, block) {
+            let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
+            return blocks::read_pieces(&self.db, &mut z, space, table, seq, block);
+        }
+        let read;
+        let value = match meta {
+            Some(v) => v,
+            None => {
+                read = self.db.get(keys::block_key(keys::BLOCK_META, table, seq, block, 0))?;
+                read.as_deref().ok_or_else(|| corrupt!("{} is referred to but not in the block directory", id()))?
+            }
+        };
+        let (meta, _) = blocks::decode_meta(value).with_context(id)?;
+        let span = meta.file.ok_or_else(|| corrupt!("{} has no place in its generation's block file", id()))?;
+        let (offset, len) = span.frame(space);
+        let frame = self.gens.read_blocks(seq, offset, len).with_context(id)?;
+        let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
+        blocks::decompress(&mut z, &frame).with_context(id)
     }
 
     /// The number `table`'s rows are stored under in blocks (`None`: never seen).
@@ -897,10 +920,7 @@ impl Store {
                     }
                 }
             }
-            let raw = {
-                let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-                blocks::read_frame_raw(self.gens.block_db(tid, seq, block)?, &mut z, keys::BLOCK_KEYS, tid, seq, block)?
-            };
+            let raw = self.block_frame(keys::BLOCK_KEYS, tid, seq, block, Some(&v))?;
             for (row, key) in blocks::unpack_items(&raw)?.into_iter().enumerate() {
                 if !self.visible(key) {
                     continue;
@@ -963,17 +983,20 @@ impl Store {
     /// order, handed to `f` block by block.
     pub(crate) fn for_each_row(&self, tid: u16, mut f: impl FnMut(u64, &[u8], &[u8]) -> Result<()>) -> Result<()> {
         for kv in self.db.scan_prefix(keys::block_table_prefix(keys::BLOCK_META, tid)) {
-            let (k, _) = kv?;
+            let (k, v) = kv?;
             let Some((_, seq, block)) = keys::block_of(&k) else { continue };
-            let (keys_frame, rows) = {
-                let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-                let db = self.gens.block_db(tid, seq, block)?;
-                (
-                    blocks::read_frame(db, &mut z, keys::BLOCK_KEYS, tid, seq, block)?,
-                    blocks::read_frame(db, &mut z, keys::BLOCK_ROWS, tid, seq, block)?,
-                )
-            };
-            for (row, (key, value)) in keys_frame.iter().zip(&rows).enumerate() {
+            let keys_raw = self.block_frame(keys::BLOCK_KEYS, tid, seq, block, Some(&v))?;
+            let rows_raw = self.block_frame(keys::BLOCK_ROWS, tid, seq, block, Some(&v))?;
+            let keys_frame = blocks::unpack_items(&keys_raw)?;
+            let rows = blocks::unpack_items(&rows_raw)?;
+            if keys_frame.len() != rows.len() {
+                return Err(corrupt!(
+                    "block {tid}/{seq}/{block} has {} keys for {} rows",
+                    keys_frame.len(),
+                    rows.len()
+                ));
+            }
+            for (row, (key, value)) in keys_frame.into_iter().zip(rows).enumerate() {
                 if !self.visible(key) {
                     continue;
                 }
@@ -1004,7 +1027,8 @@ impl Store {
     }
 
     /// Live bytes (keys + values) per part of the store, largest first: what the database
-    /// file holds besides sled's own overhead and not yet reclaimed space. Reads every key.
+    /// files hold besides sled's own overhead and not yet reclaimed space, and the
+    /// generations' block files. Reads every key.
     pub fn space_by_part(&self) -> Result<Vec<(&'static str, u64, u64)>> {
         let mut by: BTreeMap<u8, (u64, u64)> = BTreeMap::new();
         for db in self.gens.all_dbs() {
@@ -1017,6 +1041,8 @@ impl Store {
         }
         let mut out: Vec<(&'static str, u64, u64)> =
             by.into_iter().map(|(space, (items, bytes))| (keys::space_name(space), items, bytes)).collect();
+        // The event blocks' frames are not sled items: one file per generation.
+        out.push(("row blocks (generation files)", self.gens.count() as u64, self.gens.block_file_bytes()));
         out.sort_by_key(|p| std::cmp::Reverse(p.2));
         Ok(out)
     }
@@ -1373,6 +1399,9 @@ impl WriteBatch<'_> {
         let mut wrote_list = false;
         let mut pieces = sled::Batch::default();
         let mut main_chunks = sled::Batch::default();
+        // The batch's event blocks' frames, for its generation's block file: (generation,
+        // frames, the file's length after them).
+        let mut block_frames: Option<(u32, Vec<u8>, u64)> = None;
         if !self.pending.is_empty() {
             let s = self.store.next_journal;
             let mut entries = std::mem::take(&mut self.entries);
@@ -1385,8 +1414,15 @@ impl WriteBatch<'_> {
                 wrote_list = listed;
                 g
             };
+            let base = if g == 0 { 0 } else { self.store.gens.blocks_end(g)? };
+            let mut file = blocks::FileAppend { base, frames: Vec::new() };
             (new_block_end, fresh_blocks) =
-                std::mem::take(&mut self.blocks).write(s, &mut self.store.zstd, &mut pieces, &mut self.batch)?;
+                std::mem::take(&mut self.blocks).write(s, &mut self.store.zstd, &mut file, &mut self.batch)?;
+            if !file.frames.is_empty() {
+                let end = base + file.frames.len() as u64;
+                self.batch.insert(generations::blocks_end_key(g), &end.to_be_bytes()[..]);
+                block_frames = Some((g, file.frames, end));
+            }
             entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             let mut ahead = std::mem::take(&mut self.ahead_entries);
             ahead.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -1419,6 +1455,12 @@ impl WriteBatch<'_> {
             self.batch.insert(vec![keys::COUNTERS], enc(&self.store.counters)?);
         }
         let batch = std::mem::take(&mut self.batch);
+        if let Some((g, frames, _)) = &block_frames {
+            if let Err(e) = self.store.gens.append_blocks(*g, frames) {
+                self.forget_uncommitted();
+                return Err(e);
+            }
+        }
         if let Some(g) = generation {
             let applied = self.store.gens.db(g)?.apply_batch(pieces).context("cannot write rows to their generation");
             let flushed = applied.and_then(|()| self.store.gens.flush(g));
@@ -1444,6 +1486,9 @@ impl WriteBatch<'_> {
             return Err(e).context("cannot commit a batch to the database");
         }
         self.committed = true;
+        if let Some((g, _, end)) = block_frames {
+            self.store.gens.blocks_committed(g, end);
+        }
         if !fresh_blocks.is_empty() {
             let mut cache = self.store.cache.lock().unwrap_or_else(|p| p.into_inner());
             for (id, raw) in fresh_blocks {
@@ -1655,6 +1700,55 @@ mod tests {
         assert_eq!(commit(&mut store, vec![load(3, "wsmprovhost.exe")]), s1 + 1, "the failed batch's sequence");
         assert_eq!(lookup(&store, "wsmprovhost.exe", Some((s1 + 1, s1 + 1))), ["s3"]);
         assert_eq!(lookup(&store, "wsmprovhost.exe", None), ["s1", "s3"]);
+    }
+
+    /// A generation's block file holds exactly what committed batches wrote: a failed
+    /// batch's frames are written over, a crash's are cut off on open, and a file cut
+    /// short (frames the store refers to gone) is refused with what to do.
+    #[test]
+    fn a_block_file_keeps_only_committed_frames_and_a_cut_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = indexed_store(dir.path());
+        let s1 = commit(&mut store, vec![load(1, "wsmprovhost.exe")]);
+        let g = store.gens.of_seq(s1);
+        assert!(g > 0, "event rows go into a generation");
+        let file = dir.path().join("gens").join(g.to_string()).join("blocks");
+        let len = |f: &Path| std::fs::metadata(f).unwrap().len();
+        let committed = len(&file);
+        assert!(committed > 0);
+        store.fail_next_main_commit = true;
+        let mut b = store.batch();
+        b.add_row(load(2, "wsmprovhost.exe"), 0).unwrap();
+        assert!(b.commit().is_err());
+        assert!(len(&file) > committed, "the failed batch's frames were written");
+        commit(&mut store, vec![load(3, "wsmprovhost.exe")]);
+        let committed = len(&file);
+        drop(store);
+        // What a crash after writing a batch's frames leaves: bytes past the recorded end.
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::OpenOptions::new().append(true).open(&file).unwrap();
+            f.write_all(&[0xAB; 5000]).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(len(&file), committed, "cut back to what was committed");
+        let sha1s = |store: &Store| -> Vec<String> {
+            ["s1", "s2", "s3"]
+                .into_iter()
+                .filter(|s| !store.lookup(IMAGE_LOADS, s, Some("d")).unwrap().is_empty())
+                .map(String::from)
+                .collect()
+        };
+        assert_eq!(sha1s(&store), ["s1", "s3"], "read back from the file, not the cache");
+        drop(store);
+        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(committed - 1).unwrap();
+        match Store::open(dir.path()) {
+            Err(StoreError::Unusable(m)) => {
+                assert!(m.contains(&file.display().to_string()) && m.contains("ingest the logs again"), "{m}")
+            }
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("a block file cut short was opened"),
+        }
     }
 
     #[test]

@@ -214,18 +214,9 @@ impl Store {
             let (past, oldest) = match self.horizon {
                 Some(h) if meta.max_ts < h => (u64::from(meta.rows), None),
                 Some(h) if meta.min_ts < h => {
-                    let keys_frame = {
-                        let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-                        blocks::read_frame(
-                            self.gens.block_db(table, seq, block)?,
-                            &mut z,
-                            keys::BLOCK_KEYS,
-                            table,
-                            seq,
-                            block,
-                        )?
-                    };
-                    let ts: Vec<i64> = keys_frame.iter().filter_map(|k| keys::event_timestamp(k)).collect();
+                    let keys_raw = self.block_frame(keys::BLOCK_KEYS, table, seq, block, None)?;
+                    let ts: Vec<i64> =
+                        blocks::unpack_items(&keys_raw)?.into_iter().filter_map(keys::event_timestamp).collect();
                     (ts.iter().filter(|t| **t < h).count() as u64, ts.into_iter().filter(|t| *t >= h).min())
                 }
                 _ => (0, Some(meta.min_ts)),
