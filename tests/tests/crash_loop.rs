@@ -41,9 +41,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 const NOW: &str = "2025-05-08T00:00:00Z";
-const FAILPOINTS: [&str; 9] = [
+const FAILPOINTS: [&str; 10] = [
     "ingest-after-commit",
-    // A batch's rows written to their generation, the batch not committed.
+    // A batch's block frames appended to its generation's file, nothing else written; its
+    // rows written to their generation, the batch not committed.
+    "blocks-appended-before-commit",
     "generation-written-before-commit",
     "detect-before-commit",
     "detect-after-commit",

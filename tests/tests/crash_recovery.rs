@@ -117,12 +117,14 @@ fn killed_during_store_upkeep_then_rerun_leaves_the_store_exact() {
     let ingest = ["ingest", "--batch-rows", "1024", "--retention", "none", "--now", NOW, fleet];
     // The first crash cuts the store's first batch short: its generation is not listed yet.
     // A merge is killed with its run's chunks written but not named, with the run named but
-    // its inputs' chunks still there, and between.
+    // its inputs' chunks still there, and between. Then, with batches committed, a batch's
+    // block frames are left past its (listed) generation's committed end.
     for failpoint in [
         "generation-written-before-commit",
         "runs-merge-chunks-written",
         "runs-merge-before-commit",
         "runs-merge-before-sweep",
+        "blocks-appended-before-commit",
         "generation-written-before-commit",
     ] {
         let crashed = run_with_failpoint(&data, failpoint, &ingest);

@@ -1460,6 +1460,7 @@ impl WriteBatch<'_> {
                 self.forget_uncommitted();
                 return Err(e);
             }
+            crate::failpoint::hit("blocks-appended-before-commit");
         }
         if let Some(g) = generation {
             let applied = self.store.gens.db(g)?.apply_batch(pieces).context("cannot write rows to their generation");
