@@ -32,6 +32,8 @@ pub const BLOCK_RAW: usize = 96 << 10;
 pub const PIECE_BYTES: usize = 6 << 10;
 /// zstd level: level 1 already shrinks Defender rows to a few percent at the highest speed.
 const ZSTD_LEVEL: i32 = 1;
+/// zstd level of the index's items in sled.
+const INDEX_ZSTD_LEVEL: i32 = 1;
 /// A frame never claims more than this when decompressed (a corrupt length must not
 /// make the reader allocate gigabytes).
 const MAX_RAW: usize = 64 << 20;
@@ -348,6 +350,12 @@ pub fn decompress(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8]) ->
         return Err(corrupt!("the block claims {raw_len} bytes: corrupt"));
     }
     zstd.decompress(&frame[4..], raw_len).context("the block is corrupt")
+}
+
+/// A zstd context for what the index keeps in sled (key-index chunks, column-index
+/// entries): no frame checksum, since sled's pages carry their own.
+pub fn index_compressor() -> Result<zstd::bulk::Compressor<'static>> {
+    zstd::bulk::Compressor::new(INDEX_ZSTD_LEVEL).context("cannot set up zstd")
 }
 
 /// The zstd contexts, reused across blocks (a context costs an allocation of its

@@ -330,7 +330,7 @@ impl Store {
         // One batch sequence at a time: its rows' postings, written as that batch wrote
         // them, and applied in bounded batches as the blocks are read.
         let db = self.db.clone();
-        let mut zstd = super::blocks::compressor()?;
+        let mut zstd = super::blocks::index_compressor()?;
         let mut current: Option<(u64, Postings)> = None;
         let mut write = |done: (u64, Postings), batch: &mut sled::Batch, pending: &mut usize| -> Result<()> {
             done.1.write(done.0, &mut zstd, batch)?;

@@ -175,7 +175,10 @@ pub struct Store {
     /// The earliest newest-row Timestamp of a stored event block (`None`: not known yet;
     /// see [`Store::expire_step`]).
     earliest_block_end: Option<i64>,
+    /// For the index's items in sled (key-index chunks, column-index entries).
     zstd: zstd::bulk::Compressor<'static>,
+    /// For row blocks (with zstd's frame checksum: they are read from plain files).
+    block_zstd: zstd::bulk::Compressor<'static>,
     unzstd: Mutex<zstd::bulk::Decompressor<'static>>,
     cache: Mutex<BlockCache>,
     /// Where the rows a detector's pass was just handed are, by key (from the blocks
@@ -259,7 +262,8 @@ impl Store {
             now: None,
             gens,
             earliest_block_end: None,
-            zstd: blocks::compressor()?,
+            zstd: blocks::index_compressor()?,
+            block_zstd: blocks::compressor()?,
             unzstd: Mutex::new(blocks::decompressor()?),
             cache: Mutex::new(BlockCache::new(BLOCK_CACHE_BLOCKS)),
             hints: Mutex::new(HashMap::new()),
@@ -1417,7 +1421,7 @@ impl WriteBatch<'_> {
             let base = if g == 0 { 0 } else { self.store.gens.blocks_end(g)? };
             let mut file = blocks::FileAppend { base, frames: Vec::new() };
             (new_block_end, fresh_blocks) =
-                std::mem::take(&mut self.blocks).write(s, &mut self.store.zstd, &mut file, &mut self.batch)?;
+                std::mem::take(&mut self.blocks).write(s, &mut self.store.block_zstd, &mut file, &mut self.batch)?;
             if !file.frames.is_empty() {
                 let end = base + file.frames.len() as u64;
                 self.batch.insert(generations::blocks_end_key(g), &end.to_be_bytes()[..]);

@@ -579,7 +579,7 @@ impl Runs {
         let handle = std::thread::Builder::new()
             .name("lookout-merge".into())
             .spawn(move || {
-                let mut zstd_c = super::blocks::compressor()?;
+                let mut zstd_c = super::blocks::index_compressor()?;
                 let mut zstd_d = super::blocks::decompressor()?;
                 thread_plan.run(&db, &mut zstd_c, &mut zstd_d, horizon)
             })
@@ -876,7 +876,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let gens = Generations::open(dir.path(), &db).unwrap();
-        let z = super::super::blocks::compressor().unwrap();
+        let z = super::super::blocks::index_compressor().unwrap();
         let unz = Mutex::new(super::super::blocks::decompressor().unwrap());
         (dir, db, gens, z, unz)
     }
