@@ -1045,8 +1045,15 @@ impl Store {
         }
         let mut out: Vec<(&'static str, u64, u64)> =
             by.into_iter().map(|(space, (items, bytes))| (keys::space_name(space), items, bytes)).collect();
-        // The event blocks' frames are not sled items: one file per generation.
-        out.push(("row blocks (generation files)", self.gens.count() as u64, self.gens.block_file_bytes()));
+        // The event blocks' frames are not sled items but in the generations' block files;
+        // their blocks are counted from the directory.
+        let mut in_files = 0u64;
+        for k in self.db.scan_prefix([keys::BLOCK_META]).keys() {
+            if keys::block_of(&k?).is_some_and(|(table, _, block)| !blocks::in_main(table, block)) {
+                in_files += 1;
+            }
+        }
+        out.push(("row blocks (generation block files)", in_files, self.gens.block_file_bytes()));
         out.sort_by_key(|p| std::cmp::Reverse(p.2));
         Ok(out)
     }
