@@ -89,7 +89,8 @@ impl BlockFile {
         let len = file.metadata().with_context(|| format!("cannot read the size of {}", path.display()))?.len();
         if len < end {
             return Err(StoreError::Unusable(format!(
-                "the block file {} is {len} bytes, but the store committed {end} bytes of row blocks to it                  (it was cut short or replaced); the store cannot be read without them: ingest the logs again \
+                "the block file {} is {len} bytes, but the store committed {end} bytes of row blocks to it \
+                 (it was cut short or replaced); the store cannot be read without them: ingest the logs again \
                  into a new --data directory",
                 path.display()
             )));
@@ -120,7 +121,7 @@ impl BlockFile {
 
     fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
         use std::os::unix::fs::FileExt as _;
-        if offset.saturating_add(u64::from(len)) > self.end.max(self.len) {
+        if offset.saturating_add(u64::from(len)) > self.end {
             return Err(corrupt!(
                 "a block's frame at offset {offset} ({len} bytes) lies past the end of {} ({} bytes); \
                  the store is damaged: ingest the logs again into a new --data directory",
