@@ -417,7 +417,7 @@ fn crash_loop() {
                 d.kill9();
             }
             Kind::Failpoint("ingest-after-commit") => {
-                // The failpoint sits after intermediate batch commits (4096 rows, or every
+                // The failpoint sits after intermediate batch commits (8,192 rows, or every
                 // 256 lines once a stop is asked): SIGTERM it while it reads the backlog.
                 if d.wait_log("plugin loaded", Duration::from_secs(60)) {
                     let est = per_row * backlog_lines as u32;

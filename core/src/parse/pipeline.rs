@@ -18,11 +18,11 @@ use std::sync::mpsc::{Receiver, SyncSender};
 const CHUNK_LINES: usize = 256;
 /// Line bytes per message: a chunk of long lines is sent before it has [`CHUNK_LINES`].
 const CHUNK_BYTES: usize = 512 << 10;
-/// Chunks in flight: bounds the memory held ahead of the storing side. More lines than a
-/// batch holds (`IngestOptions::batch_rows`, 4,096), so the parser keeps working while a
-/// batch commits instead of stopping after a few chunks. With [`CHUNK_BYTES`] that is at
-/// most ~10 MiB of lines (a parsed line is about its own size), or 21 lines of any
-/// length however long they are.
+/// Chunks in flight: bounds the memory held ahead of the storing side. 5,120 lines, so the
+/// parser keeps working while a batch commits instead of stopping after a few chunks.
+/// With [`CHUNK_BYTES`] that is at most ~10 MiB of lines (a parsed line is about its own
+/// size), or 21 lines of any length however long they are. (36 chunks, more lines than a
+/// batch of 8,192 rows, measured no faster: 6.8–7.5 s against 7.1–7.5 s for the 1M fleet.)
 const CHANNEL_CHUNKS: usize = 20;
 
 /// What one line turned into.
