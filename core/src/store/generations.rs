@@ -21,9 +21,10 @@
 //! What stays in the main database (generation 0): everything that commits a unit of work
 //! (block directory entries `D`, run metadata `M`, counters, source offsets, findings,
 //! cursors), FileProfile's blocks and runs (exempt from retention), and the generation list
-//! itself. A generation's data is written to its database and flushed to disk *before* the
-//! main batch that makes it visible is applied, so a crash leaves at worst pieces nothing
-//! refers to: the next open removes the newest generation's pieces beyond the last
+//! itself. A generation's data is written to its block file and its database and made
+//! durable *before* the main batch that makes it visible is applied, so a crash leaves at
+//! worst data nothing refers to: the next open cuts the newest block files back to their
+//! committed length, removes the newest generation's column-index entries beyond the last
 //! committed batch, orphan run chunks ([`super::runs`]), and generation folders the list
 //! does not hold.
 //!
@@ -65,13 +66,17 @@ struct Generation {
     blocks: BlockFile,
 }
 
-/// A generation's block file: frames appended at `end`, read by offset.
+/// A generation's block file: frames appended at its end, read by offset.
 struct BlockFile {
     path: PathBuf,
     file: std::fs::File,
-    /// The length the main database records (what committed batches wrote).
+    /// The length the main database records: every committed batch's frames lie before it.
     end: u64,
-    /// The file's length now (beyond `end` only after a batch that failed to commit).
+    /// The file's length now: beyond `end` after a batch that failed to commit. Its frames
+    /// stay, unreferenced (until a crash's open cuts them off): the next batch appends after
+    /// them, since a main batch that failed part way may have left directory entries in
+    /// sled's memory that point at them (`apply_batch` inserts key by key), and those must
+    /// never come to point at another batch's frames.
     len: u64,
 }
 
@@ -103,20 +108,21 @@ impl BlockFile {
         Ok(BlockFile { path, file, end, len: end })
     }
 
-    /// Writes `frames` at the committed end and makes them durable (before the batch that
-    /// refers to them); what a failed batch wrote beyond the end goes first.
+    /// Writes `frames` at the file's end and makes them durable (before the batch that
+    /// refers to them); returns where they start.
     fn append(&mut self, frames: &[u8]) -> Result<u64> {
         use std::os::unix::fs::FileExt as _;
-        if self.len != self.end {
-            self.file.set_len(self.end).with_context(|| format!("cannot cut {}", self.path.display()))?;
-            self.len = self.end;
-        }
-        self.file
-            .write_all_at(frames, self.end)
-            .with_context(|| format!("cannot write row blocks to {} at offset {}", self.path.display(), self.end))?;
-        self.len = self.end + frames.len() as u64;
-        self.file.sync_data().with_context(|| format!("cannot sync {}", self.path.display()))?;
-        Ok(self.len)
+        let at = self.len;
+        // Counted as written from here on: a write that fails part way leaves bytes there.
+        self.len = at + frames.len() as u64;
+        self.file.write_all_at(frames, at).with_context(|| {
+            format!(
+                "cannot write row blocks to {} at offset {at} (check the disk and its free space)",
+                self.path.display()
+            )
+        })?;
+        self.file.sync_data().with_context(|| format!("cannot sync {} to disk", self.path.display()))?;
+        Ok(at)
     }
 
     fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
@@ -228,9 +234,13 @@ impl Generations {
                 )));
             }
             let end = match main.get(blocks_end_key(record.id))? {
-                Some(v) => {
-                    u64::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt!("corrupt block file length"))?)
-                }
+                Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                    corrupt!(
+                        "the recorded length of generation {}'s block file is corrupt; the store is damaged: \
+                         ingest the logs again into a new --data directory",
+                        record.id
+                    )
+                })?),
                 None => 0,
             };
             let blocks = BlockFile::open(path.join(BLOCK_FILE), end)?;
@@ -262,17 +272,24 @@ impl Generations {
         self.gens.values().rev().find(|g| g.record.first_seq <= seq).map_or(0, |g| g.record.id)
     }
 
-    /// The committed length of generation `id`'s block file: where a batch's frames go.
-    pub fn blocks_end(&self, id: u32) -> Result<u64> {
-        Ok(self.generation(id)?.blocks.end)
+    /// The length of generation `id`'s block file: where a batch's frames will go.
+    pub fn blocks_len(&self, id: u32) -> Result<u64> {
+        Ok(self.generation(id)?.blocks.len)
     }
 
-    /// Appends a batch's block frames to generation `id`'s file at its committed end and
-    /// makes them durable; returns the file's new length, which the batch records (see
-    /// [`blocks_end_key`]) and, once it is applied, [`Generations::blocks_committed`] takes.
-    pub fn append_blocks(&mut self, id: u32, frames: &[u8]) -> Result<u64> {
+    /// Appends a batch's block frames to generation `id`'s file and makes them durable. They
+    /// go where [`Generations::blocks_len`] said (nothing else writes in between); the
+    /// batch records the file's new length (see [`blocks_end_key`]) and, once it is
+    /// applied, [`Generations::blocks_committed`] takes it.
+    pub fn append_blocks(&mut self, id: u32, at: u64, frames: &[u8]) -> Result<()> {
         let g = self.gens.get_mut(&id).ok_or_else(|| corrupt!("generation {id} is not open"))?;
-        g.blocks.append(frames)
+        if g.blocks.len != at {
+            return Err(corrupt!(
+                "generation {id}'s block file moved to {} bytes while a batch was laid out for {at}",
+                g.blocks.len
+            ));
+        }
+        g.blocks.append(frames).map(|_| ())
     }
 
     /// The batch that recorded `end` for generation `id`'s block file was applied.
@@ -282,9 +299,11 @@ impl Generations {
         }
     }
 
-    /// `len` bytes at `offset` of the block file of the generation batch `seq` wrote to.
-    pub fn read_blocks(&self, seq: u64, offset: u64, len: u32) -> Result<Vec<u8>> {
-        self.generation(self.of_seq(seq))?.blocks.read(offset, len)
+    /// `len` bytes at `offset` of the block file of the generation batch `seq` wrote to,
+    /// and that file's path (for errors about what was read).
+    pub fn read_blocks(&self, seq: u64, offset: u64, len: u32) -> Result<(Vec<u8>, &Path)> {
+        let blocks = &self.generation(self.of_seq(seq))?.blocks;
+        Ok((blocks.read(offset, len)?, &blocks.path))
     }
 
     fn generation(&self, id: u32) -> Result<&Generation> {

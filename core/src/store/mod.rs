@@ -505,11 +505,23 @@ impl Store {
             }
         };
         let (meta, _) = blocks::decode_meta(value).with_context(id)?;
-        let span = meta.file.ok_or_else(|| corrupt!("{} has no place in its generation's block file", id()))?;
+        let span = meta.file.ok_or_else(|| {
+            corrupt!(
+                "{}'s directory entry has no place in its generation's block file; the store is damaged: ingest \
+                 the logs again into a new --data directory",
+                id()
+            )
+        })?;
         let (offset, len) = span.frame(space);
-        let frame = self.gens.read_blocks(seq, offset, len).with_context(id)?;
+        let (frame, path) = self.gens.read_blocks(seq, offset, len).with_context(id)?;
         let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-        blocks::decompress(&mut z, &frame).with_context(id)
+        blocks::decompress(&mut z, &frame).with_context(|| {
+            format!(
+                "{} at offset {offset} of {} (the file is damaged: ingest the logs again into a new --data directory)",
+                id(),
+                path.display()
+            )
+        })
     }
 
     /// The number `table`'s rows are stored under in blocks (`None`: never seen).
@@ -1403,9 +1415,10 @@ impl WriteBatch<'_> {
         let mut pending_runs = Vec::new();
         let mut new_block_end = None;
         let mut fresh_blocks = Vec::new();
-        // What goes to a generation's database (the event rows' pieces and run chunks), and
-        // the run chunks of FileProfile and of rows from ahead of the clock (main database):
-        // both applied, and the generation flushed, before the batch that makes them visible.
+        // What goes to a generation (the event rows' block frames to its file, their run
+        // chunks and column-index entries to its database), and the run chunks of FileProfile
+        // and of rows from ahead of the clock (main database): all written, and the
+        // generation made durable, before the batch that makes them visible.
         let mut generation = None;
         let mut wrote_list = false;
         let mut pieces = sled::Batch::default();
@@ -1425,7 +1438,7 @@ impl WriteBatch<'_> {
                 wrote_list = listed;
                 g
             };
-            let base = if g == 0 { 0 } else { self.store.gens.blocks_end(g)? };
+            let base = if g == 0 { 0 } else { self.store.gens.blocks_len(g)? };
             let mut file = blocks::FileAppend { base, frames: Vec::new() };
             (new_block_end, fresh_blocks) =
                 std::mem::take(&mut self.blocks).write(s, &mut self.store.block_zstd, &mut file, &mut self.batch)?;
@@ -1466,8 +1479,9 @@ impl WriteBatch<'_> {
             self.batch.insert(vec![keys::COUNTERS], enc(&self.store.counters)?);
         }
         let batch = std::mem::take(&mut self.batch);
-        if let Some((g, frames, _)) = &block_frames {
-            if let Err(e) = self.store.gens.append_blocks(*g, frames) {
+        if let Some((g, frames, end)) = &block_frames {
+            let at = end - frames.len() as u64;
+            if let Err(e) = self.store.gens.append_blocks(*g, at, frames) {
                 self.forget_uncommitted();
                 return Err(e);
             }
@@ -1714,9 +1728,9 @@ mod tests {
         assert_eq!(lookup(&store, "wsmprovhost.exe", None), ["s1", "s3"]);
     }
 
-    /// A generation's block file holds exactly what committed batches wrote: a failed
-    /// batch's frames are written over, a crash's are cut off on open, and a file cut
-    /// short (frames the store refers to gone) is refused with what to do.
+    /// A generation's block file: a failed batch's frames are never written over (the next
+    /// batch goes after them), a crash's are cut off on open, and a file cut short (frames
+    /// the store refers to gone) is refused with what to do.
     #[test]
     fn a_block_file_keeps_only_committed_frames_and_a_cut_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -1732,9 +1746,11 @@ mod tests {
         let mut b = store.batch();
         b.add_row(load(2, "wsmprovhost.exe"), 0).unwrap();
         assert!(b.commit().is_err());
-        assert!(len(&file) > committed, "the failed batch's frames were written");
+        let failed = len(&file);
+        assert!(failed > committed, "the failed batch's frames were written");
         commit(&mut store, vec![load(3, "wsmprovhost.exe")]);
         let committed = len(&file);
+        assert!(committed > failed, "the next batch went after them");
         drop(store);
         // What a crash after writing a batch's frames leaves: bytes past the recorded end.
         {
