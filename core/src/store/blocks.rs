@@ -133,6 +133,13 @@ pub struct FileAppend {
     pub frames: Vec<u8>,
 }
 
+impl FileAppend {
+    /// The file's length once the frames are in.
+    pub fn end(&self) -> u64 {
+        self.base + self.frames.len() as u64
+    }
+}
+
 /// A block's directory entry: its meta, and the filter of its rows' SHA1 values when it
 /// has one (see [`super::block_filter`]).
 pub fn decode_meta(value: &[u8]) -> Result<(BlockMeta, Option<Sha1Filter>)> {

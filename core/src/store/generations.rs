@@ -109,8 +109,8 @@ impl BlockFile {
     }
 
     /// Writes `frames` at the file's end and makes them durable (before the batch that
-    /// refers to them); returns where they start.
-    fn append(&mut self, frames: &[u8]) -> Result<u64> {
+    /// refers to them).
+    fn append(&mut self, frames: &[u8]) -> Result<()> {
         use std::os::unix::fs::FileExt as _;
         let at = self.len;
         // Counted as written from here on: a write that fails part way leaves bytes there.
@@ -121,8 +121,7 @@ impl BlockFile {
                 self.path.display()
             )
         })?;
-        self.file.sync_data().with_context(|| format!("cannot sync {} to disk", self.path.display()))?;
-        Ok(at)
+        self.file.sync_data().with_context(|| format!("cannot sync {} to disk", self.path.display()))
     }
 
     fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
@@ -289,7 +288,7 @@ impl Generations {
                 g.blocks.len
             ));
         }
-        g.blocks.append(frames).map(|_| ())
+        g.blocks.append(frames)
     }
 
     /// The batch that recorded `end` for generation `id`'s block file was applied.

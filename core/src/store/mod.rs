@@ -1423,9 +1423,8 @@ impl WriteBatch<'_> {
         let mut wrote_list = false;
         let mut pieces = sled::Batch::default();
         let mut main_chunks = sled::Batch::default();
-        // The batch's event blocks' frames, for its generation's block file: (generation,
-        // frames, the file's length after them).
-        let mut block_frames: Option<(u32, Vec<u8>, u64)> = None;
+        // The batch's event blocks' frames, for its generation's block file.
+        let mut block_frames: Option<(u32, blocks::FileAppend)> = None;
         if !self.pending.is_empty() {
             let s = self.store.next_journal;
             let mut entries = std::mem::take(&mut self.entries);
@@ -1443,9 +1442,8 @@ impl WriteBatch<'_> {
             (new_block_end, fresh_blocks) =
                 std::mem::take(&mut self.blocks).write(s, &mut self.store.block_zstd, &mut file, &mut self.batch)?;
             if !file.frames.is_empty() {
-                let end = base + file.frames.len() as u64;
-                self.batch.insert(generations::blocks_end_key(g), &end.to_be_bytes()[..]);
-                block_frames = Some((g, file.frames, end));
+                self.batch.insert(generations::blocks_end_key(g), &file.end().to_be_bytes()[..]);
+                block_frames = Some((g, file));
             }
             entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             let mut ahead = std::mem::take(&mut self.ahead_entries);
@@ -1479,9 +1477,8 @@ impl WriteBatch<'_> {
             self.batch.insert(vec![keys::COUNTERS], enc(&self.store.counters)?);
         }
         let batch = std::mem::take(&mut self.batch);
-        if let Some((g, frames, end)) = &block_frames {
-            let at = end - frames.len() as u64;
-            if let Err(e) = self.store.gens.append_blocks(*g, at, frames) {
+        if let Some((g, file)) = &block_frames {
+            if let Err(e) = self.store.gens.append_blocks(*g, file.base, &file.frames) {
                 self.forget_uncommitted();
                 return Err(e);
             }
@@ -1512,8 +1509,8 @@ impl WriteBatch<'_> {
             return Err(e).context("cannot commit a batch to the database");
         }
         self.committed = true;
-        if let Some((g, _, end)) = block_frames {
-            self.store.gens.blocks_committed(g, end);
+        if let Some((g, file)) = block_frames {
+            self.store.gens.blocks_committed(g, file.end());
         }
         if !fresh_blocks.is_empty() {
             let mut cache = self.store.cache.lock().unwrap_or_else(|p| p.into_inner());
