@@ -89,6 +89,8 @@ def main():
     ap.add_argument("--target", default="target/release")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (nodes.log)")
     ap.add_argument("--perf", action="store_true", help="record the one-node run with perf (kept in the work folder)")
+    ap.add_argument("--perf-replay", action="store_true",
+                    help="record the survivor from the kill to the end of its replay with perf (perf-replay.data)")
     ap.add_argument("--property", action="append", default=[], metavar="KEY=VALUE",
                     help="a librdkafka property for every client (split, nodes), in [kafka.properties]")
     ap.add_argument("--pin", action="store_true",
@@ -97,7 +99,7 @@ def main():
     t = os.path.abspath(a.target)
     lookout, mock = os.path.join(t, "lookout"), os.path.join(t, "lookout-kafka-mock")
     work = tempfile.mkdtemp(prefix="lookout-kafka-bench.")
-    a.keep = a.keep or a.perf
+    a.keep = a.keep or a.perf or a.perf_replay
     try:
         run(a, t, lookout, mock, work)
     finally:
@@ -207,6 +209,11 @@ def run(a, t, lookout, mock, work):
     pb = node(lookout, db, brokers, plugins, profiles, log, cfg)
     wait(lambda: settled([da, db]), 300, "two nodes to settle")
     before = sum(p["rows_stored"] for p in status(da)["kafka"]["partitions"])
+    rec = None
+    if a.perf_replay:
+        rec = subprocess.Popen(["perf", "record", "-F", "999", "-g", "--call-graph", "dwarf,16384", "-p", str(pa.pid), "-o",
+                                os.path.join(work, "perf-replay.data")], stdout=log, stderr=log)
+        time.sleep(0.5)
     pb.send_signal(signal.SIGKILL)
     pb.wait()
     killed = time.monotonic()
@@ -221,6 +228,9 @@ def run(a, t, lookout, mock, work):
             break
         time.sleep(0.01)
     done = time.monotonic() - killed
+    if rec:
+        rec.send_signal(signal.SIGINT)
+        rec.wait()
     replayed = sum(p["rows_stored"] for p in status(da)["kafka"]["partitions"]) - before
     replay_secs = done - (taken or 0)
     print(f"failover: SIGKILL -> survivor assigned every partition {taken:.2f} s, replayed and detected {done:.2f} s "

@@ -72,7 +72,7 @@ pub struct SplitArgs {
     /// Topic of Streaming-API messages (`{"records":[…]}` or one record per message)
     #[arg(long)]
     from: String,
-    /// Topic to produce one record per message to, keyed by DeviceId (`run --kafka` reads it)
+    /// Topic to produce the records to, keyed by DeviceId (`run --kafka` reads it)
     #[arg(long)]
     to: String,
     /// Consumer group whose committed offsets are the split's progress
@@ -91,6 +91,11 @@ pub struct SplitArgs {
     /// Input messages per produced-and-committed batch
     #[arg(long, default_value_t = 1000)]
     batch: usize,
+    /// Most bytes of one produced message: a batch's records of one device go out
+    /// together in Streaming-API messages ({"records":[…]}) up to this size (a record
+    /// bigger than this goes alone). Keep it below the brokers' message.max.bytes
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 10)]
+    message_bytes: usize,
     /// Stop after this many seconds with nothing to read (a one-shot backfill); runs
     /// until SIGTERM/SIGINT otherwise
     #[arg(long, value_name = "SECONDS")]
@@ -108,6 +113,9 @@ pub fn split(args: SplitArgs) -> Result<ExitCode> {
     if args.batch == 0 {
         return Err(anyhow!("--batch 0: a batch needs at least one message"));
     }
+    if args.message_bytes < 1024 {
+        return Err(anyhow!("--message-bytes {}: give at least 1024 (64 KiB by default)", args.message_bytes));
+    }
     let cfg = SplitConfig {
         kafka: settings(Some(&args.brokers), &file)?,
         unkeyed_topic: args.unkeyed_topic.clone().unwrap_or_else(|| format!("{}.unkeyed", args.to)),
@@ -117,6 +125,7 @@ pub fn split(args: SplitArgs) -> Result<ExitCode> {
         group: args.group,
         broadcast: args.broadcast.into_iter().filter(|t| t != "none").collect(),
         batch_messages: args.batch,
+        message_bytes: args.message_bytes,
         idle_exit: args.idle_exit.map(|s| seconds("--idle-exit", s)).transpose()?,
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -213,6 +222,7 @@ pub fn run_node(
         retention: c.retention,
         rescan: c.rescan,
         batch_messages: 20_000,
+        batch_bytes: 40 << 20,
         quiet_before_pass: seconds("--quiet-before-pass", args.quiet_before_pass.unwrap_or(0.0))?,
     };
     run_kafka_node(cfg, stop)?;

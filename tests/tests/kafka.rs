@@ -597,8 +597,11 @@ fn split_counts_and_keeps_aside_what_it_cannot_key() {
     assert_eq!(stats["unkeyed"], 1, "{stats}");
     assert_eq!(stats["rejected"], 2, "{stats}");
     assert_eq!(stats["produced"], 1, "{stats}");
+    assert_eq!(stats["produced_messages"], 1, "{stats}");
     assert_eq!(w.mock.consume("rows.unkeyed").len(), 1);
+    // Keyed records go out as Streaming-API messages, here of one record.
     let rows = w.mock.consume("rows");
     assert_eq!(rows.len(), 1, "{rows:?}");
-    assert_eq!(rows[0].1["properties"]["DeviceId"], "d1");
+    assert_eq!(rows[0].1["records"].as_array().map(Vec::len), Some(1), "{rows:?}");
+    assert_eq!(rows[0].1["records"][0]["properties"]["DeviceId"], "d1");
 }

@@ -1,8 +1,8 @@
 //! Lookout over Kafka (or Azure Event Hubs' Kafka endpoint), behind the `kafka` feature.
 //!
-//! - [`split`]: `lookout split`, the repartition step: Streaming-API messages in, one
-//!   record per message out, keyed by `DeviceId` so that a device's rows all land in one
-//!   partition. Its progress is its consumer group's committed offsets.
+//! - [`split`]: `lookout split`, the repartition step: Streaming-API messages in, records
+//!   out keyed by `DeviceId` so that a device's rows all land in one partition (a batch's
+//!   records of one device together, in messages of up to 64 KiB). Its progress is its consumer group's committed offsets.
 //! - [`node`]: `lookout run --kafka`, one node of a consumer group. Each partition it owns
 //!   has its own store ([`partition`]), with the partition's next offset committed in the
 //!   same batch as the rows, so the store is exactly-once without Kafka transactions.

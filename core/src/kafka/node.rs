@@ -68,6 +68,9 @@ pub struct NodeConfig {
     pub rescan: Duration,
     /// Messages per stored batch, at most.
     pub batch_messages: usize,
+    /// Payload bytes per stored batch, at most (a message of many records counts whole):
+    /// what bounds a round's memory when `split` packs tens of rows into a message.
+    pub batch_bytes: usize,
     /// Run a partition's detectors only once no message has arrived for this long (0:
     /// every round). Rules with thresholds or suppressions decide on what a pass sees, so
     /// a topic filled in bursts gets one pass per burst, not one per part of it.
@@ -622,11 +625,16 @@ fn work(
     result
 }
 
-/// Reads messages for up to 250 ms (or a batch, or until none comes for 5 ms), into their partitions' pending lists.
+/// Reads messages for up to 250 ms, and for at most 50 ms from the first one (or a
+/// batch's messages or bytes, or until none comes for 5 ms), into their partitions'
+/// pending lists. The 50 ms: librdkafka goes on fetching while the round is stored, so a
+/// round that waited for a whole batch to arrive (a partition just taken over, read from
+/// its start) would leave the storing idle while it waited.
 fn read_messages(cfg: &NodeConfig, consumer: &BaseConsumer<NodeContext>) -> Result<(), KafkaError> {
-    let deadline = Instant::now() + Duration::from_millis(250);
+    let mut deadline = Instant::now() + Duration::from_millis(250);
     let mut taken = 0;
-    while taken < cfg.batch_messages {
+    let mut bytes = 0;
+    while taken < cfg.batch_messages && bytes < cfg.batch_bytes {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -652,7 +660,12 @@ fn read_messages(cfg: &NodeConfig, consumer: &BaseConsumer<NodeContext>) -> Resu
             // Already stored (a fetch from before the assignment's start took effect).
             continue;
         }
-        p.pending.push((message.offset(), message.payload().unwrap_or_default().to_vec()));
+        let payload = message.payload().unwrap_or_default();
+        if taken == 0 {
+            deadline = deadline.min(Instant::now() + Duration::from_millis(50));
+        }
+        bytes += payload.len();
+        p.pending.push((message.offset(), payload.to_vec()));
         p.last_message_at = Instant::now();
         taken += 1;
     }
@@ -879,6 +892,7 @@ mod tests {
             retention: None,
             rescan: Duration::from_secs(1),
             batch_messages: 100,
+            batch_bytes: 16 << 20,
             quiet_before_pass: Duration::ZERO,
         }
     }

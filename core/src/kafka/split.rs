@@ -1,11 +1,14 @@
 //! `lookout split`: the repartition step (as Kafka Streams does before a keyed join).
 //!
 //! Reads Streaming-API messages (`{"records":[…]}` or one record per message, as Event
-//! Hubs delivers them) from one topic and produces each record on its own to another,
-//! keyed by its `DeviceId`, with the idempotent producer and the Java-compatible murmur2
-//! partitioner — so the same device lands in the same partition whichever client wrote
-//! it. Records with no DeviceId go to the unkeyed topic and records that are not JSON
-//! objects to the rejected topic, counted; neither stops the split.
+//! Hubs delivers them) from one topic and produces their records to another, keyed by
+//! `DeviceId`, with the idempotent producer and the Java-compatible murmur2 partitioner —
+//! so the same device lands in the same partition whichever client wrote it. A batch's
+//! records of one device go out together, in their order, as Streaming-API messages of up
+//! to `message_bytes` (`{"records":[…]}`): a consumer pays Kafka's per-message cost once
+//! for tens of rows, not once a row. Records with no DeviceId go to the unkeyed topic and
+//! records that are not JSON objects to the rejected topic, one a message, counted;
+//! neither stops the split.
 //!
 //! Its progress is its consumer group's committed offsets, and an input offset is
 //! committed only after every record produced from the messages before it is
@@ -42,6 +45,9 @@ pub struct SplitConfig {
     pub broadcast: Vec<String>,
     /// Input messages per produced-and-committed batch.
     pub batch_messages: usize,
+    /// Most bytes of one produced message (a record bigger than this goes alone): below
+    /// the brokers' `message.max.bytes` and the nodes' line limit.
+    pub message_bytes: usize,
     /// Stop after this long with nothing to read (a one-shot backfill); `None`: run until
     /// stopped.
     pub idle_exit: Option<Duration>,
@@ -54,6 +60,8 @@ pub struct SplitStats {
     pub records: u64,
     /// Records produced keyed by DeviceId.
     pub produced: u64,
+    /// Messages those records (and the broadcast ones) went out in.
+    pub produced_messages: u64,
     /// Records of broadcast tables, each produced to every partition.
     pub broadcast: u64,
     /// Records with no DeviceId, sent to the unkeyed topic.
@@ -146,6 +154,7 @@ pub fn run_split(
     while !stop.load(Ordering::Relaxed) {
         // Input offsets reached in this batch, per partition: committed once it is acked.
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut groups = Groups::default();
         let deadline = Instant::now() + Duration::from_millis(250);
         let mut taken = 0usize;
         while taken < cfg.batch_messages {
@@ -162,7 +171,7 @@ pub fn run_split(
                 Some(Ok(m)) => m,
             };
             stats.messages += 1;
-            split_message(cfg, &producer, partitions, message.payload(), &mut stats)?;
+            split_message(cfg, &producer, partitions, message.payload(), &mut groups, &mut stats)?;
             let reached = next.entry(message.partition()).or_insert(0);
             *reached = (*reached).max(message.offset() + 1);
             taken += 1;
@@ -179,6 +188,7 @@ pub fn run_split(
             continue;
         }
         idle_since = Instant::now();
+        groups.send_all(cfg, &producer, &mut stats)?;
         // Every record of the batch acknowledged, or nothing committed.
         let flushed = producer.flush(Duration::from_secs(120));
         let failed = producer.context().take_failures();
@@ -229,6 +239,82 @@ fn partition_count<C: ProducerContext>(producer: &BaseProducer<C>, topic: &str) 
     Ok(n as i32)
 }
 
+/// Where a group of records goes: its key (the DeviceId) and, for a broadcast table, the
+/// partition (otherwise the partitioner's choice by key).
+type Destination = (String, Option<i32>);
+
+/// A batch's keyed records, gathered per destination into Streaming-API messages
+/// (`{"records":[…]}`), each sent once it would outgrow `message_bytes` and the rest at
+/// the end of the batch, before its input offsets are committed.
+#[derive(Default)]
+struct Groups {
+    open: std::collections::HashMap<Destination, Vec<u8>>,
+}
+
+const OPEN: &[u8] = br#"{"records":["#;
+const CLOSE: &[u8] = b"]}";
+
+impl Groups {
+    /// Adds one record to its destination's message, sending that message first when
+    /// the record would take it over `message_bytes`.
+    fn add<C: ProducerContext<DeliveryOpaque = ()>>(
+        &mut self,
+        cfg: &SplitConfig,
+        producer: &BaseProducer<C>,
+        to: Destination,
+        record: &[u8],
+        stats: &mut SplitStats,
+    ) -> Result<(), KafkaError> {
+        if let Some(open) = self.open.get_mut(&to) {
+            if !open.is_empty() && open.len() + 1 + record.len() + CLOSE.len() > cfg.message_bytes {
+                let full = std::mem::take(open);
+                send_group(cfg, producer, &to, full, stats)?;
+            }
+        }
+        let message = self.open.entry(to).or_default();
+        if message.is_empty() {
+            message.extend_from_slice(OPEN);
+        } else {
+            message.push(b',');
+        }
+        message.extend_from_slice(record);
+        Ok(())
+    }
+
+    /// Sends every open message (the end of a batch).
+    fn send_all<C: ProducerContext<DeliveryOpaque = ()>>(
+        &mut self,
+        cfg: &SplitConfig,
+        producer: &BaseProducer<C>,
+        stats: &mut SplitStats,
+    ) -> Result<(), KafkaError> {
+        for (to, message) in self.open.drain() {
+            send_group(cfg, producer, &to, message, stats)?;
+        }
+        Ok(())
+    }
+}
+
+/// Closes one gathered message and produces it to its destination.
+fn send_group<C: ProducerContext<DeliveryOpaque = ()>>(
+    cfg: &SplitConfig,
+    producer: &BaseProducer<C>,
+    (device, partition): &Destination,
+    mut message: Vec<u8>,
+    stats: &mut SplitStats,
+) -> Result<(), KafkaError> {
+    if message.is_empty() {
+        return Ok(());
+    }
+    message.extend_from_slice(CLOSE);
+    let mut record = BaseRecord::to(&cfg.to).key(device.as_str()).payload(message.as_slice());
+    if let Some(p) = partition {
+        record = record.partition(*p);
+    }
+    stats.produced_messages += 1;
+    send(producer, record)
+}
+
 /// The table a Streaming-API record names in its `category`.
 fn table_of(record: &Value) -> Option<&str> {
     record.get("category")?.as_str()?.strip_prefix("AdvancedHunting-")
@@ -240,6 +326,7 @@ fn split_message<C: ProducerContext<DeliveryOpaque = ()>>(
     producer: &BaseProducer<C>,
     partitions: i32,
     payload: Option<&[u8]>,
+    groups: &mut Groups,
     stats: &mut SplitStats,
 ) -> Result<(), KafkaError> {
     let payload = payload.unwrap_or_default();
@@ -263,12 +350,12 @@ fn split_message<C: ProducerContext<DeliveryOpaque = ()>>(
             Some(device) if table_of(&record).is_some_and(|t| cfg.broadcast.iter().any(|b| b == t)) => {
                 stats.broadcast += 1;
                 for partition in 0..partitions {
-                    send(producer, BaseRecord::to(&cfg.to).partition(partition).key(device).payload(&bytes))?;
+                    groups.add(cfg, producer, (device.to_string(), Some(partition)), &bytes, stats)?;
                 }
             }
             Some(device) => {
                 stats.produced += 1;
-                send(producer, BaseRecord::to(&cfg.to).key(device).payload(&bytes))?;
+                groups.add(cfg, producer, (device.to_string(), None), &bytes, stats)?;
             }
             None => {
                 stats.unkeyed += 1;
@@ -277,4 +364,99 @@ fn split_message<C: ProducerContext<DeliveryOpaque = ()>>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+
+    /// Every message of `topic` (partitions 0..n): (partition, key, payload as JSON).
+    fn read_all(brokers: &str, topic: &str, partitions: i32, want: usize) -> Vec<(i32, String, Value)> {
+        let consumer: BaseConsumer = KafkaSettings { brokers: brokers.into(), properties: Vec::new() }
+            .client(&[("group.id", "test-reader"), ("enable.auto.commit", "false")])
+            .create()
+            .unwrap();
+        let mut list = TopicPartitionList::new();
+        for p in 0..partitions {
+            list.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        }
+        consumer.assign(&list).unwrap();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < want && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                got.push((m.partition(), key, serde_json::from_slice(m.payload().unwrap_or_default()).unwrap()));
+            }
+        }
+        got
+    }
+
+    fn record(table: &str, device: &str, report: i64) -> Value {
+        serde_json::json!({
+            "category": format!("AdvancedHunting-{table}"),
+            "properties": {"DeviceId": device, "ReportId": report, "FileName": "x".repeat(100)},
+        })
+    }
+
+    /// A batch's records of one device go out together and in their order, in messages
+    /// no bigger than `message_bytes`; a broadcast record goes to every partition.
+    #[test]
+    fn a_devices_records_go_out_together_in_order_within_the_message_size() {
+        let cluster = MockCluster::new(1).unwrap();
+        for (topic, partitions) in [("in", 1), ("rows", 2), ("rows.unkeyed", 1), ("rows.rejected", 1)] {
+            cluster.create_topic(topic, partitions, 1).unwrap();
+        }
+        let kafka = KafkaSettings { brokers: cluster.bootstrap_servers(), properties: Vec::new() };
+        let one = serde_json::to_vec(&record("DeviceFileEvents", "d1", 1)).unwrap().len();
+        let input = serde_json::json!({"records": [
+            record("DeviceFileEvents", "d1", 1),
+            record("DeviceFileEvents", "d2", 2),
+            record("DeviceFileEvents", "d1", 3),
+            record("DeviceFileCertificateInfo", "d3", 4),
+            record("DeviceFileEvents", "d1", 5),
+        ]});
+        let producer = producer(&kafka, Deliveries::default()).unwrap();
+        send(&producer, BaseRecord::to("in").key("x").payload(&serde_json::to_vec(&input).unwrap()[..])).unwrap();
+        producer.flush(Duration::from_secs(10)).unwrap();
+
+        let cfg = SplitConfig {
+            kafka: kafka.clone(),
+            from: "in".into(),
+            to: "rows".into(),
+            group: "split".into(),
+            unkeyed_topic: "rows.unkeyed".into(),
+            rejected_topic: "rows.rejected".into(),
+            broadcast: vec!["DeviceFileCertificateInfo".into()],
+            batch_messages: 100,
+            // Room for two records a message, not three.
+            message_bytes: OPEN.len() + 2 * one + 1 + CLOSE.len() + 10,
+            idle_exit: Some(Duration::from_secs(1)),
+        };
+        let stats = run_split(&cfg, &AtomicBool::new(false), &mut |_| {}).unwrap();
+        assert_eq!((stats.records, stats.produced, stats.broadcast), (5, 4, 1), "{stats:?}");
+        // d1: two messages (1, 3 | 5); d2: one; the certificate: one in each partition.
+        assert_eq!(stats.produced_messages, 5, "{stats:?}");
+
+        let messages = read_all(&cluster.bootstrap_servers(), "rows", 2, 5);
+        assert_eq!(messages.len(), 5, "{messages:?}");
+        let reports = |device: &str| -> Vec<Vec<i64>> {
+            messages
+                .iter()
+                .filter(|(_, key, _)| key == device)
+                .map(|(_, _, m)| {
+                    let records = m["records"].as_array().expect("a Streaming-API message");
+                    records.iter().map(|r| r["properties"]["ReportId"].as_i64().unwrap()).collect()
+                })
+                .collect()
+        };
+        assert_eq!(reports("d1"), vec![vec![1, 3], vec![5]]);
+        assert_eq!(reports("d2"), vec![vec![2]]);
+        assert_eq!(reports("d3"), vec![vec![4], vec![4]]);
+        let cert_partitions: std::collections::BTreeSet<i32> =
+            messages.iter().filter(|(_, key, _)| key == "d3").map(|(p, _, _)| *p).collect();
+        assert_eq!(cert_partitions, [0, 1].into());
+        assert!(messages.iter().all(|(_, _, m)| serde_json::to_vec(m).unwrap().len() <= cfg.message_bytes));
+    }
 }
