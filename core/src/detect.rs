@@ -5,6 +5,7 @@
 
 use crate::clock::Clock;
 use crate::error::{Chain, StoreError};
+use crate::finding_json::finding_json;
 use crate::plugin::host_api::with_host_api;
 use crate::plugin::loader::CallError;
 use crate::plugin::Plugin;
@@ -12,8 +13,7 @@ use crate::store::block_filter::Sha1Probe;
 use crate::store::detectors::row_key_sha1_device;
 use crate::store::Store;
 use lookout_plugin_sdk::time::format_timestamp;
-use lookout_plugin_sdk::{EvalRequest, FindingOut, InitRequest, InputSpec, RowRef, StateOp};
-use serde_json::{Map, Value};
+use lookout_plugin_sdk::{EvalRequest, InitRequest, InputSpec, RowRef, StateOp};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -245,8 +245,8 @@ fn run_detector(
             if !fresh.insert(fid.clone()) || batch.store().has_finding(&fid).map_err(PassError::Store)? {
                 continue;
             }
-            let json = finding_json(&fid, plugin, &detected_at, f);
-            batch.put_finding(&fid, serde_json::to_vec(&json).map_err(DetectorError::Finding)?, outbox_seq);
+            let json = finding_json(&fid, &plugin.manifest, &detected_at, &f).map_err(DetectorError::Finding)?;
+            batch.put_finding(&fid, json, outbox_seq);
             outbox_seq += 1;
             report.new_findings += 1;
         }
@@ -483,32 +483,13 @@ fn input_refs(
     Ok(keys.iter().filter_map(|k| store.row_ref(k)).collect())
 }
 
-fn finding_json(fid: &str, plugin: &Plugin, detected_at: &str, f: FindingOut) -> Value {
-    let m = &plugin.manifest;
-    let mut row = Map::new();
-    for (name, cell) in f.row {
-        row.insert(name, cell.to_json());
-    }
-    let mut o = Map::new();
-    o.insert("finding_id".into(), fid.into());
-    o.insert("detector".into(), m.name.clone().into());
-    o.insert("detector_version".into(), m.version.clone().into());
-    o.insert("detected_at".into(), detected_at.into());
-    o.insert("title".into(), m.title.clone().into());
-    o.insert("severity".into(), m.severity.clone().into());
-    o.insert("mitre".into(), m.mitre.clone().into());
-    o.insert("device_id".into(), f.device_id.into());
-    o.insert("device_name".into(), f.device_name.into());
-    o.insert("row".into(), Value::Object(row));
-    Value::Object(o)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::parse::normalise::{normalise, TableHints};
     use lookout_plugin_sdk::tables::{FILE_EVENTS, IMAGE_LOADS};
     use lookout_plugin_sdk::Condition;
+    use serde_json::Value;
 
     fn row(table: &str, report: i64, process: &str) -> crate::parse::normalise::NormalRow {
         let text = format!(

@@ -13,6 +13,7 @@ pub mod detect;
 pub mod disk;
 pub mod error;
 pub mod failpoint;
+pub mod finding_json;
 pub mod findings;
 pub mod fingerprint;
 pub mod gen;
