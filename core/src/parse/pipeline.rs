@@ -8,7 +8,7 @@
 //! what reading and parsing in line would commit.
 
 use super::lines::{LineEnd, LineInfo, LineReader};
-use super::normalise::{normalise, NormalRow, TableHints};
+use super::normalise::{normalise_columns, NormalRow, TableHints};
 use super::record::{parse_document, unwrap_document, Document};
 use super::{Reject, RejectKind};
 use std::io::BufRead;
@@ -97,7 +97,7 @@ pub fn parse_line(buf: &[u8], info: &LineInfo, max_line: usize, hints: &TableHin
 pub fn records(doc: Document, hints: &TableHints) -> Vec<Result<NormalRow, Reject>> {
     unwrap_document(doc)
         .into_iter()
-        .map(|u| u.and_then(|u| normalise(u.row, u.category_table.as_deref(), hints)))
+        .map(|u| u.and_then(|u| normalise_columns(u.row, u.category_table.as_deref(), hints)))
         .collect()
 }
 
