@@ -26,16 +26,8 @@ pub fn with_host_api<R>(store: &Store, f: impl FnOnce(&LookoutHostApi) -> R) -> 
 
 fn answer(store: &Store, req: HostRequest) -> HostResponse {
     let result = match req {
-        HostRequest::GetRows(keys) => keys
-            .iter()
-            .filter_map(|k| store.get_row(k).transpose())
-            .collect::<Result<Vec<_>, StoreError>>()
-            .map(HostResponse::Rows),
-        HostRequest::GetRowsWhere { keys, filter } => keys
-            .iter()
-            .filter_map(|k| store.get_row_where(k, &filter).transpose())
-            .collect::<Result<Vec<_>, StoreError>>()
-            .map(HostResponse::Rows),
+        HostRequest::GetRows(keys) => store.get_rows_where(&keys, &[]).map(HostResponse::Rows),
+        HostRequest::GetRowsWhere { keys, filter } => store.get_rows_where(&keys, &filter).map(HostResponse::Rows),
         HostRequest::GetColumnsWhere { keys, filter, columns } => {
             store.get_columns_where(&keys, &filter, &columns).map(HostResponse::Rows)
         }
@@ -45,11 +37,9 @@ fn answer(store: &Store, req: HostRequest) -> HostResponse {
         HostRequest::LookupWhere { table, sha1, device_id, filter } => {
             store.lookup_where(&table, &sha1, device_id.as_deref(), &filter).map(HostResponse::Rows)
         }
-        HostRequest::LookupMany { table, keys, filter } => keys
-            .iter()
-            .map(|(sha1, device)| store.lookup_where(&table, sha1, device.as_deref(), &filter))
-            .collect::<Result<Vec<_>, StoreError>>()
-            .map(HostResponse::RowSets),
+        HostRequest::LookupMany { table, keys, filter } => {
+            store.lookup_many(&table, &keys, &filter).map(HostResponse::RowSets)
+        }
         HostRequest::LookupBy { table, key, filter } => store.lookup_by(&table, &key, &filter).map(HostResponse::Rows),
         HostRequest::Profile(sha1) => store.profile(&sha1).map(HostResponse::Profile),
         HostRequest::Profiles(sha1s) => {

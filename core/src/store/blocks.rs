@@ -297,7 +297,7 @@ pub fn unpack_items(raw: &[u8]) -> Result<Vec<&[u8]>> {
 }
 
 /// Where each item of [`pack_items`] lies in `raw`: (start, end).
-fn item_spans(raw: &[u8]) -> Result<Vec<(u32, u32)>> {
+pub(super) fn item_spans(raw: &[u8]) -> Result<Vec<(u32, u32)>> {
     let mut spans = Vec::new();
     let mut at = 0usize;
     while at < raw.len() {
@@ -347,8 +347,20 @@ pub fn read_pieces(
     decompress(zstd, &frame).with_context(|| format!("block {table}/{seq}/{block}"))
 }
 
-/// A frame ([`compress`]'s layout) decompressed.
-pub fn decompress(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8]) -> Result<Vec<u8>> {
+/// A frame ([`compress`]'s layout) decompressed into `out` (whatever it held is replaced).
+pub fn decompress_into(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    let raw_len = raw_len(frame)?;
+    out.clear();
+    out.reserve(raw_len);
+    let n = zstd.decompress_to_buffer(&frame[4..], out).context("the block is corrupt")?;
+    if n != raw_len {
+        return Err(corrupt!("the block holds {n} bytes, not the {raw_len} it claims: corrupt"));
+    }
+    Ok(())
+}
+
+/// The raw length a frame claims (its first four bytes), checked against [`MAX_RAW`].
+fn raw_len(frame: &[u8]) -> Result<usize> {
     if frame.len() < 4 {
         return Err(corrupt!("the block is missing or corrupt"));
     }
@@ -356,6 +368,12 @@ pub fn decompress(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8]) ->
     if raw_len > MAX_RAW {
         return Err(corrupt!("the block claims {raw_len} bytes: corrupt"));
     }
+    Ok(raw_len)
+}
+
+/// A frame ([`compress`]'s layout) decompressed.
+pub fn decompress(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8]) -> Result<Vec<u8>> {
+    let raw_len = raw_len(frame)?;
     zstd.decompress(&frame[4..], raw_len).context("the block is corrupt")
 }
 

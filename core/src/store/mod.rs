@@ -24,6 +24,7 @@ pub(crate) mod keys;
 #[cfg(test)]
 mod model_tests;
 pub mod retention;
+mod row_reads;
 pub mod runs;
 
 use crate::error::{StoreContext as _, StoreError};
@@ -181,6 +182,8 @@ pub struct Store {
     block_zstd: zstd::bulk::Compressor<'static>,
     unzstd: Mutex<zstd::bulk::Decompressor<'static>>,
     cache: Mutex<BlockCache>,
+    /// The buffer [`Store::read_places`] decompresses blocks it does not find cached into.
+    scratch: Mutex<Vec<u8>>,
     /// Where the rows a detector's pass was just handed are, by key (from the blocks
     /// [`Store::new_row_keys_where`] read them in): the detector fetches them next, and
     /// need not look each up in the key index again. Cleared by
@@ -266,6 +269,7 @@ impl Store {
             block_zstd: blocks::compressor()?,
             unzstd: Mutex::new(blocks::decompressor()?),
             cache: Mutex::new(BlockCache::new(BLOCK_CACHE_BLOCKS)),
+            scratch: Mutex::new(Vec::new()),
             hints: Mutex::new(HashMap::new()),
             runs: runs::Runs::empty(),
             merge: None,
@@ -491,10 +495,27 @@ impl Store {
     /// from its generation's block file, where its directory entry (`meta`, read here if
     /// not given) says, or from its pieces in the main database ([`blocks::in_main`]).
     fn block_frame(&self, space: u8, table: u16, seq: u64, block: u16, meta: Option<&[u8]>) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.block_frame_into(space, table, seq, block, meta, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Store::block_frame`] into `out`: a buffer used before keeps its pages, where a
+    /// new one has the kernel zero fresh ones.
+    fn block_frame_into(
+        &self,
+        space: u8,
+        table: u16,
+        seq: u64,
+        block: u16,
+        meta: Option<&[u8]>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         let id = || format!("block {table}/{seq}/{block}");
         if blocks::in_main(table, block) {
             let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-            return blocks::read_pieces(&self.db, &mut z, space, table, seq, block);
+            *out = blocks::read_pieces(&self.db, &mut z, space, table, seq, block)?;
+            return Ok(());
         }
         let read;
         let value = match meta {
@@ -515,7 +536,7 @@ impl Store {
         let (offset, len) = span.frame(space);
         let (frame, path) = self.gens.read_blocks(seq, offset, len).with_context(id)?;
         let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-        blocks::decompress(&mut z, &frame).with_context(|| {
+        blocks::decompress_into(&mut z, &frame, out).with_context(|| {
             format!(
                 "{} at offset {offset} of {} (the file is damaged: ingest the logs again into a new --data directory)",
                 id(),
@@ -544,18 +565,24 @@ impl Store {
 
     /// The stored value of the row at `key`, if stored and within retention.
     fn value_at(&self, key: &[u8]) -> Result<Option<(blocks::BlockRows, usize)>> {
+        match self.place_of(key)? {
+            Some((table, entry)) => self.row_bytes(table, &entry),
+            None => Ok(None),
+        }
+    }
+
+    /// Where the row at `key` is (its block table and key-index entry), if stored and
+    /// within retention: where the pass that handed it over found it, or the key index.
+    fn place_of(&self, key: &[u8]) -> Result<Option<row_reads::Place>> {
         if !self.visible(key) {
             return Ok(None);
         }
         let Some(table) = Self::key_block_table(key) else { return Ok(None) };
         let hint = self.hints.lock().unwrap_or_else(|p| p.into_inner()).get(key).copied();
         if let Some((seq, block, row)) = hint {
-            return self.row_bytes(table, &KeyEntry { seq, block, row, content: 0 });
+            return Ok(Some((table, KeyEntry { seq, block, row, content: 0 })));
         }
-        match self.key_entry(key)? {
-            Some(e) => self.row_bytes(table, &e),
-            None => Ok(None),
-        }
+        Ok(self.key_entry(key)?.map(|e| (table, e)))
     }
 
     /// Upkeep of the key index after a commit: drops runs wholly past the horizon, makes
@@ -751,19 +778,8 @@ impl Store {
         device: Option<&str>,
         filter: &[Condition],
     ) -> Result<Vec<Row>> {
-        let Some(tid) = self.table_id(table) else { return Ok(Vec::new()) };
-        let mut out = Vec::new();
-        for (k, e) in self.runs.scan_prefix(&self.gens, &self.unzstd, &keys::event_prefix(tid, sha1, device), true)? {
-            if !self.visible(&k) {
-                continue;
-            }
-            if let Some((rows, i)) = self.row_bytes(tid, &e)? {
-                if self.row_passes(&rows[i], filter)? {
-                    out.push(self.decode_row(&k, &rows[i])?);
-                }
-            }
-        }
-        Ok(out)
+        let lookup = [(sha1.to_string(), device.map(str::to_string))];
+        Ok(self.lookup_many(table, &lookup, filter)?.pop().unwrap_or_default())
     }
 
     /// The row at `key` if it meets every condition of `filter`; a row that does not is
@@ -780,11 +796,17 @@ impl Store {
     /// others are neither decoded nor copied. Which cells those are is worked out once per
     /// schema, not per row.
     pub fn get_columns_where(&self, keys: &[Vec<u8>], filter: &[Condition], columns: &[String]) -> Result<Vec<Row>> {
-        let mut picks: HashMap<u32, ColumnPick> = HashMap::new();
-        let mut out = Vec::new();
+        let mut places = Vec::with_capacity(keys.len());
+        let mut wanted = Vec::with_capacity(keys.len());
         for key in keys {
-            let Some((rows, i)) = self.value_at(key)? else { continue };
-            let value = &rows[i];
+            if let Some(place) = self.place_of(key)? {
+                places.push(place);
+                wanted.push(key);
+            }
+        }
+        let mut picks: HashMap<u32, ColumnPick> = HashMap::new();
+        let mut out: Vec<Option<Row>> = places.iter().map(|_| None).collect();
+        self.read_places(&places, |n, value| {
             let schema = codec::peek_schema(value)?;
             let pick = match picks.entry(schema) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -800,15 +822,18 @@ impl Store {
             let passes = filter.iter().zip(&pick.conditions).all(|(c, at)| {
                 c.matches_cell(at.and_then(|i| view.cells.get(i)).map(codec::CellView::as_ref), view.ingested_at)
             });
-            if !passes {
-                continue;
+            if passes {
+                let mut row = self.decode_row_header(wanted[n], view.ingested_at)?;
+                row.columns = pick
+                    .out
+                    .iter()
+                    .filter_map(|&i| Some((pick.names[i].clone(), view.cells.get(i)?.to_cell())))
+                    .collect();
+                out[n] = Some(row);
             }
-            let mut row = self.decode_row_header(key, view.ingested_at)?;
-            row.columns =
-                pick.out.iter().filter_map(|&i| Some((pick.names[i].clone(), view.cells.get(i)?.to_cell()))).collect();
-            out.push(row);
-        }
-        Ok(out)
+            Ok(())
+        })?;
+        Ok(out.into_iter().flatten().collect())
     }
 
     /// Whether the row at `key` exists and meets every condition (no `Row` is built).
@@ -1820,6 +1845,52 @@ mod tests {
         assert_eq!((got[0].table.as_str(), got[0].ingested_at), (full.table.as_str(), full.ingested_at));
         let none: Vec<Row> = store.get_columns_where(&keys, &[], &[]).unwrap();
         assert!(none.iter().all(|r| r.columns.is_empty()) && none.len() == 2, "no columns named: rows without cells");
+    }
+
+    /// Rows read a block at a time (several blocks, none cached: a reopened store) are the
+    /// rows read one by one, in the order asked, missing keys left out; look-ups likewise.
+    #[test]
+    fn many_rows_read_block_by_block_are_the_rows_read_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let padding = format!(r#","FileName":"{}""#, "x".repeat(300));
+        let mut keys = Vec::new();
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            // ~700 rows of ~400 bytes: several blocks in each of two batches.
+            for batch in 0..2 {
+                commit(&mut store, (0..350).map(|i| row(batch * 1000 + i, &padding)).collect());
+            }
+            let tid = store.table_id("DeviceFileEvents").unwrap();
+            for (k, _) in store.runs.scan_prefix(&store.gens, &store.unzstd, &keys::table_prefix(tid), false).unwrap() {
+                keys.push(k);
+            }
+            store.flush().unwrap();
+        }
+        assert_eq!(keys.len(), 700);
+        let store = Store::open(dir.path()).unwrap();
+        // Interleaved across blocks and batches, one asked twice, one that is not stored.
+        let mut asked: Vec<Vec<u8>> = keys.iter().step_by(7).rev().cloned().collect();
+        asked.extend(keys.iter().skip(3).step_by(11).cloned());
+        asked.push(keys[5].clone());
+        let mut missing = keys[0].clone();
+        missing.push(0);
+        asked.insert(3, missing);
+        let filter = vec![Condition::Num { column: "ReportId".into(), op: lookout_plugin_sdk::Cmp::Ge, value: 1100 }];
+        // Read first, while nothing is cached; then one by one, through the cache.
+        let many = store.get_rows_where(&asked, &[]).unwrap();
+        let picked = store.get_rows_where(&asked, &filter).unwrap();
+        // Every row here has SHA1 "s" and DeviceId "d": one look-up finds all 700.
+        let lookups = [("s".to_string(), Some("d".to_string())), ("t".to_string(), None), ("s".to_string(), None)];
+        let sets = store.lookup_many("DeviceFileEvents", &lookups, &[]).unwrap();
+        let one_by_one: Vec<Row> = asked.iter().filter_map(|k| store.get_row(k).unwrap()).collect();
+        let filtered: Vec<Row> = asked.iter().filter_map(|k| store.get_row_where(k, &filter).unwrap()).collect();
+        assert_eq!(many.len(), asked.len() - 1);
+        assert_eq!(many, one_by_one);
+        assert!(!filtered.is_empty() && filtered.len() < one_by_one.len(), "{}", filtered.len());
+        assert_eq!(picked, filtered);
+        let all: Vec<Row> = keys.iter().filter_map(|k| store.get_row(k).unwrap()).collect();
+        assert_eq!(all.len(), 700);
+        assert_eq!(sets, vec![all.clone(), Vec::new(), all]);
     }
 
     #[test]

@@ -1,0 +1,108 @@
+//! Reading many rows at once, a block at a time: the rows of one request (a detector's
+//! fetch of rows it was handed, a look-up's hits, many look-ups' hits) sorted by where they
+//! lie, so each block is decompressed once for all of its rows — and, when the cache does
+//! not hold it, into one reused buffer.
+//!
+//! Why a reused buffer: in a process just started, a block decompressed into new memory
+//! had the kernel zero a fresh page for every 4 KiB of it, over half the time of reading a
+//! hundred blocks for a row or two each (BENCHMARKS.md, the attack-dense tick). Blocks read
+//! here are not cached: one read for a few rows of a request is seldom read again, and
+//! those that are — the blocks a commit just wrote, those a pass's choosing of rows read —
+//! are looked for in the cache first.
+
+use super::blocks::{self, KeyEntry};
+use super::{keys, Result, Store};
+use crate::error::StoreContext as _;
+use lookout_plugin_sdk::{Condition, Row};
+
+/// Where a wanted row lies: its block table and its key-index entry.
+pub(super) type Place = (u16, KeyEntry);
+
+impl Store {
+    /// Calls `f(i, value)` with the stored value of the row at each `places[i]`, block by
+    /// block (so not in the order of `places`).
+    pub(super) fn read_places(&self, places: &[Place], mut f: impl FnMut(usize, &[u8]) -> Result<()>) -> Result<()> {
+        let block_of = |i: usize| (places[i].0, places[i].1.seq, places[i].1.block);
+        let mut order: Vec<usize> = (0..places.len()).collect();
+        order.sort_unstable_by_key(|&i| (block_of(i), places[i].1.row));
+        for group in order.chunk_by(|&a, &b| block_of(a) == block_of(b)) {
+            let (table, seq, block) = block_of(group[0]);
+            let past_end = || corrupt!("key index points past block {table}/{seq}/{block}");
+            let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&(table, seq, block));
+            if let Some(rows) = cached {
+                for &i in group {
+                    let row = places[i].1.row as usize;
+                    if row >= rows.len() {
+                        return Err(past_end());
+                    }
+                    f(i, &rows[row])?;
+                }
+                continue;
+            }
+            let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+            self.block_frame_into(keys::BLOCK_ROWS, table, seq, block, None, &mut scratch)?;
+            let spans = blocks::item_spans(&scratch).with_context(|| format!("block {table}/{seq}/{block}"))?;
+            for &i in group {
+                let &(start, end) = spans.get(places[i].1.row as usize).ok_or_else(past_end)?;
+                f(i, &scratch[start as usize..end as usize])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The rows at `keys` that are stored, within retention and meet every condition of
+    /// `filter`, in the order of `keys`.
+    pub fn get_rows_where(&self, keys: &[Vec<u8>], filter: &[Condition]) -> Result<Vec<Row>> {
+        let mut places = Vec::with_capacity(keys.len());
+        let mut wanted = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some(place) = self.place_of(key)? {
+                places.push(place);
+                wanted.push(key);
+            }
+        }
+        let mut out: Vec<Option<Row>> = places.iter().map(|_| None).collect();
+        self.read_places(&places, |i, value| {
+            if self.row_passes(value, filter)? {
+                out[i] = Some(self.decode_row(wanted[i], value)?);
+            }
+            Ok(())
+        })?;
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// For each (SHA1, DeviceId) of `lookups`, what [`Store::lookup_where`] answers, in the
+    /// order asked; the blocks of all their hits read once.
+    pub fn lookup_many(
+        &self,
+        table: &str,
+        lookups: &[(String, Option<String>)],
+        filter: &[Condition],
+    ) -> Result<Vec<Vec<Row>>> {
+        let Some(tid) = self.table_id(table) else { return Ok(lookups.iter().map(|_| Vec::new()).collect()) };
+        let mut places = Vec::new();
+        // For each place: its key and which look-up found it.
+        let mut hits = Vec::new();
+        for (n, (sha1, device)) in lookups.iter().enumerate() {
+            let prefix = keys::event_prefix(tid, sha1, device.as_deref());
+            for (k, e) in self.runs.scan_prefix(&self.gens, &self.unzstd, &prefix, true)? {
+                if self.visible(&k) {
+                    places.push((tid, e));
+                    hits.push((k, n));
+                }
+            }
+        }
+        let mut rows: Vec<Option<Row>> = places.iter().map(|_| None).collect();
+        self.read_places(&places, |i, value| {
+            if self.row_passes(value, filter)? {
+                rows[i] = Some(self.decode_row(&hits[i].0, value)?);
+            }
+            Ok(())
+        })?;
+        let mut out: Vec<Vec<Row>> = lookups.iter().map(|_| Vec::new()).collect();
+        for ((_, n), row) in hits.into_iter().zip(rows) {
+            out[n].extend(row);
+        }
+        Ok(out)
+    }
+}
