@@ -5,10 +5,12 @@
 //!
 //! Why a reused buffer: in a process just started, a block decompressed into new memory
 //! had the kernel zero a fresh page for every 4 KiB of it, over half the time of reading a
-//! hundred blocks for a row or two each (BENCHMARKS.md, the attack-dense tick). Blocks read
-//! here are not cached: one read for a few rows of a request is seldom read again, and
-//! those that are — the blocks a commit just wrote, those a pass's choosing of rows read —
-//! are looked for in the cache first.
+//! hundred blocks for a row or two each (BENCHMARKS.md, the attack-dense tick). So a request
+//! that reads more than a few blocks does not cache them, as a database's scan does not
+//! fill its cache: a block read for a few rows of a sweep is seldom read again, and those
+//! that are — the blocks a commit just wrote, those a pass's choosing of rows read — are
+//! looked for in the cache first. A request of a few blocks (a look-up with a handful of
+//! hits) caches them as a single read does: the same look-up soon again finds them.
 
 use super::blocks::{self, KeyEntry};
 use super::{keys, Result, Store};
@@ -18,6 +20,10 @@ use lookout_plugin_sdk::{Condition, Row};
 /// Where a wanted row lies: its block table and its key-index entry.
 pub(super) type Place = (u16, KeyEntry);
 
+/// A request reading more blocks than this reads those the cache misses into the reused
+/// buffer, without caching them.
+const CACHED_REQUEST_BLOCKS: usize = 4;
+
 impl Store {
     /// Calls `f(i, value)` with the stored value of the row at each `places[i]`, block by
     /// block (so not in the order of `places`).
@@ -25,10 +31,16 @@ impl Store {
         let block_of = |i: usize| (places[i].0, places[i].1.seq, places[i].1.block);
         let mut order: Vec<usize> = (0..places.len()).collect();
         order.sort_unstable_by_key(|&i| (block_of(i), places[i].1.row));
-        for group in order.chunk_by(|&a, &b| block_of(a) == block_of(b)) {
+        let groups: Vec<&[usize]> = order.chunk_by(|&a, &b| block_of(a) == block_of(b)).collect();
+        let sweep = groups.len() > CACHED_REQUEST_BLOCKS;
+        for group in groups {
             let (table, seq, block) = block_of(group[0]);
             let past_end = || corrupt!("key index points past block {table}/{seq}/{block}");
-            let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&(table, seq, block));
+            let cached = if sweep {
+                self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&(table, seq, block))
+            } else {
+                self.row_bytes(table, &places[group[0]].1)?.map(|(rows, _)| rows)
+            };
             if let Some(rows) = cached {
                 for &i in group {
                     let row = places[i].1.row as usize;
