@@ -796,14 +796,7 @@ impl Store {
     /// others are neither decoded nor copied. Which cells those are is worked out once per
     /// schema, not per row.
     pub fn get_columns_where(&self, keys: &[Vec<u8>], filter: &[Condition], columns: &[String]) -> Result<Vec<Row>> {
-        let mut places = Vec::with_capacity(keys.len());
-        let mut wanted = Vec::with_capacity(keys.len());
-        for key in keys {
-            if let Some(place) = self.place_of(key)? {
-                places.push(place);
-                wanted.push(key);
-            }
-        }
+        let (places, wanted) = self.places_of(keys)?;
         let mut picks: HashMap<u32, ColumnPick> = HashMap::new();
         let mut out: Vec<Option<Row>> = places.iter().map(|_| None).collect();
         self.read_places(&places, |n, value| {

@@ -62,17 +62,23 @@ impl Store {
         Ok(())
     }
 
-    /// The rows at `keys` that are stored, within retention and meet every condition of
-    /// `filter`, in the order of `keys`.
-    pub fn get_rows_where(&self, keys: &[Vec<u8>], filter: &[Condition]) -> Result<Vec<Row>> {
+    /// Where each of `keys` that is stored and within retention lies, with its key.
+    pub(super) fn places_of<'k>(&self, keys: &'k [Vec<u8>]) -> Result<(Vec<Place>, Vec<&'k Vec<u8>>)> {
         let mut places = Vec::with_capacity(keys.len());
-        let mut wanted = Vec::with_capacity(keys.len());
+        let mut found = Vec::with_capacity(keys.len());
         for key in keys {
             if let Some(place) = self.place_of(key)? {
                 places.push(place);
-                wanted.push(key);
+                found.push(key);
             }
         }
+        Ok((places, found))
+    }
+
+    /// The rows at `keys` that are stored, within retention and meet every condition of
+    /// `filter`, in the order of `keys`.
+    pub fn get_rows_where(&self, keys: &[Vec<u8>], filter: &[Condition]) -> Result<Vec<Row>> {
+        let (places, wanted) = self.places_of(keys)?;
         let mut out: Vec<Option<Row>> = places.iter().map(|_| None).collect();
         self.read_places(&places, |i, value| {
             if self.row_passes(value, filter)? {
