@@ -349,7 +349,13 @@ pub fn read_pieces(
 
 /// A frame ([`compress`]'s layout) decompressed into `out` (whatever it held is replaced).
 pub fn decompress_into(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8], out: &mut Vec<u8>) -> Result<()> {
-    let raw_len = raw_len(frame)?;
+    if frame.len() < 4 {
+        return Err(corrupt!("the block is missing or corrupt"));
+    }
+    let raw_len = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+    if raw_len > MAX_RAW {
+        return Err(corrupt!("the block claims {raw_len} bytes: corrupt"));
+    }
     out.clear();
     out.reserve(raw_len);
     let n = zstd.decompress_to_buffer(&frame[4..], out).context("the block is corrupt")?;
@@ -359,22 +365,11 @@ pub fn decompress_into(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8
     Ok(())
 }
 
-/// The raw length a frame claims (its first four bytes), checked against [`MAX_RAW`].
-fn raw_len(frame: &[u8]) -> Result<usize> {
-    if frame.len() < 4 {
-        return Err(corrupt!("the block is missing or corrupt"));
-    }
-    let raw_len = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
-    if raw_len > MAX_RAW {
-        return Err(corrupt!("the block claims {raw_len} bytes: corrupt"));
-    }
-    Ok(raw_len)
-}
-
 /// A frame ([`compress`]'s layout) decompressed.
 pub fn decompress(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8]) -> Result<Vec<u8>> {
-    let raw_len = raw_len(frame)?;
-    zstd.decompress(&frame[4..], raw_len).context("the block is corrupt")
+    let mut out = Vec::new();
+    decompress_into(zstd, frame, &mut out)?;
+    Ok(out)
 }
 
 /// A zstd context for what the index keeps in sled (key-index chunks, column-index

@@ -266,7 +266,7 @@ impl Store {
             }
             Ok(())
         })?;
-        keys_found.into_iter().filter_map(|k| self.get_row_where(&k, filter).transpose()).collect()
+        self.get_rows_where(&keys_found, filter)
     }
 
     /// Loads the list of indexes kept with the data.
