@@ -17,6 +17,7 @@
 //! A row is found from its key through the key index (`e` entries: key → [`Locator`]).
 
 use super::block_filter::Sha1Filter;
+use super::dictionaries::{NewDictionary, RowCompression};
 use super::keys;
 use crate::error::{StoreContext as _, StoreError};
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -223,20 +224,28 @@ impl BatchBlocks {
     /// they were before compression, by (table, seq, block): once the batch is committed
     /// they go into the block cache, so a pass right after (the daemon's) reads the rows
     /// it was just handed without reading and decompressing their blocks again.
+    ///
+    /// The rows' frames are pages ([`super::pages`]) compressed by `rows`, which may train
+    /// a table's dictionary on them first: those trained are returned too.
     pub fn write(
         self,
         seq: u64,
         zstd: &mut zstd::bulk::Compressor<'static>,
+        rows: &mut RowCompression,
         file: &mut FileAppend,
         batch: &mut sled::Batch,
-    ) -> Result<(Option<i64>, Vec<RawBlock>)> {
+    ) -> Result<Written> {
         let mut earliest_end: Option<i64> = None;
         let mut raw_rows = Vec::new();
+        let mut dictionaries = Vec::new();
+        rows.start_batch();
         for ((table, ahead), blocks) in self.tables {
+            let raws: Vec<&[u8]> = blocks.iter().map(|b| &b.rows[..]).collect();
+            dictionaries.extend(rows.prepare(table, &raws, batch)?);
             for (no, b) in blocks.into_iter().enumerate() {
                 let block = no as u16 + if ahead { AHEAD_BLOCK } else { 0 };
                 let keys_frame = compress(zstd, &b.keys)?;
-                let rows_frame = compress(zstd, &b.rows)?;
+                let rows_frame = rows.compress(table, &b.rows)?;
                 let keys = unpack_items(&b.keys)?;
                 let (key_parts, row_parts, at) = if in_main(table, block) {
                     let key_parts = write_pieces(batch, keys::BLOCK_KEYS, table, seq, block, &keys_frame)?;
@@ -275,8 +284,19 @@ impl BatchBlocks {
                 raw_rows.push(((table, seq, block), b.rows));
             }
         }
-        Ok((earliest_end, raw_rows))
+        Ok(Written { earliest_end, raw_rows, dictionaries })
     }
+}
+
+/// What [`BatchBlocks::write`] hands back for after the commit.
+pub struct Written {
+    /// The earliest newest Timestamp of the batch's event blocks (table 0, FileProfile,
+    /// is exempt from retention).
+    pub earliest_end: Option<i64>,
+    /// Each block's rows as they were before compression.
+    pub raw_rows: Vec<RawBlock>,
+    /// The dictionaries trained on the batch's rows.
+    pub dictionaries: Vec<NewDictionary>,
 }
 
 /// Byte strings as one: for each, its length (u32, big-endian) and its bytes. (bincode's
@@ -328,23 +348,18 @@ fn write_pieces(batch: &mut sled::Batch, space: u8, table: u16, seq: u64, block:
     Ok(parts)
 }
 
-/// Reads a block's frame from its pieces in the main database, concatenated and
-/// decompressed, its items still packed (see [`unpack_items`]).
-pub fn read_pieces(
-    db: &sled::Db,
-    zstd: &mut zstd::bulk::Decompressor<'static>,
-    space: u8,
-    table: u16,
-    seq: u64,
-    block: u16,
-) -> Result<Vec<u8>> {
+/// A block's frame as stored in its pieces in the main database (still compressed).
+pub fn read_pieces(db: &sled::Db, space: u8, table: u16, seq: u64, block: u16) -> Result<Vec<u8>> {
     let prefix = keys::block_key(space, table, seq, block, 0);
     let prefix = &prefix[..prefix.len() - 2];
     let mut frame = Vec::new();
     for kv in db.scan_prefix(prefix) {
         frame.extend_from_slice(&kv?.1);
     }
-    decompress(zstd, &frame).with_context(|| format!("block {table}/{seq}/{block}"))
+    if frame.is_empty() {
+        return Err(corrupt!("block {table}/{seq}/{block} is referred to but has no pieces"));
+    }
+    Ok(frame)
 }
 
 /// A frame ([`compress`]'s layout) decompressed into `out` (whatever it held is replaced).
@@ -417,6 +432,11 @@ impl PackedItems {
     pub fn is_empty(&self) -> bool {
         self.spans.is_empty()
     }
+
+    pub fn get(&self, i: usize) -> Option<&[u8]> {
+        let &(start, end) = self.spans.get(i)?;
+        Some(&self.raw[start as usize..end as usize])
+    }
 }
 
 impl std::ops::Index<usize> for PackedItems {
@@ -428,11 +448,11 @@ impl std::ops::Index<usize> for PackedItems {
     }
 }
 
-/// Recently read blocks of rows, decompressed: a detector reading the rows of a tick, or
-/// a look-up's hits, tends to land on the same few blocks.
+/// Decoded rows kept for reads, by block: each block's pages decoded so far (a block a
+/// commit wrote is one page of all its rows). Bounded by blocks, oldest put out first.
 pub struct BlockCache {
     capacity: usize,
-    blocks: HashMap<(u16, u64, u16), BlockRows>,
+    blocks: HashMap<(u16, u64, u16), Vec<(u16, BlockRows)>>,
     order: VecDeque<(u16, u64, u16)>,
 }
 
@@ -441,13 +461,24 @@ impl BlockCache {
         BlockCache { capacity, blocks: HashMap::new(), order: VecDeque::new() }
     }
 
-    pub fn get(&self, id: &(u16, u64, u16)) -> Option<BlockRows> {
-        self.blocks.get(id).cloned()
+    /// The decoded page holding block row `row`, and the row's index in it.
+    pub fn row(&self, id: &(u16, u64, u16), row: u16) -> Option<(BlockRows, usize)> {
+        let pages = self.blocks.get(id)?;
+        let after = pages.partition_point(|(first, _)| *first <= row);
+        let (first, rows) = pages.get(after.checked_sub(1)?)?;
+        let i = (row - first) as usize;
+        (i < rows.len()).then(|| (rows.clone(), i))
     }
 
-    pub fn put(&mut self, id: (u16, u64, u16), rows: BlockRows) {
-        if self.blocks.insert(id, rows).is_none() {
+    /// A block's rows from block row `first` on (all of them: `first` 0 and every row).
+    pub fn put(&mut self, id: (u16, u64, u16), first: u16, rows: BlockRows) {
+        let pages = self.blocks.entry(id).or_insert_with(|| {
             self.order.push_back(id);
+            Vec::new()
+        });
+        match pages.binary_search_by_key(&first, |(f, _)| *f) {
+            Ok(i) => pages[i].1 = rows,
+            Err(i) => pages.insert(i, (first, rows)),
         }
         while self.order.len() > self.capacity {
             if let Some(old) = self.order.pop_front() {
@@ -518,7 +549,10 @@ mod tests {
         bb.add(0, b"profile", 0, &[&[5u8; 20_000][..]], false).unwrap();
         let mut batch = sled::Batch::default();
         let mut file = FileAppend { base: 1000, frames: Vec::new() };
-        let (_, raw_rows) = bb.write(9, &mut compressor().unwrap(), &mut file, &mut batch).unwrap();
+        let (mut rows_zstd, mut decoders) = RowCompression::load(&db).unwrap();
+        let written = bb.write(9, &mut compressor().unwrap(), &mut rows_zstd, &mut file, &mut batch).unwrap();
+        let raw_rows = written.raw_rows;
+        assert!(written.dictionaries.is_empty(), "too few rows to train a dictionary on");
         let ids: Vec<(u16, u64, u16)> = raw_rows.iter().map(|(id, _)| *id).collect();
         assert_eq!(ids, [(0, 9, 0), (1, 9, 0), (1, 9, 1), (2, 9, 0), (2, 9, 1)]);
         let cached = PackedItems::new(raw_rows[2].1.clone()).unwrap();
@@ -532,10 +566,20 @@ mod tests {
             decode_meta(&db.get(keys::block_key(keys::BLOCK_META, table, 9, block, 0)).unwrap().unwrap()).unwrap().0
         };
         let mut z = decompressor().unwrap();
-        let read = |z: &mut zstd::bulk::Decompressor<'static>, table: u16, block: u16, space: u8| {
+        let mut read = |z: &mut zstd::bulk::Decompressor<'static>, table: u16, block: u16, space: u8| {
             let (offset, len) = meta(table, block).file.expect("an event block is in the file").frame(space);
             let at = (offset - file.base) as usize;
-            decompress(z, &file.frames[at..at + len as usize]).unwrap()
+            let frame = &file.frames[at..at + len as usize];
+            if space == keys::BLOCK_KEYS {
+                return decompress(z, frame).unwrap();
+            }
+            let dir = super::super::pages::Directory::parse(frame).unwrap();
+            let mut out = Vec::new();
+            super::super::pages::all_into(frame, &dir, &mut out, |p, into| {
+                decoders.page(table, dir.dictionary, p, into)
+            })
+            .unwrap();
+            out
         };
         assert_eq!(meta(1, 0).file.unwrap().offset, 1000);
         let rows = read(&mut z, 1, 1, keys::BLOCK_ROWS);
@@ -551,14 +595,29 @@ mod tests {
         assert_eq!(last.offset + u64::from(last.keys_len + last.rows_len), 1000 + file.frames.len() as u64);
         // FileProfile's block: pieces, no place in the file.
         assert_eq!(meta(0, 0).file, None);
-        let profile = read_pieces(&db, &mut z, keys::BLOCK_ROWS, 0, 9, 0).unwrap();
-        assert_eq!(unpack_items(&profile).unwrap()[0], &[5u8; 20_000][..]);
-        assert!(read_pieces(&db, &mut z, keys::BLOCK_ROWS, 0, 10, 0).is_err(), "a missing block is an error");
+        let profile = read_pieces(&db, keys::BLOCK_ROWS, 0, 9, 0).unwrap();
+        let dir = super::super::pages::Directory::parse(&profile).unwrap();
+        let mut decoders = RowCompression::load(&db).unwrap().1;
+        let mut raw = Vec::new();
+        super::super::pages::all_into(&profile, &dir, &mut raw, |p, into| decoders.page(0, 0, p, into)).unwrap();
+        assert_eq!(unpack_items(&raw).unwrap()[0], &[5u8; 20_000][..]);
+        assert!(read_pieces(&db, keys::BLOCK_ROWS, 0, 10, 0).is_err(), "a missing block is an error");
         // A damaged frame is refused, not read as other rows.
-        let (offset, len) = meta(1, 0).file.unwrap().frame(keys::BLOCK_ROWS);
+        let (offset, len) = meta(1, 0).file.unwrap().frame(keys::BLOCK_KEYS);
         let mut damaged = file.frames[(offset - 1000) as usize..][..len as usize].to_vec();
         let middle = damaged.len() / 2;
         damaged[middle] ^= 0x40;
         assert!(decompress(&mut z, &damaged).is_err(), "zstd's checksum catches a flipped bit");
+        // So does each page's, in a rows frame.
+        let (offset, len) = meta(1, 0).file.unwrap().frame(keys::BLOCK_ROWS);
+        let mut damaged = file.frames[(offset - 1000) as usize..][..len as usize].to_vec();
+        let dir = super::super::pages::Directory::parse(&damaged).unwrap();
+        let page = dir.pages[0];
+        damaged[page.at + page.len / 2] ^= 0x40;
+        let mut out = Vec::new();
+        let read_damaged = super::super::pages::all_into(&damaged, &dir, &mut out, |p, into| {
+            decoders.page(1, dir.dictionary, p, into)
+        });
+        assert!(read_damaged.is_err(), "a flipped bit in a page is caught");
     }
 }

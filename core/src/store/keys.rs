@@ -16,6 +16,7 @@
 //! | `K`   | table u16, batch seq u64, block u16, part u16                 | a main-database block's row keys (zstd, in pieces) |
 //! | `B`   | table u16, batch seq u64, block u16, part u16                 | a main-database block's row values (zstd, in pieces) |
 //! | `D`   | table u16, batch seq u64, block u16, 0 u16                    | a block's directory entry: rows, Timestamp range, place in its generation's block file |
+//! | `y`   | table u16, dictionary u32, part u16                           | the table's zstd dictionary for rows' pages (in pieces) |
 //! | `p`   | sha1                                                          | FileProfile row (newest wins) |
 //! | `s`   | schema id u32                                                 | column names |
 //! | `t`   | table name                                                    | table id u16 |
@@ -47,6 +48,7 @@ pub const CURSOR: u8 = b'd';
 pub const STATE: u8 = b'x';
 pub const META: u8 = b'm';
 pub const INDEX: u8 = b'i';
+pub const DICTIONARY: u8 = b'y';
 
 /// What a key space holds, for people (`lookout status --space`).
 pub fn space_name(space: u8) -> &'static str {
@@ -54,6 +56,7 @@ pub fn space_name(space: u8) -> &'static str {
         BLOCK_ROWS => "row blocks",
         BLOCK_KEYS => "row keys of blocks",
         BLOCK_META => "block directory",
+        DICTIONARY => "row dictionaries",
         RUN_CHUNK => "key index runs",
         RUN_META => "key index run metadata",
         INDEX => "column index",
@@ -162,6 +165,26 @@ pub fn block_of(key: &[u8]) -> Option<(u16, u64, u16)> {
         u16::from_be_bytes([b[0], b[1]]),
         u64::from_be_bytes(b[2..10].try_into().ok()?),
         u16::from_be_bytes([b[10], b[11]]),
+    ))
+}
+
+/// A piece of `table`'s dictionary `id`.
+pub fn dictionary_key(table: u16, id: u32, part: u16) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(DICTIONARY);
+    k.extend_from_slice(&table.to_be_bytes());
+    k.extend_from_slice(&id.to_be_bytes());
+    k.extend_from_slice(&part.to_be_bytes());
+    k
+}
+
+/// The (table, dictionary, part) of a dictionary key.
+pub fn dictionary_of(key: &[u8]) -> Option<(u16, u32, u16)> {
+    let b = key.get(1..9).filter(|_| key.len() == 9)?;
+    Some((
+        u16::from_be_bytes([b[0], b[1]]),
+        u32::from_be_bytes([b[2], b[3], b[4], b[5]]),
+        u16::from_be_bytes([b[6], b[7]]),
     ))
 }
 

@@ -17,12 +17,14 @@ pub mod block_filter;
 pub mod blocks;
 pub mod codec;
 pub mod detectors;
+mod dictionaries;
 pub mod generations;
 pub mod index;
 pub mod key_filter;
 pub(crate) mod keys;
 #[cfg(test)]
 mod model_tests;
+mod pages;
 pub mod retention;
 mod row_reads;
 pub mod runs;
@@ -48,7 +50,7 @@ macro_rules! unusable {
 }
 
 /// The layout of everything stored. A store of another format is refused on open.
-pub const FORMAT_VERSION: u64 = 7;
+pub const FORMAT_VERSION: u64 = 8;
 
 /// The pseudo table number of FileProfile rows in blocks (event tables start at 1).
 const PROFILE_TABLE: u16 = 0;
@@ -178,9 +180,14 @@ pub struct Store {
     earliest_block_end: Option<i64>,
     /// For the index's items in sled (key-index chunks, column-index entries).
     zstd: zstd::bulk::Compressor<'static>,
-    /// For row blocks (with zstd's frame checksum: they are read from plain files).
+    /// For row blocks' key frames (with zstd's frame checksum: they are read from plain
+    /// files).
     block_zstd: zstd::bulk::Compressor<'static>,
+    /// For row blocks' rows: pages, with each table's dictionary (see [`pages`]).
+    rows_zstd: dictionaries::RowCompression,
     unzstd: Mutex<zstd::bulk::Decompressor<'static>>,
+    /// For rows' pages.
+    rows_unzstd: Mutex<dictionaries::Decoders>,
     cache: Mutex<BlockCache>,
     /// The buffer [`Store::read_places`] decompresses blocks it does not find cached into.
     scratch: Mutex<Vec<u8>>,
@@ -201,6 +208,9 @@ pub struct Store {
     /// The indexes detectors declared (kept with the data; see [`index`]).
     index_specs: Vec<lookout_plugin_sdk::IndexDecl>,
 }
+
+/// Where a frame was read from: its offset in a generation's block file, and the file.
+type FilePlace<'a> = (u64, &'a Path);
 
 /// xxh3 for in-memory maps keyed by row keys and column lists: these are hashed once per
 /// row, and SipHash's DoS resistance buys nothing for keys Lookout made itself.
@@ -247,6 +257,7 @@ impl Store {
             }
         };
         let gens = generations::Generations::none(&db);
+        let (rows_zstd, rows_unzstd) = dictionaries::RowCompression::load(&db)?;
         let mut store = Store {
             path: dir.to_path_buf(),
             db,
@@ -267,7 +278,9 @@ impl Store {
             earliest_block_end: None,
             zstd: blocks::index_compressor()?,
             block_zstd: blocks::compressor()?,
+            rows_zstd,
             unzstd: Mutex::new(blocks::decompressor()?),
+            rows_unzstd: Mutex::new(rows_unzstd),
             cache: Mutex::new(BlockCache::new(BLOCK_CACHE_BLOCKS)),
             scratch: Mutex::new(Vec::new()),
             hints: Mutex::new(HashMap::new()),
@@ -466,34 +479,47 @@ impl Store {
         Ok(())
     }
 
-    /// The stored value of a row from its key-index entry, through the block cache.
+    /// The stored value of a row from its key-index entry, through the block cache: the
+    /// page holding it is decoded and cached, not the whole block.
     fn row_bytes(&self, table: u16, entry: &KeyEntry) -> Result<Option<(blocks::BlockRows, usize)>> {
         let id = (table, entry.seq, entry.block);
-        let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&id);
-        let rows = match cached {
-            Some(rows) => rows,
-            None => {
-                let rows = {
-                    let raw = self.block_frame(keys::BLOCK_ROWS, table, entry.seq, entry.block, None)?;
-                    Arc::new(
-                        blocks::PackedItems::new(raw)
-                            .with_context(|| format!("block {table}/{}/{}", entry.seq, entry.block))?,
-                    )
-                };
-                self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(id, rows.clone());
-                rows
-            }
-        };
-        let row = entry.row as usize;
+        if let Some(hit) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).row(&id, entry.row) {
+            return Ok(Some(hit));
+        }
+        let (frame, _) = self.stored_frame(keys::BLOCK_ROWS, table, entry.seq, entry.block, None)?;
+        let dir =
+            pages::Directory::parse(&frame).with_context(|| format!("block {table}/{}/{}", entry.seq, entry.block))?;
+        let page = dir.page_of(entry.row)?;
+        let mut raw = Vec::new();
+        self.decode_page(table, &frame, &dir, page, &mut raw)
+            .with_context(|| format!("block {table}/{}/{}", entry.seq, entry.block))?;
+        let rows = Arc::new(
+            blocks::PackedItems::new(raw).with_context(|| format!("block {table}/{}/{}", entry.seq, entry.block))?,
+        );
+        let first = dir.pages[page].first;
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(id, first, rows.clone());
+        let row = (entry.row - first) as usize;
         if row >= rows.len() {
             return Err(corrupt!("key index points past block {table}/{}/{}", entry.seq, entry.block));
         }
         Ok(Some((rows, row)))
     }
 
+    /// Page `page` of a rows frame of `table`, decompressed into `out`.
+    fn decode_page(
+        &self,
+        table: u16,
+        frame: &[u8],
+        dir: &pages::Directory,
+        page: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let mut z = self.rows_unzstd.lock().unwrap_or_else(|p| p.into_inner());
+        pages::page_into(frame, dir, page, out, |p, into| z.page(table, dir.dictionary, p, into))
+    }
+
     /// A block's frame (`BLOCK_KEYS` or `BLOCK_ROWS`) decompressed, its items still packed:
-    /// from its generation's block file, where its directory entry (`meta`, read here if
-    /// not given) says, or from its pieces in the main database ([`blocks::in_main`]).
+    /// see [`Store::stored_frame`].
     fn block_frame(&self, space: u8, table: u16, seq: u64, block: u16, meta: Option<&[u8]>) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         self.block_frame_into(space, table, seq, block, meta, &mut out)?;
@@ -511,11 +537,37 @@ impl Store {
         meta: Option<&[u8]>,
         out: &mut Vec<u8>,
     ) -> Result<()> {
+        let (frame, place) = self.stored_frame(space, table, seq, block, meta)?;
+        let id = || {
+            let at =
+                place.map(|(offset, path)| format!(" at offset {offset} of {}", path.display())).unwrap_or_default();
+            format!("block {table}/{seq}/{block}{at} (the store is damaged: ingest the logs again into a new --data directory)")
+        };
+        if space == keys::BLOCK_ROWS {
+            let dir = pages::Directory::parse(&frame).with_context(id)?;
+            let mut z = self.rows_unzstd.lock().unwrap_or_else(|p| p.into_inner());
+            pages::all_into(&frame, &dir, out, |p, into| z.page(table, dir.dictionary, p, into)).with_context(id)
+        } else {
+            let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
+            blocks::decompress_into(&mut z, &frame, out).with_context(id)
+        }
+    }
+
+    /// A block's frame (`BLOCK_KEYS` or `BLOCK_ROWS`) as stored, still compressed: from its
+    /// generation's block file, where its directory entry (`meta`, read here if not given)
+    /// says (with that offset and file), or from its pieces in the main database
+    /// ([`blocks::in_main`]).
+    fn stored_frame(
+        &self,
+        space: u8,
+        table: u16,
+        seq: u64,
+        block: u16,
+        meta: Option<&[u8]>,
+    ) -> Result<(Vec<u8>, Option<FilePlace<'_>>)> {
         let id = || format!("block {table}/{seq}/{block}");
         if blocks::in_main(table, block) {
-            let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-            *out = blocks::read_pieces(&self.db, &mut z, space, table, seq, block)?;
-            return Ok(());
+            return Ok((blocks::read_pieces(&self.db, space, table, seq, block)?, None));
         }
         let read;
         let value = match meta {
@@ -535,14 +587,10 @@ impl Store {
         })?;
         let (offset, len) = span.frame(space);
         let (frame, path) = self.gens.read_blocks(seq, offset, len).with_context(id)?;
-        let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-        blocks::decompress_into(&mut z, &frame, out).with_context(|| {
-            format!(
-                "{} at offset {offset} of {} (the file is damaged: ingest the logs again into a new --data directory)",
-                id(),
-                path.display()
-            )
-        })
+        if frame.len() != len as usize {
+            return Err(corrupt!("{} at offset {offset} of {} is cut short", id(), path.display()));
+        }
+        Ok((frame, Some((offset, path))))
     }
 
     /// The number `table`'s rows are stored under in blocks (`None`: never seen).
@@ -1251,6 +1299,9 @@ impl Drop for WriteBatch<'_> {
         for t in &self.new_tables {
             if let Some(id) = self.store.tables.remove(t) {
                 self.store.table_names.remove(&id);
+                // The id goes to the next new table: its rows are not this one's sample.
+                self.store.rows_zstd.forget(id);
+                self.store.rows_unzstd.lock().unwrap_or_else(|p| p.into_inner()).forget(id);
             }
         }
         for names in &self.new_schemas {
@@ -1448,8 +1499,20 @@ impl WriteBatch<'_> {
             };
             let base = if g == 0 { 0 } else { self.store.gens.blocks_len(g)? };
             let mut file = blocks::FileAppend { base, frames: Vec::new() };
-            (new_block_end, fresh_blocks) =
-                std::mem::take(&mut self.blocks).write(s, &mut self.store.block_zstd, &mut file, &mut self.batch)?;
+            let store = &mut *self.store;
+            let written = std::mem::take(&mut self.blocks).write(
+                s,
+                &mut store.block_zstd,
+                &mut store.rows_zstd,
+                &mut file,
+                &mut self.batch,
+            )?;
+            (new_block_end, fresh_blocks) = (written.earliest_end, written.raw_rows);
+            // Readers may meet a page compressed with it only once the batch commits;
+            // until then nothing refers to it.
+            for d in written.dictionaries {
+                store.rows_unzstd.lock().unwrap_or_else(|p| p.into_inner()).add(d.table, d.id, &d.bytes)?;
+            }
             if !file.frames.is_empty() {
                 self.batch.insert(generations::blocks_end_key(g), &file.end().to_be_bytes()[..]);
                 block_frames = Some((g, file));
@@ -1518,6 +1581,9 @@ impl WriteBatch<'_> {
             return Err(e).context("cannot commit a batch to the database");
         }
         self.committed = true;
+        if seq.is_some() {
+            self.store.rows_zstd.committed();
+        }
         if let Some((g, file)) = block_frames {
             self.store.gens.blocks_committed(g, file.end());
         }
@@ -1526,7 +1592,7 @@ impl WriteBatch<'_> {
             for (id, raw) in fresh_blocks {
                 // Laid out by the batch itself: cannot fail to split into its rows.
                 if let Ok(rows) = blocks::PackedItems::new(raw) {
-                    cache.put(id, Arc::new(rows));
+                    cache.put(id, 0, Arc::new(rows));
                 }
             }
         }
@@ -1696,6 +1762,41 @@ mod tests {
         let s2 = commit(&mut store, vec![row(3, "")]);
         assert_eq!(s2, s1 + 1);
         assert_eq!(store.head_seq(), s2);
+    }
+
+    /// A table's dictionary trained in a batch that failed is carried by the batches after
+    /// it that use it, not by one of another table, so every row reads back after a reopen.
+    #[test]
+    fn a_dictionary_trained_in_a_failed_batch_is_stored_by_the_next_batch_that_uses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let loads = |from: i64, n: i64| (from..from + n).map(|i| load(i, "wsmprovhost.exe")).collect::<Vec<_>>();
+        let dictionaries = |store: &Store| store.db.scan_prefix([keys::DICTIONARY]).count();
+        // The table is known before the failed batch (a table first seen in a failed
+        // batch is forgotten with it, dictionary and all).
+        commit(&mut store, loads(10_000, 10));
+        store.fail_next_main_commit = true;
+        let mut b = store.batch();
+        for r in loads(0, 3000) {
+            b.add_row(r, 0).unwrap();
+        }
+        assert!(b.commit().is_err());
+        commit(&mut store, vec![row(1, "")]);
+        assert_eq!(dictionaries(&store), 0, "not carried by a batch of another table");
+        let s = commit(&mut store, loads(5000, 600));
+        assert!(dictionaries(&store) > 0, "carried by the next batch of its table");
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let tid = store.table_id(IMAGE_LOADS).unwrap();
+        let (frame, _) = store.stored_frame(keys::BLOCK_ROWS, tid, s, 0, None).unwrap();
+        assert_eq!(pages::Directory::parse(&frame).unwrap().dictionary, 1, "its pages use the dictionary");
+        let keys = store.all_row_keys(&[IMAGE_LOADS.to_string()]).unwrap();
+        let rows = store.get_rows_where(&keys, &[]).unwrap();
+        assert_eq!(rows.len(), 610);
+        let mut reports: Vec<String> = rows.iter().map(|r| r.str("SHA1").to_string()).collect();
+        reports.sort();
+        reports.dedup();
+        assert_eq!(reports.len(), 610, "every row, each once");
     }
 
     /// A batch's column-index entries are in its generation, written before the batch

@@ -1,10 +1,11 @@
 //! Reading many rows at once, a block at a time: the rows of one request (a detector's
 //! fetch of rows it was handed, a look-up's hits, many look-ups' hits) sorted by where they
-//! lie, so each block is decompressed once for all of its rows — and, when the cache does
-//! not hold it, into one reused buffer.
+//! lie, so each block is read once for all of its rows and each page of it holding any
+//! ([`super::pages`]) decompressed once — and, when the cache does not hold it, into one
+//! reused buffer.
 //!
 //! Why a reused buffer: in a process just started, a block decompressed into new memory
-//! had the kernel zero a fresh page for every 4 KiB of it, over half the time of reading a
+//! had the kernel zero a fresh memory page for every 4 KiB of it, over half the time of reading a
 //! hundred blocks for a row or two each (BENCHMARKS.md, the attack-dense tick). So a request
 //! that reads more than a few blocks does not cache them, as a database's scan does not
 //! fill its cache: a block read for a few rows of a sweep is seldom read again, and those
@@ -13,9 +14,10 @@
 //! hits) caches them as a single read does: the same look-up soon again finds them.
 
 use super::blocks::{self, KeyEntry};
-use super::{keys, Result, Store};
+use super::{keys, pages, Result, Store};
 use crate::error::StoreContext as _;
 use lookout_plugin_sdk::{Condition, Row};
+use std::sync::Arc;
 
 /// Where a wanted row lies: its block table and its key-index entry.
 pub(super) type Place = (u16, KeyEntry);
@@ -26,7 +28,8 @@ const CACHED_REQUEST_BLOCKS: usize = 4;
 
 impl Store {
     /// Calls `f(i, value)` with the stored value of the row at each `places[i]`, block by
-    /// block (so not in the order of `places`).
+    /// block and page by page (so not in the order of `places`): each block's frame is read
+    /// once, and only the pages holding wanted rows are decompressed.
     pub(super) fn read_places(&self, places: &[Place], mut f: impl FnMut(usize, &[u8]) -> Result<()>) -> Result<()> {
         let block_of = |i: usize| (places[i].0, places[i].1.seq, places[i].1.block);
         let mut order: Vec<usize> = (0..places.len()).collect();
@@ -34,29 +37,52 @@ impl Store {
         let groups: Vec<&[usize]> = order.chunk_by(|&a, &b| block_of(a) == block_of(b)).collect();
         let sweep = groups.len() > CACHED_REQUEST_BLOCKS;
         for group in groups {
-            let (table, seq, block) = block_of(group[0]);
-            let past_end = || corrupt!("key index points past block {table}/{seq}/{block}");
-            let cached = if sweep {
-                self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&(table, seq, block))
-            } else {
-                self.row_bytes(table, &places[group[0]].1)?.map(|(rows, _)| rows)
-            };
-            if let Some(rows) = cached {
+            let id @ (table, seq, block) = block_of(group[0]);
+            let at = || format!("block {table}/{seq}/{block}");
+            // Rows the cache holds (their page, or the whole block a commit wrote).
+            let mut missing = Vec::new();
+            let mut cached = Vec::new();
+            {
+                let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                 for &i in group {
-                    let row = places[i].1.row as usize;
-                    if row >= rows.len() {
-                        return Err(past_end());
+                    match cache.row(&id, places[i].1.row) {
+                        Some((rows, r)) => cached.push((i, rows, r)),
+                        None => missing.push(i),
                     }
-                    f(i, &rows[row])?;
                 }
+            }
+            for (i, rows, r) in cached {
+                f(i, &rows[r])?;
+            }
+            if missing.is_empty() {
                 continue;
             }
-            let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-            self.block_frame_into(keys::BLOCK_ROWS, table, seq, block, None, &mut scratch)?;
-            let spans = blocks::item_spans(&scratch).with_context(|| format!("block {table}/{seq}/{block}"))?;
-            for &i in group {
-                let &(start, end) = spans.get(places[i].1.row as usize).ok_or_else(past_end)?;
-                f(i, &scratch[start as usize..end as usize])?;
+            let (frame, _) = self.stored_frame(keys::BLOCK_ROWS, table, seq, block, None)?;
+            let dir = pages::Directory::parse(&frame).with_context(at)?;
+            let by_page =
+                missing.chunk_by(|&a, &b| dir.page_of(places[a].1.row).ok() == dir.page_of(places[b].1.row).ok());
+            for wanted in by_page {
+                let page = dir.page_of(places[wanted[0]].1.row).with_context(at)?;
+                let first = dir.pages[page].first;
+                let past_end = || corrupt!("key index points past block {table}/{seq}/{block}");
+                if sweep {
+                    let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+                    self.decode_page(table, &frame, &dir, page, &mut scratch).with_context(at)?;
+                    let spans = blocks::item_spans(&scratch).with_context(at)?;
+                    for &i in wanted {
+                        let &(start, end) = spans.get((places[i].1.row - first) as usize).ok_or_else(past_end)?;
+                        f(i, &scratch[start as usize..end as usize])?;
+                    }
+                } else {
+                    let mut raw = Vec::new();
+                    self.decode_page(table, &frame, &dir, page, &mut raw).with_context(at)?;
+                    let rows = Arc::new(blocks::PackedItems::new(raw).with_context(at)?);
+                    for &i in wanted {
+                        let r = (places[i].1.row - first) as usize;
+                        f(i, rows.get(r).ok_or_else(past_end)?)?;
+                    }
+                    self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(id, first, rows);
+                }
             }
         }
         Ok(())

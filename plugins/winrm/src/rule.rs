@@ -144,10 +144,16 @@ impl WinrmRule {
             }
         }
         let mut loads = if wanted.is_empty() { Vec::new() } else { ctx.rows(wanted)? };
+        // The stored loads of every SHA1 whose profile changed and now qualifies, in one
+        // host call: the host reads each block they lie in once.
+        let mut changed = Vec::new();
         for sha1 in profile_sha1s {
             if self.profile_qualifies(sha1, ctx, &mut profiles)? {
-                loads.extend(self.fetch_loads(ctx, sha1, None)?);
+                changed.push((sha1.to_string(), None));
             }
+        }
+        if !changed.is_empty() {
+            loads.extend(ctx.lookup_many(IMAGE_LOADS, changed, &self.load_filter())?.into_iter().flatten());
         }
         let mut seen_loads = HashSet::new();
         loads.retain(|l| seen_loads.insert(l.key.clone()));
@@ -213,13 +219,6 @@ impl WinrmRule {
             column: "ActionType".into(),
             any_of: WRITE_ACTIONS.iter().map(|a| a.to_string()).collect(),
         }]
-    }
-
-    /// Stored loads of this SHA1 (and device), narrowed by the host to the initiating
-    /// process and folders the rule wants (the full filter runs again in
-    /// `potential_plugin`).
-    fn fetch_loads(&self, ctx: &mut Context<'_>, sha1: &str, device: Option<&str>) -> Result<Vec<Row>, String> {
-        ctx.lookup_where(IMAGE_LOADS, sha1, device, &self.load_filter())
     }
 
     /// Whether a load of this SHA1 (any case) passed the plugin filters recently enough.
