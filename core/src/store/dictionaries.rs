@@ -16,7 +16,7 @@ use crate::error::StoreContext as _;
 use std::collections::HashMap;
 
 /// A table's dictionary is trained once this many bytes of its rows have been seen (in
-/// this process: samples are not kept across restarts)...
+/// this process: samples are not kept across restarts), on its own thread...
 const SAMPLE_MIN: usize = 256 << 10;
 /// ...from at most this many.
 const SAMPLE_MAX: usize = 1 << 20;
@@ -32,13 +32,17 @@ const ZSTD_LEVEL: i32 = 1;
 enum TableDictionary {
     /// Rows seen so far, to train on (each row one sample).
     Sampling { data: Vec<u8>, sizes: Vec<usize> },
+    /// Being trained on a thread of its own (tens of milliseconds a table: the storing
+    /// thread, and a running daemon's latency, do not wait for it); the table's pages go
+    /// without a dictionary until it is done.
+    Training(std::thread::JoinHandle<std::io::Result<Vec<u8>>>),
     Trained {
         id: u32,
         compressor: zstd::bulk::Compressor<'static>,
         /// The dictionary's bytes, while not known to be on disk.
         unsaved: Option<Vec<u8>>,
     },
-    /// Training failed on a full sample: this table's pages go without one.
+    /// Training failed: this table's pages go without one (in this process).
     None,
 }
 
@@ -80,13 +84,30 @@ impl RowCompression {
     }
 
     /// Before `table`'s blocks of a batch are compressed: samples their rows (`raws`, each
-    /// [`super::blocks::pack_items`]'s layout) while the table has no dictionary, and
-    /// trains one once enough are seen. A dictionary not yet known to be on disk is put
-    /// into `batch`. Returns the one trained now, if any.
+    /// [`super::blocks::pack_items`]'s layout) while the table has no dictionary, starts
+    /// training one once enough are seen, and takes one whose training is done. A
+    /// dictionary not yet known to be on disk is put into `batch`. Returns the one taken
+    /// now, if any: the readers need it once the batch commits.
     pub fn prepare(&mut self, table: u16, raws: &[&[u8]], batch: &mut sled::Batch) -> Result<Option<NewDictionary>> {
         let entry =
             self.tables.entry(table).or_insert(TableDictionary::Sampling { data: Vec::new(), sizes: Vec::new() });
-        let mut trained = None;
+        let mut taken = None;
+        if matches!(entry, TableDictionary::Training(handle) if handle.is_finished()) {
+            let TableDictionary::Training(handle) = std::mem::replace(entry, TableDictionary::None) else {
+                unreachable!("matched just above")
+            };
+            match handle.join() {
+                Ok(Ok(bytes)) => {
+                    tracing::debug!(table, bytes = bytes.len(), "a dictionary for rows' pages is trained");
+                    taken = Some(NewDictionary { table, id: 1, bytes: bytes.clone() });
+                    *entry =
+                        TableDictionary::Trained { id: 1, compressor: page_compressor(&bytes)?, unsaved: Some(bytes) };
+                }
+                // Rows too alike or too few to train on: pages go without one.
+                Ok(Err(e)) => tracing::debug!(table, error = %e, "no dictionary for rows' pages"),
+                Err(_) => tracing::warn!(table, "training a dictionary for rows' pages panicked; going without"),
+            }
+        }
         if let TableDictionary::Sampling { data, sizes } = entry {
             'rows: for raw in raws {
                 for (start, end) in super::blocks::item_spans(raw)? {
@@ -98,28 +119,17 @@ impl RowCompression {
                 }
             }
             if data.len() >= SAMPLE_MIN {
-                let started = std::time::Instant::now();
-                match zstd::dict::from_continuous(data, sizes, DICTIONARY_MAX) {
-                    Ok(bytes) => {
-                        tracing::debug!(
-                            table,
-                            samples = sizes.len(),
-                            bytes = bytes.len(),
-                            elapsed_ms = started.elapsed().as_millis() as u64,
-                            "trained a dictionary for rows' pages"
-                        );
-                        let compressor = page_compressor(&bytes)?;
-                        trained = Some(NewDictionary { table, id: 1, bytes: bytes.clone() });
-                        *entry = TableDictionary::Trained { id: 1, compressor, unsaved: Some(bytes) };
+                let (data, sizes) = (std::mem::take(data), std::mem::take(sizes));
+                let training = std::thread::Builder::new()
+                    .name("lookout-dictionary".into())
+                    .spawn(move || zstd::dict::from_continuous(&data, &sizes, DICTIONARY_MAX));
+                *entry = match training {
+                    Ok(handle) => TableDictionary::Training(handle),
+                    Err(e) => {
+                        tracing::warn!(table, error = %e, "cannot start training a dictionary for rows' pages");
+                        TableDictionary::None
                     }
-                    // Rows too alike or too few to train on: try again with more, up to
-                    // the most that are sampled.
-                    Err(e) if data.len() >= SAMPLE_MAX => {
-                        tracing::debug!(table, error = %e, "no dictionary for rows' pages");
-                        *entry = TableDictionary::None;
-                    }
-                    Err(_) => {}
-                }
+                };
             }
         }
         if let TableDictionary::Trained { id, unsaved: Some(bytes), .. } = entry {
@@ -129,7 +139,15 @@ impl RowCompression {
             }
             self.carried.push(table);
         }
-        Ok(trained)
+        Ok(taken)
+    }
+
+    /// Waits until no dictionary is being trained (tests: the next batch then takes it).
+    #[cfg(test)]
+    pub fn wait_for_training(&self) {
+        while self.tables.values().any(|t| matches!(t, TableDictionary::Training(h) if !h.is_finished())) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// `raw` (a block's rows of `table`) as a rows frame ([`super::pages`]): pages of
@@ -264,7 +282,9 @@ mod tests {
         assert_eq!(super::super::pages::Directory::parse(&before).unwrap().dictionary, 0);
         let many: Vec<Vec<u8>> = (0..8).map(|k| rows(400, k * 400)).collect();
         let many: Vec<&[u8]> = many.iter().map(|r| &r[..]).collect();
-        let new = rc.prepare(3, &many, &mut batch).unwrap().expect("trained");
+        assert!(rc.prepare(3, &many, &mut batch).unwrap().is_none(), "training, not trained yet");
+        rc.wait_for_training();
+        let new = rc.prepare(3, &[], &mut batch).unwrap().expect("trained");
         assert_eq!((new.table, new.id), (3, 1));
         let frame = rc.compress(3, many[7]).unwrap();
         let dir_ = super::super::pages::Directory::parse(&frame).unwrap();

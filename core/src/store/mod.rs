@@ -1764,8 +1764,9 @@ mod tests {
         assert_eq!(store.head_seq(), s2);
     }
 
-    /// A table's dictionary trained in a batch that failed is carried by the batches after
-    /// it that use it, not by one of another table, so every row reads back after a reopen.
+    /// A table's dictionary first used by a batch that failed is carried by the batches
+    /// after it that use it, not by one of another table, so every row reads back after a
+    /// reopen.
     #[test]
     fn a_dictionary_trained_in_a_failed_batch_is_stored_by_the_next_batch_that_uses_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -1777,9 +1778,15 @@ mod tests {
         commit(&mut store, loads(10_000, 10));
         store.fail_next_main_commit = true;
         let mut b = store.batch();
-        for r in loads(0, 3000) {
+        for r in loads(0, 4000) {
             b.add_row(r, 0).unwrap();
         }
+        assert!(b.commit().is_err());
+        store.rows_zstd.wait_for_training();
+        // The next batch of the table takes the dictionary; it fails too.
+        store.fail_next_main_commit = true;
+        let mut b = store.batch();
+        b.add_row(load(20_000, "wsmprovhost.exe"), 0).unwrap();
         assert!(b.commit().is_err());
         commit(&mut store, vec![row(1, "")]);
         assert_eq!(dictionaries(&store), 0, "not carried by a batch of another table");
