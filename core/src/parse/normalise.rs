@@ -156,18 +156,29 @@ struct Layout {
     content: ContentNames,
 }
 
-/// The layout of `row` in `table`: the last row's on this thread when the table and the
-/// column names are the same, else worked out (and kept for the next row).
+/// Layouts kept per thread: a table's rows come in a few shapes (Defender leaves columns
+/// out by action type), often interleaved, and working a layout out again for every
+/// change of shape was a quarter of parsing such a file.
+const LAYOUTS_KEPT: usize = 16;
+
+/// The layout of `row` in `table`: one of the last few rows' on this thread when the
+/// table and the column names are the same, else worked out (and kept for the next rows).
 fn layout(table: &str, row: &[(Cow<'_, str>, Raw<'_>)]) -> Result<Rc<Layout>, Reject> {
     thread_local! {
-        static LAST: RefCell<Option<Rc<Layout>>> = const { RefCell::new(None) };
+        static KEPT: RefCell<Vec<Rc<Layout>>> = const { RefCell::new(Vec::new()) };
     }
-    LAST.with(|last| {
-        let mut last = last.borrow_mut();
-        if let Some(l) = &*last {
-            if l.table == table && l.names.len() == row.len() && l.names.iter().zip(row).all(|(a, (b, _))| a == b) {
-                return Ok(l.clone());
+    KEPT.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        let same = |l: &Layout| {
+            l.table == table && l.names.len() == row.len() && l.names.iter().zip(row).all(|(a, (b, _))| a == b)
+        };
+        if let Some(i) = kept.iter().position(|l| same(l)) {
+            // The most recent first: a file of one shape finds it at once.
+            if i > 0 {
+                let l = kept.remove(i);
+                kept.insert(0, l);
             }
+            return Ok(kept[0].clone());
         }
         let kind = table_kind(table).map_err(|e| Reject::new(RejectKind::UnknownTable, e))?;
         let names: Vec<String> = row.iter().map(|(n, _)| n.to_string()).collect();
@@ -187,7 +198,8 @@ fn layout(table: &str, row: &[(Cow<'_, str>, Raw<'_>)]) -> Result<Rc<Layout>, Re
             names: Arc::new(names),
         };
         let layout = Rc::new(layout);
-        *last = Some(layout.clone());
+        kept.truncate(LAYOUTS_KEPT - 1);
+        kept.insert(0, layout.clone());
         Ok(layout)
     })
 }
@@ -330,6 +342,35 @@ mod tests {
         assert_eq!(columns[4], ("Custom".to_string(), Cell::Json("{\"a\":1}".into())));
         assert_eq!(columns[5], ("FileSize".to_string(), Cell::Null));
         assert_eq!(r.identity, "7");
+    }
+
+    /// Rows of several shapes, interleaved, and of two tables with the same columns: each
+    /// row is normalised with its own table's layout of its own columns.
+    #[test]
+    fn interleaved_shapes_each_keep_their_own_layout() {
+        let hints = TableHints::default();
+        let a = || obj(json!({"Timestamp":"2025-05-07T16:16:24Z","DeviceId":"d","SHA1":"s","ReportId":1}));
+        let b = || obj(json!({"DeviceId":"e","Timestamp":"2025-05-07T16:16:25Z","ReportId":2,"FileName":"x"}));
+        for _ in 0..3 {
+            for (row, table, identity, device) in [
+                (a(), "DeviceFileEvents", "1", "d"),
+                (b(), "DeviceFileEvents", "2", "e"),
+                (a(), "DeviceProcessEvents", "1", "d"),
+                (b(), "DeviceProcessEvents", "2", "e"),
+            ] {
+                let names: Vec<String> = row.keys().cloned().collect();
+                let r = normalise(row, Some(table), &hints).unwrap();
+                assert_eq!((r.table.as_str(), r.identity.as_str(), r.device_id.as_str()), (table, identity, device));
+                assert_eq!(r.columns().into_iter().map(|(n, _)| n).collect::<Vec<_>>(), names);
+            }
+        }
+        // More shapes than are kept: still each its own.
+        for i in 0..(LAYOUTS_KEPT + 3) {
+            let mut row = a();
+            row.insert(format!("Extra{i}"), json!(i));
+            let r = normalise(row, Some("DeviceFileEvents"), &hints).unwrap();
+            assert_eq!(r.columns().last().map(|(n, _)| n.clone()), Some(format!("Extra{i}")));
+        }
     }
 
     #[test]

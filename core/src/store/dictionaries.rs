@@ -19,9 +19,9 @@ use std::collections::HashMap;
 /// this process: samples are not kept across restarts), on its own thread...
 const SAMPLE_MIN: usize = 256 << 10;
 /// ...from at most this many.
-const SAMPLE_MAX: usize = 1 << 20;
+const SAMPLE_MAX: usize = 512 << 10;
 /// The largest dictionary trained.
-const DICTIONARY_MAX: usize = 64 << 10;
+const DICTIONARY_MAX: usize = 32 << 10;
 /// Stored dictionaries are cut into pieces this small (sled writes a bigger value as a
 /// blob file of its own).
 const PIECE_BYTES: usize = 6 << 10;
