@@ -17,11 +17,22 @@ use std::collections::HashMap;
 
 /// A table's dictionary is trained once this many bytes of its rows have been seen (in
 /// this process: samples are not kept across restarts), on its own thread...
+#[cfg(not(test))]
 const SAMPLE_MIN: usize = 256 << 10;
 /// ...from at most this many.
+#[cfg(not(test))]
 const SAMPLE_MAX: usize = 512 << 10;
 /// The largest dictionary trained.
+#[cfg(not(test))]
 const DICTIONARY_MAX: usize = 32 << 10;
+// Small enough in tests that the store's tests of a few dozen rows read and write pages
+// with dictionaries too (across reopens, failed batches and retention).
+#[cfg(test)]
+const SAMPLE_MIN: usize = 1 << 10;
+#[cfg(test)]
+const SAMPLE_MAX: usize = 2 << 10;
+#[cfg(test)]
+const DICTIONARY_MAX: usize = 1 << 10;
 /// Stored dictionaries are cut into pieces this small (sled writes a bigger value as a
 /// blob file of its own).
 const PIECE_BYTES: usize = 6 << 10;
@@ -275,7 +286,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let (mut rc, _) = RowCompression::load(&db).unwrap();
-        let small = rows(50, 0);
+        let small = rows(2, 0);
+        assert!(small.len() < SAMPLE_MIN);
         let mut batch = sled::Batch::default();
         assert!(rc.prepare(3, &[&small], &mut batch).unwrap().is_none(), "too few rows to train on");
         let before = rc.compress(3, &small).unwrap();

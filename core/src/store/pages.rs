@@ -23,7 +23,11 @@ use super::Result;
 use crate::error::StoreContext as _;
 
 /// Rows go into a page until it holds this many bytes (when the table has a dictionary).
+#[cfg(not(test))]
 pub const PAGE_RAW: usize = 16 << 10;
+/// Small in tests, so that a few dozen rows make blocks of several pages.
+#[cfg(test)]
+pub const PAGE_RAW: usize = 1 << 10;
 
 const HEADER: usize = 4 + 4 + 2;
 const ENTRY: usize = 2 + 4 + 4;
