@@ -15,8 +15,14 @@ use super::{keys, Result, StoreError};
 use crate::error::StoreContext as _;
 use std::collections::HashMap;
 
-/// A table's dictionary is trained once this many bytes of its rows have been seen (in
-/// this process: samples are not kept across restarts), on its own thread...
+/// A table's rows are sampled for a dictionary once this many bytes of them have been
+/// stored in this process (samples are not kept across restarts): training takes 15–40
+/// ms of CPU, worth it for a table that grows, not for each of a Kafka node's partition
+/// stores that only ever holds a few thousand rows of it.
+#[cfg(not(test))]
+const TRAIN_AFTER: usize = 16 << 20;
+/// A table's dictionary is trained once this many bytes of its rows have been sampled,
+/// on its own thread...
 #[cfg(not(test))]
 const SAMPLE_MIN: usize = 256 << 10;
 /// ...from at most this many.
@@ -27,6 +33,8 @@ const SAMPLE_MAX: usize = 512 << 10;
 const DICTIONARY_MAX: usize = 32 << 10;
 // Small enough in tests that the store's tests of a few dozen rows read and write pages
 // with dictionaries too (across reopens, failed batches and retention).
+#[cfg(test)]
+const TRAIN_AFTER: usize = 1;
 #[cfg(test)]
 const SAMPLE_MIN: usize = 1 << 10;
 #[cfg(test)]
@@ -41,8 +49,8 @@ const ZSTD_LEVEL: i32 = 1;
 
 /// What is known of one table's dictionary on the writing side.
 enum TableDictionary {
-    /// Rows seen so far, to train on (each row one sample).
-    Sampling { data: Vec<u8>, sizes: Vec<usize> },
+    /// Rows seen so far (bytes), and those sampled to train on (each row one sample).
+    Sampling { seen: usize, data: Vec<u8>, sizes: Vec<usize> },
     /// Being trained on a thread of its own (tens of milliseconds a table: the storing
     /// thread, and a running daemon's latency, do not wait for it); the table's pages go
     /// without a dictionary until it is done.
@@ -100,8 +108,11 @@ impl RowCompression {
     /// dictionary not yet known to be on disk is put into `batch`. Returns the one taken
     /// now, if any: the readers need it once the batch commits.
     pub fn prepare(&mut self, table: u16, raws: &[&[u8]], batch: &mut sled::Batch) -> Result<Option<NewDictionary>> {
-        let entry =
-            self.tables.entry(table).or_insert(TableDictionary::Sampling { data: Vec::new(), sizes: Vec::new() });
+        let entry = self.tables.entry(table).or_insert(TableDictionary::Sampling {
+            seen: 0,
+            data: Vec::new(),
+            sizes: Vec::new(),
+        });
         let mut taken = None;
         if matches!(entry, TableDictionary::Training(handle) if handle.is_finished()) {
             let TableDictionary::Training(handle) = std::mem::replace(entry, TableDictionary::None) else {
@@ -119,7 +130,11 @@ impl RowCompression {
                 Err(_) => tracing::warn!(table, "training a dictionary for rows' pages panicked; going without"),
             }
         }
-        if let TableDictionary::Sampling { data, sizes } = entry {
+        if let TableDictionary::Sampling { seen, data, sizes } = entry {
+            *seen += raws.iter().map(|r| r.len()).sum::<usize>();
+            // Sampled once the table has this many bytes: until then its pages go without
+            // a dictionary, and a table that never gets there is not worth a training.
+            let raws: &[&[u8]] = if *seen < TRAIN_AFTER { &[] } else { raws };
             'rows: for raw in raws {
                 for (start, end) in super::blocks::item_spans(raw)? {
                     if data.len() >= SAMPLE_MAX {
