@@ -486,16 +486,13 @@ impl Store {
         if let Some(hit) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).row(&id, entry.row) {
             return Ok(Some(hit));
         }
+        let at = || format!("block {table}/{}/{}", entry.seq, entry.block);
         let (frame, _) = self.stored_frame(keys::BLOCK_ROWS, table, entry.seq, entry.block, None)?;
-        let dir =
-            pages::Directory::parse(&frame).with_context(|| format!("block {table}/{}/{}", entry.seq, entry.block))?;
-        let page = dir.page_of(entry.row)?;
+        let dir = pages::Directory::parse(&frame).with_context(at)?;
+        let page = dir.page_of(entry.row).with_context(at)?;
         let mut raw = Vec::new();
-        self.decode_page(table, &frame, &dir, page, &mut raw)
-            .with_context(|| format!("block {table}/{}/{}", entry.seq, entry.block))?;
-        let rows = Arc::new(
-            blocks::PackedItems::new(raw).with_context(|| format!("block {table}/{}/{}", entry.seq, entry.block))?,
-        );
+        self.decode_page(table, &frame, &dir, page, &mut raw).with_context(at)?;
+        let rows = Arc::new(blocks::PackedItems::new(raw).with_context(at)?);
         let first = dir.pages[page].first;
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(id, first, rows.clone());
         let row = (entry.row - first) as usize;
