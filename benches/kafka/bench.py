@@ -25,9 +25,12 @@ PARTITIONS = 6
 
 
 def status(data):
+    """A node's partitions (`/status/kafka`): read from its memory, where `/status` sums up
+    every partition's store. Polled every 10 ms during a replay, `/status` took a share of
+    the one core the replay was measured on."""
     try:
         addr = open(os.path.join(data, "daemon.addr")).read().strip()
-        with urllib.request.urlopen(f"http://{addr}/status", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{addr}/status/kafka", timeout=5) as r:
             return json.load(r)
     except Exception:
         return None

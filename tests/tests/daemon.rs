@@ -542,7 +542,8 @@ fn metrics_pass_prometheus_exposition_check() {
     let cli = status_json(&data);
     assert_eq!(cli["tables"], s["tables"], "status --json while the daemon runs");
     assert_eq!(cli["rejected"], s["rejected"]);
-    // Anything else is a 404.
+    // A daemon that is not a Kafka node has no partitions to show; anything else is a 404.
+    assert_eq!(http_get(d.addr().expect("daemon.addr"), "/status/kafka").unwrap().0, 404);
     assert_eq!(http_get(d.addr().expect("daemon.addr"), "/nope").unwrap().0, 404);
     d.terminate(Duration::from_secs(20));
     eprintln!("metrics_pass_prometheus_exposition_check: {:?}", started.elapsed());

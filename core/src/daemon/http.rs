@@ -1,6 +1,7 @@
-//! The daemon's local endpoint: `/metrics` (Prometheus text) and `/status` (the JSON of
-//! `lookout status --json`). Only one process can open the database, so this is how
-//! other `lookout` commands see a running daemon.
+//! The daemon's local endpoint: `/metrics` (Prometheus text), `/status` (the JSON of
+//! `lookout status --json`) and, on a Kafka node, `/status/kafka` (its partitions alone,
+//! cheap to poll). Only one process can open the database, so this is how other
+//! `lookout` commands see a running daemon.
 
 use super::metrics::{render, Metrics, CONTENT_TYPE};
 use super::DaemonError;
@@ -35,6 +36,12 @@ pub trait Observe: Send + Sync {
     /// More Prometheus text after the daemon's own (a Kafka node's partitions).
     fn extra_metrics(&self) -> String {
         String::new()
+    }
+    /// `/status/kafka`: a Kafka node's partitions alone, read from memory (`None`: not a
+    /// node). `/status` sums up every partition's store, which costs a scan of each; this
+    /// is for whatever polls a node's progress often.
+    fn kafka(&self) -> Option<crate::status::KafkaStatus> {
+        None
     }
 }
 
@@ -119,6 +126,13 @@ fn serve(server: &tiny_http::Server, observe: &dyn Observe, metrics: &Mutex<Metr
                 Ok(Ok(json)) => (200, "application/json", json),
                 Ok(Err(e)) => (500, "text/plain; charset=utf-8", format!("status failed: {e}\n")),
                 Err((code, text)) => (code, "text/plain; charset=utf-8", text),
+            },
+            (tiny_http::Method::Get, "/status/kafka") => match observe.kafka() {
+                Some(k) => match serde_json::to_string(&serde_json::json!({ "kafka": k })) {
+                    Ok(json) => (200, "application/json", json),
+                    Err(e) => (500, "text/plain; charset=utf-8", format!("status failed: {e}\n")),
+                },
+                None => (404, "text/plain; charset=utf-8", "not a Kafka node: try /status\n".to_string()),
             },
             _ => (404, "text/plain; charset=utf-8", "not found: try /metrics or /status\n".to_string()),
         };

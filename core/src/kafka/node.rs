@@ -442,6 +442,15 @@ impl Observe for NodeObserve {
         Ok(status)
     }
 
+    fn kafka(&self) -> Option<KafkaStatus> {
+        let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        Some(KafkaStatus {
+            topic: self.cfg.topic.clone(),
+            group: self.cfg.group.clone(),
+            partitions: view.partitions.clone(),
+        })
+    }
+
     fn extra_metrics(&self) -> String {
         let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = String::new();
