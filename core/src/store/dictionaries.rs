@@ -1,6 +1,6 @@
 //! Per-table zstd dictionaries for rows' pages ([`super::pages`]): sampled from a table's
-//! first rows, trained once enough are seen, kept in the main database, and the compressor
-//! and decompressors made from them.
+//! rows once it has grown enough, trained on a thread of their own, kept in the main
+//! database, and the compressor and decompressors made from them.
 //!
 //! Why: rows of one table repeat their column layout, device names, folder paths and
 //! hashes from block to block. A 16 KiB page compressed alone loses most of that; with a
@@ -9,7 +9,7 @@
 //!
 //! Crash safety: a dictionary is written into the main batch of every batch that uses it
 //! until one such batch has committed, so no committed block refers to a dictionary that
-//! is not on disk. Dictionaries are never removed: one per table, ~64 KiB.
+//! is not on disk. Dictionaries are never removed: one per table, at most 32 KiB.
 
 use super::{keys, Result, StoreError};
 use crate::error::StoreContext as _;
