@@ -362,8 +362,8 @@ pub fn read_pieces(db: &sled::Db, space: u8, table: u16, seq: u64, block: u16) -
     Ok(frame)
 }
 
-/// A frame ([`compress`]'s layout) decompressed into `out` (whatever it held is replaced).
-pub fn decompress_into(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8], out: &mut Vec<u8>) -> Result<()> {
+/// A frame ([`compress`]'s layout) decompressed.
+pub fn decompress(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8]) -> Result<Vec<u8>> {
     if frame.len() < 4 {
         return Err(corrupt!("the block is missing or corrupt"));
     }
@@ -371,19 +371,11 @@ pub fn decompress_into(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8
     if raw_len > MAX_RAW {
         return Err(corrupt!("the block claims {raw_len} bytes: corrupt"));
     }
-    out.clear();
-    out.reserve(raw_len);
-    let n = zstd.decompress_to_buffer(&frame[4..], out).context("the block is corrupt")?;
+    let mut out = Vec::with_capacity(raw_len);
+    let n = zstd.decompress_to_buffer(&frame[4..], &mut out).context("the block is corrupt")?;
     if n != raw_len {
         return Err(corrupt!("the block holds {n} bytes, not the {raw_len} it claims: corrupt"));
     }
-    Ok(())
-}
-
-/// A frame ([`compress`]'s layout) decompressed.
-pub fn decompress(zstd: &mut zstd::bulk::Decompressor<'static>, frame: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    decompress_into(zstd, frame, &mut out)?;
     Ok(out)
 }
 

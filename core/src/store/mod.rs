@@ -479,29 +479,6 @@ impl Store {
         Ok(())
     }
 
-    /// The stored value of a row from its key-index entry, through the block cache: the
-    /// page holding it is decoded and cached, not the whole block.
-    fn row_bytes(&self, table: u16, entry: &KeyEntry) -> Result<Option<(blocks::BlockRows, usize)>> {
-        let id = (table, entry.seq, entry.block);
-        if let Some(hit) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).row(&id, entry.row) {
-            return Ok(Some(hit));
-        }
-        let at = || format!("block {table}/{}/{}", entry.seq, entry.block);
-        let (frame, _) = self.stored_frame(keys::BLOCK_ROWS, table, entry.seq, entry.block, None)?;
-        let dir = pages::Directory::parse(&frame).with_context(at)?;
-        let page = dir.page_of(entry.row).with_context(at)?;
-        let mut raw = Vec::new();
-        self.decode_page(table, &frame, &dir, page, &mut raw).with_context(at)?;
-        let rows = Arc::new(blocks::PackedItems::new(raw).with_context(at)?);
-        let first = dir.pages[page].first;
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(id, first, rows.clone());
-        let row = (entry.row - first) as usize;
-        if row >= rows.len() {
-            return Err(corrupt!("key index points past block {table}/{}/{}", entry.seq, entry.block));
-        }
-        Ok(Some((rows, row)))
-    }
-
     /// Page `page` of a rows frame of `table`, decompressed into `out`.
     fn decode_page(
         &self,
@@ -518,22 +495,6 @@ impl Store {
     /// A block's frame (`BLOCK_KEYS` or `BLOCK_ROWS`) decompressed, its items still packed:
     /// see [`Store::stored_frame`].
     fn block_frame(&self, space: u8, table: u16, seq: u64, block: u16, meta: Option<&[u8]>) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        self.block_frame_into(space, table, seq, block, meta, &mut out)?;
-        Ok(out)
-    }
-
-    /// [`Store::block_frame`] into `out`: a buffer used before keeps its pages, where a
-    /// new one has the kernel zero fresh ones.
-    fn block_frame_into(
-        &self,
-        space: u8,
-        table: u16,
-        seq: u64,
-        block: u16,
-        meta: Option<&[u8]>,
-        out: &mut Vec<u8>,
-    ) -> Result<()> {
         let (frame, place) = self.stored_frame(space, table, seq, block, meta)?;
         let id = || {
             let at =
@@ -542,11 +503,14 @@ impl Store {
         };
         if space == keys::BLOCK_ROWS {
             let dir = pages::Directory::parse(&frame).with_context(id)?;
+            let mut out = Vec::new();
             let mut z = self.rows_unzstd.lock().unwrap_or_else(|p| p.into_inner());
-            pages::all_into(&frame, &dir, out, |p, into| z.page(table, dir.dictionary, p, into)).with_context(id)
+            pages::all_into(&frame, &dir, &mut out, |p, into| z.page(table, dir.dictionary, p, into))
+                .with_context(id)?;
+            Ok(out)
         } else {
             let mut z = self.unzstd.lock().unwrap_or_else(|p| p.into_inner());
-            blocks::decompress_into(&mut z, &frame, out).with_context(id)
+            blocks::decompress(&mut z, &frame).with_context(id)
         }
     }
 
@@ -608,10 +572,10 @@ impl Store {
         }
     }
 
-    /// The stored value of the row at `key`, if stored and within retention.
-    fn value_at(&self, key: &[u8]) -> Result<Option<(blocks::BlockRows, usize)>> {
+    /// `f` of the stored value of the row at `key`, if stored and within retention.
+    fn with_value_at<T>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> Result<T>) -> Result<Option<T>> {
         match self.place_of(key)? {
-            Some((table, entry)) => self.row_bytes(table, &entry),
+            Some(place) => self.with_value(place, f).map(Some),
             None => Ok(None),
         }
     }
@@ -867,10 +831,7 @@ impl Store {
 
     /// Whether the row at `key` exists and meets every condition (no `Row` is built).
     pub fn row_at_passes(&self, key: &[u8], filter: &[Condition]) -> Result<bool> {
-        match self.value_at(key)? {
-            Some((rows, i)) => self.row_passes(&rows[i], filter),
-            None => Ok(false),
-        }
+        Ok(self.with_value_at(key, |v| self.row_passes(v, filter))?.unwrap_or(false))
     }
 
     /// Whether the stored row value meets every condition, read without copying strings.
@@ -895,7 +856,7 @@ impl Store {
     }
 
     pub fn get_row(&self, key: &[u8]) -> Result<Option<Row>> {
-        self.value_at(key)?.map(|(rows, i)| self.decode_row(key, &rows[i])).transpose()
+        self.with_value_at(key, |v| self.decode_row(key, v))
     }
 
     /// Stored rows of `table` with exactly this SHA1 (and DeviceId).
@@ -956,10 +917,7 @@ impl Store {
     /// condition (read there, not through the key index).
     pub fn row_at_position_passes(&self, at: RowAt, filter: &[Condition]) -> Result<bool> {
         let entry = KeyEntry { seq: at.seq, block: at.block, row: at.row, content: 0 };
-        match self.row_bytes(at.table, &entry)? {
-            Some((rows, i)) => self.row_passes(&rows[i], filter),
-            None => Ok(false),
-        }
+        self.with_value((at.table, entry), |v| self.row_passes(v, filter))
     }
 
     /// [`Store::new_row_keys`], of the rows whose key `keep` accepts (checked on the key

@@ -143,11 +143,7 @@ pub fn page_into(
     let p = dir.pages.get(page).ok_or_else(|| corrupt!("the rows frame has no page {page}"))?;
     out.clear();
     out.resize(p.raw_len as usize, 0);
-    let n = decompress(&frame[p.at..p.at + p.len], out).context("a page of the block is corrupt")?;
-    if n != p.raw_len as usize {
-        return Err(corrupt!("a page holds {n} bytes, not the {} its directory says: corrupt", p.raw_len));
-    }
-    Ok(())
+    checked(frame, p, out, decompress)
 }
 
 /// Every page of `frame` into `out` (replacing what it held): the block's rows as packed.
@@ -161,12 +157,22 @@ pub fn all_into(
     out.resize(dir.raw_len, 0);
     let mut at = 0;
     for p in &dir.pages {
-        let into = &mut out[at..at + p.raw_len as usize];
-        let n = decompress(&frame[p.at..p.at + p.len], into).context("a page of the block is corrupt")?;
-        if n != p.raw_len as usize {
-            return Err(corrupt!("a page holds {n} bytes, not the {} its directory says: corrupt", p.raw_len));
-        }
+        checked(frame, p, &mut out[at..at + p.raw_len as usize], &mut decompress)?;
         at += p.raw_len as usize;
+    }
+    Ok(())
+}
+
+/// Page `p` of `frame` decompressed into `into`, which it must fill exactly.
+fn checked(
+    frame: &[u8],
+    p: &Page,
+    into: &mut [u8],
+    decompress: impl FnOnce(&[u8], &mut [u8]) -> Result<usize>,
+) -> Result<()> {
+    let n = decompress(&frame[p.at..p.at + p.len], into).context("a page of the block is corrupt")?;
+    if n != p.raw_len as usize {
+        return Err(corrupt!("a page holds {n} bytes, not the {} its directory says: corrupt", p.raw_len));
     }
     Ok(())
 }

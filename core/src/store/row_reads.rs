@@ -88,6 +88,21 @@ impl Store {
         Ok(())
     }
 
+    /// `f` of the stored value at one place: read as any request of one block is, through
+    /// the cache.
+    pub(super) fn with_value<T>(&self, place: Place, f: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
+        let (table, entry) = place;
+        let mut f = Some(f);
+        let mut out = None;
+        self.read_places(&[place], |_, value| {
+            if let Some(f) = f.take() {
+                out = Some(f(value)?);
+            }
+            Ok(())
+        })?;
+        out.ok_or_else(|| corrupt!("row {} of block {table}/{}/{} was not read", entry.row, entry.seq, entry.block))
+    }
+
     /// Where each of `keys` that is stored and within retention lies, with its key.
     pub(super) fn places_of<'k>(&self, keys: &'k [Vec<u8>]) -> Result<(Vec<Place>, Vec<&'k Vec<u8>>)> {
         let mut places = Vec::with_capacity(keys.len());
