@@ -137,22 +137,26 @@ impl WinrmRule {
         // Every FileProfile the pass needs first, in one call.
         let mut profiles = ProfileCache::default();
         profiles.prefetch(load_keys.keys().chain(profile_sha1s.iter()).copied(), ctx)?;
-        let mut wanted = Vec::new();
-        for (sha1, keys) in load_keys {
-            if self.profile_qualifies(sha1, ctx, &mut profiles)? {
-                wanted.extend(keys);
-            }
-        }
-        let mut loads = if wanted.is_empty() { Vec::new() } else { ctx.rows(wanted)? };
         // The stored loads of every SHA1 whose profile changed and now qualifies, in one
         // host call: the host reads each block they lie in once.
         let mut changed = Vec::new();
         for sha1 in profile_sha1s {
             if self.profile_qualifies(sha1, ctx, &mut profiles)? {
-                changed.push((sha1.to_string(), None));
+                changed.push(sha1);
             }
         }
+        changed.sort_unstable();
+        // A new load of such a SHA1 is among that look-up's answers (it was handed over
+        // under the look-up's own filter), so it is not fetched by key as well.
+        let mut wanted = Vec::new();
+        for (sha1, keys) in load_keys {
+            if changed.binary_search(&sha1).is_err() && self.profile_qualifies(sha1, ctx, &mut profiles)? {
+                wanted.extend(keys);
+            }
+        }
+        let mut loads = if wanted.is_empty() { Vec::new() } else { ctx.rows(wanted)? };
         if !changed.is_empty() {
+            let changed = changed.iter().map(|s| (s.to_string(), None)).collect();
             loads.extend(ctx.lookup_many(IMAGE_LOADS, changed, &self.load_filter())?.into_iter().flatten());
         }
         let mut seen_loads = HashSet::new();
@@ -172,13 +176,24 @@ impl WinrmRule {
             }
             plugins.push(plugin);
         }
-        // The writes of every plugin's (SHA1, DeviceId), in one host call.
+        // The writes of every plugin's (SHA1, DeviceId), in one host call, each pair asked
+        // once however many of its loads there are.
         if !plugins.is_empty() {
-            let keys = plugins.iter().map(|p| (p.load.str("SHA1").to_string(), Some(p.load.str("DeviceId").into())));
-            let writes = ctx.lookup_many(FILE_EVENTS, keys.collect(), &self.write_filter())?;
-            for (plugin, writes) in plugins.iter().zip(writes) {
-                for write in writes {
-                    self.join(plugin, &write, write_cutoff, ctx, &mut emitted);
+            let mut pair_of = HashMap::new();
+            let mut pairs = Vec::new();
+            let at: Vec<usize> = plugins
+                .iter()
+                .map(|p| {
+                    *pair_of.entry((p.load.str("SHA1"), p.load.str("DeviceId"))).or_insert_with(|| {
+                        pairs.push((p.load.str("SHA1").to_string(), Some(p.load.str("DeviceId").to_string())));
+                        pairs.len() - 1
+                    })
+                })
+                .collect();
+            let writes = ctx.lookup_many(FILE_EVENTS, pairs, &self.write_filter())?;
+            for (plugin, pair) in plugins.iter().zip(at) {
+                for write in &writes[pair] {
+                    self.join(plugin, write, write_cutoff, ctx, &mut emitted);
                 }
             }
         }
@@ -258,7 +273,7 @@ impl WinrmRule {
         if !self.profile_qualifies(load.str("SHA1"), ctx, profiles)? {
             return Ok(None);
         }
-        let profile = profiles.get(load.str("SHA1"), ctx)?;
+        let profile = profiles.get(load.str("SHA1"), ctx)?.cloned();
         Ok(Some(Plugin { load, profile }))
     }
 
@@ -272,12 +287,11 @@ impl WinrmRule {
     ) -> Result<bool, String> {
         let c = &self.config;
         let profile = profiles.get(sha1, ctx)?;
-        let availability = profile.as_ref().map(|p| p.str("ProfileAvailability")).unwrap_or("");
+        let availability = profile.map(|p| p.str("ProfileAvailability")).unwrap_or("");
         if availability.eq_ignore_ascii_case("Error") {
             return Ok(false);
         }
         let prevalence = profile
-            .as_ref()
             .and_then(|p| match p.get("GlobalPrevalence") {
                 Some(Cell::Int(v)) => Some(*v as f64),
                 Some(Cell::Float(v)) => Some(*v),
@@ -395,12 +409,11 @@ impl ProfileCache {
         Ok(())
     }
 
-    fn get(&mut self, sha1: &str, ctx: &mut Context<'_>) -> Result<Option<Row>, String> {
-        if let Some(p) = self.map.get(sha1) {
-            return Ok(p.clone());
+    fn get(&mut self, sha1: &str, ctx: &mut Context<'_>) -> Result<Option<&Row>, String> {
+        if !self.map.contains_key(sha1) {
+            let p = ctx.profile(sha1)?;
+            self.map.insert(sha1.to_string(), p);
         }
-        let p = ctx.profile(sha1)?;
-        self.map.insert(sha1.to_string(), p.clone());
-        Ok(p)
+        Ok(self.map.get(sha1).and_then(Option::as_ref))
     }
 }
