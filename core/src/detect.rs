@@ -12,8 +12,9 @@ use crate::plugin::Plugin;
 use crate::store::block_filter::Sha1Probe;
 use crate::store::detectors::row_key_sha1_device;
 use crate::store::Store;
+use lookout_plugin_sdk::abi::StateOpRef;
 use lookout_plugin_sdk::time::format_timestamp;
-use lookout_plugin_sdk::{EvalRequest, InitRequest, InputSpec, RowRef, StateOp};
+use lookout_plugin_sdk::{EvalRequest, InitRequest, InputSpec, RowRef};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -226,7 +227,8 @@ fn run_detector(
         }
         let req = EvalRequest { now, backfill: report.backfill, rows: chunk.to_vec(), last: i == last };
         let started = Instant::now();
-        let resp = with_host_api(store, |api| plugin.lib.evaluate(api, &req)).map_err(DetectorError::Evaluate)?;
+        let answer = with_host_api(store, |api| plugin.lib.evaluate(api, &req)).map_err(DetectorError::Evaluate)?;
+        let resp = answer.response().map_err(DetectorError::Evaluate)?;
         report.evaluate += started.elapsed();
         let started = Instant::now();
         // Checked before anything of the pass is committed: a bad answer fails the pass.
@@ -252,8 +254,8 @@ fn run_detector(
         }
         for op in resp.state {
             match op {
-                StateOp::Put(k, v) => batch.put_state(&id, &k, Some(v)),
-                StateOp::Delete(k) => batch.put_state(&id, &k, None),
+                StateOpRef::Put(k, v) => batch.put_state(&id, k, Some(v.to_vec())),
+                StateOpRef::Delete(k) => batch.put_state(&id, k, None),
             }
         }
         if i == last {
@@ -488,7 +490,7 @@ mod tests {
     use super::*;
     use crate::parse::normalise::{normalise, TableHints};
     use lookout_plugin_sdk::tables::{FILE_EVENTS, IMAGE_LOADS};
-    use lookout_plugin_sdk::Condition;
+    use lookout_plugin_sdk::{Condition, Row};
     use serde_json::Value;
 
     fn row(table: &str, report: i64, process: &str) -> crate::parse::normalise::NormalRow {
@@ -658,7 +660,7 @@ mod tests {
             assert_eq!(writes > 0, since.is_some(), "since {since:?}: writes only in incremental passes");
             for k in &by_index {
                 if store.key_table(k) == Some(IMAGE_LOADS) {
-                    let r = store.get_row(k).unwrap().unwrap();
+                    let r = store.get_row::<Row>(k).unwrap().unwrap();
                     assert!(r.str("InitiatingProcessFileName").eq_ignore_ascii_case("wsmprovhost.exe"));
                 }
             }

@@ -5,14 +5,20 @@
 //! entry and a copied string per column, for rows of ~100 columns) and dropping it again
 //! was a sizeable share of committing a pass with a hundred findings.
 
-use lookout_plugin_sdk::{Cell, FindingOut, Manifest};
+use lookout_plugin_sdk::abi::FindingRef;
+use lookout_plugin_sdk::{Cell, CellRef, Manifest};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 
 /// The JSON line of finding `fid` (without its newline).
-pub fn finding_json(fid: &str, manifest: &Manifest, detected_at: &str, f: &FindingOut) -> serde_json::Result<Vec<u8>> {
+pub fn finding_json(
+    fid: &str,
+    manifest: &Manifest,
+    detected_at: &str,
+    f: &FindingRef<'_>,
+) -> serde_json::Result<Vec<u8>> {
     let row = if has_duplicate_names(&f.row) { Row::Merged(merged(&f.row)) } else { Row::Columns(&f.row) };
     serde_json::to_vec(&Line {
         finding_id: fid,
@@ -22,8 +28,8 @@ pub fn finding_json(fid: &str, manifest: &Manifest, detected_at: &str, f: &Findi
         title: &manifest.title,
         severity: &manifest.severity,
         mitre: &manifest.mitre,
-        device_id: &f.device_id,
-        device_name: &f.device_name,
+        device_id: f.device_id,
+        device_name: f.device_name,
         row,
     })
 }
@@ -46,7 +52,7 @@ struct Line<'a> {
 /// an object in which the later value replaces the earlier one in its place, as a JSON
 /// object can hold a name once.
 enum Row<'a> {
-    Columns(&'a [(String, Cell)]),
+    Columns(&'a [(&'a str, CellRef<'a>)]),
     Merged(Map<String, Value>),
 }
 
@@ -66,33 +72,33 @@ impl Serialize for Row<'_> {
 }
 
 /// A cell as [`Cell::to_json`] makes it, without the copy.
-struct CellJson<'a>(&'a Cell);
+struct CellJson<'a>(&'a CellRef<'a>);
 
 impl Serialize for CellJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            Cell::Null => s.serialize_unit(),
-            Cell::Bool(b) => s.serialize_bool(*b),
-            Cell::Int(i) => s.serialize_i64(*i),
-            Cell::Float(f) if f.is_finite() => s.serialize_f64(*f),
-            Cell::Float(_) => s.serialize_unit(),
-            Cell::Str(text) => s.serialize_str(text),
+        match *self.0 {
+            CellRef::Null => s.serialize_unit(),
+            CellRef::Bool(b) => s.serialize_bool(b),
+            CellRef::Int(i) => s.serialize_i64(i),
+            CellRef::Float(f) if f.is_finite() => s.serialize_f64(f),
+            CellRef::Float(_) => s.serialize_unit(),
+            CellRef::Str(text) => s.serialize_str(text),
             // Nested JSON kept as text: parsed to be embedded (rare; `to_json` does the same).
-            json @ Cell::Json(_) => json.to_json().serialize(s),
+            json @ CellRef::Json(_) => Cell::from(json).to_json().serialize(s),
         }
     }
 }
 
-fn has_duplicate_names(columns: &[(String, Cell)]) -> bool {
+fn has_duplicate_names(columns: &[(&str, CellRef<'_>)]) -> bool {
     // xxh3, not SipHash: eighty-odd names a finding, hashed once each.
     let mut seen = HashSet::with_capacity_and_hasher(columns.len(), xxhash_rust::xxh3::Xxh3Builder::new());
-    !columns.iter().all(|(name, _)| seen.insert(name.as_str()))
+    !columns.iter().all(|(name, _)| seen.insert(*name))
 }
 
-fn merged(columns: &[(String, Cell)]) -> Map<String, Value> {
+fn merged(columns: &[(&str, CellRef<'_>)]) -> Map<String, Value> {
     let mut row = Map::new();
     for (name, cell) in columns {
-        row.insert(name.clone(), cell.to_json());
+        row.insert(name.to_string(), Cell::from(*cell).to_json());
     }
     row
 }
@@ -100,6 +106,7 @@ fn merged(columns: &[(String, Cell)]) -> Map<String, Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lookout_plugin_sdk::FindingOut;
 
     /// What the line was before it was written directly: a `Value` built and serialised.
     fn through_value(fid: &str, m: &Manifest, detected_at: &str, f: &FindingOut) -> Vec<u8> {
@@ -113,7 +120,7 @@ mod tests {
         o.insert("mitre".into(), m.mitre.clone().into());
         o.insert("device_id".into(), f.device_id.clone().into());
         o.insert("device_name".into(), f.device_name.clone().into());
-        o.insert("row".into(), Value::Object(merged(&f.row)));
+        o.insert("row".into(), Value::Object(merged(&FindingRef::from(f).row)));
         serde_json::to_vec(&Value::Object(o)).unwrap()
     }
 
@@ -156,7 +163,7 @@ mod tests {
             ("Big", Cell::Json("18446744073709551615".into())),
         ]);
         let m = manifest();
-        let line = finding_json("f1", &m, "2025-05-08T00:00:00.0000000Z", &f).unwrap();
+        let line = finding_json("f1", &m, "2025-05-08T00:00:00.0000000Z", &FindingRef::from(&f)).unwrap();
         assert_eq!(
             String::from_utf8(line).unwrap(),
             String::from_utf8(through_value("f1", &m, "2025-05-08T00:00:00.0000000Z", &f)).unwrap()
@@ -167,7 +174,7 @@ mod tests {
     fn a_column_named_twice_keeps_its_first_place_and_its_last_value() {
         let f = finding(vec![("A", Cell::Int(1)), ("B", Cell::Int(2)), ("A", Cell::Int(3))]);
         let m = manifest();
-        let line = finding_json("f2", &m, "now", &f).unwrap();
+        let line = finding_json("f2", &m, "now", &FindingRef::from(&f)).unwrap();
         assert_eq!(line, through_value("f2", &m, "now", &f));
         let v: Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(serde_json::to_string(&v["row"]).unwrap(), r#"{"A":3,"B":2}"#);

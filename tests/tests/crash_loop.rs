@@ -168,7 +168,7 @@ fn stored_rows(data: &Path) -> BTreeMap<Identity, Row> {
     let keys = store.all_row_keys(&tables).expect("all_row_keys");
     let mut out = BTreeMap::new();
     for k in keys {
-        let mut row = store.get_row(&k).expect("get_row").expect("a listed key has a row");
+        let mut row = store.get_row::<lookout_plugin_sdk::Row>(&k).expect("get_row").expect("a listed key has a row");
         let rest = if k.first() == Some(&b'e') { k[3..].to_vec() } else { k.clone() };
         row.key.clear();
         assert!(out.insert((row.table.clone(), rest), row).is_none(), "a row identity is stored twice");

@@ -7,7 +7,7 @@
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
-use lookout_plugin_sdk::Cell;
+use lookout_plugin_sdk::{Cell, Row};
 use lookout_tests::{lookout_ok, status_json};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -542,7 +542,7 @@ fn null_strings_become_empty_and_timestamps_take_0_to_7_fraction_digits() {
 
     // The stored row reads "" where the input had null.
     let store = lookout_core::Store::open(&t.data).expect("open store");
-    let found = store.lookup(FE, "", Some(DEV)).expect("lookup");
+    let found: Vec<Row> = store.lookup(FE, "", Some(DEV)).expect("lookup");
     let stored = found.iter().find(|r| r.get("ReportId") == Some(&Cell::Int(20))).expect("row 20 is stored");
     for col in ["FileName", "SHA1", "FolderPath", "InitiatingProcessFileName"] {
         assert_eq!(stored.get(col), Some(&Cell::Str(String::new())), "column {col} of {stored:?}");

@@ -481,7 +481,8 @@ impl World {
 
     /// Compares the store with the model; every discrepancy is reported at once.
     fn check(&mut self, store: &Store, report: &IngestReport) -> R<()> {
-        let rows = store.lookup(TABLE, SHA1, Some(DEVICE)).map_err(|e| format!("lookup: {e:#}"))?;
+        let rows =
+            store.lookup::<lookout_plugin_sdk::Row>(TABLE, SHA1, Some(DEVICE)).map_err(|e| format!("lookup: {e:#}"))?;
         let st = status(store).map_err(|e| format!("status: {e:#}"))?;
         let mut problems = Vec::new();
         let mut ids = Vec::with_capacity(rows.len());

@@ -8,6 +8,7 @@
 
 use anyhow::{anyhow, Context, Result};
 use lookout_core::Store;
+use lookout_plugin_sdk::Row;
 use std::io::BufRead;
 use std::time::Instant;
 
@@ -47,7 +48,7 @@ fn main() -> Result<()> {
         let mut hits = 0usize;
         for (sha1, device) in &pairs {
             let t = Instant::now();
-            let rows = store.lookup(table, sha1, Some(device))?;
+            let rows = store.lookup::<Row>(table, sha1, Some(device))?;
             let us = t.elapsed().as_secs_f64() * 1e6;
             all.push(us);
             if rows.len() <= 10 {

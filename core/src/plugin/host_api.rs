@@ -8,6 +8,7 @@
 use crate::error::StoreError;
 use crate::store::Store;
 use lookout_plugin_sdk::abi::{self, LookoutBuf, LookoutHostApi, RC_ERROR, RC_OK};
+use lookout_plugin_sdk::wire::{self, RowBytes};
 use lookout_plugin_sdk::{HostRequest, HostResponse};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -24,29 +25,35 @@ pub fn with_host_api<R>(store: &Store, f: impl FnOnce(&LookoutHostApi) -> R) -> 
     f(&api)
 }
 
-fn answer(store: &Store, req: HostRequest) -> HostResponse {
+fn answer(store: &Store, req: HostRequest) -> Result<Vec<u8>, String> {
     let result = match req {
-        HostRequest::GetRows(keys) => store.get_rows_where(&keys, &[]).map(HostResponse::Rows),
-        HostRequest::GetRowsWhere { keys, filter } => store.get_rows_where(&keys, &filter).map(HostResponse::Rows),
+        HostRequest::GetRows(keys) => store.get_rows_where(&keys, &[]).map(|r| wire::rows_answer(&r)),
+        HostRequest::GetRowsWhere { keys, filter } => {
+            store.get_rows_where(&keys, &filter).map(|r| wire::rows_answer(&r))
+        }
         HostRequest::GetColumnsWhere { keys, filter, columns } => {
-            store.get_columns_where(&keys, &filter, &columns).map(HostResponse::Rows)
+            store.get_columns_where(&keys, &filter, &columns).map(|r| wire::rows_answer(&r))
         }
         HostRequest::Lookup { table, sha1, device_id } => {
-            store.lookup(&table, &sha1, device_id.as_deref()).map(HostResponse::Rows)
+            store.lookup(&table, &sha1, device_id.as_deref()).map(|r| wire::rows_answer(&r))
         }
         HostRequest::LookupWhere { table, sha1, device_id, filter } => {
-            store.lookup_where(&table, &sha1, device_id.as_deref(), &filter).map(HostResponse::Rows)
+            store.lookup_where(&table, &sha1, device_id.as_deref(), &filter).map(|r| wire::rows_answer(&r))
         }
         HostRequest::LookupMany { table, keys, filter } => {
-            store.lookup_many(&table, &keys, &filter).map(HostResponse::RowSets)
+            store.lookup_many(&table, &keys, &filter).map(|sets| wire::row_sets_answer(&sets))
         }
-        HostRequest::LookupBy { table, key, filter } => store.lookup_by(&table, &key, &filter).map(HostResponse::Rows),
-        HostRequest::Profile(sha1) => store.profile(&sha1).map(HostResponse::Profile),
-        HostRequest::Profiles(sha1s) => {
-            sha1s.iter().map(|s| store.profile(s)).collect::<Result<Vec<_>, StoreError>>().map(HostResponse::Profiles)
+        HostRequest::LookupBy { table, key, filter } => {
+            store.lookup_by(&table, &key, &filter).map(|r| wire::rows_answer(&r))
         }
+        HostRequest::Profile(sha1) => store.profile(&sha1).map(|p| wire::profile_answer(p.as_ref())),
+        HostRequest::Profiles(sha1s) => sha1s
+            .iter()
+            .map(|s| store.profile(s))
+            .collect::<Result<Vec<Option<RowBytes>>, StoreError>>()
+            .map(|p| wire::profiles_answer(&p)),
     };
-    result.unwrap_or_else(|e| HostResponse::Error(format!("store error: {}", crate::error::Chain(&e))))
+    result.or_else(|e| abi::encode(&HostResponse::Error(format!("store error: {}", crate::error::Chain(&e)))))
 }
 
 /// # Safety
@@ -83,7 +90,7 @@ unsafe extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, o
             unsafe { std::slice::from_raw_parts(input, len) }
         };
         let req: HostRequest = abi::decode(input)?;
-        abi::encode(&answer(ctx.store, req))
+        answer(ctx.store, req)
     }));
     let (rc, bytes) = match result {
         Ok(Ok(bytes)) => (RC_OK, bytes),
@@ -151,12 +158,13 @@ mod tests {
             ("nope".into(), None),
             ("s1".into(), Some("d1".into())),
         ];
-        let HostResponse::RowSets(sets) = answer(
+        // The answer is the payload a plugin decodes.
+        let payload = answer(
             &store,
             HostRequest::LookupMany { table: FILE_EVENTS.into(), keys: keys.clone(), filter: filter.clone() },
-        ) else {
-            panic!("not a RowSets answer")
-        };
+        )
+        .unwrap();
+        let HostResponse::RowSets(sets) = abi::decode(&payload).unwrap() else { panic!("not a RowSets answer") };
         let one_by_one: Vec<Vec<Row>> =
             keys.iter().map(|(s, d)| store.lookup_where(FILE_EVENTS, s, d.as_deref(), &filter).unwrap()).collect();
         assert_eq!(sets, one_by_one);

@@ -6,11 +6,12 @@
 #![allow(unsafe_code)]
 
 use super::error::Refused;
+use lookout_plugin_sdk::abi::EvalResponseRef;
 use lookout_plugin_sdk::abi::{
     self, AbiVersionFn, EvaluateFn, FreeFn, InitFn, LookoutBuf, LookoutHostApi, ManifestFn, ABI_VERSION, RC_OK,
     RC_PANIC,
 };
-use lookout_plugin_sdk::{EvalRequest, EvalResponse, InitRequest, InitResponse, Manifest};
+use lookout_plugin_sdk::{EvalRequest, InitRequest, InitResponse, Manifest};
 use std::path::Path;
 
 /// A loaded library's exports. The library is never unloaded (its code may still be
@@ -69,34 +70,60 @@ pub fn load(path: &Path) -> Result<PluginLib, Refused> {
     }
 }
 
-impl PluginLib {
-    /// Calls an export that fills a buffer, hands the buffer to `read` in place (a pass's
-    /// answer can be megabytes of findings and state: not copied first), and then back to
-    /// the library's allocator, also if `read` panics.
-    fn call<R>(&self, f: impl FnOnce(*mut LookoutBuf) -> i32, read: impl FnOnce(i32, &[u8]) -> R) -> R {
-        /// Hands the library's buffer back when dropped.
-        struct PluginBuf {
-            free: FreeFn,
-            buf: LookoutBuf,
-        }
-        impl Drop for PluginBuf {
-            fn drop(&mut self) {
-                if !self.buf.ptr.is_null() {
-                    // SAFETY: returning the plugin's own buffer to it, exactly as it was
-                    // handed over, once (this guard is its only owner).
-                    unsafe { (self.free)(self.buf.ptr, self.buf.len) };
-                }
-            }
-        }
-        let mut answer = PluginBuf { free: self.free, buf: LookoutBuf::empty() };
-        let rc = f(&mut answer.buf);
-        if answer.buf.ptr.is_null() {
-            return read(rc, &[]);
+/// A buffer a library filled, handed back to the library's allocator when dropped (also
+/// when reading it panics).
+struct Answer {
+    free: FreeFn,
+    buf: LookoutBuf,
+}
+
+impl Answer {
+    fn bytes(&self) -> &[u8] {
+        if self.buf.ptr.is_null() {
+            return &[];
         }
         // SAFETY: the plugin filled the buffer with `len` initialised bytes it allocated;
-        // they stay valid until `answer` hands them back, after `read`.
-        let bytes = unsafe { std::slice::from_raw_parts(answer.buf.ptr, answer.buf.len) };
-        read(rc, bytes)
+        // they stay valid until `drop` hands them back, and `&self` outlives no drop.
+        unsafe { std::slice::from_raw_parts(self.buf.ptr, self.buf.len) }
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if !self.buf.ptr.is_null() {
+            // SAFETY: returning the plugin's own buffer to it, exactly as it was handed
+            // over, once (this guard is its only owner). The library is never unloaded.
+            unsafe { (self.free)(self.buf.ptr, self.buf.len) };
+        }
+    }
+}
+
+/// A pass's answer, read in place: findings, state and the rest borrow from the library's
+/// buffer (megabytes for a pass with many findings) instead of being copied out of it.
+pub struct EvalAnswer(Answer);
+
+impl EvalAnswer {
+    pub fn response(&self) -> Result<EvalResponseRef<'_>, CallError> {
+        abi::decode_borrowed(self.0.bytes()).map_err(|e| CallError {
+            panicked: false,
+            message: format!("returned a response that does not decode: {e}"),
+        })
+    }
+}
+
+impl PluginLib {
+    /// Calls an export that fills a buffer; the buffer goes back to the library when the
+    /// answer is dropped.
+    fn fill(&self, f: impl FnOnce(*mut LookoutBuf) -> i32) -> (i32, Answer) {
+        let mut answer = Answer { free: self.free, buf: LookoutBuf::empty() };
+        let rc = f(&mut answer.buf);
+        (rc, answer)
+    }
+
+    /// Calls an export that fills a buffer and hands the buffer to `read` in place.
+    fn call<R>(&self, f: impl FnOnce(*mut LookoutBuf) -> i32, read: impl FnOnce(i32, &[u8]) -> R) -> R {
+        let (rc, answer) = self.fill(f);
+        read(rc, answer.bytes())
     }
 
     fn error(rc: i32, bytes: &[u8]) -> CallError {
@@ -139,12 +166,14 @@ impl PluginLib {
         )
     }
 
-    pub fn evaluate(&self, host: &LookoutHostApi, req: &EvalRequest) -> Result<EvalResponse, CallError> {
+    /// A pass: the plugin's answer, to be read with [`EvalAnswer::response`].
+    pub fn evaluate(&self, host: &LookoutHostApi, req: &EvalRequest) -> Result<EvalAnswer, CallError> {
         let input = abi::encode(req).map_err(|m| CallError { panicked: false, message: m })?;
         // SAFETY: `host` and `input` outlive the call; the plugin writes one buffer.
-        self.call(
-            |out| unsafe { (self.evaluate)(host, input.as_ptr(), input.len(), out) },
-            |rc, bytes| Self::answer(rc, bytes, "returned"),
-        )
+        let (rc, answer) = self.fill(|out| unsafe { (self.evaluate)(host, input.as_ptr(), input.len(), out) });
+        if rc != RC_OK {
+            return Err(Self::error(rc, answer.bytes()));
+        }
+        Ok(EvalAnswer(answer))
     }
 }

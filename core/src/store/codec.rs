@@ -4,6 +4,7 @@
 
 use crate::error::StoreError;
 type Result<T, E = StoreError> = std::result::Result<T, E>;
+use lookout_plugin_sdk::wire::{self, put_cell, put_varint, zigzag};
 use lookout_plugin_sdk::{Cell, CellRef};
 #[cfg(test)]
 use serde::Deserialize;
@@ -71,72 +72,19 @@ impl EncodedCells {
 /// varints (at most 5 + 9 bytes), and how many bytes of the array they take.
 pub fn value_header(schema: u32, ingested_at: i64) -> ([u8; 16], usize) {
     let mut header = Header([0u8; 16], 0);
-    put_varint(&mut header, u64::from(schema));
-    put_varint(&mut header, zigzag(ingested_at));
+    header.put_varint(u64::from(schema));
+    header.put_varint(zigzag(ingested_at));
     (header.0, header.1)
 }
 
-/// Where [`put_varint`] writes: a `Vec`, or a value's header on the stack.
-trait Sink {
-    fn put(&mut self, bytes: &[u8]);
-}
-
-impl Sink for Vec<u8> {
-    fn put(&mut self, bytes: &[u8]) {
-        self.extend_from_slice(bytes);
-    }
-}
-
-/// Bytes written into a fixed array (two varints take at most 14 of its 16).
+/// Two varints written into a fixed array (they take at most 14 of its 16 bytes).
 struct Header([u8; 16], usize);
 
-impl Sink for Header {
-    fn put(&mut self, bytes: &[u8]) {
-        self.0[self.1..self.1 + bytes.len()].copy_from_slice(bytes);
-        self.1 += bytes.len();
-    }
-}
-
-/// bincode's varint (standard configuration): one byte below 251, else a marker byte and
-/// the value little-endian in 2, 4 or 8 bytes.
-fn put_varint(out: &mut impl Sink, v: u64) {
-    if v < 251 {
-        out.put(&[v as u8]);
-    } else if v <= u64::from(u16::MAX) {
-        out.put(&[251]);
-        out.put(&(v as u16).to_le_bytes());
-    } else if v <= u64::from(u32::MAX) {
-        out.put(&[252]);
-        out.put(&(v as u32).to_le_bytes());
-    } else {
-        out.put(&[253]);
-        out.put(&v.to_le_bytes());
-    }
-}
-
-/// bincode's zigzag mapping of a signed integer onto its varint.
-fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-/// One cell as bincode writes a [`CellOut`]: the variant index, then its value.
-fn put_cell(out: &mut Vec<u8>, cell: CellRef<'_>) {
-    match cell {
-        CellRef::Null => out.push(0),
-        CellRef::Bool(b) => out.extend_from_slice(&[1, u8::from(b)]),
-        CellRef::Int(i) => {
-            out.push(2);
-            put_varint(out, zigzag(i));
-        }
-        CellRef::Float(f) => {
-            out.push(3);
-            out.extend_from_slice(&f.to_le_bytes());
-        }
-        CellRef::Str(s) | CellRef::Json(s) => {
-            out.push(if matches!(cell, CellRef::Str(_)) { 4 } else { 5 });
-            put_varint(out, s.len() as u64);
-            out.extend_from_slice(s.as_bytes());
-        }
+impl Header {
+    fn put_varint(&mut self, v: u64) {
+        let (bytes, len) = wire::varint(v);
+        self.0[self.1..self.1 + len].copy_from_slice(&bytes[..len]);
+        self.1 += len;
     }
 }
 

@@ -15,10 +15,10 @@
 //! keeps the index nearly free at ingest (per-row entries cost a fifth of the ingest rate
 //! and a third more disk, from sled rewriting the few hot leaves they all land on).
 
-use super::{codec, enc, keys, Store};
+use super::{codec, enc, keys, RowForm, Store};
 use crate::error::{StoreContext as _, StoreError};
 type Result<T, E = StoreError> = std::result::Result<T, E>;
-use lookout_plugin_sdk::{CellRef, Condition, IndexDecl, Row};
+use lookout_plugin_sdk::{CellRef, Condition, IndexDecl};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
@@ -247,7 +247,7 @@ impl Store {
 
     /// Rows of `table` whose `key` columns equal the values (ASCII case ignored) and that
     /// meet every condition of `filter`, from the index declared on exactly those columns.
-    pub fn lookup_by(&self, table: &str, key: &[(String, String)], filter: &[Condition]) -> Result<Vec<Row>> {
+    pub fn lookup_by<R: RowForm>(&self, table: &str, key: &[(String, String)], filter: &[Condition]) -> Result<Vec<R>> {
         let columns: Vec<&str> = key.iter().map(|(c, _)| c.as_str()).collect();
         let Some(spec) = self.index_specs.iter().find(|s| s.table == table && s.columns == columns) else {
             return Err(StoreError::Invalid(format!(

@@ -27,11 +27,12 @@ mod model_tests;
 mod pages;
 pub mod retention;
 mod row_reads;
+pub use row_reads::RowForm;
 pub mod runs;
 
 use crate::error::{StoreContext as _, StoreError};
 type Result<T, E = StoreError> = std::result::Result<T, E>;
-use lookout_plugin_sdk::{Condition, Row, RowRef};
+use lookout_plugin_sdk::{Condition, RowRef};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -756,37 +757,41 @@ impl Store {
         }
     }
 
-    /// Decodes a stored value into a row.
-    pub fn decode_row(&self, key: &[u8], value: &[u8]) -> Result<Row> {
-        let stored = codec::decode(value)?;
-        let names = self
-            .schema_names
-            .get(&stored.schema)
-            .ok_or_else(|| corrupt!("row refers to unknown schema {}", stored.schema))?;
-        let mut row = self.decode_row_header(key, stored.ingested_at)?;
-        row.columns = names.iter().cloned().zip(stored.cells).collect();
-        Ok(row)
+    /// The row stored at `key` with this value, in form `R`, if it meets every condition
+    /// of `filter`: the value decoded once, its strings borrowed until `R` is built.
+    pub(super) fn row_if_passes<R: RowForm>(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        filter: &[Condition],
+    ) -> Result<Option<R>> {
+        let view = codec::decode_view(value)?;
+        let names = self.view_names(&view)?;
+        if !self.view_passes(&view, names, filter) {
+            return Ok(None);
+        }
+        let columns = names.iter().map(String::as_str).zip(view.cells.iter().map(codec::CellView::as_ref));
+        Ok(Some(R::build(self.row_table(key)?, key, view.ingested_at, columns)))
     }
 
-    /// A row with no columns yet: its table (from the key), key and ingestion time.
-    fn decode_row_header(&self, key: &[u8], ingested_at: i64) -> Result<Row> {
-        let table = match keys::parse_key(key) {
-            Some(KeyParts::Event { table, .. }) => self.table_name(table).unwrap_or("?").to_string(),
-            Some(KeyParts::Profile { .. }) => lookout_plugin_sdk::tables::FILE_PROFILE.to_string(),
-            None => return Err(corrupt!("not a row key")),
-        };
-        Ok(Row { table, key: key.to_vec(), ingested_at, columns: Vec::new() })
+    /// The table of a row key.
+    fn row_table(&self, key: &[u8]) -> Result<&str> {
+        match keys::parse_key(key) {
+            Some(KeyParts::Event { table, .. }) => Ok(self.table_name(table).unwrap_or("?")),
+            Some(KeyParts::Profile { .. }) => Ok(lookout_plugin_sdk::tables::FILE_PROFILE),
+            None => Err(corrupt!("not a row key")),
+        }
     }
 
     /// Stored rows of `table` with exactly this SHA1 (and DeviceId) that meet every
     /// condition of `filter`.
-    pub fn lookup_where(
+    pub fn lookup_where<R: RowForm>(
         &self,
         table: &str,
         sha1: &str,
         device: Option<&str>,
         filter: &[Condition],
-    ) -> Result<Vec<Row>> {
+    ) -> Result<Vec<R>> {
         let lookup = [(sha1.to_string(), device.map(str::to_string))];
         Ok(self.lookup_many(table, &lookup, filter)?.pop().unwrap_or_default())
     }
@@ -795,10 +800,15 @@ impl Store {
     /// [`Store::get_rows_where`]), each with only the named columns, in stored order: the
     /// others are neither decoded nor copied. Which cells those are is worked out once per
     /// schema, not per row.
-    pub fn get_columns_where(&self, keys: &[Vec<u8>], filter: &[Condition], columns: &[String]) -> Result<Vec<Row>> {
+    pub fn get_columns_where<R: RowForm>(
+        &self,
+        keys: &[Vec<u8>],
+        filter: &[Condition],
+        columns: &[String],
+    ) -> Result<Vec<R>> {
         let (places, wanted) = self.places_of(keys)?;
         let mut picks: HashMap<u32, ColumnPick> = HashMap::new();
-        let mut out: Vec<Option<Row>> = places.iter().map(|_| None).collect();
+        let mut out: Vec<Option<R>> = places.iter().map(|_| None).collect();
         self.read_places(&places, |n, value| {
             let schema = codec::peek_schema(value)?;
             let pick = match picks.entry(schema) {
@@ -816,13 +826,9 @@ impl Store {
                 c.matches_cell(at.and_then(|i| view.cells.get(i)).map(codec::CellView::as_ref), view.ingested_at)
             });
             if passes {
-                let mut row = self.decode_row_header(wanted[n], view.ingested_at)?;
-                row.columns = pick
-                    .out
-                    .iter()
-                    .filter_map(|&i| Some((pick.names[i].clone(), view.cells.get(i)?.to_cell())))
-                    .collect();
-                out[n] = Some(row);
+                let columns =
+                    pick.out.iter().filter_map(|&i| Some((pick.names[i].as_str(), view.cells.get(i)?.as_ref())));
+                out[n] = Some(R::build(self.row_table(wanted[n])?, wanted[n], view.ingested_at, columns));
             }
             Ok(())
         })?;
@@ -855,16 +861,16 @@ impl Store {
         })
     }
 
-    pub fn get_row(&self, key: &[u8]) -> Result<Option<Row>> {
-        self.with_value_at(key, |v| self.decode_row(key, v))
+    pub fn get_row<R: RowForm>(&self, key: &[u8]) -> Result<Option<R>> {
+        Ok(self.with_value_at(key, |v| self.row_if_passes(key, v, &[]))?.flatten())
     }
 
     /// Stored rows of `table` with exactly this SHA1 (and DeviceId).
-    pub fn lookup(&self, table: &str, sha1: &str, device: Option<&str>) -> Result<Vec<Row>> {
+    pub fn lookup<R: RowForm>(&self, table: &str, sha1: &str, device: Option<&str>) -> Result<Vec<R>> {
         self.lookup_where(table, sha1, device, &[])
     }
 
-    pub fn profile(&self, sha1: &str) -> Result<Option<Row>> {
+    pub fn profile<R: RowForm>(&self, sha1: &str) -> Result<Option<R>> {
         self.get_row(&keys::profile_key(sha1))
     }
 
@@ -1628,6 +1634,7 @@ mod tests {
     use crate::parse::normalise::{normalise, TableHints};
     use lookout_plugin_sdk::tables::IMAGE_LOADS;
     use lookout_plugin_sdk::Cell;
+    use lookout_plugin_sdk::Row;
     use std::collections::HashSet;
 
     fn row(report: i64, extra: &str) -> NormalRow {
@@ -1753,7 +1760,7 @@ mod tests {
         let (frame, _) = store.stored_frame(keys::BLOCK_ROWS, tid, s, 0, None).unwrap();
         assert_eq!(pages::Directory::parse(&frame).unwrap().dictionary, 1, "its pages use the dictionary");
         let keys = store.all_row_keys(&[IMAGE_LOADS.to_string()]).unwrap();
-        let rows = store.get_rows_where(&keys, &[]).unwrap();
+        let rows = store.get_rows_where::<Row>(&keys, &[]).unwrap();
         assert_eq!(rows.len(), 610);
         let mut reports: Vec<String> = rows.iter().map(|r| r.str("SHA1").to_string()).collect();
         reports.sort();
@@ -1832,7 +1839,7 @@ mod tests {
         let sha1s = |store: &Store| -> Vec<String> {
             ["s1", "s2", "s3"]
                 .into_iter()
-                .filter(|s| !store.lookup(IMAGE_LOADS, s, Some("d")).unwrap().is_empty())
+                .filter(|s| !store.lookup::<Row>(IMAGE_LOADS, s, Some("d")).unwrap().is_empty())
                 .map(String::from)
                 .collect()
         };
@@ -1880,9 +1887,9 @@ mod tests {
         assert_eq!(keys.len(), 2);
         let columns = ["FolderPath".to_string(), "ReportId".to_string(), "Absent".to_string()];
         let a_exe = [Condition::Eq { column: "FileName".into(), value: "a.exe".into() }];
-        let got: Vec<Row> = store.get_columns_where(&keys, &a_exe, &columns).unwrap();
+        let got: Vec<Row> = store.get_columns_where::<Row>(&keys, &a_exe, &columns).unwrap();
         assert_eq!(got.len(), 1, "only the row that meets the filter");
-        let full = store.get_row(&got[0].key).unwrap().unwrap();
+        let full = store.get_row::<Row>(&got[0].key).unwrap().unwrap();
         let names: Vec<&str> = got[0].columns.iter().map(|(n, _)| n.as_str()).collect();
         let stored_order: Vec<&str> =
             full.columns.iter().map(|(n, _)| n.as_str()).filter(|n| ["FolderPath", "ReportId"].contains(n)).collect();
@@ -1890,7 +1897,7 @@ mod tests {
         assert_eq!(got[0].get("ReportId"), Some(&Cell::Int(1)));
         assert_eq!(got[0].str("FolderPath"), "c:\\x");
         assert_eq!((got[0].table.as_str(), got[0].ingested_at), (full.table.as_str(), full.ingested_at));
-        let none: Vec<Row> = store.get_columns_where(&keys, &[], &[]).unwrap();
+        let none: Vec<Row> = store.get_columns_where::<Row>(&keys, &[], &[]).unwrap();
         assert!(none.iter().all(|r| r.columns.is_empty()) && none.len() == 2, "no columns named: rows without cells");
     }
 
@@ -1924,20 +1931,20 @@ mod tests {
         asked.insert(3, missing);
         let filter = vec![Condition::Num { column: "ReportId".into(), op: lookout_plugin_sdk::Cmp::Ge, value: 1100 }];
         // Read first, while nothing is cached; then one by one, through the cache.
-        let many = store.get_rows_where(&asked, &[]).unwrap();
-        let picked = store.get_rows_where(&asked, &filter).unwrap();
+        let many = store.get_rows_where::<Row>(&asked, &[]).unwrap();
+        let picked = store.get_rows_where::<Row>(&asked, &filter).unwrap();
         // Every row here has SHA1 "s" and DeviceId "d": one look-up finds all 700.
         let lookups = [("s".to_string(), Some("d".to_string())), ("t".to_string(), None), ("s".to_string(), None)];
-        let sets = store.lookup_many("DeviceFileEvents", &lookups, &[]).unwrap();
-        let one_by_one: Vec<Row> = asked.iter().filter_map(|k| store.get_row(k).unwrap()).collect();
+        let sets = store.lookup_many::<Row>("DeviceFileEvents", &lookups, &[]).unwrap();
+        let one_by_one: Vec<Row> = asked.iter().filter_map(|k| store.get_row::<Row>(k).unwrap()).collect();
         // A key at a time: a request of one block, read through the cache.
         let filtered: Vec<Row> =
-            asked.iter().flat_map(|k| store.get_rows_where(std::slice::from_ref(k), &filter).unwrap()).collect();
+            asked.iter().flat_map(|k| store.get_rows_where::<Row>(std::slice::from_ref(k), &filter).unwrap()).collect();
         assert_eq!(many.len(), asked.len() - 1);
         assert_eq!(many, one_by_one);
         assert!(!filtered.is_empty() && filtered.len() < one_by_one.len(), "{}", filtered.len());
         assert_eq!(picked, filtered);
-        let all: Vec<Row> = keys.iter().filter_map(|k| store.get_row(k).unwrap()).collect();
+        let all: Vec<Row> = keys.iter().filter_map(|k| store.get_row::<Row>(k).unwrap()).collect();
         assert_eq!(all.len(), 700);
         assert_eq!(sets, vec![all.clone(), Vec::new(), all]);
     }
@@ -1956,9 +1963,9 @@ mod tests {
             })
             .unwrap();
         assert_eq!((seen.len(), keys.len()), (4, 2), "only the new batch's rows, as `keep` chose");
-        let hinted: Vec<Option<Row>> = seen.iter().map(|k| store.get_row(k).unwrap()).collect();
+        let hinted: Vec<Option<Row>> = seen.iter().map(|k| store.get_row::<Row>(k).unwrap()).collect();
         store.forget_row_hints();
-        let looked_up: Vec<Option<Row>> = seen.iter().map(|k| store.get_row(k).unwrap()).collect();
+        let looked_up: Vec<Option<Row>> = seen.iter().map(|k| store.get_row::<Row>(k).unwrap()).collect();
         assert_eq!(hinted, looked_up);
         assert!(looked_up.iter().all(|r| r.as_ref().is_some_and(|r| r.str("FileName") == "new.exe")));
     }
@@ -2039,7 +2046,7 @@ mod tests {
             vec![("DeviceId".to_string(), "D".to_string()), ("InitiatingProcessFileName".to_string(), p.to_string())]
         };
         let mut got: Vec<String> = store
-            .lookup_by(IMAGE_LOADS, &key("a.exe"), &[])
+            .lookup_by::<Row>(IMAGE_LOADS, &key("a.exe"), &[])
             .unwrap()
             .iter()
             .map(|r| r.str("SHA1").to_string())
@@ -2047,9 +2054,9 @@ mod tests {
         got.sort();
         assert_eq!(got, ["s2", "s4", "s6", "s7"]);
         let account = [Condition::In { column: "AccountName".into(), any_of: vec!["a1".into()] }];
-        let got = store.lookup_by(IMAGE_LOADS, &key("b.exe"), &account).unwrap();
+        let got = store.lookup_by::<Row>(IMAGE_LOADS, &key("b.exe"), &account).unwrap();
         assert_eq!(got.len(), 3, "s1, s3, s5 all have AccountName a1");
-        let wrong = store.lookup_by(IMAGE_LOADS, &[("DeviceId".to_string(), "d".to_string())], &[]).unwrap_err();
+        let wrong = store.lookup_by::<Row>(IMAGE_LOADS, &[("DeviceId".to_string(), "d".to_string())], &[]).unwrap_err();
         assert!(format!("{wrong}").contains("declare it"), "{wrong}");
     }
 
@@ -2075,7 +2082,7 @@ mod tests {
         };
         store.declare_indexes(std::slice::from_ref(&decl)).unwrap();
         commit(&mut store, vec![with_pid(4, 4242)]);
-        let found = store.lookup_by(IMAGE_LOADS, &[("InitiatingProcessId".into(), "4242".into())], &[]).unwrap();
+        let found = store.lookup_by::<Row>(IMAGE_LOADS, &[("InitiatingProcessId".into(), "4242".into())], &[]).unwrap();
         let mut sha1s: Vec<&str> = found.iter().map(|r| r.str("SHA1")).collect();
         sha1s.sort();
         assert_eq!(sha1s, ["s1", "s3", "s4"]);
@@ -2165,7 +2172,7 @@ mod tests {
             store.flush().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        let rows = store.lookup("DeviceFileEvents", "s", Some("d")).unwrap();
+        let rows = store.lookup::<Row>("DeviceFileEvents", "s", Some("d")).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].get("New"), Some(&Cell::Int(1)));
         assert_eq!(store.counters().rows.get("DeviceFileEvents"), Some(&1));

@@ -7,6 +7,7 @@
 use super::*;
 use crate::parse::normalise::{normalise, TableHints};
 use lookout_plugin_sdk::time::TICKS_PER_SEC;
+use lookout_plugin_sdk::Row;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 
@@ -72,7 +73,7 @@ fn check(store: &Store, model: &Model) {
         for device in [None, Some(0u8), Some(1)] {
             let dev = device.map(|d| format!("dev{d}"));
             let mut got: Vec<(u8, i64, String)> = store
-                .lookup(TABLE, &format!("sha{sha1}"), dev.as_deref())
+                .lookup::<Row>(TABLE, &format!("sha{sha1}"), dev.as_deref())
                 .unwrap()
                 .iter()
                 .map(|r| (r.str("DeviceId").as_bytes()[3] - b'0', day_of(r), r.str("FolderPath").to_string()))

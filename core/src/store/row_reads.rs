@@ -16,8 +16,44 @@
 use super::blocks::{self, KeyEntry};
 use super::{keys, pages, Result, Store};
 use crate::error::StoreContext as _;
-use lookout_plugin_sdk::{Condition, Row};
+use lookout_plugin_sdk::wire::RowBytes;
+use lookout_plugin_sdk::{Cell, CellRef, Condition, Row};
 use std::sync::Arc;
+
+/// The form a read hands its rows back in: the SDK's [`Row`] (owned strings), or
+/// [`RowBytes`], the row already encoded for a plugin's answer (its strings copied once,
+/// from the stored bytes into the payload).
+pub trait RowForm: Sized {
+    fn build<'c>(
+        table: &str,
+        key: &[u8],
+        ingested_at: i64,
+        columns: impl Iterator<Item = (&'c str, CellRef<'c>)>,
+    ) -> Self;
+}
+
+impl RowForm for Row {
+    fn build<'c>(
+        table: &str,
+        key: &[u8],
+        ingested_at: i64,
+        columns: impl Iterator<Item = (&'c str, CellRef<'c>)>,
+    ) -> Row {
+        let columns = columns.map(|(name, cell)| (name.to_string(), Cell::from(cell))).collect();
+        Row { table: table.to_string(), key: key.to_vec(), ingested_at, columns }
+    }
+}
+
+impl RowForm for RowBytes {
+    fn build<'c>(
+        table: &str,
+        key: &[u8],
+        ingested_at: i64,
+        columns: impl Iterator<Item = (&'c str, CellRef<'c>)>,
+    ) -> RowBytes {
+        RowBytes::new(table, key, ingested_at, columns)
+    }
+}
 
 /// Where a wanted row lies: its block table and its key-index entry.
 pub(super) type Place = (u16, KeyEntry);
@@ -118,13 +154,11 @@ impl Store {
 
     /// The rows at `keys` that are stored, within retention and meet every condition of
     /// `filter`, in the order of `keys`.
-    pub fn get_rows_where(&self, keys: &[Vec<u8>], filter: &[Condition]) -> Result<Vec<Row>> {
+    pub fn get_rows_where<R: RowForm>(&self, keys: &[Vec<u8>], filter: &[Condition]) -> Result<Vec<R>> {
         let (places, wanted) = self.places_of(keys)?;
-        let mut out: Vec<Option<Row>> = places.iter().map(|_| None).collect();
+        let mut out: Vec<Option<R>> = places.iter().map(|_| None).collect();
         self.read_places(&places, |i, value| {
-            if self.row_passes(value, filter)? {
-                out[i] = Some(self.decode_row(wanted[i], value)?);
-            }
+            out[i] = self.row_if_passes(wanted[i], value, filter)?;
             Ok(())
         })?;
         Ok(out.into_iter().flatten().collect())
@@ -132,12 +166,12 @@ impl Store {
 
     /// For each (SHA1, DeviceId) of `lookups`, what [`Store::lookup_where`] answers, in the
     /// order asked; the blocks of all their hits read once.
-    pub fn lookup_many(
+    pub fn lookup_many<R: RowForm>(
         &self,
         table: &str,
         lookups: &[(String, Option<String>)],
         filter: &[Condition],
-    ) -> Result<Vec<Vec<Row>>> {
+    ) -> Result<Vec<Vec<R>>> {
         let Some(tid) = self.table_id(table) else { return Ok(lookups.iter().map(|_| Vec::new()).collect()) };
         let mut places = Vec::new();
         // For each place: its key and which look-up found it.
@@ -151,14 +185,12 @@ impl Store {
                 }
             }
         }
-        let mut rows: Vec<Option<Row>> = places.iter().map(|_| None).collect();
+        let mut rows: Vec<Option<R>> = places.iter().map(|_| None).collect();
         self.read_places(&places, |i, value| {
-            if self.row_passes(value, filter)? {
-                rows[i] = Some(self.decode_row(&hits[i].0, value)?);
-            }
+            rows[i] = self.row_if_passes(&hits[i].0, value, filter)?;
             Ok(())
         })?;
-        let mut out: Vec<Vec<Row>> = lookups.iter().map(|_| Vec::new()).collect();
+        let mut out: Vec<Vec<R>> = lookups.iter().map(|_| Vec::new()).collect();
         for ((_, n), row) in hits.into_iter().zip(rows) {
             out[n].extend(row);
         }

@@ -27,6 +27,7 @@
 //! with another version byte is refused, not guessed at.
 
 use crate::cell::{Cell, Row};
+use crate::condition::CellRef;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::ffi::c_void;
 
@@ -252,6 +253,49 @@ pub struct FindingOut {
     pub row: Vec<(String, Cell)>,
 }
 
+/// [`EvalResponse`] read in place: the form the host decodes a plugin's answer in, its
+/// strings and bytes borrowed from the payload. A pass with a hundred findings of ~100
+/// columns each no longer allocates a string per name and value only to write them out
+/// again as the finding's JSON line.
+#[derive(Debug, Deserialize)]
+pub struct EvalResponseRef<'a> {
+    #[serde(borrow)]
+    pub findings: Vec<FindingRef<'a>>,
+    #[serde(borrow)]
+    pub state: Vec<StateOpRef<'a>>,
+    pub inputs: Option<Vec<InputSpec>>,
+    pub wake_at: Option<i64>,
+}
+
+/// [`FindingOut`] read in place.
+#[derive(Debug, Deserialize)]
+pub struct FindingRef<'a> {
+    #[serde(borrow)]
+    pub inputs: Vec<&'a [u8]>,
+    pub device_id: &'a str,
+    pub device_name: &'a str,
+    #[serde(borrow)]
+    pub row: Vec<(&'a str, CellRef<'a>)>,
+}
+
+impl<'a> From<&'a FindingOut> for FindingRef<'a> {
+    fn from(f: &'a FindingOut) -> Self {
+        FindingRef {
+            inputs: f.inputs.iter().map(Vec::as_slice).collect(),
+            device_id: &f.device_id,
+            device_name: &f.device_name,
+            row: f.row.iter().map(|(n, c)| (n.as_str(), CellRef::from(c))).collect(),
+        }
+    }
+}
+
+/// [`StateOp`] read in place.
+#[derive(Debug, Deserialize)]
+pub enum StateOpRef<'a> {
+    Put(&'a [u8], &'a [u8]),
+    Delete(&'a [u8]),
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StateOp {
     Put(Vec<u8>, Vec<u8>),
@@ -346,6 +390,23 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     }
 }
 
+/// Decodes a payload into a type that borrows from it (such as [`EvalResponseRef`]), with
+/// the same checks as [`decode`].
+pub fn decode_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
+    match bytes.first() {
+        None => Err("empty payload".to_string()),
+        Some(&v) if v != PAYLOAD_VERSION => Err(format!("payload version {v}, expected {PAYLOAD_VERSION}")),
+        Some(_) => {
+            let (value, used) = bincode::serde::borrow_decode_from_slice::<T, _>(&bytes[1..], limits())
+                .map_err(|e| format!("cannot decode payload: {e}"))?;
+            if used + 1 != bytes.len() {
+                return Err(format!("payload has {} trailing bytes", bytes.len() - used - 1));
+            }
+            Ok(value)
+        }
+    }
+}
+
 // A garbage length prefix must not make the decoder allocate gigabytes.
 fn limits() -> bincode::config::Configuration<
     bincode::config::LittleEndian,
@@ -377,6 +438,44 @@ mod tests {
         assert!(host_accepts(ABI_VERSION, 1), "plugins built before major.minor still load");
         // The wrong-abi fixture's version.
         assert!(!host_accepts(ABI_VERSION, 999 << 16));
+    }
+
+    #[test]
+    fn an_answer_read_in_place_is_the_answer_encoded() {
+        let resp = EvalResponse {
+            findings: vec![FindingOut {
+                inputs: vec![vec![1, 2, 3], vec![0; 300]],
+                device_id: "dev".into(),
+                device_name: "host \u{e9}".into(),
+                row: vec![
+                    ("A".into(), Cell::Null),
+                    ("B".into(), Cell::Bool(true)),
+                    ("C".into(), Cell::Int(-1 << 40)),
+                    ("D".into(), Cell::Float(0.5)),
+                    ("E".into(), Cell::Str("x".repeat(70_000))),
+                    ("F".into(), Cell::Json("[1]".into())),
+                ],
+            }],
+            state: vec![StateOp::Put(vec![9; 260], vec![]), StateOp::Delete(vec![4])],
+            inputs: Some(vec![InputSpec { table: "T".into(), only_where: Vec::new(), on_backfill: true }]),
+            wake_at: Some(-5),
+        };
+        let bytes = encode(&resp).unwrap();
+        let read: EvalResponseRef<'_> = decode_borrowed(&bytes).unwrap();
+        let f = &read.findings[0];
+        let want = FindingRef::from(&resp.findings[0]);
+        assert_eq!(
+            (&f.inputs, f.device_id, f.device_name, &f.row),
+            (&want.inputs, want.device_id, want.device_name, &want.row)
+        );
+        assert!(matches!(read.state[0], StateOpRef::Put(k, v) if k == [9; 260].as_slice() && v.is_empty()));
+        assert!(matches!(read.state[1], StateOpRef::Delete(k) if k == [4]));
+        assert_eq!(read.inputs, resp.inputs);
+        assert_eq!(read.wake_at, Some(-5));
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(decode_borrowed::<EvalResponseRef<'_>>(&trailing).unwrap_err().contains("trailing"));
+        assert!(decode_borrowed::<EvalResponseRef<'_>>(&bytes[..bytes.len() - 1]).is_err());
     }
 
     #[test]

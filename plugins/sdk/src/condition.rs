@@ -82,8 +82,9 @@ pub enum Condition {
 }
 
 /// A column value as a condition sees it, borrowed (the host checks stored rows without
-/// copying them).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// copying them). Its variants are [`Cell`]'s, in the same order, so it decodes from a
+/// payload that carries `Cell`s without copying their strings.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 pub enum CellRef<'a> {
     Null,
     Bool(bool),
@@ -102,6 +103,19 @@ impl<'a> From<&'a Cell> for CellRef<'a> {
             Cell::Float(f) => CellRef::Float(*f),
             Cell::Str(s) => CellRef::Str(s),
             Cell::Json(s) => CellRef::Json(s),
+        }
+    }
+}
+
+impl From<CellRef<'_>> for Cell {
+    fn from(c: CellRef<'_>) -> Cell {
+        match c {
+            CellRef::Null => Cell::Null,
+            CellRef::Bool(b) => Cell::Bool(b),
+            CellRef::Int(i) => Cell::Int(i),
+            CellRef::Float(f) => Cell::Float(f),
+            CellRef::Str(s) => Cell::Str(s.to_string()),
+            CellRef::Json(s) => Cell::Json(s.to_string()),
         }
     }
 }

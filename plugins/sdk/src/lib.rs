@@ -20,6 +20,7 @@ pub mod export;
 pub mod params;
 pub mod time;
 pub mod window;
+pub mod wire;
 
 pub use abi::{
     Cmp, Condition, EvalRequest, EvalResponse, FindingOut, HostRequest, HostResponse, IndexDecl, InitRequest,
