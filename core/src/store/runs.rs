@@ -76,12 +76,13 @@ struct RunMeta {
 }
 
 impl RunMeta {
-    fn may_contain(&self, item: &[u8]) -> bool {
+    /// Whether the run may hold the item of hash `(h1, h2)` ([`hash2`], taken once for
+    /// all the runs a look-up asks).
+    fn may_contain(&self, (h1, h2): (u64, u64)) -> bool {
         let n = self.bloom.len() as u64 * 64;
         if n == 0 {
             return false;
         }
-        let (h1, h2) = hash2(item);
         (0..PROBES).all(|i| {
             let p = h1.wrapping_add(i.wrapping_mul(h2)) % n;
             self.bloom[(p / 64) as usize] & (1 << (p % 64)) != 0
@@ -430,8 +431,9 @@ impl Runs {
         key: &[u8],
     ) -> Result<Option<KeyEntry>> {
         let mut found: Option<KeyEntry> = None;
+        let hash = hash2(key);
         for (id, meta) in self.runs.iter().rev() {
-            if !meta.may_contain(key) {
+            if !meta.may_contain(hash) {
                 continue;
             }
             let at = meta.fences.partition_point(|f| f.as_slice() <= key);
@@ -464,8 +466,9 @@ impl Runs {
         filtered: bool,
     ) -> Result<Vec<Entry>> {
         let mut found: BTreeMap<Vec<u8>, KeyEntry> = BTreeMap::new();
+        let hash = hash2(prefix);
         for (id, meta) in &self.runs {
-            if filtered && !meta.may_contain(prefix) {
+            if filtered && !meta.may_contain(hash) {
                 continue;
             }
             for c in meta.chunks_for(prefix) {
