@@ -341,30 +341,33 @@ impl WinrmRule {
 /// columns, then the write's columns (FolderPath lowercased) with a `1` suffix on names
 /// the left side already has.
 pub fn output_row(load: &Row, profile: Option<&Row>, write: &Row) -> Vec<(String, Cell)> {
-    let mut row: Vec<(String, Cell)> = load.columns.iter().map(|(n, c)| (n.clone(), lower_folder(n, c))).collect();
-    let mut left: HashSet<String> = row.iter().map(|(n, _)| n.clone()).collect();
-    for (name, is_string) in PROFILE_COLUMNS {
-        if left.contains(*name) {
+    let mut row: Vec<(String, Cell)> =
+        Vec::with_capacity(load.columns.len() + 2 * PROFILE_COLUMNS.len() + write.columns.len());
+    row.extend(load.columns.iter().map(|(n, c)| (n.clone(), lower_folder(n, c))));
+    // The left side's names, borrowed from the rows they came from (a finding's ~100
+    // names are not copied a second time only to be looked up).
+    let mut left: HashSet<&str> = load.columns.iter().map(|(n, _)| n.as_str()).collect();
+    for &(name, is_string) in PROFILE_COLUMNS {
+        if !left.insert(name) {
             continue;
         }
-        let value = profile.and_then(|p| p.get(name)).cloned().unwrap_or(if *is_string {
+        let value = profile.and_then(|p| p.get(name)).cloned().unwrap_or(if is_string {
             Cell::Str(String::new())
         } else {
             Cell::Null
         });
-        left.insert(name.to_string());
         row.push((name.to_string(), value));
     }
     if let Some(p) = profile {
         for (name, value) in &p.columns {
-            if name != "SHA1" && left.insert(name.clone()) {
+            if name != "SHA1" && left.insert(name) {
                 row.push((name.clone(), value.clone()));
             }
         }
     }
     for (name, value) in &write.columns {
         let value = lower_folder(name, value);
-        if left.contains(name) {
+        if left.contains(name.as_str()) {
             row.push((format!("{name}1"), value));
         } else {
             row.push((name.clone(), value));
