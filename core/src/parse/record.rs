@@ -99,8 +99,27 @@ pub struct Unwrapped<'a> {
 
 /// A parsed top-level JSON document.
 pub enum Document<'a> {
-    Object(Vec<(Cow<'a, str>, Field<'a>)>),
+    Object(Object<'a>),
     Other(Value),
+}
+
+/// A top-level object: its fields as a row's columns, in order, with those kept parsed
+/// for unwrapping (a `properties` object, a `records` array) aside, each at its place
+/// (where the columns hold a null until it is put back as a nested value). A flat line's
+/// fields are its row as they are: no second list of every column is built.
+pub struct Object<'a> {
+    columns: Columns<'a>,
+    kept: Vec<(usize, Field<'a>)>,
+}
+
+impl<'a> Object<'a> {
+    /// The fields as plain columns: what was kept aside goes back as a nested value.
+    fn into_columns(mut self) -> Columns<'a> {
+        for (at, field) in self.kept {
+            self.columns[at].1 = field.into_raw();
+        }
+        self.columns
+    }
 }
 
 /// A value inside a top-level object. `properties` objects and `records` arrays are kept
@@ -138,18 +157,19 @@ impl Document<'_> {
     /// The document as a plain JSON value (for array elements already parsed as values).
     pub fn from_value(v: Value) -> Document<'static> {
         match v {
-            Value::Object(m) => {
-                Document::Object(m.into_iter().map(|(k, v)| (Cow::Owned(k), Field::Value(Raw::from(v)))).collect())
-            }
+            Value::Object(m) => Document::Object(Object {
+                columns: m.into_iter().map(|(k, v)| (Cow::Owned(k), Raw::from(v))).collect(),
+                kept: Vec::new(),
+            }),
             other => Document::Other(other),
         }
     }
 
     fn into_value(self) -> Value {
         match self {
-            Document::Object(fields) => {
-                Value::Object(fields.into_iter().map(|(k, f)| (k.into_owned(), f.into_raw().into_value())).collect())
-            }
+            Document::Object(object) => Value::Object(
+                object.into_columns().into_iter().map(|(k, raw)| (k.into_owned(), raw.into_value())).collect(),
+            ),
             Document::Other(v) => v,
         }
     }
@@ -173,9 +193,12 @@ impl<'a> Field<'a> {
 /// may be rejected on its own).
 pub fn unwrap_document(doc: Document<'_>) -> Vec<Result<Unwrapped<'_>, Reject>> {
     match doc {
-        Document::Object(mut fields) => {
-            if fields.len() == 1 && fields[0].0 == "records" && matches!(fields[0].1, Field::Documents(_)) {
-                let Some((_, Field::Documents(records))) = fields.pop() else { return Vec::new() };
+        Document::Object(mut object) => {
+            if object.columns.len() == 1
+                && object.columns[0].0 == "records"
+                && matches!(object.kept.first(), Some((0, Field::Documents(_))))
+            {
+                let Some((_, Field::Documents(records))) = object.kept.pop() else { return Vec::new() };
                 records
                     .into_iter()
                     .enumerate()
@@ -188,7 +211,7 @@ pub fn unwrap_document(doc: Document<'_>) -> Vec<Result<Unwrapped<'_>, Reject>> 
                     })
                     .collect()
             } else {
-                vec![Ok(unwrap_envelope(fields))]
+                vec![Ok(unwrap_envelope(object))]
             }
         }
         Document::Other(other) => {
@@ -197,20 +220,19 @@ pub fn unwrap_document(doc: Document<'_>) -> Vec<Result<Unwrapped<'_>, Reject>> 
     }
 }
 
-fn unwrap_envelope<'a>(mut fields: Vec<(Cow<'a, str>, Field<'a>)>) -> Unwrapped<'a> {
-    let category = fields.iter().position(|(k, f)| k == "category" && matches!(f, Field::Value(Raw::Str(_))));
-    let properties = fields.iter().position(|(k, f)| k == "properties" && matches!(f, Field::Object(_)));
+fn unwrap_envelope(mut object: Object<'_>) -> Unwrapped<'_> {
+    let category = object.columns.iter().position(|(k, v)| k == "category" && matches!(v, Raw::Str(_)));
+    let properties =
+        object.kept.iter().position(|(at, f)| object.columns[*at].0 == "properties" && matches!(f, Field::Object(_)));
     if let (Some(c), Some(p)) = (category, properties) {
-        let Field::Value(Raw::Str(category)) = std::mem::replace(&mut fields[c].1, Field::Value(Raw::Null)) else {
+        let Raw::Str(category) = std::mem::replace(&mut object.columns[c].1, Raw::Null) else {
             unreachable!("checked above")
         };
-        let Field::Object(row) = std::mem::replace(&mut fields[p].1, Field::Value(Raw::Null)) else {
-            unreachable!("checked above")
-        };
+        let Field::Object(row) = object.kept.swap_remove(p).1 else { unreachable!("checked above") };
         let table = category.strip_prefix(CATEGORY_PREFIX).unwrap_or(&category).to_string();
         return Unwrapped { category_table: Some(table), row };
     }
-    Unwrapped { category_table: None, row: fields.into_iter().map(|(k, f)| (k, f.into_raw())).collect() }
+    Unwrapped { category_table: None, row: object.into_columns() }
 }
 
 pub fn kind_of(v: &Value) -> &'static str {
@@ -338,16 +360,23 @@ impl<'de> Visitor<'de> for DocumentVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Document<'de>, A::Error> {
-        let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(48));
+        let mut columns = Vec::with_capacity(map.size_hint().unwrap_or(48));
+        let mut kept = Vec::new();
         while let Some(key) = map.next_key_seed(KeySeed)? {
             let field = match key.as_ref() {
                 "properties" => map.next_value_seed(PropertiesSeed)?,
                 "records" => map.next_value_seed(RecordsSeed)?,
                 _ => Field::Value(map.next_value_seed(RawSeed)?),
             };
-            fields.push((key, field));
+            match field {
+                Field::Value(raw) => columns.push((key, raw)),
+                aside => {
+                    kept.push((columns.len(), aside));
+                    columns.push((key, Raw::Null));
+                }
+            }
         }
-        Ok(Document::Object(fields))
+        Ok(Document::Object(Object { columns, kept }))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Document<'de>, A::Error> {
@@ -391,7 +420,7 @@ impl<'de> DeserializeSeed<'de> for PropertiesSeed {
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Field<'de>, D::Error> {
         match DocumentSeed.deserialize(d)? {
-            Document::Object(fields) => Ok(Field::Object(fields.into_iter().map(|(k, f)| (k, f.into_raw())).collect())),
+            Document::Object(object) => Ok(Field::Object(object.into_columns())),
             Document::Other(v) => Ok(Field::Value(Raw::from(v))),
         }
     }
