@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use lookout_plugin_sdk::abi::{decode, encode};
+use lookout_plugin_sdk::abi::{decode, decode_borrowed, encode, EvalResponseRef};
 use lookout_plugin_sdk::{EvalRequest, EvalResponse, HostRequest, HostResponse, InitRequest, InitResponse, Manifest};
 
 fn check<T: serde::Serialize + serde::de::DeserializeOwned>(data: &[u8]) {
@@ -19,11 +19,15 @@ fn check<T: serde::Serialize + serde::de::DeserializeOwned>(data: &[u8]) {
 fuzz_target!(|data: &[u8]| {
     check::<EvalRequest>(data);
     check::<EvalResponse>(data);
+    // The host reads a pass's answer in place: what decodes so must decode owned too.
+    if decode_borrowed::<EvalResponseRef<'_>>(data).is_ok() {
+        assert!(decode::<EvalResponse>(data).is_ok(), "an answer read in place but not owned");
+    }
     check::<HostRequest>(data);
     check::<HostResponse>(data);
     check::<InitRequest>(data);
     check::<InitResponse>(data);
     check::<Manifest>(data);
-    let _ = lookout_core::store::codec::decode(data);
-    let _ = lookout_core::store::keys::parse_key(data);
+    let _ = lookout_core::store::codec::decode_view(data);
+    let _ = lookout_core::store::detectors::row_key_sha1_device(data);
 });

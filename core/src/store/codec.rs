@@ -9,6 +9,9 @@ use lookout_plugin_sdk::{Cell, CellRef};
 #[cfg(test)]
 use serde::Deserialize;
 
+/// A stored row with owned cells (the tests' reference decoding; reads borrow, through
+/// [`decode_view`]).
+#[cfg(test)]
 pub struct StoredRow {
     pub schema: u32,
     pub ingested_at: i64,
@@ -30,7 +33,7 @@ fn encode(schema: u32, ingested_at: i64, cells: &[Cell]) -> Result<Vec<u8>> {
 pub struct EncodedCells {
     /// The row's content hash ([`ContentNames::hash`]).
     pub content: u64,
-    /// The cells as bincode's standard configuration writes a `Vec` of [`CellOut`].
+    /// The cells as bincode's standard configuration writes a `Vec` of the SDK's `Cell`.
     bytes: Vec<u8>,
 }
 
@@ -92,6 +95,7 @@ impl Header {
 /// prefix must not make the decoder allocate gigabytes.
 const MAX_ROW_BYTES: usize = 256 << 20;
 
+#[cfg(test)]
 pub fn decode(bytes: &[u8]) -> Result<StoredRow> {
     let row = decode_view(bytes)?;
     Ok(StoredRow {
@@ -354,14 +358,6 @@ impl ContentNames {
                 }
             }
         }
-    }
-}
-
-/// Same schema and cells (the ingestion time may differ).
-pub fn same_content(a: &[u8], b: &[u8]) -> bool {
-    match (decode(a), decode(b)) {
-        (Ok(a), Ok(b)) => a.schema == b.schema && a.cells == b.cells,
-        _ => false,
     }
 }
 

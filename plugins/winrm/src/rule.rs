@@ -146,8 +146,12 @@ impl WinrmRule {
             }
         }
         changed.sort_unstable();
-        // A new load of such a SHA1 is among that look-up's answers (it was handed over
-        // under the look-up's own filter), so it is not fetched by key as well.
+        // A new load of such a SHA1 is among that look-up's answers, so it is not fetched
+        // by key as well. That holds because the look-up's filter (`load_filter`, also the
+        // loads' input filter) turns away no load that `potential_plugin` would keep: a
+        // condition added there must be one `potential_plugin` checks too. (The WinRM
+        // property test's `the_newest_of_two_profiles_in_one_tick_wins` has a load and its
+        // profile in one pass.)
         let mut wanted = Vec::new();
         for (sha1, keys) in load_keys {
             if changed.binary_search(&sha1).is_err() && self.profile_qualifies(sha1, ctx, &mut profiles)? {
