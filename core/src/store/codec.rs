@@ -135,14 +135,7 @@ impl CellView<'_> {
 
     /// The owned cell.
     pub fn to_cell(&self) -> Cell {
-        match *self {
-            CellView::Null => Cell::Null,
-            CellView::Bool(b) => Cell::Bool(b),
-            CellView::Int(i) => Cell::Int(i),
-            CellView::Float(f) => Cell::Float(f),
-            CellView::Str(s) => Cell::Str(s.to_string()),
-            CellView::Json(s) => Cell::Json(s.to_string()),
-        }
+        Cell::from(self.as_ref())
     }
 
     /// As [`Cell::as_str`]: the string, or `""` for anything else.

@@ -376,35 +376,33 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
 
 /// Decodes a payload, refusing another version or trailing bytes.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    match bytes.first() {
-        None => Err("empty payload".to_string()),
-        Some(&v) if v != PAYLOAD_VERSION => Err(format!("payload version {v}, expected {PAYLOAD_VERSION}")),
-        Some(_) => {
-            let (value, used) = bincode::serde::decode_from_slice::<T, _>(&bytes[1..], limits())
-                .map_err(|e| format!("cannot decode payload: {e}"))?;
-            if used + 1 != bytes.len() {
-                return Err(format!("payload has {} trailing bytes", bytes.len() - used - 1));
-            }
-            Ok(value)
-        }
-    }
+    let body = payload_body(bytes)?;
+    whole(bincode::serde::decode_from_slice::<T, _>(body, limits()), body)
 }
 
 /// Decodes a payload into a type that borrows from it (such as [`EvalResponseRef`]), with
 /// the same checks as [`decode`].
 pub fn decode_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
+    let body = payload_body(bytes)?;
+    whole(bincode::serde::borrow_decode_from_slice::<T, _>(body, limits()), body)
+}
+
+/// What follows the version byte, if it is this one.
+fn payload_body(bytes: &[u8]) -> Result<&[u8], String> {
     match bytes.first() {
         None => Err("empty payload".to_string()),
         Some(&v) if v != PAYLOAD_VERSION => Err(format!("payload version {v}, expected {PAYLOAD_VERSION}")),
-        Some(_) => {
-            let (value, used) = bincode::serde::borrow_decode_from_slice::<T, _>(&bytes[1..], limits())
-                .map_err(|e| format!("cannot decode payload: {e}"))?;
-            if used + 1 != bytes.len() {
-                return Err(format!("payload has {} trailing bytes", bytes.len() - used - 1));
-            }
-            Ok(value)
-        }
+        Some(_) => Ok(&bytes[1..]),
     }
+}
+
+/// A decoded value, if it took all of `body`.
+fn whole<T>(decoded: Result<(T, usize), bincode::error::DecodeError>, body: &[u8]) -> Result<T, String> {
+    let (value, used) = decoded.map_err(|e| format!("cannot decode payload: {e}"))?;
+    if used != body.len() {
+        return Err(format!("payload has {} trailing bytes", body.len() - used));
+    }
+    Ok(value)
 }
 
 // A garbage length prefix must not make the decoder allocate gigabytes.
