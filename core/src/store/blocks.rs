@@ -167,6 +167,9 @@ pub fn in_main(table: u16, block: u16) -> bool {
 struct OpenBlock {
     keys: Vec<u8>,
     rows: Vec<u8>,
+    /// Where each row lies in `rows`, as [`item_spans`] would find it: kept as rows are
+    /// added, so writing the block (its pages, the block cache) does not scan it again.
+    row_spans: Vec<(u32, u32)>,
     count: usize,
     raw: usize,
     min_ts: i64,
@@ -174,17 +177,20 @@ struct OpenBlock {
 }
 
 impl OpenBlock {
-    fn push_item(into: &mut Vec<u8>, parts: &[&[u8]]) {
+    /// Appends an item made of `parts` and says where its bytes lie (after its length).
+    fn push_item(into: &mut Vec<u8>, parts: &[&[u8]]) -> (u32, u32) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         into.extend_from_slice(&(len as u32).to_be_bytes());
+        let start = into.len() as u32;
         for part in parts {
             into.extend_from_slice(part);
         }
+        (start, into.len() as u32)
     }
 }
 
 /// A block's rows before compression ([`pack_items`]'s layout), by (table, seq, block).
-pub type RawBlock = ((u16, u64, u16), Vec<u8>);
+pub type RawBlock = ((u16, u64, u16), PackedItems);
 
 /// The new rows of one batch, per table (and whether they are from ahead of the clock),
 /// in blocks.
@@ -212,7 +218,8 @@ impl BatchBlocks {
         b.min_ts = b.min_ts.min(timestamp);
         b.max_ts = b.max_ts.max(timestamp);
         OpenBlock::push_item(&mut b.keys, &[key]);
-        OpenBlock::push_item(&mut b.rows, value);
+        let span = OpenBlock::push_item(&mut b.rows, value);
+        b.row_spans.push(span);
         b.count += 1;
         Ok((block_no, row_no))
     }
@@ -245,7 +252,8 @@ impl BatchBlocks {
             for (no, b) in blocks.into_iter().enumerate() {
                 let block = no as u16 + if ahead { AHEAD_BLOCK } else { 0 };
                 let keys_frame = compress(zstd, &b.keys)?;
-                let rows_frame = rows.compress(table, &b.rows)?;
+                let items = PackedItems { raw: b.rows, spans: b.row_spans };
+                let rows_frame = rows.compress(table, &items)?;
                 let keys = unpack_items(&b.keys)?;
                 let (key_parts, row_parts, at) = if in_main(table, block) {
                     let key_parts = write_pieces(batch, keys::BLOCK_KEYS, table, seq, block, &keys_frame)?;
@@ -281,7 +289,7 @@ impl BatchBlocks {
                 if table != 0 {
                     earliest_end = Some(earliest_end.map_or(meta.max_ts, |e| e.min(meta.max_ts)));
                 }
-                raw_rows.push(((table, seq, block), b.rows));
+                raw_rows.push(((table, seq, block), items));
             }
         }
         Ok(Written { earliest_end, raw_rows, dictionaries })
@@ -417,6 +425,16 @@ impl PackedItems {
         Ok(PackedItems { raw, spans })
     }
 
+    /// The frame as it came out of zstd (or as a batch packed it).
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
+    /// (start, end) of each item in [`Self::raw`].
+    pub fn spans(&self) -> &[(u32, u32)] {
+        &self.spans
+    }
+
     pub fn len(&self) -> usize {
         self.spans.len()
     }
@@ -547,7 +565,8 @@ mod tests {
         assert!(written.dictionaries.is_empty(), "one is trained on a thread of its own, for a later batch");
         let ids: Vec<(u16, u64, u16)> = raw_rows.iter().map(|(id, _)| *id).collect();
         assert_eq!(ids, [(0, 9, 0), (1, 9, 0), (1, 9, 1), (2, 9, 0), (2, 9, 1)]);
-        let cached = PackedItems::new(raw_rows[2].1.clone()).unwrap();
+        let cached = &raw_rows[2].1;
+        assert_eq!(cached.spans(), PackedItems::new(cached.raw().to_vec()).unwrap().spans(), "spans kept as added");
         assert_eq!(&cached[3], &[((BLOCK_ROWS + 3) % 251) as u8; 100][..], "the rows as they will read back");
         db.apply_batch(batch).unwrap();
         for kv in db.iter() {

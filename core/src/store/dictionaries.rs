@@ -11,6 +11,7 @@
 //! until one such batch has committed, so no committed block refers to a dictionary that
 //! is not on disk. Dictionaries are never removed: one per table, at most 32 KiB.
 
+use super::blocks::PackedItems;
 use super::{keys, Result, StoreError};
 use crate::error::StoreContext as _;
 use std::collections::HashMap;
@@ -178,7 +179,7 @@ impl RowCompression {
 
     /// `raw` (a block's rows of `table`) as a rows frame ([`super::pages`]): pages of
     /// [`super::pages::PAGE_RAW`] with the table's dictionary, one page without.
-    pub fn compress(&mut self, table: u16, raw: &[u8]) -> Result<Vec<u8>> {
+    pub fn compress(&mut self, table: u16, raw: &PackedItems) -> Result<Vec<u8>> {
         match self.tables.get_mut(&table) {
             Some(TableDictionary::Trained { id, compressor, .. }) => {
                 super::pages::compress(raw, *id, super::pages::PAGE_RAW, |page| {
@@ -305,7 +306,7 @@ mod tests {
         assert!(small.len() < SAMPLE_MIN);
         let mut batch = sled::Batch::default();
         assert!(rc.prepare(3, &[&small], &mut batch).unwrap().is_none(), "too few rows to train on");
-        let before = rc.compress(3, &small).unwrap();
+        let before = rc.compress(3, &PackedItems::new(small.clone()).unwrap()).unwrap();
         assert_eq!(super::super::pages::Directory::parse(&before).unwrap().dictionary, 0);
         let many: Vec<Vec<u8>> = (0..8).map(|k| rows(400, k * 400)).collect();
         let many: Vec<&[u8]> = many.iter().map(|r| &r[..]).collect();
@@ -313,7 +314,7 @@ mod tests {
         rc.wait_for_training();
         let new = rc.prepare(3, &[], &mut batch).unwrap().expect("trained");
         assert_eq!((new.table, new.id), (3, 1));
-        let frame = rc.compress(3, many[7]).unwrap();
+        let frame = rc.compress(3, &PackedItems::new(many[7].to_vec()).unwrap()).unwrap();
         let dir_ = super::super::pages::Directory::parse(&frame).unwrap();
         assert_eq!(dir_.dictionary, 1);
         assert!(dir_.pages.len() > 1);

@@ -1550,11 +1550,8 @@ impl WriteBatch<'_> {
         }
         if !fresh_blocks.is_empty() {
             let mut cache = self.store.cache.lock().unwrap_or_else(|p| p.into_inner());
-            for (id, raw) in fresh_blocks {
-                // Laid out by the batch itself: cannot fail to split into its rows.
-                if let Ok(rows) = blocks::PackedItems::new(raw) {
-                    cache.put(id, 0, Arc::new(rows));
-                }
+            for (id, rows) in fresh_blocks {
+                cache.put(id, 0, Arc::new(rows));
             }
         }
         if wrote_list {

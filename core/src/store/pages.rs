@@ -19,6 +19,7 @@
 //! Each page's raw bytes are its rows in [`super::blocks::pack_items`]'s layout, so the
 //! pages' raw bytes one after the other are the block's rows as they were packed.
 
+use super::blocks::PackedItems;
 use super::Result;
 use crate::error::StoreContext as _;
 
@@ -87,16 +88,16 @@ impl Directory {
     }
 }
 
-/// `raw` (a block's rows, [`super::blocks::pack_items`]'s layout) as a rows frame: cut
-/// into pages of about `page_raw` bytes at row boundaries, each compressed by `compress`
-/// (with `dictionary`, which only goes into the directory here).
+/// A block's rows ([`super::blocks::pack_items`]'s layout, with where each lies) as a
+/// rows frame: cut into pages of about `page_raw` bytes at row boundaries, each
+/// compressed by `compress` (with `dictionary`, which only goes into the directory here).
 pub fn compress(
-    raw: &[u8],
+    rows: &PackedItems,
     dictionary: u32,
     page_raw: usize,
     mut compress: impl FnMut(&[u8]) -> Result<Vec<u8>>,
 ) -> Result<Vec<u8>> {
-    let spans = super::blocks::item_spans(raw)?;
+    let (raw, spans) = (rows.raw(), rows.spans());
     // (first row, start, end) of each page in `raw`.
     let mut cuts: Vec<(u16, usize, usize)> = Vec::new();
     for (row, &(start, end)) in spans.iter().enumerate() {
@@ -182,6 +183,10 @@ mod tests {
     use super::super::blocks::{pack_items, unpack_items};
     use super::*;
 
+    fn packed(raw: &[u8]) -> PackedItems {
+        PackedItems::new(raw.to_vec()).unwrap()
+    }
+
     fn stored(raw: &[u8]) -> Result<Vec<u8>> {
         Ok(raw.iter().rev().copied().collect())
     }
@@ -200,7 +205,7 @@ mod tests {
     fn pages_hold_whole_rows_and_read_back_alone_or_together() {
         let items: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 100 + i as usize * 10]).collect();
         let raw = pack_items(&items);
-        let frame = compress(&raw, 7, 1000, stored).unwrap();
+        let frame = compress(&packed(&raw), 7, 1000, stored).unwrap();
         let dir = Directory::parse(&frame).unwrap();
         assert_eq!(dir.dictionary, 7);
         assert!(dir.pages.len() > 5, "{} pages", dir.pages.len());
@@ -215,20 +220,20 @@ mod tests {
             assert_eq!(rows[(row - dir.pages[p].first) as usize], &items[row as usize][..]);
         }
         // A big page size: one page.
-        let one = compress(&raw, 0, usize::MAX, stored).unwrap();
+        let one = compress(&packed(&raw), 0, usize::MAX, stored).unwrap();
         assert_eq!(Directory::parse(&one).unwrap().pages.len(), 1);
     }
 
     #[test]
     fn a_cut_or_inconsistent_directory_is_refused() {
         let raw = pack_items(&[vec![1u8; 50], vec![2u8; 50]]);
-        let frame = compress(&raw, 0, 10, stored).unwrap();
+        let frame = compress(&packed(&raw), 0, 10, stored).unwrap();
         assert!(Directory::parse(&frame[..frame.len() - 1]).is_err(), "last page cut");
         assert!(Directory::parse(&frame[..5]).is_err(), "header cut");
         let mut wrong = frame.clone();
         wrong[3] ^= 1;
         assert!(Directory::parse(&wrong).is_err(), "raw length does not add up");
-        let empty = compress(&[], 0, 10, stored).unwrap();
+        let empty = compress(&packed(&[]), 0, 10, stored).unwrap();
         let dir = Directory::parse(&empty).unwrap();
         assert!(dir.pages.is_empty() && dir.page_of(0).is_err());
     }
