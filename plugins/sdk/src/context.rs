@@ -3,12 +3,13 @@
 
 use crate::abi::{self, Condition, FindingOut, HostRequest, HostResponse, InputSpec, LookoutHostApi, StateOp, RC_OK};
 use crate::cell::Row;
+use crate::CellRef;
 
 /// Handed to [`crate::Detector::evaluate`].
 pub struct Context<'a> {
     host: Option<&'a LookoutHostApi>,
     now: i64,
-    pub(crate) findings: Vec<FindingOut>,
+    pub(crate) findings: crate::wire::Findings,
     pub(crate) state: Vec<StateOp>,
     pub(crate) inputs: Option<Vec<InputSpec>>,
     pub(crate) wake_at: Option<i64>,
@@ -18,7 +19,14 @@ impl<'a> Context<'a> {
     /// Only the SDK's `export` module makes a context with a host table: the one the host
     /// passed to the `lookout_evaluate` call in progress (see `export::call_host`).
     pub(crate) fn new(host: Option<&'a LookoutHostApi>, now: i64) -> Self {
-        Context { host, now, findings: Vec::new(), state: Vec::new(), inputs: None, wake_at: None }
+        Context {
+            host,
+            now,
+            findings: crate::wire::Findings::default(),
+            state: Vec::new(),
+            inputs: None,
+            wake_at: None,
+        }
     }
 
     /// The evaluation time of this pass (ticks), the `now()` of `ago(x)`.
@@ -145,7 +153,21 @@ impl<'a> Context<'a> {
     }
 
     pub fn emit(&mut self, finding: FindingOut) {
-        self.findings.push(finding);
+        let inputs: Vec<&[u8]> = finding.inputs.iter().map(Vec::as_slice).collect();
+        let row = finding.row.iter().map(|(name, cell)| (name.as_str(), cell.into()));
+        self.findings.push(&inputs, &finding.device_id, &finding.device_name, row);
+    }
+
+    /// [`Context::emit`] of a finding whose output row is borrowed from wherever its cells
+    /// are (the rows it joins): written into the answer at once, nothing cloned.
+    pub fn emit_borrowed<'c>(
+        &mut self,
+        inputs: &[&[u8]],
+        device_id: &str,
+        device_name: &str,
+        row: impl IntoIterator<Item = (&'c str, CellRef<'c>)>,
+    ) {
+        self.findings.push(inputs, device_id, device_name, row);
     }
 
     pub fn state_put(&mut self, key: Vec<u8>, value: Vec<u8>) {
@@ -180,7 +202,7 @@ impl<'a> Context<'a> {
             if rc != RC_OK {
                 return Err(format!("host call failed: {}", String::from_utf8_lossy(bytes)));
             }
-            match abi::decode::<HostResponse>(bytes)? {
+            match crate::wire::decode_host_response(bytes)? {
                 HostResponse::Error(e) => Err(e),
                 ok => Ok(ok),
             }

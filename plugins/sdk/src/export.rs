@@ -6,7 +6,7 @@
 #![allow(unsafe_code)]
 
 use crate::abi::{
-    self, EvalRequest, EvalResponse, InitRequest, InitResponse, LookoutBuf, LookoutHostApi, RC_BAD_PAYLOAD, RC_ERROR,
+    self, EvalRequest, InitRequest, InitResponse, LookoutBuf, LookoutHostApi, RC_BAD_PAYLOAD, RC_ERROR,
     RC_NOT_INITIALISED, RC_OK, RC_PANIC,
 };
 use crate::context::Context;
@@ -183,9 +183,8 @@ pub unsafe fn run_evaluate<D: Detector>(
                 // The table is this call's: the context lives only inside it (see `call_host`).
                 let mut ctx = Context::new(host, req.now);
                 detector.evaluate(&req, &mut ctx).map_err(|e| (RC_ERROR, e))?;
-                let resp =
-                    EvalResponse { findings: ctx.findings, state: ctx.state, inputs: ctx.inputs, wake_at: ctx.wake_at };
-                abi::encode(&resp).map_err(|e| (RC_ERROR, e))
+                crate::wire::eval_response(&ctx.findings, &ctx.state, &ctx.inputs, ctx.wake_at)
+                    .map_err(|e| (RC_ERROR, e))
             }));
             match result {
                 Ok(Ok(bytes)) => (RC_OK, bytes),
