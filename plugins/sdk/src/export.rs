@@ -183,7 +183,7 @@ pub unsafe fn run_evaluate<D: Detector>(
                 // The table is this call's: the context lives only inside it (see `call_host`).
                 let mut ctx = Context::new(host, req.now);
                 detector.evaluate(&req, &mut ctx).map_err(|e| (RC_ERROR, e))?;
-                crate::wire::eval_response(&ctx.findings, &ctx.state, &ctx.inputs, ctx.wake_at)
+                crate::wire::eval_response(ctx.findings, &ctx.state, &ctx.inputs, ctx.wake_at)
                     .map_err(|e| (RC_ERROR, e))
             }));
             match result {

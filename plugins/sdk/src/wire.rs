@@ -197,10 +197,23 @@ pub fn profiles_answer(rows: &[Option<RowBytes>]) -> Vec<u8> {
 /// The findings of a pass, written as bincode writes a `Vec<FindingOut>`'s items as they
 /// are emitted: a finding's output row (~100 columns) is written from wherever its cells
 /// are, not cloned into a [`crate::FindingOut`] first.
-#[derive(Debug, Default)]
+///
+/// The bytes start with room for the payload's version byte and the findings' count,
+/// so that they become the payload where they are (a pass's findings are hundreds of
+/// KiB: a copy of them is as much fresh memory).
+#[derive(Debug, Clone)]
 pub struct Findings {
     count: u64,
     bytes: Vec<u8>,
+}
+
+/// Room for the version byte and the widest varint.
+const HEADER: usize = 10;
+
+impl Default for Findings {
+    fn default() -> Findings {
+        Findings { count: 0, bytes: vec![0; HEADER] }
+    }
 }
 
 impl Findings {
@@ -242,9 +255,9 @@ impl Findings {
 }
 
 /// The payload of an [`crate::EvalResponse`] with these findings: the bytes
-/// [`crate::abi::encode`] writes for it.
+/// [`crate::abi::encode`] writes for it, in the findings' own buffer.
 pub fn eval_response(
-    findings: &Findings,
+    findings: Findings,
     state: &[crate::StateOp],
     inputs: &Option<Vec<crate::InputSpec>>,
     wake_at: Option<i64>,
@@ -254,12 +267,14 @@ pub fn eval_response(
     let config = bincode::config::standard();
     let mut size = bincode::enc::write::SizeWriter::default();
     bincode::serde::encode_into_writer(rest, &mut size, config).map_err(|e| format!("cannot encode payload: {e}"))?;
-    let (count, count_len) = varint(findings.count);
-    let mut out = Vec::with_capacity(1 + count_len + findings.bytes.len() + size.bytes_written);
-    out.push(PAYLOAD_VERSION);
-    out.extend_from_slice(&count[..count_len]);
-    out.extend_from_slice(&findings.bytes);
+    let Findings { count, bytes: mut out } = findings;
+    let (count, count_len) = varint(count);
+    let start = HEADER - 1 - count_len;
+    out[start] = PAYLOAD_VERSION;
+    out[start + 1..HEADER].copy_from_slice(&count[..count_len]);
+    out.reserve_exact(size.bytes_written);
     bincode::serde::encode_into_std_write(rest, &mut out, config).map_err(|e| format!("cannot encode payload: {e}"))?;
+    out.drain(..start);
     Ok(out)
 }
 
@@ -557,7 +572,11 @@ mod tests {
             ] {
                 let resp =
                     EvalResponse { findings: out.clone(), state: state.clone(), inputs: inputs.clone(), wake_at };
-                assert_eq!(eval_response(&written, &state, &inputs, wake_at).unwrap(), encode(&resp).unwrap(), "{n}");
+                assert_eq!(
+                    eval_response(written.clone(), &state, &inputs, wake_at).unwrap(),
+                    encode(&resp).unwrap(),
+                    "{n}"
+                );
             }
         }
     }
