@@ -11,7 +11,7 @@ use crate::plugin::loader::CallError;
 use crate::plugin::Plugin;
 use crate::store::block_filter::Sha1Probe;
 use crate::store::detectors::row_key_sha1_device;
-use crate::store::Store;
+use crate::store::{RowFilter, Store};
 use lookout_plugin_sdk::abi::StateOpRef;
 use lookout_plugin_sdk::time::format_timestamp;
 use lookout_plugin_sdk::{EvalRequest, InitRequest, InputSpec, RowRef};
@@ -451,14 +451,19 @@ fn input_refs(
                     Select::Keys(m) => m.sha1_probe(),
                     _ => None,
                 };
+                let mut rows = RowFilter::new(match &how {
+                    Select::All => &[],
+                    Select::Keys(m) => &m.filter,
+                    Select::Rows(f) => f,
+                });
                 keys.extend(store.new_row_keys_where(t, c + 1, head, probe.as_ref(), |k, at| {
                     Ok(match &how {
                         Select::All => true,
                         Select::Keys(m) => match m.passes(k, &mut lower) {
                             Some(pass) => pass,
-                            None => store.row_at_position_passes(at, &m.filter)?,
+                            None => store.row_at_position_passes(at, &mut rows)?,
                         },
-                        Select::Rows(f) => store.row_at_position_passes(at, f)?,
+                        Select::Rows(_) => store.row_at_position_passes(at, &mut rows)?,
                     })
                 })?);
             }

@@ -224,6 +224,7 @@ impl Store {
         prefixes.sort();
         prefixes.dedup();
         let mut out = Vec::new();
+        let mut row_filter = super::RowFilter::new(filter);
         for prefix in prefixes {
             self.postings(&prefix, seqs, |row_key, values| {
                 let keep = if checks.is_empty() {
@@ -234,7 +235,7 @@ impl Store {
                         c.matches(at.and_then(|i| values.get(i)).copied().unwrap_or(""))
                     })
                 } else {
-                    self.row_at_passes(&row_key, filter)?
+                    self.row_at_passes(&row_key, &mut row_filter)?
                 };
                 if keep {
                     out.push(row_key);
