@@ -1,6 +1,7 @@
 //! What the scheduler keeps in the store for each detector — its cursor (the last batch
-//! sequence it has seen), its own state — and the results tree with the outbox. The
-//! scheduler (`detect.rs`) goes through these; only this module knows their keys.
+//! sequence it has seen), its own state, when to wake it — and the identity of a row
+//! that finding ids are made of. The scheduler (`detect.rs`) goes through these; only this
+//! module knows their keys (the results tree and the outbox are `outbox.rs`'s).
 
 use super::{keys, Result, Store, WriteBatch};
 
@@ -50,19 +51,6 @@ impl Store {
             .collect()
     }
 
-    /// The next outbox sequence number.
-    pub fn next_outbox_seq(&self) -> Result<u64> {
-        Ok(match self.db.scan_prefix([keys::OUTBOX]).next_back() {
-            Some(kv) => keys::seq_of(&kv?.0).unwrap_or(0) + 1,
-            None => 1,
-        })
-    }
-
-    /// Whether a finding with this id is in the results tree.
-    pub fn has_finding(&self, finding_id: &str) -> Result<bool> {
-        Ok(self.db.get(keys::named_key(keys::FINDING, finding_id))?.is_some())
-    }
-
     /// The identity of a stored row that does not depend on this store: its key with the
     /// store's table number replaced by the table's name, so the same data gives the same
     /// finding ids in any data directory, whatever order the tables were first seen in.
@@ -87,12 +75,6 @@ pub fn row_key_sha1_device(key: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 impl WriteBatch<'_> {
-    /// A new finding: into the results tree, and next in the outbox.
-    pub fn put_finding(&mut self, finding_id: &str, json: Vec<u8>, outbox_seq: u64) {
-        self.batch.insert(keys::named_key(keys::FINDING, finding_id), json);
-        self.batch.insert(keys::seq_key(keys::OUTBOX, outbox_seq), finding_id.as_bytes());
-    }
-
     /// Sets (`Some`) or removes (`None`) one key of a detector's state.
     pub fn put_state(&mut self, detector_id: &str, key: &[u8], value: Option<Vec<u8>>) {
         let k = [keys::state_prefix(detector_id).as_slice(), key].concat();

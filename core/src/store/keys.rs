@@ -24,7 +24,7 @@
 //! | `r`   | reject seq u64                                                | kept-aside bad record |
 //! | `c`   | (empty)                                                       | counters |
 //! | `f`   | finding id (16 bytes)                                         | finding JSON |
-//! | `q`   | outbox seq u64                                                | finding id |
+//! | `q`   | outbox seq u64 of its first id                                | the ids of a commit's findings, in outbox order (up to 128) |
 //! | `d`   | detector name@version                                         | detector cursor |
 //! | `x`   | detector name@version (u16-prefixed), state key               | detector state value |
 //! | `m`   | name                                                          | misc counters (next seqs, outbox cursors) |

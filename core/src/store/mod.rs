@@ -24,6 +24,7 @@ pub mod key_filter;
 pub(crate) mod keys;
 #[cfg(test)]
 mod model_tests;
+mod outbox;
 mod pages;
 pub mod retention;
 mod row_reads;
@@ -51,7 +52,7 @@ macro_rules! unusable {
 }
 
 /// The layout of everything stored. A store of another format is refused on open.
-pub const FORMAT_VERSION: u64 = 8;
+pub const FORMAT_VERSION: u64 = 9;
 
 /// The pseudo table number of FileProfile rows in blocks (event tables start at 1).
 const PROFILE_TABLE: u16 = 0;
@@ -680,24 +681,6 @@ impl Store {
         Ok(())
     }
 
-    /// Whether any finding is in the outbox at sequence `from` or later.
-    pub fn outbox_has_from(&self, from: u64) -> Result<bool> {
-        Ok(self.db.range(keys::seq_key(keys::OUTBOX, from)..keys::seq_key(keys::OUTBOX, u64::MAX)).next().is_some())
-    }
-
-    /// The findings of the outbox from sequence `from` on, in order: (sequence, JSON).
-    pub fn outbox_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, Vec<u8>)>> + '_ {
-        self.db.range(keys::seq_key(keys::OUTBOX, from)..keys::seq_key(keys::OUTBOX, u64::MAX)).filter_map(move |kv| {
-            let step = || -> Result<Option<(u64, Vec<u8>)>> {
-                let (k, fid) = kv?;
-                let seq = keys::seq_of(&k).ok_or_else(|| corrupt!("corrupt outbox key"))?;
-                let json = self.db.get(keys::named_key(keys::FINDING, &String::from_utf8_lossy(&fid)))?;
-                Ok(json.map(|j| (seq, j.to_vec())))
-            };
-            step().transpose()
-        })
-    }
-
     pub fn get_decoded<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
         self.db.get(key)?.map(|v| dec(&v)).transpose()
     }
@@ -753,6 +736,7 @@ impl Store {
             saved_next_reject,
             new_tables: Vec::new(),
             new_schemas: Vec::new(),
+            findings: outbox::NewFindings::default(),
             committed: false,
         }
     }
@@ -1233,6 +1217,8 @@ pub struct WriteBatch<'s> {
     saved_next_reject: u64,
     new_tables: Vec<String>,
     new_schemas: Vec<Vec<String>>,
+    /// The outbox's new ids, written on commit.
+    findings: outbox::NewFindings,
     committed: bool,
 }
 
@@ -1501,6 +1487,9 @@ impl WriteBatch<'_> {
         }
         if self.counters_dirty {
             self.batch.insert(vec![keys::COUNTERS], enc(&self.store.counters)?);
+        }
+        if !self.findings.is_empty() {
+            std::mem::take(&mut self.findings).write(&mut self.batch);
         }
         let batch = std::mem::take(&mut self.batch);
         if let Some((g, file)) = &block_frames {
