@@ -48,6 +48,9 @@ impl WriteBatch<'_> {
     }
 }
 
+/// A finding as the outbox hands it out: its sequence and its JSON line.
+type Line = (u64, Vec<u8>);
+
 /// One outbox entry: the sequence of its first id, and its ids.
 struct Entry {
     first: u64,
@@ -91,7 +94,7 @@ impl Store {
     }
 
     /// The findings of the outbox from sequence `from` on, in order: (sequence, JSON line).
-    pub fn outbox_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, Vec<u8>)>> + '_ {
+    pub fn outbox_from(&self, from: u64) -> impl Iterator<Item = Result<Line>> + '_ {
         // The entry holding `from` starts at or before it.
         let start = match self.db.range(keys::seq_key(keys::OUTBOX, 0)..=keys::seq_key(keys::OUTBOX, from)).next_back()
         {
@@ -99,7 +102,7 @@ impl Store {
             _ => from,
         };
         self.db.range(keys::seq_key(keys::OUTBOX, start)..keys::seq_key(keys::OUTBOX, u64::MAX)).flat_map(move |kv| {
-            let lines = || -> Result<Vec<Result<(u64, Vec<u8>)>>> {
+            let lines = || -> Result<Vec<Result<Line>>> {
                 let entry = Entry::read(kv)?;
                 let mut out = Vec::new();
                 for (n, id) in entry.ids()?.into_iter().enumerate() {
