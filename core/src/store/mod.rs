@@ -806,10 +806,7 @@ impl Store {
                 }
             };
             let view = codec::decode_picked(value, &pick.want)?;
-            let passes = filter.iter().zip(&pick.conditions).all(|(c, at)| {
-                c.matches_cell(at.and_then(|i| view.cells.get(i)).map(codec::CellView::as_ref), view.ingested_at)
-            });
-            if passes {
+            if pick.passes(filter, &view) {
                 let columns =
                     pick.out.iter().filter_map(|&i| Some((pick.names[i].as_str(), view.cells.get(i)?.as_ref())));
                 out[n] = Some(R::build(self.row_table(wanted[n])?, wanted[n], view.ingested_at, columns));
@@ -1611,10 +1608,7 @@ impl<'f> RowFilter<'f> {
                 e.insert(ColumnPick::new(names.clone(), self.filter, &[]))
             }
         };
-        let view = codec::decode_picked(value, &pick.want)?;
-        Ok(self.filter.iter().zip(&pick.conditions).all(|(c, at)| {
-            c.matches_cell(at.and_then(|i| view.cells.get(i)).map(codec::CellView::as_ref), view.ingested_at)
-        }))
+        Ok(pick.passes(self.filter, &codec::decode_picked(value, &pick.want)?))
     }
 }
 
@@ -1639,6 +1633,14 @@ impl ColumnPick {
             want[i] = true;
         }
         ColumnPick { names, want, out, conditions }
+    }
+
+    /// Whether a row decoded with [`ColumnPick::want`] meets every condition of `filter`
+    /// (the one this pick was made for).
+    fn passes(&self, filter: &[Condition], view: &codec::StoredRowView<'_>) -> bool {
+        filter.iter().zip(&self.conditions).all(|(c, at)| {
+            c.matches_cell(at.and_then(|i| view.cells.get(i)).map(codec::CellView::as_ref), view.ingested_at)
+        })
     }
 }
 

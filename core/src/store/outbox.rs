@@ -95,13 +95,14 @@ impl Store {
 
     /// The findings of the outbox from sequence `from` on, in order: (sequence, JSON line).
     pub fn outbox_from(&self, from: u64) -> impl Iterator<Item = Result<Line>> + '_ {
-        // The entry holding `from` starts at or before it.
-        let start = match self.db.range(keys::seq_key(keys::OUTBOX, 0)..=keys::seq_key(keys::OUTBOX, from)).next_back()
-        {
-            Some(Ok((k, _))) => keys::seq_of(&k).unwrap_or(from),
-            _ => from,
+        // The entry holding `from` starts at or before it. A failed read of where is the
+        // iterator's only item, not a silent start further on.
+        let (start, failed) = match self.entry_holding(from) {
+            Ok(start) => (start, None),
+            Err(e) => (u64::MAX, Some(Err(e))),
         };
-        self.db.range(keys::seq_key(keys::OUTBOX, start)..keys::seq_key(keys::OUTBOX, u64::MAX)).flat_map(move |kv| {
+        let entries = self.db.range(keys::seq_key(keys::OUTBOX, start)..keys::seq_key(keys::OUTBOX, u64::MAX));
+        failed.into_iter().chain(entries.flat_map(move |kv| {
             let lines = || -> Result<Vec<Result<Line>>> {
                 let entry = Entry::read(kv)?;
                 let mut out = Vec::new();
@@ -122,7 +123,15 @@ impl Store {
                 Ok(out)
             };
             lines().unwrap_or_else(|e| vec![Err(e)])
-        })
+        }))
+    }
+
+    /// The first sequence of the outbox entry that holds `seq` (`seq` itself if none does).
+    fn entry_holding(&self, seq: u64) -> Result<u64> {
+        match self.db.range(keys::seq_key(keys::OUTBOX, 0)..=keys::seq_key(keys::OUTBOX, seq)).next_back() {
+            Some(kv) => keys::seq_of(&kv?.0).ok_or_else(|| corrupt!("corrupt outbox key")),
+            None => Ok(seq),
+        }
     }
 }
 
