@@ -104,7 +104,7 @@ pub struct EvalAnswer(Answer);
 
 impl EvalAnswer {
     pub fn response(&self) -> Result<EvalResponseRef<'_>, CallError> {
-        abi::decode_borrowed(self.0.bytes()).map_err(|e| CallError {
+        lookout_plugin_sdk::wire::decode_eval_response(self.0.bytes()).map_err(|e| CallError {
             panicked: false,
             message: format!("returned a response that does not decode: {e}"),
         })

@@ -387,6 +387,12 @@ pub fn decode_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Str
     whole(bincode::serde::borrow_decode_from_slice::<T, _>(body, limits()), body)
 }
 
+/// Decodes the bytes after a payload's version byte into a borrowing type, refusing
+/// trailing bytes: for a payload read partly by hand ([`crate::wire`]).
+pub(crate) fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
+    whole(bincode::serde::borrow_decode_from_slice::<T, _>(body, limits()), body)
+}
+
 /// What follows the version byte, if it is this one.
 fn payload_body(bytes: &[u8]) -> Result<&[u8], String> {
     match bytes.first() {

@@ -13,7 +13,7 @@
 //! [`abi::encode`]: crate::abi::encode
 //! [`abi::decode`]: crate::abi::decode
 
-use crate::abi::{HostResponse, PAYLOAD_VERSION};
+use crate::abi::{EvalResponseRef, FindingRef, HostResponse, StateOpRef, PAYLOAD_VERSION};
 use crate::{Cell, CellRef, Row};
 
 /// bincode's varint (standard configuration) of `v`, and how many bytes of the array it
@@ -318,6 +318,45 @@ pub fn decode_host_response(bytes: &[u8]) -> Result<HostResponse, String> {
 
 const ERROR: u64 = 4;
 
+/// A plugin's answer to a pass read in place, as [`crate::abi::decode_borrowed`] reads an
+/// [`EvalResponseRef`], its findings and state by hand (serde's visitors were most of the
+/// time a host spent reading a hundred findings of ~100 columns), the input specs and
+/// wake-up through serde.
+pub fn decode_eval_response(bytes: &[u8]) -> Result<EvalResponseRef<'_>, String> {
+    match bytes.first() {
+        None => return Err("empty payload".to_string()),
+        Some(&v) if v != PAYLOAD_VERSION => return Err(format!("payload version {v}, expected {PAYLOAD_VERSION}")),
+        Some(_) => {}
+    }
+    let mut r = Reader { bytes: &bytes[1..], at: 0 };
+    // A finding is at least its four lengths.
+    let n = r.len(4)?;
+    let mut findings = Vec::with_capacity(n);
+    for _ in 0..n {
+        let inputs = (0..r.len(1)?).map(|_| r.slice()).collect::<Result<Vec<_>, _>>()?;
+        let device_id = r.str()?;
+        let device_name = r.str()?;
+        let columns = r.len(2)?;
+        let mut row = Vec::with_capacity(columns);
+        for _ in 0..columns {
+            let name = r.str()?;
+            row.push((name, r.cell_ref()?));
+        }
+        findings.push(FindingRef { inputs, device_id, device_name, row });
+    }
+    let n = r.len(2)?;
+    let mut state = Vec::with_capacity(n);
+    for _ in 0..n {
+        state.push(match r.varint()? {
+            0 => StateOpRef::Put(r.slice()?, r.slice()?),
+            1 => StateOpRef::Delete(r.slice()?),
+            v => return Err(format!("cannot decode payload: unknown state operation {v}")),
+        });
+    }
+    let (inputs, wake_at) = crate::abi::decode_body::<(Option<Vec<crate::InputSpec>>, Option<i64>)>(&r.bytes[r.at..])?;
+    Ok(EvalResponseRef { findings, state, inputs, wake_at })
+}
+
 /// A cursor over bincode's standard layout.
 struct Reader<'a> {
     bytes: &'a [u8],
@@ -371,26 +410,31 @@ impl<'a> Reader<'a> {
         Ok(self.str()?.to_string())
     }
 
-    fn cell(&mut self) -> Result<Cell, String> {
+    /// A cell, its strings borrowed.
+    fn cell_ref(&mut self) -> Result<CellRef<'a>, String> {
         Ok(match self.varint()? {
-            0 => Cell::Null,
-            1 => Cell::Bool(match self.byte()? {
+            0 => CellRef::Null,
+            1 => CellRef::Bool(match self.byte()? {
                 0 => false,
                 1 => true,
                 b => return Err(format!("cannot decode payload: bool {b}")),
             }),
             2 => {
                 let z = self.varint()?;
-                Cell::Int(((z >> 1) as i64) ^ -((z & 1) as i64))
+                CellRef::Int(((z >> 1) as i64) ^ -((z & 1) as i64))
             }
             3 => {
                 let b = self.take(8)?;
-                Cell::Float(f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                CellRef::Float(f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
             }
-            4 => Cell::Str(self.string()?),
-            5 => Cell::Json(self.string()?),
+            4 => CellRef::Str(self.str()?),
+            5 => CellRef::Json(self.str()?),
             v => return Err(format!("cannot decode payload: unknown cell variant {v}")),
         })
+    }
+
+    fn cell(&mut self) -> Result<Cell, String> {
+        Ok(Cell::from(self.cell_ref()?))
     }
 
     fn row(&mut self) -> Result<Row, String> {
@@ -577,6 +621,77 @@ mod tests {
                     encode(&resp).unwrap(),
                     "{n}"
                 );
+            }
+        }
+    }
+
+    fn eval_responses() -> Vec<Vec<u8>> {
+        use crate::{Condition, EvalResponse, FindingOut, InputSpec, StateOp};
+        let finding = |n: usize| FindingOut {
+            inputs: (0..n % 3).map(|i| vec![i as u8; 40 + n]).collect(),
+            device_id: format!("device-{n}"),
+            device_name: "é".repeat(n % 5),
+            row: row(n * 37, n * 13, n as i64).columns,
+        };
+        let spec = InputSpec {
+            table: "DeviceFileEvents".into(),
+            only_where: vec![
+                Condition::In { column: "SHA1".into(), any_of: vec!["a".into(), "b".into()] },
+                Condition::NotStartsWith { column: "FolderPath".into(), prefix: "c:\\windows".into() },
+            ],
+            on_backfill: false,
+        };
+        [0usize, 1, 3, 260]
+            .into_iter()
+            .map(|n| {
+                let resp =
+                    EvalResponse {
+                        findings: (0..n).map(finding).collect(),
+                        state: (0..n % 4)
+                            .map(|i| {
+                                if i % 2 == 0 {
+                                    StateOp::Put(vec![1; i], vec![2; 300])
+                                } else {
+                                    StateOp::Delete(vec![9])
+                                }
+                            })
+                            .collect(),
+                        inputs: (n % 2 == 1).then(|| vec![spec.clone()]),
+                        wake_at: (n > 1).then_some(-(n as i64)),
+                    };
+                encode(&resp).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pass_answers_read_by_hand_are_what_serde_reads() {
+        for bytes in eval_responses() {
+            let by_hand = decode_eval_response(&bytes).unwrap();
+            let by_serde: EvalResponseRef<'_> = crate::abi::decode_borrowed(&bytes).unwrap();
+            assert_eq!(format!("{by_hand:?}"), format!("{by_serde:?}"));
+        }
+    }
+
+    #[test]
+    fn a_damaged_pass_answer_is_refused_never_a_panic() {
+        let bytes = eval_responses().swap_remove(2);
+        for cut in 0..bytes.len() {
+            assert!(decode_eval_response(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode_eval_response(&longer).unwrap_err().contains("trailing"));
+        for at in 1..bytes.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut b = bytes.clone();
+                b[at] ^= flip;
+                let by_hand = decode_eval_response(&b).map(|r| format!("{r:?}"));
+                let by_serde = crate::abi::decode_borrowed::<EvalResponseRef<'_>>(&b).map(|r| format!("{r:?}"));
+                assert_eq!(by_hand.is_ok(), by_serde.is_ok(), "byte {at} ^ {flip:#x}: {by_hand:?} / {by_serde:?}");
+                if let (Ok(h), Ok(s)) = (by_hand, by_serde) {
+                    assert_eq!(h, s, "byte {at} ^ {flip:#x}");
+                }
             }
         }
     }
