@@ -394,7 +394,7 @@ pub(crate) fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, S
 }
 
 /// What follows the version byte, if it is this one.
-fn payload_body(bytes: &[u8]) -> Result<&[u8], String> {
+pub(crate) fn payload_body(bytes: &[u8]) -> Result<&[u8], String> {
     match bytes.first() {
         None => Err("empty payload".to_string()),
         Some(&v) if v != PAYLOAD_VERSION => Err(format!("payload version {v}, expected {PAYLOAD_VERSION}")),

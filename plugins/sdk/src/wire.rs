@@ -282,31 +282,12 @@ pub fn eval_response(
 /// [`crate::HostResponse`], read by hand. serde's visitors were half the time a plugin
 /// spent decoding the rows it asked for; the strings it allocates are the rest.
 pub fn decode_host_response(bytes: &[u8]) -> Result<HostResponse, String> {
-    match bytes.first() {
-        None => return Err("empty payload".to_string()),
-        Some(&v) if v != PAYLOAD_VERSION => return Err(format!("payload version {v}, expected {PAYLOAD_VERSION}")),
-        Some(_) => {}
-    }
-    let mut r = Reader { bytes: &bytes[1..], at: 0 };
+    let mut r = Reader { bytes: crate::abi::payload_body(bytes)?, at: 0 };
     let answer = match r.varint()? {
         ROWS => HostResponse::Rows(r.rows()?),
-        ROW_SETS => {
-            let n = r.len(1)?;
-            let mut sets = Vec::with_capacity(n);
-            for _ in 0..n {
-                sets.push(r.rows()?);
-            }
-            HostResponse::RowSets(sets)
-        }
+        ROW_SETS => HostResponse::RowSets(r.seq(1, Reader::rows)?),
         PROFILE => HostResponse::Profile(r.option_row()?),
-        PROFILES => {
-            let n = r.len(1)?;
-            let mut rows = Vec::with_capacity(n);
-            for _ in 0..n {
-                rows.push(r.option_row()?);
-            }
-            HostResponse::Profiles(rows)
-        }
+        PROFILES => HostResponse::Profiles(r.seq(1, Reader::option_row)?),
         ERROR => HostResponse::Error(r.string()?),
         v => return Err(format!("cannot decode payload: unknown answer variant {v}")),
     };
@@ -323,36 +304,21 @@ const ERROR: u64 = 4;
 /// time a host spent reading a hundred findings of ~100 columns), the input specs and
 /// wake-up through serde.
 pub fn decode_eval_response(bytes: &[u8]) -> Result<EvalResponseRef<'_>, String> {
-    match bytes.first() {
-        None => return Err("empty payload".to_string()),
-        Some(&v) if v != PAYLOAD_VERSION => return Err(format!("payload version {v}, expected {PAYLOAD_VERSION}")),
-        Some(_) => {}
-    }
-    let mut r = Reader { bytes: &bytes[1..], at: 0 };
-    // A finding is at least its four lengths.
-    let n = r.len(4)?;
-    let mut findings = Vec::with_capacity(n);
-    for _ in 0..n {
-        let inputs = (0..r.len(1)?).map(|_| r.slice()).collect::<Result<Vec<_>, _>>()?;
-        let device_id = r.str()?;
-        let device_name = r.str()?;
-        let columns = r.len(2)?;
-        let mut row = Vec::with_capacity(columns);
-        for _ in 0..columns {
-            let name = r.str()?;
-            row.push((name, r.cell_ref()?));
-        }
-        findings.push(FindingRef { inputs, device_id, device_name, row });
-    }
-    let n = r.len(2)?;
-    let mut state = Vec::with_capacity(n);
-    for _ in 0..n {
-        state.push(match r.varint()? {
-            0 => StateOpRef::Put(r.slice()?, r.slice()?),
-            1 => StateOpRef::Delete(r.slice()?),
-            v => return Err(format!("cannot decode payload: unknown state operation {v}")),
-        });
-    }
+    let mut r = Reader { bytes: crate::abi::payload_body(bytes)?, at: 0 };
+    // A finding is at least its four lengths; a column, a name's length and a variant.
+    let findings = r.seq(4, |r| {
+        Ok(FindingRef {
+            inputs: r.seq(1, Reader::slice)?,
+            device_id: r.str()?,
+            device_name: r.str()?,
+            row: r.seq(2, |r| Ok((r.str()?, r.cell_ref()?)))?,
+        })
+    })?;
+    let state = r.seq(2, |r| match r.varint()? {
+        0 => Ok(StateOpRef::Put(r.slice()?, r.slice()?)),
+        1 => Ok(StateOpRef::Delete(r.slice()?)),
+        v => Err(format!("cannot decode payload: unknown state operation {v}")),
+    })?;
     let (inputs, wake_at) = crate::abi::decode_body::<(Option<Vec<crate::InputSpec>>, Option<i64>)>(&r.bytes[r.at..])?;
     Ok(EvalResponseRef { findings, state, inputs, wake_at })
 }
@@ -395,6 +361,16 @@ impl<'a> Reader<'a> {
             Ok(n) if n.saturating_mul(min) <= self.bytes.len() - self.at => Ok(n),
             _ => Err(format!("cannot decode payload: a length of {n} runs past its end")),
         }
+    }
+
+    /// A sequence of items of at least `min` bytes each.
+    fn seq<T>(&mut self, min: usize, mut item: impl FnMut(&mut Self) -> Result<T, String>) -> Result<Vec<T>, String> {
+        let n = self.len(min)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(item(self)?);
+        }
+        Ok(out)
     }
 
     fn slice(&mut self) -> Result<&'a [u8], String> {
@@ -443,23 +419,13 @@ impl<'a> Reader<'a> {
         let z = self.varint()?;
         let ingested_at = ((z >> 1) as i64) ^ -((z & 1) as i64);
         // A column is at least a name's length and a cell's variant.
-        let n = self.len(2)?;
-        let mut columns = Vec::with_capacity(n);
-        for _ in 0..n {
-            let name = self.string()?;
-            columns.push((name, self.cell()?));
-        }
+        let columns = self.seq(2, |r| Ok((r.string()?, r.cell()?)))?;
         Ok(Row { table, key, ingested_at, columns })
     }
 
     fn rows(&mut self) -> Result<Vec<Row>, String> {
         // A row is at least its table's and key's lengths, its time and column count.
-        let n = self.len(4)?;
-        let mut rows = Vec::with_capacity(n);
-        for _ in 0..n {
-            rows.push(self.row()?);
-        }
-        Ok(rows)
+        self.seq(4, Reader::row)
     }
 
     fn option_row(&mut self) -> Result<Option<Row>, String> {
