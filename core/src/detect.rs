@@ -5,7 +5,7 @@
 
 use crate::clock::Clock;
 use crate::error::{Chain, StoreError};
-use crate::finding_json::finding_json;
+use crate::finding_json::{finding_json, NameCheck};
 use crate::plugin::host_api::with_host_api;
 use crate::plugin::loader::CallError;
 use crate::plugin::Plugin;
@@ -241,13 +241,15 @@ fn run_detector(
         let wake_at = resp.wake_at.filter(|&at| at > now);
         let mut batch = store.batch();
         let mut fresh = HashSet::new();
-        for f in resp.findings {
+        let mut names = NameCheck::default();
+        for f in &resp.findings {
             let identities: Vec<Vec<u8>> = f.inputs.iter().map(|k| batch.store().stable_identity(k)).collect();
             let fid = finding_id(&plugin.manifest.name, &plugin.manifest.version, &identities);
             if !fresh.insert(fid.clone()) || batch.store().has_finding(&fid).map_err(PassError::Store)? {
                 continue;
             }
-            let json = finding_json(&fid, &plugin.manifest, &detected_at, &f).map_err(DetectorError::Finding)?;
+            let json =
+                finding_json(&fid, &plugin.manifest, &detected_at, f, &mut names).map_err(DetectorError::Finding)?;
             batch.put_finding(&fid, json, outbox_seq);
             outbox_seq += 1;
             report.new_findings += 1;
