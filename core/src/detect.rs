@@ -254,12 +254,11 @@ fn run_detector(
             outbox_seq += 1;
             report.new_findings += 1;
         }
-        for op in resp.state {
-            match op {
-                StateOpRef::Put(k, v) => batch.put_state(&id, k, Some(v.to_vec())),
-                StateOpRef::Delete(k) => batch.put_state(&id, k, None),
-            }
-        }
+        let changes = resp.state.iter().map(|op| match op {
+            StateOpRef::Put(k, v) => (*k, Some(*v)),
+            StateOpRef::Delete(k) => (*k, None),
+        });
+        batch.change_state(&id, changes).map_err(PassError::Store)?;
         if i == last {
             batch.set_cursor(&id, head);
             batch.set_wake_at(&id, wake_at);

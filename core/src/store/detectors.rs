@@ -1,6 +1,6 @@
 //! What the scheduler keeps in the store for each detector — its cursor (the last batch
-//! sequence it has seen), its own state, when to wake it — and the identity of a row
-//! that finding ids are made of. The scheduler (`detect.rs`) goes through these; only this
+//! sequence it has seen), when to wake it — and the identity of a row that finding ids
+//! are made of (a detector's own state is `state.rs`'s). The scheduler (`detect.rs`) goes through these; only this
 //! module knows their keys (the results tree and the outbox are `outbox.rs`'s).
 
 use super::{keys, Result, Store, WriteBatch};
@@ -39,18 +39,6 @@ impl Store {
         })
     }
 
-    /// The state a detector committed with its passes.
-    pub fn detector_state(&self, detector_id: &str) -> Result<DetectorState> {
-        let prefix = keys::state_prefix(detector_id);
-        self.db
-            .scan_prefix(&prefix)
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((k[prefix.len()..].to_vec(), v.to_vec()))
-            })
-            .collect()
-    }
-
     /// The identity of a stored row that does not depend on this store: its key with the
     /// store's table number replaced by the table's name, so the same data gives the same
     /// finding ids in any data directory, whatever order the tables were first seen in.
@@ -75,15 +63,6 @@ pub fn row_key_sha1_device(key: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 impl WriteBatch<'_> {
-    /// Sets (`Some`) or removes (`None`) one key of a detector's state.
-    pub fn put_state(&mut self, detector_id: &str, key: &[u8], value: Option<Vec<u8>>) {
-        let k = [keys::state_prefix(detector_id).as_slice(), key].concat();
-        match value {
-            Some(v) => self.batch.insert(k, v),
-            None => self.batch.remove(k),
-        }
-    }
-
     /// Records (`Some`) or clears (`None`) when a detector is to be run again.
     pub fn set_wake_at(&mut self, detector_id: &str, at: Option<i64>) {
         match at {

@@ -29,6 +29,8 @@ mod pages;
 pub mod retention;
 mod row_reads;
 pub use row_reads::RowForm;
+mod state;
+pub use state::StateChange;
 pub mod runs;
 
 use crate::error::{StoreContext as _, StoreError};
@@ -52,7 +54,7 @@ macro_rules! unusable {
 }
 
 /// The layout of everything stored. A store of another format is refused on open.
-pub const FORMAT_VERSION: u64 = 9;
+pub const FORMAT_VERSION: u64 = 10;
 
 /// The pseudo table number of FileProfile rows in blocks (event tables start at 1).
 const PROFILE_TABLE: u16 = 0;
@@ -209,6 +211,9 @@ pub struct Store {
     key_filter: Option<key_filter::KeyFilter>,
     /// The indexes detectors declared (kept with the data; see [`index`]).
     index_specs: Vec<lookout_plugin_sdk::IndexDecl>,
+    /// How big each detector's state base and journal are (see [`state`]), by detector
+    /// id: as this process last read or committed them.
+    state_sizes: Mutex<HashMap<String, state::StateSizes>>,
 }
 
 /// Where a frame was read from: its offset in a generation's block file, and the file.
@@ -292,6 +297,7 @@ impl Store {
             next_reject: 1,
             key_filter: None,
             index_specs: Vec::new(),
+            state_sizes: Mutex::new(HashMap::new()),
         };
         store.check_format()?;
         store.gens = generations::Generations::open(dir, &store.db)?;
@@ -737,6 +743,7 @@ impl Store {
             new_tables: Vec::new(),
             new_schemas: Vec::new(),
             findings: outbox::NewFindings::default(),
+            state_changes: Vec::new(),
             committed: false,
         }
     }
@@ -1216,6 +1223,9 @@ pub struct WriteBatch<'s> {
     new_schemas: Vec<Vec<String>>,
     /// The outbox's new ids, written on commit.
     findings: outbox::NewFindings,
+    /// The detectors whose state this batch changes, with the sizes it leaves (see
+    /// [`state`]).
+    state_changes: Vec<(String, state::StateSizes)>,
     committed: bool,
 }
 
@@ -1228,6 +1238,7 @@ impl Drop for Store {
 
 impl Drop for WriteBatch<'_> {
     fn drop(&mut self) {
+        state::settle(self.store, std::mem::take(&mut self.state_changes), self.committed);
         if self.committed {
             return;
         }
