@@ -7,7 +7,7 @@ use crate::clock::Clock;
 use crate::error::{Chain, StoreError};
 use crate::finding_json::{finding_json, NameCheck};
 use crate::plugin::host_api::with_host_api;
-use crate::plugin::loader::CallError;
+use crate::plugin::loader::{CallError, EvalAnswer};
 use crate::plugin::Plugin;
 use crate::store::block_filter::Sha1Probe;
 use crate::store::detectors::row_key_sha1_device;
@@ -18,7 +18,7 @@ use lookout_plugin_sdk::{EvalRequest, InitRequest, InputSpec, RowRef};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -124,7 +124,14 @@ pub fn finding_id(name: &str, version: &str, inputs: &[Vec<u8>]) -> String {
 }
 
 /// Runs one pass of every plugin. Errors of one detector are reported, not returned;
-/// an `Err` means the store itself failed.
+/// an `Err` means the store itself failed (the other detectors' passes still commit).
+///
+/// Detectors are independent (each has its own cursor, state and library), so their
+/// passes run at the same time, a thread per core, reading the store together; each
+/// commits as soon as it is done, one commit at a time. So within a pass, a detector's
+/// findings go out in the order it emitted them, and the detectors' in the order their
+/// passes finished. A pass handed more rows than one call takes (a backfill, a long
+/// outage) is evaluated and committed chunk by chunk, alone, after the others.
 pub fn run_pass(
     store: &mut Store,
     plugins: &mut [Plugin],
@@ -137,10 +144,116 @@ pub fn run_pass(
         }
     }
     let now = Clock::new(opts.now).now();
-    let mut reports = Vec::new();
-    for plugin in plugins.iter_mut() {
+    let mut reports: Vec<DetectorReport> = plugins.iter().map(DetectorReport::of).collect();
+    // Initialising reads the state and declaring an index may build it: one at a time.
+    let mut due = Vec::with_capacity(plugins.len());
+    for (plugin, report) in plugins.iter_mut().zip(&mut reports) {
         let started = Instant::now();
-        let mut report = DetectorReport {
+        let prepared = prepare(store, plugin, opts, now, report);
+        report.elapsed += started.elapsed();
+        due.push(match prepared {
+            Ok(d) => d,
+            Err(e) => {
+                failed(store, plugin, report, e, now)?;
+                None
+            }
+        });
+    }
+    // Where the rows handed over are: for this pass's fetches (rows never move, so one
+    // detector's finds serve another's).
+    store.forget_row_hints();
+    let jobs: Vec<Job<'_>> = plugins
+        .iter_mut()
+        .zip(reports.iter_mut())
+        .zip(due)
+        .enumerate()
+        .filter_map(|(index, ((plugin, report), due))| due.map(|due| Job { index, plugin, report, due }))
+        .collect();
+    let failure = Mutex::new(None);
+    let chunked = Mutex::new(Vec::new());
+    {
+        let store: &Store = store;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len());
+        let queue = Mutex::new(jobs.into_iter());
+        let work = || loop {
+            let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+            let Some(job) = next else { break };
+            if let Some(rest) = pass(store, job, opts, now, &failure) {
+                chunked.lock().unwrap_or_else(|p| p.into_inner()).push(rest);
+            }
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..threads {
+                scope.spawn(work);
+            }
+            work();
+        });
+    }
+    let mut failure = failure.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut chunked = chunked.into_inner().unwrap_or_else(|p| p.into_inner());
+    chunked.sort_by_key(|(job, _)| job.index);
+    for (job, refs) in chunked {
+        let started = Instant::now();
+        let done = run_chunks(store, job.plugin, &job.due, &refs, opts, now, job.report);
+        job.report.elapsed += started.elapsed();
+        if let Err(e) = done {
+            if let Err(e) = failed(store, job.plugin, job.report, e, now) {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(reports),
+    }
+}
+
+/// One detector's pass: its rows chosen and, if they fit in one call, evaluated and
+/// committed. Returns the job and its rows when they do not (evaluated chunk by chunk
+/// afterwards). A store failure goes into `failure` (the first one is kept).
+fn pass<'p>(
+    store: &Store,
+    job: Job<'p>,
+    opts: &DetectOptions,
+    now: i64,
+    failure: &Mutex<Option<PassError>>,
+) -> Option<(Job<'p>, Vec<RowRef>)> {
+    let started = Instant::now();
+    let refs = input_refs(store, &job.plugin.manifest.inputs, &job.plugin.inputs, job.due.since, job.due.head);
+    job.report.select = started.elapsed();
+    job.report.elapsed += job.report.select;
+    job.report.backfill = job.due.since.is_none();
+    let result = match refs {
+        Err(e) => Err(PassError::Store(e)),
+        Ok(refs) => {
+            job.report.rows = refs.len() as u64;
+            let stopped = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+            if refs.len() > opts.chunk_rows.max(1) || stopped {
+                return Some((job, refs));
+            }
+            let req = EvalRequest { now, backfill: job.due.since.is_none(), rows: refs, last: true };
+            let started = Instant::now();
+            let answer = with_host_api(store, |api| job.plugin.lib.evaluate(api, &req));
+            job.report.evaluate = started.elapsed();
+            let started = Instant::now();
+            let committed = answer
+                .map_err(|e| PassError::Detector(DetectorError::Evaluate(e)))
+                .and_then(|a| commit_answer(store, job.plugin, &job.due, now, true, &a, job.report));
+            job.report.elapsed += job.report.evaluate + started.elapsed();
+            committed
+        }
+    };
+    if let Err(e) = result {
+        if let Err(e) = failed(store, job.plugin, job.report, e, now) {
+            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        }
+    }
+    None
+}
+
+impl DetectorReport {
+    fn of(plugin: &Plugin) -> DetectorReport {
+        DetectorReport {
             detector: plugin.manifest.name.clone(),
             version: plugin.manifest.version.clone(),
             backfill: false,
@@ -152,30 +265,47 @@ pub fn run_pass(
             evaluate: Duration::ZERO,
             commit: Duration::ZERO,
             error: None,
-        };
-        match run_detector(store, plugin, opts, now, &mut report) {
-            Ok(()) => {}
-            Err(PassError::Detector(e)) => {
-                tracing::warn!(detector = %plugin.id(), error = %Chain(&e), "detector failed; retried next pass");
-                report.error = Some(Chain(&e).to_string());
-                plugin.initialised = false;
-                put_off_wake_up(store, &plugin.id(), now)?;
-            }
-            Err(e) => return Err(e),
         }
-        report.elapsed = started.elapsed();
-        reports.push(report);
     }
-    Ok(reports)
 }
 
-fn run_detector(
+/// A detector's failure is reported and retried on the next pass; a store failure is
+/// returned (the plugin's memory may be ahead of what was committed: it starts again).
+fn failed(
+    store: &Store,
+    plugin: &mut Plugin,
+    report: &mut DetectorReport,
+    e: PassError,
+    now: i64,
+) -> Result<(), PassError> {
+    plugin.initialised = false;
+    match e {
+        PassError::Detector(e) => {
+            tracing::warn!(detector = %plugin.id(), error = %Chain(&e), "detector failed; retried next pass");
+            report.error = Some(Chain(&e).to_string());
+            put_off_wake_up(store, &plugin.id(), now)?;
+            Ok(())
+        }
+        e => Err(e),
+    }
+}
+
+/// The batches a detector's pass is handed rows of: those after `since` (all when `None`,
+/// a backfill) up to `head`.
+struct Due {
+    since: Option<u64>,
+    head: u64,
+}
+
+/// Initialises the detector if it is not, and says which batches its pass covers (`None`:
+/// nothing new and nothing due, no pass).
+fn prepare(
     store: &mut Store,
     plugin: &mut Plugin,
     opts: &DetectOptions,
     now: i64,
     report: &mut DetectorReport,
-) -> Result<(), PassError> {
+) -> Result<Option<Due>, PassError> {
     let id = plugin.id();
     // The indexes it declares are kept from now on (built now if new: a store failure).
     store.declare_indexes(&plugin.manifest.indexes).map_err(PassError::Store)?;
@@ -195,7 +325,6 @@ fn run_detector(
         plugin.inputs = response.inputs;
         plugin.initialised = true;
     }
-
     let head = store.head_seq();
     let floor = store.meta_u64("jfloor")?;
     let cursor = store.meta_cursor(&id)?;
@@ -205,76 +334,100 @@ fn run_detector(
         Some(_) if opts.backfill => None,
         Some(c) if c >= floor => {
             if c >= head && !due {
-                return Ok(());
+                return Ok(None);
             }
             Some(c)
         }
         _ => None,
     };
-    report.backfill = since.is_none();
-    let started = Instant::now();
-    let refs = input_refs(store, &plugin.manifest.inputs, &plugin.inputs, since, head)?;
-    report.select = started.elapsed();
-    report.rows = refs.len() as u64;
-    let mut outbox_seq = store.next_outbox_seq()?;
-    let detected_at = format_timestamp(now);
-    let chunks: Vec<&[RowRef]> =
-        if refs.is_empty() { vec![&[]] } else { refs.chunks(opts.chunk_rows.max(1)).collect() };
-    let last = chunks.len() - 1;
+    Ok(Some(Due { since, head }))
+}
+
+/// A detector whose pass runs, with its report.
+struct Job<'p> {
+    index: usize,
+    plugin: &'p mut Plugin,
+    report: &'p mut DetectorReport,
+    due: Due,
+}
+
+/// A pass over more rows than one call takes: each chunk evaluated and committed in turn.
+fn run_chunks(
+    store: &mut Store,
+    plugin: &mut Plugin,
+    due: &Due,
+    refs: &[RowRef],
+    opts: &DetectOptions,
+    now: i64,
+    report: &mut DetectorReport,
+) -> Result<(), PassError> {
+    let chunks: Vec<&[RowRef]> = refs.chunks(opts.chunk_rows.max(1)).collect();
+    let last = chunks.len().saturating_sub(1);
     for (i, chunk) in chunks.into_iter().enumerate() {
         if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
             return Ok(());
         }
-        let req = EvalRequest { now, backfill: report.backfill, rows: chunk.to_vec(), last: i == last };
+        let req = EvalRequest { now, backfill: due.since.is_none(), rows: chunk.to_vec(), last: i == last };
         let started = Instant::now();
         let answer = with_host_api(store, |api| plugin.lib.evaluate(api, &req)).map_err(DetectorError::Evaluate)?;
-        let resp = answer.response().map_err(DetectorError::Evaluate)?;
         report.evaluate += started.elapsed();
-        let started = Instant::now();
-        // Checked before anything of the pass is committed: a bad answer fails the pass.
-        if let Some(inputs) = &resp.inputs {
-            check_inputs(&plugin.manifest.inputs, inputs)?;
-        }
-        let new_inputs = resp.inputs;
-        // This pass evaluated at `now`: a wake-up at or before it asks for nothing more
-        // (and, kept, would make the daemon run the detector again and again).
-        let wake_at = resp.wake_at.filter(|&at| at > now);
-        let mut batch = store.batch();
-        let mut fresh = HashSet::new();
-        let mut names = NameCheck::default();
-        for f in &resp.findings {
-            let identities: Vec<Vec<u8>> = f.inputs.iter().map(|k| batch.store().stable_identity(k)).collect();
-            let fid = finding_id(&plugin.manifest.name, &plugin.manifest.version, &identities);
-            if !fresh.insert(fid.clone()) || batch.store().has_finding(&fid).map_err(PassError::Store)? {
-                continue;
-            }
-            let json =
-                finding_json(&fid, &plugin.manifest, &detected_at, f, &mut names).map_err(DetectorError::Finding)?;
-            batch.put_finding(&fid, json, outbox_seq);
-            outbox_seq += 1;
-            report.new_findings += 1;
-        }
-        let changes = resp.state.iter().map(|op| match op {
-            StateOpRef::Put(k, v) => (*k, Some(*v)),
-            StateOpRef::Delete(k) => (*k, None),
-        });
-        batch.change_state(&id, changes).map_err(PassError::Store)?;
-        if i == last {
-            batch.set_cursor(&id, head);
-            batch.set_wake_at(&id, wake_at);
-        }
-        crate::failpoint::hit("detect-before-commit");
-        if let Err(e) = batch.commit() {
-            // The plugin's in-memory state is ahead of what was committed.
-            plugin.initialised = false;
-            return Err(PassError::Store(e));
-        }
-        if let Some(inputs) = new_inputs {
-            plugin.inputs = inputs;
-        }
-        crate::failpoint::hit("detect-after-commit");
-        report.commit += started.elapsed();
+        commit_answer(store, plugin, due, now, i == last, &answer, report)?;
     }
+    Ok(())
+}
+
+/// Commits what one call returned: its new findings, its state changes and, after the
+/// last call of the pass, the cursor and the wake-up it asked for, in one batch.
+fn commit_answer(
+    store: &Store,
+    plugin: &mut Plugin,
+    due: &Due,
+    now: i64,
+    last: bool,
+    answer: &EvalAnswer,
+    report: &mut DetectorReport,
+) -> Result<(), PassError> {
+    let id = plugin.id();
+    let resp = answer.response().map_err(DetectorError::Evaluate)?;
+    let started = Instant::now();
+    // Checked before anything of the pass is committed: a bad answer fails the pass.
+    if let Some(inputs) = &resp.inputs {
+        check_inputs(&plugin.manifest.inputs, inputs)?;
+    }
+    let new_inputs = resp.inputs;
+    // This pass evaluated at `now`: a wake-up at or before it asks for nothing more
+    // (and, kept, would make the daemon run the detector again and again).
+    let wake_at = resp.wake_at.filter(|&at| at > now);
+    let detected_at = format_timestamp(now);
+    let mut batch = store.pass_batch();
+    let mut fresh = HashSet::new();
+    let mut names = NameCheck::default();
+    for f in &resp.findings {
+        let identities: Vec<Vec<u8>> = f.inputs.iter().map(|k| batch.store().stable_identity(k)).collect();
+        let fid = finding_id(&plugin.manifest.name, &plugin.manifest.version, &identities);
+        if !fresh.insert(fid.clone()) || batch.store().has_finding(&fid).map_err(PassError::Store)? {
+            continue;
+        }
+        let json = finding_json(&fid, &plugin.manifest, &detected_at, f, &mut names).map_err(DetectorError::Finding)?;
+        batch.put_finding(&fid, json);
+        report.new_findings += 1;
+    }
+    let changes = resp.state.iter().map(|op| match op {
+        StateOpRef::Put(k, v) => (*k, Some(*v)),
+        StateOpRef::Delete(k) => (*k, None),
+    });
+    batch.change_state(&id, changes).map_err(PassError::Store)?;
+    if last {
+        batch.set_cursor(&id, due.head);
+        batch.set_wake_at(&id, wake_at);
+    }
+    crate::failpoint::hit("detect-before-commit");
+    batch.commit().map_err(PassError::Store)?;
+    if let Some(inputs) = new_inputs {
+        plugin.inputs = inputs;
+    }
+    crate::failpoint::hit("detect-after-commit");
+    report.commit += started.elapsed();
     Ok(())
 }
 
@@ -284,9 +437,9 @@ const RETRY_WAKE_UP_AFTER: i64 = 30 * lookout_plugin_sdk::time::TICKS_PER_SEC;
 
 /// A failed pass commits nothing, so a wake-up that was due stays due: put it off, or the
 /// daemon would run the failing detector in a tight loop.
-fn put_off_wake_up(store: &mut Store, id: &str, now: i64) -> Result<(), StoreError> {
+fn put_off_wake_up(store: &Store, id: &str, now: i64) -> Result<(), StoreError> {
     if store.wake_at(id)?.is_some_and(|at| at <= now) {
-        let mut batch = store.batch();
+        let mut batch = store.pass_batch();
         batch.set_wake_at(id, Some(now.saturating_add(RETRY_WAKE_UP_AFTER)));
         batch.commit()?;
     }
@@ -429,7 +582,6 @@ fn input_refs(
     let filter = |t: &str| spec(t).map_or(&[][..], |s| s.only_where.as_slice());
     let from_index = |t: &str| store.indexed_condition(t, filter(t)).is_some();
     let mut keys: Vec<Vec<u8>> = Vec::new();
-    store.forget_row_hints();
     match since {
         Some(c) => {
             // New rows of unfiltered tables (and filtered ones without an index) come from

@@ -283,10 +283,10 @@ mod tests {
 
         /// Commits `n` new findings to the results tree and the outbox.
         fn find(&mut self, n: u64) {
-            let mut b = self.store.batch();
+            let mut b = self.store.pass_batch();
             for _ in 0..n {
                 let fid = format!("{:032x}", self.next);
-                b.put_finding(&fid, format!(r#"{{"finding_id":"{fid}"}}"#).into_bytes(), self.next);
+                b.put_finding(&fid, format!(r#"{{"finding_id":"{fid}"}}"#).into_bytes());
                 self.next += 1;
             }
             b.commit().unwrap();

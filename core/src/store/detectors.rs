@@ -3,17 +3,17 @@
 //! are made of (a detector's own state is `state.rs`'s). The scheduler (`detect.rs`) goes through these; only this
 //! module knows their keys (the results tree and the outbox are `outbox.rs`'s).
 
-use super::{keys, Result, Store, WriteBatch};
+use super::{keys, Result, Store};
 
 /// A detector's persisted state: (key, value) pairs.
 pub type DetectorState = Vec<(Vec<u8>, Vec<u8>)>;
 
-fn cursor_key(detector_id: &str) -> Vec<u8> {
+pub(super) fn cursor_key(detector_id: &str) -> Vec<u8> {
     keys::named_key(keys::CURSOR, detector_id)
 }
 
 // Beside the cursors: `@` cannot start a detector id (`name@version`).
-fn wake_key(detector_id: &str) -> Vec<u8> {
+pub(super) fn wake_key(detector_id: &str) -> Vec<u8> {
     keys::named_key(keys::CURSOR, &format!("@wake:{detector_id}"))
 }
 
@@ -60,19 +60,4 @@ impl Store {
 /// The SHA1 and DeviceId of an event row's key, borrowed (`None` for other keys).
 pub fn row_key_sha1_device(key: &[u8]) -> Option<(&[u8], &[u8])> {
     keys::event_sha1_device(key)
-}
-
-impl WriteBatch<'_> {
-    /// Records (`Some`) or clears (`None`) when a detector is to be run again.
-    pub fn set_wake_at(&mut self, detector_id: &str, at: Option<i64>) {
-        match at {
-            Some(t) => self.batch.insert(wake_key(detector_id), &t.to_be_bytes()[..]),
-            None => self.batch.remove(wake_key(detector_id)),
-        }
-    }
-
-    /// Moves a detector's cursor.
-    pub fn set_cursor(&mut self, detector_id: &str, seq: u64) {
-        self.batch.insert(cursor_key(detector_id), &seq.to_be_bytes()[..]);
-    }
 }

@@ -29,6 +29,8 @@ mod pages;
 pub mod retention;
 mod row_reads;
 pub use row_reads::RowForm;
+mod pass_batch;
+pub use pass_batch::PassBatch;
 mod state;
 pub use state::StateChange;
 pub mod runs;
@@ -214,6 +216,8 @@ pub struct Store {
     /// How big each detector's state base and journal are (see [`state`]), by detector
     /// id: as this process last read or committed them.
     state_sizes: Mutex<HashMap<String, state::StateSizes>>,
+    /// Held while a detector's pass commits (see [`pass_batch`]).
+    pass_commits: Mutex<()>,
 }
 
 /// Where a frame was read from: its offset in a generation's block file, and the file.
@@ -298,6 +302,7 @@ impl Store {
             key_filter: None,
             index_specs: Vec::new(),
             state_sizes: Mutex::new(HashMap::new()),
+            pass_commits: Mutex::new(()),
         };
         store.check_format()?;
         store.gens = generations::Generations::open(dir, &store.db)?;
@@ -742,8 +747,6 @@ impl Store {
             saved_next_reject,
             new_tables: Vec::new(),
             new_schemas: Vec::new(),
-            findings: outbox::NewFindings::default(),
-            state_changes: Vec::new(),
             committed: false,
         }
     }
@@ -1221,11 +1224,6 @@ pub struct WriteBatch<'s> {
     saved_next_reject: u64,
     new_tables: Vec<String>,
     new_schemas: Vec<Vec<String>>,
-    /// The outbox's new ids, written on commit.
-    findings: outbox::NewFindings,
-    /// The detectors whose state this batch changes, with the sizes it leaves (see
-    /// [`state`]).
-    state_changes: Vec<(String, state::StateSizes)>,
     committed: bool,
 }
 
@@ -1238,7 +1236,6 @@ impl Drop for Store {
 
 impl Drop for WriteBatch<'_> {
     fn drop(&mut self) {
-        state::settle(self.store, std::mem::take(&mut self.state_changes), self.committed);
         if self.committed {
             return;
         }
@@ -1495,9 +1492,6 @@ impl WriteBatch<'_> {
         }
         if self.counters_dirty {
             self.batch.insert(vec![keys::COUNTERS], enc(&self.store.counters)?);
-        }
-        if !self.findings.is_empty() {
-            std::mem::take(&mut self.findings).write(&mut self.batch);
         }
         let batch = std::mem::take(&mut self.batch);
         if let Some((g, file)) = &block_frames {

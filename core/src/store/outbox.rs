@@ -6,7 +6,7 @@
 //! Why entries of many ids: one item per finding was a third of what sled's apply of an
 //! attack-dense pass cost (125 findings: 3.8 ms with, 2.9 ms without; BENCHMARKS.md).
 
-use super::{blocks, keys, Result, Store, WriteBatch};
+use super::{blocks, keys, Result, Store};
 use crate::error::StoreContext as _;
 
 /// Ids per outbox entry: ~36 bytes each, so an entry stays far below the size at which
@@ -15,13 +15,9 @@ const IDS_PER_ENTRY: usize = 128;
 
 /// The findings of a batch in outbox order, until it commits: (sequence, id).
 #[derive(Default)]
-pub(super) struct NewFindings(Vec<(u64, String)>);
+pub(super) struct NewFindings(pub(super) Vec<(u64, String)>);
 
 impl NewFindings {
-    pub(super) fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// Writes the ids as outbox entries of consecutive sequences.
     pub(super) fn write(self, batch: &mut sled::Batch) {
         let mut rest = self.0.as_slice();
@@ -37,14 +33,6 @@ impl NewFindings {
             batch.insert(keys::seq_key(keys::OUTBOX, first), blocks::pack_items(&ids));
             rest = after;
         }
-    }
-}
-
-impl WriteBatch<'_> {
-    /// A new finding: its line into the results tree, its id next in the outbox.
-    pub fn put_finding(&mut self, finding_id: &str, json: Vec<u8>, outbox_seq: u64) {
-        self.batch.insert(keys::named_key(keys::FINDING, finding_id), json);
-        self.findings.0.push((outbox_seq, finding_id.to_string()));
     }
 }
 
@@ -146,15 +134,15 @@ mod tests {
     #[test]
     fn findings_come_out_in_outbox_order_from_any_sequence() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.next_outbox_seq().unwrap(), 1);
         assert!(!store.outbox_has_from(1).unwrap());
         let mut seq = 1;
         // Commits of one finding, of more than an entry holds, of none, of a few.
         for (commit, count) in [1usize, 300, 0, 3].into_iter().enumerate() {
-            let mut b = store.batch();
+            let mut b = store.pass_batch();
             for n in 0..count {
-                b.put_finding(&format!("{commit}-{n:04}"), line(seq), seq);
+                b.put_finding(&format!("{commit}-{n:04}"), line(seq));
                 seq += 1;
             }
             b.commit().unwrap();

@@ -15,7 +15,7 @@
 //! key, and for a put the value length u32 and the value, lengths little-endian.
 
 use super::detectors::DetectorState;
-use super::{keys, Result, Store, WriteBatch};
+use super::{keys, Result, Store};
 use std::collections::BTreeMap;
 
 /// Pieces are at most this long: sled writes a larger node to a file of its own.
@@ -167,63 +167,55 @@ impl Store {
     }
 }
 
-impl WriteBatch<'_> {
-    /// A pass's changes to a detector's state, in order: one journal entry, or, when the
-    /// journal has outgrown the base, the merged state as the new base. At most once per
-    /// detector and batch.
-    pub fn change_state<'a>(
-        &mut self,
-        detector_id: &str,
-        changes: impl IntoIterator<Item = StateChange<'a>>,
-    ) -> Result<()> {
-        if self.state_changes.iter().any(|(id, _)| id == detector_id) {
-            return Err(super::StoreError::Invalid(format!(
-                "the state of detector {detector_id} was changed twice in one batch"
-            )));
-        }
-        let mut entry = Vec::new();
-        encode(changes, &mut entry);
-        if entry.is_empty() {
-            return Ok(());
-        }
-        let prefix = keys::state_prefix(detector_id);
-        let mut sizes = self.store.state_sizes_of(detector_id)?;
-        let journal_bytes = sizes.journal_bytes + entry.len() as u64;
-        let fold =
-            sizes.journal_entries + 1 >= FOLD_MAX_ENTRIES || journal_bytes > sizes.base_bytes.max(FOLD_MIN_BYTES);
-        if fold {
-            let (mut state, read) = self.store.read_state(detector_id)?;
-            apply(&entry, &mut state, &|| "a pass's state changes".into())?;
-            let mut base = Vec::new();
-            encode(state.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))), &mut base);
-            let parts = base.len().div_ceil(PIECE_BYTES) as u32;
-            for (part, piece) in base.chunks(PIECE_BYTES).enumerate() {
-                self.batch.insert(base_part_key(&prefix, part as u32), piece);
-            }
-            for part in parts..read.base_parts {
-                self.batch.remove(base_part_key(&prefix, part));
-            }
-            for kv in self.store.db.scan_prefix([prefix.as_slice(), &[JOURNAL]].concat()).keys() {
-                self.batch.remove(kv?);
-            }
-            sizes = StateSizes {
-                base_bytes: base.len() as u64,
-                base_parts: parts,
-                journal_bytes: 0,
-                journal_entries: 0,
-                next_entry: read.next_entry,
-            };
-        } else {
-            for (part, piece) in entry.chunks(PIECE_BYTES).enumerate() {
-                self.batch.insert(journal_part_key(&prefix, sizes.next_entry, part as u32), piece);
-            }
-            sizes.journal_bytes = journal_bytes;
-            sizes.journal_entries += 1;
-            sizes.next_entry += 1;
-        }
-        self.state_changes.push((detector_id.to_string(), sizes));
-        Ok(())
+/// Puts a pass's changes to a detector's state into `batch`, in order: one journal entry,
+/// or, when the journal has outgrown the base, the merged state as the new base. Returns
+/// the sizes the state will have once `batch` commits (`None`: no change at all).
+pub(super) fn change<'a>(
+    store: &Store,
+    batch: &mut sled::Batch,
+    detector_id: &str,
+    changes: impl IntoIterator<Item = StateChange<'a>>,
+) -> Result<Option<StateSizes>> {
+    let mut entry = Vec::new();
+    encode(changes, &mut entry);
+    if entry.is_empty() {
+        return Ok(None);
     }
+    let prefix = keys::state_prefix(detector_id);
+    let mut sizes = store.state_sizes_of(detector_id)?;
+    let journal_bytes = sizes.journal_bytes + entry.len() as u64;
+    let fold = sizes.journal_entries + 1 >= FOLD_MAX_ENTRIES || journal_bytes > sizes.base_bytes.max(FOLD_MIN_BYTES);
+    if fold {
+        let (mut state, read) = store.read_state(detector_id)?;
+        apply(&entry, &mut state, &|| "a pass's state changes".into())?;
+        let mut base = Vec::new();
+        encode(state.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))), &mut base);
+        let parts = base.len().div_ceil(PIECE_BYTES) as u32;
+        for (part, piece) in base.chunks(PIECE_BYTES).enumerate() {
+            batch.insert(base_part_key(&prefix, part as u32), piece);
+        }
+        for part in parts..read.base_parts {
+            batch.remove(base_part_key(&prefix, part));
+        }
+        for kv in store.db.scan_prefix([prefix.as_slice(), &[JOURNAL]].concat()).keys() {
+            batch.remove(kv?);
+        }
+        sizes = StateSizes {
+            base_bytes: base.len() as u64,
+            base_parts: parts,
+            journal_bytes: 0,
+            journal_entries: 0,
+            next_entry: read.next_entry,
+        };
+    } else {
+        for (part, piece) in entry.chunks(PIECE_BYTES).enumerate() {
+            batch.insert(journal_part_key(&prefix, sizes.next_entry, part as u32), piece);
+        }
+        sizes.journal_bytes = journal_bytes;
+        sizes.journal_entries += 1;
+        sizes.next_entry += 1;
+    }
+    Ok(Some(sizes))
 }
 
 /// What a committed (or dropped) batch leaves of its state changes in the store's figures.
@@ -266,7 +258,7 @@ mod tests {
             for (i, pass) in passes.iter().enumerate() {
                 let changes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
                     pass.iter().map(|(k, v)| (vec![b'k', *k], v.clone())).collect();
-                let mut batch = store.batch();
+                let mut batch = store.pass_batch();
                 batch.change_state("d@1", changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))).unwrap();
                 batch.commit().unwrap();
                 for (k, v) in changes {
@@ -289,12 +281,12 @@ mod tests {
     #[test]
     fn a_journal_is_merged_once_it_outgrows_the_base_and_a_dropped_batch_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = open(dir.path());
+        let store = open(dir.path());
         let value = vec![7u8; 100_000];
         let mut merges = 0;
         for pass in 0u32..40 {
             let key = pass.to_be_bytes();
-            let mut batch = store.batch();
+            let mut batch = store.pass_batch();
             batch.change_state("d@1", [(&key[..], Some(value.as_slice()))]).unwrap();
             batch.commit().unwrap();
             let s = store.state_sizes_of("d@1").unwrap();
@@ -306,7 +298,7 @@ mod tests {
         assert!((4..=8).contains(&merges), "{merges} merges");
         let sizes = store.state_sizes_of("d@1").unwrap();
         {
-            let mut batch = store.batch();
+            let mut batch = store.pass_batch();
             batch.change_state("d@1", [(&b"gone"[..], Some(&b"x"[..]))]).unwrap();
             let err = batch.change_state("d@1", [(&b"twice"[..], None)]).unwrap_err();
             assert!(err.to_string().contains("twice"), "{err}");

@@ -118,6 +118,11 @@ impl RowBytes {
 /// The variant indexes of [`crate::HostResponse`], in its declaration order (and
 /// `Error`, 4, below).
 const ROWS: u64 = 0;
+/// [`crate::StateOp`]'s variants as serde numbers them (a byte each: below 251).
+const STATE_PUT_VARIANT: u64 = 0;
+const STATE_DELETE_VARIANT: u64 = 1;
+const STATE_PUT: u8 = STATE_PUT_VARIANT as u8;
+const STATE_DELETE: u8 = STATE_DELETE_VARIANT as u8;
 const ROW_SETS: u64 = 1;
 const PROFILE: u64 = 2;
 const PROFILES: u64 = 3;
@@ -262,17 +267,39 @@ pub fn eval_response(
     inputs: &Option<Vec<crate::InputSpec>>,
     wake_at: Option<i64>,
 ) -> Result<Vec<u8>, String> {
-    // The fields after `findings`, as serde writes a struct: one after the other.
-    let rest = (state, inputs, wake_at);
+    // The fields after `findings`, as serde writes a struct: one after the other. The
+    // state (hundreds of changes a pass) by hand, the rest (small) through serde.
+    let rest = (inputs, wake_at);
     let config = bincode::config::standard();
     let mut size = bincode::enc::write::SizeWriter::default();
     bincode::serde::encode_into_writer(rest, &mut size, config).map_err(|e| format!("cannot encode payload: {e}"))?;
+    let state_size: usize = state
+        .iter()
+        .map(|op| match op {
+            crate::StateOp::Put(k, v) => 1 + 9 + k.len() + 9 + v.len(),
+            crate::StateOp::Delete(k) => 1 + 9 + k.len(),
+        })
+        .sum();
     let Findings { count, bytes: mut out } = findings;
     let (count, count_len) = varint(count);
     let start = HEADER - 1 - count_len;
     out[start] = PAYLOAD_VERSION;
     out[start + 1..HEADER].copy_from_slice(&count[..count_len]);
-    out.reserve_exact(size.bytes_written);
+    out.reserve_exact(9 + state_size + size.bytes_written);
+    put_varint(&mut out, state.len() as u64);
+    for op in state {
+        match op {
+            crate::StateOp::Put(k, v) => {
+                out.push(STATE_PUT);
+                put_bytes(&mut out, k);
+                put_bytes(&mut out, v);
+            }
+            crate::StateOp::Delete(k) => {
+                out.push(STATE_DELETE);
+                put_bytes(&mut out, k);
+            }
+        }
+    }
     bincode::serde::encode_into_std_write(rest, &mut out, config).map_err(|e| format!("cannot encode payload: {e}"))?;
     out.drain(..start);
     Ok(out)
@@ -315,8 +342,8 @@ pub fn decode_eval_response(bytes: &[u8]) -> Result<EvalResponseRef<'_>, String>
         })
     })?;
     let state = r.seq(2, |r| match r.varint()? {
-        0 => Ok(StateOpRef::Put(r.slice()?, r.slice()?)),
-        1 => Ok(StateOpRef::Delete(r.slice()?)),
+        STATE_PUT_VARIANT => Ok(StateOpRef::Put(r.slice()?, r.slice()?)),
+        STATE_DELETE_VARIANT => Ok(StateOpRef::Delete(r.slice()?)),
         v => Err(format!("cannot decode payload: unknown state operation {v}")),
     })?;
     let (inputs, wake_at) = crate::abi::decode_body::<(Option<Vec<crate::InputSpec>>, Option<i64>)>(&r.bytes[r.at..])?;
