@@ -34,6 +34,9 @@ pub struct DetectArgs {
     /// (with its calls into the store), committing
     #[arg(long)]
     timings: bool,
+    /// How many detectors' passes run at once [default: one per core]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
     #[command(flatten)]
     retention: RetentionArg,
 }
@@ -54,6 +57,7 @@ pub fn detect(data: &Path, args: DetectArgs) -> Result<ExitCode> {
         now: args.now.as_deref().map(parse_now).transpose()?,
         params: args.set.iter().map(|s| parse_set(s)).collect::<Result<_, _>>()?,
         backfill: args.backfill,
+        threads: args.threads.map_or(0, usize::from),
         ..DetectOptions::default()
     };
     let dir = resolve_dir(&args.plugins.plugins)?;

@@ -38,6 +38,10 @@ pub struct RunArgs {
     /// Override a detector parameter (DETECTOR.PARAM=VALUE)
     #[arg(long = "set", value_name = "DETECTOR.PARAM=VALUE")]
     set: Vec<String>,
+    /// How many detectors' passes run at once [default: one per core, or `detect_threads`
+    /// in the config file]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    detect_threads: Option<u16>,
     /// Fix the evaluation time of every pass (RFC 3339), for replaying old data
     #[arg(long)]
     now: Option<String>,
@@ -67,6 +71,8 @@ pub struct ConfigFile {
     listen: Option<String>,
     log_format: Option<LogFormat>,
     rescan_secs: Option<f64>,
+    /// How many detectors' passes run at once (0 or absent: one per core).
+    detect_threads: Option<u16>,
     max_line_bytes: Option<usize>,
     /// How long rows are kept (`31d`; `none` keeps everything).
     retention: Option<String>,
@@ -157,6 +163,7 @@ pub fn run(data_flag: Option<&Path>, args: RunArgs) -> Result<ExitCode> {
         now,
         retention,
         clock_file: args.clock_file.clone(),
+        detect_threads: usize::from(args.detect_threads.or(cfg.detect_threads).unwrap_or(0)),
     };
     #[cfg(feature = "kafka")]
     if kafka {

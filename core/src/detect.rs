@@ -34,11 +34,13 @@ pub struct DetectOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// Evaluate everything stored, whatever the cursors say (`detect --backfill`).
     pub backfill: bool,
+    /// How many detectors' passes run at once (0: one per core).
+    pub threads: usize,
 }
 
 impl Default for DetectOptions {
     fn default() -> Self {
-        DetectOptions { now: None, params: Vec::new(), chunk_rows: 20_000, stop: None, backfill: false }
+        DetectOptions { now: None, params: Vec::new(), chunk_rows: 20_000, stop: None, backfill: false, threads: 0 }
     }
 }
 
@@ -173,7 +175,11 @@ pub fn run_pass(
     let chunked = Mutex::new(Vec::new());
     {
         let store: &Store = store;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len());
+        let threads = match opts.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let threads = threads.min(jobs.len());
         let queue = Mutex::new(jobs.into_iter());
         let work = || loop {
             let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();

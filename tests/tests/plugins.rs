@@ -270,3 +270,45 @@ fn a_window_longer_than_the_retention_is_warned_about_at_load() {
     let out = detect("31d");
     assert!(!stderr(&out).contains("longer than the retention"), "{}", stderr(&out));
 }
+
+/// The four detectors' passes run side by side (a thread per core) or one at a time
+/// (`--threads 1`): the same findings, each detector's in the same order, byte for byte.
+#[test]
+fn passes_side_by_side_find_what_passes_one_at_a_time_find() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fleet = gen_fleet(tmp.path(), 3000, 3, 7);
+    let plugins = plugins_dir(tmp.path(), &[WINRM, SCHEDULED_TASK, SCM_REMOTE, PASSWORD_SPRAYING]);
+    let plugins = plugins.to_str().unwrap();
+    let mut runs = Vec::new();
+    for threads in [None, Some("1")] {
+        let data = tmp.path().join(format!("data-{}", threads.unwrap_or("cores")));
+        let detect = |data: &Path| {
+            let mut args = vec!["detect", "--plugins", plugins, "--now", NOW, "--timings"];
+            args.extend(threads.iter().flat_map(|t| ["--threads", *t]));
+            lookout_ok(data, &args)
+        };
+        // The detectors' indexes are declared before the data arrives, as in production.
+        detect(&data);
+        lookout_ok(&data, &["ingest", "--now", NOW, fleet.logs.to_str().unwrap()]);
+        let out = detect(&data);
+        assert!(out.contains("the pass of all 4 detector(s): "), "{out}");
+        let lines = read_jsonl(&data.join("findings.jsonl"));
+        let mut by_detector: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for f in &lines {
+            by_detector.entry(f["detector"].as_str().unwrap().to_string()).or_default().push(f.to_string());
+        }
+        runs.push(by_detector);
+    }
+    assert_eq!(runs[0].len(), 4, "every detector finds its planted attacks: {:?}", runs[0].keys());
+    for (detector, lines) in &runs[0] {
+        assert_eq!(Some(lines), runs[1].get(detector), "{detector}: side by side vs one at a time");
+    }
+}
+
+#[test]
+fn zero_threads_is_refused_with_what_to_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = lookout(tmp.path(), &["detect", "--threads", "0"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--threads"), "{}", stderr(&out));
+}

@@ -80,6 +80,8 @@ pub struct DaemonConfig {
     /// the evaluation and the ingestion time: a clock someone else moves (replays at a
     /// chosen pace; tests of what the clock alone changes). Wins over `now`.
     pub clock_file: Option<PathBuf>,
+    /// How many detectors' passes run at once (0: one per core).
+    pub detect_threads: usize,
 }
 
 /// The time in the clock file, or why it cannot be read; said once per change of reason.
@@ -202,6 +204,7 @@ fn work(
         now: cfg.now,
         params: cfg.params.clone(),
         stop: Some(stop.clone()),
+        threads: cfg.detect_threads,
         ..DetectOptions::default()
     };
     let mut first = true;
