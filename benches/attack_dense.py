@@ -45,8 +45,11 @@ class Build:
     def __init__(self, name, release, work):
         self.name = name
         self.exe = release / "lookout"
-        lib = release / "liblookout_winrm.so"
-        if not self.exe.is_file() or not lib.is_file():
+        # `cargo build -p lookout-cli` builds the library as a dependency (into deps/); a
+        # copy at the top may be left from an older build: the newer of the two.
+        lib = max((p for p in (release / "liblookout_winrm.so", release / "deps" / "liblookout_winrm.so")
+                   if p.is_file()), key=lambda p: p.stat().st_mtime, default=None)
+        if not self.exe.is_file() or lib is None:
             raise SystemExit(f"{release}: no lookout or liblookout_winrm.so (cargo build --release -p lookout-cli)")
         self.dir = work / name
         self.plugins = self.dir / "plugins"
