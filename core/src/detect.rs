@@ -126,7 +126,8 @@ pub fn finding_id(name: &str, version: &str, inputs: &[Vec<u8>]) -> String {
 }
 
 /// Runs one pass of every plugin. Errors of one detector are reported, not returned;
-/// an `Err` means the store itself failed (the other detectors' passes still commit).
+/// an `Err` means the store itself failed: passes already under way still commit, none
+/// starts after it (but a detector whose state could not be read stops only itself).
 ///
 /// Detectors are independent (each has its own cursor, state and library), so their
 /// passes run at the same time, a thread per core, reading the store together; each
@@ -147,6 +148,9 @@ pub fn run_pass(
     }
     let now = Clock::new(opts.now).now();
     let mut reports: Vec<DetectorReport> = plugins.iter().map(DetectorReport::of).collect();
+    // A store failure in initialising one detector (its state cannot be read, say): the
+    // others still run, and the pass returns it.
+    let mut prepare_failure = None;
     // Initialising reads the state and declaring an index may build it: one at a time.
     let mut due = Vec::with_capacity(plugins.len());
     for (plugin, report) in plugins.iter_mut().zip(&mut reports) {
@@ -156,7 +160,11 @@ pub fn run_pass(
         due.push(match prepared {
             Ok(d) => d,
             Err(e) => {
-                failed(store, plugin, report, e, now)?;
+                // A store failure here (a detector's state that cannot be read) is that
+                // detector's: the others still run.
+                if let Err(e) = failed(store, plugin, report, e, now) {
+                    prepare_failure.get_or_insert(e);
+                }
                 None
             }
         });
@@ -171,6 +179,8 @@ pub fn run_pass(
         .enumerate()
         .filter_map(|(index, ((plugin, report), due))| due.map(|due| Job { index, plugin, report, due }))
         .collect();
+    let stopped = || opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+    // The first store failure of a pass; the passes not started by then are not run.
     let failure = Mutex::new(None);
     let chunked = Mutex::new(Vec::new());
     {
@@ -182,6 +192,10 @@ pub fn run_pass(
         let threads = threads.min(jobs.len());
         let queue = Mutex::new(jobs.into_iter());
         let work = || loop {
+            // After a stop signal or a store failure no further pass starts.
+            if stopped() || failure.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                break;
+            }
             let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
             let Some(job) = next else { break };
             if let Some(rest) = pass(store, job, opts, now, &failure) {
@@ -197,10 +211,21 @@ pub fn run_pass(
     }
     let mut failure = failure.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut chunked = chunked.into_inner().unwrap_or_else(|p| p.into_inner());
-    chunked.sort_by_key(|(job, _)| job.index);
-    for (job, refs) in chunked {
+    chunked.sort_by_key(|job| job.index);
+    for job in chunked {
+        if stopped() || failure.is_some() {
+            break;
+        }
+        // Its rows chosen again now, alone: one detector's rows held at a time, with all
+        // the room for where they lie.
+        store.forget_row_hints();
         let started = Instant::now();
-        let done = run_chunks(store, job.plugin, &job.due, &refs, opts, now, job.report);
+        let refs = input_refs(store, &job.plugin.manifest.inputs, &job.plugin.inputs, job.due.since, job.due.head);
+        job.report.select = started.elapsed();
+        job.report.rows = refs.as_ref().map_or(0, |r| r.len() as u64);
+        let done = refs
+            .map_err(PassError::Store)
+            .and_then(|refs| run_chunks(store, job.plugin, &job.due, &refs, opts, now, job.report));
         job.report.elapsed += started.elapsed();
         if let Err(e) = done {
             if let Err(e) = failed(store, job.plugin, job.report, e, now) {
@@ -208,34 +233,37 @@ pub fn run_pass(
             }
         }
     }
-    match failure {
+    match prepare_failure.or(failure) {
         Some(e) => Err(e),
         None => Ok(reports),
     }
 }
 
 /// One detector's pass: its rows chosen and, if they fit in one call, evaluated and
-/// committed. Returns the job and its rows when they do not (evaluated chunk by chunk
-/// afterwards). A store failure goes into `failure` (the first one is kept).
+/// committed. Returns the job when they do not, or when it is a backfill (run chunk by
+/// chunk afterwards, alone). A store failure goes into `failure` (the first is kept).
 fn pass<'p>(
     store: &Store,
     job: Job<'p>,
     opts: &DetectOptions,
     now: i64,
     failure: &Mutex<Option<PassError>>,
-) -> Option<(Job<'p>, Vec<RowRef>)> {
+) -> Option<Job<'p>> {
+    job.report.backfill = job.due.since.is_none();
+    if job.report.backfill {
+        return Some(job);
+    }
     let started = Instant::now();
     let refs = input_refs(store, &job.plugin.manifest.inputs, &job.plugin.inputs, job.due.since, job.due.head);
     job.report.select = started.elapsed();
     job.report.elapsed += job.report.select;
-    job.report.backfill = job.due.since.is_none();
     let result = match refs {
         Err(e) => Err(PassError::Store(e)),
         Ok(refs) => {
             job.report.rows = refs.len() as u64;
             let stopped = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
             if refs.len() > opts.chunk_rows.max(1) || stopped {
-                return Some((job, refs));
+                return Some(job);
             }
             let req = EvalRequest { now, backfill: job.due.since.is_none(), rows: refs, last: true };
             let started = Instant::now();

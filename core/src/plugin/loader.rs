@@ -102,13 +102,6 @@ impl Drop for Answer {
 /// buffer (megabytes for a pass with many findings) instead of being copied out of it.
 pub struct EvalAnswer(Answer);
 
-// SAFETY: the buffer is memory the library allocated and nothing else refers to; reading
-// it needs no particular thread, and handing it back calls the library's `free` export,
-// which the ABI requires to accept a buffer from any thread (the SDK frees it with the
-// library's global allocator). The host evaluates detectors on several threads and
-// commits their answers on one.
-unsafe impl Send for EvalAnswer {}
-
 impl EvalAnswer {
     pub fn response(&self) -> Result<EvalResponseRef<'_>, CallError> {
         lookout_plugin_sdk::wire::decode_eval_response(self.0.bytes()).map_err(|e| CallError {

@@ -2,8 +2,9 @@
 //! when to wake it — as one atomic batch, made through a shared reference to the store:
 //! the scheduler commits one detector's pass while others still read the store for
 //! theirs. Nothing of it touches rows, so it needs none of [`super::WriteBatch`]'s
-//! bookkeeping; passes' commits are serialised among themselves (the outbox sequences
-//! their findings take are decided under that lock).
+//! bookkeeping; passes' commits are serialised among themselves, and what depends on
+//! what is committed — the outbox sequences the findings take, where the state changes
+//! go — is decided under that lock, so batches built at the same time cannot collide.
 
 use super::detectors::{cursor_key, wake_key};
 use super::outbox::NewFindings;
@@ -17,21 +18,15 @@ pub struct PassBatch<'s> {
     batch: sled::Batch,
     /// New findings' ids, in the order they go out.
     findings: Vec<String>,
-    /// The detectors whose state this batch changes, with the sizes it leaves.
-    state_changes: Vec<(String, StateSizes)>,
-    committed: bool,
+    /// Each detector's state changes, encoded: where they go (a journal entry's number, or
+    /// a merge) is decided under the commit lock, from the committed state.
+    state_changes: Vec<(String, Vec<u8>)>,
 }
 
 impl Store {
     /// An empty pass batch.
     pub fn pass_batch(&self) -> PassBatch<'_> {
-        PassBatch {
-            store: self,
-            batch: sled::Batch::default(),
-            findings: Vec::new(),
-            state_changes: Vec::new(),
-            committed: false,
-        }
+        PassBatch { store: self, batch: sled::Batch::default(), findings: Vec::new(), state_changes: Vec::new() }
     }
 }
 
@@ -58,8 +53,10 @@ impl<'s> PassBatch<'s> {
                 "the state of detector {detector_id} was changed twice in one batch"
             )));
         }
-        if let Some(sizes) = state::change(self.store, &mut self.batch, detector_id, changes)? {
-            self.state_changes.push((detector_id.to_string(), sizes));
+        let mut entry = Vec::new();
+        state::encode(changes, &mut entry)?;
+        if !entry.is_empty() {
+            self.state_changes.push((detector_id.to_string(), entry));
         }
         Ok(())
     }
@@ -77,24 +74,24 @@ impl<'s> PassBatch<'s> {
         }
     }
 
-    /// Commits everything at once; the findings take the next outbox sequences.
-    pub fn commit(mut self) -> Result<()> {
-        let _one_at_a_time = self.store.pass_commits.lock().unwrap_or_else(|p| p.into_inner());
-        let mut batch = std::mem::take(&mut self.batch);
-        if !self.findings.is_empty() {
-            let first = self.store.next_outbox_seq()?;
-            let ids = std::mem::take(&mut self.findings);
-            NewFindings(ids.into_iter().zip(first..).map(|(id, seq)| (seq, id)).collect()).write(&mut batch);
+    /// Commits everything at once; the findings take the next outbox sequences, and each
+    /// state change its place in the journal (or a merge), decided under the lock from
+    /// what is committed.
+    pub fn commit(self) -> Result<()> {
+        let PassBatch { store, mut batch, findings, state_changes } = self;
+        let _one_at_a_time = store.pass_commits.lock().unwrap_or_else(|p| p.into_inner());
+        if !findings.is_empty() {
+            let first = store.next_outbox_seq()?;
+            NewFindings(findings.into_iter().zip(first..).map(|(id, seq)| (seq, id)).collect()).write(&mut batch);
         }
-        self.store.db.apply_batch(batch).context("cannot commit a detector's pass to the database")?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for PassBatch<'_> {
-    fn drop(&mut self) {
-        state::settle(self.store, std::mem::take(&mut self.state_changes), self.committed);
+        let mut sizes: Vec<(String, StateSizes)> = Vec::with_capacity(state_changes.len());
+        for (id, entry) in state_changes {
+            let s = state::change(store, &mut batch, &id, &entry)?;
+            sizes.push((id, s));
+        }
+        let applied = store.db.apply_batch(batch).context("cannot commit a detector's pass to the database");
+        state::settle(store, sizes, applied.is_ok());
+        applied
     }
 }
 

@@ -57,16 +57,24 @@ fn journal_part_key(prefix: &[u8], entry: u64, part: u32) -> Vec<u8> {
     [prefix, &[JOURNAL], &entry.to_be_bytes(), &part.to_be_bytes()].concat()
 }
 
-fn encode<'a>(changes: impl IntoIterator<Item = StateChange<'a>>, out: &mut Vec<u8>) {
+/// Appends `changes` to `out` in the entry layout. A key or value of 4 GiB or more has no
+/// length in it: an error, not a truncated length.
+pub(super) fn encode<'a>(changes: impl IntoIterator<Item = StateChange<'a>>, out: &mut Vec<u8>) -> Result<()> {
+    let len = |b: &[u8]| {
+        u32::try_from(b.len()).map(u32::to_le_bytes).map_err(|_| {
+            super::StoreError::Invalid(format!("a detector state key or value of {} bytes (at most 4 GiB)", b.len()))
+        })
+    };
     for (k, v) in changes {
         out.push(if v.is_some() { PUT } else { DELETE });
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&len(k)?);
         out.extend_from_slice(k);
         if let Some(v) = v {
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            out.extend_from_slice(&len(v)?);
             out.extend_from_slice(v);
         }
     }
+    Ok(())
 }
 
 /// Applies an encoded list of changes to `state`.
@@ -167,29 +175,21 @@ impl Store {
     }
 }
 
-/// Puts a pass's changes to a detector's state into `batch`, in order: one journal entry,
-/// or, when the journal has outgrown the base, the merged state as the new base. Returns
-/// the sizes the state will have once `batch` commits (`None`: no change at all).
-pub(super) fn change<'a>(
-    store: &Store,
-    batch: &mut sled::Batch,
-    detector_id: &str,
-    changes: impl IntoIterator<Item = StateChange<'a>>,
-) -> Result<Option<StateSizes>> {
-    let mut entry = Vec::new();
-    encode(changes, &mut entry);
-    if entry.is_empty() {
-        return Ok(None);
-    }
+/// Puts a pass's changes to a detector's state (`entry`, as [`encode`] wrote them) into
+/// `batch`: one journal entry, or, when the journal has outgrown the base, the merged state
+/// as the new base. Returns the sizes the state will have once `batch` commits. The
+/// caller holds the store's pass-commit lock until then (the entry's number and the merge
+/// are decided from the committed state).
+pub(super) fn change(store: &Store, batch: &mut sled::Batch, detector_id: &str, entry: &[u8]) -> Result<StateSizes> {
     let prefix = keys::state_prefix(detector_id);
     let mut sizes = store.state_sizes_of(detector_id)?;
     let journal_bytes = sizes.journal_bytes + entry.len() as u64;
     let fold = sizes.journal_entries + 1 >= FOLD_MAX_ENTRIES || journal_bytes > sizes.base_bytes.max(FOLD_MIN_BYTES);
     if fold {
         let (mut state, read) = store.read_state(detector_id)?;
-        apply(&entry, &mut state, &|| "a pass's state changes".into())?;
+        apply(entry, &mut state, &|| "a pass's state changes".into())?;
         let mut base = Vec::new();
-        encode(state.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))), &mut base);
+        encode(state.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))), &mut base)?;
         let parts = base.len().div_ceil(PIECE_BYTES) as u32;
         for (part, piece) in base.chunks(PIECE_BYTES).enumerate() {
             batch.insert(base_part_key(&prefix, part as u32), piece);
@@ -215,10 +215,10 @@ pub(super) fn change<'a>(
         sizes.journal_entries += 1;
         sizes.next_entry += 1;
     }
-    Ok(Some(sizes))
+    Ok(sizes)
 }
 
-/// What a committed (or dropped) batch leaves of its state changes in the store's figures.
+/// What a committed (or failed) batch leaves of its state changes in the store's figures.
 pub(super) fn settle(store: &Store, changed: Vec<(String, StateSizes)>, committed: bool) {
     let mut known = store.state_sizes.lock().unwrap_or_else(|p| p.into_inner());
     for (id, sizes) in changed {
@@ -314,6 +314,25 @@ mod tests {
         for kv in store.db.scan_prefix(keys::state_prefix("d@1")) {
             assert!(kv.unwrap().1.len() <= PIECE_BYTES);
         }
+    }
+
+    #[test]
+    fn batches_built_at_the_same_time_take_an_entry_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut first = store.pass_batch();
+        first.change_state("d@1", [(&b"a"[..], Some(&b"1"[..]))]).unwrap();
+        let mut second = store.pass_batch();
+        second.change_state("d@1", [(&b"b"[..], Some(&b"22"[..])), (&b"c"[..], Some(&b"3"[..]))]).unwrap();
+        second.commit().unwrap();
+        first.commit().unwrap();
+        let want =
+            vec![(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"22".to_vec()), (b"c".to_vec(), b"3".to_vec())];
+        assert_eq!(store.detector_state("d@1").unwrap(), want);
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.detector_state("d@1").unwrap(), want);
+        assert_eq!(store.state_sizes_of("d@1").unwrap().journal_entries, 2);
     }
 
     #[test]

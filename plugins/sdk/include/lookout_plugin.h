@@ -9,6 +9,11 @@
  * A plugin is a shared library exporting the five functions below. Payloads are
  * [LOOKOUT_PAYLOAD_VERSION] followed by bincode 2 (standard configuration) of the
  * payload types in abi.rs; each side frees what it allocated.
+ *
+ * Threads: the host calls one library's exports one at a time, but not always from the
+ * same thread (it initialises detectors on one and runs their passes on a thread per
+ * core), so keep nothing in thread-local storage between calls; a buffer you returned
+ * may be freed from another thread than the one it was returned on.
  */
 #ifndef LOOKOUT_PLUGIN_H
 #define LOOKOUT_PLUGIN_H

@@ -21,6 +21,11 @@
 //! `host->call(host->ctx, in, len, &out)` with a [`HostRequest`]; the host answers with a
 //! [`HostResponse`] and the plugin hands the buffer back with `host->free`.
 //!
+//! Threads: the host calls one library's exports one at a time, but not always from the
+//! same thread (it initialises detectors on one and runs their passes on a thread per
+//! core), so a plugin keeps nothing in thread-local storage between calls; buffers it
+//! returned may be freed from another thread than the one they were returned on.
+//!
 //! # Payloads
 //!
 //! Every payload is `[PAYLOAD_VERSION] ++ bincode2(standard config, value)`. A payload
