@@ -13,26 +13,13 @@ use crate::error::StoreContext as _;
 /// sled writes a node as a blob.
 const IDS_PER_ENTRY: usize = 128;
 
-/// The findings of a batch in outbox order, until it commits: (sequence, id).
-#[derive(Default)]
-pub(super) struct NewFindings(pub(super) Vec<(u64, String)>);
-
-impl NewFindings {
-    /// Writes the ids as outbox entries of consecutive sequences.
-    pub(super) fn write(self, batch: &mut sled::Batch) {
-        let mut rest = self.0.as_slice();
-        while let Some(&(first, _)) = rest.first() {
-            let len = rest
-                .iter()
-                .enumerate()
-                .take(IDS_PER_ENTRY)
-                .take_while(|(n, (seq, _))| *seq == first + *n as u64)
-                .count();
-            let (entry, after) = rest.split_at(len);
-            let ids: Vec<&[u8]> = entry.iter().map(|(_, id)| id.as_bytes()).collect();
-            batch.insert(keys::seq_key(keys::OUTBOX, first), blocks::pack_items(&ids));
-            rest = after;
-        }
+/// Writes the ids of a commit's new findings, in outbox order, as outbox entries of
+/// consecutive sequences from `first`.
+pub(super) fn write_new(first: u64, ids: &[String], batch: &mut sled::Batch) {
+    for (n, entry) in ids.chunks(IDS_PER_ENTRY).enumerate() {
+        let ids: Vec<&[u8]> = entry.iter().map(|id| id.as_bytes()).collect();
+        let seq = first + (n * IDS_PER_ENTRY) as u64;
+        batch.insert(keys::seq_key(keys::OUTBOX, seq), blocks::pack_items(&ids));
     }
 }
 

@@ -7,7 +7,7 @@
 //! go — is decided under that lock, so batches built at the same time cannot collide.
 
 use super::detectors::{cursor_key, wake_key};
-use super::outbox::NewFindings;
+use super::outbox;
 use super::state::{self, StateChange, StateSizes};
 use super::{keys, Result, Store};
 use crate::error::StoreContext as _;
@@ -82,7 +82,7 @@ impl<'s> PassBatch<'s> {
         let _one_at_a_time = store.pass_commits.lock().unwrap_or_else(|p| p.into_inner());
         if !findings.is_empty() {
             let first = store.next_outbox_seq()?;
-            NewFindings(findings.into_iter().zip(first..).map(|(id, seq)| (seq, id)).collect()).write(&mut batch);
+            outbox::write_new(first, &findings, &mut batch);
         }
         let mut sizes: Vec<(String, StateSizes)> = Vec::with_capacity(state_changes.len());
         for (id, entry) in state_changes {
