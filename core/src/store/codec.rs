@@ -65,6 +65,13 @@ impl EncodedCells {
         r.cells().map_err(|e| corrupt!("corrupt encoded cells: {e}"))
     }
 
+    /// The cells, borrowed, with the strings `want` does not mark skipped (read as
+    /// `Null`) and so neither checked as UTF-8 nor kept.
+    pub fn view_picked(&self, want: &[bool]) -> Result<Vec<CellView<'_>>> {
+        let mut r = Reader { bytes: &self.bytes, at: 0 };
+        r.picked_cells(Some(want)).map_err(|e| corrupt!("corrupt encoded cells: {e}"))
+    }
+
     /// The cells, owned.
     pub fn cells(&self) -> Result<Vec<Cell>> {
         Ok(self.view()?.iter().map(CellView::to_cell).collect())

@@ -213,6 +213,8 @@ pub struct Store {
     key_filter: Option<key_filter::KeyFilter>,
     /// The indexes detectors declared (kept with the data; see [`index`]).
     index_specs: Vec<lookout_plugin_sdk::IndexDecl>,
+    /// Which cells the indexes read, by row layout (see [`index::PostingLayouts`]).
+    posting_layouts: index::PostingLayouts,
     /// How big each detector's state base and journal are (see [`state`]), by detector
     /// id: as this process last read or committed them.
     state_sizes: Mutex<HashMap<String, state::StateSizes>>,
@@ -301,6 +303,7 @@ impl Store {
             next_reject: 1,
             key_filter: None,
             index_specs: Vec::new(),
+            posting_layouts: index::PostingLayouts::default(),
             state_sizes: Mutex::new(HashMap::new()),
             pass_commits: Mutex::new(()),
         };
@@ -1321,10 +1324,8 @@ impl WriteBatch<'_> {
             },
         };
         let postings = if row.kind == TableKind::Event && self.store.index_specs.iter().any(|s| s.table == row.table) {
-            let cells = row.cells.view()?;
-            let names = &row.names;
-            let cell_of = |c: &str| names.iter().position(|n| n == c).map(|i| cells[i].as_ref());
-            index::row_postings(&self.store.index_specs, block_table, &row.table, cell_of)
+            let store = &mut *self.store;
+            store.posting_layouts.postings(&store.index_specs, block_table, &row.table, &row.names, &row.cells)?
         } else {
             Vec::new()
         };
