@@ -50,7 +50,67 @@ const PROBES: u64 = 7;
 
 /// One entry of a run.
 pub type Entry = (Vec<u8>, KeyEntry);
-type Chunk = Arc<Vec<Entry>>;
+type Chunk = Arc<ChunkEntries>;
+
+/// A decompressed chunk kept for look-ups: its entries in key order, each key a span of
+/// the one decompressed buffer (a look-up decoding a chunk used to copy each of its keys
+/// into an allocation of its own, and most of them are never read).
+pub(super) struct ChunkEntries {
+    raw: Vec<u8>,
+    keys: Vec<(u32, u32)>,
+    entries: Vec<KeyEntry>,
+}
+
+impl ChunkEntries {
+    fn decode(raw: Vec<u8>) -> Result<ChunkEntries> {
+        let spans = super::blocks::item_spans(&raw)?;
+        let mut keys = Vec::with_capacity(spans.len());
+        let mut entries = Vec::with_capacity(spans.len());
+        for (start, end) in spans {
+            let key_start = start as usize + KeyEntry::LEN;
+            if key_start > end as usize {
+                return Err(corrupt!("corrupt key index chunk"));
+            }
+            entries.push(KeyEntry::decode(&raw[start as usize..key_start])?);
+            keys.push((key_start as u32, end));
+        }
+        Ok(ChunkEntries { raw, keys, entries })
+    }
+
+    fn key(&self, i: usize) -> &[u8] {
+        let (start, end) = self.keys[i];
+        &self.raw[start as usize..end as usize]
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The entry of exactly `key`.
+    fn find(&self, key: &[u8]) -> Option<KeyEntry> {
+        let at = self.partition_point(key);
+        (at < self.len() && self.key(at) == key).then(|| self.entries[at])
+    }
+
+    /// The first position whose key is not below `key`.
+    fn partition_point(&self, key: &[u8]) -> usize {
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.key(mid) < key {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    /// The entries from position `from` on.
+    fn iter_from(&self, from: usize) -> impl Iterator<Item = (&[u8], KeyEntry)> {
+        (from..self.len()).map(|i| (self.key(i), self.entries[i]))
+    }
+}
 /// Decompressed chunks by (run, chunk), with their order of arrival (oldest goes first).
 type ChunkCache = (HashMap<(u64, u32), Chunk>, VecDeque<(u64, u32)>);
 
@@ -407,7 +467,7 @@ impl Runs {
             let mut z = zstd.lock().unwrap_or_else(|p| p.into_inner());
             decompress(&mut z, &frame)?
         };
-        let entries = Arc::new(decode_entries(&raw)?);
+        let entries = Arc::new(ChunkEntries::decode(raw)?);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.0.insert((run, chunk), entries.clone()).is_none() {
             cache.1.push_back((run, chunk));
@@ -441,8 +501,7 @@ impl Runs {
                 continue;
             }
             let chunk = self.chunk(gens, zstd, *id, (at - 1) as u32)?;
-            if let Ok(i) = chunk.binary_search_by(|(k, _)| k.as_slice().cmp(key)) {
-                let e = chunk[i].1;
+            if let Some(e) = chunk.find(key) {
                 if meta.kind == RunKind::Events {
                     return Ok(Some(e));
                 }
@@ -473,14 +532,14 @@ impl Runs {
             }
             for c in meta.chunks_for(prefix) {
                 let chunk = self.chunk(gens, zstd, *id, c as u32)?;
-                let start = chunk.partition_point(|(k, _)| k.as_slice() < prefix);
-                for (k, e) in chunk[start..].iter().take_while(|(k, _)| k.starts_with(prefix)) {
+                let start = chunk.partition_point(prefix);
+                for (k, e) in chunk.iter_from(start).take_while(|(k, _)| k.starts_with(prefix)) {
                     // For a key in several runs (FileProfile), the latest batch's entry.
                     match found.get_mut(k) {
                         Some(f) if f.seq > e.seq => {}
-                        Some(f) => *f = *e,
+                        Some(f) => *f = e,
                         None => {
-                            found.insert(k.clone(), *e);
+                            found.insert(k.to_vec(), e);
                         }
                     }
                 }
@@ -501,7 +560,7 @@ impl Runs {
                 continue;
             }
             for c in 0..meta.fences.len() {
-                for (k, _) in self.chunk(gens, zstd, *id, c as u32)?.iter() {
+                for (k, _) in self.chunk(gens, zstd, *id, c as u32)?.iter_from(0) {
                     f(k);
                 }
             }
@@ -865,6 +924,28 @@ mod tests {
         assert_eq!(encode_entries(&entries).unwrap(), super::super::blocks::pack_items(&items));
         let back = decode_entries(&encode_entries(&entries).unwrap()).unwrap();
         assert_eq!(back, entries);
+    }
+
+    /// A chunk read for look-ups finds what a search of its decoded entries finds: each
+    /// key, the place of keys between and around them, and every entry in order.
+    #[test]
+    fn chunk_entries_answer_as_the_decoded_entries_do() {
+        let entries: Vec<Entry> = (0..40).map(|i| entry(i * 2)).collect();
+        let chunk = ChunkEntries::decode(encode_entries(&entries).unwrap()).unwrap();
+        let listed: Vec<Entry> = chunk.iter_from(0).map(|(k, e)| (k.to_vec(), e)).collect();
+        assert_eq!(listed, entries);
+        for i in 0..82 {
+            let (key, _) = entry(i);
+            let want = entries.binary_search_by(|(k, _)| k.cmp(&key));
+            assert_eq!(chunk.find(&key), want.ok().map(|at| entries[at].1), "key {i}");
+            assert_eq!(chunk.partition_point(&key), want.unwrap_or_else(|at| at), "key {i}");
+        }
+        assert_eq!(chunk.partition_point(b""), 0);
+        let empty = ChunkEntries::decode(Vec::new()).unwrap();
+        assert_eq!((empty.find(b"k"), empty.partition_point(b"k")), (None, 0));
+        // An item shorter than an entry is refused, not read past.
+        let short = super::super::blocks::pack_items(&[vec![0u8; KeyEntry::LEN - 1]]);
+        assert!(ChunkEntries::decode(short).is_err());
     }
 
     /// A fresh main database in a temporary directory, its generations and zstd contexts.
