@@ -3,9 +3,9 @@
 //! database, and the compressor and decompressors made from them.
 //!
 //! Why: rows of one table repeat their column layout, device names, folder paths and
-//! hashes from block to block. A 16 KiB page compressed alone loses most of that; with a
+//! hashes from block to block. An 8 KiB page compressed alone loses most of that; with a
 //! dictionary trained on the table's own rows it compresses better than a whole block did
-//! without one (BENCHMARKS.md), so a read of a few rows decodes a sixth of the bytes.
+//! without one (BENCHMARKS.md), so a read of a few rows decodes a twelfth of the bytes.
 //!
 //! Crash safety: a dictionary is written into the main batch of every batch that uses it
 //! until one such batch has committed, so no committed block refers to a dictionary that
