@@ -67,9 +67,12 @@ impl EncodedCells {
 
     /// The cells, borrowed, with the strings `want` does not mark skipped (read as
     /// `Null`) and so neither checked as UTF-8 nor kept.
+    /// The cells after the last one `want` marks are not read at all (`Null`): these
+    /// bytes were encoded in this process, so there is no damage to find in them.
     pub fn view_picked(&self, want: &[bool]) -> Result<Vec<CellView<'_>>> {
         let mut r = Reader { bytes: &self.bytes, at: 0 };
-        r.picked_cells(Some(want)).map_err(|e| corrupt!("corrupt encoded cells: {e}"))
+        let read = want.iter().rposition(|&w| w).map_or(0, |last| last + 1);
+        r.picked_cells_upto(Some(want), read).map_err(|e| corrupt!("corrupt encoded cells: {e}"))
     }
 
     /// The cells, owned.
@@ -249,11 +252,21 @@ impl<'a> Reader<'a> {
 
     /// The cells; with `want`, the strings it does not mark are skipped (read as `Null`).
     fn picked_cells(&mut self, want: Option<&[bool]>) -> std::result::Result<Vec<CellView<'a>>, String> {
+        self.picked_cells_upto(want, usize::MAX)
+    }
+
+    /// As [`Reader::picked_cells`], reading only the first `read` cells: the others are
+    /// `Null`, their bytes not looked at.
+    fn picked_cells_upto(
+        &mut self,
+        want: Option<&[bool]>,
+        read: usize,
+    ) -> std::result::Result<Vec<CellView<'a>>, String> {
         let n = usize::try_from(self.varint()?).map_err(|_| "cell count out of range".to_string())?;
         // Every cell takes at least a byte: a corrupt count cannot make this allocate more
         // than the value holds.
         let mut cells = Vec::with_capacity(n.min(self.bytes.len() - self.at));
-        for i in 0..n {
+        for i in 0..n.min(read) {
             let keep = want.is_none_or(|w| w.get(i).copied().unwrap_or(false));
             let variant = self.varint()?;
             cells.push(match (variant, keep) {
@@ -273,6 +286,9 @@ impl<'a> Reader<'a> {
                 }
                 (v, _) => return Err(format!("cell variant {v}")),
             });
+        }
+        if read < n {
+            cells.resize(n, CellView::Null);
         }
         Ok(cells)
     }
@@ -491,6 +507,12 @@ mod tests {
                     })
                     .collect();
                 assert_eq!(picked.cells, expect, "{pattern:?}");
+                // In-process cells stop at the last marked one: every cell after it is
+                // null, whatever it holds.
+                let last = pattern.iter().rposition(|&w| w).map_or(0, |l| l + 1);
+                let upto: Vec<CellView<'_>> =
+                    expect.iter().enumerate().map(|(i, c)| if i < last { *c } else { CellView::Null }).collect();
+                assert_eq!(encoded.view_picked(&pattern).unwrap(), upto, "in process, {pattern:?}");
             }
             assert_eq!(peek_schema(&bytes).unwrap(), *schema);
         }
