@@ -4,7 +4,7 @@
 
 use crate::error::StoreError;
 type Result<T, E = StoreError> = std::result::Result<T, E>;
-use lookout_plugin_sdk::wire::{self, put_cell, put_varint, zigzag};
+use lookout_plugin_sdk::wire::{self, put_bytes, put_cell, put_varint, zigzag};
 use lookout_plugin_sdk::{Cell, CellRef};
 #[cfg(test)]
 use serde::Deserialize;
@@ -207,7 +207,61 @@ pub fn peek_schema(bytes: &[u8]) -> Result<u32> {
         .map_err(|e| corrupt!("corrupt stored row: {e}"))
 }
 
+/// A column index entry's posting list (row key, values of the indexed and covered
+/// columns, per row) as bincode's standard configuration writes a `Vec<(Vec<u8>,
+/// Vec<String>)>`, written by hand: serde writes and reads a `Vec<u8>` a byte at a time,
+/// and the row keys are most of an entry.
+pub fn encode_postings<V: AsRef<str>>(postings: &[(Vec<u8>, Vec<V>)]) -> Vec<u8> {
+    let size: usize =
+        postings.iter().map(|(k, vs)| 10 + k.len() + vs.iter().map(|v| 9 + v.as_ref().len()).sum::<usize>()).sum();
+    let mut out = Vec::with_capacity(9 + size);
+    put_varint(&mut out, postings.len() as u64);
+    for (key, values) in postings {
+        put_bytes(&mut out, key);
+        put_varint(&mut out, values.len() as u64);
+        for v in values {
+            put_bytes(&mut out, v.as_ref().as_bytes());
+        }
+    }
+    out
+}
+
+/// A row in a posting list, read in place: its key and its values.
+pub type PostingRef<'a> = (&'a [u8], Vec<&'a str>);
+
+/// A posting list written by [`encode_postings`] (or by bincode's serde encoder), read
+/// in place.
+pub fn decode_postings(raw: &[u8]) -> Result<Vec<PostingRef<'_>>> {
+    let mut r = Reader { bytes: raw, at: 0 };
+    let mut read = || -> std::result::Result<Vec<PostingRef<'_>>, String> {
+        // A posting is at least its key's and its values' lengths; a value, its length.
+        let n = r.count(2)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let key_len = r.count(1)?;
+            let key = r.take(key_len)?;
+            let values = r.count(1)?;
+            out.push((key, (0..values).map(|_| r.str()).collect::<std::result::Result<_, _>>()?));
+        }
+        if r.at != raw.len() {
+            return Err(format!("{} trailing bytes", raw.len() - r.at));
+        }
+        Ok(out)
+    };
+    read().map_err(|e| corrupt!("corrupt index entry: {e}"))
+}
+
 impl<'a> Reader<'a> {
+    /// A count of items of at least `min` bytes each, refused if the rest cannot hold them
+    /// (so a damaged count allocates nothing).
+    fn count(&mut self, min: usize) -> std::result::Result<usize, String> {
+        let n = self.varint()?;
+        match usize::try_from(n) {
+            Ok(n) if n.saturating_mul(min) <= self.bytes.len() - self.at => Ok(n),
+            _ => Err(format!("a count of {n} runs past the end")),
+        }
+    }
+
     fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
         let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len());
         let end = end.ok_or_else(|| format!("{n} bytes wanted at byte {} of {}", self.at, self.bytes.len()))?;
@@ -664,5 +718,36 @@ mod tests {
         // schema 4, time 20, 38 cells, the first a string of 0xb1fc0000 bytes.
         let bytes = [0x04, 0x28, 0x26, 0x04, 0xfc, 0x00, 0x00, 0xfc, 0xb1, 0xb1, 0xb1, 0xb1];
         assert!(decode(&bytes).is_err());
+    }
+
+    /// Posting lists written by hand are the bytes serde writes, and read back as serde
+    /// reads them; a damaged one is refused.
+    #[test]
+    fn postings_by_hand_are_serdes() {
+        let lists: Vec<Vec<(Vec<u8>, Vec<String>)>> = vec![
+            Vec::new(),
+            vec![(Vec::new(), Vec::new())],
+            vec![
+                ((0..300).map(|i| i as u8).collect(), vec!["wsmsvc.dll".into(), r"c:\windows\é".into()]),
+                (b"k".to_vec(), vec![String::new(), "x".repeat(70_000)]),
+            ],
+        ];
+        for list in lists {
+            let bytes = encode_postings(&list);
+            assert_eq!(bytes, bincode::serde::encode_to_vec(&list, bincode::config::standard()).unwrap());
+            let by_serde: Vec<(Vec<u8>, Vec<&str>)> =
+                bincode::serde::borrow_decode_from_slice(&bytes, bincode::config::standard()).unwrap().0;
+            let by_hand: Vec<(Vec<u8>, Vec<&str>)> =
+                decode_postings(&bytes).unwrap().into_iter().map(|(k, v)| (k.to_vec(), v)).collect();
+            assert_eq!(by_hand, by_serde);
+            for cut in 0..bytes.len().min(600) {
+                assert!(decode_postings(&bytes[..cut]).is_err(), "cut at {cut}");
+            }
+            assert!(decode_postings(&[bytes.as_slice(), &[0]].concat()).is_err(), "a trailing byte");
+        }
+        // A count no entry could hold allocates nothing.
+        assert!(decode_postings(&[253, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+        // A value that is not UTF-8.
+        assert!(decode_postings(&[1, 1, b'k', 1, 1, 0xff]).is_err());
     }
 }

@@ -163,7 +163,10 @@ impl Postings {
             for (i, (key, values)) in list.iter().enumerate() {
                 bytes += posting_bytes(key, values);
                 if bytes >= PART_BYTES || i + 1 == list.len() {
-                    batch.insert(keys::index_key(&prefix, seq, part), pack(zstd, &enc(&&list[start..=i])?)?);
+                    batch.insert(
+                        keys::index_key(&prefix, seq, part),
+                        pack(zstd, &codec::encode_postings(&list[start..=i]))?,
+                    );
                     part += 1;
                     start = i + 1;
                     bytes = 0;
@@ -260,13 +263,9 @@ impl Store {
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         for (_, entry) in entries {
             let raw = unpack(&self.unzstd, &entry)?;
-            let list: Vec<(Vec<u8>, Vec<&str>)> =
-                bincode::serde::borrow_decode_from_slice(&raw, bincode::config::standard())
-                    .map_err(|e| corrupt!("corrupt index entry: {e}"))?
-                    .0;
-            for (row_key, values) in list {
-                if self.visible(&row_key) {
-                    f(row_key, values)?;
+            for (row_key, values) in codec::decode_postings(&raw)? {
+                if self.visible(row_key) {
+                    f(row_key.to_vec(), values)?;
                 }
             }
         }
