@@ -74,6 +74,10 @@ pub(crate) const GROUP_MEMBER: &[(&str, &str)] = &[
     // at its default (1 s) a node that had drained the queue sat idle for up to a second,
     // and consumed half as fast as it stores.
     ("fetch.queue.backoff.ms", "10"),
+    // A fetch for partitions with nothing new waits this long at the broker for data. A
+    // partition assigned meanwhile (a take-over) is fetched only once that fetch is back:
+    // at librdkafka's default (500 ms) that wait was most of a failover's replay time.
+    ("fetch.wait.max.ms", "50"),
 ];
 
 /// A reader assigned partitions by hand: it never joins its group and commits nothing
@@ -85,6 +89,10 @@ pub(crate) const READER: &[(&str, &str)] = &[
     // As for a group member: a reader reads to a partition's end, and a full fetch queue
     // must not stop it for a second.
     ("fetch.queue.backoff.ms", "10"),
+    // A fetch for partitions with nothing new waits this long at the broker for data. A
+    // partition assigned meanwhile (a take-over) is fetched only once that fetch is back:
+    // at librdkafka's default (500 ms) that wait was most of a failover's replay time.
+    ("fetch.wait.max.ms", "50"),
 ];
 
 /// Why a Kafka job stopped.

@@ -92,6 +92,8 @@ pub struct Partition {
     pub replay_started: Instant,
     /// When the replay reached its target, if it has.
     pub replay_done: Option<Instant>,
+    /// Whether the detectors have run over the replayed rows (logged once).
+    pub replay_detected: bool,
     /// Finding ids the findings topic's partition holds (read when assigned, and each
     /// one this node produces since).
     pub emitted: HashSet<String>,
@@ -135,6 +137,7 @@ impl Partition {
             replay_target: 0,
             replay_started: Instant::now(),
             replay_done: None,
+            replay_detected: false,
             emitted: HashSet::new(),
             emitted_before: HashSet::new(),
             pending: Vec::new(),
