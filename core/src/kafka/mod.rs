@@ -77,6 +77,7 @@ pub(crate) const GROUP_MEMBER: &[(&str, &str)] = &[
     // A fetch for partitions with nothing new waits this long at the broker for data. A
     // partition assigned meanwhile (a take-over) is fetched only once that fetch is back:
     // at librdkafka's default (500 ms) that wait was most of a failover's replay time.
+    // The cost: an idle member asks each broker for data ~20 times a second.
     ("fetch.wait.max.ms", "50"),
 ];
 
@@ -89,9 +90,9 @@ pub(crate) const READER: &[(&str, &str)] = &[
     // As for a group member: a reader reads to a partition's end, and a full fetch queue
     // must not stop it for a second.
     ("fetch.queue.backoff.ms", "10"),
-    // A fetch for partitions with nothing new waits this long at the broker for data. A
-    // partition assigned meanwhile (a take-over) is fetched only once that fetch is back:
-    // at librdkafka's default (500 ms) that wait was most of a failover's replay time.
+    // A take-over reads each partition of the findings topic in turn: the next one is
+    // fetched only once the fetch in flight for the last (at its end, so waiting for data)
+    // is back. The cost: an idle reader asks each broker ~20 times a second.
     ("fetch.wait.max.ms", "50"),
 ];
 

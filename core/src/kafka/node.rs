@@ -348,6 +348,7 @@ impl NodeContext {
         p.replay_target = high;
         p.replay_started = Instant::now();
         p.replay_done = (start >= high).then(Instant::now);
+        p.replay_detected = false;
         Ok(start)
     }
 
@@ -824,9 +825,11 @@ fn detect_round(
     Ok(())
 }
 
-/// Logs, once per take-over, that a partition's replay is stored and its detectors have
-/// run over it, with the time since the take-over: benches/kafka reads the replay's time
-/// from this line instead of polling `/status`, which took a share of the node's core.
+/// Logs, once per replay (a take-over, or a partition given back before it stored
+/// anything), that the replayed rows are stored and the detectors have run over them, with
+/// the time since the replay started (a partition given back mid-replay counts its time
+/// away): benches/kafka reads the replay's time from this line instead of polling
+/// `/status`, which took a share of the node's core.
 fn note_replay_detected(p: &mut Partition) {
     if !p.replay_detected && p.replay_done.is_some() && !p.needs_pass {
         p.replay_detected = true;
@@ -993,6 +996,9 @@ mod tests {
         assert_eq!(p.findings_read_to, 2);
         assert_eq!(p.next_offset, Some(0));
         assert!(p.replay_done.is_some(), "nothing to replay in an empty partition");
+        p.needs_pass = false; // as after its first pass
+        note_replay_detected(&mut p);
+        assert!(p.replay_detected, "an empty partition is replayed and detected at its first pass");
 
         // Revoked in order; another node owns it for a while and emits "c", and rows
         // arrive.
@@ -1004,6 +1010,7 @@ mod tests {
         let mut p = owned.partitions.remove(&0).unwrap();
         // It had stored nothing: started afresh, with the partition's end as it is now.
         assert_eq!((p.next_offset, p.replay_target, p.replay_done.is_some()), (Some(0), 2, false));
+        assert!(!p.replay_detected, "a new replay is logged when it is stored and detected");
         assert!(p.emitted.contains("c"), "what another owner emitted meanwhile: {:?}", p.emitted);
         assert!(p.emitted_before.contains("c"), "not written to this node's JSONL either");
         assert!(!p.emitted_before.contains("mine"), "what this node emitted stays its own");

@@ -2082,6 +2082,41 @@ mod tests {
         assert!(format!("{wrong}").contains("declare it"), "{wrong}");
     }
 
+    /// Rows of one layout keep being indexed by every index after a new one is declared:
+    /// the cells an index reads are remembered per row layout, and forgotten when the
+    /// declared indexes change (a detector dropped in while ingestion runs).
+    #[test]
+    fn an_index_declared_later_indexes_rows_of_a_layout_seen_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let by_process = lookout_plugin_sdk::IndexDecl {
+            table: IMAGE_LOADS.into(),
+            columns: vec!["InitiatingProcessFileName".into()],
+            covers: vec![],
+        };
+        store.declare_indexes(std::slice::from_ref(&by_process)).unwrap();
+        commit(&mut store, vec![load(1, "a.exe"), load(2, "a.exe")]);
+        let by_folder = lookout_plugin_sdk::IndexDecl {
+            table: IMAGE_LOADS.into(),
+            columns: vec!["FolderPath".into()],
+            covers: vec![],
+        };
+        store.declare_indexes(&[by_process, by_folder]).unwrap();
+        // The same layout as the rows before (the same column names, in the same order).
+        commit(&mut store, vec![load(3, "a.exe"), load(6, "a.exe")]);
+        let folder = |f: &str| vec![("FolderPath".to_string(), f.to_string())];
+        let mut got: Vec<String> = store
+            .lookup_by::<Row>(IMAGE_LOADS, &folder(r"C:\dir0\x.dll"), &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.str("SHA1").to_string())
+            .collect();
+        got.sort();
+        assert_eq!(got, ["s3", "s6"], "rows stored after the index was declared are in it");
+        let process = vec![("InitiatingProcessFileName".to_string(), "a.exe".to_string())];
+        assert_eq!(store.lookup_by::<Row>(IMAGE_LOADS, &process, &[]).unwrap().len(), 4);
+    }
+
     /// An index on a long column (a process id) keys it by its digits: `LookupBy` finds the
     /// rows, and an `in~` on it gives the same rows from the index, with a condition on a
     /// covered column, and from the rows themselves.
