@@ -91,6 +91,9 @@ struct Owned {
 struct NodeContext {
     cfg: NodeConfig,
     owned: Mutex<Owned>,
+    /// Reads the findings topic (and a message's timestamp) for the rebalance callback;
+    /// made at the first assignment that needs it.
+    reader: Mutex<Option<PartitionReader>>,
 }
 
 impl ClientContext for NodeContext {}
@@ -100,6 +103,7 @@ impl ConsumerContext for NodeContext {
         let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
         match err {
             RespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let began = Instant::now();
                 let wanted: BTreeSet<i32> =
                     tpl.elements_for_topic(&self.cfg.topic).iter().map(|e| e.partition()).collect();
                 tracing::info!(partitions = ?wanted, "partitions assigned");
@@ -112,37 +116,42 @@ impl ConsumerContext for NodeContext {
                 if let Err(e) = self.drop_others(&mut owned, &wanted) {
                     owned.failure.get_or_insert(e);
                 }
-                // One reader of partitions by hand for the whole assignment.
-                let reader = match wanted.is_empty() {
-                    true => None,
-                    false => match PartitionReader::new(&self.cfg.kafka) {
-                        Ok(r) => Some(r),
+                // One reader of partitions by hand, kept from one assignment to the next.
+                let mut kept_reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+                if kept_reader.is_none() && !wanted.is_empty() {
+                    match PartitionReader::new(&self.cfg.kafka) {
+                        Ok(r) => *kept_reader = Some(r),
                         Err(e) => {
+                            owned.failure.get_or_insert(e);
+                        }
+                    }
+                }
+                let reader = kept_reader.as_ref().filter(|_| !wanted.is_empty());
+                for &n in &wanted {
+                    let start = reader.and_then(|reader| match self.open_assigned(consumer, reader, &mut owned, n) {
+                        Ok(start) => Some(start),
+                        Err(e) => {
+                            // The work loop returns the failure: the node leaves the group
+                            // and rejoins, and is assigned the partition afresh.
+                            tracing::error!(partition = n, error = %Chain(&e), "cannot take the partition over");
                             owned.failure.get_or_insert(e);
                             None
                         }
-                    },
-                };
-                for &n in &wanted {
-                    let start =
-                        reader.as_ref().and_then(|reader| match self.open_assigned(consumer, reader, &mut owned, n) {
-                            Ok(start) => Some(start),
-                            Err(e) => {
-                                // The work loop returns the failure: the node leaves the group
-                                // and rejoins, and is assigned the partition afresh.
-                                tracing::error!(partition = n, error = %Chain(&e), "cannot take the partition over");
-                                owned.failure.get_or_insert(e);
-                                None
-                            }
-                        });
+                    });
                     let start = start.unwrap_or(Offset::Beginning);
                     if let Err(e) = tpl.set_partition_offset(&self.cfg.topic, n, start) {
                         owned.failure.get_or_insert(KafkaError::kafka("cannot set a start offset")(e));
                     }
                 }
+                if let Some(reader) = reader {
+                    reader.release();
+                }
+                drop(kept_reader);
+                let opened = began.elapsed();
                 if let Err(e) = consumer.assign(tpl) {
                     owned.failure.get_or_insert(KafkaError::kafka("cannot take the assignment")(e));
                 }
+                tracing::debug!(?opened, took = ?began.elapsed(), "assignment taken");
             }
             RespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let revoked: Vec<i32> = tpl.elements_for_topic(&self.cfg.topic).iter().map(|e| e.partition()).collect();
@@ -297,7 +306,9 @@ impl NodeContext {
         n: i32,
     ) -> Result<(Partition, Offset), KafkaError> {
         let cfg = &self.cfg;
+        let began = Instant::now();
         let mut p = Partition::open(&cfg.data, &cfg.topic, n, &cfg.plugins)?;
+        let opened = began.elapsed();
         p.store.set_retention(cfg.retention);
         if let Some(logs) = &cfg.logs {
             let opts = IngestOptions { only_tables: Some(vec!["FileProfile".to_string()]), ..cfg.ingest.clone() };
@@ -305,6 +316,7 @@ impl NodeContext {
         }
         (p.emitted, p.findings_read_to) = reader.finding_ids(&cfg.findings_topic, n, 0)?;
         p.emitted_before = p.emitted.clone();
+        let findings_read = began.elapsed();
         let (low, high) = self.watermarks(consumer, n)?;
         if let Some(stored) = p.next_offset {
             self.check_stored_offset(&p, n, stored, low, high)?;
@@ -320,6 +332,8 @@ impl NodeContext {
             None => self.start_fresh(consumer, reader, &mut p, n, low, high)?,
         };
         tracing::info!(partition = n, start, end = high, findings_in_topic = p.emitted.len(), "partition taken over");
+        // Where a take-over's time goes (a failover's replay counts it).
+        tracing::debug!(partition = n, ?opened, ?findings_read, took = ?began.elapsed(), "take-over");
         Ok((p, Offset::Offset(start)))
     }
 
@@ -557,7 +571,7 @@ fn consumer(cfg: &NodeConfig) -> Result<BaseConsumer<NodeContext>, KafkaError> {
         );
     }
     c.set("partition.assignment.strategy", "range,roundrobin");
-    let context = NodeContext { cfg: cfg.clone(), owned: Mutex::new(Owned::default()) };
+    let context = NodeContext { cfg: cfg.clone(), owned: Mutex::new(Owned::default()), reader: Mutex::new(None) };
     c.create_with_context(context).map_err(|source| KafkaError::Client {
         what: "consumer",
         brokers: cfg.kafka.brokers.clone(),
