@@ -67,6 +67,7 @@ impl EncodedCells {
 
     /// The cells, borrowed, with the strings `want` does not mark skipped (read as
     /// `Null`) and so neither checked as UTF-8 nor kept.
+    ///
     /// The cells after the last one `want` marks are not read at all (`Null`): these
     /// bytes were encoded in this process, so there is no damage to find in them.
     pub fn view_picked(&self, want: &[bool]) -> Result<Vec<CellView<'_>>> {
