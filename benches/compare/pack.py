@@ -321,7 +321,7 @@ def check(what, a, b):
     return False
 
 
-def measure(exe, work, plugins, size, ticks, n_ticks):
+def measure(exe, work, plugins, size, ticks, n_ticks, keep=False):
     """One store of `size` background events: backfill and `n_ticks` ticks on both sides."""
     log(f"== store of {size:,} background events")
     d = work / f"store-{size}"
@@ -381,7 +381,8 @@ def measure(exe, work, plugins, size, ticks, n_ticks):
         for det in RULES:
             ok &= check(f"{size:,}: after {len(per)} ticks {det}: Lookout == union of DuckDB's results", got[det],
                         union[det])
-    shutil.rmtree(d)
+    if not keep:
+        shutil.rmtree(d)
     return {"stored": stored, "backfill": backfill, "ticks": per, "ok": ok}
 
 
@@ -392,6 +393,8 @@ def main():
     ap.add_argument("--tick-rows", type=int, default=10_000)
     ap.add_argument("--work", default=None)
     ap.add_argument("--no-md", action="store_true")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep each store (its fleet, both Lookout data directories, DuckDB's) under --work")
     ap.add_argument("--root", default=str(Path(__file__).resolve().parents[2]))
     ap.add_argument("--command", default=None)
     a = ap.parse_args()
@@ -425,7 +428,7 @@ def main():
         devices = device_map(base / "logs")
         log(f"== {a.ticks} ticks of {a.tick_rows} events")
         ticks = [make_tick(exe, work, k, a.tick_rows, devices) for k in range(a.ticks)]
-        results = {s: measure(exe, work, plugins, s, ticks, a.ticks) for s in sizes}
+        results = {s: measure(exe, work, plugins, s, ticks, a.ticks, a.keep) for s in sizes}
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -5,16 +5,21 @@
     python3 benches/kafka/bench.py [--events 20000] [--target target/release] [--property KEY=VALUE]
 
 Prints, for one generated fleet:
-  * file ingest: `lookout ingest` of the event tables, three times (rows/s; the median is
-    what the ratios below are to);
-  * one node (no detectors) consuming the split topic from the start to lag 0 (rows/s,
-    and its ratio to file ingest: the target is >= 0.8x);
+  * file ingest and one node, in alternated pairs (`--pairs`, default 3): `lookout ingest`
+    of the event tables into a fresh store, then one node (no detectors, a fresh data
+    directory) consuming the split topic from the start to lag 0; each pair's ratio of
+    the node's rate to the file ingest's (the target is >= 0.8x) and the medians. This
+    host runs a process at one of two speeds, switching within minutes: a pair's two
+    runs are minutes apart at most, so its ratio is what the speed changes least; each
+    pair also times a file ingest into a store where the four detectors were loaded first
+    (their declared look-up keys and column indexes kept as rows arrive);
   * replay: a second node with all four detectors taking over half the partitions of a
     killed node; from the SIGKILL to the survivor owning every partition, replayed, with
     the findings decided (target <= 15 s with a 6 s session timeout), and the replay
     rate of the taken-over rows (target >= the file-ingest rate): the rows over the
     longest time from a take-over to that partition replayed and detected, as the
-    survivor logs it.
+    survivor logs it, against the file ingest that keeps the same detectors' indexes
+    (the survivor stores for them), and against the plain one.
 Producers compress with lz4: the mock keeps only the newest ~5 MB of a partition.
 
 With --pin, the mock cluster runs on CPU 0 and everything of Lookout's (the file ingest,
@@ -92,6 +97,12 @@ def replay_seconds(log_path, message="partition replayed", since=None):
     return out
 
 
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 def wait(pred, timeout, what):
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -112,6 +123,7 @@ def main():
                     help="record the survivor from the kill to the end of its replay with perf (perf-replay.data)")
     ap.add_argument("--property", action="append", default=[], metavar="KEY=VALUE",
                     help="a librdkafka property for every client (split, nodes), in [kafka.properties]")
+    ap.add_argument("--pairs", type=int, default=3, help="alternated file ingests and one-node runs")
     ap.add_argument("--pin", action="store_true",
                     help="the mock cluster on CPU 0, Lookout (file ingest, split, nodes) on CPU 1 (taskset)")
     a = ap.parse_args()
@@ -153,23 +165,7 @@ def run(a, t, lookout, mock, work):
     shutil.move(os.path.join(logs, "FileProfile.jsonl"), profiles)
     files = sorted(os.path.join(logs, f) for f in os.listdir(logs))
     rows = sum(sum(1 for _ in open(f)) for f in files)
-    # File ingest of the same rows, three times into fresh stores: this host runs a
-    # process at one of two speeds, switching within minutes, and one run set every ratio.
     print(f"rows (event tables): {rows}")
-    file_rates = []
-    for i in range(3):
-        t0 = time.monotonic()
-        cpu0 = cpu_children()
-        subprocess.run([*PIN["lookout"], lookout, "--data", os.path.join(work, f"file{i}"), "ingest", "--now", NOW,
-                        "--retention", "none", *files], check=True, capture_output=True)
-        file_secs = time.monotonic() - t0
-        file_cpu = cpu_children() - cpu0
-        file_rates.append(rows / file_secs)
-        shutil.rmtree(os.path.join(work, f"file{i}"))
-        print(f"file ingest {i + 1}: {file_secs:.2f} s, {rows / file_secs:,.0f} rows/s, CPU {file_cpu:.2f} s "
-              f"({file_cpu / rows * 1e6:.1f} us/row)")
-    file_rate = sorted(file_rates)[1]
-    print(f"file ingest: the median, {file_rate:,.0f} rows/s, is the rate the ratios below are to")
 
     srv = subprocess.Popen([*PIN["mock"], mock, "serve", "--brokers", "3", "--topic", f"in:{PARTITIONS}", "--topic", f"rows:{PARTITIONS}",
                             "--topic", f"findings:{PARTITIONS}", "--topic", "rows.unkeyed:1",
@@ -211,21 +207,58 @@ def run(a, t, lookout, mock, work):
         os.chmod(dst, 0o644)
     log = open(os.path.join(work, "nodes.log"), "ab")
 
-    # One node, no detectors: consuming everything, from its first assignment to lag 0.
-    d1 = os.path.join(work, "n1")
-    p1 = node(lookout, d1, brokers, empty, profiles, log, cfg, os.path.join(work, "perf.data") if a.perf else None)
-    wait(lambda: (status(d1) or {}).get("kafka", {}).get("partitions") or None, 60, "the first assignment")
-    stored, _ = wait(lambda: settled([d1]), 300, "one node to consume everything")
-    # The node logs when each partition has reached the end it had at assignment, and how
-    # long that took since the take-over; they are consumed side by side in one loop.
-    log.flush()
-    secs = max(replay_seconds(os.path.join(work, "nodes.log")).values())
-    cpu = cpu_of(p1.pid) if not a.perf else float("nan")
-    print(f"one node, no detectors: {stored} rows in {secs:.2f} s from its assignment to the last partition's end: "
-          f"{stored / secs:,.0f} rows/s = {stored / secs / file_rate:.2f}x file ingest (target >= 0.8x); "
-          f"node CPU {cpu:.2f} s from its start ({cpu / stored * 1e6:.1f} us/row, librdkafka's threads included)")
-    p1.send_signal(signal.SIGTERM)
-    p1.wait()
+    # File ingest and one node (no detectors, consuming everything from its first
+    # assignment to lag 0), alternated in pairs.
+    file_rates, node_rates, ratios, indexed_rates = [], [], [], []
+    for i in range(a.pairs):
+        # The same file ingest into a store where the four detectors were loaded first
+        # (so their declared look-up keys and column indexes are kept as rows arrive, as
+        # on a node running them): what the replay below, which stores for the detectors,
+        # is compared with.
+        di = os.path.join(work, f"indexed{i}")
+        subprocess.run([*PIN["lookout"], lookout, "--data", di, "detect", "--plugins", plugins, "--now", NOW],
+                       check=True, capture_output=True)
+        t0 = time.monotonic()
+        subprocess.run([*PIN["lookout"], lookout, "--data", di, "ingest", "--now", NOW, "--retention", "none", *files],
+                       check=True, capture_output=True)
+        indexed_rates.append(rows / (time.monotonic() - t0))
+        shutil.rmtree(di)
+        t0 = time.monotonic()
+        cpu0 = cpu_children()
+        subprocess.run([*PIN["lookout"], lookout, "--data", os.path.join(work, f"file{i}"), "ingest", "--now", NOW,
+                        "--retention", "none", *files], check=True, capture_output=True)
+        file_secs = time.monotonic() - t0
+        file_cpu = cpu_children() - cpu0
+        shutil.rmtree(os.path.join(work, f"file{i}"))
+        file_rates.append(rows / file_secs)
+        print(f"pair {i + 1}: file ingest {file_secs:.2f} s, {rows / file_secs:,.0f} rows/s, CPU {file_cpu:.2f} s "
+              f"({file_cpu / rows * 1e6:.1f} us/row); with the detectors' indexes {indexed_rates[-1]:,.0f} rows/s")
+        d1 = os.path.join(work, f"n1-{i}")
+        since = datetime.datetime.now(datetime.timezone.utc)
+        perf = os.path.join(work, "perf.data") if a.perf and i == 0 else None
+        p1 = node(lookout, d1, brokers, empty, profiles, log, cfg, perf)
+        wait(lambda: (status(d1) or {}).get("kafka", {}).get("partitions") or None, 60, "the first assignment")
+        stored, _ = wait(lambda: settled([d1]), 300, "one node to consume everything")
+        # The node logs when each partition has reached the end it had at assignment, and
+        # how long that took since the take-over; they are consumed side by side in one loop.
+        log.flush()
+        secs = max(replay_seconds(os.path.join(work, "nodes.log"), since=since).values())
+        cpu = cpu_of(p1.pid) if not perf else float("nan")
+        node_rates.append(stored / secs)
+        ratios.append(stored / secs / file_rates[-1])
+        print(f"pair {i + 1}: one node, no detectors: {stored} rows in {secs:.2f} s from its assignment to the last "
+              f"partition's end: {stored / secs:,.0f} rows/s = {ratios[-1]:.2f}x the file ingest before it; node CPU "
+              f"{cpu:.2f} s from its start ({cpu / stored * 1e6:.1f} us/row, librdkafka's threads included)")
+        p1.send_signal(signal.SIGTERM)
+        p1.wait()
+        shutil.rmtree(d1, ignore_errors=True)
+    file_rate = median(file_rates)
+    print(f"one node against file ingest: pairs {', '.join(f'{r:.2f}x' for r in ratios)}; median of the pairs "
+          f"{median(ratios):.2f}x (target >= 0.8x); median rates {median(node_rates):,.0f} rows/s (node) and "
+          f"{file_rate:,.0f} rows/s (file ingest)")
+    indexed_rate = median(indexed_rates)
+    print(f"file ingest with the detectors' indexes: median {indexed_rate:,.0f} rows/s (what the replay's ratios "
+          f"below are to; {indexed_rate / file_rate:.2f}x the plain file ingest)")
 
     # Failover with detectors: two nodes in a new group, one killed.
     subprocess.run(["true"])
@@ -268,12 +301,14 @@ def run(a, t, lookout, mock, work):
     print(f"failover: SIGKILL -> survivor assigned every partition {taken:.2f} s, replayed and detected {done:.2f} s "
           f"(target <= 15 s, session timeout 6 s)")
     print(f"replay: {replayed} rows in {replay_secs:.2f} s = {replayed / replay_secs:,.0f} rows/s "
-          f"= {replayed / replay_secs / file_rate:.2f}x file ingest (target >= 1x), detectors included")
+          f"= {replayed / replay_secs / indexed_rate:.2f}x file ingest with the detectors' indexes (target >= 1x), "
+          f"detectors included; {replayed / replay_secs / file_rate:.2f}x the plain file ingest")
     stored = replay_seconds(os.path.join(work, "nodes.log"), "partition replayed", killed_at)
     if stored:
         stored_secs = max(stored.values())
         print(f"replay stored (before the detectors' pass): {stored_secs:.2f} s = {replayed / stored_secs:,.0f} rows/s "
-              f"= {replayed / stored_secs / file_rate:.2f}x file ingest")
+              f"= {replayed / stored_secs / indexed_rate:.2f}x file ingest with the detectors' indexes, "
+              f"{replayed / stored_secs / file_rate:.2f}x the plain file ingest")
     pa.send_signal(signal.SIGTERM)
     pa.wait()
     srv.stdin.close()
