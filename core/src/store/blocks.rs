@@ -29,6 +29,8 @@ use std::sync::Arc;
 pub const BLOCK_ROWS: usize = 512;
 /// Raw bytes (encoded rows) per block, about.
 pub const BLOCK_RAW: usize = 96 << 10;
+/// Room past [`BLOCK_RAW`] for the row that fills a block (most rows are a few KiB).
+const BLOCK_SLACK: usize = 8 << 10;
 /// A stored piece is never bigger than this, far below sled's blob threshold.
 pub const PIECE_BYTES: usize = 6 << 10;
 /// zstd level: level 1 already shrinks Defender rows to a few percent at the highest speed.
@@ -209,7 +211,14 @@ impl BatchBlocks {
             if blocks.len() >= AHEAD_BLOCK as usize {
                 return Err(StoreError::Invalid("too many rows in one batch".into()));
             }
-            blocks.push(OpenBlock { min_ts: timestamp, max_ts: timestamp, ..OpenBlock::default() });
+            // Sized for a full block at once: grown by doubling, a block's rows were copied
+            // about as many times again as they are long (a sixth of adding a row).
+            blocks.push(OpenBlock {
+                rows: Vec::with_capacity(BLOCK_RAW + BLOCK_SLACK),
+                min_ts: timestamp,
+                max_ts: timestamp,
+                ..OpenBlock::default()
+            });
         }
         let block_no = (blocks.len() - 1) as u16 + if ahead { AHEAD_BLOCK } else { 0 };
         let b = blocks.last_mut().ok_or_else(|| corrupt!("no open block"))?;
