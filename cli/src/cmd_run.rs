@@ -122,7 +122,9 @@ pub fn run(data_flag: Option<&Path>, args: RunArgs) -> Result<ExitCode> {
     let listen = args.listen.clone().or(cfg.listen.clone()).unwrap_or_else(|| "127.0.0.1:9464".to_string());
     let rescan = args.rescan_secs.or(cfg.rescan_secs).unwrap_or(2.0);
     if !(rescan > 0.0 && rescan < 3600.0) {
-        return Err(anyhow!("rescan interval {rescan}s: expected between 0 and 3600 seconds"));
+        return Err(anyhow!(
+            "rescan interval {rescan}s (--rescan-secs or rescan_secs): expected more than 0 and less than 3600 seconds"
+        ));
     }
     let mut params = Vec::new();
     for (det, kv) in &cfg.detectors {

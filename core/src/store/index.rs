@@ -59,7 +59,12 @@ pub fn row_postings<'r>(
             let values: Vec<Cow<'r, str>> =
                 s.columns.iter().map(|c| cell_of(c).map_or(Cow::Borrowed(""), CellRef::text)).collect();
             let values: Vec<&str> = values.iter().map(|v| v.as_ref()).collect();
-            (keys::index_values_prefix(tid, &column_id(s), &values), covered.collect())
+            // Most indexes are of one column: its name is the id, without a join.
+            let id = match s.columns.as_slice() {
+                [one] => Cow::Borrowed(one.as_str()),
+                _ => Cow::Owned(column_id(s)),
+            };
+            (keys::index_values_prefix(tid, &id, &values), covered.collect())
         })
         .collect()
 }

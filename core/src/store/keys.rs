@@ -85,7 +85,13 @@ fn push_str(k: &mut Vec<u8>, s: &[u8]) {
 
 /// Prefix of every event of `table` with this SHA1 (and device, if given).
 pub fn event_prefix(table: u16, sha1: &str, device: Option<&str>) -> Vec<u8> {
-    let mut k = Vec::with_capacity(3 + 2 + sha1.len() + 2 + device.map_or(0, str::len));
+    event_prefix_with_room(table, sha1, device, 0)
+}
+
+/// [`event_prefix`] in a buffer with `room` bytes to spare after it (for the rest of a key:
+/// growing it would copy it again, once for every row stored).
+fn event_prefix_with_room(table: u16, sha1: &str, device: Option<&str>, room: usize) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + 2 + sha1.len() + 2 + device.map_or(0, str::len) + room);
     k.push(EVENT);
     k.extend_from_slice(&table.to_be_bytes());
     push_str(&mut k, sha1.as_bytes());
@@ -103,7 +109,7 @@ pub fn table_prefix(table: u16) -> Vec<u8> {
 }
 
 pub fn event_key(table: u16, sha1: &str, device: &str, timestamp: i64, id: &str) -> Vec<u8> {
-    let mut k = event_prefix(table, sha1, Some(device));
+    let mut k = event_prefix_with_room(table, sha1, Some(device), 8 + 2 + id.len());
     k.extend_from_slice(&((timestamp as u64) ^ (1 << 63)).to_be_bytes());
     push_str(&mut k, id.as_bytes());
     k
@@ -113,9 +119,14 @@ pub fn event_key(table: u16, sha1: &str, device: &str, timestamp: i64, id: &str)
 /// ASCII lowercased and cut to [`INDEX_VALUE_MAX`] bytes, with its length first).
 pub fn index_values_prefix(table: u16, columns: &str, values: &[&str]) -> Vec<u8> {
     let mut k = index_column_prefix(table, columns);
+    k.reserve(values.iter().map(|v| 2 + v.len().min(INDEX_VALUE_MAX)).sum());
     for value in values {
         let cut = &value.as_bytes()[..value.len().min(INDEX_VALUE_MAX)];
-        push_str(&mut k, &cut.to_ascii_lowercase());
+        // Lowercased in place: a copy of every value of every row stored was a
+        // measurable part of keeping an index at ingest.
+        let at = k.len() + 2;
+        push_str(&mut k, cut);
+        k[at..].make_ascii_lowercase();
     }
     k
 }
@@ -300,6 +311,13 @@ mod tests {
         assert!(!index_key(&other, 1, 0).starts_with(&p), "a longer value is not under a shorter one's prefix");
         let long = "x".repeat(INDEX_VALUE_MAX + 10);
         assert_eq!(index_values_prefix(2, "C", &[&long]), index_values_prefix(2, "C", &[&long[..INDEX_VALUE_MAX]]));
+        let two = index_values_prefix(3, "A\u{1f}B", &["Ab", "ÉC"]);
+        let mut want = index_column_prefix(3, "A\u{1f}B");
+        for v in ["ab", "Éc"] {
+            want.extend_from_slice(&(v.len() as u16).to_be_bytes());
+            want.extend_from_slice(v.as_bytes());
+        }
+        assert_eq!(two, want, "each value after its length, ASCII letters lowercased, other bytes kept");
     }
 
     #[test]
