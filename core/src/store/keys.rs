@@ -122,8 +122,8 @@ pub fn index_values_prefix(table: u16, columns: &str, values: &[&str]) -> Vec<u8
     k.reserve(values.iter().map(|v| 2 + v.len().min(INDEX_VALUE_MAX)).sum());
     for value in values {
         let cut = &value.as_bytes()[..value.len().min(INDEX_VALUE_MAX)];
-        // Lowercased in place: a copy of every value of every row stored was a
-        // measurable part of keeping an index at ingest.
+        // Lowercased in place, not copied first: this runs for every indexed value of
+        // every row stored.
         let at = k.len() + 2;
         push_str(&mut k, cut);
         k[at..].make_ascii_lowercase();
