@@ -641,6 +641,7 @@ impl Runs {
         let handle = std::thread::Builder::new()
             .name("lookout-merge".into())
             .spawn(move || {
+                background_priority();
                 let mut zstd_c = super::blocks::index_compressor()?;
                 let mut zstd_d = super::blocks::decompressor()?;
                 thread_plan.run(&db, &mut zstd_c, &mut zstd_d, horizon)
@@ -895,6 +896,19 @@ impl RunCursor {
 pub struct PendingRun {
     id: u64,
     meta: RunMeta,
+}
+
+/// Lowers the calling thread (a merge's) to the lowest scheduling priority. A merge is
+/// upkeep nobody waits for, and on two cores it took time from the parser and storing
+/// threads that ingestion waits on: at nice 19 it runs in the time they leave. 1M-row
+/// ingests, nine pairs alternated: 4% shorter (median of the pairs' ratios), shorter in
+/// seven. Linux only: there a thread has a nice value of its own (elsewhere
+/// `setpriority` would lower the whole process).
+fn background_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(None, 19) {
+        tracing::debug!(error = %e, "cannot lower a key index merge's priority; it runs at the process's");
+    }
 }
 
 #[cfg(test)]
