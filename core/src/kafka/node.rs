@@ -586,6 +586,14 @@ fn work(
     metrics: &Mutex<Metrics>,
 ) -> Result<(), KafkaError> {
     let consumer = consumer(cfg)?;
+    // The findings reader connects before the first assignment, not inside its callback.
+    match PartitionReader::new(&cfg.kafka) {
+        Ok(reader) => {
+            reader.connect(&cfg.findings_topic);
+            *consumer.context().reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(reader);
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot set up the findings reader yet; the first assignment does"),
+    }
     let producer = producer(&cfg.kafka, Deliveries::default())?;
     consumer.subscribe(&[&cfg.topic]).map_err(KafkaError::kafka(format!("cannot subscribe to {}", cfg.topic)))?;
     let watermarks = Watermarks::start(&cfg.kafka, &cfg.topic);

@@ -30,6 +30,15 @@ impl PartitionReader {
         Ok(PartitionReader { consumer })
     }
 
+    /// Connects now: the first request's bootstrap and metadata (~50 ms) are then not paid
+    /// by the first take-over, inside the rebalance callback. Best effort: a cluster not
+    /// reachable yet is connected to on the first read.
+    pub fn connect(&self, topic: &str) {
+        if let Err(e) = self.consumer.fetch_metadata(Some(topic), CALL_TIMEOUT) {
+            tracing::debug!(error = %e, topic, "the findings reader cannot reach the cluster yet; it connects on its first read");
+        }
+    }
+
     /// The finding ids in partition `partition` of `topic` from offset `from` (or its first
     /// kept offset, if later) to its end; and that end, to read on from next time. A
     /// partition that ends before `from` (the topic created again, or its log cut back) is
