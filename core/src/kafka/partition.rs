@@ -164,11 +164,13 @@ impl Partition {
 
     /// Whether the detectors should run now over what is stored: not while the partition
     /// is behind its end (a replay or a backlog: one pass over it all instead of one per
-    /// batch) unless `MAX_PASS_DELAY` has gone by, and only once no message has arrived
-    /// for `quiet` (0 in service: every round).
+    /// batch) unless `MAX_PASS_DELAY` has gone by since the last pass (or since the
+    /// replay started: a partition just taken over stores its backlog before its first
+    /// pass, not after its first round), and only once no message has arrived for
+    /// `quiet` (0 in service: every round).
     pub fn pass_due(&self, quiet: std::time::Duration) -> bool {
         let behind = self.next_offset.is_some_and(|n| n < self.high_watermark.max(self.replay_target));
-        let waited = self.last_pass_at.is_none_or(|at| at.elapsed() >= MAX_PASS_DELAY);
+        let waited = self.last_pass_at.unwrap_or(self.replay_started).elapsed() >= MAX_PASS_DELAY;
         self.last_message_at.elapsed() >= quiet && (!behind || waited)
     }
 
@@ -273,6 +275,24 @@ impl Partition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partition_behind_its_end_passes_once_caught_up_or_after_the_delay_since_its_replay_began() {
+        let data = tempfile::tempdir().unwrap();
+        let plugins = tempfile::tempdir().unwrap();
+        let mut p = Partition::open(data.path(), "rows", 0, plugins.path()).unwrap();
+        p.replay_target = 100;
+        p.next_offset = Some(40);
+        p.last_message_at = Instant::now() - std::time::Duration::from_secs(1);
+        assert!(!p.pass_due(std::time::Duration::ZERO), "just taken over and behind: storing first");
+        p.replay_started = Instant::now() - MAX_PASS_DELAY;
+        assert!(p.pass_due(std::time::Duration::ZERO), "behind for the whole delay: a pass");
+        p.last_pass_at = Some(Instant::now());
+        assert!(!p.pass_due(std::time::Duration::ZERO), "a pass just ran: the next waits for the delay");
+        p.next_offset = Some(100);
+        assert!(p.pass_due(std::time::Duration::ZERO), "caught up: a pass at once");
+        assert!(!p.pass_due(std::time::Duration::from_secs(5)), "but not before the quiet time");
+    }
 
     #[test]
     fn a_removed_partition_folder_leaves_nothing_and_an_interrupted_removal_is_finished() {
