@@ -898,12 +898,15 @@ pub struct PendingRun {
     meta: RunMeta,
 }
 
-/// Lowers the calling thread (a merge's) to the lowest scheduling priority. A merge is
-/// upkeep nobody waits for, and on two cores it took time from the parser and storing
-/// threads that ingestion waits on: at nice 19 it runs in the time they leave. 1M-row
-/// ingests, nine pairs alternated: 4% shorter (median of the pairs' ratios), shorter in
-/// seven. Linux only: there a thread has a nice value of its own (elsewhere
-/// `setpriority` would lower the whole process).
+/// Lowers the calling thread (a merge's) to the lowest scheduling priority. Nothing
+/// waits for a merge while rows come in (the store waits for one under way only when it
+/// closes, and then is not itself running), and on two cores merges took time from the
+/// parser and storing threads that ingestion waits on: at nice 19 a merge runs in the
+/// time they leave. 1M-row ingests, nine pairs alternated: 4% shorter (median of the
+/// pairs' ratios), shorter in seven. On a box kept busy by other processes merges fall
+/// behind: runs accumulate and a look-up checks more of them until the next merge.
+/// Linux only: there a thread has a nice value of its own (elsewhere `setpriority`
+/// would lower the whole process).
 fn background_priority() {
     #[cfg(target_os = "linux")]
     if let Err(e) = rustix::process::setpriority_process(None, 19) {
