@@ -236,7 +236,16 @@ impl Tailer {
             };
             let mut state = state_for(store, &file, &fp, &path)?;
             if state.offset == 0 && !state.done {
-                let copied = self.copied_from(&before, &file, &fp).map_err(IngestError::unreadable("read", &path))?;
+                // Comparing it with the files known reads it (decompressed): a gzip still
+                // being written may not read yet, and is skipped until it changes, like a
+                // file that fails to read below, instead of failing the whole look.
+                let copied = match self.copied_from(&before, &file, &fp) {
+                    Ok(copied) => copied,
+                    Err(e) => {
+                        self.input_failed(key, &path, fp.size, IngestError::unreadable("read", &path)(e))?;
+                        continue;
+                    }
+                };
                 if let Some(from) = copied {
                     tracing::info!(file = %path.display(), from = %from.path, offset = from.offset, "recognised as a rotated copy; continuing at its offset");
                     state.offset = from.offset;
@@ -270,8 +279,16 @@ impl Tailer {
         //    files are closed.
         let mut forget = Vec::new();
         for (key, t) in &self.files {
-            if !t.present && !still_linked(&t.file) && caught_up(t).map_err(IngestError::unreadable("read", &t.path))? {
-                forget.push((*key, true));
+            if !t.present && !still_linked(&t.file) {
+                // A deleted file that no longer reads (a damaged gzip) has nothing more to
+                // give: forgotten, not a failed look.
+                let done = caught_up(t).unwrap_or_else(|e| {
+                    tracing::warn!(file = %t.path.display(), error = %e, "a deleted log file no longer reads; forgotten");
+                    true
+                });
+                if done {
+                    forget.push((*key, true));
+                }
             }
         }
         if self.files.len() - forget.len() > self.max_open {

@@ -839,3 +839,36 @@ fn copytruncate_copy_on_the_reused_inode_of_a_deleted_rotated_file_is_not_read_t
         Err(e) => panic!("{e}"),
     }
 }
+
+/// A gzip that appears while it is still being written (or is damaged) reads as a corrupt
+/// stream past its first bytes. Looking for the file it may be a copy of reads that far:
+/// the file is skipped until it changes, like any file that fails to read, and the look
+/// goes on (it used to fail the whole poll, so the daemon restarted its work loop).
+#[test]
+fn a_gzip_that_fails_to_read_while_compared_with_known_files_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (logs, data) = (dir.path().join("logs"), dir.path().join("data"));
+    std::fs::create_dir_all(&logs).unwrap();
+    let content: Vec<u8> = (0..400).flat_map(|id| line(id, 200)).collect();
+    std::fs::write(logs.join("DeviceFileEvents.log"), &content).unwrap();
+    let mut store = open_store(&data).unwrap();
+    let mut tailer = Tailer::new(
+        &logs,
+        IngestOptions { now: Some(parse_timestamp("2025-05-08T00:00:00Z").unwrap()), ..Default::default() },
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    tailer.poll(&mut store, &stop).unwrap();
+    // A gzip whose first member holds the file's first 4 KiB (what a copy is recognised
+    // by reads fine) and whose next member's deflate data is corrupt (a reserved block
+    // type): reading on to where the known file's offset was fails.
+    let mut enc = GzEncoder::new(Vec::new(), Compression::fast());
+    std::io::Write::write_all(&mut enc, &content[..4096]).unwrap();
+    let mut gz = enc.finish().unwrap();
+    gz.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff, 0x07, 0, 0, 0, 0, 0, 0, 0]);
+    std::fs::write(logs.join("DeviceFileEvents.log.1.gz"), &gz).unwrap();
+    std::fs::write(logs.join("DeviceFileEvents.log"), b"").unwrap();
+    tailer.poll(&mut store, &stop).expect("a gzip that does not read is skipped, not a failed look");
+    let skipped: Vec<_> =
+        tailer.skipped().keys().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
+    assert_eq!(skipped, vec!["DeviceFileEvents.log.1.gz".to_string()], "the damaged gzip is skipped until it changes");
+}
