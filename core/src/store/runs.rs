@@ -641,7 +641,6 @@ impl Runs {
         let handle = std::thread::Builder::new()
             .name("lookout-merge".into())
             .spawn(move || {
-                background_priority();
                 let mut zstd_c = super::blocks::index_compressor()?;
                 let mut zstd_d = super::blocks::decompressor()?;
                 thread_plan.run(&db, &mut zstd_c, &mut zstd_d, horizon)
@@ -896,22 +895,6 @@ impl RunCursor {
 pub struct PendingRun {
     id: u64,
     meta: RunMeta,
-}
-
-/// Lowers the calling thread (a merge's) to the lowest scheduling priority. Nothing
-/// waits for a merge while rows come in (the store waits for one under way only when it
-/// closes, and then is not itself running), and on two cores merges took time from the
-/// parser and storing threads that ingestion waits on: at nice 19 a merge runs in the
-/// time they leave. 1M-row ingests, nine pairs alternated: 4% shorter (median of the
-/// pairs' ratios), shorter in seven. On a box kept busy by other processes merges fall
-/// behind: runs accumulate and a look-up checks more of them until the next merge.
-/// Linux only: there a thread has a nice value of its own (elsewhere `setpriority`
-/// would lower the whole process).
-fn background_priority() {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(None, 19) {
-        tracing::debug!(error = %e, "cannot lower a key index merge's priority; it runs at the process's");
-    }
 }
 
 #[cfg(test)]
