@@ -227,52 +227,48 @@ impl Tailer {
             if self.broken.get(&key) == Some(&meta.len()) {
                 continue;
             }
-            let fp = match fingerprint(&file) {
-                Ok(fp) => fp,
-                Err(e) => {
-                    self.input_failed(key, &path, meta.len(), IngestError::unreadable("read", &path)(e))?;
-                    continue;
-                }
-            };
-            let mut state = state_for(store, &file, &fp, &path)?;
-            if state.offset == 0 && !state.done {
-                // Comparing it with the files known reads it (decompressed): a gzip still
-                // being written may not read yet, and is skipped until it changes, like a
-                // file that fails to read below, instead of failing the whole look.
-                let copied = match self.copied_from(&before, &file, &fp) {
-                    Ok(copied) => copied,
-                    Err(e) => {
-                        self.input_failed(key, &path, fp.size, IngestError::unreadable("read", &path)(e))?;
-                        continue;
-                    }
-                };
-                if let Some(from) = copied {
-                    tracing::info!(file = %path.display(), from = %from.path, offset = from.offset, "recognised as a rotated copy; continuing at its offset");
-                    state.offset = from.offset;
-                    state.unit = from.unit;
-                    state.lines = from.lines;
-                    state.tail = from.tail;
-                    state.tail_len = from.tail_len;
-                }
-            }
-            if has_news(&state, &fp) {
-                match read_source(store, &file, &path, &fp, &mut state, &self.opts, Some(stop), &mut |_| {}) {
-                    Ok(r) => report.merge(r),
-                    Err(e) => {
-                        self.input_failed(key, &path, fp.size, e)?;
-                        continue;
+            // Everything that reads the file fails one way: a file that does not read (a
+            // gzip still being written, a damaged one) is skipped until it changes, instead
+            // of failing the whole look; a store failure is returned.
+            let read = (|| -> Result<(Fingerprint, SourceState, Option<IngestReport>), IngestError> {
+                let fp = fingerprint(&file).map_err(IngestError::unreadable("read", &path))?;
+                let mut state = state_for(store, &file, &fp, &path)?;
+                if state.offset == 0 && !state.done {
+                    let copied =
+                        self.copied_from(&before, &file, &fp).map_err(IngestError::unreadable("read", &path))?;
+                    if let Some(from) = copied {
+                        tracing::info!(file = %path.display(), from = %from.path, offset = from.offset, "recognised as a rotated copy; continuing at its offset");
+                        state.offset = from.offset;
+                        state.unit = from.unit;
+                        state.lines = from.lines;
+                        state.tail = from.tail;
+                        state.tail_len = from.tail_len;
                     }
                 }
-            } else if store.source(&fp.source_id())?.as_ref() != Some(&state) {
-                // Remember even files with nothing to read yet (an adopted copy), and
-                // replace what is stored for a reused inode: a dead file's state left
-                // there would be found after a restart, fail to match the new content,
-                // and send this file to be read again from 0.
-                let mut b = store.batch();
-                b.set_source(&fp.source_id(), &state)?;
-                b.commit()?;
+                if has_news(&state, &fp) {
+                    let r = read_source(store, &file, &path, &fp, &mut state, &self.opts, Some(stop), &mut |_| {})?;
+                    return Ok((fp, state, Some(r)));
+                }
+                if store.source(&fp.source_id())?.as_ref() != Some(&state) {
+                    // Remember even files with nothing to read yet (an adopted copy), and
+                    // replace what is stored for a reused inode: a dead file's state left
+                    // there would be found after a restart, fail to match the new content,
+                    // and send this file to be read again from 0.
+                    let mut b = store.batch();
+                    b.set_source(&fp.source_id(), &state)?;
+                    b.commit()?;
+                }
+                Ok((fp, state, None))
+            })();
+            match read {
+                Ok((fp, state, read)) => {
+                    if let Some(r) = read {
+                        report.merge(r);
+                    }
+                    self.files.insert((fp.dev, fp.ino), Tracked { path, file, state, present: true });
+                }
+                Err(e) => self.input_failed(key, &path, meta.len(), e)?,
             }
-            self.files.insert((fp.dev, fp.ino), Tracked { path, file, state, present: true });
         }
 
         // 3. Deleted files read to their end are forgotten; too many open read-to-end
