@@ -12,7 +12,7 @@
 use lookout_plugin_sdk::tables::{IDENTITY_LOGONS, LOGON_EVENTS, NETWORK_EVENTS};
 use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp};
 use lookout_plugin_sdk::{
-    all_match, identity_key, Cell, Cmp, Condition, Context, EvalRequest, FindingOut, InputSpec, Records,
+    all_match, identity_key, Cell, CellRef, Cmp, Condition, Context, EvalRequest, FindingOut, InputSpec, Records,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -227,6 +227,23 @@ pub struct GroupAgg {
     last: BTreeMap<(i64, Option<i64>, String), u32>,
 }
 
+/// [`count`] of an account: its name copied only the first time it is counted.
+fn count_account(map: &mut BTreeMap<String, u32>, account: &str, up: bool) {
+    match map.get_mut(account) {
+        Some(n) if up => *n += 1,
+        Some(n) => {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(account);
+            }
+        }
+        None if up => {
+            map.insert(account.to_string(), 1);
+        }
+        None => {}
+    }
+}
+
 /// One more (`up`) or one fewer row with this value.
 fn count<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, up: bool) {
     if up {
@@ -252,11 +269,11 @@ impl GroupAgg {
         match l.outcome {
             Outcome::Success => {
                 self.success += step;
-                count(&mut self.success_accounts, l.account.clone(), up);
+                count_account(&mut self.success_accounts, &l.account, up);
             }
             Outcome::Failed => {
                 self.failed += step;
-                count(&mut self.failed_accounts, l.account.clone(), up);
+                count_account(&mut self.failed_accounts, &l.account, up);
                 if let Some(t) = l.timestamp {
                     count(&mut self.failed_times, t, up);
                 }
@@ -300,14 +317,8 @@ fn thresholds_pass(unique: i64, success: i64, failed: i64, c: &RuleConfig) -> bo
 }
 
 /// `tostring()` of a cell.
-fn to_string(cell: Option<&Cell>) -> String {
-    match cell {
-        None | Some(Cell::Null) => String::new(),
-        Some(Cell::Str(s)) | Some(Cell::Json(s)) => s.clone(),
-        Some(Cell::Int(i)) => i.to_string(),
-        Some(Cell::Float(f)) => f.to_string(),
-        Some(Cell::Bool(b)) => b.to_string(),
-    }
+fn to_string(cell: Option<CellRef<'_>>) -> String {
+    cell.map_or_else(String::new, |c| c.text().into_owned())
 }
 
 fn time_cell(t: Option<i64>) -> Cell {
@@ -444,11 +455,12 @@ impl SprayRule {
         }
         if !network.is_empty() {
             let filter = Self::dc_filter();
-            for row in ctx.columns_where(
+            let answer = ctx.columns_where_borrowed(
                 network,
                 &filter,
                 &["InitiatingProcessFileName", "ActionType", "LocalPort", "DeviceName"],
-            )? {
+            )?;
+            for row in answer.rows()? {
                 if !all_match(&filter, &row) {
                     continue;
                 }
@@ -463,7 +475,8 @@ impl SprayRule {
         }
         if !logons.is_empty() {
             let filter = Self::logon_filter();
-            for row in ctx.columns_where(logons, &filter, LOGON_COLUMNS)? {
+            let answer = ctx.columns_where_borrowed(logons, &filter, LOGON_COLUMNS)?;
+            for row in answer.rows()? {
                 if !all_match(&filter, &row)
                     || (row.str("RemoteIP").is_empty() && row.str("RemoteDeviceName").is_empty())
                 {
@@ -482,11 +495,12 @@ impl SprayRule {
                     report_id: to_string(row.get("ReportId")),
                     ingested: row.ingested_at,
                 };
-                self.keep(now, &row.key, logon);
+                self.keep(now, row.key, logon);
             }
         }
         if !identity.is_empty() {
-            for row in ctx.columns_where(identity, &[], IDENTITY_COLUMNS)? {
+            let answer = ctx.columns_where_borrowed(identity, &[], IDENTITY_COLUMNS)?;
+            for row in answer.rows()? {
                 let logon = Logon {
                     group: GroupKey {
                         identity: true,
@@ -500,7 +514,7 @@ impl SprayRule {
                     report_id: to_string(row.get("ReportId")),
                     ingested: row.ingested_at,
                 };
-                self.keep(now, &row.key, logon);
+                self.keep(now, row.key, logon);
             }
         }
 
@@ -544,18 +558,26 @@ impl SprayRule {
             return;
         }
         let id = pane_id(&logon.group, logon.ingested);
-        self.dirty.insert(logon.group.clone());
+        // Most rows of a pass are of a group already marked or kept: the key is cloned
+        // only for a group seen first.
+        if !self.dirty.contains(&logon.group) {
+            self.dirty.insert(logon.group.clone());
+        }
         let known = |p: Option<&Pane>| p.is_some_and(|p| p.rows.contains_key(key));
         if known(self.panes.get(&id)) || known(self.fresh.get(&id)) {
             return;
         }
-        let attempt = Attempt::of(&logon);
-        self.groups.entry(logon.group.clone()).or_default().apply_attempt(&attempt, true);
-        let pane = self.fresh.entry(id).or_insert_with(|| Pane {
-            group: logon.group,
-            ingested: logon.ingested,
-            rows: BTreeMap::new(),
-        });
+        let Logon { group, outcome, account, timestamp, report_id, ingested } = logon;
+        let attempt = Attempt { outcome, account, timestamp, report_id };
+        match self.groups.get_mut(&group) {
+            Some(agg) => agg.apply_attempt(&attempt, true),
+            None => {
+                let mut agg = GroupAgg::default();
+                agg.apply_attempt(&attempt, true);
+                self.groups.insert(group.clone(), agg);
+            }
+        }
+        let pane = self.fresh.entry(id).or_insert_with(|| Pane { group, ingested, rows: BTreeMap::new() });
         pane.rows.insert(key.to_vec(), attempt);
     }
 

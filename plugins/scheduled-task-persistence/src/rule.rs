@@ -14,7 +14,9 @@
 
 use lookout_plugin_sdk::tables::{FILE_PROFILE, PROCESS_EVENTS};
 use lookout_plugin_sdk::time::parse_timestamp;
-use lookout_plugin_sdk::{identity_key, Cell, Condition, Context, EvalRequest, FindingOut, InputSpec, Records, Row};
+use lookout_plugin_sdk::{
+    identity_key, Cell, CellRef, Cells, Condition, Context, EvalRequest, FindingOut, InputSpec, Records, Row,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -87,7 +89,7 @@ pub struct Execution {
 /// The rows-only part of the rule: whether a stored row is a scheduled-task execution
 /// (`ActionType =~`, `startswith`, `contains`; all ASCII case-insensitive). The host
 /// applies the same conditions ([`static_filter`]); this re-checks fetched rows.
-pub fn is_scheduled_execution(row: &Row) -> bool {
+pub fn is_scheduled_execution<R: Cells + ?Sized>(row: &R) -> bool {
     lookout_plugin_sdk::all_match(&static_filter(), row)
 }
 
@@ -102,15 +104,18 @@ pub fn static_filter() -> Vec<Condition> {
 
 /// The record of a stored row, `None` when its Timestamp is not a datetime (it fails
 /// `Timestamp >= ago(lookback)` whatever the time).
-pub fn execution_of(row: &Row) -> Option<Execution> {
+pub fn execution_of<R: Cells + ?Sized>(row: &R) -> Option<Execution> {
     let timestamp = parse_timestamp(row.str("Timestamp"))?;
     Some(Execution {
         device_id: row.str("DeviceId").to_string(),
         sha1: row.str("SHA1").to_string(),
         timestamp,
-        ingested: row.ingested_at,
+        ingested: row.ingested_at(),
         device_name: row.str("DeviceName").to_string(),
-        report_id: row.get("ReportId").and_then(Cell::as_i64),
+        report_id: match row.cell("ReportId") {
+            Some(CellRef::Int(i)) => Some(i),
+            _ => None,
+        },
     })
 }
 
@@ -517,7 +522,8 @@ impl ScheduledTaskRule {
             .map(|r| r.key.clone())
             .collect();
         if !keys.is_empty() {
-            for row in ctx.columns_where(keys, &static_filter(), EXECUTION_COLUMNS)? {
+            let answer = ctx.columns_where_borrowed(keys, &static_filter(), EXECUTION_COLUMNS)?;
+            for row in answer.rows()? {
                 if !is_scheduled_execution(&row) {
                     continue;
                 }
@@ -527,8 +533,8 @@ impl ScheduledTaskRule {
                 if expires < now {
                     continue;
                 }
-                self.index.add(&row.key, &e);
-                self.records.insert(ctx, row.key.clone(), expires, e)?;
+                self.index.add(row.key, &e);
+                self.records.insert(ctx, row.key.to_vec(), expires, e)?;
             }
         }
         if !batch.last {

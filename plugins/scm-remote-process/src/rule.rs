@@ -2,7 +2,9 @@
 
 use lookout_plugin_sdk::tables::{FILE_CERTIFICATES, NETWORK_EVENTS, PROCESS_EVENTS};
 use lookout_plugin_sdk::time::{datetime_diff_seconds, parse_timestamp, TICKS_PER_SEC};
-use lookout_plugin_sdk::{identity_key, Cell, Condition, Context, EvalRequest, FindingOut, InputSpec, Records, Row};
+use lookout_plugin_sdk::{
+    identity_key, Cell, CellRef, Cells, Condition, Context, EvalRequest, FindingOut, InputSpec, Records, Row, RowView,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -187,24 +189,27 @@ pub fn is_lolbin(lolbins: &[String], file_name: &str) -> bool {
 }
 
 /// A long column: an integer, or nothing (null, missing or any other type).
-fn long(row: &Row, column: &str) -> Option<i64> {
-    row.get(column).and_then(Cell::as_i64)
+fn long<R: Cells + ?Sized>(row: &R, column: &str) -> Option<i64> {
+    match row.cell(column) {
+        Some(CellRef::Int(i)) => Some(i),
+        _ => None,
+    }
 }
 
 /// A datetime column: parsed ISO text, or nothing.
-fn datetime(row: &Row, column: &str) -> Option<i64> {
-    match row.get(column) {
-        Some(Cell::Str(s)) => parse_timestamp(s),
+fn datetime<R: Cells + ?Sized>(row: &R, column: &str) -> Option<i64> {
+    match row.cell(column) {
+        Some(CellRef::Str(s)) => parse_timestamp(s),
         _ => None,
     }
 }
 
 /// A column's value as identity text: a string as is, anything else as JSON text (a
 /// missing column as `""`).
-fn text(row: &Row, column: &str) -> String {
-    match row.get(column) {
-        Some(Cell::Str(s)) => s.clone(),
-        Some(c) => c.to_json().to_string(),
+fn text<R: Cells + ?Sized>(row: &R, column: &str) -> String {
+    match row.cell(column) {
+        Some(CellRef::Str(s)) => s.to_string(),
+        Some(c) => Cell::from(c).to_json().to_string(),
         None => String::new(),
     }
 }
@@ -362,12 +367,14 @@ impl ScmRule {
             }
         }
         if !network_keys.is_empty() {
-            for row in ctx.columns_where(network_keys, &network_filter(), CONNECTION_COLUMNS)? {
+            let answer = ctx.columns_where_borrowed(network_keys, &network_filter(), CONNECTION_COLUMNS)?;
+            for row in answer.rows()? {
                 self.take_connection(ctx, &row, cutoff)?;
             }
         }
         if !child_keys.is_empty() {
-            for row in ctx.columns_where(child_keys, &child_filter(), CHILD_COLUMNS)? {
+            let answer = ctx.columns_where_borrowed(child_keys, &child_filter(), CHILD_COLUMNS)?;
+            for row in answer.rows()? {
                 self.take_child(ctx, &row, cutoff)?;
             }
         }
@@ -447,7 +454,7 @@ impl ScmRule {
 
     /// Keeps an inbound `services.exe` connection that can still join (in the window, with
     /// a process id), and joins it with the children kept.
-    fn take_connection(&mut self, ctx: &mut Context<'_>, row: &Row, cutoff: i64) -> Result<(), String> {
+    fn take_connection(&mut self, ctx: &mut Context<'_>, row: &RowView<'_>, cutoff: i64) -> Result<(), String> {
         if row.ingested_at < cutoff
             || !row.str("InitiatingProcessFileName").eq_ignore_ascii_case(SERVICES)
             || !row.str("ActionType").eq_ignore_ascii_case(INBOUND)
@@ -469,19 +476,20 @@ impl ScmRule {
         let expires = row.ingested_at.saturating_add(self.config.timeframe);
         // Kept already when a pass cut short is run again and hands its rows again: the
         // record is joined again all the same, so its pairs are decided on this pass.
-        self.connections.insert(ctx, row.key.clone(), expires, record.clone())?;
+        let id = row.key.to_vec();
+        self.connections.insert(ctx, id.clone(), expires, record.clone())?;
         for cid in children_near(&self.pairs.children_by_key, &key, at) {
             if let Some(c) = self.children.get(&cid) {
-                self.pairs.add((&row.key, &record), (&cid, c), self.config.timeframe);
+                self.pairs.add((&id, &record), (&cid, c), self.config.timeframe);
             }
         }
-        self.pairs.connections_by_key.entry(key).or_default().insert((second(at), row.key.clone()));
+        self.pairs.connections_by_key.entry(key).or_default().insert((second(at), id));
         Ok(())
     }
 
     /// Keeps a `services.exe` child that can still join (in the window, with a process id
     /// and a services.exe creation time), and joins it with the connections kept.
-    fn take_child(&mut self, ctx: &mut Context<'_>, row: &Row, cutoff: i64) -> Result<(), String> {
+    fn take_child(&mut self, ctx: &mut Context<'_>, row: &RowView<'_>, cutoff: i64) -> Result<(), String> {
         if row.ingested_at < cutoff
             || !row.str("InitiatingProcessFileName").eq_ignore_ascii_case(SERVICES)
             || !row.str("ActionType").eq_ignore_ascii_case(CREATED)
@@ -510,13 +518,14 @@ impl ScmRule {
         let key = join_key(&record.device, process_id, &record.process);
         let expires = row.ingested_at.saturating_add(self.config.timeframe);
         // As for connections: a row handed again is joined again.
-        self.children.insert(ctx, row.key.clone(), expires, record.clone())?;
+        let id = row.key.to_vec();
+        self.children.insert(ctx, id.clone(), expires, record.clone())?;
         for nid in connections_near(&self.pairs.connections_by_key, &key, at) {
             if let Some(n) = self.connections.get(&nid) {
-                self.pairs.add((&nid, n), (&row.key, &record), self.config.timeframe);
+                self.pairs.add((&nid, n), (&id, &record), self.config.timeframe);
             }
         }
-        self.pairs.children_by_key.entry(key).or_default().insert((second(at), row.key.clone()));
+        self.pairs.children_by_key.entry(key).or_default().insert((second(at), id));
         Ok(())
     }
 

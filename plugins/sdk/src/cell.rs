@@ -1,5 +1,6 @@
 //! Column values and rows as they cross the plugin boundary and as they are stored.
 
+use crate::CellRef;
 use serde::{Deserialize, Serialize};
 
 /// One column value. Mirrors JSON, but is encodable by bincode (which cannot carry
@@ -86,5 +87,71 @@ impl Row {
     /// A string column, `""` when missing or not a string.
     pub fn str(&self, name: &str) -> &str {
         self.get(name).map(Cell::as_str).unwrap_or("")
+    }
+}
+
+/// A row read in place from the bytes of a host's answer ([`crate::wire::RowSet`]): its
+/// table, key, column names and string cells borrowed, nothing copied. For a pass that
+/// looks at a few columns of each row once, as a [`Row`] would copy every one of them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowView<'a> {
+    pub table: &'a str,
+    pub key: &'a [u8],
+    pub ingested_at: i64,
+    pub columns: Vec<(&'a str, CellRef<'a>)>,
+}
+
+impl<'a> RowView<'a> {
+    /// The value of a column, if present.
+    pub fn get(&self, name: &str) -> Option<CellRef<'a>> {
+        self.columns.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
+    }
+
+    /// A string column, `""` when missing or not a string.
+    pub fn str(&self, name: &str) -> &'a str {
+        self.get(name).map_or("", CellRef::as_str)
+    }
+
+    /// The row, copied.
+    pub fn to_row(&self) -> Row {
+        Row {
+            table: self.table.to_string(),
+            key: self.key.to_vec(),
+            ingested_at: self.ingested_at,
+            columns: self.columns.iter().map(|(n, c)| (n.to_string(), Cell::from(*c))).collect(),
+        }
+    }
+}
+
+/// What a condition reads of a row: [`Row`] and [`RowView`] alike.
+pub trait Cells {
+    /// The value of a column, if present.
+    fn cell(&self, name: &str) -> Option<CellRef<'_>>;
+    /// When Lookout ingested the row (ticks), for `ingestion_time()`.
+    fn ingested_at(&self) -> i64;
+
+    /// A string column, `""` when missing or not a string.
+    fn str(&self, name: &str) -> &str {
+        self.cell(name).map_or("", CellRef::as_str)
+    }
+}
+
+impl Cells for Row {
+    fn cell(&self, name: &str) -> Option<CellRef<'_>> {
+        self.get(name).map(CellRef::from)
+    }
+
+    fn ingested_at(&self) -> i64 {
+        self.ingested_at
+    }
+}
+
+impl Cells for RowView<'_> {
+    fn cell(&self, name: &str) -> Option<CellRef<'_>> {
+        self.get(name)
+    }
+
+    fn ingested_at(&self) -> i64 {
+        self.ingested_at
     }
 }

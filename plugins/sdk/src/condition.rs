@@ -18,7 +18,7 @@
 //! long, bool or nested JSON value as its text. Numeric and time comparisons fail on null or a missing column, except `!=`,
 //! which holds (SEMANTICS: null fails every comparison but `!=` against a value).
 
-use crate::cell::{Cell, Row};
+use crate::cell::{Cell, Cells};
 use crate::time::parse_timestamp;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -215,14 +215,14 @@ impl Condition {
         }
     }
 
-    /// Whether a row meets the condition.
-    pub fn matches_row(&self, row: &Row) -> bool {
-        self.matches_cell(row.get(self.column()).map(CellRef::from), row.ingested_at)
+    /// Whether a row ([`crate::Row`] or [`crate::RowView`]) meets the condition.
+    pub fn matches_row<R: Cells + ?Sized>(&self, row: &R) -> bool {
+        self.matches_cell(row.cell(self.column()), row.ingested_at())
     }
 }
 
-/// Whether a row meets every condition.
-pub fn all_match(filter: &[Condition], row: &Row) -> bool {
+/// Whether a row ([`crate::Row`] or [`crate::RowView`]) meets every condition.
+pub fn all_match<R: Cells + ?Sized>(filter: &[Condition], row: &R) -> bool {
     filter.iter().all(|c| c.matches_row(row))
 }
 
@@ -263,6 +263,7 @@ fn has_term(s: &str, term: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Row;
 
     fn c(cond: Condition, v: &str) -> bool {
         cond.matches(v)

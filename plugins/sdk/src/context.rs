@@ -3,6 +3,7 @@
 
 use crate::abi::{self, Condition, FindingOut, HostRequest, HostResponse, InputSpec, LookoutHostApi, StateOp, RC_OK};
 use crate::cell::Row;
+use crate::wire::RowSet;
 use crate::CellRef;
 
 /// Handed to [`crate::Detector::evaluate`].
@@ -69,6 +70,31 @@ impl<'a> Context<'a> {
             HostResponse::Rows(rows) => Ok(rows),
             other => Err(format!("host answered GetColumnsWhere with {other:?}")),
         }
+    }
+
+    /// [`Context::columns_where`] read in place: the answer is kept as its bytes and
+    /// [`RowSet::rows`] reads each row as a [`crate::RowView`] whose names and strings
+    /// borrow from it. For rows whose columns are looked at once and mostly not kept.
+    pub fn columns_where_borrowed(
+        &mut self,
+        keys: Vec<Vec<u8>>,
+        filter: &[Condition],
+        columns: &[&str],
+    ) -> Result<RowSet, String> {
+        let req = HostRequest::GetColumnsWhere {
+            keys,
+            filter: filter.to_vec(),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+        };
+        let host = self.host.ok_or("no host callback in this context")?;
+        let input = abi::encode(&req)?;
+        let bytes = crate::export::call_host(host, &input, |rc, bytes| {
+            if rc != RC_OK {
+                return Err(format!("host call failed: {}", String::from_utf8_lossy(bytes)));
+            }
+            Ok(bytes.to_vec())
+        })?;
+        RowSet::from_answer(bytes)
     }
 
     /// Stored rows of `table` with exactly this SHA1 (and DeviceId, if given).

@@ -27,12 +27,13 @@ pub use abi::{
     InitResponse, InputSpec, Manifest, Parameter, RowRef, StateOp, ABI_VERSION, ABI_VERSION_MAJOR, ABI_VERSION_MINOR,
     INGESTION_TIME, PAYLOAD_VERSION,
 };
-pub use cell::{Cell, Row};
+pub use cell::{Cell, Cells, Row, RowView};
 pub use condition::{all_match, CellRef};
 pub use context::Context;
 pub use detector::Detector;
 pub use params::Params;
 pub use window::{identity_key, Records};
+pub use wire::RowSet;
 
 /// The well-known table names the SDK and host agree on.
 pub mod tables {

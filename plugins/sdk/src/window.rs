@@ -88,12 +88,23 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
     /// The state value a record is kept as (what [`Records::load`] reads back): for a
     /// detector's tests of a state layout.
     pub fn stored_bytes(expires: i64, value: &T) -> Result<Vec<u8>, String> {
-        let mut bytes = vec![RECORD_FORMAT];
-        bytes.extend(
-            bincode::serde::encode_to_vec(Stored { expires, value }, bincode::config::standard())
-                .map_err(|e| format!("cannot encode a windowed record: {e}"))?,
-        );
-        Ok(bytes)
+        // Encoded into a buffer kept between records, then copied out at its size: encoding
+        // straight into a new vector grew it several times over for every record.
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.clear();
+            scratch.push(RECORD_FORMAT);
+            bincode::serde::encode_into_std_write(
+                Stored { expires, value },
+                &mut *scratch,
+                bincode::config::standard(),
+            )
+            .map_err(|e| format!("cannot encode a windowed record: {e}"))?;
+            Ok(scratch.to_vec())
+        })
     }
 
     /// Drops (from memory and, with the pass, from the state) every record whose expiry

@@ -14,7 +14,7 @@
 //! [`abi::decode`]: crate::abi::decode
 
 use crate::abi::{EvalResponseRef, FindingRef, HostResponse, StateOpRef, PAYLOAD_VERSION};
-use crate::{Cell, CellRef, Row};
+use crate::{Cell, CellRef, Row, RowView};
 
 /// bincode's varint (standard configuration) of `v`, and how many bytes of the array it
 /// takes: one byte below 251, else a marker byte and the value little-endian in 2, 4 or 8
@@ -92,22 +92,33 @@ impl RowBytes {
         ingested_at: i64,
         columns: impl IntoIterator<Item = (&'c str, CellRef<'c>)>,
     ) -> RowBytes {
-        let mut out = Vec::with_capacity(64 + table.len() + key.len());
-        put_bytes(&mut out, table.as_bytes());
-        put_bytes(&mut out, key);
-        put_varint(&mut out, zigzag(ingested_at));
-        // The column count goes in front of the columns once they are counted (a
-        // shift of the row's bytes, not a second pass over its cells).
-        let count_at = out.len();
-        let mut count = 0u64;
-        for (name, cell) in columns {
-            put_bytes(&mut out, name.as_bytes());
-            put_cell(&mut out, cell);
-            count += 1;
+        // Written into a buffer kept between rows, then copied out at its size: a row
+        // written straight into a new vector grew it several times over.
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let (bytes, len) = varint(count);
-        out.splice(count_at..count_at, bytes[..len].iter().copied());
-        RowBytes(out)
+        SCRATCH.with(|scratch| {
+            let mut out = scratch.borrow_mut();
+            out.clear();
+            put_bytes(&mut out, table.as_bytes());
+            put_bytes(&mut out, key);
+            put_varint(&mut out, zigzag(ingested_at));
+            // The column count goes in front of the columns once they are counted (a
+            // shift of the row's bytes, not a second pass over its cells).
+            let count_at = out.len();
+            let mut count = 0u64;
+            for (name, cell) in columns {
+                put_bytes(&mut out, name.as_bytes());
+                put_cell(&mut out, cell);
+                count += 1;
+            }
+            let (bytes, len) = varint(count);
+            let mut row = Vec::with_capacity(out.len() + len);
+            row.extend_from_slice(&out[..count_at]);
+            row.extend_from_slice(&bytes[..len]);
+            row.extend_from_slice(&out[count_at..]);
+            RowBytes(row)
+        })
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -326,6 +337,36 @@ pub fn decode_host_response(bytes: &[u8]) -> Result<HostResponse, String> {
 
 const ERROR: u64 = 4;
 
+/// A host's rows answer kept as its bytes, its rows read in place as [`RowView`]s (see
+/// [`crate::Context::columns_where_borrowed`]): the strings a [`Row`] allocates for every
+/// column name and value were most of a plugin's time spent taking an answer in.
+pub struct RowSet {
+    bytes: Vec<u8>,
+}
+
+impl RowSet {
+    /// The answer's bytes, as the host wrote them: rows, or an error (returned).
+    pub(crate) fn from_answer(bytes: Vec<u8>) -> Result<RowSet, String> {
+        let mut r = Reader { bytes: crate::abi::payload_body(&bytes)?, at: 0 };
+        match r.varint()? {
+            ROWS => Ok(RowSet { bytes }),
+            ERROR => Err(r.string()?),
+            v => Err(format!("host answered a row request with answer variant {v}")),
+        }
+    }
+
+    /// The rows, in the order the host answered them.
+    pub fn rows(&self) -> Result<Vec<RowView<'_>>, String> {
+        let mut r = Reader { bytes: crate::abi::payload_body(&self.bytes)?, at: 0 };
+        r.varint()?;
+        let rows = r.seq(4, Reader::row_view)?;
+        if r.at != r.bytes.len() {
+            return Err(format!("payload has {} trailing bytes", r.bytes.len() - r.at));
+        }
+        Ok(rows)
+    }
+}
+
 /// A plugin's answer to a pass read in place, as [`crate::abi::decode_borrowed`] reads an
 /// [`EvalResponseRef`], its findings and state by hand (serde's visitors were most of the
 /// time a host spent reading a hundred findings of ~100 columns), the input specs and
@@ -440,6 +481,15 @@ impl<'a> Reader<'a> {
         Ok(Cell::from(self.cell_ref()?))
     }
 
+    fn row_view(&mut self) -> Result<RowView<'a>, String> {
+        let table = self.str()?;
+        let key = self.slice()?;
+        let z = self.varint()?;
+        let ingested_at = ((z >> 1) as i64) ^ -((z & 1) as i64);
+        let columns = self.seq(2, |r| Ok((r.str()?, r.cell_ref()?)))?;
+        Ok(RowView { table, key, ingested_at, columns })
+    }
+
     fn row(&mut self) -> Result<Row, String> {
         let table = self.string()?;
         let key = self.slice()?.to_vec();
@@ -489,6 +539,32 @@ mod tests {
 
     fn bytes_of(row: &Row) -> RowBytes {
         RowBytes::new(&row.table, &row.key, row.ingested_at, row.columns.iter().map(|(n, c)| (n.as_str(), c.into())))
+    }
+
+    #[test]
+    fn a_row_set_reads_the_rows_an_answer_decodes_to() {
+        let rows: Vec<Row> = [(0, 0, 0), (3, 250, -1), (300, 251, 1 << 40), (2, 70_000, i64::MIN)]
+            .into_iter()
+            .map(|(n, long, at)| row(n, long, at))
+            .collect();
+        let bytes: Vec<RowBytes> = rows.iter().map(bytes_of).collect();
+        let set = RowSet::from_answer(rows_answer(&bytes)).unwrap();
+        let views = set.rows().unwrap();
+        assert_eq!(views.iter().map(RowView::to_row).collect::<Vec<_>>(), rows);
+        assert_eq!(views[1].str("Str"), "x".repeat(250));
+        assert_eq!((views[1].str("Small"), views[1].get("Small")), ("", Some(CellRef::Int(-3))));
+        assert_eq!(views[1].get("Absent"), None);
+        assert!(RowSet::from_answer(rows_answer(&[])).unwrap().rows().unwrap().is_empty());
+        let error = encode(&HostResponse::Error("store error: é".into())).unwrap();
+        assert_eq!(RowSet::from_answer(error).err(), Some("store error: é".to_string()));
+        let profile = encode(&HostResponse::Profile(None)).unwrap();
+        assert!(RowSet::from_answer(profile).is_err(), "not a rows answer");
+        let mut long = rows_answer(&bytes);
+        long.push(0);
+        assert!(RowSet::from_answer(long).unwrap().rows().is_err(), "trailing bytes");
+        let mut short = rows_answer(&bytes);
+        short.pop();
+        assert!(RowSet::from_answer(short).unwrap().rows().is_err(), "cut short");
     }
 
     #[test]
