@@ -147,6 +147,9 @@ pub fn run_pass(
         }
     }
     let now = Clock::new(opts.now).now();
+    // Background work on the store (a key-index merge of the rows just stored) waits
+    // until the pass is done: the pass has the cores.
+    let _detecting = store.detecting();
     let mut reports: Vec<DetectorReport> = plugins.iter().map(DetectorReport::of).collect();
     // A store failure in initialising one detector (its state cannot be read, say): the
     // others still run, and the pass returns it.

@@ -275,7 +275,18 @@ fn work(
         let due = wake.is_some_and(|at| at <= eval_now);
         if report.changed() || plugins_changed || first || due {
             first = false;
+            let pass_started = Instant::now();
             let reports = run_pass(store, &mut plugins.plugins, &detect_opts)?;
+            let pass_time = pass_started.elapsed();
+            if reports.iter().any(|r| r.rows > 0 || r.new_findings > 0) {
+                tracing::debug!(
+                    detectors = reports.len(),
+                    rows = reports.iter().map(|r| r.rows).sum::<u64>(),
+                    pass_ms = pass_time.as_secs_f64() * 1e3,
+                    init_ms = reports.iter().map(|r| r.init.as_secs_f64() * 1e3).sum::<f64>(),
+                    "detection pass"
+                );
+            }
             let written = flush_outbox(store, &cfg.findings).map_err(DaemonError::Findings)?;
             let latency = poll_started.elapsed();
             if written > 0 {

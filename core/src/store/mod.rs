@@ -31,6 +31,8 @@ mod row_reads;
 pub use row_reads::RowForm;
 mod pass_batch;
 pub use pass_batch::PassBatch;
+mod pass_gate;
+pub use pass_gate::Detecting;
 mod state;
 pub use state::StateChange;
 pub mod runs;
@@ -208,6 +210,8 @@ pub struct Store {
     merge: Option<runs::MergeJob>,
     /// Batches to commit before the next merge starts (after one failed).
     merge_pause: u32,
+    /// Detection passes running: a merge waits while one does (see [`pass_gate`]).
+    pass_gate: Arc<pass_gate::PassGate>,
     next_reject: u64,
     /// The stored event keys, approximately; loaded or built when the first row is added.
     key_filter: Option<key_filter::KeyFilter>,
@@ -335,6 +339,7 @@ impl Store {
             runs: runs::Runs::empty(),
             merge: None,
             merge_pause: 0,
+            pass_gate: Arc::default(),
             next_reject: 1,
             key_filter: None,
             index_specs: Vec::new(),
@@ -671,7 +676,7 @@ impl Store {
             self.merge_pause -= 1;
         } else if self.merge.is_none() {
             if let Some(plan) = self.runs.plan_merge(&busy) {
-                match runs::Runs::start_merge(&self.gens, plan, self.horizon) {
+                match runs::Runs::start_merge(&self.gens, plan, self.horizon, Arc::clone(&self.pass_gate)) {
                     Ok(job) => self.merge = Some(job),
                     Err(e) => {
                         tracing::warn!(error = %crate::error::Chain(&e), "cannot start a key index merge; retried after the next batch")
@@ -706,6 +711,12 @@ impl Store {
                 MERGE_PAUSE_AFTER_FAILURE
             );
         }
+    }
+
+    /// Marks a detection pass as running until the guard is dropped: background work on
+    /// the store (a key-index merge) waits meanwhile, so the pass has the cores.
+    pub fn detecting(&self) -> Detecting {
+        pass_gate::PassGate::enter(&self.pass_gate)
     }
 
     /// The key-index entry of exactly this row key.

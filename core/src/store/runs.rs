@@ -586,7 +586,7 @@ impl Runs {
         let Some(plan) = self.plan_merge(&[]) else { return Ok(false) };
         let db = gens.db(plan.generation)?;
         let mut z = zstd_d.lock().unwrap_or_else(|p| p.into_inner());
-        let merged = plan.run(db, zstd_c, &mut z, horizon)?;
+        let merged = plan.run(db, zstd_c, &mut z, horizon, &super::pass_gate::PassGate::default())?;
         drop(z);
         self.finish_merge(gens, plan, merged)?;
         Ok(true)
@@ -635,7 +635,12 @@ impl Runs {
 
     /// Starts `plan` on a thread of its own, which writes the merged run's chunks (nothing
     /// a reader sees) and returns them for [`Runs::finish_merge`] to make visible.
-    pub fn start_merge(gens: &Generations, plan: MergePlan, horizon: Option<i64>) -> Result<MergeJob> {
+    pub fn start_merge(
+        gens: &Generations,
+        plan: MergePlan,
+        horizon: Option<i64>,
+        passes: Arc<super::pass_gate::PassGate>,
+    ) -> Result<MergeJob> {
         let db = gens.db(plan.generation)?.clone();
         let thread_plan = plan.clone();
         let handle = std::thread::Builder::new()
@@ -643,7 +648,7 @@ impl Runs {
             .spawn(move || {
                 let mut zstd_c = super::blocks::index_compressor()?;
                 let mut zstd_d = super::blocks::decompressor()?;
-                thread_plan.run(&db, &mut zstd_c, &mut zstd_d, horizon)
+                thread_plan.run(&db, &mut zstd_c, &mut zstd_d, horizon, &passes)
             })
             .map_err(|e| StoreError::Invalid(format!("cannot start a thread to merge key index runs: {e}")))?;
         Ok(MergeJob { plan, handle })
@@ -798,6 +803,7 @@ impl MergePlan {
         zstd_c: &mut zstd::bulk::Compressor<'static>,
         zstd_d: &mut zstd::bulk::Decompressor<'static>,
         horizon: Option<i64>,
+        passes: &super::pass_gate::PassGate,
     ) -> Result<Merged> {
         let mut cursors: Vec<RunCursor> = self
             .inputs
@@ -807,7 +813,13 @@ impl MergePlan {
         let mut batch = sled::Batch::default();
         let mut w = RunWriter::new(self.new_id, self.kind, self.generation, self.expected);
         let mut written_chunks = 0;
+        let mut chunks_seen = u32::MAX;
         loop {
+            // A chunk at a time, the merge steps aside while a detection pass runs.
+            if w.chunks != chunks_seen {
+                chunks_seen = w.chunks;
+                passes.wait_idle(super::pass_gate::MAX_WAIT);
+            }
             for c in cursors.iter_mut() {
                 c.peek(db, zstd_d)?;
             }
@@ -900,6 +912,7 @@ pub struct PendingRun {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::pass_gate::PassGate;
 
     /// Writes a run into the main database (generation 0), chunks then metadata.
     fn write_run(
@@ -978,6 +991,24 @@ mod tests {
         (keys::event_key(1, &format!("{i:040x}"), "dev", 0, "1"), KeyEntry { seq: i, block: 0, row: 0, content: i })
     }
 
+    /// A merge waits while a detection pass runs, and goes on once it is done.
+    #[test]
+    fn a_merge_steps_aside_while_a_pass_runs() {
+        let (_dir, db, gens, mut z, unz) = store_parts();
+        let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
+        write_fan_in(&mut runs, &db, &mut z, 150);
+        let plan = runs.plan_merge(&[]).expect("a merge is due");
+        let gate = Arc::new(PassGate::default());
+        let pass = PassGate::enter(&gate);
+        let job = Runs::start_merge(&gens, plan, None, Arc::clone(&gate)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!job.is_finished(), "the merge waits for the pass");
+        drop(pass);
+        let (plan, merged) = job.join();
+        runs.finish_merge(&gens, plan, merged.unwrap()).unwrap();
+        assert_eq!(runs.run_count(), 1);
+    }
+
     /// A merge on its own thread: the runs it reads stay visible, and are neither dropped
     /// nor planned into another merge, until it is finished; then only the merged run is
     /// left, with every entry, and the inputs' chunks are gone.
@@ -988,7 +1019,7 @@ mod tests {
         let per_run = 150u64;
         write_fan_in(&mut runs, &db, &mut z, per_run);
         let plan = runs.plan_merge(&[]).expect("a merge is due");
-        let job = Runs::start_merge(&gens, plan, None).unwrap();
+        let job = Runs::start_merge(&gens, plan, None, Arc::default()).unwrap();
         let busy = job.inputs();
         assert_eq!(busy.len(), MERGE_FAN_IN);
         // Meanwhile: a batch's run is written, and retention drops every run past it but
@@ -1029,7 +1060,7 @@ mod tests {
         let chunks_before = db.scan_prefix([keys::RUN_CHUNK]).count();
         // Written in full, then given up (as after a failure on the merge thread).
         let plan = runs.plan_merge(&[]).unwrap();
-        plan.run(&db, &mut z, &mut unz.lock().unwrap(), None).unwrap();
+        plan.run(&db, &mut z, &mut unz.lock().unwrap(), None, &PassGate::default()).unwrap();
         assert!(db.scan_prefix([keys::RUN_CHUNK]).count() > chunks_before);
         runs.abandon_merge(&gens, &plan).unwrap();
         assert_eq!(db.scan_prefix([keys::RUN_CHUNK]).count(), chunks_before, "only its own chunks went");
@@ -1038,7 +1069,7 @@ mod tests {
         let (victim, _) = plan.inputs[3];
         db.remove(chunk_key(victim, 0)).unwrap();
         let plan = runs.plan_merge(&[]).unwrap();
-        assert!(plan.run(&db, &mut z, &mut unz.lock().unwrap(), None).is_err());
+        assert!(plan.run(&db, &mut z, &mut unz.lock().unwrap(), None, &PassGate::default()).is_err());
         runs.abandon_merge(&gens, &plan).unwrap();
         assert_eq!(db.scan_prefix([keys::RUN_CHUNK]).count(), chunks_before - 1);
         assert_eq!(runs.run_count(), MERGE_FAN_IN);
