@@ -9,13 +9,14 @@
 //! groups that pass the thresholds and are not domain controllers. It asks to be woken
 //! when the next pane leaves the window.
 
+use lookout_plugin_sdk::collections::{HashMap, HashSet};
 use lookout_plugin_sdk::tables::{IDENTITY_LOGONS, LOGON_EVENTS, NETWORK_EVENTS};
 use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp};
 use lookout_plugin_sdk::{
     all_match, identity_key, Cell, CellRef, Cmp, Condition, Context, EvalRequest, FindingOut, InputSpec, Records,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Parameters, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,10 +143,78 @@ pub struct Pane {
     pub rows: BTreeMap<Vec<u8>, Attempt>,
 }
 
-/// The record id of a group's pane at an ingestion time.
+/// The id of a group in memory: [`identity_key`] of its branch and columns, which its
+/// panes' ids start with.
+fn group_id_into(out: &mut Vec<u8>, identity: bool, ip: &str, device_name: &str, device_id: &str) {
+    out.clear();
+    out.extend_from_slice(&identity_key(&[]));
+    for part in [if identity { "i" } else { "d" }, ip, device_name, device_id] {
+        push_part(out, part.as_bytes());
+    }
+}
+
+/// One more part of an [`identity_key`].
+fn push_part(out: &mut Vec<u8>, part: &[u8]) {
+    out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+    out.extend_from_slice(part);
+}
+
+fn group_id(group: &GroupKey) -> Vec<u8> {
+    let mut out = Vec::new();
+    group_id_into(&mut out, group.identity, &group.ip, &group.device_name, &group.device_id);
+    out
+}
+
+/// The record id of a group's pane at an ingestion time: the group's id, then the time.
 fn pane_id(group: &GroupKey, ingested: i64) -> Vec<u8> {
-    let branch = if group.identity { "i" } else { "d" };
-    identity_key(&[branch, &group.ip, &group.device_name, &group.device_id, &ingested.to_string()])
+    let mut id = group_id(group);
+    push_part(&mut id, ingested.to_string().as_bytes());
+    id
+}
+
+/// What one logon row contributes to its group, borrowed from the row it was read from
+/// (a [`Logon`] owns its strings: copied only where a row is kept).
+struct LogonRef<'a> {
+    identity: bool,
+    ip: &'a str,
+    device_name: &'a str,
+    device_id: &'a str,
+    outcome: Outcome,
+    account: &'a str,
+    timestamp: Option<i64>,
+    report_id: std::borrow::Cow<'a, str>,
+    ingested: i64,
+}
+
+impl<'a> LogonRef<'a> {
+    fn of(l: &'a Logon) -> LogonRef<'a> {
+        LogonRef {
+            identity: l.group.identity,
+            ip: &l.group.ip,
+            device_name: &l.group.device_name,
+            device_id: &l.group.device_id,
+            outcome: l.outcome,
+            account: &l.account,
+            timestamp: l.timestamp,
+            report_id: std::borrow::Cow::Borrowed(&l.report_id),
+            ingested: l.ingested,
+        }
+    }
+
+    fn group(&self) -> GroupKey {
+        GroupKey {
+            identity: self.identity,
+            ip: self.ip.to_string(),
+            device_name: self.device_name.to_string(),
+            device_id: self.device_id.to_string(),
+        }
+    }
+}
+
+/// A group in memory: its key (for its result row) and its aggregate.
+struct Group {
+    key: GroupKey,
+    agg: GroupAgg,
 }
 
 /// The `summarize` of one group.
@@ -317,8 +386,8 @@ fn thresholds_pass(unique: i64, success: i64, failed: i64, c: &RuleConfig) -> bo
 }
 
 /// `tostring()` of a cell.
-fn to_string(cell: Option<CellRef<'_>>) -> String {
-    cell.map_or_else(String::new, |c| c.text().into_owned())
+fn to_text(cell: Option<CellRef<'_>>) -> std::borrow::Cow<'_, str> {
+    cell.map_or(std::borrow::Cow::Borrowed(""), CellRef::text)
 }
 
 fn time_cell(t: Option<i64>) -> Cell {
@@ -349,12 +418,15 @@ pub struct SprayRule {
     /// Rows taken in by this call of a pass, by pane: written into their panes (one state
     /// record each) when the call ends.
     fresh: HashMap<Vec<u8>, Pane>,
-    /// Each group's aggregate over its records.
-    groups: HashMap<GroupKey, GroupAgg>,
+    /// Each group's aggregate over its records, by group id ([`group_id_into`]): a row
+    /// finds its group without its key being copied.
+    groups: HashMap<Vec<u8>, Group>,
     /// `domaincontrollers`, ASCII-lowercased (compared `in~`).
     dcs: HashSet<String>,
-    /// Groups whose records changed since their last evaluation.
-    dirty: BTreeSet<GroupKey>,
+    /// Groups whose records changed since their last evaluation, by group id.
+    dirty: HashSet<Vec<u8>>,
+    /// The id of the group and pane of the row being kept, reused from row to row.
+    scratch: Vec<u8>,
     pending: Pending,
 }
 
@@ -387,27 +459,38 @@ impl SprayRule {
             pending.write_config = true;
             pending.all_dirty = stored_config.is_some();
         }
-        let mut groups: HashMap<GroupKey, GroupAgg> = HashMap::new();
+        let mut groups: HashMap<Vec<u8>, Group> = HashMap::default();
         for (_, pane) in panes.iter() {
-            let agg = groups.entry(pane.group.clone()).or_default();
+            let g = groups
+                .entry(group_id(&pane.group))
+                .or_insert_with(|| Group { key: pane.group.clone(), agg: GroupAgg::default() });
             for a in pane.rows.values() {
-                agg.apply_attempt(a, true);
+                g.agg.apply_attempt(a, true);
             }
         }
-        let mut dcs = HashSet::new();
+        let mut dcs = HashSet::default();
         for (k, _) in state {
             if k.first() == Some(&DC_PREFIX) {
                 let name = String::from_utf8(k[1..].to_vec()).map_err(|_| "corrupt domain controller key in state")?;
                 dcs.insert(name);
             }
         }
-        let mut rule = SprayRule { config, panes, fresh: HashMap::new(), groups, dcs, dirty: BTreeSet::new(), pending };
+        let mut rule = SprayRule {
+            config,
+            panes,
+            fresh: HashMap::default(),
+            groups,
+            dcs,
+            dirty: HashSet::default(),
+            scratch: Vec::new(),
+            pending,
+        };
         // Rows in the layout before panes: into panes (written with the first pass, which
         // also drops the old records, and expires what has left the window).
         let old_rows: Records<Logon> = Records::load(RECORD_PREFIX, state)?;
         for (key, logon) in old_rows.iter() {
             rule.pending.old_rows.push([RECORD_PREFIX, key].concat());
-            rule.keep(i64::MIN, key, logon.clone());
+            rule.keep(i64::MIN, key, LogonRef::of(logon));
         }
         Ok(rule)
     }
@@ -482,17 +565,15 @@ impl SprayRule {
                 {
                     continue;
                 }
-                let logon = Logon {
-                    group: GroupKey {
-                        identity: false,
-                        ip: row.str("RemoteIP").to_string(),
-                        device_name: row.str("DeviceName").to_string(),
-                        device_id: row.str("DeviceId").to_string(),
-                    },
+                let logon = LogonRef {
+                    identity: false,
+                    ip: row.str("RemoteIP"),
+                    device_name: row.str("DeviceName"),
+                    device_id: row.str("DeviceId"),
                     outcome: Outcome::of(row.str("ActionType")),
-                    account: row.str("AccountName").to_string(),
+                    account: row.str("AccountName"),
                     timestamp: parse_timestamp(row.str("Timestamp")),
-                    report_id: to_string(row.get("ReportId")),
+                    report_id: to_text(row.get("ReportId")),
                     ingested: row.ingested_at,
                 };
                 self.keep(now, row.key, logon);
@@ -501,17 +582,15 @@ impl SprayRule {
         if !identity.is_empty() {
             let answer = ctx.columns_where_borrowed(identity, &[], IDENTITY_COLUMNS)?;
             for row in answer.rows()? {
-                let logon = Logon {
-                    group: GroupKey {
-                        identity: true,
-                        ip: row.str("IPAddress").to_string(),
-                        device_name: row.str("DeviceName").to_string(),
-                        device_id: String::new(),
-                    },
+                let logon = LogonRef {
+                    identity: true,
+                    ip: row.str("IPAddress"),
+                    device_name: row.str("DeviceName"),
+                    device_id: "",
                     outcome: Outcome::of(row.str("ActionType")),
-                    account: row.str("AccountUpn").to_string(),
+                    account: row.str("AccountUpn"),
                     timestamp: parse_timestamp(row.str("Timestamp")),
-                    report_id: to_string(row.get("ReportId")),
+                    report_id: to_text(row.get("ReportId")),
                     ingested: row.ingested_at,
                 };
                 self.keep(now, row.key, logon);
@@ -524,19 +603,23 @@ impl SprayRule {
         }
         // The window at this pass: panes ingested before `now - timeframe` leave.
         for (_, pane) in self.panes.expire(ctx, now) {
-            if let Some(agg) = self.groups.get_mut(&pane.group) {
+            let id = group_id(&pane.group);
+            if let Some(g) = self.groups.get_mut(&id) {
                 for a in pane.rows.values() {
-                    agg.apply_attempt(a, false);
+                    g.agg.apply_attempt(a, false);
                 }
-                if agg.is_empty() {
-                    self.groups.remove(&pane.group);
+                if g.agg.is_empty() {
+                    self.groups.remove(&id);
                 }
             }
-            self.dirty.insert(pane.group);
+            self.dirty.insert(id);
         }
+        // Decided in the order of their keys, so a pass's findings come in one order.
         let dirty = std::mem::take(&mut self.dirty);
-        for group in dirty {
-            self.evaluate_group(ctx, &group);
+        let mut decide: Vec<&Group> = dirty.iter().filter_map(|id| self.groups.get(id)).collect();
+        decide.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        for group in decide {
+            self.evaluate_group(ctx, group);
         }
         // Stored with the pass that decided every group under them: a pass cut short
         // leaves the old fingerprint, so the next one decides every group again.
@@ -552,33 +635,47 @@ impl SprayRule {
     /// Takes a row into its group's aggregate and pane (unless it is already outside the
     /// window) and marks the group: also when the row was taken before (a pass retried
     /// after a crash hands its rows again, and that pass's evaluation never committed).
-    fn keep(&mut self, now: i64, key: &[u8], logon: Logon) {
-        let expires = logon.ingested.saturating_add(self.config.timeframe);
-        if expires < now {
+    fn keep(&mut self, now: i64, key: &[u8], l: LogonRef<'_>) {
+        if l.ingested.saturating_add(self.config.timeframe) < now {
             return;
         }
-        let id = pane_id(&logon.group, logon.ingested);
-        // Most rows of a pass are of a group already marked or kept: the key is cloned
-        // only for a group seen first.
-        if !self.dirty.contains(&logon.group) {
-            self.dirty.insert(logon.group.clone());
+        // The group's id, then the pane's (the group's id and the ingestion time), in one
+        // buffer kept from row to row: a row whose group and pane are known copies neither.
+        let mut id = std::mem::take(&mut self.scratch);
+        group_id_into(&mut id, l.identity, l.ip, l.device_name, l.device_id);
+        let group_len = id.len();
+        push_part(&mut id, l.ingested.to_string().as_bytes());
+        let (gid, pid) = (&id[..group_len], &id[..]);
+        if !self.dirty.contains(gid) {
+            self.dirty.insert(gid.to_vec());
         }
         let known = |p: Option<&Pane>| p.is_some_and(|p| p.rows.contains_key(key));
-        if known(self.panes.get(&id)) || known(self.fresh.get(&id)) {
-            return;
-        }
-        let Logon { group, outcome, account, timestamp, report_id, ingested } = logon;
-        let attempt = Attempt { outcome, account, timestamp, report_id };
-        match self.groups.get_mut(&group) {
-            Some(agg) => agg.apply_attempt(&attempt, true),
-            None => {
-                let mut agg = GroupAgg::default();
-                agg.apply_attempt(&attempt, true);
-                self.groups.insert(group.clone(), agg);
+        if !known(self.panes.get(pid)) && !known(self.fresh.get(pid)) {
+            let attempt = Attempt {
+                outcome: l.outcome,
+                account: l.account.to_string(),
+                timestamp: l.timestamp,
+                report_id: l.report_id.to_string(),
+            };
+            match self.groups.get_mut(gid) {
+                Some(g) => g.agg.apply_attempt(&attempt, true),
+                None => {
+                    let mut agg = GroupAgg::default();
+                    agg.apply_attempt(&attempt, true);
+                    self.groups.insert(gid.to_vec(), Group { key: l.group(), agg });
+                }
+            }
+            match self.fresh.get_mut(pid) {
+                Some(pane) => {
+                    pane.rows.insert(key.to_vec(), attempt);
+                }
+                None => {
+                    let rows = BTreeMap::from([(key.to_vec(), attempt)]);
+                    self.fresh.insert(pid.to_vec(), Pane { group: l.group(), ingested: l.ingested, rows });
+                }
             }
         }
-        let pane = self.fresh.entry(id).or_insert_with(|| Pane { group, ingested, rows: BTreeMap::new() });
-        pane.rows.insert(key.to_vec(), attempt);
+        self.scratch = id;
     }
 
     /// Writes the rows this call took in into their panes: one state record per pane.
@@ -608,9 +705,12 @@ impl SprayRule {
                 ctx.state_delete([PANE_PREFIX, &id].concat());
                 continue;
             }
-            let agg = self.groups.entry(pane.group.clone()).or_default();
+            let g = self
+                .groups
+                .entry(group_id(&pane.group))
+                .or_insert_with(|| Group { key: pane.group.clone(), agg: GroupAgg::default() });
             for a in pane.rows.values() {
-                agg.apply_attempt(a, true);
+                g.agg.apply_attempt(a, true);
             }
             self.panes.put(ctx, id, expires, pane)?;
         }
@@ -626,8 +726,8 @@ impl SprayRule {
         Ok(())
     }
 
-    fn evaluate_group(&self, ctx: &mut Context<'_>, group: &GroupKey) {
-        let Some(agg) = self.groups.get(group) else { return };
+    fn evaluate_group(&self, ctx: &mut Context<'_>, g: &Group) {
+        let (group, agg) = (&g.key, &g.agg);
         if !agg.qualifies(&self.config) {
             return;
         }
@@ -760,12 +860,26 @@ mod tests {
             .collect();
         let rule = SprayRule::new(c, &state).unwrap();
         let group = logons[0].group.clone();
-        assert_eq!(rule.groups.get(&group).map(GroupAgg::summary), Some(Summary::of(&logons)));
+        assert_eq!(rule.groups.get(&group_id(&group)).map(|g| g.agg.summary()), Some(Summary::of(&logons)));
         assert_eq!(rule.pending.old_rows.len(), 5, "the old records are dropped with the first pass");
         let mut panes: Vec<(i64, usize)> = rule.fresh.values().map(|p| (p.ingested, p.rows.len())).collect();
         panes.sort();
         assert_eq!(panes, vec![(0, 4), (7, 1)], "one pane per group and ingestion time");
         assert!(rule.panes.is_empty(), "nothing written before a pass");
+    }
+
+    #[test]
+    fn a_pane_id_is_the_identity_key_of_its_group_and_time() {
+        for (identity, ip, name, id, at) in [
+            (false, "10.0.0.9", "h", "d", 0),
+            (true, "", "", "", -5),
+            (false, "::1", "é", "x".repeat(300).as_str(), i64::MAX),
+        ] {
+            let group = GroupKey { identity, ip: ip.into(), device_name: name.into(), device_id: id.into() };
+            let branch = if identity { "i" } else { "d" };
+            assert_eq!(pane_id(&group, at), identity_key(&[branch, ip, name, id, &at.to_string()]));
+            assert!(pane_id(&group, at).starts_with(&group_id(&group)));
+        }
     }
 
     #[test]

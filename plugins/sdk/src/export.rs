@@ -179,7 +179,7 @@ pub unsafe fn run_evaluate<D: Detector>(
         None => failed(RC_NOT_INITIALISED, "evaluate called before a successful init".into()),
         Some(detector) => {
             let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<u8>, (i32, String)> {
-                let req: EvalRequest = abi::decode(input).map_err(|e| (RC_BAD_PAYLOAD, e))?;
+                let req: EvalRequest = crate::wire::decode_eval_request(input).map_err(|e| (RC_BAD_PAYLOAD, e))?;
                 // The table is this call's: the context lives only inside it (see `call_host`).
                 let mut ctx = Context::new(host, req.now);
                 detector.evaluate(&req, &mut ctx).map_err(|e| (RC_ERROR, e))?;

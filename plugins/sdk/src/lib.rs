@@ -12,6 +12,7 @@
 
 pub mod abi;
 pub mod cell;
+pub mod collections;
 pub mod condition;
 pub mod context;
 pub mod detector;

@@ -10,9 +10,10 @@
 //! changes what is inside: hand it to [`Context::wake_at`] and the host runs a pass then,
 //! with or without new rows.
 
+use crate::collections::{HashMap, HashSet};
 use crate::context::Context;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 
 /// The layout of a stored record; bumped if [`Stored`] changes.
 const RECORD_FORMAT: u8 = 1;
@@ -40,7 +41,7 @@ pub struct Records<T> {
 impl<T: Serialize + DeserializeOwned> Records<T> {
     /// The records stored under `prefix` in a detector's state (as handed to `init`).
     pub fn load(prefix: &[u8], state: &[(Vec<u8>, Vec<u8>)]) -> Result<Self, String> {
-        let mut r = Records { prefix: prefix.to_vec(), items: HashMap::new(), by_expiry: BTreeMap::new() };
+        let mut r = Records { prefix: prefix.to_vec(), items: HashMap::default(), by_expiry: BTreeMap::new() };
         for (k, v) in state.iter().filter(|(k, _)| k.starts_with(prefix)) {
             let id = k[prefix.len()..].to_vec();
             let stored: Stored<T> = match v.split_first() {
