@@ -121,7 +121,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod rule;
 
-use lookout_plugin_sdk::{Detector, EvalRequest, InputSpec, Manifest, Parameter, Params};
+use lookout_plugin_sdk::{Detector, EvalRequest, IndexDecl, InputSpec, Manifest, Parameter, Params};
 
 pub use rule::{
     execution_of, is_scheduled_execution, output_row, profile_passes, static_filter, Execution, GroupKey, Hit, Index,
@@ -165,7 +165,14 @@ impl Detector for ScheduledTaskDetector {
                 p("default_prevalence", "0", "prevalence assumed when FileProfile has none"),
                 p("top", "1000", "at most this many binaries, the least widespread (top N by MachineCount asc)"),
             ],
-            indexes: Vec::new(),
+            // The input filter's `in~` on ActionType is answered from this index, and its
+            // `startswith`/`contains` on the command line from the covered values: a
+            // pass reads only the process rows that are scheduled-task executions.
+            indexes: vec![IndexDecl {
+                table: lookout_plugin_sdk::tables::PROCESS_EVENTS.into(),
+                columns: vec!["ActionType".into()],
+                covers: vec!["InitiatingProcessCommandLine".into()],
+            }],
         }
     }
 

@@ -96,7 +96,8 @@ pub fn is_scheduled_execution<R: Cells + ?Sized>(row: &R) -> bool {
 /// The static row filters of `ScheduledBinaries`, as host conditions.
 pub fn static_filter() -> Vec<Condition> {
     vec![
-        Condition::EqCi { column: "ActionType".into(), value: ACTION_TYPE.into() },
+        // `=~` as a one-value `in~` (the same test), so the host answers it from the index.
+        Condition::In { column: "ActionType".into(), any_of: vec![ACTION_TYPE.into()] },
         Condition::StartsWith { column: "InitiatingProcessCommandLine".into(), prefix: PARENT_PREFIX.into() },
         Condition::Contains { column: "InitiatingProcessCommandLine".into(), needle: PARENT_NEEDLE.into() },
     ]

@@ -135,7 +135,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod rule;
 
 use lookout_plugin_sdk::tables::{FILE_CERTIFICATES, NETWORK_EVENTS, PROCESS_EVENTS};
-use lookout_plugin_sdk::{Detector, EvalRequest, InputSpec, Manifest, Parameter, Params};
+use lookout_plugin_sdk::{Detector, EvalRequest, IndexDecl, InputSpec, Manifest, Parameter, Params};
 
 pub use rule::{output_row, RuleConfig, ScmRule};
 
@@ -294,7 +294,17 @@ impl Detector for ScmDetector {
                     "comma-separated child file names (in~) reported whatever their count or certificate",
                 ),
             ],
-            indexes: Vec::new(),
+            // Both input filters start with an `in~` on InitiatingProcessFileName that the
+            // host answers from these indexes, and test ActionType from the covered
+            // values: a pass reads only services.exe's connections and children.
+            indexes: [NETWORK_EVENTS, PROCESS_EVENTS]
+                .into_iter()
+                .map(|table| IndexDecl {
+                    table: table.into(),
+                    columns: vec!["InitiatingProcessFileName".into()],
+                    covers: vec!["ActionType".into()],
+                })
+                .collect(),
         }
     }
 

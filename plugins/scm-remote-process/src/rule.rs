@@ -656,8 +656,9 @@ fn network_filter() -> Vec<Condition> {
 /// `allServices`' row filters (the DeviceId one is implied by the join).
 fn child_filter() -> Vec<Condition> {
     vec![
+        // `=~` as a one-value `in~` (the same test), so the host answers it from the index.
+        Condition::In { column: "InitiatingProcessFileName".into(), any_of: vec![SERVICES.into()] },
         Condition::EqCi { column: "ActionType".into(), value: CREATED.into() },
-        Condition::EqCi { column: "InitiatingProcessFileName".into(), value: SERVICES.into() },
     ]
 }
 
