@@ -61,12 +61,7 @@ impl<'a> Context<'a> {
         filter: &[Condition],
         columns: &[&str],
     ) -> Result<Vec<Row>, String> {
-        let req = HostRequest::GetColumnsWhere {
-            keys,
-            filter: filter.to_vec(),
-            columns: columns.iter().map(|c| c.to_string()).collect(),
-        };
-        match self.call(&req)? {
+        match self.call(&columns_request(keys, filter, columns))? {
             HostResponse::Rows(rows) => Ok(rows),
             other => Err(format!("host answered GetColumnsWhere with {other:?}")),
         }
@@ -81,19 +76,7 @@ impl<'a> Context<'a> {
         filter: &[Condition],
         columns: &[&str],
     ) -> Result<RowSet, String> {
-        let req = HostRequest::GetColumnsWhere {
-            keys,
-            filter: filter.to_vec(),
-            columns: columns.iter().map(|c| c.to_string()).collect(),
-        };
-        let host = self.host.ok_or("no host callback in this context")?;
-        let input = abi::encode(&req)?;
-        let bytes = crate::export::call_host(host, &input, |rc, bytes| {
-            if rc != RC_OK {
-                return Err(format!("host call failed: {}", String::from_utf8_lossy(bytes)));
-            }
-            Ok(bytes.to_vec())
-        })?;
+        let bytes = self.call_with(&columns_request(keys, filter, columns), |bytes| Ok(bytes.to_vec()))?;
         RowSet::from_answer(bytes)
     }
 
@@ -222,16 +205,30 @@ impl<'a> Context<'a> {
     }
 
     fn call(&mut self, req: &HostRequest) -> Result<HostResponse, String> {
+        self.call_with(req, |bytes| match crate::wire::decode_host_response(bytes)? {
+            HostResponse::Error(e) => Err(e),
+            ok => Ok(ok),
+        })
+    }
+
+    /// Hands `req` to the host and `read`s its answer's bytes (a failed call is an error).
+    fn call_with<R>(&mut self, req: &HostRequest, read: impl FnOnce(&[u8]) -> Result<R, String>) -> Result<R, String> {
         let host = self.host.ok_or("no host callback in this context")?;
         let input = abi::encode(req)?;
         crate::export::call_host(host, &input, |rc, bytes| {
             if rc != RC_OK {
                 return Err(format!("host call failed: {}", String::from_utf8_lossy(bytes)));
             }
-            match crate::wire::decode_host_response(bytes)? {
-                HostResponse::Error(e) => Err(e),
-                ok => Ok(ok),
-            }
+            read(bytes)
         })
+    }
+}
+
+/// The request of [`Context::columns_where`] and [`Context::columns_where_borrowed`].
+fn columns_request(keys: Vec<Vec<u8>>, filter: &[Condition], columns: &[&str]) -> HostRequest {
+    HostRequest::GetColumnsWhere {
+        keys,
+        filter: filter.to_vec(),
+        columns: columns.iter().map(|c| c.to_string()).collect(),
     }
 }
