@@ -96,7 +96,7 @@ pub fn print_reports(reports: &[DetectorReport]) {
         };
         match &r.error {
             None => println!(
-                "{} {}: {mode} pass over {} row(s), {} new finding(s) in {:.1} ms{init}",
+                "{} {}: {mode} pass over {} row(s), {} new finding(s) in {:.2} ms{init}",
                 r.detector,
                 r.version,
                 r.rows,
