@@ -327,6 +327,16 @@ fn failed(
     }
 }
 
+/// Keeps the indexes `plugins` declare from now on (building each new one over the rows
+/// stored), before their first pass: rows stored from here on are indexed as they
+/// arrive, where a pass would read back every row stored in between to build them.
+pub fn declare_indexes(store: &mut Store, plugins: &[Plugin]) -> Result<(), StoreError> {
+    for plugin in plugins {
+        store.declare_indexes(&plugin.manifest.indexes)?;
+    }
+    Ok(())
+}
+
 /// The batches a detector's pass is handed rows of: those after `since` (all when `None`,
 /// a backfill) up to `head`.
 struct Due {

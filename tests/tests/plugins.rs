@@ -317,3 +317,30 @@ fn zero_threads_is_refused_with_what_to_pass() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--threads"), "{}", stderr(&out));
 }
+
+/// The indexes a detector declares are kept from its loading on, not from its first pass
+/// (a Kafka partition taken over stores its backlog between the two): rows stored before
+/// are indexed when it is loaded, rows stored after as they arrive.
+#[test]
+fn a_loaded_detector_s_indexes_are_kept_before_its_first_pass() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    ingest_kqlbench(&data);
+    let dir = plugins_dir(t.path(), &[WINRM, SCHEDULED_TASK, SCM_REMOTE, PASSWORD_SPRAYING]);
+    let mut store = lookout_core::Store::open(&data).unwrap();
+    let mut set = lookout_core::daemon::plugin_set::PluginSet::new(&dir, &data);
+    assert!(set.refresh().unwrap(), "the four detectors load");
+    assert_eq!(set.plugins.len(), 4);
+    assert!(store.indexes().is_empty(), "nothing declared before a detector is loaded");
+
+    lookout_core::detect::declare_indexes(&mut store, &set.plugins).unwrap();
+    let mut want: Vec<_> = set.plugins.iter().flat_map(|p| p.manifest.indexes.clone()).collect();
+    want.sort();
+    want.dedup();
+    assert!(want.len() >= 4, "the pack declares indexes: {want:?}");
+    assert_eq!(store.indexes(), want.as_slice());
+    drop(store);
+    // Kept with the store: a process that opens it later keeps them too.
+    let store = lookout_core::Store::open(&data).unwrap();
+    assert_eq!(store.indexes(), want.as_slice());
+}

@@ -791,7 +791,13 @@ fn detect_round(
     }
     if rescan || p.needs_pass {
         // A detector dropped in or changed runs over what is stored, whenever the pass is.
-        p.needs_pass |= p.plugins.refresh()?;
+        if p.plugins.refresh()? {
+            p.needs_pass = true;
+            // Its indexes are kept from now on, not from its first pass: a partition taken
+            // over stores its backlog before that pass, and rows stored with the indexes
+            // declared are indexed as they arrive instead of read back to build them.
+            crate::detect::declare_indexes(&mut p.store, &p.plugins.plugins)?;
+        }
         if let Some(tailer) = p.tailer.as_mut() {
             let never = AtomicBool::new(false);
             let fed = tailer.poll(&mut p.store, &never)?;
