@@ -71,8 +71,8 @@ pub fn row_postings<'r>(
 
 /// Which cells of a row the indexes read, worked out once per row layout (rows share
 /// their column list, `NormalRow::names`, with the rows of the same shape) instead of
-/// once per row: which strings to decode, and where each indexed or covered column is.
-/// Decoding only those cells and finding them without comparing every column name was a
+/// once per row: where each indexed or covered column is. Decoding only those cells (each
+/// read where it starts) and finding them without comparing every column name was a
 /// tenth of the storing thread's time at ingest.
 #[derive(Default)]
 pub(super) struct PostingLayouts {
@@ -83,8 +83,6 @@ struct PostingLayout {
     table: String,
     /// Held, so no other list can take its address while it is compared by address.
     names: Arc<Vec<String>>,
-    /// Whether each cell is read; the others' strings are skipped.
-    want: Vec<bool>,
     /// Each column the indexes of `table` read, with its first position in the row.
     columns: Vec<(String, usize)>,
 }
@@ -119,10 +117,14 @@ impl PostingLayouts {
                 &self.layouts[self.layouts.len() - 1]
             }
         };
-        let cells = cells.view_picked(&layout.want)?;
+        // Only the cells the indexes read, each found where it starts.
+        let mut picked = Vec::with_capacity(layout.columns.len());
+        for &(_, at) in &layout.columns {
+            picked.push(cells.cell(at)?);
+        }
         let cell_of = |c: &str| {
-            let at = layout.columns.iter().find(|(name, _)| name == c).map(|&(_, at)| at);
-            at.and_then(|at| cells.get(at)).map(codec::CellView::as_ref)
+            let i = layout.columns.iter().position(|(name, _)| name == c)?;
+            picked.get(i).map(codec::CellView::as_ref)
         };
         Ok(row_postings(specs, tid, table, cell_of))
     }
@@ -130,7 +132,6 @@ impl PostingLayouts {
 
 impl PostingLayout {
     fn new(specs: &[IndexDecl], table: &str, names: &Arc<Vec<String>>) -> PostingLayout {
-        let mut want = vec![false; names.len()];
         let mut columns: Vec<(String, usize)> = Vec::new();
         for spec in specs.iter().filter(|s| s.table == table) {
             for c in covered_columns(spec) {
@@ -138,12 +139,11 @@ impl PostingLayout {
                     continue;
                 }
                 if let Some(at) = names.iter().position(|n| n == c) {
-                    want[at] = true;
                     columns.push((c.to_string(), at));
                 }
             }
         }
-        PostingLayout { table: table.to_string(), names: Arc::clone(names), want, columns }
+        PostingLayout { table: table.to_string(), names: Arc::clone(names), columns }
     }
 }
 
