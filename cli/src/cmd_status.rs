@@ -111,6 +111,10 @@ fn print_human(s: &Status) {
         println!("  {} at {} {}{}", src.path, src.offset, src.unit, if src.compressed { " (gzip)" } else { "" });
     }
     println!("database size: {}", human_bytes(s.database_bytes));
+    println!("  {} generation(s), {} key-index run(s)", s.generations, s.key_index_runs);
+    if !s.indexes.is_empty() {
+        println!("  column indexes: {}", s.indexes.join("; "));
+    }
     if let Some(b) = s.bytes_per_row {
         println!("  {b:.0} bytes per row kept");
     }

@@ -45,6 +45,17 @@ pub struct Status {
     /// Database bytes per row within retention.
     #[serde(default)]
     pub bytes_per_row: Option<f64>,
+    /// Key-index runs: after a large ingest, or while merges are behind, many; a merge
+    /// turns eight of a size into one, in the background.
+    #[serde(default)]
+    pub key_index_runs: u64,
+    /// Generations of the data (folders under `gens/`), the unit retention deletes.
+    #[serde(default)]
+    pub generations: u64,
+    /// The column indexes kept, as `table(columns) covers (columns)`: those the detectors
+    /// loaded so far declared.
+    #[serde(default)]
+    pub indexes: Vec<String>,
     /// A Kafka node's owned partitions (`lookout run --kafka`); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaStatus>,
@@ -67,6 +78,9 @@ impl Status {
             expired: 0,
             removed: 0,
             bytes_per_row: None,
+            key_index_runs: 0,
+            generations: 0,
+            indexes: Vec::new(),
             kafka: None,
         }
     }
@@ -92,6 +106,13 @@ impl Status {
         };
         self.expired += s.expired;
         self.removed += s.removed;
+        self.key_index_runs += s.key_index_runs;
+        self.generations += s.generations;
+        for i in s.indexes {
+            if !self.indexes.contains(&i) {
+                self.indexes.push(i);
+            }
+        }
         let rows: u64 = self.tables.values().map(|t| t.rows).sum();
         self.bytes_per_row = (rows > 0).then(|| self.database_bytes as f64 / rows as f64);
     }
@@ -154,7 +175,8 @@ pub fn status(store: &Store) -> Result<Status, StoreError> {
 /// rows per table are those stored, including any past the horizon whose block is not
 /// removed yet (the daemon removes them within a poll or two).
 pub fn status_of(reader: &StoreReader, data_dir: &Path) -> Result<Status, StoreError> {
-    let Summary { counters: c, sources, findings, bytes_on_disk, horizon } = reader.summary()?;
+    let Summary { counters: c, sources, findings, bytes_on_disk, horizon, key_index_runs, generations, indexes } =
+        reader.summary()?;
     let sources = sources
         .into_iter()
         .map(|s| SourceStatus {
@@ -182,6 +204,18 @@ pub fn status_of(reader: &StoreReader, data_dir: &Path) -> Result<Status, StoreE
         expired: c.expired,
         removed: c.removed,
         bytes_per_row: None,
+        key_index_runs,
+        generations,
+        indexes: indexes.iter().map(index_text).collect(),
         kafka: None,
     })
+}
+
+/// An index as the status shows it: `table(columns)`, and ` covers (columns)` if any.
+fn index_text(i: &lookout_plugin_sdk::IndexDecl) -> String {
+    let mut s = format!("{}({})", i.table, i.columns.join(", "));
+    if !i.covers.is_empty() {
+        s.push_str(&format!(" covers ({})", i.covers.join(", ")));
+    }
+    s
 }

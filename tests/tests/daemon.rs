@@ -542,6 +542,13 @@ fn metrics_pass_prometheus_exposition_check() {
     let cli = status_json(&data);
     assert_eq!(cli["tables"], s["tables"], "status --json while the daemon runs");
     assert_eq!(cli["rejected"], s["rejected"]);
+    // How the rows are kept: the generation and the key-index runs they went into, and the
+    // index the detector declared.
+    assert!(s["generations"].as_u64().is_some_and(|n| n >= 1), "{s}");
+    assert!(s["key_index_runs"].as_u64().is_some_and(|n| n >= 1), "{s}");
+    let winrm_index = "DeviceImageLoadEvents(InitiatingProcessFileName) covers (FolderPath)";
+    assert_eq!(s["indexes"], serde_json::json!([winrm_index]), "{s}");
+    assert_eq!(cli["indexes"], s["indexes"]);
     // A daemon that is not a Kafka node has no partitions to show; anything else is a 404.
     assert_eq!(http_get(d.addr().expect("daemon.addr"), "/status/kafka").unwrap().0, 404);
     assert_eq!(http_get(d.addr().expect("daemon.addr"), "/nope").unwrap().0, 404);

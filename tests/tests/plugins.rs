@@ -343,4 +343,12 @@ fn a_loaded_detector_s_indexes_are_kept_before_its_first_pass() {
     // Kept with the store: a process that opens it later keeps them too.
     let store = lookout_core::Store::open(&data).unwrap();
     assert_eq!(store.indexes(), want.as_slice());
+    drop(store);
+    // And `lookout status` lists them.
+    let status: serde_json::Value = serde_json::from_str(&lookout_ok(&data, &["status", "--json"])).unwrap();
+    let listed = status["indexes"].as_array().unwrap();
+    assert_eq!(listed.len(), want.len(), "{status}");
+    assert!(listed.iter().any(|i| i == "DeviceImageLoadEvents(InitiatingProcessFileName) covers (FolderPath)"));
+    assert!(status["generations"].as_u64().is_some_and(|n| n >= 1), "{status}");
+    assert!(status["key_index_runs"].as_u64().is_some_and(|n| n >= 1), "{status}");
 }

@@ -474,6 +474,14 @@ impl Generations {
     }
 }
 
+/// How many generations the main database lists (for a reader without the store).
+pub(super) fn listed(main: &sled::Db) -> Result<u64> {
+    Ok(match main.get(list_key())? {
+        Some(v) => dec::<Vec<Record>>(&v)?.len() as u64,
+        None => 0,
+    })
+}
+
 /// Bytes of the generation folders under `data_dir` (for a reader without the store).
 pub fn bytes_under(data_dir: &Path) -> u64 {
     fn walk(p: &Path) -> u64 {

@@ -15,7 +15,7 @@
 //! keeps the index nearly free at ingest (per-row entries cost a fifth of the ingest rate
 //! and a third more disk, from sled rewriting the few hot leaves they all land on).
 
-use super::{codec, enc, keys, RowForm, Store};
+use super::{codec, dec, enc, keys, RowForm, Store};
 use crate::error::{StoreContext as _, StoreError};
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 use lookout_plugin_sdk::{CellRef, Condition, IndexDecl};
@@ -351,6 +351,17 @@ impl Store {
             Ok(())
         })?;
         self.get_rows_where(&keys_found, filter)
+    }
+
+    /// The indexes kept with the data (for a reader without the store).
+    pub(super) fn stored_indexes(db: &sled::Db) -> Result<Vec<IndexDecl>> {
+        match db.get(keys::named_key(keys::META, "index"))? {
+            Some(v) => match dec::<IndexMeta>(&v)? {
+                (LAYOUT, specs) => Ok(specs),
+                (other, _) => Err(corrupt!("column index layout {other}, expected {LAYOUT}: corrupt store")),
+            },
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Loads the list of indexes kept with the data.

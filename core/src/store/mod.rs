@@ -1202,6 +1202,12 @@ pub struct Summary {
     pub findings: u64,
     pub bytes_on_disk: u64,
     pub horizon: Option<i64>,
+    /// Key-index runs (a merge turns eight of a size into one).
+    pub key_index_runs: u64,
+    /// Generations (folders under `gens/`) listed.
+    pub generations: u64,
+    /// The column indexes kept (those the detectors loaded so far declared).
+    pub indexes: Vec<lookout_plugin_sdk::IndexDecl>,
 }
 
 /// Reads the store's totals from another thread while the `Store` (which only the writer
@@ -1231,6 +1237,9 @@ impl StoreReader {
                 .db
                 .get(keys::named_key(keys::META, "horizon"))?
                 .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)),
+            key_index_runs: runs::stored_runs(&self.db)?,
+            generations: generations::listed(&self.db)?,
+            indexes: Store::stored_indexes(&self.db)?,
         })
     }
 }

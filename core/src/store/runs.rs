@@ -278,6 +278,16 @@ fn chunk_key(run: u64, chunk: u32) -> Vec<u8> {
     k
 }
 
+/// How many key-index runs the main database holds (for a reader without the store): each
+/// run's metadata starts with its part 0.
+pub(super) fn stored_runs(db: &sled::Db) -> Result<u64> {
+    let mut n = 0;
+    for k in db.scan_prefix([keys::RUN_META]).keys() {
+        n += u64::from(k?.ends_with(&0u32.to_be_bytes()));
+    }
+    Ok(n)
+}
+
 fn meta_key(run: u64, part: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(13);
     k.push(keys::RUN_META);
