@@ -28,12 +28,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-/// Entries per chunk: ~96 keys of ~100 bytes compress to about 4 KiB, below the ~6 KiB the
-/// store keeps its values under, and a look-up with a handful of hits reads one chunk per
-/// run. (Against 64: each chunk's zstd frame costs as much to set up whatever it holds,
-/// and the storing thread ran 1.7% fewer instructions at ingest, a merge 6.7% fewer; the
-/// look-up's p50 stayed within its run-to-run spread.)
-pub const CHUNK_ENTRIES: usize = 96;
+/// Entries per chunk: ~64 keys of ~100 bytes compress to a few KiB, far below sled's
+/// blob threshold, and a look-up with a handful of hits reads one chunk per run.
+pub const CHUNK_ENTRIES: usize = 64;
 /// Runs merged at once. (Sixteen rewrote each entry once instead of twice on its way to
 /// a run that is not merged further, but the data directory then crept up to 1.16× its
 /// day-8 size in the 40-day test at 100,000 rows a day, against ≤ 1.12× with eight.)
