@@ -215,13 +215,16 @@ pub fn peek_schema(bytes: &[u8]) -> Result<u32> {
 /// columns, per row) as bincode's standard configuration writes a `Vec<(Vec<u8>,
 /// Vec<String>)>`, written by hand: serde writes and reads a `Vec<u8>` a byte at a time,
 /// and the row keys are most of an entry.
-pub fn encode_postings<V: AsRef<str>>(postings: &[(Vec<u8>, Vec<V>)]) -> Vec<u8> {
+pub fn encode_postings<V: AsRef<str>>(postings: &[(Vec<u8>, PostingPlace, Vec<V>)]) -> Vec<u8> {
     let size: usize =
-        postings.iter().map(|(k, vs)| 10 + k.len() + vs.iter().map(|v| 9 + v.as_ref().len()).sum::<usize>()).sum();
+        postings.iter().map(|(k, _, vs)| 25 + k.len() + vs.iter().map(|v| 9 + v.as_ref().len()).sum::<usize>()).sum();
     let mut out = Vec::with_capacity(9 + size);
     put_varint(&mut out, postings.len() as u64);
-    for (key, values) in postings {
+    for (key, (seq, block, row), values) in postings {
         put_bytes(&mut out, key);
+        put_varint(&mut out, *seq);
+        put_varint(&mut out, u64::from(*block));
+        put_varint(&mut out, u64::from(*row));
         put_varint(&mut out, values.len() as u64);
         for v in values {
             put_bytes(&mut out, v.as_ref().as_bytes());
@@ -230,22 +233,30 @@ pub fn encode_postings<V: AsRef<str>>(postings: &[(Vec<u8>, Vec<V>)]) -> Vec<u8>
     out
 }
 
-/// A row in a posting list, read in place: its key and its values.
-pub type PostingRef<'a> = (&'a [u8], Vec<&'a str>);
+/// Where a posting's row is: its batch, block and row in the block (the row's key-index
+/// entry, without the look-up: a pass reads the rows an index chose straight from there).
+pub type PostingPlace = (u64, u16, u16);
+
+/// A row in a posting list, read in place: its key, where it is, and its values.
+pub type PostingRef<'a> = (&'a [u8], PostingPlace, Vec<&'a str>);
 
 /// A posting list written by [`encode_postings`] (or by bincode's serde encoder), read
 /// in place.
 pub fn decode_postings(raw: &[u8]) -> Result<Vec<PostingRef<'_>>> {
     let mut r = Reader { bytes: raw, at: 0 };
     let mut read = || -> std::result::Result<Vec<PostingRef<'_>>, String> {
-        // A posting is at least its key's and its values' lengths; a value, its length.
-        let n = r.count(2)?;
+        // A posting is at least its key's length, its place and its values' length; a
+        // value, its length.
+        let n = r.count(5)?;
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             let key_len = r.count(1)?;
             let key = r.take(key_len)?;
+            let seq = r.varint()?;
+            let block = u16::try_from(r.varint()?).map_err(|_| "block number out of range".to_string())?;
+            let row = u16::try_from(r.varint()?).map_err(|_| "row number out of range".to_string())?;
             let values = r.count(1)?;
-            out.push((key, (0..values).map(|_| r.str()).collect::<std::result::Result<_, _>>()?));
+            out.push((key, (seq, block, row), (0..values).map(|_| r.str()).collect::<std::result::Result<_, _>>()?));
         }
         if r.at != raw.len() {
             return Err(format!("{} trailing bytes", raw.len() - r.at));
@@ -718,21 +729,21 @@ mod tests {
     /// reads them; a damaged one is refused.
     #[test]
     fn postings_by_hand_are_serdes() {
-        let lists: Vec<Vec<(Vec<u8>, Vec<String>)>> = vec![
+        let lists: Vec<Vec<(Vec<u8>, PostingPlace, Vec<String>)>> = vec![
             Vec::new(),
-            vec![(Vec::new(), Vec::new())],
+            vec![(Vec::new(), (0, 0, 0), Vec::new())],
             vec![
-                ((0..300).map(|i| i as u8).collect(), vec!["wsmsvc.dll".into(), r"c:\windows\é".into()]),
-                (b"k".to_vec(), vec![String::new(), "x".repeat(70_000)]),
+                ((0..300).map(|i| i as u8).collect(), (7, 3, 511), vec!["wsmsvc.dll".into(), r"c:\windows\é".into()]),
+                (b"k".to_vec(), (u64::MAX, u16::MAX, 300), vec![String::new(), "x".repeat(70_000)]),
             ],
         ];
         for list in lists {
             let bytes = encode_postings(&list);
             assert_eq!(bytes, bincode::serde::encode_to_vec(&list, bincode::config::standard()).unwrap());
-            let by_serde: Vec<(Vec<u8>, Vec<&str>)> =
+            let by_serde: Vec<(Vec<u8>, PostingPlace, Vec<&str>)> =
                 bincode::serde::borrow_decode_from_slice(&bytes, bincode::config::standard()).unwrap().0;
-            let by_hand: Vec<(Vec<u8>, Vec<&str>)> =
-                decode_postings(&bytes).unwrap().into_iter().map(|(k, v)| (k.to_vec(), v)).collect();
+            let by_hand: Vec<(Vec<u8>, PostingPlace, Vec<&str>)> =
+                decode_postings(&bytes).unwrap().into_iter().map(|(k, p, v)| (k.to_vec(), p, v)).collect();
             assert_eq!(by_hand, by_serde);
             for cut in 0..bytes.len().min(600) {
                 assert!(decode_postings(&bytes[..cut]).is_err(), "cut at {cut}");
@@ -742,6 +753,10 @@ mod tests {
         // A count no entry could hold allocates nothing.
         assert!(decode_postings(&[253, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
         // A value that is not UTF-8.
-        assert!(decode_postings(&[1, 1, b'k', 1, 1, 0xff]).is_err());
+        assert!(decode_postings(&[1, 1, b'k', 0, 0, 0, 1, 1, 0xff]).is_err());
+        assert!(decode_postings(&[1, 1, b'k', 0, 0, 0, 1, 1, b'v']).is_ok());
+        // A block or row number past u16.
+        assert!(decode_postings(&[1, 1, b'k', 0, 251, 0xff, 0xff, 0, 0]).is_ok());
+        assert!(decode_postings(&[1, 1, b'k', 0, 252, 0, 0, 1, 0, 0, 0]).is_err());
     }
 }

@@ -26,14 +26,16 @@ use std::sync::Arc;
 /// The size an index entry is kept under (before compression).
 const PART_BYTES: usize = 8 << 10;
 
-/// The layout of index entries and of the list of indexes.
-const LAYOUT: u32 = 4;
+/// The layout of index entries and of the list of indexes. (5: each posting says where
+/// its row is. A store of an earlier layout has its indexes built again when opened.)
+pub(super) const LAYOUT: u32 = 5;
 
 /// What the indexes on disk are: the layout and the declared indexes.
 type IndexMeta = (u32, Vec<IndexDecl>);
 
-/// One row in a posting list: its key and its values of the indexed and covered columns.
-type Posting = (Vec<u8>, Vec<String>);
+/// One row in a posting list: its key, where it is, and its values of the indexed and
+/// covered columns.
+type Posting = (Vec<u8>, codec::PostingPlace, Vec<String>);
 
 /// The name an index goes under in its keys: its columns, joined by U+001F.
 fn column_id(spec: &IndexDecl) -> String {
@@ -154,8 +156,8 @@ pub struct Postings {
 }
 
 impl Postings {
-    pub fn add(&mut self, prefix: Vec<u8>, row_key: Vec<u8>, covered: Vec<String>) {
-        self.by_prefix.entry(prefix).or_default().push((row_key, covered));
+    pub fn add(&mut self, prefix: Vec<u8>, row_key: Vec<u8>, place: codec::PostingPlace, covered: Vec<String>) {
+        self.by_prefix.entry(prefix).or_default().push((row_key, place, covered));
     }
 
     /// Writes the entries of batch `seq` into `batch`, in parts of about [`PART_BYTES`].
@@ -165,7 +167,7 @@ impl Postings {
             let mut part = 0u32;
             let mut start = 0;
             let mut bytes = 0;
-            for (i, (key, values)) in list.iter().enumerate() {
+            for (i, (key, _, values)) in list.iter().enumerate() {
                 bytes += posting_bytes(key, values);
                 if bytes >= PART_BYTES || i + 1 == list.len() {
                     batch.insert(
@@ -240,7 +242,7 @@ impl Store {
         &self,
         prefix: &[u8],
         seqs: Option<(u64, u64)>,
-        mut f: impl FnMut(Vec<u8>, Vec<&str>) -> Result<()>,
+        mut f: impl FnMut(Vec<u8>, codec::PostingPlace, Vec<&str>) -> Result<()>,
     ) -> Result<()> {
         let (from, to) = match seqs {
             Some((first, last)) => {
@@ -268,9 +270,9 @@ impl Store {
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         for (_, entry) in entries {
             let raw = unpack(&self.unzstd, &entry)?;
-            for (row_key, values) in codec::decode_postings(&raw)? {
+            for (row_key, place, values) in codec::decode_postings(&raw)? {
                 if self.visible(row_key) {
-                    f(row_key.to_vec(), values)?;
+                    f(row_key.to_vec(), place, values)?;
                 }
             }
         }
@@ -309,7 +311,7 @@ impl Store {
         let mut out = Vec::new();
         let mut row_filter = super::RowFilter::new(filter);
         for prefix in prefixes {
-            self.postings(&prefix, seqs, |row_key, values| {
+            self.postings(&prefix, seqs, |row_key, (seq, block, row), values| {
                 let keep = if checks.is_empty() {
                     true
                 } else if from_entry {
@@ -321,6 +323,8 @@ impl Store {
                     self.row_at_passes(&row_key, &mut row_filter)?
                 };
                 if keep {
+                    // The pass that asked reads these rows next: from where the entry says.
+                    self.hint(&row_key, seq, block, row);
                     out.push(row_key);
                 }
                 Ok(())
@@ -343,9 +347,10 @@ impl Store {
         let values: Vec<&str> = key.iter().map(|(_, v)| v.as_str()).collect();
         let prefix = keys::index_values_prefix(tid, &column_id(spec), &values);
         let mut keys_found = Vec::new();
-        self.postings(&prefix, None, |row_key, entry| {
+        self.postings(&prefix, None, |row_key, (seq, block, row), entry| {
             // The entry holds the full values: a value cut for length decides here.
             if values.iter().zip(&entry).all(|(want, got)| want.eq_ignore_ascii_case(got)) {
+                self.hint(&row_key, seq, block, row);
                 keys_found.push(row_key);
             }
             Ok(())
@@ -372,6 +377,17 @@ impl Store {
             Some((LAYOUT, specs)) => {
                 self.index_specs = specs;
                 self.posting_layouts.clear();
+            }
+            Some((old, specs)) if old < LAYOUT => {
+                // Entries of an earlier layout: the same indexes, built again in this one.
+                tracing::info!(
+                    layout = old,
+                    indexes = specs.len(),
+                    "column indexes of an earlier layout: building them again"
+                );
+                self.index_specs = Vec::new();
+                self.posting_layouts.clear();
+                self.declare_indexes(&specs)?;
             }
             Some((other, _)) => return Err(corrupt!("column index layout {other}, expected {LAYOUT}: corrupt store")),
             None => {
@@ -443,7 +459,7 @@ impl Store {
             }
             Ok(())
         };
-        self.for_each_row(tid, |seq, key, value| {
+        self.for_each_row(tid, |(seq, block, row_no), key, value| {
             let row = codec::decode_view(value).with_context(|| format!("building an index of {}", spec.table))?;
             let names = self
                 .schema_names
@@ -458,7 +474,7 @@ impl Store {
             }
             let (_, postings) = current.get_or_insert_with(|| (seq, Postings::default()));
             for (prefix, covered) in row_postings(specs, tid, &spec.table, cell_of) {
-                postings.add(prefix, key.to_vec(), covered);
+                postings.add(prefix, key.to_vec(), (seq, block, row_no), covered);
             }
             rows += 1;
             Ok(())
@@ -492,7 +508,11 @@ mod tests {
 
     /// The postings from every cell decoded and every name compared: what the layouts
     /// must give.
-    fn from_every_cell(specs: &[IndexDecl], names: &[String], cells: &codec::EncodedCells) -> Vec<Posting> {
+    fn from_every_cell(
+        specs: &[IndexDecl],
+        names: &[String],
+        cells: &codec::EncodedCells,
+    ) -> Vec<(Vec<u8>, Vec<String>)> {
         let view = cells.view().expect("cells encoded here");
         let cell_of = |c: &str| names.iter().position(|n| n == c).map(|i| view[i].as_ref());
         row_postings(specs, 7, "T", cell_of)

@@ -200,10 +200,11 @@ pub struct Store {
     /// The buffer [`Store::read_places`] decompresses blocks it does not find cached into.
     scratch: Mutex<Vec<u8>>,
     /// Where the rows a detector's pass was just handed are, by key (from the blocks
-    /// [`Store::new_row_keys_where`] read them in): the detector fetches them next, and
-    /// need not look each up in the key index again. Cleared by
-    /// [`Store::forget_row_hints`] before each pass; event rows only (they never move).
-    hints: Mutex<HashMap<Vec<u8>, (u64, u16, u16)>>,
+    /// [`Store::new_row_keys_where`] read them in, or the index entries that chose them):
+    /// the detector fetches them next, and need not look each up in the key index again.
+    /// Cleared by [`Store::forget_row_hints`] before each pass; event rows only (they
+    /// never move).
+    hints: Mutex<lookout_plugin_sdk::collections::HashMap<Vec<u8>, (u64, u16, u16)>>,
     /// The key index (see [`runs`]).
     runs: runs::Runs,
     /// The merge of key-index runs under way on its own thread, if any.
@@ -335,7 +336,7 @@ impl Store {
             rows_unzstd: Mutex::new(rows_unzstd),
             cache: Mutex::new(BlockCache::new(BLOCK_CACHE_BLOCKS)),
             scratch: Mutex::new(Vec::new()),
-            hints: Mutex::new(HashMap::new()),
+            hints: Mutex::default(),
             runs: runs::Runs::empty(),
             merge: None,
             merge_pause: 0,
@@ -1051,7 +1052,11 @@ impl Store {
 
     /// Every stored row of block table `tid` (key and value) within retention, in batch
     /// order, handed to `f` block by block.
-    pub(crate) fn for_each_row(&self, tid: u16, mut f: impl FnMut(u64, &[u8], &[u8]) -> Result<()>) -> Result<()> {
+    pub(crate) fn for_each_row(
+        &self,
+        tid: u16,
+        mut f: impl FnMut((u64, u16, u16), &[u8], &[u8]) -> Result<()>,
+    ) -> Result<()> {
         for kv in self.db.scan_prefix(keys::block_table_prefix(keys::BLOCK_META, tid)) {
             let (k, v) = kv?;
             let Some((_, seq, block)) = keys::block_of(&k) else { continue };
@@ -1075,7 +1080,9 @@ impl Store {
                 if tid != PROFILE_TABLE
                     || current.is_some_and(|e| (e.seq, e.block, e.row as usize) == (seq, block, row))
                 {
-                    f(seq, key, value)?;
+                    let row =
+                        u16::try_from(row).map_err(|_| corrupt!("block {tid}/{seq}/{block} has over 65,535 rows"))?;
+                    f((seq, block, row), key, value)?;
                 }
             }
         }
@@ -1398,6 +1405,9 @@ impl WriteBatch<'_> {
         let ahead = row.kind == TableKind::Event
             && generations::Generations::ahead_limit(self.store.now, self.store.retention)
                 .is_some_and(|limit| row.timestamp > limit);
+        let value = [&header[..header_len], row.cells.body()];
+        let (block, row_no) = self.blocks.add(block_table, &key, row.timestamp, &value, ahead)?;
+        let entry = KeyEntry { seq: self.store.next_journal, block, row: row_no, content };
         if added == Added::New {
             *self.store.counters.rows.entry(row.table).or_insert(0) += 1;
             self.counters_dirty = true;
@@ -1405,12 +1415,9 @@ impl WriteBatch<'_> {
             // from ahead of the clock.
             let postings_of = if ahead { &mut self.ahead_postings } else { &mut self.postings };
             for (prefix, covered) in postings {
-                postings_of.add(prefix, key.clone(), covered);
+                postings_of.add(prefix, key.clone(), (entry.seq, block, row_no), covered);
             }
         }
-        let value = [&header[..header_len], row.cells.body()];
-        let (block, row_no) = self.blocks.add(block_table, &key, row.timestamp, &value, ahead)?;
-        let entry = KeyEntry { seq: self.store.next_journal, block, row: row_no, content };
         if row.kind == TableKind::Profile {
             // Newest wins, within the batch too.
             self.profile_entries.insert(key.clone(), entry);
@@ -2108,6 +2115,52 @@ mod tests {
         let s3 = commit(&mut store, vec![load(4, "WSMPROVHOST.EXE")]);
         assert_eq!(lookup(&store, "wsmprovhost.exe", Some((s1, s1))), ["s1"]);
         assert_eq!(lookup(&store, "wsmprovhost.exe", Some((s3, s3))), ["s4"]);
+    }
+
+    /// The rows an index chooses are read from where its entries say (the key index is
+    /// not asked), and those places are the key index's.
+    #[test]
+    fn rows_an_index_chose_are_where_its_entries_say() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = indexed_store(dir.path());
+        commit(
+            &mut store,
+            (1..=6).map(|i| load(i, if i % 2 == 0 { "svchost.exe" } else { "wsmprovhost.exe" })).collect(),
+        );
+        commit(&mut store, (7..=9).map(|i| load(i, "wsmprovhost.exe")).collect());
+        store.forget_row_hints();
+        let keys = store.index_lookup(IMAGE_LOADS, &in_process("wsmprovhost.exe"), None).unwrap().unwrap();
+        assert_eq!(keys.len(), 6);
+        let hints = store.hints.lock().unwrap().clone();
+        assert_eq!(hints.len(), keys.len(), "only the rows chosen");
+        for k in &keys {
+            let e = store.key_entry(k).unwrap().expect("in the key index");
+            assert_eq!(hints.get(k), Some(&(e.seq, e.block, e.row)));
+        }
+        let hinted: Vec<Option<Row>> = keys.iter().map(|k| store.get_row::<Row>(k).unwrap()).collect();
+        store.forget_row_hints();
+        let looked_up: Vec<Option<Row>> = keys.iter().map(|k| store.get_row::<Row>(k).unwrap()).collect();
+        assert_eq!(hinted, looked_up);
+    }
+
+    /// A store whose index entries are of an earlier layout has its indexes built again
+    /// when opened, in this one.
+    #[test]
+    fn indexes_of_an_earlier_layout_are_built_again_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = indexed_store(dir.path());
+            commit(&mut store, (1..=4).map(|i| load(i, "wsmprovhost.exe")).collect());
+            let earlier: (u32, Vec<lookout_plugin_sdk::IndexDecl>) = (index::LAYOUT - 1, store.indexes().to_vec());
+            store.db.insert(keys::named_key(keys::META, "index"), enc(&earlier).unwrap()).unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.indexes(), [winrm_index()]);
+        let meta: (u32, Vec<lookout_plugin_sdk::IndexDecl>) =
+            store.get_decoded(&keys::named_key(keys::META, "index")).unwrap().unwrap();
+        assert_eq!(meta, (index::LAYOUT, vec![winrm_index()]));
+        assert_eq!(lookup(&store, "wsmprovhost.exe", None), ["s1", "s2", "s3", "s4"]);
     }
 
     /// A multi-column index answers `lookup_by` on exactly its columns, ignoring ASCII
