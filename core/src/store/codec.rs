@@ -729,7 +729,8 @@ mod tests {
     /// reads them; a damaged one is refused.
     #[test]
     fn postings_by_hand_are_serdes() {
-        let lists: Vec<Vec<(Vec<u8>, PostingPlace, Vec<String>)>> = vec![
+        type List = Vec<(Vec<u8>, PostingPlace, Vec<String>)>;
+        let lists: Vec<List> = vec![
             Vec::new(),
             vec![(Vec::new(), (0, 0, 0), Vec::new())],
             vec![
