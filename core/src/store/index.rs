@@ -358,11 +358,12 @@ impl Store {
         self.get_rows_where(&keys_found, filter)
     }
 
-    /// The indexes kept with the data (for a reader without the store).
+    /// The indexes kept with the data (for a reader without the store; those of an
+    /// earlier layout too, which the next open of the store builds again).
     pub(super) fn stored_indexes(db: &sled::Db) -> Result<Vec<IndexDecl>> {
         match db.get(keys::named_key(keys::META, "index"))? {
             Some(v) => match dec::<IndexMeta>(&v)? {
-                (LAYOUT, specs) => Ok(specs),
+                (layout, specs) if layout <= LAYOUT => Ok(specs),
                 (other, _) => Err(corrupt!("column index layout {other}, expected {LAYOUT}: corrupt store")),
             },
             None => Ok(Vec::new()),
