@@ -202,9 +202,18 @@ pub struct BatchBlocks {
 }
 
 impl BatchBlocks {
-    /// Adds a row and says where it will be once the batch commits under `seq`; `ahead`
-    /// puts it among the blocks numbered from [`AHEAD_BLOCK`].
-    pub fn add(&mut self, table: u16, key: &[u8], timestamp: i64, value: &[&[u8]], ahead: bool) -> Result<(u16, u16)> {
+    /// Adds a row (its key and content hash go into the block's key frame: see
+    /// [`frame_keys`]) and says where it will be once the batch commits under `seq`;
+    /// `ahead` puts it among the blocks numbered from [`AHEAD_BLOCK`].
+    pub fn add(
+        &mut self,
+        table: u16,
+        key: &[u8],
+        content: u64,
+        timestamp: i64,
+        value: &[&[u8]],
+        ahead: bool,
+    ) -> Result<(u16, u16)> {
         let blocks = self.tables.entry((table, ahead)).or_default();
         let full = blocks.last().is_none_or(|b| b.count >= BLOCK_ROWS || b.raw >= BLOCK_RAW);
         if full {
@@ -226,7 +235,7 @@ impl BatchBlocks {
         b.raw += key.len() + value.iter().map(|p| p.len()).sum::<usize>();
         b.min_ts = b.min_ts.min(timestamp);
         b.max_ts = b.max_ts.max(timestamp);
-        OpenBlock::push_item(&mut b.keys, &[key]);
+        OpenBlock::push_item(&mut b.keys, &[key, &content.to_be_bytes()]);
         let span = OpenBlock::push_item(&mut b.rows, value);
         b.row_spans.push(span);
         b.count += 1;
@@ -263,7 +272,7 @@ impl BatchBlocks {
                 let keys_frame = compress(zstd, &b.keys)?;
                 let items = PackedItems { raw: b.rows, spans: b.row_spans };
                 let rows_frame = rows.compress(table, &items)?;
-                let keys = unpack_items(&b.keys)?;
+                let keys: Vec<&[u8]> = frame_keys(&b.keys)?.into_iter().map(|(k, _)| k).collect();
                 let (key_parts, row_parts, at) = if in_main(table, block) {
                     let key_parts = write_pieces(batch, keys::BLOCK_KEYS, table, seq, block, &keys_frame)?;
                     let row_parts = write_pieces(batch, keys::BLOCK_ROWS, table, seq, block, &rows_frame)?;
@@ -331,6 +340,23 @@ pub fn pack_items<T: AsRef<[u8]>>(items: &[T]) -> Vec<u8> {
 /// The byte strings of [`pack_items`], borrowed.
 pub fn unpack_items(raw: &[u8]) -> Result<Vec<&[u8]>> {
     Ok(item_spans(raw)?.into_iter().map(|(start, end)| &raw[start as usize..end as usize]).collect())
+}
+
+/// The rows of a key frame (decompressed), in block order: each row's key and its content
+/// hash, which the frame keeps after the key so that a batch's key-index run can be made
+/// again from its blocks' key frames alone (see `runs`: a batch's own run is held in
+/// memory, not written).
+pub fn frame_keys(raw: &[u8]) -> Result<Vec<(&[u8], u64)>> {
+    item_spans(raw)?
+        .into_iter()
+        .map(|(start, end)| {
+            let item = &raw[start as usize..end as usize];
+            let (key, content) = item
+                .split_last_chunk::<8>()
+                .ok_or_else(|| corrupt!("corrupt block: a key frame's item is shorter than its content hash"))?;
+            Ok((key, u64::from_be_bytes(*content)))
+        })
+        .collect()
 }
 
 /// Where each item of [`pack_items`] lies in `raw`: (start, end).
@@ -547,7 +573,7 @@ mod tests {
         for i in 0..(BLOCK_ROWS + 10) {
             // A value in two parts (a header and a body) is stored as one.
             let value = [(i % 251) as u8; 100];
-            places.push(bb.add(1, format!("k{i}").as_bytes(), i as i64, &[&value[..30], &value[30..]], false).unwrap());
+            places.push(bb.add(1, format!("k{i}").as_bytes(), 7000 + i as u64, i as i64, &[&value[..30], &value[30..]], false).unwrap());
         }
         // Incompressible big rows in another table cut blocks by bytes.
         let mut seed = 1u64;
@@ -560,12 +586,12 @@ mod tests {
                     seed as u8
                 })
                 .collect();
-            bb.add(2, b"big", 0, &[&big], false).unwrap();
+            bb.add(2, b"big", 1, 0, &[&big], false).unwrap();
         }
         assert_eq!(places[BLOCK_ROWS - 1], (0, (BLOCK_ROWS - 1) as u16));
         assert_eq!(places[BLOCK_ROWS], (1, 0));
         // FileProfile's rows (table 0) go into the main database in pieces.
-        bb.add(0, b"profile", 0, &[&[5u8; 20_000][..]], false).unwrap();
+        bb.add(0, b"profile", 2, 0, &[&[5u8; 20_000][..]], false).unwrap();
         let mut batch = sled::Batch::default();
         let mut file = FileAppend { base: 1000, frames: Vec::new() };
         let (mut rows_zstd, mut decoders) = RowCompression::load(&db).unwrap();
@@ -607,7 +633,7 @@ mod tests {
         assert_eq!(rows.len(), 10);
         assert_eq!(rows[3], vec![((BLOCK_ROWS + 3) % 251) as u8; 100]);
         let keys_back = read(&mut z, 1, 0, keys::BLOCK_KEYS);
-        assert_eq!(unpack_items(&keys_back).unwrap()[5], b"k5");
+        assert_eq!(frame_keys(&keys_back).unwrap()[5], (&b"k5"[..], 7005), "each key with its content hash");
         let big = read(&mut z, 2, 1, keys::BLOCK_ROWS);
         let big = unpack_items(&big).unwrap();
         assert_eq!((big.len(), big[0].len()), (2, 40_000), "three 40 KB rows fill a block, two are left");

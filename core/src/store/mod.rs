@@ -58,7 +58,7 @@ macro_rules! unusable {
 }
 
 /// The layout of everything stored. A store of another format is refused on open.
-pub const FORMAT_VERSION: u64 = 10;
+pub const FORMAT_VERSION: u64 = 11;
 
 /// The pseudo table number of FileProfile rows in blocks (event tables start at 1).
 const PROFILE_TABLE: u16 = 0;
@@ -356,9 +356,42 @@ impl Store {
             runs::Runs::open(&store.gens, &mut z)?
         };
         store.load_registries()?;
+        store.hold_runs_again()?;
         store.gens.sweep_uncommitted(store.next_journal)?;
         store.load_indexes()?;
         Ok(store)
+    }
+
+    /// Makes the held key-index runs (a batch's own event run, not written: see `runs`)
+    /// again from their batches' key frames: every event block of the batch but those
+    /// from ahead of the clock (which have a run of their own).
+    fn hold_runs_again(&mut self) -> Result<()> {
+        let started = std::time::Instant::now();
+        let todo = self.runs.to_hold_again();
+        let tables: Vec<u16> = self.table_names.keys().copied().filter(|t| *t != PROFILE_TABLE).collect();
+        for (id, seq) in &todo {
+            let mut entries = Vec::new();
+            for tid in &tables {
+                let start = keys::block_key(keys::BLOCK_META, *tid, *seq, 0, 0);
+                let end = keys::block_key(keys::BLOCK_META, *tid, *seq, blocks::AHEAD_BLOCK, 0);
+                for kv in self.db.range(start..end) {
+                    let (k, v) = kv?;
+                    let Some((_, _, block)) = keys::block_of(&k) else { continue };
+                    let raw = self.block_frame(keys::BLOCK_KEYS, *tid, *seq, block, Some(&v))?;
+                    for (row, (key, content)) in blocks::frame_keys(&raw)?.into_iter().enumerate() {
+                        let row = u16::try_from(row)
+                            .map_err(|_| corrupt!("block {tid}/{seq}/{block} has over 65,535 rows"))?;
+                        entries.push((key.to_vec(), KeyEntry { seq: *seq, block, row, content }));
+                    }
+                }
+            }
+            entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            self.runs.hold_again(*id, entries)?;
+        }
+        if !todo.is_empty() {
+            tracing::debug!(runs = todo.len(), ms = started.elapsed().as_millis() as u64, "key index runs held again");
+        }
+        Ok(())
     }
 
     /// Refuses a store written in another layout; records the layout in a new one (with
@@ -992,7 +1025,7 @@ impl Store {
                 }
             }
             let raw = self.block_frame(keys::BLOCK_KEYS, tid, seq, block, Some(&v))?;
-            for (row, key) in blocks::unpack_items(&raw)?.into_iter().enumerate() {
+            for (row, (key, _)) in blocks::frame_keys(&raw)?.into_iter().enumerate() {
                 if !self.visible(key) {
                     continue;
                 }
@@ -1062,7 +1095,7 @@ impl Store {
             let Some((_, seq, block)) = keys::block_of(&k) else { continue };
             let keys_raw = self.block_frame(keys::BLOCK_KEYS, tid, seq, block, Some(&v))?;
             let rows_raw = self.block_frame(keys::BLOCK_ROWS, tid, seq, block, Some(&v))?;
-            let keys_frame = blocks::unpack_items(&keys_raw)?;
+            let keys_frame = blocks::frame_keys(&keys_raw)?;
             let rows = blocks::unpack_items(&rows_raw)?;
             if keys_frame.len() != rows.len() {
                 return Err(corrupt!(
@@ -1071,7 +1104,7 @@ impl Store {
                     rows.len()
                 ));
             }
-            for (row, (key, value)) in keys_frame.into_iter().zip(rows).enumerate() {
+            for (row, ((key, _), value)) in keys_frame.into_iter().zip(rows).enumerate() {
                 if !self.visible(key) {
                     continue;
                 }
@@ -1406,7 +1439,7 @@ impl WriteBatch<'_> {
             && generations::Generations::ahead_limit(self.store.now, self.store.retention)
                 .is_some_and(|limit| row.timestamp > limit);
         let value = [&header[..header_len], row.cells.body()];
-        let (block, row_no) = self.blocks.add(block_table, &key, row.timestamp, &value, ahead)?;
+        let (block, row_no) = self.blocks.add(block_table, &key, content, row.timestamp, &value, ahead)?;
         let entry = KeyEntry { seq: self.store.next_journal, block, row: row_no, content };
         if added == Added::New {
             *self.store.counters.rows.entry(row.table).or_insert(0) += 1;
@@ -1546,8 +1579,12 @@ impl WriteBatch<'_> {
                 }
                 let chunks = if run_generation == 0 { &mut main_chunks } else { &mut pieces };
                 let store = &mut *self.store;
-                pending_runs
-                    .push(store.runs.write(kind, run_generation, &list, &mut store.zstd, chunks, &mut self.batch)?.1);
+                // The batch's own event run (in its generation) is held in memory, made
+                // again from its blocks' key frames on open (see `runs`).
+                let hold = (kind == runs::RunKind::Events && run_generation != 0).then_some(s);
+                let (_, run) =
+                    store.runs.write(kind, run_generation, &list, hold, &mut store.zstd, chunks, &mut self.batch)?;
+                pending_runs.push(run);
             }
             // Postings are only made for event rows, so a batch with any has a generation
             // unless all its rows came from ahead of the clock.

@@ -265,3 +265,89 @@ fn forty_days_with_seven_kept_stay_flat() {
         assert_eq!(blob_files, 0, "sled wrote blob files in {}", db.display());
     }
 }
+
+/// Every stored key of [`TABLE`] with its key-index entry.
+fn key_entries(store: &Store) -> Vec<(Vec<u8>, KeyEntry)> {
+    let keys = store.new_row_keys(TABLE, 0, u64::MAX).unwrap();
+    keys.into_iter()
+        .map(|k| {
+            let e = store.key_entry(&k).unwrap().expect("every stored key is in the key index");
+            (k, e)
+        })
+        .collect()
+}
+
+/// A batch's own event run is held in memory, not written (no chunk of it in any
+/// database), and made again from its blocks' key frames when the store opens: every key
+/// is where it was, with its content hash, so a row sent again is a duplicate and one
+/// that differs only in content is another row.
+#[test]
+fn a_batch_s_own_run_is_held_and_made_again_from_its_key_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    // Over a block's 512 rows, so the run spans two blocks' key frames.
+    let rows: Vec<ModelRow> = (0..700u32).map(|i| ((i % 250) as u8, (i / 250) as u8, 0, 0, 0)).collect();
+    let before = {
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut b = store.batch();
+        for r in &rows {
+            assert_eq!(b.add_row(normal(*r, 8), 0).unwrap(), Added::New);
+        }
+        b.commit().unwrap();
+        let mut b = store.batch();
+        assert_eq!(b.add_row(normal((0, 0, 0, 0, 1), 8), 0).unwrap(), Added::New, "another content, another row");
+        b.commit().unwrap();
+        assert_eq!(store.runs.held_count(), 2);
+        for db in store.gens.all_dbs() {
+            assert_eq!(db.scan_prefix([keys::RUN_CHUNK]).count(), 0, "a held run writes no chunk");
+        }
+        let before = key_entries(&store);
+        assert_eq!(before.len(), 701);
+        store.flush().unwrap();
+        before
+    };
+    let mut store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.runs.held_count(), 2, "held again on open");
+    assert_eq!(key_entries(&store), before, "each key where it was, with its content");
+    let mut b = store.batch();
+    for r in rows.iter().chain([&(0, 0, 0, 0, 1)]) {
+        assert_eq!(b.add_row(normal(*r, 8), 0).unwrap(), Added::Duplicate, "{r:?} again");
+    }
+    assert_eq!(b.add_row(normal((0, 0, 0, 0, 2), 8), 0).unwrap(), Added::New, "a third content");
+    b.commit().unwrap();
+}
+
+/// Where runs come slowly, a generation is left with fewer runs than a merge takes; past
+/// [`runs::MAX_HELD`] held runs the oldest are merged (or written) however few, so memory
+/// stays bounded, and every key stays where it was, before and after reopening.
+#[test]
+fn held_runs_stay_bounded_when_generations_end_with_few_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    store.set_retention(Some(80 * DAY));
+    let mut most_held = 0;
+    let mut n = 0u32;
+    // A generation spans 10 days of store clock: three batches each.
+    for generation in 0..8i64 {
+        store.advance_clock(BASE + generation * 10 * DAY + DAY).unwrap();
+        for _ in 0..3 {
+            let mut b = store.batch();
+            for _ in 0..20 {
+                let r = ((n % 250) as u8, (n / 250 % 250) as u8, 0, (n / 62_500) as u8, 0);
+                assert_eq!(b.add_row(normal(r, 8), 0).unwrap(), Added::New);
+                n += 1;
+            }
+            b.commit().unwrap();
+            store.finish_merge();
+            most_held = most_held.max(store.runs.held_count());
+        }
+    }
+    assert!(store.gens.count() >= 8, "a generation per three batches: {}", store.gens.count());
+    assert!(most_held <= runs::MAX_HELD, "{most_held} held");
+    assert!(store.runs.run_count() > store.runs.held_count(), "some were merged or written");
+    let before = key_entries(&store);
+    assert_eq!(before.len(), n as usize);
+    store.flush().unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(key_entries(&store), before);
+}

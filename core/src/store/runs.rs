@@ -11,6 +11,14 @@
 //! and (table, SHA1, DeviceId) prefixes. The metadata of every run is held in memory, so a
 //! look-up reads only the chunks of the runs whose filter says "maybe".
 //!
+//! A batch's own run of event rows is not written: it is held in memory (its metadata,
+//! without fences or filter, goes into the batch so the run is known) and made again from
+//! the batch's blocks' key frames, which carry each row's key and content hash, when the
+//! store next opens. Why: it would be written and compressed only for a merge to read it
+//! back and write its entries again, soon after; compressing it was an eighth of what
+//! the storing thread did, which is what limits ingestion. At most [`MAX_HELD`] are held:
+//! past that the oldest are merged (or written, alone) even if fewer than the fan-in.
+//!
 //! Small runs are merged into bigger ones ([`MERGE_FAN_IN`] at a time, up to
 //! [`MAX_MERGED_ENTRIES`]) on a thread of their own, which writes the new run's chunks;
 //! one atomic batch of the main database then makes the new run visible and the old ones
@@ -45,6 +53,9 @@ const PIECE_BYTES: usize = 6 << 10;
 const STEP_CHUNKS: u32 = 256;
 /// Decompressed chunks kept for reads.
 const CHUNK_CACHE: usize = 512;
+/// Runs held in memory at most (see the module's comment): ~1 MiB each for a batch of
+/// 8,192 rows, and each made again from its key frames on open (~1–2 ms).
+pub const MAX_HELD: usize = 16;
 const BITS_PER_ITEM: u64 = 10;
 const PROBES: u64 = 7;
 
@@ -75,6 +86,18 @@ impl ChunkEntries {
             keys.push((key_start as u32, end));
         }
         Ok(ChunkEntries { raw, keys, entries })
+    }
+
+    /// A chunk of entries given in key order, as it would read back once written.
+    fn of(list: &[Entry]) -> ChunkEntries {
+        let mut raw = Vec::with_capacity(list.iter().map(|(k, _)| k.len()).sum());
+        let mut keys = Vec::with_capacity(list.len());
+        for (k, _) in list {
+            let start = raw.len() as u32;
+            raw.extend_from_slice(k);
+            keys.push((start, raw.len() as u32));
+        }
+        ChunkEntries { raw, keys, entries: list.iter().map(|(_, e)| *e).collect() }
     }
 
     fn key(&self, i: usize) -> &[u8] {
@@ -133,6 +156,9 @@ struct RunMeta {
     min_ts: i64,
     max_ts: i64,
     bloom: Vec<u64>,
+    /// `Some(seq)`: the run of batch `seq`'s event rows, held in memory, not written; as
+    /// stored, without fences or filter (made again with the entries on open).
+    held: Option<u64>,
 }
 
 impl RunMeta {
@@ -188,6 +214,8 @@ struct RunWriter {
     meta: RunMeta,
     chunk: Vec<Entry>,
     chunks: u32,
+    /// A held run's chunks (see [`RunMeta::held`]), kept instead of written.
+    held: Option<Vec<Chunk>>,
 }
 
 impl RunWriter {
@@ -205,10 +233,20 @@ impl RunWriter {
                 min_ts: i64::MAX,
                 max_ts: i64::MIN,
                 bloom: vec![0u64; words],
+                held: None,
             },
             chunk: Vec::with_capacity(CHUNK_ENTRIES),
             chunks: 0,
+            held: None,
         }
+    }
+
+    /// A writer of the held run of batch `seq`.
+    fn held(id: u64, generation: u32, seq: u64, expected: u64) -> RunWriter {
+        let mut w = RunWriter::new(id, RunKind::Events, generation, expected);
+        w.meta.held = Some(seq);
+        w.held = Some(Vec::with_capacity((expected as usize).div_ceil(CHUNK_ENTRIES)));
+        w
     }
 
     fn push(
@@ -218,6 +256,14 @@ impl RunWriter {
         zstd: &mut zstd::bulk::Compressor<'static>,
         batch: &mut sled::Batch,
     ) -> Result<()> {
+        if self.add(key, entry) {
+            self.flush_chunk(zstd, batch)?;
+        }
+        Ok(())
+    }
+
+    /// Adds an entry to the metadata and the open chunk; says whether the chunk is full.
+    fn add(&mut self, key: Vec<u8>, entry: KeyEntry) -> bool {
         let n = self.meta.bloom.len() as u64 * 64;
         for item in filter_items(&key) {
             let (h1, h2) = hash2(item);
@@ -234,14 +280,23 @@ impl RunWriter {
             self.meta.fences.push(key.clone());
         }
         self.chunk.push((key, entry));
-        if self.chunk.len() == CHUNK_ENTRIES {
-            self.flush_chunk(zstd, batch)?;
+        self.chunk.len() == CHUNK_ENTRIES
+    }
+
+    /// Closes the open chunk of a held run: kept, not written.
+    fn keep_chunk(&mut self) {
+        if !self.chunk.is_empty() {
+            let chunk = Arc::new(ChunkEntries::of(&self.chunk));
+            self.held.get_or_insert_with(Vec::new).push(chunk);
+            self.chunks += 1;
+            self.chunk.clear();
         }
-        Ok(())
     }
 
     fn flush_chunk(&mut self, zstd: &mut zstd::bulk::Compressor<'static>, batch: &mut sled::Batch) -> Result<()> {
-        if !self.chunk.is_empty() {
+        if self.held.is_some() {
+            self.keep_chunk();
+        } else if !self.chunk.is_empty() {
             batch.insert(chunk_key(self.id, self.chunks), compress(zstd, &encode_entries(&self.chunk)?)?);
             self.chunks += 1;
             self.chunk.clear();
@@ -261,12 +316,17 @@ impl RunWriter {
         if self.meta.entries == 0 {
             return Ok(None);
         }
-        let raw = bincode::serde::encode_to_vec(&self.meta, bincode::config::standard())
+        // A held run's fences and filter are made again with its entries on open.
+        let stored = match self.meta.held {
+            Some(_) => RunMeta { fences: Vec::new(), bloom: Vec::new(), ..self.meta.clone() },
+            None => self.meta.clone(),
+        };
+        let raw = bincode::serde::encode_to_vec(&stored, bincode::config::standard())
             .map_err(|e| corrupt!("cannot encode run metadata: {e}"))?;
         for (part, piece) in compress(zstd, &raw)?.chunks(PIECE_BYTES).enumerate() {
             batch.insert(meta_key(self.id, part as u32), piece);
         }
-        Ok(Some(PendingRun { id: self.id, meta: self.meta }))
+        Ok(Some(PendingRun { id: self.id, meta: self.meta, held: self.held }))
     }
 }
 
@@ -370,6 +430,8 @@ pub struct Runs {
     runs: BTreeMap<u64, RunMeta>,
     next_id: u64,
     cache: Mutex<ChunkCache>,
+    /// The chunks of the held runs (see [`RunMeta::held`]), by run id.
+    held: HashMap<u64, Arc<Vec<Chunk>>>,
 }
 
 impl Runs {
@@ -410,12 +472,47 @@ impl Runs {
             }
         }
         let next_id = runs.keys().next_back().map_or(1, |id| id + 1);
-        Ok(Runs { runs, next_id, cache: Mutex::new((HashMap::new(), VecDeque::new())) })
+        Ok(Runs { runs, next_id, cache: Mutex::new((HashMap::new(), VecDeque::new())), held: HashMap::new() })
     }
 
     /// No runs (before [`Runs::open`]).
     pub fn empty() -> Runs {
-        Runs { runs: BTreeMap::new(), next_id: 1, cache: Mutex::new((HashMap::new(), VecDeque::new())) }
+        Runs {
+            runs: BTreeMap::new(),
+            next_id: 1,
+            cache: Mutex::new((HashMap::new(), VecDeque::new())),
+            held: HashMap::new(),
+        }
+    }
+
+    /// The held runs (run id, batch sequence) [`Runs::open`] found, whose entries are to be
+    /// made again ([`Runs::hold_again`]) before the store reads the key index.
+    pub fn to_hold_again(&self) -> Vec<(u64, u64)> {
+        self.runs
+            .iter()
+            .filter_map(|(id, m)| m.held.filter(|_| !self.held.contains_key(id)).map(|seq| (*id, seq)))
+            .collect()
+    }
+
+    /// Holds run `id` again with `entries` (its batch's key frames, sorted by key).
+    pub fn hold_again(&mut self, id: u64, entries: Vec<Entry>) -> Result<()> {
+        let meta = self.runs.get(&id).ok_or_else(|| corrupt!("no key index run {id} to hold"))?;
+        let seq = meta.held.ok_or_else(|| corrupt!("key index run {id} is not a held one"))?;
+        let mut w = RunWriter::held(id, meta.generation, seq, entries.len() as u64);
+        for (k, e) in entries {
+            if w.add(k, e) {
+                w.keep_chunk();
+            }
+        }
+        w.keep_chunk();
+        self.held.insert(id, Arc::new(w.held.take().unwrap_or_default()));
+        self.runs.insert(id, w.meta);
+        Ok(())
+    }
+
+    /// How many runs are held in memory.
+    pub fn held_count(&self) -> usize {
+        self.held.len()
     }
 
     /// Whether a run's chunks are in generation `id`.
@@ -431,18 +528,26 @@ impl Runs {
     /// Writes sorted `entries` as a new run of `generation`: its chunks into `chunks` (for
     /// that generation's database), its metadata into `batch` (the main one); returns its
     /// id. The run becomes visible with [`Runs::committed`] once both are applied.
+    ///
+    /// With `hold: Some(seq)` (the event rows of batch `seq`, which its blocks' key frames
+    /// list), the run is held in memory instead: only its metadata is written.
+    #[allow(clippy::too_many_arguments)]
     pub fn write(
         &mut self,
         kind: RunKind,
         generation: u32,
         entries: &[Entry],
+        hold: Option<u64>,
         zstd: &mut zstd::bulk::Compressor<'static>,
         chunks: &mut sled::Batch,
         batch: &mut sled::Batch,
     ) -> Result<(u64, PendingRun)> {
         let id = self.next_id;
         self.next_id += 1;
-        let mut w = RunWriter::new(id, kind, generation, entries.len() as u64);
+        let mut w = match hold {
+            Some(seq) if kind == RunKind::Events => RunWriter::held(id, generation, seq, entries.len() as u64),
+            _ => RunWriter::new(id, kind, generation, entries.len() as u64),
+        };
         for (k, e) in entries {
             w.push(k.clone(), *e, zstd, chunks)?;
         }
@@ -452,6 +557,9 @@ impl Runs {
 
     /// Makes a written run visible (after its batch was applied).
     pub fn committed(&mut self, run: PendingRun) {
+        if let Some(chunks) = run.held {
+            self.held.insert(run.id, Arc::new(chunks));
+        }
         self.runs.insert(run.id, run.meta);
     }
 
@@ -462,6 +570,9 @@ impl Runs {
         run: u64,
         chunk: u32,
     ) -> Result<Chunk> {
+        if let Some(held) = self.held.get(&run) {
+            return held.get(chunk as usize).cloned().ok_or_else(|| corrupt!("held key index run {run} lacks chunk {chunk}"));
+        }
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(c) = cache.0.get(&(run, chunk)) {
@@ -624,6 +735,7 @@ impl Runs {
         let ids: Vec<u64> = expired.iter().map(|(id, _)| *id).collect();
         for id in &ids {
             self.runs.remove(id);
+            self.held.remove(id);
         }
         self.forget_cached(&ids);
         // A run in a generation of its own goes with the generation's file; one in the
@@ -636,7 +748,10 @@ impl Runs {
     /// The next merge to do, if any, with the id of the run it will write.
     pub fn plan_merge(&mut self, busy: &[u64]) -> Option<MergePlan> {
         let (kind, generation, ids) = self.merge_candidates(busy)?;
-        let inputs = ids.iter().map(|id| (*id, self.runs.get(id).map_or(0, |m| m.fences.len() as u32))).collect();
+        let inputs = ids
+            .iter()
+            .map(|id| (*id, self.runs.get(id).map_or(0, |m| m.fences.len() as u32), self.held.get(id).cloned()))
+            .collect();
         let expected = ids.iter().filter_map(|id| self.runs.get(id)).map(|m| m.entries).sum();
         let new_id = self.next_id;
         self.next_id += 1;
@@ -677,6 +792,7 @@ impl Runs {
         main.apply_batch(meta_batch).context("cannot merge key index runs")?;
         for id in &ids {
             self.runs.remove(id);
+            self.held.remove(id);
         }
         self.forget_cached(&ids);
         if let Some(p) = pending {
@@ -736,12 +852,29 @@ impl Runs {
             }
             groups.entry((class(m.entries), m.kind == RunKind::Profiles, m.generation)).or_default().push(*id);
         }
-        groups.into_iter().find(|(_, ids)| ids.len() >= MERGE_FAN_IN).map(|((_, profiles, generation), ids)| {
+        let due = groups.into_iter().find(|(_, ids)| ids.len() >= MERGE_FAN_IN).map(|((_, profiles, generation), ids)| {
             (
                 if profiles { RunKind::Profiles } else { RunKind::Events },
                 generation,
                 ids.into_iter().take(MERGE_FAN_IN).collect(),
             )
+        });
+        due.or_else(|| {
+            // Too many held: the oldest ones of one generation are merged (or one written
+            // alone), however few, so memory stays bounded where runs come slowly.
+            if self.held.len() <= MAX_HELD {
+                return None;
+            }
+            let (_, oldest) = self.runs.iter().find(|(id, m)| m.held.is_some() && !busy.contains(id))?;
+            let generation = oldest.generation;
+            let ids: Vec<u64> = self
+                .runs
+                .iter()
+                .filter(|(id, m)| m.held.is_some() && m.generation == generation && !busy.contains(id))
+                .map(|(id, _)| *id)
+                .take(MERGE_FAN_IN)
+                .collect();
+            Some((RunKind::Events, generation, ids))
         })
     }
 
@@ -754,12 +887,13 @@ impl Runs {
 }
 
 /// A merge to do: its inputs (run id, chunk count) and the id of the run it writes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MergePlan {
     kind: RunKind,
     generation: u32,
     new_id: u64,
-    inputs: Vec<(u64, u32)>,
+    /// Each input run's id, chunk count and, for a held run, its chunks.
+    inputs: Vec<(u64, u32, Option<Arc<Vec<Chunk>>>)>,
     expected: u64,
 }
 
@@ -798,7 +932,7 @@ impl MergeJob {
 
 impl MergePlan {
     fn ids(&self) -> Vec<u64> {
-        self.inputs.iter().map(|(id, _)| *id).collect()
+        self.inputs.iter().map(|(id, _, _)| *id).collect()
     }
 
     /// A k-way merge of the sorted input runs, one chunk of each in memory at a time; for
@@ -818,7 +952,14 @@ impl MergePlan {
         let mut cursors: Vec<RunCursor> = self
             .inputs
             .iter()
-            .map(|(id, chunks)| RunCursor { run: *id, chunks: *chunks, next_chunk: 0, entries: Vec::new(), at: 0 })
+            .map(|(id, chunks, held)| RunCursor {
+                run: *id,
+                chunks: *chunks,
+                held: held.clone(),
+                next_chunk: 0,
+                entries: Vec::new(),
+                at: 0,
+            })
             .collect();
         let mut batch = sled::Batch::default();
         let mut w = RunWriter::new(self.new_id, self.kind, self.generation, self.expected);
@@ -879,6 +1020,8 @@ impl MergePlan {
 struct RunCursor {
     run: u64,
     chunks: u32,
+    /// A held run's chunks, read from memory.
+    held: Option<Arc<Vec<Chunk>>>,
     next_chunk: u32,
     entries: Vec<Entry>,
     at: usize,
@@ -890,10 +1033,20 @@ impl RunCursor {
             if self.next_chunk >= self.chunks {
                 return Ok(None);
             }
-            let frame = db
-                .get(chunk_key(self.run, self.next_chunk))?
-                .ok_or_else(|| corrupt!("key index run {} lacks chunk {}", self.run, self.next_chunk))?;
-            self.entries = decode_entries(&decompress(zstd, &frame)?)?;
+            self.entries = match &self.held {
+                Some(held) => held
+                    .get(self.next_chunk as usize)
+                    .ok_or_else(|| corrupt!("held key index run {} lacks chunk {}", self.run, self.next_chunk))?
+                    .iter_from(0)
+                    .map(|(k, e)| (k.to_vec(), e))
+                    .collect(),
+                None => {
+                    let frame = db
+                        .get(chunk_key(self.run, self.next_chunk))?
+                        .ok_or_else(|| corrupt!("key index run {} lacks chunk {}", self.run, self.next_chunk))?;
+                    decode_entries(&decompress(zstd, &frame)?)?
+                }
+            };
             self.at = 0;
             self.next_chunk += 1;
         }
@@ -917,6 +1070,7 @@ impl RunCursor {
 pub struct PendingRun {
     id: u64,
     meta: RunMeta,
+    held: Option<Vec<Chunk>>,
 }
 
 #[cfg(test)]
@@ -933,7 +1087,7 @@ mod tests {
         entries: &[Entry],
     ) {
         let (mut chunks, mut batch) = (sled::Batch::default(), sled::Batch::default());
-        let (_, pending) = runs.write(kind, 0, entries, z, &mut chunks, &mut batch).unwrap();
+        let (_, pending) = runs.write(kind, 0, entries, None, z, &mut chunks, &mut batch).unwrap();
         db.apply_batch(chunks).unwrap();
         db.apply_batch(batch).unwrap();
         runs.committed(pending);
@@ -1076,7 +1230,7 @@ mod tests {
         assert_eq!(db.scan_prefix([keys::RUN_CHUNK]).count(), chunks_before, "only its own chunks went");
         assert_eq!(runs.run_count(), MERGE_FAN_IN);
         // An input missing a chunk: the merge fails, and every other entry is still found.
-        let (victim, _) = plan.inputs[3];
+        let victim = plan.inputs[3].0;
         db.remove(chunk_key(victim, 0)).unwrap();
         let plan = runs.plan_merge(&[]).unwrap();
         assert!(plan.run(&db, &mut z, &mut unz.lock().unwrap(), None, &PassGate::default()).is_err());
