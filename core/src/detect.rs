@@ -767,7 +767,7 @@ mod tests {
                     sha1(report)
                 );
                 let Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
-                b.add_row(normalise(obj, Some(FILE_EVENTS), &TableHints::default()).unwrap(), 0).unwrap();
+                b.add_row(&normalise(obj, Some(FILE_EVENTS), &TableHints::default()).unwrap(), 0).unwrap();
             }
             b.commit().unwrap();
         }
@@ -836,7 +836,7 @@ mod tests {
             for i in 0..(3 + batch % 3) {
                 report += 1;
                 let table = if i % 3 == 2 { FILE_EVENTS } else { IMAGE_LOADS };
-                b.add_row(row(table, report, processes[(report as usize * 7 + batch) % 4]), 0).unwrap();
+                b.add_row(&row(table, report, processes[(report as usize * 7 + batch) % 4]), 0).unwrap();
             }
             b.commit().unwrap();
         }

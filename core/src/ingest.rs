@@ -414,7 +414,7 @@ impl FileRun<'_> {
     fn store_lines(
         &mut self,
         store: &mut Store,
-        rx: &std::sync::mpsc::Receiver<pipeline::Message>,
+        rx: &pipeline::StoringEnd,
         state: &mut SourceState,
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), IngestError> {
@@ -433,7 +433,7 @@ impl FileRun<'_> {
             if crate::disk::low(&data_dir) {
                 return Err(DiskSpaceLow(data_dir.display().to_string()).into());
             }
-            for line in lines {
+            for line in &lines {
                 let line_no = state.lines + 1;
                 self.parsed_line(&mut batch, line, line_no, now, state, &mut tail_at_offset, &mut pending_bytes)?;
                 let stopping = line_no.is_multiple_of(256) && self.stop.is_some_and(|s| s.load(Ordering::Relaxed));
@@ -453,6 +453,7 @@ impl FileRun<'_> {
                     now = self.clock.now();
                 }
             }
+            rx.hand_back(lines);
         };
         let reached_end = match end {
             pipeline::End::Eof => true,
@@ -483,7 +484,7 @@ impl FileRun<'_> {
     fn parsed_line(
         &mut self,
         batch: &mut WriteBatch<'_>,
-        line: pipeline::ParsedLine,
+        line: &pipeline::ParsedLine,
         line_no: u64,
         now: i64,
         state: &mut SourceState,
@@ -491,18 +492,19 @@ impl FileRun<'_> {
         pending_bytes: &mut usize,
     ) -> Result<(), IngestError> {
         let offset = line.info.start;
-        match line.outcome {
+        match &line.outcome {
             pipeline::LineOutcome::Blank => {}
-            pipeline::LineOutcome::Rejected(reject, raw) => self.reject(batch, line_no, offset, reject, &raw)?,
+            pipeline::LineOutcome::Rejected(reject, raw) => self.reject(batch, line_no, offset, reject.clone(), raw)?,
             pipeline::LineOutcome::Records(records, raw) => {
-                self.store_records(batch, records, line_no, offset, &raw, now)?
+                self.store_records(batch, records, line_no, offset, raw, now)?
             }
         }
         state.offset = line.info.end;
         state.lines = line_no;
         // The bytes before the committed offset (the reader may later run past it into a
         // partial line).
-        *tail_at_offset = line.tail;
+        tail_at_offset.clear();
+        tail_at_offset.extend_from_slice(&line.tail);
         *pending_bytes += line.len;
         Ok(())
     }
@@ -529,7 +531,7 @@ impl FileRun<'_> {
     fn store_records(
         &mut self,
         batch: &mut WriteBatch<'_>,
-        records: Vec<Result<crate::parse::normalise::NormalRow, Reject>>,
+        records: &[Result<crate::parse::normalise::NormalRow, Reject>],
         line_no: u64,
         offset: u64,
         raw: &[u8],
@@ -538,7 +540,7 @@ impl FileRun<'_> {
         for record in records {
             match record {
                 Ok(row) => self.add(batch, row, now)?,
-                Err(reject) => self.reject(batch, line_no, offset, reject, raw)?,
+                Err(reject) => self.reject(batch, line_no, offset, reject.clone(), raw)?,
             }
         }
         Ok(())
@@ -547,7 +549,7 @@ impl FileRun<'_> {
     fn add(
         &mut self,
         batch: &mut WriteBatch<'_>,
-        row: crate::parse::normalise::NormalRow,
+        row: &crate::parse::normalise::NormalRow,
         now: i64,
     ) -> Result<(), StoreError> {
         self.pending += 1;
@@ -555,10 +557,14 @@ impl FileRun<'_> {
             self.report.other_tables += 1;
             return Ok(());
         }
-        let table = row.table.clone();
         self.report.unexpected_types += u64::from(row.unexpected_types);
         match batch.add_row(row, now)? {
-            Added::New => *self.report.new_rows.entry(table).or_insert(0) += 1,
+            Added::New => match self.report.new_rows.get_mut(&row.table) {
+                Some(n) => *n += 1,
+                None => {
+                    self.report.new_rows.insert(row.table.clone(), 1);
+                }
+            },
             Added::Replaced => self.report.replaced += 1,
             Added::Duplicate => self.report.duplicates += 1,
             Added::Expired => self.report.expired += 1,
@@ -660,7 +666,7 @@ impl FileRun<'_> {
         let mut batch = store.batch();
         for (index, doc) in pending.drain(..) {
             let records = pipeline::records(Document::from_value(doc), &self.hints);
-            self.store_records(&mut batch, records, index, 0, b"", now)?;
+            self.store_records(&mut batch, &records, index, 0, b"", now)?;
             state.offset = index;
             state.lines = index;
         }

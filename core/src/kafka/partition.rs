@@ -223,10 +223,9 @@ impl Partition {
             for record in records {
                 match record {
                     Ok(row) => {
-                        let table = row.table.clone();
                         report.unexpected_types += u64::from(row.unexpected_types);
-                        match batch.add_row(row, now)? {
-                            Added::New => *report.new_rows.entry(table).or_insert(0) += 1,
+                        match batch.add_row(&row, now)? {
+                            Added::New => *report.new_rows.entry(row.table).or_insert(0) += 1,
                             Added::Replaced => report.replaced += 1,
                             Added::Duplicate => report.duplicates += 1,
                             Added::Expired => report.expired += 1,

@@ -103,8 +103,40 @@ pub fn records(doc: Document, hints: &TableHints) -> Vec<Result<NormalRow, Rejec
         .collect()
 }
 
-pub fn channel() -> (SyncSender<Message>, Receiver<Message>) {
-    std::sync::mpsc::sync_channel(CHANNEL_CHUNKS)
+/// The parser's end of the two channels: chunks out, chunks the storing side is done
+/// with back.
+pub struct ParserEnd {
+    out: SyncSender<Message>,
+    done: Receiver<Vec<ParsedLine>>,
+}
+
+/// The storing side's end.
+pub struct StoringEnd {
+    rx: Receiver<Message>,
+    done: SyncSender<Vec<ParsedLine>>,
+}
+
+impl StoringEnd {
+    pub fn recv(&self) -> Result<Message, std::sync::mpsc::RecvError> {
+        self.rx.recv()
+    }
+
+    /// Hands a chunk whose lines are stored back to the parser thread, which frees what it
+    /// allocated for them (and reuses the chunk's list). Why: a block mimalloc frees on
+    /// another thread than the one that allocated it takes the cross-thread path (an
+    /// atomic push, collected later by the owner), and the rows' strings and cells freed
+    /// here were a twentieth of the storing thread, which limits ingestion; the parser
+    /// thread has time to spare. If the parser is gone or behind, the chunk is freed here.
+    pub fn hand_back(&self, lines: Vec<ParsedLine>) {
+        let _ = self.done.try_send(lines);
+    }
+}
+
+pub fn channel() -> (ParserEnd, StoringEnd) {
+    let (out, rx) = std::sync::mpsc::sync_channel(CHANNEL_CHUNKS);
+    // Room for every chunk in flight and then some: handing back never waits.
+    let (done, done_rx) = std::sync::mpsc::sync_channel(CHANNEL_CHUNKS + 2);
+    (ParserEnd { out, done: done_rx }, StoringEnd { rx, done })
 }
 
 /// The parser thread's loop: reads `reader` to its end (or to a last line left for
@@ -114,10 +146,13 @@ pub fn run<R: BufRead>(
     tail_mode: bool,
     max_line: usize,
     hints: &TableHints,
-    out: &SyncSender<Message>,
+    ends: &ParserEnd,
 ) {
+    let out = &ends.out;
     let mut buf = Vec::new();
     let mut chunk = Vec::with_capacity(CHUNK_LINES);
+    // Chunks handed back, their lines freed, their lists used again.
+    let mut spare: Vec<Vec<ParsedLine>> = Vec::new();
     let mut chunk_bytes = 0;
     let end = loop {
         let info = match reader.next_line(&mut buf) {
@@ -143,7 +178,12 @@ pub fn run<R: BufRead>(
         chunk.push(ParsedLine { info, len: buf.len(), outcome, tail: reader.tail().to_vec() });
         if chunk.len() >= CHUNK_LINES || chunk_bytes >= CHUNK_BYTES {
             chunk_bytes = 0;
-            if out.send(Message::Lines(std::mem::take(&mut chunk))).is_err() {
+            while let Ok(mut done) = ends.done.try_recv() {
+                done.clear();
+                spare.push(done);
+            }
+            let next = spare.pop().unwrap_or_else(|| Vec::with_capacity(CHUNK_LINES));
+            if out.send(Message::Lines(std::mem::replace(&mut chunk, next))).is_err() {
                 return;
             }
         }
@@ -164,10 +204,11 @@ mod tests {
         let hints = TableHints { file_table: Some("DeviceFileEvents".into()), explicit: None };
         // The parser on a thread of its own, as in ingestion; this one takes its chunks.
         std::thread::scope(|s| {
-            s.spawn(|| run(reader, false, 8 << 20, &hints, &tx));
+            s.spawn(move || run(reader, false, 8 << 20, &hints, &tx));
             let mut sizes = Vec::new();
             while let Ok(Message::Lines(lines)) = rx.recv() {
                 sizes.push(lines.len());
+                rx.hand_back(lines);
             }
             sizes
         })

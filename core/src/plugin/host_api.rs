@@ -145,7 +145,7 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            b.add_row(write(i as i64, sha1, device, action), 0).unwrap();
+            b.add_row(&write(i as i64, sha1, device, action), 0).unwrap();
         }
         b.commit().unwrap();
         let filter = vec![Condition::In {

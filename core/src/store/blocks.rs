@@ -573,7 +573,10 @@ mod tests {
         for i in 0..(BLOCK_ROWS + 10) {
             // A value in two parts (a header and a body) is stored as one.
             let value = [(i % 251) as u8; 100];
-            places.push(bb.add(1, format!("k{i}").as_bytes(), 7000 + i as u64, i as i64, &[&value[..30], &value[30..]], false).unwrap());
+            places.push(
+                bb.add(1, format!("k{i}").as_bytes(), 7000 + i as u64, i as i64, &[&value[..30], &value[30..]], false)
+                    .unwrap(),
+            );
         }
         // Incompressible big rows in another table cut blocks by bytes.
         let mut seed = 1u64;

@@ -1380,7 +1380,7 @@ impl WriteBatch<'_> {
     /// Adds a row unless the same row is already stored or pending in this batch. A row
     /// is the same when its key and its content (every column but the ingestion time)
     /// are; a different row under the same key is stored under the key's variant.
-    pub fn add_row(&mut self, row: NormalRow, ingested_at: i64) -> Result<Added> {
+    pub fn add_row(&mut self, row: &NormalRow, ingested_at: i64) -> Result<Added> {
         let (block_table, key) = match row.kind {
             TableKind::Event => {
                 if self.store.horizon.is_some_and(|h| row.timestamp < h) {
@@ -1442,7 +1442,12 @@ impl WriteBatch<'_> {
         let (block, row_no) = self.blocks.add(block_table, &key, content, row.timestamp, &value, ahead)?;
         let entry = KeyEntry { seq: self.store.next_journal, block, row: row_no, content };
         if added == Added::New {
-            *self.store.counters.rows.entry(row.table).or_insert(0) += 1;
+            match self.store.counters.rows.get_mut(&row.table) {
+                Some(n) => *n += 1,
+                None => {
+                    self.store.counters.rows.insert(row.table.clone(), 1);
+                }
+            }
             self.counters_dirty = true;
             // With the row's block: in its generation, or in the main database for a row
             // from ahead of the clock.
@@ -1798,7 +1803,7 @@ mod tests {
     fn commit(store: &mut Store, rows: Vec<NormalRow>) -> u64 {
         let mut b = store.batch();
         for r in rows {
-            b.add_row(r, 0).unwrap();
+            b.add_row(&r, 0).unwrap();
         }
         b.commit().unwrap().expect("a new row")
     }
@@ -1833,7 +1838,7 @@ mod tests {
         let s1 = commit(&mut store, vec![row(1, "")]);
         store.fail_next_main_commit = true;
         let mut b = store.batch();
-        b.add_row(row(2, ""), 0).unwrap();
+        b.add_row(&row(2, ""), 0).unwrap();
         assert!(b.commit().is_err());
         assert_eq!(store.head_seq(), s1, "the failed batch's sequence is not the head");
         assert_eq!(store.next_journal_seq(), s1 + 2, "nor used again in this process");
@@ -1867,14 +1872,14 @@ mod tests {
         store.fail_next_main_commit = true;
         let mut b = store.batch();
         for r in loads(0, 4000) {
-            b.add_row(r, 0).unwrap();
+            b.add_row(&r, 0).unwrap();
         }
         assert!(b.commit().is_err());
         store.rows_zstd.wait_for_training();
         // The next batch of the table takes the dictionary; it fails too.
         store.fail_next_main_commit = true;
         let mut b = store.batch();
-        b.add_row(load(20_000, "wsmprovhost.exe"), 0).unwrap();
+        b.add_row(&load(20_000, "wsmprovhost.exe"), 0).unwrap();
         assert!(b.commit().is_err());
         commit(&mut store, vec![row(1, "")]);
         assert_eq!(dictionaries(&store), 0, "not carried by a batch of another table");
@@ -1906,7 +1911,7 @@ mod tests {
         assert_eq!(store.db.scan_prefix([keys::INDEX]).count(), 0, "not in the main database");
         store.fail_next_main_commit = true;
         let mut b = store.batch();
-        b.add_row(load(2, "wsmprovhost.exe"), 0).unwrap();
+        b.add_row(&load(2, "wsmprovhost.exe"), 0).unwrap();
         assert!(b.commit().is_err());
         assert_eq!(lookup(&store, "wsmprovhost.exe", None), ["s1"]);
         // As a crash would leave them: the entries of batch s1, again under the next
@@ -1946,7 +1951,7 @@ mod tests {
         assert!(committed > 0);
         store.fail_next_main_commit = true;
         let mut b = store.batch();
-        b.add_row(load(2, "wsmprovhost.exe"), 0).unwrap();
+        b.add_row(&load(2, "wsmprovhost.exe"), 0).unwrap();
         assert!(b.commit().is_err());
         let failed = len(&file);
         assert!(failed > committed, "the failed batch's frames were written");
@@ -2348,7 +2353,7 @@ mod tests {
             let mut b = store.batch();
             let mut new = 0;
             for i in range {
-                if b.add_row(load(i, "x.exe"), 0).unwrap() == Added::New {
+                if b.add_row(&load(i, "x.exe"), 0).unwrap() == Added::New {
                     new += 1;
                 }
             }
@@ -2391,12 +2396,12 @@ mod tests {
             let mut store = Store::open(dir.path()).unwrap();
             {
                 let mut b = store.batch();
-                b.add_row(row(1, r#","New":1"#), 0).unwrap();
+                b.add_row(&row(1, r#","New":1"#), 0).unwrap();
                 // dropped
             }
             assert_eq!(store.counters().rows.get("DeviceFileEvents"), None, "counters rolled back");
             let mut b = store.batch();
-            b.add_row(row(2, r#","New":1"#), 0).unwrap();
+            b.add_row(&row(2, r#","New":1"#), 0).unwrap();
             b.commit().unwrap();
             store.flush().unwrap();
         }

@@ -119,7 +119,7 @@ proptest! {
                     let mut b = store.batch();
                     let mut pending = BTreeSet::new();
                     for r in rows {
-                        let added = b.add_row(normal(r, 8), 0).unwrap();
+                        let added = b.add_row(&normal(r, 8), 0).unwrap();
                         let want = if !model.visible(&r) {
                             model.expired += 1;
                             Added::Expired
@@ -199,7 +199,7 @@ fn forty_days_with_seven_kept_stay_flat() {
                     n % 97
                 );
                 let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
-                b.add_row(normalise(obj, Some(TABLE), &TableHints::default()).unwrap(), 0).unwrap();
+                b.add_row(&normalise(obj, Some(TABLE), &TableHints::default()).unwrap(), 0).unwrap();
             }
             if day == 1 && chunk == 0 {
                 let text = format!(
@@ -209,7 +209,7 @@ fn forty_days_with_seven_kept_stay_flat() {
                 );
                 let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
                 let row = normalise(obj, Some(AHEAD_TABLE), &TableHints::default()).unwrap();
-                assert_eq!(b.add_row(row, 0).unwrap(), Added::New);
+                assert_eq!(b.add_row(&row, 0).unwrap(), Added::New);
             }
             b.commit().unwrap();
         }
@@ -290,11 +290,11 @@ fn a_batch_s_own_run_is_held_and_made_again_from_its_key_frames() {
         let mut store = Store::open(dir.path()).unwrap();
         let mut b = store.batch();
         for r in &rows {
-            assert_eq!(b.add_row(normal(*r, 8), 0).unwrap(), Added::New);
+            assert_eq!(b.add_row(&normal(*r, 8), 0).unwrap(), Added::New);
         }
         b.commit().unwrap();
         let mut b = store.batch();
-        assert_eq!(b.add_row(normal((0, 0, 0, 0, 1), 8), 0).unwrap(), Added::New, "another content, another row");
+        assert_eq!(b.add_row(&normal((0, 0, 0, 0, 1), 8), 0).unwrap(), Added::New, "another content, another row");
         b.commit().unwrap();
         assert_eq!(store.runs.held_count(), 2);
         for db in store.gens.all_dbs() {
@@ -310,9 +310,9 @@ fn a_batch_s_own_run_is_held_and_made_again_from_its_key_frames() {
     assert_eq!(key_entries(&store), before, "each key where it was, with its content");
     let mut b = store.batch();
     for r in rows.iter().chain([&(0, 0, 0, 0, 1)]) {
-        assert_eq!(b.add_row(normal(*r, 8), 0).unwrap(), Added::Duplicate, "{r:?} again");
+        assert_eq!(b.add_row(&normal(*r, 8), 0).unwrap(), Added::Duplicate, "{r:?} again");
     }
-    assert_eq!(b.add_row(normal((0, 0, 0, 0, 2), 8), 0).unwrap(), Added::New, "a third content");
+    assert_eq!(b.add_row(&normal((0, 0, 0, 0, 2), 8), 0).unwrap(), Added::New, "a third content");
     b.commit().unwrap();
 }
 
@@ -333,7 +333,7 @@ fn held_runs_stay_bounded_when_generations_end_with_few_runs() {
             let mut b = store.batch();
             for _ in 0..20 {
                 let r = ((n % 250) as u8, (n / 250 % 250) as u8, 0, (n / 62_500) as u8, 0);
-                assert_eq!(b.add_row(normal(r, 8), 0).unwrap(), Added::New);
+                assert_eq!(b.add_row(&normal(r, 8), 0).unwrap(), Added::New);
                 n += 1;
             }
             b.commit().unwrap();

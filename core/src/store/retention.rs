@@ -215,8 +215,10 @@ impl Store {
                 Some(h) if meta.max_ts < h => (u64::from(meta.rows), None),
                 Some(h) if meta.min_ts < h => {
                     let keys_raw = self.block_frame(keys::BLOCK_KEYS, table, seq, block, None)?;
-                    let ts: Vec<i64> =
-                        blocks::frame_keys(&keys_raw)?.into_iter().filter_map(|(k, _)| keys::event_timestamp(k)).collect();
+                    let ts: Vec<i64> = blocks::frame_keys(&keys_raw)?
+                        .into_iter()
+                        .filter_map(|(k, _)| keys::event_timestamp(k))
+                        .collect();
                     (ts.iter().filter(|t| **t < h).count() as u64, ts.into_iter().filter(|t| *t >= h).min())
                 }
                 _ => (0, Some(meta.min_ts)),

@@ -62,6 +62,8 @@ const PROBES: u64 = 7;
 /// One entry of a run.
 pub type Entry = (Vec<u8>, KeyEntry);
 type Chunk = Arc<ChunkEntries>;
+/// A held run's chunks (see [`RunMeta::held`]).
+type HeldChunks = Arc<Vec<Chunk>>;
 
 /// A decompressed chunk kept for look-ups: its entries in key order, each key a span of
 /// the one decompressed buffer (a look-up decoding a chunk used to copy each of its keys
@@ -431,7 +433,7 @@ pub struct Runs {
     next_id: u64,
     cache: Mutex<ChunkCache>,
     /// The chunks of the held runs (see [`RunMeta::held`]), by run id.
-    held: HashMap<u64, Arc<Vec<Chunk>>>,
+    held: HashMap<u64, HeldChunks>,
 }
 
 impl Runs {
@@ -571,7 +573,10 @@ impl Runs {
         chunk: u32,
     ) -> Result<Chunk> {
         if let Some(held) = self.held.get(&run) {
-            return held.get(chunk as usize).cloned().ok_or_else(|| corrupt!("held key index run {run} lacks chunk {chunk}"));
+            return held
+                .get(chunk as usize)
+                .cloned()
+                .ok_or_else(|| corrupt!("held key index run {run} lacks chunk {chunk}"));
         }
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -852,13 +857,14 @@ impl Runs {
             }
             groups.entry((class(m.entries), m.kind == RunKind::Profiles, m.generation)).or_default().push(*id);
         }
-        let due = groups.into_iter().find(|(_, ids)| ids.len() >= MERGE_FAN_IN).map(|((_, profiles, generation), ids)| {
-            (
-                if profiles { RunKind::Profiles } else { RunKind::Events },
-                generation,
-                ids.into_iter().take(MERGE_FAN_IN).collect(),
-            )
-        });
+        let due =
+            groups.into_iter().find(|(_, ids)| ids.len() >= MERGE_FAN_IN).map(|((_, profiles, generation), ids)| {
+                (
+                    if profiles { RunKind::Profiles } else { RunKind::Events },
+                    generation,
+                    ids.into_iter().take(MERGE_FAN_IN).collect(),
+                )
+            });
         due.or_else(|| {
             // Too many held: the oldest ones of one generation are merged (or one written
             // alone), however few, so memory stays bounded where runs come slowly.
@@ -893,7 +899,7 @@ pub struct MergePlan {
     generation: u32,
     new_id: u64,
     /// Each input run's id, chunk count and, for a held run, its chunks.
-    inputs: Vec<(u64, u32, Option<Arc<Vec<Chunk>>>)>,
+    inputs: Vec<(u64, u32, Option<HeldChunks>)>,
     expected: u64,
 }
 
@@ -1021,7 +1027,7 @@ struct RunCursor {
     run: u64,
     chunks: u32,
     /// A held run's chunks, read from memory.
-    held: Option<Arc<Vec<Chunk>>>,
+    held: Option<HeldChunks>,
     next_chunk: u32,
     entries: Vec<Entry>,
     at: usize,
