@@ -51,7 +51,7 @@ impl EncodedCells {
             starts.push(bytes.len() as u32);
             put_cell(&mut bytes, *cell);
         }
-        EncodedCells { content: names.hash(cells), bytes, starts }
+        EncodedCells { content: names.hash(&bytes, &starts), bytes, starts }
     }
 
     /// Cell `i`, borrowed from the encoding (`Null` past the last cell).
@@ -363,77 +363,64 @@ fn unzigzag(v: u64) -> i64 {
 const EXPORT_METADATA: &[&str] =
     &["Type", "TenantId", "SourceSystem", "TimeGenerated", "_ResourceId", "_BilledSize", "_IsBillable", "_ItemId"];
 
-/// The content hash of a row (`ContentNames::new(names).hash(cells)`), for tests.
+/// The content hash of a row, for tests.
 #[cfg(test)]
 fn content_hash(names: &[String], cells: &[CellRef<'_>]) -> u64 {
-    ContentNames::new(names).hash(cells)
+    EncodedCells::new(&ContentNames::new(names), cells).content
 }
 
 /// What a row's content hash takes from its column names, worked out once per column
-/// list: each column's bytes as hashed (its name, length-prefixed), or `None` for the
-/// columns of [`EXPORT_METADATA`], which are left out. The hash is of a row's column
-/// names and cells, not its ingestion time nor [`EXPORT_METADATA`]: two rows with the
-/// same key and the same content hash are the same row sent twice. (xxh3: stable across
-/// builds and platforms, which a stored hash must be.)
+/// list: which columns count (all but those of [`EXPORT_METADATA`]) and a digest of their
+/// names in order. The hash is of a row's column names and cells, not its ingestion time
+/// nor [`EXPORT_METADATA`]: two rows with the same key and the same content hash are the
+/// same row sent twice. It is taken over the cells as encoded (each tagged, strings
+/// length-prefixed: one encoding per value), seeded with the names' digest, so the cells
+/// are not laid out a second time to be hashed — that was a fourteenth of the parser
+/// thread. (xxh3: stable across builds and platforms, which a stored hash must be.)
 #[derive(Debug, Clone, PartialEq)]
-pub struct ContentNames(Vec<Option<Vec<u8>>>);
+pub struct ContentNames {
+    /// Whether each column counts.
+    counted: Vec<bool>,
+    /// Whether every column does (then the encoding is hashed as it is).
+    all: bool,
+    /// The counted columns' names, each length-prefixed, hashed.
+    digest: u64,
+}
 
 impl ContentNames {
     pub fn new(names: &[String]) -> ContentNames {
-        ContentNames(
-            names
-                .iter()
-                .map(|name| {
-                    (!EXPORT_METADATA.contains(&name.as_str())).then(|| {
-                        let mut prefix = (name.len() as u32).to_le_bytes().to_vec();
-                        prefix.extend_from_slice(name.as_bytes());
-                        prefix
-                    })
-                })
-                .collect(),
-        )
+        let counted: Vec<bool> = names.iter().map(|n| !EXPORT_METADATA.contains(&n.as_str())).collect();
+        let mut named = Vec::new();
+        for (name, _) in names.iter().zip(&counted).filter(|(_, c)| **c) {
+            named.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            named.extend_from_slice(name.as_bytes());
+        }
+        ContentNames { all: counted.iter().all(|c| *c), counted, digest: xxhash_rust::xxh3::xxh3_64(&named) }
     }
 
-    /// The content hash of a row with these columns. The bytes go into one buffer, hashed
-    /// in one call: the same hash as feeding them to a streaming hasher piece by piece
-    /// (which stored hashes were made with), at a fraction of the cost for rows of many
-    /// small cells.
-    pub fn hash(&self, cells: &[CellRef<'_>]) -> u64 {
+    /// The content hash of a row with these columns, from its encoded cells (`bytes`, a
+    /// count and then each cell, cell `i` from `starts[i]` on). A row with more cells than
+    /// names counts the extra ones too.
+    fn hash(&self, bytes: &[u8], starts: &[u32]) -> u64 {
+        let Some(&first) = starts.first() else { return xxhash_rust::xxh3::xxh3_64_with_seed(&[], self.digest) };
+        if self.all {
+            return xxhash_rust::xxh3::xxh3_64_with_seed(&bytes[first as usize..], self.digest);
+        }
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             buf.clear();
-            self.content_bytes(cells, &mut buf);
-            xxhash_rust::xxh3::xxh3_64(&buf)
-        })
-    }
-
-    /// What [`Self::hash`] hashes: each column not in [`EXPORT_METADATA`] as its name
-    /// (length-prefixed) and a tagged cell.
-    fn content_bytes(&self, cells: &[CellRef<'_>], out: &mut Vec<u8>) {
-        for (prefix, cell) in self.0.iter().zip(cells) {
-            let Some(prefix) = prefix else { continue };
-            out.extend_from_slice(prefix);
-            match *cell {
-                CellRef::Null => out.push(0),
-                CellRef::Bool(b) => out.extend_from_slice(&[1, u8::from(b)]),
-                CellRef::Int(i) => {
-                    out.push(2);
-                    out.extend_from_slice(&i.to_le_bytes());
+            for (i, &at) in starts.iter().enumerate() {
+                if self.counted.get(i).is_some_and(|c| !*c) {
+                    continue;
                 }
-                CellRef::Float(f) => {
-                    out.push(3);
-                    out.extend_from_slice(&f.to_bits().to_le_bytes());
-                }
-                CellRef::Str(s) | CellRef::Json(s) => {
-                    out.push(if matches!(cell, CellRef::Str(_)) { 4 } else { 5 });
-                    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-                    out.extend_from_slice(s.as_bytes());
-                }
+                let end = starts.get(i + 1).map_or(bytes.len(), |e| *e as usize);
+                buf.extend_from_slice(&bytes[at as usize..end]);
             }
-        }
+            xxhash_rust::xxh3::xxh3_64_with_seed(&buf, self.digest)
+        })
     }
 }
 
@@ -482,37 +469,6 @@ mod tests {
         fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
             s.collect_seq(self.0.iter().map(CellOut::from))
         }
-    }
-
-    /// The hash stored with every row before it was computed in one call: fed piece by
-    /// piece to a streaming hasher. Stored hashes must keep matching re-sent rows.
-    fn streamed_hash(names: &[String], cells: &[Cell]) -> u64 {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        for (name, cell) in names.iter().zip(cells) {
-            if EXPORT_METADATA.contains(&name.as_str()) {
-                continue;
-            }
-            h.update(&(name.len() as u32).to_le_bytes());
-            h.update(name.as_bytes());
-            match cell {
-                Cell::Null => h.update(&[0]),
-                Cell::Bool(b) => h.update(&[1, u8::from(*b)]),
-                Cell::Int(i) => {
-                    h.update(&[2]);
-                    h.update(&i.to_le_bytes());
-                }
-                Cell::Float(f) => {
-                    h.update(&[3]);
-                    h.update(&f.to_bits().to_le_bytes());
-                }
-                Cell::Str(s) | Cell::Json(s) => {
-                    h.update(&[if matches!(cell, Cell::Str(_)) { 4 } else { 5 }]);
-                    h.update(&(s.len() as u32).to_le_bytes());
-                    h.update(s.as_bytes());
-                }
-            }
-        }
-        h.digest()
     }
 
     /// The hand-written reader reads what bincode's standard configuration reads, at every
@@ -619,30 +575,62 @@ mod tests {
         assert_eq!(view.cells.iter().map(CellView::to_cell).collect::<Vec<_>>(), decode(&bytes).unwrap().cells);
     }
 
+    /// A row's content hash counts its column names (in order) and its cells, not the
+    /// export metadata columns, and is the same in every build: a change here is a change
+    /// of the store's format.
     #[test]
-    fn content_hash_is_the_streamed_hash_stored_rows_carry() {
+    fn content_hash_counts_names_and_cells_but_not_export_metadata() {
+        let hash = |row: &[(&str, Cell)]| {
+            let names: Vec<String> = row.iter().map(|(n, _)| n.to_string()).collect();
+            let refs: Vec<CellRef<'_>> = row.iter().map(|(_, c)| CellRef::from(c)).collect();
+            content_hash(&names, &refs)
+        };
         let long = "x".repeat(5000);
-        let rows: Vec<(Vec<&str>, Vec<Cell>)> = vec![
-            (vec![], vec![]),
-            (vec!["A"], vec![Cell::Null]),
-            (
-                vec!["Timestamp", "TenantId", "N", "F", "B", "J", "Long"],
-                vec![
-                    Cell::Str("2025-05-07T16:55:49Z".into()),
-                    Cell::Str("ignored".into()),
-                    Cell::Int(-7),
-                    Cell::Float(1.5),
-                    Cell::Bool(true),
-                    Cell::Json("{\"a\":1}".into()),
-                    Cell::Str(long.clone()),
-                ],
-            ),
+        let row = vec![
+            ("Timestamp", Cell::Str("2025-05-07T16:55:49Z".into())),
+            ("N", Cell::Int(-7)),
+            ("F", Cell::Float(1.5)),
+            ("B", Cell::Bool(true)),
+            ("J", Cell::Json("{\"a\":1}".into())),
+            ("Null", Cell::Null),
+            ("Long", Cell::Str(long.clone())),
         ];
-        for (names, cells) in rows {
-            let names: Vec<String> = names.into_iter().map(String::from).collect();
-            let refs: Vec<CellRef<'_>> = cells.iter().map(CellRef::from).collect();
-            assert_eq!(content_hash(&names, &refs), streamed_hash(&names, &cells));
+        let base = hash(&row);
+        assert_eq!(base, 0x4f77_96f6_231e_435b, "stored hashes must not change between builds");
+        assert_eq!(hash(&[]), xxhash_rust::xxh3::xxh3_64_with_seed(&[], xxhash_rust::xxh3::xxh3_64(&[])));
+        // Export metadata, wherever it is and whatever it holds, is not the row's content.
+        let mut exported = row.clone();
+        exported.insert(0, ("Type", Cell::Str("DeviceFileEvents".into())));
+        exported.insert(3, ("TenantId", Cell::Str("t".into())));
+        exported.push(("_ItemId", Cell::Int(9)));
+        assert_eq!(hash(&exported), base);
+        // Everything else is.
+        let mut changed: Vec<Vec<(&str, Cell)>> = Vec::new();
+        for i in 0..row.len() {
+            let mut other = row.clone();
+            other[i].1 = match &row[i].1 {
+                Cell::Null => Cell::Str(String::new()),
+                Cell::Str(s) => Cell::Json(s.clone()),
+                Cell::Int(n) => Cell::Int(n + 1),
+                Cell::Float(f) => Cell::Float(-f),
+                Cell::Bool(b) => Cell::Bool(!b),
+                Cell::Json(_) => Cell::Null,
+            };
+            changed.push(other);
+            let mut renamed = row.clone();
+            renamed[i].0 = "Other";
+            changed.push(renamed);
         }
+        let mut swapped = row.clone();
+        swapped.swap(1, 2);
+        changed.push(swapped);
+        changed.push(row[..row.len() - 1].to_vec());
+        for other in &changed {
+            assert_ne!(hash(other), base, "{other:?}");
+        }
+        // A value moved across the boundary between two cells.
+        let split = |a: &str, b: &str| hash(&[("A", Cell::Str(a.into())), ("B", Cell::Str(b.into()))]);
+        assert_ne!(split("ab", ""), split("a", "b"));
     }
 
     /// The hand-written encoding is bincode's, for values on either side of every
@@ -695,7 +683,7 @@ mod tests {
         let names: Vec<String> = (0..cells.len()).map(|i| format!("c{i}")).collect();
         let refs: Vec<CellRef<'_>> = cells.iter().map(CellRef::from).collect();
         let prepared = EncodedCells::new(&ContentNames::new(&names), &refs);
-        assert_eq!(prepared.content, streamed_hash(&names, &cells));
+        assert_eq!(prepared.content, content_hash(&names, &refs));
         let back = prepared.cells().unwrap();
         assert_eq!(back.len(), cells.len());
         assert!(back
