@@ -39,7 +39,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::BaseProducer;
 use rdkafka::types::RDKafkaRespErr as RespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -127,17 +127,33 @@ impl ConsumerContext for NodeContext {
                     }
                 }
                 let reader = kept_reader.as_ref().filter(|_| !wanted.is_empty());
+                // The findings partitions of all of them, read together; one that cannot
+                // be is read again on its own as it is opened (and fails there, if it must).
+                let mut findings = reader
+                    .map(|reader| {
+                        let from: Vec<(i32, i64)> = wanted
+                            .iter()
+                            .map(|n| (*n, owned.revoked.get(n).map_or(0, |p| p.findings_read_to)))
+                            .collect();
+                        reader.finding_ids_of(&self.cfg.findings_topic, &from).unwrap_or_else(|e| {
+                            tracing::debug!(error = %Chain(&e), "the findings partitions are read one by one");
+                            Default::default()
+                        })
+                    })
+                    .unwrap_or_default();
                 for &n in &wanted {
-                    let start = reader.and_then(|reader| match self.open_assigned(consumer, reader, &mut owned, n) {
-                        Ok(start) => Some(start),
-                        Err(e) => {
-                            // The work loop returns the failure: the node leaves the group
-                            // and rejoins, and is assigned the partition afresh.
-                            tracing::error!(partition = n, error = %Chain(&e), "cannot take the partition over");
-                            owned.failure.get_or_insert(e);
-                            None
-                        }
-                    });
+                    let read = findings.remove(&n);
+                    let start =
+                        reader.and_then(|reader| match self.open_assigned(consumer, reader, &mut owned, n, read) {
+                            Ok(start) => Some(start),
+                            Err(e) => {
+                                // The work loop returns the failure: the node leaves the group
+                                // and rejoins, and is assigned the partition afresh.
+                                tracing::error!(partition = n, error = %Chain(&e), "cannot take the partition over");
+                                owned.failure.get_or_insert(e);
+                                None
+                            }
+                        });
                     let start = start.unwrap_or(Offset::Beginning);
                     if let Err(e) = tpl.set_partition_offset(&self.cfg.topic, n, start) {
                         owned.failure.get_or_insert(KafkaError::kafka("cannot set a start offset")(e));
@@ -219,13 +235,14 @@ impl NodeContext {
         reader: &PartitionReader,
         owned: &mut Owned,
         n: i32,
+        findings: Option<(HashSet<String>, i64)>,
     ) -> Result<Offset, KafkaError> {
         let Some(mut p) = owned.revoked.remove(&n) else {
-            let (p, start) = self.take_over(consumer, reader, n)?;
+            let (p, start) = self.take_over(consumer, reader, n, findings)?;
             owned.partitions.insert(n, p);
             return Ok(start);
         };
-        match self.reopen(consumer, reader, &mut p, n) {
+        match self.reopen(consumer, reader, &mut p, n, findings) {
             Ok(start) => {
                 owned.partitions.insert(n, p);
                 Ok(start)
@@ -248,8 +265,12 @@ impl NodeContext {
         reader: &PartitionReader,
         p: &mut Partition,
         n: i32,
+        findings: Option<(HashSet<String>, i64)>,
     ) -> Result<Offset, KafkaError> {
-        let (ids, end) = reader.finding_ids(&self.cfg.findings_topic, n, p.findings_read_to)?;
+        let (ids, end) = match findings {
+            Some(read) => read,
+            None => reader.finding_ids(&self.cfg.findings_topic, n, p.findings_read_to)?,
+        };
         let new: Vec<String> = ids.into_iter().filter(|id| !p.emitted.contains(id)).collect();
         if !new.is_empty() {
             tracing::info!(
@@ -298,23 +319,35 @@ impl NodeContext {
     }
 
     /// Opens a newly assigned partition: its store, the ids already in the findings
-    /// topic, its end (the replay's target) and where to start reading.
+    /// topic (`findings`, if read already, with where they were read to), its end (the
+    /// replay's target) and where to start reading.
     fn take_over(
         &self,
         consumer: &BaseConsumer<Self>,
         reader: &PartitionReader,
         n: i32,
+        findings: Option<(HashSet<String>, i64)>,
     ) -> Result<(Partition, Offset), KafkaError> {
         let cfg = &self.cfg;
         let began = Instant::now();
         let mut p = Partition::open(&cfg.data, &cfg.topic, n, &cfg.plugins)?;
         let opened = began.elapsed();
         p.store.set_retention(cfg.retention);
+        // Its detectors now, not at its first pass: their indexes are then kept as the
+        // backlog is stored, instead of built afterwards by reading it back (a replay's
+        // first pass spent 10–30 ms a partition building them).
+        if p.plugins.refresh()? {
+            crate::detect::declare_indexes(&mut p.store, &p.plugins.plugins)?;
+        }
+        let loaded = began.elapsed();
         if let Some(logs) = &cfg.logs {
             let opts = IngestOptions { only_tables: Some(vec!["FileProfile".to_string()]), ..cfg.ingest.clone() };
             p.tailer = Some(Tailer::new(logs, opts));
         }
-        (p.emitted, p.findings_read_to) = reader.finding_ids(&cfg.findings_topic, n, 0)?;
+        (p.emitted, p.findings_read_to) = match findings {
+            Some(read) => read,
+            None => reader.finding_ids(&cfg.findings_topic, n, 0)?,
+        };
         p.emitted_before = p.emitted.clone();
         let findings_read = began.elapsed();
         let (low, high) = self.watermarks(consumer, n)?;
@@ -333,7 +366,7 @@ impl NodeContext {
         };
         tracing::info!(partition = n, start, end = high, findings_in_topic = p.emitted.len(), "partition taken over");
         // Where a take-over's time goes (a failover's replay counts it).
-        tracing::debug!(partition = n, ?opened, ?findings_read, took = ?began.elapsed(), "take-over");
+        tracing::debug!(partition = n, ?opened, ?loaded, ?findings_read, took = ?began.elapsed(), "take-over");
         Ok((p, Offset::Offset(start)))
     }
 
@@ -959,6 +992,40 @@ mod tests {
         producer.flush(Duration::from_secs(10)).unwrap();
     }
 
+    /// The findings partitions of an assignment read together are what each read on its
+    /// own gives: every id from each one's own offset on, and where each ends — an empty
+    /// partition, one read to its end already, and ones with ids from the start and from
+    /// part way.
+    #[test]
+    fn findings_partitions_read_together_are_each_as_read_alone() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("rows", 4, 1).unwrap();
+        cluster.create_topic("findings", 4, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&cluster.bootstrap_servers(), dir.path());
+        let producer = producer(&cfg.kafka, Deliveries::default()).unwrap();
+        for (partition, n) in [(0, 5), (1, 3), (3, 40)] {
+            for i in 0..n {
+                let json = format!(r#"{{"finding_id":"p{partition}-{i}","device_id":"d"}}"#);
+                let record = BaseRecord::to("findings").partition(partition).key("d").payload(json.as_bytes());
+                super::super::split::send(&producer, record).unwrap();
+            }
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+        let reader = PartitionReader::new(&cfg.kafka).unwrap();
+        let from = [(0, 0), (1, 3), (2, 0), (3, 25)];
+        let together = reader.finding_ids_of("findings", &from).unwrap();
+        for (partition, offset) in from {
+            let alone = reader.finding_ids("findings", partition, offset).unwrap();
+            assert_eq!(together.get(&partition), Some(&alone), "partition {partition}");
+        }
+        assert_eq!(together[&0].0.len(), 5);
+        assert_eq!(together[&1], (HashSet::new(), 3), "read to its end already");
+        assert_eq!(together[&2], (HashSet::new(), 0), "empty");
+        assert_eq!((together[&3].0.len(), together[&3].1), (15, 40));
+        assert!(together[&3].0.contains("p3-25") && !together[&3].0.contains("p3-24"));
+    }
+
     /// Messages into "rows" partition 0, each with the given timestamp (ms).
     fn rows_at(producer: &BaseProducer<Deliveries>, timestamps: &[i64]) {
         for &t in timestamps {
@@ -989,7 +1056,7 @@ mod tests {
             let consumer = consumer(&cfg).unwrap();
             let reader = PartitionReader::new(&cfg.kafka).unwrap();
             let mut owned = Owned::default();
-            let start = consumer.context().open_assigned(&consumer, &reader, &mut owned, 0).unwrap();
+            let start = consumer.context().open_assigned(&consumer, &reader, &mut owned, 0, None).unwrap();
             let p = owned.partitions.remove(&0).unwrap();
             (start, p.next_offset, p.replay_done.is_some())
         };
@@ -1017,7 +1084,7 @@ mod tests {
         emit(&producer, &["a", "b"]);
 
         let mut owned = Owned::default();
-        let start = node.open_assigned(&consumer, &reader, &mut owned, 0).unwrap();
+        let start = node.open_assigned(&consumer, &reader, &mut owned, 0, None).unwrap();
         assert_eq!(start, Offset::Offset(0), "an empty partition with nothing stored starts at its start");
         let mut p = owned.partitions.remove(&0).unwrap();
         assert_eq!(p.emitted, HashSet::from(["a".to_string(), "b".to_string()]));
@@ -1034,7 +1101,7 @@ mod tests {
         owned.revoked.insert(0, p);
         emit(&producer, &["c"]);
         rows_at(&producer, &[1, 2]);
-        node.open_assigned(&consumer, &reader, &mut owned, 0).unwrap();
+        node.open_assigned(&consumer, &reader, &mut owned, 0, None).unwrap();
         let mut p = owned.partitions.remove(&0).unwrap();
         // It had stored nothing: started afresh, with the partition's end as it is now.
         assert_eq!((p.next_offset, p.replay_target, p.replay_done.is_some()), (Some(0), 2, false));
@@ -1048,7 +1115,7 @@ mod tests {
         p.findings_read_to = 10;
         p.emitted.remove("a");
         owned.revoked.insert(0, p);
-        node.open_assigned(&consumer, &reader, &mut owned, 0).unwrap();
+        node.open_assigned(&consumer, &reader, &mut owned, 0, None).unwrap();
         let p = owned.partitions.remove(&0).unwrap();
         assert!(p.emitted.contains("a"), "{:?}", p.emitted);
         assert_eq!(p.findings_read_to, 3);

@@ -7,7 +7,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Finding ids read from partitions of the findings topic, and where each was read to.
+pub type FindingIds = HashMap<i32, (HashSet<String>, i64)>;
 use std::time::{Duration, Instant};
 
 /// How long reading a findings partition to its end may take before the node gives up
@@ -44,30 +47,50 @@ impl PartitionReader {
     /// partition that ends before `from` (the topic created again, or its log cut back) is
     /// read from its start.
     pub fn finding_ids(&self, topic: &str, partition: i32, from: i64) -> Result<(HashSet<String>, i64), KafkaError> {
-        let (low, high) = self.consumer.fetch_watermarks(topic, partition, CALL_TIMEOUT).map_err(KafkaError::kafka(
-            format!("cannot read the end of findings topic {topic} partition {partition}"),
-        ))?;
-        let from = if from > high {
-            tracing::warn!(
-                topic,
-                partition,
-                read_to = from,
-                end = high,
-                "the findings partition ends before where this node last read it; reading it again from its start"
-            );
-            low
-        } else {
-            from.max(low)
-        };
-        let mut ids = HashSet::new();
-        if high <= from {
-            return Ok((ids, high));
+        let mut read = self.finding_ids_of(topic, &[(partition, from)])?;
+        read.remove(&partition).ok_or_else(|| KafkaError::Kafka {
+            what: format!("findings topic {topic} partition {partition}: not read"),
+            source: rdkafka::error::KafkaError::NoMessageReceived,
+        })
+    }
+
+    /// [`PartitionReader::finding_ids`] of several partitions of `topic`, each from its own
+    /// offset, read together: one assignment and one stream of fetches for all of them. A
+    /// take-over of three partitions read them one after another, waiting for each one's
+    /// first fetch in turn (5–20 ms each, inside the rebalance callback).
+    pub fn finding_ids_of(&self, topic: &str, from: &[(i32, i64)]) -> Result<FindingIds, KafkaError> {
+        let mut out: FindingIds = HashMap::new();
+        // Each partition still to read: where it is read to, and its end.
+        let mut reading: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+        for &(partition, from) in from {
+            let (low, high) = self.consumer.fetch_watermarks(topic, partition, CALL_TIMEOUT).map_err(
+                KafkaError::kafka(format!("cannot read the end of findings topic {topic} partition {partition}")),
+            )?;
+            let from = if from > high {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    read_to = from,
+                    end = high,
+                    "the findings partition ends before where this node last read it; reading it again from its start"
+                );
+                low
+            } else {
+                from.max(low)
+            };
+            out.insert(partition, (HashSet::new(), high));
+            if high > from {
+                reading.insert(partition, (from, high));
+            }
         }
-        self.assign(topic, partition, from)?;
+        if reading.is_empty() {
+            return Ok(out);
+        }
+        self.assign_all(topic, &reading)?;
         let started = Instant::now();
-        let mut reached = from;
-        while reached < high {
+        while !reading.is_empty() {
             if started.elapsed() > READ_LIMIT {
+                let (partition, (reached, high)) = reading.iter().next().map(|(p, r)| (*p, *r)).unwrap_or_default();
                 return Err(KafkaError::Kafka {
                     what: format!(
                         "findings topic {topic} partition {partition}: read to offset {reached} of {high} in {READ_LIMIT:?}"
@@ -79,23 +102,36 @@ impl PartitionReader {
                 None => {
                     // Deleted by the topic's retention since the read began (the reader
                     // would wait at the partition's end for them): on from what is kept.
-                    if let Some(low) = self.first_kept(topic, partition).filter(|&low| low > reached) {
-                        self.assign(topic, partition, low)?;
-                        reached = low;
+                    let mut moved = false;
+                    for (partition, (reached, _)) in reading.iter_mut() {
+                        if let Some(low) = self.first_kept(topic, *partition).filter(|&low| low > *reached) {
+                            *reached = low;
+                            moved = true;
+                        }
+                    }
+                    reading.retain(|_, (reached, high)| reached < high);
+                    if moved && !reading.is_empty() {
+                        self.assign_all(topic, &reading)?;
                     }
                 }
-                Some(Err(e)) => tracing::warn!(error = %e, topic, partition, "reading the findings topic; retrying"),
-                // Only the partition asked for (nothing of an earlier read's is kept).
-                Some(Ok(m)) if m.topic() == topic && m.partition() == partition => {
-                    reached = m.offset() + 1;
-                    if let Some(id) = m.payload().and_then(finding_id) {
+                Some(Err(e)) => tracing::warn!(error = %e, topic, "reading the findings topic; retrying"),
+                // Only the partitions asked for (nothing of an earlier read's is kept).
+                Some(Ok(m)) if m.topic() == topic => {
+                    let partition = m.partition();
+                    let Some((reached, high)) = reading.get_mut(&partition) else { continue };
+                    *reached = m.offset() + 1;
+                    let done = *reached >= *high;
+                    if let (Some(id), Some((ids, _))) = (m.payload().and_then(finding_id), out.get_mut(&partition)) {
                         ids.insert(id);
+                    }
+                    if done {
+                        reading.remove(&partition);
                     }
                 }
                 Some(Ok(_)) => {}
             }
         }
-        Ok((ids, high))
+        Ok(out)
     }
 
     /// The timestamp (milliseconds since the epoch) of the message at `offset` of
@@ -123,6 +159,16 @@ impl PartitionReader {
         if let Err(e) = self.consumer.unassign() {
             tracing::debug!(error = %e, "cannot unassign the findings reader");
         }
+    }
+
+    /// Reads each partition of `reading` on from where it is read to.
+    fn assign_all(&self, topic: &str, reading: &BTreeMap<i32, (i64, i64)>) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        for (partition, (reached, _)) in reading {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*reached))
+                .map_err(KafkaError::kafka("cannot list the partition"))?;
+        }
+        self.consumer.assign(&tpl).map_err(KafkaError::kafka(format!("cannot read {topic}")))
     }
 
     fn assign(&self, topic: &str, partition: i32, offset: i64) -> Result<(), KafkaError> {
