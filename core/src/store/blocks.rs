@@ -33,11 +33,8 @@ pub const BLOCK_RAW: usize = 96 << 10;
 const BLOCK_SLACK: usize = 8 << 10;
 /// A stored piece is never bigger than this, far below sled's blob threshold.
 pub const PIECE_BYTES: usize = 6 << 10;
-/// zstd level of blocks' key frames (rows' pages have theirs in `dictionaries`). A fast
-/// negative level: compressing them at level 1 was a sixteenth of the storing thread, the
-/// one that limits ingestion; at −5 the storing thread runs 7% fewer instructions and
-/// the data directory is ~6% bigger (a 300k-row ingest: 8.42 → 7.80 billion, 82 → 87 MiB).
-const KEY_FRAME_ZSTD_LEVEL: i32 = -5;
+/// zstd level: level 1 already shrinks Defender rows to a few percent at the highest speed.
+const ZSTD_LEVEL: i32 = 1;
 /// zstd level of the index's items in sled.
 const INDEX_ZSTD_LEVEL: i32 = 1;
 /// A frame never claims more than this when decompressed (a corrupt length must not
@@ -431,10 +428,10 @@ pub fn index_compressor() -> Result<zstd::bulk::Compressor<'static>> {
     zstd::bulk::Compressor::new(INDEX_ZSTD_LEVEL).context("cannot set up zstd")
 }
 
-/// The zstd context of blocks' key frames, reused across blocks (a context costs an
-/// allocation of its window on every use otherwise).
+/// The zstd contexts, reused across blocks (a context costs an allocation of its
+/// window on every use otherwise).
 pub fn compressor() -> Result<zstd::bulk::Compressor<'static>> {
-    let mut z = zstd::bulk::Compressor::new(KEY_FRAME_ZSTD_LEVEL).context("cannot set up zstd")?;
+    let mut z = zstd::bulk::Compressor::new(ZSTD_LEVEL).context("cannot set up zstd")?;
     // A frame read back from a plain file has no checksum of sled's around it: zstd's own
     // says a damaged one is corrupt instead of handing back wrong rows.
     z.include_checksum(true).context("cannot set up zstd")?;
