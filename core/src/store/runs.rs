@@ -189,11 +189,11 @@ impl RunMeta {
     }
 }
 
-/// Sorts a batch's entries by key. Sorting them as they are compared each pair's keys
-/// where they lie on the heap, from their first byte (a table's keys share their first
-/// five), which was a twentieth of the storing thread; here each entry's first 48 bytes
-/// (a SHA1's whole text) are compared as three integers, inline, and only keys equal
-/// that far are compared from there on.
+/// Sorts a batch's entries by key. Sorting the entries themselves compared each pair's
+/// keys where they lie on the heap, from their first byte (a table's keys share their
+/// first five): ~4% of the storing thread's time, in cache misses more than instructions.
+/// Here each entry's first 48 bytes (a SHA1's whole text) are compared as three
+/// integers, inline, and only keys equal that far are compared from there on.
 pub fn sort_entries(entries: &mut Vec<Entry>) {
     fn part(key: &[u8], at: usize) -> u128 {
         let mut b = [0u8; 16];
