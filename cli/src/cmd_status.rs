@@ -96,6 +96,8 @@ fn print_human(s: &Status) {
     println!("data: {}", s.data_dir);
     if s.tables.is_empty() {
         println!("tables: none yet");
+    } else {
+        println!("tables:");
     }
     for (t, ts) in &s.tables {
         println!("  {t}: {} rows", ts.rows);

@@ -307,6 +307,8 @@ fn hostile_logs_folder_is_survived_with_every_reason_named() {
     let out = lookout_ok(&data, &["status", "--rejects", "100"]);
     assert!(out.contains("DeviceFileEvents-truncated_json.jsonl:2 (offset"), "{out}");
     assert!(out.contains("line_too_long"), "{out}");
+    // Each table's rows under their heading.
+    assert!(out.contains("\ntables:\n  DeviceFileEvents: "), "{out}");
 }
 
 /// A file Lookout may not read is skipped with its reason, and the rest goes on. Root
