@@ -390,7 +390,7 @@ impl Store {
                     }
                 }
             }
-            entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            runs::sort_entries(&mut entries);
             self.runs.hold_again(*id, entries)?;
         }
         if !todo.is_empty() {
