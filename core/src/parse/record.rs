@@ -36,7 +36,7 @@ pub enum Raw<'a> {
 
 impl Raw<'_> {
     /// A non-negative integer as JSON gives it: `Int` while it fits an i64.
-    fn from_u64(v: u64) -> Raw<'static> {
+    pub(super) fn from_u64(v: u64) -> Raw<'static> {
         i64::try_from(v).map_or(Raw::UInt(v), Raw::Int)
     }
 
@@ -113,6 +113,12 @@ pub struct Object<'a> {
 }
 
 impl<'a> Object<'a> {
+    /// The columns of an object with nothing kept aside for unwrapping.
+    #[cfg(test)]
+    pub(super) fn into_flat_columns(self) -> Option<Columns<'a>> {
+        self.kept.is_empty().then_some(self.columns)
+    }
+
     /// The fields as plain columns: what was kept aside goes back as a nested value.
     fn into_columns(mut self) -> Columns<'a> {
         for (at, field) in self.kept {
@@ -132,8 +138,18 @@ pub enum Field<'a> {
 
 const CATEGORY_PREFIX: &str = "AdvancedHunting-";
 
-/// Parses one JSON document (a line, or an array element's text).
+/// Parses one JSON document (a line, or an array element's text): a flat row by
+/// [`super::flat`]'s scanner, anything else (and anything it declines) by serde_json.
 pub fn parse_document(bytes: &[u8]) -> Result<Document<'_>, serde_json::Error> {
+    if let Some(columns) = std::str::from_utf8(bytes).ok().and_then(super::flat::parse_flat) {
+        return Ok(Document::Object(Object { columns, kept: Vec::new() }));
+    }
+    parse_document_with_serde(bytes)
+}
+
+/// Parses one JSON document with serde_json: envelopes, batches, nested values, and the
+/// words of every error.
+pub(super) fn parse_document_with_serde(bytes: &[u8]) -> Result<Document<'_>, serde_json::Error> {
     // One check of the whole line is cheaper than serde_json's check of every string it
     // borrows from a byte slice (one call per string, most of them short); a line that is
     // not UTF-8 is parsed from bytes, so the error says where the JSON broke.
