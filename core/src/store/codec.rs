@@ -43,7 +43,13 @@ pub struct EncodedCells {
 
 impl EncodedCells {
     pub fn new(names: &ContentNames, cells: &[CellRef<'_>]) -> EncodedCells {
-        let mut bytes = Vec::with_capacity(16 + cells.len() * 24);
+        // Room for every cell at its longest, so the buffer is never grown (which was
+        // several reallocations a row).
+        let room: usize = cells
+            .iter()
+            .map(|c| 10 + if let CellRef::Str(s) | CellRef::Json(s) = c { s.len() } else { 0 })
+            .sum();
+        let mut bytes = Vec::with_capacity(10 + room);
         let mut starts = Vec::with_capacity(cells.len());
         put_varint(&mut bytes, cells.len() as u64);
         for cell in cells {

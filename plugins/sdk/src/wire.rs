@@ -40,6 +40,11 @@ pub fn varint(v: u64) -> ([u8; 9], usize) {
 }
 
 pub fn put_varint(out: &mut Vec<u8>, v: u64) {
+    // Nearly every length and most integers fit the one-byte form: no array, no copy.
+    if v < 251 {
+        out.push(v as u8);
+        return;
+    }
     let (b, n) = varint(v);
     out.extend_from_slice(&b[..n]);
 }
