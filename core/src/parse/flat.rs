@@ -12,17 +12,14 @@
 //! the two paths to the same answer.
 
 use super::record::{Columns, Raw};
+use lookout_plugin_sdk::wire::put_varint;
 use memchr::memchr2;
 use std::borrow::Cow;
 
 /// The columns of `text` when it is one flat object this scanner reads as serde_json
 /// would; `None` otherwise (see the module's comment).
 pub fn parse_flat(text: &str) -> Option<Columns<'_>> {
-    // JSON forbids raw control characters in strings; a line without any (one pass the
-    // compiler vectorises) needs no check of each string. Pretty-printed array elements
-    // have newlines between their tokens, so each of their strings is checked.
-    let controls = text.bytes().fold(false, |any, c| any | (c < 0x20));
-    let mut s = Scanner { text, b: text.as_bytes(), i: 0, controls };
+    let mut s = Scanner::new(text);
     s.spaces();
     s.expect(b'{')?;
     let mut columns = Vec::with_capacity(48);
@@ -52,33 +49,47 @@ pub fn parse_flat(text: &str) -> Option<Columns<'_>> {
         }
     }
     s.spaces();
-    (s.i == s.b.len()).then_some(columns)
+    s.at_end().then_some(columns)
 }
 
-struct Scanner<'a> {
+/// A cursor over one line's JSON text, for [`parse_flat`] and [`super::direct`].
+pub(super) struct Scanner<'a> {
     text: &'a str,
     b: &'a [u8],
-    i: usize,
+    pub(super) i: usize,
     /// The text holds a control character: each string is checked for one.
     controls: bool,
 }
 
 impl<'a> Scanner<'a> {
-    fn peek(&self) -> Option<u8> {
+    pub(super) fn new(text: &'a str) -> Scanner<'a> {
+        // JSON forbids raw control characters in strings; a line without any (one pass
+        // the compiler vectorises) needs no check of each string. Pretty-printed array
+        // elements have newlines between their tokens, so each of their strings is checked.
+        let controls = text.bytes().fold(false, |any, c| any | (c < 0x20));
+        Scanner { text, b: text.as_bytes(), i: 0, controls }
+    }
+
+    /// Whether all of the text was read.
+    pub(super) fn at_end(&self) -> bool {
+        self.i == self.b.len()
+    }
+
+    pub(super) fn peek(&self) -> Option<u8> {
         self.b.get(self.i).copied()
     }
 
-    fn next(&mut self) -> Option<u8> {
+    pub(super) fn next(&mut self) -> Option<u8> {
         let c = self.peek()?;
         self.i += 1;
         Some(c)
     }
 
-    fn expect(&mut self, want: u8) -> Option<()> {
+    pub(super) fn expect(&mut self, want: u8) -> Option<()> {
         (self.next()? == want).then_some(())
     }
 
-    fn spaces(&mut self) {
+    pub(super) fn spaces(&mut self) {
         while matches!(self.peek(), Some(b' ' | b'\n' | b'\r' | b'\t')) {
             self.i += 1;
         }
@@ -86,7 +97,44 @@ impl<'a> Scanner<'a> {
 
     /// A string's contents, the opening quote already read: borrowed when it holds no
     /// escape. Every position cut at is an ASCII byte's, so always a char boundary.
-    fn string(&mut self) -> Option<Cow<'a, str>> {
+    /// Reads `name` and its closing quote (the opening one already read), if they are
+    /// what comes next. Exact for a name with no quote, backslash or control character,
+    /// which a line can only write as it is.
+    pub(super) fn plain_name(&mut self, name: &[u8]) -> bool {
+        let end = self.i + name.len();
+        let found = self.b.get(self.i..end) == Some(name) && self.b.get(end) == Some(&b'"');
+        if found {
+            self.i = end + 1;
+        }
+        found
+    }
+
+    /// A string's contents (the opening quote already read) appended to `out` as the
+    /// store encodes a string (its length, then its bytes): where its bytes start.
+    pub(super) fn string_into(&mut self, out: &mut Vec<u8>) -> Option<usize> {
+        let start = self.i;
+        let end = start + memchr2(b'"', b'\\', self.b.get(start..)?)?;
+        let bytes: &[u8] = if self.b[end] == b'"' {
+            let raw = self.b.get(start..end)?;
+            if self.controls && raw.iter().any(|c| *c < 0x20) {
+                return None;
+            }
+            self.i = end + 1;
+            raw
+        } else {
+            let unescaped = self.string()?;
+            put_varint(out, unescaped.len() as u64);
+            let at = out.len();
+            out.extend_from_slice(unescaped.as_bytes());
+            return Some(at);
+        };
+        put_varint(out, bytes.len() as u64);
+        let at = out.len();
+        out.extend_from_slice(bytes);
+        Some(at)
+    }
+
+    pub(super) fn string(&mut self) -> Option<Cow<'a, str>> {
         let start = self.i;
         let mut at = start + memchr2(b'"', b'\\', self.b.get(start..)?)?;
         if self.controls && self.b.get(start..self.string_end(at)?)?.iter().any(|c| *c < 0x20) {
@@ -154,7 +202,7 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    fn word(&mut self, rest: &[u8], value: Raw<'a>) -> Option<Raw<'a>> {
+    pub(super) fn word(&mut self, rest: &[u8], value: Raw<'a>) -> Option<Raw<'a>> {
         let end = self.i + rest.len();
         (self.b.get(self.i..end)? == rest).then(|| {
             self.i = end;
@@ -164,7 +212,7 @@ impl<'a> Scanner<'a> {
 
     /// The digits of an integer as serde_json reads them: no leading zero, within u64, and
     /// not followed by a fraction or an exponent (those are floats: the serde path).
-    fn integer(&mut self) -> Option<u64> {
+    pub(super) fn integer(&mut self) -> Option<u64> {
         let first = self.next()?;
         let mut n = u64::from(first.checked_sub(b'0').filter(|d| *d <= 9)?);
         if n == 0 {

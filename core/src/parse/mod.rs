@@ -1,6 +1,7 @@
 //! From bytes to normalised rows: opening (gzip or plain), splitting into records (lines
 //! or array elements), unwrapping envelopes, telling the table, normalising columns.
 
+mod direct;
 mod flat;
 pub mod lines;
 pub mod normalise;

@@ -137,23 +137,30 @@ pub fn normalise_columns<'a>(
 /// What normalising a row needs to know about its table and column list, worked out
 /// once for both: the rows of a file nearly always share them, and looking up ~40
 /// column types and scanning for the key columns per row was a quarter of parsing.
-struct Layout {
-    table: String,
-    kind: TableKind,
+pub(super) struct Layout {
+    pub(super) table: String,
+    pub(super) kind: TableKind,
     /// The column names, shared by every row with this layout (and so with the store,
     /// which finds a row's schema by this pointer).
-    names: Arc<Vec<String>>,
+    pub(super) names: Arc<Vec<String>>,
     /// Each column's type (`None`: a column the schema does not know).
-    types: Vec<Option<ColumnType>>,
+    pub(super) types: Vec<Option<ColumnType>>,
     /// Whether a column is one the row's key is made of.
-    key_column: Vec<bool>,
+    pub(super) key_column: Vec<bool>,
     /// The required columns and where they are.
-    required: Vec<(&'static str, Option<usize>)>,
-    sha1: Option<usize>,
-    device_id: Option<usize>,
-    timestamp: Option<usize>,
-    report_id: Option<usize>,
-    content: ContentNames,
+    pub(super) required: Vec<(&'static str, Option<usize>)>,
+    pub(super) sha1: Option<usize>,
+    pub(super) device_id: Option<usize>,
+    pub(super) timestamp: Option<usize>,
+    pub(super) report_id: Option<usize>,
+    /// Where the first `Type` column is (the row's table, when it is a non-empty string).
+    pub(super) type_at: Option<usize>,
+    /// Whether a column is one of the required ones (see `required`).
+    pub(super) required_column: Vec<bool>,
+    /// No name holds a quote, a backslash or a control character: each is written in a
+    /// line exactly as it is, so a line's name can be compared with it byte for byte.
+    pub(super) plain_names: bool,
+    pub(super) content: ContentNames,
 }
 
 /// Layouts kept per thread: a table's rows come in a few shapes (Defender leaves columns
@@ -161,12 +168,18 @@ struct Layout {
 /// change of shape was a quarter of parsing such a file.
 const LAYOUTS_KEPT: usize = 16;
 
+thread_local! {
+    static KEPT: RefCell<Vec<Rc<Layout>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The layout of the last row normalised on this thread.
+pub(super) fn recent_layout() -> Option<Rc<Layout>> {
+    KEPT.with(|kept| kept.borrow().first().cloned())
+}
+
 /// The layout of `row` in `table`: one of the last few rows' on this thread when the
 /// table and the column names are the same, else worked out (and kept for the next rows).
 fn layout(table: &str, row: &[(Cow<'_, str>, Raw<'_>)]) -> Result<Rc<Layout>, Reject> {
-    thread_local! {
-        static KEPT: RefCell<Vec<Rc<Layout>>> = const { RefCell::new(Vec::new()) };
-    }
     KEPT.with(|kept| {
         let mut kept = kept.borrow_mut();
         let same = |l: &Layout| {
@@ -194,6 +207,9 @@ fn layout(table: &str, row: &[(Cow<'_, str>, Raw<'_>)]) -> Result<Rc<Layout>, Re
             device_id: at("DeviceId"),
             timestamp: at("Timestamp"),
             report_id: at("ReportId"),
+            type_at: at("Type"),
+            required_column: names.iter().map(|n| required_columns(table, kind).contains(&n.as_str())).collect(),
+            plain_names: names.iter().all(|n| n.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\')),
             content: ContentNames::new(&names),
             names: Arc::new(names),
         };

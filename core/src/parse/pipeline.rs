@@ -7,6 +7,7 @@
 //! offsets, rejects, the truncation check), so what is committed, and when, is exactly
 //! what reading and parsing in line would commit.
 
+use super::direct::normalise_line;
 use super::lines::{LineEnd, LineInfo, LineReader};
 use super::normalise::{normalise_columns, NormalRow, TableHints};
 use super::record::{parse_document, unwrap_document, Document};
@@ -76,6 +77,10 @@ pub fn parse_line(buf: &[u8], info: &LineInfo, max_line: usize, hints: &TableHin
     }
     if buf.iter().all(u8::is_ascii_whitespace) {
         return LineOutcome::Blank;
+    }
+    // The common line first: a flat row with the columns of the row before it.
+    if let Some(row) = std::str::from_utf8(buf).ok().and_then(|text| normalise_line(text, hints)) {
+        return LineOutcome::Records(vec![Ok(row)], Vec::new());
     }
     let doc = match parse_document(buf) {
         Ok(v) => v,

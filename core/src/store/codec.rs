@@ -45,10 +45,8 @@ impl EncodedCells {
     pub fn new(names: &ContentNames, cells: &[CellRef<'_>]) -> EncodedCells {
         // Room for every cell at its longest, so the buffer is never grown (which was
         // several reallocations a row).
-        let room: usize = cells
-            .iter()
-            .map(|c| 10 + if let CellRef::Str(s) | CellRef::Json(s) = c { s.len() } else { 0 })
-            .sum();
+        let room: usize =
+            cells.iter().map(|c| 10 + if let CellRef::Str(s) | CellRef::Json(s) = c { s.len() } else { 0 }).sum();
         let mut bytes = Vec::with_capacity(10 + room);
         let mut starts = Vec::with_capacity(cells.len());
         put_varint(&mut bytes, cells.len() as u64);
@@ -57,6 +55,12 @@ impl EncodedCells {
             starts.push(bytes.len() as u32);
             put_cell(&mut bytes, *cell);
         }
+        EncodedCells { content: names.hash(&bytes, &starts), bytes, starts }
+    }
+
+    /// Cells already written in this encoding (the cell count, then each cell, cell `i`
+    /// from `starts[i]` on), by a parser that wrote them straight from its text.
+    pub fn from_encoded(names: &ContentNames, bytes: Vec<u8>, starts: Vec<u32>) -> EncodedCells {
         EncodedCells { content: names.hash(&bytes, &starts), bytes, starts }
     }
 

@@ -1,0 +1,313 @@
+//! A flat line with the column names of the last row normalised on this thread, turned
+//! into its [`NormalRow`] straight from its text: each value is typed by its column as it
+//! is read and written into the stored encoding at once. Building the parsed columns,
+//! then the typed cells, then the encoding from them, and matching the layout name by
+//! name, was most of what a row cost the parser thread; the rows of a file nearly always
+//! have the same columns as the row before.
+//!
+//! It gives what [`super::flat`] and [`super::normalise`] give together, or nothing: a
+//! line that is not flat, has other columns or another table, a value that is not of its
+//! column's type, a column the row may not be without, a row with no `ReportId` (its
+//! identity is a hash of its content) — anything but the plain case makes it answer
+//! `None`, and the general path reads the line (and rejects it, if it must). A property
+//! test holds the two to the same rows.
+
+use super::flat::Scanner;
+use super::normalise::{recent_layout, Layout, NormalRow, TableHints};
+use crate::schema::{ColumnType, TableKind};
+use crate::store::codec::EncodedCells;
+use lookout_plugin_sdk::time::parse_timestamp;
+use lookout_plugin_sdk::wire::{put_varint, zigzag};
+
+/// Cell tags, as bincode numbers the variants of the SDK's `Cell`.
+const NULL: u8 = 0;
+const BOOL: u8 = 1;
+const INT: u8 = 2;
+const STR: u8 = 4;
+
+/// The row of a flat `text` in the layout of the last row (see the module's comment).
+pub fn normalise_line(text: &str, hints: &TableHints) -> Option<NormalRow> {
+    let layout = recent_layout()?;
+    if layout.required.iter().any(|(_, at)| at.is_none()) {
+        return None;
+    }
+    let names = &layout.names;
+    let mut s = Scanner::new(text);
+    let mut bytes = Vec::with_capacity(text.len() + 16);
+    let mut starts = Vec::with_capacity(names.len());
+    put_varint(&mut bytes, names.len() as u64);
+    // Where the string cells the row's key and identity are made of lie in `bytes`.
+    let mut spans = Spans::default();
+    let mut report_id: Option<i64> = None;
+    s.spaces();
+    s.expect(b'{')?;
+    for (i, name) in names.iter().enumerate() {
+        s.spaces();
+        if i > 0 {
+            s.expect(b',')?;
+            s.spaces();
+        }
+        s.expect(b'"')?;
+        if !(layout.plain_names && s.plain_name(name.as_bytes())) && s.string()? != name.as_str() {
+            return None;
+        }
+        s.spaces();
+        s.expect(b':')?;
+        s.spaces();
+        starts.push(u32::try_from(bytes.len()).ok()?);
+        let typed = layout.types[i];
+        let required = layout.required_column[i];
+        match s.peek()? {
+            b'"' => {
+                s.i += 1;
+                bytes.push(STR);
+                let at = s.string_into(&mut bytes)?;
+                let span = (at, bytes.len());
+                match typed {
+                    None | Some(ColumnType::String | ColumnType::Dynamic) => {}
+                    Some(ColumnType::DateTime) if parse_timestamp(text_at(&bytes, span)?).is_some() => {}
+                    // A long or a bool sent as text, a timestamp that is not one: the general path.
+                    _ => return None,
+                }
+                if required && span.0 == span.1 {
+                    return None;
+                }
+                spans.note(&layout, i, span);
+            }
+            b'n' => {
+                s.i += 1;
+                s.word(b"ull", super::record::Raw::Null)?;
+                if required {
+                    return None;
+                }
+                // KQL strings are never null.
+                if typed == Some(ColumnType::String) {
+                    bytes.extend_from_slice(&[STR, 0]);
+                    spans.note(&layout, i, (bytes.len(), bytes.len()));
+                } else {
+                    bytes.push(NULL);
+                }
+            }
+            c @ (b't' | b'f') => {
+                s.i += 1;
+                let (rest, value): (&[u8], bool) = if c == b't' { (b"rue", true) } else { (b"alse", false) };
+                s.word(rest, super::record::Raw::Null)?;
+                if !matches!(typed, None | Some(ColumnType::Bool | ColumnType::Dynamic)) {
+                    return None;
+                }
+                bytes.extend_from_slice(&[BOOL, u8::from(value)]);
+            }
+            b'-' | b'0'..=b'9' => {
+                let negative = s.peek() == Some(b'-');
+                if negative {
+                    s.i += 1;
+                }
+                let digits = s.integer()?;
+                // serde_json: `-0` is a float, and so is anything below i64::MIN; above
+                // i64::MAX it is a u64 kept as JSON text. The general path for all three.
+                let value = match (negative, digits) {
+                    (true, 0) => return None,
+                    (true, d) if d <= 1 << 63 => (d as i64).wrapping_neg(),
+                    (false, d) => i64::try_from(d).ok()?,
+                    _ => return None,
+                };
+                if !matches!(typed, None | Some(ColumnType::Long | ColumnType::Dynamic)) {
+                    return None;
+                }
+                bytes.push(INT);
+                put_varint(&mut bytes, zigzag(value));
+                if layout.report_id == Some(i) {
+                    report_id = Some(value);
+                }
+            }
+            // Nested values: the general path.
+            _ => return None,
+        }
+    }
+    s.spaces();
+    s.expect(b'}')?;
+    s.spaces();
+    if !s.at_end() {
+        return None;
+    }
+
+    // The table, told as the general path tells it (a flat line has no envelope).
+    let type_value = match spans.type_column {
+        Some(span) => text_at(&bytes, span)?,
+        None => "",
+    };
+    let table =
+        Some(type_value).filter(|t| !t.is_empty()).or(hints.file_table.as_deref()).or(hints.explicit.as_deref())?;
+    if table != layout.table {
+        return None;
+    }
+    let text_of = |span: Option<(usize, usize)>| span.and_then(|span| text_at(&bytes, span)).unwrap_or("").to_string();
+    let timestamp = match (layout.kind, spans.timestamp) {
+        (TableKind::Event, Some(span)) => text_at(&bytes, span).and_then(parse_timestamp).unwrap_or(0),
+        _ => 0,
+    };
+    let identity = match (report_id, spans.report_id.and_then(|span| text_at(&bytes, span))) {
+        (Some(i), _) => i.to_string(),
+        (None, Some(s)) if !s.is_empty() => s.to_string(),
+        // No ReportId: the identity is a hash of the row's content (the general path).
+        _ => return None,
+    };
+    let (sha1, device_id) = (text_of(spans.sha1), text_of(spans.device_id));
+    Some(NormalRow {
+        table: layout.table.clone(),
+        kind: layout.kind,
+        names: layout.names.clone(),
+        cells: EncodedCells::from_encoded(&layout.content, bytes, starts),
+        sha1,
+        device_id,
+        timestamp,
+        identity,
+        unexpected_types: 0,
+    })
+}
+
+/// Where the string cells a row's key, identity and table are read from lie in its
+/// encoding (start and end of the string's bytes).
+#[derive(Default)]
+struct Spans {
+    sha1: Option<(usize, usize)>,
+    device_id: Option<(usize, usize)>,
+    timestamp: Option<(usize, usize)>,
+    report_id: Option<(usize, usize)>,
+    type_column: Option<(usize, usize)>,
+}
+
+impl Spans {
+    fn note(&mut self, layout: &Layout, i: usize, span: (usize, usize)) {
+        let at = Some(i);
+        if layout.sha1 == at {
+            self.sha1 = Some(span);
+        }
+        if layout.device_id == at {
+            self.device_id = Some(span);
+        }
+        if layout.timestamp == at {
+            self.timestamp = Some(span);
+        }
+        if layout.report_id == at {
+            self.report_id = Some(span);
+        }
+        if layout.type_at == at {
+            self.type_column = Some(span);
+        }
+    }
+}
+
+/// A string cell's text: its bytes came from a `&str`, cut at quotes (or unescaped), so
+/// the check cannot fail; it is a short one (ids, hashes, timestamps).
+fn text_at(bytes: &[u8], (start, end): (usize, usize)) -> Option<&str> {
+    std::str::from_utf8(bytes.get(start..end)?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::record::{parse_document_with_serde, unwrap_document};
+    use crate::parse::Reject;
+    use proptest::prelude::*;
+
+    /// A DeviceFileEvents row as the generator writes it, with a `Type` column.
+    const ROW: &str = r#"{"Timestamp":"2025-05-04T09:10:59.9195773Z","DeviceId":"15e164408e6ba5e3c6f07d3e48cff6638e387810","DeviceName":"ws-0010.corp.example.com","ActionType":"FileCreated","FileName":"84c66de1.tmp","FolderPath":"C:\\Users\\carol\\AppData\\Local\\Temp\\84c66de1.tmp","SHA1":"106769b7be363c82ad793594dd431d65c09b4d18","FileSize":6003021,"InitiatingProcessCommandLine":"\"OneDrive.exe\" -k netsvcs -p","InitiatingProcessId":16561,"InitiatingProcessFileSize":null,"IsInitiatingProcessRemoteSession":false,"AdditionalFields":"{}","Extra":"x","Type":"DeviceFileEvents","ReportId":1234}"#;
+
+    /// The general path: serde, unwrapping, normalising.
+    fn general(text: &str, hints: &TableHints) -> Vec<Result<NormalRow, Reject>> {
+        match parse_document_with_serde(text.as_bytes()) {
+            Ok(doc) => unwrap_document(doc)
+                .into_iter()
+                .map(|u| u.and_then(|u| super::super::normalise::normalise_columns(u.row, None, hints)))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn hints(file: Option<&str>) -> TableHints {
+        TableHints { file_table: file.map(str::to_string), explicit: None }
+    }
+
+    #[test]
+    fn a_row_with_the_last_row_s_columns_is_normalised_here() {
+        let h = hints(None);
+        assert!(matches!(general(ROW, &h).as_slice(), [Ok(_)]));
+        let next = ROW.replace("FileCreated", "FileModified").replace("1234", "1235");
+        let direct = normalise_line(&next, &h).expect("the same columns as the row before");
+        let rows = general(&next, &h);
+        let [Ok(expected)] = rows.as_slice() else { panic!("the general path gave {rows:?}") };
+        assert_eq!(&direct, expected);
+        assert_eq!(direct.identity, "1235");
+        assert_eq!(direct.sha1, "106769b7be363c82ad793594dd431d65c09b4d18");
+        // Other columns, or the same columns in another order: not here.
+        assert!(normalise_line(&ROW.replace("\"Extra\"", "\"Other\""), &h).is_none());
+        assert!(normalise_line(r#"{"ReportId":1}"#, &h).is_none());
+    }
+
+    /// Values of every kind, in and out of each column's type.
+    fn json_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("\"\"".to_string()),
+            Just("null".to_string()),
+            Just("true".to_string()),
+            Just("false".to_string()),
+            Just("0".to_string()),
+            Just("-0".to_string()),
+            Just("1.5".to_string()),
+            Just("\"42\"".to_string()),
+            Just("\"2025-05-04T09:10:59Z\"".to_string()),
+            Just("\"2025-13-04T09:10:59Z\"".to_string()),
+            Just("\"DeviceNetworkEvents\"".to_string()),
+            Just("\"C:\\\\x\\\"y\\\"\"".to_string()),
+            Just("\"\\u0041\"".to_string()),
+            Just("{\"a\":1}".to_string()),
+            Just("[1]".to_string()),
+            Just("18446744073709551615".to_string()),
+            Just("9223372036854775808".to_string()),
+            Just("-9223372036854775808".to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            "\"[a-z0-9 ]{0,8}\"",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Whatever row is made here, the general path makes the same one.
+        #[test]
+        fn rows_made_here_are_the_general_path_s(
+            changes in prop::collection::vec((0..16usize, json_value()), 0..4),
+            file in prop::sample::select(vec![None, Some("DeviceFileEvents"), Some("DeviceProcessEvents")]),
+            drop_type in any::<bool>(),
+        ) {
+            let mut fields: Vec<(String, String)> = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(ROW)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?
+                .into_iter()
+                .map(|(k, v)| (k, v.to_string()))
+                .collect();
+            if drop_type {
+                fields.retain(|(k, _)| k != "Type");
+            }
+            let line = |fields: &[(String, String)]| {
+                let body: Vec<String> = fields.iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
+                format!("{{{}}}", body.join(","))
+            };
+            let h = hints(file);
+            // The first row sets the layout; the changed one follows it.
+            let first = line(&fields);
+            prop_assume!(matches!(general(&first, &h).as_slice(), [Ok(_)]));
+            for (at, value) in changes {
+                let n = fields.len();
+                fields[at % n].1 = value;
+            }
+            let changed = line(&fields);
+            if let Some(direct) = normalise_line(&changed, &h) {
+                match general(&changed, &h).as_slice() {
+                    [Ok(expected)] => prop_assert_eq!(&direct, expected, "{}", changed),
+                    other => prop_assert!(false, "made here, not by the general path: {:?} for {}", other, changed),
+                }
+            }
+        }
+    }
+}
