@@ -245,6 +245,27 @@ mod tests {
         assert!(normalise_line(r#"{"ReportId":1}"#, &h).is_none());
     }
 
+    /// A string's length is written before it: one byte below 251, three, five or nine
+    /// from there (and an escape is two bytes of the line, one of the string).
+    #[test]
+    fn long_strings_with_and_without_escapes() {
+        let h = hints(None);
+        for len in [249, 250, 251, 252, 300, 65_535, 65_536, 70_000] {
+            for escaped in [false, true] {
+                let value = if escaped { format!("\\\\{}", "x".repeat(len - 1)) } else { "x".repeat(len) };
+                // A column read back from where it lies (the device) and one that is not.
+                let line = ROW
+                    .replace(r#""\"OneDrive.exe\" -k netsvcs -p""#, &format!("\"{value}\""))
+                    .replace("15e164408e6ba5e3c6f07d3e48cff6638e387810", &value);
+                assert_ne!(line, ROW);
+                assert!(matches!(general(ROW, &h).as_slice(), [Ok(_)]));
+                let direct = normalise_line(&line, &h).expect("read here");
+                let rows = general(&line, &h);
+                assert!(matches!(rows.as_slice(), [Ok(row)] if *row == direct), "{len} {escaped}");
+            }
+        }
+    }
+
     /// Values of every kind, in and out of each column's type.
     fn json_value() -> impl Strategy<Value = String> {
         prop_oneof![

@@ -12,7 +12,6 @@
 //! the two paths to the same answer.
 
 use super::record::{Columns, Raw};
-use lookout_plugin_sdk::wire::put_varint;
 use memchr::memchr2;
 use std::borrow::Cow;
 
@@ -50,6 +49,22 @@ pub fn parse_flat(text: &str) -> Option<Columns<'_>> {
     }
     s.spaces();
     s.at_end().then_some(columns)
+}
+
+/// The byte a JSON escape stands for; `None` for `\u` (surrogate pairs, lone
+/// surrogates: the serde path) and for what is not an escape.
+fn unescape(c: u8) -> Option<u8> {
+    Some(match c {
+        b'"' => b'"',
+        b'\\' => b'\\',
+        b'/' => b'/',
+        b'b' => 0x08,
+        b'f' => 0x0c,
+        b'n' => b'\n',
+        b'r' => b'\r',
+        b't' => b'\t',
+        _ => return None,
+    })
 }
 
 /// A cursor over one line's JSON text, for [`parse_flat`] and [`super::direct`].
@@ -110,28 +125,37 @@ impl<'a> Scanner<'a> {
     }
 
     /// A string's contents (the opening quote already read) appended to `out` as the
-    /// store encodes a string (its length, then its bytes): where its bytes start.
+    /// store encodes a string (its length, then its bytes, unescaped straight into `out`
+    /// in one pass): where its bytes start.
     pub(super) fn string_into(&mut self, out: &mut Vec<u8>) -> Option<usize> {
         let start = self.i;
-        let end = start + memchr2(b'"', b'\\', self.b.get(start..)?)?;
-        let bytes: &[u8] = if self.b[end] == b'"' {
-            let raw = self.b.get(start..end)?;
-            if self.controls && raw.iter().any(|c| *c < 0x20) {
-                return None;
-            }
-            self.i = end + 1;
-            raw
-        } else {
-            let unescaped = self.string()?;
-            put_varint(out, unescaped.len() as u64);
-            let at = out.len();
-            out.extend_from_slice(unescaped.as_bytes());
-            return Some(at);
-        };
-        put_varint(out, bytes.len() as u64);
+        // Room for a one-byte length, filled in (or widened) once the length is known.
+        let length_at = out.len();
+        out.push(0);
         let at = out.len();
-        out.extend_from_slice(bytes);
-        Some(at)
+        let (mut from, mut special) = (start, start + memchr2(b'"', b'\\', self.b.get(start..)?)?);
+        loop {
+            out.extend_from_slice(self.b.get(from..special)?);
+            if self.b[special] == b'"' {
+                break;
+            }
+            out.push(unescape(*self.b.get(special + 1)?)?);
+            from = special + 2;
+            special = from + memchr2(b'"', b'\\', self.b.get(from..)?)?;
+        }
+        if self.controls && self.b.get(start..special)?.iter().any(|c| *c < 0x20) {
+            return None;
+        }
+        self.i = special + 1;
+        let len = out.len() - at;
+        if len < 251 {
+            out[length_at] = len as u8;
+            return Some(at);
+        }
+        // A longer string: its length takes 3, 5 or 9 bytes (bincode's varint).
+        let (varint, n) = lookout_plugin_sdk::wire::varint(len as u64);
+        out.splice(length_at..at, varint[..n].iter().copied());
+        Some(at + n - 1)
     }
 
     pub(super) fn string(&mut self) -> Option<Cow<'a, str>> {
@@ -152,25 +176,14 @@ impl<'a> Scanner<'a> {
                 self.i = at + 1;
                 return Some(Cow::Owned(out));
             }
-            out.push(match *self.b.get(at + 1)? {
-                b'"' => '"',
-                b'\\' => '\\',
-                b'/' => '/',
-                b'b' => '\u{8}',
-                b'f' => '\u{c}',
-                b'n' => '\n',
-                b'r' => '\r',
-                b't' => '\t',
-                // `\u` (surrogate pairs, lone surrogates) and invalid escapes: the serde path.
-                _ => return None,
-            });
+            out.push(char::from(unescape(*self.b.get(at + 1)?)?));
             from = at + 2;
             at = from + memchr2(b'"', b'\\', self.b.get(from..)?)?;
         }
     }
 
-    /// Where the string whose first quote or backslash is at `at` ends (for the check of
-    /// its bytes; escapes are skipped in pairs).
+    /// Where the string whose first backslash is at `at` ends: its closing quote (escapes
+    /// are stepped over in pairs).
     fn string_end(&self, mut at: usize) -> Option<usize> {
         while self.b[at] == b'\\' {
             let from = at + 2;
