@@ -13,11 +13,13 @@
 //! test holds the two to the same rows.
 
 use super::flat::Scanner;
-use super::normalise::{recent_layout, Layout, NormalRow, TableHints};
+use super::normalise::{layouts_of, recent_layout, Layout, NormalRow, TableHints};
+use super::record::CATEGORY_PREFIX;
 use crate::schema::{ColumnType, TableKind};
 use crate::store::codec::EncodedCells;
 use lookout_plugin_sdk::time::parse_timestamp;
 use lookout_plugin_sdk::wire::{put_varint, zigzag};
+use std::borrow::Cow;
 
 /// Cell tags, as bincode numbers the variants of the SDK's `Cell`.
 const NULL: u8 = 0;
@@ -25,21 +27,125 @@ const BOOL: u8 = 1;
 const INT: u8 = 2;
 const STR: u8 = 4;
 
-/// The row of a flat `text` in the layout of the last row (see the module's comment).
-pub fn normalise_line(text: &str, hints: &TableHints) -> Option<NormalRow> {
-    let layout = recent_layout()?;
+/// The rows of `text` when it is a flat row with the columns of the last row normalised
+/// on this thread, an envelope, or a `{"records":[…]}` batch of envelopes, whose rows have
+/// the columns of a recent row of their table (see the module's comment).
+pub fn normalise_line(text: &str, hints: &TableHints) -> Option<Vec<NormalRow>> {
+    let mut s = Scanner::new(text);
+    s.spaces();
+    let start = s.i;
+    s.expect(b'{')?;
+    s.spaces();
+    s.expect(b'"')?;
+    let first = s.string()?;
+    let rows = if first == "records" {
+        s.spaces();
+        s.expect(b':')?;
+        s.spaces();
+        s.expect(b'[')?;
+        let mut rows = Vec::new();
+        loop {
+            s.spaces();
+            rows.push(envelope(&mut s, hints)?);
+            s.spaces();
+            match s.next()? {
+                b',' => continue,
+                b']' => break,
+                _ => return None,
+            }
+        }
+        s.spaces();
+        // A batch is an object with nothing but its records.
+        s.expect(b'}')?;
+        rows
+    } else {
+        s.i = start;
+        match recent_layout().and_then(|layout| flat_row(&mut s, &layout, hints)) {
+            Some(row) => vec![row],
+            None => {
+                s.i = start;
+                vec![envelope(&mut s, hints)?]
+            }
+        }
+    };
+    s.spaces();
+    s.at_end().then_some(rows)
+}
+
+/// A flat row in `layout`, its table told by its `Type` column or the hints.
+fn flat_row(s: &mut Scanner<'_>, layout: &Layout, hints: &TableHints) -> Option<NormalRow> {
+    let scanned = scan_row(s, layout)?;
+    finish(layout, scanned, None, hints)
+}
+
+/// A Streaming-API envelope (`{…,"category":"AdvancedHunting-<Table>",…,"properties":{row}}`)
+/// whose row has the columns of a recent row of its table. Its other fields must be
+/// strings, the category must come before the row, and neither may come twice.
+fn envelope(s: &mut Scanner<'_>, hints: &TableHints) -> Option<NormalRow> {
+    s.expect(b'{')?;
+    let mut category: Option<Cow<'_, str>> = None;
+    let mut row = None;
+    loop {
+        s.spaces();
+        s.expect(b'"')?;
+        let key = s.string()?;
+        s.spaces();
+        s.expect(b':')?;
+        s.spaces();
+        match key.as_ref() {
+            "category" if category.is_none() => {
+                s.expect(b'"')?;
+                category = Some(s.string()?);
+            }
+            "properties" if row.is_none() => {
+                let category = category.as_deref()?;
+                let table = category.strip_prefix(CATEGORY_PREFIX).unwrap_or(category);
+                // Each of the table's recent layouts in turn: a table's rows come in a few shapes.
+                let at = s.i;
+                row = layouts_of(table).into_iter().find_map(|layout| {
+                    s.i = at;
+                    let scanned = scan_row(s, &layout)?;
+                    finish(&layout, scanned, Some(table), hints)
+                });
+                row.as_ref()?;
+            }
+            "category" | "properties" => return None,
+            _ => {
+                s.expect(b'"')?;
+                s.string()?;
+            }
+        }
+        s.spaces();
+        match s.next()? {
+            b',' => continue,
+            b'}' => break,
+            _ => return None,
+        }
+    }
+    row
+}
+
+/// A row's cells in their stored encoding, as read from its object.
+struct Scanned {
+    bytes: Vec<u8>,
+    starts: Vec<u32>,
+    spans: Spans,
+    report_id: Option<i64>,
+}
+
+/// Reads the object at the scanner as a row with `layout`'s columns, each value typed by
+/// its column and written into the stored encoding; the scanner is left after it.
+fn scan_row(s: &mut Scanner<'_>, layout: &Layout) -> Option<Scanned> {
     if layout.required.iter().any(|(_, at)| at.is_none()) {
         return None;
     }
     let names = &layout.names;
-    let mut s = Scanner::new(text);
-    let mut bytes = Vec::with_capacity(text.len() + 16);
+    let mut bytes = Vec::with_capacity(64 * names.len());
     let mut starts = Vec::with_capacity(names.len());
     put_varint(&mut bytes, names.len() as u64);
     // Where the string cells the row's key and identity are made of lie in `bytes`.
     let mut spans = Spans::default();
     let mut report_id: Option<i64> = None;
-    s.spaces();
     s.expect(b'{')?;
     for (i, name) in names.iter().enumerate() {
         s.spaces();
@@ -72,7 +178,7 @@ pub fn normalise_line(text: &str, hints: &TableHints) -> Option<NormalRow> {
                 if required && span.0 == span.1 {
                     return None;
                 }
-                spans.note(&layout, i, span);
+                spans.note(layout, i, span);
             }
             b'n' => {
                 s.i += 1;
@@ -83,7 +189,7 @@ pub fn normalise_line(text: &str, hints: &TableHints) -> Option<NormalRow> {
                 // KQL strings are never null.
                 if typed == Some(ColumnType::String) {
                     bytes.extend_from_slice(&[STR, 0]);
-                    spans.note(&layout, i, (bytes.len(), bytes.len()));
+                    spans.note(layout, i, (bytes.len(), bytes.len()));
                 } else {
                     bytes.push(NULL);
                 }
@@ -126,18 +232,22 @@ pub fn normalise_line(text: &str, hints: &TableHints) -> Option<NormalRow> {
     }
     s.spaces();
     s.expect(b'}')?;
-    s.spaces();
-    if !s.at_end() {
-        return None;
-    }
+    Some(Scanned { bytes, starts, spans, report_id })
+}
 
-    // The table, told as the general path tells it (a flat line has no envelope).
+/// The row made of a scanned object: its table told as the general path tells it (an
+/// envelope's category, else a non-empty `Type` column, else the file's or `--table`'s),
+/// which must be its layout's.
+fn finish(layout: &Layout, scanned: Scanned, category: Option<&str>, hints: &TableHints) -> Option<NormalRow> {
+    let Scanned { bytes, starts, spans, report_id } = scanned;
     let type_value = match spans.type_column {
         Some(span) => text_at(&bytes, span)?,
         None => "",
     };
-    let table =
-        Some(type_value).filter(|t| !t.is_empty()).or(hints.file_table.as_deref()).or(hints.explicit.as_deref())?;
+    let table = category
+        .or(Some(type_value).filter(|t| !t.is_empty()))
+        .or(hints.file_table.as_deref())
+        .or(hints.explicit.as_deref())?;
     if table != layout.table {
         return None;
     }
@@ -219,14 +329,30 @@ mod tests {
         match parse_document_with_serde(text.as_bytes()) {
             Ok(doc) => unwrap_document(doc)
                 .into_iter()
-                .map(|u| u.and_then(|u| super::super::normalise::normalise_columns(u.row, None, hints)))
+                .map(|u| {
+                    u.and_then(|u| {
+                        super::super::normalise::normalise_columns(u.row, u.category_table.as_deref(), hints)
+                    })
+                })
                 .collect(),
             Err(_) => Vec::new(),
         }
     }
 
+    /// Whether the rows made here are, one for one, the rows the general path makes.
+    fn same(direct: &[NormalRow], general: &[Result<NormalRow, Reject>]) -> bool {
+        direct.len() == general.len() && direct.iter().zip(general).all(|(d, g)| g.as_ref().is_ok_and(|g| g == d))
+    }
+
     fn hints(file: Option<&str>) -> TableHints {
         TableHints { file_table: file.map(str::to_string), explicit: None }
+    }
+
+    /// `row` as a Streaming-API envelope of `table`.
+    fn envelope_of(table: &str, row: &str) -> String {
+        format!(
+            r#"{{"time":"2025-05-04T09:11:00Z","tenantId":"t","operationName":"Publish","category":"AdvancedHunting-{table}","properties":{row}}}"#
+        )
     }
 
     #[test]
@@ -235,14 +361,44 @@ mod tests {
         assert!(matches!(general(ROW, &h).as_slice(), [Ok(_)]));
         let next = ROW.replace("FileCreated", "FileModified").replace("1234", "1235");
         let direct = normalise_line(&next, &h).expect("the same columns as the row before");
-        let rows = general(&next, &h);
-        let [Ok(expected)] = rows.as_slice() else { panic!("the general path gave {rows:?}") };
-        assert_eq!(&direct, expected);
-        assert_eq!(direct.identity, "1235");
-        assert_eq!(direct.sha1, "106769b7be363c82ad793594dd431d65c09b4d18");
+        assert!(same(&direct, &general(&next, &h)));
+        assert_eq!(direct[0].identity, "1235");
+        assert_eq!(direct[0].sha1, "106769b7be363c82ad793594dd431d65c09b4d18");
         // Other columns, or the same columns in another order: not here.
         assert!(normalise_line(&ROW.replace("\"Extra\"", "\"Other\""), &h).is_none());
         assert!(normalise_line(r#"{"ReportId":1}"#, &h).is_none());
+    }
+
+    /// Envelopes alone and in batches, of two tables in turn: each row in a recent layout
+    /// of its own table; the category, not the `Type` column, tells the table.
+    #[test]
+    fn envelopes_and_batches_of_several_tables() {
+        let h = hints(None);
+        let loads = ROW.replace(r#""Type":"DeviceFileEvents","#, "");
+        let files = envelope_of("DeviceFileEvents", ROW);
+        let images = envelope_of("DeviceImageLoadEvents", &loads);
+        for line in [&files, &images] {
+            assert!(matches!(general(line, &h).as_slice(), [Ok(_)]), "{line}");
+        }
+        let batch = format!(r#"{{"records":[{files},{images},{}]}}"#, images.replace("1234", "77"));
+        let direct = normalise_line(&batch, &h).expect("both tables have a recent layout");
+        assert!(same(&direct, &general(&batch, &h)));
+        let tables: Vec<&str> = direct.iter().map(|r| r.table.as_str()).collect();
+        assert_eq!(tables, ["DeviceFileEvents", "DeviceImageLoadEvents", "DeviceImageLoadEvents"]);
+        let single = normalise_line(&images, &h).expect("an envelope alone");
+        assert!(same(&single, &general(&images, &h)));
+        // Not read here: a category after its row, a record that is not an envelope, a
+        // batch with other fields, a nested field, an empty batch.
+        let late = format!(r#"{{"properties":{loads},"category":"AdvancedHunting-DeviceImageLoadEvents"}}"#);
+        for line in [
+            late,
+            format!(r#"{{"records":[{files},5]}}"#),
+            format!(r#"{{"records":[{files}],"x":"y"}}"#),
+            files.replace(r#""tenantId":"t""#, r#""tenantId":{"a":1}"#),
+            r#"{"records":[]}"#.to_string(),
+        ] {
+            assert!(normalise_line(&line, &h).is_none(), "{line}");
+        }
     }
 
     /// A string's length is written before it: one byte below 251, three, five or nine
@@ -260,8 +416,7 @@ mod tests {
                 assert_ne!(line, ROW);
                 assert!(matches!(general(ROW, &h).as_slice(), [Ok(_)]));
                 let direct = normalise_line(&line, &h).expect("read here");
-                let rows = general(&line, &h);
-                assert!(matches!(rows.as_slice(), [Ok(row)] if *row == direct), "{len} {escaped}");
+                assert!(same(&direct, &general(&line, &h)), "{len} {escaped}");
             }
         }
     }
@@ -292,6 +447,20 @@ mod tests {
         ]
     }
 
+    /// The row's fields, in the order `ROW` has them, as (name, JSON text).
+    fn fields_of(row: &str) -> Result<Vec<(String, String)>, TestCaseError> {
+        Ok(serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(row)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?
+            .into_iter()
+            .map(|(k, v)| (k, v.to_string()))
+            .collect())
+    }
+
+    fn object(fields: &[(String, String)]) -> String {
+        let body: Vec<String> = fields.iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
+        format!("{{{}}}", body.join(","))
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
 
@@ -302,32 +471,57 @@ mod tests {
             file in prop::sample::select(vec![None, Some("DeviceFileEvents"), Some("DeviceProcessEvents")]),
             drop_type in any::<bool>(),
         ) {
-            let mut fields: Vec<(String, String)> = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(ROW)
-                .map_err(|e| TestCaseError::fail(e.to_string()))?
-                .into_iter()
-                .map(|(k, v)| (k, v.to_string()))
-                .collect();
+            let mut fields = fields_of(ROW)?;
             if drop_type {
                 fields.retain(|(k, _)| k != "Type");
             }
-            let line = |fields: &[(String, String)]| {
-                let body: Vec<String> = fields.iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
-                format!("{{{}}}", body.join(","))
-            };
             let h = hints(file);
             // The first row sets the layout; the changed one follows it.
-            let first = line(&fields);
+            let first = object(&fields);
             prop_assume!(matches!(general(&first, &h).as_slice(), [Ok(_)]));
             for (at, value) in changes {
                 let n = fields.len();
                 fields[at % n].1 = value;
             }
-            let changed = line(&fields);
+            let changed = object(&fields);
             if let Some(direct) = normalise_line(&changed, &h) {
-                match general(&changed, &h).as_slice() {
-                    [Ok(expected)] => prop_assert_eq!(&direct, expected, "{}", changed),
-                    other => prop_assert!(false, "made here, not by the general path: {:?} for {}", other, changed),
-                }
+                let expected = general(&changed, &h);
+                prop_assert!(same(&direct, &expected), "{:?} made here, {:?} by the general path, of {}", direct, expected, changed);
+            }
+        }
+
+        /// The same for batches of envelopes of two tables, rows changed anywhere.
+        #[test]
+        fn batches_made_here_are_the_general_path_s(
+            tables in prop::collection::vec(any::<bool>(), 1..4),
+            changes in prop::collection::vec((0..4usize, 0..16usize, json_value()), 0..4),
+            category in prop::sample::select(vec!["AdvancedHunting-", "", "AdvancedHunting-Nope"]),
+        ) {
+            let h = hints(None);
+            let files = fields_of(ROW)?;
+            let loads: Vec<(String, String)> = files.iter().filter(|(k, _)| k != "Type").cloned().collect();
+            // Layouts for both tables first.
+            for (table, row) in [("DeviceFileEvents", &files), ("DeviceImageLoadEvents", &loads)] {
+                prop_assume!(matches!(general(&envelope_of(table, &object(row)), &h).as_slice(), [Ok(_)]));
+            }
+            let mut records: Vec<(&str, Vec<(String, String)>)> = tables
+                .iter()
+                .map(|&f| if f { ("DeviceFileEvents", files.clone()) } else { ("DeviceImageLoadEvents", loads.clone()) })
+                .collect();
+            for (r, at, value) in changes {
+                let n = records.len();
+                let row = &mut records[r % n].1;
+                let m = row.len();
+                row[at % m].1 = value;
+            }
+            let body: Vec<String> = records
+                .iter()
+                .map(|(table, row)| envelope_of(table, &object(row)).replace("AdvancedHunting-", category))
+                .collect();
+            let batch = format!(r#"{{"records":[{}]}}"#, body.join(","));
+            if let Some(direct) = normalise_line(&batch, &h) {
+                let expected = general(&batch, &h);
+                prop_assert!(same(&direct, &expected), "{:?} made here, {:?} by the general path, of {}", direct, expected, batch);
             }
         }
     }

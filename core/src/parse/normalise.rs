@@ -177,6 +177,11 @@ pub(super) fn recent_layout() -> Option<Rc<Layout>> {
     KEPT.with(|kept| kept.borrow().first().cloned())
 }
 
+/// This thread's recent layouts of `table`, the most recently used first.
+pub(super) fn layouts_of(table: &str) -> Vec<Rc<Layout>> {
+    KEPT.with(|kept| kept.borrow().iter().filter(|l| l.table == table).cloned().collect())
+}
+
 /// The layout of `row` in `table`: one of the last few rows' on this thread when the
 /// table and the column names are the same, else worked out (and kept for the next rows).
 fn layout(table: &str, row: &[(Cow<'_, str>, Raw<'_>)]) -> Result<Rc<Layout>, Reject> {

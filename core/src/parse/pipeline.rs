@@ -78,9 +78,10 @@ pub fn parse_line(buf: &[u8], info: &LineInfo, max_line: usize, hints: &TableHin
     if buf.iter().all(u8::is_ascii_whitespace) {
         return LineOutcome::Blank;
     }
-    // The common line first: a flat row with the columns of the row before it.
-    if let Some(row) = std::str::from_utf8(buf).ok().and_then(|text| normalise_line(text, hints)) {
-        return LineOutcome::Records(vec![Ok(row)], Vec::new());
+    // The common line first: a flat row with the columns of the row before it, or
+    // envelopes whose rows have the columns of recent rows of their tables.
+    if let Some(rows) = std::str::from_utf8(buf).ok().and_then(|text| normalise_line(text, hints)) {
+        return LineOutcome::Records(rows.into_iter().map(Ok).collect(), Vec::new());
     }
     let doc = match parse_document(buf) {
         Ok(v) => v,

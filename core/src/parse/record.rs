@@ -136,7 +136,7 @@ pub enum Field<'a> {
     Documents(Vec<Document<'a>>),
 }
 
-const CATEGORY_PREFIX: &str = "AdvancedHunting-";
+pub(super) const CATEGORY_PREFIX: &str = "AdvancedHunting-";
 
 /// Parses one JSON document (a line, or an array element's text): a flat row by
 /// [`super::flat`]'s scanner, anything else (and anything it declines) by serde_json.
