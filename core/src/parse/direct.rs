@@ -140,7 +140,8 @@ fn scan_row(s: &mut Scanner<'_>, layout: &Layout) -> Option<Scanned> {
         return None;
     }
     let names = &layout.names;
-    let mut bytes = Vec::with_capacity(64 * names.len());
+    let last = layout.last_size.get();
+    let mut bytes = Vec::with_capacity(if last > 0 { last + last / 4 } else { 64 * names.len() });
     let mut starts = Vec::with_capacity(names.len());
     put_varint(&mut bytes, names.len() as u64);
     // Where the string cells the row's key and identity are made of lie in `bytes`.
@@ -232,6 +233,7 @@ fn scan_row(s: &mut Scanner<'_>, layout: &Layout) -> Option<Scanned> {
     }
     s.spaces();
     s.expect(b'}')?;
+    layout.last_size.set(bytes.len());
     Some(Scanned { bytes, starts, spans, report_id })
 }
 

@@ -160,6 +160,10 @@ pub(super) struct Layout {
     /// No name holds a quote, a backslash or a control character: each is written in a
     /// line exactly as it is, so a line's name can be compared with it byte for byte.
     pub(super) plain_names: bool,
+    /// The encoded size of the last row read straight into this layout: the next row's
+    /// buffer is made a little larger than it, not as large as its line (rows wait in
+    /// the parser's channel, so their spare capacity is memory held).
+    pub(super) last_size: std::cell::Cell<usize>,
     pub(super) content: ContentNames,
 }
 
@@ -215,6 +219,7 @@ fn layout(table: &str, row: &[(Cow<'_, str>, Raw<'_>)]) -> Result<Rc<Layout>, Re
             type_at: at("Type"),
             required_column: names.iter().map(|n| required_columns(table, kind).contains(&n.as_str())).collect(),
             plain_names: names.iter().all(|n| n.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\')),
+            last_size: std::cell::Cell::new(0),
             content: ContentNames::new(&names),
             names: Arc::new(names),
         };
