@@ -1,16 +1,18 @@
-//! A flat line with the column names of the last row normalised on this thread, turned
-//! into its [`NormalRow`] straight from its text: each value is typed by its column as it
+//! A line turned into its [`NormalRow`]s straight from its text: a flat row with the
+//! column names of the last row normalised on this thread, or a Streaming-API envelope
+//! (alone or in a `{"records":[…]}` batch, as a Kafka node stores them) whose row has the
+//! names of a recent row of its category's table. Each value is typed by its column as it
 //! is read and written into the stored encoding at once. Building the parsed columns,
 //! then the typed cells, then the encoding from them, and matching the layout name by
 //! name, was most of what a row cost the parser thread; the rows of a file nearly always
 //! have the same columns as the row before.
 //!
-//! It gives what [`super::flat`] and [`super::normalise`] give together, or nothing: a
-//! line that is not flat, has other columns or another table, a value that is not of its
-//! column's type, a column the row may not be without, a row with no `ReportId` (its
-//! identity is a hash of its content) — anything but the plain case makes it answer
-//! `None`, and the general path reads the line (and rejects it, if it must). A property
-//! test holds the two to the same rows.
+//! It gives what [`super::record`] and [`super::normalise`] give together, or nothing: a
+//! line with other columns or another table, a value that is not of its column's type, a
+//! column the row may not be without, a row with no `ReportId` (its identity is a hash of
+//! its content), nested values, an envelope with fields other than strings around its row
+//! — anything but the plain case makes it answer `None`, and the general path reads the
+//! line (and rejects what it must). Property tests hold the two to the same rows.
 
 use super::flat::Scanner;
 use super::normalise::{layouts_of, recent_layout, Layout, NormalRow, TableHints};

@@ -7,7 +7,7 @@
 //! It gives exactly what [`super::record`]'s serde path gives, or nothing: anything it
 //! does not read the same way — a nested value, a `properties` or `records` field (an
 //! envelope), a `\u` escape, a number that is not an integer within u64 / i64 (or is
-//! `-0`), a control character, anything that is not JSON — makes it answer `None`, and the
+//! `-0`), a control character in a string, anything that is not JSON — makes it answer `None`, and the
 //! serde path reads the line (and words the error, if there is one). A property test holds
 //! the two paths to the same answer.
 
