@@ -20,14 +20,9 @@ use super::record::CATEGORY_PREFIX;
 use crate::schema::{ColumnType, TableKind};
 use crate::store::codec::EncodedCells;
 use lookout_plugin_sdk::time::parse_timestamp;
+use lookout_plugin_sdk::wire::cell_tag::{BOOL, INT, NULL, STR};
 use lookout_plugin_sdk::wire::{put_varint, zigzag};
 use std::borrow::Cow;
-
-/// Cell tags, as bincode numbers the variants of the SDK's `Cell`.
-const NULL: u8 = 0;
-const BOOL: u8 = 1;
-const INT: u8 = 2;
-const STR: u8 = 4;
 
 /// The rows of `text` when it is a flat row with the columns of the last row normalised
 /// on this thread, an envelope, or a `{"records":[…]}` batch of envelopes, whose rows have
@@ -39,8 +34,7 @@ pub fn normalise_line(text: &str, hints: &TableHints) -> Option<Vec<NormalRow>> 
     s.expect(b'{')?;
     s.spaces();
     s.expect(b'"')?;
-    let first = s.string()?;
-    let rows = if first == "records" {
+    let rows = if s.plain_name(b"records") {
         s.spaces();
         s.expect(b':')?;
         s.spaces();
@@ -185,7 +179,7 @@ fn scan_row(s: &mut Scanner<'_>, layout: &Layout) -> Option<Scanned> {
             }
             b'n' => {
                 s.i += 1;
-                s.word(b"ull", super::record::Raw::Null)?;
+                s.word(b"ull")?;
                 if required {
                     return None;
                 }
@@ -200,7 +194,7 @@ fn scan_row(s: &mut Scanner<'_>, layout: &Layout) -> Option<Scanned> {
             c @ (b't' | b'f') => {
                 s.i += 1;
                 let (rest, value): (&[u8], bool) = if c == b't' { (b"rue", true) } else { (b"alse", false) };
-                s.word(rest, super::record::Raw::Null)?;
+                s.word(rest)?;
                 if !matches!(typed, None | Some(ColumnType::Bool | ColumnType::Dynamic)) {
                     return None;
                 }

@@ -195,9 +195,9 @@ impl<'a> Scanner<'a> {
     fn value(&mut self) -> Option<Raw<'a>> {
         match self.next()? {
             b'"' => self.string().map(Raw::Str),
-            b'n' => self.word(b"ull", Raw::Null),
-            b't' => self.word(b"rue", Raw::Bool(true)),
-            b'f' => self.word(b"alse", Raw::Bool(false)),
+            b'n' => self.word(b"ull").map(|()| Raw::Null),
+            b't' => self.word(b"rue").map(|()| Raw::Bool(true)),
+            b'f' => self.word(b"alse").map(|()| Raw::Bool(false)),
             b'-' => {
                 let digits = self.integer()?;
                 // serde_json: `-0` is the float -0.0, and below i64::MIN a float.
@@ -215,12 +215,10 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    pub(super) fn word(&mut self, rest: &[u8], value: Raw<'a>) -> Option<Raw<'a>> {
+    /// Reads `rest`, the rest of a literal whose first letter was read.
+    pub(super) fn word(&mut self, rest: &[u8]) -> Option<()> {
         let end = self.i + rest.len();
-        (self.b.get(self.i..end)? == rest).then(|| {
-            self.i = end;
-            value
-        })
+        (self.b.get(self.i..end)? == rest).then(|| self.i = end)
     }
 
     /// The digits of an integer as serde_json reads them: no leading zero, within u64, and

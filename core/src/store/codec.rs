@@ -55,7 +55,7 @@ impl EncodedCells {
             starts.push(bytes.len() as u32);
             put_cell(&mut bytes, *cell);
         }
-        EncodedCells { content: names.hash(&bytes, &starts), bytes, starts }
+        EncodedCells::from_encoded(names, bytes, starts)
     }
 
     /// Cells already written in this encoding (the cell count, then each cell, cell `i`

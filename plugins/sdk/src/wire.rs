@@ -61,25 +61,35 @@ pub fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+/// The first byte of an encoded cell: bincode's index of the [`crate::Cell`] variant.
+pub mod cell_tag {
+    pub const NULL: u8 = 0;
+    pub const BOOL: u8 = 1;
+    pub const INT: u8 = 2;
+    pub const FLOAT: u8 = 3;
+    pub const STR: u8 = 4;
+    pub const JSON: u8 = 5;
+}
+
 /// One cell as bincode writes a [`crate::Cell`]: the variant index, then its value.
 pub fn put_cell(out: &mut Vec<u8>, cell: CellRef<'_>) {
     match cell {
-        CellRef::Null => out.push(0),
-        CellRef::Bool(b) => out.extend_from_slice(&[1, u8::from(b)]),
+        CellRef::Null => out.push(cell_tag::NULL),
+        CellRef::Bool(b) => out.extend_from_slice(&[cell_tag::BOOL, u8::from(b)]),
         CellRef::Int(i) => {
-            out.push(2);
+            out.push(cell_tag::INT);
             put_varint(out, zigzag(i));
         }
         CellRef::Float(f) => {
-            out.push(3);
+            out.push(cell_tag::FLOAT);
             out.extend_from_slice(&f.to_le_bytes());
         }
         CellRef::Str(s) => {
-            out.push(4);
+            out.push(cell_tag::STR);
             put_bytes(out, s.as_bytes());
         }
         CellRef::Json(s) => {
-            out.push(5);
+            out.push(cell_tag::JSON);
             put_bytes(out, s.as_bytes());
         }
     }
