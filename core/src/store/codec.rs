@@ -322,22 +322,24 @@ impl<'a> Reader<'a> {
 
     /// The next cell; a string not `keep`ing is skipped (read as `Null`).
     fn cell(&mut self, keep: bool) -> std::result::Result<CellView<'a>, String> {
-        Ok(match (self.varint()?, keep) {
-            (0, _) => CellView::Null,
-            (1, _) => match self.byte()? {
+        use lookout_plugin_sdk::wire::cell_tag::{BOOL, FLOAT, INT, JSON, NULL, STR};
+        let v = self.varint()?;
+        Ok(match (u8::try_from(v).unwrap_or(u8::MAX), keep) {
+            (NULL, _) => CellView::Null,
+            (BOOL, _) => match self.byte()? {
                 0 => CellView::Bool(false),
                 1 => CellView::Bool(true),
                 b => return Err(format!("bool byte {b}")),
             },
-            (2, _) => CellView::Int(unzigzag(self.varint()?)),
-            (3, _) => CellView::Float(f64::from_le_bytes(self.fixed()?)),
-            (4, true) => CellView::Str(self.str()?),
-            (5, true) => CellView::Json(self.str()?),
-            (4 | 5, false) => {
+            (INT, _) => CellView::Int(unzigzag(self.varint()?)),
+            (FLOAT, _) => CellView::Float(f64::from_le_bytes(self.fixed()?)),
+            (STR, true) => CellView::Str(self.str()?),
+            (JSON, true) => CellView::Json(self.str()?),
+            (STR | JSON, false) => {
                 self.skip_str()?;
                 CellView::Null
             }
-            (v, _) => return Err(format!("cell variant {v}")),
+            _ => return Err(format!("cell variant {v}")),
         })
     }
 

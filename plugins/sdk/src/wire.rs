@@ -502,24 +502,25 @@ impl<'a> Reader<'a> {
 
     /// A cell, its strings borrowed.
     fn cell_ref(&mut self) -> Result<CellRef<'a>, String> {
-        Ok(match self.varint()? {
-            0 => CellRef::Null,
-            1 => CellRef::Bool(match self.byte()? {
+        let v = self.varint()?;
+        Ok(match u8::try_from(v).unwrap_or(u8::MAX) {
+            cell_tag::NULL => CellRef::Null,
+            cell_tag::BOOL => CellRef::Bool(match self.byte()? {
                 0 => false,
                 1 => true,
                 b => return Err(format!("cannot decode payload: bool {b}")),
             }),
-            2 => {
+            cell_tag::INT => {
                 let z = self.varint()?;
                 CellRef::Int(((z >> 1) as i64) ^ -((z & 1) as i64))
             }
-            3 => {
+            cell_tag::FLOAT => {
                 let b = self.take(8)?;
                 CellRef::Float(f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
             }
-            4 => CellRef::Str(self.str()?),
-            5 => CellRef::Json(self.str()?),
-            v => return Err(format!("cannot decode payload: unknown cell variant {v}")),
+            cell_tag::STR => CellRef::Str(self.str()?),
+            cell_tag::JSON => CellRef::Json(self.str()?),
+            _ => return Err(format!("cannot decode payload: unknown cell variant {v}")),
         })
     }
 
