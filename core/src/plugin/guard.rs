@@ -152,6 +152,60 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// What a file's metadata says of its contents: equal stamps, equal bytes. Any write
+/// moves the change time, which no unprivileged process can set back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct ContentStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl ContentStamp {
+    fn of(meta: &std::fs::Metadata) -> ContentStamp {
+        ContentStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// The bytes last read from each library file, with their SHA-256, by the stamp they were
+/// read under. A Kafka node loads every library once per partition it takes over, and
+/// reading and hashing the same files again for each was a third of a take-over. The
+/// bytes handed out are always the bytes that were hashed (the copy is written from
+/// them); a file changed since reads afresh. One entry per file in the plugins folder.
+type ReadMemo = std::collections::HashMap<PathBuf, (ContentStamp, std::sync::Arc<[u8]>, String)>;
+
+fn read_memo() -> &'static std::sync::Mutex<ReadMemo> {
+    static MEMO: std::sync::OnceLock<std::sync::Mutex<ReadMemo>> = std::sync::OnceLock::new();
+    MEMO.get_or_init(Default::default)
+}
+
+/// `file`'s bytes and their SHA-256 (lowercase hex), read once per stamp.
+fn read_and_hash(file: &Path, meta: &std::fs::Metadata) -> Result<(std::sync::Arc<[u8]>, String), LoadError> {
+    let stamp = ContentStamp::of(meta);
+    if let Some((seen, bytes, sha256)) = read_memo().lock().unwrap_or_else(|p| p.into_inner()).get(file) {
+        if *seen == stamp {
+            return Ok((bytes.clone(), sha256.clone()));
+        }
+    }
+    let bytes: std::sync::Arc<[u8]> = std::fs::read(file).map_err(Refused::Unreadable)?.into();
+    let sha256 = sha256_hex(&bytes);
+    // Read after `meta` was taken: a write in between moved the stamp, so this entry is
+    // never matched by the file's new stamp and the next load reads it again.
+    read_memo()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(file.to_path_buf(), (stamp, bytes.clone(), sha256.clone()));
+    Ok((bytes, sha256))
+}
+
 /// Checks `file`, reads it once, checks the pin, and writes the checked bytes to a
 /// private copy named after their hash.
 pub fn verify_and_copy(file: &Path, cache: &Path, pins: Option<&Pins>) -> Result<Verified, LoadError> {
@@ -168,8 +222,7 @@ pub fn verify_and_copy(file: &Path, cache: &Path, pins: Option<&Pins>) -> Result
     if meta.len() > MAX_PLUGIN_BYTES {
         return Err(Refused::TooLarge { size: meta.len(), limit: MAX_PLUGIN_BYTES }.into());
     }
-    let bytes = std::fs::read(file).map_err(Refused::Unreadable)?;
-    let sha256 = sha256_hex(&bytes);
+    let (bytes, sha256) = read_and_hash(file, &meta)?;
     let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if let Some(pins) = pins {
         match pins.0.get(&name) {
@@ -192,4 +245,53 @@ pub fn verify_and_copy(file: &Path, cache: &Path, pins: Option<&Pins>) -> Result
     };
     write().map_err(|source| LoadError::Failed { copy: copy.clone(), source })?;
     Ok(Verified { copy, sha256 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, bytes: &[u8]) {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(path).unwrap();
+        f.write_all(bytes).unwrap();
+    }
+
+    /// A library's bytes are read once for every load of the same file, and afresh once
+    /// it changes: in place (same length) or replaced by a rename.
+    #[test]
+    fn a_changed_library_is_read_again_and_its_copy_is_its_new_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let file = dir.path().join("libx.so");
+        write(&file, b"first version");
+        let first = verify_and_copy(&file, cache.path(), None).unwrap();
+        assert_eq!(first.sha256, sha256_hex(b"first version"));
+        let again = verify_and_copy(&file, cache.path(), None).unwrap();
+        assert_eq!(again.sha256, first.sha256);
+        assert_eq!(std::fs::read(&again.copy).unwrap(), b"first version");
+
+        // File times tick with the kernel's coarse clock (a few ms): a write within the
+        // same tick and of the same length is seen by no stamp, here or in the daemon's
+        // folder scan.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        write(&file, b"other version");
+        let changed = verify_and_copy(&file, cache.path(), None).unwrap();
+        assert_eq!(changed.sha256, sha256_hex(b"other version"));
+        assert_eq!(std::fs::read(&changed.copy).unwrap(), b"other version");
+
+        let replacement = dir.path().join(".libx.so.new");
+        write(&replacement, b"third version");
+        std::fs::rename(&replacement, &file).unwrap();
+        let replaced = verify_and_copy(&file, cache.path(), None).unwrap();
+        assert_eq!(replaced.sha256, sha256_hex(b"third version"));
+        assert_eq!(std::fs::read(&replaced.copy).unwrap(), b"third version");
+
+        // The pin is checked against the bytes loaded, read from the memo or not.
+        let pins = Pins([("libx.so".to_string(), sha256_hex(b"first version"))].into_iter().collect());
+        assert!(matches!(
+            verify_and_copy(&file, cache.path(), Some(&pins)),
+            Err(LoadError::Refused(Refused::PinMismatch { .. }))
+        ));
+    }
 }
