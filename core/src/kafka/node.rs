@@ -35,7 +35,7 @@ use crate::store::{Counters, StoreReader};
 use crate::tail::Tailer;
 use lookout_plugin_sdk::time::TICKS_PER_SEC;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::BaseProducer;
 use rdkafka::types::RDKafkaRespErr as RespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -86,6 +86,9 @@ struct Owned {
     revoked: BTreeMap<i32, Partition>,
     /// A failure inside the rebalance callback, for the loop to return.
     failure: Option<KafkaError>,
+    /// How many times the rebalance callback has run: messages read before it last ran
+    /// are for an assignment that is over, and are not stored.
+    rebalances: u64,
 }
 
 struct NodeContext {
@@ -101,6 +104,8 @@ impl ClientContext for NodeContext {}
 impl ConsumerContext for NodeContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RespErr, tpl: &mut TopicPartitionList) {
         let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
+        // Read, not stored: whoever owns a partition next reads it again.
+        owned.rebalances += 1;
         match err {
             RespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let began = Instant::now();
@@ -109,8 +114,7 @@ impl ConsumerContext for NodeContext {
                 tracing::info!(partitions = ?wanted, "partitions assigned");
                 // An assignment replaces the last one whole (the eager protocol revokes
                 // first); anything still held goes through the same checks as a revoked one.
-                for (n, mut p) in std::mem::take(&mut owned.partitions) {
-                    p.pending.clear();
+                for (n, p) in std::mem::take(&mut owned.partitions) {
                     owned.revoked.insert(n, p);
                 }
                 if let Err(e) = self.drop_others(&mut owned, &wanted) {
@@ -174,9 +178,7 @@ impl ConsumerContext for NodeContext {
                 let lost = consumer.assignment_lost();
                 tracing::info!(partitions = ?revoked, lost, "partitions revoked");
                 for n in revoked {
-                    if let Some(mut p) = owned.partitions.remove(&n) {
-                        // Read, not stored: the next owner reads it again.
-                        p.pending.clear();
+                    if let Some(p) = owned.partitions.remove(&n) {
                         owned.revoked.insert(n, p);
                     }
                 }
@@ -188,8 +190,7 @@ impl ConsumerContext for NodeContext {
                 tracing::warn!(error = ?other, "rebalance error; giving the partitions back");
                 let all: Vec<i32> = owned.partitions.keys().copied().collect();
                 for n in all {
-                    if let Some(mut p) = owned.partitions.remove(&n) {
-                        p.pending.clear();
+                    if let Some(p) = owned.partitions.remove(&n) {
                         owned.revoked.insert(n, p);
                     }
                 }
@@ -633,10 +634,11 @@ fn work(
     let mut detect_opts = DetectOptions { now: cfg.now, params: cfg.params.clone(), ..DetectOptions::default() };
     detect_opts.stop = None;
     let mut last_rescan = Instant::now() - cfg.rescan;
+    let mut pending = Pending::default();
     let result = (|| -> Result<(), KafkaError> {
         while !stop.load(Ordering::Relaxed) {
             let round_started = Instant::now();
-            read_messages(cfg, &consumer)?;
+            read_messages(cfg, &consumer, &mut pending)?;
             let rescan = last_rescan.elapsed() >= cfg.rescan;
             if rescan {
                 last_rescan = Instant::now();
@@ -645,11 +647,12 @@ fn work(
             if let Some(e) = owned.failure.take() {
                 return Err(e);
             }
+            pending.forget_if_rebalanced(&owned);
             let mut commit = TopicPartitionList::new();
             // Each partition has its own store: what was read is stored side by side, one
             // thread per core; the detectors then run one partition after another.
             let read_took = round_started.elapsed();
-            let reports = store_all(cfg, &mut owned)?;
+            let reports = store_all(cfg, &mut owned, &mut pending)?;
             let store_took = round_started.elapsed() - read_took;
             for p in owned.partitions.values_mut() {
                 let stored = reports.get(&p.partition).is_some_and(|r| r.changed());
@@ -690,12 +693,36 @@ fn work(
     result
 }
 
+/// Messages read and not yet stored, by partition, borrowed from librdkafka's fetch
+/// buffers until they are (copying each payload out was a twentieth of a replay, most of
+/// it page faults on fresh memory), with the count of rebalances they were read after.
+#[derive(Default)]
+struct Pending<'c> {
+    rebalances: u64,
+    messages: BTreeMap<i32, Vec<(i64, BorrowedMessage<'c>)>>,
+}
+
+impl Pending<'_> {
+    /// Drops what was read before the rebalance callback last ran: read, not stored, for
+    /// an assignment that is over (whoever owns each partition now reads it again).
+    fn forget_if_rebalanced(&mut self, owned: &Owned) {
+        if owned.rebalances != self.rebalances {
+            self.messages.clear();
+            self.rebalances = owned.rebalances;
+        }
+    }
+}
+
 /// Reads messages for up to 250 ms, and for at most 50 ms from the first one (or a
-/// batch's messages or bytes, or until none comes for 5 ms), into their partitions'
-/// pending lists. The 50 ms: librdkafka goes on fetching while the round is stored, so a
-/// round that waited for a whole batch to arrive (a partition just taken over, read from
-/// its start) would leave the storing idle while it waited.
-fn read_messages(cfg: &NodeConfig, consumer: &BaseConsumer<NodeContext>) -> Result<(), KafkaError> {
+/// batch's messages or bytes, or until none comes for 5 ms), into `pending`. The 50 ms:
+/// librdkafka goes on fetching while the round is stored, so a round that waited for a
+/// whole batch to arrive (a partition just taken over, read from its start) would leave
+/// the storing idle while it waited.
+fn read_messages<'c>(
+    cfg: &NodeConfig,
+    consumer: &'c BaseConsumer<NodeContext>,
+    pending: &mut Pending<'c>,
+) -> Result<(), KafkaError> {
     let mut deadline = Instant::now() + Duration::from_millis(250);
     let mut taken = 0;
     let mut bytes = 0;
@@ -718,32 +745,48 @@ fn read_messages(cfg: &NodeConfig, consumer: &BaseConsumer<NodeContext>) -> Resu
             Some(Ok(m)) => m,
         };
         let mut owned = consumer.context().owned.lock().unwrap_or_else(|p| p.into_inner());
+        pending.forget_if_rebalanced(&owned);
         let Some(p) = owned.partitions.get_mut(&message.partition()) else { continue };
         let expected = p.next_offset.unwrap_or(0);
-        let last_pending = p.pending.last().map(|(o, _)| *o);
+        let read = pending.messages.entry(p.partition).or_default();
+        let last_pending = read.last().map(|(o, _)| *o);
         if message.offset() < expected || last_pending.is_some_and(|o| message.offset() <= o) {
             // Already stored (a fetch from before the assignment's start took effect).
             continue;
         }
-        let payload = message.payload().unwrap_or_default();
         if taken == 0 {
             deadline = deadline.min(Instant::now() + Duration::from_millis(50));
         }
-        bytes += payload.len();
-        p.pending.push((message.offset(), payload.to_vec()));
+        bytes += message.payload_len();
         p.last_message_at = Instant::now();
+        read.push((message.offset(), message));
         taken += 1;
     }
     Ok(())
 }
 
+/// A partition and its messages read ((offset, payload) in offset order), to store.
+type StoreWork<'a> = (&'a mut Partition, Vec<(i64, &'a [u8])>);
+
 /// Stores what was read for every partition, side by side: returns each partition's report.
-fn store_all(cfg: &NodeConfig, owned: &mut Owned) -> Result<BTreeMap<i32, IngestReport>, KafkaError> {
-    let busy: Vec<&mut Partition> = owned.partitions.values_mut().filter(|p| !p.pending.is_empty()).collect();
+fn store_all(
+    cfg: &NodeConfig,
+    owned: &mut Owned,
+    pending: &mut Pending<'_>,
+) -> Result<BTreeMap<i32, IngestReport>, KafkaError> {
+    let read = std::mem::take(&mut pending.messages);
+    let busy: Vec<StoreWork> = owned
+        .partitions
+        .values_mut()
+        .filter_map(|p| {
+            let messages = read.get(&p.partition).filter(|m| !m.is_empty())?;
+            Some((p, messages.iter().map(|(o, m)| (*o, m.payload().unwrap_or_default())).collect()))
+        })
+        .collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(busy.len()).max(1);
-    let mut groups: Vec<Vec<&mut Partition>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, p) in busy.into_iter().enumerate() {
-        groups[i % threads].push(p);
+    let mut groups: Vec<Vec<StoreWork>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, work) in busy.into_iter().enumerate() {
+        groups[i % threads].push(work);
     }
     let results: Vec<Result<Vec<(i32, IngestReport)>, KafkaError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = groups
@@ -752,7 +795,7 @@ fn store_all(cfg: &NodeConfig, owned: &mut Owned) -> Result<BTreeMap<i32, Ingest
                 scope.spawn(move || {
                     group
                         .into_iter()
-                        .map(|p| store_round(cfg, p).map(|r| (p.partition, r)))
+                        .map(|(p, messages)| store_round(cfg, p, &messages).map(|r| (p.partition, r)))
                         .collect::<Result<Vec<_>, _>>()
                 })
             })
@@ -778,13 +821,13 @@ fn store_all(cfg: &NodeConfig, owned: &mut Owned) -> Result<BTreeMap<i32, Ingest
 }
 
 /// Stores what was read for one partition, with its offset, and moves its clock.
-fn store_round(cfg: &NodeConfig, p: &mut Partition) -> Result<IngestReport, KafkaError> {
+fn store_round(cfg: &NodeConfig, p: &mut Partition, messages: &[(i64, &[u8])]) -> Result<IngestReport, KafkaError> {
     let now = crate::clock::Clock::new(cfg.now.or(cfg.ingest.now)).now();
     let ingest_now = crate::clock::Clock::new(cfg.ingest.now).now();
     // Rows that arrive below the horizon are counted, not stored (expired blocks go in
     // `detect_round`, for every partition).
     p.store.advance_clock(now)?;
-    let report = p.store_messages(&cfg.ingest, ingest_now)?;
+    let report = p.store_messages(&cfg.ingest, ingest_now, messages)?;
     if report.total_rejected() > 0 {
         tracing::warn!(
             partition = p.partition,

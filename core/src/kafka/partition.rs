@@ -100,8 +100,6 @@ pub struct Partition {
     /// The ids it held when this node took the partition over: found by a previous owner,
     /// so not written to this node's JSONL either.
     pub emitted_before: HashSet<String>,
-    /// Messages read and not yet stored: (offset, payload).
-    pub pending: Vec<(i64, Vec<u8>)>,
     /// Rows stored since the last detector pass (or the pass a new partition owes).
     pub needs_pass: bool,
     /// When the last message arrived, and when the detectors last ran.
@@ -140,7 +138,6 @@ impl Partition {
             replay_detected: false,
             emitted: HashSet::new(),
             emitted_before: HashSet::new(),
-            pending: Vec::new(),
             needs_pass: true,
             last_message_at: Instant::now(),
             last_pass_at: None,
@@ -192,10 +189,16 @@ impl Partition {
         Ok(self.store.put_meta_value(TOPIC_CURSOR_NAME, &next)?)
     }
 
-    /// Stores the pending messages in one batch with the offset after the last of them.
-    pub fn store_messages(&mut self, opts: &IngestOptions, now: i64) -> Result<IngestReport, KafkaError> {
+    /// Stores `messages` ((offset, payload), in offset order) in one batch with the offset
+    /// after the last of them.
+    pub fn store_messages(
+        &mut self,
+        opts: &IngestOptions,
+        now: i64,
+        messages: &[(i64, &[u8])],
+    ) -> Result<IngestReport, KafkaError> {
         let mut report = IngestReport::default();
-        let Some(&(last, _)) = self.pending.last() else { return Ok(report) };
+        let Some(&(last, _)) = messages.last() else { return Ok(report) };
         if crate::disk::low(&self.dir) {
             return Err(crate::ingest::IngestError::DiskSpaceLow(crate::disk::DiskSpaceLow(
                 self.dir.display().to_string(),
@@ -204,12 +207,11 @@ impl Partition {
         }
         let source = self.source_name();
         let hints = TableHints::default();
-        let pending = std::mem::take(&mut self.pending);
         let mut batch = self.store.batch();
-        for (offset, payload) in &pending {
+        for &(offset, payload) in messages {
             let info = LineInfo {
-                start: *offset as u64,
-                end: *offset as u64 + 1,
+                start: offset as u64,
+                end: offset as u64 + 1,
                 ending: LineEnd::Newline,
                 too_long: (payload.len() > opts.max_line).then_some(payload.len() as u64),
             };
@@ -236,8 +238,8 @@ impl Partition {
                         batch.add_reject(RejectRecord {
                             file: source.clone(),
                             // The offset is the message's place in the partition.
-                            line: *offset as u64,
-                            offset: *offset as u64,
+                            line: offset as u64,
+                            offset: offset as u64,
                             kind: reject.kind.as_str().to_string(),
                             reason: reject.reason,
                             excerpt: String::from_utf8_lossy(&raw[..raw.len().min(256)]).into_owned(),
