@@ -19,7 +19,9 @@ Prints, for one generated fleet:
     rate of the taken-over rows (target >= the file-ingest rate): the rows over the
     longest time from a take-over to that partition replayed and detected, as the
     survivor logs it, against the file ingest that keeps the same detectors' indexes
-    (the survivor stores for them), and against the plain one.
+    (the survivor stores for them), and against the plain one; then against a file
+    ingest of exactly the replayed partitions' messages (one per line, the same rows in
+    the same batches, with the detectors' indexes; median of three, right after).
 Producers compress with lz4: the mock keeps only the newest ~5 MB of a partition.
 
 With --pin, the mock cluster runs on CPU 0 and everything of Lookout's (the file ingest,
