@@ -800,9 +800,9 @@ fn store_all(
         source: std::io::Error::other("storing thread panicked"),
     };
     // One group is stored on this thread, the others on threads of their own for the
-    // round. This thread's allocator heap and parse layouts are warm from the rounds
-    // before; a thread's own start cold, and a replay stored on fresh threads spent a
-    // sixth of its time in page faults (a one-core node stores every round here).
+    // round: this thread's allocator heap and parse layouts (the direct path reads a row
+    // against its thread's last layout) stay warm from round to round, where a thread
+    // spawned for the round starts with neither. A one-core node spawns none.
     let here = groups.remove(0);
     let results: Vec<Result<Vec<(i32, IngestReport)>, KafkaError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = groups.into_iter().map(|group| scope.spawn(move || store_group(group))).collect();
