@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The pin file in the plugins folder, in `sha256sum` format (`<hex>  <file name>`), so
 /// `sha256sum -c lookout-pins.sha256` checks it too.
@@ -180,22 +181,22 @@ impl ContentStamp {
 /// reading and hashing the same files again for each was a third of a take-over. The
 /// bytes handed out are always the bytes that were hashed (the copy is written from
 /// them); a file changed since reads afresh. One entry per file in the plugins folder.
-type ReadMemo = std::collections::HashMap<PathBuf, (ContentStamp, std::sync::Arc<[u8]>, String)>;
+type ReadMemo = std::collections::HashMap<PathBuf, (ContentStamp, Arc<[u8]>, String)>;
 
-fn read_memo() -> &'static std::sync::Mutex<ReadMemo> {
-    static MEMO: std::sync::OnceLock<std::sync::Mutex<ReadMemo>> = std::sync::OnceLock::new();
+fn read_memo() -> &'static Mutex<ReadMemo> {
+    static MEMO: OnceLock<Mutex<ReadMemo>> = OnceLock::new();
     MEMO.get_or_init(Default::default)
 }
 
 /// `file`'s bytes and their SHA-256 (lowercase hex), read once per stamp.
-fn read_and_hash(file: &Path, meta: &std::fs::Metadata) -> Result<(std::sync::Arc<[u8]>, String), LoadError> {
+fn read_and_hash(file: &Path, meta: &std::fs::Metadata) -> Result<(Arc<[u8]>, String), LoadError> {
     let stamp = ContentStamp::of(meta);
     if let Some((seen, bytes, sha256)) = read_memo().lock().unwrap_or_else(|p| p.into_inner()).get(file) {
         if *seen == stamp {
             return Ok((bytes.clone(), sha256.clone()));
         }
     }
-    let bytes: std::sync::Arc<[u8]> = std::fs::read(file).map_err(Refused::Unreadable)?.into();
+    let bytes: Arc<[u8]> = std::fs::read(file).map_err(Refused::Unreadable)?.into();
     let sha256 = sha256_hex(&bytes);
     // Read after `meta` was taken: a write in between moved the stamp, so this entry is
     // never matched by the file's new stamp and the next load reads it again.
