@@ -638,7 +638,7 @@ fn work(
     let result = (|| -> Result<(), KafkaError> {
         while !stop.load(Ordering::Relaxed) {
             let round_started = Instant::now();
-            read_messages(cfg, &consumer, &mut pending)?;
+            let first_message = read_messages(cfg, &consumer, &mut pending)?;
             let rescan = last_rescan.elapsed() >= cfg.rescan;
             if rescan {
                 last_rescan = Instant::now();
@@ -653,6 +653,9 @@ fn work(
             // thread per core; the detectors then run one partition after another.
             let read_took = round_started.elapsed();
             let reports = store_all(cfg, &mut owned, &mut pending)?;
+            if !reports.is_empty() {
+                pending.rounds += 1;
+            }
             let store_took = round_started.elapsed() - read_took;
             for p in owned.partitions.values_mut() {
                 let stored = reports.get(&p.partition).is_some_and(|r| r.changed());
@@ -668,7 +671,8 @@ fn work(
             drop(owned);
             let rows: u64 = reports.values().map(|r| r.total_new()).sum();
             if rows > 0 {
-                tracing::debug!(rows, ?read_took, ?store_took, ?detect_took, round = ?round_started.elapsed(), "round");
+                let first_message = first_message.map(|at| at - round_started);
+                tracing::debug!(rows, ?first_message, ?read_took, ?store_took, ?detect_took, round = ?round_started.elapsed(), "round");
             }
             // For lag monitoring only: the store holds the offsets that matter.
             if commit.count() > 0 {
@@ -699,6 +703,9 @@ fn work(
 #[derive(Default)]
 struct Pending<'c> {
     rebalances: u64,
+    /// Rounds stored since the last rebalance (the first round of an assignment reads for
+    /// a shorter window).
+    rounds: u64,
     messages: BTreeMap<i32, Vec<(i64, BorrowedMessage<'c>)>>,
 }
 
@@ -709,12 +716,31 @@ impl Pending<'_> {
         if owned.rebalances != self.rebalances {
             self.messages.clear();
             self.rebalances = owned.rebalances;
+            self.rounds = 0;
+        }
+    }
+
+    /// How long a round reads after its first message. The first round of an assignment
+    /// (partitions taken over, read from their start) stores what the first fetches
+    /// brought at once: librdkafka fetches the rest meanwhile, and waiting the whole window
+    /// left the storing idle for it while the fetch threads had a core of their own.
+    fn window(&self) -> Duration {
+        if self.rounds == 0 {
+            FIRST_ROUND_WINDOW
+        } else {
+            ROUND_WINDOW
         }
     }
 }
 
-/// Reads messages for up to 250 ms, and for at most 50 ms from the first one (or a
-/// batch's messages or bytes, or until none comes for 5 ms), into `pending`. The 50 ms:
+/// How long a round reads after its first message (see [`read_messages`]).
+const ROUND_WINDOW: Duration = Duration::from_millis(50);
+/// The same for the first round of an assignment ([`Pending::window`]).
+const FIRST_ROUND_WINDOW: Duration = Duration::from_millis(5);
+
+/// Reads messages for up to 250 ms, and for at most 50 ms from the first one (5 ms in an
+/// assignment's first round; or a batch's messages or bytes, or until none comes for
+/// 5 ms), into `pending`; returns when the first one came. The 50 ms:
 /// librdkafka goes on fetching while the round is stored, so a round that waited for a
 /// whole batch to arrive (a partition just taken over, read from its start) would leave
 /// the storing idle while it waited.
@@ -722,8 +748,9 @@ fn read_messages<'c>(
     cfg: &NodeConfig,
     consumer: &'c BaseConsumer<NodeContext>,
     pending: &mut Pending<'c>,
-) -> Result<(), KafkaError> {
+) -> Result<Option<Instant>, KafkaError> {
     let mut deadline = Instant::now() + Duration::from_millis(250);
+    let mut first = None;
     let mut taken = 0;
     let mut bytes = 0;
     while taken < cfg.batch_messages && bytes < cfg.batch_bytes {
@@ -746,6 +773,7 @@ fn read_messages<'c>(
         };
         let mut owned = consumer.context().owned.lock().unwrap_or_else(|p| p.into_inner());
         pending.forget_if_rebalanced(&owned);
+        let window = pending.window();
         let Some(p) = owned.partitions.get_mut(&message.partition()) else { continue };
         let expected = p.next_offset.unwrap_or(0);
         let read = pending.messages.entry(p.partition).or_default();
@@ -755,14 +783,16 @@ fn read_messages<'c>(
             continue;
         }
         if taken == 0 {
-            deadline = deadline.min(Instant::now() + Duration::from_millis(50));
+            let now = Instant::now();
+            first = Some(now);
+            deadline = deadline.min(now + window);
         }
         bytes += message.payload_len();
         p.last_message_at = Instant::now();
         read.push((message.offset(), message));
         taken += 1;
     }
-    Ok(())
+    Ok(first)
 }
 
 /// A partition and its messages read ((offset, payload) in offset order), to store.
@@ -1037,6 +1067,24 @@ mod tests {
     /// own gives: every id from each one's own offset on, and where each ends — an empty
     /// partition, one read to its end already, and ones with ids from the start and from
     /// part way.
+    #[test]
+    fn an_assignments_first_round_reads_for_the_short_window_and_later_rounds_for_the_long_one() {
+        let mut owned = Owned::default();
+        let mut pending = Pending::default();
+        assert_eq!(pending.window(), FIRST_ROUND_WINDOW);
+        pending.rounds += 1;
+        assert_eq!(pending.window(), ROUND_WINDOW);
+        // No rebalance since: still the long window.
+        pending.forget_if_rebalanced(&owned);
+        assert_eq!(pending.window(), ROUND_WINDOW);
+        // A new assignment's first round is short again.
+        owned.rebalances += 1;
+        pending.forget_if_rebalanced(&owned);
+        assert_eq!(pending.window(), FIRST_ROUND_WINDOW);
+        pending.rounds += 1;
+        assert_eq!(pending.window(), ROUND_WINDOW);
+    }
+
     #[test]
     fn findings_partitions_read_together_are_each_as_read_alone() {
         let cluster = MockCluster::new(1).unwrap();
