@@ -26,7 +26,11 @@ Producers compress with lz4: the mock keeps only the newest ~5 MB of a partition
 
 With --pin, the mock cluster runs on CPU 0 and everything of Lookout's (the file ingest,
 the split, the nodes) on CPU 1: the node and the file ingest it is compared with then
-have the same one core, and the brokers do not take a share of it.
+have the same one core, and the brokers do not take a share of it. --fetch-cpu 0 then
+moves the survivor's librdkafka threads (fetching, decompressing) onto the mock's core
+just before the kill, as on a node whose brokers are elsewhere and whose fetch threads
+have a core of their own: the replay's storing keeps CPU 1 to itself, as the file
+ingest does.
 """
 import argparse, datetime, json, os, resource, shutil, signal, subprocess, sys, tempfile, time, urllib.request
 
@@ -105,6 +109,21 @@ def median(xs):
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
+def move_threads(pid, prefix, cpu):
+    """Pins the threads of `pid` whose name starts with `prefix` to `cpu`; their names."""
+    moved = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            if name.startswith(prefix):
+                os.sched_setaffinity(int(tid), {cpu})
+                moved.append(name)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return sorted(moved)
+
+
 def wait(pred, timeout, what):
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -128,7 +147,12 @@ def main():
     ap.add_argument("--pairs", type=int, default=3, help="alternated file ingests and one-node runs")
     ap.add_argument("--pin", action="store_true",
                     help="the mock cluster on CPU 0, Lookout (file ingest, split, nodes) on CPU 1 (taskset)")
+    ap.add_argument("--fetch-cpu", type=int, default=None, metavar="CPU",
+                    help="with --pin: before the kill, move the survivor's librdkafka threads (rdk:*) onto this CPU "
+                         "(the mock's), so the replay's fetching and decompressing do not share its storing core")
     a = ap.parse_args()
+    if a.fetch_cpu is not None and not a.pin:
+        ap.error("--fetch-cpu needs --pin")
     t = os.path.abspath(a.target)
     lookout, mock = os.path.join(t, "lookout"), os.path.join(t, "lookout-kafka-mock")
     work = tempfile.mkdtemp(prefix="lookout-kafka-bench.")
@@ -281,6 +305,9 @@ def run(a, t, lookout, mock, work):
         rec = subprocess.Popen(["perf", "record", "-F", "999", "-g", "--call-graph", "dwarf,16384", "-p", str(pa.pid), "-o",
                                 os.path.join(work, "perf-replay.data")], stdout=log, stderr=log)
         time.sleep(0.5)
+    if a.fetch_cpu is not None:
+        moved = move_threads(pa.pid, "rdk:", a.fetch_cpu)
+        print(f"the survivor's librdkafka threads moved to CPU {a.fetch_cpu}: {', '.join(moved)}")
     killed_at = datetime.datetime.now(datetime.timezone.utc)
     pb.send_signal(signal.SIGKILL)
     pb.wait()
