@@ -21,7 +21,10 @@ Prints, for one generated fleet:
     survivor logs it, against the file ingest that keeps the same detectors' indexes
     (the survivor stores for them), and against the plain one; then against a file
     ingest of exactly the replayed partitions' messages (one per line, the same rows in
-    the same batches, with the detectors' indexes; median of three, right after).
+    the same batches, with the detectors' indexes; median of three, right after). This
+    runs `--failovers` times (default 3), each in a group of its own, and ends with the
+    medians: one failover's replay is a single half-second measurement on a host whose
+    speed moves by a fifth from minute to minute.
 Producers compress with lz4: the mock keeps only the newest ~5 MB of a partition.
 
 With --pin, the mock cluster runs on CPU 0 and everything of Lookout's (the file ingest,
@@ -145,6 +148,8 @@ def main():
     ap.add_argument("--property", action="append", default=[], metavar="KEY=VALUE",
                     help="a librdkafka property for every client (split, nodes), in [kafka.properties]")
     ap.add_argument("--pairs", type=int, default=3, help="alternated file ingests and one-node runs")
+    ap.add_argument("--failovers", type=int, default=3,
+                    help="failovers, each followed by a file ingest of the rows it replayed (medians printed)")
     ap.add_argument("--pin", action="store_true",
                     help="the mock cluster on CPU 0, Lookout (file ingest, split, nodes) on CPU 1 (taskset)")
     ap.add_argument("--fetch-cpu", type=int, default=None, metavar="CPU",
@@ -169,10 +174,10 @@ def main():
 PIN = {"mock": [], "lookout": []}
 
 
-def node(lookout, data, brokers, plugins, profiles, log, cfg, perf=None):
+def node(lookout, data, brokers, plugins, profiles, log, cfg, perf=None, group="nodes"):
     wrap = ["perf", "record", "-F", "999", "-g", "-o", perf] if perf else []
     return subprocess.Popen(
-        [*PIN["lookout"], *wrap, lookout, "--data", data, "run", "--config", cfg, "--kafka", "--brokers", brokers, "--topic", "rows", "--group", "nodes",
+        [*PIN["lookout"], *wrap, lookout, "--data", data, "run", "--config", cfg, "--kafka", "--brokers", brokers, "--topic", "rows", "--group", group,
          "--findings-topic", "findings", "--plugins", plugins, "--logs", profiles, "--now", NOW, "--ingest-now", NOW,
          "--retention", "none", "--listen", "127.0.0.1:0", "--rescan-secs", "1"],
         stdout=log, stderr=log)
@@ -293,17 +298,35 @@ def run(a, t, lookout, mock, work):
     print(f"file ingest with the detectors' indexes: median {indexed_rate:,.0f} rows/s (what the replay's ratios "
           f"below are to; {indexed_rate / file_rate:.2f}x the plain file ingest)")
 
-    # Failover with detectors: two nodes in a new group, one killed.
-    subprocess.run(["true"])
-    da, db = os.path.join(work, "a"), os.path.join(work, "b")
-    pa = node(lookout, da, brokers, plugins, profiles, log, cfg)
-    pb = node(lookout, db, brokers, plugins, profiles, log, cfg)
+    # Failover with detectors: two nodes in a new group, one killed; --failovers times,
+    # each against a file ingest of the same rows right after it.
+    runs = [failover(a, k, lookout, brokers, plugins, profiles, log, cfg, work, by_partition, indexed_rate, file_rate)
+            for k in range(a.failovers)]
+    if len(runs) > 1:
+        col = lambda i: ", ".join(f"{r[i]:.2f}" for r in runs)
+        print(f"over {len(runs)} failovers: SIGKILL -> replayed and detected {col(0)} s (median "
+              f"{median([r[0] for r in runs]):.2f} s); the replay against the same rows from a file, detected "
+              f"{col(1)}x (median {median([r[1] for r in runs]):.2f}x), stored {col(2)}x (median "
+              f"{median([r[2] for r in runs]):.2f}x)")
+    srv.stdin.close()
+    srv.wait()
+
+
+def failover(a, k, lookout, brokers, plugins, profiles, log, cfg, work, by_partition, indexed_rate, file_rate):
+    """One failover: two nodes of a new group settle, one is killed, the survivor replays
+    its partitions; then the same partitions' messages from a file. Returns (seconds from
+    the kill to replayed and detected, the replay's rate detected and stored over the
+    file's)."""
+    da, db = os.path.join(work, f"a{k}"), os.path.join(work, f"b{k}")
+    group = f"nodes{k}"
+    pa = node(lookout, da, brokers, plugins, profiles, log, cfg, group=group)
+    pb = node(lookout, db, brokers, plugins, profiles, log, cfg, group=group)
     wait(lambda: settled([da, db]), 300, "two nodes to settle")
     before = sum(p["rows_stored"] for p in status(da)["kafka"]["partitions"])
     rec = None
     if a.perf_replay:
         rec = subprocess.Popen(["perf", "record", "-F", "999", "-g", "--call-graph", "dwarf,16384", "-p", str(pa.pid), "-o",
-                                os.path.join(work, "perf-replay.data")], stdout=log, stderr=log)
+                                os.path.join(work, f"perf-replay{k}.data")], stdout=log, stderr=log)
         time.sleep(0.5)
     if a.fetch_cpu is not None:
         moved = move_threads(pa.pid, "rdk:", a.fetch_cpu)
@@ -349,7 +372,7 @@ def run(a, t, lookout, mock, work):
     # per line (a Streaming-API batch, read as file ingest reads any), into a fresh store
     # with the detectors' indexes, three times; its rate is of the records read, as the
     # replay's is of the rows each partition stored.
-    same = os.path.join(work, "replayed.jsonl")
+    same = os.path.join(work, f"replayed{k}.jsonl")
     records = 0
     with open(same, "wb") as f:
         for n in sorted(detected):
@@ -359,7 +382,7 @@ def run(a, t, lookout, mock, work):
                 f.write(payload + b"\n")
     same_secs = []
     for i in range(3):
-        ds = os.path.join(work, f"same{i}")
+        ds = os.path.join(work, f"same{k}-{i}")
         subprocess.run([*PIN["lookout"], lookout, "--data", ds, "detect", "--plugins", plugins, "--now", NOW],
                        check=True, capture_output=True)
         t0 = time.monotonic()
@@ -374,8 +397,11 @@ def run(a, t, lookout, mock, work):
           + (f"{replayed / stored_secs / same_rate:.2f}x stored" if stored else "(no stored time)"))
     pa.send_signal(signal.SIGTERM)
     pa.wait()
-    srv.stdin.close()
-    srv.wait()
+    if not a.keep:
+        shutil.rmtree(da, ignore_errors=True)
+        shutil.rmtree(db, ignore_errors=True)
+        os.remove(same)
+    return done, replayed / replay_secs / same_rate, (replayed / stored_secs / same_rate if stored else float("nan"))
 
 
 if __name__ == "__main__":
