@@ -1063,10 +1063,6 @@ mod tests {
         producer.flush(Duration::from_secs(10)).unwrap();
     }
 
-    /// The findings partitions of an assignment read together are what each read on its
-    /// own gives: every id from each one's own offset on, and where each ends — an empty
-    /// partition, one read to its end already, and ones with ids from the start and from
-    /// part way.
     #[test]
     fn an_assignments_first_round_reads_for_the_short_window_and_later_rounds_for_the_long_one() {
         let mut owned = Owned::default();
@@ -1085,6 +1081,10 @@ mod tests {
         assert_eq!(pending.window(), ROUND_WINDOW);
     }
 
+    /// The findings partitions of an assignment read together are what each read on its
+    /// own gives: every id from each one's own offset on, and where each ends — an empty
+    /// partition, one read to its end already, and ones with ids from the start and from
+    /// part way.
     #[test]
     fn findings_partitions_read_together_are_each_as_read_alone() {
         let cluster = MockCluster::new(1).unwrap();
