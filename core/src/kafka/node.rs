@@ -653,9 +653,7 @@ fn work(
             // thread per core; the detectors then run one partition after another.
             let read_took = round_started.elapsed();
             let reports = store_all(cfg, &mut owned, &mut pending)?;
-            if !reports.is_empty() {
-                pending.rounds += 1;
-            }
+            pending.stored_since_rebalance |= !reports.is_empty();
             let store_took = round_started.elapsed() - read_took;
             for p in owned.partitions.values_mut() {
                 let stored = reports.get(&p.partition).is_some_and(|r| r.changed());
@@ -703,9 +701,9 @@ fn work(
 #[derive(Default)]
 struct Pending<'c> {
     rebalances: u64,
-    /// Rounds stored since the last rebalance (the first round of an assignment reads for
-    /// a shorter window).
-    rounds: u64,
+    /// Whether a round has been stored since the last rebalance (an assignment's first
+    /// round reads for a shorter window).
+    stored_since_rebalance: bool,
     messages: BTreeMap<i32, Vec<(i64, BorrowedMessage<'c>)>>,
 }
 
@@ -716,7 +714,7 @@ impl Pending<'_> {
         if owned.rebalances != self.rebalances {
             self.messages.clear();
             self.rebalances = owned.rebalances;
-            self.rounds = 0;
+            self.stored_since_rebalance = false;
         }
     }
 
@@ -725,10 +723,10 @@ impl Pending<'_> {
     /// brought at once: librdkafka fetches the rest meanwhile, and waiting the whole window
     /// left the storing idle for it while the fetch threads had a core of their own.
     fn window(&self) -> Duration {
-        if self.rounds == 0 {
-            FIRST_ROUND_WINDOW
-        } else {
+        if self.stored_since_rebalance {
             ROUND_WINDOW
+        } else {
+            FIRST_ROUND_WINDOW
         }
     }
 }
@@ -1068,7 +1066,7 @@ mod tests {
         let mut owned = Owned::default();
         let mut pending = Pending::default();
         assert_eq!(pending.window(), FIRST_ROUND_WINDOW);
-        pending.rounds += 1;
+        pending.stored_since_rebalance = true;
         assert_eq!(pending.window(), ROUND_WINDOW);
         // No rebalance since: still the long window.
         pending.forget_if_rebalanced(&owned);
@@ -1077,7 +1075,7 @@ mod tests {
         owned.rebalances += 1;
         pending.forget_if_rebalanced(&owned);
         assert_eq!(pending.window(), FIRST_ROUND_WINDOW);
-        pending.rounds += 1;
+        pending.stored_since_rebalance = true;
         assert_eq!(pending.window(), ROUND_WINDOW);
     }
 
