@@ -320,7 +320,9 @@ impl Store {
                         c.matches(at.and_then(|i| values.get(i)).copied().unwrap_or(""))
                     })
                 } else {
-                    self.row_at_passes(&row_key, &mut row_filter)?
+                    // Read where the entry says the row is (the same place its hint gives the
+                    // pass's fetch), not found again through the key index.
+                    self.row_at_position_passes(super::RowAt { table: tid, seq, block, row }, &mut row_filter)?
                 };
                 if keep {
                     // The pass that asked reads these rows next: from where the entry says.

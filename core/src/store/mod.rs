@@ -918,12 +918,6 @@ impl Store {
         Ok(out.into_iter().flatten().collect())
     }
 
-    /// Whether the row at `key` exists and meets every condition of `filter` (no `Row` is
-    /// built).
-    pub fn row_at_passes(&self, key: &[u8], filter: &mut RowFilter<'_>) -> Result<bool> {
-        Ok(self.with_value_at(key, |v| filter.passes(self, v))?.unwrap_or(false))
-    }
-
     /// The column names of a decoded row's schema.
     fn view_names(&self, view: &codec::StoredRowView<'_>) -> Result<&Arc<Vec<String>>> {
         self.schema_names.get(&view.schema).ok_or_else(|| corrupt!("row refers to unknown schema {}", view.schema))
