@@ -81,7 +81,9 @@ pub struct SplitArgs {
     /// Topic for records with no DeviceId [default: <to>.unkeyed]
     #[arg(long)]
     unkeyed_topic: Option<String>,
-    /// Topic for messages and records that are not JSON objects [default: <to>.rejected]
+    /// Topic for messages and records that are not JSON objects, and for a small JSON
+    /// object ({"lookout_set_aside":…, "topic", "partition", "offset", …}) in place of each
+    /// record too big to produce [default: <to>.rejected]
     #[arg(long)]
     rejected_topic: Option<String>,
     /// Tables whose records go to every partition: rules join them by SHA1 across devices
@@ -141,6 +143,7 @@ pub fn split(args: SplitArgs) -> Result<ExitCode> {
                 produced = s.produced,
                 unkeyed = s.unkeyed,
                 rejected = s.rejected,
+                set_aside = s.set_aside,
                 "split progress"
             );
         }
@@ -150,6 +153,12 @@ pub fn split(args: SplitArgs) -> Result<ExitCode> {
         eprintln!(
             "lookout: {} record(s) without a DeviceId are in {}, {} not JSON objects in {}",
             stats.unkeyed, cfg.unkeyed_topic, stats.rejected, cfg.rejected_topic
+        );
+    }
+    if stats.set_aside > 0 {
+        eprintln!(
+            "lookout: {} record(s) over the producer's message.max.bytes were set aside: {} names where each is in {}",
+            stats.set_aside, cfg.rejected_topic, cfg.from
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -938,8 +938,13 @@ fn detect_round(
             .unwrap_or(false)
     })
     .map_err(KafkaError::Store)?;
-    let produced = produce_new(producer, &cfg.findings_topic, p)?;
     p.findings_written += written;
+    // Writing the JSONL (an fsync) is time in which the group can drop this node: once it
+    // knows, the findings stay out of the topic (the next owner produces them).
+    if consumer.assignment_lost() {
+        return Ok(());
+    }
+    let produced = produce_new(producer, &cfg.findings_topic, p)?;
     if written > 0 || produced > 0 {
         tracing::info!(partition = p.partition, findings = written, produced, "new findings");
     }

@@ -8,7 +8,9 @@
 //! to `message_bytes` (`{"records":[…]}`): a consumer pays Kafka's per-message cost once
 //! for tens of rows, not once a row. Records with no DeviceId go to the unkeyed topic and
 //! records that are not JSON objects to the rejected topic, one a message, counted;
-//! neither stops the split.
+//! neither stops the split. Nor does a record or message too big for the producer
+//! (`message.max.bytes`): it is set aside, counted, and the rejected topic gets, in its
+//! place, a small JSON object naming where it lies in the input (see [`SetAside`]).
 //!
 //! Its progress is its consumer group's committed offsets, and an input offset is
 //! committed only after every record produced from the messages before it is
@@ -68,6 +70,9 @@ pub struct SplitStats {
     pub unkeyed: u64,
     /// Messages or records that are not JSON objects, sent to the rejected topic.
     pub rejected: u64,
+    /// Records (or messages) too big for the producer: each is in the rejected topic as
+    /// a [`SetAside`] naming where it lies in the input.
+    pub set_aside: u64,
     /// Batches whose input offsets were committed.
     pub batches: u64,
 }
@@ -94,10 +99,10 @@ impl ProducerContext for Deliveries {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = result {
+        if let Err((e, message)) = result {
             self.failed.fetch_add(1, Ordering::Relaxed);
             let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
-            first.get_or_insert_with(|| e.to_string());
+            first.get_or_insert_with(|| format!("to {} partition {}: {e}", message.topic(), message.partition()));
         }
     }
 }
@@ -113,22 +118,142 @@ pub(crate) fn producer<C: ProducerContext>(kafka: &KafkaSettings, context: C) ->
     })
 }
 
+/// What became of a record handed to the producer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sent {
+    Queued,
+    /// Over the producer's `message.max.bytes`: never sent (this many bytes of payload).
+    TooLarge(usize),
+}
+
 /// Sends one record, waiting for room in the producer's queue when it is full.
-pub(crate) fn send<C: ProducerContext<DeliveryOpaque = ()>>(
+pub(crate) fn try_send<C: ProducerContext<DeliveryOpaque = ()>>(
     producer: &BaseProducer<C>,
     mut record: BaseRecord<'_, str, [u8]>,
-) -> Result<(), KafkaError> {
+) -> Result<Sent, KafkaError> {
     loop {
         match producer.send(record) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(Sent::Queued),
             Err((rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 producer.poll(Duration::from_millis(50));
                 record = back;
             }
-            Err((e, back)) => return Err(KafkaError::kafka(format!("cannot produce to {}", back.topic))(e)),
+            Err((rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), back)) => {
+                return Ok(Sent::TooLarge(back.payload.map_or(0, <[u8]>::len)));
+            }
+            Err((e, back)) => {
+                let partition = back.partition.map(|p| format!(" partition {p}")).unwrap_or_default();
+                return Err(KafkaError::kafka(format!("cannot produce to {}{partition}", back.topic))(e));
+            }
         }
     }
 }
+
+/// Sends one record; one too big for the producer is an error.
+pub(crate) fn send<C: ProducerContext<DeliveryOpaque = ()>>(
+    producer: &BaseProducer<C>,
+    record: BaseRecord<'_, str, [u8]>,
+) -> Result<(), KafkaError> {
+    let topic = record.topic.to_string();
+    match try_send(producer, record)? {
+        Sent::Queued => Ok(()),
+        Sent::TooLarge(bytes) => Err(KafkaError::Kafka {
+            what: format!(
+                "cannot produce a message of {bytes} bytes to {topic}: over the producer's message.max.bytes \
+                 (raise it in [kafka.properties], and the brokers' and topic's limits with it)"
+            ),
+            source: rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+        }),
+    }
+}
+
+/// Where an input message lies: what a record set aside is found again by.
+#[derive(Debug, Clone, Copy)]
+struct Origin<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+}
+
+/// What the rejected topic holds in place of a record (or a whole message) too big for
+/// the producer: where it lies in the input (there until the input topic's retention
+/// drops it), its size, the DeviceId it was for, if known, and its first bytes.
+#[derive(Debug, serde::Deserialize, PartialEq)]
+pub struct SetAside {
+    /// Always `"too large to produce"`: tells these apart from rejected records.
+    pub lookout_set_aside: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub bytes: usize,
+    pub device_id: Option<String>,
+    /// The first [`SET_ASIDE_HEAD`] bytes, as text (invalid UTF-8 replaced).
+    pub head: String,
+}
+
+/// How much of a record set aside its marker shows.
+pub const SET_ASIDE_HEAD: usize = 1024;
+
+/// A record on its way out: its topic, key and partition (the partitioner's choice by key
+/// if `None`), and payload.
+struct Outgoing<'a> {
+    topic: &'a str,
+    key: Option<&'a str>,
+    partition: Option<i32>,
+    payload: &'a [u8],
+}
+
+impl<'a> Outgoing<'a> {
+    /// A record with no key, to the partitioner's choice.
+    fn unkeyed(topic: &'a str, payload: &'a [u8]) -> Outgoing<'a> {
+        Outgoing { topic, key: None, partition: None, payload }
+    }
+}
+
+/// Sends a record; if it is too big for the producer, sends a [`SetAside`] marker to the
+/// rejected topic in its place, logged and counted.
+fn send_or_set_aside<C: ProducerContext<DeliveryOpaque = ()>>(
+    cfg: &SplitConfig,
+    producer: &BaseProducer<C>,
+    out: Outgoing<'_>,
+    origin: Origin<'_>,
+    stats: &mut SplitStats,
+) -> Result<(), KafkaError> {
+    let mut record = BaseRecord::to(out.topic).payload(out.payload);
+    if let Some(key) = out.key {
+        record = record.key(key);
+    }
+    if let Some(p) = out.partition {
+        record = record.partition(p);
+    }
+    let Sent::TooLarge(bytes) = try_send(producer, record)? else { return Ok(()) };
+    stats.set_aside += 1;
+    tracing::warn!(
+        topic = origin.topic,
+        partition = origin.partition,
+        offset = origin.offset,
+        bytes,
+        to = out.topic,
+        rejected_topic = %cfg.rejected_topic,
+        "a record is over the producer's message.max.bytes: set aside, the rejected topic names where it is"
+    );
+    let head = &out.payload[..out.payload.len().min(SET_ASIDE_HEAD)];
+    // A `SetAside`, written as a JSON value (which cannot fail to be written).
+    let marker = serde_json::json!({
+        "lookout_set_aside": SET_ASIDE,
+        "topic": origin.topic,
+        "partition": origin.partition,
+        "offset": origin.offset,
+        "bytes": bytes,
+        "device_id": out.key,
+        "head": String::from_utf8_lossy(head),
+    })
+    .to_string();
+    send(producer, BaseRecord::to(&cfg.rejected_topic).payload(marker.as_bytes()))
+}
+
+/// [`SetAside::lookout_set_aside`].
+pub const SET_ASIDE: &str = "too large to produce";
 
 /// Runs the split until `stop` is set (or it has been idle for `idle_exit`).
 pub fn run_split(
@@ -171,7 +296,8 @@ pub fn run_split(
                 Some(Ok(m)) => m,
             };
             stats.messages += 1;
-            split_message(cfg, &producer, partitions, message.payload(), &mut groups, &mut stats)?;
+            let origin = Origin { topic: &cfg.from, partition: message.partition(), offset: message.offset() };
+            split_message(cfg, &producer, partitions, message.payload(), origin, &mut groups, &mut stats)?;
             let reached = next.entry(message.partition()).or_insert(0);
             *reached = (*reached).max(message.offset() + 1);
             taken += 1;
@@ -256,20 +382,31 @@ const CLOSE: &[u8] = b"]}";
 
 impl Groups {
     /// Adds one record to its destination's message, sending that message first when
-    /// the record would take it over `message_bytes`.
+    /// the record would take it over `message_bytes`. A record that alone is over it goes
+    /// out at once, in a message of its own: while it is known which input message it
+    /// came from, so that one too big for the producer is set aside naming it.
     fn add<C: ProducerContext<DeliveryOpaque = ()>>(
         &mut self,
         cfg: &SplitConfig,
         producer: &BaseProducer<C>,
         to: Destination,
         record: &[u8],
+        origin: Origin<'_>,
         stats: &mut SplitStats,
     ) -> Result<(), KafkaError> {
+        let alone = OPEN.len() + record.len() + CLOSE.len() > cfg.message_bytes;
         if let Some(open) = self.open.get_mut(&to) {
-            if !open.is_empty() && open.len() + 1 + record.len() + CLOSE.len() > cfg.message_bytes {
+            if !open.is_empty() && (alone || open.len() + 1 + record.len() + CLOSE.len() > cfg.message_bytes) {
                 let full = std::mem::take(open);
                 send_group(cfg, producer, &to, full, stats)?;
             }
+        }
+        if alone {
+            let message = [OPEN, record, CLOSE].concat();
+            stats.produced_messages += 1;
+            let (device, partition) = &to;
+            let out = Outgoing { topic: &cfg.to, key: Some(device), partition: *partition, payload: &message };
+            return send_or_set_aside(cfg, producer, out, origin, stats);
         }
         let message = self.open.entry(to).or_default();
         if message.is_empty() {
@@ -312,7 +449,19 @@ fn send_group<C: ProducerContext<DeliveryOpaque = ()>>(
         record = record.partition(*p);
     }
     stats.produced_messages += 1;
-    send(producer, record)
+    match try_send(producer, record)? {
+        Sent::Queued => Ok(()),
+        // Records gathered up to `message_bytes` (one over it went alone): only a
+        // `message_bytes` above the producer's limit gets here.
+        Sent::TooLarge(bytes) => Err(KafkaError::Kafka {
+            what: format!(
+                "cannot produce a message of {bytes} bytes gathered for {} (DeviceId {device}): over the \
+                 producer's message.max.bytes; give a --message-bytes below it",
+                cfg.to
+            ),
+            source: rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+        }),
+    }
 }
 
 /// The table a Streaming-API record names in its `category`.
@@ -326,6 +475,7 @@ fn split_message<C: ProducerContext<DeliveryOpaque = ()>>(
     producer: &BaseProducer<C>,
     partitions: i32,
     payload: Option<&[u8]>,
+    origin: Origin<'_>,
     groups: &mut Groups,
     stats: &mut SplitStats,
 ) -> Result<(), KafkaError> {
@@ -335,7 +485,7 @@ fn split_message<C: ProducerContext<DeliveryOpaque = ()>>(
         Err(e) => {
             tracing::debug!(error = %e, "message is not JSON; sent to the rejected topic");
             stats.rejected += 1;
-            return send(producer, BaseRecord::to(&cfg.rejected_topic).payload(payload));
+            return send_or_set_aside(cfg, producer, Outgoing::unkeyed(&cfg.rejected_topic, payload), origin, stats);
         }
     };
     for record in records_of(message) {
@@ -343,23 +493,23 @@ fn split_message<C: ProducerContext<DeliveryOpaque = ()>>(
         let bytes = serde_json::to_vec(&record).unwrap_or_default();
         if !record.is_object() {
             stats.rejected += 1;
-            send(producer, BaseRecord::to(&cfg.rejected_topic).payload(&bytes))?;
+            send_or_set_aside(cfg, producer, Outgoing::unkeyed(&cfg.rejected_topic, &bytes), origin, stats)?;
             continue;
         }
         match device_of(&record) {
             Some(device) if table_of(&record).is_some_and(|t| cfg.broadcast.iter().any(|b| b == t)) => {
                 stats.broadcast += 1;
                 for partition in 0..partitions {
-                    groups.add(cfg, producer, (device.to_string(), Some(partition)), &bytes, stats)?;
+                    groups.add(cfg, producer, (device.to_string(), Some(partition)), &bytes, origin, stats)?;
                 }
             }
             Some(device) => {
                 stats.produced += 1;
-                groups.add(cfg, producer, (device.to_string(), None), &bytes, stats)?;
+                groups.add(cfg, producer, (device.to_string(), None), &bytes, origin, stats)?;
             }
             None => {
                 stats.unkeyed += 1;
-                send(producer, BaseRecord::to(&cfg.unkeyed_topic).payload(&bytes))?;
+                send_or_set_aside(cfg, producer, Outgoing::unkeyed(&cfg.unkeyed_topic, &bytes), origin, stats)?;
             }
         }
     }
@@ -458,5 +608,87 @@ mod tests {
             messages.iter().filter(|(_, key, _)| key == "d3").map(|(p, _, _)| *p).collect();
         assert_eq!(cert_partitions, [0, 1].into());
         assert!(messages.iter().all(|(_, _, m)| serde_json::to_vec(m).unwrap().len() <= cfg.message_bytes));
+    }
+
+    /// A record too big for the producer (over `message.max.bytes`) is set aside: the
+    /// split goes on with the records after it, the rejected topic names where it lies in
+    /// the input, and the input offsets past it are committed.
+    #[test]
+    fn a_record_too_big_to_produce_is_set_aside_and_the_split_goes_on() {
+        let cluster = MockCluster::new(1).unwrap();
+        for topic in ["in", "rows", "rows.unkeyed", "rows.rejected"] {
+            cluster.create_topic(topic, 1, 1).unwrap();
+        }
+        let brokers = cluster.bootstrap_servers();
+        let kafka = KafkaSettings { brokers: brokers.clone(), properties: Vec::new() };
+        // What wrote the input may send bigger messages than the split's producer.
+        let writer = KafkaSettings {
+            brokers: brokers.clone(),
+            properties: vec![("message.max.bytes".into(), "4000000".into())],
+        };
+        let mut big = record("DeviceFileEvents", "d1", 1);
+        big["properties"]["FileName"] = Value::String("x".repeat(1_100_000));
+        let input = producer(&writer, Deliveries::default()).unwrap();
+        for r in [big, record("DeviceFileEvents", "d2", 2)] {
+            send(&input, BaseRecord::to("in").key("x").payload(&serde_json::to_vec(&r).unwrap()[..])).unwrap();
+        }
+        input.flush(Duration::from_secs(10)).unwrap();
+        assert_eq!(input.context().take_failures(), None);
+
+        let cfg = SplitConfig {
+            kafka,
+            from: "in".into(),
+            to: "rows".into(),
+            group: "split".into(),
+            unkeyed_topic: "rows.unkeyed".into(),
+            rejected_topic: "rows.rejected".into(),
+            broadcast: Vec::new(),
+            batch_messages: 100,
+            message_bytes: 64 << 10,
+            idle_exit: Some(Duration::from_secs(1)),
+        };
+        let stats = run_split(&cfg, &AtomicBool::new(false), &mut |_| {}).unwrap();
+        assert_eq!((stats.messages, stats.produced, stats.set_aside, stats.rejected), (2, 2, 1, 0), "{stats:?}");
+
+        let rows = read_all(&brokers, "rows", 1, 1);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].1, "d2");
+        let rejected = read_all(&brokers, "rows.rejected", 1, 1);
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        let marker: SetAside = serde_json::from_value(rejected[0].2.clone()).unwrap();
+        assert_eq!(
+            (marker.lookout_set_aside.as_str(), marker.topic.as_str(), marker.partition, marker.offset),
+            (SET_ASIDE, "in", 0, 0)
+        );
+        assert_eq!(marker.device_id.as_deref(), Some("d1"));
+        assert!(marker.bytes > 1_100_000, "{}", marker.bytes);
+        assert!(marker.head.starts_with(r#"{"records":[{"#) && marker.head.len() == SET_ASIDE_HEAD, "{}", marker.head);
+
+        let group: BaseConsumer =
+            KafkaSettings { brokers, properties: Vec::new() }.client(&[("group.id", "split")]).create().unwrap();
+        let mut list = TopicPartitionList::new();
+        list.add_partition("in", 0);
+        let committed = group.committed_offsets(list, Duration::from_secs(10)).unwrap();
+        assert_eq!(committed.find_partition("in", 0).unwrap().offset(), Offset::Offset(2));
+    }
+
+    /// A record the brokers do not take is reported with the topic and partition it was
+    /// for (a split writes to three topics, a node to its findings topic).
+    #[test]
+    fn a_failed_delivery_names_its_topic_and_partition() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("findings", 1, 1).unwrap();
+        let kafka = KafkaSettings {
+            brokers: cluster.bootstrap_servers(),
+            properties: vec![("message.timeout.ms".into(), "2000".into())],
+        };
+        let producer = producer(&kafka, Deliveries::default()).unwrap();
+        let queued = send(&producer, BaseRecord::to("findings").partition(5).key("d1").payload(&b"{}"[..]));
+        let _ = producer.flush(Duration::from_secs(10));
+        let failure = match queued {
+            Err(e) => format!("{e}"),
+            Ok(()) => producer.context().take_failures().expect("a record for a partition that does not exist"),
+        };
+        assert!(failure.contains("findings partition 5"), "{failure}");
     }
 }
