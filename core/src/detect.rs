@@ -338,10 +338,11 @@ pub fn declare_indexes(store: &mut Store, plugins: &[Plugin]) -> Result<(), Stor
 }
 
 /// The batches a detector's pass is handed rows of: those after `since` (all when `None`,
-/// a backfill) up to `head`.
+/// a backfill) up to `head`; and whether its parameters are to be recorded with it.
 struct Due {
     since: Option<u64>,
     head: u64,
+    record_params: bool,
 }
 
 /// Initialises the detector if it is not, and says which batches its pass covers (`None`:
@@ -364,6 +365,7 @@ fn prepare(
             .map(|(_, p, v)| (p.clone(), v.clone()))
             .collect();
         warn_if_window_exceeds_retention(plugin, &params, store.retention());
+        plugin.params = params_record(&params);
         let init_started = Instant::now();
         let state = store.detector_state(&id)?;
         let response = plugin.lib.init(&InitRequest { params, state }).map_err(DetectorError::Init)?;
@@ -377,8 +379,18 @@ fn prepare(
     let cursor = store.meta_cursor(&id)?;
     // A detector with nothing new still runs when the clock alone changes its results.
     let due = store.wake_at(&id)?.is_some_and(|at| at <= now);
+    // Other parameters can widen a window over rows the detector dropped or never kept
+    // (a longer lookback): its result is the rule's over every stored row, so they are all
+    // handed over again (a detector keeps a row handed twice once, as after a crash).
+    // Nothing recorded yet (a store from before they were): taken as they are.
+    let recorded = store.detector_params(&id)?;
+    let params_changed = recorded.as_ref().is_some_and(|p| *p != plugin.params);
+    let record_params = recorded.as_ref() != Some(&plugin.params);
+    if params_changed && cursor.is_some() {
+        tracing::info!(detector = %id, was = ?recorded, now = %plugin.params, "parameters changed: the detector reads every stored row again");
+    }
     let since = match cursor {
-        Some(_) if opts.backfill => None,
+        Some(_) if opts.backfill || params_changed => None,
         Some(c) if c >= floor => {
             if c >= head && !due {
                 return Ok(None);
@@ -387,7 +399,15 @@ fn prepare(
         }
         _ => None,
     };
-    Ok(Some(Due { since, head }))
+    Ok(Some(Due { since, head, record_params }))
+}
+
+/// The parameters a detector is given, as recorded with its passes: sorted, so the same
+/// settings in another order are the same.
+fn params_record(params: &[(String, String)]) -> String {
+    let mut sorted: Vec<&(String, String)> = params.iter().collect();
+    sorted.sort();
+    serde_json::to_string(&sorted).unwrap_or_default()
 }
 
 /// A detector whose pass runs, with its report.
@@ -467,6 +487,10 @@ fn commit_answer(
     if last {
         batch.set_cursor(&id, due.head);
         batch.set_wake_at(&id, wake_at);
+        // With the pass that read every row under them: one cut short reads them again.
+        if due.record_params {
+            batch.set_params(&id, &plugin.params);
+        }
     }
     crate::failpoint::hit("detect-before-commit");
     batch.commit().map_err(PassError::Store)?;

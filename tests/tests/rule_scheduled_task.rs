@@ -446,6 +446,43 @@ fn a_shorter_lookback_takes_effect_on_the_next_pass() {
     assert_eq!(found, Ok(BTreeSet::from([id(SHA_A, "d-alpha")])), "FirstSeen is a day ago under a 3-day lookback");
 }
 
+/// Lengthening `lookback` re-reads every stored row: an execution the old lookback left
+/// out when it arrived (never kept) makes the binary old under the new one, as the KQL
+/// over every stored row says. The same later execution fires under the old lookback.
+#[test]
+fn a_longer_lookback_reads_again_the_rows_the_old_one_left_out() {
+    let now = t0();
+    let old = exec_row(1, now - 10 * DAY, "d-alpha", "alpha", SHA_A, "ProcessCreated", SCHEDULE);
+    let recent = exec_row(2, now + MINUTE, "d-alpha", "alpha", SHA_A, "ProcessCreated", SCHEDULE);
+    let findings_with = |lookback: Option<&str>| -> Result<BTreeSet<Identity>, String> {
+        let mut engine = Engine::open(&RULE)?;
+        engine.ingest_rows(0, &[(PROCESS_EVENTS, old.clone())], now)?;
+        engine.pass(now, None, &[])?;
+        if !engine.flush()?.is_empty() {
+            return Err("an execution outside the lookback fired".into());
+        }
+        engine.restart()?;
+        engine.ingest_rows(1, &[(PROCESS_EVENTS, recent.clone())], now + MINUTE)?;
+        let params: Vec<(&str, String)> = lookback.map(|l| ("lookback", l.to_string())).into_iter().collect();
+        let report = engine.pass(now + 2 * MINUTE, None, &params)?;
+        if report.backfill != lookback.is_some() {
+            return Err(format!("a backfill only when the parameters changed: {report:?}"));
+        }
+        let found = engine.flush()?.iter().map(identity_of).collect();
+        // The same parameters again, after a restart: only what is new.
+        engine.restart()?;
+        let other = exec_row(3, now + 3 * MINUTE, "d-beta", "beta", SHA_B, "ProcessCreated", SCHEDULE);
+        engine.ingest_rows(2, &[(PROCESS_EVENTS, other)], now + 3 * MINUTE)?;
+        let again = engine.pass(now + 4 * MINUTE, None, &params)?;
+        if again.backfill || again.rows != 1 {
+            return Err(format!("the same parameters read everything again: {again:?}"));
+        }
+        found
+    };
+    assert_eq!(findings_with(None), Ok(BTreeSet::from([id(SHA_A, "d-alpha")])), "first seen now under 7 days");
+    assert_eq!(findings_with(Some("14d")), Ok(BTreeSet::new()), "first seen 10 days ago under 14 days: not new");
+}
+
 /// With `top 1`, the binary on fewer machines takes the slot; when its execution leaves
 /// the timeframe, the other binary gets in by the clock alone.
 #[test]

@@ -30,6 +30,9 @@ pub struct Plugin {
     pub initialised: bool,
     /// How the detector wants its inputs handed over, as its last `init` answered.
     pub inputs: Vec<InputSpec>,
+    /// The parameters its last `init` was given (`--set` and `[detectors.NAME]`), as the
+    /// scheduler records them with its passes: a change re-reads every stored row.
+    pub params: String,
 }
 
 /// A detector keeps its state inside its library, which is never unloaded: a plugin
@@ -99,5 +102,6 @@ pub fn load_one(file: &Path, cache: &Path, pins: Option<&guard::Pins>) -> Result
         lib,
         initialised: false,
         inputs: Vec::new(),
+        params: String::new(),
     })
 }

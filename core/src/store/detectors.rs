@@ -1,5 +1,5 @@
 //! What the scheduler keeps in the store for each detector — its cursor (the last batch
-//! sequence it has seen), when to wake it — and the identity of a row that finding ids
+//! sequence it has seen), when to wake it, the parameters it last ran with — and the identity of a row that finding ids
 //! are made of (a detector's own state is `state.rs`'s). The scheduler (`detect.rs`)
 //! goes through these; only this module knows their keys (the results tree and the
 //! outbox are `outbox.rs`'s).
@@ -18,7 +18,23 @@ pub(super) fn wake_key(detector_id: &str) -> Vec<u8> {
     keys::named_key(keys::CURSOR, &format!("@wake:{detector_id}"))
 }
 
+// Beside the cursors, as the wake-up times are.
+pub(super) fn params_key(detector_id: &str) -> Vec<u8> {
+    keys::named_key(keys::CURSOR, &format!("@params:{detector_id}"))
+}
+
 impl Store {
+    /// The parameters (as the scheduler wrote them) a detector's last completed pass ran
+    /// with, if one has been recorded.
+    pub fn detector_params(&self, detector_id: &str) -> Result<Option<String>> {
+        Ok(match self.db.get(params_key(detector_id))? {
+            Some(v) => {
+                Some(String::from_utf8(v.to_vec()).map_err(|_| corrupt!("corrupt parameters of {detector_id}"))?)
+            }
+            None => None,
+        })
+    }
+
     /// When a detector asked to be run again whatever arrives (its last pass's
     /// `wake_at`), if it did.
     pub fn wake_at(&self, detector_id: &str) -> Result<Option<i64>> {

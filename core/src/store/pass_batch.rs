@@ -6,7 +6,7 @@
 //! what is committed — the outbox sequences the findings take, where the state changes
 //! go — is decided under that lock, so batches built at the same time cannot collide.
 
-use super::detectors::{cursor_key, wake_key};
+use super::detectors::{cursor_key, params_key, wake_key};
 use super::outbox;
 use super::state::{self, StateChange, StateSizes};
 use super::{keys, Result, Store};
@@ -64,6 +64,11 @@ impl<'s> PassBatch<'s> {
     /// Moves a detector's cursor.
     pub fn set_cursor(&mut self, detector_id: &str, seq: u64) {
         self.batch.insert(cursor_key(detector_id), &seq.to_be_bytes()[..]);
+    }
+
+    /// Records the parameters a detector's pass ran with (see [`Store::detector_params`]).
+    pub fn set_params(&mut self, detector_id: &str, params: &str) {
+        self.batch.insert(params_key(detector_id), params.as_bytes());
     }
 
     /// Records (`Some`) or clears (`None`) when a detector is to be run again.

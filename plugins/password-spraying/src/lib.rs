@@ -124,8 +124,9 @@
 //! **Known limits.** A DC stays a DC in the state after the store's retention prunes
 //! the network rows that made it one (the KQL would forget it). Changing the parameters
 //! takes effect on the next pass: panes are kept again under a new `timeframe`, and
-//! every group is re-evaluated under new thresholds (a row that left the window under
-//! a shorter old timeframe is not brought back; `detect --backfill` does).
+//! every group is re-evaluated under new thresholds; the host hands every stored row over
+//! again on that pass, so rows a shorter old timeframe left out are taken back (a row
+//! already kept is kept once).
 
 /// The library's own allocator (a detector library has one of its own, whatever the host
 /// uses): a pass decodes thousands of rows, each a few dozen small strings, and glibc's

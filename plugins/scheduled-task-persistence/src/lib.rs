@@ -109,8 +109,9 @@
 //! execution leaves the lookback. FileProfile rows are an input (not on a backfill): a
 //! new profile makes its SHA1 asked again. Changed parameters take effect on the next
 //! pass: every record is kept again with the expiry the new `lookback` gives it and every
-//! group decided again (executions dropped under a shorter lookback are not taken back;
-//! `detect --backfill` does).
+//! group decided again; the host hands every stored row over again on that pass, so
+//! executions a shorter old lookback left out are taken back (a record already kept is
+//! kept once).
 
 /// The library's own allocator (a detector library has one of its own, whatever the host
 /// uses): a pass decodes thousands of rows, each a few dozen small strings, and glibc's
