@@ -5,27 +5,7 @@ use lookout_plugin_sdk::tables::{FILE_EVENTS, FILE_PROFILE, IDENTITY_LOGONS, IMA
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ColumnType {
-    String,
-    Long,
-    Bool,
-    DateTime,
-    /// Anything (Defender's `dynamic`).
-    Dynamic,
-}
-
-impl ColumnType {
-    pub fn name(self) -> &'static str {
-        match self {
-            ColumnType::String => "string",
-            ColumnType::Long => "long",
-            ColumnType::Bool => "bool",
-            ColumnType::DateTime => "datetime",
-            ColumnType::Dynamic => "dynamic",
-        }
-    }
-}
+pub use lookout_plugin_sdk::schema::ColumnType;
 
 /// How a table's rows are identified and stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,101 +44,6 @@ pub fn table_from_file_name(file_name: &str) -> Option<String> {
     // Table names are letters only: `DeviceFileEvents20250507.jsonl` is DeviceFileEvents.
     let prefix: String = file_name.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
     is_generic_device_table(&prefix).then_some(prefix)
-}
-
-/// Columns every Device* event table shares, as Microsoft's schema reference types them.
-const DEVICE_COMMON: &str = "Timestamp:datetime DeviceId DeviceName ActionType ReportId:long \
-    AppGuardContainerId AdditionalFields:dynamic MachineGroup TenantId Type SourceSystem TimeGenerated:datetime";
-
-/// The initiating process block most Device* tables carry.
-const INITIATING_PROCESS: &str = "InitiatingProcessAccountDomain InitiatingProcessAccountName \
-    InitiatingProcessAccountSid InitiatingProcessAccountUpn InitiatingProcessAccountObjectId \
-    InitiatingProcessMD5 InitiatingProcessSHA1 InitiatingProcessSHA256 InitiatingProcessFileName \
-    InitiatingProcessFileSize:long InitiatingProcessFolderPath InitiatingProcessId:long \
-    InitiatingProcessCommandLine InitiatingProcessCreationTime:datetime InitiatingProcessIntegrityLevel \
-    InitiatingProcessTokenElevation InitiatingProcessParentId:long InitiatingProcessParentFileName \
-    InitiatingProcessParentCreationTime:datetime InitiatingProcessLogonId:long \
-    InitiatingProcessVersionInfoCompanyName InitiatingProcessVersionInfoProductName \
-    InitiatingProcessVersionInfoProductVersion InitiatingProcessVersionInfoInternalFileName \
-    InitiatingProcessVersionInfoOriginalFileName InitiatingProcessVersionInfoFileDescription \
-    InitiatingProcessSessionId:long IsInitiatingProcessRemoteSession:bool \
-    InitiatingProcessRemoteSessionDeviceName InitiatingProcessRemoteSessionIP \
-    InitiatingProcessSignerType InitiatingProcessSignatureStatus";
-
-/// File columns of the file-centred tables.
-const FILE_COLUMNS: &str = "FileName FolderPath SHA1 SHA256 MD5 FileSize:long";
-
-/// Each accepted table's own columns (beside [`DEVICE_COMMON`] and [`INITIATING_PROCESS`]
-/// where it has them): `Name` is a string, `Name:type` anything else. From Microsoft's
-/// Defender XDR advanced hunting schema reference.
-const TABLES: &[(&str, bool, &str)] = &[
-    (
-        "DeviceProcessEvents",
-        true,
-        "ProcessVersionInfoCompanyName ProcessVersionInfoProductName ProcessVersionInfoProductVersion \
-         ProcessVersionInfoInternalFileName ProcessVersionInfoOriginalFileName ProcessVersionInfoFileDescription \
-         ProcessId:long ProcessCommandLine ProcessIntegrityLevel ProcessTokenElevation \
-         ProcessCreationTime:datetime AccountDomain AccountName AccountSid AccountUpn AccountObjectId \
-         LogonId:long ProcessRemoteSessionDeviceName ProcessRemoteSessionIP CreatedProcessSessionId:long \
-         IsProcessRemoteSession:bool",
-    ),
-    (
-        "DeviceNetworkEvents",
-        true,
-        "RemoteIP RemotePort:long RemoteUrl LocalIP LocalPort:long Protocol LocalIPType RemoteIPType",
-    ),
-    (
-        "DeviceLogonEvents",
-        true,
-        "LogonType AccountDomain AccountName AccountSid Protocol FailureReason IsLocalAdmin:bool \
-         LogonId:long RemoteDeviceName RemoteIP RemoteIPType RemotePort:long",
-    ),
-    (
-        "DeviceRegistryEvents",
-        true,
-        "RegistryKey RegistryValueType RegistryValueName RegistryValueData PreviousRegistryKey \
-         PreviousRegistryValueName PreviousRegistryValueData",
-    ),
-    (
-        "DeviceFileCertificateInfo",
-        false,
-        "SHA1 IsSigned:bool SignatureType Signer SignerHash Issuer IssuerHash CertificateSerialNumber \
-         CrlDistributionPointUrls CertificateCreationTime:datetime CertificateExpirationTime:datetime \
-         CertificateCountersignatureTime:datetime IsTrusted:bool IsRootSignerMicrosoft:bool",
-    ),
-    (
-        "DeviceFileEvents",
-        true,
-        "PreviousFileName PreviousFolderPath FileOriginUrl FileOriginReferrerUrl FileOriginIP ShareName \
-         SensitivityLabel SensitivitySubLabel IsAzureInfoProtectionApplied:bool RequestProtocol \
-         RequestSourceIP RequestSourcePort:long RequestAccountName RequestAccountDomain RequestAccountSid",
-    ),
-    ("DeviceImageLoadEvents", true, ""),
-    (
-        "IdentityLogonEvents",
-        false,
-        "Timestamp:datetime ActionType Application LogonType Protocol FailureReason AccountName AccountDomain \
-         AccountUpn AccountSid AccountObjectId AccountDisplayName DeviceName DeviceType OSPlatform IPAddress \
-         Port DestinationDeviceName DestinationIPAddress DestinationPort:long TargetDeviceName \
-         TargetAccountDisplayName Location ISP ReportId AdditionalFields:dynamic TenantId Type SourceSystem \
-         TimeGenerated:datetime",
-    ),
-    (
-        "FileProfile",
-        false,
-        "SHA1 SHA256 MD5 FileSize:long GlobalPrevalence:long GlobalFirstSeen:datetime GlobalLastSeen:datetime \
-         Signer Issuer SignerHash IsCertificateValid:bool IsRootSignerMicrosoft:bool SignatureState \
-         IsExecutable:bool ThreatName Publisher SoftwareName ProfileAvailability",
-    ),
-];
-
-fn parse_type(t: &str) -> ColumnType {
-    match t {
-        "long" => ColumnType::Long,
-        "bool" => ColumnType::Bool,
-        "datetime" => ColumnType::DateTime,
-        _ => ColumnType::Dynamic,
-    }
 }
 
 /// A table's column types by name. Every cell of every row is looked up here, and the
@@ -205,41 +90,21 @@ impl std::hash::Hasher for NameHasher {
 
 type TableColumns = HashMap<&'static str, ColumnTypes>;
 
-/// The per-table column types, built once from [`TABLES`].
+/// The per-table column types, built once from the SDK's schema reference.
 fn tables() -> &'static TableColumns {
     static TABLE_COLUMNS: OnceLock<TableColumns> = OnceLock::new();
     TABLE_COLUMNS.get_or_init(|| {
-        let mut out = HashMap::new();
-        for (table, device, own) in TABLES {
-            let mut columns = ColumnTypes::default();
-            let mut add = |spec: &'static str| {
-                for c in spec.split_whitespace() {
-                    let (name, t) = match c.split_once(':') {
-                        Some((n, t)) => (n, parse_type(t)),
-                        None => (c, ColumnType::String),
-                    };
-                    columns.insert(name, t);
-                }
-            };
-            if *device {
-                add(DEVICE_COMMON);
-                add(INITIATING_PROCESS);
-                if *table != "DeviceNetworkEvents" && *table != "DeviceLogonEvents" && *table != "DeviceRegistryEvents"
-                {
-                    add(FILE_COLUMNS);
-                }
-            } else if *table == "DeviceFileCertificateInfo" {
-                add(DEVICE_COMMON);
-            }
-            add(own);
-            out.insert(*table, columns);
-        }
-        out
+        lookout_plugin_sdk::schema::tables()
+            .map(|table| {
+                let columns = lookout_plugin_sdk::schema::columns(table).unwrap_or_default().into_iter().collect();
+                (table, columns)
+            })
+            .collect()
     })
 }
 
 /// The declared type of a column of `table`, if Lookout knows it (Microsoft's schema for
-/// the tables in [`TABLES`]; other Device* tables get the columns every Device* table
+/// the tables of `lookout_plugin_sdk::schema`; other Device* tables get the columns every Device* table
 /// shares). Unknown columns are kept verbatim.
 pub fn column_type(table: &str, column: &str) -> Option<ColumnType> {
     column_types(table).and_then(|c| c.get(column)).copied()

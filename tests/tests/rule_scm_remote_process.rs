@@ -820,6 +820,9 @@ fn hand_written_fixture() {
     let names: Vec<&str> = row.keys().map(String::as_str).collect();
     let mut want: Vec<&str> =
         network[0].keys().map(|k| if k == "Timestamp" { "TimestampNetworkAct" } else { k }).collect();
+    // Then the columns of DeviceNetworkEvents the stored row lacks, as KQL's table has them.
+    let schema = lookout_plugin_sdk::schema::columns(NETWORK).unwrap_or_default();
+    want.extend(schema.iter().map(|(n, _)| *n).filter(|n| *n != "Timestamp" && !network[0].contains_key(*n)));
     want.extend([
         "TimestampChild",
         "DeviceId1",

@@ -1,5 +1,6 @@
 //! The rule itself, with exactly the semantics of the KQL (see the crate docs).
 
+use lookout_plugin_sdk::schema::{self, ColumnType};
 use lookout_plugin_sdk::tables::{FILE_CERTIFICATES, NETWORK_EVENTS, PROCESS_EVENTS};
 use lookout_plugin_sdk::time::{datetime_diff_seconds, parse_timestamp, TICKS_PER_SEC};
 use lookout_plugin_sdk::{
@@ -671,14 +672,18 @@ fn unique_name(name: &str, taken: &HashSet<String>) -> String {
 }
 
 /// The result row of one pair: the network row's columns (`Timestamp` renamed
-/// `TimestampNetworkAct`), the child's projected columns (clashes suffixed), then
-/// `Timestamp = TimestampNetworkAct`.
+/// `TimestampNetworkAct`) — those it was stored with, then any other of DeviceNetworkEvents'
+/// schema, empty or null as KQL's table has them —, the child's projected columns (clashes
+/// suffixed), then `Timestamp = TimestampNetworkAct`.
 pub fn output_row(network: &Row, child: &Row) -> Vec<(String, Cell)> {
-    let mut row: Vec<(String, Cell)> = network
-        .columns
-        .iter()
-        .map(|(n, c)| (if n == "Timestamp" { "TimestampNetworkAct".to_string() } else { n.clone() }, c.clone()))
-        .collect();
+    let rename = |n: &str| if n == "Timestamp" { "TimestampNetworkAct".to_string() } else { n.to_string() };
+    let mut row: Vec<(String, Cell)> = network.columns.iter().map(|(n, c)| (rename(n), c.clone())).collect();
+    for (name, kind) in schema::columns(NETWORK_EVENTS).unwrap_or_default() {
+        let name = rename(name);
+        if !row.iter().any(|(n, _)| *n == name) {
+            row.push((name, if kind == ColumnType::String { Cell::Str(String::new()) } else { Cell::Null }));
+        }
+    }
     let mut taken: HashSet<String> = row.iter().map(|(n, _)| n.clone()).collect();
     for (out, source, is_string) in CHILD_PROJECTION {
         let value =
@@ -768,37 +773,50 @@ mod tests {
         ]);
         let out = output_row(&network, &child);
         let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "TimestampNetworkAct",
-                "DeviceId",
-                "DeviceName",
-                "ActionType",
-                "InitiatingProcessFileName",
-                "InitiatingProcessId",
-                "DeviceId1",
-                "ReportId",
-                "TimestampChild",
-                "DeviceId2",
-                "DeviceName1",
-                "FileName",
-                "ProcessCommandLine",
-                "SHA1",
-                "InitiatingProcessFileName1",
-                "InitiatingProcessCommandLine",
-                "InitiatingProcessSHA1",
-                "InitiatingProcessId1",
-                "TimestampServicesExe",
-                "Timestamp",
-            ]
-        );
+        let stored = [
+            "TimestampNetworkAct",
+            "DeviceId",
+            "DeviceName",
+            "ActionType",
+            "InitiatingProcessFileName",
+            "InitiatingProcessId",
+            "DeviceId1",
+            "ReportId",
+        ];
+        // Every other column of DeviceNetworkEvents, in the schema's order, as KQL's table
+        // has it: a clash with the child's is a clash whether the row had it or not.
+        let absent: Vec<&str> = schema::columns(NETWORK_EVENTS)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| *n != "Timestamp" && !stored.contains(n))
+            .collect();
+        assert!(absent.contains(&"InitiatingProcessCommandLine") && absent.contains(&"RemoteIP"), "{absent:?}");
+        let child_part = [
+            "TimestampChild",
+            "DeviceId2",
+            "DeviceName1",
+            "FileName",
+            "ProcessCommandLine",
+            "SHA1",
+            "InitiatingProcessFileName1",
+            "InitiatingProcessCommandLine1",
+            "InitiatingProcessSHA11",
+            "InitiatingProcessId1",
+            "TimestampServicesExe",
+            "Timestamp",
+        ];
+        let want: Vec<&str> = stored.iter().chain(&absent).chain(&child_part).copied().collect();
+        assert_eq!(names, want);
         let get = |n: &str| out.iter().find(|(x, _)| x == n).map(|(_, c)| c.clone()).unwrap();
         assert_eq!(get("Timestamp"), s("2025-05-07T12:00:00Z"));
         assert_eq!(get("TimestampChild"), s("2025-05-07T12:00:03Z"));
         assert_eq!(get("TimestampServicesExe"), s("2025-05-07T08:00:00Z"));
         assert_eq!(get("ProcessCommandLine"), s(""), "a missing string column is empty");
         assert_eq!(get("ReportId"), Cell::Int(5), "the network row's ReportId");
+        assert_eq!(get("RemoteIP"), s(""), "a network column the row lacks is empty");
+        assert_eq!(get("RemotePort"), Cell::Null, "and a long one null");
+        assert_eq!(get("InitiatingProcessCommandLine"), s(""), "the network side's, absent");
         let no_time = row(&[("Timestamp", s("2025-05-07T12:00:03Z"))]);
         let out = output_row(&network, &no_time);
         let get = |n: &str| out.iter().find(|(x, _)| x == n).map(|(_, c)| c.clone()).unwrap();

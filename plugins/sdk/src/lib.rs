@@ -19,6 +19,7 @@ pub mod detector;
 #[doc(hidden)]
 pub mod export;
 pub mod params;
+pub mod schema;
 pub mod time;
 pub mod window;
 pub mod wire;
