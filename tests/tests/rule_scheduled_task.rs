@@ -502,6 +502,22 @@ fn a_binary_leaving_the_top_lets_the_next_in() {
     assert_eq!(run(&ticks, 1), BTreeSet::from([id(SHA_B, "d-alpha"), id(SHA_A, "d-alpha"), id(SHA_A, "d-beta")]));
 }
 
+/// A real-valued GlobalPrevalence is compared as it is: 150.5 is not below 100 (no
+/// finding), 99.5 is; both the detector and the naive evaluator (`check_ticks`).
+#[test]
+fn a_real_prevalence_is_compared_as_it_is() {
+    let exec = exec_row(1, t0() - HOUR, "d-alpha", "alpha", SHA_A, "ProcessCreated", SCHEDULE);
+    let profile = |report: i64, prevalence: f64| {
+        let mut row = profile_row(report, SHA_A, None, Some("Available"));
+        row.insert("GlobalPrevalence".into(), serde_json::json!(prevalence));
+        row
+    };
+    let common = vec![Tick::at(t0(), vec![(FILE_PROFILE, profile(2, 150.5)), (PROCESS_EVENTS, exec.clone())])];
+    assert_eq!(run(&common, 1000), BTreeSet::new());
+    let rare = vec![Tick::at(t0(), vec![(FILE_PROFILE, profile(2, 99.5)), (PROCESS_EVENTS, exec)])];
+    assert_eq!(run(&rare, 1000), BTreeSet::from([id(SHA_A, "d-alpha")]));
+}
+
 /// A FileProfile row arriving later lets a binary through (and an upper-case profile
 /// does not: FileProfile is asked for the lowercased SHA1, exactly).
 #[test]

@@ -167,8 +167,15 @@ pub fn evaluate(rows: &[StoredRow], now: i64, p: &Params) -> BTreeMap<Identity, 
         .filter(|sha1| {
             let profile = file_profile(rows, sha1);
             let availability = profile.map_or("", |pr| s(pr, "ProfileAvailability"));
-            let prevalence = profile.and_then(|pr| pr.get("GlobalPrevalence")).and_then(Value::as_i64);
-            !eq_ci(availability, "Error") && prevalence.unwrap_or(p.default_prevalence) < p.prevalence_threshold
+            // coalesce(GlobalPrevalence, default) < threshold: a real prevalence compared as
+            // it is (150.5 is not below 100); anything not a number is null.
+            let prevalence = profile.and_then(|pr| pr.get("GlobalPrevalence"));
+            let below = match prevalence {
+                Some(v) if v.is_i64() => v.as_i64().is_some_and(|v| v < p.prevalence_threshold),
+                Some(v) if v.is_number() => v.as_f64().is_some_and(|v| v < p.prevalence_threshold as f64),
+                _ => p.default_prevalence < p.prevalence_threshold,
+            };
+            !eq_ci(availability, "Error") && below
         })
         .collect();
     // join NewScheduledBinaryExecution on SHA1 (exact) | summarize … by SHA1.
