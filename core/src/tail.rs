@@ -124,19 +124,37 @@ impl Tailer {
     /// Reading a file of `size` bytes failed. If the file could not be read (corrupt gzip,
     /// an I/O error on the file) it is skipped until it changes, and the other files go
     /// on. A store failure is returned instead.
-    fn input_failed(&mut self, key: (u64, u64), path: &Path, size: u64, e: IngestError) -> Result<(), IngestError> {
+    ///
+    /// A tracked file goes back to what is committed of it (reading moves its state line
+    /// by line, ahead of the batch that failed), and stays tracked: its descriptor is how a
+    /// rotated file deleted since is read to its end once reading can go on.
+    fn input_failed(
+        &mut self,
+        store: &Store,
+        key: (u64, u64),
+        path: &Path,
+        size: u64,
+        e: IngestError,
+    ) -> Result<(), IngestError> {
+        if let Some(t) = self.files.get_mut(&key) {
+            match store.source(&id_of(key))? {
+                Some(committed) => t.state = committed,
+                // Nothing of it committed: looked at afresh, as a file never seen.
+                None => {
+                    self.files.remove(&key);
+                }
+            }
+        }
         match e {
             IngestError::Store(_) => Err(e),
             IngestError::DiskSpaceLow(low) => {
-                // Back to what is committed; the daemon pauses until there is room.
+                // The daemon pauses until there is room.
                 tracing::warn!(file = %path.display(), error = %low, "not read further for now");
-                self.files.remove(&key);
                 Ok(())
             }
             IngestError::ChangedWhileReading(_) => {
-                // Back to what is committed; the next look sees the truncation.
+                // The next look sees the truncation.
                 tracing::info!(file = %path.display(), "truncated while being read; looking again");
-                self.files.remove(&key);
                 Ok(())
             }
             e => {
@@ -213,7 +231,7 @@ impl Tailer {
             match result {
                 Ok(Some(r)) => report.merge(r),
                 Ok(None) => {}
-                Err(e) => self.input_failed(key, &path, size, e)?,
+                Err(e) => self.input_failed(store, key, &path, size, e)?,
             }
         }
 
@@ -267,7 +285,7 @@ impl Tailer {
                     }
                     self.files.insert((fp.dev, fp.ino), Tracked { path, file, state, present: true });
                 }
-                Err(e) => self.input_failed(key, &path, meta.len(), e)?,
+                Err(e) => self.input_failed(store, key, &path, meta.len(), e)?,
             }
         }
 
@@ -412,4 +430,80 @@ fn still_linked(file: &File) -> bool {
 fn caught_up(t: &Tracked) -> std::io::Result<bool> {
     let fp = fingerprint(&t.file)?;
     Ok(!has_news(&t.state, &fp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    /// Process events `first..first + n`, one a line.
+    fn append(path: &Path, first: u64, n: u64) {
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+        for i in first..first + n {
+            writeln!(f, r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{i},"ActionType":"x"}}"#)
+                .unwrap();
+        }
+    }
+
+    fn rows(report: &IngestReport) -> u64 {
+        report.new_rows.values().sum()
+    }
+
+    fn setup() -> (tempfile::TempDir, PathBuf, Store, Tailer) {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        std::fs::create_dir(&logs).unwrap();
+        let store = Store::open(&dir.path().join("data")).unwrap();
+        let now = lookout_plugin_sdk::time::parse_timestamp("2025-05-07T12:00:00Z");
+        let tailer = Tailer::new(&logs, IngestOptions { now, ..Default::default() });
+        (dir, logs, store, tailer)
+    }
+
+    /// A file that could not be read further for now (the disk nearly full) stays open: a
+    /// rotated file deleted meanwhile is read to its end once reading goes on.
+    #[test]
+    fn a_file_deleted_while_reading_paused_is_read_to_its_end() {
+        let (_dir, logs, mut store, mut tailer) = setup();
+        let path = logs.join("DeviceProcessEvents.jsonl");
+        append(&path, 0, 500);
+        let stop = AtomicBool::new(false);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 500);
+        append(&path, 500, 500);
+        let meta = std::fs::metadata(&path).unwrap();
+        let key = (meta.dev(), meta.ino());
+        std::fs::remove_file(&path).unwrap();
+        let low = IngestError::DiskSpaceLow(crate::disk::DiskSpaceLow(logs.display().to_string()));
+        tailer.input_failed(&store, key, &path, meta.len(), low).unwrap();
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 500, "the rest of the deleted file");
+    }
+
+    /// A read that failed partway through a batch goes back to what is committed: the
+    /// lines of the batch it dropped are read again once the file changes, and only they.
+    #[test]
+    fn a_failed_read_goes_back_to_what_is_committed() {
+        let (_dir, logs, mut store, mut tailer) = setup();
+        let path = logs.join("DeviceProcessEvents.jsonl");
+        append(&path, 0, 300);
+        let stop = AtomicBool::new(false);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 300);
+        append(&path, 300, 300);
+        let meta = std::fs::metadata(&path).unwrap();
+        let key = (meta.dev(), meta.ino());
+        // As reading leaves it when the batch fails: past lines never committed.
+        let tracked = tailer.files.get_mut(&key).unwrap();
+        tracked.state.offset = meta.len() - 100;
+        let failed = IngestError::ReadAt {
+            path: path.clone(),
+            at: meta.len() - 100,
+            source: std::io::Error::other("device error"),
+        };
+        tailer.input_failed(&store, key, &path, meta.len(), failed).unwrap();
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 0, "skipped until it changes");
+        append(&path, 600, 1);
+        let report = tailer.poll(&mut store, &stop).unwrap();
+        // From where the last commit left it, not from the start (which would take the
+        // rows again, kept once, but the rejects and profiles twice).
+        assert_eq!((rows(&report), report.duplicates), (301, 0));
+    }
 }
