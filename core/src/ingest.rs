@@ -601,7 +601,7 @@ impl FileRun<'_> {
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), IngestError> {
         let skip = state.offset;
-        let mut fatal: Option<StoreError> = None;
+        let mut fatal: Option<IngestError> = None;
         let mut pending: Vec<(u64, Value)> = Vec::new();
         let parsed = {
             let mut index = 0u64;
@@ -616,7 +616,7 @@ impl FileRun<'_> {
                 }
                 let r = self
                     .commit_elements(store, &mut pending, state, None)
-                    .and_then(|()| crash_after_durable_commit(store));
+                    .and_then(|()| crash_after_durable_commit(store).map_err(IngestError::from));
                 progress(self.counter.load(Ordering::Relaxed));
                 r.map_err(|e| {
                     let msg = e.to_string();
@@ -628,7 +628,7 @@ impl FileRun<'_> {
             serde::Deserializer::deserialize_seq(&mut de, ElementVisitor { f: &mut on_element }).and_then(|()| de.end())
         };
         if let Some(e) = fatal {
-            return Err(e.into());
+            return Err(e);
         }
         let syntax = match parsed {
             Ok(()) => None,
@@ -661,7 +661,11 @@ impl FileRun<'_> {
         pending: &mut Vec<(u64, Value)>,
         state: &mut SourceState,
         syntax: Option<(u64, String)>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), IngestError> {
+        // Nothing is committed on a nearly full disk (see crate::disk), as for lines.
+        if crate::disk::low(store.data_dir()) {
+            return Err(DiskSpaceLow(store.data_dir().display().to_string()).into());
+        }
         let now = self.clock.now();
         let mut batch = store.batch();
         for (index, doc) in pending.drain(..) {

@@ -142,3 +142,33 @@ fn one_shot_ingest_stops_before_the_disk_is_full_and_resumes() {
     assert_eq!(status["duplicates_skipped"].as_u64(), Some(0), "{status}");
     drop(mount);
 }
+
+/// The same for a JSON array export (read element by element, not as lines): nothing is
+/// committed on a nearly full disk, and with room every element is stored once.
+#[test]
+#[ignore = "mounts a tmpfs: needs root with CAP_SYS_ADMIN; .ci/run runs it where it can"]
+fn an_array_export_is_not_committed_on_a_nearly_full_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mount = Mount::tmpfs(&tmp.path().join("datafs"), "64m");
+    let export = tmp.path().join("DeviceProcessEvents-export.json");
+    let elements: Vec<String> = (0..20_000)
+        .map(|i| {
+            format!(r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d{}","ReportId":{i},"ActionType":"x"}}"#, i % 7)
+        })
+        .collect();
+    std::fs::write(&export, format!("[{}]", elements.join(","))).unwrap();
+    let data = mount.0.join("data");
+    lookout_ok(&data, &["status"]);
+    let filler = mount.fill_leaving(8 << 20);
+    let out = lookout(&data, &["ingest", "--now", NOW, export.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ingest on a nearly full disk must fail:\n{stderr}");
+    assert!(stderr.contains("MiB free") && stderr.contains("nothing is lost"), "{stderr}");
+    std::fs::remove_file(&filler).unwrap();
+    lookout_ok(&data, &["ingest", "--now", NOW, export.to_str().unwrap()]);
+    let status = status_json(&data);
+    let stored: u64 = status["tables"].as_object().unwrap().values().map(|t| t["rows"].as_u64().unwrap()).sum();
+    assert_eq!(stored, 20_000, "{status}");
+    assert_eq!(status["duplicates_skipped"].as_u64(), Some(0), "{status}");
+    drop(mount);
+}
