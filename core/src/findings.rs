@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
@@ -96,11 +96,12 @@ pub fn flush_outbox_except(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) 
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    // Appending whatever the file's length when a write lands: a file copytruncated by
+    // the operator while Lookout writes gets its lines at its new end, not after a hole.
     let mut file = std::fs::OpenOptions::new()
         .read(true)
-        .write(true)
+        .append(true)
         .create(true)
-        .truncate(false)
         .open(path)
         .with_context(|| format!("cannot open findings file {}", path.display()))?;
     let meta = file.metadata().with_context(|| format!("cannot stat findings file {}", path.display()))?;
@@ -137,12 +138,13 @@ pub fn flush_outbox_except(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) 
             dev: meta.dev(),
             ino: meta.ino(),
             file_len: end,
-            tail_hash: tail_hash(&file, end)?,
+            tail_hash: tail_hash(&file, end).with_context(|| format!("cannot read {}", path.display()))?,
         };
         store.put_meta_value(&name, &at)?;
         store.flush()?;
     }
-    file.seek(SeekFrom::Start(end))?;
+    let write_error =
+        || format!("cannot write findings to {} (nothing is lost: they are written on the next flush)", path.display());
     let mut out = std::io::BufWriter::new(&mut file);
     let mut written = 0u64;
     for entry in store.outbox_from(next) {
@@ -151,27 +153,34 @@ pub fn flush_outbox_except(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) 
             next = seq + 1;
             continue;
         }
-        out.write_all(&json)?;
-        out.write_all(b"\n")?;
-        end += json.len() as u64 + 1;
+        out.write_all(&json).with_context(write_error)?;
+        out.write_all(b"\n").with_context(write_error)?;
         written += 1;
         next = seq + 1;
         if written == 1 && crate::failpoint::armed("outbox-mid-write") {
             // Make the uncommitted tail real before dying, as a crash mid-write leaves it.
-            out.flush()?;
+            out.flush().with_context(write_error)?;
             crate::failpoint::hit("outbox-mid-write");
         }
+        if written == 1 && crate::failpoint::armed("outbox-pause-mid-write") {
+            // Stopped with a line in the file, as the operator's copytruncate may find it.
+            out.flush().with_context(write_error)?;
+            crate::failpoint::pause("outbox-pause-mid-write");
+        }
     }
-    out.flush().with_context(|| format!("cannot write {}", path.display()))?;
+    out.flush().with_context(write_error)?;
     drop(out);
-    file.sync_data().with_context(|| format!("cannot sync {}", path.display()))?;
+    file.sync_data().with_context(write_error)?;
     crate::failpoint::hit("outbox-after-write");
+    // The file as it is now: longer than `end` only if someone else appended meanwhile,
+    // shorter if it was truncated under the writes (their lines went to its copy).
+    let end = file.metadata().with_context(|| format!("cannot stat findings file {}", path.display()))?.len();
     let now = OutboxCursor {
         next_seq: next,
         dev: meta.dev(),
         ino: meta.ino(),
         file_len: end,
-        tail_hash: tail_hash(&file, end)?,
+        tail_hash: tail_hash(&file, end).with_context(|| format!("cannot read {}", path.display()))?,
     };
     if cursor.as_ref() != Some(&now) {
         store.put_meta_value(&name, &now)?;
@@ -228,8 +237,9 @@ fn adopt_own_tail(
     Ok((next, len))
 }
 
-/// Makes sure the file's content up to `len` ends with a newline (or is empty), so the
-/// next line starts on a line of its own; returns the new length.
+/// Makes sure the file's content, `len` bytes, ends with a newline (or is empty), so the
+/// next line starts on a line of its own; returns the new length. (The file is opened to
+/// append: a write lands at its end.)
 fn end_with_newline(file: &mut File, len: u64) -> std::io::Result<u64> {
     if len == 0 {
         return Ok(0);
@@ -239,7 +249,7 @@ fn end_with_newline(file: &mut File, len: u64) -> std::io::Result<u64> {
     if last[0] == b'\n' {
         return Ok(len);
     }
-    file.write_all_at(b"\n", len)?;
+    file.write_all(b"\n")?;
     Ok(len + 1)
 }
 

@@ -63,6 +63,53 @@ fn killed_during_detect_then_rerun_leaves_each_finding_once() {
     }
 }
 
+/// The findings file copytruncated (copied away, then cut to nothing, as logrotate's
+/// `copytruncate` does) while Lookout is writing into it: the lines after the cut start
+/// the file again — no hole of NUL bytes where the cut-off lines were —, and each
+/// finding is once in the copy or the file.
+#[test]
+fn findings_file_truncated_mid_write_gets_no_hole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = gen_fleet(tmp.path(), 3000);
+    assert!(expected >= 2, "the fleet needs findings to write: {expected}");
+    let data = tmp.path().join("data");
+    let plugins = plugins_dir(tmp.path(), &[WINRM]);
+    lookout_ok(&data, &["ingest", "--now", NOW, tmp.path().join("fleet/logs").to_str().unwrap()]);
+    let findings = data.join("findings.jsonl");
+    let mut child = Command::new(lookout_bin())
+        .arg("--data")
+        .arg(&data)
+        .args(["detect", "--plugins", plugins.to_str().unwrap(), "--now", NOW])
+        .env("LOOKOUT_FAILPOINT", "outbox-pause-mid-write")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stopped = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
+            .unwrap_or(false)
+    };
+    let started = std::time::Instant::now();
+    while !stopped(child.id()) {
+        assert!(child.try_wait().unwrap().is_none(), "detect ended without reaching the failpoint");
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "the failpoint was not hit");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let copy = tmp.path().join("findings.jsonl.1");
+    std::fs::copy(&findings, &copy).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&findings).unwrap().set_len(0).unwrap();
+    assert!(Command::new("kill").args(["-CONT", &child.id().to_string()]).status().unwrap().success());
+    assert!(child.wait().unwrap().success());
+    let bytes = std::fs::read(&findings).unwrap();
+    assert!(!bytes.contains(&0), "a hole of NUL bytes in the findings file: {} bytes", bytes.len());
+    let mut ids = finding_ids(&read_jsonl(&copy));
+    ids.extend(finding_ids(&read_jsonl(&findings)));
+    let distinct: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), distinct.len()), (expected, expected), "each finding once in the copy or the file");
+}
+
 #[test]
 fn killed_during_ingest_then_rerun_stores_each_row_once() {
     let tmp = tempfile::tempdir().unwrap();
