@@ -208,7 +208,23 @@ impl Tailer {
             if stop.load(Ordering::Relaxed) {
                 return Ok(report);
             }
+            // A file nothing was read of yet (a copytruncate's copy is empty when it is
+            // made) may be a rotated copy by now: it goes on at its original's offset.
+            let copied = match self.files.get(&key) {
+                Some(t) if t.state.offset == 0 && t.state.lines == 0 && !t.state.done => {
+                    fingerprint(&t.file).and_then(|fp| self.copied_from(&before, &t.file, &fp)).unwrap_or_else(|e| {
+                        tracing::debug!(file = %t.path.display(), error = %e, "cannot compare with the known files");
+                        None
+                    })
+                }
+                _ => None,
+            };
             let Some(t) = self.files.get_mut(&key) else { continue };
+            let adopted = copied.is_some();
+            if let Some(from) = copied {
+                tracing::info!(file = %t.path.display(), from = %from.path, offset = from.offset, "recognised as a rotated copy; continuing at its offset");
+                continue_copy(&mut t.state, &from);
+            }
             let path = t.path.clone();
             // The file's size when reading it failed (0 if even that is unknown).
             let mut size = 0;
@@ -224,6 +240,12 @@ impl Tailer {
                 }
                 upgrade_head(&mut t.state, &fp);
                 if !has_news(&t.state, &fp) {
+                    if adopted {
+                        // Kept across a restart, when the original's state may be gone.
+                        let mut b = store.batch();
+                        b.set_source(&fp.source_id(), &t.state)?;
+                        b.commit()?;
+                    }
                     return Ok(None);
                 }
                 read_source(store, &t.file, &t.path, &fp, &mut t.state, &self.opts, Some(stop), &mut |_| {}).map(Some)
@@ -256,11 +278,7 @@ impl Tailer {
                         self.copied_from(&before, &file, &fp).map_err(IngestError::unreadable("read", &path))?;
                     if let Some(from) = copied {
                         tracing::info!(file = %path.display(), from = %from.path, offset = from.offset, "recognised as a rotated copy; continuing at its offset");
-                        state.offset = from.offset;
-                        state.unit = from.unit;
-                        state.lines = from.lines;
-                        state.tail = from.tail;
-                        state.tail_len = from.tail_len;
+                        continue_copy(&mut state, &from);
                     }
                 }
                 if has_news(&state, &fp) {
@@ -394,6 +412,15 @@ fn open_regular(path: &Path, key: (u64, u64)) -> std::io::Result<Option<File>> {
     Ok((m.is_file() && (m.dev(), m.ino()) == key).then_some(f))
 }
 
+/// A rotated copy goes on where its original was read to.
+fn continue_copy(state: &mut SourceState, from: &SourceState) {
+    state.offset = from.offset;
+    state.unit = from.unit;
+    state.lines = from.lines;
+    state.tail = from.tail.clone();
+    state.tail_len = from.tail_len;
+}
+
 fn id_of(key: (u64, u64)) -> Vec<u8> {
     let mut id = key.0.to_be_bytes().to_vec();
     id.extend_from_slice(&key.1.to_be_bytes());
@@ -505,5 +532,25 @@ mod tests {
         // From where the last commit left it, not from the start (which would take the
         // rows again, kept once, but the rejects and profiles twice).
         assert_eq!((rows(&report), report.duplicates), (301, 0));
+    }
+
+    /// A copytruncate's copy seen while still empty (logrotate creates it, then copies
+    /// into it) is recognised as a copy once it is filled: it goes on at the original's
+    /// offset instead of being read again from the start.
+    #[test]
+    fn a_copy_first_seen_empty_continues_at_its_originals_offset() {
+        let (_dir, logs, mut store, mut tailer) = setup();
+        let path = logs.join("DeviceProcessEvents.log");
+        append(&path, 0, 400);
+        let stop = AtomicBool::new(false);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 400);
+        let copy = logs.join("DeviceProcessEvents.log.1");
+        std::fs::File::create(&copy).unwrap();
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 0);
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+        append(&path, 400, 10);
+        let report = tailer.poll(&mut store, &stop).unwrap();
+        assert_eq!((rows(&report), report.duplicates), (10, 0), "{report:?}");
     }
 }
