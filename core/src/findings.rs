@@ -58,6 +58,47 @@ fn cursor_names(store: &Store, path: &Path) -> (String, Option<String>) {
     }
 }
 
+/// The name `path`'s cursor is written under, and the cursor as committed (under that
+/// name or the older one).
+fn read_cursor(store: &Store, path: &Path) -> Result<(String, Option<OutboxCursor>)> {
+    let (name, older_name) = cursor_names(store, path);
+    let cursor: Option<OutboxCursor> = match store.meta_value(&name)? {
+        Some(c) => Some(c),
+        None => older_name.map(|n| store.meta_value(&n)).transpose()?.flatten(),
+    };
+    Ok((name, cursor))
+}
+
+/// Cuts a torn last line of this store's own from `path` (a crash mid-write), writing
+/// nothing else. Several stores write one file on a Kafka node (a store per partition),
+/// and each flush only recognises its own store's torn line: another store's flush first
+/// would end it with a newline and leave it in the file for good. So a node runs this for
+/// each partition it takes over, before the partitions taken over with it write.
+pub fn cut_torn_tail(store: &Store, path: &Path) -> Result<()> {
+    let (_, Some(cursor)) = read_cursor(store, path)? else { return Ok(()) };
+    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+    let len = meta.len();
+    if (meta.dev(), meta.ino()) != (cursor.dev, cursor.ino) || len <= cursor.file_len {
+        return Ok(());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open findings file {}", path.display()))?;
+    if tail_hash(&file, cursor.file_len).with_context(|| format!("cannot read {}", path.display()))? != cursor.tail_hash
+    {
+        return Ok(());
+    }
+    let (_, keep) = adopt_own_tail(store, &file, cursor.file_len, len, cursor.next_seq, &|_| false)
+        .with_context(|| format!("cannot read the tail of {}", path.display()))?;
+    if keep < len {
+        tracing::info!(file = %path.display(), from = len, to = keep, "cutting a torn findings line");
+        file.set_len(keep).with_context(|| format!("cannot truncate {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// SHA-256 of the `min(len, TAIL_CHECK)` bytes before `len`.
 fn tail_hash(file: &File, len: u64) -> std::io::Result<Vec<u8>> {
     let n = len.min(TAIL_CHECK);
@@ -75,11 +116,7 @@ pub fn flush_outbox(store: &mut Store, path: &Path) -> Result<u64> {
 /// already (a Kafka node's partition taken over: what the previous owner found). A
 /// skipped finding is passed over for good, as if written.
 pub fn flush_outbox_except(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool) -> Result<u64> {
-    let (name, older_name) = cursor_names(store, path);
-    let cursor: Option<OutboxCursor> = match store.meta_value(&name)? {
-        Some(c) => Some(c),
-        None => older_name.map(|n| store.meta_value(&n)).transpose()?.flatten(),
-    };
+    let (name, cursor) = read_cursor(store, path)?;
     let next_seq = cursor.as_ref().map_or(1, |c| c.next_seq);
     let pending = store.outbox_has_from(next_seq)?;
     let on_disk = std::fs::metadata(path).ok();
@@ -535,5 +572,32 @@ mod tests {
         file.write_all((f.line(2) + "\n" + "theirs\n").as_bytes()).unwrap();
         assert_eq!(f.flush(), 1);
         assert_eq!(f.read(), f.lines(1..=2) + "theirs\n" + &f.lines(3..=3));
+    }
+
+    /// Two stores writing one file (a Kafka node's partitions): one torn mid-line by a
+    /// crash, the other flushing first. Cut before anyone writes, the torn line is gone
+    /// and its finding is written whole, once; every line parses.
+    #[test]
+    fn a_torn_line_is_cut_before_another_store_writes_after_it() {
+        let mut a = Fixture::new();
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Store::open(&dir.path().join("data")).unwrap();
+        a.find(1);
+        a.flush();
+        a.find(1);
+        let torn = a.line(2);
+        let mut file = std::fs::OpenOptions::new().append(true).open(&a.out).unwrap();
+        file.write_all(&torn.as_bytes()[..torn.len() / 2]).unwrap();
+        let mut pass = b.pass_batch();
+        pass.put_finding("b1", br#"{"finding_id":"b1"}"#.to_vec());
+        pass.commit().unwrap();
+        for store in [&a.store, &b] {
+            cut_torn_tail(store, &a.out).unwrap();
+        }
+        assert_eq!(flush_outbox(&mut b, &a.out).unwrap(), 1);
+        assert_eq!(a.flush(), 1);
+        let text = a.read();
+        assert_eq!(text, a.line(1) + "\n" + r#"{"finding_id":"b1"}"# + "\n" + &a.line(2) + "\n");
+        assert!(text.lines().all(|l| serde_json::from_str::<Value>(l).is_ok()), "{text}");
     }
 }

@@ -332,6 +332,10 @@ impl NodeContext {
         let cfg = &self.cfg;
         let began = Instant::now();
         let mut p = Partition::open(&cfg.data, &cfg.topic, n, &cfg.plugins)?;
+        // A crash while this partition's findings were being written (this node's last
+        // run) can leave its line torn at the end of the JSONL, and a store recognises only
+        // its own torn line: cut now, before the other partitions opened with it write.
+        crate::findings::cut_torn_tail(&p.store, &cfg.findings)?;
         let opened = began.elapsed();
         p.store.set_retention(cfg.retention);
         // Its detectors now, not at its first pass: their indexes are then kept as the
