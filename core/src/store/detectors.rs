@@ -1,8 +1,8 @@
 //! What the scheduler keeps in the store for each detector — its cursor (the last batch
-//! sequence it has seen), when to wake it, the parameters it last ran with — and the identity of a row that finding ids
-//! are made of (a detector's own state is `state.rs`'s). The scheduler (`detect.rs`)
-//! goes through these; only this module knows their keys (the results tree and the
-//! outbox are `outbox.rs`'s).
+//! sequence it has seen), when to wake it, the parameters it last ran with — and the
+//! identity of a row that finding ids are made of (a detector's own state is
+//! `state.rs`'s). The scheduler (`detect.rs`) goes through these; only this module knows
+//! their keys (the results tree and the outbox are `outbox.rs`'s).
 
 use super::{keys, Result, Store};
 
