@@ -110,6 +110,20 @@ pub fn parse_set(s: &str) -> Result<(String, String, String), BadSet> {
     Ok((det.to_string(), param.to_string(), value.to_string()))
 }
 
+/// Refuses settings (`--set`, `[detectors.NAME]`) for a detector that is not loaded: a
+/// misspelt name. `lookout detect` stops on it; a daemon, whose plugins come and go
+/// (removed, or refused until fixed), warns and goes on, so the other detectors' findings
+/// still go out.
+pub fn check_params(plugins: &[Plugin], params: &[(String, String, String)]) -> Result<(), PassError> {
+    for (det, _, _) in params {
+        if !plugins.iter().any(|p| &p.manifest.name == det) {
+            let loaded: Vec<&str> = plugins.iter().map(|p| p.manifest.name.as_str()).collect();
+            return Err(PassError::UnknownDetector { name: det.clone(), loaded: loaded.join(", ") });
+        }
+    }
+    Ok(())
+}
+
 /// The finding id: a hash of detector, version and the identities of the input rows
 /// (see [`Store::stable_identity`]).
 pub fn finding_id(name: &str, version: &str, inputs: &[Vec<u8>]) -> String {
@@ -135,17 +149,13 @@ pub fn finding_id(name: &str, version: &str, inputs: &[Vec<u8>]) -> String {
 /// findings go out in the order it emitted them, and the detectors' in the order their
 /// passes finished. A pass handed more rows than one call takes (a backfill, a long
 /// outage) is evaluated and committed chunk by chunk, alone, after the others.
+///
+/// Settings for a detector that is not loaded are not used (see [`check_params`]).
 pub fn run_pass(
     store: &mut Store,
     plugins: &mut [Plugin],
     opts: &DetectOptions,
 ) -> Result<Vec<DetectorReport>, PassError> {
-    for (det, _, _) in &opts.params {
-        if !plugins.iter().any(|p| &p.manifest.name == det) {
-            let loaded: Vec<&str> = plugins.iter().map(|p| p.manifest.name.as_str()).collect();
-            return Err(PassError::UnknownDetector { name: det.clone(), loaded: loaded.join(", ") });
-        }
-    }
     let now = Clock::new(opts.now).now();
     // Background work on the store (a key-index merge of the rows just stored) waits
     // until the pass is done: the pass has the cores.
@@ -428,7 +438,10 @@ fn run_chunks(
     now: i64,
     report: &mut DetectorReport,
 ) -> Result<(), PassError> {
-    let chunks: Vec<&[RowRef]> = refs.chunks(opts.chunk_rows.max(1)).collect();
+    // No rows at all is still one call: it commits the cursor, the parameters and the
+    // wake-up (a backfill that chose nothing would otherwise be a backfill again next time).
+    let chunks: Vec<&[RowRef]> =
+        if refs.is_empty() { vec![&[]] } else { refs.chunks(opts.chunk_rows.max(1)).collect() };
     let last = chunks.len().saturating_sub(1);
     for (i, chunk) in chunks.into_iter().enumerate() {
         if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {

@@ -483,6 +483,30 @@ fn a_longer_lookback_reads_again_the_rows_the_old_one_left_out() {
     assert_eq!(findings_with(Some("14d")), Ok(BTreeSet::new()), "first seen 10 days ago under 14 days: not new");
 }
 
+/// A backfill that chooses no row (nothing stored is a scheduled execution) still moves
+/// the cursor and records the parameters: the next pass reads only what is new.
+#[test]
+fn a_backfill_choosing_no_row_is_not_a_backfill_again() {
+    let now = t0();
+    let other = |report: i64| exec_row(report, now, "d-beta", "beta", SHA_B, "ProcessCreated", "explorer.exe");
+    let run = || -> Result<(), String> {
+        let mut engine = Engine::open(&RULE)?;
+        engine.ingest_rows(0, &[(PROCESS_EVENTS, other(1))], now)?;
+        let first = engine.pass(now, None, &[("lookback", "14d".to_string())])?;
+        if !first.backfill || first.rows != 0 {
+            return Err(format!("the first pass is a backfill choosing nothing: {first:?}"));
+        }
+        engine.restart()?;
+        engine.ingest_rows(1, &[(PROCESS_EVENTS, other(2))], now + MINUTE)?;
+        let next = engine.pass(now + MINUTE, None, &[("lookback", "14d".to_string())])?;
+        if next.backfill {
+            return Err(format!("a backfill again: {next:?}"));
+        }
+        Ok(())
+    };
+    assert_eq!(run(), Ok(()));
+}
+
 /// With `top 1`, the binary on fewer machines takes the slot; when its execution leaves
 /// the timeframe, the other binary gets in by the clock alone.
 #[test]
