@@ -69,6 +69,7 @@ pub fn detect(data: &Path, args: DetectArgs) -> Result<ExitCode> {
     for r in &loaded.refused {
         eprintln!("lookout: plugin refused: {}: {}", r.path.display(), Chain(&r.reason));
     }
+    lookout_core::detect::check_params(&loaded.plugins, &opts.params)?;
     let started = std::time::Instant::now();
     let reports = run_pass(&mut store, &mut loaded.plugins, &opts)?;
     let pass = started.elapsed();

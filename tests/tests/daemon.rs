@@ -417,6 +417,27 @@ fn collector_with_rotations_and_restarts() {
     eprintln!("collector_with_rotations_and_restarts: {:?}", started.elapsed());
 }
 
+/// Settings for a detector that is not in the plugins folder (removed, or refused until
+/// fixed) do not hold up the others: the daemon warns and the WinRM findings go out.
+#[test]
+fn settings_for_a_detector_not_loaded_do_not_stop_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let fleet = gen_fleet(root, 3000, 12, 5);
+    let plugins = plugins_dir(root, &[WINRM]);
+    let (data, findings) = (root.join("data"), root.join("findings.jsonl"));
+    let mut d = daemon_spec(root, &data, &fleet.logs, &plugins, &findings)
+        .args(["--set", "scheduled-task-persistence.lookback=3d"])
+        .start();
+    wait_findings(&findings, &fleet.truth, Duration::from_secs(60));
+    assert!(d.log_text().contains("settings for a detector that is not loaded are not used"), "{}", d.log_tail(3000));
+    d.terminate(Duration::from_secs(20));
+    // `lookout detect` refuses them: there, a name not loaded is a mistake to fix.
+    let out = lookout(&data, &["detect", "--plugins", plugins.to_str().unwrap(), "--now", NOW, "--set", "nosuch.x=1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'nosuch', which is not loaded"), "{out:?}");
+}
+
 #[test]
 fn plugin_dropped_into_running_daemon_fires_without_restart() {
     let started = Instant::now();

@@ -259,6 +259,11 @@ fn work(
             continue;
         }
         let plugins_changed = if changes.plugins || rescan { plugins.refresh()? } else { false };
+        if plugins_changed {
+            if let Err(e) = crate::detect::check_params(&plugins.plugins, &detect_opts.params) {
+                tracing::warn!(error = %e, "settings for a detector that is not loaded are not used");
+            }
+        }
         // The horizon follows the clock (or the fixed time); expired blocks go a bounded
         // step at a time, so a large backlog never holds up ingestion for long.
         store.set_retention(cfg.retention);
