@@ -178,7 +178,7 @@ struct Origin<'a> {
 /// What the rejected topic holds in place of a record (or a whole message) too big for
 /// the producer: where it lies in the input (there until the input topic's retention
 /// drops it), its size, the DeviceId it was for, if known, and its first bytes.
-#[derive(Debug, serde::Deserialize, PartialEq)]
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct SetAside {
     /// Always `"too large to produce"`: tells these apart from rejected records.
     pub lookout_set_aside: String,
@@ -238,18 +238,18 @@ fn send_or_set_aside<C: ProducerContext<DeliveryOpaque = ()>>(
         "a record is over the producer's message.max.bytes: set aside, the rejected topic names where it is"
     );
     let head = &out.payload[..out.payload.len().min(SET_ASIDE_HEAD)];
-    // A `SetAside`, written as a JSON value (which cannot fail to be written).
-    let marker = serde_json::json!({
-        "lookout_set_aside": SET_ASIDE,
-        "topic": origin.topic,
-        "partition": origin.partition,
-        "offset": origin.offset,
-        "bytes": bytes,
-        "device_id": out.key,
-        "head": String::from_utf8_lossy(head),
-    })
-    .to_string();
-    send(producer, BaseRecord::to(&cfg.rejected_topic).payload(marker.as_bytes()))
+    let marker = SetAside {
+        lookout_set_aside: SET_ASIDE.to_string(),
+        topic: origin.topic.to_string(),
+        partition: origin.partition,
+        offset: origin.offset,
+        bytes,
+        device_id: out.key.map(str::to_string),
+        head: String::from_utf8_lossy(head).into_owned(),
+    };
+    // Strings and numbers only: writing it cannot fail.
+    let marker = serde_json::to_vec(&marker).unwrap_or_default();
+    send(producer, BaseRecord::to(&cfg.rejected_topic).payload(&marker[..]))
 }
 
 /// [`SetAside::lookout_set_aside`].
