@@ -354,3 +354,58 @@ fn a_loaded_detector_s_indexes_are_kept_before_its_first_pass() {
     assert!(status["generations"].as_u64().is_some_and(|n| n >= 1), "{status}");
     assert!(status["key_index_runs"].as_u64().is_some_and(|n| n >= 1), "{status}");
 }
+
+/// The daemon's plugins folder looked at again after a change: a library refused because
+/// another provides its detector runs once that one is removed, and a library refused for
+/// its permissions runs once they are fixed (a chmod changes neither content nor mtime).
+#[test]
+fn a_hot_loaded_folder_takes_a_library_once_its_refusal_no_longer_holds() {
+    use lookout_core::daemon::plugin_set::PluginSet;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let plugins = plugins_dir(tmp.path(), &[WINRM]);
+    let mut set = PluginSet::new(&plugins, &data);
+    let running = |set: &PluginSet| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = set
+            .plugins
+            .iter()
+            .map(|p| (p.manifest.name.clone(), p.file.file_name().unwrap().to_string_lossy().into_owned()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(set.refresh().unwrap());
+    assert_eq!(running(&set), [("winrm-plugin-lateral-movement".to_string(), WINRM.to_string())]);
+
+    // A second copy of the same detector is refused while the first runs…
+    let copy = plugins.join("liblookout_winrm_copy.so");
+    std::fs::copy(plugin_lib(WINRM), &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644)).unwrap();
+    set.refresh().unwrap();
+    assert_eq!(running(&set), [("winrm-plugin-lateral-movement".to_string(), WINRM.to_string())]);
+    assert_eq!(set.failures, 1);
+    // …and runs once the first is removed.
+    std::fs::remove_file(plugins.join(WINRM)).unwrap();
+    assert!(set.refresh().unwrap());
+    assert_eq!(running(&set), [("winrm-plugin-lateral-movement".to_string(), "liblookout_winrm_copy.so".to_string())]);
+
+    // A group-writable library is refused, and runs once chmod fixes it.
+    let spraying = plugins.join(PASSWORD_SPRAYING);
+    std::fs::copy(plugin_lib(PASSWORD_SPRAYING), &spraying).unwrap();
+    std::fs::set_permissions(&spraying, std::fs::Permissions::from_mode(0o664)).unwrap();
+    set.refresh().unwrap();
+    assert_eq!(running(&set).len(), 1, "{:?}", running(&set));
+    assert_eq!(set.failures, 2);
+    // The ctime is coarse (a clock tick): let one pass so the chmod is seen as a change.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    std::fs::set_permissions(&spraying, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(set.refresh().unwrap());
+    assert_eq!(
+        running(&set),
+        [
+            ("password-spraying".to_string(), PASSWORD_SPRAYING.to_string()),
+            ("winrm-plugin-lateral-movement".to_string(), "liblookout_winrm_copy.so".to_string())
+        ]
+    );
+}

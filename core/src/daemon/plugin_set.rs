@@ -4,24 +4,31 @@
 
 use crate::error::Chain;
 use crate::plugin::{self, guard, FolderError, Plugin};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// What identifies a version of a file on disk without reading it.
+/// What identifies a version of a file on disk without reading it: its content (inode,
+/// length, mtime) and what the guard checks of it besides (the ctime moves with a chmod or
+/// chown, so a library refused for its permissions or owner is tried again once fixed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stamp {
+    dev: u64,
     ino: u64,
     len: u64,
     mtime_ns: i128,
+    ctime_ns: i128,
 }
 
 fn stamp(path: &Path) -> Option<Stamp> {
     let m = std::fs::symlink_metadata(path).ok()?;
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
     Some(Stamp {
+        dev: m.dev(),
         ino: m.ino(),
         len: m.len(),
-        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+        ctime_ns: ns(m.ctime(), m.ctime_nsec()),
     })
 }
 
@@ -31,6 +38,9 @@ pub struct PluginSet {
     pub plugins: Vec<Plugin>,
     seen: BTreeMap<PathBuf, Option<Stamp>>,
     pins: Option<Stamp>,
+    /// Libraries refused because another one provides their detector: looked at again
+    /// whenever the folder changes (the other one may have gone).
+    duplicates: BTreeSet<PathBuf>,
     /// Refusals since start.
     pub failures: u64,
 }
@@ -44,6 +54,7 @@ impl PluginSet {
             plugins: Vec::new(),
             seen: BTreeMap::new(),
             pins: None,
+            duplicates: BTreeSet::new(),
             failures: 0,
         }
     }
@@ -79,6 +90,10 @@ impl PluginSet {
             }
         };
         let cache = guard::cache_dir(&self.data_dir)?;
+        // Something changed: a library refused as a duplicate may be the only one now.
+        for file in std::mem::take(&mut self.duplicates) {
+            self.seen.remove(&file);
+        }
         let mut changed = false;
         let mut retry = Vec::new();
         // Removed files stop running.
@@ -97,6 +112,7 @@ impl PluginSet {
                     if let Some(other) = self.plugins.iter().find(|o| o.manifest.name == p.manifest.name) {
                         tracing::warn!(plugin = %file.display(), other = %other.file.display(), name = %p.manifest.name, "plugin refused: detector name already loaded");
                         self.failures += 1;
+                        self.duplicates.insert(file.clone());
                         continue;
                     }
                     tracing::info!(plugin = %file.display(), detector = %p.id(), sha256 = %p.sha256, "plugin loaded");

@@ -152,7 +152,9 @@ impl PluginLib {
                 if rc != RC_OK {
                     return Err(Refused::Manifest(Self::error(rc, bytes)));
                 }
-                abi::decode::<Manifest>(bytes).map_err(Refused::ManifestGarbage)
+                let manifest = abi::decode::<Manifest>(bytes).map_err(Refused::ManifestGarbage)?;
+                check_manifest(&manifest).map_err(Refused::ManifestGarbage)?;
+                Ok(manifest)
             },
         )
     }
@@ -175,5 +177,60 @@ impl PluginLib {
             return Err(Self::error(rc, answer.bytes()));
         }
         Ok(EvalAnswer(answer))
+    }
+}
+
+/// What the host needs of a manifest beyond its decoding: a name to key its cursor and
+/// state by, and indexes it can build. Refused at load, a bad declaration never reaches
+/// the store, where it would fail the pass of every detector.
+fn check_manifest(m: &Manifest) -> Result<(), String> {
+    if m.name.trim().is_empty() {
+        return Err("the detector has no name".into());
+    }
+    for (i, decl) in m.indexes.iter().enumerate() {
+        if decl.table.is_empty() || decl.columns.is_empty() || decl.columns.iter().any(|c| c.is_empty()) {
+            return Err(format!(
+                "index {i} ({decl:?}) needs a table and at least one named column; fix the detector's `indexes`"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_manifest;
+    use lookout_plugin_sdk::{IndexDecl, Manifest};
+
+    fn manifest(indexes: Vec<IndexDecl>) -> Manifest {
+        Manifest {
+            name: "a-detector".into(),
+            version: "1.0.0".into(),
+            title: String::new(),
+            description: String::new(),
+            severity: "low".into(),
+            mitre: Vec::new(),
+            inputs: vec!["DeviceProcessEvents".into()],
+            parameters: Vec::new(),
+            indexes,
+        }
+    }
+
+    fn index(table: &str, columns: &[&str]) -> IndexDecl {
+        IndexDecl { table: table.into(), columns: columns.iter().map(|c| c.to_string()).collect(), covers: Vec::new() }
+    }
+
+    #[test]
+    fn an_index_without_a_table_or_a_column_is_refused_at_load() {
+        assert_eq!(check_manifest(&manifest(vec![index("DeviceProcessEvents", &["SHA1", "DeviceId"])])), Ok(()));
+        for bad in
+            [index("DeviceProcessEvents", &[]), index("", &["SHA1"]), index("DeviceProcessEvents", &["SHA1", ""])]
+        {
+            let err = check_manifest(&manifest(vec![index("DeviceProcessEvents", &["SHA1"]), bad])).unwrap_err();
+            assert!(err.starts_with("index 1 ("), "{err}");
+        }
+        let mut nameless = manifest(Vec::new());
+        nameless.name = " ".into();
+        assert!(check_manifest(&nameless).is_err());
     }
 }
