@@ -21,6 +21,7 @@ use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 struct Tracked {
     path: PathBuf,
@@ -49,7 +50,14 @@ pub struct Tailer {
     skipped: BTreeMap<PathBuf, &'static str>,
     /// Files that failed to read, with their size then: retried once the size changes.
     broken: HashMap<(u64, u64), u64>,
+    /// Files not read yet that look like a copy still being made (see
+    /// [`Tailer::copy_in_progress`]), with their size and since when they have had it.
+    copying: HashMap<(u64, u64), (u64, Instant)>,
 }
+
+/// How long a file that looks like a copy still being made may keep one size before it
+/// is read as a file of its own (a copy abandoned halfway is not waited for forever).
+const COPY_SETTLE: Duration = Duration::from_secs(10);
 
 impl Tailer {
     pub fn new(dir: &Path, mut opts: IngestOptions) -> Tailer {
@@ -61,6 +69,7 @@ impl Tailer {
             max_open: 256,
             skipped: BTreeMap::new(),
             broken: HashMap::new(),
+            copying: HashMap::new(),
         }
     }
 
@@ -210,15 +219,23 @@ impl Tailer {
             }
             // A file nothing was read of yet (a copytruncate's copy is empty when it is
             // made) may be a rotated copy by now: it goes on at its original's offset.
-            let copied = match self.files.get(&key) {
+            let (copied, partial) = match self.files.get(&key) {
                 Some(t) if t.state.offset == 0 && t.state.lines == 0 && !t.state.done => {
-                    fingerprint(&t.file).and_then(|fp| self.copied_from(&before, &t.file, &fp)).unwrap_or_else(|e| {
+                    let looked = fingerprint(&t.file).and_then(|fp| {
+                        let copied = self.copied_from(&before, &t.file, &fp)?;
+                        let partial = copied.is_none() && self.copy_in_progress(&before, &t.file, &fp)?;
+                        Ok((copied, partial.then_some(fp.size)))
+                    });
+                    looked.unwrap_or_else(|e| {
                         tracing::debug!(file = %t.path.display(), error = %e, "cannot compare with the known files");
-                        None
+                        (None, None)
                     })
                 }
-                _ => None,
+                _ => (None, None),
             };
+            if self.hold_back(key, partial) {
+                continue;
+            }
             let Some(t) = self.files.get_mut(&key) else { continue };
             let adopted = copied.is_some();
             if let Some(from) = copied {
@@ -279,6 +296,16 @@ impl Tailer {
                     if let Some(from) = copied {
                         tracing::info!(file = %path.display(), from = %from.path, offset = from.offset, "recognised as a rotated copy; continuing at its offset");
                         continue_copy(&mut state, &from);
+                    } else if self
+                        .copy_in_progress(&before, &file, &fp)
+                        .map_err(IngestError::unreadable("read", &path))?
+                    {
+                        // Tracked, not read: looked at again on every poll until it is
+                        // recognised as a copy or settles (`hold_back`).
+                        let key = (fp.dev, fp.ino);
+                        self.copying.insert(key, (fp.size, Instant::now()));
+                        tracing::debug!(file = %path.display(), size = fp.size, "looks like a copy still being made; read once it is complete");
+                        return Ok((fp, state, None));
                     }
                 }
                 if has_news(&state, &fp) {
@@ -337,6 +364,7 @@ impl Tailer {
         if !forget.is_empty() {
             let mut b = store.batch();
             for (key, deleted) in forget {
+                self.copying.remove(&key);
                 if let Some(t) = self.files.remove(&key) {
                     if deleted {
                         b.remove_source(&id_of(key));
@@ -377,6 +405,53 @@ impl Tailer {
             }
         }
         Ok(best)
+    }
+
+    /// Whether a file nothing was read of starts like a known file that was read past this
+    /// one's end: a copy (copytruncate's, say) still being made, which `copied_from`
+    /// recognises once it holds the bytes before that file's offset. Read now, it would
+    /// be read again from the start: its rows skipped as duplicates, but its rejects kept
+    /// twice and its older FileProfile rows put back over newer ones.
+    fn copy_in_progress(&self, before: &[SourceState], file: &File, fp: &Fingerprint) -> std::io::Result<bool> {
+        let known = before.iter().chain(self.files.values().map(|t| &t.state));
+        for s in known {
+            if (s.dev, s.ino) == (fp.dev, fp.ino) || s.head_len < MIN_MATCH_LEN || s.head_len > fp.head_len {
+                continue;
+            }
+            if s.unit != OffsetUnit::Bytes || s.offset <= fp.size {
+                continue;
+            }
+            if head_hash(file, s.head_len)?.as_deref() == Some(s.head.as_slice()) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether a tracked file that looks like a copy still being made (`partial`: its size)
+    /// is left unread this poll: yes while it grows, and until it has kept one size for
+    /// [`COPY_SETTLE`]; then it is read as a file of its own.
+    fn hold_back(&mut self, key: (u64, u64), partial: Option<u64>) -> bool {
+        let Some(size) = partial else {
+            self.copying.remove(&key);
+            return false;
+        };
+        match self.copying.get(&key) {
+            Some((seen, since)) if *seen == size => {
+                if since.elapsed() < COPY_SETTLE {
+                    return true;
+                }
+                if let Some(t) = self.files.get(&key) {
+                    tracing::info!(file = %t.path.display(), size, "a file that looked like a copy stopped growing short of its original; read as a file of its own");
+                }
+                self.copying.remove(&key);
+                false
+            }
+            _ => {
+                self.copying.insert(key, (size, Instant::now()));
+                true
+            }
+        }
     }
 
     /// Bytes not yet read, per tracked file.
@@ -552,5 +627,39 @@ mod tests {
         append(&path, 400, 10);
         let report = tailer.poll(&mut store, &stop).unwrap();
         assert_eq!((rows(&report), report.duplicates), (10, 0), "{report:?}");
+    }
+
+    /// A copytruncate's copy seen while the copy is being made (part of the original's
+    /// bytes in it) is not read from the start: it waits, and goes on at the original's
+    /// offset once complete. One that stops growing short of it is read after a while.
+    #[test]
+    fn a_copy_seen_half_made_continues_at_its_originals_offset() {
+        let (_dir, logs, mut store, mut tailer) = setup();
+        let path = logs.join("DeviceProcessEvents.log");
+        append(&path, 0, 400);
+        let stop = AtomicBool::new(false);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 400);
+        let whole = std::fs::read(&path).unwrap();
+        let copy = logs.join("DeviceProcessEvents.log.1");
+        std::fs::write(&copy, &whole[..whole.len() / 3]).unwrap();
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 0, "new, and being copied");
+        std::fs::write(&copy, &whole[..whole.len() / 2]).unwrap();
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 0, "tracked, still being copied");
+        std::fs::write(&copy, &whole).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+        append(&path, 400, 10);
+        let report = tailer.poll(&mut store, &stop).unwrap();
+        assert_eq!((rows(&report), report.duplicates), (10, 0), "{report:?}");
+
+        // A copy abandoned halfway is read as a file of its own once it has kept its size.
+        let other = logs.join("DeviceProcessEvents.log.2");
+        std::fs::write(&other, &whole[..whole.len() / 2]).unwrap();
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 0);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 0, "has not settled yet");
+        let meta = std::fs::metadata(&other).unwrap();
+        let since = Instant::now().checked_sub(COPY_SETTLE + Duration::from_secs(1)).unwrap();
+        tailer.copying.insert((meta.dev(), meta.ino()), (meta.len(), since));
+        let report = tailer.poll(&mut store, &stop).unwrap();
+        assert_eq!(report.duplicates, 200, "read from its start: {report:?}");
     }
 }
