@@ -569,6 +569,9 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaError
         path: addr_file.clone(),
         source,
     })?;
+    // Before any partition writes: a line the last run left torn may be of a partition
+    // that another node owns now.
+    super::partition::cut_torn_findings_line(&cfg.data, &cfg.findings)?;
     tracing::info!(topic = %cfg.topic, group = %cfg.group, listen = %endpoint.addr, "lookout node running");
     let mut backoff = Duration::from_millis(500);
     let result = loop {

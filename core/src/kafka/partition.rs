@@ -76,6 +76,53 @@ pub fn remove_interrupted(root: &Path) -> Result<(), KafkaError> {
     Ok(())
 }
 
+/// Cuts a torn last line from the node's findings JSONL before anything writes to it.
+/// A crash mid-write leaves the line of whichever partition was being flushed, and only
+/// that partition's store recognises it as its own ([`crate::findings::cut_torn_tail`]),
+/// when the node takes the partition over again. If it goes to another node, the next
+/// flush of any partition here would end the line with a newline and leave it in the
+/// file for good. So a file that does not end with a newline is offered to every
+/// partition store kept here, until one recognises the line.
+pub fn cut_torn_findings_line(data: &Path, findings: &Path) -> Result<(), KafkaError> {
+    fn ends_torn(path: &Path) -> Result<bool, KafkaError> {
+        use std::os::unix::fs::FileExt;
+        let io = |source| KafkaError::Io { what: "read", path: path.to_path_buf(), source };
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io(e)),
+        };
+        let len = file.metadata().map_err(io)?.len();
+        if len == 0 {
+            return Ok(false);
+        }
+        let mut last = [0u8; 1];
+        file.read_exact_at(&mut last, len - 1).map_err(io)?;
+        Ok(last[0] != b'\n')
+    }
+    if !ends_torn(findings)? {
+        return Ok(());
+    }
+    let root = data.join("partitions");
+    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(()) };
+    let mut dirs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && !p.to_string_lossy().ends_with(REMOVING_SUFFIX))
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        let store = Store::open(&dir)?;
+        crate::findings::cut_torn_tail(&store, findings)?;
+        drop(store);
+        if !ends_torn(findings)? {
+            return Ok(());
+        }
+    }
+    tracing::warn!(file = %findings.display(), "the findings file ends with a line no partition store here wrote; left as it is");
+    Ok(())
+}
+
 pub struct Partition {
     pub topic: String,
     pub partition: i32,
@@ -276,6 +323,45 @@ impl Partition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A line torn by a crash, of a partition this node no longer owns, is cut before the
+    /// partitions it owns now write after it.
+    #[test]
+    fn a_torn_line_of_a_partition_owned_elsewhere_is_cut_at_start() {
+        let data = tempfile::tempdir().unwrap();
+        let out = data.path().join("findings.jsonl");
+        let finding = |store: &Store, id: &str| {
+            let mut pass = store.pass_batch();
+            pass.put_finding(id, format!(r#"{{"finding_id":"{id}"}}"#).into_bytes());
+            pass.commit().unwrap();
+        };
+        let mut gone = Store::open(&partition_dir(data.path(), "rows", 0)).unwrap();
+        finding(&gone, "a1");
+        crate::findings::flush_outbox(&mut gone, &out).unwrap();
+        // Its next line, half written when the node was killed.
+        finding(&gone, "a2");
+        let elsewhere = data.path().join("elsewhere.jsonl");
+        crate::findings::flush_outbox(&mut gone, &elsewhere).unwrap();
+        let written = std::fs::read_to_string(&elsewhere).unwrap();
+        let line = written.lines().last().unwrap().as_bytes();
+        let mut file = std::fs::OpenOptions::new().append(true).open(&out).unwrap();
+        std::io::Write::write_all(&mut file, &line[..line.len() / 2]).unwrap();
+        drop(gone);
+
+        let mut owned = Store::open(&partition_dir(data.path(), "rows", 1)).unwrap();
+        finding(&owned, "b1");
+        drop(owned);
+        cut_torn_findings_line(data.path(), &out).unwrap();
+        owned = Store::open(&partition_dir(data.path(), "rows", 1)).unwrap();
+        crate::findings::flush_outbox(&mut owned, &out).unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        let ids: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {text}")))
+            .map(|v| v["finding_id"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(ids, ["a1", "b1"]);
+    }
 
     #[test]
     fn a_partition_behind_its_end_passes_once_caught_up_or_after_the_delay_since_its_replay_began() {
