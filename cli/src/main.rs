@@ -56,7 +56,7 @@ enum Command {
     Status(cmd_status::StatusArgs),
     /// Generate a deterministic synthetic fleet with injected attacks and ground truth
     Gen(cmd_demo::GenArgs),
-    /// Generate a fleet, ingest it, run the WinRM detector and check its findings
+    /// Generate a fleet, ingest it, run the four built-in detectors and check their findings against the ground truth
     Demo(cmd_demo::DemoArgs),
     /// Run one detection pass of every plugin over the rows new since its last pass
     Detect(cmd_detect::DetectArgs),
