@@ -21,7 +21,7 @@ use lookout_tests::ticks::{
     obj, proptest_config, split_ticks, t0, Engine, Restart, Rule, Tick, EVAL_DELAY, HOUR, MINUTE, SECOND,
 };
 use lookout_tests::{kqlbench_dir, SCM_REMOTE};
-use naive_scm_remote::{value_text, Identity, Params, StoredRow, CERTIFICATES, NETWORK, PROCESS};
+use naive_scm_remote::{instant_text, value_text, Identity, Params, StoredRow, CERTIFICATES, NETWORK, PROCESS};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::{json, Map, Value};
@@ -58,7 +58,8 @@ const RULE: Rule = Rule { lib: SCM_REMOTE, detector: DETECTOR, tables: &[NETWORK
 fn identity_of(f: &Value) -> Result<Identity, String> {
     let row = f.get("row").and_then(Value::as_object).ok_or_else(|| format!("finding without a row: {f}"))?;
     let get = |c: &str| row.get(c).map(|v| value_text(Some(v))).ok_or_else(|| format!("finding row lacks {c}: {f}"));
-    Ok((get("DeviceId")?, get("ReportId")?, get("TimestampChild")?, get("SHA1")?))
+    let child_at = row.get("TimestampChild").ok_or_else(|| format!("finding row lacks TimestampChild: {f}"))?;
+    Ok((get("DeviceId")?, get("ReportId")?, instant_text(Some(child_at)), get("SHA1")?))
 }
 
 fn show_row(table: &str, r: &Map<String, Value>) -> String {
@@ -553,7 +554,7 @@ fn ident(net: &Map<String, Value>, child: &Map<String, Value>) -> Identity {
     (
         value_text(net.get("DeviceId")),
         value_text(net.get("ReportId")),
-        value_text(child.get("Timestamp")),
+        instant_text(child.get("Timestamp")),
         value_text(child.get("SHA1")),
     )
 }
@@ -614,6 +615,46 @@ fn a_pair_leaving_the_window_lets_the_other_fire_with_no_new_row() {
     ];
     assert_eq!(check_ticks(&ticks[..3], 2).unwrap_or_else(|e| panic!("{e}")), BTreeSet::new());
     assert_eq!(check_ticks(&ticks, 2).unwrap_or_else(|e| panic!("{e}")), BTreeSet::from([ident(&net2, &child2)]));
+}
+
+/// Two children at one instant, their Timestamps spelled two ways, with the same SHA1
+/// under one connection: one KQL datetime, so one identity and one finding (also when
+/// they arrive in separate ticks).
+#[test]
+fn one_child_time_spelled_two_ways_is_one_finding() {
+    let started = Some(t_event() - HOUR);
+    let net = net_row(1, t_event(), "d-alpha", Some(700), "services.exe", "InboundConnectionAccepted");
+    let child = |report: i64, spelled: &str| {
+        let mut row = child_row(
+            report,
+            t_event() + 3 * SECOND,
+            "d-alpha",
+            Some(700),
+            "services.exe",
+            "ProcessCreated",
+            started,
+            RARE,
+            "x.exe",
+            "x",
+        );
+        row.insert("Timestamp".into(), json!(spelled));
+        row
+    };
+    let short = child(2, "2025-05-07T11:50:03.5Z");
+    let long = child(3, "2025-05-07T11:50:03.5000000Z");
+    let want = BTreeSet::from([ident(&net, &short)]);
+    assert_eq!(ident(&net, &short), ident(&net, &long));
+    let together = vec![Tick::new(
+        t0(),
+        Restart::No,
+        vec![(NETWORK, net.clone()), (PROCESS, short.clone()), (PROCESS, long.clone())],
+    )];
+    assert_eq!(check_ticks(&together, 3).unwrap_or_else(|e| panic!("{e}")), want);
+    let apart = vec![
+        Tick::new(t0(), Restart::No, vec![(NETWORK, net.clone()), (PROCESS, long)]),
+        Tick::new(t0() + MINUTE, Restart::Before, vec![(PROCESS, short)]),
+    ];
+    assert_eq!(check_ticks(&apart, 3).unwrap_or_else(|e| panic!("{e}")), want);
 }
 
 /// Shortening `timeframe` takes effect on the next pass (a restart with the new value): a

@@ -89,7 +89,7 @@
 //! | `SHA1 in (…) or FileName in~ (lolbins)` | `in` exact; `in~` ASCII case-insensitive: a LOLBIN child passes whatever its count or certificate |
 //! | `ProcessCommandLine !~ "msiexec.exe /V"` | whole string, ASCII case-insensitive; such children still count for their SHA1 |
 //! | result row | the network row's columns as stored, `Timestamp` renamed `TimestampNetworkAct`; then `TimestampChild, DeviceId, DeviceName, FileName, ProcessCommandLine, SHA1, InitiatingProcessFileName, InitiatingProcessCommandLine, InitiatingProcessSHA1, InitiatingProcessId, TimestampServicesExe` of the child (a missing column is `""` for strings, null otherwise), each whose name the left side already has suffixed `1` (`DeviceId1`, …; `2`, `3`, … if that is taken too, a choice: SEMANTICS names only `1`); then `Timestamp` = `TimestampNetworkAct` (replacing a `Timestamp` column if one is there) |
-//! | **finding identity** | (DeviceId, the network row's `ReportId` as text, `TimestampChild` as stored, child SHA1): two children with the same Timestamp and SHA1 under one connection are one finding, reported with the row of the pair whose (network key, child key) comes first |
+//! | **finding identity** | (DeviceId, the network row's `ReportId` as text, `TimestampChild` as an instant (two spellings of one time are one value, as KQL's datetime), child SHA1): two children with the same Timestamp and SHA1 under one connection are one finding, reported with the row of the pair whose (network key, child key) comes first |
 //!
 //! # Incrementally
 //!
@@ -121,9 +121,9 @@
 //! count, now at or above the threshold, falls below it. The detector asks to be woken
 //! (`wake_at`) when the first pair of such a SHA1 leaves the window (a SHA1 with no
 //! certificate and a pair that is neither msiexec, nor a LOLBIN, nor emitted), and at no
-//! other time. Records expire with the parameters they were kept under: after raising
-//! `timeframe`, rows already dropped are not taken back (lowering it takes effect at
-//! once).
+//! other time. A change of parameters hands the detector every stored row again: after
+//! raising `timeframe`, rows it had dropped are kept again, and every pair is decided
+//! again under the new values.
 
 /// The library's own allocator (a detector library has one of its own, whatever the host
 /// uses): a pass decodes thousands of rows, each a few dozen small strings, and glibc's

@@ -2,7 +2,7 @@
 
 use lookout_plugin_sdk::schema::{self, ColumnType};
 use lookout_plugin_sdk::tables::{FILE_CERTIFICATES, NETWORK_EVENTS, PROCESS_EVENTS};
-use lookout_plugin_sdk::time::{datetime_diff_seconds, parse_timestamp, TICKS_PER_SEC};
+use lookout_plugin_sdk::time::{datetime_diff_seconds, format_timestamp, parse_timestamp, TICKS_PER_SEC};
 use lookout_plugin_sdk::{
     identity_key, Cell, CellRef, Cells, Condition, Context, EvalRequest, FindingOut, InputSpec, Records, Row, RowView,
 };
@@ -78,7 +78,8 @@ struct Child {
     process_id: i64,
     process: String,
     at: i64,
-    /// `Timestamp` as stored (`TimestampChild` of the identity).
+    /// `Timestamp` as stored. Not read: the identity takes the instant (`at`); kept so
+    /// the records stored by earlier versions still decode.
     at_text: String,
     /// `InitiatingProcessCreationTime`.
     services_started: i64,
@@ -619,9 +620,11 @@ impl ScmRule {
 }
 
 /// A pair's finding identity (SEMANTICS.md): (DeviceId, the network row's ReportId,
-/// TimestampChild as stored, the child's SHA1).
+/// TimestampChild, the child's SHA1). TimestampChild is a datetime in KQL: two spellings
+/// of one instant (`…03.5Z`, `…03.5000000Z`) are one value, so it goes in as the instant,
+/// written one way.
 fn identity_of(n: &Connection, c: &Child) -> Vec<u8> {
-    identity_key(&[&n.device, &n.report, &c.at_text, &c.sha1])
+    identity_key(&[&n.device, &n.report, &format_timestamp(c.at), &c.sha1])
 }
 
 /// `join kind=leftanti DeviceFileCertificateInfo on SHA1`: whether any certificate row

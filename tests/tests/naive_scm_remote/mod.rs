@@ -38,7 +38,7 @@
 //! | extend Timestamp=TimestampNetworkAct
 //! ```
 
-use lookout_plugin_sdk::time::parse_timestamp;
+use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -80,6 +80,13 @@ fn time(row: &Map<String, Value>, col: &str) -> Option<i64> {
 }
 
 /// A value as the text of a finding's column: a string as is, anything else as JSON.
+/// A datetime cell as the identity takes it: the instant, written one way (two spellings
+/// of one time are one KQL datetime); the text itself if it is not a time.
+pub fn instant_text(v: Option<&Value>) -> String {
+    let text = value_text(v);
+    parse_timestamp(&text).map_or(text, format_timestamp)
+}
+
 pub fn value_text(v: Option<&Value>) -> String {
     match v {
         Some(Value::String(s)) => s.clone(),
@@ -173,7 +180,7 @@ pub fn evaluate(stored: &[StoredRow], now: i64, p: &Params) -> BTreeSet<Identity
             (
                 s(n, "DeviceId").to_string(),
                 value_text(n.get("ReportId")),
-                value_text(c.get("Timestamp")),
+                instant_text(c.get("Timestamp")),
                 s(c, "SHA1").to_string(),
             )
         })
