@@ -204,6 +204,12 @@ fn unpack(zstd: &std::sync::Mutex<zstd::bulk::Decompressor<'static>>, stored: &[
     }
 }
 
+/// Whether two of `specs` are of one table and column list: their entries would share a
+/// key prefix (a list kept before such declarations were merged).
+fn shares_an_entry_prefix(specs: &[IndexDecl]) -> bool {
+    specs.iter().enumerate().any(|(i, a)| specs[..i].iter().any(|b| a.table == b.table && a.columns == b.columns))
+}
+
 /// The columns whose values an entry keeps: the indexed ones, then the covered ones.
 fn covered_columns(spec: &IndexDecl) -> impl Iterator<Item = &str> {
     spec.columns.iter().chain(&spec.covers).map(String::as_str)
@@ -377,9 +383,17 @@ impl Store {
         let meta = keys::named_key(keys::META, "index");
         let built: Option<IndexMeta> = self.get_decoded(&meta)?;
         match built {
-            Some((LAYOUT, specs)) => {
+            Some((LAYOUT, specs)) if !shares_an_entry_prefix(&specs) => {
                 self.index_specs = specs;
                 self.posting_layouts.clear();
+            }
+            Some((LAYOUT, specs)) => {
+                // Kept by a build before indexes of one column list were merged: their
+                // entries were written under one prefix in two layouts. Built again, merged.
+                tracing::warn!("column indexes of one column list with different covered columns: building them again");
+                self.index_specs = Vec::new();
+                self.posting_layouts.clear();
+                self.declare_indexes(&specs)?;
             }
             Some((old, specs)) if old < LAYOUT => {
                 // Entries of an earlier layout: the same indexes, built again in this one.
@@ -405,21 +419,44 @@ impl Store {
     /// stored so far — entries under each row's own batch sequence, so incremental passes
     /// need no backfill — in bounded batches, and recorded last (a crash before that
     /// builds it again, from scratch, next time).
+    ///
+    /// One index is kept per (table, columns): entries are keyed by those alone, and what
+    /// an entry holds depends on the covered columns. A declaration of the same columns
+    /// covering others (another detector, a new version of one) makes the kept index
+    /// cover those too: it is built again, covering both.
     pub fn declare_indexes(&mut self, decls: &[IndexDecl]) -> Result<()> {
         for decl in decls {
-            if self.index_specs.contains(decl) {
-                continue;
-            }
             if decl.columns.is_empty() || decl.table.is_empty() {
                 return Err(StoreError::Invalid(format!("an index needs a table and at least one column: {decl:?}")));
             }
-            self.build_index(decl)?;
-            self.index_specs.push(decl.clone());
-            self.index_specs.sort();
-            self.posting_layouts.clear();
-            let meta: IndexMeta = (LAYOUT, self.index_specs.clone());
-            self.db.insert(keys::named_key(keys::META, "index"), enc(&meta)?)?;
+            let same_columns = |s: &IndexDecl| s.table == decl.table && s.columns == decl.columns;
+            let spec = match self.index_specs.iter().find(|s| same_columns(s)) {
+                Some(kept) if decl.covers.iter().all(|c| kept.covers.contains(c)) => continue,
+                Some(kept) => {
+                    let mut merged = kept.clone();
+                    merged.covers.extend(decl.covers.iter().filter(|c| !kept.covers.contains(c)).cloned());
+                    // Unrecorded before its entries change: a crash mid-build must not leave
+                    // it recorded over entries of another layout (the next declaration
+                    // builds it again).
+                    self.index_specs.retain(|s| !same_columns(s));
+                    self.record_indexes()?;
+                    merged
+                }
+                None => decl.clone(),
+            };
+            self.build_index(&spec)?;
+            self.index_specs.push(spec);
+            self.record_indexes()?;
         }
+        Ok(())
+    }
+
+    /// Records the list of indexes kept (sorted), and forgets the layouts read from it.
+    fn record_indexes(&mut self) -> Result<()> {
+        self.index_specs.sort();
+        self.posting_layouts.clear();
+        let meta: IndexMeta = (LAYOUT, self.index_specs.clone());
+        self.db.insert(keys::named_key(keys::META, "index"), enc(&meta)?)?;
         Ok(())
     }
 

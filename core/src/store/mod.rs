@@ -2260,6 +2260,40 @@ mod tests {
         assert_eq!(h.hash_one(&lists[0]), FastHash::default().hash_one(lists[0].clone()));
     }
 
+    /// Two declarations of one column list covering different columns (two detectors, or
+    /// two versions of one) share one index covering both: each one's conditions on its
+    /// covered column are decided right, for rows stored before and after the second, and
+    /// a new row is handed over once. Reopened, the store keeps the merged index.
+    #[test]
+    fn declarations_of_one_column_covering_others_share_one_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = indexed_store(dir.path());
+        commit(&mut store, (1..=6).map(|r| load(r, "wsmprovhost.exe")).collect());
+        let by_account = lookout_plugin_sdk::IndexDecl {
+            table: IMAGE_LOADS.into(),
+            columns: vec!["InitiatingProcessFileName".into()],
+            covers: vec!["AccountName".into()],
+        };
+        store.declare_indexes(std::slice::from_ref(&by_account)).unwrap();
+        let mut folder = in_process("wsmprovhost.exe");
+        folder.push(Condition::StartsWith { column: "FolderPath".into(), prefix: r"C:\dir1".into() });
+        let mut account = in_process("wsmprovhost.exe");
+        account.push(Condition::In { column: "AccountName".into(), any_of: vec!["a0".into()] });
+        assert_eq!(lookup_filtered(&store, &folder, None), ["s1", "s4"]);
+        assert_eq!(lookup_filtered(&store, &account, None), ["s2", "s4", "s6"]);
+        let seq = commit(&mut store, vec![load(7, "wsmprovhost.exe")]);
+        assert_eq!(lookup_filtered(&store, &folder, Some((seq, seq))), ["s7"], "once");
+        assert_eq!(lookup(&store, "wsmprovhost.exe", None).len(), 7);
+        assert_eq!(store.indexes().len(), 1, "{:?}", store.indexes());
+        assert_eq!(store.indexes()[0].covers, ["FolderPath", "AccountName"]);
+        // Either declaration again: already kept.
+        store.declare_indexes(&[winrm_index(), by_account]).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.indexes().len(), 1);
+        assert_eq!(lookup_filtered(&store, &account, None), ["s2", "s4", "s6"]);
+    }
+
     /// Rows of one layout keep being indexed by every index after a new one is declared:
     /// the cells an index reads are remembered per row layout, and forgotten when the
     /// declared indexes change (a detector dropped in while ingestion runs).
