@@ -15,7 +15,10 @@
 //!   rewritten in place): it is new to the outbox, so its content is kept and the
 //!   findings not yet written anywhere are appended after it (after a newline, if its last
 //!   line lacks one). Before the first line goes to a file new to the outbox, the cursor
-//!   is committed against it, so a crash mid-write is repaired as above.
+//!   is committed against it, so a crash mid-write is repaired as above. If the file the
+//!   cursor was committed against is still in the folder under another name (rotated by
+//!   rename), the lines it holds past the committed length that Lookout wrote and did not
+//!   commit (a crash between the two) count as written, as in the first case.
 
 use crate::error::{StoreContext as _, StoreError};
 use crate::store::Store;
@@ -163,8 +166,18 @@ pub fn flush_outbox_except(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) 
             file.set_len(keep).with_context(|| format!("cannot truncate {}", path.display()))?;
         }
         end = keep;
-    } else if cursor.is_some() {
+    } else if let Some(c) = &cursor {
         tracing::info!(file = %path.display(), "findings file is new to Lookout (rotated or replaced); appending after its content");
+        // Rotated by rename after a crash between a write and its cursor: the lines
+        // written then are in the file under its new name, and count as written.
+        if let Some((moved, moved_len, moved_path)) = moved_original(path, c) {
+            let (seq, _) = adopt_own_tail(store, &moved, c.file_len, moved_len, next_seq, skip)
+                .with_context(|| format!("cannot read the tail of {}", moved_path.display()))?;
+            if seq > next {
+                tracing::info!(file = %moved_path.display(), written = seq - next, "findings written before a crash are in the rotated file; not written again");
+            }
+            next = seq;
+        }
     }
     end = end_with_newline(&mut file, end).with_context(|| format!("cannot write {}", path.display()))?;
     if !same_file {
@@ -224,6 +237,21 @@ pub fn flush_outbox_except(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) 
         store.flush()?;
     }
     Ok(written)
+}
+
+/// The file the cursor was committed against, if it is still in `path`'s folder under
+/// another name (rotated by rename) and still holds what the cursor says: the file, its
+/// length and its path.
+fn moved_original(path: &Path, c: &OutboxCursor) -> Option<(File, u64, std::path::PathBuf)> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let found = std::fs::read_dir(dir).ok()?.flatten().find(|e| {
+        std::fs::symlink_metadata(e.path()).is_ok_and(|m| m.is_file() && (m.dev(), m.ino()) == (c.dev, c.ino))
+    })?;
+    let moved_path = found.path();
+    let file = File::open(&moved_path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let same = len >= c.file_len && tail_hash(&file, c.file_len).is_ok_and(|h| h == c.tail_hash);
+    same.then_some((file, len, moved_path))
 }
 
 /// Reads the bytes of `file` in `committed..len` line by line against the findings from
@@ -406,6 +434,36 @@ mod tests {
                 f.lines(4..=4)
             )
         );
+    }
+
+    /// A crash between a write and its cursor, then the file rotated by rename before the
+    /// next flush: the lines written then are in the rotated file, and are not written
+    /// again to the new one (a torn last line there is).
+    #[test]
+    fn lines_written_before_a_crash_and_rotated_away_are_not_written_again() {
+        let mut f = Fixture::new();
+        f.find(1);
+        f.flush();
+        f.find(3);
+        let mut file = std::fs::OpenOptions::new().append(true).open(&f.out).unwrap();
+        write!(
+            file,
+            "{}
+{}
+{}",
+            f.line(2),
+            f.line(3),
+            &f.line(4)[..9]
+        )
+        .unwrap();
+        let rotated = f.out.with_extension("jsonl.1");
+        std::fs::rename(&f.out, &rotated).unwrap();
+        assert_eq!(f.flush(), 1);
+        assert_eq!(f.read(), f.lines(4..=4));
+        f.find(1);
+        assert_eq!(f.flush(), 1);
+        assert_eq!(f.read(), f.lines(4..=5));
+        assert!(std::fs::read_to_string(&rotated).unwrap().starts_with(&f.lines(1..=3)));
     }
 
     #[test]
