@@ -130,6 +130,40 @@ impl Tailer {
         &self.skipped
     }
 
+    /// A tracked file's state back to what is committed of it. With nothing committed,
+    /// a file still in a folder is looked at afresh, as a file never seen; a deleted one
+    /// keeps its descriptor, read from its start (nothing else can read it again).
+    fn back_to_committed(&mut self, store: &Store, key: (u64, u64)) -> Result<(), IngestError> {
+        let Some(t) = self.files.get_mut(&key) else { return Ok(()) };
+        match store.source(&id_of(key))? {
+            Some(committed) => t.state = committed,
+            None if !still_linked(&t.file) => match fingerprint(&t.file) {
+                Ok(fp) => t.state = fresh_state(&t.path, &fp),
+                Err(e) => {
+                    tracing::warn!(file = %t.path.display(), error = %e, "a deleted log file no longer reads; forgotten");
+                    self.files.remove(&key);
+                }
+            },
+            None => {
+                self.files.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every tracked file back to what is committed of it, after the store was reopened
+    /// (the daemon's way back from a failure): reading goes on from there, and files
+    /// rotated and deleted meanwhile are still read to their end through the descriptors
+    /// held here, which a new tailer would not have.
+    pub fn back_to_committed_all(&mut self, store: &Store) -> Result<(), IngestError> {
+        let keys: Vec<(u64, u64)> = self.files.keys().copied().collect();
+        for key in keys {
+            self.back_to_committed(store, key)?;
+        }
+        self.copying.clear();
+        Ok(())
+    }
+
     /// Reading a file of `size` bytes failed. If the file could not be read (corrupt gzip,
     /// an I/O error on the file) it is skipped until it changes, and the other files go
     /// on. A store failure is returned instead.
@@ -145,15 +179,7 @@ impl Tailer {
         size: u64,
         e: IngestError,
     ) -> Result<(), IngestError> {
-        if let Some(t) = self.files.get_mut(&key) {
-            match store.source(&id_of(key))? {
-                Some(committed) => t.state = committed,
-                // Nothing of it committed: looked at afresh, as a file never seen.
-                None => {
-                    self.files.remove(&key);
-                }
-            }
-        }
+        self.back_to_committed(store, key)?;
         match e {
             IngestError::Store(_) => Err(e),
             IngestError::DiskSpaceLow(low) => {
@@ -661,5 +687,28 @@ mod tests {
         tailer.copying.insert((meta.dev(), meta.ino()), (meta.len(), since));
         let report = tailer.poll(&mut store, &stop).unwrap();
         assert_eq!(report.duplicates, 200, "read from its start: {report:?}");
+    }
+
+    /// The daemon's way back from a failure: the store reopened, the same tailer brought
+    /// back to what is committed. A rotated file deleted meanwhile, with lines not read,
+    /// is read to its end (and nothing read but not committed is lost).
+    #[test]
+    fn after_the_store_is_reopened_a_deleted_file_is_read_to_its_end() {
+        let (dir, logs, mut store, mut tailer) = setup();
+        let path = logs.join("DeviceProcessEvents.jsonl");
+        append(&path, 0, 500);
+        let stop = AtomicBool::new(false);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 500);
+        append(&path, 500, 500);
+        let meta = std::fs::metadata(&path).unwrap();
+        // Read past what is committed when the failure came.
+        tailer.files.get_mut(&(meta.dev(), meta.ino())).unwrap().state.offset = meta.len() - 100;
+        std::fs::remove_file(&path).unwrap();
+        drop(store);
+        let mut store = Store::open(&dir.path().join("data")).unwrap();
+        tailer.back_to_committed_all(&store).unwrap();
+        let report = tailer.poll(&mut store, &stop).unwrap();
+        assert_eq!((rows(&report), report.duplicates), (500, 0));
+        assert!(tailer.files.is_empty(), "read to its end and forgotten");
     }
 }

@@ -360,3 +360,45 @@ fn unreadable_file_is_skipped_and_the_rest_is_read() {
     d.terminate(Duration::from_secs(10));
     assert_eq!(table_rows(&data, "DeviceFileEvents"), 1);
 }
+
+/// A plugins folder that passes the guard (its owner's, not writable by others) but
+/// cannot be listed by the daemon's user: the detectors do not run, and the logs are
+/// still read. Before, every look failed and the daemon restarted its work loop forever
+/// without storing a row. As root the daemon runs as an unprivileged user (see above)
+/// and the folder is root's, mode 0711; otherwise the folder is the user's, mode 0311.
+#[test]
+fn a_plugins_folder_that_cannot_be_listed_stops_detectors_not_ingestion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let logs = root.join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    std::fs::write(logs.join("DeviceFileEvents-ok.jsonl"), good()).unwrap();
+    let data = root.join("data");
+    let plugins = plugins_dir(root, &[WINRM]);
+    let mut spec = DaemonSpec::new(&data).logs(&logs).plugins(&plugins).log(&root.join("daemon.log"));
+    if is_root() {
+        let bin = lookout_bin_for_everyone(&root.join("bin"));
+        std::fs::set_permissions(root, Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&logs, Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(logs.join("DeviceFileEvents-ok.jsonl"), Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(&plugins, Permissions::from_mode(0o711)).unwrap();
+        std::fs::create_dir(&data).unwrap();
+        std::os::unix::fs::chown(&data, Some(NOBODY), Some(NOBODY)).unwrap();
+        spec = spec.binary(&bin).user(NOBODY, NOBODY);
+    } else {
+        std::fs::set_permissions(&plugins, Permissions::from_mode(0o311)).unwrap();
+    }
+    let mut d = spec.rescan_secs(0.2).start();
+    d.wait_for("the row stored", Duration::from_secs(30), |d| {
+        match d.status()["tables"]["DeviceFileEvents"]["rows"].as_u64() {
+            Some(1) => Ok(()),
+            rows => Err(format!("{rows:?} rows")),
+        }
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    let log = d.log_text();
+    assert!(log.contains("plugins folder cannot be listed"), "{log}");
+    assert!(!log.contains("work loop failed"), "{log}");
+    d.terminate(Duration::from_secs(10));
+    std::fs::set_permissions(&plugins, Permissions::from_mode(0o755)).unwrap();
+}

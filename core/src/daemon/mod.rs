@@ -127,9 +127,12 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
         .map_err(|source| DaemonError::AddrFile { path: addr_file.clone(), source })?;
     tracing::info!(logs = %cfg.logs.display(), plugins = %cfg.plugins.display(), listen = %endpoint.addr, "lookout running");
 
+    // Kept across work-loop restarts: its descriptors are how rotated files deleted since
+    // are still read to their end.
+    let mut tailer = Tailer::new(&cfg.logs, cfg.ingest.clone());
     let mut backoff = Duration::from_millis(250);
     let result = loop {
-        let worked = work(&cfg, &mut store, &metrics, &stop)
+        let worked = work(&cfg, &mut store, &mut tailer, &metrics, &stop)
             .and_then(|()| flush_outbox(&mut store, &cfg.findings).map(|_| ()).map_err(DaemonError::Findings))
             .and_then(|()| Ok(store.flush_and_save_key_filter()?));
         let e = match worked {
@@ -178,6 +181,11 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
             Some(s) => {
                 store = s;
                 *db.write().unwrap_or_else(|p| p.into_inner()) = Some(store.reader());
+                // What was read and not committed is read again.
+                if let Err(e) = tailer.back_to_committed_all(&store) {
+                    tracing::warn!(error = %Chain(&e), "cannot bring the open log files back to what is committed; looking at the folder afresh");
+                    tailer = Tailer::new(&cfg.logs, cfg.ingest.clone());
+                }
             }
             None => break Err(e),
         }
@@ -192,11 +200,11 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
 fn work(
     cfg: &DaemonConfig,
     store: &mut Store,
+    tailer: &mut Tailer,
     metrics: &Mutex<Metrics>,
     stop: &Arc<AtomicBool>,
 ) -> Result<(), DaemonError> {
     let watch = watch::Watch::new(&cfg.logs, &cfg.plugins)?;
-    let mut tailer = Tailer::new(&cfg.logs, cfg.ingest.clone());
     let mut plugins = PluginSet::new(&cfg.plugins, &cfg.data);
     let mut last_rescan = Instant::now() - cfg.rescan;
     let mut changes = watch::Changes { logs: true, plugins: true };

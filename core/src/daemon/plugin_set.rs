@@ -71,7 +71,22 @@ impl PluginSet {
             self.seen.clear();
             return Ok(changed);
         }
-        let files = guard::discover(&self.dir)?;
+        let files = match guard::discover(&self.dir) {
+            Ok(files) => files,
+            Err(e) => {
+                // As a refused folder: the logs are still read, and the folder is looked
+                // at again on the next look.
+                if !self.plugins.is_empty() || self.seen.is_empty() {
+                    tracing::error!(error = %Chain(&e), "plugins folder cannot be listed; no detector runs until it can");
+                    self.failures += 1;
+                }
+                let changed = !self.plugins.is_empty();
+                self.plugins.clear();
+                self.seen.clear();
+                self.pins = None;
+                return Ok(changed);
+            }
+        };
         let now: BTreeMap<PathBuf, Option<Stamp>> = files.iter().map(|f| (f.clone(), stamp(f))).collect();
         let pins = stamp(&self.dir.join(guard::PIN_FILE));
         let pins_changed = pins != self.pins;
@@ -89,7 +104,16 @@ impl PluginSet {
                 return Ok(true);
             }
         };
-        let cache = guard::cache_dir(&self.data_dir)?;
+        let cache = match guard::cache_dir(&self.data_dir) {
+            Ok(cache) => cache,
+            Err(e) => {
+                // Nothing can be loaded without it; what runs keeps running, and the
+                // folder is looked at again on the next look.
+                tracing::warn!(error = %Chain(&e), "cannot prepare the private copies' folder; plugins not looked at for now");
+                self.failures += 1;
+                return Ok(false);
+            }
+        };
         // Something changed: a library refused as a duplicate may be the only one now.
         for file in std::mem::take(&mut self.duplicates) {
             self.seen.remove(&file);

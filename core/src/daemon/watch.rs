@@ -53,9 +53,11 @@ impl Watch {
             .watch(logs, RecursiveMode::NonRecursive)
             .map_err(|source| WatchError { what: format!("logs folder {}", logs.display()), source })?;
         if plugins.is_dir() {
-            watcher
-                .watch(plugins, RecursiveMode::NonRecursive)
-                .map_err(|source| WatchError { what: format!("plugins folder {}", plugins.display()), source })?;
+            // Not a reason to stop reading the logs: the folder is looked at every rescan
+            // interval anyway (and a folder that cannot be read is reported there).
+            if let Err(e) = watcher.watch(plugins, RecursiveMode::NonRecursive) {
+                tracing::warn!(folder = %plugins.display(), error = %e, "cannot watch the plugins folder; looking at it every rescan interval");
+            }
         }
         Ok(Watch { _watcher: watcher, rx })
     }
