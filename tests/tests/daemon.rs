@@ -862,3 +862,37 @@ fn a_clock_file_not_there_yet_is_waited_for() {
     let log = fs::read_to_string(root.join("daemon.log")).unwrap();
     assert!(log.contains("cannot read the clock file"), "{log}");
 }
+
+/// With nothing new and a long rescan interval, the daemon waits (it does not look at its
+/// folders again and again), and SIGTERM during that wait stops it at once, not at the
+/// end of the interval (a signal only sets a flag).
+#[test]
+fn an_idle_daemon_waits_and_sigterm_stops_it_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let logs = root.join("logs");
+    fs::create_dir_all(&logs).unwrap();
+    fs::write(logs.join("DeviceLogonEvents.jsonl"), logon(1, "2025-05-06T12:00:00Z", "LogonFailed", "u")).unwrap();
+    let data = root.join("data");
+    let mut d = DaemonSpec::new(&data)
+        .logs(&logs)
+        .plugins(&plugins_dir(root, &[]))
+        .rescan_secs(120.0)
+        .log(&root.join("daemon.log"))
+        .start();
+    d.wait_for("the row stored", Duration::from_secs(30), |d| {
+        match table_counts(&d.status()).get("DeviceLogonEvents") {
+            Some(1) => Ok(()),
+            n => Err(format!("{n:?} rows")),
+        }
+    });
+    // Idle: its own reads of the log file are no reason to look again (they woke it about
+    // 60 times a second).
+    let polls = |d: &mut Daemon| metric(&d.metrics(), "lookout_polls_total").unwrap_or(f64::NAN);
+    let before = polls(&mut d);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = polls(&mut d);
+    assert!(after - before <= 1.0, "{before} looks, then {after} two seconds later with nothing new");
+    let took = d.terminate(Duration::from_secs(10));
+    assert!(took < Duration::from_secs(2), "took {took:?} to stop");
+}

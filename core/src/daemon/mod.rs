@@ -229,7 +229,7 @@ fn work(
                 // replay's rows expired for good): wait for one.
                 None if detect_opts.now.is_some() => {}
                 None => {
-                    changes = watch.wait(cfg.rescan);
+                    changes = watch.wait(cfg.rescan, stop);
                     continue;
                 }
             }
@@ -262,7 +262,7 @@ fn work(
         }
         if low {
             // Keep what was seen meanwhile (a plugin dropped in) for when writing resumes.
-            let seen = watch.wait(cfg.rescan.max(Duration::from_millis(200)));
+            let seen = watch.wait(cfg.rescan.max(Duration::from_millis(200)), stop);
             changes = watch::Changes { logs: changes.logs || seen.logs, plugins: changes.plugins || seen.plugins };
             continue;
         }
@@ -350,7 +350,7 @@ fn work(
             let ticks = at.saturating_sub(crate::clock::now_ticks()).max(0) as u64;
             wait = wait.min(Duration::from_micros(ticks / 10).max(Duration::from_millis(1)));
         }
-        changes = watch.wait(wait);
+        changes = watch.wait(wait, stop);
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 use notify::{RecursiveMode, Watcher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,8 @@ pub struct Watch {
 
 /// How long to keep collecting events after the first, so a burst is one look.
 const DEBOUNCE: Duration = Duration::from_millis(15);
+/// How often a wait looks at the stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 
 impl Watch {
     pub fn new(logs: &Path, plugins: &Path) -> Result<Watch, WatchError> {
@@ -38,6 +41,10 @@ impl Watch {
         let plugins_dir: PathBuf = plugins.to_path_buf();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let c = match res {
+                // Reads (the daemon's own among them: every look opens and reads each log
+                // file) change nothing; taken as "look now", they woke the loop again and
+                // again, about 60 looks a second with nothing to do.
+                Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => return,
                 Ok(ev) if ev.need_rescan() => Changes { logs: true, plugins: true },
                 Ok(ev) => Changes {
                     logs: ev.paths.iter().any(|p| p.starts_with(&logs_dir)),
@@ -62,14 +69,21 @@ impl Watch {
         Ok(Watch { _watcher: watcher, rx })
     }
 
-    /// Waits up to `timeout` for changes, then gathers the rest of the burst.
-    pub fn wait(&self, timeout: Duration) -> Changes {
-        let mut c = match self.rx.recv_timeout(timeout) {
-            Ok(c) => c,
-            Err(RecvTimeoutError::Timeout) => return Changes::default(),
-            Err(RecvTimeoutError::Disconnected) => {
-                std::thread::sleep(timeout);
+    /// Waits up to `timeout` for changes, then gathers the rest of the burst. Returns
+    /// early, with no changes, once `stop` is set: a signal only sets the flag, and a
+    /// long rescan interval must not hold up a SIGTERM.
+    pub fn wait(&self, timeout: Duration, stop: &AtomicBool) -> Changes {
+        let until = Instant::now() + timeout;
+        let mut c = loop {
+            if stop.load(Ordering::Relaxed) {
                 return Changes::default();
+            }
+            let Some(left) = until.checked_duration_since(Instant::now()) else { return Changes::default() };
+            let slice = left.min(STOP_CHECK);
+            match self.rx.recv_timeout(slice) {
+                Ok(c) => break c,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(slice),
             }
         };
         let until = Instant::now() + DEBOUNCE;
