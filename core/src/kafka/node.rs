@@ -404,9 +404,15 @@ impl NodeContext {
         Ok(start)
     }
 
-    /// The first offset within retention (`offsetsForTimes(now − retention)`), given the
-    /// partition's first kept offset `low` and its end `high` as read before asking (a
-    /// message produced since is within retention, and must not be skipped).
+    /// The first offset within retention, given the partition's first kept offset `low`
+    /// and its end `high` as read before asking (a message produced since is within
+    /// retention, and must not be skipped).
+    ///
+    /// Kafka looks up by a message's own time (when `split` produced it), the store keeps a
+    /// row by its event time, which may lie ahead of that (a device whose clock runs fast):
+    /// such a row is still kept after its message has left `now − retention`. So the
+    /// replay starts at `offsetsForTimes(now − retention − the store's tolerance for rows
+    /// ahead of the clock)`; rows read before the horizon are counted expired, not stored.
     fn horizon_offset(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -417,7 +423,8 @@ impl NodeContext {
     ) -> Result<i64, KafkaError> {
         let Some(retention) = self.cfg.retention else { return Ok(low) };
         let now = crate::clock::Clock::new(self.cfg.now.or(self.cfg.ingest.now)).now();
-        let horizon_ms = (now - retention).max(0) / (TICKS_PER_SEC / 1000);
+        let ahead = crate::store::generations::Generations::ahead_limit(Some(0), Some(retention)).unwrap_or(0);
+        let horizon_ms = (now - retention - ahead).max(0) / (TICKS_PER_SEC / 1000);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.cfg.topic, n, Offset::Offset(horizon_ms))
             .map_err(KafkaError::kafka("cannot ask for the horizon's offset"))?;
@@ -1164,6 +1171,10 @@ mod tests {
         assert_eq!(start_with(&[old, old + 1, old + 2]), (Offset::Offset(3), Some(3), true));
         // The last message a day old: from the first kept offset, replaying.
         assert_eq!(start_with(&[old, old + 1, now_ms - day_ms]), (Offset::Offset(0), Some(0), false));
+        // Messages an hour older than retention may hold rows whose own (event) time is
+        // ahead of theirs, still kept: replayed too.
+        let just_out = now_ms - 7 * day_ms - 3_600_000;
+        assert_eq!(start_with(&[just_out, just_out + 1, just_out + 2]), (Offset::Offset(0), Some(0), false));
     }
 
     /// The case an orderly revocation used to skip: the partition given back after
