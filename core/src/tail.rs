@@ -15,7 +15,8 @@
 use crate::error::Chain;
 use crate::fingerprint::{fingerprint, head_hash, tail_matches, Fingerprint, HEAD_LEN, MIN_MATCH_LEN};
 use crate::ingest::{fresh_state, has_news, read_source, state_for, IngestError, IngestOptions, IngestReport};
-use crate::store::{OffsetUnit, SourceState, Store};
+use crate::parse::RejectKind;
+use crate::store::{OffsetUnit, RejectRecord, SourceState, Store};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -53,11 +54,26 @@ pub struct Tailer {
     /// Files not read yet that look like a copy still being made (see
     /// [`Tailer::copy_in_progress`]), with their size and since when they have had it.
     copying: HashMap<(u64, u64), (u64, Instant)>,
+    /// Files with a rest not read (a last line without its newline, a gzip or JSON array
+    /// not finished), with their size, since when they have had it, and whether they were
+    /// read as finished at that size (see [`Tailer::finish_settled`]).
+    unfinished: HashMap<(u64, u64), Unfinished>,
+}
+
+struct Unfinished {
+    size: u64,
+    since: Instant,
+    finished: bool,
 }
 
 /// How long a file that looks like a copy still being made may keep one size before it
 /// is read as a file of its own (a copy abandoned halfway is not waited for forever).
 const COPY_SETTLE: Duration = Duration::from_secs(10);
+
+/// How long a file's unread rest may stay as it is before the file is read as finished:
+/// a last line without its newline taken if it is a whole document, a gzip that ends
+/// early or a JSON array never closed reported. A writer mid-line does not pause this long.
+const FINISH_AFTER: Duration = Duration::from_secs(30);
 
 impl Tailer {
     pub fn new(dir: &Path, mut opts: IngestOptions) -> Tailer {
@@ -70,6 +86,7 @@ impl Tailer {
             skipped: BTreeMap::new(),
             broken: HashMap::new(),
             copying: HashMap::new(),
+            unfinished: HashMap::new(),
         }
     }
 
@@ -298,6 +315,7 @@ impl Tailer {
                 Ok(None) => {}
                 Err(e) => self.input_failed(store, key, &path, size, e)?,
             }
+            self.finish_settled(store, key, stop, &mut report)?;
         }
 
         // 2. Files not seen before.
@@ -363,6 +381,9 @@ impl Tailer {
         // 3. Deleted files read to their end are forgotten; too many open read-to-end
         //    files are closed.
         let mut forget = Vec::new();
+        // Deleted files whose rest could not be read even as finished: forgotten, the rest
+        // kept aside as a reject.
+        let mut unread: Vec<RejectRecord> = Vec::new();
         for (key, t) in &self.files {
             if !t.present && !still_linked(&t.file) {
                 // A deleted file that no longer reads (a damaged gzip) has nothing more to
@@ -371,7 +392,13 @@ impl Tailer {
                     tracing::warn!(file = %t.path.display(), error = %e, "a deleted log file no longer reads; forgotten");
                     true
                 });
-                if done {
+                let given_up = !done && self.unfinished.get(key).is_some_and(|u| u.finished);
+                if given_up {
+                    let size = t.file.metadata().map_or(t.state.offset, |m| m.len());
+                    tracing::warn!(file = %t.path.display(), offset = t.state.offset, size, "a deleted log file ends with a record that never finished; kept aside as a reject");
+                    unread.push(unfinished_rest(t, size));
+                }
+                if done || given_up {
                     forget.push((*key, true));
                 }
             }
@@ -389,8 +416,12 @@ impl Tailer {
         }
         if !forget.is_empty() {
             let mut b = store.batch();
+            for reject in unread {
+                b.add_reject(reject)?;
+            }
             for (key, deleted) in forget {
                 self.copying.remove(&key);
+                self.unfinished.remove(&key);
                 if let Some(t) = self.files.remove(&key) {
                     if deleted {
                         b.remove_source(&id_of(key));
@@ -480,6 +511,52 @@ impl Tailer {
         }
     }
 
+    /// Follows a tracked file's unread rest. Once it has stayed as it is for
+    /// [`FINISH_AFTER`], the file is read once as finished (as `lookout ingest` reads a
+    /// file): a last line without its newline is taken if it is a whole document, a gzip
+    /// that ends early or a JSON array never closed is reported. Before, such a rest was
+    /// waited for forever: its row never stored, a gzip decompressed again at every look,
+    /// and a deleted file's descriptor (and disk space) held for good.
+    fn finish_settled(
+        &mut self,
+        store: &mut Store,
+        key: (u64, u64),
+        stop: &AtomicBool,
+        report: &mut IngestReport,
+    ) -> Result<(), IngestError> {
+        let Some(t) = self.files.get(&key) else {
+            self.unfinished.remove(&key);
+            return Ok(());
+        };
+        let Ok(fp) = fingerprint(&t.file) else { return Ok(()) };
+        if !has_news(&t.state, &fp) {
+            self.unfinished.remove(&key);
+            return Ok(());
+        }
+        if self.broken.get(&key) == Some(&fp.size) {
+            // Skipped until it changes (a finishing read that failed comes here).
+            return Ok(());
+        }
+        let u =
+            self.unfinished.entry(key).or_insert(Unfinished { size: fp.size, since: Instant::now(), finished: false });
+        if u.size != fp.size {
+            *u = Unfinished { size: fp.size, since: Instant::now(), finished: false };
+        }
+        if u.finished || u.since.elapsed() < FINISH_AFTER {
+            return Ok(());
+        }
+        u.finished = true;
+        let Some(t) = self.files.get_mut(&key) else { return Ok(()) };
+        let path = t.path.clone();
+        tracing::info!(file = %path.display(), offset = t.state.offset, size = fp.size, "unchanged with a rest not read; reading it as finished");
+        let opts = IngestOptions { tail: false, ..self.opts.clone() };
+        match read_source(store, &t.file, &t.path, &fp, &mut t.state, &opts, Some(stop), &mut |_| {}) {
+            Ok(r) => report.merge(r),
+            Err(e) => self.input_failed(store, key, &path, fp.size, e)?,
+        }
+        Ok(())
+    }
+
     /// Bytes not yet read, per tracked file.
     pub fn behind(&self) -> Vec<Behind> {
         let mut out: Vec<Behind> = self
@@ -553,6 +630,32 @@ fn upgrade_head(state: &mut SourceState, fp: &Fingerprint) {
 /// Whether the file still has a name somewhere (a deleted file has none).
 fn still_linked(file: &File) -> bool {
     file.metadata().map(|m| m.nlink() > 0).unwrap_or(false)
+}
+
+/// The reject of a deleted file's rest that never finished (`size`: the file's length).
+fn unfinished_rest(t: &Tracked, size: u64) -> RejectRecord {
+    let mut excerpt = vec![0u8; size.saturating_sub(t.state.offset).min(256) as usize];
+    let read = if t.state.compressed || t.state.unit != OffsetUnit::Bytes {
+        0
+    } else {
+        std::os::unix::fs::FileExt::read_at(&t.file, &mut excerpt, t.state.offset).unwrap_or(0)
+    };
+    RejectRecord {
+        file: t.path.display().to_string(),
+        line: t.state.lines + 1,
+        offset: t.state.offset,
+        kind: RejectKind::MalformedJson.as_str().to_string(),
+        reason: format!(
+            "the file was deleted with a record that never finished ({} bytes from here, {})",
+            size.saturating_sub(t.state.offset),
+            match (t.state.compressed, t.state.unit) {
+                (true, _) => "a gzip stream that ends early",
+                (false, OffsetUnit::ArrayElements) => "a JSON array never closed",
+                _ => "no newline and not a whole document",
+            }
+        ),
+        excerpt: String::from_utf8_lossy(&excerpt[..read]).into_owned(),
+    }
 }
 
 fn caught_up(t: &Tracked) -> std::io::Result<bool> {
@@ -710,5 +813,58 @@ mod tests {
         let report = tailer.poll(&mut store, &stop).unwrap();
         assert_eq!((rows(&report), report.duplicates), (500, 0));
         assert!(tailer.files.is_empty(), "read to its end and forgotten");
+    }
+
+    /// Makes the rest of `key`'s file look unchanged for longer than [`FINISH_AFTER`].
+    fn settle(tailer: &mut Tailer, path: &Path) {
+        let meta = std::fs::metadata(path).unwrap();
+        let u = tailer.unfinished.get_mut(&(meta.dev(), meta.ino())).expect("followed as unfinished");
+        u.since = Instant::now().checked_sub(FINISH_AFTER + Duration::from_secs(1)).unwrap();
+    }
+
+    /// A last line without its newline that stays so is taken once it has been unchanged
+    /// for a while, if it is a whole document (as `lookout ingest` takes it); a line
+    /// appended after it is read on from there.
+    #[test]
+    fn a_last_line_without_its_newline_is_taken_once_the_file_settles() {
+        let (_dir, logs, mut store, mut tailer) = setup();
+        let path = logs.join("DeviceProcessEvents.jsonl");
+        append(&path, 0, 3);
+        let last = r#"{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":3,"ActionType":"x"}"#;
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(last.as_bytes()).unwrap();
+        let stop = AtomicBool::new(false);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 3);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 0, "a writer may be mid-line");
+        settle(&mut tailer, &path);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 1, "taken once settled");
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"\n").unwrap();
+        append(&path, 4, 2);
+        let report = tailer.poll(&mut store, &stop).unwrap();
+        assert_eq!((rows(&report), report.total_rejected(), report.duplicates), (2, 0, 0), "{report:?}");
+    }
+
+    /// A deleted file whose last record never finished is given up once settled: the rest
+    /// kept aside as a reject with its file and offset, the file forgotten (its
+    /// descriptor, and the disk space, no longer held).
+    #[test]
+    fn a_deleted_file_with_a_record_that_never_finished_is_forgotten_with_a_reject() {
+        let (_dir, logs, mut store, mut tailer) = setup();
+        let path = logs.join("DeviceProcessEvents.jsonl");
+        append(&path, 0, 3);
+        let offset = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(br#"{"Timestamp":"2025-05"#).unwrap();
+        let stop = AtomicBool::new(false);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 3);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 0);
+        assert_eq!(tailer.files.len(), 1, "a writer may still finish it");
+        let key = *tailer.files.keys().next().unwrap();
+        tailer.unfinished.get_mut(&key).unwrap().since = Instant::now().checked_sub(FINISH_AFTER * 2).unwrap();
+        tailer.poll(&mut store, &stop).unwrap();
+        assert!(tailer.files.is_empty(), "forgotten");
+        let rejects = store.rejects(10).unwrap();
+        assert_eq!(rejects.len(), 1, "{rejects:?}");
+        assert_eq!((rejects[0].offset, rejects[0].line, rejects[0].kind.as_str()), (offset, 4, "malformed_json"));
+        assert!(rejects[0].excerpt.starts_with(r#"{"Timestamp":"#), "{rejects:?}");
     }
 }
