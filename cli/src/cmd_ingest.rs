@@ -22,9 +22,9 @@ pub struct IngestArgs {
     table: Option<String>,
     #[command(flatten)]
     retention: RetentionArg,
-    /// Lines longer than this many bytes are rejected
-    #[arg(long, default_value_t = 8 << 20)]
-    max_line: usize,
+    /// Lines (and JSON array elements) longer than this many bytes are rejected (at most 128 MiB)
+    #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(1..=lookout_core::ingest::MAX_LINE_LIMIT as u64))]
+    max_line: u64,
     /// Rows per committed batch: a crash re-reads at most one batch, a batch is held in
     /// memory whole
     #[arg(long, default_value_t = IngestOptions::default().batch_rows as u64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
@@ -38,7 +38,7 @@ pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
     let opts = IngestOptions {
         now: args.now.as_deref().map(parse_now).transpose()?,
         table: args.table,
-        max_line: args.max_line,
+        max_line: args.max_line as usize,
         batch_rows: args.batch_rows as usize,
         ..IngestOptions::default()
     };

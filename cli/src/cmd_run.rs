@@ -144,6 +144,10 @@ pub fn run(data_flag: Option<&Path>, args: RunArgs) -> Result<ExitCode> {
     let mut ingest =
         IngestOptions { now: args.ingest_now.as_deref().map(parse_now).transpose()?, ..Default::default() };
     if let Some(m) = cfg.max_line_bytes {
+        let limit = lookout_core::ingest::MAX_LINE_LIMIT;
+        if m == 0 || m > limit {
+            return Err(anyhow!("max_line_bytes = {m} in the config file: it must be 1 to {limit} (a stored row can take no more); fix the config file"));
+        }
         ingest.max_line = m;
     }
     let now = args.now.as_deref().map(parse_now).transpose()?;

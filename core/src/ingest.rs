@@ -24,6 +24,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// The most `max_line` may be: a stored row can take no more (a longer one would be
+/// stored and never read back).
+pub const MAX_LINE_LIMIT: usize = crate::store::codec::MAX_ROW_BYTES / 2;
+
 #[derive(Debug, Clone)]
 pub struct IngestOptions {
     /// Fixes the ingestion time of every row (`--now`); the clock otherwise.
@@ -31,6 +35,7 @@ pub struct IngestOptions {
     /// The table of rows that name none (`--table`).
     pub table: Option<String>,
     /// Lines longer than this are rejected without being held in memory.
+    /// Longest line (or JSON array element) stored, in bytes; at most [`MAX_LINE_LIMIT`].
     pub max_line: usize,
     /// Rows per committed batch (`--batch-rows`). Each batch writes one key-index run, so
     /// bigger batches leave fewer runs to merge. With the row blocks in plain files, 8,192
@@ -602,15 +607,24 @@ impl FileRun<'_> {
     ) -> Result<(), IngestError> {
         let skip = state.offset;
         let mut fatal: Option<IngestError> = None;
-        let mut pending: Vec<(u64, Value)> = Vec::new();
+        let mut pending: Vec<(u64, Element)> = Vec::new();
+        // Bytes read so far: an element's size is what was read while it was parsed, held
+        // to the line limit as a line is (a record over it is kept aside, not stored).
+        let read = std::rc::Rc::new(std::cell::Cell::new(0u64));
+        let reader = Counted { inner: reader, read: read.clone() };
+        let max_line = self.opts.max_line as u64;
         let parsed = {
             let mut index = 0u64;
+            let mut element_start = 0u64;
             let mut on_element = |doc: Value| -> std::result::Result<(), String> {
                 index += 1;
+                let size = read.get() - element_start;
+                element_start = read.get();
                 if index <= skip {
                     return Ok(());
                 }
-                pending.push((index, doc));
+                let element = if size > max_line { Element::TooLong(size) } else { Element::Doc(doc) };
+                pending.push((index, element));
                 if pending.len() < self.opts.batch_rows {
                     return Ok(());
                 }
@@ -658,7 +672,7 @@ impl FileRun<'_> {
     fn commit_elements(
         &mut self,
         store: &mut Store,
-        pending: &mut Vec<(u64, Value)>,
+        pending: &mut Vec<(u64, Element)>,
         state: &mut SourceState,
         syntax: Option<(u64, String)>,
     ) -> Result<(), IngestError> {
@@ -668,9 +682,20 @@ impl FileRun<'_> {
         }
         let now = self.clock.now();
         let mut batch = store.batch();
-        for (index, doc) in pending.drain(..) {
-            let records = pipeline::records(Document::from_value(doc), &self.hints);
-            self.store_records(&mut batch, &records, index, 0, b"", now)?;
+        for (index, element) in pending.drain(..) {
+            match element {
+                Element::Doc(doc) => {
+                    let records = pipeline::records(Document::from_value(doc), &self.hints);
+                    self.store_records(&mut batch, &records, index, 0, b"", now)?;
+                }
+                Element::TooLong(size) => {
+                    let reason = format!(
+                        "array element {index} is about {size} bytes, over the {} byte limit (max_line_bytes)",
+                        self.opts.max_line
+                    );
+                    self.reject(&mut batch, index, 0, Reject::new(RejectKind::LineTooLong, reason), b"")?;
+                }
+            }
             state.offset = index;
             state.lines = index;
         }
@@ -692,6 +717,27 @@ fn crash_after_durable_commit(store: &Store) -> Result<(), StoreError> {
         crate::failpoint::hit("ingest-after-commit");
     }
     Ok(())
+}
+
+/// One element of a JSON array export, as read.
+enum Element {
+    Doc(Value),
+    /// Over the line limit: its size in bytes (with the separator before it).
+    TooLong(u64),
+}
+
+/// A reader that counts the bytes read through it.
+struct Counted<R> {
+    inner: R,
+    read: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.set(self.read.get() + n as u64);
+        Ok(n)
+    }
 }
 
 struct ElementVisitor<'f, F> {
@@ -727,4 +773,32 @@ pub fn ingest_paths(
         total.merge(r);
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JSON array export's element is held to the line limit as a line is: one over it
+    /// is kept aside as `line_too_long` with its element number, the others stored.
+    #[test]
+    fn an_array_element_over_the_line_limit_is_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("data")).unwrap();
+        let row = |report: u64, pad: usize| {
+            format!(
+                r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{report},"ActionType":"x","FolderPath":"{}"}}"#,
+                "p".repeat(pad)
+            )
+        };
+        let path = dir.path().join("DeviceProcessEvents.json");
+        std::fs::write(&path, format!("[{},\n{},\n{}]", row(1, 10), row(2, 2048), row(3, 10))).unwrap();
+        let opts = IngestOptions { max_line: 1024, ..Default::default() };
+        let report = ingest_file(&mut store, &path, &opts, &mut |_| {}).unwrap();
+        assert_eq!(report.total_new(), 2, "{report:?}");
+        let rejects = store.rejects(10).unwrap();
+        assert_eq!(rejects.len(), 1, "{rejects:?}");
+        assert_eq!((rejects[0].line, rejects[0].kind.as_str()), (2, "line_too_long"));
+        assert!(rejects[0].reason.contains("array element 2"), "{}", rejects[0].reason);
+    }
 }

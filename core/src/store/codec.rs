@@ -117,7 +117,7 @@ impl Header {
 
 /// No stored row is bigger than this (lines are capped far below it); a corrupt length
 /// prefix must not make the decoder allocate gigabytes.
-const MAX_ROW_BYTES: usize = 256 << 20;
+pub const MAX_ROW_BYTES: usize = 256 << 20;
 
 #[cfg(test)]
 pub fn decode(bytes: &[u8]) -> Result<StoredRow> {
