@@ -648,7 +648,10 @@ impl FileRun<'_> {
             Ok(()) => None,
             // The export ends early: when tailing it is still being written, so wait; on a
             // finished file it is truncated and reported (once: the file is then done).
-            Err(e) if e.is_eof() && self.opts.tail => {
+            // (A gzip still being written ends early the same way, as an I/O error.)
+            Err(e)
+                if self.opts.tail && (e.is_eof() || e.io_error_kind() == Some(std::io::ErrorKind::UnexpectedEof)) =>
+            {
                 self.commit_elements(store, &mut pending, state, None)?;
                 return Ok(());
             }
@@ -800,5 +803,32 @@ mod tests {
         assert_eq!(rejects.len(), 1, "{rejects:?}");
         assert_eq!((rejects[0].line, rejects[0].kind.as_str()), (2, "line_too_long"));
         assert!(rejects[0].reason.contains("array element 2"), "{}", rejects[0].reason);
+    }
+
+    /// A gzip JSON array export still being written (its stream ends early) is waited
+    /// for when tailing, as an uncompressed one is: no reject, nothing marked done, the
+    /// rest read once it is there.
+    #[test]
+    fn a_gzip_array_still_being_written_is_waited_for() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("data")).unwrap();
+        let row = |report: u64| {
+            format!(r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{report},"ActionType":"x"}}"#)
+        };
+        let text = format!("[{},\n{},\n{}]", row(1), row(2), row(3));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(text.as_bytes()).unwrap();
+        let whole = gz.finish().unwrap();
+        let path = dir.path().join("DeviceProcessEvents.json.gz");
+        std::fs::write(&path, &whole[..whole.len() * 2 / 3]).unwrap();
+        let tail = IngestOptions { tail: true, ..Default::default() };
+        let report = ingest_file(&mut store, &path, &tail, &mut |_| {}).unwrap();
+        assert_eq!(report.total_rejected(), 0, "{report:?}");
+        std::fs::write(&path, &whole).unwrap();
+        let report = ingest_file(&mut store, &path, &tail, &mut |_| {}).unwrap();
+        assert_eq!(report.total_rejected(), 0, "{report:?}");
+        assert_eq!(store.rejects(10).unwrap().len(), 0);
+        assert_eq!(store.counters().rows.values().sum::<u64>(), 3);
     }
 }
