@@ -519,12 +519,17 @@ fn commit_answer(
 /// (new rows still run it at once).
 const RETRY_WAKE_UP_AFTER: i64 = 30 * lookout_plugin_sdk::time::TICKS_PER_SEC;
 
-/// A failed pass commits nothing, so a wake-up that was due stays due: put it off, or the
-/// daemon would run the failing detector in a tight loop.
+/// A failed pass commits nothing: its rows are still new to the detector, and are
+/// handed over again at the next pass. That pass is due in [`RETRY_WAKE_UP_AFTER`] (or at
+/// the detector's own wake-up, if sooner and not yet due), not only when more rows
+/// arrive: a failure that passes (say, a host call that found the disk full) must not
+/// hold a quiet fleet's findings back. A wake-up that was due is put off by as much, or
+/// the daemon would run the failing detector in a tight loop.
 fn put_off_wake_up(store: &Store, id: &str, now: i64) -> Result<(), StoreError> {
-    if store.wake_at(id)?.is_some_and(|at| at <= now) {
+    let retry = now.saturating_add(RETRY_WAKE_UP_AFTER);
+    if !store.wake_at(id)?.is_some_and(|at| at > now && at <= retry) {
         let mut batch = store.pass_batch();
-        batch.set_wake_at(id, Some(now.saturating_add(RETRY_WAKE_UP_AFTER)));
+        batch.set_wake_at(id, Some(retry));
         batch.commit()?;
     }
     Ok(())

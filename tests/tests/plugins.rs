@@ -409,3 +409,28 @@ fn a_hot_loaded_folder_takes_a_library_once_its_refusal_no_longer_holds() {
         ]
     );
 }
+
+/// A detector whose pass failed is run again within 30 s, not only when more rows arrive
+/// (its rows are still new to it): a failure that passes must not hold findings back in a
+/// quiet fleet. Its own wake-up, if sooner, stands.
+#[test]
+fn a_failed_pass_is_due_again_within_thirty_seconds() {
+    use lookout_core::detect::{run_pass, DetectOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let plugins = plugins_dir(tmp.path(), &[FIXTURE_ERRORS]);
+    ingest_kqlbench(&data);
+    let mut store = lookout_core::store::Store::open(&data).unwrap();
+    let mut loaded = lookout_core::plugin::load_dir(&plugins, &data).unwrap();
+    let now = lookout_plugin_sdk::time::parse_timestamp(NOW).unwrap();
+    let opts = DetectOptions { now: Some(now), ..DetectOptions::default() };
+    let reports = run_pass(&mut store, &mut loaded.plugins, &opts).unwrap();
+    assert!(reports[0].error.as_deref().is_some_and(|e| e.contains("always fails")), "{:?}", reports[0].error);
+    let id = loaded.plugins[0].id();
+    let second = lookout_plugin_sdk::time::TICKS_PER_SEC;
+    assert_eq!(store.wake_at(&id).unwrap(), Some(now + 30 * second));
+    // Failing again later: due again 30 s after that.
+    let later = DetectOptions { now: Some(now + 40 * second), ..DetectOptions::default() };
+    run_pass(&mut store, &mut loaded.plugins, &later).unwrap();
+    assert_eq!(store.wake_at(&id).unwrap(), Some(now + 70 * second));
+}
