@@ -33,7 +33,15 @@ struct Tracked {
 }
 
 /// Regular files in the directory with their (device, inode).
-type Listing = Vec<(PathBuf, (u64, u64))>;
+type Listing = Vec<(PathBuf, (u64, u64), Stamp)>;
+
+/// A listed file's length and modification time: whether a file closed while idle has
+/// changed since.
+type Stamp = (u64, i128);
+
+fn stamp_of(meta: &std::fs::Metadata) -> Stamp {
+    (meta.len(), i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()))
+}
 
 /// How far behind the end of a file Lookout is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +66,11 @@ pub struct Tailer {
     /// not finished), with their size, since when they have had it, and whether they were
     /// read as finished at that size (see [`Tailer::finish_settled`]).
     unfinished: HashMap<(u64, u64), Unfinished>,
+    /// Files read to their end and closed because too many were open, as they were then:
+    /// not opened again until they change.
+    closed: HashMap<(u64, u64), Stamp>,
+    /// Files opened as new since start.
+    opened: u64,
 }
 
 struct Unfinished {
@@ -87,6 +100,8 @@ impl Tailer {
             broken: HashMap::new(),
             copying: HashMap::new(),
             unfinished: HashMap::new(),
+            closed: HashMap::new(),
+            opened: 0,
         }
     }
 
@@ -122,7 +137,7 @@ impl Tailer {
             } else if !meta.is_file() {
                 "not_a_regular_file"
             } else {
-                out.push((path, (meta.dev(), meta.ino())));
+                out.push((path, (meta.dev(), meta.ino()), stamp_of(&meta)));
                 continue;
             };
             skipped.insert(path, reason);
@@ -132,7 +147,7 @@ impl Tailer {
                 tracing::warn!(file = %path.display(), reason = %reason, "not a log file; skipped");
             }
         }
-        for (path, key) in &out {
+        for (path, key, _) in &out {
             if self.broken.contains_key(key) {
                 skipped.insert(path.clone(), "unreadable_input");
             }
@@ -229,11 +244,17 @@ impl Tailer {
         for t in self.files.values_mut() {
             t.present = false;
         }
-        for (path, key) in listing {
+        // Files closed while idle and not listed any more are forgotten here too.
+        self.closed.retain(|key, _| listing.iter().any(|(_, k, _)| k == key));
+        for (path, key, stamp) in listing {
             match self.files.get_mut(&key) {
                 Some(t) => {
                     t.present = true;
                     t.path = path;
+                }
+                None if self.closed.get(&key) == Some(&stamp) => {
+                    // Closed while idle and unchanged: opening it again (a gzip
+                    // decompressed up to its offset to check it) would be for nothing.
                 }
                 None => {
                     if new_files.len() + self.files.len() >= self.max_open * 2 {
@@ -241,7 +262,10 @@ impl Tailer {
                         continue;
                     }
                     match open_regular(&path, key) {
-                        Ok(Some(f)) => new_files.push((path, f)),
+                        Ok(Some(f)) => {
+                            self.opened += 1;
+                            new_files.push((path, f));
+                        }
                         Ok(None) => {}
                         Err(e) => {
                             if self.skipped.insert(path.clone(), "unreadable").is_none() {
@@ -423,6 +447,11 @@ impl Tailer {
                 self.copying.remove(&key);
                 self.unfinished.remove(&key);
                 if let Some(t) = self.files.remove(&key) {
+                    if !deleted {
+                        if let Ok(meta) = t.file.metadata() {
+                            self.closed.insert(key, stamp_of(&meta));
+                        }
+                    }
                     if deleted {
                         b.remove_source(&id_of(key));
                     }
@@ -866,5 +895,37 @@ mod tests {
         assert_eq!(rejects.len(), 1, "{rejects:?}");
         assert_eq!((rejects[0].offset, rejects[0].line, rejects[0].kind.as_str()), (offset, 4, "malformed_json"));
         assert!(rejects[0].excerpt.starts_with(r#"{"Timestamp":"#), "{rejects:?}");
+    }
+
+    /// More finished files than may stay open: those closed while idle are not opened
+    /// again at every look (a gzip would be decompressed to its offset each time), only
+    /// once they change.
+    #[test]
+    fn files_closed_while_idle_are_opened_again_only_once_they_change() {
+        let (_dir, logs, mut store, mut tailer) = setup();
+        tailer.max_open = 2;
+        for i in 0..4u64 {
+            append(&logs.join(format!("DeviceProcessEvents-{i}.jsonl")), i * 10, 10);
+        }
+        let stop = AtomicBool::new(false);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 40);
+        assert_eq!((tailer.files.len(), tailer.opened), (2, 4));
+        for _ in 0..3 {
+            assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 0);
+        }
+        assert_eq!(tailer.opened, 4, "nothing opened again");
+        // One of the closed ones grows: opened again, read on from its offset.
+        let closed = tailer.closed.keys().copied().collect::<Vec<_>>();
+        let grown = std::fs::read_dir(&logs)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                let m = std::fs::metadata(p).unwrap();
+                closed.contains(&(m.dev(), m.ino()))
+            })
+            .unwrap();
+        append(&grown, 100, 1);
+        let report = tailer.poll(&mut store, &stop).unwrap();
+        assert_eq!((rows(&report), report.duplicates, tailer.opened), (1, 0, 5));
     }
 }
