@@ -29,8 +29,10 @@ pub struct Watch {
     rx: Receiver<Changes>,
 }
 
-/// How long to keep collecting events after the first, so a burst is one look.
-const DEBOUNCE: Duration = Duration::from_millis(15);
+/// How long to keep collecting events after the first, so the writes of one flush are
+/// one look. Every millisecond here is a millisecond of latency from append to finding
+/// (a longer burst is read by the next look, which its later events bring).
+const DEBOUNCE: Duration = Duration::from_millis(1);
 /// How often a wait looks at the stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 
