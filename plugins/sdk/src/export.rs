@@ -135,21 +135,23 @@ pub unsafe fn run_init<D: Detector>(
 ) -> i32 {
     // SAFETY: guaranteed by the caller (the host passes a live buffer of `len` bytes).
     let input = unsafe { slice_or_empty(input, len) };
-    let result = catch_unwind(AssertUnwindSafe(|| -> Result<D, (i32, String)> {
+    let mut guard = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let old = guard.take();
+    // Everything of the author's runs inside: the old instance's `Drop`, `init` and
+    // `inputs`. A panic unwinding out of an `extern "C"` function aborts the host.
+    let result = catch_unwind(AssertUnwindSafe(|| -> Result<(D, Vec<u8>), (i32, String)> {
+        drop(old);
         let req: InitRequest = abi::decode(input).map_err(|e| (RC_BAD_PAYLOAD, e))?;
         let params = Params::resolve(&D::manifest(), &req.params).map_err(|e| (RC_ERROR, e))?;
-        D::init(&params, &req.state).map_err(|e| (RC_ERROR, e))
+        let detector = D::init(&params, &req.state).map_err(|e| (RC_ERROR, e))?;
+        let bytes = abi::encode(&InitResponse { inputs: detector.inputs() }).map_err(|e| (RC_ERROR, e))?;
+        Ok((detector, bytes))
     }));
-    let mut guard = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    *guard = None;
     let result = match result {
-        Ok(Ok(detector)) => match abi::encode(&InitResponse { inputs: detector.inputs() }) {
-            Ok(bytes) => {
-                *guard = Some(detector);
-                (RC_OK, bytes)
-            }
-            Err(e) => failed(RC_ERROR, e),
-        },
+        Ok(Ok((detector, bytes))) => {
+            *guard = Some(detector);
+            (RC_OK, bytes)
+        }
         Ok(Err((rc, msg))) => failed(rc, msg),
         Err(p) => failed(RC_PANIC, panic_message(p)),
     };
@@ -191,8 +193,9 @@ pub unsafe fn run_evaluate<D: Detector>(
                 Ok(Err((rc, msg))) => failed(rc, msg),
                 Err(p) => {
                     // The instance may be half-updated: drop it so the host must re-init
-                    // it from the committed state.
-                    *guard = None;
+                    // it from the committed state (its `Drop` may panic too).
+                    let broken = guard.take();
+                    let _ = catch_unwind(AssertUnwindSafe(|| drop(broken)));
                     failed(RC_PANIC, panic_message(p))
                 }
             }
@@ -274,4 +277,73 @@ macro_rules! export_detector {
             unsafe { $crate::export::free_buf(ptr, len) }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::{InputSpec, RC_PANIC};
+
+    /// A detector whose `inputs` panics, and whose instances panic when dropped.
+    struct Unruly;
+
+    impl Drop for Unruly {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                panic!("dropped on purpose");
+            }
+        }
+    }
+
+    impl Detector for Unruly {
+        fn manifest() -> crate::Manifest {
+            crate::Manifest {
+                name: "unruly".into(),
+                version: "0.1.0".into(),
+                title: String::new(),
+                description: String::new(),
+                severity: "low".into(),
+                mitre: Vec::new(),
+                inputs: vec!["DeviceFileEvents".into()],
+                parameters: Vec::new(),
+                indexes: Vec::new(),
+            }
+        }
+        fn init(_: &Params, _: &[(Vec<u8>, Vec<u8>)]) -> Result<Self, String> {
+            Ok(Unruly)
+        }
+        fn inputs(&self) -> Vec<InputSpec> {
+            panic!("inputs panicked on purpose")
+        }
+        fn evaluate(&mut self, _: &crate::EvalRequest, _: &mut Context<'_>) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// A panic in the author's `inputs` or `Drop` comes back as `RC_PANIC` with its
+    /// message, like one in `init` (unwinding out of the export would abort the host).
+    #[test]
+    fn a_panic_in_inputs_or_in_drop_is_an_answer_not_an_abort() {
+        let slot: Mutex<Option<Unruly>> = Mutex::new(None);
+        let req = abi::encode(&InitRequest { params: Vec::new(), state: Vec::new() }).unwrap();
+        let init = |slot: &Mutex<Option<Unruly>>| {
+            let mut out = LookoutBuf::empty();
+            // SAFETY: `req` is live for the call and `out` is a writable LookoutBuf.
+            let rc = unsafe { run_init::<Unruly>(slot, req.as_ptr(), req.len(), &mut out) };
+            // SAFETY: `out` was filled by `run_init` (give) and is freed once, here.
+            let message = unsafe { std::slice::from_raw_parts(out.ptr, out.len) }.to_vec();
+            // SAFETY: as above.
+            unsafe { free_buf(out.ptr, out.len) };
+            (rc, String::from_utf8_lossy(&message).into_owned())
+        };
+        let (rc, message) = init(&slot);
+        assert_eq!(rc, RC_PANIC);
+        assert!(message.contains("inputs panicked on purpose"), "{message}");
+        // An instance in the slot whose drop panics, replaced by a new init.
+        *slot.lock().unwrap() = Some(Unruly);
+        let (rc, message) = init(&slot);
+        assert_eq!(rc, RC_PANIC);
+        assert!(message.contains("dropped on purpose"), "{message}");
+        assert!(slot.lock().unwrap().is_none());
+    }
 }
