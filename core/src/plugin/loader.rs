@@ -187,6 +187,11 @@ fn check_manifest(m: &Manifest) -> Result<(), String> {
     if m.name.trim().is_empty() {
         return Err("the detector has no name".into());
     }
+    // A detector's cursor, state and wake-up are kept under `name@version`: with no `@`
+    // in the name, two detectors cannot share them.
+    if m.name.contains('@') || m.name.chars().any(char::is_control) {
+        return Err(format!("the detector's name {:?} has an `@` or a control character; rename it", m.name));
+    }
     for (i, decl) in m.indexes.iter().enumerate() {
         if decl.table.is_empty() || decl.columns.is_empty() || decl.columns.iter().any(|c| c.is_empty()) {
             return Err(format!(
@@ -221,7 +226,7 @@ mod tests {
     }
 
     #[test]
-    fn an_index_without_a_table_or_a_column_is_refused_at_load() {
+    fn a_bad_name_or_an_index_without_a_table_or_a_column_is_refused_at_load() {
         assert_eq!(check_manifest(&manifest(vec![index("DeviceProcessEvents", &["SHA1", "DeviceId"])])), Ok(()));
         for bad in
             [index("DeviceProcessEvents", &[]), index("", &["SHA1"]), index("DeviceProcessEvents", &["SHA1", ""])]
@@ -229,8 +234,10 @@ mod tests {
             let err = check_manifest(&manifest(vec![index("DeviceProcessEvents", &["SHA1"]), bad])).unwrap_err();
             assert!(err.starts_with("index 1 ("), "{err}");
         }
-        let mut nameless = manifest(Vec::new());
-        nameless.name = " ".into();
-        assert!(check_manifest(&nameless).is_err());
+        for name in [" ", "a@b", "@wake:x", "a\nb"] {
+            let mut bad = manifest(Vec::new());
+            bad.name = name.into();
+            assert!(check_manifest(&bad).is_err(), "{name:?}");
+        }
     }
 }
