@@ -412,12 +412,14 @@ fn prepare(
     Ok(Some(Due { since, head, record_params }))
 }
 
-/// The parameters a detector is given, as recorded with its passes: sorted, so the same
-/// settings in another order are the same.
+/// The parameters a detector is given, as recorded with its passes: the value each one
+/// takes (the last given, as the detector resolves them), by name, so the same settings
+/// in another order are the same and different ones are not.
 fn params_record(params: &[(String, String)]) -> String {
-    let mut sorted: Vec<&(String, String)> = params.iter().collect();
-    sorted.sort();
-    serde_json::to_string(&sorted).unwrap_or_default()
+    let effective: std::collections::BTreeMap<&str, &str> =
+        params.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+    let pairs: Vec<(&str, &str)> = effective.into_iter().collect();
+    serde_json::to_string(&pairs).unwrap_or_default()
 }
 
 /// A detector whose pass runs, with its report.
@@ -736,6 +738,26 @@ fn input_refs(
 mod tests {
     use super::*;
     use crate::parse::normalise::{normalise, TableHints};
+
+    /// The recorded parameters are the values the detector takes: the last of a name
+    /// given twice. Recorded sorted with the duplicates kept, `lookback=30d, lookback=2d`
+    /// (2d) and `lookback=2d, lookback=30d` (30d) were the same record, so widening the
+    /// window that way did not read again what the narrow one had left out.
+    #[test]
+    fn parameters_are_recorded_as_the_detector_takes_them() {
+        let p = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+        };
+        let narrow = params_record(&p(&[("lookback", "30d"), ("lookback", "2d")]));
+        let wide = params_record(&p(&[("lookback", "2d"), ("lookback", "30d")]));
+        assert_ne!(narrow, wide);
+        assert_eq!(narrow, params_record(&p(&[("lookback", "2d")])));
+        assert_eq!(
+            params_record(&p(&[("top", "3"), ("lookback", "2d")])),
+            params_record(&p(&[("lookback", "2d"), ("top", "3")]))
+        );
+        assert_eq!(params_record(&p(&[("lookback", "2d")])), r#"[["lookback","2d"]]"#, "as earlier builds wrote it");
+    }
     use lookout_plugin_sdk::tables::{FILE_EVENTS, IMAGE_LOADS};
     use lookout_plugin_sdk::{Condition, Row};
     use serde_json::Value;
