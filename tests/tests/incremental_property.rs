@@ -470,6 +470,22 @@ fn a_write_whose_sha1_differs_only_in_case_does_not_pair() {
     assert_eq!(run(&ticks), BTreeSet::from([pair(&load, &exact)]));
 }
 
+/// A SHA1 with a non-ASCII capital (not hex, but a string as sent): `in~` folds ASCII
+/// case only, so the candidate kept from the load must be folded the same way as the
+/// host folds the writes' SHA1s. Folded by Unicode (`É` → `é`), the write that arrives
+/// later was never handed over, and the pair never found.
+#[test]
+fn a_sha1_with_a_non_ascii_capital_still_pairs_with_a_later_write() {
+    let sha1 = "ÉA1b";
+    let load = load_row(1, t0(), "d-alpha", sha1, PLUGIN_DLL, "wsmprovhost.exe");
+    let write = write_row(2, t0() + HOUR, "d-alpha", sha1, PLUGIN_DLL, "FileCreated");
+    let ticks = vec![
+        Tick::new(t0() + MINUTE, Restart::No, vec![(IMAGE_LOADS, load.clone())]),
+        Tick::new(t0() + 2 * HOUR, Restart::No, vec![(FILE_EVENTS, write.clone())]),
+    ];
+    assert_eq!(run(&ticks), BTreeSet::from([pair(&load, &write)]));
+}
+
 /// Regression: at bc01a48 the store kept the *first* of two FileProfile rows for one SHA1
 /// arriving in the same ingest batch (the second was counted as a duplicate), so the
 /// newest profile did not win and this pair was missing.

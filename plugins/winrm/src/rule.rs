@@ -173,7 +173,7 @@ impl WinrmRule {
         let mut plugins = Vec::new();
         for load in loads {
             let Some(plugin) = self.potential_plugin(load, load_cutoff, ctx, &mut profiles)? else { continue };
-            let lower = plugin.load.str("SHA1").to_lowercase();
+            let lower = plugin.load.str("SHA1").to_ascii_lowercase();
             let entry = self.candidates.entry(lower.clone()).or_insert(i64::MIN);
             if plugin.load.ingested_at > *entry {
                 *entry = plugin.load.ingested_at;
@@ -249,7 +249,7 @@ impl WinrmRule {
         let hit = |k: &str| self.candidates.get(k).is_some_and(|&at| at >= load_cutoff);
         // SHA1s are almost always lowercase hex already: probe without allocating.
         if sha1.bytes().any(|b| b.is_ascii_uppercase()) || !sha1.is_ascii() {
-            hit(&sha1.to_lowercase())
+            hit(&sha1.to_ascii_lowercase())
         } else {
             hit(sha1)
         }
