@@ -25,6 +25,8 @@ pub enum FolderError {
     },
     #[error("plugins folder {} is not a directory", .0.display())]
     NotADirectory(PathBuf),
+    #[error("{} is not a directory (a link?): the private copies of plugins go there; remove it", .0.display())]
+    NotPrivate(PathBuf),
     #[error("refusing {what} {}: the {what} is {reason}", path.display())]
     Unsafe { what: &'static str, path: PathBuf, reason: UnsafeOwnership },
     #[error("{}:{line}: expected '<sha256>  <file name>', got '{text}'", path.display())]
@@ -72,6 +74,8 @@ pub enum Refused {
     Unreadable(#[source] std::io::Error),
     #[error("is a symbolic link; copy the library itself into the plugins folder")]
     Symlink,
+    #[error("changed while it was being checked; it is looked at again once it stops changing")]
+    ChangedWhileChecked,
     #[error("is not a regular file")]
     NotAFile,
     #[error("the file is {0}")]

@@ -125,10 +125,27 @@ pub fn write_pins(dir: &Path, pins: &Pins) -> Result<PathBuf, FolderError> {
     Ok(path)
 }
 
-/// `<data>/plugin-cache`, private to the service user.
+/// `<data>/plugin-cache`, private to the service user. The copies loaded are written and
+/// loaded there by path, so neither it nor the data directory may be a place another
+/// user can change: a data directory writable by others (or not its owner's) could have
+/// the folder swapped for a link to theirs between the copy and the load, which would
+/// load their library instead of the checked one.
 pub fn cache_dir(data_dir: &Path) -> Result<PathBuf, FolderError> {
     let dir = data_dir.join("plugin-cache");
     std::fs::create_dir_all(&dir).map_err(FolderError::io("create", &dir))?;
+    let data_meta = std::fs::metadata(data_dir).map_err(FolderError::io("read data directory", data_dir))?;
+    if let Some(reason) = unsafe_ownership(&data_meta) {
+        return Err(FolderError::Unsafe { what: "data directory", path: data_dir.to_path_buf(), reason });
+    }
+    let meta = std::fs::symlink_metadata(&dir).map_err(FolderError::io("read", &dir))?;
+    if !meta.is_dir() {
+        // A symbolic link (or anything else) where the private folder should be.
+        return Err(FolderError::NotPrivate(dir));
+    }
+    if meta.uid() != service_uid() {
+        let reason = UnsafeOwnership::Owner { uid: meta.uid(), service: service_uid() };
+        return Err(FolderError::Unsafe { what: "plugin copies folder", path: dir, reason });
+    }
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
         .map_err(FolderError::io("restrict", &dir))?;
     // A copy interrupted by a crash leaves its temporary file behind; nothing else uses
@@ -196,7 +213,19 @@ fn read_and_hash(file: &Path, meta: &std::fs::Metadata) -> Result<(Arc<[u8]>, St
             return Ok((bytes.clone(), sha256.clone()));
         }
     }
-    let bytes: Arc<[u8]> = std::fs::read(file).map_err(Refused::Unreadable)?.into();
+    // Read through a descriptor of the very file that was checked: opened without
+    // following a link, and still the same file (a swap between the check and the read
+    // would hand over bytes that were never checked).
+    let flags = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+    let mut f = std::fs::OpenOptions::new().read(true).custom_flags(flags).open(file).map_err(Refused::Unreadable)?;
+    let opened = f.metadata().map_err(Refused::Unreadable)?;
+    if ContentStamp::of(&opened) != stamp || opened.uid() != meta.uid() || opened.mode() != meta.mode() {
+        return Err(Refused::ChangedWhileChecked.into());
+    }
+    let mut read = Vec::with_capacity(opened.len() as usize);
+    std::io::Read::read_to_end(&mut std::io::Read::take(&mut f, MAX_PLUGIN_BYTES + 1), &mut read)
+        .map_err(Refused::Unreadable)?;
+    let bytes: Arc<[u8]> = read.into();
     let sha256 = sha256_hex(&bytes);
     // Read after `meta` was taken: a write in between moved the stamp, so this entry is
     // never matched by the file's new stamp and the next load reads it again.
@@ -240,7 +269,14 @@ pub fn verify_and_copy(file: &Path, cache: &Path, pins: Option<&Pins>) -> Result
     let write = || -> std::io::Result<()> {
         // No fsync: the copy is written afresh on every load and only this process
         // maps it; after a crash the next load writes it again.
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o500).open(&tmp)?;
+        // A new file of this process's, never one found there (a link, say).
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let flags = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o500).custom_flags(flags).open(&tmp)?;
         f.write_all(&bytes)?;
         std::fs::rename(&tmp, &copy)
     };
@@ -294,5 +330,31 @@ mod tests {
             verify_and_copy(&file, cache.path(), Some(&pins)),
             Err(LoadError::Refused(Refused::PinMismatch { .. }))
         ));
+    }
+
+    /// The private copies' folder is refused if it is a link (another user's folder in
+    /// its place), and so is a data directory others can write to (where that swap could
+    /// be made between the copy and the load).
+    #[test]
+    fn the_private_copies_folder_is_refused_unless_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        assert_eq!(cache_dir(&data).unwrap(), data.join("plugin-cache"));
+        let meta = std::fs::symlink_metadata(data.join("plugin-cache")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+
+        std::fs::remove_dir(data.join("plugin-cache")).unwrap();
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, data.join("plugin-cache")).unwrap();
+        let err = cache_dir(&data).unwrap_err();
+        assert!(matches!(err, FolderError::NotPrivate(_)), "{err}");
+
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = cache_dir(&open).unwrap_err();
+        assert!(err.to_string().contains("data directory") && err.to_string().contains("writable"), "{err}");
     }
 }
