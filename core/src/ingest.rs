@@ -11,12 +11,11 @@ use crate::parse::lines::LineReader;
 use crate::parse::normalise::TableHints;
 use crate::parse::open::{open_file, Layout, OpenError};
 use crate::parse::pipeline;
-use crate::parse::record::Document;
+use crate::parse::record::{Document, DocumentSeed};
 use crate::parse::{Reject, RejectKind};
 use crate::schema::table_from_file_name;
 use crate::store::{Added, OffsetUnit, RejectRecord, SourceState, Store, WriteBatch};
 use serde::de::{SeqAccess, Visitor};
-use serde_json::Value;
 use sha2::Digest;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -616,7 +615,7 @@ impl FileRun<'_> {
         let parsed = {
             let mut index = 0u64;
             let mut element_start = 0u64;
-            let mut on_element = |doc: Value| -> std::result::Result<(), String> {
+            let mut on_element = |doc: Document<'static>| -> std::result::Result<(), String> {
                 index += 1;
                 let size = read.get() - element_start;
                 element_start = read.get();
@@ -688,7 +687,7 @@ impl FileRun<'_> {
         for (index, element) in pending.drain(..) {
             match element {
                 Element::Doc(doc) => {
-                    let records = pipeline::records(Document::from_value(doc), &self.hints);
+                    let records = pipeline::records(doc, &self.hints);
                     self.store_records(&mut batch, &records, index, 0, b"", now)?;
                 }
                 Element::TooLong(size) => {
@@ -724,7 +723,8 @@ fn crash_after_durable_commit(store: &Store) -> Result<(), StoreError> {
 
 /// One element of a JSON array export, as read.
 enum Element {
-    Doc(Value),
+    /// Read as a line is (an envelope or a `{"records":[…]}` batch unwrapped).
+    Doc(Document<'static>),
     /// Over the line limit: its size in bytes (with the separator before it).
     TooLong(u64),
 }
@@ -747,15 +747,17 @@ struct ElementVisitor<'f, F> {
     f: &'f mut F,
 }
 
-impl<'de, F: FnMut(Value) -> std::result::Result<(), String>> Visitor<'de> for ElementVisitor<'_, F> {
+/// Each element read as a line's document is ([`DocumentSeed`]): envelopes and batches kept
+/// aside to be unwrapped, a key given twice given twice, as in a JSON Lines file.
+impl<F: FnMut(Document<'static>) -> std::result::Result<(), String>> Visitor<'static> for ElementVisitor<'_, F> {
     type Value = ();
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a JSON array of rows")
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
-        while let Some(v) = seq.next_element::<Value>()? {
+    fn visit_seq<A: SeqAccess<'static>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+        while let Some(v) = seq.next_element_seed(DocumentSeed)? {
             (self.f)(v).map_err(serde::de::Error::custom)?;
         }
         Ok(())

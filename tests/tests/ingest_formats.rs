@@ -274,6 +274,37 @@ fn event_hub_records_lines() {
     t.expect(&[(FE, 3), (IL, 2)], &[], 0);
 }
 
+/// A JSON array export whose elements are Streaming-API envelopes or Event Hub batches
+/// is read as the same documents as lines: each unwrapped into its rows (before, every
+/// element was one object of the envelope's own columns, so every row was rejected).
+#[test]
+fn arrays_of_envelopes_and_of_record_batches() {
+    let t = scratch();
+    let docs =
+        [envelope(FE, row(1)), json!({"records": [envelope(IL, row(2)), envelope(FE, row(3))]}), envelope(IL, row(4))];
+    let f = t.write("streaming-export.json", array(&docs));
+    t.ingest(&f, &[]);
+    t.expect(&[(FE, 2), (IL, 2)], &[], 0);
+    // The same documents as lines: the same rows, each a duplicate now.
+    let g = t.write("streaming-export.jsonl", jsonl(&docs));
+    t.ingest(&g, &[]);
+    t.expect(&[(FE, 2), (IL, 2)], &[], 4);
+}
+
+/// A key given twice means the same row whether the object is a line or an array
+/// element (before, the array's reader kept only the last, in the first's place, and
+/// the line's every one: the same event stored twice, keyed by different SHA1s).
+#[test]
+fn a_key_given_twice_reads_the_same_in_a_line_and_in_an_array() {
+    let t = scratch();
+    let text = r#"{"Timestamp":"2025-05-07T16:55:49Z","DeviceId":"d","SHA1":"a","ReportId":1,"SHA1":"b"}"#;
+    let f = t.write("DeviceFileEvents-lines.jsonl", format!("{text}\n"));
+    t.ingest(&f, &[]);
+    let g = t.write("DeviceFileEvents-array.json", format!("[{text}]"));
+    t.ingest(&g, &[]);
+    t.expect(&[(FE, 1)], &[], 1);
+}
+
 // ---------------------------------------------------------------------------------------
 // gzip
 

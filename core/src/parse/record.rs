@@ -170,17 +170,6 @@ pub(super) fn parse_document_with_serde(bytes: &[u8]) -> Result<Document<'_>, se
 }
 
 impl Document<'_> {
-    /// The document as a plain JSON value (for array elements already parsed as values).
-    pub fn from_value(v: Value) -> Document<'static> {
-        match v {
-            Value::Object(m) => Document::Object(Object {
-                columns: m.into_iter().map(|(k, v)| (Cow::Owned(k), Raw::from(v))).collect(),
-                kept: Vec::new(),
-            }),
-            other => Document::Other(other),
-        }
-    }
-
     fn into_value(self) -> Value {
         match self {
             Document::Object(object) => Value::Object(
@@ -356,7 +345,8 @@ impl<'de> Visitor<'de> for RawVisitor {
     }
 }
 
-struct DocumentSeed;
+/// Reads one JSON document (a line, or an element of an array export).
+pub(crate) struct DocumentSeed;
 
 impl<'de> DeserializeSeed<'de> for DocumentSeed {
     type Value = Document<'de>;
