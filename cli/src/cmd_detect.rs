@@ -62,7 +62,7 @@ pub fn detect(data: &Path, args: DetectArgs) -> Result<ExitCode> {
     };
     let dir = resolve_dir(&args.plugins.plugins)?;
     let mut store = Store::open(data)?;
-    store.set_retention(args.retention.resolve(None)?);
+    args.retention.apply_to(&mut store)?;
     store.advance_clock(lookout_core::clock::Clock::new(opts.now).now())?;
     store.expire_all()?;
     let mut loaded = plugin::load_dir(&dir, data)?;

@@ -45,7 +45,7 @@ pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
     let lookout_core::ingest::Expanded { files, skipped } = expand_paths(&args.paths)?;
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
     let mut store = Store::open(data)?;
-    store.set_retention(args.retention.resolve(None)?);
+    args.retention.apply_to(&mut store)?;
     store.advance_clock(lookout_core::clock::Clock::new(opts.now).now())?;
     let bar = if std::io::stderr().is_terminal() {
         let b = ProgressBar::new(total_bytes);

@@ -18,7 +18,8 @@ pub const DEFAULT_RETENTION: &str = "31d";
 pub struct RetentionArg {
     /// Keep rows whose Timestamp is within this of now (e.g. 31d, 12h; `none` keeps
     /// everything); older rows are invisible to detectors and their space is reused
-    /// [default: 31d, or `retention` in the config file]
+    /// [default: `retention` in the config file (run); ingest and detect: the retention
+    /// the data directory was last used with; else 31d]
     #[arg(long, value_name = "DURATION")]
     pub retention: Option<String>,
 }
@@ -40,6 +41,21 @@ impl RetentionArg {
     /// The retention to apply: the flag, else the config file's, else the default.
     pub fn resolve(&self, from_config: Option<&str>) -> Result<Option<i64>> {
         parse_retention(self.retention.as_deref().or(from_config).unwrap_or(DEFAULT_RETENTION))
+    }
+
+    /// The retention a one-shot command applies to `store`: the flag, else the one the
+    /// data directory was last used with (a daemon's, say: the horizon never moves back,
+    /// so the default applied here would remove for good the rows a longer retention
+    /// keeps), else the default. Recorded for the next command.
+    pub fn apply_to(&self, store: &mut lookout_core::store::Store) -> Result<Option<i64>> {
+        let retention = match (&self.retention, store.recorded_retention()?) {
+            (Some(flag), _) => parse_retention(flag)?,
+            (None, Some(recorded)) => recorded,
+            (None, None) => parse_retention(DEFAULT_RETENTION)?,
+        };
+        store.set_retention(retention);
+        store.record_retention(retention)?;
+        Ok(retention)
     }
 }
 

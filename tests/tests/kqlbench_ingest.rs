@@ -132,6 +132,29 @@ fn rows_past_the_retention_horizon_are_counted_as_expired() {
     assert_eq!(status_json(&data)["expired"].as_u64(), Some(expired));
 }
 
+/// A one-shot command given no `--retention` applies the one the data directory was last
+/// used with (recorded by `run`, `ingest` and `detect`), not the 31-day default: the
+/// horizon never moves back, so the default would remove for good the rows a longer
+/// retention keeps. The exports are a day older than this `--now`.
+#[test]
+fn a_command_without_retention_keeps_what_the_last_one_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let kql = kqlbench_dir();
+    let fe = kql.join("DeviceFileEvents.json");
+    let fe = fe.to_str().expect("utf-8 path");
+    let later = "2025-06-30T00:00:00Z";
+    lookout_ok(&data, &["ingest", "--now", later, "--retention", "none", fe]);
+    let stored = |data: &Path| status_json(data)["tables"]["DeviceFileEvents"]["rows"].as_u64();
+    assert_eq!(stored(&data), Some(FE_ROWS));
+    lookout_ok(&data, &["detect", "--now", later]);
+    lookout_ok(&data, &["ingest", "--now", later, fe]);
+    assert_eq!(stored(&data), Some(FE_ROWS), "kept under the recorded `none`");
+    // Given explicitly, a retention applies (and is the one recorded from then on).
+    lookout_ok(&data, &["detect", "--now", later, "--retention", "31d"]);
+    assert_eq!(stored(&data), None);
+}
+
 /// The repository carries everything its build and tests use: no source, script or
 /// manifest refers to a folder beside the checkout (CI runs the suite from a copy with
 /// nothing beside it, which proves the same from the other side).

@@ -119,6 +119,8 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
     let metrics = Arc::new(Mutex::new(Metrics::default()));
     let db: http::SharedDb = Arc::new(RwLock::new(None));
     let mut store = Store::open(&cfg.data)?;
+    // For `lookout ingest` or `detect` run by hand on this data directory later.
+    store.record_retention(cfg.retention)?;
     *db.write().unwrap_or_else(|p| p.into_inner()) = Some(store.reader());
     // The endpoint stays up across work-loop restarts, so a stuck daemon can be seen.
     let endpoint = http::Endpoint::start(&cfg.listen, db.clone(), &cfg.data, metrics.clone())?;

@@ -142,6 +142,9 @@ pub struct RejectRecord {
     pub excerpt: String,
 }
 
+/// The meta value of the retention a data directory was last used with.
+const RETENTION_NAME: &str = "retention";
+
 pub(crate) fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(|e| corrupt!("encode: {e}"))
 }
@@ -490,6 +493,23 @@ impl Store {
 
     pub fn retention(&self) -> Option<i64> {
         self.retention
+    }
+
+    /// The retention this data directory was last used with (`Some(None)`: keep
+    /// everything), if one was recorded: what a one-shot command given none applies, so
+    /// that a `lookout ingest` with the default does not cut the rows a daemon run with a
+    /// longer retention keeps (the horizon never moves back).
+    pub fn recorded_retention(&self) -> Result<Option<Option<i64>>> {
+        self.meta_value(RETENTION_NAME)
+    }
+
+    /// Records the retention this data directory is used with (see
+    /// [`Store::recorded_retention`]); durable with the next flush or batch.
+    pub fn record_retention(&self, retention: Option<i64>) -> Result<()> {
+        if self.recorded_retention()? != Some(retention) {
+            self.put_meta_value(RETENTION_NAME, &retention)?;
+        }
+        Ok(())
     }
 
     /// Moves the retention horizon to `now − retention` if that is later than it is:
