@@ -33,9 +33,9 @@ struct Cli {
     #[arg(long, global = true, env = "LOOKOUT_DATA")]
     data: Option<PathBuf>,
 
-    /// Log format on stderr
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
-    log_format: LogFormat,
+    /// Log format on stderr [default: human, or `log_format` in run's config file]
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
 
     #[command(subcommand)]
     command: Command,
@@ -76,10 +76,11 @@ pub const DEFAULT_DATA: &str = "./lookout-data";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let format = match &cli.command {
-        // `lookout run` may take its log format from its config file.
-        Command::Run(a) => cmd_run::log_format_of(a).unwrap_or(cli.log_format),
-        _ => cli.log_format,
+    let format = match (&cli.command, cli.log_format) {
+        // The flag wins; `lookout run` may take it from its config file.
+        (_, Some(flag)) => flag,
+        (Command::Run(a), None) => cmd_run::log_format_of(a).unwrap_or(LogFormat::Human),
+        (_, None) => LogFormat::Human,
     };
     #[cfg(feature = "kafka")]
     let service = matches!(cli.command, Command::Run(_) | Command::Split(_));

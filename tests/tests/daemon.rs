@@ -896,3 +896,34 @@ fn an_idle_daemon_waits_and_sigterm_stops_it_at_once() {
     let took = d.terminate(Duration::from_secs(10));
     assert!(took < Duration::from_secs(2), "took {took:?} to stop");
 }
+
+/// SIGTERM while the daemon waits to retry after a failure (here every findings write
+/// fails: the findings file's folder is a file) is a clean stop: exit status 0, as
+/// README promises for SIGTERM, not the failure it was waiting out.
+#[test]
+fn sigterm_while_waiting_to_retry_after_a_failure_exits_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let logs = root.join("logs");
+    fs::create_dir_all(&logs).unwrap();
+    fs::write(logs.join("DeviceLogonEvents.jsonl"), logon(1, "2025-05-06T12:00:00Z", "LogonFailed", "u")).unwrap();
+    fs::write(root.join("not-a-folder"), "").unwrap();
+    let mut d = DaemonSpec::new(&root.join("data"))
+        .logs(&logs)
+        .plugins(&plugins_dir(root, &[]))
+        .findings(&root.join("not-a-folder").join("findings.jsonl"))
+        .log(&root.join("daemon.log"))
+        .spawn();
+    let log = root.join("daemon.log");
+    wait_for("the work loop to fail", Duration::from_secs(30), || {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("work loop failed") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
+    d.sigterm();
+    let status = d.wait_exit(Duration::from_secs(10)).expect("stopped within 10 s");
+    assert!(status.success(), "{status}: {}", fs::read_to_string(&log).unwrap_or_default());
+}

@@ -133,7 +133,7 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
     // are still read to their end.
     let mut tailer = Tailer::new(&cfg.logs, cfg.ingest.clone());
     let mut backoff = Duration::from_millis(250);
-    let result = loop {
+    let result: Result<(), DaemonError> = loop {
         let worked = work(&cfg, &mut store, &mut tailer, &metrics, &stop)
             .and_then(|()| flush_outbox(&mut store, &cfg.findings).map(|_| ()).map_err(DaemonError::Findings))
             .and_then(|()| Ok(store.flush_and_save_key_filter()?));
@@ -189,7 +189,9 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
                     tailer = Tailer::new(&cfg.logs, cfg.ingest.clone());
                 }
             }
-            None => break Err(e),
+            // Stopped while waiting to reopen: the failure was logged; a stop asked for
+            // is a clean exit (what was committed is intact).
+            None => break Ok(()),
         }
     };
     let _ = std::fs::remove_file(&addr_file);
