@@ -133,7 +133,7 @@ fn print_timings(reports: &[DetectorReport], pass: std::time::Duration) {
 }
 
 pub fn findings(data: &Path, args: FindingsArgs) -> Result<ExitCode> {
-    let store = Store::open(data)?;
+    let store = crate::output::open_existing(data)?;
     let all = all_findings(&store)?;
     if args.json {
         for f in &all {

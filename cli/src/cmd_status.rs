@@ -72,7 +72,7 @@ pub fn run(data: &Path, args: StatusArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let store = Store::open(data)?;
+    let store = crate::output::open_existing(data)?;
     let s = status(&store)?;
     if args.json {
         println!("{}", serde_json::to_string(&s)?);

@@ -59,6 +59,19 @@ impl RetentionArg {
     }
 }
 
+/// Opens the store of a data directory that must already hold one: a command that only
+/// reads (`status`, `findings`) given a mistyped `--data` would otherwise create an empty
+/// store there and report it, empty, as if all were well.
+pub fn open_existing(data: &std::path::Path) -> Result<lookout_core::store::Store> {
+    if !data.join("db").exists() {
+        return Err(anyhow!(
+            "{} holds no Lookout data (no database in it): pass --data (or set LOOKOUT_DATA) to the data directory `lookout ingest` or `lookout run` use",
+            data.display()
+        ));
+    }
+    Ok(lookout_core::store::Store::open(data)?)
+}
+
 /// Prints rows as an aligned text table.
 pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();

@@ -434,3 +434,18 @@ fn a_failed_pass_is_due_again_within_thirty_seconds() {
     run_pass(&mut store, &mut loaded.plugins, &later).unwrap();
     assert_eq!(store.wake_at(&id).unwrap(), Some(now + 70 * second));
 }
+
+/// `status` and `findings` only read: pointed at a folder with no data (a mistyped
+/// `--data`), they say so and fail, instead of creating an empty store there and
+/// reporting it as if all were well.
+#[test]
+fn reading_commands_on_a_folder_without_data_fail_and_create_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("no-data-here");
+    for args in [&["status"][..], &["status", "--json"], &["findings"]] {
+        let out = lookout(&data, args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains("holds no Lookout data"), "{args:?}: {}", stderr(&out));
+    }
+    assert!(!data.exists(), "nothing created");
+}
