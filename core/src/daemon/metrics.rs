@@ -80,6 +80,9 @@ pub struct Metrics {
     /// Seconds from reading to writing a finding (see [`Metrics::observe_findings`]).
     finding_latency: HistogramFamily,
     pub plugin_load_failures: u64,
+    /// Rows stored by this process, per table (a counter: it only goes up, from 0 at
+    /// start; what the store holds, which retention brings down, is a gauge).
+    pub ingested: BTreeMap<String, u64>,
     pub behind: Vec<Behind>,
     pub polls: u64,
     /// Files in the logs folder not read, per reason (symlink, not_a_regular_file, …).
@@ -99,6 +102,7 @@ impl Default for Metrics {
             pass_seconds: Family::new_with_constructor(pass_histogram),
             finding_latency: Family::new_with_constructor(latency_histogram),
             plugin_load_failures: 0,
+            ingested: BTreeMap::new(),
             behind: Vec::new(),
             polls: 0,
             skipped_files: BTreeMap::new(),
@@ -110,6 +114,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts the rows a look or a round stored.
+    pub fn observe_stored(&mut self, new_rows: &BTreeMap<String, u64>) {
+        for (table, n) in new_rows {
+            *self.ingested.entry(table.clone()).or_insert(0) += n;
+        }
+    }
+
     /// One detector pass: its duration, rows handed over, new findings, and whether it failed.
     pub fn observe_pass(
         &mut self,
@@ -178,7 +189,16 @@ pub fn render(m: &Metrics, c: &Counters) -> String {
     let mut r = Registry::with_prefix("lookout");
     let table = |t: &String| TableLabel { table: t.clone() };
     let reason = |r: &String| ReasonLabel { reason: r.clone() };
-    r.register("rows_ingested", "Rows stored, per table", counters(c.rows.iter().map(|(t, n)| (table(t), *n))));
+    r.register(
+        "rows_ingested",
+        "Rows stored by this process since it started, per table",
+        counters(m.ingested.iter().map(|(t, n)| (table(t), *n))),
+    );
+    r.register(
+        "rows_stored",
+        "Rows the store holds, per table (retention removes the oldest)",
+        gauges(c.rows.iter().map(|(t, n)| (table(t), *n))),
+    );
     r.register("duplicates_skipped", "Rows not stored because they were stored already", counter(c.duplicates));
     r.register(
         "rows_rejected",
@@ -307,6 +327,7 @@ mod tests {
         m.observe_findings(&winrm, 2, Duration::from_millis(40));
         m.behind = vec![Behind { path: "odd \"name\\\n".into(), bytes: 7 }];
         m.disk_space_low = true;
+        m.ingested.insert("DeviceFileEvents".into(), 15);
         let mut c = Counters::default();
         c.rows.insert("DeviceFileEvents".into(), 12);
         c.rejected.insert("malformed_json".into(), 1);
@@ -314,6 +335,7 @@ mod tests {
         let types = check(&page).unwrap_or_else(|e| panic!("{e}\n{page}"));
         for (family, kind) in [
             ("lookout_rows_ingested_total", "counter"),
+            ("lookout_rows_stored", "gauge"),
             ("lookout_rows_rejected_total", "counter"),
             ("lookout_source_bytes_behind", "gauge"),
             ("lookout_detector_pass_duration_seconds", "histogram"),
@@ -333,7 +355,8 @@ mod tests {
         assert!(has(r#"lookout_findings_total{detector="winrm",version="1.0.0"} 2"#));
         assert!(has(r#"lookout_detector_failures_total{detector="winrm",version="1.0.0"} 1"#));
         assert!(has(r#"lookout_detector_rows_total{detector="winrm",version="1.0.0"} 15"#));
-        assert!(has(r#"lookout_rows_ingested_total{table="DeviceFileEvents"} 12"#));
+        assert!(has(r#"lookout_rows_ingested_total{table="DeviceFileEvents"} 15"#));
+        assert!(has(r#"lookout_rows_stored{table="DeviceFileEvents"} 12"#));
         assert!(has(r#"lookout_source_bytes_behind{path="odd \"name\\\n"} 7"#), "label values are escaped\n{page}");
         assert!(has("lookout_disk_space_low 1"));
         // A clone (what the endpoint renders) shares the histograms.

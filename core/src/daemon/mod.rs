@@ -284,6 +284,7 @@ fn work(
         // The start of the read that the finding latency is measured from.
         let poll_started = Instant::now();
         let report = tailer.poll(store, stop)?;
+        metrics.lock().unwrap_or_else(|p| p.into_inner()).observe_stored(&report.new_rows);
         if report.total_rejected() > 0 {
             tracing::warn!(rejected = report.total_rejected(), "bad records kept aside (lookout status --rejects)");
         }

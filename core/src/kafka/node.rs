@@ -692,7 +692,13 @@ fn work(
                     tracing::debug!(error = %e, "cannot commit the group's offsets now; they follow the store");
                 }
             }
-            metrics.lock().unwrap_or_else(|p| p.into_inner()).polls += 1;
+            {
+                let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+                m.polls += 1;
+                for r in reports.values() {
+                    m.observe_stored(&r.new_rows);
+                }
+            }
         }
         Ok(())
     })();
