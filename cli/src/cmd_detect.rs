@@ -80,6 +80,16 @@ pub fn detect(data: &Path, args: DetectArgs) -> Result<ExitCode> {
         print_timings(&reports, pass);
     }
     println!("{written} new finding line(s) written to {}", path.display());
+    // Everything that ran is committed and written; a script or a timer still needs to
+    // know that not every detector did.
+    let failed = reports.iter().filter(|r| r.error.is_some()).count();
+    if failed > 0 || !loaded.refused.is_empty() {
+        eprintln!(
+            "lookout: {failed} detector(s) failed their pass and {} plugin(s) were refused (above); exit status 2",
+            loaded.refused.len()
+        );
+        return Ok(ExitCode::from(2));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
