@@ -80,9 +80,13 @@ pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
     store.expire_all()?;
     store.flush_and_save_key_filter()?;
     print_summary(&report, started.elapsed().as_secs_f64());
-    if !failed.is_empty() {
+    // A folder that could not be listed holds files that were never read, as much as a
+    // file that failed.
+    let unlisted = report.skipped.iter().filter(|(_, why)| why.starts_with("cannot list")).count();
+    if !failed.is_empty() || unlisted > 0 {
         eprintln!(
-            "lookout: {} file(s) could not be read completely; what was read is committed, re-run to resume",
+            "lookout: {} file(s) could not be read completely and {unlisted} folder(s) could not be listed \
+             (above); what was read is committed, re-run to resume",
             failed.len()
         );
         return Ok(ExitCode::FAILURE);

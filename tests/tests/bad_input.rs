@@ -402,3 +402,38 @@ fn a_plugins_folder_that_cannot_be_listed_stops_detectors_not_ingestion() {
     d.terminate(Duration::from_secs(10));
     std::fs::set_permissions(&plugins, Permissions::from_mode(0o755)).unwrap();
 }
+
+/// A folder given to `lookout ingest` that holds a folder it cannot list: the rest is
+/// read and committed, the unlisted folder is named, and the exit status is 1 (its
+/// files were never read). As root, `ingest` runs as an unprivileged user (see above).
+#[test]
+fn a_folder_that_cannot_be_listed_makes_ingest_fail_after_reading_the_rest() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let logs = root.join("logs");
+    std::fs::create_dir_all(logs.join("closed")).unwrap();
+    std::fs::write(logs.join("DeviceFileEvents-ok.jsonl"), good()).unwrap();
+    std::fs::write(logs.join("closed").join("DeviceFileEvents-hidden.jsonl"), good()).unwrap();
+    let data = root.join("data");
+    let mut cmd = std::process::Command::new(lookout_bin());
+    if is_root() {
+        let bin = lookout_bin_for_everyone(&root.join("bin"));
+        for dir in [root, logs.as_path()] {
+            std::fs::set_permissions(dir, Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::set_permissions(logs.join("DeviceFileEvents-ok.jsonl"), Permissions::from_mode(0o644)).unwrap();
+        std::fs::create_dir(&data).unwrap();
+        std::os::unix::fs::chown(&data, Some(NOBODY), Some(NOBODY)).unwrap();
+        cmd = std::process::Command::new(bin);
+        cmd.uid(NOBODY).gid(NOBODY);
+    }
+    std::fs::set_permissions(logs.join("closed"), Permissions::from_mode(0o000)).unwrap();
+    let out = cmd.arg("--data").arg(&data).args(["ingest", "--retention", "none"]).arg(&logs).output().unwrap();
+    std::fs::set_permissions(logs.join("closed"), Permissions::from_mode(0o755)).unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("closed: cannot list"), "{stdout}");
+    assert!(stderr.contains("1 folder(s) could not be listed"), "{stderr}");
+    assert_eq!(table_rows(&data, "DeviceFileEvents"), 1);
+}
