@@ -1,7 +1,7 @@
 //! `lookout gen` and `lookout demo`.
 
 use crate::cmd_detect::{print_findings, print_reports};
-use crate::output::{human_bytes, parse_now};
+use crate::output::{human_bytes, parse_time};
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, ValueEnum};
 use lookout_core::detect::{run_pass, DetectOptions};
@@ -63,7 +63,7 @@ impl FleetArgs {
             events: self.events,
             attacks: self.attacks,
             seed: self.seed,
-            base_time: parse_now(&self.base_time)?,
+            base_time: parse_time("--base-time", &self.base_time)?,
         })
     }
 }

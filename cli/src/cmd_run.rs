@@ -1,7 +1,7 @@
 //! `lookout run`: the service, configured by flags and/or `lookout.toml`.
 
 use crate::cmd_plugins::resolve_dir;
-use crate::output::{parse_now, RetentionArg};
+use crate::output::{parse_now, parse_time, RetentionArg};
 use crate::{LogFormat, DEFAULT_DATA};
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
@@ -141,8 +141,10 @@ pub fn run(data_flag: Option<&Path>, args: RunArgs) -> Result<ExitCode> {
         params.retain(|(d2, p2, _)| !(d2 == &d && p2 == &p));
         params.push((d, p, v));
     }
-    let mut ingest =
-        IngestOptions { now: args.ingest_now.as_deref().map(parse_now).transpose()?, ..Default::default() };
+    let mut ingest = IngestOptions {
+        now: args.ingest_now.as_deref().map(|s| parse_time("--ingest-now", s)).transpose()?,
+        ..Default::default()
+    };
     if let Some(m) = cfg.max_line_bytes {
         let limit = lookout_core::ingest::MAX_LINE_LIMIT;
         if m == 0 || m > limit {

@@ -5,7 +5,12 @@ use lookout_plugin_sdk::time::parse_timestamp;
 
 /// Parses `--now` (RFC 3339 / ISO-8601 UTC) into ticks.
 pub fn parse_now(s: &str) -> Result<i64> {
-    parse_timestamp(s).ok_or_else(|| anyhow!("--now '{s}': expected an RFC 3339 UTC time like 2025-05-08T00:00:00Z"))
+    parse_time("--now", s)
+}
+
+/// Parses a time given as `what` (a flag, a config key) into ticks; the error names it.
+pub fn parse_time(what: &str, s: &str) -> Result<i64> {
+    parse_timestamp(s).ok_or_else(|| anyhow!("{what} '{s}': expected an RFC 3339 UTC time like 2025-05-08T00:00:00Z"))
 }
 
 /// Retention when none is given: Defender keeps 30 days of advanced hunting, and a rule's
@@ -26,13 +31,16 @@ pub struct RetentionArg {
 
 /// Parses a retention (`31d`, `12h`, `none`/`off`/`0`) into ticks (`None`: keep forever).
 pub fn parse_retention(s: &str) -> Result<Option<i64>> {
+    parse_retention_from("--retention", s)
+}
+
+/// [`parse_retention`] of a value given as `what` (a flag, a config key): the error names it.
+fn parse_retention_from(what: &str, s: &str) -> Result<Option<i64>> {
     match s.trim() {
         "none" | "off" | "0" => Ok(None),
         d => match lookout_plugin_sdk::time::parse_duration(d) {
             Some(t) if t > 0 => Ok(Some(t)),
-            _ => Err(anyhow!(
-                "--retention '{s}': expected a duration like 31d, 12h or 90m, or `none` to keep everything"
-            )),
+            _ => Err(anyhow!("{what} '{s}': expected a duration like 31d, 12h or 90m, or `none` to keep everything")),
         },
     }
 }
@@ -40,7 +48,11 @@ pub fn parse_retention(s: &str) -> Result<Option<i64>> {
 impl RetentionArg {
     /// The retention to apply: the flag, else the config file's, else the default.
     pub fn resolve(&self, from_config: Option<&str>) -> Result<Option<i64>> {
-        parse_retention(self.retention.as_deref().or(from_config).unwrap_or(DEFAULT_RETENTION))
+        match (&self.retention, from_config) {
+            (Some(flag), _) => parse_retention(flag),
+            (None, Some(key)) => parse_retention_from("retention in the config file", key),
+            (None, None) => parse_retention(DEFAULT_RETENTION),
+        }
     }
 
     /// The retention a one-shot command applies to `store`: the flag, else the one the

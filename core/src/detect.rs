@@ -76,8 +76,9 @@ pub enum PassError {
     /// [`run_pass`]) and retried from its cursor on the next pass.
     #[error(transparent)]
     Detector(#[from] DetectorError),
-    /// `--set` names a detector that is not loaded.
-    #[error("--set names detector '{name}', which is not loaded (loaded: {loaded})")]
+    /// A setting (`--set`, or a `[detectors.NAME]` table of the config file) names a
+    /// detector that is not loaded.
+    #[error("a setting (--set, or [detectors.{name}] in the config file) names detector '{name}', which is not loaded (loaded: {loaded}); check its spelling")]
     UnknownDetector { name: String, loaded: String },
 }
 
