@@ -18,6 +18,7 @@
 //! | `D`   | table u16, batch seq u64, block u16, 0 u16                    | a block's directory entry: rows, Timestamp range, place in its generation's block file |
 //! | `y`   | table u16, dictionary u32, part u16                           | the table's zstd dictionary for rows' pages (in pieces) |
 //! | `p`   | sha1                                                          | FileProfile row (newest wins) |
+//! | `P`   | sha1 (u16-prefixed), content hash u64                         | a FileProfile version stored (empty): the same one again is a duplicate |
 //! | `s`   | schema id u32                                                 | column names |
 //! | `t`   | table name                                                    | table id u16 |
 //! | `S`   | source id                                                     | source offset state |
@@ -32,6 +33,7 @@
 
 pub const EVENT: u8 = b'e';
 pub const PROFILE: u8 = b'p';
+pub const PROFILE_VERSION: u8 = b'P';
 pub const BLOCK_KEYS: u8 = b'K';
 pub const BLOCK_ROWS: u8 = b'B';
 pub const BLOCK_META: u8 = b'D';
@@ -228,6 +230,14 @@ pub fn event_timestamp(key: &[u8]) -> Option<i64> {
 pub fn profile_key(sha1: &str) -> Vec<u8> {
     let mut k = vec![PROFILE];
     k.extend_from_slice(sha1.as_bytes());
+    k
+}
+
+/// A FileProfile version stored: its SHA1 and content hash.
+pub fn profile_version_key(sha1: &str, content: u64) -> Vec<u8> {
+    let mut k = vec![PROFILE_VERSION];
+    push_str(&mut k, sha1.as_bytes());
+    k.extend_from_slice(&content.to_be_bytes());
     k
 }
 

@@ -853,6 +853,7 @@ impl Store {
             postings: index::Postings::default(),
             ahead_postings: index::Postings::default(),
             pending: HashMap::with_capacity_and_hasher(keys, FastHash::default()),
+            profile_versions: Default::default(),
             counters_dirty: false,
             new_rows: 0,
             saved_counters,
@@ -1339,6 +1340,8 @@ pub struct WriteBatch<'s> {
     ahead_postings: index::Postings,
     /// Content hash of every key this batch stores.
     pending: HashMap<Vec<u8>, u64, FastHash>,
+    /// The FileProfile versions this batch stores (see [`keys::profile_version_key`]).
+    profile_versions: std::collections::HashSet<Vec<u8>, FastHash>,
     counters_dirty: bool,
     new_rows: usize,
     saved_counters: Counters,
@@ -1426,6 +1429,15 @@ impl WriteBatch<'_> {
                 if previous == Some(content) {
                     return Ok(self.duplicate());
                 }
+                // A version stored before (an older one, read again from another file or
+                // a replay of the feed) is not news: put back as current, it would undo
+                // the newer one detectors read.
+                let version = keys::profile_version_key(&row.sha1, content);
+                if self.profile_versions.contains(&version) || self.store.db.contains_key(&version)? {
+                    return Ok(self.duplicate());
+                }
+                self.batch.insert(version.clone(), &[][..]);
+                self.profile_versions.insert(version);
                 (key, previous)
             }
             TableKind::Event => match self.stored_content(&key)? {
@@ -2278,6 +2290,36 @@ mod tests {
         assert_eq!(hashes.len(), keys.len());
         assert_eq!(h.hash_one(b"row key".to_vec()), h.hash_one(b"row key".to_vec()));
         assert_eq!(h.hash_one(&lists[0]), FastHash::default().hash_one(lists[0].clone()));
+    }
+
+    /// A FileProfile version stored before and read again (another file, a replay of the
+    /// feed) is a duplicate: it does not become current again over the newer one.
+    #[test]
+    fn an_older_file_profile_read_again_does_not_replace_the_newer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let profile = |prevalence: i64| {
+            let text = format!(r#"{{"SHA1":"abc","GlobalPrevalence":{prevalence},"ProfileAvailability":"Available"}}"#);
+            let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
+            normalise(obj, Some("FileProfile"), &TableHints::default()).unwrap()
+        };
+        let add = |store: &mut Store, rows: &[NormalRow]| -> Vec<Added> {
+            let mut b = store.batch();
+            let added = rows.iter().map(|r| b.add_row(r, 0).unwrap()).collect();
+            b.commit().unwrap();
+            added
+        };
+        let prevalence = |store: &Store| store.profile::<Row>("abc").unwrap().unwrap().get("GlobalPrevalence").cloned();
+        assert_eq!(add(&mut store, &[profile(5)]), [Added::New]);
+        assert_eq!(add(&mut store, &[profile(500)]), [Added::Replaced]);
+        assert_eq!(add(&mut store, &[profile(5)]), [Added::Duplicate]);
+        assert_eq!(prevalence(&store), Some(Cell::Int(500)));
+        // Within one batch too; a version never seen still replaces.
+        assert_eq!(
+            add(&mut store, &[profile(7), profile(500), profile(7)]),
+            [Added::Replaced, Added::Duplicate, Added::Duplicate]
+        );
+        assert_eq!(prevalence(&store), Some(Cell::Int(7)));
     }
 
     /// Two declarations of one column list covering different columns (two detectors, or
