@@ -1424,7 +1424,15 @@ impl WriteBatch<'_> {
             TableKind::Profile => {
                 let previous = match self.pending.get(&key) {
                     Some(c) => Some(*c),
-                    None => self.store.key_entry(&key)?.map(|e| e.content),
+                    None => {
+                        let stored = self.store.key_entry(&key)?.map(|e| e.content);
+                        // The current version of a store written before versions were
+                        // recorded is known from its entry: recorded now.
+                        if let Some(current) = stored {
+                            self.record_profile_version(&row.sha1, current)?;
+                        }
+                        stored
+                    }
                 };
                 if previous == Some(content) {
                     return Ok(self.duplicate());
@@ -1432,12 +1440,9 @@ impl WriteBatch<'_> {
                 // A version stored before (an older one, read again from another file or
                 // a replay of the feed) is not news: put back as current, it would undo
                 // the newer one detectors read.
-                let version = keys::profile_version_key(&row.sha1, content);
-                if self.profile_versions.contains(&version) || self.store.db.contains_key(&version)? {
+                if !self.record_profile_version(&row.sha1, content)? {
                     return Ok(self.duplicate());
                 }
-                self.batch.insert(version.clone(), &[][..]);
-                self.profile_versions.insert(version);
                 (key, previous)
             }
             TableKind::Event => match self.stored_content(&key)? {
@@ -1498,6 +1503,17 @@ impl WriteBatch<'_> {
         self.pending.insert(key, content);
         self.new_rows += 1;
         Ok(added)
+    }
+
+    /// Records that this FileProfile version of `sha1` is stored; false if it was already.
+    fn record_profile_version(&mut self, sha1: &str, content: u64) -> Result<bool> {
+        let version = keys::profile_version_key(sha1, content);
+        if self.profile_versions.contains(&version) || self.store.db.contains_key(&version)? {
+            return Ok(false);
+        }
+        self.batch.insert(version.clone(), &[][..]);
+        self.profile_versions.insert(version);
+        Ok(true)
     }
 
     fn duplicate(&mut self) -> Added {
@@ -2320,6 +2336,16 @@ mod tests {
             [Added::Replaced, Added::Duplicate, Added::Duplicate]
         );
         assert_eq!(prevalence(&store), Some(Cell::Int(7)));
+        // A store written before versions were recorded: its current version is known
+        // from its entry, and recorded when another arrives.
+        let recorded: Vec<sled::IVec> =
+            store.db.scan_prefix([keys::PROFILE_VERSION]).keys().collect::<std::result::Result<_, _>>().unwrap();
+        for k in recorded {
+            store.db.remove(k).unwrap();
+        }
+        assert_eq!(add(&mut store, &[profile(9)]), [Added::Replaced]);
+        assert_eq!(add(&mut store, &[profile(7)]), [Added::Duplicate]);
+        assert_eq!(prevalence(&store), Some(Cell::Int(9)));
     }
 
     /// Two declarations of one column list covering different columns (two detectors, or
