@@ -285,19 +285,21 @@ impl World {
     fn check_findings(&self, nodes: &[&Daemon]) {
         let messages = self.mock.consume("findings");
         let rows = self.mock.consume("rows");
+        // `split` writes `{"records":[…]}` messages, each record keyed by its DeviceId.
         let partition_of: BTreeMap<String, i32> = rows
             .iter()
+            .flat_map(|(p, m)| m["records"].as_array().into_iter().flatten().map(move |r| (p, r)))
             .filter(|(_, r)| r["category"] != format!("AdvancedHunting-{BROADCAST}"))
             .filter_map(|(p, r)| Some((r["properties"]["DeviceId"].as_str()?.to_string(), *p)))
             .collect();
+        assert!(!partition_of.is_empty(), "no record of the rows topic names its device");
         let mut ids: BTreeMap<String, usize> = BTreeMap::new();
         for (p, f) in &messages {
             let id = f["finding_id"].as_str().expect("finding_id").to_string();
             *ids.entry(id.clone()).or_insert(0) += 1;
             let device = f["device_id"].as_str().unwrap_or_default();
-            if let Some(&dp) = partition_of.get(device) {
-                assert_eq!(*p, dp, "finding {id} of device {device} is in partition {p}, its rows in {dp}");
-            }
+            let dp = partition_of.get(device).unwrap_or_else(|| panic!("finding {id}: no row of device {device:?}"));
+            assert_eq!(*p, *dp, "finding {id} of device {device} is in partition {p}, its rows in {dp}");
         }
         let twice: Vec<&String> = ids.iter().filter(|(_, &n)| n > 1).map(|(id, _)| id).collect();
         assert!(

@@ -38,12 +38,29 @@ fn t_event() -> i64 {
     parse_timestamp("2025-05-07T11:50:00Z").unwrap()
 }
 
+/// The rule's `let lolbins = dynamic([...])`, read from the published rule itself: the
+/// oracle's list is not the detector's.
+fn published_lolbins() -> Vec<String> {
+    let rule = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../docs/rules/0xFF-0083-Remote_Process_Invocation_Via_SCM-Win.md"),
+    )
+    .expect("the published rule");
+    let line = rule.lines().find(|l| l.starts_with("let lolbins = dynamic([")).expect("its lolbins line");
+    let list = line.trim_start_matches("let lolbins = dynamic([").trim_end_matches("]);");
+    list.split(',').map(|s| s.trim().trim_matches('"').to_string()).collect()
+}
+
+/// The detector's LOLBIN list is the rule's, entry for entry.
+#[test]
+fn the_lolbins_are_the_published_rules() {
+    let published = published_lolbins();
+    assert_eq!(published.len(), 104, "{published:?}");
+    assert_eq!(lookout_scm_remote_process::LOLBINS.to_vec(), published);
+}
+
 fn default_params(threshold: i64) -> Params {
-    Params {
-        timeframe: TIMEFRAME,
-        prevalence_threshold: threshold,
-        lolbins: lookout_scm_remote_process::LOLBINS.iter().map(|s| s.to_string()).collect(),
-    }
+    Params { timeframe: TIMEFRAME, prevalence_threshold: threshold, lolbins: published_lolbins() }
 }
 
 // ---------------------------------------------------------------------------------------

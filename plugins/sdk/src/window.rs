@@ -225,7 +225,7 @@ mod tests {
     #[test]
     fn identity_keys_are_unambiguous() {
         assert_ne!(identity_key(&["ab", "c"]), identity_key(&["a", "bc"]));
-        assert_eq!(identity_key(&["x"]), identity_key(&["x"]));
+        assert_ne!(identity_key(&["x"]), identity_key(&["x", ""]));
         assert_eq!(identity_key(&[])[0], 0xff);
     }
 }
