@@ -117,6 +117,13 @@ fn disk_full_stops_ingestion_cleanly_and_it_resumes_when_space_returns() {
     drop(mount);
 }
 
+/// Makes the store of `data` (an ingest of nothing).
+fn make_store(data: &Path) {
+    let empty = data.with_extension("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    lookout_ok(data, &["ingest", "--now", NOW, empty.to_str().unwrap()]);
+}
+
 /// `lookout ingest` on a nearly full disk stops before writing, says why, and loses
 /// nothing: run again with room, it stores every row once.
 #[test]
@@ -128,8 +135,8 @@ fn one_shot_ingest_stops_before_the_disk_is_full_and_resumes() {
     let rows = fleet.rows();
     let data = mount.0.join("data");
     let logs = fleet.logs.clone();
-    // Open the store first (so it exists), then leave less than the 16 MiB Lookout needs.
-    lookout_ok(&data, &["status"]);
+    // Make the store first (so it exists), then leave less than the 16 MiB Lookout needs.
+    make_store(&data);
     let filler = mount.fill_leaving(8 << 20);
     let out = lookout(&data, &["ingest", "--now", NOW, logs.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -162,7 +169,7 @@ fn an_array_export_is_not_committed_on_a_nearly_full_disk() {
         .collect();
     std::fs::write(&export, format!("[{}]", elements.join(","))).unwrap();
     let data = mount.0.join("data");
-    lookout_ok(&data, &["status"]);
+    make_store(&data);
     let filler = mount.fill_leaving(8 << 20);
     let out = lookout(&data, &["ingest", "--now", NOW, export.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
