@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use lookout_core::parse::lines::LineReader;
 use lookout_core::parse::normalise::{normalise, TableHints};
 use lookout_core::parse::pipeline::{parse_line, LineOutcome};
-use lookout_core::parse::record::{parse_document, unwrap_document, Document};
+use lookout_core::parse::record::{parse_document, unwrap_document};
 
 fuzz_target!(|data: &[u8]| {
     let hints = TableHints { file_table: Some("DeviceFileEvents".into()), explicit: None };
@@ -40,10 +40,12 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(rows, general);
         }
     }
-    // The whole input as one JSON array export.
+    // The whole input as one JSON array export: each element is read as a line is.
     if let Ok(serde_json::Value::Array(items)) = serde_json::from_slice::<serde_json::Value>(data) {
         for item in items {
-            for u in unwrap_document(Document::from_value(item)).into_iter().flatten() {
+            let Ok(text) = serde_json::to_vec(&item) else { continue };
+            let Ok(doc) = parse_document(&text) else { continue };
+            for u in unwrap_document(doc).into_iter().flatten() {
                 let _ = normalise(u.row, u.category_table.as_deref(), &hints);
             }
         }
