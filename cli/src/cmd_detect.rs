@@ -156,22 +156,58 @@ pub fn findings(data: &Path, args: FindingsArgs) -> Result<ExitCode> {
 }
 
 pub fn print_findings(all: &[Value]) {
-    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     let rows: Vec<Vec<String>> = all
         .iter()
         .map(|f| {
             let row = f.get("row").cloned().unwrap_or(Value::Null);
+            let detector = text(f, "detector");
             vec![
-                s(f, "finding_id")[..12.min(s(f, "finding_id").len())].to_string(),
-                s(f, "detector"),
-                s(f, "device_name"),
-                s(&row, "Timestamp1"),
-                s(&row, "Timestamp"),
-                s(&row, "InitiatingProcessFileName"),
-                s(&row, "FolderPath"),
+                text(f, "finding_id").chars().take(12).collect(),
+                detector.clone(),
+                text(f, "device_name"),
+                text(&row, "Timestamp"),
+                what(&detector, &row),
             ]
         })
         .collect();
-    print_table(&["finding", "detector", "device", "written", "loaded", "process", "path"], &rows);
+    print_table(&["finding", "detector", "device", "time", "what"], &rows);
     println!("{} finding(s)", all.len());
+}
+
+/// A field as text: a string as it is, null or missing as nothing, anything else as JSON.
+fn text(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        None | Some(Value::Null) => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// What a finding is, in a line: for the built-in detectors, the columns of their rule's
+/// result that say it; for another, the first columns of its row (`--json` has them all).
+fn what(detector: &str, row: &Value) -> String {
+    let t = |k: &str| text(row, k);
+    match detector {
+        "winrm-plugin-lateral-movement" => {
+            format!("{} loaded {} (written {})", t("InitiatingProcessFileName"), t("FolderPath"), t("Timestamp1"))
+        }
+        "scheduled-task-persistence" => {
+            let sha1 = t("SHA1");
+            let sha1 = if sha1.is_empty() { String::new() } else { format!(", SHA1 {sha1}") };
+            format!("{} run as a scheduled task on {} device(s){sha1}", t("FileName"), t("MachineCount"))
+        }
+        "scm-remote-process" => {
+            format!("services.exe started {} after a connection from {}", t("FileName"), t("RemoteIP"))
+        }
+        "password-spraying" => format!(
+            "{} failed logons on {} account(s) from {}",
+            t("FailedLogonCount"),
+            t("UniqueAccountFailedLogons"),
+            t("IPAddress")
+        ),
+        _ => row
+            .as_object()
+            .map(|o| o.iter().take(4).map(|(k, _)| format!("{k}={}", t(k))).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default(),
+    }
 }
