@@ -480,7 +480,9 @@ impl<'a> Reader<'a> {
     /// A sequence of items of at least `min` bytes each.
     fn seq<T>(&mut self, min: usize, mut item: impl FnMut(&mut Self) -> Result<T, String>) -> Result<Vec<T>, String> {
         let n = self.len(min)?;
-        let mut out = Vec::with_capacity(n);
+        // `n` is bounded by the bytes left over each item's least size, but an item can
+        // take many times its least size in memory: reserve a bounded start, grow as read.
+        let mut out = Vec::with_capacity(n.min(4096));
         for _ in 0..n {
             out.push(item(self)?);
         }
