@@ -730,6 +730,19 @@ fn crash_loop() {
     }
     let leftovers = left_by_kills.len();
 
+    // The loop's cycles did what they are for: failpoints fired (a failpoint the daemon
+    // ignored would end every such cycle in a counted SIGKILL, "not reached"; some, the
+    // key-index merges', need more batches than a short cycle brings), and the collector
+    // rotated its files under the daemon.
+    let fired: u32 = phases.iter().filter(|(k, _)| k.starts_with("failpoint ")).map(|(_, n)| n).sum();
+    let missed: u32 = phases.iter().filter(|(k, _)| k.contains(" not reached)")).map(|(_, n)| n).sum();
+    if fired == 0 || fired < missed {
+        failures.push(format!("failpoints fired in {fired} cycles and were not reached in {missed}: {phases:?}"));
+    }
+    if c.tally.renames + c.tally.copytruncates + c.tally.deletions == 0 {
+        failures.push("the collector rotated no file under the daemon".to_string());
+    }
+
     let phase_text: Vec<String> = phases.iter().map(|(k, v)| format!("{k}: {v}")).collect();
     println!(
         "crash_loop: seed={seed:#x} kills={kills_done} [{}] clean-stops={clean_stops} cycles={cycle} | rows={} \
