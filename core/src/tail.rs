@@ -245,7 +245,10 @@ impl Tailer {
             t.present = false;
         }
         // Files closed while idle and not listed any more are forgotten here too.
-        self.closed.retain(|key, _| listing.iter().any(|(_, k, _)| k == key));
+        if !self.closed.is_empty() {
+            let listed: std::collections::HashSet<(u64, u64)> = listing.iter().map(|(_, k, _)| *k).collect();
+            self.closed.retain(|key, _| listed.contains(key));
+        }
         for (path, key, stamp) in listing {
             match self.files.get_mut(&key) {
                 Some(t) => {
