@@ -8,6 +8,7 @@ use lookout_tests::*;
 use std::collections::BTreeMap;
 use std::fs::Permissions;
 use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -315,6 +316,21 @@ fn hostile_logs_folder_is_survived_with_every_reason_named() {
 /// reads every file whatever its mode, so when the tests run as root (CI does) the
 /// daemon runs as an unprivileged user, as it would in production (the README's systemd
 /// unit runs it as `lookout`).
+/// As root, what an unprivileged user (`NOBODY`) needs to run Lookout here: a copy of
+/// the binary it can reach, `root` and `logs` it can enter and read, `logs`' readable
+/// file `DeviceFileEvents-ok.jsonl`, and `data`, a directory of its own. Returns the
+/// binary.
+fn open_to_nobody(root: &Path, logs: &Path, data: &Path) -> PathBuf {
+    let bin = lookout_bin_for_everyone(&root.join("bin"));
+    for dir in [root, logs] {
+        std::fs::set_permissions(dir, Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(logs.join("DeviceFileEvents-ok.jsonl"), Permissions::from_mode(0o644)).unwrap();
+    std::fs::create_dir(data).unwrap();
+    std::os::unix::fs::chown(data, Some(NOBODY), Some(NOBODY)).unwrap();
+    bin
+}
+
 #[test]
 fn unreadable_file_is_skipped_and_the_rest_is_read() {
     let tmp = tempfile::tempdir().unwrap();
@@ -330,15 +346,8 @@ fn unreadable_file_is_skipped_and_the_rest_is_read() {
     let mut spec = DaemonSpec::new(&data).logs(&logs).plugins(&plugins).log(&root.join("daemon.log"));
     if is_root() {
         // Everything the daemon needs is open to it, except the secret file (root's, mode
-        // 0): the temporary folder and a copy of the binary it can reach, logs it can
-        // read, a data directory of its own. The plugins folder stays root's, which the
-        // guard accepts.
-        let bin = lookout_bin_for_everyone(&root.join("bin"));
-        std::fs::set_permissions(root, Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(&logs, Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(logs.join("DeviceFileEvents-ok.jsonl"), Permissions::from_mode(0o644)).unwrap();
-        std::fs::create_dir(&data).unwrap();
-        std::os::unix::fs::chown(&data, Some(NOBODY), Some(NOBODY)).unwrap();
+        // 0). The plugins folder stays root's, which the guard accepts.
+        let bin = open_to_nobody(root, &logs, &data);
         spec = spec.binary(&bin).user(NOBODY, NOBODY);
     }
     let mut d = spec.start();
@@ -377,13 +386,8 @@ fn a_plugins_folder_that_cannot_be_listed_stops_detectors_not_ingestion() {
     let plugins = plugins_dir(root, &[WINRM]);
     let mut spec = DaemonSpec::new(&data).logs(&logs).plugins(&plugins).log(&root.join("daemon.log"));
     if is_root() {
-        let bin = lookout_bin_for_everyone(&root.join("bin"));
-        std::fs::set_permissions(root, Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(&logs, Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(logs.join("DeviceFileEvents-ok.jsonl"), Permissions::from_mode(0o644)).unwrap();
+        let bin = open_to_nobody(root, &logs, &data);
         std::fs::set_permissions(&plugins, Permissions::from_mode(0o711)).unwrap();
-        std::fs::create_dir(&data).unwrap();
-        std::os::unix::fs::chown(&data, Some(NOBODY), Some(NOBODY)).unwrap();
         spec = spec.binary(&bin).user(NOBODY, NOBODY);
     } else {
         std::fs::set_permissions(&plugins, Permissions::from_mode(0o311)).unwrap();
@@ -418,14 +422,7 @@ fn a_folder_that_cannot_be_listed_makes_ingest_fail_after_reading_the_rest() {
     let data = root.join("data");
     let mut cmd = std::process::Command::new(lookout_bin());
     if is_root() {
-        let bin = lookout_bin_for_everyone(&root.join("bin"));
-        for dir in [root, logs.as_path()] {
-            std::fs::set_permissions(dir, Permissions::from_mode(0o755)).unwrap();
-        }
-        std::fs::set_permissions(logs.join("DeviceFileEvents-ok.jsonl"), Permissions::from_mode(0o644)).unwrap();
-        std::fs::create_dir(&data).unwrap();
-        std::os::unix::fs::chown(&data, Some(NOBODY), Some(NOBODY)).unwrap();
-        cmd = std::process::Command::new(bin);
+        cmd = std::process::Command::new(open_to_nobody(root, &logs, &data));
         cmd.uid(NOBODY).gid(NOBODY);
     }
     std::fs::set_permissions(logs.join("closed"), Permissions::from_mode(0o000)).unwrap();
