@@ -59,33 +59,28 @@ impl PluginSet {
         }
     }
 
+    /// The folder cannot be used: no detector runs (the logs are still read), reported
+    /// once, and the folder is looked at afresh on the next look. Whether any ran.
+    fn stop_all(&mut self, e: &FolderError, what: &str) -> bool {
+        if !self.plugins.is_empty() || self.seen.is_empty() {
+            tracing::error!(error = %Chain(e), "{what}");
+            self.failures += 1;
+        }
+        let changed = !self.plugins.is_empty();
+        self.plugins.clear();
+        self.seen.clear();
+        self.pins = None;
+        changed
+    }
+
     /// Re-reads the folder; returns whether the set of running detectors changed.
     pub fn refresh(&mut self) -> Result<bool, FolderError> {
         if let Err(e) = guard::check_dir(&self.dir) {
-            if !self.plugins.is_empty() || self.seen.is_empty() {
-                tracing::error!(error = %Chain(&e), "plugins folder refused; no detector runs until it is fixed");
-                self.failures += 1;
-            }
-            let changed = !self.plugins.is_empty();
-            self.plugins.clear();
-            self.seen.clear();
-            return Ok(changed);
+            return Ok(self.stop_all(&e, "plugins folder refused; no detector runs until it is fixed"));
         }
         let files = match guard::discover(&self.dir) {
             Ok(files) => files,
-            Err(e) => {
-                // As a refused folder: the logs are still read, and the folder is looked
-                // at again on the next look.
-                if !self.plugins.is_empty() || self.seen.is_empty() {
-                    tracing::error!(error = %Chain(&e), "plugins folder cannot be listed; no detector runs until it can");
-                    self.failures += 1;
-                }
-                let changed = !self.plugins.is_empty();
-                self.plugins.clear();
-                self.seen.clear();
-                self.pins = None;
-                return Ok(changed);
-            }
+            Err(e) => return Ok(self.stop_all(&e, "plugins folder cannot be listed; no detector runs until it can")),
         };
         let now: BTreeMap<PathBuf, Option<Stamp>> = files.iter().map(|f| (f.clone(), stamp(f))).collect();
         let pins = stamp(&self.dir.join(guard::PIN_FILE));
