@@ -21,7 +21,7 @@ pub enum PluginsCommand {
     /// Check every plugin without running a pass; exits non-zero if any is refused
     Verify(PluginDirArg),
     /// Write the pin file (SHA-256 of every plugin that loads); from then on only pinned,
-    /// unchanged plugins are loaded
+    /// unchanged plugins are loaded. Exits non-zero if a library was left out
     Pin(PluginDirArg),
 }
 
@@ -81,6 +81,7 @@ pub fn run(data: &Path, cmd: PluginsCommand) -> Result<ExitCode> {
             guard::check_dir(&dir)?;
             let cache = guard::cache_dir(data)?;
             let mut pins = guard::Pins::default();
+            let mut skipped = 0usize;
             // Pin what verifies and loads now, ignoring any previous pin file.
             for file in guard::discover(&dir)? {
                 match plugin::load_one(&file, &cache, None) {
@@ -89,11 +90,23 @@ pub fn run(data: &Path, cmd: PluginsCommand) -> Result<ExitCode> {
                         println!("pinned   {name} {} ({} {})", p.sha256, p.manifest.name, p.manifest.version);
                         pins.0.insert(name, p.sha256.clone());
                     }
-                    Err(e) => println!("skipped  {}: {}", file.display(), Chain(&e)),
+                    Err(e) => {
+                        skipped += 1;
+                        println!("skipped  {}: {}", file.display(), Chain(&e));
+                    }
                 }
             }
             let path = guard::write_pins(&dir, &pins)?;
             println!("wrote {}", path.display());
+            // A library left out of the pin file is refused from now on: a script that
+            // pins after an upgrade must not take that for success.
+            if skipped > 0 {
+                eprintln!(
+                    "lookout: {skipped} library(ies) not pinned (above) and refused from now on; fix them and run \
+                     `lookout plugins pin` again"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

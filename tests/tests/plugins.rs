@@ -225,6 +225,18 @@ fn pins_refuse_changed_and_unpinned_libraries() {
     assert!(err.contains("liblookout_extra.so") && err.contains("not in the pin file"), "{err}");
     std::fs::remove_file(&extra).unwrap();
 
+    // A library that does not load is left out of a new pin file, and `pin` says so in
+    // its exit status.
+    let broken = plugins.join("liblookout_broken.so");
+    std::fs::write(&broken, b"not a library").unwrap();
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = lookout(&data, &["plugins", "pin", "--plugins", plugins.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("skipped") && stderr(&out).contains("not pinned"));
+    let pin_file = std::fs::read_to_string(plugins.join("lookout-pins.sha256")).unwrap();
+    assert!(pin_file.lines().any(|l| l.ends_with(WINRM)) && !pin_file.contains("liblookout_broken.so"));
+    std::fs::remove_file(&broken).unwrap();
+
     // A pinned library that changed is refused.
     let lib = plugins.join(WINRM);
     let mut bytes = std::fs::read(&lib).unwrap();
