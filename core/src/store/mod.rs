@@ -521,8 +521,8 @@ impl Store {
         let Some(r) = self.retention else { return Ok(()) };
         let h = now.saturating_sub(r);
         if self.horizon.is_none_or(|old| h > old) {
-            self.horizon = Some(h);
             self.db.insert(keys::named_key(keys::META, "horizon"), &h.to_be_bytes()[..])?;
+            self.horizon = Some(h);
         }
         Ok(())
     }

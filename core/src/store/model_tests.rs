@@ -351,3 +351,31 @@ fn held_runs_stay_bounded_when_generations_end_with_few_runs() {
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(key_entries(&store), before);
 }
+
+/// An expiry step whose commit fails leaves nothing behind for the next one: the next
+/// call removes the expired blocks (it used to take them for gone, and wait until the
+/// horizon passed the newest block it meant to keep).
+#[test]
+fn an_expiry_that_failed_is_taken_up_by_the_next_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    store.set_retention(Some(7 * DAY));
+    for (day, report) in [(0, 1), (30, 2)] {
+        let text = format!(
+            r#"{{"Timestamp":"{}","DeviceId":"dev","SHA1":"{:040x}","ReportId":{report},"FileName":"a.exe"}}"#,
+            lookout_plugin_sdk::time::format_timestamp(BASE + day * DAY),
+            report
+        );
+        let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
+        let mut b = store.batch();
+        b.add_row(&normalise(obj, Some(TABLE), &TableHints::default()).unwrap(), 0).unwrap();
+        b.commit().unwrap();
+    }
+    store.advance_clock(BASE + 31 * DAY).unwrap();
+    assert_eq!(store.retained().unwrap().invisible, 1);
+    store.fail_next_main_commit = true;
+    assert!(store.expire_step(64).is_err());
+    assert_eq!(store.expire_step(64).unwrap(), 1, "the block the failed step meant to remove");
+    let kept = store.retained().unwrap();
+    assert_eq!((kept.invisible, kept.rows.get(TABLE).copied()), (0, Some(1)));
+}

@@ -40,6 +40,10 @@ impl Store {
         if self.earliest_block_end.is_some_and(|end| horizon <= end) {
             return Ok(0);
         }
+        // Known again once this step has done all its work: a step that fails part way
+        // (its commit, dropping index entries or generations) is taken up by the next call,
+        // not put off until the horizon passes a block this one meant to leave.
+        self.earliest_block_end = None;
         let mut expired: Vec<(u16, u64, u16, BlockMeta)> = Vec::new();
         let mut earliest_left = i64::MAX;
         for found in self.event_blocks() {
@@ -50,11 +54,11 @@ impl Store {
                 earliest_left = earliest_left.min(meta.max_ts);
             }
         }
-        self.earliest_block_end = Some(earliest_left);
         if expired.is_empty() {
             // Generations a crash left empty (between removing their last blocks and
             // dropping them) go now.
             self.drop_empty_generations()?;
+            self.earliest_block_end = Some(earliest_left);
             return Ok(0);
         }
         let mut batch = sled::Batch::default();
@@ -84,6 +88,10 @@ impl Store {
         counters.removed += removed;
         batch.insert(vec![keys::COUNTERS], enc(&counters)?);
         crate::failpoint::hit("retention-before-commit");
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next_main_commit) {
+            return Err(StoreError::Invalid("a commit made to fail (test)".into()));
+        }
         self.db.apply_batch(batch).context("cannot remove expired rows")?;
         self.counters = counters;
         {
@@ -95,6 +103,7 @@ impl Store {
         self.drop_unneeded_index_entries()?;
         self.maintain_runs();
         self.drop_empty_generations()?;
+        self.earliest_block_end = Some(earliest_left);
         Ok(removed)
     }
 
