@@ -579,6 +579,22 @@ fn first_failed_moving_is_a_new_finding() {
     assert_eq!(ids(&found), BTreeSet::from([id(ATTACKER, SRV, early), id(ATTACKER, SRV, late)]));
 }
 
+/// Rows of one group and ingestion time handed over in several calls are kept as several
+/// parts of their pane, and all of them leave the window together: a spray after the
+/// window counts only its own failures, so its first failure is a new finding.
+#[test]
+fn a_pane_written_in_parts_leaves_the_window_whole() {
+    let (early, late) = (t0() - HOUR, t0() + 2 * DAY + HOUR);
+    let spray = |first: i64, ts: i64, accounts: [&str; 3]| -> Vec<(&'static str, Map<String, Value>)> {
+        accounts.iter().enumerate().map(|(i, a)| (LOGONS, failed(first + i as i64, ts, SRV, a, ATTACKER))).collect()
+    };
+    let mut first = Tick::at(t0(), spray(1, early, ["a", "b", "c"]));
+    first.chunk_rows = Some(1);
+    let ticks = vec![first, Tick::at(t0() + 2 * DAY + 2 * HOUR, spray(10, late, ["d", "e", "f"]))];
+    let found = run(&ticks, &small());
+    assert_eq!(ids(&found), BTreeSet::from([id(ATTACKER, SRV, early), id(ATTACKER, SRV, late)]));
+}
+
 /// A DC by its network rows, whatever their arrival: before the spray (suppressed, and
 /// the DeviceName matches in another case), after it (the finding stays, later passes
 /// add nothing).

@@ -1,9 +1,10 @@
 //! The rule itself, with exactly the semantics of the KQL (see the crate docs).
 //!
 //! Every logon row that passed the branch's filters is kept, as an [`Attempt`], in its
-//! group's [`Pane`] for its ingestion time (one state record per group and ingestion
-//! time: they leave the `ingestion_time() >= ago(timeframe)` window together), and added
-//! to its group's aggregate ([`GroupAgg`], in memory). A pass takes in new rows on every
+//! group's [`Pane`] for its ingestion time (the rows of a group and ingestion time leave
+//! the `ingestion_time() >= ago(timeframe)` window together: one state record per group
+//! and ingestion time, or a few when several passes took in rows of one ingestion time —
+//! each pass writes only the rows it took in), and added to its group's aggregate ([`GroupAgg`], in memory). A pass takes in new rows on every
 //! call and, on its last call, drops the panes that left the window (taking their rows
 //! out of the aggregates), decides every group that gained or lost a row, and emits the
 //! groups that pass the thresholds and are not domain controllers. It asks to be woken
@@ -133,9 +134,12 @@ impl Attempt {
     }
 }
 
-/// The rows of one group ingested at one time, by row key. They leave the
-/// `ingestion_time()` window together, so they are one state record: a pass writes one
-/// record per group it touched, not one per row, and a restart reads as many.
+/// Rows of one group ingested at one time, by row key. They leave the `ingestion_time()`
+/// window together, so they are one state record: a pass writes one record per group it
+/// touched, not one per row, and a restart reads as many. Rows of one ingestion time that
+/// later passes take in (a fixed `--now`, or the same batch handed over in chunks) go in
+/// a record of their own (a part of the pane, [`part_id`]): a pass writes the rows it
+/// took in, never again those kept before.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pane {
     pub group: GroupKey,
@@ -169,6 +173,16 @@ fn group_id(group: &GroupKey) -> Vec<u8> {
 fn pane_id(group: &GroupKey, ingested: i64) -> Vec<u8> {
     let mut id = group_id(group);
     push_part(&mut id, ingested.to_string().as_bytes());
+    id
+}
+
+/// The record id of a part of pane `pane` written after its first: the pane's id, then the
+/// smallest key of the part's rows. A row is in one part only (a row already kept is not
+/// taken in again), so no two parts share it; and a pane's id has a fixed number of
+/// length-prefixed parts, so no pane's part id is another pane's id.
+fn part_id(pane: &[u8], rows: &BTreeMap<Vec<u8>, Attempt>) -> Vec<u8> {
+    let mut id = pane.to_vec();
+    push_part(&mut id, rows.keys().next().map_or(&[][..], Vec::as_slice));
     id
 }
 
@@ -398,8 +412,9 @@ fn time_cell(t: Option<i64>) -> Cell {
 /// pass (it needs a context).
 #[derive(Default)]
 struct Pending {
-    /// Panes stored under another timeframe, to keep again with the right expiry.
-    rekeep: Vec<Pane>,
+    /// Panes (their parts, by record id) stored under another timeframe, to keep again
+    /// with the right expiry.
+    rekeep: Vec<(Vec<u8>, Pane)>,
     /// State keys of rows stored one record each (the layout before panes): their rows
     /// were taken into panes at `init`, written with the first pass, which drops these.
     old_rows: Vec<Vec<u8>>,
@@ -415,8 +430,10 @@ struct Pending {
 pub struct SprayRule {
     config: RuleConfig,
     panes: Records<Pane>,
-    /// Rows taken in by this call of a pass, by pane: written into their panes (one state
-    /// record each) when the call ends.
+    /// The record ids of each pane's parts, by pane id ([`pane_id`]).
+    parts: HashMap<Vec<u8>, Vec<Vec<u8>>>,
+    /// Rows taken in by this call of a pass, by pane: written as a part of their pane (one
+    /// state record each) when the call ends.
     fresh: HashMap<Vec<u8>, Pane>,
     /// Each group's aggregate over its records, by group id ([`group_id_into`]): a row
     /// finds its group without its key being copied.
@@ -450,7 +467,7 @@ impl SprayRule {
             // them now, keep them again (or drop them) on the next pass.
             Some(kept) if *kept != timeframe => {
                 let old: Records<Pane> = Records::load(PANE_PREFIX, state)?;
-                pending.rekeep = old.iter().map(|(_, p)| p.clone()).collect();
+                pending.rekeep = old.iter().map(|(id, p)| (id.to_vec(), p.clone())).collect();
                 Records::load(PANE_PREFIX, &[])?
             }
             _ => Records::load(PANE_PREFIX, state)?,
@@ -460,7 +477,9 @@ impl SprayRule {
             pending.all_dirty = stored_config.is_some();
         }
         let mut groups: HashMap<Vec<u8>, Group> = HashMap::default();
-        for (_, pane) in panes.iter() {
+        let mut parts: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::default();
+        for (id, pane) in panes.iter() {
+            parts.entry(pane_id(&pane.group, pane.ingested)).or_default().push(id.to_vec());
             let g = groups
                 .entry(group_id(&pane.group))
                 .or_insert_with(|| Group { key: pane.group.clone(), agg: GroupAgg::default() });
@@ -478,6 +497,7 @@ impl SprayRule {
         let mut rule = SprayRule {
             config,
             panes,
+            parts,
             fresh: HashMap::default(),
             groups,
             dcs,
@@ -602,7 +622,14 @@ impl SprayRule {
             return Ok(());
         }
         // The window at this pass: panes ingested before `now - timeframe` leave.
-        for (_, pane) in self.panes.expire(ctx, now) {
+        for (part, pane) in self.panes.expire(ctx, now) {
+            let pid = pane_id(&pane.group, pane.ingested);
+            if let Some(ids) = self.parts.get_mut(&pid) {
+                ids.retain(|i| *i != part);
+                if ids.is_empty() {
+                    self.parts.remove(&pid);
+                }
+            }
             let id = group_id(&pane.group);
             if let Some(g) = self.groups.get_mut(&id) {
                 for a in pane.rows.values() {
@@ -650,7 +677,8 @@ impl SprayRule {
             self.dirty.insert(gid.to_vec());
         }
         let known = |p: Option<&Pane>| p.is_some_and(|p| p.rows.contains_key(key));
-        if !known(self.panes.get(pid)) && !known(self.fresh.get(pid)) {
+        let kept = || self.parts.get(pid).is_some_and(|ids| ids.iter().any(|i| known(self.panes.get(i))));
+        if !known(self.fresh.get(pid)) && !kept() {
             let attempt = Attempt {
                 outcome: l.outcome,
                 account: l.account.to_string(),
@@ -678,17 +706,15 @@ impl SprayRule {
         self.scratch = id;
     }
 
-    /// Writes the rows this call took in into their panes: one state record per pane.
+    /// Writes the rows this call took in: one state record per pane, its first part under
+    /// the pane's id, any later one under a part id of its own.
     fn write_panes(&mut self, ctx: &mut Context<'_>) -> Result<(), String> {
-        for (id, fresh) in std::mem::take(&mut self.fresh) {
-            let mut pane = self.panes.get(&id).cloned().unwrap_or_else(|| Pane {
-                group: fresh.group.clone(),
-                ingested: fresh.ingested,
-                rows: BTreeMap::new(),
-            });
-            pane.rows.extend(fresh.rows);
-            let expires = pane.ingested.saturating_add(self.config.timeframe);
-            self.panes.put(ctx, id, expires, pane)?;
+        for (pid, fresh) in std::mem::take(&mut self.fresh) {
+            let ids = self.parts.entry(pid.clone()).or_default();
+            let id = if ids.is_empty() { pid } else { part_id(&pid, &fresh.rows) };
+            ids.push(id.clone());
+            let expires = fresh.ingested.saturating_add(self.config.timeframe);
+            self.panes.put(ctx, id, expires, fresh)?;
         }
         Ok(())
     }
@@ -698,8 +724,7 @@ impl SprayRule {
     /// fingerprint). Rows stored one record each were taken into panes at `init`: their
     /// old records go.
     fn apply_pending(&mut self, ctx: &mut Context<'_>, now: i64) -> Result<(), String> {
-        for pane in std::mem::take(&mut self.pending.rekeep) {
-            let id = pane_id(&pane.group, pane.ingested);
+        for (id, pane) in std::mem::take(&mut self.pending.rekeep) {
             let expires = pane.ingested.saturating_add(self.config.timeframe);
             if expires < now {
                 ctx.state_delete([PANE_PREFIX, &id].concat());
@@ -712,6 +737,7 @@ impl SprayRule {
             for a in pane.rows.values() {
                 g.agg.apply_attempt(a, true);
             }
+            self.parts.entry(pane_id(&pane.group, pane.ingested)).or_default().push(id.clone());
             self.panes.put(ctx, id, expires, pane)?;
         }
         for key in std::mem::take(&mut self.pending.old_rows) {
