@@ -8,14 +8,15 @@ use crate::disk::DiskSpaceLow;
 use crate::error::StoreError;
 use crate::fingerprint::{fingerprint, head_hash, tail_matches, Fingerprint};
 use crate::parse::lines::LineReader;
+use crate::parse::lines::{LineEnd, LineInfo};
 use crate::parse::normalise::TableHints;
 use crate::parse::open::{open_file, Layout, OpenError};
 use crate::parse::pipeline;
-use crate::parse::record::{Document, DocumentSeed};
 use crate::parse::{Reject, RejectKind};
 use crate::schema::table_from_file_name;
 use crate::store::{Added, OffsetUnit, RejectRecord, SourceState, Store, WriteBatch};
 use serde::de::{SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use sha2::Digest;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -607,22 +608,25 @@ impl FileRun<'_> {
         let skip = state.offset;
         let mut fatal: Option<IngestError> = None;
         let mut pending: Vec<(u64, Element)> = Vec::new();
-        // Bytes read so far: an element's size is what was read while it was parsed, held
-        // to the line limit as a line is (a record over it is kept aside, not stored).
-        let read = std::rc::Rc::new(std::cell::Cell::new(0u64));
-        let reader = Counted { inner: reader, read: read.clone() };
-        let max_line = self.opts.max_line as u64;
+        let max_line = self.opts.max_line;
         let parsed = {
             let mut index = 0u64;
-            let mut element_start = 0u64;
-            let mut on_element = |doc: Document<'static>| -> std::result::Result<(), String> {
+            // Each element is taken as its text and read as a line is: held to the line
+            // limit, and a value that cannot be read (a number out of range, a lone
+            // surrogate, nesting too deep) rejects that element alone, as it would a line,
+            // instead of ending the array there.
+            let mut on_element = |raw: Box<RawValue>| -> std::result::Result<(), String> {
                 index += 1;
-                let size = read.get() - element_start;
-                element_start = read.get();
                 if index <= skip {
                     return Ok(());
                 }
-                let element = if size > max_line { Element::TooLong(size) } else { Element::Doc(doc) };
+                let text = raw.get().as_bytes();
+                let element = if text.len() > max_line {
+                    Element::TooLong(text.len() as u64)
+                } else {
+                    let info = LineInfo { start: 0, end: 0, ending: LineEnd::Newline, too_long: None };
+                    Element::Line(pipeline::parse_line(text, &info, max_line, &self.hints))
+                };
                 pending.push((index, element));
                 if pending.len() < self.opts.batch_rows {
                     return Ok(());
@@ -637,6 +641,8 @@ impl FileRun<'_> {
                     msg
                 })
             };
+            // (Taking an element's text checks neither its depth nor its numbers' range nor
+            // its escapes' pairing: reading it does, as for a line.)
             let mut de = serde_json::Deserializer::from_reader(reader);
             serde::Deserializer::deserialize_seq(&mut de, ElementVisitor { f: &mut on_element }).and_then(|()| de.end())
         };
@@ -686,9 +692,12 @@ impl FileRun<'_> {
         let mut batch = store.batch();
         for (index, element) in pending.drain(..) {
             match element {
-                Element::Doc(doc) => {
-                    let records = pipeline::records(doc, &self.hints);
-                    self.store_records(&mut batch, &records, index, 0, b"", now)?;
+                Element::Line(pipeline::LineOutcome::Blank) => {}
+                Element::Line(pipeline::LineOutcome::Rejected(reject, raw)) => {
+                    self.reject(&mut batch, index, 0, reject, &raw)?;
+                }
+                Element::Line(pipeline::LineOutcome::Records(records, raw)) => {
+                    self.store_records(&mut batch, &records, index, 0, &raw, now)?;
                 }
                 Element::TooLong(size) => {
                     let reason = format!(
@@ -724,32 +733,18 @@ fn crash_after_durable_commit(store: &Store) -> Result<(), StoreError> {
 /// One element of a JSON array export, as read.
 enum Element {
     /// Read as a line is (an envelope or a `{"records":[…]}` batch unwrapped).
-    Doc(Document<'static>),
-    /// Over the line limit: its size in bytes (with the separator before it).
+    Line(pipeline::LineOutcome),
+    /// Over the line limit: its size in bytes.
     TooLong(u64),
-}
-
-/// A reader that counts the bytes read through it.
-struct Counted<R> {
-    inner: R,
-    read: std::rc::Rc<std::cell::Cell<u64>>,
-}
-
-impl<R: std::io::Read> std::io::Read for Counted<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.read.set(self.read.get() + n as u64);
-        Ok(n)
-    }
 }
 
 struct ElementVisitor<'f, F> {
     f: &'f mut F,
 }
 
-/// Each element read as a line's document is ([`DocumentSeed`]): envelopes and batches kept
-/// aside to be unwrapped, a key given twice given twice, as in a JSON Lines file.
-impl<F: FnMut(Document<'static>) -> std::result::Result<(), String>> Visitor<'static> for ElementVisitor<'_, F> {
+/// Each element as its text, to be read as a line is (`pipeline::parse_line`): envelopes
+/// and batches unwrapped, a key given twice given twice, as in a JSON Lines file.
+impl<F: FnMut(Box<RawValue>) -> std::result::Result<(), String>> Visitor<'static> for ElementVisitor<'_, F> {
     type Value = ();
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -757,7 +752,7 @@ impl<F: FnMut(Document<'static>) -> std::result::Result<(), String>> Visitor<'st
     }
 
     fn visit_seq<A: SeqAccess<'static>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
-        while let Some(v) = seq.next_element_seed(DocumentSeed)? {
+        while let Some(v) = seq.next_element::<Box<RawValue>>()? {
             (self.f)(v).map_err(serde::de::Error::custom)?;
         }
         Ok(())
@@ -805,6 +800,32 @@ mod tests {
         assert_eq!(rejects.len(), 1, "{rejects:?}");
         assert_eq!((rejects[0].line, rejects[0].kind.as_str()), (2, "line_too_long"));
         assert!(rejects[0].reason.contains("array element 2"), "{}", rejects[0].reason);
+    }
+
+    /// A value a JSON array's element cannot be read with (a number out of range, a lone
+    /// surrogate, nesting deeper than a line may have) rejects that element alone, as it
+    /// would a line: the elements after it are stored (they used to be lost, the array
+    /// taken for malformed from there on).
+    #[test]
+    fn an_unreadable_value_in_an_array_rejects_its_element_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("data")).unwrap();
+        let row = |report: u64, extra: &str| {
+            format!(
+                r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{report},"ActionType":"x"{extra}}}"#
+            )
+        };
+        let deep = format!(r#","AdditionalFields":{}1{}"#, "[".repeat(200), "]".repeat(200));
+        let elements =
+            [row(1, ""), row(2, r#","FileSize":1e400"#), row(3, r#","FileName":"\ud800""#), row(4, &deep), row(5, "")];
+        let path = dir.path().join("DeviceProcessEvents.json");
+        std::fs::write(&path, format!("[{}]", elements.join(",\n"))).unwrap();
+        let report = ingest_file(&mut store, &path, &IngestOptions::default(), &mut |_| {}).unwrap();
+        assert_eq!(report.total_new(), 2, "{report:?}");
+        let rejects = store.rejects(10).unwrap();
+        let got: Vec<(u64, &str)> = rejects.iter().map(|r| (r.line, r.kind.as_str())).collect();
+        assert_eq!(got, vec![(2, "malformed_json"), (3, "malformed_json"), (4, "malformed_json")], "{rejects:?}");
+        assert!(rejects[0].excerpt.contains("1e400"), "{:?}", rejects[0]);
     }
 
     /// A gzip JSON array export still being written (its stream ends early) is waited
