@@ -132,7 +132,7 @@ pub fn open_file(file: &File, path: &Path, skip: u64, count: Arc<AtomicU64>) -> 
 
 fn sniff_layout(head: &[u8]) -> Layout {
     let head = head.strip_prefix(BOM).unwrap_or(head);
-    match head.iter().find(|b| !b.is_ascii_whitespace()) {
+    match head.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
         Some(b'[') => Layout::Array,
         _ => Layout::Lines,
     }

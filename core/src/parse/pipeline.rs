@@ -68,6 +68,13 @@ pub enum Message {
 /// The excerpt kept with a rejected record.
 const EXCERPT: usize = 256;
 
+/// JSON's whitespace (RFC 8259: space, tab, line feed, carriage return). Not
+/// `u8::is_ascii_whitespace`, which takes a form feed too: a line of form feeds is not
+/// blank but malformed, as serde_json reads it.
+fn is_json_whitespace(b: &u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
 /// Parses one line: everything about a line that does not touch the store.
 pub fn parse_line(buf: &[u8], info: &LineInfo, max_line: usize, hints: &TableHints) -> LineOutcome {
     let excerpt = || buf[..buf.len().min(EXCERPT)].to_vec();
@@ -75,7 +82,7 @@ pub fn parse_line(buf: &[u8], info: &LineInfo, max_line: usize, hints: &TableHin
         let reason = format!("line is {len} bytes, over the {max_line} byte limit");
         return LineOutcome::Rejected(Reject::new(RejectKind::LineTooLong, reason), Vec::new());
     }
-    if buf.iter().all(u8::is_ascii_whitespace) {
+    if buf.iter().all(is_json_whitespace) {
         return LineOutcome::Blank;
     }
     // The common line first: a flat row with the columns of the row before it, or
@@ -181,7 +188,7 @@ pub fn run<R: BufRead>(
             let complete =
                 !tail_mode && info.too_long.is_none() && serde_json::from_slice::<serde::de::IgnoredAny>(&buf).is_ok();
             if !complete {
-                break End::Unfinished { partial: !tail_mode && !buf.iter().all(u8::is_ascii_whitespace) };
+                break End::Unfinished { partial: !tail_mode && !buf.iter().all(is_json_whitespace) };
             }
         }
         let outcome = parse_line(&buf, &info, max_line, hints);
@@ -246,5 +253,20 @@ mod tests {
         }
         // Three lines of ~200 KiB pass 512 KiB.
         assert_eq!(chunks_of(&text), [3, 3, 1]);
+    }
+
+    /// Blank is JSON's whitespace only: a line of spaces, tabs and a CR is nothing, one
+    /// holding a form feed (or a vertical tab) is malformed JSON, kept aside.
+    #[test]
+    fn only_json_whitespace_is_blank() {
+        let info = LineInfo { start: 0, end: 0, ending: crate::parse::lines::LineEnd::Newline, too_long: None };
+        let hints = TableHints::default();
+        assert!(matches!(parse_line(b" \t\r ", &info, 1024, &hints), LineOutcome::Blank));
+        for line in [&b"\x0c"[..], b" \x0b "] {
+            match parse_line(line, &info, 1024, &hints) {
+                LineOutcome::Rejected(r, _) => assert_eq!(r.kind.as_str(), "malformed_json", "{line:?}"),
+                _ => panic!("{line:?} taken for blank"),
+            }
+        }
     }
 }
