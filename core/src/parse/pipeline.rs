@@ -10,7 +10,7 @@
 use super::direct::normalise_line;
 use super::lines::{LineEnd, LineInfo, LineReader};
 use super::normalise::{normalise_columns, NormalRow, TableHints};
-use super::record::{parse_document, unwrap_document, Document};
+use super::record::{batch_record_texts, parse_document, unwrap_batch_record, unwrap_document, Document};
 use super::{Reject, RejectKind};
 use std::io::BufRead;
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -93,6 +93,10 @@ pub fn parse_line(buf: &[u8], info: &LineInfo, max_line: usize, hints: &TableHin
     let doc = match parse_document(buf) {
         Ok(v) => v,
         Err(e) => {
+            // A batch one record of which cannot be read: the others are still rows.
+            if let Some(records) = std::str::from_utf8(buf).ok().and_then(|t| batch_records_one_by_one(t, hints)) {
+                return LineOutcome::Records(records, excerpt());
+            }
             // Every string the parser keeps is checked as UTF-8 (and a byte outside one is a
             // syntax error), so a line that is not UTF-8 fails here: only then is the whole
             // line checked, to say so apart (checking every line first was 4% of ingest).
@@ -107,6 +111,20 @@ pub fn parse_line(buf: &[u8], info: &LineInfo, max_line: usize, hints: &TableHin
     let records = records(doc, hints);
     let raw = if records.iter().any(Result::is_err) { excerpt() } else { Vec::new() };
     LineOutcome::Records(records, raw)
+}
+
+/// The rows of a `{"records":[…]}` batch read record by record (see
+/// [`batch_record_texts`]): a record that cannot be read is rejected alone, as
+/// `malformed_json` naming its place. `None` when `text` is not such a batch.
+fn batch_records_one_by_one(text: &str, hints: &TableHints) -> Option<Vec<Result<NormalRow, Reject>>> {
+    let texts = batch_record_texts(text)?;
+    let rows = texts.into_iter().enumerate().map(|(i, record)| match parse_document(record.as_bytes()) {
+        Ok(doc) => {
+            unwrap_batch_record(i, doc).and_then(|u| normalise_columns(u.row, u.category_table.as_deref(), hints))
+        }
+        Err(e) => Err(Reject::new(RejectKind::MalformedJson, format!("records[{i}]: malformed JSON: {e}"))),
+    });
+    Some(rows.collect())
 }
 
 /// The rows of one JSON document (an envelope, `{"records": [...]}` or a flat row), each
@@ -268,5 +286,45 @@ mod tests {
                 _ => panic!("{line:?} taken for blank"),
             }
         }
+    }
+
+    /// A `{"records":[…]}` batch one record of which cannot be read (a number out of
+    /// range, a lone surrogate) keeps its other records: only that one is rejected (the
+    /// whole line was, every record of the batch lost with it).
+    #[test]
+    fn a_record_that_cannot_be_read_is_rejected_alone() {
+        let info = LineInfo { start: 0, end: 0, ending: crate::parse::lines::LineEnd::Newline, too_long: None };
+        let hints = TableHints::default();
+        let envelope = |report: u32, extra: &str| {
+            format!(
+                r#"{{"time":"t","category":"AdvancedHunting-DeviceFileEvents","properties":{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{report}{extra}}}}}"#
+            )
+        };
+        let line = format!(
+            r#"{{"records":[{},{},{},5]}}"#,
+            envelope(1, ""),
+            envelope(2, r#","FileSize":1e400"#),
+            envelope(3, r#","FileName":"\ud800""#)
+        );
+        let line = line.replacen("]}", &format!(",{}]}}", envelope(4, "")), 1);
+        let LineOutcome::Records(records, excerpt) = parse_line(line.as_bytes(), &info, 1 << 20, &hints) else {
+            panic!("the batch was not read record by record");
+        };
+        let got: Vec<Result<&str, String>> = records
+            .iter()
+            .map(|r| match r {
+                Ok(row) => Ok(row.identity.as_str()),
+                Err(e) => Err(format!("{}: {}", e.kind.as_str(), e.reason)),
+            })
+            .collect();
+        assert!(matches!(got[..], [Ok("1"), Err(_), Err(_), Err(_), Ok("4")]), "{got:?}");
+        assert!(matches!(&got[1], Err(e) if e.starts_with("malformed_json: records[1]")), "{got:?}");
+        assert!(matches!(&got[2], Err(e) if e.starts_with("malformed_json: records[2]")), "{got:?}");
+        assert!(matches!(&got[3], Err(e) if e.starts_with("not_an_object: records[3]")), "{got:?}");
+        assert!(!excerpt.is_empty(), "the line's first bytes are kept with its rejects");
+
+        // Not a batch: the line is rejected as a whole, as before.
+        let flat = r#"{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":1,"FileSize":1e400}"#;
+        assert!(matches!(parse_line(flat.as_bytes(), &info, 1 << 20, &hints), LineOutcome::Rejected(..)));
     }
 }

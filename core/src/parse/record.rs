@@ -204,17 +204,7 @@ pub fn unwrap_document(doc: Document<'_>) -> Vec<Result<Unwrapped<'_>, Reject>> 
                 && matches!(object.kept.first(), Some((0, Field::Documents(_))))
             {
                 let Some((_, Field::Documents(records))) = object.kept.pop() else { return Vec::new() };
-                records
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, r)| match r {
-                        Document::Object(o) => Ok(unwrap_envelope(o)),
-                        Document::Other(other) => Err(Reject::new(
-                            RejectKind::NotAnObject,
-                            format!("records[{i}] is {}, not an object", kind_of(&other)),
-                        )),
-                    })
-                    .collect()
+                records.into_iter().enumerate().map(|(i, r)| unwrap_batch_record(i, r)).collect()
             } else {
                 vec![Ok(unwrap_envelope(object))]
             }
@@ -223,6 +213,31 @@ pub fn unwrap_document(doc: Document<'_>) -> Vec<Result<Unwrapped<'_>, Reject>> 
             vec![Err(Reject::new(RejectKind::NotAnObject, format!("document is {}, not an object", kind_of(&other))))]
         }
     }
+}
+
+/// Record `i` of a `{"records":[…]}` batch: an envelope (or a flat row), or rejected.
+pub fn unwrap_batch_record(i: usize, record: Document<'_>) -> Result<Unwrapped<'_>, Reject> {
+    match record {
+        Document::Object(o) => Ok(unwrap_envelope(o)),
+        Document::Other(other) => {
+            Err(Reject::new(RejectKind::NotAnObject, format!("records[{i}] is {}, not an object", kind_of(&other))))
+        }
+    }
+}
+
+/// The records of a `{"records":[…]}` batch as their text, when the batch as a whole
+/// could not be read (one record with a number out of range, a lone surrogate, nesting
+/// too deep): taking a value's text checks its syntax only, so each record is then read
+/// on its own. `None` when `text` is not such a batch (one key, `records`, an array).
+pub fn batch_record_texts(text: &str) -> Option<Vec<&str>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Batch<'a> {
+        #[serde(borrow)]
+        records: Vec<&'a serde_json::value::RawValue>,
+    }
+    let batch: Batch<'_> = serde_json::from_str(text).ok()?;
+    Some(batch.records.into_iter().map(serde_json::value::RawValue::get).collect())
 }
 
 fn unwrap_envelope(mut object: Object<'_>) -> Unwrapped<'_> {
