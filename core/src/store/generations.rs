@@ -454,11 +454,6 @@ impl Generations {
         Ok(())
     }
 
-    /// Bytes of every generation's block file.
-    pub fn block_file_bytes(&self) -> u64 {
-        self.gens.values().map(|g| g.blocks.len).sum()
-    }
-
     /// Bytes of every generation's files.
     pub fn size_on_disk(&self) -> u64 {
         self.gens.values().map(|g| g.db.size_on_disk().unwrap_or(0) + g.blocks.len).sum()

@@ -1173,14 +1173,18 @@ impl Store {
         let mut out: Vec<(&'static str, u64, u64)> =
             by.into_iter().map(|(space, (items, bytes))| (keys::space_name(space), items, bytes)).collect();
         // The event blocks' frames are not sled items but in the generations' block files;
-        // their blocks are counted from the directory.
-        let mut in_files = 0u64;
-        for k in self.db.scan_prefix([keys::BLOCK_META]).keys() {
-            if keys::block_of(&k?).is_some_and(|(table, _, block)| !blocks::in_main(table, block)) {
+        // their blocks and bytes are counted from the directory: a file also holds the
+        // frames of blocks already expired (until its generation goes) and of batches that
+        // failed, which are not live.
+        let (mut in_files, mut file_bytes) = (0u64, 0u64);
+        for found in self.event_blocks() {
+            let (_, _, _, meta) = found?;
+            if let Some(span) = meta.file {
                 in_files += 1;
+                file_bytes += u64::from(span.keys_len) + u64::from(span.rows_len);
             }
         }
-        out.push(("row blocks (generation block files)", in_files, self.gens.block_file_bytes()));
+        out.push(("row blocks (generation block files)", in_files, file_bytes));
         out.sort_by_key(|p| std::cmp::Reverse(p.2));
         Ok(out)
     }

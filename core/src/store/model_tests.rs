@@ -379,3 +379,37 @@ fn an_expiry_that_failed_is_taken_up_by_the_next_step() {
     let kept = store.retained().unwrap();
     assert_eq!((kept.invisible, kept.rows.get(TABLE).copied()), (0, Some(1)));
 }
+
+/// The space figure of the row blocks in block files is of the blocks kept: expired
+/// blocks' frames stay in their file until the generation goes, and are not counted as
+/// live (the figure used to be the files' length).
+#[test]
+fn expired_frames_in_a_block_file_are_not_counted_as_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    store.set_retention(Some(7 * DAY));
+    for (day, report) in [(0, 1), (5, 2)] {
+        let text = format!(
+            r#"{{"Timestamp":"{}","DeviceId":"dev","SHA1":"{:040x}","ReportId":{report},"FileName":"a.exe"}}"#,
+            lookout_plugin_sdk::time::format_timestamp(BASE + day * DAY),
+            report
+        );
+        let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
+        let mut b = store.batch();
+        b.add_row(&normalise(obj, Some(TABLE), &TableHints::default()).unwrap(), 0).unwrap();
+        b.commit().unwrap();
+    }
+    let in_files = |store: &Store| {
+        let parts = store.space_by_part().unwrap();
+        let (_, blocks, bytes) = *parts.iter().find(|p| p.0.starts_with("row blocks")).unwrap();
+        (blocks, bytes)
+    };
+    let (blocks, before) = in_files(&store);
+    assert_eq!(blocks, 2);
+    store.advance_clock(BASE + 8 * DAY).unwrap();
+    assert_eq!(store.expire_all().unwrap(), 1);
+    assert_eq!(store.generation_count(), 1, "the kept row's generation holds the expired frames too");
+    let (blocks, after) = in_files(&store);
+    assert_eq!(blocks, 1);
+    assert!(after < before && after > 0, "{before} -> {after}");
+}

@@ -150,7 +150,7 @@ impl Store {
     }
 
     /// The directory entries of the event tables' blocks (FileProfile's are exempt).
-    fn event_blocks(&self) -> impl Iterator<Item = Result<(u16, u64, u16, BlockMeta)>> + '_ {
+    pub(super) fn event_blocks(&self) -> impl Iterator<Item = Result<(u16, u64, u16, BlockMeta)>> + '_ {
         self.db.scan_prefix([keys::BLOCK_META]).filter_map(|kv| {
             let step = || -> Result<Option<(u16, u64, u16, BlockMeta)>> {
                 let (k, v) = kv?;
