@@ -584,7 +584,13 @@ fn split_counts_and_keeps_aside_what_it_cannot_key() {
     // Not JSON; a batch with a record that is not an object; a keyed record.
     let raw = odd.join("raw");
     let keyed = r#"{"category":"AdvancedHunting-DeviceFileEvents","properties":{"DeviceId":"d1","ReportId":2}}"#;
-    std::fs::write(&raw, format!("not json\n{{\"records\":[1,{keyed}]}}\n")).expect("write");
+    // And a batch one record of which cannot be read (a number out of range): the others
+    // go on.
+    let unreadable =
+        r#"{"category":"AdvancedHunting-DeviceFileEvents","properties":{"DeviceId":"d3","FileSize":1e400}}"#;
+    let other = r#"{"category":"AdvancedHunting-DeviceFileEvents","properties":{"DeviceId":"d2","ReportId":3}}"#;
+    std::fs::write(&raw, format!("not json\n{{\"records\":[1,{keyed}]}}\n{{\"records\":[{unreadable},{other}]}}\n"))
+        .expect("write");
     let out = Command::new(mock_bin())
         .args(["produce-raw", "--brokers", &w.mock.brokers, "--topic", "in"])
         .arg(&raw)
@@ -598,13 +604,15 @@ fn split_counts_and_keeps_aside_what_it_cannot_key() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stats: Value = serde_json::from_slice(&out.stdout).expect("stats");
     assert_eq!(stats["unkeyed"], 1, "{stats}");
-    assert_eq!(stats["rejected"], 2, "{stats}");
-    assert_eq!(stats["produced"], 1, "{stats}");
-    assert_eq!(stats["produced_messages"], 1, "{stats}");
+    assert_eq!(stats["rejected"], 3, "{stats}");
+    assert_eq!(stats["produced"], 2, "{stats}");
+    assert_eq!(stats["produced_messages"], 2, "{stats}");
     assert_eq!(w.mock.consume("rows.unkeyed").len(), 1);
-    // Keyed records go out as Streaming-API messages, here of one record.
+    // Keyed records go out as Streaming-API messages, here of one record each.
     let rows = w.mock.consume("rows");
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    assert_eq!(rows[0].1["records"].as_array().map(Vec::len), Some(1), "{rows:?}");
-    assert_eq!(rows[0].1["records"][0]["properties"]["DeviceId"], "d1");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().all(|r| r.1["records"].as_array().map(Vec::len) == Some(1)), "{rows:?}");
+    let devices: BTreeSet<&str> =
+        rows.iter().filter_map(|r| r.1["records"][0]["properties"]["DeviceId"].as_str()).collect();
+    assert_eq!(devices, BTreeSet::from(["d1", "d2"]));
 }

@@ -480,16 +480,39 @@ fn split_message<C: ProducerContext<DeliveryOpaque = ()>>(
     stats: &mut SplitStats,
 ) -> Result<(), KafkaError> {
     let payload = payload.unwrap_or_default();
-    let message: Value = match serde_json::from_slice(payload) {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::debug!(error = %e, "message is not JSON; sent to the rejected topic");
-            stats.rejected += 1;
-            return send_or_set_aside(cfg, producer, Outgoing::unkeyed(&cfg.rejected_topic, payload), origin, stats);
-        }
+    // Each record, or the text of one that cannot be read.
+    let records: Vec<Result<Value, &[u8]>> = match serde_json::from_slice(payload) {
+        Ok(message) => records_of(message).into_iter().map(Ok).collect(),
+        // A `{"records":[…]}` batch one record of which cannot be read (a number out of
+        // range, a lone surrogate, nesting too deep), as the node's own reading takes it:
+        // the others go on, that one is rejected.
+        Err(e) => match std::str::from_utf8(payload).ok().and_then(crate::parse::record::batch_record_texts) {
+            Some(texts) => {
+                texts.into_iter().map(|t| serde_json::from_str::<Value>(t).map_err(|_| t.as_bytes())).collect()
+            }
+            None => {
+                tracing::debug!(error = %e, "message is not JSON; sent to the rejected topic");
+                stats.rejected += 1;
+                return send_or_set_aside(
+                    cfg,
+                    producer,
+                    Outgoing::unkeyed(&cfg.rejected_topic, payload),
+                    origin,
+                    stats,
+                );
+            }
+        },
     };
-    for record in records_of(message) {
+    for record in records {
         stats.records += 1;
+        let record = match record {
+            Ok(record) => record,
+            Err(text) => {
+                stats.rejected += 1;
+                send_or_set_aside(cfg, producer, Outgoing::unkeyed(&cfg.rejected_topic, text), origin, stats)?;
+                continue;
+            }
+        };
         let bytes = serde_json::to_vec(&record).unwrap_or_default();
         if !record.is_object() {
             stats.rejected += 1;
