@@ -1,9 +1,9 @@
 //! `lookout status`.
 
 use crate::output::human_bytes;
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use clap::Args;
-use lookout_core::daemon::http::ask_daemon;
+use lookout_core::daemon::http::{ask, Answer};
 use lookout_core::status::{status, Status};
 use lookout_core::Store;
 use std::path::Path;
@@ -25,7 +25,15 @@ pub struct StatusArgs {
 
 pub fn run(data: &Path, args: StatusArgs) -> Result<ExitCode> {
     // A running daemon holds the database; ask it instead.
-    if let Some(body) = ask_daemon(data, "/status") {
+    let body = match ask(data, "/status") {
+        Answer::Ok(body) => Some(body),
+        // It runs and holds the database, which cannot be opened here meanwhile.
+        Answer::Failed(code, text) => {
+            return Err(anyhow!("the daemon running on {} answered {code}: {}", data.display(), text.trim_end()))
+        }
+        Answer::NoDaemon => None,
+    };
+    if let Some(body) = body {
         if args.json {
             println!("{}", body.trim_end());
             return Ok(ExitCode::SUCCESS);

@@ -923,7 +923,44 @@ fn sigterm_while_waiting_to_retry_after_a_failure_exits_zero() {
             Err(text)
         }
     });
+    // While it waits to reopen its database, `lookout status` gives its answer and does
+    // not open the database itself (the daemon's reopening would then fail on the lock).
+    let data = root.join("data");
+    let answered = (0..40).any(|_| {
+        let out = lookout(&data, &["status"]);
+        std::thread::sleep(Duration::from_millis(100));
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("answered 503")
+    });
+    assert!(answered, "{}", fs::read_to_string(&log).unwrap_or_default());
     d.sigterm();
     let status = d.wait_exit(Duration::from_secs(10)).expect("stopped within 10 s");
     assert!(status.success(), "{status}: {}", fs::read_to_string(&log).unwrap_or_default());
+}
+
+/// `lookout status` asks only the daemon of its own data directory: a copy of a data
+/// directory (or one whose daemon's address another daemon took since) carries the
+/// running daemon's address file, and `status` there reports the copy, not that daemon.
+#[test]
+fn status_asks_only_the_daemon_of_its_own_data_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (logs, data, findings) = (root.join("logs"), root.join("data"), root.join("findings.jsonl"));
+    fs::create_dir_all(&logs).unwrap();
+    let plugins = plugins_dir(root, &[WINRM]);
+    let mut d = daemon_spec(root, &data, &logs, &plugins, &findings).start();
+    assert!(table_counts(&d.status()).is_empty(), "the daemon's store is empty");
+
+    let other = root.join("other");
+    let file = root.join("DeviceFileEvents.jsonl");
+    fs::write(&file, "{\"Timestamp\":\"2025-05-07T10:00:00Z\",\"DeviceId\":\"d1\",\"ReportId\":1}\n").unwrap();
+    lookout_ok(&other, &["ingest", "--now", NOW, "--retention", "none", file.to_str().unwrap()]);
+    fs::copy(data.join("daemon.addr"), other.join("daemon.addr")).unwrap();
+    let s: Value = serde_json::from_str(&lookout_ok(&other, &["status", "--json"])).unwrap();
+    assert_eq!(table_counts(&s).get("DeviceFileEvents"), Some(&1), "{s}");
+    let want = fs::canonicalize(&other).unwrap();
+    assert_eq!(fs::canonicalize(s["data_dir"].as_str().unwrap()).unwrap(), want, "{s}");
+    // The daemon's own directory still asks it.
+    let s: Value = serde_json::from_str(&lookout_ok(&data, &["status", "--json"])).unwrap();
+    assert!(table_counts(&s).is_empty(), "{s}");
+    d.terminate(Duration::from_secs(30));
 }

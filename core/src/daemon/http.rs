@@ -17,6 +17,11 @@ use std::time::Duration;
 /// The file in the data directory where a running daemon records its address.
 pub const ADDR_FILE: &str = "daemon.addr";
 
+/// The header every answer names the daemon's data directory in (canonical): a copy of a
+/// data directory carries the address file of the daemon it was copied from, and an
+/// address can be taken over by another daemon; [`ask_daemon`] asks only its own.
+const DATA_HEADER: &str = "X-Lookout-Data";
+
 /// The database handle the endpoint reads; empty while the work loop restarts (the
 /// database can only be reopened once every handle to it is dropped).
 pub type SharedDb = Arc<RwLock<Option<StoreReader>>>;
@@ -71,15 +76,17 @@ impl Endpoint {
         data_dir: &Path,
         metrics: Arc<Mutex<Metrics>>,
     ) -> Result<Endpoint, DaemonError> {
-        Endpoint::start_with(listen, Arc::new(OneStore { db, data_dir: data_dir.to_path_buf() }), metrics)
+        Endpoint::start_with(listen, data_dir, Arc::new(OneStore { db, data_dir: data_dir.to_path_buf() }), metrics)
     }
 
     /// An endpoint reporting what `observe` sees.
     pub fn start_with(
         listen: &str,
+        data_dir: &Path,
         observe: Arc<dyn Observe>,
         metrics: Arc<Mutex<Metrics>>,
     ) -> Result<Endpoint, DaemonError> {
+        let data = identity_of(data_dir);
         let server = tiny_http::Server::http(listen)
             .map_err(|source| DaemonError::Listen { addr: listen.to_string(), source })?;
         let addr = server.server_addr().to_ip().ok_or_else(|| DaemonError::NotIp(listen.to_string()))?;
@@ -87,7 +94,7 @@ impl Endpoint {
         let s = server.clone();
         let thread = std::thread::Builder::new()
             .name("lookout-http".into())
-            .spawn(move || serve(&s, observe.as_ref(), &metrics))
+            .spawn(move || serve(&s, &data, observe.as_ref(), &metrics))
             .map_err(DaemonError::EndpointThread)?;
         Ok(Endpoint { server, thread: Some(thread), addr })
     }
@@ -100,7 +107,13 @@ impl Endpoint {
     }
 }
 
-fn serve(server: &tiny_http::Server, observe: &dyn Observe, metrics: &Mutex<Metrics>) {
+/// How a data directory is named between a daemon and a command asking it: its
+/// canonical path (as given, if it cannot be resolved).
+fn identity_of(data_dir: &Path) -> String {
+    std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf()).to_string_lossy().into_owned()
+}
+
+fn serve(server: &tiny_http::Server, data: &str, observe: &dyn Observe, metrics: &Mutex<Metrics>) {
     let mut last_counters = Counters::default();
     for req in server.incoming_requests() {
         let (code, ctype, body) = match (req.method(), req.url()) {
@@ -136,10 +149,11 @@ fn serve(server: &tiny_http::Server, observe: &dyn Observe, metrics: &Mutex<Metr
             },
             _ => (404, "text/plain; charset=utf-8", "not found: try /metrics or /status\n".to_string()),
         };
-        let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes());
         let mut resp = tiny_http::Response::from_string(body).with_status_code(code);
-        if let Ok(h) = header {
-            resp = resp.with_header(h);
+        for (name, value) in [("Content-Type", ctype), (DATA_HEADER, data)] {
+            if let Ok(h) = tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()) {
+                resp = resp.with_header(h);
+            }
         }
         let _ = req.respond(resp);
     }
@@ -149,18 +163,53 @@ pub fn addr_file(data_dir: &Path) -> PathBuf {
     data_dir.join(ADDR_FILE)
 }
 
-/// Asks the daemon holding `data_dir` for `path` (e.g. `/status`); `None` when no daemon
-/// answers.
+/// What the daemon holding a data directory answered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// No daemon of this data directory answers (none runs; or the address file is
+    /// another's: a copied data directory's, a reused address).
+    NoDaemon,
+    /// The body of its 200 answer.
+    Ok(String),
+    /// It answered otherwise (its database being reopened after an error, say): the
+    /// code and its text.
+    Failed(u16, String),
+}
+
+/// Asks the daemon holding `data_dir` for `path` (e.g. `/status`); `None` unless it
+/// answers 200.
 pub fn ask_daemon(data_dir: &Path, path: &str) -> Option<String> {
-    let addr = std::fs::read_to_string(addr_file(data_dir)).ok()?;
-    let addr = addr.trim().to_socket_addrs().ok()?.next()?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let (head, body) = resp.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.").then_some(())?;
-    head.split_whitespace().nth(1).filter(|c| *c == "200")?;
-    Some(body.to_string())
+    match ask(data_dir, path) {
+        Answer::Ok(body) => Some(body),
+        _ => None,
+    }
+}
+
+/// Asks the daemon holding `data_dir` for `path`.
+pub fn ask(data_dir: &Path, path: &str) -> Answer {
+    let asked = || -> Option<(u16, Option<String>, String)> {
+        let addr = std::fs::read_to_string(addr_file(data_dir)).ok()?;
+        let addr = addr.trim().to_socket_addrs().ok()?.next()?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        let (head, body) = resp.split_once("\r\n\r\n")?;
+        let mut lines = head.split("\r\n");
+        let status = lines.next().filter(|l| l.starts_with("HTTP/1."))?;
+        let code = status.split_whitespace().nth(1)?.parse().ok()?;
+        let data = lines.find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.trim().eq_ignore_ascii_case(DATA_HEADER).then(|| value.trim().to_string())
+        });
+        Some((code, data, body.to_string()))
+    };
+    match asked() {
+        None => Answer::NoDaemon,
+        // Another data directory's daemon (a daemon of an earlier version names none).
+        Some((_, Some(data), _)) if data != identity_of(data_dir) => Answer::NoDaemon,
+        Some((200, _, body)) => Answer::Ok(body),
+        Some((code, _, body)) => Answer::Failed(code, body),
+    }
 }

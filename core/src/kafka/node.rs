@@ -569,7 +569,7 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaError
     })?;
     let metrics = Arc::new(Mutex::new(Metrics::default()));
     let observe = Arc::new(NodeObserve { cfg: cfg.clone(), view: Mutex::new(NodeView::default()) });
-    let endpoint = Endpoint::start_with(&cfg.listen, observe.clone(), metrics.clone())?;
+    let endpoint = Endpoint::start_with(&cfg.listen, &cfg.data, observe.clone(), metrics.clone())?;
     let addr_file = crate::daemon::http::addr_file(&cfg.data);
     std::fs::write(&addr_file, endpoint.addr.to_string()).map_err(|source| KafkaError::Io {
         what: "write",
