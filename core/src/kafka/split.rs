@@ -272,7 +272,12 @@ pub fn run_split(
     };
     consumer.subscribe(&[&cfg.from]).map_err(KafkaError::kafka(format!("cannot subscribe to {}", cfg.from)))?;
     let producer = producer(&cfg.kafka, Deliveries::default())?;
-    let partitions = if cfg.broadcast.is_empty() { 0 } else { partition_count(&producer, &cfg.to)? };
+    let partitions = partition_count(&producer, &cfg.to)?;
+    // Where records that cannot be keyed or read go must exist too: a record that cannot
+    // be delivered stops the split (its input is not committed), here at every restart.
+    for side in [&cfg.unkeyed_topic, &cfg.rejected_topic] {
+        partition_count(&producer, side)?;
+    }
     let mut stats = SplitStats::default();
     let mut idle_since = Instant::now();
     tracing::info!(from = %cfg.from, to = %cfg.to, group = %cfg.group, "split running");
@@ -713,5 +718,35 @@ mod tests {
             Ok(()) => producer.context().take_failures().expect("a record for a partition that does not exist"),
         };
         assert!(failure.contains("findings partition 5"), "{failure}");
+    }
+
+    /// The side topics must exist when the split starts (Lookout never creates topics):
+    /// one that does not is named, with what to do, instead of a record that cannot be
+    /// delivered stopping the split at every restart.
+    #[test]
+    fn a_side_topic_that_does_not_exist_is_named_at_the_start() {
+        let cluster = MockCluster::new(1).unwrap();
+        for topic in ["in", "rows", "rows.unkeyed"] {
+            cluster.create_topic(topic, 1, 1).unwrap();
+        }
+        let kafka = KafkaSettings {
+            brokers: cluster.bootstrap_servers(),
+            properties: vec![("allow.auto.create.topics".into(), "false".into())],
+        };
+        let cfg = SplitConfig {
+            kafka,
+            from: "in".into(),
+            to: "rows".into(),
+            group: "split".into(),
+            unkeyed_topic: "rows.unkeyed".into(),
+            rejected_topic: "rows.rejected".into(),
+            broadcast: Vec::new(),
+            batch_messages: 100,
+            message_bytes: 1 << 20,
+            idle_exit: Some(Duration::from_secs(1)),
+        };
+        let e = run_split(&cfg, &AtomicBool::new(false), &mut |_| {}).expect_err("rows.rejected does not exist");
+        let text = crate::error::Chain(&e).to_string();
+        assert!(text.contains("rows.rejected") && text.contains("create it"), "{text}");
     }
 }
