@@ -11,8 +11,8 @@
 
 use lookout_tests::daemon::{Daemon, DaemonSpec};
 use lookout_tests::{
-    gen_fleet, lookout, lookout_ok, plugins_dir, read_jsonl, target_dir, PASSWORD_SPRAYING, SCHEDULED_TASK, SCM_REMOTE,
-    WINRM,
+    gen_fleet, lookout, lookout_bin, lookout_ok, plugins_dir, read_jsonl, run_bounded, target_dir, PASSWORD_SPRAYING,
+    SCHEDULED_TASK, SCM_REMOTE, WINRM,
 };
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -615,4 +615,20 @@ fn split_counts_and_keeps_aside_what_it_cannot_key() {
     let devices: BTreeSet<&str> =
         rows.iter().filter_map(|r| r.1["records"][0]["properties"]["DeviceId"].as_str()).collect();
     assert_eq!(devices, BTreeSet::from(["d1", "d2"]));
+}
+
+/// A findings topic partitioned otherwise than the rows topic is named when the node
+/// starts, with what to do (it used to fail take-over after take-over).
+#[test]
+fn a_findings_topic_with_another_partition_count_is_refused_at_the_start() {
+    let w = World::new(10);
+    let data = w.root.path().join("node");
+    let mut cmd = Command::new(lookout_bin());
+    cmd.arg("--data").arg(&data).args(["run", "--kafka", "--brokers", &w.mock.brokers, "--topic", "rows"]);
+    cmd.args(["--group", "nodes", "--findings-topic", "in", "--listen", "127.0.0.1:0"])
+        .arg("--plugins")
+        .arg(&w.plugins);
+    let out = run_bounded(cmd, Duration::from_secs(60));
+    assert!(!out.status.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("findings topic in has 1 partition(s) and rows has 6"), "{}", out.stderr);
 }

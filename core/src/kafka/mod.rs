@@ -129,6 +129,9 @@ pub enum KafkaError {
     Detect(#[from] crate::detect::PassError),
     #[error(transparent)]
     Daemon(#[from] crate::daemon::DaemonError),
+    /// Topics not set up as a node needs them; the message says what to do.
+    #[error("{0}")]
+    Topics(String),
     #[error("cannot {what} {}", path.display())]
     Io {
         what: &'static str,

@@ -36,7 +36,7 @@ use crate::tail::Tailer;
 use lookout_plugin_sdk::time::TICKS_PER_SEC;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::BaseProducer;
+use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::types::RDKafkaRespErr as RespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -576,6 +576,7 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaError
         path: addr_file.clone(),
         source,
     })?;
+    check_findings_topic(&cfg)?;
     // Before any partition writes: a line the last run left torn may be of a partition
     // that another node owns now.
     super::partition::cut_torn_findings_line(&cfg.data, &cfg.findings)?;
@@ -606,6 +607,28 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaError
     let _ = std::fs::remove_file(&addr_file);
     endpoint.stop();
     result
+}
+
+/// The findings topic is partitioned as the input is (the same key, the same partition
+/// count): a partition's findings are where its next owner reads them at take-over. One
+/// with another count is a set-up error, said once at the start, not a take-over failing
+/// again and again. (Topics that cannot be looked up yet are left to the work loop, which
+/// retries.)
+fn check_findings_topic(cfg: &NodeConfig) -> Result<(), KafkaError> {
+    let producer = producer(&cfg.kafka, Deliveries::default())?;
+    let count = |topic: &str| -> Option<usize> {
+        let meta = producer.client().fetch_metadata(Some(topic), CALL_TIMEOUT).ok()?;
+        meta.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len())
+    };
+    match (count(&cfg.topic), count(&cfg.findings_topic)) {
+        (Some(rows), Some(findings)) if rows > 0 && findings != rows => Err(KafkaError::Topics(format!(
+            "the findings topic {} has {findings} partition(s) and {} has {rows}: a node writes a partition's \
+             findings to the findings topic's partition of the same number; create {} with {rows} partitions \
+             (or name another with --findings-topic)",
+            cfg.findings_topic, cfg.topic, cfg.findings_topic
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn consumer(cfg: &NodeConfig) -> Result<BaseConsumer<NodeContext>, KafkaError> {
