@@ -12,13 +12,14 @@
 //! timeframe, or an execution leaves the lookback, so the pass asks to be woken at the
 //! earliest of those.
 
+use lookout_plugin_sdk::collections::{HashMap, HashSet};
 use lookout_plugin_sdk::tables::{FILE_PROFILE, PROCESS_EVENTS};
 use lookout_plugin_sdk::time::parse_timestamp;
 use lookout_plugin_sdk::{
     identity_key, Cell, CellRef, Cells, Condition, Context, EvalRequest, FindingOut, InputSpec, Records, Row,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 
 /// `where ActionType =~ "ProcessCreated"`.
 pub const ACTION_TYPE: &str = "ProcessCreated";
@@ -123,10 +124,13 @@ pub fn execution_of<R: Cells + ?Sized>(row: &R) -> Option<Execution> {
 /// A `(DeviceId, SHA1)` group of `NewScheduledBinaries`.
 pub type GroupKey = (String, String);
 
-/// The executions of one `(DeviceId, SHA1)` within the lookback, by record id.
+/// The executions of one `(DeviceId, SHA1)` within the lookback, by record id. (Hashed,
+/// not ordered: what is read of them — the span, the latest by a total order, the set of
+/// names — does not depend on their order, and a group's row keys share their first ~80
+/// bytes, which every comparison of an ordered map went through.)
 #[derive(Debug, Default)]
 struct Group {
-    executions: BTreeMap<Vec<u8>, Execution>,
+    executions: HashMap<Vec<u8>, Execution>,
     /// Whether the group is in `NewScheduledBinaryExecution` at the last refresh: new
     /// (FirstSeen and LastSeen within the timeframe) with an execution ingested within it.
     active: bool,
@@ -171,12 +175,12 @@ impl Index {
     pub fn new(c: RuleConfig) -> Index {
         Index {
             c,
-            groups: HashMap::new(),
-            devices: HashMap::new(),
+            groups: HashMap::default(),
+            devices: HashMap::default(),
             ranking: BTreeSet::new(),
             edges: BTreeSet::new(),
-            edge_of: HashMap::new(),
-            touched: HashSet::new(),
+            edge_of: HashMap::default(),
+            touched: HashSet::default(),
         }
     }
 
@@ -275,7 +279,7 @@ impl Index {
     /// first row in `top` order): (lowercased SHA1, its `MachineCount`).
     pub fn left(&self) -> Vec<(String, i64)> {
         let mut left: Vec<(String, i64)> = Vec::new();
-        let mut seen: HashSet<String> = HashSet::new();
+        let mut seen: HashSet<String> = HashSet::default();
         for (count, sha1) in self.ranking.iter().take(self.c.top) {
             let lower = sha1.to_lowercase();
             if seen.insert(lower.clone()) {
@@ -474,7 +478,7 @@ impl ScheduledTaskRule {
             write_kept_under: value(KEPT_UNDER_KEY) != Some(lookback.as_slice()),
             new_config: value(CONFIG_KEY) != Some(config.fingerprint().as_bytes()),
         };
-        let mut emitted = HashSet::new();
+        let mut emitted = HashSet::default();
         for (k, _) in state.iter().filter(|(k, _)| k.starts_with(EMITTED_PREFIX)) {
             emitted.insert(parse_emitted_key(&k[EMITTED_PREFIX.len()..]).ok_or("corrupt emitted identity in state")?);
         }
@@ -486,7 +490,7 @@ impl ScheduledTaskRule {
                 last_pass = Some(at);
             }
         }
-        Ok(ScheduledTaskRule { config, records, index, emitted, profile_ok: HashMap::new(), last_pass, pending })
+        Ok(ScheduledTaskRule { config, records, index, emitted, profile_ok: HashMap::default(), last_pass, pending })
     }
 
     /// Scheduled-task executions only (the host checks the static filters); FileProfile
@@ -597,7 +601,7 @@ impl ScheduledTaskRule {
         // FileProfile of the SHA1s not known to fail it, in one host call.
         let ask: Vec<String> =
             fresh.iter().map(|(s, _, _)| s.clone()).filter(|s| self.profile_ok.get(s) != Some(&false)).collect();
-        let mut profiles: HashMap<String, Option<Row>> = HashMap::new();
+        let mut profiles: HashMap<String, Option<Row>> = HashMap::default();
         if !ask.is_empty() {
             for (sha1, profile) in ask.iter().cloned().zip(ctx.profiles(ask.clone())?) {
                 self.profile_ok.insert(sha1.clone(), profile_passes(profile.as_ref(), &self.config));
