@@ -89,7 +89,7 @@ unsafe extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, o
             // SAFETY: the plugin passes `len` readable bytes at `input` for this call.
             unsafe { std::slice::from_raw_parts(input, len) }
         };
-        let req: HostRequest = abi::decode(input)?;
+        let req: HostRequest = wire::decode_host_request(input)?;
         answer(ctx.store, req)
     }));
     let (rc, bytes) = match result {

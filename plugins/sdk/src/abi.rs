@@ -379,6 +379,14 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Appends `value` in bincode's layout (no version byte): for a payload written partly by
+/// hand ([`crate::wire`]).
+pub(crate) fn encode_body_into<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), String> {
+    bincode::serde::encode_into_std_write(value, out, bincode::config::standard())
+        .map(|_| ())
+        .map_err(|e| format!("cannot encode payload: {e}"))
+}
+
 /// Decodes a payload, refusing another version or trailing bytes.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     let body = payload_body(bytes)?;

@@ -1,7 +1,7 @@
 //! The plugin side of a pass: look-ups into the host, and the findings and state changes
 //! the detector produces.
 
-use crate::abi::{self, Condition, FindingOut, HostRequest, HostResponse, InputSpec, LookoutHostApi, StateOp, RC_OK};
+use crate::abi::{Condition, FindingOut, HostRequest, HostResponse, InputSpec, LookoutHostApi, StateOp, RC_OK};
 use crate::cell::Row;
 use crate::wire::RowSet;
 use crate::CellRef;
@@ -214,7 +214,7 @@ impl<'a> Context<'a> {
     /// Hands `req` to the host and `read`s its answer's bytes (a failed call is an error).
     fn call_with<R>(&mut self, req: &HostRequest, read: impl FnOnce(&[u8]) -> Result<R, String>) -> Result<R, String> {
         let host = self.host.ok_or("no host callback in this context")?;
-        let input = abi::encode(req)?;
+        let input = crate::wire::encode_host_request(req)?;
         crate::export::call_host(host, &input, |rc, bytes| {
             if rc != RC_OK {
                 return Err(format!("host call failed: {}", String::from_utf8_lossy(bytes)));

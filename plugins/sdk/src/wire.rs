@@ -13,7 +13,9 @@
 //! [`abi::encode`]: crate::abi::encode
 //! [`abi::decode`]: crate::abi::decode
 
-use crate::abi::{EvalRequest, EvalResponseRef, FindingRef, HostResponse, RowRef, StateOpRef, PAYLOAD_VERSION};
+use crate::abi::{
+    EvalRequest, EvalResponseRef, FindingRef, HostRequest, HostResponse, RowRef, StateOpRef, PAYLOAD_VERSION,
+};
 use crate::{Cell, CellRef, Row, RowView};
 
 /// bincode's varint (standard configuration) of `v`, and how many bytes of the array it
@@ -422,6 +424,70 @@ pub fn decode_eval_request(bytes: &[u8]) -> Result<EvalRequest, String> {
         return Err(format!("payload has {} trailing bytes", r.bytes.len() - r.at));
     }
     Ok(EvalRequest { now, backfill, rows, last })
+}
+
+/// bincode's variant indexes of the [`HostRequest`]s that carry a list of row keys.
+mod request_variant {
+    pub const GET_ROWS: u64 = 0;
+    pub const GET_ROWS_WHERE: u64 = 1;
+    pub const GET_COLUMNS_WHERE: u64 = 2;
+}
+
+/// A host request as [`crate::abi::encode`] writes it, the row keys of a fetch written
+/// by hand: serde writes a `Vec<u8>` a byte at a time, and a fetch of a few hundred rows
+/// carries tens of kilobytes of keys (encoding and decoding them byte by byte was a
+/// twentieth of a pass's instructions).
+pub fn encode_host_request(req: &HostRequest) -> Result<Vec<u8>, String> {
+    let (variant, keys) = match req {
+        HostRequest::GetRows(keys) => (request_variant::GET_ROWS, keys),
+        HostRequest::GetRowsWhere { keys, .. } => (request_variant::GET_ROWS_WHERE, keys),
+        HostRequest::GetColumnsWhere { keys, .. } => (request_variant::GET_COLUMNS_WHERE, keys),
+        other => return crate::abi::encode(other),
+    };
+    let size: usize = keys.iter().map(|k| 9 + k.len()).sum();
+    let mut out = Vec::with_capacity(1 + 9 + size + 256);
+    out.push(PAYLOAD_VERSION);
+    put_varint(&mut out, variant);
+    put_varint(&mut out, keys.len() as u64);
+    for k in keys {
+        put_bytes(&mut out, k);
+    }
+    match req {
+        HostRequest::GetRowsWhere { filter, .. } => crate::abi::encode_body_into(filter, &mut out)?,
+        HostRequest::GetColumnsWhere { filter, columns, .. } => {
+            crate::abi::encode_body_into(&(filter, columns), &mut out)?
+        }
+        _ => {}
+    }
+    Ok(out)
+}
+
+/// A host request, read as [`crate::abi::decode`] reads it, the row keys of a fetch by
+/// hand (see [`encode_host_request`]).
+pub fn decode_host_request(bytes: &[u8]) -> Result<HostRequest, String> {
+    let body = crate::abi::payload_body(bytes)?;
+    let mut r = Reader { bytes: body, at: 0 };
+    let variant = r.varint()?;
+    if ![request_variant::GET_ROWS, request_variant::GET_ROWS_WHERE, request_variant::GET_COLUMNS_WHERE]
+        .contains(&variant)
+    {
+        return crate::abi::decode(bytes);
+    }
+    let keys = r.seq(1, |r| Ok(r.slice()?.to_vec()))?;
+    let rest = &body[r.at..];
+    Ok(match variant {
+        request_variant::GET_ROWS => {
+            if !rest.is_empty() {
+                return Err(format!("payload has {} trailing bytes", rest.len()));
+            }
+            HostRequest::GetRows(keys)
+        }
+        request_variant::GET_ROWS_WHERE => HostRequest::GetRowsWhere { keys, filter: crate::abi::decode_body(rest)? },
+        _ => {
+            let (filter, columns) = crate::abi::decode_body(rest)?;
+            HostRequest::GetColumnsWhere { keys, filter, columns }
+        }
+    })
 }
 
 /// A cursor over bincode's standard layout.
@@ -843,5 +909,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A fetch's request written and read by hand is serde's, byte for byte, both ways;
+    /// the other requests go through serde as they are.
+    #[test]
+    fn host_requests_are_written_and_read_as_serde_does() {
+        use crate::{Cmp, Condition};
+        let keys = |n: usize| -> Vec<Vec<u8>> { (0..n).map(|i| vec![i as u8; (i * 37) % 300]).collect() };
+        let filter = vec![
+            Condition::In { column: "ActionType".into(), any_of: vec!["a".into(), "B".into()] },
+            Condition::Num { column: "LocalPort".into(), op: Cmp::Eq, value: 88 },
+        ];
+        let requests = [
+            HostRequest::GetRows(keys(0)),
+            HostRequest::GetRows(keys(300)),
+            HostRequest::GetRowsWhere { keys: keys(3), filter: filter.clone() },
+            HostRequest::GetRowsWhere { keys: keys(260), filter: Vec::new() },
+            HostRequest::GetColumnsWhere { keys: keys(40), filter: filter.clone(), columns: vec!["SHA1".into()] },
+            HostRequest::GetColumnsWhere { keys: Vec::new(), filter: Vec::new(), columns: Vec::new() },
+            HostRequest::Lookup { table: "t".into(), sha1: "s".into(), device_id: None },
+            HostRequest::Profiles(vec!["a".into(), "b".into()]),
+        ];
+        for req in &requests {
+            let by_serde = encode(req).unwrap();
+            assert_eq!(encode_host_request(req).unwrap(), by_serde, "{req:?}");
+            assert_eq!(&decode_host_request(&by_serde).unwrap(), req);
+            // Cut short or with a byte too many, it is refused as serde refuses it.
+            for cut in [by_serde.len() - 1, 1] {
+                assert!(decode_host_request(&by_serde[..cut]).is_err(), "{req:?} cut at {cut}");
+            }
+            let mut longer = by_serde.clone();
+            longer.push(0);
+            assert!(decode_host_request(&longer).is_err(), "{req:?} with a trailing byte");
+        }
+        // A count of keys the payload cannot hold is refused before anything is allocated.
+        let mut huge = vec![PAYLOAD_VERSION, 0, 253];
+        huge.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode_host_request(&huge).is_err());
     }
 }
