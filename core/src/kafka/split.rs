@@ -578,6 +578,23 @@ mod tests {
         })
     }
 
+    /// A split from `in` to `rows` (side topics `rows.unkeyed`, `rows.rejected`), no
+    /// broadcast table, messages of up to 1 MiB, done after a second with nothing to read.
+    fn config(kafka: KafkaSettings) -> SplitConfig {
+        SplitConfig {
+            kafka,
+            from: "in".into(),
+            to: "rows".into(),
+            group: "split".into(),
+            unkeyed_topic: "rows.unkeyed".into(),
+            rejected_topic: "rows.rejected".into(),
+            broadcast: Vec::new(),
+            batch_messages: 100,
+            message_bytes: 1 << 20,
+            idle_exit: Some(Duration::from_secs(1)),
+        }
+    }
+
     /// A batch's records of one device go out together and in their order, in messages
     /// no bigger than `message_bytes`; a broadcast record goes to every partition.
     #[test]
@@ -663,18 +680,7 @@ mod tests {
         input.flush(Duration::from_secs(10)).unwrap();
         assert_eq!(input.context().take_failures(), None);
 
-        let cfg = SplitConfig {
-            kafka,
-            from: "in".into(),
-            to: "rows".into(),
-            group: "split".into(),
-            unkeyed_topic: "rows.unkeyed".into(),
-            rejected_topic: "rows.rejected".into(),
-            broadcast: Vec::new(),
-            batch_messages: 100,
-            message_bytes: 64 << 10,
-            idle_exit: Some(Duration::from_secs(1)),
-        };
+        let cfg = SplitConfig { message_bytes: 64 << 10, ..config(kafka) };
         let stats = run_split(&cfg, &AtomicBool::new(false), &mut |_| {}).unwrap();
         assert_eq!((stats.messages, stats.produced, stats.set_aside, stats.rejected), (2, 2, 1, 0), "{stats:?}");
 
@@ -733,18 +739,7 @@ mod tests {
             brokers: cluster.bootstrap_servers(),
             properties: vec![("allow.auto.create.topics".into(), "false".into())],
         };
-        let cfg = SplitConfig {
-            kafka,
-            from: "in".into(),
-            to: "rows".into(),
-            group: "split".into(),
-            unkeyed_topic: "rows.unkeyed".into(),
-            rejected_topic: "rows.rejected".into(),
-            broadcast: Vec::new(),
-            batch_messages: 100,
-            message_bytes: 1 << 20,
-            idle_exit: Some(Duration::from_secs(1)),
-        };
+        let cfg = config(kafka);
         let e = run_split(&cfg, &AtomicBool::new(false), &mut |_| {}).expect_err("rows.rejected does not exist");
         let text = crate::error::Chain(&e).to_string();
         assert!(text.contains("rows.rejected") && text.contains("create it"), "{text}");

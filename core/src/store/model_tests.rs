@@ -352,15 +352,12 @@ fn held_runs_stay_bounded_when_generations_end_with_few_runs() {
     assert_eq!(key_entries(&store), before);
 }
 
-/// An expiry step whose commit fails leaves nothing behind for the next one: the next
-/// call removes the expired blocks (it used to take them for gone, and wait until the
-/// horizon passed the newest block it meant to keep).
-#[test]
-fn an_expiry_that_failed_is_taken_up_by_the_next_step() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
+/// A store keeping 7 days, with one row of TABLE stamped at each of `days` (after BASE),
+/// each stored by a batch of its own.
+fn seven_days_kept_with_rows_of_days(dir: &std::path::Path, days: &[i64]) -> Store {
+    let mut store = Store::open(dir).unwrap();
     store.set_retention(Some(7 * DAY));
-    for (day, report) in [(0, 1), (30, 2)] {
+    for (report, day) in (1..).zip(days) {
         let text = format!(
             r#"{{"Timestamp":"{}","DeviceId":"dev","SHA1":"{:040x}","ReportId":{report},"FileName":"a.exe"}}"#,
             lookout_plugin_sdk::time::format_timestamp(BASE + day * DAY),
@@ -371,6 +368,16 @@ fn an_expiry_that_failed_is_taken_up_by_the_next_step() {
         b.add_row(&normalise(obj, Some(TABLE), &TableHints::default()).unwrap(), 0).unwrap();
         b.commit().unwrap();
     }
+    store
+}
+
+/// An expiry step whose commit fails leaves nothing behind for the next one: the next
+/// call removes the expired blocks (it used to take them for gone, and wait until the
+/// horizon passed the newest block it meant to keep).
+#[test]
+fn an_expiry_that_failed_is_taken_up_by_the_next_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = seven_days_kept_with_rows_of_days(dir.path(), &[0, 30]);
     store.advance_clock(BASE + 31 * DAY).unwrap();
     assert_eq!(store.retained().unwrap().invisible, 1);
     store.fail_next_main_commit = true;
@@ -386,19 +393,7 @@ fn an_expiry_that_failed_is_taken_up_by_the_next_step() {
 #[test]
 fn expired_frames_in_a_block_file_are_not_counted_as_live() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
-    store.set_retention(Some(7 * DAY));
-    for (day, report) in [(0, 1), (5, 2)] {
-        let text = format!(
-            r#"{{"Timestamp":"{}","DeviceId":"dev","SHA1":"{:040x}","ReportId":{report},"FileName":"a.exe"}}"#,
-            lookout_plugin_sdk::time::format_timestamp(BASE + day * DAY),
-            report
-        );
-        let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
-        let mut b = store.batch();
-        b.add_row(&normalise(obj, Some(TABLE), &TableHints::default()).unwrap(), 0).unwrap();
-        b.commit().unwrap();
-    }
+    let mut store = seven_days_kept_with_rows_of_days(dir.path(), &[0, 5]);
     let in_files = |store: &Store| {
         let parts = store.space_by_part().unwrap();
         let (_, blocks, bytes) = *parts.iter().find(|p| p.0.starts_with("row blocks")).unwrap();
