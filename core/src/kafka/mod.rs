@@ -158,6 +158,15 @@ pub fn device_of(record: &Value) -> Option<&str> {
     props.get("DeviceId").and_then(Value::as_str).filter(|d| !d.is_empty())
 }
 
+/// How many partitions `topic` has, as the brokers say (0: they know no such topic).
+pub(crate) fn partitions_of<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+) -> Result<usize, rdkafka::error::KafkaError> {
+    let meta = client.fetch_metadata(Some(topic), CALL_TIMEOUT)?;
+    Ok(meta.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len()))
+}
+
 /// The records of one message: the elements of `{"records":[…]}`, or the message itself.
 pub fn records_of(message: Value) -> Vec<Value> {
     match message {

@@ -616,10 +616,7 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaError
 /// retries.)
 fn check_findings_topic(cfg: &NodeConfig) -> Result<(), KafkaError> {
     let producer = producer(&cfg.kafka, Deliveries::default())?;
-    let count = |topic: &str| -> Option<usize> {
-        let meta = producer.client().fetch_metadata(Some(topic), CALL_TIMEOUT).ok()?;
-        meta.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len())
-    };
+    let count = |topic: &str| super::partitions_of(producer.client(), topic).ok().filter(|n| *n > 0);
     match (count(&cfg.topic), count(&cfg.findings_topic)) {
         (Some(rows), Some(findings)) if rows > 0 && findings != rows => Err(KafkaError::Topics(format!(
             "the findings topic {} has {findings} partition(s) and {} has {rows}: a node writes a partition's \

@@ -356,11 +356,8 @@ pub fn run_split(
 
 /// How many partitions `topic` has (it must exist: Lookout never creates topics).
 fn partition_count<C: ProducerContext>(producer: &BaseProducer<C>, topic: &str) -> Result<i32, KafkaError> {
-    let meta = producer
-        .client()
-        .fetch_metadata(Some(topic), super::CALL_TIMEOUT)
+    let n = super::partitions_of(producer.client(), topic)
         .map_err(KafkaError::kafka(format!("cannot read the metadata of {topic}")))?;
-    let n = meta.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len());
     if n == 0 {
         return Err(KafkaError::Kafka {
             what: format!("topic {topic} has no partitions: create it first (Lookout never creates topics)"),
