@@ -171,7 +171,20 @@ impl ConsumerContext for NodeContext {
                 if let Err(e) = consumer.assign(tpl) {
                     owned.failure.get_or_insert(KafkaError::kafka("cannot take the assignment")(e));
                 }
-                tracing::debug!(?opened, took = ?began.elapsed(), "assignment taken");
+                let assigned = began.elapsed();
+                // The detectors of the partitions taken over are loaded now that the
+                // assignment is taken: librdkafka's threads fetch the partitions meanwhile
+                // (a replay's first messages took 5–45 ms to arrive after `assign`, and
+                // loading four detectors took 4–11 ms a partition), and nothing is stored
+                // before this callback returns.
+                for p in owned.partitions.values_mut().filter(|p| p.detectors_due) {
+                    if let Err(e) = load_detectors(p) {
+                        tracing::error!(partition = p.partition, error = %Chain(&e), "cannot load the partition's detectors");
+                        owned.failure.get_or_insert(e);
+                        break;
+                    }
+                }
+                tracing::debug!(?opened, ?assigned, took = ?began.elapsed(), "assignment taken");
             }
             RespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let revoked: Vec<i32> = tpl.elements_for_topic(&self.cfg.topic).iter().map(|e| e.partition()).collect();
@@ -338,13 +351,6 @@ impl NodeContext {
         crate::findings::cut_torn_tail(&p.store, &cfg.findings)?;
         let opened = began.elapsed();
         p.store.set_retention(cfg.retention);
-        // Its detectors now, not at its first pass: their indexes are then kept as the
-        // backlog is stored, instead of built afterwards by reading it back (a replay's
-        // first pass spent 10–30 ms a partition building them).
-        if p.plugins.refresh()? {
-            crate::detect::declare_indexes(&mut p.store, &p.plugins.plugins)?;
-        }
-        let loaded = began.elapsed();
         if let Some(logs) = &cfg.logs {
             let opts = IngestOptions { only_tables: Some(vec!["FileProfile".to_string()]), ..cfg.ingest.clone() };
             p.tailer = Some(Tailer::new(logs, opts));
@@ -355,6 +361,8 @@ impl NodeContext {
         };
         p.emitted_before = p.emitted.clone();
         let findings_read = began.elapsed();
+        // Its detectors are loaded once the assignment is taken ([`Self::load_detectors`]).
+        p.detectors_due = true;
         let (low, high) = self.watermarks(consumer, n)?;
         if let Some(stored) = p.next_offset {
             self.check_stored_offset(&p, n, stored, low, high)?;
@@ -371,7 +379,7 @@ impl NodeContext {
         };
         tracing::info!(partition = n, start, end = high, findings_in_topic = p.emitted.len(), "partition taken over");
         // Where a take-over's time goes (a failover's replay counts it).
-        tracing::debug!(partition = n, ?opened, ?loaded, ?findings_read, took = ?began.elapsed(), "take-over");
+        tracing::debug!(partition = n, ?opened, ?findings_read, took = ?began.elapsed(), "take-over");
         Ok((p, Offset::Offset(start)))
     }
 
@@ -450,6 +458,17 @@ impl NodeContext {
         }
         Ok(horizon_start(answer, low, high))
     }
+}
+
+/// Loads a partition's detectors before it stores anything: their indexes are then kept
+/// as the backlog is stored, instead of built at the first pass by reading it back (a
+/// replay's first pass spent 10–30 ms a partition building them).
+fn load_detectors(p: &mut Partition) -> Result<(), KafkaError> {
+    p.detectors_due = false;
+    if p.plugins.refresh()? {
+        crate::detect::declare_indexes(&mut p.store, &p.plugins.plugins)?;
+    }
+    Ok(())
 }
 
 /// Where a partition with nothing stored starts, from the broker's answer to
@@ -778,7 +797,8 @@ const FIRST_ROUND_WINDOW: Duration = Duration::from_millis(5);
 
 /// Reads messages for up to 250 ms, and for at most 50 ms from the first one (5 ms in an
 /// assignment's first round; or a batch's messages or bytes, or until none comes for
-/// 5 ms), into `pending`; returns when the first one came. The 50 ms:
+/// 5 ms — none at all while a partition replays), into `pending`; returns when the first
+/// one came. The 50 ms:
 /// librdkafka goes on fetching while the round is stored, so a round that waited for a
 /// whole batch to arrive (a partition just taken over, read from its start) would leave
 /// the storing idle while it waited.
@@ -791,6 +811,7 @@ fn read_messages<'c>(
     let mut first = None;
     let mut taken = 0;
     let mut bytes = 0;
+    let mut catching_up = false;
     while taken < cfg.batch_messages && bytes < cfg.batch_bytes {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -799,7 +820,14 @@ fn read_messages<'c>(
         // The rebalance callback runs inside poll and takes the `owned` lock: not held here.
         // Once something is read, a short wait: a quiet moment ends the read (the rows go
         // to the store and the detectors now), a steady flow fills the batch.
-        let wait = if taken > 0 { left.min(Duration::from_millis(5)) } else { left };
+        // A partition catching up with its end (a replay) does not wait for a quiet moment:
+        // what librdkafka has fetched so far is stored while it fetches the rest, instead
+        // of the storing core idling 5 ms at the end of each round.
+        let wait = match taken {
+            0 => left,
+            _ if catching_up => Duration::ZERO,
+            _ => left.min(Duration::from_millis(5)),
+        };
         let message = match consumer.poll(wait) {
             None if taken > 0 => break,
             None => continue,
@@ -826,6 +854,7 @@ fn read_messages<'c>(
             deadline = deadline.min(now + window);
         }
         bytes += message.payload_len();
+        catching_up = p.replay_done.is_none();
         p.last_message_at = Instant::now();
         read.push((message.offset(), message));
         taken += 1;
@@ -888,6 +917,10 @@ fn store_all(
 
 /// Stores what was read for one partition, with its offset, and moves its clock.
 fn store_round(cfg: &NodeConfig, p: &mut Partition, messages: &[(i64, &[u8])]) -> Result<IngestReport, KafkaError> {
+    if p.detectors_due {
+        // Nothing is stored before the partition's detectors have declared their indexes.
+        load_detectors(p)?;
+    }
     let now = crate::clock::Clock::new(cfg.now.or(cfg.ingest.now)).now();
     let ingest_now = crate::clock::Clock::new(cfg.ingest.now).now();
     // Rows that arrive below the horizon are counted, not stored (expired blocks go in

@@ -149,6 +149,8 @@ pub struct Partition {
     pub emitted_before: HashSet<String>,
     /// Rows stored since the last detector pass (or the pass a new partition owes).
     pub needs_pass: bool,
+    /// Taken over, its detectors not loaded yet: they are once the assignment is taken.
+    pub detectors_due: bool,
     /// When the last message arrived, and when the detectors last ran.
     pub last_message_at: Instant,
     pub last_pass_at: Option<Instant>,
@@ -186,6 +188,7 @@ impl Partition {
             emitted: HashSet::new(),
             emitted_before: HashSet::new(),
             needs_pass: true,
+            detectors_due: false,
             last_message_at: Instant::now(),
             last_pass_at: None,
             stored: 0,
