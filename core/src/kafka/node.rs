@@ -84,11 +84,26 @@ struct Owned {
     partitions: BTreeMap<i32, Partition>,
     /// Revoked: not worked on; kept only if the next assignment gives them back.
     revoked: BTreeMap<i32, Partition>,
+    /// Assigned partitions with nothing of them here, their start decided: their stores
+    /// are opened once the assignment is taken, in the same callback.
+    opening: BTreeMap<i32, FreshTakeOver>,
     /// A failure inside the rebalance callback, for the loop to return.
     failure: Option<KafkaError>,
     /// How many times the rebalance callback has run: messages read before it last ran
     /// are for an assignment that is over, and are not stored.
     rebalances: u64,
+}
+
+/// A partition assigned to a node that holds nothing of it, between deciding where it
+/// starts and opening its store.
+struct FreshTakeOver {
+    /// When its take-over began: its replay's clock.
+    began: Instant,
+    /// The finding ids its findings partition holds, and the offset they were read to.
+    findings: (HashSet<String>, i64),
+    /// Where it is read from (the retention horizon) and its end when assigned.
+    start: i64,
+    high: i64,
 }
 
 struct NodeContext {
@@ -172,11 +187,13 @@ impl ConsumerContext for NodeContext {
                     owned.failure.get_or_insert(KafkaError::kafka("cannot take the assignment")(e));
                 }
                 let assigned = began.elapsed();
-                // The detectors of the partitions taken over are loaded now that the
-                // assignment is taken: librdkafka's threads fetch the partitions meanwhile
-                // (a replay's first messages took 5–45 ms to arrive after `assign`, and
-                // loading four detectors took 4–11 ms a partition), and nothing is stored
-                // before this callback returns.
+                // The stores of the partitions new to this node are opened, and the
+                // detectors of every partition taken over loaded, now that the assignment
+                // is taken: librdkafka's threads fetch the partitions meanwhile (a replay's
+                // first messages took 5–45 ms to arrive after `assign`; opening a store took
+                // 0.4–13 ms, loading four detectors 4–11 ms a partition), and nothing is
+                // stored before this callback returns.
+                self.open_planned_all(&mut owned);
                 for p in owned.partitions.values_mut().filter(|p| p.detectors_due) {
                     if let Err(e) = load_detectors(p) {
                         tracing::error!(partition = p.partition, error = %Chain(&e), "cannot load the partition's detectors");
@@ -252,6 +269,14 @@ impl NodeContext {
         findings: Option<(HashSet<String>, i64)>,
     ) -> Result<Offset, KafkaError> {
         let Some(mut p) = owned.revoked.remove(&n) else {
+            if !partition_dir(&self.cfg.data, &self.cfg.topic, n).exists() {
+                // Nothing of it here: where to start needs no store, which is opened once
+                // the assignment is taken ([`Self::open_planned`]).
+                let plan = self.plan_fresh(consumer, reader, n, findings)?;
+                let start = plan.start;
+                owned.opening.insert(n, plan);
+                return Ok(Offset::Offset(start));
+            }
             let (p, start) = self.take_over(consumer, reader, n, findings)?;
             owned.partitions.insert(n, p);
             return Ok(start);
@@ -381,6 +406,71 @@ impl NodeContext {
         // Where a take-over's time goes (a failover's replay counts it).
         tracing::debug!(partition = n, ?opened, ?findings_read, took = ?began.elapsed(), "take-over");
         Ok((p, Offset::Offset(start)))
+    }
+
+    /// Decides where partition `n`, of which this node holds nothing, starts: the
+    /// retention horizon (no store is needed for that). The take-over's clock starts here.
+    fn plan_fresh(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        reader: &PartitionReader,
+        n: i32,
+        findings: Option<(HashSet<String>, i64)>,
+    ) -> Result<FreshTakeOver, KafkaError> {
+        let began = Instant::now();
+        let findings = match findings {
+            Some(read) => read,
+            None => reader.finding_ids(&self.cfg.findings_topic, n, 0)?,
+        };
+        let (low, high) = self.watermarks(consumer, n)?;
+        let start = self.horizon_offset(consumer, reader, n, low, high)?;
+        Ok(FreshTakeOver { began, findings, start, high })
+    }
+
+    /// Opens the partitions planned by [`Self::plan_fresh`]; a failure is kept for the work
+    /// loop to return (the node leaves the group and rejoins).
+    fn open_planned_all(&self, owned: &mut Owned) {
+        for (n, plan) in std::mem::take(&mut owned.opening) {
+            match self.open_planned(n, plan) {
+                Ok(p) => {
+                    owned.partitions.insert(n, p);
+                }
+                Err(e) => {
+                    tracing::error!(partition = n, error = %Chain(&e), "cannot take the partition over");
+                    owned.failure.get_or_insert(e);
+                }
+            }
+        }
+    }
+
+    /// Opens the store of a partition planned by [`Self::plan_fresh`], started where the
+    /// plan says; its detectors are due.
+    fn open_planned(&self, n: i32, plan: FreshTakeOver) -> Result<Partition, KafkaError> {
+        let cfg = &self.cfg;
+        let mut p = Partition::open(&cfg.data, &cfg.topic, n, &cfg.plugins)?;
+        let opened = plan.began.elapsed();
+        p.store.set_retention(cfg.retention);
+        if let Some(logs) = &cfg.logs {
+            let opts = IngestOptions { only_tables: Some(vec!["FileProfile".to_string()]), ..cfg.ingest.clone() };
+            p.tailer = Some(Tailer::new(logs, opts));
+        }
+        (p.emitted, p.findings_read_to) = plan.findings;
+        p.emitted_before = p.emitted.clone();
+        p.detectors_due = true;
+        p.next_offset = Some(plan.start);
+        p.replay_target = plan.high;
+        p.replay_started = plan.began;
+        p.replay_done = (plan.start >= plan.high).then(Instant::now);
+        p.replay_detected = false;
+        tracing::info!(
+            partition = n,
+            start = plan.start,
+            end = plan.high,
+            findings_in_topic = p.emitted.len(),
+            "partition taken over"
+        );
+        tracing::debug!(partition = n, ?opened, "take-over of a partition new here");
+        Ok(p)
     }
 
     /// Partition `n`'s first kept offset and its end.
@@ -750,6 +840,7 @@ fn work(
     }
     owned.partitions.clear();
     owned.revoked.clear();
+    owned.opening.clear();
     drop(owned);
     result
 }
@@ -1222,6 +1313,8 @@ mod tests {
             let reader = PartitionReader::new(&cfg.kafka).unwrap();
             let mut owned = Owned::default();
             let start = consumer.context().open_assigned(&consumer, &reader, &mut owned, 0, None).unwrap();
+            consumer.context().open_planned_all(&mut owned);
+            assert!(owned.failure.is_none());
             let p = owned.partitions.remove(&0).unwrap();
             (start, p.next_offset, p.replay_done.is_some())
         };
@@ -1255,6 +1348,9 @@ mod tests {
         let mut owned = Owned::default();
         let start = node.open_assigned(&consumer, &reader, &mut owned, 0, None).unwrap();
         assert_eq!(start, Offset::Offset(0), "an empty partition with nothing stored starts at its start");
+        assert!(owned.partitions.is_empty(), "a partition new here is opened once the assignment is taken");
+        node.open_planned_all(&mut owned);
+        assert!(owned.failure.is_none());
         let mut p = owned.partitions.remove(&0).unwrap();
         assert_eq!(p.emitted, HashSet::from(["a".to_string(), "b".to_string()]));
         assert_eq!(p.findings_read_to, 2);
