@@ -170,7 +170,7 @@ impl PluginLib {
 
     /// A pass: the plugin's answer, to be read with [`EvalAnswer::response`].
     pub fn evaluate(&self, host: &LookoutHostApi, req: &EvalRequest) -> Result<EvalAnswer, CallError> {
-        let input = abi::encode(req).map_err(|m| CallError { panicked: false, message: m })?;
+        let input = lookout_plugin_sdk::wire::encode_eval_request(req);
         // SAFETY: `host` and `input` outlive the call; the plugin writes one buffer.
         let (rc, answer) = self.fill(|out| unsafe { (self.evaluate)(host, input.as_ptr(), input.len(), out) });
         if rc != RC_OK {
