@@ -279,7 +279,7 @@ pub fn parse_key(key: &[u8]) -> Option<KeyParts> {
             let ts = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?) ^ (1 << 63);
             Some(KeyParts::Event { table, sha1, device, timestamp: ts as i64 })
         }
-        PROFILE => Some(KeyParts::Profile { sha1: String::from_utf8_lossy(&key[1..]).into_owned() }),
+        PROFILE => Some(KeyParts::Profile { sha1: lossy_string(&key[1..]) }),
         _ => None,
     }
 }
@@ -302,7 +302,17 @@ fn take_bytes(b: &[u8]) -> Option<(&[u8], &[u8])> {
 fn take_str(b: &[u8]) -> Option<(String, &[u8])> {
     let len = u16::from_be_bytes(b.get(..2)?.try_into().ok()?) as usize;
     let s = b.get(2..2 + len)?;
-    Some((String::from_utf8_lossy(s).into_owned(), &b[2 + len..]))
+    Some((lossy_string(s), &b[2 + len..]))
+}
+
+/// A key's text as a `String`, any invalid UTF-8 replaced. Checked with `from_utf8`
+/// first: `from_utf8_lossy` walks its bytes one by one even when they are all valid,
+/// which they are (keys are made from strings), and a pass parses every key it hands over.
+fn lossy_string(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(b).into_owned(),
+    }
 }
 
 #[cfg(test)]
