@@ -51,10 +51,10 @@ pub const PROFILE_COLUMNS: &[(&str, bool)] = &[
     ("ProfileAvailability", true),
 ];
 
-/// The columns an [`Execution`] is made of, with those the static filters read: all a
-/// pass fetches of a new row.
-const EXECUTION_COLUMNS: &[&str] =
-    &["ActionType", "InitiatingProcessCommandLine", "Timestamp", "DeviceId", "SHA1", "DeviceName", "ReportId"];
+/// The columns an [`Execution`] is made of: all a pass fetches of a new row. The host
+/// answers the fetch with the rows that pass [`static_filter`] only (it reads the
+/// filter's columns itself), so they are not fetched to be checked again.
+const EXECUTION_COLUMNS: &[&str] = &["Timestamp", "DeviceId", "SHA1", "DeviceName", "ReportId"];
 
 /// State key prefix of the execution records.
 const RECORDS_PREFIX: &[u8] = b"x";
@@ -89,7 +89,7 @@ pub struct Execution {
 
 /// The rows-only part of the rule: whether a stored row is a scheduled-task execution
 /// (`ActionType =~`, `startswith`, `contains`; all ASCII case-insensitive). The host
-/// applies the same conditions ([`static_filter`]); this re-checks fetched rows.
+/// applies the same conditions ([`static_filter`]) to the rows it hands over and fetches.
 pub fn is_scheduled_execution<R: Cells + ?Sized>(row: &R) -> bool {
     lookout_plugin_sdk::all_match(&static_filter(), row)
 }
@@ -528,10 +528,8 @@ impl ScheduledTaskRule {
             .collect();
         if !keys.is_empty() {
             let answer = ctx.columns_where_borrowed(keys, &static_filter(), EXECUTION_COLUMNS)?;
+            // Only rows that pass the static filters (the host applied them).
             for row in answer.rows()? {
-                if !is_scheduled_execution(&row) {
-                    continue;
-                }
                 let Some(e) = execution_of(&row) else { continue };
                 let expires = e.timestamp.saturating_add(c.lookback);
                 // Already out of every window: nothing to keep.
