@@ -14,7 +14,7 @@ use lookout_plugin_sdk::collections::{HashMap, HashSet};
 use lookout_plugin_sdk::tables::{IDENTITY_LOGONS, LOGON_EVENTS, NETWORK_EVENTS};
 use lookout_plugin_sdk::time::{format_timestamp, parse_timestamp};
 use lookout_plugin_sdk::{
-    all_match, identity_key, Cell, CellRef, Cmp, Condition, Context, EvalRequest, FindingOut, InputSpec, Records,
+    identity_key, Cell, CellRef, Cmp, Condition, Context, EvalRequest, FindingOut, InputSpec, Records,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -39,20 +39,11 @@ impl RuleConfig {
     }
 }
 
-/// The columns a [`Logon`] is made of, with those the branch's filters read: all a pass
-/// fetches of a new row.
-const LOGON_COLUMNS: &[&str] = &[
-    "ActionType",
-    "LogonType",
-    "RemoteIPType",
-    "RemoteIP",
-    "RemoteDeviceName",
-    "DeviceName",
-    "DeviceId",
-    "AccountName",
-    "Timestamp",
-    "ReportId",
-];
+/// The columns a [`Logon`] is made of: all a pass fetches of a new row. The host answers
+/// a fetch with the rows that pass its filter only (it reads the filter's columns
+/// itself), so those are not fetched to be checked again.
+const LOGON_COLUMNS: &[&str] =
+    &["ActionType", "RemoteIP", "RemoteDeviceName", "DeviceName", "DeviceId", "AccountName", "Timestamp", "ReportId"];
 const IDENTITY_COLUMNS: &[&str] = &["IPAddress", "DeviceName", "ActionType", "AccountUpn", "Timestamp", "ReportId"];
 
 /// State key prefixes: panes, and the one-record-per-row layout before panes (moved into
@@ -557,16 +548,9 @@ impl SprayRule {
             }
         }
         if !network.is_empty() {
-            let filter = Self::dc_filter();
-            let answer = ctx.columns_where_borrowed(
-                network,
-                &filter,
-                &["InitiatingProcessFileName", "ActionType", "LocalPort", "DeviceName"],
-            )?;
+            // Only the rows that pass the filter (the host applied it).
+            let answer = ctx.columns_where_borrowed(network, &Self::dc_filter(), &["DeviceName"])?;
             for row in answer.rows()? {
-                if !all_match(&filter, &row) {
-                    continue;
-                }
                 let name = row.str("DeviceName").to_ascii_lowercase();
                 if !self.dcs.contains(&name) {
                     let mut key = vec![DC_PREFIX];
@@ -577,12 +561,9 @@ impl SprayRule {
             }
         }
         if !logons.is_empty() {
-            let filter = Self::logon_filter();
-            let answer = ctx.columns_where_borrowed(logons, &filter, LOGON_COLUMNS)?;
+            let answer = ctx.columns_where_borrowed(logons, &Self::logon_filter(), LOGON_COLUMNS)?;
             for row in answer.rows()? {
-                if !all_match(&filter, &row)
-                    || (row.str("RemoteIP").is_empty() && row.str("RemoteDeviceName").is_empty())
-                {
+                if row.str("RemoteIP").is_empty() && row.str("RemoteDeviceName").is_empty() {
                     continue;
                 }
                 let logon = LogonRef {
