@@ -7,7 +7,9 @@
 //!    `offsetsForTimes(now − retention)` (the partition's end when every message is
 //!    older, the beginning when the broker cannot say), one with state at the offset
 //!    committed with its rows — the Kafka group's committed offsets are only for lag
-//!    monitoring;
+//!    monitoring. The store of a partition the node holds nothing of, and the detectors
+//!    of every partition taken over, are opened once the assignment is handed to
+//!    librdkafka, so its first fetches overlap them;
 //! 2. reads the ids the findings topic's partition already holds, so a finding the
 //!    previous owner emitted is not emitted again;
 //! 3. stores messages in batches, each with the partition's next offset in the same sled
