@@ -3,6 +3,7 @@
 //! detectors over it, write the findings — so there is never more than one writer. A
 //! second thread serves `/metrics` and `/status`.
 
+pub mod backoff;
 pub mod http;
 pub mod metrics;
 pub mod plugin_set;
@@ -132,8 +133,9 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
     // Kept across work-loop restarts: its descriptors are how rotated files deleted since
     // are still read to their end.
     let mut tailer = Tailer::new(&cfg.logs, cfg.ingest.clone());
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let result: Result<(), DaemonError> = loop {
+        let started = Instant::now();
         let worked = work(&cfg, &mut store, &mut tailer, &metrics, &stop)
             .and_then(|()| flush_outbox(&mut store, &cfg.findings).map(|_| ()).map_err(DaemonError::Findings))
             .and_then(|()| Ok(store.flush_and_save_key_filter()?));
@@ -141,18 +143,18 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
             Ok(()) => break Ok(()),
             Err(e) => e,
         };
-        tracing::error!(error = %Chain(&e), retry_in = ?backoff, "work loop failed; reopening the database and retrying");
+        let mut wait = backoff.after_failure(started.elapsed());
+        tracing::error!(error = %Chain(&e), retry_in = ?wait, "work loop failed; reopening the database and retrying");
         metrics.lock().unwrap_or_else(|p| p.into_inner()).restarts += 1;
         // Everything committed is intact and everything else is read again, so the way
         // back from (say) a full disk is to drop every handle, wait, and reopen.
         *db.write().unwrap_or_else(|p| p.into_inner()) = None;
         drop(store);
         let reopened = loop {
-            let until = Instant::now() + backoff;
+            let until = Instant::now() + wait;
             while Instant::now() < until && !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
             if stop.load(Ordering::Relaxed) {
                 break None;
             }
@@ -161,11 +163,12 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
             // room first.
             match crate::disk::free_bytes(&cfg.data) {
                 Some(free) if free < crate::disk::MIN_FREE => {
+                    wait = backoff.after_failure(Duration::ZERO);
                     tracing::warn!(
                         data = %cfg.data.display(),
                         free_mib = free >> 20,
                         need_mib = crate::disk::MIN_FREE >> 20,
-                        retry_in = ?backoff,
+                        retry_in = ?wait,
                         "waiting for free space before reopening the database"
                     );
                     continue;
@@ -175,7 +178,8 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
             match Store::open(&cfg.data) {
                 Ok(s) => break Some(s),
                 Err(e) => {
-                    tracing::error!(error = %crate::error::Chain(&e), retry_in = ?backoff, "cannot reopen the database yet")
+                    wait = backoff.after_failure(Duration::ZERO);
+                    tracing::error!(error = %crate::error::Chain(&e), retry_in = ?wait, "cannot reopen the database yet")
                 }
             }
         };

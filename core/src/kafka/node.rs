@@ -26,6 +26,7 @@ use super::reader::PartitionReader;
 use super::split::{producer, Deliveries};
 use super::watermarks::Watermarks;
 use super::{KafkaError, KafkaSettings, CALL_TIMEOUT};
+use crate::daemon::backoff::Backoff;
 use crate::daemon::http::{Endpoint, Observe};
 use crate::daemon::metrics::Metrics;
 use crate::detect::{run_pass, DetectOptions};
@@ -692,23 +693,24 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaError
     // that another node owns now.
     super::partition::cut_torn_findings_line(&cfg.data, &cfg.findings)?;
     tracing::info!(topic = %cfg.topic, group = %cfg.group, listen = %endpoint.addr, "lookout node running");
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let result = loop {
+        let started = Instant::now();
         match work(&cfg, &stop, &observe, &metrics) {
             Ok(()) => break Ok(()),
             Err(e) => {
-                tracing::error!(error = %Chain(&e), retry_in = ?backoff, "node work loop failed; rejoining the group");
+                let wait = backoff.after_failure(started.elapsed());
+                tracing::error!(error = %Chain(&e), retry_in = ?wait, "node work loop failed; rejoining the group");
                 metrics.lock().unwrap_or_else(|p| p.into_inner()).restarts += 1;
                 let mut view = observe.view.lock().unwrap_or_else(|p| p.into_inner());
                 // Out of the group until it rejoins: nothing owned, nothing to report.
                 view.readers.clear();
                 view.partitions.clear();
                 drop(view);
-                let until = Instant::now() + backoff;
+                let until = Instant::now() + wait;
                 while Instant::now() < until && !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
                 if stop.load(Ordering::Relaxed) {
                     break Err(e);
                 }
