@@ -236,7 +236,11 @@ fn find_ci(s: &str, needle: &str, from: usize) -> Option<usize> {
     if n.is_empty() {
         return Some(from.min(h.len()));
     }
-    (from..=h.len().checked_sub(n.len())?).find(|&i| h[i..i + n.len()].eq_ignore_ascii_case(n))
+    // The first byte compared on its own: most positions fail there, without a slice
+    // comparison set up for each (`contains` on every command line of a tick).
+    let (first, rest) = (n[0].to_ascii_lowercase(), &n[1..]);
+    (from..=h.len().checked_sub(n.len())?)
+        .find(|&i| h[i].to_ascii_lowercase() == first && h[i + 1..i + n.len()].eq_ignore_ascii_case(rest))
 }
 
 /// KQL `has`: the term occurs where it is not glued to letters or digits on either side
@@ -267,6 +271,25 @@ mod tests {
 
     fn c(cond: Condition, v: &str) -> bool {
         cond.matches(v)
+    }
+
+    /// `find_ci` finds what a search of the ASCII-lowercased strings finds, from every
+    /// offset, with non-ASCII bytes (which only match themselves) on either side.
+    #[test]
+    fn find_ci_is_a_search_of_the_lowercased_strings() {
+        let hays = ["", "a", "svchost.exe -k netsvcs -p -s Schedule", "SCHEDULEschedule", "éSchedulé", "xxSchEd"];
+        let needles =
+            ["", "s", "Schedule", "SCHEDULE", "schedulé", "é", "xsched", "svchost.exe -k netsvcs -p -s Schedule!"];
+        for h in hays {
+            for n in needles {
+                for from in 0..=h.len() {
+                    let (lh, ln) = (h.to_ascii_lowercase().into_bytes(), n.to_ascii_lowercase().into_bytes());
+                    // Byte offsets, as `find_ci` gives them (`from` may be inside a character).
+                    let want = (from..=lh.len()).find(|&i| lh[i..].starts_with(&ln));
+                    assert_eq!(find_ci(h, n, from), want, "{h:?} {n:?} from {from}");
+                }
+            }
+        }
     }
 
     #[test]
