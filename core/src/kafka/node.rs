@@ -100,7 +100,7 @@ struct Owned {
 /// A partition assigned to a node that holds nothing of it, between deciding where it
 /// starts and opening its store.
 struct FreshTakeOver {
-    /// When its take-over began: its replay's clock.
+    /// When its start was decided: its replay's clock.
     began: Instant,
     /// The finding ids its findings partition holds, and the offset they were read to.
     findings: (HashSet<String>, i64),
@@ -272,7 +272,11 @@ impl NodeContext {
         findings: Option<(HashSet<String>, i64)>,
     ) -> Result<Offset, KafkaError> {
         let Some(mut p) = owned.revoked.remove(&n) else {
-            if !partition_dir(&self.cfg.data, &self.cfg.topic, n).exists() {
+            let dir = partition_dir(&self.cfg.data, &self.cfg.topic, n);
+            // Only a folder known to be absent: one that cannot be looked at is an error,
+            // never taken for a partition with nothing stored.
+            let here = dir.try_exists().map_err(|source| KafkaError::Io { what: "look for", path: dir, source })?;
+            if !here {
                 // Nothing of it here: where to start needs no store, which is opened once
                 // the assignment is taken ([`Self::open_planned`]).
                 let plan = self.plan_fresh(consumer, reader, n, findings)?;
@@ -420,14 +424,14 @@ impl NodeContext {
         n: i32,
         findings: Option<(HashSet<String>, i64)>,
     ) -> Result<FreshTakeOver, KafkaError> {
-        let began = Instant::now();
         let findings = match findings {
             Some(read) => read,
             None => reader.finding_ids(&self.cfg.findings_topic, n, 0)?,
         };
         let (low, high) = self.watermarks(consumer, n)?;
         let start = self.horizon_offset(consumer, reader, n, low, high)?;
-        Ok(FreshTakeOver { began, findings, start, high })
+        // The replay's clock starts where `start_fresh` starts it on the other paths.
+        Ok(FreshTakeOver { began: Instant::now(), findings, start, high })
     }
 
     /// Opens the partitions planned by [`Self::plan_fresh`]; a failure is kept for the work
@@ -450,8 +454,19 @@ impl NodeContext {
     /// plan says; its detectors are due.
     fn open_planned(&self, n: i32, plan: FreshTakeOver) -> Result<Partition, KafkaError> {
         let cfg = &self.cfg;
+        let opening = Instant::now();
         let mut p = Partition::open(&cfg.data, &cfg.topic, n, &cfg.plugins)?;
-        let opened = plan.began.elapsed();
+        let opened = opening.elapsed();
+        if let Some(stored) = p.next_offset {
+            // Planned as new, but its store holds rows (its folder appeared meanwhile):
+            // never read from the horizon over them. The node rejoins, and takes it over
+            // from the offset stored with them.
+            return Err(KafkaError::Io {
+                what: "take over as a partition with nothing stored",
+                path: p.dir.clone(),
+                source: std::io::Error::other(format!("its store holds rows up to offset {stored}")),
+            });
+        }
         p.store.set_retention(cfg.retention);
         if let Some(logs) = &cfg.logs {
             let opts = IngestOptions { only_tables: Some(vec!["FileProfile".to_string()]), ..cfg.ingest.clone() };
@@ -1331,6 +1346,48 @@ mod tests {
         // ahead of theirs, still kept: replayed too.
         let just_out = now_ms - 7 * day_ms - 3_600_000;
         assert_eq!(start_with(&[just_out, just_out + 1, just_out + 2]), (Offset::Offset(0), Some(0), false));
+    }
+
+    /// A partition planned as new to the node (no folder) opens its store once the
+    /// assignment is taken, its detectors due; one whose store turns out to hold rows is
+    /// refused rather than read from the horizon over them, and is then taken over from
+    /// the offset stored with them.
+    #[test]
+    fn a_partition_new_here_is_opened_after_the_assignment_and_never_over_stored_rows() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("rows", 1, 1).unwrap();
+        cluster.create_topic("findings", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&cluster.bootstrap_servers(), dir.path());
+        let producer = producer(&cfg.kafka, Deliveries::default()).unwrap();
+        rows_at(&producer, &[1; 50]);
+        let consumer = consumer(&cfg).unwrap();
+        let node = consumer.context();
+        let reader = PartitionReader::new(&cfg.kafka).unwrap();
+
+        let mut owned = Owned::default();
+        assert_eq!(node.open_assigned(&consumer, &reader, &mut owned, 0, None).unwrap(), Offset::Offset(0));
+        assert!(owned.partitions.is_empty() && owned.opening.contains_key(&0));
+        assert!(!partition_dir(&cfg.data, "rows", 0).exists(), "no store opened before the assignment is taken");
+        node.open_planned_all(&mut owned);
+        assert!(owned.failure.is_none() && owned.opening.is_empty());
+        let p = owned.partitions.remove(&0).unwrap();
+        assert!(p.detectors_due, "its detectors are loaded before it stores anything");
+        assert_eq!((p.next_offset, p.replay_target, p.replay_done.is_some()), (Some(0), 50, false));
+        p.drop_files().unwrap();
+
+        // Planned as new; meanwhile a store with rows up to offset 41 appears in its folder.
+        node.open_assigned(&consumer, &reader, &mut owned, 0, None).unwrap();
+        let mut other = Partition::open(&cfg.data, "rows", 0, &cfg.plugins).unwrap();
+        other.store_messages(&cfg.ingest, 0, &[(41, &b"{}"[..])]).unwrap();
+        drop(other);
+        node.open_planned_all(&mut owned);
+        let refused = owned.failure.take().expect("a store with rows is not opened as new");
+        assert!(format!("{refused}").contains("nothing stored"), "{refused}");
+        assert!(owned.partitions.is_empty());
+        // Assigned again, it continues from the offset stored with its rows.
+        assert_eq!(node.open_assigned(&consumer, &reader, &mut owned, 0, None).unwrap(), Offset::Offset(42));
+        assert!(owned.partitions.contains_key(&0) && owned.opening.is_empty());
     }
 
     /// The case an orderly revocation used to skip: the partition given back after
