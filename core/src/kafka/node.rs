@@ -416,7 +416,8 @@ impl NodeContext {
     }
 
     /// Decides where partition `n`, of which this node holds nothing, starts: the
-    /// retention horizon (no store is needed for that). The take-over's clock starts here.
+    /// retention horizon (no store is needed for that). Its replay's clock starts once
+    /// that is decided.
     fn plan_fresh(
         &self,
         consumer: &BaseConsumer<Self>,
