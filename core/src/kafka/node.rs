@@ -1216,6 +1216,20 @@ mod tests {
     use rdkafka::producer::{BaseRecord, Producer};
     use std::collections::HashSet;
 
+    /// A one-broker mock cluster whose `rows` and `findings` topics have `partitions`
+    /// partitions each, and a node's configuration against it with its data in a fresh
+    /// folder (kept while the returned `TempDir` lives).
+    fn cluster(
+        partitions: i32,
+    ) -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, tempfile::TempDir, NodeConfig) {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("rows", partitions, 1).unwrap();
+        cluster.create_topic("findings", partitions, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&cluster.bootstrap_servers(), dir.path());
+        (cluster, dir, cfg)
+    }
+
     /// A node's configuration against `brokers`, with its data in `dir`.
     fn config(brokers: &str, dir: &std::path::Path) -> NodeConfig {
         let plugins = dir.join("plugins");
@@ -1274,11 +1288,7 @@ mod tests {
     /// part way.
     #[test]
     fn findings_partitions_read_together_are_each_as_read_alone() {
-        let cluster = MockCluster::new(1).unwrap();
-        cluster.create_topic("rows", 4, 1).unwrap();
-        cluster.create_topic("findings", 4, 1).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(&cluster.bootstrap_servers(), dir.path());
+        let (_cluster, _dir, cfg) = cluster(4);
         let producer = producer(&cfg.kafka, Deliveries::default()).unwrap();
         for (partition, n) in [(0, 5), (1, 3), (3, 40)] {
             for i in 0..n {
@@ -1320,11 +1330,7 @@ mod tests {
         let day_ms = 86_400_000;
         let now_ms = 1_746_662_400_000; // 2025-05-08T00:00:00Z
         let start_with = |timestamps: &[i64]| {
-            let cluster = MockCluster::new(1).unwrap();
-            cluster.create_topic("rows", 1, 1).unwrap();
-            cluster.create_topic("findings", 1, 1).unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            let mut cfg = config(&cluster.bootstrap_servers(), dir.path());
+            let (_cluster, _dir, mut cfg) = cluster(1);
             cfg.now = Some(now_ms * (TICKS_PER_SEC / 1000));
             cfg.retention = Some(7 * day_ms * (TICKS_PER_SEC / 1000));
             let producer = producer(&cfg.kafka, Deliveries::default()).unwrap();
@@ -1355,11 +1361,7 @@ mod tests {
     /// the offset stored with them.
     #[test]
     fn a_partition_new_here_is_opened_after_the_assignment_and_never_over_stored_rows() {
-        let cluster = MockCluster::new(1).unwrap();
-        cluster.create_topic("rows", 1, 1).unwrap();
-        cluster.create_topic("findings", 1, 1).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(&cluster.bootstrap_servers(), dir.path());
+        let (_cluster, _dir, cfg) = cluster(1);
         let producer = producer(&cfg.kafka, Deliveries::default()).unwrap();
         rows_at(&producer, &[1; 50]);
         let consumer = consumer(&cfg).unwrap();
@@ -1396,11 +1398,7 @@ mod tests {
     /// back below where this node had read it.
     #[test]
     fn a_partition_given_back_learns_what_was_emitted_while_it_was_away() {
-        let cluster = MockCluster::new(1).unwrap();
-        cluster.create_topic("rows", 1, 1).unwrap();
-        cluster.create_topic("findings", 1, 1).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(&cluster.bootstrap_servers(), dir.path());
+        let (_cluster, _dir, cfg) = cluster(1);
         let consumer = consumer(&cfg).unwrap();
         let node = consumer.context();
         let producer = producer(&cfg.kafka, Deliveries::default()).unwrap();
