@@ -382,19 +382,12 @@ impl NodeContext {
         // its own torn line: cut now, before the other partitions opened with it write.
         crate::findings::cut_torn_tail(&p.store, &cfg.findings)?;
         let opened = began.elapsed();
-        p.store.set_retention(cfg.retention);
-        if let Some(logs) = &cfg.logs {
-            let opts = IngestOptions { only_tables: Some(vec!["FileProfile".to_string()]), ..cfg.ingest.clone() };
-            p.tailer = Some(Tailer::new(logs, opts));
-        }
-        (p.emitted, p.findings_read_to) = match findings {
+        let findings = match findings {
             Some(read) => read,
             None => reader.finding_ids(&cfg.findings_topic, n, 0)?,
         };
-        p.emitted_before = p.emitted.clone();
+        self.prepare(&mut p, findings);
         let findings_read = began.elapsed();
-        // Its detectors are loaded once the assignment is taken ([`Self::load_detectors`]).
-        p.detectors_due = true;
         let (low, high) = self.watermarks(consumer, n)?;
         if let Some(stored) = p.next_offset {
             self.check_stored_offset(&p, n, stored, low, high)?;
@@ -413,6 +406,22 @@ impl NodeContext {
         // Where a take-over's time goes (a failover's replay counts it).
         tracing::debug!(partition = n, ?opened, ?findings_read, took = ?began.elapsed(), "take-over");
         Ok((p, Offset::Offset(start)))
+    }
+
+    /// What a partition taken over gets before its start is set: its retention, the file
+    /// feed, the finding ids its findings partition holds (`findings`, with where they
+    /// were read to), and its detectors due (loaded once the assignment is taken,
+    /// [`load_detectors`]).
+    fn prepare(&self, p: &mut Partition, findings: (HashSet<String>, i64)) {
+        let cfg = &self.cfg;
+        p.store.set_retention(cfg.retention);
+        if let Some(logs) = &cfg.logs {
+            let opts = IngestOptions { only_tables: Some(vec!["FileProfile".to_string()]), ..cfg.ingest.clone() };
+            p.tailer = Some(Tailer::new(logs, opts));
+        }
+        (p.emitted, p.findings_read_to) = findings;
+        p.emitted_before = p.emitted.clone();
+        p.detectors_due = true;
     }
 
     /// Decides where partition `n`, of which this node holds nothing, starts: the
@@ -468,14 +477,7 @@ impl NodeContext {
                 source: std::io::Error::other(format!("its store holds rows up to offset {stored}")),
             });
         }
-        p.store.set_retention(cfg.retention);
-        if let Some(logs) = &cfg.logs {
-            let opts = IngestOptions { only_tables: Some(vec!["FileProfile".to_string()]), ..cfg.ingest.clone() };
-            p.tailer = Some(Tailer::new(logs, opts));
-        }
-        (p.emitted, p.findings_read_to) = plan.findings;
-        p.emitted_before = p.emitted.clone();
-        p.detectors_due = true;
+        self.prepare(&mut p, plan.findings);
         p.next_offset = Some(plan.start);
         p.replay_target = plan.high;
         p.replay_started = plan.began;
