@@ -125,8 +125,8 @@ mod rule;
 use lookout_plugin_sdk::{Detector, EvalRequest, IndexDecl, InputSpec, Manifest, Parameter, Params};
 
 pub use rule::{
-    execution_of, is_scheduled_execution, output_row, profile_passes, static_filter, Execution, GroupKey, Hit, Index,
-    RuleConfig, ScheduledTaskRule, PROFILE_COLUMNS,
+    execution_of, output_row, profile_passes, static_filter, Execution, GroupKey, Hit, Index, RuleConfig,
+    ScheduledTaskRule, PROFILE_COLUMNS,
 };
 
 pub const NAME: &str = "scheduled-task-persistence";

@@ -87,14 +87,9 @@ pub struct Execution {
     pub report_id: Option<i64>,
 }
 
-/// The rows-only part of the rule: whether a stored row is a scheduled-task execution
-/// (`ActionType =~`, `startswith`, `contains`; all ASCII case-insensitive). The host
-/// applies the same conditions ([`static_filter`]) to the rows it hands over and fetches.
-pub fn is_scheduled_execution<R: Cells + ?Sized>(row: &R) -> bool {
-    lookout_plugin_sdk::all_match(&static_filter(), row)
-}
-
-/// The static row filters of `ScheduledBinaries`, as host conditions.
+/// The static row filters of `ScheduledBinaries`, as host conditions: the rows-only part
+/// of the rule (`ActionType =~`, `startswith`, `contains`; all ASCII case-insensitive),
+/// which the host applies to the rows it hands over and fetches.
 pub fn static_filter() -> Vec<Condition> {
     vec![
         // `=~` as a one-value `in~` (the same test), so the host answers it from the index.
@@ -840,6 +835,7 @@ mod tests {
 
     #[test]
     fn static_filters_are_case_insensitive() {
+        let is_scheduled_execution = |row: &Row| lookout_plugin_sdk::all_match(&static_filter(), row);
         let row = |action: &str, cmd: &str| Row {
             table: PROCESS_EVENTS.into(),
             key: vec![],
