@@ -43,6 +43,8 @@ pub struct PluginSet {
     duplicates: BTreeSet<PathBuf>,
     /// Refusals since start.
     pub failures: u64,
+    /// Whether the folder has been looked at (`refresh`) at least once.
+    looked: bool,
 }
 
 impl PluginSet {
@@ -56,7 +58,14 @@ impl PluginSet {
             pins: None,
             duplicates: BTreeSet::new(),
             failures: 0,
+            looked: false,
         }
+    }
+
+    /// Whether the folder has been looked at yet: a set that has not loads everything at
+    /// its first [`Self::refresh`].
+    pub fn looked(&self) -> bool {
+        self.looked
     }
 
     /// The folder cannot be used: no detector runs (the logs are still read), reported
@@ -75,6 +84,7 @@ impl PluginSet {
 
     /// Re-reads the folder; returns whether the set of running detectors changed.
     pub fn refresh(&mut self) -> Result<bool, FolderError> {
+        self.looked = true;
         if let Err(e) = guard::check_dir(&self.dir) {
             return Ok(self.stop_all(&e, "plugins folder refused; no detector runs until it is fixed"));
         }

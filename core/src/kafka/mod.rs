@@ -17,6 +17,7 @@ pub mod findings_topic;
 pub mod node;
 pub mod partition;
 pub mod reader;
+mod spare_detectors;
 pub mod split;
 mod watermarks;
 

@@ -129,6 +129,9 @@ pub struct Partition {
     pub dir: PathBuf,
     pub store: Store,
     pub plugins: PluginSet,
+    /// The folder of `plugins`' private copies when it is not the partition's own (a set
+    /// loaded ahead of the take-over, `spare_detectors`): removed with the partition.
+    pub plugins_home: Option<PathBuf>,
     /// The file feed (FileProfile) read into this partition's store.
     pub tailer: Option<Tailer>,
     /// The next offset to store: the stored one, or where a partition with nothing stored
@@ -177,6 +180,7 @@ impl Partition {
             // Private library copies per partition, not per node: a detector library holds
             // one instance (the SDK's export), and partitions sharing a copy would share it.
             plugins: PluginSet::new(plugins_dir, &dir),
+            plugins_home: None,
             dir,
             store,
             tailer: None,
@@ -318,7 +322,15 @@ impl Partition {
     /// Drops the partition: closes its store and removes its folder.
     pub fn drop_files(self) -> Result<(), KafkaError> {
         let dir = self.dir.clone();
+        let plugins_home = self.plugins_home.clone();
         drop(self);
+        if let Some(home) = plugins_home {
+            // Only copies of libraries already loaded: one left behind is removed at the
+            // node's next start.
+            if let Err(e) = std::fs::remove_dir_all(&home) {
+                tracing::debug!(folder = %home.display(), error = %e, "cannot remove a partition's detector copies");
+            }
+        }
         remove_partition_dir(&dir)
     }
 }
