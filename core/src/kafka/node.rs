@@ -787,7 +787,7 @@ fn consumer(cfg: &NodeConfig) -> Result<BaseConsumer<NodeContext>, KafkaError> {
         );
     }
     c.set("partition.assignment.strategy", "range,roundrobin");
-    let owned = Owned { spares: SpareDetectors::new(&cfg.data, &cfg.plugins)?, ..Owned::default() };
+    let owned = Owned { spares: SpareDetectors::new(&cfg.data, &cfg.plugins), ..Owned::default() };
     let context = NodeContext { cfg: cfg.clone(), owned: Mutex::new(owned), reader: Mutex::new(None) };
     c.create_with_context(context).map_err(|source| KafkaError::Client {
         what: "consumer",
@@ -848,9 +848,11 @@ fn work(
                 }
             }
             let detect_took = round_started.elapsed() - read_took - store_took;
-            // While no partition replays, a detector set is loaded ahead for the next
-            // take-over (one a round: about 5 ms).
-            if owned.partitions.values().all(|p| p.replay_detected) {
+            // While no partition replays and detectors run, a detector set is loaded ahead
+            // for the next take-over (one a round: about 5 ms).
+            if owned.partitions.values().all(|p| p.replay_detected)
+                && owned.partitions.values().any(|p| !p.plugins.plugins.is_empty())
+            {
                 let want = owned.partitions.len();
                 owned.spares.top_up(want);
             }

@@ -6,6 +6,7 @@
 //! dropping the folder. Its progress is the next input offset, committed in the same
 //! sled batch as the rows read up to it ([`Partition::store_messages`]).
 
+use super::spare_detectors::SpareHome;
 use super::KafkaError;
 use crate::daemon::plugin_set::PluginSet;
 use crate::ingest::{IngestOptions, IngestReport};
@@ -131,7 +132,7 @@ pub struct Partition {
     pub plugins: PluginSet,
     /// The folder of `plugins`' private copies when it is not the partition's own (a set
     /// loaded ahead of the take-over, `spare_detectors`): removed with the partition.
-    pub plugins_home: Option<PathBuf>,
+    pub plugins_home: Option<SpareHome>,
     /// The file feed (FileProfile) read into this partition's store.
     pub tailer: Option<Tailer>,
     /// The next offset to store: the stored one, or where a partition with nothing stored
@@ -320,15 +321,15 @@ impl Partition {
     }
 
     /// Drops the partition: closes its store and removes its folder.
-    pub fn drop_files(self) -> Result<(), KafkaError> {
+    pub fn drop_files(mut self) -> Result<(), KafkaError> {
         let dir = self.dir.clone();
-        let plugins_home = self.plugins_home.clone();
+        let plugins_home = self.plugins_home.take();
         drop(self);
         if let Some(home) = plugins_home {
             // Only copies of libraries already loaded: one left behind is removed at the
-            // node's next start.
-            if let Err(e) = std::fs::remove_dir_all(&home) {
-                tracing::debug!(folder = %home.display(), error = %e, "cannot remove a partition's detector copies");
+            // node's next start. Its number is given back once its set is gone (now).
+            if let Err(e) = std::fs::remove_dir_all(&home.path) {
+                tracing::debug!(folder = %home.path.display(), error = %e, "cannot remove a partition's detector copies");
             }
         }
         remove_partition_dir(&dir)
