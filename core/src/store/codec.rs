@@ -357,36 +357,103 @@ impl<'a> Reader<'a> {
         let n = usize::try_from(self.varint()?).map_err(|_| "cell count out of range".to_string())?;
         // Every cell takes at least a byte: a corrupt count cannot make this allocate more
         // than the value holds.
-        use lookout_plugin_sdk::wire::cell_tag::{JSON, NULL, STR};
         let mut cells = Vec::with_capacity(n.min(self.bytes.len() - self.at));
         for i in 0..n {
             let keep = want.is_none_or(|w| w.get(i).copied().unwrap_or(false));
-            if !keep {
-                // Most cells a fetch skips are a null or a string shorter than 251 bytes (a
-                // one-byte tag, a one-byte length): stepped over here, checked as `cell`
-                // checks them; anything else goes through `cell`. A fetch of a few columns
-                // of forty-column rows spent most of its reading in `cell` for these.
-                match self.bytes.get(self.at..) {
-                    Some([NULL, ..]) => {
-                        self.at += 1;
-                        cells.push(CellView::Null);
-                        continue;
-                    }
-                    Some(&[tag, len, ..]) if (tag == STR || tag == JSON) && len < 251 => {
-                        let end = self.at + 2 + usize::from(len);
-                        if end <= self.bytes.len() {
-                            self.at = end;
-                            cells.push(CellView::Null);
-                            continue;
-                        }
-                    }
-                    _ => {}
-                }
+            if !keep && self.step_over_short() {
+                cells.push(CellView::Null);
+                continue;
             }
             cells.push(self.cell(keep)?);
         }
         Ok(cells)
     }
+
+    /// Steps over the next cell if it is a null or a string shorter than 251 bytes (a
+    /// one-byte tag, a one-byte length), checked as `cell` checks them; whether it did.
+    /// Most cells a fetch skips are: a fetch of a few columns of forty-column rows spent
+    /// most of its reading in `cell` for these.
+    fn step_over_short(&mut self) -> bool {
+        use lookout_plugin_sdk::wire::cell_tag::{JSON, NULL, STR};
+        match self.bytes.get(self.at..) {
+            Some([NULL, ..]) => {
+                self.at += 1;
+                true
+            }
+            Some(&[tag, len, ..]) if (tag == STR || tag == JSON) && len < 251 => {
+                let end = self.at + 2 + usize::from(len);
+                if end <= self.bytes.len() {
+                    self.at = end;
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// The cells of a fetch (see [`decode_fetch`]).
+    fn fetched_cells(
+        &mut self,
+        test: &[bool],
+        copy: &[bool],
+        copied: &mut Vec<&'a [u8]>,
+    ) -> std::result::Result<Vec<CellView<'a>>, String> {
+        let n = usize::try_from(self.varint()?).map_err(|_| "cell count out of range".to_string())?;
+        let mut cells = Vec::with_capacity(n.min(self.bytes.len() - self.at));
+        for i in 0..n {
+            let tested = test.get(i).copied().unwrap_or(false);
+            let copied_here = copy.get(i).copied().unwrap_or(false);
+            let start = self.at;
+            if tested {
+                cells.push(self.cell(true)?);
+            } else {
+                if copied_here || !self.step_over_short() {
+                    // Its bytes checked for their layout, a string's not as UTF-8.
+                    self.cell(false)?;
+                }
+                cells.push(CellView::Null);
+            }
+            if copied_here {
+                copied.push(&self.bytes[start..self.at]);
+            }
+        }
+        Ok(cells)
+    }
+}
+
+/// A stored row as a fetch reads it: the cells `test` marks decoded (a condition reads
+/// them), the others left [`CellView::Null`]; and the cells `copy` marks pushed to
+/// `copied`, in order, as their encoded bytes (a cell as `put_cell` writes it, which is
+/// how a plugin's answer carries it), their strings not checked as UTF-8 here: the plugin
+/// checks what it reads. Returns the row's ingestion time and its cells.
+pub fn decode_fetch<'a>(
+    bytes: &'a [u8],
+    test: &[bool],
+    copy: &[bool],
+    copied: &mut Vec<&'a [u8]>,
+) -> Result<(i64, Vec<CellView<'a>>)> {
+    if bytes.len() > MAX_ROW_BYTES {
+        return Err(corrupt!("corrupt stored row: {} bytes, over the {MAX_ROW_BYTES} a row can take", bytes.len()));
+    }
+    let mut r = Reader { bytes, at: 0 };
+    let mut read = || -> std::result::Result<(i64, Vec<CellView<'a>>), String> {
+        r.varint()?;
+        let ingested_at = unzigzag(r.varint()?);
+        Ok((ingested_at, r.fetched_cells(test, copy, copied)?))
+    };
+    read().map_err(|e| corrupt!("corrupt stored row: {e}"))
+}
+
+/// One cell as `put_cell` writes it (a cell [`decode_fetch`] copied), decoded.
+pub fn decode_cell(bytes: &[u8]) -> Result<CellView<'_>> {
+    let mut r = Reader { bytes, at: 0 };
+    let cell = r.cell(true).map_err(|e| corrupt!("corrupt stored cell: {e}"))?;
+    if r.at != bytes.len() {
+        return Err(corrupt!("corrupt stored cell: {} bytes after it", bytes.len() - r.at));
+    }
+    Ok(cell)
 }
 
 fn unzigzag(v: u64) -> i64 {
@@ -540,6 +607,8 @@ mod tests {
             for cut in 0..bytes.len().min(400) {
                 assert!(decode_view(&bytes[..cut]).is_err(), "cut at {cut} of {}", bytes.len());
                 assert!(decode_picked(&bytes[..cut], &[]).is_err(), "picked, cut at {cut} of {}", bytes.len());
+                let all = vec![true; cells.len()];
+                assert!(decode_fetch(&bytes[..cut], &[], &all, &mut Vec::new()).is_err(), "fetched, cut at {cut}");
             }
             // Picking reads the marked cells as the whole reader does, and the others as
             // nulls; with every cell marked it is the whole reader.
@@ -558,6 +627,23 @@ mod tests {
                     })
                     .collect();
                 assert_eq!(picked.cells, expect, "{pattern:?}");
+                // A fetch tests the marked cells as picking reads them, and copies the
+                // others marked (here every third from the first) as `put_cell` writes
+                // each: read back, each is the cell.
+                let copy: Vec<bool> = (0..cells.len()).map(|i| i % 3 == 0).collect();
+                let mut copied = Vec::new();
+                let (at, tested) = decode_fetch(&bytes, &pattern, &copy, &mut copied).unwrap();
+                let expect_tested: Vec<CellView<'_>> =
+                    want.cells.iter().zip(&pattern).map(|(c, &t)| if t { *c } else { CellView::Null }).collect();
+                assert_eq!((at, tested), (want.ingested_at, expect_tested), "{pattern:?}");
+                let copied_cells: Vec<CellView<'_>> = copied.iter().map(|c| decode_cell(c).unwrap()).collect();
+                let expect_copied: Vec<CellView<'_>> = want.cells.iter().step_by(3).copied().collect();
+                assert_eq!(copied_cells, expect_copied);
+                for (c, cell) in copied.iter().zip(cells.iter().step_by(3)) {
+                    let mut written = Vec::new();
+                    put_cell(&mut written, cell.into());
+                    assert_eq!(*c, written.as_slice(), "copied as written");
+                }
                 // In process, any one cell is read where it starts; past the last, null.
                 for (i, c) in want.cells.iter().enumerate() {
                     assert_eq!(encoded.cell(i).unwrap(), *c, "in process, cell {i}");
@@ -573,6 +659,12 @@ mod tests {
             let skipped_string_unchecked = bad == [1, 1, 1, 4, 1, 0xff];
             assert_eq!(decode_picked(&bad, &[false]).is_err(), !skipped_string_unchecked, "{bad:?}, picking nothing");
             assert!(decode_picked(&bad, &[true]).is_err(), "{bad:?}, picked");
+            // Copied, a string is not checked as UTF-8 (the plugin checks it as it reads it);
+            // its layout is, and decoding it refuses it.
+            let mut copied = Vec::new();
+            assert_eq!(decode_fetch(&bad, &[], &[true], &mut copied).is_err(), !skipped_string_unchecked, "{bad:?}");
+            assert!(decode_fetch(&bad, &[true], &[true], &mut Vec::new()).is_err(), "{bad:?}, tested");
+            assert!(copied.iter().all(|c| decode_cell(c).is_err()), "{bad:?}, decoded");
             let viaserde: std::result::Result<(StoredRowView<'_>, usize), _> =
                 bincode::serde::borrow_decode_from_slice(&bad, bincode::config::standard());
             assert!(viaserde.is_err(), "bincode refuses {bad:?} too");

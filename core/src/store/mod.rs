@@ -928,11 +928,12 @@ impl Store {
                     e.insert(ColumnPick::new(names.clone(), filter, columns))
                 }
             };
-            let view = codec::decode_picked(value, &pick.want)?;
-            if pick.passes(filter, &view) {
-                let columns =
-                    pick.out.iter().filter_map(|&i| Some((pick.names[i].as_str(), view.cells.get(i)?.as_ref())));
-                out[n] = Some(R::build(self.row_table(wanted[n])?, wanted[n], view.ingested_at, columns));
+            // The returned cells are copied as stored, not decoded and written again.
+            let mut copied = Vec::with_capacity(pick.out.len());
+            let (ingested_at, cells) = codec::decode_fetch(value, &pick.test, &pick.copy, &mut copied)?;
+            if pick.passes(filter, &cells, ingested_at) {
+                let columns = pick.out.iter().zip(&copied).map(|(&i, cell)| (pick.names[i].as_str(), *cell));
+                out[n] = Some(R::build_encoded(self.row_table(wanted[n])?, wanted[n], ingested_at, columns)?);
             }
             Ok(())
         })?;
@@ -1776,7 +1777,8 @@ impl<'f> RowFilter<'f> {
                 e.insert(ColumnPick::new(names.clone(), self.filter, &[]))
             }
         };
-        Ok(pick.passes(self.filter, &codec::decode_picked(value, &pick.want)?))
+        let view = codec::decode_picked(value, &pick.test)?;
+        Ok(pick.passes(self.filter, &view.cells, view.ingested_at))
     }
 }
 
@@ -1784,8 +1786,11 @@ impl<'f> RowFilter<'f> {
 /// columns it returns (`out`, in stored order) and those its conditions test.
 struct ColumnPick {
     names: Arc<Vec<String>>,
-    /// Cells to decode, by position.
-    want: Vec<bool>,
+    /// Cells to decode (a condition reads them), by position.
+    test: Vec<bool>,
+    /// Cells to copy as stored (the columns returned), by position.
+    copy: Vec<bool>,
+    /// The positions of the columns returned, in stored order.
     out: Vec<usize>,
     /// Each condition's column position (`None`: the schema has no such column).
     conditions: Vec<Option<usize>>,
@@ -1796,19 +1801,24 @@ impl ColumnPick {
         let out: Vec<usize> = (0..names.len()).filter(|&i| columns.iter().any(|c| *c == names[i])).collect();
         let conditions: Vec<Option<usize>> =
             filter.iter().map(|c| names.iter().position(|n| n == c.column())).collect();
-        let mut want = vec![false; names.len()];
-        for &i in out.iter().chain(conditions.iter().flatten()) {
-            want[i] = true;
+        let mut test = vec![false; names.len()];
+        for &i in conditions.iter().flatten() {
+            test[i] = true;
         }
-        ColumnPick { names, want, out, conditions }
+        let mut copy = vec![false; names.len()];
+        for &i in &out {
+            copy[i] = true;
+        }
+        ColumnPick { names, test, copy, out, conditions }
     }
 
-    /// Whether a row decoded with [`ColumnPick::want`] meets every condition of `filter`
-    /// (the one this pick was made for).
-    fn passes(&self, filter: &[Condition], view: &codec::StoredRowView<'_>) -> bool {
-        filter.iter().zip(&self.conditions).all(|(c, at)| {
-            c.matches_cell(at.and_then(|i| view.cells.get(i)).map(codec::CellView::as_ref), view.ingested_at)
-        })
+    /// Whether a row's `cells` decoded with [`ColumnPick::test`] meet every condition of
+    /// `filter` (the one this pick was made for).
+    fn passes(&self, filter: &[Condition], cells: &[codec::CellView<'_>], ingested_at: i64) -> bool {
+        filter
+            .iter()
+            .zip(&self.conditions)
+            .all(|(c, at)| c.matches_cell(at.and_then(|i| cells.get(i)).map(codec::CellView::as_ref), ingested_at))
     }
 }
 
@@ -1817,6 +1827,7 @@ mod tests {
     use super::*;
     use crate::parse::normalise::{normalise, TableHints};
     use lookout_plugin_sdk::tables::IMAGE_LOADS;
+    use lookout_plugin_sdk::wire::RowBytes;
     use lookout_plugin_sdk::Cell;
     use lookout_plugin_sdk::Row;
     use std::collections::HashSet;
@@ -2083,6 +2094,30 @@ mod tests {
         assert_eq!((got[0].table.as_str(), got[0].ingested_at), (full.table.as_str(), full.ingested_at));
         let none: Vec<Row> = store.get_columns_where::<Row>(&keys, &[], &[]).unwrap();
         assert!(none.iter().all(|r| r.columns.is_empty()) && none.len() == 2, "no columns named: rows without cells");
+        // A plugin's answer carries the cells as stored: the same bytes as the rows
+        // written from their cells, a tested column among those returned, strings long
+        // enough for a two-byte length.
+        let long = format!(r#","FileName":"a.exe","FolderPath":"{}","InitiatingProcessId":70000"#, "é".repeat(200));
+        commit(&mut store, vec![row(3, &long), row(4, r#","FileName":"c.exe","InitiatingProcessId":-5"#)]);
+        let keys: Vec<Vec<u8>> = store.all_row_keys(&["DeviceFileEvents".to_string()]).unwrap();
+        let columns = ["FileName", "FolderPath", "InitiatingProcessId", "ReportId", "Timestamp"].map(String::from);
+        for filter in [&a_exe[..], &[]] {
+            let rows: Vec<Row> = store.get_columns_where::<Row>(&keys, filter, &columns).unwrap();
+            let bytes: Vec<RowBytes> = store.get_columns_where::<RowBytes>(&keys, filter, &columns).unwrap();
+            assert_eq!(rows.len(), if filter.is_empty() { 4 } else { 2 });
+            let written: Vec<RowBytes> = rows
+                .iter()
+                .map(|r| {
+                    RowBytes::new(
+                        &r.table,
+                        &r.key,
+                        r.ingested_at,
+                        r.columns.iter().map(|(n, c)| (n.as_str(), c.into())),
+                    )
+                })
+                .collect();
+            assert_eq!(bytes, written);
+        }
     }
 
     /// Rows read a block at a time (several blocks, none cached: a reopened store) are the

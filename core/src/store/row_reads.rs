@@ -30,6 +30,15 @@ pub trait RowForm: Sized {
         ingested_at: i64,
         columns: impl Iterator<Item = (&'c str, CellRef<'c>)>,
     ) -> Self;
+
+    /// The row from its cells as stored (each as `put_cell` writes it,
+    /// `codec::decode_fetch`'s copies).
+    fn build_encoded<'c>(
+        table: &str,
+        key: &[u8],
+        ingested_at: i64,
+        columns: impl Iterator<Item = (&'c str, &'c [u8])> + Clone,
+    ) -> Result<Self>;
 }
 
 impl RowForm for Row {
@@ -42,6 +51,18 @@ impl RowForm for Row {
         let columns = columns.map(|(name, cell)| (name.to_string(), Cell::from(cell))).collect();
         Row { table: table.to_string(), key: key.to_vec(), ingested_at, columns }
     }
+
+    fn build_encoded<'c>(
+        table: &str,
+        key: &[u8],
+        ingested_at: i64,
+        columns: impl Iterator<Item = (&'c str, &'c [u8])> + Clone,
+    ) -> Result<Row> {
+        let columns = columns
+            .map(|(name, cell)| Ok((name.to_string(), super::codec::decode_cell(cell)?.to_cell())))
+            .collect::<Result<_>>()?;
+        Ok(Row { table: table.to_string(), key: key.to_vec(), ingested_at, columns })
+    }
 }
 
 impl RowForm for RowBytes {
@@ -52,6 +73,15 @@ impl RowForm for RowBytes {
         columns: impl Iterator<Item = (&'c str, CellRef<'c>)>,
     ) -> RowBytes {
         RowBytes::new(table, key, ingested_at, columns)
+    }
+
+    fn build_encoded<'c>(
+        table: &str,
+        key: &[u8],
+        ingested_at: i64,
+        columns: impl Iterator<Item = (&'c str, &'c [u8])> + Clone,
+    ) -> Result<RowBytes> {
+        Ok(RowBytes::from_encoded(table, key, ingested_at, columns))
     }
 }
 
