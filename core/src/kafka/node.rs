@@ -197,8 +197,8 @@ impl ConsumerContext for NodeContext {
                 // detectors of every partition taken over loaded, now that the assignment
                 // is taken: librdkafka's threads fetch the partitions meanwhile (a replay's
                 // first messages took 5–45 ms to arrive after `assign`; opening a store took
-                // 0.4–13 ms, loading four detectors 4–11 ms a partition), and nothing is
-                // stored before this callback returns.
+                // 0.4–13 ms, loading four detectors 4–11 ms a partition without a set loaded
+                // ahead), and nothing is stored before this callback returns.
                 self.open_planned_all(&mut owned);
                 let Owned { partitions, spares, failure, .. } = &mut *owned;
                 for p in partitions.values_mut().filter(|p| p.detectors_due) {
