@@ -406,7 +406,13 @@ impl RowSet {
     pub fn rows(&self) -> Result<Vec<RowView<'_>>, String> {
         let mut r = Reader { bytes: crate::abi::payload_body(&self.bytes)?, at: 0 };
         r.varint()?;
-        let rows = r.seq(4, Reader::row_view)?;
+        // A row is at least its table's and key's lengths, its time and column count.
+        let n = r.len(4)?;
+        let mut rows: Vec<RowView<'_>> = Vec::with_capacity(n.min(4096));
+        for _ in 0..n {
+            let row = r.row_view(rows.last())?;
+            rows.push(row);
+        }
         if r.at != r.bytes.len() {
             return Err(format!("payload has {} trailing bytes", r.bytes.len() - r.at));
         }
@@ -647,13 +653,33 @@ impl<'a> Reader<'a> {
         Ok(Cell::from(self.cell_ref()?))
     }
 
-    fn row_view(&mut self) -> Result<RowView<'a>, String> {
-        let table = self.str()?;
+    /// A row, read in place. The rows of an answer mostly repeat one table and one column
+    /// list: a table or column name with the bytes of the `previous` row's (at the same
+    /// place) is that row's string, not checked as UTF-8 again (the names were a third of
+    /// the strings a detector's fetches checked).
+    fn row_view(&mut self, previous: Option<&RowView<'a>>) -> Result<RowView<'a>, String> {
+        let table = self.str_like(previous.map(|p| p.table))?;
         let key = self.slice()?;
         let z = self.varint()?;
         let ingested_at = ((z >> 1) as i64) ^ -((z & 1) as i64);
-        let columns = self.seq(2, |r| Ok((r.str()?, r.cell_ref()?)))?;
+        // A column is at least a name's length and a cell's variant.
+        let n = self.len(2)?;
+        let mut columns = Vec::with_capacity(n.min(4096));
+        for i in 0..n {
+            let name = self.str_like(previous.and_then(|p| p.columns.get(i)).map(|(name, _)| *name))?;
+            columns.push((name, self.cell_ref()?));
+        }
         Ok(RowView { table, key, ingested_at, columns })
+    }
+
+    /// The next string: `known` when its bytes are the same (a string already checked),
+    /// else checked as UTF-8.
+    fn str_like(&mut self, known: Option<&'a str>) -> Result<&'a str, String> {
+        let bytes = self.slice()?;
+        match known {
+            Some(k) if k.as_bytes() == bytes => Ok(k),
+            _ => std::str::from_utf8(bytes).map_err(|e| format!("cannot decode payload: {e}")),
+        }
     }
 
     fn row(&mut self) -> Result<Row, String> {
@@ -791,6 +817,20 @@ mod tests {
         let mut short = rows_answer(&bytes);
         short.pop();
         assert!(RowSet::from_answer(short).unwrap().rows().is_err(), "cut short");
+        // Rows repeating the previous row's table and names (taken from it, not checked
+        // again) read as the rows; a name that is not UTF-8 after a row of the same
+        // length of name is still refused, and so is a table.
+        let same: Vec<Row> = (0..3).map(|i| row(2, 10 + i, i as i64)).collect();
+        let same_bytes: Vec<RowBytes> = same.iter().map(bytes_of).collect();
+        let set = RowSet::from_answer(rows_answer(&same_bytes)).unwrap();
+        assert_eq!(set.rows().unwrap().iter().map(RowView::to_row).collect::<Vec<_>>(), same);
+        for bad in ["Yes", "DeviceFileEvents"] {
+            let mut answer = rows_answer(&same_bytes);
+            let last_row = answer.len() - same_bytes[2].as_bytes().len();
+            let at = last_row + answer[last_row..].windows(bad.len()).position(|w| w == bad.as_bytes()).unwrap();
+            answer[at] = 0xff;
+            assert!(RowSet::from_answer(answer).unwrap().rows().is_err(), "{bad} not UTF-8 in the third row");
+        }
     }
 
     #[test]
