@@ -617,6 +617,8 @@ fn horizon_start(answer: Option<Offset>, low: i64, high: i64) -> i64 {
 struct NodeView {
     readers: Vec<(PathBuf, StoreReader)>,
     partitions: Vec<PartitionStatus>,
+    /// Detector sets loaded ahead, ready for partitions taken over.
+    spare_sets: usize,
 }
 
 struct NodeObserve {
@@ -685,6 +687,11 @@ impl Observe for NodeObserve {
                 ));
             }
         }
+        let name = "lookout_kafka_spare_detector_sets";
+        out.push_str(&format!(
+            "# HELP {name} Detector sets loaded ahead, ready for partitions taken over.\n# TYPE {name} gauge\n{name} {}\n",
+            view.spare_sets
+        ));
         out
     }
 }
@@ -741,6 +748,7 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaError
                 // Out of the group until it rejoins: nothing owned, nothing to report.
                 view.readers.clear();
                 view.partitions.clear();
+                view.spare_sets = 0;
                 drop(view);
                 let until = Instant::now() + wait;
                 while Instant::now() < until && !stop.load(Ordering::Relaxed) {
@@ -1211,6 +1219,7 @@ fn still_owned(cfg: &NodeConfig, p: &mut Partition, consumer: &BaseConsumer<Node
 fn update_view(owned: &mut Owned, watermarks: &Watermarks, observe: &NodeObserve) {
     let mut view = observe.view.lock().unwrap_or_else(|p| p.into_inner());
     view.readers = owned.partitions.values().map(|p| (p.dir.clone(), p.store.reader())).collect();
+    view.spare_sets = owned.spares.ready();
     watermarks.track(owned.partitions.keys().copied());
     for p in owned.partitions.values_mut() {
         if let Some(high) = watermarks.end(p.partition) {
@@ -1484,5 +1493,34 @@ mod tests {
         assert_eq!(horizon_start(None, 7, 100), 7);
         assert_eq!(horizon_start(Some(Offset::Invalid), 7, 100), 7);
         assert_eq!(horizon_start(Some(Offset::Offset(3)), 7, 100), 7);
+    }
+    /// `/metrics` has each owned partition's gauges and the detector sets ready for a
+    /// take-over.
+    #[test]
+    fn metrics_show_each_partition_and_the_sets_loaded_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let status = |partition, next: i64, high: i64| PartitionStatus {
+            partition,
+            next_offset: Some(next),
+            high_watermark: high,
+            lag: high - next,
+            replaying: next < high,
+            rows_stored: 7,
+            detection_pending: false,
+            findings_written: 0,
+        };
+        let view = NodeView { readers: Vec::new(), partitions: vec![status(0, 5, 9), status(3, 4, 4)], spare_sets: 2 };
+        let observe = NodeObserve { cfg: config("127.0.0.1:1", dir.path()), view: Mutex::new(view) };
+        let text = observe.extra_metrics();
+        for line in [
+            "lookout_kafka_partition_lag{topic=\"rows\",partition=\"0\"} 4",
+            "lookout_kafka_partition_replaying{topic=\"rows\",partition=\"0\"} 1",
+            "lookout_kafka_partition_replaying{topic=\"rows\",partition=\"3\"} 0",
+            "lookout_kafka_partition_next_offset{topic=\"rows\",partition=\"3\"} 4",
+            "# TYPE lookout_kafka_spare_detector_sets gauge",
+            "lookout_kafka_spare_detector_sets 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
     }
 }

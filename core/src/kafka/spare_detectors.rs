@@ -101,6 +101,11 @@ impl SpareDetectors {
         self.sets.pop()
     }
 
+    /// How many sets are ready.
+    pub fn ready(&self) -> usize {
+        self.sets.len()
+    }
+
     /// Loads one more set if fewer than `want` (at most [`MAX_SPARES`]) are ready; returns
     /// whether it did. One that loads no detector, or fails, is not kept, and none is tried
     /// again for a while: a failure here is only a slower take-over, never a reason to
