@@ -157,10 +157,14 @@ impl SpareDetectors {
 mod tests {
     use super::*;
 
+    /// Folder numbers are the process's: the tests that take them run one at a time.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
     /// A folder number is never held by two at once, and one given back is used again
     /// before a new one is made.
     #[test]
     fn folder_numbers_are_used_again_only_once_given_back() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let held: Vec<FolderNumber> = (0..5).map(|_| FolderNumber::take()).collect();
         let mut numbers: Vec<u64> = held.iter().map(|n| n.0).collect();
         numbers.dedup();
@@ -168,7 +172,6 @@ mod tests {
         let given_back = held[2].0;
         let mut held = held;
         drop(held.remove(2));
-        // Other tests of this process may take numbers meanwhile; none is one still held.
         let again: Vec<FolderNumber> = (0..3).map(|_| FolderNumber::take()).collect();
         assert!(again.iter().all(|n| !held.iter().any(|h| h.0 == n.0)), "never one still held");
         assert!(again.iter().any(|n| n.0 == given_back), "the number given back is used again");
@@ -179,6 +182,7 @@ mod tests {
     /// start keeps none.
     #[test]
     fn an_empty_folder_gives_no_set_and_an_earlier_run_s_are_removed() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let data = tempfile::tempdir().unwrap();
         let plugins = tempfile::tempdir().unwrap();
         let left = data.path().join(FOLDER).join("0");
