@@ -846,14 +846,24 @@ fn work(
             let reports = store_all(cfg, &mut owned, &mut pending)?;
             pending.stored_since_rebalance |= !reports.is_empty();
             let store_took = round_started.elapsed() - read_took;
+            // Every partition's pass first, then what they found goes out: a partition's
+            // emitting (two fsyncs, a commit and a produce, each waited for) does not hold
+            // back the next partition's findings being decided.
+            let mut passed = Vec::new();
             for p in owned.partitions.values_mut() {
-                let stored = reports.get(&p.partition).is_some_and(|r| r.changed());
-                detect_round(cfg, p, &producer, &detect_opts, rescan, metrics, round_started, stored, &consumer)?;
+                if let Some(passes) = pass_round(cfg, p, &detect_opts, rescan)? {
+                    passed.push((p.partition, passes));
+                }
                 if let Some(next) = p.next_offset {
                     commit
                         .add_partition_offset(&cfg.topic, p.partition, Offset::Offset(next))
                         .map_err(KafkaError::kafka("cannot list the offsets to commit"))?;
                 }
+            }
+            for (n, passes) in passed {
+                let Some(p) = owned.partitions.get_mut(&n) else { continue };
+                let stored = reports.get(&n).is_some_and(|r| r.changed());
+                emit_round(cfg, p, &producer, passes, metrics, round_started, stored, &consumer)?;
             }
             let detect_took = round_started.elapsed() - read_took - store_took;
             // While no partition replays and detectors run, a detector set is loaded ahead
@@ -1071,7 +1081,7 @@ fn store_round(cfg: &NodeConfig, p: &mut Partition, messages: &[(i64, &[u8])]) -
     let now = crate::clock::Clock::new(cfg.now.or(cfg.ingest.now)).now();
     let ingest_now = crate::clock::Clock::new(cfg.ingest.now).now();
     // Rows that arrive below the horizon are counted, not stored (expired blocks go in
-    // `detect_round`, for every partition).
+    // `pass_round`, for every partition).
     p.store.advance_clock(now)?;
     let report = p.store_messages(&cfg.ingest, ingest_now, messages)?;
     if report.total_rejected() > 0 {
@@ -1089,20 +1099,15 @@ fn store_round(cfg: &NodeConfig, p: &mut Partition, messages: &[(i64, &[u8])]) -
     Ok(report)
 }
 
-/// One round of detection for one partition: reads the file feed, runs the detectors if
-/// anything changed (or a wake-up is due), writes and produces findings.
-#[allow(clippy::too_many_arguments)]
-fn detect_round(
+/// One round of detection for one partition: reads the file feed and runs the detectors
+/// if anything changed (or a wake-up is due). Returns the passes' reports when there are
+/// findings to emit ([`emit_round`]): a pass ran, or an earlier one's are still pending.
+fn pass_round(
     cfg: &NodeConfig,
     p: &mut Partition,
-    producer: &BaseProducer<Deliveries>,
     detect_opts: &DetectOptions,
     rescan: bool,
-    metrics: &Mutex<Metrics>,
-    round_started: Instant,
-    stored: bool,
-    consumer: &BaseConsumer<NodeContext>,
-) -> Result<(), KafkaError> {
+) -> Result<Option<Vec<crate::detect::DetectorReport>>, KafkaError> {
     // Every owned partition's horizon follows the clock, rows arriving or not.
     let now = crate::clock::Clock::new(cfg.now.or(cfg.ingest.now)).now();
     p.store.advance_clock(now)?;
@@ -1138,9 +1143,25 @@ fn detect_round(
         Vec::new()
     } else {
         note_replay_detected(p);
-        return Ok(());
+        return Ok(None);
     };
     note_replay_detected(p);
+    Ok(Some(reports))
+}
+
+/// Writes the partition's new findings to the node's JSONL and produces them to the
+/// findings topic, unless the group no longer counts this node as their owner.
+#[allow(clippy::too_many_arguments)]
+fn emit_round(
+    cfg: &NodeConfig,
+    p: &mut Partition,
+    producer: &BaseProducer<Deliveries>,
+    reports: Vec<crate::detect::DetectorReport>,
+    metrics: &Mutex<Metrics>,
+    round_started: Instant,
+    stored: bool,
+    consumer: &BaseConsumer<NodeContext>,
+) -> Result<(), KafkaError> {
     if consumer.assignment_lost() {
         // The group has given this node's partitions to others: the next owner finds,
         // writes and produces these; if they come back here, they go out then.
