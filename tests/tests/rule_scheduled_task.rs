@@ -556,6 +556,29 @@ fn a_later_profile_lets_a_binary_fire() {
     assert_eq!(run(&ticks, 1000), BTreeSet::from([id(SHA_A, "d-alpha")]));
 }
 
+/// A binary whose profile failed is remembered as failing across restarts, and a later
+/// FileProfile row still lets it through: the verdict kept in the state is dropped when
+/// the row arrives in another process.
+#[test]
+fn a_later_profile_lets_a_binary_fire_across_restarts() {
+    let exec = exec_row(1, t0() - HOUR, "d-alpha", "alpha", SHA_A, "ProcessCreated", SCHEDULE);
+    let other = exec_row(5, t0() + 90 * MINUTE, "d-beta", "beta", SHA_A, "ProcessCreated", SCHEDULE);
+    let third = exec_row(6, t0() + 210 * MINUTE, "d-gamma", "gamma", SHA_A, "ProcessCreated", SCHEDULE);
+    let ticks = vec![
+        Tick::at(t0(), vec![(FILE_PROFILE, profile_row(2, SHA_A, Some(5000), None)), (PROCESS_EVENTS, exec)]),
+        // The failing verdict is what the restarted process starts from: a second device
+        // of the binary does not fire either.
+        Tick::new(t0() + 2 * HOUR, Restart::Before, vec![(PROCESS_EVENTS, other)]),
+        Tick::new(t0() + 3 * HOUR, Restart::Before, vec![(FILE_PROFILE, profile_row(4, SHA_A, Some(99), None))]),
+        // The verdict left the state with that row: the next process lets a third through.
+        Tick::new(t0() + 4 * HOUR, Restart::Before, vec![(PROCESS_EVENTS, third)]),
+    ];
+    assert_eq!(run(&ticks[..2], 1000), BTreeSet::new());
+    let both = BTreeSet::from([id(SHA_A, "d-alpha"), id(SHA_A, "d-beta")]);
+    assert_eq!(run(&ticks[..3], 1000), both);
+    assert_eq!(run(&ticks, 1000), &both | &BTreeSet::from([id(SHA_A, "d-gamma")]));
+}
+
 /// Upper-case SHA1s never join; the empty SHA1 fires; a second device running the same
 /// binary later is a second finding.
 #[test]

@@ -107,7 +107,8 @@
 //! the state while their group stays in the result, so a restarted process does not
 //! build their rows again. It asks to be woken at the next window edge or when an
 //! execution leaves the lookback. FileProfile rows are an input (not on a backfill): a
-//! new profile makes its SHA1 asked again. Changed parameters take effect on the next
+//! new profile makes its SHA1 asked again. A SHA1 whose profile fails is remembered in the
+//! state until then, so a restarted process does not ask for it again. Changed parameters take effect on the next
 //! pass: every record is kept again with the expiry the new `lookback` gives it and every
 //! group decided again; the host hands every stored row over again on that pass, so
 //! executions a shorter old lookback left out are taken back (a record already kept is

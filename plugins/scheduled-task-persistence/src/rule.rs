@@ -411,6 +411,9 @@ const EMITTED_PREFIX: &[u8] = b"e";
 const LAST_PASS_KEY: &[u8] = b"t";
 /// State key of the parameters the records and the emitted identities were kept under.
 const CONFIG_KEY: &[u8] = b"p";
+/// State key prefix of the lowercased SHA1s whose FileProfile fails the rule (until a
+/// FileProfile row of theirs arrives): a restarted process does not ask for them again.
+const FAILS_PROFILE_PREFIX: &[u8] = b"f";
 
 impl RuleConfig {
     fn fingerprint(&self) -> String {
@@ -439,6 +442,8 @@ struct Pending {
     /// The parameters changed (or were never stored): emitted identities whose group is
     /// not in the result are dropped, and the fingerprint is stored with the pass.
     new_config: bool,
+    /// FileProfile verdicts stored under other parameters, to be deleted.
+    stale_verdicts: Vec<Vec<u8>>,
 }
 
 pub struct ScheduledTaskRule {
@@ -449,8 +454,11 @@ pub struct ScheduledTaskRule {
     /// builds the rows of identities new to the result. Kept in the state, so a restart
     /// does not rebuild them either (the host would drop them).
     emitted: HashSet<(String, String)>,
-    /// Whether a lowercased SHA1 passes FileProfile, as far as this process has asked;
-    /// forgotten when a FileProfile row of it arrives.
+    /// Whether a lowercased SHA1 passes FileProfile, as far as it has been asked;
+    /// forgotten when a FileProfile row of it arrives. Those that fail are kept in the
+    /// state too (`FAILS_PROFILE_PREFIX`): a SHA1 that fails is in every pass's `top` as
+    /// long as its groups are new, and asking for it again after each restart (every
+    /// `lookout detect`) took a fifth of a tick's pass.
     profile_ok: HashMap<String, bool>,
     /// The evaluation time the index was last brought to.
     last_pass: Option<i64>,
@@ -472,10 +480,20 @@ impl ScheduledTaskRule {
             rekeep: value(KEPT_UNDER_KEY).is_some_and(|k| k != lookback.as_slice()),
             write_kept_under: value(KEPT_UNDER_KEY) != Some(lookback.as_slice()),
             new_config: value(CONFIG_KEY) != Some(config.fingerprint().as_bytes()),
+            stale_verdicts: Vec::new(),
         };
         let mut emitted = HashSet::default();
         for (k, _) in state.iter().filter(|(k, _)| k.starts_with(EMITTED_PREFIX)) {
             emitted.insert(parse_emitted_key(&k[EMITTED_PREFIX.len()..]).ok_or("corrupt emitted identity in state")?);
+        }
+        let mut profile_ok = HashMap::default();
+        if !pending.new_config {
+            // Verdicts under other parameters are dropped on the first pass.
+            for (k, _) in state.iter().filter(|(k, _)| k.starts_with(FAILS_PROFILE_PREFIX)) {
+                let sha1 = std::str::from_utf8(&k[FAILS_PROFILE_PREFIX.len()..])
+                    .map_err(|_| "corrupt FileProfile verdict in state")?;
+                profile_ok.insert(sha1.to_string(), false);
+            }
         }
         let mut last_pass = None;
         if let Some((_, t)) = state.iter().find(|(k, _)| k.as_slice() == LAST_PASS_KEY) {
@@ -485,7 +503,13 @@ impl ScheduledTaskRule {
                 last_pass = Some(at);
             }
         }
-        Ok(ScheduledTaskRule { config, records, index, emitted, profile_ok: HashMap::default(), last_pass, pending })
+        let stale_verdicts = if pending.new_config {
+            state.iter().filter(|(k, _)| k.starts_with(FAILS_PROFILE_PREFIX)).map(|(k, _)| k.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let pending = Pending { stale_verdicts, ..pending };
+        Ok(ScheduledTaskRule { config, records, index, emitted, profile_ok, last_pass, pending })
     }
 
     /// Scheduled-task executions only (the host checks the static filters); FileProfile
@@ -512,8 +536,14 @@ impl ScheduledTaskRule {
         if std::mem::take(&mut self.pending.write_kept_under) {
             ctx.state_put(KEPT_UNDER_KEY.to_vec(), c.lookback.to_be_bytes().to_vec());
         }
+        for key in std::mem::take(&mut self.pending.stale_verdicts) {
+            ctx.state_delete(key);
+        }
         for r in batch.rows.iter().filter(|r| r.table == FILE_PROFILE) {
-            self.profile_ok.remove(&r.sha1.to_lowercase());
+            let sha1 = r.sha1.to_lowercase();
+            if self.profile_ok.remove(&sha1) == Some(false) {
+                ctx.state_delete(fails_profile_key(&sha1));
+            }
         }
         let keys: Vec<Vec<u8>> = batch
             .rows
@@ -579,6 +609,17 @@ impl ScheduledTaskRule {
     /// the SHA1s that have such a device.
     fn emit_new(&mut self, ctx: &mut Context<'_>, now: i64) -> Result<(), String> {
         let left = self.index.left();
+        if self.profile_ok.len() > 2 * left.len() {
+            // Verdicts of SHA1s out of `top` are forgotten now and then (asked for again if
+            // they come back), so there are never many more than `top` holds.
+            let keep: HashSet<&str> = left.iter().map(|(s, _)| s.as_str()).collect();
+            let gone: Vec<String> = self.profile_ok.keys().filter(|s| !keep.contains(s.as_str())).cloned().collect();
+            for sha1 in gone {
+                if self.profile_ok.remove(&sha1) == Some(false) {
+                    ctx.state_delete(fails_profile_key(&sha1));
+                }
+            }
+        }
         let fresh: Vec<(String, i64, Vec<String>)> = left
             .into_iter()
             .filter_map(|(sha1, count)| {
@@ -597,7 +638,11 @@ impl ScheduledTaskRule {
         let mut profiles: HashMap<String, Option<Row>> = HashMap::default();
         if !ask.is_empty() {
             for (sha1, profile) in ask.iter().cloned().zip(ctx.profiles(ask.clone())?) {
-                self.profile_ok.insert(sha1.clone(), profile_passes(profile.as_ref(), &self.config));
+                let passes = profile_passes(profile.as_ref(), &self.config);
+                if !passes {
+                    ctx.state_put(fails_profile_key(&sha1), Vec::new());
+                }
+                self.profile_ok.insert(sha1.clone(), passes);
                 profiles.insert(sha1, profile);
             }
         }
@@ -637,6 +682,11 @@ impl ScheduledTaskRule {
 /// endian), the SHA1, the DeviceId.
 fn emitted_key(sha1: &str, device: &str) -> Vec<u8> {
     [EMITTED_PREFIX, &(sha1.len() as u32).to_be_bytes(), sha1.as_bytes(), device.as_bytes()].concat()
+}
+
+/// The state key of a lowercased SHA1 whose FileProfile fails the rule.
+fn fails_profile_key(sha1: &str) -> Vec<u8> {
+    [FAILS_PROFILE_PREFIX, sha1.as_bytes()].concat()
 }
 
 /// (SHA1, DeviceId) of an emitted key, after its prefix.
