@@ -18,7 +18,13 @@
 //!   is committed against it, so a crash mid-write is repaired as above. If the file the
 //!   cursor was committed against is still in the folder under another name (rotated by
 //!   rename), the lines it holds past the committed length that Lookout wrote and did not
-//!   commit (a crash between the two) count as written, as in the first case.
+//!   commit (a crash between the two) count as written, as in the first case; so do
+//!   those of a copy of it beside it (logrotate's `copytruncate`), recognised by the
+//!   bytes before the committed length.
+//! - no cursor for the path, and a file already there (a new data directory writing
+//!   where an earlier one did, or the same file reached by another path): the findings
+//!   whose id a line of the file already has count as written (`lookout detect`, `run`
+//!   and `ingest`; a Kafka node knows what is written from the findings topic instead).
 
 use crate::error::{StoreContext as _, StoreError};
 use crate::store::Store;
@@ -96,10 +102,21 @@ pub fn cut_torn_tail(store: &Store, path: &Path) -> Result<()> {
     let (_, keep) = adopt_own_tail(store, &file, cursor.file_len, len, cursor.next_seq, &|_| false)
         .with_context(|| format!("cannot read the tail of {}", path.display()))?;
     if keep < len {
-        tracing::info!(file = %path.display(), from = len, to = keep, "cutting a torn findings line");
-        file.set_len(keep).with_context(|| format!("cannot truncate {}", path.display()))?;
+        cut_at(&file, path, len, keep)?;
     }
     Ok(())
+}
+
+/// Cuts the torn line found at `keep` in `file` (read at length `len`), unless the file
+/// has changed length since (cut by a copytruncate meanwhile): `set_len` would then grow
+/// it into a hole of NUL bytes.
+fn cut_at(file: &File, path: &Path, len: u64, keep: u64) -> Result<()> {
+    let now = file.metadata().with_context(|| format!("cannot stat findings file {}", path.display()))?.len();
+    if now != len {
+        return Ok(());
+    }
+    tracing::info!(file = %path.display(), from = len, to = keep, "cutting a torn findings line");
+    file.set_len(keep).with_context(|| format!("cannot truncate {}", path.display()))
 }
 
 /// SHA-256 of the `min(len, TAIL_CHECK)` bytes before `len`.
@@ -112,13 +129,18 @@ fn tail_hash(file: &File, len: u64) -> std::io::Result<Vec<u8>> {
 
 /// Appends every finding not yet in `path` to it; returns how many lines were written.
 pub fn flush_outbox(store: &mut Store, path: &Path) -> Result<u64> {
-    flush_outbox_except(store, path, &|_| false)
+    flush(store, path, &|_| false, true)
 }
 
 /// Like [`flush_outbox`], leaving out the findings `skip` says are written elsewhere
 /// already (a Kafka node's partition taken over: what the previous owner found). A
-/// skipped finding is passed over for good, as if written.
+/// skipped finding is passed over for good, as if written. A file this store has no
+/// cursor for is not read for the ids it holds: `skip` says what is written.
 pub fn flush_outbox_except(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool) -> Result<u64> {
+    flush(store, path, skip, false)
+}
+
+fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_new: bool) -> Result<u64> {
     let (name, cursor) = read_cursor(store, path)?;
     let next_seq = cursor.as_ref().map_or(1, |c| c.next_seq);
     let pending = store.outbox_has_from(next_seq)?;
@@ -146,6 +168,10 @@ pub fn flush_outbox_except(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) 
         .with_context(|| format!("cannot open findings file {}", path.display()))?;
     let meta = file.metadata().with_context(|| format!("cannot stat findings file {}", path.display()))?;
     let len = meta.len();
+    if on_disk.is_none() {
+        // Created here: its name must outlive a power cut once the cursor names its inode.
+        sync_dir(path).with_context(|| format!("cannot sync the folder of {}", path.display()))?;
+    }
     let same_file = match &cursor {
         Some(c) => {
             (c.dev, c.ino) == (meta.dev(), meta.ino())
@@ -162,27 +188,46 @@ pub fn flush_outbox_except(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) 
             .with_context(|| format!("cannot read the tail of {}", path.display()))?;
         next = seq;
         if keep < len {
-            tracing::info!(file = %path.display(), from = len, to = keep, "cutting a torn findings line");
-            file.set_len(keep).with_context(|| format!("cannot truncate {}", path.display()))?;
+            cut_at(&file, path, len, keep)?;
         }
         end = keep;
-    } else if let Some(c) = &cursor {
-        tracing::info!(file = %path.display(), "findings file is new to Lookout (rotated or replaced); appending after its content");
-        // Rotated by rename after a crash between a write and its cursor: the lines
-        // written then are in the file under its new name, and count as written.
-        if let Some((moved, moved_len, moved_path)) = moved_original(path, c) {
+    }
+    if let Some(c) = cursor.as_ref().filter(|c| !same_file || (c.file_len == 0 && len == 0)) {
+        if !same_file {
+            tracing::info!(file = %path.display(), "findings file is new to Lookout (rotated or replaced); appending after its content");
+        }
+        // Rotated (renamed, or copied and truncated) after a crash between a write and its
+        // cursor: the lines written then are in the file under its other name, and count
+        // as written. (A file committed empty and empty still may have been copied and
+        // truncated since, too.)
+        let rotated =
+            rotated_originals(path, c).with_context(|| format!("cannot look for {} rotated", path.display()))?;
+        for (moved, moved_len, moved_path) in rotated {
             let (seq, _) = adopt_own_tail(store, &moved, c.file_len, moved_len, next_seq, skip)
                 .with_context(|| format!("cannot read the tail of {}", moved_path.display()))?;
             if seq > next {
                 tracing::info!(file = %moved_path.display(), written = seq - next, "findings written before a crash are in the rotated file; not written again");
+                next = seq;
             }
-            next = seq;
         }
     }
     end = end_with_newline(&mut file, end).with_context(|| format!("cannot write {}", path.display()))?;
-    if !same_file {
+    // A file this store has no cursor for may hold its findings already (a new data
+    // directory writing where an earlier one did): those count as written.
+    let known: std::collections::HashSet<String> = if cursor.is_none() && ids_if_new && end > 0 {
+        let ids = finding_ids_in(&file, end).with_context(|| format!("cannot read {}", path.display()))?;
+        if !ids.is_empty() {
+            tracing::info!(file = %path.display(), findings = ids.len(), "findings file new to this data directory already holds findings; those are not written again");
+        }
+        ids
+    } else {
+        Default::default()
+    };
+    if !same_file && known.is_empty() {
         // Commit against the file before writing into it, so a crash mid-write leaves a
-        // tail that the next flush recognises as Lookout's own.
+        // tail that the next flush recognises as Lookout's own. (With findings already in
+        // it, no cursor yet: a crash mid-write leaves the file to be read for ids again,
+        // and what was written by then is among them.)
         let at = OutboxCursor {
             next_seq: next,
             dev: meta.dev(),
@@ -193,6 +238,8 @@ pub fn flush_outbox_except(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) 
         store.put_meta_value(&name, &at)?;
         store.flush()?;
     }
+    let skip =
+        |json: &[u8]| skip(json) || (!known.is_empty() && finding_id(json).is_some_and(|id| known.contains(&id)));
     let write_error =
         || format!("cannot write findings to {} (nothing is lost: they are written on the next flush)", path.display());
     let mut out = std::io::BufWriter::new(&mut file);
@@ -239,19 +286,70 @@ pub fn flush_outbox_except(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) 
     Ok(written)
 }
 
-/// The file the cursor was committed against, if it is still in `path`'s folder under
-/// another name (rotated by rename) and still holds what the cursor says: the file, its
-/// length and its path.
-fn moved_original(path: &Path, c: &OutboxCursor) -> Option<(File, u64, std::path::PathBuf)> {
+/// The files in `path`'s folder under another name that hold what the cursor says, as the
+/// file it was committed against did: that file renamed, or a copy of it whose name
+/// begins with `path`'s (logrotate's `copytruncate` leaves the original cut to nothing
+/// and the lines in `findings.jsonl.1`, say). Each file, its length and its path.
+fn rotated_originals(path: &Path, c: &OutboxCursor) -> std::io::Result<Vec<(File, u64, std::path::PathBuf)>> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let found = std::fs::read_dir(dir).ok()?.flatten().find(|e| {
-        std::fs::symlink_metadata(e.path()).is_ok_and(|m| m.is_file() && (m.dev(), m.ino()) == (c.dev, c.ino))
-    })?;
-    let moved_path = found.path();
-    let file = File::open(&moved_path).ok()?;
-    let len = file.metadata().ok()?.len();
-    let same = len >= c.file_len && tail_hash(&file, c.file_len).is_ok_and(|h| h == c.tail_hash);
-    same.then_some((file, len, moved_path))
+    let own_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut renamed = None;
+    let mut copies = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let Ok(m) = std::fs::symlink_metadata(entry.path()) else { continue };
+        if !m.is_file() || m.len() < c.file_len || entry.file_name().to_string_lossy() == own_name {
+            continue;
+        }
+        if (m.dev(), m.ino()) == (c.dev, c.ino) {
+            renamed = Some(entry.path());
+        } else if entry.file_name().to_string_lossy().starts_with(&own_name) {
+            copies.push(entry.path());
+        }
+    }
+    let mut found = Vec::new();
+    for candidate in renamed.into_iter().chain(copies) {
+        // One that cannot be read now is not it (a compressed copy is not read at all).
+        let Ok(file) = File::open(&candidate) else { continue };
+        let Ok(len) = file.metadata().map(|m| m.len()) else { continue };
+        if len >= c.file_len && tail_hash(&file, c.file_len).is_ok_and(|h| h == c.tail_hash) {
+            found.push((file, len, candidate));
+        }
+    }
+    Ok(found)
+}
+
+/// The ids of the findings in the first `len` bytes of `file` (lines that are not a
+/// finding are passed over).
+fn finding_ids_in(file: &File, len: u64) -> std::io::Result<std::collections::HashSet<String>> {
+    use std::io::{BufRead, Read, Seek};
+    let mut ids = std::collections::HashSet::new();
+    let mut from_start = file;
+    from_start.seek(std::io::SeekFrom::Start(0))?;
+    let mut reader = std::io::BufReader::new(from_start.take(len));
+    let mut line = Vec::new();
+    while reader.read_until(b'\n', &mut line)? > 0 {
+        if let Some(id) = finding_id(&line) {
+            ids.insert(id);
+        }
+        line.clear();
+    }
+    Ok(ids)
+}
+
+/// The `finding_id` of a finding's JSON line.
+fn finding_id(json: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Id {
+        finding_id: String,
+    }
+    serde_json::from_slice::<Id>(json).ok().map(|i| i.finding_id)
+}
+
+/// Makes the entry of a file just created in its folder durable.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
 }
 
 /// Reads the bytes of `file` in `committed..len` line by line against the findings from
@@ -295,7 +393,18 @@ fn adopt_own_tail(
                 // Torn: a prefix of the next finding and nothing after it.
                 return Ok((next, committed + pos as u64));
             }
-            None => break,
+            None => {
+                // Torn too if it begins a finding further on: those before it were written
+                // elsewhere and passed over, which `skip` may not know (a Kafka node cuts a
+                // partition's torn line before it has read the findings topic).
+                for entry in own.by_ref() {
+                    let (_, later) = entry?;
+                    if later.starts_with(rest) {
+                        return Ok((next, committed + pos as u64));
+                    }
+                }
+                break;
+            }
         }
     }
     // Everything else is not Lookout's: it stays.
@@ -630,6 +739,50 @@ mod tests {
         file.write_all((f.line(2) + "\n" + "theirs\n").as_bytes()).unwrap();
         assert_eq!(f.flush(), 1);
         assert_eq!(f.read(), f.lines(1..=2) + "theirs\n" + &f.lines(3..=3));
+    }
+
+    /// A partition taken over: its first flush passes over what the previous owner wrote
+    /// and is killed mid-line in the finding after it. The cut at the next take-over,
+    /// made before the findings topic says what was passed over, still knows the torn
+    /// line for this store's own.
+    #[test]
+    fn a_torn_line_after_findings_passed_over_is_cut() {
+        let mut f = Fixture::new();
+        std::fs::write(&f.out, "theirs\n").unwrap();
+        f.find(2);
+        // The cursor as that flush commits it before writing: at the first finding.
+        let file = File::open(&f.out).unwrap();
+        let meta = file.metadata().unwrap();
+        let len = meta.len();
+        let at = OutboxCursor {
+            next_seq: 1,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            file_len: len,
+            tail_hash: tail_hash(&file, len).unwrap(),
+        };
+        f.store.put_meta_value(&cursor_names(&f.store, &f.out).0, &at).unwrap();
+        // Torn past where it differs from the finding passed over.
+        let torn = f.line(2);
+        let mut append = std::fs::OpenOptions::new().append(true).open(&f.out).unwrap();
+        append.write_all(&torn.as_bytes()[..torn.len() - 2]).unwrap();
+        cut_torn_tail(&f.store, &f.out).unwrap();
+        assert_eq!(f.read(), "theirs\n");
+    }
+
+    /// A findings file this store has no cursor for, holding some of its findings (a
+    /// new data directory over the same logs): only the others are written.
+    #[test]
+    fn a_file_new_to_the_store_with_its_findings_gets_only_the_others() {
+        let mut f = Fixture::new();
+        f.find(3);
+        std::fs::write(&f.out, format!("theirs\n{}\n", f.line(2))).unwrap();
+        assert_eq!(f.flush(), 2);
+        assert_eq!(f.read(), format!("theirs\n{}\n{}\n{}\n", f.line(2), f.line(1), f.line(3)));
+        assert_eq!(f.flush(), 0);
+        f.find(1);
+        assert_eq!(f.flush(), 1);
+        assert_eq!(f.read(), format!("theirs\n{}\n{}\n{}\n{}\n", f.line(2), f.line(1), f.line(3), f.line(4)));
     }
 
     /// Two stores writing one file (a Kafka node's partitions): one torn mid-line by a

@@ -110,6 +110,64 @@ fn findings_file_truncated_mid_write_gets_no_hole() {
     assert_eq!((ids.len(), distinct.len()), (expected, expected), "each finding once in the copy or the file");
 }
 
+/// Killed after writing its findings and before recording that it did, then the file is
+/// copytruncated (copied away, cut to nothing) before the rerun: the lines written then
+/// are in the copy, and the rerun does not write them again. Both with the file empty
+/// before the run and with a line of another tool's in it.
+#[test]
+fn killed_after_writing_then_copytruncated_writes_each_finding_once() {
+    for foreign in [None, Some("{\"note\":\"another tool's line\"}\n")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let expected = gen_fleet(tmp.path(), 3000);
+        assert!(expected >= 2, "the fleet needs findings to write: {expected}");
+        let data = tmp.path().join("data");
+        let plugins = plugins_dir(tmp.path(), &[WINRM]);
+        lookout_ok(&data, &["ingest", "--now", NOW, tmp.path().join("fleet/logs").to_str().unwrap()]);
+        let findings = data.join("findings.jsonl");
+        if let Some(line) = foreign {
+            std::fs::write(&findings, line).unwrap();
+        }
+        let detect = ["detect", "--plugins", plugins.to_str().unwrap(), "--now", NOW];
+        let crashed = run_with_failpoint(&data, "outbox-after-write", &detect);
+        assert!(!crashed.status.success(), "the failpoint did not fire");
+        let copy = data.join("findings.jsonl.1");
+        std::fs::copy(&findings, &copy).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&findings).unwrap().set_len(0).unwrap();
+        lookout_ok(&data, &detect);
+        let mut ids =
+            finding_ids(&read_jsonl(&copy).into_iter().filter(|v| v.get("finding_id").is_some()).collect::<Vec<_>>());
+        ids.extend(finding_ids(&read_jsonl(&findings)));
+        let distinct: BTreeSet<&String> = ids.iter().collect();
+        assert_eq!(
+            (ids.len(), distinct.len()),
+            (expected, expected),
+            "{foreign:?}: each finding once in the copy or the file"
+        );
+    }
+}
+
+/// A second data directory over the same logs writing into the findings file the first
+/// one wrote (what to do when a store's format is refused): the findings already in the
+/// file are not written again, and nothing else in it is touched.
+#[test]
+fn a_new_data_directory_writing_an_existing_findings_file_adds_nothing_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = gen_fleet(tmp.path(), 3000);
+    assert!(expected >= 2, "the fleet needs findings to write: {expected}");
+    let plugins = plugins_dir(tmp.path(), &[WINRM]);
+    let findings = tmp.path().join("out/findings.jsonl");
+    let logs = tmp.path().join("fleet/logs");
+    for data in ["first", "second"].map(|d| tmp.path().join(d)) {
+        lookout_ok(&data, &["ingest", "--now", NOW, logs.to_str().unwrap()]);
+        let detect =
+            ["detect", "--plugins", plugins.to_str().unwrap(), "--now", NOW, "--findings", findings.to_str().unwrap()];
+        lookout_ok(&data, &detect);
+        let ids = finding_ids(&read_jsonl(&findings));
+        let distinct: BTreeSet<&String> = ids.iter().collect();
+        assert_eq!((ids.len(), distinct.len()), (expected, expected), "{}: each finding once", data.display());
+    }
+}
+
 #[test]
 fn killed_during_ingest_then_rerun_stores_each_row_once() {
     let tmp = tempfile::tempdir().unwrap();
