@@ -850,9 +850,17 @@ fn work(
             // emitting (two fsyncs, a commit and a produce, each waited for) does not hold
             // back the next partition's findings being decided.
             let mut passed = Vec::new();
+            // A partition whose pass fails holds back none of the others' findings: they
+            // go out, then the failure ends the round (and the work loop starts again).
+            let mut failed = None;
             for p in owned.partitions.values_mut() {
-                if let Some(passes) = pass_round(cfg, p, &detect_opts, rescan)? {
-                    passed.push((p.partition, passes));
+                match pass_round(cfg, p, &detect_opts, rescan) {
+                    Ok(Some(passes)) => passed.push((p.partition, passes)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        continue;
+                    }
                 }
                 if let Some(next) = p.next_offset {
                     commit
@@ -864,6 +872,9 @@ fn work(
                 let Some(p) = owned.partitions.get_mut(&n) else { continue };
                 let stored = reports.get(&n).is_some_and(|r| r.changed());
                 emit_round(cfg, p, &producer, passes, metrics, round_started, stored, &consumer)?;
+            }
+            if let Some(e) = failed {
+                return Err(e);
             }
             let detect_took = round_started.elapsed() - read_took - store_took;
             // While no partition replays and detectors run, a detector set is loaded ahead
