@@ -147,8 +147,10 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
     let on_disk = std::fs::metadata(path).ok();
     if !pending {
         if let (Some(c), Some(m)) = (&cursor, &on_disk) {
-            if (m.dev(), m.ino(), m.len()) == (c.dev, c.ino, c.file_len) {
-                // Nothing new, and the file is as we left it: no disk work at all.
+            if (m.dev(), m.ino()) == (c.dev, c.ino) && m.len() >= c.file_len {
+                // Nothing new, and the file is the one we left (others may have appended to
+                // it: a Kafka node's other partitions): no disk work at all. Nothing of
+                // this store's can be uncommitted in it, since nothing is pending.
                 return Ok(0);
             }
         }
@@ -370,45 +372,65 @@ fn adopt_own_tail(
     if len == committed {
         return Ok((next_seq, len));
     }
-    let mut tail = vec![0u8; (len - committed) as usize];
-    file.read_exact_at(&mut tail, committed)?;
+    // A line at a time: the tail may be long (other writers' lines since this store's
+    // last flush), and is never held whole.
+    let mut reader = std::io::BufReader::with_capacity(64 << 10, RangeReader { file, at: committed, end: len });
     let mut own = store.outbox_from(next_seq).filter(|e| e.as_ref().map_or(true, |(_, json)| !skip(json)));
     let mut expected = own.next().transpose()?;
     let mut next = next_seq;
-    let mut pos = 0usize;
+    let mut pos = committed;
+    let mut line = Vec::new();
     while let Some((seq, json)) = &expected {
-        let rest = &tail[pos..];
-        if rest.is_empty() {
+        line.clear();
+        let n = std::io::BufRead::read_until(&mut reader, b'\n', &mut line)?;
+        if n == 0 {
             break;
         }
-        match memchr::memchr(b'\n', rest) {
-            Some(i) => {
-                if rest[..i] == json[..] {
-                    next = seq + 1;
-                    expected = own.next().transpose()?;
+        if let Some(whole) = line.strip_suffix(b"\n") {
+            if whole == &json[..] {
+                next = seq + 1;
+                expected = own.next().transpose()?;
+            }
+            pos += n as u64;
+        } else if json.starts_with(&line) {
+            // Torn: a prefix of the next finding and nothing after it.
+            return Ok((next, pos));
+        } else {
+            // Torn too if it begins a finding further on: those before it were written
+            // elsewhere and passed over, which `skip` may not know (a Kafka node cuts a
+            // partition's torn line before it has read the findings topic).
+            for entry in own.by_ref() {
+                let (_, later) = entry?;
+                if later.starts_with(&line) {
+                    return Ok((next, pos));
                 }
-                pos += i + 1;
             }
-            None if json.starts_with(rest) => {
-                // Torn: a prefix of the next finding and nothing after it.
-                return Ok((next, committed + pos as u64));
-            }
-            None => {
-                // Torn too if it begins a finding further on: those before it were written
-                // elsewhere and passed over, which `skip` may not know (a Kafka node cuts a
-                // partition's torn line before it has read the findings topic).
-                for entry in own.by_ref() {
-                    let (_, later) = entry?;
-                    if later.starts_with(rest) {
-                        return Ok((next, committed + pos as u64));
-                    }
-                }
-                break;
-            }
+            break;
         }
     }
     // Everything else is not Lookout's: it stays.
     Ok((next, len))
+}
+
+/// Reads `file` from `at` to `end` with positioned reads (its own position, which an
+/// append ignores anyway, is left alone).
+struct RangeReader<'a> {
+    file: &'a File,
+    at: u64,
+    end: u64,
+}
+
+impl std::io::Read for RangeReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = usize::try_from(self.end.saturating_sub(self.at)).unwrap_or(usize::MAX);
+        let n = buf.len().min(left);
+        if n == 0 {
+            return Ok(0);
+        }
+        let got = self.file.read_at(&mut buf[..n], self.at)?;
+        self.at += got as u64;
+        Ok(got)
+    }
 }
 
 /// Makes sure the file's content, `len` bytes, ends with a newline (or is empty), so the
@@ -592,6 +614,23 @@ mod tests {
         f.find(2);
         f.flush();
         assert_eq!(f.read(), format!("a\nno newline\n{}", f.lines(1..=2)));
+    }
+
+    /// Nothing to write: the file is left as it is, whatever others appended since (a
+    /// Kafka node's other partitions; one torn mid-line is theirs to cut, not to be ended
+    /// with a newline by a store that had nothing to write).
+    #[test]
+    fn a_flush_with_nothing_to_write_leaves_the_file_as_it_is() {
+        let mut f = Fixture::new();
+        f.find(1);
+        f.flush();
+        let mut file = std::fs::OpenOptions::new().append(true).open(&f.out).unwrap();
+        file.write_all(b"theirs\ntheirs, torn mid-li").unwrap();
+        assert_eq!(f.flush(), 0);
+        assert_eq!(f.read(), f.lines(1..=1) + "theirs\ntheirs, torn mid-li");
+        f.find(1);
+        assert_eq!(f.flush(), 1);
+        assert_eq!(f.read(), f.lines(1..=1) + "theirs\ntheirs, torn mid-li\n" + &f.line(2) + "\n");
     }
 
     #[test]
