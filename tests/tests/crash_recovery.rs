@@ -39,14 +39,35 @@ fn assert_exactly_once(data: &Path, expected: usize) {
     assert_eq!(tree_ids, distinct.into_iter().cloned().collect::<BTreeSet<_>>(), "results tree and JSONL differ");
 }
 
+/// A generated fleet with findings to write, ingested into `<dir>/data`, and a plugins
+/// folder with the WinRM detector: (the findings expected, the data directory, the
+/// plugins folder).
+fn fleet_ingested(dir: &Path) -> (usize, std::path::PathBuf, std::path::PathBuf) {
+    let expected = gen_fleet(dir, 3000);
+    assert!(expected >= 2, "the fleet needs findings to write: {expected}");
+    let data = dir.join("data");
+    let plugins = plugins_dir(dir, &[WINRM]);
+    lookout_ok(&data, &["ingest", "--now", NOW, dir.join("fleet/logs").to_str().unwrap()]);
+    (expected, data, plugins)
+}
+
+/// Each finding once among the findings in `files`, and all `expected` of them.
+fn assert_once_in(files: &[&Path], expected: usize, what: &str) {
+    let mut ids = Vec::new();
+    for f in files {
+        let lines: Vec<serde_json::Value> =
+            read_jsonl(f).into_iter().filter(|v| v.get("finding_id").is_some()).collect();
+        ids.extend(finding_ids(&lines));
+    }
+    let distinct: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), distinct.len()), (expected, expected), "{what}: each finding once");
+}
+
 #[test]
 fn killed_during_detect_then_rerun_leaves_each_finding_once() {
     for failpoint in ["detect-before-commit", "detect-after-commit", "outbox-mid-write", "outbox-after-write"] {
         let tmp = tempfile::tempdir().unwrap();
-        let expected = gen_fleet(tmp.path(), 3000);
-        let data = tmp.path().join("data");
-        let plugins = plugins_dir(tmp.path(), &[WINRM]);
-        lookout_ok(&data, &["ingest", "--now", NOW, tmp.path().join("fleet/logs").to_str().unwrap()]);
+        let (expected, data, plugins) = fleet_ingested(tmp.path());
         let detect = ["detect", "--plugins", plugins.to_str().unwrap(), "--now", NOW];
         let crashed = run_with_failpoint(&data, failpoint, &detect);
         assert!(!crashed.status.success(), "{failpoint}: the failpoint did not fire");
@@ -70,11 +91,7 @@ fn killed_during_detect_then_rerun_leaves_each_finding_once() {
 #[test]
 fn findings_file_truncated_mid_write_gets_no_hole() {
     let tmp = tempfile::tempdir().unwrap();
-    let expected = gen_fleet(tmp.path(), 3000);
-    assert!(expected >= 2, "the fleet needs findings to write: {expected}");
-    let data = tmp.path().join("data");
-    let plugins = plugins_dir(tmp.path(), &[WINRM]);
-    lookout_ok(&data, &["ingest", "--now", NOW, tmp.path().join("fleet/logs").to_str().unwrap()]);
+    let (expected, data, plugins) = fleet_ingested(tmp.path());
     let findings = data.join("findings.jsonl");
     let mut child = Command::new(lookout_bin())
         .arg("--data")
@@ -104,10 +121,7 @@ fn findings_file_truncated_mid_write_gets_no_hole() {
     assert!(child.wait().unwrap().success());
     let bytes = std::fs::read(&findings).unwrap();
     assert!(!bytes.contains(&0), "a hole of NUL bytes in the findings file: {} bytes", bytes.len());
-    let mut ids = finding_ids(&read_jsonl(&copy));
-    ids.extend(finding_ids(&read_jsonl(&findings)));
-    let distinct: BTreeSet<&String> = ids.iter().collect();
-    assert_eq!((ids.len(), distinct.len()), (expected, expected), "each finding once in the copy or the file");
+    assert_once_in(&[&copy, &findings], expected, "in the copy or the file");
 }
 
 /// Killed after writing its findings and before recording that it did, then the file is
@@ -118,11 +132,7 @@ fn findings_file_truncated_mid_write_gets_no_hole() {
 fn killed_after_writing_then_copytruncated_writes_each_finding_once() {
     for foreign in [None, Some("{\"note\":\"another tool's line\"}\n")] {
         let tmp = tempfile::tempdir().unwrap();
-        let expected = gen_fleet(tmp.path(), 3000);
-        assert!(expected >= 2, "the fleet needs findings to write: {expected}");
-        let data = tmp.path().join("data");
-        let plugins = plugins_dir(tmp.path(), &[WINRM]);
-        lookout_ok(&data, &["ingest", "--now", NOW, tmp.path().join("fleet/logs").to_str().unwrap()]);
+        let (expected, data, plugins) = fleet_ingested(tmp.path());
         let findings = data.join("findings.jsonl");
         if let Some(line) = foreign {
             std::fs::write(&findings, line).unwrap();
@@ -134,15 +144,7 @@ fn killed_after_writing_then_copytruncated_writes_each_finding_once() {
         std::fs::copy(&findings, &copy).unwrap();
         std::fs::OpenOptions::new().write(true).open(&findings).unwrap().set_len(0).unwrap();
         lookout_ok(&data, &detect);
-        let mut ids =
-            finding_ids(&read_jsonl(&copy).into_iter().filter(|v| v.get("finding_id").is_some()).collect::<Vec<_>>());
-        ids.extend(finding_ids(&read_jsonl(&findings)));
-        let distinct: BTreeSet<&String> = ids.iter().collect();
-        assert_eq!(
-            (ids.len(), distinct.len()),
-            (expected, expected),
-            "{foreign:?}: each finding once in the copy or the file"
-        );
+        assert_once_in(&[&copy, &findings], expected, &format!("{foreign:?}: in the copy or the file"));
     }
 }
 
@@ -152,19 +154,15 @@ fn killed_after_writing_then_copytruncated_writes_each_finding_once() {
 #[test]
 fn a_new_data_directory_writing_an_existing_findings_file_adds_nothing_twice() {
     let tmp = tempfile::tempdir().unwrap();
-    let expected = gen_fleet(tmp.path(), 3000);
-    assert!(expected >= 2, "the fleet needs findings to write: {expected}");
-    let plugins = plugins_dir(tmp.path(), &[WINRM]);
+    let (expected, first, plugins) = fleet_ingested(tmp.path());
+    let second = tmp.path().join("second");
+    lookout_ok(&second, &["ingest", "--now", NOW, tmp.path().join("fleet/logs").to_str().unwrap()]);
     let findings = tmp.path().join("out/findings.jsonl");
-    let logs = tmp.path().join("fleet/logs");
-    for data in ["first", "second"].map(|d| tmp.path().join(d)) {
-        lookout_ok(&data, &["ingest", "--now", NOW, logs.to_str().unwrap()]);
+    for data in [first, second] {
         let detect =
             ["detect", "--plugins", plugins.to_str().unwrap(), "--now", NOW, "--findings", findings.to_str().unwrap()];
         lookout_ok(&data, &detect);
-        let ids = finding_ids(&read_jsonl(&findings));
-        let distinct: BTreeSet<&String> = ids.iter().collect();
-        assert_eq!((ids.len(), distinct.len()), (expected, expected), "{}: each finding once", data.display());
+        assert_once_in(&[&findings], expected, &data.display().to_string());
     }
 }
 
