@@ -82,6 +82,11 @@ pub enum Refused {
     Ownership(UnsafeOwnership),
     #[error("is {size} bytes, over the {limit} byte limit")]
     TooLarge { size: u64, limit: u64 },
+    #[error(
+        "is {size} bytes, shorter than the {needed} its own ELF headers say: still being written? It is looked at \
+         again when it changes (copy a library beside the plugins folder, then move it in)"
+    )]
+    Incomplete { size: u64, needed: u64 },
     #[error("is not in the pin file {pin_file}; run `lookout plugins pin` to trust it")]
     NotPinned { pin_file: &'static str },
     #[error("SHA-256 {actual} does not match the pinned {pinned}: the file changed since it was pinned")]

@@ -225,6 +225,10 @@ fn read_and_hash(file: &Path, meta: &std::fs::Metadata) -> Result<(Arc<[u8]>, St
     let mut read = Vec::with_capacity(opened.len() as usize);
     std::io::Read::read_to_end(&mut std::io::Read::take(&mut f, MAX_PLUGIN_BYTES + 1), &mut read)
         .map_err(Refused::Unreadable)?;
+    // Written to while it was read (a copy into the folder under way): not these bytes.
+    if ContentStamp::of(&f.metadata().map_err(Refused::Unreadable)?) != stamp {
+        return Err(Refused::ChangedWhileChecked.into());
+    }
     let bytes: Arc<[u8]> = read.into();
     let sha256 = sha256_hex(&bytes);
     // Read after `meta` was taken: a write in between moved the stamp, so this entry is
@@ -253,6 +257,11 @@ pub fn verify_and_copy(file: &Path, cache: &Path, pins: Option<&Pins>) -> Result
         return Err(Refused::TooLarge { size: meta.len(), limit: MAX_PLUGIN_BYTES }.into());
     }
     let (bytes, sha256) = read_and_hash(file, &meta)?;
+    // A library cut short (caught while `install` or `cp` writes it in place): mapping it
+    // would fault in the loader, past its end, and take the whole process down.
+    if let Some(needed) = elf_length(&bytes).filter(|n| *n > bytes.len() as u64) {
+        return Err(Refused::Incomplete { size: bytes.len() as u64, needed }.into());
+    }
     let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if let Some(pins) = pins {
         match pins.0.get(&name) {
@@ -284,9 +293,98 @@ pub fn verify_and_copy(file: &Path, cache: &Path, pins: Option<&Pins>) -> Result
     Ok(Verified { copy, sha256 })
 }
 
+/// How long a 64-bit little-endian ELF file must be for everything its headers point at
+/// (its program headers, the segments it loads, its section headers) to be in it; `None`
+/// for anything else, which the loader refuses on its own. A length that overflows is
+/// `u64::MAX`.
+fn elf_length(b: &[u8]) -> Option<u64> {
+    const PT_LOAD: u32 = 1;
+    if b.get(..4)? != b"\x7fELF" || b.get(4) != Some(&2) || b.get(5) != Some(&1) {
+        return None;
+    }
+    let u16_at = |at: u64| -> Option<u64> {
+        let at = usize::try_from(at).ok()?;
+        Some(u64::from(u16::from_le_bytes(b.get(at..at.checked_add(2)?)?.try_into().ok()?)))
+    };
+    let u32_at = |at: u64| -> Option<u32> {
+        let at = usize::try_from(at).ok()?;
+        Some(u32::from_le_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
+    };
+    let u64_at = |at: u64| -> Option<u64> {
+        let at = usize::try_from(at).ok()?;
+        Some(u64::from_le_bytes(b.get(at..at.checked_add(8)?)?.try_into().ok()?))
+    };
+    // The 64-byte file header itself.
+    let (Some(ph_off), Some(sh_off), Some(ph_size), Some(ph_num), Some(sh_size), Some(sh_num)) =
+        (u64_at(32), u64_at(40), u16_at(54), u16_at(56), u16_at(58), u16_at(60))
+    else {
+        return Some(64);
+    };
+    let table_end = |off: u64, size: u64, num: u64| off.checked_add(size.checked_mul(num)?);
+    let mut needed = table_end(ph_off, ph_size, ph_num).unwrap_or(u64::MAX).max(64);
+    if sh_off != 0 {
+        needed = needed.max(table_end(sh_off, sh_size, sh_num).unwrap_or(u64::MAX));
+    }
+    for i in 0..ph_num {
+        let Some(at) = table_end(ph_off, ph_size, i) else { return Some(u64::MAX) };
+        // A program header past the end: the table's own length above says so.
+        let (Some(kind), Some(offset), Some(size)) = (u32_at(at), u64_at(at + 8), u64_at(at + 32)) else { break };
+        if kind == PT_LOAD {
+            needed = needed.max(offset.saturating_add(size));
+        }
+    }
+    Some(needed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 64-bit little-endian ELF header with one program header, a segment loaded from
+    /// `[seg_off, seg_off + seg_len)`, and `sh_num` section headers at `sh_off`.
+    fn elf(seg_off: u64, seg_len: u64, sh_off: u64, sh_num: u16) -> Vec<u8> {
+        let mut b = vec![0u8; 64 + 56];
+        b[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[40..48].copy_from_slice(&sh_off.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&1u16.to_le_bytes());
+        b[58..60].copy_from_slice(&64u16.to_le_bytes());
+        b[60..62].copy_from_slice(&sh_num.to_le_bytes());
+        b[64..68].copy_from_slice(&1u32.to_le_bytes());
+        b[72..80].copy_from_slice(&seg_off.to_le_bytes());
+        b[96..104].copy_from_slice(&seg_len.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn an_elf_file_s_length_is_where_its_headers_point() {
+        assert_eq!(elf_length(&elf(0, 300, 0, 0)), Some(300), "the loaded segment");
+        assert_eq!(elf_length(&elf(0, 100, 400, 3)), Some(400 + 3 * 64), "the section headers, at the end");
+        assert_eq!(elf_length(&elf(0, 50, 0, 0)), Some(120), "the program headers");
+        assert_eq!(elf_length(&elf(u64::MAX, 2, 0, 0)), Some(u64::MAX), "an overflow");
+        assert_eq!(elf_length(&elf(0, 300, 0, 0)[..40]), Some(64), "cut inside the file header");
+        assert_eq!(elf_length(b"not an ELF file at all"), None);
+    }
+
+    /// A real library cut short, as one caught while it is copied in, is refused rather
+    /// than mapped (a mapping past the file's end faults in the loader).
+    #[test]
+    fn a_library_cut_short_is_refused_as_incomplete() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert!(elf_length(&whole).is_some_and(|n| n <= whole.len() as u64), "this test binary is complete");
+        let lib = dir.path().join("liblookout_cut.so");
+        write(&lib, &whole[..whole.len() / 2]);
+        let cache = dir.path().join("cache");
+        std::fs::create_dir(&cache).unwrap();
+        match verify_and_copy(&lib, &cache, None) {
+            Err(LoadError::Refused(Refused::Incomplete { size, needed })) => {
+                assert!(size == (whole.len() / 2) as u64 && needed > size, "{size} {needed}")
+            }
+            other => panic!("not refused as incomplete: {:?}", other.map(|v| v.copy)),
+        }
+    }
 
     fn write(path: &Path, bytes: &[u8]) {
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(path).unwrap();

@@ -34,13 +34,20 @@ pub struct CallError {
 /// Loads the library at `path` (a verified private copy) and checks the handshake: the
 /// library must speak an ABI this host accepts (`abi::host_accepts`).
 pub fn load(path: &Path) -> Result<PluginLib, Refused> {
+    // Every symbol bound now (`RTLD_NOW`): a library that needs one no library provides
+    // (a C plugin with a typo, a library it forgot to link) is refused here, instead of
+    // the dynamic loader ending the whole process at its first call.
+    let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
     // SAFETY: loading runs the library's initialisers. The file is a private copy whose
-    // bytes were verified by `guard` (ownership, permissions, optional pin) just before.
-    let lib = unsafe { libloading::Library::new(path) }.map_err(Refused::Load)?;
-    let lib: &'static libloading::Library = Box::leak(Box::new(lib));
-    // SAFETY: the symbol, if present, is declared by the SDK with exactly this signature;
-    // a library that exports it with another type is not a Lookout plugin and is refused
-    // below by the version check before anything else is called.
+    // bytes were verified by `guard` (ownership, permissions, complete, optional pin) just
+    // before.
+    let lib = unsafe { libloading::os::unix::Library::open(Some(path), flags) }.map_err(Refused::Load)?;
+    let lib: &'static libloading::Library = Box::leak(Box::new(libloading::Library::from(lib)));
+    // SAFETY: trusts that a library exporting this name was built with the SDK, which
+    // declares it with exactly this signature: an export of that name with another type
+    // would be called as this function. Only the guard's checks (who may write the
+    // folder and the file, the optional pin) stand between an arbitrary library and this
+    // call, as they do before its initialisers ran above.
     let version: AbiVersionFn =
         unsafe { lib.get::<AbiVersionFn>(abi::SYM_ABI_VERSION) }.map(|s| *s).map_err(|_| Refused::NotAPlugin)?;
     // SAFETY: `lookout_abi_version` takes no arguments and returns a u32 by contract.
