@@ -285,7 +285,8 @@ fn pass<'p>(
             job.report.evaluate = started.elapsed();
             let started = Instant::now();
             let committed = answer
-                .map_err(|e| PassError::Detector(DetectorError::Evaluate(e)))
+                .map_err(PassError::Store)
+                .and_then(|a| a.map_err(|e| PassError::Detector(DetectorError::Evaluate(e))))
                 .and_then(|a| commit_answer(store, job.plugin, &job.due, now, true, &a, job.report));
             job.report.elapsed += job.report.evaluate + started.elapsed();
             committed
@@ -452,7 +453,7 @@ fn run_chunks(
         }
         let req = EvalRequest { now, backfill: due.since.is_none(), rows: chunk.to_vec(), last: i == last };
         let started = Instant::now();
-        let answer = with_host_api(store, |api| plugin.lib.evaluate(api, &req)).map_err(DetectorError::Evaluate)?;
+        let answer = with_host_api(store, |api| plugin.lib.evaluate(api, &req))?.map_err(DetectorError::Evaluate)?;
         report.evaluate += started.elapsed();
         commit_answer(store, plugin, due, now, i == last, &answer, report)?;
     }

@@ -38,6 +38,18 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the request was at fault, not the store (a look-up on an undeclared index,
+    /// say): the store itself is fine.
+    pub fn is_invalid_request(&self) -> bool {
+        match self {
+            StoreError::Invalid(_) => true,
+            StoreError::Context { source, .. } => source.is_invalid_request(),
+            _ => false,
+        }
+    }
+}
+
 /// `.context(...)` for results whose error becomes a [`StoreError`].
 pub trait StoreContext<T> {
     fn context(self, what: impl Into<String>) -> Result<T, StoreError>;

@@ -15,17 +15,28 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 struct HostCtx<'a> {
     store: &'a Store,
+    /// The first store failure met answering the plugin, not counting requests the store
+    /// refuses as invalid (the plugin's own fault, which it is told of). A Mutex, not a
+    /// Cell: the context is reached through a shared pointer, from whatever thread calls.
+    failed: std::sync::Mutex<Option<StoreError>>,
 }
 
 /// Runs `f` with a host API table that answers from `store`; the table is only valid
-/// inside `f`.
-pub fn with_host_api<R>(store: &Store, f: impl FnOnce(&LookoutHostApi) -> R) -> R {
-    let mut ctx = HostCtx { store };
+/// inside `f`. Returns what `f` returned, or the first store failure met answering the
+/// plugin's calls: the plugin was told, but what it did with that (say, took a failed
+/// look-up for no rows) cannot be trusted, so the pass must not commit.
+pub fn with_host_api<R>(store: &Store, f: impl FnOnce(&LookoutHostApi) -> R) -> Result<R, StoreError> {
+    let mut ctx = HostCtx { store, failed: std::sync::Mutex::new(None) };
     let api = LookoutHostApi { ctx: (&mut ctx as *mut HostCtx<'_>).cast::<c_void>(), call: host_call, free: host_free };
-    f(&api)
+    let out = f(&api);
+    match ctx.failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
 }
 
-fn answer(store: &Store, req: HostRequest) -> Result<Vec<u8>, String> {
+fn answer(ctx: &HostCtx<'_>, req: HostRequest) -> Result<Vec<u8>, String> {
+    let store = ctx.store;
     let result = match req {
         HostRequest::GetRows(keys) => store.get_rows_where(&keys, &[]).map(|r| wire::rows_answer(&r)),
         HostRequest::GetRowsWhere { keys, filter } => {
@@ -53,7 +64,14 @@ fn answer(store: &Store, req: HostRequest) -> Result<Vec<u8>, String> {
             .collect::<Result<Vec<Option<RowBytes>>, StoreError>>()
             .map(|p| wire::profiles_answer(&p)),
     };
-    result.or_else(|e| abi::encode(&HostResponse::Error(format!("store error: {}", crate::error::Chain(&e)))))
+    result.or_else(|e| {
+        let told = abi::encode(&HostResponse::Error(format!("store error: {}", crate::error::Chain(&e))));
+        if !e.is_invalid_request() {
+            tracing::error!(error = %crate::error::Chain(&e), "store failed answering a detector; its pass is not committed");
+            ctx.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        }
+        told
+    })
 }
 
 /// # Safety
@@ -90,7 +108,7 @@ unsafe extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, o
             unsafe { std::slice::from_raw_parts(input, len) }
         };
         let req: HostRequest = wire::decode_host_request(input)?;
-        answer(ctx.store, req)
+        answer(ctx, req)
     }));
     let (rc, bytes) = match result {
         Ok(Ok(bytes)) => (RC_OK, bytes),
@@ -159,8 +177,9 @@ mod tests {
             ("s1".into(), Some("d1".into())),
         ];
         // The answer is the payload a plugin decodes.
+        let ctx = HostCtx { store: &store, failed: Default::default() };
         let payload = answer(
-            &store,
+            &ctx,
             HostRequest::LookupMany { table: FILE_EVENTS.into(), keys: keys.clone(), filter: filter.clone() },
         )
         .unwrap();
@@ -174,5 +193,37 @@ mod tests {
         assert_eq!(sets[1].len(), 2, "both devices' matching writes, not the deletion");
         assert!(sets[2].is_empty());
         assert_eq!(reports(&sets[3]), vec![Some(Int(0))]);
+    }
+
+    /// A request the store refuses as invalid (a look-up on an index no detector declared)
+    /// is answered with the error and does not fail the pass: the plugin asked wrongly,
+    /// the store is fine.
+    #[test]
+    fn an_invalid_request_is_told_to_the_plugin_and_does_not_fail_the_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let request = wire::encode_host_request(&HostRequest::LookupBy {
+            table: FILE_EVENTS.into(),
+            key: vec![("FileName".into(), "a.exe".into())],
+            filter: Vec::new(),
+        })
+        .unwrap();
+        let outcome = with_host_api(&store, |api| {
+            let mut out = LookoutBuf { ptr: std::ptr::null_mut(), len: 0 };
+            // SAFETY: the table's own context, a readable request and a writable buffer,
+            // during the call the table was made for; the buffer is freed by `free`.
+            let rc = unsafe { (api.call)(api.ctx, request.as_ptr(), request.len(), &mut out) };
+            // SAFETY: `out` is exactly the buffer `call` wrote, read and then freed once.
+            let bytes = unsafe {
+                let bytes = std::slice::from_raw_parts(out.ptr, out.len).to_vec();
+                (api.free)(out.ptr, out.len);
+                bytes
+            };
+            (rc, bytes)
+        });
+        let (rc, bytes) = outcome.expect("an invalid request does not fail the pass");
+        assert_eq!(rc, RC_OK);
+        let HostResponse::Error(message) = abi::decode(&bytes).unwrap() else { panic!("not an error answer") };
+        assert!(message.contains("declare it"), "{message}");
     }
 }
