@@ -16,8 +16,17 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
 
 /// Whether the data directory is below [`MIN_FREE`].
 pub fn low(dir: &Path) -> bool {
+    #[cfg(test)]
+    if LOW_FOR_TESTS.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|d| d == dir) {
+        return true;
+    }
     free_bytes(dir).is_some_and(|f| f < MIN_FREE)
 }
+
+/// Tests: data directories taken to be nearly full (each test its own, so tests running
+/// side by side do not see each other's).
+#[cfg(test)]
+pub static LOW_FOR_TESTS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
 
 /// Ingestion stopped because the data directory's disk is nearly full; the batch in hand
 /// was not committed and is read again later.

@@ -584,7 +584,17 @@ impl Tailer {
         let opts = IngestOptions { tail: false, ..self.opts.clone() };
         match read_source(store, &t.file, &t.path, &fp, &mut t.state, &opts, Some(stop), &mut |_| {}) {
             Ok(r) => report.merge(r),
-            Err(e) => self.input_failed(store, key, &path, fp.size, e)?,
+            Err(e) => {
+                if !e.is_input_failure() {
+                    // Not read as finished after all (the disk nearly full, the file cut, the
+                    // store failing): read so again later. Taken as finished, a deleted file
+                    // would be given up with whole lines still unread.
+                    if let Some(u) = self.unfinished.get_mut(&key) {
+                        u.finished = false;
+                    }
+                }
+                self.input_failed(store, key, &path, fp.size, e)?
+            }
         }
         Ok(())
     }
@@ -739,6 +749,33 @@ mod tests {
         let low = IngestError::DiskSpaceLow(crate::disk::DiskSpaceLow(logs.display().to_string()));
         tailer.input_failed(&store, key, &path, meta.len(), low).unwrap();
         assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 500, "the rest of the deleted file");
+    }
+
+    /// A deleted file's rest that could not be read as finished because the disk was
+    /// nearly full is not given up: it is read once there is room (it used to be taken
+    /// for read as finished, and its whole lines kept aside as one reject).
+    #[test]
+    fn a_deleted_file_not_read_as_finished_for_lack_of_room_is_not_given_up() {
+        let (_dir, logs, mut store, mut tailer) = setup();
+        let path = logs.join("DeviceProcessEvents.jsonl");
+        append(&path, 0, 500);
+        let stop = AtomicBool::new(false);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 500);
+        append(&path, 500, 500);
+        std::fs::remove_file(&path).unwrap();
+        let data = store.data_dir().to_path_buf();
+        crate::disk::LOW_FOR_TESTS.lock().unwrap().push(data.clone());
+        assert!(tailer.poll(&mut store, &stop).is_ok());
+        // Settled long ago: the next look reads it as finished, which fails as well.
+        let key = *tailer.files.keys().next().unwrap();
+        tailer.unfinished.get_mut(&key).unwrap().since = Instant::now().checked_sub(FINISH_AFTER * 2).unwrap();
+        assert!(tailer.poll(&mut store, &stop).is_ok());
+        assert_eq!(tailer.files.len(), 1, "still held: its rest is whole lines, not read yet");
+        crate::disk::LOW_FOR_TESTS.lock().unwrap().retain(|d| *d != data);
+        let report = tailer.poll(&mut store, &stop).unwrap();
+        assert_eq!((rows(&report), store.rejects(10).unwrap().len()), (500, 0));
+        tailer.poll(&mut store, &stop).unwrap();
+        assert!(tailer.files.is_empty(), "forgotten once read to its end");
     }
 
     /// A read that failed partway through a batch goes back to what is committed: the
