@@ -147,7 +147,7 @@ impl PluginLib {
         if rc != RC_OK {
             return Err(Self::error(rc, bytes));
         }
-        abi::decode::<T>(bytes)
+        abi::decode_small::<T>(bytes)
             .map_err(|e| CallError { panicked: false, message: format!("{what} a response that does not decode: {e}") })
     }
 
@@ -159,7 +159,7 @@ impl PluginLib {
                 if rc != RC_OK {
                     return Err(Refused::Manifest(Self::error(rc, bytes)));
                 }
-                let manifest = abi::decode::<Manifest>(bytes).map_err(Refused::ManifestGarbage)?;
+                let manifest = abi::decode_small::<Manifest>(bytes).map_err(Refused::ManifestGarbage)?;
                 check_manifest(&manifest).map_err(Refused::ManifestGarbage)?;
                 Ok(manifest)
             },

@@ -393,6 +393,14 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     whole(bincode::serde::decode_from_slice::<T, _>(body, limits()), body)
 }
 
+/// Like [`decode`], for what a plugin sends the host that is never large (a manifest, an
+/// init answer, a host request other than a fetch's keys): a garbage length prefix in it
+/// cannot make the host allocate more than [`SMALL_LIMIT`] bytes.
+pub fn decode_small<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let body = payload_body(bytes)?;
+    whole(bincode::serde::decode_from_slice::<T, _>(body, small_limits()), body)
+}
+
 /// Decodes a payload into a type that borrows from it (such as [`EvalResponseRef`]), with
 /// the same checks as [`decode`].
 pub fn decode_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
@@ -401,9 +409,10 @@ pub fn decode_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Str
 }
 
 /// Decodes the bytes after a payload's version byte into a borrowing type, refusing
-/// trailing bytes: for a payload read partly by hand ([`crate::wire`]).
-pub(crate) fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
-    whole(bincode::serde::borrow_decode_from_slice::<T, _>(body, limits()), body)
+/// trailing bytes: a small part of a payload a plugin sent, read partly by hand
+/// ([`crate::wire`]), with [`decode_small`]'s limit.
+pub(crate) fn decode_body_small<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
+    whole(bincode::serde::borrow_decode_from_slice::<T, _>(body, small_limits()), body)
 }
 
 /// What follows the version byte, if it is this one.
@@ -433,9 +442,36 @@ fn limits() -> bincode::config::Configuration<
     bincode::config::standard().with_limit::<{ 1 << 30 }>()
 }
 
+/// The most a length prefix in a small payload from a plugin may claim ([`decode_small`]).
+pub const SMALL_LIMIT: usize = 16 << 20;
+
+fn small_limits() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<SMALL_LIMIT>,
+> {
+    bincode::config::standard().with_limit::<SMALL_LIMIT>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A small payload whose string claims 100 MiB is refused at its length prefix, before
+    /// anything is allocated for it (the general limit would allocate it, then find the
+    /// bytes missing).
+    #[test]
+    fn a_small_payload_claiming_a_huge_string_is_refused_at_its_length() {
+        let mut bytes = encode(&String::new()).unwrap();
+        bytes.truncate(bytes.len() - 1);
+        // bincode's varint for a u64: 253, then 8 bytes little-endian.
+        bytes.push(253);
+        bytes.extend_from_slice(&(100u64 << 20).to_le_bytes());
+        let small = decode_small::<String>(&bytes).unwrap_err();
+        assert!(small.contains("Limit"), "{small}");
+        let general = decode::<String>(&bytes).unwrap_err();
+        assert!(!general.contains("Limit"), "{general}");
+    }
 
     #[test]
     fn abi_versions_of_the_same_major_and_an_older_or_equal_minor_are_accepted() {

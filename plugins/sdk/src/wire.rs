@@ -440,7 +440,8 @@ pub fn decode_eval_response(bytes: &[u8]) -> Result<EvalResponseRef<'_>, String>
         STATE_DELETE_VARIANT => Ok(StateOpRef::Delete(r.slice()?)),
         v => Err(format!("cannot decode payload: unknown state operation {v}")),
     })?;
-    let (inputs, wake_at) = crate::abi::decode_body::<(Option<Vec<crate::InputSpec>>, Option<i64>)>(&r.bytes[r.at..])?;
+    let (inputs, wake_at) =
+        crate::abi::decode_body_small::<(Option<Vec<crate::InputSpec>>, Option<i64>)>(&r.bytes[r.at..])?;
     Ok(EvalResponseRef { findings, state, inputs, wake_at })
 }
 
@@ -528,7 +529,7 @@ pub fn decode_host_request(bytes: &[u8]) -> Result<HostRequest, String> {
     if ![request_variant::GET_ROWS, request_variant::GET_ROWS_WHERE, request_variant::GET_COLUMNS_WHERE]
         .contains(&variant)
     {
-        return crate::abi::decode(bytes);
+        return crate::abi::decode_small(bytes);
     }
     let keys = r.seq(1, |r| Ok(r.slice()?.to_vec()))?;
     let rest = &body[r.at..];
@@ -539,9 +540,11 @@ pub fn decode_host_request(bytes: &[u8]) -> Result<HostRequest, String> {
             }
             HostRequest::GetRows(keys)
         }
-        request_variant::GET_ROWS_WHERE => HostRequest::GetRowsWhere { keys, filter: crate::abi::decode_body(rest)? },
+        request_variant::GET_ROWS_WHERE => {
+            HostRequest::GetRowsWhere { keys, filter: crate::abi::decode_body_small(rest)? }
+        }
         _ => {
-            let (filter, columns) = crate::abi::decode_body(rest)?;
+            let (filter, columns) = crate::abi::decode_body_small(rest)?;
             HostRequest::GetColumnsWhere { keys, filter, columns }
         }
     })
