@@ -608,7 +608,11 @@ impl FileRun<'_> {
         let skip = state.offset;
         let mut fatal: Option<IngestError> = None;
         let mut pending: Vec<(u64, Element)> = Vec::new();
+        let mut pending_bytes = 0usize;
         let max_line = self.opts.max_line;
+        // serde_json holds an element's whole text while it reads it: bytes read since the
+        // last element ended, bounded (`ElementBound`).
+        let since_element = std::rc::Rc::new(std::cell::Cell::new(0usize));
         let parsed = {
             let mut index = 0u64;
             // Each element is taken as its text and read as a line is: held to the line
@@ -616,11 +620,13 @@ impl FileRun<'_> {
             // surrogate, nesting too deep) rejects that element alone, as it would a line,
             // instead of ending the array there.
             let mut on_element = |raw: Box<RawValue>| -> std::result::Result<(), String> {
+                since_element.set(0);
                 index += 1;
                 if index <= skip {
                     return Ok(());
                 }
                 let text = raw.get().as_bytes();
+                pending_bytes += text.len();
                 let element = if text.len() > max_line {
                     Element::TooLong(text.len() as u64)
                 } else {
@@ -628,9 +634,10 @@ impl FileRun<'_> {
                     Element::Line(pipeline::parse_line(text, &info, max_line, &self.hints))
                 };
                 pending.push((index, element));
-                if pending.len() < self.opts.batch_rows {
+                if pending.len() < self.opts.batch_rows && pending_bytes < self.opts.batch_bytes {
                     return Ok(());
                 }
+                pending_bytes = 0;
                 let r = self
                     .commit_elements(store, &mut pending, state, None)
                     .and_then(|()| crash_after_durable_commit(store).map_err(IngestError::from));
@@ -643,7 +650,8 @@ impl FileRun<'_> {
             };
             // (Taking an element's text checks neither its depth nor its numbers' range nor
             // its escapes' pairing: reading it does, as for a line.)
-            let mut de = serde_json::Deserializer::from_reader(reader);
+            let bounded = ElementBound { inner: reader, since: since_element.clone(), max_line };
+            let mut de = serde_json::Deserializer::from_reader(bounded);
             serde::Deserializer::deserialize_seq(&mut de, ElementVisitor { f: &mut on_element }).and_then(|()| de.end())
         };
         if let Some(e) = fatal {
@@ -775,9 +783,67 @@ pub fn ingest_paths(
     Ok(total)
 }
 
+/// How many bytes one JSON array element (with the space before it) may take before the
+/// array is read no further: well over the line limit, so an element just over it is
+/// kept aside alone as `line_too_long` and the array read on.
+fn element_limit(max_line: usize) -> usize {
+    max_line.saturating_mul(4).max(max_line.saturating_add(1 << 20))
+}
+
+/// A reader that fails once more than `limit` bytes have been read since `since` was last
+/// set to 0 (at each array element's end): an element of gigabytes, or an export whose
+/// element never ends, fails the array there (kept aside as malformed from that element
+/// on) instead of being held whole in memory.
+struct ElementBound<R> {
+    inner: R,
+    since: std::rc::Rc<std::cell::Cell<usize>>,
+    max_line: usize,
+}
+
+impl<R: std::io::Read> std::io::Read for ElementBound<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let since = self.since.get().saturating_add(n);
+        self.since.set(since);
+        let limit = element_limit(self.max_line);
+        if since > limit {
+            return Err(std::io::Error::other(format!(
+                "an array element is over {limit} bytes (the line limit is {}); the rest of the array is not read",
+                self.max_line
+            )));
+        }
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An array element far over the line limit (gigabytes, or one never ending) is not
+    /// held whole: the array is read no further from it, the rows before it stored and
+    /// the rest kept aside as malformed from that element.
+    #[test]
+    fn an_array_element_far_over_the_line_limit_ends_the_array_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("data")).unwrap();
+        let row = |report: u64, pad: usize| {
+            format!(
+                r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{report},"ActionType":"x","FolderPath":"{}"}}"#,
+                "p".repeat(pad)
+            )
+        };
+        let opts = IngestOptions { max_line: 1024, ..Default::default() };
+        let huge = element_limit(opts.max_line) + 10;
+        let path = dir.path().join("DeviceProcessEvents.json");
+        std::fs::write(&path, format!("[{},\n{},\n{}]", row(1, 10), row(2, huge), row(3, 10))).unwrap();
+        let report = ingest_file(&mut store, &path, &opts, &mut |_| {}).unwrap();
+        assert_eq!(report.total_new(), 1, "{report:?}");
+        let rejects = store.rejects(10).unwrap();
+        assert_eq!(rejects.len(), 1, "{rejects:?}");
+        assert_eq!(rejects[0].line, 2, "{rejects:?}");
+        assert!(rejects[0].reason.contains("over"), "{}", rejects[0].reason);
+    }
 
     /// A JSON array export's element is held to the line limit as a line is: one over it
     /// is kept aside as `line_too_long` with its element number, the others stored.
