@@ -22,7 +22,8 @@ pub struct IngestArgs {
     table: Option<String>,
     #[command(flatten)]
     retention: RetentionArg,
-    /// Lines (and JSON array elements) longer than this many bytes are rejected (at most 128 MiB)
+    /// Lines (and JSON array elements) longer than this many bytes are rejected (at most 128 MiB);
+    /// an array element over four times this (at least 1 MiB more) ends the array there
     #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(1..=lookout_core::ingest::MAX_LINE_LIMIT as u64))]
     max_line: u64,
     /// Rows per committed batch: a crash re-reads at most one batch, a batch is held in
