@@ -462,6 +462,22 @@ impl FileRun<'_> {
         };
         let reached_end = match end {
             pipeline::End::Eof => true,
+            pipeline::End::Unfinished { partial } if partial && state.compressed => {
+                // Read as finished, with its stream whole: a compressed file never grows,
+                // so its last record never finishes. Kept aside once and the file done,
+                // instead of it being decompressed again at every look.
+                batch.add_reject(RejectRecord {
+                    file: self.path.display().to_string(),
+                    line: state.lines + 1,
+                    offset: state.offset,
+                    kind: RejectKind::MalformedJson.as_str().to_string(),
+                    reason: "the compressed file ends with a record that never finished (no newline and not a \
+                             whole document)"
+                        .to_string(),
+                    excerpt: String::new(),
+                })?;
+                true
+            }
             pipeline::End::Unfinished { partial } => {
                 if partial {
                     self.report.partial_tails.push(self.path.to_path_buf());
@@ -892,6 +908,36 @@ mod tests {
         let got: Vec<(u64, &str)> = rejects.iter().map(|r| (r.line, r.kind.as_str())).collect();
         assert_eq!(got, vec![(2, "malformed_json"), (3, "malformed_json"), (4, "malformed_json")], "{rejects:?}");
         assert!(rejects[0].excerpt.contains("1e400"), "{:?}", rejects[0]);
+    }
+
+    /// A gzip whose content ends with a record that never finished, read as finished: the
+    /// rest is kept aside once and the file is done (it was decompressed again at every
+    /// look, never done).
+    #[test]
+    fn a_gzip_ending_with_a_torn_record_is_done_with_one_reject() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("data")).unwrap();
+        let path = dir.path().join("DeviceProcessEvents.jsonl.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        for report in 1..=2 {
+            writeln!(
+                gz,
+                r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{report},"ActionType":"x"}}"#
+            )
+            .unwrap();
+        }
+        gz.write_all(br#"{"Timestamp":"2025-05"#).unwrap();
+        std::fs::write(&path, gz.finish().unwrap()).unwrap();
+        let report = ingest_file(&mut store, &path, &IngestOptions::default(), &mut |_| {}).unwrap();
+        assert_eq!(report.total_new(), 2, "{report:?}");
+        let rejects = store.rejects(10).unwrap();
+        assert_eq!(rejects.iter().map(|r| r.line).collect::<Vec<_>>(), vec![3], "{rejects:?}");
+        let fp = fingerprint(&File::open(&path).unwrap()).unwrap();
+        let state = store.source(&fp.source_id()).unwrap().unwrap();
+        assert!(!has_news(&state, &fp), "done: {state:?}");
+        let again = ingest_file(&mut store, &path, &IngestOptions::default(), &mut |_| {}).unwrap();
+        assert_eq!((again.total_new(), store.rejects(10).unwrap().len()), (0, 1));
     }
 
     /// A gzip JSON array export still being written (its stream ends early) is waited
