@@ -485,6 +485,28 @@ impl FileRun<'_> {
                 false
             }
             pipeline::End::Error(source, at) => {
+                // The lines read before it are kept (the state is at the last whole one),
+                // then the error goes back: the file is skipped until it changes. A damaged
+                // compressed stream never mends: the rest is kept aside and the file done.
+                self.check_unchanged(state)?;
+                remember_tail(state, &tail_at_offset);
+                if state.compressed {
+                    batch.add_reject(RejectRecord {
+                        file: self.path.display().to_string(),
+                        line: state.lines + 1,
+                        offset: state.offset,
+                        kind: RejectKind::MalformedJson.as_str().to_string(),
+                        reason: format!(
+                            "the compressed stream cannot be read on from here ({source}); the rest is lost"
+                        ),
+                        excerpt: String::new(),
+                    })?;
+                    state.done = true;
+                    state.raw_size = self.raw_size;
+                }
+                batch.set_source(self.id, state)?;
+                batch.commit()?;
+                progress(self.counter.load(Ordering::Relaxed));
                 return Err(IngestError::ReadAt { path: self.path.to_path_buf(), at, source });
             }
         };
@@ -938,6 +960,39 @@ mod tests {
         assert!(!has_news(&state, &fp), "done: {state:?}");
         let again = ingest_file(&mut store, &path, &IngestOptions::default(), &mut |_| {}).unwrap();
         assert_eq!((again.total_new(), store.rejects(10).unwrap().len()), (0, 1));
+    }
+
+    /// A gzip damaged partway: the lines before the damage are stored (they were dropped
+    /// with the batch in hand), the rest kept aside once, and the file done.
+    #[test]
+    fn a_damaged_gzip_keeps_the_lines_before_the_damage() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("data")).unwrap();
+        let path = dir.path().join("DeviceProcessEvents.jsonl.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
+        for report in 1..=200 {
+            writeln!(
+                gz,
+                r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{report},"ActionType":"x"}}"#
+            )
+            .unwrap();
+        }
+        let mut bytes = gz.finish().unwrap();
+        // Stored blocks (no compression): their second half overwritten, the stream's
+        // check at its end fails.
+        let cut = bytes.len() / 2;
+        bytes[cut..].iter_mut().for_each(|b| *b = 0xff);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = ingest_file(&mut store, &path, &IngestOptions::default(), &mut |_| {}).unwrap_err();
+        assert!(err.is_input_failure(), "{err}");
+        let stored = store.retained().unwrap().rows.get("DeviceProcessEvents").copied().unwrap_or(0);
+        assert!(stored > 50, "the lines before the damage: {stored}");
+        let rejects = store.rejects(10).unwrap();
+        assert_eq!(rejects.len(), 1, "{rejects:?}");
+        let fp = fingerprint(&File::open(&path).unwrap()).unwrap();
+        let state = store.source(&fp.source_id()).unwrap().unwrap();
+        assert!(!has_news(&state, &fp), "done: {state:?}");
     }
 
     /// A gzip JSON array export still being written (its stream ends early) is waited
