@@ -292,7 +292,20 @@ impl Engine {
         chunk_rows: Option<usize>,
         params: &[(&str, String)],
     ) -> Result<DetectorReport, String> {
-        let mut opts = DetectOptions { now: Some(now), ..Default::default() };
+        self.pass_with(DetectOptions { now: Some(now), ..Default::default() }, chunk_rows, params)
+    }
+
+    /// A pass over every stored row, whatever the cursor says (`lookout detect --backfill`).
+    pub fn backfill(&mut self, now: i64) -> Result<DetectorReport, String> {
+        self.pass_with(DetectOptions { now: Some(now), backfill: true, ..Default::default() }, None, &[])
+    }
+
+    fn pass_with(
+        &mut self,
+        mut opts: DetectOptions,
+        chunk_rows: Option<usize>,
+        params: &[(&str, String)],
+    ) -> Result<DetectorReport, String> {
         opts.params = params.iter().map(|(p, v)| (self.rule.detector.to_string(), p.to_string(), v.clone())).collect();
         if let Some(n) = chunk_rows {
             opts.chunk_rows = n;

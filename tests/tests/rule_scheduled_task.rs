@@ -579,6 +579,29 @@ fn a_later_profile_lets_a_binary_fire_across_restarts() {
     assert_eq!(run(&ticks, 1000), &both | &BTreeSet::from([id(SHA_A, "d-gamma")]));
 }
 
+/// A backfill is handed no FileProfile row: a binary whose profile failed, then got a
+/// profile that passes, is asked again on a backfill (`lookout detect --backfill`) and
+/// fires, the failing verdict kept in the state notwithstanding.
+#[test]
+fn a_backfill_asks_fileprofile_again() {
+    let exec = exec_row(1, t0() - HOUR, "d-alpha", "alpha", SHA_A, "ProcessCreated", SCHEDULE);
+    let mut engine = Engine::open(&RULE).unwrap();
+    let failing = profile_row(2, SHA_A, Some(5000), None);
+    engine.ingest_rows(0, &[(FILE_PROFILE, failing), (PROCESS_EVENTS, exec)], t0()).unwrap();
+    engine.pass(t0(), None, &[]).unwrap();
+    assert!(engine.flush().unwrap().is_empty());
+    engine.restart().unwrap();
+    engine.ingest_rows(1, &[(FILE_PROFILE, profile_row(3, SHA_A, Some(99), None))], t0() + HOUR).unwrap();
+    engine.backfill(t0() + HOUR).unwrap();
+    let found: Vec<(String, String)> = engine
+        .flush()
+        .unwrap()
+        .iter()
+        .map(|f| (f["row"]["SHA1"].as_str().unwrap().to_string(), f["device_id"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(found, vec![(SHA_A.to_string(), "d-alpha".to_string())]);
+}
+
 /// Upper-case SHA1s never join; the empty SHA1 fires; a second device running the same
 /// binary later is a second finding.
 #[test]

@@ -539,6 +539,15 @@ impl ScheduledTaskRule {
         for key in std::mem::take(&mut self.pending.stale_verdicts) {
             ctx.state_delete(key);
         }
+        if batch.backfill {
+            // A backfill is handed no FileProfile row: one that arrived since a verdict was
+            // kept would never drop it. Every SHA1 is asked again.
+            for (sha1, ok) in std::mem::take(&mut self.profile_ok) {
+                if !ok {
+                    ctx.state_delete(fails_profile_key(&sha1));
+                }
+            }
+        }
         for r in batch.rows.iter().filter(|r| r.table == FILE_PROFILE) {
             let sha1 = r.sha1.to_lowercase();
             if self.profile_ok.remove(&sha1) == Some(false) {
