@@ -488,9 +488,12 @@ impl FileRun<'_> {
                 // The lines read before it are kept (the state is at the last whole one),
                 // then the error goes back: the file is skipped until it changes. A damaged
                 // compressed stream never mends: the rest is kept aside and the file done.
+                // (Not for an error of the file underneath, an EIO say: read on later.)
                 self.check_unchanged(state)?;
                 remember_tail(state, &tail_at_offset);
-                if state.compressed {
+                let damaged =
+                    matches!(source.kind(), std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData);
+                if state.compressed && damaged {
                     batch.add_reject(RejectRecord {
                         file: self.path.display().to_string(),
                         line: state.lines + 1,
