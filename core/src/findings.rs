@@ -202,9 +202,7 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         // cursor: the lines written then are in the file under its other name, and count
         // as written. (A file committed empty and empty still may have been copied and
         // truncated since, too.)
-        let rotated =
-            rotated_originals(path, c).with_context(|| format!("cannot look for {} rotated", path.display()))?;
-        for (moved, moved_len, moved_path) in rotated {
+        for (moved, moved_len, moved_path) in rotated_originals(path, c) {
             let (seq, _) = adopt_own_tail(store, &moved, c.file_len, moved_len, next_seq, skip)
                 .with_context(|| format!("cannot read the tail of {}", moved_path.display()))?;
             if seq > next {
@@ -291,14 +289,25 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
 /// The files in `path`'s folder under another name that hold what the cursor says, as the
 /// file it was committed against did: that file renamed, or a copy of it whose name
 /// begins with `path`'s (logrotate's `copytruncate` leaves the original cut to nothing
-/// and the lines in `findings.jsonl.1`, say). Each file, its length and its path.
-fn rotated_originals(path: &Path, c: &OutboxCursor) -> std::io::Result<Vec<(File, u64, std::path::PathBuf)>> {
+/// and the lines in `findings.jsonl.1`, say). Each file, its length and its path. A copy
+/// is recognised by the bytes before the committed length (any is, when that is 0: its
+/// lines are then walked for this store's next findings, which only a line Lookout wrote
+/// can equal); a gzip is passed over. A folder that cannot be listed gives none, said in
+/// the log.
+fn rotated_originals(path: &Path, c: &OutboxCursor) -> Vec<(File, u64, std::path::PathBuf)> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let own_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let mut renamed = None;
     let mut copies = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!(folder = %dir.display(), error = %e, "cannot list the findings file's folder for its rotated copies");
+            return Vec::new();
+        }
+    };
+    for entry in entries {
+        let Ok(entry) = entry else { continue };
         let Ok(m) = std::fs::symlink_metadata(entry.path()) else { continue };
         if !m.is_file() || m.len() < c.file_len || entry.file_name().to_string_lossy() == own_name {
             continue;
@@ -311,14 +320,18 @@ fn rotated_originals(path: &Path, c: &OutboxCursor) -> std::io::Result<Vec<(File
     }
     let mut found = Vec::new();
     for candidate in renamed.into_iter().chain(copies) {
-        // One that cannot be read now is not it (a compressed copy is not read at all).
+        // One that cannot be read now is not it, nor is a compressed copy.
         let Ok(file) = File::open(&candidate) else { continue };
         let Ok(len) = file.metadata().map(|m| m.len()) else { continue };
+        let mut magic = [0u8; 2];
+        if file.read_exact_at(&mut magic, 0).is_ok() && magic == [0x1f, 0x8b] {
+            continue;
+        }
         if len >= c.file_len && tail_hash(&file, c.file_len).is_ok_and(|h| h == c.tail_hash) {
             found.push((file, len, candidate));
         }
     }
-    Ok(found)
+    found
 }
 
 /// The ids of the findings in the first `len` bytes of `file` (lines that are not a

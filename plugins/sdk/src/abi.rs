@@ -394,8 +394,10 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 }
 
 /// Like [`decode`], for what a plugin sends the host that is never large (a manifest, an
-/// init answer, a host request other than a fetch's keys): a garbage length prefix in it
-/// cannot make the host allocate more than [`SMALL_LIMIT`] bytes.
+/// init answer, a host request other than a fetch's keys; a look-up of many keys or a
+/// FileProfile request of many SHA1s is some hundreds of thousands of them within it): a
+/// garbage length prefix in it cannot make the host allocate more than [`SMALL_LIMIT`]
+/// bytes.
 pub fn decode_small<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     let body = payload_body(bytes)?;
     whole(bincode::serde::decode_from_slice::<T, _>(body, small_limits()), body)
@@ -442,7 +444,9 @@ fn limits() -> bincode::config::Configuration<
     bincode::config::standard().with_limit::<{ 1 << 30 }>()
 }
 
-/// The most a length prefix in a small payload from a plugin may claim ([`decode_small`]).
+/// The most a small payload from a plugin may decode to ([`decode_small`]): bincode counts
+/// every length and value against it, so it bounds the whole payload, any length prefix
+/// in it included.
 pub const SMALL_LIMIT: usize = 16 << 20;
 
 fn small_limits() -> bincode::config::Configuration<
