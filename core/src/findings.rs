@@ -211,6 +211,15 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
             }
         }
     }
+    if cursor.is_none() && ids_if_new && end > 0 {
+        // No cursor was committed before writing into a file that held findings already
+        // (below): a line of this store's torn by a crash then is recognised here.
+        let torn = torn_own_line(store, &file, end, next).with_context(|| format!("cannot read {}", path.display()))?;
+        if let Some(keep) = torn {
+            cut_at(&file, path, end, keep)?;
+            end = keep;
+        }
+    }
     end = end_with_newline(&mut file, end).with_context(|| format!("cannot write {}", path.display()))?;
     // A file this store has no cursor for may hold its findings already (a new data
     // directory writing where an earlier one did): those count as written.
@@ -332,6 +341,31 @@ fn rotated_originals(path: &Path, c: &OutboxCursor) -> Vec<(File, u64, std::path
         }
     }
     found
+}
+
+/// Where the last line of `file` (`len` bytes) starts, if it has no newline and begins one
+/// of this store's findings from `next_seq` on: a line torn by a crash mid-write. Only the
+/// last MiB is looked at (a longer torn line is kept, as another writer's would be).
+fn torn_own_line(store: &Store, file: &File, len: u64, next_seq: u64) -> Result<Option<u64>> {
+    let n = len.min(1 << 20);
+    let mut last = vec![0u8; n as usize];
+    file.read_exact_at(&mut last, len - n)?;
+    if last.last() == Some(&b'\n') {
+        return Ok(None);
+    }
+    let start = match memchr::memrchr(b'\n', &last) {
+        Some(i) => i + 1,
+        None if n == len => 0,
+        None => return Ok(None),
+    };
+    let partial = &last[start..];
+    for entry in store.outbox_from(next_seq) {
+        let (_, json) = entry?;
+        if json.starts_with(partial) {
+            return Ok(Some(len - n + start as u64));
+        }
+    }
+    Ok(None)
 }
 
 /// The ids of the findings in the first `len` bytes of `file` (lines that are not a
@@ -820,6 +854,20 @@ mod tests {
         append.write_all(&torn.as_bytes()[..torn.len() - 2]).unwrap();
         cut_torn_tail(&f.store, &f.out).unwrap();
         assert_eq!(f.read(), "theirs\n");
+    }
+
+    /// A file this store has no cursor for, holding its findings, written into by a
+    /// flush killed mid-line (no cursor is committed before writing there): the torn line
+    /// is cut and its finding written whole, once.
+    #[test]
+    fn a_torn_line_in_a_file_without_a_cursor_is_cut() {
+        let mut f = Fixture::new();
+        f.find(3);
+        let torn = f.line(3);
+        let torn = &torn[..torn.len() - 2];
+        std::fs::write(&f.out, format!("theirs\n{}\n{}\n{torn}", f.line(2), f.line(1))).unwrap();
+        assert_eq!(f.flush(), 1);
+        assert_eq!(f.read(), format!("theirs\n{}\n{}\n{}\n", f.line(2), f.line(1), f.line(3)));
     }
 
     /// A findings file this store has no cursor for, holding some of its findings (a
