@@ -935,6 +935,27 @@ mod tests {
         assert!(rejects[0].excerpt.contains("1e400"), "{:?}", rejects[0]);
     }
 
+    /// A gzip encoder with process events `1..=n` written into it, a line each.
+    fn gzip_of_rows(n: u64, level: flate2::Compression) -> flate2::write::GzEncoder<Vec<u8>> {
+        use std::io::Write as _;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), level);
+        for report in 1..=n {
+            writeln!(
+                gz,
+                r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{report},"ActionType":"x"}}"#
+            )
+            .unwrap();
+        }
+        gz
+    }
+
+    /// Whether the stored state of `path` says it is read to its end and done.
+    fn done(store: &Store, path: &Path) -> bool {
+        let fp = fingerprint(&File::open(path).unwrap()).unwrap();
+        let state = store.source(&fp.source_id()).unwrap().unwrap();
+        state.done && !has_news(&state, &fp)
+    }
+
     /// A gzip whose content ends with a record that never finished, read as finished: the
     /// rest is kept aside once and the file is done (it was decompressed again at every
     /// look, never done).
@@ -944,23 +965,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("data")).unwrap();
         let path = dir.path().join("DeviceProcessEvents.jsonl.gz");
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        for report in 1..=2 {
-            writeln!(
-                gz,
-                r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{report},"ActionType":"x"}}"#
-            )
-            .unwrap();
-        }
+        let mut gz = gzip_of_rows(2, flate2::Compression::default());
         gz.write_all(br#"{"Timestamp":"2025-05"#).unwrap();
         std::fs::write(&path, gz.finish().unwrap()).unwrap();
         let report = ingest_file(&mut store, &path, &IngestOptions::default(), &mut |_| {}).unwrap();
         assert_eq!(report.total_new(), 2, "{report:?}");
         let rejects = store.rejects(10).unwrap();
         assert_eq!(rejects.iter().map(|r| r.line).collect::<Vec<_>>(), vec![3], "{rejects:?}");
-        let fp = fingerprint(&File::open(&path).unwrap()).unwrap();
-        let state = store.source(&fp.source_id()).unwrap().unwrap();
-        assert!(!has_news(&state, &fp), "done: {state:?}");
+        assert!(done(&store, &path));
         let again = ingest_file(&mut store, &path, &IngestOptions::default(), &mut |_| {}).unwrap();
         assert_eq!((again.total_new(), store.rejects(10).unwrap().len()), (0, 1));
     }
@@ -969,19 +981,10 @@ mod tests {
     /// with the batch in hand), the rest kept aside once, and the file done.
     #[test]
     fn a_damaged_gzip_keeps_the_lines_before_the_damage() {
-        use std::io::Write as _;
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("data")).unwrap();
         let path = dir.path().join("DeviceProcessEvents.jsonl.gz");
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
-        for report in 1..=200 {
-            writeln!(
-                gz,
-                r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{report},"ActionType":"x"}}"#
-            )
-            .unwrap();
-        }
-        let mut bytes = gz.finish().unwrap();
+        let mut bytes = gzip_of_rows(200, flate2::Compression::none()).finish().unwrap();
         // Stored blocks (no compression): their second half overwritten, the stream's
         // check at its end fails.
         let cut = bytes.len() / 2;
@@ -993,9 +996,7 @@ mod tests {
         assert!(stored > 50, "the lines before the damage: {stored}");
         let rejects = store.rejects(10).unwrap();
         assert_eq!(rejects.len(), 1, "{rejects:?}");
-        let fp = fingerprint(&File::open(&path).unwrap()).unwrap();
-        let state = store.source(&fp.source_id()).unwrap().unwrap();
-        assert!(!has_news(&state, &fp), "done: {state:?}");
+        assert!(done(&store, &path));
     }
 
     /// A gzip JSON array export still being written (its stream ends early) is waited
