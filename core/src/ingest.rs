@@ -861,6 +861,14 @@ impl<R: std::io::Read> std::io::Read for ElementBound<R> {
 mod tests {
     use super::*;
 
+    /// A process event whose FolderPath is `pad` bytes long.
+    fn row(report: u64, pad: usize) -> String {
+        format!(
+            r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{report},"ActionType":"x","FolderPath":"{}"}}"#,
+            "p".repeat(pad)
+        )
+    }
+
     /// An array element far over the line limit (gigabytes, or one never ending) is not
     /// held whole: the array is read no further from it, the rows before it stored and
     /// the rest kept aside as malformed from that element.
@@ -868,12 +876,6 @@ mod tests {
     fn an_array_element_far_over_the_line_limit_ends_the_array_there() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("data")).unwrap();
-        let row = |report: u64, pad: usize| {
-            format!(
-                r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{report},"ActionType":"x","FolderPath":"{}"}}"#,
-                "p".repeat(pad)
-            )
-        };
         let opts = IngestOptions { max_line: 1024, ..Default::default() };
         let huge = element_limit(opts.max_line) + 10;
         let path = dir.path().join("DeviceProcessEvents.json");
@@ -892,12 +894,6 @@ mod tests {
     fn an_array_element_over_the_line_limit_is_kept_aside() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("data")).unwrap();
-        let row = |report: u64, pad: usize| {
-            format!(
-                r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{report},"ActionType":"x","FolderPath":"{}"}}"#,
-                "p".repeat(pad)
-            )
-        };
         let path = dir.path().join("DeviceProcessEvents.json");
         std::fs::write(&path, format!("[{},\n{},\n{}]", row(1, 10), row(2, 2048), row(3, 10))).unwrap();
         let opts = IngestOptions { max_line: 1024, ..Default::default() };
