@@ -162,23 +162,21 @@ impl Tailer {
         &self.skipped
     }
 
-    /// A tracked file's state back to what is committed of it. With nothing committed,
-    /// a file still in a folder is looked at afresh, as a file never seen; a deleted one
-    /// keeps its descriptor, read from its start (nothing else can read it again).
+    /// A tracked file's state back to what is committed of it. With nothing committed, it
+    /// keeps its descriptor and is read from its start (as a file never seen is, a copy
+    /// still recognised by the next look): a rotated file deleted before it could be read
+    /// is read through the descriptor, as nothing else can read it again.
     fn back_to_committed(&mut self, store: &Store, key: (u64, u64)) -> Result<(), IngestError> {
         let Some(t) = self.files.get_mut(&key) else { return Ok(()) };
         match store.source(&id_of(key))? {
             Some(committed) => t.state = committed,
-            None if !still_linked(&t.file) => match fingerprint(&t.file) {
+            None => match fingerprint(&t.file) {
                 Ok(fp) => t.state = fresh_state(&t.path, &fp),
                 Err(e) => {
-                    tracing::warn!(file = %t.path.display(), error = %e, "a deleted log file no longer reads; forgotten");
+                    tracing::warn!(file = %t.path.display(), error = %e, "a log file no longer reads; forgotten");
                     self.files.remove(&key);
                 }
             },
-            None => {
-                self.files.remove(&key);
-            }
         }
         Ok(())
     }
@@ -401,7 +399,19 @@ impl Tailer {
                     }
                     self.files.insert((fp.dev, fp.ino), Tracked { path, file, state, present: true });
                 }
-                Err(e) => self.input_failed(store, key, &path, meta.len(), e)?,
+                Err(e) => {
+                    let for_now = !e.is_input_failure();
+                    self.input_failed(store, key, &path, meta.len(), e)?;
+                    if for_now {
+                        // Not read for now (the disk nearly full, the file cut meanwhile):
+                        // tracked all the same, so that a rotated file deleted before reading
+                        // goes on is still read, through this descriptor.
+                        let state = fingerprint(&file).map(|fp| fresh_state(&path, &fp));
+                        if let Ok(state) = state {
+                            self.files.insert(key, Tracked { path, file, state, present: true });
+                        }
+                    }
+                }
             }
         }
 
@@ -774,6 +784,25 @@ mod tests {
         crate::disk::LOW_FOR_TESTS.lock().unwrap().retain(|d| *d != data);
         let report = tailer.poll(&mut store, &stop).unwrap();
         assert_eq!((rows(&report), store.rejects(10).unwrap().len()), (500, 0));
+        tailer.poll(&mut store, &stop).unwrap();
+        assert!(tailer.files.is_empty(), "forgotten once read to its end");
+    }
+
+    /// A file first seen while the disk is nearly full, then deleted (rotated away) before
+    /// there is room: it is still read to its end, through the descriptor kept (it used to
+    /// be dropped, and its rows lost).
+    #[test]
+    fn a_new_file_seen_without_room_and_deleted_is_still_read() {
+        let (_dir, logs, mut store, mut tailer) = setup();
+        let path = logs.join("DeviceProcessEvents.jsonl");
+        append(&path, 0, 300);
+        let data = store.data_dir().to_path_buf();
+        crate::disk::LOW_FOR_TESTS.lock().unwrap().push(data.clone());
+        let stop = AtomicBool::new(false);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 0);
+        std::fs::remove_file(&path).unwrap();
+        crate::disk::LOW_FOR_TESTS.lock().unwrap().retain(|d| *d != data);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 300);
         tailer.poll(&mut store, &stop).unwrap();
         assert!(tailer.files.is_empty(), "forgotten once read to its end");
     }
