@@ -150,6 +150,10 @@ pub struct IngestReport {
     pub partial_tails: Vec<PathBuf>,
     /// Directory entries not read, with the reason.
     pub skipped: Vec<(PathBuf, String)>,
+    /// Of one read of an uncompressed file of lines that left its last line for later:
+    /// where that line starts and where the file ended, with no newline between them. The
+    /// tailer looks only past the end for the newline next time (not merged: per file).
+    pub unfinished_rest: Option<(u64, u64)>,
 }
 
 impl IngestReport {
@@ -462,7 +466,7 @@ impl FileRun<'_> {
         };
         let reached_end = match end {
             pipeline::End::Eof => true,
-            pipeline::End::Unfinished { partial } if partial && state.compressed => {
+            pipeline::End::Unfinished { partial, .. } if partial && state.compressed => {
                 // Read as finished, with its stream whole: a compressed file never grows,
                 // so its last record never finishes. Kept aside once and the file done,
                 // instead of it being decompressed again at every look.
@@ -478,9 +482,12 @@ impl FileRun<'_> {
                 })?;
                 true
             }
-            pipeline::End::Unfinished { partial } => {
+            pipeline::End::Unfinished { partial, rest } => {
                 if partial {
                     self.report.partial_tails.push(self.path.to_path_buf());
+                }
+                if !state.compressed {
+                    self.report.unfinished_rest = rest;
                 }
                 false
             }

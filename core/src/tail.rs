@@ -19,7 +19,7 @@ use crate::parse::RejectKind;
 use crate::store::{OffsetUnit, RejectRecord, SourceState, Store};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -71,6 +71,9 @@ pub struct Tailer {
     closed: HashMap<(u64, u64), Stamp>,
     /// Files opened as new since start.
     opened: u64,
+    /// Tracked files whose last line has no newline yet: where it starts and how far it
+    /// has been read, with no newline so far (see [`Tailer::rest_still_open`]).
+    open_rests: HashMap<(u64, u64), (u64, u64)>,
 }
 
 struct Unfinished {
@@ -102,6 +105,7 @@ impl Tailer {
             unfinished: HashMap::new(),
             closed: HashMap::new(),
             opened: 0,
+            open_rests: HashMap::new(),
         }
     }
 
@@ -167,6 +171,7 @@ impl Tailer {
     /// still recognised by the next look): a rotated file deleted before it could be read
     /// is read through the descriptor, as nothing else can read it again.
     fn back_to_committed(&mut self, store: &Store, key: (u64, u64)) -> Result<(), IngestError> {
+        self.open_rests.remove(&key);
         let Some(t) = self.files.get_mut(&key) else { return Ok(()) };
         match store.source(&id_of(key))? {
             Some(committed) => t.state = committed,
@@ -191,6 +196,7 @@ impl Tailer {
             self.back_to_committed(store, key)?;
         }
         self.copying.clear();
+        self.open_rests.clear();
         Ok(())
     }
 
@@ -322,6 +328,7 @@ impl Tailer {
                 if !same_content(&t.file, &t.state, &fp).map_err(IngestError::unreadable("read", &t.path))? {
                     tracing::info!(file = %t.path.display(), "file was truncated or rewritten; reading it from the start");
                     t.state = fresh_state(&t.path, &fp);
+                    self.open_rests.remove(&key);
                 }
                 upgrade_head(&mut t.state, &fp);
                 if !has_news(&t.state, &fp) {
@@ -333,7 +340,12 @@ impl Tailer {
                     }
                     return Ok(None);
                 }
-                read_source(store, &t.file, &t.path, &fp, &mut t.state, &self.opts, Some(stop), &mut |_| {}).map(Some)
+                if rest_still_open(&mut self.open_rests, key, t, &fp)? {
+                    return Ok(None);
+                }
+                let r = read_source(store, &t.file, &t.path, &fp, &mut t.state, &self.opts, Some(stop), &mut |_| {})?;
+                remember_open_rest(&mut self.open_rests, key, &t.state, &r);
+                Ok(Some(r))
             })();
             match result {
                 Ok(Some(r)) => report.merge(r),
@@ -379,6 +391,7 @@ impl Tailer {
                 }
                 if has_news(&state, &fp) {
                     let r = read_source(store, &file, &path, &fp, &mut state, &self.opts, Some(stop), &mut |_| {})?;
+                    remember_open_rest(&mut self.open_rests, (fp.dev, fp.ino), &state, &r);
                     return Ok((fp, state, Some(r)));
                 }
                 if store.source(&fp.source_id())?.as_ref() != Some(&state) {
@@ -459,6 +472,7 @@ impl Tailer {
             for (key, deleted) in forget {
                 self.copying.remove(&key);
                 self.unfinished.remove(&key);
+                self.open_rests.remove(&key);
                 if let Some(t) = self.files.remove(&key) {
                     if !deleted {
                         if let Ok(meta) = t.file.metadata() {
@@ -682,6 +696,61 @@ fn upgrade_head(state: &mut SourceState, fp: &Fingerprint) {
 /// Whether the file still has a name somewhere (a deleted file has none).
 fn still_linked(file: &File) -> bool {
     file.metadata().map(|m| m.nlink() > 0).unwrap_or(false)
+}
+
+/// How many bytes of a file are read at a time looking for a newline past a rest.
+const NEWLINE_SCAN: usize = 64 << 10;
+
+/// Whether `t`'s last line, left for later by an earlier read, is still without its
+/// newline: only the bytes the file gained since are looked at. A writer that keeps one
+/// line open (a line over `max_line_bytes` still being written, say) would otherwise have
+/// the whole line read again at every look, however long it has grown. Once the newline
+/// is there (or the file is not as it was), the file is read as usual.
+fn rest_still_open(
+    open_rests: &mut HashMap<(u64, u64), (u64, u64)>,
+    key: (u64, u64),
+    t: &Tracked,
+    fp: &Fingerprint,
+) -> Result<bool, IngestError> {
+    let Some(&(start, read_to)) = open_rests.get(&key) else { return Ok(false) };
+    if start != t.state.offset || t.state.compressed || t.state.unit != OffsetUnit::Bytes || fp.size < read_to {
+        open_rests.remove(&key);
+        return Ok(false);
+    }
+    let mut buf = vec![0u8; NEWLINE_SCAN.min((fp.size - read_to) as usize)];
+    let mut at = read_to;
+    while at < fp.size {
+        let want = NEWLINE_SCAN.min((fp.size - at) as usize);
+        let n = t.file.read_at(&mut buf[..want], at).map_err(IngestError::unreadable("read", &t.path))?;
+        if n == 0 {
+            break;
+        }
+        if memchr::memchr(b'\n', &buf[..n]).is_some() {
+            open_rests.remove(&key);
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    open_rests.insert(key, (start, at));
+    Ok(true)
+}
+
+/// Remembers, after a read, where the file's last line starts and how far it was read
+/// when the read left it for later (see [`rest_still_open`]).
+fn remember_open_rest(
+    open_rests: &mut HashMap<(u64, u64), (u64, u64)>,
+    key: (u64, u64),
+    state: &SourceState,
+    report: &IngestReport,
+) {
+    match report.unfinished_rest {
+        Some((start, read_to)) if start == state.offset && read_to > start => {
+            open_rests.insert(key, (start, read_to));
+        }
+        _ => {
+            open_rests.remove(&key);
+        }
+    }
 }
 
 /// The reject of a deleted file's rest that never finished (`size`: the file's length).
@@ -996,5 +1065,54 @@ mod tests {
         append(&grown, 100, 1);
         let report = tailer.poll(&mut store, &stop).unwrap();
         assert_eq!((rows(&report), report.duplicates, tailer.opened), (1, 0, 5));
+    }
+
+    fn write_more(path: &Path, bytes: &[u8]) {
+        std::fs::OpenOptions::new().append(true).open(path).unwrap().write_all(bytes).unwrap();
+    }
+
+    /// A last line that keeps growing without its newline is read once: later looks read
+    /// only what it gained. When its newline comes it is stored whole, and the lines after
+    /// it too. Reading the whole rest at every look made a line of gigabytes (a writer
+    /// that never ends its line) cost a full read of it at every append.
+    #[test]
+    fn a_growing_last_line_is_not_read_again_at_every_look() {
+        let (_dir, logs, mut store, mut tailer) = setup();
+        let path = logs.join("DeviceProcessEvents.jsonl");
+        append(&path, 0, 2);
+        let head = r#"{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":2,"ActionType":""#;
+        write_more(&path, head.as_bytes());
+        write_more(&path, &vec![b'x'; 200_000]);
+        let stop = AtomicBool::new(false);
+        let first = tailer.poll(&mut store, &stop).unwrap();
+        assert_eq!(rows(&first), 2);
+        assert!(first.bytes > 200_000, "the rest was read once: {first:?}");
+        for _ in 0..3 {
+            write_more(&path, &vec![b'x'; 1000]);
+            let report = tailer.poll(&mut store, &stop).unwrap();
+            assert_eq!((rows(&report), report.bytes), (0, 0), "only the bytes gained looked at: {report:?}");
+        }
+        write_more(&path, b"\"}\n");
+        append(&path, 3, 1);
+        let report = tailer.poll(&mut store, &stop).unwrap();
+        assert_eq!((rows(&report), report.total_rejected(), report.duplicates), (2, 0, 0), "{report:?}");
+    }
+
+    /// A file rewritten from its start while its last line was open is read again from
+    /// the start, its new lines all of them, not only past where the old line was read to.
+    #[test]
+    fn a_rewritten_file_with_an_open_last_line_is_read_from_its_start() {
+        let (_dir, logs, mut store, mut tailer) = setup();
+        let path = logs.join("DeviceProcessEvents.jsonl");
+        std::fs::write(&path, vec![b'x'; 20_000]).unwrap();
+        let stop = AtomicBool::new(false);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 0);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 0);
+        // Truncated and written again, longer, the newlines all before the old read end.
+        std::fs::write(&path, b"").unwrap();
+        append(&path, 10, 60);
+        write_more(&path, &vec![b'y'; 20_000]);
+        let report = tailer.poll(&mut store, &stop).unwrap();
+        assert_eq!(rows(&report), 60, "{report:?}");
     }
 }

@@ -54,8 +54,9 @@ pub enum End {
     /// The file's end: every line was handed over.
     Eof,
     /// A last line without its newline was left for later; `partial` when it holds
-    /// something (a one-shot ingest reports it).
-    Unfinished { partial: bool },
+    /// something (a one-shot ingest reports it). `rest`: where that line starts and where
+    /// the input ended (no newline between them), when the reader got that far.
+    Unfinished { partial: bool, rest: Option<(u64, u64)> },
     /// A read error, with the offset reached.
     Error(std::io::Error, u64),
 }
@@ -196,7 +197,7 @@ pub fn run<R: BufRead>(
             Ok(None) => break End::Eof,
             // A gzip stream still being written ends early: wait for the rest.
             Err(e) if tail_mode && e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                break End::Unfinished { partial: false }
+                break End::Unfinished { partial: false, rest: None }
             }
             Err(e) => break End::Error(e, reader.offset()),
         };
@@ -206,7 +207,8 @@ pub fn run<R: BufRead>(
             let complete =
                 !tail_mode && info.too_long.is_none() && serde_json::from_slice::<serde::de::IgnoredAny>(&buf).is_ok();
             if !complete {
-                break End::Unfinished { partial: !tail_mode && !buf.iter().all(is_json_whitespace) };
+                let partial = !tail_mode && !buf.iter().all(is_json_whitespace);
+                break End::Unfinished { partial, rest: Some((info.start, info.end)) };
             }
         }
         let outcome = parse_line(&buf, &info, max_line, hints);
