@@ -132,6 +132,9 @@ pub fn split(args: SplitArgs) -> Result<ExitCode> {
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        // A second signal ends it at once: nothing is committed before it is acknowledged.
+        signal_hook::flag::register_conditional_shutdown(sig, 1, stop.clone())
+            .context("cannot install the signal handler")?;
         signal_hook::flag::register(sig, stop.clone()).context("cannot install the signal handler")?;
     }
     let mut last_report = std::time::Instant::now();

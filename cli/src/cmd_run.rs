@@ -156,6 +156,11 @@ pub fn run(data_flag: Option<&Path>, args: RunArgs) -> Result<ExitCode> {
     let retention = args.retention.resolve(cfg.retention.as_deref())?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        // A second signal while the first is being honoured ends the process at once (a
+        // detector stuck in its pass would otherwise hold the stop up): as a crash, which
+        // loses nothing committed.
+        signal_hook::flag::register_conditional_shutdown(sig, 1, stop.clone())
+            .context("cannot install the signal handler")?;
         signal_hook::flag::register(sig, stop.clone()).context("cannot install the signal handler")?;
     }
     let config = DaemonConfig {

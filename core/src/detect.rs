@@ -335,6 +335,11 @@ fn failed(
             put_off_wake_up(store, &plugin.id(), now)?;
             Ok(())
         }
+        // Which detector's pass met it, for the log of the work loop's failure.
+        PassError::Store(e) => Err(PassError::Store(StoreError::Context {
+            what: format!("the pass of detector {}", plugin.id()),
+            source: Box::new(e),
+        })),
         e => Err(e),
     }
 }
@@ -379,6 +384,11 @@ fn prepare(
         warn_if_window_exceeds_retention(plugin, &params, store.retention());
         plugin.params = params_record(&params);
         let init_started = Instant::now();
+        // A state that cannot be read, for the tests of what a pass does when one
+        // detector's store failure ends it.
+        if crate::failpoint::armed(&format!("state-unreadable-{}", plugin.manifest.name)) {
+            return Err(PassError::Store(StoreError::Corrupt(format!("failpoint: {id}'s state reads as damaged"))));
+        }
         let state = store.detector_state(&id)?;
         let response = plugin.lib.init(&InitRequest { params, state }).map_err(DetectorError::Init)?;
         report.init = init_started.elapsed();

@@ -127,6 +127,14 @@ fn tail_hash(file: &File, len: u64) -> std::io::Result<Vec<u8>> {
     Ok(Sha256::digest(&buf).to_vec())
 }
 
+/// How many findings of the outbox are not written to `path` yet (some of them may be
+/// passed over when they are, as written elsewhere already).
+pub fn unwritten(store: &Store, path: &Path) -> Result<u64> {
+    let (_, cursor) = read_cursor(store, path)?;
+    let next_seq = cursor.as_ref().map_or(1, |c| c.next_seq);
+    Ok(store.next_outbox_seq()?.saturating_sub(next_seq))
+}
+
 /// Appends every finding not yet in `path` to it; returns how many lines were written.
 pub fn flush_outbox(store: &mut Store, path: &Path) -> Result<u64> {
     flush(store, path, &|_| false, true)

@@ -937,6 +937,62 @@ fn sigterm_while_waiting_to_retry_after_a_failure_exits_zero() {
     assert!(status.success(), "{status}: {}", fs::read_to_string(&log).unwrap_or_default());
 }
 
+/// A detector whose pass meets a store failure (here its state reads as damaged, every
+/// time) ends the pass and the work loop starts again; the findings the other detectors
+/// committed in that pass are written all the same. Before, the flush after the pass was
+/// skipped, every time: WinRM's findings stayed in the database for good.
+#[test]
+fn a_detector_whose_state_cannot_be_read_does_not_hold_back_the_others_findings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let fleet = gen_fleet(root, 2000, 6, 21);
+    let plugins = plugins_dir(root, &[WINRM, SCHEDULED_TASK]);
+    let (data, findings) = (root.join("data"), root.join("findings.jsonl"));
+    let mut d = daemon_spec(root, &data, &fleet.logs, &plugins, &findings)
+        .failpoint(Some("state-unreadable-scheduled-task-persistence"))
+        .spawn();
+    wait_findings(&findings, &fleet.truth, Duration::from_secs(90));
+    let log = fs::read_to_string(root.join("daemon.log")).unwrap_or_default();
+    assert!(
+        log.contains("work loop failed") && log.contains("the pass of detector scheduled-task-persistence"),
+        "the failure is the loop's, and names its detector: {log}"
+    );
+    d.terminate(Duration::from_secs(20));
+}
+
+/// Stopped while the findings it committed cannot be written (the findings file's folder
+/// is a file), the daemon says how many are left and where, and does not exit 0.
+#[test]
+fn sigterm_with_findings_that_cannot_be_written_does_not_exit_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let fleet = gen_fleet(root, 2000, 6, 22);
+    fs::write(root.join("not-a-folder"), "").unwrap();
+    let log = root.join("daemon.log");
+    let mut d = daemon_spec(
+        root,
+        &root.join("data"),
+        &fleet.logs,
+        &plugins_dir(root, &[WINRM]),
+        &root.join("not-a-folder").join("findings.jsonl"),
+    )
+    .spawn();
+    // Its first pass commits the findings, then writing them fails.
+    wait_for("the work loop to fail writing findings", Duration::from_secs(60), || {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("work loop failed") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
+    d.sigterm();
+    let status = d.wait_exit(Duration::from_secs(10)).expect("stopped within 10 s");
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "{status}: {text}");
+    assert!(text.contains("findings not written to") && text.contains("not-a-folder"), "{text}");
+}
+
 /// `lookout status` asks only the daemon of its own data directory: a copy of a data
 /// directory (or one whose daemon's address another daemon took since) carries the
 /// running daemon's address file, and `status` there reports the copy, not that daemon.

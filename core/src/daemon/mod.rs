@@ -56,6 +56,14 @@ pub enum DaemonError {
     Detect(#[from] PassError),
     #[error("cannot write the findings")]
     Findings(#[source] StoreError),
+    /// Stopped (SIGINT/SIGTERM) with findings the findings file could not be given.
+    #[error("stopped with {count} findings not written to {} (they are kept in the database and written at the next start)", file.display())]
+    StoppedWithUnwritten {
+        count: u64,
+        file: PathBuf,
+        #[source]
+        source: Box<DaemonError>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -143,6 +151,22 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
             Ok(()) => break Ok(()),
             Err(e) => e,
         };
+        // Findings committed and not written: a stop now says so, and does not exit 0.
+        let unwritten = crate::findings::unwritten(&store, &cfg.findings).unwrap_or_else(|e| {
+            tracing::warn!(error = %Chain(&e), "cannot count the findings not written yet");
+            0
+        });
+        let stopped_with = |e: DaemonError| match unwritten {
+            0 => {
+                tracing::warn!(error = %Chain(&e), "stopping after a failure of the work loop");
+                Ok(())
+            }
+            count => Err(DaemonError::StoppedWithUnwritten { count, file: cfg.findings.clone(), source: Box::new(e) }),
+        };
+        if stop.load(Ordering::Relaxed) {
+            // The stop's own flush failed (or the loop failed as it stopped).
+            break stopped_with(e);
+        }
         let mut wait = backoff.after_failure(started.elapsed());
         tracing::error!(error = %Chain(&e), retry_in = ?wait, "work loop failed; reopening the database and retrying");
         metrics.lock().unwrap_or_else(|p| p.into_inner()).restarts += 1;
@@ -194,8 +218,9 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
                 }
             }
             // Stopped while waiting to reopen: the failure was logged; a stop asked for
-            // is a clean exit (what was committed is intact).
-            None => break Ok(()),
+            // is a clean exit (what was committed is intact), unless findings are left
+            // unwritten.
+            None => break stopped_with(e),
         }
     };
     let _ = std::fs::remove_file(&addr_file);
@@ -298,7 +323,20 @@ fn work(
         if report.changed() || plugins_changed || first || due {
             first = false;
             let pass_started = Instant::now();
-            let reports = run_pass(store, &mut plugins.plugins, &detect_opts)?;
+            let reports = match run_pass(store, &mut plugins.plugins, &detect_opts) {
+                Ok(reports) => reports,
+                Err(e) => {
+                    // A store failure in one detector's pass ends the pass, and the loop
+                    // starts again; what the others committed goes out first, or a failure
+                    // that persists (one detector's damaged state) would hold it back.
+                    if crate::disk::free_bytes(&cfg.data).is_none_or(|f| f >= crate::disk::MIN_FREE) {
+                        if let Err(fe) = flush_outbox(store, &cfg.findings) {
+                            tracing::warn!(file = %cfg.findings.display(), error = %Chain(&fe), "cannot write the findings of the detectors that finished");
+                        }
+                    }
+                    return Err(e.into());
+                }
+            };
             let pass_time = pass_started.elapsed();
             if reports.iter().any(|r| r.rows > 0 || r.new_findings > 0) {
                 tracing::debug!(
