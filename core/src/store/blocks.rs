@@ -124,7 +124,9 @@ impl FileSpan {
         if space == keys::BLOCK_KEYS {
             (self.offset, self.keys_len)
         } else {
-            (self.offset + u64::from(self.keys_len), self.rows_len)
+            // Saturating: a damaged entry's sum lands past the file's end, where the read
+            // refuses it as damaged (a wrapped one could land inside the file).
+            (self.offset.saturating_add(u64::from(self.keys_len)), self.rows_len)
         }
     }
 }

@@ -371,6 +371,50 @@ fn seven_days_kept_with_rows_of_days(dir: &std::path::Path, days: &[i64]) -> Sto
     store
 }
 
+/// A generation whose last blocks were removed while its key-index run was not dropped
+/// (the process ended in between, or the run was being merged) is deleted once the run
+/// goes: after a restart, the first expiry step drops the run and then the generation.
+/// It used to be kept for good: the step found no block to remove, kept the generation
+/// for its run, and looked no more until the horizon passed a block still there.
+#[test]
+fn a_generation_whose_run_outlived_its_blocks_is_deleted_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let row = |report: i64, day: i64| {
+        let text = format!(
+            r#"{{"Timestamp":"{}","DeviceId":"dev","SHA1":"{report:040x}","ReportId":{report},"FileName":"a.exe"}}"#,
+            lookout_plugin_sdk::time::format_timestamp(BASE + day * DAY),
+        );
+        let serde_json::Value::Object(obj) = serde_json::from_str(&text).unwrap() else { unreachable!() };
+        normalise(obj, Some(TABLE), &TableHints::default()).unwrap()
+    };
+    {
+        let mut store = Store::open(dir.path()).unwrap();
+        store.set_retention(Some(7 * DAY));
+        store.advance_clock(BASE).unwrap();
+        for (report, day) in [(1, 0), (2, 10)] {
+            store.advance_clock(BASE + day * DAY).unwrap();
+            // The first row's run outlives this commit's upkeep too.
+            store.skip_next_run_drop = true;
+            let mut b = store.batch();
+            b.add_row(&row(report, day), 0).unwrap();
+            b.commit().unwrap();
+        }
+        assert_eq!(store.generation_count(), 2);
+        assert_eq!(store.runs.run_count(), 2);
+        store.advance_clock(BASE + 12 * DAY).unwrap();
+        store.skip_next_run_drop = true;
+        assert_eq!(store.expire_step(64).unwrap(), 1);
+        assert_eq!(store.generation_count(), 2, "kept for its run, as a crash before the run's drop leaves it");
+        store.flush().unwrap();
+    }
+    let mut store = Store::open(dir.path()).unwrap();
+    store.set_retention(Some(7 * DAY));
+    store.advance_clock(BASE + 12 * DAY).unwrap();
+    assert_eq!(store.expire_step(64).unwrap(), 0);
+    assert_eq!(store.generation_count(), 1, "the generation with nothing left goes");
+    assert_eq!(store.retained().unwrap().rows.get(TABLE).copied(), Some(1));
+}
+
 /// An expiry step whose commit fails leaves nothing behind for the next one: the next
 /// call removes the expired blocks (it used to take them for gone, and wait until the
 /// horizon passed the newest block it meant to keep).

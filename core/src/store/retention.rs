@@ -56,7 +56,8 @@ impl Store {
         }
         if expired.is_empty() {
             // Generations a crash left empty (between removing their last blocks and
-            // dropping them) go now.
+            // dropping them, or their key-index runs) go now, their expired runs first.
+            self.maintain_runs();
             self.drop_empty_generations()?;
             self.earliest_block_end = Some(earliest_left);
             return Ok(0);

@@ -179,6 +179,11 @@ impl RunMeta {
 
     /// The chunks whose keys may start with `prefix` (or equal it).
     fn chunks_for(&self, prefix: &[u8]) -> std::ops::Range<usize> {
+        if self.fences.is_empty() {
+            // No chunk at all: a held run made again on open from a batch whose blocks all
+            // expired meanwhile (its drop did not happen before the process ended).
+            return 0..0;
+        }
         // The first chunk that may hold the prefix is the last whose fence is ≤ it.
         let first = self.fences.partition_point(|f| f.as_slice() <= prefix).saturating_sub(1);
         let mut last = first;
@@ -1163,6 +1168,31 @@ mod tests {
         db.apply_batch(chunks).unwrap();
         db.apply_batch(batch).unwrap();
         runs.committed(pending);
+    }
+
+    /// A held run made again on open with no entries (its batch's blocks all expired,
+    /// and the process ended before the run was dropped) has no chunk: a scan of every
+    /// run reads it as empty. It read a chunk 0 it does not have, and failed every scan of
+    /// a whole table (a detector's backfill) as a damaged store until the run was dropped.
+    #[test]
+    fn a_held_run_made_again_with_no_entries_scans_as_empty() {
+        let (_dir, db, gens, mut z, unz) = store_parts();
+        let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
+        let written: Vec<Entry> = (0..50).map(entry).collect();
+        write_run(&mut runs, &db, &mut z, RunKind::Events, &written);
+        let (mut chunks, mut batch) = (sled::Batch::default(), sled::Batch::default());
+        let held: Vec<Entry> = (100..120).map(entry).collect();
+        let (_, pending) = runs.write(RunKind::Events, 0, held, Some(7), &mut z, &mut chunks, &mut batch).unwrap();
+        db.apply_batch(chunks).unwrap();
+        db.apply_batch(batch).unwrap();
+        runs.committed(pending);
+        let mut reopened = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
+        let todo = reopened.to_hold_again();
+        assert_eq!(todo.len(), 1);
+        reopened.hold_again(todo[0].0, Vec::new()).unwrap();
+        let prefix = &entry(0).0[..5];
+        let found = reopened.scan_prefix(&gens, &unz, prefix, false).unwrap();
+        assert_eq!(found.len(), written.len());
     }
 
     /// A chunk is laid out as `pack_items` lays out (entry, key) items.
