@@ -330,7 +330,10 @@ fn failed(
     plugin.initialised = false;
     match e {
         PassError::Detector(e) => {
-            tracing::warn!(detector = %plugin.id(), error = %Chain(&e), "detector failed; retried next pass");
+            let wait = retry_wait(plugin.failed_passes);
+            plugin.failed_passes = plugin.failed_passes.saturating_add(1);
+            plugin.retry_at = Some(Instant::now() + wait);
+            tracing::warn!(detector = %plugin.id(), error = %Chain(&e), retry_in = ?wait, "detector failed; its rows are handed over again when it is retried");
             report.error = Some(Chain(&e).to_string());
             put_off_wake_up(store, &plugin.id(), now)?;
             Ok(())
@@ -342,6 +345,14 @@ fn failed(
         })),
         e => Err(e),
     }
+}
+
+/// How long a detector that failed `failed_before` passes in a row before this one waits
+/// before its next: 1 s, doubling, at most a minute. Its cursor has not moved, so the
+/// rows are all handed over then; retrying at every look instead re-ran the whole backlog
+/// (and the detector's `init` over its whole state) each time, for as long as it failed.
+fn retry_wait(failed_before: u32) -> Duration {
+    Duration::from_secs(1u64 << failed_before.min(6)).min(Duration::from_secs(60))
 }
 
 /// Keeps the indexes `plugins` declare from now on (building each new one over the rows
@@ -372,6 +383,10 @@ fn prepare(
     report: &mut DetectorReport,
 ) -> Result<Option<Due>, PassError> {
     let id = plugin.id();
+    if plugin.retry_at.is_some_and(|at| Instant::now() < at) {
+        // Failed lately: not run until its wait is over.
+        return Ok(None);
+    }
     // The indexes it declares are kept from now on (built now if new: a store failure).
     store.declare_indexes(&plugin.manifest.indexes).map_err(PassError::Store)?;
     if !plugin.initialised {
@@ -523,6 +538,10 @@ fn commit_answer(
     batch.commit().map_err(PassError::Store)?;
     if let Some(inputs) = new_inputs {
         plugin.inputs = inputs;
+    }
+    if last {
+        plugin.failed_passes = 0;
+        plugin.retry_at = None;
     }
     crate::failpoint::hit("detect-after-commit");
     report.commit += started.elapsed();

@@ -993,6 +993,49 @@ fn sigterm_with_findings_that_cannot_be_written_does_not_exit_zero() {
     assert!(text.contains("findings not written to") && text.contains("not-a-folder"), "{text}");
 }
 
+/// A detector that fails every pass is retried after a wait that grows (1 s, 2 s, 4 s,
+/// …), not at every look that stores rows: with rows arriving every 100 ms for 4 s, it
+/// runs a handful of times. It used to run at every look, re-reading its whole backlog.
+#[test]
+fn a_failing_detector_is_retried_after_a_growing_wait() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let logs = root.join("logs");
+    fs::create_dir_all(&logs).unwrap();
+    let file = logs.join("DeviceFileEvents.jsonl");
+    let row = |n: u64| {
+        format!(
+            r#"{{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":{n},"ActionType":"FileCreated","FileName":"a.exe"}}"#
+        ) + "\n"
+    };
+    fs::write(&file, row(0)).unwrap();
+    let log = root.join("daemon.log");
+    let mut d = daemon_spec(
+        root,
+        &root.join("data"),
+        &logs,
+        &plugins_dir(root, &[FIXTURE_ERRORS]),
+        &root.join("findings.jsonl"),
+    )
+    .spawn();
+    let failures = || fs::read_to_string(&log).unwrap_or_default().matches("detector failed").count();
+    wait_for("the first failure", Duration::from_secs(30), || if failures() > 0 { Ok(()) } else { Err(String::new()) });
+    let first = failures();
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut n = 1;
+    while Instant::now() < until {
+        OpenOptions::new().append(true).open(&file).unwrap().write_all(row(n).as_bytes()).unwrap();
+        n += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let during = failures() - first;
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    // Retried at about 1, 3 and 7 s after the first failure: two or three in 4 s.
+    assert!((1..=4).contains(&during), "{during} failures while rows arrived for 4 s: {text}");
+    assert!(text.contains("retry_in"), "{text}");
+    d.terminate(Duration::from_secs(20));
+}
+
 /// `lookout status` asks only the daemon of its own data directory: a copy of a data
 /// directory (or one whose daemon's address another daemon took since) carries the
 /// running daemon's address file, and `status` there reports the copy, not that daemon.

@@ -373,9 +373,6 @@ fn work(
                 if report.changed() {
                     m.observe_findings(&labels, r.new_findings, latency);
                 }
-                if let Some(e) = r.error {
-                    tracing::warn!(detector = %r.detector, error = %e, "detector failed; retried next pass");
-                }
             }
         }
         {

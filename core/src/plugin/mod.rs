@@ -33,6 +33,10 @@ pub struct Plugin {
     /// The parameters its last `init` was given (`--set` and `[detectors.NAME]`), as the
     /// scheduler records them with its passes: a change re-reads every stored row.
     pub params: String,
+    /// Passes failed in a row (the detector's own failure), and when the next may run: a
+    /// detector that fails on what it is handed is not run again at every look.
+    pub failed_passes: u32,
+    pub retry_at: Option<std::time::Instant>,
 }
 
 /// A detector keeps its state inside its library, which is never unloaded: a plugin
@@ -103,5 +107,7 @@ pub fn load_one(file: &Path, cache: &Path, pins: Option<&guard::Pins>) -> Result
         initialised: false,
         inputs: Vec::new(),
         params: String::new(),
+        failed_passes: 0,
+        retry_at: None,
     })
 }
