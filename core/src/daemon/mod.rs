@@ -44,8 +44,6 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Watch(#[from] watch::WatchError),
     /// The plugins folder could not be read (a refused folder or library is not an error).
     #[error(transparent)]
     Plugins(#[from] FolderError),
@@ -200,7 +198,16 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
                 _ => {}
             }
             match Store::open(&cfg.data) {
-                Ok(s) => break Some(s),
+                // What was read and not committed is read again. The tailer is kept: its
+                // descriptors are how files rotated and deleted meanwhile are read to
+                // their end; a store that cannot say what is committed is opened again.
+                Ok(s) => match tailer.back_to_committed_all(&s) {
+                    Ok(()) => break Some(s),
+                    Err(e) => {
+                        wait = backoff.after_failure(Duration::ZERO);
+                        tracing::error!(error = %Chain(&e), retry_in = ?wait, "cannot read what is committed of the open log files; reopening the database again");
+                    }
+                },
                 Err(e) => {
                     wait = backoff.after_failure(Duration::ZERO);
                     tracing::error!(error = %crate::error::Chain(&e), retry_in = ?wait, "cannot reopen the database yet")
@@ -211,11 +218,6 @@ pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
             Some(s) => {
                 store = s;
                 *db.write().unwrap_or_else(|p| p.into_inner()) = Some(store.reader());
-                // What was read and not committed is read again.
-                if let Err(e) = tailer.back_to_committed_all(&store) {
-                    tracing::warn!(error = %Chain(&e), "cannot bring the open log files back to what is committed; looking at the folder afresh");
-                    tailer = Tailer::new(&cfg.logs, cfg.ingest.clone());
-                }
             }
             // Stopped while waiting to reopen: the failure was logged; a stop asked for
             // is a clean exit (what was committed is intact), unless findings are left
@@ -237,8 +239,10 @@ fn work(
     metrics: &Mutex<Metrics>,
     stop: &Arc<AtomicBool>,
 ) -> Result<(), DaemonError> {
-    let watch = watch::Watch::new(&cfg.logs, &cfg.plugins)?;
+    let watch = watch::Watch::new(&cfg.logs, &cfg.plugins);
     let mut plugins = PluginSet::new(&cfg.plugins, &cfg.data);
+    // The set's refusals already added to the metric.
+    let mut failures_counted = 0;
     let mut last_rescan = Instant::now() - cfg.rescan;
     let mut changes = watch::Changes { logs: true, plugins: true };
     let mut detect_opts = DetectOptions {
@@ -379,7 +383,9 @@ fn work(
             let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
             m.polls += 1;
             m.behind = tailer.behind();
-            m.plugin_load_failures = plugins.failures;
+            // A counter across work-loop restarts, each of which starts a new plugin set.
+            m.plugin_load_failures += plugins.failures.saturating_sub(failures_counted);
+            failures_counted = plugins.failures;
             m.skipped_files.clear();
             for reason in tailer.skipped().values() {
                 *m.skipped_files.entry(reason.to_string()).or_insert(0) += 1;

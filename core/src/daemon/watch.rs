@@ -14,18 +14,9 @@ pub struct Changes {
     pub plugins: bool,
 }
 
-/// A folder cannot be watched.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot watch {what}")]
-pub struct WatchError {
-    /// `files`, `logs folder /var/log/defender`, …
-    pub what: String,
-    #[source]
-    pub source: notify::Error,
-}
-
 pub struct Watch {
-    _watcher: notify::RecommendedWatcher,
+    /// `None` when the logs folder cannot be watched: every wait then lasts its timeout.
+    _watcher: Option<notify::RecommendedWatcher>,
     rx: Receiver<Changes>,
 }
 
@@ -37,11 +28,15 @@ const DEBOUNCE: Duration = Duration::from_millis(1);
 const STOP_CHECK: Duration = Duration::from_millis(100);
 
 impl Watch {
-    pub fn new(logs: &Path, plugins: &Path) -> Result<Watch, WatchError> {
+    /// Watches both folders. Notifications only shorten the wait for a look, so a logs
+    /// folder that cannot be watched (inotify's limits reached: `No space left on device`)
+    /// is said once and looked at every rescan interval instead; before, it stopped the
+    /// work loop, again at every restart, and nothing was read at all.
+    pub fn new(logs: &Path, plugins: &Path) -> Watch {
         let (tx, rx) = channel();
         let logs_dir: PathBuf = logs.to_path_buf();
         let plugins_dir: PathBuf = plugins.to_path_buf();
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let c = match res {
                 // Reads (the daemon's own among them: every look opens and reads each log
                 // file) change nothing; taken as "look now", they woke the loop again and
@@ -57,10 +52,19 @@ impl Watch {
             };
             let _ = tx.send(c);
         })
-        .map_err(|source| WatchError { what: "files".into(), source })?;
-        watcher
-            .watch(logs, RecursiveMode::NonRecursive)
-            .map_err(|source| WatchError { what: format!("logs folder {}", logs.display()), source })?;
+        .and_then(|mut w| w.watch(logs, RecursiveMode::NonRecursive).map(|()| w));
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(
+                    folder = %logs.display(),
+                    error = %e,
+                    "cannot watch the logs folder: looking at it every rescan interval instead (on Linux, \
+                     raise fs.inotify.max_user_instances and fs.inotify.max_user_watches if they are reached)"
+                );
+                return Watch { _watcher: None, rx };
+            }
+        };
         if plugins.is_dir() {
             // Not a reason to stop reading the logs: the folder is looked at every rescan
             // interval anyway (and a folder that cannot be read is reported there).
@@ -68,7 +72,7 @@ impl Watch {
                 tracing::warn!(folder = %plugins.display(), error = %e, "cannot watch the plugins folder; looking at it every rescan interval");
             }
         }
-        Ok(Watch { _watcher: watcher, rx })
+        Watch { _watcher: Some(watcher), rx }
     }
 
     /// Waits up to `timeout` for changes, then gathers the rest of the burst. Returns
@@ -99,5 +103,24 @@ impl Watch {
             }
         }
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A logs folder that cannot be watched gives a watch all the same, whose waits last
+    /// their timeout (the work loop then looks every rescan interval).
+    #[test]
+    fn a_folder_that_cannot_be_watched_leaves_waits_of_their_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("not-there");
+        let watch = Watch::new(&missing, &missing);
+        assert!(watch._watcher.is_none());
+        let started = Instant::now();
+        let c = watch.wait(Duration::from_millis(150), &AtomicBool::new(false));
+        assert_eq!(c, Changes::default());
+        assert!(started.elapsed() >= Duration::from_millis(150));
     }
 }
