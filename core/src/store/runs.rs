@@ -830,14 +830,29 @@ impl Runs {
     /// Makes a merged run visible and its inputs invisible, in one batch of the main
     /// database, then removes the inputs' chunks.
     pub fn finish_merge(&mut self, gens: &Generations, plan: MergePlan, merged: Merged) -> Result<()> {
-        let main = gens.db(0)?;
         let Merged { pending, mut meta_batch } = merged;
         let ids = plan.ids();
-        for id in &ids {
-            remove_meta(main, *id, &mut meta_batch)?;
+        let applied = (|| {
+            let main = gens.db(0)?;
+            for id in &ids {
+                remove_meta(main, *id, &mut meta_batch)?;
+            }
+            crate::failpoint::hit("runs-merge-before-commit");
+            #[cfg(test)]
+            if tests::FAIL_MERGE_COMMIT.with(|f| f.replace(false)) {
+                return Err(StoreError::Invalid("a merge's commit made to fail (test)".into()));
+            }
+            main.apply_batch(meta_batch).context("cannot merge key index runs")
+        })();
+        if let Err(e) = applied {
+            // Nothing names the merged run's chunks: removed now, not left behind at every
+            // try of a merge that keeps failing (or at the next open, if this fails too).
+            if let Err(sweep) = self.abandon_merge(gens, &plan) {
+                tracing::warn!(error = %crate::error::Chain(&sweep), "cannot remove a failed merge's chunks now");
+            }
+            return Err(e);
         }
-        crate::failpoint::hit("runs-merge-before-commit");
-        main.apply_batch(meta_batch).context("cannot merge key index runs")?;
+        let main = gens.db(0)?;
         for id in &ids {
             self.runs.remove(id);
             self.held.remove(id);
@@ -1313,6 +1328,34 @@ mod tests {
         );
         let reopened = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         assert_eq!(reopened.run_count(), 1);
+    }
+
+    thread_local! {
+        /// The next merge's commit of its metadata fails.
+        pub static FAIL_MERGE_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// A merge whose metadata cannot be committed leaves the runs as they were, and the
+    /// chunks it wrote are removed at once: a merge that kept failing left a run's worth
+    /// of chunks behind at every try, until the next open.
+    #[test]
+    fn a_merge_whose_commit_fails_leaves_no_chunk_of_its_own() {
+        let (_dir, db, gens, mut z, unz) = store_parts();
+        let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
+        let per_run = 100u64;
+        write_fan_in(&mut runs, &db, &mut z, per_run);
+        let chunks_before = db.scan_prefix([keys::RUN_CHUNK]).count();
+        let plan = runs.plan_merge(&[]).unwrap();
+        let job = Runs::start_merge(&gens, plan, None, Arc::default()).unwrap();
+        let (plan, merged) = job.join();
+        assert!(db.scan_prefix([keys::RUN_CHUNK]).count() > chunks_before);
+        FAIL_MERGE_COMMIT.with(|f| f.set(true));
+        assert!(runs.finish_merge(&gens, plan, merged.unwrap()).is_err());
+        assert_eq!(db.scan_prefix([keys::RUN_CHUNK]).count(), chunks_before, "only its own chunks went");
+        assert_eq!(runs.run_count(), MERGE_FAN_IN);
+        for i in 0..MERGE_FAN_IN as u64 * per_run {
+            assert_eq!(runs.get(&gens, &unz, &entry(i).0).unwrap(), Some(entry(i).1), "entry {i}");
+        }
     }
 
     /// A merge that fails leaves the runs as they were; what one wrote before it was given
