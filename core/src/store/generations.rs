@@ -212,6 +212,11 @@ impl Generations {
         Generations { root: PathBuf::new(), main: main.clone(), gens: BTreeMap::new(), unrecorded: false }
     }
 
+    /// The data directory the generations are in (`None` before [`Generations::open`]).
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.root.parent().filter(|p| !p.as_os_str().is_empty())
+    }
+
     /// Opens the generations the main database lists, and deletes the folders of any it
     /// does not (one started by a batch a crash cut short, or one dropped just before).
     pub fn open(data_dir: &Path, main: &sled::Db) -> Result<Generations> {

@@ -488,12 +488,22 @@ impl Store {
         // One batch sequence at a time: its rows' postings, written as that batch wrote
         // them, and applied in bounded batches as the blocks are read.
         let db = self.db.clone();
+        let data_dir = self.data_dir().to_path_buf();
         let mut zstd = super::blocks::index_compressor()?;
         let mut current: Option<(u64, Postings)> = None;
         let mut write = |done: (u64, Postings), batch: &mut sled::Batch, pending: &mut usize| -> Result<()> {
             done.1.write(done.0, &mut zstd, batch)?;
             *pending += 1;
             if *pending >= 64 {
+                // A build over a large store writes a lot: it stops before the disk is full
+                // (sled can wait forever for a write that failed), and is built again from
+                // the start when its detector runs next (it is recorded only once built).
+                if crate::disk::low(&data_dir) {
+                    return Err(StoreError::Io(std::io::Error::new(
+                        std::io::ErrorKind::StorageFull,
+                        crate::disk::DiskSpaceLow(data_dir.display().to_string()),
+                    )));
+                }
                 db.apply_batch(std::mem::take(batch)).context("cannot write the column index")?;
                 *pending = 0;
             }

@@ -2263,6 +2263,25 @@ mod tests {
         assert_eq!(lookup(&store, "wsmprovhost.exe", Some((s3, s3))), ["s4"]);
     }
 
+    /// Building an index over a large store stops once the disk is nearly full, and is
+    /// not recorded as built; declared again with room, it is built whole.
+    #[test]
+    fn an_index_build_stops_on_a_nearly_full_disk_and_is_built_whole_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        for i in 0..70 {
+            commit(&mut store, vec![load(i, if i % 2 == 0 { "wsmprovhost.exe" } else { "svchost.exe" })]);
+        }
+        crate::disk::LOW_FOR_TESTS.lock().unwrap().push(dir.path().to_path_buf());
+        let e = store.declare_indexes(&[winrm_index()]).unwrap_err();
+        crate::disk::LOW_FOR_TESTS.lock().unwrap().retain(|d| d != dir.path());
+        let text = crate::error::Chain(&e).to_string();
+        assert!(text.contains("MiB free"), "{text}");
+        assert!(store.indexes().is_empty(), "not recorded as built");
+        store.declare_indexes(&[winrm_index()]).unwrap();
+        assert_eq!(lookup(&store, "wsmprovhost.exe", None).len(), 35);
+    }
+
     /// The rows an index chooses are read from where its entries say (the key index is
     /// not asked), and those places are the key index's.
     #[test]

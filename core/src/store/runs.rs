@@ -34,6 +34,7 @@ use crate::error::{StoreContext as _, StoreError};
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 /// Entries per chunk: ~64 keys of ~100 bytes compress to a few KiB, far below sled's
@@ -755,7 +756,7 @@ impl Runs {
         let Some(plan) = self.plan_merge(&[]) else { return Ok(false) };
         let db = gens.db(plan.generation)?;
         let mut z = zstd_d.lock().unwrap_or_else(|p| p.into_inner());
-        let merged = plan.run(db, zstd_c, &mut z, horizon, &super::pass_gate::PassGate::default())?;
+        let merged = plan.run(db, zstd_c, &mut z, horizon, &super::pass_gate::PassGate::default(), None)?;
         drop(z);
         self.finish_merge(gens, plan, merged)?;
         Ok(true)
@@ -815,13 +816,14 @@ impl Runs {
         passes: Arc<super::pass_gate::PassGate>,
     ) -> Result<MergeJob> {
         let db = gens.db(plan.generation)?.clone();
+        let data_dir = gens.data_dir().map(Path::to_path_buf);
         let thread_plan = plan.clone();
         let handle = std::thread::Builder::new()
             .name("lookout-merge".into())
             .spawn(move || {
                 let mut zstd_c = super::blocks::index_compressor()?;
                 let mut zstd_d = super::blocks::decompressor()?;
-                thread_plan.run(&db, &mut zstd_c, &mut zstd_d, horizon, &passes)
+                thread_plan.run(&db, &mut zstd_c, &mut zstd_d, horizon, &passes, data_dir.as_deref())
             })
             .map_err(|e| StoreError::Invalid(format!("cannot start a thread to merge key index runs: {e}")))?;
         Ok(MergeJob { plan, handle })
@@ -1012,6 +1014,7 @@ impl MergePlan {
         zstd_d: &mut zstd::bulk::Decompressor<'static>,
         horizon: Option<i64>,
         passes: &super::pass_gate::PassGate,
+        data_dir: Option<&Path>,
     ) -> Result<Merged> {
         let mut cursors: Vec<RunCursor> = self
             .inputs
@@ -1034,6 +1037,15 @@ impl MergePlan {
             if w.chunks != chunks_seen {
                 chunks_seen = w.chunks;
                 passes.wait_idle(super::pass_gate::MAX_WAIT);
+                // sled can wait forever for a write that failed for lack of space, and the
+                // store, closing, waits for this thread: the merge is given up instead (its
+                // chunks removed, tried again later).
+                if let Some(dir) = data_dir.filter(|d| crate::disk::low(d)) {
+                    return Err(StoreError::Invalid(format!(
+                        "the disk of {} is nearly full: a key index merge is given up for now",
+                        dir.display()
+                    )));
+                }
             }
             for c in cursors.iter_mut() {
                 c.peek(db, zstd_d)?;
@@ -1358,6 +1370,27 @@ mod tests {
         }
     }
 
+    /// A merge on a nearly full disk is given up at its next chunk instead of writing on
+    /// (sled can wait forever for a write that failed, and a store closing waits for the
+    /// merge): the runs stay as they were.
+    #[test]
+    fn a_merge_on_a_nearly_full_disk_is_given_up() {
+        let (dir, db, gens, mut z, unz) = store_parts();
+        let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
+        write_fan_in(&mut runs, &db, &mut z, 150);
+        let chunks_before = db.scan_prefix([keys::RUN_CHUNK]).count();
+        crate::disk::LOW_FOR_TESTS.lock().unwrap().push(dir.path().to_path_buf());
+        let plan = runs.plan_merge(&[]).unwrap();
+        let job = Runs::start_merge(&gens, plan, None, Arc::default()).unwrap();
+        let (plan, merged) = job.join();
+        crate::disk::LOW_FOR_TESTS.lock().unwrap().retain(|d| d != dir.path());
+        let e = merged.err().expect("given up");
+        assert!(e.to_string().contains("nearly full"), "{e}");
+        runs.abandon_merge(&gens, &plan).unwrap();
+        assert_eq!(db.scan_prefix([keys::RUN_CHUNK]).count(), chunks_before);
+        assert_eq!(runs.run_count(), MERGE_FAN_IN);
+    }
+
     /// A merge that fails leaves the runs as they were; what one wrote before it was given
     /// up is removed at once, and nothing else is.
     #[test]
@@ -1369,7 +1402,7 @@ mod tests {
         let chunks_before = db.scan_prefix([keys::RUN_CHUNK]).count();
         // Written in full, then given up (as after a failure on the merge thread).
         let plan = runs.plan_merge(&[]).unwrap();
-        plan.run(&db, &mut z, &mut unz.lock().unwrap(), None, &PassGate::default()).unwrap();
+        plan.run(&db, &mut z, &mut unz.lock().unwrap(), None, &PassGate::default(), None).unwrap();
         assert!(db.scan_prefix([keys::RUN_CHUNK]).count() > chunks_before);
         runs.abandon_merge(&gens, &plan).unwrap();
         assert_eq!(db.scan_prefix([keys::RUN_CHUNK]).count(), chunks_before, "only its own chunks went");
@@ -1378,7 +1411,7 @@ mod tests {
         let victim = plan.inputs[3].0;
         db.remove(chunk_key(victim, 0)).unwrap();
         let plan = runs.plan_merge(&[]).unwrap();
-        assert!(plan.run(&db, &mut z, &mut unz.lock().unwrap(), None, &PassGate::default()).is_err());
+        assert!(plan.run(&db, &mut z, &mut unz.lock().unwrap(), None, &PassGate::default(), None).is_err());
         runs.abandon_merge(&gens, &plan).unwrap();
         assert_eq!(db.scan_prefix([keys::RUN_CHUNK]).count(), chunks_before - 1);
         assert_eq!(runs.run_count(), MERGE_FAN_IN);
