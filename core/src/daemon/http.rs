@@ -9,8 +9,9 @@ use crate::error::Chain;
 use crate::status::status_of;
 use crate::store::{Counters, StoreReader};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -27,10 +28,20 @@ const DATA_HEADER: &str = "X-Lookout-Data";
 pub type SharedDb = Arc<RwLock<Option<StoreReader>>>;
 
 pub struct Endpoint {
-    server: Arc<tiny_http::Server>,
+    stopping: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     pub addr: SocketAddr,
 }
+
+/// Connections served at once; more are closed as they come. The endpoint is for a
+/// scraper and the odd `lookout status`: a client that opens many cannot take the
+/// daemon's threads or memory.
+const MAX_CONNECTIONS: usize = 8;
+/// How long a connection may take to send its request, or to take its answer: a client
+/// that stops half-way holds a connection this long, not for good.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most a request's line and headers may take.
+const MAX_HEAD: usize = 8 << 10;
 
 /// What the endpoint reports: the figures behind `/metrics` and `/status`.
 pub trait Observe: Send + Sync {
@@ -86,25 +97,56 @@ impl Endpoint {
         observe: Arc<dyn Observe>,
         metrics: Arc<Mutex<Metrics>>,
     ) -> Result<Endpoint, DaemonError> {
-        let data = identity_of(data_dir);
-        let server = tiny_http::Server::http(listen)
-            .map_err(|source| DaemonError::Listen { addr: listen.to_string(), source })?;
-        let addr = server.server_addr().to_ip().ok_or_else(|| DaemonError::NotIp(listen.to_string()))?;
-        let server = Arc::new(server);
-        let s = server.clone();
+        let listener = TcpListener::bind(listen)
+            .map_err(|source| DaemonError::Listen { addr: listen.to_string(), source: Box::new(source) })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| DaemonError::Listen { addr: listen.to_string(), source: Box::new(source) })?;
+        let shared = Arc::new(Shared {
+            data: identity_of(data_dir),
+            observe,
+            metrics,
+            last_counters: Mutex::new(Counters::default()),
+            open: AtomicUsize::new(0),
+        });
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = stopping.clone();
         let thread = std::thread::Builder::new()
             .name("lookout-http".into())
-            .spawn(move || serve(&s, &data, observe.as_ref(), &metrics))
+            .spawn(move || accept(&listener, &shared, &stop))
             .map_err(DaemonError::EndpointThread)?;
-        Ok(Endpoint { server, thread: Some(thread), addr })
+        Ok(Endpoint { stopping, thread: Some(thread), addr })
     }
 
+    /// Stops taking connections. Answers under way end on their own (within
+    /// [`IO_TIMEOUT`]); a stop does not wait for a client that does not read.
     pub fn stop(mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        self.stopping.store(true, Ordering::SeqCst);
+        // The accepting thread is woken by a connection of its own.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        if TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok() {
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
         }
     }
+}
+
+/// What the connections' threads share.
+struct Shared {
+    data: String,
+    observe: Arc<dyn Observe>,
+    metrics: Arc<Mutex<Metrics>>,
+    /// The last counters read: they stand while the database is being reopened.
+    last_counters: Mutex<Counters>,
+    /// Connections being served.
+    open: AtomicUsize,
 }
 
 /// How a data directory is named between a daemon and a command asking it: its
@@ -113,49 +155,150 @@ fn identity_of(data_dir: &Path) -> String {
     std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf()).to_string_lossy().into_owned()
 }
 
-fn serve(server: &tiny_http::Server, data: &str, observe: &dyn Observe, metrics: &Mutex<Metrics>) {
-    let mut last_counters = Counters::default();
-    for req in server.incoming_requests() {
-        let (code, ctype, body) = match (req.method(), req.url()) {
-            (tiny_http::Method::Get, "/metrics") => {
-                // While the database is being reopened, the last counters seen stand.
-                if let Some(c) = observe.counters() {
-                    last_counters = c;
-                }
-                let m = metrics.lock().map(|m| m.clone()).unwrap_or_default();
-                let mut text = render(&m, &last_counters);
-                let extra = observe.extra_metrics();
-                if !extra.is_empty() {
-                    // The exposition ends with `# EOF`: the node's figures go before it.
-                    let body = text.strip_suffix("# EOF\n").map(str::to_string);
-                    text = match body {
-                        Some(b) => format!("{b}{extra}# EOF\n"),
-                        None => format!("{text}{extra}"),
-                    };
-                }
-                (200, CONTENT_TYPE, text)
-            }
-            (tiny_http::Method::Get, "/status") => match observe.status().map(|s| serde_json::to_string(&s)) {
-                Ok(Ok(json)) => (200, "application/json", json),
-                Ok(Err(e)) => (500, "text/plain; charset=utf-8", format!("status failed: {e}\n")),
-                Err((code, text)) => (code, "text/plain; charset=utf-8", text),
-            },
-            (tiny_http::Method::Get, "/status/kafka") => match observe.kafka() {
-                Some(k) => match serde_json::to_string(&serde_json::json!({ "kafka": k })) {
-                    Ok(json) => (200, "application/json", json),
-                    Err(e) => (500, "text/plain; charset=utf-8", format!("status failed: {e}\n")),
-                },
-                None => (404, "text/plain; charset=utf-8", "not a Kafka node: try /status\n".to_string()),
-            },
-            _ => (404, "text/plain; charset=utf-8", "not found: try /metrics or /status\n".to_string()),
-        };
-        let mut resp = tiny_http::Response::from_string(body).with_status_code(code);
-        for (name, value) in [("Content-Type", ctype), (DATA_HEADER, data)] {
-            if let Ok(h) = tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()) {
-                resp = resp.with_header(h);
-            }
+/// Takes connections until `stop`, each served on a thread of its own, at most
+/// [`MAX_CONNECTIONS`] at once.
+fn accept(listener: &TcpListener, shared: &Arc<Shared>, stop: &AtomicBool) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
         }
-        let _ = req.respond(resp);
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors, say: not a reason to spin.
+                tracing::debug!(error = %e, "cannot take a connection to the endpoint");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if shared.open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            shared.open.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new().name("lookout-http-conn".into()).spawn(move || {
+            serve(stream, &s);
+            s.open.fetch_sub(1, Ordering::SeqCst);
+        });
+        if spawned.is_err() {
+            shared.open.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Reads one request and answers it; the connection is closed after.
+fn serve(mut stream: TcpStream, shared: &Shared) {
+    if stream.set_read_timeout(Some(IO_TIMEOUT)).is_err() || stream.set_write_timeout(Some(IO_TIMEOUT)).is_err() {
+        return;
+    }
+    let (code, ctype, body) = match read_head(&mut stream) {
+        Ok(head) => answer(&head, shared),
+        Err(HeadError::TooLarge) => (431, TEXT, "request header fields too large\n".to_string()),
+        Err(HeadError::Malformed) => (400, TEXT, "bad request\n".to_string()),
+        Err(HeadError::Gone) => return,
+    };
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
+    };
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{DATA_HEADER}: {}\r\nConnection: close\r\n\r\n",
+        body.len(),
+        shared.data
+    );
+    let _ = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body.as_bytes()));
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+enum HeadError {
+    TooLarge,
+    Malformed,
+    /// The client went, or sent nothing in time.
+    Gone,
+}
+
+/// The request line and headers (up to the blank line), at most [`MAX_HEAD`] bytes.
+fn read_head(stream: &mut TcpStream) -> Result<String, HeadError> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut buf).map_err(|_| HeadError::Gone)?;
+        if n == 0 {
+            return Err(HeadError::Gone);
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(end) = find_blank_line(&head) {
+            head.truncate(end);
+            return String::from_utf8(head).map_err(|_| HeadError::Malformed);
+        }
+        if head.len() > MAX_HEAD {
+            return Err(HeadError::TooLarge);
+        }
+    }
+}
+
+/// Where the blank line ending a request's head starts (`\r\n\r\n` or `\n\n`).
+fn find_blank_line(b: &[u8]) -> Option<usize> {
+    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n");
+    let lf = b.windows(2).position(|w| w == b"\n\n");
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The answer to a request's head: code, content type and body.
+fn answer(head: &str, shared: &Shared) -> (u16, &'static str, String) {
+    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+        return (400, TEXT, "bad request\n".to_string());
+    };
+    if method != "GET" {
+        return (405, TEXT, "only GET is served\n".to_string());
+    }
+    let path = target.split('?').next().unwrap_or_default();
+    match path {
+        "/metrics" => {
+            let counters = {
+                let mut last = shared.last_counters.lock().unwrap_or_else(|p| p.into_inner());
+                // While the database is being reopened, the last counters seen stand.
+                if let Some(c) = shared.observe.counters() {
+                    *last = c;
+                }
+                last.clone()
+            };
+            let m = shared.metrics.lock().map(|m| m.clone()).unwrap_or_default();
+            let mut text = render(&m, &counters);
+            let extra = shared.observe.extra_metrics();
+            if !extra.is_empty() {
+                // The exposition ends with `# EOF`: the node's figures go before it.
+                let body = text.strip_suffix("# EOF\n").map(str::to_string);
+                text = match body {
+                    Some(b) => format!("{b}{extra}# EOF\n"),
+                    None => format!("{text}{extra}"),
+                };
+            }
+            (200, CONTENT_TYPE, text)
+        }
+        "/status" => match shared.observe.status().map(|s| serde_json::to_string(&s)) {
+            Ok(Ok(json)) => (200, "application/json", json),
+            Ok(Err(e)) => (500, TEXT, format!("status failed: {e}\n")),
+            Err((code, text)) => (code, TEXT, text),
+        },
+        "/status/kafka" => match shared.observe.kafka() {
+            Some(k) => match serde_json::to_string(&serde_json::json!({ "kafka": k })) {
+                Ok(json) => (200, "application/json", json),
+                Err(e) => (500, TEXT, format!("status failed: {e}\n")),
+            },
+            None => (404, TEXT, "not a Kafka node: try /status\n".to_string()),
+        },
+        _ => (404, TEXT, "not found: try /metrics or /status\n".to_string()),
     }
 }
 
@@ -211,5 +354,67 @@ pub fn ask(data_dir: &Path, path: &str) -> Answer {
         Some((_, Some(data), _)) if data != identity_of(data_dir) => Answer::NoDaemon,
         Some((200, _, body)) => Answer::Ok(body),
         Some((code, _, body)) => Answer::Failed(code, body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    struct Stub;
+
+    impl Observe for Stub {
+        fn counters(&self) -> Option<Counters> {
+            Some(Counters::default())
+        }
+        fn status(&self) -> Result<crate::status::Status, (u16, String)> {
+            Err((503, "stub\n".into()))
+        }
+    }
+
+    fn endpoint(dir: &Path) -> Endpoint {
+        Endpoint::start_with("127.0.0.1:0", dir, Arc::new(Stub), Arc::default()).unwrap()
+    }
+
+    /// A request as `ask` sends it: (code, body), or `None` without an answer.
+    fn get(addr: SocketAddr, request: &[u8]) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        s.write_all(request).ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        let (head, body) = resp.split_once("\r\n\r\n")?;
+        Some((head.split_whitespace().nth(1)?.parse().ok()?, body.to_string()))
+    }
+
+    /// Clients that connect and send nothing, or send more than a request's head may
+    /// be, neither take a thread each nor keep the endpoint from answering: it still
+    /// answers at once, and a stop does not wait for them.
+    #[test]
+    fn idle_and_oversized_clients_do_not_hold_the_endpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = endpoint(dir.path());
+        let idle: Vec<TcpStream> = (0..50).filter_map(|_| TcpStream::connect(e.addr).ok()).collect();
+        assert_eq!(idle.len(), 50);
+        // The first MAX_CONNECTIONS hold their slots until IO_TIMEOUT; the rest were closed.
+        std::thread::sleep(IO_TIMEOUT + Duration::from_millis(500));
+        let started = Instant::now();
+        let (code, body) = get(e.addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("an answer");
+        assert_eq!(code, 200);
+        assert!(body.contains("lookout_duplicates_skipped_total 0"), "{body}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let mut huge = b"GET /metrics HTTP/1.1\r\nX-Pad: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'x', 64 << 10));
+        let answered = get(e.addr, &huge);
+        assert!(answered.as_ref().is_none_or(|(code, _)| *code == 431), "{answered:?}");
+        assert_eq!(get(e.addr, b"POST /metrics HTTP/1.0\r\n\r\n").map(|a| a.0), Some(405));
+        assert_eq!(get(e.addr, b"GET /nothing HTTP/1.0\r\n\r\n").map(|a| a.0), Some(404));
+        assert_eq!(get(e.addr, b"GET /status HTTP/1.0\r\n\r\n").map(|a| a.0), Some(503));
+        let _more_idle: Vec<TcpStream> = (0..20).filter_map(|_| TcpStream::connect(e.addr).ok()).collect();
+        let stopping = Instant::now();
+        e.stop();
+        assert!(stopping.elapsed() < Duration::from_secs(2), "{:?}", stopping.elapsed());
+        drop(idle);
     }
 }

@@ -34,8 +34,6 @@ pub enum DaemonError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("{0} is not an IP address")]
-    NotIp(String),
     #[error("cannot start the endpoint thread")]
     EndpointThread(#[source] std::io::Error),
     #[error("cannot write {}", path.display())]
