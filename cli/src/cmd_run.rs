@@ -175,6 +175,7 @@ pub fn run(data_flag: Option<&Path>, args: RunArgs) -> Result<ExitCode> {
         ingest,
         now,
         retention,
+        retention_given: args.retention.retention.is_some() || cfg.retention.is_some(),
         clock_file: args.clock_file.clone(),
         detect_threads: usize::from(args.detect_threads.or(cfg.detect_threads).unwrap_or(0)),
     };

@@ -659,7 +659,7 @@ pub fn windows_beyond_retention(
 }
 
 /// A duration in ticks as `31d`, `12h` or `90s`.
-fn duration_text(ticks: i64) -> String {
+pub fn duration_text(ticks: i64) -> String {
     let secs = ticks / lookout_plugin_sdk::time::TICKS_PER_SEC;
     match secs {
         s if s % 86_400 == 0 => format!("{}d", s / 86_400),

@@ -116,6 +116,8 @@ pub struct DaemonSpec {
     failpoint: Option<String>,
     bin: Option<PathBuf>,
     user: Option<(u32, u32)>,
+    /// No `--retention` at all (the daemon's own choice is under test).
+    no_retention: bool,
 }
 
 impl DaemonSpec {
@@ -128,6 +130,7 @@ impl DaemonSpec {
             failpoint: None,
             bin: None,
             user: None,
+            no_retention: false,
         }
     }
 
@@ -178,6 +181,12 @@ impl DaemonSpec {
         self
     }
 
+    /// Runs the daemon with no `--retention` (not even the `none` the tests' fleets need).
+    pub fn no_retention_flag(mut self) -> DaemonSpec {
+        self.no_retention = true;
+        self
+    }
+
     /// Runs this binary instead of [`lookout_bin`].
     pub fn binary(mut self, bin: &Path) -> DaemonSpec {
         self.bin = Some(bin.to_path_buf());
@@ -201,7 +210,7 @@ impl DaemonSpec {
         cmd.arg("--data").arg(&self.data).arg("run").args(["--listen", "127.0.0.1:0"]).args(&self.args);
         // Test fleets carry fixed timestamps that the clock has long passed: unless a test
         // is about retention (and says so), everything is kept.
-        if !self.args.iter().any(|a| a == "--retention") {
+        if !self.no_retention && !self.args.iter().any(|a| a == "--retention") {
             cmd.args(["--retention", "none"]);
         }
         cmd

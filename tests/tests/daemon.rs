@@ -1036,6 +1036,43 @@ fn a_failing_detector_is_retried_after_a_growing_wait() {
     d.terminate(Duration::from_secs(20));
 }
 
+/// `run` given no retention keeps the one the data directory recorded (a backfill's
+/// `ingest --retention 90d`), not the 31-day default: the horizon never moves back, so
+/// the default removed for good the rows 31 to 90 days old.
+#[test]
+fn run_without_a_retention_keeps_the_one_the_data_directory_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let logs = root.join("logs");
+    fs::create_dir_all(&logs).unwrap();
+    let backfill = root.join("backfill");
+    fs::create_dir_all(&backfill).unwrap();
+    // NOW is 2025-05-08: one row 60 days old, one a day old.
+    let rows =
+        logon(1, "2025-03-09T12:00:00Z", "LogonFailed", "u") + &logon(2, "2025-05-07T12:00:00Z", "LogonFailed", "u");
+    fs::write(backfill.join("DeviceLogonEvents.jsonl"), rows).unwrap();
+    let data = root.join("data");
+    lookout_ok(&data, &["ingest", "--retention", "90d", "--now", NOW, backfill.to_str().unwrap()]);
+    let mut d = daemon_spec(root, &data, &logs, &plugins_dir(root, &[]), &root.join("findings.jsonl"))
+        .no_retention_flag()
+        .start();
+    // A look with the clock at NOW has passed once the log file written now is stored.
+    fs::write(logs.join("DeviceLogonEvents.jsonl"), logon(3, "2025-05-07T13:00:00Z", "LogonFailed", "u")).unwrap();
+    let s = d.wait_for("the new row", Duration::from_secs(30), |d| {
+        let s = d.status();
+        if table_counts(&s).get("DeviceLogonEvents").copied().unwrap_or(0) >= 3 {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    });
+    assert!(d.log_text().contains("keeping the one this data directory recorded"), "{}", d.log_text());
+    d.terminate(Duration::from_secs(20));
+    // Counted exactly (the rows within retention, not the blocks kept) once it stopped.
+    let s: Value = serde_json::from_str(&lookout_ok(&data, &["status", "--json"])).unwrap();
+    assert_eq!(table_counts(&s).get("DeviceLogonEvents"), Some(&3), "the 60-day-old row is kept: {s}");
+}
+
 /// `lookout status` asks only the daemon of its own data directory: a copy of a data
 /// directory (or one whose daemon's address another daemon took since) carries the
 /// running daemon's address file, and `status` there reports the copy, not that daemon.

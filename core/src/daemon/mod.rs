@@ -81,6 +81,10 @@ pub struct DaemonConfig {
     pub now: Option<i64>,
     /// How long rows are kept (ticks; `None`: forever).
     pub retention: Option<i64>,
+    /// Whether `retention` was given (a flag or the config file). If not, the retention
+    /// the data directory recorded wins over it (the default): the horizon never moves
+    /// back, so a shorter default would remove for good rows a longer retention kept.
+    pub retention_given: bool,
     /// A file holding the current time (RFC 3339), read at every look and used as both
     /// the evaluation and the ingestion time: a clock someone else moves (replays at a
     /// chosen pace; tests of what the clock alone changes). Wins over `now`.
@@ -117,13 +121,21 @@ fn read_clock_file(path: &std::path::Path, warned: &mut Option<String>) -> Optio
 /// the service: the store is closed and reopened after a back-off, so ingestion resumes
 /// when the cause is gone. Problems at the start (a locked database, a bad address) are
 /// returned: they are the operator's to fix.
-pub fn run(cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
+pub fn run(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
     if !cfg.logs.is_dir() {
         return Err(DaemonError::NoLogsFolder(cfg.logs.clone()));
     }
     let metrics = Arc::new(Mutex::new(Metrics::default()));
     let db: http::SharedDb = Arc::new(RwLock::new(None));
     let mut store = Store::open(&cfg.data)?;
+    if !cfg.retention_given {
+        if let Some(recorded) = store.recorded_retention()? {
+            if recorded != cfg.retention {
+                tracing::info!(retention = %recorded.map_or_else(|| "none".to_string(), crate::detect::duration_text), "no retention given: keeping the one this data directory recorded");
+            }
+            cfg.retention = recorded;
+        }
+    }
     // For `lookout ingest` or `detect` run by hand on this data directory later.
     store.record_retention(cfg.retention)?;
     *db.write().unwrap_or_else(|p| p.into_inner()) = Some(store.reader());
