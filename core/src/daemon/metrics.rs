@@ -93,6 +93,8 @@ pub struct Metrics {
     pub disk_space_low: bool,
     /// Times they were paused for lack of disk space.
     pub disk_space_pauses: u64,
+    /// Detectors loaded from the plugins folder now.
+    pub detectors_loaded: u64,
 }
 
 impl Default for Metrics {
@@ -109,6 +111,7 @@ impl Default for Metrics {
             restarts: 0,
             disk_space_low: false,
             disk_space_pauses: 0,
+            detectors_loaded: 0,
         }
     }
 }
@@ -201,6 +204,12 @@ pub fn render(m: &Metrics, c: &Counters) -> String {
     );
     r.register("duplicates_skipped", "Rows not stored because they were stored already", counter(c.duplicates));
     r.register(
+        "rows_expired",
+        "Rows not stored because they were already older than the retention when they arrived",
+        counter(c.expired),
+    );
+    r.register("rows_removed", "Stored rows removed by retention", counter(c.removed));
+    r.register(
         "rows_rejected",
         "Bad records kept aside, per reason",
         counters(c.rejected.iter().map(|(k, n)| (reason(k), *n))),
@@ -244,6 +253,7 @@ pub fn render(m: &Metrics, c: &Counters) -> String {
         counter(m.disk_space_pauses),
     );
     r.register("polls", "Looks at the logs directory", counter(m.polls));
+    r.register("detectors_loaded", "Detectors loaded from the plugins folder", gauge(m.detectors_loaded));
     let mut out = String::new();
     // Writing to a String cannot fail; an encoder error would be a bug, shown on the page.
     if let Err(e) = prometheus_text::encode(&mut out, &r) {
@@ -331,6 +341,7 @@ mod tests {
         let mut c = Counters::default();
         c.rows.insert("DeviceFileEvents".into(), 12);
         c.rejected.insert("malformed_json".into(), 1);
+        (c.expired, c.removed, m.detectors_loaded) = (3, 4, 2);
         let page = render(&m, &c);
         let types = check(&page).unwrap_or_else(|e| panic!("{e}\n{page}"));
         for (family, kind) in [
@@ -345,6 +356,9 @@ mod tests {
             ("lookout_detector_failures_total", "counter"),
             ("lookout_plugin_load_failures_total", "counter"),
             ("lookout_disk_space_low", "gauge"),
+            ("lookout_rows_expired_total", "counter"),
+            ("lookout_rows_removed_total", "counter"),
+            ("lookout_detectors_loaded", "gauge"),
         ] {
             assert_eq!(types.get(family).map(String::as_str), Some(kind), "{family}\n{page}");
         }
@@ -359,6 +373,8 @@ mod tests {
         assert!(has(r#"lookout_rows_stored{table="DeviceFileEvents"} 12"#));
         assert!(has(r#"lookout_source_bytes_behind{path="odd \"name\\\n"} 7"#), "label values are escaped\n{page}");
         assert!(has("lookout_disk_space_low 1"));
+        assert!(has("lookout_rows_expired_total 3") && has("lookout_rows_removed_total 4"), "{page}");
+        assert!(has("lookout_detectors_loaded 2"), "{page}");
         // A clone (what the endpoint renders) shares the histograms.
         let clone = m.clone();
         m.observe_pass(&winrm, Duration::from_millis(1), 0, 0, false);

@@ -253,6 +253,7 @@ fn work(
     let mut plugins = PluginSet::new(&cfg.plugins, &cfg.data);
     // The set's refusals already added to the metric.
     let mut failures_counted = 0;
+    let mut said_none_loaded = false;
     let mut last_rescan = Instant::now() - cfg.rescan;
     let mut changes = watch::Changes { logs: true, plugins: true };
     let mut detect_opts = DetectOptions {
@@ -314,6 +315,12 @@ fn work(
             continue;
         }
         let plugins_changed = if changes.plugins || rescan { plugins.refresh()? } else { false };
+        // Said once each time the set becomes empty (a daemon started with no plugins
+        // folder, one emptied while it runs), not at every look.
+        if plugins.plugins.is_empty() && !said_none_loaded {
+            tracing::warn!(plugins = %cfg.plugins.display(), "no detector is loaded: rows are stored, nothing is detected (drop a detector library into the plugins folder)");
+        }
+        said_none_loaded = plugins.plugins.is_empty();
         if plugins_changed {
             if let Err(e) = crate::detect::check_params(&plugins.plugins, &detect_opts.params) {
                 tracing::warn!(error = %e, "settings for a detector that is not loaded are not used");
@@ -394,6 +401,7 @@ fn work(
             m.polls += 1;
             m.behind = tailer.behind();
             // A counter across work-loop restarts, each of which starts a new plugin set.
+            m.detectors_loaded = plugins.plugins.len() as u64;
             m.plugin_load_failures += plugins.failures.saturating_sub(failures_counted);
             failures_counted = plugins.failures;
             m.skipped_files.clear();

@@ -886,7 +886,10 @@ fn work(
                 owned.spares.top_up(want);
             }
             update_view(&mut owned, &watermarks, observe);
+            // Every owned partition loads the same folder: the most any of them runs.
+            let loaded = owned.partitions.values().map(|p| p.plugins.plugins.len() as u64).max().unwrap_or(0);
             drop(owned);
+            metrics.lock().unwrap_or_else(|p| p.into_inner()).detectors_loaded = loaded;
             let rows: u64 = reports.values().map(|r| r.total_new()).sum();
             if rows > 0 {
                 let first_message = first_message.map(|at| at - round_started);
