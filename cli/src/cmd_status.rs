@@ -5,6 +5,7 @@ use anyhow::{anyhow, Result};
 use clap::Args;
 use lookout_core::daemon::http::{ask, Answer};
 use lookout_core::status::{status, Status};
+use lookout_core::store::RejectRecord;
 use lookout_core::Store;
 use std::path::Path;
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use std::process::ExitCode;
 #[derive(Args)]
 pub struct StatusArgs {
     /// Print one JSON object
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["rejects", "space"])]
     json: bool,
     /// Also list up to this many rejected records with file, line and reason
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "20")]
@@ -40,8 +41,20 @@ pub fn run(data: &Path, args: StatusArgs) -> Result<ExitCode> {
         }
         let s: Status = serde_json::from_str(&body)?;
         print_human(&s);
-        if args.rejects.is_some() {
-            println!("(rejected records are listed when the daemon is stopped)");
+        if let Some(n) = args.rejects {
+            match ask(data, &format!("/rejects?n={n}")) {
+                Answer::Ok(body) => {
+                    let rejects: Vec<RejectRecord> = serde_json::from_str(&body)?;
+                    for r in rejects {
+                        println!("reject {}:{} (offset {}): {}: {}", r.file, r.line, r.offset, r.kind, r.reason);
+                    }
+                }
+                Answer::Failed(_, text) => println!("(rejected records: {})", text.trim_end()),
+                Answer::NoDaemon => println!("(rejected records: the daemon stopped meanwhile; run this again)"),
+            }
+        }
+        if args.space {
+            println!("(--space is shown when the daemon is stopped: it reads every key)");
         }
         return Ok(ExitCode::SUCCESS);
     }

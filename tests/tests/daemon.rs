@@ -1073,6 +1073,34 @@ fn run_without_a_retention_keeps_the_one_the_data_directory_recorded() {
     assert_eq!(table_counts(&s).get("DeviceLogonEvents"), Some(&3), "the 60-day-old row is kept: {s}");
 }
 
+/// `lookout status --rejects` lists the rejected records while the daemon runs (it asks
+/// the daemon's `/rejects`): an operator need not stop the service to see why records
+/// are kept aside.
+#[test]
+fn status_lists_rejects_while_the_daemon_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let logs = root.join("logs");
+    fs::create_dir_all(&logs).unwrap();
+    let good = logon(2, "2025-05-07T12:00:00Z", "LogonFailed", "u");
+    fs::write(logs.join("DeviceLogonEvents.jsonl"), format!("{{\"Timestamp\": nope\n{good}")).unwrap();
+    let data = root.join("data");
+    let mut d = daemon_spec(root, &data, &logs, &plugins_dir(root, &[]), &root.join("findings.jsonl")).start();
+    d.wait_for("the good row and the reject", Duration::from_secs(30), |d| {
+        let s = d.status();
+        if s["rejected"] == 1 && table_counts(&s).get("DeviceLogonEvents") == Some(&1) {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    let out = lookout_ok(&data, &["status", "--rejects", "5"]);
+    assert!(out.contains("reject ") && out.contains("DeviceLogonEvents.jsonl:1 (offset 0): malformed_json"), "{out}");
+    let both = lookout(&data, &["status", "--json", "--rejects"]);
+    assert!(!both.status.success(), "--json with --rejects is refused, not half-answered");
+    d.terminate(Duration::from_secs(20));
+}
+
 /// `lookout status` asks only the daemon of its own data directory: a copy of a data
 /// directory (or one whose daemon's address another daemon took since) carries the
 /// running daemon's address file, and `status` there reports the copy, not that daemon.

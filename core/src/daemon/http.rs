@@ -1,6 +1,6 @@
 //! The daemon's local endpoint: `/metrics` (Prometheus text), `/status` (the JSON of
-//! `lookout status --json`) and, on a Kafka node, `/status/kafka` (its partitions alone,
-//! cheap to poll). Only one process can open the database, so this is how other
+//! `lookout status --json`), `/rejects?n=N` (the first rejected records kept, as JSON)
+//! and, on a Kafka node, `/status/kafka` (its partitions alone, cheap to poll). Only one process can open the database, so this is how other
 //! `lookout` commands see a running daemon.
 
 use super::metrics::{render, Metrics, CONTENT_TYPE};
@@ -49,6 +49,11 @@ pub trait Observe: Send + Sync {
     fn counters(&self) -> Option<Counters>;
     /// `/status`, or the HTTP code and text of why not.
     fn status(&self) -> Result<crate::status::Status, (u16, String)>;
+    /// `/rejects`: the first `limit` rejected records kept, or the HTTP code and text of
+    /// why not.
+    fn rejects(&self, _limit: usize) -> Result<Vec<crate::store::RejectRecord>, (u16, String)> {
+        Err((404, "rejected records are not served here: see `lookout status --rejects` per partition\n".into()))
+    }
     /// More Prometheus text after the daemon's own (a Kafka node's partitions).
     fn extra_metrics(&self) -> String {
         String::new()
@@ -76,6 +81,13 @@ impl Observe for OneStore {
         match self.db.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
             None => Err((503, "the database is being reopened after an error; retry\n".into())),
             Some(db) => status_of(db, &self.data_dir).map_err(|e| (500, format!("status failed: {}\n", Chain(&e)))),
+        }
+    }
+
+    fn rejects(&self, limit: usize) -> Result<Vec<crate::store::RejectRecord>, (u16, String)> {
+        match self.db.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            None => Err((503, "the database is being reopened after an error; retry\n".into())),
+            Some(db) => db.rejects(limit).map_err(|e| (500, format!("rejects failed: {}\n", Chain(&e)))),
         }
     }
 }
@@ -262,8 +274,20 @@ fn answer(head: &str, shared: &Shared) -> (u16, &'static str, String) {
     if method != "GET" {
         return (405, TEXT, "only GET is served\n".to_string());
     }
-    let path = target.split('?').next().unwrap_or_default();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     match path {
+        "/rejects" => {
+            // `?n=N`: how many (20 if not said).
+            let n = query.split('&').find_map(|kv| kv.strip_prefix("n=")).map(str::parse::<usize>);
+            match n.unwrap_or(Ok(20)) {
+                Err(_) => (400, TEXT, "n must be a count: /rejects?n=20\n".to_string()),
+                Ok(n) => match shared.observe.rejects(n).map(|r| serde_json::to_string(&r)) {
+                    Ok(Ok(json)) => (200, "application/json", json),
+                    Ok(Err(e)) => (500, TEXT, format!("rejects failed: {e}\n")),
+                    Err((code, text)) => (code, TEXT, text),
+                },
+            }
+        }
         "/metrics" => {
             let counters = {
                 let mut last = shared.last_counters.lock().unwrap_or_else(|p| p.into_inner());
@@ -298,7 +322,7 @@ fn answer(head: &str, shared: &Shared) -> (u16, &'static str, String) {
             },
             None => (404, TEXT, "not a Kafka node: try /status\n".to_string()),
         },
-        _ => (404, TEXT, "not found: try /metrics or /status\n".to_string()),
+        _ => (404, TEXT, "not found: try /metrics, /status or /rejects?n=20\n".to_string()),
     }
 }
 

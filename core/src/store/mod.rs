@@ -1301,6 +1301,11 @@ pub struct StoreReader {
 }
 
 impl StoreReader {
+    /// The first `limit` rejected records kept (as [`Store::rejects`]).
+    pub fn rejects(&self, limit: usize) -> Result<Vec<RejectRecord>> {
+        self.db.scan_prefix([keys::REJECT]).take(limit).map(|kv| dec(&kv?.1)).collect()
+    }
+
     pub fn counters(&self) -> Result<Counters> {
         Ok(match self.db.get([keys::COUNTERS])? {
             Some(v) => dec(&v)?,
