@@ -48,7 +48,8 @@ pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
     let mut store = Store::open(data)?;
     args.retention.apply_to(&mut store)?;
     store.advance_clock(lookout_core::clock::Clock::new(opts.now).now())?;
-    let bar = if std::io::stderr().is_terminal() {
+    let on_terminal = std::io::stderr().is_terminal();
+    let bar = if on_terminal {
         let b = ProgressBar::new(total_bytes);
         b.set_style(
             ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {wide_bar} {bytes_per_sec} eta {eta} {msg}")
@@ -62,10 +63,27 @@ pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
     let mut report = IngestReport { skipped, ..Default::default() };
     let mut done = 0u64;
     let mut failed = Vec::new();
+    // Off a terminal (cron, systemd, a pipe), a line every PROGRESS_EVERY instead of the bar.
+    let mut last_line = Instant::now();
     for f in &files {
         bar.set_message(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
         let before = done;
-        match ingest_file(&mut store, f, &opts, &mut |b| bar.set_position(before + b)) {
+        let mut progress = |b: u64| {
+            bar.set_position(before + b);
+            if !on_terminal && last_line.elapsed() >= PROGRESS_EVERY {
+                last_line = Instant::now();
+                let at = before + b;
+                eprintln!(
+                    "lookout: ingest: {} of {} read ({:.0}%, {}/s), now {}",
+                    human_bytes(at),
+                    human_bytes(total_bytes),
+                    at as f64 * 100.0 / total_bytes.max(1) as f64,
+                    human_bytes((at as f64 / started.elapsed().as_secs_f64().max(1e-9)) as u64),
+                    f.display()
+                );
+            }
+        };
+        match ingest_file(&mut store, f, &opts, &mut progress) {
             Ok(r) => report.merge(r),
             // A file that cannot be read does not stop the others; the store failing does.
             Err(e) if e.is_input_failure() => {
@@ -94,6 +112,9 @@ pub fn run(data: &Path, args: IngestArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// How often `ingest` says how far it got when stderr is not a terminal.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn print_summary(r: &IngestReport, secs: f64) {
     let rows = r.total_new() + r.duplicates + r.total_rejected();

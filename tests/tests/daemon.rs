@@ -1101,6 +1101,24 @@ fn status_lists_rejects_while_the_daemon_runs() {
     d.terminate(Duration::from_secs(20));
 }
 
+/// A plugins folder that cannot be used (here: missing) is said once, not at every look
+/// (every 0.25 s here), and counted once as a load failure.
+#[test]
+fn a_plugins_folder_that_cannot_be_used_is_said_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let logs = root.join("logs");
+    fs::create_dir_all(&logs).unwrap();
+    let mut d =
+        daemon_spec(root, &root.join("data"), &logs, &root.join("no-plugins-here"), &root.join("findings.jsonl"))
+            .start();
+    std::thread::sleep(Duration::from_secs(2));
+    let said = d.log_text().matches("plugins folder refused").count();
+    assert_eq!(said, 1, "{}", d.log_text());
+    assert_eq!(metric(&d.metrics(), "lookout_plugin_load_failures_total"), Some(1.0));
+    d.terminate(Duration::from_secs(20));
+}
+
 /// `lookout status` asks only the daemon of its own data directory: a copy of a data
 /// directory (or one whose daemon's address another daemon took since) carries the
 /// running daemon's address file, and `status` there reports the copy, not that daemon.

@@ -144,7 +144,15 @@ pub fn run(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonErr
     let addr_file = http::addr_file(&cfg.data);
     std::fs::write(&addr_file, endpoint.addr.to_string())
         .map_err(|source| DaemonError::AddrFile { path: addr_file.clone(), source })?;
-    tracing::info!(logs = %cfg.logs.display(), plugins = %cfg.plugins.display(), listen = %endpoint.addr, "lookout running");
+    tracing::info!(
+        data = %cfg.data.display(),
+        logs = %cfg.logs.display(),
+        plugins = %cfg.plugins.display(),
+        findings = %cfg.findings.display(),
+        retention = %cfg.retention.map_or_else(|| "none".to_string(), crate::detect::duration_text),
+        listen = %endpoint.addr,
+        "lookout running"
+    );
 
     // Kept across work-loop restarts: its descriptors are how rotated files deleted since
     // are still read to their end.

@@ -45,6 +45,8 @@ pub struct PluginSet {
     pub failures: u64,
     /// Whether the folder has been looked at (`refresh`) at least once.
     looked: bool,
+    /// Why the folder could not be used, as last reported (each cause said once).
+    folder_error: Option<String>,
 }
 
 impl PluginSet {
@@ -59,6 +61,7 @@ impl PluginSet {
             duplicates: BTreeSet::new(),
             failures: 0,
             looked: false,
+            folder_error: None,
         }
     }
 
@@ -71,9 +74,12 @@ impl PluginSet {
     /// The folder cannot be used: no detector runs (the logs are still read), reported
     /// once, and the folder is looked at afresh on the next look. Whether any ran.
     fn stop_all(&mut self, e: &FolderError, what: &str) -> bool {
-        if !self.plugins.is_empty() || self.seen.is_empty() {
+        // Said (and counted) once per cause, not at every look while it lasts.
+        let cause = format!("{what}: {}", Chain(e));
+        if !self.plugins.is_empty() || self.folder_error.as_ref() != Some(&cause) {
             tracing::error!(error = %Chain(e), "{what}");
             self.failures += 1;
+            self.folder_error = Some(cause);
         }
         let changed = !self.plugins.is_empty();
         self.plugins.clear();
@@ -92,6 +98,9 @@ impl PluginSet {
             Ok(files) => files,
             Err(e) => return Ok(self.stop_all(&e, "plugins folder cannot be listed; no detector runs until it can")),
         };
+        if self.folder_error.take().is_some() {
+            tracing::info!(folder = %self.dir.display(), "plugins folder usable again");
+        }
         let now: BTreeMap<PathBuf, Option<Stamp>> = files.iter().map(|f| (f.clone(), stamp(f))).collect();
         let pins = stamp(&self.dir.join(guard::PIN_FILE));
         let pins_changed = pins != self.pins;
