@@ -143,6 +143,16 @@ fn print_timings(reports: &[DetectorReport], pass: std::time::Duration) {
 }
 
 pub fn findings(data: &Path, args: FindingsArgs) -> Result<ExitCode> {
+    // A running daemon holds the database: say where its findings are at once, rather
+    // than wait for the lock and report the database as in use.
+    if !matches!(lookout_core::daemon::http::ask(data, "/status"), lookout_core::daemon::http::Answer::NoDaemon) {
+        return Err(anyhow::anyhow!(
+            "a daemon runs on {}: every finding it stores is a line of its findings file (`--findings` or \
+             `findings` in its config; {} by default) — read that, or stop the daemon to list them from here",
+            data.display(),
+            data.join("findings.jsonl").display()
+        ));
+    }
     let store = crate::output::open_existing(data)?;
     let all = all_findings(&store)?;
     if args.json {

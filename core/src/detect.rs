@@ -573,6 +573,12 @@ fn put_off_wake_up(store: &Store, id: &str, now: i64) -> Result<(), StoreError> 
 pub fn next_wake(store: &Store, plugins: &[Plugin]) -> Result<Option<i64>, StoreError> {
     let mut next: Option<i64> = None;
     for p in plugins {
+        if p.retry_at.is_some_and(|at| Instant::now() < at) {
+            // Waiting after a failure: a pass now would not run it, and a wake-up that is
+            // due would have the daemon pass again and again meanwhile. It is run at the
+            // first look after its wait (its wake-up still stands).
+            continue;
+        }
         if let Some(at) = store.wake_at(&p.id())? {
             next = Some(next.map_or(at, |n| n.min(at)));
         }

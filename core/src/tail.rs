@@ -71,9 +71,19 @@ pub struct Tailer {
     closed: HashMap<(u64, u64), Stamp>,
     /// Files opened as new since start.
     opened: u64,
-    /// Tracked files whose last line has no newline yet: where it starts and how far it
-    /// has been read, with no newline so far (see [`Tailer::rest_still_open`]).
-    open_rests: HashMap<(u64, u64), (u64, u64)>,
+    /// Tracked files whose last line has no newline yet: where it starts, how far it has
+    /// been read with no newline so far, and the file's modification time then (see
+    /// [`rest_still_open`]).
+    open_rests: HashMap<(u64, u64), OpenRest>,
+}
+
+/// A last line left for later: where it starts, how far it was read with no newline, and
+/// the file's modification time when that was known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OpenRest {
+    start: u64,
+    read_to: u64,
+    mtime: i128,
 }
 
 struct Unfinished {
@@ -344,7 +354,7 @@ impl Tailer {
                     return Ok(None);
                 }
                 let r = read_source(store, &t.file, &t.path, &fp, &mut t.state, &self.opts, Some(stop), &mut |_| {})?;
-                remember_open_rest(&mut self.open_rests, key, &t.state, &r);
+                remember_open_rest(&mut self.open_rests, key, &t.file, &t.state, &r);
                 Ok(Some(r))
             })();
             match result {
@@ -391,7 +401,7 @@ impl Tailer {
                 }
                 if has_news(&state, &fp) {
                     let r = read_source(store, &file, &path, &fp, &mut state, &self.opts, Some(stop), &mut |_| {})?;
-                    remember_open_rest(&mut self.open_rests, (fp.dev, fp.ino), &state, &r);
+                    remember_open_rest(&mut self.open_rests, (fp.dev, fp.ino), &file, &state, &r);
                     return Ok((fp, state, Some(r)));
                 }
                 if store.source(&fp.source_id())?.as_ref() != Some(&state) {
@@ -705,20 +715,29 @@ const NEWLINE_SCAN: usize = 64 << 10;
 /// newline: only the bytes the file gained since are looked at. A writer that keeps one
 /// line open (a line over `max_line_bytes` still being written, say) would otherwise have
 /// the whole line read again at every look, however long it has grown. Once the newline
-/// is there (or the file is not as it was), the file is read as usual.
+/// is there (or the file is not as it was: cut, or written in place without growing), the
+/// file is read as usual.
 fn rest_still_open(
-    open_rests: &mut HashMap<(u64, u64), (u64, u64)>,
+    open_rests: &mut HashMap<(u64, u64), OpenRest>,
     key: (u64, u64),
     t: &Tracked,
     fp: &Fingerprint,
 ) -> Result<bool, IngestError> {
-    let Some(&(start, read_to)) = open_rests.get(&key) else { return Ok(false) };
-    if start != t.state.offset || t.state.compressed || t.state.unit != OffsetUnit::Bytes || fp.size < read_to {
+    let Some(&rest) = open_rests.get(&key) else { return Ok(false) };
+    let mtime = mtime_of(&t.file);
+    let usable = rest.start == t.state.offset
+        && !t.state.compressed
+        && t.state.unit == OffsetUnit::Bytes
+        && fp.size >= rest.read_to
+        // Not grown, yet written: changed in place (a writer that extends the file before
+        // it fills it in) — read it all again.
+        && (fp.size > rest.read_to || mtime == Some(rest.mtime));
+    if !usable {
         open_rests.remove(&key);
         return Ok(false);
     }
-    let mut buf = vec![0u8; NEWLINE_SCAN.min((fp.size - read_to) as usize)];
-    let mut at = read_to;
+    let mut buf = vec![0u8; NEWLINE_SCAN.min((fp.size - rest.read_to) as usize)];
+    let mut at = rest.read_to;
     while at < fp.size {
         let want = NEWLINE_SCAN.min((fp.size - at) as usize);
         let n = t.file.read_at(&mut buf[..want], at).map_err(IngestError::unreadable("read", &t.path))?;
@@ -731,21 +750,27 @@ fn rest_still_open(
         }
         at += n as u64;
     }
-    open_rests.insert(key, (start, at));
+    open_rests.insert(key, OpenRest { read_to: at, mtime: mtime.unwrap_or(rest.mtime), ..rest });
     Ok(true)
+}
+
+/// A file's modification time (ns), if it can be read.
+fn mtime_of(file: &File) -> Option<i128> {
+    file.metadata().ok().map(|m| stamp_of(&m).1)
 }
 
 /// Remembers, after a read, where the file's last line starts and how far it was read
 /// when the read left it for later (see [`rest_still_open`]).
 fn remember_open_rest(
-    open_rests: &mut HashMap<(u64, u64), (u64, u64)>,
+    open_rests: &mut HashMap<(u64, u64), OpenRest>,
     key: (u64, u64),
+    file: &File,
     state: &SourceState,
     report: &IngestReport,
 ) {
-    match report.unfinished_rest {
-        Some((start, read_to)) if start == state.offset && read_to > start => {
-            open_rests.insert(key, (start, read_to));
+    match (report.unfinished_rest, mtime_of(file)) {
+        (Some((start, read_to)), Some(mtime)) if start == state.offset && read_to > start => {
+            open_rests.insert(key, OpenRest { start, read_to, mtime });
         }
         _ => {
             open_rests.remove(&key);
@@ -1096,6 +1121,34 @@ mod tests {
         append(&path, 3, 1);
         let report = tailer.poll(&mut store, &stop).unwrap();
         assert_eq!((rows(&report), report.total_rejected(), report.duplicates), (2, 0, 0), "{report:?}");
+    }
+
+    /// A file written in place over its open last line, without growing (a writer that
+    /// extends a file before it fills it in), is read again: the lines written there are
+    /// stored.
+    #[test]
+    fn a_rest_written_in_place_without_growing_is_read_again() {
+        use std::os::unix::fs::FileExt as _;
+        let (_dir, logs, mut store, mut tailer) = setup();
+        let path = logs.join("DeviceProcessEvents.jsonl");
+        // Past the first KiB, which tells a rewritten file from this one.
+        append(&path, 0, 20);
+        let start = std::fs::metadata(&path).unwrap().len();
+        assert!(start > 1024);
+        write_more(&path, &vec![b' '; 20_000]);
+        let stop = AtomicBool::new(false);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 20);
+        assert_eq!(rows(&tailer.poll(&mut store, &stop).unwrap()), 0);
+        let line =
+            r#"{"Timestamp":"2025-05-07T10:00:00Z","DeviceId":"d1","ReportId":99,"ActionType":"x"}"#.to_string() + "\n";
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(line.as_bytes(), start).unwrap();
+        let report = tailer.poll(&mut store, &stop).unwrap();
+        assert_eq!(
+            (rows(&report), report.duplicates),
+            (1, 0),
+            "the line written in place, read from the rest: {report:?}"
+        );
     }
 
     /// A file rewritten from its start while its last line was open is read again from

@@ -1098,6 +1098,13 @@ fn status_lists_rejects_while_the_daemon_runs() {
     assert!(out.contains("reject ") && out.contains("DeviceLogonEvents.jsonl:1 (offset 0): malformed_json"), "{out}");
     let both = lookout(&data, &["status", "--json", "--rejects"]);
     assert!(!both.status.success(), "--json with --rejects is refused, not half-answered");
+    // `findings` cannot read the database the daemon holds: it says where the findings
+    // are, at once.
+    let started = Instant::now();
+    let findings = lookout(&data, &["findings"]);
+    let text = String::from_utf8_lossy(&findings.stderr).into_owned();
+    assert!(!findings.status.success() && text.contains("a daemon runs on"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     d.terminate(Duration::from_secs(20));
 }
 

@@ -445,9 +445,13 @@ fn a_failed_pass_is_due_again_within_thirty_seconds() {
     let id = loaded.plugins[0].id();
     let second = lookout_plugin_sdk::time::TICKS_PER_SEC;
     assert_eq!(store.wake_at(&id).unwrap(), Some(now + 30 * second));
-    // Failing again later (once its wait after a failure, 1 s, is over): due again 30 s
-    // after that.
+    // While it waits after its failure (1 s), its wake-up does not count: a wake-up due
+    // meanwhile would have the daemon pass again and again, the detector not run.
+    use lookout_core::detect::next_wake;
+    assert_eq!(next_wake(&store, &loaded.plugins).unwrap(), None);
+    // Failing again later (once its wait is over): due again 30 s after that.
     std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(next_wake(&store, &loaded.plugins).unwrap(), Some(now + 30 * second));
     let later = DetectOptions { now: Some(now + 40 * second), ..DetectOptions::default() };
     run_pass(&mut store, &mut loaded.plugins, &later).unwrap();
     assert_eq!(store.wake_at(&id).unwrap(), Some(now + 70 * second));

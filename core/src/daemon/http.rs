@@ -13,7 +13,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The file in the data directory where a running daemon records its address.
 pub const ADDR_FILE: &str = "daemon.addr";
@@ -42,6 +42,8 @@ const MAX_CONNECTIONS: usize = 8;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most a request's line and headers may take.
 const MAX_HEAD: usize = 8 << 10;
+/// The most rejected records one `/rejects` answer lists.
+const MAX_REJECTS: usize = 10_000;
 
 /// What the endpoint reports: the figures behind `/metrics` and `/status`.
 pub trait Observe: Send + Sync {
@@ -187,23 +189,31 @@ fn accept(listener: &TcpListener, shared: &Arc<Shared>, stop: &AtomicBool) {
             shared.open.fetch_sub(1, Ordering::SeqCst);
             continue;
         }
-        let s = shared.clone();
-        let spawned = std::thread::Builder::new().name("lookout-http-conn".into()).spawn(move || {
-            serve(stream, &s);
-            s.open.fetch_sub(1, Ordering::SeqCst);
+        // Given back when the connection is done, however its thread ends (a panic too),
+        // or if the thread cannot start.
+        let slot = Slot(shared.clone());
+        let _ = std::thread::Builder::new().name("lookout-http-conn".into()).spawn(move || {
+            serve(stream, &slot.0);
+            drop(slot);
         });
-        if spawned.is_err() {
-            shared.open.fetch_sub(1, Ordering::SeqCst);
-        }
     }
 }
 
-/// Reads one request and answers it; the connection is closed after.
-fn serve(mut stream: TcpStream, shared: &Shared) {
-    if stream.set_read_timeout(Some(IO_TIMEOUT)).is_err() || stream.set_write_timeout(Some(IO_TIMEOUT)).is_err() {
-        return;
+/// A connection's place among the [`MAX_CONNECTIONS`], given back when dropped.
+struct Slot(Arc<Shared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
     }
-    let (code, ctype, body) = match read_head(&mut stream) {
+}
+
+/// Reads one request and answers it; the connection is closed after. The request and the
+/// answer have [`IO_TIMEOUT`] each in all (not per read or write: a client sending a byte
+/// now and then does not hold its connection for longer).
+fn serve(mut stream: TcpStream, shared: &Shared) {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let (code, ctype, body) = match read_head(&mut stream, deadline) {
         Ok(head) => answer(&head, shared),
         Err(HeadError::TooLarge) => (431, TEXT, "request header fields too large\n".to_string()),
         Err(HeadError::Malformed) => (400, TEXT, "bad request\n".to_string()),
@@ -223,7 +233,25 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
         body.len(),
         shared.data
     );
-    let _ = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body.as_bytes()));
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let _ = write_by(&mut stream, head.as_bytes(), deadline)
+        .and_then(|()| write_by(&mut stream, body.as_bytes(), deadline));
+}
+
+/// Writes all of `bytes` before `deadline`, or fails.
+fn write_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
+        let left = left.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::TimedOut))?;
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -235,11 +263,14 @@ enum HeadError {
     Gone,
 }
 
-/// The request line and headers (up to the blank line), at most [`MAX_HEAD`] bytes.
-fn read_head(stream: &mut TcpStream) -> Result<String, HeadError> {
+/// The request line and headers (up to the blank line), at most [`MAX_HEAD`] bytes, read
+/// before `deadline`.
+fn read_head(stream: &mut TcpStream, deadline: Instant) -> Result<String, HeadError> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     loop {
+        let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()).ok_or(HeadError::Gone)?;
+        stream.set_read_timeout(Some(left)).map_err(|_| HeadError::Gone)?;
         let n = stream.read(&mut buf).map_err(|_| HeadError::Gone)?;
         if n == 0 {
             return Err(HeadError::Gone);
@@ -279,7 +310,8 @@ fn answer(head: &str, shared: &Shared) -> (u16, &'static str, String) {
         "/rejects" => {
             // `?n=N`: how many (20 if not said).
             let n = query.split('&').find_map(|kv| kv.strip_prefix("n=")).map(str::parse::<usize>);
-            match n.unwrap_or(Ok(20)) {
+            // At most MAX_REJECTS: one answer is held whole in memory.
+            match n.unwrap_or(Ok(20)).map(|n| n.min(MAX_REJECTS)) {
                 Err(_) => (400, TEXT, "n must be a count: /rejects?n=20\n".to_string()),
                 Ok(n) => match shared.observe.rejects(n).map(|r| serde_json::to_string(&r)) {
                     Ok(Ok(json)) => (200, "application/json", json),
@@ -384,7 +416,6 @@ pub fn ask(data_dir: &Path, path: &str) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     struct Stub;
 
@@ -419,10 +450,24 @@ mod tests {
     fn idle_and_oversized_clients_do_not_hold_the_endpoint() {
         let dir = tempfile::tempdir().unwrap();
         let e = endpoint(dir.path());
+        // A client that sends its request a byte a second is cut off after IO_TIMEOUT in
+        // all, not kept while each byte comes within the timeout.
+        let addr = e.addr;
+        let trickle = std::thread::spawn(move || {
+            let started = Instant::now();
+            let Ok(mut s) = TcpStream::connect(addr) else { return Duration::ZERO };
+            while started.elapsed() < Duration::from_secs(15) && s.write_all(b"G").is_ok() {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            started.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(200));
         let idle: Vec<TcpStream> = (0..50).filter_map(|_| TcpStream::connect(e.addr).ok()).collect();
         assert_eq!(idle.len(), 50);
         // The first MAX_CONNECTIONS hold their slots until IO_TIMEOUT; the rest were closed.
         std::thread::sleep(IO_TIMEOUT + Duration::from_millis(500));
+        let cut_after = trickle.join().unwrap();
+        assert!(cut_after > Duration::ZERO && cut_after < IO_TIMEOUT + Duration::from_secs(3), "{cut_after:?}");
         let started = Instant::now();
         let (code, body) = get(e.addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("an answer");
         assert_eq!(code, 200);

@@ -203,12 +203,13 @@ pub fn run<R: BufRead>(
         };
         if info.ending == LineEnd::Eof {
             // No newline yet. When tailing, the writer is mid-line; on a finished file
-            // take the line only if it is a complete document, or if it is over-long (no
-            // wait makes it shorter: it is kept aside as such, and the file read past it).
-            let complete = !tail_mode
-                && (info.too_long.is_some() || serde_json::from_slice::<serde::de::IgnoredAny>(&buf).is_ok());
+            // take the line only if it is a complete document.
+            let complete =
+                !tail_mode && info.too_long.is_none() && serde_json::from_slice::<serde::de::IgnoredAny>(&buf).is_ok();
             if !complete {
-                let partial = !tail_mode && !buf.iter().all(is_json_whitespace);
+                // An over-long one holds something too, though none of it is kept: said
+                // (and a compressed file, which never grows, done with it kept aside).
+                let partial = !tail_mode && (info.too_long.is_some() || !buf.iter().all(is_json_whitespace));
                 break End::Unfinished { partial, rest: Some((info.start, info.end)) };
             }
         }

@@ -193,6 +193,9 @@ pub struct Store {
     /// The earliest newest-row Timestamp of a stored event block (`None`: not known yet;
     /// see [`Store::expire_step`]).
     earliest_block_end: Option<i64>,
+    /// Key-index runs were dropped or merged since the empty generations were last looked
+    /// for: one of them may hold nothing now.
+    generations_to_check: bool,
     /// For the index's items in sled (key-index chunks, column-index entries).
     zstd: zstd::bulk::Compressor<'static>,
     /// For row blocks' key frames (with zstd's frame checksum: they are read from plain
@@ -342,6 +345,7 @@ impl Store {
             now: None,
             gens,
             earliest_block_end: None,
+            generations_to_check: false,
             zstd: blocks::index_compressor()?,
             block_zstd: blocks::compressor()?,
             rows_zstd,
@@ -726,7 +730,7 @@ impl Store {
         if self.merge.as_ref().is_some_and(runs::MergeJob::is_finished) {
             self.finish_merge();
             // Its inputs' generations may hold nothing now: the next expiry step looks.
-            self.earliest_block_end = None;
+            self.generations_to_check = true;
         }
         let busy = self.merge.as_ref().map(runs::MergeJob::inputs).unwrap_or_default();
         #[cfg(test)]
@@ -737,7 +741,7 @@ impl Store {
             match self.runs.drop_expired(&self.gens, self.horizon, &busy) {
                 Ok(true) => {
                     // A generation may hold nothing now: the next expiry step looks.
-                    self.earliest_block_end = None;
+                    self.generations_to_check = true;
                     continue;
                 }
                 Ok(false) => break,

@@ -38,6 +38,12 @@ impl Store {
         // Nothing can be past the horizon before it passes the newest row of the block
         // that ends first: a daemon polling every few seconds reads no directory at all.
         if self.earliest_block_end.is_some_and(|end| horizon <= end) {
+            if std::mem::take(&mut self.generations_to_check) {
+                // Runs went since (dropped, or merged away): a generation they kept may
+                // hold nothing now. Looking costs a look-up per generation and table, not
+                // a read of every block's entry.
+                self.drop_empty_generations()?;
+            }
             return Ok(0);
         }
         // Known again once this step has done all its work: a step that fails part way
@@ -58,6 +64,7 @@ impl Store {
             // Generations a crash left empty (between removing their last blocks and
             // dropping them, or their key-index runs) go now, their expired runs first.
             self.maintain_runs();
+            self.generations_to_check = false;
             self.drop_empty_generations()?;
             self.earliest_block_end = Some(earliest_left);
             return Ok(0);
@@ -103,6 +110,7 @@ impl Store {
         }
         self.drop_unneeded_index_entries()?;
         self.maintain_runs();
+        self.generations_to_check = false;
         self.drop_empty_generations()?;
         self.earliest_block_end = Some(earliest_left);
         Ok(removed)

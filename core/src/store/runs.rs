@@ -834,7 +834,7 @@ impl Runs {
     pub fn finish_merge(&mut self, gens: &Generations, plan: MergePlan, merged: Merged) -> Result<()> {
         let Merged { pending, mut meta_batch } = merged;
         let ids = plan.ids();
-        let applied = (|| {
+        let prepared = (|| {
             let main = gens.db(0)?;
             for id in &ids {
                 remove_meta(main, *id, &mut meta_batch)?;
@@ -844,17 +844,23 @@ impl Runs {
             if tests::FAIL_MERGE_COMMIT.with(|f| f.replace(false)) {
                 return Err(StoreError::Invalid("a merge's commit made to fail (test)".into()));
             }
-            main.apply_batch(meta_batch).context("cannot merge key index runs")
+            Ok(main)
         })();
-        if let Err(e) = applied {
-            // Nothing names the merged run's chunks: removed now, not left behind at every
-            // try of a merge that keeps failing (or at the next open, if this fails too).
-            if let Err(sweep) = self.abandon_merge(gens, &plan) {
-                tracing::warn!(error = %crate::error::Chain(&sweep), "cannot remove a failed merge's chunks now");
+        let main = match prepared {
+            Ok(main) => main,
+            Err(e) => {
+                // Nothing names the merged run's chunks: removed now, not left behind at
+                // every try of a merge that keeps failing (or at the next open, if this
+                // fails too).
+                if let Err(sweep) = self.abandon_merge(gens, &plan) {
+                    tracing::warn!(error = %crate::error::Chain(&sweep), "cannot remove a failed merge's chunks now");
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-        let main = gens.db(0)?;
+        };
+        // A failure of the commit itself leaves the chunks to the sweep of the next open:
+        // what sled holds in memory of a batch it failed to write is not known here.
+        main.apply_batch(meta_batch).context("cannot merge key index runs")?;
         for id in &ids {
             self.runs.remove(id);
             self.held.remove(id);
