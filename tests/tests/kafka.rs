@@ -214,6 +214,13 @@ impl World {
 
     /// A node that runs its detectors once no message has come for 1.5 s.
     fn node(&self, name: &str) -> DaemonSpec {
+        // A half arrives in one burst from the split: one pass over each burst, as one
+        // lookout over each half.
+        self.node_passing_after(name, "1.5")
+    }
+
+    /// A node whose passes wait `quiet` seconds without new messages.
+    fn node_passing_after(&self, name: &str, quiet: &str) -> DaemonSpec {
         DaemonSpec::new(&self.root.path().join(name))
             .args(["--kafka", "--brokers", &self.mock.brokers, "--topic", "rows", "--group", "nodes"])
             .args(["--findings-topic", "findings"])
@@ -221,9 +228,7 @@ impl World {
             .logs(&self.profiles)
             .now(NOW)
             .rescan_secs(0.5)
-            // A half arrives in one burst from the split: one pass over each burst, as
-            // one lookout over each half.
-            .args(["--quiet-before-pass", "1.5"])
+            .args(["--quiet-before-pass", quiet])
     }
 
     /// Waits until the running nodes own every partition exactly once, each stored to the
@@ -415,6 +420,31 @@ fn a_killed_node_s_partitions_are_taken_over_with_every_finding_once() {
     w.wait_settled(&mut [&mut a, &mut c], SETTLE);
     w.check_findings(&[&a, &b, &c]);
     w.check_stored_rows(&mut [&mut a, &mut c]);
+}
+
+/// A partition whose pass fails every time (one detector's state reads as damaged: a
+/// store failure, which ends the pass) still emits what its other detectors found and
+/// committed. Before, nothing of such a partition went out, for as long as it failed.
+#[test]
+fn a_partition_whose_pass_fails_still_emits_its_other_detectors_findings() {
+    let w = World::new(13);
+    w.feed(0);
+    // Passes not waiting for a quiet moment (the default): a pass is due at every round.
+    let a = w.node_passing_after("a", "0").failpoint(Some("state-unreadable-scheduled-task-persistence")).start();
+    let started = Instant::now();
+    loop {
+        let found = w.mock.consume("findings");
+        let detectors: BTreeSet<String> =
+            found.iter().filter_map(|(_, f)| f["detector"].as_str().map(str::to_string)).collect();
+        assert!(!detectors.contains("scheduled-task-persistence"), "{detectors:?}");
+        if detectors.contains("winrm-plugin-lateral-movement") {
+            break;
+        }
+        assert!(started.elapsed() < SETTLE, "no WinRM finding emitted:\n{}", a.log_tail(3000));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let log = a.log_text();
+    assert!(log.contains("the pass of detector scheduled-task-persistence"), "{}", a.log_tail(3000));
 }
 
 /// A node stopped whole between finding and emitting (no thread runs, no heartbeat: the

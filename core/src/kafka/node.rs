@@ -853,12 +853,14 @@ fn work(
             // A partition whose pass fails holds back none of the others' findings: they
             // go out, then the failure ends the round (and the work loop starts again).
             let mut failed = None;
+            let mut failed_partitions = Vec::new();
             for p in owned.partitions.values_mut() {
                 match pass_round(cfg, p, &detect_opts, rescan) {
                     Ok(Some(passes)) => passed.push((p.partition, passes)),
                     Ok(None) => {}
                     Err(e) => {
                         failed.get_or_insert(e);
+                        failed_partitions.push(p.partition);
                         continue;
                     }
                 }
@@ -872,6 +874,15 @@ fn work(
                 let Some(p) = owned.partitions.get_mut(&n) else { continue };
                 let stored = reports.get(&n).is_some_and(|r| r.changed());
                 emit_round(cfg, p, &producer, passes, metrics, round_started, stored, &consumer)?;
+            }
+            // A failing partition's own detectors that finished committed their findings:
+            // they go out too, or a failure that persists (one detector's damaged state)
+            // would hold them back for good.
+            for n in failed_partitions {
+                let Some(p) = owned.partitions.get_mut(&n) else { continue };
+                if let Err(e) = emit_round(cfg, p, &producer, Vec::new(), metrics, round_started, false, &consumer) {
+                    tracing::warn!(partition = n, error = %Chain(&e), "cannot emit the findings of a partition whose pass failed");
+                }
             }
             if let Some(e) = failed {
                 return Err(e);
