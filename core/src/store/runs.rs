@@ -1286,6 +1286,27 @@ mod tests {
         }
     }
 
+    /// A store with [`write_fan_in`]'s runs of `per_run` entries, opened, and how many
+    /// chunks they have.
+    #[allow(clippy::type_complexity)]
+    fn fan_in_store(
+        per_run: u64,
+    ) -> (
+        tempfile::TempDir,
+        sled::Db,
+        Generations,
+        zstd::bulk::Compressor<'static>,
+        Mutex<zstd::bulk::Decompressor<'static>>,
+        Runs,
+        usize,
+    ) {
+        let (dir, db, gens, mut z, unz) = store_parts();
+        let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
+        write_fan_in(&mut runs, &db, &mut z, per_run);
+        let chunks = db.scan_prefix([keys::RUN_CHUNK]).count();
+        (dir, db, gens, z, unz, runs, chunks)
+    }
+
     fn entry(i: u64) -> Entry {
         (keys::event_key(1, &format!("{i:040x}"), "dev", 0, "1"), KeyEntry { seq: i, block: 0, row: 0, content: i })
     }
@@ -1358,11 +1379,8 @@ mod tests {
     /// of chunks behind at every try, until the next open.
     #[test]
     fn a_merge_whose_commit_fails_leaves_no_chunk_of_its_own() {
-        let (_dir, db, gens, mut z, unz) = store_parts();
-        let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         let per_run = 100u64;
-        write_fan_in(&mut runs, &db, &mut z, per_run);
-        let chunks_before = db.scan_prefix([keys::RUN_CHUNK]).count();
+        let (_dir, db, gens, _z, unz, mut runs, chunks_before) = fan_in_store(per_run);
         let plan = runs.plan_merge(&[]).unwrap();
         let job = Runs::start_merge(&gens, plan, None, Arc::default()).unwrap();
         let (plan, merged) = job.join();
@@ -1381,10 +1399,8 @@ mod tests {
     /// merge): the runs stay as they were.
     #[test]
     fn a_merge_on_a_nearly_full_disk_is_given_up() {
-        let (dir, db, gens, mut z, unz) = store_parts();
-        let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
-        write_fan_in(&mut runs, &db, &mut z, 150);
-        let chunks_before = db.scan_prefix([keys::RUN_CHUNK]).count();
+        let (dir, _db, gens, _z, _unz, mut runs, chunks_before) = fan_in_store(150);
+        let db = gens.db(0).unwrap();
         crate::disk::LOW_FOR_TESTS.lock().unwrap().push(dir.path().to_path_buf());
         let plan = runs.plan_merge(&[]).unwrap();
         let job = Runs::start_merge(&gens, plan, None, Arc::default()).unwrap();
@@ -1401,11 +1417,8 @@ mod tests {
     /// up is removed at once, and nothing else is.
     #[test]
     fn a_merge_given_up_leaves_the_runs_as_they_were_and_no_chunk_of_its_own() {
-        let (_dir, db, gens, mut z, unz) = store_parts();
-        let mut runs = Runs::open(&gens, &mut unz.lock().unwrap()).unwrap();
         let per_run = 100u64;
-        write_fan_in(&mut runs, &db, &mut z, per_run);
-        let chunks_before = db.scan_prefix([keys::RUN_CHUNK]).count();
+        let (_dir, db, gens, mut z, unz, mut runs, chunks_before) = fan_in_store(per_run);
         // Written in full, then given up (as after a failure on the merge thread).
         let plan = runs.plan_merge(&[]).unwrap();
         plan.run(&db, &mut z, &mut unz.lock().unwrap(), None, &PassGate::default(), None).unwrap();
