@@ -29,6 +29,10 @@ pub enum StoreError {
     /// damaged.
     #[error("{0}")]
     Corrupt(String),
+    /// Long work stopped because the process is stopping (see `Store::interrupt_on`):
+    /// nothing is wrong, and the work is done again from the start next time.
+    #[error("{0}")]
+    Interrupted(String),
     /// What was being done when a lower error happened.
     #[error("{what}")]
     Context {

@@ -128,6 +128,7 @@ pub fn run(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonErr
     let metrics = Arc::new(Mutex::new(Metrics::default()));
     let db: http::SharedDb = Arc::new(RwLock::new(None));
     let mut store = Store::open(&cfg.data)?;
+    store.interrupt_on(stop.clone());
     if !cfg.retention_given {
         if let Some(recorded) = store.recorded_retention()? {
             if recorded != cfg.retention {
@@ -235,6 +236,7 @@ pub fn run(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonErr
         match reopened {
             Some(s) => {
                 store = s;
+                store.interrupt_on(stop.clone());
                 *db.write().unwrap_or_else(|p| p.into_inner()) = Some(store.reader());
             }
             // Stopped while waiting to reopen: the failure was logged; a stop asked for

@@ -489,6 +489,8 @@ impl Store {
         // them, and applied in bounded batches as the blocks are read.
         let db = self.db.clone();
         let data_dir = self.data_dir().to_path_buf();
+        let interrupt = self.interrupt.clone();
+        let table = spec.table.clone();
         let mut zstd = super::blocks::index_compressor()?;
         let mut current: Option<(u64, Postings)> = None;
         let mut write = |done: (u64, Postings), batch: &mut sled::Batch, pending: &mut usize| -> Result<()> {
@@ -498,6 +500,11 @@ impl Store {
                 // A build over a large store writes a lot: it stops before the disk is full
                 // (sled can wait forever for a write that failed), and is built again from
                 // the start when its detector runs next (it is recorded only once built).
+                if interrupt.as_ref().is_some_and(|i| i.load(std::sync::atomic::Ordering::Relaxed)) {
+                    return Err(StoreError::Interrupted(format!(
+                        "building an index of {table} stopped for the process to stop; it is built again from the start when its detector next runs"
+                    )));
+                }
                 if crate::disk::low(&data_dir) {
                     return Err(StoreError::Io(std::io::Error::new(
                         std::io::ErrorKind::StorageFull,

@@ -179,6 +179,9 @@ pub struct Store {
     horizon: Option<i64>,
     /// How long rows are kept (ticks), if they are not kept forever.
     retention: Option<i64>,
+    /// Set when the process is asked to stop: long work on the store (building a declared
+    /// index over every stored row) ends early instead of holding the stop up.
+    interrupt: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Tests: the next commit fails after writing to its generation, as a full disk would.
     #[cfg(test)]
     fail_next_main_commit: bool,
@@ -338,6 +341,7 @@ impl Store {
             head: 0,
             horizon: None,
             retention: None,
+            interrupt: None,
             #[cfg(test)]
             fail_next_main_commit: false,
             #[cfg(test)]
@@ -480,6 +484,12 @@ impl Store {
             Some(kv) => keys::seq_of(&kv?.0),
             None => None,
         })
+    }
+
+    /// Long work on this store (building a declared index over every stored row) ends
+    /// early, with [`StoreError::Interrupted`], once `stop` is set.
+    pub fn interrupt_on(&mut self, stop: Arc<std::sync::atomic::AtomicBool>) {
+        self.interrupt = Some(stop);
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -2287,6 +2297,25 @@ mod tests {
         let text = crate::error::Chain(&e).to_string();
         assert!(text.contains("MiB free"), "{text}");
         assert!(store.indexes().is_empty(), "not recorded as built");
+        store.declare_indexes(&[winrm_index()]).unwrap();
+        assert_eq!(lookup(&store, "wsmprovhost.exe", None).len(), 35);
+    }
+
+    /// Building an index over a large store ends early once the process is asked to stop,
+    /// and is not recorded as built; declared again, it is built whole.
+    #[test]
+    fn an_index_build_ends_early_on_a_stop_and_is_built_whole_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        for i in 0..70 {
+            commit(&mut store, vec![load(i, if i % 2 == 0 { "wsmprovhost.exe" } else { "svchost.exe" })]);
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        store.interrupt_on(stop.clone());
+        let e = store.declare_indexes(&[winrm_index()]).unwrap_err();
+        assert!(matches!(e, StoreError::Interrupted(_)), "{e}");
+        assert!(store.indexes().is_empty(), "not recorded as built");
+        stop.store(false, std::sync::atomic::Ordering::SeqCst);
         store.declare_indexes(&[winrm_index()]).unwrap();
         assert_eq!(lookup(&store, "wsmprovhost.exe", None).len(), 35);
     }
