@@ -466,23 +466,38 @@ impl FileRun<'_> {
         };
         let reached_end = match end {
             pipeline::End::Eof => true,
-            pipeline::End::Unfinished { partial, .. } if partial && state.compressed => {
+            pipeline::End::Unfinished { partial, too_long, .. } if partial && state.compressed => {
                 // Read as finished, with its stream whole: a compressed file never grows,
                 // so its last record never finishes. Kept aside once and the file done,
                 // instead of it being decompressed again at every look.
+                let (kind, reason) = if too_long {
+                    (
+                        RejectKind::LineTooLong,
+                        format!(
+                            "the compressed file ends with a line over the {} byte limit (max_line_bytes) and no newline",
+                            self.opts.max_line
+                        ),
+                    )
+                } else {
+                    (
+                        RejectKind::MalformedJson,
+                        "the compressed file ends with a record that never finished (no newline and not a whole \
+                         document)"
+                            .to_string(),
+                    )
+                };
+                *self.report.rejected.entry(kind.as_str().to_string()).or_insert(0) += 1;
                 batch.add_reject(RejectRecord {
                     file: self.path.display().to_string(),
                     line: state.lines + 1,
                     offset: state.offset,
-                    kind: RejectKind::MalformedJson.as_str().to_string(),
-                    reason: "the compressed file ends with a record that never finished (no newline and not a \
-                             whole document)"
-                        .to_string(),
+                    kind: kind.as_str().to_string(),
+                    reason,
                     excerpt: String::new(),
                 })?;
                 true
             }
-            pipeline::End::Unfinished { partial, rest } => {
+            pipeline::End::Unfinished { partial, rest, .. } => {
                 if partial {
                     self.report.partial_tails.push(self.path.to_path_buf());
                 }
@@ -959,8 +974,9 @@ mod tests {
         let zipped = dir.path().join("DeviceProcessEvents-2.jsonl.gz");
         std::fs::write(&zipped, gz.finish().unwrap()).unwrap();
         let report = ingest_file(&mut store, &zipped, &opts, &mut |_| {}).unwrap();
-        assert_eq!(report.total_new(), 1, "{report:?}");
-        assert_eq!(store.rejects(10).unwrap().len(), 1);
+        assert_eq!((report.total_new(), report.total_rejected()), (1, 1), "{report:?}");
+        let kept = store.rejects(10).unwrap();
+        assert_eq!(kept.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>(), ["line_too_long"], "{kept:?}");
         assert!(done(&store, &zipped));
         let again = ingest_file(&mut store, &zipped, &opts, &mut |_| {}).unwrap();
         assert_eq!((again.total_new(), again.bytes, store.rejects(10).unwrap().len()), (0, 0, 1), "{again:?}");

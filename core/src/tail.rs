@@ -88,6 +88,8 @@ struct OpenRest {
 
 struct Unfinished {
     size: u64,
+    /// The modification time with that size: a write in place starts the wait again.
+    mtime: Option<i128>,
     since: Instant,
     finished: bool,
 }
@@ -353,8 +355,9 @@ impl Tailer {
                 if rest_still_open(&mut self.open_rests, key, t, &fp)? {
                     return Ok(None);
                 }
+                let mtime_before = mtime_of(&t.file);
                 let r = read_source(store, &t.file, &t.path, &fp, &mut t.state, &self.opts, Some(stop), &mut |_| {})?;
-                remember_open_rest(&mut self.open_rests, key, &t.file, &t.state, &r);
+                remember_open_rest(&mut self.open_rests, key, mtime_before, &t.state, &r);
                 Ok(Some(r))
             })();
             match result {
@@ -400,8 +403,9 @@ impl Tailer {
                     }
                 }
                 if has_news(&state, &fp) {
+                    let mtime_before = mtime_of(&file);
                     let r = read_source(store, &file, &path, &fp, &mut state, &self.opts, Some(stop), &mut |_| {})?;
-                    remember_open_rest(&mut self.open_rests, (fp.dev, fp.ino), &file, &state, &r);
+                    remember_open_rest(&mut self.open_rests, (fp.dev, fp.ino), mtime_before, &state, &r);
                     return Ok((fp, state, Some(r)));
                 }
                 if store.source(&fp.source_id())?.as_ref() != Some(&state) {
@@ -603,10 +607,11 @@ impl Tailer {
             // Skipped until it changes (a finishing read that failed comes here).
             return Ok(());
         }
-        let u =
-            self.unfinished.entry(key).or_insert(Unfinished { size: fp.size, since: Instant::now(), finished: false });
-        if u.size != fp.size {
-            *u = Unfinished { size: fp.size, since: Instant::now(), finished: false };
+        let mtime = mtime_of(&t.file);
+        let fresh = || Unfinished { size: fp.size, mtime, since: Instant::now(), finished: false };
+        let u = self.unfinished.entry(key).or_insert_with(fresh);
+        if u.size != fp.size || u.mtime != mtime {
+            *u = fresh();
         }
         if u.finished || u.since.elapsed() < FINISH_AFTER {
             return Ok(());
@@ -750,7 +755,7 @@ fn rest_still_open(
         }
         at += n as u64;
     }
-    open_rests.insert(key, OpenRest { read_to: at, mtime: mtime.unwrap_or(rest.mtime), ..rest });
+    open_rests.insert(key, OpenRest { read_to: at, mtime: settled_mtime(mtime), ..rest });
     Ok(true)
 }
 
@@ -759,18 +764,31 @@ fn mtime_of(file: &File) -> Option<i128> {
     file.metadata().ok().map(|m| stamp_of(&m).1)
 }
 
+/// A modification time that a later write is sure to change: one less than a second old
+/// may be shared by a write still to come on a file system that keeps whole seconds, so
+/// it is taken as no time at all (the next look that finds the file not grown reads it).
+fn settled_mtime(mtime: Option<i128>) -> i128 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128);
+    match mtime {
+        Some(m) if now - m >= 1_000_000_000 => m,
+        _ => i128::MIN,
+    }
+}
+
 /// Remembers, after a read, where the file's last line starts and how far it was read
-/// when the read left it for later (see [`rest_still_open`]).
+/// when the read left it for later (see [`rest_still_open`]), with the file's
+/// modification time from before the read (`mtime_before`): a write during the read
+/// changes it.
 fn remember_open_rest(
     open_rests: &mut HashMap<(u64, u64), OpenRest>,
     key: (u64, u64),
-    file: &File,
+    mtime_before: Option<i128>,
     state: &SourceState,
     report: &IngestReport,
 ) {
-    match (report.unfinished_rest, mtime_of(file)) {
-        (Some((start, read_to)), Some(mtime)) if start == state.offset && read_to > start => {
-            open_rests.insert(key, OpenRest { start, read_to, mtime });
+    match report.unfinished_rest {
+        Some((start, read_to)) if start == state.offset && read_to > start => {
+            open_rests.insert(key, OpenRest { start, read_to, mtime: settled_mtime(mtime_before) });
         }
         _ => {
             open_rests.remove(&key);

@@ -428,6 +428,10 @@ fn work(
             let ticks = at.saturating_sub(crate::clock::now_ticks()).max(0) as u64;
             wait = wait.min(Duration::from_micros(ticks / 10).max(Duration::from_millis(1)));
         }
+        // And for a detector's retry after a failure (its wake-up does not count meanwhile).
+        if let Some(retry) = plugins.plugins.iter().filter_map(|p| p.retry_at).min() {
+            wait = wait.min(retry.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+        }
         changes = watch.wait(wait, stop);
     }
     Ok(())

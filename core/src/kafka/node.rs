@@ -880,6 +880,11 @@ fn work(
             // would hold them back for good.
             for n in failed_partitions {
                 let Some(p) = owned.partitions.get_mut(&n) else { continue };
+                if crate::disk::low(&p.dir) {
+                    // Emitting commits a cursor: not on a nearly full disk (the failure
+                    // may be that).
+                    continue;
+                }
                 if let Err(e) = emit_round(cfg, p, &producer, Vec::new(), metrics, round_started, false, &consumer) {
                     tracing::warn!(partition = n, error = %Chain(&e), "cannot emit the findings of a partition whose pass failed");
                 }

@@ -56,7 +56,7 @@ pub enum End {
     /// A last line without its newline was left for later; `partial` when it holds
     /// something (a one-shot ingest reports it). `rest`: where that line starts and where
     /// the input ended (no newline between them), when the reader got that far.
-    Unfinished { partial: bool, rest: Option<(u64, u64)> },
+    Unfinished { partial: bool, rest: Option<(u64, u64)>, too_long: bool },
     /// A read error, with the offset reached.
     Error(std::io::Error, u64),
 }
@@ -197,7 +197,7 @@ pub fn run<R: BufRead>(
             Ok(None) => break End::Eof,
             // A gzip stream still being written ends early: wait for the rest.
             Err(e) if tail_mode && e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                break End::Unfinished { partial: false, rest: None }
+                break End::Unfinished { partial: false, rest: None, too_long: false }
             }
             Err(e) => break End::Error(e, reader.offset()),
         };
@@ -210,7 +210,11 @@ pub fn run<R: BufRead>(
                 // An over-long one holds something too, though none of it is kept: said
                 // (and a compressed file, which never grows, done with it kept aside).
                 let partial = !tail_mode && (info.too_long.is_some() || !buf.iter().all(is_json_whitespace));
-                break End::Unfinished { partial, rest: Some((info.start, info.end)) };
+                break End::Unfinished {
+                    partial,
+                    rest: Some((info.start, info.end)),
+                    too_long: info.too_long.is_some(),
+                };
             }
         }
         let outcome = parse_line(&buf, &info, max_line, hints);
