@@ -114,6 +114,11 @@ fn read_clock_file(path: &std::path::Path, warned: &mut Option<String>) -> Optio
     }
 }
 
+/// A retention as the log says it: `31d`, or `none`.
+fn retention_text(retention: Option<i64>) -> String {
+    retention.map_or_else(|| "none".to_string(), crate::detect::duration_text)
+}
+
 /// Runs until `stop` is set (SIGINT/SIGTERM): then finishes the batch in hand, writes
 /// the findings, flushes and returns.
 ///
@@ -132,7 +137,7 @@ pub fn run(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonErr
     if !cfg.retention_given {
         if let Some(recorded) = store.recorded_retention()? {
             if recorded != cfg.retention {
-                tracing::info!(retention = %recorded.map_or_else(|| "none".to_string(), crate::detect::duration_text), "no retention given: keeping the one this data directory recorded");
+                tracing::info!(retention = %retention_text(recorded), "no retention given: keeping the one this data directory recorded");
             }
             cfg.retention = recorded;
         }
@@ -150,7 +155,7 @@ pub fn run(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonErr
         logs = %cfg.logs.display(),
         plugins = %cfg.plugins.display(),
         findings = %cfg.findings.display(),
-        retention = %cfg.retention.map_or_else(|| "none".to_string(), crate::detect::duration_text),
+        retention = %retention_text(cfg.retention),
         listen = %endpoint.addr,
         "lookout running"
     );

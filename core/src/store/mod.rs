@@ -2282,15 +2282,22 @@ mod tests {
         assert_eq!(lookup(&store, "wsmprovhost.exe", Some((s3, s3))), ["s4"]);
     }
 
-    /// Building an index over a large store stops once the disk is nearly full, and is
-    /// not recorded as built; declared again with room, it is built whole.
-    #[test]
-    fn an_index_build_stops_on_a_nearly_full_disk_and_is_built_whole_later() {
+    /// A store of 70 batches of one image load each, half of them by wsmprovhost.exe:
+    /// more than an index build writes in one step.
+    fn seventy_batches_of_loads() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
         for i in 0..70 {
             commit(&mut store, vec![load(i, if i % 2 == 0 { "wsmprovhost.exe" } else { "svchost.exe" })]);
         }
+        (dir, store)
+    }
+
+    /// Building an index over a large store stops once the disk is nearly full, and is
+    /// not recorded as built; declared again with room, it is built whole.
+    #[test]
+    fn an_index_build_stops_on_a_nearly_full_disk_and_is_built_whole_later() {
+        let (dir, mut store) = seventy_batches_of_loads();
         crate::disk::LOW_FOR_TESTS.lock().unwrap().push(dir.path().to_path_buf());
         let e = store.declare_indexes(&[winrm_index()]).unwrap_err();
         crate::disk::LOW_FOR_TESTS.lock().unwrap().retain(|d| d != dir.path());
@@ -2305,11 +2312,7 @@ mod tests {
     /// and is not recorded as built; declared again, it is built whole.
     #[test]
     fn an_index_build_ends_early_on_a_stop_and_is_built_whole_later() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
-        for i in 0..70 {
-            commit(&mut store, vec![load(i, if i % 2 == 0 { "wsmprovhost.exe" } else { "svchost.exe" })]);
-        }
+        let (_dir, mut store) = seventy_batches_of_loads();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(true));
         store.interrupt_on(stop.clone());
         let e = store.declare_indexes(&[winrm_index()]).unwrap_err();
