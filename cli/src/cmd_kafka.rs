@@ -232,6 +232,7 @@ pub fn run_node(
         ingest: c.ingest,
         now: c.now,
         retention: c.retention,
+        retention_given: c.retention_given,
         rescan: c.rescan,
         batch_messages: 20_000,
         batch_bytes: 40 << 20,

@@ -477,6 +477,39 @@ fn a_node_stopped_before_emitting_emits_nothing_twice_once_continued() {
     w.check_stored_rows(&mut [&mut a, &mut b]);
 }
 
+/// A node restarted with no `--retention` keeps the one its data directory was run with.
+/// It runs on the real clock, which is long past this fleet's timestamps: the 31-day
+/// default would remove every row for good.
+#[test]
+fn a_node_restarted_with_no_retention_keeps_the_recorded_one() {
+    let w = World::new(12);
+    w.feed(0);
+    w.feed(1);
+    let node = || {
+        DaemonSpec::new(&w.root.path().join("a"))
+            .args(["--kafka", "--brokers", &w.mock.brokers, "--topic", "rows", "--group", "nodes"])
+            .args(["--findings-topic", "findings"])
+            .plugins(&w.plugins)
+            .logs(&w.profiles)
+            .rescan_secs(0.5)
+    };
+    // `--retention none`, as every test node.
+    let mut a = node().start();
+    w.wait_settled(&mut [&mut a], SETTLE);
+    w.check_stored_rows(&mut [&mut a]);
+    a.terminate(Duration::from_secs(60));
+    let mut a = node().no_retention_flag().start();
+    assert!(
+        a.wait_log("no retention given: keeping the one this node's data directory recorded", Duration::from_secs(30)),
+        "{}",
+        a.log_tail(3000)
+    );
+    w.wait_settled(&mut [&mut a], SETTLE);
+    // Every round moves the horizon and expires what is behind it: a few of them.
+    std::thread::sleep(Duration::from_secs(3));
+    w.check_stored_rows(&mut [&mut a]);
+}
+
 /// A node killed right after a batch of rows and their offset are committed to its
 /// store, before the group's offset is: restarted, it goes on from its store's offset.
 #[test]

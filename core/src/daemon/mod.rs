@@ -115,7 +115,7 @@ fn read_clock_file(path: &std::path::Path, warned: &mut Option<String>) -> Optio
 }
 
 /// A retention as the log says it: `31d`, or `none`.
-fn retention_text(retention: Option<i64>) -> String {
+pub(crate) fn retention_text(retention: Option<i64>) -> String {
     retention.map_or_else(|| "none".to_string(), crate::detect::duration_text)
 }
 

@@ -15,6 +15,7 @@
 
 pub mod findings_topic;
 pub mod node;
+mod node_retention;
 pub mod partition;
 pub mod reader;
 mod spare_detectors;

@@ -68,6 +68,9 @@ pub struct NodeConfig {
     /// Fixes the evaluation time of every pass.
     pub now: Option<i64>,
     pub retention: Option<i64>,
+    /// Whether `retention` was given (`--retention` or the config file): if not, the one
+    /// the data directory recorded is kept ([`super::node_retention`]).
+    pub retention_given: bool,
     /// Look at the file feed and the plugins folder at least this often.
     pub rescan: Duration,
     /// Messages per stored batch, at most.
@@ -715,12 +718,13 @@ fn add_counters(total: &mut Counters, c: &Counters) {
 /// for longer than librdkafka retries, a full disk) leaves the group, closes every
 /// store and starts again after a back-off: everything stored is kept, and each
 /// partition continues at the offset committed with its rows.
-pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaError> {
+pub fn run_node(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaError> {
     std::fs::create_dir_all(&cfg.data).map_err(|source| KafkaError::Io {
         what: "create",
         path: cfg.data.clone(),
         source,
     })?;
+    cfg.retention = super::node_retention::resolve(&cfg.data, cfg.retention_given, cfg.retention)?;
     let metrics = Arc::new(Mutex::new(Metrics::default()));
     let observe = Arc::new(NodeObserve { cfg: cfg.clone(), view: Mutex::new(NodeView::default()) });
     let endpoint = Endpoint::start_with(&cfg.listen, &cfg.data, observe.clone(), metrics.clone())?;
@@ -734,7 +738,13 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaError
     // Before any partition writes: a line the last run left torn may be of a partition
     // that another node owns now.
     super::partition::cut_torn_findings_line(&cfg.data, &cfg.findings)?;
-    tracing::info!(topic = %cfg.topic, group = %cfg.group, listen = %endpoint.addr, "lookout node running");
+    tracing::info!(
+        topic = %cfg.topic,
+        group = %cfg.group,
+        listen = %endpoint.addr,
+        retention = %crate::daemon::retention_text(cfg.retention),
+        "lookout node running"
+    );
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let result = loop {
         let started = Instant::now();
@@ -1336,6 +1346,7 @@ mod tests {
             ingest: IngestOptions::default(),
             now: None,
             retention: None,
+            retention_given: false,
             rescan: Duration::from_secs(1),
             batch_messages: 100,
             batch_bytes: 16 << 20,
