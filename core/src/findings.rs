@@ -109,14 +109,17 @@ pub fn cut_torn_tail(store: &Store, path: &Path) -> Result<()> {
 
 /// Cuts the torn line found at `keep` in `file` (read at length `len`), unless the file
 /// has changed length since (cut by a copytruncate meanwhile): `set_len` would then grow
-/// it into a hole of NUL bytes.
-fn cut_at(file: &File, path: &Path, len: u64, keep: u64) -> Result<()> {
+/// it into a hole of NUL bytes. Returns the file's length after: `keep` when cut, else
+/// its length now (what is written next goes after that, not after `keep`).
+fn cut_at(file: &File, path: &Path, len: u64, keep: u64) -> Result<u64> {
     let now = file.metadata().with_context(|| format!("cannot stat findings file {}", path.display()))?.len();
     if now != len {
-        return Ok(());
+        tracing::info!(file = %path.display(), was = len, now, "findings file changed length while read; its torn line is not cut");
+        return Ok(now);
     }
     tracing::info!(file = %path.display(), from = len, to = keep, "cutting a torn findings line");
-    file.set_len(keep).with_context(|| format!("cannot truncate {}", path.display()))
+    file.set_len(keep).with_context(|| format!("cannot truncate {}", path.display()))?;
+    Ok(keep)
 }
 
 /// SHA-256 of the `min(len, TAIL_CHECK)` bytes before `len`.
@@ -197,19 +200,16 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         let (seq, keep) = adopt_own_tail(store, &file, committed, len, next_seq, skip)
             .with_context(|| format!("cannot read the tail of {}", path.display()))?;
         next = seq;
-        if keep < len {
-            cut_at(&file, path, len, keep)?;
-        }
-        end = keep;
+        end = if keep < len { cut_at(&file, path, len, keep)? } else { keep };
     }
-    if let Some(c) = cursor.as_ref().filter(|c| !same_file || (c.file_len == 0 && len == 0)) {
+    if let Some(c) = cursor.as_ref().filter(|c| !same_file || c.file_len == 0) {
         if !same_file {
             tracing::info!(file = %path.display(), "findings file is new to Lookout (rotated or replaced); appending after its content");
         }
         // Rotated (renamed, or copied and truncated) after a crash between a write and its
         // cursor: the lines written then are in the file under its other name, and count
-        // as written. (A file committed empty and empty still may have been copied and
-        // truncated since, too.)
+        // as written. (A file committed empty may have been copied and truncated since,
+        // too, and written to by another store after: its tail is no proof.)
         for (moved, moved_len, moved_path) in rotated_originals(path, c) {
             let (seq, _) = adopt_own_tail(store, &moved, c.file_len, moved_len, next_seq, skip)
                 .with_context(|| format!("cannot read the tail of {}", moved_path.display()))?;
@@ -224,8 +224,7 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         // (below): a line of this store's torn by a crash then is recognised here.
         let torn = torn_own_line(store, &file, end, next).with_context(|| format!("cannot read {}", path.display()))?;
         if let Some(keep) = torn {
-            cut_at(&file, path, end, keep)?;
-            end = keep;
+            end = cut_at(&file, path, end, keep)?;
         }
     }
     end = end_with_newline(&mut file, end).with_context(|| format!("cannot write {}", path.display()))?;
@@ -520,6 +519,24 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
+    /// A torn line is cut only in the file as it was read: one that changed length since
+    /// (a copytruncate, another writer) is left as it is, and what is written next goes
+    /// after its end as it is now.
+    #[test]
+    fn a_torn_line_is_not_cut_in_a_file_that_changed_length_since_it_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("findings.jsonl");
+        std::fs::write(&path, b"{\"a\":1}\n{\"b\"").unwrap();
+        let file = std::fs::OpenOptions::new().read(true).append(true).open(&path).unwrap();
+        // Read at 12 bytes; another writer has added 5 since.
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b":2}\nx").unwrap();
+        assert_eq!(cut_at(&file, &path, 12, 8).unwrap(), 17);
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"a\":1}\n{\"b\":2}\nx");
+        // As read: cut.
+        assert_eq!(cut_at(&file, &path, 17, 16).unwrap(), 16);
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"a\":1}\n{\"b\":2}\n");
+    }
+
     struct Fixture {
         _dir: tempfile::TempDir,
         store: Store,
@@ -620,6 +637,24 @@ mod tests {
                 f.lines(4..=4)
             )
         );
+    }
+
+    /// A first write into an empty file (its cursor committed at length 0) cut short by a
+    /// crash before its final cursor, then the file copytruncated and another store (a
+    /// Kafka node's other partition) appending to it: the lines in the copy are written.
+    #[test]
+    fn lines_written_into_an_empty_file_before_a_crash_and_copytruncated_are_not_written_again() {
+        let mut f = Fixture::new();
+        assert_eq!(f.flush(), 0, "the cursor is committed against the empty file");
+        f.find(3);
+        std::fs::write(&f.out, f.lines(1..=2)).unwrap();
+        let copy = f.out.with_extension("jsonl.1");
+        std::fs::copy(&f.out, &copy).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&f.out).unwrap().set_len(0).unwrap();
+        std::fs::write(&f.out, "{\"other\":1}\n").unwrap();
+        assert_eq!(f.flush(), 1);
+        assert_eq!(f.read(), format!("{{\"other\":1}}\n{}", f.lines(3..=3)));
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), f.lines(1..=2));
     }
 
     /// A crash between a write and its cursor, then the file rotated by rename before the

@@ -37,6 +37,10 @@ pub fn with_host_api<R>(store: &Store, f: impl FnOnce(&LookoutHostApi) -> R) -> 
 
 fn answer(ctx: &HostCtx<'_>, req: HostRequest) -> Result<Vec<u8>, String> {
     let store = ctx.store;
+    #[cfg(test)]
+    if tests::PANIC_ANSWERING.with(|p| p.replace(false)) {
+        panic!("a host bug met answering a detector (test)");
+    }
     let result = match req {
         HostRequest::GetRows(keys) => store.get_rows_where(&keys, &[]).map(|r| wire::rows_answer(&r)),
         HostRequest::GetRowsWhere { keys, filter } => {
@@ -113,7 +117,27 @@ unsafe extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, o
     let (rc, bytes) = match result {
         Ok(Ok(bytes)) => (RC_OK, bytes),
         Ok(Err(msg)) => (RC_ERROR, msg.into_bytes()),
-        Err(_) => (RC_ERROR, b"host panicked answering the request".to_vec()),
+        Err(payload) => {
+            // A bug of the host's (or damaged stored bytes it did not expect): the plugin
+            // is told, but what it does with that (take it for no rows, say) cannot be
+            // trusted, so the pass must not commit, as after a store failure.
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".to_string());
+            tracing::error!(panic = %what, "the host panicked answering a detector; its pass is not committed");
+            if !ctx.is_null() {
+                // SAFETY: as above: the HostCtx made by `with_host_api`, alive for the
+                // whole evaluate call; only its mutex is touched.
+                let ctx = unsafe { &*(ctx as *const HostCtx<'_>) };
+                ctx.failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(StoreError::Corrupt(format!("the host panicked answering a detector: {what}")));
+            }
+            (RC_ERROR, b"host panicked answering the request".to_vec())
+        }
     };
     // SAFETY: `out` is null or the plugin's writable LookoutBuf, per this function's contract.
     unsafe { give(bytes, out) };
@@ -195,6 +219,44 @@ mod tests {
         assert_eq!(reports(&sets[3]), vec![Some(Int(0))]);
     }
 
+    thread_local! {
+        /// Makes this thread's next [`answer`] panic, as a host bug would.
+        pub(super) static PANIC_ANSWERING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Calls `api` with `request` as a plugin does: the return code and the answer.
+    fn call(api: &LookoutHostApi, request: &[u8]) -> (i32, Vec<u8>) {
+        let mut out = LookoutBuf { ptr: std::ptr::null_mut(), len: 0 };
+        // SAFETY: the table's own context, a readable request and a writable buffer,
+        // during the call the table was made for; the buffer is freed by `free`.
+        let rc = unsafe { (api.call)(api.ctx, request.as_ptr(), request.len(), &mut out) };
+        // SAFETY: `out` is exactly the buffer `call` wrote, read and then freed once.
+        let bytes = unsafe {
+            let bytes = std::slice::from_raw_parts(out.ptr, out.len).to_vec();
+            (api.free)(out.ptr, out.len);
+            bytes
+        };
+        (rc, bytes)
+    }
+
+    /// A panic of the host's answering a call is told to the plugin and fails the pass: a
+    /// plugin that took the failed call for no rows must not have its answer committed.
+    #[test]
+    fn a_host_panic_answering_a_call_fails_the_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let request = wire::encode_host_request(&HostRequest::Profile("s1".into())).unwrap();
+        let outcome = with_host_api(&store, |api| {
+            PANIC_ANSWERING.with(|p| p.set(true));
+            call(api, &request)
+        });
+        let e = outcome.expect_err("a host panic fails the pass");
+        assert!(e.to_string().contains("the host panicked answering a detector"), "{e}");
+        // Without the panic, the same call answers and the pass stands.
+        let (rc, _) = with_host_api(&store, |api| call(api, &request)).expect("no failure");
+        assert_eq!(rc, RC_OK);
+    }
+
     /// A request the store refuses as invalid (a look-up on an index no detector declared)
     /// is answered with the error and does not fail the pass: the plugin asked wrongly,
     /// the store is fine.
@@ -208,19 +270,7 @@ mod tests {
             filter: Vec::new(),
         })
         .unwrap();
-        let outcome = with_host_api(&store, |api| {
-            let mut out = LookoutBuf { ptr: std::ptr::null_mut(), len: 0 };
-            // SAFETY: the table's own context, a readable request and a writable buffer,
-            // during the call the table was made for; the buffer is freed by `free`.
-            let rc = unsafe { (api.call)(api.ctx, request.as_ptr(), request.len(), &mut out) };
-            // SAFETY: `out` is exactly the buffer `call` wrote, read and then freed once.
-            let bytes = unsafe {
-                let bytes = std::slice::from_raw_parts(out.ptr, out.len).to_vec();
-                (api.free)(out.ptr, out.len);
-                bytes
-            };
-            (rc, bytes)
-        });
+        let outcome = with_host_api(&store, |api| call(api, &request));
         let (rc, bytes) = outcome.expect("an invalid request does not fail the pass");
         assert_eq!(rc, RC_OK);
         let HostResponse::Error(message) = abi::decode(&bytes).unwrap() else { panic!("not an error answer") };

@@ -86,7 +86,9 @@ struct Answer {
 
 impl Answer {
     fn bytes(&self) -> &[u8] {
-        if self.buf.ptr.is_null() {
+        // No allocation is longer than isize::MAX: such a length is garbage, and a slice
+        // of it undefined behaviour even over a valid pointer. It reads as no answer.
+        if self.buf.ptr.is_null() || self.buf.len > isize::MAX as usize {
             return &[];
         }
         // SAFETY: the plugin filled the buffer with `len` initialised bytes it allocated;
