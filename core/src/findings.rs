@@ -258,8 +258,17 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         |json: &[u8]| skip(json) || (!known.is_empty() && finding_id(json).is_some_and(|id| known.contains(&id)));
     let write_error =
         || format!("cannot write findings to {} (nothing is lost: they are written on the next flush)", path.display());
+    // The file as it was before the writes: what a copy made of it meanwhile starts with.
+    let before = OutboxCursor {
+        next_seq: next,
+        dev: meta.dev(),
+        ino: meta.ino(),
+        file_len: end,
+        tail_hash: tail_hash(&file, end).with_context(|| format!("cannot read {}", path.display()))?,
+    };
     let mut out = std::io::BufWriter::new(&mut file);
     let mut written = 0u64;
+    let mut bytes_written = 0u64;
     for entry in store.outbox_from(next) {
         let (seq, json) = entry?;
         if skip(&json) {
@@ -269,6 +278,7 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         out.write_all(&json).with_context(write_error)?;
         out.write_all(b"\n").with_context(write_error)?;
         written += 1;
+        bytes_written += json.len() as u64 + 1;
         next = seq + 1;
         if written == 1 && crate::failpoint::armed("outbox-mid-write") {
             // Make the uncommitted tail real before dying, as a crash mid-write leaves it.
@@ -286,8 +296,15 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
     file.sync_data().with_context(write_error)?;
     crate::failpoint::hit("outbox-after-write");
     // The file as it is now: longer than `end` only if someone else appended meanwhile,
-    // shorter if it was truncated under the writes (their lines went to its copy).
-    let end = file.metadata().with_context(|| format!("cannot stat findings file {}", path.display()))?.len();
+    // shorter (or no longer what it was before `end`) if it was cut under the writes.
+    let mut end = file.metadata().with_context(|| format!("cannot stat findings file {}", path.display()))?.len();
+    let cut_under_writes = end < before.file_len + bytes_written
+        || tail_hash(&file, before.file_len).with_context(|| format!("cannot read {}", path.display()))?
+            != before.tail_hash;
+    if written > 0 && cut_under_writes {
+        written += rewrite_lost(store, &mut file, path, &before, next, &skip)?;
+        end = file.metadata().with_context(|| format!("cannot stat findings file {}", path.display()))?.len();
+    }
     let now = OutboxCursor {
         next_seq: next,
         dev: meta.dev(),
@@ -300,6 +317,56 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         store.flush()?;
     }
     Ok(written)
+}
+
+/// After writes into `file` that it was cut under (logrotate's `copytruncate` copies the
+/// file, then cuts it to nothing: a line appended between the two is in neither), writes
+/// again the findings of `before.next_seq..next` that are neither in a copy of the file as
+/// it was `before` nor in the file now. Returns how many.
+fn rewrite_lost(
+    store: &Store,
+    file: &mut File,
+    path: &Path,
+    before: &OutboxCursor,
+    next: u64,
+    skip: &dyn Fn(&[u8]) -> bool,
+) -> Result<u64> {
+    let read_error = || format!("cannot read {}", path.display());
+    // In a copy: from the first of them on, in order, after the copied length.
+    let mut copied_to = before.next_seq;
+    for (copy, copy_len, copy_path) in rotated_originals(path, before) {
+        let (seq, _) = adopt_own_tail(store, &copy, before.file_len, copy_len, before.next_seq, skip)
+            .with_context(|| format!("cannot read the tail of {}", copy_path.display()))?;
+        copied_to = copied_to.max(seq);
+    }
+    // In the file now: written after the cut.
+    let len = file.metadata().with_context(read_error)?.len();
+    let here = finding_ids_in(file, len).with_context(read_error)?;
+    let mut lost = Vec::new();
+    for entry in store.outbox_from(copied_to) {
+        let (seq, json) = entry?;
+        if seq >= next {
+            break;
+        }
+        if !skip(&json) && !finding_id(&json).is_some_and(|id| here.contains(&id)) {
+            lost.push(json);
+        }
+    }
+    if lost.is_empty() {
+        return Ok(0);
+    }
+    tracing::warn!(file = %path.display(), findings = lost.len(), "findings file was cut while written (copytruncate); writing again the findings it lost");
+    let write_error = || format!("cannot write findings to {}", path.display());
+    end_with_newline(file, len).with_context(write_error)?;
+    let mut out = std::io::BufWriter::new(&mut *file);
+    for json in &lost {
+        out.write_all(json).with_context(write_error)?;
+        out.write_all(b"\n").with_context(write_error)?;
+    }
+    out.flush().with_context(write_error)?;
+    drop(out);
+    file.sync_data().with_context(write_error)?;
+    Ok(lost.len() as u64)
 }
 
 /// The files in `path`'s folder under another name that hold what the cursor says, as the

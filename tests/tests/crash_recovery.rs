@@ -87,41 +87,56 @@ fn killed_during_detect_then_rerun_leaves_each_finding_once() {
 /// The findings file copytruncated (copied away, then cut to nothing, as logrotate's
 /// `copytruncate` does) while Lookout is writing into it: the lines after the cut start
 /// the file again — no hole of NUL bytes where the cut-off lines were —, and each
-/// finding is once in the copy or the file.
+/// finding is once in the copy or the file. Also when a line was appended between the
+/// copy and the cut (in neither file): it is written again.
 #[test]
-fn findings_file_truncated_mid_write_gets_no_hole() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (expected, data, plugins) = fleet_ingested(tmp.path());
-    let findings = data.join("findings.jsonl");
-    let mut child = Command::new(lookout_bin())
-        .arg("--data")
-        .arg(&data)
-        .args(["detect", "--plugins", plugins.to_str().unwrap(), "--now", NOW])
-        .env("LOOKOUT_FAILPOINT", "outbox-pause-mid-write")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let stopped = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
-            .unwrap_or(false)
-    };
-    let started = std::time::Instant::now();
-    while !stopped(child.id()) {
-        assert!(child.try_wait().unwrap().is_none(), "detect ended without reaching the failpoint");
-        assert!(started.elapsed() < std::time::Duration::from_secs(60), "the failpoint was not hit");
-        std::thread::sleep(std::time::Duration::from_millis(20));
+fn findings_file_truncated_mid_write_gets_no_hole_and_loses_nothing() {
+    for line_after_the_copy in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (expected, data, plugins) = fleet_ingested(tmp.path());
+        let findings = data.join("findings.jsonl");
+        let mut child = Command::new(lookout_bin())
+            .arg("--data")
+            .arg(&data)
+            .args(["detect", "--plugins", plugins.to_str().unwrap(), "--now", NOW])
+            .env("LOOKOUT_FAILPOINT", "outbox-pause-mid-write")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stopped = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
+                .unwrap_or(false)
+        };
+        let started = std::time::Instant::now();
+        while !stopped(child.id()) {
+            assert!(child.try_wait().unwrap().is_none(), "detect ended without reaching the failpoint");
+            assert!(started.elapsed() < std::time::Duration::from_secs(60), "the failpoint was not hit");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Paused with its first line written.
+        let mut copied = std::fs::read(&findings).unwrap();
+        assert!(copied.ends_with(b"\n"), "the pause comes after a whole line");
+        if line_after_the_copy {
+            let last_start = copied[..copied.len() - 1].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            copied.truncate(last_start);
+        }
+        // Where logrotate puts it: beside the file.
+        let copy = data.join("findings.jsonl.1");
+        std::fs::write(&copy, &copied).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&findings).unwrap().set_len(0).unwrap();
+        assert!(Command::new("kill").args(["-CONT", &child.id().to_string()]).status().unwrap().success());
+        assert!(child.wait().unwrap().success());
+        let bytes = std::fs::read(&findings).unwrap();
+        assert!(!bytes.contains(&0), "a hole of NUL bytes in the findings file: {} bytes", bytes.len());
+        assert_once_in(
+            &[&copy, &findings],
+            expected,
+            &format!("line after the copy: {line_after_the_copy}: in the copy or the file"),
+        );
     }
-    let copy = tmp.path().join("findings.jsonl.1");
-    std::fs::copy(&findings, &copy).unwrap();
-    std::fs::OpenOptions::new().write(true).open(&findings).unwrap().set_len(0).unwrap();
-    assert!(Command::new("kill").args(["-CONT", &child.id().to_string()]).status().unwrap().success());
-    assert!(child.wait().unwrap().success());
-    let bytes = std::fs::read(&findings).unwrap();
-    assert!(!bytes.contains(&0), "a hole of NUL bytes in the findings file: {} bytes", bytes.len());
-    assert_once_in(&[&copy, &findings], expected, "in the copy or the file");
 }
 
 /// Killed after writing its findings and before recording that it did, then the file is
