@@ -207,6 +207,7 @@ pub fn run_node(
     if c.clock_file.is_some() {
         return Err(anyhow!("--clock-file is not supported with --kafka: use --now and --ingest-now"));
     }
+
     let file = kafka_file(file)?;
     let topic = args
         .topic
@@ -233,6 +234,7 @@ pub fn run_node(
         now: c.now,
         retention: c.retention,
         retention_given: c.retention_given,
+        detect_threads: c.detect_threads,
         rescan: c.rescan,
         batch_messages: 20_000,
         batch_bytes: 40 << 20,

@@ -703,4 +703,6 @@ fn a_findings_topic_with_another_partition_count_is_refused_at_the_start() {
     let out = run_bounded(cmd, Duration::from_secs(60));
     assert!(!out.status.success(), "{}", out.stderr);
     assert!(out.stderr.contains("findings topic in has 1 partition(s) and rows has 6"), "{}", out.stderr);
+    // Its endpoint was up while it checked: its address is not left behind.
+    assert!(!data.join("daemon.addr").exists(), "a refused node left its address behind");
 }

@@ -71,6 +71,8 @@ pub struct NodeConfig {
     /// Whether `retention` was given (`--retention` or the config file): if not, the one
     /// the data directory recorded is kept ([`super::node_retention`]).
     pub retention_given: bool,
+    /// How many of a partition's detectors pass at once (0: one per core).
+    pub detect_threads: usize,
     /// Look at the file feed and the plugins folder at least this often.
     pub rescan: Duration,
     /// Messages per stored batch, at most.
@@ -171,6 +173,9 @@ impl ConsumerContext for NodeContext {
                     .unwrap_or_default();
                 for &n in &wanted {
                     let read = findings.remove(&n);
+                    // After one partition failed, the work loop rejoins the group and all
+                    // this is done again: the others are not read (each read may wait).
+                    let reader = reader.filter(|_| owned.failure.is_none());
                     let start =
                         reader.and_then(|reader| match self.open_assigned(consumer, reader, &mut owned, n, read) {
                             Ok(start) => Some(start),
@@ -734,7 +739,23 @@ pub fn run_node(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaE
         path: addr_file.clone(),
         source,
     })?;
-    check_findings_topic(&cfg)?;
+    let result = serve(&cfg, &stop, &observe, &metrics, &endpoint);
+    // Also after a failure at the start: no address of a node that is gone is left behind.
+    let _ = std::fs::remove_file(&addr_file);
+    endpoint.stop();
+    result
+}
+
+/// The node's checks at the start, then its work loop, restarted after a failure, until
+/// `stop`.
+fn serve(
+    cfg: &NodeConfig,
+    stop: &Arc<AtomicBool>,
+    observe: &NodeObserve,
+    metrics: &Mutex<Metrics>,
+    endpoint: &Endpoint,
+) -> Result<(), KafkaError> {
+    check_findings_topic(cfg)?;
     // Before any partition writes: a line the last run left torn may be of a partition
     // that another node owns now.
     super::partition::cut_torn_findings_line(&cfg.data, &cfg.findings)?;
@@ -748,7 +769,7 @@ pub fn run_node(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaE
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let result = loop {
         let started = Instant::now();
-        match work(&cfg, &stop, &observe, &metrics) {
+        match work(cfg, stop, observe, metrics) {
             Ok(()) => break Ok(()),
             Err(e) => {
                 let wait = backoff.after_failure(started.elapsed());
@@ -770,8 +791,6 @@ pub fn run_node(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaE
             }
         }
     };
-    let _ = std::fs::remove_file(&addr_file);
-    endpoint.stop();
     result
 }
 
@@ -816,7 +835,7 @@ fn consumer(cfg: &NodeConfig) -> Result<BaseConsumer<NodeContext>, KafkaError> {
 
 fn work(
     cfg: &NodeConfig,
-    stop: &AtomicBool,
+    stop: &Arc<AtomicBool>,
     observe: &NodeObserve,
     metrics: &Mutex<Metrics>,
 ) -> Result<(), KafkaError> {
@@ -832,8 +851,15 @@ fn work(
     let producer = producer(&cfg.kafka, Deliveries::default())?;
     consumer.subscribe(&[&cfg.topic]).map_err(KafkaError::kafka(format!("cannot subscribe to {}", cfg.topic)))?;
     let watermarks = Watermarks::start(&cfg.kafka, &cfg.topic);
-    let mut detect_opts = DetectOptions { now: cfg.now, params: cfg.params.clone(), ..DetectOptions::default() };
-    detect_opts.stop = None;
+    let mut detect_opts = DetectOptions {
+        now: cfg.now,
+        params: cfg.params.clone(),
+        threads: cfg.detect_threads,
+        ..DetectOptions::default()
+    };
+    // A stop ends a pass after the chunk in hand (its cursor stays, the pass is made
+    // again at the next start) instead of waiting for every partition's whole pass.
+    detect_opts.stop = Some(stop.clone());
     let mut last_rescan = Instant::now() - cfg.rescan;
     let mut pending = Pending::default();
     let result = (|| -> Result<(), KafkaError> {
@@ -1175,7 +1201,8 @@ fn pass_round(
     let due = crate::detect::next_wake(&p.store, &p.plugins.plugins)?.is_some_and(|at| at <= eval_now);
     let reports = if (p.needs_pass || due) && p.pass_due(cfg.quiet_before_pass) {
         let reports = run_pass(&mut p.store, &mut p.plugins.plugins, detect_opts)?;
-        p.needs_pass = false;
+        // A pass a stop cut short is not done.
+        p.needs_pass = detect_opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
         p.last_pass_at = Some(Instant::now());
         reports
     } else if p.store.outbox_has_from(p.topic_cursor()?)? {
@@ -1347,6 +1374,7 @@ mod tests {
             now: None,
             retention: None,
             retention_given: false,
+            detect_threads: 0,
             rescan: Duration::from_secs(1),
             batch_messages: 100,
             batch_bytes: 16 << 20,
