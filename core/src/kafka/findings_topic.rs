@@ -26,7 +26,6 @@ pub(crate) fn produce_new(
     let from = p.topic_cursor()?;
     let mut next = from;
     let mut produced = 0;
-    let mut sent: Vec<String> = Vec::new();
     for item in p.store.outbox_from(from) {
         let (seq, json) = item?;
         next = seq + 1;
@@ -40,10 +39,12 @@ pub(crate) fn produce_new(
             }
         };
         let Some(id) = v.get("finding_id").and_then(Value::as_str) else { continue };
-        if !p.emitted.insert(id.to_string()) {
+        // Emitted by an earlier owner. (What this node produces is not remembered: the
+        // results tree holds each id once, and the topic cursor moves past it, so the
+        // set stays the size of what was read from the topic, not of everything found.)
+        if p.emitted.contains(id) {
             continue;
         }
-        sent.push(id.to_string());
         let device = v.get("device_id").and_then(Value::as_str).unwrap_or_default();
         let partition = p.partition;
         let record = BaseRecord::to(topic).partition(partition).key(device).payload(json.as_slice());
@@ -79,10 +80,7 @@ pub(crate) fn produce_new(
         let flushed = producer.flush(Duration::from_secs(120));
         let failed = producer.context().take_failures();
         if flushed.is_err() || failed.is_some() {
-            // Not in the topic for sure: produced again next round.
-            for id in &sent {
-                p.emitted.remove(id);
-            }
+            // Not in the topic for sure: produced again next round (the cursor stays).
             let first = failed.or_else(|| flushed.err().map(|e| e.to_string())).unwrap_or_default();
             return Err(KafkaError::FindingsNotAcknowledged { first });
         }
@@ -135,5 +133,15 @@ mod tests {
         assert!(got[0]["row"]["lookout_too_large"].as_u64().is_some_and(|b| b > 1_200_000), "{}", got[0]["row"]);
         assert_eq!(got[1]["finding_id"], "f2");
         assert_eq!(produce_new(&out, "findings", &mut p).unwrap(), 0, "each once");
+        // What the node produces itself is not held in memory: only what an earlier owner
+        // emitted is, and that is passed over.
+        assert!(p.emitted.is_empty(), "{:?}", p.emitted);
+        let mut pass = p.store.pass_batch();
+        pass.put_finding("f3", br#"{"finding_id":"f3","device_id":"d1","row":{}}"#.to_vec());
+        pass.put_finding("f4", br#"{"finding_id":"f4","device_id":"d1","row":{}}"#.to_vec());
+        pass.commit().unwrap();
+        p.emitted.insert("f3".into());
+        assert_eq!(produce_new(&out, "findings", &mut p).unwrap(), 1, "f4 only");
+        assert_eq!(p.emitted.len(), 1);
     }
 }

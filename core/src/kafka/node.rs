@@ -340,12 +340,14 @@ impl NodeContext {
             Some(read) => read,
             None => reader.finding_ids(&self.cfg.findings_topic, n, p.findings_read_to)?,
         };
+        // What this node produced before it gave the partition up is among them: passed
+        // over as emitted, it is written and produced already.
         let new: Vec<String> = ids.into_iter().filter(|id| !p.emitted.contains(id)).collect();
         if !new.is_empty() {
             tracing::info!(
                 partition = n,
                 findings = new.len(),
-                "partition given back; another node emitted findings of it meanwhile"
+                "partition given back; findings emitted to its findings topic since it was last read are passed over"
             );
         }
         p.emitted_before.extend(new.iter().cloned());
