@@ -281,7 +281,10 @@ fn pass<'p>(
             }
             let req = EvalRequest { now, backfill: job.due.since.is_none(), rows: refs, last: true };
             let started = Instant::now();
+            let call =
+                crate::plugin::running::enter(&job.plugin.manifest.name, &job.plugin.manifest.version, "evaluate");
             let answer = with_host_api(store, |api| job.plugin.lib.evaluate(api, &req));
+            drop(call);
             job.report.evaluate = started.elapsed();
             let started = Instant::now();
             let committed = answer
@@ -405,7 +408,10 @@ fn prepare(
             return Err(PassError::Store(StoreError::Corrupt(format!("failpoint: {id}'s state reads as damaged"))));
         }
         let state = store.detector_state(&id)?;
-        let response = plugin.lib.init(&InitRequest { params, state }).map_err(DetectorError::Init)?;
+        let call = crate::plugin::running::enter(&plugin.manifest.name, &plugin.manifest.version, "init");
+        let response = plugin.lib.init(&InitRequest { params, state }).map_err(DetectorError::Init);
+        drop(call);
+        let response = response?;
         report.init = init_started.elapsed();
         check_inputs(&plugin.manifest.inputs, &response.inputs)?;
         plugin.inputs = response.inputs;
@@ -478,7 +484,10 @@ fn run_chunks(
         }
         let req = EvalRequest { now, backfill: due.since.is_none(), rows: chunk.to_vec(), last: i == last };
         let started = Instant::now();
-        let answer = with_host_api(store, |api| plugin.lib.evaluate(api, &req))?.map_err(DetectorError::Evaluate)?;
+        let call = crate::plugin::running::enter(&plugin.manifest.name, &plugin.manifest.version, "evaluate");
+        let answer = with_host_api(store, |api| plugin.lib.evaluate(api, &req));
+        drop(call);
+        let answer = answer?.map_err(DetectorError::Evaluate)?;
         report.evaluate += started.elapsed();
         commit_answer(store, plugin, due, now, i == last, &answer, report)?;
     }

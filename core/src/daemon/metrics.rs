@@ -254,6 +254,19 @@ pub fn render(m: &Metrics, c: &Counters) -> String {
     );
     r.register("polls", "Looks at the logs directory", counter(m.polls));
     r.register("detectors_loaded", "Detectors loaded from the plugins folder", gauge(m.detectors_loaded));
+    // Per detector, its longest call running now (none: no series).
+    let mut running: BTreeMap<DetectorLabels, u64> = BTreeMap::new();
+    for (call, ran) in crate::plugin::running::now_running() {
+        let labels = DetectorLabels { detector: call.detector, version: call.version };
+        let longest = running.entry(labels).or_default();
+        *longest = (*longest).max(ran.as_secs());
+    }
+    r.register(
+        "detector_call_running_seconds",
+        "Seconds the detector's longest call (init or evaluate) running now has run; a value that \
+         keeps growing is a detector stuck in its own code, holding up its pass",
+        gauges(running),
+    );
     let mut out = String::new();
     // Writing to a String cannot fail; an encoder error would be a bug, shown on the page.
     if let Err(e) = prometheus_text::encode(&mut out, &r) {
@@ -342,7 +355,9 @@ mod tests {
         c.rows.insert("DeviceFileEvents".into(), 12);
         c.rejected.insert("malformed_json".into(), 1);
         (c.expired, c.removed, m.detectors_loaded) = (3, 4, 2);
+        let call = crate::plugin::running::enter("metrics-test-stuck", "2.0.0", "evaluate");
         let page = render(&m, &c);
+        drop(call);
         let types = check(&page).unwrap_or_else(|e| panic!("{e}\n{page}"));
         for (family, kind) in [
             ("lookout_rows_ingested_total", "counter"),
@@ -359,6 +374,7 @@ mod tests {
             ("lookout_rows_expired_total", "counter"),
             ("lookout_rows_removed_total", "counter"),
             ("lookout_detectors_loaded", "gauge"),
+            ("lookout_detector_call_running_seconds", "gauge"),
         ] {
             assert_eq!(types.get(family).map(String::as_str), Some(kind), "{family}\n{page}");
         }
@@ -375,6 +391,11 @@ mod tests {
         assert!(has("lookout_disk_space_low 1"));
         assert!(has("lookout_rows_expired_total 3") && has("lookout_rows_removed_total 4"), "{page}");
         assert!(has("lookout_detectors_loaded 2"), "{page}");
+        assert!(
+            has(r#"lookout_detector_call_running_seconds{detector="metrics-test-stuck",version="2.0.0"} 0"#),
+            "{page}"
+        );
+        assert!(!render(&m, &c).contains("metrics-test-stuck"), "a call that ended has no series");
         // A clone (what the endpoint renders) shares the histograms.
         let clone = m.clone();
         m.observe_pass(&winrm, Duration::from_millis(1), 0, 0, false);

@@ -147,6 +147,11 @@ pub fn run(mut cfg: DaemonConfig, stop: Arc<AtomicBool>) -> Result<(), DaemonErr
     *db.write().unwrap_or_else(|p| p.into_inner()) = Some(store.reader());
     // The endpoint stays up across work-loop restarts, so a stuck daemon can be seen.
     let endpoint = http::Endpoint::start(&cfg.listen, db.clone(), &cfg.data, metrics.clone())?;
+    // Names a detector whose call runs long: one stuck in its own code holds up the work
+    // loop with nothing else to say which.
+    let _call_watch = crate::plugin::running::watch(crate::plugin::running::WatchTimes::default())
+        .map_err(|e| tracing::warn!(error = %e, "cannot start the watch over detector calls; carrying on without it"))
+        .ok();
     let addr_file = http::addr_file(&cfg.data);
     std::fs::write(&addr_file, endpoint.addr.to_string())
         .map_err(|source| DaemonError::AddrFile { path: addr_file.clone(), source })?;

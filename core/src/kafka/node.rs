@@ -735,6 +735,11 @@ pub fn run_node(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), KafkaE
     let metrics = Arc::new(Mutex::new(Metrics::default()));
     let observe = Arc::new(NodeObserve { cfg: cfg.clone(), view: Mutex::new(NodeView::default()) });
     let endpoint = Endpoint::start_with(&cfg.listen, &cfg.data, observe.clone(), metrics.clone())?;
+    // Names a detector whose call runs long: one stuck in its own code holds up the work
+    // loop with nothing else to say which.
+    let _call_watch = crate::plugin::running::watch(crate::plugin::running::WatchTimes::default())
+        .map_err(|e| tracing::warn!(error = %e, "cannot start the watch over detector calls; carrying on without it"))
+        .ok();
     let addr_file = crate::daemon::http::addr_file(&cfg.data);
     std::fs::write(&addr_file, endpoint.addr.to_string()).map_err(|source| KafkaError::Io {
         what: "write",

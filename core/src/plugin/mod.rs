@@ -5,11 +5,13 @@
 //!   [`host_api`] only).
 //! - [`host_api`]: the callbacks a plugin makes into the store during a pass.
 //! - [`error`]: why a library (refused, or failed to load) or the folder was not used.
+//! - [`running`]: the detector calls running now, and a watch that names one running long.
 
 pub mod error;
 pub mod guard;
 pub mod host_api;
 pub mod loader;
+pub mod running;
 
 use lookout_plugin_sdk::{InputSpec, Manifest};
 use std::path::{Path, PathBuf};
