@@ -39,11 +39,26 @@ pub fn resolve_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
     exe.parent().map(Path::to_path_buf).ok_or_else(|| anyhow!("the lookout executable has no folder; pass --plugins"))
 }
 
+/// Where `list` and `verify` keep the private copies a library is loaded from: the data
+/// directory when there is one, else a temporary folder removed afterwards (looking at
+/// plugins does not create a data directory).
+fn copies_home(data: &Path) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    if data.exists() {
+        return Ok((data.to_path_buf(), None));
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("lookout-plugins-")
+        .tempdir()
+        .map_err(|e| anyhow!("cannot create a temporary folder for the plugins' copies: {e}"))?;
+    Ok((tmp.path().to_path_buf(), Some(tmp)))
+}
+
 pub fn run(data: &Path, cmd: PluginsCommand) -> Result<ExitCode> {
     match cmd {
         PluginsCommand::List(a) => {
             let dir = resolve_dir(&a.plugins)?;
-            let loaded = plugin::load_dir(&dir, data)?;
+            let (home, _tmp) = copies_home(data)?;
+            let loaded = plugin::load_dir(&dir, &home)?;
             println!("plugins in {}:", dir.display());
             for p in &loaded.plugins {
                 let m = &p.manifest;
@@ -61,7 +76,8 @@ pub fn run(data: &Path, cmd: PluginsCommand) -> Result<ExitCode> {
         }
         PluginsCommand::Verify(a) => {
             let dir = resolve_dir(&a.plugins)?;
-            let loaded = plugin::load_dir(&dir, data)?;
+            let (home, _tmp) = copies_home(data)?;
+            let loaded = plugin::load_dir(&dir, &home)?;
             for p in &loaded.plugins {
                 println!(
                     "ok       {} ({} {}, sha256 {})",
@@ -79,7 +95,8 @@ pub fn run(data: &Path, cmd: PluginsCommand) -> Result<ExitCode> {
         PluginsCommand::Pin(a) => {
             let dir = resolve_dir(&a.plugins)?;
             guard::check_dir(&dir)?;
-            let cache = guard::cache_dir(data)?;
+            let (home, _tmp) = copies_home(data)?;
+            let cache = guard::cache_dir(&home)?;
             let mut pins = guard::Pins::default();
             let mut skipped = 0usize;
             // Pin what verifies and loads now, ignoring any previous pin file.

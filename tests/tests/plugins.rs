@@ -215,7 +215,11 @@ fn pins_refuse_changed_and_unpinned_libraries() {
     assert!(out.contains("pinned") && out.contains(WINRM), "{out}");
     let pin_file = std::fs::read_to_string(plugins.join("lookout-pins.sha256")).unwrap();
     assert!(pin_file.lines().any(|l| l.ends_with(WINRM)));
+    assert!(!data.exists(), "pinning does not create a data directory");
+    let listed = lookout_ok(&data, &["plugins", "list", "--plugins", plugins.to_str().unwrap()]);
+    assert!(listed.contains("winrm-plugin-lateral-movement"), "{listed}");
     lookout_ok(&data, &["plugins", "verify", "--plugins", plugins.to_str().unwrap()]);
+    assert!(!data.exists(), "looking at plugins does not create a data directory");
 
     // A library that is not pinned is refused.
     let extra = plugins.join("liblookout_extra.so");
