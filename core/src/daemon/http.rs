@@ -406,8 +406,9 @@ pub fn ask(data_dir: &Path, path: &str) -> Answer {
     };
     match asked() {
         None => Answer::NoDaemon,
-        // Another data directory's daemon (a daemon of an earlier version names none).
-        Some((_, Some(data), _)) if data != identity_of(data_dir) => Answer::NoDaemon,
+        // Another data directory's daemon, or not a Lookout at all (a stale address whose
+        // port another server took since): every answer of a daemon names its data.
+        Some((_, data, _)) if data.as_deref() != Some(identity_of(data_dir).as_str()) => Answer::NoDaemon,
         Some((200, _, body)) => Answer::Ok(body),
         Some((code, _, body)) => Answer::Failed(code, body),
     }
@@ -416,6 +417,22 @@ pub fn ask(data_dir: &Path, path: &str) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An address left behind whose port another HTTP server has taken: not a daemon.
+    #[test]
+    fn a_stale_address_answered_by_another_server_is_no_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        std::fs::write(addr_file(dir.path()), listener.local_addr().unwrap().to_string()).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}").unwrap();
+        });
+        assert!(matches!(ask(dir.path(), "/status"), Answer::NoDaemon));
+        server.join().unwrap();
+    }
 
     struct Stub;
 
