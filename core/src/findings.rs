@@ -445,19 +445,66 @@ fn torn_own_line(store: &Store, file: &File, len: u64, next_seq: u64) -> Result<
 /// The ids of the findings in the first `len` bytes of `file` (lines that are not a
 /// finding are passed over).
 fn finding_ids_in(file: &File, len: u64) -> std::io::Result<std::collections::HashSet<String>> {
-    use std::io::{BufRead, Read, Seek};
+    use std::io::{Read, Seek};
     let mut ids = std::collections::HashSet::new();
     let mut from_start = file;
     from_start.seek(std::io::SeekFrom::Start(0))?;
     let mut reader = std::io::BufReader::new(from_start.take(len));
     let mut line = Vec::new();
-    while reader.read_until(b'\n', &mut line)? > 0 {
-        if let Some(id) = finding_id(&line) {
+    loop {
+        let (n, _) = read_line_capped(&mut reader, &mut line, LINE_HELD)?;
+        if n == 0 {
+            break;
+        }
+        // A line longer than held: Lookout's own begin with their id.
+        let id = if n > line.len() as u64 { finding_id_prefix(&line) } else { finding_id(&line) };
+        if let Some(id) = id {
             ids.insert(id);
         }
-        line.clear();
     }
     Ok(ids)
+}
+
+/// How much of a line of the findings file is held to be looked at: other writers' lines
+/// may be of any length, and are never held whole beyond this.
+const LINE_HELD: usize = 1 << 20;
+
+/// Reads a line (through its newline, or to the end) from `reader`, keeping at most `cap`
+/// bytes of it in `line` (cleared first). Returns the bytes it took up, and whether it
+/// ended with a newline.
+fn read_line_capped(
+    reader: &mut impl std::io::BufRead,
+    line: &mut Vec<u8>,
+    cap: usize,
+) -> std::io::Result<(u64, bool)> {
+    line.clear();
+    let mut taken = 0u64;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok((taken, false));
+        }
+        let (chunk, done) = match memchr::memchr(b'\n', buf) {
+            Some(i) => (&buf[..=i], true),
+            None => (buf, false),
+        };
+        let room = cap.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let used = chunk.len();
+        taken += used as u64;
+        reader.consume(used);
+        if done {
+            return Ok((taken, true));
+        }
+    }
+}
+
+/// The id of a line that begins as Lookout writes its findings: `{"finding_id":"…"`.
+fn finding_id_prefix(line: &[u8]) -> Option<String> {
+    let rest = line.strip_prefix(br#"{"finding_id":""#)?;
+    let end = memchr::memchr(b'"', rest)?;
+    let id = std::str::from_utf8(&rest[..end]).ok()?;
+    (!id.contains('\\')).then(|| id.to_string())
 }
 
 /// The `finding_id` of a finding's JSON line.
@@ -502,18 +549,20 @@ fn adopt_own_tail(
     let mut pos = committed;
     let mut line = Vec::new();
     while let Some((seq, json)) = &expected {
-        line.clear();
-        let n = std::io::BufRead::read_until(&mut reader, b'\n', &mut line)?;
+        // Enough of the line to tell whether it is the next finding; another writer's
+        // line is never held whole.
+        let (n, ended) = read_line_capped(&mut reader, &mut line, (json.len() + 1).max(64 << 10))?;
         if n == 0 {
             break;
         }
-        if let Some(whole) = line.strip_suffix(b"\n") {
-            if whole == &json[..] {
+        let held_whole = n == line.len() as u64;
+        if ended {
+            if held_whole && line.strip_suffix(b"\n") == Some(&json[..]) {
                 next = seq + 1;
                 expected = own.next().transpose()?;
             }
-            pos += n as u64;
-        } else if json.starts_with(&line) {
+            pos += n;
+        } else if held_whole && json.starts_with(&line) {
             // Torn: a prefix of the next finding and nothing after it.
             return Ok((next, pos));
         } else {
@@ -522,7 +571,7 @@ fn adopt_own_tail(
             // partition's torn line before it has read the findings topic).
             for entry in own.by_ref() {
                 let (_, later) = entry?;
-                if later.starts_with(&line) {
+                if later.len() as u64 >= n && later.starts_with(&line) {
                     return Ok((next, pos));
                 }
             }
@@ -585,6 +634,44 @@ pub fn all_findings(store: &Store) -> Result<Vec<Value>> {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn a_line_is_read_through_its_end_holding_no_more_than_asked() {
+        let text = format!("{}\nnext\n{}", "a".repeat(5000), "b".repeat(10));
+        let mut reader = std::io::BufReader::with_capacity(64, text.as_bytes());
+        let mut line = Vec::new();
+        assert_eq!(read_line_capped(&mut reader, &mut line, 100).unwrap(), (5001, true));
+        assert_eq!(line, "a".repeat(100).as_bytes());
+        assert_eq!(read_line_capped(&mut reader, &mut line, 100).unwrap(), (5, true));
+        assert_eq!(line, b"next\n");
+        assert_eq!(read_line_capped(&mut reader, &mut line, 100).unwrap(), (10, false));
+        assert_eq!(read_line_capped(&mut reader, &mut line, 100).unwrap(), (0, false));
+        assert_eq!(finding_id_prefix(br#"{"finding_id":"00ab","detector":"x"#), Some("00ab".into()));
+        assert_eq!(finding_id_prefix(br#"{"other":1}"#), None);
+    }
+
+    /// Other writers' lines far longer than any finding, with and without a newline,
+    /// around Lookout's own uncommitted ones: recognised all the same, each kept.
+    #[test]
+    fn long_foreign_lines_are_passed_over_and_kept() {
+        let mut f = Fixture::new();
+        f.find(1);
+        f.flush();
+        f.find(2);
+        let long = format!("{{\"other\":\"{}\"}}", "x".repeat(3 << 20));
+        let mut file = std::fs::OpenOptions::new().append(true).open(&f.out).unwrap();
+        write!(file, "{long}\n{}\n{long}", f.line(2)).unwrap();
+        assert_eq!(f.flush(), 1, "2 was written before; 3 is not");
+        assert_eq!(f.read(), format!("{}{long}\n{}{long}\n{}", f.lines(1..=1), f.lines(2..=2), f.lines(3..=3)));
+        // A file new to a store, holding an own finding longer than a line is held.
+        let mut g = Fixture::new();
+        g.find(1);
+        let big = format!(r#"{{"finding_id":"{:032x}","row":"{}"}}"#, 1, "y".repeat(2 << 20));
+        std::fs::write(&g.out, format!("{big}\n")).unwrap();
+        let file = File::open(&g.out).unwrap();
+        let ids = finding_ids_in(&file, file.metadata().unwrap().len()).unwrap();
+        assert!(ids.contains(&format!("{:032x}", 1)), "{ids:?}");
+    }
 
     /// A torn line is cut only in the file as it was read: one that changed length since
     /// (a copytruncate, another writer) is left as it is, and what is written next goes
