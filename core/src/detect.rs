@@ -93,6 +93,21 @@ pub enum DetectorError {
     UnknownInput { table: String, inputs: String },
     #[error("cannot encode a finding")]
     Finding(#[source] serde_json::Error),
+    /// The host panicked answering one of the detector's calls: its answer is not
+    /// committed (it may have taken the failed call for no rows).
+    #[error("{0}")]
+    HostPanicked(String),
+}
+
+impl From<crate::plugin::host_api::HostFailure> for PassError {
+    fn from(e: crate::plugin::host_api::HostFailure) -> Self {
+        match e {
+            crate::plugin::host_api::HostFailure::Store(e) => PassError::Store(e),
+            p @ crate::plugin::host_api::HostFailure::Panicked(_) => {
+                PassError::Detector(DetectorError::HostPanicked(p.to_string()))
+            }
+        }
+    }
 }
 
 /// A `--set` argument that is not `DETECTOR.PARAM=VALUE`.
@@ -288,7 +303,7 @@ fn pass<'p>(
             job.report.evaluate = started.elapsed();
             let started = Instant::now();
             let committed = answer
-                .map_err(PassError::Store)
+                .map_err(PassError::from)
                 .and_then(|a| a.map_err(|e| PassError::Detector(DetectorError::Evaluate(e))))
                 .and_then(|a| commit_answer(store, job.plugin, &job.due, now, true, &a, job.report));
             job.report.elapsed += job.report.evaluate + started.elapsed();
@@ -487,7 +502,7 @@ fn run_chunks(
         let call = crate::plugin::running::enter(&plugin.manifest.name, &plugin.manifest.version, "evaluate");
         let answer = with_host_api(store, |api| plugin.lib.evaluate(api, &req));
         drop(call);
-        let answer = answer?.map_err(DetectorError::Evaluate)?;
+        let answer = answer.map_err(PassError::from)?.map_err(DetectorError::Evaluate)?;
         report.evaluate += started.elapsed();
         commit_answer(store, plugin, due, now, i == last, &answer, report)?;
     }

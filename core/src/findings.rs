@@ -138,6 +138,18 @@ pub fn unwritten(store: &Store, path: &Path) -> Result<u64> {
     Ok(store.next_outbox_seq()?.saturating_sub(next_seq))
 }
 
+/// Whether a failure of [`flush_outbox`] is the findings file's (it cannot be opened,
+/// written or read: a folder in its place, its permissions, its own disk full), not the
+/// store's: every error of the file's is an I/O error under its context, where the
+/// store's own come from the database.
+pub fn is_file_failure(e: &StoreError) -> bool {
+    match e {
+        StoreError::Io(_) => true,
+        StoreError::Context { source, .. } => is_file_failure(source),
+        _ => false,
+    }
+}
+
 /// Appends every finding not yet in `path` to it; returns how many lines were written.
 pub fn flush_outbox(store: &mut Store, path: &Path) -> Result<u64> {
     flush(store, path, &|_| false, true)
@@ -202,14 +214,22 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         next = seq;
         end = if keep < len { cut_at(&file, path, len, keep)? } else { keep };
     }
-    if let Some(c) = cursor.as_ref().filter(|c| !same_file || c.file_len == 0) {
+    // Set while a cursor committed before writing stands (a crash came before the one
+    // after): only then can a file committed empty hold lines of this store's elsewhere.
+    let writing_name = format!("{name}~writing");
+    let was_writing = match &cursor {
+        Some(c) if same_file && c.file_len == 0 && len > 0 => store.meta_value::<bool>(&writing_name)?.unwrap_or(false),
+        _ => false,
+    };
+    if let Some(c) = cursor.as_ref().filter(|c| !same_file || (c.file_len == 0 && (len == 0 || was_writing))) {
         if !same_file {
             tracing::info!(file = %path.display(), "findings file is new to Lookout (rotated or replaced); appending after its content");
         }
         // Rotated (renamed, or copied and truncated) after a crash between a write and its
         // cursor: the lines written then are in the file under its other name, and count
-        // as written. (A file committed empty may have been copied and truncated since,
-        // too, and written to by another store after: its tail is no proof.)
+        // as written. (A file committed empty just before a write cut short may have been
+        // copied and truncated since, too, and written to by another store after: its
+        // tail is no proof.)
         for (moved, moved_len, moved_path) in rotated_originals(path, c) {
             let (seq, _) = adopt_own_tail(store, &moved, c.file_len, moved_len, next_seq, skip)
                 .with_context(|| format!("cannot read the tail of {}", moved_path.display()))?;
@@ -252,8 +272,10 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
             tail_hash: tail_hash(&file, end).with_context(|| format!("cannot read {}", path.display()))?,
         };
         store.put_meta_value(&name, &at)?;
+        store.put_meta_value(&writing_name, &true)?;
         store.flush()?;
     }
+    let clear_writing = was_writing || (!same_file && known.is_empty());
     let skip =
         |json: &[u8]| skip(json) || (!known.is_empty() && finding_id(json).is_some_and(|id| known.contains(&id)));
     let write_error =
@@ -302,7 +324,7 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         || tail_hash(&file, before.file_len).with_context(|| format!("cannot read {}", path.display()))?
             != before.tail_hash;
     if written > 0 && cut_under_writes {
-        written += rewrite_lost(store, &mut file, path, &before, next, &skip)?;
+        rewrite_lost(store, &mut file, path, &before, next, &skip)?;
         end = file.metadata().with_context(|| format!("cannot stat findings file {}", path.display()))?.len();
     }
     let now = OutboxCursor {
@@ -312,8 +334,11 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         file_len: end,
         tail_hash: tail_hash(&file, end).with_context(|| format!("cannot read {}", path.display()))?,
     };
-    if cursor.as_ref() != Some(&now) {
+    if cursor.as_ref() != Some(&now) || clear_writing {
         store.put_meta_value(&name, &now)?;
+        if clear_writing {
+            store.put_meta_value(&writing_name, &false)?;
+        }
         store.flush()?;
     }
     Ok(written)
@@ -322,7 +347,7 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
 /// After writes into `file` that it was cut under (logrotate's `copytruncate` copies the
 /// file, then cuts it to nothing: a line appended between the two is in neither), writes
 /// again the findings of `before.next_seq..next` that are neither in a copy of the file as
-/// it was `before` nor in the file now. Returns how many.
+/// it was `before` nor in the file now. Returns how many (already counted as written).
 fn rewrite_lost(
     store: &Store,
     file: &mut File,
@@ -332,9 +357,16 @@ fn rewrite_lost(
     skip: &dyn Fn(&[u8]) -> bool,
 ) -> Result<u64> {
     let read_error = || format!("cannot read {}", path.display());
-    // In a copy: from the first of them on, in order, after the copied length.
+    // In a copy: from the first of them on, in order, after the copied length. With no
+    // copy beside the file (one moved to another folder, or compressed at once) what it
+    // holds is not known: nothing is written again, rather than all of it twice.
+    let copies = rotated_originals(path, before);
+    if copies.is_empty() {
+        tracing::warn!(file = %path.display(), "findings file was cut while written and its copy is not beside it: findings written between the copy and the cut may be in neither");
+        return Ok(0);
+    }
     let mut copied_to = before.next_seq;
-    for (copy, copy_len, copy_path) in rotated_originals(path, before) {
+    for (copy, copy_len, copy_path) in copies {
         let (seq, _) = adopt_own_tail(store, &copy, before.file_len, copy_len, before.next_seq, skip)
             .with_context(|| format!("cannot read the tail of {}", copy_path.display()))?;
         copied_to = copied_to.max(seq);
@@ -800,6 +832,9 @@ mod tests {
     fn lines_written_into_an_empty_file_before_a_crash_and_copytruncated_are_not_written_again() {
         let mut f = Fixture::new();
         assert_eq!(f.flush(), 0, "the cursor is committed against the empty file");
+        // As a flush leaves it when a crash comes between its writes and its last cursor.
+        let writing = format!("{}~writing", cursor_names(&f.store, &f.out).0);
+        f.store.put_meta_value(&writing, &true).unwrap();
         f.find(3);
         std::fs::write(&f.out, f.lines(1..=2)).unwrap();
         let copy = f.out.with_extension("jsonl.1");
@@ -809,6 +844,15 @@ mod tests {
         assert_eq!(f.flush(), 1);
         assert_eq!(f.read(), format!("{{\"other\":1}}\n{}", f.lines(3..=3)));
         assert_eq!(std::fs::read_to_string(&copy).unwrap(), f.lines(1..=2));
+        assert_eq!(f.store.meta_value::<bool>(&writing).unwrap(), Some(false), "cleared once written");
+        // Committed empty with no write cut short (nothing to write then): a copy beside
+        // the file is not read for this store's lines.
+        let mut g = Fixture::new();
+        assert_eq!(g.flush(), 0);
+        g.find(1);
+        std::fs::write(g.out.with_extension("jsonl.1"), g.lines(1..=1)).unwrap();
+        std::fs::write(&g.out, "{\"other\":1}\n").unwrap();
+        assert_eq!(g.flush(), 1);
     }
 
     /// A crash between a write and its cursor, then the file rotated by rename before the

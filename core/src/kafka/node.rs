@@ -766,6 +766,9 @@ fn serve(
     // Before any partition writes: a line the last run left torn may be of a partition
     // that another node owns now.
     super::partition::cut_torn_findings_line(&cfg.data, &cfg.findings)?;
+    // Recorded once the start is sure to go on: a mistaken flag on a start that fails
+    // does not become the next start's retention.
+    super::node_retention::record(&cfg.data, cfg.retention)?;
     tracing::info!(
         topic = %cfg.topic,
         group = %cfg.group,
@@ -898,6 +901,11 @@ fn work(
             let mut failed = None;
             let mut failed_partitions = Vec::new();
             for p in owned.partitions.values_mut() {
+                if stop.load(Ordering::Relaxed) {
+                    // Stopping: no more passes (nor a detector's init over its state);
+                    // what the passed partitions found still goes out below.
+                    break;
+                }
                 match pass_round(cfg, p, &detect_opts, rescan) {
                     Ok(Some(passes)) => passed.push((p.partition, passes)),
                     Ok(None) => {}
@@ -1555,7 +1563,7 @@ mod tests {
         assert!(p.replay_detected, "an empty partition is replayed and detected at its first pass");
 
         // Revoked in order; another node owns it for a while and emits "c", and rows
-        // arrive.
+        // arrive. ("mine": an id this node knew of as emitted before it gave it up.)
         p.emitted.insert("mine".into());
         owned.revoked.insert(0, p);
         emit(&producer, &["c"]);

@@ -73,12 +73,16 @@ pub fn record(data: &Path, retention: Option<i64>) -> Result<(), KafkaError> {
 }
 
 /// The retention a node runs with: the one given (`--retention` or the config file's), or
-/// else the one its data directory recorded, or else `default`; recorded for the next
-/// start.
+/// else the one its data directory recorded, or else `default` — unless the directory
+/// already holds partitions and no record (kept by a Lookout that did not record one):
+/// their retention is not known, and the default could remove rows for good, so the
+/// operator is asked to say. [`record`] it once the node's start-up checks pass.
 pub fn resolve(data: &Path, given: bool, default: Option<i64>) -> Result<Option<i64>, KafkaError> {
-    // A retention given does not read the record: it replaces it, damaged or not.
-    let recorded = if given { None } else { recorded(data)? };
-    let retention = match recorded {
+    if given {
+        // A retention given does not read the record: it replaces it, damaged or not.
+        return Ok(default);
+    }
+    match recorded(data)? {
         Some(recorded) => {
             if recorded != default {
                 tracing::info!(
@@ -86,12 +90,19 @@ pub fn resolve(data: &Path, given: bool, default: Option<i64>) -> Result<Option<
                     "no retention given: keeping the one this node's data directory recorded"
                 );
             }
-            recorded
+            Ok(recorded)
         }
-        None => default,
-    };
-    record(data, retention)?;
-    Ok(retention)
+        None if holds_partitions(data) => Err(KafkaError::Topics(format!(
+            "{} holds partitions but no record of the retention they were kept with: pass --retention (or \
+             set retention in the config file) once, to the one this node ran with; it is recorded from then on",
+            data.display()
+        ))),
+        None => Ok(default),
+    }
+}
+
+fn holds_partitions(data: &Path) -> bool {
+    std::fs::read_dir(data.join("partitions")).is_ok_and(|mut entries| entries.next().is_some())
 }
 
 #[cfg(test)]
@@ -100,20 +111,39 @@ mod tests {
 
     const DAY: i64 = 86_400 * lookout_plugin_sdk::time::TICKS_PER_SEC;
 
+    /// What a start does: resolves, then records.
+    fn start(data: &Path, given: bool, default: Option<i64>) -> Result<Option<i64>, KafkaError> {
+        let r = resolve(data, given, default)?;
+        record(data, r)?;
+        Ok(r)
+    }
+
     #[test]
     fn a_node_given_no_retention_keeps_the_recorded_one_and_one_given_replaces_it() {
         let data = tempfile::tempdir().unwrap();
         // Nothing recorded: the default, then recorded.
-        assert_eq!(resolve(data.path(), false, Some(31 * DAY)).unwrap(), Some(31 * DAY));
+        assert_eq!(start(data.path(), false, Some(31 * DAY)).unwrap(), Some(31 * DAY));
         assert_eq!(recorded(data.path()).unwrap(), Some(Some(31 * DAY)));
         // Given: it wins and is recorded.
-        assert_eq!(resolve(data.path(), true, Some(90 * DAY)).unwrap(), Some(90 * DAY));
+        assert_eq!(start(data.path(), true, Some(90 * DAY)).unwrap(), Some(90 * DAY));
         // Not given: the recorded 90 days, not the 31-day default.
-        assert_eq!(resolve(data.path(), false, Some(31 * DAY)).unwrap(), Some(90 * DAY));
+        assert_eq!(start(data.path(), false, Some(31 * DAY)).unwrap(), Some(90 * DAY));
         // Keep everything is a retention too.
-        assert_eq!(resolve(data.path(), true, None).unwrap(), None);
-        assert_eq!(resolve(data.path(), false, Some(31 * DAY)).unwrap(), None);
+        assert_eq!(start(data.path(), true, None).unwrap(), None);
+        assert_eq!(start(data.path(), false, Some(31 * DAY)).unwrap(), None);
         assert!(!data.path().join(format!("{FILE_NAME}.tmp")).exists());
+    }
+
+    /// Partitions kept with no record (by a Lookout that kept none): the default is not
+    /// applied to them; the operator is asked to say.
+    #[test]
+    fn partitions_with_no_record_need_a_retention_given() {
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(data.path().join("partitions").join("rows-0")).unwrap();
+        let e = resolve(data.path(), false, Some(31 * DAY)).unwrap_err().to_string();
+        assert!(e.contains("--retention") && e.contains("holds partitions"), "{e}");
+        assert_eq!(start(data.path(), true, Some(90 * DAY)).unwrap(), Some(90 * DAY));
+        assert_eq!(start(data.path(), false, Some(31 * DAY)).unwrap(), Some(90 * DAY));
     }
 
     #[test]
@@ -123,7 +153,7 @@ mod tests {
         let e = resolve(data.path(), false, Some(DAY)).unwrap_err().to_string();
         assert!(e.contains(FILE_NAME) && e.contains("--retention"), "{e}");
         // A retention given does not need the record.
-        assert_eq!(resolve(data.path(), true, Some(DAY)).unwrap(), Some(DAY));
+        assert_eq!(start(data.path(), true, Some(DAY)).unwrap(), Some(DAY));
         std::fs::write(data.path().join(FILE_NAME), b"{\"retention_ticks\": -5}").unwrap();
         assert!(resolve(data.path(), false, Some(DAY)).is_err());
     }

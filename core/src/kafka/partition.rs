@@ -145,8 +145,9 @@ pub struct Partition {
     pub replay_done: Option<Instant>,
     /// Whether the detectors have run over the replayed rows (logged once).
     pub replay_detected: bool,
-    /// Finding ids the findings topic's partition holds (read when assigned, and each
-    /// one this node produces since).
+    /// Finding ids the findings topic's partition held when read (at assignment, and at
+    /// a take-back): what an earlier owner emitted is not produced again. What this node
+    /// produces itself is not added (the topic cursor moves past it).
     pub emitted: HashSet<String>,
     /// The ids it held when this node took the partition over: found by a previous owner,
     /// so not written to this node's JSONL either.

@@ -18,14 +18,14 @@ struct HostCtx<'a> {
     /// The first store failure met answering the plugin, not counting requests the store
     /// refuses as invalid (the plugin's own fault, which it is told of). A Mutex, not a
     /// Cell: the context is reached through a shared pointer, from whatever thread calls.
-    failed: std::sync::Mutex<Option<StoreError>>,
+    failed: std::sync::Mutex<Option<HostFailure>>,
 }
 
 /// Runs `f` with a host API table that answers from `store`; the table is only valid
 /// inside `f`. Returns what `f` returned, or the first store failure met answering the
 /// plugin's calls: the plugin was told, but what it did with that (say, took a failed
 /// look-up for no rows) cannot be trusted, so the pass must not commit.
-pub fn with_host_api<R>(store: &Store, f: impl FnOnce(&LookoutHostApi) -> R) -> Result<R, StoreError> {
+pub fn with_host_api<R>(store: &Store, f: impl FnOnce(&LookoutHostApi) -> R) -> Result<R, HostFailure> {
     let mut ctx = HostCtx { store, failed: std::sync::Mutex::new(None) };
     let api = LookoutHostApi { ctx: (&mut ctx as *mut HostCtx<'_>).cast::<c_void>(), call: host_call, free: host_free };
     let out = f(&api);
@@ -33,6 +33,19 @@ pub fn with_host_api<R>(store: &Store, f: impl FnOnce(&LookoutHostApi) -> R) -> 
         Some(e) => Err(e),
         None => Ok(out),
     }
+}
+
+/// Why a detector's answer cannot be trusted: the host failed it during the call.
+#[derive(Debug, thiserror::Error)]
+pub enum HostFailure {
+    /// The store failed: the whole pass stops, as after any store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The host panicked answering one of the detector's calls (a bug of the host's, or
+    /// stored bytes it did not expect): that detector's pass fails and is retried after
+    /// its wait; the others go on.
+    #[error("the host panicked answering a detector's call: {0}")]
+    Panicked(String),
 }
 
 fn answer(ctx: &HostCtx<'_>, req: HostRequest) -> Result<Vec<u8>, String> {
@@ -72,7 +85,7 @@ fn answer(ctx: &HostCtx<'_>, req: HostRequest) -> Result<Vec<u8>, String> {
         let told = abi::encode(&HostResponse::Error(format!("store error: {}", crate::error::Chain(&e))));
         if !e.is_invalid_request() {
             tracing::error!(error = %crate::error::Chain(&e), "store failed answering a detector; its pass is not committed");
-            ctx.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+            ctx.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(HostFailure::Store(e));
         }
         told
     })
@@ -131,10 +144,7 @@ unsafe extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, o
                 // SAFETY: as above: the HostCtx made by `with_host_api`, alive for the
                 // whole evaluate call; only its mutex is touched.
                 let ctx = unsafe { &*(ctx as *const HostCtx<'_>) };
-                ctx.failed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert(StoreError::Corrupt(format!("the host panicked answering a detector: {what}")));
+                ctx.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(HostFailure::Panicked(what));
             }
             (RC_ERROR, b"host panicked answering the request".to_vec())
         }
@@ -251,6 +261,7 @@ mod tests {
             call(api, &request)
         });
         let e = outcome.expect_err("a host panic fails the pass");
+        assert!(matches!(e, HostFailure::Panicked(_)), "the detector's failure, not the store's: {e:?}");
         assert!(e.to_string().contains("the host panicked answering a detector"), "{e}");
         // Without the panic, the same call answers and the pass stands.
         let (rc, _) = with_host_api(&store, |api| call(api, &request)).expect("no failure");
