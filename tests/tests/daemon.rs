@@ -907,11 +907,12 @@ fn sigterm_while_waiting_to_retry_after_a_failure_exits_zero() {
     let logs = root.join("logs");
     fs::create_dir_all(&logs).unwrap();
     fs::write(logs.join("DeviceLogonEvents.jsonl"), logon(1, "2025-05-06T12:00:00Z", "LogonFailed", "u")).unwrap();
-    fs::write(root.join("not-a-folder"), "").unwrap();
+    // A store failure (a detector's state reads as damaged) fails the work loop at its
+    // first pass, again after each reopening.
     let mut d = DaemonSpec::new(&root.join("data"))
         .logs(&logs)
-        .plugins(&plugins_dir(root, &[]))
-        .findings(&root.join("not-a-folder").join("findings.jsonl"))
+        .plugins(&plugins_dir(root, &[WINRM]))
+        .failpoint(Some("state-unreadable-winrm-plugin-lateral-movement"))
         .log(&root.join("daemon.log"))
         .spawn();
     let log = root.join("daemon.log");
@@ -978,9 +979,9 @@ fn sigterm_with_findings_that_cannot_be_written_does_not_exit_zero() {
     )
     .spawn();
     // Its first pass commits the findings, then writing them fails.
-    wait_for("the work loop to fail writing findings", Duration::from_secs(60), || {
+    wait_for("writing the findings to fail", Duration::from_secs(60), || {
         let text = fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("work loop failed") {
+        if text.contains("cannot write the findings file") {
             Ok(())
         } else {
             Err(text)
@@ -991,6 +992,40 @@ fn sigterm_with_findings_that_cannot_be_written_does_not_exit_zero() {
     let text = fs::read_to_string(&log).unwrap_or_default();
     assert!(!status.success(), "{status}: {text}");
     assert!(text.contains("findings not written to") && text.contains("not-a-folder"), "{text}");
+}
+
+/// A findings file that cannot be written (its folder is a file) does not stop the
+/// daemon: every row is stored, the findings are kept and counted as unwritten, and once
+/// the folder is there they are written, each once, without a restart of its work loop.
+#[test]
+fn findings_that_cannot_be_written_wait_while_ingestion_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let fleet = gen_fleet(root, 2000, 6, 23);
+    let folder = root.join("out");
+    fs::write(&folder, "").unwrap();
+    let findings = folder.join("findings.jsonl");
+    let mut d = daemon_spec(root, &root.join("data"), &fleet.logs, &plugins_dir(root, &[WINRM]), &findings).start();
+    wait_all_rows(&mut d, &fleet.counts, Duration::from_secs(60));
+    let unwritten = d.wait_for("the findings to be counted as unwritten", Duration::from_secs(30), |d| {
+        let m = d.metrics();
+        match metric(&m, "lookout_findings_unwritten") {
+            Some(n) if n > 0.0 => Ok(n),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert_eq!(unwritten as usize, fleet.truth.len(), "every finding is kept");
+    let m = d.metrics();
+    assert_eq!(metric(&m, "lookout_work_restarts_total"), Some(0.0), "{m}");
+    assert!(metric(&m, "lookout_findings_write_failures_total").is_some_and(|n| n >= 1.0), "{m}");
+    fs::remove_file(&folder).unwrap();
+    fs::create_dir(&folder).unwrap();
+    wait_findings(&findings, &fleet.truth, Duration::from_secs(30));
+    let m = d.metrics();
+    assert_eq!(metric(&m, "lookout_findings_unwritten"), Some(0.0), "{m}");
+    assert_eq!(metric(&m, "lookout_work_restarts_total"), Some(0.0), "{m}");
+    d.terminate(Duration::from_secs(20));
+    assert_eq!(complete_findings(&findings).len(), fleet.truth.len());
 }
 
 /// A detector that fails every pass is retried after a wait that grows (1 s, 2 s, 4 s,

@@ -95,6 +95,12 @@ pub struct Metrics {
     pub disk_space_pauses: u64,
     /// Detectors loaded from the plugins folder now.
     pub detectors_loaded: u64,
+    /// Times writing the findings file failed (the file's own failure; the findings are
+    /// kept and written later).
+    pub findings_write_failures: u64,
+    /// Findings committed and not in the findings file, as of the last failed write (0
+    /// once it writes again).
+    pub findings_unwritten: u64,
 }
 
 impl Default for Metrics {
@@ -112,6 +118,8 @@ impl Default for Metrics {
             disk_space_low: false,
             disk_space_pauses: 0,
             detectors_loaded: 0,
+            findings_write_failures: 0,
+            findings_unwritten: 0,
         }
     }
 }
@@ -254,6 +262,18 @@ pub fn render(m: &Metrics, c: &Counters) -> String {
     );
     r.register("polls", "Looks at the logs directory", counter(m.polls));
     r.register("detectors_loaded", "Detectors loaded from the plugins folder", gauge(m.detectors_loaded));
+    r.register(
+        "findings_write_failures",
+        "Times writing the findings file failed (its folder, permissions or disk); the findings are kept \
+         in the database and written once it can be",
+        counter(m.findings_write_failures),
+    );
+    r.register(
+        "findings_unwritten",
+        "Findings kept in the database and not yet in the findings file, as of the last failed write \
+         (0 while it writes)",
+        gauge(m.findings_unwritten),
+    );
     // Per detector, its longest call running now (none: no series).
     let mut running: BTreeMap<DetectorLabels, u64> = BTreeMap::new();
     for (call, ran) in crate::plugin::running::now_running() {
