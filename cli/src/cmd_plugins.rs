@@ -39,16 +39,25 @@ pub fn resolve_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
     exe.parent().map(Path::to_path_buf).ok_or_else(|| anyhow!("the lookout executable has no folder; pass --plugins"))
 }
 
-/// Where `list` and `verify` keep the private copies a library is loaded from: the data
-/// directory when there is one, else a temporary folder removed afterwards (looking at
-/// plugins does not create a data directory).
+/// Where `list`, `verify` and `pin` keep the private copies a library is loaded from: the
+/// data directory when there is one, else a temporary folder removed afterwards (looking
+/// at plugins does not create a data directory). That folder is made beside where the
+/// data directory would be, as the copies are loaded from there as they would be from
+/// the data directory (the system's temporary folder may forbid running code from it);
+/// there only when that place cannot be written.
 fn copies_home(data: &Path) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
     if data.exists() {
         return Ok((data.to_path_buf(), None));
     }
-    let tmp = tempfile::Builder::new()
-        .prefix("lookout-plugins-")
-        .tempdir()
+    let beside = match data.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".lookout-plugins-");
+    let tmp = builder
+        .tempdir_in(&beside)
+        .or_else(|_| builder.tempdir())
         .map_err(|e| anyhow!("cannot create a temporary folder for the plugins' copies: {e}"))?;
     Ok((tmp.path().to_path_buf(), Some(tmp)))
 }

@@ -217,10 +217,8 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
     // Set while a cursor committed before writing stands (a crash came before the one
     // after): only then can a file committed empty hold lines of this store's elsewhere.
     let writing_name = format!("{name}~writing");
-    let was_writing = match &cursor {
-        Some(c) if same_file && c.file_len == 0 && len > 0 => store.meta_value::<bool>(&writing_name)?.unwrap_or(false),
-        _ => false,
-    };
+    let flag_set = cursor.is_some() && store.meta_value::<bool>(&writing_name)?.unwrap_or(false);
+    let was_writing = flag_set && same_file && cursor.as_ref().is_some_and(|c| c.file_len == 0) && len > 0;
     if let Some(c) = cursor.as_ref().filter(|c| !same_file || (c.file_len == 0 && (len == 0 || was_writing))) {
         if !same_file {
             tracing::info!(file = %path.display(), "findings file is new to Lookout (rotated or replaced); appending after its content");
@@ -259,6 +257,7 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
     } else {
         Default::default()
     };
+    let mut set_now = false;
     if !same_file && known.is_empty() {
         // Commit against the file before writing into it, so a crash mid-write leaves a
         // tail that the next flush recognises as Lookout's own. (With findings already in
@@ -274,8 +273,18 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         store.put_meta_value(&name, &at)?;
         store.put_meta_value(&writing_name, &true)?;
         store.flush()?;
+        set_now = true;
+    } else if pending && !flag_set && same_file && cursor.as_ref().is_some_and(|c| c.file_len == 0) {
+        // Writing into a file its standing cursor says is empty (committed by a flush
+        // that had nothing to write): a crash before the last cursor, then the file
+        // copytruncated and appended to by another store, must still find these lines in
+        // the copy.
+        store.put_meta_value(&writing_name, &true)?;
+        store.flush()?;
+        set_now = true;
     }
-    let clear_writing = was_writing || (!same_file && known.is_empty());
+    // Cleared by this flush's last cursor whenever set, by it or by one cut short.
+    let clear_writing = flag_set || set_now;
     let skip =
         |json: &[u8]| skip(json) || (!known.is_empty() && finding_id(json).is_some_and(|id| known.contains(&id)));
     let write_error =
@@ -317,6 +326,10 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
     drop(out);
     file.sync_data().with_context(write_error)?;
     crate::failpoint::hit("outbox-after-write");
+    #[cfg(test)]
+    if tests::CRASH_AFTER_WRITE.with(|c| c.get()) {
+        return Err(StoreError::Unusable("a crash between the writes and the last cursor (test)".into()));
+    }
     // The file as it is now: longer than `end` only if someone else appended meanwhile,
     // shorter (or no longer what it was before `end`) if it was cut under the writes.
     let mut end = file.metadata().with_context(|| format!("cannot stat findings file {}", path.display()))?.len();
@@ -597,16 +610,19 @@ fn adopt_own_tail(
         } else if held_whole && json.starts_with(&line) {
             // Torn: a prefix of the next finding and nothing after it.
             return Ok((next, pos));
-        } else {
+        } else if held_whole {
             // Torn too if it begins a finding further on: those before it were written
             // elsewhere and passed over, which `skip` may not know (a Kafka node cuts a
-            // partition's torn line before it has read the findings topic).
+            // partition's torn line before it has read the findings topic). (A line not
+            // held whole is longer than any finding: someone else's.)
             for entry in own.by_ref() {
                 let (_, later) = entry?;
                 if later.len() as u64 >= n && later.starts_with(&line) {
                     return Ok((next, pos));
                 }
             }
+            break;
+        } else {
             break;
         }
     }
@@ -666,6 +682,11 @@ pub fn all_findings(store: &Store) -> Result<Vec<Value>> {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    thread_local! {
+        /// Makes a flush stop as a crash would between its writes and its last cursor.
+        pub(super) static CRASH_AFTER_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     #[test]
     fn a_line_is_read_through_its_end_holding_no_more_than_asked() {
@@ -832,11 +853,14 @@ mod tests {
     fn lines_written_into_an_empty_file_before_a_crash_and_copytruncated_are_not_written_again() {
         let mut f = Fixture::new();
         assert_eq!(f.flush(), 0, "the cursor is committed against the empty file");
-        // As a flush leaves it when a crash comes between its writes and its last cursor.
+        f.find(2);
+        CRASH_AFTER_WRITE.with(|c| c.set(true));
+        let crashed = flush_outbox(&mut f.store, &f.out);
+        CRASH_AFTER_WRITE.with(|c| c.set(false));
+        assert!(crashed.is_err());
+        assert_eq!(f.read(), f.lines(1..=2), "written, the last cursor not committed");
         let writing = format!("{}~writing", cursor_names(&f.store, &f.out).0);
-        f.store.put_meta_value(&writing, &true).unwrap();
-        f.find(3);
-        std::fs::write(&f.out, f.lines(1..=2)).unwrap();
+        f.find(1);
         let copy = f.out.with_extension("jsonl.1");
         std::fs::copy(&f.out, &copy).unwrap();
         std::fs::OpenOptions::new().write(true).open(&f.out).unwrap().set_len(0).unwrap();
@@ -853,6 +877,19 @@ mod tests {
         std::fs::write(g.out.with_extension("jsonl.1"), g.lines(1..=1)).unwrap();
         std::fs::write(&g.out, "{\"other\":1}\n").unwrap();
         assert_eq!(g.flush(), 1);
+        // Set by a write cut short into a file with lines before it (its cursor not at 0):
+        // cleared by the next flush all the same.
+        let mut h = Fixture::new();
+        std::fs::write(&h.out, "{\"other\":1}\n").unwrap();
+        h.find(1);
+        CRASH_AFTER_WRITE.with(|c| c.set(true));
+        let crashed = flush_outbox(&mut h.store, &h.out);
+        CRASH_AFTER_WRITE.with(|c| c.set(false));
+        assert!(crashed.is_err());
+        let writing = format!("{}~writing", cursor_names(&h.store, &h.out).0);
+        assert_eq!(h.store.meta_value::<bool>(&writing).unwrap(), Some(true));
+        assert_eq!(h.flush(), 0, "the line written before the crash is recognised");
+        assert_eq!(h.store.meta_value::<bool>(&writing).unwrap(), Some(false), "cleared");
     }
 
     /// A crash between a write and its cursor, then the file rotated by rename before the

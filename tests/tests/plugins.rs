@@ -5,6 +5,7 @@ use lookout_tests::*;
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Command;
 
 const NOW: &str = "2025-05-08T00:00:00Z";
 const ANY_PROCESS: &str = "winrm-plugin-lateral-movement.initiating_process=*";
@@ -220,6 +221,22 @@ fn pins_refuse_changed_and_unpinned_libraries() {
     assert!(listed.contains("winrm-plugin-lateral-movement"), "{listed}");
     lookout_ok(&data, &["plugins", "verify", "--plugins", plugins.to_str().unwrap()]);
     assert!(!data.exists(), "looking at plugins does not create a data directory");
+    // The copies loaded meanwhile are made beside where the data directory would be (the
+    // system's temporary folder may forbid running code), and removed afterwards.
+    let no_tmp = Command::new(lookout_bin())
+        .arg("--data")
+        .arg(&data)
+        .args(["plugins", "verify", "--plugins", plugins.to_str().unwrap()])
+        .env("TMPDIR", tmp.path().join("no-such-folder"))
+        .output()
+        .unwrap();
+    assert!(no_tmp.status.success(), "{}", String::from_utf8_lossy(&no_tmp.stderr));
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".lookout-plugins-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 
     // A library that is not pinned is refused.
     let extra = plugins.join("liblookout_extra.so");

@@ -93,7 +93,6 @@ pub struct DaemonConfig {
     pub detect_threads: usize,
 }
 
-/// The time in the clock file, or why it cannot be read; said once per change of reason.
 /// Writing the findings to the findings file. A failure of the file's own (a folder in its
 /// place, its permissions, its own disk full) does not stop the work loop: the findings
 /// are kept in the database, ingestion and detection go on, and the write is tried again
@@ -110,6 +109,22 @@ struct FindingsOut {
 impl FindingsOut {
     fn retry_due(&self) -> bool {
         self.retry_at.is_some_and(|at| at <= Instant::now())
+    }
+
+    /// After a pass: writes, unless waiting to try again after a failure of the file's
+    /// (then the new findings are only counted, and wait with the rest).
+    fn write_after_pass(
+        &mut self,
+        store: &mut Store,
+        path: &Path,
+        metrics: &Mutex<Metrics>,
+    ) -> Result<u64, DaemonError> {
+        if self.retry_at.is_some() && !self.retry_due() {
+            let unwritten = crate::findings::unwritten(store, path).map_err(DaemonError::Findings)?;
+            metrics.lock().unwrap_or_else(|p| p.into_inner()).findings_unwritten = unwritten;
+            return Ok(0);
+        }
+        self.write(store, path, metrics)
     }
 
     fn write(&mut self, store: &mut Store, path: &Path, metrics: &Mutex<Metrics>) -> Result<u64, DaemonError> {
@@ -150,6 +165,7 @@ impl FindingsOut {
     }
 }
 
+/// The time in the clock file, or why it cannot be read; said once per change of reason.
 fn read_clock_file(path: &std::path::Path, warned: &mut Option<String>) -> Option<i64> {
     let reading = std::fs::read_to_string(path).map_err(|e| e.to_string()).and_then(|t| {
         lookout_plugin_sdk::time::parse_timestamp(t.trim())
@@ -445,7 +461,7 @@ fn work(
                     "detection pass"
                 );
             }
-            let written = findings_out.write(store, &cfg.findings, metrics)?;
+            let written = findings_out.write_after_pass(store, &cfg.findings, metrics)?;
             let latency = poll_started.elapsed();
             if written > 0 {
                 tracing::info!(findings = written, file = %cfg.findings.display(), "new findings");

@@ -49,6 +49,8 @@ pub struct Plugin {
 /// library — is dropped before it is loaded again.)
 impl Drop for Plugin {
     fn drop(&mut self) {
+        // A call into the detector's code like any other: named if it never returns.
+        let _call = running::enter(&self.manifest.name, &self.manifest.version, "init");
         if let Err(e) = self.lib.init(&lookout_plugin_sdk::InitRequest { params: Vec::new(), state: Vec::new() }) {
             tracing::debug!(detector = %self.id(), error = %e, "a dropped detector did not release its state");
         }
