@@ -9,7 +9,7 @@
 //! The input goes in two halves, so that a node killed, a node added or a broker taken
 //! down after the first half meets rows that arrive after it.
 
-use lookout_tests::daemon::{Daemon, DaemonSpec};
+use lookout_tests::daemon::{metric, Daemon, DaemonSpec};
 use lookout_tests::{
     gen_fleet, lookout, lookout_bin, lookout_ok, plugins_dir, read_jsonl, run_bounded, target_dir, PASSWORD_SPRAYING,
     SCHEDULED_TASK, SCM_REMOTE, WINRM,
@@ -508,6 +508,57 @@ fn a_node_restarted_with_no_retention_keeps_the_recorded_one() {
     // Every round moves the horizon and expires what is behind it: a few of them.
     std::thread::sleep(Duration::from_secs(3));
     w.check_stored_rows(&mut [&mut a]);
+}
+
+/// A node whose JSONL cannot be written (a file where its folder should be) goes on: its
+/// findings go to the findings topic, it keeps its place in the group (its work loop is
+/// not restarted, which would make it rejoin), and once the JSONL can be written it gets
+/// every finding, once.
+#[test]
+fn a_findings_file_that_cannot_be_written_holds_back_neither_the_topic_nor_the_group() {
+    let w = World::new(14);
+    w.feed(0);
+    let folder = w.root.path().join("out");
+    std::fs::write(&folder, "").unwrap();
+    let jsonl = folder.join("findings.jsonl");
+    let mut a = w.node("a").findings(&jsonl).start();
+    w.wait_settled(&mut [&mut a], SETTLE);
+    w.feed(1);
+    w.wait_settled(&mut [&mut a], SETTLE);
+    w.check_findings(&[&a]);
+    let m = a.metrics();
+    assert_eq!(metric(&m, "lookout_work_restarts_total"), Some(0.0), "{m}");
+    assert!(metric(&m, "lookout_findings_write_failures_total").is_some_and(|n| n >= 1.0), "{m}");
+    a.wait_for("every finding to be counted as unwritten", SETTLE, |a| {
+        match metric(&a.metrics(), "lookout_findings_unwritten") {
+            Some(n) if n as usize == w.expected.len() => Ok(()),
+            other => Err(format!("{other:?} of {}", w.expected.len())),
+        }
+    });
+    std::fs::remove_file(&folder).unwrap();
+    std::fs::create_dir(&folder).unwrap();
+    let written = || -> Vec<String> {
+        std::fs::read_to_string(&jsonl)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["finding_id"].as_str().map(str::to_string))
+            .collect()
+    };
+    a.wait_for("the JSONL to hold every finding", SETTLE, |_| {
+        let ids = written();
+        if ids.len() >= w.expected.len() {
+            Ok(())
+        } else {
+            Err(format!("{} of {}", ids.len(), w.expected.len()))
+        }
+    });
+    let ids = written();
+    let unique: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "a finding written twice");
+    assert_eq!(unique, w.expected.keys().collect::<BTreeSet<_>>());
+    let m = a.metrics();
+    assert_eq!(metric(&m, "lookout_findings_unwritten"), Some(0.0), "{m}");
+    assert_eq!(metric(&m, "lookout_work_restarts_total"), Some(0.0), "{m}");
 }
 
 /// A node killed right after a batch of rows and their offset are committed to its

@@ -4,6 +4,7 @@
 //! second thread serves `/metrics` and `/status`.
 
 pub mod backoff;
+pub mod findings_out;
 pub mod http;
 pub mod metrics;
 pub mod plugin_set;
@@ -16,6 +17,7 @@ use crate::ingest::{IngestError, IngestOptions};
 use crate::plugin::FolderError;
 use crate::store::Store;
 use crate::tail::Tailer;
+use findings_out::FindingsOut;
 use metrics::Metrics;
 use plugin_set::PluginSet;
 use std::path::{Path, PathBuf};
@@ -93,76 +95,16 @@ pub struct DaemonConfig {
     pub detect_threads: usize,
 }
 
-/// Writing the findings to the findings file. A failure of the file's own (a folder in its
-/// place, its permissions, its own disk full) does not stop the work loop: the findings
-/// are kept in the database, ingestion and detection go on, and the write is tried again
-/// a second later, then every few seconds, until it succeeds. A failure of the store's
-/// ends the loop, as any store failure does.
-#[derive(Default)]
-struct FindingsOut {
-    /// When to try again after a failure of the file's; `None` while it writes.
-    retry_at: Option<Instant>,
-    failures: u32,
-    said_at: Option<Instant>,
-}
-
-impl FindingsOut {
-    fn retry_due(&self) -> bool {
-        self.retry_at.is_some_and(|at| at <= Instant::now())
-    }
-
-    /// After a pass: writes, unless waiting to try again after a failure of the file's
-    /// (then the new findings are only counted, and wait with the rest).
-    fn write_after_pass(
-        &mut self,
-        store: &mut Store,
-        path: &Path,
-        metrics: &Mutex<Metrics>,
-    ) -> Result<u64, DaemonError> {
-        if self.retry_at.is_some() && !self.retry_due() {
-            let unwritten = crate::findings::unwritten(store, path).map_err(DaemonError::Findings)?;
-            metrics.lock().unwrap_or_else(|p| p.into_inner()).findings_unwritten = unwritten;
-            return Ok(0);
-        }
-        self.write(store, path, metrics)
-    }
-
-    fn write(&mut self, store: &mut Store, path: &Path, metrics: &Mutex<Metrics>) -> Result<u64, DaemonError> {
-        match flush_outbox(store, path) {
-            Ok(written) => {
-                if self.retry_at.take().is_some() {
-                    tracing::info!(file = %path.display(), findings = written, "the findings file is written again");
-                }
-                self.failures = 0;
-                metrics.lock().unwrap_or_else(|p| p.into_inner()).findings_unwritten = 0;
-                Ok(written)
-            }
-            Err(e) if crate::findings::is_file_failure(&e) => {
-                self.failures = self.failures.saturating_add(1);
-                let wait = Duration::from_secs(1 << self.failures.min(5).saturating_sub(1));
-                self.retry_at = Some(Instant::now() + wait);
-                let unwritten = crate::findings::unwritten(store, path).unwrap_or(0);
-                {
-                    let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
-                    m.findings_write_failures += 1;
-                    m.findings_unwritten = unwritten;
-                }
-                // Said at once, then at most once a minute while it lasts.
-                if self.said_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) || self.failures == 1 {
-                    self.said_at = Some(Instant::now());
-                    tracing::error!(
-                        file = %path.display(),
-                        unwritten,
-                        error = %Chain(&e),
-                        "cannot write the findings file; they are kept in the database and written once it \
-                         can be (ingestion and detection go on)"
-                    );
-                }
-                Ok(0)
-            }
-            Err(e) => Err(DaemonError::Findings(e)),
-        }
-    }
+/// The store's new findings to the findings file, unless it failed and the time to try
+/// it again has not come.
+fn write_findings(
+    out: &mut FindingsOut,
+    store: &mut Store,
+    path: &Path,
+    metrics: &Mutex<Metrics>,
+) -> Result<u64, DaemonError> {
+    out.write(path, metrics, store, |s| flush_outbox(s, path), |s| crate::findings::unwritten(s, path).unwrap_or(0))
+        .map_err(DaemonError::Findings)
 }
 
 /// The time in the clock file, or why it cannot be read; said once per change of reason.
@@ -461,7 +403,7 @@ fn work(
                     "detection pass"
                 );
             }
-            let written = findings_out.write_after_pass(store, &cfg.findings, metrics)?;
+            let written = write_findings(&mut findings_out, store, &cfg.findings, metrics)?;
             let latency = poll_started.elapsed();
             if written > 0 {
                 tracing::info!(findings = written, file = %cfg.findings.display(), "new findings");
@@ -491,7 +433,7 @@ fn work(
         }
         if findings_out.retry_due() {
             // The findings file failed at the last pass: tried again, with no new pass.
-            findings_out.write(store, &cfg.findings, metrics)?;
+            write_findings(&mut findings_out, store, &cfg.findings, metrics)?;
         }
         {
             let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
@@ -515,7 +457,7 @@ fn work(
             let ticks = at.saturating_sub(crate::clock::now_ticks()).max(0) as u64;
             wait = wait.min(Duration::from_micros(ticks / 10).max(Duration::from_millis(1)));
         }
-        if let Some(at) = findings_out.retry_at {
+        if let Some(at) = findings_out.retry_at() {
             wait = wait.min(at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
         }
         // And for a detector's retry after a failure (its wake-up does not count meanwhile).

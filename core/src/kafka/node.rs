@@ -28,6 +28,7 @@ use super::split::{producer, Deliveries};
 use super::watermarks::Watermarks;
 use super::{KafkaError, KafkaSettings, CALL_TIMEOUT};
 use crate::daemon::backoff::Backoff;
+use crate::daemon::findings_out::FindingsOut;
 use crate::daemon::http::{Endpoint, Observe};
 use crate::daemon::metrics::Metrics;
 use crate::detect::{run_pass, DetectOptions};
@@ -872,6 +873,7 @@ fn work(
     detect_opts.stop = Some(stop.clone());
     let mut last_rescan = Instant::now() - cfg.rescan;
     let mut pending = Pending::default();
+    let mut findings_out = FindingsOut::default();
     let result = (|| -> Result<(), KafkaError> {
         while !stop.load(Ordering::Relaxed) {
             let round_started = Instant::now();
@@ -924,7 +926,7 @@ fn work(
             for (n, passes) in passed {
                 let Some(p) = owned.partitions.get_mut(&n) else { continue };
                 let stored = reports.get(&n).is_some_and(|r| r.changed());
-                emit_round(cfg, p, &producer, passes, metrics, round_started, stored, &consumer)?;
+                emit_round(cfg, p, &producer, passes, metrics, round_started, stored, &consumer, &mut findings_out)?;
             }
             // A failing partition's own detectors that finished committed their findings:
             // they go out too, or a failure that persists (one detector's damaged state)
@@ -936,9 +938,34 @@ fn work(
                     // may be that).
                     continue;
                 }
-                if let Err(e) = emit_round(cfg, p, &producer, Vec::new(), metrics, round_started, false, &consumer) {
+                if let Err(e) = emit_round(
+                    cfg,
+                    p,
+                    &producer,
+                    Vec::new(),
+                    metrics,
+                    round_started,
+                    false,
+                    &consumer,
+                    &mut findings_out,
+                ) {
                     tracing::warn!(partition = n, error = %Chain(&e), "cannot emit the findings of a partition whose pass failed");
                 }
+            }
+            if findings_out.retry_due() {
+                // The JSONL failed earlier: every partition's findings waiting for it are
+                // tried again, with or without a pass.
+                for p in owned.partitions.values_mut() {
+                    write_jsonl(cfg, p, &mut findings_out, metrics)?;
+                }
+            }
+            if findings_out.failing() {
+                let unwritten = owned
+                    .partitions
+                    .values()
+                    .map(|p| crate::findings::unwritten(&p.store, &cfg.findings).unwrap_or(0))
+                    .sum();
+                metrics.lock().unwrap_or_else(|p| p.into_inner()).findings_unwritten = unwritten;
             }
             if let Some(e) = failed {
                 return Err(e);
@@ -1243,6 +1270,7 @@ fn emit_round(
     round_started: Instant,
     stored: bool,
     consumer: &BaseConsumer<NodeContext>,
+    findings_out: &mut FindingsOut,
 ) -> Result<(), KafkaError> {
     if consumer.assignment_lost() {
         // The group has given this node's partitions to others: the next owner finds,
@@ -1252,16 +1280,7 @@ fn emit_round(
     if !still_owned(cfg, p, consumer)? {
         return Ok(());
     }
-    // What a previous owner found is in its JSONL and in the topic already.
-    let before = &p.emitted_before;
-    let written = flush_outbox_except(&mut p.store, &cfg.findings, &|json| {
-        serde_json::from_slice::<serde_json::Value>(json)
-            .ok()
-            .and_then(|v| v.get("finding_id").and_then(|id| id.as_str()).map(|id| before.contains(id)))
-            .unwrap_or(false)
-    })
-    .map_err(KafkaError::Store)?;
-    p.findings_written += written;
+    let written = write_jsonl(cfg, p, findings_out, metrics)?;
     // Writing the JSONL (an fsync) is time in which the group can drop this node: once it
     // knows, the findings stay out of the topic (the next owner produces them).
     if consumer.assignment_lost() {
@@ -1281,6 +1300,38 @@ fn emit_round(
         }
     }
     Ok(())
+}
+
+/// Writes the partition's new findings to the node's JSONL, unless it failed and the time
+/// to try it again has not come: a JSONL that cannot be written (its folder gone, its own
+/// disk full) holds back neither the findings topic nor the node's place in the group.
+fn write_jsonl(
+    cfg: &NodeConfig,
+    p: &mut Partition,
+    findings_out: &mut FindingsOut,
+    metrics: &Mutex<Metrics>,
+) -> Result<u64, KafkaError> {
+    // What a previous owner found is in its JSONL and in the topic already.
+    let before = &p.emitted_before;
+    let path = &cfg.findings;
+    let written = findings_out
+        .write(
+            path,
+            metrics,
+            &mut p.store,
+            |store| {
+                flush_outbox_except(store, path, &|json| {
+                    serde_json::from_slice::<serde_json::Value>(json)
+                        .ok()
+                        .and_then(|v| v.get("finding_id").and_then(|id| id.as_str()).map(|id| before.contains(id)))
+                        .unwrap_or(false)
+                })
+            },
+            |store| crate::findings::unwritten(store, path).unwrap_or(0),
+        )
+        .map_err(KafkaError::Store)?;
+    p.findings_written += written;
+    Ok(written)
 }
 
 /// Logs, once per replay (a take-over, or a partition given back before it stored
