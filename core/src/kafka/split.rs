@@ -81,6 +81,8 @@ pub struct SplitStats {
 #[derive(Default)]
 pub(crate) struct Deliveries {
     failed: AtomicU64,
+    /// Of them, refused by a broker as too large (over the topic's `max.message.bytes`).
+    too_large: AtomicU64,
     first: Mutex<Option<String>>,
 }
 
@@ -88,8 +90,19 @@ impl Deliveries {
     /// The first delivery failure since the last call, if any.
     pub(crate) fn take_failures(&self) -> Option<String> {
         let failed = self.failed.swap(0, Ordering::Relaxed);
+        let too_large = self.too_large.swap(0, Ordering::Relaxed);
         let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
-        (failed > 0).then(|| format!("{failed} failed, the first: {}", first.unwrap_or_default()))
+        // Produced again, the same records are refused again: only a change of settings
+        // moves on.
+        let hint = if too_large > 0 {
+            format!(
+                "; {too_large} refused by the brokers as too large: the topic's max.message.bytes is below the                  producer's message.max.bytes; set message.max.bytes in [kafka.properties] to the topic's limit                  (a split then sets aside what is over it, named in its rejected topic; a node sends such a \
+                 finding without its row), or raise the topic's"
+            )
+        } else {
+            String::new()
+        };
+        (failed > 0).then(|| format!("{failed} failed, the first: {}{hint}", first.unwrap_or_default()))
     }
 }
 
@@ -101,6 +114,9 @@ impl ProducerContext for Deliveries {
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         if let Err((e, message)) = result {
             self.failed.fetch_add(1, Ordering::Relaxed);
+            if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) {
+                self.too_large.fetch_add(1, Ordering::Relaxed);
+            }
             let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
             first.get_or_insert_with(|| format!("to {} partition {}: {e}", message.topic(), message.partition()));
         }
@@ -721,6 +737,26 @@ mod tests {
             Ok(()) => producer.context().take_failures().expect("a record for a partition that does not exist"),
         };
         assert!(failure.contains("findings partition 5"), "{failure}");
+    }
+
+    /// A record the producer sends but a broker refuses as too large (the topic's limit
+    /// below the producer's) is refused again at every restart: the failure says which
+    /// setting to change.
+    #[test]
+    fn a_record_the_brokers_refuse_as_too_large_names_the_setting_to_change() {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("rows", 1, 1).unwrap();
+        let kafka = KafkaSettings {
+            brokers: cluster.bootstrap_servers(),
+            properties: vec![("message.timeout.ms".into(), "5000".into())],
+        };
+        let producer = producer(&kafka, Deliveries::default()).unwrap();
+        cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE]);
+        send(&producer, BaseRecord::to("rows").key("d1").payload(&b"{}"[..])).unwrap();
+        let _ = producer.flush(Duration::from_secs(10));
+        let failure = producer.context().take_failures().expect("the record is refused");
+        assert!(failure.contains("max.message.bytes") && failure.contains("[kafka.properties]"), "{failure}");
     }
 
     /// The side topics must exist when the split starts (Lookout never creates topics):
