@@ -1029,6 +1029,33 @@ struct Pending<'c> {
     /// round reads for a shorter window).
     stored_since_rebalance: bool,
     messages: BTreeMap<i32, Vec<(i64, BorrowedMessage<'c>)>>,
+    consumer_errors: RepeatedError,
+}
+
+/// Says a consumer error at once, and the same one again at most once a minute with how
+/// many times it came meanwhile: one that does not clear (a topic deleted, access taken
+/// away) comes back at every poll, and would fill the log.
+#[derive(Default)]
+struct RepeatedError {
+    last: Option<(String, Instant)>,
+    repeated: u64,
+}
+
+impl RepeatedError {
+    /// Whether to say `error` now, and how many times it came unsaid before.
+    fn say(&mut self, error: &str, now: Instant) -> Option<u64> {
+        match &self.last {
+            Some((said, at)) if said == error && now.duration_since(*at) < Duration::from_secs(60) => {
+                self.repeated += 1;
+                None
+            }
+            _ => {
+                let repeated = std::mem::take(&mut self.repeated);
+                self.last = Some((error.to_string(), now));
+                Some(repeated)
+            }
+        }
+    }
 }
 
 impl Pending<'_> {
@@ -1097,7 +1124,10 @@ fn read_messages<'c>(
             None if taken > 0 => break,
             None => continue,
             Some(Err(e)) => {
-                tracing::warn!(error = %e, topic = %cfg.topic, "consumer error; carrying on");
+                let text = e.to_string();
+                if let Some(repeated) = pending.consumer_errors.say(&text, Instant::now()) {
+                    tracing::warn!(error = %text, topic = %cfg.topic, repeated, "consumer error; carrying on");
+                }
                 continue;
             }
             Some(Ok(m)) => m,
@@ -1403,6 +1433,18 @@ fn update_view(owned: &mut Owned, watermarks: &Watermarks, observe: &NodeObserve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_consumer_error_that_repeats_is_said_once_a_minute_with_its_count() {
+        let mut e = RepeatedError::default();
+        let t0 = Instant::now();
+        assert_eq!(e.say("gone", t0), Some(0));
+        assert_eq!(e.say("gone", t0 + Duration::from_secs(1)), None);
+        assert_eq!(e.say("gone", t0 + Duration::from_secs(2)), None);
+        assert_eq!(e.say("gone", t0 + Duration::from_secs(61)), Some(2), "a minute on, with the count");
+        assert_eq!(e.say("other", t0 + Duration::from_secs(62)), Some(0), "another error at once");
+        assert_eq!(e.say("gone", t0 + Duration::from_secs(63)), Some(0));
+    }
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseRecord, Producer};
     use std::collections::HashSet;
