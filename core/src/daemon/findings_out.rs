@@ -1,7 +1,7 @@
 //! Writing the findings to the findings file from a long-running process (`lookout run`,
 //! a Kafka node). A failure of the file's own (a folder in its place, its permissions, its
-//! own disk full) does not stop the work: the findings are kept in the database (and, on
-//! a node, still go to the findings topic), ingestion and detection go on, and the write
+//! own disk full) does not stop the work: the findings are kept in the database (on a
+//! node, out of the findings topic too), ingestion and detection go on, and the write
 //! is tried again a second later, then after a wait that doubles up to 16 s, until it
 //! succeeds. A failure of the store's is returned, as any store failure is.
 

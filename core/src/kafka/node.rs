@@ -952,13 +952,9 @@ fn work(
                     tracing::warn!(partition = n, error = %Chain(&e), "cannot emit the findings of a partition whose pass failed");
                 }
             }
-            if findings_out.retry_due() {
-                // The JSONL failed earlier: every partition's findings waiting for it are
-                // tried again, with or without a pass.
-                for p in owned.partitions.values_mut() {
-                    write_jsonl(cfg, p, &mut findings_out, metrics)?;
-                }
-            }
+            // (While the JSONL fails, every partition with findings waiting has a round to
+            // emit them, as they are not in the topic either: that is where it is tried
+            // again once the wait is over.)
             if findings_out.failing() {
                 let unwritten = owned
                     .partitions
@@ -1038,21 +1034,37 @@ struct Pending<'c> {
 #[derive(Default)]
 struct RepeatedError {
     last: Option<(String, Instant)>,
+    /// Times the last error said came since, unsaid.
     repeated: u64,
 }
 
+/// What [`RepeatedError::say`] says to log.
+#[derive(Debug, PartialEq, Eq)]
+struct Said {
+    /// The error came this many times unsaid since it was last said.
+    repeated: u64,
+    /// Another error that came unsaid since it was last said, and how many times.
+    before: Option<(String, u64)>,
+}
+
 impl RepeatedError {
-    /// Whether to say `error` now, and how many times it came unsaid before.
-    fn say(&mut self, error: &str, now: Instant) -> Option<u64> {
+    /// Whether to say `error` now (`None`: it was said less than a minute ago).
+    fn say(&mut self, error: &str, now: Instant) -> Option<Said> {
         match &self.last {
-            Some((said, at)) if said == error && now.duration_since(*at) < Duration::from_secs(60) => {
-                self.repeated += 1;
-                None
+            Some((said, at)) if said == error => {
+                if now.duration_since(*at) < Duration::from_secs(60) {
+                    self.repeated += 1;
+                    return None;
+                }
+                let repeated = std::mem::take(&mut self.repeated);
+                self.last = Some((error.to_string(), now));
+                Some(Said { repeated, before: None })
             }
             _ => {
                 let repeated = std::mem::take(&mut self.repeated);
+                let before = self.last.take().filter(|_| repeated > 0).map(|(said, _)| (said, repeated));
                 self.last = Some((error.to_string(), now));
-                Some(repeated)
+                Some(Said { repeated: 0, before })
             }
         }
     }
@@ -1125,8 +1137,11 @@ fn read_messages<'c>(
             None => continue,
             Some(Err(e)) => {
                 let text = e.to_string();
-                if let Some(repeated) = pending.consumer_errors.say(&text, Instant::now()) {
-                    tracing::warn!(error = %text, topic = %cfg.topic, repeated, "consumer error; carrying on");
+                if let Some(said) = pending.consumer_errors.say(&text, Instant::now()) {
+                    if let Some((before, repeated)) = said.before {
+                        tracing::warn!(error = %before, topic = %cfg.topic, repeated, "consumer error, again since said");
+                    }
+                    tracing::warn!(error = %text, topic = %cfg.topic, repeated = said.repeated, "consumer error; carrying on");
                 }
                 continue;
             }
@@ -1316,7 +1331,10 @@ fn emit_round(
     if consumer.assignment_lost() {
         return Ok(());
     }
-    let produced = produce_new(producer, &cfg.findings_topic, p)?;
+    // The topic holds no finding the JSONL does not: what a take-over finds in the topic
+    // it passes over in the JSONL too (this node's, after a restart, included). So while
+    // the JSONL cannot be written, the findings wait for it, in the store.
+    let produced = if findings_out.failing() { 0 } else { produce_new(producer, &cfg.findings_topic, p)? };
     if written > 0 || produced > 0 {
         tracing::info!(partition = p.partition, findings = written, produced, "new findings");
     }
@@ -1334,7 +1352,7 @@ fn emit_round(
 
 /// Writes the partition's new findings to the node's JSONL, unless it failed and the time
 /// to try it again has not come: a JSONL that cannot be written (its folder gone, its own
-/// disk full) holds back neither the findings topic nor the node's place in the group.
+/// disk full) does not cost the node its place in the group, nor hold back its storing.
 fn write_jsonl(
     cfg: &NodeConfig,
     p: &mut Partition,
@@ -1438,12 +1456,18 @@ mod tests {
     fn a_consumer_error_that_repeats_is_said_once_a_minute_with_its_count() {
         let mut e = RepeatedError::default();
         let t0 = Instant::now();
-        assert_eq!(e.say("gone", t0), Some(0));
-        assert_eq!(e.say("gone", t0 + Duration::from_secs(1)), None);
-        assert_eq!(e.say("gone", t0 + Duration::from_secs(2)), None);
-        assert_eq!(e.say("gone", t0 + Duration::from_secs(61)), Some(2), "a minute on, with the count");
-        assert_eq!(e.say("other", t0 + Duration::from_secs(62)), Some(0), "another error at once");
-        assert_eq!(e.say("gone", t0 + Duration::from_secs(63)), Some(0));
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let now = |repeated| Some(Said { repeated, before: None });
+        assert_eq!(e.say("gone", t0), now(0));
+        assert_eq!(e.say("gone", at(1)), None);
+        assert_eq!(e.say("gone", at(2)), None);
+        assert_eq!(e.say("gone", at(61)), now(2), "a minute on, with the count");
+        assert_eq!(e.say("other", at(62)), now(0), "another error at once");
+        assert_eq!(e.say("gone", at(63)), now(0));
+        assert_eq!(e.say("gone", at(64)), None);
+        assert_eq!(e.say("gone", at(65)), None);
+        // Another error: said at once, with the count of the one before it, not its own.
+        assert_eq!(e.say("other", at(66)), Some(Said { repeated: 0, before: Some(("gone".into(), 2)) }));
     }
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseRecord, Producer};

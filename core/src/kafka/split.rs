@@ -96,7 +96,9 @@ impl Deliveries {
         // moves on.
         let hint = if too_large > 0 {
             format!(
-                "; {too_large} refused by the brokers as too large: the topic's max.message.bytes is below the                  producer's message.max.bytes; set message.max.bytes in [kafka.properties] to the topic's limit                  (a split then sets aside what is over it, named in its rejected topic; a node sends such a \
+                "; {too_large} refused by the brokers as too large: the topic's max.message.bytes is below the \
+                 producer's message.max.bytes; set message.max.bytes in [kafka.properties] to the topic's limit \
+                 (a split then sets aside what is over it, named in its rejected topic; a node sends such a \
                  finding without its row), or raise the topic's"
             )
         } else {
@@ -757,6 +759,7 @@ mod tests {
         let _ = producer.flush(Duration::from_secs(10));
         let failure = producer.context().take_failures().expect("the record is refused");
         assert!(failure.contains("max.message.bytes") && failure.contains("[kafka.properties]"), "{failure}");
+        assert!(!failure.contains("  "), "{failure}");
     }
 
     /// The side topics must exist when the split starts (Lookout never creates topics):
