@@ -88,14 +88,16 @@ pub fn cut_torn_findings_line(data: &Path, findings: &Path) -> Result<(), KafkaE
     fn ends_torn(path: &Path) -> Result<bool, KafkaError> {
         use std::os::unix::fs::FileExt;
         let io = |source| KafkaError::Io { what: "read", path: path.to_path_buf(), source };
-        let file = match std::fs::File::open(path) {
+        // Opened to write, as the cut would be: a file that can be read and not written
+        // is said once here, not once for each partition store kept.
+        let file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => {
                 // Nor can it be written now: the node starts all the same, its findings go
                 // to the topic and wait for the file (a line torn then is kept, and a
                 // partition's findings in it are written again whole).
-                tracing::warn!(file = %path.display(), error = %e, "cannot read the findings file; a torn last line is not looked for");
+                tracing::warn!(file = %path.display(), error = %e, "cannot open the findings file; a torn last line is not looked for");
                 return Ok(false);
             }
         };
