@@ -513,8 +513,8 @@ fn a_node_restarted_with_no_retention_keeps_the_recorded_one() {
 /// A node whose JSONL cannot be written (a file where its folder should be) goes on: it
 /// keeps its place in the group (its work loop is not restarted, which would make it
 /// rejoin) and stores what comes; its findings wait, out of the topic too (a take-over
-/// passes over in the JSONL what it finds in the topic), and once the JSONL can be
-/// written both get every finding, once.
+/// passes over in the JSONL what it finds in the topic), across a restart too (a stop
+/// then exits 1); once the JSONL can be written, both get every finding, once.
 #[test]
 fn a_findings_file_that_cannot_be_written_keeps_the_node_in_its_group_and_its_findings_waiting() {
     let w = World::new(14);
@@ -530,14 +530,28 @@ fn a_findings_file_that_cannot_be_written_keeps_the_node_in_its_group_and_its_fi
     let m = a.metrics();
     assert_eq!(metric(&m, "lookout_work_restarts_total"), Some(0.0), "{m}");
     assert!(metric(&m, "lookout_findings_write_failures_total").is_some_and(|n| n >= 1.0), "{m}");
-    a.wait_for("every finding to be counted as unwritten", SETTLE, |a| {
-        match metric(&a.metrics(), "lookout_findings_unwritten") {
-            Some(n) if n as usize == w.expected.len() => Ok(()),
-            other => Err(format!("{other:?} of {}", w.expected.len())),
-        }
-    });
-    let in_topic = w.mock.consume("findings");
-    assert!(in_topic.is_empty(), "{} findings in the topic and not in the JSONL", in_topic.len());
+    let all_waiting = |a: &mut Daemon| {
+        a.wait_for("every finding to be counted as unwritten", SETTLE, |a| {
+            match metric(&a.metrics(), "lookout_findings_unwritten") {
+                Some(n) if n as usize == w.expected.len() => Ok(()),
+                other => Err(format!("{other:?} of {}", w.expected.len())),
+            }
+        });
+        let in_topic = w.mock.consume("findings");
+        assert!(in_topic.is_empty(), "{} findings in the topic and not in the JSONL", in_topic.len());
+    };
+    all_waiting(&mut a);
+    // Stopped meanwhile: not a clean stop. Started again, the node takes its partitions
+    // over from its own stores, and its findings wait as before.
+    a.sigterm();
+    let stopped = a.wait_exit(Duration::from_secs(60)).expect("the node stops");
+    assert!(!stopped.success(), "a stop with findings unwritten exits 0:\n{}", a.log_tail(2000));
+    let said = format!("stopped with {} findings not written", w.expected.len());
+    assert!(a.log_text().contains(&said), "{}", a.log_tail(2000));
+    let mut a = w.node("a").findings(&jsonl).start();
+    w.wait_settled(&mut [&mut a], SETTLE);
+    all_waiting(&mut a);
+    // The folder back: every finding goes out, to both, with no restart.
     std::fs::remove_file(&folder).unwrap();
     std::fs::create_dir(&folder).unwrap();
     let written = || -> Vec<String> {

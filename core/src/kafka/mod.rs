@@ -121,6 +121,9 @@ pub enum KafkaError {
     FindingsNotAcknowledged { first: String },
     #[error("{topic} partition {partition} ends at offset {end}, but this node's store holds its rows up to offset {stored}: was the topic deleted and created again? Remove {} to read the partition afresh", dir.display())]
     PastTheEnd { topic: String, partition: i32, end: i64, stored: i64, dir: std::path::PathBuf },
+    /// Stopped with findings the JSONL could not be given.
+    #[error("stopped with {count} findings not written to {} (the findings file could not be written; they are kept in the partitions' stores, out of the findings topic too, and go out at the next start)", file.display())]
+    StoppedWithUnwritten { count: u64, file: std::path::PathBuf },
     #[error(transparent)]
     Store(#[from] crate::error::StoreError),
     #[error(transparent)]

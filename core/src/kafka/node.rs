@@ -782,6 +782,7 @@ fn serve(
         let started = Instant::now();
         match work(cfg, stop, observe, metrics) {
             Ok(()) => break Ok(()),
+            Err(e @ KafkaError::StoppedWithUnwritten { .. }) => break Err(e),
             Err(e) => {
                 let wait = backoff.after_failure(started.elapsed());
                 tracing::error!(error = %Chain(&e), retry_in = ?wait, "node work loop failed; rejoining the group");
@@ -1008,6 +1009,23 @@ fn work(
             tracing::warn!(partition = p.partition, error = %Chain(&e), "cannot flush the partition's store");
         }
     }
+    // A stop with findings the JSONL could not be given does not end as a clean one (as
+    // `lookout run`'s): they are kept, and go out at the next start.
+    let result = match result {
+        Ok(()) if findings_out.failing() => {
+            let count = owned
+                .partitions
+                .values()
+                .map(|p| crate::findings::unwritten(&p.store, &cfg.findings).unwrap_or(0))
+                .sum();
+            if count > 0 {
+                Err(KafkaError::StoppedWithUnwritten { count, file: cfg.findings.clone() })
+            } else {
+                Ok(())
+            }
+        }
+        other => other,
+    };
     owned.partitions.clear();
     owned.revoked.clear();
     owned.opening.clear();
