@@ -301,34 +301,55 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         file_len: end,
         tail_hash: tail_hash(&file, end).with_context(|| format!("cannot read {}", path.display()))?,
     };
-    let mut out = std::io::BufWriter::new(&mut file);
     let mut written = 0u64;
     let mut bytes_written = 0u64;
-    for entry in store.outbox_from(next) {
-        let (seq, json) = entry?;
-        if skip(&json) {
+    let wrote = (|| -> Result<()> {
+        let mut out = std::io::BufWriter::new(&mut file);
+        for entry in store.outbox_from(next) {
+            let (seq, json) = entry?;
+            if skip(&json) {
+                next = seq + 1;
+                continue;
+            }
+            #[cfg(test)]
+            if written == 1 && tests::FAIL_MID_LINE.with(|c| c.get()) {
+                // As a full disk leaves it: half a line written, then an error.
+                out.write_all(&json[..json.len() / 2]).with_context(write_error)?;
+                out.flush().with_context(write_error)?;
+                return Err(std::io::Error::other("no space left (test)")).with_context(write_error);
+            }
+            out.write_all(&json).with_context(write_error)?;
+            out.write_all(b"\n").with_context(write_error)?;
+            written += 1;
+            bytes_written += json.len() as u64 + 1;
             next = seq + 1;
-            continue;
+            if written == 1 && crate::failpoint::armed("outbox-mid-write") {
+                // Make the uncommitted tail real before dying, as a crash mid-write leaves it.
+                out.flush().with_context(write_error)?;
+                crate::failpoint::hit("outbox-mid-write");
+            }
+            if written == 1 && crate::failpoint::armed("outbox-pause-mid-write") {
+                // Stopped with a line in the file, as the operator's copytruncate may find it.
+                out.flush().with_context(write_error)?;
+                crate::failpoint::pause("outbox-pause-mid-write");
+            }
         }
-        out.write_all(&json).with_context(write_error)?;
-        out.write_all(b"\n").with_context(write_error)?;
-        written += 1;
-        bytes_written += json.len() as u64 + 1;
-        next = seq + 1;
-        if written == 1 && crate::failpoint::armed("outbox-mid-write") {
-            // Make the uncommitted tail real before dying, as a crash mid-write leaves it.
-            out.flush().with_context(write_error)?;
-            crate::failpoint::hit("outbox-mid-write");
+        out.flush().with_context(write_error)?;
+        drop(out);
+        file.sync_data().with_context(write_error)
+    })();
+    if let Err(e) = wrote {
+        // A write cut short (a full disk) can leave half a line of this store's at the
+        // end, which a crash would have this store cut at its next flush. A process that
+        // goes on may have another store (a Kafka node's other partitions) write after it
+        // first, which would take it for someone else's line and keep it: cut it now.
+        if is_file_failure(&e) {
+            if let Err(cut) = cut_torn_tail(store, path) {
+                tracing::warn!(file = %path.display(), error = %crate::error::Chain(&cut), "cannot cut the line a failed write left");
+            }
         }
-        if written == 1 && crate::failpoint::armed("outbox-pause-mid-write") {
-            // Stopped with a line in the file, as the operator's copytruncate may find it.
-            out.flush().with_context(write_error)?;
-            crate::failpoint::pause("outbox-pause-mid-write");
-        }
+        return Err(e);
     }
-    out.flush().with_context(write_error)?;
-    drop(out);
-    file.sync_data().with_context(write_error)?;
     crate::failpoint::hit("outbox-after-write");
     #[cfg(test)]
     if tests::CRASH_AFTER_WRITE.with(|c| c.get()) {
@@ -690,6 +711,8 @@ mod tests {
     thread_local! {
         /// Makes a flush stop as a crash would between its writes and its last cursor.
         pub(super) static CRASH_AFTER_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Makes a flush write half its second line, then fail, as a full disk would.
+        pub(super) static FAIL_MID_LINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
     #[test]
@@ -894,6 +917,31 @@ mod tests {
         assert_eq!(h.store.meta_value::<bool>(&writing).unwrap(), Some(true));
         assert_eq!(h.flush(), 0, "the line written before the crash is recognised");
         assert_eq!(h.store.meta_value::<bool>(&writing).unwrap(), Some(false), "cleared");
+    }
+
+    /// A write cut short by a full disk leaves half a line of this store's; the process
+    /// goes on, and another store (a Kafka node's other partition) writes to the file
+    /// first: the half line is not kept, and the findings of both are whole, once.
+    #[test]
+    fn half_a_line_left_by_a_failed_write_is_cut_before_another_store_writes() {
+        let mut f = Fixture::new();
+        f.find(1);
+        f.flush();
+        f.find(3);
+        FAIL_MID_LINE.with(|c| c.set(true));
+        let failed = flush_outbox(&mut f.store, &f.out);
+        FAIL_MID_LINE.with(|c| c.set(false));
+        assert!(failed.as_ref().is_err_and(is_file_failure), "{:?}", failed.err());
+        assert_eq!(f.read(), f.lines(1..=2), "the half line is cut");
+        // Another store writing the same file.
+        let other_dir = tempfile::tempdir().unwrap();
+        let mut other = Store::open(other_dir.path()).unwrap();
+        let mut b = other.pass_batch();
+        b.put_finding("other", br#"{"finding_id":"other"}"#.to_vec());
+        b.commit().unwrap();
+        assert_eq!(flush_outbox(&mut other, &f.out).unwrap(), 1);
+        assert_eq!(f.flush(), 2);
+        assert_eq!(f.read(), format!("{}{{\"finding_id\":\"other\"}}\n{}", f.lines(1..=2), f.lines(3..=4)));
     }
 
     /// A crash between a write and its cursor, then the file rotated by rename before the

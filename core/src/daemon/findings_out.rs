@@ -35,27 +35,47 @@ impl FindingsOut {
         self.retry_at.is_some()
     }
 
+    /// Whether the file failed and the time to try it again has not come.
+    pub fn waiting(&self) -> bool {
+        self.failing() && !self.retry_due()
+    }
+
+    /// Makes the next write try the file whatever the wait (a stop's last try).
+    pub fn retry_now(&mut self) {
+        if self.retry_at.is_some() {
+            self.retry_at = Some(Instant::now());
+        }
+    }
+
     /// Writes with `flush` (which returns how many findings it wrote), unless waiting to
     /// try the file again: then nothing is tried and 0 returned. `unwritten` counts the
-    /// findings waiting, for `/metrics`, while the file fails.
+    /// findings waiting, for `/metrics`, while the file fails. While it fails, a store with
+    /// nothing waiting is not written with (its flush, touching nothing, would prove
+    /// nothing of the file).
     pub fn write<S: ?Sized>(
         &mut self,
         path: &Path,
         metrics: &Mutex<Metrics>,
         store: &mut S,
         flush: impl FnOnce(&mut S) -> Result<u64, StoreError>,
-        unwritten: impl FnOnce(&S) -> u64,
+        unwritten: impl Fn(&S) -> u64,
     ) -> Result<u64, StoreError> {
-        if self.failing() && !self.retry_due() {
-            metrics.lock().unwrap_or_else(|p| p.into_inner()).findings_unwritten = unwritten(store);
-            return Ok(0);
+        if self.failing() {
+            let waiting = unwritten(store);
+            if !self.retry_due() {
+                metrics.lock().unwrap_or_else(|p| p.into_inner()).findings_unwritten = waiting;
+                return Ok(0);
+            }
+            if waiting == 0 {
+                return Ok(0);
+            }
         }
         match flush(store) {
             Ok(written) => {
                 if self.retry_at.take().is_some() {
                     tracing::info!(file = %path.display(), findings = written, "the findings file is written again");
-                    metrics.lock().unwrap_or_else(|p| p.into_inner()).findings_unwritten = 0;
                 }
+                metrics.lock().unwrap_or_else(|p| p.into_inner()).findings_unwritten = 0;
                 self.failures = 0;
                 Ok(written)
             }
@@ -116,11 +136,19 @@ mod tests {
         assert!(out.retry_at().unwrap() > first_wait);
         assert_eq!(metrics.lock().unwrap().findings_write_failures, 2);
         out.retry_at = Some(Instant::now());
-        assert_eq!(out.write(path, &metrics, &mut (), |_| Ok(9), |_| 0).unwrap(), 9);
+        assert_eq!(out.write(path, &metrics, &mut (), |_| Ok(9), |_| 9).unwrap(), 9);
         assert!(!out.failing());
         assert_eq!(metrics.lock().unwrap().findings_unwritten, 0);
         let store_failure = out.write(path, &metrics, &mut (), |_| Err(StoreError::Unusable("locked".into())), |_| 0);
         assert!(store_failure.is_err());
+        assert!(!out.failing());
+        // While failing, a store with nothing waiting is not written with: it would end
+        // the failure without the file being tried.
+        assert_eq!(out.write(path, &metrics, &mut (), |_| Err(file_failure()), |_| 4).unwrap(), 0);
+        out.retry_now();
+        assert_eq!(out.write(path, &metrics, &mut (), |_| panic!("nothing to write"), |_| 0).unwrap(), 0);
+        assert!(out.failing(), "still failing");
+        assert_eq!(out.write(path, &metrics, &mut (), |_| Ok(4), |_| 4).unwrap(), 4);
         assert!(!out.failing());
     }
 }

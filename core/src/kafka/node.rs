@@ -957,6 +957,7 @@ fn work(
             // emit them, as they are not in the topic either: that is where it is tried
             // again once the wait is over.)
             if findings_out.failing() {
+                // Each store's count, summed (a write sets the gauge to its own store's).
                 let unwritten = owned
                     .partitions
                     .values()
@@ -1013,6 +1014,13 @@ fn work(
     // `lookout run`'s): they are kept, and go out at the next start.
     let result = match result {
         Ok(()) if findings_out.failing() => {
+            // A last try, whatever the wait (the file may be back since the last one).
+            findings_out.retry_now();
+            for p in owned.partitions.values_mut() {
+                if let Err(e) = write_jsonl(cfg, p, &mut findings_out, metrics) {
+                    tracing::warn!(partition = p.partition, error = %Chain(&e), "cannot write the partition's findings");
+                }
+            }
             let count = owned
                 .partitions
                 .values()
@@ -1335,6 +1343,12 @@ fn emit_round(
     consumer: &BaseConsumer<NodeContext>,
     findings_out: &mut FindingsOut,
 ) -> Result<(), KafkaError> {
+    if findings_out.waiting() {
+        // The JSONL failed and its wait is not over: nothing goes out (nor is the
+        // ownership asked, a commit to the group each time).
+        observe_passes(metrics, reports, stored, round_started);
+        return Ok(());
+    }
     if consumer.assignment_lost() {
         // The group has given this node's partitions to others: the next owner finds,
         // writes and produces these; if they come back here, they go out then.
@@ -1356,6 +1370,17 @@ fn emit_round(
     if written > 0 || produced > 0 {
         tracing::info!(partition = p.partition, findings = written, produced, "new findings");
     }
+    observe_passes(metrics, reports, stored, round_started);
+    Ok(())
+}
+
+/// The round's passes of one partition, on `/metrics`.
+fn observe_passes(
+    metrics: &Mutex<Metrics>,
+    reports: Vec<crate::detect::DetectorReport>,
+    stored: bool,
+    round_started: Instant,
+) {
     let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
     for r in reports {
         let labels =
@@ -1365,7 +1390,6 @@ fn emit_round(
             m.observe_findings(&labels, r.new_findings, round_started.elapsed());
         }
     }
-    Ok(())
 }
 
 /// Writes the partition's new findings to the node's JSONL, unless it failed and the time

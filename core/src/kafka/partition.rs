@@ -94,8 +94,8 @@ pub fn cut_torn_findings_line(data: &Path, findings: &Path) -> Result<(), KafkaE
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => {
-                // Nor can it be written now: the node starts all the same, its findings go
-                // to the topic and wait for the file (a line torn then is kept, and a
+                // Nor can it be written now: the node starts all the same, its findings
+                // wait for the file (out of the topic too) (a line torn then is kept, and a
                 // partition's findings in it are written again whole).
                 tracing::warn!(file = %path.display(), error = %e, "cannot open the findings file; a torn last line is not looked for");
                 return Ok(false);
