@@ -67,6 +67,10 @@ impl FindingsOut {
                 return Ok(0);
             }
             if waiting == 0 {
+                // Nothing of this store's waits: the failure is over for it, though the
+                // file was not tried. The next write with something to write tries it
+                // (a failure then waits longer, and is not said again within the minute).
+                self.retry_at = None;
                 return Ok(0);
             }
         }
@@ -147,7 +151,13 @@ mod tests {
         assert_eq!(out.write(path, &metrics, &mut (), |_| Err(file_failure()), |_| 4).unwrap(), 0);
         out.retry_now();
         assert_eq!(out.write(path, &metrics, &mut (), |_| panic!("nothing to write"), |_| 0).unwrap(), 0);
-        assert!(out.failing(), "still failing");
+        // Nor does it stay due (a loop that waits for it would spin): the next write with
+        // something to write tries the file, and a failure then waits longer.
+        assert!(!out.failing() && !out.retry_due());
+        let failures = out.failures;
+        assert_eq!(out.write(path, &metrics, &mut (), |_| Err(file_failure()), |_| 4).unwrap(), 0);
+        assert_eq!(out.failures, failures + 1, "the wait grows on");
+        out.retry_now();
         assert_eq!(out.write(path, &metrics, &mut (), |_| Ok(4), |_| 4).unwrap(), 4);
         assert!(!out.failing());
     }

@@ -1003,8 +1003,20 @@ fn work(
         }
         Ok(())
     })();
-    // Leaving: everything stored is committed with its offsets; close the stores.
     let mut owned = consumer.context().owned.lock().unwrap_or_else(|p| p.into_inner());
+    if result.is_ok() && findings_out.failing() {
+        // A stop's last try at the JSONL, whatever the wait (the file may be back since
+        // the last one): as any round emits, so what it writes goes to the topic too.
+        findings_out.retry_now();
+        let now = Instant::now();
+        for p in owned.partitions.values_mut() {
+            if let Err(e) = emit_round(cfg, p, &producer, Vec::new(), metrics, now, false, &consumer, &mut findings_out)
+            {
+                tracing::warn!(partition = p.partition, error = %Chain(&e), "cannot emit the partition's findings");
+            }
+        }
+    }
+    // Leaving: everything stored is committed with its offsets; close the stores.
     for p in owned.partitions.values().chain(owned.revoked.values()) {
         if let Err(e) = p.store.flush_and_save_key_filter() {
             tracing::warn!(partition = p.partition, error = %Chain(&e), "cannot flush the partition's store");
@@ -1014,13 +1026,6 @@ fn work(
     // `lookout run`'s): they are kept, and go out at the next start.
     let result = match result {
         Ok(()) if findings_out.failing() => {
-            // A last try, whatever the wait (the file may be back since the last one).
-            findings_out.retry_now();
-            for p in owned.partitions.values_mut() {
-                if let Err(e) = write_jsonl(cfg, p, &mut findings_out, metrics) {
-                    tracing::warn!(partition = p.partition, error = %Chain(&e), "cannot write the partition's findings");
-                }
-            }
             let count = owned
                 .partitions
                 .values()
