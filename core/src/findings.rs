@@ -344,7 +344,15 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         // goes on may have another store (a Kafka node's other partitions) write after it
         // first, which would take it for someone else's line and keep it: cut it now.
         if is_file_failure(&e) {
-            if let Err(cut) = cut_torn_tail(store, path) {
+            // With a cursor committed before the writes, it says where this store's lines
+            // begin; with none (a file that held findings already), any half line of its
+            // own at the end is.
+            let cut = if cursor.is_some() || set_now {
+                cut_torn_tail(store, path)
+            } else {
+                cut_own_half_line(store, &file, path, before.next_seq)
+            };
+            if let Err(cut) = cut {
                 tracing::warn!(file = %path.display(), error = %crate::error::Chain(&cut), "cannot cut the line a failed write left");
             }
         }
@@ -485,6 +493,21 @@ fn rotated_originals(path: &Path, c: &OutboxCursor) -> Vec<(File, u64, std::path
         }
     }
     found
+}
+
+/// Cuts a last line of `file` with no newline that begins one of this store's findings
+/// from `next_seq` on.
+fn cut_own_half_line(store: &Store, file: &File, path: &Path, next_seq: u64) -> Result<()> {
+    let len = file.metadata().with_context(|| format!("cannot stat findings file {}", path.display()))?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    if let Some(keep) =
+        torn_own_line(store, file, len, next_seq).with_context(|| format!("cannot read {}", path.display()))?
+    {
+        cut_at(file, path, len, keep)?;
+    }
+    Ok(())
 }
 
 /// Where the last line of `file` (`len` bytes) starts, if it has no newline and begins one
@@ -942,6 +965,19 @@ mod tests {
         assert_eq!(flush_outbox(&mut other, &f.out).unwrap(), 1);
         assert_eq!(f.flush(), 2);
         assert_eq!(f.read(), format!("{}{{\"finding_id\":\"other\"}}\n{}", f.lines(1..=2), f.lines(3..=4)));
+        // A file this store has no cursor for, already holding a finding of its own (a new
+        // data directory writing where an earlier one did): no cursor is committed before
+        // the writes, and the half line is cut all the same.
+        let mut g = Fixture::new();
+        g.find(3);
+        std::fs::write(&g.out, g.lines(1..=1)).unwrap();
+        FAIL_MID_LINE.with(|c| c.set(true));
+        let failed = flush_outbox(&mut g.store, &g.out);
+        FAIL_MID_LINE.with(|c| c.set(false));
+        assert!(failed.is_err());
+        assert_eq!(g.read(), g.lines(1..=2), "the half line is cut");
+        assert_eq!(g.flush(), 1);
+        assert_eq!(g.read(), g.lines(1..=3));
     }
 
     /// A crash between a write and its cursor, then the file rotated by rename before the
