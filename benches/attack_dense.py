@@ -26,7 +26,8 @@ import tempfile
 from pathlib import Path
 
 NOW = "2025-05-08T00:00:00Z"
-TIMING_RE = re.compile(r"^  (\S+): choosing rows ([\d.]+) ms, in the detector ([\d.]+) ms, committing ([\d.]+) ms$", re.M)
+TIMING_RE = re.compile(r"^  (\S+): choosing rows ([\d.]+) ms, in the detector ([\d.]+) ms"
+                       r" \(of which its calls into the store ([\d.]+) ms\), committing ([\d.]+) ms$", re.M)
 PASS_RE = re.compile(r"^\S+ \S+: incremental pass over (\d+) row\(s\), (\d+) new finding\(s\)", re.M)
 
 
@@ -80,7 +81,7 @@ class Build:
         t, p = TIMING_RE.search(out), PASS_RE.search(out)
         if not t or not p:
             raise SystemExit(f"cannot read the pass from `lookout detect --timings`:\n{out}")
-        choose, detector, commit = float(t.group(2)), float(t.group(3)), float(t.group(4))
+        choose, detector, commit = float(t.group(2)), float(t.group(3)), float(t.group(5))
         self.passes.append({"ms": choose + detector + commit, "choose": choose, "detector": detector,
                             "commit": commit, "rows": int(p.group(1)), "new": int(p.group(2))})
         return self.passes[-1]

@@ -133,10 +133,12 @@ fn print_timings(reports: &[DetectorReport], pass: std::time::Duration) {
     );
     for r in reports.iter().filter(|r| r.error.is_none()) {
         println!(
-            "  {}: choosing rows {:.2} ms, in the detector {:.2} ms, committing {:.2} ms",
+            "  {}: choosing rows {:.2} ms, in the detector {:.2} ms (of which its calls into the store {:.2} ms), \
+             committing {:.2} ms",
             r.detector,
             ms(r.select),
             ms(r.evaluate),
+            ms(r.host),
             ms(r.commit)
         );
     }

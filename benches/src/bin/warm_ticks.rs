@@ -3,7 +3,8 @@
 //! detector, as `lookout run` does when new rows land. `lookout detect` (one process per
 //! tick) pays loading each detector's state and a cold cache on every pass; a running
 //! daemon pays them once. Prints one JSON object per tick: the rows ingested, the whole
-//! pass, and each detector's pass (choosing rows, in the detector, committing; ms).
+//! pass, and each detector's pass (choosing rows, in the detector and of that in its calls into
+//! the store, committing; ms).
 //!
 //! `warm_ticks DATA_DIR PLUGINS_DIR NOW TICK_DIR... [--threads N]`
 //!
@@ -73,7 +74,8 @@ fn main() -> Result<()> {
                 r.detector.clone(),
                 serde_json::json!({
                     "rows": r.rows, "new": r.new_findings, "ms": ms(r.elapsed.saturating_sub(r.init)),
-                    "select_ms": ms(r.select), "evaluate_ms": ms(r.evaluate), "commit_ms": ms(r.commit),
+                    "select_ms": ms(r.select), "evaluate_ms": ms(r.evaluate), "host_ms": ms(r.host),
+                    "commit_ms": ms(r.commit),
                 }),
             );
         }

@@ -12,6 +12,8 @@ use lookout_plugin_sdk::wire::{self, RowBytes};
 use lookout_plugin_sdk::{HostRequest, HostResponse};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 struct HostCtx<'a> {
     store: &'a Store,
@@ -19,6 +21,10 @@ struct HostCtx<'a> {
     /// refuses as invalid (the plugin's own fault, which it is told of). A Mutex, not a
     /// Cell: the context is reached through a shared pointer, from whatever thread calls.
     failed: std::sync::Mutex<Option<HostFailure>>,
+    /// Nanoseconds spent answering the plugin's calls (`detect --timings` tells a
+    /// detector's own work from its reads of the store). Atomic for the reason `failed`
+    /// is a Mutex.
+    answering_ns: AtomicU64,
 }
 
 /// Runs `f` with a host API table that answers from `store`; the table is only valid
@@ -26,9 +32,21 @@ struct HostCtx<'a> {
 /// plugin's calls: the plugin was told, but what it did with that (say, took a failed
 /// look-up for no rows) cannot be trusted, so the pass must not commit.
 pub fn with_host_api<R>(store: &Store, f: impl FnOnce(&LookoutHostApi) -> R) -> Result<R, HostFailure> {
-    let mut ctx = HostCtx { store, failed: std::sync::Mutex::new(None) };
+    let mut answering = Duration::ZERO;
+    with_host_api_timed(store, &mut answering, f)
+}
+
+/// [`with_host_api`], adding to `answering` the time spent answering the plugin's calls
+/// (decoding each request, reading the store, encoding the answer).
+pub fn with_host_api_timed<R>(
+    store: &Store,
+    answering: &mut Duration,
+    f: impl FnOnce(&LookoutHostApi) -> R,
+) -> Result<R, HostFailure> {
+    let mut ctx = HostCtx { store, failed: std::sync::Mutex::new(None), answering_ns: AtomicU64::new(0) };
     let api = LookoutHostApi { ctx: (&mut ctx as *mut HostCtx<'_>).cast::<c_void>(), call: host_call, free: host_free };
     let out = f(&api);
+    *answering += Duration::from_nanos(ctx.answering_ns.into_inner());
     match ctx.failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
         None => Ok(out),
@@ -111,6 +129,7 @@ unsafe fn give(bytes: Vec<u8>, out: *mut LookoutBuf) {
 /// made by [`with_host_api`], or null), `input` null or `len` readable bytes, `out` null
 /// or a writable `LookoutBuf`, all during the evaluate call the table was made for.
 unsafe extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, out: *mut LookoutBuf) -> i32 {
+    let started = Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| {
         if ctx.is_null() {
             return Err("null host context".to_string());
@@ -125,7 +144,10 @@ unsafe extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, o
             unsafe { std::slice::from_raw_parts(input, len) }
         };
         let req: HostRequest = wire::decode_host_request(input)?;
-        answer(ctx, req)
+        let answered = answer(ctx, req);
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        ctx.answering_ns.fetch_add(ns, Ordering::Relaxed);
+        answered
     }));
     let (rc, bytes) = match result {
         Ok(Ok(bytes)) => (RC_OK, bytes),
@@ -211,7 +233,7 @@ mod tests {
             ("s1".into(), Some("d1".into())),
         ];
         // The answer is the payload a plugin decodes.
-        let ctx = HostCtx { store: &store, failed: Default::default() };
+        let ctx = HostCtx { store: &store, failed: Default::default(), answering_ns: AtomicU64::new(0) };
         let payload = answer(
             &ctx,
             HostRequest::LookupMany { table: FILE_EVENTS.into(), keys: keys.clone(), filter: filter.clone() },
@@ -266,6 +288,32 @@ mod tests {
         // Without the panic, the same call answers and the pass stands.
         let (rc, _) = with_host_api(&store, |api| call(api, &request)).expect("no failure");
         assert_eq!(rc, RC_OK);
+    }
+
+    /// The time spent answering a plugin's calls is counted apart from the plugin's own
+    /// work (`detect --timings`), and added to what a pass counted before (its chunks).
+    #[test]
+    fn the_time_answering_calls_is_counted_apart_from_the_plugin_s_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let request = wire::encode_host_request(&HostRequest::Profile("s1".into())).unwrap();
+        let own = Duration::from_millis(20);
+        let mut answering = Duration::ZERO;
+        let started = Instant::now();
+        with_host_api_timed(&store, &mut answering, |api| {
+            call(api, &request);
+            std::thread::sleep(own);
+        })
+        .unwrap();
+        let whole = started.elapsed();
+        assert!(answering > Duration::ZERO, "the call was timed");
+        assert!(answering + own <= whole, "the plugin's own {own:?} are not counted: {answering:?} of {whole:?}");
+        let before = answering;
+        with_host_api_timed(&store, &mut answering, |api| call(api, &request)).unwrap();
+        assert!(answering > before, "added to, not replaced");
+        let mut none = Duration::ZERO;
+        with_host_api_timed(&store, &mut none, |_| std::thread::sleep(own)).unwrap();
+        assert_eq!(none, Duration::ZERO, "no call, nothing counted");
     }
 
     /// A request the store refuses as invalid (a look-up on an index no detector declared)
