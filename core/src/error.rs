@@ -52,6 +52,16 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// Whether long work ended early because the process is stopping
+    /// ([`StoreError::Interrupted`]): not a failure.
+    pub fn is_interrupted(&self) -> bool {
+        match self {
+            StoreError::Interrupted(_) => true,
+            StoreError::Context { source, .. } => source.is_interrupted(),
+            _ => false,
+        }
+    }
 }
 
 /// `.context(...)` for results whose error becomes a [`StoreError`].

@@ -151,6 +151,15 @@ impl KafkaError {
         let what = what.into();
         move |source| KafkaError::Kafka { what, source }
     }
+
+    /// Whether a store's long work (building a declared index) ended early because the
+    /// node is stopping: not a failure.
+    pub fn is_interrupted(&self) -> bool {
+        match self {
+            KafkaError::Store(e) | KafkaError::Detect(crate::detect::PassError::Store(e)) => e.is_interrupted(),
+            _ => false,
+        }
+    }
 }
 
 /// How long a blocking metadata or offsets call may take.

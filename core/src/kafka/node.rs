@@ -120,6 +120,9 @@ struct FreshTakeOver {
 
 struct NodeContext {
     cfg: NodeConfig,
+    /// The node's stop: a partition store's long work (building an index a detector
+    /// declared) ends early once it is set, as the daemon's does.
+    stop: Arc<AtomicBool>,
     owned: Mutex<Owned>,
     /// Reads the findings topic (and a message's timestamp) for the rebalance callback;
     /// made at the first assignment that needs it.
@@ -223,7 +226,14 @@ impl ConsumerContext for NodeContext {
                         }
                     }
                     if let Err(e) = load_detectors(p) {
-                        tracing::error!(partition = p.partition, error = %Chain(&e), "cannot load the partition's detectors");
+                        if e.is_interrupted() {
+                            tracing::info!(
+                                partition = p.partition,
+                                "stopping: the detectors' index build is left for the next start"
+                            );
+                        } else {
+                            tracing::error!(partition = p.partition, error = %Chain(&e), "cannot load the partition's detectors");
+                        }
                         failure.get_or_insert(e);
                         break;
                     }
@@ -403,6 +413,7 @@ impl NodeContext {
         let cfg = &self.cfg;
         let began = Instant::now();
         let mut p = Partition::open(&cfg.data, &cfg.topic, n, &cfg.plugins)?;
+        p.store.interrupt_on(self.stop.clone());
         // A crash while this partition's findings were being written (this node's last
         // run) can leave its line torn at the end of the JSONL, and a store recognises only
         // its own torn line: cut now, before the other partitions opened with it write.
@@ -492,6 +503,7 @@ impl NodeContext {
         let cfg = &self.cfg;
         let opening = Instant::now();
         let mut p = Partition::open(&cfg.data, &cfg.topic, n, &cfg.plugins)?;
+        p.store.interrupt_on(self.stop.clone());
         let opened = opening.elapsed();
         if let Some(stored) = p.next_offset {
             // Planned as new, but its store holds rows (its folder appeared meanwhile):
@@ -825,7 +837,7 @@ fn check_findings_topic(cfg: &NodeConfig) -> Result<(), KafkaError> {
     }
 }
 
-fn consumer(cfg: &NodeConfig) -> Result<BaseConsumer<NodeContext>, KafkaError> {
+fn consumer(cfg: &NodeConfig, stop: &Arc<AtomicBool>) -> Result<BaseConsumer<NodeContext>, KafkaError> {
     let mut c = cfg.kafka.client(super::GROUP_MEMBER);
     c.set("group.id", &cfg.group);
     // The rebalance callback assigns and unassigns whole assignments (the eager protocol):
@@ -837,7 +849,8 @@ fn consumer(cfg: &NodeConfig) -> Result<BaseConsumer<NodeContext>, KafkaError> {
     }
     c.set("partition.assignment.strategy", "range,roundrobin");
     let owned = Owned { spares: SpareDetectors::new(&cfg.data, &cfg.plugins), ..Owned::default() };
-    let context = NodeContext { cfg: cfg.clone(), owned: Mutex::new(owned), reader: Mutex::new(None) };
+    let context =
+        NodeContext { cfg: cfg.clone(), stop: stop.clone(), owned: Mutex::new(owned), reader: Mutex::new(None) };
     c.create_with_context(context).map_err(|source| KafkaError::Client {
         what: "consumer",
         brokers: cfg.kafka.brokers.clone(),
@@ -851,7 +864,7 @@ fn work(
     observe: &NodeObserve,
     metrics: &Mutex<Metrics>,
 ) -> Result<(), KafkaError> {
-    let consumer = consumer(cfg)?;
+    let consumer = consumer(cfg, stop)?;
     // The findings reader connects before the first assignment, not inside its callback.
     match PartitionReader::new(&cfg.kafka) {
         Ok(reader) => {
@@ -1003,6 +1016,15 @@ fn work(
         }
         Ok(())
     })();
+    // An index build a stop cut short is done again at the next start: the stop is a
+    // clean one (the findings' last try and count below still apply).
+    let result = match result {
+        Err(e) if e.is_interrupted() && stop.load(Ordering::Relaxed) => {
+            tracing::info!(reason = %Chain(&e), "stopping: long work on a partition store was left for the next start");
+            Ok(())
+        }
+        other => other,
+    };
     let mut owned = consumer.context().owned.lock().unwrap_or_else(|p| p.into_inner());
     if result.is_ok() && findings_out.failing() {
         // A stop's last try at the JSONL, whatever the wait (the file may be back since
@@ -1641,7 +1663,7 @@ mod tests {
             cfg.retention = Some(7 * day_ms * (TICKS_PER_SEC / 1000));
             let producer = producer(&cfg.kafka, Deliveries::default()).unwrap();
             rows_at(&producer, timestamps);
-            let consumer = consumer(&cfg).unwrap();
+            let consumer = consumer(&cfg, &Arc::new(AtomicBool::new(false))).unwrap();
             let reader = PartitionReader::new(&cfg.kafka).unwrap();
             let mut owned = Owned::default();
             let start = consumer.context().open_assigned(&consumer, &reader, &mut owned, 0, None).unwrap();
@@ -1670,7 +1692,7 @@ mod tests {
         let (_cluster, _dir, cfg) = cluster(1);
         let producer = producer(&cfg.kafka, Deliveries::default()).unwrap();
         rows_at(&producer, &[1; 50]);
-        let consumer = consumer(&cfg).unwrap();
+        let consumer = consumer(&cfg, &Arc::new(AtomicBool::new(false))).unwrap();
         let node = consumer.context();
         let reader = PartitionReader::new(&cfg.kafka).unwrap();
 
@@ -1699,13 +1721,68 @@ mod tests {
         assert!(owned.partitions.contains_key(&0) && owned.opening.is_empty());
     }
 
+    /// The stores of the partitions a node opens, taken over (a store here before) or new,
+    /// end a long index build once the node is stopping, as the daemon's store does: a
+    /// stop does not wait for a detector's index to be built over a large partition.
+    #[test]
+    fn a_partition_s_index_build_ends_early_once_the_node_is_stopping() {
+        let (_cluster, _dir, cfg) = cluster(2);
+        let producer = producer(&cfg.kafka, Deliveries::default()).unwrap();
+        let load = |i: i64| {
+            format!(
+                r#"{{"Type":"DeviceImageLoadEvents","Timestamp":"2025-05-07T16:55:49Z","DeviceId":"d","SHA1":"s{i}","ReportId":{i},"InitiatingProcessFileName":"p{}.exe"}}"#,
+                i % 2
+            )
+        };
+        // Seventy batches: an index build writes its entries 64 at a time, and looks at
+        // the stop between.
+        let fill = |p: &mut Partition| {
+            for i in 0..70 {
+                p.store_messages(&cfg.ingest, 0, &[(i, load(i).as_bytes())]).unwrap();
+            }
+        };
+        let index = lookout_plugin_sdk::IndexDecl {
+            table: "DeviceImageLoadEvents".into(),
+            columns: vec!["InitiatingProcessFileName".into()],
+            covers: Vec::new(),
+        };
+        // Partition 0 was stored here before (its messages are in the topic).
+        rows_at(&producer, &[1; 70]);
+        let mut before = Partition::open(&cfg.data, "rows", 0, &cfg.plugins).unwrap();
+        fill(&mut before);
+        drop(before);
+        let stop = Arc::new(AtomicBool::new(true));
+        let consumer = consumer(&cfg, &stop).unwrap();
+        let node = consumer.context();
+        let reader = PartitionReader::new(&cfg.kafka).unwrap();
+        let mut owned = Owned::default();
+        assert_eq!(node.open_assigned(&consumer, &reader, &mut owned, 0, None).unwrap(), Offset::Offset(70));
+        assert_eq!(node.open_assigned(&consumer, &reader, &mut owned, 1, None).unwrap(), Offset::Offset(0));
+        node.open_planned_all(&mut owned);
+        assert!(owned.failure.is_none());
+        let mut taken = owned.partitions.remove(&0).unwrap();
+        let mut fresh = owned.partitions.remove(&1).unwrap();
+        fill(&mut fresh);
+        for p in [&mut taken, &mut fresh] {
+            let e = p.store.declare_indexes(std::slice::from_ref(&index)).unwrap_err();
+            assert!(KafkaError::from(e).is_interrupted(), "partition {}", p.partition);
+            assert!(p.store.indexes().is_empty(), "not recorded as built");
+        }
+        // Started again (no stop), it is built whole.
+        stop.store(false, Ordering::Relaxed);
+        for p in [&mut taken, &mut fresh] {
+            p.store.declare_indexes(std::slice::from_ref(&index)).unwrap();
+            assert_eq!(p.store.indexes().len(), 1);
+        }
+    }
+
     /// The case an orderly revocation used to skip: the partition given back after
     /// another node emitted findings of it meanwhile, and after the findings log was cut
     /// back below where this node had read it.
     #[test]
     fn a_partition_given_back_learns_what_was_emitted_while_it_was_away() {
         let (_cluster, _dir, cfg) = cluster(1);
-        let consumer = consumer(&cfg).unwrap();
+        let consumer = consumer(&cfg, &Arc::new(AtomicBool::new(false))).unwrap();
         let node = consumer.context();
         let producer = producer(&cfg.kafka, Deliveries::default()).unwrap();
         let reader = PartitionReader::new(&cfg.kafka).unwrap();
