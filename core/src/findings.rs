@@ -241,18 +241,24 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
             }
         }
     }
-    if cursor.is_none() && ids_if_new && end > 0 {
+    // A file this store has no cursor for, or one its cursor is not of (rotated, or cut
+    // under a flush's writes by a copytruncate), may hold lines of this store's written
+    // after no cursor could be committed for them: read for them (below).
+    let read_for_ids = (cursor.is_none() || !same_file) && ids_if_new && end > 0;
+    if read_for_ids {
         // No cursor was committed before writing into a file that held findings already
-        // (below): a line of this store's torn by a crash then is recognised here.
+        // (below), nor one for what a flush cut under its writes wrote after the cut: a
+        // line of this store's torn by a crash then is recognised here.
         let torn = torn_own_line(store, &file, end, next).with_context(|| format!("cannot read {}", path.display()))?;
         if let Some(keep) = torn {
             end = cut_at(&file, path, end, keep)?;
         }
     }
     end = end_with_newline(&mut file, end).with_context(|| format!("cannot write {}", path.display()))?;
-    // A file this store has no cursor for may hold its findings already (a new data
-    // directory writing where an earlier one did): those count as written.
-    let known: std::collections::HashSet<String> = if cursor.is_none() && ids_if_new && end > 0 {
+    // Such a file may hold its findings already (a new data directory writing where an
+    // earlier one did; lines a flush wrote after a copytruncate, when the writing again
+    // of what the cut lost failed): those count as written.
+    let known: std::collections::HashSet<String> = if read_for_ids {
         let ids = finding_ids_in(&file, end).with_context(|| format!("cannot read {}", path.display()))?;
         if !ids.is_empty() {
             tracing::info!(file = %path.display(), findings = ids.len(), "findings file new to this data directory already holds findings; those are not written again");
@@ -312,6 +318,14 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
                 continue;
             }
             #[cfg(test)]
+            if written == 0 && tests::COPYTRUNCATE_AROUND_FIRST_LINE.with(|c| c.get()) {
+                // logrotate's copytruncate: the copy now, the cut after the first line.
+                out.flush().with_context(write_error)?;
+                let mut copy = path.as_os_str().to_owned();
+                copy.push(".1");
+                std::fs::copy(path, &copy).with_context(write_error)?;
+            }
+            #[cfg(test)]
             if written == 1 && tests::FAIL_MID_LINE.with(|c| c.get()) {
                 // As a full disk leaves it: half a line written, then an error.
                 out.write_all(&json[..json.len() / 2]).with_context(write_error)?;
@@ -323,6 +337,15 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
             written += 1;
             bytes_written += json.len() as u64 + 1;
             next = seq + 1;
+            #[cfg(test)]
+            if written == 1 && tests::COPYTRUNCATE_AROUND_FIRST_LINE.with(|c| c.get()) {
+                out.flush().with_context(write_error)?;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(0))
+                    .with_context(write_error)?;
+            }
             if written == 1 && crate::failpoint::armed("outbox-mid-write") {
                 // Make the uncommitted tail real before dying, as a crash mid-write leaves it.
                 out.flush().with_context(write_error)?;
@@ -435,15 +458,34 @@ fn rewrite_lost(
     }
     tracing::warn!(file = %path.display(), findings = lost.len(), "findings file was cut while written (copytruncate); writing again the findings it lost");
     let write_error = || format!("cannot write findings to {}", path.display());
-    end_with_newline(file, len).with_context(write_error)?;
-    let mut out = std::io::BufWriter::new(&mut *file);
-    for json in &lost {
-        out.write_all(json).with_context(write_error)?;
-        out.write_all(b"\n").with_context(write_error)?;
+    let wrote = (|| -> Result<()> {
+        end_with_newline(file, len).with_context(write_error)?;
+        let mut out = std::io::BufWriter::new(&mut *file);
+        for json in &lost {
+            #[cfg(test)]
+            if tests::FAIL_MID_REWRITE.with(|c| c.replace(false)) {
+                out.write_all(&json[..json.len() / 2]).with_context(write_error)?;
+                out.flush().with_context(write_error)?;
+                return Err(std::io::Error::other("no space left (test)")).with_context(write_error);
+            }
+            out.write_all(json).with_context(write_error)?;
+            out.write_all(b"\n").with_context(write_error)?;
+        }
+        out.flush().with_context(write_error)?;
+        drop(out);
+        file.sync_data().with_context(write_error)
+    })();
+    if let Err(e) = wrote {
+        // Half a line of this store's (a full disk) would stay for good: the next flush
+        // finds the file new to it (its cursor is from before the cut) and ends the line
+        // with a newline. Cut it now, as a failed first write is cut.
+        if is_file_failure(&e) {
+            if let Err(cut) = cut_own_half_line(store, file, path, copied_to) {
+                tracing::warn!(file = %path.display(), error = %crate::error::Chain(&cut), "cannot cut the line a failed write left");
+            }
+        }
+        return Err(e);
     }
-    out.flush().with_context(write_error)?;
-    drop(out);
-    file.sync_data().with_context(write_error)?;
     Ok(lost.len() as u64)
 }
 
@@ -736,6 +778,13 @@ mod tests {
         pub(super) static CRASH_AFTER_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
         /// Makes a flush write half its second line, then fail, as a full disk would.
         pub(super) static FAIL_MID_LINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Makes a flush's file copied beside it (`<name>.1`) before its first line and
+        /// cut to nothing after it, as logrotate's copytruncate can, under the writes.
+        pub(super) static COPYTRUNCATE_AROUND_FIRST_LINE: std::cell::Cell<bool> =
+            const { std::cell::Cell::new(false) };
+        /// Makes the writing again of lines a copytruncate lost write half its first line,
+        /// then fail, as a full disk would.
+        pub(super) static FAIL_MID_REWRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
     #[test]
@@ -978,6 +1027,34 @@ mod tests {
         assert_eq!(g.read(), g.lines(1..=2), "the half line is cut");
         assert_eq!(g.flush(), 1);
         assert_eq!(g.read(), g.lines(1..=3));
+    }
+
+    /// A copytruncate under a flush's writes (a line written between the copy and the cut
+    /// is in neither), then the writing again of that line cut short by a full disk: the
+    /// half line is cut at once, and the next flush writes the lost line only, not again
+    /// those written after the cut (the file is new to its cursor, and is read for them).
+    #[test]
+    fn a_failed_rewrite_after_a_copytruncate_leaves_no_half_line_and_writes_nothing_twice() {
+        let mut f = Fixture::new();
+        f.find(1);
+        f.flush();
+        f.find(3);
+        COPYTRUNCATE_AROUND_FIRST_LINE.with(|c| c.set(true));
+        FAIL_MID_REWRITE.with(|c| c.set(true));
+        let failed = flush_outbox(&mut f.store, &f.out);
+        COPYTRUNCATE_AROUND_FIRST_LINE.with(|c| c.set(false));
+        let rewrite_tried = !FAIL_MID_REWRITE.with(|c| c.replace(false));
+        assert!(rewrite_tried, "the lost line was written again");
+        assert!(failed.as_ref().is_err_and(is_file_failure), "{:?}", failed.err());
+        let copy = f.out.with_extension("jsonl.1");
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), f.lines(1..=1), "copied before the first write");
+        assert_eq!(f.read(), f.lines(3..=4), "written after the cut; the half line of 2 is cut");
+        assert_eq!(f.flush(), 1);
+        assert_eq!(f.read(), f.lines(3..=4) + &f.lines(2..=2));
+        assert_eq!(f.flush(), 0);
+        f.find(1);
+        assert_eq!(f.flush(), 1);
+        assert_eq!(f.read(), f.lines(3..=4) + &f.lines(2..=2) + &f.lines(5..=5));
     }
 
     /// A crash between a write and its cursor, then the file rotated by rename before the
