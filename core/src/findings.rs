@@ -15,7 +15,9 @@
 //!   rewritten in place): it is new to the outbox, so its content is kept and the
 //!   findings not yet written anywhere are appended after it (after a newline, if its last
 //!   line lacks one). Before the first line goes to a file new to the outbox, the cursor
-//!   is committed against it, so a crash mid-write is repaired as above. If the file the
+//!   is committed against it, so a crash mid-write is repaired as above — unless the
+//!   file holds findings of this store's already (see the last case: it is read for them
+//!   again after a crash). If the file the
 //!   cursor was committed against is still in the folder under another name (rotated by
 //!   rename), the lines it holds past the committed length that Lookout wrote and did not
 //!   commit (a crash between the two) count as written, as in the first case; so do
@@ -25,6 +27,10 @@
 //!   where an earlier one did, or the same file reached by another path): the findings
 //!   whose id a line of the file already has count as written (`lookout detect`, `run`
 //!   and `ingest`; a Kafka node knows what is written from the findings topic instead).
+//!   So do they in a file new to the outbox, and in one committed empty whose flush was
+//!   cut short (a Kafka node's too): a flush that a copytruncate cut under its writes
+//!   writes again what the cut lost, and if that fails, the lines it wrote after the cut
+//!   have no cursor to say they are its own.
 
 use crate::error::{StoreContext as _, StoreError};
 use crate::store::Store;
@@ -241,14 +247,20 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
             }
         }
     }
-    // A file this store has no cursor for, or one its cursor is not of (rotated, or cut
-    // under a flush's writes by a copytruncate), may hold lines of this store's written
-    // after no cursor could be committed for them: read for them (below).
-    let read_for_ids = (cursor.is_none() || !same_file) && ids_if_new && end > 0;
+    // Read for the findings it holds (below): a file this store has no cursor for, if
+    // asked (a Kafka node knows from the findings topic what an earlier owner wrote);
+    // one its cursor is not of (rotated, or copytruncated under a flush's writes), or one
+    // committed empty whose flush was cut short. Lines of this store's can be in those
+    // with no cursor to say so: written after a copytruncate cut the file under the
+    // writes, when writing again what the cut lost failed; or written into a file that
+    // held findings already, for which no cursor is committed before writing (below).
+    let read_for_ids = end > 0
+        && match &cursor {
+            None => ids_if_new,
+            Some(_) => !same_file || was_writing,
+        };
     if read_for_ids {
-        // No cursor was committed before writing into a file that held findings already
-        // (below), nor one for what a flush cut under its writes wrote after the cut: a
-        // line of this store's torn by a crash then is recognised here.
+        // A line of this store's torn by a crash or a failure then is recognised here.
         let torn = torn_own_line(store, &file, end, next).with_context(|| format!("cannot read {}", path.display()))?;
         if let Some(keep) = torn {
             end = cut_at(&file, path, end, keep)?;
@@ -261,7 +273,7 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
     let known: std::collections::HashSet<String> = if read_for_ids {
         let ids = finding_ids_in(&file, end).with_context(|| format!("cannot read {}", path.display()))?;
         if !ids.is_empty() {
-            tracing::info!(file = %path.display(), findings = ids.len(), "findings file new to this data directory already holds findings; those are not written again");
+            tracing::info!(file = %path.display(), findings = ids.len(), "findings file already holds findings of this data directory's; those are not written again");
         }
         ids
     } else {
@@ -367,14 +379,10 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         // goes on may have another store (a Kafka node's other partitions) write after it
         // first, which would take it for someone else's line and keep it: cut it now.
         if is_file_failure(&e) {
-            // With a cursor committed before the writes, it says where this store's lines
-            // begin; with none (a file that held findings already), any half line of its
-            // own at the end is.
-            let cut = if cursor.is_some() || set_now {
-                cut_torn_tail(store, path)
-            } else {
-                cut_own_half_line(store, &file, path, before.next_seq)
-            };
+            // The last line, if it has no newline and begins one of the findings this
+            // flush was writing, is the write's own: whatever the cursor says (none, a
+            // stale one, one committed empty), it is cut.
+            let cut = cut_own_half_line(store, &file, path, before.next_seq);
             if let Err(cut) = cut {
                 tracing::warn!(file = %path.display(), error = %crate::error::Chain(&cut), "cannot cut the line a failed write left");
             }
@@ -1032,29 +1040,59 @@ mod tests {
     /// A copytruncate under a flush's writes (a line written between the copy and the cut
     /// is in neither), then the writing again of that line cut short by a full disk: the
     /// half line is cut at once, and the next flush writes the lost line only, not again
-    /// those written after the cut (the file is new to its cursor, and is read for them).
+    /// those written after the cut (the file is new to its cursor, or was committed empty,
+    /// and is read for them) — a Kafka node's flush too.
     #[test]
     fn a_failed_rewrite_after_a_copytruncate_leaves_no_half_line_and_writes_nothing_twice() {
-        let mut f = Fixture::new();
-        f.find(1);
-        f.flush();
-        f.find(3);
-        COPYTRUNCATE_AROUND_FIRST_LINE.with(|c| c.set(true));
-        FAIL_MID_REWRITE.with(|c| c.set(true));
-        let failed = flush_outbox(&mut f.store, &f.out);
-        COPYTRUNCATE_AROUND_FIRST_LINE.with(|c| c.set(false));
-        let rewrite_tried = !FAIL_MID_REWRITE.with(|c| c.replace(false));
-        assert!(rewrite_tried, "the lost line was written again");
-        assert!(failed.as_ref().is_err_and(is_file_failure), "{:?}", failed.err());
-        let copy = f.out.with_extension("jsonl.1");
-        assert_eq!(std::fs::read_to_string(&copy).unwrap(), f.lines(1..=1), "copied before the first write");
-        assert_eq!(f.read(), f.lines(3..=4), "written after the cut; the half line of 2 is cut");
-        assert_eq!(f.flush(), 1);
-        assert_eq!(f.read(), f.lines(3..=4) + &f.lines(2..=2));
-        assert_eq!(f.flush(), 0);
-        f.find(1);
-        assert_eq!(f.flush(), 1);
-        assert_eq!(f.read(), f.lines(3..=4) + &f.lines(2..=2) + &f.lines(5..=5));
+        for (held_one, node) in [(true, false), (false, false), (true, true), (false, true)] {
+            let case = format!("a file that held a finding: {held_one}, a node's flush: {node}");
+            let mut f = Fixture::new();
+            let flush = |f: &mut Fixture| {
+                if node {
+                    flush_outbox_except(&mut f.store, &f.out, &|_| false)
+                } else {
+                    flush_outbox(&mut f.store, &f.out)
+                }
+            };
+            // The cursor at the end of a first line, or at 0 (a flush with nothing to write).
+            let first = u64::from(held_one);
+            f.find(first);
+            flush(&mut f).unwrap();
+            f.find(3);
+            COPYTRUNCATE_AROUND_FIRST_LINE.with(|c| c.set(true));
+            FAIL_MID_REWRITE.with(|c| c.set(true));
+            let failed = flush(&mut f);
+            COPYTRUNCATE_AROUND_FIRST_LINE.with(|c| c.set(false));
+            let rewrite_tried = !FAIL_MID_REWRITE.with(|c| c.replace(false));
+            assert!(rewrite_tried, "{case}: the lost line was written again");
+            assert!(failed.as_ref().is_err_and(is_file_failure), "{case}: {:?}", failed.err());
+            let copy = f.out.with_extension("jsonl.1");
+            let held = if held_one { f.lines(1..=1) } else { String::new() };
+            assert_eq!(std::fs::read_to_string(&copy).unwrap(), held, "{case}: copied before the first write");
+            let (lost, after) = (first + 1, (first + 2)..=(first + 3));
+            assert_eq!(f.read(), f.lines(after.clone()), "{case}: written after the cut; the half line is cut");
+            // The disk still full at the next flush: it writes the lost line, then half of
+            // a new one, and fails. That half line is cut too (the cursor is stale, or was
+            // committed empty: it cannot say where this store's lines begin).
+            f.find(1);
+            let next = first + 4;
+            FAIL_MID_LINE.with(|c| c.set(true));
+            let failed = flush(&mut f);
+            FAIL_MID_LINE.with(|c| c.set(false));
+            assert!(failed.as_ref().is_err_and(is_file_failure), "{case}: {:?}", failed.err());
+            assert_eq!(f.read(), f.lines(after.clone()) + &f.lines(lost..=lost), "{case}: the half line is cut");
+            assert_eq!(flush(&mut f).unwrap(), 1, "{case}");
+            assert_eq!(f.read(), f.lines(after.clone()) + &f.lines(lost..=lost) + &f.lines(next..=next), "{case}");
+            assert_eq!(flush(&mut f).unwrap(), 0, "{case}");
+            f.find(1);
+            assert_eq!(flush(&mut f).unwrap(), 1, "{case}");
+            let last = next + 1;
+            assert_eq!(
+                f.read(),
+                f.lines(after) + &f.lines(lost..=lost) + &f.lines(next..=next) + &f.lines(last..=last),
+                "{case}"
+            );
+        }
     }
 
     /// A crash between a write and its cursor, then the file rotated by rename before the

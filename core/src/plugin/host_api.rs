@@ -126,7 +126,7 @@ unsafe fn give(bytes: Vec<u8>, out: *mut LookoutBuf) {
 ///
 /// # Safety
 /// As documented on `LookoutHostApi::call`: `ctx` is the table's context (a `HostCtx`
-/// made by [`with_host_api`], or null), `input` null or `len` readable bytes, `out` null
+/// made by [`with_host_api_timed`], or null), `input` null or `len` readable bytes, `out` null
 /// or a writable `LookoutBuf`, all during the evaluate call the table was made for.
 unsafe extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, out: *mut LookoutBuf) -> i32 {
     let started = Instant::now();
@@ -134,7 +134,7 @@ unsafe extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, o
         if ctx.is_null() {
             return Err("null host context".to_string());
         }
-        // SAFETY: `ctx` is the HostCtx created by `with_host_api`, alive for the whole
+        // SAFETY: `ctx` is the HostCtx created by `with_host_api_timed`, alive for the whole
         // evaluate call during which the plugin may call back.
         let ctx = unsafe { &*(ctx as *const HostCtx<'_>) };
         let input = if input.is_null() || len == 0 {
@@ -163,7 +163,7 @@ unsafe extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, o
                 .unwrap_or_else(|| "no message".to_string());
             tracing::error!(panic = %what, "the host panicked answering a detector; its pass is not committed");
             if !ctx.is_null() {
-                // SAFETY: as above: the HostCtx made by `with_host_api`, alive for the
+                // SAFETY: as above: the HostCtx made by `with_host_api_timed`, alive for the
                 // whole evaluate call; only its mutex is touched.
                 let ctx = unsafe { &*(ctx as *const HostCtx<'_>) };
                 ctx.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(HostFailure::Panicked(what));
