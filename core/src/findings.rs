@@ -16,8 +16,8 @@
 //!   findings not yet written anywhere are appended after it (after a newline, if its last
 //!   line lacks one). Before the first line goes to a file new to the outbox, the cursor
 //!   is committed against it, so a crash mid-write is repaired as above — unless the
-//!   file holds findings of this store's already (see the last case: it is read for them
-//!   again after a crash). If the file the
+//!   file holds findings of this store's still to write (see the last case: it is read
+//!   for them again after a crash, if not rotated again first). If the file the
 //!   cursor was committed against is still in the folder under another name (rotated by
 //!   rename), the lines it holds past the committed length that Lookout wrote and did not
 //!   commit (a crash between the two) count as written, as in the first case; so do
@@ -30,7 +30,8 @@
 //!   So do they in a file new to the outbox, and in one committed empty whose flush was
 //!   cut short (a Kafka node's too): a flush that a copytruncate cut under its writes
 //!   writes again what the cut lost, and if that fails, the lines it wrote after the cut
-//!   have no cursor to say they are its own.
+//!   have no cursor to say they are its own. (Rotated again before the next flush, they
+//!   are in a file no cursor recognises, and are written again.)
 
 use crate::error::{StoreContext as _, StoreError};
 use crate::store::Store;
@@ -270,21 +271,34 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
     // Such a file may hold its findings already (a new data directory writing where an
     // earlier one did; lines a flush wrote after a copytruncate, when the writing again
     // of what the cut lost failed): those count as written.
+    // Only this store's findings still to write are kept: other stores' (a Kafka node's
+    // other partitions, writing the file after a rotation) must not keep the cursor from
+    // being committed before the writes (below).
     let known: std::collections::HashSet<String> = if read_for_ids {
-        let ids = finding_ids_in(&file, end).with_context(|| format!("cannot read {}", path.display()))?;
-        if !ids.is_empty() {
-            tracing::info!(file = %path.display(), findings = ids.len(), "findings file already holds findings of this data directory's; those are not written again");
+        let in_file = finding_ids_in(&file, end).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut own = std::collections::HashSet::new();
+        if !in_file.is_empty() {
+            for entry in store.outbox_from(next) {
+                let (_, json) = entry?;
+                if let Some(id) = finding_id(&json).filter(|id| in_file.contains(id)) {
+                    own.insert(id);
+                }
+            }
         }
-        ids
+        if !own.is_empty() {
+            tracing::info!(file = %path.display(), findings = own.len(), "findings file already holds findings of this data directory's; those are not written again");
+        }
+        own
     } else {
         Default::default()
     };
     let mut set_now = false;
     if !same_file && known.is_empty() {
         // Commit against the file before writing into it, so a crash mid-write leaves a
-        // tail that the next flush recognises as Lookout's own. (With findings already in
-        // it, no cursor yet: a crash mid-write leaves the file to be read for ids again,
-        // and what was written by then is among them.)
+        // tail that the next flush recognises as Lookout's own. (With findings of this
+        // store's still to write already in it, not: the next flush's walk of the tail
+        // would not pass over them. A crash mid-write leaves the file to be read for ids
+        // again, and what was written by then is among them.)
         let at = OutboxCursor {
             next_seq: next,
             dev: meta.dev(),
@@ -379,10 +393,11 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         // goes on may have another store (a Kafka node's other partitions) write after it
         // first, which would take it for someone else's line and keep it: cut it now.
         if is_file_failure(&e) {
-            // The last line, if it has no newline and begins one of the findings this
-            // flush was writing, is the write's own: whatever the cursor says (none, a
-            // stale one, one committed empty), it is cut.
-            let cut = cut_own_half_line(store, &file, path, before.next_seq);
+            // With a cursor of this file, it says where this store's lines begin (a torn
+            // line of any length is cut); then, or with none, a last line that begins one
+            // of the findings this flush was writing is the write's own.
+            let cut = if same_file || set_now { cut_torn_tail(store, path) } else { Ok(()) }
+                .and_then(|()| cut_own_half_line(store, &file, path, before.next_seq));
             if let Err(cut) = cut {
                 tracing::warn!(file = %path.display(), error = %crate::error::Chain(&cut), "cannot cut the line a failed write left");
             }
@@ -484,9 +499,9 @@ fn rewrite_lost(
         file.sync_data().with_context(write_error)
     })();
     if let Err(e) = wrote {
-        // Half a line of this store's (a full disk) would stay for good: the next flush
-        // finds the file new to it (its cursor is from before the cut) and ends the line
-        // with a newline. Cut it now, as a failed first write is cut.
+        // Half a line of this store's (a full disk) would stay for good if another store
+        // (a Kafka node's other partition) wrote the file first, ending the line with a
+        // newline. Cut it now, as a failed first write is cut.
         if is_file_failure(&e) {
             if let Err(cut) = cut_own_half_line(store, file, path, copied_to) {
                 tracing::warn!(file = %path.display(), error = %crate::error::Chain(&cut), "cannot cut the line a failed write left");
@@ -1072,8 +1087,8 @@ mod tests {
             let (lost, after) = (first + 1, (first + 2)..=(first + 3));
             assert_eq!(f.read(), f.lines(after.clone()), "{case}: written after the cut; the half line is cut");
             // The disk still full at the next flush: it writes the lost line, then half of
-            // a new one, and fails. That half line is cut too (the cursor is stale, or was
-            // committed empty: it cannot say where this store's lines begin).
+            // a new one, and fails. That half line is cut too (a stale cursor cannot say
+            // where this store's lines begin).
             f.find(1);
             let next = first + 4;
             FAIL_MID_LINE.with(|c| c.set(true));
@@ -1093,6 +1108,40 @@ mod tests {
                 "{case}"
             );
         }
+    }
+
+    /// On a Kafka node, after a rotation, a partition's store writing into the new file
+    /// after another partition's did commits its cursor against it before writing, as it
+    /// does into an empty one (the other's findings are not its own): a line it tears in
+    /// a crash is then cut at the take-over (`cut_torn_tail`), and the lines it wrote
+    /// whole count as written.
+    #[test]
+    fn after_a_rotation_a_store_writing_after_another_commits_its_cursor_first() {
+        let mut f = Fixture::new();
+        let flush = |f: &mut Fixture| flush_outbox_except(&mut f.store, &f.out, &|_| false);
+        f.find(1);
+        flush(&mut f).unwrap();
+        std::fs::rename(&f.out, f.out.with_extension("jsonl.1")).unwrap();
+        let other_dir = tempfile::tempdir().unwrap();
+        let mut other = Store::open(other_dir.path()).unwrap();
+        let mut b = other.pass_batch();
+        b.put_finding("other", br#"{"finding_id":"other"}"#.to_vec());
+        b.commit().unwrap();
+        assert_eq!(flush_outbox_except(&mut other, &f.out, &|_| false).unwrap(), 1);
+        f.find(2);
+        CRASH_AFTER_WRITE.with(|c| c.set(true));
+        let crashed = flush(&mut f);
+        CRASH_AFTER_WRITE.with(|c| c.set(false));
+        assert!(crashed.is_err());
+        let other_line = "{\"finding_id\":\"other\"}\n";
+        assert_eq!(f.read(), other_line.to_string() + &f.lines(2..=3));
+        // As a crash in the middle of the second line leaves it.
+        let torn = f.read().len() - f.line(3).len() / 2 - 1;
+        std::fs::OpenOptions::new().write(true).open(&f.out).unwrap().set_len(torn as u64).unwrap();
+        cut_torn_tail(&f.store, &f.out).unwrap();
+        assert_eq!(f.read(), other_line.to_string() + &f.lines(2..=2), "the torn line is cut at the take-over");
+        assert_eq!(flush(&mut f).unwrap(), 1, "the whole line counts as written");
+        assert_eq!(f.read(), other_line.to_string() + &f.lines(2..=3));
     }
 
     /// A crash between a write and its cursor, then the file rotated by rename before the
