@@ -31,7 +31,9 @@
 //!   cut short (a Kafka node's too): a flush that a copytruncate cut under its writes
 //!   writes again what the cut lost, and if that fails, the lines it wrote after the cut
 //!   have no cursor to say they are its own. (Rotated again before the next flush, they
-//!   are in a file no cursor recognises, and are written again.)
+//!   are in a file no cursor recognises, and are written again. And with no cursor
+//!   committed before its writes, a line such a flush tears in a crash is recognised only
+//!   by this store's next flush: on a Kafka node another partition's may end it first.)
 
 use crate::error::{StoreContext as _, StoreError};
 use crate::store::Store;
@@ -280,6 +282,10 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         if !in_file.is_empty() {
             for entry in store.outbox_from(next) {
                 let (_, json) = entry?;
+                // Those passed over anyway (written elsewhere) are not to write.
+                if skip(&json) {
+                    continue;
+                }
                 if let Some(id) = finding_id(&json).filter(|id| in_file.contains(id)) {
                     own.insert(id);
                 }
@@ -393,12 +399,14 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         // goes on may have another store (a Kafka node's other partitions) write after it
         // first, which would take it for someone else's line and keep it: cut it now.
         if is_file_failure(&e) {
-            // With a cursor of this file, it says where this store's lines begin (a torn
-            // line of any length is cut); then, or with none, a last line that begins one
-            // of the findings this flush was writing is the write's own.
-            let cut = if same_file || set_now { cut_torn_tail(store, path) } else { Ok(()) }
-                .and_then(|()| cut_own_half_line(store, &file, path, before.next_seq));
-            if let Err(cut) = cut {
+            // With a cursor of this file, it says where this store's lines begin, and a
+            // torn line is cut however long (a line held whole: longer than the last MiB
+            // `cut_own_half_line` looks at); then, or with none, a last line that begins
+            // one of the findings this flush was writing is the write's own. Each is
+            // tried whatever the other did.
+            let through_cursor = if same_file || set_now { cut_torn_tail(store, path) } else { Ok(()) };
+            let own_line = cut_own_half_line(store, &file, path, before.next_seq);
+            for cut in [through_cursor, own_line].into_iter().filter_map(Result::err) {
                 tracing::warn!(file = %path.display(), error = %crate::error::Chain(&cut), "cannot cut the line a failed write left");
             }
         }
@@ -1052,6 +1060,30 @@ mod tests {
         assert_eq!(g.read(), g.lines(1..=3));
     }
 
+    /// A write cut short in a finding longer than the last MiB that a half line is looked
+    /// for in: the cursor says where this store's lines begin, and the half line is cut
+    /// through it; the next flush writes the finding whole.
+    #[test]
+    fn half_a_line_longer_than_a_mib_is_cut_through_the_cursor() {
+        let mut f = Fixture::new();
+        f.find(2);
+        f.flush();
+        f.find(1);
+        // The flush's second line is a 3 MiB finding: half of it, 1.5 MiB, is written.
+        let big = format!(r#"{{"finding_id":"{:032x}","row":"{}"}}"#, f.next, "x".repeat(3 << 20));
+        let mut b = f.store.pass_batch();
+        b.put_finding(&format!("{:032x}", f.next), big.clone().into_bytes());
+        b.commit().unwrap();
+        f.next += 1;
+        FAIL_MID_LINE.with(|c| c.set(true));
+        let failed = flush_outbox(&mut f.store, &f.out);
+        FAIL_MID_LINE.with(|c| c.set(false));
+        assert!(failed.as_ref().is_err_and(is_file_failure), "{:?}", failed.err());
+        assert!(f.read() == f.lines(1..=3), "the 1.5 MiB half line is cut");
+        assert_eq!(f.flush(), 1);
+        assert!(f.read() == f.lines(1..=3) + &big + "\n", "written whole, once");
+    }
+
     /// A copytruncate under a flush's writes (a line written between the copy and the cut
     /// is in neither), then the writing again of that line cut short by a full disk: the
     /// half line is cut at once, and the next flush writes the lost line only, not again
@@ -1088,7 +1120,7 @@ mod tests {
             assert_eq!(f.read(), f.lines(after.clone()), "{case}: written after the cut; the half line is cut");
             // The disk still full at the next flush: it writes the lost line, then half of
             // a new one, and fails. That half line is cut too (a stale cursor cannot say
-            // where this store's lines begin).
+            // where this store's lines begin; one committed empty can).
             f.find(1);
             let next = first + 4;
             FAIL_MID_LINE.with(|c| c.set(true));
@@ -1112,36 +1144,50 @@ mod tests {
 
     /// On a Kafka node, after a rotation, a partition's store writing into the new file
     /// after another partition's did commits its cursor against it before writing, as it
-    /// does into an empty one (the other's findings are not its own): a line it tears in
-    /// a crash is then cut at the take-over (`cut_torn_tail`), and the lines it wrote
-    /// whole count as written.
+    /// does into an empty one (the other's findings are not its own, nor is one of its
+    /// own that the other wrote, as a partition's earlier owner did, and it passes over):
+    /// a line it tears in a crash is then cut at the take-over (`cut_torn_tail`), and the
+    /// lines it wrote whole count as written.
     #[test]
     fn after_a_rotation_a_store_writing_after_another_commits_its_cursor_first() {
-        let mut f = Fixture::new();
-        let flush = |f: &mut Fixture| flush_outbox_except(&mut f.store, &f.out, &|_| false);
-        f.find(1);
-        flush(&mut f).unwrap();
-        std::fs::rename(&f.out, f.out.with_extension("jsonl.1")).unwrap();
-        let other_dir = tempfile::tempdir().unwrap();
-        let mut other = Store::open(other_dir.path()).unwrap();
-        let mut b = other.pass_batch();
-        b.put_finding("other", br#"{"finding_id":"other"}"#.to_vec());
-        b.commit().unwrap();
-        assert_eq!(flush_outbox_except(&mut other, &f.out, &|_| false).unwrap(), 1);
-        f.find(2);
-        CRASH_AFTER_WRITE.with(|c| c.set(true));
-        let crashed = flush(&mut f);
-        CRASH_AFTER_WRITE.with(|c| c.set(false));
-        assert!(crashed.is_err());
-        let other_line = "{\"finding_id\":\"other\"}\n";
-        assert_eq!(f.read(), other_line.to_string() + &f.lines(2..=3));
-        // As a crash in the middle of the second line leaves it.
-        let torn = f.read().len() - f.line(3).len() / 2 - 1;
-        std::fs::OpenOptions::new().write(true).open(&f.out).unwrap().set_len(torn as u64).unwrap();
-        cut_torn_tail(&f.store, &f.out).unwrap();
-        assert_eq!(f.read(), other_line.to_string() + &f.lines(2..=2), "the torn line is cut at the take-over");
-        assert_eq!(flush(&mut f).unwrap(), 1, "the whole line counts as written");
-        assert_eq!(f.read(), other_line.to_string() + &f.lines(2..=3));
+        for earlier_owner in [false, true] {
+            let mut f = Fixture::new();
+            f.find(1);
+            flush_outbox_except(&mut f.store, &f.out, &|_| false).unwrap();
+            std::fs::rename(&f.out, f.out.with_extension("jsonl.1")).unwrap();
+            f.find(3);
+            // The other store's line: its own finding, or this store's second one (which
+            // this store's flushes pass over, as written elsewhere).
+            let other_line = if earlier_owner { f.line(2) } else { r#"{"finding_id":"other"}"#.to_string() };
+            let theirs = other_line.clone() + "\n";
+            let passed_over = f.line(2);
+            let skip = move |json: &[u8]| earlier_owner && json == passed_over.as_bytes();
+            let other_dir = tempfile::tempdir().unwrap();
+            let mut other = Store::open(other_dir.path()).unwrap();
+            let mut b = other.pass_batch();
+            b.put_finding("other", other_line.into_bytes());
+            b.commit().unwrap();
+            assert_eq!(flush_outbox_except(&mut other, &f.out, &|_| false).unwrap(), 1);
+            CRASH_AFTER_WRITE.with(|c| c.set(true));
+            let crashed = flush_outbox_except(&mut f.store, &f.out, &skip);
+            CRASH_AFTER_WRITE.with(|c| c.set(false));
+            assert!(crashed.is_err());
+            // Its own: from 3 when 2 is passed over, else from 2.
+            let first = if earlier_owner { 3 } else { 2 };
+            assert_eq!(f.read(), theirs.clone() + &f.lines(first..=4), "earlier owner: {earlier_owner}");
+            // As a crash in the middle of the second line leaves it.
+            let torn = f.read().len() - f.line(4).len() / 2 - 1;
+            std::fs::OpenOptions::new().write(true).open(&f.out).unwrap().set_len(torn as u64).unwrap();
+            cut_torn_tail(&f.store, &f.out).unwrap();
+            assert_eq!(
+                f.read(),
+                theirs.clone() + &f.lines(first..=3),
+                "earlier owner: {earlier_owner}: the torn line is cut"
+            );
+            let written = flush_outbox_except(&mut f.store, &f.out, &skip).unwrap();
+            assert_eq!(written, 1, "earlier owner: {earlier_owner}: the whole line counts as written");
+            assert_eq!(f.read(), theirs + &f.lines(first..=4), "earlier owner: {earlier_owner}");
+        }
     }
 
     /// A crash between a write and its cursor, then the file rotated by rename before the
