@@ -583,26 +583,42 @@ fn cut_own_half_line(store: &Store, file: &File, path: &Path, next_seq: u64) -> 
     Ok(())
 }
 
+/// How far back the start of a torn last line is looked for: past any finding (made from
+/// a row of at most `--max-line`, 8 MiB by default). A longer line is kept, as another
+/// writer's would be.
+const TORN_LINE_MAX: u64 = 64 << 20;
+
 /// Where the last line of `file` (`len` bytes) starts, if it has no newline and begins one
-/// of this store's findings from `next_seq` on: a line torn by a crash mid-write. Only the
-/// last MiB is looked at (a longer torn line is kept, as another writer's would be).
+/// of this store's findings from `next_seq` on: a line torn by a crash or a failure
+/// mid-write. (A torn finding longer than a read of the file for ids holds would count as
+/// written by its id: cut, it is written whole.)
 fn torn_own_line(store: &Store, file: &File, len: u64, next_seq: u64) -> Result<Option<u64>> {
-    let n = len.min(1 << 20);
-    let mut last = vec![0u8; n as usize];
-    file.read_exact_at(&mut last, len - n)?;
-    if last.last() == Some(&b'\n') {
-        return Ok(None);
-    }
-    let start = match memchr::memrchr(b'\n', &last) {
-        Some(i) => i + 1,
-        None if n == len => 0,
-        None => return Ok(None),
+    // Back from the end a MiB at a time, to the newline before the last line.
+    let mut at = len;
+    let start = loop {
+        let n = at.min(1 << 20);
+        if n == 0 {
+            break 0;
+        }
+        let mut chunk = vec![0u8; n as usize];
+        file.read_exact_at(&mut chunk, at - n)?;
+        if at == len && chunk.last() == Some(&b'\n') {
+            return Ok(None);
+        }
+        if let Some(i) = memchr::memrchr(b'\n', &chunk) {
+            break at - n + i as u64 + 1;
+        }
+        at -= n;
+        if len - at > TORN_LINE_MAX {
+            return Ok(None);
+        }
     };
-    let partial = &last[start..];
+    let mut partial = vec![0u8; (len - start) as usize];
+    file.read_exact_at(&mut partial, start)?;
     for entry in store.outbox_from(next_seq) {
         let (_, json) = entry?;
-        if json.starts_with(partial) {
-            return Ok(Some(len - n + start as u64));
+        if json.starts_with(&partial) {
+            return Ok(Some(start));
         }
     }
     Ok(None)
@@ -1082,6 +1098,23 @@ mod tests {
         assert!(f.read() == f.lines(1..=3), "the 1.5 MiB half line is cut");
         assert_eq!(f.flush(), 1);
         assert!(f.read() == f.lines(1..=3) + &big + "\n", "written whole, once");
+    }
+
+    /// A finding torn past its first MiB at the end of a file this store has no cursor for
+    /// (a crash before any cursor, say): the torn line is cut and the finding written
+    /// whole, not taken for written by the id it begins with.
+    #[test]
+    fn a_torn_line_longer_than_a_mib_in_a_file_with_no_cursor_is_cut_and_written_whole() {
+        let mut f = Fixture::new();
+        f.find(1);
+        let big = format!(r#"{{"finding_id":"{:032x}","row":"{}"}}"#, f.next, "x".repeat(3 << 20));
+        let mut b = f.store.pass_batch();
+        b.put_finding(&format!("{:032x}", f.next), big.clone().into_bytes());
+        b.commit().unwrap();
+        f.next += 1;
+        std::fs::write(&f.out, f.lines(1..=1) + &big[..big.len() / 2]).unwrap();
+        assert_eq!(f.flush(), 1, "the first counts as written, the torn one does not");
+        assert!(f.read() == f.lines(1..=1) + &big + "\n", "cut, then written whole");
     }
 
     /// A copytruncate under a flush's writes (a line written between the copy and the cut
