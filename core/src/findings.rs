@@ -399,14 +399,10 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
         // goes on may have another store (a Kafka node's other partitions) write after it
         // first, which would take it for someone else's line and keep it: cut it now.
         if is_file_failure(&e) {
-            // With a cursor of this file, it says where this store's lines begin, and a
-            // torn line is cut however long (a line held whole: longer than the last MiB
-            // `cut_own_half_line` looks at); then, or with none, a last line that begins
-            // one of the findings this flush was writing is the write's own. Each is
-            // tried whatever the other did.
-            let through_cursor = if same_file || set_now { cut_torn_tail(store, path) } else { Ok(()) };
-            let own_line = cut_own_half_line(store, &file, path, before.next_seq);
-            for cut in [through_cursor, own_line].into_iter().filter_map(Result::err) {
+            // A last line that begins one of the findings this flush was writing is the
+            // write's own, whatever the cursor says (none, a stale one, one committed
+            // empty).
+            if let Err(cut) = cut_own_half_line(store, &file, path, before.next_seq) {
                 tracing::warn!(file = %path.display(), error = %crate::error::Chain(&cut), "cannot cut the line a failed write left");
             }
         }
@@ -583,25 +579,36 @@ fn cut_own_half_line(store: &Store, file: &File, path: &Path, next_seq: u64) -> 
     Ok(())
 }
 
-/// How far back the start of a torn last line is looked for: past any finding (made from
-/// a row of at most `--max-line`, 8 MiB by default). A longer line is kept, as another
-/// writer's would be.
-const TORN_LINE_MAX: u64 = 64 << 20;
-
 /// Where the last line of `file` (`len` bytes) starts, if it has no newline and begins one
 /// of this store's findings from `next_seq` on: a line torn by a crash or a failure
-/// mid-write. (A torn finding longer than a read of the file for ids holds would count as
-/// written by its id: cut, it is written whole.)
+/// mid-write. Its start is looked for back from the end a MiB at a time, no further than
+/// the longest of those findings (a longer line cannot begin one): a torn finding
+/// longer than a read of the file for ids holds would count as written by its id. A file
+/// that shrinks meanwhile (a copytruncate) has no torn line of this flush's.
 fn torn_own_line(store: &Store, file: &File, len: u64, next_seq: u64) -> Result<Option<u64>> {
-    // Back from the end a MiB at a time, to the newline before the last line.
+    let mut longest = 0u64;
+    for entry in store.outbox_from(next_seq) {
+        let (_, json) = entry?;
+        longest = longest.max(json.len() as u64);
+    }
+    if len == 0 || longest == 0 {
+        return Ok(None);
+    }
     let mut at = len;
     let start = loop {
-        let n = at.min(1 << 20);
-        if n == 0 {
+        if at == 0 {
             break 0;
         }
+        if len - at > longest {
+            return Ok(None);
+        }
+        let n = at.min(1 << 20);
         let mut chunk = vec![0u8; n as usize];
-        file.read_exact_at(&mut chunk, at - n)?;
+        match file.read_exact_at(&mut chunk, at - n) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
         if at == len && chunk.last() == Some(&b'\n') {
             return Ok(None);
         }
@@ -609,12 +616,16 @@ fn torn_own_line(store: &Store, file: &File, len: u64, next_seq: u64) -> Result<
             break at - n + i as u64 + 1;
         }
         at -= n;
-        if len - at > TORN_LINE_MAX {
-            return Ok(None);
-        }
     };
+    if len - start > longest {
+        return Ok(None);
+    }
     let mut partial = vec![0u8; (len - start) as usize];
-    file.read_exact_at(&mut partial, start)?;
+    match file.read_exact_at(&mut partial, start) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
     for entry in store.outbox_from(next_seq) {
         let (_, json) = entry?;
         if json.starts_with(&partial) {
@@ -1076,11 +1087,10 @@ mod tests {
         assert_eq!(g.read(), g.lines(1..=3));
     }
 
-    /// A write cut short in a finding longer than the last MiB that a half line is looked
-    /// for in: the cursor says where this store's lines begin, and the half line is cut
-    /// through it; the next flush writes the finding whole.
+    /// A write cut short 1.5 MiB into a 3 MiB finding: the half line is cut (its start
+    /// is looked for further back than a MiB), and the next flush writes the finding whole.
     #[test]
-    fn half_a_line_longer_than_a_mib_is_cut_through_the_cursor() {
+    fn half_a_line_longer_than_a_mib_left_by_a_failed_write_is_cut() {
         let mut f = Fixture::new();
         f.find(2);
         f.flush();
@@ -1105,16 +1115,37 @@ mod tests {
     /// whole, not taken for written by the id it begins with.
     #[test]
     fn a_torn_line_longer_than_a_mib_in_a_file_with_no_cursor_is_cut_and_written_whole() {
-        let mut f = Fixture::new();
-        f.find(1);
-        let big = format!(r#"{{"finding_id":"{:032x}","row":"{}"}}"#, f.next, "x".repeat(3 << 20));
-        let mut b = f.store.pass_batch();
-        b.put_finding(&format!("{:032x}", f.next), big.clone().into_bytes());
-        b.commit().unwrap();
-        f.next += 1;
-        std::fs::write(&f.out, f.lines(1..=1) + &big[..big.len() / 2]).unwrap();
-        assert_eq!(f.flush(), 1, "the first counts as written, the torn one does not");
-        assert!(f.read() == f.lines(1..=1) + &big + "\n", "cut, then written whole");
+        // After a line of its own, or as the file's only line; and another writer's line
+        // as long, unended, which is kept.
+        for (before, after) in [(true, false), (false, false), (true, true)] {
+            let case = format!("a line before: {before}, another writer's line after: {after}");
+            let mut f = Fixture::new();
+            f.find(1);
+            let big = format!(r#"{{"finding_id":"{:032x}","row":"{}"}}"#, f.next, "x".repeat(3 << 20));
+            let mut b = f.store.pass_batch();
+            b.put_finding(&format!("{:032x}", f.next), big.clone().into_bytes());
+            b.commit().unwrap();
+            f.next += 1;
+            let head = if before { f.lines(1..=1) } else { String::new() };
+            let foreign = format!(r#"{{"other":"{}""#, "y".repeat(2 << 20));
+            let tail = if after { big.clone() + "\n" + &foreign } else { big[..big.len() / 2].to_string() };
+            std::fs::write(&f.out, head.clone() + &tail).unwrap();
+            let written = f.flush();
+            match (before, after) {
+                (true, false) => {
+                    assert_eq!(written, 1, "{case}");
+                    assert!(f.read() == f.lines(1..=1) + &big + "\n", "{case}: cut, then written whole");
+                }
+                (false, false) => {
+                    assert_eq!(written, 2, "{case}");
+                    assert!(f.read() == f.lines(1..=1) + &big + "\n", "{case}: cut, then both written");
+                }
+                (_, true) => {
+                    assert_eq!(written, 0, "{case}");
+                    assert!(f.read() == head + &big + "\n" + &foreign + "\n", "{case}: another writer's line is kept");
+                }
+            }
+        }
     }
 
     /// A copytruncate under a flush's writes (a line written between the copy and the cut
