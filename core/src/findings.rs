@@ -286,7 +286,7 @@ fn flush(store: &mut Store, path: &Path, skip: &dyn Fn(&[u8]) -> bool, ids_if_ne
                 if skip(&json) {
                     continue;
                 }
-                if let Some(id) = finding_id(&json).filter(|id| in_file.contains(id)) {
+                if let Some(id) = finding_id(&json).filter(|id| in_file.holds(id, json.len())) {
                     own.insert(id);
                 }
             }
@@ -476,7 +476,7 @@ fn rewrite_lost(
         if seq >= next {
             break;
         }
-        if !skip(&json) && !finding_id(&json).is_some_and(|id| here.contains(&id)) {
+        if !skip(&json) && !finding_id(&json).is_some_and(|id| here.holds(&id, json.len())) {
             lost.push(json);
         }
     }
@@ -635,11 +635,32 @@ fn torn_own_line(store: &Store, file: &File, len: u64, next_seq: u64) -> Result<
     Ok(None)
 }
 
-/// The ids of the findings in the first `len` bytes of `file` (lines that are not a
-/// finding are passed over).
-fn finding_ids_in(file: &File, len: u64) -> std::io::Result<std::collections::HashSet<String>> {
+/// The findings a file holds, by id: for each line with that id, `None` when it was read
+/// whole, or its length when only its beginning was held (a line longer than
+/// [`LINE_HELD`]).
+#[derive(Debug, Default)]
+struct IdsInFile(std::collections::HashMap<String, Vec<Option<u64>>>);
+
+impl IdsInFile {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether the file holds the line of finding `id` (its JSON `json_len` bytes) whole:
+    /// a line read whole, or one as long as that line whose beginning has the id. A line
+    /// torn past what is held and ended by another writer begins with the id too, and
+    /// does not count.
+    fn holds(&self, id: &str, json_len: usize) -> bool {
+        let whole = json_len as u64;
+        self.0.get(id).is_some_and(|lines| lines.iter().any(|l| l.is_none_or(|n| n == whole + 1 || n == whole)))
+    }
+}
+
+/// The findings in the first `len` bytes of `file` (lines that are not a finding are
+/// passed over).
+fn finding_ids_in(file: &File, len: u64) -> std::io::Result<IdsInFile> {
     use std::io::{Read, Seek};
-    let mut ids = std::collections::HashSet::new();
+    let mut ids = IdsInFile::default();
     let mut from_start = file;
     from_start.seek(std::io::SeekFrom::Start(0))?;
     let mut reader = std::io::BufReader::new(from_start.take(len));
@@ -650,9 +671,10 @@ fn finding_ids_in(file: &File, len: u64) -> std::io::Result<std::collections::Ha
             break;
         }
         // A line longer than held: Lookout's own begin with their id.
-        let id = if n > line.len() as u64 { finding_id_prefix(&line) } else { finding_id(&line) };
+        let (id, held) =
+            if n > line.len() as u64 { (finding_id_prefix(&line), Some(n)) } else { (finding_id(&line), None) };
         if let Some(id) = id {
-            ids.insert(id);
+            ids.0.entry(id).or_default().push(held);
         }
     }
     Ok(ids)
@@ -880,7 +902,7 @@ mod tests {
         std::fs::write(&g.out, format!("{big}\n")).unwrap();
         let file = File::open(&g.out).unwrap();
         let ids = finding_ids_in(&file, file.metadata().unwrap().len()).unwrap();
-        assert!(ids.contains(&format!("{:032x}", 1)), "{ids:?}");
+        assert!(ids.holds(&format!("{:032x}", 1), big.len()), "{ids:?}");
     }
 
     /// A torn line is cut only in the file as it was read: one that changed length since
@@ -1146,6 +1168,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A finding torn past its first MiB and then ended by another writer (a Kafka node's
+    /// other partition writing first): no longer the last line, it stays, but its id at
+    /// the start does not count it as written; the finding is written whole, once.
+    #[test]
+    fn a_torn_line_longer_than_a_mib_ended_by_another_writer_does_not_count_as_written() {
+        let mut f = Fixture::new();
+        f.find(1);
+        let big = format!(r#"{{"finding_id":"{:032x}","row":"{}"}}"#, f.next, "x".repeat(3 << 20));
+        let mut b = f.store.pass_batch();
+        b.put_finding(&format!("{:032x}", f.next), big.clone().into_bytes());
+        b.commit().unwrap();
+        f.next += 1;
+        let torn = &big[..big.len() / 2];
+        std::fs::write(&f.out, f.lines(1..=1) + torn + "\n").unwrap();
+        assert_eq!(f.flush(), 1, "the first counts as written, the torn one does not");
+        assert!(f.read() == f.lines(1..=1) + torn + "\n" + &big + "\n", "written whole, once");
     }
 
     /// A copytruncate under a flush's writes (a line written between the copy and the cut
