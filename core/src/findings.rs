@@ -27,6 +27,9 @@
 //!   where an earlier one did, or the same file reached by another path): the findings
 //!   whose id a line of the file already has count as written (`lookout detect`, `run`
 //!   and `ingest`; a Kafka node knows what is written from the findings topic instead).
+//!   A line longer than a MiB is read by its beginning alone, and counts only if it is
+//!   as long as the finding's line (a torn one, ended by another writer, begins with the
+//!   id too).
 //!   So do they in a file new to the outbox, and in one committed empty whose flush was
 //!   cut short (a Kafka node's too): a flush that a copytruncate cut under its writes
 //!   writes again what the cut lost, and if that fails, the lines it wrote after the cut
@@ -586,12 +589,22 @@ fn cut_own_half_line(store: &Store, file: &File, path: &Path, next_seq: u64) -> 
 /// longer than a read of the file for ids holds would count as written by its id. A file
 /// that shrinks meanwhile (a copytruncate) has no torn line of this flush's.
 fn torn_own_line(store: &Store, file: &File, len: u64, next_seq: u64) -> Result<Option<u64>> {
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut last = [0u8; 1];
+    match file.read_exact_at(&mut last, len - 1) {
+        Ok(()) if last[0] == b'\n' => return Ok(None),
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
     let mut longest = 0u64;
     for entry in store.outbox_from(next_seq) {
         let (_, json) = entry?;
         longest = longest.max(json.len() as u64);
     }
-    if len == 0 || longest == 0 {
+    if longest == 0 {
         return Ok(None);
     }
     let mut at = len;
@@ -608,9 +621,6 @@ fn torn_own_line(store: &Store, file: &File, len: u64, next_seq: u64) -> Result<
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e.into()),
-        }
-        if at == len && chunk.last() == Some(&b'\n') {
-            return Ok(None);
         }
         if let Some(i) = memchr::memrchr(b'\n', &chunk) {
             break at - n + i as u64 + 1;
@@ -903,6 +913,7 @@ mod tests {
         let file = File::open(&g.out).unwrap();
         let ids = finding_ids_in(&file, file.metadata().unwrap().len()).unwrap();
         assert!(ids.holds(&format!("{:032x}", 1), big.len()), "{ids:?}");
+        assert!(!ids.holds(&format!("{:032x}", 1), big.len() * 2), "held in part: counted at its length only");
     }
 
     /// A torn line is cut only in the file as it was read: one that changed length since
