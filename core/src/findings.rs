@@ -967,6 +967,17 @@ mod tests {
             b.commit().unwrap();
         }
 
+        /// Commits a new finding of `row_bytes` bytes and more; returns its line.
+        fn find_big(&mut self, row_bytes: usize) -> String {
+            let fid = format!("{:032x}", self.next);
+            let json = format!(r#"{{"finding_id":"{fid}","row":"{}"}}"#, "x".repeat(row_bytes));
+            let mut b = self.store.pass_batch();
+            b.put_finding(&fid, json.clone().into_bytes());
+            b.commit().unwrap();
+            self.next += 1;
+            json
+        }
+
         fn line(&self, seq: u64) -> String {
             format!(r#"{{"finding_id":"{seq:032x}"}}"#)
         }
@@ -1129,11 +1140,7 @@ mod tests {
         f.flush();
         f.find(1);
         // The flush's second line is a 3 MiB finding: half of it, 1.5 MiB, is written.
-        let big = format!(r#"{{"finding_id":"{:032x}","row":"{}"}}"#, f.next, "x".repeat(3 << 20));
-        let mut b = f.store.pass_batch();
-        b.put_finding(&format!("{:032x}", f.next), big.clone().into_bytes());
-        b.commit().unwrap();
-        f.next += 1;
+        let big = f.find_big(3 << 20);
         FAIL_MID_LINE.with(|c| c.set(true));
         let failed = flush_outbox(&mut f.store, &f.out);
         FAIL_MID_LINE.with(|c| c.set(false));
@@ -1154,11 +1161,7 @@ mod tests {
             let case = format!("a line before: {before}, another writer's line after: {after}");
             let mut f = Fixture::new();
             f.find(1);
-            let big = format!(r#"{{"finding_id":"{:032x}","row":"{}"}}"#, f.next, "x".repeat(3 << 20));
-            let mut b = f.store.pass_batch();
-            b.put_finding(&format!("{:032x}", f.next), big.clone().into_bytes());
-            b.commit().unwrap();
-            f.next += 1;
+            let big = f.find_big(3 << 20);
             let head = if before { f.lines(1..=1) } else { String::new() };
             let foreign = format!(r#"{{"other":"{}""#, "y".repeat(2 << 20));
             let tail = if after { big.clone() + "\n" + &foreign } else { big[..big.len() / 2].to_string() };
@@ -1188,11 +1191,7 @@ mod tests {
     fn a_torn_line_longer_than_a_mib_ended_by_another_writer_does_not_count_as_written() {
         let mut f = Fixture::new();
         f.find(1);
-        let big = format!(r#"{{"finding_id":"{:032x}","row":"{}"}}"#, f.next, "x".repeat(3 << 20));
-        let mut b = f.store.pass_batch();
-        b.put_finding(&format!("{:032x}", f.next), big.clone().into_bytes());
-        b.commit().unwrap();
-        f.next += 1;
+        let big = f.find_big(3 << 20);
         let torn = &big[..big.len() / 2];
         std::fs::write(&f.out, f.lines(1..=1) + torn + "\n").unwrap();
         assert_eq!(f.flush(), 1, "the first counts as written, the torn one does not");
