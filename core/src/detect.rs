@@ -6,7 +6,7 @@
 use crate::clock::Clock;
 use crate::error::{Chain, StoreError};
 use crate::finding_json::{finding_json, NameCheck};
-use crate::plugin::host_api::with_host_api_timed;
+use crate::plugin::host_api::with_host_api;
 use crate::plugin::loader::{CallError, EvalAnswer};
 use crate::plugin::Plugin;
 use crate::store::block_filter::Sha1Probe;
@@ -301,7 +301,7 @@ fn pass<'p>(
             let started = Instant::now();
             let call =
                 crate::plugin::running::enter(&job.plugin.manifest.name, &job.plugin.manifest.version, "evaluate");
-            let answer = with_host_api_timed(store, &mut job.report.host, |api| job.plugin.lib.evaluate(api, &req));
+            let answer = with_host_api(store, &mut job.report.host, |api| job.plugin.lib.evaluate(api, &req));
             drop(call);
             job.report.evaluate = started.elapsed();
             let started = Instant::now();
@@ -504,7 +504,7 @@ fn run_chunks(
         let req = EvalRequest { now, backfill: due.since.is_none(), rows: chunk.to_vec(), last: i == last };
         let started = Instant::now();
         let call = crate::plugin::running::enter(&plugin.manifest.name, &plugin.manifest.version, "evaluate");
-        let answer = with_host_api_timed(store, &mut report.host, |api| plugin.lib.evaluate(api, &req));
+        let answer = with_host_api(store, &mut report.host, |api| plugin.lib.evaluate(api, &req));
         drop(call);
         let answer = answer.map_err(PassError::from)?.map_err(DetectorError::Evaluate)?;
         report.evaluate += started.elapsed();

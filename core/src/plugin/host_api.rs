@@ -30,15 +30,10 @@ struct HostCtx<'a> {
 /// Runs `f` with a host API table that answers from `store`; the table is only valid
 /// inside `f`. Returns what `f` returned, or the first store failure met answering the
 /// plugin's calls: the plugin was told, but what it did with that (say, took a failed
-/// look-up for no rows) cannot be trusted, so the pass must not commit.
-pub fn with_host_api<R>(store: &Store, f: impl FnOnce(&LookoutHostApi) -> R) -> Result<R, HostFailure> {
-    let mut answering = Duration::ZERO;
-    with_host_api_timed(store, &mut answering, f)
-}
-
-/// [`with_host_api`], adding to `answering` the time spent answering the plugin's calls
-/// (decoding each request, reading the store, encoding the answer).
-pub fn with_host_api_timed<R>(
+/// look-up for no rows) cannot be trusted, so the pass must not commit. Adds to
+/// `answering` the time spent answering the plugin's calls (decoding each request,
+/// reading the store, encoding the answer).
+pub fn with_host_api<R>(
     store: &Store,
     answering: &mut Duration,
     f: impl FnOnce(&LookoutHostApi) -> R,
@@ -126,7 +121,7 @@ unsafe fn give(bytes: Vec<u8>, out: *mut LookoutBuf) {
 ///
 /// # Safety
 /// As documented on `LookoutHostApi::call`: `ctx` is the table's context (a `HostCtx`
-/// made by [`with_host_api_timed`], or null), `input` null or `len` readable bytes, `out` null
+/// made by [`with_host_api`], or null), `input` null or `len` readable bytes, `out` null
 /// or a writable `LookoutBuf`, all during the evaluate call the table was made for.
 unsafe extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, out: *mut LookoutBuf) -> i32 {
     let started = Instant::now();
@@ -134,7 +129,7 @@ unsafe extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, o
         if ctx.is_null() {
             return Err("null host context".to_string());
         }
-        // SAFETY: `ctx` is the HostCtx created by `with_host_api_timed`, alive for the whole
+        // SAFETY: `ctx` is the HostCtx created by `with_host_api`, alive for the whole
         // evaluate call during which the plugin may call back.
         let ctx = unsafe { &*(ctx as *const HostCtx<'_>) };
         let input = if input.is_null() || len == 0 {
@@ -163,7 +158,7 @@ unsafe extern "C" fn host_call(ctx: *mut c_void, input: *const u8, len: usize, o
                 .unwrap_or_else(|| "no message".to_string());
             tracing::error!(panic = %what, "the host panicked answering a detector; its pass is not committed");
             if !ctx.is_null() {
-                // SAFETY: as above: the HostCtx made by `with_host_api_timed`, alive for the
+                // SAFETY: as above: the HostCtx made by `with_host_api`, alive for the
                 // whole evaluate call; only its mutex is touched.
                 let ctx = unsafe { &*(ctx as *const HostCtx<'_>) };
                 ctx.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(HostFailure::Panicked(what));
@@ -278,7 +273,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let request = wire::encode_host_request(&HostRequest::Profile("s1".into())).unwrap();
-        let outcome = with_host_api(&store, |api| {
+        let outcome = with_host_api(&store, &mut Duration::default(), |api| {
             PANIC_ANSWERING.with(|p| p.set(true));
             call(api, &request)
         });
@@ -286,7 +281,7 @@ mod tests {
         assert!(matches!(e, HostFailure::Panicked(_)), "the detector's failure, not the store's: {e:?}");
         assert!(e.to_string().contains("the host panicked answering a detector"), "{e}");
         // Without the panic, the same call answers and the pass stands.
-        let (rc, _) = with_host_api(&store, |api| call(api, &request)).expect("no failure");
+        let (rc, _) = with_host_api(&store, &mut Duration::default(), |api| call(api, &request)).expect("no failure");
         assert_eq!(rc, RC_OK);
     }
 
@@ -300,7 +295,7 @@ mod tests {
         let own = Duration::from_millis(20);
         let mut answering = Duration::ZERO;
         let started = Instant::now();
-        with_host_api_timed(&store, &mut answering, |api| {
+        with_host_api(&store, &mut answering, |api| {
             call(api, &request);
             std::thread::sleep(own);
         })
@@ -309,10 +304,10 @@ mod tests {
         assert!(answering > Duration::ZERO, "the call was timed");
         assert!(answering + own <= whole, "the plugin's own {own:?} are not counted: {answering:?} of {whole:?}");
         let before = answering;
-        with_host_api_timed(&store, &mut answering, |api| call(api, &request)).unwrap();
+        with_host_api(&store, &mut answering, |api| call(api, &request)).unwrap();
         assert!(answering > before, "added to, not replaced");
         let mut none = Duration::ZERO;
-        with_host_api_timed(&store, &mut none, |_| std::thread::sleep(own)).unwrap();
+        with_host_api(&store, &mut none, |_| std::thread::sleep(own)).unwrap();
         assert_eq!(none, Duration::ZERO, "no call, nothing counted");
     }
 
@@ -329,7 +324,7 @@ mod tests {
             filter: Vec::new(),
         })
         .unwrap();
-        let outcome = with_host_api(&store, |api| call(api, &request));
+        let outcome = with_host_api(&store, &mut Duration::default(), |api| call(api, &request));
         let (rc, bytes) = outcome.expect("an invalid request does not fail the pass");
         assert_eq!(rc, RC_OK);
         let HostResponse::Error(message) = abi::decode(&bytes).unwrap() else { panic!("not an error answer") };
