@@ -228,7 +228,19 @@ impl DaemonSpec {
             // std drops the supplementary groups too when root sets a uid.
             cmd.uid(uid).gid(gid);
         }
-        let child = cmd.spawn().expect("start lookout run");
+        // A binary copied just before (`lookout_bin_for_everyone`) can be refused with
+        // ETXTBSY for a moment: another test thread forking meanwhile holds the copy's
+        // write descriptor until its child execs. Tried again, as cargo does.
+        let mut tries = 0;
+        let child = loop {
+            match cmd.spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                spawned => break spawned.expect("start lookout run"),
+            }
+        };
         Daemon { child, exited: None, data: self.data.clone(), log: self.log.clone(), started: Instant::now() }
     }
 
